@@ -1,0 +1,121 @@
+"""Attention over jkv caches: pure-JAX references and the dispatch point for kernels.
+
+``decode_attention(q, cache, layer)`` is called after ``cache.write(layer, ...)`` and before ``advance``: the
+query of sequence ``b`` attends to positions ``[0, lengths[b] + 1)``, its own new key included.
+``prefill_attention(q, cache, layer)`` does the same for ``T`` new tokens at once, causally: query ``t`` of
+sequence ``b`` sits at position ``lengths[b] + t`` and attends to every position up to and including it.
+
+``impl`` picks the implementation: ``"xla"`` (the pure-JAX reference, any backend) or ``"pallas"`` (the Pallas
+kernels; compiled on GPU, interpret mode elsewhere). ``None`` means ``default_impl()``: Pallas on GPU, XLA
+elsewhere. Softmax runs in float32; a sequence with no valid position gets a zero output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from jkv import _checks
+from jkv.cache import KVCache
+
+IMPLS = ("xla", "pallas")
+
+
+def default_impl() -> str:
+    """``"pallas"`` when the default backend is a GPU, else ``"xla"``."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def resolve_impl(impl: str | None) -> str:
+    if impl is None:
+        return default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    return impl
+
+
+def _compute_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def attention_reference(
+    q: Float[Array, "B T N D"],
+    k: Float[Array, "B K S D"],
+    v: Float[Array, "B K S D"],
+    q_positions: Int[Array, "B T"],
+    *,
+    scale: float | None = None,
+) -> Float[Array, "B T N D"]:
+    """Causal GQA attention: query ``(b, t)`` attends to cache positions ``0 .. q_positions[b, t]``.
+
+    Query head ``n`` reads kv head ``n // (N // K)``. Positions past a query's own are masked (their values may
+    be anything, NaN included). Computed in float32 (float64 stays float64), returned in ``q.dtype``.
+    """
+    if q.ndim != 4:
+        raise ValueError(f"q must have shape [B, T, N, D], got {q.shape}")
+    b, t, n, d = q.shape
+    _checks.decode_args(q[:, 0], k, v, jnp.zeros((b,), jnp.int32))
+    if q_positions.shape != (b, t):
+        raise ValueError(f"q_positions.shape={q_positions.shape} must be {(b, t)}")
+    kh, s = k.shape[1], k.shape[2]
+    g = n // kh
+    scale = d**-0.5 if scale is None else scale
+    ct = _compute_dtype(q.dtype)
+    hi = lax.Precision.HIGHEST
+    qg = q.astype(ct).reshape(b, t, kh, g, d)  # (B, T, K, G, D)
+    mask = jnp.arange(s)[None, None, :] <= q_positions[:, :, None]  # (B, T, S)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(ct), precision=hi) * scale
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.where(mask[:, None, None], jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0)), 0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    # Unused positions may hold NaN: zero them so that 0 * NaN never reaches the sum.
+    valid = jnp.arange(s)[None, :] <= jnp.max(q_positions, axis=1)[:, None]  # (B, S)
+    vz = jnp.where(valid[:, None, :, None], v.astype(ct), 0)
+    out = jnp.einsum("bkgts,bksd->btkgd", p, vz, precision=hi)
+    out = out / jnp.maximum(jnp.moveaxis(denom, 3, 1), jnp.finfo(ct).tiny)  # (B, T, K, G, D)
+    return out.reshape(b, t, n, d).astype(q.dtype)
+
+
+def decode_attention_reference(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "B K S D"],
+    v: Float[Array, "B K S D"],
+    lengths: Int[Array, "B"],
+    *,
+    scale: float | None = None,
+) -> Float[Array, "B N D"]:
+    """One query per sequence over its first ``lengths[b]`` cache positions (GQA, ragged batch)."""
+    _checks.decode_args(q, k, v, lengths)
+    return attention_reference(q[:, None], k, v, lengths[:, None] - 1, scale=scale)[:, 0]
+
+
+def decode_attention(
+    q: Float[Array, "B N D"], cache: KVCache, layer, *, impl: str | None = None, scale: float | None = None
+) -> Float[Array, "B N D"]:
+    """Decode attention for ``layer`` of ``cache``: sequence ``b`` attends to ``lengths[b] + 1`` positions."""
+    impl = resolve_impl(impl)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
+    _checks.layer_index(layer, cache.spec.num_layers)
+    lengths = jnp.minimum(cache.lengths + 1, cache.max_len)
+    if impl == "pallas":
+        from pallas_kernels import decode_attention as kernels
+
+        return kernels.decode_attention(q, cache.k, cache.v, lengths, layer=layer, scale=scale)
+    return decode_attention_reference(q, cache.k[layer], cache.v[layer], lengths, scale=scale)
+
+
+def prefill_attention(
+    q: Float[Array, "B T N D"], cache: KVCache, layer, *, impl: str | None = None, scale: float | None = None
+) -> Float[Array, "B T N D"]:
+    """Causal attention of ``T`` new tokens (already written at ``lengths[b] ..``) over prefix and themselves."""
+    resolve_impl(impl)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
+    _checks.layer_index(layer, cache.spec.num_layers)
+    t = q.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return attention_reference(q, cache.k[layer], cache.v[layer], positions, scale=scale)

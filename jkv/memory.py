@@ -1,0 +1,90 @@
+"""Memory planning: how many sequences (or how long a context) fit a byte budget.
+
+``budget`` defaults to the device's free memory (``device.memory_stats()``: ``bytes_limit - bytes_in_use``);
+on backends that report no statistics (the CPU), the host's available physical memory is used.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import jax
+
+from jkv.cache import CacheSpec
+
+# Kept free for activations, compiled programs and allocator slack (the seeds reserve a fixed 3.5 GB on GPU).
+DEFAULT_RESERVE_BYTES = 1 << 30
+DEFAULT_RESERVE_FRACTION = 0.05
+
+
+def bytes_per_token(spec: CacheSpec) -> int:
+    """K + V bytes one position of one sequence takes across all layers."""
+    return spec.bytes_per_token
+
+
+def bytes_per_layer_per_token(spec: CacheSpec) -> int:
+    return spec.bytes_per_token // spec.num_layers
+
+
+def cache_bytes(spec: CacheSpec, batch: int) -> int:
+    """Bytes of a ``KVCache.init(spec, batch)`` (buffers plus the int32 lengths and error bits)."""
+    return batch * (spec.bytes_per_sequence + 8)
+
+
+def device_free_bytes(device: jax.Device | None = None) -> int:
+    """Free memory on ``device`` (default: the first local device)."""
+    device = device or jax.local_devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def usable_bytes(budget: int | None = None, reserve: int | None = None) -> int:
+    """``budget`` (default: device free memory) less a reserve (default: max(1 GiB, 5%) of the free memory)."""
+    free = device_free_bytes() if budget is None else int(budget)
+    if reserve is None:
+        reserve = (
+            0 if budget is not None else max(DEFAULT_RESERVE_BYTES, int(free * DEFAULT_RESERVE_FRACTION))
+        )
+    return max(free - int(reserve), 0)
+
+
+def max_batch(
+    spec: CacheSpec, budget: int | None = None, reserve: int | None = None, limit: int | None = None
+) -> int:
+    """Largest batch of ``spec.max_len``-long sequences whose cache fits; 0 (with a warning) if none does.
+
+    ``budget``: bytes available (default: the device's free memory, less ``reserve``). ``limit``: an upper cap.
+    """
+    usable = usable_bytes(budget, reserve)
+    per_seq = cache_bytes(spec, 1)
+    n = usable // per_seq
+    if n < 1:
+        warnings.warn(
+            f"jkv: not even one sequence fits: one sequence of max_len={spec.max_len} needs "
+            f"{per_seq / 2**20:.1f} MiB of KV cache but only {usable / 2**20:.1f} MiB are usable. "
+            "Lower max_len, use a smaller cache dtype (bf16 or Q8), or free device memory.",
+            stacklevel=2,
+        )
+        return 0
+    return int(min(n, limit) if limit is not None else n)
+
+
+def max_len_for(spec: CacheSpec, batch: int, budget: int | None = None, reserve: int | None = None) -> int:
+    """Largest ``max_len`` at which ``batch`` sequences fit; 0 (with a warning) if not even one position does."""
+    usable = usable_bytes(budget, reserve)
+    n = (usable // batch - 8) // spec.bytes_per_token if batch else 0
+    if n < 1:
+        warnings.warn(
+            f"jkv: not even one position fits for {batch=}: one position takes {spec.bytes_per_token} bytes per "
+            f"sequence but only {usable} bytes are usable.",
+            stacklevel=2,
+        )
+        return 0
+    return int(n)
