@@ -41,9 +41,7 @@ def host_all(ok, message: Callable[[], str]) -> None:
 
 
 def layer_index(layer, num_layers: int) -> None:
-    if isinstance(layer, (float, bool)) or (
-        hasattr(layer, "dtype") and not jnp.issubdtype(layer.dtype, jnp.integer)
-    ):
+    if isinstance(layer, (float, bool)) or (hasattr(layer, "dtype") and not jnp.issubdtype(layer.dtype, jnp.integer)):
         raise TypeError(f"layer must be an integer, got {layer!r}")
     value = concrete_value(layer)
     if value is not None and not 0 <= int(value) < num_layers:
@@ -51,9 +49,7 @@ def layer_index(layer, num_layers: int) -> None:
 
 
 def slot_index(slot, batch: int) -> None:
-    if isinstance(slot, (float, bool)) or (
-        hasattr(slot, "dtype") and not jnp.issubdtype(slot.dtype, jnp.integer)
-    ):
+    if isinstance(slot, (float, bool)) or (hasattr(slot, "dtype") and not jnp.issubdtype(slot.dtype, jnp.integer)):
         raise TypeError(f"slot must be an integer, got {slot!r}")
     value = concrete_value(slot)
     if value is not None and not 0 <= int(value) < batch:
@@ -80,8 +76,7 @@ def new_kv(name: str, x, batch: int, spec) -> None:
     b, k, t, d = shape
     if (b, k, d) != (batch, spec.num_kv_heads, spec.head_dim) or t < 1:
         raise ValueError(
-            f"{name}.shape={tuple(shape)} does not match [B={batch}, K={spec.num_kv_heads}, T>=1, "
-            f"D={spec.head_dim}]"
+            f"{name}.shape={tuple(shape)} does not match [B={batch}, K={spec.num_kv_heads}, T>=1, D={spec.head_dim}]"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
@@ -114,9 +109,7 @@ def decode_args(q, k, v, lengths) -> tuple[int, int, int, int, int]:
     b, n, d = q.shape
     bk, kh, s, dk = k.shape
     if bk != b or dk != d:
-        raise ValueError(
-            f"q.shape={q.shape} does not match k.shape={k.shape} (batch and head_dim must agree)"
-        )
+        raise ValueError(f"q.shape={q.shape} does not match k.shape={k.shape} (batch and head_dim must agree)")
     gqa_heads(n, kh)
     if getattr(lengths, "shape", None) != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be int[{b}], got {getattr(lengths, 'shape', None)}")

@@ -83,7 +83,7 @@ def decode_attention_reference(
     q: Float[Array, "B N D"],
     k: Float[Array, "B K S D"],
     v: Float[Array, "B K S D"],
-    lengths: Int[Array, "B"],
+    lengths: Int[Array, " B"],
     *,
     scale: float | None = None,
 ) -> Float[Array, "B N D"]:

@@ -96,8 +96,8 @@ class KVCache:
     k: Array  # [L, B, K, S, D]
     v: Array  # [L, B, K, S, D]
     # Lengths and error bits are arrays (not static fields) so that changing them never recompiles a step.
-    lengths: Int[Array, "B"]
-    errors: Int[Array, "B"]
+    lengths: Int[Array, " B"]
+    errors: Int[Array, " B"]
 
     # ------------------------------------------------------------------ construction and shape
     @classmethod
@@ -149,23 +149,17 @@ class KVCache:
         ok = self.lengths + t <= spec.max_len
         _checks.host_all(
             ok,
-            lambda: (
-                f"write of T={t} positions past max_len={spec.max_len}: lengths={np.asarray(self.lengths)}"
-            ),
+            lambda: f"write of T={t} positions past max_len={spec.max_len}: lengths={np.asarray(self.lengths)}",
         )
         checkify.debug_check(jnp.all(ok), "jkv: KVCache.write past max_len", ok)
 
         # A scatter with mode="drop" updates in place under donation (a vmapped dynamic_update_slice does not
         # on every backend). A refused sequence gets out-of-range positions, so its write drops entirely.
-        positions = jnp.where(
-            ok[:, None], self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32), spec.max_len
-        )
+        positions = jnp.where(ok[:, None], self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32), spec.max_len)
         rows = jnp.arange(self.batch)[:, None]  # (B, 1) against positions (B, T)
 
         def put(buf, new):
-            return buf.at[layer, rows, :, positions, :].set(
-                jnp.swapaxes(new, 1, 2).astype(buf.dtype), mode="drop"
-            )
+            return buf.at[layer, rows, :, positions, :].set(jnp.swapaxes(new, 1, 2).astype(buf.dtype), mode="drop")
 
         return self.replace(
             k=put(self.k, k_new),
@@ -201,10 +195,7 @@ class KVCache:
         ok = (new >= 0) & (new <= self.lengths)
         _checks.host_all(
             ok,
-            lambda: (
-                f"rollback lengths={np.asarray(new)} must lie in [0, current lengths="
-                f"{np.asarray(self.lengths)}]"
-            ),
+            lambda: f"rollback lengths={np.asarray(new)} must lie in [0, current lengths={np.asarray(self.lengths)}]",
         )
         checkify.debug_check(jnp.all(ok), "jkv: KVCache.rollback outside [0, length]", ok)
         return self.replace(

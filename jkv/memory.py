@@ -49,15 +49,11 @@ def usable_bytes(budget: int | None = None, reserve: int | None = None) -> int:
     """``budget`` (default: device free memory) less a reserve (default: max(1 GiB, 5%) of the free memory)."""
     free = device_free_bytes() if budget is None else int(budget)
     if reserve is None:
-        reserve = (
-            0 if budget is not None else max(DEFAULT_RESERVE_BYTES, int(free * DEFAULT_RESERVE_FRACTION))
-        )
+        reserve = 0 if budget is not None else max(DEFAULT_RESERVE_BYTES, int(free * DEFAULT_RESERVE_FRACTION))
     return max(free - int(reserve), 0)
 
 
-def max_batch(
-    spec: CacheSpec, budget: int | None = None, reserve: int | None = None, limit: int | None = None
-) -> int:
+def max_batch(spec: CacheSpec, budget: int | None = None, reserve: int | None = None, limit: int | None = None) -> int:
     """Largest batch of ``spec.max_len``-long sequences whose cache fits; 0 (with a warning) if none does.
 
     ``budget``: bytes available (default: the device's free memory, less ``reserve``). ``limit``: an upper cap.
