@@ -89,8 +89,80 @@ class KVSnapshot(NamedTuple):
     max_len: int
 
 
+class LengthsMixin:
+    """Length and error-bit operations shared by every jkv cache type.
+
+    A cache class using it has array fields ``lengths`` and ``errors`` (``int32[B]``) and properties ``batch``
+    and ``max_len``; none of these operations touch the stored keys and values.
+    """
+
+    def advance(self, n=1):
+        """Move every length forward by ``n`` (an int, or ``int32[B]`` for ragged steps)."""
+        n = _checks.per_sequence_ints("n", n, self.batch)
+        new = self.lengths + n
+        ok = (new <= self.max_len) & (n >= 0)
+        _checks.host_all(
+            ok,
+            lambda: (
+                f"advance by n={np.asarray(n)} from lengths={np.asarray(self.lengths)} "
+                f"must stay within [current, max_len={self.max_len}]"
+            ),
+        )
+        checkify.debug_check(jnp.all(ok), "jkv: KVCache.advance past max_len", ok)
+        return self.replace(
+            lengths=jnp.where(ok, new, self.lengths),
+            errors=self.errors | jnp.where(ok, 0, ERR_ADVANCE_OVERFLOW),
+        )
+
+    def rollback(self, lengths):
+        """Shrink lengths to ``lengths`` (int or ``int32[B]``), e.g. to drop rejected speculative tokens.
+
+        Positions past the new length become invalid (their data stays until overwritten). Asking for a length
+        above the current one would expose unwritten positions: refused (host) or flagged and ignored (jit).
+        """
+        new = _checks.per_sequence_ints("lengths", lengths, self.batch)
+        ok = (new >= 0) & (new <= self.lengths)
+        _checks.host_all(
+            ok,
+            lambda: f"rollback lengths={np.asarray(new)} must lie in [0, current lengths={np.asarray(self.lengths)}]",
+        )
+        checkify.debug_check(jnp.all(ok), "jkv: KVCache.rollback outside [0, length]", ok)
+        return self.replace(
+            lengths=jnp.where(ok, new, self.lengths),
+            errors=self.errors | jnp.where(ok, 0, ERR_ROLLBACK_FORWARD),
+        )
+
+    def reset(self):
+        """Empty every sequence (lengths and error bits to zero; buffers are left as they are)."""
+        return self.replace(lengths=jnp.zeros_like(self.lengths), errors=jnp.zeros_like(self.errors))
+
+    def reset_slot(self, slot):
+        """Empty sequence ``slot`` (its length and error bits to zero)."""
+        ok = self._slot_ok(slot)
+        keep = jnp.arange(self.batch) != slot
+        return self.replace(
+            lengths=jnp.where(keep, self.lengths, 0),
+            errors=jnp.where(keep, self.errors, 0) | jnp.where(ok, 0, ERR_BAD_SLOT),
+        )
+
+    def clear_errors(self):
+        return self.replace(errors=jnp.zeros_like(self.errors))
+
+    def _slot_ok(self, slot):
+        _checks.slot_index(slot, self.batch)
+        return (slot >= 0) & (slot < self.batch)
+
+    # ------------------------------------------------------------------ errors
+    def check(self):
+        """Raise ``RuntimeError`` if any operation under ``jit`` recorded an error; otherwise return self."""
+        errors = np.asarray(self.errors)
+        if errors.any():
+            raise RuntimeError(describe_errors(errors))
+        return self
+
+
 @struct.dataclass
-class KVCache:
+class KVCache(LengthsMixin):
     """Contiguous KV cache for ``L`` layers and ``B`` sequences; see the module docstring for the protocol."""
 
     k: Array  # [L, B, K, S, D]
@@ -167,58 +239,6 @@ class KVCache:
             errors=self.errors | jnp.where(ok, 0, ERR_WRITE_OVERFLOW),
         )
 
-    def advance(self, n=1) -> KVCache:
-        """Move every length forward by ``n`` (an int, or ``int32[B]`` for ragged steps)."""
-        n = _checks.per_sequence_ints("n", n, self.batch)
-        new = self.lengths + n
-        ok = (new <= self.max_len) & (n >= 0)
-        _checks.host_all(
-            ok,
-            lambda: (
-                f"advance by n={np.asarray(n)} from lengths={np.asarray(self.lengths)} "
-                f"must stay within [current, max_len={self.max_len}]"
-            ),
-        )
-        checkify.debug_check(jnp.all(ok), "jkv: KVCache.advance past max_len", ok)
-        return self.replace(
-            lengths=jnp.where(ok, new, self.lengths),
-            errors=self.errors | jnp.where(ok, 0, ERR_ADVANCE_OVERFLOW),
-        )
-
-    def rollback(self, lengths) -> KVCache:
-        """Shrink lengths to ``lengths`` (int or ``int32[B]``), e.g. to drop rejected speculative tokens.
-
-        Positions past the new length become invalid (their data stays until overwritten). Asking for a length
-        above the current one would expose unwritten positions: refused (host) or flagged and ignored (jit).
-        """
-        new = _checks.per_sequence_ints("lengths", lengths, self.batch)
-        ok = (new >= 0) & (new <= self.lengths)
-        _checks.host_all(
-            ok,
-            lambda: f"rollback lengths={np.asarray(new)} must lie in [0, current lengths={np.asarray(self.lengths)}]",
-        )
-        checkify.debug_check(jnp.all(ok), "jkv: KVCache.rollback outside [0, length]", ok)
-        return self.replace(
-            lengths=jnp.where(ok, new, self.lengths),
-            errors=self.errors | jnp.where(ok, 0, ERR_ROLLBACK_FORWARD),
-        )
-
-    def reset(self) -> KVCache:
-        """Empty every sequence (lengths and error bits to zero; buffers are left as they are)."""
-        return self.replace(lengths=jnp.zeros_like(self.lengths), errors=jnp.zeros_like(self.errors))
-
-    def reset_slot(self, slot) -> KVCache:
-        """Empty sequence ``slot`` (its length and error bits to zero)."""
-        ok = self._slot_ok(slot)
-        keep = jnp.arange(self.batch) != slot
-        return self.replace(
-            lengths=jnp.where(keep, self.lengths, 0),
-            errors=jnp.where(keep, self.errors, 0) | jnp.where(ok, 0, ERR_BAD_SLOT),
-        )
-
-    def clear_errors(self) -> KVCache:
-        return self.replace(errors=jnp.zeros_like(self.errors))
-
     def insert_into_slot(self, slot, single: KVCache) -> KVCache:
         """Scatter a prefilled one-sequence cache into batch slot ``slot`` (its positions, length and errors).
 
@@ -265,10 +285,6 @@ class KVCache:
             errors=lax.dynamic_slice(self.errors, (slot,), (1,)),
         )
 
-    def _slot_ok(self, slot):
-        _checks.slot_index(slot, self.batch)
-        return (slot >= 0) & (slot < self.batch)
-
     # ------------------------------------------------------------------ host round trip
     def snapshot(self, trim: bool = True) -> KVSnapshot:
         """Copy to host NumPy. With ``trim`` only the first ``max(lengths)`` positions are kept."""
@@ -298,14 +314,6 @@ class KVCache:
             lengths=jnp.asarray(snap.lengths, jnp.int32),
             errors=jnp.asarray(snap.errors, jnp.int32),
         )
-
-    # ------------------------------------------------------------------ errors
-    def check(self) -> KVCache:
-        """Raise ``RuntimeError`` if any operation under ``jit`` recorded an error; otherwise return self."""
-        errors = np.asarray(self.errors)
-        if errors.any():
-            raise RuntimeError(describe_errors(errors))
-        return self
 
 
 def describe_errors(errors: np.ndarray) -> str:
