@@ -34,11 +34,13 @@ ERR_WRITE_OVERFLOW = 1  # a write would have reached past max_len: the write was
 ERR_ADVANCE_OVERFLOW = 2  # advance would have moved a length past max_len: the length was left unchanged
 ERR_ROLLBACK_FORWARD = 4  # rollback asked for a length above the current one (or below 0): left unchanged
 ERR_BAD_SLOT = 8  # insert_into_slot / reset_slot got a slot index out of range inside jit: nothing changed
+ERR_POOL_EXHAUSTED = 16  # PagedKVCache: no free page for a write / advance / admit: that sequence was left as it was
 ERROR_NAMES = {
     ERR_WRITE_OVERFLOW: "write past max_len (write skipped)",
     ERR_ADVANCE_OVERFLOW: "advance past max_len (length unchanged)",
     ERR_ROLLBACK_FORWARD: "rollback to a length outside [0, current length] (length unchanged)",
     ERR_BAD_SLOT: "slot index out of range (nothing changed)",
+    ERR_POOL_EXHAUSTED: "page pool exhausted (sequence left as it was)",
 }
 
 
