@@ -9,7 +9,7 @@ Axis letters, used in shape annotations and einsum strings across the package:
 Contiguous caches are ``[L, B, K, S, D]`` with ``lengths: int32[B]``.
 """
 
-from jkv import memory
+from jkv import memory, quant
 from jkv.attention import (
     attention_reference,
     decode_attention,
@@ -18,21 +18,27 @@ from jkv.attention import (
     prefill_attention,
 )
 from jkv.cache import CacheSpec, KVCache, KVSnapshot
+from jkv.quant import Q8KVCache, Q8Snapshot, dequantize, quantize
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
 
 __all__ = [
     "CacheSpec",
     "KVCache",
     "KVSnapshot",
+    "Q8KVCache",
+    "Q8Snapshot",
     "RopeStyle",
     "apply_rope",
     "attention_reference",
     "decode_attention",
     "decode_attention_reference",
     "default_impl",
+    "dequantize",
     "inv_frequencies",
     "llama3_inv_frequencies",
     "memory",
     "prefill_attention",
+    "quant",
+    "quantize",
 ]
 __version__ = "0.1.0"

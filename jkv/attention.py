@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Int
 
 from jkv import _checks
 from jkv.cache import KVCache
+from jkv.quant import Q8KVCache
 
 IMPLS = ("xla", "pallas")
 
@@ -97,10 +98,18 @@ def decode_attention(
 ) -> Float[Array, "B N D"]:
     """Decode attention for ``layer`` of ``cache``: sequence ``b`` attends to ``lengths[b] + 1`` positions."""
     impl = resolve_impl(impl)
-    if not isinstance(cache, KVCache):
+    if not isinstance(cache, (KVCache, Q8KVCache)):
         raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     _checks.layer_index(layer, cache.spec.num_layers)
     lengths = jnp.minimum(cache.lengths + 1, cache.max_len)
+    if isinstance(cache, Q8KVCache):
+        if impl == "pallas":  # dequantizes inside the K/V loads: no dequantized copy of the layer
+            from pallas_kernels import q8
+
+            args = (cache.k, cache.k_scale, cache.v, cache.v_scale, lengths)
+            return q8.decode_attention(q, *args, layer=layer, scale=scale)
+        k, v = cache.dequantize_layer(layer, jnp.float32)
+        return decode_attention_reference(q, k, v, lengths, scale=scale)
     if impl == "pallas":
         from pallas_kernels import decode_attention as kernels
 
@@ -113,9 +122,12 @@ def prefill_attention(
 ) -> Float[Array, "B T N D"]:
     """Causal attention of ``T`` new tokens (already written at ``lengths[b] ..``) over prefix and themselves."""
     resolve_impl(impl)
-    if not isinstance(cache, KVCache):
+    if not isinstance(cache, (KVCache, Q8KVCache)):
         raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     _checks.layer_index(layer, cache.spec.num_layers)
     t = q.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    if isinstance(cache, Q8KVCache):
+        k, v = cache.dequantize_layer(layer, jnp.float32)
+        return attention_reference(q, k, v, positions, scale=scale)
     return attention_reference(q, cache.k[layer], cache.v[layer], positions, scale=scale)

@@ -64,7 +64,7 @@ def max_batch(spec: CacheSpec, budget: int | None = None, reserve: int | None = 
     if n < 1:
         warnings.warn(
             f"jkv: not even one sequence fits: one sequence of max_len={spec.max_len} needs "
-            f"{per_seq / 2**20:.1f} MiB of KV cache but only {usable / 2**20:.1f} MiB are usable. "
+            f"{per_seq:,} bytes of KV cache but only {usable:,} bytes are usable. "
             "Lower max_len, use a smaller cache dtype (bf16 or Q8), or free device memory.",
             stacklevel=2,
         )
@@ -78,8 +78,8 @@ def max_len_for(spec: CacheSpec, batch: int, budget: int | None = None, reserve:
     n = (usable // batch - 8) // spec.bytes_per_token if batch else 0
     if n < 1:
         warnings.warn(
-            f"jkv: not even one position fits for {batch=}: one position takes {spec.bytes_per_token} bytes per "
-            f"sequence but only {usable} bytes are usable.",
+            f"jkv: not even one position fits for {batch=}: one position takes {spec.bytes_per_token:,} bytes per "
+            f"sequence but only {usable:,} bytes are usable.",
             stacklevel=2,
         )
         return 0

@@ -1,0 +1,29 @@
+"""Shared test configuration: tolerances keyed by dtype, NumPy float64 references, hypothesis profiles."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+# References are NumPy float64 (tests/reference.py); JAX runs in its default 32-bit mode, as users run it.
+settings.register_profile("ci", deadline=None, print_blob=True, derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Relative error bounds ‖out − ref‖ / ‖ref‖, keyed by the dtype the computation runs in.
+REL_TOL = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert np.isfinite(out).all(), "output holds NaN/Inf"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator seeded from the test's id: fresh per test, reproducible per test."""
+    seed = abs(hash(request.node.nodeid)) % (2**32)
+    return np.random.default_rng(seed)
