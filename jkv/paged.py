@@ -1,0 +1,442 @@
+"""Paged KV cache: a shared page pool, per-sequence block tables and a refcounted allocator that runs inside ``jit``.
+
+Layout, stated once: K and V pools are ``[L, P, K, page_size, D]`` (layers, pages, kv heads, positions in a page,
+head_dim). Logical position ``s`` of sequence ``b`` lives in page ``block_tables[b, s // page_size]`` at offset
+``s % page_size``, in every layer at once (one page index covers all ``L`` layers, as in vLLM). Each
+``(layer, page, kv_head)`` slab is one contiguous run of ``page_size * D`` values, so a kernel reads a page
+coalesced. ``block_tables[b, j] == -1`` means "no page".
+
+Allocator. ``refcounts[p]`` counts the block-table entries (over all sequences) that name page ``p``; a page is
+free exactly when its count is 0. The free list is *derived* from the counts (``refcounts == 0``, taken in
+ascending page order by a prefix sum) rather than kept as a second array that could disagree with them; a page
+can therefore never be handed out while a table still names it, nor freed twice. Allocation is all-or-nothing
+per sequence and serves sequences in batch order: the first sequence whose pages do not fit, and every later one
+that needs pages, gets nothing and the ``ERR_POOL_EXHAUSTED`` bit (host-side calls raise instead). A live page is
+never overwritten.
+
+Protocol, unchanged from ``KVCache``: for every layer ``write`` the new keys/values at ``lengths[b]``, attend,
+and after the last layer ``advance(T)``. ``write`` first *reserves* the pages that positions
+``[lengths[b], lengths[b] + T)`` need; reserving is idempotent, so only the first layer's write allocates (and the
+engine may call ``reserve(T)`` itself before the layers). A page shared with another sequence (after ``fork``)
+that is about to be written is copied first (copy-on-write, all layers at once); only the page holding position
+``lengths[b]`` can be in that state, because a sequence shares only the pages covering its own valid prefix.
+Pages reserved but not yet covered by ``lengths`` (a write not advanced) stay with their sequence and are reused
+by its next write; ``rollback`` and ``reset_slot`` give back every page past the new length.
+
+Invariants (tested by tests/test_paged_allocator.py): ``refcounts`` equals the histogram of the non-negative
+table entries; every entry below ``cdiv(lengths[b], page_size)`` names a page; only entries below that bound are
+shared, and among those only the last can be partially filled.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+from jax.experimental import checkify
+from jaxtyping import Array, Int
+
+from jkv import _checks
+from jkv.cache import (
+    ERR_ADVANCE_OVERFLOW,
+    ERR_BAD_SLOT,
+    ERR_POOL_EXHAUSTED,
+    ERR_WRITE_OVERFLOW,
+    CacheSpec,
+    KVCache,
+    KVSnapshot,
+    LengthsMixin,
+)
+
+NO_PAGE = -1  # block-table entry of a logical page that has no physical page
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@struct.dataclass
+class PagedKVCache(LengthsMixin):
+    """Paged KV cache for ``L`` layers and ``B`` sequences; see the module docstring for layout and protocol."""
+
+    k_pages: Array  # [L, P, K, page_size, D]
+    v_pages: Array  # [L, P, K, page_size, D]
+    # Tables, counts, lengths and error bits are arrays (not static fields): changing them never recompiles a step.
+    block_tables: Int[Array, "B M"]  # physical page of each logical page, NO_PAGE where none
+    refcounts: Int[Array, " P"]  # block-table entries naming each page; 0 = free
+    lengths: Int[Array, " B"]
+    errors: Int[Array, " B"]
+
+    # ------------------------------------------------------------------ construction and shape
+    @classmethod
+    def init(cls, spec: CacheSpec, batch: int, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
+        """``batch`` empty sequences over a pool of ``num_pages`` pages of ``page_size`` positions.
+
+        Each sequence may hold up to ``spec.max_len`` positions (a multiple of ``page_size``), i.e.
+        ``spec.max_len // page_size`` pages. ``num_pages`` defaults to enough for every sequence to be full; a
+        smaller pool oversubscribes memory, which is the point of paging.
+        """
+        if not isinstance(spec, CacheSpec):
+            raise TypeError(f"spec must be a jkv.CacheSpec, got {type(spec).__name__}")
+        _checks.positive_int("batch", batch)
+        _checks.positive_int("page_size", page_size)
+        if spec.max_len % page_size:
+            raise ValueError(f"spec.max_len={spec.max_len} must be a multiple of {page_size=}")
+        max_pages = spec.max_len // page_size
+        num_pages = batch * max_pages if num_pages is None else num_pages
+        _checks.positive_int("num_pages", num_pages)
+        shape = (spec.num_layers, num_pages, spec.num_kv_heads, page_size, spec.head_dim)
+        return cls(
+            k_pages=jnp.zeros(shape, spec.dtype),
+            v_pages=jnp.zeros(shape, spec.dtype),
+            block_tables=jnp.full((batch, max_pages), NO_PAGE, jnp.int32),
+            refcounts=jnp.zeros((num_pages,), jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            errors=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def spec(self) -> CacheSpec:
+        num_layers, _, num_kv_heads, _, head_dim = self.k_pages.shape
+        return CacheSpec(num_layers, num_kv_heads, head_dim, self.max_len, self.k_pages.dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.block_tables.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[3]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages.shape[1]
+
+    @property
+    def max_pages(self) -> int:
+        """Block-table width: pages one sequence can hold."""
+        return self.block_tables.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.max_pages * self.page_size
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the cache (pools, tables, counts, lengths and error bits)."""
+        arrays = (self.k_pages, self.v_pages, self.block_tables, self.refcounts, self.lengths, self.errors)
+        return sum(int(x.size) * x.dtype.itemsize for x in arrays)
+
+    def num_free_pages(self) -> Int[Array, ""]:
+        return jnp.sum(self.refcounts == 0, dtype=jnp.int32)
+
+    def pages_held(self) -> Int[Array, " B"]:
+        """Pages each sequence's table names (shared pages count for every sharer)."""
+        return jnp.sum(self.block_tables >= 0, axis=1, dtype=jnp.int32)
+
+    # ------------------------------------------------------------------ allocator (all jit-able)
+    def _release(self, drop: Array) -> PagedKVCache:
+        """Drop the table entries where ``drop [B, M]`` holds, giving one reference back per entry."""
+        pages = jnp.where(drop & (self.block_tables >= 0), self.block_tables, self.num_pages)  # P: no page
+        return self.replace(
+            block_tables=jnp.where(drop, NO_PAGE, self.block_tables),
+            refcounts=self.refcounts.at[pages.ravel()].add(-1, mode="drop"),
+        )
+
+    def _allocate(self, need: Array) -> tuple[PagedKVCache, Array, Array]:
+        """Give every entry where ``need [B, M]`` holds a fresh page, all-or-nothing per sequence.
+
+        Returns the cache (tables and counts updated), ``got [B]`` (True where the sequence's request was met or
+        empty) and ``fresh [B, M]`` (the new page of each served entry, ``P`` elsewhere). The entry's old page, if
+        any, is *not* released: the caller decides (copy-on-write copies from it first).
+        """
+        p = self.num_pages
+        count = jnp.sum(need, axis=1, dtype=jnp.int32)
+        free = self.refcounts == 0
+        got = (jnp.cumsum(count) <= jnp.sum(free, dtype=jnp.int32)) | (count == 0)
+        need = need & got[:, None]
+        free_list = jnp.nonzero(free, size=p, fill_value=p)[0]  # ascending free pages, padded with P
+        rank = jnp.cumsum(need.ravel()).reshape(need.shape) - 1
+        fresh = jnp.where(need, free_list[jnp.clip(rank, 0, p - 1)], p)
+        cache = self.replace(
+            block_tables=jnp.where(need, fresh, self.block_tables),
+            refcounts=self.refcounts.at[fresh.ravel()].add(1, mode="drop"),
+        )
+        return cache, got, fresh
+
+    def reserve(self, n=1) -> PagedKVCache:
+        """Make positions ``[lengths[b], lengths[b] + n[b])`` writable: allocate missing pages, copy a shared one.
+
+        Idempotent (a second call with the same ``n`` changes nothing), so ``write`` calls it for every layer and
+        only the first allocates. A sequence whose request does not fit ``max_len`` or the pool is left as it was;
+        the pool case sets ``ERR_POOL_EXHAUSTED`` (host calls raise).
+        """
+        n = _checks.per_sequence_ints("n", n, self.batch)
+        return self._reserve(self.lengths + n)[0]
+
+    def _reserve(self, target: Array) -> tuple[PagedKVCache, Array]:
+        """``reserve`` up to ``target [B]`` positions; returns the cache and ``got [B]``."""
+        ps, p, m = self.page_size, self.num_pages, self.max_pages
+        rows = jnp.arange(self.batch)
+        grow = (target > self.lengths) & (target <= self.max_len)
+        first = self.lengths // ps  # the page holding position lengths[b]
+        at = jnp.minimum(first, m - 1)
+        j = jnp.arange(m)[None, :]
+        in_range = grow[:, None] & (j >= first[:, None]) & (j < _cdiv(target, ps)[:, None])
+        tables = self.block_tables
+
+        # Only the page at `first` can be shared (module docstring). When every sequence naming it writes into
+        # it in this same call (forked samples decoding together), the first of them keeps it: one copy fewer.
+        page = tables[rows, at]
+        refs = self.refcounts[jnp.clip(page, 0, p - 1)]
+        shared = in_range[rows, at] & (page >= 0) & (refs > 1)
+        page = jnp.where(shared, page, p)  # [B], P where not shared
+        pc = jnp.clip(page, 0, p - 1)
+        writers = jnp.zeros(p, jnp.int32).at[page].add(1, mode="drop")
+        lead = jnp.full(p, self.batch, jnp.int32).at[page].min(rows, mode="drop")
+        keeps = shared & (writers[pc] == refs) & (lead[pc] == rows)
+        cow = shared & ~keeps
+        cache, got, fresh = self._allocate(in_range & ((tables < 0) | (cow[:, None] & (j == first[:, None]))))
+        # A keeper writes only once every other sharer has moved off its page (else it waits, flagged).
+        stuck = jnp.zeros(p, jnp.int32).at[jnp.where(cow & ~got, page, p)].add(1, mode="drop")
+        got = got & ~(keeps & (stuck[pc] > 0))
+        _checks.host_all(
+            got,
+            lambda: (
+                f"page pool exhausted: reserving up to {np.asarray(target)} positions at lengths="
+                f"{np.asarray(self.lengths)} needs more than the {int(self.num_free_pages())} free pages of "
+                f"{p} (page_size={ps})"
+            ),
+        )
+        checkify.debug_check(jnp.all(got), "jkv: PagedKVCache page pool exhausted")
+
+        # Copy-on-write: copy each shared page being written (all layers) to its fresh page, then let go of it.
+        cow = cow & got
+        src = jnp.where(cow, page, p)  # [B]
+        dst = jnp.where(cow, fresh[rows, at], p)  # [B]
+
+        def copy(pools):
+            return tuple(x.at[:, dst].set(x[:, pc], mode="drop") for x in pools)
+
+        # A cond, not a masked copy: the copy gathers B pages of every layer, far more than a decode step's write.
+        k_pages, v_pages = lax.cond(jnp.any(cow), copy, lambda pools: pools, (cache.k_pages, cache.v_pages))
+        return cache.replace(
+            k_pages=k_pages,
+            v_pages=v_pages,
+            refcounts=cache.refcounts.at[src].add(-1, mode="drop"),
+            errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
+        ), got
+
+    def _logical_pages(self, positions: Array) -> Array:
+        """Physical page of each position ``[B, T]``, ``P`` where the position has no page (or is past max_len)."""
+        j = positions // self.page_size
+        pages = jnp.take_along_axis(self.block_tables, jnp.clip(j, 0, self.max_pages - 1), axis=1)
+        return jnp.where((j < self.max_pages) & (pages >= 0), pages, self.num_pages)
+
+    # ------------------------------------------------------------------ updates
+    def write(self, layer, k_new: Array, v_new: Array) -> PagedKVCache:
+        """Write ``k_new``/``v_new`` ``[B, K, T, D]`` of ``layer`` at positions ``lengths[b] .. lengths[b]+T``.
+
+        Reserves the pages first (see ``reserve``). Lengths do not move: call ``advance(T)`` once every layer has
+        written. A sequence whose write would pass ``max_len`` (``ERR_WRITE_OVERFLOW``) or find no free page
+        (``ERR_POOL_EXHAUSTED``) is left untouched; host calls raise instead.
+        """
+        spec = self.spec
+        _checks.new_kv("k_new", k_new, self.batch, spec)
+        _checks.new_kv("v_new", v_new, self.batch, spec)
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k_new.shape={k_new.shape} and v_new.shape={v_new.shape} must match")
+        _checks.layer_index(layer, spec.num_layers)
+        t = k_new.shape[2]
+        fits = self.lengths + t <= self.max_len
+        _checks.host_all(
+            fits,
+            lambda: f"write of T={t} positions past max_len={self.max_len}: lengths={np.asarray(self.lengths)}",
+        )
+        checkify.debug_check(jnp.all(fits), "jkv: PagedKVCache.write past max_len")
+        cache, got = self._reserve(jnp.where(fits, self.lengths + t, self.lengths))
+        ok = fits & got
+
+        positions = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # (B, T)
+        pages = jnp.where(ok[:, None], cache._logical_pages(positions), self.num_pages)  # P drops the write
+        offsets = positions % self.page_size
+
+        def put(pool, new):  # pool[layer, pages, :, offsets, :] is (B, T, K, D)
+            return pool.at[layer, pages, :, offsets, :].set(jnp.swapaxes(new, 1, 2).astype(pool.dtype), mode="drop")
+
+        return cache.replace(
+            k_pages=put(cache.k_pages, k_new),
+            v_pages=put(cache.v_pages, v_new),
+            errors=cache.errors | jnp.where(fits, 0, ERR_WRITE_OVERFLOW),
+        )
+
+    def advance(self, n=1) -> PagedKVCache:
+        """Move every length forward by ``n`` (int or ``int32[B]``), reserving pages the new lengths cover.
+
+        After ``write`` the pages are already there and nothing is allocated. Without a write the positions hold
+        whatever their pages held, as in ``KVCache``.
+        """
+        n = _checks.per_sequence_ints("n", n, self.batch)
+        new = self.lengths + n
+        fits = (new <= self.max_len) & (n >= 0)
+        _checks.host_all(
+            fits,
+            lambda: (
+                f"advance by n={np.asarray(n)} from lengths={np.asarray(self.lengths)} "
+                f"must stay within [current, max_len={self.max_len}]"
+            ),
+        )
+        checkify.debug_check(jnp.all(fits), "jkv: PagedKVCache.advance past max_len")
+        cache, got = self._reserve(jnp.where(fits, new, self.lengths))
+        ok = fits & got
+        return cache.replace(
+            lengths=jnp.where(ok, new, self.lengths),
+            errors=cache.errors | jnp.where(fits, 0, ERR_ADVANCE_OVERFLOW),
+        )
+
+    def rollback(self, lengths) -> PagedKVCache:
+        """Shrink lengths (see ``KVCache.rollback``) and give back every page past each resulting length.
+
+        Pages reserved by a write that was never advanced go back too, also for a sequence whose rollback was
+        refused (its length stays, flagged).
+        """
+        cache = LengthsMixin.rollback(self, lengths)
+        keep = _cdiv(cache.lengths, self.page_size)
+        return cache._release(jnp.arange(self.max_pages)[None, :] >= keep[:, None])
+
+    def reset(self) -> PagedKVCache:
+        """Empty every sequence and free every page (pool contents are left as they are)."""
+        return self.replace(
+            block_tables=jnp.full_like(self.block_tables, NO_PAGE),
+            refcounts=jnp.zeros_like(self.refcounts),
+            lengths=jnp.zeros_like(self.lengths),
+            errors=jnp.zeros_like(self.errors),
+        )
+
+    def reset_slot(self, slot) -> PagedKVCache:
+        """Empty (retire) sequence ``slot``: its length and error bits to zero, its page references given back."""
+        ok = self._slot_ok(slot)
+        hit = (jnp.arange(self.batch) == slot) & ok
+        cache = self._release(jnp.broadcast_to(hit[:, None], self.block_tables.shape))
+        return cache.replace(
+            lengths=jnp.where(hit, 0, self.lengths),
+            errors=jnp.where(hit, 0, self.errors) | jnp.where(ok, 0, ERR_BAD_SLOT),
+        )
+
+    def fork(self, src, dst) -> PagedKVCache:
+        """Make sequence ``dst`` a copy of ``src`` that shares its pages (prefix sharing; nothing is copied).
+
+        ``dst``'s previous pages are given back; every page covering ``src``'s valid prefix gains one reference.
+        Either sequence's next write into a shared page copies that page first (copy-on-write). ``src == dst``
+        changes nothing; a slot out of range under ``jit`` changes nothing and flags ``ERR_BAD_SLOT``.
+        """
+        ok = self._slot_ok(src) & self._slot_ok(dst)
+        act = ok & (src != dst)
+        rows = jnp.arange(self.batch)
+        hit = (rows == dst) & act
+        cache = self._release(jnp.broadcast_to(hit[:, None], self.block_tables.shape))
+        src_c = jnp.clip(src, 0, self.batch - 1)
+        length = self.lengths[src_c]
+        covered = jnp.arange(self.max_pages) < _cdiv(length, self.page_size)
+        shared = jnp.where(covered, cache.block_tables[src_c], NO_PAGE)  # [M]
+        added = jnp.where(act & (shared >= 0), shared, self.num_pages)
+        return cache.replace(
+            block_tables=jnp.where(hit[:, None], shared[None, :], cache.block_tables),
+            refcounts=cache.refcounts.at[added].add(1, mode="drop"),
+            lengths=jnp.where(hit, length, cache.lengths),
+            errors=jnp.where(hit, self.errors[src_c], cache.errors) | jnp.where(ok, 0, ERR_BAD_SLOT),
+        )
+
+    def insert_into_slot(self, slot, single: KVCache) -> PagedKVCache:
+        """Admit a prefilled one-sequence contiguous cache into batch slot ``slot``, on freshly allocated pages.
+
+        ``single`` must match layers, kv heads, head_dim and dtype, hold one sequence and ``max_len`` no larger
+        than this cache's. The slot's old pages are given back first. If the pool cannot hold the sequence the
+        slot is left empty with ``ERR_POOL_EXHAUSTED`` (host calls raise).
+        """
+        if not isinstance(single, KVCache):
+            raise TypeError(f"single must be a KVCache, got {type(single).__name__}")
+        _checks.same_layout("single", single.spec, self.spec)
+        if single.batch != 1:
+            raise ValueError(f"single must hold one sequence, got batch={single.batch}")
+        if single.max_len > self.max_len:
+            raise ValueError(f"single.max_len={single.max_len} exceeds this cache's max_len={self.max_len}")
+        ok = self._slot_ok(slot)
+        rows = jnp.arange(self.batch)
+        hit = (rows == slot) & ok
+        cache = self._release(jnp.broadcast_to(hit[:, None], self.block_tables.shape))
+        n = _cdiv(single.lengths[0], self.page_size)
+        need = hit[:, None] & (jnp.arange(self.max_pages)[None, :] < n)
+        cache, got, fresh = cache._allocate(need)
+        _checks.host_all(
+            got,
+            lambda: (
+                f"page pool exhausted: admitting a sequence of length {int(single.lengths[0])} needs {int(n)} "
+                f"pages of {self.page_size}, only {int(cache.num_free_pages())} of {self.num_pages} are free"
+            ),
+        )
+        checkify.debug_check(jnp.all(got), "jkv: PagedKVCache page pool exhausted")
+        m = _cdiv(single.max_len, self.page_size)
+        dst = fresh[jnp.clip(slot, 0, self.batch - 1), :m]  # [m], P where no page (dropped)
+
+        def put(pool, new):  # new [L, 1, K, S', D] -> [L, m, K, page_size, D]
+            new = jnp.pad(new[:, 0], ((0, 0), (0, 0), (0, m * self.page_size - single.max_len), (0, 0)))
+            pages = new.reshape(new.shape[0], new.shape[1], m, self.page_size, new.shape[3]).swapaxes(1, 2)
+            return pool.at[:, dst].set(pages.astype(pool.dtype), mode="drop")
+
+        served = hit & got
+        return cache.replace(
+            k_pages=put(cache.k_pages, single.k),
+            v_pages=put(cache.v_pages, single.v),
+            lengths=jnp.where(served, single.lengths[0], jnp.where(hit, 0, cache.lengths)),
+            errors=jnp.where(hit, jnp.where(got, single.errors[0], ERR_POOL_EXHAUSTED), cache.errors)
+            | jnp.where(ok, 0, ERR_BAD_SLOT),
+        )
+
+    # ------------------------------------------------------------------ contiguous views
+    def gather_layer(self, layer) -> tuple[Array, Array]:
+        """K and V of ``layer`` as contiguous ``[B, K, max_len, D]`` (the reference path; reads every page)."""
+        _checks.layer_index(layer, self.spec.num_layers)
+        pages = jnp.clip(self.block_tables, 0, self.num_pages - 1)  # entries without a page read page 0: masked
+
+        def take(pool):
+            x = pool[layer][pages]  # (B, M, K, page_size, D)
+            b, m, kh, ps, d = x.shape
+            return x.swapaxes(1, 2).reshape(b, kh, m * ps, d)
+
+        return take(self.k_pages), take(self.v_pages)
+
+    def to_contiguous(self) -> KVCache:
+        """The logical contents as a ``KVCache`` (same lengths and errors; positions without a page are zero)."""
+        pages = jnp.clip(self.block_tables, 0, self.num_pages - 1)
+        held = (self.block_tables >= 0)[None, :, :, None, None, None]
+
+        def take(pool):
+            x = jnp.where(held, pool[:, pages], 0)  # (L, B, M, K, page_size, D)
+            nl, b, m, kh, ps, d = x.shape
+            return x.swapaxes(2, 3).reshape(nl, b, kh, m * ps, d)
+
+        return KVCache(k=take(self.k_pages), v=take(self.v_pages), lengths=self.lengths, errors=self.errors)
+
+    @classmethod
+    def from_contiguous(cls, cache: KVCache, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
+        """Page a contiguous cache: each sequence gets ``cdiv(length, page_size)`` fresh pages (host call)."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        spec = cache.spec
+        padded = spec.replace(max_len=_cdiv(spec.max_len, page_size) * page_size)
+        paged = cls.init(padded, cache.batch, page_size=page_size, num_pages=num_pages)
+        for slot in range(cache.batch):
+            paged = paged.insert_into_slot(slot, cache.extract_slot(slot))
+        return paged.replace(errors=cache.errors)
+
+    # ------------------------------------------------------------------ host round trip
+    def snapshot(self, trim: bool = True) -> KVSnapshot:
+        """Copy the logical contents to host NumPy (a ``KVSnapshot``; page sharing is not kept)."""
+        return self.to_contiguous().snapshot(trim=trim)
+
+    @classmethod
+    def restore(cls, snap: KVSnapshot, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
+        """Rebuild a paged cache from ``snapshot()`` (or a ``KVCache`` snapshot); bit-exact on valid positions."""
+        return cls.from_contiguous(KVCache.restore(snap), page_size=page_size, num_pages=num_pages)
