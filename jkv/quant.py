@@ -1,0 +1,349 @@
+"""Q8 KV cache: int8 values with one scale per 32 consecutive values along head_dim.
+
+Format. A vector of ``D`` values (``D`` a multiple of 32) is cut into ``D // 32`` blocks of 32. Each block stores
+``scale = max|x| / 127`` and ``q = round(x / scale)`` in int8 (``[-127, 127]``); ``dequantize`` returns
+``q * scale``. The round trip error of every value is at most half a step of its block, ``scale / 2``.
+
+Scales are float16 by default (llama.cpp's q8_0 stores them the same way), float32 on request: 34 bytes per 32
+values instead of 36, with the same error bound (see docs/quant.md for the measured accuracy). A float16 scale is
+rounded *up* from ``max|x| / 127`` so that no value of the block clips. Its range bounds what can be stored: a
+block with ``max|x| > 65504 * 127`` (about 8.3e6) has no finite float16 scale, and host-side calls raise for it
+(under ``jit`` its values dequantize to NaN); blocks below about 7.8e-3 get subnormal scales, still within the
+bound above.
+
+``Q8KVCache`` mirrors ``jkv.KVCache`` (same protocol, same error bits): values ``int8[L, B, K, S, D]`` and
+scales ``[L, B, K, S, D // 32]`` for K and for V. ``write`` quantizes only the new positions. Its
+``spec.dtype`` is the floating dtype the cache stands for: what ``dequantize`` returns.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+from jax.experimental import checkify
+from jaxtyping import Array, Float, Int, Int8
+
+from jkv import _checks
+from jkv.cache import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW, CacheSpec, KVCache, LengthsMixin
+
+BLOCK = 32  # values sharing one scale, consecutive along head_dim
+QMAX = 127  # int8 codes are symmetric: [-127, 127]
+SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+DEFAULT_SCALE_DTYPE = jnp.dtype(jnp.float16)
+
+
+def _scale_dtype(scale_dtype) -> jnp.dtype:
+    try:
+        dtype = jnp.dtype(scale_dtype)
+    except TypeError as e:
+        raise TypeError(f"scale_dtype must be float16 or float32, got {scale_dtype!r}") from e
+    if dtype not in SCALE_DTYPES:
+        raise TypeError(f"scale_dtype must be float16 or float32, got {dtype}")
+    return dtype
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim % BLOCK:
+        raise ValueError(f"{head_dim=} must be a multiple of {BLOCK} for the Q8 format (one scale per {BLOCK} values)")
+
+
+def quantize(
+    x: Float[Array, "... D"], *, scale_dtype=DEFAULT_SCALE_DTYPE
+) -> tuple[Int8[Array, "... D"], Float[Array, "... D//32"]]:
+    """``x [..., D]`` → ``(values int8[..., D], scales [..., D // 32])``; see the module docstring."""
+    if not jnp.issubdtype(getattr(x, "dtype", None), jnp.floating):
+        raise TypeError(f"x must be a floating array, got {getattr(x, 'dtype', type(x).__name__)}")
+    scale_dtype = _scale_dtype(scale_dtype)
+    d = x.shape[-1] if x.ndim else 0
+    if x.ndim == 0 or d % BLOCK:
+        raise ValueError(f"x.shape={x.shape}: the last axis must be a positive multiple of {BLOCK}")
+    values, scales, finite = _quantize(x, scale_dtype)
+    _checks.host_all(
+        finite,
+        lambda: (
+            f"x holds a block with max|x| beyond what a {scale_dtype} scale can hold "
+            f"({float(jnp.finfo(scale_dtype).max) * QMAX:.4g}); use scale_dtype=float32"
+        ),
+    )
+    return values, scales
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize(x, scale_dtype):
+    """``(values, scales, ok)``: ``ok`` is false where a finite block got no finite scale."""
+    d = x.shape[-1]
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], d // BLOCK, BLOCK)  # (..., D/32, 32)
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    scale = amax / QMAX
+    stored = scale.astype(scale_dtype)
+    if scale_dtype != jnp.float32:
+        # Round up, never down: with stored >= max|x| / 127 no value needs a code beyond 127.
+        stored = jnp.where(stored.astype(jnp.float32) < scale, jnp.nextafter(stored, jnp.inf), stored)
+    s = stored.astype(jnp.float32)[..., None]
+    # An all-zero block has scale 0: its codes are 0 (dividing would give NaN).
+    codes = jnp.where(s > 0, jnp.round(blocks / jnp.where(s > 0, s, 1)), 0)
+    values = jnp.clip(codes, -QMAX, QMAX).astype(jnp.int8).reshape(x.shape)
+    return values, stored, jnp.isfinite(stored) | ~jnp.isfinite(amax)
+
+
+def dequantize(
+    values: Int8[Array, "... D"], scales: Float[Array, "... D//32"], dtype=jnp.float32
+) -> Float[Array, "... D"]:
+    """``values * scales`` (each scale over its block of 32), computed in float32 and returned in ``dtype``."""
+    if getattr(values, "dtype", None) != jnp.int8:
+        raise TypeError(f"values must be int8, got {getattr(values, 'dtype', type(values).__name__)}")
+    d = values.shape[-1] if values.ndim else 0
+    if values.ndim == 0 or d % BLOCK or scales.shape != (*values.shape[:-1], d // BLOCK):
+        raise ValueError(
+            f"values.shape={values.shape} and scales.shape={scales.shape} do not form a Q8 pair "
+            f"(scales must be values.shape[:-1] + (D // {BLOCK},))"
+        )
+    return _dequantize(values, scales, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _dequantize(values, scales, dtype):
+    blocks = values.astype(jnp.float32).reshape(*values.shape[:-1], values.shape[-1] // BLOCK, BLOCK)
+    return (blocks * scales.astype(jnp.float32)[..., None]).reshape(values.shape).astype(dtype)
+
+
+def bytes_per_token(spec: CacheSpec, scale_dtype=DEFAULT_SCALE_DTYPE) -> int:
+    """K + V bytes of one position of one sequence across all layers in the Q8 format."""
+    check_head_dim(spec.head_dim)
+    per_vector = spec.head_dim + spec.head_dim // BLOCK * _scale_dtype(scale_dtype).itemsize
+    return 2 * spec.num_layers * spec.num_kv_heads * per_vector
+
+
+class Q8Snapshot(NamedTuple):
+    """A Q8 cache copied to host memory; ``k``/``v`` and their scales may be trimmed to the longest length."""
+
+    k: np.ndarray  # int8[L, B, K, S', D]
+    k_scale: np.ndarray  # [L, B, K, S', D // 32]
+    v: np.ndarray  # int8[L, B, K, S', D]
+    v_scale: np.ndarray  # [L, B, K, S', D // 32]
+    lengths: np.ndarray  # int32[B]
+    errors: np.ndarray  # int32[B]
+    max_len: int
+    dtype: str  # the cache's spec.dtype
+
+
+@struct.dataclass
+class Q8KVCache(LengthsMixin):
+    """Q8 cache for ``L`` layers and ``B`` sequences; same protocol and error bits as ``jkv.KVCache``."""
+
+    k: Int8[Array, "L B K S D"]
+    k_scale: Float[Array, "L B K S D//32"]
+    v: Int8[Array, "L B K S D"]
+    v_scale: Float[Array, "L B K S D//32"]
+    # Arrays (not static fields) so that changing them never recompiles a step.
+    lengths: Int[Array, " B"]
+    errors: Int[Array, " B"]
+    dtype: Any = struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))  # what dequantize returns
+
+    # ------------------------------------------------------------------ construction and shape
+    @classmethod
+    def init(cls, spec: CacheSpec, batch: int, *, scale_dtype=DEFAULT_SCALE_DTYPE) -> Q8KVCache:
+        """A cache of ``batch`` empty sequences (codes and scales zero; only ``lengths`` decides validity)."""
+        if not isinstance(spec, CacheSpec):
+            raise TypeError(f"spec must be a jkv.CacheSpec, got {type(spec).__name__}")
+        _checks.positive_int("batch", batch)
+        check_head_dim(spec.head_dim)
+        shape = (spec.num_layers, batch, spec.num_kv_heads, spec.max_len, spec.head_dim)
+        scale_shape = (*shape[:-1], spec.head_dim // BLOCK)
+        scale_dtype = _scale_dtype(scale_dtype)
+        return cls(
+            k=jnp.zeros(shape, jnp.int8),
+            k_scale=jnp.zeros(scale_shape, scale_dtype),
+            v=jnp.zeros(shape, jnp.int8),
+            v_scale=jnp.zeros(scale_shape, scale_dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            errors=jnp.zeros((batch,), jnp.int32),
+            dtype=spec.dtype,
+        )
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, *, scale_dtype=DEFAULT_SCALE_DTYPE) -> Q8KVCache:
+        """Quantize every position of a ``KVCache`` (lengths and error bits are kept)."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        check_head_dim(cache.spec.head_dim)
+        k, k_scale = quantize(cache.k, scale_dtype=scale_dtype)
+        v, v_scale = quantize(cache.v, scale_dtype=scale_dtype)
+        return cls(k, k_scale, v, v_scale, cache.lengths, cache.errors, dtype=cache.spec.dtype)
+
+    @property
+    def spec(self) -> CacheSpec:
+        num_layers, _, num_kv_heads, max_len, head_dim = self.k.shape
+        return CacheSpec(num_layers, num_kv_heads, head_dim, max_len, self.dtype)
+
+    @property
+    def scale_dtype(self) -> jnp.dtype:
+        return self.k_scale.dtype
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the cache (codes, scales, lengths and error bits)."""
+        arrays = (self.k, self.k_scale, self.v, self.v_scale, self.lengths, self.errors)
+        return sum(int(x.size) * x.dtype.itemsize for x in arrays)
+
+    # ------------------------------------------------------------------ reading
+    def dequantize_layer(self, layer, dtype=None) -> tuple[Float[Array, "B K S D"], Float[Array, "B K S D"]]:
+        """Keys and values of ``layer``, dequantized (every position, valid or not) to ``dtype`` (default
+        ``spec.dtype``)."""
+        _checks.layer_index(layer, self.spec.num_layers)
+        dtype = self.dtype if dtype is None else dtype
+        k = dequantize(self.k[layer], self.k_scale[layer], dtype)
+        return k, dequantize(self.v[layer], self.v_scale[layer], dtype)
+
+    def dequantize(self, dtype=None) -> KVCache:
+        """The whole cache as a ``KVCache`` of ``dtype`` (default ``spec.dtype``), lengths and errors kept."""
+        dtype = self.dtype if dtype is None else dtype
+        return KVCache(
+            k=dequantize(self.k, self.k_scale, dtype),
+            v=dequantize(self.v, self.v_scale, dtype),
+            lengths=self.lengths,
+            errors=self.errors,
+        )
+
+    # ------------------------------------------------------------------ updates
+    def write(self, layer, k_new: Array, v_new: Array) -> Q8KVCache:
+        """Quantize ``k_new``/``v_new`` ``[B, K, T, D]`` of ``layer`` into positions ``lengths[b] .. +T``.
+
+        Same protocol as ``KVCache.write``: lengths do not move (``advance(T)`` after the last layer); a sequence
+        whose write would pass ``max_len`` is left untouched and gets ``ERR_WRITE_OVERFLOW`` (host calls raise).
+        """
+        spec = self.spec
+        _checks.new_kv("k_new", k_new, self.batch, spec)
+        _checks.new_kv("v_new", v_new, self.batch, spec)
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k_new.shape={k_new.shape} and v_new.shape={v_new.shape} must match")
+        _checks.layer_index(layer, spec.num_layers)
+        t = k_new.shape[2]
+        ok = self.lengths + t <= spec.max_len
+        _checks.host_all(
+            ok,
+            lambda: f"write of T={t} positions past max_len={spec.max_len}: lengths={np.asarray(self.lengths)}",
+        )
+        checkify.debug_check(jnp.all(ok), "jkv: Q8KVCache.write past max_len", ok)
+
+        # As in KVCache.write: an in-place scatter with mode="drop"; a refused sequence gets out-of-range
+        # positions, so its write drops entirely. Only the T new positions are quantized.
+        positions = jnp.where(ok[:, None], self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32), spec.max_len)
+        rows = jnp.arange(self.batch)[:, None]  # (B, 1) against positions (B, T)
+
+        def put(buf, new):  # new (B, K, T, X) → indexed as (B, T, K, X)
+            return buf.at[layer, rows, :, positions, :].set(jnp.swapaxes(new, 1, 2), mode="drop")
+
+        kq, ks = quantize(k_new, scale_dtype=self.scale_dtype)
+        vq, vs = quantize(v_new, scale_dtype=self.scale_dtype)
+        return self.replace(
+            k=put(self.k, kq),
+            k_scale=put(self.k_scale, ks),
+            v=put(self.v, vq),
+            v_scale=put(self.v_scale, vs),
+            errors=self.errors | jnp.where(ok, 0, ERR_WRITE_OVERFLOW),
+        )
+
+    def insert_into_slot(self, slot, single: Q8KVCache) -> Q8KVCache:
+        """Scatter a one-sequence Q8 cache into batch slot ``slot`` (as ``KVCache.insert_into_slot``)."""
+        if not isinstance(single, Q8KVCache):
+            raise TypeError(f"single must be a Q8KVCache, got {type(single).__name__}")
+        _checks.same_layout("single", single.spec, self.spec)
+        if single.scale_dtype != self.scale_dtype:
+            raise ValueError(f"single has scale_dtype={single.scale_dtype}, expected {self.scale_dtype}")
+        if single.batch != 1:
+            raise ValueError(f"single must hold one sequence, got batch={single.batch}")
+        if single.max_len > self.max_len:
+            raise ValueError(f"single.max_len={single.max_len} exceeds this cache's max_len={self.max_len}")
+        ok = self._slot_ok(slot)
+        idx = jnp.where(ok, slot, self.batch)  # out of range under jit: dropped by the scatter, and flagged
+        m = single.max_len
+
+        def put(buf, new):
+            return buf.at[:, idx, :, :m, :].set(new[:, 0], mode="drop")
+
+        hit = jnp.arange(self.batch) == idx
+        return self.replace(
+            k=put(self.k, single.k),
+            k_scale=put(self.k_scale, single.k_scale),
+            v=put(self.v, single.v),
+            v_scale=put(self.v_scale, single.v_scale),
+            lengths=jnp.where(hit, single.lengths[0], self.lengths),
+            errors=jnp.where(hit, single.errors[0], self.errors) | jnp.where(ok, 0, ERR_BAD_SLOT),
+        )
+
+    def extract_slot(self, slot, max_len: int | None = None) -> Q8KVCache:
+        """The one-sequence cache held in ``slot`` (first ``max_len`` positions; default all)."""
+        max_len = self.max_len if max_len is None else max_len
+        _checks.positive_int("max_len", max_len)
+        if max_len > self.max_len:
+            raise ValueError(f"{max_len=} exceeds this cache's max_len={self.max_len}")
+        self._slot_ok(slot)
+
+        def take(buf):
+            shape = (buf.shape[0], 1, buf.shape[2], max_len, buf.shape[4])
+            return lax.dynamic_slice(buf, (0, slot, 0, 0, 0), shape)
+
+        length = lax.dynamic_slice(self.lengths, (slot,), (1,))
+        return Q8KVCache(
+            k=take(self.k),
+            k_scale=take(self.k_scale),
+            v=take(self.v),
+            v_scale=take(self.v_scale),
+            lengths=jnp.minimum(length, max_len),
+            errors=lax.dynamic_slice(self.errors, (slot,), (1,)),
+            dtype=self.dtype,
+        )
+
+    # ------------------------------------------------------------------ host round trip
+    def snapshot(self, trim: bool = True) -> Q8Snapshot:
+        """Copy to host NumPy (codes and scales as stored). With ``trim`` only the first ``max(lengths)``
+        positions are kept."""
+        lengths = np.asarray(self.lengths)
+        keep = max(int(lengths.max(initial=0)), 1) if trim else self.max_len
+        host = lambda buf: np.asarray(buf[:, :, :, :keep])
+        return Q8Snapshot(
+            k=host(self.k),
+            k_scale=host(self.k_scale),
+            v=host(self.v),
+            v_scale=host(self.v_scale),
+            lengths=lengths.copy(),
+            errors=np.asarray(self.errors).copy(),
+            max_len=self.max_len,
+            dtype=self.dtype.name,
+        )
+
+    @classmethod
+    def restore(cls, snap: Q8Snapshot, max_len: int | None = None) -> Q8KVCache:
+        """Rebuild a device cache from ``snapshot()``; bit-exact on the codes and scales the snapshot kept."""
+        if not isinstance(snap, Q8Snapshot):
+            raise TypeError(f"snap must be a Q8Snapshot, got {type(snap).__name__}")
+        max_len = snap.max_len if max_len is None else max_len
+        kept = snap.k.shape[3]
+        if kept > max_len or int(snap.lengths.max(initial=0)) > max_len:
+            raise ValueError(f"snapshot holds {kept} positions (lengths {snap.lengths}), above {max_len=}")
+        pad = [(0, 0)] * 3 + [(0, max_len - kept), (0, 0)]
+        device = lambda buf: jnp.asarray(np.pad(buf, pad))
+        return cls(
+            k=device(snap.k),
+            k_scale=device(snap.k_scale),
+            v=device(snap.v),
+            v_scale=device(snap.v_scale),
+            lengths=jnp.asarray(snap.lengths, jnp.int32),
+            errors=jnp.asarray(snap.errors, jnp.int32),
+            dtype=jnp.dtype(snap.dtype),
+        )
