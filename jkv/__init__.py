@@ -18,6 +18,7 @@ from jkv.attention import (
     prefill_attention,
 )
 from jkv.cache import CacheSpec, KVCache, KVSnapshot
+from jkv.paged import PagedKVCache
 from jkv.quant import Q8KVCache, Q8Snapshot, dequantize, quantize
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
 
@@ -25,6 +26,7 @@ __all__ = [
     "CacheSpec",
     "KVCache",
     "KVSnapshot",
+    "PagedKVCache",
     "Q8KVCache",
     "Q8Snapshot",
     "RopeStyle",

@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Int
 
 from jkv import _checks
 from jkv.cache import KVCache
+from jkv.paged import PagedKVCache
 from jkv.quant import Q8KVCache
 
 IMPLS = ("xla", "pallas")
@@ -98,10 +99,18 @@ def decode_attention(
 ) -> Float[Array, "B N D"]:
     """Decode attention for ``layer`` of ``cache``: sequence ``b`` attends to ``lengths[b] + 1`` positions."""
     impl = resolve_impl(impl)
-    if not isinstance(cache, (KVCache, Q8KVCache)):
+    if not isinstance(cache, (KVCache, Q8KVCache, PagedKVCache)):
         raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     _checks.layer_index(layer, cache.spec.num_layers)
     lengths = jnp.minimum(cache.lengths + 1, cache.max_len)
+    if isinstance(cache, PagedKVCache):
+        if impl == "pallas":  # reads pages through the block table: no gathered copy of the sequences
+            from pallas_kernels import paged_attention
+
+            args = (cache.k_pages, cache.v_pages, cache.block_tables, lengths)
+            return paged_attention.paged_decode_attention(q, *args, layer=layer, scale=scale)
+        k, v = cache.gather_layer(layer)
+        return decode_attention_reference(q, k, v, lengths, scale=scale)
     if isinstance(cache, Q8KVCache):
         if impl == "pallas":  # dequantizes inside the K/V loads: no dequantized copy of the layer
             from pallas_kernels import q8
@@ -122,11 +131,13 @@ def prefill_attention(
 ) -> Float[Array, "B T N D"]:
     """Causal attention of ``T`` new tokens (already written at ``lengths[b] ..``) over prefix and themselves."""
     resolve_impl(impl)
-    if not isinstance(cache, (KVCache, Q8KVCache)):
+    if not isinstance(cache, (KVCache, Q8KVCache, PagedKVCache)):
         raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     _checks.layer_index(layer, cache.spec.num_layers)
     t = q.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    if isinstance(cache, PagedKVCache):
+        return attention_reference(q, *cache.gather_layer(layer), positions, scale=scale)
     if isinstance(cache, Q8KVCache):
         k, v = cache.dequantize_layer(layer, jnp.float32)
         return attention_reference(q, k, v, positions, scale=scale)
