@@ -1,0 +1,118 @@
+"""Where a Pallas kernel runs, decided in one place: the GPU lowering or interpret mode.
+
+Every kernel of ``pallas_kernels`` builds its ``pallas_call`` through :func:`pallas_call` and resolves its
+``interpret`` argument through :func:`resolve_interpret`, so the backend choice and its fallbacks live here:
+
+* ``"triton"``: plain ``pallas_call`` on a CUDA GPU lowers through Triton (``jax.experimental.pallas.triton``
+  supplies the compiler parameters: warps per program, software-pipelining stages).
+* ``"interpret"``: the kernel body runs as ordinary JAX ops on any backend (the CPU CI path). Chosen when the
+  default backend is not a GPU, or, with a warning, when the GPU has no Triton lowering in this JAX build.
+* Mosaic GPU (``jax.experimental.pallas.mosaic_gpu``) is detected and reported by :func:`describe`, for kernels
+  written against it; the kernels here use the Triton lowering.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+
+import jax
+from jax.experimental import pallas as pl
+
+TRITON = "triton"
+INTERPRET = "interpret"
+
+# Used by the launch heuristics when the device does not say (an H100 SXM has 132 multiprocessors).
+DEFAULT_NUM_MULTIPROCESSORS = 132
+
+
+def on_gpu() -> bool:
+    """True when JAX's default backend is a GPU."""
+    return jax.default_backend() == "gpu"
+
+
+@functools.cache
+def _optional_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def triton_module():
+    """``jax.experimental.pallas.triton``, or ``None`` when this JAX build lacks it."""
+    return _optional_module("jax.experimental.pallas.triton")
+
+
+def mosaic_gpu_module():
+    """``jax.experimental.pallas.mosaic_gpu``, or ``None`` when this JAX build lacks it."""
+    return _optional_module("jax.experimental.pallas.mosaic_gpu")
+
+
+def gpu_backend() -> str:
+    """The backend a kernel gets on this process's default device: ``"triton"`` or ``"interpret"``."""
+    if on_gpu() and triton_module() is not None:
+        return TRITON
+    return INTERPRET
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``interpret=None`` means interpret mode unless the Triton GPU lowering is available.
+
+    ``interpret=False`` off a GPU raises instead of failing later inside the lowering.
+    """
+    if interpret is None:
+        if on_gpu() and triton_module() is None:
+            warnings.warn(
+                "this JAX build has no Pallas Triton lowering: running Pallas kernels in interpret mode",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return gpu_backend() == INTERPRET
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
+    if not interpret and gpu_backend() != TRITON:
+        raise ValueError(
+            f"interpret=False needs a GPU with the Pallas Triton lowering; the default backend is "
+            f"{jax.default_backend()!r} (pass interpret=True or None)"
+        )
+    return interpret
+
+
+def compiler_params(*, num_warps: int, num_stages: int):
+    """Triton compiler parameters, under whichever name this JAX version gives them."""
+    plgpu = triton_module()
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def pallas_call(kernel, *, interpret: bool, num_warps: int, num_stages: int, **kwargs):
+    """``pl.pallas_call`` for the chosen backend: Triton compiler parameters on GPU, none in interpret mode."""
+    if interpret:
+        return pl.pallas_call(kernel, interpret=True, **kwargs)
+    return pl.pallas_call(kernel, compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages), **kwargs)
+
+
+@functools.cache
+def num_multiprocessors() -> int:
+    """Multiprocessors of the default GPU (``DEFAULT_NUM_MULTIPROCESSORS`` elsewhere, so heuristics agree)."""
+    if on_gpu():
+        count = getattr(jax.devices()[0], "core_count", None)
+        if isinstance(count, int) and count > 0:
+            return count
+    return DEFAULT_NUM_MULTIPROCESSORS
+
+
+def describe() -> dict:
+    """What this process can run, for benchmark logs."""
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "default_backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "pallas_backend": gpu_backend(),
+        "triton_lowering": triton_module() is not None,
+        "mosaic_gpu": mosaic_gpu_module() is not None,
+        "num_multiprocessors": num_multiprocessors(),
+    }

@@ -1,0 +1,439 @@
+"""Single-query GQA decode attention over a contiguous KV cache, split over the sequence (flash-decoding).
+
+Shapes: ``q [B, N, D]``; ``k``, ``v`` either one layer ``[B, K, S, D]`` or the whole cache ``[L, B, K, S, D]``
+with a ``layer`` index (a Python int or a traced int32 scalar); ``lengths int[B]`` counts the valid leading
+positions of each sequence (0 gives a zero output). Query head ``n`` reads kv head ``n // G`` with ``G = N // K``.
+Softmax runs in float32; the output has ``q.dtype``.
+
+The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kernels.backend``):
+
+* one program per ``(b, kv head, split)``; the ``G`` query heads of the kv head form one ``[Gp, D]`` tile
+  (``Gp`` = ``G`` padded to a power of two >= 16, Triton's smallest dot), so each K/V byte is read once;
+* the cache is passed whole and each program indexes its own ``(layer, b, kv head)`` slab, so a 5-D cache is
+  never sliced in XLA (no copy of a layer) and ``layer`` may be traced;
+* split ``j`` of sequence ``b`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks in a loop whose trip
+  count comes from the length, so blocks past a sequence's length are never read; full blocks run unmasked,
+  the last partial block runs once, masked (its load window slides back to stay inside ``S``);
+* each split leaves its running max ``m``, sum ``l`` and unnormalised ``acc``; :func:`combine_splits` merges
+  them with a log-sum-exp rescale in XLA. With one split the kernel normalises and writes the output itself.
+
+Block size, splits, warps and stages come from :func:`decode_config` (the heuristic is documented there), and
+can be overridden per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import backend
+
+MIN_BLOCK = 16  # Triton's smallest dot dimension: the q tile has at least this many rows, blocks this many keys
+HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two tiles; 64 and 128 are the tested and tuned ones
+CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+NUM_WARPS = (1, 2, 4, 8, 16)
+
+
+class DecodeConfig(NamedTuple):
+    """Launch parameters of the decode kernel (static: each distinct value compiles its own kernel)."""
+
+    block_k: int  # keys per loop step (power of two, 16 <= block_k <= S)
+    num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
+    num_warps: int
+    num_stages: int  # Triton software-pipelining depth of the loop's K/V loads
+
+
+# ----------------------------------------------------------------------------------------------- heuristics
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def group_rows(group: int) -> int:
+    """Rows of the query tile for ``group`` query heads per kv head: a power of two, at least 16."""
+    return max(MIN_BLOCK, 1 << (group - 1).bit_length())
+
+
+def choose_block_k(max_len: int, head_dim: int, itemsize: int) -> int:
+    """Keys per loop step: a 32 KiB K block (128 keys of 128 bf16), never more than the cache holds."""
+    block_k = max(MIN_BLOCK, _pow2_floor((32 * 1024) // (head_dim * itemsize)))
+    block_k = min(block_k, 256)
+    return max(MIN_BLOCK, min(block_k, _pow2_floor(max(max_len, MIN_BLOCK))))
+
+
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_len: int, block_k: int, num_multiprocessors: int | None = None
+) -> int:
+    """Splits per ``(b, kv head)`` so that about four programs per multiprocessor share the work.
+
+    Decode attention is memory-bound: the GPU streams K/V at full bandwidth only with enough programs in flight.
+    ``B * K`` programs are enough for a large batch (64 x 8 already fills an H100 four times over: one split,
+    the kernel normalises, no combine); a single sequence needs its blocks spread over many programs. Each split
+    keeps at least two blocks of a full-length sequence so the loop still pipelines its loads.
+    """
+    sms = num_multiprocessors or backend.num_multiprocessors()
+    programs = batch * num_kv_heads
+    want = math.ceil(4 * sms / programs)
+    most = max(1, math.ceil(max_len / block_k) // 2)
+    return max(1, min(want, most))
+
+
+def decode_config(
+    batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, *, num_multiprocessors: int | None = None
+) -> DecodeConfig:
+    """Default launch parameters for a shape (documented heuristic: see the two functions it calls)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    block_k = choose_block_k(max_len, head_dim, itemsize)
+    splits = choose_num_splits(batch, num_kv_heads, max_len, block_k, num_multiprocessors)
+    # A float32 dot runs on the FMA units ("ieee" precision): smaller tiles per warp keep registers in bounds.
+    num_warps = 4 if itemsize < 4 else 8
+    return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=num_warps, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------- combine
+
+
+def combine_splits(
+    m: Float[Array, "... P G"], denom: Float[Array, "... P G"], acc: Float[Array, "... P G D"]
+) -> Float[Array, "... G D"]:
+    """Merge split-K partials over axis P: running maxima ``m``, softmax denominators ``denom`` (sums of
+    ``exp(s - m)``) and unnormalised outputs ``acc`` (sums of ``exp(s - m) * v``).
+
+    A split that saw no position has ``m = -inf, denom = 0, acc = 0`` and drops out; when every split is empty
+    (length 0) the result is zero. Computed in float32.
+    """
+    m, denom, acc = (x.astype(jnp.float32) for x in (m, denom, acc))
+    m_max = jnp.max(m, axis=-2, keepdims=True)  # (..., 1, G)
+    weight = jnp.exp(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))  # (..., P, G); exp(-inf) = 0
+    total = jnp.sum(weight * denom, axis=-2)  # (..., G)
+    out = jnp.sum(weight[..., None] * acc, axis=-3)  # (..., G, D)
+    return out * jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)[..., None]
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+
+
+def _dot(a, b, b_contract: int, precision):
+    """``a @ b`` (``b_contract=0``) or ``a @ b.T`` (``b_contract=1``) with a float32 result."""
+    dims = (((1,), (b_contract,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _decode_kernel(
+    # inputs
+    lengths_ref,  # [B] int32
+    layer_ref,  # [1] int32
+    q_ref,  # [Gp, D]: this program's query tile
+    k_ref,  # [L, B, K, S, D]: the whole cache; the program reads its own (layer, b, kv head) slab
+    v_ref,  # [L, B, K, S, D]
+    # (poison inputs, aliased to the outputs and never read), then outputs:
+    # o [Gp, D] (one split), or acc [Gp, D], m [Gp], l [Gp]
+    *refs,
+    num_poison: int,
+    block_k: int,
+    num_splits: int,
+    scale: float,
+    precision,
+):
+    out_refs = refs[num_poison:]
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_layers, _, _, max_len, head_dim = k_ref.shape
+    rows = q_ref.shape[0]
+    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
+    n = jnp.clip(lengths_ref[b], 0, max_len)
+    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+
+    num_blocks = pl.cdiv(n, block_k)
+    per_split = pl.cdiv(num_blocks, num_splits)
+    lo = j * per_split
+    hi = jnp.minimum(lo + per_split, num_blocks)
+    n_full = n // block_k  # blocks whose every position is valid
+
+    q = q_ref[...].astype(k_ref.dtype)  # [Gp, D]
+
+    def attend(carry, start, valid):
+        m, denom, acc = carry  # [Gp], [Gp], [Gp, D] float32
+        k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
+        s = _dot(q, k, 1, precision) * scale  # [Gp, bk] float32
+        if valid is not None:
+            s = jnp.where(valid[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
+        p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
+        v = v_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
+        if valid is not None:
+            v = jnp.where(valid[:, None], v, 0)  # unused positions may hold NaN: 0 * NaN must not reach acc
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 0, precision)
+        return m_new, denom * alpha + jnp.sum(p, axis=1), acc
+
+    def full_block(i, carry):
+        return attend(carry, pl.multiple_of(i * block_k, block_k), None)
+
+    def tail_block(carry):
+        start = n_full * block_k
+        window = jnp.minimum(start, max_len - block_k)  # slide back so the load stays inside S
+        pos = window + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        return attend(carry, window, (pos >= start) & (pos < n))
+
+    carry = (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, head_dim), jnp.float32),
+    )
+    carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
+    has_tail = (lo <= n_full) & (n_full < hi)
+    m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
+
+    if num_splits == 1:
+        o_ref = out_refs[0]
+        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
+        o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
+    else:
+        acc_ref, m_ref, denom_ref = out_refs
+        acc_ref[...] = acc
+        m_ref[...] = m
+        denom_ref[...] = denom
+
+
+def _whole(shape):
+    """A BlockSpec that hands the kernel the whole array, whatever the program."""
+    return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "poison"))
+def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, interpret: bool, poison: bool):
+    # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1]
+    _, batch, kv_heads, _, head_dim = k.shape
+    group = q.shape[1] // kv_heads
+    rows = group_rows(group)
+    splits = config.num_splits
+    qg = q.reshape(batch, kv_heads, group, head_dim)  # (B, K, G, D)
+    if rows != group:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # (B, K, Gp, D)
+
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, rows, head_dim), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0))]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),  # m
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),  # l
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
+        ]
+    inputs = [lengths, layer, qg, k, v]
+    in_specs = [
+        _whole(lengths.shape),
+        _whole(layer.shape),
+        pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)),
+        _whole(k.shape),
+        _whole(v.shape),
+    ]
+    aliases = {}
+    if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
+        for i, (shape, spec) in enumerate(zip(out_shape, out_specs, strict=True)):
+            aliases[len(inputs)] = i
+            inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+            in_specs.append(spec)
+
+    kernel = functools.partial(
+        _decode_kernel,
+        num_poison=len(aliases),
+        block_k=config.block_k,
+        num_splits=splits,
+        scale=scale,
+        precision=lax.Precision.HIGHEST if k.dtype == jnp.float32 else None,
+    )
+    outs = backend.pallas_call(
+        kernel,
+        interpret=interpret,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        grid=(batch, kv_heads, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        name="jkv_decode_attention",
+    )(*inputs)
+    out = outs[0] if splits == 1 else combine_splits(outs[1], outs[2], outs[0])  # (B, K, Gp, D)
+    return out[:, :, :group].reshape(q.shape).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _concrete(x):
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
+    """Validate the arguments of :func:`decode_attention`; return ``(B, N, K, S, D)``.
+
+    Concrete lengths and layer are range-checked; traced ones cannot be (the kernel clamps them in bounds).
+    """
+    if getattr(q, "ndim", None) != 3:
+        raise ValueError(f"q must have shape [B, N, D], got {getattr(q, 'shape', None)}")
+    kshape, vshape = getattr(k, "shape", None), getattr(v, "shape", None)
+    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
+        raise ValueError(f"k and v must both have shape [B, K, S, D] or [L, B, K, S, D], got {kshape} and {vshape}")
+    if len(kshape) == 5 and layer is None:
+        raise ValueError(f"k.shape={kshape} is a whole [L, B, K, S, D] cache: pass layer=")
+    if len(kshape) == 4 and layer is not None:
+        raise ValueError(f"layer={layer!r} needs a whole [L, B, K, S, D] cache, got k.shape={kshape}")
+    if k.dtype != v.dtype or jnp.dtype(k.dtype) not in CACHE_DTYPES:
+        raise TypeError(f"k and v must share a dtype among {[str(d) for d in CACHE_DTYPES]}, got {k.dtype}, {v.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
+    b, n, d = q.shape
+    bk, kh, s, dk = kshape[-4:]
+    if (bk, dk) != (b, d):
+        raise ValueError(f"q.shape={q.shape} does not match k.shape={kshape} (batch and head_dim must agree)")
+    if n % kh:
+        raise ValueError(f"num_q_heads={n} must be a multiple of num_kv_heads={kh}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim={d} is not supported; expected one of {HEAD_DIMS}")
+    if getattr(lengths, "shape", None) != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(
+            f"lengths must be int[{b}], got {getattr(lengths, 'dtype', None)}{getattr(lengths, 'shape', None)}"
+        )
+    value = _concrete(lengths)
+    if value is not None and (value.min(initial=0) < 0 or value.max(initial=0) > s):
+        raise ValueError(f"lengths={value} must lie in [0, S={s}]")
+    if layer is not None:
+        if isinstance(layer, (bool, float)) or not (
+            _is_int(layer) or (hasattr(layer, "dtype") and jnp.issubdtype(layer.dtype, jnp.integer))
+        ):
+            raise TypeError(f"layer must be an int or an integer scalar, got {layer!r}")
+        if getattr(layer, "shape", ()) != ():
+            raise ValueError(f"layer must be a scalar, got shape {layer.shape}")
+        value = _concrete(layer)
+        if value is not None and not 0 <= int(value) < kshape[0]:
+            raise ValueError(f"layer={int(value)} out of range for num_layers={kshape[0]}")
+    return b, n, kh, s, d
+
+
+def _resolve_config(default: DecodeConfig, max_len: int, **overrides) -> DecodeConfig:
+    for name, value in overrides.items():
+        if value is not None and not _is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    block_k, num_splits, num_warps, num_stages = (overrides[f] for f in DecodeConfig._fields)
+    if block_k is not None and (block_k < MIN_BLOCK or block_k & (block_k - 1) or block_k > max(max_len, MIN_BLOCK)):
+        raise ValueError(f"{block_k=} must be a power of two in [{MIN_BLOCK}, max(S, {MIN_BLOCK})={max(max_len, 16)}]")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{num_splits=} must be >= 1")
+    if num_warps is not None and num_warps not in NUM_WARPS:
+        raise ValueError(f"{num_warps=} must be one of {NUM_WARPS}")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"{num_stages=} must be >= 1")
+    return DecodeConfig(
+        *(
+            d if o is None else int(o)
+            for d, o in zip(default, (block_k, num_splits, num_warps, num_stages), strict=True)
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def decode_attention(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    poison: bool = False,
+) -> Float[Array, "B N D"]:
+    """Decode attention of one query per sequence over its first ``lengths[b]`` cache positions.
+
+    ``layer`` selects the layer of a whole ``[L, B, K, S, D]`` cache inside the kernel (no copy of the layer).
+    ``scale`` defaults to ``D ** -0.5``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
+    ``num_splits``, ``num_warps`` and ``num_stages`` override :func:`decode_config`. ``poison=True`` fills the
+    kernel's output buffers with NaN before the launch (a test aid: elements it fails to write stay NaN).
+    """
+    b, _, kh, s, d = check_args(q, k, v, lengths, layer)
+    interpret = backend.resolve_interpret(interpret)
+    if scale is None:
+        scale = d**-0.5
+    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    config = _resolve_config(
+        decode_config(b, kh, s, d, k.dtype),
+        s,
+        block_k=block_k,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if k.ndim == 4:
+        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
+    if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
+        pad = [(0, 0)] * 3 + [(0, MIN_BLOCK - s), (0, 0)]
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    return _decode(q, k, v, lengths, layer, scale=float(scale), config=config, interpret=interpret, poison=poison)
+
+
+def decode_attention_reference(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+) -> Float[Array, "B N D"]:
+    """Pure-``jnp`` reference with the kernel's signature (the launch arguments are accepted and ignored).
+
+    Computed in float32 at the highest matmul precision; positions past ``lengths[b]`` may hold anything, NaN
+    included.
+    """
+    del interpret, block_k, num_splits
+    b, n, kh, s, d = check_args(q, k, v, lengths, layer)
+    if k.ndim == 5:
+        k, v = k[layer], v[layer]
+    scale = d**-0.5 if scale is None else scale
+    hi = lax.Precision.HIGHEST
+    qg = q.astype(jnp.float32).reshape(b, kh, n // kh, d)  # (B, K, G, D)
+    valid = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]  # (B, S)
+    kz = jnp.where(valid[:, None, :, None], k.astype(jnp.float32), 0.0)
+    vz = jnp.where(valid[:, None, :, None], v.astype(jnp.float32), 0.0)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, kz, precision=hi) * scale
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))  # (B, K, G, S); masked positions give 0
+    out = jnp.einsum("bkgs,bksd->bkgd", p, vz, precision=hi)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = out * jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return out.reshape(b, n, d).astype(q.dtype)

@@ -1,0 +1,257 @@
+"""Pallas decode-attention kernel against NumPy float64: interpret mode on CPU, the real lowering on a GPU.
+
+Every case draws fresh random inputs, fills cache positions past each sequence's length (and every layer but the
+one attended to) with NaN, and has the kernel write into NaN-poisoned output buffers.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from reference import decode_attention_f64
+
+import jkv
+from pallas_kernels import backend
+from pallas_kernels import decode_attention as kernels
+
+ON_GPU = backend.gpu_backend() == backend.TRITON
+
+# Lengths named relative to the cache size S and the block size bk, so one table serves every scale.
+LENGTHS = {
+    "1": lambda s, bk: 1,
+    "0": lambda s, bk: 0,
+    "bk-1": lambda s, bk: bk - 1,
+    "bk": lambda s, bk: bk,
+    "bk+1": lambda s, bk: bk + 1,
+    "2bk+1": lambda s, bk: 2 * bk + 1,
+    "S-1": lambda s, bk: s - 1,
+    "S": lambda s, bk: s,
+}
+
+# (id, batch, kv_heads, group, head_dim, max_len, dtype, lengths, layers, block_k, num_splits)
+# layers: None for a one-layer [B, K, S, D] cache, (L, layer) for a whole cache, layer "traced" under jit.
+CASES = [
+    ("g1_d64_f32_splits3", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3),
+    ("g4_d128_bf16_splits2", 3, 2, 4, 128, 200, "bfloat16", ("bk-1", "bk+1", "S"), None, 64, 2),
+    ("g8_d64_bf16_one_split", 2, 1, 8, 64, 130, "bfloat16", ("S", "1"), None, 32, 1),
+    ("g4_d64_f32_layer1_of3", 2, 2, 4, 64, 64, "float32", ("S", "0"), (3, 1), None, None),
+    ("g3_d128_f32_default", 2, 2, 3, 128, 100, "float32", ("S", "2bk+1"), None, None, None),
+    ("g8_d128_f32_traced_layer", 2, 1, 8, 128, 600, "float32", ("S", "bk+1"), (2, "traced"), 128, 4),
+    ("g1_d128_bf16_default", 3, 4, 1, 128, 256, "bfloat16", ("bk-1", "bk", "S-1"), None, None, None),
+    ("g2_d64_f16_more_splits_than_blocks", 2, 2, 2, 64, 48, "float16", ("S", "1"), None, 16, 8),
+    ("g4_d64_bf16_tiny_cache", 2, 1, 4, 64, 8, "bfloat16", ("S", "1"), None, None, None),
+]
+IDS = [c[0] for c in CASES]
+# The GPU class reruns the table with caches this many times longer (block edges stay relative to bk).
+GPU_SCALE = 32
+
+
+def nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers):
+    """K or V, float64, NaN past each length and in every layer but the attended one; returns (cache, slab)."""
+    slab = rng.standard_normal((batch, kv_heads, max_len, head_dim))
+    valid = slab.copy()
+    for b, n in enumerate(lengths):
+        valid[b, :, n:] = np.nan
+    if layers is None:
+        return valid, slab
+    num_layers, _ = layers
+    cache = np.full((num_layers, batch, kv_heads, max_len, head_dim), np.nan)
+    cache[1] = valid
+    return cache, slab
+
+
+def run_case(rng, case, *, scale_up=1, interpret=None):
+    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits = case
+    max_len *= scale_up
+    dtype = jnp.dtype(dtype)
+    bk = block_k or kernels.decode_config(batch, kv_heads, max_len, head_dim, dtype).block_k
+    names = [length_names[i % len(length_names)] for i in range(batch)]
+    lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
+    q = rng.standard_normal((batch, kv_heads * group, head_dim))
+    k, k_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
+    v, v_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
+    # The reference sees the values the kernel sees: inputs rounded to the test dtype first.
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
+
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(lengths)]
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, poison=True)
+    if layers is None:
+        out = kernels.decode_attention(*args, **options)
+    elif layers[1] == "traced":
+        fn = jax.jit(lambda q, k, v, n, layer: kernels.decode_attention(q, k, v, n, layer=layer, **options))
+        out = fn(*args, jnp.int32(1))
+    else:
+        out = kernels.decode_attention(*args, layer=layers[1], **options)
+    assert out.shape == q.shape and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            np.testing.assert_array_equal(out[b], 0.0)
+    assert rel_err(out, ref) < REL_TOL[dtype.name], names
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kernel_matches_float64_interpret(rng, case):
+    run_case(rng, case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
+class TestOnGpu:
+    """The same table with the real Triton lowering, at cache lengths ``GPU_SCALE`` times longer."""
+
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_kernel_matches_float64(self, rng, case):
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("batch,seq", [(1, 4096), (8, 4096)], ids=["B=1_T=4096", "B=8_T=4096"])
+    def test_bench_shapes_default_config(self, rng, batch, seq):
+        """The benchmark's head layout (N=32, K=8, D=128, bf16) with its default launch parameters."""
+        lengths = np.full((batch,), seq, np.int32)
+        lengths[0] = seq - 77
+        q, k, v = (rng.standard_normal(s) for s in ((batch, 32, 128), (batch, 8, seq, 128), (batch, 8, seq, 128)))
+        bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+        ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
+        out = kernels.decode_attention(bf(q), bf(k), bf(v), jnp.asarray(lengths), interpret=False, poison=True)
+        assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
+
+
+def test_reference_matches_float64(rng):
+    """The module's own pure-jnp reference, on a whole cache with NaN outside the valid region."""
+    case = ("ref", 3, 2, 4, 64, 40, "float32", ("1", "S", "0"), (2, 1), None, None)
+    _, batch, kv_heads, group, head_dim, max_len, _, names, layers, _, _ = case
+    lengths = np.array([LENGTHS[n](max_len, 16) for n in names], np.int32)
+    q = rng.standard_normal((batch, kv_heads * group, head_dim))
+    k, k_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
+    v, v_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    out = kernels.decode_attention_reference(f32(q), f32(k), f32(v), jnp.asarray(lengths), layer=1)
+    assert rel_err(out, decode_attention_f64(q, k_slab, v_slab, lengths)) < REL_TOL["float32"]
+    np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
+
+
+def test_combine_splits_matches_one_pass(rng):
+    """Softmax over S computed in 3 pieces and merged equals the softmax over all of S; empty pieces drop out."""
+    scores = rng.standard_normal((2, 12)) * 4  # (G, S)
+    values = rng.standard_normal((12, 8))  # (S, D)
+    pieces = [slice(0, 5), slice(5, 5), slice(5, 12)]
+    m = np.stack([scores[:, p].max(axis=1, initial=-np.inf) for p in pieces])  # (P, G)
+    denom = np.stack([np.exp(scores[:, p] - m[i][:, None]).sum(axis=1) for i, p in enumerate(pieces)])
+    acc = np.stack([np.exp(scores[:, p] - m[i][:, None]) @ values[p] for i, p in enumerate(pieces)])  # (P, G, D)
+    out = kernels.combine_splits(jnp.asarray(m, jnp.float32), jnp.asarray(denom, jnp.float32), jnp.asarray(acc))
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    assert rel_err(out, (p / p.sum(axis=1, keepdims=True)) @ values) < REL_TOL["float32"]
+    empty = kernels.combine_splits(jnp.full((3, 2), -jnp.inf), jnp.zeros((3, 2)), jnp.zeros((3, 2, 8)))
+    np.testing.assert_array_equal(np.asarray(empty), 0.0)
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,max_len,want_splits",
+    [(1, 8, 4096, 16), (1, 8, 32768, 66), (64, 8, 8192, 2), (4, 2, 64, 1)],
+    ids=["B=1_T=4k", "B=1_T=32k", "B=64_T=8k", "B=4_T=64"],
+)
+def test_launch_heuristic(batch, kv_heads, max_len, want_splits):
+    """About four programs per multiprocessor of an H100, never splits shorter than two blocks."""
+    config = kernels.decode_config(batch, kv_heads, max_len, 128, jnp.bfloat16, num_multiprocessors=132)
+    assert config.block_k == min(128, max_len)
+    assert config.num_splits == want_splits
+
+
+def test_whole_cache_layer_is_not_sliced_in_xla():
+    """On the GPU lowering the [L, B, K, S, D] cache goes to the kernel whole: no layer-sized copy in the HLO."""
+    num_layers, batch, kv_heads, max_len, head_dim = 4, 2, 2, 256, 64
+    k = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((batch, 8, head_dim), jnp.bfloat16)
+    config = kernels.decode_config(batch, kv_heads, max_len, head_dim, jnp.bfloat16)
+    args = (q, k, k, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    traced = kernels._decode.trace(*args, scale=0.125, config=config, interpret=False, poison=False)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+    assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}xbf16>" not in text
+
+
+def test_jkv_dispatch_uses_the_kernel(rng):
+    """jkv.decode_attention(impl="pallas") on a KVCache agrees with impl="xla" (kernel in interpret mode here)."""
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=80, dtype=jnp.float32)
+    cache = jkv.KVCache.init(spec, 2)
+    new = lambda t: jnp.asarray(rng.standard_normal((2, 2, t, 64)), jnp.float32)
+    cache = cache.write(1, new(37), new(37)).advance(37)
+    cache = cache.write(1, new(1), new(1))
+    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
+    out = jkv.decode_attention(q, cache, 1, impl="pallas")
+    ref = jkv.decode_attention(q, cache, 1, impl="xla")
+    assert rel_err(out, ref) < REL_TOL["float32"]
+
+
+def _error_args(rng):
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 2, 32, 64)), jnp.float32)
+    return q, k, jnp.array([3, 32], jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "call, exc, text",
+    [
+        (lambda q, k, n: kernels.decode_attention(q[0], k, k, n), ValueError, "q must have shape [B, N, D]"),
+        (lambda q, k, n: kernels.decode_attention(q, k[0], k[0], n), ValueError, "[L, B, K, S, D], got (2, 32, 64)"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k[:, :1], n), ValueError, "k and v must both have shape"),
+        (lambda q, k, n: kernels.decode_attention(q, k[None], k[None], n), ValueError, "pass layer="),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, layer=0), ValueError, "layer=0 needs a whole"),
+        (lambda q, k, n: kernels.decode_attention(q, k[None], k[None], n, layer=1), ValueError, "layer=1 out of"),
+        (lambda q, k, n: kernels.decode_attention(q, k[None], k[None], n, layer=0.0), TypeError, "layer must be"),
+        (lambda q, k, n: kernels.decode_attention(q, k[None], k[None], n, layer=n), ValueError, "must be a scalar"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k.astype(jnp.bfloat16), n), TypeError, "share a dtype"),
+        (lambda q, k, n: kernels.decode_attention(q.astype(jnp.int32), k, k, n), TypeError, "q must be a floating"),
+        (lambda q, k, n: kernels.decode_attention(q[:1], k, k, n), ValueError, "batch and head_dim must agree"),
+        (lambda q, k, n: kernels.decode_attention(q[:, :3], k, k, n), ValueError, "num_q_heads=3"),
+        (lambda q, k, n: kernels.decode_attention(q[..., :48], k[..., :48], k[..., :48], n), ValueError, "head_dim=48"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n[:1]), ValueError, "lengths must be int[2]"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n + 30), ValueError, "must lie in [0, S=32]"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, block_k=24), ValueError, "block_k=24 must be"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, block_k=64), ValueError, "block_k=64 must be"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, block_k=16.0), TypeError, "block_k must be an int"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_splits=0), ValueError, "num_splits=0"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_warps=3), ValueError, "num_warps=3"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_stages=0), ValueError, "num_stages=0"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, scale="x"), TypeError, "scale must be"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, interpret=1), TypeError, "interpret must be"),
+    ],
+    ids=[
+        "q-rank",
+        "kv-rank",
+        "kv-mismatch",
+        "missing-layer",
+        "layer-without-cache",
+        "layer-range",
+        "layer-float",
+        "layer-vector",
+        "kv-dtype",
+        "q-dtype",
+        "batch",
+        "gqa",
+        "head-dim",
+        "lengths-shape",
+        "lengths-range",
+        "block-k-pow2",
+        "block-k-too-big",
+        "block-k-type",
+        "splits",
+        "warps",
+        "stages",
+        "scale",
+        "interpret-type",
+    ],
+)
+def test_errors(rng, call, exc, text):
+    with pytest.raises(exc) as info:
+        call(*_error_args(rng))
+    assert text in str(info.value)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the refusal off GPU")
+def test_compiled_mode_needs_a_gpu(rng):
+    q, k, lengths = _error_args(rng)
+    with pytest.raises(ValueError, match="interpret=False needs a GPU"):
+        kernels.decode_attention(q, k, k, lengths, interpret=False)
