@@ -1,0 +1,388 @@
+"""Decode-attention bandwidth on one GPU: jkv's Pallas kernel against its peers, measured in one run.
+
+For bf16, N=32 query heads, K=8 kv heads, D=128 and each B x T (every sequence full, lengths = T), it times
+
+* ``jkv``: ``pallas_kernels.decode_attention`` with its default launch parameters, then a sweep of block sizes,
+  splits, warps and stages (the best is reported beside the default),
+* ``jkv_5d``: the same kernel reading one layer of a two-layer ``[L, B, K, S, D]`` cache with a traced layer
+  index (shows that the layer is not copied out of the cache),
+* ``xla_ref``: ``pallas_kernels.decode_attention_reference`` (pure jnp) under ``jax.jit``,
+* ``jax_gqa``: ``jax.experimental.pallas.ops.gpu.decode_attention.gqa`` (its own ``[B, S, K, D]`` layout, which
+  it transposes inside the call; its default block sizes),
+* ``torch_sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with q_len 1 and ``enable_gqa=True``
+  (default backend choice; the flash / efficient / cuDNN backends are also timed one by one where they run),
+* ``copy``: a 1 GiB device-to-device copy (``torch`` ``copy_``), the bandwidth ceiling.
+
+Bandwidth formula: TB/s = bytes of K and V read (2 * B * K * T * D * 2) / median time per call; the copy counts
+bytes read plus bytes written. Timing: JAX calls are unrolled inside one jitted program, chained through
+``lax.optimization_barrier`` so none is merged or reordered, and the time per call is the difference between
+programs of 2n and n calls (dispatch cancels); torch calls are captured in CUDA graphs of n and 2n calls, timed
+with CUDA events. Inputs rotate over enough copies to exceed 4x the L2 cache. Every variant is checked against
+the XLA reference (relative error) before it is timed. Compile time is reported apart.
+
+Usage: ``python scripts/bench_attention.py --out DIR [--budget-s 330] [--no-sweep] [--shapes 1x4096 64x8192]``.
+Writes ``DIR/bench_attention.json`` (after every shape) and ``DIR/bench_attention.png``; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallas_kernels import backend
+from pallas_kernels import decode_attention as kernels
+
+SHAPES = ((1, 4096), (1, 32768), (8, 4096), (8, 16384), (32, 4096), (64, 8192))
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
+ROTATE_BYTES = 200e6  # > 4x the 50 MB L2 of an H100
+TARGET_RUN_S = 1e-3  # device time of the shorter timed program
+
+
+def kv_bytes(batch: int, seq: int) -> int:
+    return 2 * batch * NUM_KV_HEADS * seq * HEAD_DIM * 2
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def _chained(fn, reps: int):
+    """One jitted program calling ``fn`` ``reps`` times over rotating argument sets, in order, unmerged."""
+
+    def run(arg_sets):
+        out = None
+        for i in range(reps):
+            args = arg_sets[i % len(arg_sets)]
+            if out is not None:
+                args, out = lax.optimization_barrier((args, out))
+            out = fn(*args)
+        return out
+
+    return jax.jit(run)
+
+
+def _wall(run, arg_sets) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(arg_sets))
+    return time.perf_counter() - t0
+
+
+def time_jax(fn, arg_sets, est_s: float, trials: int = 7) -> dict:
+    reps = int(min(32, max(3, math.ceil(TARGET_RUN_S / est_s))))
+    t0 = time.perf_counter()
+    short, long = _chained(fn, reps), _chained(fn, 2 * reps)
+    for run in (short, long):
+        jax.block_until_ready(run(arg_sets))
+    compile_s = time.perf_counter() - t0
+    for run in (short, long):  # warm
+        _wall(run, arg_sets)
+    samples = []
+    for _ in range(trials):
+        t_short = _wall(short, arg_sets)
+        t_long = _wall(long, arg_sets)
+        samples.append((t_long - t_short) / reps)
+    return {"time_s": statistics.median(samples), "spread_s": max(samples) - min(samples), "compile_s": compile_s}
+
+
+def time_torch(torch, fn, arg_sets, est_s: float, trials: int = 7) -> dict:
+    reps = int(min(32, max(3, math.ceil(TARGET_RUN_S / est_s))))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs require
+        for i in range(3):
+            fn(*arg_sets[i % len(arg_sets)])
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = {}
+    for n in (reps, 2 * reps):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(n):
+                fn(*arg_sets[i % len(arg_sets)])
+        graphs[n] = graph
+
+    def replay(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graphs[n].replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    for n in graphs:
+        replay(n)
+    samples = [(replay(2 * reps) - replay(reps)) / reps for _ in range(trials)]
+    return {"time_s": statistics.median(samples), "spread_s": max(samples) - min(samples), "compile_s": 0.0}
+
+
+def copy_bandwidth(torch, nbytes: int = 1 << 30, trials: int = 20) -> dict:
+    src = torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    t = statistics.median(times)
+    del src, dst
+    return {"bytes": 2 * nbytes, "time_s": t, "tbps": 2 * nbytes / t / 1e12}
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+
+
+def rel_err(out, ref) -> float:
+    out, ref = (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) for x in (out, ref))
+    if not np.isfinite(out).all():
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def sweep_configs(default: kernels.DecodeConfig, seq: int) -> list[kernels.DecodeConfig]:
+    """Stage A of the sweep: block sizes x splits around the default (warps/stages tried on the winner later)."""
+    blocks = seq // 128
+    splits = sorted(
+        {max(1, min(blocks, s)) for s in (default.num_splits // 2, default.num_splits, 2 * default.num_splits)}
+    )
+    out = []
+    for block_k in (64, 128, 256):
+        for s in splits:
+            config = default._replace(block_k=block_k, num_splits=s)
+            if config != default:
+                out.append(config)
+    return out
+
+
+def stage_b_configs(best: kernels.DecodeConfig) -> list[kernels.DecodeConfig]:
+    return [
+        best._replace(num_warps=w, num_stages=s)
+        for w, s in ((4, 2), (4, 4), (8, 2), (8, 3), (4, 3))
+        if (w, s) != (best.num_warps, best.num_stages)
+    ]
+
+
+def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict:
+    key = jax.random.key(batch * 100003 + seq)
+    nbytes = kv_bytes(batch, seq)
+    copies = max(1, math.ceil(ROTATE_BYTES / nbytes))
+    est_s = nbytes / 2.5e12 + 5e-6
+    lengths = jnp.full((batch,), seq, jnp.int32)
+    sets = []
+    for i in range(copies):
+        kq, kk, kv = jax.random.split(jax.random.fold_in(key, i), 3)
+        q = jax.random.normal(kq, (batch, NUM_Q_HEADS, HEAD_DIM), jnp.bfloat16)
+        k = jax.random.normal(kk, (batch, NUM_KV_HEADS, seq, HEAD_DIM), jnp.bfloat16)
+        v = jax.random.normal(kv, (batch, NUM_KV_HEADS, seq, HEAD_DIM), jnp.bfloat16)
+        sets.append((q, k, v, lengths))
+    ref_fn = jax.jit(kernels.decode_attention_reference)
+    ref = ref_fn(*sets[0])
+    results = {}
+
+    def record(name, fn, arg_sets, config=None, check_args=None):
+        try:
+            out = fn(*(check_args or arg_sets[0]))
+            err = rel_err(out, ref)
+            timing = time_jax(fn, arg_sets, est_s)
+        except Exception as e:  # a peer that does not run here is reported, not fatal
+            results[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log(f"  {name:34s} ERROR {results[name]['error']}")
+            return None
+        tbps = nbytes / timing["time_s"] / 1e12
+        results[name] = {**timing, "tbps": tbps, "rel_err": err, **({"config": config._asdict()} if config else {})}
+        us, compile_s = timing["time_s"] * 1e6, timing["compile_s"]
+        log(f"  {name:34s} {us:9.1f} us {tbps:6.3f} TB/s  err {err:.1e}  compile {compile_s:.1f}s")
+        return tbps
+
+    # Peers and the default kernel first: they are the figures the report needs.
+    default = kernels.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM, jnp.bfloat16)
+    record("jkv", kernels.decode_attention, sets, default)
+    record("xla_ref", ref_fn, sets)
+    try:
+        from jax.experimental.pallas.ops.gpu import decode_attention as jax_ops
+
+        gqa_sets = [(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), n) for q, k, v, n in sets]
+        gqa = jax.jit(lambda q, k, v, n: jax_ops.gqa(q, k, v, kv_seq_len=n))
+        record("jax_gqa", gqa, gqa_sets)
+        del gqa_sets
+    except ImportError as e:
+        results["jax_gqa"] = {"error": str(e)}
+    if torch is not None:
+        results.update(bench_torch(torch, sets, ref, nbytes, est_s, log))
+    if nbytes * 2 * copies < 8e9:  # the 5-D cache path: two layers, the traced index picks layer 1
+        sets5 = [(q, jnp.stack([v, k]), jnp.stack([k, v]), n) for q, k, v, n in sets]
+        fn5 = lambda q, k, v, n: kernels.decode_attention(q, k, v, n, layer=jnp.int32(1) + 0 * n[0])
+        record("jkv_5d", fn5, sets5, default)
+        del sets5
+
+    if sweep:
+        best_name, best_tbps = "jkv", results["jkv"].get("tbps", 0.0)
+        for stage in ("A", "B"):
+            base = kernels.DecodeConfig(**results[best_name]["config"]) if "config" in results[best_name] else default
+            configs = sweep_configs(default, seq) if stage == "A" else stage_b_configs(base)
+            for config in configs:
+                if time.perf_counter() > deadline:
+                    log("  (time budget spent: sweep cut short)")
+                    break
+                name = "jkv[bk={},P={},w={},s={}]".format(*config)
+                if name in results:
+                    continue
+                fn = lambda q, k, v, n, c=config: kernels.decode_attention(q, k, v, n, **c._asdict())
+                tbps = record(name, fn, sets, config)
+                if tbps is not None and tbps > best_tbps:
+                    best_name, best_tbps = name, tbps
+        results["jkv_best"] = {"name": best_name, **results[best_name]}
+    return {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
+
+
+def bench_torch(torch, sets, ref, nbytes, est_s, log) -> dict:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tsets = [tuple(torch.from_dlpack(x) for x in (q, k, v)) for q, k, v, _ in sets]
+    out = {}
+    backends = {
+        "torch_sdpa": None,
+        "torch_sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "torch_sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "torch_sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+    for name, which in backends.items():
+
+        def fn(q, k, v, which=which):
+            if which is None:
+                return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+            with sdpa_kernel([which]):
+                return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+
+        try:
+            got = fn(*tsets[0])[:, :, 0]
+            torch.cuda.synchronize()
+            err = rel_err(jnp.asarray(np.asarray(got.float().cpu())), ref)
+            timing = time_torch(torch, fn, tsets, est_s)
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log(f"  {name:34s} ERROR {out[name]['error'][:120]}")
+            continue
+        tbps = nbytes / timing["time_s"] / 1e12
+        out[name] = {**timing, "tbps": tbps, "rel_err": err}
+        log(f"  {name:34s} {timing['time_s'] * 1e6:9.1f} us {tbps:6.3f} TB/s  err {err:.1e}")
+    del tsets
+    torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+COLUMNS = ("jkv", "jkv_best", "jkv_5d", "torch_sdpa", "jax_gqa", "xla_ref")
+
+
+def table(report: dict) -> str:
+    copy = report.get("copy", {}).get("tbps", float("nan"))
+    head = f"{'B x T':>10} " + " ".join(f"{c:>10}" for c in COLUMNS) + f" {'best/copy':>9} {'best/torch':>10}"
+    lines = [f"TB/s (K+V bytes / median time); copy = {copy:.3f} TB/s (read + write)", head]
+    for shape in report["shapes"]:
+        r = shape["results"]
+        tb = lambda name, r=r: r.get(name, {}).get("tbps", float("nan"))
+        best = tb("jkv_best") if "jkv_best" in r else tb("jkv")
+        cells = " ".join(f"{tb(c):10.3f}" for c in COLUMNS)
+        lines.append(
+            f"{shape['batch']:>4} x {shape['seq']:<5} {cells} {best / copy:9.0%} {best / tb('torch_sdpa'):10.2f}"
+        )
+    lines.append(
+        "best configs: "
+        + "; ".join(
+            f"{s['batch']}x{s['seq']}: {s['results'].get('jkv_best', {}).get('name', '-')}" for s in report["shapes"]
+        )
+    )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c for c in COLUMNS if c != "jkv_5d"]
+    shapes = report["shapes"]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [s["results"].get(name, {}).get("tbps", 0.0) for s in shapes]
+        ax.bar(np.arange(len(shapes)) + i * width, values, width, label=name)
+    if "copy" in report:
+        ax.axhline(report["copy"]["tbps"], color="k", ls="--", lw=1, label="device copy")
+    ax.set_xticks(np.arange(len(shapes)) + 0.4 - width / 2, [f"{s['batch']}x{s['seq']}" for s in shapes])
+    ax.set_xlabel("batch x sequence length (bf16, N=32, K=8, D=128)")
+    ax.set_ylabel("TB/s (K+V bytes / time)")
+    ax.set_title(f"Decode attention on {report['meta']['gpu']} ({report['meta']['date']})")
+    ax.legend(ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in SHAPES])
+    parser.add_argument("--budget-s", type=float, default=330.0, help="stop sweeping after this many seconds")
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    log = lambda msg: print(msg, flush=True)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": jax.devices()[0].device_kind,
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "torch": getattr(torch, "__version__", None),
+        **backend.describe(),
+    }
+    report = {"meta": meta, "shapes": []}
+    log(json.dumps(meta))
+    if torch is not None and torch.cuda.is_available():
+        report["copy"] = copy_bandwidth(torch)
+        log(f"device copy: {report['copy']['tbps']:.3f} TB/s (read + write)")
+    else:
+        torch = None
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    for i, (batch, seq) in enumerate(shapes):
+        log(f"B={batch} T={seq}: K+V {kv_bytes(batch, seq) / 1e6:.0f} MB")
+        # Each remaining shape keeps an equal share of the remaining sweep budget.
+        deadline = time.perf_counter() + (start + args.budget_s - time.perf_counter()) / (len(shapes) - i)
+        report["shapes"].append(bench_shape(torch, batch, seq, sweep=not args.no_sweep, deadline=deadline, log=log))
+        (args.out / "bench_attention.json").write_text(json.dumps(report, indent=1))
+        jax.clear_caches()
+    try:
+        plot(report, args.out / "bench_attention.png")
+    except Exception as e:
+        log(f"plot failed: {type(e).__name__}: {e}")
+    log(f"total {time.perf_counter() - start:.0f} s")
+    log(table(report))
+
+
+if __name__ == "__main__":
+    main()
