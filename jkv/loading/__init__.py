@@ -1,0 +1,37 @@
+"""Model loading: GGUF files and Hugging Face safetensors directories → ``LlamaConfig`` + ``LlamaParams``."""
+
+from __future__ import annotations
+
+import os
+
+from jkv.loading.common import LoadedModel, ModelLoadError, resolve_dtype
+from jkv.loading.gguf import load_gguf
+from jkv.loading.safetensors import load_safetensors
+from jkv.loading.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+
+
+def load(path, dtype=None, *, progress: bool = True, layout: str = "auto") -> LoadedModel:
+    """Load a GGUF file or an HF safetensors directory, whichever ``path`` is.
+
+    ``dtype``: None (bf16 on GPU, f32 elsewhere), a name (``"bf16"``, ``"f32"``) or a floating dtype.
+    ``layout``: ``"layers"`` (per-layer buffers), ``"stacked"`` (scan over layers) or ``"auto"`` (per-layer on GPU).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return load_safetensors(path, dtype, progress=progress, layout=layout)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model not found: {path!r} (expected a .gguf file or a safetensors directory)")
+    return load_gguf(path, dtype, progress=progress, layout=layout)
+
+
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "StreamDecoder",
+    "Tokenizer",
+    "TokenizerError",
+    "load",
+    "load_gguf",
+    "load_safetensors",
+    "resolve_dtype",
+]

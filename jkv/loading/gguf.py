@@ -1,0 +1,199 @@
+"""GGUF files (llama.cpp's format), read through llama.cpp's own ``gguf`` package.
+
+The config comes from the ``<arch>.*`` metadata, the tokenizer from ``tokenizer.*``, and tensors are dequantized
+to f32 by ``gguf.quants.dequantize`` (the package's own routines) before they are cast to the requested dtype.
+
+llama.cpp's converter permutes the rows of the Q and K projections of ``llama`` models so that its interleaved
+(NORM) rotary embedding matches HF's split-halves (NEOX) one; we undo that permutation here and run NEOX
+everywhere, as HF transformers does. ``qwen2`` files are stored unpermuted (llama.cpp runs them in NEOX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from jkv.loading import tokenizer as tokenizer_lib
+from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
+from jkv.models.llama import LlamaConfig
+
+ARCHITECTURES = ("llama", "qwen2")
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+MAGIC = b"GGUF"
+
+# Canonical name (see jkv.loading.common) -> GGUF tensor name.
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm.weight",
+    "q": "attn_q.weight",
+    "k": "attn_k.weight",
+    "v": "attn_v.weight",
+    "q_bias": "attn_q.bias",
+    "k_bias": "attn_k.bias",
+    "v_bias": "attn_v.bias",
+    "o": "attn_output.weight",
+    "mlp_norm": "ffn_norm.weight",
+    "gate": "ffn_gate.weight",
+    "up": "ffn_up.weight",
+    "down": "ffn_down.weight",
+}
+_GLOBAL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
+
+
+def gguf_name(name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    layer, _, rest = name.partition(".")
+    return f"blk.{layer}.{_LAYER_NAMES[rest]}"
+
+
+def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: within each head, rows ``(2i, 2i+1)`` go back to ``(i, i + D/2)``."""
+    rows = w.shape[0]
+    half = rows // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def open_gguf(path):
+    """A ``gguf.GGUFReader`` over ``path``, or ``ModelLoadError`` saying why the file cannot be one."""
+    import gguf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"GGUF file not found: {path!r}")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != MAGIC:
+        raise ModelLoadError(f"{path!r} is not a GGUF file: it starts with {magic!r}, expected {MAGIC!r}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on a damaged file
+        raise ModelLoadError(f"{path!r} is truncated or corrupt ({size} bytes): {type(e).__name__}: {e}") from None
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != int(t.n_bytes):
+            raise ModelLoadError(
+                f"{path!r} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has {size}"
+            )
+    return reader
+
+
+def metadata(reader) -> dict:
+    """GGUF metadata as Python values (strings, numbers, lists)."""
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # a field of a type this gguf version cannot decode: skip it, nothing we read
+            continue
+    return out
+
+
+def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> LlamaConfig:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(f"unsupported architecture {arch!r} in {source}: jkv supports {ARCHITECTURES}")
+
+    def field(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{source} lacks the metadata field {arch}.{key!s}")
+        return value
+
+    heads = int(field("attention.head_count"))
+    hidden = int(field("embedding_length"))
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    linear = 1.0
+    if scaling == "linear":
+        linear = float(field("rope.scaling.factor"))
+    elif scaling not in ("none", None):
+        raise ModelLoadError(f"unsupported rope scaling {scaling!r} in {source}: expected none or linear")
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
+    if not vocab:
+        raise ModelLoadError(f"{source} gives no vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens)")
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(field("feed_forward_length")),
+        num_layers=int(field("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(field("attention.head_count_kv", heads)),
+        head_dim=int(field("attention.key_length", hidden // heads)),
+        rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field("rope.freq_base", 10000.0)),
+        rope_linear_factor=linear,
+        tie_embeddings="output.weight" not in tensor_names,
+        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        max_position=int(field("context_length", 8192)),
+        architecture=arch,
+    )
+
+
+def load_gguf(
+    path, dtype=None, *, progress: bool = True, with_tokenizer: bool = True, layout: str = "auto"
+) -> LoadedModel:
+    """Load a GGUF file: config from metadata, weights dequantized and placed on the device as ``dtype``.
+
+    ``dtype``: None (bf16 on GPU, f32 elsewhere), a name such as ``"bf16"``, or a floating dtype. Llama 3.1
+    frequency factors (a ``rope_freqs.weight`` tensor) are applied to the rotary frequencies.
+    """
+    import gguf
+
+    start = time.perf_counter()
+    path = os.fspath(path)
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    config = config_from_metadata(meta, set(tensors), repr(path))
+    bad = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type.name not in TENSOR_TYPES]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ModelLoadError(
+            f"unsupported tensor type in {path!r}: {', '.join(bad[:5])}{more}; jkv reads {', '.join(TENSOR_TYPES)}"
+        )
+    dtype = resolve_dtype(dtype)
+
+    def get(name: str) -> np.ndarray:
+        key = gguf_name(name)
+        if key not in tensors:
+            raise ModelLoadError(f"tensor {key!r} is missing from {path!r}")
+        t = tensors[key]
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
+        if config.architecture == "llama" and name.endswith((".q", ".q_bias")):
+            w = unpermute_rows(w, config.num_heads)
+        elif config.architecture == "llama" and name.endswith((".k", ".k_bias")):
+            w = unpermute_rows(w, config.num_kv_heads)
+        return w
+
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+        factors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
+        config = _with_rope_factors(config, factors, path)
+    params = build_params(
+        config, get, dtype, progress=progress, layout=layout, desc=f"loading {os.path.basename(path)}"
+    )
+    tok = tokenizer_lib.from_gguf_metadata(meta, repr(path)) if with_tokenizer else None
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return LoadedModel(
+        config=config,
+        params=params,
+        tokenizer=tok,
+        source=path,
+        load_seconds=time.perf_counter() - start,
+        info={"format": "gguf", "name": meta.get("general.name"), "tensor_types": types, "dtype": str(dtype)},
+    )
+
+
+def _with_rope_factors(config: LlamaConfig, factors: np.ndarray, path: str) -> LlamaConfig:
+    """Fold llama.cpp's per-frequency divisors (how it stores Llama 3.1 rope scaling) into the config."""
+    if factors.shape != (config.head_dim // 2,):
+        raise ModelLoadError(
+            f"rope_freqs.weight in {path!r} has shape {factors.shape}, expected ({config.head_dim // 2},)"
+        )
+    return dataclasses.replace(config, rope_factors=tuple(float(f) for f in factors))

@@ -1,0 +1,223 @@
+"""Tokenizers from model files, built on the ``tokenizers`` package, plus chat templates and streaming decode.
+
+GGUF files carry a GPT-2 style byte-level BPE (``tokenizer.ggml.model == "gpt2"``) as a vocabulary, merges and a
+pre-tokenizer name; the name picks how text is split before BPE, as llama.cpp does. HF directories carry a
+``tokenizer.json`` that ``tokenizers`` reads as is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+# How each GGUF ``tokenizer.ggml.pre`` splits text before byte-level BPE. ``None``: GPT-2's own pattern.
+_GPT2_SPLIT = None
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS = {
+    "default": (_GPT2_SPLIT, False),
+    "gpt2": (_GPT2_SPLIT, False),
+    "gpt-2": (_GPT2_SPLIT, False),
+    # SmolLM: every digit on its own, then GPT-2's pattern.
+    "smollm": (_GPT2_SPLIT, True),
+    "llama-bpe": (_LLAMA3_SPLIT, False),
+    "llama3": (_LLAMA3_SPLIT, False),
+    "llama-v3": (_LLAMA3_SPLIT, False),
+    "qwen2": (_QWEN2_SPLIT, False),
+}
+# llama.cpp merges whole words found in a Llama-3 vocabulary before applying merges.
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
+
+# GGUF token types.
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Tokens that end a turn in common chat formats; each one present in a vocabulary also stops generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built from the model's metadata, or a chat template that cannot be rendered."""
+
+
+class Tokenizer:
+    """Text ↔ token ids for one model, with its special tokens and chat template."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+        extra_stop_ids: Sequence[int] = (),
+    ):
+        self.backend = backend
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        stops = {eos_id} if eos_id is not None else set()
+        stops |= {i for i in (backend.token_to_id(t) for t in END_OF_TURN_TOKENS) if i is not None}
+        self.stop_ids = tuple(sorted(stops | set(extra_stop_ids)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) map to their ids.
+
+        ``add_bos`` (default: the model's own setting) prepends BOS unless the text already starts with it.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        add_bos = self.add_bos if add_bos is None else add_bos
+        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` (``[{"role": ..., "content": ...}]``) in the model's chat format."""
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template: pass the prompt as raw text instead")
+        bos = self.token(self.bos_id) if self.bos_id is not None else ""
+        eos = self.token(self.eos_id) if self.eos_id is not None else ""
+        try:
+            import jinja2.sandbox
+        except ImportError:  # jinja2 is optional: ChatML, the most common format, needs no template engine
+            if "<|im_start|>" not in self.chat_template:
+                raise TokenizerError("rendering this chat template needs jinja2 (pip install jinja2)") from None
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+        def raise_exception(message):
+            raise TokenizerError(f"chat template: {message}")
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+            )
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"cannot render the model's chat template: {e}") from None
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces, holding back bytes of a character not yet complete.
+
+    Each piece is the text of a short window of recent tokens minus the text of its prefix, so the work per
+    token stays constant and multi-token characters (UTF-8 split across byte tokens) come out whole.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the decode window
+        self.read = 0  # tokens already emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read])
+        after = decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
+    """A tokenizer from GGUF ``tokenizer.*`` metadata (values already decoded to Python objects)."""
+    kind = fields.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise TokenizerError(
+            f"unsupported tokenizer model {kind!r} in {source}: jkv reads GPT-2 style byte-level BPE ('gpt2') "
+            "from GGUF; use a safetensors directory with tokenizer.json for other tokenizers"
+        )
+    tokens = fields.get("tokenizer.ggml.tokens")
+    merges = fields.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise TokenizerError(f"{source} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    types = fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    split, digits = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
+
+    vocab = {token: i for i, token in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = Backend(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    if split is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    if len(types) != len(tokens):
+        raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(types)} token types")
+    pairs_typed = list(zip(tokens, types, strict=True))
+    special = [AddedToken(t, special=True, normalized=False) for t, k in pairs_typed if k == TOKEN_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, k in pairs_typed if k == TOKEN_USER_DEFINED]
+    backend.add_special_tokens(special)
+    backend.add_tokens(user)
+    eot = fields.get("tokenizer.ggml.eot_token_id")
+    return Tokenizer(
+        backend,
+        bos_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_id=fields.get("tokenizer.ggml.eos_token_id"),
+        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=fields.get("tokenizer.chat_template"),
+        extra_stop_ids=() if eot is None else (int(eot),),
+    )
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def from_hf_directory(directory) -> Tokenizer:
+    """A tokenizer from an HF directory's ``tokenizer.json`` (+ ``tokenizer_config.json``, ``chat_template.jinja``)."""
+    directory = Path(directory)
+    try:
+        backend = Backend.from_file(str(directory / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise TokenizerError(f"cannot read {str(directory / 'tokenizer.json')!r}: {e}") from None
+    config = {}
+    if (directory / "tokenizer_config.json").is_file():
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+    template = config.get("chat_template")
+    if (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    return Tokenizer(
+        backend,
+        bos_id=backend.token_to_id(bos) if bos else None,
+        eos_id=backend.token_to_id(eos) if eos else None,
+        add_bos=bool(config.get("add_bos_token", False)),
+        chat_template=template if isinstance(template, str) else None,
+    )

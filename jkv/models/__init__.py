@@ -1,0 +1,27 @@
+"""Model definitions as pure functions over params pytrees."""
+
+from jkv.models.llama import (
+    LayerParams,
+    LlamaConfig,
+    LlamaParams,
+    check_params,
+    decode_step,
+    forward,
+    hidden_states,
+    init_params,
+    lm_head,
+    prefill,
+)
+
+__all__ = [
+    "LayerParams",
+    "LlamaConfig",
+    "LlamaParams",
+    "check_params",
+    "decode_step",
+    "forward",
+    "hidden_states",
+    "init_params",
+    "lm_head",
+    "prefill",
+]

@@ -1,0 +1,348 @@
+"""The Llama family as pure functions over a params pytree: Llama 2/3, SmolLM2 (GQA, tied embeddings), Qwen2.
+
+One decoder block: ``x += o(attn(rope(q), rope(k), v))`` on ``rmsnorm(x)``, then ``x += down(silu(gate) * up)`` on
+``rmsnorm(x)``. Qwen2 adds biases to q/k/v; SmolLM2 and small Qwen2 reuse the token embedding as the LM head.
+Rotary embeddings are NEOX style (split halves) over weights in Hugging Face layout: the GGUF loader un-permutes
+llama.cpp's interleaved Q/K rows, so every source ends in the same layout.
+
+Both entry points read and write a jkv cache through the shared protocol (``write`` per layer, attention through
+``jkv.decode_attention`` / ``jkv.prefill_attention``, ``advance`` after the last layer), so any cache type with that
+API plugs in. ``prefill`` takes ``T`` tokens per sequence, ``decode_step`` one; positions come from
+``cache.lengths``, so a ragged batch decodes in one step and one compiled step serves every position.
+
+Numerics: weights and activations between layers live in ``params`` dtype (bf16 on GPU, f32 on CPU); matmuls
+accumulate in f32; the residual stream, norms, rope and softmax run in f32; logits are f32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from jkv.attention import decode_attention, prefill_attention
+from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Static hyperparameters (hashable: safe as a ``jit`` static argument)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Llama 3.1 scaling as (factor, low_freq_factor, high_freq_factor, original_max_position), or None.
+    rope_llama3: tuple[float, float, float, int] | None = None
+    # Linear position interpolation (HF ``rope_scaling: {"type": "linear"}``): frequencies divided by this.
+    rope_linear_factor: float = 1.0
+    # Per-frequency divisors ``[D/2]`` (llama.cpp stores Llama 3.1 scaling as a ``rope_freqs`` tensor), or None.
+    rope_factors: tuple[float, ...] | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    max_position: int = 8192
+    architecture: str = "llama"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be a positive even int, got {self.head_dim!r}")
+        if self.rope_factors is not None and len(self.rope_factors) != self.head_dim // 2:
+            raise ValueError(
+                f"rope_factors has {len(self.rope_factors)} values, expected head_dim/2={self.head_dim // 2}"
+            )
+
+    @property
+    def qkv_size(self) -> int:
+        """Width of the fused q/k/v projection: ``(N + 2K) * D``."""
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def inv_freq(self) -> np.ndarray:
+        """Rotary inverse frequencies ``[D/2]`` (float64 on the host), with Llama 3.1 / linear scaling applied."""
+        if self.rope_llama3 is not None:
+            factor, low, high, original = self.rope_llama3
+            inv = llama3_inv_frequencies(self.head_dim, self.rope_theta, factor, low, high, int(original))
+        else:
+            inv = inv_frequencies(self.head_dim, self.rope_theta)
+        if self.rope_factors is not None:
+            inv = inv / np.asarray(self.rope_factors, np.float64)
+        return inv / self.rope_linear_factor
+
+    def num_params(self) -> int:
+        h, f, v, n_layers = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        qkv = self.qkv_size
+        per_layer = 2 * h + h * qkv + self.num_heads * self.head_dim * h + 3 * h * f
+        per_layer += qkv if self.qkv_bias else 0
+        return v * h + n_layers * per_layer + h + (0 if self.tie_embeddings else h * v)
+
+    # ------------------------------------------------------------------ presets (shapes of published models)
+    @classmethod
+    def smollm2_135m(cls) -> LlamaConfig:
+        return cls(49152, 576, 1536, 30, 9, 3, 64, 1e-5, 100000.0, tie_embeddings=True)
+
+    @classmethod
+    def llama3_8b(cls) -> LlamaConfig:
+        return cls(128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, rope_llama3=(8.0, 1.0, 4.0, 8192))
+
+    @classmethod
+    def qwen2_0_5b(cls) -> LlamaConfig:
+        return cls(151936, 896, 4864, 24, 14, 2, 64, 1e-6, 1000000.0, tie_embeddings=True, qkv_bias=True)
+
+
+@struct.dataclass
+class LayerParams:
+    """One decoder block. q/k/v and gate/up are fused so a decode step reads each in one matmul."""
+
+    attn_norm: Float[Array, " H"]
+    wqkv: Float[Array, "H QKV"]  # columns: N*D queries, K*D keys, K*D values (heads major, head_dim minor)
+    bqkv: Float[Array, " QKV"] | None  # Qwen2 only
+    wo: Float[Array, "ND H"]
+    mlp_norm: Float[Array, " H"]
+    w_gate_up: Float[Array, "H F2"]  # columns: F gate, F up
+    w_down: Float[Array, "F H"]
+
+
+@struct.dataclass
+class LlamaParams:
+    embed: Float[Array, "V H"]
+    # Either a tuple of per-layer pytrees (each layer's weights are their own buffers, so a matmul reads them in
+    # place: the fast layout on GPU) or one LayerParams of stacked [L, ...] arrays, run under ``lax.scan`` (one
+    # traced block: compiles several times faster, but slicing a layer out can copy its weights).
+    layers: tuple[LayerParams, ...] | LayerParams
+    norm: Float[Array, " H"]
+    lm_head: Float[Array, "H V"] | None  # None: tied to ``embed``
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    @property
+    def stacked(self) -> bool:
+        return isinstance(self.layers, LayerParams)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))
+
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode step reads: every layer, the final norm and the LM head (one embedding row)."""
+        layers = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.layers))
+        head = self.embed if self.lm_head is None else self.lm_head
+        return layers + int(self.norm.size) * self.norm.dtype.itemsize + int(head.size) * head.dtype.itemsize
+
+
+LAYOUTS = ("auto", "layers", "stacked")
+
+
+def resolve_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if layout == "auto":
+        return "layers" if jax.default_backend() == "gpu" else "stacked"
+    return layout
+
+
+def with_layout(params: LlamaParams, layout: str = "auto") -> LlamaParams:
+    """``params`` with layers as a tuple (``"layers"``) or stacked (``"stacked"``); ``"auto"``: the tuple on GPU,
+    stacked elsewhere (on a CPU compile time dominates a short generation)."""
+    layout = resolve_layout(layout)
+    if layout == "stacked" and not params.stacked:
+        return params.replace(layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers))
+    if layout == "layers" and params.stacked:
+        n = jax.tree_util.tree_leaves(params.layers)[0].shape[0]
+        return params.replace(layers=tuple(jax.tree.map(lambda x, i=i: x[i], params.layers) for i in range(n)))
+    return params
+
+
+def check_params(params: LlamaParams, config: LlamaConfig) -> None:
+    """Raise ``ValueError`` naming the first parameter whose shape does not match ``config``."""
+    if not isinstance(params, LlamaParams):
+        raise TypeError(f"params must be LlamaParams, got {type(params).__name__}")
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    nd = config.num_heads * config.head_dim
+    if (params.lm_head is None) != config.tie_embeddings:
+        state = "absent" if params.lm_head is None else "present"
+        raise ValueError(f"params.lm_head is {state} but config.tie_embeddings={config.tie_embeddings}")
+    want = {"embed": (v, h), "norm": (h,), "lm_head": None if config.tie_embeddings else (h, v)}
+    got = {"embed": params.embed.shape, "norm": params.norm.shape}
+    got["lm_head"] = None if params.lm_head is None else params.lm_head.shape
+    layer_want = {
+        "attn_norm": (h,),
+        "wqkv": (h, config.qkv_size),
+        "bqkv": (config.qkv_size,) if config.qkv_bias else None,
+        "wo": (nd, h),
+        "mlp_norm": (h,),
+        "w_gate_up": (h, 2 * f),
+        "w_down": (f, h),
+    }
+    if params.stacked:
+        layers, prefix = [params.layers], "layers"
+        layer_want = {k: None if s is None else (config.num_layers, *s) for k, s in layer_want.items()}
+    else:
+        layers, prefix = params.layers, "layers[{}]"
+        if len(layers) != config.num_layers:
+            raise ValueError(f"params has {len(layers)} layers, config.num_layers={config.num_layers}")
+    for i, layer in enumerate(layers):
+        for name, shape in layer_want.items():
+            value = getattr(layer, name)
+            key = f"{prefix.format(i)}.{name}"
+            want[key], got[key] = shape, None if value is None else tuple(value.shape)
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise ValueError(f"params.{name} has shape {got[name]}, expected {shape} for this config")
+
+
+def init_params(
+    config: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.02, layout: str = "layers"
+) -> LlamaParams:
+    """Random weights (normal, std ``scale``; norms near 1, biases small) for tests and benchmarks."""
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    nd = config.num_heads * config.head_dim
+    keys = iter(jax.random.split(key, 8 * config.num_layers + 4))
+
+    def normal(shape, std=scale):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def norm_weight():
+        return (1.0 + 0.1 * jax.random.normal(next(keys), (h,), jnp.float32)).astype(dtype)
+
+    layers = tuple(
+        LayerParams(
+            attn_norm=norm_weight(),
+            wqkv=normal((h, config.qkv_size)),
+            bqkv=normal((config.qkv_size,)) if config.qkv_bias else None,
+            wo=normal((nd, h)),
+            mlp_norm=norm_weight(),
+            w_gate_up=normal((h, 2 * f)),
+            w_down=normal((f, h)),
+        )
+        for _ in range(config.num_layers)
+    )
+    params = LlamaParams(
+        embed=normal((v, h), 1.0),
+        layers=layers,
+        norm=norm_weight(),
+        lm_head=None if config.tie_embeddings else normal((h, v)),
+    )
+    return with_layout(params, layout)
+
+
+# ---------------------------------------------------------------------------------------------- the forward pass
+def _rms_norm(x: Float[Array, "B T H"], weight: Float[Array, " H"], eps: float) -> Float[Array, "B T H"]:
+    x = x.astype(jnp.float32)
+    x = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * weight.astype(jnp.float32)
+
+
+def _matmul(x, w, out_dtype=jnp.float32):
+    """``x @ w`` with operands in the weight dtype and f32 accumulation."""
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfig, inv_freq, impl):
+    """Decoder block ``i`` on the residual stream ``x [B, T, H]`` (f32); writes its keys/values into ``cache``."""
+    b, t, _ = x.shape
+    n, k, d = config.num_heads, config.num_kv_heads, config.head_dim
+    h = _rms_norm(x, layer_params.attn_norm, config.rms_norm_eps)
+    qkv = _matmul(h, layer_params.wqkv)  # (B, T, (N + 2K) * D)
+    if layer_params.bqkv is not None:
+        qkv = qkv + layer_params.bqkv.astype(jnp.float32)
+    q = qkv[..., : n * d].reshape(b, t, n, d)
+    key = qkv[..., n * d : (n + k) * d].reshape(b, t, k, d)
+    value = qkv[..., (n + k) * d :].reshape(b, t, k, d)
+    q = apply_rope(q, positions, inv_freq, RopeStyle.NEOX)
+    key = apply_rope(key, positions, inv_freq, RopeStyle.NEOX)
+    cache = cache.write(i, jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2))  # (B, K, T, D)
+    q = q.astype(layer_params.wqkv.dtype)
+    if t == 1:
+        attn = decode_attention(q[:, 0], cache, i, impl=impl)[:, None]  # (B, 1, N, D)
+    else:
+        attn = prefill_attention(q, cache, i, impl=impl)  # (B, T, N, D)
+    x = x + _matmul(attn.reshape(b, t, n * d), layer_params.wo)
+    h = _rms_norm(x, layer_params.mlp_norm, config.rms_norm_eps)
+    gate_up = _matmul(h, layer_params.w_gate_up)  # (B, T, 2F)
+    f = config.intermediate_size
+    act = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]
+    x = x + _matmul(act, layer_params.w_down)
+    return x, cache
+
+
+def hidden_states(
+    params: LlamaParams, cache, tokens: Int[Array, "B T"], *, config: LlamaConfig, impl: str | None = None
+):
+    """Final-normed hidden states ``[B, T, H]`` (f32) of ``T`` new tokens per sequence, and the advanced cache.
+
+    Token ``t`` of sequence ``b`` sits at position ``cache.lengths[b] + t``.
+    """
+    t = tokens.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, T)
+    inv_freq = jnp.asarray(config.inv_freq(), jnp.float32)
+    x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (B, T, H)
+    if isinstance(params.layers, LayerParams):  # stacked [L, ...]: one traced block under lax.scan
+
+        def body(carry, layer):
+            layer_params, i = layer
+            return _block(layer_params, i, *carry, positions, config, inv_freq, impl), None
+
+        (x, cache), _ = lax.scan(body, (x, cache), (params.layers, jnp.arange(config.num_layers)))
+    else:
+        for i, layer_params in enumerate(params.layers):
+            x, cache = _block(layer_params, i, x, cache, positions, config, inv_freq, impl)
+    return _rms_norm(x, params.norm, config.rms_norm_eps), cache.advance(t)
+
+
+def lm_head(params: LlamaParams, h: Float[Array, "... H"]) -> Float[Array, "... V"]:
+    """Logits (f32) from final hidden states; the transposed embedding when tied."""
+    if params.lm_head is None:
+        w = params.embed
+        return jnp.einsum("...h,vh->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return _matmul(h, params.lm_head)
+
+
+def forward(params: LlamaParams, cache, tokens: Int[Array, "B T"], *, config: LlamaConfig, impl: str | None = None):
+    """Logits ``[B, T, V]`` of every new token (a full causal pass when the cache starts empty), and the cache."""
+    h, cache = hidden_states(params, cache, tokens, config=config, impl=impl)
+    return lm_head(params, h), cache
+
+
+def prefill(
+    params: LlamaParams,
+    cache,
+    tokens: Int[Array, "B T"],
+    last: Int[Array, " B"] | None = None,
+    *,
+    config: LlamaConfig,
+    impl: str | None = None,
+):
+    """Run ``T`` prompt tokens per sequence (causal) and return the logits ``[B, V]`` at index ``last[b]``.
+
+    ``last`` (default ``T - 1``) lets a right-padded ragged batch read each prompt's own last token; the caller
+    then rolls the cache back to the true prompt lengths, and the padding is overwritten by later steps. Only the
+    selected rows go through the LM head.
+    """
+    h, cache = hidden_states(params, cache, tokens, config=config, impl=impl)
+    b, t, _ = h.shape
+    last = jnp.full((b,), t - 1, jnp.int32) if last is None else last
+    h_last = jnp.take_along_axis(h, last[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # (B, H)
+    return lm_head(params, h_last), cache
+
+
+def decode_step(params: LlamaParams, cache, tokens: Int[Array, " B"], *, config: LlamaConfig, impl: str | None = None):
+    """One new token per sequence at its own position ``cache.lengths[b]``: logits ``[B, V]`` and the cache."""
+    h, cache = hidden_states(params, cache, tokens[:, None], config=config, impl=impl)
+    return lm_head(params, h[:, 0]), cache
