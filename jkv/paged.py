@@ -197,10 +197,14 @@ class PagedKVCache(LengthsMixin):
         lead = jnp.full(p, self.batch, jnp.int32).at[page].min(rows, mode="drop")
         keeps = shared & (writers[pc] == refs) & (lead[pc] == rows)
         cow = shared & ~keeps
-        cache, got, fresh = self._allocate(in_range & ((tables < 0) | (cow[:, None] & (j == first[:, None]))))
-        # A keeper writes only once every other sharer has moved off its page (else it waits, flagged).
+        need = in_range & ((tables < 0) | (cow[:, None] & (j == first[:, None])))
+        cache, got, fresh = self._allocate(need)
+        # A keeper writes only once every other sharer has moved off its page; else it waits, flagged, and gives
+        # back what it was just given (all or nothing).
         stuck = jnp.zeros(p, jnp.int32).at[jnp.where(cow & ~got, page, p)].add(1, mode="drop")
-        got = got & ~(keeps & (stuck[pc] > 0))
+        stuck = keeps & (stuck[pc] > 0)
+        cache = cache._release(need & stuck[:, None])
+        got = got & ~stuck
         _checks.host_all(
             got,
             lambda: (

@@ -1,0 +1,234 @@
+"""10,000 random admit / grow / fork / rollback / retire operations on a PagedKVCache, each checked against a model.
+
+The model is plain Python: each sequence holds a list of *abstract* page ids (a fork shares ids, a fresh page gets
+a new id, copy-on-write swaps one id for a new one) and its logical contents as a NumPy array. After every step
+the cache must agree with it:
+
+* structure: the table names a physical page exactly where the model holds an id, and two entries name the same
+  physical page exactly when the model gives them the same id (no live page shared without the model sharing it);
+* counts: ``refcounts`` is the histogram of the table entries (no page leaked, none freed twice, none negative),
+  and the free pages are exactly ``P`` minus the model's live ids;
+* flags: the exhausted-pool and overflow bits are set on exactly the sequences the model predicts;
+* contents: every valid position of every sequence equals the model's (a contiguous reference).
+
+Count: ``test_ten_thousand_operations`` runs ``run_state_machine_as_test`` with ``stateful_step_count=100`` and
+``max_examples=102`` (99 operations an example after ``initialize``), and tops up with a second round when
+hypothesis has cut examples short, until the rules have run 10,000 operations. Every operation runs jitted
+(compiled once per shape), as an engine runs them; the eager API and its errors are covered by tests/test_paged.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+import jkv
+from jkv.cache import ERR_ADVANCE_OVERFLOW, ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW
+
+PAGE = 4
+SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=1, head_dim=2, max_len=16, dtype=jnp.float32)  # 4 pages a sequence
+BATCH = 4
+PAGES = 10  # fewer than BATCH * 4: the pool runs out often
+SINGLE_LEN = 8  # max_len of the prefill caches that admit sequences
+OPERATIONS, STEPS = 10_000, 100  # STEPS per hypothesis example, initialize included
+
+_grow = jax.jit(
+    lambda c, k, v, n: _write_layers(c, k, v).advance(n)
+)  # write every layer at lengths, then advance by n[b] in {0, T}
+_rollback = jax.jit(lambda c, n: c.rollback(n))
+_reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
+_fork = jax.jit(lambda c, s, d: c.fork(s, d))
+_insert = jax.jit(lambda c, i, s: c.insert_into_slot(i, s))
+_contents = jax.jit(lambda c: c.to_contiguous().k)
+_clear = jax.jit(lambda c: c.clear_errors())
+
+
+def _write_layers(cache, k, v):
+    for layer in range(SPEC.num_layers):
+        cache = cache.write(layer, k[layer], v[layer])
+    return cache
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+class PagedModel(RuleBasedStateMachine):
+    steps = 0  # operations run over the whole test, across examples (initialize not counted)
+
+    @initialize()
+    def start(self):
+        self.cache = jkv.PagedKVCache.init(SPEC, BATCH, page_size=PAGE, num_pages=PAGES)
+        self.rows = [[] for _ in range(BATCH)]  # abstract page ids held by each sequence, logical order
+        self.lengths = [0] * BATCH
+        self.values = np.full((BATCH, SPEC.max_len, SPEC.num_layers, SPEC.head_dim), np.nan)  # NaN: unknown
+        self.errors = [0] * BATCH
+        self.next_id = 0
+        self.rng = np.random.default_rng(0)
+
+    # ------------------------------------------------------------------ model helpers
+    def _fresh(self):
+        self.next_id += 1
+        return self.next_id
+
+    def _live(self):
+        return {i for row in self.rows for i in row}
+
+    def _refs(self, page_id):
+        return sum(row.count(page_id) for row in self.rows)
+
+    def _reserve(self, targets):
+        """The allocator's contract: returns which sequences got their pages (see jkv/paged.py)."""
+        first = [n // PAGE for n in self.lengths]  # the page holding position lengths[b]
+        grow = [targets[b] > self.lengths[b] for b in range(BATCH)]
+        shared = [grow[b] and first[b] < len(self.rows[b]) and self._refs(self.rows[b][first[b]]) > 1
+                  for b in range(BATCH)]  # fmt: skip
+        writers = {}  # shared page id -> the sequences writing into it now, in batch order
+        for b in range(BATCH):
+            if shared[b]:
+                writers.setdefault(self.rows[b][first[b]], []).append(b)
+        keeps = [False] * BATCH  # all sharers write at once: the first keeps the page, the others copy it
+        for page_id, bs in writers.items():
+            keeps[bs[0]] = len(bs) == self._refs(page_id)
+        cow = [shared[b] and not keeps[b] for b in range(BATCH)]
+        need = [0] * BATCH
+        for b in range(BATCH):
+            if grow[b]:
+                need[b] = max(0, cdiv(targets[b], PAGE) - len(self.rows[b])) + int(cow[b])
+        free = PAGES - len(self._live())
+        got = [sum(need[: b + 1]) <= free or need[b] == 0 for b in range(BATCH)]  # batch order, all or nothing
+        stuck = {self.rows[b][first[b]] for b in range(BATCH) if cow[b] and not got[b]}
+        for b in range(BATCH):
+            if keeps[b] and self.rows[b][first[b]] in stuck:
+                got[b] = False  # a keeper waits until every other sharer has its copy
+        for b in range(BATCH):
+            if not got[b]:
+                self.errors[b] |= ERR_POOL_EXHAUSTED
+                continue
+            if cow[b]:
+                self.rows[b][first[b]] = self._fresh()
+            while grow[b] and len(self.rows[b]) < cdiv(targets[b], PAGE):
+                self.rows[b].append(self._fresh())
+        return got
+
+    # ------------------------------------------------------------------ operations
+    @rule(t=st.sampled_from([1, 3, 6]), advance=st.lists(st.booleans(), min_size=BATCH, max_size=BATCH))
+    def grow(self, t, advance):
+        """Every sequence writes T positions in every layer; those marked advance by T (the others by 0)."""
+        type(self).steps += 1
+        k = self.rng.standard_normal((SPEC.num_layers, BATCH, 1, t, SPEC.head_dim)).astype(np.float32)
+        n = np.where(advance, t, 0).astype(np.int32)
+        self.cache = _grow(self.cache, jnp.asarray(k), jnp.asarray(-k), jnp.asarray(n))
+
+        fits = [self.lengths[b] + t <= SPEC.max_len for b in range(BATCH)]
+        written = self._reserve([self.lengths[b] + t * fits[b] for b in range(BATCH)])  # the layer-0 write
+        for b in range(BATCH):
+            written[b] &= fits[b]
+            if not fits[b]:
+                self.errors[b] |= ERR_WRITE_OVERFLOW
+                if n[b]:
+                    self.errors[b] |= ERR_ADVANCE_OVERFLOW
+        moved = self._reserve([self.lengths[b] + int(n[b]) * fits[b] for b in range(BATCH)])  # the advance
+        for b in range(BATCH):
+            if n[b] and fits[b] and moved[b]:
+                start = self.lengths[b]
+                new = k[:, b, 0].transpose(1, 0, 2) if written[b] else np.nan  # (T, L, D), or never written
+                self.values[b, start : start + t] = new
+                self.lengths[b] += t
+        self._check_errors_then_clear()
+
+    @rule(data=st.data())
+    def rollback(self, data):
+        type(self).steps += 1
+        new = [data.draw(st.integers(0, n)) for n in self.lengths]
+        self.cache = _rollback(self.cache, jnp.asarray(new, jnp.int32))
+        for b in range(BATCH):
+            self.lengths[b] = new[b]
+            del self.rows[b][cdiv(new[b], PAGE) :]
+
+    @rule(slot=st.integers(0, BATCH - 1))
+    def retire(self, slot):
+        type(self).steps += 1
+        self.cache = _reset_slot(self.cache, slot)
+        self.rows[slot], self.lengths[slot], self.errors[slot] = [], 0, 0
+
+    @rule(src=st.integers(0, BATCH - 1), dst=st.integers(0, BATCH - 1))
+    def fork(self, src, dst):
+        type(self).steps += 1
+        self.cache = _fork(self.cache, src, dst)
+        if src != dst:
+            self.rows[dst] = list(self.rows[src][: cdiv(self.lengths[src], PAGE)])
+            self.lengths[dst] = self.lengths[src]
+            self.values[dst] = self.values[src]
+            self.errors[dst] = self.errors[src]
+
+    @rule(slot=st.integers(0, BATCH - 1), n=st.integers(0, SINGLE_LEN))
+    def admit(self, slot, n):
+        type(self).steps += 1
+        k = self.rng.standard_normal((SPEC.num_layers, 1, 1, SINGLE_LEN, SPEC.head_dim)).astype(np.float32)
+        single = jkv.KVCache(
+            k=jnp.asarray(k), v=jnp.asarray(-k), lengths=jnp.asarray([n], jnp.int32), errors=jnp.zeros(1, jnp.int32)
+        )
+        self.cache = _insert(self.cache, slot, single)
+        self.rows[slot] = []
+        if cdiv(n, PAGE) <= PAGES - len(self._live()):
+            self.rows[slot] = [self._fresh() for _ in range(cdiv(n, PAGE))]
+            self.lengths[slot], self.errors[slot] = n, 0
+            self.values[slot, :SINGLE_LEN] = k[:, 0, 0].transpose(1, 0, 2)
+        else:
+            self.lengths[slot], self.errors[slot] = 0, ERR_POOL_EXHAUSTED
+        self._check_errors_then_clear()
+
+    def _check_errors_then_clear(self):
+        assert np.asarray(self.cache.errors).tolist() == self.errors, (np.asarray(self.cache.errors), self.errors)
+        self.cache = _clear(self.cache)
+        self.errors = [0] * BATCH
+
+    # ------------------------------------------------------------------ checks after every step
+    @invariant()
+    def agrees_with_model(self):
+        if not hasattr(self, "cache"):
+            return
+        tables = np.asarray(self.cache.block_tables)
+        refcounts = np.asarray(self.cache.refcounts)
+        assert np.asarray(self.cache.lengths).tolist() == self.lengths
+        # Structure: physical pages where the model holds ids, shared exactly as the model shares ids.
+        phys_of = {}
+        for b, row in enumerate(self.rows):
+            assert (tables[b] >= 0).tolist() == [j < len(row) for j in range(tables.shape[1])], (b, tables, row)
+            for j, page_id in enumerate(row):
+                assert phys_of.setdefault(page_id, tables[b, j]) == tables[b, j], "one id, two pages"
+        assert len(set(phys_of.values())) == len(phys_of), "two ids, one page: a live page shared without a fork"
+        # Counts: refcounts are the histogram of table entries; free pages are those no table names.
+        hist = np.bincount(tables[tables >= 0], minlength=PAGES)
+        np.testing.assert_array_equal(refcounts, hist)
+        assert int(self.cache.num_free_pages()) == PAGES - len(self._live())
+        # Contents of every valid, known position, in every layer.
+        k = np.asarray(_contents(self.cache))[:, :, 0]  # (L, B, S, D)
+        for b, n in enumerate(self.lengths):
+            want = self.values[b, :n].transpose(1, 0, 2)  # (L, n, D)
+            known = ~np.isnan(want)
+            np.testing.assert_array_equal(k[:, b, :n][known], want[known])
+
+
+def test_ten_thousand_operations():
+    """Runs the machine until it has made 10,000 operations: rounds of ``ceil(left / 99)`` examples of 100 steps
+    (the first step initializes; hypothesis cuts a few examples short, so a second round may top up)."""
+    PagedModel.steps = 0
+    rounds = 0
+    while PagedModel.steps < OPERATIONS:
+        rounds += 1
+        assert rounds <= 3, f"hypothesis ran only {PagedModel.steps} operations in 2 rounds"
+        examples = -(-(OPERATIONS - PagedModel.steps) // (STEPS - 1))
+        run_state_machine_as_test(
+            PagedModel,
+            settings=settings(
+                max_examples=examples,
+                stateful_step_count=STEPS,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )
+    assert PagedModel.steps >= OPERATIONS
