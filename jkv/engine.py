@@ -1,0 +1,428 @@
+"""Batched serving engine: N slots over one batched cache, continuous batching, prefix cache, speculative decoding.
+
+A request is admitted as soon as a slot is free: its prompt is prefilled into a one-sequence cache (after
+restoring the longest cached prefix, if any) and scattered into the slot with ``insert_into_slot``. Every
+``step()`` then advances all active slots at once with one jitted, cache-donating decode step over the whole
+batch (ragged lengths; idle slots are computed but their lengths do not move). Finished requests (a stop token,
+``max_new_tokens``, or a full cache row) retire and their slot is reused.
+
+Speculative decoding without a draft model: each active slot drafts up to ``k`` tokens by prompt lookup
+(``jkv.speculative``), and one forward pass over ``k + 1`` tokens per slot verifies them; the cache is rolled
+back past the first rejected draft. Acceptance compares drafts with the model's own greedy choices, so the output
+is the greedy output.
+
+Only token ids cross from device to host.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkv import memory
+from jkv.cache import CacheSpec, KVCache
+from jkv.models import llama
+from jkv.prefix_cache import PrefixCache
+from jkv.sampling import sample
+from jkv.speculative import prompt_lookup_draft
+
+DEFAULT_MAX_SLOTS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates. ``temperature == 0`` is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request: generated ids, why it stopped, and when things happened (``time.perf_counter``)."""
+
+    id: int
+    prompt: list[int]
+    tokens: list[int]
+    finish_reason: str  # "stop" | "max_new_tokens" | "max_len"
+    cached_prompt_tokens: int  # prompt tokens restored from the prefix cache instead of recomputed
+    submitted: float
+    first_token: float
+    finished: float
+
+    @property
+    def latency(self) -> float:
+        return self.finished - self.submitted
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.first_token - self.submitted
+
+
+@dataclasses.dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    on_token: Callable[[int, int], None] | None
+    submitted: float
+
+
+@dataclasses.dataclass
+class _Active:
+    request: _Request
+    tokens: list[int]  # generated so far; tokens[-1] is not yet in the cache
+    key_data: np.ndarray  # raw PRNG key of the request
+    cached_prompt_tokens: int
+    first_token: float
+
+
+@dataclasses.dataclass
+class EngineStats:
+    prefill_tokens: int = 0  # prompt tokens run through the model
+    cached_prompt_tokens: int = 0  # prompt tokens restored from the prefix cache
+    decode_steps: int = 0
+    verify_steps: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+
+class Engine:
+    """Continuous-batching generation over ``num_slots`` slots of one ``KVCache``.
+
+    ``params``/``config``: a Llama-family model (``jkv.models.llama``). ``num_slots`` defaults to what fits the
+    device's free memory (``jkv.memory.max_batch``, capped at 64), announced on stderr. ``prefix_cache_bytes``
+    (0: off) bounds the host memory of cached prompt prefixes. ``speculative_tokens`` (0: off) drafts that many
+    tokens per step by prompt lookup; it needs greedy requests.
+    """
+
+    def __init__(
+        self,
+        params: llama.LlamaParams,
+        config: llama.LlamaConfig,
+        *,
+        num_slots: int | None = None,
+        max_len: int = 1024,
+        cache_dtype=None,
+        impl: str | None = None,
+        prefix_cache_bytes: int = 0,
+        speculative_tokens: int = 0,
+        max_ngram: int = 3,
+        prefill_bucket: int = 16,
+        verbose: bool = True,
+    ):
+        if not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+        if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be an int >= 0, got {speculative_tokens!r}")
+        if not isinstance(prefill_bucket, int) or prefill_bucket < 1:
+            raise ValueError(f"prefill_bucket must be a positive int, got {prefill_bucket!r}")
+        self.params, self.config, self.impl = params, config, impl
+        dtype = params.dtype if cache_dtype is None else cache_dtype
+        self.spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype)
+        if num_slots is None:
+            num_slots = memory.max_batch(self.spec, limit=DEFAULT_MAX_SLOTS)
+            if num_slots < 1:
+                raise MemoryError(
+                    f"no engine slot fits in device memory at max_len={max_len}: lower max_len or num_slots"
+                )
+            if verbose:
+                per_slot = memory.cache_bytes(self.spec, 1) / 2**20
+                print(
+                    f"jkv engine: {num_slots} slots of max_len={max_len} ({per_slot:.1f} MiB of KV cache each) fit "
+                    f"the free device memory (cap {DEFAULT_MAX_SLOTS})",
+                    file=sys.stderr,
+                )
+        elif not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
+        self.num_slots = num_slots
+        self.speculative_tokens = speculative_tokens
+        self.max_ngram = max_ngram
+        self.prefill_bucket = prefill_bucket
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self.stats = EngineStats()
+
+        self.cache = KVCache.init(self.spec, num_slots)
+        self._single = KVCache.init(self.spec, 1)
+        self._slots: list[_Active | None] = [None] * num_slots
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._done: dict[int, Completion] = {}
+        self._next_id = 0
+        self._build_steps()
+
+    # ------------------------------------------------------------------ compiled steps
+    def _build_steps(self):
+        config, impl = self.config, self.impl
+
+        def keys_for(key_data, counter):
+            # Request key folded with the number of tokens it has generated: slot- and batch-independent.
+            return jax.vmap(lambda kd, c: jax.random.fold_in(jax.random.wrap_key_data(kd), c))(key_data, counter)
+
+        def prefill(params, single, tokens, true_len, key_data, counter, temperature, top_k, top_p):
+            last = true_len - 1 - single.lengths  # index of the last prompt token among the new ones
+            logits, single = llama.prefill(params, single, tokens, last, config=config, impl=impl)
+            single = single.rollback(jnp.minimum(single.lengths, true_len))  # drop bucket padding
+            return sample(logits, keys_for(key_data, counter), temperature, top_k, top_p), single
+
+        def decode(params, cache, tokens, active, key_data, counter, temperature, top_k, top_p):
+            before = cache.lengths
+            logits, cache = llama.decode_step(params, cache, tokens, config=config, impl=impl)
+            cache = cache.rollback(jnp.where(active, cache.lengths, before))  # idle slots do not move
+            return sample(logits, keys_for(key_data, counter), temperature, top_k, top_p), cache
+
+        def verify(params, cache, tokens, active):
+            before = cache.lengths
+            logits, cache = llama.forward(params, cache, tokens, config=config, impl=impl)  # (B, k+1, V)
+            target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            agree = (tokens[:, 1:] == target[:, :-1]).astype(jnp.int32)
+            accepted = jnp.sum(jnp.cumprod(agree, axis=1), axis=1)  # leading drafts the model agrees with
+            cache = cache.rollback(jnp.where(active, before + accepted + 1, before))
+            return target, accepted, cache
+
+        def retire(cache, mask):
+            cache = cache.rollback(jnp.where(mask, 0, cache.lengths))
+            return cache.replace(errors=jnp.where(mask, 0, cache.errors))
+
+        self._prefill = jax.jit(prefill, donate_argnums=1)
+        self._decode = jax.jit(decode, donate_argnums=1)
+        self._verify = jax.jit(verify, donate_argnums=1)
+        self._insert = jax.jit(lambda cache, slot, single: cache.insert_into_slot(slot, single), donate_argnums=0)
+        self._retire = jax.jit(retire, donate_argnums=0)
+
+    # ------------------------------------------------------------------ requests
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Queue a request (prompt token ids); returns its id. ``on_token(id, token)`` streams each new token."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        if len(prompt) >= self.spec.max_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens does not fit max_len={self.spec.max_len} (needs room for one more)"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
+        if self.speculative_tokens and params.temperature > 0:
+            raise ValueError("speculative decoding verifies greedy choices: use temperature=0 with speculative_tokens")
+        request = _Request(self._next_id, prompt, params, on_token, time.perf_counter())
+        self._next_id += 1
+        self._pending.append(request)
+        return request.id
+
+    @property
+    def num_active(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or self.num_active > 0
+
+    def pop_finished(self) -> list[Completion]:
+        done = sorted(self._done.values(), key=lambda c: c.id)
+        self._done.clear()
+        return done
+
+    def run(self, show_progress: bool = True) -> list[Completion]:
+        """Step until every submitted request has finished; completions in submission order."""
+        total = self.num_pending + self.num_active
+        bar = None
+        if show_progress and total:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="requests", unit="req", file=sys.stderr)
+        finished: list[Completion] = []
+        while self.has_work():
+            self.step()
+            new = self.pop_finished()
+            finished.extend(new)
+            if bar is not None:
+                bar.update(len(new))
+        if bar is not None:
+            bar.close()
+        return sorted(finished, key=lambda c: c.id)
+
+    # ------------------------------------------------------------------ one engine step
+    def step(self) -> None:
+        """Admit what fits, then advance every active slot by one decode (or verify) step."""
+        self._admit()
+        active = [i for i, s in enumerate(self._slots) if s is not None]
+        if not active:
+            return
+        k = self.speculative_tokens
+        lengths = np.asarray(self.cache.lengths)
+        if k and all(lengths[i] + k + 1 <= self.spec.max_len for i in active):
+            self._verify_step(active, k)
+        else:
+            self._decode_step(active)
+
+    def _sampling_arrays(self, slots: Sequence[_Active | None]):
+        """Per-row sampling inputs: request key data, tokens generated so far, temperature, top-k, top-p."""
+
+        def field(name, default, dtype):
+            return jnp.asarray([getattr(s.request.params, name) if s else default for s in slots], dtype)
+
+        key_data = np.stack([s.key_data if s else np.zeros(2, np.uint32) for s in slots])
+        counter = np.asarray([len(s.tokens) if s else 0 for s in slots], np.int32)
+        return (
+            jnp.asarray(key_data),
+            jnp.asarray(counter),
+            field("temperature", 0.0, jnp.float32),
+            field("top_k", 0, jnp.int32),
+            field("top_p", 1.0, jnp.float32),
+        )
+
+    def _admit(self) -> None:
+        while self._pending and None in self._slots:
+            slot = self._slots.index(None)
+            request = self._pending.popleft()
+            prompt = request.prompt
+            cached, snap = (0, None) if self.prefix_cache is None else self.prefix_cache.lookup(prompt)
+            cached = min(cached, len(prompt) - 1)  # at least one token runs, to produce the next-token logits
+            if snap is not None and cached > 0:
+                single = KVCache.restore(snap, max_len=self.spec.max_len).rollback(cached)
+            else:
+                cached = 0
+                single = self._single.reset()
+            rest = prompt[cached:]
+            bucket = -(-len(rest) // self.prefill_bucket) * self.prefill_bucket
+            bucket = min(bucket, self.spec.max_len - cached)
+            tokens = np.zeros((1, bucket), np.int32)
+            tokens[0, : len(rest)] = rest
+            key_data = np.asarray(jax.random.key_data(jax.random.key(request.params.seed)))
+            probe = _Active(request, [], key_data, cached, 0.0)
+            first, single = self._prefill(
+                self.params,
+                single,
+                jnp.asarray(tokens),
+                jnp.asarray([len(prompt)], jnp.int32),
+                *self._sampling_arrays([probe]),
+            )
+            self.stats.prefill_tokens += len(rest)
+            self.stats.cached_prompt_tokens += cached
+            if self.prefix_cache is not None and len(prompt) not in (0, cached):
+                snapshot = single.snapshot(trim=True)
+                self.prefix_cache.insert(prompt, snapshot, snapshot.k.nbytes + snapshot.v.nbytes)
+            self.cache = self._insert(self.cache, slot, single)
+            self._single = single  # reuse the buffer for the next admission
+            state = _Active(request, [], key_data, cached, time.perf_counter())
+            self._slots[slot] = state
+            self._emit(slot, [int(np.asarray(first)[0])])
+        self._retire_finished()
+
+    def _decode_step(self, active: list[int]) -> None:
+        tokens = np.zeros(self.num_slots, np.int32)
+        mask = np.zeros(self.num_slots, bool)
+        for i in active:
+            tokens[i], mask[i] = self._slots[i].tokens[-1], True
+        nxt, self.cache = self._decode(
+            self.params, self.cache, jnp.asarray(tokens), jnp.asarray(mask), *self._sampling_arrays(self._slots)
+        )
+        nxt = np.asarray(nxt)
+        self.stats.decode_steps += 1
+        for i in active:
+            self._emit(i, [int(nxt[i])])
+        self._retire_finished()
+
+    def _verify_step(self, active: list[int], k: int) -> None:
+        tokens = np.zeros((self.num_slots, k + 1), np.int32)
+        mask = np.zeros(self.num_slots, bool)
+        drafted = {}
+        for i in active:
+            state = self._slots[i]
+            history = state.request.prompt + state.tokens
+            draft = prompt_lookup_draft(history, k, max_ngram=self.max_ngram)
+            drafted[i] = len(draft)
+            # Unused draft positions repeat the last token: any filler is safe, a match is a correct guess.
+            row = [state.tokens[-1], *draft] + [state.tokens[-1]] * (k - len(draft))
+            tokens[i], mask[i] = row, True
+        target, accepted, self.cache = self._verify(self.params, self.cache, jnp.asarray(tokens), jnp.asarray(mask))
+        target, accepted = np.asarray(target), np.asarray(accepted)
+        self.stats.verify_steps += 1
+        for i in active:
+            self.stats.drafted_tokens += drafted[i]
+            self.stats.accepted_tokens += min(int(accepted[i]), drafted[i])
+            self._emit(i, target[i, : int(accepted[i]) + 1].tolist())
+        self._retire_finished()
+
+    def _emit(self, slot: int, new_tokens: list[int]) -> None:
+        """Hand tokens to the slot's request (stream them), stopping at a stop token or the token budget."""
+        state = self._slots[slot]
+        for token in new_tokens:
+            if self._finish_reason(slot) is not None:
+                break
+            state.tokens.append(token)
+            if state.request.on_token is not None:
+                state.request.on_token(state.request.id, token)
+
+    def _finish_reason(self, slot: int) -> str | None:
+        state = self._slots[slot]
+        params = state.request.params
+        if state.tokens and state.tokens[-1] in params.stop_tokens:
+            return "stop"
+        if len(state.tokens) >= params.max_new_tokens:
+            return "max_new_tokens"
+        # The cache holds the prompt and every generated token but the last; the last needs a free position.
+        if state.tokens and len(state.request.prompt) + len(state.tokens) >= self.spec.max_len:
+            return "max_len"
+        return None
+
+    def _retire_finished(self) -> None:
+        mask = np.zeros(self.num_slots, bool)
+        now = time.perf_counter()
+        for i, state in enumerate(self._slots):
+            if state is None:
+                continue
+            reason = self._finish_reason(i)
+            if reason is None:
+                continue
+            r = state.request
+            self._done[r.id] = Completion(
+                r.id, r.prompt, state.tokens, reason, state.cached_prompt_tokens, r.submitted, state.first_token, now
+            )
+            self._slots[i] = None
+            mask[i] = True
+        if mask.any():
+            self.cache = self._retire(self.cache, jnp.asarray(mask))
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, **kw) -> list[list[int]]:
+        """Convenience: run ``prompts`` through the engine and return the generated ids of each, in order."""
+        for p in prompts:
+            self.submit(p, params)
+        return [c.tokens for c in self.run(**kw)]

@@ -1,0 +1,177 @@
+"""Engine: continuous batching equals generating alone; prefix cache; speculative decoding; no slot leaks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkv import KVCache
+from jkv.cache import CacheSpec
+from jkv.engine import Engine, SamplingParams
+from jkv.models import llama
+
+CONFIG = llama.LlamaConfig(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
+)
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def params():
+    # A larger init scale gives peaked next-token distributions: greedy ties are then far from rounding.
+    return llama.init_params(CONFIG, jax.random.key(7), jnp.float32, scale=0.2)
+
+
+_STEP = jax.jit(lambda p, c, t: llama.decode_step(p, c, t, config=CONFIG))
+
+
+def greedy_alone(params, prompt, n):
+    """Reference without the engine: feed the prompt one token at a time, then decode greedily (one sequence)."""
+    cache = KVCache.init(CacheSpec(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, MAX_LEN), 1)
+    for token in prompt:
+        logits, cache = _STEP(params, cache, jnp.asarray([token], jnp.int32))
+    out = [int(jnp.argmax(logits[0]))]
+    while len(out) < n and len(prompt) + len(out) < MAX_LEN:
+        logits, cache = _STEP(params, cache, jnp.asarray([out[-1]], jnp.int32))
+        out.append(int(jnp.argmax(logits[0])))
+    return out
+
+
+def prompts(rng, count, lo=2, hi=12):
+    return [rng.integers(0, CONFIG.vocab_size, size=rng.integers(lo, hi)).tolist() for _ in range(count)]
+
+
+@pytest.mark.parametrize("num_slots", [1, 3, 8])
+def test_batched_greedy_equals_alone(params, rng, num_slots):
+    ps = prompts(rng, 7)
+    want = [greedy_alone(params, p, 10) for p in ps]
+    engine = Engine(params, CONFIG, num_slots=num_slots, max_len=MAX_LEN)
+    ids = [engine.submit(p, SamplingParams(max_new_tokens=10)) for p in ps[:4]]
+    engine.step()  # requests arrive while others are mid-generation
+    engine.step()
+    ids += [engine.submit(p, SamplingParams(max_new_tokens=10)) for p in ps[4:]]
+    done = engine.run(show_progress=False)
+    assert [c.id for c in done] == ids
+    assert [c.tokens for c in done] == want
+    assert all(c.finish_reason == "max_new_tokens" for c in done)
+
+
+def test_streaming_stop_tokens_and_max_len(params, rng):
+    p = prompts(rng, 1)[0]
+    alone = greedy_alone(params, p, 40)
+    streamed = []
+    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN)
+    stop = alone[5]
+    engine.submit(p, SamplingParams(max_new_tokens=40, stop_tokens=(stop,)), on_token=lambda i, t: streamed.append(t))
+    long_prompt = rng.integers(0, CONFIG.vocab_size, size=MAX_LEN - 3).tolist()
+    engine.submit(long_prompt, SamplingParams(max_new_tokens=40))
+    first, second = engine.run(show_progress=False)
+    assert first.finish_reason == "stop" and first.tokens == alone[: alone.index(stop) + 1] == streamed
+    assert second.finish_reason == "max_len" and len(second.tokens) == 3  # fills the row: 61 + 3 = 64 positions
+    assert second.tokens == greedy_alone(params, long_prompt, 3)
+
+
+def test_sampled_requests_do_not_depend_on_batching(params, rng):
+    ps = prompts(rng, 5)
+    sp = [SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=i) for i in range(5)]
+
+    def run(num_slots):
+        engine = Engine(params, CONFIG, num_slots=num_slots, max_len=MAX_LEN)
+        for p, s in zip(ps, sp, strict=True):
+            engine.submit(p, s)
+        return [c.tokens for c in engine.run(show_progress=False)]
+
+    one, four = run(1), run(4)
+    assert one == four
+    assert one != [greedy_alone(params, p, 8) for p in ps]  # it did sample
+
+
+def test_prefix_cache_hits_match_misses_and_skip_prefill(params, rng):
+    system = rng.integers(0, CONFIG.vocab_size, size=20).tolist()
+    ps = [system + tail for tail in prompts(rng, 4, 1, 5)]
+    want = [greedy_alone(params, p, 6) for p in ps]
+    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN, prefix_cache_bytes=1 << 20)
+    engine.submit(system, SamplingParams(max_new_tokens=1))  # warms the cache with the shared prefix
+    engine.run(show_progress=False)
+    before = engine.stats.prefill_tokens
+    for p in ps:
+        engine.submit(p, SamplingParams(max_new_tokens=6))
+    done = engine.run(show_progress=False)
+    assert [c.tokens for c in done] == want
+    assert all(c.cached_prompt_tokens >= len(system) for c in done)
+    assert engine.stats.prefill_tokens - before == sum(len(p) - len(system) for p in ps)
+    # The same prompt again restores everything but its last token.
+    engine.submit(ps[0], SamplingParams(max_new_tokens=6))
+    (again,) = engine.run(show_progress=False)
+    assert again.tokens == want[0] and again.cached_prompt_tokens == len(ps[0]) - 1
+
+
+def test_speculative_decoding_equals_greedy_and_rolls_back(params, rng):
+    pattern = rng.integers(0, CONFIG.vocab_size, size=6).tolist()
+    ps = [pattern * 3, (pattern * 2)[:9], prompts(rng, 1)[0]]
+    want = [greedy_alone(params, p, 24) for p in ps]
+    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN, speculative_tokens=4)
+    for p in ps:
+        engine.submit(p, SamplingParams(max_new_tokens=24))
+    done = engine.run(show_progress=False)
+    assert [c.tokens for c in done] == want
+    st = engine.stats
+    assert st.verify_steps > 0 and st.drafted_tokens > 0
+    assert st.accepted_tokens < st.drafted_tokens  # some drafts rejected: the cache was rolled back past them
+    assert not np.asarray(engine.cache.lengths).any()
+
+
+def test_no_slot_leaks_after_many_random_requests(params):
+    rng = np.random.default_rng(1)
+    engine = Engine(params, CONFIG, num_slots=4, max_len=32, prefix_cache_bytes=1 << 16, prefill_bucket=8)
+    finished = 0
+    for _ in range(1000):
+        prompt = rng.integers(0, CONFIG.vocab_size, size=rng.integers(1, 6)).tolist()
+        stops = tuple(rng.integers(0, CONFIG.vocab_size, size=3).tolist())
+        engine.submit(prompt, SamplingParams(max_new_tokens=int(rng.integers(1, 4)), stop_tokens=stops))
+        if rng.random() < 0.5:
+            engine.step()
+            finished += len(engine.pop_finished())
+    finished += len(engine.run(show_progress=False))
+    assert finished == 1000
+    assert engine.num_active == 0 and engine.num_pending == 0
+    assert not np.asarray(engine.cache.lengths).any()
+    assert not np.asarray(engine.cache.errors).any()
+
+
+def test_default_slot_count_comes_from_memory_planner(params, capsys):
+    engine = Engine(params, CONFIG, max_len=MAX_LEN)
+    assert 1 <= engine.num_slots <= 64
+    assert "slots of max_len=64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "call, exc, text",
+    [
+        (lambda e: e.submit([]), ValueError, "at least one token"),
+        (lambda e: e.submit(list(range(64))), ValueError, "prompt of 64 tokens does not fit max_len=64"),
+        (lambda e: e.submit([1, 500]), ValueError, "token ids [500] outside the vocabulary [0, 96)"),
+        (lambda e: e.submit([1], "greedy"), TypeError, "SamplingParams"),
+        (lambda e: SamplingParams(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int, got 0"),
+        (lambda e: SamplingParams(temperature=-1.0), ValueError, "temperature must be >= 0, got -1.0"),
+        (lambda e: SamplingParams(top_k=-2), ValueError, "top_k must be an int >= 0"),
+        (lambda e: SamplingParams(top_p=0.0), ValueError, "top_p must lie in (0, 1], got 0.0"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=0), ValueError, "num_slots must be a positive int, got 0"),
+        (lambda e: Engine(e.params, CONFIG, max_len=1), ValueError, "max_len must be an int >= 2, got 1"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=-1), ValueError, "speculative_tokens"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, prefill_bucket=0), ValueError, "prefill_bucket"),
+        (
+            lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=2).submit(
+                [1], SamplingParams(temperature=0.5)
+            ),
+            ValueError,
+            "use temperature=0 with speculative_tokens",
+        ),
+    ],
+    ids=lambda x: None,
+)
+def test_engine_errors(params, call, exc, text):
+    engine = Engine(params, CONFIG, num_slots=1, max_len=MAX_LEN)
+    with pytest.raises(exc) as info:
+        call(engine)
+    assert text in str(info.value)

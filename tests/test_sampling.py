@@ -1,0 +1,55 @@
+"""On-device sampling: greedy, top-k and top-p supports, and the sampled distribution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkv.sampling import sample
+
+
+def _draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+    b = n
+    logits = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (b, len(logits)))
+    keys = jax.random.split(jax.random.key(seed), b)
+    return np.asarray(
+        jax.jit(sample)(
+            logits,
+            keys,
+            jnp.full((b,), temperature, jnp.float32),
+            jnp.full((b,), top_k, jnp.int32),
+            jnp.full((b,), top_p, jnp.float32),
+        )
+    )
+
+
+def test_greedy_rows_take_argmax(rng):
+    logits = jnp.asarray(rng.standard_normal((5, 100)), jnp.float32)
+    keys = jax.random.split(jax.random.key(1), 5)
+    zeros = jnp.zeros((5,), jnp.float32)
+    out = sample(logits, keys, zeros, jnp.zeros((5,), jnp.int32), jnp.ones((5,), jnp.float32))
+    np.testing.assert_array_equal(np.asarray(out), np.argmax(np.asarray(logits), axis=-1))
+
+
+def test_distribution_matches_softmax():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    counts = np.bincount(_draw(logits, 20000), minlength=4) / 20000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+
+
+@pytest.mark.parametrize("top_k, allowed", [(1, {0}), (2, {0, 1}), (3, {0, 1, 2})])
+def test_top_k_support(top_k, allowed):
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+    assert set(_draw(logits, 4000, top_k=top_k).tolist()) == allowed
+
+
+@pytest.mark.parametrize("top_p, allowed", [(0.3, {0}), (0.5, {0, 1}), (0.75, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_top_p_support(top_p, allowed):
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+    assert set(_draw(logits, 4000, top_p=top_p).tolist()) == allowed
+
+
+def test_temperature_sharpens():
+    logits = np.log(np.array([0.6, 0.4]))
+    cold = np.mean(_draw(logits, 8000, temperature=0.25) == 0)
+    assert cold > 0.8  # 0.6^4 / (0.6^4 + 0.4^4) = 0.835
