@@ -113,6 +113,29 @@ def _dequantize(values, scales, dtype):
     return (blocks * scales.astype(jnp.float32)[..., None]).reshape(values.shape).astype(dtype)
 
 
+@jax.jit
+def _write(cache: Q8KVCache, layer, k_new, v_new, ok) -> Q8KVCache:
+    """``Q8KVCache.write`` after validation (jitted: one dispatch when called eagerly; ``layer`` is traced)."""
+    # As in KVCache.write: an in-place scatter with mode="drop"; a refused sequence gets out-of-range positions,
+    # so its write drops entirely. Only the T new positions are quantized.
+    t = k_new.shape[2]
+    positions = jnp.where(ok[:, None], cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32), cache.max_len)
+    rows = jnp.arange(cache.batch)[:, None]  # (B, 1) against positions (B, T)
+
+    def put(buf, new):  # new (B, K, T, X) → indexed as (B, T, K, X)
+        return buf.at[layer, rows, :, positions, :].set(jnp.swapaxes(new, 1, 2), mode="drop")
+
+    kq, ks, _ = _quantize(k_new, cache.scale_dtype)
+    vq, vs, _ = _quantize(v_new, cache.scale_dtype)
+    return cache.replace(
+        k=put(cache.k, kq),
+        k_scale=put(cache.k_scale, ks),
+        v=put(cache.v, vq),
+        v_scale=put(cache.v_scale, vs),
+        errors=cache.errors | jnp.where(ok, 0, ERR_WRITE_OVERFLOW),
+    )
+
+
 def bytes_per_token(spec: CacheSpec, scale_dtype=DEFAULT_SCALE_DTYPE) -> int:
     """K + V bytes of one position of one sequence across all layers in the Q8 format."""
     check_head_dim(spec.head_dim)
@@ -240,23 +263,7 @@ class Q8KVCache(LengthsMixin):
         )
         checkify.debug_check(jnp.all(ok), "jkv: Q8KVCache.write past max_len", ok)
 
-        # As in KVCache.write: an in-place scatter with mode="drop"; a refused sequence gets out-of-range
-        # positions, so its write drops entirely. Only the T new positions are quantized.
-        positions = jnp.where(ok[:, None], self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32), spec.max_len)
-        rows = jnp.arange(self.batch)[:, None]  # (B, 1) against positions (B, T)
-
-        def put(buf, new):  # new (B, K, T, X) → indexed as (B, T, K, X)
-            return buf.at[layer, rows, :, positions, :].set(jnp.swapaxes(new, 1, 2), mode="drop")
-
-        kq, ks = quantize(k_new, scale_dtype=self.scale_dtype)
-        vq, vs = quantize(v_new, scale_dtype=self.scale_dtype)
-        return self.replace(
-            k=put(self.k, kq),
-            k_scale=put(self.k_scale, ks),
-            v=put(self.v, vq),
-            v_scale=put(self.v_scale, vs),
-            errors=self.errors | jnp.where(ok, 0, ERR_WRITE_OVERFLOW),
-        )
+        return _write(self, layer, k_new, v_new, ok)
 
     def insert_into_slot(self, slot, single: Q8KVCache) -> Q8KVCache:
         """Scatter a one-sequence Q8 cache into batch slot ``slot`` (as ``KVCache.insert_into_slot``)."""

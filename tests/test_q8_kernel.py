@@ -1,0 +1,241 @@
+"""Pallas Q8 kernels against NumPy float64: interpret mode on CPU, the real lowering on a GPU.
+
+Fused Q8 decode attention must equal "dequantize, then attend" (float64 over the dequantized values) to the
+rounding of its products, and stay within the Q8 format's measured error of attention over the unquantized
+values. Scales past each sequence's length (and in every layer but the attended one) are NaN, and outputs start
+NaN-poisoned.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from reference import decode_attention_f64
+from test_quant import Q8_ATTENTION_REL_TOL
+
+import jkv
+from jkv.quant import quantize
+from pallas_kernels import backend, q8
+
+ON_GPU = backend.gpu_backend() == backend.TRITON
+
+LENGTHS = {  # relative to the cache size S and the block size bk
+    "0": lambda s, bk: 0,
+    "1": lambda s, bk: 1,
+    "bk-1": lambda s, bk: bk - 1,
+    "bk": lambda s, bk: bk,
+    "bk+1": lambda s, bk: bk + 1,
+    "S": lambda s, bk: s,
+}
+
+# (id, batch, kv_heads, group, head_dim, max_len, q dtype, scale dtype, lengths, layers, block_k, num_splits)
+# layers: None for one layer [B, K, S, D], (L, layer) for a whole cache, layer "traced" under jit.
+CASES = [
+    ("g4_d128_bf16_f16scale_splits2", 3, 2, 4, 128, 200, "bfloat16", "float16", ("bk-1", "bk+1", "S"), None, 64, 2),
+    ("g1_d64_f32_f32scale_splits3", 4, 2, 1, 64, 96, "float32", "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3),
+    ("g8_d64_f32_layer1_of3", 2, 1, 8, 64, 64, "float32", "float16", ("S", "0"), (3, 1), None, None),
+    ("g3_d128_f32_traced_layer", 2, 2, 3, 128, 150, "float32", "float16", ("S", "bk+1"), (2, "traced"), 32, None),
+    ("g2_d32_f16_tiny_cache", 2, 2, 2, 32, 8, "float16", "float16", ("S", "1"), None, None, None),
+]
+IDS = [c[0] for c in CASES]
+GPU_SCALE = 32  # the GPU class reruns the table with caches this many times longer
+# Products in bf16/f16 round p (and q): the shared table. float32 q: exact in interpret mode, tf32 on a GPU.
+KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat16"], "float16": REL_TOL["float16"]}
+
+
+def q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype):
+    """One of K or V: (codes, scales) with NaN scales past each length and in every other layer, and the
+    float64 slab it was quantized from."""
+    slab = rng.standard_normal((batch, kv_heads, max_len, head_dim))
+    codes, scales = (np.array(x) for x in quantize(jnp.asarray(slab, jnp.float32), scale_dtype=scale_dtype))
+    for b, n in enumerate(lengths):
+        scales[b, :, n:] = np.nan
+    if layers is not None:
+        num_layers, _ = layers
+        codes = np.stack(
+            [codes if i == 1 else rng.integers(-127, 128, codes.shape, np.int8) for i in range(num_layers)]
+        )
+        scales = np.stack([scales if i == 1 else np.full_like(scales, np.nan) for i in range(num_layers)])
+    return jnp.asarray(codes), jnp.asarray(scales), slab
+
+
+def run_case(rng, case, *, scale_up=1, interpret=None):
+    _, batch, kv_heads, group, head_dim, max_len, dtype, scale_dtype, names, layers, block_k, num_splits = case
+    max_len *= scale_up
+    dtype = jnp.dtype(dtype)
+    bk = block_k or q8.decode_config(batch, kv_heads, max_len, head_dim).block_k
+    names = [names[i % len(names)] for i in range(batch)]
+    lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
+    q = jnp.asarray(rng.standard_normal((batch, kv_heads * group, head_dim)), dtype)
+    k, k_scale, k_slab = q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
+    v, v_scale, v_slab = q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
+
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, poison=True)
+    args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
+    if layers is None:
+        out = q8.decode_attention(*args, **options)
+    elif layers[1] == "traced":
+        fn = jax.jit(lambda *a, layer: q8.decode_attention(*a, layer=layer, **options))
+        out = fn(*args, layer=jnp.int32(1))
+    else:
+        out = q8.decode_attention(*args, layer=layers[1], **options)
+    assert out.shape == q.shape and out.dtype == dtype
+
+    one = (lambda x: x[1]) if layers else (lambda x: x)
+    deq = lambda c, s: np.asarray(jkv.dequantize(one(c), one(s)), np.float64)  # NaN past each length
+    q64 = np.asarray(q.astype(jnp.float32), np.float64)
+    ref_q8 = decode_attention_f64(q64, deq(k, k_scale), deq(v, v_scale), lengths)
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            np.testing.assert_array_equal(out[b], 0.0)
+    tol = KERNEL_TOL[dtype.name + ("-gpu" if dtype == jnp.float32 and not interpret else "")]
+    assert rel_err(out, ref_q8) < tol, names
+    # Against the values before quantization: the format's error, not the kernel's.
+    assert rel_err(out, decode_attention_f64(q64, k_slab, v_slab, lengths)) < Q8_ATTENTION_REL_TOL, names
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_q8_attention_matches_dequantize_then_attend_interpret(rng, case):
+    run_case(rng, case, interpret=True)
+
+
+DEQUANT_CASES = [  # (id, shape, scale dtype, out dtype, block_rows)
+    ("cache_layer_f16scale_to_bf16_tail_window", (3, 2, 37, 128), "float16", "bfloat16", 16),
+    ("rows_f32scale_to_f32_default", (40, 64), "float32", "float32", None),
+    ("one_row_to_f16", (1, 32), "float16", "float16", None),
+]
+
+
+def run_dequant(rng, case, interpret):
+    _, shape, scale_dtype, dtype, block_rows = case
+    x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-2, 2, (*shape[:-1], 1))
+    codes, scales = quantize(jnp.asarray(x, jnp.float32), scale_dtype=scale_dtype)
+    out = q8.dequantize(codes, scales, dtype=dtype, interpret=interpret, block_rows=block_rows, poison=True)
+    assert out.shape == shape and out.dtype == jnp.dtype(dtype)
+    # Bit-equal to float32 codes * scales rounded once to the output dtype (jkv.dequantize is the reference).
+    want = jkv.dequantize(codes, scales).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    ref = q8.dequantize_reference(codes, scales, dtype=dtype)
+    np.testing.assert_array_equal(np.asarray(ref.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("case", DEQUANT_CASES, ids=[c[0] for c in DEQUANT_CASES])
+def test_dequantize_kernel_interpret(rng, case):
+    run_dequant(rng, case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
+class TestOnGpu:
+    """The same tables with the real Triton lowering, caches ``GPU_SCALE`` times longer."""
+
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_q8_attention_matches_dequantize_then_attend(self, rng, case):
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("case", DEQUANT_CASES, ids=[c[0] for c in DEQUANT_CASES])
+    def test_dequantize_kernel(self, rng, case):
+        run_dequant(rng, case, interpret=False)
+
+    @pytest.mark.parametrize("batch,seq", [(1, 4096), (8, 4096)], ids=["B=1_T=4096", "B=8_T=4096"])
+    def test_bench_shapes_default_config(self, rng, batch, seq):
+        """The benchmark's head layout (N=32, K=8, D=128, bf16 q, f16 scales) with default launch parameters."""
+        lengths = np.full((batch,), seq, np.int32)
+        lengths[0] = seq - 77
+        case = ("bench", batch, 8, 4, 128, seq, "bfloat16", "float16", ("S",), None, None, None)
+        q = jnp.asarray(rng.standard_normal((batch, 32, 128)), jnp.bfloat16)
+        k, k_scale, _ = q8_cache(rng, batch, 8, seq, 128, lengths, None, "float16")
+        v, v_scale, _ = q8_cache(rng, batch, 8, seq, 128, lengths, None, "float16")
+        out = q8.decode_attention(q, k, k_scale, v, v_scale, jnp.asarray(lengths), interpret=False, poison=True)
+        ref = q8.decode_attention_reference(q, k, k_scale, v, v_scale, jnp.asarray(lengths))
+        assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"], case[0]
+
+
+def test_no_dequantized_cache_in_the_program():
+    """On the GPU lowering the whole Q8 cache goes to the kernel as int8: no layer slice, no float copy."""
+    num_layers, batch, kv_heads, max_len, head_dim = 4, 2, 2, 256, 64
+    k = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim), jnp.int8)
+    s = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim // 32), jnp.float16)
+    q = jax.ShapeDtypeStruct((batch, 8, head_dim), jnp.bfloat16)
+    config = q8.decode_config(batch, kv_heads, max_len, head_dim)
+    args = (q, k, s, k, s, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    traced = q8._decode.trace(*args, scale=0.125, config=config, interpret=False, poison=False)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+    layer = f"{batch}x{kv_heads}x{max_len}x{head_dim}"
+    for dtype in ("i8", "bf16", "f16", "f32"):
+        assert f"tensor<{layer}x{dtype}>" not in text, dtype
+
+
+def test_jkv_dispatch_uses_the_kernel(rng):
+    """jkv.decode_attention(impl="pallas") on a Q8KVCache agrees with impl="xla" (kernel in interpret mode)."""
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=80, dtype=jnp.float32)
+    cache = jkv.Q8KVCache.init(spec, 2)
+    new = lambda t: jnp.asarray(rng.standard_normal((2, 2, t, 64)), jnp.float32)
+    cache = cache.write(1, new(37), new(37)).advance(37)
+    cache = cache.write(1, new(1), new(1))
+    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
+    out = jkv.decode_attention(q, cache, 1, impl="pallas")
+    ref = jkv.decode_attention(q, cache, 1, impl="xla")
+    assert rel_err(out, ref) < KERNEL_TOL["float32"]
+
+
+def _error_args(rng):
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
+    k, s = quantize(jnp.asarray(rng.standard_normal((2, 2, 32, 64)), jnp.float32))
+    return q, k, s, jnp.array([3, 32], jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "call, exc, text",
+    [
+        (lambda q, k, s, n: q8.decode_attention(q, k.astype(jnp.int32), s, k, s, n), TypeError, "k codes must be int8"),
+        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s.astype(jnp.bfloat16), n), TypeError, "v scales must be"),
+        (
+            lambda q, k, s, n: q8.decode_attention(q, k, s[..., :1], k, s, n),
+            ValueError,
+            "k: codes.shape=(2, 2, 32, 64)",
+        ),
+        (lambda q, k, s, n: q8.decode_attention(q, k, s, k[:1], s[:1], n), ValueError, "same shape and scale dtype"),
+        (
+            lambda q, k, s, n: q8.decode_attention(q, k, s, k, s.astype(jnp.float32), n),
+            ValueError,
+            "same shape and scale dtype",
+        ),
+        (lambda q, k, s, n: q8.decode_attention(q[:, :3], k, s, k, s, n), ValueError, "num_q_heads=3"),
+        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n + 30), ValueError, "must lie in [0, S=32]"),
+        (lambda q, k, s, n: q8.decode_attention(q, k[None], s[None], k[None], s[None], n), ValueError, "pass layer="),
+        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, block_k=24), ValueError, "block_k=24 must be"),
+        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, scale="x"), TypeError, "scale must be"),
+        (lambda q, k, s, n: q8.decode_attention_reference(q[0], k, s, k, s, n), ValueError, "q must have shape"),
+        (lambda q, k, s, n: q8.dequantize(k, s, dtype=jnp.int8), TypeError, "dtype must be one of"),
+        (lambda q, k, s, n: q8.dequantize(k, s, dtype="nope"), TypeError, "got 'nope'"),
+        (lambda q, k, s, n: q8.dequantize(k, s, block_rows=24), ValueError, "block_rows=24 must be a power of two"),
+        (lambda q, k, s, n: q8.dequantize(k, s, block_rows=256), ValueError, "number of rows (128)"),
+        (lambda q, k, s, n: q8.dequantize_reference(k[..., :48], s, dtype=jnp.float32), ValueError, "Q8 pair"),
+    ],
+    ids=[
+        "codes-dtype",
+        "scales-dtype",
+        "scales-shape",
+        "kv-shape",
+        "kv-scale-dtype",
+        "gqa",
+        "lengths-range",
+        "missing-layer",
+        "block-k",
+        "scale",
+        "reference-q-rank",
+        "dequant-out-dtype",
+        "dequant-out-dtype-name",
+        "dequant-block-rows-pow2",
+        "dequant-block-rows-too-many",
+        "dequant-reference-shape",
+    ],
+)
+def test_errors(rng, call, exc, text):
+    with pytest.raises(exc) as info:
+        call(*_error_args(rng))
+    assert text in str(info.value)
