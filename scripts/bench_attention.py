@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels import backend
+from jkv.quant import quantize
+from pallas_kernels import backend, q8
 from pallas_kernels import decode_attention as kernels
 
 SHAPES = ((1, 4096), (1, 32768), (8, 4096), (8, 16384), (32, 4096), (64, 8192))
@@ -226,6 +227,7 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
         results["jax_gqa"] = {"error": str(e)}
     if torch is not None:
         results.update(bench_torch(torch, sets, ref, nbytes, est_s, log))
+    bench_q8(record, sets, results, batch, seq)
     if nbytes * 2 * copies < 8e9:  # the 5-D cache path: two layers, the traced index picks layer 1
         sets5 = [(q, jnp.stack([v, k]), jnp.stack([k, v]), n) for q, k, v, n in sets]
         fn5 = lambda q, k, v, n: kernels.decode_attention(q, k, v, n, layer=jnp.int32(1) + 0 * n[0])
@@ -250,6 +252,46 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
                     best_name, best_tbps = name, tbps
         results["jkv_best"] = {"name": best_name, **results[best_name]}
     return {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
+
+
+def q8_bytes(batch: int, seq: int) -> int:
+    """K + V bytes of a Q8 cache (int8 codes and one float16 scale per 32 values)."""
+    return 2 * batch * NUM_KV_HEADS * seq * (HEAD_DIM + HEAD_DIM // 32 * 2)
+
+
+def bench_q8(record, sets, results, batch, seq) -> None:
+    """Q8 cache rows (docs/quant.md): the fused kernel, and the seed's way (dequantize the layer, then attend).
+
+    Same q and K/V as the bf16 rows, quantized with float16 scales; errors are against the bf16 reference.
+    ``q8_*`` TB/s in ``results`` count bf16-equivalent bytes like every row; ``q8_tbps`` counts the Q8 bytes read.
+    """
+    q8_sets = [(q, *quantize(k), *quantize(v), n) for q, k, v, n in sets]
+    dequant_then_attend = lambda q, k, ks, v, vs, n: kernels.decode_attention(
+        q, q8.dequantize(k, ks, dtype=jnp.bfloat16), q8.dequantize(v, vs, dtype=jnp.bfloat16), n
+    )
+    record("q8_fused", q8.decode_attention, q8_sets, q8.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM))
+    record("q8_dequant_then_attend", dequant_then_attend, q8_sets)
+    for name in ("q8_fused", "q8_dequant_then_attend"):
+        if "time_s" in results.get(name, {}):
+            results[name]["q8_tbps"] = q8_bytes(batch, seq) / results[name]["time_s"] / 1e12
+
+
+def q8_table(report: dict) -> str:
+    """Q8 rows against the bf16 kernel (default launch parameters) of the same run: times and ratios."""
+    lines = [
+        "Q8 cache (f16 scales) vs bf16 kernel, same shapes and run; TB/s counts the Q8 bytes read",
+        f"{'B x T':>10} {'bf16 us':>9} {'q8 us':>9} {'q8/bf16':>8} {'q8 TB/s':>8} {'seed us':>9} {'seed/bf16':>9}",
+    ]
+    for shape in report["shapes"]:
+        r = shape["results"]
+        t = lambda name, r=r: r.get(name, {}).get("time_s", float("nan"))
+        bf, fused, seed = t("jkv"), t("q8_fused"), t("q8_dequant_then_attend")
+        q8_tb = r.get("q8_fused", {}).get("q8_tbps", float("nan"))
+        lines.append(
+            f"{shape['batch']:>4} x {shape['seq']:<5} {bf * 1e6:9.1f} {fused * 1e6:9.1f} {fused / bf:8.2f} "
+            f"{q8_tb:8.3f} {seed * 1e6:9.1f} {seed / bf:9.2f}"
+        )
+    return "\n".join(lines)
 
 
 def bench_torch(torch, sets, ref, nbytes, est_s, log) -> dict:
@@ -382,6 +424,7 @@ def main(argv=None) -> None:
         log(f"plot failed: {type(e).__name__}: {e}")
     log(f"total {time.perf_counter() - start:.0f} s")
     log(table(report))
+    log(q8_table(report))
 
 
 if __name__ == "__main__":
