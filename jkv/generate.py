@@ -24,8 +24,10 @@ from jaxtyping import Array, Float, Int
 from jkv.attention import resolve_impl
 from jkv.cache import CacheSpec, KVCache
 from jkv.models import llama
+from jkv.sampling import sample
 
 MIN_PREFILL_BUCKET = 16
+PAGE_SIZE = 16  # positions per page of the paged cache (max_len must be a multiple)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -52,31 +54,15 @@ class Sampling:
         return self.temperature == 0
 
 
-def sample_logits(logits: Float[Array, "B V"], key, temperature, top_k, top_p) -> Int[Array, " B"]:
-    """Draw one token per row from ``logits`` with temperature, top-k and top-p (all traced: no recompiles).
-
-    Ties at a cut-off value are all kept. ``top_k <= 0`` and ``top_p >= 1`` switch their cut off.
-    """
-    v = logits.shape[-1]
-    scaled = logits.astype(jnp.float32) / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
-    desc = -jnp.sort(-scaled, axis=-1)  # (B, V), largest first
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
-    in_top_k = jnp.arange(v) < k
-    kth_value = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, desc.shape[:1])[:, None], axis=-1)  # (B, 1)
-    # Nucleus over what top-k kept: keep rank i while the mass of the ranks before it is below top_p.
-    probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    n_keep = jnp.maximum(jnp.sum((mass_before < top_p) & in_top_k, axis=-1), 1)  # (B,)
-    p_value = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)  # (B, 1)
-    masked = jnp.where(scaled >= jnp.maximum(kth_value, p_value), scaled, -jnp.inf)
-    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
-
-
 def next_tokens(logits: Float[Array, "B V"], key, step, sampling_args, *, greedy: bool) -> Int[Array, " B"]:
+    """Greedy argmax, or a draw by ``jkv.sampling.sample`` with a key per row folded from ``key`` and ``step``."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    temperature, top_k, top_p = sampling_args
-    return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+    b = logits.shape[0]
+    temperature, top_k, top_p = (jnp.broadcast_to(x, (b,)) for x in sampling_args)
+    step_key = jax.random.fold_in(key, step)
+    keys = jax.vmap(lambda row: jax.random.fold_in(step_key, row))(jnp.arange(b))
+    return sample(logits, keys, temperature, top_k, top_p)
 
 
 # ---------------------------------------------------------------------------------------------- caches
@@ -93,7 +79,7 @@ def cache_kinds() -> dict[str, Callable[[CacheSpec, int], object]]:
         kinds["q8"] = lambda spec, batch: q8.init(spec, batch)
     paged = getattr(jkv, "PagedKVCache", None)
     if paged is not None:
-        kinds["paged"] = lambda spec, batch: paged.init(spec, batch)
+        kinds["paged"] = lambda spec, batch: paged.init(spec, batch, page_size=PAGE_SIZE)
     return kinds
 
 

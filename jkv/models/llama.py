@@ -17,6 +17,7 @@ accumulate in f32; the residual stream, norms, rope and softmax run in f32; logi
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -210,36 +211,53 @@ def check_params(params: LlamaParams, config: LlamaConfig) -> None:
 def init_params(
     config: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.02, layout: str = "layers"
 ) -> LlamaParams:
-    """Random weights (normal, std ``scale``; norms near 1, biases small) for tests and benchmarks."""
-    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    nd = config.num_heads * config.head_dim
-    keys = iter(jax.random.split(key, 8 * config.num_layers + 4))
+    """Random weights (normal, std ``scale``; norms near 1, embedding std 1) for tests and benchmarks.
 
-    def normal(shape, std=scale):
-        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
-
-    def norm_weight():
-        return (1.0 + 0.1 * jax.random.normal(next(keys), (h,), jnp.float32)).astype(dtype)
-
-    layers = tuple(
-        LayerParams(
-            attn_norm=norm_weight(),
-            wqkv=normal((h, config.qkv_size)),
-            bqkv=normal((config.qkv_size,)) if config.qkv_bias else None,
-            wo=normal((nd, h)),
-            mlp_norm=norm_weight(),
-            w_gate_up=normal((h, 2 * f)),
-            w_down=normal((f, h)),
-        )
-        for _ in range(config.num_layers)
-    )
-    params = LlamaParams(
-        embed=normal((v, h), 1.0),
-        layers=layers,
-        norm=norm_weight(),
-        lm_head=None if config.tie_embeddings else normal((h, v)),
-    )
+    Generated on the device by one compiled program (an 8B-shaped model takes seconds, not minutes).
+    """
+    params = _init_params(config, key, jnp.dtype(dtype), float(scale))
     return with_layout(params, layout)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_params(config: LlamaConfig, key, dtype, scale: float) -> LlamaParams:
+    # Two normal draws in all (one flat vector per layer under lax.map, one for the rest): every separate
+    # jax.random call adds its own threefry program, and dozens of them take minutes to compile on a CPU.
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    layer_shapes = {
+        "attn_norm": (h,),
+        "wqkv": (h, config.qkv_size),
+        "bqkv": (config.qkv_size,) if config.qkv_bias else None,
+        "wo": (config.num_heads * config.head_dim, h),
+        "mlp_norm": (h,),
+        "w_gate_up": (h, 2 * f),
+        "w_down": (f, h),
+    }
+    global_shapes = {"embed": (v, h), "norm": (h,), "lm_head": None if config.tie_embeddings else (h, v)}
+
+    def split(flat, shapes, lead=()):
+        out, offset = {}, 0
+        for name, shape in shapes.items():
+            if shape is None:
+                out[name] = None
+                continue
+            size = int(np.prod(shape))
+            x = flat[..., offset : offset + size].reshape(*lead, *shape)
+            offset += size
+            std = 0.1 if name.endswith("norm") else 1.0 if name == "embed" else scale
+            out[name] = ((1.0 if name.endswith("norm") else 0.0) + std * x.astype(jnp.float32)).astype(dtype)
+        return out
+
+    def total(shapes):
+        return sum(int(np.prod(s)) for s in shapes.values() if s is not None)
+
+    layer_key, global_key = jax.random.split(key)
+    draw = lambda k, n: jax.random.normal(k, (n,), jnp.float32).astype(dtype)
+    flat = lax.map(lambda k: draw(k, total(layer_shapes)), jax.random.split(layer_key, config.num_layers))
+    layers = LayerParams(**split(flat, layer_shapes, (config.num_layers,)))
+    rest = split(draw(global_key, total(global_shapes)), global_shapes)
+    per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(config.num_layers))
+    return LlamaParams(layers=per_layer, **rest)
 
 
 # ---------------------------------------------------------------------------------------------- the forward pass

@@ -1,0 +1,271 @@
+"""The Llama-family model against a float64 NumPy forward pass: prefill, decode, ragged batches, layouts, caches,
+one compile per decode step, donation in place, and config/params validation."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+import jkv
+from jkv.models import llama
+
+# Tiny configs that still exercise every feature: GQA ratios 1, 3 and 4, q/k/v biases, tied and untied heads,
+# Llama 3.1 rope scaling, llama.cpp-style frequency factors.
+CONFIGS = {
+    "llama-gqa4-untied": llama.LlamaConfig(97, 64, 96, 2, 8, 2, 16, 1e-5, 10000.0),
+    "qwen2-bias-tied": llama.LlamaConfig(
+        97, 64, 80, 2, 4, 2, 16, 1e-6, 1e6, tie_embeddings=True, qkv_bias=True, architecture="qwen2"
+    ),
+    "llama3rope-mha": llama.LlamaConfig(89, 64, 96, 3, 2, 2, 32, 1e-5, 5e5, rope_llama3=(8.0, 1.0, 4.0, 16)),
+    "q8able-gqa2": llama.LlamaConfig(61, 64, 64, 2, 4, 2, 32, 1e-5, 1e4),
+    "smollm2like-gqa3-factors": llama.LlamaConfig(
+        101, 48, 64, 2, 3, 1, 16, 1e-5, 1e5, tie_embeddings=True, rope_factors=(1.0, 1.5, 2.0, 4.0, 1, 1, 2, 8)
+    ),
+}
+IDS = [name for name in CONFIGS if name != "q8able-gqa2"]
+
+
+@functools.cache
+def jitted(name, config, impl="xla"):
+    """``llama.<name>`` compiled for ``config`` (eager dispatch op by op is far slower than one compile)."""
+    return jax.jit(functools.partial(getattr(llama, name), config=config, impl=impl))
+
+
+def random_params(config, seed=0, layout="layers", dtype=jnp.float32):
+    # Larger weights than init_params' default so that attention and the MLP move the logits a lot.
+    return llama.init_params(config, jax.random.key(seed), dtype=dtype, scale=0.15, layout=layout)
+
+
+def make_cache(config, batch, max_len, dtype=jnp.float32, kind="contiguous"):
+    spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype)
+    if kind == "q8":
+        return jkv.Q8KVCache.init(spec, batch)
+    if kind == "paged":
+        return jkv.PagedKVCache.init(spec, batch, page_size=8)
+    cache = jkv.KVCache.init(spec, batch)
+    # Unused positions hold NaN: nothing may read them.
+    return cache.replace(k=jnp.full_like(cache.k, jnp.nan), v=jnp.full_like(cache.v, jnp.nan))
+
+
+# ---------------------------------------------------------------------------------------------- NumPy reference
+def forward_f64(params: llama.LlamaParams, config: llama.LlamaConfig, tokens) -> np.ndarray:
+    """Logits [B, T, V] of a full causal pass, in float64, written from the model's definition."""
+    f = lambda x: np.asarray(x, np.float64)
+    tokens = np.asarray(tokens)
+    b, t = tokens.shape
+    n, kh, d = config.num_heads, config.num_kv_heads, config.head_dim
+    g = n // kh
+    inv = config.inv_freq()
+    angle = np.arange(t)[:, None] * inv[None, :]  # (T, D/2)
+    cos, sin = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
+
+    def rope(x):  # (B, T, H, D), split halves
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config.rms_norm_eps) * f(w)
+
+    x = f(params.embed)[tokens]  # (B, T, H)
+    causal = np.tril(np.ones((t, t), bool))
+    for layer in params.layers:
+        qkv = norm(x, layer.attn_norm) @ f(layer.wqkv)
+        if layer.bqkv is not None:
+            qkv = qkv + f(layer.bqkv)
+        q = rope(qkv[..., : n * d].reshape(b, t, n, d))
+        k = rope(qkv[..., n * d : (n + kh) * d].reshape(b, t, kh, d))
+        v = qkv[..., (n + kh) * d :].reshape(b, t, kh, d)
+        k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)  # (B, T, N, D)
+        scores = np.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(d)
+        scores = np.where(causal, scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        attn = np.einsum("bnqk,bknd->bqnd", p, v).reshape(b, t, n * d)
+        x = x + attn @ f(layer.wo)
+        gu = norm(x, layer.mlp_norm) @ f(layer.w_gate_up)
+        gate, up = gu[..., : config.intermediate_size], gu[..., config.intermediate_size :]
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ f(layer.w_down)
+    x = norm(x, params.norm)
+    head = f(params.embed).T if params.lm_head is None else f(params.lm_head)
+    return x @ head
+
+
+# ---------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("name", IDS)
+def test_prefill_then_decode_equals_one_full_pass(name, rng):
+    """One full causal pass matches the float64 NumPy model; prefill of 5 tokens, then 6 decode steps through the
+    jitted, donated step give the same logits at every position."""
+    config = CONFIGS[name]
+    params = random_params(config, seed=2)
+    tokens = rng.integers(0, config.vocab_size, (3, 11))
+    full = forward_f64(params, config, tokens)
+    logits, cache = jitted("forward", config)(params, make_cache(config, 3, 16), tokens)
+    assert logits.shape == (3, 11, config.vocab_size) and logits.dtype == jnp.float32
+    assert rel_err(logits, full) < 1e-5
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [11] * 3)
+    cache = make_cache(config, 3, 16)
+    logits, cache = jitted("prefill", config)(params, cache, tokens[:, :5])
+    assert rel_err(logits, full[:, 4]) < 1e-5
+    step = jax.jit(functools.partial(llama.decode_step, config=config, impl="xla"), donate_argnums=1)
+    for t in range(5, 11):
+        logits, cache = step(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
+        assert rel_err(logits, full[:, t]) < 1e-5, t
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [11] * 3)
+    assert step._cache_size() == 1
+
+
+def test_ragged_batch_prefill_and_decode(rng):
+    """Right-padded prompts of lengths 3, 7, 1: prefill reads each at its own last token, rollback drops the
+    padding, and a batched decode step matches each sequence run alone."""
+    config = CONFIGS["llama-gqa4-untied"]
+    params = random_params(config, seed=3)
+    lengths = np.array([3, 7, 1], np.int32)
+    seqs = [rng.integers(0, config.vocab_size, n + 4) for n in lengths]
+    padded = np.zeros((3, 8), np.int32)
+    for i, n in enumerate(lengths):
+        padded[i, :n] = seqs[i][:n]
+    cache = make_cache(config, 3, 16)
+    logits, cache = jitted("prefill", config)(params, cache, jnp.asarray(padded), jnp.asarray(lengths - 1))
+    cache = cache.rollback(jnp.asarray(lengths))
+    refs = [forward_f64(params, config, s[None])[0] for s in seqs]
+    assert rel_err(logits, np.stack([r[n - 1] for r, n in zip(refs, lengths, strict=True)])) < 1e-5
+    step = jax.jit(functools.partial(llama.decode_step, config=config), donate_argnums=1)
+    for j in range(4):
+        tok = np.array([s[n + j] for s, n in zip(seqs, lengths, strict=True)], np.int32)
+        logits, cache = step(params, cache, jnp.asarray(tok))
+        want = np.stack([r[n + j] for r, n in zip(refs, lengths, strict=True)])
+        assert rel_err(logits, want) < 1e-5, j
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + 4)
+
+
+def test_stacked_and_per_layer_layouts_agree(rng):
+    config = CONFIGS["qwen2-bias-tied"]
+    params = random_params(config, seed=4, layout="layers")
+    stacked = llama.with_layout(params, "stacked")
+    assert stacked.stacked and not params.stacked
+    assert llama.with_layout(stacked, "layers").layers[1].wqkv.shape == params.layers[1].wqkv.shape
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 6)))
+    outs = []
+    for p in (params, stacked):
+        logits, cache = jitted("forward", config)(p, make_cache(config, 2, 8), tokens)
+        nxt, cache = jitted("decode_step", config)(p, cache, tokens[:, 0])
+        outs.append((logits, nxt))
+    assert rel_err(outs[1][0], outs[0][0]) < 1e-6
+    assert rel_err(outs[1][1], outs[0][1]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["paged", "q8"])
+def test_other_cache_types_plug_in(kind, rng):
+    """The model only uses the shared cache protocol: the paged cache gives the contiguous cache's logits, the Q8
+    cache the same up to its quantization error."""
+    config = CONFIGS["q8able-gqa2"]
+    params = random_params(config, seed=5)
+    tokens = rng.integers(0, config.vocab_size, (2, 10))
+    full = forward_f64(params, config, tokens)
+    cache = make_cache(config, 2, 16, kind=kind)
+    logits, cache = jitted("prefill", config)(params, cache, jnp.asarray(tokens[:, :6]))
+    got = [logits]
+    for t in range(6, 10):
+        logits, cache = jitted("decode_step", config)(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
+        got.append(logits)
+    tol = {"paged": 1e-5, "q8": 3e-2}[kind]
+    assert rel_err(jnp.stack(got, 1), full[:, 5:10]) < tol
+    assert type(cache).__name__ == {"paged": "PagedKVCache", "q8": "Q8KVCache"}[kind]
+
+
+def test_pallas_decode_matches_xla(rng):
+    """impl="pallas" goes through jkv.decode_attention to the Pallas kernel (interpret mode off GPU)."""
+    config = CONFIGS["llama-gqa4-untied"]
+    params = random_params(config, seed=6)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 5)))
+    outs = {}
+    for impl in ("xla", "pallas"):
+        _, cache = jitted("prefill", config, impl)(params, make_cache(config, 2, 16), tokens[:, :4])
+        outs[impl], _ = jitted("decode_step", config, impl)(params, cache, tokens[:, 4])
+    assert rel_err(outs["pallas"], outs["xla"]) < 1e-5
+
+
+def test_bf16_weights_and_cache_track_f32(rng):
+    config = CONFIGS["qwen2-bias-tied"]
+    params32 = random_params(config, seed=7)
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 6)))
+    l32, _ = jitted("forward", config)(params32, make_cache(config, 2, 8), tokens)
+    l16, c16 = jitted("forward", config)(params16, make_cache(config, 2, 8, jnp.bfloat16), tokens)
+    assert l16.dtype == jnp.float32 and c16.k.dtype == jnp.bfloat16
+    assert rel_err(l16, l32) < 3e-2
+
+
+# ---------------------------------------------------------------------------------------------- compilation
+@pytest.mark.parametrize("layout", ["layers", "stacked"])
+def test_decode_step_compiles_once_and_runs_in_place(layout, rng):
+    """One trace serves every position of a ragged batch; the donated cache is aliased, not copied."""
+    # Eight layers: the reference attention's per-layer scratch (about one layer of K and V) stays well under
+    # a copy of the whole cache.
+    config = dataclasses.replace(CONFIGS["llama-gqa4-untied"], num_layers=8)
+    params = random_params(config, seed=8, layout=layout)
+    traces = []
+
+    def counted(params, cache, tokens):
+        traces.append(1)
+        return llama.decode_step(params, cache, tokens, config=config)
+
+    cache = make_cache(config, 4, 256).advance(jnp.array([0, 3, 9, 1], jnp.int32))
+    step = jax.jit(counted, donate_argnums=1)
+    for _ in range(5):
+        _, cache = step(params, cache, jnp.asarray(rng.integers(0, config.vocab_size, 4), jnp.int32))
+    assert len(traces) == 1 and step._cache_size() == 1
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 8, 14, 6])
+
+    tokens = jnp.zeros((4,), jnp.int32)
+    stats = step.lower(params, cache, tokens).compile().memory_analysis()
+    buffers = cache.k.nbytes + cache.v.nbytes
+    assert stats.alias_size_in_bytes >= buffers
+    assert stats.temp_size_in_bytes < buffers // 4, stats.temp_size_in_bytes  # a copy of K alone is buffers // 2
+    plain = jax.jit(counted).lower(params, cache, tokens).compile().memory_analysis()
+    assert plain.alias_size_in_bytes == 0  # the check above can fail
+
+
+# ---------------------------------------------------------------------------------------------- validation
+CONFIG_ERRORS = {
+    "zero-layers": (dict(num_layers=0), ValueError, "num_layers must be a positive int"),
+    "heads-not-multiple": (dict(num_heads=6, num_kv_heads=4), ValueError, "must be a multiple of num_kv_heads"),
+    "odd-head-dim": (dict(head_dim=15), ValueError, "head_dim must be a positive even int"),
+    "rope-factors-length": (dict(rope_factors=(1.0, 2.0)), ValueError, "rope_factors has 2 values"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_ERRORS))
+def test_config_errors(name):
+    changes, error, message = CONFIG_ERRORS[name]
+    with pytest.raises(error, match=message):
+        dataclasses.replace(CONFIGS["llama-gqa4-untied"], **changes)
+
+
+def test_params_errors():
+    config = CONFIGS["llama-gqa4-untied"]
+    params = random_params(config)
+    with pytest.raises(TypeError, match="params must be LlamaParams"):
+        llama.check_params({"embed": params.embed}, config)
+    with pytest.raises(ValueError, match=r"params has 1 layers, config.num_layers=2"):
+        llama.check_params(params.replace(layers=params.layers[:1]), config)
+    with pytest.raises(ValueError, match=r"params.lm_head is absent but config.tie_embeddings=False"):
+        llama.check_params(params.replace(lm_head=None), config)
+    bad = params.replace(layers=(params.layers[0], params.layers[1].replace(wo=params.layers[1].wo[:, :8])))
+    with pytest.raises(ValueError, match=r"params.layers\[1\].wo has shape \(128, 8\), expected \(128, 64\)"):
+        llama.check_params(bad, config)
+    stacked = llama.with_layout(params, "stacked")
+    with pytest.raises(ValueError, match=r"params.layers.bqkv has shape \(2, 256\), expected None"):
+        llama.check_params(stacked.replace(layers=stacked.layers.replace(bqkv=jnp.zeros((2, 256)))), config)
+    with pytest.raises(ValueError, match="layout='rows' is not one of"):
+        llama.with_layout(params, "rows")
+
+
+def test_presets_have_published_sizes():
+    assert llama.LlamaConfig.smollm2_135m().num_params() == 134_515_008
+    assert abs(llama.LlamaConfig.llama3_8b().num_params() - 8.03e9) < 0.01e9
+    assert abs(llama.LlamaConfig.qwen2_0_5b().num_params() - 0.494e9) < 0.001e9
