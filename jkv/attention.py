@@ -21,6 +21,7 @@ from jkv import _checks
 from jkv.cache import KVCache
 from jkv.paged import PagedKVCache
 from jkv.quant import Q8KVCache
+from jkv.sharding import active_mesh, attention_specs, per_shard
 
 IMPLS = ("xla", "pallas")
 
@@ -103,27 +104,35 @@ def decode_attention(
         raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     _checks.layer_index(layer, cache.spec.num_layers)
     lengths = jnp.minimum(cache.lengths + 1, cache.max_len)
-    if isinstance(cache, PagedKVCache):
-        if impl == "pallas":  # reads pages through the block table: no gathered copy of the sequences
-            from pallas_kernels import paged_attention
-
-            args = (cache.k_pages, cache.v_pages, cache.block_tables, lengths)
-            return paged_attention.paged_decode_attention(q, *args, layer=layer, scale=scale)
-        k, v = cache.gather_layer(layer)
-        return decode_attention_reference(q, k, v, lengths, scale=scale)
-    if isinstance(cache, Q8KVCache):
-        if impl == "pallas":  # dequantizes inside the K/V loads: no dequantized copy of the layer
-            from pallas_kernels import q8
-
-            args = (cache.k, cache.k_scale, cache.v, cache.v_scale, lengths)
-            return q8.decode_attention(q, *args, layer=layer, scale=scale)
-        k, v = cache.dequantize_layer(layer, jnp.float32)
-        return decode_attention_reference(q, k, v, lengths, scale=scale)
     if impl == "pallas":
-        from pallas_kernels import decode_attention as kernels
+        kernel, arrays = _pallas_kernel(cache)
+        call = lambda q, *rest: kernel(q, *rest[:-2], rest[-2], layer=rest[-1], scale=scale)
+        mesh = active_mesh()
+        if mesh is not None:  # XLA cannot partition a Pallas call: run it on each shard's local batch and heads
+            return per_shard(call, mesh, arrays, attention_specs(cache), q, lengths, layer)
+        return call(q, *arrays, lengths, layer)
+    if isinstance(cache, PagedKVCache):
+        k, v = cache.gather_layer(layer)
+    elif isinstance(cache, Q8KVCache):
+        k, v = cache.dequantize_layer(layer, jnp.float32)
+    else:
+        k, v = cache.k[layer], cache.v[layer]
+    return decode_attention_reference(q, k, v, lengths, scale=scale)
 
-        return kernels.decode_attention(q, cache.k, cache.v, lengths, layer=layer, scale=scale)
-    return decode_attention_reference(q, cache.k[layer], cache.v[layer], lengths, scale=scale)
+
+def _pallas_kernel(cache):
+    """The Pallas decode kernel for ``cache`` and the cache arrays it reads (whole caches: no per-layer copy)."""
+    if isinstance(cache, PagedKVCache):  # reads pages through the block table: no gathered copy of the sequences
+        from pallas_kernels import paged_attention
+
+        return paged_attention.paged_decode_attention, (cache.k_pages, cache.v_pages, cache.block_tables)
+    if isinstance(cache, Q8KVCache):  # dequantizes inside the K/V loads: no dequantized copy of the layer
+        from pallas_kernels import q8
+
+        return q8.decode_attention, (cache.k, cache.k_scale, cache.v, cache.v_scale)
+    from pallas_kernels import decode_attention as kernels
+
+    return kernels.decode_attention, (cache.k, cache.v)
 
 
 def prefill_attention(

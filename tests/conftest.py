@@ -2,6 +2,10 @@
 
 import os
 
+# Eight host devices so the sharding tests can build meshes on a CPU-only machine. Must precede importing jax;
+# unsharded code still runs on device 0 as before.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import numpy as np
 import pytest
 from hypothesis import settings
