@@ -94,6 +94,26 @@ def pallas_call(kernel, *, interpret: bool, num_warps: int, num_stages: int, **k
     return pl.pallas_call(kernel, compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages), **kwargs)
 
 
+def load(ref, *, mask=None, other=None):
+    """Masked load from a ref (``pl.load`` semantics): Triton's on any backend that has it, else Pallas's own."""
+    plgpu = triton_module()
+    if plgpu is not None:
+        return plgpu.load(ref, mask=mask, other=other)
+    from jax._src.pallas import primitives  # interpret-only fallback when this JAX build lacks the Triton module
+
+    return primitives.load(ref, None, mask=mask, other=other)
+
+
+def store(ref, val, *, mask=None) -> None:
+    """Masked store to a ref (``pl.store`` semantics), like :func:`load`."""
+    plgpu = triton_module()
+    if plgpu is not None:
+        return plgpu.store(ref, val, mask=mask)
+    from jax._src.pallas import primitives
+
+    return primitives.store(ref, None, val, mask=mask)
+
+
 @functools.cache
 def num_multiprocessors() -> int:
     """Multiprocessors of the default GPU (``DEFAULT_NUM_MULTIPROCESSORS`` elsewhere, so heuristics agree)."""

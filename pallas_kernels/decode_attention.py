@@ -40,6 +40,8 @@ MIN_BLOCK = 16  # Triton's smallest dot dimension: the q tile has at least this 
 HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two tiles; 64 and 128 are the tested and tuned ones
 CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 NUM_WARPS = (1, 2, 4, 8, 16)
+# Shared memory the pipelined K/V buffers may take: H100/H200 give a block up to 227 KiB, Triton adds ~20 KiB.
+SMEM_BYTES = 200 * 1024
 
 
 class DecodeConfig(NamedTuple):
@@ -70,6 +72,11 @@ def choose_block_k(max_len: int, head_dim: int, itemsize: int) -> int:
     return max(MIN_BLOCK, min(block_k, _pow2_floor(max(max_len, MIN_BLOCK))))
 
 
+def max_stages(block_k: int, head_dim: int, itemsize: int) -> int:
+    """Deepest pipeline whose buffers fit ``SMEM_BYTES``: Triton keeps ``stages - 1`` K and V blocks resident."""
+    return 1 + SMEM_BYTES // (2 * block_k * head_dim * itemsize)
+
+
 def choose_num_splits(
     batch: int, num_kv_heads: int, max_len: int, block_k: int, num_multiprocessors: int | None = None
 ) -> int:
@@ -96,7 +103,8 @@ def decode_config(
     splits = choose_num_splits(batch, num_kv_heads, max_len, block_k, num_multiprocessors)
     # A float32 dot runs on the FMA units ("ieee" precision): smaller tiles per warp keep registers in bounds.
     num_warps = 4 if itemsize < 4 else 8
-    return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=num_warps, num_stages=3)
+    stages = min(3, max_stages(block_k, head_dim, itemsize))
+    return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=num_warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------------------------- combine
@@ -132,13 +140,15 @@ def _decode_kernel(
     # inputs
     lengths_ref,  # [B] int32
     layer_ref,  # [1] int32
-    q_ref,  # [Gp, D]: this program's query tile
+    q_ref,  # [B, N, D]
     k_ref,  # [L, B, K, S, D]: the whole cache; the program reads its own (layer, b, kv head) slab
     v_ref,  # [L, B, K, S, D]
     # (poison inputs, aliased to the outputs and never read), then outputs:
-    # o [Gp, D] (one split), or acc [Gp, D], m [Gp], l [Gp]
+    # o [B, N, D] (one split), or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32)
     *refs,
     num_poison: int,
+    group: int,
+    rows: int,
     block_k: int,
     num_splits: int,
     scale: float,
@@ -147,7 +157,6 @@ def _decode_kernel(
     out_refs = refs[num_poison:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_layers, _, _, max_len, head_dim = k_ref.shape
-    rows = q_ref.shape[0]
     # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
     n = jnp.clip(lengths_ref[b], 0, max_len)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
@@ -158,7 +167,11 @@ def _decode_kernel(
     hi = jnp.minimum(lo + per_split, num_blocks)
     n_full = n // block_k  # blocks whose every position is valid
 
-    q = q_ref[...].astype(k_ref.dtype)  # [Gp, D]
+    # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
+    head_rows = pl.ds(h * group, rows)
+    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if rows != group else None
+    q = backend.load(q_ref.at[b, head_rows, :], mask=row_ok, other=0 if row_ok is not None else None)
+    q = q.astype(k_ref.dtype)  # [Gp, D]
 
     def attend(carry, start, valid):
         m, denom, acc = carry  # [Gp], [Gp], [Gp, D] float32
@@ -193,15 +206,16 @@ def _decode_kernel(
     has_tail = (lo <= n_full) & (n_full < hi)
     m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
 
+    vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
     if num_splits == 1:
-        o_ref = out_refs[0]
+        (o_ref,) = out_refs
         inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
-        o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
+        backend.store(o_ref.at[b, head_rows, :], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
     else:
         acc_ref, m_ref, denom_ref = out_refs
-        acc_ref[...] = acc
-        m_ref[...] = m
-        denom_ref[...] = denom
+        backend.store(acc_ref.at[b, j, head_rows, :], acc, mask=row_ok)
+        backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
+        backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
 
 
 def _whole(shape):
@@ -213,45 +227,25 @@ def _whole(shape):
 def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, interpret: bool, poison: bool):
     # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1]
     _, batch, kv_heads, _, head_dim = k.shape
-    group = q.shape[1] // kv_heads
-    rows = group_rows(group)
+    num_heads = q.shape[1]
+    group = num_heads // kv_heads
     splits = config.num_splits
-    qg = q.reshape(batch, kv_heads, group, head_dim)  # (B, K, G, D)
-    if rows != group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # (B, K, Gp, D)
-
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, rows, head_dim), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:
         out_shape = [
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),  # m
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),  # l
+            jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
+            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # denom
         ]
-        out_specs = [
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
-        ]
-    inputs = [lengths, layer, qg, k, v]
-    in_specs = [
-        _whole(lengths.shape),
-        _whole(layer.shape),
-        pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)),
-        _whole(k.shape),
-        _whole(v.shape),
-    ]
-    aliases = {}
+    inputs = [lengths, layer, q, k, v]
     if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
-        for i, (shape, spec) in enumerate(zip(out_shape, out_specs, strict=True)):
-            aliases[len(inputs)] = i
-            inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
-            in_specs.append(spec)
-
+        inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
     kernel = functools.partial(
         _decode_kernel,
-        num_poison=len(aliases),
+        num_poison=len(inputs) - 5,
+        group=group,
+        rows=group_rows(group),
         block_k=config.block_k,
         num_splits=splits,
         scale=scale,
@@ -263,14 +257,16 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, inte
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         grid=(batch, kv_heads, splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
+        in_specs=[_whole(x.shape) for x in inputs],
+        out_specs=[_whole(o.shape) for o in out_shape],
         out_shape=out_shape,
-        input_output_aliases=aliases,
+        input_output_aliases={5 + i: i for i in range(len(inputs) - 5)},
         name="jkv_decode_attention",
     )(*inputs)
-    out = outs[0] if splits == 1 else combine_splits(outs[1], outs[2], outs[0])  # (B, K, Gp, D)
-    return out[:, :, :group].reshape(q.shape).astype(q.dtype)
+    if splits == 1:
+        return outs[0]
+    acc, m, denom = outs
+    return combine_splits(m, denom, acc).astype(q.dtype)  # (B, N, D)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -332,7 +328,11 @@ def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
     return b, n, kh, s, d
 
 
-def _resolve_config(default: DecodeConfig, max_len: int, **overrides) -> DecodeConfig:
+def _resolve_config(
+    default: DecodeConfig, max_len: int, *, head_dim: int | None = None, itemsize: int | None = None, **overrides
+) -> DecodeConfig:
+    """The default with the caller's overrides, validated. Given ``head_dim`` and ``itemsize`` (of K/V), stages
+    are capped so the resident K/V blocks fit in shared memory (:func:`max_stages`)."""
     for name, value in overrides.items():
         if value is not None and not _is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
@@ -345,12 +345,15 @@ def _resolve_config(default: DecodeConfig, max_len: int, **overrides) -> DecodeC
         raise ValueError(f"{num_warps=} must be one of {NUM_WARPS}")
     if num_stages is not None and num_stages < 1:
         raise ValueError(f"{num_stages=} must be >= 1")
-    return DecodeConfig(
+    config = DecodeConfig(
         *(
             d if o is None else int(o)
             for d, o in zip(default, (block_k, num_splits, num_warps, num_stages), strict=True)
         )
     )
+    if head_dim is None or itemsize is None:
+        return config
+    return config._replace(num_stages=min(config.num_stages, max_stages(config.block_k, head_dim, itemsize)))
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -387,6 +390,8 @@ def decode_attention(
     config = _resolve_config(
         decode_config(b, kh, s, d, k.dtype),
         s,
+        head_dim=d,
+        itemsize=jnp.dtype(k.dtype).itemsize,
         block_k=block_k,
         num_splits=num_splits,
         num_warps=num_warps,

@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jkv.quant import quantize
 from pallas_kernels import backend, q8
@@ -62,15 +61,17 @@ def kv_bytes(batch: int, seq: int) -> int:
 
 
 def _chained(fn, reps: int):
-    """One jitted program calling ``fn`` ``reps`` times over rotating argument sets, in order, unmerged."""
+    """One jitted program calling ``fn`` ``reps`` times over rotating K/V sets, in order, none merged or dropped.
+
+    Each call's output ``[B, N, D]`` is the next call's query: a true data dependency, so XLA can neither
+    common up nor drop calls (a barrier-only chain was seen to let it drop them), and no extra op runs between.
+    """
 
     def run(arg_sets):
-        out = None
+        out = arg_sets[0][0]
         for i in range(reps):
-            args = arg_sets[i % len(arg_sets)]
-            if out is not None:
-                args, out = lax.optimization_barrier((args, out))
-            out = fn(*args)
+            _, *rest = arg_sets[i % len(arg_sets)]
+            out = fn(out, *rest)
         return out
 
     return jax.jit(run)
@@ -159,10 +160,9 @@ def rel_err(out, ref) -> float:
 
 def sweep_configs(default: kernels.DecodeConfig, seq: int) -> list[kernels.DecodeConfig]:
     """Stage A of the sweep: block sizes x splits around the default (warps/stages tried on the winner later)."""
-    blocks = seq // 128
-    splits = sorted(
-        {max(1, min(blocks, s)) for s in (default.num_splits // 2, default.num_splits, 2 * default.num_splits)}
-    )
+    d = default.num_splits
+    candidates = (d // 2, d, 2 * d, 4 * d) + ((1,) if d <= 4 else ())
+    splits = sorted({max(1, min(seq // 64, s)) for s in candidates})
     out = []
     for block_k in (64, 128, 256):
         for s in splits:
@@ -173,11 +173,15 @@ def sweep_configs(default: kernels.DecodeConfig, seq: int) -> list[kernels.Decod
 
 
 def stage_b_configs(best: kernels.DecodeConfig) -> list[kernels.DecodeConfig]:
-    return [
-        best._replace(num_warps=w, num_stages=s)
-        for w, s in ((4, 2), (4, 4), (8, 2), (8, 3), (4, 3))
-        if (w, s) != (best.num_warps, best.num_stages)
-    ]
+    pairs = ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4))
+    return [best._replace(num_warps=w, num_stages=s) for w, s in pairs if (w, s) != best[2:]]
+
+
+def launches(fn, args) -> str:
+    """Kernels in the compiled program of one call: XLA fusions and custom calls (the Pallas kernel)."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    entry = text[text.index("ENTRY") :]
+    return f"{entry.count(' fusion(')} fusions + {entry.count(' custom-call(')} custom calls"
 
 
 def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict:
@@ -215,6 +219,11 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
     # Peers and the default kernel first: they are the figures the report needs.
     default = kernels.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM, jnp.bfloat16)
     record("jkv", kernels.decode_attention, sets, default)
+    try:
+        results["jkv"]["launches"] = launches(kernels.decode_attention, sets[0])
+        log(f"  jkv compiled program: {results['jkv']['launches']}")
+    except Exception as e:
+        log(f"  (could not count launches: {type(e).__name__}: {e})")
     record("xla_ref", ref_fn, sets)
     try:
         from jax.experimental.pallas.ops.gpu import decode_attention as jax_ops

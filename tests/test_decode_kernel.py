@@ -159,6 +159,18 @@ def test_launch_heuristic(batch, kv_heads, max_len, want_splits):
     assert config.num_splits == want_splits
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("block_k", [64, 128, 256])
+def test_pipeline_stages_fit_shared_memory(dtype, block_k):
+    """Asked-for stages are capped so the resident K/V blocks fit (seen on an H100: 3 stages of f32 128x128 did not)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    default = kernels.decode_config(2, 2, 1024, 128, dtype)
+    options = dict(block_k=block_k, num_splits=None, num_warps=None, num_stages=4)
+    config = kernels._resolve_config(default, 1024, head_dim=128, itemsize=itemsize, **options)
+    assert config.block_k == block_k and config.num_stages >= 1
+    assert (config.num_stages - 1) * 2 * block_k * 128 * itemsize <= kernels.SMEM_BYTES
+
+
 def test_whole_cache_layer_is_not_sliced_in_xla():
     """On the GPU lowering the [L, B, K, S, D] cache goes to the kernel whole: no layer-sized copy in the HLO."""
     num_layers, batch, kv_heads, max_len, head_dim = 4, 2, 2, 256, 64
