@@ -94,11 +94,15 @@ def pallas_call(kernel, *, interpret: bool, num_warps: int, num_stages: int, **k
     return pl.pallas_call(kernel, compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages), **kwargs)
 
 
-def load(ref, *, mask=None, other=None):
-    """Masked load from a ref (``pl.load`` semantics): Triton's on any backend that has it, else Pallas's own."""
+def load(ref, *, mask=None, other=None, volatile: bool = False):
+    """Masked load from a ref (``pl.load`` semantics): Triton's on any backend that has it, else Pallas's own.
+
+    ``volatile=True`` reads past the multiprocessor's L1 (which is not coherent with other programs' stores)
+    on the Triton lowering; interpret mode has no caches to bypass.
+    """
     plgpu = triton_module()
     if plgpu is not None:
-        return plgpu.load(ref, mask=mask, other=other)
+        return plgpu.load(ref, mask=mask, other=other, volatile=volatile)
     from jax._src.pallas import primitives  # interpret-only fallback when this JAX build lacks the Triton module
 
     return primitives.load(ref, None, mask=mask, other=other)
@@ -112,6 +116,22 @@ def store(ref, val, *, mask=None) -> None:
     from jax._src.pallas import primitives
 
     return primitives.store(ref, None, val, mask=mask)
+
+
+def atomic_add(ref, index, value):
+    """``ref[index] += value`` atomically (acquire-release, GPU scope on Triton); returns the old value."""
+    plgpu = triton_module()
+    if plgpu is None:
+        raise NotImplementedError("atomics need jax.experimental.pallas.triton (absent from this JAX build)")
+    return plgpu.atomic_add(ref, index, value)
+
+
+def barrier() -> None:
+    """A barrier across the threads of one program (``bar.sync``); GPU lowering only (not in interpret mode)."""
+    plgpu = triton_module()
+    if plgpu is None:
+        raise NotImplementedError("barriers need jax.experimental.pallas.triton (absent from this JAX build)")
+    plgpu.debug_barrier()
 
 
 @functools.cache

@@ -51,6 +51,9 @@ class DecodeConfig(NamedTuple):
     num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
     num_warps: int
     num_stages: int  # Triton software-pipelining depth of the loop's K/V loads
+    # With several splits: the last split of each (b, kv head) to finish merges the partials inside the kernel
+    # (an atomic counter per (b, kv head)) instead of a separate XLA combine after it.
+    fused_combine: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- heuristics
@@ -104,7 +107,8 @@ def decode_config(
     # A float32 dot runs on the FMA units ("ieee" precision): smaller tiles per warp keep registers in bounds.
     num_warps = 4 if itemsize < 4 else 8
     stages = min(3, max_stages(block_k, head_dim, itemsize))
-    return DecodeConfig(block_k=block_k, num_splits=splits, num_warps=num_warps, num_stages=stages)
+    # Merging in the kernel saves the launches of an XLA combine (a few microseconds, most of a small call).
+    return DecodeConfig(block_k, splits, num_warps, stages, fused_combine=splits > 1)
 
 
 # ----------------------------------------------------------------------------------------------- combine
@@ -143,18 +147,21 @@ def _decode_kernel(
     q_ref,  # [B, N, D]
     k_ref,  # [L, B, K, S, D]: the whole cache; the program reads its own (layer, b, kv head) slab
     v_ref,  # [L, B, K, S, D]
-    # (poison inputs, aliased to the outputs and never read), then outputs:
-    # o [B, N, D] (one split), or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32)
+    # (inputs aliased to the outputs: poison, and the zeroed counters of a fused combine), then outputs:
+    # o [B, N, D] (one split); or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32 partials),
+    # then, with a fused combine, counters [B * K] (int32) and o [B, N, D]
     *refs,
-    num_poison: int,
+    num_aliased: int,
     group: int,
     rows: int,
     block_k: int,
     num_splits: int,
+    fused_combine: bool,
     scale: float,
     precision,
+    interpret: bool,
 ):
-    out_refs = refs[num_poison:]
+    out_refs = refs[num_aliased:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_layers, _, _, max_len, head_dim = k_ref.shape
     # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
@@ -211,11 +218,41 @@ def _decode_kernel(
         (o_ref,) = out_refs
         inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
         backend.store(o_ref.at[b, head_rows, :], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
-    else:
-        acc_ref, m_ref, denom_ref = out_refs
-        backend.store(acc_ref.at[b, j, head_rows, :], acc, mask=row_ok)
-        backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
-        backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
+        return
+    acc_ref, m_ref, denom_ref = out_refs[:3]
+    backend.store(acc_ref.at[b, j, head_rows, :], acc, mask=row_ok)
+    backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
+    backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
+    if not fused_combine:
+        return
+    count_ref, o_ref = out_refs[3:]
+    # Every thread's partial stores precede the counter's release (bar.sync, then an acq_rel atomic at GPU
+    # scope); the split that brings the count to P saw every other split's release, so their partials.
+    if not interpret:  # interpret mode runs programs one after another
+        backend.barrier()
+    arrived = backend.atomic_add(count_ref, b * pl.num_programs(1) + h, jnp.int32(1))
+
+    @pl.when(arrived == num_splits - 1)
+    def _combine():
+        def merge(p, carry):
+            m_run, den_run, acc_run = carry
+            # Volatile: read where the other programs' stores landed, never a stale line of this SM's L1.
+            m_p = backend.load(m_ref.at[b, p, head_rows], mask=vec_ok, other=0.0, volatile=True)
+            den_p = backend.load(denom_ref.at[b, p, head_rows], mask=vec_ok, other=0.0, volatile=True)
+            acc_p = backend.load(acc_ref.at[b, p, head_rows, :], mask=row_ok, other=0.0, volatile=True)
+            m_new = jnp.maximum(m_run, m_p)
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # all empty so far: both weights exp(-inf) = 0
+            a, w = jnp.exp(m_run - m_safe), jnp.exp(m_p - m_safe)
+            return m_new, den_run * a + den_p * w, acc_run * a[:, None] + acc_p * w[:, None]
+
+        init = (
+            jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, head_dim), jnp.float32),
+        )
+        _, den_all, acc_all = lax.fori_loop(0, num_splits, merge, init)
+        inv_all = jnp.where(den_all > 0, 1.0 / jnp.where(den_all > 0, den_all, 1.0), 0.0)
+        backend.store(o_ref.at[b, head_rows, :], (acc_all * inv_all[:, None]).astype(o_ref.dtype), mask=row_ok)
 
 
 def _whole(shape):
@@ -238,18 +275,31 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, inte
             jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
             jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # denom
         ]
-    inputs = [lengths, layer, q, k, v]
-    if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
-        inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+    fused = splits > 1 and config.fused_combine
+    if fused:
+        out_shape += [
+            jax.ShapeDtypeStruct((batch * kv_heads,), jnp.int32),  # splits finished per (b, kv head)
+            jax.ShapeDtypeStruct(q.shape, q.dtype),  # o
+        ]
+    inputs, aliases = [lengths, layer, q, k, v], {}
+    for i, o in enumerate(out_shape):
+        if o.dtype == jnp.int32:  # the counters start at zero
+            aliases[len(inputs)] = i
+            inputs.append(jnp.zeros(o.shape, o.dtype))
+        elif poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
+            aliases[len(inputs)] = i
+            inputs.append(jnp.full(o.shape, jnp.nan, o.dtype))
     kernel = functools.partial(
         _decode_kernel,
-        num_poison=len(inputs) - 5,
+        num_aliased=len(aliases),
         group=group,
         rows=group_rows(group),
         block_k=config.block_k,
         num_splits=splits,
+        fused_combine=fused,
         scale=scale,
         precision=lax.Precision.HIGHEST if k.dtype == jnp.float32 else None,
+        interpret=interpret,
     )
     outs = backend.pallas_call(
         kernel,
@@ -260,11 +310,11 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, inte
         in_specs=[_whole(x.shape) for x in inputs],
         out_specs=[_whole(o.shape) for o in out_shape],
         out_shape=out_shape,
-        input_output_aliases={5 + i: i for i in range(len(inputs) - 5)},
+        input_output_aliases=aliases,
         name="jkv_decode_attention",
     )(*inputs)
-    if splits == 1:
-        return outs[0]
+    if splits == 1 or fused:
+        return outs[-1]
     acc, m, denom = outs
     return combine_splits(m, denom, acc).astype(q.dtype)  # (B, N, D)
 
@@ -331,12 +381,16 @@ def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
 def _resolve_config(
     default: DecodeConfig, max_len: int, *, head_dim: int | None = None, itemsize: int | None = None, **overrides
 ) -> DecodeConfig:
-    """The default with the caller's overrides, validated. Given ``head_dim`` and ``itemsize`` (of K/V), stages
-    are capped so the resident K/V blocks fit in shared memory (:func:`max_stages`)."""
+    """The default with the caller's overrides (``None`` keeps the default), validated. Given ``head_dim`` and
+    ``itemsize`` (of K/V), stages are capped so the resident K/V blocks fit in shared memory (:func:`max_stages`).
+    """
+    fused = overrides.pop("fused_combine", None)
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused_combine must be None or a bool, got {fused!r}")
     for name, value in overrides.items():
         if value is not None and not _is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
-    block_k, num_splits, num_warps, num_stages = (overrides[f] for f in DecodeConfig._fields)
+    block_k, num_splits, num_warps, num_stages = (overrides.get(f) for f in DecodeConfig._fields[:4])
     if block_k is not None and (block_k < MIN_BLOCK or block_k & (block_k - 1) or block_k > max(max_len, MIN_BLOCK)):
         raise ValueError(f"{block_k=} must be a power of two in [{MIN_BLOCK}, max(S, {MIN_BLOCK})={max(max_len, 16)}]")
     if num_splits is not None and num_splits < 1:
@@ -345,12 +399,8 @@ def _resolve_config(
         raise ValueError(f"{num_warps=} must be one of {NUM_WARPS}")
     if num_stages is not None and num_stages < 1:
         raise ValueError(f"{num_stages=} must be >= 1")
-    config = DecodeConfig(
-        *(
-            d if o is None else int(o)
-            for d, o in zip(default, (block_k, num_splits, num_warps, num_stages), strict=True)
-        )
-    )
+    given = (block_k, num_splits, num_warps, num_stages, fused)
+    config = DecodeConfig(*(d if o is None else type(d)(o) for d, o in zip(default, given, strict=True)))
     if head_dim is None or itemsize is None:
         return config
     return config._replace(num_stages=min(config.num_stages, max_stages(config.block_k, head_dim, itemsize)))
@@ -372,14 +422,16 @@ def decode_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fused_combine: bool | None = None,
     poison: bool = False,
 ) -> Float[Array, "B N D"]:
     """Decode attention of one query per sequence over its first ``lengths[b]`` cache positions.
 
     ``layer`` selects the layer of a whole ``[L, B, K, S, D]`` cache inside the kernel (no copy of the layer).
     ``scale`` defaults to ``D ** -0.5``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
-    ``num_splits``, ``num_warps`` and ``num_stages`` override :func:`decode_config`. ``poison=True`` fills the
-    kernel's output buffers with NaN before the launch (a test aid: elements it fails to write stay NaN).
+    ``num_splits``, ``num_warps``, ``num_stages`` and ``fused_combine`` override :func:`decode_config`.
+    ``poison=True`` fills the kernel's output buffers with NaN before the launch (a test aid: elements it fails
+    to write stay NaN).
     """
     b, _, kh, s, d = check_args(q, k, v, lengths, layer)
     interpret = backend.resolve_interpret(interpret)
@@ -396,6 +448,7 @@ def decode_attention(
         num_splits=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
+        fused_combine=fused_combine,
     )
     if k.ndim == 4:
         k, v, layer = k[None], v[None], 0  # a free reshape, not a copy

@@ -173,8 +173,11 @@ def sweep_configs(default: kernels.DecodeConfig, seq: int) -> list[kernels.Decod
 
 
 def stage_b_configs(best: kernels.DecodeConfig) -> list[kernels.DecodeConfig]:
+    """Stage B: warps x stages (x where the splits are merged) on stage A's winner."""
     pairs = ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4))
-    return [best._replace(num_warps=w, num_stages=s) for w, s in pairs if (w, s) != best[2:]]
+    fused = (True, False) if best.num_splits > 1 else (best.fused_combine,)
+    configs = [best._replace(num_warps=w, num_stages=s, fused_combine=f) for w, s in pairs for f in fused]
+    return [c for c in configs if c != best]
 
 
 def launches(fn, args) -> str:
@@ -224,6 +227,9 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
         log(f"  jkv compiled program: {results['jkv']['launches']}")
     except Exception as e:
         log(f"  (could not count launches: {type(e).__name__}: {e})")
+    if default.num_splits > 1:  # the default merges splits in the kernel: time the XLA combine beside it
+        no_fuse = lambda q, k, v, n: kernels.decode_attention(q, k, v, n, fused_combine=False)
+        record("jkv_xla_combine", no_fuse, sets, default._replace(fused_combine=False))
     record("xla_ref", ref_fn, sets)
     try:
         from jax.experimental.pallas.ops.gpu import decode_attention as jax_ops
@@ -252,7 +258,7 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
                 if time.perf_counter() > deadline:
                     log("  (time budget spent: sweep cut short)")
                     break
-                name = "jkv[bk={},P={},w={},s={}]".format(*config)
+                name = "jkv[bk={},P={},w={},s={},fused={:d}]".format(*config)
                 if name in results:
                     continue
                 fn = lambda q, k, v, n, c=config: kernels.decode_attention(q, k, v, n, **c._asdict())

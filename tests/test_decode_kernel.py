@@ -29,18 +29,21 @@ LENGTHS = {
     "S": lambda s, bk: s,
 }
 
-# (id, batch, kv_heads, group, head_dim, max_len, dtype, lengths, layers, block_k, num_splits)
+# (id, batch, kv_heads, group, head_dim, max_len, dtype, lengths, layers, block_k, num_splits, fused_combine)
 # layers: None for a one-layer [B, K, S, D] cache, (L, layer) for a whole cache, layer "traced" under jit.
+# None in the last three columns: the default launch parameters (fused_combine defaults to on with splits).
 CASES = [
-    ("g1_d64_f32_splits3", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3),
-    ("g4_d128_bf16_splits2", 3, 2, 4, 128, 200, "bfloat16", ("bk-1", "bk+1", "S"), None, 64, 2),
-    ("g8_d64_bf16_one_split", 2, 1, 8, 64, 130, "bfloat16", ("S", "1"), None, 32, 1),
-    ("g4_d64_f32_layer1_of3", 2, 2, 4, 64, 64, "float32", ("S", "0"), (3, 1), None, None),
-    ("g3_d128_f32_default", 2, 2, 3, 128, 100, "float32", ("S", "2bk+1"), None, None, None),
-    ("g8_d128_f32_traced_layer", 2, 1, 8, 128, 600, "float32", ("S", "bk+1"), (2, "traced"), 128, 4),
-    ("g1_d128_bf16_default", 3, 4, 1, 128, 256, "bfloat16", ("bk-1", "bk", "S-1"), None, None, None),
-    ("g2_d64_f16_more_splits_than_blocks", 2, 2, 2, 64, 48, "float16", ("S", "1"), None, 16, 8),
-    ("g4_d64_bf16_tiny_cache", 2, 1, 4, 64, 8, "bfloat16", ("S", "1"), None, None, None),
+    ("g1_d64_f32_splits3", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3, False),
+    ("g1_d64_f32_splits3_fused", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3, True),
+    ("g4_d128_bf16_splits2", 3, 2, 4, 128, 200, "bfloat16", ("bk-1", "bk+1", "S"), None, 64, 2, None),
+    ("g8_d64_bf16_one_split", 2, 1, 8, 64, 130, "bfloat16", ("S", "1"), None, 32, 1, None),
+    ("g4_d64_f32_layer1_of3", 2, 2, 4, 64, 64, "float32", ("S", "0"), (3, 1), None, None, None),
+    ("g3_d128_f32_default", 2, 2, 3, 128, 100, "float32", ("S", "2bk+1"), None, None, None, None),
+    ("g8_d128_f32_traced_layer", 2, 1, 8, 128, 600, "float32", ("S", "bk+1"), (2, "traced"), 128, 4, None),
+    ("g1_d128_bf16_default", 3, 4, 1, 128, 256, "bfloat16", ("bk-1", "bk", "S-1"), None, None, None, None),
+    ("g2_d64_f16_more_splits_than_blocks", 2, 2, 2, 64, 48, "float16", ("S", "1", "0"), None, 16, 8, None),
+    ("g2_d64_f16_more_splits_xla_combine", 3, 2, 2, 64, 48, "float16", ("S", "1", "0"), None, 16, 8, False),
+    ("g4_d64_bf16_tiny_cache", 2, 1, 4, 64, 8, "bfloat16", ("S", "1"), None, None, None, None),
 ]
 IDS = [c[0] for c in CASES]
 # The GPU class reruns the table with caches this many times longer (block edges stay relative to bk).
@@ -62,7 +65,7 @@ def nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers):
 
 
 def run_case(rng, case, *, scale_up=1, interpret=None):
-    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits = case
+    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits, fused = case
     max_len *= scale_up
     dtype = jnp.dtype(dtype)
     bk = block_k or kernels.decode_config(batch, kv_heads, max_len, head_dim, dtype).block_k
@@ -76,7 +79,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(lengths)]
-    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, poison=True)
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, fused_combine=fused, poison=True)
     if layers is None:
         out = kernels.decode_attention(*args, **options)
     elif layers[1] == "traced":
@@ -120,8 +123,7 @@ class TestOnGpu:
 
 def test_reference_matches_float64(rng):
     """The module's own pure-jnp reference, on a whole cache with NaN outside the valid region."""
-    case = ("ref", 3, 2, 4, 64, 40, "float32", ("1", "S", "0"), (2, 1), None, None)
-    _, batch, kv_heads, group, head_dim, max_len, _, names, layers, _, _ = case
+    batch, kv_heads, group, head_dim, max_len, names, layers = 3, 2, 4, 64, 40, ("1", "S", "0"), (2, 1)
     lengths = np.array([LENGTHS[n](max_len, 16) for n in names], np.int32)
     q = rng.standard_normal((batch, kv_heads * group, head_dim))
     k, k_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
@@ -227,6 +229,7 @@ def _error_args(rng):
         (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_splits=0), ValueError, "num_splits=0"),
         (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_warps=3), ValueError, "num_warps=3"),
         (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_stages=0), ValueError, "num_stages=0"),
+        (lambda q, k, n: kernels.decode_attention(q, k, k, n, fused_combine=1), TypeError, "fused_combine must be"),
         (lambda q, k, n: kernels.decode_attention(q, k, k, n, scale="x"), TypeError, "scale must be"),
         (lambda q, k, n: kernels.decode_attention(q, k, k, n, interpret=1), TypeError, "interpret must be"),
     ],
@@ -252,6 +255,7 @@ def _error_args(rng):
         "splits",
         "warps",
         "stages",
+        "fused-combine",
         "scale",
         "interpret-type",
     ],
