@@ -188,3 +188,36 @@ def shard_params(params, config, mesh: Mesh):
     """Place ``params`` on ``mesh`` Megatron style (replicated over dp)."""
     check_layout(config, mesh)
     return jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params)))
+
+
+def init_params_sharded(config, key, mesh: Mesh, dtype=None, scale: float = 0.02):
+    """Random weights generated directly in their shards (for benchmarks of models larger than one device).
+
+    Each device draws only its own slice (JAX's partitionable threefry), so a 70B-shaped model never has to fit
+    one device. Same distribution as ``llama.init_params``; not the same values.
+    """
+    import jax.numpy as jnp
+
+    from jkv.models import llama
+
+    check_layout(config, mesh)
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    shapes = jax.eval_shape(lambda k: llama.init_params(config, k, dtype, scale, layout="layers"), key)
+    specs = param_specs(shapes)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    spec_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    generators = {}
+    out = []
+    for i, ((path, leaf), spec) in enumerate(zip(leaves, spec_leaves, strict=True)):
+        name = getattr(path[-1], "name", "")
+        std, mean = (0.1, 1.0) if name.endswith("norm") else (1.0 if name == "embed" else scale, 0.0)
+        gen_key = (leaf.shape, spec, std, mean)
+        if gen_key not in generators:
+            generators[gen_key] = jax.jit(
+                lambda k, shape=leaf.shape, std=std, mean=mean: (mean + std * jax.random.normal(k, shape)).astype(
+                    dtype
+                ),
+                out_shardings=NamedSharding(mesh, spec),
+            )
+        out.append(generators[gen_key](jax.random.fold_in(key, i)))
+    return jax.tree_util.tree_unflatten(treedef, out)
