@@ -164,7 +164,7 @@ def sweep_configs(default: kernels.DecodeConfig, seq: int) -> list[kernels.Decod
     candidates = (d // 2, d, 2 * d, 4 * d) + ((1,) if d <= 4 else ())
     splits = sorted({max(1, min(seq // 64, s)) for s in candidates})
     out = []
-    for block_k in (64, 128, 256):
+    for block_k in (32, 64, 128, 256) if d >= 8 else (64, 128, 256):  # short splits: small blocks too
         for s in splits:
             config = default._replace(block_k=block_k, num_splits=s)
             if config != default:
@@ -251,11 +251,13 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
 
     if sweep:
         best_name, best_tbps = "jkv", results["jkv"].get("tbps", 0.0)
+        now = time.perf_counter()
+        stage_a_deadline = now + 0.6 * (deadline - now)  # stage B gets the rest
         for stage in ("A", "B"):
             base = kernels.DecodeConfig(**results[best_name]["config"]) if "config" in results[best_name] else default
             configs = sweep_configs(default, seq) if stage == "A" else stage_b_configs(base)
             for config in configs:
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > (stage_a_deadline if stage == "A" else deadline):
                     log("  (time budget spent: sweep cut short)")
                     break
                 name = "jkv[bk={},P={},w={},s={},fused={:d}]".format(*config)
