@@ -33,7 +33,10 @@ from jkv.prefix_cache import PrefixCache
 from jkv.sampling import sample
 from jkv.speculative import prompt_lookup_draft
 
-DEFAULT_MAX_SLOTS = 64
+# Upper bound of the default slot count: a GPU step costs about the same for 1 or 64 rows (it reads the
+# weights once); a CPU step costs in proportion to the rows, and every slot is computed.
+DEFAULT_MAX_SLOTS = {"gpu": 64, "tpu": 64}
+DEFAULT_MAX_SLOTS_ELSEWHERE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +120,9 @@ class Engine:
     """Continuous-batching generation over ``num_slots`` slots of one ``KVCache``.
 
     ``params``/``config``: a Llama-family model (``jkv.models.llama``). ``num_slots`` defaults to what fits the
-    device's free memory (``jkv.memory.max_batch``, capped at 64), announced on stderr. ``prefix_cache_bytes``
-    (0: off) bounds the host memory of cached prompt prefixes. ``speculative_tokens`` (0: off) drafts that many
-    tokens per step by prompt lookup; it needs greedy requests.
+    device's free memory (``jkv.memory.max_batch``, capped at 64 on GPU, 8 elsewhere), announced on stderr.
+    ``prefix_cache_bytes`` (0: off) bounds the host memory of cached prompt prefixes. ``speculative_tokens``
+    (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests.
     """
 
     def __init__(
@@ -147,7 +150,8 @@ class Engine:
         dtype = params.dtype if cache_dtype is None else cache_dtype
         self.spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype)
         if num_slots is None:
-            num_slots = memory.max_batch(self.spec, limit=DEFAULT_MAX_SLOTS)
+            cap = DEFAULT_MAX_SLOTS.get(jax.default_backend(), DEFAULT_MAX_SLOTS_ELSEWHERE)
+            num_slots = memory.max_batch(self.spec, limit=cap)
             if num_slots < 1:
                 raise MemoryError(
                     f"no engine slot fits in device memory at max_len={max_len}: lower max_len or num_slots"
@@ -156,7 +160,7 @@ class Engine:
                 per_slot = memory.cache_bytes(self.spec, 1) / 2**20
                 print(
                     f"jkv engine: {num_slots} slots of max_len={max_len} ({per_slot:.1f} MiB of KV cache each) fit "
-                    f"the free device memory (cap {DEFAULT_MAX_SLOTS})",
+                    f"the free device memory (cap {cap} on {jax.default_backend()})",
                     file=sys.stderr,
                 )
         elif not isinstance(num_slots, int) or num_slots < 1:
