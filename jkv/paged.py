@@ -425,15 +425,38 @@ class PagedKVCache(LengthsMixin):
 
     @classmethod
     def from_contiguous(cls, cache: KVCache, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
-        """Page a contiguous cache: each sequence gets ``cdiv(length, page_size)`` fresh pages (host call)."""
+        """Page a contiguous cache: each sequence gets ``cdiv(length, page_size)`` fresh pages.
+
+        ``max_len`` is rounded up to a multiple of ``page_size``. A pool too small for every sequence raises on
+        the host (under ``jit`` the sequences that do not fit are left empty with ``ERR_POOL_EXHAUSTED``).
+        """
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
         spec = cache.spec
-        padded = spec.replace(max_len=_cdiv(spec.max_len, page_size) * page_size)
-        paged = cls.init(padded, cache.batch, page_size=page_size, num_pages=num_pages)
-        for slot in range(cache.batch):
-            paged = paged.insert_into_slot(slot, cache.extract_slot(slot))
-        return paged.replace(errors=cache.errors)
+        m = _cdiv(spec.max_len, page_size)
+        paged = cls.init(spec.replace(max_len=m * page_size), cache.batch, page_size=page_size, num_pages=num_pages)
+        need = jnp.arange(m)[None, :] < _cdiv(cache.lengths, page_size)[:, None]
+        paged, got, fresh = paged._allocate(need)
+        _checks.host_all(
+            got,
+            lambda: (
+                f"page pool exhausted: lengths={np.asarray(cache.lengths)} need {int(need.sum())} pages of "
+                f"{page_size}, the pool has {paged.num_pages}"
+            ),
+        )
+
+        def put(pool, x):  # x [L, B, K, S, D] -> pages [L, B, m, K, page_size, D]
+            x = jnp.pad(x, ((0, 0),) * 3 + ((0, m * page_size - spec.max_len), (0, 0)))
+            nl, b, kh, _, d = x.shape
+            pages = x.reshape(nl, b, kh, m, page_size, d).swapaxes(2, 3)
+            return pool.at[:, fresh].set(pages.astype(pool.dtype), mode="drop")
+
+        return paged.replace(
+            k_pages=put(paged.k_pages, cache.k),
+            v_pages=put(paged.v_pages, cache.v),
+            lengths=jnp.where(got, cache.lengths, 0),
+            errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
+        )
 
     # ------------------------------------------------------------------ host round trip
     def snapshot(self, trim: bool = True) -> KVSnapshot:

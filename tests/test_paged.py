@@ -1,0 +1,411 @@
+"""PagedKVCache: every operation against the contiguous KVCache on the same data, sharing, errors, donation.
+
+The contiguous ``KVCache`` (itself tested against NumPy in test_cache.py) is the reference for logical contents:
+the same writes, advances and rollbacks on both caches must give equal valid positions. Random page placement
+comes from a pool that earlier sequences fragmented, and from hand-built permuted block tables with NaN in
+every page no table uses.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from reference import attention_f64, decode_attention_f64
+
+import jkv
+from jkv.cache import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW
+from jkv.paged import NO_PAGE, PagedKVCache
+
+SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, max_len=32, dtype=jnp.float32)
+PAGE = 8
+
+# Operations run jitted (one compilation per cache type and shape, as a decode loop runs them), which also keeps
+# this file fast on a 2-core CPU; the eager host-side path and its errors are tested in test_errors_eager.
+_write = jax.jit(lambda c, layer, k, v: c.write(layer, k, v))
+_advance = jax.jit(lambda c, n: c.advance(n))
+_rollback = jax.jit(lambda c, n: c.rollback(n))
+_reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
+_fork = jax.jit(lambda c, src, dst: c.fork(src, dst))
+_insert = jax.jit(lambda c, i, single: c.insert_into_slot(i, single))
+_flat = jax.jit(lambda c: c.to_contiguous())
+
+
+def rand_kv(rng, batch, t, spec=SPEC):
+    shape = (batch, spec.num_kv_heads, t, spec.head_dim)
+    return (jnp.asarray(rng.standard_normal(shape), spec.dtype) for _ in range(2))
+
+
+def valid(cache, b):
+    """K and V of the valid positions of sequence ``b`` as NumPy ``[L, K, n, D]`` (paged or contiguous)."""
+    flat = _flat(cache) if isinstance(cache, PagedKVCache) else cache
+    n = int(cache.lengths[b])
+    return np.asarray(flat.k[:, b, :, :n]), np.asarray(flat.v[:, b, :, :n])
+
+
+def assert_same_contents(paged, ref):
+    np.testing.assert_array_equal(np.asarray(paged.lengths), np.asarray(ref.lengths))
+    for b in range(ref.batch):
+        for got, want in zip(valid(paged, b), valid(ref, b), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def assert_allocator_consistent(cache):
+    """Refcounts are the histogram of table entries; each sequence's entries cover its length, then stop."""
+    tables = np.asarray(cache.block_tables)
+    hist = np.bincount(tables[tables >= 0], minlength=cache.num_pages)
+    np.testing.assert_array_equal(np.asarray(cache.refcounts), hist)
+    for b, n in enumerate(np.asarray(cache.lengths)):
+        held = int((tables[b] >= 0).sum())
+        assert (tables[b, :held] >= 0).all() and held >= -(-n // cache.page_size), (b, tables[b], n)
+
+
+def step_both(rng, paged, ref, t, advance=None):
+    """Write T positions in every layer of both caches, then advance both (by T, or by ``advance[b]``)."""
+    for layer in range(SPEC.num_layers):
+        k, v = rand_kv(rng, ref.batch, t)
+        paged, ref = _write(paged, layer, k, v), _write(ref, layer, k, v)
+    n = jnp.full(ref.batch, t, jnp.int32) if advance is None else jnp.asarray(advance, jnp.int32)
+    paged, ref = _advance(paged, n), _advance(ref, n)
+    assert not np.asarray(paged.errors).any() and not np.asarray(ref.errors).any()
+    return paged, ref
+
+
+def fragmented(rng):
+    """Four sequences on 16 pages, some retired and rolled back so that live and free pages interleave.
+
+    Returns the paged cache and a contiguous cache holding the same logical contents.
+    """
+    paged, ref = PagedKVCache.init(SPEC, 4, page_size=PAGE, num_pages=16), jkv.KVCache.init(SPEC, 4)
+    paged, ref = step_both(rng, paged, ref, 5)
+    paged, ref = step_both(rng, paged, ref, 8)
+    paged, ref = _reset_slot(_reset_slot(paged, 1), 2), _reset_slot(_reset_slot(ref, 1), 2)
+    paged, ref = step_both(rng, paged, ref, 9)
+    paged, ref = _rollback(paged, jnp.array([20, 3, 9, 4])), _rollback(ref, jnp.array([20, 3, 9, 4]))
+    tables = np.asarray(paged.block_tables)
+    assert not (np.diff(tables[tables >= 0]) == 1).all(), tables  # not simply pages 0, 1, 2, ... in order
+    return paged, ref
+
+
+# ---------------------------------------------------------------------- construction
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("page_size", [4, 8, 32])
+def test_init_shapes_and_nbytes(dtype, page_size):
+    spec = SPEC.replace(dtype=jnp.dtype(dtype))
+    cache = PagedKVCache.init(spec, 3, page_size=page_size, num_pages=5)
+    chex.assert_shape([cache.k_pages, cache.v_pages], (2, 5, 2, page_size, 8))
+    chex.assert_shape(cache.block_tables, (3, 32 // page_size))
+    assert cache.k_pages.dtype == jnp.dtype(dtype) and cache.block_tables.dtype == jnp.int32
+    assert (cache.page_size, cache.num_pages, cache.max_pages, cache.max_len, cache.batch) == (
+        page_size, 5, 32 // page_size, 32, 3
+    )  # fmt: skip
+    assert cache.spec == spec
+    assert (np.asarray(cache.block_tables) == NO_PAGE).all() and int(cache.num_free_pages()) == 5
+    pool = 2 * 2 * 5 * 2 * page_size * 8 * jnp.dtype(dtype).itemsize
+    assert cache.nbytes == pool + 4 * (3 * (32 // page_size) + 5 + 3 + 3)
+    assert PagedKVCache.init(spec, 3, page_size=page_size).num_pages == 3 * (32 // page_size)  # default: all full
+
+
+# ---------------------------------------------------------------------- operations against the contiguous cache
+@pytest.mark.parametrize("steps", [(1, 1), (5, 9, 9), (8, 8, 13)], ids=str)
+def test_writes_across_page_boundaries_match_contiguous(rng, steps):
+    paged = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=12)
+    ref = jkv.KVCache.init(SPEC, 3)
+    for t in steps:
+        paged, ref = step_both(rng, paged, ref, t)
+        assert_same_contents(paged, ref)
+        assert_allocator_consistent(paged)
+    n = sum(steps)
+    assert int(paged.pages_held().sum()) == 3 * -(-n // PAGE)  # exactly the pages the lengths cover
+
+
+def test_ragged_advance_rollback_reset_slot_on_a_fragmented_pool(rng):
+    paged, ref = fragmented(rng)
+    assert_same_contents(paged, ref)
+    assert_allocator_consistent(paged)
+    paged, ref = step_both(rng, paged, ref, 5, advance=[5, 0, 3, 1])
+    paged, ref = step_both(rng, paged, ref, 5)
+    assert_same_contents(paged, ref)
+    tables = np.asarray(paged.block_tables)
+    assert len(set(tables[tables >= 0].tolist())) == int((tables >= 0).sum())  # no page named twice
+    new = jnp.array([9, 2, 14, 0])
+    paged, ref = _rollback(paged, new), _rollback(ref, new)
+    assert_same_contents(paged, ref)
+    assert_allocator_consistent(paged)
+    np.testing.assert_array_equal(np.asarray(paged.pages_held()), [2, 1, 2, 0])  # pages past each length went back
+    paged, ref = _reset_slot(paged, 0), _reset_slot(ref, 0)
+    np.testing.assert_array_equal(np.asarray(paged.pages_held()), [0, 1, 2, 0])
+    paged, ref = step_both(rng, paged, ref, 5)
+    assert_same_contents(paged, ref)
+    assert_allocator_consistent(paged)
+    empty = paged.reset()
+    assert int(empty.num_free_pages()) == paged.num_pages and not np.asarray(empty.lengths).any()
+
+
+def test_write_without_advance_keeps_its_pages_for_the_next_write(rng):
+    paged = PagedKVCache.init(SPEC, 2, page_size=PAGE, num_pages=8)
+    k, v = rand_kv(rng, 2, 9)
+    once = _write(paged, 0, k, v)
+    np.testing.assert_array_equal(np.asarray(once.pages_held()), [2, 2])  # reserved, lengths still 0
+    twice = _write(_write(once, 1, k, v), 0, k, v)
+    chex.assert_trees_all_equal(twice.block_tables, once.block_tables)  # reserving again allocates nothing
+    chex.assert_trees_all_equal(jax.jit(lambda c: c.reserve(9))(twice).refcounts, once.refcounts)
+    back = _rollback(once, jnp.zeros(2, jnp.int32))
+    assert int(back.num_free_pages()) == 8  # rollback gives back pages a write reserved but never advanced over
+
+
+def test_fork_shares_pages_then_copies_on_write(rng):
+    paged, ref = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=12), jkv.KVCache.init(SPEC, 3)
+    paged, ref = step_both(rng, paged, ref, 13, advance=[13, 0, 0])  # sequence 0: one full page, one partial
+    forked = _fork(paged, 0, 2)
+    tables = np.asarray(forked.block_tables)
+    np.testing.assert_array_equal(tables[2], tables[0])  # the same physical pages
+    np.testing.assert_array_equal(np.asarray(forked.refcounts)[tables[0, :2]], [2, 2])
+    assert int(forked.num_free_pages()) == int(paged.num_free_pages()) + 2  # sequence 2's reserved pages went back
+    ref = _insert(ref, 2, ref.extract_slot(0))
+    assert_same_contents(forked, ref)
+
+    # Sequence 2 rolls back into the shared full page, then writes there alone: it copies that page, and the
+    # original, still sequence 0's, keeps its contents (sequence 0 writes into its own partial page meanwhile).
+    alone, ref2 = _rollback(forked, jnp.array([13, 0, 5])), _rollback(ref, jnp.array([13, 0, 5]))
+    np.testing.assert_array_equal(np.asarray(alone.refcounts)[tables[0, :2]], [2, 1])
+    alone, ref2 = step_both(rng, alone, ref2, 1)
+    assert_same_contents(alone, ref2)
+    after = np.asarray(alone.block_tables)
+    assert after[0, 0] == tables[0, 0] and after[2, 0] not in tables[0], (after, tables)
+    np.testing.assert_array_equal(np.asarray(alone.refcounts)[[tables[0, 0], after[2, 0]]], [1, 1])
+    assert_allocator_consistent(alone)
+
+    # Both write into the shared partial page in one step: the first keeps it, sequence 2 copies it.
+    grown, ref = step_both(rng, forked, ref, 1, advance=[0, 0, 1])
+    assert_same_contents(grown, ref)
+    after = np.asarray(grown.block_tables)
+    assert after[2, 0] == tables[0, 0] and after[2, 1] != tables[0, 1] and after[0, 1] == tables[0, 1]
+    np.testing.assert_array_equal(np.asarray(grown.refcounts)[[tables[0, 0], tables[0, 1], after[2, 1]]], [2, 1, 1])
+    assert_allocator_consistent(grown)
+
+
+def test_sharers_writing_together_copy_one_page_less(rng):
+    """Forked samples decoding in one step: the first sharer keeps the shared page, the others copy it."""
+    paged, ref = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=12), jkv.KVCache.init(SPEC, 3)
+    paged, ref = step_both(rng, paged, ref, 5, advance=[5, 0, 0])
+    paged, ref = _fork(_fork(paged, 0, 1), 0, 2), _insert(ref, 1, ref.extract_slot(0))
+    ref = _insert(ref, 2, ref.extract_slot(0))
+    shared = int(paged.block_tables[0, 0])
+    assert int(paged.refcounts[shared]) == 3
+    paged, ref = step_both(rng, paged, ref, 1)
+    assert_same_contents(paged, ref)
+    tables = np.asarray(paged.block_tables)[:, 0]
+    assert tables[0] == shared and len(set(tables.tolist())) == 3  # two copies, not three
+    assert int(paged.num_free_pages()) == 12 - 3
+
+
+def test_insert_into_slot_snapshot_restore(rng):
+    paged, ref = fragmented(rng)
+    single = jkv.KVCache.init(SPEC.replace(max_len=20), 1)
+    k, v = rand_kv(rng, 1, 17)
+    for layer in range(SPEC.num_layers):
+        single = single.write(layer, k, v)
+    single = single.advance(17)
+    paged, ref = _insert(paged, 1, single), _insert(ref, 1, single)
+    assert_same_contents(paged, ref)
+    np.testing.assert_array_equal(np.asarray(paged.pages_held()), [3, 3, 2, 1])
+    again = _insert(paged, 1, _rollback(single, 3))  # replacing a slot gives its old pages back
+    np.testing.assert_array_equal(np.asarray(again.pages_held()), [3, 1, 2, 1])
+    assert_allocator_consistent(again)
+
+    snap = paged.snapshot()
+    assert snap.k.shape[3] == 20 and snap.max_len == 32
+    restored = PagedKVCache.restore(snap, page_size=4, num_pages=20)
+    assert (restored.page_size, restored.num_pages) == (4, 20)
+    assert_same_contents(restored, ref)
+    flat = jkv.KVCache.restore(snap)
+    assert_same_contents(PagedKVCache.from_contiguous(flat, page_size=16), flat)
+
+
+# ---------------------------------------------------------------------- attention through the cache (XLA path)
+def hand_built(rng, filled, lengths, *, page_size=PAGE, num_pages=16, spec=SPEC):
+    """A cache whose sequence ``b`` has ``filled[b]`` positions on randomly permuted pages and length
+    ``lengths[b]``; NaN in every page and row no sequence fills. Returns it and the contiguous K and V (float64)."""
+    batch, max_pages = len(filled), spec.max_len // page_size
+    shape = (spec.num_layers, num_pages, spec.num_kv_heads, page_size, spec.head_dim)
+    k_pages, v_pages = np.full(shape, np.nan), np.full(shape, np.nan)
+    full = (spec.num_layers, batch, spec.num_kv_heads, spec.max_len, spec.head_dim)
+    k_ref, v_ref = rng.standard_normal(full), rng.standard_normal(full)
+    pages = iter(rng.permutation(num_pages))
+    tables = np.full((batch, max_pages), NO_PAGE, np.int32)
+    for b, n in enumerate(filled):
+        for j in range(-(-n // page_size)):
+            tables[b, j] = page = next(pages)
+            rows = np.arange(j * page_size, min((j + 1) * page_size, n))
+            k_pages[:, page, :, : len(rows)] = k_ref[:, b, :, rows].transpose(1, 2, 0, 3)
+            v_pages[:, page, :, : len(rows)] = v_ref[:, b, :, rows].transpose(1, 2, 0, 3)
+    cache = PagedKVCache(
+        k_pages=jnp.asarray(k_pages, spec.dtype),
+        v_pages=jnp.asarray(v_pages, spec.dtype),
+        block_tables=jnp.asarray(tables),
+        refcounts=jnp.asarray(np.bincount(tables[tables >= 0], minlength=num_pages), jnp.int32),
+        lengths=jnp.asarray(lengths, jnp.int32),
+        errors=jnp.zeros(batch, jnp.int32),
+    )
+    return cache, k_ref, v_ref
+
+
+@pytest.mark.parametrize("attended", [[1, 8, 9], [32, 17, 2], [16, 24, 31]], ids=str)
+def test_decode_and_prefill_attention_match_float64(rng, attended):
+    """jkv.decode_attention / prefill_attention over a PagedKVCache (XLA path) against NumPy float64."""
+    attended = np.asarray(attended)
+    # Decode attends to lengths + 1 positions: the new key sits at lengths[b], already written.
+    cache, k_ref, v_ref = hand_built(rng, attended, attended - 1)
+    q = rng.standard_normal((3, 8, 8))  # N=8 over K=2: groups of 4
+    out = jax.jit(lambda q, c: jkv.decode_attention(q, c, 1, impl="xla"))(jnp.asarray(q, jnp.float32), cache)
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    assert rel_err(out, decode_attention_f64(q, k_ref[1], v_ref[1], attended)) < REL_TOL["float32"]
+
+    t = 2  # prefill of the last T written tokens: query t sits at lengths + t
+    cache = cache.replace(lengths=jnp.asarray(attended - t, jnp.int32))
+    q = rng.standard_normal((3, t, 8, 8))
+    out = jax.jit(lambda q, c: jkv.prefill_attention(q, c, 0))(jnp.asarray(q, jnp.float32), cache)
+    positions = (attended - t)[:, None] + np.arange(t)[None, :]
+    assert rel_err(out, attention_f64(q, k_ref[0], v_ref[0], positions)) < REL_TOL["float32"]
+
+
+def test_model_protocol_decode_step_matches_contiguous(rng):
+    """write per layer, attend, advance: a paged and a contiguous cache give the same attention every step."""
+    paged, ref = fragmented(rng)
+
+    @jax.jit
+    def step(cache, k, v, q):
+        outs = []
+        for layer in range(SPEC.num_layers):
+            cache = cache.write(layer, k, v)
+            outs.append(jkv.decode_attention(q, cache, layer, impl="xla"))
+        return cache.advance(1), jnp.stack(outs)
+
+    for _ in range(10):
+        k, v = rand_kv(rng, 4, 1)
+        q = jnp.asarray(rng.standard_normal((4, 4, 8)), jnp.float32)
+        paged, got = step(paged, k, v, q)
+        ref, want = step(ref, k, v, q)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert_same_contents(paged, ref)
+    assert step._cache_size() == 2  # one compilation per cache type, whatever the lengths
+
+
+# ---------------------------------------------------------------------- exhaustion, errors
+def test_pool_exhaustion_flags_and_never_overwrites_a_live_page(rng):
+    paged = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=5)
+    single = jkv.KVCache.init(SPEC, 1)
+    for layer in range(SPEC.num_layers):
+        single = single.write(layer, *rand_kv(rng, 1, 12))
+    single = single.advance(12)
+    paged = paged.insert_into_slot(0, single).insert_into_slot(1, single)  # 4 of 5 pages live
+    before = paged.to_contiguous()
+    k, v = rand_kv(rng, 3, 9)
+    out = jax.jit(lambda c, k, v: c.write(0, k, v).write(1, k, v).advance(9))(paged, k, v)
+    # Each sequence needs one more page, sequence 2 two; one is free: sequence 0 gets it, the rest nothing.
+    np.testing.assert_array_equal(np.asarray(out.errors), [0, ERR_POOL_EXHAUSTED, ERR_POOL_EXHAUSTED])
+    np.testing.assert_array_equal(np.asarray(out.lengths), [21, 12, 0])
+    assert_same_contents(out.replace(lengths=paged.lengths), before)  # every live page as it was
+    assert_allocator_consistent(out)
+    assert int(out.num_free_pages()) == 0
+    with pytest.raises(RuntimeError, match="sequence 1: page pool exhausted"):
+        out.check()
+    with pytest.raises(ValueError, match=r"page pool exhausted: reserving up to \[21 21  9\]"):
+        paged.write(0, k, v)
+    long = single.rollback(0).advance(17)
+    bad = jax.jit(lambda c, s: c.insert_into_slot(2, s))(paged, long)
+    np.testing.assert_array_equal(np.asarray(bad.errors), [0, 0, ERR_POOL_EXHAUSTED])
+    assert int(bad.lengths[2]) == 0 and int(bad.pages_held()[2]) == 0
+    with pytest.raises(ValueError, match="admitting a sequence of length 17 needs 3 pages of 8, only 1 of 5"):
+        paged.insert_into_slot(2, long)
+
+
+def test_errors_under_jit_flag_and_change_nothing(rng):
+    paged, _ = step_both(rng, PagedKVCache.init(SPEC, 2, page_size=PAGE), jkv.KVCache.init(SPEC, 2), 30)
+    k, v = rand_kv(rng, 2, 3)
+    over = jax.jit(lambda c, k, v: c.write(0, k, v))(paged, k, v)
+    np.testing.assert_array_equal(np.asarray(over.errors), [ERR_WRITE_OVERFLOW] * 2)
+    chex.assert_trees_all_equal(over.k_pages, paged.k_pages)
+    for fn in (lambda c, i: c.fork(i, 0), lambda c, i: c.reset_slot(i)):
+        bad = jax.jit(fn)(paged, 5)
+        assert (np.asarray(bad.errors) & ERR_BAD_SLOT).all()
+        chex.assert_trees_all_equal(bad.block_tables, paged.block_tables)
+        chex.assert_trees_all_equal(bad.refcounts, paged.refcounts)
+    same = jax.jit(lambda c: c.fork(1, 1))(paged)
+    chex.assert_trees_all_equal(same, paged)
+
+
+def test_errors_eager(rng):
+    paged, _ = step_both(rng, PagedKVCache.init(SPEC, 2, page_size=PAGE), jkv.KVCache.init(SPEC, 2), 30)
+    k3, v3 = rand_kv(rng, 2, 3)
+    one = jkv.KVCache.init(SPEC, 1)
+    flat = paged.to_contiguous()
+    cases = [
+        (lambda: PagedKVCache.init("spec", 1, page_size=8), TypeError, "jkv.CacheSpec"),
+        (lambda: PagedKVCache.init(SPEC, 0, page_size=8), ValueError, "batch must be a positive int"),
+        (lambda: PagedKVCache.init(SPEC, 1, page_size=0), ValueError, "page_size must be a positive int"),
+        (lambda: PagedKVCache.init(SPEC, 1, page_size=5), ValueError, "spec.max_len=32 must be a multiple of"),
+        (lambda: PagedKVCache.init(SPEC, 1, page_size=8, num_pages=0), ValueError, "num_pages must be a positive"),
+        (lambda: paged.write(0, k3, v3), ValueError, "write of T=3 positions past max_len=32"),
+        (lambda: paged.write(2, k3, v3), ValueError, "layer=2 out of range"),
+        (lambda: paged.write(0, k3, v3[:, :, :2]), ValueError, "must match"),
+        (lambda: paged.write(0, k3[:1], v3[:1]), ValueError, "does not match"),
+        (lambda: paged.advance(3), ValueError, "advance by n=[3 3]"),
+        (lambda: paged.rollback(31), ValueError, "rollback lengths=[31 31]"),
+        (lambda: paged.reserve(1.5), TypeError, "integer"),
+        (lambda: paged.reset_slot(2), ValueError, "slot=2 out of range for batch=2"),
+        (lambda: paged.fork(0, 2), ValueError, "slot=2 out of range"),
+        (lambda: paged.fork(-1, 0), ValueError, "slot=-1 out of range"),
+        (lambda: paged.insert_into_slot(0, "x"), TypeError, "single must be a KVCache"),
+        (lambda: paged.insert_into_slot(0, jkv.KVCache.init(SPEC, 2)), ValueError, "one sequence, got batch=2"),
+        (lambda: paged.insert_into_slot(0, jkv.KVCache.init(SPEC.replace(max_len=40), 1)), ValueError, "40"),
+        (lambda: paged.insert_into_slot(0, jkv.KVCache.init(SPEC.replace(head_dim=4), 1)), ValueError, "head_dim"),
+        (lambda: paged.insert_into_slot(3, one), ValueError, "slot=3"),
+        (lambda: paged.gather_layer(-1), ValueError, "layer=-1 out of range"),
+        (lambda: PagedKVCache.from_contiguous(paged, page_size=8), TypeError, "cache must be a KVCache"),
+        (lambda: PagedKVCache.restore("x", page_size=8), TypeError, "KVSnapshot"),
+        (lambda: PagedKVCache.from_contiguous(flat, page_size=8, num_pages=7), ValueError, "lengths=[30 30] need 8"),
+    ]
+    for fn, exc, text in cases:
+        with pytest.raises(exc) as info:
+            fn()
+        assert text in str(info.value), (text, str(info.value))
+    np.testing.assert_array_equal(np.asarray(paged.lengths), [30, 30])  # nothing above changed the cache
+
+
+# ---------------------------------------------------------------------- compiled once, updated in place
+def test_donated_decode_step_runs_in_place(rng):
+    """A jitted write-every-layer + advance step aliases the donated pools and allocates no copy of them, also
+    with the copy-on-write branch compiled in; fork, rollback, reset_slot and insert do the same."""
+    spec = jkv.CacheSpec(num_layers=4, num_kv_heads=2, head_dim=64, max_len=1024, dtype=jnp.float32)
+    cache = PagedKVCache.init(spec, 8, page_size=16)
+    k_new = jnp.asarray(rng.standard_normal((8, 2, 1, 64)), jnp.float32)
+    pools = cache.k_pages.nbytes + cache.v_pages.nbytes
+
+    def step(c, k):
+        for layer in range(spec.num_layers):
+            c = c.write(layer, k, k)
+        return c.advance(1)
+
+    ops = [
+        (step, (cache, k_new)),
+        (lambda c: c.fork(0, 1).rollback(c.lengths).reset_slot(2), (cache,)),
+        (lambda c, s: c.insert_into_slot(3, s), (cache, jkv.KVCache.init(spec.replace(max_len=128), 1))),
+    ]
+    for fn, args in ops:
+        stats = jax.jit(fn, donate_argnums=0).lower(*args).compile().memory_analysis()
+        assert stats.alias_size_in_bytes >= pools, stats
+        assert stats.temp_size_in_bytes < cache.k_pages.nbytes // 16, stats  # scratch, no copy of a pool
+    plain = jax.jit(step).lower(cache, k_new).compile().memory_analysis()
+    assert plain.alias_size_in_bytes == 0  # without donation: a fresh output (the checks above can fail)
+
+
+def test_jitted_step_serves_every_position_without_recompiling(rng):
+    cache = PagedKVCache.init(SPEC, 2, page_size=PAGE)
+    step = jax.jit(lambda c, k: c.write(0, k, k).advance(1), donate_argnums=0)
+    for _ in range(20):
+        cache = step(cache, next(rand_kv(rng, 2, 1)))
+    assert step._cache_size() == 1
+    np.testing.assert_array_equal(np.asarray(cache.pages_held()), [3, 3])
