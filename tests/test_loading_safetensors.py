@@ -1,0 +1,209 @@
+"""HF safetensors directories against HF transformers on the same weights: a tiny random Qwen2 with q/k/v biases
+and a tiny Llama with Llama 3.1 rope scaling (prefill and decode logits, 32 greedy tokens on 5 prompts), sharded
+files, dtypes, tokenizer.json with a chat template, and every load error."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+import jkv
+from jkv.generate import Generator
+from jkv.loading import ModelLoadError, load, load_safetensors
+from jkv.models import llama
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)
+HF_CASES = {
+    "qwen2-bias-gqa2-tied": lambda: transformers.Qwen2Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True
+    ),
+    "qwen2-bias-mha-untied": lambda: transformers.Qwen2Config(
+        **SMALL, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False
+    ),
+    "llama-llama3rope-gqa4": lambda: transformers.LlamaConfig(
+        **SMALL,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "rope_theta": 500000.0,
+        },
+        rope_theta=500000.0,
+    ),
+}
+
+
+def random_hf_model(case: str, seed: int = 0):
+    """An HF model with every weight random and large enough (std 0.15) that greedy choices are clear-cut."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(HF_CASES[case](), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_((1.0 if "embed" in name else 0.15) * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(HF_CASES))
+def saved(request, tmp_path_factory):
+    """(case, HF model, directory with config.json + model.safetensors)."""
+    model = random_hf_model(request.param)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    return request.param, model, directory
+
+
+def hf_greedy(model, prompt: list[int], n: int = 32):
+    """HF's greedy tokens and its logits at every position of prompt + continuation but the last."""
+    with torch.no_grad():
+        step = model(torch.tensor([prompt]), use_cache=True)
+        logits, tokens = [step.logits[0]], []
+        for _ in range(n):
+            tokens.append(int(step.logits[0, -1].argmax()))
+            if len(tokens) < n:
+                step = model(torch.tensor([tokens[-1:]]), past_key_values=step.past_key_values, use_cache=True)
+                logits.append(step.logits[0])
+    return tokens, torch.cat(logits).numpy()
+
+
+def test_safetensors_matches_hf(saved, rng):
+    """Prefill of 5 ragged prompts, 8 teacher-forced decode steps and 32 greedy tokens, all against HF."""
+    case, model, directory = saved
+    loaded = load(directory, "f32", progress=False)
+    c = loaded.config
+    assert c.qkv_bias == case.startswith("qwen2") and c.tie_embeddings == model.config.tie_word_embeddings
+    assert c.architecture == model.config.model_type
+    prompts = [rng.integers(0, c.vocab_size, n).tolist() for n in (5, 9, 2, 14, 7)]
+    hf = [hf_greedy(model, p) for p in prompts]
+
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.zeros((5, lengths.max()), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
+    prefill = jax.jit(functools.partial(llama.prefill, config=c))
+    logits, cache = prefill(loaded.params, jkv.KVCache.init(spec, 5), jnp.asarray(padded), lengths - 1)
+    cache = cache.rollback(jnp.asarray(lengths))
+    assert rel_err(logits, np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, hf, strict=True)])) < 1e-4
+    step = jax.jit(functools.partial(llama.decode_step, config=c), donate_argnums=1)
+    for j in range(8):
+        logits, cache = step(loaded.params, cache, jnp.asarray([t[j] for t, _ in hf], jnp.int32))
+        assert rel_err(logits, np.stack([ref[n + j] for n, (_, ref) in zip(lengths, hf, strict=True)])) < 1e-4, j
+
+    result = Generator(c, loaded.params, max_len=64, batch=5).generate(prompts, max_new_tokens=32)
+    assert result.tokens == [t for t, _ in hf]
+
+
+def test_sharded_files_and_bf16(saved, tmp_path):
+    _, model, _ = saved
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    ref = load_safetensors(tmp_path, "f32", progress=False, layout="layers")
+    half = load_safetensors(tmp_path, "bf16", progress=False, layout="layers")
+    assert half.params.dtype == jnp.bfloat16 and ref.params.dtype == jnp.float32
+    assert half.info == {
+        "format": "safetensors",
+        "files": len(list(tmp_path.glob("*.safetensors"))),
+        "dtype": "bfloat16",
+    }
+    w = model.model.layers[1].self_attn.k_proj.weight.detach().numpy()
+    c = ref.config
+    q_width, k_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    np.testing.assert_array_equal(np.asarray(ref.params.layers[1].wqkv)[:, q_width : q_width + k_width], w.T)
+    assert rel_err(half.params.layers[1].wqkv.astype(jnp.float32), ref.params.layers[1].wqkv) < 4e-3
+
+
+def test_tokenizer_json_and_chat_template(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    random_hf_model("qwen2-bias-gqa2-tied").save_pretrained(tmp_path)
+    vocab = {"<s>": 0, "</s>": 1, "<|im_end|>": 2, "hello": 3, "world": 4, "[UNK]": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>", "<|im_end|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    template = "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
+    config = {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "add_bos_token": True, "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    t = load(tmp_path, "f32", progress=False).tokenizer
+    assert (t.bos_id, t.eos_id, t.stop_ids) == (0, 1, (1, 2))
+    assert t.encode("hello world") == [0, 3, 4]
+    assert t.render_chat([{"role": "user", "content": "hello"}]) == "<s>user hello</s>"
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    assert load(tmp_path, "f32", progress=False).tokenizer.render_chat([{"role": "user", "content": "hi"}]) == "hi!"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def edit_config(**changes):
+    def edit(directory):
+        config = json.loads((directory / "config.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (directory / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def drop_tensor(name):
+    def edit(directory):
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(directory / "model.safetensors")
+        del tensors[name]
+        save_file(tensors, directory / "model.safetensors")
+
+    return edit
+
+
+ERRORS = {
+    "missing-directory": (None, "model not found: '.*/absent'"),
+    "no-config": (lambda d: (d / "config.json").unlink(), "has no config.json"),
+    "config-not-json": (lambda d: (d / "config.json").write_text("{oops"), "config.json' is not valid JSON"),
+    "unsupported-architecture": (edit_config(model_type="gpt2"), "unsupported architecture model_type='gpt2'"),
+    "unsupported-activation": (edit_config(hidden_act="gelu"), "unsupported hidden_act='gelu'"),
+    "unsupported-rope": (
+        edit_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+        "unsupported rope type 'yarn'",
+    ),
+    "sliding-window": (edit_config(use_sliding_window=True), "unsupported sliding-window attention"),
+    "missing-field": (edit_config(hidden_size=None), "lacks the field 'hidden_size'"),
+    "no-weights": (lambda d: (d / "model.safetensors").unlink(), "has no \\*.safetensors files"),
+    "corrupt-weights": (
+        lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"),
+        "cannot read safetensors file",
+    ),
+    "missing-tensor": (
+        drop_tensor("model.layers.1.mlp.up_proj.weight"),
+        "tensor 'model.layers.1.mlp.up_proj.weight' is missing",
+    ),
+    "untied-without-lm-head": (edit_config(tie_word_embeddings=False), "lm_head.weight is missing"),
+    "wrong-shape": (edit_config(intermediate_size=100), "tensor shapes do not match the model's config"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_load_errors_name_the_problem(case, tmp_path):
+    make, message = ERRORS[case]
+    directory = tmp_path / "absent"
+    if make is not None:
+        directory.mkdir()
+        random_hf_model("qwen2-bias-gqa2-tied").save_pretrained(directory)
+        make(directory)
+    with pytest.raises(ModelLoadError, match=message):
+        load(directory, "f32", progress=False)
