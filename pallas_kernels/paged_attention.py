@@ -109,14 +109,14 @@ def _paged_kernel(
         pages = tables_ref[b, pl.ds(block * pages_per_block, pages_per_block)]  # [ppb]
         pages = jnp.clip(pages, 0, num_pages - 1)  # entries without a page only occur in masked-out rows
         k = load(k_ref, pages, valid)
-        s = pl.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, bk] float32
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, bk] float32
         if valid is not None:
             s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
         p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
         v = load(v_ref, pages, valid)  # masked rows are 0: 0 * NaN never reaches acc
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v, precision=precision)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, l_sum * alpha + jnp.sum(p, axis=1), acc
 
     def full_block(i, carry):

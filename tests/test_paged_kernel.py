@@ -1,0 +1,234 @@
+"""Pallas paged decode attention against NumPy float64 and against the contiguous kernel on the same contents.
+
+Every case draws fresh random inputs and places each sequence's pages at random in the pool (a permuted block
+table); every page no sequence uses, every row past a sequence's length, and every layer but the attended one
+hold NaN, and so do (in "stale" cases) the pages that table entries past a sequence's length still name. The
+kernel writes into NaN-poisoned outputs. Interpret mode on the CPU; the real lowering on a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from reference import decode_attention_f64
+
+import jkv
+from jkv.paged import PagedKVCache
+from pallas_kernels import backend
+from pallas_kernels import paged_attention as paged
+
+ON_GPU = backend.gpu_backend() == backend.TRITON
+
+# Lengths named relative to the page size ps, the keys per block bk and the capacity S = M * ps.
+LENGTHS = {
+    "0": lambda ps, bk, s: 0,
+    "1": lambda ps, bk, s: 1,
+    "ps-1": lambda ps, bk, s: ps - 1,
+    "ps": lambda ps, bk, s: ps,
+    "ps+1": lambda ps, bk, s: ps + 1,
+    "bk-1": lambda ps, bk, s: bk - 1,
+    "bk": lambda ps, bk, s: bk,
+    "bk+1": lambda ps, bk, s: bk + 1,
+    "S-1": lambda ps, bk, s: s - 1,
+    "S": lambda ps, bk, s: s,
+}
+
+# (id, batch, kv_heads, group, head_dim, page_size, max_pages, dtype, lengths, layers, pages_per_block, num_splits,
+#  stale). layers: None for one-layer pools [P, K, ps, D], (L, layer) for all layers, layer "traced" under jit.
+# stale: table entries past a sequence's pages name NaN pages instead of -1.
+CASES = [
+    ("g1_d64_f32_ps16_ppb1_splits3", 4, 2, 1, 64, 16, 6, "float32", ("1", "ps-1", "ps", "ps+1"), None, 1, 3, True),
+    ("g4_d128_bf16_ps8_ppb4_splits2", 3, 2, 4, 128, 8, 12, "bfloat16", ("bk-1", "bk+1", "S"), None, 4, 2, False),
+    ("g8_d64_bf16_ps32_one_split", 2, 1, 8, 64, 32, 4, "bfloat16", ("S", "1"), None, None, 1, True),
+    ("g4_d64_f32_ps16_layer1_of3", 2, 2, 4, 64, 16, 4, "float32", ("S", "0"), (3, 1), None, None, False),
+    ("g3_d128_f32_ps64_traced_layer", 2, 2, 3, 128, 64, 3, "float32", ("S", "ps+1"), (2, "traced"), None, 2, True),
+    ("g1_d128_f16_ps4_default", 3, 4, 1, 128, 4, 16, "float16", ("ps-1", "bk", "S-1"), None, None, None, False),
+]
+IDS = [c[0] for c in CASES]
+GPU_SCALE = 16  # the GPU class reruns the table with this many times more pages per sequence
+
+
+def random_paged(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale):
+    """Pools (float64, NaN wherever nothing valid lives), block tables, and the contiguous K/V slabs they hold."""
+    num_layers, layer = layers if layers is not None else (1, 0)
+    layer = 1 if layer == "traced" else layer
+    need = [-(-n // page_size) for n in lengths]
+    spare = 3 + batch  # pages nobody uses (NaN), for stale entries to name
+    num_pages = sum(need) + spare
+    order = rng.permutation(num_pages)
+    shape = (num_layers, num_pages, kv_heads, page_size, head_dim)
+    k_pages, v_pages = np.full(shape, np.nan), np.full(shape, np.nan)
+    slabs = [rng.standard_normal((batch, kv_heads, max_pages * page_size, head_dim)) for _ in range(2)]
+    tables = np.full((batch, max_pages), -1, np.int32)
+    if stale:
+        tables[:] = rng.choice(order[sum(need) :], size=tables.shape)
+    used = 0
+    for b, n in enumerate(lengths):
+        for j in range(need[b]):
+            tables[b, j] = page = order[used]
+            used += 1
+            rows = min(page_size, n - j * page_size)
+            for pool, slab in zip((k_pages, v_pages), slabs, strict=True):
+                pool[layer, page, :, :rows] = slab[b, :, j * page_size : j * page_size + rows]
+    if layers is None:
+        k_pages, v_pages = k_pages[0], v_pages[0]
+    return k_pages, v_pages, tables, slabs
+
+
+def run_case(rng, case, *, scale_up=1, interpret=None):
+    _, batch, kv_heads, group, head_dim, ps, max_pages, dtype, names, layers, ppb, splits, stale = case
+    max_pages *= scale_up
+    dtype = jnp.dtype(dtype)
+    config = paged.paged_config(batch, kv_heads, max_pages, ps, head_dim, dtype)
+    bk = (ppb or config.pages_per_block) * ps
+    s = max_pages * ps
+    names = [names[i % len(names)] for i in range(batch)]
+    lengths = np.array([min(LENGTHS[name](ps, bk, s), s) for name in names], np.int32)
+    q = rng.standard_normal((batch, kv_heads * group, head_dim))
+    k_pages, v_pages, tables, (k_slab, v_slab) = random_paged(
+        rng, batch, kv_heads, head_dim, ps, max_pages, lengths, layers, stale
+    )
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
+
+    args = [jnp.asarray(x, dtype) for x in (q, k_pages, v_pages)] + [jnp.asarray(tables), jnp.asarray(lengths)]
+    options = dict(interpret=interpret, pages_per_block=ppb, num_splits=splits, poison=True)
+    if layers is None:
+        out = paged.paged_decode_attention(*args, **options)
+    elif layers[1] == "traced":
+        fn = jax.jit(lambda *a: paged.paged_decode_attention(*a[:-1], layer=a[-1], **options))
+        out = fn(*args, jnp.int32(1))
+    else:
+        out = paged.paged_decode_attention(*args, layer=layers[1], **options)
+    assert out.shape == q.shape and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            np.testing.assert_array_equal(out[b], 0.0)
+    assert rel_err(out, ref) < REL_TOL[dtype.name], names
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kernel_matches_float64_interpret(rng, case):
+    run_case(rng, case, interpret=True)
+
+
+def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, dtype=jnp.float32):
+    """The seeds' contract, |paged_attention(q, block_table) - incremental_attention(q, kv_cache)| < eps: the
+    relative error between ``jkv.decode_attention(impl="pallas")`` on a PagedKVCache and on the same contents in
+    a contiguous KVCache (the paged kernel against the contiguous kernel)."""
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=head_dim, max_len=8 * page_size, dtype=dtype)
+    k_pages, v_pages, tables, _ = random_paged(rng, len(lengths), 2, head_dim, page_size, 8, lengths, (2, 1), True)
+    cache = PagedKVCache(
+        k_pages=jnp.asarray(k_pages, dtype),
+        v_pages=jnp.asarray(v_pages, dtype),
+        block_tables=jnp.asarray(tables),
+        refcounts=jnp.zeros(k_pages.shape[1], jnp.int32),  # not used by attention
+        lengths=jnp.asarray(lengths, jnp.int32) - 1,  # decode attends to lengths + 1: the new key is written
+        errors=jnp.zeros(len(lengths), jnp.int32),
+    )
+    assert cache.spec == spec
+    flat = cache.to_contiguous()
+    q = jnp.asarray(rng.standard_normal((len(lengths), 8, head_dim)), dtype)
+    got = jkv.decode_attention(q, cache, 1, impl="pallas")
+    want = jkv.decode_attention(q, flat, 1, impl="pallas")
+    return rel_err(got.astype(jnp.float32), want.astype(jnp.float32))
+
+
+def test_paged_equals_contiguous_kernel(rng):
+    """Through jkv.decode_attention: interpret mode here, the compiled kernels on a GPU."""
+    assert contract(rng) < 1e-5
+
+
+def test_reference_matches_float64(rng):
+    """The module's gather-then-contiguous reference, on pools with NaN outside the valid region."""
+    lengths = np.array([1, 33, 0])
+    k_pages, v_pages, tables, (k_slab, v_slab) = random_paged(rng, 3, 2, 64, 16, 3, lengths, (2, 1), True)
+    q = rng.standard_normal((3, 4, 64))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    args = (f32(q), f32(k_pages), f32(v_pages), jnp.asarray(tables), jnp.asarray(lengths))
+    out = paged.paged_decode_attention_reference(*args, layer=1)
+    assert rel_err(out, decode_attention_f64(q, k_slab, v_slab, lengths)) < REL_TOL["float32"]
+    np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
+
+
+@pytest.mark.parametrize(
+    "page_size,expected_ppb", [(4, 32), (16, 8), (64, 2), (256, 1)], ids=lambda x: str(x)
+)  # fmt: skip
+def test_config_counts_whole_pages(page_size, expected_ppb):
+    """The default block is the contiguous kernel's 128 keys (D=128, bf16), rounded to whole pages."""
+    config = paged.paged_config(8, 8, 4096 // page_size, page_size, 128, jnp.bfloat16)
+    assert config.pages_per_block == expected_ppb and config.num_splits >= 1
+
+
+def test_errors():
+    f32 = lambda *s: jnp.zeros(s, jnp.float32)
+    q, pool, tables, lengths = f32(2, 4, 64), f32(6, 2, 16, 64), jnp.zeros((2, 3), jnp.int32), jnp.ones(2, jnp.int32)
+    call = lambda **kw: paged.paged_decode_attention(
+        kw.pop("q", q), kw.pop("k", pool), kw.pop("v", pool), kw.pop("t", tables), kw.pop("n", lengths), **kw
+    )
+    cases = [
+        (dict(q=f32(2, 64)), ValueError, "q must have shape [B, N, D]"),
+        (dict(k=f32(6, 2, 64)), ValueError, "must both have shape [P, K, page_size, D]"),
+        (dict(k=f32(2, 6, 2, 16, 64), v=f32(2, 6, 2, 16, 64)), ValueError, "holds every layer"),
+        (dict(layer=0), ValueError, "layer=0 needs pools of shape"),
+        (dict(k=pool.astype(jnp.bfloat16)), TypeError, "must share a dtype"),
+        (dict(k=pool.astype(jnp.int8), v=pool.astype(jnp.int8)), TypeError, "must share a dtype"),
+        (dict(q=q.astype(jnp.int32)), TypeError, "q must be a floating array"),
+        (dict(q=f32(2, 4, 32)), ValueError, "head_dim must agree"),
+        (dict(q=f32(2, 3, 64)), ValueError, "num_q_heads=3 must be a multiple of num_kv_heads=2"),
+        (dict(q=f32(2, 4, 48), k=f32(6, 2, 16, 48), v=f32(6, 2, 16, 48)), ValueError, "head_dim=48 is not supported"),
+        (dict(k=f32(6, 2, 12, 64), v=f32(6, 2, 12, 64)), ValueError, "page_size=12 must be a power of two"),
+        (dict(t=jnp.zeros((3, 3), jnp.int32)), ValueError, "block_tables must be int[2, M]"),
+        (dict(t=jnp.zeros((2, 3))), ValueError, "block_tables must be int[2, M]"),
+        (dict(n=jnp.ones(3, jnp.int32)), ValueError, "lengths must be int[2]"),
+        (dict(n=jnp.array([1, 49])), ValueError, "lengths=[ 1 49] must lie in [0, M * page_size = 48]"),
+        (dict(t=jnp.array([[0, 1, 2], [-1, 0, 0]])), ValueError, "block_tables[1, 0]=-1 must name a page in [0, 6)"),
+        (dict(t=jnp.array([[6, 1, 2], [0, 0, 0]])), ValueError, "block_tables[0, 0]=6 must name a page"),
+        (dict(k=f32(2, 6, 2, 16, 64), v=f32(2, 6, 2, 16, 64), layer=0.0), TypeError, "layer must be an int"),
+        (dict(k=f32(2, 6, 2, 16, 64), v=f32(2, 6, 2, 16, 64), layer=jnp.zeros(2, jnp.int32)), ValueError, "scalar"),
+        (dict(k=f32(2, 6, 2, 16, 64), v=f32(2, 6, 2, 16, 64), layer=2), ValueError, "layer=2 out of range"),
+        (dict(pages_per_block=3), ValueError, "pages_per_block=3 must be a power of two"),
+        (dict(k=f32(6, 2, 4, 64), v=f32(6, 2, 4, 64), pages_per_block=2), ValueError, "pages_per_block * page_size=4"),
+        (dict(pages_per_block=1.0), TypeError, "pages_per_block must be an int, got 1.0"),
+        (dict(num_splits=0), ValueError, "num_splits=0 must be >= 1"),
+        (dict(num_warps=3), ValueError, "num_warps=3 must be one of"),
+        (dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
+        (dict(scale="x"), TypeError, "scale must be a Python number"),
+    ]
+    for kwargs, exc, text in cases:
+        with pytest.raises(exc) as info:
+            call(**kwargs)
+        assert text in str(info.value), (text, str(info.value))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
+class TestOnGpu:
+    """The same table with the real Triton lowering, with ``GPU_SCALE`` times more pages per sequence."""
+
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_kernel_matches_float64(self, rng, case):
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("page_size", [16, 32, 64])
+    def test_paged_equals_contiguous_kernel(self, rng, page_size):
+        lengths = (1, 8 * page_size - 1, 3 * page_size + 5, 8 * page_size)
+        assert contract(rng, page_size=page_size, lengths=lengths, head_dim=128) < 1e-5
+
+    @pytest.mark.parametrize("batch,seq,page_size", [(1, 4096, 16), (8, 4096, 64)], ids=str)
+    def test_bench_shapes_default_config(self, rng, batch, seq, page_size):
+        """The benchmark's head layout (N=32, K=8, D=128, bf16) with its default launch parameters."""
+        lengths = np.full((batch,), seq, np.int32)
+        lengths[0] = seq - 77
+        k_pages, v_pages, tables, (k, v) = random_paged(
+            rng, batch, 8, 128, page_size, seq // page_size, lengths, None, True
+        )
+        q = rng.standard_normal((batch, 32, 128))
+        bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+        ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
+        out = paged.paged_decode_attention(
+            bf(q), bf(k_pages), bf(v_pages), jnp.asarray(tables), jnp.asarray(lengths), interpret=False, poison=True
+        )
+        assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
