@@ -6,16 +6,19 @@ layers ``[L, P, K, page_size, D]`` with a ``layer`` index (a Python int or a tra
 counts the valid leading positions of each sequence (0 gives a zero output). Position ``s`` of sequence ``b`` is
 row ``s % page_size`` of page ``block_tables[b, s // page_size]``. Query head ``n`` reads kv head ``n // G``.
 
-The kernel follows ``pallas_kernels.decode_attention`` (same grid, split-K and log-sum-exp combine, whose helpers
-it reuses) and differs only in how it finds keys:
+One kernel body for both caches: the paged kernel runs ``pallas_kernels.decode_attention``'s kernel body (grid
+``(b, kv head, split)``, ragged lengths, GQA query tile, split-K with its in-kernel or XLA log-sum-exp merge,
+launch heuristics) unchanged, over a :class:`PagedView` of the pools in place of the contiguous cache ref. The
+view presents the logical ``[L, B, K, M * page_size, D]`` cache and turns each block read
+``k[layer, b, h, start : start + block_k]`` into
 
-* the block table and lengths reach the kernel as int refs; each program loads the page indices of its current
-  block (``pages_per_block`` consecutive table entries) and reads those pages straight from the pools, so no XLA
-  gather ever assembles a sequence;
-* a block is ``pages_per_block * page_size`` keys, gathered as ``[pages_per_block, page_size, D]`` (each page
-  row a contiguous run of ``D`` values) and flattened for the dot;
-* blocks wholly inside the sequence load unmasked; the one partial block at the end loads with a row mask, so
-  table entries past the sequence's pages and rows past its length are never read (they may hold NaN).
+* one load of ``block_k // page_size`` page indices from the block table, which reaches the kernel as an int ref
+  (no XLA gather ever assembles a sequence), then
+* one gathered load of those pages straight from the pool (each page row a contiguous run of ``D`` values),
+  masked by row so that rows past the sequence's length, and pages past those its table covers, are never read
+  (they may hold NaN or belong to another sequence).
+
+A block is therefore whole pages: ``block_k = pages_per_block * page_size``.
 """
 
 from __future__ import annotations
@@ -43,20 +46,50 @@ class PagedConfig(NamedTuple):
     num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
     num_warps: int
     num_stages: int
+    fused_combine: bool = False  # merge the splits inside the kernel (see pallas_kernels.decode_attention)
 
 
 def paged_config(
     batch: int, num_kv_heads: int, max_pages: int, page_size: int, head_dim: int, dtype, **kwargs
 ) -> PagedConfig:
-    """Defaults: the contiguous kernel's block of keys, split and warps, counted in whole pages."""
-    base = contiguous.decode_config(batch, num_kv_heads, max_pages * page_size, head_dim, dtype, **kwargs)
-    ppb = max(1, base.block_k // page_size)
+    """Defaults: the contiguous kernel's block of keys (rounded to whole pages), splits, warps and stages."""
+    max_len = max_pages * page_size
+    base = contiguous.decode_config(batch, num_kv_heads, max_len, head_dim, dtype, **kwargs)
+    ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
     block_k = ppb * page_size
-    splits = contiguous.choose_num_splits(batch, num_kv_heads, max_pages * page_size, block_k, **kwargs)
-    return PagedConfig(pages_per_block=ppb, num_splits=splits, num_warps=base.num_warps, num_stages=base.num_stages)
+    splits = contiguous.choose_num_splits(batch, num_kv_heads, max_len, block_k, **kwargs)
+    stages = min(base.num_stages, contiguous.max_stages(block_k, head_dim, jnp.dtype(dtype).itemsize))
+    return PagedConfig(ppb, splits, base.num_warps, stages, fused_combine=splits > 1)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
+
+
+class PagedView:
+    """Pools ``[L, P, K, page_size, D]`` seen as the contiguous ``[L, B, K, M * page_size, D]`` cache, inside a
+    kernel: indexing with ``[layer, b, h, pl.ds(start, size), :]`` (``start`` and ``size`` multiples of
+    ``page_size``) loads those positions through sequence ``b``'s block table."""
+
+    def __init__(self, pool_ref, tables_ref, lengths_ref):
+        self.pool, self.tables, self.lengths = pool_ref, tables_ref, lengths_ref
+        num_layers, self.num_pages, kv_heads, self.page_size, head_dim = pool_ref.shape
+        batch, max_pages = tables_ref.shape
+        self.shape = (num_layers, batch, kv_heads, max_pages * self.page_size, head_dim)
+        self.dtype = pool_ref.dtype
+
+    def __getitem__(self, index):
+        layer, b, h, window, _ = index
+        ps, head_dim = self.page_size, self.shape[4]
+        ppb = window.size // ps
+        pages = self.tables[b, pl.ds(window.start // ps, ppb)]  # [ppb]
+        pages = jnp.clip(pages, 0, self.num_pages - 1)  # an entry without a page only covers masked rows
+        pos = window.start + lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 0) * ps
+        pos = pos + lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 1)
+        rows = lax.broadcasted_iota(jnp.int32, (1, ps, 1), 1)
+        cols = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim), 2)
+        # Every index an array (one gather, which interpret mode can run too); masked rows are not read.
+        x = backend.load(self.pool.at[layer, pages[:, None, None], h, rows, cols], mask=pos < self.lengths[b], other=0)
+        return x.reshape(window.size, head_dim)  # [bk, D]
 
 
 def _paged_kernel(
@@ -64,86 +97,15 @@ def _paged_kernel(
     lengths_ref,  # [B] int32
     layer_ref,  # [1] int32
     tables_ref,  # [B, Mp] int32: Mp = M padded to a multiple of pages_per_block
-    q_ref,  # [Gp, D]: this program's query tile
-    k_ref,  # [L, P, K, page_size, D]: the whole pool; the program reads the pages its table names
+    q_ref,  # [B, N, D]
+    k_ref,  # [L, P, K, page_size, D]: the whole pool; each program reads the pages its sequence's table names
     v_ref,  # [L, P, K, page_size, D]
-    # then the aliased poison inputs (unused), then the outputs: o [Gp, D] (one split), or acc [Gp, D], m [Gp], l [Gp]
+    # aliased inputs, then outputs: as in pallas_kernels.decode_attention
     *refs,
-    pages_per_block: int,
-    num_splits: int,
-    scale: float,
-    precision,
+    **params,
 ):
-    plgpu = backend.triton_module()
-    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_layers, num_pages, _, page_size, head_dim = k_ref.shape
-    max_len = tables_ref.shape[1] * page_size
-    rows = q_ref.shape[0]
-    block_k = pages_per_block * page_size
-    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
-    n = jnp.clip(lengths_ref[b], 0, max_len)
-    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
-
-    num_blocks = pl.cdiv(n, block_k)
-    per_split = pl.cdiv(num_blocks, num_splits)
-    lo = j * per_split
-    hi = jnp.minimum(lo + per_split, num_blocks)
-    n_full = n // block_k  # blocks whose every position is valid
-
-    q = q_ref[...].astype(k_ref.dtype)  # [Gp, D]
-
-    page_rows = lax.broadcasted_iota(jnp.int32, (1, page_size, 1), 1)
-    cols = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim), 2)
-
-    def load(ref, pages, valid):  # -> [bk, D]
-        if valid is None:
-            x = ref[layer, pages, h]  # [ppb, page_size, D], gathered through the table
-        else:  # masked rows are not read at all; every index is an array so interpret mode can gather it too
-            idx = (layer, pages[:, None, None], h, page_rows, cols)
-            mask = valid.reshape(pages_per_block, page_size)[:, :, None]
-            x = plgpu.load(ref.at[idx], mask=mask, other=0)
-        return x.reshape(block_k, head_dim)
-
-    def attend(carry, block, valid):
-        m, l_sum, acc = carry  # [Gp], [Gp], [Gp, D] float32
-        pages = tables_ref[b, pl.ds(block * pages_per_block, pages_per_block)]  # [ppb]
-        pages = jnp.clip(pages, 0, num_pages - 1)  # entries without a page only occur in masked-out rows
-        k = load(k_ref, pages, valid)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, bk] float32
-        if valid is not None:
-            s = jnp.where(valid[None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
-        p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
-        v = load(v_ref, pages, valid)  # masked rows are 0: 0 * NaN never reaches acc
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        return m_new, l_sum * alpha + jnp.sum(p, axis=1), acc
-
-    def full_block(i, carry):
-        return attend(carry, i, None)
-
-    def tail_block(carry):
-        pos = n_full * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        return attend(carry, n_full, pos < n)
-
-    carry = (
-        jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, head_dim), jnp.float32),
-    )
-    carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
-    has_tail = (lo <= n_full) & (n_full < hi)
-    m, l_sum, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
-
-    if num_splits == 1:
-        o_ref = refs[-1]
-        inv = jnp.where(l_sum > 0, 1.0 / jnp.where(l_sum > 0, l_sum, 1.0), 0.0)  # length 0: zeros
-        o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
-    else:
-        acc_ref, m_ref, l_ref = refs[-3:]
-        acc_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l_sum
+    k_view, v_view = PagedView(k_ref, tables_ref, lengths_ref), PagedView(v_ref, tables_ref, lengths_ref)
+    contiguous._decode_kernel(lengths_ref, layer_ref, q_ref, k_view, v_view, *refs, **params)
 
 
 def _whole(shape):
@@ -154,53 +116,48 @@ def _whole(shape):
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "poison"))
 def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedConfig, interpret: bool, poison: bool):
     # q [B, N, D]; k_pages, v_pages [L, P, K, page_size, D]; tables int32[B, M]; lengths int32[B]; layer int32[1]
-    kv_heads, head_dim = k_pages.shape[2], k_pages.shape[4]
+    kv_heads, page_size, head_dim = k_pages.shape[2:]
     batch, max_pages = tables.shape
-    group = q.shape[1] // kv_heads
-    rows = contiguous.group_rows(group)
+    num_heads = q.shape[1]
+    group = num_heads // kv_heads
     splits, ppb = config.num_splits, config.pages_per_block
-    qg = q.reshape(batch, kv_heads, group, head_dim)  # (B, K, G, D)
-    if rows != group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # (B, K, Gp, D)
     # A block may run past the table's last column (masked): pad the table so its index load stays in bounds.
     tables = jnp.pad(tables, ((0, 0), (0, -max_pages % ppb)), constant_values=-1)
 
+    # Outputs, aliases and their order as pallas_kernels.decode_attention's kernel body expects them.
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, rows, head_dim), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:
         out_shape = [
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),  # m
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),  # l
+            jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
+            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # denom
         ]
-        out_specs = [
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
+    fused = splits > 1 and config.fused_combine
+    if fused:
+        out_shape += [
+            jax.ShapeDtypeStruct((batch * kv_heads,), jnp.int32),  # splits finished per (b, kv head)
+            jax.ShapeDtypeStruct(q.shape, q.dtype),  # o
         ]
-    inputs = [lengths, layer, tables, qg, k_pages, v_pages]
-    in_specs = [
-        _whole(lengths.shape),
-        _whole(layer.shape),
-        _whole(tables.shape),
-        pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)),
-        _whole(k_pages.shape),
-        _whole(v_pages.shape),
-    ]
-    aliases = {}
-    if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
-        for i, (shape, spec) in enumerate(zip(out_shape, out_specs, strict=True)):
+    inputs, aliases = [lengths, layer, tables, q, k_pages, v_pages], {}
+    for i, o in enumerate(out_shape):
+        if o.dtype == jnp.int32:  # the counters start at zero
             aliases[len(inputs)] = i
-            inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
-            in_specs.append(spec)
-
+            inputs.append(jnp.zeros(o.shape, o.dtype))
+        elif poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
+            aliases[len(inputs)] = i
+            inputs.append(jnp.full(o.shape, jnp.nan, o.dtype))
     kernel = functools.partial(
         _paged_kernel,
-        pages_per_block=ppb,
+        num_aliased=len(aliases),
+        group=group,
+        rows=contiguous.group_rows(group),
+        block_k=ppb * page_size,
         num_splits=splits,
+        fused_combine=fused,
         scale=scale,
         precision=lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None,
+        interpret=interpret,
     )
     outs = backend.pallas_call(
         kernel,
@@ -208,14 +165,16 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         grid=(batch, kv_heads, splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
+        in_specs=[_whole(x.shape) for x in inputs],
+        out_specs=[_whole(o.shape) for o in out_shape],
         out_shape=out_shape,
         input_output_aliases=aliases,
         name="jkv_paged_attention",
     )(*inputs)
-    out = outs[0] if splits == 1 else contiguous.combine_splits(outs[1], outs[2], outs[0])  # (B, K, Gp, D)
-    return out[:, :, :group].reshape(q.shape).astype(q.dtype)
+    if splits == 1 or fused:
+        return outs[-1]
+    acc, m, denom = outs
+    return contiguous.combine_splits(m, denom, acc).astype(q.dtype)  # (B, N, D)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -297,7 +256,12 @@ def check_args(q, k_pages, v_pages, block_tables, lengths, layer=None) -> tuple[
     return b, n, kh, num_pages, page_size, d
 
 
-def _resolve_config(default: PagedConfig, page_size: int, **overrides) -> PagedConfig:
+def _resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsize: int, **overrides) -> PagedConfig:
+    """The default with the caller's overrides (``None`` keeps the default), validated; stages are capped so the
+    resident K/V blocks fit in shared memory (``pallas_kernels.decode_attention.max_stages``)."""
+    fused = overrides.pop("fused_combine", None)
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused_combine must be None or a bool, got {fused!r}")
     for name, value in overrides.items():
         if value is not None and not _is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
@@ -312,8 +276,10 @@ def _resolve_config(default: PagedConfig, page_size: int, **overrides) -> PagedC
         raise ValueError(f"num_warps={overrides['num_warps']} must be one of {contiguous.NUM_WARPS}")
     if overrides["num_stages"] is not None and overrides["num_stages"] < 1:
         raise ValueError(f"num_stages={overrides['num_stages']} must be >= 1")
-    chosen = (overrides[f] for f in PagedConfig._fields)
-    return PagedConfig(*(d if o is None else int(o) for d, o in zip(default, chosen, strict=True)))
+    chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [fused]
+    config = PagedConfig(*(d if o is None else type(d)(o) for d, o in zip(default, chosen, strict=True)))
+    cap = contiguous.max_stages(config.pages_per_block * page_size, head_dim, itemsize)
+    return config._replace(num_stages=min(config.num_stages, cap))
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -333,14 +299,16 @@ def paged_decode_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fused_combine: bool | None = None,
     poison: bool = False,
 ) -> Float[Array, "B N D"]:
     """Decode attention of one query per sequence over its first ``lengths[b]`` positions, through the table.
 
     ``layer`` selects the layer of ``[L, P, K, page_size, D]`` pools inside the kernel (no copy of a layer).
     ``scale`` defaults to ``D ** -0.5``. ``interpret=None`` runs interpret mode off GPU. ``pages_per_block``,
-    ``num_splits``, ``num_warps`` and ``num_stages`` override :func:`paged_config`. ``poison=True`` fills the
-    kernel's output buffers with NaN before the launch (a test aid: elements it fails to write stay NaN).
+    ``num_splits``, ``num_warps``, ``num_stages`` and ``fused_combine`` override :func:`paged_config`.
+    ``poison=True`` fills the kernel's output buffers with NaN before the launch (a test aid: elements it fails
+    to write stay NaN).
     """
     b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer)
     interpret = backend.resolve_interpret(interpret)
@@ -351,10 +319,13 @@ def paged_decode_attention(
     config = _resolve_config(
         paged_config(b, kh, block_tables.shape[1], page_size, d, k_pages.dtype),
         page_size,
+        d,
+        jnp.dtype(k_pages.dtype).itemsize,
         pages_per_block=pages_per_block,
         num_splits=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
+        fused_combine=fused_combine,
     )
     if k_pages.ndim == 4:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy

@@ -76,7 +76,7 @@ def random_paged(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, 
     return k_pages, v_pages, tables, slabs
 
 
-def run_case(rng, case, *, scale_up=1, interpret=None):
+def run_case(rng, case, *, scale_up=1, interpret=None, fused_combine=None):
     _, batch, kv_heads, group, head_dim, ps, max_pages, dtype, names, layers, ppb, splits, stale = case
     max_pages *= scale_up
     dtype = jnp.dtype(dtype)
@@ -93,7 +93,9 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k_pages, v_pages)] + [jnp.asarray(tables), jnp.asarray(lengths)]
-    options = dict(interpret=interpret, pages_per_block=ppb, num_splits=splits, poison=True)
+    options = dict(
+        interpret=interpret, pages_per_block=ppb, num_splits=splits, fused_combine=fused_combine, poison=True
+    )
     if layers is None:
         out = paged.paged_decode_attention(*args, **options)
     elif layers[1] == "traced":
@@ -112,6 +114,11 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernel_matches_float64_interpret(rng, case):
     run_case(rng, case, interpret=True)
+
+
+def test_splits_merged_by_xla_interpret(rng):
+    """The split partials merged by the XLA combine instead of inside the kernel (the default with splits)."""
+    run_case(rng, CASES[1], interpret=True, fused_combine=False)
 
 
 def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, dtype=jnp.float32):
@@ -196,6 +203,7 @@ def test_errors():
         (dict(num_warps=3), ValueError, "num_warps=3 must be one of"),
         (dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
         (dict(scale="x"), TypeError, "scale must be a Python number"),
+        (dict(fused_combine=1), TypeError, "fused_combine must be None or a bool"),
     ]
     for kwargs, exc, text in cases:
         with pytest.raises(exc) as info:
@@ -211,6 +219,10 @@ class TestOnGpu:
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("fused", [False, True])
+    def test_split_merges(self, rng, fused):
+        run_case(rng, CASES[0], scale_up=GPU_SCALE, interpret=False, fused_combine=fused)
 
     @pytest.mark.parametrize("page_size", [16, 32, 64])
     def test_paged_equals_contiguous_kernel(self, rng, page_size):
