@@ -101,12 +101,12 @@ def _dequantize(codes, scales, *, dtype, block_rows: int, interpret: bool, poiso
     # codes [R, D] int8; scales [R, D // 32]
     rows, head_dim = codes.shape
     out_shape = jax.ShapeDtypeStruct((rows, head_dim), dtype)
-    inputs, in_specs = [codes, scales], [bf16_kernel._whole(codes.shape), bf16_kernel._whole(scales.shape)]
+    inputs, in_specs = [codes, scales], [_whole(codes.shape), _whole(scales.shape)]
     aliases = {}
     if poison:  # the output starts as NaN: whatever the kernel fails to write stays NaN
         aliases[len(inputs)] = 0
         inputs.append(jnp.full(out_shape.shape, jnp.nan, dtype))
-        in_specs.append(bf16_kernel._whole(out_shape.shape))
+        in_specs.append(_whole(out_shape.shape))
     kernel = functools.partial(_dequant_kernel, num_poison=len(aliases), block_rows=block_rows)
     return backend.pallas_call(
         kernel,
@@ -115,7 +115,7 @@ def _dequantize(codes, scales, *, dtype, block_rows: int, interpret: bool, poiso
         num_stages=1,
         grid=(pl.cdiv(rows, block_rows),),
         in_specs=in_specs,
-        out_specs=bf16_kernel._whole(out_shape.shape),
+        out_specs=_whole(out_shape.shape),
         out_shape=out_shape,
         input_output_aliases=aliases,
         name="jkv_q8_dequantize",
@@ -144,8 +144,8 @@ def dequantize(
     if rows == 0:
         return jnp.zeros(codes.shape, dtype)
     if block_rows is None:
-        block_rows = min(DEQUANT_BLOCK_ROWS, bf16_kernel._pow2_floor(rows))
-    elif not bf16_kernel._is_int(block_rows) or block_rows < 1 or block_rows & (block_rows - 1) or block_rows > rows:
+        block_rows = min(DEQUANT_BLOCK_ROWS, 1 << (rows.bit_length() - 1))  # largest power of two <= rows
+    elif not _is_int(block_rows) or block_rows < 1 or block_rows & (block_rows - 1) or block_rows > rows:
         raise ValueError(f"{block_rows=} must be a power of two no larger than the number of rows ({rows})")
     out = _dequantize(
         codes.reshape(rows, head_dim),
@@ -183,29 +183,38 @@ def _dot(a, b, trans_b=False):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _dequant_tile(codes, scales, dtype):
+    """``[bk, D]`` int8 codes times ``[bk, D // 32]`` float32 scales, as ``dtype``."""
+    bk, d = codes.shape
+    blocks = codes.astype(jnp.float32).reshape(bk, d // QBLOCK, QBLOCK)  # (bk, D/32, 32)
+    return (blocks * scales[:, :, None]).reshape(bk, d).astype(dtype)
+
+
 def _q8_decode_kernel(
     # inputs
     lengths_ref,  # [B] int32
     layer_ref,  # [1] int32
-    q_ref,  # [Gp, D]: this program's query tile
+    q_ref,  # [B, N, D]
     k_ref,  # [L, B, K, S, D] int8: the whole cache; the program reads its own (layer, b, kv head) slab
     k_scale_ref,  # [L, B, K, S, D // 32]
     v_ref,  # [L, B, K, S, D] int8
     v_scale_ref,  # [L, B, K, S, D // 32]
     # (poison inputs, aliased to the outputs and never read), then outputs:
-    # o [Gp, D] (one split), or acc [Gp, D], m [Gp], l [Gp]
+    # o [B, N, D] (one split), or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32)
     *refs,
     num_poison: int,
+    group: int,
+    rows: int,
     block_k: int,
     num_splits: int,
     scale: float,
     dot_dtype,
+    fuse: str,
 ):
     out_refs = refs[num_poison:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_layers, _, _, max_len, head_dim = k_ref.shape
     chunks = head_dim // QBLOCK
-    rows = q_ref.shape[0]
     # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
     n = jnp.clip(lengths_ref[b], 0, max_len)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
@@ -216,30 +225,58 @@ def _q8_decode_kernel(
     hi = jnp.minimum(lo + per_split, num_blocks)
     n_full = n // block_k  # blocks whose every position is valid
 
-    q = [q_ref[:, pl.ds(c * QBLOCK, QBLOCK)].astype(dot_dtype) for c in range(chunks)]  # chunks of [Gp, 32]
+    # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
+    head_rows = pl.ds(h * group, rows)
+    padded = rows != group
+    row_ok = lambda width: lax.broadcasted_iota(jnp.int32, (rows, width), 0) < group if padded else None
+    # Column slices of D: one of 32 per chunk ("scores"), or all of D at once ("tiles").
+    cols = [pl.ds(c * QBLOCK, QBLOCK) for c in range(chunks)] if fuse == "scores" else [pl.ds(0, head_dim)]
+    width = cols[0].size
+    q = [
+        backend.load(q_ref.at[b, head_rows, c], mask=row_ok(width), other=0 if padded else None).astype(dot_dtype)
+        for c in cols
+    ]  # [Gp, width] each
 
-    def attend(carry, start, valid):
-        m, denom, acc = carry  # running max [Gp], sum [Gp], chunks of [Gp, 32]; float32
-        keys = pl.ds(start, block_k)
+    def scores_of(keys, valid):
+        if fuse == "tiles":
+            scales = k_scale_ref[layer, b, h, keys, :].astype(jnp.float32) * scale  # [bk, D/32]
+            k = _dequant_tile(k_ref[layer, b, h, keys, :], scales, dot_dtype)  # [bk, D]
+            return _dot(q[0], k, trans_b=True)  # [Gp, bk]
         s = jnp.zeros((rows, block_k), jnp.float32)
-        for c in range(chunks):
-            codes = k_ref[layer, b, h, keys, pl.ds(c * QBLOCK, QBLOCK)]  # [bk, 32] int8
+        for c, col in enumerate(cols):
+            codes = k_ref[layer, b, h, keys, col]  # [bk, 32] int8
             k_scale = k_scale_ref[layer, b, h, keys, c].astype(jnp.float32) * scale  # [bk]
             s += _dot(q[c], codes.astype(dot_dtype), trans_b=True) * k_scale[None, :]  # [Gp, bk]
+        return s
+
+    def values_of(p, keys, valid):
+        if fuse == "tiles":
+            scales = v_scale_ref[layer, b, h, keys, :].astype(jnp.float32)  # [bk, D/32]
+            if valid is not None:
+                scales = jnp.where(valid[:, None], scales, 0.0)
+            v = _dequant_tile(v_ref[layer, b, h, keys, :], scales, dot_dtype)  # [bk, D]
+            return [_dot(p.astype(dot_dtype), v)]  # [Gp, D]
+        out = []
+        for c, col in enumerate(cols):
+            v_scale = v_scale_ref[layer, b, h, keys, c].astype(jnp.float32)  # [bk]
+            if valid is not None:
+                v_scale = jnp.where(valid, v_scale, 0.0)
+            codes = v_ref[layer, b, h, keys, col]  # [bk, 32] int8
+            out.append(_dot((p * v_scale[None, :]).astype(dot_dtype), codes.astype(dot_dtype)))  # [Gp, 32]
+        return out
+
+    def attend(carry, start, valid):
+        m, denom, acc = carry  # running max [Gp], sum [Gp], column slices of the output [Gp, width]; float32
+        keys = pl.ds(start, block_k)
+        s = scores_of(keys, valid)
         if valid is not None:  # unused positions may hold NaN scales: where(), never a multiply, masks them
             s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
         p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
-        new_acc = []
-        for c in range(chunks):
-            v_scale = v_scale_ref[layer, b, h, keys, c].astype(jnp.float32)  # [bk]
-            if valid is not None:
-                v_scale = jnp.where(valid, v_scale, 0.0)
-            codes = v_ref[layer, b, h, keys, pl.ds(c * QBLOCK, QBLOCK)]  # [bk, 32] int8
-            pv = _dot((p * v_scale[None, :]).astype(dot_dtype), codes.astype(dot_dtype))  # [Gp, 32]
-            new_acc.append(acc[c] * alpha[:, None] + pv)
-        return m_new, denom * alpha + jnp.sum(p, axis=1), tuple(new_acc)
+        pv = values_of(p, keys, valid)
+        acc = tuple(a * alpha[:, None] + x for a, x in zip(acc, pv, strict=True))
+        return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
     def full_block(i, carry):
         return attend(carry, pl.multiple_of(i * block_k, block_k), None)
@@ -253,23 +290,24 @@ def _q8_decode_kernel(
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
-        tuple(jnp.zeros((rows, QBLOCK), jnp.float32) for _ in range(chunks)),
+        tuple(jnp.zeros((rows, width), jnp.float32) for _ in cols),
     )
     carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
     has_tail = (lo <= n_full) & (n_full < hi)
     m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
 
+    vec_ok = lax.broadcasted_iota(jnp.int32, (rows,), 0) < group if padded else None
     if num_splits == 1:
-        o_ref = out_refs[0]
+        (o_ref,) = out_refs
         inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
-        for c in range(chunks):
-            o_ref[:, pl.ds(c * QBLOCK, QBLOCK)] = (acc[c] * inv[:, None]).astype(o_ref.dtype)
+        for a, col in zip(acc, cols, strict=True):
+            backend.store(o_ref.at[b, head_rows, col], (a * inv[:, None]).astype(o_ref.dtype), mask=row_ok(width))
     else:
-        acc_ref, m_ref, l_ref = out_refs[:3]
-        for c in range(chunks):
-            acc_ref[:, pl.ds(c * QBLOCK, QBLOCK)] = acc[c]
-        m_ref[...] = m
-        l_ref[...] = denom
+        acc_ref, m_ref, denom_ref = out_refs
+        for a, col in zip(acc, cols, strict=True):
+            backend.store(acc_ref.at[b, j, head_rows, col], a, mask=row_ok(width))
+        backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
+        backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
 
 
 def dot_dtype_for(q_dtype) -> jnp.dtype:
@@ -278,56 +316,41 @@ def dot_dtype_for(q_dtype) -> jnp.dtype:
     return q_dtype if q_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "poison"))
-def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret, poison):
+# Where the scales enter: "scores" multiplies each 32-wide chunk's partial product by its scales (codes go to
+# the tensor cores as they are); "tiles" dequantizes each [bk, D] K/V tile in registers, then one product each.
+FUSE = ("scores", "tiles")
+DEFAULT_FUSE = "scores"
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "fuse", "interpret", "poison"))
+def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, fuse, interpret, poison):
     # q [B, N, D]; k, v int8[L, B, K, S, D]; scales [L, B, K, S, D // 32]; lengths int32[B]; layer int32[1]
     _, batch, kv_heads, _, head_dim = k.shape
-    group = q.shape[1] // kv_heads
-    rows = group_rows(group)
+    num_heads = q.shape[1]
+    group = num_heads // kv_heads
     splits = config.num_splits
-    qg = q.reshape(batch, kv_heads, group, head_dim)  # (B, K, G, D)
-    if rows != group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))  # (B, K, Gp, D)
-
     if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, rows, head_dim), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     else:
         out_shape = [
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),  # m
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, rows), jnp.float32),  # l
+            jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
+            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # denom
         ]
-        out_specs = [
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (b, h, j, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
-        ]
-    whole = bf16_kernel._whole
-    inputs = [lengths, layer, qg, k, k_scale, v, v_scale]
-    in_specs = [
-        whole(lengths.shape),
-        whole(layer.shape),
-        pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)),
-        whole(k.shape),
-        whole(k_scale.shape),
-        whole(v.shape),
-        whole(v_scale.shape),
-    ]
-    aliases = {}
+    inputs = [lengths, layer, q, k, k_scale, v, v_scale]
+    num_in = len(inputs)
     if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
-        for i, (shape, spec) in enumerate(zip(out_shape, out_specs, strict=True)):
-            aliases[len(inputs)] = i
-            inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
-            in_specs.append(spec)
-
+        inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
     kernel = functools.partial(
         _q8_decode_kernel,
-        num_poison=len(aliases),
+        num_poison=len(inputs) - num_in,
+        group=group,
+        rows=group_rows(group),
         block_k=config.block_k,
         num_splits=splits,
         scale=scale,
         dot_dtype=dot_dtype_for(q.dtype),
+        fuse=fuse,
     )
     outs = backend.pallas_call(
         kernel,
@@ -335,14 +358,16 @@ def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeC
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         grid=(batch, kv_heads, splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
+        in_specs=[_whole(x.shape) for x in inputs],
+        out_specs=[_whole(o.shape) for o in out_shape],
         out_shape=out_shape,
-        input_output_aliases=aliases,
+        input_output_aliases={num_in + i: i for i in range(len(inputs) - num_in)},
         name="jkv_q8_decode_attention",
     )(*inputs)
-    out = outs[0] if splits == 1 else combine_splits(outs[1], outs[2], outs[0])  # (B, K, Gp, D)
-    return out[:, :, :group].reshape(q.shape).astype(q.dtype)
+    if splits == 1:
+        return outs[0]
+    acc, m, denom = outs
+    return combine_splits(m, denom, acc).astype(q.dtype)  # (B, N, D)
 
 
 def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
@@ -359,9 +384,55 @@ def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int
     return bf16_kernel.check_args(q, stand_in, stand_in, lengths, layer)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _whole(shape):
+    """A BlockSpec that hands the kernel the whole array, whatever the program."""
+    return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
+
+
+def _resolve_config(default: DecodeConfig, max_len: int, head_dim: int, **overrides) -> DecodeConfig:
+    """The default with the caller's launch overrides, validated as the bf16 kernel validates them; stages are
+    capped so the resident int8 K/V blocks fit the bf16 kernel's shared-memory budget."""
+    for name, value in overrides.items():
+        if value is not None and not _is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    block_k, num_splits, num_warps, num_stages = (
+        overrides[f] for f in ("block_k", "num_splits", "num_warps", "num_stages")
+    )
+    top = max(max_len, bf16_kernel.MIN_BLOCK)
+    if block_k is not None and (block_k < bf16_kernel.MIN_BLOCK or block_k & (block_k - 1) or block_k > top):
+        raise ValueError(f"{block_k=} must be a power of two in [{bf16_kernel.MIN_BLOCK}, max(S, 16)={top}]")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{num_splits=} must be >= 1")
+    if num_warps is not None and num_warps not in bf16_kernel.NUM_WARPS:
+        raise ValueError(f"{num_warps=} must be one of {bf16_kernel.NUM_WARPS}")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"{num_stages=} must be >= 1")
+    config = default._replace(**{k: int(v) for k, v in overrides.items() if v is not None})
+    return config._replace(num_stages=min(config.num_stages, bf16_kernel.max_stages(config.block_k, head_dim, 1)))
+
+
+# Launch parameters from a sweep on an H100 at B x T = 32 x 4096 (N=32, K=8, D=128; docs/quant.md): per key the
+# Q8 loop does the bf16 kernel's work on half the bytes plus the scale products, and small blocks with 2 warps won
+# (32 keys, 2 warps, 3 stages: 142 us; 64 keys, 4 warps: 158 us; 256 keys: 262 us); "scores" and "tiles" were
+# within 1 % of each other at their best.
+BLOCK_K = 32
+NUM_WARPS = 2
+NUM_STAGES = 3
+SPLIT_KEYS = 64  # splits are chosen as for 64-key blocks: each split keeps at least 128 keys of a full sequence
+
+
 def decode_config(batch: int, num_kv_heads: int, max_len: int, head_dim: int) -> DecodeConfig:
-    """The bf16 kernel's heuristic at one byte per value: a 32 KiB block of codes (256 keys at D = 128)."""
-    return bf16_kernel.decode_config(batch, num_kv_heads, max_len, head_dim, jnp.int8)
+    """Launch parameters: ``BLOCK_K`` keys per step (fewer for a shorter cache), ``NUM_WARPS``, ``NUM_STAGES``;
+    splits by the bf16 kernel's rule (about four programs per multiprocessor) at ``SPLIT_KEYS`` granularity."""
+    block_k = max(bf16_kernel.MIN_BLOCK, min(BLOCK_K, 1 << (max(max_len, 1).bit_length() - 1)))
+    splits = bf16_kernel.choose_num_splits(batch, num_kv_heads, max_len, max(block_k, SPLIT_KEYS))
+    default = bf16_kernel.decode_config(batch, num_kv_heads, max_len, head_dim, jnp.bfloat16)
+    stages = min(NUM_STAGES, bf16_kernel.max_stages(block_k, head_dim, 1))
+    return default._replace(block_k=block_k, num_splits=splits, num_warps=NUM_WARPS, num_stages=stages)
 
 
 def decode_attention(
@@ -379,6 +450,7 @@ def decode_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fuse: str | None = None,
     poison: bool = False,
 ) -> Float[Array, "B N D"]:
     """Decode attention over a Q8 cache: one query per sequence over its first ``lengths[b]`` positions.
@@ -386,7 +458,8 @@ def decode_attention(
     Arguments as for ``pallas_kernels.decode_attention.decode_attention``, with each of K and V given as codes
     and scales (one layer ``[B, K, S, ...]`` or a whole ``[L, B, K, S, ...]`` cache with ``layer``). The
     products run in ``q``'s dtype when it is bfloat16 or float16, in tf32 (GPU) or float32 (interpret) for a
-    float32 ``q``; softmax and accumulation in float32.
+    float32 ``q``; softmax and accumulation in float32. ``fuse`` picks where the scales enter (``FUSE``; default
+    ``DEFAULT_FUSE``).
     """
     b, _, kh, s, d = check_args(q, k, k_scale, v, v_scale, lengths, layer)
     interpret = backend.resolve_interpret(interpret)
@@ -394,9 +467,13 @@ def decode_attention(
         scale = d**-0.5
     elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a Python number, got {scale!r}")
-    config = bf16_kernel._resolve_config(
+    fuse = DEFAULT_FUSE if fuse is None else fuse
+    if fuse not in FUSE:
+        raise ValueError(f"fuse={fuse!r} is not one of {FUSE}")
+    config = _resolve_config(
         decode_config(b, kh, s, d),
         s,
+        d,
         block_k=block_k,
         num_splits=num_splits,
         num_warps=num_warps,
@@ -409,9 +486,8 @@ def decode_attention(
         k, k_scale, v, v_scale = (jnp.pad(x, pad) for x in (k, k_scale, v, v_scale))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
-    return _decode(
-        q, k, k_scale, v, v_scale, lengths, layer, scale=float(scale), config=config, interpret=interpret, poison=poison
-    )
+    options = dict(scale=float(scale), config=config, fuse=fuse, interpret=interpret, poison=poison)
+    return _decode(q, k, k_scale, v, v_scale, lengths, layer, **options)
 
 
 def decode_attention_reference(

@@ -320,15 +320,19 @@ def test_donated_write_runs_in_place(rng):
 
 
 # ---------------------------------------------------------------------- attention through a Q8 cache
-ATTN_CASES = [  # (batch, kv_heads, group, head_dim, max_len)
-    (3, 2, 4, 64, 200),
-    (2, 1, 8, 128, 96),
-    (4, 4, 1, 64, 40),
+ATTN_CASES = [  # (batch, kv_heads, group, head_dim, max_len, scale dtype)
+    (3, 2, 4, 64, 200, jnp.float16),
+    (3, 2, 4, 64, 200, jnp.float32),
+    (2, 1, 8, 128, 96, jnp.float16),
+    (4, 4, 1, 64, 40, jnp.float32),
 ]
 
 
-@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES, ids=sname)
-@pytest.mark.parametrize(("batch", "kv_heads", "group", "head_dim", "max_len"), ATTN_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "group", "head_dim", "max_len", "scale_dtype"),
+    ATTN_CASES,
+    ids=[f"B{b}_K{k}_G{g}_D{d}_S{s}_{sname(sd)}" for b, k, g, d, s, sd in ATTN_CASES],
+)
 def test_decode_attention_q8_xla(rng, batch, kv_heads, group, head_dim, max_len, scale_dtype):
     spec = jkv.CacheSpec(2, kv_heads, head_dim, max_len, jnp.float32)
     lengths = rng.integers(1, max_len, batch)

@@ -1,0 +1,244 @@
+"""Q8 decode attention on one GPU: the fused Q8 kernel, the seed's way (dequantize, then attend) and the bf16
+kernel, on the same shapes in one run.
+
+For N=32 query heads, K=8 kv heads, D=128, bf16 queries and each B x T (every sequence full, lengths = T):
+
+* ``bf16``: ``pallas_kernels.decode_attention`` over a bf16 cache, default launch parameters;
+* ``q8``: ``pallas_kernels.q8.decode_attention`` over the same K/V quantized (int8, float16 scales), default
+  launch parameters; ``q8_tuned``: the best configuration of a sweep run first on ``--sweep-shape``;
+* ``seed``: ``pallas_kernels.q8.dequantize`` of K and V to bf16, then the bf16 kernel (the seed's approach: the
+  dequantized layer is written to and read back from memory);
+* ``copy``: a 1 GiB device-to-device copy (``jnp`` copy of a bf16 array; bytes read + written), the ceiling.
+
+Timing: one jitted program runs ``n`` calls in a ``fori_loop``, each call's output ``[B, N, D]`` feeding the next
+call's query (a data dependency: no call can be dropped, merged or hoisted); the time per call is the difference
+between programs of ``2n`` and ``n`` calls (launch and dispatch cancel), median of 7. K/V rotate over enough
+copies to exceed 4x the L2 cache. Bandwidth: bytes of the cache each variant must read (bf16: 2*B*K*T*D*2;
+Q8: 2*B*K*T*(D + D/32*2)) over time. Every variant is checked against the float32 reference on the bf16 K/V.
+
+Usage: ``python scripts/bench_q8.py --out DIR [--shapes 1x4096 64x8192] [--budget-s 150]``; prints a table last
+and writes ``DIR/bench_q8.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jkv.quant import quantize
+from pallas_kernels import backend, q8
+from pallas_kernels import decode_attention as kernels
+
+SHAPES = ((1, 4096), (1, 32768), (8, 16384), (32, 4096), (64, 8192))
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
+ROTATE_BYTES = 200e6  # > 4x the 50 MB L2 of an H100
+TARGET_RUN_S = 2e-3
+
+
+def bf16_bytes(batch, seq):
+    return 2 * batch * NUM_KV_HEADS * seq * HEAD_DIM * 2
+
+
+def q8_bytes(batch, seq):
+    return 2 * batch * NUM_KV_HEADS * seq * (HEAD_DIM + HEAD_DIM // 32 * 2)
+
+
+def time_chained(fn, q, kv_sets, est_s: float, trials: int = 7) -> dict:
+    """Median time of one ``fn(q, *kv)`` call; the output of each call is the next call's ``q``."""
+    per_loop = len(kv_sets)
+    reps = max(1, math.ceil(TARGET_RUN_S / (est_s * per_loop)))
+
+    def program(loops):
+        def run(q, kv_sets):
+            def body(_, q):
+                for kv in kv_sets:  # static unroll over the rotating copies
+                    q = fn(q, *kv)
+                return q
+
+            return lax.fori_loop(0, loops, body, q)
+
+        return jax.jit(run)
+
+    t0 = time.perf_counter()
+    short, long = program(reps), program(2 * reps)
+    for run in (short, long):
+        jax.block_until_ready(run(q, kv_sets))
+    compile_s = time.perf_counter() - t0
+
+    def wall(run):
+        t = time.perf_counter()
+        jax.block_until_ready(run(q, kv_sets))
+        return time.perf_counter() - t
+
+    samples = []
+    for _ in range(trials):
+        t_short, t_long = wall(short), wall(long)
+        samples.append((t_long - t_short) / (reps * per_loop))
+    return {"time_s": statistics.median(samples), "spread_s": max(samples) - min(samples), "compile_s": compile_s}
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, trials: int = 7) -> dict:
+    """A loop of ``x = -x`` over a bf16 array: each step reads and writes it once."""
+    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+    program = lambda n: jax.jit(lambda x: lax.fori_loop(0, n, lambda _, x: -x, x))
+    short, long = program(10), program(20)
+    for run in (short, long):
+        jax.block_until_ready(run(x))
+    samples = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        jax.block_until_ready(short(x))
+        t1 = time.perf_counter()
+        jax.block_until_ready(long(x))
+        samples.append((time.perf_counter() - 2 * t1 + t0) / 10)
+    t = statistics.median(samples)
+    return {"bytes": 2 * nbytes, "time_s": t, "tbps": 2 * nbytes / t / 1e12}
+
+
+def rel_err(out, ref) -> float:
+    out, ref = (np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) for x in (out, ref))
+    if not np.isfinite(out).all():
+        return float("nan")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def make_sets(batch, seq):
+    key = jax.random.key(batch * 100003 + seq)
+    copies = max(1, math.ceil(ROTATE_BYTES / q8_bytes(batch, seq)))
+    q = jax.random.normal(key, (batch, NUM_Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    lengths = jnp.full((batch,), seq, jnp.int32)
+    bf16, q8s = [], []
+    for i in range(copies):
+        kk, kv = jax.random.split(jax.random.fold_in(key, i + 1))
+        k = jax.random.normal(kk, (batch, NUM_KV_HEADS, seq, HEAD_DIM), jnp.bfloat16)
+        v = jax.random.normal(kv, (batch, NUM_KV_HEADS, seq, HEAD_DIM), jnp.bfloat16)
+        bf16.append((k, v, lengths))
+        q8s.append((*quantize(k), *quantize(v), lengths))
+    return q, bf16, q8s
+
+
+def variants(batch, seq, tuned: dict | None):
+    seed = lambda q, k, ks, v, vs, n: kernels.decode_attention(
+        q, q8.dequantize(k, ks, dtype=jnp.bfloat16), q8.dequantize(v, vs, dtype=jnp.bfloat16), n
+    )
+    out = {"bf16": (kernels.decode_attention, "bf16"), "q8": (q8.decode_attention, "q8"), "seed": (seed, "q8")}
+    if tuned:
+        out["q8_tuned"] = (lambda q, *kv, c=tuned: q8.decode_attention(q, *kv, **c), "q8")
+    return out
+
+
+def measure(name, fn, kind, q, sets, ref, nbytes, log) -> dict:
+    try:
+        err = rel_err(fn(q, *sets[0]), ref)
+        timing = time_chained(fn, q, sets, nbytes / 2.5e12 + 5e-6)
+    except Exception as e:  # reported, not fatal
+        log(f"  {name:44s} ERROR {type(e).__name__}: {str(e)[:300]}")
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    tbps = nbytes / timing["time_s"] / 1e12
+    us, compile_s = timing["time_s"] * 1e6, timing["compile_s"]
+    log(f"  {name:44s} {us:9.1f} us {tbps:6.3f} TB/s err {err:.1e} compile {compile_s:.1f}s")
+    return {**timing, "tbps": tbps, "rel_err": err, "kind": kind}
+
+
+def sweep(batch, seq, deadline, log) -> tuple[dict, list]:
+    """Best Q8 launch parameters at one shape: both fusions x block sizes x warps/stages (splits by heuristic)."""
+    q, _, sets = make_sets(batch, seq)
+    ref = q8.decode_attention_reference(q, *sets[0])
+    rows, best = [], None
+    grid = [(f, bk, w, st) for f in q8.FUSE for bk in (64, 128, 32) for w, st in ((4, 3), (4, 4), (2, 3), (4, 2))]
+    for fuse, bk, w, st in grid:
+        if time.perf_counter() > deadline:
+            log("  (sweep budget spent)")
+            break
+        config = dict(fuse=fuse, block_k=bk, num_warps=w, num_stages=st)
+        fn = lambda q, *kv, c=config: q8.decode_attention(q, *kv, **c)
+        r = measure(f"q8[{fuse},bk={bk},w={w},s={st}]", fn, "q8", q, sets, ref, q8_bytes(batch, seq), log)
+        rows.append({"config": config, **r})
+        if "time_s" in r and (best is None or r["time_s"] < best[0]):
+            best = (r["time_s"], config)
+    return (best[1] if best else None), rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in SHAPES])
+    parser.add_argument("--sweep-shape", default="32x4096", help="B x T of the launch-parameter sweep ('' skips it)")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="seconds the sweep may take")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, flush=True)
+    start = time.perf_counter()
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": jax.devices()[0].device_kind,
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        **backend.describe(),
+    }
+    log(json.dumps(meta))
+    report = {"meta": meta, "copy": copy_bandwidth(), "shapes": []}
+    log(f"device copy: {report['copy']['tbps']:.3f} TB/s (read + write)")
+    tuned = None
+    if args.sweep_shape:
+        b, t = (int(x) for x in args.sweep_shape.split("x"))
+        log(f"sweep at B={b} T={t}")
+        tuned, rows = sweep(b, t, time.perf_counter() + args.budget_s, log)
+        report["sweep"] = {"batch": b, "seq": t, "rows": rows, "best": tuned}
+        log(f"best: {tuned}")
+        jax.clear_caches()
+    for shape in args.shapes:
+        batch, seq = (int(x) for x in shape.split("x"))
+        log(
+            f"B={batch} T={seq}: bf16 K+V {bf16_bytes(batch, seq) / 1e6:.0f} MB, Q8 {q8_bytes(batch, seq) / 1e6:.0f} MB"
+        )
+        q, bf16_sets, q8_sets = make_sets(batch, seq)
+        ref = kernels.decode_attention_reference(q, *bf16_sets[0])
+        results = {}
+        for name, (fn, kind) in variants(batch, seq, tuned).items():
+            sets, nbytes = (bf16_sets, bf16_bytes(batch, seq)) if kind == "bf16" else (q8_sets, q8_bytes(batch, seq))
+            results[name] = measure(name, fn, kind, q, sets, ref, nbytes, log)
+        results["q8"]["config"] = q8.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM)._asdict()
+        report["shapes"].append({"batch": batch, "seq": seq, "results": results})
+        (args.out / "bench_q8.json").write_text(json.dumps(report, indent=1, default=str))
+        del bf16_sets, q8_sets
+        jax.clear_caches()
+    log(f"total {time.perf_counter() - start:.0f} s")
+    log(table(report))
+
+
+def table(report) -> str:
+    copy = report["copy"]["tbps"]
+    names = [n for n in ("q8", "q8_tuned", "seed") if any(n in s["results"] for s in report["shapes"])]
+    head = f"{'B x T':>11} {'bf16 us':>8} {'TB/s':>6}" + "".join(
+        f" {n + ' us':>11} {'/bf16':>6} {'TB/s':>6}" for n in names
+    )
+    lines = [f"copy {copy:.3f} TB/s; TB/s = bytes each variant reads (bf16 or Q8) / time", head]
+    for s in report["shapes"]:
+        r = s["results"]
+        t = lambda n, r=r: r.get(n, {}).get("time_s", float("nan"))
+        tb = lambda n, r=r: r.get(n, {}).get("tbps", float("nan"))
+        row = f"{s['batch']:>5} x {s['seq']:<5} {t('bf16') * 1e6:8.1f} {tb('bf16'):6.3f}"
+        row += "".join(f" {t(n) * 1e6:11.1f} {t(n) / t('bf16'):6.2f} {tb(n):6.3f}" for n in names)
+        lines.append(row)
+    if report.get("sweep"):
+        lines.append(
+            f"q8_tuned = {report['sweep']['best']} (sweep at {report['sweep']['batch']}x{report['sweep']['seq']})"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
