@@ -47,6 +47,7 @@ class PagedConfig(NamedTuple):
     num_warps: int
     num_stages: int
     fused_combine: bool = False  # merge the splits inside the kernel (see pallas_kernels.decode_attention)
+    gather: str = "rows"  # how a block is addressed: one page index per row, or per page (see PagedView)
 
 
 def paged_config(
@@ -59,19 +60,29 @@ def paged_config(
     block_k = ppb * page_size
     splits = contiguous.choose_num_splits(batch, num_kv_heads, max_len, block_k, **kwargs)
     stages = min(base.num_stages, contiguous.max_stages(block_k, head_dim, jnp.dtype(dtype).itemsize))
-    return PagedConfig(ppb, splits, base.num_warps, stages, fused_combine=splits > 1)
+    return PagedConfig(ppb, splits, base.num_warps, stages, fused_combine=splits > 1, gather="rows")
 
 
 # ----------------------------------------------------------------------------------------------- kernel
 
 
+GATHERS = ("rows", "pages")
+
+
 class PagedView:
     """Pools ``[L, P, K, page_size, D]`` seen as the contiguous ``[L, B, K, M * page_size, D]`` cache, inside a
     kernel: indexing with ``[layer, b, h, pl.ds(start, size), :]`` (``start`` and ``size`` multiples of
-    ``page_size``) loads those positions through sequence ``b``'s block table."""
+    ``page_size``) loads those positions through sequence ``b``'s block table.
 
-    def __init__(self, pool_ref, tables_ref, lengths_ref):
-        self.pool, self.tables, self.lengths = pool_ref, tables_ref, lengths_ref
+    ``gather="rows"`` loads the block as a ``[size, D]`` tile whose row ``r`` reads table entry
+    ``(start + r) // page_size`` (repeated entries hit the cache); ``gather="pages"`` loads the
+    ``size // page_size`` entries once and the block as ``[pages, page_size, D]``, reshaped to ``[size, D]``.
+    Either way every index is an array (one gather, which interpret mode can run too) and the load is masked by
+    row: rows past the sequence's length are not read.
+    """
+
+    def __init__(self, pool_ref, tables_ref, lengths_ref, gather: str):
+        self.pool, self.tables, self.lengths, self.gather = pool_ref, tables_ref, lengths_ref, gather
         num_layers, self.num_pages, kv_heads, self.page_size, head_dim = pool_ref.shape
         batch, max_pages = tables_ref.shape
         self.shape = (num_layers, batch, kv_heads, max_pages * self.page_size, head_dim)
@@ -79,17 +90,22 @@ class PagedView:
 
     def __getitem__(self, index):
         layer, b, h, window, _ = index
-        ps, head_dim = self.page_size, self.shape[4]
-        ppb = window.size // ps
-        pages = self.tables[b, pl.ds(window.start // ps, ppb)]  # [ppb]
+        ps, size, head_dim = self.page_size, window.size, self.shape[4]
+        n = self.lengths[b]
+        if self.gather == "rows":
+            r = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+            pages = self.tables[b, (window.start + r) // ps]  # [bk, 1]
+            offsets = (r % ps, lax.broadcasted_iota(jnp.int32, (1, head_dim), 1))
+            valid = window.start + lax.broadcasted_iota(jnp.int32, (size, head_dim), 0) < n
+        else:
+            ppb = size // ps
+            pages = self.tables[b, pl.ds(window.start // ps, ppb)][:, None, None]  # [ppb, 1, 1]
+            offsets = tuple(lax.broadcasted_iota(jnp.int32, s, i) for s, i in (((1, ps, 1), 1), ((1, 1, head_dim), 2)))
+            pos = lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 0) * ps
+            valid = window.start + pos + lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 1) < n
         pages = jnp.clip(pages, 0, self.num_pages - 1)  # an entry without a page only covers masked rows
-        pos = window.start + lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 0) * ps
-        pos = pos + lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 1)
-        rows = lax.broadcasted_iota(jnp.int32, (1, ps, 1), 1)
-        cols = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim), 2)
-        # Every index an array (one gather, which interpret mode can run too); masked rows are not read.
-        x = backend.load(self.pool.at[layer, pages[:, None, None], h, rows, cols], mask=pos < self.lengths[b], other=0)
-        return x.reshape(window.size, head_dim)  # [bk, D]
+        x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=0)
+        return x.reshape(size, head_dim)  # [bk, D]
 
 
 def _paged_kernel(
@@ -102,9 +118,10 @@ def _paged_kernel(
     v_ref,  # [L, P, K, page_size, D]
     # aliased inputs, then outputs: as in pallas_kernels.decode_attention
     *refs,
+    gather: str,
     **params,
 ):
-    k_view, v_view = PagedView(k_ref, tables_ref, lengths_ref), PagedView(v_ref, tables_ref, lengths_ref)
+    k_view, v_view = (PagedView(x, tables_ref, lengths_ref, gather) for x in (k_ref, v_ref))
     contiguous._decode_kernel(lengths_ref, layer_ref, q_ref, k_view, v_view, *refs, **params)
 
 
@@ -149,6 +166,7 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
             inputs.append(jnp.full(o.shape, jnp.nan, o.dtype))
     kernel = functools.partial(
         _paged_kernel,
+        gather=config.gather,
         num_aliased=len(aliases),
         group=group,
         rows=contiguous.group_rows(group),
@@ -262,6 +280,9 @@ def _resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsiz
     fused = overrides.pop("fused_combine", None)
     if fused is not None and not isinstance(fused, bool):
         raise TypeError(f"fused_combine must be None or a bool, got {fused!r}")
+    gather = overrides.pop("gather", None)
+    if gather is not None and gather not in GATHERS:
+        raise ValueError(f"gather={gather!r} must be one of {GATHERS}")
     for name, value in overrides.items():
         if value is not None and not _is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
@@ -276,7 +297,7 @@ def _resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsiz
         raise ValueError(f"num_warps={overrides['num_warps']} must be one of {contiguous.NUM_WARPS}")
     if overrides["num_stages"] is not None and overrides["num_stages"] < 1:
         raise ValueError(f"num_stages={overrides['num_stages']} must be >= 1")
-    chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [fused]
+    chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [fused, gather]
     config = PagedConfig(*(d if o is None else type(d)(o) for d, o in zip(default, chosen, strict=True)))
     cap = contiguous.max_stages(config.pages_per_block * page_size, head_dim, itemsize)
     return config._replace(num_stages=min(config.num_stages, cap))
@@ -300,13 +321,14 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     fused_combine: bool | None = None,
+    gather: str | None = None,
     poison: bool = False,
 ) -> Float[Array, "B N D"]:
     """Decode attention of one query per sequence over its first ``lengths[b]`` positions, through the table.
 
     ``layer`` selects the layer of ``[L, P, K, page_size, D]`` pools inside the kernel (no copy of a layer).
     ``scale`` defaults to ``D ** -0.5``. ``interpret=None`` runs interpret mode off GPU. ``pages_per_block``,
-    ``num_splits``, ``num_warps``, ``num_stages`` and ``fused_combine`` override :func:`paged_config`.
+    ``num_splits``, ``num_warps``, ``num_stages``, ``fused_combine`` and ``gather`` override :func:`paged_config`.
     ``poison=True`` fills the kernel's output buffers with NaN before the launch (a test aid: elements it fails
     to write stay NaN).
     """
@@ -326,6 +348,7 @@ def paged_decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         fused_combine=fused_combine,
+        gather=gather,
     )
     if k_pages.ndim == 4:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy

@@ -76,7 +76,7 @@ def random_paged(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, 
     return k_pages, v_pages, tables, slabs
 
 
-def run_case(rng, case, *, scale_up=1, interpret=None, fused_combine=None):
+def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     _, batch, kv_heads, group, head_dim, ps, max_pages, dtype, names, layers, ppb, splits, stale = case
     max_pages *= scale_up
     dtype = jnp.dtype(dtype)
@@ -93,9 +93,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None, fused_combine=None):
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k_pages, v_pages)] + [jnp.asarray(tables), jnp.asarray(lengths)]
-    options = dict(
-        interpret=interpret, pages_per_block=ppb, num_splits=splits, fused_combine=fused_combine, poison=True
-    )
+    options = dict(interpret=interpret, pages_per_block=ppb, num_splits=splits, poison=True, **launch)
     if layers is None:
         out = paged.paged_decode_attention(*args, **options)
     elif layers[1] == "traced":
@@ -116,9 +114,14 @@ def test_kernel_matches_float64_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
-def test_splits_merged_by_xla_interpret(rng):
-    """The split partials merged by the XLA combine instead of inside the kernel (the default with splits)."""
-    run_case(rng, CASES[1], interpret=True, fused_combine=False)
+@pytest.mark.parametrize(
+    "case,launch",
+    [(CASES[1], dict(fused_combine=False)), (CASES[1], dict(gather="pages")), (CASES[4], dict(gather="pages"))],
+    ids=["xla_merge", "gather_pages_ppb4", "gather_pages_traced_layer"],
+)
+def test_launch_variants_interpret(rng, case, launch):
+    """Split partials merged by XLA instead of in the kernel; blocks addressed by page instead of by row."""
+    run_case(rng, case, interpret=True, **launch)
 
 
 def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, dtype=jnp.float32):
@@ -204,6 +207,7 @@ def test_errors():
         (dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
         (dict(scale="x"), TypeError, "scale must be a Python number"),
         (dict(fused_combine=1), TypeError, "fused_combine must be None or a bool"),
+        (dict(gather="cols"), ValueError, "gather='cols' must be one of ('rows', 'pages')"),
     ]
     for kwargs, exc, text in cases:
         with pytest.raises(exc) as info:
@@ -220,9 +224,10 @@ class TestOnGpu:
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize("fused", [False, True])
-    def test_split_merges(self, rng, fused):
-        run_case(rng, CASES[0], scale_up=GPU_SCALE, interpret=False, fused_combine=fused)
+    @pytest.mark.parametrize("launch", [dict(fused_combine=False), dict(gather="pages")], ids=str)
+    @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
+    def test_launch_variants(self, rng, case, launch):
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False, **launch)
 
     @pytest.mark.parametrize("page_size", [16, 32, 64])
     def test_paged_equals_contiguous_kernel(self, rng, page_size):

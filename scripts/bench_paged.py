@@ -1,0 +1,197 @@
+"""Paged vs contiguous decode attention on one GPU: the same K/V, the same kernel body, in one run.
+
+For bf16, N=32 query heads, K=8 kv heads, D=128 and the decode-attention benchmark's B x T shapes (every
+sequence full, lengths = T; scripts/bench_attention.py), it times
+
+* ``contig``: ``pallas_kernels.decode_attention`` on the contiguous ``[B, K, T, D]`` cache, default launch;
+* ``paged_16``, ``paged_32``, ``paged_64``: ``pallas_kernels.paged_attention`` on the same contents cut into
+  pages of 16 / 32 / 64 positions, stored at randomly permuted places of a ``[P, K, page_size, D]`` pool (a
+  fragmented pool: no two consecutive logical pages adjacent, except by chance), default launch;
+* ``paged_16_by_page``: the same with ``gather="pages"`` (one index load per page and a 3-D gathered tile,
+  instead of one index per row);
+* ``jax_paged_16``: ``jax.experimental.pallas.ops.gpu.paged_attention`` on the same pages (its own
+  ``[K, P, page_size, D]`` layout, transposed outside the timed call; its default block sizes), a peer;
+* ``xla_paged_16``: the pure-jnp reference that gathers the pages into a contiguous cache and attends;
+* ``copy``: a 1 GiB device-to-device copy (torch), the bandwidth ceiling.
+
+Formula: TB/s = bytes of K and V read (2 * B * K * T * D * 2) / median time per call (the copy counts bytes read
+plus written). Timing is scripts/bench_attention.py's: calls unrolled in one jitted program, each output the next
+call's query, time per call = difference between programs of 2n and n calls; inputs rotate over enough copies to
+exceed 4x the L2 cache. Every variant is checked against the contiguous XLA reference first. Compile time apart.
+
+Usage: ``python scripts/bench_paged.py --out DIR [--budget-s 300] [--shapes 1x4096 64x8192]``. Writes
+``DIR/bench_paged.json`` after every shape; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_attention as common  # the shapes, the timing method and the copy ceiling, shared
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import backend, paged_attention
+from pallas_kernels import decode_attention as kernels
+
+PAGE_SIZES = (16, 32, 64)
+
+
+def pool(x, perm, page_size: int):
+    """``[B, K, T, D]`` as pages ``[B * M, K, page_size, D]``, logical page j of b at physical ``perm[b * M + j]``."""
+    batch, kv_heads, seq, head_dim = x.shape
+    m = seq // page_size
+    pages = x.reshape(batch, kv_heads, m, page_size, head_dim).swapaxes(1, 2)  # (B, M, K, ps, D)
+    pages = pages.reshape(batch * m, kv_heads, page_size, head_dim)
+    return jnp.zeros_like(pages).at[perm].set(pages)
+
+
+def paged_sets(sets, page_size: int, key):
+    """The contiguous sets cut into pages at randomly permuted pool positions: (q, k_pool, v_pool, tables, n)."""
+    out = []
+    for i, (q, k, v, n) in enumerate(sets):
+        batch, _, seq, _ = k.shape
+        m = seq // page_size
+        perm = jax.random.permutation(jax.random.fold_in(key, i), batch * m).astype(jnp.int32)
+
+        out.append((q, pool(k, perm, page_size), pool(v, perm, page_size), perm.reshape(batch, m), n))
+    return out
+
+
+def bench_shape(batch: int, seq: int, *, deadline: float, log) -> dict:
+    key = jax.random.key(batch * 100003 + seq)
+    nbytes = common.kv_bytes(batch, seq)
+    copies = max(1, math.ceil(common.ROTATE_BYTES / nbytes))
+    est_s = nbytes / 2.5e12 + 5e-6
+    lengths = jnp.full((batch,), seq, jnp.int32)
+    sets = []
+    for i in range(copies):
+        kq, kk, kv = jax.random.split(jax.random.fold_in(key, i), 3)
+        shape = (batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM)
+        q = jax.random.normal(kq, (batch, common.NUM_Q_HEADS, common.HEAD_DIM), jnp.bfloat16)
+        sets.append(
+            (q, jax.random.normal(kk, shape, jnp.bfloat16), jax.random.normal(kv, shape, jnp.bfloat16), lengths)
+        )
+    ref = jax.jit(kernels.decode_attention_reference)(*sets[0])
+    results = {}
+
+    def record(name, fn, arg_sets, config=None):
+        if time.perf_counter() > deadline:
+            results[name] = {"error": "skipped: time budget spent"}
+            log(f"  {name:16s} skipped (time budget)")
+            return
+        try:
+            err = common.rel_err(fn(*arg_sets[0]), ref)
+            timing = common.time_jax(fn, arg_sets, est_s)
+        except Exception as e:  # a variant that does not run here is reported, not fatal
+            results[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log(f"  {name:16s} ERROR {results[name]['error']}")
+            return
+        tbps = nbytes / timing["time_s"] / 1e12
+        results[name] = {**timing, "tbps": tbps, "rel_err": err, **({"config": config._asdict()} if config else {})}
+        log(
+            f"  {name:16s} {timing['time_s'] * 1e6:9.1f} us (spread {timing['spread_s'] * 1e6:5.1f}) "
+            f"{tbps:6.3f} TB/s  err {err:.1e}  compile {timing['compile_s']:.1f}s"
+        )
+
+    config = kernels.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, jnp.bfloat16)
+    record("contig", kernels.decode_attention, sets, config)
+    for page_size in PAGE_SIZES:
+        psets = paged_sets(sets, page_size, jax.random.fold_in(key, page_size))
+        m = seq // page_size
+        config = paged_attention.paged_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM, jnp.bfloat16)
+        record(f"paged_{page_size}", paged_attention.paged_decode_attention, psets, config)
+        if page_size == 16:
+            by_page = lambda *a: paged_attention.paged_decode_attention(*a, gather="pages")
+            record("paged_16_by_page", by_page, psets, config._replace(gather="pages"))
+            record("xla_paged_16", jax.jit(paged_attention.paged_decode_attention_reference), psets)
+            try:
+                from jax.experimental.pallas.ops.gpu import paged_attention as jax_ops
+
+                jsets = [(q, kp.swapaxes(0, 1), vp.swapaxes(0, 1), t, n) for q, kp, vp, t, n in psets]
+                splits = max(1, min(16, m))  # its pages per sequence must divide evenly into its k_splits
+                while m % splits:
+                    splits //= 2
+                peer = jax.jit(lambda q, kp, vp, t, n, s=splits: jax_ops.paged_attention(q, kp, vp, t, n, k_splits=s))
+                record("jax_paged_16", peer, jsets)
+                del jsets
+            except ImportError as e:
+                results["jax_paged_16"] = {"error": str(e)}
+        del psets
+    contig = results.get("contig", {}).get("time_s")
+    for r in results.values():
+        if contig and "time_s" in r:
+            r["vs_contig"] = r["time_s"] / contig
+    return {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
+
+
+COLUMNS = ("contig", "paged_16", "paged_32", "paged_64", "paged_16_by_page", "jax_paged_16", "xla_paged_16")
+
+
+def table(report: dict) -> str:
+    copy = report.get("copy", {}).get("tbps", float("nan"))
+    lines = [
+        f"us per call (time / contig time); K+V bytes / time in TB/s on the last line of each shape; "
+        f"copy = {copy:.3f} TB/s",
+        f"{'B x T':>11} " + " ".join(f"{c:>16}" for c in COLUMNS),
+    ]
+    for shape in report["shapes"]:
+        r = shape["results"]
+        cell = lambda c, r=r: (
+            f"{r[c]['time_s'] * 1e6:8.1f} ({r[c].get('vs_contig', float('nan')):4.2f})" if "time_s" in r.get(c, {})
+            else f"{'-':>15}"
+        )  # fmt: skip
+        tb = lambda c, r=r: f"{r.get(c, {}).get('tbps', float('nan')):16.3f}"
+        lines.append(f"{shape['batch']:>4} x {shape['seq']:<6}" + " ".join(f"{cell(c):>16}" for c in COLUMNS))
+        lines.append(f"{'TB/s':>12}" + " ".join(tb(c) for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in common.SHAPES])
+    parser.add_argument("--budget-s", type=float, default=300.0, help="skip what is left after this many seconds")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, flush=True)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    report = {
+        "meta": {
+            "date": datetime.date.today().isoformat(),
+            "gpu": jax.devices()[0].device_kind,
+            "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+            "backend": backend.describe(),
+            "formula": "TB/s = 2*B*K*T*D*2 bytes / median time per call",
+        },
+        "shapes": [],
+    }
+    log(json.dumps(report["meta"]))
+    if torch is not None and torch.cuda.is_available():
+        report["copy"] = common.copy_bandwidth(torch)
+        log(f"device copy: {report['copy']['tbps']:.3f} TB/s")
+    for spec in args.shapes:
+        batch, seq = (int(x) for x in spec.split("x"))
+        log(f"B={batch} T={seq}")
+        report["shapes"].append(bench_shape(batch, seq, deadline=start + args.budget_s, log=log))
+        (args.out / "bench_paged.json").write_text(json.dumps(report, indent=1))
+    log(table(report))
+
+
+if __name__ == "__main__":
+    main()
