@@ -60,7 +60,7 @@ def paged_config(
     block_k = ppb * page_size
     splits = contiguous.choose_num_splits(batch, num_kv_heads, max_len, block_k, **kwargs)
     stages = min(base.num_stages, contiguous.max_stages(block_k, head_dim, jnp.dtype(dtype).itemsize))
-    return PagedConfig(ppb, splits, base.num_warps, stages, fused_combine=splits > 1, gather="rows")
+    return PagedConfig(ppb, splits, base.num_warps, stages, fused_combine=base.fused_combine, gather="rows")
 
 
 # ----------------------------------------------------------------------------------------------- kernel

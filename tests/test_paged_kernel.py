@@ -116,11 +116,11 @@ def test_kernel_matches_float64_interpret(rng, case):
 
 @pytest.mark.parametrize(
     "case,launch",
-    [(CASES[1], dict(fused_combine=False)), (CASES[1], dict(gather="pages")), (CASES[4], dict(gather="pages"))],
-    ids=["xla_merge", "gather_pages_ppb4", "gather_pages_traced_layer"],
+    [(CASES[1], dict(fused_combine=True)), (CASES[1], dict(gather="pages")), (CASES[4], dict(gather="pages"))],
+    ids=["merge_in_kernel", "gather_pages_ppb4", "gather_pages_traced_layer"],
 )
 def test_launch_variants_interpret(rng, case, launch):
-    """Split partials merged by XLA instead of in the kernel; blocks addressed by page instead of by row."""
+    """Split partials merged inside the kernel instead of by XLA; blocks addressed by page instead of by row."""
     run_case(rng, case, interpret=True, **launch)
 
 
@@ -224,7 +224,9 @@ class TestOnGpu:
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize("launch", [dict(fused_combine=False), dict(gather="pages")], ids=str)
+    @pytest.mark.parametrize(
+        "launch", [dict(fused_combine=True), dict(fused_combine=False), dict(gather="pages")], ids=str
+    )
     @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
     def test_launch_variants(self, rng, case, launch):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False, **launch)
