@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +52,7 @@ from pallas_kernels import decode_attention as kernels
 SHAPES = ((1, 4096), (1, 32768), (8, 4096), (8, 16384), (32, 4096), (64, 8192))
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 ROTATE_BYTES = 200e6  # > 4x the 50 MB L2 of an H100
-TARGET_RUN_S = 1e-3  # device time of the shorter timed program
+TARGET_RUN_S = 2e-3  # device time of one timed program
 
 
 def kv_bytes(batch: int, seq: int) -> int:
@@ -64,14 +66,15 @@ def _chained(fn, reps: int):
     """One jitted program calling ``fn`` ``reps`` times over rotating K/V sets, in order, none merged or dropped.
 
     Each call's output ``[B, N, D]`` is the next call's query: a true data dependency, so XLA can neither
-    common up nor drop calls (a barrier-only chain was seen to let it drop them), and no extra op runs between.
+    common up nor drop calls (a barrier-only chain was seen to let it drop them). A peer that returns another
+    dtype than ``q`` (jax's ``gqa`` returns float32) gets a cast back, one tiny op per call.
     """
 
     def run(arg_sets):
         out = arg_sets[0][0]
         for i in range(reps):
             _, *rest = arg_sets[i % len(arg_sets)]
-            out = fn(out, *rest)
+            out = fn(out, *rest).astype(arg_sets[0][0].dtype)
         return out
 
     return jax.jit(run)
@@ -83,21 +86,77 @@ def _wall(run, arg_sets) -> float:
     return time.perf_counter() - t0
 
 
-def time_jax(fn, arg_sets, est_s: float, trials: int = 7) -> dict:
-    reps = int(min(32, max(3, math.ceil(TARGET_RUN_S / est_s))))
+def device_spans(plane_prefix: str, events_of) -> list[float]:
+    """Seconds from the first kernel's start to the last kernel's end of each traced execution.
+
+    ``events_of`` yields ``(plane, line)`` pairs' events as ``(start_ns, end_ns)``; executions are told apart by
+    gaps over 1 ms (inside one program the kernels follow each other within microseconds).
+    """
+    spans = sorted(events_of(plane_prefix))
+    clusters, first, last = [], None, None
+    for start, end in spans:
+        if last is not None and start - last > 1e6:
+            clusters.append((last - first) * 1e-9)
+            first = None
+        first = start if first is None else first
+        last = end if last is None else max(last, end)
+    if first is not None:
+        clusters.append((last - first) * 1e-9)
+    return clusters
+
+
+def _profile(run, arg_sets, executions: int, plane_prefix: str) -> list[float]:
+    """Device time of each of ``executions`` runs of ``run``, read from a JAX profiler trace (CUPTI on GPU)."""
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        for _ in range(executions):
+            jax.block_until_ready(run(arg_sets))
+            time.sleep(0.005)  # a gap the clustering sees
+        jax.profiler.stop_trace()
+        data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+
+    def events_of(prefix):
+        for plane in data.planes:
+            if plane.name.startswith(prefix):
+                for line in plane.lines:
+                    if line.name.startswith("Stream"):  # CUPTI's kernel / memset / memcpy activity
+                        for e in line.events:
+                            yield (e.start_ns, e.start_ns + e.duration_ns)
+
+    return device_spans(plane_prefix, events_of)
+
+
+def time_jax(fn, arg_sets, est_s: float, trials: int = 5) -> dict:
+    """Per-call device time of ``fn`` (median over traced executions of a chained program).
+
+    Primary: the device span of each execution in a profiler trace, divided by the calls (host dispatch noise
+    stays out; gaps between kernels stay in, as in a CUDA-graph replay). Fallback where the trace holds no GPU
+    stream: wall clock of programs of 2n and n calls, differenced (dispatch cancels).
+    """
+    reps = int(min(64, max(8, math.ceil(TARGET_RUN_S / est_s))))
     t0 = time.perf_counter()
-    short, long = _chained(fn, reps), _chained(fn, 2 * reps)
-    for run in (short, long):
-        jax.block_until_ready(run(arg_sets))
+    run = _chained(fn, reps)
+    jax.block_until_ready(run(arg_sets))
     compile_s = time.perf_counter() - t0
-    for run in (short, long):  # warm
-        _wall(run, arg_sets)
-    samples = []
-    for _ in range(trials):
-        t_short = _wall(short, arg_sets)
-        t_long = _wall(long, arg_sets)
-        samples.append((t_long - t_short) / reps)
-    return {"time_s": statistics.median(samples), "spread_s": max(samples) - min(samples), "compile_s": compile_s}
+    _wall(run, arg_sets)  # warm
+    result = {"compile_s": compile_s, "calls_per_program": reps}
+    try:
+        spans = [t / reps for t in _profile(run, arg_sets, trials, "/device:GPU")]
+    except Exception as e:  # no profiler here: fall back to the wall clock
+        spans, result["profiler_error"] = [], f"{type(e).__name__}: {e}"[:200]
+    if len(spans) == trials:
+        return {**result, "method": "profiler", "time_s": statistics.median(spans), "spread_s": max(spans) - min(spans)}
+    long = _chained(fn, 2 * reps)
+    jax.block_until_ready(long(arg_sets))
+    samples = [(_wall(long, arg_sets) - _wall(run, arg_sets)) / reps for _ in range(trials + 2)]
+    return {
+        **result,
+        "method": "wall-difference",
+        "time_s": statistics.median(samples),
+        "spread_s": max(samples) - min(samples),
+    }
 
 
 def time_torch(torch, fn, arg_sets, est_s: float, trials: int = 7) -> dict:
@@ -187,7 +246,7 @@ def launches(fn, args) -> str:
     return f"{entry.count(' fusion(')} fusions + {entry.count(' custom-call(')} custom calls"
 
 
-def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict:
+def bench_shape(torch, batch, seq, *, sweep: bool, quick: bool, stage_b: bool, deadline: float, log) -> dict:
     key = jax.random.key(batch * 100003 + seq)
     nbytes = kv_bytes(batch, seq)
     copies = max(1, math.ceil(ROTATE_BYTES / nbytes))
@@ -227,9 +286,13 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
         log(f"  jkv compiled program: {results['jkv']['launches']}")
     except Exception as e:
         log(f"  (could not count launches: {type(e).__name__}: {e})")
-    if default.num_splits > 1:  # the default merges splits in the kernel: time the XLA combine beside it
-        no_fuse = lambda q, k, v, n: kernels.decode_attention(q, k, v, n, fused_combine=False)
-        record("jkv_xla_combine", no_fuse, sets, default._replace(fused_combine=False))
+    if default.num_splits > 1 and not quick:  # the merge of the splits in the kernel instead of XLA's
+        fuse = lambda q, k, v, n: kernels.decode_attention(q, k, v, n, fused_combine=True)
+        record("jkv_fused_combine", fuse, sets, default._replace(fused_combine=True))
+    if quick:  # the kernel and torch only (plus the sweep)
+        if torch is not None:
+            results.update(bench_torch(torch, sets, ref, nbytes, est_s, log, only_default=True))
+        return _sweep(results, default, sets, batch, seq, sweep, stage_b, deadline, record, log, copies, nbytes)
     record("xla_ref", ref_fn, sets)
     try:
         from jax.experimental.pallas.ops.gpu import decode_attention as jax_ops
@@ -248,16 +311,19 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
         fn5 = lambda q, k, v, n: kernels.decode_attention(q, k, v, n, layer=jnp.int32(1) + 0 * n[0])
         record("jkv_5d", fn5, sets5, default)
         del sets5
+    return _sweep(results, default, sets, batch, seq, sweep, stage_b, deadline, record, log, copies, nbytes)
 
+
+def _sweep(results, default, sets, batch, seq, sweep, stage_b, deadline, record, log, copies, nbytes) -> dict:
     if sweep:
         best_name, best_tbps = "jkv", results["jkv"].get("tbps", 0.0)
         now = time.perf_counter()
         stage_a_deadline = now + 0.6 * (deadline - now)  # stage B gets the rest
-        for stage in ("A", "B"):
+        for stage in ("A", "B") if stage_b else ("A",):
             base = kernels.DecodeConfig(**results[best_name]["config"]) if "config" in results[best_name] else default
             configs = sweep_configs(default, seq) if stage == "A" else stage_b_configs(base)
             for config in configs:
-                if time.perf_counter() > (stage_a_deadline if stage == "A" else deadline):
+                if time.perf_counter() > (stage_a_deadline if stage == "A" and stage_b else deadline):
                     log("  (time budget spent: sweep cut short)")
                     break
                 name = "jkv[bk={},P={},w={},s={},fused={:d}]".format(*config)
@@ -311,7 +377,7 @@ def q8_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_torch(torch, sets, ref, nbytes, est_s, log) -> dict:
+def bench_torch(torch, sets, ref, nbytes, est_s, log, only_default: bool = False) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -323,6 +389,8 @@ def bench_torch(torch, sets, ref, nbytes, est_s, log) -> dict:
         "torch_sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
         "torch_sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
     }
+    if only_default:
+        backends = {"torch_sdpa": None}
     for name, which in backends.items():
 
         def fn(q, k, v, which=which):
@@ -405,6 +473,9 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in SHAPES])
     parser.add_argument("--budget-s", type=float, default=330.0, help="stop sweeping after this many seconds")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-stage-b", action="store_true", help="sweep block sizes x splits only")
+    parser.add_argument("--sweep-shapes", nargs="*", default=None, help="sweep only these B x T (default: all)")
+    parser.add_argument("--quick", action="store_true", help="the kernel, torch SDPA and the sweep only")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -430,9 +501,15 @@ def main(argv=None) -> None:
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     for i, (batch, seq) in enumerate(shapes):
         log(f"B={batch} T={seq}: K+V {kv_bytes(batch, seq) / 1e6:.0f} MB")
-        # Each remaining shape keeps an equal share of the remaining sweep budget.
-        deadline = time.perf_counter() + (start + args.budget_s - time.perf_counter()) / (len(shapes) - i)
-        report["shapes"].append(bench_shape(torch, batch, seq, sweep=not args.no_sweep, deadline=deadline, log=log))
+        swept = lambda b, t: not args.no_sweep and (args.sweep_shapes is None or f"{b}x{t}" in args.sweep_shapes)
+        sweep = swept(batch, seq)
+        # Each remaining swept shape keeps an equal share of the remaining budget.
+        share = max(1, sum(swept(b, t) for b, t in shapes[i:]))
+        deadline = time.perf_counter() + (start + args.budget_s - time.perf_counter()) / share
+        row = bench_shape(
+            torch, batch, seq, sweep=sweep, quick=args.quick, stage_b=not args.no_stage_b, deadline=deadline, log=log
+        )
+        report["shapes"].append(row)
         (args.out / "bench_attention.json").write_text(json.dumps(report, indent=1))
         jax.clear_caches()
     try:

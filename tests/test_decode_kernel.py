@@ -31,7 +31,7 @@ LENGTHS = {
 
 # (id, batch, kv_heads, group, head_dim, max_len, dtype, lengths, layers, block_k, num_splits, fused_combine)
 # layers: None for a one-layer [B, K, S, D] cache, (L, layer) for a whole cache, layer "traced" under jit.
-# None in the last three columns: the default launch parameters (fused_combine defaults to on with splits).
+# None in the last three columns: the default launch parameters.
 CASES = [
     ("g1_d64_f32_splits3", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3, False),
     ("g1_d64_f32_splits3_fused", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3, True),
