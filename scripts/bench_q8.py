@@ -18,6 +18,11 @@ Q8: 2*B*K*T*(D + D/32*2)) over time. Every variant is checked against the float3
 
 Usage: ``python scripts/bench_q8.py --out DIR [--shapes 1x4096 64x8192] [--budget-s 150]``; prints a table last
 and writes ``DIR/bench_q8.json``.
+
+``python scripts/bench_q8.py --accuracy`` (any backend, a few minutes on a CPU) instead measures the format's
+accuracy for both scale dtypes: the quantize/dequantize round trip, decode attention against the unquantized cache
+(float64 references), and greedy generation on the default model (SmolLM2-135M-Instruct, float32 weights) with
+f32 and Q8 caches against the bf16 cache: free runs, and the bf16 run's tokens predicted under teacher forcing.
 """
 
 from __future__ import annotations
@@ -172,13 +177,118 @@ def sweep(batch, seq, deadline, log) -> tuple[dict, list]:
     return (best[1] if best else None), rows
 
 
+PROMPTS = [
+    "What is the capital of France? Answer in one word.",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain what a KV cache is in one sentence.",
+    "Translate 'good morning' into Spanish.",
+    "Who wrote Romeo and Juliet?",
+    "Give me a recipe for pancakes.",
+    "What is 12 times 7?",
+    "Describe the color blue to someone who cannot see.",
+    "Name the planets of the solar system.",
+]
+
+
+def accuracy(log, new_tokens: int = 32) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from reference import decode_attention_f64
+
+    from jkv.quant import dequantize
+
+    rng = np.random.default_rng(0)
+    log("round trip, x ~ N(0, 1) [4096, D] with 1 % of values x20: ||x' - x|| / ||x||, max |x' - x| / step")
+    for scale_dtype in (jnp.float16, jnp.float32):
+        for d in (64, 128):
+            x = rng.standard_normal((4096, d)) * np.where(rng.random((4096, d)) < 0.01, 20, 1)
+            codes, scales = quantize(jnp.asarray(x, jnp.float32), scale_dtype=scale_dtype)
+            y = np.asarray(dequantize(codes, scales), np.float64)
+            steps = np.asarray(scales, np.float64).repeat(32, -1)
+            err = np.linalg.norm(y - x) / np.linalg.norm(x)
+            log(f"  scale {jnp.dtype(scale_dtype).name} D={d}: {err:.3e}, {np.max(np.abs(y - x) / steps):.4f}")
+    x = rng.standard_normal((4096, 128))
+    bf = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    log(f"  bf16 rounding for comparison: {np.linalg.norm(bf - x) / np.linalg.norm(x):.3e}")
+    log(
+        "decode attention vs the unquantized cache (float64), B=4, K=2, S=1024, ragged lengths, 5 draws: min/median/max"
+    )
+    for name in ("q8/float16", "q8/float32", "bf16"):
+        for d, g in ((64, 3), (128, 4)):
+            errs = []
+            for _ in range(5):
+                b, kh, s = 4, 2, 1024
+                lengths = rng.integers(s // 8, s + 1, b)
+                k, v = rng.standard_normal((2, b, kh, s, d))
+                q = rng.standard_normal((b, kh * g, d))
+                if name == "bf16":
+                    k2, v2 = (np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64) for a in (k, v))
+                else:
+                    sd = name.split("/")[1]
+                    deq = lambda a, sd=sd: np.asarray(
+                        dequantize(*quantize(jnp.asarray(a, jnp.float32), scale_dtype=sd))
+                    )
+                    k2, v2 = deq(k).astype(np.float64), deq(v).astype(np.float64)
+                ref = decode_attention_f64(q, k, v, lengths)
+                errs.append(np.linalg.norm(decode_attention_f64(q, k2, v2, lengths) - ref) / np.linalg.norm(ref))
+            log(f"  {name:11s} D={d:3d} G={g}: {min(errs):.2e} / {np.median(errs):.2e} / {max(errs):.2e}")
+    generation(log, new_tokens)
+
+
+def generation(log, new_tokens: int) -> None:
+    from jkv.cache import CacheSpec
+    from jkv.cli import default_model_path
+    from jkv.generate import Generator, cache_kinds
+    from jkv.loading import load_gguf
+    from jkv.models import llama
+
+    model = load_gguf(default_model_path(), "f32", progress=False)
+    tok, config = model.tokenizer, model.config
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in PROMPTS]
+    free = {}
+    for kind in ("bf16", "f32", "q8"):
+        g = Generator(config, model.params, max_len=256, batch=len(prompts), cache=kind)
+        free[kind] = g.generate(prompts, max_new_tokens=new_tokens).tokens
+        free[kind + "+stop"] = g.generate(prompts, max_new_tokens=new_tokens, stop_ids=tok.stop_ids).tokens
+    ref = free["bf16"]
+    seqs = [p + r for p, r in zip(prompts, ref, strict=True)]
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, seq in enumerate(seqs):
+        tokens[i, : len(seq)] = seq
+    spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, 256)
+    forced = {}
+    for kind in ("bf16", "f32", "q8"):
+        run = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))
+        logits, _ = run(model.params, cache_kinds()[kind](spec, len(seqs)), jnp.asarray(tokens))
+        pred = np.asarray(jnp.argmax(logits, -1))
+        forced[kind] = [[int(t) for t in pred[i, len(p) - 1 : len(p) - 1 + new_tokens]] for i, p in enumerate(prompts)]
+
+    def agree(a_runs, b_runs):
+        # Position-wise; a run that stopped earlier counts its missing positions as disagreements.
+        same = sum(x == y for a, b in zip(a_runs, b_runs, strict=True) for x, y in zip(a, b, strict=False))
+        total = sum(max(len(a), len(b)) for a, b in zip(a_runs, b_runs, strict=True))
+        return same / total, total
+
+    log(f"greedy generation, SmolLM2-135M-Instruct (f32 weights), {len(prompts)} prompts x {new_tokens} tokens:")
+    for kind in ("f32", "q8"):
+        a, n = agree(ref, free[kind])
+        b, m = agree(free["bf16+stop"], free[kind + "+stop"])
+        c, _ = agree(ref, forced[kind])
+        log(f"  {kind} cache: free run {a:.3f} of {n}; free run to EOS {b:.3f} of {m}; teacher-forced {c:.3f}")
+    log(f"  bf16 cache teacher-forced vs its own free run: {agree(ref, forced['bf16'])[0]:.3f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in SHAPES])
     parser.add_argument("--sweep-shape", default="32x4096", help="B x T of the launch-parameter sweep ('' skips it)")
     parser.add_argument("--budget-s", type=float, default=150.0, help="seconds the sweep may take")
+    parser.add_argument("--accuracy", action="store_true", help="measure the format's accuracy instead of timing")
     args = parser.parse_args(argv)
+    if args.accuracy:
+        accuracy(lambda msg: print(msg, flush=True))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)
     start = time.perf_counter()
