@@ -98,7 +98,9 @@ class LlamaConfig:
 
     @classmethod
     def llama3_8b(cls) -> LlamaConfig:
-        return cls(128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, rope_llama3=(8.0, 1.0, 4.0, 8192))
+        return cls(
+            128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, rope_llama3=(8.0, 1.0, 4.0, 8192), max_position=131072
+        )
 
     @classmethod
     def qwen2_0_5b(cls) -> LlamaConfig:

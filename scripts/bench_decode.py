@@ -1,0 +1,292 @@
+"""End-to-end decode speed (GPU): jkv against HF transformers and against the weight-read roofline, in one run.
+
+For each model shape (SmolLM2-135M, Llama-3-8B; random bf16 weights) and batch size:
+
+* jkv, ``impl`` pallas (and xla): the compiled decode step (cache donated, greedy argmax on the device) timed
+  two ways: a device loop (each step's token ids fed to the next step, no host sync until the end) and the
+  ``Generator`` end to end (4 bytes of token ids per sequence read back each step, next step queued first);
+* HF transformers, torch bf16, ``StaticCache``, the one-token forward + argmax compiled with
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), timed with CUDA events;
+* roofline: weight bytes one step reads (every layer, final norm, LM head) / the device-to-device copy bandwidth
+  measured in this run (bytes read + bytes written per second, the better of a torch copy and a JAX copy).
+  ``roofline %`` = roofline time / measured step time.
+
+Writes one JSON line per measurement to ``--out`` and prints a table last. Measurements run in priority order
+and stop starting new ones past ``--deadline`` seconds, so a time-limited run still reports what it finished.
+
+    python scripts/bench_decode.py --out $OUT/decode.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jkv.generate import Generator
+from jkv.models import llama
+
+MODELS = {
+    "smollm2-135m": llama.LlamaConfig.smollm2_135m,
+    "llama3-8b": llama.LlamaConfig.llama3_8b,
+    "tiny": lambda: llama.LlamaConfig(512, 128, 256, 2, 4, 2, 32),  # a smoke test of this script on a CPU
+}
+START = time.perf_counter()
+
+
+def log(*args):
+    print(f"[{time.perf_counter() - START:6.1f}s]", *args, flush=True)
+
+
+def median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+# ---------------------------------------------------------------------------------------------- ceilings
+def copy_bandwidth(nbytes: int = 2 << 30) -> dict:
+    """Device-to-device copy, (read + written bytes) / time, median of 20, torch and JAX."""
+    out = {}
+    buffer = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+    add = jax.jit(lambda a: a + 1.0)  # reads and writes every byte; XLA cannot elide it
+    add(buffer).block_until_ready()
+    out["jax_tbps"] = 2 * nbytes / median_ms(lambda: add(buffer).block_until_ready(), 20) / 1e9
+    buffer.delete()
+    try:
+        import torch
+
+        a = torch.randn(nbytes // 4, device="cuda")
+        b = torch.empty_like(a)
+        times = []
+        for _ in range(25):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            b.copy_(a)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        out["torch_tbps"] = 2 * nbytes / float(np.median(times[5:])) / 1e9
+        del a, b
+        torch.cuda.empty_cache()
+    except Exception as e:  # torch missing or no CUDA: the JAX figure stands alone
+        out["torch_error"] = repr(e)
+    out["tbps"] = max(v for k, v in out.items() if k.endswith("_tbps"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- jkv
+def bench_jkv(config, params, batch: int, impl: str, steps: int, prompt: int, max_len: int) -> dict:
+    gen = Generator(config, params, max_len=max_len, batch=batch, cache="bf16", impl=impl)
+    rng = np.random.default_rng(batch)
+    prompts = [rng.integers(0, config.vocab_size, prompt).tolist() for _ in range(batch)]
+    first = gen.generate(prompts, max_new_tokens=steps, stop_ids=())  # compiles prefill and decode
+    e2e = gen.generate(prompts, max_new_tokens=steps, stop_ids=())
+    assert e2e.tokens == first.tokens, "greedy decoding differs between two identical runs"
+    step, _ = gen.decode_step_compiled(greedy=True)
+    key, sargs = jax.random.key(0), (jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    tokens = jnp.asarray([t[-1] for t in e2e.tokens], jnp.int32)
+
+    # The cache now holds prompt + steps - 1 positions; each device loop adds `steps` more (max_len allows it)
+    # and is then rolled back, outside the timed region.
+    start_lengths = jnp.full((batch,), prompt + steps - 1, jnp.int32)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        for i in range(steps):
+            tokens, gen.cache = step(params, gen.cache, tokens, key, jnp.int32(i), sargs)
+        tokens.block_until_ready()
+        times.append(time.perf_counter() - t)
+        gen.cache = gen.cache.check().rollback(start_lengths)
+    loop_ms = 1e3 * float(np.median(times[1:])) / steps
+    return {
+        "compile_s": first.timing.compile_s,
+        "prefill_ms": 1e3 * e2e.timing.prefill_s,
+        "e2e_ms": e2e.timing.ms_per_step,
+        "e2e_tok_s": e2e.timing.tokens_per_s,
+        "ms": loop_ms,
+        "tok_s": 1e3 * batch / loop_ms,
+        "tokens": e2e.tokens[0][:16],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- HF transformers
+def hf_config(config: llama.LlamaConfig):
+    import transformers
+
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_llama3 is not None:
+        factor, low, high, original = config.rope_llama3
+        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": factor}
+        rope |= {"low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": original}
+    return transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_embeddings,
+        max_position_embeddings=config.max_position,
+    )
+
+
+def hf_model(config: llama.LlamaConfig):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM._from_config(hf_config(config), dtype=torch.bfloat16)
+    return model.eval()
+
+
+def bench_hf(model, config, batch: int, steps: int, prompt: int, max_len: int) -> dict:
+    import torch
+    import transformers
+
+    cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda")
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"), use_cache=True)
+    first = out.logits[:, -1].argmax(-1)
+
+    def one_token(token, position):
+        logits = model(
+            token[:, None],
+            past_key_values=cache,
+            cache_position=position,
+            position_ids=position[None].expand(batch, 1),
+            use_cache=True,
+        ).logits
+        return logits[:, -1].argmax(-1)
+
+    step = torch.compile(one_token, mode="reduce-overhead", fullgraph=True)
+    t = time.perf_counter()
+    with torch.no_grad():
+        token = first
+        for i in range(3):  # compile, record the CUDA graph, replay
+            token = step(token.clone(), torch.tensor([prompt + i], device="cuda"))
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t
+        times = []
+        for rep in range(4):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            token = first
+            start.record()
+            for i in range(steps):
+                token = step(token.clone(), torch.tensor([prompt + i], device="cuda"))
+            end.record()
+            torch.cuda.synchronize()
+            if rep:
+                times.append(start.elapsed_time(end) / steps)
+    ms = float(np.median(times))
+    return {"compile_s": compile_s, "ms": ms, "tok_s": 1e3 * batch / ms}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="llama3-8b,smollm2-135m")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--impls", default="pallas,xla")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--deadline", type=float, default=1e9, help="start nothing new after this many seconds")
+    parser.add_argument("--out", default="decode.jsonl")
+    args = parser.parse_args(argv)
+    if args.max_len < args.prompt + 2 * args.steps:
+        parser.error(f"--max-len must be at least prompt + 2 * steps = {args.prompt + 2 * args.steps}")
+    device = jax.devices()[0]
+    log(f"device: {device.device_kind}, jax {jax.__version__}")
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(json.dumps(row))
+
+    bw = copy_bandwidth()
+    record({"kind": "copy", "device": device.device_kind, **bw})
+    batches = [int(b) for b in args.batches.split(",")]
+    impls = args.impls.split(",")
+    for name in args.models.split(","):
+        config = MODELS[name]()
+        t = time.perf_counter()
+        params = llama.init_params(config, jax.random.key(0), jnp.bfloat16, scale=0.02, layout="layers")
+        jax.block_until_ready(params)
+        weight_bytes = params.decode_bytes()
+        roofline_ms = 1e3 * weight_bytes / (bw["tbps"] * 1e12)
+        log(f"{name}: random bf16 init {time.perf_counter() - t:.1f} s, {weight_bytes / 1e9:.2f} GB read per step")
+        base = {"model": name, "weight_gb": weight_bytes / 1e9, "roofline_ms": roofline_ms}
+        for impl in impls:
+            for batch in batches:
+                if time.perf_counter() - START > args.deadline:
+                    log(f"deadline: skipping jkv {name} b{batch} {impl}")
+                    continue
+                r = bench_jkv(config, params, batch, impl, args.steps, args.prompt, args.max_len)
+                record({"kind": "jkv", "impl": impl, "batch": batch, **base, **r, "roofline": roofline_ms / r["ms"]})
+        del params
+        gc.collect()
+        if args.no_hf:
+            continue
+        model = None
+        for batch in batches:
+            if time.perf_counter() - START > args.deadline:
+                log(f"deadline: skipping HF {name} b{batch}")
+                continue
+            if model is None:
+                model = hf_model(config)
+            r = bench_hf(model, config, batch, args.steps, args.prompt, args.max_len)
+            record({"kind": "hf", "batch": batch, **base, **r, "roofline": roofline_ms / r["ms"]})
+        del model
+        gc.collect()
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except ImportError:
+            pass
+    print_table(rows)
+    return 0
+
+
+def print_table(rows):
+    copy = next(r for r in rows if r["kind"] == "copy")
+    print(f"\ncopy bandwidth (read + write): {copy['tbps']:.2f} TB/s on {copy['device']}")
+    hf = {(r["model"], r["batch"]): r for r in rows if r["kind"] == "hf"}
+    print(
+        f"{'model':14} {'B':>2} {'impl':6} {'ms/step':>8} {'tok/s':>8} {'e2e ms':>7} {'roof ms':>7} {'roof %':>6}"
+        f" {'HF ms':>7} {'HF tok/s':>8} {'vs HF':>6} {'compile s':>9}"
+    )
+    for r in rows:
+        if r["kind"] != "jkv":
+            continue
+        h = hf.get((r["model"], r["batch"]))
+        hf_cols = f"{h['ms']:7.2f} {h['tok_s']:8.0f} {h['ms'] / r['ms']:5.2f}x" if h else f"{'-':>7} {'-':>8} {'-':>6}"
+        print(
+            f"{r['model']:14} {r['batch']:2d} {r['impl']:6} {r['ms']:8.2f} {r['tok_s']:8.0f} {r['e2e_ms']:7.2f}"
+            f" {r['roofline_ms']:7.2f} {100 * r['roofline']:5.1f}% {hf_cols} {r['compile_s']:9.1f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
