@@ -53,6 +53,7 @@ SHAPES = ((1, 4096), (1, 32768), (8, 4096), (8, 16384), (32, 4096), (64, 8192))
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 ROTATE_BYTES = 200e6  # > 4x the 50 MB L2 of an H100
 TARGET_RUN_S = 2e-3  # device time of one timed program
+CTAS = None  # set by --ctas: (program counts, block sizes) for a focused sweep
 
 
 def kv_bytes(batch: int, seq: int) -> int:
@@ -217,6 +218,19 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def cta_configs(default, batch, seq, ctas, blocks) -> list[kernels.DecodeConfig]:
+    """A focused stage A: splits giving about ``ctas`` programs in all, for each block size in ``blocks``."""
+    out = []
+    for block_k in blocks:
+        for total in ctas:
+            splits = max(1, min(seq // block_k, math.ceil(total / (batch * NUM_KV_HEADS))))
+            stages = min(default.num_stages + (block_k < 128), kernels.max_stages(block_k, HEAD_DIM, 2))
+            config = default._replace(block_k=block_k, num_splits=splits, num_stages=stages)
+            if config != default and config not in out:
+                out.append(config)
+    return out
+
+
 def sweep_configs(default: kernels.DecodeConfig, seq: int) -> list[kernels.DecodeConfig]:
     """Stage A of the sweep: block sizes x splits around the default (warps/stages tried on the winner later)."""
     d = default.num_splits
@@ -321,7 +335,12 @@ def _sweep(results, default, sets, batch, seq, sweep, stage_b, deadline, record,
         stage_a_deadline = now + 0.6 * (deadline - now)  # stage B gets the rest
         for stage in ("A", "B") if stage_b else ("A",):
             base = kernels.DecodeConfig(**results[best_name]["config"]) if "config" in results[best_name] else default
-            configs = sweep_configs(default, seq) if stage == "A" else stage_b_configs(base)
+            if stage == "B":
+                configs = stage_b_configs(base)
+            elif CTAS:
+                configs = cta_configs(default, batch, seq, *CTAS)
+            else:
+                configs = sweep_configs(default, seq)
             for config in configs:
                 if time.perf_counter() > (stage_a_deadline if stage == "A" and stage_b else deadline):
                     log("  (time budget spent: sweep cut short)")
@@ -476,7 +495,11 @@ def main(argv=None) -> None:
     parser.add_argument("--no-stage-b", action="store_true", help="sweep block sizes x splits only")
     parser.add_argument("--sweep-shapes", nargs="*", default=None, help="sweep only these B x T (default: all)")
     parser.add_argument("--quick", action="store_true", help="the kernel, torch SDPA and the sweep only")
+    parser.add_argument("--ctas", nargs="*", type=int, help="stage A: splits for about these many programs")
+    parser.add_argument("--blocks", nargs="*", type=int, default=[64, 128], help="block sizes for --ctas")
     args = parser.parse_args(argv)
+    global CTAS
+    CTAS = (args.ctas, args.blocks) if args.ctas else None
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     try:
