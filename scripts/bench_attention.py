@@ -468,13 +468,16 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [c for c in COLUMNS if c != "jkv_5d"]
     shapes = report["shapes"]
+    rows = ("jkv", "jkv_xla_combine", "jkv_fused_combine", "jkv_best", "torch_sdpa", "jax_gqa", "xla_ref")
+    tbps = {n: [s["results"].get(n, {}).get("tbps", 0.0) for s in shapes] for n in rows}
+    names = [n for n in rows if any(tbps[n]) and not (n == "jkv_best" and tbps[n] == tbps["jkv"])]
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        values = [s["results"].get(name, {}).get("tbps", 0.0) for s in shapes]
-        ax.bar(np.arange(len(shapes)) + i * width, values, width, label=name)
+        config = next((s["results"][name].get("config") for s in shapes if name in s["results"]), None) or {}
+        label = f"{name} (in-kernel merge)" if name == "jkv" and config.get("fused_combine") else name
+        ax.bar(np.arange(len(shapes)) + i * width, tbps[name], width, label=label)
     if "copy" in report:
         ax.axhline(report["copy"]["tbps"], color="k", ls="--", lw=1, label="device copy")
     ax.set_xticks(np.arange(len(shapes)) + 0.4 - width / 2, [f"{s['batch']}x{s['seq']}" for s in shapes])
@@ -497,7 +500,14 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="the kernel, torch SDPA and the sweep only")
     parser.add_argument("--ctas", nargs="*", type=int, help="stage A: splits for about these many programs")
     parser.add_argument("--blocks", nargs="*", type=int, default=[64, 128], help="block sizes for --ctas")
+    parser.add_argument("--replot", type=Path, help="only re-render the PNG and table of a saved JSON into --out")
     args = parser.parse_args(argv)
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(report, args.out / "bench_attention.png")
+        print(table(report))
+        return
     global CTAS
     CTAS = (args.ctas, args.blocks) if args.ctas else None
     start = time.perf_counter()
