@@ -8,14 +8,18 @@ Softmax runs in float32; the output has ``q.dtype``.
 The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kernels.backend``):
 
 * one program per ``(b, kv head, split)``; the ``G`` query heads of the kv head form one ``[Gp, D]`` tile
-  (``Gp`` = ``G`` padded to a power of two >= 16, Triton's smallest dot), so each K/V byte is read once;
+  (``Gp`` = ``G`` padded to a power of two >= 16, Triton's smallest dot; the padding rows are masked loads of
+  zeros and are never stored), so each K/V byte is read once;
 * the cache is passed whole and each program indexes its own ``(layer, b, kv head)`` slab, so a 5-D cache is
   never sliced in XLA (no copy of a layer) and ``layer`` may be traced;
 * split ``j`` of sequence ``b`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks in a loop whose trip
   count comes from the length, so blocks past a sequence's length are never read; full blocks run unmasked,
   the last partial block runs once, masked (its load window slides back to stay inside ``S``);
-* each split leaves its running max ``m``, sum ``l`` and unnormalised ``acc``; :func:`combine_splits` merges
-  them with a log-sum-exp rescale in XLA. With one split the kernel normalises and writes the output itself.
+* each split leaves its running max ``m``, softmax denominator and unnormalised ``acc`` (``[B, P, N(, D)]``);
+  :func:`combine_splits` merges them with a log-sum-exp rescale in XLA. With one split the kernel normalises and
+  writes the output itself. (``fused_combine=True`` merges inside the kernel instead: the last split of each
+  ``(b, kv head)`` to finish, found with an atomic counter, merges the partials; measured slower, see
+  ``decode_config``.)
 
 Block size, splits, warps and stages come from :func:`decode_config` (the heuristic is documented there), and
 can be overridden per call.
@@ -86,9 +90,11 @@ def choose_num_splits(
     """Splits per ``(b, kv head)`` so that about four programs per multiprocessor share the work.
 
     Decode attention is memory-bound: the GPU streams K/V at full bandwidth only with enough programs in flight.
-    ``B * K`` programs are enough for a large batch (64 x 8 already fills an H100 four times over: one split,
-    the kernel normalises, no combine); a single sequence needs its blocks spread over many programs. Each split
-    keeps at least two blocks of a full-length sequence so the loop still pipelines its loads.
+    A large batch needs few splits (64 x 8 = 512 programs: two splits on an H100's 132 multiprocessors); a
+    single sequence needs its blocks spread over many programs. Each split keeps at least two blocks of a
+    full-length sequence so the loop still pipelines its loads. (Measured on an H100, see docs/BENCHMARKS.md:
+    at or near torch SDPA from 8 x 16384 up, short of it at 1 x 32768 and 8 x 4096, where programs of ~4 blocks
+    spend much of their time filling the pipeline.)
     """
     sms = num_multiprocessors or backend.num_multiprocessors()
     programs = batch * num_kv_heads
