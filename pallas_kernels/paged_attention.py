@@ -78,20 +78,38 @@ class PagedView:
     ``(start + r) // page_size`` (repeated entries hit the cache); ``gather="pages"`` loads the
     ``size // page_size`` entries once and the block as ``[pages, page_size, D]``, reshaped to ``[size, D]``.
     Either way every index is an array (one gather, which interpret mode can run too) and the load is masked by
-    row: rows past the sequence's length are not read.
+    row: rows past the sequence's length are not read. The K and V views of one kernel share ``addresses``, so
+    the V read of a block reuses the page indices its K read loaded.
     """
 
-    def __init__(self, pool_ref, tables_ref, lengths_ref, gather: str):
-        self.pool, self.tables, self.lengths, self.gather = pool_ref, tables_ref, lengths_ref, gather
-        num_layers, self.num_pages, kv_heads, self.page_size, head_dim = pool_ref.shape
-        batch, max_pages = tables_ref.shape
-        self.shape = (num_layers, batch, kv_heads, max_pages * self.page_size, head_dim)
+    def __init__(self, pool_ref, addresses: _BlockAddresses):
+        self.pool, self.addresses = pool_ref, addresses
+        num_layers, _, kv_heads, page_size, head_dim = pool_ref.shape
+        batch, max_pages = addresses.tables.shape
+        self.shape = (num_layers, batch, kv_heads, max_pages * page_size, head_dim)
         self.dtype = pool_ref.dtype
 
     def __getitem__(self, index):
         layer, b, h, window, _ = index
-        ps, size, head_dim = self.page_size, window.size, self.shape[4]
-        n = self.lengths[b]
+        pages, offsets, valid = self.addresses(b, window, self.shape[4])
+        x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=0)
+        return x.reshape(window.size, self.shape[4])  # [bk, D]
+
+
+class _BlockAddresses:
+    """Page indices, in-page offsets and row mask of one block, computed once for its K and V reads."""
+
+    def __init__(self, tables_ref, lengths_ref, num_pages: int, page_size: int, gather: str):
+        self.tables, self.lengths = tables_ref, lengths_ref
+        self.num_pages, self.page_size, self.gather = num_pages, page_size, gather
+        self._last = None  # (b, start, size) -> addresses of the block last asked for (the K read, then V's)
+
+    def __call__(self, b, window, head_dim):
+        key = (b, window.start, window.size)
+        last = self._last
+        if last is not None and last[0][0] is b and last[0][1] is window.start and last[0][2] == window.size:
+            return last[1]  # the same traced values: V's read of the block K just read
+        ps, size, n = self.page_size, window.size, self.lengths[b]
         if self.gather == "rows":
             r = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
             pages = self.tables[b, (window.start + r) // ps]  # [bk, 1]
@@ -104,8 +122,8 @@ class PagedView:
             pos = lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 0) * ps
             valid = window.start + pos + lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 1) < n
         pages = jnp.clip(pages, 0, self.num_pages - 1)  # an entry without a page only covers masked rows
-        x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=0)
-        return x.reshape(size, head_dim)  # [bk, D]
+        self._last = (key, (pages, offsets, valid))
+        return self._last[1]
 
 
 def _paged_kernel(
@@ -121,8 +139,10 @@ def _paged_kernel(
     gather: str,
     **params,
 ):
-    k_view, v_view = (PagedView(x, tables_ref, lengths_ref, gather) for x in (k_ref, v_ref))
-    contiguous._decode_kernel(lengths_ref, layer_ref, q_ref, k_view, v_view, *refs, **params)
+    addresses = _BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3], gather)
+    contiguous._decode_kernel(
+        lengths_ref, layer_ref, q_ref, PagedView(k_ref, addresses), PagedView(v_ref, addresses), *refs, **params
+    )
 
 
 def _whole(shape):

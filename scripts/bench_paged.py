@@ -7,10 +7,9 @@ sequence full, lengths = T; scripts/bench_attention.py), it times
 * ``paged_16``, ``paged_32``, ``paged_64``: ``pallas_kernels.paged_attention`` on the same contents cut into
   pages of 16 / 32 / 64 positions, stored at randomly permuted places of a ``[P, K, page_size, D]`` pool (a
   fragmented pool: no two consecutive logical pages adjacent, except by chance), default launch;
-* ``paged_16_by_page``: the same with ``gather="pages"`` (one index load per page and a 3-D gathered tile,
-  instead of one index per row);
 * ``jax_paged_16``: ``jax.experimental.pallas.ops.gpu.paged_attention`` on the same pages (its own
-  ``[K, P, page_size, D]`` layout, transposed outside the timed call; its default block sizes), a peer;
+  ``[K, P, page_size, D]`` layout, transposed outside the timed call; its default block sizes, ``k_splits`` 16 or
+  the largest power of two dividing the pages per sequence), a peer;
 * ``xla_paged_16``: the pure-jnp reference that gathers the pages into a contiguous cache and attends;
 * ``copy``: a 1 GiB device-to-device copy (torch), the bandwidth ceiling.
 
@@ -19,7 +18,12 @@ plus written). Timing is scripts/bench_attention.py's: calls unrolled in one jit
 call's query, time per call = difference between programs of 2n and n calls; inputs rotate over enough copies to
 exceed 4x the L2 cache. Every variant is checked against the contiguous XLA reference first. Compile time apart.
 
-Usage: ``python scripts/bench_paged.py --out DIR [--budget-s 300] [--shapes 1x4096 64x8192]``. Writes
+``--sweep 1x4096 ...`` also sweeps the launch parameters of the contiguous and paged kernels on those shapes
+(keys per block 32/64/128 x splits around the default, then stages 2/4 and the other split merge on the winner)
+and reports each kernel's best beside its default.
+
+Usage: ``python scripts/bench_paged.py --out DIR [--budget-s 300] [--shapes 1x4096 64x8192] [--sweep 1x4096]``.
+Writes
 ``DIR/bench_paged.json`` after every shape; prints a table last.
 """
 
@@ -69,7 +73,15 @@ def paged_sets(sets, page_size: int, key):
     return out
 
 
-def bench_shape(batch: int, seq: int, *, deadline: float, log) -> dict:
+def sweep_configs(default, block_ks, splits_of):
+    """Stage A of a sweep: keys per block x splits around the default (stages and merge tried later)."""
+    d = default.num_splits
+    splits = sorted({max(1, s) for s in (d // 2, d, 2 * d, 4 * d)})
+    return [c for c in (splits_of(default, bk, s) for bk in block_ks for s in splits) if c is not None and c != default]
+
+
+def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = False) -> dict:
+    """Default launches of every kernel and the peers; with ``sweep``, the kernels' sweeps instead of the peers."""
     key = jax.random.key(batch * 100003 + seq)
     nbytes = common.kv_bytes(batch, seq)
     copies = max(1, math.ceil(common.ROTATE_BYTES / nbytes))
@@ -86,35 +98,72 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log) -> dict:
     ref = jax.jit(kernels.decode_attention_reference)(*sets[0])
     results = {}
 
-    def record(name, fn, arg_sets, config=None):
+    def record(name, fn, arg_sets, config=None, check=None):
         if time.perf_counter() > deadline:
             results[name] = {"error": "skipped: time budget spent"}
             log(f"  {name:16s} skipped (time budget)")
-            return
+            return None
         try:
-            err = common.rel_err(fn(*arg_sets[0]), ref)
+            err = common.rel_err((check or fn)(*arg_sets[0]), ref)
             timing = common.time_jax(fn, arg_sets, est_s)
         except Exception as e:  # a variant that does not run here is reported, not fatal
             results[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             log(f"  {name:16s} ERROR {results[name]['error']}")
-            return
+            return None
         tbps = nbytes / timing["time_s"] / 1e12
         results[name] = {**timing, "tbps": tbps, "rel_err": err, **({"config": config._asdict()} if config else {})}
         log(
             f"  {name:16s} {timing['time_s'] * 1e6:9.1f} us (spread {timing['spread_s'] * 1e6:5.1f}) "
             f"{tbps:6.3f} TB/s  err {err:.1e}  compile {timing['compile_s']:.1f}s"
         )
+        return timing["time_s"]
+
+    def tune(prefix, default, fn_of, arg_sets, block_ks, splits_of):
+        """Sweep launch parameters (stage A: block x splits; stage B: stages and split merge on the winner)."""
+        best_name, best_t = prefix, results.get(prefix, {}).get("time_s", float("inf"))
+        best = default
+        for stage in ("A", "B"):
+            if stage == "A":
+                configs = sweep_configs(default, block_ks, splits_of)
+            else:
+                configs = [best._replace(num_stages=st) for st in (2, 4) if st != best.num_stages]
+                configs += [best._replace(fused_combine=not best.fused_combine)] if best.num_splits > 1 else []
+            for config in configs:
+                name = f"{prefix}[" + ",".join(f"{k}={v}" for k, v in config._asdict().items() if k != "gather") + "]"
+                t = record(name, fn_of(config), arg_sets, config)
+                if t is not None and t < best_t:
+                    best_name, best_t, best = name, t, config
+        if "time_s" in results.get(best_name, {}):
+            results[f"{prefix}_best"] = {"name": best_name, **results[best_name]}
 
     config = kernels.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, jnp.bfloat16)
     record("contig", kernels.decode_attention, sets, config)
+    if sweep:
+        tune(
+            "contig",
+            config,
+            lambda c: lambda q, k, v, n: kernels.decode_attention(q, k, v, n, **c._asdict()),
+            sets,
+            (32, 64, 128),
+            lambda c, bk, s: c._replace(block_k=bk, num_splits=max(1, min(s, seq // bk))),
+        )
     for page_size in PAGE_SIZES:
         psets = paged_sets(sets, page_size, jax.random.fold_in(key, page_size))
         m = seq // page_size
         config = paged_attention.paged_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM, jnp.bfloat16)
         record(f"paged_{page_size}", paged_attention.paged_decode_attention, psets, config)
-        if page_size == 16:
-            by_page = lambda *a: paged_attention.paged_decode_attention(*a, gather="pages")
-            record("paged_16_by_page", by_page, psets, config._replace(gather="pages"))
+        if sweep:
+            tune(
+                f"paged_{page_size}",
+                config,
+                lambda c: lambda *a: paged_attention.paged_decode_attention(*a, **c._asdict()),
+                psets,
+                (32, 64, 128),
+                lambda c, bk, s, ps=page_size: (
+                    None if bk < ps else c._replace(pages_per_block=bk // ps, num_splits=max(1, min(s, seq // bk)))
+                ),
+            )
+        if page_size == 16 and not sweep:
             record("xla_paged_16", jax.jit(paged_attention.paged_decode_attention_reference), psets)
             try:
                 from jax.experimental.pallas.ops.gpu import paged_attention as jax_ops
@@ -124,7 +173,10 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log) -> dict:
                 while m % splits:
                     splits //= 2
                 peer = jax.jit(lambda q, kp, vp, t, n, s=splits: jax_ops.paged_attention(q, kp, vp, t, n, k_splits=s))
-                record("jax_paged_16", peer, jsets)
+                # Its kernel applies no softmax scale: the check pre-scales q by D ** -0.5, the timed calls (the
+                # same work) take q as it comes.
+                scaled = lambda q, *a, peer=peer: peer(q * common.HEAD_DIM**-0.5, *a)
+                record("jax_paged_16", peer, jsets, check=scaled)
                 del jsets
             except ImportError as e:
                 results["jax_paged_16"] = {"error": str(e)}
@@ -136,7 +188,8 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log) -> dict:
     return {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
 
 
-COLUMNS = ("contig", "paged_16", "paged_32", "paged_64", "paged_16_by_page", "jax_paged_16", "xla_paged_16")
+COLUMNS = ("contig", "paged_16", "paged_32", "paged_64", "jax_paged_16", "xla_paged_16")
+BEST = ("contig_best", "paged_16_best", "paged_32_best", "paged_64_best")
 
 
 def table(report: dict) -> str:
@@ -146,7 +199,7 @@ def table(report: dict) -> str:
         f"copy = {copy:.3f} TB/s",
         f"{'B x T':>11} " + " ".join(f"{c:>16}" for c in COLUMNS),
     ]
-    for shape in report["shapes"]:
+    for shape in report["shapes"] + report.get("sweeps", []):
         r = shape["results"]
         cell = lambda c, r=r: (
             f"{r[c]['time_s'] * 1e6:8.1f} ({r[c].get('vs_contig', float('nan')):4.2f})" if "time_s" in r.get(c, {})
@@ -155,6 +208,11 @@ def table(report: dict) -> str:
         tb = lambda c, r=r: f"{r.get(c, {}).get('tbps', float('nan')):16.3f}"
         lines.append(f"{shape['batch']:>4} x {shape['seq']:<6}" + " ".join(f"{cell(c):>16}" for c in COLUMNS))
         lines.append(f"{'TB/s':>12}" + " ".join(tb(c) for c in COLUMNS))
+        if "time_s" in r.get("contig_best", {}):
+            t0 = r["contig_best"]["time_s"]
+            best = [f"{c[:-5]} {r[c]['time_s'] * 1e6:.1f} us ({r[c]['time_s'] / t0:.2f})" for c in BEST if c in r]
+            lines.append(f"{'best':>12}  " + "; ".join(best) + "  (ratios to the contiguous best)")
+            lines.extend(f"{'':>14}{c}: {r[c]['name']}" for c in BEST if c in r)
     return "\n".join(lines)
 
 
@@ -163,6 +221,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in common.SHAPES])
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip what is left after this many seconds")
+    parser.add_argument("--sweep", nargs="*", default=[], help="shapes (BxT) whose launch parameters to sweep")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -185,11 +244,14 @@ def main(argv=None) -> None:
     if torch is not None and torch.cuda.is_available():
         report["copy"] = common.copy_bandwidth(torch)
         log(f"device copy: {report['copy']['tbps']:.3f} TB/s")
-    for spec in args.shapes:
-        batch, seq = (int(x) for x in spec.split("x"))
-        log(f"B={batch} T={seq}")
-        report["shapes"].append(bench_shape(batch, seq, deadline=start + args.budget_s, log=log))
-        (args.out / "bench_paged.json").write_text(json.dumps(report, indent=1))
+    deadline = start + args.budget_s
+    for key, shapes, sweep in (("shapes", args.shapes, False), ("sweeps", args.sweep, True)):
+        report[key] = []
+        for spec in shapes:  # every default first, then the sweeps, so a spent budget cuts only sweeps
+            batch, seq = (int(x) for x in spec.split("x"))
+            log(f"B={batch} T={seq}" + (" (sweep)" if sweep else ""))
+            report[key].append(bench_shape(batch, seq, deadline=deadline, log=log, sweep=sweep))
+            (args.out / "bench_paged.json").write_text(json.dumps(report, indent=1))
     log(table(report))
 
 
