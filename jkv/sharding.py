@@ -159,11 +159,11 @@ PARAM_TP_AXIS = {
     "norm": None,
     "lm_head": -1,
     "attn_norm": None,
-    "wqkv": -1,
-    "bqkv": -1,
+    "wqkv": -3,  # [H, K, G + 2, D]: whole kv groups per device
+    "bqkv": -3,
     "wo": -2,
     "mlp_norm": None,
-    "w_gate_up": -1,
+    "w_gate_up": -1,  # [H, 2, F]: each device keeps its F columns of both gate and up
     "w_down": -2,
 }
 

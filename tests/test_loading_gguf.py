@@ -372,13 +372,14 @@ def test_tiny_gguf_weights_unpermuted_and_fused(tmp_path, rng):
     weights = write_tiny_gguf(tmp_path / "m.gguf", rng, types=ALL_TYPES)
     model = load_gguf(tmp_path / "m.gguf", "f32", progress=False, layout="layers")
     n, k, d = TINY["heads"], TINY["kv_heads"], TINY["hidden"] // TINY["heads"]
-    wqkv = np.asarray(model.params.layers[1].wqkv).T  # rows: q, k, v
-    np.testing.assert_array_equal(llama_cpp_permute(wqkv[: n * d], n), weights["blk.1.attn_q.weight"])
-    np.testing.assert_array_equal(llama_cpp_permute(wqkv[n * d : (n + k) * d], k), weights["blk.1.attn_k.weight"])
-    np.testing.assert_array_equal(wqkv[(n + k) * d :], weights["blk.1.attn_v.weight"])
-    gate_up = np.asarray(model.params.layers[0].w_gate_up).T
-    np.testing.assert_array_equal(gate_up[: TINY["ffn"]], weights["blk.0.ffn_gate.weight"])
-    np.testing.assert_array_equal(gate_up[TINY["ffn"] :], weights["blk.0.ffn_up.weight"])
+    wq, wk, wv = (w.T for w in llama.unfuse_qkv(np.asarray(model.params.layers[1].wqkv)))  # rows: out features
+    assert wq.shape == (n * d, TINY["hidden"]) and wk.shape == wv.shape == (k * d, TINY["hidden"])
+    np.testing.assert_array_equal(llama_cpp_permute(wq, n), weights["blk.1.attn_q.weight"])
+    np.testing.assert_array_equal(llama_cpp_permute(wk, k), weights["blk.1.attn_k.weight"])
+    np.testing.assert_array_equal(wv, weights["blk.1.attn_v.weight"])
+    gate_up = np.asarray(model.params.layers[0].w_gate_up)
+    np.testing.assert_array_equal(gate_up[:, 0].T, weights["blk.0.ffn_gate.weight"])
+    np.testing.assert_array_equal(gate_up[:, 1].T, weights["blk.0.ffn_up.weight"])
     bf16 = load_gguf(tmp_path / "m.gguf", "bf16", progress=False, layout="stacked")
     assert bf16.params.dtype == jnp.bfloat16 and bf16.params.stacked
     assert bf16.params.layers.wqkv.shape == (2, *model.params.layers[0].wqkv.shape)

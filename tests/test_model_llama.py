@@ -73,9 +73,10 @@ def forward_f64(params: llama.LlamaParams, config: llama.LlamaConfig, tokens) ->
     x = f(params.embed)[tokens]  # (B, T, H)
     causal = np.tril(np.ones((t, t), bool))
     for layer in params.layers:
-        qkv = norm(x, layer.attn_norm) @ f(layer.wqkv)
+        wq, wk, wv = llama.unfuse_qkv(f(layer.wqkv))
+        qkv = norm(x, layer.attn_norm) @ np.concatenate([wq, wk, wv], axis=-1)
         if layer.bqkv is not None:
-            qkv = qkv + f(layer.bqkv)
+            qkv = qkv + np.concatenate(llama.unfuse_qkv(f(layer.bqkv)))
         q = rope(qkv[..., : n * d].reshape(b, t, n, d))
         k = rope(qkv[..., n * d : (n + kh) * d].reshape(b, t, kh, d))
         v = qkv[..., (n + kh) * d :].reshape(b, t, kh, d)
@@ -86,8 +87,8 @@ def forward_f64(params: llama.LlamaParams, config: llama.LlamaConfig, tokens) ->
         p /= p.sum(-1, keepdims=True)
         attn = np.einsum("bnqk,bknd->bqnd", p, v).reshape(b, t, n * d)
         x = x + attn @ f(layer.wo)
-        gu = norm(x, layer.mlp_norm) @ f(layer.w_gate_up)
-        gate, up = gu[..., : config.intermediate_size], gu[..., config.intermediate_size :]
+        gate = norm(x, layer.mlp_norm) @ f(layer.w_gate_up)[:, 0]
+        up = norm(x, layer.mlp_norm) @ f(layer.w_gate_up)[:, 1]
         x = x + (gate / (1 + np.exp(-gate)) * up) @ f(layer.w_down)
     x = norm(x, params.norm)
     head = f(params.embed).T if params.lm_head is None else f(params.lm_head)
@@ -259,8 +260,8 @@ def test_params_errors():
     with pytest.raises(ValueError, match=r"params.layers\[1\].wo has shape \(128, 8\), expected \(128, 64\)"):
         llama.check_params(bad, config)
     stacked = llama.with_layout(params, "stacked")
-    with pytest.raises(ValueError, match=r"params.layers.bqkv has shape \(2, 256\), expected None"):
-        llama.check_params(stacked.replace(layers=stacked.layers.replace(bqkv=jnp.zeros((2, 256)))), config)
+    with pytest.raises(ValueError, match=r"params.layers.bqkv has shape \(2, 4, 6, 16\), expected None"):
+        llama.check_params(stacked.replace(layers=stacked.layers.replace(bqkv=jnp.zeros((2, 4, 6, 16)))), config)
     with pytest.raises(ValueError, match="layout='rows' is not one of"):
         llama.with_layout(params, "rows")
 

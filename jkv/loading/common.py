@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jkv.models.llama import LayerParams, LlamaConfig, LlamaParams, check_params, resolve_layout
+from jkv.models.llama import LayerParams, LlamaConfig, LlamaParams, check_params, fuse_qkv, resolve_layout
 
 
 class ModelLoadError(ValueError):
@@ -85,15 +85,16 @@ def build_params(
     layers = []
     for i in range(config.num_layers):
         w = lambda name, i=i: np.asarray(get(f"{i}.{name}"), np.float32)
-        wqkv = np.concatenate([w("q").T, w("k").T, w("v").T], axis=1)  # (H, (N + 2K) * D)
-        bqkv = np.concatenate([w("q_bias"), w("k_bias"), w("v_bias")]) if config.qkv_bias else None
+        k = config.num_kv_heads
+        wqkv = fuse_qkv(w("q").T, w("k").T, w("v").T, k)  # (H, K, G + 2, D)
+        bqkv = fuse_qkv(w("q_bias"), w("k_bias"), w("v_bias"), k) if config.qkv_bias else None
         layer = LayerParams(
             attn_norm=host(w("attn_norm")),
             wqkv=host(wqkv),
             bqkv=None if bqkv is None else host(bqkv),
             wo=host(w("o").T),
             mlp_norm=host(w("mlp_norm")),
-            w_gate_up=host(np.concatenate([w("gate").T, w("up").T], axis=1)),  # (H, 2F)
+            w_gate_up=host(np.stack([w("gate").T, w("up").T], axis=1)),  # (H, 2, F)
             w_down=host(w("down").T),
         )
         # Per-layer buffers go to the device at once (host memory holds one layer); stacked ones at the end.

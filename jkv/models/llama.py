@@ -69,6 +69,11 @@ class LlamaConfig:
             )
 
     @property
+    def qkv_shape(self) -> tuple[int, int, int]:
+        """Shape of the fused q/k/v projection's output axes: ``(K, G + 2, D)``."""
+        return (self.num_kv_heads, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+
+    @property
     def qkv_size(self) -> int:
         """Width of the fused q/k/v projection: ``(N + 2K) * D``."""
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
@@ -112,11 +117,13 @@ class LayerParams:
     """One decoder block. q/k/v and gate/up are fused so a decode step reads each in one matmul."""
 
     attn_norm: Float[Array, " H"]
-    wqkv: Float[Array, "H QKV"]  # columns: N*D queries, K*D keys, K*D values (heads major, head_dim minor)
-    bqkv: Float[Array, " QKV"] | None  # Qwen2 only
+    # Grouped by kv head: for each of the K kv heads, its G query heads, then its key, then its value. A split of
+    # the K axis (tensor parallel) gives each device whole groups: its queries with their keys and values.
+    wqkv: Float[Array, "H K G2 D"]  # G2 = G + 2
+    bqkv: Float[Array, "K G2 D"] | None  # Qwen2 only
     wo: Float[Array, "ND H"]
     mlp_norm: Float[Array, " H"]
-    w_gate_up: Float[Array, "H F2"]  # columns: F gate, F up
+    w_gate_up: Float[Array, "H 2 F"]  # [:, 0] gate, [:, 1] up; a split of F keeps each gate beside its up
     w_down: Float[Array, "F H"]
 
 
@@ -177,6 +184,7 @@ def check_params(params: LlamaParams, config: LlamaConfig) -> None:
     if not isinstance(params, LlamaParams):
         raise TypeError(f"params must be LlamaParams, got {type(params).__name__}")
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv_shape = config.qkv_shape
     nd = config.num_heads * config.head_dim
     if (params.lm_head is None) != config.tie_embeddings:
         state = "absent" if params.lm_head is None else "present"
@@ -186,11 +194,11 @@ def check_params(params: LlamaParams, config: LlamaConfig) -> None:
     got["lm_head"] = None if params.lm_head is None else params.lm_head.shape
     layer_want = {
         "attn_norm": (h,),
-        "wqkv": (h, config.qkv_size),
-        "bqkv": (config.qkv_size,) if config.qkv_bias else None,
+        "wqkv": (h, *qkv_shape),
+        "bqkv": qkv_shape if config.qkv_bias else None,
         "wo": (nd, h),
         "mlp_norm": (h,),
-        "w_gate_up": (h, 2 * f),
+        "w_gate_up": (h, 2, f),
         "w_down": (f, h),
     }
     if params.stacked:
@@ -226,13 +234,14 @@ def _init_params(config: LlamaConfig, key, dtype, scale: float) -> LlamaParams:
     # Two normal draws in all (one flat vector per layer under lax.map, one for the rest): every separate
     # jax.random call adds its own threefry program, and dozens of them take minutes to compile on a CPU.
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv_shape = config.qkv_shape
     layer_shapes = {
         "attn_norm": (h,),
-        "wqkv": (h, config.qkv_size),
-        "bqkv": (config.qkv_size,) if config.qkv_bias else None,
+        "wqkv": (h, *qkv_shape),
+        "bqkv": qkv_shape if config.qkv_bias else None,
         "wo": (config.num_heads * config.head_dim, h),
         "mlp_norm": (h,),
-        "w_gate_up": (h, 2 * f),
+        "w_gate_up": (h, 2, f),
         "w_down": (f, h),
     }
     global_shapes = {"embed": (v, h), "norm": (h,), "lm_head": None if config.tie_embeddings else (h, v)}
@@ -269,6 +278,28 @@ def _rms_norm(x: Float[Array, "B T H"], weight: Float[Array, " H"], eps: float) 
     return x * weight.astype(jnp.float32)
 
 
+def fuse_qkv(wq, wk, wv, num_kv_heads: int):
+    """Fuse q/k/v projections ``[..., N*D]``, ``[..., K*D]``, ``[..., K*D]`` (input features first, or biases)
+    into the grouped layout ``[..., K, G + 2, D]`` (NumPy or JAX arrays)."""
+    xp = jnp if isinstance(wq, jax.Array) else np
+    lead, k = wq.shape[:-1], num_kv_heads
+    d = wk.shape[-1] // k
+    g = wq.shape[-1] // (k * d)
+    parts = [wq.reshape(*lead, k, g, d), wk.reshape(*lead, k, 1, d), wv.reshape(*lead, k, 1, d)]
+    return xp.concatenate(parts, axis=-2)
+
+
+def unfuse_qkv(wqkv):
+    """Inverse of ``fuse_qkv``: ``(wq [..., N*D], wk [..., K*D], wv [..., K*D])``."""
+    *lead, k, g2, d = wqkv.shape
+    g = g2 - 2
+    return (
+        wqkv[..., :g, :].reshape(*lead, k * g * d),
+        wqkv[..., g, :].reshape(*lead, k * d),
+        wqkv[..., g + 1, :].reshape(*lead, k * d),
+    )
+
+
 def _matmul(x, w, out_dtype=jnp.float32):
     """``x @ w`` with operands in the weight dtype and f32 accumulation."""
     return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(out_dtype)
@@ -279,12 +310,13 @@ def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfi
     b, t, _ = x.shape
     n, k, d = config.num_heads, config.num_kv_heads, config.head_dim
     h = _rms_norm(x, layer_params.attn_norm, config.rms_norm_eps)
-    qkv = _matmul(h, layer_params.wqkv)  # (B, T, (N + 2K) * D)
+    w = layer_params.wqkv
+    qkv = jnp.einsum("bth,hkjd->btkjd", h.astype(w.dtype), w, preferred_element_type=jnp.float32)  # (B,T,K,G+2,D)
     if layer_params.bqkv is not None:
         qkv = qkv + layer_params.bqkv.astype(jnp.float32)
-    q = qkv[..., : n * d].reshape(b, t, n, d)
-    key = qkv[..., n * d : (n + k) * d].reshape(b, t, k, d)
-    value = qkv[..., (n + k) * d :].reshape(b, t, k, d)
+    g = n // k
+    q = qkv[:, :, :, :g].reshape(b, t, n, d)  # query head n = kv head n // G, as GQA reads it
+    key, value = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # (B, T, K, D)
     q = apply_rope(q, positions, inv_freq, RopeStyle.NEOX)
     key = apply_rope(key, positions, inv_freq, RopeStyle.NEOX)
     cache = cache.write(i, jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2))  # (B, K, T, D)
@@ -295,9 +327,9 @@ def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfi
         attn = prefill_attention(q, cache, i, impl=impl)  # (B, T, N, D)
     x = x + _matmul(attn.reshape(b, t, n * d), layer_params.wo)
     h = _rms_norm(x, layer_params.mlp_norm, config.rms_norm_eps)
-    gate_up = _matmul(h, layer_params.w_gate_up)  # (B, T, 2F)
-    f = config.intermediate_size
-    act = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]
+    w = layer_params.w_gate_up
+    gate_up = jnp.einsum("bth,hcf->btcf", h.astype(w.dtype), w, preferred_element_type=jnp.float32)  # (B,T,2,F)
+    act = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
     x = x + _matmul(act, layer_params.w_down)
     return x, cache
 
