@@ -2,11 +2,12 @@
 
     python scripts/bench_sharded.py --runs llama3-8b:1 llama3-8b:2 llama3-70b:2 --out sharded.json
 
-Each run is MODEL:TP (random bf16 weights of the published shapes, generated directly in their shards, so a model
-larger than one GPU never has to fit one). For each: prefill ``--prompt-len`` tokens, then time ``--steps`` greedy
-decode steps of one jitted, cache-donating step (the sampled ids stay on the device between steps; one sync at the
-end). Roofline: the weight bytes each GPU reads per step over the device-to-device copy bandwidth measured in the
-same run (bytes read + written by a large copy), i.e. the fastest a step can be when it must read every weight once.
+Each run is MODEL:TP (random bf16 weights of the published shapes, generated directly in their shards, so a
+model larger than one GPU never has to fit one). For each: prefill ``--prompt-len`` tokens (0: none), then time
+``--steps`` greedy decode steps of one jitted, cache-donating step (the sampled ids stay on the device between
+steps; one sync at the end). Roofline: the weight bytes each GPU reads per step over the device-to-device copy
+bandwidth measured in the same run (bytes read + written by a large copy), i.e. the fastest a step can be when it
+must read every weight once.
 """
 
 from __future__ import annotations
@@ -67,9 +68,12 @@ def run_one(model: str, tp: int, args, bandwidth: float) -> dict:
         return jnp.argmax(logits, -1).astype(jnp.int32), c
 
     rng = np.random.default_rng(0)
-    prompt = jnp.asarray(rng.integers(0, config.vocab_size, size=(args.batch, args.prompt_len)), jnp.int32)
+    prompt = jnp.asarray(rng.integers(0, config.vocab_size, size=(args.batch, max(args.prompt_len, 1))), jnp.int32)
     with sharding.use_mesh(mesh):
-        tok, cache = jax.jit(prefill, donate_argnums=1, out_shardings=(None, shardings))(params, cache, prompt)
+        if args.prompt_len:
+            tok, cache = jax.jit(prefill, donate_argnums=1, out_shardings=(None, shardings))(params, cache, prompt)
+        else:  # decode from an empty cache: weight reads dominate a step at short context anyway
+            tok = prompt[:, 0]
         decode = jax.jit(step, donate_argnums=1, out_shardings=(None, shardings))
         t0 = time.perf_counter()
         tok, cache = decode(params, cache, tok)
@@ -122,7 +126,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", default=["llama3-8b:1", "llama3-8b:2", "llama3-70b:2"])
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64, help="0: no prefill (saves compiling it)")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
