@@ -96,6 +96,7 @@ def bench_jkv(config, params, batch: int, impl: str, steps: int, prompt: int, ma
     e2e = gen.generate(prompts, max_new_tokens=steps, stop_ids=())
     assert e2e.tokens == first.tokens, "greedy decoding differs between two identical runs"
     step, _ = gen.decode_step_compiled(greedy=True)
+    kernels = kernel_count(step.as_text())
     key, sargs = jax.random.key(0), (jnp.float32(0), jnp.int32(0), jnp.float32(1))
     tokens = jnp.asarray([t[-1] for t in e2e.tokens], jnp.int32)
 
@@ -118,8 +119,18 @@ def bench_jkv(config, params, batch: int, impl: str, steps: int, prompt: int, ma
         "e2e_tok_s": e2e.timing.tokens_per_s,
         "ms": loop_ms,
         "tok_s": 1e3 * batch / loop_ms,
+        "kernels": kernels,
         "tokens": e2e.tokens[0][:16],
     }
+
+
+def kernel_count(hlo: str) -> int:
+    """Instructions of the compiled step's entry computation that launch work (fusions, library calls, custom
+    calls such as the Pallas kernels, copies...): bookkeeping ops (parameters, tuples, bitcasts) excluded."""
+    entry = hlo[hlo.index("ENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    skip = ("parameter(", "get-tuple-element(", "tuple(", "bitcast(", "constant(", "after-all(")
+    return sum(1 for line in entry.splitlines()[1:] if " = " in line and not any(op in line for op in skip))
 
 
 # ---------------------------------------------------------------------------------------------- HF transformers
@@ -208,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--min-rows", default="8", help="variants of llama.MIN_MATMUL_ROWS on GPU, e.g. 8,1")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9, help="start nothing new after this many seconds")
     parser.add_argument("--out", default="decode.jsonl")
@@ -237,13 +249,16 @@ def main(argv=None) -> int:
         roofline_ms = 1e3 * weight_bytes / (bw["tbps"] * 1e12)
         log(f"{name}: random bf16 init {time.perf_counter() - t:.1f} s, {weight_bytes / 1e9:.2f} GB read per step")
         base = {"model": name, "weight_gb": weight_bytes / 1e9, "roofline_ms": roofline_ms}
-        for impl in impls:
-            for batch in batches:
-                if time.perf_counter() - START > args.deadline:
-                    log(f"deadline: skipping jkv {name} b{batch} {impl}")
-                    continue
-                r = bench_jkv(config, params, batch, impl, args.steps, args.prompt, args.max_len)
-                record({"kind": "jkv", "impl": impl, "batch": batch, **base, **r, "roofline": roofline_ms / r["ms"]})
+        for min_rows in [int(m) for m in args.min_rows.split(",")]:
+            llama.MIN_MATMUL_ROWS["gpu"] = min_rows
+            for impl in impls:
+                for batch in batches:
+                    if time.perf_counter() - START > args.deadline:
+                        log(f"deadline: skipping jkv {name} b{batch} {impl} min_rows={min_rows}")
+                        continue
+                    r = bench_jkv(config, params, batch, impl, args.steps, args.prompt, args.max_len)
+                    r |= {"impl": impl, "batch": batch, "min_rows": min_rows, "roofline": roofline_ms / r["ms"]}
+                    record({"kind": "jkv", **base, **r})
         del params
         gc.collect()
         if args.no_hf:
@@ -275,7 +290,7 @@ def print_table(rows):
     hf = {(r["model"], r["batch"]): r for r in rows if r["kind"] == "hf"}
     print(
         f"{'model':14} {'B':>2} {'impl':6} {'ms/step':>8} {'tok/s':>8} {'e2e ms':>7} {'roof ms':>7} {'roof %':>6}"
-        f" {'HF ms':>7} {'HF tok/s':>8} {'vs HF':>6} {'compile s':>9}"
+        f" {'HF ms':>7} {'HF tok/s':>8} {'vs HF':>6} {'compile s':>9} {'rows':>4} {'kernels':>7}"
     )
     for r in rows:
         if r["kind"] != "jkv":
@@ -285,6 +300,7 @@ def print_table(rows):
         print(
             f"{r['model']:14} {r['batch']:2d} {r['impl']:6} {r['ms']:8.2f} {r['tok_s']:8.0f} {r['e2e_ms']:7.2f}"
             f" {r['roofline_ms']:7.2f} {100 * r['roofline']:5.1f}% {hf_cols} {r['compile_s']:9.1f}"
+            f" {r.get('min_rows', 1):4d} {r.get('kernels', 0):7d}"
         )
 
 

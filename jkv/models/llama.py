@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -300,9 +301,24 @@ def unfuse_qkv(wqkv):
     )
 
 
-def _matmul(x, w, out_dtype=jnp.float32):
-    """``x @ w`` with operands in the weight dtype and f32 accumulation."""
-    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(out_dtype)
+# Fewest rows a projection runs with, per backend. On GPU, XLA's kernels for a one-row product (batch-1 decode)
+# read the weights more slowly than its small-GEMM kernels, so a few zero rows are added there (one Llama-3-8B
+# step at batch 1 drops from 6.4 to ~5.9 ms on an H100: docs/BENCHMARKS.md). Benchmarks may change the table.
+MIN_MATMUL_ROWS = {"gpu": 8}
+
+
+def _project(x: Float[Array, "... H"], w, contract: int = 0) -> Float[Array, "..."]:
+    """``x`` times ``w`` over ``x``'s last axis and ``w``'s axis ``contract``: operands in the weight dtype,
+    f32 accumulation and result. Output axes: ``x``'s leading ones, then ``w``'s others in order."""
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, x.shape[-1]).astype(w.dtype)
+    pad = MIN_MATMUL_ROWS.get(jax.default_backend(), 1) - rows
+    if pad > 0:
+        x2 = jnp.pad(x2, ((0, pad), (0, 0)))
+    y = lax.dot_general(x2, w, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+    out = [n for axis, n in enumerate(w.shape) if axis != contract]
+    return y[:rows].reshape(*lead, *out)
 
 
 def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfig, inv_freq, impl):
@@ -310,8 +326,7 @@ def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfi
     b, t, _ = x.shape
     n, k, d = config.num_heads, config.num_kv_heads, config.head_dim
     h = _rms_norm(x, layer_params.attn_norm, config.rms_norm_eps)
-    w = layer_params.wqkv
-    qkv = jnp.einsum("bth,hkjd->btkjd", h.astype(w.dtype), w, preferred_element_type=jnp.float32)  # (B,T,K,G+2,D)
+    qkv = _project(h, layer_params.wqkv)  # (B, T, K, G + 2, D)
     if layer_params.bqkv is not None:
         qkv = qkv + layer_params.bqkv.astype(jnp.float32)
     g = n // k
@@ -325,12 +340,11 @@ def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfi
         attn = decode_attention(q[:, 0], cache, i, impl=impl)[:, None]  # (B, 1, N, D)
     else:
         attn = prefill_attention(q, cache, i, impl=impl)  # (B, T, N, D)
-    x = x + _matmul(attn.reshape(b, t, n * d), layer_params.wo)
+    x = x + _project(attn.reshape(b, t, n * d), layer_params.wo)
     h = _rms_norm(x, layer_params.mlp_norm, config.rms_norm_eps)
-    w = layer_params.w_gate_up
-    gate_up = jnp.einsum("bth,hcf->btcf", h.astype(w.dtype), w, preferred_element_type=jnp.float32)  # (B,T,2,F)
+    gate_up = _project(h, layer_params.w_gate_up)  # (B, T, 2, F)
     act = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    x = x + _matmul(act, layer_params.w_down)
+    x = x + _project(act, layer_params.w_down)
     return x, cache
 
 
@@ -361,9 +375,8 @@ def hidden_states(
 def lm_head(params: LlamaParams, h: Float[Array, "... H"]) -> Float[Array, "... V"]:
     """Logits (f32) from final hidden states; the transposed embedding when tied."""
     if params.lm_head is None:
-        w = params.embed
-        return jnp.einsum("...h,vh->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
-    return _matmul(h, params.lm_head)
+        return _project(h, params.embed, contract=1)
+    return _project(h, params.lm_head)
 
 
 def forward(params: LlamaParams, cache, tokens: Int[Array, "B T"], *, config: LlamaConfig, impl: str | None = None):
