@@ -159,7 +159,8 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
     group = num_heads // kv_heads
     splits, ppb = config.num_splits, config.pages_per_block
     # A block may run past the table's last column (masked): pad the table so its index load stays in bounds.
-    tables = jnp.pad(tables, ((0, 0), (0, -max_pages % ppb)), constant_values=-1)
+    if max_pages % ppb:
+        tables = jnp.pad(tables, ((0, 0), (0, -max_pages % ppb)), constant_values=-1)
 
     # Outputs, aliases and their order as pallas_kernels.decode_attention's kernel body expects them.
     if splits == 1:
