@@ -411,6 +411,31 @@ class PagedKVCache(LengthsMixin):
 
         return take(self.k_pages), take(self.v_pages)
 
+    def extract_slot(self, slot, max_len: int | None = None) -> KVCache:
+        """The one-sequence contiguous cache of ``slot`` (first ``max_len`` positions; default all), e.g. to
+        snapshot one sequence into a prefix cache. Positions without a page are zero."""
+        max_len = self.max_len if max_len is None else max_len
+        _checks.positive_int("max_len", max_len)
+        if max_len > self.max_len:
+            raise ValueError(f"{max_len=} exceeds this cache's max_len={self.max_len}")
+        self._slot_ok(slot)
+        m = _cdiv(max_len, self.page_size)
+        row = lax.dynamic_slice(self.block_tables, (slot, 0), (1, self.max_pages))[0, :m]  # [m]
+        pages, held = jnp.clip(row, 0, self.num_pages - 1), (row >= 0)[None, :, None, None, None]
+
+        def take(pool):
+            x = jnp.where(held, pool[:, pages], 0)  # (L, m, K, page_size, D)
+            nl, _, kh, ps, d = x.shape
+            return x.swapaxes(1, 2).reshape(nl, 1, kh, m * ps, d)[:, :, :, :max_len]
+
+        length = lax.dynamic_slice(self.lengths, (slot,), (1,))
+        return KVCache(
+            k=take(self.k_pages),
+            v=take(self.v_pages),
+            lengths=jnp.minimum(length, max_len),
+            errors=lax.dynamic_slice(self.errors, (slot,), (1,)),
+        )
+
     def to_contiguous(self) -> KVCache:
         """The logical contents as a ``KVCache`` (same lengths and errors; positions without a page are zero)."""
         pages = jnp.clip(self.block_tables, 0, self.num_pages - 1)

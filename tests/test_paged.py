@@ -215,6 +215,11 @@ def test_insert_into_slot_snapshot_restore(rng):
     np.testing.assert_array_equal(np.asarray(again.pages_held()), [3, 1, 2, 1])
     assert_allocator_consistent(again)
 
+    for slot, max_len in ((1, None), (2, 12), (3, 32)):
+        got, want = paged.extract_slot(slot, max_len), ref.extract_slot(slot, max_len)
+        assert got.k.shape == want.k.shape and int(got.lengths[0]) == int(want.lengths[0])
+        assert_same_contents(got, want)
+
     snap = paged.snapshot()
     assert snap.k.shape[3] == 20 and snap.max_len == 32
     restored = PagedKVCache.restore(snap, page_size=4, num_pages=20)
@@ -364,6 +369,9 @@ def test_errors_eager(rng):
         (lambda: paged.insert_into_slot(0, jkv.KVCache.init(SPEC.replace(head_dim=4), 1)), ValueError, "head_dim"),
         (lambda: paged.insert_into_slot(3, one), ValueError, "slot=3"),
         (lambda: paged.gather_layer(-1), ValueError, "layer=-1 out of range"),
+        (lambda: paged.extract_slot(0, max_len=40), ValueError, "max_len=40 exceeds this cache's max_len=32"),
+        (lambda: paged.extract_slot(0, max_len=0), ValueError, "max_len must be a positive int"),
+        (lambda: paged.extract_slot(2), ValueError, "slot=2 out of range"),
         (lambda: PagedKVCache.from_contiguous(paged, page_size=8), TypeError, "cache must be a KVCache"),
         (lambda: PagedKVCache.restore("x", page_size=8), TypeError, "KVSnapshot"),
         (lambda: PagedKVCache.from_contiguous(flat, page_size=8, num_pages=7), ValueError, "lengths=[30 30] need 8"),
