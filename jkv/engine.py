@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkv import memory
+from jkv import memory, quant
 from jkv.cache import CacheSpec, KVCache
 from jkv.models import llama
+from jkv.paged import PagedKVCache
 from jkv.prefix_cache import PrefixCache
 from jkv.sampling import sample
 from jkv.speculative import prompt_lookup_draft
@@ -37,6 +38,8 @@ from jkv.speculative import prompt_lookup_draft
 # weights once); a CPU step costs in proportion to the rows, and every slot is computed.
 DEFAULT_MAX_SLOTS = {"gpu": 64, "tpu": 64}
 DEFAULT_MAX_SLOTS_ELSEWHERE = 8
+CACHE_KINDS = ("default", "bf16", "f32", "q8", "paged")
+PAGE_SIZE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +122,9 @@ class EngineStats:
 class Engine:
     """Continuous-batching generation over ``num_slots`` slots of one ``KVCache``.
 
-    ``params``/``config``: a Llama-family model (``jkv.models.llama``). ``num_slots`` defaults to what fits the
+    ``params``/``config``: a Llama-family model (``jkv.models.llama``). ``cache``: ``"default"`` (contiguous, in
+    ``cache_dtype`` or the weights' dtype), ``"bf16"``, ``"f32"``, ``"q8"`` or ``"paged"`` (pages of 16
+    positions; ``max_len`` a multiple of 16). ``num_slots`` defaults to what fits the
     device's free memory (``jkv.memory.max_batch``, capped at 64 on GPU, 8 elsewhere), announced on stderr.
     ``prefix_cache_bytes`` (0: off) bounds the host memory of cached prompt prefixes. ``speculative_tokens``
     (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests.
@@ -132,6 +137,7 @@ class Engine:
         *,
         num_slots: int | None = None,
         max_len: int = 1024,
+        cache: str = "default",
         cache_dtype=None,
         impl: str | None = None,
         prefix_cache_bytes: int = 0,
@@ -146,18 +152,25 @@ class Engine:
             raise ValueError(f"speculative_tokens must be an int >= 0, got {speculative_tokens!r}")
         if not isinstance(prefill_bucket, int) or prefill_bucket < 1:
             raise ValueError(f"prefill_bucket must be a positive int, got {prefill_bucket!r}")
-        self.params, self.config, self.impl = params, config, impl
-        dtype = params.dtype if cache_dtype is None else cache_dtype
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"cache={cache!r} is not one of {CACHE_KINDS}")
+        if cache == "paged" and max_len % PAGE_SIZE:
+            raise ValueError(f"a paged cache needs max_len a multiple of its page size {PAGE_SIZE}, got {max_len=}")
+        self.params, self.config, self.impl, self.cache_kind = params, config, impl, cache
+        dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}.get(
+            cache, params.dtype if cache_dtype is None else cache_dtype
+        )
         self.spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype)
+        per_token = quant.bytes_per_token(self.spec) if cache == "q8" else None
         if num_slots is None:
             cap = DEFAULT_MAX_SLOTS.get(jax.default_backend(), DEFAULT_MAX_SLOTS_ELSEWHERE)
-            num_slots = memory.max_batch(self.spec, limit=cap)
+            num_slots = memory.max_batch(self.spec, limit=cap, per_token=per_token)
             if num_slots < 1:
                 raise MemoryError(
                     f"no engine slot fits in device memory at max_len={max_len}: lower max_len or num_slots"
                 )
             if verbose:
-                per_slot = memory.cache_bytes(self.spec, 1) / 2**20
+                per_slot = memory.cache_bytes(self.spec, 1, per_token) / 2**20
                 print(
                     f"jkv engine: {num_slots} slots of max_len={max_len} ({per_slot:.1f} MiB of KV cache each) fit "
                     f"the free device memory (cap {cap} on {jax.default_backend()})",
@@ -172,8 +185,15 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self.stats = EngineStats()
 
-        self.cache = KVCache.init(self.spec, num_slots)
-        self._single = KVCache.init(self.spec, 1)
+        # The batch cache of the chosen kind; prompts prefill into a one-sequence cache that insert_into_slot takes
+        # (a Q8 cache for Q8 slots, a contiguous one for contiguous and paged slots).
+        if cache == "q8":
+            self.cache, self._single = quant.Q8KVCache.init(self.spec, num_slots), quant.Q8KVCache.init(self.spec, 1)
+        elif cache == "paged":
+            self.cache = PagedKVCache.init(self.spec, num_slots, page_size=PAGE_SIZE)
+            self._single = KVCache.init(self.spec, 1)
+        else:
+            self.cache, self._single = KVCache.init(self.spec, num_slots), KVCache.init(self.spec, 1)
         self._slots: list[_Active | None] = [None] * num_slots
         self._pending: collections.deque[_Request] = collections.deque()
         self._done: dict[int, Completion] = {}
@@ -320,7 +340,7 @@ class Engine:
             cached, snap = (0, None) if self.prefix_cache is None else self.prefix_cache.lookup(prompt)
             cached = min(cached, len(prompt) - 1)  # at least one token runs, to produce the next-token logits
             if snap is not None and cached > 0:
-                single = KVCache.restore(snap, max_len=self.spec.max_len).rollback(cached)
+                single = type(self._single).restore(snap, max_len=self.spec.max_len).rollback(cached)
             else:
                 cached = 0
                 single = self._single.reset()
@@ -342,7 +362,8 @@ class Engine:
             self.stats.cached_prompt_tokens += cached
             if self.prefix_cache is not None and len(prompt) not in (0, cached):
                 snapshot = single.snapshot(trim=True)
-                self.prefix_cache.insert(prompt, snapshot, snapshot.k.nbytes + snapshot.v.nbytes)
+                nbytes = sum(x.nbytes for x in snapshot if isinstance(x, np.ndarray))
+                self.prefix_cache.insert(prompt, snapshot, nbytes)
             self.cache = self._insert(self.cache, slot, single)
             self._single = single  # reuse the buffer for the next admission
             state = _Active(request, [], key_data, cached, time.perf_counter())

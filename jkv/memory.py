@@ -27,9 +27,13 @@ def bytes_per_layer_per_token(spec: CacheSpec) -> int:
     return spec.bytes_per_token // spec.num_layers
 
 
-def cache_bytes(spec: CacheSpec, batch: int) -> int:
-    """Bytes of a ``KVCache.init(spec, batch)`` (buffers plus the int32 lengths and error bits)."""
-    return batch * (spec.bytes_per_sequence + 8)
+def cache_bytes(spec: CacheSpec, batch: int, per_token: int | None = None) -> int:
+    """Bytes of a ``KVCache.init(spec, batch)`` (buffers plus the int32 lengths and error bits).
+
+    ``per_token`` overrides ``spec.bytes_per_token`` for other formats (e.g. ``jkv.quant.bytes_per_token``).
+    """
+    per_token = spec.bytes_per_token if per_token is None else per_token
+    return batch * (per_token * spec.max_len + 8)
 
 
 def device_free_bytes(device: jax.Device | None = None) -> int:
@@ -53,13 +57,20 @@ def usable_bytes(budget: int | None = None, reserve: int | None = None) -> int:
     return max(free - int(reserve), 0)
 
 
-def max_batch(spec: CacheSpec, budget: int | None = None, reserve: int | None = None, limit: int | None = None) -> int:
+def max_batch(
+    spec: CacheSpec,
+    budget: int | None = None,
+    reserve: int | None = None,
+    limit: int | None = None,
+    per_token: int | None = None,
+) -> int:
     """Largest batch of ``spec.max_len``-long sequences whose cache fits; 0 (with a warning) if none does.
 
     ``budget``: bytes available (default: the device's free memory, less ``reserve``). ``limit``: an upper cap.
+    ``per_token``: bytes per position for formats other than ``spec.dtype`` (the Q8 cache).
     """
     usable = usable_bytes(budget, reserve)
-    per_seq = cache_bytes(spec, 1)
+    per_seq = cache_bytes(spec, 1, per_token)
     n = usable // per_seq
     if n < 1:
         warnings.warn(

@@ -41,11 +41,11 @@ def prompts(rng, count, lo=2, hi=12):
     return [rng.integers(0, CONFIG.vocab_size, size=rng.integers(lo, hi)).tolist() for _ in range(count)]
 
 
-@pytest.mark.parametrize("num_slots", [1, 3, 8])
-def test_batched_greedy_equals_alone(params, rng, num_slots):
+@pytest.mark.parametrize("num_slots,cache", [(1, "default"), (3, "default"), (8, "default"), (3, "paged")])
+def test_batched_greedy_equals_alone(params, rng, num_slots, cache):
     ps = prompts(rng, 7)
     want = [greedy_alone(params, p, 10) for p in ps]
-    engine = Engine(params, CONFIG, num_slots=num_slots, max_len=MAX_LEN)
+    engine = Engine(params, CONFIG, num_slots=num_slots, max_len=MAX_LEN, cache=cache)
     ids = [engine.submit(p, SamplingParams(max_new_tokens=10)) for p in ps[:4]]
     engine.step()  # requests arrive while others are mid-generation
     engine.step()
@@ -106,11 +106,12 @@ def test_prefix_cache_hits_match_misses_and_skip_prefill(params, rng):
     assert again.tokens == want[0] and again.cached_prompt_tokens == len(ps[0]) - 1
 
 
-def test_speculative_decoding_equals_greedy_and_rolls_back(params, rng):
+@pytest.mark.parametrize("cache", ["default", "paged"])
+def test_speculative_decoding_equals_greedy_and_rolls_back(params, rng, cache):
     pattern = rng.integers(0, CONFIG.vocab_size, size=6).tolist()
     ps = [pattern * 3, (pattern * 2)[:9], prompts(rng, 1)[0]]
     want = [greedy_alone(params, p, 24) for p in ps]
-    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN, speculative_tokens=4)
+    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN, speculative_tokens=4, cache=cache)
     for p in ps:
         engine.submit(p, SamplingParams(max_new_tokens=24))
     done = engine.run(show_progress=False)
@@ -119,6 +120,27 @@ def test_speculative_decoding_equals_greedy_and_rolls_back(params, rng):
     assert st.verify_steps > 0 and st.drafted_tokens > 0
     assert st.accepted_tokens < st.drafted_tokens  # some drafts rejected: the cache was rolled back past them
     assert not np.asarray(engine.cache.lengths).any()
+
+
+def test_q8_slots_do_not_depend_on_batching_or_prefix_hits(rng):
+    """Q8 slots (head_dim a multiple of 32): batched, prefix-cached and speculative runs all give the same tokens."""
+    config = llama.LlamaConfig(96, 64, 128, 2, 4, 2, 32)
+    q8_params = llama.init_params(config, jax.random.key(5), jnp.float32, scale=0.2)
+    system = rng.integers(0, config.vocab_size, size=12).tolist()
+    ps = [system] + [system + tail for tail in prompts(rng, 4, 1, 5)]  # the bare prefix first: later ones hit it
+
+    def run(**kw):
+        engine = Engine(q8_params, config, max_len=MAX_LEN, cache="q8", **kw)
+        for p in ps:
+            engine.submit(p, SamplingParams(max_new_tokens=8))
+        out = [c.tokens for c in engine.run(show_progress=False)]
+        return out, engine
+
+    alone, _ = run(num_slots=1)
+    batched, engine = run(num_slots=3, prefix_cache_bytes=1 << 20)
+    assert batched == alone
+    assert engine.stats.cached_prompt_tokens > 0  # later prompts restored the shared prefix from Q8 snapshots
+    assert run(num_slots=2, speculative_tokens=3)[0] == alone
 
 
 def test_no_slot_leaks_after_many_random_requests(params):
@@ -160,6 +182,8 @@ def test_default_slot_count_comes_from_memory_planner(params, capsys):
         (lambda e: Engine(e.params, CONFIG, max_len=1), ValueError, "max_len must be an int >= 2, got 1"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=-1), ValueError, "speculative_tokens"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, prefill_bucket=0), ValueError, "prefill_bucket"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, cache="fp8"), ValueError, "cache='fp8' is not one of"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, max_len=40, cache="paged"), ValueError, "max_len=40"),
         (
             lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=2).submit(
                 [1], SamplingParams(temperature=0.5)
