@@ -302,8 +302,9 @@ def unfuse_qkv(wqkv):
 
 
 # Fewest rows a projection runs with, per backend. On GPU, XLA's kernels for a one-row product (batch-1 decode)
-# read the weights more slowly than its small-GEMM kernels, so a few zero rows are added there (one Llama-3-8B
-# step at batch 1 drops from 6.4 to ~5.9 ms on an H100: docs/BENCHMARKS.md). Benchmarks may change the table.
+# read the weights more slowly than its small-GEMM kernels, so zero rows are added there: a Llama-3-8B step at
+# batch 1 went from 6.32 to 6.13 ms on an H100 (docs/BENCHMARKS.md, "End-to-end decode"). The pads fuse into the
+# producers (same kernel count). scripts/bench_decode.py changes this table to compare.
 MIN_MATMUL_ROWS = {"gpu": 8}
 
 
