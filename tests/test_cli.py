@@ -103,3 +103,27 @@ def test_argparse_rejects_bad_choices(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["generate", "hi", *args])
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_model_without_tokenizer(tmp_path, tiny_gguf, capsys):
+    from test_loading_safetensors import random_hf_model
+
+    from jkv.generate import generate_text
+    from jkv.loading import load_gguf
+
+    random_hf_model("qwen2-bias-gqa2-tied").save_pretrained(tmp_path)  # no tokenizer.json beside it
+    assert cli.main(["generate", "hi", "--model", str(tmp_path), "--quiet"]) == 2
+    assert "has no tokenizer (tokenizer.json), so it cannot take a text prompt" in capsys.readouterr().err
+    model = load_gguf(tiny_gguf, "f32", progress=False, with_tokenizer=False)
+    with pytest.raises(ValueError, match="carries no tokenizer: use Generator with token ids instead"):
+        generate_text(model, "hi")
+
+
+def test_cache_missing_from_installation(monkeypatch, tiny_gguf, capsys):
+    from jkv import generate
+
+    kinds = generate.cache_kinds()
+    monkeypatch.setattr(generate, "cache_kinds", lambda: {k: v for k, v in kinds.items() if k != "q8"})
+    assert cli.main(["generate", "hi", "--model", tiny_gguf, "--cache", "q8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--cache q8 is not available in this installation: choose from ['bf16', 'f32', 'paged']" in err

@@ -261,8 +261,23 @@ def kquant_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
 TINY = dict(vocab=300, hidden=256, ffn=256, layers=2, heads=4, kv_heads=2)
 
 
-def write_tiny_gguf(path, rng, *, arch="llama", types=None, tied=False, bias=False, fields=None, tokenizer="gpt2"):
-    """A small GGUF model as llama.cpp lays it out; ``types`` maps a tensor kind (``attn_q``...) to its type.
+def write_tiny_gguf(
+    path,
+    rng,
+    *,
+    arch="llama",
+    types=None,
+    tied=False,
+    bias=False,
+    fields=None,
+    strings=None,
+    tokenizer="gpt2",
+    skip=(),
+    extra=None,
+):
+    """A small GGUF model as llama.cpp lays it out; ``types`` maps a tensor kind (``attn_q``...) to its type,
+    ``fields``/``strings`` add or (None) drop ``<arch>.*`` metadata, ``tokenizer=None`` leaves the tokenizer out,
+    ``skip`` names tensors to leave out and ``extra`` adds float tensors.
 
     Returns the float weights in GGUF order, which is what the file holds before quantization."""
     v, h, f, n_layers, n, k = (TINY[x] for x in ("vocab", "hidden", "ffn", "layers", "heads", "kv_heads"))
@@ -275,17 +290,27 @@ def write_tiny_gguf(path, rng, *, arch="llama", types=None, tied=False, bias=Fal
             writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-    tokens = [*byte_level_alphabet(), "Ġt", "he", "Ġthe"] + [f"<extra{i}>" for i in range(v - 259)]
-    writer.add_tokenizer_model(tokenizer)
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * 259 + [3] * (v - 259))
-    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    writer.add_bos_token_id(v - 1)
-    writer.add_eos_token_id(v - 2)
+    for key, value in (strings or {}).items():
+        if isinstance(value, str):
+            writer.add_string(f"{arch}.{key}", value)
+        else:
+            writer.add_float32(f"{arch}.{key}", value)
+    if tokenizer is not None:
+        tokens = [*byte_level_alphabet(), "Ġt", "he", "Ġthe"] + [f"<extra{i}>" for i in range(v - 259)]
+        writer.add_tokenizer_model(tokenizer)
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * 259 + [3] * (v - 259))
+        writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+        writer.add_bos_token_id(v - 1)
+        writer.add_eos_token_id(v - 2)
     weights = {}
+    for name, value in (extra or {}).items():
+        writer.add_tensor(name, np.asarray(value, np.float32))
 
     def tensor(name, shape):
+        if name in skip:
+            return
         x = (0.1 * rng.standard_normal(shape)).astype(np.float32)
         kind = name.split(".")[-2]
         qtype = Q.F32 if name.endswith(("norm.weight", ".bias")) else (types or {}).get(kind, Q.F32)
@@ -424,6 +449,26 @@ ERRORS = {
         ModelLoadError,
         "lacks the metadata field llama.block_count",
     ),
+    "unsupported-rope-scaling": (
+        lambda p, r: write_tiny_gguf(p, r, strings={"rope.scaling.type": "yarn"}),
+        ModelLoadError,
+        "unsupported rope scaling 'yarn'",
+    ),
+    "rope-freqs-shape": (
+        lambda p, r: write_tiny_gguf(p, r, extra={"rope_freqs.weight": np.ones(7)}),
+        ModelLoadError,
+        r"rope_freqs.weight in .* has shape \(7,\), expected \(32,\)",
+    ),
+    "no-vocabulary-size": (
+        lambda p, r: write_tiny_gguf(p, r, tokenizer=None),
+        ModelLoadError,
+        r"gives no vocabulary size \(llama.vocab_size or tokenizer.ggml.tokens\)",
+    ),
+    "missing-tensor": (
+        lambda p, r: write_tiny_gguf(p, r, skip={"blk.1.ffn_up.weight"}),
+        ModelLoadError,
+        "tensor 'blk.1.ffn_up.weight' is missing from",
+    ),
     "sentencepiece-tokenizer": (
         lambda p, r: write_tiny_gguf(p, r, tokenizer="llama"),
         TokenizerError,
@@ -450,3 +495,18 @@ def test_dtype_errors(tmp_path, rng):
         load_gguf(tmp_path / "m.gguf", np.int32, progress=False)
     with pytest.raises(ValueError, match="layout='rows' is not one of"):
         load_gguf(tmp_path / "m.gguf", "f32", progress=False, layout="rows")
+    with pytest.raises(TypeError, match="dtype must be a floating dtype or one of"):
+        load_gguf(tmp_path / "m.gguf", 3.5, progress=False)
+    with pytest.raises(ModelLoadError, match=r"GGUF file not found: '.*/absent\.gguf'"):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+def test_rope_metadata_reaches_the_config(tmp_path, rng):
+    """A ``rope_freqs`` tensor (llama.cpp's Llama 3.1 scaling) and linear scaling set the rotary frequencies."""
+    factors = np.linspace(1.0, 8.0, 32)
+    write_tiny_gguf(tmp_path / "f.gguf", rng, extra={"rope_freqs.weight": factors})
+    config = load_gguf(tmp_path / "f.gguf", "f32", progress=False).config
+    np.testing.assert_allclose(config.inv_freq(), 10000.0 ** (-np.arange(0, 64, 2) / 64) / factors, rtol=1e-6)
+    write_tiny_gguf(tmp_path / "l.gguf", rng, strings={"rope.scaling.type": "linear", "rope.scaling.factor": 4.0})
+    config = load_gguf(tmp_path / "l.gguf", "f32", progress=False).config
+    np.testing.assert_allclose(config.inv_freq(), 10000.0 ** (-np.arange(0, 64, 2) / 64) / 4.0, rtol=1e-6)

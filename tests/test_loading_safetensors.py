@@ -180,6 +180,7 @@ ERRORS = {
         "unsupported rope type 'yarn'",
     ),
     "sliding-window": (edit_config(use_sliding_window=True), "unsupported sliding-window attention"),
+    "mlp-bias": (edit_config(mlp_bias=True), "unsupported mlp_bias=True"),
     "missing-field": (edit_config(hidden_size=None), "lacks the field 'hidden_size'"),
     "no-weights": (lambda d: (d / "model.safetensors").unlink(), "has no \\*.safetensors files"),
     "corrupt-weights": (
@@ -205,3 +206,8 @@ def test_load_errors_name_the_problem(case, tmp_path):
         make(directory)
     with pytest.raises(ModelLoadError, match=message):
         load(directory, "f32", progress=False)
+
+
+def test_direct_loader_on_missing_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"safetensors model directory not found: '.*/nowhere'"):
+        load_safetensors(tmp_path / "nowhere")

@@ -1,0 +1,104 @@
+"""Tokenizer pieces that the model files do not reach: chat-template rendering with and without jinja2, streaming
+of characters split across byte tokens, and every tokenizer error."""
+
+import sys
+
+import pytest
+from test_loading_gguf import byte_level_alphabet
+
+from jkv.loading import tokenizer as tok_lib
+from jkv.loading.tokenizer import TokenizerError
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def byte_level(chat_template=None, **fields):
+    """A byte-level BPE tokenizer (no merges) built from GGUF-style metadata."""
+    tokens = [*byte_level_alphabet(), "<|im_start|>", "<|im_end|>"]
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.token_type": [1] * 256 + [3, 3],
+        "tokenizer.ggml.eos_token_id": 257,
+        "tokenizer.chat_template": chat_template,
+    }
+    return tok_lib.from_gguf_metadata(meta | fields)
+
+
+@pytest.fixture
+def no_jinja(monkeypatch):
+    """Make ``import jinja2`` fail, as on a machine without it."""
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "jinja2" or name.startswith("jinja2."):
+                raise ImportError("jinja2 is not installed")
+
+    for name in [m for m in sys.modules if m == "jinja2" or m.startswith("jinja2.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [Block(), *sys.meta_path])
+
+
+MESSAGES = [{"role": "user", "content": "héllo"}]
+CHATML_TEXT = "<|im_start|>user\nhéllo<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chatml_with_and_without_jinja2(monkeypatch, no_jinja):
+    t = byte_level(CHATML)
+    assert t.render_chat(MESSAGES) == CHATML_TEXT  # the built-in ChatML fallback
+    with pytest.raises(TokenizerError, match=r"rendering this chat template needs jinja2 \(pip install jinja2\)"):
+        byte_level("{{ messages[0]['content'] }}").render_chat(MESSAGES)
+    monkeypatch.undo()
+    assert byte_level(CHATML).render_chat(MESSAGES) == CHATML_TEXT  # through jinja2
+    ids = t.encode(CHATML_TEXT)
+    assert ids[0] == 256 and t.decode(ids) == CHATML_TEXT and t.stop_ids == (257,)
+
+
+def test_stream_decoder_holds_back_split_characters():
+    t = byte_level()
+    text = "a🙂é東b"
+    ids = t.encode(text)
+    assert len(ids) == len(text.encode())  # one token per byte: characters span several tokens
+    stream = t.stream()
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert [p for p in pieces if p] == ["a", "🙂", "é", "東", "b"]  # never half a character
+
+
+TEMPLATE_ERRORS = {
+    "no-template": (None, "this model has no chat template: pass the prompt as raw text instead"),
+    "template-raises": ("{{ raise_exception('roles must alternate') }}", "chat template: roles must alternate"),
+    "template-syntax": ("{% for m in messages %}", "cannot render the model's chat template"),
+}
+
+
+@pytest.mark.parametrize("case", list(TEMPLATE_ERRORS))
+def test_chat_template_errors(case):
+    template, message = TEMPLATE_ERRORS[case]
+    with pytest.raises(TokenizerError, match=message):
+        byte_level(template).render_chat(MESSAGES)
+
+
+METADATA_ERRORS = {
+    "no-merges": ({"tokenizer.ggml.merges": None}, "lacks tokenizer.ggml.tokens or tokenizer.ggml.merges"),
+    "no-tokens": ({"tokenizer.ggml.tokens": []}, "lacks tokenizer.ggml.tokens or tokenizer.ggml.merges"),
+    "types-length": ({"tokenizer.ggml.token_type": [1, 1]}, "has 258 tokens but 2 token types"),
+    "unigram": ({"tokenizer.ggml.model": "t5"}, "unsupported tokenizer model 't5'"),
+}
+
+
+@pytest.mark.parametrize("case", list(METADATA_ERRORS))
+def test_gguf_metadata_errors(case):
+    fields, message = METADATA_ERRORS[case]
+    with pytest.raises(TokenizerError, match=message):
+        byte_level(**fields)
+
+
+def test_malformed_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
+    with pytest.raises(TokenizerError, match=r"cannot read '.*tokenizer\.json'"):
+        tok_lib.from_hf_directory(tmp_path)
