@@ -127,7 +127,8 @@ class Engine:
     positions; ``max_len`` a multiple of 16). ``num_slots`` defaults to what fits the
     device's free memory (``jkv.memory.max_batch``, capped at 64 on GPU, 8 elsewhere), announced on stderr.
     ``prefix_cache_bytes`` (0: off) bounds the host memory of cached prompt prefixes. ``speculative_tokens``
-    (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests.
+    (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests. ``mesh``
+    (``jkv.sharding.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class Engine:
         speculative_tokens: int = 0,
         max_ngram: int = 3,
         prefill_bucket: int = 16,
+        mesh=None,
         verbose: bool = True,
     ):
         if not isinstance(max_len, int) or max_len < 2:
@@ -198,6 +200,13 @@ class Engine:
         self._pending: collections.deque[_Request] = collections.deque()
         self._done: dict[int, Completion] = {}
         self._next_id = 0
+        self.mesh = mesh
+        if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split
+            from jkv import sharding
+
+            sharding.check_layout(config, mesh, batch=num_slots)
+            self.params = sharding.shard_params(params, config, mesh)
+            self.cache = sharding.shard_cache(self.cache, mesh)
         self._build_steps()
 
     # ------------------------------------------------------------------ compiled steps
@@ -233,11 +242,37 @@ class Engine:
             cache = cache.rollback(jnp.where(mask, 0, cache.lengths))
             return cache.replace(errors=jnp.where(mask, 0, cache.errors))
 
-        self._prefill = jax.jit(prefill, donate_argnums=1)
-        self._decode = jax.jit(decode, donate_argnums=1)
-        self._verify = jax.jit(verify, donate_argnums=1)
-        self._insert = jax.jit(lambda cache, slot, single: cache.insert_into_slot(slot, single), donate_argnums=0)
-        self._retire = jax.jit(retire, donate_argnums=0)
+        def insert(cache, slot, single):
+            return cache.insert_into_slot(slot, single)
+
+        # With a mesh, every step that returns the batch cache hands it back in its sharding (kept split).
+        cache_out = None
+        if self.mesh is not None:
+            from jkv import sharding
+
+            cache_out = sharding.cache_sharding(self.cache, self.mesh)
+
+        def compiled(fn, donate, out_shardings=None):
+            kw = {} if cache_out is None or out_shardings is None else {"out_shardings": out_shardings(cache_out)}
+            return self._on_mesh(jax.jit(fn, donate_argnums=donate, **kw))
+
+        self._prefill = compiled(prefill, 1)  # the one-sequence prefill cache is not split
+        self._decode = compiled(decode, 1, lambda c: (None, c))
+        self._verify = compiled(verify, 1, lambda c: (None, None, c))
+        self._insert = compiled(insert, 0, lambda c: c)
+        self._retire = compiled(retire, 0, lambda c: c)
+
+    def _on_mesh(self, fn):
+        """Trace and run ``fn`` with the engine's mesh active, so Pallas kernels run per shard."""
+        if self.mesh is None:
+            return fn
+        from jkv import sharding
+
+        def call(*args):
+            with sharding.use_mesh(self.mesh):
+                return fn(*args)
+
+        return call
 
     # ------------------------------------------------------------------ requests
     def submit(

@@ -90,3 +90,25 @@ def test_layout_errors_name_the_numbers(model):
     odd = llama.LlamaConfig(128, 64, 100, 2, 8, 8, 8)
     with pytest.raises(ValueError, match="tp=8 must divide intermediate_size=100"):
         sharding.check_layout(odd, sharding.make_mesh(tp=8))
+
+
+@pytest.mark.parametrize("dp,tp", [(2, 2), (1, 4)], ids=lambda x: str(x))
+def test_engine_on_a_mesh_matches_unsharded(model, dp, tp):
+    from jkv.engine import Engine, SamplingParams
+
+    params, _, _ = model
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, CONFIG.vocab_size, size=n).tolist() for n in (3, 7, 5, 9, 4)]
+
+    def run(mesh):
+        engine = Engine(params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla")
+        for p in prompts:
+            engine.submit(p, SamplingParams(max_new_tokens=6))
+        done = engine.run(show_progress=False)
+        return [c.tokens for c in done], engine
+
+    want, _ = run(None)
+    got, engine = run(sharding.make_mesh(tp=tp, dp=dp))
+    assert got == want
+    shapes = {s.data.shape[1:3] for s in engine.cache.k.addressable_shards}
+    assert shapes == {(4 // dp, CONFIG.num_kv_heads // tp)}  # the slots stayed split between steps
