@@ -126,7 +126,7 @@ class Engine:
     ``cache_dtype`` or the weights' dtype), ``"bf16"``, ``"f32"``, ``"q8"`` or ``"paged"`` (pages of 16
     positions; ``max_len`` a multiple of 16). ``num_slots`` defaults to what fits the
     device's free memory (``jkv.memory.max_batch``, capped at 64 on GPU, 8 elsewhere), announced on stderr.
-    ``prefix_cache_bytes`` (0: off) bounds the host memory of cached prompt prefixes. ``speculative_tokens``
+    ``prefix_cache_bytes`` (0: off) bounds the device memory of cached prompt prefixes. ``speculative_tokens``
     (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests. ``mesh``
     (``jkv.sharding.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
     """
@@ -260,6 +260,7 @@ class Engine:
         self._decode = compiled(decode, 1, lambda c: (None, c))
         self._verify = compiled(verify, 1, lambda c: (None, None, c))
         self._insert = compiled(insert, 0, lambda c: c)
+        self._restore = compiled(lambda single, entry: single.reset().insert_into_slot(0, entry), 0)
         self._retire = compiled(retire, 0, lambda c: c)
 
     def _on_mesh(self, fn):
@@ -372,10 +373,10 @@ class Engine:
             slot = self._slots.index(None)
             request = self._pending.popleft()
             prompt = request.prompt
-            cached, snap = (0, None) if self.prefix_cache is None else self.prefix_cache.lookup(prompt)
+            cached, entry = (0, None) if self.prefix_cache is None else self.prefix_cache.lookup(prompt)
             cached = min(cached, len(prompt) - 1)  # at least one token runs, to produce the next-token logits
-            if snap is not None and cached > 0:
-                single = type(self._single).restore(snap, max_len=self.spec.max_len).rollback(cached)
+            if entry is not None and cached > 0:
+                single = self._restore(self._single, entry).rollback(cached)
             else:
                 cached = 0
                 single = self._single.reset()
@@ -396,9 +397,11 @@ class Engine:
             self.stats.prefill_tokens += len(rest)
             self.stats.cached_prompt_tokens += cached
             if self.prefix_cache is not None and len(prompt) not in (0, cached):
-                snapshot = single.snapshot(trim=True)
-                nbytes = sum(x.nbytes for x in snapshot if isinstance(x, np.ndarray))
-                self.prefix_cache.insert(prompt, snapshot, nbytes)
+                # The entry stays on the device (a trimmed copy of the prefilled sequence): a hit restores it with
+                # one scatter, no host round trip. Its length is bucketed so few restore shapes compile.
+                keep = min(-(-len(prompt) // self.prefill_bucket) * self.prefill_bucket, self.spec.max_len)
+                entry = single.extract_slot(0, max_len=keep)
+                self.prefix_cache.insert(prompt, entry, entry.nbytes)
             self.cache = self._insert(self.cache, slot, single)
             self._single = single  # reuse the buffer for the next admission
             state = _Active(request, [], key_data, cached, time.perf_counter())

@@ -1,7 +1,8 @@
 """Prefix cache: reuse the KV entries of a prompt's longest cached prefix instead of recomputing them.
 
-Entries are host-side snapshots (``KVCache.snapshot(trim=True)``) of one prefilled sequence, keyed by the token ids
-they hold. The cache is bounded by a byte budget and evicts the least recently used entries first.
+Entries are whatever the caller stores for a prefilled prompt (the engine keeps a trimmed one-sequence cache on
+the device; ``KVCache.snapshot`` gives a host-side copy instead), keyed by the token ids they hold. The cache is
+bounded by a byte budget and evicts the least recently used entries first.
 """
 
 from __future__ import annotations
