@@ -46,7 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jkv", description="Functional KV caches and Llama-family decoding in JAX")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text from a prompt", description=__doc__)
-    gen.add_argument("prompt", help="the prompt text (a user message for chat models unless --raw)")
+    gen.add_argument("prompt", nargs="?", help="the prompt text (a user message for chat models unless --raw)")
+    gen.add_argument(
+        "--batch-file",
+        help="a text file of prompts, one per line: all of them run through the batched engine (continuous "
+        "batching), with a progress bar; the answers print in order",
+    )
+    gen.add_argument("--num-slots", type=_positive_int, default=None, help="engine slots (default: what fits memory)")
+    gen.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
+    gen.add_argument("--speculative", type=int, default=0, help="engine prompt-lookup draft tokens per step (0: off)")
+    gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel devices (split the kv heads)")
+    gen.add_argument("--dp", type=_positive_int, default=1, help="data-parallel devices (split the batch)")
     gen.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); > 0 samples")
@@ -65,9 +75,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_batch_file(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise CliError(f"cannot read --batch-file {path!r}: {e.strerror}") from e
+    if not prompts:
+        raise CliError(f"--batch-file {path!r} holds no prompt (one prompt per non-empty line)")
+    return prompts
+
+
+def run_batch(args, model, prompts: list[str]) -> int:
+    """Run many prompts through the engine; print each answer (in order) after a progress bar."""
+    from jkv.engine import Engine, SamplingParams
+
+    tok = model.tokenizer
+    chat = (tok.chat_template is not None) if not args.raw else False
+    ids = [tok.encode(tok.render_chat([{"role": "user", "content": p}]) if chat else p) for p in prompts]
+    longest = max(len(i) for i in ids)
+    max_len = args.max_len or min(model.config.max_position, -(-(longest + args.max_new_tokens) // 256) * 256)
+    if args.cache == "paged":
+        max_len = -(-max_len // 16) * 16
+    mesh = None
+    if args.tp * args.dp > 1:
+        from jkv import sharding
+
+        mesh = sharding.make_mesh(tp=args.tp, dp=args.dp)
+    engine = Engine(
+        model.params,
+        model.config,
+        num_slots=args.num_slots,
+        max_len=max_len,
+        cache=args.cache or "default",
+        impl=args.impl,
+        prefix_cache_bytes=args.prefix_cache_mb << 20,
+        speculative_tokens=args.speculative,
+        mesh=mesh,
+        verbose=not args.quiet,
+    )
+    params = SamplingParams(
+        max_new_tokens=max(args.max_new_tokens, 1),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_tokens=tuple(tok.stop_ids),
+    )
+    for request_ids in ids:
+        engine.submit(request_ids, params)
+    done = engine.run(show_progress=not args.quiet)
+    for i, completion in enumerate(done):
+        text = tok.decode(completion.tokens, skip_special=True)
+        print(f"[{i}] {prompts[i]}\n{text}\n" if args.batch_file else text)
+    if not args.quiet:
+        total = sum(len(c.tokens) for c in done)
+        wall = max(c.finished for c in done) - min(c.submitted for c in done)
+        print(
+            f"[{len(done)} requests, {total} tokens in {wall:.2f} s: {total / wall:.1f} tokens/s over "
+            f"{engine.num_slots} slots]",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def run_generate(args) -> int:
     from jkv import generate as gen
     from jkv.loading import load
+
+    if (args.prompt is None) == (args.batch_file is None):
+        raise CliError("give either a PROMPT or --batch-file FILE (one prompt per line), not both or neither")
+    prompts = read_batch_file(args.batch_file) if args.batch_file is not None else None
 
     path = args.model if args.model is not None else default_model_path()
     sampling = gen.Sampling(args.temperature, args.top_k, args.top_p)
@@ -79,6 +157,8 @@ def run_generate(args) -> int:
     model = load(path, args.dtype, progress=not args.quiet)
     if model.tokenizer is None:
         raise CliError(f"{path!r} has no tokenizer (tokenizer.json), so it cannot take a text prompt")
+    if prompts is not None or args.tp * args.dp > 1:
+        return run_batch(args, model, prompts if prompts is not None else [args.prompt])
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)

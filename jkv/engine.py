@@ -178,6 +178,9 @@ class Engine:
                     f"the free device memory (cap {cap} on {jax.default_backend()})",
                     file=sys.stderr,
                 )
+            if mesh is not None:  # whole slots per data-parallel group
+                dp = mesh.shape["dp"]
+                num_slots = max(num_slots - num_slots % dp, dp)
         elif not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
         self.num_slots = num_slots
