@@ -150,6 +150,27 @@ class LengthsMixin:
     def clear_errors(self):
         return self.replace(errors=jnp.zeros_like(self.errors))
 
+    def _check_write(self, layer, k_new, v_new):
+        """Validate a write of ``k_new``/``v_new`` ``[B, K, T, D]`` to ``layer``; return which sequences fit.
+
+        Shapes, dtypes and the layer are checked on the host; a write past ``max_len`` raises on the host and is
+        reported through ``checkify.debug_check`` under ``jit``. The caller skips the sequences that do not fit.
+        """
+        spec = self.spec
+        _checks.new_kv("k_new", k_new, self.batch, spec)
+        _checks.new_kv("v_new", v_new, self.batch, spec)
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k_new.shape={k_new.shape} and v_new.shape={v_new.shape} must match")
+        _checks.layer_index(layer, spec.num_layers)
+        t = k_new.shape[2]
+        ok = self.lengths + t <= self.max_len
+        _checks.host_all(
+            ok,
+            lambda: f"write of T={t} positions past max_len={self.max_len}: lengths={np.asarray(self.lengths)}",
+        )
+        checkify.debug_check(jnp.all(ok), f"jkv: {type(self).__name__}.write past max_len", ok)
+        return ok
+
     def _slot_ok(self, slot):
         _checks.slot_index(slot, self.batch)
         return (slot >= 0) & (slot < self.batch)
@@ -214,18 +235,8 @@ class KVCache(LengthsMixin):
         pass ``max_len`` is left untouched and gets ``ERR_WRITE_OVERFLOW`` (host calls raise instead).
         """
         spec = self.spec
-        _checks.new_kv("k_new", k_new, self.batch, spec)
-        _checks.new_kv("v_new", v_new, self.batch, spec)
-        if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new.shape={k_new.shape} and v_new.shape={v_new.shape} must match")
-        _checks.layer_index(layer, spec.num_layers)
+        ok = self._check_write(layer, k_new, v_new)
         t = k_new.shape[2]
-        ok = self.lengths + t <= spec.max_len
-        _checks.host_all(
-            ok,
-            lambda: f"write of T={t} positions past max_len={spec.max_len}: lengths={np.asarray(self.lengths)}",
-        )
-        checkify.debug_check(jnp.all(ok), "jkv: KVCache.write past max_len", ok)
 
         # A scatter with mode="drop" updates in place under donation (a vmapped dynamic_update_slice does not
         # on every backend). A refused sequence gets out-of-range positions, so its write drops entirely.

@@ -246,19 +246,8 @@ class PagedKVCache(LengthsMixin):
         written. A sequence whose write would pass ``max_len`` (``ERR_WRITE_OVERFLOW``) or find no free page
         (``ERR_POOL_EXHAUSTED``) is left untouched; host calls raise instead.
         """
-        spec = self.spec
-        _checks.new_kv("k_new", k_new, self.batch, spec)
-        _checks.new_kv("v_new", v_new, self.batch, spec)
-        if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new.shape={k_new.shape} and v_new.shape={v_new.shape} must match")
-        _checks.layer_index(layer, spec.num_layers)
+        fits = self._check_write(layer, k_new, v_new)
         t = k_new.shape[2]
-        fits = self.lengths + t <= self.max_len
-        _checks.host_all(
-            fits,
-            lambda: f"write of T={t} positions past max_len={self.max_len}: lengths={np.asarray(self.lengths)}",
-        )
-        checkify.debug_check(jnp.all(fits), "jkv: PagedKVCache.write past max_len")
         cache, got = self._reserve(jnp.where(fits, self.lengths + t, self.lengths))
         ok = fits & got
 

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
-from jax.experimental import checkify
 from jaxtyping import Array, Float, Int, Int8
 
 from jkv import _checks
@@ -249,21 +248,7 @@ class Q8KVCache(LengthsMixin):
         Same protocol as ``KVCache.write``: lengths do not move (``advance(T)`` after the last layer); a sequence
         whose write would pass ``max_len`` is left untouched and gets ``ERR_WRITE_OVERFLOW`` (host calls raise).
         """
-        spec = self.spec
-        _checks.new_kv("k_new", k_new, self.batch, spec)
-        _checks.new_kv("v_new", v_new, self.batch, spec)
-        if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new.shape={k_new.shape} and v_new.shape={v_new.shape} must match")
-        _checks.layer_index(layer, spec.num_layers)
-        t = k_new.shape[2]
-        ok = self.lengths + t <= spec.max_len
-        _checks.host_all(
-            ok,
-            lambda: f"write of T={t} positions past max_len={spec.max_len}: lengths={np.asarray(self.lengths)}",
-        )
-        checkify.debug_check(jnp.all(ok), "jkv: Q8KVCache.write past max_len", ok)
-
-        return _write(self, layer, k_new, v_new, ok)
+        return _write(self, layer, k_new, v_new, self._check_write(layer, k_new, v_new))
 
     def insert_into_slot(self, slot, single: Q8KVCache) -> Q8KVCache:
         """Scatter a one-sequence Q8 cache into batch slot ``slot`` (as ``KVCache.insert_into_slot``)."""
