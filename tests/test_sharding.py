@@ -112,3 +112,28 @@ def test_engine_on_a_mesh_matches_unsharded(model, dp, tp):
     assert got == want
     shapes = {s.data.shape[1:3] for s in engine.cache.k.addressable_shards}
     assert shapes == {(4 // dp, CONFIG.num_kv_heads // tp)}  # the slots stayed split between steps
+
+
+@pytest.mark.parametrize("kind", ["q8", "paged"])
+def test_q8_and_paged_caches_shard_and_decode(kind):
+    """Q8 caches split like contiguous ones; the paged pool splits over kv heads, block tables over batch."""
+    config = llama.LlamaConfig(128, 64, 128, 2, 8, 4, 32)
+    params = llama.init_params(config, jax.random.key(4), jnp.float32, scale=0.2)
+    spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, MAX_LEN, jnp.float32)
+    cache = jkv.Q8KVCache.init(spec, BATCH) if kind == "q8" else jkv.PagedKVCache.init(spec, BATCH, page_size=8)
+    tokens = jnp.asarray([3, 17, 99, 5], jnp.int32)
+    step = lambda p, c, t: llama.decode_step(p, c, t, config=config, impl="xla")
+    want, _ = jax.jit(step)(params, cache, tokens)
+    mesh = sharding.make_mesh(tp=2, dp=2)
+    sc = sharding.shard_cache(cache, mesh)
+    logits, out = jax.jit(step, out_shardings=(None, sharding.cache_sharding(sc, mesh)))(
+        sharding.shard_params(params, config, mesh), sc, tokens
+    )
+    assert rel_err(logits, want) < 1e-5
+    pool = out.k if kind == "q8" else out.k_pages
+    local = {s.data.shape for s in pool.addressable_shards}
+    if kind == "q8":
+        assert local == {(config.num_layers, BATCH // 2, config.num_kv_heads // 2, MAX_LEN, config.head_dim)}
+    else:
+        assert {shape[2] for shape in local} == {config.num_kv_heads // 2}
+        assert {s.data.shape for s in out.block_tables.addressable_shards} == {(BATCH // 2, out.max_pages)}
