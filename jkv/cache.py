@@ -11,8 +11,10 @@ last layer ``advance(T)``. Lengths are traced ``int32`` arrays, so one compiled 
 Errors. Host-side calls with concrete arguments validate and raise ``ValueError`` / ``TypeError`` naming the
 values. Inside ``jit`` nothing can raise, so an operation that would overflow ``max_len`` (or roll a sequence
 *forward*) leaves that sequence untouched — no position already written is ever overwritten — records the reason
-in the ``errors`` bitmask, and emits a ``checkify.debug_check`` (raised when the caller wraps the step in
-``jax.experimental.checkify.checkify``). ``cache.check()`` turns recorded errors into an exception on the host.
+in the ``errors`` bitmask. ``cache.check()`` turns recorded errors into an exception on the host; inside a function
+transformed by ``jax.experimental.checkify.checkify``, ``cache.checkify_errors()`` turns them into a checkify error.
+(The operations themselves carry no checkify check: any check in a jitted step takes it off JAX's C++ dispatch
+fast path, which measured ~28x the per-call host overhead: 367 vs 13 us on this CPU.)
 """
 
 from __future__ import annotations
@@ -110,7 +112,6 @@ class LengthsMixin:
                 f"must stay within [current, max_len={self.max_len}]"
             ),
         )
-        checkify.debug_check(jnp.all(ok), "jkv: KVCache.advance past max_len", ok)
         return self.replace(
             lengths=jnp.where(ok, new, self.lengths),
             errors=self.errors | jnp.where(ok, 0, ERR_ADVANCE_OVERFLOW),
@@ -128,7 +129,6 @@ class LengthsMixin:
             ok,
             lambda: f"rollback lengths={np.asarray(new)} must lie in [0, current lengths={np.asarray(self.lengths)}]",
         )
-        checkify.debug_check(jnp.all(ok), "jkv: KVCache.rollback outside [0, length]", ok)
         return self.replace(
             lengths=jnp.where(ok, new, self.lengths),
             errors=self.errors | jnp.where(ok, 0, ERR_ROLLBACK_FORWARD),
@@ -153,8 +153,8 @@ class LengthsMixin:
     def _check_write(self, layer, k_new, v_new):
         """Validate a write of ``k_new``/``v_new`` ``[B, K, T, D]`` to ``layer``; return which sequences fit.
 
-        Shapes, dtypes and the layer are checked on the host; a write past ``max_len`` raises on the host and is
-        reported through ``checkify.debug_check`` under ``jit``. The caller skips the sequences that do not fit.
+        Shapes, dtypes and the layer are checked on the host; a write past ``max_len`` raises on the host. Under
+        ``jit`` the caller skips the sequences that do not fit and records ``ERR_WRITE_OVERFLOW``.
         """
         spec = self.spec
         _checks.new_kv("k_new", k_new, self.batch, spec)
@@ -168,8 +168,19 @@ class LengthsMixin:
             ok,
             lambda: f"write of T={t} positions past max_len={self.max_len}: lengths={np.asarray(self.lengths)}",
         )
-        checkify.debug_check(jnp.all(ok), f"jkv: {type(self).__name__}.write past max_len", ok)
         return ok
+
+    def checkify_errors(self):
+        """Raise the recorded error bits as a checkify error; for use inside ``checkify.checkify(step)``.
+
+        ``err, out = checkify.checkify(step)(...)`` then ``err.throw()`` raises ``JaxRuntimeError`` naming the bits.
+        """
+        checkify.check(
+            jnp.all(self.errors == 0),
+            "jkv cache recorded errors inside jit, bits per sequence {errors} (see jkv.cache.ERROR_NAMES)",
+            errors=self.errors,
+        )
+        return self
 
     def _slot_ok(self, slot):
         _checks.slot_index(slot, self.batch)

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
-from jax.experimental import checkify
 from jaxtyping import Array, Int
 
 from jkv import _checks
@@ -213,7 +212,6 @@ class PagedKVCache(LengthsMixin):
                 f"{p} (page_size={ps})"
             ),
         )
-        checkify.debug_check(jnp.all(got), "jkv: PagedKVCache page pool exhausted")
 
         # Copy-on-write: copy each shared page being written (all layers) to its fresh page, then let go of it.
         cow = cow & got
@@ -280,7 +278,6 @@ class PagedKVCache(LengthsMixin):
                 f"must stay within [current, max_len={self.max_len}]"
             ),
         )
-        checkify.debug_check(jnp.all(fits), "jkv: PagedKVCache.advance past max_len")
         cache, got = self._reserve(jnp.where(fits, new, self.lengths))
         ok = fits & got
         return cache.replace(
@@ -369,7 +366,6 @@ class PagedKVCache(LengthsMixin):
                 f"pages of {self.page_size}, only {int(cache.num_free_pages())} of {self.num_pages} are free"
             ),
         )
-        checkify.debug_check(jnp.all(got), "jkv: PagedKVCache page pool exhausted")
         m = _cdiv(single.max_len, self.page_size)
         dst = fresh[jnp.clip(slot, 0, self.batch - 1), :m]  # [m], P where no page (dropped)
 

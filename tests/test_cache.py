@@ -197,9 +197,11 @@ def test_errors_under_jit_flag_and_never_corrupt(rng):
 def test_checkify_path_raises_inside_jit(rng):
     cache, _, _ = filled(rng, [15, 2])
     k2, v2 = rand_kv(rng, 2, 2)
-    step = checkify.checkify(jax.jit(lambda c, k, v: c.write(0, k, v).advance(2)))
+    step = checkify.checkify(jax.jit(lambda c, k, v: c.write(0, k, v).advance(2).checkify_errors()))
     err, _ = step(cache, k2, v2)
-    with pytest.raises(checkify.JaxRuntimeError, match="write past max_len"):
+    with pytest.raises(
+        checkify.JaxRuntimeError, match=r"jkv cache recorded errors inside jit, bits per sequence \[3 0\]"
+    ):
         err.throw()
     err, _ = step(cache.rollback(jnp.array([3, 2])), k2, v2)
     err.throw()  # within bounds: no error
