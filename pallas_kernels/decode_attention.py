@@ -270,18 +270,11 @@ def _whole(shape):
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "poison"))
 def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, interpret: bool, poison: bool):
     # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1]
-    _, batch, kv_heads, _, head_dim = k.shape
+    _, batch, kv_heads, _, _ = k.shape
     num_heads = q.shape[1]
     group = num_heads // kv_heads
     splits = config.num_splits
-    if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    else:
-        out_shape = [
-            jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
-            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # denom
-        ]
+    out_shape = split_out_shape(q, splits)
     fused = splits > 1 and config.fused_combine
     if fused:
         out_shape += [
@@ -308,22 +301,47 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, inte
         precision=lax.Precision.HIGHEST if k.dtype == jnp.float32 else None,
         interpret=interpret,
     )
+    grid = (batch, kv_heads, splits)
+    combine = splits > 1 and not fused
+    return launch_split_kernel(
+        kernel, inputs, out_shape, aliases, grid, config, interpret, "jkv_decode_attention", combine, q.dtype
+    )
+
+
+def split_out_shape(q, splits: int) -> list:
+    """Outputs of a split-K decode kernel: the attention output itself for one split, else the partials
+    ``acc [B, P, N, D]``, ``m [B, P, N]`` and ``denom [B, P, N]`` (float32) that ``combine_splits`` merges."""
+    batch, num_heads, head_dim = q.shape
+    if splits == 1:
+        return [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    return [
+        jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
+        jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
+        jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # denom
+    ]
+
+
+def launch_split_kernel(kernel, inputs, out_shape, aliases, grid, config, interpret, name: str, combine: bool, dtype):
+    """Launch a split-K decode kernel over whole-array refs and finish it: with ``combine``, its first three
+    outputs are the partials of several splits, merged here (``combine_splits``) into ``dtype``; otherwise the
+    kernel's last output is the result (one split, or splits merged inside the kernel). Shared by the contiguous,
+    paged and Q8 decode kernels."""
     outs = backend.pallas_call(
         kernel,
         interpret=interpret,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        grid=(batch, kv_heads, splits),
+        grid=grid,
         in_specs=[_whole(x.shape) for x in inputs],
         out_specs=[_whole(o.shape) for o in out_shape],
         out_shape=out_shape,
         input_output_aliases=aliases,
-        name="jkv_decode_attention",
+        name=name,
     )(*inputs)
-    if splits == 1 or fused:
+    if not combine:
         return outs[-1]
-    acc, m, denom = outs
-    return combine_splits(m, denom, acc).astype(q.dtype)  # (B, N, D)
+    acc, m, denom = outs[:3]
+    return combine_splits(m, denom, acc).astype(dtype)  # (B, N, D)
 
 
 # ----------------------------------------------------------------------------------------------- validation

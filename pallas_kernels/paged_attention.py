@@ -153,7 +153,7 @@ def _whole(shape):
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "poison"))
 def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedConfig, interpret: bool, poison: bool):
     # q [B, N, D]; k_pages, v_pages [L, P, K, page_size, D]; tables int32[B, M]; lengths int32[B]; layer int32[1]
-    kv_heads, page_size, head_dim = k_pages.shape[2:]
+    kv_heads, page_size, _ = k_pages.shape[2:]
     batch, max_pages = tables.shape
     num_heads = q.shape[1]
     group = num_heads // kv_heads
@@ -163,14 +163,7 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
         tables = jnp.pad(tables, ((0, 0), (0, -max_pages % ppb)), constant_values=-1)
 
     # Outputs, aliases and their order as pallas_kernels.decode_attention's kernel body expects them.
-    if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    else:
-        out_shape = [
-            jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
-            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # denom
-        ]
+    out_shape = contiguous.split_out_shape(q, splits)
     fused = splits > 1 and config.fused_combine
     if fused:
         out_shape += [
@@ -198,22 +191,11 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
         precision=lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None,
         interpret=interpret,
     )
-    outs = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        grid=(batch, kv_heads, splits),
-        in_specs=[_whole(x.shape) for x in inputs],
-        out_specs=[_whole(o.shape) for o in out_shape],
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        name="jkv_paged_attention",
-    )(*inputs)
-    if splits == 1 or fused:
-        return outs[-1]
-    acc, m, denom = outs
-    return contiguous.combine_splits(m, denom, acc).astype(q.dtype)  # (B, N, D)
+    grid = (batch, kv_heads, splits)
+    combine = splits > 1 and not fused
+    return contiguous.launch_split_kernel(
+        kernel, inputs, out_shape, aliases, grid, config, interpret, "jkv_paged_attention", combine, q.dtype
+    )
 
 
 # ----------------------------------------------------------------------------------------------- validation

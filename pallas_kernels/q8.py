@@ -34,7 +34,7 @@ from jaxtyping import Array, Float, Int, Int8
 
 from pallas_kernels import backend
 from pallas_kernels import decode_attention as bf16_kernel
-from pallas_kernels.decode_attention import DecodeConfig, combine_splits, group_rows
+from pallas_kernels.decode_attention import DecodeConfig, group_rows
 
 QBLOCK = 32  # values per scale
 SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -325,18 +325,11 @@ DEFAULT_FUSE = "scores"
 @functools.partial(jax.jit, static_argnames=("scale", "config", "fuse", "interpret", "poison"))
 def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, fuse, interpret, poison):
     # q [B, N, D]; k, v int8[L, B, K, S, D]; scales [L, B, K, S, D // 32]; lengths int32[B]; layer int32[1]
-    _, batch, kv_heads, _, head_dim = k.shape
+    _, batch, kv_heads, _, _ = k.shape
     num_heads = q.shape[1]
     group = num_heads // kv_heads
     splits = config.num_splits
-    if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    else:
-        out_shape = [
-            jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
-            jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # denom
-        ]
+    out_shape = bf16_kernel.split_out_shape(q, splits)
     inputs = [lengths, layer, q, k, k_scale, v, v_scale]
     num_in = len(inputs)
     if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
@@ -352,22 +345,11 @@ def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeC
         dot_dtype=dot_dtype_for(q.dtype),
         fuse=fuse,
     )
-    outs = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        grid=(batch, kv_heads, splits),
-        in_specs=[_whole(x.shape) for x in inputs],
-        out_specs=[_whole(o.shape) for o in out_shape],
-        out_shape=out_shape,
-        input_output_aliases={num_in + i: i for i in range(len(inputs) - num_in)},
-        name="jkv_q8_decode_attention",
-    )(*inputs)
-    if splits == 1:
-        return outs[0]
-    acc, m, denom = outs
-    return combine_splits(m, denom, acc).astype(q.dtype)  # (B, N, D)
+    aliases = {num_in + i: i for i in range(len(inputs) - num_in)}
+    grid = (batch, kv_heads, splits)
+    return bf16_kernel.launch_split_kernel(
+        kernel, inputs, out_shape, aliases, grid, config, interpret, "jkv_q8_decode_attention", splits > 1, q.dtype
+    )
 
 
 def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
