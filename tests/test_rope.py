@@ -48,7 +48,8 @@ def test_neox_matches_transformers(rng):
     ref, _ = llama.apply_rotary_pos_emb(qt, qt, cos, sin)
     ref = ref.transpose(1, 2).numpy()
     out = jkv.apply_rope(jnp.asarray(q), jnp.asarray(pos), inv, jkv.RopeStyle.NEOX)
-    assert rel_err(out, ref) < 1e-5
+    # The reference's angles are float64 here; jkv's are float32 (as HF's own are): ~p * 2**-24 rad at position p.
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_bf16_in_bf16_out(rng):
