@@ -200,6 +200,7 @@ class Engine:
         else:
             self.cache, self._single = KVCache.init(self.spec, num_slots), KVCache.init(self.spec, 1)
         self._slots: list[_Active | None] = [None] * num_slots
+        self._batch_sampling_cache = None  # device copies of the slots' sampling parameters
         self._pending: collections.deque[_Request] = collections.deque()
         self._done: dict[int, Completion] = {}
         self._next_id = 0
@@ -371,6 +372,15 @@ class Engine:
             field("top_p", 1.0, jnp.float32),
         )
 
+    def _batch_sampling(self):
+        """``_sampling_arrays`` for all slots; the per-request arrays stay on the device until a slot changes."""
+        if self._batch_sampling_cache is None:
+            key_data, _, temperature, top_k, top_p = self._sampling_arrays(self._slots)
+            self._batch_sampling_cache = (key_data, temperature, top_k, top_p)
+        key_data, temperature, top_k, top_p = self._batch_sampling_cache
+        counter = jnp.asarray(np.asarray([len(s.tokens) if s else 0 for s in self._slots], np.int32))
+        return key_data, counter, temperature, top_k, top_p
+
     def _admit(self) -> None:
         while self._pending and None in self._slots:
             slot = self._slots.index(None)
@@ -409,6 +419,7 @@ class Engine:
             self._single = single  # reuse the buffer for the next admission
             state = _Active(request, [], key_data, cached, time.perf_counter())
             self._slots[slot] = state
+            self._batch_sampling_cache = None
             self._emit(slot, [int(np.asarray(first)[0])])
         self._retire_finished()
 
@@ -418,7 +429,7 @@ class Engine:
         for i in active:
             tokens[i], mask[i] = self._slots[i].tokens[-1], True
         nxt, self.cache = self._decode(
-            self.params, self.cache, jnp.asarray(tokens), jnp.asarray(mask), *self._sampling_arrays(self._slots)
+            self.params, self.cache, jnp.asarray(tokens), jnp.asarray(mask), *self._batch_sampling()
         )
         nxt = np.asarray(nxt)
         self.stats.decode_steps += 1
@@ -483,6 +494,7 @@ class Engine:
                 r.id, r.prompt, state.tokens, reason, state.cached_prompt_tokens, r.submitted, state.first_token, now
             )
             self._slots[i] = None
+            self._batch_sampling_cache = None
             mask[i] = True
         if mask.any():
             self.cache = self._retire(self.cache, jnp.asarray(mask))
