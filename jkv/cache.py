@@ -182,6 +182,15 @@ class LengthsMixin:
         )
         return self
 
+    def _check_extract(self, slot, max_len):
+        """Validate ``extract_slot``'s arguments; return the number of positions to take (default all)."""
+        max_len = self.max_len if max_len is None else max_len
+        _checks.positive_int("max_len", max_len)
+        if max_len > self.max_len:
+            raise ValueError(f"{max_len=} exceeds this cache's max_len={self.max_len}")
+        self._slot_ok(slot)
+        return max_len
+
     def _slot_ok(self, slot):
         _checks.slot_index(slot, self.batch)
         return (slot >= 0) & (slot < self.batch)
@@ -294,11 +303,7 @@ class KVCache(LengthsMixin):
 
     def extract_slot(self, slot, max_len: int | None = None) -> KVCache:
         """The one-sequence cache held in ``slot`` (first ``max_len`` positions; default all)."""
-        max_len = self.max_len if max_len is None else max_len
-        _checks.positive_int("max_len", max_len)
-        if max_len > self.max_len:
-            raise ValueError(f"{max_len=} exceeds this cache's max_len={self.max_len}")
-        self._slot_ok(slot)
+        max_len = self._check_extract(slot, max_len)
         shape = (self.k.shape[0], 1, self.k.shape[2], max_len, self.k.shape[4])
         take = lambda buf: lax.dynamic_slice(buf, (0, slot, 0, 0, 0), shape)
         length = lax.dynamic_slice(self.lengths, (slot,), (1,))

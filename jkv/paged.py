@@ -399,11 +399,7 @@ class PagedKVCache(LengthsMixin):
     def extract_slot(self, slot, max_len: int | None = None) -> KVCache:
         """The one-sequence contiguous cache of ``slot`` (first ``max_len`` positions; default all), e.g. to
         snapshot one sequence into a prefix cache. Positions without a page are zero."""
-        max_len = self.max_len if max_len is None else max_len
-        _checks.positive_int("max_len", max_len)
-        if max_len > self.max_len:
-            raise ValueError(f"{max_len=} exceeds this cache's max_len={self.max_len}")
-        self._slot_ok(slot)
+        max_len = self._check_extract(slot, max_len)
         m = _cdiv(max_len, self.page_size)
         row = lax.dynamic_slice(self.block_tables, (slot, 0), (1, self.max_pages))[0, :m]  # [m]
         pages, held = jnp.clip(row, 0, self.num_pages - 1), (row >= 0)[None, :, None, None, None]

@@ -280,11 +280,7 @@ class Q8KVCache(LengthsMixin):
 
     def extract_slot(self, slot, max_len: int | None = None) -> Q8KVCache:
         """The one-sequence cache held in ``slot`` (first ``max_len`` positions; default all)."""
-        max_len = self.max_len if max_len is None else max_len
-        _checks.positive_int("max_len", max_len)
-        if max_len > self.max_len:
-            raise ValueError(f"{max_len=} exceeds this cache's max_len={self.max_len}")
-        self._slot_ok(slot)
+        max_len = self._check_extract(slot, max_len)
 
         def take(buf):
             shape = (buf.shape[0], 1, buf.shape[2], max_len, buf.shape[4])
