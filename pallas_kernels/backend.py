@@ -7,8 +7,9 @@ Every kernel of ``pallas_kernels`` builds its ``pallas_call`` through :func:`pal
   supplies the compiler parameters: warps per program, software-pipelining stages).
 * ``"interpret"``: the kernel body runs as ordinary JAX ops on any backend (the CPU CI path). Chosen when the
   default backend is not a GPU, or, with a warning, when the GPU has no Triton lowering in this JAX build.
-* Mosaic GPU (``jax.experimental.pallas.mosaic_gpu``) is detected and reported by :func:`describe`, for kernels
-  written against it; the kernels here use the Triton lowering.
+* ``"mosaic_gpu"``: kernels written against ``jax.experimental.pallas.mosaic_gpu`` (TMA, warpgroup MMAs; Hopper
+  and later, no interpret mode) ask :func:`mosaic_gpu_usable` before they launch. Only
+  ``pallas_kernels.decode_attention_mgpu`` does; the default dispatch uses the Triton lowering.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from jax.experimental import pallas as pl
 
 TRITON = "triton"
 INTERPRET = "interpret"
+MOSAIC_GPU = "mosaic_gpu"
+MOSAIC_GPU_MIN_CAPABILITY = (9, 0)  # TMA and warpgroup MMAs: Hopper
 
 # Used by the launch heuristics when the device does not say (an H100 SXM has 132 multiprocessors).
 DEFAULT_NUM_MULTIPROCESSORS = 132
@@ -48,6 +51,35 @@ def triton_module():
 def mosaic_gpu_module():
     """``jax.experimental.pallas.mosaic_gpu``, or ``None`` when this JAX build lacks it."""
     return _optional_module("jax.experimental.pallas.mosaic_gpu")
+
+
+def _compute_capability() -> tuple[int, int] | None:
+    """``(major, minor)`` of the default CUDA device, ``None`` off a GPU or when the device does not say."""
+    if not on_gpu():
+        return None
+    value = getattr(jax.devices()[0], "compute_capability", None)  # "9.0" on an H100
+    try:
+        major, minor = str(value).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def mosaic_gpu_unavailable_reason() -> str | None:
+    """Why Mosaic GPU kernels cannot run in this process, or ``None`` when they can."""
+    if not on_gpu():
+        return f"the default backend is {jax.default_backend()!r}, not a GPU"
+    if mosaic_gpu_module() is None:
+        return "this JAX build has no jax.experimental.pallas.mosaic_gpu"
+    capability = _compute_capability()
+    if capability is None or capability < MOSAIC_GPU_MIN_CAPABILITY:
+        return f"the GPU's compute capability {capability} is below {MOSAIC_GPU_MIN_CAPABILITY} (Hopper)"
+    return None
+
+
+def mosaic_gpu_usable() -> bool:
+    """True when kernels written against Mosaic GPU can run: a Hopper (or later) GPU and the JAX module."""
+    return mosaic_gpu_unavailable_reason() is None
 
 
 def gpu_backend() -> str:
@@ -154,5 +186,6 @@ def describe() -> dict:
         "pallas_backend": gpu_backend(),
         "triton_lowering": triton_module() is not None,
         "mosaic_gpu": mosaic_gpu_module() is not None,
+        "mosaic_gpu_usable": mosaic_gpu_usable(),
         "num_multiprocessors": num_multiprocessors(),
     }

@@ -1,0 +1,372 @@
+"""Decode attention over a contiguous KV cache with the Mosaic GPU lowering (Hopper): TMA ring + warpgroup MMAs.
+
+Same call shape and semantics as :func:`pallas_kernels.decode_attention.decode_attention`: ``q [B, N, D]``;
+``k``, ``v`` either ``[B, K, S, D]`` or a whole ``[L, B, K, S, D]`` cache with ``layer`` (int or traced int32
+scalar); ``lengths int[B]`` (0 gives zeros); query head ``n`` reads kv head ``n // G``; softmax in float32; the
+output has ``q.dtype``. The arguments are validated by the Triton kernel's :func:`check_args`, and the split-K
+partials are merged by its :func:`combine_splits`.
+
+The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later, no interpret mode):
+
+* one program (one warpgroup, 128 threads) per ``(split, kv head, b)``; the ``G`` query heads of the kv head are
+  the first ``G`` rows of a 64-row query tile (a warpgroup MMA has 64 rows; rows ``G..63`` are zeros and are
+  never stored), held in registers as the MMA's left operand;
+* K and V blocks of ``block_k`` positions stream through a ring of ``num_stages`` shared-memory slots filled by
+  TMA bulk copies, each completing on its own barrier; a slot is refilled with the block ``num_stages`` ahead as
+  soon as the block in it has been consumed, so up to ``num_stages`` blocks are in flight per program;
+* ``s = q @ K^T`` and ``acc += p @ V`` are warpgroup MMAs (``wgmma``) into float32; the online softmax runs in
+  base 2 on the MMA's register layout;
+* split ``j`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks (a length-driven loop: blocks past a
+  length are never read). The last, partial block's window slides back to end at the length, so every row it
+  loads lies below the length (positions already counted are masked); only a sequence shorter than one block
+  loads rows past its length, and those V rows are zeroed in shared memory before the MMA (a 0 weight times a
+  NaN in an unused slot would still be NaN);
+* one split: the kernel normalises and stores the ``G`` output rows; several: it stores ``acc``, ``m`` and the
+  softmax denominator of its ``G`` rows and ``combine_splits`` merges them in XLA.
+
+Launch parameters come from :func:`mgpu_config` and can be overridden per call. Measured against the Triton
+kernel and torch in docs/notes/decode_kernel.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import backend
+from pallas_kernels.decode_attention import check_args, combine_splits
+
+ROWS = 64  # rows of a warpgroup MMA: the query tile holds the G query heads of a kv head, padded with zeros
+HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 256 is the widest MMA
+CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs (no transposed f32)
+BLOCKS = (64, 128)
+# Shared memory one program's K/V ring may take: two programs per multiprocessor fit in an H100's 227 KiB
+# with the query and output staging (at most 32 KiB, in scopes of their own) and the barriers.
+RING_BYTES = 100 * 1024
+SMEM_PER_SM = 220 * 1024
+MAX_STAGES = 4
+LOG2E = math.log2(math.e)
+
+
+class MgpuConfig(NamedTuple):
+    """Launch parameters of the Mosaic GPU decode kernel (static: each distinct value compiles its own kernel)."""
+
+    block_k: int  # positions per ring slot (64 or 128)
+    num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
+    num_stages: int  # ring slots: K/V blocks in flight per program
+
+
+def _ring_bytes(block_k: int, head_dim: int, itemsize: int, stages: int) -> int:
+    return stages * 2 * block_k * head_dim * itemsize
+
+
+def mgpu_config(
+    batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, *, num_multiprocessors: int | None = None
+) -> MgpuConfig:
+    """Default launch parameters: 64-position blocks, the deepest ring that fits ``RING_BYTES`` (2 to 4 slots),
+    and splits so that the programs fill the GPU's resident slots (programs per multiprocessor that fit in shared
+    memory x multiprocessors) in about one wave, each split an equal share of the blocks, at least two each.
+
+    (The Triton kernel wants about four programs per multiprocessor to keep loads in flight; here the TMA ring
+    keeps ``num_stages`` blocks in flight per program, so one wave of long programs pays the pipeline fill once.)
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    block_k = BLOCKS[0]
+    stage_bytes = _ring_bytes(block_k, head_dim, itemsize, 1)
+    stages = max(2, min(MAX_STAGES, RING_BYTES // stage_bytes))
+    resident = max(1, SMEM_PER_SM // (_ring_bytes(block_k, head_dim, itemsize, stages) + 4096))
+    slots = resident * (num_multiprocessors or backend.num_multiprocessors())
+    blocks = max(1, math.ceil(max_len / block_k))
+    splits = max(1, min(slots // (batch * num_kv_heads), blocks // 2))
+    splits = math.ceil(blocks / math.ceil(blocks / splits))  # equal shares: no split left empty at full length
+    return MgpuConfig(block_k, splits, stages)
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+
+
+def _swizzled(dtype):
+    """Shared-memory transforms of an MMA operand: 8 x 128-byte tiles, 128-byte swizzle."""
+    plgpu = backend.mosaic_gpu_module()
+    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
+
+
+def _kernel(
+    # inputs
+    lengths_ref,  # [B] int32
+    layer_ref,  # [1] int32
+    q_ref,  # [max(B * N, 64), D]: the queries, one row per (b, query head), zero rows appended up to 64
+    k_ref,  # [L, B, K, S, D]: the whole cache; the program reads its own (layer, b, kv head) slab
+    v_ref,  # [L, B, K, S, D]
+    # outputs: o [B, N, D] (one split); or acc [B, K, P, G, D], m [B, K, P, Gm], denom [B, K, P, Gm] (float32)
+    *out_refs,
+    group: int,
+    m_rows: int,
+    block_k: int,
+    num_splits: int,
+    num_stages: int,
+    scale: float,
+):
+    plgpu = backend.mosaic_gpu_module()
+    wgmma_layout = plgpu.Layout.WGMMA
+    j, h, b = lax.axis_index("split"), lax.axis_index("kv_head"), lax.axis_index("batch")
+    num_layers, _, num_kv_heads, max_len, head_dim = k_ref.shape
+    dtype = k_ref.dtype
+    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
+    n = jnp.minimum(jnp.maximum(lengths_ref[b], 0), max_len)
+    layer = jnp.minimum(jnp.maximum(layer_ref[0], 0), num_layers - 1)
+    num_blocks = lax.div(n + (block_k - 1), jnp.int32(block_k))
+    per_split = lax.div(num_blocks + (num_splits - 1), jnp.int32(num_splits))
+    lo = j * per_split
+    steps = jnp.maximum(jnp.minimum(lo + per_split, num_blocks) - lo, 0)
+    last_window = jnp.maximum(n - block_k, 0)  # the partial last block ends at the length
+
+    def load_q(q_smem, q_barrier):
+        # A 64-row window from this kv head's first query row: rows G.. belong to other heads (or lie past the
+        # end, where TMA fills zeros) and are zeroed in registers.
+        rows0 = b * (num_kv_heads * group) + h * group
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows0, ROWS)], q_smem, q_barrier.at[0])
+        plgpu.barrier_wait(q_barrier.at[0])
+        q = q_smem[...]  # [ROWS, D], the MMA register layout
+        rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, head_dim), 0, layout=wgmma_layout)
+        return jnp.where(rows < group, q, 0).astype(dtype)
+
+    q = pl.run_scoped(
+        load_q, plgpu.SMEM((ROWS, head_dim), q_ref.dtype, transforms=_swizzled(q_ref.dtype)), plgpu.Barrier()
+    )
+
+    def ring(k_smem, v_smem, k_barriers, v_barriers):  # [stages, bk, D] each; one barrier per slot and operand
+        def fetch(t, slot):  # block t of the sequence into a ring slot
+            window = pl.ds(jnp.minimum(t * block_k, last_window), block_k)
+            plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, window], k_smem.at[slot], k_barriers.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, window], v_smem.at[slot], v_barriers.at[slot])
+
+        for i in range(num_stages):
+            pl.when(i < steps)(functools.partial(fetch, lo + i, i))
+
+        def step(i, carry):
+            acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32
+            t = lo + i
+            slot = lax.rem(i, jnp.int32(num_stages))
+            window = jnp.minimum(t * block_k, last_window)
+
+            plgpu.barrier_wait(k_barriers.at[slot])
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, q, k_smem.at[slot].transpose((1, 0)))
+                return s_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [ROWS, bk]
+            pos = window + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=wgmma_layout)
+            s = jnp.where((pos >= t * block_k) & (pos < n), s * (scale * LOG2E), -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))  # finite: every block holds a valid position
+            alpha = jnp.exp2(m - m_new)  # 0 on the first block (m = -inf)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            denom = denom * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+            plgpu.barrier_wait(v_barriers.at[slot])
+
+            @pl.when(n < block_k)  # only then does the block hold rows past the length (maybe NaN): zero them
+            def _zero_tail():
+                v_slot = v_smem.at[slot]
+                v = v_slot[...]
+                rows = plgpu.broadcasted_iota(jnp.int32, (block_k, head_dim), 0, layout=wgmma_layout)
+                v_slot[...] = jnp.where(rows < n, v, 0)
+                plgpu.commit_smem()  # visible to the MMA (async proxy)
+
+            acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot]))(
+                plgpu.ACC.init(acc)
+            )
+
+            @pl.when(i + num_stages < steps)
+            def _refill():  # both MMAs reading this slot have completed (their results were read)
+                plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
+                fetch(t + num_stages, slot)
+
+            return acc, m_new, denom
+
+        init = (
+            plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), wgmma_layout),
+            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), wgmma_layout.reduce(1)),
+        )
+        return lax.fori_loop(0, steps, step, init)
+
+    acc, m, denom = pl.run_scoped(
+        ring,
+        plgpu.SMEM((num_stages, block_k, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.SMEM((num_stages, block_k, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.Barrier(num_barriers=num_stages),
+        plgpu.Barrier(num_barriers=num_stages),
+    )
+
+    if num_splits == 1:
+        (o_ref,) = out_refs
+
+        def store_o(o_smem):
+            inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
+            o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[b, pl.ds(h * group, group)])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store_o, plgpu.SMEM((ROWS, head_dim), o_ref.dtype))
+        return
+
+    acc_ref, m_ref, denom_ref = out_refs
+
+    def store_partials(acc_smem, m_smem, denom_smem):
+        acc_smem[...] = acc
+        m_smem[...] = m * (1.0 / LOG2E)  # natural-log units, as combine_splits expects
+        denom_smem[...] = denom
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, group)], acc_ref.at[b, h, j])
+        # 1-D bulk copies move multiples of 16 bytes: m_rows >= G rounds G up to a multiple of 4.
+        plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, m_rows)], m_ref.at[b, h, j])
+        plgpu.copy_smem_to_gmem(denom_smem.at[pl.ds(0, m_rows)], denom_ref.at[b, h, j])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(
+        store_partials,
+        plgpu.SMEM((ROWS, head_dim), jnp.float32),
+        plgpu.SMEM((ROWS,), jnp.float32),
+        plgpu.SMEM((ROWS,), jnp.float32),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config"))
+def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
+    # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1]
+    plgpu = backend.mosaic_gpu_module()
+    _, batch, kv_heads, _, head_dim = k.shape
+    group = q.shape[1] // kv_heads
+    m_rows = -(-group // 4) * 4
+    splits = config.num_splits
+    if splits == 1:
+        out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    else:
+        out_type = (
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, group, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, m_rows), jnp.float32),  # m
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, m_rows), jnp.float32),  # denom
+        )
+    body = functools.partial(
+        _kernel,
+        group=group,
+        m_rows=m_rows,
+        block_k=config.block_k,
+        num_splits=splits,
+        num_stages=config.num_stages,
+        scale=scale,
+    )
+
+    def jkv_decode_attention_mgpu(*refs):  # the kernel's name in profiles
+        body(*refs)
+
+    q_rows = q.reshape(-1, head_dim)  # [B * N, D], a free reshape
+    if q_rows.shape[0] < ROWS:  # a tiny batch: the 64-row window must fit in the array
+        q_rows = jnp.pad(q_rows, ((0, ROWS - q_rows.shape[0]), (0, 0)))
+    outs = plgpu.kernel(
+        jkv_decode_attention_mgpu,
+        out_type=out_type,
+        grid=(splits, kv_heads, batch),
+        grid_names=("split", "kv_head", "batch"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(lengths, layer, q_rows, k, v)
+    if splits == 1:
+        return outs
+    acc, m, denom = outs
+    out = combine_splits(m[..., :group], denom[..., :group], acc)  # [B, K, G, D]
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def _resolve_config(default: MgpuConfig, head_dim: int, itemsize: int, **overrides) -> MgpuConfig:
+    for name, value in overrides.items():
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    config = default._replace(**{k: int(x) for k, x in overrides.items() if x is not None})
+    if config.block_k not in BLOCKS:
+        raise ValueError(f"block_k={config.block_k} must be one of {BLOCKS}")
+    if config.num_splits < 1:
+        raise ValueError(f"num_splits={config.num_splits} must be >= 1")
+    if config.num_stages < 1:
+        raise ValueError(f"num_stages={config.num_stages} must be >= 1")
+    ring = _ring_bytes(config.block_k, head_dim, itemsize, config.num_stages)
+    if ring > SMEM_PER_SM:
+        raise ValueError(
+            f"block_k={config.block_k}, num_stages={config.num_stages} need {ring} bytes of K/V ring "
+            f"(head_dim={head_dim}), more than the {SMEM_PER_SM} a program may take"
+        )
+    return config
+
+
+def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
+    """:func:`check_args`, then what this kernel adds: 16-bit K/V, head_dim among ``HEAD_DIMS``, G <= 64."""
+    b, n, kh, s, d = check_args(q, k, v, lengths, layer)
+    if jnp.dtype(k.dtype) not in CACHE_DTYPES:
+        raise TypeError(
+            f"the Mosaic GPU kernel takes {[str(t) for t in CACHE_DTYPES]} K/V (16-bit MMA inputs), got {k.dtype}; "
+            "pallas_kernels.decode_attention.decode_attention takes float32"
+        )
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim={d} is not supported by the Mosaic GPU kernel; expected one of {HEAD_DIMS}")
+    if n // kh > ROWS:
+        raise ValueError(f"num_q_heads={n} // num_kv_heads={kh} = {n // kh} query heads per kv head exceeds {ROWS}")
+    return b, n, kh, s, d
+
+
+def decode_attention(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_stages: int | None = None,
+) -> Float[Array, "B N D"]:
+    """Decode attention of one query per sequence over its first ``lengths[b]`` cache positions (Mosaic GPU).
+
+    ``layer`` selects the layer of a whole ``[L, B, K, S, D]`` cache inside the kernel (no copy of the layer).
+    ``scale`` defaults to ``D ** -0.5``. ``block_k``, ``num_splits`` and ``num_stages`` override
+    :func:`mgpu_config`. Raises ``RuntimeError`` where Mosaic GPU cannot run (no Hopper GPU, or a JAX build
+    without ``jax.experimental.pallas.mosaic_gpu``): this kernel has no interpret mode.
+    """
+    b, _, kh, s, d = check_mgpu_args(q, k, v, lengths, layer)
+    if not backend.mosaic_gpu_usable():
+        raise RuntimeError(f"the Mosaic GPU decode kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}")
+    if scale is None:
+        scale = d**-0.5
+    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    itemsize = jnp.dtype(k.dtype).itemsize
+    config = _resolve_config(
+        mgpu_config(b, kh, s, d, k.dtype),
+        d,
+        itemsize,
+        block_k=block_k,
+        num_splits=num_splits,
+        num_stages=num_stages,
+    )
+    if k.ndim == 4:
+        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
+    if s < config.block_k:  # a tiny cache: pad it to one whole block (copies fewer than block_k positions per slab)
+        pad = [(0, 0)] * 3 + [(0, config.block_k - s), (0, 0)]
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    return _decode(q, k, v, lengths, layer, scale=float(scale), config=config)
