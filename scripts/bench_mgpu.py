@@ -1,0 +1,168 @@
+"""Decode attention on one Hopper GPU: the Mosaic GPU kernel against the Triton one and torch SDPA, in one run.
+
+Same shapes, inputs and methodology as ``scripts/bench_attention.py`` (whose timing helpers it imports): bf16,
+N=32, K=8, D=128, every sequence full; TB/s = K+V bytes (2 * B * K * T * D * 2) / median time per call; JAX calls
+chained through their outputs in one jitted program, device spans from a profiler trace; torch in CUDA graphs;
+K/V rotated over > 200 MB; every variant checked against the XLA reference before it is timed; a 1 GiB device
+copy as the ceiling. Rows:
+
+* ``triton``: ``pallas_kernels.decode_attention`` (the default dispatch), default launch parameters,
+* ``mgpu``: ``pallas_kernels.decode_attention_mgpu``, default launch parameters, then ``--sweep`` configurations
+  (block_k, splits, stages) on the shapes named by ``--sweep-shapes``,
+* ``torch_sdpa``: ``scaled_dot_product_attention`` with its default backend choice (cuDNN on an H100).
+
+Usage: ``python scripts/bench_mgpu.py --out DIR [--budget-s 240] [--shapes 1x4096 ...]``. Writes
+``DIR/bench_mgpu.json`` after every shape; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_attention as ba
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import backend
+from pallas_kernels import decode_attention as triton_kernel
+from pallas_kernels import decode_attention_mgpu as mgpu
+
+# (block_k, splits as a multiple of the default's, stages) tried beside the default on the swept shapes.
+SWEEP = ((64, 0.5, 3), (64, 2, 3), (64, 1, 4), (64, 1, 2), (128, 1, 2), (128, 0.5, 3))
+
+
+def sweep_configs(default: mgpu.MgpuConfig, seq: int) -> list[mgpu.MgpuConfig]:
+    out = []
+    for block_k, factor, stages in SWEEP:
+        splits = max(1, min(math.ceil(seq / block_k) // 2, round(default.num_splits * factor)))
+        config = mgpu.MgpuConfig(block_k, splits, stages)
+        if config != default and config not in out and mgpu._ring_bytes(block_k, ba.HEAD_DIM, 2, stages) <= 200_000:
+            out.append(config)
+    return out
+
+
+def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict:
+    key = jax.random.key(batch * 100003 + seq)
+    nbytes = ba.kv_bytes(batch, seq)
+    copies = max(1, math.ceil(ba.ROTATE_BYTES / nbytes))
+    est_s = nbytes / 2.5e12 + 5e-6
+    lengths = jnp.full((batch,), seq, jnp.int32)
+    sets = []
+    for i in range(copies):
+        kq, kk, kv = jax.random.split(jax.random.fold_in(key, i), 3)
+        q = jax.random.normal(kq, (batch, ba.NUM_Q_HEADS, ba.HEAD_DIM), jnp.bfloat16)
+        k = jax.random.normal(kk, (batch, ba.NUM_KV_HEADS, seq, ba.HEAD_DIM), jnp.bfloat16)
+        v = jax.random.normal(kv, (batch, ba.NUM_KV_HEADS, seq, ba.HEAD_DIM), jnp.bfloat16)
+        sets.append((q, k, v, lengths))
+    ref = jax.jit(triton_kernel.decode_attention_reference)(*sets[0])
+    results = {}
+
+    def record(name, fn, config=None):
+        try:
+            err = ba.rel_err(fn(*sets[0]), ref)
+            timing = ba.time_jax(fn, sets, est_s)
+        except Exception as e:  # a variant that does not lower or run is reported, not fatal
+            results[name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+            log(f"  {name:30s} ERROR {results[name]['error'][:1500]}")
+            return None
+        tbps = nbytes / timing["time_s"] / 1e12
+        results[name] = {**timing, "tbps": tbps, "rel_err": err, **({"config": config._asdict()} if config else {})}
+        us, compile_s = timing["time_s"] * 1e6, timing["compile_s"]
+        log(f"  {name:30s} {us:9.1f} us {tbps:6.3f} TB/s  err {err:.1e}  compile {compile_s:.1f}s")
+        return tbps
+
+    default = mgpu.mgpu_config(batch, ba.NUM_KV_HEADS, seq, ba.HEAD_DIM, jnp.bfloat16)
+    record("mgpu", mgpu.decode_attention, default)
+    record("triton", triton_kernel.decode_attention)
+    if torch is not None:
+        results.update(ba.bench_torch(torch, sets, ref, nbytes, est_s, log, only_default=True))
+    best_name = "mgpu" if "tbps" in results["mgpu"] else None
+    if sweep and best_name:
+        for config in sweep_configs(default, seq):
+            if time.perf_counter() > deadline:
+                log("  (time budget spent: sweep cut short)")
+                break
+            name = "mgpu[bk={},P={},s={}]".format(*config)
+            fn = lambda q, k, v, n, c=config: mgpu.decode_attention(q, k, v, n, **c._asdict())
+            if (tbps := record(name, fn, config)) is not None and tbps > results[best_name]["tbps"]:
+                best_name = name
+    if best_name:
+        results["mgpu_best"] = {"name": best_name, **results[best_name]}
+    return {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
+
+
+def table(report: dict) -> str:
+    copy = report.get("copy", {}).get("tbps", float("nan"))
+    lines = [
+        f"us per call (TB/s); copy = {copy:.3f} TB/s (read + write)",
+        f"{'B x T':>10} {'triton':>15} {'mgpu':>15} {'mgpu best':>15} {'torch_sdpa':>15} "
+        f"{'mgpu/torch':>10} {'best/torch':>10} {'mgpu/triton':>11}  best config",
+    ]
+    for shape in report["shapes"]:
+        r = shape["results"]
+        t = lambda name, r=r: r.get(name, {}).get("time_s", float("nan"))
+        cell = lambda name, r=r, t=t: f"{t(name) * 1e6:7.1f} ({r.get(name, {}).get('tbps', float('nan')):5.2f})"
+        # Ratios are speed ratios: > 1 means the Mosaic GPU kernel is faster.
+        lines.append(
+            f"{shape['batch']:>4} x {shape['seq']:<5} {cell('triton'):>15} {cell('mgpu'):>15} {cell('mgpu_best'):>15} "
+            f"{cell('torch_sdpa'):>15} {t('torch_sdpa') / t('mgpu'):10.2f} {t('torch_sdpa') / t('mgpu_best'):10.2f} "
+            f"{t('triton') / t('mgpu'):11.2f}  {r.get('mgpu_best', {}).get('name', '-')}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in ba.SHAPES])
+    parser.add_argument("--sweep-shapes", nargs="*", default=["1x32768", "8x4096"])
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        import torch
+
+        torch = torch if torch.cuda.is_available() else None
+    except ImportError:
+        torch = None
+    log = lambda msg: print(msg, flush=True)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": jax.devices()[0].device_kind,
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "torch": getattr(torch, "__version__", None),
+        "backend": backend.MOSAIC_GPU,
+        **backend.describe(),
+    }
+    report = {"meta": meta, "shapes": []}
+    log(json.dumps(meta))
+    if torch is not None:
+        report["copy"] = ba.copy_bandwidth(torch)
+        log(f"device copy: {report['copy']['tbps']:.3f} TB/s (read + write)")
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    for i, (batch, seq) in enumerate(shapes):
+        log(f"B={batch} T={seq}: K+V {ba.kv_bytes(batch, seq) / 1e6:.0f} MB")
+        swept = lambda b, t: f"{b}x{t}" in args.sweep_shapes
+        share = max(1, sum(swept(b, t) for b, t in shapes[i:]))
+        deadline = time.perf_counter() + (start + args.budget_s - time.perf_counter()) / share
+        report["shapes"].append(bench_shape(torch, batch, seq, sweep=swept(batch, seq), deadline=deadline, log=log))
+        (args.out / "bench_mgpu.json").write_text(json.dumps(report, indent=1))
+        jax.clear_caches()
+    log(f"total {time.perf_counter() - start:.0f} s")
+    log(table(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Mosaic GPU decode-attention kernel against NumPy float64 on a Hopper GPU; launch heuristic, argument errors and
+the CUDA lowering everywhere.
+
+Mosaic GPU has no interpret mode that runs this kernel (JAX's GPU interpreter takes neither a transposed MMA
+operand nor one held in registers), so the value tests need the real GPU and skip elsewhere. Every case draws
+fresh random inputs and fills cache positions past each sequence's length (and every layer but the one attended
+to) with NaN. Unlike the Triton kernel's tests, the outputs are not NaN-poisoned first: ``plgpu.kernel`` has no
+input/output aliasing to hand the kernel a prefilled buffer.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from reference import decode_attention_f64
+from test_decode_kernel import LENGTHS, nan_filled_cache
+
+from pallas_kernels import backend
+from pallas_kernels import decode_attention_mgpu as mgpu
+
+ON_HOPPER = backend.mosaic_gpu_usable()
+
+# (id, batch, kv_heads, group, head_dim, max_len, dtype, lengths, layers, block_k, num_splits, num_stages)
+# layers: None for a one-layer [B, K, S, D] cache, (L, layer) for a whole cache, layer "traced" under jit.
+# None in the last three columns: the default launch parameters. Lengths are named relative to S and bk.
+CASES = [
+    ("g1_d128_bf16_splits3", 4, 2, 1, 128, 1000, "bfloat16", ("1", "bk-1", "bk", "bk+1"), None, 64, 3, None),
+    ("g4_d128_bf16_default", 3, 2, 4, 128, 4096, "bfloat16", ("S", "bk+1", "S-1"), None, None, None, None),
+    ("g8_d64_f16_one_split", 2, 1, 8, 64, 2000, "float16", ("S", "1"), None, 64, 1, 2),
+    ("g4_d128_bf16_traced_layer", 2, 2, 4, 128, 3000, "bfloat16", ("S", "2bk+1"), (2, "traced"), 128, 4, 2),
+    ("g2_d256_bf16_splits2", 2, 2, 2, 256, 600, "bfloat16", ("S-1", "bk"), None, 64, 2, 2),
+    ("g3_d128_bf16_layer1_of3", 2, 2, 3, 128, 500, "bfloat16", ("S", "0"), (3, 1), None, None, None),
+    ("g5_d128_f16_deep_ring", 3, 1, 5, 128, 1500, "float16", ("bk-1", "S", "2bk+1"), None, 64, 2, 4),
+    ("g4_d128_bf16_more_splits_than_blocks", 3, 2, 4, 128, 200, "bfloat16", ("S", "1", "0"), None, 64, 8, 2),
+    ("g4_d64_bf16_tiny_cache", 2, 1, 4, 64, 40, "bfloat16", ("S", "1"), None, None, None, None),
+]
+IDS = [c[0] for c in CASES]
+
+
+def run_case(rng, case, q_dtype=None):
+    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits, stages = case
+    dtype = jnp.dtype(dtype)
+    q_dtype = jnp.dtype(q_dtype or dtype)
+    bk = block_k or mgpu.mgpu_config(batch, kv_heads, max_len, head_dim, dtype).block_k
+    names = [length_names[i % len(length_names)] for i in range(batch)]
+    lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
+    q = rng.standard_normal((batch, kv_heads * group, head_dim))
+    k, k_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
+    v, v_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
+    rounded = lambda x, t: np.asarray(jnp.asarray(x, t).astype(jnp.float32), np.float64)
+    ref = decode_attention_f64(rounded(q, dtype), rounded(k_slab, dtype), rounded(v_slab, dtype), lengths)
+
+    args = [jnp.asarray(q, q_dtype)] + [jnp.asarray(x, dtype) for x in (k, v)] + [jnp.asarray(lengths)]
+    options = dict(block_k=block_k, num_splits=num_splits, num_stages=stages)
+    if layers is None:
+        out = mgpu.decode_attention(*args, **options)
+    elif layers[1] == "traced":
+        fn = jax.jit(lambda q, k, v, n, layer: mgpu.decode_attention(q, k, v, n, layer=layer, **options))
+        out = fn(*args, jnp.int32(1))
+    else:
+        out = mgpu.decode_attention(*args, layer=layers[1], **options)
+    assert out.shape == q.shape and out.dtype == q_dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            np.testing.assert_array_equal(out[b], 0.0)
+    assert rel_err(out, ref) < REL_TOL[dtype.name], names
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
+class TestOnHopper:
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_kernel_matches_float64(self, rng, case):
+        run_case(rng, case)
+
+    def test_float32_queries_over_bf16_cache(self, rng):
+        """q keeps its dtype in the output; the kernel rounds it to the cache's dtype for the MMA."""
+        run_case(rng, CASES[0], q_dtype="float32")
+
+    @pytest.mark.parametrize("batch,seq", [(1, 4096), (8, 4096), (1, 32768)], ids=["B=1_T=4k", "B=8_T=4k", "B=1_T=32k"])
+    def test_bench_shapes_default_config(self, rng, batch, seq):
+        """The benchmark's head layout (N=32, K=8, D=128, bf16) with its default launch parameters."""
+        lengths = np.full((batch,), seq, np.int32)
+        lengths[0] = seq - 77
+        q, k, v = (rng.standard_normal(s) for s in ((batch, 32, 128), (batch, 8, seq, 128), (batch, 8, seq, 128)))
+        bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+        ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
+        out = mgpu.decode_attention(bf(q), bf(k), bf(v), jnp.asarray(lengths))
+        assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,max_len,want",
+    [(1, 8, 32768, (32, 3)), (8, 8, 4096, (4, 3)), (64, 8, 8192, (1, 3)), (1, 8, 4096, (32, 3)), (2, 1, 40, (1, 3))],
+    ids=["B=1_T=32k", "B=8_T=4k", "B=64_T=8k", "B=1_T=4k", "B=2_T=40"],
+)
+def test_launch_heuristic(batch, kv_heads, max_len, want):
+    """One wave of two programs per multiprocessor of an H100, equal shares of at least two blocks each."""
+    config = mgpu.mgpu_config(batch, kv_heads, max_len, 128, jnp.bfloat16, num_multiprocessors=132)
+    assert config.block_k == 64
+    assert (config.num_splits, config.num_stages) == want
+    assert mgpu._ring_bytes(config.block_k, 128, 2, config.num_stages) <= mgpu.RING_BYTES
+
+
+def _args(batch=2, kv_heads=2, group=4, head_dim=128, max_len=256, dtype=jnp.bfloat16):
+    q = jnp.zeros((batch, kv_heads * group, head_dim), dtype)
+    k = jnp.zeros((batch, kv_heads, max_len, head_dim), dtype)
+    return q, k, k, jnp.full((batch,), 3, jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(dtype=jnp.float32), TypeError, "16-bit MMA inputs"),
+        (dict(head_dim=32), ValueError, "head_dim=32 is not supported by the Mosaic GPU kernel"),
+        (dict(group=65, kv_heads=1), ValueError, "65 query heads per kv head exceeds 64"),
+    ],
+    ids=["f32_cache", "head_dim_32", "group_65"],
+)
+def test_argument_errors(change, error, match):
+    with pytest.raises(error, match=match):
+        mgpu.decode_attention(*_args(**change))
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        (dict(block_k=32), ValueError, r"block_k=32 must be one of \(64, 128\)"),
+        (dict(num_splits=0), ValueError, "num_splits=0 must be >= 1"),
+        (dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
+        (dict(block_k=128, num_stages=8), ValueError, "bytes of K/V ring"),
+        (dict(num_splits=2.0), TypeError, "num_splits must be an int"),
+        (dict(scale="x"), TypeError, "scale must be a Python number"),
+    ],
+    ids=["block_k", "splits", "stages", "ring_too_big", "splits_float", "scale"],
+)
+def test_launch_parameter_errors(monkeypatch, options, error, match):
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
+    with pytest.raises(error, match=match):
+        mgpu.decode_attention(*_args(), **options)
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="checks the refusal where Mosaic GPU cannot run")
+def test_refuses_to_run_without_mosaic_gpu():
+    with pytest.raises(RuntimeError, match="the Mosaic GPU decode kernel cannot run here: "):
+        mgpu.decode_attention(*_args())
+
+
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["one_split", "three_splits"])
+def test_lowers_for_cuda_without_slicing_the_layer(num_splits):
+    """The kernel lowers to a Mosaic GPU custom call on any host (lowering for CUDA needs no GPU), and the whole
+    [L, B, K, S, D] cache goes to it: no layer-sized copy in the module."""
+    num_layers, batch, kv_heads, max_len, head_dim = 3, 2, 2, 256, 128
+    k = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((batch, 8, head_dim), jnp.bfloat16)
+    args = (q, k, k, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    config = mgpu.MgpuConfig(block_k=64, num_splits=num_splits, num_stages=3)
+    text = mgpu._decode.trace(*args, scale=0.1, config=config).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}xbf16>" not in text
