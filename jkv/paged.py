@@ -6,13 +6,14 @@ head_dim). Logical position ``s`` of sequence ``b`` lives in page ``block_tables
 ``(layer, page, kv_head)`` slab is one contiguous run of ``page_size * D`` values, so a kernel reads a page
 coalesced. ``block_tables[b, j] == -1`` means "no page".
 
-Allocator. ``refcounts[p]`` counts the block-table entries (over all sequences) that name page ``p``; a page is
-free exactly when its count is 0. The free list is *derived* from the counts (``refcounts == 0``, taken in
-ascending page order by a prefix sum) rather than kept as a second array that could disagree with them; a page
-can therefore never be handed out while a table still names it, nor freed twice. Allocation is all-or-nothing
-per sequence and serves sequences in batch order: the first sequence whose pages do not fit, and every later one
-that needs pages, gets nothing and the ``ERR_POOL_EXHAUSTED`` bit (host-side calls raise instead). A live page is
-never overwritten.
+Allocator. ``refcounts[p]`` counts the references to page ``p``: the block-table entries (over all sequences) that
+name it plus ``pins[p]``, the references held outside the tables (``pin`` / ``unpin``: how a prefix cache keeps a
+prompt's pages alive after its sequence retires); a page is free exactly when its count is 0. The free list is
+*derived* from the counts (``refcounts == 0``, taken in ascending page order by a prefix sum) rather than kept as a
+second array that could disagree with them; a page can therefore never be handed out while a table still names it, nor
+freed twice. Allocation is all-or-nothing per sequence and serves sequences in batch order: the first sequence whose
+pages do not fit, and every later one that needs pages, gets nothing and the ``ERR_POOL_EXHAUSTED`` bit (host-side
+calls raise instead). A live page is never overwritten.
 
 Protocol, unchanged from ``KVCache``: for every layer ``write`` the new keys/values at ``lengths[b]``, attend,
 and after the last layer ``advance(T)``. ``write`` first *reserves* the pages that positions
@@ -23,9 +24,9 @@ that is about to be written is copied first (copy-on-write, all layers at once);
 Pages reserved but not yet covered by ``lengths`` (a write not advanced) stay with their sequence and are reused
 by its next write; ``rollback`` and ``reset_slot`` give back every page past the new length.
 
-Invariants (tested by tests/test_paged_allocator.py): ``refcounts`` equals the histogram of the non-negative
-table entries; every entry below ``cdiv(lengths[b], page_size)`` names a page; only entries below that bound are
-shared, and among those only the last can be partially filled.
+Invariants (tested by tests/test_paged_allocator.py): ``refcounts`` equals the histogram of the non-negative table
+entries plus ``pins``; every entry below ``cdiv(lengths[b], page_size)`` names a page; only entries below that bound
+are shared, and among those only the last can be partially filled.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class PagedKVCache(LengthsMixin):
     v_pages: Array  # [L, P, K, page_size, D]
     # Tables, counts, lengths and error bits are arrays (not static fields): changing them never recompiles a step.
     block_tables: Int[Array, "B M"]  # physical page of each logical page, NO_PAGE where none
-    refcounts: Int[Array, " P"]  # block-table entries naming each page; 0 = free
+    refcounts: Int[Array, " P"]  # references to each page (table entries + pins); 0 = free
+    pins: Int[Array, " P"]  # references held outside the block tables (pin / unpin)
     lengths: Int[Array, " B"]
     errors: Int[Array, " B"]
 
@@ -91,6 +93,7 @@ class PagedKVCache(LengthsMixin):
             v_pages=jnp.zeros(shape, spec.dtype),
             block_tables=jnp.full((batch, max_pages), NO_PAGE, jnp.int32),
             refcounts=jnp.zeros((num_pages,), jnp.int32),
+            pins=jnp.zeros((num_pages,), jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
             errors=jnp.zeros((batch,), jnp.int32),
         )
@@ -123,8 +126,8 @@ class PagedKVCache(LengthsMixin):
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held by the cache (pools, tables, counts, lengths and error bits)."""
-        arrays = (self.k_pages, self.v_pages, self.block_tables, self.refcounts, self.lengths, self.errors)
+        """Device bytes held by the cache (pools, tables, counts, pins, lengths and error bits)."""
+        arrays = (self.k_pages, self.v_pages, self.block_tables, self.refcounts, self.pins, self.lengths, self.errors)
         return sum(int(x.size) * x.dtype.itemsize for x in arrays)
 
     def num_free_pages(self) -> Int[Array, ""]:
@@ -296,10 +299,11 @@ class PagedKVCache(LengthsMixin):
         return cache._release(jnp.arange(self.max_pages)[None, :] >= keep[:, None])
 
     def reset(self) -> PagedKVCache:
-        """Empty every sequence and free every page (pool contents are left as they are)."""
+        """Empty every sequence and free every page, pinned ones included (pool contents are left as they are)."""
         return self.replace(
             block_tables=jnp.full_like(self.block_tables, NO_PAGE),
             refcounts=jnp.zeros_like(self.refcounts),
+            pins=jnp.zeros_like(self.pins),
             lengths=jnp.zeros_like(self.lengths),
             errors=jnp.zeros_like(self.errors),
         )
@@ -338,12 +342,128 @@ class PagedKVCache(LengthsMixin):
             errors=jnp.where(hit, self.errors[src_c], cache.errors) | jnp.where(ok, 0, ERR_BAD_SLOT),
         )
 
-    def insert_into_slot(self, slot, single: KVCache) -> PagedKVCache:
+    # ------------------------------------------------------------------ pinned pages (prefix caching)
+    def pin(self, slot, length) -> tuple[PagedKVCache, Array]:
+        """Hold the pages covering the first ``length`` positions of ``slot`` outside the block tables.
+
+        Returns the cache (those pages' ``pins`` and ``refcounts`` + 1) and ``pages int32[max_pages]``: the slot's
+        first ``cdiv(length, page_size)`` table entries, ``NO_PAGE`` after. Nothing is copied. The pages stay
+        allocated, with their contents (any sequence writing into a pinned page copies it first), until
+        ``unpin(pages)``; ``insert_into_slot(..., prefix=(pages, n))`` gives them to a new sequence. ``length``
+        must lie in ``[0, lengths[slot]]``; under ``jit`` a bad slot or length pins nothing and flags
+        ``ERR_BAD_SLOT`` (on every sequence for a bad slot, on ``slot`` for a bad length).
+        """
+        ok = self._slot_ok(slot)
+        length = jnp.asarray(length)
+        if not jnp.issubdtype(length.dtype, jnp.integer) or length.ndim:
+            raise TypeError(f"length must be an integer scalar, got {length!r}")
+        s = jnp.clip(slot, 0, self.batch - 1)
+        _checks.host_all(
+            (length >= 0) & (length <= self.lengths[s]),
+            lambda: f"pin length={int(length)} must lie in [0, lengths[{int(slot)}]={int(self.lengths[s])}]",
+        )
+        valid = ok & (length >= 0) & (length <= self.lengths[s])
+        covered = valid & (jnp.arange(self.max_pages) < _cdiv(length, self.page_size))
+        pages = jnp.where(covered, self.block_tables[s], NO_PAGE)
+        held = jnp.where(pages >= 0, pages, self.num_pages)
+        bad_length = ok & ~valid & (jnp.arange(self.batch) == s)
+        return self.replace(
+            refcounts=self.refcounts.at[held].add(1, mode="drop"),
+            pins=self.pins.at[held].add(1, mode="drop"),
+            errors=self.errors | jnp.where(bad_length | ~ok, ERR_BAD_SLOT, 0),
+        ), pages
+
+    def unpin(self, pages) -> PagedKVCache:
+        """Give back the references ``pin`` returned (``pages``: any int32 vector; ``NO_PAGE`` entries are skipped).
+
+        A page whose last reference this was becomes free. Host calls refuse to unpin a page more often than it
+        is pinned; under ``jit`` such excess is ignored (a count never goes below the table references).
+        """
+        pages = jnp.asarray(pages)
+        if not jnp.issubdtype(pages.dtype, jnp.integer) or pages.ndim != 1:
+            raise TypeError(f"pages must be an integer vector, got {pages!r}")
+        held = jnp.where((pages >= 0) & (pages < self.num_pages), pages, self.num_pages)
+        drop = jnp.zeros_like(self.pins).at[held].add(1, mode="drop")
+        _checks.host_all(
+            drop <= self.pins,
+            lambda: f"unpin of pages {np.flatnonzero(np.asarray(drop > self.pins)).tolist()} that are not pinned",
+        )
+        drop = jnp.minimum(drop, self.pins)
+        return self.replace(refcounts=self.refcounts - drop, pins=self.pins - drop)
+
+    def read_pinned(self, pages, length) -> KVCache:
+        """The positions ``[0, length)`` held by pinned ``pages [m]`` as a one-sequence contiguous cache of
+        ``max_len = m * page_size`` (what a prefill continues from). Entries without a page read as zeros."""
+        pages = jnp.asarray(pages)
+        m = pages.shape[0]
+        held = (pages >= 0)[None, :, None, None, None]
+        idx = jnp.clip(pages, 0, self.num_pages - 1)
+
+        def take(pool):
+            x = jnp.where(held, pool[:, idx], 0)  # (L, m, K, page_size, D)
+            nl, _, kh, ps, d = x.shape
+            return x.swapaxes(1, 2).reshape(nl, 1, kh, m * ps, d)
+
+        length = jnp.clip(jnp.asarray(length, jnp.int32), 0, m * self.page_size)
+        return KVCache(k=take(self.k_pages), v=take(self.v_pages), lengths=length[None], errors=jnp.zeros(1, jnp.int32))
+
+    def _attach(self, hit: Array, pages: Array, length: Array) -> tuple[PagedKVCache, Array]:
+        """Give the sequence where ``hit [B]`` holds the pinned ``pages`` as its first ``length`` positions.
+
+        Returns the cache and ``valid`` (length in range and every covered page pinned). The sequence's old
+        references are given back first; an invalid request leaves it empty."""
+        m = pages.shape[0]
+        idx = jnp.clip(pages, 0, self.num_pages - 1)
+        covered = jnp.arange(m) < _cdiv(length, self.page_size)
+        pinned = (pages >= 0) & (pages < self.num_pages) & (self.pins[idx] > 0)
+        valid = (length >= 0) & (length <= min(m * self.page_size, self.max_len)) & jnp.all(pinned | ~covered)
+        row = (
+            jnp.full((self.max_pages,), NO_PAGE, jnp.int32)
+            .at[: min(m, self.max_pages)]
+            .set(jnp.where(covered & valid, pages, NO_PAGE)[: self.max_pages])
+        )
+        cache = self._release(jnp.broadcast_to(hit[:, None], self.block_tables.shape))
+        row_b = jnp.where(hit[:, None], row[None, :], cache.block_tables)
+        added = jnp.where(hit[:, None] & (row[None, :] >= 0), row[None, :], self.num_pages)
+        return cache.replace(
+            block_tables=row_b,
+            refcounts=cache.refcounts.at[added.ravel()].add(1, mode="drop"),
+            lengths=jnp.where(hit, jnp.where(valid, length, 0), cache.lengths),
+        ), valid
+
+    def _extend_from(self, hit: Array, single: KVCache) -> tuple[PagedKVCache, Array]:
+        """Write positions ``[lengths[b], single.lengths[0])`` of ``single`` into the sequence where ``hit`` holds
+        (its earlier positions are taken to equal ``single``'s), reserving pages (copy-on-write of a shared one)."""
+        target = jnp.where(hit, jnp.maximum(single.lengths[0], self.lengths), self.lengths)
+        cache, got = self._reserve(target)
+        s = jnp.argmax(hit)
+        positions = jnp.arange(single.max_len, dtype=jnp.int32)
+        write = hit[s] & got[s] & (positions >= self.lengths[s]) & (positions < single.lengths[0])
+        pages = jnp.where(write, cache._logical_pages(positions[None, :])[s], self.num_pages)
+        offsets = positions % self.page_size
+
+        def put(pool, new):  # pool[:, pages, :, offsets, :] is (S', L, K, D)
+            return pool.at[:, pages, :, offsets, :].set(new[:, 0].transpose(2, 0, 1, 3).astype(pool.dtype), mode="drop")
+
+        return cache.replace(
+            k_pages=put(cache.k_pages, single.k),
+            v_pages=put(cache.v_pages, single.v),
+            lengths=jnp.where(hit & got, target, cache.lengths),
+        ), got
+
+    def insert_into_slot(self, slot, single: KVCache, prefix=None) -> PagedKVCache:
         """Admit a prefilled one-sequence contiguous cache into batch slot ``slot``, on freshly allocated pages.
 
         ``single`` must match layers, kv heads, head_dim and dtype, hold one sequence and ``max_len`` no larger
         than this cache's. The slot's old pages are given back first. If the pool cannot hold the sequence the
         slot is left empty with ``ERR_POOL_EXHAUSTED`` (host calls raise).
+
+        ``prefix=(pages, n)`` (prefix sharing): the slot's first ``n`` positions are the pinned ``pages`` (from
+        ``pin``; shared, not copied; a partly filled last page is copied when the slot first writes into it) and
+        only positions ``[n, single.lengths[0])`` are written from ``single``, whose first ``n`` positions must
+        hold the same keys and values (e.g. a prefill that continued from ``read_pinned(pages, n)``). Pages that
+        are not pinned, or ``n`` beyond them or beyond ``single``'s length, leave the slot empty and flag
+        ``ERR_BAD_SLOT`` (host calls raise).
         """
         if not isinstance(single, KVCache):
             raise TypeError(f"single must be a KVCache, got {type(single).__name__}")
@@ -355,6 +475,8 @@ class PagedKVCache(LengthsMixin):
         ok = self._slot_ok(slot)
         rows = jnp.arange(self.batch)
         hit = (rows == slot) & ok
+        if prefix is not None:
+            return self._insert_shared(ok, hit, single, prefix)
         cache = self._release(jnp.broadcast_to(hit[:, None], self.block_tables.shape))
         n = _cdiv(single.lengths[0], self.page_size)
         need = hit[:, None] & (jnp.arange(self.max_pages)[None, :] < n)
@@ -380,6 +502,43 @@ class PagedKVCache(LengthsMixin):
             v_pages=put(cache.v_pages, single.v),
             lengths=jnp.where(served, single.lengths[0], jnp.where(hit, 0, cache.lengths)),
             errors=jnp.where(hit, jnp.where(got, single.errors[0], ERR_POOL_EXHAUSTED), cache.errors)
+            | jnp.where(ok, 0, ERR_BAD_SLOT),
+        )
+
+    def _insert_shared(self, ok, hit, single: KVCache, prefix) -> PagedKVCache:
+        pages, n = prefix
+        pages, n = jnp.asarray(pages), jnp.asarray(n)
+        if not jnp.issubdtype(pages.dtype, jnp.integer) or pages.ndim != 1:
+            raise TypeError(f"prefix pages must be an integer vector, got {pages!r}")
+        if not jnp.issubdtype(n.dtype, jnp.integer) or n.ndim:
+            raise TypeError(f"prefix length must be an integer scalar, got {n!r}")
+        n = n.astype(jnp.int32)
+        cache, valid = self._attach(hit, pages, n)
+        valid = valid & (n <= single.lengths[0])
+        _checks.host_all(
+            valid,
+            lambda: (
+                f"prefix of n={int(n)} positions must be covered by pinned pages (got {np.asarray(pages).tolist()}, "
+                f"pins {np.asarray(self.pins)[np.clip(np.asarray(pages), 0, self.num_pages - 1)].tolist()}) "
+                f"and not exceed single's length {int(single.lengths[0])}"
+            ),
+        )
+        hit_v = hit & valid
+        cache = cache.replace(lengths=jnp.where(hit_v, n, jnp.where(hit, 0, cache.lengths)))
+        cache, got = cache._extend_from(hit_v, single)
+        _checks.host_all(
+            got,
+            lambda: (
+                f"page pool exhausted: admitting a sequence of length {int(single.lengths[0])} after a shared prefix "
+                f"of {int(n)} needs more than the {int(self.num_free_pages())} free pages of {self.num_pages}"
+            ),
+        )
+        failed = hit & ~(valid & got)  # the slot ends empty: give back what it was given
+        cache = cache._release(jnp.broadcast_to(failed[:, None], cache.block_tables.shape))
+        flag = jnp.where(valid, jnp.where(got, 0, ERR_POOL_EXHAUSTED), ERR_BAD_SLOT)
+        return cache.replace(
+            lengths=jnp.where(failed, 0, cache.lengths),
+            errors=jnp.where(hit, jnp.where(failed, flag, single.errors[0]), cache.errors)
             | jnp.where(ok, 0, ERR_BAD_SLOT),
         )
 

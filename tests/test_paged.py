@@ -52,10 +52,11 @@ def assert_same_contents(paged, ref):
 
 
 def assert_allocator_consistent(cache):
-    """Refcounts are the histogram of table entries; each sequence's entries cover its length, then stop."""
+    """Refcounts are the histogram of table entries plus pins; each sequence's entries cover its length, then stop."""
     tables = np.asarray(cache.block_tables)
     hist = np.bincount(tables[tables >= 0], minlength=cache.num_pages)
-    np.testing.assert_array_equal(np.asarray(cache.refcounts), hist)
+    np.testing.assert_array_equal(np.asarray(cache.refcounts), hist + np.asarray(cache.pins))
+    assert (np.asarray(cache.pins) >= 0).all()
     for b, n in enumerate(np.asarray(cache.lengths)):
         held = int((tables[b] >= 0).sum())
         assert (tables[b, :held] >= 0).all() and held >= -(-n // cache.page_size), (b, tables[b], n)
@@ -103,7 +104,7 @@ def test_init_shapes_and_nbytes(dtype, page_size):
     assert cache.spec == spec
     assert (np.asarray(cache.block_tables) == NO_PAGE).all() and int(cache.num_free_pages()) == 5
     pool = 2 * 2 * 5 * 2 * page_size * 8 * jnp.dtype(dtype).itemsize
-    assert cache.nbytes == pool + 4 * (3 * (32 // page_size) + 5 + 3 + 3)
+    assert cache.nbytes == pool + 4 * (3 * (32 // page_size) + 5 + 5 + 3 + 3)  # tables, counts, pins, lengths, errors
     assert PagedKVCache.init(spec, 3, page_size=page_size).num_pages == 3 * (32 // page_size)  # default: all full
 
 
@@ -186,6 +187,72 @@ def test_fork_shares_pages_then_copies_on_write(rng):
     assert_allocator_consistent(grown)
 
 
+_pin = jax.jit(lambda c, i, n: c.pin(i, n))
+_unpin = jax.jit(lambda c, pages: c.unpin(pages))
+_insert_shared = jax.jit(lambda c, i, single, pages, n: c.insert_into_slot(i, single, prefix=(pages, n)))
+
+
+def test_pinned_prefix_outlives_its_sequence_and_is_shared_by_later_ones(rng):
+    """A prefix cache's path: pin a prompt's pages, retire its sequence, continue a new prompt from the pinned
+    pages (read_pinned), admit it sharing them (its partial page copied on its first write), unpin."""
+    paged, ref = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=12), jkv.KVCache.init(SPEC, 3)
+    paged, ref = step_both(rng, paged, ref, 13, advance=[13, 0, 0])  # sequence 0: one full page, one partial
+    k0, _ = valid(ref, 0)
+    paged, pages = _pin(paged, 0, 13)
+    row = np.asarray(paged.block_tables)[0]
+    np.testing.assert_array_equal(np.asarray(pages), [row[0], row[1], NO_PAGE, NO_PAGE])
+    paged, ref = _reset_slot(paged, 0), _reset_slot(ref, 0)
+    np.testing.assert_array_equal(np.asarray(paged.refcounts)[row[:2]], [1, 1])  # held by the pins alone
+    assert int(paged.num_free_pages()) == 12 - 2 - int(paged.pages_held().sum())  # others hold reserved pages
+    assert_allocator_consistent(paged)
+
+    # A new prompt shares the first 10 positions: continue from the pinned pages, "prefill" 6 more.
+    read = paged.read_pinned(pages[:2], 10)
+    assert read.max_len == 2 * PAGE and int(read.lengths[0]) == 10
+    np.testing.assert_array_equal(np.asarray(read.k[:, 0, :, :10]), k0[:, :, :10])
+    single = jkv.KVCache.init(SPEC, 1).insert_into_slot(0, read)
+    single, _ = step_both(rng, single, jkv.KVCache.init(SPEC, 1).insert_into_slot(0, read), 6)
+    admitted = _insert_shared(paged, 1, single, pages, 10)
+    ref = _insert(ref, 1, single)
+    assert_same_contents(admitted, ref)
+    after = np.asarray(admitted.block_tables)[1]
+    assert after[0] == row[0] and after[1] not in row[:2] and after[1] >= 0  # full page shared, partial one copied
+    np.testing.assert_array_equal(np.asarray(admitted.refcounts)[[row[0], row[1], after[1]]], [2, 1, 1])
+    assert_allocator_consistent(admitted)
+    # The pinned pages kept their contents (sequence 1 wrote positions 10..15 into its copy).
+    np.testing.assert_array_equal(np.asarray(admitted.read_pinned(pages[:2], 13).k[:, 0, :, :13]), k0)
+
+    # Unpinning frees the page no table names; the shared one stays with sequence 1.
+    freed = _unpin(admitted, pages)
+    np.testing.assert_array_equal(np.asarray(freed.refcounts)[[row[0], row[1]]], [1, 0])
+    assert_allocator_consistent(freed)
+    assert_same_contents(freed, ref)
+
+
+def test_pin_and_shared_insert_errors(rng):
+    paged, ref = PagedKVCache.init(SPEC, 2, page_size=PAGE, num_pages=8), jkv.KVCache.init(SPEC, 2)
+    paged, ref = step_both(rng, paged, ref, 9, advance=[9, 0])
+    with pytest.raises(ValueError, match=r"pin length=10 must lie in \[0, lengths\[0\]=9\]"):
+        paged.pin(0, 10)
+    with pytest.raises(ValueError, match="unpin of pages"):
+        paged.unpin(paged.block_tables[0])
+    pinned, pages = paged.pin(0, 9)
+    single = ref.extract_slot(0)
+    with pytest.raises(ValueError, match="must be covered by pinned pages"):
+        pinned.insert_into_slot(1, single, prefix=(paged.block_tables[1], 4))  # no pages there
+    with pytest.raises(ValueError, match="must be covered by pinned pages"):
+        pinned.insert_into_slot(1, single, prefix=(pages, 17))  # past the pinned pages
+    # Under jit: the slot ends empty, flagged; nothing else changes.
+    bad = _insert_shared(pinned, 1, single, jnp.full(4, NO_PAGE, jnp.int32), 4)
+    assert int(bad.lengths[1]) == 0 and int(bad.errors[1]) == ERR_BAD_SLOT and int(bad.pages_held()[1]) == 0
+    chex.assert_trees_all_equal(bad.pins, pinned.pins)
+    chex.assert_trees_all_equal(bad.block_tables[0], pinned.block_tables[0])
+    assert_allocator_consistent(bad)
+    flagged, none = _pin(pinned, 1, 3)  # length past sequence 1's 0
+    assert (np.asarray(none) == NO_PAGE).all() and int(flagged.errors[1]) == ERR_BAD_SLOT
+    chex.assert_trees_all_equal(flagged.pins, pinned.pins)
+
+
 def test_sharers_writing_together_copy_one_page_less(rng):
     """Forked samples decoding in one step: the first sharer keeps the shared page, the others copy it."""
     paged, ref = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=12), jkv.KVCache.init(SPEC, 3)
@@ -251,6 +318,7 @@ def hand_built(rng, filled, lengths, *, page_size=PAGE, num_pages=16, spec=SPEC)
         v_pages=jnp.asarray(v_pages, spec.dtype),
         block_tables=jnp.asarray(tables),
         refcounts=jnp.asarray(np.bincount(tables[tables >= 0], minlength=num_pages), jnp.int32),
+        pins=jnp.zeros(num_pages, jnp.int32),
         lengths=jnp.asarray(lengths, jnp.int32),
         errors=jnp.zeros(batch, jnp.int32),
     )

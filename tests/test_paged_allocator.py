@@ -1,4 +1,5 @@
-"""10,000 random admit / grow / fork / rollback / retire operations on a PagedKVCache, each checked against a model.
+"""10,000 random admit / grow / fork / rollback / retire / pin / evict / shared-admit operations on a PagedKVCache,
+each checked against a model.
 
 The model is plain Python: each sequence holds a list of *abstract* page ids (a fork shares ids, a fresh page gets
 a new id, copy-on-write swaps one id for a new one) and its logical contents as a NumPy array. After every step
@@ -6,7 +7,7 @@ the cache must agree with it:
 
 * structure: the table names a physical page exactly where the model holds an id, and two entries name the same
   physical page exactly when the model gives them the same id (no live page shared without the model sharing it);
-* counts: ``refcounts`` is the histogram of the table entries (no page leaked, none freed twice, none negative),
+* counts: ``refcounts`` is the histogram of the table entries plus the pins (no page leaked, none freed twice),
   and the free pages are exactly ``P`` minus the model's live ids;
 * flags: the exhausted-pool and overflow bits are set on exactly the sequences the model predicts;
 * contents: every valid position of every sequence equals the model's (a contiguous reference).
@@ -41,6 +42,10 @@ _rollback = jax.jit(lambda c, n: c.rollback(n))
 _reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
 _fork = jax.jit(lambda c, s, d: c.fork(s, d))
 _insert = jax.jit(lambda c, i, s: c.insert_into_slot(i, s))
+_pin = jax.jit(lambda c, i, n: c.pin(i, n))
+_unpin = jax.jit(lambda c, pages: c.unpin(pages))
+_insert_shared = jax.jit(lambda c, i, s, pages, n: c.insert_into_slot(i, s, prefix=(pages, n)))
+_read_pinned = jax.jit(lambda c, pages, n: c.read_pinned(pages, n).k)
 _contents = jax.jit(lambda c: c.to_contiguous().k)
 _clear = jax.jit(lambda c: c.clear_errors())
 
@@ -67,6 +72,7 @@ class PagedModel(RuleBasedStateMachine):
         self.errors = [0] * BATCH
         self.next_id = 0
         self.rng = np.random.default_rng(0)
+        self.pinned = []  # prefix-cache entries: (abstract ids, length, values [n, L, D], device pages)
 
     # ------------------------------------------------------------------ model helpers
     def _fresh(self):
@@ -74,10 +80,10 @@ class PagedModel(RuleBasedStateMachine):
         return self.next_id
 
     def _live(self):
-        return {i for row in self.rows for i in row}
+        return {i for row in self.rows for i in row} | {i for ids, *_ in self.pinned for i in ids}
 
     def _refs(self, page_id):
-        return sum(row.count(page_id) for row in self.rows)
+        return sum(row.count(page_id) for row in self.rows) + sum(ids.count(page_id) for ids, *_ in self.pinned)
 
     def _reserve(self, targets):
         """The allocator's contract: returns which sequences got their pages (see jkv/paged.py)."""
@@ -181,6 +187,53 @@ class PagedModel(RuleBasedStateMachine):
             self.lengths[slot], self.errors[slot] = 0, ERR_POOL_EXHAUSTED
         self._check_errors_then_clear()
 
+    @rule(slot=st.integers(0, BATCH - 1), frac=st.floats(0, 1))
+    def pin(self, slot, frac):
+        """A prefix cache keeps the first n positions of a sequence (at most 2 entries, so the pool stays usable)."""
+        type(self).steps += 1
+        if len(self.pinned) >= 2:
+            self.unpin(0)
+        n = int(frac * self.lengths[slot])
+        self.cache, pages = _pin(self.cache, slot, n)
+        ids = list(self.rows[slot][: cdiv(n, PAGE)])
+        self.pinned.append((ids, n, self.values[slot, :n].copy(), pages))
+
+    def unpin(self, i):
+        pages = self.pinned.pop(i)[3]
+        self.cache = _unpin(self.cache, pages)
+
+    @rule(data=st.data())
+    def evict(self, data):
+        type(self).steps += 1
+        if self.pinned:
+            self.unpin(data.draw(st.integers(0, len(self.pinned) - 1)))
+
+    @rule(slot=st.integers(0, BATCH - 1), data=st.data(), t=st.integers(0, 6))
+    def admit_shared(self, slot, data, t):
+        """Admit a prompt whose first n positions come from a pinned entry, then t more from a prefill."""
+        type(self).steps += 1
+        if not self.pinned:
+            return
+        ids, n_pin, values, pages = self.pinned[data.draw(st.integers(0, len(self.pinned) - 1))]
+        n = data.draw(st.integers(0, n_pin))
+        t = min(t, SPEC.max_len - n)
+        k = self.rng.standard_normal((SPEC.num_layers, 1, 1, SPEC.max_len, SPEC.head_dim)).astype(np.float32)
+        k[:, 0, 0, :n] = np.nan  # the shared positions must come from the pages, never from the prefill cache
+        single = jkv.KVCache(
+            k=jnp.asarray(k), v=jnp.asarray(-k), lengths=jnp.asarray([n + t], jnp.int32), errors=jnp.zeros(1, jnp.int32)
+        )
+        self.cache = _insert_shared(self.cache, slot, single, pages, n)
+        self.rows[slot] = list(ids[: cdiv(n, PAGE)])  # old pages given back, the prefix's attached
+        self.lengths[slot], self.errors[slot] = n, 0
+        got = self._reserve([n + t if b == slot else self.lengths[b] for b in range(BATCH)])[slot]
+        if got:
+            self.lengths[slot] = n + t
+            self.values[slot, :n] = values[:n]
+            self.values[slot, n : n + t] = k[:, 0, 0, n : n + t].transpose(1, 0, 2)
+        else:
+            self.rows[slot], self.lengths[slot] = [], 0
+        self._check_errors_then_clear()
+
     def _check_errors_then_clear(self):
         assert np.asarray(self.cache.errors).tolist() == self.errors, (np.asarray(self.cache.errors), self.errors)
         self.cache = _clear(self.cache)
@@ -202,8 +255,20 @@ class PagedModel(RuleBasedStateMachine):
                 assert phys_of.setdefault(page_id, tables[b, j]) == tables[b, j], "one id, two pages"
         assert len(set(phys_of.values())) == len(phys_of), "two ids, one page: a live page shared without a fork"
         # Counts: refcounts are the histogram of table entries; free pages are those no table names.
+        for ids, n, values, pages in self.pinned:  # pinned pages: the model's ids, alive, contents kept
+            pages = np.asarray(pages)
+            assert (pages >= 0).tolist() == [j < len(ids) for j in range(len(pages))], (pages, ids)
+            for j, page_id in enumerate(ids):
+                assert phys_of.setdefault(page_id, pages[j]) == pages[j], "one id, two pages (pinned)"
+            got = np.asarray(_read_pinned(self.cache, jnp.asarray(pages), n))[:, 0, 0, :n]  # (L, n, D)
+            want = values.transpose(1, 0, 2)
+            known = ~np.isnan(want)
+            np.testing.assert_array_equal(got[known], want[known])
+        assert len(set(phys_of.values())) == len(phys_of), "two ids, one page"
         hist = np.bincount(tables[tables >= 0], minlength=PAGES)
-        np.testing.assert_array_equal(refcounts, hist)
+        pins = np.bincount([phys_of[i] for ids, *_ in self.pinned for i in ids], minlength=PAGES)
+        np.testing.assert_array_equal(np.asarray(self.cache.pins), pins)
+        np.testing.assert_array_equal(refcounts, hist + pins)
         assert int(self.cache.num_free_pages()) == PAGES - len(self._live())
         # Contents of every valid, known position, in every layer.
         k = np.asarray(_contents(self.cache))[:, :, 0]  # (L, B, S, D)

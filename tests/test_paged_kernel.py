@@ -135,6 +135,7 @@ def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, dtype=
         v_pages=jnp.asarray(v_pages, dtype),
         block_tables=jnp.asarray(tables),
         refcounts=jnp.zeros(k_pages.shape[1], jnp.int32),  # not used by attention
+        pins=jnp.zeros(k_pages.shape[1], jnp.int32),
         lengths=jnp.asarray(lengths, jnp.int32) - 1,  # decode attends to lengths + 1: the new key is written
         errors=jnp.zeros(len(lengths), jnp.int32),
     )
