@@ -9,20 +9,20 @@ partials are merged by its :func:`combine_splits`.
 The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later, no interpret mode):
 
 * one program (one warpgroup, 128 threads) per ``(split, kv head, b)``; the ``G`` query heads of the kv head are
-  the first ``G`` rows of a 64-row query tile (a warpgroup MMA has 64 rows; rows ``G..63`` are zeros and are
-  never stored), held in registers as the MMA's left operand;
+  ``G`` rows of a 64-row query tile (a warpgroup MMA has 64 rows), held in registers as the MMA's left operand.
+  Tiled TMA copies start on the 8-row tile, so the tile is the 64-row window of ``q`` from the multiple of 8 at
+  or below the head's first row; the other rows are zeroed in registers and never stored;
 * K and V blocks of ``block_k`` positions stream through a ring of ``num_stages`` shared-memory slots filled by
   TMA bulk copies, each completing on its own barrier; a slot is refilled with the block ``num_stages`` ahead as
   soon as the block in it has been consumed, so up to ``num_stages`` blocks are in flight per program;
 * ``s = q @ K^T`` and ``acc += p @ V`` are warpgroup MMAs (``wgmma``) into float32; the online softmax runs in
   base 2 on the MMA's register layout;
 * split ``j`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks (a length-driven loop: blocks past a
-  length are never read). The last, partial block's window slides back to end at the length, so every row it
-  loads lies below the length (positions already counted are masked); only a sequence shorter than one block
-  loads rows past its length, and those V rows are zeroed in shared memory before the MMA (a 0 weight times a
-  NaN in an unused slot would still be NaN);
-* one split: the kernel normalises and stores the ``G`` output rows; several: it stores ``acc``, ``m`` and the
-  softmax denominator of its ``G`` rows and ``combine_splits`` merges them in XLA.
+  length are never read). A block that would run past ``S`` slides back to end at ``S`` (positions already
+  counted are masked); in the block that ends past the length, the V rows past it are zeroed in shared memory
+  before the MMA (a 0 weight times a NaN in an unused slot would still be NaN);
+* one split: the kernel normalises and stores the ``G`` output rows; several: it stores ``acc`` and the rows'
+  statistics (running max, softmax denominator) and ``combine_splits`` merges them in XLA.
 
 Launch parameters come from :func:`mgpu_config` and can be overridden per call. Measured against the Triton
 kernel and torch in docs/notes/decode_kernel.md.
@@ -54,6 +54,7 @@ RING_BYTES = 100 * 1024
 SMEM_PER_SM = 220 * 1024
 MAX_STAGES = 4
 LOG2E = math.log2(math.e)
+STATS = 32  # float32 columns of a split's per-row statistics (max, denominator): 128-byte rows
 
 
 class MgpuConfig(NamedTuple):
@@ -103,13 +104,13 @@ def _kernel(
     # inputs
     lengths_ref,  # [B] int32
     layer_ref,  # [1] int32
-    q_ref,  # [max(B * N, 64), D]: the queries, one row per (b, query head), zero rows appended up to 64
-    k_ref,  # [L, B, K, S, D]: the whole cache; the program reads its own (layer, b, kv head) slab
+    q_ref,  # [R, D]: the queries, one row per (b, query head), R = B * N rounded up to a multiple of 8, >= 64
+    k_ref,  # [L, B, K, S, D]: the whole cache (S a multiple of 8); the program reads its (layer, b, kv head) slab
     v_ref,  # [L, B, K, S, D]
-    # outputs: o [B, N, D] (one split); or acc [B, K, P, G, D], m [B, K, P, Gm], denom [B, K, P, Gm] (float32)
+    # outputs: o [B, N, D] (one split); or acc [B, K, P, G, D] and stats [B, K, P, G, STATS] (float32; stats
+    # column 0 the running max, column 1 the softmax denominator)
     *out_refs,
     group: int,
-    m_rows: int,
     block_k: int,
     num_splits: int,
     num_stages: int,
@@ -127,27 +128,35 @@ def _kernel(
     per_split = lax.div(num_blocks + (num_splits - 1), jnp.int32(num_splits))
     lo = j * per_split
     steps = jnp.maximum(jnp.minimum(lo + per_split, num_blocks) - lo, 0)
-    last_window = jnp.maximum(n - block_k, 0)  # the partial last block ends at the length
+
+    # Tiled TMA copies start at multiples of the 8-row tile: this kv head's G query rows sit at `offset` in a
+    # 64-row window from the multiple of 8 at or below its first row. The other rows of the window belong to
+    # other heads (or lie past the end, where TMA fills zeros); they are zeroed in registers and never stored.
+    first_row = b * (num_kv_heads * group) + h * group
+    window_row = pl.multiple_of(lax.div(first_row, jnp.int32(8)) * 8, 8)
+    offset = first_row - window_row  # 0..7
 
     def load_q(q_smem, q_barrier):
-        # A 64-row window from this kv head's first query row: rows G.. belong to other heads (or lie past the
-        # end, where TMA fills zeros) and are zeroed in registers.
-        rows0 = b * (num_kv_heads * group) + h * group
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows0, ROWS)], q_smem, q_barrier.at[0])
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, ROWS)], q_smem, q_barrier.at[0])
         plgpu.barrier_wait(q_barrier.at[0])
         q = q_smem[...]  # [ROWS, D], the MMA register layout
         rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, head_dim), 0, layout=wgmma_layout)
-        return jnp.where(rows < group, q, 0).astype(dtype)
+        return jnp.where((rows >= offset) & (rows < offset + group), q, 0).astype(dtype)
 
     q = pl.run_scoped(
-        load_q, plgpu.SMEM((ROWS, head_dim), q_ref.dtype, transforms=_swizzled(q_ref.dtype)), plgpu.Barrier()
+        load_q,
+        plgpu.SMEM((ROWS, head_dim), q_ref.dtype, transforms=_swizzled(q_ref.dtype)),
+        plgpu.Barrier(num_barriers=1),
     )
+
+    def window(t):  # first position loaded for block t: the block itself, slid back to end inside S
+        return pl.multiple_of(jnp.minimum(t * block_k, max_len - block_k), 8)
 
     def ring(k_smem, v_smem, k_barriers, v_barriers):  # [stages, bk, D] each; one barrier per slot and operand
         def fetch(t, slot):  # block t of the sequence into a ring slot
-            window = pl.ds(jnp.minimum(t * block_k, last_window), block_k)
-            plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, window], k_smem.at[slot], k_barriers.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, window], v_smem.at[slot], v_barriers.at[slot])
+            rows = pl.ds(window(t), block_k)
+            plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, rows], k_smem.at[slot], k_barriers.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, rows], v_smem.at[slot], v_barriers.at[slot])
 
         for i in range(num_stages):
             pl.when(i < steps)(functools.partial(fetch, lo + i, i))
@@ -156,7 +165,7 @@ def _kernel(
             acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32
             t = lo + i
             slot = lax.rem(i, jnp.int32(num_stages))
-            window = jnp.minimum(t * block_k, last_window)
+            start = window(t)
 
             plgpu.barrier_wait(k_barriers.at[slot])
 
@@ -165,7 +174,7 @@ def _kernel(
                 return s_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [ROWS, bk]
-            pos = window + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=wgmma_layout)
+            pos = start + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=wgmma_layout)
             s = jnp.where((pos >= t * block_k) & (pos < n), s * (scale * LOG2E), -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))  # finite: every block holds a valid position
             alpha = jnp.exp2(m - m_new)  # 0 on the first block (m = -inf)
@@ -175,12 +184,12 @@ def _kernel(
 
             plgpu.barrier_wait(v_barriers.at[slot])
 
-            @pl.when(n < block_k)  # only then does the block hold rows past the length (maybe NaN): zero them
+            @pl.when(start + block_k > n)  # the block ends past the length: zero V there (unused slots may be NaN)
             def _zero_tail():
                 v_slot = v_smem.at[slot]
                 v = v_slot[...]
                 rows = plgpu.broadcasted_iota(jnp.int32, (block_k, head_dim), 0, layout=wgmma_layout)
-                v_slot[...] = jnp.where(rows < n, v, 0)
+                v_slot[...] = jnp.where(start + rows < n, v, 0)
                 plgpu.commit_smem()  # visible to the MMA (async proxy)
 
             acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot]))(
@@ -208,6 +217,7 @@ def _kernel(
         plgpu.Barrier(num_barriers=num_stages),
         plgpu.Barrier(num_barriers=num_stages),
     )
+    mine = pl.ds(offset, group)  # this kv head's rows of the tile
 
     if num_splits == 1:
         (o_ref,) = out_refs
@@ -216,65 +226,57 @@ def _kernel(
             inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
             o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[b, pl.ds(h * group, group)])
+            plgpu.copy_smem_to_gmem(o_smem.at[mine], o_ref.at[b, pl.ds(h * group, group)])
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(store_o, plgpu.SMEM((ROWS, head_dim), o_ref.dtype))
         return
 
-    acc_ref, m_ref, denom_ref = out_refs
+    acc_ref, stats_ref = out_refs
 
-    def store_partials(acc_smem, m_smem, denom_smem):
+    def store_partials(acc_smem, stats_smem):
         acc_smem[...] = acc
-        m_smem[...] = m * (1.0 / LOG2E)  # natural-log units, as combine_splits expects
-        denom_smem[...] = denom
+        # One 128-byte row per query row (a bulk copy's shared-memory rows stay 128-byte aligned at any offset).
+        col = plgpu.broadcasted_iota(jnp.int32, (ROWS, STATS), 1, layout=wgmma_layout)
+        m_nat = lax.broadcast_in_dim(m * (1.0 / LOG2E), (ROWS, STATS), [0])  # natural-log units
+        stats_smem[...] = jnp.where(col == 0, m_nat, lax.broadcast_in_dim(denom, (ROWS, STATS), [0]))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, group)], acc_ref.at[b, h, j])
-        # 1-D bulk copies move multiples of 16 bytes: m_rows >= G rounds G up to a multiple of 4.
-        plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, m_rows)], m_ref.at[b, h, j])
-        plgpu.copy_smem_to_gmem(denom_smem.at[pl.ds(0, m_rows)], denom_ref.at[b, h, j])
+        plgpu.copy_smem_to_gmem(acc_smem.at[mine], acc_ref.at[b, h, j])
+        plgpu.copy_smem_to_gmem(stats_smem.at[mine], stats_ref.at[b, h, j])
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(
-        store_partials,
-        plgpu.SMEM((ROWS, head_dim), jnp.float32),
-        plgpu.SMEM((ROWS,), jnp.float32),
-        plgpu.SMEM((ROWS,), jnp.float32),
-    )
+    pl.run_scoped(store_partials, plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS, STATS), jnp.float32))
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config"))
 def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
-    # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1]
+    # q [B, N, D]; k, v [L, B, K, S, D] (S a multiple of 8, >= block_k); lengths int32[B]; layer int32[1]
     plgpu = backend.mosaic_gpu_module()
     _, batch, kv_heads, _, head_dim = k.shape
     group = q.shape[1] // kv_heads
-    m_rows = -(-group // 4) * 4
     splits = config.num_splits
     if splits == 1:
         out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
         out_type = (
             jax.ShapeDtypeStruct((batch, kv_heads, splits, group, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, m_rows), jnp.float32),  # m
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, m_rows), jnp.float32),  # denom
+            jax.ShapeDtypeStruct((batch, kv_heads, splits, group, STATS), jnp.float32),  # m, denom
         )
     body = functools.partial(
-        _kernel,
-        group=group,
-        m_rows=m_rows,
-        block_k=config.block_k,
-        num_splits=splits,
-        num_stages=config.num_stages,
-        scale=scale,
+        _kernel, group=group, block_k=config.block_k, num_splits=splits, num_stages=config.num_stages, scale=scale
     )
 
     def jkv_decode_attention_mgpu(*refs):  # the kernel's name in profiles
         body(*refs)
 
     q_rows = q.reshape(-1, head_dim)  # [B * N, D], a free reshape
-    if q_rows.shape[0] < ROWS:  # a tiny batch: the 64-row window must fit in the array
-        q_rows = jnp.pad(q_rows, ((0, ROWS - q_rows.shape[0]), (0, 0)))
+    rows = max(ROWS, _round_up(q_rows.shape[0], 8))
+    if rows != q_rows.shape[0]:  # whole 8-row tiles, and room for one 64-row window (a copy of q, small batches)
+        q_rows = jnp.pad(q_rows, ((0, rows - q_rows.shape[0]), (0, 0)))
     outs = plgpu.kernel(
         jkv_decode_attention_mgpu,
         out_type=out_type,
@@ -284,8 +286,8 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
     )(lengths, layer, q_rows, k, v)
     if splits == 1:
         return outs
-    acc, m, denom = outs
-    out = combine_splits(m[..., :group], denom[..., :group], acc)  # [B, K, G, D]
+    acc, stats = outs
+    out = combine_splits(stats[..., 0], stats[..., 1], acc)  # [B, K, G, D]
     return out.reshape(q.shape).astype(q.dtype)
 
 
@@ -364,8 +366,9 @@ def decode_attention(
     )
     if k.ndim == 4:
         k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
-    if s < config.block_k:  # a tiny cache: pad it to one whole block (copies fewer than block_k positions per slab)
-        pad = [(0, 0)] * 3 + [(0, config.block_k - s), (0, 0)]
+    padded = max(config.block_k, _round_up(s, 8))
+    if padded != s:  # a tiny cache, or S off the 8-row tile: pad it (a copy of the cache; never at usual sizes)
+        pad = [(0, 0)] * 3 + [(0, padded - s), (0, 0)]
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
