@@ -47,12 +47,9 @@ from pallas_kernels.decode_attention import check_args, combine_splits
 ROWS = 64  # rows of a warpgroup MMA: the query tile holds the G query heads of a kv head, padded with zeros
 HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 256 is the widest MMA
 CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs (no transposed f32)
-BLOCKS = (64, 128)
-# Shared memory one program's K/V ring may take: two programs per multiprocessor fit in an H100's 227 KiB
-# with the query and output staging (at most 32 KiB, in scopes of their own) and the barriers.
-RING_BYTES = 100 * 1024
-SMEM_PER_SM = 220 * 1024
-MAX_STAGES = 4
+BLOCKS = (64,)  # 128 compiled and ran but gave wrong results on jax 0.11.2 (see docs/notes/decode_kernel.md)
+DEFAULT_STAGES = 2
+SMEM_PER_SM = 220 * 1024  # of an H100's 227 KiB per block: what the K/V ring and the query tile may take
 LOG2E = math.log2(math.e)
 STATS = 32  # float32 columns of a split's per-row statistics (max, denominator): 128-byte rows
 
@@ -72,23 +69,23 @@ def _ring_bytes(block_k: int, head_dim: int, itemsize: int, stages: int) -> int:
 def mgpu_config(
     batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, *, num_multiprocessors: int | None = None
 ) -> MgpuConfig:
-    """Default launch parameters: 64-position blocks, the deepest ring that fits ``RING_BYTES`` (2 to 4 slots),
-    and splits so that the programs fill the GPU's resident slots (programs per multiprocessor that fit in shared
-    memory x multiprocessors) in about one wave, each split an equal share of the blocks, at least two each.
+    """Default launch parameters: 64-position blocks, a two-slot ring, and splits so that about one program per
+    multiprocessor runs (``floor(SMs / (B * K))`` splits, at least one), each split an equal share of the
+    blocks and at least two of them.
 
-    (The Triton kernel wants about four programs per multiprocessor to keep loads in flight; here the TMA ring
-    keeps ``num_stages`` blocks in flight per program, so one wave of long programs pays the pipeline fill once.)
+    Measured on an H100 (docs/notes/decode_kernel.md): one program per multiprocessor beat two (1 x 32768:
+    16 splits 53.7 us, 32 splits 55.5 us; 8 x 4096: 2 splits 50.4 us, 4 splits 51.4 us), and two slots did as
+    well as three (four, at one program per multiprocessor, was slower). A two-slot ring of 64 x 128 bf16
+    blocks (64 KiB) and the query tile leave room for two programs per multiprocessor where the batch asks for
+    more programs than multiprocessors.
     """
-    itemsize = jnp.dtype(dtype).itemsize
+    del dtype, head_dim  # one block size and ring depth for every supported head_dim and 16-bit dtype
+    sms = num_multiprocessors or backend.num_multiprocessors()
     block_k = BLOCKS[0]
-    stage_bytes = _ring_bytes(block_k, head_dim, itemsize, 1)
-    stages = max(2, min(MAX_STAGES, RING_BYTES // stage_bytes))
-    resident = max(1, SMEM_PER_SM // (_ring_bytes(block_k, head_dim, itemsize, stages) + 4096))
-    slots = resident * (num_multiprocessors or backend.num_multiprocessors())
     blocks = max(1, math.ceil(max_len / block_k))
-    splits = max(1, min(slots // (batch * num_kv_heads), blocks // 2))
+    splits = max(1, min(sms // (batch * num_kv_heads), blocks // 2))
     splits = math.ceil(blocks / math.ceil(blocks / splits))  # equal shares: no split left empty at full length
-    return MgpuConfig(block_k, splits, stages)
+    return MgpuConfig(block_k, splits, DEFAULT_STAGES)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -136,30 +133,24 @@ def _kernel(
     window_row = pl.multiple_of(lax.div(first_row, jnp.int32(8)) * 8, 8)
     offset = first_row - window_row  # 0..7
 
-    def load_q(q_smem, q_barrier):
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, ROWS)], q_smem, q_barrier.at[0])
-        plgpu.barrier_wait(q_barrier.at[0])
-        q = q_smem[...]  # [ROWS, D], the MMA register layout
-        rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, head_dim), 0, layout=wgmma_layout)
-        return jnp.where((rows >= offset) & (rows < offset + group), q, 0).astype(dtype)
-
-    q = pl.run_scoped(
-        load_q,
-        plgpu.SMEM((ROWS, head_dim), q_ref.dtype, transforms=_swizzled(q_ref.dtype)),
-        plgpu.Barrier(num_barriers=1),
-    )
-
     def window(t):  # first position loaded for block t: the block itself, slid back to end inside S
         return pl.multiple_of(jnp.minimum(t * block_k, max_len - block_k), 8)
 
-    def ring(k_smem, v_smem, k_barriers, v_barriers):  # [stages, bk, D] each; one barrier per slot and operand
+    def ring(q_smem, k_smem, v_smem, q_barrier, k_barriers, v_barriers):
+        # q_smem [ROWS, D]; k_smem, v_smem [stages, bk, D]; one barrier per ring slot and operand
         def fetch(t, slot):  # block t of the sequence into a ring slot
             rows = pl.ds(window(t), block_k)
             plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, rows], k_smem.at[slot], k_barriers.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, rows], v_smem.at[slot], v_barriers.at[slot])
 
+        # The query window and the first K/V blocks are all in flight before the program waits for any.
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, ROWS)], q_smem, q_barrier.at[0])
         for i in range(num_stages):
             pl.when(i < steps)(functools.partial(fetch, lo + i, i))
+        plgpu.barrier_wait(q_barrier.at[0])
+        q = q_smem[...]  # [ROWS, D], the MMA register layout
+        q_rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, head_dim), 0, layout=wgmma_layout)
+        q = jnp.where((q_rows >= offset) & (q_rows < offset + group), q, 0).astype(dtype)
 
         def step(i, carry):
             acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32
@@ -212,8 +203,10 @@ def _kernel(
 
     acc, m, denom = pl.run_scoped(
         ring,
+        plgpu.SMEM((ROWS, head_dim), q_ref.dtype, transforms=_swizzled(q_ref.dtype)),
         plgpu.SMEM((num_stages, block_k, head_dim), dtype, transforms=_swizzled(dtype)),
         plgpu.SMEM((num_stages, block_k, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=num_stages),
         plgpu.Barrier(num_barriers=num_stages),
     )
@@ -305,11 +298,11 @@ def _resolve_config(default: MgpuConfig, head_dim: int, itemsize: int, **overrid
         raise ValueError(f"num_splits={config.num_splits} must be >= 1")
     if config.num_stages < 1:
         raise ValueError(f"num_stages={config.num_stages} must be >= 1")
-    ring = _ring_bytes(config.block_k, head_dim, itemsize, config.num_stages)
+    ring = _ring_bytes(config.block_k, head_dim, itemsize, config.num_stages) + ROWS * head_dim * 4
     if ring > SMEM_PER_SM:
         raise ValueError(
-            f"block_k={config.block_k}, num_stages={config.num_stages} need {ring} bytes of K/V ring "
-            f"(head_dim={head_dim}), more than the {SMEM_PER_SM} a program may take"
+            f"block_k={config.block_k}, num_stages={config.num_stages} need {ring} bytes of K/V ring and "
+            f"query tile (head_dim={head_dim}), more than the {SMEM_PER_SM} a program may take"
         )
     return config
 

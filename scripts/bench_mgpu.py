@@ -39,7 +39,7 @@ from pallas_kernels import decode_attention as triton_kernel
 from pallas_kernels import decode_attention_mgpu as mgpu
 
 # (block_k, splits as a multiple of the default's, stages) tried beside the default on the swept shapes.
-SWEEP = ((64, 0.5, 3), (64, 2, 3), (64, 1, 4), (64, 1, 2), (128, 1, 2), (128, 0.5, 3))
+SWEEP = ((64, 0.5, 2), (64, 2, 2), (64, 1, 3), (64, 0.5, 3), (64, 2, 3))
 
 
 def sweep_configs(default: mgpu.MgpuConfig, seq: int) -> list[mgpu.MgpuConfig]:
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in ba.SHAPES])
-    parser.add_argument("--sweep-shapes", nargs="*", default=["1x32768", "8x4096"])
+    parser.add_argument("--sweep-shapes", nargs="*", default=["1x4096", "1x32768", "8x4096"])
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
     args = parser.parse_args(argv)
     start = time.perf_counter()
