@@ -1,7 +1,10 @@
 """Batched serving engine: N slots over one batched cache, continuous batching, prefix cache, speculative decoding.
 
 A request is admitted as soon as a slot is free: its prompt is prefilled into a one-sequence cache (after
-restoring the longest cached prefix, if any) and scattered into the slot with ``insert_into_slot``. Every
+restoring the longest cached prefix, if any) and scattered into the slot with ``insert_into_slot``. With a paged
+cache a prefix-cache entry is the prompt's pages themselves, pinned in the pool (``PagedKVCache.pin``): a hit
+gives the new slot those pages (shared, refcounted, copied only where the slot writes into a partly filled one)
+and writes only the rest, so N requests with one system prompt hold its pages once. Every
 ``step()`` then advances all active slots at once with one jitted, cache-donating decode step over the whole
 batch (ragged lengths; idle slots are computed but their lengths do not move). Finished requests (a stop token,
 ``max_new_tokens``, or a full cache row) retire and their slot is reused.
@@ -126,7 +129,8 @@ class Engine:
     ``cache_dtype`` or the weights' dtype), ``"bf16"``, ``"f32"``, ``"q8"`` or ``"paged"`` (pages of 16
     positions; ``max_len`` a multiple of 16). ``num_slots`` defaults to what fits the
     device's free memory (``jkv.memory.max_batch``, capped at 64 on GPU, 8 elsewhere), announced on stderr.
-    ``prefix_cache_bytes`` (0: off) bounds the device memory of cached prompt prefixes. ``speculative_tokens``
+    ``prefix_cache_bytes`` (0: off) bounds the device memory of cached prompt prefixes (for a paged cache, that
+    many bytes of extra pool pages, which entries pin and requests share). ``speculative_tokens``
     (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests. ``mesh``
     (``jkv.sharding.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
     """
@@ -187,7 +191,7 @@ class Engine:
         self.speculative_tokens = speculative_tokens
         self.max_ngram = max_ngram
         self.prefill_bucket = prefill_bucket
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, on_evict=self._evicted) if prefix_cache_bytes else None
         self.stats = EngineStats()
 
         # The batch cache of the chosen kind; prompts prefill into a one-sequence cache that insert_into_slot takes
@@ -195,7 +199,10 @@ class Engine:
         if cache == "q8":
             self.cache, self._single = quant.Q8KVCache.init(self.spec, num_slots), quant.Q8KVCache.init(self.spec, 1)
         elif cache == "paged":
-            self.cache = PagedKVCache.init(self.spec, num_slots, page_size=PAGE_SIZE)
+            # Every slot can fill its row, and prefix entries pin at most prefix_cache_bytes more: never exhausted.
+            self._page_bytes = self.spec.bytes_per_token * PAGE_SIZE
+            pages = num_slots * (max_len // PAGE_SIZE) + prefix_cache_bytes // self._page_bytes
+            self.cache = PagedKVCache.init(self.spec, num_slots, page_size=PAGE_SIZE, num_pages=pages)
             self._single = KVCache.init(self.spec, 1)
         else:
             self.cache, self._single = KVCache.init(self.spec, num_slots), KVCache.init(self.spec, 1)
@@ -264,6 +271,13 @@ class Engine:
         self._decode = compiled(decode, 1, lambda c: (None, c))
         self._verify = compiled(verify, 1, lambda c: (None, None, c))
         self._insert = compiled(insert, 0, lambda c: c)
+        if self.cache_kind == "paged":
+            self._insert_shared = compiled(
+                lambda c, slot, single, pages, n: c.insert_into_slot(slot, single, prefix=(pages, n)), 0, lambda c: c
+            )
+            self._pin = compiled(lambda c, slot, n: c.pin(slot, n), 0, lambda c: (c, None))
+            self._unpin = compiled(lambda c, pages: c.unpin(pages), 0, lambda c: c)
+            self._read_pinned = {}  # width in pages -> compiled restore of a pinned prefix into the prefill cache
         self._restore = compiled(lambda single, entry: single.reset().insert_into_slot(0, entry), 0)
         self._retire = compiled(retire, 0, lambda c: c)
 
@@ -388,11 +402,13 @@ class Engine:
             prompt = request.prompt
             cached, entry = (0, None) if self.prefix_cache is None else self.prefix_cache.lookup(prompt)
             cached = min(cached, len(prompt) - 1)  # at least one token runs, to produce the next-token logits
-            if entry is not None and cached > 0:
-                single = self._restore(self._single, entry).rollback(cached)
-            else:
-                cached = 0
+            if entry is None or cached == 0:
+                cached, entry = 0, None
                 single = self._single.reset()
+            elif self.cache_kind == "paged":
+                single = self._restore_pinned(entry[0], cached)
+            else:
+                single = self._restore(self._single, entry).rollback(cached)
             rest = prompt[cached:]
             bucket = -(-len(rest) // self.prefill_bucket) * self.prefill_bucket
             bucket = min(bucket, self.spec.max_len - cached)
@@ -409,19 +425,48 @@ class Engine:
             )
             self.stats.prefill_tokens += len(rest)
             self.stats.cached_prompt_tokens += cached
-            if self.prefix_cache is not None and len(prompt) not in (0, cached):
-                # The entry stays on the device (a trimmed copy of the prefilled sequence): a hit restores it with
-                # one scatter, no host round trip. Its length is bucketed so few restore shapes compile.
-                keep = min(-(-len(prompt) // self.prefill_bucket) * self.prefill_bucket, self.spec.max_len)
-                entry = single.extract_slot(0, max_len=keep)
-                self.prefix_cache.insert(prompt, entry, entry.nbytes)
-            self.cache = self._insert(self.cache, slot, single)
+            if entry is not None and self.cache_kind == "paged":  # the prefix's pages are shared, not written
+                self.cache = self._insert_shared(self.cache, slot, single, entry[0], jnp.int32(cached))
+            else:
+                self.cache = self._insert(self.cache, slot, single)
             self._single = single  # reuse the buffer for the next admission
+            if self.prefix_cache is not None and prompt not in self.prefix_cache:
+                self._remember(prompt, slot, single)
             state = _Active(request, [], key_data, cached, time.perf_counter())
             self._slots[slot] = state
             self._batch_sampling_cache = None
             self._emit(slot, [int(np.asarray(first)[0])])
         self._retire_finished()
+
+    def _remember(self, prompt: list[int], slot: int, single) -> None:
+        """Make ``prompt``'s keys and values a prefix-cache entry: its pinned pages (paged) or a device copy."""
+        if self.cache_kind == "paged":
+            self.cache, pages = self._pin(self.cache, slot, jnp.int32(len(prompt)))
+            entry, nbytes = (pages, len(prompt)), -(-len(prompt) // PAGE_SIZE) * self._page_bytes
+        else:
+            # A trimmed copy of the prefilled sequence, on the device: a hit restores it with one scatter, no host
+            # round trip. Its length is bucketed so few restore shapes compile.
+            keep = min(-(-len(prompt) // self.prefill_bucket) * self.prefill_bucket, self.spec.max_len)
+            entry = single.extract_slot(0, max_len=keep)
+            nbytes = entry.nbytes
+        if not self.prefix_cache.insert(prompt, entry, nbytes):
+            self._evicted(entry)
+
+    def _evicted(self, entry) -> None:
+        """A prefix-cache entry left the cache: give its pinned pages back (device copies just go)."""
+        if self.cache_kind == "paged":
+            self.cache = self._unpin(self.cache, entry[0])
+
+    def _restore_pinned(self, pages, cached: int):
+        """The prefill cache holding the first ``cached`` positions of a pinned prefix (read through its pages)."""
+        width = min(self.cache.max_pages, 1 << (-(-cached // PAGE_SIZE) - 1).bit_length())  # power of two: few shapes
+        if width not in self._read_pinned:
+
+            def read(cache, single, pages, n):
+                return single.reset().insert_into_slot(0, cache.read_pinned(pages[:width], n))
+
+            self._read_pinned[width] = self._on_mesh(jax.jit(read, donate_argnums=1))
+        return self._read_pinned[width](self.cache, self._single, pages, jnp.int32(cached))
 
     def _decode_step(self, active: list[int]) -> None:
         tokens = np.zeros(self.num_slots, np.int32)

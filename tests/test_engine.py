@@ -9,6 +9,7 @@ from jkv import KVCache
 from jkv.cache import CacheSpec
 from jkv.engine import Engine, SamplingParams
 from jkv.models import llama
+from jkv.prefix_cache import common_prefix_length
 
 CONFIG = llama.LlamaConfig(
     vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
@@ -86,11 +87,12 @@ def test_sampled_requests_do_not_depend_on_batching(params, rng):
     assert one != [greedy_alone(params, p, 8) for p in ps]  # it did sample
 
 
-def test_prefix_cache_hits_match_misses_and_skip_prefill(params, rng):
+@pytest.mark.parametrize("cache", ["default", "paged"])
+def test_prefix_cache_hits_match_misses_and_skip_prefill(params, rng, cache):
     system = rng.integers(0, CONFIG.vocab_size, size=20).tolist()
     ps = [system + tail for tail in prompts(rng, 4, 1, 5)]
     want = [greedy_alone(params, p, 6) for p in ps]
-    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN, prefix_cache_bytes=1 << 20)
+    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN, prefix_cache_bytes=1 << 20, cache=cache)
     engine.submit(system, SamplingParams(max_new_tokens=1))  # warms the cache with the shared prefix
     engine.run(show_progress=False)
     before = engine.stats.prefill_tokens
@@ -99,11 +101,44 @@ def test_prefix_cache_hits_match_misses_and_skip_prefill(params, rng):
     done = engine.run(show_progress=False)
     assert [c.tokens for c in done] == want
     assert all(c.cached_prompt_tokens >= len(system) for c in done)
-    assert engine.stats.prefill_tokens - before == sum(len(p) - len(system) for p in ps)
+    seen, prefill = [system], 0  # each prompt reuses its longest common prefix with any earlier prompt
+    for p in ps:
+        prefill += len(p) - min(max(common_prefix_length(p, q) for q in seen), len(p) - 1)
+        seen.append(p)
+    assert engine.stats.prefill_tokens - before == prefill
     # The same prompt again restores everything but its last token.
     engine.submit(ps[0], SamplingParams(max_new_tokens=6))
     (again,) = engine.run(show_progress=False)
     assert again.tokens == want[0] and again.cached_prompt_tokens == len(ps[0]) - 1
+
+
+@pytest.mark.parametrize("cache", ["default", "paged"])
+def test_prompts_sharing_a_prefix_with_an_earlier_prompt_reuse_it(params, rng, cache):
+    """No bare system prompt is ever submitted: the common prefix of two full prompts is what a later one reuses.
+    With a paged cache, concurrent requests hold the shared pages once (pinned by the entry, refcounted)."""
+    system = rng.integers(0, CONFIG.vocab_size, size=37).tolist()  # 2 full pages of 16 and 5 positions
+    ps = [system + [i] + tail for i, tail in enumerate(prompts(rng, 5, 1, 5))]  # tails differ at their first token
+    want = [greedy_alone(params, p, 5) for p in ps]
+    engine = Engine(params, CONFIG, num_slots=4, max_len=MAX_LEN, prefix_cache_bytes=1 << 20, cache=cache)
+    engine.submit(ps[0], SamplingParams(max_new_tokens=5))
+    engine.step()  # admitted alone: a miss, which becomes an entry
+    for p in ps[1:]:
+        engine.submit(p, SamplingParams(max_new_tokens=5))
+    engine.step()  # the other four are admitted from the entry while the first still runs
+    if cache == "paged":
+        tables = np.asarray(engine.cache.block_tables)
+        assert len({int(t) for t in tables[:, 0]}) == 1 and len({int(t) for t in tables[:, 1]}) == 1  # shared
+        assert len({int(t) for t in tables[:, 2]}) == 4  # the partly filled page: each slot has its own copy
+        hist = np.bincount(tables[tables >= 0], minlength=engine.cache.num_pages)
+        np.testing.assert_array_equal(np.asarray(engine.cache.refcounts), hist + np.asarray(engine.cache.pins))
+    done = engine.run(show_progress=False)
+    assert [c.tokens for c in done] == want
+    assert [c.cached_prompt_tokens for c in done] == [0] + [len(system)] * 4
+    assert engine.stats.prefill_tokens == len(ps[0]) + sum(len(p) - len(system) for p in ps[1:])
+    if cache == "paged":  # every page still held is held by an entry; dropping the entries frees the pool
+        assert (np.asarray(engine.cache.refcounts) == np.asarray(engine.cache.pins)).all()
+        engine.prefix_cache.clear()
+        assert int(engine.cache.num_free_pages()) == engine.cache.num_pages
 
 
 @pytest.mark.parametrize("cache", ["default", "paged"])
@@ -143,9 +178,10 @@ def test_q8_slots_do_not_depend_on_batching_or_prefix_hits(rng):
     assert run(num_slots=2, speculative_tokens=3)[0] == alone
 
 
-def test_no_slot_leaks_after_many_random_requests(params):
+@pytest.mark.parametrize("cache", ["default", "paged"])
+def test_no_slot_leaks_after_many_random_requests(params, cache):
     rng = np.random.default_rng(1)
-    engine = Engine(params, CONFIG, num_slots=4, max_len=32, prefix_cache_bytes=1 << 16, prefill_bucket=8)
+    engine = Engine(params, CONFIG, num_slots=4, max_len=32, prefix_cache_bytes=1 << 16, prefill_bucket=8, cache=cache)
     finished = 0
     for _ in range(1000):
         prompt = rng.integers(0, CONFIG.vocab_size, size=rng.integers(1, 6)).tolist()
@@ -159,6 +195,11 @@ def test_no_slot_leaks_after_many_random_requests(params):
     assert engine.num_active == 0 and engine.num_pending == 0
     assert not np.asarray(engine.cache.lengths).any()
     assert not np.asarray(engine.cache.errors).any()
+    if cache == "paged":  # only the prefix cache's entries hold pages; evicting them all frees the whole pool
+        assert engine.prefix_cache.evictions > 0
+        assert (np.asarray(engine.cache.refcounts) == np.asarray(engine.cache.pins)).all()
+        engine.prefix_cache.clear()
+        assert int(engine.cache.num_free_pages()) == engine.cache.num_pages
 
 
 def test_default_slot_count_comes_from_memory_planner(params, capsys):

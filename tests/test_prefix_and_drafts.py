@@ -12,11 +12,29 @@ def test_lookup_picks_longest_cached_prefix_and_counts():
     pc.insert([1, 2, 3, 4], "abcd", 10)
     pc.insert([9], "z", 10)
     assert pc.lookup([1, 2, 3, 4, 5]) == (4, "abcd")
-    assert pc.lookup([1, 2, 3]) == (2, "ab")
+    assert pc.lookup([1, 2, 3]) == (3, "abcd")  # the longest common prefix: 3 of "abcd"'s 4 tokens
+    assert pc.lookup([1, 2, 8, 9]) == (2, "abcd")  # a tie between [1, 2] and [1, 2, 3, 4]: most recent wins
+    pc.lookup([1, 2])  # exact key: both share 2; [1, 2, 3, 4] was used last
     assert pc.lookup([1, 2, 3, 4]) == (4, "abcd")
     assert pc.lookup([7, 1, 2]) == (0, None)
-    assert (pc.hits, pc.misses) == (3, 1)
+    assert (pc.hits, pc.misses) == (5, 1)
     assert [1, 2] in pc and [1] not in pc and len(pc) == 3
+    assert not pc.insert([1, 2], "again", 10)  # already there: not stored, the caller keeps its snapshot
+    assert pc.lookup([1, 2]) == (2, "ab") and pc.bytes == 30
+
+
+def test_min_tokens_and_eviction_callback():
+    evicted = []
+    pc = PrefixCache(max_bytes=20, min_tokens=3, on_evict=evicted.append)
+    assert not pc.insert([1, 2], "short", 5)  # under min_tokens: refused
+    pc.insert([1, 2, 3, 4], "a", 10)
+    assert pc.lookup([1, 2, 9, 9]) == (0, None)  # shares 2 < min_tokens
+    assert pc.lookup([1, 2, 3, 9]) == (3, "a")
+    pc.insert([5, 6, 7], "b", 10)
+    pc.insert([8, 8, 8], "c", 10)  # evicts "a"
+    assert evicted == ["a"]
+    pc.clear()
+    assert sorted(evicted) == ["a", "b", "c"] and pc.bytes == 0
 
 
 def test_lru_eviction_respects_byte_budget():
