@@ -176,11 +176,11 @@ def dequantize_reference(
 # ----------------------------------------------------------------------------------------------- attention
 
 
-def _dot(a, b, trans_b=False):
-    """``a @ b`` (``a @ b.T`` with ``trans_b``) accumulated in float32; default precision (tf32 for float32 on
-    the GPU lowering, exact float32 in interpret mode)."""
+def _dot(a, b, trans_b=False, out=jnp.float32):
+    """``a @ b`` (``a @ b.T`` with ``trans_b``) accumulated in ``out`` (float32, or int32 for int8 operands);
+    default precision (tf32 for float32 on the GPU lowering, exact float32 in interpret mode)."""
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, preferred_element_type=out)
 
 
 def _dequant_tile(codes, scales, dtype):
@@ -190,15 +190,20 @@ def _dequant_tile(codes, scales, dtype):
     return (blocks * scales[:, :, None]).reshape(bk, d).astype(dtype)
 
 
+def wide_rows(group: int, chunks: int) -> int:
+    """Query rows per chunk in the wide products: a power of two >= ``group`` with ``chunks * rows >= 16``."""
+    return max(1 << (group - 1).bit_length(), -(-bf16_kernel.MIN_BLOCK // chunks))
+
+
 def _q8_decode_kernel(
     # inputs
     lengths_ref,  # [B] int32
     layer_ref,  # [1] int32
     q_ref,  # [B, N, D]
     k_ref,  # [L, B, K, S, D] int8: the whole cache; the program reads its own (layer, b, kv head) slab
-    k_scale_ref,  # [L, B, K, S, D // 32]
+    k_scale_ref,  # [L, B, K, S, D // 32] (or [L, B, K, D // 32, S] with scales_t)
     v_ref,  # [L, B, K, S, D] int8
-    v_scale_ref,  # [L, B, K, S, D // 32]
+    v_scale_ref,  # [L, B, K, S, D // 32] (or [L, B, K, D // 32, S] with scales_t)
     # (poison inputs, aliased to the outputs and never read), then outputs:
     # o [B, N, D] (one split), or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32)
     *refs,
@@ -210,6 +215,7 @@ def _q8_decode_kernel(
     scale: float,
     dot_dtype,
     fuse: str,
+    scales_t: bool,
 ):
     out_refs = refs[num_poison:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -225,40 +231,89 @@ def _q8_decode_kernel(
     hi = jnp.minimum(lo + per_split, num_blocks)
     n_full = n // block_k  # blocks whose every position is valid
 
+    def scale_col(ref, keys, c):  # [bk] float32: chunk c's scale of each key
+        return (ref[layer, b, h, c, keys] if scales_t else ref[layer, b, h, keys, c]).astype(jnp.float32)
+
+    def scale_tile(ref, keys):  # [D/32, bk] float32
+        t = ref[layer, b, h, :, keys] if scales_t else ref[layer, b, h, keys, :].T
+        return t.astype(jnp.float32)
+
     # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
     head_rows = pl.ds(h * group, rows)
     padded = rows != group
     row_ok = lambda width: lax.broadcasted_iota(jnp.int32, (rows, width), 0) < group if padded else None
-    # Column slices of D: one of 32 per chunk ("scores"), or all of D at once ("tiles").
+    wide = fuse in WIDE
+    # Column slices of D: one of 32 per chunk ("scores"), or all of D at once (the others).
     cols = [pl.ds(c * QBLOCK, QBLOCK) for c in range(chunks)] if fuse == "scores" else [pl.ds(0, head_dim)]
     width = cols[0].size
     q = [
         backend.load(q_ref.at[b, head_rows, c], mask=row_ok(width), other=0 if padded else None).astype(dot_dtype)
         for c in cols
-    ]  # [Gp, width] each
+    ]  # [rows, width] each
+    if wide:
+        # Row c * rows + g of the wide query holds query g's chunk c and zeros elsewhere (block diagonal), so one
+        # product with a whole [bk, D] code tile gives every chunk's partial scores: [chunks * rows, bk].
+        wide_rows_ = chunks * rows
+        chunk_of = lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim) // QBLOCK
+        diag = lax.broadcasted_iota(jnp.int32, (wide_rows_, head_dim), 0) // rows == chunk_of(
+            (wide_rows_, head_dim), 1
+        )  # [R, D]
+        q_wide = jnp.broadcast_to(q[0][None], (chunks, rows, head_dim)).reshape(wide_rows_, head_dim)
+        q_wide = jnp.where(diag, q_wide, jnp.zeros_like(q_wide))
+        q_scale = None
+        if fuse == "int8":
+            # Each (query, chunk) row to int8 with its own scale, as llama.cpp's q8_1 x q8_0 products: the K codes
+            # then enter an int8 x int8 -> int32 product as they are, with no conversion.
+            qf = q_wide.astype(jnp.float32)
+            amax = jnp.max(jnp.abs(qf), axis=1)  # [R]
+            q_scale = amax / 127.0
+            inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+            q_wide = jnp.clip(jnp.floor(qf * inv[:, None] + 0.5), -127, 127).astype(jnp.int8)
+            q_scale = q_scale * scale
+
+    def widen(x):  # [rows, ...] -> [chunks * rows, ...]: row c * rows + g is x[g]
+        return jnp.broadcast_to(x[None], (chunks, *x.shape)).reshape(chunks * x.shape[0], *x.shape[1:])
 
     def scores_of(keys, valid):
+        if wide:
+            codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8
+            if fuse == "int8":
+                part = _dot(q_wide, codes, trans_b=True, out=jnp.int32).astype(jnp.float32)  # [R, bk]
+                part = part * q_scale[:, None]
+                k_scale = scale_tile(k_scale_ref, keys)  # [D/32, bk]
+            else:
+                part = _dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
+                k_scale = scale_tile(k_scale_ref, keys) * scale
+            return jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
         if fuse == "tiles":
-            scales = k_scale_ref[layer, b, h, keys, :].astype(jnp.float32) * scale  # [bk, D/32]
+            scales = (scale_tile(k_scale_ref, keys) * scale).T  # [bk, D/32]
             k = _dequant_tile(k_ref[layer, b, h, keys, :], scales, dot_dtype)  # [bk, D]
             return _dot(q[0], k, trans_b=True)  # [Gp, bk]
         s = jnp.zeros((rows, block_k), jnp.float32)
         for c, col in enumerate(cols):
             codes = k_ref[layer, b, h, keys, col]  # [bk, 32] int8
-            k_scale = k_scale_ref[layer, b, h, keys, c].astype(jnp.float32) * scale  # [bk]
+            k_scale = scale_col(k_scale_ref, keys, c) * scale  # [bk]
             s += _dot(q[c], codes.astype(dot_dtype), trans_b=True) * k_scale[None, :]  # [Gp, bk]
         return s
 
     def values_of(p, keys, valid):
+        if wide:
+            v_scale = scale_tile(v_scale_ref, keys)  # [D/32, bk]
+            if valid is not None:
+                v_scale = jnp.where(valid[None, :], v_scale, 0.0)
+            # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the whole
+            # code tile is right in chunk c's columns (the rest is dropped once, at the end).
+            p_wide = (p[None] * v_scale[:, None, :]).reshape(chunks * rows, block_k).astype(dot_dtype)
+            return [_dot(p_wide, v_ref[layer, b, h, keys, :].astype(dot_dtype))]  # [R, D]
         if fuse == "tiles":
-            scales = v_scale_ref[layer, b, h, keys, :].astype(jnp.float32)  # [bk, D/32]
+            scales = scale_tile(v_scale_ref, keys).T  # [bk, D/32]
             if valid is not None:
                 scales = jnp.where(valid[:, None], scales, 0.0)
             v = _dequant_tile(v_ref[layer, b, h, keys, :], scales, dot_dtype)  # [bk, D]
             return [_dot(p.astype(dot_dtype), v)]  # [Gp, D]
         out = []
         for c, col in enumerate(cols):
-            v_scale = v_scale_ref[layer, b, h, keys, c].astype(jnp.float32)  # [bk]
+            v_scale = scale_col(v_scale_ref, keys, c)  # [bk]
             if valid is not None:
                 v_scale = jnp.where(valid, v_scale, 0.0)
             codes = v_ref[layer, b, h, keys, col]  # [bk, 32] int8
@@ -266,16 +321,17 @@ def _q8_decode_kernel(
         return out
 
     def attend(carry, start, valid):
-        m, denom, acc = carry  # running max [Gp], sum [Gp], column slices of the output [Gp, width]; float32
+        m, denom, acc = carry  # running max [rows], sum [rows], output slices [rows or R, width]; float32
         keys = pl.ds(start, block_k)
         s = scores_of(keys, valid)
         if valid is not None:  # unused positions may hold NaN scales: where(), never a multiply, masks them
             s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
-        p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
+        p = jnp.exp(s - m_new[:, None])  # [rows, bk]
         pv = values_of(p, keys, valid)
-        acc = tuple(a * alpha[:, None] + x for a, x in zip(acc, pv, strict=True))
+        acc_alpha = widen(alpha) if wide else alpha
+        acc = tuple(a * acc_alpha[:, None] + x for a, x in zip(acc, pv, strict=True))
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
     def full_block(i, carry):
@@ -287,14 +343,18 @@ def _q8_decode_kernel(
         pos = window + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         return attend(carry, window, (pos >= start) & (pos < n))
 
+    acc_rows = chunks * rows if wide else rows
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
-        tuple(jnp.zeros((rows, width), jnp.float32) for _ in cols),
+        tuple(jnp.zeros((acc_rows, width), jnp.float32) for _ in cols),
     )
     carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
     has_tail = (lo <= n_full) & (n_full < hi)
     m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
+    if wide:  # keep each row block's own chunk: [R, D] -> [rows, D]
+        (a,) = acc
+        acc = (jnp.sum(jnp.where(diag, a, 0.0).reshape(chunks, rows, head_dim), axis=0),)
 
     vec_ok = lax.broadcasted_iota(jnp.int32, (rows,), 0) < group if padded else None
     if num_splits == 1:
@@ -317,15 +377,22 @@ def dot_dtype_for(q_dtype) -> jnp.dtype:
 
 
 # Where the scales enter: "scores" multiplies each 32-wide chunk's partial product by its scales (codes go to
-# the tensor cores as they are); "tiles" dequantizes each [bk, D] K/V tile in registers, then one product each.
-FUSE = ("scores", "tiles")
+# the tensor cores as they are); "tiles" dequantizes each [bk, D] K/V tile in registers, then one product each;
+# "wide" makes one product per K/V tile with a block-diagonal query (row c * Gs + g holds query g's chunk c), the
+# scales folded into its [D/32 * Gs, bk] result; "int8" is "wide" with the query rounded to int8 per (row, chunk)
+# and an int8 x int8 -> int32 score product (an extra rounding of q: opt-in).
+FUSE = ("scores", "tiles", "wide", "int8")
+WIDE = ("wide", "int8")
 DEFAULT_FUSE = "scores"
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "fuse", "interpret", "poison"))
-def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, fuse, interpret, poison):
-    # q [B, N, D]; k, v int8[L, B, K, S, D]; scales [L, B, K, S, D // 32]; lengths int32[B]; layer int32[1]
-    _, batch, kv_heads, _, _ = k.shape
+@functools.partial(jax.jit, static_argnames=("scale", "config", "fuse", "interpret", "poison", "scales_t"))
+def _decode(
+    q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, fuse, interpret, poison, scales_t=False
+):
+    # q [B, N, D]; k, v int8[L, B, K, S, D]; scales [L, B, K, S, D // 32] ([L, B, K, D // 32, S] with scales_t);
+    # lengths int32[B]; layer int32[1]
+    _, batch, kv_heads, _, head_dim = k.shape
     num_heads = q.shape[1]
     group = num_heads // kv_heads
     splits = config.num_splits
@@ -338,12 +405,13 @@ def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeC
         _q8_decode_kernel,
         num_poison=len(inputs) - num_in,
         group=group,
-        rows=group_rows(group),
+        rows=wide_rows(group, head_dim // QBLOCK) if fuse in WIDE else group_rows(group),
         block_k=config.block_k,
         num_splits=splits,
         scale=scale,
         dot_dtype=dot_dtype_for(q.dtype),
         fuse=fuse,
+        scales_t=scales_t,
     )
     aliases = {num_in + i: i for i in range(len(inputs) - num_in)}
     grid = (batch, kv_heads, splits)

@@ -5,9 +5,11 @@ For N=32 query heads, K=8 kv heads, D=128, bf16 queries and each B x T (every se
 
 * ``bf16``: ``pallas_kernels.decode_attention`` over a bf16 cache, default launch parameters;
 * ``q8``: ``pallas_kernels.q8.decode_attention`` over the same K/V quantized (int8, float16 scales), default
-  launch parameters; ``q8_tuned``: the best configuration of a sweep run first on ``--sweep-shape``;
-* ``seed``: ``pallas_kernels.q8.dequantize`` of K and V to bf16, then the bf16 kernel (the seed's approach: the
-  dequantized layer is written to and read back from memory);
+  launch parameters; ``q8_<fuse>``: the best configuration of each fusion (``q8.FUSE``; ``_T``: with the scales
+  transposed to ``[.., D // 32, S]``, a kernel-only option) in a sweep run first on ``--sweep-shape``, for those
+  within 1.25x of the sweep's fastest;
+* ``seed`` (``--seed``): ``pallas_kernels.q8.dequantize`` of K and V to bf16, then the bf16 kernel (the seed's
+  approach: the dequantized layer is written to and read back from memory);
 * ``copy``: a 1 GiB device-to-device copy (``jnp`` copy of a bf16 array; bytes read + written), the ceiling.
 
 Timing: one jitted program runs ``n`` calls in a ``fori_loop``, each call's output ``[B, N, D]`` feeding the next
@@ -16,8 +18,8 @@ between programs of ``2n`` and ``n`` calls (launch and dispatch cancel), median 
 copies to exceed 4x the L2 cache. Bandwidth: bytes of the cache each variant must read (bf16: 2*B*K*T*D*2;
 Q8: 2*B*K*T*(D + D/32*2)) over time. Every variant is checked against the float32 reference on the bf16 K/V.
 
-Usage: ``python scripts/bench_q8.py --out DIR [--shapes 1x4096 64x8192] [--budget-s 150]``; prints a table last
-and writes ``DIR/bench_q8.json``.
+Usage: ``python scripts/bench_q8.py --out DIR [--shapes 1x4096 64x8192] [--budget-s 150] [--deadline-s 300]``;
+prints a table last and writes ``DIR/bench_q8.json``.
 
 ``python scripts/bench_q8.py --accuracy`` (any backend, a few minutes on a CPU) instead measures the format's
 accuracy for both scale dtypes: the quantize/dequantize round trip, decode attention against the unquantized cache
@@ -135,13 +137,42 @@ def make_sets(batch, seq):
     return q, bf16, q8s
 
 
-def variants(batch, seq, tuned: dict | None):
-    seed = lambda q, k, ks, v, vs, n: kernels.decode_attention(
-        q, q8.dequantize(k, ks, dtype=jnp.bfloat16), q8.dequantize(v, vs, dtype=jnp.bfloat16), n
-    )
-    out = {"bf16": (kernels.decode_attention, "bf16"), "q8": (q8.decode_attention, "q8"), "seed": (seed, "q8")}
-    if tuned:
-        out["q8_tuned"] = (lambda q, *kv, c=tuned: q8.decode_attention(q, *kv, **c), "q8")
+def transposed(sets):
+    """The same Q8 sets with scales laid out ``[B, K, D // 32, S]`` (contiguous per-chunk scale vectors)."""
+    return [(k, jnp.swapaxes(ks, -1, -2), v, jnp.swapaxes(vs, -1, -2), n) for k, ks, v, vs, n in sets]
+
+
+def q8_fn(config: dict):
+    """``q8.decode_attention`` with launch overrides; ``scales_t`` takes ``transposed`` sets (kernel-only)."""
+    config = dict(config)
+    if not config.pop("scales_t", False):
+        return lambda q, *kv: q8.decode_attention(q, *kv, **config)
+    fuse = config.pop("fuse")
+
+    def fn(q, k, ks, v, vs, n):
+        b, kh, s, d = k.shape
+        launch = {f: config.get(f) for f in ("block_k", "num_splits", "num_warps", "num_stages")}
+        cfg = q8._resolve_config(q8.decode_config(b, kh, s, d), s, d, **launch)
+        kv = (k[None], ks[None], v[None], vs[None])
+        layer = jnp.zeros((1,), jnp.int32)
+        options = dict(config=cfg, fuse=fuse, interpret=backend.resolve_interpret(None), poison=False, scales_t=True)
+        return q8._decode(q, *kv, n, layer, scale=d**-0.5, **options)
+
+    return fn
+
+
+def variants(tuned: dict, seed: bool):
+    """bf16 kernel, Q8 defaults, the sweep's best configuration of each fusion, the seed's way (optional)."""
+    out = {"bf16": (kernels.decode_attention, "bf16"), "q8": (q8.decode_attention, "q8")}
+    for fuse, config in tuned.items():
+        out[f"q8_{fuse}"] = (q8_fn(config), "q8t" if config.get("scales_t") else "q8")
+    if seed:
+        out["seed"] = (
+            lambda q, k, ks, v, vs, n: kernels.decode_attention(
+                q, q8.dequantize(k, ks, dtype=jnp.bfloat16), q8.dequantize(v, vs, dtype=jnp.bfloat16), n
+            ),
+            "q8",
+        )
     return out
 
 
@@ -158,23 +189,34 @@ def measure(name, fn, kind, q, sets, ref, nbytes, log) -> dict:
     return {**timing, "tbps": tbps, "rel_err": err, "kind": kind}
 
 
+# Launch configurations of the sweep: (block_k, warps, stages) for each fusion, and the fusions also run with
+# the transposed scale layout ([.., D // 32, S]) at a few of them.
+SWEEP_CONFIGS = ((32, 2, 3), (64, 2, 3), (64, 4, 3), (128, 2, 3), (128, 4, 3), (256, 4, 3))
+SWEEP_T_CONFIGS = ((64, 4, 3), (128, 4, 3))
+
+
 def sweep(batch, seq, deadline, log) -> tuple[dict, list]:
-    """Best Q8 launch parameters at one shape: both fusions x block sizes x warps/stages (splits by heuristic)."""
+    """Best Q8 launch parameters of each fusion at one shape (splits by heuristic): ``{fuse: config}``."""
     q, _, sets = make_sets(batch, seq)
+    sets_t = transposed(sets)
     ref = q8.decode_attention_reference(q, *sets[0])
-    rows, best = [], None
-    grid = [(f, bk, w, st) for f in q8.FUSE for bk in (64, 128, 32) for w, st in ((4, 3), (4, 4), (2, 3), (4, 2))]
-    for fuse, bk, w, st in grid:
+    grid = [(f, c, False) for f in q8.FUSE for c in SWEEP_CONFIGS]
+    grid += [(f, c, True) for f in q8.FUSE for c in SWEEP_T_CONFIGS]
+    rows, best = [], {}
+    for fuse, (bk, w, st), scales_t in grid:
         if time.perf_counter() > deadline:
             log("  (sweep budget spent)")
             break
         config = dict(fuse=fuse, block_k=bk, num_warps=w, num_stages=st)
-        fn = lambda q, *kv, c=config: q8.decode_attention(q, *kv, **c)
-        r = measure(f"q8[{fuse},bk={bk},w={w},s={st}]", fn, "q8", q, sets, ref, q8_bytes(batch, seq), log)
+        if scales_t:
+            config["scales_t"] = True
+        name = f"q8[{fuse}{',T' if scales_t else ''},bk={bk},w={w},s={st}]"
+        r = measure(name, q8_fn(config), "q8", q, sets_t if scales_t else sets, ref, q8_bytes(batch, seq), log)
         rows.append({"config": config, **r})
-        if "time_s" in r and (best is None or r["time_s"] < best[0]):
-            best = (r["time_s"], config)
-    return (best[1] if best else None), rows
+        key = fuse + ("_T" if scales_t else "")
+        if "time_s" in r and (key not in best or r["time_s"] < best[key][0]):
+            best[key] = (r["time_s"], config)
+    return {k: c for k, (_, c) in best.items()}, rows
 
 
 PROMPTS = [
@@ -284,6 +326,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in SHAPES])
     parser.add_argument("--sweep-shape", default="32x4096", help="B x T of the launch-parameter sweep ('' skips it)")
     parser.add_argument("--budget-s", type=float, default=150.0, help="seconds the sweep may take")
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="seconds after which no shape starts")
+    parser.add_argument("--seed", action="store_true", help="also time the seed's way (dequantize, then attend)")
     parser.add_argument("--accuracy", action="store_true", help="measure the format's accuracy instead of timing")
     args = parser.parse_args(argv)
     if args.accuracy:
@@ -301,29 +345,38 @@ def main(argv=None) -> None:
     log(json.dumps(meta))
     report = {"meta": meta, "copy": copy_bandwidth(), "shapes": []}
     log(f"device copy: {report['copy']['tbps']:.3f} TB/s (read + write)")
-    tuned = None
+    tuned = {}
     if args.sweep_shape:
         b, t = (int(x) for x in args.sweep_shape.split("x"))
         log(f"sweep at B={b} T={t}")
-        tuned, rows = sweep(b, t, time.perf_counter() + args.budget_s, log)
-        report["sweep"] = {"batch": b, "seq": t, "rows": rows, "best": tuned}
-        log(f"best: {tuned}")
+        best, rows = sweep(b, t, time.perf_counter() + args.budget_s, log)
+        report["sweep"] = {"batch": b, "seq": t, "rows": rows, "best": best}
+        log(f"best: {best}")
+        # Every shape then times the best configuration of each fusion within 1.25x of the fastest one.
+        timed = {repr(r["config"]): r["time_s"] for r in rows if "time_s" in r}
+        fastest = min(timed.values(), default=0.0)
+        tuned = {f: c for f, c in best.items() if timed[repr(c)] <= 1.25 * fastest}
         jax.clear_caches()
     for shape in args.shapes:
         batch, seq = (int(x) for x in shape.split("x"))
         log(
             f"B={batch} T={seq}: bf16 K+V {bf16_bytes(batch, seq) / 1e6:.0f} MB, Q8 {q8_bytes(batch, seq) / 1e6:.0f} MB"
         )
+        if time.perf_counter() - start > args.deadline_s:
+            log("  (deadline: shape skipped)")
+            continue
         q, bf16_sets, q8_sets = make_sets(batch, seq)
+        q8t_sets = transposed(q8_sets) if any(c.get("scales_t") for c in tuned.values()) else None
         ref = kernels.decode_attention_reference(q, *bf16_sets[0])
         results = {}
-        for name, (fn, kind) in variants(batch, seq, tuned).items():
-            sets, nbytes = (bf16_sets, bf16_bytes(batch, seq)) if kind == "bf16" else (q8_sets, q8_bytes(batch, seq))
+        for name, (fn, kind) in variants(tuned, args.seed).items():
+            sets = {"bf16": bf16_sets, "q8": q8_sets, "q8t": q8t_sets}[kind]
+            nbytes = bf16_bytes(batch, seq) if kind == "bf16" else q8_bytes(batch, seq)
             results[name] = measure(name, fn, kind, q, sets, ref, nbytes, log)
         results["q8"]["config"] = q8.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM)._asdict()
         report["shapes"].append({"batch": batch, "seq": seq, "results": results})
         (args.out / "bench_q8.json").write_text(json.dumps(report, indent=1, default=str))
-        del bf16_sets, q8_sets
+        del bf16_sets, q8_sets, q8t_sets
         jax.clear_caches()
     log(f"total {time.perf_counter() - start:.0f} s")
     log(table(report))
@@ -331,7 +384,7 @@ def main(argv=None) -> None:
 
 def table(report) -> str:
     copy = report["copy"]["tbps"]
-    names = [n for n in ("q8", "q8_tuned", "seed") if any(n in s["results"] for s in report["shapes"])]
+    names = sorted({n for s in report["shapes"] for n in s["results"] if n != "bf16"}, key=lambda n: (n != "q8", n))
     head = f"{'B x T':>11} {'bf16 us':>8} {'TB/s':>6}" + "".join(
         f" {n + ' us':>11} {'/bf16':>6} {'TB/s':>6}" for n in names
     )
@@ -344,9 +397,8 @@ def table(report) -> str:
         row += "".join(f" {t(n) * 1e6:11.1f} {t(n) / t('bf16'):6.2f} {tb(n):6.3f}" for n in names)
         lines.append(row)
     if report.get("sweep"):
-        lines.append(
-            f"q8_tuned = {report['sweep']['best']} (sweep at {report['sweep']['batch']}x{report['sweep']['seq']})"
-        )
+        where = f"{report['sweep']['batch']}x{report['sweep']['seq']}"
+        lines += [f"q8_{f} = {c} (best at {where})" for f, c in report["sweep"]["best"].items()]
     return "\n".join(lines)
 
 

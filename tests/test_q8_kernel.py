@@ -80,11 +80,16 @@ CASES = [
     ),
     ("g2_d32_f16_tiny_cache_scores", 2, 2, 2, 32, 8, "float16", "float16", ("S", "1"), None, None, None, "scores"),
     ("g4_d128_bf16_tiny_blocks_tiles", 2, 1, 4, 128, 40, "bfloat16", "float16", ("bk+1", "0"), None, 16, 2, "tiles"),
+    ("g3_d128_bf16_splits2_wide", 3, 2, 3, 128, 72, "bfloat16", "float16", ("bk-1", "bk+1", "S"), None, 16, 2, "wide"),
+    ("g4_d64_f32_layer1_of2_int8", 2, 2, 4, 64, 48, "float32", "float16", ("S", "bk+1"), (2, 1), 16, None, "int8"),
 ]
 IDS = [c[0] for c in CASES]
 GPU_SCALE = 32  # the GPU class reruns the table with caches this many times longer
 # Products in bf16/f16 round p (and q): the shared table. float32 q: exact in interpret mode, tf32 on a GPU.
 KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat16"], "float16": REL_TOL["float16"]}
+# fuse="int8" rounds q to int8 per (row, 32 values) as well: measured 1.8e-3 to 6.5e-3 against "dequantize, then
+# attend" (interpret mode, the table below); asserted at about twice that, for every q dtype.
+INT8_KERNEL_TOL = 1.5e-2
 
 
 def q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype):
@@ -134,6 +139,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
         if n == 0:
             np.testing.assert_array_equal(out[b], 0.0)
     tol = KERNEL_TOL[dtype.name + ("-gpu" if dtype == jnp.float32 and not interpret else "")]
+    tol = INT8_KERNEL_TOL if fuse == "int8" else tol
     assert rel_err(out, ref_q8) < tol, names
     # Against the values before quantization: the format's error, not the kernel's.
     assert rel_err(out, decode_attention_f64(q64, k_slab, v_slab, lengths)) < Q8_ATTENTION_REL_TOL, names
@@ -195,7 +201,8 @@ class TestOnGpu:
         args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
         out = q8.decode_attention(*args, interpret=False, fuse=fuse, poison=True)
         ref = q8.decode_attention_reference(*args)
-        assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
+        tol = INT8_KERNEL_TOL if fuse == "int8" else KERNEL_TOL["bfloat16"]
+        assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < tol
 
 
 def test_no_dequantized_cache_in_the_program():
