@@ -383,7 +383,7 @@ def dot_dtype_for(q_dtype) -> jnp.dtype:
 # and an int8 x int8 -> int32 score product (an extra rounding of q: opt-in).
 FUSE = ("scores", "tiles", "wide", "int8")
 WIDE = ("wide", "int8")
-DEFAULT_FUSE = "scores"
+DEFAULT_FUSE = "wide"
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "fuse", "interpret", "poison", "scales_t"))
@@ -465,12 +465,11 @@ def _resolve_config(default: DecodeConfig, max_len: int, head_dim: int, **overri
     return config._replace(num_stages=min(config.num_stages, bf16_kernel.max_stages(config.block_k, head_dim, 1)))
 
 
-# Launch parameters from a sweep on an H100 at B x T = 32 x 4096 (N=32, K=8, D=128; docs/quant.md): per key the
-# Q8 loop does the bf16 kernel's work on half the bytes plus the scale products, and small blocks with 2 warps won
-# (32 keys, 2 warps, 3 stages: 142 us; 64 keys, 4 warps: 158 us; 256 keys: 262 us); "scores" and "tiles" were
-# within 1 % of each other at their best.
-BLOCK_K = 32
-NUM_WARPS = 2
+# Launch parameters from sweeps on an H100 at B x T = 32 x 4096 (N=32, K=8, D=128; docs/quant.md). "wide": 64 keys,
+# 4 warps, 3 stages: 105 us (32 keys, 2 warps: 106 us; 128 keys, 4 warps: 120 us). The per-chunk "scores" fusion
+# it replaced was best at 32 keys, 2 warps (139 us), "tiles" at 128 keys, 4 warps (146 us).
+BLOCK_K = 64
+NUM_WARPS = 4
 NUM_STAGES = 3
 SPLIT_KEYS = 64  # splits are chosen as for 64-key blocks: each split keeps at least 128 keys of a full sequence
 

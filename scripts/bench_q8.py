@@ -143,15 +143,25 @@ def transposed(sets):
 
 
 def q8_fn(config: dict):
-    """``q8.decode_attention`` with launch overrides; ``scales_t`` takes ``transposed`` sets (kernel-only)."""
+    """``q8.decode_attention`` with launch overrides; ``split_factor`` scales the default split count;
+    ``scales_t`` takes ``transposed`` sets (kernel-only)."""
     config = dict(config)
-    if not config.pop("scales_t", False):
-        return lambda q, *kv: q8.decode_attention(q, *kv, **config)
+    factor = config.pop("split_factor", None)
+    scales_t = config.pop("scales_t", False)
+
+    def splits(k):
+        b, kh, s, d = k.shape
+        return (
+            {} if factor is None else {"num_splits": max(1, round(q8.decode_config(b, kh, s, d).num_splits * factor))}
+        )
+
+    if not scales_t:
+        return lambda q, k, *kv: q8.decode_attention(q, k, *kv, **config, **splits(k))
     fuse = config.pop("fuse")
 
     def fn(q, k, ks, v, vs, n):
         b, kh, s, d = k.shape
-        launch = {f: config.get(f) for f in ("block_k", "num_splits", "num_warps", "num_stages")}
+        launch = {f: {**config, **splits(k)}.get(f) for f in ("block_k", "num_splits", "num_warps", "num_stages")}
         cfg = q8._resolve_config(q8.decode_config(b, kh, s, d), s, d, **launch)
         kv = (k[None], ks[None], v[None], vs[None])
         layer = jnp.zeros((1,), jnp.int32)
@@ -195,21 +205,28 @@ SWEEP_CONFIGS = ((64, 4, 3), (32, 2, 3), (128, 4, 3), (64, 2, 3), (128, 2, 3), (
 SWEEP_T_CONFIGS = ((64, 4, 3), (128, 4, 3))
 
 
-def sweep(batch, seq, deadline, log) -> tuple[dict, list]:
-    """Best Q8 launch parameters of each fusion at one shape (splits by heuristic): ``{fuse: config}``."""
+def sweep(
+    batch, seq, deadline, log, fusions=None, configs=SWEEP_CONFIGS, t_configs=SWEEP_T_CONFIGS, split_factors=()
+) -> tuple[dict, list]:
+    """Best Q8 launch parameters of each fusion at one shape: ``{fuse: config}``. Splits by heuristic, then
+    ``split_factors`` times the heuristic's count at the first configuration."""
     q, _, sets = make_sets(batch, seq)
     sets_t = transposed(sets)
     ref = q8.decode_attention_reference(q, *sets[0])
-    grid = [(f, c, t) for c in SWEEP_CONFIGS for t in (False, True) for f in q8.FUSE if not t or c in SWEEP_T_CONFIGS]
+    fusions = fusions or q8.FUSE
+    grid = [(f, c, t) for c in configs for t in (False, True) for f in fusions if not t or c in t_configs]
+    grid += [(f, (*configs[0][:3], x), False) for x in split_factors for f in fusions]
     rows, best = [], {}
-    for fuse, (bk, w, st), scales_t in grid:
+    for fuse, (bk, w, st, *factor), scales_t in grid:
         if time.perf_counter() > deadline:
             log("  (sweep budget spent)")
             break
         config = dict(fuse=fuse, block_k=bk, num_warps=w, num_stages=st)
+        if factor:
+            config["split_factor"] = factor[0]
         if scales_t:
             config["scales_t"] = True
-        name = f"q8[{fuse}{',T' if scales_t else ''},bk={bk},w={w},s={st}]"
+        name = f"q8[{fuse}{',T' if scales_t else ''},bk={bk},w={w},s={st}{f',P=x{factor[0]}' if factor else ''}]"
         r = measure(name, q8_fn(config), "q8", q, sets_t if scales_t else sets, ref, q8_bytes(batch, seq), log)
         rows.append({"config": config, **r})
         key = fuse + ("_T" if scales_t else "")
@@ -232,7 +249,7 @@ PROMPTS = [
 ]
 
 
-def accuracy(log, new_tokens: int = 32) -> None:
+def accuracy(log, new_tokens: int = 32, generate: bool = True) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from reference import decode_attention_f64
 
@@ -254,7 +271,9 @@ def accuracy(log, new_tokens: int = 32) -> None:
     log(
         "decode attention vs the unquantized cache (float64), B=4, K=2, S=1024, ragged lengths, 5 draws: min/median/max"
     )
-    for name in ("q8/float16", "q8/float32", "bf16"):
+    # "kernel/<fuse>": the Q8 kernel itself (float16 scales, float32 q, interpret mode off the GPU), so "int8"
+    # shows the cost of rounding q to int8 on top of the format's error.
+    for name in ("q8/float16", "q8/float32", "bf16", "kernel/wide", "kernel/int8"):
         for d, g in ((64, 3), (128, 4)):
             errs = []
             for _ in range(5):
@@ -262,6 +281,13 @@ def accuracy(log, new_tokens: int = 32) -> None:
                 lengths = rng.integers(s // 8, s + 1, b)
                 k, v = rng.standard_normal((2, b, kh, s, d))
                 q = rng.standard_normal((b, kh * g, d))
+                if name.startswith("kernel/"):
+                    kv = [x for a in (k, v) for x in quantize(jnp.asarray(a, jnp.float32))]
+                    q32, n = jnp.asarray(q, jnp.float32), jnp.asarray(lengths, jnp.int32)
+                    out = np.asarray(q8.decode_attention(q32, *kv, n, fuse=name.split("/")[1]), np.float64)
+                    ref = decode_attention_f64(q, k, v, lengths)
+                    errs.append(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+                    continue
                 if name == "bf16":
                     k2, v2 = (np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64) for a in (k, v))
                 else:
@@ -273,7 +299,8 @@ def accuracy(log, new_tokens: int = 32) -> None:
                 ref = decode_attention_f64(q, k, v, lengths)
                 errs.append(np.linalg.norm(decode_attention_f64(q, k2, v2, lengths) - ref) / np.linalg.norm(ref))
             log(f"  {name:11s} D={d:3d} G={g}: {min(errs):.2e} / {np.median(errs):.2e} / {max(errs):.2e}")
-    generation(log, new_tokens)
+    if generate:
+        generation(log, new_tokens)
 
 
 def generation(log, new_tokens: int) -> None:
@@ -324,13 +351,18 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in SHAPES])
     parser.add_argument("--sweep-shape", default="32x4096", help="B x T of the launch-parameter sweep ('' skips it)")
+    parser.add_argument("--sweep-fuse", nargs="*", default=None, help="fusions the sweep tries (default: all)")
+    parser.add_argument("--sweep-configs", nargs="*", default=[], help="block_k/warps/stages, e.g. 64/4/3")
+    parser.add_argument("--sweep-transposed", type=int, default=1, help="also try the transposed scale layout")
+    parser.add_argument("--sweep-splits", nargs="*", default=[], help="factors of the default split count")
     parser.add_argument("--budget-s", type=float, default=150.0, help="seconds the sweep may take")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="seconds after which no shape starts")
     parser.add_argument("--seed", action="store_true", help="also time the seed's way (dequantize, then attend)")
     parser.add_argument("--accuracy", action="store_true", help="measure the format's accuracy instead of timing")
+    parser.add_argument("--no-generation", action="store_true", help="--accuracy without the generation part")
     args = parser.parse_args(argv)
     if args.accuracy:
-        accuracy(lambda msg: print(msg, flush=True))
+        accuracy(lambda msg: print(msg, flush=True), generate=not args.no_generation)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)
@@ -348,7 +380,12 @@ def main(argv=None) -> None:
     if args.sweep_shape:
         b, t = (int(x) for x in args.sweep_shape.split("x"))
         log(f"sweep at B={b} T={t}")
-        best, rows = sweep(b, t, time.perf_counter() + args.budget_s, log)
+        configs = [tuple(int(x) for x in c.split("/")) for c in args.sweep_configs] or SWEEP_CONFIGS
+        t_configs = SWEEP_T_CONFIGS if args.sweep_transposed else ()
+        split_factors = [float(x) for x in args.sweep_splits]
+        best, rows = sweep(
+            b, t, time.perf_counter() + args.budget_s, log, args.sweep_fuse, configs, t_configs, split_factors
+        )
         report["sweep"] = {"batch": b, "seq": t, "rows": rows, "best": best}
         log(f"best: {best}")
         # Every shape then times the best configuration of each fusion within 1.25x of the fastest one.
