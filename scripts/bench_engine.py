@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkv.engine import Engine, SamplingParams
+from jkv.engine import CACHE_KINDS, Engine, SamplingParams
 from jkv.models import llama
 
 SHAPES = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}
@@ -59,7 +59,9 @@ def throughput(args, config, params, rng):
     rows = []
     sp = SamplingParams(max_new_tokens=args.max_new_tokens)
     for c in args.concurrency:
-        engine = Engine(params, config, num_slots=c, max_len=args.max_len, impl=args.impl, verbose=False)
+        engine = Engine(
+            params, config, num_slots=c, max_len=args.max_len, impl=args.impl, cache=args.cache, verbose=False
+        )
         warm = [rng.integers(0, config.vocab_size, size=args.prompt_len).tolist() for _ in range(c)]
         t0 = time.perf_counter()
         run_requests(engine, warm, SamplingParams(max_new_tokens=3))
@@ -97,7 +99,14 @@ def prefix_cache(args, config, params, rng):
     result = {}
     for name, budget in (("off", 0), ("on", 1 << 30)):
         engine = Engine(
-            params, config, num_slots=4, max_len=args.max_len, impl=args.impl, prefix_cache_bytes=budget, verbose=False
+            params,
+            config,
+            num_slots=4,
+            max_len=args.max_len,
+            impl=args.impl,
+            cache=args.cache,
+            prefix_cache_bytes=budget,
+            verbose=False,
         )
         # Warm-up compiles every prefill bucket both runs use, then fills the prefix cache with the shared prefix.
         run_requests(engine, [prefix + [1] * 16, prefix], SamplingParams(max_new_tokens=2))
@@ -147,7 +156,14 @@ def speculative(args, config, params, tokenizer, rng):
     result = {}
     for name, k in (("greedy", 0), ("speculative", args.draft_tokens)):
         engine = Engine(
-            params, config, num_slots=1, max_len=args.max_len, impl=args.impl, speculative_tokens=k, verbose=False
+            params,
+            config,
+            num_slots=1,
+            max_len=args.max_len,
+            impl=args.impl,
+            cache=args.cache,
+            speculative_tokens=k,
+            verbose=False,
         )
         run_requests(engine, prompts[:1], SamplingParams(max_new_tokens=k + 3))  # compile
         engine.stats = type(engine.stats)()
@@ -180,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--gguf", help="load real weights from this GGUF file instead of random ones")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default=None)
     ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
+    ap.add_argument("--cache", choices=list(CACHE_KINDS), default="default", help="the slots' cache kind")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -194,9 +211,9 @@ def main(argv=None):
 
     config, params, tokenizer, name = load_model(args)
     device = jax.devices()[0].device_kind
-    print(f"jkv engine benchmark: {name} on {device} (impl={args.impl or 'default'})", flush=True)
+    print(f"jkv engine benchmark: {name} on {device} (impl={args.impl or 'default'}, cache={args.cache})", flush=True)
     rng = np.random.default_rng(0)
-    report = {"model": name, "device": device, "argv": sys.argv, "date": time.strftime("%Y-%m-%d")}
+    report = {"model": name, "device": device, "cache": args.cache, "argv": sys.argv, "date": time.strftime("%Y-%m-%d")}
     if "throughput" in only:
         report["throughput"] = throughput(args, config, params, rng)
     if "prefix" in only:

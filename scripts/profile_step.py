@@ -1,0 +1,116 @@
+"""Where a decode step's time goes on the GPU: kernel time vs gaps between kernels, and the heaviest kernels.
+
+Runs the compiled greedy decode step of a model shape (random bf16 weights) in a device loop, as
+``scripts/bench_decode.py`` does, under ``torch.profiler`` (CUPTI sees every kernel of the process, JAX's included),
+and prints per step: wall time, number of kernels, summed kernel time (busy), the rest (launch gaps and idle), and
+the kernels that take the most time. Set ``XLA_FLAGS`` outside to compare XLA options (e.g. command buffers).
+
+    python scripts/profile_step.py --model smollm2-135m --batch 1 --out $OUT/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jkv.generate import Generator
+from jkv.models import llama
+
+MODELS = {
+    "smollm2-135m": llama.LlamaConfig.smollm2_135m,
+    "llama3-8b": llama.LlamaConfig.llama3_8b,
+    "tiny": lambda: llama.LlamaConfig(512, 128, 256, 2, 4, 2, 32),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    config = MODELS[args.model]()
+    params = llama.init_params(config, jax.random.key(0), jnp.bfloat16, scale=0.02, layout="layers")
+    gen = Generator(config, params, max_len=args.max_len, batch=args.batch, cache="bf16", impl=args.impl)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, config.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
+    out = gen.generate(prompts, max_new_tokens=args.steps, stop_ids=())
+    step, _ = gen.decode_step_compiled(greedy=True)
+    key, sargs = jax.random.key(0), (jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    tokens = jnp.asarray([t[-1] for t in out.tokens], jnp.int32)
+    start = jnp.full((args.batch,), args.prompt + args.steps - 1, jnp.int32)
+
+    def loop(tokens):
+        for i in range(args.steps):
+            tokens, gen.cache = step(params, gen.cache, tokens, key, jnp.int32(i), sargs)
+        tokens.block_until_ready()
+        gen.cache = gen.cache.rollback(start)
+        return tokens
+
+    tokens = loop(tokens)  # warm
+    t = time.perf_counter()
+    tokens = loop(tokens)
+    wall_ms = 1e3 * (time.perf_counter() - t) / args.steps
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loop(tokens)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        print("torch.profiler saw no CUDA kernels of this process (CUPTI unavailable?)")
+        return
+    busy_us = sum(e.device_time for e in kernels) / args.steps
+    first = min(e.time_range.start for e in kernels)
+    last = max(e.time_range.end for e in kernels)
+    span_ms = (last - first) / 1e3 / args.steps
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[: args.top]
+    report = {
+        "model": args.model,
+        "batch": args.batch,
+        "device": jax.devices()[0].device_kind,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "wall_ms_per_step": wall_ms,
+        "profiled_span_ms_per_step": span_ms,
+        "kernels_per_step": len(kernels) / args.steps,
+        "busy_ms_per_step": busy_us / 1e3,
+        "idle_ms_per_step": span_ms - busy_us / 1e3,
+        "top": [
+            {"name": n[:100], "calls_per_step": c / args.steps, "us_per_step": us / args.steps} for n, (c, us) in top
+        ],
+    }
+    print(
+        f"{args.model} batch {args.batch}: wall {wall_ms:.3f} ms/step, profiled {span_ms:.3f} ms/step, "
+        f"{report['kernels_per_step']:.0f} kernels/step, busy {busy_us / 1e3:.3f} ms, "
+        f"idle {report['idle_ms_per_step']:.3f} ms  (XLA_FLAGS={report['xla_flags']!r})"
+    )
+    for row in report["top"]:
+        print(f"  {row['us_per_step']:8.1f} us  x{row['calls_per_step']:5.1f}  {row['name']}")
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
