@@ -351,6 +351,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in SHAPES])
     parser.add_argument("--sweep-shape", default="32x4096", help="B x T of the launch-parameter sweep ('' skips it)")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="variants timed at every shape: fuse[/block_k/warps/stages]"
+    )
     parser.add_argument("--sweep-fuse", nargs="*", default=None, help="fusions the sweep tries (default: all)")
     parser.add_argument("--sweep-configs", nargs="*", default=[], help="block_k/warps/stages, e.g. 64/4/3")
     parser.add_argument("--sweep-transposed", type=int, default=1, help="also try the transposed scale layout")
@@ -393,6 +396,11 @@ def main(argv=None) -> None:
         fastest = min(timed.values(), default=0.0)
         tuned = {f: c for f, c in best.items() if timed[repr(c)] <= 1.25 * fastest}
         jax.clear_caches()
+    for extra in args.extra:
+        fuse, *launch = extra.split("/")
+        tuned[extra.replace("/", "_")] = dict(
+            fuse=fuse, **dict(zip(("block_k", "num_warps", "num_stages"), map(int, launch), strict=False))
+        )
     for shape in args.shapes:
         batch, seq = (int(x) for x in shape.split("x"))
         log(
