@@ -237,7 +237,7 @@ def main(argv=None) -> int:
         log(json.dumps(row))
 
     bw = copy_bandwidth()
-    record({"kind": "copy", "device": device.device_kind, **bw})
+    record({"kind": "copy", "device": device.device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""), **bw})
     batches = [int(b) for b in args.batches.split(",")]
     impls = args.impls.split(",")
     for name in args.models.split(","):
@@ -287,6 +287,7 @@ def main(argv=None) -> int:
 def print_table(rows):
     copy = next(r for r in rows if r["kind"] == "copy")
     print(f"\ncopy bandwidth (read + write): {copy['tbps']:.2f} TB/s on {copy['device']}")
+    print(f"XLA_FLAGS={copy.get('xla_flags', '')!r}")
     hf = {(r["model"], r["batch"]): r for r in rows if r["kind"] == "hf"}
     print(
         f"{'model':14} {'B':>2} {'impl':6} {'ms/step':>8} {'tok/s':>8} {'e2e ms':>7} {'roof ms':>7} {'roof %':>6}"

@@ -143,6 +143,27 @@ def test_ragged_batch_prefill_and_decode(rng):
     np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + 4)
 
 
+@pytest.mark.parametrize("layout", ["layers", "stacked"])
+def test_residual_stream_padded_to_min_matmul_rows(layout, rng, monkeypatch):
+    """With ``MIN_MATMUL_ROWS`` (the GPU's row padding) forced on the CPU, prefill (3 x 2 tokens: padded to 4
+    sequences) and decode (3 rows: padded to 8) still match float64, and only the real rows reach the cache."""
+    monkeypatch.setitem(llama.MIN_MATMUL_ROWS, jax.default_backend(), 8)
+    config = CONFIGS["qwen2-bias-tied"]
+    params = random_params(config, seed=6, layout=layout)
+    tokens = rng.integers(0, config.vocab_size, (3, 5))
+    full = forward_f64(llama.with_layout(params, "layers"), config, tokens)
+    prefill = jax.jit(functools.partial(llama.prefill, config=config, impl="xla"))  # traced now: padding on
+    step = jax.jit(functools.partial(llama.decode_step, config=config, impl="xla"), donate_argnums=1)
+    logits, cache = prefill(params, make_cache(config, 3, 8), jnp.asarray(tokens[:, :2]))
+    assert rel_err(logits, full[:, 1]) < 1e-5
+    for t in range(2, 5):
+        logits, cache = step(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
+        assert logits.shape == (3, config.vocab_size) and rel_err(logits, full[:, t]) < 1e-5, t
+    assert cache.batch == 3 and not np.isnan(np.asarray(cache.k[:, :, :, :5])).any()
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 5, 5])
+    assert llama._padded_batch(3, 1) == 8 and llama._padded_batch(3, 2) == 4 and llama._padded_batch(9, 1) == 9
+
+
 def test_stacked_and_per_layer_layouts_agree(rng):
     config = CONFIGS["qwen2-bias-tied"]
     params = random_params(config, seed=4, layout="layers")

@@ -303,9 +303,18 @@ def unfuse_qkv(wqkv):
 
 # Fewest rows a projection runs with, per backend. On GPU, XLA's kernels for a one-row product (batch-1 decode)
 # read the weights more slowly than its small-GEMM kernels, so zero rows are added there: a Llama-3-8B step at
-# batch 1 went from 6.32 to 6.13 ms on an H100 (docs/BENCHMARKS.md, "End-to-end decode"). The pads fuse into the
-# producers (same kernel count). scripts/bench_decode.py changes this table to compare.
+# batch 1 went from 6.32 to 6.13 ms on an H100 (docs/BENCHMARKS.md, "End-to-end decode"). The residual stream is
+# padded once per step (``_padded_batch``), not before every projection: a pad before each of a layer's four
+# products was a kernel of its own (~1.5 us each, 4 x 32 per 8B step). scripts/bench_decode.py changes this
+# table to compare.
 MIN_MATMUL_ROWS = {"gpu": 8}
+
+
+def _padded_batch(batch: int, tokens: int) -> int:
+    """Rows of the residual stream for ``batch`` sequences of ``tokens`` new tokens: ``batch``, or more so that
+    every projection gets ``MIN_MATMUL_ROWS`` rows (the extra sequences are zeros, never written to a cache)."""
+    rows = MIN_MATMUL_ROWS.get(jax.default_backend(), 1)
+    return max(batch, -(-rows // tokens))
 
 
 def _project(x: Float[Array, "... H"], w, contract: int = 0) -> Float[Array, "..."]:
@@ -323,16 +332,18 @@ def _project(x: Float[Array, "... H"], w, contract: int = 0) -> Float[Array, "..
 
 
 def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfig, inv_freq, impl):
-    """Decoder block ``i`` on the residual stream ``x [B, T, H]`` (f32); writes its keys/values into ``cache``."""
-    b, t, _ = x.shape
+    """Decoder block ``i`` on the residual stream ``x [B', T, H]`` (f32; ``B' >= cache.batch``, the rows past the
+    cache's batch are padding); writes the keys/values of the first ``cache.batch`` rows into ``cache``."""
+    bp, t, _ = x.shape
+    b = cache.batch
     n, k, d = config.num_heads, config.num_kv_heads, config.head_dim
     h = _rms_norm(x, layer_params.attn_norm, config.rms_norm_eps)
     qkv = _project(h, layer_params.wqkv)  # (B, T, K, G + 2, D)
     if layer_params.bqkv is not None:
         qkv = qkv + layer_params.bqkv.astype(jnp.float32)
     g = n // k
-    q = qkv[:, :, :, :g].reshape(b, t, n, d)  # query head n = kv head n // G, as GQA reads it
-    key, value = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # (B, T, K, D)
+    q = qkv[:b, :, :, :g].reshape(b, t, n, d)  # query head n = kv head n // G, as GQA reads it
+    key, value = qkv[:b, :, :, g], qkv[:b, :, :, g + 1]  # (B, T, K, D)
     q = apply_rope(q, positions, inv_freq, RopeStyle.NEOX)
     key = apply_rope(key, positions, inv_freq, RopeStyle.NEOX)
     cache = cache.write(i, jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2))  # (B, K, T, D)
@@ -341,7 +352,9 @@ def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfi
         attn = decode_attention(q[:, 0], cache, i, impl=impl)[:, None]  # (B, 1, N, D)
     else:
         attn = prefill_attention(q, cache, i, impl=impl)  # (B, T, N, D)
-    x = x + _project(attn.reshape(b, t, n * d), layer_params.wo)
+    if bp > b:
+        attn = jnp.pad(attn, ((0, bp - b), (0, 0), (0, 0), (0, 0)))
+    x = x + _project(attn.reshape(bp, t, n * d), layer_params.wo)
     h = _rms_norm(x, layer_params.mlp_norm, config.rms_norm_eps)
     gate_up = _project(h, layer_params.w_gate_up)  # (B, T, 2, F)
     act = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
@@ -359,7 +372,11 @@ def hidden_states(
     t = tokens.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, T)
     inv_freq = jnp.asarray(config.inv_freq(), jnp.float32)
+    b = tokens.shape[0]
+    bp = _padded_batch(b, t)
     x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (B, T, H)
+    if bp > b:
+        x = jnp.pad(x, ((0, bp - b), (0, 0), (0, 0)))
     if isinstance(params.layers, LayerParams):  # stacked [L, ...]: one traced block under lax.scan
 
         def body(carry, layer):
@@ -370,7 +387,7 @@ def hidden_states(
     else:
         for i, layer_params in enumerate(params.layers):
             x, cache = _block(layer_params, i, x, cache, positions, config, inv_freq, impl)
-    return _rms_norm(x, params.norm, config.rms_norm_eps), cache.advance(t)
+    return _rms_norm(x[:b], params.norm, config.rms_norm_eps), cache.advance(t)
 
 
 def lm_head(params: LlamaParams, h: Float[Array, "... H"]) -> Float[Array, "... V"]:
