@@ -471,21 +471,25 @@ def _resolve_config(default: DecodeConfig, max_len: int, head_dim: int, **overri
 BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
-# Splits: about two programs per multiprocessor (the bf16 kernel's rule asks four) and at least 256 keys of a full
-# sequence per split. Halving the bf16 rule's count measured 96 vs 110 us at 8 x 16384, 34.6 vs 40.1 us at
-# 1 x 32768, 10.3 vs 11.5 us at 1 x 4096, and even at 32 x 4096 and 64 x 8192.
-SPLIT_PROGRAMS_PER_SM = 2
+# Splits, fitted to the H100 measurements of docs/BENCHMARKS.md ("Q8 cache"; best split count of each shape, three
+# runs): with at least one (b, kv head) program per multiprocessor, the bf16 kernel's rule (about four programs per
+# multiprocessor: 3 splits at 32 x 4096, 2 at 64 x 8192, each ~4 % faster than half as many); with fewer, about
+# two programs per multiprocessor, rounded down (4 splits at 8 x 16384: 96-103 us against 110-113 us with the bf16
+# rule's 9 and 117-120 us with 5; 33 at 1 x 32768: 34.5 us against 40 us with 66), each split at least 256 keys.
 SPLIT_KEYS = 128
 
 
 def decode_config(batch: int, num_kv_heads: int, max_len: int, head_dim: int) -> DecodeConfig:
     """Launch parameters: ``BLOCK_K`` keys per step (fewer for a shorter cache), ``NUM_WARPS``, ``NUM_STAGES``;
-    splits by the bf16 kernel's rule (``choose_num_splits``) with ``SPLIT_PROGRAMS_PER_SM`` programs per
-    multiprocessor instead of four, at ``SPLIT_KEYS`` granularity."""
+    splits as the comment above ``SPLIT_KEYS`` says."""
     block_k = max(bf16_kernel.MIN_BLOCK, min(BLOCK_K, 1 << (max(max_len, 1).bit_length() - 1)))
-    # choose_num_splits targets four programs per multiprocessor: scale the count it sees.
-    sms = backend.num_multiprocessors() * SPLIT_PROGRAMS_PER_SM // 4
-    splits = bf16_kernel.choose_num_splits(batch, num_kv_heads, max_len, max(block_k, SPLIT_KEYS), sms)
+    sms, programs = backend.num_multiprocessors(), batch * num_kv_heads
+    split_keys = max(block_k, SPLIT_KEYS)
+    if programs >= sms:
+        splits = bf16_kernel.choose_num_splits(batch, num_kv_heads, max_len, split_keys, sms)
+    else:
+        most = max(1, pl.cdiv(max_len, split_keys) // 2)
+        splits = max(1, min(2 * sms // programs, most))
     default = bf16_kernel.decode_config(batch, num_kv_heads, max_len, head_dim, jnp.bfloat16)
     stages = min(NUM_STAGES, bf16_kernel.max_stages(block_k, head_dim, 1))
     return default._replace(block_k=block_k, num_splits=splits, num_warps=NUM_WARPS, num_stages=stages)
