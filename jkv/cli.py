@@ -184,6 +184,9 @@ def run_generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jkv import xla_flags
+
+    xla_flags.apply_recommended(warn=False)  # before JAX starts: whole decode steps as CUDA graphs on a GPU
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

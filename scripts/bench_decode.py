@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jkv import xla_flags
 from jkv.generate import Generator
 from jkv.models import llama
 
@@ -223,7 +224,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9, help="start nothing new after this many seconds")
     parser.add_argument("--out", default="decode.jsonl")
+    parser.add_argument(
+        "--default-xla-flags", action="store_true", help="do not add jkv.xla_flags.GPU_FLAGS to XLA_FLAGS"
+    )
     args = parser.parse_args(argv)
+    if not args.default_xla_flags:
+        xla_flags.apply_recommended()  # what `jkv generate` runs with; recorded in the output
     if args.max_len < args.prompt + 2 * args.steps:
         parser.error(f"--max-len must be at least prompt + 2 * steps = {args.prompt + 2 * args.steps}")
     device = jax.devices()[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkv import xla_flags
 from jkv.engine import CACHE_KINDS, Engine, SamplingParams
 from jkv.models import llama
 
@@ -206,14 +208,24 @@ def main(argv=None):
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--only", choices=["throughput", "prefix", "speculative"], nargs="+")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--default-xla-flags", action="store_true", help="do not add jkv.xla_flags.GPU_FLAGS to XLA_FLAGS")
     args = ap.parse_args(argv)
+    if not args.default_xla_flags:
+        xla_flags.apply_recommended()  # what `jkv generate` runs with; recorded in the output
     only = set(args.only or ["throughput", "prefix", "speculative"])
 
     config, params, tokenizer, name = load_model(args)
     device = jax.devices()[0].device_kind
     print(f"jkv engine benchmark: {name} on {device} (impl={args.impl or 'default'}, cache={args.cache})", flush=True)
     rng = np.random.default_rng(0)
-    report = {"model": name, "device": device, "cache": args.cache, "argv": sys.argv, "date": time.strftime("%Y-%m-%d")}
+    report = {
+        "model": name,
+        "device": device,
+        "cache": args.cache,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "argv": sys.argv,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if "throughput" in only:
         report["throughput"] = throughput(args, config, params, rng)
     if "prefix" in only:
