@@ -33,6 +33,7 @@ from jkv import memory, quant
 from jkv.cache import CacheSpec, KVCache
 from jkv.models import llama
 from jkv.paged import PagedKVCache
+from jkv.paged_q8 import Q8PagedKVCache
 from jkv.prefix_cache import PrefixCache
 from jkv.sampling import sample
 from jkv.speculative import prompt_lookup_draft
@@ -41,7 +42,8 @@ from jkv.speculative import prompt_lookup_draft
 # weights once); a CPU step costs in proportion to the rows, and every slot is computed.
 DEFAULT_MAX_SLOTS = {"gpu": 64, "tpu": 64}
 DEFAULT_MAX_SLOTS_ELSEWHERE = 8
-CACHE_KINDS = ("default", "bf16", "f32", "q8", "paged")
+CACHE_KINDS = ("default", "bf16", "f32", "q8", "paged", "q8-paged")
+PAGED_KINDS = ("paged", "q8-paged")  # a page pool: prefix-cache entries are pinned pages
 PAGE_SIZE = 16
 
 
@@ -126,12 +128,13 @@ class Engine:
     """Continuous-batching generation over ``num_slots`` slots of one ``KVCache``.
 
     ``params``/``config``: a Llama-family model (``jkv.models.llama``). ``cache``: ``"default"`` (contiguous, in
-    ``cache_dtype`` or the weights' dtype), ``"bf16"``, ``"f32"``, ``"q8"`` or ``"paged"`` (pages of 16
-    positions; ``max_len`` a multiple of 16). ``num_slots`` defaults to what fits the
-    device's free memory (``jkv.memory.max_batch``, capped at 64 on GPU, 8 elsewhere), announced on stderr.
-    ``prefix_cache_bytes`` (0: off) bounds the device memory of cached prompt prefixes (for a paged cache, that
-    many bytes of extra pool pages, which entries pin and requests share). ``speculative_tokens``
-    (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests. ``mesh``
+    ``cache_dtype`` or the weights' dtype), ``"bf16"``, ``"f32"``, ``"q8"``, ``"paged"`` (pages of 16
+    positions; ``max_len`` a multiple of 16) or ``"q8-paged"`` (the same, pages in the Q8 format). ``num_slots``
+    defaults to what fits the device's free memory (``jkv.memory.max_batch``, capped at 64 on GPU, 8 elsewhere),
+    announced on stderr. ``prefix_cache_bytes`` (0: off) bounds the device memory of cached prompt prefixes (for
+    a paged cache, that many bytes of extra pool pages, which entries pin and requests share).
+    ``speculative_tokens`` (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests.
+    ``mesh``
     (``jkv.sharding.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
     """
 
@@ -160,14 +163,14 @@ class Engine:
             raise ValueError(f"prefill_bucket must be a positive int, got {prefill_bucket!r}")
         if cache not in CACHE_KINDS:
             raise ValueError(f"cache={cache!r} is not one of {CACHE_KINDS}")
-        if cache == "paged" and max_len % PAGE_SIZE:
+        if cache in PAGED_KINDS and max_len % PAGE_SIZE:
             raise ValueError(f"a paged cache needs max_len a multiple of its page size {PAGE_SIZE}, got {max_len=}")
         self.params, self.config, self.impl, self.cache_kind = params, config, impl, cache
         dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}.get(
             cache, params.dtype if cache_dtype is None else cache_dtype
         )
         self.spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype)
-        per_token = quant.bytes_per_token(self.spec) if cache == "q8" else None
+        per_token = quant.bytes_per_token(self.spec) if cache in ("q8", "q8-paged") else None
         if num_slots is None:
             cap = DEFAULT_MAX_SLOTS.get(jax.default_backend(), DEFAULT_MAX_SLOTS_ELSEWHERE)
             num_slots = memory.max_batch(self.spec, limit=cap, per_token=per_token)
@@ -195,15 +198,16 @@ class Engine:
         self.stats = EngineStats()
 
         # The batch cache of the chosen kind; prompts prefill into a one-sequence cache that insert_into_slot takes
-        # (a Q8 cache for Q8 slots, a contiguous one for contiguous and paged slots).
+        # (a Q8 cache for Q8 slots and Q8 pages, a contiguous one for contiguous and paged slots).
         if cache == "q8":
             self.cache, self._single = quant.Q8KVCache.init(self.spec, num_slots), quant.Q8KVCache.init(self.spec, 1)
-        elif cache == "paged":
+        elif cache in PAGED_KINDS:
             # Every slot can fill its row, and prefix entries pin at most prefix_cache_bytes more: never exhausted.
-            self._page_bytes = self.spec.bytes_per_token * PAGE_SIZE
+            self._page_bytes = (self.spec.bytes_per_token if per_token is None else per_token) * PAGE_SIZE
             pages = num_slots * (max_len // PAGE_SIZE) + prefix_cache_bytes // self._page_bytes
-            self.cache = PagedKVCache.init(self.spec, num_slots, page_size=PAGE_SIZE, num_pages=pages)
-            self._single = KVCache.init(self.spec, 1)
+            paged, single = (PagedKVCache, KVCache) if cache == "paged" else (Q8PagedKVCache, quant.Q8KVCache)
+            self.cache = paged.init(self.spec, num_slots, page_size=PAGE_SIZE, num_pages=pages)
+            self._single = single.init(self.spec, 1)
         else:
             self.cache, self._single = KVCache.init(self.spec, num_slots), KVCache.init(self.spec, 1)
         self._slots: list[_Active | None] = [None] * num_slots
@@ -271,7 +275,7 @@ class Engine:
         self._decode = compiled(decode, 1, lambda c: (None, c))
         self._verify = compiled(verify, 1, lambda c: (None, None, c))
         self._insert = compiled(insert, 0, lambda c: c)
-        if self.cache_kind == "paged":
+        if self.cache_kind in PAGED_KINDS:
             self._insert_shared = compiled(
                 lambda c, slot, single, pages, n: c.insert_into_slot(slot, single, prefix=(pages, n)), 0, lambda c: c
             )
@@ -405,7 +409,7 @@ class Engine:
             if entry is None or cached == 0:
                 cached, entry = 0, None
                 single = self._single.reset()
-            elif self.cache_kind == "paged":
+            elif self.cache_kind in PAGED_KINDS:
                 single = self._restore_pinned(entry[0], cached)
             else:
                 single = self._restore(self._single, entry).rollback(cached)
@@ -425,7 +429,7 @@ class Engine:
             )
             self.stats.prefill_tokens += len(rest)
             self.stats.cached_prompt_tokens += cached
-            if entry is not None and self.cache_kind == "paged":  # the prefix's pages are shared, not written
+            if entry is not None and self.cache_kind in PAGED_KINDS:  # the prefix's pages are shared, not written
                 self.cache = self._insert_shared(self.cache, slot, single, entry[0], jnp.int32(cached))
             else:
                 self.cache = self._insert(self.cache, slot, single)
@@ -440,13 +444,15 @@ class Engine:
 
     def _remember(self, prompt: list[int], slot: int, single) -> None:
         """Make ``prompt``'s keys and values a prefix-cache entry: its pinned pages (paged) or a device copy."""
-        if self.cache_kind == "paged":
+        if self.cache_kind in PAGED_KINDS:
             self.cache, pages = self._pin(self.cache, slot, jnp.int32(len(prompt)))
             entry, nbytes = (pages, len(prompt)), -(-len(prompt) // PAGE_SIZE) * self._page_bytes
         else:
             # A trimmed copy of the prefilled sequence, on the device: a hit restores it with one scatter, no host
-            # round trip. Its length is bucketed so few restore shapes compile.
-            keep = min(-(-len(prompt) // self.prefill_bucket) * self.prefill_bucket, self.spec.max_len)
+            # round trip. Its length is a power of two (times the prefill bucket), so at most log2(max_len) restore
+            # shapes ever compile: a first hit on a new shape pays a compile that costs more than its prefill.
+            buckets = -(-len(prompt) // self.prefill_bucket)
+            keep = min((1 << (buckets - 1).bit_length()) * self.prefill_bucket, self.spec.max_len)
             entry = single.extract_slot(0, max_len=keep)
             nbytes = entry.nbytes
         if not self.prefix_cache.insert(prompt, entry, nbytes):
@@ -454,7 +460,7 @@ class Engine:
 
     def _evicted(self, entry) -> None:
         """A prefix-cache entry left the cache: give its pinned pages back (device copies just go)."""
-        if self.cache_kind == "paged":
+        if self.cache_kind in PAGED_KINDS:
             self.cache = self._unpin(self.cache, entry[0])
 
     def _restore_pinned(self, pages, cached: int):

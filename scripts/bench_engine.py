@@ -110,8 +110,10 @@ def prefix_cache(args, config, params, rng):
             prefix_cache_bytes=budget,
             verbose=False,
         )
-        # Warm-up compiles every prefill bucket both runs use, then fills the prefix cache with the shared prefix.
+        # Warm-up compiles every shape both runs use (prefill buckets, prefix-cache entries and restores: a hit on
+        # an entry of a new shape compiles once), then fills the prefix cache with the shared prefix.
         run_requests(engine, [prefix + [1] * 16, prefix], SamplingParams(max_new_tokens=2))
+        run_requests(engine, [prefix + [2] * 16, prefix + [3] * 16], SamplingParams(max_new_tokens=2))
         run_requests(engine, [[2] * 16], SamplingParams(max_new_tokens=2))
         before = engine.stats.prefill_tokens
         done, wall = run_requests(engine, prompts, sp)

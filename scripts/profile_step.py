@@ -41,6 +41,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
+    ap.add_argument("--cache", default="bf16", help="a jkv.generate.cache_kinds() name (bf16, paged, q8, ...)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv=None):
 
     config = MODELS[args.model]()
     params = llama.init_params(config, jax.random.key(0), jnp.bfloat16, scale=0.02, layout="layers")
-    gen = Generator(config, params, max_len=args.max_len, batch=args.batch, cache="bf16", impl=args.impl)
+    gen = Generator(config, params, max_len=args.max_len, batch=args.batch, cache=args.cache, impl=args.impl)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
     out = gen.generate(prompts, max_new_tokens=args.steps, stop_ids=())
@@ -89,6 +90,7 @@ def main(argv=None):
     report = {
         "model": args.model,
         "batch": args.batch,
+        "cache": args.cache,
         "device": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "wall_ms_per_step": wall_ms,
@@ -101,7 +103,7 @@ def main(argv=None):
         ],
     }
     print(
-        f"{args.model} batch {args.batch}: wall {wall_ms:.3f} ms/step, profiled {span_ms:.3f} ms/step, "
+        f"{args.model} batch {args.batch} {args.cache}: wall {wall_ms:.3f} ms/step, profiled {span_ms:.3f} ms/step, "
         f"{report['kernels_per_step']:.0f} kernels/step, busy {busy_us / 1e3:.3f} ms, "
         f"idle {report['idle_ms_per_step']:.3f} ms  (XLA_FLAGS={report['xla_flags']!r})"
     )
