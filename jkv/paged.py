@@ -71,12 +71,15 @@ class PagedKVCache(LengthsMixin):
 
     # ------------------------------------------------------------------ construction and shape
     @classmethod
-    def init(cls, spec: CacheSpec, batch: int, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
+    def init(
+        cls, spec: CacheSpec, batch: int, *, page_size: int, num_pages: int | None = None, **storage
+    ) -> PagedKVCache:
         """``batch`` empty sequences over a pool of ``num_pages`` pages of ``page_size`` positions.
 
         Each sequence may hold up to ``spec.max_len`` positions (a multiple of ``page_size``), i.e.
         ``spec.max_len // page_size`` pages. ``num_pages`` defaults to enough for every sequence to be full; a
-        smaller pool oversubscribes memory, which is the point of paging.
+        smaller pool oversubscribes memory, which is the point of paging. ``storage``: options of the pool format
+        (``scale_dtype`` for Q8 pages; none here).
         """
         if not isinstance(spec, CacheSpec):
             raise TypeError(f"spec must be a jkv.CacheSpec, got {type(spec).__name__}")
@@ -89,8 +92,7 @@ class PagedKVCache(LengthsMixin):
         _checks.positive_int("num_pages", num_pages)
         shape = (spec.num_layers, num_pages, spec.num_kv_heads, page_size, spec.head_dim)
         return cls(
-            k_pages=jnp.zeros(shape, spec.dtype),
-            v_pages=jnp.zeros(shape, spec.dtype),
+            **cls._empty_pools(spec, shape, **storage),
             block_tables=jnp.full((batch, max_pages), NO_PAGE, jnp.int32),
             refcounts=jnp.zeros((num_pages,), jnp.int32),
             pins=jnp.zeros((num_pages,), jnp.int32),
@@ -127,8 +129,57 @@ class PagedKVCache(LengthsMixin):
     @property
     def nbytes(self) -> int:
         """Device bytes held by the cache (pools, tables, counts, pins, lengths and error bits)."""
-        arrays = (self.k_pages, self.v_pages, self.block_tables, self.refcounts, self.pins, self.lengths, self.errors)
+        arrays = (*self._pools(), self.block_tables, self.refcounts, self.pins, self.lengths, self.errors)
         return sum(int(x.size) * x.dtype.itemsize for x in arrays)
+
+    # ------------------------------------------------------------------ pool storage (Q8 pages override these)
+    # Every pool is [L, P, K, page_size, X]: the allocator and every operation below move and copy pages of all
+    # pools alike. Only these hooks know what the pools hold (here K and V values; jkv.paged_q8: codes and scales)
+    # and which contiguous cache holds the same arrays as [L, B, K, S, X] (here KVCache).
+    @classmethod
+    def _empty_pools(cls, spec: CacheSpec, shape: tuple[int, ...]) -> dict[str, Array]:
+        return {"k_pages": jnp.zeros(shape, spec.dtype), "v_pages": jnp.zeros(shape, spec.dtype)}
+
+    def _pools(self) -> tuple[Array, ...]:
+        return self.k_pages, self.v_pages
+
+    def _with_pools(self, pools) -> PagedKVCache:
+        k_pages, v_pages = pools
+        return self.replace(k_pages=k_pages, v_pages=v_pages)
+
+    def _encode(self, k: Array, v: Array) -> tuple[Array, ...]:
+        """New keys and values ``[..., D]`` as pool values ``[..., X]``, in ``_pools()`` order."""
+        return k, v
+
+    def _decode(self, arrays, dtype=None) -> tuple[Array, Array]:
+        """Keys and values from pool values ``[..., X]`` in ``_pools()`` order (``dtype``: None keeps the pools')."""
+        k, v = arrays
+        return (k, v) if dtype is None else (k.astype(dtype), v.astype(dtype))
+
+    @classmethod
+    def _storage_of(cls, cache) -> dict:
+        """``init``'s storage options that match the contiguous ``cache`` (whose type is checked here)."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        return {}
+
+    @classmethod
+    def _restore_contiguous(cls, snap):
+        """The contiguous cache of this storage back from its host snapshot."""
+        return KVCache.restore(snap)
+
+    def _contiguous_arrays(self, name: str, cache) -> tuple[Array, ...]:
+        """The arrays ``[L, B, K, S, X]`` of a contiguous cache of this storage, in ``_pools()`` order, after
+        checking its type and layout (all but ``max_len``) against this cache."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"{name} must be a KVCache, got {type(cache).__name__}")
+        _checks.same_layout(name, cache.spec, self.spec)
+        return cache.k, cache.v
+
+    def _contiguous(self, arrays, lengths: Array, errors: Array) -> KVCache:
+        """A contiguous cache of this storage from arrays ``[L, B, K, S, X]`` in ``_pools()`` order."""
+        k, v = arrays
+        return KVCache(k=k, v=v, lengths=lengths, errors=errors)
 
     def num_free_pages(self) -> Int[Array, ""]:
         return jnp.sum(self.refcounts == 0, dtype=jnp.int32)
@@ -225,10 +276,8 @@ class PagedKVCache(LengthsMixin):
             return tuple(x.at[:, dst].set(x[:, pc], mode="drop") for x in pools)
 
         # A cond, not a masked copy: the copy gathers B pages of every layer, far more than a decode step's write.
-        k_pages, v_pages = lax.cond(jnp.any(cow), copy, lambda pools: pools, (cache.k_pages, cache.v_pages))
-        return cache.replace(
-            k_pages=k_pages,
-            v_pages=v_pages,
+        pools = lax.cond(jnp.any(cow), copy, lambda pools: pools, cache._pools())
+        return cache._with_pools(pools).replace(
             refcounts=cache.refcounts.at[src].add(-1, mode="drop"),
             errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
         ), got
@@ -256,13 +305,13 @@ class PagedKVCache(LengthsMixin):
         pages = jnp.where(ok[:, None], cache._logical_pages(positions), self.num_pages)  # P drops the write
         offsets = positions % self.page_size
 
-        def put(pool, new):  # pool[layer, pages, :, offsets, :] is (B, T, K, D)
+        def put(pool, new):  # pool[layer, pages, :, offsets, :] is (B, T, K, X)
             return pool.at[layer, pages, :, offsets, :].set(jnp.swapaxes(new, 1, 2).astype(pool.dtype), mode="drop")
 
-        return cache.replace(
-            k_pages=put(cache.k_pages, k_new),
-            v_pages=put(cache.v_pages, v_new),
-            errors=cache.errors | jnp.where(fits, 0, ERR_WRITE_OVERFLOW),
+        # Only the T new positions are encoded (quantized, for Q8 pages).
+        new = self._encode(k_new, v_new)
+        return cache._with_pools(tuple(put(p, x) for p, x in zip(cache._pools(), new, strict=True))).replace(
+            errors=cache.errors | jnp.where(fits, 0, ERR_WRITE_OVERFLOW)
         )
 
     def advance(self, n=1) -> PagedKVCache:
@@ -393,19 +442,20 @@ class PagedKVCache(LengthsMixin):
 
     def read_pinned(self, pages, length) -> KVCache:
         """The positions ``[0, length)`` held by pinned ``pages [m]`` as a one-sequence contiguous cache of
-        ``max_len = m * page_size`` (what a prefill continues from). Entries without a page read as zeros."""
+        ``max_len = m * page_size`` (what a prefill continues from; a ``Q8KVCache`` for Q8 pages). Entries without a
+        page read as zeros."""
         pages = jnp.asarray(pages)
         m = pages.shape[0]
         held = (pages >= 0)[None, :, None, None, None]
         idx = jnp.clip(pages, 0, self.num_pages - 1)
 
         def take(pool):
-            x = jnp.where(held, pool[:, idx], 0)  # (L, m, K, page_size, D)
+            x = jnp.where(held, pool[:, idx], 0)  # (L, m, K, page_size, X)
             nl, _, kh, ps, d = x.shape
             return x.swapaxes(1, 2).reshape(nl, 1, kh, m * ps, d)
 
         length = jnp.clip(jnp.asarray(length, jnp.int32), 0, m * self.page_size)
-        return KVCache(k=take(self.k_pages), v=take(self.v_pages), lengths=length[None], errors=jnp.zeros(1, jnp.int32))
+        return self._contiguous(tuple(map(take, self._pools())), length[None], jnp.zeros(1, jnp.int32))
 
     def _attach(self, hit: Array, pages: Array, length: Array) -> tuple[PagedKVCache, Array]:
         """Give the sequence where ``hit [B]`` holds the pinned ``pages`` as its first ``length`` positions.
@@ -431,7 +481,7 @@ class PagedKVCache(LengthsMixin):
             lengths=jnp.where(hit, jnp.where(valid, length, 0), cache.lengths),
         ), valid
 
-    def _extend_from(self, hit: Array, single: KVCache) -> tuple[PagedKVCache, Array]:
+    def _extend_from(self, hit: Array, single: KVCache, arrays) -> tuple[PagedKVCache, Array]:
         """Write positions ``[lengths[b], single.lengths[0])`` of ``single`` into the sequence where ``hit`` holds
         (its earlier positions are taken to equal ``single``'s), reserving pages (copy-on-write of a shared one)."""
         target = jnp.where(hit, jnp.maximum(single.lengths[0], self.lengths), self.lengths)
@@ -442,21 +492,19 @@ class PagedKVCache(LengthsMixin):
         pages = jnp.where(write, cache._logical_pages(positions[None, :])[s], self.num_pages)
         offsets = positions % self.page_size
 
-        def put(pool, new):  # pool[:, pages, :, offsets, :] is (S', L, K, D)
+        def put(pool, new):  # pool[:, pages, :, offsets, :] is (S', L, K, X)
             return pool.at[:, pages, :, offsets, :].set(new[:, 0].transpose(2, 0, 1, 3).astype(pool.dtype), mode="drop")
 
-        return cache.replace(
-            k_pages=put(cache.k_pages, single.k),
-            v_pages=put(cache.v_pages, single.v),
-            lengths=jnp.where(hit & got, target, cache.lengths),
-        ), got
+        pools = tuple(put(p, x) for p, x in zip(cache._pools(), arrays, strict=True))
+        return cache._with_pools(pools).replace(lengths=jnp.where(hit & got, target, cache.lengths)), got
 
     def insert_into_slot(self, slot, single: KVCache, prefix=None) -> PagedKVCache:
         """Admit a prefilled one-sequence contiguous cache into batch slot ``slot``, on freshly allocated pages.
 
         ``single`` must match layers, kv heads, head_dim and dtype, hold one sequence and ``max_len`` no larger
-        than this cache's. The slot's old pages are given back first. If the pool cannot hold the sequence the
-        slot is left empty with ``ERR_POOL_EXHAUSTED`` (host calls raise).
+        than this cache's (Q8 pages take a ``Q8KVCache``, or a ``KVCache`` that they quantize). The slot's old
+        pages are given back first. If the pool cannot hold the sequence the slot is left empty with
+        ``ERR_POOL_EXHAUSTED`` (host calls raise).
 
         ``prefix=(pages, n)`` (prefix sharing): the slot's first ``n`` positions are the pinned ``pages`` (from
         ``pin``; shared, not copied; a partly filled last page is copied when the slot first writes into it) and
@@ -465,9 +513,7 @@ class PagedKVCache(LengthsMixin):
         are not pinned, or ``n`` beyond them or beyond ``single``'s length, leave the slot empty and flag
         ``ERR_BAD_SLOT`` (host calls raise).
         """
-        if not isinstance(single, KVCache):
-            raise TypeError(f"single must be a KVCache, got {type(single).__name__}")
-        _checks.same_layout("single", single.spec, self.spec)
+        arrays = self._contiguous_arrays("single", single)
         if single.batch != 1:
             raise ValueError(f"single must hold one sequence, got batch={single.batch}")
         if single.max_len > self.max_len:
@@ -476,7 +522,7 @@ class PagedKVCache(LengthsMixin):
         rows = jnp.arange(self.batch)
         hit = (rows == slot) & ok
         if prefix is not None:
-            return self._insert_shared(ok, hit, single, prefix)
+            return self._insert_shared(ok, hit, single, arrays, prefix)
         cache = self._release(jnp.broadcast_to(hit[:, None], self.block_tables.shape))
         n = _cdiv(single.lengths[0], self.page_size)
         need = hit[:, None] & (jnp.arange(self.max_pages)[None, :] < n)
@@ -491,21 +537,20 @@ class PagedKVCache(LengthsMixin):
         m = _cdiv(single.max_len, self.page_size)
         dst = fresh[jnp.clip(slot, 0, self.batch - 1), :m]  # [m], P where no page (dropped)
 
-        def put(pool, new):  # new [L, 1, K, S', D] -> [L, m, K, page_size, D]
+        def put(pool, new):  # new [L, 1, K, S', X] -> [L, m, K, page_size, X]
             new = jnp.pad(new[:, 0], ((0, 0), (0, 0), (0, m * self.page_size - single.max_len), (0, 0)))
             pages = new.reshape(new.shape[0], new.shape[1], m, self.page_size, new.shape[3]).swapaxes(1, 2)
             return pool.at[:, dst].set(pages.astype(pool.dtype), mode="drop")
 
         served = hit & got
-        return cache.replace(
-            k_pages=put(cache.k_pages, single.k),
-            v_pages=put(cache.v_pages, single.v),
+        pools = tuple(put(p, x) for p, x in zip(cache._pools(), arrays, strict=True))
+        return cache._with_pools(pools).replace(
             lengths=jnp.where(served, single.lengths[0], jnp.where(hit, 0, cache.lengths)),
             errors=jnp.where(hit, jnp.where(got, single.errors[0], ERR_POOL_EXHAUSTED), cache.errors)
             | jnp.where(ok, 0, ERR_BAD_SLOT),
         )
 
-    def _insert_shared(self, ok, hit, single: KVCache, prefix) -> PagedKVCache:
+    def _insert_shared(self, ok, hit, single: KVCache, arrays, prefix) -> PagedKVCache:
         pages, n = prefix
         pages, n = jnp.asarray(pages), jnp.asarray(n)
         if not jnp.issubdtype(pages.dtype, jnp.integer) or pages.ndim != 1:
@@ -525,7 +570,7 @@ class PagedKVCache(LengthsMixin):
         )
         hit_v = hit & valid
         cache = cache.replace(lengths=jnp.where(hit_v, n, jnp.where(hit, 0, cache.lengths)))
-        cache, got = cache._extend_from(hit_v, single)
+        cache, got = cache._extend_from(hit_v, single, arrays)
         _checks.host_all(
             got,
             lambda: (
@@ -543,63 +588,65 @@ class PagedKVCache(LengthsMixin):
         )
 
     # ------------------------------------------------------------------ contiguous views
-    def gather_layer(self, layer) -> tuple[Array, Array]:
-        """K and V of ``layer`` as contiguous ``[B, K, max_len, D]`` (the reference path; reads every page)."""
+    def gather_layer(self, layer, dtype=None) -> tuple[Array, Array]:
+        """K and V of ``layer`` as contiguous ``[B, K, max_len, D]`` (the reference path; reads every page), in
+        ``dtype`` (default: the pools' own; Q8 pages dequantize, by default to ``spec.dtype``)."""
         _checks.layer_index(layer, self.spec.num_layers)
         pages = jnp.clip(self.block_tables, 0, self.num_pages - 1)  # entries without a page read page 0: masked
 
         def take(pool):
-            x = pool[layer][pages]  # (B, M, K, page_size, D)
+            x = pool[layer][pages]  # (B, M, K, page_size, X)
             b, m, kh, ps, d = x.shape
             return x.swapaxes(1, 2).reshape(b, kh, m * ps, d)
 
-        return take(self.k_pages), take(self.v_pages)
+        return self._decode(tuple(map(take, self._pools())), dtype)
 
     def extract_slot(self, slot, max_len: int | None = None) -> KVCache:
         """The one-sequence contiguous cache of ``slot`` (first ``max_len`` positions; default all), e.g. to
-        snapshot one sequence into a prefix cache. Positions without a page are zero."""
+        snapshot one sequence into a prefix cache (a ``Q8KVCache`` for Q8 pages). Positions without a page are
+        zero."""
         max_len = self._check_extract(slot, max_len)
         m = _cdiv(max_len, self.page_size)
         row = lax.dynamic_slice(self.block_tables, (slot, 0), (1, self.max_pages))[0, :m]  # [m]
         pages, held = jnp.clip(row, 0, self.num_pages - 1), (row >= 0)[None, :, None, None, None]
 
         def take(pool):
-            x = jnp.where(held, pool[:, pages], 0)  # (L, m, K, page_size, D)
+            x = jnp.where(held, pool[:, pages], 0)  # (L, m, K, page_size, X)
             nl, _, kh, ps, d = x.shape
             return x.swapaxes(1, 2).reshape(nl, 1, kh, m * ps, d)[:, :, :, :max_len]
 
         length = lax.dynamic_slice(self.lengths, (slot,), (1,))
-        return KVCache(
-            k=take(self.k_pages),
-            v=take(self.v_pages),
-            lengths=jnp.minimum(length, max_len),
-            errors=lax.dynamic_slice(self.errors, (slot,), (1,)),
-        )
+        errors = lax.dynamic_slice(self.errors, (slot,), (1,))
+        return self._contiguous(tuple(map(take, self._pools())), jnp.minimum(length, max_len), errors)
 
     def to_contiguous(self) -> KVCache:
-        """The logical contents as a ``KVCache`` (same lengths and errors; positions without a page are zero)."""
+        """The logical contents as a ``KVCache`` (a ``Q8KVCache`` for Q8 pages; same lengths and errors; positions
+        without a page are zero)."""
         pages = jnp.clip(self.block_tables, 0, self.num_pages - 1)
         held = (self.block_tables >= 0)[None, :, :, None, None, None]
 
         def take(pool):
-            x = jnp.where(held, pool[:, pages], 0)  # (L, B, M, K, page_size, D)
+            x = jnp.where(held, pool[:, pages], 0)  # (L, B, M, K, page_size, X)
             nl, b, m, kh, ps, d = x.shape
             return x.swapaxes(2, 3).reshape(nl, b, kh, m * ps, d)
 
-        return KVCache(k=take(self.k_pages), v=take(self.v_pages), lengths=self.lengths, errors=self.errors)
+        return self._contiguous(tuple(map(take, self._pools())), self.lengths, self.errors)
 
     @classmethod
     def from_contiguous(cls, cache: KVCache, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
-        """Page a contiguous cache: each sequence gets ``cdiv(length, page_size)`` fresh pages.
+        """Page a contiguous cache (a ``Q8KVCache`` for Q8 pages): each sequence gets ``cdiv(length, page_size)``
+        fresh pages.
 
         ``max_len`` is rounded up to a multiple of ``page_size``. A pool too small for every sequence raises on
         the host (under ``jit`` the sequences that do not fit are left empty with ``ERR_POOL_EXHAUSTED``).
         """
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        storage = cls._storage_of(cache)  # checks the type first
         spec = cache.spec
         m = _cdiv(spec.max_len, page_size)
-        paged = cls.init(spec.replace(max_len=m * page_size), cache.batch, page_size=page_size, num_pages=num_pages)
+        paged = cls.init(
+            spec.replace(max_len=m * page_size), cache.batch, page_size=page_size, num_pages=num_pages, **storage
+        )
+        arrays = paged._contiguous_arrays("cache", cache)
         need = jnp.arange(m)[None, :] < _cdiv(cache.lengths, page_size)[:, None]
         paged, got, fresh = paged._allocate(need)
         _checks.host_all(
@@ -610,15 +657,14 @@ class PagedKVCache(LengthsMixin):
             ),
         )
 
-        def put(pool, x):  # x [L, B, K, S, D] -> pages [L, B, m, K, page_size, D]
+        def put(pool, x):  # x [L, B, K, S, X] -> pages [L, B, m, K, page_size, X]
             x = jnp.pad(x, ((0, 0),) * 3 + ((0, m * page_size - spec.max_len), (0, 0)))
             nl, b, kh, _, d = x.shape
             pages = x.reshape(nl, b, kh, m, page_size, d).swapaxes(2, 3)
             return pool.at[:, fresh].set(pages.astype(pool.dtype), mode="drop")
 
-        return paged.replace(
-            k_pages=put(paged.k_pages, cache.k),
-            v_pages=put(paged.v_pages, cache.v),
+        pools = tuple(put(p, x) for p, x in zip(paged._pools(), arrays, strict=True))
+        return paged._with_pools(pools).replace(
             lengths=jnp.where(got, cache.lengths, 0),
             errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
         )
@@ -631,4 +677,4 @@ class PagedKVCache(LengthsMixin):
     @classmethod
     def restore(cls, snap: KVSnapshot, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
         """Rebuild a paged cache from ``snapshot()`` (or a ``KVCache`` snapshot); bit-exact on valid positions."""
-        return cls.from_contiguous(KVCache.restore(snap), page_size=page_size, num_pages=num_pages)
+        return cls.from_contiguous(cls._restore_contiguous(snap), page_size=page_size, num_pages=num_pages)

@@ -19,6 +19,11 @@ view presents the logical ``[L, B, K, M * page_size, D]`` cache and turns each b
   (they may hold NaN or belong to another sequence).
 
 A block is therefore whole pages: ``block_k = pages_per_block * page_size``.
+
+Q8 pages (:func:`paged_q8_decode_attention`): int8 code pools ``[L, P, K, page_size, D]`` and scale pools
+``[L, P, K, page_size, D // 32]``, read the same way by ``pallas_kernels.q8``'s kernel body (its fused dequant,
+``fuse="wide"`` by default) over four views that share one block's page indices: the codes and the scales of a
+block come from the same pages, so the table is read once per block.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend
+from pallas_kernels import backend, q8
 from pallas_kernels import decode_attention as contiguous
 
 MIN_BLOCK = contiguous.MIN_BLOCK  # Triton's smallest dot dimension
@@ -78,8 +83,9 @@ class PagedView:
     ``(start + r) // page_size`` (repeated entries hit the cache); ``gather="pages"`` loads the
     ``size // page_size`` entries once and the block as ``[pages, page_size, D]``, reshaped to ``[size, D]``.
     Either way every index is an array (one gather, which interpret mode can run too) and the load is masked by
-    row: rows past the sequence's length are not read. The K and V views of one kernel share ``addresses``, so
-    the V read of a block reuses the page indices its K read loaded.
+    row: rows past the sequence's length are not read. The K and V views of one kernel (and the scale views of
+    Q8 pages) share ``addresses``, so every read of a block after the first reuses the page indices it loaded.
+    Only whole rows are read (the last index must be ``:``).
     """
 
     def __init__(self, pool_ref, addresses: _BlockAddresses):
@@ -90,40 +96,52 @@ class PagedView:
         self.dtype = pool_ref.dtype
 
     def __getitem__(self, index):
-        layer, b, h, window, _ = index
+        layer, b, h, window, cols = index
+        if cols != slice(None):
+            raise NotImplementedError(f"a paged view reads whole rows ([..., :]), got columns {cols}")
         pages, offsets, valid = self.addresses(b, window, self.shape[4])
         x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=0)
         return x.reshape(window.size, self.shape[4])  # [bk, D]
 
 
 class _BlockAddresses:
-    """Page indices, in-page offsets and row mask of one block, computed once for its K and V reads."""
+    """Page indices of one block, loaded once for all its reads, and its in-page offsets and row mask, built once
+    per row width (``D`` for K/V values, ``D // 32`` for Q8 scales)."""
 
     def __init__(self, tables_ref, lengths_ref, num_pages: int, page_size: int, gather: str):
         self.tables, self.lengths = tables_ref, lengths_ref
         self.num_pages, self.page_size, self.gather = num_pages, page_size, gather
-        self._last = None  # (b, start, size) -> addresses of the block last asked for (the K read, then V's)
+        self._last = None  # (b, start, size, pages, {width: (offsets, valid)}) of the block last asked for
 
-    def __call__(self, b, window, head_dim):
-        key = (b, window.start, window.size)
+    def __call__(self, b, window, width):
         last = self._last
-        if last is not None and last[0][0] is b and last[0][1] is window.start and last[0][2] == window.size:
-            return last[1]  # the same traced values: V's read of the block K just read
-        ps, size, n = self.page_size, window.size, self.lengths[b]
+        if last is None or not (last[0] is b and last[1] is window.start and last[2] == window.size):
+            self._last = last = (b, window.start, window.size, self._pages(b, window), {})
+        if width not in last[4]:  # else the same traced values: a later read of the block just read
+            last[4][width] = self._offsets(b, window, width)
+        return (last[3], *last[4][width])
+
+    def _pages(self, b, window):
+        ps, size = self.page_size, window.size
         if self.gather == "rows":
             r = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
             pages = self.tables[b, (window.start + r) // ps]  # [bk, 1]
-            offsets = (r % ps, lax.broadcasted_iota(jnp.int32, (1, head_dim), 1))
-            valid = window.start + lax.broadcasted_iota(jnp.int32, (size, head_dim), 0) < n
+        else:
+            pages = self.tables[b, pl.ds(window.start // ps, size // ps)][:, None, None]  # [ppb, 1, 1]
+        return jnp.clip(pages, 0, self.num_pages - 1)  # an entry without a page only covers masked rows
+
+    def _offsets(self, b, window, width):
+        ps, size, n = self.page_size, window.size, self.lengths[b]
+        if self.gather == "rows":
+            r = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+            offsets = (r % ps, lax.broadcasted_iota(jnp.int32, (1, width), 1))
+            valid = window.start + lax.broadcasted_iota(jnp.int32, (size, width), 0) < n
         else:
             ppb = size // ps
-            pages = self.tables[b, pl.ds(window.start // ps, ppb)][:, None, None]  # [ppb, 1, 1]
-            offsets = tuple(lax.broadcasted_iota(jnp.int32, s, i) for s, i in (((1, ps, 1), 1), ((1, 1, head_dim), 2)))
-            pos = lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 0) * ps
-            valid = window.start + pos + lax.broadcasted_iota(jnp.int32, (ppb, ps, head_dim), 1) < n
-        pages = jnp.clip(pages, 0, self.num_pages - 1)  # an entry without a page only covers masked rows
-        self._last = (key, (pages, offsets, valid))
-        return self._last[1]
+            offsets = tuple(lax.broadcasted_iota(jnp.int32, s, i) for s, i in (((1, ps, 1), 1), ((1, 1, width), 2)))
+            pos = lax.broadcasted_iota(jnp.int32, (ppb, ps, width), 0) * ps
+            valid = window.start + pos + lax.broadcasted_iota(jnp.int32, (ppb, ps, width), 1) < n
+        return offsets, valid
 
 
 def _paged_kernel(
@@ -390,4 +408,162 @@ def paged_decode_attention_reference(
     if k_pages.ndim == 5:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
     k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+    return contiguous.decode_attention_reference(q, k, v, lengths, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------- Q8 pages
+
+# pallas_kernels.q8's fusions but "scores", whose 32-wide column reads a paged view does not address.
+Q8_FUSE = tuple(f for f in q8.FUSE if f != "scores")
+
+
+def paged_q8_config(batch: int, num_kv_heads: int, max_pages: int, page_size: int, head_dim: int) -> PagedConfig:
+    """Defaults: the contiguous Q8 kernel's block of keys (``q8.decode_config``) rounded to whole pages, and its
+    splits, warps and stages for that block."""
+    max_len = max_pages * page_size
+    base = q8.decode_config(batch, num_kv_heads, max_len, head_dim)
+    ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
+    config = q8.decode_config(batch, num_kv_heads, max_len, head_dim, block_k=ppb * page_size)
+    return PagedConfig(ppb, config.num_splits, config.num_warps, config.num_stages, fused_combine=False, gather="rows")
+
+
+def _paged_q8_kernel(
+    # inputs
+    lengths_ref,  # [B] int32
+    layer_ref,  # [1] int32
+    tables_ref,  # [B, Mp] int32: Mp = M padded to a multiple of pages_per_block
+    q_ref,  # [B, N, D]
+    k_ref,  # [L, P, K, page_size, D] int8: the whole pool
+    k_scale_ref,  # [L, P, K, page_size, D // 32]
+    v_ref,  # [L, P, K, page_size, D] int8
+    v_scale_ref,  # [L, P, K, page_size, D // 32]
+    # (poison inputs, aliased to the outputs and never read), then outputs: as in pallas_kernels.q8
+    *refs,
+    gather: str,
+    **params,
+):
+    addresses = _BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3], gather)
+    views = [PagedView(ref, addresses) for ref in (k_ref, k_scale_ref, v_ref, v_scale_ref)]
+    q8.decode_kernel(lengths_ref, layer_ref, q_ref, *views, *refs, scales_t=False, **params)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "fuse", "interpret", "poison"))
+def _paged_q8(
+    q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, config: PagedConfig, fuse, interpret, poison
+):
+    # q [B, N, D]; k, v int8[L, P, K, page_size, D]; scales [L, P, K, page_size, D // 32]; tables int32[B, M];
+    # lengths int32[B]; layer int32[1]
+    kv_heads, page_size, head_dim = k.shape[2:]
+    max_pages = tables.shape[1]
+    splits, ppb = config.num_splits, config.pages_per_block
+    if max_pages % ppb:  # as in _paged: a block may run past the table's last column (masked)
+        tables = jnp.pad(tables, ((0, 0), (0, -max_pages % ppb)), constant_values=-1)
+    out_shape = contiguous.split_out_shape(q, splits)
+    inputs = [lengths, layer, tables, q, k, k_scale, v, v_scale]
+    num_in = len(inputs)
+    if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
+        inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+    options = q8.kernel_options(q.dtype, q.shape[1] // kv_heads, head_dim, ppb * page_size, splits, scale, fuse)
+    kernel = functools.partial(_paged_q8_kernel, gather=config.gather, num_poison=len(inputs) - num_in, **options)
+    aliases = {num_in + i: i for i in range(len(inputs) - num_in)}
+    grid = (q.shape[0], kv_heads, splits)
+    return contiguous.launch_split_kernel(
+        kernel, inputs, out_shape, aliases, grid, config, interpret, "jkv_paged_q8_attention", splits > 1, q.dtype
+    )
+
+
+def check_q8_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None):
+    """Validate the arguments of :func:`paged_q8_decode_attention`; return ``(B, N, K, P, page_size, D)``."""
+    q8.check_q8("k_pages", k_pages, k_scale_pages)
+    q8.check_q8("v_pages", v_pages, v_scale_pages)
+    if v_pages.shape != k_pages.shape or v_scale_pages.dtype != k_scale_pages.dtype:
+        raise ValueError(
+            f"k and v pages must have the same shape and scale dtype, got {k_pages.shape}/{k_scale_pages.dtype} "
+            f"and {v_pages.shape}/{v_scale_pages.dtype}"
+        )
+    # Shapes, GQA, head_dim, page size, tables, lengths and layer as for bf16 pools, on stand-ins of the values.
+    stand_in = jax.ShapeDtypeStruct(k_pages.shape, jnp.bfloat16)
+    return check_args(q, stand_in, stand_in, block_tables, lengths, layer)
+
+
+def paged_q8_decode_attention(
+    q: Float[Array, "B N D"],
+    k_pages: Int8[Array, "*L P K page D"],
+    k_scale_pages: Float[Array, "*L P K page D//32"],
+    v_pages: Int8[Array, "*L P K page D"],
+    v_scale_pages: Float[Array, "*L P K page D//32"],
+    block_tables: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    pages_per_block: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    gather: str | None = None,
+    fuse: str | None = None,
+    poison: bool = False,
+) -> Float[Array, "B N D"]:
+    """Decode attention over Q8 pages: :func:`paged_decode_attention` with each of K and V given as code and
+    scale pools, dequantized inside the loads as ``pallas_kernels.q8.decode_attention`` does. ``fuse`` picks
+    where the scales enter (``Q8_FUSE``; default ``q8.DEFAULT_FUSE``); the launch arguments override
+    :func:`paged_q8_config`. Products in ``q``'s dtype (bfloat16 / float16; tf32 on GPU for float32), softmax
+    and accumulation in float32."""
+    b, _, kh, _, page_size, d = check_q8_args(
+        q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer
+    )
+    interpret = backend.resolve_interpret(interpret)
+    if scale is None:
+        scale = d**-0.5
+    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    fuse = q8.DEFAULT_FUSE if fuse is None else fuse
+    if fuse not in Q8_FUSE:
+        raise ValueError(f"fuse={fuse!r} is not one of {Q8_FUSE}")
+    config = _resolve_config(
+        paged_q8_config(b, kh, block_tables.shape[1], page_size, d),
+        page_size,
+        d,
+        1,
+        pages_per_block=pages_per_block,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        gather=gather,
+    )
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    if k_pages.ndim == 4:
+        pools, layer = tuple(x[None] for x in pools), 0  # free reshapes, not copies
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    tables = jnp.asarray(block_tables).astype(jnp.int32)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    options = dict(scale=float(scale), config=config, fuse=fuse, interpret=interpret, poison=poison)
+    return _paged_q8(q, *pools, tables, lengths, layer, **options)
+
+
+def paged_q8_decode_attention_reference(
+    q: Float[Array, "B N D"],
+    k_pages: Int8[Array, "*L P K page D"],
+    k_scale_pages: Float[Array, "*L P K page D//32"],
+    v_pages: Int8[Array, "*L P K page D"],
+    v_scale_pages: Float[Array, "*L P K page D//32"],
+    block_tables: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    **launch,
+) -> Float[Array, "B N D"]:
+    """Pure-``jnp`` reference with the kernel's signature: gather the pages (codes and scales), dequantize to
+    float32 and run the contiguous reference. Launch arguments are accepted and ignored."""
+    del launch
+    check_q8_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer)
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    if k_pages.ndim == 5:
+        pools = tuple(x[layer] for x in pools)
+    k, k_scale, v, v_scale = (gather_pages(x, block_tables) for x in pools)
+    k = q8.dequantize_reference(k, k_scale, dtype=jnp.float32)
+    v = q8.dequantize_reference(v, v_scale, dtype=jnp.float32)
     return contiguous.decode_attention_reference(q, k, v, lengths, scale=scale)

@@ -195,8 +195,8 @@ def wide_rows(group: int, chunks: int) -> int:
     return max(1 << (group - 1).bit_length(), -(-bf16_kernel.MIN_BLOCK // chunks))
 
 
-def _q8_decode_kernel(
-    # inputs
+def decode_kernel(
+    # inputs (the paged kernel passes views of its pools that read through the block table for k/v and scales)
     lengths_ref,  # [B] int32
     layer_ref,  # [1] int32
     q_ref,  # [B, N, D]
@@ -370,6 +370,21 @@ def _q8_decode_kernel(
         backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
 
 
+def kernel_options(q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float, fuse: str) -> dict:
+    """The static arguments of :func:`decode_kernel` but ``num_poison`` and ``scales_t`` (shared with the paged
+    Q8 kernel)."""
+    rows = wide_rows(group, head_dim // QBLOCK) if fuse in WIDE else group_rows(group)
+    return dict(
+        group=group,
+        rows=rows,
+        block_k=block_k,
+        num_splits=num_splits,
+        scale=scale,
+        dot_dtype=dot_dtype_for(q_dtype),
+        fuse=fuse,
+    )
+
+
 def dot_dtype_for(q_dtype) -> jnp.dtype:
     """Operand dtype of the kernel's products: a 16-bit query keeps its dtype; float32 runs as tf32 on GPU."""
     q_dtype = jnp.dtype(q_dtype)
@@ -402,15 +417,9 @@ def _decode(
     if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
         inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
     kernel = functools.partial(
-        _q8_decode_kernel,
+        decode_kernel,
         num_poison=len(inputs) - num_in,
-        group=group,
-        rows=wide_rows(group, head_dim // QBLOCK) if fuse in WIDE else group_rows(group),
-        block_k=config.block_k,
-        num_splits=splits,
-        scale=scale,
-        dot_dtype=dot_dtype_for(q.dtype),
-        fuse=fuse,
+        **kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale, fuse),
         scales_t=scales_t,
     )
     aliases = {num_in + i: i for i in range(len(inputs) - num_in)}
@@ -479,10 +488,14 @@ NUM_STAGES = 3
 SPLIT_KEYS = 128
 
 
-def decode_config(batch: int, num_kv_heads: int, max_len: int, head_dim: int) -> DecodeConfig:
+def decode_config(
+    batch: int, num_kv_heads: int, max_len: int, head_dim: int, block_k: int | None = None
+) -> DecodeConfig:
     """Launch parameters: ``BLOCK_K`` keys per step (fewer for a shorter cache), ``NUM_WARPS``, ``NUM_STAGES``;
-    splits as the comment above ``SPLIT_KEYS`` says."""
-    block_k = max(bf16_kernel.MIN_BLOCK, min(BLOCK_K, 1 << (max(max_len, 1).bit_length() - 1)))
+    splits as the comment above ``SPLIT_KEYS`` says. ``block_k`` fixes the keys per step instead (the paged Q8
+    kernel's whole pages); the splits and stages follow it."""
+    if block_k is None:
+        block_k = max(bf16_kernel.MIN_BLOCK, min(BLOCK_K, 1 << (max(max_len, 1).bit_length() - 1)))
     sms, programs = backend.num_multiprocessors(), batch * num_kv_heads
     split_keys = max(block_k, SPLIT_KEYS)
     if programs >= sms:

@@ -11,12 +11,18 @@ sequence full, lengths = T; scripts/bench_attention.py), it times
   ``[K, P, page_size, D]`` layout, transposed outside the timed call; its default block sizes, ``k_splits`` 16 or
   the largest power of two dividing the pages per sequence), a peer;
 * ``xla_paged_16``: the pure-jnp reference that gathers the pages into a contiguous cache and attends;
+* ``q8_contig``: ``pallas_kernels.q8.decode_attention`` (fused dequant, default ``fuse="wide"``) on the same K/V
+  quantized (int8 codes, float16 scales per 32 values), default launch;
+* ``q8_paged_16``, ``q8_paged_32``, ``q8_paged_64``: ``pallas_kernels.paged_attention.paged_q8_decode_attention``
+  on those codes and scales cut into pages at the same permuted places as the bf16 pages, default launch;
 * ``copy``: a 1 GiB device-to-device copy (torch), the bandwidth ceiling.
 
-Formula: TB/s = bytes of K and V read (2 * B * K * T * D * 2) / median time per call (the copy counts bytes read
-plus written). Timing is scripts/bench_attention.py's: calls unrolled in one jitted program, each output the next
-call's query, time per call = difference between programs of 2n and n calls; inputs rotate over enough copies to
-exceed 4x the L2 cache. Every variant is checked against the contiguous XLA reference first. Compile time apart.
+Formula: TB/s = bytes of K and V read (2 * B * K * T * D * 2 for bf16; 2 * B * K * T * (D + D / 32 * 2) for Q8) /
+median time per call (the copy counts bytes read plus written). Ratios in parentheses are to ``contig`` (bf16); Q8
+errors are against the bf16 reference (so they include the format's own error). Timing is
+scripts/bench_attention.py's: calls unrolled in one jitted program, each output the next call's query, time per
+call = difference between programs of 2n and n calls; inputs rotate over enough copies to exceed 4x the L2 cache.
+Every variant is checked against the contiguous XLA reference first. Compile time apart.
 
 ``--sweep 1x4096 ...`` also sweeps the launch parameters of the contiguous and paged kernels on those shapes
 (keys per block 32/64/128 x splits around the default, then stages 2/4 and the other split merge on the winner)
@@ -46,7 +52,8 @@ import bench_attention as common  # the shapes, the timing method and the copy c
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import backend, paged_attention
+from jkv.quant import quantize
+from pallas_kernels import backend, paged_attention, q8
 from pallas_kernels import decode_attention as kernels
 
 PAGE_SIZES = (16, 32, 64)
@@ -62,14 +69,14 @@ def pool(x, perm, page_size: int):
 
 
 def paged_sets(sets, page_size: int, key):
-    """The contiguous sets cut into pages at randomly permuted pool positions: (q, k_pool, v_pool, tables, n)."""
+    """The contiguous sets cut into pages at randomly permuted pool positions: (q, *pools, tables, n) with one
+    pool per cache array (K and V; codes and scales of each for Q8), all at the same places."""
     out = []
-    for i, (q, k, v, n) in enumerate(sets):
-        batch, _, seq, _ = k.shape
+    for i, (q, *arrays, n) in enumerate(sets):
+        batch, _, seq, _ = arrays[0].shape
         m = seq // page_size
         perm = jax.random.permutation(jax.random.fold_in(key, i), batch * m).astype(jnp.int32)
-
-        out.append((q, pool(k, perm, page_size), pool(v, perm, page_size), perm.reshape(batch, m), n))
+        out.append((q, *(pool(x, perm, page_size) for x in arrays), perm.reshape(batch, m), n))
     return out
 
 
@@ -98,7 +105,7 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
     ref = jax.jit(kernels.decode_attention_reference)(*sets[0])
     results = {}
 
-    def record(name, fn, arg_sets, config=None, check=None):
+    def record(name, fn, arg_sets, config=None, check=None, nbytes=nbytes):
         if time.perf_counter() > deadline:
             results[name] = {"error": "skipped: time budget spent"}
             log(f"  {name:16s} skipped (time budget)")
@@ -138,6 +145,12 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
 
     config = kernels.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, jnp.bfloat16)
     record("contig", kernels.decode_attention, sets, config)
+    # Q8: the same K/V quantized (codes + float16 scales), the contiguous fused kernel and, below, its pages.
+    q8_bytes = nbytes * (common.HEAD_DIM + common.HEAD_DIM // 32 * 2) // (2 * common.HEAD_DIM)
+    q8_sets = [] if sweep else [(q, *quantize(k), *quantize(v), n) for q, k, v, n in sets]
+    if q8_sets:
+        q8_config = q8.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM)
+        record("q8_contig", q8.decode_attention, q8_sets, q8_config, nbytes=q8_bytes)
     if sweep:
         tune(
             "contig",
@@ -181,6 +194,12 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
             except ImportError as e:
                 results["jax_paged_16"] = {"error": str(e)}
         del psets
+        if q8_sets:
+            qsets = paged_sets(q8_sets, page_size, jax.random.fold_in(key, page_size))
+            config = paged_attention.paged_q8_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM)
+            record(f"q8_paged_{page_size}", paged_attention.paged_q8_decode_attention, qsets, config, nbytes=q8_bytes)
+            del qsets
+    del q8_sets
     contig = results.get("contig", {}).get("time_s")
     for r in results.values():
         if contig and "time_s" in r:
@@ -188,7 +207,8 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
     return {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
 
 
-COLUMNS = ("contig", "paged_16", "paged_32", "paged_64", "jax_paged_16", "xla_paged_16")
+BF16_COLUMNS = ("contig", "paged_16", "paged_32", "paged_64", "jax_paged_16", "xla_paged_16")
+COLUMNS = (*BF16_COLUMNS, "q8_contig", *(f"q8_paged_{p}" for p in PAGE_SIZES))
 BEST = ("contig_best", "paged_16_best", "paged_32_best", "paged_64_best")
 
 
@@ -236,7 +256,7 @@ def main(argv=None) -> None:
             "gpu": jax.devices()[0].device_kind,
             "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
             "backend": backend.describe(),
-            "formula": "TB/s = 2*B*K*T*D*2 bytes / median time per call",
+            "formula": "TB/s = 2*B*K*T*D*2 bytes (bf16), 2*B*K*T*(D+D/32*2) bytes (Q8) / median time per call",
         },
         "shapes": [],
     }
