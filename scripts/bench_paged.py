@@ -201,9 +201,12 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
             del qsets
     del q8_sets
     contig = results.get("contig", {}).get("time_s")
-    for r in results.values():
+    q8_contig = results.get("q8_contig", {}).get("time_s")
+    for name, r in results.items():
         if contig and "time_s" in r:
             r["vs_contig"] = r["time_s"] / contig
+        if q8_contig and name.startswith("q8_paged") and "time_s" in r:
+            r["vs_q8_contig"] = r["time_s"] / q8_contig
     return {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
 
 
@@ -228,6 +231,9 @@ def table(report: dict) -> str:
         tb = lambda c, r=r: f"{r.get(c, {}).get('tbps', float('nan')):16.3f}"
         lines.append(f"{shape['batch']:>4} x {shape['seq']:<6}" + " ".join(f"{cell(c):>16}" for c in COLUMNS))
         lines.append(f"{'TB/s':>12}" + " ".join(tb(c) for c in COLUMNS))
+        q8_ratios = [f"{c} {r[c]['vs_q8_contig']:.2f}" for c in COLUMNS if "vs_q8_contig" in r.get(c, {})]
+        if q8_ratios:
+            lines.append(f"{'':>12}  Q8 pages / q8_contig: " + ", ".join(q8_ratios))
         if "time_s" in r.get("contig_best", {}):
             t0 = r["contig_best"]["time_s"]
             best = [f"{c[:-5]} {r[c]['time_s'] * 1e6:.1f} us ({r[c]['time_s'] / t0:.2f})" for c in BEST if c in r]
