@@ -212,6 +212,7 @@ class Engine:
             self.cache, self._single = KVCache.init(self.spec, num_slots), KVCache.init(self.spec, 1)
         self._slots: list[_Active | None] = [None] * num_slots
         self._batch_sampling_cache = None  # device copies of the slots' sampling parameters
+        self._inflight = None  # (token ids on the device, {slot: its request state}) of the step not yet read
         self._pending: collections.deque[_Request] = collections.deque()
         self._done: dict[int, Completion] = {}
         self._next_id = 0
@@ -284,6 +285,7 @@ class Engine:
             self._read_pinned = {}  # width in pages -> compiled restore of a pinned prefix into the prefill cache
         self._restore = compiled(lambda single, entry: single.reset().insert_into_slot(0, entry), 0)
         self._retire = compiled(retire, 0, lambda c: c)
+        self._merge_tokens = self._on_mesh(jax.jit(lambda previous, host, use: jnp.where(use, previous, host)))
 
     def _on_mesh(self, fn):
         """Trace and run ``fn`` with the engine's mesh active, so Pallas kernels run per shard."""
@@ -334,7 +336,7 @@ class Engine:
         return len(self._pending)
 
     def has_work(self) -> bool:
-        return bool(self._pending) or self.num_active > 0
+        return bool(self._pending) or self.num_active > 0 or self._inflight is not None
 
     def pop_finished(self) -> list[Completion]:
         done = sorted(self._done.values(), key=lambda c: c.id)
@@ -362,17 +364,45 @@ class Engine:
 
     # ------------------------------------------------------------------ one engine step
     def step(self) -> None:
-        """Admit what fits, then advance every active slot by one decode (or verify) step."""
+        """Admit what fits, then advance every active slot by one decode (or verify) step.
+
+        Decode steps are pipelined: step i+1 is dispatched with step i's token ids still on the device, and step
+        i's ids are read, streamed and checked for stop conditions while step i+1 runs, so the host's per-step
+        work overlaps the device's. A request that finishes at step i has one more position computed in step
+        i+1, which its retirement drops (its token is never emitted). Verify steps (speculative decoding) read
+        their results at once.
+        """
+        k = self.speculative_tokens
+        if k:
+            self._collect()
         self._admit()
         active = [i for i, s in enumerate(self._slots) if s is not None]
         if not active:
+            self._collect()
             return
-        k = self.speculative_tokens
-        lengths = np.asarray(self.cache.lengths)
-        if k and all(lengths[i] + k + 1 <= self.spec.max_len for i in active):
+        if k and all(self._cache_length(i) + k + 1 <= self.spec.max_len for i in active):
             self._verify_step(active, k)
         else:
             self._decode_step(active)
+            if k:
+                self._collect()
+
+    def _cache_length(self, slot: int) -> int:
+        """Positions slot ``slot`` holds in the cache: its prompt and every generated token but the last."""
+        state = self._slots[slot]
+        return len(state.request.prompt) + len(state.tokens) - 1
+
+    def _collect(self) -> None:
+        """Read the token ids of the decode step in flight (if any): stream them, then retire finished slots."""
+        if self._inflight is None:
+            return
+        nxt, states = self._inflight
+        self._inflight = None
+        nxt = np.asarray(nxt)
+        for i, state in states.items():
+            if self._slots[i] is state:  # not retired (and reused) since that step was dispatched
+                self._emit(i, [int(nxt[i])])
+        self._retire_finished()
 
     def _sampling_arrays(self, slots: Sequence[_Active | None]):
         """Per-row sampling inputs: request key data, tokens generated so far, temperature, top-k, top-p."""
@@ -390,13 +420,15 @@ class Engine:
             field("top_p", 1.0, jnp.float32),
         )
 
-    def _batch_sampling(self):
-        """``_sampling_arrays`` for all slots; the per-request arrays stay on the device until a slot changes."""
+    def _batch_sampling(self, in_flight=()):
+        """``_sampling_arrays`` for all slots; the per-request arrays stay on the device until a slot changes.
+        Slots in ``in_flight`` have one generated token more than their host-side list shows (still on the device)."""
         if self._batch_sampling_cache is None:
             key_data, _, temperature, top_k, top_p = self._sampling_arrays(self._slots)
             self._batch_sampling_cache = (key_data, temperature, top_k, top_p)
         key_data, temperature, top_k, top_p = self._batch_sampling_cache
-        counter = jnp.asarray(np.asarray([len(s.tokens) if s else 0 for s in self._slots], np.int32))
+        counts = [len(s.tokens) + (i in in_flight) if s else 0 for i, s in enumerate(self._slots)]
+        counter = jnp.asarray(np.asarray(counts, np.int32))
         return key_data, counter, temperature, top_k, top_p
 
     def _admit(self) -> None:
@@ -477,16 +509,25 @@ class Engine:
     def _decode_step(self, active: list[int]) -> None:
         tokens = np.zeros(self.num_slots, np.int32)
         mask = np.zeros(self.num_slots, bool)
+        on_device = np.zeros(self.num_slots, bool)  # the slot's input token is the in-flight step's output
+        previous = self._inflight
         for i in active:
-            tokens[i], mask[i] = self._slots[i].tokens[-1], True
+            state = self._slots[i]
+            mask[i] = True
+            if previous is not None and previous[1].get(i) is state:
+                on_device[i] = True
+            else:
+                tokens[i] = state.tokens[-1]
+        inputs = jnp.asarray(tokens)
+        if on_device.any():
+            inputs = self._merge_tokens(previous[0], inputs, jnp.asarray(on_device))
+        in_flight = set(np.flatnonzero(on_device).tolist())
         nxt, self.cache = self._decode(
-            self.params, self.cache, jnp.asarray(tokens), jnp.asarray(mask), *self._batch_sampling()
+            self.params, self.cache, inputs, jnp.asarray(mask), *self._batch_sampling(in_flight)
         )
-        nxt = np.asarray(nxt)
         self.stats.decode_steps += 1
-        for i in active:
-            self._emit(i, [int(nxt[i])])
-        self._retire_finished()
+        self._collect()  # the previous step's ids, read while this one runs
+        self._inflight = (nxt, {i: self._slots[i] for i in active if self._slots[i] is not None})
 
     def _verify_step(self, active: list[int], k: int) -> None:
         tokens = np.zeros((self.num_slots, k + 1), np.int32)
