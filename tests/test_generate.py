@@ -111,7 +111,7 @@ def test_other_cache_types_generate(kind, params, generator):
 
 
 def test_cache_kinds_lists_what_exists():
-    assert set(cache_kinds()) == {"bf16", "f32", "q8", "paged"}
+    assert set(cache_kinds()) == {"bf16", "f32", "q8", "paged", "q8-paged"}
 
 
 # ---------------------------------------------------------------------------------------------- errors
