@@ -126,4 +126,4 @@ def test_cache_missing_from_installation(monkeypatch, tiny_gguf, capsys):
     monkeypatch.setattr(generate, "cache_kinds", lambda: {k: v for k, v in kinds.items() if k != "q8"})
     assert cli.main(["generate", "hi", "--model", tiny_gguf, "--cache", "q8", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "--cache q8 is not available in this installation: choose from ['bf16', 'f32', 'paged']" in err
+    assert "--cache q8 is not available in this installation: choose from ['bf16', 'f32', 'paged', 'q8-paged']" in err

@@ -117,7 +117,7 @@ def test_prompts_sharing_a_prefix_with_an_earlier_prompt_reuse_it(params, rng, c
     """No bare system prompt is ever submitted: the common prefix of two full prompts is what a later one reuses.
     With a paged cache, concurrent requests hold the shared pages once (pinned by the entry, refcounted)."""
     system = rng.integers(0, CONFIG.vocab_size, size=37).tolist()  # 2 full pages of 16 and 5 positions
-    ps = [system + [i] + tail for i, tail in enumerate(prompts(rng, 5, 1, 5))]  # tails differ at their first token
+    ps = [[*system, i, *tail] for i, tail in enumerate(prompts(rng, 5, 1, 5))]  # tails differ at their first token
     want = [greedy_alone(params, p, 5) for p in ps]
     engine = Engine(params, CONFIG, num_slots=4, max_len=MAX_LEN, prefix_cache_bytes=1 << 20, cache=cache)
     engine.submit(ps[0], SamplingParams(max_new_tokens=5))

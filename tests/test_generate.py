@@ -167,7 +167,7 @@ def test_generator_errors(params):
         Generator(CONFIG, params, max_len=1)
     with pytest.raises(ValueError, match="batch must be a positive int, got 0"):
         Generator(CONFIG, params, max_len=64, batch=0)
-    with pytest.raises(ValueError, match=r"cache='fp8' is not one of \['bf16', 'f32', 'paged', 'q8'\]"):
+    with pytest.raises(ValueError, match=r"cache='fp8' is not one of \['bf16', 'f32', 'paged', 'q8', 'q8-paged'\]"):
         Generator(CONFIG, params, max_len=64, cache="fp8")
     with pytest.raises(ValueError, match="impl='cuda' is not one of"):
         Generator(CONFIG, params, max_len=64, impl="cuda")
