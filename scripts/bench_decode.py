@@ -221,6 +221,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--min-rows", default="8", help="variants of llama.MIN_MATMUL_ROWS on GPU, e.g. 8,1")
+    parser.add_argument(
+        "--norm-kernel", default="off", help="variants of llama.RESIDUAL_NORM_KERNEL: off, on or off,on"
+    )
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9, help="start nothing new after this many seconds")
     parser.add_argument("--out", default="decode.jsonl")
@@ -255,15 +258,18 @@ def main(argv=None) -> int:
         roofline_ms = 1e3 * weight_bytes / (bw["tbps"] * 1e12)
         log(f"{name}: random bf16 init {time.perf_counter() - t:.1f} s, {weight_bytes / 1e9:.2f} GB read per step")
         base = {"model": name, "weight_gb": weight_bytes / 1e9, "roofline_ms": roofline_ms}
-        for min_rows in [int(m) for m in args.min_rows.split(",")]:
+        variants = [(int(m), n) for m in args.min_rows.split(",") for n in args.norm_kernel.split(",")]
+        for min_rows, norm_kernel in variants:
             llama.MIN_MATMUL_ROWS["gpu"] = min_rows
+            llama.RESIDUAL_NORM_KERNEL = {"off": False, "on": True}[norm_kernel]
             for impl in impls:
                 for batch in batches:
                     if time.perf_counter() - START > args.deadline:
                         log(f"deadline: skipping jkv {name} b{batch} {impl} min_rows={min_rows}")
                         continue
                     r = bench_jkv(config, params, batch, impl, args.steps, args.prompt, args.max_len)
-                    r |= {"impl": impl, "batch": batch, "min_rows": min_rows, "roofline": roofline_ms / r["ms"]}
+                    r |= {"impl": impl, "batch": batch, "min_rows": min_rows, "norm_kernel": norm_kernel}
+                    r |= {"roofline": roofline_ms / r["ms"]}
                     record({"kind": "jkv", **base, **r})
         del params
         gc.collect()

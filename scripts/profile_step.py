@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import sys
@@ -43,12 +44,21 @@ def main(argv=None):
     ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
     ap.add_argument("--cache", default="bf16", help="a jkv.generate.cache_kinds() name (bf16, paged, q8, ...)")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--sequence", type=int, default=0, help="print the first N kernels of one step, in order")
+    ap.add_argument("--splits", type=int, help="override the contiguous decode kernel's split count")
+    ap.add_argument("--norm-kernel", action="store_true", help="set llama.RESIDUAL_NORM_KERNEL")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    if args.splits:
+        from pallas_kernels import decode_attention as kernel
+
+        default_config = kernel.decode_config
+        kernel.decode_config = lambda *a, **k: default_config(*a, **k)._replace(num_splits=args.splits)
+    llama.RESIDUAL_NORM_KERNEL = args.norm_kernel
     config = MODELS[args.model]()
     params = llama.init_params(config, jax.random.key(0), jnp.bfloat16, scale=0.02, layout="layers")
     gen = Generator(config, params, max_len=args.max_len, batch=args.batch, cache=args.cache, impl=args.impl)
@@ -87,10 +97,16 @@ def main(argv=None):
         by_name[e.name][0] += 1
         by_name[e.name][1] += e.device_time
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[: args.top]
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)
+    sequence = [
+        {"name": e.name[:100], "us": e.device_time, "gap_us": e.time_range.start - prev.time_range.end}
+        for prev, e in itertools.pairwise(ordered[: args.sequence + 1])
+    ]
     report = {
         "model": args.model,
         "batch": args.batch,
         "cache": args.cache,
+        "norm_kernel": args.norm_kernel,
         "device": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "wall_ms_per_step": wall_ms,
@@ -101,6 +117,7 @@ def main(argv=None):
         "top": [
             {"name": n[:100], "calls_per_step": c / args.steps, "us_per_step": us / args.steps} for n, (c, us) in top
         ],
+        "sequence": sequence,
     }
     print(
         f"{args.model} batch {args.batch} {args.cache}: wall {wall_ms:.3f} ms/step, profiled {span_ms:.3f} ms/step, "
@@ -109,6 +126,10 @@ def main(argv=None):
     )
     for row in report["top"]:
         print(f"  {row['us_per_step']:8.1f} us  x{row['calls_per_step']:5.1f}  {row['name']}")
+    if sequence:
+        print(f"  first {len(sequence)} kernels after the step's first (us, gap before it):")
+    for row in sequence:
+        print(f"  {row['us']:7.1f} {row['gap_us']:6.1f}  {row['name']}")
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(report) + "\n")

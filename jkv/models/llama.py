@@ -27,8 +27,9 @@ from flax import struct
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from jkv.attention import decode_attention, prefill_attention
+from jkv.attention import decode_attention, prefill_attention, resolve_impl
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
+from pallas_kernels import rms_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,10 +274,23 @@ def _init_params(config: LlamaConfig, key, dtype, scale: float) -> LlamaParams:
 
 
 # ---------------------------------------------------------------------------------------------- the forward pass
-def _rms_norm(x: Float[Array, "B T H"], weight: Float[Array, " H"], eps: float) -> Float[Array, "B T H"]:
-    x = x.astype(jnp.float32)
-    x = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return x * weight.astype(jnp.float32)
+# Whether ``impl="pallas"`` runs the residual add and RMSNorm as one Pallas kernel (pallas_kernels.rms_norm)
+# instead of XLA's two fusions. Off until measured on a GPU: the kernel passes its tests in interpret mode, but
+# its Triton lowering and its effect on a decode step have not been run yet (docs/BENCHMARKS.md, "End-to-end
+# decode", says what the profile predicts). scripts/profile_step.py and scripts/bench_decode.py --norm-kernel
+# turn it on.
+RESIDUAL_NORM_KERNEL = False
+
+
+def _residual_norm(x, y, weight, eps: float, dtype, impl):
+    """The residual add ``x + y`` (``y=None``: none) and the RMSNorm after it, split around the next product:
+    ``(x + y, ((x + y) * weight).astype(dtype), rsqrt(mean((x + y)**2) + eps))``. The per-row scale commutes
+    with the product (``rmsnorm(x) @ W == scale * ((x * weight) @ W)``), so the block applies it to the
+    product's output inside the fusion that consumes it, and the norm's only work of its own is the sum of
+    squares. See ``RESIDUAL_NORM_KERNEL`` for the Pallas kernel that does all three in one launch."""
+    if RESIDUAL_NORM_KERNEL and resolve_impl(impl) == "pallas":
+        return rms_norm.residual_rms_norm(x, y, weight, eps=eps, dtype=dtype)
+    return rms_norm.residual_rms_norm_reference(x, y, weight, eps=eps, dtype=dtype)
 
 
 def fuse_qkv(wq, wk, wv, num_kv_heads: int):
@@ -331,14 +345,17 @@ def _project(x: Float[Array, "... H"], w, contract: int = 0) -> Float[Array, "..
     return y[:rows].reshape(*lead, *out)
 
 
-def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfig, inv_freq, impl):
-    """Decoder block ``i`` on the residual stream ``x [B', T, H]`` (f32; ``B' >= cache.batch``, the rows past the
-    cache's batch are padding); writes the keys/values of the first ``cache.batch`` rows into ``cache``."""
+def _block(layer_params: LayerParams, i, x, pending, cache, positions, config: LlamaConfig, inv_freq, impl):
+    """Decoder block ``i`` on the residual stream ``x + pending`` (``[B', T, H]`` f32, ``B' >= cache.batch``: the
+    rows past the cache's batch are padding; ``pending`` is the previous block's MLP output, or None). Writes
+    the keys/values of the first ``cache.batch`` rows into ``cache``; returns ``(x, pending, cache)`` with this
+    block's MLP output pending, so that its residual add joins the next norm."""
     bp, t, _ = x.shape
     b = cache.batch
     n, k, d = config.num_heads, config.num_kv_heads, config.head_dim
-    h = _rms_norm(x, layer_params.attn_norm, config.rms_norm_eps)
-    qkv = _project(h, layer_params.wqkv)  # (B, T, K, G + 2, D)
+    dtype, eps = layer_params.wqkv.dtype, config.rms_norm_eps
+    x, h, scale = _residual_norm(x, pending, layer_params.attn_norm, eps, dtype, impl)
+    qkv = _project(h, layer_params.wqkv) * scale[..., None, None]  # (B, T, K, G + 2, D)
     if layer_params.bqkv is not None:
         qkv = qkv + layer_params.bqkv.astype(jnp.float32)
     g = n // k
@@ -354,12 +371,12 @@ def _block(layer_params: LayerParams, i, x, cache, positions, config: LlamaConfi
         attn = prefill_attention(q, cache, i, impl=impl)  # (B, T, N, D)
     if bp > b:
         attn = jnp.pad(attn, ((0, bp - b), (0, 0), (0, 0), (0, 0)))
-    x = x + _project(attn.reshape(bp, t, n * d), layer_params.wo)
-    h = _rms_norm(x, layer_params.mlp_norm, config.rms_norm_eps)
-    gate_up = _project(h, layer_params.w_gate_up)  # (B, T, 2, F)
+    x, h, scale = _residual_norm(
+        x, _project(attn.reshape(bp, t, n * d), layer_params.wo), layer_params.mlp_norm, eps, dtype, impl
+    )
+    gate_up = _project(h, layer_params.w_gate_up) * scale[..., None]  # (B, T, 2, F)
     act = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    x = x + _project(act, layer_params.w_down)
-    return x, cache
+    return x, _project(act, layer_params.w_down), cache
 
 
 def hidden_states(
@@ -383,11 +400,14 @@ def hidden_states(
             layer_params, i = layer
             return _block(layer_params, i, *carry, positions, config, inv_freq, impl), None
 
-        (x, cache), _ = lax.scan(body, (x, cache), (params.layers, jnp.arange(config.num_layers)))
+        carry = (x, jnp.zeros_like(x), cache)
+        (x, pending, cache), _ = lax.scan(body, carry, (params.layers, jnp.arange(config.num_layers)))
     else:
+        pending = None
         for i, layer_params in enumerate(params.layers):
-            x, cache = _block(layer_params, i, x, cache, positions, config, inv_freq, impl)
-    return _rms_norm(x[:b], params.norm, config.rms_norm_eps), cache.advance(t)
+            x, pending, cache = _block(layer_params, i, x, pending, cache, positions, config, inv_freq, impl)
+    _, h, scale = _residual_norm(x[:b], pending[:b], params.norm, config.rms_norm_eps, jnp.float32, impl)
+    return h * scale, cache.advance(t)
 
 
 def lm_head(params: LlamaParams, h: Float[Array, "... H"]) -> Float[Array, "... V"]:
