@@ -11,7 +11,8 @@ API plugs in. ``prefill`` takes ``T`` tokens per sequence, ``decode_step`` one; 
 ``cache.lengths``, so a ragged batch decodes in one step and one compiled step serves every position.
 
 Numerics: weights and activations between layers live in ``params`` dtype (bf16 on GPU, f32 on CPU); matmuls
-accumulate in f32; the residual stream, norms, rope and softmax run in f32; logits are f32.
+accumulate in f32 (f32 weights multiply at full f32 precision, no TF32); the residual stream, norms, rope and
+softmax run in f32; logits are f32.
 """
 
 from __future__ import annotations
@@ -333,14 +334,17 @@ def _padded_batch(batch: int, tokens: int) -> int:
 
 def _project(x: Float[Array, "... H"], w, contract: int = 0) -> Float[Array, "..."]:
     """``x`` times ``w`` over ``x``'s last axis and ``w``'s axis ``contract``: operands in the weight dtype,
-    f32 accumulation and result. Output axes: ``x``'s leading ones, then ``w``'s others in order."""
+    f32 accumulation and result. Output axes: ``x``'s leading ones, then ``w``'s others in order. Float32 weights
+    multiply at full float32 precision: XLA's default on a GPU rounds float32 operands to TF32 (~1e-3 relative),
+    which is not what a user who asks for float32 weights wants."""
     lead = x.shape[:-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, x.shape[-1]).astype(w.dtype)
     pad = MIN_MATMUL_ROWS.get(jax.default_backend(), 1) - rows
     if pad > 0:
         x2 = jnp.pad(x2, ((0, pad), (0, 0)))
-    y = lax.dot_general(x2, w, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+    precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
+    y = lax.dot_general(x2, w, (((1,), (contract,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
     out = [n for axis, n in enumerate(w.shape) if axis != contract]
     return y[:rows].reshape(*lead, *out)
 
