@@ -14,6 +14,7 @@ from jkv.attention import (
     attention_reference,
     decode_attention,
     decode_attention_reference,
+    decode_attention_write,
     default_impl,
     prefill_attention,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "attention_reference",
     "decode_attention",
     "decode_attention_reference",
+    "decode_attention_write",
     "default_impl",
     "dequantize",
     "inv_frequencies",

@@ -2,6 +2,9 @@
 
 ``decode_attention(q, cache, layer)`` is called after ``cache.write(layer, ...)`` and before ``advance``: the
 query of sequence ``b`` attends to positions ``[0, lengths[b] + 1)``, its own new key included.
+``decode_attention_write(q, k_new, v_new, cache, layer)`` does both (write, then attend) and returns
+``(out, cache)``; for a contiguous cache on the Pallas path it is one kernel that reads the cache once and
+writes the new row itself.
 ``prefill_attention(q, cache, layer)`` does the same for ``T`` new tokens at once, causally: query ``t`` of
 sequence ``b`` sits at position ``lengths[b] + t`` and attends to every position up to and including it.
 
@@ -18,13 +21,16 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from jkv import _checks
-from jkv.cache import KVCache
+from jkv.cache import ERR_WRITE_OVERFLOW, KVCache
 from jkv.paged import PagedKVCache
 from jkv.paged_q8 import Q8PagedKVCache
 from jkv.quant import Q8KVCache
 from jkv.sharding import active_mesh, attention_specs, per_shard
 
 IMPLS = ("xla", "pallas")
+# ``decode_attention_write`` fuses the write into the Pallas kernel (contiguous caches); False: write, then
+# attend (two scatters and the kernel). A switch for scripts/bench_decode.py to compare the two.
+FUSED_DECODE_WRITE = True
 
 
 def default_impl() -> str:
@@ -125,6 +131,46 @@ def decode_attention(
     else:
         k, v = cache.k[layer], cache.v[layer]
     return decode_attention_reference(q, k, v, lengths, scale=scale)
+
+
+def decode_attention_write(
+    q: Float[Array, "B N D"],
+    k_new: Float[Array, "B K 1 D"],
+    v_new: Float[Array, "B K 1 D"],
+    cache,
+    layer,
+    *,
+    impl: str | None = None,
+    scale: float | None = None,
+) -> tuple[Float[Array, "B N D"], object]:
+    """``cache.write(layer, k_new, v_new)`` then ``decode_attention(q, cache, layer)``; returns ``(out, cache)``.
+
+    One new position per sequence (``k_new``/``v_new`` ``[B, K, 1, D]``). On the Pallas path a contiguous
+    ``KVCache`` takes both in one kernel (``pallas_kernels.decode_attention.decode_attention_append``): the
+    new row comes from ``k_new``/``v_new`` and is written by the program that attends over it, which saves the
+    write's own kernels (two per layer and step). Same results, errors and overflow behaviour as the two calls.
+    """
+    impl = resolve_impl(impl)
+    fused = (
+        FUSED_DECODE_WRITE
+        and impl == "pallas"
+        and type(cache) is KVCache
+        and getattr(k_new, "ndim", None) == 4
+        and k_new.shape[2] == 1
+        and active_mesh() is None
+    )
+    if not fused:
+        cache = cache.write(layer, k_new, v_new)
+        return decode_attention(q, cache, layer, impl=impl, scale=scale), cache
+    from pallas_kernels import decode_attention as kernels
+
+    ok = cache._check_write(layer, k_new, v_new)
+    lengths = jnp.minimum(cache.lengths + 1, cache.max_len)
+    out, k, v = kernels.decode_attention_append(
+        q, cache.k, cache.v, lengths, k_new[:, :, 0], v_new[:, :, 0], append=ok, layer=layer, scale=scale
+    )
+    errors = cache.errors | jnp.where(ok, 0, ERR_WRITE_OVERFLOW).astype(cache.errors.dtype)
+    return out, cache.replace(k=k, v=v, errors=errors)
 
 
 def _pallas_kernel(cache):

@@ -154,10 +154,13 @@ def _decode_kernel(
     q_ref,  # [B, N, D]
     k_ref,  # [L, B, K, S, D]: the whole cache; the program reads its own (layer, b, kv head) slab
     v_ref,  # [L, B, K, S, D]
-    # (inputs aliased to the outputs: poison, and the zeroed counters of a fused combine), then outputs:
+    # with ``append``: append [B] int32 (1: position lengths[b] - 1 comes from k_new/v_new and is written),
+    # k_new [B, K, D], v_new [B, K, D]; then the inputs aliased to the outputs (poison, the zeroed counters
+    # of a fused combine, and with ``append`` the cache itself), then the outputs:
     # o [B, N, D] (one split); or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32 partials),
-    # then, with a fused combine, counters [B * K] (int32) and o [B, N, D]
+    # then, with a fused combine, counters [B * K] (int32) and o [B, N, D]; with ``append``, last, k and v
     *refs,
+    append: bool = False,
     num_aliased: int,
     group: int,
     rows: int,
@@ -168,7 +171,12 @@ def _decode_kernel(
     precision,
     interpret: bool,
 ):
+    if append:
+        append_ref, k_new_ref, v_new_ref = refs[:3]
+        refs = refs[3:]
     out_refs = refs[num_aliased:]
+    if append:
+        out_refs, (k_out_ref, v_out_ref) = out_refs[:-2], out_refs[-2:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_layers, _, _, max_len, head_dim = k_ref.shape
     # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
@@ -179,7 +187,15 @@ def _decode_kernel(
     per_split = pl.cdiv(num_blocks, num_splits)
     lo = j * per_split
     hi = jnp.minimum(lo + per_split, num_blocks)
-    n_full = n // block_k  # blocks whose every position is valid
+    if append:
+        # The block holding the new position n - 1 always runs as the (masked) tail, where the new row is
+        # substituted for what the cache held: the cache is read before it is written, never after.
+        n_full = (n - 1) // block_k
+        new_pos = jnp.where((append_ref[b] != 0) & (n > 0), n - 1, -1)
+        k_new = k_new_ref[b, h, :].astype(k_ref.dtype)  # [D]
+        v_new = v_new_ref[b, h, :].astype(v_ref.dtype)
+    else:
+        n_full = n // block_k  # blocks whose every position is valid
 
     # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
     head_rows = pl.ds(h * group, rows)
@@ -187,9 +203,11 @@ def _decode_kernel(
     q = backend.load(q_ref.at[b, head_rows, :], mask=row_ok, other=0 if row_ok is not None else None)
     q = q.astype(k_ref.dtype)  # [Gp, D]
 
-    def attend(carry, start, valid):
+    def attend(carry, start, valid, new_row=None):
         m, denom, acc = carry  # [Gp], [Gp], [Gp, D] float32
         k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
+        if new_row is not None:
+            k = jnp.where(new_row[:, None], k_new[None, :], k)
         s = _dot(q, k, 1, precision) * scale  # [Gp, bk] float32
         if valid is not None:
             s = jnp.where(valid[None, :], s, -jnp.inf)
@@ -197,6 +215,8 @@ def _decode_kernel(
         alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
         p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
         v = v_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
+        if new_row is not None:
+            v = jnp.where(new_row[:, None], v_new[None, :], v)
         if valid is not None:
             v = jnp.where(valid[:, None], v, 0)  # unused positions may hold NaN: 0 * NaN must not reach acc
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 0, precision)
@@ -209,7 +229,7 @@ def _decode_kernel(
         start = n_full * block_k
         window = jnp.minimum(start, max_len - block_k)  # slide back so the load stays inside S
         pos = window + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        return attend(carry, window, (pos >= start) & (pos < n))
+        return attend(carry, window, (pos >= start) & (pos < n), (pos == new_pos) if append else None)
 
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -219,6 +239,12 @@ def _decode_kernel(
     carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
     has_tail = (lo <= n_full) & (n_full < hi)
     m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
+    if append:  # the program that attended over the new position writes it (one row of K and of V)
+
+        @pl.when(has_tail & (new_pos >= 0))
+        def _write():
+            k_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = k_new[None, :]
+            v_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = v_new[None, :]
 
     vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
     if num_splits == 1:
@@ -268,8 +294,9 @@ def _whole(shape):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "poison"))
-def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, interpret: bool, poison: bool):
-    # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1]
+def _decode(q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeConfig, interpret: bool, poison: bool):
+    # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1];
+    # new: None, or (append int32[B], k_new [B, K, D], v_new [B, K, D]): then k and v are returned updated
     _, batch, kv_heads, _, _ = k.shape
     num_heads = q.shape[1]
     group = num_heads // kv_heads
@@ -281,7 +308,7 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, inte
             jax.ShapeDtypeStruct((batch * kv_heads,), jnp.int32),  # splits finished per (b, kv head)
             jax.ShapeDtypeStruct(q.shape, q.dtype),  # o
         ]
-    inputs, aliases = [lengths, layer, q, k, v], {}
+    inputs, aliases = [lengths, layer, q, k, v, *(new or ())], {}
     for i, o in enumerate(out_shape):
         if o.dtype == jnp.int32:  # the counters start at zero
             aliases[len(inputs)] = i
@@ -289,9 +316,14 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, inte
         elif poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
             aliases[len(inputs)] = i
             inputs.append(jnp.full(o.shape, jnp.nan, o.dtype))
+    num_aliased = len(aliases)
+    if new is not None:  # the cache is updated in place: its buffers are the last two outputs
+        aliases |= {3: len(out_shape), 4: len(out_shape) + 1}
+        out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     kernel = functools.partial(
         _decode_kernel,
-        num_aliased=len(aliases),
+        append=new is not None,
+        num_aliased=num_aliased,
         group=group,
         rows=group_rows(group),
         block_k=config.block_k,
@@ -303,8 +335,10 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: DecodeConfig, inte
     )
     grid = (batch, kv_heads, splits)
     combine = splits > 1 and not fused
+    name = "jkv_decode_attention" if new is None else "jkv_decode_attention_append"
+    trailing = 0 if new is None else 2
     return launch_split_kernel(
-        kernel, inputs, out_shape, aliases, grid, config, interpret, "jkv_decode_attention", combine, q.dtype
+        kernel, inputs, out_shape, aliases, grid, config, interpret, name, combine, q.dtype, trailing=trailing
     )
 
 
@@ -321,10 +355,13 @@ def split_out_shape(q, splits: int) -> list:
     ]
 
 
-def launch_split_kernel(kernel, inputs, out_shape, aliases, grid, config, interpret, name: str, combine: bool, dtype):
+def launch_split_kernel(
+    kernel, inputs, out_shape, aliases, grid, config, interpret, name: str, combine: bool, dtype, trailing: int = 0
+):
     """Launch a split-K decode kernel over whole-array refs and finish it: with ``combine``, its first three
     outputs are the partials of several splits, merged here (``combine_splits``) into ``dtype``; otherwise the
-    kernel's last output is the result (one split, or splits merged inside the kernel). Shared by the contiguous,
+    kernel's last output before the ``trailing`` ones is the result (one split, or splits merged inside the
+    kernel). With ``trailing`` outputs, returns ``(result, *trailing outputs)``. Shared by the contiguous,
     paged and Q8 decode kernels."""
     outs = backend.pallas_call(
         kernel,
@@ -338,10 +375,14 @@ def launch_split_kernel(kernel, inputs, out_shape, aliases, grid, config, interp
         input_output_aliases=aliases,
         name=name,
     )(*inputs)
+    extra = tuple(outs[len(outs) - trailing :])
+    outs = outs[: len(outs) - trailing]
     if not combine:
-        return outs[-1]
-    acc, m, denom = outs[:3]
-    return combine_splits(m, denom, acc).astype(dtype)  # (B, N, D)
+        result = outs[-1]
+    else:
+        acc, m, denom = outs[:3]
+        result = combine_splits(m, denom, acc).astype(dtype)  # (B, N, D)
+    return (result, *extra) if trailing else result
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -458,17 +499,12 @@ def decode_attention(
     ``poison=True`` fills the kernel's output buffers with NaN before the launch (a test aid: elements it fails
     to write stay NaN).
     """
-    b, _, kh, s, d = check_args(q, k, v, lengths, layer)
-    interpret = backend.resolve_interpret(interpret)
-    if scale is None:
-        scale = d**-0.5
-    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python number, got {scale!r}")
-    config = _resolve_config(
-        decode_config(b, kh, s, d, k.dtype),
-        s,
-        head_dim=d,
-        itemsize=jnp.dtype(k.dtype).itemsize,
+    *_, s, _ = check_args(q, k, v, lengths, layer)
+    interpret, scale, config = _launch_settings(
+        q,
+        k,
+        scale,
+        interpret,
         block_k=block_k,
         num_splits=num_splits,
         num_warps=num_warps,
@@ -482,7 +518,110 @@ def decode_attention(
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
-    return _decode(q, k, v, lengths, layer, scale=float(scale), config=config, interpret=interpret, poison=poison)
+    return _decode(q, k, v, lengths, layer, scale=scale, config=config, interpret=interpret, poison=poison)
+
+
+def _launch_settings(q, k, scale, interpret, **overrides) -> tuple[bool, float, DecodeConfig]:
+    """Interpret mode, softmax scale and launch config of a decode call (``overrides`` as :func:`decode_attention`)."""
+    b, _, d = q.shape
+    kh, s = k.shape[-3], k.shape[-2]
+    interpret = backend.resolve_interpret(interpret)
+    if scale is None:
+        scale = d**-0.5
+    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    itemsize = jnp.dtype(k.dtype).itemsize
+    config = _resolve_config(decode_config(b, kh, s, d, k.dtype), s, head_dim=d, itemsize=itemsize, **overrides)
+    return interpret, float(scale), config
+
+
+def decode_attention_append(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    k_new: Float[Array, "B K D"],
+    v_new: Float[Array, "B K D"],
+    *,
+    append=None,
+    layer=None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    poison: bool = False,
+) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
+    """A decode step's cache write and attention in one kernel; returns ``(out, k, v)``.
+
+    Equals writing ``k_new``/``v_new`` ``[B, K, D]`` (cast to the cache dtype) at position ``lengths[b] - 1`` of
+    each sequence (of ``layer`` for a whole cache), then :func:`decode_attention` over the first ``lengths[b]``
+    positions: ``lengths`` counts the new token. The program that attends over the new position takes it from
+    ``k_new``/``v_new`` and writes that one row; ``k`` and ``v`` are updated in place when the caller donates
+    them (inside a jitted step whose cache is donated, no copy). ``append`` (bool or int ``[B]``, default all)
+    selects the sequences that write; the others attend over what their cache holds and leave it unchanged, as
+    does a sequence of length 0. Launch overrides as :func:`decode_attention` (no fused combine).
+    """
+    b, _, kh, s, d = check_args(q, k, v, lengths, layer)
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if getattr(x, "shape", None) != (b, kh, d):
+            raise ValueError(f"{name} must have shape [B, K, D] = {(b, kh, d)}, got {getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    if append is None:
+        append = jnp.ones((b,), jnp.int32)
+    elif getattr(append, "shape", None) != (b,) or not (
+        jnp.issubdtype(append.dtype, jnp.integer) or append.dtype == jnp.bool_
+    ):
+        raise ValueError(
+            f"append must be bool or int [{b}], got {getattr(append, 'dtype', None)}{getattr(append, 'shape', None)}"
+        )
+    interpret, scale, config = _launch_settings(
+        q, k, scale, interpret, block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages
+    )
+    whole = k.ndim == 5
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    append = jnp.asarray(append).astype(jnp.int32)
+    if s < MIN_BLOCK:  # the kernel would read a padded copy: write in XLA, then attend
+        rows = jnp.arange(b)
+        pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, s)  # s: dropped
+
+        def put(buf, new):
+            at = buf.at[layer, rows, :, pos, :] if whole else buf.at[rows, :, pos, :]
+            return at.set(new.astype(buf.dtype), mode="drop")
+
+        k, v = put(k, k_new), put(v, v_new)
+        out = decode_attention(
+            q,
+            k,
+            v,
+            lengths,
+            layer=layer,
+            scale=scale,
+            interpret=interpret,
+            block_k=block_k,
+            num_splits=num_splits,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            poison=poison,
+        )
+        return out, k, v
+    k5, v5 = (k, v) if whole else (k[None], v[None])
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    out, k5, v5 = _decode(
+        q,
+        k5,
+        v5,
+        lengths,
+        layer,
+        (append, k_new, v_new),
+        scale=scale,
+        config=config,
+        interpret=interpret,
+        poison=poison,
+    )
+    return (out, k5, v5) if whole else (out, k5[0], v5[0])
 
 
 def decode_attention_reference(

@@ -200,15 +200,29 @@ def test_other_cache_types_plug_in(kind, rng):
 
 
 def test_pallas_decode_matches_xla(rng):
-    """impl="pallas" goes through jkv.decode_attention to the Pallas kernel (interpret mode off GPU)."""
+    """impl="pallas" goes through jkv.decode_attention_write to the Pallas kernel that writes the new row and
+    attends in one launch (interpret mode off GPU): ragged lengths, several steps, logits and cache contents
+    equal the XLA path's."""
     config = CONFIGS["llama-gqa4-untied"]
     params = random_params(config, seed=6)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 5)))
-    outs = {}
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 7)))
+    outs, caches = {}, {}
     for impl in ("xla", "pallas"):
         _, cache = jitted("prefill", config, impl)(params, make_cache(config, 2, 16), tokens[:, :4])
-        outs[impl], _ = jitted("decode_step", config, impl)(params, cache, tokens[:, 4])
+        cache = cache.rollback(jnp.asarray([4, 1]))  # ragged: sequence 1 continues from position 1
+        got = []
+        for t in range(4, 7):
+            logits, cache = jitted("decode_step", config, impl)(params, cache, tokens[:, t])
+            got.append(logits)
+        outs[impl], caches[impl] = jnp.stack(got, 1), cache
     assert rel_err(outs["pallas"], outs["xla"]) < 1e-5
+    np.testing.assert_array_equal(caches["pallas"].lengths, [7, 4])
+    for name in ("k", "v"):  # the valid positions (the test cache holds NaN past them)
+        for b, n in enumerate([7, 4]):
+            got, want = (getattr(caches[impl], name)[:, b, :, :n] for impl in ("pallas", "xla"))
+            assert rel_err(got, want) < 1e-5, (name, b)
+    step = functools.partial(llama.decode_step, config=config, impl="pallas")
+    assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(params, cache, tokens[:, 0]))
 
 
 @pytest.mark.parametrize("layout", ["layers", "stacked"])

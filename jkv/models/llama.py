@@ -28,7 +28,7 @@ from flax import struct
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from jkv.attention import decode_attention, prefill_attention, resolve_impl
+from jkv.attention import decode_attention_write, prefill_attention, resolve_impl
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
 from pallas_kernels import rms_norm
 
@@ -367,11 +367,13 @@ def _block(layer_params: LayerParams, i, x, pending, cache, positions, config: L
     key, value = qkv[:b, :, :, g], qkv[:b, :, :, g + 1]  # (B, T, K, D)
     q = apply_rope(q, positions, inv_freq, RopeStyle.NEOX)
     key = apply_rope(key, positions, inv_freq, RopeStyle.NEOX)
-    cache = cache.write(i, jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2))  # (B, K, T, D)
+    key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
     q = q.astype(layer_params.wqkv.dtype)
-    if t == 1:
-        attn = decode_attention(q[:, 0], cache, i, impl=impl)[:, None]  # (B, 1, N, D)
+    if t == 1:  # write and attend, one kernel where the cache allows
+        attn, cache = decode_attention_write(q[:, 0], key, value, cache, i, impl=impl)
+        attn = attn[:, None]  # (B, 1, N, D)
     else:
+        cache = cache.write(i, key, value)
         attn = prefill_attention(q, cache, i, impl=impl)  # (B, T, N, D)
     if bp > b:
         attn = jnp.pad(attn, ((0, bp - b), (0, 0), (0, 0), (0, 0)))

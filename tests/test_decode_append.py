@@ -1,0 +1,131 @@
+"""The decode kernel that writes the step's new K/V row and attends in one launch, against NumPy float64.
+
+``decode_attention_append`` must equal "write the row at ``lengths[b] - 1``, then attend": the row the cache held
+there before is garbage (NaN or another value) so a kernel that reads it instead of the new row fails, every
+output buffer is NaN-poisoned, and the updated cache must equal the expected one exactly (only the new rows
+changed, NaN elsewhere preserved). Interpret mode on CPU; the real lowering on a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from reference import decode_attention_f64
+from test_decode_kernel import CASES, GPU_SCALE, IDS, LENGTHS, ON_GPU
+
+import jkv
+from jkv.cache import ERR_WRITE_OVERFLOW
+from pallas_kernels import decode_attention as kernels
+
+
+def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False):
+    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits, _ = case
+    max_len *= scale_up
+    dtype = jnp.dtype(dtype)
+    bk = block_k or kernels.decode_config(batch, kv_heads, max_len, head_dim, dtype).block_k
+    names = [length_names[i % len(length_names)] for i in range(batch)]
+    lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
+    append = rng.integers(0, 2, batch).astype(bool)
+    append[0] = True
+    num_layers, layer = (1, 0) if layers is None else (layers[0], 1)
+    shape = (num_layers, batch, kv_heads, max_len, head_dim)
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    q = rng.standard_normal((batch, kv_heads * group, head_dim))
+    new = {name: rng.standard_normal((batch, kv_heads, head_dim)) for name in "kv"}
+    caches, expected, slabs = {}, {}, {}
+    for name in "kv":
+        cache = np.full(shape, np.nan)
+        cache[layer] = rng.standard_normal(shape[1:])
+        for b, n in enumerate(lengths):
+            cache[layer, b, :, n:] = np.nan
+            if n and append[b]:  # what the cache held at the new position must not be read
+                cache[layer, b, :, n - 1] = np.nan if b % 2 else 1e3
+        caches[name] = rounded(cache)
+        want = caches[name].copy()
+        for b, n in enumerate(lengths):
+            if n and append[b]:
+                want[layer, b, :, n - 1] = rounded(new[name][b])
+        expected[name], slabs[name] = want, want[layer]
+    ref = decode_attention_f64(rounded(q), slabs["k"], slabs["v"], lengths)
+
+    args = [jnp.asarray(x, dtype) for x in (q, caches["k"], caches["v"])]
+    args += [jnp.asarray(lengths), jnp.asarray(new["k"], jnp.float32), jnp.asarray(new["v"], jnp.float32)]
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, poison=True)
+    call = lambda *a, **layer: kernels.decode_attention_append(*a, append=jnp.asarray(append), **options, **layer)
+    jitted = jax.jit(call, donate_argnums=(1, 2))
+    if layers is None:
+        args[1], args[2] = args[1][0], args[2][0]  # a one-layer [B, K, S, D] cache
+        out, k, v = (jitted if donate else call)(*args)
+    elif donate or layers[1] == "traced":
+        out, k, v = jitted(*args, layer=jnp.int32(layer))
+    else:
+        out, k, v = call(*args, layer=layer)
+    assert out.shape == q.shape and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    assert rel_err(out, ref) < REL_TOL[dtype.name], names
+    for name, got in (("k", k), ("v", v)):
+        got = np.asarray(got.astype(jnp.float32), np.float64).reshape(shape)
+        np.testing.assert_array_equal(got, expected[name], err_msg=f"{name} cache after the append")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_append_matches_float64_interpret(rng, case):
+    run_append_case(rng, case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
+class TestAppendOnGpu:
+    """The same table with the real Triton lowering, longer caches, and the cache donated (updated in place)."""
+
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_append_matches_float64(self, rng, case):
+        run_append_case(rng, case, scale_up=GPU_SCALE, interpret=False, donate=True)
+
+
+def test_append_argument_errors(rng):
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 2, 32, 64)), jnp.float32)
+    new = jnp.asarray(rng.standard_normal((2, 2, 64)), jnp.float32)
+    n = jnp.array([3, 32], jnp.int32)
+    with pytest.raises(ValueError, match=r"k_new must have shape \[B, K, D\]"):
+        kernels.decode_attention_append(q, k, k, n, new[:, :1], new)
+    with pytest.raises(TypeError, match="v_new must be a floating array"):
+        kernels.decode_attention_append(q, k, k, n, new, new.astype(jnp.int32))
+    with pytest.raises(ValueError, match="append must be bool or int"):
+        kernels.decode_attention_append(q, k, k, n, new, new, append=jnp.ones((3,), bool))
+    with pytest.raises(ValueError, match=r"lengths=\[ 3 33\] must lie in"):
+        kernels.decode_attention_append(q, k, k, jnp.array([3, 33]), new, new)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f32", "q8", "paged"])
+def test_decode_attention_write_equals_write_then_attend(rng, kind):
+    """``jkv.decode_attention_write`` on every cache kind, Pallas path (interpret mode here): the same output,
+    cache contents, lengths and error bits as ``cache.write`` then ``jkv.decode_attention``; a sequence whose
+    cache is full is refused (ERR_WRITE_OVERFLOW) and its positions stay as they were."""
+    dtype = jnp.float32 if kind == "f32" else jnp.bfloat16
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=48, dtype=dtype)
+    make = {
+        "bf16": lambda: jkv.KVCache.init(spec, 3),
+        "f32": lambda: jkv.KVCache.init(spec, 3),
+        "q8": lambda: jkv.Q8KVCache.init(spec, 3),
+        "paged": lambda: jkv.PagedKVCache.init(spec, 3, page_size=16, num_pages=12),
+    }[kind]
+    rand = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    cache = make()
+    for layer in range(2):
+        cache = cache.write(layer, rand(3, 2, 48, 64), rand(3, 2, 48, 64))
+    cache = cache.advance(48).rollback(jnp.asarray([47, 48, 16]))  # sequence 1 is full: its write is refused
+    q, k_new, v_new = rand(3, 8, 64).astype(dtype), rand(3, 2, 1, 64), rand(3, 2, 1, 64)
+    step = jax.jit(lambda c: jkv.decode_attention_write(q, k_new, v_new, c, 1, impl="pallas"))
+    out, got = step(cache)
+    written = jax.jit(lambda c: c.write(1, k_new, v_new))(cache)  # under jit: the full sequence is flagged
+    want = jkv.decode_attention(q, written, 1, impl="pallas")
+    assert rel_err(out.astype(jnp.float32), want.astype(jnp.float32)) < REL_TOL["float32"]
+    np.testing.assert_array_equal(got.errors, [0, ERR_WRITE_OVERFLOW, 0])
+    np.testing.assert_array_equal(got.errors, written.errors)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(written), strict=True):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    if kind in ("bf16", "f32"):
+        assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(cache))
