@@ -142,6 +142,7 @@ def decode_attention_write(
     *,
     impl: str | None = None,
     scale: float | None = None,
+    reserved: bool = False,
 ) -> tuple[Float[Array, "B N D"], object]:
     """``cache.write(layer, k_new, v_new)`` then ``decode_attention(q, cache, layer)``; returns ``(out, cache)``.
 
@@ -149,6 +150,7 @@ def decode_attention_write(
     ``KVCache`` takes both in one kernel (``pallas_kernels.decode_attention.decode_attention_append``): the
     new row comes from ``k_new``/``v_new`` and is written by the program that attends over it, which saves the
     write's own kernels (two per layer and step). Same results, errors and overflow behaviour as the two calls.
+    ``reserved`` goes to ``cache.write`` (the step protocol of ``jkv.cache``).
     """
     impl = resolve_impl(impl)
     fused = (
@@ -160,7 +162,7 @@ def decode_attention_write(
         and active_mesh() is None
     )
     if not fused:
-        cache = cache.write(layer, k_new, v_new)
+        cache = cache.write(layer, k_new, v_new, reserved=reserved)
         return decode_attention(q, cache, layer, impl=impl, scale=scale), cache
     from pallas_kernels import decode_attention as kernels
 

@@ -7,6 +7,9 @@ every ``(layer, b, kv_head)`` slab is one contiguous run of ``S * D`` values tha
 The decode protocol for one step is: for every layer ``write`` the new keys/values at each sequence's own
 position ``lengths[b]``, attend (``jkv.decode_attention`` covers ``lengths[b] + T`` positions), and after the
 last layer ``advance(T)``. Lengths are traced ``int32`` arrays, so one compiled step serves every position.
+A step may call ``reserve(T)`` once before the layers and then pass ``reserved=True`` to every ``write`` and to
+``advance``: a paged cache then runs its page allocator once per step instead of once per layer (the contiguous
+caches have nothing to allocate and accept the same calls).
 
 Errors. Host-side calls with concrete arguments validate and raise ``ValueError`` / ``TypeError`` naming the
 values. Inside ``jit`` nothing can raise, so an operation that would overflow ``max_len`` (or roll a sequence
@@ -100,8 +103,17 @@ class LengthsMixin:
     and ``max_len``; none of these operations touch the stored keys and values.
     """
 
-    def advance(self, n=1):
-        """Move every length forward by ``n`` (an int, or ``int32[B]`` for ragged steps)."""
+    def reserve(self, n=1):
+        """Make positions ``[lengths[b], lengths[b] + n)`` writable: nothing to do for a contiguous cache (every
+        position up to ``max_len`` exists); part of the step protocol every cache type shares (module docstring).
+        """
+        _checks.per_sequence_ints("n", n, self.batch)
+        return self
+
+    def advance(self, n=1, *, reserved: bool = False):
+        """Move every length forward by ``n`` (an int, or ``int32[B]`` for ragged steps). ``reserved`` is for
+        the shared step protocol; a contiguous cache has nothing to reserve."""
+        del reserved
         n = _checks.per_sequence_ints("n", n, self.batch)
         new = self.lengths + n
         ok = (new <= self.max_len) & (n >= 0)
@@ -248,12 +260,14 @@ class KVCache(LengthsMixin):
         return sum(int(x.size) * x.dtype.itemsize for x in (self.k, self.v, self.lengths, self.errors))
 
     # ------------------------------------------------------------------ updates
-    def write(self, layer, k_new: Array, v_new: Array) -> KVCache:
+    def write(self, layer, k_new: Array, v_new: Array, *, reserved: bool = False) -> KVCache:
         """Write ``k_new``/``v_new`` ``[B, K, T, D]`` of ``layer`` at positions ``lengths[b] .. lengths[b]+T``.
 
         Lengths do not move: call ``advance(T)`` once every layer has written. A sequence whose write would
         pass ``max_len`` is left untouched and gets ``ERR_WRITE_OVERFLOW`` (host calls raise instead).
+        ``reserved`` is for the shared step protocol (module docstring); a contiguous cache ignores it.
         """
+        del reserved
         spec = self.spec
         ok = self._check_write(layer, k_new, v_new)
         t = k_new.shape[2]

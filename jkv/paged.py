@@ -282,6 +282,15 @@ class PagedKVCache(LengthsMixin):
             errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
         ), got
 
+    def _owns_pages(self, positions: Array) -> Array:
+        """``[B]``: every position of ``positions [B, T]`` (each below ``max_len``) has a page that no other
+        sequence shares, i.e. a write there needs no allocation and no copy. Positions past ``max_len`` count as
+        owned (the write or advance refuses them on its own)."""
+        pages = self._logical_pages(positions)
+        past = positions >= self.max_len
+        own = (pages < self.num_pages) & (self.refcounts[jnp.clip(pages, 0, self.num_pages - 1)] == 1)
+        return jnp.all(own | past, axis=1)
+
     def _logical_pages(self, positions: Array) -> Array:
         """Physical page of each position ``[B, T]``, ``P`` where the position has no page (or is past max_len)."""
         j = positions // self.page_size
@@ -289,19 +298,28 @@ class PagedKVCache(LengthsMixin):
         return jnp.where((j < self.max_pages) & (pages >= 0), pages, self.num_pages)
 
     # ------------------------------------------------------------------ updates
-    def write(self, layer, k_new: Array, v_new: Array) -> PagedKVCache:
+    def write(self, layer, k_new: Array, v_new: Array, *, reserved: bool = False) -> PagedKVCache:
         """Write ``k_new``/``v_new`` ``[B, K, T, D]`` of ``layer`` at positions ``lengths[b] .. lengths[b]+T``.
 
         Reserves the pages first (see ``reserve``). Lengths do not move: call ``advance(T)`` once every layer has
         written. A sequence whose write would pass ``max_len`` (``ERR_WRITE_OVERFLOW``) or find no free page
         (``ERR_POOL_EXHAUSTED``) is left untouched; host calls raise instead.
+
+        ``reserved=True``: the caller ran ``reserve(T)`` on this cache (as a model step does once for all its
+        layers), so the allocator is skipped. It stays safe if that is not so: a sequence whose positions lack
+        a page of their own (none, or one still shared with another sequence) is left untouched and flagged
+        ``ERR_POOL_EXHAUSTED``; nothing is written into a shared page.
         """
         fits = self._check_write(layer, k_new, v_new)
         t = k_new.shape[2]
-        cache, got = self._reserve(jnp.where(fits, self.lengths + t, self.lengths))
+        positions = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # (B, T)
+        if reserved:
+            cache, got = self, self._owns_pages(positions)
+            cache = cache.replace(errors=cache.errors | jnp.where(fits & ~got, ERR_POOL_EXHAUSTED, 0))
+        else:
+            cache, got = self._reserve(jnp.where(fits, self.lengths + t, self.lengths))
         ok = fits & got
 
-        positions = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # (B, T)
         pages = jnp.where(ok[:, None], cache._logical_pages(positions), self.num_pages)  # P drops the write
         offsets = positions % self.page_size
 
@@ -314,11 +332,13 @@ class PagedKVCache(LengthsMixin):
             errors=cache.errors | jnp.where(fits, 0, ERR_WRITE_OVERFLOW)
         )
 
-    def advance(self, n=1) -> PagedKVCache:
+    def advance(self, n=1, *, reserved: bool = False) -> PagedKVCache:
         """Move every length forward by ``n`` (int or ``int32[B]``), reserving pages the new lengths cover.
 
         After ``write`` the pages are already there and nothing is allocated. Without a write the positions hold
-        whatever their pages held, as in ``KVCache``.
+        whatever their pages held, as in ``KVCache``. ``reserved=True`` (after ``reserve(n)``, see ``write``)
+        skips the allocator; a sequence whose new positions have no page stays where it was, flagged
+        ``ERR_POOL_EXHAUSTED``.
         """
         n = _checks.per_sequence_ints("n", n, self.batch)
         new = self.lengths + n
@@ -330,7 +350,15 @@ class PagedKVCache(LengthsMixin):
                 f"must stay within [current, max_len={self.max_len}]"
             ),
         )
-        cache, got = self._reserve(jnp.where(fits, new, self.lengths))
+        if reserved:
+            # What reserve(n) establishes: the page at lengths[b] (the only one that can be shared) is the
+            # sequence's own, and the page of the last new position exists (tables are prefixes, so all do).
+            last = jnp.where(n > 0, new - 1, self.lengths)[:, None]
+            has_last = self._logical_pages(last)[:, 0] < self.num_pages
+            got = (n <= 0) | (self._owns_pages(self.lengths[:, None]) & has_last)
+            cache = self.replace(errors=self.errors | jnp.where(fits & ~got, ERR_POOL_EXHAUSTED, 0))
+        else:
+            cache, got = self._reserve(jnp.where(fits, new, self.lengths))
         ok = fits & got
         return cache.replace(
             lengths=jnp.where(ok, new, self.lengths),

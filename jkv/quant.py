@@ -242,12 +242,14 @@ class Q8KVCache(LengthsMixin):
         )
 
     # ------------------------------------------------------------------ updates
-    def write(self, layer, k_new: Array, v_new: Array) -> Q8KVCache:
+    def write(self, layer, k_new: Array, v_new: Array, *, reserved: bool = False) -> Q8KVCache:
         """Quantize ``k_new``/``v_new`` ``[B, K, T, D]`` of ``layer`` into positions ``lengths[b] .. +T``.
 
         Same protocol as ``KVCache.write``: lengths do not move (``advance(T)`` after the last layer); a sequence
         whose write would pass ``max_len`` is left untouched and gets ``ERR_WRITE_OVERFLOW`` (host calls raise).
+        ``reserved`` is ignored, as for ``KVCache``.
         """
+        del reserved
         return _write(self, layer, k_new, v_new, self._check_write(layer, k_new, v_new))
 
     def insert_into_slot(self, slot, single: Q8KVCache) -> Q8KVCache:

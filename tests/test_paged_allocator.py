@@ -38,6 +38,10 @@ OPERATIONS, STEPS = 10_000, 100  # STEPS per hypothesis example, initialize incl
 _grow = jax.jit(
     lambda c, k, v, n: _write_layers(c, k, v).advance(n)
 )  # write every layer at lengths, then advance by n[b] in {0, T}
+# The model's step protocol: reserve once, every layer writes with reserved=True, advance with reserved=True.
+_grow_reserved = jax.jit(
+    lambda c, k, v, n: _write_layers(c.reserve(k.shape[3]), k, v, reserved=True).advance(n, reserved=True)
+)
 _rollback = jax.jit(lambda c, n: c.rollback(n))
 _reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
 _fork = jax.jit(lambda c, s, d: c.fork(s, d))
@@ -50,9 +54,9 @@ _contents = jax.jit(lambda c: c.to_contiguous().k)
 _clear = jax.jit(lambda c: c.clear_errors())
 
 
-def _write_layers(cache, k, v):
+def _write_layers(cache, k, v, reserved=False):
     for layer in range(SPEC.num_layers):
-        cache = cache.write(layer, k[layer], v[layer])
+        cache = cache.write(layer, k[layer], v[layer], reserved=reserved)
     return cache
 
 
@@ -120,13 +124,22 @@ class PagedModel(RuleBasedStateMachine):
         return got
 
     # ------------------------------------------------------------------ operations
-    @rule(t=st.sampled_from([1, 3, 6]), advance=st.lists(st.booleans(), min_size=BATCH, max_size=BATCH))
-    def grow(self, t, advance):
-        """Every sequence writes T positions in every layer; those marked advance by T (the others by 0)."""
+    @rule(
+        t=st.sampled_from([1, 3, 6]),
+        advance=st.lists(st.booleans(), min_size=BATCH, max_size=BATCH),
+        reserved=st.booleans(),
+    )
+    def grow(self, t, advance, reserved):
+        """Every sequence writes T positions in every layer; those marked advance by T (the others by 0). With
+        ``reserved``, as a model step does it: one ``reserve(T)``, then writes and advance with reserved=True;
+        the same outcome, except that a sequence whose reservation failed does not advance (without it, the
+        advance allocates on its own and moves over positions no write reached)."""
         type(self).steps += 1
         k = self.rng.standard_normal((SPEC.num_layers, BATCH, 1, t, SPEC.head_dim)).astype(np.float32)
         n = np.where(advance, t, 0).astype(np.int32)
-        self.cache = _grow(self.cache, jnp.asarray(k), jnp.asarray(-k), jnp.asarray(n))
+        self.cache = (_grow_reserved if reserved else _grow)(
+            self.cache, jnp.asarray(k), jnp.asarray(-k), jnp.asarray(n)
+        )
 
         fits = [self.lengths[b] + t <= SPEC.max_len for b in range(BATCH)]
         written = self._reserve([self.lengths[b] + t * fits[b] for b in range(BATCH)])  # the layer-0 write
@@ -136,7 +149,10 @@ class PagedModel(RuleBasedStateMachine):
                 self.errors[b] |= ERR_WRITE_OVERFLOW
                 if n[b]:
                     self.errors[b] |= ERR_ADVANCE_OVERFLOW
-        moved = self._reserve([self.lengths[b] + int(n[b]) * fits[b] for b in range(BATCH)])  # the advance
+        if reserved:  # no allocation in the advance: a sequence whose reservation failed stays where it was
+            moved = [written[b] or not fits[b] or not n[b] for b in range(BATCH)]
+        else:
+            moved = self._reserve([self.lengths[b] + int(n[b]) * fits[b] for b in range(BATCH)])  # the advance
         for b in range(BATCH):
             if n[b] and fits[b] and moved[b]:
                 start = self.lengths[b]

@@ -370,10 +370,10 @@ def _block(layer_params: LayerParams, i, x, pending, cache, positions, config: L
     key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
     q = q.astype(layer_params.wqkv.dtype)
     if t == 1:  # write and attend, one kernel where the cache allows
-        attn, cache = decode_attention_write(q[:, 0], key, value, cache, i, impl=impl)
+        attn, cache = decode_attention_write(q[:, 0], key, value, cache, i, impl=impl, reserved=True)
         attn = attn[:, None]  # (B, 1, N, D)
     else:
-        cache = cache.write(i, key, value)
+        cache = cache.write(i, key, value, reserved=True)
         attn = prefill_attention(q, cache, i, impl=impl)  # (B, T, N, D)
     if bp > b:
         attn = jnp.pad(attn, ((0, bp - b), (0, 0), (0, 0), (0, 0)))
@@ -400,6 +400,8 @@ def hidden_states(
     x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (B, T, H)
     if bp > b:
         x = jnp.pad(x, ((0, bp - b), (0, 0), (0, 0)))
+    # Pages (of a paged cache) for the T new positions once per step, not once per layer's write.
+    cache = cache.reserve(t)
     if isinstance(params.layers, LayerParams):  # stacked [L, ...]: one traced block under lax.scan
 
         def body(carry, layer):
@@ -413,7 +415,7 @@ def hidden_states(
         for i, layer_params in enumerate(params.layers):
             x, pending, cache = _block(layer_params, i, x, pending, cache, positions, config, inv_freq, impl)
     _, h, scale = _residual_norm(x[:b], pending[:b], params.norm, config.rms_norm_eps, jnp.float32, impl)
-    return h * scale, cache.advance(t)
+    return h * scale, cache.advance(t, reserved=True)
 
 
 def lm_head(params: LlamaParams, h: Float[Array, "... H"]) -> Float[Array, "... V"]:
