@@ -187,6 +187,39 @@ def test_fork_shares_pages_then_copies_on_write(rng):
     assert_allocator_consistent(grown)
 
 
+_write_reserved = jax.jit(lambda c, layer, k, v: c.write(layer, k, v, reserved=True))
+_advance_reserved = jax.jit(lambda c, n: c.advance(n, reserved=True))
+
+
+def test_reserved_writes_without_a_reservation_never_touch_a_shared_page(rng):
+    """``write(..., reserved=True)`` skips the allocator; used without ``reserve`` it must still be safe: a
+    sequence on a shared page (after a fork) or past its pages is dropped and flagged, the sharer's contents are
+    unchanged, and the reserved advance does not move it. With ``reserve`` first, it equals the plain writes."""
+    paged, ref = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=12), jkv.KVCache.init(SPEC, 3)
+    paged, ref = step_both(rng, paged, ref, 13, advance=[13, 0, 0])
+    forked = _fork(paged, 0, 2)  # sequence 2 shares sequence 0's full page and its partial page (position 13)
+    before = _flat(forked)
+    k, v = rand_kv(rng, 3, 1)
+    out = _advance_reserved(_write_reserved(forked, 0, k, v), jnp.ones(3, jnp.int32))
+    # 0 and 2 share the page at position 13: refused, nothing written. Sequence 1 kept the pages of its
+    # unadvanced write (positions 0-15): its write and advance go through.
+    np.testing.assert_array_equal(np.asarray(out.errors), [ERR_POOL_EXHAUSTED, 0, ERR_POOL_EXHAUSTED])
+    np.testing.assert_array_equal(np.asarray(out.lengths), [13, 1, 13])
+    for name in ("k", "v"):
+        got, want = np.asarray(getattr(_flat(out), name)), np.asarray(getattr(before, name))
+        np.testing.assert_array_equal(got[:, [0, 2]], want[:, [0, 2]])
+        np.testing.assert_array_equal(got[0, 1, :, 0], np.asarray((k if name == "k" else v)[1, :, 0]))  # layer 0
+    assert_allocator_consistent(out)
+
+    reserve = jax.jit(lambda c: c.reserve(1))
+    planned = _advance_reserved(_write_reserved(reserve(forked), 0, k, v), jnp.ones(3, jnp.int32))
+    plain = _advance(_write(forked, 0, k, v), jnp.ones(3, jnp.int32))
+    assert_same_contents(planned, plain)
+    np.testing.assert_array_equal(np.asarray(planned.block_tables), np.asarray(plain.block_tables))
+    np.testing.assert_array_equal(np.asarray(planned.refcounts), np.asarray(plain.refcounts))
+    assert not np.asarray(planned.errors).any()
+
+
 _pin = jax.jit(lambda c, i, n: c.pin(i, n))
 _unpin = jax.jit(lambda c, pages: c.unpin(pages))
 _insert_shared = jax.jit(lambda c, i, single, pages, n: c.insert_into_slot(i, single, prefix=(pages, n)))
