@@ -444,27 +444,43 @@ def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
     return b, n, kh, s, d
 
 
+def softmax_scale(scale, head_dim: int) -> float:
+    """The softmax scale of a decode call: ``head_dim ** -0.5`` for None, else ``scale``, a Python number (it
+    is a static kernel parameter). Shared by every decode kernel's wrapper."""
+    if scale is None:
+        return head_dim**-0.5
+    if not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    return float(scale)
+
+
+def check_launch_overrides(*, fused_combine=None, num_warps=None, **ints) -> None:
+    """Types and ranges of the launch overrides the decode kernels share (None keeps a default): integers,
+    ``num_splits`` / ``num_stages`` >= 1, ``num_warps`` in ``NUM_WARPS``, ``fused_combine`` a bool. Each kernel
+    checks its own block-size argument."""
+    if fused_combine is not None and not isinstance(fused_combine, bool):
+        raise TypeError(f"fused_combine must be None or a bool, got {fused_combine!r}")
+    for name, value in {**ints, "num_warps": num_warps}.items():
+        if value is not None and not _is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    for name in ("num_splits", "num_stages"):
+        if ints.get(name) is not None and ints[name] < 1:
+            raise ValueError(f"{name}={ints[name]} must be >= 1")
+    if num_warps is not None and num_warps not in NUM_WARPS:
+        raise ValueError(f"{num_warps=} must be one of {NUM_WARPS}")
+
+
 def _resolve_config(
     default: DecodeConfig, max_len: int, *, head_dim: int | None = None, itemsize: int | None = None, **overrides
 ) -> DecodeConfig:
     """The default with the caller's overrides (``None`` keeps the default), validated. Given ``head_dim`` and
     ``itemsize`` (of K/V), stages are capped so the resident K/V blocks fit in shared memory (:func:`max_stages`).
     """
+    check_launch_overrides(**overrides)
     fused = overrides.pop("fused_combine", None)
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"fused_combine must be None or a bool, got {fused!r}")
-    for name, value in overrides.items():
-        if value is not None and not _is_int(value):
-            raise TypeError(f"{name} must be an int, got {value!r}")
     block_k, num_splits, num_warps, num_stages = (overrides.get(f) for f in DecodeConfig._fields[:4])
     if block_k is not None and (block_k < MIN_BLOCK or block_k & (block_k - 1) or block_k > max(max_len, MIN_BLOCK)):
         raise ValueError(f"{block_k=} must be a power of two in [{MIN_BLOCK}, max(S, {MIN_BLOCK})={max(max_len, 16)}]")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"{num_splits=} must be >= 1")
-    if num_warps is not None and num_warps not in NUM_WARPS:
-        raise ValueError(f"{num_warps=} must be one of {NUM_WARPS}")
-    if num_stages is not None and num_stages < 1:
-        raise ValueError(f"{num_stages=} must be >= 1")
     given = (block_k, num_splits, num_warps, num_stages, fused)
     config = DecodeConfig(*(d if o is None else type(d)(o) for d, o in zip(default, given, strict=True)))
     if head_dim is None or itemsize is None:
@@ -526,13 +542,9 @@ def _launch_settings(q, k, scale, interpret, **overrides) -> tuple[bool, float, 
     b, _, d = q.shape
     kh, s = k.shape[-3], k.shape[-2]
     interpret = backend.resolve_interpret(interpret)
-    if scale is None:
-        scale = d**-0.5
-    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python number, got {scale!r}")
     itemsize = jnp.dtype(k.dtype).itemsize
     config = _resolve_config(decode_config(b, kh, s, d, k.dtype), s, head_dim=d, itemsize=itemsize, **overrides)
-    return interpret, float(scale), config
+    return interpret, softmax_scale(scale, d), config
 
 
 def decode_attention_append(

@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import backend
-from pallas_kernels.decode_attention import check_args, combine_splits
+from pallas_kernels.decode_attention import check_args, combine_splits, softmax_scale
 
 ROWS = 64  # rows of a warpgroup MMA: the query tile holds the G query heads of a kv head, padded with zeros
 HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 256 is the widest MMA
@@ -344,10 +344,7 @@ def decode_attention(
     b, _, kh, s, d = check_mgpu_args(q, k, v, lengths, layer)
     if not backend.mosaic_gpu_usable():
         raise RuntimeError(f"the Mosaic GPU decode kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}")
-    if scale is None:
-        scale = d**-0.5
-    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    scale = softmax_scale(scale, d)
     itemsize = jnp.dtype(k.dtype).itemsize
     config = _resolve_config(
         mgpu_config(b, kh, s, d, k.dtype),

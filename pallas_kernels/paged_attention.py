@@ -298,26 +298,16 @@ def check_args(q, k_pages, v_pages, block_tables, lengths, layer=None) -> tuple[
 def _resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsize: int, **overrides) -> PagedConfig:
     """The default with the caller's overrides (``None`` keeps the default), validated; stages are capped so the
     resident K/V blocks fit in shared memory (``pallas_kernels.decode_attention.max_stages``)."""
-    fused = overrides.pop("fused_combine", None)
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"fused_combine must be None or a bool, got {fused!r}")
     gather = overrides.pop("gather", None)
     if gather is not None and gather not in GATHERS:
         raise ValueError(f"gather={gather!r} must be one of {GATHERS}")
-    for name, value in overrides.items():
-        if value is not None and not _is_int(value):
-            raise TypeError(f"{name} must be an int, got {value!r}")
+    contiguous.check_launch_overrides(**overrides)
+    fused = overrides.pop("fused_combine", None)
     ppb = overrides["pages_per_block"]
     if ppb is not None and (ppb < 1 or ppb & (ppb - 1) or ppb * page_size < MIN_BLOCK):
         raise ValueError(
             f"pages_per_block={ppb} must be a power of two with pages_per_block * {page_size=} >= {MIN_BLOCK}"
         )
-    if overrides["num_splits"] is not None and overrides["num_splits"] < 1:
-        raise ValueError(f"num_splits={overrides['num_splits']} must be >= 1")
-    if overrides["num_warps"] is not None and overrides["num_warps"] not in contiguous.NUM_WARPS:
-        raise ValueError(f"num_warps={overrides['num_warps']} must be one of {contiguous.NUM_WARPS}")
-    if overrides["num_stages"] is not None and overrides["num_stages"] < 1:
-        raise ValueError(f"num_stages={overrides['num_stages']} must be >= 1")
     chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [fused, gather]
     config = PagedConfig(*(d if o is None else type(d)(o) for d, o in zip(default, chosen, strict=True)))
     cap = contiguous.max_stages(config.pages_per_block * page_size, head_dim, itemsize)
@@ -355,10 +345,7 @@ def paged_decode_attention(
     """
     b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer)
     interpret = backend.resolve_interpret(interpret)
-    if scale is None:
-        scale = d**-0.5
-    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    scale = contiguous.softmax_scale(scale, d)
     config = _resolve_config(
         paged_config(b, kh, block_tables.shape[1], page_size, d, k_pages.dtype),
         page_size,
@@ -515,10 +502,7 @@ def paged_q8_decode_attention(
         q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer
     )
     interpret = backend.resolve_interpret(interpret)
-    if scale is None:
-        scale = d**-0.5
-    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    scale = contiguous.softmax_scale(scale, d)
     fuse = q8.DEFAULT_FUSE if fuse is None else fuse
     if fuse not in Q8_FUSE:
         raise ValueError(f"fuse={fuse!r} is not one of {Q8_FUSE}")

@@ -455,21 +455,11 @@ def _whole(shape):
 def _resolve_config(default: DecodeConfig, max_len: int, head_dim: int, **overrides) -> DecodeConfig:
     """The default with the caller's launch overrides, validated as the bf16 kernel validates them; stages are
     capped so the resident int8 K/V blocks fit the bf16 kernel's shared-memory budget."""
-    for name, value in overrides.items():
-        if value is not None and not _is_int(value):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    block_k, num_splits, num_warps, num_stages = (
-        overrides[f] for f in ("block_k", "num_splits", "num_warps", "num_stages")
-    )
+    bf16_kernel.check_launch_overrides(**overrides)
+    block_k = overrides["block_k"]
     top = max(max_len, bf16_kernel.MIN_BLOCK)
     if block_k is not None and (block_k < bf16_kernel.MIN_BLOCK or block_k & (block_k - 1) or block_k > top):
         raise ValueError(f"{block_k=} must be a power of two in [{bf16_kernel.MIN_BLOCK}, max(S, 16)={top}]")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"{num_splits=} must be >= 1")
-    if num_warps is not None and num_warps not in bf16_kernel.NUM_WARPS:
-        raise ValueError(f"{num_warps=} must be one of {bf16_kernel.NUM_WARPS}")
-    if num_stages is not None and num_stages < 1:
-        raise ValueError(f"{num_stages=} must be >= 1")
     config = default._replace(**{k: int(v) for k, v in overrides.items() if v is not None})
     return config._replace(num_stages=min(config.num_stages, bf16_kernel.max_stages(config.block_k, head_dim, 1)))
 
@@ -536,10 +526,7 @@ def decode_attention(
     """
     b, _, kh, s, d = check_args(q, k, k_scale, v, v_scale, lengths, layer)
     interpret = backend.resolve_interpret(interpret)
-    if scale is None:
-        scale = d**-0.5
-    elif not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    scale = bf16_kernel.softmax_scale(scale, d)
     fuse = DEFAULT_FUSE if fuse is None else fuse
     if fuse not in FUSE:
         raise ValueError(f"fuse={fuse!r} is not one of {FUSE}")
