@@ -190,9 +190,9 @@ def _pallas_kernel(cache):
         from pallas_kernels import q8
 
         return q8.decode_attention, (cache.k, cache.k_scale, cache.v, cache.v_scale)
-    from pallas_kernels import decode_attention as kernels
+    from pallas_kernels import decode_attention_mgpu  # Mosaic GPU where it is faster and can run, else Triton
 
-    return kernels.decode_attention, (cache.k, cache.v)
+    return decode_attention_mgpu.decode_attention_auto, (cache.k, cache.v)
 
 
 def prefill_attention(

@@ -58,6 +58,7 @@ class DecodeConfig(NamedTuple):
     # With several splits: the last split of each (b, kv head) to finish merges the partials inside the kernel
     # (an atomic counter per (b, kv head)) instead of a separate XLA combine after it.
     fused_combine: bool = False
+    merge: str = "xla"  # how several splits' partials are merged after the kernel: SPLIT_MERGES
 
 
 # ----------------------------------------------------------------------------------------------- heuristics
@@ -115,7 +116,7 @@ def decode_config(
     stages = min(3, max_stages(block_k, head_dim, itemsize))
     # The XLA combine: merging in the kernel measured slower on an H100 (the last split merges P partials one
     # after another: 14.0 vs 13.2 us at 1 x 4096 with P=16, 74.6 vs 58.2 us at 1 x 32768 with P=66).
-    return DecodeConfig(block_k, splits, num_warps, stages, fused_combine=False)
+    return DecodeConfig(block_k, splits, num_warps, stages, fused_combine=False, merge=SPLIT_MERGE)
 
 
 # ----------------------------------------------------------------------------------------------- combine
@@ -138,7 +139,65 @@ def combine_splits(
     return out * jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)[..., None]
 
 
+# How ``launch_split_kernel`` merges split partials: "xla" (``combine_splits``, the fusions XLA makes of it) or
+# "pallas" (``merge_partials``: one kernel launch, every partial of a head loaded at once).
+SPLIT_MERGES = ("xla", "pallas")
+SPLIT_MERGE = "xla"
+
+
+def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, stats: int | None):
+    r, c = pl.program_id(0), pl.program_id(1)
+    p_rows = acc_ref.shape[1]  # splits padded to a power of two
+    p_ok = lax.broadcasted_iota(jnp.int32, (p_rows,), 0) < splits
+    if stats is None:  # m, denom [R, P, C]
+        m = backend.load(m_ref.at[r, :, c], mask=p_ok, other=-jnp.inf)
+        denom = backend.load(denom_ref.at[r, :, c], mask=p_ok, other=0.0)
+    else:  # both in one [R, P, C, stats] array: column 0 the max, column 1 the denominator
+        col = lambda i, other: backend.load(m_ref.at[r, :, c, pl.ds(i, 1)], mask=p_ok[:, None], other=other)
+        m, denom = col(0, -jnp.inf).reshape(p_rows), col(1, 0.0).reshape(p_rows)
+    acc = backend.load(acc_ref.at[r, :, c, :], mask=p_ok[:, None], other=0.0)  # [Pp, D]
+    m_max = jnp.max(m)
+    weight = jnp.exp(m - jnp.where(m_max > -jnp.inf, m_max, 0.0))  # exp(-inf) = 0: empty splits drop out
+    total = jnp.sum(weight * denom)
+    out = jnp.sum(weight[:, None] * acc, axis=0)  # [D]
+    inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)  # no position at all: zeros
+    o_ref[r, c, :] = (out * inv).astype(o_ref.dtype)
+
+
+def merge_partials(acc, m, denom=None, *, splits: int, dtype, interpret: bool):
+    """:func:`combine_splits` as one Pallas kernel: ``acc [R, Pp, C, D]``, ``m`` and ``denom [R, Pp, C]`` (or
+    ``denom=None`` and ``m [R, Pp, C, S]`` holding the max in column 0 and the denominator in column 1) to
+    ``[R, C, D]`` in ``dtype``, merging the first ``splits`` entries along ``Pp`` (a power of two >= splits: the
+    split kernels allocate their partials that way, :func:`split_out_shape`; the rest are never read). One
+    program per ``(r, c)`` loads its partials at once, so the merge costs one launch and about one memory
+    latency."""
+    rows, padded, cols, head_dim = acc.shape
+    if padded & (padded - 1) or not 1 <= splits <= padded:
+        raise ValueError(f"acc.shape[1]={padded} must be a power of two >= splits={splits}")
+    inputs = [acc, m, m if denom is None else denom]
+    kernel = functools.partial(_merge_kernel, splits=splits, stats=None if denom is not None else m.shape[-1])
+    return backend.pallas_call(
+        kernel,
+        interpret=interpret,
+        num_warps=4 if padded * head_dim >= 4096 else 1,
+        num_stages=1,
+        grid=(rows, cols),
+        in_specs=[_whole(x.shape) for x in inputs],
+        out_specs=_whole((rows, cols, head_dim)),
+        out_shape=jax.ShapeDtypeStruct((rows, cols, head_dim), dtype),
+        name="jkv_merge_splits",
+    )(*inputs)
+
+
 # ----------------------------------------------------------------------------------------------- kernel
+
+
+def split_blocks(n, j, block_k: int, num_splits: int):
+    """Blocks ``[lo, hi)`` of a sequence of ``n`` positions that split ``j`` of ``num_splits`` walks: the
+    ``ceil(n / block_k)`` blocks cut into equal shares (the last ones may be shorter or empty)."""
+    per_split = pl.cdiv(pl.cdiv(n, block_k), num_splits)
+    lo = j * per_split
+    return lo, jnp.minimum(lo + per_split, pl.cdiv(n, block_k))
 
 
 def _dot(a, b, b_contract: int, precision):
@@ -183,10 +242,7 @@ def _decode_kernel(
     n = jnp.clip(lengths_ref[b], 0, max_len)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
 
-    num_blocks = pl.cdiv(n, block_k)
-    per_split = pl.cdiv(num_blocks, num_splits)
-    lo = j * per_split
-    hi = jnp.minimum(lo + per_split, num_blocks)
+    lo, hi = split_blocks(n, j, block_k, num_splits)
     if append:
         # The block holding the new position n - 1 always runs as the (masked) tail, where the new row is
         # substituted for what the cache held: the cache is read before it is written, never after.
@@ -301,7 +357,7 @@ def _decode(q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeCo
     num_heads = q.shape[1]
     group = num_heads // kv_heads
     splits = config.num_splits
-    out_shape = split_out_shape(q, splits)
+    out_shape = split_out_shape(q, splits, config.merge)
     fused = splits > 1 and config.fused_combine
     if fused:
         out_shape += [
@@ -342,12 +398,18 @@ def _decode(q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeCo
     )
 
 
-def split_out_shape(q, splits: int) -> list:
+def split_out_shape(q, splits: int, merge: str = "xla") -> list:
     """Outputs of a split-K decode kernel: the attention output itself for one split, else the partials
-    ``acc [B, P, N, D]``, ``m [B, P, N]`` and ``denom [B, P, N]`` (float32) that ``combine_splits`` merges."""
+    ``acc [B, P, N, D]``, ``m [B, P, N]`` and ``denom [B, P, N]`` (float32) that ``combine_splits`` merges
+    (with ``merge="pallas"``, ``P`` is the splits rounded up to a power of two, for :func:`merge_partials`;
+    the kernel writes the first ``splits``)."""
     batch, num_heads, head_dim = q.shape
     if splits == 1:
         return [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if merge not in SPLIT_MERGES:
+        raise ValueError(f"merge={merge!r} must be one of {SPLIT_MERGES}")
+    if merge == "pallas":
+        splits = 1 << (splits - 1).bit_length()
     return [
         jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
         jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m
@@ -379,8 +441,10 @@ def launch_split_kernel(
     outs = outs[: len(outs) - trailing]
     if not combine:
         result = outs[-1]
+    elif config.merge == "pallas":
+        result = merge_partials(*outs[:3], splits=grid[2], dtype=dtype, interpret=interpret)
     else:
-        acc, m, denom = outs[:3]
+        acc, m, denom = (x[:, : grid[2]] for x in outs[:3])  # (a free slice unless P was padded)
         result = combine_splits(m, denom, acc).astype(dtype)  # (B, N, D)
     return (result, *extra) if trailing else result
 
@@ -481,7 +545,7 @@ def _resolve_config(
     block_k, num_splits, num_warps, num_stages = (overrides.get(f) for f in DecodeConfig._fields[:4])
     if block_k is not None and (block_k < MIN_BLOCK or block_k & (block_k - 1) or block_k > max(max_len, MIN_BLOCK)):
         raise ValueError(f"{block_k=} must be a power of two in [{MIN_BLOCK}, max(S, {MIN_BLOCK})={max(max_len, 16)}]")
-    given = (block_k, num_splits, num_warps, num_stages, fused)
+    given = (block_k, num_splits, num_warps, num_stages, fused, None)
     config = DecodeConfig(*(d if o is None else type(d)(o) for d, o in zip(default, given, strict=True)))
     if head_dim is None or itemsize is None:
         return config

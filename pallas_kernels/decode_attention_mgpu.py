@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import backend
+from pallas_kernels import decode_attention as contiguous
 from pallas_kernels.decode_attention import check_args, combine_splits, softmax_scale
 
 ROWS = 64  # rows of a warpgroup MMA: the query tile holds the G query heads of a kv head, padded with zeros
@@ -60,6 +61,7 @@ class MgpuConfig(NamedTuple):
     block_k: int  # positions per ring slot (64 or 128)
     num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
     num_stages: int  # ring slots: K/V blocks in flight per program
+    merge: str = "xla"  # how several splits' partials are merged (pallas_kernels.decode_attention.SPLIT_MERGES)
 
 
 def _ring_bytes(block_k: int, head_dim: int, itemsize: int, stages: int) -> int:
@@ -85,7 +87,7 @@ def mgpu_config(
     blocks = max(1, math.ceil(max_len / block_k))
     splits = max(1, min(sms // (batch * num_kv_heads), blocks // 2))
     splits = math.ceil(blocks / math.ceil(blocks / splits))  # equal shares: no split left empty at full length
-    return MgpuConfig(block_k, splits, DEFAULT_STAGES)
+    return MgpuConfig(block_k, splits, DEFAULT_STAGES, merge=contiguous.SPLIT_MERGE)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -252,12 +254,14 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
     _, batch, kv_heads, _, head_dim = k.shape
     group = q.shape[1] // kv_heads
     splits = config.num_splits
+    # With the Pallas merge the partials have a power-of-two split axis (the kernel writes the first `splits`).
+    rows = 1 << (splits - 1).bit_length() if config.merge == "pallas" else splits
     if splits == 1:
         out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
         out_type = (
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, group, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, kv_heads, splits, group, STATS), jnp.float32),  # m, denom
+            jax.ShapeDtypeStruct((batch, kv_heads, rows, group, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, kv_heads, rows, group, STATS), jnp.float32),  # m, denom
         )
     body = functools.partial(
         _kernel, group=group, block_k=config.block_k, num_splits=splits, num_stages=config.num_stages, scale=scale
@@ -280,6 +284,10 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
     if splits == 1:
         return outs
     acc, stats = outs
+    if config.merge == "pallas":
+        flat = lambda x: x.reshape(batch * kv_heads, *x.shape[2:])  # free reshapes
+        out = contiguous.merge_partials(flat(acc), flat(stats), splits=splits, dtype=q.dtype, interpret=False)
+        return out.reshape(q.shape)
     out = combine_splits(stats[..., 0], stats[..., 1], acc)  # [B, K, G, D]
     return out.reshape(q.shape).astype(q.dtype)
 
@@ -363,3 +371,39 @@ def decode_attention(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     return _decode(q, k, v, lengths, layer, scale=float(scale), config=config)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+
+# The contiguous-cache dispatch (``jkv.decode_attention``) takes this kernel where ``prefer_mgpu`` says so; False
+# keeps the Triton kernel everywhere (for benchmarks that compare the two).
+AUTO_MGPU = True
+# Where it wins, from the H100 table in docs/BENCHMARKS.md ("Mosaic GPU variant"; bf16, N=32, K=8, D=128, full
+# sequences): faster than the Triton kernel at 1 x 32768 (1.04x), 8 x 4096 (1.10x), 8 x 16384 (1.01x) and
+# 32 x 4096 (1.03x); slower at 1 x 4096 (0.92x: one split's fixed costs dominate a 17 MB read) and 64 x 8192
+# (0.99x: 512 (b, kv head) programs, where the Triton kernel's four programs per multiprocessor keep more loads
+# in flight). Hence: at least MIN_CACHE_BYTES of K and V, and at most two (b, kv head) programs per multiprocessor.
+MIN_CACHE_BYTES = 64 * 2**20
+
+
+def prefer_mgpu(
+    batch: int, num_kv_heads: int, max_len: int, head_dim: int, group: int, dtype, num_multiprocessors=None
+) -> bool:
+    """Whether the dispatch takes the Mosaic GPU kernel for this shape (rule and measurements: ``AUTO_MGPU``)."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in CACHE_DTYPES or head_dim not in HEAD_DIMS or group > ROWS or max_len % 8 or max_len < BLOCKS[0]:
+        return False  # this kernel cannot take it, or would need a padded copy of the cache
+    sms = num_multiprocessors or backend.num_multiprocessors()
+    kv_bytes = 2 * batch * num_kv_heads * max_len * head_dim * dtype.itemsize
+    return kv_bytes >= MIN_CACHE_BYTES and batch * num_kv_heads <= 2 * sms
+
+
+def decode_attention_auto(q, k, v, lengths, *, layer=None, scale=None):
+    """Decode attention over a contiguous cache with the kernel that suits the shape and the machine: this
+    module's where Mosaic GPU can run (``backend.mosaic_gpu_usable``), ``AUTO_MGPU`` is on and
+    :func:`prefer_mgpu` holds; else ``pallas_kernels.decode_attention.decode_attention`` (Triton on a GPU,
+    interpret mode elsewhere). Same arguments and results as either."""
+    b, n, kh, s, d = check_args(q, k, v, lengths, layer)
+    if AUTO_MGPU and backend.mosaic_gpu_usable() and prefer_mgpu(b, kh, s, d, n // kh, k.dtype):
+        return decode_attention(q, k, v, lengths, layer=layer, scale=scale)
+    return contiguous.decode_attention(q, k, v, lengths, layer=layer, scale=scale)

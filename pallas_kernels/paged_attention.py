@@ -53,6 +53,21 @@ class PagedConfig(NamedTuple):
     num_stages: int
     fused_combine: bool = False  # merge the splits inside the kernel (see pallas_kernels.decode_attention)
     gather: str = "rows"  # how a block is addressed: one page index per row, or per page (see PagedView)
+    preload: bool = False  # read the split's table entries once, before its loop (see preload_entries)
+    merge: str = "xla"  # how several splits' partials are merged (pallas_kernels.decode_attention.SPLIT_MERGES)
+
+
+PRELOAD_MAX = 64  # most table entries a program holds in registers when its split's entries are preloaded
+
+
+def preload_entries(max_pages: int, pages_per_block: int, num_splits: int) -> int:
+    """Table entries a program loads before its loop when preloading: a power of two covering the most blocks a
+    split can walk, ``ceil(ceil(max_pages / ppb) / splits) * ppb``; 0 when that exceeds ``PRELOAD_MAX`` or the
+    (padded) table itself, and the entries are then read block by block inside the loop."""
+    padded = -(-max_pages // pages_per_block) * pages_per_block
+    most = -(-(padded // pages_per_block) // num_splits) * pages_per_block
+    width = 1 << (most - 1).bit_length()
+    return width if width <= min(PRELOAD_MAX, padded) else 0
 
 
 def paged_config(
@@ -65,7 +80,8 @@ def paged_config(
     block_k = ppb * page_size
     splits = contiguous.choose_num_splits(batch, num_kv_heads, max_len, block_k, **kwargs)
     stages = min(base.num_stages, contiguous.max_stages(block_k, head_dim, jnp.dtype(dtype).itemsize))
-    return PagedConfig(ppb, splits, base.num_warps, stages, fused_combine=base.fused_combine, gather="rows")
+    preload = preload_entries(max_pages, ppb, splits) > 0
+    return PagedConfig(ppb, splits, base.num_warps, stages, base.fused_combine, "rows", preload, base.merge)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -86,6 +102,11 @@ class PagedView:
     row: rows past the sequence's length are not read. The K and V views of one kernel (and the scale views of
     Q8 pages) share ``addresses``, so every read of a block after the first reuses the page indices it loaded.
     Only whole rows are read (the last index must be ``:``).
+
+    Page indices come from the block table in global memory, a read each block's K/V loads wait for; with
+    :meth:`_BlockAddresses.preload` they come from the split's entries loaded once before the loop (a one-hot
+    select in registers), so no load inside the loop depends on another and the loop's loads pipeline as the
+    contiguous kernel's do.
     """
 
     def __init__(self, pool_ref, addresses: _BlockAddresses):
@@ -112,6 +133,18 @@ class _BlockAddresses:
         self.tables, self.lengths = tables_ref, lengths_ref
         self.num_pages, self.page_size, self.gather = num_pages, page_size, gather
         self._last = None  # (b, start, size, pages, {width: (offsets, valid)}) of the block last asked for
+        self._entries = None  # (first, entries [W]): the split's table entries from index `first`, preloaded
+
+    def preload(self, width: int, block_k: int, num_splits: int) -> None:
+        """Load the ``width`` table entries from the first page of this program's split (the split of the
+        contiguous kernel body, ``split_blocks``); the window slides back to stay inside the table, and still
+        covers every block the split walks since ``width`` covers the longest split."""
+        b, j = pl.program_id(0), pl.program_id(2)
+        max_pages = self.tables.shape[1]
+        n = jnp.clip(self.lengths[b], 0, max_pages * self.page_size)
+        lo, _ = contiguous.split_blocks(n, j, block_k, num_splits)
+        first = jnp.minimum(lo * (block_k // self.page_size), max_pages - width)
+        self._entries = (first, self.tables[b, pl.ds(first, width)])
 
     def __call__(self, b, window, width):
         last = self._last
@@ -123,6 +156,18 @@ class _BlockAddresses:
 
     def _pages(self, b, window):
         ps, size = self.page_size, window.size
+        if self._entries is not None:
+            first, entries = self._entries
+            width = entries.shape[0]
+            if self.gather == "rows":
+                want = window.start // ps - first + lax.broadcasted_iota(jnp.int32, (size, 1), 0) // ps  # [bk, 1]
+            else:
+                want = window.start // ps - first + lax.broadcasted_iota(jnp.int32, (size // ps, 1), 0)  # [ppb, 1]
+            hit = want == lax.broadcasted_iota(jnp.int32, (1, width), 1)
+            pages = jnp.sum(jnp.where(hit, entries[None, :], 0), axis=1, keepdims=True)
+            if self.gather == "pages":
+                pages = pages[:, :, None]  # [ppb, 1, 1]
+            return jnp.clip(pages, 0, self.num_pages - 1)
         if self.gather == "rows":
             r = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
             pages = self.tables[b, (window.start + r) // ps]  # [bk, 1]
@@ -155,9 +200,12 @@ def _paged_kernel(
     # aliased inputs, then outputs: as in pallas_kernels.decode_attention
     *refs,
     gather: str,
+    preload: int,
     **params,
 ):
     addresses = _BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3], gather)
+    if preload:
+        addresses.preload(preload, params["block_k"], params["num_splits"])
     contiguous._decode_kernel(
         lengths_ref, layer_ref, q_ref, PagedView(k_ref, addresses), PagedView(v_ref, addresses), *refs, **params
     )
@@ -181,7 +229,7 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
         tables = jnp.pad(tables, ((0, 0), (0, -max_pages % ppb)), constant_values=-1)
 
     # Outputs, aliases and their order as pallas_kernels.decode_attention's kernel body expects them.
-    out_shape = contiguous.split_out_shape(q, splits)
+    out_shape = contiguous.split_out_shape(q, splits, config.merge)
     fused = splits > 1 and config.fused_combine
     if fused:
         out_shape += [
@@ -199,6 +247,7 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
     kernel = functools.partial(
         _paged_kernel,
         gather=config.gather,
+        preload=preload_entries(max_pages, ppb, splits) if config.preload else 0,
         num_aliased=len(aliases),
         group=group,
         rows=contiguous.group_rows(group),
@@ -299,6 +348,9 @@ def _resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsiz
     """The default with the caller's overrides (``None`` keeps the default), validated; stages are capped so the
     resident K/V blocks fit in shared memory (``pallas_kernels.decode_attention.max_stages``)."""
     gather = overrides.pop("gather", None)
+    preload = overrides.pop("preload", None)
+    if preload is not None and not isinstance(preload, (bool, np.bool_)):
+        raise TypeError(f"preload must be a bool, got {preload!r}")
     if gather is not None and gather not in GATHERS:
         raise ValueError(f"gather={gather!r} must be one of {GATHERS}")
     contiguous.check_launch_overrides(**overrides)
@@ -308,7 +360,7 @@ def _resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsiz
         raise ValueError(
             f"pages_per_block={ppb} must be a power of two with pages_per_block * {page_size=} >= {MIN_BLOCK}"
         )
-    chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [fused, gather]
+    chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [fused, gather, preload, None]
     config = PagedConfig(*(d if o is None else type(d)(o) for d, o in zip(default, chosen, strict=True)))
     cap = contiguous.max_stages(config.pages_per_block * page_size, head_dim, itemsize)
     return config._replace(num_stages=min(config.num_stages, cap))
@@ -333,13 +385,15 @@ def paged_decode_attention(
     num_stages: int | None = None,
     fused_combine: bool | None = None,
     gather: str | None = None,
+    preload: bool | None = None,
     poison: bool = False,
 ) -> Float[Array, "B N D"]:
     """Decode attention of one query per sequence over its first ``lengths[b]`` positions, through the table.
 
     ``layer`` selects the layer of ``[L, P, K, page_size, D]`` pools inside the kernel (no copy of a layer).
     ``scale`` defaults to ``D ** -0.5``. ``interpret=None`` runs interpret mode off GPU. ``pages_per_block``,
-    ``num_splits``, ``num_warps``, ``num_stages``, ``fused_combine`` and ``gather`` override :func:`paged_config`.
+    ``num_splits``, ``num_warps``, ``num_stages``, ``fused_combine``, ``gather`` and ``preload`` (read a split's
+    table entries before its loop, where they fit: :func:`preload_entries`) override :func:`paged_config`.
     ``poison=True`` fills the kernel's output buffers with NaN before the launch (a test aid: elements it fails
     to write stay NaN).
     """
@@ -357,6 +411,7 @@ def paged_decode_attention(
         num_stages=num_stages,
         fused_combine=fused_combine,
         gather=gather,
+        preload=preload,
     )
     if k_pages.ndim == 4:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy
@@ -411,7 +466,10 @@ def paged_q8_config(batch: int, num_kv_heads: int, max_pages: int, page_size: in
     base = q8.decode_config(batch, num_kv_heads, max_len, head_dim)
     ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
     config = q8.decode_config(batch, num_kv_heads, max_len, head_dim, block_k=ppb * page_size)
-    return PagedConfig(ppb, config.num_splits, config.num_warps, config.num_stages, fused_combine=False, gather="rows")
+    preload = preload_entries(max_pages, ppb, config.num_splits) > 0
+    return PagedConfig(
+        ppb, config.num_splits, config.num_warps, config.num_stages, False, "rows", preload, config.merge
+    )
 
 
 def _paged_q8_kernel(
@@ -427,9 +485,12 @@ def _paged_q8_kernel(
     # (poison inputs, aliased to the outputs and never read), then outputs: as in pallas_kernels.q8
     *refs,
     gather: str,
+    preload: int,
     **params,
 ):
     addresses = _BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3], gather)
+    if preload:
+        addresses.preload(preload, params["block_k"], params["num_splits"])
     views = [PagedView(ref, addresses) for ref in (k_ref, k_scale_ref, v_ref, v_scale_ref)]
     q8.decode_kernel(lengths_ref, layer_ref, q_ref, *views, *refs, scales_t=False, **params)
 
@@ -445,13 +506,16 @@ def _paged_q8(
     splits, ppb = config.num_splits, config.pages_per_block
     if max_pages % ppb:  # as in _paged: a block may run past the table's last column (masked)
         tables = jnp.pad(tables, ((0, 0), (0, -max_pages % ppb)), constant_values=-1)
-    out_shape = contiguous.split_out_shape(q, splits)
+    out_shape = contiguous.split_out_shape(q, splits, config.merge)
     inputs = [lengths, layer, tables, q, k, k_scale, v, v_scale]
     num_in = len(inputs)
     if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
         inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
     options = q8.kernel_options(q.dtype, q.shape[1] // kv_heads, head_dim, ppb * page_size, splits, scale, fuse)
-    kernel = functools.partial(_paged_q8_kernel, gather=config.gather, num_poison=len(inputs) - num_in, **options)
+    preload = preload_entries(max_pages, ppb, splits) if config.preload else 0
+    kernel = functools.partial(
+        _paged_q8_kernel, gather=config.gather, preload=preload, num_poison=len(inputs) - num_in, **options
+    )
     aliases = {num_in + i: i for i in range(len(inputs) - num_in)}
     grid = (q.shape[0], kv_heads, splits)
     return contiguous.launch_split_kernel(
@@ -490,6 +554,7 @@ def paged_q8_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     gather: str | None = None,
+    preload: bool | None = None,
     fuse: str | None = None,
     poison: bool = False,
 ) -> Float[Array, "B N D"]:
@@ -516,6 +581,7 @@ def paged_q8_decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         gather=gather,
+        preload=preload,
     )
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
     if k_pages.ndim == 4:

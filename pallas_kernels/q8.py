@@ -225,10 +225,7 @@ def decode_kernel(
     n = jnp.clip(lengths_ref[b], 0, max_len)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
 
-    num_blocks = pl.cdiv(n, block_k)
-    per_split = pl.cdiv(num_blocks, num_splits)
-    lo = j * per_split
-    hi = jnp.minimum(lo + per_split, num_blocks)
+    lo, hi = bf16_kernel.split_blocks(n, j, block_k, num_splits)
     n_full = n // block_k  # blocks whose every position is valid
 
     def scale_col(ref, keys, c):  # [bk] float32: chunk c's scale of each key
@@ -411,7 +408,7 @@ def _decode(
     num_heads = q.shape[1]
     group = num_heads // kv_heads
     splits = config.num_splits
-    out_shape = bf16_kernel.split_out_shape(q, splits)
+    out_shape = bf16_kernel.split_out_shape(q, splits, config.merge)
     inputs = [lengths, layer, q, k, k_scale, v, v_scale]
     num_in = len(inputs)
     if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN

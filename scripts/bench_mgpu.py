@@ -9,6 +9,10 @@ copy as the ceiling. Rows:
 * ``triton``: ``pallas_kernels.decode_attention`` (the default dispatch), default launch parameters,
 * ``mgpu``: ``pallas_kernels.decode_attention_mgpu``, default launch parameters, then ``--sweep`` configurations
   (block_k, splits, stages) on the shapes named by ``--sweep-shapes``,
+* ``triton_pm``, ``mgpu_pm``: the same two kernels with their split partials merged by one Pallas kernel
+  (``merge="pallas"``, ``pallas_kernels.decode_attention.merge_partials``) instead of XLA's fusions,
+* ``auto``: ``pallas_kernels.decode_attention_mgpu.decode_attention_auto``, the kernel choice ``jkv`` makes for
+  a contiguous cache (Mosaic GPU where ``prefer_mgpu`` says so, else Triton),
 * ``torch_sdpa``: ``scaled_dot_product_attention`` with its default backend choice (cuDNN on an H100).
 
 Usage: ``python scripts/bench_mgpu.py --out DIR [--budget-s 240] [--shapes 1x4096 ...]``. Writes
@@ -40,6 +44,20 @@ from pallas_kernels import decode_attention_mgpu as mgpu
 
 # (block_k, splits as a multiple of the default's, stages) tried beside the default on the swept shapes.
 SWEEP = ((64, 0.5, 2), (64, 2, 2), (64, 1, 3), (64, 0.5, 3), (64, 2, 3))
+
+
+def pallas_merge(fn):
+    """``fn`` with the split partials merged by the Pallas kernel: the default config of every call it makes
+    (traced ones included) takes ``merge="pallas"``."""
+
+    def call(*args, **kwargs):
+        before, triton_kernel.SPLIT_MERGE = triton_kernel.SPLIT_MERGE, "pallas"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            triton_kernel.SPLIT_MERGE = before
+
+    return call
 
 
 def sweep_configs(default: mgpu.MgpuConfig, seq: int) -> list[mgpu.MgpuConfig]:
@@ -85,6 +103,9 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
     default = mgpu.mgpu_config(batch, ba.NUM_KV_HEADS, seq, ba.HEAD_DIM, jnp.bfloat16)
     record("mgpu", mgpu.decode_attention, default)
     record("triton", triton_kernel.decode_attention)
+    record("mgpu_pm", pallas_merge(mgpu.decode_attention), default._replace(merge="pallas"))
+    record("triton_pm", pallas_merge(triton_kernel.decode_attention))
+    record("auto", mgpu.decode_attention_auto)
     if torch is not None:
         results.update(ba.bench_torch(torch, sets, ref, nbytes, est_s, log, only_default=True))
     best_name = "mgpu" if "tbps" in results["mgpu"] else None
@@ -106,8 +127,9 @@ def table(report: dict) -> str:
     copy = report.get("copy", {}).get("tbps", float("nan"))
     lines = [
         f"us per call (TB/s); copy = {copy:.3f} TB/s (read + write)",
-        f"{'B x T':>10} {'triton':>15} {'mgpu':>15} {'mgpu best':>15} {'torch_sdpa':>15} "
-        f"{'mgpu/torch':>10} {'best/torch':>10} {'mgpu/triton':>11}  best config",
+        f"{'B x T':>10} {'triton':>15} {'mgpu':>15} {'triton_pm':>15} {'mgpu_pm':>15} {'auto':>15} "
+        f"{'mgpu best':>15} {'torch_sdpa':>15} {'mgpu/torch':>10} {'best/torch':>10} {'auto/torch':>10} "
+        f"{'mgpu/triton':>11}  best config",
     ]
     for shape in report["shapes"]:
         r = shape["results"]
@@ -115,9 +137,11 @@ def table(report: dict) -> str:
         cell = lambda name, r=r, t=t: f"{t(name) * 1e6:7.1f} ({r.get(name, {}).get('tbps', float('nan')):5.2f})"
         # Ratios are speed ratios: > 1 means the Mosaic GPU kernel is faster.
         lines.append(
-            f"{shape['batch']:>4} x {shape['seq']:<5} {cell('triton'):>15} {cell('mgpu'):>15} {cell('mgpu_best'):>15} "
-            f"{cell('torch_sdpa'):>15} {t('torch_sdpa') / t('mgpu'):10.2f} {t('torch_sdpa') / t('mgpu_best'):10.2f} "
-            f"{t('triton') / t('mgpu'):11.2f}  {r.get('mgpu_best', {}).get('name', '-')}"
+            f"{shape['batch']:>4} x {shape['seq']:<5} {cell('triton'):>15} {cell('mgpu'):>15} {cell('triton_pm'):>15} "
+            f"{cell('mgpu_pm'):>15} {cell('auto'):>15} {cell('mgpu_best'):>15} {cell('torch_sdpa'):>15} "
+            f"{t('torch_sdpa') / t('mgpu'):10.2f} {t('torch_sdpa') / t('mgpu_best'):10.2f} "
+            f"{t('torch_sdpa') / t('auto'):10.2f} {t('triton') / t('mgpu'):11.2f}  "
+            f"{r.get('mgpu_best', {}).get('name', '-')}"
         )
     return "\n".join(lines)
 

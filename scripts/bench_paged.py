@@ -15,6 +15,8 @@ sequence full, lengths = T; scripts/bench_attention.py), it times
   quantized (int8 codes, float16 scales per 32 values), default launch;
 * ``q8_paged_16``, ``q8_paged_32``, ``q8_paged_64``: ``pallas_kernels.paged_attention.paged_q8_decode_attention``
   on those codes and scales cut into pages at the same permuted places as the bf16 pages, default launch;
+* ``paged_16_loop``, ..., ``q8_paged_16_loop``, ...: where the default preloads a split's block-table entries
+  before its loop (``PagedConfig.preload``), the same kernels reading them block by block inside the loop;
 * ``copy``: a 1 GiB device-to-device copy (torch), the bandwidth ceiling.
 
 Formula: TB/s = bytes of K and V read (2 * B * K * T * D * 2 for bf16; 2 * B * K * T * (D + D / 32 * 2) for Q8) /
@@ -165,6 +167,9 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
         m = seq // page_size
         config = paged_attention.paged_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM, jnp.bfloat16)
         record(f"paged_{page_size}", paged_attention.paged_decode_attention, psets, config)
+        if config.preload:  # the default preloads the split's table entries: time the in-loop reads beside it
+            loop = lambda *a: paged_attention.paged_decode_attention(*a, preload=False)
+            record(f"paged_{page_size}_loop", loop, psets, config._replace(preload=False))
         if sweep:
             tune(
                 f"paged_{page_size}",
@@ -198,6 +203,9 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
             qsets = paged_sets(q8_sets, page_size, jax.random.fold_in(key, page_size))
             config = paged_attention.paged_q8_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM)
             record(f"q8_paged_{page_size}", paged_attention.paged_q8_decode_attention, qsets, config, nbytes=q8_bytes)
+            if config.preload:
+                loop = lambda *a: paged_attention.paged_q8_decode_attention(*a, preload=False)
+                record(f"q8_paged_{page_size}_loop", loop, qsets, config._replace(preload=False), nbytes=q8_bytes)
             del qsets
     del q8_sets
     contig = results.get("contig", {}).get("time_s")
@@ -231,6 +239,13 @@ def table(report: dict) -> str:
         tb = lambda c, r=r: f"{r.get(c, {}).get('tbps', float('nan')):16.3f}"
         lines.append(f"{shape['batch']:>4} x {shape['seq']:<6}" + " ".join(f"{cell(c):>16}" for c in COLUMNS))
         lines.append(f"{'TB/s':>12}" + " ".join(tb(c) for c in COLUMNS))
+        loops = [
+            f"{c[:-5]} {r[c]['time_s'] * 1e6:.1f} us ({r[c].get('vs_contig', float('nan')):.2f})"
+            for c in r
+            if c.endswith("_loop") and "time_s" in r[c]
+        ]
+        if loops:
+            lines.append(f"{'':>12}  table entries read in the loop (default preloads them): " + ", ".join(loops))
         q8_ratios = [f"{c} {r[c]['vs_q8_contig']:.2f}" for c in COLUMNS if "vs_q8_contig" in r.get(c, {})]
         if q8_ratios:
             lines.append(f"{'':>12}  Q8 pages / q8_contig: " + ", ".join(q8_ratios))

@@ -16,7 +16,9 @@ from conftest import REL_TOL, rel_err
 from reference import decode_attention_f64
 from test_decode_kernel import LENGTHS, nan_filled_cache
 
+import jkv
 from pallas_kernels import backend
+from pallas_kernels import decode_attention as kernels
 from pallas_kernels import decode_attention_mgpu as mgpu
 
 ON_HOPPER = backend.mosaic_gpu_usable()
@@ -89,6 +91,47 @@ class TestOnHopper:
         ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
         out = mgpu.decode_attention(bf(q), bf(k), bf(v), jnp.asarray(lengths))
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
+
+    @pytest.mark.parametrize("batch,seq", [(8, 4096), (1, 4096)], ids=["B=8_T=4k_mgpu", "B=1_T=4k_triton"])
+    def test_dispatch_and_pallas_merge(self, rng, monkeypatch, batch, seq):
+        """jkv.decode_attention over a KVCache (the shape-based kernel choice), and the Mosaic GPU kernel with its
+        partials merged by the Pallas merge kernel, against float64."""
+        lengths = np.full((batch,), seq - 1, np.int32)
+        lengths[0] = seq - 78
+        q, k, v = (rng.standard_normal(s) for s in ((batch, 32, 128), (1, batch, 8, seq, 128), (1, batch, 8, seq, 128)))
+        bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+        f64 = lambda x: np.asarray(bf(x).astype(jnp.float32), np.float64)
+        ref = decode_attention_f64(f64(q), f64(k[0]), f64(v[0]), lengths + 1)
+        cache = jkv.KVCache(k=bf(k), v=bf(v), lengths=jnp.asarray(lengths), errors=jnp.zeros(batch, jnp.int32))
+        assert mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16) == (batch == 8)
+        out = jax.jit(lambda q, c: jkv.decode_attention(q, c, 0, impl="pallas"))(bf(q), cache)
+        assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
+        monkeypatch.setattr(kernels, "SPLIT_MERGE", "pallas")
+        out = mgpu.decode_attention(bf(q), bf(k[0]), bf(v[0]), jnp.asarray(lengths + 1), num_splits=3)
+        assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
+
+
+@pytest.mark.parametrize(
+    "batch,seq,want",
+    [(1, 4096, False), (1, 32768, True), (8, 4096, True), (8, 16384, True), (32, 4096, True), (64, 8192, False)],
+    ids=str,
+)
+def test_dispatch_rule_on_the_benchmark_shapes(batch, seq, want):
+    """The shapes where the Mosaic GPU kernel measured faster than the Triton one on an H100 (132 SMs)."""
+    assert mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16, num_multiprocessors=132) == want
+    assert not mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.float32, num_multiprocessors=132)  # no f32 MMA here
+    assert not mgpu.prefer_mgpu(batch, 8, seq + 4, 128, 4, jnp.bfloat16, num_multiprocessors=132)  # would pad
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="checks the fallback where Mosaic GPU cannot run")
+def test_dispatch_falls_back_to_the_triton_kernel(rng):
+    """Off Hopper the dispatch runs the Triton kernel (interpret mode on a CPU) even where the rule prefers MGPU."""
+    q = jnp.asarray(rng.standard_normal((1, 4, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((1, 1, 2048, 64)), jnp.bfloat16) for _ in range(2))
+    lengths = jnp.asarray([2000], jnp.int32)
+    got = mgpu.decode_attention_auto(q, k, v, lengths)
+    want = kernels.decode_attention(q, k, v, lengths)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k_pages, v_pages)] + [jnp.asarray(tables), jnp.asarray(lengths)]
-    options = dict(interpret=interpret, pages_per_block=ppb, num_splits=splits, poison=True, **launch)
+    options = {**dict(interpret=interpret, pages_per_block=ppb, num_splits=splits, poison=True), **launch}
     if layers is None:
         out = paged.paged_decode_attention(*args, **options)
     elif layers[1] == "traced":
@@ -114,14 +114,43 @@ def test_kernel_matches_float64_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
-@pytest.mark.parametrize(
-    "case,launch",
-    [(CASES[1], dict(fused_combine=True)), (CASES[1], dict(gather="pages")), (CASES[4], dict(gather="pages"))],
-    ids=["merge_in_kernel", "gather_pages_ppb4", "gather_pages_traced_layer"],
-)
+LAUNCH_VARIANTS = {
+    "merge_in_kernel": (CASES[1], dict(fused_combine=True)),
+    "gather_pages_ppb4": (CASES[1], dict(gather="pages")),
+    "gather_pages_traced_layer": (CASES[4], dict(gather="pages")),
+    "table_in_loop_ppb1": (CASES[0], dict(preload=False)),
+    "table_in_loop_ppb4": (CASES[1], dict(preload=False)),
+    "table_in_loop_gather_pages": (CASES[1], dict(gather="pages", preload=False)),
+    "preload_one_split": (CASES[2], dict(preload=True, num_splits=2)),
+}
+
+
+@pytest.mark.parametrize("case,launch", LAUNCH_VARIANTS.values(), ids=LAUNCH_VARIANTS.keys())
 def test_launch_variants_interpret(rng, case, launch):
-    """Split partials merged inside the kernel instead of by XLA; blocks addressed by page instead of by row."""
+    """Split partials merged inside the kernel instead of by XLA; blocks addressed by page instead of by row;
+    table entries read block by block inside the loop instead of preloaded (and preloaded where the default
+    does not)."""
     run_case(rng, case, interpret=True, **launch)
+
+
+def test_preload_covers_every_split():
+    """The preloaded window (a power of two, at most PRELOAD_MAX, inside the table) holds the longest split;
+    the table cases above preload by default (the window slides back at the table's end in the ppb4 case)."""
+    for max_pages in range(1, 80):
+        for ppb in (1, 2, 4, 8):
+            for splits in (1, 2, 3, 7, 16, 66):
+                width = paged.preload_entries(max_pages, ppb, splits)
+                padded = -(-max_pages // ppb) * ppb
+                most = -(-(padded // ppb) // splits) * ppb
+                if width:
+                    assert width & (width - 1) == 0 and most <= width <= min(paged.PRELOAD_MAX, padded)
+                else:
+                    assert 1 << (most - 1).bit_length() > min(paged.PRELOAD_MAX, padded)
+    assert paged.preload_entries(4096 // 16, 8, 16) == 16  # the 1 x 4096 benchmark shape, pages of 16
+    assert paged.preload_entries(16384 // 16, 8, 9) == 0  # 8 x 16384: 120 entries per split, loaded per block
+    for case in CASES[:2]:
+        _, batch, kv_heads, _, head_dim, ps, max_pages, dtype, *_ = case
+        assert paged.paged_config(batch, kv_heads, max_pages, ps, head_dim, jnp.dtype(dtype)).preload
 
 
 def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, dtype=jnp.float32):
@@ -209,6 +238,7 @@ def test_errors():
         (dict(scale="x"), TypeError, "scale must be a Python number"),
         (dict(fused_combine=1), TypeError, "fused_combine must be None or a bool"),
         (dict(gather="cols"), ValueError, "gather='cols' must be one of ('rows', 'pages')"),
+        (dict(preload=1), TypeError, "preload must be a bool, got 1"),
     ]
     for kwargs, exc, text in cases:
         with pytest.raises(exc) as info:
@@ -226,7 +256,9 @@ class TestOnGpu:
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
     @pytest.mark.parametrize(
-        "launch", [dict(fused_combine=True), dict(fused_combine=False), dict(gather="pages")], ids=str
+        "launch",
+        [dict(fused_combine=True), dict(fused_combine=False), dict(gather="pages"), dict(preload=False)],
+        ids=str,
     )
     @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
     def test_launch_variants(self, rng, case, launch):
