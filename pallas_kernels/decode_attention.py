@@ -16,10 +16,11 @@ The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kerne
   count comes from the length, so blocks past a sequence's length are never read; full blocks run unmasked,
   the last partial block runs once, masked (its load window slides back to stay inside ``S``);
 * each split leaves its running max ``m``, softmax denominator and unnormalised ``acc`` (``[B, P, N(, D)]``);
-  :func:`combine_splits` merges them with a log-sum-exp rescale in XLA. With one split the kernel normalises and
-  writes the output itself. (``fused_combine=True`` merges inside the kernel instead: the last split of each
-  ``(b, kv head)`` to finish, found with an atomic counter, merges the partials; measured slower, see
-  ``decode_config``.)
+  :func:`merge_partials`, a second Pallas kernel of one program per query head, merges them with a log-sum-exp
+  rescale (``merge="xla"``: :func:`combine_splits` in XLA, measured slower; see ``SPLIT_MERGE``). With one split
+  the kernel normalises and writes the output itself. (``fused_combine=True`` merges inside the kernel instead:
+  the last split of each ``(b, kv head)`` to finish, found with an atomic counter, merges the partials one after
+  another; measured slower, see ``decode_config``.)
 
 Block size, splits, warps and stages come from :func:`decode_config` (the heuristic is documented there), and
 can be overridden per call.
@@ -56,7 +57,7 @@ class DecodeConfig(NamedTuple):
     num_warps: int
     num_stages: int  # Triton software-pipelining depth of the loop's K/V loads
     # With several splits: the last split of each (b, kv head) to finish merges the partials inside the kernel
-    # (an atomic counter per (b, kv head)) instead of a separate XLA combine after it.
+    # (an atomic counter per (b, kv head)) instead of a separate merge after it.
     fused_combine: bool = False
     merge: str = "xla"  # how several splits' partials are merged after the kernel: SPLIT_MERGES
 
@@ -114,8 +115,9 @@ def decode_config(
     # A float32 dot runs on the FMA units ("ieee" precision): smaller tiles per warp keep registers in bounds.
     num_warps = 4 if itemsize < 4 else 8
     stages = min(3, max_stages(block_k, head_dim, itemsize))
-    # The XLA combine: merging in the kernel measured slower on an H100 (the last split merges P partials one
-    # after another: 14.0 vs 13.2 us at 1 x 4096 with P=16, 74.6 vs 58.2 us at 1 x 32768 with P=66).
+    # A merge after the kernel (SPLIT_MERGE): merging in the kernel measured slower on an H100 (the last split
+    # merges P partials one after another: 14.0 vs 13.2 us (XLA merge) at 1 x 4096 with P=16, 74.6 vs 58.2 us at
+    # 1 x 32768 with P=66).
     return DecodeConfig(block_k, splits, num_warps, stages, fused_combine=False, merge=SPLIT_MERGE)
 
 
@@ -140,9 +142,13 @@ def combine_splits(
 
 
 # How ``launch_split_kernel`` merges split partials: "xla" (``combine_splits``, the fusions XLA makes of it) or
-# "pallas" (``merge_partials``: one kernel launch, every partial of a head loaded at once).
+# "pallas" (``merge_partials``: one kernel launch, every partial of a head loaded at once). The default config of
+# every split kernel takes this value. Measured on an H100 (docs/BENCHMARKS.md, "Decode attention", 2026-11-23
+# run 8; bf16, N=32, K=8, D=128): the Pallas merge took the Triton kernel from 12.1 to 10.4 us at 1 x 4096,
+# 55.5 to 52.3 us at 1 x 32768 and 54.4 to 53.0 us at 8 x 4096 (the Mosaic GPU kernel 52.9 -> 51.7 us at
+# 1 x 32768), and changed nothing measurable where one or two splits run.
 SPLIT_MERGES = ("xla", "pallas")
-SPLIT_MERGE = "xla"
+SPLIT_MERGE = "pallas"
 
 
 def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, stats: int | None):

@@ -22,7 +22,8 @@ The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later, no interpr
   counted are masked); in the block that ends past the length, the V rows past it are zeroed in shared memory
   before the MMA (a 0 weight times a NaN in an unused slot would still be NaN);
 * one split: the kernel normalises and stores the ``G`` output rows; several: it stores ``acc`` and the rows'
-  statistics (running max, softmax denominator) and ``combine_splits`` merges them in XLA.
+  statistics (running max, softmax denominator) and ``pallas_kernels.decode_attention.merge_partials`` merges
+  them (``combine_splits`` in XLA with ``merge="xla"``).
 
 Launch parameters come from :func:`mgpu_config` and can be overridden per call. Measured against the Triton
 kernel and torch in docs/notes/decode_kernel.md.
@@ -378,10 +379,11 @@ def decode_attention(
 # The contiguous-cache dispatch (``jkv.decode_attention``) takes this kernel where ``prefer_mgpu`` says so; False
 # keeps the Triton kernel everywhere (for benchmarks that compare the two).
 AUTO_MGPU = True
-# Where it wins, from the H100 table in docs/BENCHMARKS.md ("Mosaic GPU variant"; bf16, N=32, K=8, D=128, full
-# sequences): faster than the Triton kernel at 1 x 32768 (1.04x), 8 x 4096 (1.10x), 8 x 16384 (1.01x) and
-# 32 x 4096 (1.03x); slower at 1 x 4096 (0.92x: one split's fixed costs dominate a 17 MB read) and 64 x 8192
-# (0.99x: 512 (b, kv head) programs, where the Triton kernel's four programs per multiprocessor keep more loads
+# Where it wins, from the H100 tables in docs/BENCHMARKS.md ("Decode attention", two runs; bf16, N=32, K=8,
+# D=128, full sequences; both kernels with the Pallas merge in the second): faster than the Triton kernel at
+# 1 x 32768 (51.7 vs 52.3 us), 8 x 4096 (49.5 vs 53.0), 8 x 16384 (182.4 vs 183.9) and 32 x 4096 (177.0 vs
+# 182.8); slower at 1 x 4096 (12.2 vs 10.4: one split's fixed costs dominate a 17 MB read) and 64 x 8192 (696.9
+# vs 694.3: 512 (b, kv head) programs, where the Triton kernel's four programs per multiprocessor keep more loads
 # in flight). Hence: at least MIN_CACHE_BYTES of K and V, and at most two (b, kv head) programs per multiprocessor.
 MIN_CACHE_BYTES = 64 * 2**20
 

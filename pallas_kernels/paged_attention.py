@@ -58,16 +58,24 @@ class PagedConfig(NamedTuple):
 
 
 PRELOAD_MAX = 64  # most table entries a program holds in registers when its split's entries are preloaded
+# Preload only where a split walks at most this many positions. Measured on an H100 (docs/BENCHMARKS.md, "Paged
+# attention"; pages of 16-64 positions): with 256 keys per split (1 x 4096: bf16, two 128-key blocks; Q8, four
+# 64-key blocks) preloading took bf16 pages from 1.13-1.14x to 1.01-1.05x the contiguous kernel and Q8 pages
+# from 13.0-13.2 to 11.4-11.7 us: such a split is one burst of loads, and a table read inside it is exposed
+# latency. With 512+ keys per split (1 x 32768, 8 x 4096) the in-loop reads pipeline and preloading lost
+# (bf16 57.2 -> 57.6-59.8 us; Q8 pages 45-46 -> 50 us with 1024 keys per split).
+PRELOAD_KEYS = 256
 
 
-def preload_entries(max_pages: int, pages_per_block: int, num_splits: int) -> int:
+def preload_entries(max_pages: int, pages_per_block: int, num_splits: int, page_size: int) -> int:
     """Table entries a program loads before its loop when preloading: a power of two covering the most blocks a
-    split can walk, ``ceil(ceil(max_pages / ppb) / splits) * ppb``; 0 when that exceeds ``PRELOAD_MAX`` or the
-    (padded) table itself, and the entries are then read block by block inside the loop."""
+    split can walk, ``ceil(ceil(max_pages / ppb) / splits) * ppb``; 0 when a split may walk more than
+    ``PRELOAD_KEYS`` positions or the entries exceed ``PRELOAD_MAX`` or the (padded) table itself, and the
+    entries are then read block by block inside the loop."""
     padded = -(-max_pages // pages_per_block) * pages_per_block
     most = -(-(padded // pages_per_block) // num_splits) * pages_per_block
     width = 1 << (most - 1).bit_length()
-    return width if width <= min(PRELOAD_MAX, padded) else 0
+    return width if most * page_size <= PRELOAD_KEYS and width <= min(PRELOAD_MAX, padded) else 0
 
 
 def paged_config(
@@ -80,7 +88,7 @@ def paged_config(
     block_k = ppb * page_size
     splits = contiguous.choose_num_splits(batch, num_kv_heads, max_len, block_k, **kwargs)
     stages = min(base.num_stages, contiguous.max_stages(block_k, head_dim, jnp.dtype(dtype).itemsize))
-    preload = preload_entries(max_pages, ppb, splits) > 0
+    preload = preload_entries(max_pages, ppb, splits, page_size) > 0
     return PagedConfig(ppb, splits, base.num_warps, stages, base.fused_combine, "rows", preload, base.merge)
 
 
@@ -247,7 +255,7 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
     kernel = functools.partial(
         _paged_kernel,
         gather=config.gather,
-        preload=preload_entries(max_pages, ppb, splits) if config.preload else 0,
+        preload=preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0,
         num_aliased=len(aliases),
         group=group,
         rows=contiguous.group_rows(group),
@@ -466,7 +474,7 @@ def paged_q8_config(batch: int, num_kv_heads: int, max_pages: int, page_size: in
     base = q8.decode_config(batch, num_kv_heads, max_len, head_dim)
     ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
     config = q8.decode_config(batch, num_kv_heads, max_len, head_dim, block_k=ppb * page_size)
-    preload = preload_entries(max_pages, ppb, config.num_splits) > 0
+    preload = preload_entries(max_pages, ppb, config.num_splits, page_size) > 0
     return PagedConfig(
         ppb, config.num_splits, config.num_warps, config.num_stages, False, "rows", preload, config.merge
     )
@@ -512,7 +520,7 @@ def _paged_q8(
     if poison:  # NaN-filled buffers become the outputs: whatever the kernel fails to write stays NaN
         inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
     options = q8.kernel_options(q.dtype, q.shape[1] // kv_heads, head_dim, ppb * page_size, splits, scale, fuse)
-    preload = preload_entries(max_pages, ppb, splits) if config.preload else 0
+    preload = preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
     kernel = functools.partial(
         _paged_q8_kernel, gather=config.gather, preload=preload, num_poison=len(inputs) - num_in, **options
     )

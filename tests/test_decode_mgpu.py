@@ -94,8 +94,8 @@ class TestOnHopper:
 
     @pytest.mark.parametrize("batch,seq", [(8, 4096), (1, 4096)], ids=["B=8_T=4k_mgpu", "B=1_T=4k_triton"])
     def test_dispatch_and_pallas_merge(self, rng, monkeypatch, batch, seq):
-        """jkv.decode_attention over a KVCache (the shape-based kernel choice), and the Mosaic GPU kernel with its
-        partials merged by the Pallas merge kernel, against float64."""
+        """jkv.decode_attention over a KVCache (the shape-based kernel choice; partials merged by the default
+        Pallas merge), and the Mosaic GPU kernel with its partials merged by XLA, against float64."""
         lengths = np.full((batch,), seq - 1, np.int32)
         lengths[0] = seq - 78
         q, k, v = (rng.standard_normal(s) for s in ((batch, 32, 128), (1, batch, 8, seq, 128), (1, batch, 8, seq, 128)))
@@ -106,7 +106,7 @@ class TestOnHopper:
         assert mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16) == (batch == 8)
         out = jax.jit(lambda q, c: jkv.decode_attention(q, c, 0, impl="pallas"))(bf(q), cache)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
-        monkeypatch.setattr(kernels, "SPLIT_MERGE", "pallas")
+        monkeypatch.setattr(kernels, "SPLIT_MERGE", "xla")
         out = mgpu.decode_attention(bf(q), bf(k[0]), bf(v[0]), jnp.asarray(lengths + 1), num_splits=3)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
 

@@ -1,5 +1,5 @@
-"""The Pallas merge of split-K partials (``merge="pallas"``) against float64 and against ``combine_splits``, and
-every split kernel (contiguous, Q8, paged, Q8 pages) with it in place of the XLA merge.
+"""The Pallas merge of split-K partials (``merge="pallas"``, the default) against float64 and against
+``combine_splits``, and every split kernel (contiguous, Q8, paged, Q8 pages) with either merge.
 
 Partials are fresh random draws; the padding rows the split kernels allocate but never write hold NaN, so a
 merge that read them would fail. Interpret mode on the CPU; the real lowering on a GPU.
@@ -67,7 +67,7 @@ def test_merge_errors():
         kernels.split_out_shape(jnp.zeros((1, 4, 16)), 2, "cuda")
 
 
-# Table cases of each split kernel with more than one split (their own tests run the XLA merge).
+# Table cases of each split kernel with more than one split (their own tests run the default merge).
 SPLIT_CASES = {
     "contiguous_" + c[0]: (contiguous_cases.run_case, c) for c in contiguous_cases.CASES if c[10] and c[10] > 1
 } | {"q8_" + c[0]: (q8_cases.run_case, c) for c in q8_cases.CASES if c[11] and c[11] > 1}
@@ -75,13 +75,14 @@ SPLIT_CASES |= {"paged_" + c[0]: (paged_cases.run_case, c) for c in paged_cases.
 SPLIT_CASES |= {"paged_q8_" + c[0]: (paged_q8_cases.run_case, c) for c in paged_q8_cases.CASES if c[11] and c[11] > 1}
 
 
-@pytest.fixture
-def pallas_merge(monkeypatch):
-    monkeypatch.setattr(kernels, "SPLIT_MERGE", "pallas")
+@pytest.fixture(params=kernels.SPLIT_MERGES)
+def merge(request, monkeypatch):
+    monkeypatch.setattr(kernels, "SPLIT_MERGE", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("run,case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
-def test_split_kernels_with_pallas_merge_interpret(rng, pallas_merge, run, case):
+def test_split_kernels_with_each_merge_interpret(rng, merge, run, case):
     run(rng, case, interpret=True)
 
 
@@ -96,6 +97,6 @@ class TestOnGpu:
         assert rel_err(out, want) < REL_TOL["float32"]
 
     @pytest.mark.parametrize("run,case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
-    def test_split_kernels_with_pallas_merge(self, rng, pallas_merge, run, case):
+    def test_split_kernels_with_each_merge(self, rng, merge, run, case):
         scale = 16 if run in (paged_cases.run_case, paged_q8_cases.run_case) else 32
         run(rng, case, scale_up=scale, interpret=False)

@@ -134,20 +134,24 @@ def test_launch_variants_interpret(rng, case, launch):
 
 
 def test_preload_covers_every_split():
-    """The preloaded window (a power of two, at most PRELOAD_MAX, inside the table) holds the longest split;
-    the table cases above preload by default (the window slides back at the table's end in the ppb4 case)."""
+    """The preloaded window (a power of two, at most PRELOAD_MAX, inside the table) holds the longest split, and
+    only splits of at most PRELOAD_KEYS positions preload; the table cases above preload by default (the window
+    slides back at the table's end in the ppb4 case)."""
     for max_pages in range(1, 80):
         for ppb in (1, 2, 4, 8):
             for splits in (1, 2, 3, 7, 16, 66):
-                width = paged.preload_entries(max_pages, ppb, splits)
-                padded = -(-max_pages // ppb) * ppb
-                most = -(-(padded // ppb) // splits) * ppb
-                if width:
-                    assert width & (width - 1) == 0 and most <= width <= min(paged.PRELOAD_MAX, padded)
-                else:
-                    assert 1 << (most - 1).bit_length() > min(paged.PRELOAD_MAX, padded)
-    assert paged.preload_entries(4096 // 16, 8, 16) == 16  # the 1 x 4096 benchmark shape, pages of 16
-    assert paged.preload_entries(16384 // 16, 8, 9) == 0  # 8 x 16384: 120 entries per split, loaded per block
+                for page_size in (4, 16, 64):
+                    width = paged.preload_entries(max_pages, ppb, splits, page_size)
+                    padded = -(-max_pages // ppb) * ppb
+                    most = -(-(padded // ppb) // splits) * ppb
+                    fits = 1 << (most - 1).bit_length() <= min(paged.PRELOAD_MAX, padded)
+                    short = most * page_size <= paged.PRELOAD_KEYS
+                    if width:
+                        assert width & (width - 1) == 0 and most <= width <= min(paged.PRELOAD_MAX, padded)
+                    assert bool(width) == (fits and short)
+    assert paged.preload_entries(4096 // 16, 8, 16, 16) == 16  # 1 x 4096, pages of 16: 256 keys per split
+    assert paged.preload_entries(32768 // 16, 8, 66, 16) == 0  # 1 x 32768: 512 keys per split, read in the loop
+    assert paged.preload_entries(16384 // 64, 2, 9, 64) == 0  # 8 x 16384: 1920 keys per split
     for case in CASES[:2]:
         _, batch, kv_heads, _, head_dim, ps, max_pages, dtype, *_ = case
         assert paged.paged_config(batch, kv_heads, max_pages, ps, head_dim, jnp.dtype(dtype)).preload
