@@ -64,7 +64,7 @@ def sweep_configs(default: mgpu.MgpuConfig, seq: int) -> list[mgpu.MgpuConfig]:
     out = []
     for block_k, factor, stages in SWEEP:
         splits = max(1, min(math.ceil(seq / block_k) // 2, round(default.num_splits * factor)))
-        config = mgpu.MgpuConfig(block_k, splits, stages)
+        config = default._replace(block_k=block_k, num_splits=splits, num_stages=stages)  # same merge
         if config != default and config not in out and mgpu._ring_bytes(block_k, ba.HEAD_DIM, 2, stages) <= 200_000:
             out.append(config)
     return out
