@@ -110,6 +110,21 @@ class TestOnHopper:
         out = mgpu.decode_attention(bf(q), bf(k[0]), bf(v[0]), jnp.asarray(lengths + 1), num_splits=3)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
 
+    def test_dispatch_under_vmap(self, rng):
+        """A stack of two caches at a shape where the dispatch picks the Mosaic GPU kernel, under jit(vmap)."""
+        batch, seq = 8, 4096
+        assert mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16)
+        lengths = np.stack([np.full((batch,), seq - 1), rng.integers(0, seq, batch)]).astype(np.int32)
+        q = rng.standard_normal((2, batch, 32, 128))
+        k, v = (rng.standard_normal((2, 1, batch, 8, seq, 128)) for _ in range(2))
+        bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+        caches = jkv.KVCache(k=bf(k), v=bf(v), lengths=jnp.asarray(lengths), errors=jnp.zeros((2, batch), jnp.int32))
+        out = jax.jit(jax.vmap(lambda q, c: jkv.decode_attention(q, c, 0, impl="pallas")))(bf(q), caches)
+        for i in range(2):
+            f64 = lambda x: np.asarray(bf(x).astype(jnp.float32), np.float64)
+            ref = decode_attention_f64(f64(q[i]), f64(k[i, 0]), f64(v[i, 0]), lengths[i] + 1)
+            assert rel_err(out[i].astype(jnp.float32), ref) < REL_TOL["bfloat16"]
+
 
 @pytest.mark.parametrize(
     "batch,seq,want",
