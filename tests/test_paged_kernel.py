@@ -268,6 +268,15 @@ class TestOnGpu:
     def test_launch_variants(self, rng, case, launch):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False, **launch)
 
+    @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
+    def test_preloaded_table_entries(self, rng, case):
+        """Enough splits that each walks at most PRELOAD_KEYS positions, so every program preloads its split's
+        table entries (the longer GPU tables above read them in the loop)."""
+        _, batch, kv_heads, _, head_dim, ps, max_pages, dtype, _, _, ppb, _, _ = case
+        default = paged.paged_config(batch, kv_heads, max_pages * GPU_SCALE, ps, head_dim, jnp.dtype(dtype))
+        assert paged.preload_entries(max_pages * GPU_SCALE, ppb or default.pages_per_block, 48, ps) > 0
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False, num_splits=48)
+
     @pytest.mark.parametrize("page_size", [16, 32, 64])
     def test_paged_equals_contiguous_kernel(self, rng, page_size):
         lengths = (1, 8 * page_size - 1, 3 * page_size + 5, 8 * page_size)
