@@ -151,11 +151,11 @@ SPLIT_MERGES = ("xla", "pallas")
 SPLIT_MERGE = "pallas"
 
 
-def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, stats: int | None):
+def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool):
     r, c = pl.program_id(0), pl.program_id(1)
     p_rows = acc_ref.shape[1]  # splits padded to a power of two
     p_ok = lax.broadcasted_iota(jnp.int32, (p_rows,), 0) < splits
-    if stats is None:  # m, denom [R, P, C]
+    if not packed:  # m, denom [R, P, C]
         m = backend.load(m_ref.at[r, :, c], mask=p_ok, other=-jnp.inf)
         denom = backend.load(denom_ref.at[r, :, c], mask=p_ok, other=0.0)
     else:  # both in one [R, P, C, stats] array: column 0 the max, column 1 the denominator
@@ -181,7 +181,7 @@ def merge_partials(acc, m, denom=None, *, splits: int, dtype, interpret: bool):
     if padded & (padded - 1) or not 1 <= splits <= padded:
         raise ValueError(f"acc.shape[1]={padded} must be a power of two >= splits={splits}")
     inputs = [acc, m, m if denom is None else denom]
-    kernel = functools.partial(_merge_kernel, splits=splits, stats=None if denom is not None else m.shape[-1])
+    kernel = functools.partial(_merge_kernel, splits=splits, packed=denom is None)
     return backend.pallas_call(
         kernel,
         interpret=interpret,
