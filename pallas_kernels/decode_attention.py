@@ -404,6 +404,15 @@ def _decode(q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeCo
     )
 
 
+def partial_rows(splits: int, merge: str) -> int:
+    """Length of the split axis of the partials a split kernel allocates: ``splits``, rounded up to a power of
+    two for ``merge="pallas"`` (:func:`merge_partials` loads them as one tile; the kernel writes the first
+    ``splits``)."""
+    if merge not in SPLIT_MERGES:
+        raise ValueError(f"merge={merge!r} must be one of {SPLIT_MERGES}")
+    return 1 << (splits - 1).bit_length() if merge == "pallas" else splits
+
+
 def split_out_shape(q, splits: int, merge: str = "xla") -> list:
     """Outputs of a split-K decode kernel: the attention output itself for one split, else the partials
     ``acc [B, P, N, D]``, ``m [B, P, N]`` and ``denom [B, P, N]`` (float32) that ``combine_splits`` merges
@@ -412,10 +421,7 @@ def split_out_shape(q, splits: int, merge: str = "xla") -> list:
     batch, num_heads, head_dim = q.shape
     if splits == 1:
         return [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    if merge not in SPLIT_MERGES:
-        raise ValueError(f"merge={merge!r} must be one of {SPLIT_MERGES}")
-    if merge == "pallas":
-        splits = 1 << (splits - 1).bit_length()
+    splits = partial_rows(splits, merge)
     return [
         jax.ShapeDtypeStruct((batch, splits, num_heads, head_dim), jnp.float32),  # acc
         jax.ShapeDtypeStruct((batch, splits, num_heads), jnp.float32),  # m

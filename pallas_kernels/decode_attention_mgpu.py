@@ -255,8 +255,7 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
     _, batch, kv_heads, _, head_dim = k.shape
     group = q.shape[1] // kv_heads
     splits = config.num_splits
-    # With the Pallas merge the partials have a power-of-two split axis (the kernel writes the first `splits`).
-    rows = 1 << (splits - 1).bit_length() if config.merge == "pallas" else splits
+    rows = contiguous.partial_rows(splits, config.merge)  # the kernel writes the first `splits`
     if splits == 1:
         out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
