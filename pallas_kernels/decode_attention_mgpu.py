@@ -51,6 +51,7 @@ HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 25
 CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs (no transposed f32)
 BLOCKS = (64,)  # 128 compiled and ran but gave wrong results on jax 0.11.2 (see docs/notes/decode_kernel.md)
 DEFAULT_STAGES = 2
+EARLY_K = False  # MgpuConfig.early_k of the default launch parameters
 SMEM_PER_SM = 220 * 1024  # of an H100's 227 KiB per block: what the K/V ring and the query tile may take
 LOG2E = math.log2(math.e)
 STATS = 32  # float32 columns of a split's per-row statistics (max, denominator): 128-byte rows
@@ -63,6 +64,7 @@ class MgpuConfig(NamedTuple):
     num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
     num_stages: int  # ring slots: K/V blocks in flight per program
     merge: str = "xla"  # how several splits' partials are merged (pallas_kernels.decode_attention.SPLIT_MERGES)
+    early_k: bool = False  # refill a K slot once the block's scores are read, before waiting for its V
 
 
 def _ring_bytes(block_k: int, head_dim: int, itemsize: int, stages: int) -> int:
@@ -88,7 +90,7 @@ def mgpu_config(
     blocks = max(1, math.ceil(max_len / block_k))
     splits = max(1, min(sms // (batch * num_kv_heads), blocks // 2))
     splits = math.ceil(blocks / math.ceil(blocks / splits))  # equal shares: no split left empty at full length
-    return MgpuConfig(block_k, splits, DEFAULT_STAGES, merge=contiguous.SPLIT_MERGE)
+    return MgpuConfig(block_k, splits, DEFAULT_STAGES, merge=contiguous.SPLIT_MERGE, early_k=EARLY_K)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -115,6 +117,7 @@ def _kernel(
     num_splits: int,
     num_stages: int,
     scale: float,
+    early_k: bool,
 ):
     plgpu = backend.mosaic_gpu_module()
     wgmma_layout = plgpu.Layout.WGMMA
@@ -141,10 +144,17 @@ def _kernel(
 
     def ring(q_smem, k_smem, v_smem, q_barrier, k_barriers, v_barriers):
         # q_smem [ROWS, D]; k_smem, v_smem [stages, bk, D]; one barrier per ring slot and operand
-        def fetch(t, slot):  # block t of the sequence into a ring slot
+        def fetch_k(t, slot):  # K of block t of the sequence into a ring slot
             rows = pl.ds(window(t), block_k)
             plgpu.copy_gmem_to_smem(k_ref.at[layer, b, h, rows], k_smem.at[slot], k_barriers.at[slot])
+
+        def fetch_v(t, slot):
+            rows = pl.ds(window(t), block_k)
             plgpu.copy_gmem_to_smem(v_ref.at[layer, b, h, rows], v_smem.at[slot], v_barriers.at[slot])
+
+        def fetch(t, slot):
+            fetch_k(t, slot)
+            fetch_v(t, slot)
 
         # The query window and the first K/V blocks are all in flight before the program waits for any.
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, ROWS)], q_smem, q_barrier.at[0])
@@ -168,6 +178,13 @@ def _kernel(
                 return s_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [ROWS, bk]
+            if early_k:
+
+                @pl.when(i + num_stages < steps)
+                def _refill_k():  # the scores were read: the MMA reading this K slot has completed
+                    plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
+                    fetch_k(t + num_stages, slot)
+
             pos = start + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=wgmma_layout)
             s = jnp.where((pos >= t * block_k) & (pos < n), s * (scale * LOG2E), -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))  # finite: every block holds a valid position
@@ -193,7 +210,7 @@ def _kernel(
             @pl.when(i + num_stages < steps)
             def _refill():  # both MMAs reading this slot have completed (their results were read)
                 plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
-                fetch(t + num_stages, slot)
+                (fetch_v if early_k else fetch)(t + num_stages, slot)
 
             return acc, m_new, denom
 
@@ -264,7 +281,13 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
             jax.ShapeDtypeStruct((batch, kv_heads, rows, group, STATS), jnp.float32),  # m, denom
         )
     body = functools.partial(
-        _kernel, group=group, block_k=config.block_k, num_splits=splits, num_stages=config.num_stages, scale=scale
+        _kernel,
+        group=group,
+        block_k=config.block_k,
+        num_splits=splits,
+        num_stages=config.num_stages,
+        scale=scale,
+        early_k=config.early_k,
     )
 
     def jkv_decode_attention_mgpu(*refs):  # the kernel's name in profiles

@@ -8,7 +8,7 @@ copy as the ceiling. Rows:
 
 * ``triton``: ``pallas_kernels.decode_attention`` (the default dispatch), default launch parameters,
 * ``mgpu``: ``pallas_kernels.decode_attention_mgpu``, default launch parameters, then ``--sweep`` configurations
-  (block_k, splits, stages) on the shapes named by ``--sweep-shapes``,
+  (block_k, splits, stages, early K refill: ``SWEEP``) on the shapes named by ``--sweep-shapes``,
 * ``triton_pm``, ``mgpu_pm``: the same two kernels with their split partials merged by one Pallas kernel
   (``merge="pallas"``, ``pallas_kernels.decode_attention.merge_partials``) instead of XLA's fusions,
 * ``auto``: ``pallas_kernels.decode_attention_mgpu.decode_attention_auto``, the kernel choice ``jkv`` makes for
@@ -42,8 +42,9 @@ from pallas_kernels import backend
 from pallas_kernels import decode_attention as triton_kernel
 from pallas_kernels import decode_attention_mgpu as mgpu
 
-# (block_k, splits as a multiple of the default's, stages) tried beside the default on the swept shapes.
-SWEEP = ((64, 0.5, 2), (64, 2, 2), (64, 1, 3), (64, 0.5, 3), (64, 2, 3))
+# Sweep points tried beside the default on the swept shapes: "block_k/splits/stages[/early]", splits either a
+# multiple of the default's ("x2") or enough programs for N per multiprocessor ("sm2": floor(N * SMs / (B * K))).
+SWEEP = ("64/x0.5/2", "64/x2/2", "64/x1/3", "64/x0.5/3", "64/x2/3", "64/sm2/2", "64/x1/2/early", "64/x1/3/early")
 
 
 def pallas_merge(fn):
@@ -60,17 +61,36 @@ def pallas_merge(fn):
     return call
 
 
-def sweep_configs(default: mgpu.MgpuConfig, seq: int) -> list[mgpu.MgpuConfig]:
+def with_early_k(fn, early: bool):
+    """``fn`` with the Mosaic GPU kernel's default ``early_k`` set to ``early`` for every call it makes."""
+
+    def call(*args, **kwargs):
+        before, mgpu.EARLY_K = mgpu.EARLY_K, early
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            mgpu.EARLY_K = before
+
+    return call
+
+
+def sweep_configs(default: mgpu.MgpuConfig, batch: int, seq: int, points=SWEEP) -> list[mgpu.MgpuConfig]:
     out = []
-    for block_k, factor, stages in SWEEP:
-        splits = max(1, min(math.ceil(seq / block_k) // 2, round(default.num_splits * factor)))
-        config = default._replace(block_k=block_k, num_splits=splits, num_stages=stages)  # same merge
+    for point in points:
+        block_k, splits, stages, *flags = point.split("/")
+        block_k, stages = int(block_k), int(stages)
+        if splits.startswith("x"):
+            splits = round(default.num_splits * float(splits[1:]))
+        elif splits.startswith("sm"):
+            splits = int(splits[2:]) * backend.num_multiprocessors() // (batch * ba.NUM_KV_HEADS)
+        splits = max(1, min(math.ceil(seq / block_k) // 2, int(splits)))
+        config = default._replace(block_k=block_k, num_splits=splits, num_stages=stages, early_k="early" in flags)
         if config != default and config not in out and mgpu._ring_bytes(block_k, ba.HEAD_DIM, 2, stages) <= 200_000:
             out.append(config)
     return out
 
 
-def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict:
+def bench_shape(torch, batch, seq, *, sweep: bool, points=SWEEP, deadline: float, log) -> dict:
     key = jax.random.key(batch * 100003 + seq)
     nbytes = ba.kv_bytes(batch, seq)
     copies = max(1, math.ceil(ba.ROTATE_BYTES / nbytes))
@@ -110,12 +130,13 @@ def bench_shape(torch, batch, seq, *, sweep: bool, deadline: float, log) -> dict
         results.update(ba.bench_torch(torch, sets, ref, nbytes, est_s, log, only_default=True))
     best_name = "mgpu" if "tbps" in results["mgpu"] else None
     if sweep and best_name:
-        for config in sweep_configs(default, seq):
+        for config in sweep_configs(default, batch, seq, points):
             if time.perf_counter() > deadline:
                 log("  (time budget spent: sweep cut short)")
                 break
-            name = "mgpu[bk={},P={},s={}]".format(*config)
-            fn = lambda q, k, v, n, c=config: mgpu.decode_attention(q, k, v, n, **c._asdict())
+            name = "mgpu[bk={},P={},s={}{}]".format(*config[:3], ",early_k" if config.early_k else "")
+            launch = dict(block_k=config.block_k, num_splits=config.num_splits, num_stages=config.num_stages)
+            fn = with_early_k(lambda q, k, v, n, kw=launch: mgpu.decode_attention(q, k, v, n, **kw), config.early_k)
             if (tbps := record(name, fn, config)) is not None and tbps > results[best_name]["tbps"]:
                 best_name = name
     if best_name:
@@ -152,6 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in ba.SHAPES])
     parser.add_argument("--sweep-shapes", nargs="*", default=["1x4096", "1x32768", "8x4096"])
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
+    parser.add_argument("--sweep", nargs="*", default=list(SWEEP), help="sweep points (see SWEEP)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +203,9 @@ def main(argv=None) -> None:
         swept = lambda b, t: f"{b}x{t}" in args.sweep_shapes
         share = max(1, sum(swept(b, t) for b, t in shapes[i:]))
         deadline = time.perf_counter() + (start + args.budget_s - time.perf_counter()) / share
-        report["shapes"].append(bench_shape(torch, batch, seq, sweep=swept(batch, seq), deadline=deadline, log=log))
+        report["shapes"].append(
+            bench_shape(torch, batch, seq, sweep=swept(batch, seq), points=args.sweep, deadline=deadline, log=log)
+        )
         (args.out / "bench_mgpu.json").write_text(json.dumps(report, indent=1))
         jax.clear_caches()
     log(f"total {time.perf_counter() - start:.0f} s")

@@ -77,6 +77,12 @@ class TestOnHopper:
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case)
 
+    @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]], ids=[IDS[0], IDS[3], IDS[6]])
+    def test_early_k_refill(self, rng, monkeypatch, case):
+        """K slots refilled as soon as the scores are read (before the V wait): same results."""
+        monkeypatch.setattr(mgpu, "EARLY_K", True)
+        run_case(rng, case)
+
     def test_float32_queries_over_bf16_cache(self, rng):
         """q keeps its dtype in the output; the kernel rounds it to the cache's dtype for the MMA."""
         run_case(rng, CASES[0], q_dtype="float32")
@@ -206,15 +212,16 @@ def test_refuses_to_run_without_mosaic_gpu():
         mgpu.decode_attention(*_args())
 
 
+@pytest.mark.parametrize("early_k", [False, True], ids=["refill_after_v", "early_k"])
 @pytest.mark.parametrize("num_splits", [1, 3], ids=["one_split", "three_splits"])
-def test_lowers_for_cuda_without_slicing_the_layer(num_splits):
+def test_lowers_for_cuda_without_slicing_the_layer(num_splits, early_k):
     """The kernel lowers to a Mosaic GPU custom call on any host (lowering for CUDA needs no GPU), and the whole
     [L, B, K, S, D] cache goes to it: no layer-sized copy in the module."""
     num_layers, batch, kv_heads, max_len, head_dim = 3, 2, 2, 256, 128
     k = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim), jnp.bfloat16)
     q = jax.ShapeDtypeStruct((batch, 8, head_dim), jnp.bfloat16)
     args = (q, k, k, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
-    config = mgpu.MgpuConfig(block_k=64, num_splits=num_splits, num_stages=3)
+    config = mgpu.MgpuConfig(block_k=64, num_splits=num_splits, num_stages=3, early_k=early_k)
     text = mgpu._decode.trace(*args, scale=0.1, config=config).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}xbf16>" not in text
