@@ -51,7 +51,9 @@ HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 25
 CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs (no transposed f32)
 BLOCKS = (64,)  # 128 compiled and ran but gave wrong results on jax 0.11.2 (see docs/notes/decode_kernel.md)
 DEFAULT_STAGES = 2
-EARLY_K = False  # MgpuConfig.early_k of the default launch parameters
+# MgpuConfig.early_k of the default launch parameters. H100 (docs/BENCHMARKS.md, "Run 10"): 50.0 vs 50.4 us at
+# 1 x 32768 and 181.2 vs 181.7 us at 8 x 16384 (bf16, N=32, K=8, D=128), the refill after the V wait the slower.
+EARLY_K = True
 SMEM_PER_SM = 220 * 1024  # of an H100's 227 KiB per block: what the K/V ring and the query tile may take
 LOG2E = math.log2(math.e)
 STATS = 32  # float32 columns of a split's per-row statistics (max, denominator): 128-byte rows
@@ -64,7 +66,7 @@ class MgpuConfig(NamedTuple):
     num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
     num_stages: int  # ring slots: K/V blocks in flight per program
     merge: str = "xla"  # how several splits' partials are merged (pallas_kernels.decode_attention.SPLIT_MERGES)
-    early_k: bool = False  # refill a K slot once the block's scores are read, before waiting for its V
+    early_k: bool = False  # refill a K slot once the block's scores are read, before waiting for its V (EARLY_K)
 
 
 def _ring_bytes(block_k: int, head_dim: int, itemsize: int, stages: int) -> int:

@@ -42,9 +42,10 @@ from pallas_kernels import backend
 from pallas_kernels import decode_attention as triton_kernel
 from pallas_kernels import decode_attention_mgpu as mgpu
 
-# Sweep points tried beside the default on the swept shapes: "block_k/splits/stages[/early]", splits either a
-# multiple of the default's ("x2") or enough programs for N per multiprocessor ("sm2": floor(N * SMs / (B * K))).
-SWEEP = ("64/x0.5/2", "64/x2/2", "64/x1/3", "64/x0.5/3", "64/x2/3", "64/sm2/2", "64/x1/2/early", "64/x1/3/early")
+# Sweep points tried beside the default on the swept shapes: "block_k/splits/stages[/early|/late]", splits either
+# a multiple of the default's ("x2") or enough programs for N per multiprocessor ("sm2": floor(N * SMs / (B * K)));
+# "early" / "late": K slots refilled before the V wait or with the V slots (MgpuConfig.early_k), else the default's.
+SWEEP = ("64/x0.5/2", "64/x2/2", "64/x1/3", "64/x0.5/3", "64/x2/3", "64/sm2/2", "64/x1/2/late", "64/x1/2/early")
 
 
 def pallas_merge(fn):
@@ -84,7 +85,12 @@ def sweep_configs(default: mgpu.MgpuConfig, batch: int, seq: int, points=SWEEP) 
         elif splits.startswith("sm"):
             splits = int(splits[2:]) * backend.num_multiprocessors() // (batch * ba.NUM_KV_HEADS)
         splits = max(1, min(math.ceil(seq / block_k) // 2, int(splits)))
-        config = default._replace(block_k=block_k, num_splits=splits, num_stages=stages, early_k="early" in flags)
+        config = default._replace(
+            block_k=block_k,
+            num_splits=splits,
+            num_stages=stages,
+            early_k=default.early_k if not flags else flags == ["early"],
+        )
         if config != default and config not in out and mgpu._ring_bytes(block_k, ba.HEAD_DIM, 2, stages) <= 200_000:
             out.append(config)
     return out

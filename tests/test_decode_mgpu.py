@@ -78,9 +78,10 @@ class TestOnHopper:
         run_case(rng, case)
 
     @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]], ids=[IDS[0], IDS[3], IDS[6]])
-    def test_early_k_refill(self, rng, monkeypatch, case):
-        """K slots refilled as soon as the scores are read (before the V wait): same results."""
-        monkeypatch.setattr(mgpu, "EARLY_K", True)
+    def test_other_refill_order(self, rng, monkeypatch, case):
+        """The refill order the default does not use (``EARLY_K``: K slots refilled as soon as the scores are
+        read, or with the V slots after the second MMA): same results."""
+        monkeypatch.setattr(mgpu, "EARLY_K", not mgpu.EARLY_K)
         run_case(rng, case)
 
     def test_float32_queries_over_bf16_cache(self, rng):
