@@ -54,11 +54,6 @@ DEFAULT_STAGES = 2
 # MgpuConfig.early_k of the default launch parameters. H100 (docs/BENCHMARKS.md, "Run 10"): 50.0 vs 50.4 us at
 # 1 x 32768 and 181.2 vs 181.7 us at 8 x 16384 (bf16, N=32, K=8, D=128), the refill after the V wait the slower.
 EARLY_K = True
-# Positions each program must still walk for the default to run two programs per multiprocessor instead of one.
-# H100 (docs/BENCHMARKS.md, "Run 10"): 8 x 16384 (64 (b, kv head) pairs, 4096 positions per program at 4 splits)
-# took 180.1-180.8 us at 4 splits against 181.7-181.9 us at 2 in two runs; where the programs would walk 1024
-# positions (1 x 32768 at 32 splits, 8 x 4096 at 4) two per multiprocessor lost (53.1 vs 51.6, 50.7 vs 49.3 us).
-TWO_PER_SM_WALK = 4096
 SMEM_PER_SM = 220 * 1024  # of an H100's 227 KiB per block: what the K/V ring and the query tile may take
 LOG2E = math.log2(math.e)
 STATS = 32  # float32 columns of a split's per-row statistics (max, denominator): 128-byte rows
@@ -83,8 +78,7 @@ def mgpu_config(
 ) -> MgpuConfig:
     """Default launch parameters: 64-position blocks, a two-slot ring, and splits so that about one program per
     multiprocessor runs (``floor(SMs / (B * K))`` splits, at least one), each split an equal share of the
-    blocks and at least two of them; two programs per multiprocessor (``floor(2 * SMs / (B * K))`` splits)
-    where each of them still walks at least ``TWO_PER_SM_WALK`` positions.
+    blocks and at least two of them.
 
     Measured on an H100 (docs/notes/decode_kernel.md): one program per multiprocessor beat two (1 x 32768:
     16 splits 53.7 us, 32 splits 55.5 us; 8 x 4096: 2 splits 50.4 us, 4 splits 51.4 us), and two slots did as
@@ -97,8 +91,6 @@ def mgpu_config(
     block_k = BLOCKS[0]
     blocks = max(1, math.ceil(max_len / block_k))
     splits = max(1, min(sms // (batch * num_kv_heads), blocks // 2))
-    if (two := 2 * sms // (batch * num_kv_heads)) > splits and max_len // two >= TWO_PER_SM_WALK:
-        splits = two
     splits = math.ceil(blocks / math.ceil(blocks / splits))  # equal shares: no split left empty at full length
     return MgpuConfig(block_k, splits, DEFAULT_STAGES, merge=contiguous.SPLIT_MERGE, early_k=EARLY_K)
 

@@ -158,21 +158,11 @@ def test_dispatch_falls_back_to_the_triton_kernel(rng):
 
 @pytest.mark.parametrize(
     "batch,kv_heads,max_len,want",
-    [
-        (1, 8, 32768, (16, 2)),
-        (8, 8, 4096, (2, 2)),
-        (64, 8, 8192, (1, 2)),
-        (1, 8, 4096, (16, 2)),
-        (2, 1, 40, (1, 2)),
-        (8, 8, 16384, (4, 2)),
-        (16, 8, 16384, (2, 2)),
-        (1, 8, 65536, (16, 2)),
-    ],
-    ids=["B=1_T=32k", "B=8_T=4k", "B=64_T=8k", "B=1_T=4k", "B=2_T=40", "B=8_T=16k", "B=16_T=16k", "B=1_T=64k"],
+    [(1, 8, 32768, (16, 2)), (8, 8, 4096, (2, 2)), (64, 8, 8192, (1, 2)), (1, 8, 4096, (16, 2)), (2, 1, 40, (1, 2))],
+    ids=["B=1_T=32k", "B=8_T=4k", "B=64_T=8k", "B=1_T=4k", "B=2_T=40"],
 )
 def test_launch_heuristic(batch, kv_heads, max_len, want):
-    """About one program per multiprocessor of an H100, two where each still walks >= 4096 positions; equal
-    shares of at least two blocks each."""
+    """About one program per multiprocessor of an H100, equal shares of at least two blocks each."""
     config = mgpu.mgpu_config(batch, kv_heads, max_len, 128, jnp.bfloat16, num_multiprocessors=132)
     assert config.block_k == 64
     assert (config.num_splits, config.num_stages) == want
