@@ -140,7 +140,7 @@ def time_jax(fn, arg_sets, est_s: float, trials: int = 5) -> dict:
     stays out; gaps between kernels stay in, as in a CUDA-graph replay). Fallback where the trace holds no GPU
     stream: wall clock of programs of 2n and n calls, differenced (dispatch cancels).
     """
-    reps = int(min(64, max(8, math.ceil(TARGET_RUN_S / est_s))))
+    reps = _jax_reps(est_s)
     t0 = time.perf_counter()
     run = _chained(fn, reps)
     jax.block_until_ready(run(arg_sets))
@@ -164,21 +164,21 @@ def time_jax(fn, arg_sets, est_s: float, trials: int = 5) -> dict:
     }
 
 
-def time_torch(torch, fn, arg_sets, est_s: float, trials: int = 7) -> dict:
-    reps = int(min(32, max(3, math.ceil(TARGET_RUN_S / est_s))))
+def _torch_replay(torch, fn, arg_sets, reps: int):
+    """``replay(n)``: seconds of one replay of a CUDA graph of ``n`` calls (``n`` is ``reps`` or ``2 * reps``;
+    both graphs captured here after a warm-up off the capture, as CUDA graphs require), CUDA events."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs require
+    with torch.cuda.stream(stream):
         for i in range(3):
             fn(*arg_sets[i % len(arg_sets)])
     torch.cuda.current_stream().wait_stream(stream)
     graphs = {}
     for n in (reps, 2 * reps):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        graphs[n] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[n]):
             for i in range(n):
                 fn(*arg_sets[i % len(arg_sets)])
-        graphs[n] = graph
 
     def replay(n):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -190,8 +190,61 @@ def time_torch(torch, fn, arg_sets, est_s: float, trials: int = 7) -> dict:
 
     for n in graphs:
         replay(n)
+    return replay
+
+
+def _torch_reps(est_s: float) -> int:
+    return int(min(32, max(3, math.ceil(TARGET_RUN_S / est_s))))
+
+
+def time_torch(torch, fn, arg_sets, est_s: float, trials: int = 7) -> dict:
+    reps = _torch_reps(est_s)
+    replay = _torch_replay(torch, fn, arg_sets, reps)
     samples = [(replay(2 * reps) - replay(reps)) / reps for _ in range(trials)]
     return {"time_s": statistics.median(samples), "spread_s": max(samples) - min(samples), "compile_s": 0.0}
+
+
+def _jax_reps(est_s: float) -> int:
+    return int(min(64, max(8, math.ceil(TARGET_RUN_S / est_s))))
+
+
+def jax_sampler(fn, arg_sets, est_s: float, executions: int = 3):
+    """A callable giving one sample of ``fn``'s per-call device time (median of ``executions`` traced runs of a
+    chained program compiled and warmed here once), for interleaving variants round by round."""
+    reps = _jax_reps(est_s)
+    run = _chained(fn, reps)
+    _wall(run, arg_sets)  # compile
+    _wall(run, arg_sets)  # warm
+    return lambda: statistics.median(_profile(run, arg_sets, executions, "/device:GPU")) / reps
+
+
+def torch_sampler(torch, fn, arg_sets, est_s: float, executions: int = 3):
+    """:func:`jax_sampler` for a torch callable: CUDA graphs of n and 2n calls captured once, each sample the
+    median of ``executions`` differences."""
+    reps = _torch_reps(est_s)
+    replay = _torch_replay(torch, fn, arg_sets, reps)
+    return lambda: statistics.median((replay(2 * reps) - replay(reps)) / reps for _ in range(executions))
+
+
+def interleaved(samplers: dict, rounds: int, baseline: str) -> dict:
+    """Time the variants round by round, the order rotated each round (no variant always first or last), so
+    drift over a run (clocks, temperature) falls on all of them alike. Returns each variant's median and
+    spread, and its per-round speed ratio against ``baseline`` (baseline time / variant time; > 1: faster)."""
+    names = list(samplers)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(samplers[name]())
+    out = {}
+    for name, xs in samples.items():
+        ratios = [b / x for b, x in zip(samples[baseline], xs, strict=True)]
+        out[name] = {
+            "time_s": statistics.median(xs),
+            "spread_s": max(xs) - min(xs),
+            "samples_s": xs,
+            f"speed_vs_{baseline}": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        }
+    return out
 
 
 def copy_bandwidth(torch, nbytes: int = 1 << 30, trials: int = 20) -> dict:

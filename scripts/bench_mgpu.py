@@ -15,7 +15,11 @@ copy as the ceiling. Rows:
   a contiguous cache (Mosaic GPU where ``prefer_mgpu`` says so, else Triton),
 * ``torch_sdpa``: ``scaled_dot_product_attention`` with its default backend choice (cuDNN on an H100).
 
-Usage: ``python scripts/bench_mgpu.py --out DIR [--budget-s 240] [--shapes 1x4096 ...]``. Writes
+``--rounds R`` then times ``auto``, ``triton``, ``mgpu`` and ``torch_sdpa`` again at each shape in R rounds, the
+order rotated each round (``bench_attention.interleaved``): drift over a run falls on every variant alike, and the
+speed ratio against torch is taken per round (its median and range are reported).
+
+Usage: ``python scripts/bench_mgpu.py --out DIR [--budget-s 240] [--shapes 1x4096 ...] [--rounds 5]``. Writes
 ``DIR/bench_mgpu.json`` after every shape; prints a table last.
 """
 
@@ -96,7 +100,7 @@ def sweep_configs(default: mgpu.MgpuConfig, batch: int, seq: int, points=SWEEP) 
     return out
 
 
-def bench_shape(torch, batch, seq, *, sweep: bool, points=SWEEP, deadline: float, log) -> dict:
+def bench_shape(torch, batch, seq, *, sweep: bool, points=SWEEP, rounds: int = 0, deadline: float, log) -> dict:
     key = jax.random.key(batch * 100003 + seq)
     nbytes = ba.kv_bytes(batch, seq)
     copies = max(1, math.ceil(ba.ROTATE_BYTES / nbytes))
@@ -147,7 +151,32 @@ def bench_shape(torch, batch, seq, *, sweep: bool, points=SWEEP, deadline: float
                 best_name = name
     if best_name:
         results["mgpu_best"] = {"name": best_name, **results[best_name]}
-    return {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
+    shape = {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
+    if rounds and torch is not None:
+        shape["interleaved"] = interleave(torch, sets, est_s, rounds, log)
+    return shape
+
+
+def interleave(torch, sets, est_s, rounds, log) -> dict:
+    """The default dispatch, both kernels and torch SDPA timed round by round (``ba.interleaved``)."""
+    import torch.nn.functional as F
+
+    tsets = [tuple(torch.from_dlpack(x) for x in (q, k, v)) for q, k, v, _ in sets]
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+    samplers = {
+        "auto": ba.jax_sampler(mgpu.decode_attention_auto, sets, est_s),
+        "triton": ba.jax_sampler(triton_kernel.decode_attention, sets, est_s),
+        "mgpu": ba.jax_sampler(mgpu.decode_attention, sets, est_s),
+        "torch_sdpa": ba.torch_sampler(torch, sdpa, tsets, est_s),
+    }
+    out = ba.interleaved(samplers, rounds, baseline="torch_sdpa")
+    for name, r in out.items():
+        ratio = r["speed_vs_torch_sdpa"]
+        log(
+            f"  interleaved {name:18s} {r['time_s'] * 1e6:9.1f} us (spread {r['spread_s'] * 1e6:.1f})  vs torch: "
+            f"median {ratio['median']:.3f}, range {ratio['min']:.3f}-{ratio['max']:.3f}"
+        )
+    return out
 
 
 def table(report: dict) -> str:
@@ -170,6 +199,18 @@ def table(report: dict) -> str:
             f"{t('torch_sdpa') / t('auto'):10.2f} {t('triton') / t('mgpu'):11.2f}  "
             f"{r.get('mgpu_best', {}).get('name', '-')}"
         )
+    if any("interleaved" in shape for shape in report["shapes"]):
+        lines += ["", "interleaved rounds: median us (speed vs torch SDPA: median of the per-round ratios, range)"]
+        lines.append(f"{'B x T':>10} " + " ".join(f"{n:>26}" for n in ("auto", "triton", "mgpu", "torch_sdpa")))
+        for shape in report["shapes"]:
+            if "interleaved" not in shape:
+                continue
+            cells = []
+            for name in ("auto", "triton", "mgpu", "torch_sdpa"):
+                r = shape["interleaved"][name]
+                x = r["speed_vs_torch_sdpa"]
+                cells.append(f"{r['time_s'] * 1e6:7.1f} ({x['median']:.3f} {x['min']:.2f}-{x['max']:.2f})")
+            lines.append(f"{shape['batch']:>4} x {shape['seq']:<5} " + " ".join(f"{c:>26}" for c in cells))
     return "\n".join(lines)
 
 
@@ -180,6 +221,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-shapes", nargs="*", default=["1x4096", "1x32768", "8x4096"])
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
     parser.add_argument("--sweep", nargs="*", default=list(SWEEP), help="sweep points (see SWEEP)")
+    parser.add_argument("--rounds", type=int, default=0, help="then time auto/triton/mgpu/torch interleaved")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +252,16 @@ def main(argv=None) -> None:
         share = max(1, sum(swept(b, t) for b, t in shapes[i:]))
         deadline = time.perf_counter() + (start + args.budget_s - time.perf_counter()) / share
         report["shapes"].append(
-            bench_shape(torch, batch, seq, sweep=swept(batch, seq), points=args.sweep, deadline=deadline, log=log)
+            bench_shape(
+                torch,
+                batch,
+                seq,
+                sweep=swept(batch, seq),
+                points=args.sweep,
+                rounds=args.rounds,
+                deadline=deadline,
+                log=log,
+            )
         )
         (args.out / "bench_mgpu.json").write_text(json.dumps(report, indent=1))
         jax.clear_caches()
