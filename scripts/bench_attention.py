@@ -133,6 +133,34 @@ def _profile(run, arg_sets, executions: int, plane_prefix: str) -> list[float]:
     return device_spans(plane_prefix, events_of)
 
 
+def kernel_breakdown(fn, arg_sets, est_s: float) -> dict:
+    """Device time per call of each kernel ``fn`` launches (summed over the traced calls, divided by the
+    calls), and the span per call, from one profiled execution of a chained program: how much of a call
+    is the attention kernel, the merge, copies, and the gaps between them."""
+    from jax.profiler import ProfileData
+
+    reps = _jax_reps(est_s)
+    run = _chained(fn, reps)
+    _wall(run, arg_sets)
+    _wall(run, arg_sets)
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        jax.block_until_ready(run(arg_sets))
+        jax.profiler.stop_trace()
+        data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+    per_kernel, first, last = {}, None, None
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for e in line.events:
+                        per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.duration_ns * 1e-9 / reps
+                        first = e.start_ns if first is None else min(first, e.start_ns)
+                        last = max(last or 0, e.start_ns + e.duration_ns)
+    span = (last - first) * 1e-9 / reps if first is not None else float("nan")
+    return {"span_s": span, "kernels_s": per_kernel, "gaps_s": span - sum(per_kernel.values())}
+
+
 def time_jax(fn, arg_sets, est_s: float, trials: int = 5) -> dict:
     """Per-call device time of ``fn`` (median over traced executions of a chained program).
 

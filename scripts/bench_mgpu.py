@@ -100,7 +100,9 @@ def sweep_configs(default: mgpu.MgpuConfig, batch: int, seq: int, points=SWEEP) 
     return out
 
 
-def bench_shape(torch, batch, seq, *, sweep: bool, points=SWEEP, rounds: int = 0, deadline: float, log) -> dict:
+def bench_shape(
+    torch, batch, seq, *, sweep: bool, points=SWEEP, rounds: int = 0, round_points=(), deadline: float, log
+) -> dict:
     key = jax.random.key(batch * 100003 + seq)
     nbytes = ba.kv_bytes(batch, seq)
     copies = max(1, math.ceil(ba.ROTATE_BYTES / nbytes))
@@ -144,21 +146,31 @@ def bench_shape(torch, batch, seq, *, sweep: bool, points=SWEEP, rounds: int = 0
             if time.perf_counter() > deadline:
                 log("  (time budget spent: sweep cut short)")
                 break
-            name = "mgpu[bk={},P={},s={}{}]".format(*config[:3], ",early_k" if config.early_k else "")
-            launch = dict(block_k=config.block_k, num_splits=config.num_splits, num_stages=config.num_stages)
-            fn = with_early_k(lambda q, k, v, n, kw=launch: mgpu.decode_attention(q, k, v, n, **kw), config.early_k)
-            if (tbps := record(name, fn, config)) is not None and tbps > results[best_name]["tbps"]:
+            name = sweep_name(config)
+            if (tbps := record(name, sweep_fn(config), config)) is not None and tbps > results[best_name]["tbps"]:
                 best_name = name
     if best_name:
         results["mgpu_best"] = {"name": best_name, **results[best_name]}
     shape = {"batch": batch, "seq": seq, "kv_bytes": nbytes, "rotating_copies": copies, "results": results}
     if rounds and torch is not None:
-        shape["interleaved"] = interleave(torch, sets, est_s, rounds, log)
+        extra = sweep_configs(default, batch, seq, round_points) if round_points else []
+        shape["interleaved"] = interleave(torch, sets, est_s, rounds, log, extra)
     return shape
 
 
-def interleave(torch, sets, est_s, rounds, log) -> dict:
-    """The default dispatch, both kernels and torch SDPA timed round by round (``ba.interleaved``)."""
+def sweep_fn(config: mgpu.MgpuConfig):
+    """The Mosaic GPU kernel with ``config``'s launch parameters."""
+    launch = dict(block_k=config.block_k, num_splits=config.num_splits, num_stages=config.num_stages)
+    return with_early_k(lambda q, k, v, n: mgpu.decode_attention(q, k, v, n, **launch), config.early_k)
+
+
+def sweep_name(config: mgpu.MgpuConfig) -> str:
+    return "mgpu[bk={},P={},s={}{}]".format(*config[:3], ",early_k" if config.early_k else "")
+
+
+def interleave(torch, sets, est_s, rounds, log, extra=()) -> dict:
+    """The default dispatch, both kernels, torch SDPA and the ``extra`` Mosaic GPU configurations timed round by
+    round (``ba.interleaved``)."""
     import torch.nn.functional as F
 
     tsets = [tuple(torch.from_dlpack(x) for x in (q, k, v)) for q, k, v, _ in sets]
@@ -168,8 +180,12 @@ def interleave(torch, sets, est_s, rounds, log) -> dict:
         "triton": ba.jax_sampler(triton_kernel.decode_attention, sets, est_s),
         "mgpu": ba.jax_sampler(mgpu.decode_attention, sets, est_s),
         "torch_sdpa": ba.torch_sampler(torch, sdpa, tsets, est_s),
+        **{sweep_name(c): ba.jax_sampler(sweep_fn(c), sets, est_s) for c in extra},
     }
     out = ba.interleaved(samplers, rounds, baseline="torch_sdpa")
+    out["auto"]["breakdown"] = parts = ba.kernel_breakdown(mgpu.decode_attention_auto, sets, est_s)
+    kernels = ", ".join(f"{name[:40]} {t * 1e6:.1f}" for name, t in parts["kernels_s"].items())
+    log(f"  auto per call: span {parts['span_s'] * 1e6:.1f} us = {kernels} + gaps {parts['gaps_s'] * 1e6:.1f} us")
     for name, r in out.items():
         ratio = r["speed_vs_torch_sdpa"]
         log(
@@ -222,6 +238,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
     parser.add_argument("--sweep", nargs="*", default=list(SWEEP), help="sweep points (see SWEEP)")
     parser.add_argument("--rounds", type=int, default=0, help="then time auto/triton/mgpu/torch interleaved")
+    parser.add_argument("--round-points", nargs="*", default=[], help="sweep points added to the interleaved rounds")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +276,7 @@ def main(argv=None) -> None:
                 sweep=swept(batch, seq),
                 points=args.sweep,
                 rounds=args.rounds,
+                round_points=args.round_points,
                 deadline=deadline,
                 log=log,
             )
