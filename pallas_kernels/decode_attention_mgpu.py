@@ -11,10 +11,12 @@ The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later, no interpr
 * one program (one warpgroup, 128 threads) per ``(split, kv head, b)``; the ``G`` query heads of the kv head are
   ``G`` rows of a 64-row query tile (a warpgroup MMA has 64 rows), held in registers as the MMA's left operand.
   Tiled TMA copies start on the 8-row tile, so the tile is the 64-row window of ``q`` from the multiple of 8 at
-  or below the head's first row; the other rows are zeroed in registers and never stored;
+  or below the head's first row (all of ``q``'s rows where it has fewer than 64); the other rows are zeroed in
+  registers and never stored;
 * K and V blocks of ``block_k`` positions stream through a ring of ``num_stages`` shared-memory slots filled by
-  TMA bulk copies, each completing on its own barrier; a slot is refilled with the block ``num_stages`` ahead as
-  soon as the block in it has been consumed, so up to ``num_stages`` blocks are in flight per program;
+  TMA bulk copies, each completing on its own barrier; a slot's K is refilled with the block ``num_stages``
+  ahead as soon as the block's scores are read, its V once the second MMA has completed (``EARLY_K``), so up
+  to ``num_stages`` blocks are in flight per program;
 * ``s = q @ K^T`` and ``acc += p @ V`` are warpgroup MMAs (``wgmma``) into float32; the online softmax runs in
   base 2 on the MMA's register layout;
 * split ``j`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks (a length-driven loop: blocks past a
@@ -108,7 +110,7 @@ def _kernel(
     # inputs
     lengths_ref,  # [B] int32
     layer_ref,  # [1] int32
-    q_ref,  # [R, D]: the queries, one row per (b, query head), R = B * N rounded up to a multiple of 8, >= 64
+    q_ref,  # [R, D]: the queries, one row per (b, query head), R = B * N rounded up to a multiple of 8
     k_ref,  # [L, B, K, S, D]: the whole cache (S a multiple of 8); the program reads its (layer, b, kv head) slab
     v_ref,  # [L, B, K, S, D]
     # outputs: o [B, N, D] (one split); or acc [B, K, P, G, D] and stats [B, K, P, G, STATS] (float32; stats
@@ -135,8 +137,9 @@ def _kernel(
     steps = jnp.maximum(jnp.minimum(lo + per_split, num_blocks) - lo, 0)
 
     # Tiled TMA copies start at multiples of the 8-row tile: this kv head's G query rows sit at `offset` in a
-    # 64-row window from the multiple of 8 at or below its first row. The other rows of the window belong to
-    # other heads (or lie past the end, where TMA fills zeros); they are zeroed in registers and never stored.
+    # window of up to 64 rows from the multiple of 8 at or below its first row. The other rows of the window
+    # belong to other heads (or lie past the end, where TMA fills zeros); they are zeroed in registers and never
+    # stored.
     first_row = b * (num_kv_heads * group) + h * group
     window_row = pl.multiple_of(lax.div(first_row, jnp.int32(8)) * 8, 8)
     offset = first_row - window_row  # 0..7
@@ -159,7 +162,11 @@ def _kernel(
             fetch_v(t, slot)
 
         # The query window and the first K/V blocks are all in flight before the program waits for any.
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, ROWS)], q_smem, q_barrier.at[0])
+        # Fewer than 64 query rows in all (small batches): the window is all of them, into the tile's first rows
+        # (the rest of the tile is never initialised; those rows are zeroed below, as are other heads' rows).
+        q_window = min(ROWS, q_ref.shape[0])
+        q_dst = q_smem if q_window == ROWS else q_smem.at[pl.ds(0, q_window)]
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, q_window)], q_dst, q_barrier.at[0])
         for i in range(num_stages):
             pl.when(i < steps)(functools.partial(fetch, lo + i, i))
         plgpu.barrier_wait(q_barrier.at[0])
@@ -296,8 +303,8 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
         body(*refs)
 
     q_rows = q.reshape(-1, head_dim)  # [B * N, D], a free reshape
-    rows = max(ROWS, _round_up(q_rows.shape[0], 8))
-    if rows != q_rows.shape[0]:  # whole 8-row tiles, and room for one 64-row window (a copy of q, small batches)
+    rows = _round_up(q_rows.shape[0], 8)
+    if rows != q_rows.shape[0]:  # whole 8-row tiles (a copy of q; only where B * N is not a multiple of 8)
         q_rows = jnp.pad(q_rows, ((0, rows - q_rows.shape[0]), (0, 0)))
     outs = plgpu.kernel(
         jkv_decode_attention_mgpu,
