@@ -21,7 +21,8 @@ Q8: 2*B*K*T*(D + D/32*2)) over time. Every variant is checked against the float3
 Usage: ``python scripts/bench_q8.py --out DIR [--shapes 1x4096 64x8192] [--budget-s 150] [--deadline-s 300]``;
 prints a table last and writes ``DIR/bench_q8.json``.
 
-``python scripts/bench_q8.py --accuracy`` (any backend, a few minutes on a CPU) instead measures the format's
+``python scripts/bench_q8.py --accuracy`` (any backend, a few minutes on a CPU; ``--weights bf16`` for the model in
+bf16, ``--generation-only`` for the generation part alone) instead measures the format's
 accuracy for both scale dtypes: the quantize/dequantize round trip, decode attention against the unquantized cache
 (float64 references), and greedy generation on the default model (SmolLM2-135M-Instruct, float32 weights) with
 f32 and Q8 caches against the bf16 cache: free runs, and the bf16 run's tokens predicted under teacher forcing.
@@ -249,7 +250,7 @@ PROMPTS = [
 ]
 
 
-def accuracy(log, new_tokens: int = 32, generate: bool = True) -> None:
+def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f32") -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from reference import decode_attention_f64
 
@@ -300,17 +301,17 @@ def accuracy(log, new_tokens: int = 32, generate: bool = True) -> None:
                 errs.append(np.linalg.norm(decode_attention_f64(q, k2, v2, lengths) - ref) / np.linalg.norm(ref))
             log(f"  {name:11s} D={d:3d} G={g}: {min(errs):.2e} / {np.median(errs):.2e} / {max(errs):.2e}")
     if generate:
-        generation(log, new_tokens)
+        generation(log, new_tokens, weights)
 
 
-def generation(log, new_tokens: int) -> None:
+def generation(log, new_tokens: int, weights: str = "f32") -> None:
     from jkv.cache import CacheSpec
     from jkv.cli import default_model_path
     from jkv.generate import Generator, cache_kinds
     from jkv.loading import load_gguf
     from jkv.models import llama
 
-    model = load_gguf(default_model_path(), "f32", progress=False)
+    model = load_gguf(default_model_path(), weights, progress=False)
     tok, config = model.tokenizer, model.config
     prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in PROMPTS]
     free = {}
@@ -337,7 +338,7 @@ def generation(log, new_tokens: int) -> None:
         total = sum(max(len(a), len(b)) for a, b in zip(a_runs, b_runs, strict=True))
         return same / total, total
 
-    log(f"greedy generation, SmolLM2-135M-Instruct (f32 weights), {len(prompts)} prompts x {new_tokens} tokens:")
+    log(f"greedy generation, SmolLM2-135M-Instruct ({weights} weights), {len(prompts)} prompts x {new_tokens} tokens:")
     for kind in ("f32", "q8"):
         a, n = agree(ref, free[kind])
         b, m = agree(free["bf16+stop"], free[kind + "+stop"])
@@ -363,9 +364,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", action="store_true", help="also time the seed's way (dequantize, then attend)")
     parser.add_argument("--accuracy", action="store_true", help="measure the format's accuracy instead of timing")
     parser.add_argument("--no-generation", action="store_true", help="--accuracy without the generation part")
+    parser.add_argument("--generation-only", action="store_true", help="--accuracy's generation part only")
+    parser.add_argument("--weights", choices=("f32", "bf16"), default="f32", help="model weights for the generation")
     args = parser.parse_args(argv)
+    if args.generation_only:
+        generation(lambda msg: print(msg, flush=True), 32, args.weights)
+        return
     if args.accuracy:
-        accuracy(lambda msg: print(msg, flush=True), generate=not args.no_generation)
+        accuracy(lambda msg: print(msg, flush=True), generate=not args.no_generation, weights=args.weights)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)
