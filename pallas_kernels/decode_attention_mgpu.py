@@ -53,8 +53,9 @@ HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 25
 CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs (no transposed f32)
 BLOCKS = (64,)  # 128 compiled and ran but gave wrong results on jax 0.11.2 (see docs/notes/decode_kernel.md)
 DEFAULT_STAGES = 2
-# MgpuConfig.early_k of the default launch parameters. H100 (docs/BENCHMARKS.md, "Run 10"): 50.0 vs 50.4 us at
-# 1 x 32768 and 181.2 vs 181.7 us at 8 x 16384 (bf16, N=32, K=8, D=128), the refill after the V wait the slower.
+# MgpuConfig.early_k of the default launch parameters. H100 (docs/BENCHMARKS.md, "Run 10"; bf16, N=32, K=8,
+# D=128), interleaved rounds: 51.2 vs 51.3 us at 1 x 32768, 181.4 vs 181.5 at 8 x 16384, 181.2 vs 181.4 at
+# 4 x 32768, 351.3 vs 353.7 at 16 x 16384, the refill after the V wait the slower (also in two sequential runs).
 EARLY_K = True
 SMEM_PER_SM = 220 * 1024  # of an H100's 227 KiB per block: what the K/V ring and the query tile may take
 LOG2E = math.log2(math.e)

@@ -52,31 +52,29 @@ from pallas_kernels import decode_attention_mgpu as mgpu
 SWEEP = ("64/x0.5/2", "64/x2/2", "64/x1/3", "64/x0.5/3", "64/x2/3", "64/sm2/2", "64/x1/2/late", "64/x1/2/early")
 
 
-def pallas_merge(fn):
-    """``fn`` with the split partials merged by the Pallas kernel: the default config of every call it makes
-    (traced ones included) takes ``merge="pallas"``."""
+def with_default(module, name: str, value, fn):
+    """``fn`` with ``module.name`` (a default the kernels read when they trace, e.g. ``SPLIT_MERGE``) set to
+    ``value`` for every call it makes, traced ones included."""
 
     def call(*args, **kwargs):
-        before, triton_kernel.SPLIT_MERGE = triton_kernel.SPLIT_MERGE, "pallas"
+        before = getattr(module, name)
+        setattr(module, name, value)
         try:
             return fn(*args, **kwargs)
         finally:
-            triton_kernel.SPLIT_MERGE = before
+            setattr(module, name, before)
 
     return call
+
+
+def pallas_merge(fn):
+    """``fn`` with the split partials merged by the Pallas kernel (``merge="pallas"``)."""
+    return with_default(triton_kernel, "SPLIT_MERGE", "pallas", fn)
 
 
 def with_early_k(fn, early: bool):
-    """``fn`` with the Mosaic GPU kernel's default ``early_k`` set to ``early`` for every call it makes."""
-
-    def call(*args, **kwargs):
-        before, mgpu.EARLY_K = mgpu.EARLY_K, early
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            mgpu.EARLY_K = before
-
-    return call
+    """``fn`` with the Mosaic GPU kernel's default ``early_k`` set to ``early``."""
+    return with_default(mgpu, "EARLY_K", early, fn)
 
 
 def sweep_configs(default: mgpu.MgpuConfig, batch: int, seq: int, points=SWEEP) -> list[mgpu.MgpuConfig]:
