@@ -110,8 +110,9 @@ def device_spans(plane_prefix: str, events_of) -> list[float]:
     return clusters
 
 
-def _profile(run, arg_sets, executions: int, plane_prefix: str) -> list[float]:
-    """Device time of each of ``executions`` runs of ``run``, read from a JAX profiler trace (CUPTI on GPU)."""
+def _trace(run, arg_sets, executions: int, plane_prefix: str) -> list[tuple[str, int, int]]:
+    """``(name, start_ns, end_ns)`` of every GPU stream activity (CUPTI's kernels, memsets, memcpys) on the planes
+    named ``plane_prefix...`` of a JAX profiler trace of ``executions`` runs of ``run``, 5 ms apart."""
     from jax.profiler import ProfileData
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,43 +122,37 @@ def _profile(run, arg_sets, executions: int, plane_prefix: str) -> list[float]:
             time.sleep(0.005)  # a gap the clustering sees
         jax.profiler.stop_trace()
         data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+    return [
+        (e.name, e.start_ns, e.start_ns + e.duration_ns)
+        for plane in data.planes
+        if plane.name.startswith(plane_prefix)
+        for line in plane.lines
+        if line.name.startswith("Stream")
+        for e in line.events
+    ]
 
-    def events_of(prefix):
-        for plane in data.planes:
-            if plane.name.startswith(prefix):
-                for line in plane.lines:
-                    if line.name.startswith("Stream"):  # CUPTI's kernel / memset / memcpy activity
-                        for e in line.events:
-                            yield (e.start_ns, e.start_ns + e.duration_ns)
 
-    return device_spans(plane_prefix, events_of)
+def _profile(run, arg_sets, executions: int, plane_prefix: str) -> list[float]:
+    """Device time of each of ``executions`` runs of ``run``, read from a JAX profiler trace (CUPTI on GPU)."""
+    events = _trace(run, arg_sets, executions, plane_prefix)
+    return device_spans(plane_prefix, lambda prefix: ((start, end) for _, start, end in events))
 
 
 def kernel_breakdown(fn, arg_sets, est_s: float) -> dict:
     """Device time per call of each kernel ``fn`` launches (summed over the traced calls, divided by the
     calls), and the span per call, from one profiled execution of a chained program: how much of a call
     is the attention kernel, the merge, copies, and the gaps between them."""
-    from jax.profiler import ProfileData
-
     reps = _jax_reps(est_s)
     run = _chained(fn, reps)
     _wall(run, arg_sets)
     _wall(run, arg_sets)
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        jax.block_until_ready(run(arg_sets))
-        jax.profiler.stop_trace()
-        data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
-    per_kernel, first, last = {}, None, None
-    for plane in data.planes:
-        if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-                if line.name.startswith("Stream"):
-                    for e in line.events:
-                        per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.duration_ns * 1e-9 / reps
-                        first = e.start_ns if first is None else min(first, e.start_ns)
-                        last = max(last or 0, e.start_ns + e.duration_ns)
-    span = (last - first) * 1e-9 / reps if first is not None else float("nan")
+    events = _trace(run, arg_sets, 1, "/device:GPU")
+    per_kernel = {}
+    for name, start, end in events:
+        per_kernel[name] = per_kernel.get(name, 0.0) + (end - start) * 1e-9 / reps
+    if not events:
+        return {"span_s": float("nan"), "kernels_s": {}, "gaps_s": float("nan")}
+    span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) * 1e-9 / reps
     return {"span_s": span, "kernels_s": per_kernel, "gaps_s": span - sum(per_kernel.values())}
 
 
@@ -482,11 +477,31 @@ def q8_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_torch(torch, sets, ref, nbytes, est_s, log, only_default: bool = False) -> dict:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def torch_inputs(torch, sets) -> list:
+    """The ``(q, k, v)`` of each JAX input set as torch tensors (``dlpack``: the same device buffers)."""
+    return [tuple(torch.from_dlpack(x) for x in (q, k, v)) for q, k, v, _ in sets]
 
-    tsets = [tuple(torch.from_dlpack(x) for x in (q, k, v)) for q, k, v, _ in sets]
+
+def torch_sdpa(which=None):
+    """torch's ``scaled_dot_product_attention`` for one decode query per sequence (q_len 1, ``enable_gqa``) on
+    ``[B, N, D]`` queries and ``[B, K, S, D]`` K/V; ``which``: an ``SDPBackend`` to force, None for torch's
+    choice. Returns ``[B, N, 1, D]``."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        if which is None:
+            return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+        with sdpa_kernel([which]):
+            return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+
+    return fn
+
+
+def bench_torch(torch, sets, ref, nbytes, est_s, log, only_default: bool = False) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    tsets = torch_inputs(torch, sets)
     out = {}
     backends = {
         "torch_sdpa": None,
@@ -497,13 +512,7 @@ def bench_torch(torch, sets, ref, nbytes, est_s, log, only_default: bool = False
     if only_default:
         backends = {"torch_sdpa": None}
     for name, which in backends.items():
-
-        def fn(q, k, v, which=which):
-            if which is None:
-                return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
-            with sdpa_kernel([which]):
-                return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
-
+        fn = torch_sdpa(which)
         try:
             got = fn(*tsets[0])[:, :, 0]
             torch.cuda.synchronize()

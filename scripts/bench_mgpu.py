@@ -169,15 +169,11 @@ def sweep_name(config: mgpu.MgpuConfig) -> str:
 def interleave(torch, sets, est_s, rounds, log, extra=()) -> dict:
     """The default dispatch, both kernels, torch SDPA and the ``extra`` Mosaic GPU configurations timed round by
     round (``ba.interleaved``)."""
-    import torch.nn.functional as F
-
-    tsets = [tuple(torch.from_dlpack(x) for x in (q, k, v)) for q, k, v, _ in sets]
-    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
     samplers = {
         "auto": ba.jax_sampler(mgpu.decode_attention_auto, sets, est_s),
         "triton": ba.jax_sampler(triton_kernel.decode_attention, sets, est_s),
         "mgpu": ba.jax_sampler(mgpu.decode_attention, sets, est_s),
-        "torch_sdpa": ba.torch_sampler(torch, sdpa, tsets, est_s),
+        "torch_sdpa": ba.torch_sampler(torch, ba.torch_sdpa(), ba.torch_inputs(torch, sets), est_s),
         **{sweep_name(c): ba.jax_sampler(sweep_fn(c), sets, est_s) for c in extra},
     }
     out = ba.interleaved(samplers, rounds, baseline="torch_sdpa")
