@@ -132,10 +132,8 @@ def _kernel(
     # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
     n = jnp.minimum(jnp.maximum(lengths_ref[b], 0), max_len)
     layer = jnp.minimum(jnp.maximum(layer_ref[0], 0), num_layers - 1)
-    num_blocks = lax.div(n + (block_k - 1), jnp.int32(block_k))
-    per_split = lax.div(num_blocks + (num_splits - 1), jnp.int32(num_splits))
-    lo = j * per_split
-    steps = jnp.maximum(jnp.minimum(lo + per_split, num_blocks) - lo, 0)
+    lo, hi = contiguous.split_blocks(n, j, block_k, num_splits)  # the Triton kernel body's shares
+    steps = jnp.maximum(hi - lo, 0)
 
     # Tiled TMA copies start at multiples of the 8-row tile: this kv head's G query rows sit at `offset` in a
     # window of up to 64 rows from the multiple of 8 at or below its first row. The other rows of the window
