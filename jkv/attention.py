@@ -24,7 +24,7 @@ from jkv import _checks
 from jkv.cache import ERR_WRITE_OVERFLOW, KVCache
 from jkv.paged import PagedKVCache
 from jkv.paged_q8 import Q8PagedKVCache
-from jkv.quant import Q8KVCache
+from jkv.quant import Q8KVCache, hadamard
 from jkv.sharding import active_mesh, attention_specs, per_shard
 
 IMPLS = ("xla", "pallas")
@@ -110,6 +110,8 @@ def decode_attention(
     if not isinstance(cache, (KVCache, Q8KVCache, PagedKVCache)):
         raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     _checks.layer_index(layer, cache.spec.num_layers)
+    if getattr(cache, "rotated", False):
+        return _in_stored_basis(decode_attention, q, cache, layer, impl=impl, scale=scale)
     lengths = jnp.minimum(cache.lengths + 1, cache.max_len)
     if impl == "pallas":
         kernel, arrays = _pallas_kernel(cache)
@@ -131,6 +133,14 @@ def decode_attention(
     else:
         k, v = cache.k[layer], cache.v[layer]
     return decode_attention_reference(q, k, v, lengths, scale=scale)
+
+
+def _in_stored_basis(attention, q, cache, layer, **kw):
+    """Attention over a rotated Q8 cache, which holds hadamard(k) and hadamard(v) (``jkv.quant``): scores are
+    kept by the rotation and the output comes out rotated, so attend with hadamard(q) over the values as stored
+    and rotate the output back; no layer is ever rotated back, and the kernels never see the rotation."""
+    out = attention(hadamard(q).astype(q.dtype), cache.replace(rotated=False), layer, **kw)
+    return hadamard(out).astype(out.dtype)
 
 
 def decode_attention_write(
@@ -203,6 +213,8 @@ def prefill_attention(
     if not isinstance(cache, (KVCache, Q8KVCache, PagedKVCache)):
         raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     _checks.layer_index(layer, cache.spec.num_layers)
+    if getattr(cache, "rotated", False):
+        return _in_stored_basis(prefill_attention, q, cache, layer, impl=impl, scale=scale)
     t = q.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if isinstance(cache, PagedKVCache):  # Q8 pages dequantize to float32 here, as the contiguous Q8 path does

@@ -39,6 +39,7 @@ class Q8PagedKVCache(PagedKVCache):
     k_scale_pages: Float[Array, "L P K page D//32"]
     v_scale_pages: Float[Array, "L P K page D//32"]
     dtype: Any = struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))  # what dequantize returns
+    rotated: bool = struct.field(pytree_node=False, default=False)  # codes of Hadamard-rotated vectors (jkv.quant)
 
     @classmethod
     def init(
@@ -49,9 +50,13 @@ class Q8PagedKVCache(PagedKVCache):
         page_size: int,
         num_pages: int | None = None,
         scale_dtype=DEFAULT_SCALE_DTYPE,
+        rotated: bool = True,
     ) -> Q8PagedKVCache:
-        """As ``PagedKVCache.init``, with Q8 pools (``spec.head_dim`` a multiple of 32; codes and scales zero)."""
-        return super().init(spec, batch, page_size=page_size, num_pages=num_pages, scale_dtype=scale_dtype)
+        """As ``PagedKVCache.init``, with Q8 pools (``spec.head_dim`` a multiple of 32; codes and scales zero).
+        ``rotated`` as for ``Q8KVCache.init``: vectors are Hadamard-rotated before they are quantized."""
+        return super().init(
+            spec, batch, page_size=page_size, num_pages=num_pages, scale_dtype=scale_dtype, rotated=rotated
+        )
 
     @property
     def spec(self) -> CacheSpec:
@@ -68,7 +73,7 @@ class Q8PagedKVCache(PagedKVCache):
 
     # ------------------------------------------------------------------ pool storage hooks (see PagedKVCache)
     @classmethod
-    def _empty_pools(cls, spec: CacheSpec, shape, scale_dtype=DEFAULT_SCALE_DTYPE) -> dict[str, Any]:
+    def _empty_pools(cls, spec: CacheSpec, shape, scale_dtype=DEFAULT_SCALE_DTYPE, rotated=True) -> dict[str, Any]:
         quant.check_head_dim(spec.head_dim)
         # Four distinct buffers, not one zeros array twice: a step that donates the cache donates each once.
         scales = (*shape[:-1], spec.head_dim // BLOCK)
@@ -79,6 +84,7 @@ class Q8PagedKVCache(PagedKVCache):
             "k_scale_pages": jnp.zeros(scales, scale_dtype),
             "v_scale_pages": jnp.zeros(scales, scale_dtype),
             "dtype": spec.dtype,
+            "rotated": quant._rotated(rotated),
         }
 
     def _pools(self) -> tuple[Array, ...]:
@@ -89,17 +95,15 @@ class Q8PagedKVCache(PagedKVCache):
         return self.replace(k_pages=k, k_scale_pages=k_scale, v_pages=v, v_scale_pages=v_scale)
 
     def _encode(self, k: Array, v: Array) -> tuple[Array, ...]:
-        return (*quant.quantize(k, scale_dtype=self.scale_dtype), *quant.quantize(v, scale_dtype=self.scale_dtype))
+        return quant.encode(k, v, self.scale_dtype, self.rotated)
 
     def _decode(self, arrays, dtype=None) -> tuple[Array, Array]:
-        k, k_scale, v, v_scale = arrays
-        dtype = self.dtype if dtype is None else dtype
-        return quant.dequantize(k, k_scale, dtype), quant.dequantize(v, v_scale, dtype)
+        return quant.decode(arrays, self.dtype if dtype is None else dtype, self.rotated)
 
     @classmethod
     def _storage_of(cls, cache) -> dict:
         if isinstance(cache, Q8KVCache):
-            return {"scale_dtype": cache.scale_dtype}
+            return {"scale_dtype": cache.scale_dtype, "rotated": cache.rotated}
         if isinstance(cache, KVCache):
             return {}
         raise TypeError(f"cache must be a Q8KVCache or a KVCache, got {type(cache).__name__}")
@@ -116,10 +120,9 @@ class Q8PagedKVCache(PagedKVCache):
         _checks.same_layout(name, cache.spec, self.spec)
         if isinstance(cache, KVCache):  # a float cache: quantized here, every position
             return self._encode(cache.k, cache.v)
-        if cache.scale_dtype != self.scale_dtype:
-            raise ValueError(f"{name} has scale_dtype={cache.scale_dtype}, expected {self.scale_dtype}")
+        quant.check_same_storage(name, cache, self.scale_dtype, self.rotated)
         return cache.k, cache.k_scale, cache.v, cache.v_scale
 
     def _contiguous(self, arrays, lengths: Array, errors: Array) -> Q8KVCache:
         k, k_scale, v, v_scale = arrays
-        return Q8KVCache(k, k_scale, v, v_scale, lengths, errors, dtype=self.dtype)
+        return Q8KVCache(k, k_scale, v, v_scale, lengths, errors, dtype=self.dtype, rotated=self.rotated)

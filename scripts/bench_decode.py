@@ -32,10 +32,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jkv import attention, xla_flags
+from jkv import attention, quant, xla_flags
 from jkv.generate import Generator
 from jkv.models import llama
 from pallas_kernels import decode_attention as kernels
+
+HADAMARD_IMPL = quant.HADAMARD_IMPL  # the library's default
 
 MODELS = {
     "smollm2-135m": llama.LlamaConfig.smollm2_135m,
@@ -90,8 +92,14 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- jkv
-def bench_jkv(config, params, batch: int, impl: str, steps: int, prompt: int, max_len: int) -> dict:
-    gen = Generator(config, params, max_len=max_len, batch=batch, cache="bf16", impl=impl)
+def bench_jkv(config, params, batch: int, impl: str, steps: int, prompt: int, max_len: int, cache="bf16") -> dict:
+    """``cache``: a ``jkv generate --cache`` kind, ``q8-plain`` (a Q8 cache without its rotation), or a Q8 kind
+    with ``:<jkv.quant.HADAMARD_IMPL>`` appended (e.g. ``q8:dot``)."""
+    cache, _, hadamard_impl = cache.partition(":")
+    quant.HADAMARD_IMPL = hadamard_impl or HADAMARD_IMPL
+    gen = Generator(config, params, max_len=max_len, batch=batch, cache=cache.removesuffix("-plain"), impl=impl)
+    if cache == "q8-plain":
+        gen.cache = quant.Q8KVCache.init(gen.spec, batch, rotated=False)
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(0, config.vocab_size, prompt).tolist() for _ in range(batch)]
     first = gen.generate(prompts, max_new_tokens=steps, stop_ids=())  # compiles prefill and decode
@@ -234,6 +242,11 @@ def main(argv=None) -> int:
         help="variants of pallas_kernels.decode_attention.SPLIT_MERGE (how split partials are merged): xla, pallas "
         "or xla,pallas",
     )
+    parser.add_argument(
+        "--caches",
+        default="bf16",
+        help="cache kinds of the jkv rows, e.g. bf16,q8,q8-plain (q8 without rotation),q8:dot (a HADAMARD_IMPL)",
+    )
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9, help="start nothing new after this many seconds")
     parser.add_argument("--out", default="decode.jsonl")
@@ -282,16 +295,15 @@ def main(argv=None) -> int:
             llama.MIN_MATMUL_ROWS["gpu"] = min_rows
             llama.RESIDUAL_NORM_KERNEL = {"off": False, "on": True}[norm_kernel]
             attention.FUSED_DECODE_WRITE = {"off": False, "on": True}[fused_write]
-            for impl in impls:
-                for batch in batches:
-                    if time.perf_counter() - START > args.deadline:
-                        log(f"deadline: skipping jkv {name} b{batch} {impl} min_rows={min_rows}")
-                        continue
-                    r = bench_jkv(config, params, batch, impl, args.steps, args.prompt, args.max_len)
-                    r |= {"impl": impl, "batch": batch, "min_rows": min_rows, "norm_kernel": norm_kernel}
-                    r |= {"fused_write": fused_write, "split_merge": split_merge}
-                    r |= {"roofline": roofline_ms / r["ms"]}
-                    record({"kind": "jkv", **base, **r})
+            for impl, batch, cache in [(i, b, c) for i in impls for b in batches for c in args.caches.split(",")]:
+                if time.perf_counter() - START > args.deadline:
+                    log(f"deadline: skipping jkv {name} b{batch} {impl} {cache} min_rows={min_rows}")
+                    continue
+                r = bench_jkv(config, params, batch, impl, args.steps, args.prompt, args.max_len, cache)
+                r |= {"impl": impl, "batch": batch, "cache": cache, "min_rows": min_rows, "norm_kernel": norm_kernel}
+                r |= {"fused_write": fused_write, "split_merge": split_merge}
+                r |= {"roofline": roofline_ms / r["ms"]}
+                record({"kind": "jkv", **base, **r})
         del params
         gc.collect()
         if args.no_hf:
@@ -323,7 +335,8 @@ def print_table(rows):
     print(f"XLA_FLAGS={copy.get('xla_flags', '')!r}")
     hf = {(r["model"], r["batch"]): r for r in rows if r["kind"] == "hf"}
     print(
-        f"{'model':14} {'B':>2} {'impl':6} {'ms/step':>8} {'tok/s':>8} {'e2e ms':>7} {'roof ms':>7} {'roof %':>6}"
+        f"{'model':14} {'B':>2} {'impl':6} {'cache':8} {'ms/step':>8} {'tok/s':>8} {'e2e ms':>7}"
+        f" {'roof ms':>7} {'roof %':>6}"
         f" {'HF ms':>7} {'HF tok/s':>8} {'vs HF':>6} {'compile s':>9} {'rows':>4} {'kernels':>7}"
         f" {'norm':>4} {'write':>5} {'merge':>6}"
     )
@@ -333,7 +346,8 @@ def print_table(rows):
         h = hf.get((r["model"], r["batch"]))
         hf_cols = f"{h['ms']:7.2f} {h['tok_s']:8.0f} {h['ms'] / r['ms']:5.2f}x" if h else f"{'-':>7} {'-':>8} {'-':>6}"
         print(
-            f"{r['model']:14} {r['batch']:2d} {r['impl']:6} {r['ms']:8.2f} {r['tok_s']:8.0f} {r['e2e_ms']:7.2f}"
+            f"{r['model']:14} {r['batch']:2d} {r['impl']:6} {r.get('cache', 'bf16'):8} {r['ms']:8.2f}"
+            f" {r['tok_s']:8.0f} {r['e2e_ms']:7.2f}"
             f" {r['roofline_ms']:7.2f} {100 * r['roofline']:5.1f}% {hf_cols} {r['compile_s']:9.1f}"
             f" {r.get('min_rows', 1):4d} {r.get('kernels', 0):7d} {r.get('norm_kernel', '-'):>4}"
             f" {r.get('fused_write', '-'):>5} {r.get('split_merge', '-'):>6}"

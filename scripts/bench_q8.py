@@ -250,7 +250,61 @@ PROMPTS = [
 ]
 
 
-def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f32") -> None:
+HELD_OUT = [  # a second set, written after the rotation was chosen on PROMPTS: checks it did not fit PROMPTS
+    "What is the boiling point of water at sea level?",
+    "Write a short poem about autumn leaves.",
+    "Explain photosynthesis to a child.",
+    "What are the three states of matter?",
+    "Give me three tips for better sleep.",
+    "Who painted the Mona Lisa?",
+    "What is the largest ocean on Earth?",
+    "Summarize the plot of Cinderella in two sentences.",
+    "How many legs does a spider have?",
+    "What does a compiler do?",
+    "Suggest a name for a pet goldfish.",
+    "Why is the sky blue?",
+    "Write a limerick about a cat.",
+    "What is the square root of 144?",
+    "List four fruits that are red.",
+    "How do I make a cup of tea?",
+    "What is the capital of Japan?",
+    "Explain gravity in one sentence.",
+    "Translate 'thank you' into French.",
+    "What is the difference between weather and climate?",
+    "Name three famous composers.",
+    "What year did the first person walk on the Moon?",
+    "Describe a sunset over the mountains.",
+    "What is a prime number?",
+    "Give an example of a mammal that lives in the sea.",
+    "What is the chemical symbol for gold?",
+    "How many days are in a leap year?",
+    "Write a one-line slogan for a bakery.",
+    "What is the tallest mountain in the world?",
+    "Explain what a noun is.",
+    "Count from one to ten in words.",
+    "What is the opposite of 'ancient'?",
+    "Recommend a good habit for students.",
+    "What does DNA stand for?",
+    "How does a rainbow form?",
+    "Tell me a fun fact about octopuses.",
+    "What is 15 plus 27?",
+    "Name the primary colors.",
+    "Write a sentence using the word 'serendipity'.",
+    "What is the main ingredient of guacamole?",
+    "Explain what the internet is in simple terms.",
+    "What language is spoken in Brazil?",
+    "Give me a synonym for 'happy'.",
+    "What causes the seasons on Earth?",
+    "Who was Albert Einstein?",
+    "Describe the taste of a lemon.",
+    "What is the freezing point of water in Fahrenheit?",
+    "Write a thank-you note to a teacher.",
+    "What are the benefits of exercise?",
+    "How many continents are there, and what are they?",
+]
+
+
+def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f32", prompt_set: str = "main") -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from reference import decode_attention_f64
 
@@ -301,22 +355,67 @@ def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f
                 errs.append(np.linalg.norm(decode_attention_f64(q, k2, v2, lengths) - ref) / np.linalg.norm(ref))
             log(f"  {name:11s} D={d:3d} G={g}: {min(errs):.2e} / {np.median(errs):.2e} / {max(errs):.2e}")
     if generate:
-        generation(log, new_tokens, weights)
+        generation(log, new_tokens, weights, prompt_set)
 
 
-def generation(log, new_tokens: int, weights: str = "f32") -> None:
+def model_kv_error(log, model, prompts) -> None:
+    """Round trip error of the default model's own keys and values (the prompts' prefill, every layer): Q8 with
+    and without the rotation, and bf16 rounding; median and max over layers of ||x' - x|| / ||x||."""
+    from jkv.cache import CacheSpec, KVCache
+    from jkv.models import llama
+    from jkv.quant import decode, encode
+
+    config = model.config
+    tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, tokens.shape[1], jnp.float32)
+    run = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))
+    _, cache = run(model.params, KVCache.init(spec, len(prompts)), jnp.asarray(tokens))
+    log(f"round trip of the model's own K/V ({len(prompts)} prompts' prefill), median / max over layers:")
+    for name, x in (("k", cache.k), ("v", cache.v)):
+        rows = [
+            np.concatenate(
+                [np.asarray(x[layer, b, :, : len(p)]).reshape(-1, spec.head_dim) for b, p in enumerate(prompts)]
+            )
+            for layer in range(spec.num_layers)
+        ]
+        errs = {}
+        for label, fn in (
+            ("q8", lambda r: decode(encode(r, r, jnp.float16, False), jnp.float32, False)[0]),
+            ("q8 rotated", lambda r: decode(encode(r, r, jnp.float16, True), jnp.float32, True)[0]),
+            ("bf16", lambda r: r.astype(jnp.bfloat16).astype(jnp.float32)),
+        ):
+            errs[label] = [
+                float(np.linalg.norm(np.asarray(fn(jnp.asarray(r)), np.float64) - r) / np.linalg.norm(r)) for r in rows
+            ]
+        log(f"  {name}: " + "; ".join(f"{k} {np.median(e):.2e} / {max(e):.2e}" for k, e in errs.items()))
+
+
+GEN_CACHES = ("f32", "q8", "q8-plain")  # each against the bf16 cache; q8-plain: Q8 without the rotation
+
+
+def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "main") -> None:
+    """Greedy generation with each cache of GEN_CACHES against the bf16 cache on the default model: free runs
+    (position-wise agreement, identical runs, first divergence), free runs stopping at EOS, and the bf16 run's
+    tokens predicted under teacher forcing."""
     from jkv.cache import CacheSpec
     from jkv.cli import default_model_path
     from jkv.generate import Generator, cache_kinds
     from jkv.loading import load_gguf
     from jkv.models import llama
+    from jkv.quant import Q8KVCache
 
     model = load_gguf(default_model_path(), weights, progress=False)
     tok, config = model.tokenizer, model.config
-    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in PROMPTS]
+    texts = {"main": PROMPTS, "held-out": HELD_OUT}[prompt_set]
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in texts]
+    model_kv_error(log, model, prompts)
+    makers = dict(cache_kinds(), **{"q8-plain": lambda spec, batch: Q8KVCache.init(spec, batch, rotated=False)})
     free = {}
-    for kind in ("bf16", "f32", "q8"):
-        g = Generator(config, model.params, max_len=256, batch=len(prompts), cache=kind)
+    for kind in ("bf16", *GEN_CACHES):
+        g = Generator(config, model.params, max_len=256, batch=len(prompts), cache=kind.removesuffix("-plain"))
+        g.cache = makers[kind](g.spec, g.batch)
         free[kind] = g.generate(prompts, max_new_tokens=new_tokens).tokens
         free[kind + "+stop"] = g.generate(prompts, max_new_tokens=new_tokens, stop_ids=tok.stop_ids).tokens
     ref = free["bf16"]
@@ -326,9 +425,9 @@ def generation(log, new_tokens: int, weights: str = "f32") -> None:
         tokens[i, : len(seq)] = seq
     spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, 256)
     forced = {}
-    for kind in ("bf16", "f32", "q8"):
+    for kind in ("bf16", *GEN_CACHES):
         run = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))
-        logits, _ = run(model.params, cache_kinds()[kind](spec, len(seqs)), jnp.asarray(tokens))
+        logits, _ = run(model.params, makers[kind](spec, len(seqs)), jnp.asarray(tokens))
         pred = np.asarray(jnp.argmax(logits, -1))
         forced[kind] = [[int(t) for t in pred[i, len(p) - 1 : len(p) - 1 + new_tokens]] for i, p in enumerate(prompts)]
 
@@ -338,12 +437,23 @@ def generation(log, new_tokens: int, weights: str = "f32") -> None:
         total = sum(max(len(a), len(b)) for a, b in zip(a_runs, b_runs, strict=True))
         return same / total, total
 
-    log(f"greedy generation, SmolLM2-135M-Instruct ({weights} weights), {len(prompts)} prompts x {new_tokens} tokens:")
-    for kind in ("f32", "q8"):
+    def first_divergence(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+    log(
+        f"greedy generation, SmolLM2-135M-Instruct ({weights} weights), {prompt_set} prompts: "
+        f"{len(prompts)} x {new_tokens} tokens, each cache against the bf16 cache:"
+    )
+    for kind in GEN_CACHES:
         a, n = agree(ref, free[kind])
         b, m = agree(free["bf16+stop"], free[kind + "+stop"])
         c, _ = agree(ref, forced[kind])
-        log(f"  {kind} cache: free run {a:.3f} of {n}; free run to EOS {b:.3f} of {m}; teacher-forced {c:.3f}")
+        firsts = [first_divergence(r, x) for r, x in zip(ref, free[kind], strict=True)]
+        log(
+            f"  {kind:8s} free run {a:.3f} of {n} ({sum(f == new_tokens for f in firsts)} runs identical; first "
+            f"divergences {sorted(f for f in firsts if f < new_tokens)}); free run to EOS {b:.3f} of {m}; "
+            f"teacher-forced {c:.3f}"
+        )
     log(f"  bf16 cache teacher-forced vs its own free run: {agree(ref, forced['bf16'])[0]:.3f}")
 
 
@@ -366,12 +476,16 @@ def main(argv=None) -> None:
     parser.add_argument("--no-generation", action="store_true", help="--accuracy without the generation part")
     parser.add_argument("--generation-only", action="store_true", help="--accuracy's generation part only")
     parser.add_argument("--weights", choices=("f32", "bf16"), default="f32", help="model weights for the generation")
+    parser.add_argument(
+        "--prompts", choices=("main", "held-out"), default="main", help="prompt set of the generation (10 or 50)"
+    )
     args = parser.parse_args(argv)
     if args.generation_only:
-        generation(lambda msg: print(msg, flush=True), 32, args.weights)
+        generation(lambda msg: print(msg, flush=True), 32, args.weights, args.prompts)
         return
     if args.accuracy:
-        accuracy(lambda msg: print(msg, flush=True), generate=not args.no_generation, weights=args.weights)
+        log = lambda msg: print(msg, flush=True)
+        accuracy(log, generate=not args.no_generation, weights=args.weights, prompt_set=args.prompts)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)
