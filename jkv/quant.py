@@ -64,10 +64,13 @@ def hadamard_block(d: int) -> int:
 
 
 # How ``hadamard`` computes (the same matrix each way; measured on the GPU in docs/quant.md):
-# "sum": products with the matrix summed along the last axis (a reduction XLA fuses with its neighbours);
-# "dot": a matrix product (float32, highest precision); "butterfly": log2(n) stages of adds and subtracts.
-HADAMARD_IMPLS = ("sum", "dot", "butterfly")
-HADAMARD_IMPL = "sum"
+# "sum": products with the matrix summed along the last axis (a reduction XLA fuses with its neighbours: the
+# fastest decode step); "dot": a matrix product (float32, highest precision); "butterfly": log2(n) stages of adds
+# and subtracts; "auto": "sum" up to SUM_MAX_VECTORS vectors (a decode step's queries, keys and values), "dot"
+# above (a prefill's: as a reduction, XLA took minutes to compile a Llama-3-8B prefill of 1024 tokens).
+HADAMARD_IMPLS = ("auto", "sum", "dot", "butterfly")
+HADAMARD_IMPL = "auto"
+SUM_MAX_VECTORS = 4096
 
 
 @functools.cache
@@ -90,9 +93,12 @@ def hadamard(x: Float[Array, "... D"]) -> Float[Array, "... D"]:
     d = x.shape[-1]
     n = hadamard_block(d)
     y = x.astype(jnp.float32).reshape(*x.shape[:-1], d // n, n)
-    if HADAMARD_IMPL == "sum":
+    impl = HADAMARD_IMPL
+    if impl == "auto":
+        impl = "sum" if x.size // d <= SUM_MAX_VECTORS else "dot"
+    if impl == "sum":
         y = jnp.sum(y[..., None, :] * _hadamard_matrix(n), axis=-1)
-    elif HADAMARD_IMPL == "dot":
+    elif impl == "dot":
         y = jnp.einsum("...i,ij->...j", y, _hadamard_matrix(n), precision=lax.Precision.HIGHEST)
     else:
         h = 1
