@@ -1,9 +1,10 @@
 """Greedy generation with a Q8 cache against the bf16 cache on the default model (SmolLM2-135M-Instruct).
 
-The bf16 cache generates freely; the Q8 cache then predicts each of those tokens from the same prefix (teacher
-forcing), so each position measures the cache, not how early a near-tie sent two free runs apart. Measured over 10
-prompts x 32 tokens (docs/quant.md): 98.8 % agreement (a float32 cache: 99.4 %). This test asserts >= 90 % on a
-subset.
+Two measures (docs/quant.md has both over 10 and 50 prompts x 32 tokens): free runs, position by position, where
+one near-tie sends two runs apart for good; and teacher forcing, where the Q8 cache predicts each token of the
+bf16 run from the same prefix, so each position measures the cache alone. This test asserts >= 90 % for both on a
+subset. A free run can flip at a near-tie after a change far from the cache (a new XLA version rounding a sum
+differently): if only the free-run assertion fails, compare the first diverging token's top two logits.
 """
 
 import importlib.util
@@ -61,7 +62,13 @@ def test_q8_cache_agrees_with_bf16_cache(smollm):
     assert all(len(r) == NEW_TOKENS for r in reference)
     # The bf16 cache reproduces its own free run when forced (prefill and decode paths agree) ...
     assert teacher_forced(smollm, prompts, reference, "bf16") == reference
-    # ... and the Q8 cache agrees on at least 90 % of the positions.
+    # ... and the Q8 cache (rotated, the default) agrees on at least 90 % of the positions, forced and free.
     q8 = teacher_forced(smollm, prompts, reference, "q8")
-    agree = np.mean([a == b for r, q in zip(reference, q8, strict=True) for a, b in zip(r, q, strict=True)])
-    assert agree >= 0.9, agree
+    agree = lambda runs: np.mean(
+        [a == b for r, q in zip(reference, runs, strict=True) for a, b in zip(r, q, strict=True)]
+    )
+    assert agree(q8) >= 0.9, agree(q8)
+    generator = Generator(smollm.config, smollm.params, max_len=128, batch=len(prompts), cache="q8")
+    assert generator.cache.rotated
+    free = generator.generate(prompts, max_new_tokens=NEW_TOKENS).tokens
+    assert agree(free) >= 0.9, (agree(free), free, reference)
