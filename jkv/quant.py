@@ -19,11 +19,11 @@ Rotation. A ``Q8KVCache`` made by ``init`` or ``from_cache`` is ``rotated`` by d
 is multiplied by an orthonormal Walsh-Hadamard matrix ``H`` (``hadamard``) before it is quantized, and by ``H``
 again (its own inverse) after it is dequantized. The format is unchanged (int8 codes, one scale per 32 values),
 only the basis differs. Attention needs no dequantized values: ``q·k = (qH)·(kH)`` and
-``Σ p v = (Σ p vH) H``, so the decode path rotates the query and the output instead (a few adds per value).
+``Σ p v = (Σ p vH) H``, so attention rotates the query and the output instead (``jkv.attention``).
 Why: a key's head vector has a few channels far larger than the rest; a block's scale follows its largest value,
 so those channels make every other value of the block coarse. The rotation spreads each channel over all values,
-which makes the blocks' values alike: on the default model's keys the round trip error drops 1.75x, and free-run
-greedy agreement with a bf16 cache rises from 82 % to 92 % (docs/quant.md).
+which makes the blocks' values alike: on the default model's keys the round trip error drops 1.75x, and greedy
+generation agrees with a bf16 cache's far more often (docs/quant.md, "Generation").
 """
 
 from __future__ import annotations
