@@ -66,8 +66,9 @@ def hadamard_block(d: int) -> int:
 # How ``hadamard`` computes (the same matrix each way; measured on the GPU in docs/quant.md):
 # "sum": products with the matrix summed along the last axis (a reduction XLA fuses with its neighbours: the
 # fastest decode step); "dot": a matrix product (float32, highest precision); "butterfly": log2(n) stages of adds
-# and subtracts; "auto": "sum" up to SUM_MAX_VECTORS vectors (a decode step's queries, keys and values), "dot"
-# above (a prefill's: as a reduction, XLA took minutes to compile a Llama-3-8B prefill of 1024 tokens).
+# and subtracts; "auto": on a GPU "sum" up to SUM_MAX_VECTORS vectors (a decode step's queries, keys and values),
+# "dot" above (a prefill's: as a reduction, XLA took minutes to compile a Llama-3-8B prefill of 1024 tokens); "dot"
+# on other backends (on a CPU the sum made SmolLM2's prefill 5x slower).
 HADAMARD_IMPLS = ("auto", "sum", "dot", "butterfly")
 HADAMARD_IMPL = "auto"
 SUM_MAX_VECTORS = 4096
@@ -95,7 +96,8 @@ def hadamard(x: Float[Array, "... D"]) -> Float[Array, "... D"]:
     y = x.astype(jnp.float32).reshape(*x.shape[:-1], d // n, n)
     impl = HADAMARD_IMPL
     if impl == "auto":
-        impl = "sum" if x.size // d <= SUM_MAX_VECTORS else "dot"
+        gpu = jax.default_backend() == "gpu"
+        impl = "sum" if gpu and x.size // d <= SUM_MAX_VECTORS else "dot"
     if impl == "sum":
         y = jnp.sum(y[..., None, :] * _hadamard_matrix(n), axis=-1)
     elif impl == "dot":
