@@ -415,7 +415,8 @@ def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "ma
     free = {}
     for kind in ("bf16", *GEN_CACHES):
         g = Generator(config, model.params, max_len=256, batch=len(prompts), cache=kind.removesuffix("-plain"))
-        g.cache = makers[kind](g.spec, g.batch)
+        if kind == "q8-plain":  # Generator knows the library's kinds; the plain Q8 cache is this script's
+            g.cache = makers[kind](g.spec, g.batch)
         free[kind] = g.generate(prompts, max_new_tokens=new_tokens).tokens
         free[kind + "+stop"] = g.generate(prompts, max_new_tokens=new_tokens, stop_ids=tok.stop_ids).tokens
     ref = free["bf16"]
