@@ -242,10 +242,7 @@ def _write(cache: Q8KVCache, layer, k_new, v_new, ok) -> Q8KVCache:
     def put(buf, new):  # new (B, K, T, X) → indexed as (B, T, K, X)
         return buf.at[layer, rows, :, positions, :].set(jnp.swapaxes(new, 1, 2), mode="drop")
 
-    if cache.rotated:
-        k_new, v_new = hadamard(k_new), hadamard(v_new)
-    kq, ks, _ = _quantize(k_new, cache.scale_dtype)
-    vq, vs, _ = _quantize(v_new, cache.scale_dtype)
+    kq, ks, vq, vs = encode(k_new, v_new, cache.scale_dtype, cache.rotated)  # traced: no host check
     return cache.replace(
         k=put(cache.k, kq),
         k_scale=put(cache.k_scale, ks),
