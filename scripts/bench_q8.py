@@ -358,6 +358,14 @@ def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f
         generation(log, new_tokens, weights, prompt_set)
 
 
+def right_padded(seqs) -> np.ndarray:
+    """Token sequences as one int32 array, zeros after each (causal attention never looks at them)."""
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, seq in enumerate(seqs):
+        tokens[i, : len(seq)] = seq
+    return tokens
+
+
 def model_kv_error(log, model, prompts) -> None:
     """Round trip error of the default model's own keys and values (the prompts' prefill, every layer): Q8 with
     and without the rotation, and bf16 rounding; median and max over layers of ||x' - x|| / ||x||."""
@@ -366,9 +374,7 @@ def model_kv_error(log, model, prompts) -> None:
     from jkv.quant import decode, encode
 
     config = model.config
-    tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
+    tokens = right_padded(prompts)
     spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, tokens.shape[1], jnp.float32)
     run = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))
     _, cache = run(model.params, KVCache.init(spec, len(prompts)), jnp.asarray(tokens))
@@ -421,9 +427,7 @@ def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "ma
         free[kind + "+stop"] = g.generate(prompts, max_new_tokens=new_tokens, stop_ids=tok.stop_ids).tokens
     ref = free["bf16"]
     seqs = [p + r for p, r in zip(prompts, ref, strict=True)]
-    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
-    for i, seq in enumerate(seqs):
-        tokens[i, : len(seq)] = seq
+    tokens = right_padded(seqs)
     spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, 256)
     forced = {}
     for kind in ("bf16", *GEN_CACHES):
