@@ -135,7 +135,7 @@ class Engine:
     a paged cache, that many bytes of extra pool pages, which entries pin and requests share).
     ``speculative_tokens`` (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests.
     ``mesh``
-    (``jkv.sharding.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
+    (``jkv.parallel.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
     """
 
     def __init__(
@@ -291,10 +291,10 @@ class Engine:
         """Trace and run ``fn`` with the engine's mesh active, so Pallas kernels run per shard."""
         if self.mesh is None:
             return fn
-        from jkv import sharding
+        from jkv import parallel
 
         def call(*args):
-            with sharding.use_mesh(self.mesh):
+            with parallel.use_mesh(self.mesh):
                 return fn(*args)
 
         return call

@@ -1,4 +1,4 @@
-"""Scale out with JAX's own SPMD machinery: a ``(dp, tp)`` device mesh, shardings for caches and weights.
+"""Shardings for caches and weights over a ``(dp, tp)`` mesh (``jkv.parallel``).
 
 * ``dp`` (data parallel) splits the batch: each group of devices holds its own sequences.
 * ``tp`` (tensor parallel) splits the heads, Megatron style: each device holds ``K / tp`` kv heads of every cache
@@ -7,48 +7,24 @@
   (after the attention output and the MLP down projection) where the row-split matmuls meet.
 
 Compiled steps keep caches sharded between calls (``shard_cache`` once, then donate): nothing is gathered to one
-device. Pallas kernels are not partitioned by XLA, so inside ``use_mesh(mesh)`` the attention dispatch runs them
-per shard on the local heads with ``shard_map`` (see ``jkv.attention``).
+device. Pallas kernels are not partitioned by XLA, so inside ``jkv.parallel.use_mesh(mesh)`` the attention
+dispatch runs them per shard on the local heads (``jkv.parallel.per_shard`` with ``attention_specs``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jkv.cache import KVCache
-
-DP, TP = "dp", "tp"
-_ACTIVE_MESH: list[Mesh] = []
+from jkv.parallel import DP, TP, mesh_sizes
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(dp, tp)`` mesh over the first ``dp * tp`` devices (tp devices adjacent: they talk every layer)."""
-    devices = list(jax.devices() if devices is None else devices)
-    for name, value in (("tp", tp), ("dp", dp)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if tp * dp > len(devices):
-        raise ValueError(
-            f"dp={dp} x tp={tp} needs {dp * tp} devices but only {len(devices)} are available "
-            f"({devices[0].platform}); choose dp * tp <= {len(devices)}"
-        )
-    grid = np.array(devices[: dp * tp], dtype=object).reshape(dp, tp)
-    return Mesh(grid, (DP, TP))
-
-
-def mesh_sizes(mesh: Mesh) -> tuple[int, int]:
-    return mesh.shape[DP], mesh.shape[TP]
 
 
 def check_layout(config, mesh: Mesh, batch: int | None = None) -> None:
@@ -67,20 +43,6 @@ def check_layout(config, mesh: Mesh, batch: int | None = None) -> None:
         raise ValueError(
             f"data parallel size dp={dp} must divide the batch={batch}; use a batch that is a multiple of {dp}"
         )
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh):
-    """Within this context, Pallas attention kernels run per shard of ``mesh`` (``shard_map`` over dp and tp)."""
-    _ACTIVE_MESH.append(mesh)
-    try:
-        yield mesh
-    finally:
-        _ACTIVE_MESH.pop()
-
-
-def active_mesh() -> Mesh | None:
-    return _ACTIVE_MESH[-1] if _ACTIVE_MESH else None
 
 
 # ---------------------------------------------------------------------------------------------- caches
@@ -134,19 +96,6 @@ def attention_specs(cache) -> tuple:
     if hasattr(cache, "k_scale"):
         return (kv5, kv5, kv5, kv5)
     return (P(None, None, TP, None, None), P(None, None, TP, None, None), P(DP, None))
-
-
-def per_shard(fn, mesh: Mesh, cache_arrays: tuple, cache_specs_: tuple, q, lengths, layer):
-    """Run ``fn(q, *cache_arrays, lengths, layer)`` on each shard's local batch and heads."""
-    q_spec = P(DP, TP, None)
-    body = jax.shard_map(
-        lambda q, *rest: fn(q, *rest[:-2], rest[-2], rest[-1]),
-        mesh=mesh,
-        in_specs=(q_spec, *cache_specs_, P(DP), P()),
-        out_specs=q_spec,
-        check_vma=False,
-    )
-    return body(q, *cache_arrays, lengths, jax.numpy.asarray(layer, jax.numpy.int32))
 
 
 # ---------------------------------------------------------------------------------------------- weights
