@@ -54,7 +54,7 @@ def run_one(model: str, tp: int, args, bandwidth: float) -> dict:
     config = SHAPES[model]()
     mesh = parallel.make_mesh(tp=tp, dp=1)
     t0 = time.perf_counter()
-    params = sharding.init_params_sharded(config, jax.random.key(0), mesh, jnp.bfloat16)
+    params = llama.init_params_sharded(config, jax.random.key(0), mesh, jnp.bfloat16)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, args.max_len, jnp.bfloat16)
@@ -63,11 +63,11 @@ def run_one(model: str, tp: int, args, bandwidth: float) -> dict:
     impl = args.impl
 
     def prefill(p, c, t):
-        logits, c = llama.prefill(p, c, t, config=config, impl="xla")
+        logits, c = llama.prefill(p, c, t, config=config, options=llama.LlamaOptions(impl="xla"))
         return jnp.argmax(logits, -1).astype(jnp.int32), c
 
     def step(p, c, t):
-        logits, c = llama.decode_step(p, c, t, config=config, impl=impl)
+        logits, c = llama.decode_step(p, c, t, config=config, options=llama.LlamaOptions(impl=impl))
         return jnp.argmax(logits, -1).astype(jnp.int32), c
 
     rng = np.random.default_rng(0)
