@@ -24,8 +24,9 @@ from jkv import _checks
 from jkv.cache import ERR_WRITE_OVERFLOW, KVCache
 from jkv.paged import PagedKVCache
 from jkv.paged_q8 import Q8PagedKVCache
+from jkv.parallel import active_mesh, per_shard
 from jkv.quant import Q8KVCache, hadamard
-from jkv.sharding import active_mesh, attention_specs, per_shard
+from jkv.sharding import attention_specs
 
 IMPLS = ("xla", "pallas")
 # ``decode_attention_write`` fuses the write into the Pallas kernel (contiguous caches); False: write, then

@@ -99,9 +99,9 @@ def run_batch(args, model, prompts: list[str]) -> int:
         max_len = -(-max_len // 16) * 16
     mesh = None
     if args.tp * args.dp > 1:
-        from jkv import sharding
+        from jkv import parallel
 
-        mesh = sharding.make_mesh(tp=args.tp, dp=args.dp)
+        mesh = parallel.make_mesh(tp=args.tp, dp=args.dp)
     engine = Engine(
         model.params,
         model.config,

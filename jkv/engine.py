@@ -135,7 +135,7 @@ class Engine:
     a paged cache, that many bytes of extra pool pages, which entries pin and requests share).
     ``speculative_tokens`` (0: off) drafts that many tokens per step by prompt lookup; it needs greedy requests.
     ``mesh``
-    (``jkv.sharding.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
+    (``jkv.parallel.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
     """
 
     def __init__(
@@ -165,7 +165,8 @@ class Engine:
             raise ValueError(f"cache={cache!r} is not one of {CACHE_KINDS}")
         if cache in PAGED_KINDS and max_len % PAGE_SIZE:
             raise ValueError(f"a paged cache needs max_len a multiple of its page size {PAGE_SIZE}, got {max_len=}")
-        self.params, self.config, self.impl, self.cache_kind = params, config, impl, cache
+        self.params, self.config, self.cache_kind = params, config, cache
+        self.options = llama.LlamaOptions(impl=impl)
         dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}.get(
             cache, params.dtype if cache_dtype is None else cache_dtype
         )
@@ -220,14 +221,14 @@ class Engine:
         if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split
             from jkv import sharding
 
-            sharding.check_layout(config, mesh, batch=num_slots)
-            self.params = sharding.shard_params(params, config, mesh)
+            llama.check_layout(config, mesh, batch=num_slots)
+            self.params = llama.shard_params(params, config, mesh)
             self.cache = sharding.shard_cache(self.cache, mesh)
         self._build_steps()
 
     # ------------------------------------------------------------------ compiled steps
     def _build_steps(self):
-        config, impl = self.config, self.impl
+        config, options = self.config, self.options
 
         def keys_for(key_data, counter):
             # Request key folded with the number of tokens it has generated: slot- and batch-independent.
@@ -235,19 +236,19 @@ class Engine:
 
         def prefill(params, single, tokens, true_len, key_data, counter, temperature, top_k, top_p):
             last = true_len - 1 - single.lengths  # index of the last prompt token among the new ones
-            logits, single = llama.prefill(params, single, tokens, last, config=config, impl=impl)
+            logits, single = llama.prefill(params, single, tokens, last, config=config, options=options)
             single = single.rollback(jnp.minimum(single.lengths, true_len))  # drop bucket padding
             return sample(logits, keys_for(key_data, counter), temperature, top_k, top_p), single
 
         def decode(params, cache, tokens, active, key_data, counter, temperature, top_k, top_p):
             before = cache.lengths
-            logits, cache = llama.decode_step(params, cache, tokens, config=config, impl=impl)
+            logits, cache = llama.decode_step(params, cache, tokens, config=config, options=options)
             cache = cache.rollback(jnp.where(active, cache.lengths, before))  # idle slots do not move
             return sample(logits, keys_for(key_data, counter), temperature, top_k, top_p), cache
 
         def verify(params, cache, tokens, active):
             before = cache.lengths
-            logits, cache = llama.forward(params, cache, tokens, config=config, impl=impl)  # (B, k+1, V)
+            logits, cache = llama.forward(params, cache, tokens, config=config, options=options)  # (B, k+1, V)
             target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             agree = (tokens[:, 1:] == target[:, :-1]).astype(jnp.int32)
             accepted = jnp.sum(jnp.cumprod(agree, axis=1), axis=1)  # leading drafts the model agrees with
@@ -291,10 +292,10 @@ class Engine:
         """Trace and run ``fn`` with the engine's mesh active, so Pallas kernels run per shard."""
         if self.mesh is None:
             return fn
-        from jkv import sharding
+        from jkv import parallel
 
         def call(*args):
-            with sharding.use_mesh(self.mesh):
+            with parallel.use_mesh(self.mesh):
                 return fn(*args)
 
         return call

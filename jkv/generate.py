@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jkv.attention import resolve_impl
 from jkv.cache import CacheSpec, KVCache
 from jkv.models import llama
 from jkv.sampling import sample
@@ -129,6 +128,8 @@ class Generator:
 
     The decode step is compiled once (on first use) with the cache donated and serves every position; prefill
     compiles once per bucket of prompt length. ``compile_s`` in each result counts the compiles it triggered.
+    ``impl`` picks the attention kernels (``"xla"``, ``"pallas"``; None: Pallas on GPU); ``options`` gives every
+    knob of the model instead (``llama.LlamaOptions``, impl included).
     """
 
     def __init__(
@@ -140,8 +141,11 @@ class Generator:
         batch: int = 1,
         cache: str = "default",
         impl: str | None = None,
+        options: llama.LlamaOptions | None = None,
     ):
         llama.check_params(params, config)
+        if impl is not None and options is not None:
+            raise ValueError(f"give impl={impl!r} inside options={options}, not beside it")
         if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) or max_len < 2:
             raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
         if max_len > config.max_position:
@@ -155,7 +159,7 @@ class Generator:
             raise ValueError(f"cache={cache!r} is not one of {sorted(kinds)}")
         self.config, self.params = config, params
         self.max_len, self.batch, self.cache_kind = int(max_len), int(batch), cache
-        self.impl = resolve_impl(impl)
+        self.options = llama.LlamaOptions(impl=impl) if options is None else options
         self.spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, self.max_len)
         self.cache = kinds[cache](self.spec, self.batch)
         self._decode = {}  # greedy flag -> compiled step
@@ -164,12 +168,12 @@ class Generator:
 
     # ------------------------------------------------------------------ compiled pieces
     def _prefill_fn(self, params, cache, tokens, lengths, key, sampling_args, *, greedy):
-        logits, cache = llama.prefill(params, cache, tokens, lengths - 1, config=self.config, impl=self.impl)
+        logits, cache = llama.prefill(params, cache, tokens, lengths - 1, config=self.config, options=self.options)
         cache = cache.rollback(lengths)  # drop the right padding: the decode steps overwrite it
         return next_tokens(logits, key, 0, sampling_args, greedy=greedy), cache
 
     def _decode_fn(self, params, cache, tokens, key, step, sampling_args, *, greedy):
-        logits, cache = llama.decode_step(params, cache, tokens, config=self.config, impl=self.impl)
+        logits, cache = llama.decode_step(params, cache, tokens, config=self.config, options=self.options)
         return next_tokens(logits, key, step, sampling_args, greedy=greedy), cache
 
     def _compiled(self, table, key, fn, args, donate):

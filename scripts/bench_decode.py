@@ -92,12 +92,12 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- jkv
-def bench_jkv(config, params, batch: int, impl: str, steps: int, prompt: int, max_len: int, cache="bf16") -> dict:
+def bench_jkv(config, params, batch: int, options, steps: int, prompt: int, max_len: int, cache="bf16") -> dict:
     """``cache``: a ``jkv generate --cache`` kind, ``q8-plain`` (a Q8 cache without its rotation), or a Q8 kind
     with ``:<jkv.quant.HADAMARD_IMPL>`` appended (e.g. ``q8:dot``)."""
     cache, _, hadamard_impl = cache.partition(":")
     quant.HADAMARD_IMPL = hadamard_impl or HADAMARD_IMPL
-    gen = Generator(config, params, max_len=max_len, batch=batch, cache=cache.removesuffix("-plain"), impl=impl)
+    gen = Generator(config, params, max_len=max_len, batch=batch, cache=cache.removesuffix("-plain"), options=options)
     if cache == "q8-plain":
         gen.cache = quant.Q8KVCache.init(gen.spec, batch, rotated=False)
     rng = np.random.default_rng(batch)
@@ -229,9 +229,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--min-rows", default="8", help="variants of llama.MIN_MATMUL_ROWS on GPU, e.g. 8,1")
+    parser.add_argument("--min-rows", default="8", help="variants of llama.LlamaOptions.min_matmul_rows, e.g. 8,1")
     parser.add_argument(
-        "--norm-kernel", default="off", help="variants of llama.RESIDUAL_NORM_KERNEL: off, on or off,on"
+        "--norm-kernel", default="off", help="variants of llama.LlamaOptions.norm_kernel: off, on or off,on"
     )
     parser.add_argument(
         "--fused-write", default="on", help="variants of jkv.attention.FUSED_DECODE_WRITE: off, on or off,on"
@@ -292,14 +292,13 @@ def main(argv=None) -> int:
             if split_merge not in kernels.SPLIT_MERGES:
                 parser.error(f"--split-merge {split_merge!r}: expected one of {kernels.SPLIT_MERGES}")
             kernels.SPLIT_MERGE = split_merge
-            llama.MIN_MATMUL_ROWS["gpu"] = min_rows
-            llama.RESIDUAL_NORM_KERNEL = {"off": False, "on": True}[norm_kernel]
             attention.FUSED_DECODE_WRITE = {"off": False, "on": True}[fused_write]
             for impl, batch, cache in [(i, b, c) for i in impls for b in batches for c in args.caches.split(",")]:
                 if time.perf_counter() - START > args.deadline:
                     log(f"deadline: skipping jkv {name} b{batch} {impl} {cache} min_rows={min_rows}")
                     continue
-                r = bench_jkv(config, params, batch, impl, args.steps, args.prompt, args.max_len, cache)
+                options = llama.LlamaOptions(impl, {"off": False, "on": True}[norm_kernel], min_rows)
+                r = bench_jkv(config, params, batch, options, args.steps, args.prompt, args.max_len, cache)
                 r |= {"impl": impl, "batch": batch, "cache": cache, "min_rows": min_rows, "norm_kernel": norm_kernel}
                 r |= {"fused_write": fused_write, "split_merge": split_merge}
                 r |= {"roofline": roofline_ms / r["ms"]}

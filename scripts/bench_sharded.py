@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jkv
-from jkv import sharding
+from jkv import parallel, sharding
 from jkv.models import llama
 
 SHAPES = {
@@ -52,9 +52,9 @@ def copy_bandwidth(device, nbytes=2 << 30, reps=20) -> float:
 
 def run_one(model: str, tp: int, args, bandwidth: float) -> dict:
     config = SHAPES[model]()
-    mesh = sharding.make_mesh(tp=tp, dp=1)
+    mesh = parallel.make_mesh(tp=tp, dp=1)
     t0 = time.perf_counter()
-    params = sharding.init_params_sharded(config, jax.random.key(0), mesh, jnp.bfloat16)
+    params = llama.init_params_sharded(config, jax.random.key(0), mesh, jnp.bfloat16)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, args.max_len, jnp.bfloat16)
@@ -63,16 +63,16 @@ def run_one(model: str, tp: int, args, bandwidth: float) -> dict:
     impl = args.impl
 
     def prefill(p, c, t):
-        logits, c = llama.prefill(p, c, t, config=config, impl="xla")
+        logits, c = llama.prefill(p, c, t, config=config, options=llama.LlamaOptions(impl="xla"))
         return jnp.argmax(logits, -1).astype(jnp.int32), c
 
     def step(p, c, t):
-        logits, c = llama.decode_step(p, c, t, config=config, impl=impl)
+        logits, c = llama.decode_step(p, c, t, config=config, options=llama.LlamaOptions(impl=impl))
         return jnp.argmax(logits, -1).astype(jnp.int32), c
 
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(0, config.vocab_size, size=(args.batch, max(args.prompt_len, 1))), jnp.int32)
-    with sharding.use_mesh(mesh):
+    with parallel.use_mesh(mesh):
         if args.prompt_len:
             tok, cache = jax.jit(prefill, donate_argnums=1, out_shardings=(None, shardings))(params, cache, prompt)
         else:  # decode from an empty cache: weight reads dominate a step at short context anyway

@@ -3,6 +3,7 @@
 from jkv.models.llama import (
     LayerParams,
     LlamaConfig,
+    LlamaOptions,
     LlamaParams,
     check_params,
     decode_step,
@@ -16,6 +17,7 @@ from jkv.models.llama import (
 __all__ = [
     "LayerParams",
     "LlamaConfig",
+    "LlamaOptions",
     "LlamaParams",
     "check_params",
     "decode_step",

@@ -1,4 +1,5 @@
-"""Sharded caches and decode on 8 host CPU devices: same logits as unsharded, shards really split."""
+"""Sharded weights, caches and decode on 8 host CPU devices (``XLA_FLAGS`` set in tests/conftest.py): same
+logits as unsharded, shards really split."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 from conftest import rel_err
 
 import jkv
-from jkv import sharding
+from jkv import parallel, sharding
 from jkv.models import llama
 
 CONFIG = llama.LlamaConfig(
@@ -29,15 +30,15 @@ def model():
 
 
 def decode(params, cache, tokens, impl="xla"):
-    return llama.decode_step(params, cache, tokens, config=CONFIG, impl=impl)
+    return llama.decode_step(params, cache, tokens, config=CONFIG, options=llama.LlamaOptions(impl=impl))
 
 
 @pytest.mark.parametrize("dp,tp", [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4)], ids=lambda x: str(x))
 def test_sharded_decode_matches_unsharded(model, dp, tp):
     params, cache, tokens = model
     want_logits, want_cache = jax.jit(decode)(params, cache, tokens)
-    mesh = sharding.make_mesh(tp=tp, dp=dp)
-    sp = sharding.shard_params(params, CONFIG, mesh)
+    mesh = parallel.make_mesh(tp=tp, dp=dp)
+    sp = llama.shard_params(params, CONFIG, mesh)
     sc = sharding.shard_cache(jax.tree.map(jnp.copy, cache), mesh)  # the step donates it
     shardings = sharding.cache_sharding(sc, mesh)
     step = jax.jit(decode, donate_argnums=1, out_shardings=(None, shardings))
@@ -54,8 +55,8 @@ def test_sharded_decode_matches_unsharded(model, dp, tp):
 
 def test_param_shards_are_megatron_split(model):
     params, _, _ = model
-    mesh = sharding.make_mesh(tp=4)
-    sp = sharding.shard_params(params, CONFIG, mesh)
+    mesh = parallel.make_mesh(tp=4)
+    sp = llama.shard_params(params, CONFIG, mesh)
     layer = sp.layers if sp.stacked else sp.layers[0]
     wo = layer.wo
     assert {s.data.shape[-2] for s in wo.addressable_shards} == {CONFIG.num_heads * CONFIG.head_dim // 4}
@@ -68,9 +69,9 @@ def test_pallas_kernel_runs_per_shard(model, dp, tp):
     """Inside use_mesh the Pallas decode kernel (interpret mode here) runs on each shard's local heads."""
     params, cache, tokens = model
     want, _ = jax.jit(decode)(params, cache, tokens)
-    mesh = sharding.make_mesh(tp=tp, dp=dp)
-    sp, sc = sharding.shard_params(params, CONFIG, mesh), sharding.shard_cache(cache, mesh)
-    with sharding.use_mesh(mesh):
+    mesh = parallel.make_mesh(tp=tp, dp=dp)
+    sp, sc = llama.shard_params(params, CONFIG, mesh), sharding.shard_cache(cache, mesh)
+    with parallel.use_mesh(mesh):
         logits, _ = jax.jit(lambda p, c, t: decode(p, c, t, impl="pallas"))(sp, sc, tokens)
     assert rel_err(logits, want) < 1e-5
 
@@ -78,18 +79,14 @@ def test_pallas_kernel_runs_per_shard(model, dp, tp):
 def test_layout_errors_name_the_numbers(model):
     params, cache, _ = model
     with pytest.raises(ValueError, match=r"tp=3 must divide num_kv_heads=4 .* tp in \[1, 2, 4\] would work"):
-        sharding.shard_params(params, CONFIG, sharding.make_mesh(tp=3))
+        llama.shard_params(params, CONFIG, parallel.make_mesh(tp=3))
     with pytest.raises(ValueError, match=r"dp=3 must divide the cache's batch=4"):
-        sharding.shard_cache(cache, sharding.make_mesh(dp=3))
-    with pytest.raises(ValueError, match=r"dp=4 x tp=4 needs 16 devices but only 8"):
-        sharding.make_mesh(tp=4, dp=4)
-    with pytest.raises(ValueError, match="tp must be a positive int, got 0"):
-        sharding.make_mesh(tp=0)
+        sharding.shard_cache(cache, parallel.make_mesh(dp=3))
     with pytest.raises(ValueError, match="dp=3 must divide the batch=4"):
-        sharding.check_layout(CONFIG, sharding.make_mesh(dp=3), batch=4)
+        llama.check_layout(CONFIG, parallel.make_mesh(dp=3), batch=4)
     odd = llama.LlamaConfig(128, 64, 100, 2, 8, 8, 8)
     with pytest.raises(ValueError, match="tp=8 must divide intermediate_size=100"):
-        sharding.check_layout(odd, sharding.make_mesh(tp=8))
+        llama.check_layout(odd, parallel.make_mesh(tp=8))
 
 
 @pytest.mark.parametrize("dp,tp", [(2, 2), (1, 4)], ids=lambda x: str(x))
@@ -108,7 +105,7 @@ def test_engine_on_a_mesh_matches_unsharded(model, dp, tp):
         return [c.tokens for c in done], engine
 
     want, _ = run(None)
-    got, engine = run(sharding.make_mesh(tp=tp, dp=dp))
+    got, engine = run(parallel.make_mesh(tp=tp, dp=dp))
     assert got == want
     shapes = {s.data.shape[1:3] for s in engine.cache.k.addressable_shards}
     assert shapes == {(4 // dp, CONFIG.num_kv_heads // tp)}  # the slots stayed split between steps
@@ -122,12 +119,12 @@ def test_q8_and_paged_caches_shard_and_decode(kind):
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, MAX_LEN, jnp.float32)
     cache = jkv.Q8KVCache.init(spec, BATCH) if kind == "q8" else jkv.PagedKVCache.init(spec, BATCH, page_size=8)
     tokens = jnp.asarray([3, 17, 99, 5], jnp.int32)
-    step = lambda p, c, t: llama.decode_step(p, c, t, config=config, impl="xla")
+    step = lambda p, c, t: llama.decode_step(p, c, t, config=config, options=llama.LlamaOptions(impl="xla"))
     want, _ = jax.jit(step)(params, cache, tokens)
-    mesh = sharding.make_mesh(tp=2, dp=2)
+    mesh = parallel.make_mesh(tp=2, dp=2)
     sc = sharding.shard_cache(cache, mesh)
     logits, out = jax.jit(step, out_shardings=(None, sharding.cache_sharding(sc, mesh)))(
-        sharding.shard_params(params, config, mesh), sc, tokens
+        llama.shard_params(params, config, mesh), sc, tokens
     )
     assert rel_err(logits, want) < 1e-5
     pool = out.k if kind == "q8" else out.k_pages

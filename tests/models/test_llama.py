@@ -12,6 +12,7 @@ from conftest import rel_err
 
 import jkv
 from jkv.models import llama
+from jkv.models.llama import fusions
 
 # Tiny configs that still exercise every feature: GQA ratios 1, 3 and 4, q/k/v biases, tied and untied heads,
 # Llama 3.1 rope scaling, llama.cpp-style frequency factors.
@@ -27,12 +28,14 @@ CONFIGS = {
     ),
 }
 IDS = [name for name in CONFIGS if name != "q8able-gqa2"]
+XLA = llama.LlamaOptions(impl="xla")
 
 
 @functools.cache
-def jitted(name, config, impl="xla"):
+def jitted(name, config, impl="xla", **options):
     """``llama.<name>`` compiled for ``config`` (eager dispatch op by op is far slower than one compile)."""
-    return jax.jit(functools.partial(getattr(llama, name), config=config, impl=impl))
+    options = llama.LlamaOptions(impl=impl, **options)
+    return jax.jit(functools.partial(getattr(llama, name), config=config, options=options))
 
 
 def random_params(config, seed=0, layout="layers", dtype=jnp.float32):
@@ -111,7 +114,7 @@ def test_prefill_then_decode_equals_one_full_pass(name, rng):
     cache = make_cache(config, 3, 16)
     logits, cache = jitted("prefill", config)(params, cache, tokens[:, :5])
     assert rel_err(logits, full[:, 4]) < 1e-5
-    step = jax.jit(functools.partial(llama.decode_step, config=config, impl="xla"), donate_argnums=1)
+    step = jax.jit(functools.partial(llama.decode_step, config=config, options=XLA), donate_argnums=1)
     for t in range(5, 11):
         logits, cache = step(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
         assert rel_err(logits, full[:, t]) < 1e-5, t
@@ -144,16 +147,16 @@ def test_ragged_batch_prefill_and_decode(rng):
 
 
 @pytest.mark.parametrize("layout", ["layers", "stacked"])
-def test_residual_stream_padded_to_min_matmul_rows(layout, rng, monkeypatch):
-    """With ``MIN_MATMUL_ROWS`` (the GPU's row padding) forced on the CPU, prefill (3 x 2 tokens: padded to 4
+def test_residual_stream_padded_to_min_matmul_rows(layout, rng):
+    """With ``min_matmul_rows=8`` (the GPU's row padding) on the CPU, prefill (3 x 2 tokens: padded to 4
     sequences) and decode (3 rows: padded to 8) still match float64, and only the real rows reach the cache."""
-    monkeypatch.setitem(llama.MIN_MATMUL_ROWS, jax.default_backend(), 8)
+    options = llama.LlamaOptions(impl="xla", min_matmul_rows=8)
     config = CONFIGS["qwen2-bias-tied"]
     params = random_params(config, seed=6, layout=layout)
     tokens = rng.integers(0, config.vocab_size, (3, 5))
     full = forward_f64(llama.with_layout(params, "layers"), config, tokens)
-    prefill = jax.jit(functools.partial(llama.prefill, config=config, impl="xla"))  # traced now: padding on
-    step = jax.jit(functools.partial(llama.decode_step, config=config, impl="xla"), donate_argnums=1)
+    prefill = jax.jit(functools.partial(llama.prefill, config=config, options=options))
+    step = jax.jit(functools.partial(llama.decode_step, config=config, options=options), donate_argnums=1)
     logits, cache = prefill(params, make_cache(config, 3, 8), jnp.asarray(tokens[:, :2]))
     assert rel_err(logits, full[:, 1]) < 1e-5
     for t in range(2, 5):
@@ -161,7 +164,12 @@ def test_residual_stream_padded_to_min_matmul_rows(layout, rng, monkeypatch):
         assert logits.shape == (3, config.vocab_size) and rel_err(logits, full[:, t]) < 1e-5, t
     assert cache.batch == 3 and not np.isnan(np.asarray(cache.k[:, :, :, :5])).any()
     np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 5, 5])
-    assert llama._padded_batch(3, 1) == 8 and llama._padded_batch(3, 2) == 4 and llama._padded_batch(9, 1) == 9
+    padded = functools.partial(fusions.padded_batch, options=options.resolve())
+    assert padded(3, 1) == 8 and padded(3, 2) == 4 and padded(9, 1) == 9
+    pads = str(jax.make_jaxpr(step)(params, cache, jnp.asarray(tokens[:, 0], jnp.int32)))
+    assert "pad" in pads and "pad" not in str(
+        jax.make_jaxpr(jitted("decode_step", config))(params, cache, tokens[:, 0])
+    )
 
 
 def test_stacked_and_per_layer_layouts_agree(rng):
@@ -221,21 +229,21 @@ def test_pallas_decode_matches_xla(rng):
         for b, n in enumerate([7, 4]):
             got, want = (getattr(caches[impl], name)[:, b, :, :n] for impl in ("pallas", "xla"))
             assert rel_err(got, want) < 1e-5, (name, b)
-    step = functools.partial(llama.decode_step, config=config, impl="pallas")
+    step = functools.partial(llama.decode_step, config=config, options=llama.LlamaOptions(impl="pallas"))
     assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(params, cache, tokens[:, 0]))
 
 
 @pytest.mark.parametrize("layout", ["layers", "stacked"])
-def test_residual_norm_kernel_matches_float64(layout, rng, monkeypatch):
-    """With ``RESIDUAL_NORM_KERNEL`` on, impl="pallas" runs every residual add + RMSNorm through the Pallas
-    kernel (interpret mode off GPU): prefill and decode still match the float64 forward pass."""
-    monkeypatch.setattr(llama, "RESIDUAL_NORM_KERNEL", True)
+def test_norm_kernel_matches_float64(layout, rng):
+    """With ``norm_kernel`` on, impl="pallas" runs every RMSNorm through the Pallas kernel (interpret mode off
+    GPU): prefill and decode still match the float64 forward pass."""
+    options = llama.LlamaOptions(impl="pallas", norm_kernel=True)
     config = CONFIGS["qwen2-bias-tied"]
     params = random_params(config, seed=8, layout=layout)
     tokens = rng.integers(0, config.vocab_size, (2, 6))
     full = forward_f64(llama.with_layout(params, "layers"), config, tokens)
-    prefill = jax.jit(functools.partial(llama.prefill, config=config, impl="pallas"))  # traced with the flag on
-    step = jax.jit(functools.partial(llama.decode_step, config=config, impl="pallas"))
+    prefill = jax.jit(functools.partial(llama.prefill, config=config, options=options))
+    step = jax.jit(functools.partial(llama.decode_step, config=config, options=options))
     logits, cache = prefill(params, make_cache(config, 2, 8), jnp.asarray(tokens[:, :4]))
     assert rel_err(logits, full[:, 3]) < 1e-5
     for t in range(4, 6):
@@ -243,6 +251,8 @@ def test_residual_norm_kernel_matches_float64(layout, rng, monkeypatch):
         assert rel_err(logits, full[:, t]) < 1e-5, t
     jaxpr = str(jax.make_jaxpr(step)(params, cache, jnp.asarray(tokens[:, 0], jnp.int32)))
     assert "jkv_residual_rms_norm" in jaxpr  # the kernel ran, not the XLA path
+    plain = functools.partial(llama.decode_step, config=config, options=llama.LlamaOptions(impl="pallas"))
+    assert "jkv_residual_rms_norm" not in str(jax.make_jaxpr(plain)(params, cache, jnp.asarray(tokens[:, 0])))
 
 
 def test_bf16_weights_and_cache_track_f32(rng):
@@ -319,6 +329,38 @@ def test_params_errors():
         llama.check_params(stacked.replace(layers=stacked.layers.replace(bqkv=jnp.zeros((2, 4, 6, 16)))), config)
     with pytest.raises(ValueError, match="layout='rows' is not one of"):
         llama.with_layout(params, "rows")
+
+
+OPTION_ERRORS = {
+    "impl": (dict(impl="cuda"), "LlamaOptions.impl='cuda' is not one of"),
+    "norm-kernel": (dict(norm_kernel=1), "LlamaOptions.norm_kernel must be a bool, got 1"),
+    "min-rows-zero": (dict(min_matmul_rows=0), "min_matmul_rows must be a positive int or None, got 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTION_ERRORS))
+def test_options_errors(name):
+    changes, message = OPTION_ERRORS[name]
+    with pytest.raises(ValueError, match=message):
+        llama.LlamaOptions(**changes)
+
+
+def test_options_resolve_to_the_backend_defaults():
+    """``None`` fields take the measured rule for the backend; given values stay; equal options hash equal (one
+    compile per distinct option set)."""
+    resolved = llama.LlamaOptions().resolve()
+    gpu = jax.default_backend() == "gpu"
+    assert resolved.impl == ("pallas" if gpu else "xla")
+    assert resolved.min_matmul_rows == (8 if gpu else 1) and not resolved.norm_kernel
+    assert llama.LlamaOptions(impl="xla", min_matmul_rows=4).resolve() == llama.LlamaOptions("xla", False, 4)
+    assert hash(llama.LlamaOptions(impl="xla")) == hash(llama.LlamaOptions(impl="xla"))
+
+
+def test_presets_by_name():
+    assert llama.LlamaConfig.from_name("llama3-8b") == llama.LlamaConfig.llama3_8b()
+    assert set(llama.PRESETS) == {"smollm2-135m", "llama3-8b", "qwen2-0.5b"}
+    with pytest.raises(ValueError, match="no LlamaConfig preset named 'gpt2'; presets: "):
+        llama.LlamaConfig.from_name("gpt2")
 
 
 def test_presets_have_published_sizes():

@@ -1,0 +1,50 @@
+"""The Llama family (Llama 2/3, SmolLM2, Qwen2) as pure functions over a params pytree.
+
+``config`` (hyperparameters and presets), ``params`` (weights, initialization, layouts), ``model`` (the block
+and the entry points), ``fusions`` (options, and every fusion with its reason), ``sharding`` (tensor-parallel
+rules for the weights).
+"""
+
+from jkv.models.llama.config import PRESETS, LlamaConfig
+from jkv.models.llama.fusions import MIN_MATMUL_ROWS, LlamaOptions
+from jkv.models.llama.model import attention_step, block, decode_step, forward, hidden_states, lm_head, prefill
+from jkv.models.llama.params import (
+    LAYOUTS,
+    LayerParams,
+    LlamaParams,
+    check_params,
+    fuse_qkv,
+    init_params,
+    resolve_layout,
+    unfuse_qkv,
+    with_layout,
+)
+from jkv.models.llama.sharding import PARAM_TP_AXIS, check_layout, init_params_sharded, param_specs, shard_params
+
+__all__ = [
+    "LAYOUTS",
+    "MIN_MATMUL_ROWS",
+    "PARAM_TP_AXIS",
+    "PRESETS",
+    "LayerParams",
+    "LlamaConfig",
+    "LlamaOptions",
+    "LlamaParams",
+    "attention_step",
+    "block",
+    "check_layout",
+    "check_params",
+    "decode_step",
+    "forward",
+    "fuse_qkv",
+    "hidden_states",
+    "init_params",
+    "init_params_sharded",
+    "lm_head",
+    "param_specs",
+    "prefill",
+    "resolve_layout",
+    "shard_params",
+    "unfuse_qkv",
+    "with_layout",
+]

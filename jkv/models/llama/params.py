@@ -1,0 +1,202 @@
+"""The Llama family's weights as pytrees: ``LayerParams`` (one block), ``LlamaParams`` (the model), random
+initialization, shape checks against a config, the two layer layouts, and the fused q/k/v weight layout.
+
+Weights are stored fused where a block multiplies them together: q/k/v as ``[H, K, G + 2, D]`` and gate/up as
+``[H, 2, F]`` (``fusions.py`` says why); ``fuse_qkv`` / ``unfuse_qkv`` convert from and to separate matrices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+from jaxtyping import Array, Float
+
+from jkv.models.llama.config import LlamaConfig
+
+
+@struct.dataclass
+class LayerParams:
+    """One decoder block. q/k/v and gate/up are fused so a decode step reads each in one matmul."""
+
+    attn_norm: Float[Array, " H"]
+    # Grouped by kv head: for each of the K kv heads, its G query heads, then its key, then its value. A split of
+    # the K axis (tensor parallel) gives each device whole groups: its queries with their keys and values.
+    wqkv: Float[Array, "H K G2 D"]  # G2 = G + 2
+    bqkv: Float[Array, "K G2 D"] | None  # Qwen2 only
+    wo: Float[Array, "ND H"]
+    mlp_norm: Float[Array, " H"]
+    w_gate_up: Float[Array, "H 2 F"]  # [:, 0] gate, [:, 1] up; a split of F keeps each gate beside its up
+    w_down: Float[Array, "F H"]
+
+
+@struct.dataclass
+class LlamaParams:
+    embed: Float[Array, "V H"]
+    # Either a tuple of per-layer pytrees (each layer's weights are their own buffers, so a matmul reads them in
+    # place: the fast layout on GPU) or one LayerParams of stacked [L, ...] arrays, run under ``lax.scan`` (one
+    # traced block: compiles several times faster, but slicing a layer out can copy its weights).
+    layers: tuple[LayerParams, ...] | LayerParams
+    norm: Float[Array, " H"]
+    lm_head: Float[Array, "H V"] | None  # None: tied to ``embed``
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    @property
+    def stacked(self) -> bool:
+        return isinstance(self.layers, LayerParams)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))
+
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode step reads: every layer, the final norm and the LM head (one embedding row)."""
+        layers = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.layers))
+        head = self.embed if self.lm_head is None else self.lm_head
+        return layers + int(self.norm.size) * self.norm.dtype.itemsize + int(head.size) * head.dtype.itemsize
+
+
+LAYOUTS = ("auto", "layers", "stacked")
+
+
+def resolve_layout(layout: str) -> str:
+    """``"layers"`` or ``"stacked"``; ``"auto"``: per-layer buffers on GPU (each product reads its weights in
+    place), stacked elsewhere (on a CPU compile time dominates a short generation)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if layout == "auto":
+        return "layers" if jax.default_backend() == "gpu" else "stacked"
+    return layout
+
+
+def with_layout(params: LlamaParams, layout: str = "auto") -> LlamaParams:
+    """``params`` with layers as a tuple (``"layers"``) or stacked (``"stacked"``), ``"auto"`` as
+    ``resolve_layout`` picks. The model reads the layout from the params, so it needs no option of its own."""
+    layout = resolve_layout(layout)
+    if layout == "stacked" and not params.stacked:
+        return params.replace(layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers))
+    if layout == "layers" and params.stacked:
+        n = jax.tree_util.tree_leaves(params.layers)[0].shape[0]
+        return params.replace(layers=tuple(jax.tree.map(lambda x, i=i: x[i], params.layers) for i in range(n)))
+    return params
+
+
+def check_params(params: LlamaParams, config: LlamaConfig) -> None:
+    """Raise ``ValueError`` naming the first parameter whose shape does not match ``config``."""
+    if not isinstance(params, LlamaParams):
+        raise TypeError(f"params must be LlamaParams, got {type(params).__name__}")
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv_shape = config.qkv_shape
+    nd = config.num_heads * config.head_dim
+    if (params.lm_head is None) != config.tie_embeddings:
+        state = "absent" if params.lm_head is None else "present"
+        raise ValueError(f"params.lm_head is {state} but config.tie_embeddings={config.tie_embeddings}")
+    want = {"embed": (v, h), "norm": (h,), "lm_head": None if config.tie_embeddings else (h, v)}
+    got = {"embed": params.embed.shape, "norm": params.norm.shape}
+    got["lm_head"] = None if params.lm_head is None else params.lm_head.shape
+    layer_want = {
+        "attn_norm": (h,),
+        "wqkv": (h, *qkv_shape),
+        "bqkv": qkv_shape if config.qkv_bias else None,
+        "wo": (nd, h),
+        "mlp_norm": (h,),
+        "w_gate_up": (h, 2, f),
+        "w_down": (f, h),
+    }
+    if params.stacked:
+        layers, prefix = [params.layers], "layers"
+        layer_want = {k: None if s is None else (config.num_layers, *s) for k, s in layer_want.items()}
+    else:
+        layers, prefix = params.layers, "layers[{}]"
+        if len(layers) != config.num_layers:
+            raise ValueError(f"params has {len(layers)} layers, config.num_layers={config.num_layers}")
+    for i, layer in enumerate(layers):
+        for name, shape in layer_want.items():
+            value = getattr(layer, name)
+            key = f"{prefix.format(i)}.{name}"
+            want[key], got[key] = shape, None if value is None else tuple(value.shape)
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise ValueError(f"params.{name} has shape {got[name]}, expected {shape} for this config")
+
+
+def init_params(
+    config: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.02, layout: str = "layers"
+) -> LlamaParams:
+    """Random weights (normal, std ``scale``; norms near 1, embedding std 1) for tests and benchmarks.
+
+    Generated on the device by one compiled program (an 8B-shaped model takes seconds, not minutes).
+    """
+    params = _init_params(config, key, jnp.dtype(dtype), float(scale))
+    return with_layout(params, layout)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_params(config: LlamaConfig, key, dtype, scale: float) -> LlamaParams:
+    # Two normal draws in all (one flat vector per layer under lax.map, one for the rest): every separate
+    # jax.random call adds its own threefry program, and dozens of them take minutes to compile on a CPU.
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv_shape = config.qkv_shape
+    layer_shapes = {
+        "attn_norm": (h,),
+        "wqkv": (h, *qkv_shape),
+        "bqkv": qkv_shape if config.qkv_bias else None,
+        "wo": (config.num_heads * config.head_dim, h),
+        "mlp_norm": (h,),
+        "w_gate_up": (h, 2, f),
+        "w_down": (f, h),
+    }
+    global_shapes = {"embed": (v, h), "norm": (h,), "lm_head": None if config.tie_embeddings else (h, v)}
+
+    def split(flat, shapes, lead=()):
+        out, offset = {}, 0
+        for name, shape in shapes.items():
+            if shape is None:
+                out[name] = None
+                continue
+            size = int(np.prod(shape))
+            x = flat[..., offset : offset + size].reshape(*lead, *shape)
+            offset += size
+            std = 0.1 if name.endswith("norm") else 1.0 if name == "embed" else scale
+            out[name] = ((1.0 if name.endswith("norm") else 0.0) + std * x.astype(jnp.float32)).astype(dtype)
+        return out
+
+    def total(shapes):
+        return sum(int(np.prod(s)) for s in shapes.values() if s is not None)
+
+    layer_key, global_key = jax.random.split(key)
+    draw = lambda k, n: jax.random.normal(k, (n,), jnp.float32).astype(dtype)
+    flat = lax.map(lambda k: draw(k, total(layer_shapes)), jax.random.split(layer_key, config.num_layers))
+    layers = LayerParams(**split(flat, layer_shapes, (config.num_layers,)))
+    rest = split(draw(global_key, total(global_shapes)), global_shapes)
+    per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(config.num_layers))
+    return LlamaParams(layers=per_layer, **rest)
+
+
+def fuse_qkv(wq, wk, wv, num_kv_heads: int):
+    """Fuse q/k/v projections ``[..., N*D]``, ``[..., K*D]``, ``[..., K*D]`` (input features first, or biases)
+    into the grouped layout ``[..., K, G + 2, D]`` (NumPy or JAX arrays)."""
+    xp = jnp if isinstance(wq, jax.Array) else np
+    lead, k = wq.shape[:-1], num_kv_heads
+    d = wk.shape[-1] // k
+    g = wq.shape[-1] // (k * d)
+    parts = [wq.reshape(*lead, k, g, d), wk.reshape(*lead, k, 1, d), wv.reshape(*lead, k, 1, d)]
+    return xp.concatenate(parts, axis=-2)
+
+
+def unfuse_qkv(wqkv):
+    """Inverse of ``fuse_qkv``: ``(wq [..., N*D], wk [..., K*D], wv [..., K*D])``."""
+    *lead, k, g2, d = wqkv.shape
+    g = g2 - 2
+    return (
+        wqkv[..., :g, :].reshape(*lead, k * g * d),
+        wqkv[..., g, :].reshape(*lead, k * d),
+        wqkv[..., g + 1, :].reshape(*lead, k * d),
+    )
