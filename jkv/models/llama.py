@@ -30,6 +30,7 @@ from jaxtyping import Array, Float, Int
 
 from jkv.attention import decode_attention_write, prefill_attention, resolve_impl
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
+from pallas_kernels import reference as kernel_reference
 from pallas_kernels import rms_norm
 
 
@@ -291,7 +292,7 @@ def _residual_norm(x, y, weight, eps: float, dtype, impl):
     squares. See ``RESIDUAL_NORM_KERNEL`` for the Pallas kernel that does all three in one launch."""
     if RESIDUAL_NORM_KERNEL and resolve_impl(impl) == "pallas":
         return rms_norm.residual_rms_norm(x, y, weight, eps=eps, dtype=dtype)
-    return rms_norm.residual_rms_norm_reference(x, y, weight, eps=eps, dtype=dtype)
+    return kernel_reference.residual_rms_norm_reference(x, y, weight, eps=eps, dtype=dtype)
 
 
 def fuse_qkv(wq, wk, wv, num_kv_heads: int):
