@@ -215,3 +215,17 @@ def test_lowers_for_cuda_without_slicing_the_layer(num_splits):
     text = decode_mgpu._decode.trace(*args, scale=0.1, config=config).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}xbf16>" not in text
+
+
+def test_dispatch_takes_mosaic_gpu_by_the_rule_unless_told_not_to(rng, monkeypatch):
+    """Where Mosaic GPU can run and ``prefer_mgpu`` holds, the dispatch calls it; ``allow_mgpu=False`` keeps the
+    Triton kernel (the Mosaic GPU call is replaced by a marker: it cannot run here)."""
+    q = jnp.asarray(rng.standard_normal((1, 4, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((1, 1, 2048, 64)), jnp.bfloat16) for _ in range(2))
+    lengths = jnp.asarray([2000], jnp.int32)
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    monkeypatch.setattr(dispatch, "prefer_mgpu", lambda *a, **kw: True)
+    monkeypatch.setattr(decode_mgpu, "decode_attention_mgpu", lambda *a, **kw: "mgpu")
+    assert dispatch.decode_attention_auto(q, k, v, lengths) == "mgpu"
+    got = dispatch.decode_attention_auto(q, k, v, lengths, allow_mgpu=False)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(decode.decode_attention(q, k, v, lengths)))
