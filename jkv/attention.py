@@ -158,7 +158,7 @@ def decode_attention_write(
     """``cache.write(layer, k_new, v_new)`` then ``decode_attention(q, cache, layer)``; returns ``(out, cache)``.
 
     One new position per sequence (``k_new``/``v_new`` ``[B, K, 1, D]``). On the Pallas path a contiguous
-    ``KVCache`` takes both in one kernel (``pallas_kernels.decode_attention.decode_attention_append``): the
+    ``KVCache`` takes both in one kernel (``pallas_kernels.decode.decode_attention_append``): the
     new row comes from ``k_new``/``v_new`` and is written by the program that attends over it, which saves the
     write's own kernels (two per layer and step). Same results, errors and overflow behaviour as the two calls.
     ``reserved`` goes to ``cache.write`` (the step protocol of ``jkv.cache``).
@@ -175,7 +175,7 @@ def decode_attention_write(
     if not fused:
         cache = cache.write(layer, k_new, v_new, reserved=reserved)
         return decode_attention(q, cache, layer, impl=impl, scale=scale), cache
-    from pallas_kernels import decode_attention as kernels
+    from pallas_kernels import decode as kernels
 
     ok = cache._check_write(layer, k_new, v_new)
     lengths = jnp.minimum(cache.lengths + 1, cache.max_len)
@@ -189,21 +189,21 @@ def decode_attention_write(
 def _pallas_kernel(cache):
     """The Pallas decode kernel for ``cache`` and the cache arrays it reads (whole caches: no per-layer copy)."""
     if isinstance(cache, Q8PagedKVCache):  # through the block table, dequantizing inside the loads
-        from pallas_kernels import paged_attention
+        from pallas_kernels import paged_q8
 
         pools = (cache.k_pages, cache.k_scale_pages, cache.v_pages, cache.v_scale_pages)
-        return paged_attention.paged_q8_decode_attention, (*pools, cache.block_tables)
+        return paged_q8.paged_q8_decode_attention, (*pools, cache.block_tables)
     if isinstance(cache, PagedKVCache):  # reads pages through the block table: no gathered copy of the sequences
-        from pallas_kernels import paged_attention
+        from pallas_kernels import paged
 
-        return paged_attention.paged_decode_attention, (cache.k_pages, cache.v_pages, cache.block_tables)
+        return paged.paged_decode_attention, (cache.k_pages, cache.v_pages, cache.block_tables)
     if isinstance(cache, Q8KVCache):  # dequantizes inside the K/V loads: no dequantized copy of the layer
-        from pallas_kernels import q8
+        from pallas_kernels import decode_q8
 
-        return q8.decode_attention, (cache.k, cache.k_scale, cache.v, cache.v_scale)
-    from pallas_kernels import decode_attention_mgpu  # Mosaic GPU where it is faster and can run, else Triton
+        return decode_q8.q8_decode_attention, (cache.k, cache.k_scale, cache.v, cache.v_scale)
+    from pallas_kernels import dispatch  # Mosaic GPU where it is faster and can run, else Triton
 
-    return decode_attention_mgpu.decode_attention_auto, (cache.k, cache.v)
+    return dispatch.decode_attention_auto, (cache.k, cache.v)
 
 
 def prefill_attention(

@@ -1,15 +1,19 @@
-"""Where a Pallas kernel runs, decided in one place: the GPU lowering or interpret mode.
+"""Where a Pallas kernel runs, decided in one place, and the device facts the launch rules read.
 
 Every kernel of ``pallas_kernels`` builds its ``pallas_call`` through :func:`pallas_call` and resolves its
 ``interpret`` argument through :func:`resolve_interpret`, so the backend choice and its fallbacks live here:
 
+* ``"mosaic_gpu"``: kernels written against ``jax.experimental.pallas.mosaic_gpu`` (TMA, warpgroup MMAs; Hopper
+  and later, no interpret mode) ask :func:`mosaic_gpu_usable` before they launch (``decode_mgpu``; the contiguous
+  dispatch ``pallas_kernels.dispatch`` takes it where its measured rule says so).
 * ``"triton"``: plain ``pallas_call`` on a CUDA GPU lowers through Triton (``jax.experimental.pallas.triton``
   supplies the compiler parameters: warps per program, software-pipelining stages).
 * ``"interpret"``: the kernel body runs as ordinary JAX ops on any backend (the CPU CI path). Chosen when the
   default backend is not a GPU, or, with a warning, when the GPU has no Triton lowering in this JAX build.
-* ``"mosaic_gpu"``: kernels written against ``jax.experimental.pallas.mosaic_gpu`` (TMA, warpgroup MMAs; Hopper
-  and later, no interpret mode) ask :func:`mosaic_gpu_usable` before they launch. Only
-  ``pallas_kernels.decode_attention_mgpu`` does; the default dispatch uses the Triton lowering.
+
+Device facts (:func:`num_multiprocessors`, :func:`shared_memory_per_block`) come from the device at run time.
+Off a GPU, where interpret mode runs the same launch rules, they are those of the GPU the rules were measured
+on (an H100/H200: 132 multiprocessors, 227 KiB of shared memory per block), so tests see the GPU's launches.
 """
 
 from __future__ import annotations
@@ -26,8 +30,22 @@ INTERPRET = "interpret"
 MOSAIC_GPU = "mosaic_gpu"
 MOSAIC_GPU_MIN_CAPABILITY = (9, 0)  # TMA and warpgroup MMAs: Hopper
 
-# Used by the launch heuristics when the device does not say (an H100 SXM has 132 multiprocessors).
-DEFAULT_NUM_MULTIPROCESSORS = 132
+# Off a GPU: the device the launch rules were measured on (docs/BENCHMARKS.md), so interpret mode launches alike.
+OFF_GPU_MULTIPROCESSORS = 132
+OFF_GPU_SHARED_MEMORY = 227 * 1024
+# Most shared memory one block may opt in to, per compute capability (CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability"), for jaxlib builds whose device does not report it.
+SHARED_MEMORY_PER_BLOCK = {
+    (7, 0): 96 * 1024,
+    (7, 5): 64 * 1024,
+    (8, 0): 163 * 1024,
+    (8, 6): 99 * 1024,
+    (8, 7): 163 * 1024,
+    (8, 9): 99 * 1024,
+    (9, 0): 227 * 1024,
+    (10, 0): 227 * 1024,
+    (12, 0): 99 * 1024,
+}
 
 
 def on_gpu() -> bool:
@@ -83,7 +101,7 @@ def mosaic_gpu_usable() -> bool:
 
 
 def gpu_backend() -> str:
-    """The backend a kernel gets on this process's default device: ``"triton"`` or ``"interpret"``."""
+    """The backend a ``pallas_call`` kernel gets on this process's default device: ``"triton"`` or ``"interpret"``."""
     if on_gpu() and triton_module() is not None:
         return TRITON
     return INTERPRET
@@ -126,15 +144,11 @@ def pallas_call(kernel, *, interpret: bool, num_warps: int, num_stages: int, **k
     return pl.pallas_call(kernel, compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages), **kwargs)
 
 
-def load(ref, *, mask=None, other=None, volatile: bool = False):
-    """Masked load from a ref (``pl.load`` semantics): Triton's on any backend that has it, else Pallas's own.
-
-    ``volatile=True`` reads past the multiprocessor's L1 (which is not coherent with other programs' stores)
-    on the Triton lowering; interpret mode has no caches to bypass.
-    """
+def load(ref, *, mask=None, other=None):
+    """Masked load from a ref (``pl.load`` semantics): Triton's on any backend that has it, else Pallas's own."""
     plgpu = triton_module()
     if plgpu is not None:
-        return plgpu.load(ref, mask=mask, other=other, volatile=volatile)
+        return plgpu.load(ref, mask=mask, other=other)
     from jax._src.pallas import primitives  # interpret-only fallback when this JAX build lacks the Triton module
 
     return primitives.load(ref, None, mask=mask, other=other)
@@ -150,30 +164,29 @@ def store(ref, val, *, mask=None) -> None:
     return primitives.store(ref, None, val, mask=mask)
 
 
-def atomic_add(ref, index, value):
-    """``ref[index] += value`` atomically (acquire-release, GPU scope on Triton); returns the old value."""
-    plgpu = triton_module()
-    if plgpu is None:
-        raise NotImplementedError("atomics need jax.experimental.pallas.triton (absent from this JAX build)")
-    return plgpu.atomic_add(ref, index, value)
-
-
-def barrier() -> None:
-    """A barrier across the threads of one program (``bar.sync``); GPU lowering only (not in interpret mode)."""
-    plgpu = triton_module()
-    if plgpu is None:
-        raise NotImplementedError("barriers need jax.experimental.pallas.triton (absent from this JAX build)")
-    plgpu.debug_barrier()
-
-
 @functools.cache
 def num_multiprocessors() -> int:
-    """Multiprocessors of the default GPU (``DEFAULT_NUM_MULTIPROCESSORS`` elsewhere, so heuristics agree)."""
+    """Multiprocessors of the default GPU (``OFF_GPU_MULTIPROCESSORS`` off a GPU or where the device does not say)."""
     if on_gpu():
         count = getattr(jax.devices()[0], "core_count", None)
         if isinstance(count, int) and count > 0:
             return count
-    return DEFAULT_NUM_MULTIPROCESSORS
+    return OFF_GPU_MULTIPROCESSORS
+
+
+@functools.cache
+def shared_memory_per_block() -> int:
+    """Bytes of shared memory one program may opt in to on the default GPU: the device's own figure where jaxlib
+    reports it, else :data:`SHARED_MEMORY_PER_BLOCK` for its compute capability; ``OFF_GPU_SHARED_MEMORY``
+    off a GPU or for a capability the table lacks."""
+    if on_gpu():
+        value = getattr(jax.devices()[0], "shared_memory_per_block_optin", None)
+        if isinstance(value, int) and value > 0:
+            return value
+        capability = _compute_capability()
+        if capability in SHARED_MEMORY_PER_BLOCK:
+            return SHARED_MEMORY_PER_BLOCK[capability]
+    return OFF_GPU_SHARED_MEMORY
 
 
 def describe() -> dict:
@@ -188,4 +201,5 @@ def describe() -> dict:
         "mosaic_gpu": mosaic_gpu_module() is not None,
         "mosaic_gpu_usable": mosaic_gpu_usable(),
         "num_multiprocessors": num_multiprocessors(),
+        "shared_memory_per_block": shared_memory_per_block(),
     }

@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jkv import attention, quant, xla_flags
 from jkv.generate import Generator
 from jkv.models import llama
-from pallas_kernels import decode_attention as kernels
 
 HADAMARD_IMPL = quant.HADAMARD_IMPL  # the library's default
 
@@ -237,12 +236,6 @@ def main(argv=None) -> int:
         "--fused-write", default="on", help="variants of jkv.attention.FUSED_DECODE_WRITE: off, on or off,on"
     )
     parser.add_argument(
-        "--split-merge",
-        default=kernels.SPLIT_MERGE,
-        help="variants of pallas_kernels.decode_attention.SPLIT_MERGE (how split partials are merged): xla, pallas "
-        "or xla,pallas",
-    )
-    parser.add_argument(
         "--caches",
         default="bf16",
         help="cache kinds of the jkv rows, e.g. bf16,q8,q8-plain (q8 without rotation),q8:dot (a HADAMARD_IMPL)",
@@ -282,16 +275,12 @@ def main(argv=None) -> int:
         log(f"{name}: random bf16 init {time.perf_counter() - t:.1f} s, {weight_bytes / 1e9:.2f} GB read per step")
         base = {"model": name, "weight_gb": weight_bytes / 1e9, "roofline_ms": roofline_ms}
         variants = [
-            (int(m), n, w, sm)
+            (int(m), n, w)
             for m in args.min_rows.split(",")
             for n in args.norm_kernel.split(",")
             for w in args.fused_write.split(",")
-            for sm in args.split_merge.split(",")
         ]
-        for min_rows, norm_kernel, fused_write, split_merge in variants:
-            if split_merge not in kernels.SPLIT_MERGES:
-                parser.error(f"--split-merge {split_merge!r}: expected one of {kernels.SPLIT_MERGES}")
-            kernels.SPLIT_MERGE = split_merge
+        for min_rows, norm_kernel, fused_write in variants:
             attention.FUSED_DECODE_WRITE = {"off": False, "on": True}[fused_write]
             for impl, batch, cache in [(i, b, c) for i in impls for b in batches for c in args.caches.split(",")]:
                 if time.perf_counter() - START > args.deadline:
@@ -300,7 +289,7 @@ def main(argv=None) -> int:
                 options = llama.LlamaOptions(impl, {"off": False, "on": True}[norm_kernel], min_rows)
                 r = bench_jkv(config, params, batch, options, args.steps, args.prompt, args.max_len, cache)
                 r |= {"impl": impl, "batch": batch, "cache": cache, "min_rows": min_rows, "norm_kernel": norm_kernel}
-                r |= {"fused_write": fused_write, "split_merge": split_merge}
+                r |= {"fused_write": fused_write}
                 r |= {"roofline": roofline_ms / r["ms"]}
                 record({"kind": "jkv", **base, **r})
         del params
@@ -337,7 +326,7 @@ def print_table(rows):
         f"{'model':14} {'B':>2} {'impl':6} {'cache':8} {'ms/step':>8} {'tok/s':>8} {'e2e ms':>7}"
         f" {'roof ms':>7} {'roof %':>6}"
         f" {'HF ms':>7} {'HF tok/s':>8} {'vs HF':>6} {'compile s':>9} {'rows':>4} {'kernels':>7}"
-        f" {'norm':>4} {'write':>5} {'merge':>6}"
+        f" {'norm':>4} {'write':>5}"
     )
     for r in rows:
         if r["kind"] != "jkv":
@@ -349,7 +338,7 @@ def print_table(rows):
             f" {r['tok_s']:8.0f} {r['e2e_ms']:7.2f}"
             f" {r['roofline_ms']:7.2f} {100 * r['roofline']:5.1f}% {hf_cols} {r['compile_s']:9.1f}"
             f" {r.get('min_rows', 1):4d} {r.get('kernels', 0):7d} {r.get('norm_kernel', '-'):>4}"
-            f" {r.get('fused_write', '-'):>5} {r.get('split_merge', '-'):>6}"
+            f" {r.get('fused_write', '-'):>5}"
         )
 
 

@@ -3,13 +3,12 @@ kernel, on the same shapes in one run.
 
 For N=32 query heads, K=8 kv heads, D=128, bf16 queries and each B x T (every sequence full, lengths = T):
 
-* ``bf16``: ``pallas_kernels.decode_attention`` over a bf16 cache, default launch parameters;
-* ``q8``: ``pallas_kernels.q8.decode_attention`` over the same K/V quantized (int8, float16 scales), default
-  launch parameters; ``q8_<fuse>``: the best configuration of each fusion (``q8.FUSE``; ``_T``: with the scales
-  transposed to ``[.., D // 32, S]``, a kernel-only option) in a sweep run first on ``--sweep-shape``, for those
-  within 1.25x of the sweep's fastest;
-* ``seed`` (``--seed``): ``pallas_kernels.q8.dequantize`` of K and V to bf16, then the bf16 kernel (the seed's
-  approach: the dequantized layer is written to and read back from memory);
+* ``bf16``: ``pallas_kernels.decode.decode_attention`` over a bf16 cache, default launch parameters;
+* ``q8``: ``pallas_kernels.decode_q8.q8_decode_attention`` over the same K/V quantized (int8, float16 scales),
+  default launch parameters; ``q8_wide``: the best configuration of a sweep run first on ``--sweep-shape``
+  (the fusions other than "wide" and the transposed scale layout lost and were deleted: git history);
+* ``seed`` (``--seed``): ``pallas_kernels.dequantize.dequantize_q8`` of K and V to bf16, then the bf16 kernel
+  (the seed's approach: the dequantized layer is written to and read back from memory);
 * ``copy``: a 1 GiB device-to-device copy (``jnp`` copy of a bf16 array; bytes read + written), the ceiling.
 
 Timing: one jitted program runs ``n`` calls in a ``fori_loop``, each call's output ``[B, N, D]`` feeding the next
@@ -47,8 +46,8 @@ import numpy as np
 from jax import lax
 
 from jkv.quant import quantize
-from pallas_kernels import backend, q8
-from pallas_kernels import decode_attention as kernels
+from pallas_kernels import backend, decode_q8, dequantize, reference
+from pallas_kernels import decode as kernels
 
 SHAPES = ((1, 4096), (1, 32768), (8, 16384), (32, 4096), (64, 8192))
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -138,52 +137,28 @@ def make_sets(batch, seq):
     return q, bf16, q8s
 
 
-def transposed(sets):
-    """The same Q8 sets with scales laid out ``[B, K, D // 32, S]`` (contiguous per-chunk scale vectors)."""
-    return [(k, jnp.swapaxes(ks, -1, -2), v, jnp.swapaxes(vs, -1, -2), n) for k, ks, v, vs, n in sets]
-
-
 def q8_fn(config: dict):
-    """``q8.decode_attention`` with launch overrides; ``split_factor`` scales the default split count;
-    ``scales_t`` takes ``transposed`` sets (kernel-only)."""
+    """``decode_q8.q8_decode_attention`` with launch overrides; ``split_factor`` scales the default split count."""
     config = dict(config)
     factor = config.pop("split_factor", None)
-    scales_t = config.pop("scales_t", False)
+    config.pop("fuse", None)  # "wide", the one fusion the kernel has
 
     def splits(k):
         b, kh, s, d = k.shape
-        return (
-            {} if factor is None else {"num_splits": max(1, round(q8.decode_config(b, kh, s, d).num_splits * factor))}
-        )
+        default = decode_q8.q8_decode_config(b, kh, s, d)
+        return {} if factor is None else {"num_splits": max(1, round(default.num_splits * factor))}
 
-    if not scales_t:
-        return lambda q, k, *kv: q8.decode_attention(q, k, *kv, **config, **splits(k))
-    fuse = config.pop("fuse")
-
-    def fn(q, k, ks, v, vs, n):
-        b, kh, s, d = k.shape
-        launch = {f: {**config, **splits(k)}.get(f) for f in ("block_k", "num_splits", "num_warps", "num_stages")}
-        cfg = q8._resolve_config(q8.decode_config(b, kh, s, d), s, d, **launch)
-        kv = (k[None], ks[None], v[None], vs[None])
-        layer = jnp.zeros((1,), jnp.int32)
-        options = dict(config=cfg, fuse=fuse, interpret=backend.resolve_interpret(None), poison=False, scales_t=True)
-        return q8._decode(q, *kv, n, layer, scale=d**-0.5, **options)
-
-    return fn
+    return lambda q, k, *kv: decode_q8.q8_decode_attention(q, k, *kv, **config, **splits(k))
 
 
 def variants(tuned: dict, seed: bool):
     """bf16 kernel, Q8 defaults, the sweep's best configuration of each fusion, the seed's way (optional)."""
-    out = {"bf16": (kernels.decode_attention, "bf16"), "q8": (q8.decode_attention, "q8")}
+    out = {"bf16": (kernels.decode_attention, "bf16"), "q8": (decode_q8.q8_decode_attention, "q8")}
     for fuse, config in tuned.items():
-        out[f"q8_{fuse}"] = (q8_fn(config), "q8t" if config.get("scales_t") else "q8")
+        out[f"q8_{fuse}"] = (q8_fn(config), "q8")
     if seed:
-        out["seed"] = (
-            lambda q, k, ks, v, vs, n: kernels.decode_attention(
-                q, q8.dequantize(k, ks, dtype=jnp.bfloat16), q8.dequantize(v, vs, dtype=jnp.bfloat16), n
-            ),
-            "q8",
-        )
+        deq = lambda codes, scales: dequantize.dequantize_q8(codes, scales, dtype=jnp.bfloat16)
+        out["seed"] = (lambda q, k, ks, v, vs, n: kernels.decode_attention(q, deq(k, ks), deq(v, vs), n), "q8")
     return out
 
 
@@ -200,23 +175,17 @@ def measure(name, fn, kind, q, sets, ref, nbytes, log) -> dict:
     return {**timing, "tbps": tbps, "rel_err": err, "kind": kind}
 
 
-# Launch configurations of the sweep, most promising first (a spent budget cuts the tail): (block_k, warps,
-# stages) for each fusion; those in SWEEP_T_CONFIGS also with the transposed scale layout ([.., D // 32, S]).
+# Launch configurations of the sweep, most promising first (a spent budget cuts the tail): (block_k, warps, stages).
 SWEEP_CONFIGS = ((64, 4, 3), (32, 2, 3), (128, 4, 3), (64, 2, 3), (128, 2, 3), (256, 4, 3))
-SWEEP_T_CONFIGS = ((64, 4, 3), (128, 4, 3))
 
 
-def sweep(
-    batch, seq, deadline, log, fusions=None, configs=SWEEP_CONFIGS, t_configs=SWEEP_T_CONFIGS, split_factors=()
-) -> tuple[dict, list]:
-    """Best Q8 launch parameters of each fusion at one shape: ``{fuse: config}``. Splits by heuristic, then
-    ``split_factors`` times the heuristic's count at the first configuration."""
+def sweep(batch, seq, deadline, log, configs=SWEEP_CONFIGS, split_factors=()) -> tuple[dict, list]:
+    """Best Q8 launch parameters at one shape: ``{"wide": config}``. Splits by heuristic, then ``split_factors``
+    times the heuristic's count at the first configuration."""
     q, _, sets = make_sets(batch, seq)
-    sets_t = transposed(sets)
-    ref = q8.decode_attention_reference(q, *sets[0])
-    fusions = fusions or q8.FUSE
-    grid = [(f, c, t) for c in configs for t in (False, True) for f in fusions if not t or c in t_configs]
-    grid += [(f, (*configs[0][:3], x), False) for x in split_factors for f in fusions]
+    ref = reference.q8_decode_attention_reference(q, *sets[0])
+    grid = [("wide", c, False) for c in configs]
+    grid += [("wide", (*configs[0][:3], x), False) for x in split_factors]
     rows, best = [], {}
     for fuse, (bk, w, st, *factor), scales_t in grid:
         if time.perf_counter() > deadline:
@@ -228,7 +197,7 @@ def sweep(
         if scales_t:
             config["scales_t"] = True
         name = f"q8[{fuse}{',T' if scales_t else ''},bk={bk},w={w},s={st}{f',P=x{factor[0]}' if factor else ''}]"
-        r = measure(name, q8_fn(config), "q8", q, sets_t if scales_t else sets, ref, q8_bytes(batch, seq), log)
+        r = measure(name, q8_fn(config), "q8", q, sets, ref, q8_bytes(batch, seq), log)
         rows.append({"config": config, **r})
         key = fuse + ("_T" if scales_t else "")
         if "time_s" in r and (key not in best or r["time_s"] < best[key][0]):
@@ -326,9 +295,8 @@ def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f
     log(
         "decode attention vs the unquantized cache (float64), B=4, K=2, S=1024, ragged lengths, 5 draws: min/median/max"
     )
-    # "kernel/<fuse>": the Q8 kernel itself (float16 scales, float32 q, interpret mode off the GPU), so "int8"
-    # shows the cost of rounding q to int8 on top of the format's error.
-    for name in ("q8/float16", "q8/float32", "bf16", "kernel/wide", "kernel/int8"):
+    # "kernel/wide": the Q8 kernel itself (float16 scales, float32 q, interpret mode off the GPU).
+    for name in ("q8/float16", "q8/float32", "bf16", "kernel/wide"):
         for d, g in ((64, 3), (128, 4)):
             errs = []
             for _ in range(5):
@@ -339,7 +307,7 @@ def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f
                 if name.startswith("kernel/"):
                     kv = [x for a in (k, v) for x in quantize(jnp.asarray(a, jnp.float32))]
                     q32, n = jnp.asarray(q, jnp.float32), jnp.asarray(lengths, jnp.int32)
-                    out = np.asarray(q8.decode_attention(q32, *kv, n, fuse=name.split("/")[1]), np.float64)
+                    out = np.asarray(decode_q8.q8_decode_attention(q32, *kv, n), np.float64)
                     ref = decode_attention_f64(q, k, v, lengths)
                     errs.append(np.linalg.norm(out - ref) / np.linalg.norm(ref))
                     continue
@@ -468,11 +436,9 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="*", default=[f"{b}x{t}" for b, t in SHAPES])
     parser.add_argument("--sweep-shape", default="32x4096", help="B x T of the launch-parameter sweep ('' skips it)")
     parser.add_argument(
-        "--extra", nargs="*", default=[], help="variants timed at every shape: fuse[/block_k/warps/stages]"
+        "--extra", nargs="*", default=[], help="variants timed at every shape: wide[/block_k/warps/stages]"
     )
-    parser.add_argument("--sweep-fuse", nargs="*", default=None, help="fusions the sweep tries (default: all)")
     parser.add_argument("--sweep-configs", nargs="*", default=[], help="block_k/warps/stages, e.g. 64/4/3")
-    parser.add_argument("--sweep-transposed", type=int, default=1, help="also try the transposed scale layout")
     parser.add_argument("--sweep-splits", nargs="*", default=[], help="factors of the default split count")
     parser.add_argument("--budget-s", type=float, default=150.0, help="seconds the sweep may take")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="seconds after which no shape starts")
@@ -509,11 +475,8 @@ def main(argv=None) -> None:
         b, t = (int(x) for x in args.sweep_shape.split("x"))
         log(f"sweep at B={b} T={t}")
         configs = [tuple(int(x) for x in c.split("/")) for c in args.sweep_configs] or SWEEP_CONFIGS
-        t_configs = SWEEP_T_CONFIGS if args.sweep_transposed else ()
         split_factors = [float(x) for x in args.sweep_splits]
-        best, rows = sweep(
-            b, t, time.perf_counter() + args.budget_s, log, args.sweep_fuse, configs, t_configs, split_factors
-        )
+        best, rows = sweep(b, t, time.perf_counter() + args.budget_s, log, configs, split_factors)
         report["sweep"] = {"batch": b, "seq": t, "rows": rows, "best": best}
         log(f"best: {best}")
         # Every shape then times the best configuration of each fusion within 1.25x of the fastest one.
@@ -535,17 +498,16 @@ def main(argv=None) -> None:
             log("  (deadline: shape skipped)")
             continue
         q, bf16_sets, q8_sets = make_sets(batch, seq)
-        q8t_sets = transposed(q8_sets) if any(c.get("scales_t") for c in tuned.values()) else None
-        ref = kernels.decode_attention_reference(q, *bf16_sets[0])
+        ref = reference.decode_attention_reference(q, *bf16_sets[0])
         results = {}
         for name, (fn, kind) in variants(tuned, args.seed).items():
-            sets = {"bf16": bf16_sets, "q8": q8_sets, "q8t": q8t_sets}[kind]
+            sets = {"bf16": bf16_sets, "q8": q8_sets}[kind]
             nbytes = bf16_bytes(batch, seq) if kind == "bf16" else q8_bytes(batch, seq)
             results[name] = measure(name, fn, kind, q, sets, ref, nbytes, log)
-        results["q8"]["config"] = q8.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM)._asdict()
+        results["q8"]["config"] = decode_q8.q8_decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM)._asdict()
         report["shapes"].append({"batch": batch, "seq": seq, "results": results})
         (args.out / "bench_q8.json").write_text(json.dumps(report, indent=1, default=str))
-        del bf16_sets, q8_sets, q8t_sets
+        del bf16_sets, q8_sets
         jax.clear_caches()
     log(f"total {time.perf_counter() - start:.0f} s")
     log(table(report))

@@ -56,10 +56,10 @@ def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
     if args.splits:
-        from pallas_kernels import decode_attention as kernel
+        from pallas_kernels import common as kernel_common
 
-        default_config = kernel.decode_config
-        kernel.decode_config = lambda *a, **k: default_config(*a, **k)._replace(num_splits=args.splits)
+        default_config = kernel_common.decode_config
+        kernel_common.decode_config = lambda *a, **k: default_config(*a, **k)._replace(num_splits=args.splits)
     attention.FUSED_DECODE_WRITE = not args.unfused_write
     config = MODELS[args.model]()
     params = llama.init_params(config, jax.random.key(0), jnp.bfloat16, scale=0.02, layout="layers")

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float
 from jkv.attention import IMPLS, resolve_impl
 from jkv.models.llama.config import LlamaConfig
 from jkv.models.llama.params import LayerParams
+from pallas_kernels import reference as kernel_reference
 from pallas_kernels import rms_norm as rms_norm_kernels
 
 # Fewest rows a projection runs with, per backend (a measured rule, read-only; LlamaOptions overrides it).
@@ -113,7 +114,7 @@ def rms_norm(x: Float[Array, "... H"], weight, eps: float, dtype, options: Llama
     if options.norm_kernel and options.impl == "pallas":
         _, rows, scale = rms_norm_kernels.residual_rms_norm(x, None, weight, eps=eps, dtype=dtype)
     else:
-        _, rows, scale = rms_norm_kernels.residual_rms_norm_reference(x, None, weight, eps=eps, dtype=dtype)
+        _, rows, scale = kernel_reference.residual_rms_norm_reference(x, None, weight, eps=eps, dtype=dtype)
     return Normed(rows, scale)
 
 

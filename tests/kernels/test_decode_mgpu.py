@@ -17,9 +17,7 @@ from reference import decode_attention_f64
 from test_decode_kernel import LENGTHS, nan_filled_cache
 
 import jkv
-from pallas_kernels import backend
-from pallas_kernels import decode_attention as kernels
-from pallas_kernels import decode_attention_mgpu as mgpu
+from pallas_kernels import backend, decode, decode_mgpu, dispatch
 
 ON_HOPPER = backend.mosaic_gpu_usable()
 
@@ -44,7 +42,7 @@ def run_case(rng, case, q_dtype=None):
     _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits, stages = case
     dtype = jnp.dtype(dtype)
     q_dtype = jnp.dtype(q_dtype or dtype)
-    bk = block_k or mgpu.mgpu_config(batch, kv_heads, max_len, head_dim, dtype).block_k
+    bk = block_k or decode_mgpu.mgpu_config(batch, kv_heads, max_len, head_dim, dtype).block_k
     names = [length_names[i % len(length_names)] for i in range(batch)]
     lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
     q = rng.standard_normal((batch, kv_heads * group, head_dim))
@@ -56,12 +54,12 @@ def run_case(rng, case, q_dtype=None):
     args = [jnp.asarray(q, q_dtype)] + [jnp.asarray(x, dtype) for x in (k, v)] + [jnp.asarray(lengths)]
     options = dict(block_k=block_k, num_splits=num_splits, num_stages=stages)
     if layers is None:
-        out = mgpu.decode_attention(*args, **options)
+        out = decode_mgpu.decode_attention_mgpu(*args, **options)
     elif layers[1] == "traced":
-        fn = jax.jit(lambda q, k, v, n, layer: mgpu.decode_attention(q, k, v, n, layer=layer, **options))
+        fn = jax.jit(lambda q, k, v, n, layer: decode_mgpu.decode_attention_mgpu(q, k, v, n, layer=layer, **options))
         out = fn(*args, jnp.int32(1))
     else:
-        out = mgpu.decode_attention(*args, layer=layers[1], **options)
+        out = decode_mgpu.decode_attention_mgpu(*args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == q_dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     for b, n in enumerate(lengths):
@@ -77,13 +75,6 @@ class TestOnHopper:
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case)
 
-    @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]], ids=[IDS[0], IDS[3], IDS[6]])
-    def test_other_refill_order(self, rng, monkeypatch, case):
-        """The refill order the default does not use (``EARLY_K``: K slots refilled as soon as the scores are
-        read, or with the V slots after the second MMA): same results."""
-        monkeypatch.setattr(mgpu, "EARLY_K", not mgpu.EARLY_K)
-        run_case(rng, case)
-
     def test_float32_queries_over_bf16_cache(self, rng):
         """q keeps its dtype in the output; the kernel rounds it to the cache's dtype for the MMA."""
         run_case(rng, CASES[0], q_dtype="float32")
@@ -96,13 +87,13 @@ class TestOnHopper:
         q, k, v = (rng.standard_normal(s) for s in ((batch, 32, 128), (batch, 8, seq, 128), (batch, 8, seq, 128)))
         bf = lambda x: jnp.asarray(x, jnp.bfloat16)
         ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
-        out = mgpu.decode_attention(bf(q), bf(k), bf(v), jnp.asarray(lengths))
+        out = decode_mgpu.decode_attention_mgpu(bf(q), bf(k), bf(v), jnp.asarray(lengths))
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
 
     @pytest.mark.parametrize("batch,seq", [(8, 4096), (1, 4096)], ids=["B=8_T=4k_mgpu", "B=1_T=4k_triton"])
-    def test_dispatch_and_pallas_merge(self, rng, monkeypatch, batch, seq):
-        """jkv.decode_attention over a KVCache (the shape-based kernel choice; partials merged by the default
-        Pallas merge), and the Mosaic GPU kernel with its partials merged by XLA, against float64."""
+    def test_dispatch_and_three_splits(self, rng, batch, seq):
+        """jkv.decode_attention over a KVCache (the shape-based kernel choice), and the Mosaic GPU kernel with
+        three splits (partials merged by ``merge_partials``), against float64."""
         lengths = np.full((batch,), seq - 1, np.int32)
         lengths[0] = seq - 78
         q, k, v = (rng.standard_normal(s) for s in ((batch, 32, 128), (1, batch, 8, seq, 128), (1, batch, 8, seq, 128)))
@@ -110,17 +101,16 @@ class TestOnHopper:
         f64 = lambda x: np.asarray(bf(x).astype(jnp.float32), np.float64)
         ref = decode_attention_f64(f64(q), f64(k[0]), f64(v[0]), lengths + 1)
         cache = jkv.KVCache(k=bf(k), v=bf(v), lengths=jnp.asarray(lengths), errors=jnp.zeros(batch, jnp.int32))
-        assert mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16) == (batch == 8)
+        assert dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16) == (batch == 8)
         out = jax.jit(lambda q, c: jkv.decode_attention(q, c, 0, impl="pallas"))(bf(q), cache)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
-        monkeypatch.setattr(kernels, "SPLIT_MERGE", "xla")
-        out = mgpu.decode_attention(bf(q), bf(k[0]), bf(v[0]), jnp.asarray(lengths + 1), num_splits=3)
+        out = decode_mgpu.decode_attention_mgpu(bf(q), bf(k[0]), bf(v[0]), jnp.asarray(lengths + 1), num_splits=3)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
 
     def test_dispatch_under_vmap(self, rng):
         """A stack of two caches at a shape where the dispatch picks the Mosaic GPU kernel, under jit(vmap)."""
         batch, seq = 8, 4096
-        assert mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16)
+        assert dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16)
         lengths = np.stack([np.full((batch,), seq - 1), rng.integers(0, seq, batch)]).astype(np.int32)
         q = rng.standard_normal((2, batch, 32, 128))
         k, v = (rng.standard_normal((2, 1, batch, 8, seq, 128)) for _ in range(2))
@@ -140,9 +130,9 @@ class TestOnHopper:
 )
 def test_dispatch_rule_on_the_benchmark_shapes(batch, seq, want):
     """The shapes where the Mosaic GPU kernel measured faster than the Triton one on an H100 (132 SMs)."""
-    assert mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16, num_multiprocessors=132) == want
-    assert not mgpu.prefer_mgpu(batch, 8, seq, 128, 4, jnp.float32, num_multiprocessors=132)  # no f32 MMA here
-    assert not mgpu.prefer_mgpu(batch, 8, seq + 4, 128, 4, jnp.bfloat16, num_multiprocessors=132)  # would pad
+    assert dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16, num_multiprocessors=132) == want
+    assert not dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.float32, num_multiprocessors=132)  # no f32 MMA here
+    assert not dispatch.prefer_mgpu(batch, 8, seq + 4, 128, 4, jnp.bfloat16, num_multiprocessors=132)  # would pad
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="checks the fallback where Mosaic GPU cannot run")
@@ -151,8 +141,8 @@ def test_dispatch_falls_back_to_the_triton_kernel(rng):
     q = jnp.asarray(rng.standard_normal((1, 4, 64)), jnp.bfloat16)
     k, v = (jnp.asarray(rng.standard_normal((1, 1, 2048, 64)), jnp.bfloat16) for _ in range(2))
     lengths = jnp.asarray([2000], jnp.int32)
-    got = mgpu.decode_attention_auto(q, k, v, lengths)
-    want = kernels.decode_attention(q, k, v, lengths)
+    got = dispatch.decode_attention_auto(q, k, v, lengths)
+    want = decode.decode_attention(q, k, v, lengths)
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
 
@@ -163,10 +153,10 @@ def test_dispatch_falls_back_to_the_triton_kernel(rng):
 )
 def test_launch_heuristic(batch, kv_heads, max_len, want):
     """About one program per multiprocessor of an H100, equal shares of at least two blocks each."""
-    config = mgpu.mgpu_config(batch, kv_heads, max_len, 128, jnp.bfloat16, num_multiprocessors=132)
+    config = decode_mgpu.mgpu_config(batch, kv_heads, max_len, 128, jnp.bfloat16, num_multiprocessors=132)
     assert config.block_k == 64
     assert (config.num_splits, config.num_stages) == want
-    assert mgpu._ring_bytes(config.block_k, 128, 2, config.num_stages) <= mgpu.SMEM_PER_SM // 2  # 2 per SM fit
+    assert decode_mgpu._ring_bytes(config.block_k, 128, 2, config.num_stages) <= decode_mgpu.smem_budget() // 2
 
 
 def _args(batch=2, kv_heads=2, group=4, head_dim=128, max_len=256, dtype=jnp.bfloat16):
@@ -186,13 +176,13 @@ def _args(batch=2, kv_heads=2, group=4, head_dim=128, max_len=256, dtype=jnp.bfl
 )
 def test_argument_errors(change, error, match):
     with pytest.raises(error, match=match):
-        mgpu.decode_attention(*_args(**change))
+        decode_mgpu.decode_attention_mgpu(*_args(**change))
 
 
 @pytest.mark.parametrize(
     "options,error,match",
     [
-        (dict(block_k=128), ValueError, r"block_k=128 must be one of \(64,\)"),
+        (dict(block_k=128), ValueError, "block_k=128 must be 64"),
         (dict(num_splits=0), ValueError, "num_splits=0 must be >= 1"),
         (dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
         (dict(num_stages=8), ValueError, "bytes of K/V ring and query tile"),
@@ -204,25 +194,38 @@ def test_argument_errors(change, error, match):
 def test_launch_parameter_errors(monkeypatch, options, error, match):
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
     with pytest.raises(error, match=match):
-        mgpu.decode_attention(*_args(), **options)
+        decode_mgpu.decode_attention_mgpu(*_args(), **options)
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="checks the refusal where Mosaic GPU cannot run")
 def test_refuses_to_run_without_mosaic_gpu():
     with pytest.raises(RuntimeError, match="the Mosaic GPU decode kernel cannot run here: "):
-        mgpu.decode_attention(*_args())
+        decode_mgpu.decode_attention_mgpu(*_args())
 
 
-@pytest.mark.parametrize("early_k", [False, True], ids=["refill_after_v", "early_k"])
 @pytest.mark.parametrize("num_splits", [1, 3], ids=["one_split", "three_splits"])
-def test_lowers_for_cuda_without_slicing_the_layer(num_splits, early_k):
+def test_lowers_for_cuda_without_slicing_the_layer(num_splits):
     """The kernel lowers to a Mosaic GPU custom call on any host (lowering for CUDA needs no GPU), and the whole
     [L, B, K, S, D] cache goes to it: no layer-sized copy in the module."""
     num_layers, batch, kv_heads, max_len, head_dim = 3, 2, 2, 256, 128
     k = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim), jnp.bfloat16)
     q = jax.ShapeDtypeStruct((batch, 8, head_dim), jnp.bfloat16)
     args = (q, k, k, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
-    config = mgpu.MgpuConfig(block_k=64, num_splits=num_splits, num_stages=3, early_k=early_k)
-    text = mgpu._decode.trace(*args, scale=0.1, config=config).lower(lowering_platforms=("cuda",)).as_text()
+    config = decode_mgpu.MgpuConfig(block_k=64, num_splits=num_splits, num_stages=3)
+    text = decode_mgpu._decode.trace(*args, scale=0.1, config=config).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}xbf16>" not in text
+
+
+def test_dispatch_takes_mosaic_gpu_by_the_rule_unless_told_not_to(rng, monkeypatch):
+    """Where Mosaic GPU can run and ``prefer_mgpu`` holds, the dispatch calls it; ``allow_mgpu=False`` keeps the
+    Triton kernel (the Mosaic GPU call is replaced by a marker: it cannot run here)."""
+    q = jnp.asarray(rng.standard_normal((1, 4, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((1, 1, 2048, 64)), jnp.bfloat16) for _ in range(2))
+    lengths = jnp.asarray([2000], jnp.int32)
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    monkeypatch.setattr(dispatch, "prefer_mgpu", lambda *a, **kw: True)
+    monkeypatch.setattr(decode_mgpu, "decode_attention_mgpu", lambda *a, **kw: "mgpu")
+    assert dispatch.decode_attention_auto(q, k, v, lengths) == "mgpu"
+    got = dispatch.decode_attention_auto(q, k, v, lengths, allow_mgpu=False)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(decode.decode_attention(q, k, v, lengths)))

@@ -1,10 +1,10 @@
 """Decode attention over a contiguous KV cache with the Mosaic GPU lowering (Hopper): TMA ring + warpgroup MMAs.
 
-Same call shape and semantics as :func:`pallas_kernels.decode_attention.decode_attention`: ``q [B, N, D]``;
+Same call shape and semantics as :func:`pallas_kernels.decode.decode_attention`: ``q [B, N, D]``;
 ``k``, ``v`` either ``[B, K, S, D]`` or a whole ``[L, B, K, S, D]`` cache with ``layer`` (int or traced int32
 scalar); ``lengths int[B]`` (0 gives zeros); query head ``n`` reads kv head ``n // G``; softmax in float32; the
-output has ``q.dtype``. The arguments are validated by the Triton kernel's :func:`check_args`, and the split-K
-partials are merged by its :func:`combine_splits`.
+output has ``q.dtype``. The arguments are validated by ``pallas_kernels.common.check_args``, and the split-K
+partials are merged by ``pallas_kernels.common.merge_partials``.
 
 The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later, no interpret mode):
 
@@ -15,8 +15,8 @@ The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later, no interpr
   registers and never stored;
 * K and V blocks of ``block_k`` positions stream through a ring of ``num_stages`` shared-memory slots filled by
   TMA bulk copies, each completing on its own barrier; a slot's K is refilled with the block ``num_stages``
-  ahead as soon as the block's scores are read, its V once the second MMA has completed (``EARLY_K``), so up
-  to ``num_stages`` blocks are in flight per program;
+  ahead as soon as the block's scores are read, its V once the second MMA has completed, so up to
+  ``num_stages`` blocks are in flight per program;
 * ``s = q @ K^T`` and ``acc += p @ V`` are warpgroup MMAs (``wgmma``) into float32; the online softmax runs in
   base 2 on the MMA's register layout;
 * split ``j`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks (a length-driven loop: blocks past a
@@ -24,11 +24,10 @@ The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later, no interpr
   counted are masked); in the block that ends past the length, the V rows past it are zeroed in shared memory
   before the MMA (a 0 weight times a NaN in an unused slot would still be NaN);
 * one split: the kernel normalises and stores the ``G`` output rows; several: it stores ``acc`` and the rows'
-  statistics (running max, softmax denominator) and ``pallas_kernels.decode_attention.merge_partials`` merges
-  them (``combine_splits`` in XLA with ``merge="xla"``).
+  statistics (running max, softmax denominator) and ``pallas_kernels.common.merge_partials`` merges them.
 
 Launch parameters come from :func:`mgpu_config` and can be overridden per call. Measured against the Triton
-kernel and torch in docs/notes/decode_kernel.md.
+kernel and torch in docs/notes/decode_kernel.md; where the dispatch takes it: ``pallas_kernels.dispatch``.
 """
 
 from __future__ import annotations
@@ -39,25 +38,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend
-from pallas_kernels import decode_attention as contiguous
-from pallas_kernels.decode_attention import check_args, combine_splits, softmax_scale
+from pallas_kernels import backend, common
 
 ROWS = 64  # rows of a warpgroup MMA: the query tile holds the G query heads of a kv head, padded with zeros
 HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 256 is the widest MMA
 CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs (no transposed f32)
-BLOCKS = (64,)  # 128 compiled and ran but gave wrong results on jax 0.11.2 (see docs/notes/decode_kernel.md)
+BLOCK_K = 64  # 128 compiled and ran but gave wrong results on jax 0.11.2 (see docs/notes/decode_kernel.md)
 DEFAULT_STAGES = 2
-# MgpuConfig.early_k of the default launch parameters. H100 (docs/BENCHMARKS.md, "Run 10"; bf16, N=32, K=8,
-# D=128), interleaved rounds: 51.2 vs 51.3 us at 1 x 32768, 181.4 vs 181.5 at 8 x 16384, 181.2 vs 181.4 at
-# 4 x 32768, 351.3 vs 353.7 at 16 x 16384, the refill after the V wait the slower (also in two sequential runs).
-EARLY_K = True
-SMEM_PER_SM = 220 * 1024  # of an H100's 227 KiB per block: what the K/V ring and the query tile may take
+# Shared memory Mosaic GPU takes beside the K/V ring and the query tile (Hopper: 227 - 7 = 220 KiB for those).
+MGPU_SMEM_RESERVE = 7 * 1024
 LOG2E = math.log2(math.e)
 STATS = 32  # float32 columns of a split's per-row statistics (max, denominator): 128-byte rows
 
@@ -65,11 +58,14 @@ STATS = 32  # float32 columns of a split's per-row statistics (max, denominator)
 class MgpuConfig(NamedTuple):
     """Launch parameters of the Mosaic GPU decode kernel (static: each distinct value compiles its own kernel)."""
 
-    block_k: int  # positions per ring slot (64 or 128)
+    block_k: int  # positions per ring slot (BLOCK_K)
     num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
     num_stages: int  # ring slots: K/V blocks in flight per program
-    merge: str = "xla"  # how several splits' partials are merged (pallas_kernels.decode_attention.SPLIT_MERGES)
-    early_k: bool = False  # refill a K slot once the block's scores are read, before waiting for its V (EARLY_K)
+
+
+def smem_budget() -> int:
+    """Shared memory the K/V ring and the query tile of one program may take on this device."""
+    return backend.shared_memory_per_block() - MGPU_SMEM_RESERVE
 
 
 def _ring_bytes(block_k: int, head_dim: int, itemsize: int, stages: int) -> int:
@@ -83,19 +79,18 @@ def mgpu_config(
     multiprocessor runs (``floor(SMs / (B * K))`` splits, at least one), each split an equal share of the
     blocks and at least two of them.
 
-    Measured on an H100 (docs/notes/decode_kernel.md): one program per multiprocessor beat two (1 x 32768:
-    16 splits 53.7 us, 32 splits 55.5 us; 8 x 4096: 2 splits 50.4 us, 4 splits 51.4 us), and two slots did as
-    well as three (four, at one program per multiprocessor, was slower). A two-slot ring of 64 x 128 bf16
-    blocks (64 KiB) and the query tile leave room for two programs per multiprocessor where the batch asks for
-    more programs than multiprocessors.
+    Measured (docs/notes/decode_kernel.md): one program per multiprocessor beat two, and two slots did as well
+    as three (four, at one program per multiprocessor, was slower). A two-slot ring of 64 x 128 bf16 blocks
+    (64 KiB) and the query tile leave room for two programs per multiprocessor where the batch asks for more
+    programs than multiprocessors.
     """
     del dtype, head_dim  # one block size and ring depth for every supported head_dim and 16-bit dtype
     sms = num_multiprocessors or backend.num_multiprocessors()
-    block_k = BLOCKS[0]
+    block_k = BLOCK_K
     blocks = max(1, math.ceil(max_len / block_k))
     splits = max(1, min(sms // (batch * num_kv_heads), blocks // 2))
     splits = math.ceil(blocks / math.ceil(blocks / splits))  # equal shares: no split left empty at full length
-    return MgpuConfig(block_k, splits, DEFAULT_STAGES, merge=contiguous.SPLIT_MERGE, early_k=EARLY_K)
+    return MgpuConfig(block_k, splits, DEFAULT_STAGES)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -122,7 +117,6 @@ def _kernel(
     num_splits: int,
     num_stages: int,
     scale: float,
-    early_k: bool,
 ):
     plgpu = backend.mosaic_gpu_module()
     wgmma_layout = plgpu.Layout.WGMMA
@@ -132,7 +126,7 @@ def _kernel(
     # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
     n = jnp.minimum(jnp.maximum(lengths_ref[b], 0), max_len)
     layer = jnp.minimum(jnp.maximum(layer_ref[0], 0), num_layers - 1)
-    lo, hi = contiguous.split_blocks(n, j, block_k, num_splits)  # the Triton kernel body's shares
+    lo, hi = common.split_blocks(n, j, block_k, num_splits)  # the Triton kernel body's shares
     steps = jnp.maximum(hi - lo, 0)
 
     # Tiled TMA copies start at multiples of the 8-row tile: this kv head's G query rows sit at `offset` in a
@@ -186,12 +180,11 @@ def _kernel(
                 return s_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [ROWS, bk]
-            if early_k:
 
-                @pl.when(i + num_stages < steps)
-                def _refill_k():  # the scores were read: the MMA reading this K slot has completed
-                    plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
-                    fetch_k(t + num_stages, slot)
+            @pl.when(i + num_stages < steps)
+            def _refill_k():  # the scores were read: the MMA reading this K slot has completed
+                plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
+                fetch_k(t + num_stages, slot)
 
             pos = start + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=wgmma_layout)
             s = jnp.where((pos >= t * block_k) & (pos < n), s * (scale * LOG2E), -jnp.inf)
@@ -216,9 +209,9 @@ def _kernel(
             )
 
             @pl.when(i + num_stages < steps)
-            def _refill():  # both MMAs reading this slot have completed (their results were read)
+            def _refill_v():  # the second MMA reading this slot has completed (its result was read)
                 plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
-                (fetch_v if early_k else fetch)(t + num_stages, slot)
+                fetch_v(t + num_stages, slot)
 
             return acc, m_new, denom
 
@@ -280,7 +273,7 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
     _, batch, kv_heads, _, head_dim = k.shape
     group = q.shape[1] // kv_heads
     splits = config.num_splits
-    rows = contiguous.partial_rows(splits, config.merge)  # the kernel writes the first `splits`
+    rows = common.partial_rows(splits)  # the kernel writes the first `splits`
     if splits == 1:
         out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
     else:
@@ -295,7 +288,6 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
         num_splits=splits,
         num_stages=config.num_stages,
         scale=scale,
-        early_k=config.early_k,
     )
 
     def jkv_decode_attention_mgpu(*refs):  # the kernel's name in profiles
@@ -315,12 +307,9 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
     if splits == 1:
         return outs
     acc, stats = outs
-    if config.merge == "pallas":
-        flat = lambda x: x.reshape(batch * kv_heads, *x.shape[2:])  # free reshapes
-        out = contiguous.merge_partials(flat(acc), flat(stats), splits=splits, dtype=q.dtype, interpret=False)
-        return out.reshape(q.shape)
-    out = combine_splits(stats[..., 0], stats[..., 1], acc)  # [B, K, G, D]
-    return out.reshape(q.shape).astype(q.dtype)
+    flat = lambda x: x.reshape(batch * kv_heads, *x.shape[2:])  # free reshapes
+    out = common.merge_partials(flat(acc), flat(stats), splits=splits, dtype=q.dtype, interpret=False)
+    return out.reshape(q.shape)
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -328,31 +317,32 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
 
 def _resolve_config(default: MgpuConfig, head_dim: int, itemsize: int, **overrides) -> MgpuConfig:
     for name, value in overrides.items():
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+        if value is not None and not common.is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
     config = default._replace(**{k: int(x) for k, x in overrides.items() if x is not None})
-    if config.block_k not in BLOCKS:
-        raise ValueError(f"block_k={config.block_k} must be one of {BLOCKS}")
+    if config.block_k != BLOCK_K:
+        raise ValueError(f"block_k={config.block_k} must be {BLOCK_K}")
     if config.num_splits < 1:
         raise ValueError(f"num_splits={config.num_splits} must be >= 1")
     if config.num_stages < 1:
         raise ValueError(f"num_stages={config.num_stages} must be >= 1")
     ring = _ring_bytes(config.block_k, head_dim, itemsize, config.num_stages) + ROWS * head_dim * 4
-    if ring > SMEM_PER_SM:
+    if ring > smem_budget():
         raise ValueError(
             f"block_k={config.block_k}, num_stages={config.num_stages} need {ring} bytes of K/V ring and "
-            f"query tile (head_dim={head_dim}), more than the {SMEM_PER_SM} a program may take"
+            f"query tile (head_dim={head_dim}), more than the {smem_budget()} a program may take"
         )
     return config
 
 
 def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
-    """:func:`check_args`, then what this kernel adds: 16-bit K/V, head_dim among ``HEAD_DIMS``, G <= 64."""
-    b, n, kh, s, d = check_args(q, k, v, lengths, layer)
+    """``pallas_kernels.common.check_args``, then what this kernel adds: 16-bit K/V, head_dim among
+    ``HEAD_DIMS``, G <= 64."""
+    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
     if jnp.dtype(k.dtype) not in CACHE_DTYPES:
         raise TypeError(
             f"the Mosaic GPU kernel takes {[str(t) for t in CACHE_DTYPES]} K/V (16-bit MMA inputs), got {k.dtype}; "
-            "pallas_kernels.decode_attention.decode_attention takes float32"
+            "pallas_kernels.decode.decode_attention takes float32"
         )
     if d not in HEAD_DIMS:
         raise ValueError(f"head_dim={d} is not supported by the Mosaic GPU kernel; expected one of {HEAD_DIMS}")
@@ -361,7 +351,7 @@ def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, i
     return b, n, kh, s, d
 
 
-def decode_attention(
+def decode_attention_mgpu(
     q: Float[Array, "B N D"],
     k: Float[Array, "*L B K S D"],
     v: Float[Array, "*L B K S D"],
@@ -383,7 +373,7 @@ def decode_attention(
     b, _, kh, s, d = check_mgpu_args(q, k, v, lengths, layer)
     if not backend.mosaic_gpu_usable():
         raise RuntimeError(f"the Mosaic GPU decode kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}")
-    scale = softmax_scale(scale, d)
+    scale = common.softmax_scale(scale, d)
     itemsize = jnp.dtype(k.dtype).itemsize
     config = _resolve_config(
         mgpu_config(b, kh, s, d, k.dtype),
@@ -402,42 +392,3 @@ def decode_attention(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     return _decode(q, k, v, lengths, layer, scale=float(scale), config=config)
-
-
-# ----------------------------------------------------------------------------------------------- dispatch
-
-# The contiguous-cache dispatch (``jkv.decode_attention``) takes this kernel where ``prefer_mgpu`` says so; False
-# keeps the Triton kernel everywhere (for benchmarks that compare the two).
-AUTO_MGPU = True
-# Where it wins, from the H100 tables in docs/BENCHMARKS.md ("Decode attention", two runs; bf16, N=32, K=8,
-# D=128, full sequences; both kernels with the Pallas merge in the second): faster than the Triton kernel at
-# 1 x 32768 (51.7 vs 52.3 us), 8 x 4096 (49.5 vs 53.0), 8 x 16384 (182.4 vs 183.9) and 32 x 4096 (177.0 vs
-# 182.8); slower at 1 x 4096 (12.2 vs 10.4: one split's fixed costs dominate a 17 MB read) and 64 x 8192 (696.9
-# vs 694.3: 512 (b, kv head) programs, where the Triton kernel's four programs per multiprocessor keep more loads
-# in flight). Hence: at least MIN_CACHE_BYTES of K and V, and at most two (b, kv head) programs per multiprocessor.
-# Run 10 (interleaved rounds, after the early K refills and the unpadded query window) kept the picture: Mosaic
-# GPU 49.6 vs 52.2 us at 1 x 32768, 11.3 vs 11.1 at 1 x 4096, 695.1 vs 695.0 at 64 x 8192.
-MIN_CACHE_BYTES = 64 * 2**20
-
-
-def prefer_mgpu(
-    batch: int, num_kv_heads: int, max_len: int, head_dim: int, group: int, dtype, num_multiprocessors=None
-) -> bool:
-    """Whether the dispatch takes the Mosaic GPU kernel for this shape (rule and measurements: ``AUTO_MGPU``)."""
-    dtype = jnp.dtype(dtype)
-    if dtype not in CACHE_DTYPES or head_dim not in HEAD_DIMS or group > ROWS or max_len % 8 or max_len < BLOCKS[0]:
-        return False  # this kernel cannot take it, or would need a padded copy of the cache
-    sms = num_multiprocessors or backend.num_multiprocessors()
-    kv_bytes = 2 * batch * num_kv_heads * max_len * head_dim * dtype.itemsize
-    return kv_bytes >= MIN_CACHE_BYTES and batch * num_kv_heads <= 2 * sms
-
-
-def decode_attention_auto(q, k, v, lengths, *, layer=None, scale=None):
-    """Decode attention over a contiguous cache with the kernel that suits the shape and the machine: this
-    module's where Mosaic GPU can run (``backend.mosaic_gpu_usable``), ``AUTO_MGPU`` is on and
-    :func:`prefer_mgpu` holds; else ``pallas_kernels.decode_attention.decode_attention`` (Triton on a GPU,
-    interpret mode elsewhere). Same arguments and results as either."""
-    b, n, kh, s, d = check_args(q, k, v, lengths, layer)
-    if AUTO_MGPU and backend.mosaic_gpu_usable() and prefer_mgpu(b, kh, s, d, n // kh, k.dtype):
-        return decode_attention(q, k, v, lengths, layer=layer, scale=scale)
-    return contiguous.decode_attention(q, k, v, lengths, layer=layer, scale=scale)

@@ -1,7 +1,7 @@
 """Pallas decode-attention kernel against NumPy float64: interpret mode on CPU, the real lowering on a GPU.
 
 Every case draws fresh random inputs, fills cache positions past each sequence's length (and every layer but the
-one attended to) with NaN, and has the kernel write into NaN-poisoned output buffers.
+one attended to) with NaN, and has the kernel write into NaN-poisoned output buffers (``poison.poisoned_outputs``).
 """
 
 import jax
@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from poison import poisoned_outputs
 from reference import decode_attention_f64
 
 import jkv
-from pallas_kernels import backend
-from pallas_kernels import decode_attention as kernels
+from pallas_kernels import backend, common, decode, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -29,21 +29,21 @@ LENGTHS = {
     "S": lambda s, bk: s,
 }
 
-# (id, batch, kv_heads, group, head_dim, max_len, dtype, lengths, layers, block_k, num_splits, fused_combine)
+# (id, batch, kv_heads, group, head_dim, max_len, dtype, lengths, layers, block_k, num_splits)
 # layers: None for a one-layer [B, K, S, D] cache, (L, layer) for a whole cache, layer "traced" under jit.
-# None in the last three columns: the default launch parameters.
+# None in the last two columns: the default launch parameters.
 CASES = [
-    ("g1_d64_f32_splits3", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3, False),
-    ("g1_d64_f32_splits3_fused", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3, True),
-    ("g4_d128_bf16_splits2", 3, 2, 4, 128, 200, "bfloat16", ("bk-1", "bk+1", "S"), None, 64, 2, None),
-    ("g8_d64_bf16_one_split", 2, 1, 8, 64, 130, "bfloat16", ("S", "1"), None, 32, 1, None),
-    ("g4_d64_f32_layer1_of3", 2, 2, 4, 64, 64, "float32", ("S", "0"), (3, 1), None, None, None),
-    ("g3_d128_f32_default", 2, 2, 3, 128, 100, "float32", ("S", "2bk+1"), None, None, None, None),
-    ("g8_d128_f32_traced_layer", 2, 1, 8, 128, 600, "float32", ("S", "bk+1"), (2, "traced"), 128, 4, None),
-    ("g1_d128_bf16_default", 3, 4, 1, 128, 256, "bfloat16", ("bk-1", "bk", "S-1"), None, None, None, None),
-    ("g2_d64_f16_more_splits_than_blocks", 2, 2, 2, 64, 48, "float16", ("S", "1", "0"), None, 16, 8, None),
-    ("g2_d64_f16_more_splits_xla_combine", 3, 2, 2, 64, 48, "float16", ("S", "1", "0"), None, 16, 8, False),
-    ("g4_d64_bf16_tiny_cache", 2, 1, 4, 64, 8, "bfloat16", ("S", "1"), None, None, None, None),
+    ("g1_d64_f32_splits3", 4, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3),
+    ("g1_d64_f32_splits3_batch5", 5, 2, 1, 64, 96, "float32", ("1", "bk-1", "bk", "bk+1", "S"), None, 16, 3),
+    ("g4_d128_bf16_splits2", 3, 2, 4, 128, 200, "bfloat16", ("bk-1", "bk+1", "S"), None, 64, 2),
+    ("g8_d64_bf16_one_split", 2, 1, 8, 64, 130, "bfloat16", ("S", "1"), None, 32, 1),
+    ("g4_d64_f32_layer1_of3", 2, 2, 4, 64, 64, "float32", ("S", "0"), (3, 1), None, None),
+    ("g3_d128_f32_default", 2, 2, 3, 128, 100, "float32", ("S", "2bk+1"), None, None, None),
+    ("g8_d128_f32_traced_layer", 2, 1, 8, 128, 600, "float32", ("S", "bk+1"), (2, "traced"), 128, 4),
+    ("g1_d128_bf16_default", 3, 4, 1, 128, 256, "bfloat16", ("bk-1", "bk", "S-1"), None, None, None),
+    ("g2_d64_f16_more_splits_than_blocks", 2, 2, 2, 64, 48, "float16", ("S", "1", "0"), None, 16, 8),
+    ("g2_d64_f16_more_splits_batch3", 3, 2, 2, 64, 48, "float16", ("S", "1", "0"), None, 16, 8),
+    ("g4_d64_bf16_tiny_cache", 2, 1, 4, 64, 8, "bfloat16", ("S", "1"), None, None, None),
 ]
 IDS = [c[0] for c in CASES]
 # The GPU class reruns the table with caches this many times longer (block edges stay relative to bk).
@@ -65,10 +65,10 @@ def nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers):
 
 
 def run_case(rng, case, *, scale_up=1, interpret=None):
-    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits, fused = case
+    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits = case
     max_len *= scale_up
     dtype = jnp.dtype(dtype)
-    bk = block_k or kernels.decode_config(batch, kv_heads, max_len, head_dim, dtype).block_k
+    bk = block_k or common.decode_config(batch, kv_heads, max_len, head_dim, dtype).block_k
     names = [length_names[i % len(length_names)] for i in range(batch)]
     lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
     q = rng.standard_normal((batch, kv_heads * group, head_dim))
@@ -79,14 +79,15 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(lengths)]
-    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, fused_combine=fused, poison=True)
-    if layers is None:
-        out = kernels.decode_attention(*args, **options)
-    elif layers[1] == "traced":
-        fn = jax.jit(lambda q, k, v, n, layer: kernels.decode_attention(q, k, v, n, layer=layer, **options))
-        out = fn(*args, jnp.int32(1))
-    else:
-        out = kernels.decode_attention(*args, layer=layers[1], **options)
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
+    with poisoned_outputs():
+        if layers is None:
+            out = decode.decode_attention(*args, **options)
+        elif layers[1] == "traced":
+            fn = jax.jit(lambda q, k, v, n, layer: decode.decode_attention(q, k, v, n, layer=layer, **options))
+            out = fn(*args, jnp.int32(1))
+        else:
+            out = decode.decode_attention(*args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     for b, n in enumerate(lengths):
@@ -117,7 +118,8 @@ class TestOnGpu:
         q, k, v = (rng.standard_normal(s) for s in ((batch, 32, 128), (batch, 8, seq, 128), (batch, 8, seq, 128)))
         bf = lambda x: jnp.asarray(x, jnp.bfloat16)
         ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
-        out = kernels.decode_attention(bf(q), bf(k), bf(v), jnp.asarray(lengths), interpret=False, poison=True)
+        with poisoned_outputs():
+            out = decode.decode_attention(bf(q), bf(k), bf(v), jnp.asarray(lengths), interpret=False)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
 
 
@@ -129,7 +131,7 @@ def test_reference_matches_float64(rng):
     k, k_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
     v, v_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    out = kernels.decode_attention_reference(f32(q), f32(k), f32(v), jnp.asarray(lengths), layer=1)
+    out = reference.decode_attention_reference(f32(q), f32(k), f32(v), jnp.asarray(lengths), layer=1)
     assert rel_err(out, decode_attention_f64(q, k_slab, v_slab, lengths)) < REL_TOL["float32"]
     np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
 
@@ -142,10 +144,10 @@ def test_combine_splits_matches_one_pass(rng):
     m = np.stack([scores[:, p].max(axis=1, initial=-np.inf) for p in pieces])  # (P, G)
     denom = np.stack([np.exp(scores[:, p] - m[i][:, None]).sum(axis=1) for i, p in enumerate(pieces)])
     acc = np.stack([np.exp(scores[:, p] - m[i][:, None]) @ values[p] for i, p in enumerate(pieces)])  # (P, G, D)
-    out = kernels.combine_splits(jnp.asarray(m, jnp.float32), jnp.asarray(denom, jnp.float32), jnp.asarray(acc))
+    out = reference.combine_splits(jnp.asarray(m, jnp.float32), jnp.asarray(denom, jnp.float32), jnp.asarray(acc))
     p = np.exp(scores - scores.max(axis=1, keepdims=True))
     assert rel_err(out, (p / p.sum(axis=1, keepdims=True)) @ values) < REL_TOL["float32"]
-    empty = kernels.combine_splits(jnp.full((3, 2), -jnp.inf), jnp.zeros((3, 2)), jnp.zeros((3, 2, 8)))
+    empty = reference.combine_splits(jnp.full((3, 2), -jnp.inf), jnp.zeros((3, 2)), jnp.zeros((3, 2, 8)))
     np.testing.assert_array_equal(np.asarray(empty), 0.0)
 
 
@@ -156,7 +158,7 @@ def test_combine_splits_matches_one_pass(rng):
 )
 def test_launch_heuristic(batch, kv_heads, max_len, want_splits):
     """About four programs per multiprocessor of an H100, never splits shorter than two blocks."""
-    config = kernels.decode_config(batch, kv_heads, max_len, 128, jnp.bfloat16, num_multiprocessors=132)
+    config = common.decode_config(batch, kv_heads, max_len, 128, jnp.bfloat16, num_multiprocessors=132)
     assert config.block_k == min(128, max_len)
     assert config.num_splits == want_splits
 
@@ -166,11 +168,11 @@ def test_launch_heuristic(batch, kv_heads, max_len, want_splits):
 def test_pipeline_stages_fit_shared_memory(dtype, block_k):
     """Asked-for stages are capped so the resident K/V blocks fit (seen on an H100: 3 stages of f32 128x128 did not)."""
     itemsize = jnp.dtype(dtype).itemsize
-    default = kernels.decode_config(2, 2, 1024, 128, dtype)
+    default = common.decode_config(2, 2, 1024, 128, dtype)
     options = dict(block_k=block_k, num_splits=None, num_warps=None, num_stages=4)
-    config = kernels._resolve_config(default, 1024, head_dim=128, itemsize=itemsize, **options)
+    config = common.resolve_config(default, 1024, 128, itemsize, **options)
     assert config.block_k == block_k and config.num_stages >= 1
-    assert (config.num_stages - 1) * 2 * block_k * 128 * itemsize <= kernels.SMEM_BYTES
+    assert (config.num_stages - 1) * 2 * block_k * 128 * itemsize <= common.smem_budget()
 
 
 def test_whole_cache_layer_is_not_sliced_in_xla():
@@ -178,9 +180,9 @@ def test_whole_cache_layer_is_not_sliced_in_xla():
     num_layers, batch, kv_heads, max_len, head_dim = 4, 2, 2, 256, 64
     k = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim), jnp.bfloat16)
     q = jax.ShapeDtypeStruct((batch, 8, head_dim), jnp.bfloat16)
-    config = kernels.decode_config(batch, kv_heads, max_len, head_dim, jnp.bfloat16)
+    config = common.decode_config(batch, kv_heads, max_len, head_dim, jnp.bfloat16)
     args = (q, k, k, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
-    traced = kernels._decode.trace(*args, scale=0.125, config=config, interpret=False, poison=False)
+    traced = decode._decode.trace(*args, scale=0.125, config=config, interpret=False)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
     assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}xbf16>" not in text
@@ -208,30 +210,29 @@ def _error_args(rng):
 @pytest.mark.parametrize(
     "call, exc, text",
     [
-        (lambda q, k, n: kernels.decode_attention(q[0], k, k, n), ValueError, "q must have shape [B, N, D]"),
-        (lambda q, k, n: kernels.decode_attention(q, k[0], k[0], n), ValueError, "[L, B, K, S, D], got (2, 32, 64)"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k[:, :1], n), ValueError, "k and v must both have shape"),
-        (lambda q, k, n: kernels.decode_attention(q, k[None], k[None], n), ValueError, "pass layer="),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, layer=0), ValueError, "layer=0 needs a whole"),
-        (lambda q, k, n: kernels.decode_attention(q, k[None], k[None], n, layer=1), ValueError, "layer=1 out of"),
-        (lambda q, k, n: kernels.decode_attention(q, k[None], k[None], n, layer=0.0), TypeError, "layer must be"),
-        (lambda q, k, n: kernels.decode_attention(q, k[None], k[None], n, layer=n), ValueError, "must be a scalar"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k.astype(jnp.bfloat16), n), TypeError, "share a dtype"),
-        (lambda q, k, n: kernels.decode_attention(q.astype(jnp.int32), k, k, n), TypeError, "q must be a floating"),
-        (lambda q, k, n: kernels.decode_attention(q[:1], k, k, n), ValueError, "batch and head_dim must agree"),
-        (lambda q, k, n: kernels.decode_attention(q[:, :3], k, k, n), ValueError, "num_q_heads=3"),
-        (lambda q, k, n: kernels.decode_attention(q[..., :48], k[..., :48], k[..., :48], n), ValueError, "head_dim=48"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n[:1]), ValueError, "lengths must be int[2]"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n + 30), ValueError, "must lie in [0, S=32]"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, block_k=24), ValueError, "block_k=24 must be"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, block_k=64), ValueError, "block_k=64 must be"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, block_k=16.0), TypeError, "block_k must be an int"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_splits=0), ValueError, "num_splits=0"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_warps=3), ValueError, "num_warps=3"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, num_stages=0), ValueError, "num_stages=0"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, fused_combine=1), TypeError, "fused_combine must be"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, scale="x"), TypeError, "scale must be"),
-        (lambda q, k, n: kernels.decode_attention(q, k, k, n, interpret=1), TypeError, "interpret must be"),
+        (lambda q, k, n: decode.decode_attention(q[0], k, k, n), ValueError, "q must have shape [B, N, D]"),
+        (lambda q, k, n: decode.decode_attention(q, k[0], k[0], n), ValueError, "[L, B, K, S, D], got (2, 32, 64)"),
+        (lambda q, k, n: decode.decode_attention(q, k, k[:, :1], n), ValueError, "k and v must both have shape"),
+        (lambda q, k, n: decode.decode_attention(q, k[None], k[None], n), ValueError, "pass layer="),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, layer=0), ValueError, "layer=0 needs a whole"),
+        (lambda q, k, n: decode.decode_attention(q, k[None], k[None], n, layer=1), ValueError, "layer=1 out of"),
+        (lambda q, k, n: decode.decode_attention(q, k[None], k[None], n, layer=0.0), TypeError, "layer must be"),
+        (lambda q, k, n: decode.decode_attention(q, k[None], k[None], n, layer=n), ValueError, "must be a scalar"),
+        (lambda q, k, n: decode.decode_attention(q, k, k.astype(jnp.bfloat16), n), TypeError, "share a dtype"),
+        (lambda q, k, n: decode.decode_attention(q.astype(jnp.int32), k, k, n), TypeError, "q must be a floating"),
+        (lambda q, k, n: decode.decode_attention(q[:1], k, k, n), ValueError, "batch and head_dim must agree"),
+        (lambda q, k, n: decode.decode_attention(q[:, :3], k, k, n), ValueError, "num_q_heads=3"),
+        (lambda q, k, n: decode.decode_attention(q[..., :48], k[..., :48], k[..., :48], n), ValueError, "head_dim=48"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n[:1]), ValueError, "lengths must be int[2]"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n + 30), ValueError, "must lie in [0, S=32]"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, block_k=24), ValueError, "block_k=24 must be"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, block_k=64), ValueError, "block_k=64 must be"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, block_k=16.0), TypeError, "block_k must be an int"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, num_splits=0), ValueError, "num_splits=0"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, num_warps=3), ValueError, "num_warps=3"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, num_stages=0), ValueError, "num_stages=0"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, scale="x"), TypeError, "scale must be"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, interpret=1), TypeError, "interpret must be"),
     ],
     ids=[
         "q-rank",
@@ -255,7 +256,6 @@ def _error_args(rng):
         "splits",
         "warps",
         "stages",
-        "fused-combine",
         "scale",
         "interpret-type",
     ],
@@ -270,4 +270,4 @@ def test_errors(rng, call, exc, text):
 def test_compiled_mode_needs_a_gpu(rng):
     q, k, lengths = _error_args(rng)
     with pytest.raises(ValueError, match="interpret=False needs a GPU"):
-        kernels.decode_attention(q, k, k, lengths, interpret=False)
+        decode.decode_attention(q, k, k, lengths, interpret=False)

@@ -1,19 +1,19 @@
 """Paged vs contiguous decode attention on one GPU: the same K/V, the same kernel body, in one run.
 
 For bf16, N=32 query heads, K=8 kv heads, D=128 and the decode-attention benchmark's B x T shapes (every
-sequence full, lengths = T; scripts/bench_attention.py), it times
+sequence full, lengths = T; bench/bench_attention.py), it times
 
-* ``contig``: ``pallas_kernels.decode_attention`` on the contiguous ``[B, K, T, D]`` cache, default launch;
-* ``paged_16``, ``paged_32``, ``paged_64``: ``pallas_kernels.paged_attention`` on the same contents cut into
-  pages of 16 / 32 / 64 positions, stored at randomly permuted places of a ``[P, K, page_size, D]`` pool (a
+* ``contig``: ``pallas_kernels.decode.decode_attention`` on the contiguous ``[B, K, T, D]`` cache, default launch;
+* ``paged_16``, ``paged_32``, ``paged_64``: ``pallas_kernels.paged.paged_decode_attention`` on the same contents
+  cut into pages of 16 / 32 / 64 positions, stored at randomly permuted places of a ``[P, K, page_size, D]`` pool (a
   fragmented pool: no two consecutive logical pages adjacent, except by chance), default launch;
 * ``jax_paged_16``: ``jax.experimental.pallas.ops.gpu.paged_attention`` on the same pages (its own
   ``[K, P, page_size, D]`` layout, transposed outside the timed call; its default block sizes, ``k_splits`` 16 or
   the largest power of two dividing the pages per sequence), a peer;
 * ``xla_paged_16``: the pure-jnp reference that gathers the pages into a contiguous cache and attends;
-* ``q8_contig``: ``pallas_kernels.q8.decode_attention`` (fused dequant, default ``fuse="wide"``) on the same K/V
-  quantized (int8 codes, float16 scales per 32 values), default launch;
-* ``q8_paged_16``, ``q8_paged_32``, ``q8_paged_64``: ``pallas_kernels.paged_attention.paged_q8_decode_attention``
+* ``q8_contig``: ``pallas_kernels.decode_q8.q8_decode_attention`` (fused dequant) on the same K/V quantized
+  (int8 codes, float16 scales per 32 values), default launch;
+* ``q8_paged_16``, ``q8_paged_32``, ``q8_paged_64``: ``pallas_kernels.paged_q8.paged_q8_decode_attention``
   on those codes and scales cut into pages at the same permuted places as the bf16 pages, default launch;
 * ``paged_16_loop``, ..., ``q8_paged_16_loop``, ...: where the default preloads a split's block-table entries
   before its loop (``PagedConfig.preload``), the same kernels reading them block by block inside the loop;
@@ -21,16 +21,14 @@ sequence full, lengths = T; scripts/bench_attention.py), it times
 
 Formula: TB/s = bytes of K and V read (2 * B * K * T * D * 2 for bf16; 2 * B * K * T * (D + D / 32 * 2) for Q8) /
 median time per call (the copy counts bytes read plus written). Ratios in parentheses are to ``contig`` (bf16); Q8
-errors are against the bf16 reference (so they include the format's own error). Timing is
-scripts/bench_attention.py's: calls unrolled in one jitted program, each output the next call's query, time per
-call = difference between programs of 2n and n calls; inputs rotate over enough copies to exceed 4x the L2 cache.
+errors are against the bf16 reference (so they include the format's own error). Timing: bench/common.py.
 Every variant is checked against the contiguous XLA reference first. Compile time apart.
 
 ``--sweep 1x4096 ...`` also sweeps the launch parameters of the contiguous and paged kernels on those shapes
-(keys per block 32/64/128 x splits around the default, then stages 2/4 and the other split merge on the winner)
+(keys per block 32/64/128 x splits around the default, then stages 2/4 on the winner)
 and reports each kernel's best beside its default.
 
-Usage: ``python scripts/bench_paged.py --out DIR [--budget-s 300] [--shapes 1x4096 64x8192] [--sweep 1x4096]``.
+Usage: ``python bench/bench_paged.py --out DIR [--budget-s 300] [--shapes 1x4096 64x8192] [--sweep 1x4096]``.
 Writes
 ``DIR/bench_paged.json`` after every shape; prints a table last.
 """
@@ -38,25 +36,20 @@ Writes
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_attention as common  # the shapes, the timing method and the copy ceiling, shared
 import jax
 import jax.numpy as jnp
 
+from bench import common
 from jkv.quant import quantize
-from pallas_kernels import backend, paged_attention, q8
-from pallas_kernels import decode_attention as kernels
+from pallas_kernels import common as kernel_common
+from pallas_kernels import decode, decode_q8, paged, paged_q8, reference
 
 PAGE_SIZES = (16, 32, 64)
 
@@ -93,18 +86,8 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
     """Default launches of every kernel and the peers; with ``sweep``, the kernels' sweeps instead of the peers."""
     key = jax.random.key(batch * 100003 + seq)
     nbytes = common.kv_bytes(batch, seq)
-    copies = max(1, math.ceil(common.ROTATE_BYTES / nbytes))
-    est_s = nbytes / 2.5e12 + 5e-6
-    lengths = jnp.full((batch,), seq, jnp.int32)
-    sets = []
-    for i in range(copies):
-        kq, kk, kv = jax.random.split(jax.random.fold_in(key, i), 3)
-        shape = (batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM)
-        q = jax.random.normal(kq, (batch, common.NUM_Q_HEADS, common.HEAD_DIM), jnp.bfloat16)
-        sets.append(
-            (q, jax.random.normal(kk, shape, jnp.bfloat16), jax.random.normal(kv, shape, jnp.bfloat16), lengths)
-        )
-    ref = jax.jit(kernels.decode_attention_reference)(*sets[0])
+    sets, copies, est_s = common.decode_inputs(batch, seq)
+    ref = jax.jit(reference.decode_attention_reference)(*sets[0])
     results = {}
 
     def record(name, fn, arg_sets, config=None, check=None, nbytes=nbytes):
@@ -128,7 +111,7 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
         return timing["time_s"]
 
     def tune(prefix, default, fn_of, arg_sets, block_ks, splits_of):
-        """Sweep launch parameters (stage A: block x splits; stage B: stages and split merge on the winner)."""
+        """Sweep launch parameters (stage A: block x splits; stage B: stages on the winner)."""
         best_name, best_t = prefix, results.get(prefix, {}).get("time_s", float("inf"))
         best = default
         for stage in ("A", "B"):
@@ -136,28 +119,27 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
                 configs = sweep_configs(default, block_ks, splits_of)
             else:
                 configs = [best._replace(num_stages=st) for st in (2, 4) if st != best.num_stages]
-                configs += [best._replace(fused_combine=not best.fused_combine)] if best.num_splits > 1 else []
             for config in configs:
-                name = f"{prefix}[" + ",".join(f"{k}={v}" for k, v in config._asdict().items() if k != "gather") + "]"
+                name = f"{prefix}[" + ",".join(f"{k}={v}" for k, v in config._asdict().items()) + "]"
                 t = record(name, fn_of(config), arg_sets, config)
                 if t is not None and t < best_t:
                     best_name, best_t, best = name, t, config
         if "time_s" in results.get(best_name, {}):
             results[f"{prefix}_best"] = {"name": best_name, **results[best_name]}
 
-    config = kernels.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, jnp.bfloat16)
-    record("contig", kernels.decode_attention, sets, config)
+    config = kernel_common.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, jnp.bfloat16)
+    record("contig", decode.decode_attention, sets, config)
     # Q8: the same K/V quantized (codes + float16 scales), the contiguous fused kernel and, below, its pages.
-    q8_bytes = nbytes * (common.HEAD_DIM + common.HEAD_DIM // 32 * 2) // (2 * common.HEAD_DIM)
+    q8_bytes = common.q8_bytes(batch, seq)
     q8_sets = [] if sweep else [(q, *quantize(k), *quantize(v), n) for q, k, v, n in sets]
     if q8_sets:
-        q8_config = q8.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM)
-        record("q8_contig", q8.decode_attention, q8_sets, q8_config, nbytes=q8_bytes)
+        q8_config = decode_q8.q8_decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM)
+        record("q8_contig", decode_q8.q8_decode_attention, q8_sets, q8_config, nbytes=q8_bytes)
     if sweep:
         tune(
             "contig",
             config,
-            lambda c: lambda q, k, v, n: kernels.decode_attention(q, k, v, n, **c._asdict()),
+            lambda c: lambda q, k, v, n: decode.decode_attention(q, k, v, n, **c._asdict()),
             sets,
             (32, 64, 128),
             lambda c, bk, s: c._replace(block_k=bk, num_splits=max(1, min(s, seq // bk))),
@@ -165,16 +147,16 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
     for page_size in PAGE_SIZES:
         psets = paged_sets(sets, page_size, jax.random.fold_in(key, page_size))
         m = seq // page_size
-        config = paged_attention.paged_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM, jnp.bfloat16)
-        record(f"paged_{page_size}", paged_attention.paged_decode_attention, psets, config)
+        config = paged.paged_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM, jnp.bfloat16)
+        record(f"paged_{page_size}", paged.paged_decode_attention, psets, config)
         if config.preload:  # the default preloads the split's table entries: time the in-loop reads beside it
-            loop = lambda *a: paged_attention.paged_decode_attention(*a, preload=False)
+            loop = lambda *a: paged.paged_decode_attention(*a, preload=False)
             record(f"paged_{page_size}_loop", loop, psets, config._replace(preload=False))
         if sweep:
             tune(
                 f"paged_{page_size}",
                 config,
-                lambda c: lambda *a: paged_attention.paged_decode_attention(*a, **c._asdict()),
+                lambda c: lambda *a: paged.paged_decode_attention(*a, **c._asdict()),
                 psets,
                 (32, 64, 128),
                 lambda c, bk, s, ps=page_size: (
@@ -182,7 +164,7 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
                 ),
             )
         if page_size == 16 and not sweep:
-            record("xla_paged_16", jax.jit(paged_attention.paged_decode_attention_reference), psets)
+            record("xla_paged_16", jax.jit(reference.paged_decode_attention_reference), psets)
             try:
                 from jax.experimental.pallas.ops.gpu import paged_attention as jax_ops
 
@@ -201,10 +183,10 @@ def bench_shape(batch: int, seq: int, *, deadline: float, log, sweep: bool = Fal
         del psets
         if q8_sets:
             qsets = paged_sets(q8_sets, page_size, jax.random.fold_in(key, page_size))
-            config = paged_attention.paged_q8_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM)
-            record(f"q8_paged_{page_size}", paged_attention.paged_q8_decode_attention, qsets, config, nbytes=q8_bytes)
+            config = paged_q8.paged_q8_config(batch, common.NUM_KV_HEADS, m, page_size, common.HEAD_DIM)
+            record(f"q8_paged_{page_size}", paged_q8.paged_q8_decode_attention, qsets, config, nbytes=q8_bytes)
             if config.preload:
-                loop = lambda *a: paged_attention.paged_q8_decode_attention(*a, preload=False)
+                loop = lambda *a: paged_q8.paged_q8_decode_attention(*a, preload=False)
                 record(f"q8_paged_{page_size}_loop", loop, qsets, config._replace(preload=False), nbytes=q8_bytes)
             del qsets
     del q8_sets
@@ -266,23 +248,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(msg, flush=True)
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    report = {
-        "meta": {
-            "date": datetime.date.today().isoformat(),
-            "gpu": jax.devices()[0].device_kind,
-            "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
-            "backend": backend.describe(),
-            "formula": "TB/s = 2*B*K*T*D*2 bytes (bf16), 2*B*K*T*(D+D/32*2) bytes (Q8) / median time per call",
-        },
-        "shapes": [],
-    }
+    torch, log = common.load_torch(), common.log
+    formula = "TB/s = 2*B*K*T*D*2 bytes (bf16), 2*B*K*T*(D+D/32*2) bytes (Q8) / median time per call"
+    report = {"meta": {**common.meta(torch), "formula": formula}, "shapes": []}
     log(json.dumps(report["meta"]))
-    if torch is not None and torch.cuda.is_available():
+    if torch is not None:
         report["copy"] = common.copy_bandwidth(torch)
         log(f"device copy: {report['copy']['tbps']:.3f} TB/s")
     deadline = start + args.budget_s

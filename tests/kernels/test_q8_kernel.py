@@ -3,20 +3,22 @@
 Fused Q8 decode attention must equal "dequantize, then attend" (float64 over the dequantized values) to the
 rounding of its products, and stay within the Q8 format's measured error of attention over the unquantized
 values. Scales past each sequence's length (and in every layer but the attended one) are NaN, and outputs start
-NaN-poisoned.
+NaN-poisoned (``poison.poisoned_outputs``).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REL_TOL, rel_err
+from conftest import rel_err
+from kernel_inputs import KERNEL_TOL
+from poison import poisoned_outputs
 from reference import decode_attention_f64
 from test_quant import Q8_ATTENTION_REL_TOL
 
 import jkv
 from jkv.quant import quantize
-from pallas_kernels import backend, q8
+from pallas_kernels import backend, decode_q8, dequantize, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -29,68 +31,20 @@ LENGTHS = {  # relative to the cache size S and the block size bk
     "S": lambda s, bk: s,
 }
 
-# (id, batch, kv_heads, group, head_dim, max_len, q dtype, scale dtype, lengths, layers, block_k, num_splits, fuse)
+# (id, batch, kv_heads, group, head_dim, max_len, q dtype, scale dtype, lengths, layers, block_k, num_splits)
 # layers: None for one layer [B, K, S, D], (L, layer) for a whole cache, layer "traced" under jit.
 CASES = [
-    (
-        "g4_d128_bf16_splits2_scores",
-        3,
-        2,
-        4,
-        128,
-        200,
-        "bfloat16",
-        "float16",
-        ("bk-1", "bk+1", "S"),
-        None,
-        64,
-        2,
-        "scores",
-    ),
-    (
-        "g1_d64_f32_f32scale_splits3_tiles",
-        4,
-        2,
-        1,
-        64,
-        96,
-        "float32",
-        "float32",
-        ("1", "bk-1", "bk", "bk+1"),
-        None,
-        16,
-        3,
-        "tiles",
-    ),
-    ("g8_d64_f32_layer1_of3_scores", 2, 1, 8, 64, 64, "float32", "float16", ("S", "0"), (3, 1), None, None, "scores"),
-    (
-        "g3_d128_f32_traced_layer_tiles",
-        2,
-        2,
-        3,
-        128,
-        150,
-        "float32",
-        "float16",
-        ("S", "bk+1"),
-        (2, "traced"),
-        32,
-        None,
-        "tiles",
-    ),
-    ("g2_d32_f16_tiny_cache_scores", 2, 2, 2, 32, 8, "float16", "float16", ("S", "1"), None, None, None, "scores"),
-    ("g4_d128_bf16_tiny_blocks_tiles", 2, 1, 4, 128, 40, "bfloat16", "float16", ("bk+1", "0"), None, 16, 2, "tiles"),
-    ("g3_d128_bf16_splits2_wide", 3, 2, 3, 128, 72, "bfloat16", "float16", ("bk-1", "bk+1", "S"), None, 16, 2, "wide"),
-    ("g4_d64_f32_layer1_of2_int8", 2, 2, 4, 64, 48, "float32", "float16", ("S", "bk+1"), (2, 1), 16, None, "int8"),
+    ("g4_d128_bf16_splits2", 3, 2, 4, 128, 200, "bfloat16", "float16", ("bk-1", "bk+1", "S"), None, 64, 2),
+    ("g1_d64_f32_f32scale_splits3", 4, 2, 1, 64, 96, "float32", "float32", ("1", "bk-1", "bk", "bk+1"), None, 16, 3),
+    ("g8_d64_f32_layer1_of3", 2, 1, 8, 64, 64, "float32", "float16", ("S", "0"), (3, 1), None, None),
+    ("g3_d128_f32_traced_layer", 2, 2, 3, 128, 150, "float32", "float16", ("S", "bk+1"), (2, "traced"), 32, None),
+    ("g2_d32_f16_tiny_cache", 2, 2, 2, 32, 8, "float16", "float16", ("S", "1"), None, None, None),
+    ("g4_d128_bf16_tiny_blocks", 2, 1, 4, 128, 40, "bfloat16", "float16", ("bk+1", "0"), None, 16, 2),
+    ("g3_d128_bf16_splits2", 3, 2, 3, 128, 72, "bfloat16", "float16", ("bk-1", "bk+1", "S"), None, 16, 2),
+    ("g4_d64_f32_layer1_of2", 2, 2, 4, 64, 48, "float32", "float16", ("S", "bk+1"), (2, 1), 16, None),
 ]
 IDS = [c[0] for c in CASES]
 GPU_SCALE = 32  # the GPU class reruns the table with caches this many times longer
-# Products in bf16/f16 round p (and q): the shared table. float32 q: exact in interpret mode on a CPU, tf32 on a
-# GPU (the real lowering, and interpret mode too: its dots run on the GPU at default precision).
-KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat16"], "float16": REL_TOL["float16"]}
-# fuse="int8" rounds q to int8 per (row, 32 values) as well: measured 1.8e-3 to 6.5e-3 against "dequantize, then
-# attend" (interpret mode, the table below); asserted at about twice that, for every q dtype.
-INT8_KERNEL_TOL = 1.5e-2
 
 
 def q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype):
@@ -110,25 +64,27 @@ def q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dty
 
 
 def run_case(rng, case, *, scale_up=1, interpret=None):
-    _, batch, kv_heads, group, head_dim, max_len, dtype, scale_dtype, names, layers, block_k, num_splits, fuse = case
+    _, batch, kv_heads, group, head_dim, max_len, dtype, scale_dtype, names, layers, block_k, num_splits = case
     max_len *= scale_up
     dtype = jnp.dtype(dtype)
-    bk = block_k or q8.decode_config(batch, kv_heads, max_len, head_dim).block_k
+    bk = block_k or decode_q8.q8_decode_config(batch, kv_heads, max_len, head_dim).block_k
     names = [names[i % len(names)] for i in range(batch)]
     lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
     q = jnp.asarray(rng.standard_normal((batch, kv_heads * group, head_dim)), dtype)
     k, k_scale, k_slab = q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
     v, v_scale, v_slab = q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
 
-    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, fuse=fuse, poison=True)
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
     args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
-    if layers is None:
-        out = q8.decode_attention(*args, **options)
-    elif layers[1] == "traced":
-        fn = jax.jit(lambda *a, layer: q8.decode_attention(*a, layer=layer, **options))
-        out = fn(*args, layer=jnp.int32(1))
-    else:
-        out = q8.decode_attention(*args, layer=layers[1], **options)
+    kernel = decode_q8.q8_decode_attention
+    with poisoned_outputs():
+        if layers is None:
+            out = kernel(*args, **options)
+        elif layers[1] == "traced":
+            fn = jax.jit(lambda *a, layer: kernel(*a, layer=layer, **options))
+            out = fn(*args, layer=jnp.int32(1))
+        else:
+            out = kernel(*args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
 
     one = (lambda x: x[1]) if layers else (lambda x: x)
@@ -140,7 +96,6 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
         if n == 0:
             np.testing.assert_array_equal(out[b], 0.0)
     tol = KERNEL_TOL[dtype.name + ("-gpu" if dtype == jnp.float32 and jax.default_backend() == "gpu" else "")]
-    tol = INT8_KERNEL_TOL if fuse == "int8" else tol
     assert rel_err(out, ref_q8) < tol, names
     # Against the values before quantization: the format's error, not the kernel's.
     assert rel_err(out, decode_attention_f64(q64, k_slab, v_slab, lengths)) < Q8_ATTENTION_REL_TOL, names
@@ -162,12 +117,13 @@ def run_dequant(rng, case, interpret):
     _, shape, scale_dtype, dtype, block_rows = case
     x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-2, 2, (*shape[:-1], 1))
     codes, scales = quantize(jnp.asarray(x, jnp.float32), scale_dtype=scale_dtype)
-    out = q8.dequantize(codes, scales, dtype=dtype, interpret=interpret, block_rows=block_rows, poison=True)
+    with poisoned_outputs():
+        out = dequantize.dequantize_q8(codes, scales, dtype=dtype, interpret=interpret, block_rows=block_rows)
     assert out.shape == shape and out.dtype == jnp.dtype(dtype)
     # Bit-equal to float32 codes * scales rounded once to the output dtype (jkv.dequantize is the reference).
     want = jkv.dequantize(codes, scales).astype(dtype)
     np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
-    ref = q8.dequantize_reference(codes, scales, dtype=dtype)
+    ref = reference.dequantize_q8_reference(codes, scales, dtype=dtype)
     np.testing.assert_array_equal(np.asarray(ref.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
 
@@ -181,18 +137,16 @@ def test_dequantize_kernel_interpret(rng, case):
 class TestOnGpu:
     """The same tables with the real Triton lowering, caches ``GPU_SCALE`` times longer."""
 
-    @pytest.mark.parametrize("fuse", q8.FUSE)
     @pytest.mark.parametrize("case", CASES, ids=IDS)
-    def test_q8_attention_matches_dequantize_then_attend(self, rng, case, fuse):
-        run_case(rng, (*case[:-1], fuse), scale_up=GPU_SCALE, interpret=False)
+    def test_q8_attention_matches_dequantize_then_attend(self, rng, case):
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
     @pytest.mark.parametrize("case", DEQUANT_CASES, ids=[c[0] for c in DEQUANT_CASES])
     def test_dequantize_kernel(self, rng, case):
         run_dequant(rng, case, interpret=False)
 
-    @pytest.mark.parametrize("fuse", q8.FUSE)
     @pytest.mark.parametrize("batch,seq", [(1, 4096), (8, 4096)], ids=["B=1_T=4096", "B=8_T=4096"])
-    def test_bench_shapes_default_config(self, rng, batch, seq, fuse):
+    def test_bench_shapes_default_config(self, rng, batch, seq):
         """The benchmark's head layout (N=32, K=8, D=128, bf16 q, f16 scales) with default launch parameters."""
         lengths = np.full((batch,), seq, np.int32)
         lengths[0] = seq - 77
@@ -200,10 +154,10 @@ class TestOnGpu:
         k, k_scale, _ = q8_cache(rng, batch, 8, seq, 128, lengths, None, "float16")
         v, v_scale, _ = q8_cache(rng, batch, 8, seq, 128, lengths, None, "float16")
         args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
-        out = q8.decode_attention(*args, interpret=False, fuse=fuse, poison=True)
-        ref = q8.decode_attention_reference(*args)
-        tol = INT8_KERNEL_TOL if fuse == "int8" else KERNEL_TOL["bfloat16"]
-        assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < tol
+        with poisoned_outputs():
+            out = decode_q8.q8_decode_attention(*args, interpret=False)
+        ref = reference.q8_decode_attention_reference(*args)
+        assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
 
 
 def test_no_dequantized_cache_in_the_program():
@@ -212,9 +166,9 @@ def test_no_dequantized_cache_in_the_program():
     k = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim), jnp.int8)
     s = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim // 32), jnp.float16)
     q = jax.ShapeDtypeStruct((batch, 8, head_dim), jnp.bfloat16)
-    config = q8.decode_config(batch, kv_heads, max_len, head_dim)
+    config = decode_q8.q8_decode_config(batch, kv_heads, max_len, head_dim)
     args = (q, k, s, k, s, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
-    traced = q8._decode.trace(*args, scale=0.125, config=config, fuse=q8.DEFAULT_FUSE, interpret=False, poison=False)
+    traced = decode_q8._decode.trace(*args, scale=0.125, config=config, interpret=False)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
     layer = f"{batch}x{kv_heads}x{max_len}x{head_dim}"
@@ -235,6 +189,10 @@ def test_jkv_dispatch_uses_the_kernel(rng):
     assert rel_err(out, ref) < KERNEL_TOL["float32-gpu" if ON_GPU else "float32"]
 
 
+attend, attend_ref = decode_q8.q8_decode_attention, reference.q8_decode_attention_reference
+deq, deq_ref = dequantize.dequantize_q8, reference.dequantize_q8_reference
+
+
 def _error_args(rng):
     q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
     k, s = quantize(jnp.asarray(rng.standard_normal((2, 2, 32, 64)), jnp.float32))
@@ -244,35 +202,34 @@ def _error_args(rng):
 @pytest.mark.parametrize(
     "call, exc, text",
     [
-        (lambda q, k, s, n: q8.decode_attention(q, k.astype(jnp.int32), s, k, s, n), TypeError, "k codes must be int8"),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s.astype(jnp.bfloat16), n), TypeError, "v scales must be"),
+        (lambda q, k, s, n: attend(q, k.astype(jnp.int32), s, k, s, n), TypeError, "k codes must be int8"),
+        (lambda q, k, s, n: attend(q, k, s, k, s.astype(jnp.bfloat16), n), TypeError, "v scales must be"),
         (
-            lambda q, k, s, n: q8.decode_attention(q, k, s[..., :1], k, s, n),
+            lambda q, k, s, n: attend(q, k, s[..., :1], k, s, n),
             ValueError,
             "k: codes.shape=(2, 2, 32, 64)",
         ),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k[:1], s[:1], n), ValueError, "same shape and scale dtype"),
+        (lambda q, k, s, n: attend(q, k, s, k[:1], s[:1], n), ValueError, "same shape and scale dtype"),
         (
-            lambda q, k, s, n: q8.decode_attention(q, k, s, k, s.astype(jnp.float32), n),
+            lambda q, k, s, n: attend(q, k, s, k, s.astype(jnp.float32), n),
             ValueError,
             "same shape and scale dtype",
         ),
-        (lambda q, k, s, n: q8.decode_attention(q[:, :3], k, s, k, s, n), ValueError, "num_q_heads=3"),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n + 30), ValueError, "must lie in [0, S=32]"),
-        (lambda q, k, s, n: q8.decode_attention(q, k[None], s[None], k[None], s[None], n), ValueError, "pass layer="),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, block_k=24), ValueError, "block_k=24 must be"),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, block_k=16.0), TypeError, "block_k must be an int"),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, num_splits=0), ValueError, "num_splits=0"),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, num_warps=3), ValueError, "num_warps=3"),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, num_stages=0), ValueError, "num_stages=0"),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, scale="x"), TypeError, "scale must be"),
-        (lambda q, k, s, n: q8.decode_attention(q, k, s, k, s, n, fuse="x"), ValueError, "fuse='x' is not one of"),
-        (lambda q, k, s, n: q8.decode_attention_reference(q[0], k, s, k, s, n), ValueError, "q must have shape"),
-        (lambda q, k, s, n: q8.dequantize(k, s, dtype=jnp.int8), TypeError, "dtype must be one of"),
-        (lambda q, k, s, n: q8.dequantize(k, s, dtype="nope"), TypeError, "got 'nope'"),
-        (lambda q, k, s, n: q8.dequantize(k, s, block_rows=24), ValueError, "block_rows=24 must be a power of two"),
-        (lambda q, k, s, n: q8.dequantize(k, s, block_rows=256), ValueError, "number of rows (128)"),
-        (lambda q, k, s, n: q8.dequantize_reference(k[..., :48], s, dtype=jnp.float32), ValueError, "Q8 pair"),
+        (lambda q, k, s, n: attend(q[:, :3], k, s, k, s, n), ValueError, "num_q_heads=3"),
+        (lambda q, k, s, n: attend(q, k, s, k, s, n + 30), ValueError, "must lie in [0, S=32]"),
+        (lambda q, k, s, n: attend(q, k[None], s[None], k[None], s[None], n), ValueError, "pass layer="),
+        (lambda q, k, s, n: attend(q, k, s, k, s, n, block_k=24), ValueError, "block_k=24 must be"),
+        (lambda q, k, s, n: attend(q, k, s, k, s, n, block_k=16.0), TypeError, "block_k must be an int"),
+        (lambda q, k, s, n: attend(q, k, s, k, s, n, num_splits=0), ValueError, "num_splits=0"),
+        (lambda q, k, s, n: attend(q, k, s, k, s, n, num_warps=3), ValueError, "num_warps=3"),
+        (lambda q, k, s, n: attend(q, k, s, k, s, n, num_stages=0), ValueError, "num_stages=0"),
+        (lambda q, k, s, n: attend(q, k, s, k, s, n, scale="x"), TypeError, "scale must be"),
+        (lambda q, k, s, n: attend_ref(q[0], k, s, k, s, n), ValueError, "q must have shape"),
+        (lambda q, k, s, n: deq(k, s, dtype=jnp.int8), TypeError, "dtype must be one of"),
+        (lambda q, k, s, n: deq(k, s, dtype="nope"), TypeError, "got 'nope'"),
+        (lambda q, k, s, n: deq(k, s, block_rows=24), ValueError, "block_rows=24 must be a power of two"),
+        (lambda q, k, s, n: deq(k, s, block_rows=256), ValueError, "number of rows (128)"),
+        (lambda q, k, s, n: deq_ref(k[..., :48], s, dtype=jnp.float32), ValueError, "Q8 pair"),
     ],
     ids=[
         "codes-dtype",
@@ -289,7 +246,6 @@ def _error_args(rng):
         "warps",
         "stages",
         "scale",
-        "fuse",
         "reference-q-rank",
         "dequant-out-dtype",
         "dequant-out-dtype-name",

@@ -3,7 +3,8 @@
 Every case draws fresh random inputs and places each sequence's pages at random in the pool (a permuted block
 table); every page no sequence uses, every row past a sequence's length, and every layer but the attended one
 hold NaN, and so do (in "stale" cases) the pages that table entries past a sequence's length still name. The
-kernel writes into NaN-poisoned outputs. Interpret mode on the CPU; the real lowering on a GPU.
+kernel writes into NaN-poisoned outputs (``poison.poisoned_outputs``). Interpret mode on the CPU; the real
+lowering on a GPU.
 """
 
 import jax
@@ -11,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from kernel_inputs import random_paged
+from poison import poisoned_outputs
 from reference import decode_attention_f64
 
 import jkv
 from jkv.paged import PagedKVCache
-from pallas_kernels import backend
-from pallas_kernels import paged_attention as paged
+from pallas_kernels import backend, paged, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -49,33 +51,6 @@ IDS = [c[0] for c in CASES]
 GPU_SCALE = 16  # the GPU class reruns the table with this many times more pages per sequence
 
 
-def random_paged(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale):
-    """Pools (float64, NaN wherever nothing valid lives), block tables, and the contiguous K/V slabs they hold."""
-    num_layers, layer = layers if layers is not None else (1, 0)
-    layer = 1 if layer == "traced" else layer
-    need = [-(-n // page_size) for n in lengths]
-    spare = 3 + batch  # pages nobody uses (NaN), for stale entries to name
-    num_pages = sum(need) + spare
-    order = rng.permutation(num_pages)
-    shape = (num_layers, num_pages, kv_heads, page_size, head_dim)
-    k_pages, v_pages = np.full(shape, np.nan), np.full(shape, np.nan)
-    slabs = [rng.standard_normal((batch, kv_heads, max_pages * page_size, head_dim)) for _ in range(2)]
-    tables = np.full((batch, max_pages), -1, np.int32)
-    if stale:
-        tables[:] = rng.choice(order[sum(need) :], size=tables.shape)
-    used = 0
-    for b, n in enumerate(lengths):
-        for j in range(need[b]):
-            tables[b, j] = page = order[used]
-            used += 1
-            rows = min(page_size, n - j * page_size)
-            for pool, slab in zip((k_pages, v_pages), slabs, strict=True):
-                pool[layer, page, :, :rows] = slab[b, :, j * page_size : j * page_size + rows]
-    if layers is None:
-        k_pages, v_pages = k_pages[0], v_pages[0]
-    return k_pages, v_pages, tables, slabs
-
-
 def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     _, batch, kv_heads, group, head_dim, ps, max_pages, dtype, names, layers, ppb, splits, stale = case
     max_pages *= scale_up
@@ -93,14 +68,15 @@ def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k_pages, v_pages)] + [jnp.asarray(tables), jnp.asarray(lengths)]
-    options = {**dict(interpret=interpret, pages_per_block=ppb, num_splits=splits, poison=True), **launch}
-    if layers is None:
-        out = paged.paged_decode_attention(*args, **options)
-    elif layers[1] == "traced":
-        fn = jax.jit(lambda *a: paged.paged_decode_attention(*a[:-1], layer=a[-1], **options))
-        out = fn(*args, jnp.int32(1))
-    else:
-        out = paged.paged_decode_attention(*args, layer=layers[1], **options)
+    options = {**dict(interpret=interpret, pages_per_block=ppb, num_splits=splits), **launch}
+    with poisoned_outputs():
+        if layers is None:
+            out = paged.paged_decode_attention(*args, **options)
+        elif layers[1] == "traced":
+            fn = jax.jit(lambda *a: paged.paged_decode_attention(*a[:-1], layer=a[-1], **options))
+            out = fn(*args, jnp.int32(1))
+        else:
+            out = paged.paged_decode_attention(*args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     for b, n in enumerate(lengths):
@@ -115,20 +91,16 @@ def test_kernel_matches_float64_interpret(rng, case):
 
 
 LAUNCH_VARIANTS = {
-    "merge_in_kernel": (CASES[1], dict(fused_combine=True)),
-    "gather_pages_ppb4": (CASES[1], dict(gather="pages")),
-    "gather_pages_traced_layer": (CASES[4], dict(gather="pages")),
     "table_in_loop_ppb1": (CASES[0], dict(preload=False)),
     "table_in_loop_ppb4": (CASES[1], dict(preload=False)),
-    "table_in_loop_gather_pages": (CASES[1], dict(gather="pages", preload=False)),
+    "table_in_loop_traced_layer": (CASES[4], dict(preload=False)),
     "preload_one_split": (CASES[2], dict(preload=True, num_splits=2)),
 }
 
 
 @pytest.mark.parametrize("case,launch", LAUNCH_VARIANTS.values(), ids=LAUNCH_VARIANTS.keys())
 def test_launch_variants_interpret(rng, case, launch):
-    """Split partials merged inside the kernel instead of by XLA; blocks addressed by page instead of by row;
-    table entries read block by block inside the loop instead of preloaded (and preloaded where the default
+    """Table entries read block by block inside the loop instead of preloaded (and preloaded where the default
     does not)."""
     run_case(rng, case, interpret=True, **launch)
 
@@ -192,7 +164,7 @@ def test_reference_matches_float64(rng):
     q = rng.standard_normal((3, 4, 64))
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     args = (f32(q), f32(k_pages), f32(v_pages), jnp.asarray(tables), jnp.asarray(lengths))
-    out = paged.paged_decode_attention_reference(*args, layer=1)
+    out = reference.paged_decode_attention_reference(*args, layer=1)
     assert rel_err(out, decode_attention_f64(q, k_slab, v_slab, lengths)) < REL_TOL["float32"]
     np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
 
@@ -240,8 +212,6 @@ def test_errors():
         (dict(num_warps=3), ValueError, "num_warps=3 must be one of"),
         (dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
         (dict(scale="x"), TypeError, "scale must be a Python number"),
-        (dict(fused_combine=1), TypeError, "fused_combine must be None or a bool"),
-        (dict(gather="cols"), ValueError, "gather='cols' must be one of ('rows', 'pages')"),
         (dict(preload=1), TypeError, "preload must be a bool, got 1"),
     ]
     for kwargs, exc, text in cases:
@@ -259,11 +229,7 @@ class TestOnGpu:
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize(
-        "launch",
-        [dict(fused_combine=True), dict(fused_combine=False), dict(gather="pages"), dict(preload=False)],
-        ids=str,
-    )
+    @pytest.mark.parametrize("launch", [dict(preload=False)], ids=str)
     @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
     def test_launch_variants(self, rng, case, launch):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False, **launch)
@@ -293,7 +259,8 @@ class TestOnGpu:
         q = rng.standard_normal((batch, 32, 128))
         bf = lambda x: jnp.asarray(x, jnp.bfloat16)
         ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
-        out = paged.paged_decode_attention(
-            bf(q), bf(k_pages), bf(v_pages), jnp.asarray(tables), jnp.asarray(lengths), interpret=False, poison=True
-        )
+        with poisoned_outputs():
+            out = paged.paged_decode_attention(
+                bf(q), bf(k_pages), bf(v_pages), jnp.asarray(tables), jnp.asarray(lengths), interpret=False
+            )
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]

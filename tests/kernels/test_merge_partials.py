@@ -1,5 +1,5 @@
-"""The Pallas merge of split-K partials (``merge="pallas"``, the default) against float64 and against
-``combine_splits``, and every split kernel (contiguous, Q8, paged, Q8 pages) with either merge.
+"""The Pallas merge of split-K partials (``pallas_kernels.common.merge_partials``, which every split kernel runs)
+against float64 and against its pure-jnp reference. (Each split kernel's own table has cases with several splits.)
 
 Partials are fresh random draws; the padding rows the split kernels allocate but never write hold NaN, so a
 merge that read them would fail. Interpret mode on the CPU; the real lowering on a GPU.
@@ -8,14 +8,9 @@ merge that read them would fail. Interpret mode on the CPU; the real lowering on
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_decode_kernel as contiguous_cases
-import test_paged_kernel as paged_cases
-import test_paged_q8 as paged_q8_cases
-import test_q8_kernel as q8_cases
 from conftest import REL_TOL, rel_err
 
-from pallas_kernels import backend
-from pallas_kernels import decode_attention as kernels
+from pallas_kernels import backend, common, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -50,40 +45,33 @@ def test_merge_matches_float64(rng, splits, padded, packed):
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     if packed:  # the Mosaic GPU kernel's layout: max and denominator as columns of one array
         stats = np.stack([m, denom] + [np.full_like(m, np.nan)] * 2, axis=-1)
-        out = kernels.merge_partials(f32(acc), f32(stats), splits=splits, dtype=jnp.float32, interpret=True)
+        args = (f32(acc), f32(stats))
     else:
-        out = kernels.merge_partials(f32(acc), f32(m), f32(denom), splits=splits, dtype=jnp.float32, interpret=True)
+        args = (f32(acc), f32(m), f32(denom))
+    out = common.merge_partials(*args, splits=splits, dtype=jnp.float32, interpret=True)
     assert rel_err(out, want) < REL_TOL["float32"]
     np.testing.assert_array_equal(np.asarray(out[0, 0]), 0.0)
-    xla = kernels.combine_splits(*(f32(x[:, :splits]) for x in (m, denom, acc)))
-    assert rel_err(out, xla) < REL_TOL["float32"]
+    ref = reference.merge_partials_reference(*args, splits=splits, dtype=jnp.float32)
+    assert rel_err(ref, want) < REL_TOL["float32"]
+    assert rel_err(out, ref) < REL_TOL["float32"]
 
 
 def test_merge_errors():
     acc, m = jnp.zeros((1, 3, 2, 16)), jnp.zeros((1, 3, 2))
     with pytest.raises(ValueError, match=r"acc.shape\[1\]=3 must be a power of two >= splits=3"):
-        kernels.merge_partials(acc, m, m, splits=3, dtype=jnp.float32, interpret=True)
-    with pytest.raises(ValueError, match="merge='cuda' must be one of"):
-        kernels.split_out_shape(jnp.zeros((1, 4, 16)), 2, "cuda")
+        common.merge_partials(acc, m, m, splits=3, dtype=jnp.float32, interpret=True)
 
 
-# Table cases of each split kernel with more than one split (their own tests run the default merge).
-SPLIT_CASES = {
-    "contiguous_" + c[0]: (contiguous_cases.run_case, c) for c in contiguous_cases.CASES if c[10] and c[10] > 1
-} | {"q8_" + c[0]: (q8_cases.run_case, c) for c in q8_cases.CASES if c[11] and c[11] > 1}
-SPLIT_CASES |= {"paged_" + c[0]: (paged_cases.run_case, c) for c in paged_cases.CASES if c[11] and c[11] > 1}
-SPLIT_CASES |= {"paged_q8_" + c[0]: (paged_q8_cases.run_case, c) for c in paged_q8_cases.CASES if c[11] and c[11] > 1}
-
-
-@pytest.fixture(params=kernels.SPLIT_MERGES)
-def merge(request, monkeypatch):
-    monkeypatch.setattr(kernels, "SPLIT_MERGE", request.param)
-    return request.param
-
-
-@pytest.mark.parametrize("run,case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
-def test_split_kernels_with_each_merge_interpret(rng, merge, run, case):
-    run(rng, case, interpret=True)
+@pytest.mark.parametrize("splits,want", [(1, 1), (2, 2), (3, 4), (66, 128)], ids=str)
+def test_partials_are_padded_to_a_power_of_two(splits, want):
+    """The split kernels allocate the merge's power-of-two tile; one split writes the output itself."""
+    q = jnp.zeros((2, 8, 64), jnp.bfloat16)
+    shapes = common.split_out_shape(q, splits)
+    if splits == 1:
+        assert [(o.shape, o.dtype) for o in shapes] == [(q.shape, q.dtype)]
+    else:
+        assert [o.shape for o in shapes] == [(2, want, 8, 64), (2, want, 8), (2, want, 8)]
+        assert all(o.dtype == jnp.float32 for o in shapes)
 
 
 @pytest.mark.gpu
@@ -93,10 +81,5 @@ class TestOnGpu:
     def test_merge_matches_float64(self, rng, splits, padded):
         m, denom, acc, want = random_partials(rng, 2, splits, 32, 128, padded)
         f32 = lambda x: jnp.asarray(x, jnp.float32)
-        out = kernels.merge_partials(f32(acc), f32(m), f32(denom), splits=splits, dtype=jnp.float32, interpret=False)
+        out = common.merge_partials(f32(acc), f32(m), f32(denom), splits=splits, dtype=jnp.float32, interpret=False)
         assert rel_err(out, want) < REL_TOL["float32"]
-
-    @pytest.mark.parametrize("run,case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
-    def test_split_kernels_with_each_merge(self, rng, merge, run, case):
-        scale = 16 if run in (paged_cases.run_case, paged_q8_cases.run_case) else 32
-        run(rng, case, scale_up=scale, interpret=False)

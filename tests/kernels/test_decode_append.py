@@ -2,8 +2,8 @@
 
 ``decode_attention_append`` must equal "write the row at ``lengths[b] - 1``, then attend": the row the cache held
 there before is garbage (NaN or another value) so a kernel that reads it instead of the new row fails, every
-output buffer is NaN-poisoned, and the updated cache must equal the expected one exactly (only the new rows
-changed, NaN elsewhere preserved). Interpret mode on CPU; the real lowering on a GPU.
+output buffer is NaN-poisoned (``poison.poisoned_outputs``), and the updated cache must equal the expected one
+exactly (only the new rows changed, NaN elsewhere preserved). Interpret mode on CPU; the real lowering on a GPU.
 """
 
 import jax
@@ -11,19 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from poison import poisoned_outputs
 from reference import decode_attention_f64
 from test_decode_kernel import CASES, GPU_SCALE, IDS, LENGTHS, ON_GPU
 
 import jkv
 from jkv.cache import ERR_WRITE_OVERFLOW
-from pallas_kernels import decode_attention as kernels
+from pallas_kernels import common, decode, reference
 
 
-def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False):
-    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits, _ = case
+def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False, kernel=None):
+    _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits = case
     max_len *= scale_up
     dtype = jnp.dtype(dtype)
-    bk = block_k or kernels.decode_config(batch, kv_heads, max_len, head_dim, dtype).block_k
+    bk = block_k or common.decode_config(batch, kv_heads, max_len, head_dim, dtype).block_k
     names = [length_names[i % len(length_names)] for i in range(batch)]
     lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
     append = rng.integers(0, 2, batch).astype(bool)
@@ -45,22 +46,24 @@ def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False):
         want = caches[name].copy()
         for b, n in enumerate(lengths):
             if n and append[b]:
-                want[layer, b, :, n - 1] = rounded(new[name][b])
+                want[layer, b, :, n - 1] = rounded(np.float32(new[name][b]))  # the kernel gets float32 rows
         expected[name], slabs[name] = want, want[layer]
     ref = decode_attention_f64(rounded(q), slabs["k"], slabs["v"], lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, caches["k"], caches["v"])]
     args += [jnp.asarray(lengths), jnp.asarray(new["k"], jnp.float32), jnp.asarray(new["v"], jnp.float32)]
-    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, poison=True)
-    call = lambda *a, **layer: kernels.decode_attention_append(*a, append=jnp.asarray(append), **options, **layer)
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
+    kernel = kernel or decode.decode_attention_append
+    call = lambda *a, **layer: kernel(*a, append=jnp.asarray(append), **options, **layer)
     jitted = jax.jit(call, donate_argnums=(1, 2))
-    if layers is None:
-        args[1], args[2] = args[1][0], args[2][0]  # a one-layer [B, K, S, D] cache
-        out, k, v = (jitted if donate else call)(*args)
-    elif donate or layers[1] == "traced":
-        out, k, v = jitted(*args, layer=jnp.int32(layer))
-    else:
-        out, k, v = call(*args, layer=layer)
+    with poisoned_outputs():
+        if layers is None:
+            args[1], args[2] = args[1][0], args[2][0]  # a one-layer [B, K, S, D] cache
+            out, k, v = (jitted if donate else call)(*args)
+        elif donate or layers[1] == "traced":
+            out, k, v = jitted(*args, layer=jnp.int32(layer))
+        else:
+            out, k, v = call(*args, layer=layer)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     assert rel_err(out, ref) < REL_TOL[dtype.name], names
@@ -72,6 +75,12 @@ def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_append_matches_float64_interpret(rng, case):
     run_append_case(rng, case, interpret=True)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=[IDS[0], IDS[4], IDS[6]])
+def test_reference_matches_float64(rng, case):
+    """The pure-jnp reference with the kernel's signature (one layer, a whole cache, a traced layer)."""
+    run_append_case(rng, case, kernel=reference.decode_attention_append_reference)
 
 
 @pytest.mark.gpu
@@ -90,13 +99,13 @@ def test_append_argument_errors(rng):
     new = jnp.asarray(rng.standard_normal((2, 2, 64)), jnp.float32)
     n = jnp.array([3, 32], jnp.int32)
     with pytest.raises(ValueError, match=r"k_new must have shape \[B, K, D\]"):
-        kernels.decode_attention_append(q, k, k, n, new[:, :1], new)
+        decode.decode_attention_append(q, k, k, n, new[:, :1], new)
     with pytest.raises(TypeError, match="v_new must be a floating array"):
-        kernels.decode_attention_append(q, k, k, n, new, new.astype(jnp.int32))
+        decode.decode_attention_append(q, k, k, n, new, new.astype(jnp.int32))
     with pytest.raises(ValueError, match="append must be bool or int"):
-        kernels.decode_attention_append(q, k, k, n, new, new, append=jnp.ones((3,), bool))
+        decode.decode_attention_append(q, k, k, n, new, new, append=jnp.ones((3,), bool))
     with pytest.raises(ValueError, match=r"lengths=\[ 3 33\] must lie in"):
-        kernels.decode_attention_append(q, k, k, jnp.array([3, 33]), new, new)
+        decode.decode_attention_append(q, k, k, jnp.array([3, 33]), new, new)
 
 
 @pytest.mark.parametrize("kind", ["bf16", "f32", "q8", "paged"])

@@ -1,16 +1,15 @@
-"""The benchmark scripts' bookkeeping (no timing here): interleaved rounds, trace clustering, sweep points."""
+"""The benchmarks' bookkeeping (no timing here): interleaved rounds, trace clustering (bench/common.py), and the
+Mosaic GPU benchmark's sweep points."""
 
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
 
-import bench_attention as ba
-import bench_mgpu as bm
-
-from pallas_kernels import decode_attention_mgpu as mgpu
+from bench import bench_mgpu, common
+from pallas_kernels import decode_mgpu
 
 
 def test_interleaved_rotates_the_order_and_pairs_ratios_by_round():
@@ -27,7 +26,7 @@ def test_interleaved_rotates_the_order_and_pairs_ratios_by_round():
         return sample
 
     samplers = {"a": sampler("a", 1.0), "b": sampler("b", 2.0), "c": sampler("c", 4.0)}
-    out = ba.interleaved(samplers, rounds=3, baseline="b")
+    out = common.interleaved(samplers, rounds=3, baseline="b")
     rounds = [calls[i : i + 3] for i in range(0, 9, 3)]
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]  # each variant first once
     for name, base in (("a", 1.0), ("b", 2.0), ("c", 4.0)):
@@ -39,11 +38,10 @@ def test_interleaved_rotates_the_order_and_pairs_ratios_by_round():
 
 def test_device_spans_split_executions_at_gaps_over_a_millisecond():
     events = [(0, 1_000), (1_500, 3_000), (2_000, 2_500), (5_000_000, 5_004_000), (5_004_100, 5_010_000)]
-    assert ba.device_spans("/device:GPU", lambda prefix: iter(events)) == pytest.approx([3e-6, 10e-6])
+    assert common.device_spans("/device:GPU", lambda prefix: iter(events)) == pytest.approx([3e-6, 10e-6])
 
 
 def test_sweep_points():
-    default = mgpu.MgpuConfig(64, 16, 2, merge="pallas", early_k=True)
-    configs = bm.sweep_configs(default, 1, 32768, ("64/x2/2", "64/x1/2/late", "64/x1/2/early", "64/x1/3"))
-    assert [(c.num_splits, c.num_stages, c.early_k) for c in configs] == [(32, 2, True), (16, 2, False), (16, 3, True)]
-    assert all(c.merge == "pallas" for c in configs)
+    default = decode_mgpu.MgpuConfig(64, 16, 2)
+    configs = bench_mgpu.sweep_configs(default, 1, 32768, ("64/x2/2", "64/x1/2", "64/x1/3", "64/x0.5/3"))
+    assert [(c.block_k, c.num_splits, c.num_stages) for c in configs] == [(64, 32, 2), (64, 16, 3), (64, 8, 3)]

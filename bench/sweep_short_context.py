@@ -1,13 +1,13 @@
 """Decode attention at the short contexts a model step sees: a sweep of launch parameters on one GPU.
 
-``scripts/bench_attention.py`` measures full caches (every sequence at ``T``). A decode step of a model usually
+``bench/bench_attention.py`` measures full caches (every sequence at ``T``). A decode step of a model usually
 attends over far fewer positions than its cache holds (a 512-position cache 192 tokens in); there the kernel is
 bound by latency, not bandwidth, and the best block size, splits, warps and stages differ. For each case
 ``B x S @ n`` (batch, cache positions, valid positions per sequence; bf16, N=32, K=8, D=128, as Llama-3-8B) this
 times the default launch, then block sizes x splits (4 warps, 3 stages), then warps x stages around the best,
-and the XLA reference, all in one run. Timing as ``bench_attention.py`` (chained calls, profiler spans).
+and the XLA reference, all in one run. Timing: ``bench/common.py`` (chained calls, profiler spans).
 
-    python scripts/sweep_short_context.py --cases 1x512@192 8x512@192 1x2048@1100 --out $OUT/short.json
+    python bench/sweep_short_context.py --cases 1x512@192 8x512@192 1x2048@1100 --out $OUT/short.json
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
-from bench_attention import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, rel_err, time_jax
 
-from pallas_kernels import decode_attention as kernels
+from bench.common import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, rel_err, time_jax
+from pallas_kernels import common, decode, reference
 
 
 def parse_case(text: str) -> tuple[int, int, int]:
@@ -55,8 +54,8 @@ def inputs(batch: int, seq: int, n: int, copies: int):
 def sweep_case(batch: int, seq: int, n: int, log) -> dict:
     sets = inputs(batch, seq, n, copies=4)
     q, k, v, lengths = sets[0]
-    ref = kernels.decode_attention_reference(q, k, v, lengths)
-    default = kernels.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM, jnp.bfloat16)
+    ref = reference.decode_attention_reference(q, k, v, lengths)
+    default = common.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM, jnp.bfloat16)
     rows = []
 
     def measure(name, fn):
@@ -67,9 +66,9 @@ def sweep_case(batch: int, seq: int, n: int, log) -> dict:
         return rows[-1]["us"]
 
     def kernel(config):
-        return lambda q, k, v, lengths: kernels.decode_attention(q, k, v, lengths, **config._asdict())
+        return lambda q, k, v, lengths: decode.decode_attention(q, k, v, lengths, **config._asdict())
 
-    measure("xla_ref", jax.jit(kernels.decode_attention_reference))
+    measure("xla_ref", jax.jit(reference.decode_attention_reference))
     measure(f"default {tuple(default)[:4]}", kernel(default))
     best = (float("inf"), default)
     for block_k, splits in itertools.product((32, 64, 128), (1, 2, 4, 8)):

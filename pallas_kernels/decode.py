@@ -1,0 +1,300 @@
+"""Single-query GQA decode attention over a contiguous KV cache, split over the sequence (flash-decoding).
+
+Shapes: ``q [B, N, D]``; ``k``, ``v`` either one layer ``[B, K, S, D]`` or the whole cache ``[L, B, K, S, D]``
+with a ``layer`` index (a Python int or a traced int32 scalar); ``lengths int[B]`` counts the valid leading
+positions of each sequence (0 gives a zero output). Query head ``n`` reads kv head ``n // G`` with ``G = N // K``.
+Softmax runs in float32; the output has ``q.dtype``.
+
+The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kernels.backend``):
+
+* one program per ``(b, kv head, split)``; the ``G`` query heads of the kv head form one ``[Gp, D]`` tile
+  (``Gp`` = ``G`` padded to a power of two >= 16, Triton's smallest dot; the padding rows are masked loads of
+  zeros and are never stored), so each K/V byte is read once;
+* the cache is passed whole and each program indexes its own ``(layer, b, kv head)`` slab, so a 5-D cache is
+  never sliced in XLA (no copy of a layer) and ``layer`` may be traced;
+* split ``j`` of sequence ``b`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks in a loop whose trip
+  count comes from the length, so blocks past a sequence's length are never read; full blocks run unmasked,
+  the last partial block runs once, masked (its load window slides back to stay inside ``S``);
+* several splits leave partials that ``pallas_kernels.common.merge_partials`` merges; with one split the kernel
+  normalises and writes the output itself.
+
+:func:`decode_attention_append` is the same kernel with a decode step's cache write folded in. The kernel body
+is also the paged kernel's (``pallas_kernels.paged`` runs it over a page view of its pools). Block size, splits,
+warps and stages come from ``pallas_kernels.common.decode_config`` and can be overridden per call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import backend, common
+from pallas_kernels.common import MIN_BLOCK, DecodeConfig
+
+# ----------------------------------------------------------------------------------------------- kernel
+
+
+def _dot(a, b, b_contract: int, precision):
+    """``a @ b`` (``b_contract=0``) or ``a @ b.T`` (``b_contract=1``) with a float32 result."""
+    dims = (((1,), (b_contract,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def decode_kernel(
+    # inputs
+    lengths_ref,  # [B] int32
+    layer_ref,  # [1] int32
+    q_ref,  # [B, N, D]
+    k_ref,  # [L, B, K, S, D]: the whole cache (or a page view of it); the program reads its (layer, b, h) slab
+    v_ref,  # [L, B, K, S, D]
+    # with ``append``: append [B] int32 (1: position lengths[b] - 1 comes from k_new/v_new and is written),
+    # k_new [B, K, D], v_new [B, K, D]; then the outputs:
+    # o [B, N, D] (one split); or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32 partials);
+    # with ``append``, last, k and v (aliased to the inputs k and v)
+    *refs,
+    append: bool = False,
+    group: int,
+    rows: int,
+    block_k: int,
+    num_splits: int,
+    scale: float,
+    precision,
+):
+    if append:
+        append_ref, k_new_ref, v_new_ref = refs[:3]
+        refs = refs[3:]
+    out_refs = refs
+    if append:
+        out_refs, (k_out_ref, v_out_ref) = out_refs[:-2], out_refs[-2:]
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_layers, _, _, max_len, head_dim = k_ref.shape
+    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
+    n = jnp.clip(lengths_ref[b], 0, max_len)
+    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+
+    lo, hi = common.split_blocks(n, j, block_k, num_splits)
+    if append:
+        # The block holding the new position n - 1 always runs as the (masked) tail, where the new row is
+        # substituted for what the cache held: the cache is read before it is written, never after.
+        n_full = (n - 1) // block_k
+        new_pos = jnp.where((append_ref[b] != 0) & (n > 0), n - 1, -1)
+        k_new = k_new_ref[b, h, :].astype(k_ref.dtype)  # [D]
+        v_new = v_new_ref[b, h, :].astype(v_ref.dtype)
+    else:
+        n_full = n // block_k  # blocks whose every position is valid
+
+    # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
+    head_rows = pl.ds(h * group, rows)
+    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if rows != group else None
+    q = backend.load(q_ref.at[b, head_rows, :], mask=row_ok, other=0 if row_ok is not None else None)
+    q = q.astype(k_ref.dtype)  # [Gp, D]
+
+    def attend(carry, start, valid, new_row=None):
+        m, denom, acc = carry  # [Gp], [Gp], [Gp, D] float32
+        k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
+        if new_row is not None:
+            k = jnp.where(new_row[:, None], k_new[None, :], k)
+        s = _dot(q, k, 1, precision) * scale  # [Gp, bk] float32
+        if valid is not None:
+            s = jnp.where(valid[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
+        p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
+        v = v_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
+        if new_row is not None:
+            v = jnp.where(new_row[:, None], v_new[None, :], v)
+        if valid is not None:
+            v = jnp.where(valid[:, None], v, 0)  # unused positions may hold NaN: 0 * NaN must not reach acc
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 0, precision)
+        return m_new, denom * alpha + jnp.sum(p, axis=1), acc
+
+    def full_block(i, carry):
+        return attend(carry, pl.multiple_of(i * block_k, block_k), None)
+
+    def tail_block(carry):
+        start = n_full * block_k
+        window = jnp.minimum(start, max_len - block_k)  # slide back so the load stays inside S
+        pos = window + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        return attend(carry, window, (pos >= start) & (pos < n), (pos == new_pos) if append else None)
+
+    carry = (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, head_dim), jnp.float32),
+    )
+    carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
+    has_tail = (lo <= n_full) & (n_full < hi)
+    m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
+    if append:  # the program that attended over the new position writes it (one row of K and of V)
+
+        @pl.when(has_tail & (new_pos >= 0))
+        def _write():
+            k_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = k_new[None, :]
+            v_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = v_new[None, :]
+
+    vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
+        backend.store(o_ref.at[b, head_rows, :], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
+        return
+    acc_ref, m_ref, denom_ref = out_refs[:3]
+    backend.store(acc_ref.at[b, j, head_rows, :], acc, mask=row_ok)
+    backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
+    backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
+
+
+def kernel_options(kv_dtype, group: int, block_k: int, num_splits: int, scale: float) -> dict:
+    """The static arguments of :func:`decode_kernel` but ``append`` (shared with the paged kernel); the products
+    run in the cache dtype, float32 ones at the highest precision."""
+    return dict(
+        group=group,
+        rows=common.group_rows(group),
+        block_k=block_k,
+        num_splits=num_splits,
+        scale=scale,
+        precision=lax.Precision.HIGHEST if kv_dtype == jnp.float32 else None,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def _decode(q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeConfig, interpret: bool):
+    # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1];
+    # new: None, or (append int32[B], k_new [B, K, D], v_new [B, K, D]): then k and v are returned updated
+    _, batch, kv_heads, _, _ = k.shape
+    group = q.shape[1] // kv_heads
+    splits = config.num_splits
+    out_shape = common.split_out_shape(q, splits)
+    inputs, aliases = [lengths, layer, q, k, v, *(new or ())], {}
+    if new is not None:  # the cache is updated in place: its buffers are the last two outputs
+        aliases = {3: len(out_shape), 4: len(out_shape) + 1}
+        out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    options = kernel_options(k.dtype, group, config.block_k, splits, scale)
+    kernel = functools.partial(decode_kernel, append=new is not None, **options)
+    grid = (batch, kv_heads, splits)
+    name = "jkv_decode_attention" if new is None else "jkv_decode_attention_append"
+    trailing = 0 if new is None else 2
+    return common.launch_split_kernel(
+        kernel, inputs, out_shape, aliases, grid, config, interpret, name, q.dtype, trailing=trailing
+    )
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def _launch_settings(q, k, scale, interpret, **overrides) -> tuple[bool, float, DecodeConfig]:
+    """Interpret mode, softmax scale and launch config of a decode call (``overrides`` as :func:`decode_attention`)."""
+    b, _, d = q.shape
+    kh, s = k.shape[-3], k.shape[-2]
+    interpret = backend.resolve_interpret(interpret)
+    itemsize = jnp.dtype(k.dtype).itemsize
+    config = common.resolve_config(common.decode_config(b, kh, s, d, k.dtype), s, d, itemsize, **overrides)
+    return interpret, common.softmax_scale(scale, d), config
+
+
+def decode_attention(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Float[Array, "B N D"]:
+    """Decode attention of one query per sequence over its first ``lengths[b]`` cache positions.
+
+    ``layer`` selects the layer of a whole ``[L, B, K, S, D]`` cache inside the kernel (no copy of the layer).
+    ``scale`` defaults to ``D ** -0.5``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
+    ``num_splits``, ``num_warps`` and ``num_stages`` override ``pallas_kernels.common.decode_config``.
+    """
+    *_, s, _ = common.check_args(q, k, v, lengths, layer)
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    interpret, scale, config = _launch_settings(q, k, scale, interpret, **overrides)
+    if k.ndim == 4:
+        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
+    if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
+        pad = [(0, 0)] * 3 + [(0, MIN_BLOCK - s), (0, 0)]
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    return _decode(q, k, v, lengths, layer, scale=scale, config=config, interpret=interpret)
+
+
+def check_append_args(q, k, v, lengths, k_new, v_new, append=None, layer=None) -> tuple[int, int, int, int, int]:
+    """Validate :func:`decode_attention_append`'s arguments (and its reference's); return ``(B, N, K, S, D)``."""
+    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if getattr(x, "shape", None) != (b, kh, d):
+            raise ValueError(f"{name} must have shape [B, K, D] = {(b, kh, d)}, got {getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    if append is not None and (
+        getattr(append, "shape", None) != (b,)
+        or not (jnp.issubdtype(append.dtype, jnp.integer) or append.dtype == jnp.bool_)
+    ):
+        raise ValueError(
+            f"append must be bool or int [{b}], got {getattr(append, 'dtype', None)}{getattr(append, 'shape', None)}"
+        )
+    return b, n, kh, s, d
+
+
+def decode_attention_append(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    k_new: Float[Array, "B K D"],
+    v_new: Float[Array, "B K D"],
+    *,
+    append=None,
+    layer=None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
+    """A decode step's cache write and attention in one kernel; returns ``(out, k, v)``.
+
+    Equals writing ``k_new``/``v_new`` ``[B, K, D]`` (cast to the cache dtype) at position ``lengths[b] - 1`` of
+    each sequence (of ``layer`` for a whole cache), then :func:`decode_attention` over the first ``lengths[b]``
+    positions: ``lengths`` counts the new token. The program that attends over the new position takes it from
+    ``k_new``/``v_new`` and writes that one row; ``k`` and ``v`` are updated in place when the caller donates
+    them (inside a jitted step whose cache is donated, no copy). ``append`` (bool or int ``[B]``, default all)
+    selects the sequences that write; the others attend over what their cache holds and leave it unchanged, as
+    does a sequence of length 0. Launch overrides as :func:`decode_attention`.
+    """
+    b, _, _, s, _ = check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
+    append = jnp.ones((b,), jnp.int32) if append is None else append
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    interpret, scale, config = _launch_settings(q, k, scale, interpret, **overrides)
+    whole = k.ndim == 5
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    append = jnp.asarray(append).astype(jnp.int32)
+    if s < MIN_BLOCK:  # the kernel would read a padded copy: write in XLA, then attend
+        rows = jnp.arange(b)
+        pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, s)  # s: dropped
+
+        def put(buf, new):
+            at = buf.at[layer, rows, :, pos, :] if whole else buf.at[rows, :, pos, :]
+            return at.set(new.astype(buf.dtype), mode="drop")
+
+        k, v = put(k, k_new), put(v, v_new)
+        out = decode_attention(q, k, v, lengths, layer=layer, scale=scale, interpret=interpret, **overrides)
+        return out, k, v
+    k5, v5 = (k, v) if whole else (k[None], v[None])
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    new = (append, k_new, v_new)
+    out, k5, v5 = _decode(q, k5, v5, lengths, layer, new, scale=scale, config=config, interpret=interpret)
+    return (out, k5, v5) if whole else (out, k5[0], v5[0])

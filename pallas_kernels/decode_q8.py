@@ -1,0 +1,293 @@
+"""GQA decode attention over a Q8 cache that dequantizes inside its K/V loads.
+
+The Q8 format: int8 codes ``[..., D]`` and one scale (float16 or float32) per 32 consecutive values along
+``D``, ``[..., D // 32]``; a value is ``code * scale``. A Q8 cache is ``int8[L, B, K, S, D]`` codes with
+``[L, B, K, S, D // 32]`` scales, for K and for V.
+
+:func:`q8_decode_attention` is the bf16 decode kernel's algorithm (``pallas_kernels.decode``: one program per
+``(b, kv head, split)``, the whole cache indexed in place so ``layer`` may be traced, loops bounded by each
+sequence's length, split-K partials merged by ``merge_partials``) over Q8 K/V, with the dequantization folded
+into the two matrix products instead of a dequantized copy of the cache. Each product takes a whole ``[bk, D]``
+code tile: the query is made block diagonal (row ``c * Gs + g`` holds query ``g``'s chunk ``c`` of 32 values and
+zeros elsewhere), so one product gives every chunk's partial scores ``[D/32 * Gs, bk]``, which the K scales
+weight and sum; the probabilities times each chunk's V scales form the left operand of the value product, whose
+chunk ``c`` columns are kept from row block ``c``.
+
+Codes enter the tensor-core products exactly (int8 fits bf16, f16 and tf32 mantissas) and scales multiply the
+float32 results, so the only roundings are those of ``q`` and ``p`` to the product dtype, as in the bf16 kernel.
+Each K/V byte is read once: the kernel moves ``D + D // 32 * scale_bytes`` bytes per position and head instead of
+``2 * D`` for bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int, Int8
+
+from pallas_kernels import backend, common
+from pallas_kernels.common import MIN_BLOCK, DecodeConfig
+
+QBLOCK = 32  # values per scale
+SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# Launch rules fitted to sweeps on the GPU (docs/notes/kernel_rules.md, "Q8"): keys per step, warps, stages,
+# and the fewest keys a split walks where fewer (b, kv head) programs than multiprocessors run.
+BLOCK_K = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
+SPLIT_KEYS = 128
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def check_q8(name: str, codes, scales) -> None:
+    """``codes`` int8 ``[..., D]`` with ``D`` a multiple of 32 and ``scales [..., D // 32]`` of a scale dtype."""
+    if getattr(codes, "dtype", None) != jnp.int8:
+        raise TypeError(f"{name} codes must be int8, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    if getattr(scales, "dtype", None) not in SCALE_DTYPES:
+        raise TypeError(
+            f"{name} scales must be float16 or float32, got {getattr(scales, 'dtype', type(scales).__name__)}"
+        )
+    d = codes.shape[-1] if codes.ndim else 0
+    if codes.ndim == 0 or d % QBLOCK or scales.shape != (*codes.shape[:-1], d // QBLOCK):
+        raise ValueError(
+            f"{name}: codes.shape={codes.shape} and scales.shape={scales.shape} do not form a Q8 pair "
+            f"(D a multiple of {QBLOCK}, scales of shape codes.shape[:-1] + (D // {QBLOCK},))"
+        )
+
+
+def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
+    """Validate :func:`q8_decode_attention`'s arguments (and its reference's); return ``(B, N, K, S, D)``."""
+    check_q8("k", k, k_scale)
+    check_q8("v", v, v_scale)
+    if v.shape != k.shape or v_scale.dtype != k_scale.dtype:
+        raise ValueError(
+            f"k and v must have the same shape and scale dtype, got {k.shape}/{k_scale.dtype} and "
+            f"{v.shape}/{v_scale.dtype}"
+        )
+    # Shapes, GQA, head_dim, lengths and layer as for the bf16 kernel, on stand-ins of the dequantized cache.
+    stand_in = jax.ShapeDtypeStruct(k.shape, jnp.bfloat16)
+    return common.check_args(q, stand_in, stand_in, lengths, layer)
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+
+
+def _dot(a, b, trans_b=False, out=jnp.float32):
+    """``a @ b`` (``a @ b.T`` with ``trans_b``) accumulated in ``out``; default precision (tf32 for float32 on
+    the GPU lowering, exact float32 in interpret mode)."""
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=out)
+
+
+def wide_rows(group: int, chunks: int) -> int:
+    """Query rows per chunk in the wide products: a power of two >= ``group`` with ``chunks * rows >= 16``."""
+    return max(1 << (group - 1).bit_length(), -(-MIN_BLOCK // chunks))
+
+
+def decode_kernel(
+    # inputs (the paged kernel passes views of its pools that read through the block table for k/v and scales)
+    lengths_ref,  # [B] int32
+    layer_ref,  # [1] int32
+    q_ref,  # [B, N, D]
+    k_ref,  # [L, B, K, S, D] int8: the whole cache; the program reads its own (layer, b, kv head) slab
+    k_scale_ref,  # [L, B, K, S, D // 32]
+    v_ref,  # [L, B, K, S, D] int8
+    v_scale_ref,  # [L, B, K, S, D // 32]
+    # outputs: o [B, N, D] (one split), or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32)
+    *out_refs,
+    group: int,
+    rows: int,
+    block_k: int,
+    num_splits: int,
+    scale: float,
+    dot_dtype,
+):
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_layers, _, _, max_len, head_dim = k_ref.shape
+    chunks = head_dim // QBLOCK
+    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
+    n = jnp.clip(lengths_ref[b], 0, max_len)
+    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+
+    lo, hi = common.split_blocks(n, j, block_k, num_splits)
+    n_full = n // block_k  # blocks whose every position is valid
+
+    def scale_tile(ref, keys):  # [D/32, bk] float32
+        return ref[layer, b, h, keys, :].T.astype(jnp.float32)
+
+    # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
+    head_rows = pl.ds(h * group, rows)
+    padded = rows != group
+    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if padded else None
+    cols = pl.ds(0, head_dim)
+    q = backend.load(q_ref.at[b, head_rows, cols], mask=row_ok, other=0 if padded else None).astype(dot_dtype)
+    # Row c * rows + g of the wide query holds query g's chunk c and zeros elsewhere (block diagonal), so one
+    # product with a whole [bk, D] code tile gives every chunk's partial scores: [chunks * rows, bk].
+    wide_rows_ = chunks * rows
+    chunk_of = lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim) // QBLOCK
+    diag = lax.broadcasted_iota(jnp.int32, (wide_rows_, head_dim), 0) // rows == chunk_of((wide_rows_, head_dim), 1)
+    q_wide = jnp.broadcast_to(q[None], (chunks, rows, head_dim)).reshape(wide_rows_, head_dim)
+    q_wide = jnp.where(diag, q_wide, jnp.zeros_like(q_wide))  # [R, D]
+
+    def widen(x):  # [rows, ...] -> [chunks * rows, ...]: row c * rows + g is x[g]
+        return jnp.broadcast_to(x[None], (chunks, *x.shape)).reshape(chunks * x.shape[0], *x.shape[1:])
+
+    def scores_of(keys):
+        codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8
+        part = _dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
+        k_scale = scale_tile(k_scale_ref, keys) * scale
+        return jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
+
+    def values_of(p, keys, valid):
+        v_scale = scale_tile(v_scale_ref, keys)  # [D/32, bk]
+        if valid is not None:
+            v_scale = jnp.where(valid[None, :], v_scale, 0.0)
+        # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the whole
+        # code tile is right in chunk c's columns (the rest is dropped once, at the end).
+        p_wide = (p[None] * v_scale[:, None, :]).reshape(chunks * rows, block_k).astype(dot_dtype)
+        return _dot(p_wide, v_ref[layer, b, h, keys, :].astype(dot_dtype))  # [R, D]
+
+    def attend(carry, start, valid):
+        m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
+        keys = pl.ds(start, block_k)
+        s = scores_of(keys)
+        if valid is not None:  # unused positions may hold NaN scales: where(), never a multiply, masks them
+            s = jnp.where(valid[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
+        p = jnp.exp(s - m_new[:, None])  # [rows, bk]
+        pv = values_of(p, keys, valid)
+        acc = acc * widen(alpha)[:, None] + pv
+        return m_new, denom * alpha + jnp.sum(p, axis=1), acc
+
+    def full_block(i, carry):
+        return attend(carry, pl.multiple_of(i * block_k, block_k), None)
+
+    def tail_block(carry):
+        start = n_full * block_k
+        window = jnp.minimum(start, max_len - block_k)  # slide back so the load stays inside S
+        pos = window + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        return attend(carry, window, (pos >= start) & (pos < n))
+
+    carry = (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((wide_rows_, head_dim), jnp.float32),
+    )
+    carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
+    has_tail = (lo <= n_full) & (n_full < hi)
+    m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
+    acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)  # each row block's own chunk
+
+    vec_ok = lax.broadcasted_iota(jnp.int32, (rows,), 0) < group if padded else None
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
+        backend.store(o_ref.at[b, head_rows, cols], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
+    else:
+        acc_ref, m_ref, denom_ref = out_refs
+        backend.store(acc_ref.at[b, j, head_rows, cols], acc, mask=row_ok)
+        backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
+        backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
+
+
+def dot_dtype_for(q_dtype) -> jnp.dtype:
+    """Operand dtype of the kernel's products: a 16-bit query keeps its dtype; float32 runs as tf32 on GPU."""
+    q_dtype = jnp.dtype(q_dtype)
+    return q_dtype if q_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
+
+
+def kernel_options(q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float) -> dict:
+    """The static arguments of :func:`decode_kernel` (shared with the paged Q8 kernel)."""
+    return dict(
+        group=group,
+        rows=wide_rows(group, head_dim // QBLOCK),
+        block_k=block_k,
+        num_splits=num_splits,
+        scale=scale,
+        dot_dtype=dot_dtype_for(q_dtype),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret):
+    # q [B, N, D]; k, v int8[L, B, K, S, D]; scales [L, B, K, S, D // 32]; lengths int32[B]; layer int32[1]
+    _, batch, kv_heads, _, head_dim = k.shape
+    group = q.shape[1] // kv_heads
+    splits = config.num_splits
+    out_shape = common.split_out_shape(q, splits)
+    inputs = [lengths, layer, q, k, k_scale, v, v_scale]
+    options = kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale)
+    kernel = functools.partial(decode_kernel, **options)
+    grid = (batch, kv_heads, splits)
+    return common.launch_split_kernel(
+        kernel, inputs, out_shape, {}, grid, config, interpret, "jkv_q8_decode_attention", q.dtype
+    )
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def q8_decode_config(
+    batch: int, num_kv_heads: int, max_len: int, head_dim: int, block_k: int | None = None
+) -> DecodeConfig:
+    """Launch parameters: ``BLOCK_K`` keys per step (fewer for a shorter cache), ``NUM_WARPS``, ``NUM_STAGES``.
+    Splits: with at least one (b, kv head) program per multiprocessor, the bf16 kernel's rule
+    (``common.choose_num_splits`` over ``SPLIT_KEYS``-key steps); with fewer, about two programs per
+    multiprocessor, each split at least ``2 * SPLIT_KEYS`` keys. ``block_k`` fixes the keys per step instead
+    (the paged Q8 kernel's whole pages); the splits and stages follow it."""
+    if block_k is None:
+        block_k = max(MIN_BLOCK, min(BLOCK_K, 1 << (max(max_len, 1).bit_length() - 1)))
+    sms, programs = backend.num_multiprocessors(), batch * num_kv_heads
+    split_keys = max(block_k, SPLIT_KEYS)
+    if programs >= sms:
+        splits = common.choose_num_splits(batch, num_kv_heads, max_len, split_keys, sms)
+    else:
+        most = max(1, pl.cdiv(max_len, split_keys) // 2)
+        splits = max(1, min(2 * sms // programs, most))
+    stages = min(NUM_STAGES, common.max_stages(block_k, head_dim, 1))
+    return DecodeConfig(block_k, splits, NUM_WARPS, stages)
+
+
+def q8_decode_attention(
+    q: Float[Array, "B N D"],
+    k: Int8[Array, "*L B K S D"],
+    k_scale: Float[Array, "*L B K S D//32"],
+    v: Int8[Array, "*L B K S D"],
+    v_scale: Float[Array, "*L B K S D//32"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Float[Array, "B N D"]:
+    """Decode attention over a Q8 cache: one query per sequence over its first ``lengths[b]`` positions.
+
+    Arguments as for ``pallas_kernels.decode.decode_attention``, with each of K and V given as codes and scales
+    (one layer ``[B, K, S, ...]`` or a whole ``[L, B, K, S, ...]`` cache with ``layer``). The products run in
+    ``q``'s dtype when it is bfloat16 or float16, in tf32 (GPU) or float32 (interpret) for a float32 ``q``;
+    softmax and accumulation in float32. Launch overrides as for :func:`q8_decode_config`'s fields.
+    """
+    b, _, kh, s, d = check_args(q, k, k_scale, v, v_scale, lengths, layer)
+    interpret = backend.resolve_interpret(interpret)
+    scale = common.softmax_scale(scale, d)
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    config = common.resolve_config(q8_decode_config(b, kh, s, d), s, d, 1, **overrides)
+    if k.ndim == 4:
+        k, k_scale, v, v_scale, layer = k[None], k_scale[None], v[None], v_scale[None], 0  # free reshapes
+    if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
+        pad = [(0, 0)] * 3 + [(0, MIN_BLOCK - s), (0, 0)]
+        k, k_scale, v, v_scale = (jnp.pad(x, pad) for x in (k, k_scale, v, v_scale))
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    return _decode(q, k, k_scale, v, v_scale, lengths, layer, scale=float(scale), config=config, interpret=interpret)

@@ -1,0 +1,131 @@
+"""Decode attention over Q8 pages: int8 code pools ``[L, P, K, page_size, D]`` and scale pools
+``[L, P, K, page_size, D // 32]``, read through the block table by ``pallas_kernels.decode_q8``'s kernel body (its
+fused dequant) over four ``pallas_kernels.paged`` views that share one block's page indices: the codes and the
+scales of a block come from the same pages, so the table is read once per block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, Int8
+
+from pallas_kernels import backend, common, decode_q8, paged
+from pallas_kernels.common import MIN_BLOCK
+from pallas_kernels.paged import BlockAddresses, PagedConfig, PagedView
+
+
+def paged_q8_config(batch: int, num_kv_heads: int, max_pages: int, page_size: int, head_dim: int) -> PagedConfig:
+    """Defaults: the contiguous Q8 kernel's block of keys (``decode_q8.q8_decode_config``) rounded to whole
+    pages, and its splits, warps and stages for that block."""
+    max_len = max_pages * page_size
+    base = decode_q8.q8_decode_config(batch, num_kv_heads, max_len, head_dim)
+    ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
+    config = decode_q8.q8_decode_config(batch, num_kv_heads, max_len, head_dim, block_k=ppb * page_size)
+    preload = paged.preload_entries(max_pages, ppb, config.num_splits, page_size) > 0
+    return PagedConfig(ppb, config.num_splits, config.num_warps, config.num_stages, preload)
+
+
+def _paged_q8_kernel(
+    # inputs
+    lengths_ref,  # [B] int32
+    layer_ref,  # [1] int32
+    tables_ref,  # [B, Mp] int32: Mp = M padded to a multiple of pages_per_block
+    q_ref,  # [B, N, D]
+    k_ref,  # [L, P, K, page_size, D] int8: the whole pool
+    k_scale_ref,  # [L, P, K, page_size, D // 32]
+    v_ref,  # [L, P, K, page_size, D] int8
+    v_scale_ref,  # [L, P, K, page_size, D // 32]
+    # outputs: as in pallas_kernels.decode_q8
+    *refs,
+    preload: int,
+    **params,
+):
+    addresses = BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3])
+    if preload:
+        addresses.preload(preload, params["block_k"], params["num_splits"])
+    views = [PagedView(ref, addresses) for ref in (k_ref, k_scale_ref, v_ref, v_scale_ref)]
+    decode_q8.decode_kernel(lengths_ref, layer_ref, q_ref, *views, *refs, **params)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def _paged_q8(q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, config: PagedConfig, interpret):
+    # q [B, N, D]; k, v int8[L, P, K, page_size, D]; scales [L, P, K, page_size, D // 32]; tables int32[B, M];
+    # lengths int32[B]; layer int32[1]
+    kv_heads, page_size, head_dim = k.shape[2:]
+    max_pages = tables.shape[1]
+    splits, ppb = config.num_splits, config.pages_per_block
+    tables = paged.pad_tables(tables, ppb)
+    out_shape = common.split_out_shape(q, splits)
+    inputs = [lengths, layer, tables, q, k, k_scale, v, v_scale]
+    options = decode_q8.kernel_options(q.dtype, q.shape[1] // kv_heads, head_dim, ppb * page_size, splits, scale)
+    preload = paged.preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
+    kernel = functools.partial(_paged_q8_kernel, preload=preload, **options)
+    grid = (q.shape[0], kv_heads, splits)
+    return common.launch_split_kernel(
+        kernel, inputs, out_shape, {}, grid, config, interpret, "jkv_paged_q8_attention", q.dtype
+    )
+
+
+def check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None):
+    """Validate the arguments of :func:`paged_q8_decode_attention` (and its reference's); return
+    ``(B, N, K, P, page_size, D)``."""
+    decode_q8.check_q8("k_pages", k_pages, k_scale_pages)
+    decode_q8.check_q8("v_pages", v_pages, v_scale_pages)
+    if v_pages.shape != k_pages.shape or v_scale_pages.dtype != k_scale_pages.dtype:
+        raise ValueError(
+            f"k and v pages must have the same shape and scale dtype, got {k_pages.shape}/{k_scale_pages.dtype} "
+            f"and {v_pages.shape}/{v_scale_pages.dtype}"
+        )
+    # Shapes, GQA, head_dim, page size, tables, lengths and layer as for bf16 pools, on stand-ins of the values.
+    stand_in = jax.ShapeDtypeStruct(k_pages.shape, jnp.bfloat16)
+    return paged.check_args(q, stand_in, stand_in, block_tables, lengths, layer)
+
+
+def paged_q8_decode_attention(
+    q: Float[Array, "B N D"],
+    k_pages: Int8[Array, "*L P K page D"],
+    k_scale_pages: Float[Array, "*L P K page D//32"],
+    v_pages: Int8[Array, "*L P K page D"],
+    v_scale_pages: Float[Array, "*L P K page D//32"],
+    block_tables: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    pages_per_block: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    preload: bool | None = None,
+) -> Float[Array, "B N D"]:
+    """Decode attention over Q8 pages: ``pallas_kernels.paged.paged_decode_attention`` with each of K and V given
+    as code and scale pools, dequantized inside the loads as ``pallas_kernels.decode_q8.q8_decode_attention``
+    does; the launch arguments override :func:`paged_q8_config`. Products in ``q``'s dtype (bfloat16 / float16;
+    tf32 on GPU for float32), softmax and accumulation in float32."""
+    b, _, kh, _, page_size, d = check_args(
+        q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer
+    )
+    interpret = backend.resolve_interpret(interpret)
+    scale = common.softmax_scale(scale, d)
+    config = paged.resolve_config(
+        paged_q8_config(b, kh, block_tables.shape[1], page_size, d),
+        page_size,
+        d,
+        1,
+        pages_per_block=pages_per_block,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        preload=preload,
+    )
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    if k_pages.ndim == 4:
+        pools, layer = tuple(x[None] for x in pools), 0  # free reshapes, not copies
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    tables = jnp.asarray(block_tables).astype(jnp.int32)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    return _paged_q8(q, *pools, tables, lengths, layer, scale=float(scale), config=config, interpret=interpret)

@@ -1,0 +1,193 @@
+"""Every kernel's pure-``jnp`` reference, with the kernel's signature (launch arguments accepted and ignored) and
+its argument checks. Computed in float32 at the highest matmul precision; positions past ``lengths[b]`` may hold
+anything, NaN included.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int, Int8
+
+from pallas_kernels import common, decode, decode_q8, dequantize, paged, paged_q8
+
+
+def combine_splits(
+    m: Float[Array, "... P G"], denom: Float[Array, "... P G"], acc: Float[Array, "... P G D"]
+) -> Float[Array, "... G D"]:
+    """Merge split-K partials over axis P: running maxima ``m``, softmax denominators ``denom`` (sums of
+    ``exp(s - m)``) and unnormalised outputs ``acc`` (sums of ``exp(s - m) * v``).
+
+    A split that saw no position has ``m = -inf, denom = 0, acc = 0`` and drops out; when every split is empty
+    (length 0) the result is zero. Computed in float32.
+    """
+    m, denom, acc = (x.astype(jnp.float32) for x in (m, denom, acc))
+    m_max = jnp.max(m, axis=-2, keepdims=True)  # (..., 1, G)
+    weight = jnp.exp(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))  # (..., P, G); exp(-inf) = 0
+    total = jnp.sum(weight * denom, axis=-2)  # (..., G)
+    out = jnp.sum(weight[..., None] * acc, axis=-3)  # (..., G, D)
+    return out * jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)[..., None]
+
+
+def merge_partials_reference(acc, m, denom=None, *, splits: int, dtype, interpret=None):
+    """``common.merge_partials`` in plain ``jnp``."""
+    del interpret
+    if denom is None:
+        m, denom = m[..., 0], m[..., 1]
+    return combine_splits(*(x[:, :splits] for x in (m, denom, acc))).astype(dtype)
+
+
+def decode_attention_reference(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    **launch,
+) -> Float[Array, "B N D"]:
+    """``decode.decode_attention`` (and ``decode_mgpu.decode_attention_mgpu``, ``dispatch.decode_attention_auto``)."""
+    del launch
+    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
+    if k.ndim == 5:
+        k, v = k[layer], v[layer]
+    scale = d**-0.5 if scale is None else scale
+    hi = lax.Precision.HIGHEST
+    qg = q.astype(jnp.float32).reshape(b, kh, n // kh, d)  # (B, K, G, D)
+    valid = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]  # (B, S)
+    kz = jnp.where(valid[:, None, :, None], k.astype(jnp.float32), 0.0)
+    vz = jnp.where(valid[:, None, :, None], v.astype(jnp.float32), 0.0)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, kz, precision=hi) * scale
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))  # (B, K, G, S); masked positions give 0
+    out = jnp.einsum("bkgs,bksd->bkgd", p, vz, precision=hi)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = out * jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return out.reshape(b, n, d).astype(q.dtype)
+
+
+def decode_attention_append_reference(
+    q: Float[Array, "B N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    k_new: Float[Array, "B K D"],
+    v_new: Float[Array, "B K D"],
+    *,
+    append=None,
+    layer=None,
+    scale: float | None = None,
+    **launch,
+) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
+    """``decode.decode_attention_append``: an XLA scatter of the new rows, then the attention reference."""
+    del launch
+    b, _, _, s, _ = decode.check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
+    append = jnp.ones((b,), jnp.int32) if append is None else jnp.asarray(append).astype(jnp.int32)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    rows = jnp.arange(b)
+    pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, s)  # s: dropped
+
+    def put(buf, new):
+        at = buf.at[layer, rows, :, pos, :] if buf.ndim == 5 else buf.at[rows, :, pos, :]
+        return at.set(new.astype(buf.dtype), mode="drop")
+
+    k, v = put(k, k_new), put(v, v_new)
+    return decode_attention_reference(q, k, v, lengths, layer=layer, scale=scale), k, v
+
+
+def gather_pages(pages: Array, block_tables: Array) -> Array:
+    """``[P, K, page_size, D]`` pages in table order: contiguous ``[B, K, M * page_size, D]`` (entries < 0 read
+    page 0, for the caller to mask)."""
+    x = pages[jnp.clip(block_tables, 0, pages.shape[0] - 1)]  # (B, M, K, page_size, D)
+    b, m, kh, ps, d = x.shape
+    return x.swapaxes(1, 2).reshape(b, kh, m * ps, d)
+
+
+def paged_decode_attention_reference(
+    q: Float[Array, "B N D"],
+    k_pages: Float[Array, "*L P K page D"],
+    v_pages: Float[Array, "*L P K page D"],
+    block_tables: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    **launch,
+) -> Float[Array, "B N D"]:
+    """``paged.paged_decode_attention``: gather the pages into a contiguous cache (an XLA gather of every table
+    entry) and run the contiguous reference."""
+    del launch
+    paged.check_args(q, k_pages, v_pages, block_tables, lengths, layer)
+    if k_pages.ndim == 5:
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
+    k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+    return decode_attention_reference(q, k, v, lengths, scale=scale)
+
+
+def dequantize_q8_reference(
+    codes: Int8[Array, "... D"], scales: Float[Array, "... D//32"], *, dtype=jnp.bfloat16, **launch
+) -> Float[Array, "... D"]:
+    """``dequantize.dequantize_q8``: codes times their block's scale, in float32, as ``dtype``."""
+    del launch
+    decode_q8.check_q8("dequantize", codes, scales)
+    blocks = codes.astype(jnp.float32).reshape(*codes.shape[:-1], -1, decode_q8.QBLOCK)  # (..., D/32, 32)
+    out = blocks * scales.astype(jnp.float32)[..., None]
+    return out.reshape(codes.shape).astype(dequantize.out_dtype(dtype))
+
+
+def q8_decode_attention_reference(
+    q: Float[Array, "B N D"],
+    k: Int8[Array, "*L B K S D"],
+    k_scale: Float[Array, "*L B K S D//32"],
+    v: Int8[Array, "*L B K S D"],
+    v_scale: Float[Array, "*L B K S D//32"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    **launch,
+) -> Float[Array, "B N D"]:
+    """``decode_q8.q8_decode_attention``: dequantize to float32, then the bf16 kernel's reference."""
+    del launch
+    decode_q8.check_args(q, k, k_scale, v, v_scale, lengths, layer)
+    if k.ndim == 5:
+        k, k_scale, v, v_scale = k[layer], k_scale[layer], v[layer], v_scale[layer]
+    k = dequantize_q8_reference(k, k_scale, dtype=jnp.float32)
+    v = dequantize_q8_reference(v, v_scale, dtype=jnp.float32)
+    return decode_attention_reference(q, k, v, lengths, scale=scale)
+
+
+def paged_q8_decode_attention_reference(
+    q: Float[Array, "B N D"],
+    k_pages: Int8[Array, "*L P K page D"],
+    k_scale_pages: Float[Array, "*L P K page D//32"],
+    v_pages: Int8[Array, "*L P K page D"],
+    v_scale_pages: Float[Array, "*L P K page D//32"],
+    block_tables: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    **launch,
+) -> Float[Array, "B N D"]:
+    """``paged_q8.paged_q8_decode_attention``: gather the pages (codes and scales), dequantize to float32 and run
+    the contiguous reference."""
+    del launch
+    paged_q8.check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer)
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    if k_pages.ndim == 5:
+        pools = tuple(x[layer] for x in pools)
+    k, k_scale, v, v_scale = (gather_pages(x, block_tables) for x in pools)
+    k = dequantize_q8_reference(k, k_scale, dtype=jnp.float32)
+    v = dequantize_q8_reference(v, v_scale, dtype=jnp.float32)
+    return decode_attention_reference(q, k, v, lengths, scale=scale)
+
+
+def residual_rms_norm_reference(x, y, weight, *, eps: float, dtype=jnp.float32, **launch):
+    """``rms_norm.residual_rms_norm``: the same three outputs in plain JAX."""
+    del launch
+    s = x.astype(jnp.float32) if y is None else x.astype(jnp.float32) + y.astype(jnp.float32)
+    scale = lax.rsqrt(jnp.mean(s * s, axis=-1, keepdims=True) + eps)
+    return s, (s * weight.astype(jnp.float32)).astype(dtype), scale

@@ -1,0 +1,53 @@
+"""Inputs and tolerances the kernel tests (tests/kernels/) and the cache tests that run kernels share."""
+
+import jax.numpy as jnp
+import numpy as np
+from conftest import REL_TOL
+
+from jkv.quant import dequantize, quantize
+
+# Products in bf16/f16 round p (and q): the shared table. float32 q: exact in interpret mode on a CPU, tf32 on a
+# GPU (the real lowering, and interpret mode too: its dots run on the GPU at default precision).
+KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat16"], "float16": REL_TOL["float16"]}
+
+
+def random_paged(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale):
+    """Pools (float64, NaN wherever nothing valid lives), block tables, and the contiguous K/V slabs they hold."""
+    num_layers, layer = layers if layers is not None else (1, 0)
+    layer = 1 if layer == "traced" else layer
+    need = [-(-n // page_size) for n in lengths]
+    spare = 3 + batch  # pages nobody uses (NaN), for stale entries to name
+    num_pages = sum(need) + spare
+    order = rng.permutation(num_pages)
+    shape = (num_layers, num_pages, kv_heads, page_size, head_dim)
+    k_pages, v_pages = np.full(shape, np.nan), np.full(shape, np.nan)
+    slabs = [rng.standard_normal((batch, kv_heads, max_pages * page_size, head_dim)) for _ in range(2)]
+    tables = np.full((batch, max_pages), -1, np.int32)
+    if stale:
+        tables[:] = rng.choice(order[sum(need) :], size=tables.shape)
+    used = 0
+    for b, n in enumerate(lengths):
+        for j in range(need[b]):
+            tables[b, j] = page = order[used]
+            used += 1
+            rows = min(page_size, n - j * page_size)
+            for pool, slab in zip((k_pages, v_pages), slabs, strict=True):
+                pool[layer, page, :, :rows] = slab[b, :, j * page_size : j * page_size + rows]
+    if layers is None:
+        k_pages, v_pages = k_pages[0], v_pages[0]
+    return k_pages, v_pages, tables, slabs
+
+
+def q8_pools(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale, scale_dtype=jnp.float16):
+    """test_paged_kernel's random permuted pools quantized: codes 0 and NaN scales wherever nothing valid lives.
+    Returns the four pools, the tables and the dequantized contiguous K/V slabs (float64)."""
+    k_pages, v_pages, tables, slabs = random_paged(
+        rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale
+    )
+    pools = [*quantize(jnp.asarray(k_pages, jnp.float32), scale_dtype=scale_dtype)]
+    pools += [*quantize(jnp.asarray(v_pages, jnp.float32), scale_dtype=scale_dtype)]
+    deq = [
+        np.asarray(dequantize(*quantize(jnp.asarray(s, jnp.float32), scale_dtype=scale_dtype)), np.float64)
+        for s in slabs
+    ]
+    return pools, tables, deq
