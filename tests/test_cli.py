@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_loading_gguf import needs_smollm, write_tiny_gguf
+from helpers_loading import needs_smollm, write_tiny_gguf
 
 from jkv import cli
 
@@ -106,7 +106,7 @@ def test_argparse_rejects_bad_choices(args, capsys):
 
 
 def test_model_without_tokenizer(tmp_path, tiny_gguf, capsys):
-    from test_loading_safetensors import random_hf_model
+    from helpers_loading import random_hf_model
 
     from jkv.generate import generate_text
     from jkv.loading import load_gguf

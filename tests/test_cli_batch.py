@@ -2,7 +2,7 @@
 
 import jax
 import pytest
-from test_loading_gguf import needs_smollm
+from helpers_loading import needs_smollm
 
 from jkv import cli
 
