@@ -61,7 +61,7 @@ ERRORS = {
     "negative-new-tokens": ("hi", ["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0, got -3"),
     "prompt-longer-than-max-len": (
         "hello there",
-        ["--max-len", "4"],
+        ["--max-len", "4", "--max-new-tokens", "2"],  # 128 new tokens would not fit: refused before loading
         r"the prompt has \d+ tokens, longer than max_len=4",
     ),
     "prompt-longer-than-context": (
