@@ -54,24 +54,30 @@ def load_or_refuse(path, note: str = "") -> None:
 # ---------------------------------------------------------------------------------------------- GGUF
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
-    """A tiny GGUF's bytes and every scalar part of its header: (file offset, dtype, what it is)."""
+    """A tiny GGUF's bytes, where its tensor data starts, and the scalar parts of its header by group:
+    ``{group: [(file offset, dtype, what it is)]}`` (groups: header, model, tokenizer, tensor-info)."""
     path = tmp_path_factory.mktemp("gguf") / "base.gguf"
     write_tiny_gguf(path, np.random.default_rng(0), dims=DIMS, types={"attn_q": Q.Q8_0, "ffn_up": Q.F16})
     reader = gguf.GGUFReader(path)
     base = reader.data.ctypes.data
-    points = []
+    groups = {"header": [], "model": [], "tokenizer": [], "tensor-info": []}
+
+    def add(group, part, what):
+        for i in range(min(part.size, 4)):
+            groups[group].append((part.ctypes.data - base + i * part.itemsize, part.dtype, what))
+
     for key, field in reader.fields.items():
-        for part in field.parts:
-            if part.size <= 4 or key == "GGUF.version":  # lengths, types, scalars, short arrays: not token lists
-                for i in range(part.size):
-                    points.append((part.ctypes.data - base + i * part.itemsize, part.dtype, key))
+        group = "header" if key.startswith("GGUF.") else "tokenizer" if key.startswith("tokenizer.") else "model"
+        # Key length, key, value type, then the value (or an array's item type, count and first three items).
+        for part in field.parts[:8]:
+            if part.dtype != np.uint8 or part.size == 1:  # skip the bytes of strings: their lengths are mutated
+                add(group, part, key)
     for t in reader.tensors:
         for part in t.field.parts[2:]:  # n_dims, dims, type, data offset
-            for i in range(part.size):
-                points.append((part.ctypes.data - base + i * part.itemsize, part.dtype, t.name))
+            add("tensor-info", part, t.name)
     data, header_end = bytes(reader.data), reader.data_offset
     del reader
-    return data, points, header_end
+    return data, groups, header_end
 
 
 def new_value(old, dtype, choice: int, noise: float):
@@ -86,11 +92,11 @@ def new_value(old, dtype, choice: int, noise: float):
 @MUTATION_SETTINGS
 @given(data=st.data())
 def test_mutated_gguf_is_refused_or_sound(gguf_file, tmp_path_factory, data):
-    raw, points, header_end = gguf_file
+    raw, groups, header_end = gguf_file
     mutated = bytearray(raw)
-    kind = data.draw(st.sampled_from(["field", "field", "field", "byte"]), label="kind")
-    if kind == "field":
-        offset, dtype, what = data.draw(st.sampled_from(points), label="point")
+    kind = data.draw(st.sampled_from([*groups, "byte"]), label="kind")
+    if kind != "byte":
+        offset, dtype, what = data.draw(st.sampled_from(groups[kind]), label="point")
         old = np.frombuffer(raw, dtype, 1, offset)[0]
         choice = data.draw(st.integers(0, 7), label="choice")
         noise = data.draw(st.floats(0, 1), label="noise")

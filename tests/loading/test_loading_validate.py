@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers_loading import needs_smollm, random_hf_model, smollm_path, write_tiny_gguf
 
-from jkv.loading import ModelLoadError, TokenizerError, load, validate
+from jkv.loading import ModelLoadError, TokenizerError, load
 
 SMALL_DIMS = dict(hidden=64, ffn=64)
 
@@ -286,6 +286,8 @@ def test_safetensors_corruption_is_refused(case, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- generation
 def test_check_finite_logits_names_the_step():
+    from jkv.loading import validate
+
     logits = np.zeros((3, 7), np.float32)
     validate.check_finite_logits(logits, 4)
     logits[1, 2], logits[2, 0] = np.nan, -np.inf
