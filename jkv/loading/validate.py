@@ -62,7 +62,10 @@ def real(value, field: str, source: str, low: float, high: float, low_exclusive:
     """``value`` as a finite float in ``(low, high]`` (or ``[low, high]``), or ``ModelLoadError``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         _fail(source, field, value, f"a number, not {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range, e.g. 10**400 in a JSON file
+        value = math.inf
     bracket = "(" if low_exclusive else "["
     if not math.isfinite(value) or value > high or value < low or (low_exclusive and value == low):
         _fail(source, field, value, f"a finite number in {bracket}{low:g}, {high:g}]")
