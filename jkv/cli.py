@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the prompt text (a user message for chat models unless --raw)")
     gen.add_argument(
         "--batch-file",
-        help="a text file of prompts, one per line: all of them run through the batched engine (continuous "
-        "batching), with a progress bar; the answers print in order",
+        help="a UTF-8 text file of prompts, one per line: all of them run through the batched engine (continuous "
+        "batching); each answer prints as soon as it finishes, tagged with its line number, then a summary",
     )
     gen.add_argument("--num-slots", type=_positive_int, default=None, help="engine slots (default: what fits memory)")
     gen.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
@@ -75,26 +75,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_batch_file(path: str) -> list[str]:
+def read_batch_file(path: str) -> list[tuple[int, str]]:
+    """The non-empty lines of a UTF-8 file as ``(line number, prompt)``, numbered from 1 as editors show them."""
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        with open(path, "rb") as f:
+            raw = f.read().split(b"\n")
     except OSError as e:
         raise CliError(f"cannot read --batch-file {path!r}: {e.strerror}") from e
+    prompts = []
+    for number, line in enumerate(raw, start=1):
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise CliError(
+                f"--batch-file {path!r} line {number} is not UTF-8 text (byte {line[e.start]:#04x} at column "
+                f"{e.start + 1}): save the file as UTF-8"
+            ) from None
+        if text.strip():
+            prompts.append((number, text))
     if not prompts:
         raise CliError(f"--batch-file {path!r} holds no prompt (one prompt per non-empty line)")
     return prompts
 
 
-def run_batch(args, model, prompts: list[str]) -> int:
-    """Run many prompts through the engine; print each answer (in order) after a progress bar."""
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # what jax.random.key takes
+
+
+def check_flags(args) -> None:
+    """Every check that needs no model, so a bad flag is reported before the model loads."""
+    if (args.prompt is None) == (args.batch_file is None):
+        raise CliError("give either a PROMPT or --batch-file FILE (one prompt per line), not both or neither")
+    if args.max_new_tokens < 0:
+        raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.max_len is not None and args.max_new_tokens > args.max_len:
+        raise CliError(
+            f"--max-new-tokens {args.max_new_tokens} does not fit --max-len {args.max_len}: a prompt and its new "
+            "tokens share the cache (raise --max-len or lower --max-new-tokens)"
+        )
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise CliError(f"--seed must be an integer in [-2**63, 2**63 - 1], got {args.seed}")
+    if args.prefix_cache_mb < 0:
+        raise CliError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
+    if args.speculative < 0:
+        raise CliError(f"--speculative must be >= 0 (0: off), got {args.speculative}")
+    if args.speculative and args.temperature > 0:
+        raise CliError("--speculative verifies greedy choices: use it with --temperature 0")
+
+
+def check_room(prompt_tokens: int, args, context: int, where: str = "") -> None:
+    """The single-prompt rule for each prompt: it and ``--max-new-tokens`` fit ``--max-len`` (or the context)."""
+    if prompt_tokens > context:
+        raise CliError(
+            f"{where}the prompt has {prompt_tokens} tokens, longer than the model's context length {context}"
+        )
+    if args.max_len is not None and prompt_tokens > args.max_len:
+        raise CliError(f"{where}the prompt has {prompt_tokens} tokens, longer than max_len={args.max_len}")
+    cap = args.max_len if args.max_len is not None else context
+    need = prompt_tokens + args.max_new_tokens - 1  # the last new token is never written to the cache
+    if need > cap:
+        limit = f"max_len={cap}" if args.max_len is not None else f"the model's context length {cap}"
+        raise CliError(
+            f"{where}the prompt ({prompt_tokens} tokens) + --max-new-tokens {args.max_new_tokens} needs {need} "
+            f"cache positions, more than {limit}"
+        )
+
+
+def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
+    """Run many prompts through the engine; print each answer as soon as it finishes, tagged with its line number
+    (``[line N] prompt``, then the answer), and a summary on stderr. An interrupt keeps the answers printed."""
     from jkv.engine import Engine, SamplingParams
 
-    tok = model.tokenizer
+    tok, context = model.tokenizer, model.config.max_position
+    if args.max_len is not None and args.max_len > context:
+        raise CliError(f"max_len={args.max_len} exceeds the model's context length max_position={context}")
     chat = (tok.chat_template is not None) if not args.raw else False
-    ids = [tok.encode(tok.render_chat([{"role": "user", "content": p}]) if chat else p) for p in prompts]
-    longest = max(len(i) for i in ids)
-    max_len = args.max_len or min(model.config.max_position, -(-(longest + args.max_new_tokens) // 256) * 256)
+    ids = [tok.encode(tok.render_chat([{"role": "user", "content": p}]) if chat else p) for _, p in prompts]
+    for (number, _), request_ids in zip(prompts, ids, strict=True):
+        check_room(len(request_ids), args, context, f"line {number}: " if args.batch_file else "")
+    tagged = args.batch_file is not None
+
+    def show(index: int, tokens: list[int]) -> None:
+        text = tok.decode(tokens, skip_special=True)
+        number, prompt = prompts[index]
+        print(f"[line {number}] {prompt}\n{text}\n" if tagged else text, flush=True)
+
+    if args.max_new_tokens == 0:  # as for one prompt: no token, and no engine to build
+        for i in range(len(prompts)):
+            show(i, [])
+        return 0
+    # The engine keeps one free position after the last token, which the single-prompt generator does not need.
+    need = max(len(i) for i in ids) + args.max_new_tokens
+    max_len = max(args.max_len or min(context, -(-need // 256) * 256), need)
     if args.cache in ("paged", "q8-paged"):
         max_len = -(-max_len // 16) * 16
     mesh = None
@@ -115,50 +186,61 @@ def run_batch(args, model, prompts: list[str]) -> int:
         verbose=not args.quiet,
     )
     params = SamplingParams(
-        max_new_tokens=max(args.max_new_tokens, 1),
+        max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
         stop_tokens=tuple(tok.stop_ids),
     )
-    for request_ids in ids:
-        engine.submit(request_ids, params)
-    done = engine.run(show_progress=not args.quiet)
-    for i, completion in enumerate(done):
-        text = tok.decode(completion.tokens, skip_special=True)
-        print(f"[{i}] {prompts[i]}\n{text}\n" if args.batch_file else text)
+    index = {engine.submit(request_ids, params): i for i, request_ids in enumerate(ids)}
+    done = []
+    bar = None
     if not args.quiet:
-        total = sum(len(c.tokens) for c in done)
-        wall = max(c.finished for c in done) - min(c.submitted for c in done)
-        print(
-            f"[{len(done)} requests, {total} tokens in {wall:.2f} s: {total / wall:.1f} tokens/s over "
-            f"{engine.num_slots} slots]",
-            file=sys.stderr,
-        )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ids), desc="requests", unit="req", file=sys.stderr)
+    try:
+        while engine.has_work():
+            engine.step()
+            for completion in engine.pop_finished():
+                show(index[completion.id], completion.tokens)
+                done.append(completion)
+                if bar is not None:
+                    bar.update(1)
+    finally:  # also on an interrupt: the answers printed so far are summed up
+        if bar is not None:
+            bar.close()
+        if not args.quiet and done:
+            print(summary(done, len(ids), engine.num_slots), file=sys.stderr)
     return 0
+
+
+def summary(done, total_requests: int, slots: int) -> str:
+    tokens = sum(len(c.tokens) for c in done)
+    wall = max(max(c.finished for c in done) - min(c.submitted for c in done), 1e-9)
+    return (
+        f"[{len(done)} answers of {total_requests} requests, {tokens} tokens in {wall:.2f} s: "
+        f"{tokens / wall:.1f} tokens/s over {slots} slots]"
+    )
 
 
 def run_generate(args) -> int:
     from jkv import generate as gen
     from jkv.loading import load
 
-    if (args.prompt is None) == (args.batch_file is None):
-        raise CliError("give either a PROMPT or --batch-file FILE (one prompt per line), not both or neither")
+    check_flags(args)
     prompts = read_batch_file(args.batch_file) if args.batch_file is not None else None
-
     path = args.model if args.model is not None else default_model_path()
     sampling = gen.Sampling(args.temperature, args.top_k, args.top_p)
     available = gen.cache_kinds()
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")
-    if args.max_new_tokens < 0:
-        raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     model = load(path, args.dtype, progress=not args.quiet)
     if model.tokenizer is None:
         raise CliError(f"{path!r} has no tokenizer (tokenizer.json), so it cannot take a text prompt")
     if prompts is not None or args.tp * args.dp > 1:
-        return run_batch(args, model, prompts if prompts is not None else [args.prompt])
+        return run_batch(args, model, prompts if prompts is not None else [(1, args.prompt)])
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)

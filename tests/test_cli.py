@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_loading_gguf import needs_smollm, write_tiny_gguf
+from helpers_loading import needs_smollm, write_tiny_gguf
 
 from jkv import cli
 
@@ -61,7 +61,7 @@ ERRORS = {
     "negative-new-tokens": ("hi", ["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0, got -3"),
     "prompt-longer-than-max-len": (
         "hello there",
-        ["--max-len", "4"],
+        ["--max-len", "4", "--max-new-tokens", "2"],  # 128 new tokens would not fit: refused before loading
         r"the prompt has \d+ tokens, longer than max_len=4",
     ),
     "prompt-longer-than-context": (
@@ -106,7 +106,7 @@ def test_argparse_rejects_bad_choices(args, capsys):
 
 
 def test_model_without_tokenizer(tmp_path, tiny_gguf, capsys):
-    from test_loading_safetensors import random_hf_model
+    from helpers_loading import random_hf_model
 
     from jkv.generate import generate_text
     from jkv.loading import load_gguf

@@ -1,10 +1,16 @@
-"""`jkv generate --batch-file` (the engine) and `--tp/--dp` (a device mesh): same greedy text as one prompt alone."""
+"""`jkv generate --batch-file` (the engine) and `--tp/--dp` (a device mesh): same greedy text as one prompt alone,
+the same validation as one prompt (before the model loads where no model is needed), answers streamed as they
+finish, tagged with their line number, and a summary that survives an interrupt."""
+
+import re
 
 import jax
+import numpy as np
 import pytest
-from test_loading_gguf import needs_smollm
+from helpers_loading import needs_smollm, write_tiny_gguf
 
-from jkv import cli
+import jkv.loading
+from jkv import cli, engine
 
 PROMPTS = ["What is the capital of France? Answer in one word.", "Name a primary colour.", "Say hello."]
 
@@ -22,10 +28,10 @@ def test_batch_file_answers_equal_single_prompts(tmp_path, capsys):
     args = ["generate", "--batch-file", str(batch), "--max-new-tokens", "12", "--num-slots", "2"]
     assert cli.main([*args, "--prefix-cache-mb", "16"]) == 0
     out, err = capsys.readouterr()
-    for i, (prompt, text) in enumerate(zip(PROMPTS, alone, strict=True)):
-        assert f"[{i}] {prompt}\n{text}\n" in out
+    for number, prompt, text in zip([1, 3, 4], PROMPTS, alone, strict=True):  # line 2 is blank
+        assert f"[line {number}] {prompt}\n{text}\n" in out
     assert "Paris" in alone[0]
-    assert "3 requests" in err and "requests" in err  # summary line and progress bar on stderr
+    assert "[3 answers of 3 requests, " in err and "tokens/s over 2 slots]" in err
 
 
 @needs_smollm
@@ -60,3 +66,125 @@ def test_batch_errors(tmp_path, capsys, argv, text):
 def test_tp_that_does_not_divide_the_heads_is_refused(capsys):
     assert cli.main(["generate", "hi", "--tp", "2", "--quiet"]) == 2
     assert "tp=2 must divide num_kv_heads=3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the tiny model
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli_batch") / "tiny.gguf"
+    write_tiny_gguf(path, np.random.default_rng(0))
+    return str(path)
+
+
+@pytest.fixture
+def batch(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("the the\n\nthe cat\nhe the\nt h e\n")
+    return str(path)
+
+
+def no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the flags were checked")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+        (["--max-len", "64", "--max-new-tokens", "128"], "--max-new-tokens 128 does not fit --max-len 64"),
+        (["--seed", "100000000000000000000"], r"--seed must be an integer in \[-2\*\*63, 2\*\*63 - 1\]"),
+        (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be >= 0 \\(0: off\\), got -1"),
+        (["--speculative", "-2"], "--speculative must be >= 0"),
+        (["--speculative", "2", "--temperature", "0.5"], "--speculative verifies greedy choices"),
+        (["--top-p", "0"], r"top_p must lie in \(0, 1\]"),
+    ],
+    ids=[
+        "negative-new-tokens",
+        "new-tokens-over-max-len",
+        "seed",
+        "prefix-cache",
+        "speculative",
+        "spec-sampled",
+        "top-p",
+    ],
+)
+@pytest.mark.parametrize("mode", ["batch", "single"])
+def test_flags_are_checked_before_the_model_loads(monkeypatch, batch, capsys, options, message, mode):
+    monkeypatch.setattr(jkv.loading, "load", no_load)
+    source = ["--batch-file", batch] if mode == "batch" else ["hi"]
+    assert cli.main(["generate", *source, "--model", "/nonexistent.gguf", "--quiet", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jkv: error: ") and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_non_utf8_batch_file_names_file_and_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(jkv.loading, "load", no_load)
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 ok\n".encode() + "na\u00efve\n".encode("latin-1"))
+    assert cli.main(["generate", "--batch-file", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--batch-file {str(path)!r} line 2 is not UTF-8 text (byte 0xef at column 3)" in err
+
+
+def test_zero_new_tokens_gives_empty_answers(tiny_gguf, batch, capsys):
+    assert cli.main(["generate", "the the", "--model", tiny_gguf, "--max-new-tokens", "0", "--quiet", "--raw"]) == 0
+    assert capsys.readouterr().out == "\n"  # one prompt: no token
+    assert cli.main(["generate", "--batch-file", batch, "--model", tiny_gguf, "--max-new-tokens", "0", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out == "[line 1] the the\n\n\n[line 3] the cat\n\n\n[line 4] he the\n\n\n[line 5] t h e\n\n\n"
+
+
+@pytest.mark.parametrize(
+    "options, single, many",
+    [
+        (
+            ["--max-new-tokens", "1000000000"],
+            r"\+ max_new_tokens=1000000000 needs \d+ cache positions, more than max_len=512",
+            r"line 1: the prompt \(\d+ tokens\) \+ --max-new-tokens 1000000000 needs \d+ cache positions, more "
+            r"than the model's context length 512",
+        ),
+        (
+            ["--max-len", "600", "--max-new-tokens", "4"],
+            r"max_len=600 exceeds the model's context length max_position=512",
+            r"max_len=600 exceeds the model's context length max_position=512",
+        ),
+        (
+            ["--max-len", "8", "--max-new-tokens", "8"],
+            r"prompt 0 \(3 tokens\) \+ max_new_tokens=8 needs 10 cache positions, more than max_len=8",
+            r"line 1: the prompt \(3 tokens\) \+ --max-new-tokens 8 needs 10 cache positions, more than max_len=8",
+        ),
+    ],
+    ids=["absurd-new-tokens", "max-len-over-context", "no-room"],
+)
+def test_batch_refuses_what_one_prompt_refuses(tiny_gguf, batch, capsys, options, single, many):
+    common = ["--model", tiny_gguf, "--quiet", "--raw", *options]
+    assert cli.main(["generate", "the the", *common]) == 2
+    assert re.search(single, capsys.readouterr().err)
+    assert cli.main(["generate", "--batch-file", batch, *common]) == 2
+    assert re.search(many, capsys.readouterr().err)
+
+
+def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tiny_gguf, batch, capsys):
+    """One slot: answers finish one by one. An interrupt after the second keeps both printed and sums them up."""
+    popped = []
+    original = engine.Engine.pop_finished
+
+    def pop_then_interrupt(self):
+        if len(popped) >= 2:
+            raise KeyboardInterrupt
+        done = original(self)
+        popped.extend(done)
+        return done
+
+    monkeypatch.setattr(engine.Engine, "pop_finished", pop_then_interrupt)
+    args = ["generate", "--batch-file", batch, "--model", tiny_gguf, "--max-new-tokens", "3", "--num-slots", "1"]
+    assert cli.main(args) == 130
+    out, err = capsys.readouterr()
+    assert out.startswith("[line 1] the the\n") and "[line 3] the cat\n" in out and "[line 4]" not in out
+    assert "[2 answers of 4 requests, " in err and "tokens/s over 1 slots]" in err and "jkv: interrupted" in err
+
+    monkeypatch.setattr(engine.Engine, "pop_finished", original)
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert [int(n) for n in re.findall(r"^\[line (\d+)\]", out, re.M)] == [1, 3, 4, 5]
+    assert re.search(r"\[4 answers of 4 requests, \d+ tokens in [\d.]+ s: [\d.]+ tokens/s over 1 slots\]", err)

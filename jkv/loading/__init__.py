@@ -8,6 +8,7 @@ from jkv.loading.common import LoadedModel, ModelLoadError, resolve_dtype
 from jkv.loading.gguf import load_gguf
 from jkv.loading.safetensors import load_safetensors
 from jkv.loading.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from jkv.loading.validate import NonFiniteLogitsError, check_finite_logits
 
 
 def load(path, dtype=None, *, progress: bool = True, layout: str = "auto") -> LoadedModel:
@@ -27,9 +28,11 @@ def load(path, dtype=None, *, progress: bool = True, layout: str = "auto") -> Lo
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
+    "NonFiniteLogitsError",
     "StreamDecoder",
     "Tokenizer",
     "TokenizerError",
+    "check_finite_logits",
     "load",
     "load_gguf",
     "load_safetensors",

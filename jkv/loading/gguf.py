@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from jkv.loading import tokenizer as tokenizer_lib
+from jkv.loading import validate
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
 
@@ -57,7 +58,8 @@ def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def open_gguf(path):
-    """A ``gguf.GGUFReader`` over ``path``, or ``ModelLoadError`` saying why the file cannot be one."""
+    """A ``gguf.GGUFReader`` over ``path`` and its checked layout, or ``ModelLoadError`` saying why the file
+    cannot be one (see ``jkv.loading.validate.gguf_layout``)."""
     import gguf
 
     path = os.fspath(path)
@@ -68,17 +70,12 @@ def open_gguf(path):
         magic = f.read(4)
     if magic != MAGIC:
         raise ModelLoadError(f"{path!r} is not a GGUF file: it starts with {magic!r}, expected {MAGIC!r}")
+    layout = validate.gguf_layout(path, repr(path))
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on a damaged file
         raise ModelLoadError(f"{path!r} is truncated or corrupt ({size} bytes): {type(e).__name__}: {e}") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != int(t.n_bytes):
-            raise ModelLoadError(
-                f"{path!r} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has {size}"
-            )
-    return reader
+    return reader, layout
 
 
 def metadata(reader) -> dict:
@@ -92,7 +89,8 @@ def metadata(reader) -> dict:
     return out
 
 
-def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> LlamaConfig:
+def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tuple[LlamaConfig, dict[str, str]]:
+    """The config and ``{config field: metadata key}`` (for errors), every value checked by ``validate``."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ModelLoadError(f"unsupported architecture {arch!r} in {source}: jkv supports {ARCHITECTURES}")
@@ -101,35 +99,49 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> Lla
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise ModelLoadError(f"{source} lacks the metadata field {arch}.{key!s}")
-        return value
+        return value, f"{arch}.{key}"
 
-    heads = int(field("attention.head_count"))
-    hidden = int(field("embedding_length"))
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    linear = 1.0
+    raw = {}
     if scaling == "linear":
-        linear = float(field("rope.scaling.factor"))
+        raw["rope_linear_factor"] = field("rope.scaling.factor")
     elif scaling not in ("none", None):
         raise ModelLoadError(f"unsupported rope scaling {scaling!r} in {source}: expected none or linear")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
-    if not vocab:
+    if meta.get(f"{arch}.vocab_size") is not None:
+        raw["vocab_size"] = field("vocab_size")
+    elif meta.get("tokenizer.ggml.tokens"):
+        raw["vocab_size"] = (len(meta["tokenizer.ggml.tokens"]), "the length of tokenizer.ggml.tokens")
+    else:
         raise ModelLoadError(f"{source} gives no vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens)")
-    return LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(field("feed_forward_length")),
-        num_layers=int(field("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(field("attention.head_count_kv", heads)),
-        head_dim=int(field("attention.key_length", hidden // heads)),
-        rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field("rope.freq_base", 10000.0)),
-        rope_linear_factor=linear,
+    raw |= {
+        "hidden_size": field("embedding_length"),
+        "intermediate_size": field("feed_forward_length"),
+        "num_layers": field("block_count"),
+        "num_heads": field("attention.head_count"),
+        "rms_norm_eps": field("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": field("rope.freq_base", 10000.0),
+        "max_position": field("context_length", 8192),
+    }
+    raw["num_kv_heads"] = field("attention.head_count_kv", raw["num_heads"][0])
+    values = validate.config_values(raw, source)
+    names = {key: name for key, (_, name) in raw.items()}
+    if f"{arch}.attention.key_length" in meta:
+        values |= validate.config_values({"head_dim": field("attention.key_length")}, source)
+        names["head_dim"] = f"{arch}.attention.key_length"
+    else:
+        heads, hidden = (names["num_heads"], values["num_heads"]), (names["hidden_size"], values["hidden_size"])
+        values["head_dim"] = validate.head_dim_from(hidden[1], heads[1], source, hidden[0], heads[0])
+    if f"{arch}.attention.value_length" in meta:
+        value = meta[f"{arch}.attention.value_length"]
+        if value != values["head_dim"]:
+            validate.integer(value, f"{arch}.attention.value_length", source, values["head_dim"], values["head_dim"])
+    config = LlamaConfig(
+        **values,
         tie_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
-        max_position=int(field("context_length", 8192)),
         architecture=arch,
     )
+    return config, names
 
 
 def load_gguf(
@@ -138,31 +150,33 @@ def load_gguf(
     """Load a GGUF file: config from metadata, weights dequantized and placed on the device as ``dtype``.
 
     ``dtype``: None (bf16 on GPU, f32 elsewhere), a name such as ``"bf16"``, or a floating dtype. Llama 3.1
-    frequency factors (a ``rope_freqs.weight`` tensor) are applied to the rotary frequencies.
+    frequency factors (a ``rope_freqs.weight`` tensor) are applied to the rotary frequencies. Every field and
+    tensor is checked before any weight is computed with (``jkv.loading.validate``).
     """
     import gguf
 
     start = time.perf_counter()
     path = os.fspath(path)
-    reader = open_gguf(path)
+    source = repr(path)
+    reader, tensor_layout = open_gguf(path)
     meta = metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
-    config = config_from_metadata(meta, set(tensors), repr(path))
     bad = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type.name not in TENSOR_TYPES]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ModelLoadError(
             f"unsupported tensor type in {path!r}: {', '.join(bad[:5])}{more}; jkv reads {', '.join(TENSOR_TYPES)}"
         )
+    config, names = config_from_metadata(meta, set(tensors), source)
+    shapes = {name: tuple(reversed(dims)) for name, (dims, _) in tensor_layout.items()}  # GGUF: innermost first
+    validate.check_tensors(config, shapes, gguf_name, names, source, r"blk\.(\d+)\.")
     dtype = resolve_dtype(dtype)
 
     def get(name: str) -> np.ndarray:
         key = gguf_name(name)
-        if key not in tensors:
-            raise ModelLoadError(f"tensor {key!r} is missing from {path!r}")
         t = tensors[key]
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
+        w = validate.check_finite(w.reshape(shapes[key]), key, source, dtype)
         if config.architecture == "llama" and name.endswith((".q", ".q_bias")):
             w = unpermute_rows(w, config.num_heads)
         elif config.architecture == "llama" and name.endswith((".k", ".k_bias")):
@@ -176,7 +190,10 @@ def load_gguf(
     params = build_params(
         config, get, dtype, progress=progress, layout=layout, desc=f"loading {os.path.basename(path)}"
     )
-    tok = tokenizer_lib.from_gguf_metadata(meta, repr(path)) if with_tokenizer else None
+    tok = None
+    if with_tokenizer:
+        tok = tokenizer_lib.from_gguf_metadata(meta, source)
+        validate.check_tokenizer(tok, config, names["vocab_size"], source)
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
@@ -196,4 +213,6 @@ def _with_rope_factors(config: LlamaConfig, factors: np.ndarray, path: str) -> L
         raise ModelLoadError(
             f"rope_freqs.weight in {path!r} has shape {factors.shape}, expected ({config.head_dim // 2},)"
         )
+    if not (np.isfinite(factors).all() and factors.min() > 0):
+        raise ModelLoadError(f"rope_freqs.weight in {path!r} holds {factors.min()}: expected finite values > 0")
     return dataclasses.replace(config, rope_factors=tuple(float(f) for f in factors))

@@ -15,10 +15,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jkv.loading import tokenizer as tokenizer_lib
+from jkv.loading import validate
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 # Canonical name (see jkv.loading.common) -> HF tensor name.
 _LAYER_NAMES = {
@@ -45,8 +47,11 @@ def hf_name(name: str) -> str:
     return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
 
 
-def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
-    """A ``LlamaConfig`` from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x spellings)."""
+def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig, dict[str, str]]:
+    """A ``LlamaConfig`` from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x spellings), and
+    ``{config field: JSON key}`` for errors; every value checked by ``jkv.loading.validate``."""
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{source} must hold a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ModelLoadError(
@@ -59,42 +64,58 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
     if hf.get("use_sliding_window") or (model_type == "mistral" and hf.get("sliding_window")):
         raise ModelLoadError(f"unsupported sliding-window attention in {source}")
     try:
-        heads = hf["num_attention_heads"]
-        rope = dict(hf.get("rope_parameters") or {})
-        rope.update(hf.get("rope_scaling") or {})
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        llama3, linear = None, 1.0
-        if rope_type == "llama3":
-            llama3 = (
-                float(rope["factor"]),
-                float(rope["low_freq_factor"]),
-                float(rope["high_freq_factor"]),
-                int(rope["original_max_position_embeddings"]),
-            )
-        elif rope_type == "linear":
-            linear = float(rope["factor"])
-        elif rope_type != "default":
-            raise ModelLoadError(f"unsupported rope type {rope_type!r} in {source}: expected default, linear or llama3")
-        return LlamaConfig(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_llama3=llama3,
-            rope_linear_factor=linear,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            max_position=int(hf.get("max_position_embeddings", 8192)),
-            architecture=model_type,
-        )
+        return _config_from_hf(hf, model_type, source)
     except KeyError as e:
         raise ModelLoadError(f"{source} lacks the field {e.args[0]!r}") from None
+
+
+def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig, dict[str, str]]:
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict) or not isinstance(scaling, dict):
+        raise ModelLoadError(f"{source}: rope_parameters and rope_scaling must be objects")
+    rope = {**rope, **scaling}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    raw = {
+        "vocab_size": (hf["vocab_size"], "vocab_size"),
+        "hidden_size": (hf["hidden_size"], "hidden_size"),
+        "intermediate_size": (hf["intermediate_size"], "intermediate_size"),
+        "num_layers": (hf["num_hidden_layers"], "num_hidden_layers"),
+        "num_heads": (hf["num_attention_heads"], "num_attention_heads"),
+        "rms_norm_eps": (hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        "rope_theta": (rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta"),
+        "max_position": (hf.get("max_position_embeddings", 8192), "max_position_embeddings"),
+    }
+    raw["num_kv_heads"] = (hf.get("num_key_value_heads") or raw["num_heads"][0], "num_key_value_heads")
+    if rope_type == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            raw[f"rope_{key}"] = (rope[key], f"rope_scaling.{key}")
+        original = "original_max_position_embeddings"
+        raw["rope_original_max_position"] = (rope[original], f"rope_scaling.{original}")
+    elif rope_type == "linear":
+        raw["rope_linear_factor"] = (rope["factor"], "rope_scaling.factor")
+    elif rope_type != "default":
+        raise ModelLoadError(f"unsupported rope type {rope_type!r} in {source}: expected default, linear or llama3")
+    values = validate.config_values(raw, source)
+    names = {key: name for key, (_, name) in raw.items()}
+    if hf.get("head_dim"):
+        values |= validate.config_values({"head_dim": (hf["head_dim"], "head_dim")}, source)
+    else:
+        values["head_dim"] = validate.head_dim_from(
+            values["hidden_size"], values["num_heads"], source, "hidden_size", "num_attention_heads"
+        )
+    llama3 = None
+    if rope_type == "llama3":
+        keys = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position")
+        llama3 = tuple(values.pop(key) for key in keys)
+    config = LlamaConfig(
+        **values,
+        rope_llama3=llama3,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        architecture=model_type,
+    )
+    return config, names
 
 
 def load_safetensors(path, dtype=None, *, progress: bool = True, layout: str = "auto") -> LoadedModel:
@@ -113,33 +134,42 @@ def load_safetensors(path, dtype=None, *, progress: bool = True, layout: str = "
         hf = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{str(config_path)!r} is not valid JSON: {e}") from None
-    config = config_from_hf(hf, str(config_path))
+    config, names = config_from_hf(hf, str(config_path))
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{str(directory)!r} has no *.safetensors files")
     dtype = resolve_dtype(dtype)
+    source = f"the safetensors files in {str(directory)!r}"
 
-    handles, where = [], {}
-    try:
+    where, shapes = {}, {}
+    try:  # safe_open checks each header: JSON, known dtypes, offsets that tile the data exactly, within the file
         for file in files:
             handle = safe_open(str(file), framework="numpy")
-            handles.append(handle)
             for name in handle.keys():
-                where[name] = handle
+                if name in where:
+                    raise ModelLoadError(f"tensor {name!r} appears in two files of {source}")
+                piece = handle.get_slice(name)
+                if piece.get_dtype() not in FLOAT_DTYPES:
+                    raise ModelLoadError(
+                        f"tensor {name!r} in {str(file)!r} has dtype {piece.get_dtype()}, expected one of "
+                        f"{', '.join(FLOAT_DTYPES)}"
+                    )
+                where[name], shapes[name] = handle, tuple(piece.get_shape())
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"cannot read safetensors file in {str(directory)!r}: {e}") from None
+    if config.tie_embeddings is False and "lm_head.weight" not in where:
+        raise ModelLoadError(f"tie_word_embeddings is false but lm_head.weight is missing in {str(directory)!r}")
+    validate.check_tensors(config, shapes, hf_name, names, source, r"model\.layers\.(\d+)\.")
 
     def get(name: str) -> np.ndarray:
         key = hf_name(name)
-        if key not in where:
-            raise ModelLoadError(f"tensor {key!r} is missing from the safetensors files in {str(directory)!r}")
-        # safe_open already checked that the header's offsets cover the file: reading cannot run short.
-        return where[key].get_tensor(key).astype(np.float32)
+        return validate.check_finite(where[key].get_tensor(key).astype(np.float32), key, source, dtype)
 
-    if config.tie_embeddings is False and "lm_head.weight" not in where:
-        raise ModelLoadError(f"tie_word_embeddings is false but lm_head.weight is missing in {str(directory)!r}")
     params = build_params(config, get, dtype, progress=progress, layout=layout, desc=f"loading {directory.name}")
-    tok = tokenizer_lib.from_hf_directory(directory) if (directory / "tokenizer.json").is_file() else None
+    tok = None
+    if (directory / "tokenizer.json").is_file():
+        tok = tokenizer_lib.from_hf_directory(directory)
+        validate.check_tokenizer(tok, config, names["vocab_size"], source)
     return LoadedModel(
         config=config,
         params=params,

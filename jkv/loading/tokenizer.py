@@ -163,11 +163,31 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
         raise TokenizerError(f"{source} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     types = fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
     pre = fields.get("tokenizer.ggml.pre", "default")
+    _check_list(tokens, str, "tokenizer.ggml.tokens", source)
+    _check_list(merges, str, "tokenizer.ggml.merges", source)
+    _check_list(types, int, "tokenizer.ggml.token_type", source)
+    if len(types) != len(tokens):
+        raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(types)} token types")
+    bad = next((m for m in merges if " " not in m), None)
+    if bad is not None:
+        raise TokenizerError(f"{source}: merge {bad!r} in tokenizer.ggml.merges is not two tokens joined by a space")
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id"):
+        value = fields.get(f"tokenizer.ggml.{key}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TokenizerError(f"{source}: tokenizer.ggml.{key}={value!r} is not a token id")
+        ids[key] = value
+    template = fields.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{source}: tokenizer.chat_template is a {type(template).__name__}, not text")
     split, digits = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
 
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = Backend(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
+    try:  # the backend refuses merges of tokens not in the vocabulary
+        backend = Backend(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
+    except Exception as e:
+        raise TokenizerError(f"{source}: the BPE vocabulary and merges do not fit together: {e}") from None
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if split is None:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
@@ -178,22 +198,25 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
         ]
     backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
-    if len(types) != len(tokens):
-        raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(types)} token types")
     pairs_typed = list(zip(tokens, types, strict=True))
     special = [AddedToken(t, special=True, normalized=False) for t, k in pairs_typed if k == TOKEN_CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, k in pairs_typed if k == TOKEN_USER_DEFINED]
     backend.add_special_tokens(special)
     backend.add_tokens(user)
-    eot = fields.get("tokenizer.ggml.eot_token_id")
+    eot = ids["eot_token_id"]
     return Tokenizer(
         backend,
-        bos_id=fields.get("tokenizer.ggml.bos_token_id"),
-        eos_id=fields.get("tokenizer.ggml.eos_token_id"),
+        bos_id=ids["bos_token_id"],
+        eos_id=ids["eos_token_id"],
         add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
-        chat_template=fields.get("tokenizer.chat_template"),
-        extra_stop_ids=() if eot is None else (int(eot),),
+        chat_template=template,
+        extra_stop_ids=() if eot is None else (eot,),
     )
+
+
+def _check_list(values, kind: type, field: str, source: str) -> None:
+    if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, kind) for v in values):
+        raise TokenizerError(f"{source}: {field} must be a list of {kind.__name__}, got {type(values).__name__}")
 
 
 def _token_text(value) -> str | None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from helpers_loading import HF_CASES, random_hf_model
 
 import jkv
 from jkv.generate import Generator
@@ -18,43 +19,6 @@ from jkv.models import llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-SMALL = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)
-HF_CASES = {
-    "qwen2-bias-gqa2-tied": lambda: transformers.Qwen2Config(
-        **SMALL, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True
-    ),
-    "qwen2-bias-mha-untied": lambda: transformers.Qwen2Config(
-        **SMALL, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False
-    ),
-    "llama-llama3rope-gqa4": lambda: transformers.LlamaConfig(
-        **SMALL,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-            "rope_theta": 500000.0,
-        },
-        rope_theta=500000.0,
-    ),
-}
-
-
-def random_hf_model(case: str, seed: int = 0):
-    """An HF model with every weight random and large enough (std 0.15) that greedy choices are clear-cut."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(HF_CASES[case](), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_((1.0 if "embed" in name else 0.15) * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=list(HF_CASES))
@@ -192,7 +156,11 @@ ERRORS = {
         "tensor 'model.layers.1.mlp.up_proj.weight' is missing",
     ),
     "untied-without-lm-head": (edit_config(tie_word_embeddings=False), "lm_head.weight is missing"),
-    "wrong-shape": (edit_config(intermediate_size=100), "tensor shapes do not match the model's config"),
+    "wrong-shape": (
+        edit_config(intermediate_size=100),
+        r"tensor 'model.layers.0.mlp.gate_proj.weight' in .* has shape \(96, 64\), expected \(100, 64\) "
+        r"\(100 from intermediate_size=100, 64 from hidden_size=64\)",
+    ),
 }
 
 

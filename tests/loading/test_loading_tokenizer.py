@@ -4,7 +4,7 @@ of characters split across byte tokens, and every tokenizer error."""
 import sys
 
 import pytest
-from test_loading_gguf import byte_level_alphabet
+from helpers_loading import byte_level_alphabet
 
 from jkv.loading import tokenizer as tok_lib
 from jkv.loading.tokenizer import TokenizerError
