@@ -34,9 +34,9 @@ from jkv.cache import CacheSpec, KVCache
 from jkv.models import llama
 from jkv.paged import PagedKVCache
 from jkv.paged_q8 import Q8PagedKVCache
-from jkv.prefix_cache import PrefixCache
-from jkv.sampling import sample
-from jkv.speculative import prompt_lookup_draft
+from jkv.serving.prefix import PrefixCache
+from jkv.serving.sampling import sample
+from jkv.serving.speculative import prompt_lookup_draft
 
 # Upper bound of the default slot count: a GPU step costs about the same for 1 or 64 rows (it reads the
 # weights once); a CPU step costs in proportion to the rows, and every slot is computed.

@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int
 from jkv.attention import resolve_impl
 from jkv.cache import CacheSpec, KVCache
 from jkv.models import llama
-from jkv.sampling import sample
+from jkv.serving.sampling import sample
 
 MIN_PREFILL_BUCKET = 16
 PAGE_SIZE = 16  # positions per page of the paged cache (max_len must be a multiple)

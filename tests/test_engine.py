@@ -9,7 +9,7 @@ from jkv import KVCache
 from jkv.cache import CacheSpec
 from jkv.engine import Engine, SamplingParams
 from jkv.models import llama
-from jkv.prefix_cache import common_prefix_length
+from jkv.serving.prefix import common_prefix_length
 
 CONFIG = llama.LlamaConfig(
     vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
