@@ -88,7 +88,7 @@ def read_batch_file(path: str) -> list[str]:
 
 def run_batch(args, model, prompts: list[str]) -> int:
     """Run many prompts through the engine; print each answer (in order) after a progress bar."""
-    from jkv.engine import Engine, SamplingParams
+    from jkv.serving import Engine, SamplingParams
 
     tok = model.tokenizer
     chat = (tok.chat_template is not None) if not args.raw else False

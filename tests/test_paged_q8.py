@@ -19,10 +19,10 @@ from test_q8_kernel import INT8_KERNEL_TOL, KERNEL_TOL
 
 import jkv
 from jkv.cache import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW
-from jkv.engine import Engine, SamplingParams
 from jkv.models import llama
 from jkv.paged import NO_PAGE
 from jkv.quant import dequantize, quantize
+from jkv.serving import Engine, SamplingParams
 from pallas_kernels import backend
 from pallas_kernels import paged_attention as paged
 
