@@ -140,15 +140,15 @@ def run_batch(args, model, prompts: list[str]) -> int:
 
 
 def run_generate(args) -> int:
-    from jkv import generate as gen
     from jkv.loading import load
+    from jkv.serving import generator as gen
 
     if (args.prompt is None) == (args.batch_file is None):
         raise CliError("give either a PROMPT or --batch-file FILE (one prompt per line), not both or neither")
     prompts = read_batch_file(args.batch_file) if args.batch_file is not None else None
 
     path = args.model if args.model is not None else default_model_path()
-    sampling = gen.Sampling(args.temperature, args.top_k, args.top_p)
+    sampling = gen.SamplingParams(args.temperature, args.top_k, args.top_p)
     available = gen.cache_kinds()
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")

@@ -15,9 +15,9 @@ from conftest import rel_err
 from gguf import GGMLQuantizationType as Q
 
 import jkv
-from jkv.generate import Generator
 from jkv.loading import ModelLoadError, TokenizerError, load, load_gguf
 from jkv.models import llama
+from jkv.serving import Generator
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

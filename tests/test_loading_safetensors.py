@@ -12,9 +12,9 @@ import pytest
 from conftest import rel_err
 
 import jkv
-from jkv.generate import Generator
 from jkv.loading import ModelLoadError, load, load_safetensors
 from jkv.models import llama
+from jkv.serving import Generator
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
