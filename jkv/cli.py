@@ -98,7 +98,7 @@ def read_batch_file(path: str) -> list[tuple[int, str]]:
     return prompts
 
 
-SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # what jax.random.key takes
+SEED_RANGE = (0, 2**32 - 1)  # jkv.serving.SamplingParams.seed: jax.random.key keeps 32 bits of larger seeds
 
 
 def check_flags(args) -> None:
@@ -113,7 +113,7 @@ def check_flags(args) -> None:
             "tokens share the cache (raise --max-len or lower --max-new-tokens)"
         )
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
-        raise CliError(f"--seed must be an integer in [-2**63, 2**63 - 1], got {args.seed}")
+        raise CliError(f"--seed must be an integer in [0, 2**32 - 1], got {args.seed}")
     if args.prefix_cache_mb < 0:
         raise CliError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     if args.speculative < 0:
@@ -143,7 +143,7 @@ def check_room(prompt_tokens: int, args, context: int, where: str = "") -> None:
 def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
     """Run many prompts through the engine; print each answer as soon as it finishes, tagged with its line number
     (``[line N] prompt``, then the answer), and a summary on stderr. An interrupt keeps the answers printed."""
-    from jkv.engine import Engine, SamplingParams
+    from jkv.serving import Engine, SamplingParams
 
     tok, context = model.tokenizer, model.config.max_position
     if args.max_len is not None and args.max_len > context:
@@ -226,13 +226,13 @@ def summary(done, total_requests: int, slots: int) -> str:
 
 
 def run_generate(args) -> int:
-    from jkv import generate as gen
     from jkv.loading import load
+    from jkv.serving import generator as gen
 
     check_flags(args)
     prompts = read_batch_file(args.batch_file) if args.batch_file is not None else None
     path = args.model if args.model is not None else default_model_path()
-    sampling = gen.Sampling(args.temperature, args.top_k, args.top_p)
+    sampling = gen.SamplingParams(args.temperature, args.top_k, args.top_p)
     available = gen.cache_kinds()
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")

@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jkv import attention, quant, xla_flags
-from jkv.generate import Generator
 from jkv.models import llama
+from jkv.serving import Generator, SamplingParams
 
 HADAMARD_IMPL = quant.HADAMARD_IMPL  # the library's default
 
@@ -96,27 +96,29 @@ def bench_jkv(config, params, batch: int, options, steps: int, prompt: int, max_
     with ``:<jkv.quant.HADAMARD_IMPL>`` appended (e.g. ``q8:dot``)."""
     cache, _, hadamard_impl = cache.partition(":")
     quant.HADAMARD_IMPL = hadamard_impl or HADAMARD_IMPL
-    gen = Generator(config, params, max_len=max_len, batch=batch, cache=cache.removesuffix("-plain"), options=options)
-    if cache == "q8-plain":
-        gen.cache = quant.Q8KVCache.init(gen.spec, batch, rotated=False)
+    storage = {"rotated": False} if cache == "q8-plain" else {}
+    kind = cache.removesuffix("-plain")
+    gen = Generator(config, params, max_len=max_len, batch=batch, cache=kind, options=options, cache_options=storage)
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(0, config.vocab_size, prompt).tolist() for _ in range(batch)]
     first = gen.generate(prompts, max_new_tokens=steps, stop_ids=())  # compiles prefill and decode
     e2e = gen.generate(prompts, max_new_tokens=steps, stop_ids=())
     assert e2e.tokens == first.tokens, "greedy decoding differs between two identical runs"
-    step, _ = gen.decode_step_compiled(greedy=True)
+    step, rows = gen.decode_step_compiled()
     kernels = kernel_count(step.as_text())
-    key, sargs = jax.random.key(0), (jnp.float32(0), jnp.int32(0), jnp.float32(1))
     tokens = jnp.asarray([t[-1] for t in e2e.tokens], jnp.int32)
 
-    # The cache now holds prompt + steps - 1 positions; each device loop adds `steps` more (max_len allows it)
-    # and is then rolled back, outside the timed region.
-    start_lengths = jnp.full((batch,), prompt + steps - 1, jnp.int32)
+    # The slots are filled with the prompts (prefill only); each device loop adds `steps` positions and is then
+    # rolled back, outside the timed region. The engine is not stepped again.
+    for p in prompts:
+        gen.engine.submit(p, SamplingParams(max_new_tokens=steps))
+    gen.engine.admit()
+    start_lengths = jnp.full((batch,), prompt, jnp.int32)
     times = []
     for _ in range(6):
         t = time.perf_counter()
-        for i in range(steps):
-            tokens, gen.cache = step(params, gen.cache, tokens, key, jnp.int32(i), sargs)
+        for _ in range(steps):
+            tokens, gen.cache = step(params, gen.cache, tokens, *rows)
         tokens.block_until_ready()
         times.append(time.perf_counter() - t)
         gen.cache = gen.cache.check().rollback(start_lengths)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jkv
-from jkv.engine import Engine, SamplingParams
 from jkv.models import llama
+from jkv.serving import Engine, SamplingParams
 
 
 def per_call_us(step, cache, k, reps=2000):

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkv import xla_flags
-from jkv.engine import CACHE_KINDS, Engine, SamplingParams
 from jkv.models import llama
+from jkv.serving import CACHE_KINDS, Engine, SamplingParams
 
 SHAPES = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}
 
@@ -200,7 +200,7 @@ def main(argv=None):
     ap.add_argument("--gguf", help="load real weights from this GGUF file instead of random ones")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default=None)
     ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
-    ap.add_argument("--cache", choices=list(CACHE_KINDS), default="default", help="the slots' cache kind")
+    ap.add_argument("--cache", choices=["default", *CACHE_KINDS], default="default", help="the slots' cache kind")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)

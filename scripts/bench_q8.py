@@ -375,22 +375,26 @@ def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "ma
     tokens predicted under teacher forcing."""
     from jkv.cache import CacheSpec
     from jkv.cli import default_model_path
-    from jkv.generate import Generator, cache_kinds
     from jkv.loading import load_gguf
     from jkv.models import llama
-    from jkv.quant import Q8KVCache
+    from jkv.serving import Generator, make_cache
 
     model = load_gguf(default_model_path(), weights, progress=False)
     tok, config = model.tokenizer, model.config
     texts = {"main": PROMPTS, "held-out": HELD_OUT}[prompt_set]
     prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in texts]
     model_kv_error(log, model, prompts)
-    makers = dict(cache_kinds(), **{"q8-plain": lambda spec, batch: Q8KVCache.init(spec, batch, rotated=False)})
     free = {}
     for kind in ("bf16", *GEN_CACHES):
-        g = Generator(config, model.params, max_len=256, batch=len(prompts), cache=kind.removesuffix("-plain"))
-        if kind == "q8-plain":  # Generator knows the library's kinds; the plain Q8 cache is this script's
-            g.cache = makers[kind](g.spec, g.batch)
+        storage = {"rotated": False} if kind == "q8-plain" else {}  # the plain Q8 cache: no rotation
+        g = Generator(
+            config,
+            model.params,
+            max_len=256,
+            batch=len(prompts),
+            cache=kind.removesuffix("-plain"),
+            cache_options=storage,
+        )
         free[kind] = g.generate(prompts, max_new_tokens=new_tokens).tokens
         free[kind + "+stop"] = g.generate(prompts, max_new_tokens=new_tokens, stop_ids=tok.stop_ids).tokens
     ref = free["bf16"]
@@ -400,7 +404,9 @@ def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "ma
     forced = {}
     for kind in ("bf16", *GEN_CACHES):
         run = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))
-        logits, _ = run(model.params, makers[kind](spec, len(seqs)), jnp.asarray(tokens))
+        storage = {"rotated": False} if kind == "q8-plain" else {}
+        cache = make_cache(kind.removesuffix("-plain"), spec, len(seqs), **storage)
+        logits, _ = run(model.params, cache, jnp.asarray(tokens))
         pred = np.asarray(jnp.argmax(logits, -1))
         forced[kind] = [[int(t) for t in pred[i, len(p) - 1 : len(p) - 1 + new_tokens]] for i, p in enumerate(prompts)]
 

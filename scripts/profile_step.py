@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jkv import attention
-from jkv.generate import Generator
 from jkv.models import llama
+from jkv.serving import Generator, SamplingParams
 
 MODELS = {
     "smollm2-135m": llama.LlamaConfig.smollm2_135m,
@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
-    ap.add_argument("--cache", default="bf16", help="a jkv.generate.cache_kinds() name (bf16, paged, q8, ...)")
+    ap.add_argument("--cache", default="bf16", help="a jkv.serving.cache_kinds() name (bf16, paged, q8, ...)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--sequence", type=int, default=0, help="print the first N kernels of one step, in order")
     ap.add_argument("--splits", type=int, help="override the contiguous decode kernel's split count")
@@ -74,14 +74,16 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, args.prompt).tolist() for _ in range(args.batch)]
     out = gen.generate(prompts, max_new_tokens=args.steps, stop_ids=())
-    step, _ = gen.decode_step_compiled(greedy=True)
-    key, sargs = jax.random.key(0), (jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    step, rows = gen.decode_step_compiled()
     tokens = jnp.asarray([t[-1] for t in out.tokens], jnp.int32)
-    start = jnp.full((args.batch,), args.prompt + args.steps - 1, jnp.int32)
+    for p in prompts:  # fill the slots with the prompts (prefill only): the loop decodes over prompt-long rows
+        gen.engine.submit(p, SamplingParams(max_new_tokens=args.steps))
+    gen.engine.admit()
+    start = jnp.full((args.batch,), args.prompt, jnp.int32)
 
     def loop(tokens):
-        for i in range(args.steps):
-            tokens, gen.cache = step(params, gen.cache, tokens, key, jnp.int32(i), sargs)
+        for _ in range(args.steps):
+            tokens, gen.cache = step(params, gen.cache, tokens, *rows)
         tokens.block_until_ready()
         gen.cache = gen.cache.rollback(start)
         return tokens

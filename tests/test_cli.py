@@ -108,8 +108,8 @@ def test_argparse_rejects_bad_choices(args, capsys):
 def test_model_without_tokenizer(tmp_path, tiny_gguf, capsys):
     from helpers_loading import random_hf_model
 
-    from jkv.generate import generate_text
     from jkv.loading import load_gguf
+    from jkv.serving import generate_text
 
     random_hf_model("qwen2-bias-gqa2-tied").save_pretrained(tmp_path)  # no tokenizer.json beside it
     assert cli.main(["generate", "hi", "--model", str(tmp_path), "--quiet"]) == 2
@@ -120,10 +120,10 @@ def test_model_without_tokenizer(tmp_path, tiny_gguf, capsys):
 
 
 def test_cache_missing_from_installation(monkeypatch, tiny_gguf, capsys):
-    from jkv import generate
+    from jkv.serving import generator
 
-    kinds = generate.cache_kinds()
-    monkeypatch.setattr(generate, "cache_kinds", lambda: {k: v for k, v in kinds.items() if k != "q8"})
+    kinds = generator.cache_kinds()
+    monkeypatch.setattr(generator, "cache_kinds", lambda: tuple(k for k in kinds if k != "q8"))
     assert cli.main(["generate", "hi", "--model", tiny_gguf, "--cache", "q8", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--cache q8 is not available in this installation: choose from ['bf16', 'f32', 'paged', 'q8-paged']" in err

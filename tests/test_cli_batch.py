@@ -92,7 +92,7 @@ def no_load(*args, **kwargs):
     [
         (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
         (["--max-len", "64", "--max-new-tokens", "128"], "--max-new-tokens 128 does not fit --max-len 64"),
-        (["--seed", "100000000000000000000"], r"--seed must be an integer in \[-2\*\*63, 2\*\*63 - 1\]"),
+        (["--seed", "100000000000000000000"], r"--seed must be an integer in \[0, 2\*\*32 - 1\]"),
         (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be >= 0 \\(0: off\\), got -1"),
         (["--speculative", "-2"], "--speculative must be >= 0"),
         (["--speculative", "2", "--temperature", "0.5"], "--speculative verifies greedy choices"),

@@ -37,11 +37,6 @@ FLAT_MODULES = {
     "jkv.quant": "caches",
     "jkv.sharding": "caches",  # its cache shardings move into jkv/caches/
     "jkv.rope": "models",
-    "jkv.engine": "serving",
-    "jkv.generate": "serving",
-    "jkv.sampling": "serving",
-    "jkv.speculative": "serving",
-    "jkv.prefix_cache": "serving",
     "jkv.xla_flags": "cli",
 }
 JKV = frozenset({*GROUPS.values(), "api"} - {"kernels"})

@@ -18,9 +18,9 @@ from reference import attention_f64, decode_attention_f64
 
 import jkv
 from jkv.cache import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW
-from jkv.engine import Engine, SamplingParams
 from jkv.models import llama
 from jkv.paged import NO_PAGE
+from jkv.serving import Engine, SamplingParams
 from pallas_kernels import backend
 
 ON_GPU = backend.gpu_backend() == backend.TRITON

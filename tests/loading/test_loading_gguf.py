@@ -15,9 +15,9 @@ from gguf import GGMLQuantizationType as Q
 from helpers_loading import TINY, llama_cpp_permute, llama_cpp_unpermute, needs_smollm, smollm_path, write_tiny_gguf
 
 import jkv
-from jkv.generate import Generator
 from jkv.loading import ModelLoadError, TokenizerError, load, load_gguf
 from jkv.models import llama
+from jkv.serving import Generator
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

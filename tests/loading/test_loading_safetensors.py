@@ -13,9 +13,9 @@ from conftest import rel_err
 from helpers_loading import HF_CASES, random_hf_model
 
 import jkv
-from jkv.generate import Generator
 from jkv.loading import ModelLoadError, load, load_safetensors
 from jkv.models import llama
+from jkv.serving import Generator
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

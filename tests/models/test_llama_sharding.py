@@ -91,7 +91,7 @@ def test_layout_errors_name_the_numbers(model):
 
 @pytest.mark.parametrize("dp,tp", [(2, 2), (1, 4)], ids=lambda x: str(x))
 def test_engine_on_a_mesh_matches_unsharded(model, dp, tp):
-    from jkv.engine import Engine, SamplingParams
+    from jkv.serving import Engine, SamplingParams
 
     params, _, _ = model
     rng = np.random.default_rng(1)

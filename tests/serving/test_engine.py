@@ -7,9 +7,9 @@ import pytest
 
 from jkv import KVCache
 from jkv.cache import CacheSpec
-from jkv.engine import Engine, SamplingParams
 from jkv.models import llama
-from jkv.prefix_cache import common_prefix_length
+from jkv.serving import Engine, SamplingParams
+from jkv.serving.prefix import common_prefix_length
 
 CONFIG = llama.LlamaConfig(
     vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
@@ -54,7 +54,7 @@ def test_batched_greedy_equals_alone(params, rng, num_slots, cache):
     done = engine.run(show_progress=False)
     assert [c.id for c in done] == ids
     assert [c.tokens for c in done] == want
-    assert all(c.finish_reason == "max_new_tokens" for c in done)
+    assert all(c.finish_reason == "length" for c in done)
 
 
 def test_streaming_stop_tokens_and_max_len(params, rng):
@@ -67,7 +67,8 @@ def test_streaming_stop_tokens_and_max_len(params, rng):
     long_prompt = rng.integers(0, CONFIG.vocab_size, size=MAX_LEN - 3).tolist()
     engine.submit(long_prompt, SamplingParams(max_new_tokens=40))
     first, second = engine.run(show_progress=False)
-    assert first.finish_reason == "stop" and first.tokens == alone[: alone.index(stop) + 1] == streamed
+    # The stop token ends the request and is neither returned nor streamed.
+    assert first.finish_reason == "stop" and first.tokens == alone[: alone.index(stop)] == streamed
     assert second.finish_reason == "max_len" and len(second.tokens) == 3  # fills the row: 61 + 3 = 64 positions
     assert second.tokens == greedy_alone(params, long_prompt, 3)
 
@@ -212,11 +213,11 @@ def test_default_slot_count_comes_from_memory_planner(params, capsys):
     "call, exc, text",
     [
         (lambda e: e.submit([]), ValueError, "at least one token"),
-        (lambda e: e.submit(list(range(64))), ValueError, "prompt of 64 tokens does not fit max_len=64"),
+        (lambda e: e.submit(list(range(65))), ValueError, "prompt of 65 tokens does not fit max_len=64"),
         (lambda e: e.submit([1, 500]), ValueError, "token ids [500] outside the vocabulary [0, 96)"),
         (lambda e: e.submit([1], "greedy"), TypeError, "SamplingParams"),
         (lambda e: SamplingParams(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int, got 0"),
-        (lambda e: SamplingParams(temperature=-1.0), ValueError, "temperature must be >= 0, got -1.0"),
+        (lambda e: SamplingParams(temperature=-1.0), ValueError, "temperature must be a finite number >= 0, got -1.0"),
         (lambda e: SamplingParams(top_k=-2), ValueError, "top_k must be an int >= 0"),
         (lambda e: SamplingParams(top_p=0.0), ValueError, "top_p must lie in (0, 1], got 0.0"),
         (lambda e: Engine(e.params, CONFIG, num_slots=0), ValueError, "num_slots must be a positive int, got 0"),

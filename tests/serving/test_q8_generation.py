@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jkv.cache import CacheSpec
-from jkv.generate import Generator, cache_kinds
 from jkv.models import llama
+from jkv.serving import Generator, make_cache
 
 PROMPTS = [
     "What is the capital of France? Answer in one word.",
@@ -44,9 +44,7 @@ def teacher_forced(model, prompts, continuations, cache_kind):
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = s
     config = model.config
-    cache = cache_kinds()[cache_kind](
-        CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, 128), len(seqs)
-    )
+    cache = make_cache(cache_kind, CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, 128), len(seqs))
     logits, cache = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))(model.params, cache, tokens)
     assert type(cache).__name__ == {"q8": "Q8KVCache", "bf16": "KVCache"}[cache_kind]
     pred = np.asarray(jnp.argmax(logits, axis=-1))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from jkv.prefix_cache import PrefixCache
-from jkv.speculative import prompt_lookup_draft
+from jkv.serving.prefix import PrefixCache
+from jkv.serving.speculative import prompt_lookup_draft
 
 
 def test_lookup_picks_longest_cached_prefix_and_counts():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jkv.sampling import sample
+from jkv.serving.sampling import sample
 
 
 def _draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=0):

@@ -1,0 +1,84 @@
+"""The engine's knobs, as one frozen object: what a caller may set, checked once, with device-derived defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import jax
+
+from jkv import memory
+from jkv.models import llama
+from jkv.serving import steps
+
+
+def default_max_slots(backend: str) -> int:
+    """Cap of the default slot count: a GPU step costs about the same for 1 or 64 rows (it reads the weights
+    once); a CPU step costs in proportion to the rows, and every slot is computed."""
+    return 64 if backend in ("gpu", "tpu") else 8
+
+
+def default_num_slots(spec, per_token: int, mesh, verbose: bool) -> int:
+    """Slots of ``spec.max_len`` positions (``per_token`` bytes each) that fit the device's free memory, capped by
+    ``default_max_slots``, whole slots per data-parallel group of ``mesh``; said on stderr when ``verbose``."""
+    cap = default_max_slots(jax.default_backend())
+    n = memory.max_batch(spec, limit=cap, per_token=per_token)
+    if n < 1:
+        raise MemoryError(f"no engine slot fits in device memory at max_len={spec.max_len}")
+    if verbose:
+        per_slot = memory.cache_bytes(spec, 1, per_token) / 2**20
+        print(
+            f"jkv engine: {n} slots of max_len={spec.max_len} ({per_slot:.1f} MiB of KV cache each) fit "
+            f"the free device memory (cap {cap} on {jax.default_backend()})",
+            file=sys.stderr,
+        )
+    if mesh is not None:
+        dp = mesh.shape["dp"]
+        n = max(n - n % dp, dp)
+    return n
+
+
+def _positive(name, value, minimum=1):
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """The engine's knobs. ``cache``: ``"default"`` (contiguous, in ``cache_dtype`` or the weights' dtype) or a
+    name of ``steps.CACHE_KINDS``. ``num_slots=None``: what fits the device's free memory (``memory.max_batch``,
+    capped by ``default_max_slots``). ``prefix_cache_bytes`` (0: off): device bytes of cached prompt prefixes.
+    ``speculative_tokens`` (0: off): prompt-lookup drafts per step (greedy requests only). ``prefill_bucket``:
+    the shortest padded prefill (buckets are it times powers of two). ``cache_options``: storage options of the
+    cache format (``{"rotated": False}``: Q8 without its rotation)."""
+
+    num_slots: int | None = None
+    max_len: int = 1024
+    cache: str = "default"
+    cache_dtype: Any = None
+    impl: str | None = None
+    prefix_cache_bytes: int = 0
+    speculative_tokens: int = 0
+    max_ngram: int = 3
+    prefill_bucket: int = 16
+    cache_options: tuple[tuple[str, Any], ...] = ()
+    model: llama.LlamaOptions = llama.DEFAULT_OPTIONS  # how the model runs; a given ``impl`` overrides its impl
+
+    @property
+    def model_options(self) -> llama.LlamaOptions:
+        return self.model if self.impl is None else dataclasses.replace(self.model, impl=self.impl)
+
+    def __post_init__(self):
+        object.__setattr__(self, "cache_options", tuple(sorted(dict(self.cache_options).items())))
+        _positive("max_len", self.max_len, 2)
+        if self.num_slots is not None:
+            _positive("num_slots", self.num_slots)
+        _positive("prefix_cache_bytes", self.prefix_cache_bytes, 0)
+        _positive("speculative_tokens", self.speculative_tokens, 0)
+        _positive("max_ngram", self.max_ngram)
+        _positive("prefill_bucket", self.prefill_bucket)
+        steps.check_kind(self.cache, self.max_len)
+        if not isinstance(self.model, llama.LlamaOptions):
+            raise TypeError(f"model must be a jkv.models.llama.LlamaOptions, got {type(self.model).__name__}")

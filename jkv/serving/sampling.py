@@ -1,0 +1,142 @@
+"""How a request chooses its tokens: one ``SamplingParams``, one key scheme, and the on-device draw.
+
+Key scheme: a request's PRNG key comes from its ``seed`` alone, and the key of its ``i``-th generated token is that
+key folded with ``i``. Nothing else enters (not the slot, the batch size or the other requests), so a request
+samples the same tokens alone or in any batch. Every parameter of ``sample`` is an array with one entry per row,
+so one compiled step serves a batch whose requests sample differently. Only the chosen token ids leave the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+# What a finished request's ``finish_reason`` says.
+FINISH_REASONS = (
+    "stop",  # a stop token came; the stop token itself is not part of the returned tokens
+    "length",  # max_new_tokens tokens were generated
+    "max_len",  # the request's cache row is full (prompt + generated tokens reached the engine's max_len)
+)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates.
+
+    ``temperature == 0`` is greedy (argmax); otherwise the logits are divided by ``temperature``, cut to the
+    ``top_k`` most likely tokens (0: no cut), then to the smallest set whose probability reaches ``top_p`` (1: no
+    cut), and a token is drawn with the request's key (``seed``, folded with the token's index). Generation ends
+    after ``max_new_tokens`` tokens or at a token of ``stop_tokens``, which is not returned (``FINISH_REASONS``).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 64
+    stop_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: no top-k cut), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:  # jax.random.key keeps 32 bits of larger seeds
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        stops = tuple(self.stop_tokens)
+        if not all(_is_int(t) for t in stops):
+            raise ValueError(f"stop_tokens must be token ids (ints), got {self.stop_tokens!r}")
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stops))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@functools.lru_cache(maxsize=4096)  # one device call per seed, not one per slot change
+def request_key_data(seed: int) -> np.ndarray:
+    """The raw key data of a request's PRNG key (host array, ``uint32[2]``): a function of its seed only."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+def token_keys(key_data: Array, index: Int[Array, " B"]):
+    """Per row, the key of the row's ``index[b]``-th generated token: its request key folded with the index."""
+    return jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(key_data, index)
+
+
+def sample(
+    logits: Float[Array, "B V"],
+    keys,
+    temperature: Float[Array, " B"],
+    top_k: Int[Array, " B"],
+    top_p: Float[Array, " B"],
+) -> Int[Array, " B"]:
+    """One token per row.
+
+    ``temperature[b] == 0`` picks the argmax (greedy, deterministic). Otherwise the logits are divided by the
+    temperature, restricted to the ``top_k[b]`` most likely tokens (``0``: no limit) and to the smallest set whose
+    probability reaches ``top_p[b]`` (``1.0``: no limit), and one token is drawn with ``keys[b]`` (typed PRNG keys).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The sampling path sorts every row (a 128k-entry sort per row for Llama 3): skipped when no row samples, so a
+    # batch of greedy requests costs an argmax only.
+    return jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: jnp.where(temperature > 0, _draw(logits, keys, temperature, top_k, top_p), greedy),
+        lambda: greedy,
+    )
+
+
+def _draw(logits, keys, temperature, top_k, top_p) -> Int[Array, " B"]:
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # (B, V) descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # (B, 1): smallest logit kept by top-k
+    ordered = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # Keep token i (in descending order) while the mass before it is below top_p: the first token always stays.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = before < top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # smallest kept logit
+    masked = jnp.where((scaled >= jnp.maximum(kth, cutoff)), scaled, -jnp.inf)
+    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked).astype(jnp.int32)
+
+
+# A sampled token id that says "this row's logits held NaN or Inf" (checked on the host with the tokens).
+NONFINITE = -1
+
+
+def choose(logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p) -> Int[Array, " B"]:
+    """``sample`` with the scheme's keys, and ``NONFINITE`` in rows whose logits are not all finite: the check
+    travels with the token ids, so it costs the host no extra read."""
+    tokens = sample(logits, token_keys(key_data, index), temperature, top_k, top_p)
+    return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NONFINITE)
+
+
+def sampling_rows(params: list[SamplingParams | None], index: list[int]):
+    """Host arrays of a batch's sampling inputs, one row per slot (``None``: an idle slot, greedy):
+    ``(key_data, index, temperature, top_k, top_p)``."""
+    idle = SamplingParams()
+    rows = [idle if p is None else p for p in params]
+    return (
+        np.stack([request_key_data(p.seed) for p in rows]),
+        np.asarray(index, np.int32),
+        np.asarray([p.temperature for p in rows], np.float32),
+        np.asarray([p.top_k for p in rows], np.int32),
+        np.asarray([p.top_p for p in rows], np.float32),
+    )
