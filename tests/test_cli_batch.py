@@ -10,7 +10,8 @@ import pytest
 from helpers_loading import needs_smollm, write_tiny_gguf
 
 import jkv.loading
-from jkv import cli, engine
+from jkv import cli
+from jkv.serving import engine
 
 PROMPTS = ["What is the capital of France? Answer in one word.", "Name a primary colour.", "Say hello."]
 

@@ -6,7 +6,7 @@ rules for the weights).
 """
 
 from jkv.models.llama.config import PRESETS, LlamaConfig
-from jkv.models.llama.fusions import MIN_MATMUL_ROWS, LlamaOptions
+from jkv.models.llama.fusions import DEFAULT_OPTIONS, MIN_MATMUL_ROWS, LlamaOptions
 from jkv.models.llama.model import attention_step, block, decode_step, forward, hidden_states, lm_head, prefill
 from jkv.models.llama.params import (
     LAYOUTS,
@@ -22,6 +22,7 @@ from jkv.models.llama.params import (
 from jkv.models.llama.sharding import PARAM_TP_AXIS, check_layout, init_params_sharded, param_specs, shard_params
 
 __all__ = [
+    "DEFAULT_OPTIONS",
     "LAYOUTS",
     "MIN_MATMUL_ROWS",
     "PARAM_TP_AXIS",
