@@ -29,11 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkv import memory, quant
-from jkv.cache import CacheSpec, KVCache
+from jkv import memory
+from jkv.caches import PAGE_SIZE, CacheSpec, KVCache, cache_sharding, kind, kinds, make_cache, shard_cache
 from jkv.models import llama
-from jkv.paged import PagedKVCache
-from jkv.paged_q8 import Q8PagedKVCache
 from jkv.prefix_cache import PrefixCache
 from jkv.sampling import sample
 from jkv.speculative import prompt_lookup_draft
@@ -42,9 +40,8 @@ from jkv.speculative import prompt_lookup_draft
 # weights once); a CPU step costs in proportion to the rows, and every slot is computed.
 DEFAULT_MAX_SLOTS = {"gpu": 64, "tpu": 64}
 DEFAULT_MAX_SLOTS_ELSEWHERE = 8
-CACHE_KINDS = ("default", "bf16", "f32", "q8", "paged", "q8-paged")
-PAGED_KINDS = ("paged", "q8-paged")  # a page pool: prefix-cache entries are pinned pages
-PAGE_SIZE = 16
+CACHE_KINDS = ("default", *kinds())  # the registry's kinds (jkv.caches.registry)
+PAGED_KINDS = tuple(name for name in kinds() if kind(name).paged)  # prefix-cache entries are pinned pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +167,7 @@ class Engine:
             cache, params.dtype if cache_dtype is None else cache_dtype
         )
         self.spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype)
-        per_token = quant.bytes_per_token(self.spec) if cache in ("q8", "q8-paged") else None
+        per_token = None if cache == "default" else kind(cache).bytes_per_token(self.spec)
         if num_slots is None:
             cap = DEFAULT_MAX_SLOTS.get(jax.default_backend(), DEFAULT_MAX_SLOTS_ELSEWHERE)
             num_slots = memory.max_batch(self.spec, limit=cap, per_token=per_token)
@@ -198,18 +195,18 @@ class Engine:
         self.stats = EngineStats()
 
         # The batch cache of the chosen kind; prompts prefill into a one-sequence cache that insert_into_slot takes
-        # (a Q8 cache for Q8 slots and Q8 pages, a contiguous one for contiguous and paged slots).
-        if cache == "q8":
-            self.cache, self._single = quant.Q8KVCache.init(self.spec, num_slots), quant.Q8KVCache.init(self.spec, 1)
-        elif cache in PAGED_KINDS:
-            # Every slot can fill its row, and prefix entries pin at most prefix_cache_bytes more: never exhausted.
-            self._page_bytes = (self.spec.bytes_per_token if per_token is None else per_token) * PAGE_SIZE
-            pages = num_slots * (max_len // PAGE_SIZE) + prefix_cache_bytes // self._page_bytes
-            paged, single = (PagedKVCache, KVCache) if cache == "paged" else (Q8PagedKVCache, quant.Q8KVCache)
-            self.cache = paged.init(self.spec, num_slots, page_size=PAGE_SIZE, num_pages=pages)
-            self._single = single.init(self.spec, 1)
-        else:
+        # (a contiguous cache of the kind's format: Q8 for Q8 slots and Q8 pages).
+        name = cache
+        if name == "default":  # a plain cache of the model's (or cache_dtype's) dtype
             self.cache, self._single = KVCache.init(self.spec, num_slots), KVCache.init(self.spec, 1)
+        elif name in PAGED_KINDS:
+            # Every slot can fill its row, and prefix entries pin at most prefix_cache_bytes more: never exhausted.
+            self._page_bytes = kind(name).bytes_per_token(self.spec) * PAGE_SIZE
+            pages = num_slots * (max_len // PAGE_SIZE) + prefix_cache_bytes // self._page_bytes
+            self.cache = make_cache(name, self.spec, num_slots, num_pages=pages)
+            self._single = kind(name).single(self.spec)
+        else:
+            self.cache, self._single = make_cache(name, self.spec, num_slots), kind(name).single(self.spec)
         self._slots: list[_Active | None] = [None] * num_slots
         self._batch_sampling_cache = None  # device copies of the slots' sampling parameters
         self._inflight = None  # (token ids on the device, {slot: its request state}) of the step not yet read
@@ -222,7 +219,7 @@ class Engine:
 
             sharding.check_layout(config, mesh, batch=num_slots)
             self.params = sharding.shard_params(params, config, mesh)
-            self.cache = sharding.shard_cache(self.cache, mesh)
+            self.cache = shard_cache(self.cache, mesh)
         self._build_steps()
 
     # ------------------------------------------------------------------ compiled steps
@@ -264,9 +261,7 @@ class Engine:
         # With a mesh, every step that returns the batch cache hands it back in its sharding (kept split).
         cache_out = None
         if self.mesh is not None:
-            from jkv import sharding
-
-            cache_out = sharding.cache_sharding(self.cache, self.mesh)
+            cache_out = cache_sharding(self.cache, self.mesh)
 
         def compiled(fn, donate, out_shardings=None):
             kw = {} if cache_out is None or out_shardings is None else {"out_shardings": out_shardings(cache_out)}

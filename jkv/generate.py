@@ -22,12 +22,12 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jkv.attention import resolve_impl
-from jkv.cache import CacheSpec, KVCache
+from jkv.caches import CacheSpec, kinds, make_cache
+from jkv.caches.registry import PAGE_SIZE  # noqa: F401  (re-exported: the paged kinds' page size)
 from jkv.models import llama
 from jkv.sampling import sample
 
 MIN_PREFILL_BUCKET = 16
-PAGE_SIZE = 16  # positions per page of the paged cache (max_len must be a multiple)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -67,23 +67,8 @@ def next_tokens(logits: Float[Array, "B V"], key, step, sampling_args, *, greedy
 
 # ---------------------------------------------------------------------------------------------- caches
 def cache_kinds() -> dict[str, Callable[[CacheSpec, int], object]]:
-    """The cache types this installation offers, by ``--cache`` name: ``spec, batch -> empty cache``."""
-    import jkv
-
-    kinds = {
-        "bf16": lambda spec, batch: KVCache.init(spec.replace(dtype=jnp.bfloat16), batch),
-        "f32": lambda spec, batch: KVCache.init(spec.replace(dtype=jnp.float32), batch),
-    }
-    q8 = getattr(jkv, "Q8KVCache", None)
-    if q8 is not None:
-        kinds["q8"] = lambda spec, batch: q8.init(spec, batch)
-    paged = getattr(jkv, "PagedKVCache", None)
-    if paged is not None:
-        kinds["paged"] = lambda spec, batch: paged.init(spec, batch, page_size=PAGE_SIZE)
-    q8_paged = getattr(jkv, "Q8PagedKVCache", None)
-    if q8_paged is not None:
-        kinds["q8-paged"] = lambda spec, batch: q8_paged.init(spec, batch, page_size=PAGE_SIZE)
-    return kinds
+    """Every cache kind of the registry (``jkv.caches.kinds()``), by ``--cache`` name: ``spec, batch -> cache``."""
+    return {name: functools.partial(make_cache, name) for name in kinds()}
 
 
 # ---------------------------------------------------------------------------------------------- results

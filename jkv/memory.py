@@ -11,16 +11,21 @@ import warnings
 
 import jax
 
-from jkv.cache import CacheSpec
+from jkv.caches import CacheSpec
 
 # Kept free for activations, compiled programs and allocator slack (the seeds reserve a fixed 3.5 GB on GPU).
 DEFAULT_RESERVE_BYTES = 1 << 30
 DEFAULT_RESERVE_FRACTION = 0.05
 
 
-def bytes_per_token(spec: CacheSpec) -> int:
-    """K + V bytes one position of one sequence takes across all layers."""
-    return spec.bytes_per_token
+def bytes_per_token(spec: CacheSpec, format=None) -> int:
+    """K + V bytes one position of one sequence takes across all layers (stored in ``format``; default the
+    spec's dtype as it is)."""
+    if format is None:
+        return spec.bytes_per_token
+    from jkv.caches.formats import bind
+
+    return bind(format, spec).bytes_per_token(spec)
 
 
 def bytes_per_layer_per_token(spec: CacheSpec) -> int:
@@ -30,7 +35,7 @@ def bytes_per_layer_per_token(spec: CacheSpec) -> int:
 def cache_bytes(spec: CacheSpec, batch: int, per_token: int | None = None) -> int:
     """Bytes of a ``KVCache.init(spec, batch)`` (buffers plus the int32 lengths and error bits).
 
-    ``per_token`` overrides ``spec.bytes_per_token`` for other formats (e.g. ``jkv.quant.bytes_per_token``).
+    ``per_token`` overrides ``spec.bytes_per_token`` for other formats (``bytes_per_token(spec, format)``).
     """
     per_token = spec.bytes_per_token if per_token is None else per_token
     return batch * (per_token * spec.max_len + 8)

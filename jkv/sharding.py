@@ -6,9 +6,9 @@
   ``1 / tp`` slice of the MLP's hidden columns (gate/up) and rows (down). XLA inserts the two all-reduces per layer
   (after the attention output and the MLP down projection) where the row-split matmuls meet.
 
-Compiled steps keep caches sharded between calls (``shard_cache`` once, then donate): nothing is gathered to one
-device. Pallas kernels are not partitioned by XLA, so inside ``use_mesh(mesh)`` the attention dispatch runs them
-per shard on the local heads with ``shard_map`` (see ``jkv.attention``).
+Compiled steps keep caches sharded between calls (``jkv.caches.shard_cache`` once, then donate): nothing is
+gathered to one device. Pallas kernels are not partitioned by XLA, so inside ``use_mesh(mesh)`` the attention
+dispatch runs them per shard on the local heads with ``shard_map`` (see ``jkv.attention``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from jkv.cache import KVCache
 
 DP, TP = "dp", "tp"
 _ACTIVE_MESH: list[Mesh] = []
@@ -83,59 +81,7 @@ def active_mesh() -> Mesh | None:
     return _ACTIVE_MESH[-1] if _ACTIVE_MESH else None
 
 
-# ---------------------------------------------------------------------------------------------- caches
-def cache_specs(cache):
-    """PartitionSpecs for every array of ``cache`` (a pytree of the cache's own type).
-
-    Contiguous / Q8 caches: ``[L, B, K, S, ...]`` split over batch (dp) and kv heads (tp); lengths and error bits
-    over batch. Paged caches: the page pool ``[L, P, K, page, D]`` over kv heads (pages are shared by all
-    sequences, so the pool is not split by dp); block tables and lengths over batch; allocator state replicated.
-    """
-    kv5 = P(None, DP, TP, None, None)
-    per_seq = P(DP)
-
-    def spec_for(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if leaf.ndim == 5 and ("pages" in name):
-            return P(None, None, TP, None, None)
-        if leaf.ndim == 5:
-            return kv5
-        if "block_tables" in name:
-            return P(DP, None)
-        if name.endswith(("lengths", "errors")) and leaf.ndim == 1:
-            return per_seq
-        return P()
-
-    return jax.tree_util.tree_map_with_path(spec_for, cache)
-
-
-def cache_sharding(cache, mesh: Mesh):
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs(cache))
-
-
-def shard_cache(cache, mesh: Mesh):
-    """Place ``cache`` on ``mesh``: its kv heads split over tp, its sequences over dp."""
-    dp, tp = mesh_sizes(mesh)
-    k = cache.k_pages if hasattr(cache, "k_pages") else cache.k
-    num_kv_heads = k.shape[2]
-    if num_kv_heads % tp:
-        raise ValueError(f"tp={tp} must divide the cache's num_kv_heads={num_kv_heads}")
-    if cache.batch % dp:
-        raise ValueError(f"dp={dp} must divide the cache's batch={cache.batch}")
-    return jax.device_put(cache, cache_sharding(cache, mesh))
-
-
 # ---------------------------------------------------------------------------------------------- kernels per shard
-def attention_specs(cache) -> tuple:
-    """``shard_map`` in_specs for the arrays a decode kernel takes from ``cache`` (see ``jkv.attention``)."""
-    kv5 = P(None, DP, TP, None, None)
-    if isinstance(cache, KVCache):
-        return (kv5, kv5)
-    if hasattr(cache, "k_scale"):
-        return (kv5, kv5, kv5, kv5)
-    return (P(None, None, TP, None, None), P(None, None, TP, None, None), P(DP, None))
-
-
 def per_shard(fn, mesh: Mesh, cache_arrays: tuple, cache_specs_: tuple, q, lengths, layer):
     """Run ``fn(q, *cache_arrays, lengths, layer)`` on each shard's local batch and heads."""
     q_spec = P(DP, TP, None)

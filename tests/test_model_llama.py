@@ -43,12 +43,12 @@ def random_params(config, seed=0, layout="layers", dtype=jnp.float32):
 def make_cache(config, batch, max_len, dtype=jnp.float32, kind="contiguous"):
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype)
     if kind == "q8":
-        return jkv.Q8KVCache.init(spec, batch)
+        return jkv.KVCache.init(spec, batch, format=jkv.Q8())
     if kind == "paged":
         return jkv.PagedKVCache.init(spec, batch, page_size=8)
     cache = jkv.KVCache.init(spec, batch)
     # Unused positions hold NaN: nothing may read them.
-    return cache.replace(k=jnp.full_like(cache.k, jnp.nan), v=jnp.full_like(cache.v, jnp.nan))
+    return cache.replace(data=tuple(jnp.full_like(x, jnp.nan) for x in cache.data))
 
 
 # ---------------------------------------------------------------------------------------------- NumPy reference
@@ -159,7 +159,7 @@ def test_residual_stream_padded_to_min_matmul_rows(layout, rng, monkeypatch):
     for t in range(2, 5):
         logits, cache = step(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
         assert logits.shape == (3, config.vocab_size) and rel_err(logits, full[:, t]) < 1e-5, t
-    assert cache.batch == 3 and not np.isnan(np.asarray(cache.k[:, :, :, :5])).any()
+    assert cache.batch == 3 and not np.isnan(np.asarray(cache.data[0][:, :, :, :5])).any()
     np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 5, 5])
     assert llama._padded_batch(3, 1) == 8 and llama._padded_batch(3, 2) == 4 and llama._padded_batch(9, 1) == 9
 
@@ -196,11 +196,11 @@ def test_other_cache_types_plug_in(kind, rng):
         got.append(logits)
     tol = {"paged": 1e-5, "q8": 3e-2}[kind]
     assert rel_err(jnp.stack(got, 1), full[:, 5:10]) < tol
-    assert type(cache).__name__ == {"paged": "PagedKVCache", "q8": "Q8KVCache"}[kind]
+    assert (type(cache).__name__, str(cache.format)[:2]) == {"paged": ("PagedKVCache", "pl"), "q8": ("KVCache", "q8")}[kind]
 
 
 def test_pallas_decode_matches_xla(rng):
-    """impl="pallas" goes through jkv.decode_attention_write to the Pallas kernel that writes the new row and
+    """impl="pallas" goes through jkv.attend_write to the Pallas kernel that writes the new row and
     attends in one launch (interpret mode off GPU): ragged lengths, several steps, logits and cache contents
     equal the XLA path's."""
     config = CONFIGS["llama-gqa4-untied"]
@@ -217,9 +217,9 @@ def test_pallas_decode_matches_xla(rng):
         outs[impl], caches[impl] = jnp.stack(got, 1), cache
     assert rel_err(outs["pallas"], outs["xla"]) < 1e-5
     np.testing.assert_array_equal(caches["pallas"].lengths, [7, 4])
-    for name in ("k", "v"):  # the valid positions (the test cache holds NaN past them)
+    for name in (0, 1):  # K and V: the valid positions (the test cache holds NaN past them)
         for b, n in enumerate([7, 4]):
-            got, want = (getattr(caches[impl], name)[:, b, :, :n] for impl in ("pallas", "xla"))
+            got, want = (caches[impl].data[name][:, b, :, :n] for impl in ("pallas", "xla"))
             assert rel_err(got, want) < 1e-5, (name, b)
     step = functools.partial(llama.decode_step, config=config, impl="pallas")
     assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(params, cache, tokens[:, 0]))
@@ -270,7 +270,7 @@ def test_decode_step_compiles_once_and_runs_in_place(layout, rng):
         traces.append(1)
         return llama.decode_step(params, cache, tokens, config=config)
 
-    cache = make_cache(config, 4, 256).advance(jnp.array([0, 3, 9, 1], jnp.int32))
+    cache = make_cache(config, 4, 256).begin(jnp.array([0, 3, 9, 1], jnp.int32)).commit()
     step = jax.jit(counted, donate_argnums=1)
     for _ in range(5):
         _, cache = step(params, cache, jnp.asarray(rng.integers(0, config.vocab_size, 4), jnp.int32))
@@ -279,7 +279,7 @@ def test_decode_step_compiles_once_and_runs_in_place(layout, rng):
 
     tokens = jnp.zeros((4,), jnp.int32)
     stats = step.lower(params, cache, tokens).compile().memory_analysis()
-    buffers = cache.k.nbytes + cache.v.nbytes
+    buffers = sum(x.nbytes for x in cache.data)
     assert stats.alias_size_in_bytes >= buffers
     assert stats.temp_size_in_bytes < buffers // 4, stats.temp_size_in_bytes  # a copy of K alone is buffers // 2
     plain = jax.jit(counted).lower(params, cache, tokens).compile().memory_analysis()

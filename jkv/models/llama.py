@@ -5,9 +5,9 @@ One decoder block: ``x += o(attn(rope(q), rope(k), v))`` on ``rmsnorm(x)``, then
 Rotary embeddings are NEOX style (split halves) over weights in Hugging Face layout: the GGUF loader un-permutes
 llama.cpp's interleaved Q/K rows, so every source ends in the same layout.
 
-Both entry points read and write a jkv cache through the shared protocol (``write`` per layer, attention through
-``jkv.decode_attention`` / ``jkv.prefill_attention``, ``advance`` after the last layer), so any cache type with that
-API plugs in. ``prefill`` takes ``T`` tokens per sequence, ``decode_step`` one; positions come from
+Both entry points read and write a jkv cache through the cache protocol (``begin(T)``, ``jkv.attend_write`` per
+layer, ``commit()`` after the last layer), so every cache kind plugs in.
+``prefill`` takes ``T`` tokens per sequence, ``decode_step`` one; positions come from
 ``cache.lengths``, so a ragged batch decodes in one step and one compiled step serves every position.
 
 Numerics: weights and activations between layers live in ``params`` dtype (bf16 on GPU, f32 on CPU); matmuls
@@ -28,7 +28,7 @@ from flax import struct
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from jkv.attention import decode_attention_write, prefill_attention, resolve_impl
+from jkv.attention import attend_write, resolve_impl
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
 from pallas_kernels import rms_norm
 
@@ -369,12 +369,7 @@ def _block(layer_params: LayerParams, i, x, pending, cache, positions, config: L
     key = apply_rope(key, positions, inv_freq, RopeStyle.NEOX)
     key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
     q = q.astype(layer_params.wqkv.dtype)
-    if t == 1:  # write and attend, one kernel where the cache allows
-        attn, cache = decode_attention_write(q[:, 0], key, value, cache, i, impl=impl, reserved=True)
-        attn = attn[:, None]  # (B, 1, N, D)
-    else:
-        cache = cache.write(i, key, value, reserved=True)
-        attn = prefill_attention(q, cache, i, impl=impl)  # (B, T, N, D)
+    attn, cache = attend_write(q, key, value, cache, i, impl=impl)  # (B, T, N, D)
     if bp > b:
         attn = jnp.pad(attn, ((0, bp - b), (0, 0), (0, 0), (0, 0)))
     x, h, scale = _residual_norm(
@@ -400,8 +395,8 @@ def hidden_states(
     x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (B, T, H)
     if bp > b:
         x = jnp.pad(x, ((0, bp - b), (0, 0), (0, 0)))
-    # Pages (of a paged cache) for the T new positions once per step, not once per layer's write.
-    cache = cache.reserve(t)
+    # The step's T positions (a paged cache allocates their pages here, once for every layer).
+    cache = cache.begin(t)
     if isinstance(params.layers, LayerParams):  # stacked [L, ...]: one traced block under lax.scan
 
         def body(carry, layer):
@@ -415,7 +410,7 @@ def hidden_states(
         for i, layer_params in enumerate(params.layers):
             x, pending, cache = _block(layer_params, i, x, pending, cache, positions, config, inv_freq, impl)
     _, h, scale = _residual_norm(x[:b], pending[:b], params.norm, config.rms_norm_eps, jnp.float32, impl)
-    return h * scale, cache.advance(t, reserved=True)
+    return h * scale, cache.commit()
 
 
 def lm_head(params: LlamaParams, h: Float[Array, "... H"]) -> Float[Array, "... V"]:
