@@ -69,7 +69,7 @@ def attend(
     qs = fmt.to_stored(q[:, 0])
     # The one query sits at lengths[b] and reads lengths[b] + 1 positions (padding reads none of its own).
     n = jnp.where(cache.counts > 0, cache.lengths + 1, cache.lengths)
-    at = jnp.where(layer_ok, layer, 0)
+    at = checks.clamped(layer, layer_ok)
     call = lambda q, *rest: kernel.fn(q, *rest[:-2], rest[-2], layer=rest[-1], scale=scale)
     from jkv.sharding import active_mesh, per_shard
 

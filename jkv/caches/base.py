@@ -155,7 +155,7 @@ class Cache(abc.ABC):
         live = (jnp.arange(t, dtype=jnp.int32)[None, :] < self.counts[:, None]) & layer_ok
         positions = jnp.where(live, self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32), spec.max_len)
         errors = jnp.where(layer_ok, 0, ERR_BAD_LAYER) | jnp.where(self.counts <= t, 0, ERR_BAD_COUNT)
-        return jnp.where(layer_ok, layer, 0), positions, errors
+        return checks.clamped(layer, layer_ok), positions, errors
 
     def encode_new(self, k, v, positions):
         """The format's arrays of the new tokens ``[B, K, T, X]`` and the range errors of the live ones."""

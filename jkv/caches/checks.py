@@ -82,6 +82,8 @@ def index_in_range(name: str, value, size: int):
     host = concrete_value(value)
     if host is not None and not 0 <= int(host) < size:
         raise ValueError(f"{name}={int(host)} out of range: expected an index in [0, {size})")
+    if isinstance(value, (int, np.integer)):  # a static index stays static (XLA updates in place more often)
+        return int(value), True
     index = int32_value(name, value)
     return index, (index >= 0) & (index < size)
 
@@ -162,3 +164,8 @@ def decode_args(q, k, v, lengths) -> tuple[int, int, int, int, int]:
     if value is not None and (value.min(initial=0) < 0 or value.max(initial=0) > s):
         raise ValueError(f"lengths={value} must lie in [0, S={s}]")
     return b, n, kh, s, d
+
+
+def clamped(index, ok):
+    """``index`` where ``ok``, else 0 (static indices stay static); callers drop or mask what it reads."""
+    return index if ok is True else jnp.where(ok, index, 0)

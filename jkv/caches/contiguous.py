@@ -135,7 +135,7 @@ class KVCache(Cache):
         valid or not); ``stored``: left in the format's stored basis. A layer out of range under ``jit`` reads NaN."""
         layer, ok = checks.index_in_range("layer", layer, self.spec.num_layers)
         dtype = self.spec.dtype if dtype is None else jnp.dtype(dtype)
-        arrays = tuple(x[jnp.where(ok, layer, 0)] for x in self.data)
+        arrays = tuple(x[checks.clamped(layer, ok)] for x in self.data)
         k, v = self.format.decode(arrays, dtype)
         if not stored:
             k, v = self.format.from_stored(k).astype(dtype), self.format.from_stored(v).astype(dtype)

@@ -348,7 +348,7 @@ class PagedKVCache(Cache):
         tables = jnp.clip(self.block_tables, 0, self.num_pages - 1)  # entries without a page read page 0: masked
 
         def take(buf):
-            x = buf[jnp.where(ok, layer, 0)][tables]  # (B, M, K, page_size, X)
+            x = buf[checks.clamped(layer, ok)][tables]  # (B, M, K, page_size, X)
             b, m, kh, ps, d = x.shape
             return x.swapaxes(1, 2).reshape(b, kh, m * ps, d)
 

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from jkv.cache import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW
+from jkv.paged import NO_PAGE, PagedKVCache
 from reference import attention_f64, decode_attention_f64
 
 import jkv
-from jkv.cache import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW
-from jkv.paged import NO_PAGE, PagedKVCache
 
 SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, max_len=32, dtype=jnp.float32)
 PAGE = 8

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from jkv.cache import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW
+from jkv.quant import BLOCK, QMAX, Q8KVCache, dequantize, hadamard, hadamard_block, quantize
 from reference import attention_f64, decode_attention_f64
 
 import jkv
 from jkv import quant
-from jkv.cache import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW
-from jkv.quant import BLOCK, QMAX, Q8KVCache, dequantize, hadamard, hadamard_block, quantize
 from pallas_kernels import backend
 
 SPEC = jkv.CacheSpec(num_layers=3, num_kv_heads=2, head_dim=64, max_len=16, dtype=jnp.float32)

@@ -13,16 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from jkv.cache import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW
+from jkv.paged import NO_PAGE
+from jkv.quant import dequantize, quantize
 from reference import attention_f64, decode_attention_f64
 from test_paged_kernel import random_paged
 from test_q8_kernel import INT8_KERNEL_TOL, KERNEL_TOL
 
 import jkv
-from jkv.cache import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW
 from jkv.engine import Engine, SamplingParams
 from jkv.models import llama
-from jkv.paged import NO_PAGE
-from jkv.quant import dequantize, quantize
 from pallas_kernels import backend
 from pallas_kernels import paged_attention as paged
 

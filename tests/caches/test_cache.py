@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import checkify
+from jkv.cache import ERR_ADVANCE_OVERFLOW, ERR_BAD_SLOT, ERR_ROLLBACK_FORWARD, ERR_WRITE_OVERFLOW
 
 import jkv
-from jkv.cache import ERR_ADVANCE_OVERFLOW, ERR_BAD_SLOT, ERR_ROLLBACK_FORWARD, ERR_WRITE_OVERFLOW
 
 SPEC = jkv.CacheSpec(num_layers=3, num_kv_heads=2, head_dim=8, max_len=16, dtype=jnp.float32)
 BATCH = 4
