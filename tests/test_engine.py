@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jkv import KVCache
-from jkv.cache import CacheSpec
+from jkv.caches import CacheSpec
 from jkv.engine import Engine, SamplingParams
 from jkv.models import llama
 from jkv.prefix_cache import common_prefix_length

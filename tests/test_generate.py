@@ -103,7 +103,8 @@ def test_other_cache_types_generate(kind, params, generator):
     want = generator.generate(PROMPTS, max_new_tokens=6).tokens
     gen = Generator(CONFIG, params, max_len=64, batch=3, cache=kind)
     got = gen.generate(PROMPTS, max_new_tokens=6)
-    assert type(gen.cache).__name__ == {"paged": "PagedKVCache", "q8": "Q8KVCache", "bf16": "KVCache"}[kind]
+    want = {"paged": ("paged", "Plain"), "q8": ("contiguous", "Q8"), "bf16": ("contiguous", "Plain")}[kind]
+    assert (gen.cache.layout, type(gen.cache.format).__name__) == want
     if kind == "paged":  # same numbers, other layout: identical tokens
         assert got.tokens == want
     else:  # quantized or bf16 keys/values: the first token comes from the f32 prefill logits
@@ -111,7 +112,7 @@ def test_other_cache_types_generate(kind, params, generator):
 
 
 def test_cache_kinds_lists_what_exists():
-    assert set(cache_kinds()) == {"bf16", "f32", "q8", "paged", "q8-paged"}
+    assert tuple(cache_kinds()) == jkv.kinds() == ("bf16", "f32", "q8", "fp8", "paged", "q8-paged", "fp8-paged")
 
 
 # ---------------------------------------------------------------------------------------------- errors

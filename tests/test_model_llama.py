@@ -196,7 +196,8 @@ def test_other_cache_types_plug_in(kind, rng):
         got.append(logits)
     tol = {"paged": 1e-5, "q8": 3e-2}[kind]
     assert rel_err(jnp.stack(got, 1), full[:, 5:10]) < tol
-    assert (type(cache).__name__, str(cache.format)[:2]) == {"paged": ("PagedKVCache", "pl"), "q8": ("KVCache", "q8")}[kind]
+    want = {"paged": ("paged", "Plain"), "q8": ("contiguous", "Q8")}[kind]
+    assert (cache.layout, type(cache.format).__name__) == want
 
 
 def test_pallas_decode_matches_xla(rng):

@@ -10,7 +10,7 @@ from conftest import rel_err
 from reference import attention_f64
 
 import jkv
-from jkv.caches import ERR_BAD_LAYER
+from jkv.caches import ERR_BAD_LAYER, ERR_WRITE_OVERFLOW
 
 KINDS = jkv.kinds()
 SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=32, dtype=jnp.float32)
@@ -104,3 +104,31 @@ def test_attention_errors(rng):
         jkv.attend(jnp.zeros((2, 1, 3, 64)), cache, 0)
     with pytest.raises(ValueError, match="impl='cuda'"):
         jkv.attend(jnp.zeros((2, 1, 4, 64)), cache, 0, impl="cuda")
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f32", "q8", "paged"])
+def test_attend_write_equals_write_then_attend(rng, kind):
+    """``jkv.attend_write`` on the Pallas path (interpret mode here): the same output, cache contents, lengths and
+    error bits as ``cache.write`` then ``jkv.attend``; a sequence whose cache is full gets count 0 at ``begin``
+    (ERR_WRITE_OVERFLOW), its positions stay as they were and its output is zero. Contiguous plain caches take
+    the fused append kernel."""
+    dtype = jnp.float32 if kind == "f32" else jnp.bfloat16
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=48, dtype=dtype)
+    options = {"page_size": 16, "num_pages": 12} if kind == "paged" else {}
+    rand = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    cache = jkv.make_cache(kind, spec, 3, **options).begin(48)
+    for layer in range(2):
+        cache = cache.write(layer, rand(3, 2, 48, 64), rand(3, 2, 48, 64))
+    cache = cache.commit().rollback(jnp.asarray([47, 48, 16]))  # sequence 1 is full: its step is refused
+    q, k_new, v_new = rand(3, 1, 8, 64).astype(dtype), rand(3, 2, 1, 64), rand(3, 2, 1, 64)
+    step = jax.jit(lambda c: jkv.attend_write(q, k_new, v_new, c.begin(1), 1, impl="pallas"))
+    out, got = step(cache)
+    written = jax.jit(lambda c: c.begin(1).write(1, k_new, v_new))(cache)  # under jit: the full one is flagged
+    want = jkv.attend(q, written, 1, impl="pallas")
+    assert rel_err(out.astype(jnp.float32), want.astype(jnp.float32)) < 1e-6
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+    np.testing.assert_array_equal(got.errors, [0, ERR_WRITE_OVERFLOW, 0])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(written), strict=True):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    if kind in ("bf16", "f32"):
+        assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(cache))

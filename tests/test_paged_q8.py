@@ -1,0 +1,137 @@
+"""The paged Q8 kernel (``pallas_kernels.paged_attention.paged_q8_decode_attention``) against NumPy float64 over
+the dequantized values, on randomly permuted pages with NaN scales in every page and row no sequence uses. (The
+Q8 paged *cache* is tested with every other kind in tests/caches and tests/attention.)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from reference import decode_attention_f64
+from test_paged_kernel import random_paged
+from test_q8_kernel import INT8_KERNEL_TOL, KERNEL_TOL
+
+from jkv.caches.formats import dequantize, quantize
+from pallas_kernels import backend
+from pallas_kernels import paged_attention as paged
+
+ON_GPU = backend.gpu_backend() == backend.TRITON
+
+
+def q8_pools(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale, scale_dtype=jnp.float16):
+    """test_paged_kernel's random permuted pools quantized: codes 0 and NaN scales wherever nothing valid lives.
+    Returns the four pools, the tables and the dequantized contiguous K/V slabs (float64)."""
+    k_pages, v_pages, tables, slabs = random_paged(
+        rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale
+    )
+    pools = [*quantize(jnp.asarray(k_pages, jnp.float32), scale_dtype=scale_dtype)]
+    pools += [*quantize(jnp.asarray(v_pages, jnp.float32), scale_dtype=scale_dtype)]
+    deq = [
+        np.asarray(dequantize(*quantize(jnp.asarray(s, jnp.float32), scale_dtype=scale_dtype)), np.float64)
+        for s in slabs
+    ]
+    return pools, tables, deq
+
+
+# (id, batch, kv_heads, group, head_dim, page_size, max_pages, q dtype, lengths, layers, pages_per_block, splits,
+#  fuse, gather). Lengths relative to the block bk = ppb * page_size and the capacity S.
+CASES = [
+    ("g4_d128_bf16_ps16_wide_splits2", 3, 2, 4, 128, 16, 8, "bfloat16", (63, 65, 128), (2, 1), None, 2, None, None),
+    ("g1_d64_f32_ps8_ppb4_traced", 2, 2, 1, 64, 8, 6, "float32", (1, 48), (2, "traced"), 4, 3, None, None),
+    ("g8_d64_f16_ps32_pages", 2, 1, 8, 64, 32, 3, "float16", (96, 33), None, None, 1, None, "pages"),
+    ("g2_d128_bf16_ps64_tiles", 2, 2, 2, 128, 64, 2, "bfloat16", (0, 100), None, None, 2, "tiles", None),
+    ("g4_d64_bf16_ps16_int8", 2, 2, 4, 64, 16, 4, "bfloat16", (64, 7), None, None, None, "int8", None),
+]
+IDS = [c[0] for c in CASES]
+
+
+def run_case(rng, case, *, scale_up=1, interpret=None):
+    _, batch, kv_heads, group, head_dim, ps, max_pages, dtype, lengths, layers, ppb, splits, fuse, gather = case
+    dtype, max_pages = jnp.dtype(dtype), max_pages * scale_up
+    lengths = np.array([min(n * scale_up, max_pages * ps) for n in lengths], np.int32)
+    pools, tables, (k, v) = q8_pools(rng, batch, kv_heads, head_dim, ps, max_pages, lengths, layers, True)
+    q = jnp.asarray(rng.standard_normal((batch, kv_heads * group, head_dim)), dtype)
+    options = dict(
+        interpret=interpret, pages_per_block=ppb, num_splits=splits, fuse=fuse, gather=gather, poison=True
+    )  # fmt: skip
+    args = (q, *pools, jnp.asarray(tables), jnp.asarray(lengths))
+    if layers is None:
+        out = paged.paged_q8_decode_attention(*args, **options)
+    elif layers[1] == "traced":
+        out = jax.jit(lambda *a: paged.paged_q8_decode_attention(*a[:-1], layer=a[-1], **options))(*args, jnp.int32(1))
+    else:
+        out = paged.paged_q8_decode_attention(*args, layer=layers[1], **options)
+    assert out.shape == q.shape and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            np.testing.assert_array_equal(out[b], 0.0)
+    ref = decode_attention_f64(np.asarray(q.astype(jnp.float32), np.float64), k, v, lengths)
+    tol = KERNEL_TOL[dtype.name + ("-gpu" if dtype == jnp.float32 and jax.default_backend() == "gpu" else "")]
+    assert rel_err(out, ref) < (INT8_KERNEL_TOL if fuse == "int8" else tol), lengths
+    if layers is None:  # the module's own reference, on the same pools
+        assert rel_err(out, paged.paged_q8_decode_attention_reference(*args).astype(jnp.float32)) < max(tol, 2e-2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kernel_matches_float64_interpret(rng, case):
+    run_case(rng, case, interpret=True)
+
+
+@pytest.mark.parametrize("page_size,expected_ppb", [(4, 16), (16, 4), (64, 1), (256, 1)], ids=str)
+def test_config_counts_whole_pages(page_size, expected_ppb):
+    """The default block is the contiguous Q8 kernel's 64 keys, rounded to whole pages."""
+    config = paged.paged_q8_config(8, 8, 4096 // page_size, page_size, 128)
+    assert config.pages_per_block == expected_ppb and config.num_splits >= 1 and not config.fused_combine
+
+
+def test_kernel_errors():
+    codes, scales = jnp.zeros((6, 2, 16, 64), jnp.int8), jnp.zeros((6, 2, 16, 2), jnp.float16)
+    q, tables, lengths = jnp.zeros((2, 4, 64), jnp.float32), jnp.zeros((2, 3), jnp.int32), jnp.ones(2, jnp.int32)
+
+    def call(**kw):
+        pools = [kw.pop(name, x) for name, x in (("k", codes), ("ks", scales), ("v", codes), ("vs", scales))]
+        return paged.paged_q8_decode_attention(kw.pop("q", q), *pools, kw.pop("t", tables), lengths, **kw)
+
+    cases = [
+        (dict(k=codes.astype(jnp.float32)), TypeError, "k_pages codes must be int8"),
+        (dict(vs=scales.astype(jnp.bfloat16)), TypeError, "v_pages scales must be float16 or float32"),
+        (dict(ks=jnp.zeros((6, 2, 16, 4), jnp.float16)), ValueError, "do not form a Q8 pair"),
+        (dict(vs=scales.astype(jnp.float32)), ValueError, "same shape and scale dtype"),
+        (dict(q=jnp.zeros((2, 3, 64))), ValueError, "num_q_heads=3 must be a multiple of num_kv_heads=2"),
+        (dict(t=jnp.array([[6, 0, 0], [0, 0, 0]])), ValueError, "block_tables[0, 0]=6 must name a page"),
+        (dict(layer=0), ValueError, "layer=0 needs pools of shape"),
+        (dict(fuse="scores"), ValueError, "fuse='scores' is not one of ('tiles', 'wide', 'int8')"),
+        (dict(gather="cols"), ValueError, "gather='cols' must be one of"),
+        (dict(pages_per_block=3), ValueError, "pages_per_block=3 must be a power of two"),
+        (dict(scale="x"), TypeError, "scale must be a Python number"),
+    ]
+    for kwargs, exc, text in cases:
+        with pytest.raises(exc) as info:
+            call(**kwargs)
+        assert text in str(info.value), (text, str(info.value))
+
+
+# ---------------------------------------------------------------------- the real lowering
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
+class TestOnGpu:
+    """The same table with the Triton lowering and 8x longer sequences."""
+
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_kernel_matches_float64(self, rng, case):
+        run_case(rng, case, scale_up=8, interpret=False)
+
+    @pytest.mark.parametrize("batch,seq,page_size", [(1, 4096, 16), (8, 4096, 64)], ids=str)
+    def test_bench_shapes_default_config(self, rng, batch, seq, page_size):
+        """The benchmark's head layout (N=32, K=8, D=128, bf16 q) with the default launch parameters."""
+        lengths = np.full((batch,), seq, np.int32)
+        lengths[0] = seq - 77
+        pools, tables, (k, v) = q8_pools(rng, batch, 8, 128, page_size, seq // page_size, lengths, None, True)
+        q = jnp.asarray(rng.standard_normal((batch, 32, 128)), jnp.bfloat16)
+        out = paged.paged_q8_decode_attention(
+            q, *pools, jnp.asarray(tables), jnp.asarray(lengths), interpret=False, poison=True
+        )
+        ref = decode_attention_f64(np.asarray(q.astype(jnp.float32), np.float64), k, v, lengths)
+        assert rel_err(out.astype(jnp.float32), ref) < KERNEL_TOL["bfloat16"]
