@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkv.quant import quantize
+from jkv.caches.formats import quantize
 from pallas_kernels import backend, q8
 from pallas_kernels import decode_attention as kernels
 from pallas_kernels import decode_attention_mgpu as mgpu

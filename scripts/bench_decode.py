@@ -32,12 +32,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jkv import attention, quant, xla_flags
+from jkv import xla_flags
+from jkv.caches import Q8, make_cache
 from jkv.generate import Generator
 from jkv.models import llama
 from pallas_kernels import decode_attention as kernels
-
-HADAMARD_IMPL = quant.HADAMARD_IMPL  # the library's default
 
 MODELS = {
     "smollm2-135m": llama.LlamaConfig.smollm2_135m,
@@ -94,12 +93,13 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> dict:
 # ---------------------------------------------------------------------------------------------- jkv
 def bench_jkv(config, params, batch: int, impl: str, steps: int, prompt: int, max_len: int, cache="bf16") -> dict:
     """``cache``: a ``jkv generate --cache`` kind, ``q8-plain`` (a Q8 cache without its rotation), or a Q8 kind
-    with ``:<jkv.quant.HADAMARD_IMPL>`` appended (e.g. ``q8:dot``)."""
+    with ``:<a jkv.Q8 hadamard_impl>`` appended (e.g. ``q8:dot``)."""
     cache, _, hadamard_impl = cache.partition(":")
-    quant.HADAMARD_IMPL = hadamard_impl or HADAMARD_IMPL
-    gen = Generator(config, params, max_len=max_len, batch=batch, cache=cache.removesuffix("-plain"), impl=impl)
-    if cache == "q8-plain":
-        gen.cache = quant.Q8KVCache.init(gen.spec, batch, rotated=False)
+    kind = cache.removesuffix("-plain")
+    gen = Generator(config, params, max_len=max_len, batch=batch, cache=kind, impl=impl)
+    if cache != kind or hadamard_impl:
+        fmt = Q8(rotated=cache == kind, hadamard_impl=hadamard_impl or "auto")
+        gen.cache = make_cache(kind, gen.spec, batch, format=fmt)
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(0, config.vocab_size, prompt).tolist() for _ in range(batch)]
     first = gen.generate(prompts, max_new_tokens=steps, stop_ids=())  # compiles prefill and decode
@@ -233,9 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--norm-kernel", default="off", help="variants of llama.RESIDUAL_NORM_KERNEL: off, on or off,on"
     )
-    parser.add_argument(
-        "--fused-write", default="on", help="variants of jkv.attention.FUSED_DECODE_WRITE: off, on or off,on"
-    )
+    parser.add_argument("--fused-write", default="on", help="on (the fused decode write is no longer a switch)")
     parser.add_argument(
         "--split-merge",
         default=kernels.SPLIT_MERGE,
@@ -245,7 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--caches",
         default="bf16",
-        help="cache kinds of the jkv rows, e.g. bf16,q8,q8-plain (q8 without rotation),q8:dot (a HADAMARD_IMPL)",
+        help="cache kinds of the jkv rows, e.g. bf16,q8,q8-plain (q8 without rotation),q8:dot (a Q8 hadamard_impl)",
     )
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9, help="start nothing new after this many seconds")
@@ -294,7 +292,8 @@ def main(argv=None) -> int:
             kernels.SPLIT_MERGE = split_merge
             llama.MIN_MATMUL_ROWS["gpu"] = min_rows
             llama.RESIDUAL_NORM_KERNEL = {"off": False, "on": True}[norm_kernel]
-            attention.FUSED_DECODE_WRITE = {"off": False, "on": True}[fused_write]
+            if fused_write != "on":
+                parser.error("--fused-write off: the unfused decode write is no longer a switch")
             for impl, batch, cache in [(i, b, c) for i in impls for b in batches for c in args.caches.split(",")]:
                 if time.perf_counter() - START > args.deadline:
                     log(f"deadline: skipping jkv {name} b{batch} {impl} {cache} min_rows={min_rows}")

@@ -54,7 +54,7 @@ import bench_attention as common  # the shapes, the timing method and the copy c
 import jax
 import jax.numpy as jnp
 
-from jkv.quant import quantize
+from jkv.caches.formats import quantize
 from pallas_kernels import backend, paged_attention, q8
 from pallas_kernels import decode_attention as kernels
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jkv.quant import quantize
+from jkv.caches.formats import quantize
 from pallas_kernels import backend, q8
 from pallas_kernels import decode_attention as kernels
 
@@ -308,7 +308,7 @@ def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from reference import decode_attention_f64
 
-    from jkv.quant import dequantize
+    from jkv.caches.formats import dequantize
 
     rng = np.random.default_rng(0)
     log("round trip, x ~ N(0, 1) [4096, D] with 1 % of values x20: ||x' - x|| / ||x||, max |x' - x| / step")
@@ -369,9 +369,12 @@ def right_padded(seqs) -> np.ndarray:
 def model_kv_error(log, model, prompts) -> None:
     """Round trip error of the default model's own keys and values (the prompts' prefill, every layer): Q8 with
     and without the rotation, and bf16 rounding; median and max over layers of ||x' - x|| / ||x||."""
-    from jkv.cache import CacheSpec, KVCache
+    from jkv.caches import Q8, CacheSpec, KVCache
     from jkv.models import llama
-    from jkv.quant import decode, encode
+
+    def round_trip(r, rotated):
+        fmt = Q8(rotated=rotated)
+        return fmt.from_stored(fmt.decode(fmt.encode(r, r), jnp.float32)[0])
 
     config = model.config
     tokens = right_padded(prompts)
@@ -379,7 +382,7 @@ def model_kv_error(log, model, prompts) -> None:
     run = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))
     _, cache = run(model.params, KVCache.init(spec, len(prompts)), jnp.asarray(tokens))
     log(f"round trip of the model's own K/V ({len(prompts)} prompts' prefill), median / max over layers:")
-    for name, x in (("k", cache.k), ("v", cache.v)):
+    for name, x in (("k", cache.data[0]), ("v", cache.data[1])):
         rows = [
             np.concatenate(
                 [np.asarray(x[layer, b, :, : len(p)]).reshape(-1, spec.head_dim) for b, p in enumerate(prompts)]
@@ -388,8 +391,8 @@ def model_kv_error(log, model, prompts) -> None:
         ]
         errs = {}
         for label, fn in (
-            ("q8", lambda r: decode(encode(r, r, jnp.float16, False), jnp.float32, False)[0]),
-            ("q8 rotated", lambda r: decode(encode(r, r, jnp.float16, True), jnp.float32, True)[0]),
+            ("q8", lambda r: round_trip(r, False)),
+            ("q8 rotated", lambda r: round_trip(r, True)),
             ("bf16", lambda r: r.astype(jnp.bfloat16).astype(jnp.float32)),
         ):
             errs[label] = [
@@ -405,19 +408,19 @@ def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "ma
     """Greedy generation with each cache of GEN_CACHES against the bf16 cache on the default model: free runs
     (position-wise agreement, identical runs, first divergence), free runs stopping at EOS, and the bf16 run's
     tokens predicted under teacher forcing."""
-    from jkv.cache import CacheSpec
+    from jkv.caches import Q8, CacheSpec, make_cache
     from jkv.cli import default_model_path
     from jkv.generate import Generator, cache_kinds
     from jkv.loading import load_gguf
     from jkv.models import llama
-    from jkv.quant import Q8KVCache
 
     model = load_gguf(default_model_path(), weights, progress=False)
     tok, config = model.tokenizer, model.config
     texts = {"main": PROMPTS, "held-out": HELD_OUT}[prompt_set]
     prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in texts]
     model_kv_error(log, model, prompts)
-    makers = dict(cache_kinds(), **{"q8-plain": lambda spec, batch: Q8KVCache.init(spec, batch, rotated=False)})
+    plain = lambda spec, batch: make_cache("q8", spec, batch, format=Q8(rotated=False))
+    makers = dict(cache_kinds(), **{"q8-plain": plain})
     free = {}
     for kind in ("bf16", *GEN_CACHES):
         g = Generator(config, model.params, max_len=256, batch=len(prompts), cache=kind.removesuffix("-plain"))

@@ -24,7 +24,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jkv import attention
 from jkv.generate import Generator
 from jkv.models import llama
 
@@ -48,7 +47,6 @@ def main(argv=None):
     ap.add_argument("--sequence", type=int, default=0, help="print the first N kernels of one step, in order")
     ap.add_argument("--splits", type=int, help="override the contiguous decode kernel's split count")
     ap.add_argument("--norm-kernel", action="store_true", help="set llama.RESIDUAL_NORM_KERNEL")
-    ap.add_argument("--unfused-write", action="store_true", help="clear jkv.attention.FUSED_DECODE_WRITE")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -61,7 +59,6 @@ def main(argv=None):
         default_config = kernel.decode_config
         kernel.decode_config = lambda *a, **k: default_config(*a, **k)._replace(num_splits=args.splits)
     llama.RESIDUAL_NORM_KERNEL = args.norm_kernel
-    attention.FUSED_DECODE_WRITE = not args.unfused_write
     config = MODELS[args.model]()
     params = llama.init_params(config, jax.random.key(0), jnp.bfloat16, scale=0.02, layout="layers")
     gen = Generator(config, params, max_len=args.max_len, batch=args.batch, cache=args.cache, impl=args.impl)

@@ -32,16 +32,3 @@ def rng(request):
     """A NumPy generator seeded from the test's id: fresh per test, reproducible per test."""
     seed = zlib.crc32(request.node.nodeid.encode())  # stable across processes (str hash() is salted)
     return np.random.default_rng(seed)
-
-
-# Written against the cache API before issue 18 (KVCache.k/.v, Q8KVCache, reserve/advance, decode_attention):
-# their checks are being ported to the protocol (tests/caches/test_kinds.py, test_paged_allocator.py and
-# tests/attention/test_attend.py hold the ported ones). Not collected, not deleted, until each check has moved.
-collect_ignore = [
-    "caches/test_cache.py",
-    "caches/test_cache_stateful.py",
-    "caches/test_paged.py",
-    "caches/test_quant.py",
-    "caches/test_paged_q8.py",
-    "attention/test_attention.py",
-]

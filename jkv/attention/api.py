@@ -20,6 +20,7 @@ from jkv.attention import kernels
 from jkv.attention.reference import attend_reference
 from jkv.caches import checks
 from jkv.caches.base import ERR_BAD_LAYER
+from jkv.sharding import active_mesh, per_shard
 
 IMPLS = ("xla", "pallas")
 
@@ -38,6 +39,8 @@ def resolve_impl(impl: str | None) -> str:
 
 
 def _check_q(q, cache) -> None:
+    if not hasattr(cache, "layout") or not hasattr(cache, "format"):
+        raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     shape = getattr(q, "shape", None)
     if shape is None or len(shape) != 4:
         raise ValueError(f"q must have shape [B, T, N, D], got {shape}")
@@ -71,8 +74,6 @@ def attend(
     n = jnp.where(cache.counts > 0, cache.lengths + 1, cache.lengths)
     at = checks.clamped(layer, layer_ok)
     call = lambda q, *rest: kernel.fn(q, *rest[:-2], rest[-2], layer=rest[-1], scale=scale)
-    from jkv.sharding import active_mesh, per_shard
-
     mesh = active_mesh()
     if mesh is not None:  # XLA cannot partition a Pallas call: run it on each shard's local batch and heads
         out = per_shard(call, mesh, kernel.arrays, kernel.specs, qs, n, at)
@@ -95,8 +96,6 @@ def attend_write(
     a kind registered in ``kernels.FUSED_APPEND`` with ``T = 1`` does both in one kernel (the program attending
     over the new position writes it), saving the write's own kernels; same results and error bits."""
     impl = resolve_impl(impl)
-    from jkv.sharding import active_mesh
-
     fused = impl == "pallas" and kernels.fused_append(cache) and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1
     if not fused or active_mesh() is not None:
         cache = cache.write(layer, k, v)

@@ -28,6 +28,7 @@ import abc
 import dataclasses
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
@@ -201,8 +202,6 @@ class Cache(abc.ABC):
     @property
     def nbytes(self) -> int:
         """Device bytes held by the cache (every array field)."""
-        import jax
-
         return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
 
     # ------------------------------------------------------------------ each layout's own

@@ -78,8 +78,9 @@ class KVCache(Cache):
 
     # ------------------------------------------------------------------ slots
     def reset(self) -> KVCache:
-        zeros = jnp.zeros_like(self.lengths)
-        return self.replace(lengths=zeros, counts=zeros, errors=zeros)
+        # Three buffers, not one zeros array thrice: a step that donates the cache donates each once.
+        zeros = lambda: jnp.zeros_like(self.lengths)
+        return self.replace(lengths=zeros(), counts=zeros(), errors=zeros())
 
     def reset_slot(self, slot) -> KVCache:
         slot, ok = checks.index_in_range("slot", slot, self.batch)

@@ -171,14 +171,14 @@ class PagedKVCache(Cache):
     # ------------------------------------------------------------------ slots
     def reset(self) -> PagedKVCache:
         """Empty every sequence and free every page, pinned ones included (pool contents are left as they are)."""
-        zeros = jnp.zeros_like(self.lengths)
+        zeros = lambda: jnp.zeros_like(self.lengths)  # distinct buffers: each is donated once
         return self.replace(
             block_tables=jnp.full_like(self.block_tables, NO_PAGE),
             refcounts=jnp.zeros_like(self.refcounts),
             pins=jnp.zeros_like(self.pins),
-            lengths=zeros,
-            counts=zeros,
-            errors=zeros,
+            lengths=zeros(),
+            counts=zeros(),
+            errors=zeros(),
         )
 
     def reset_slot(self, slot) -> PagedKVCache:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cache_helpers import bound
 
 import jkv
 from jkv.caches import (
@@ -25,22 +26,6 @@ def make(kind, batch=3, spec=SPEC, **options):
     if jkv.caches.kind(kind).paged:
         options.setdefault("page_size", 8)
     return jkv.make_cache(kind, spec, batch, **options)
-
-
-def bound(kind, x):
-    """Largest allowed |stored - x| per value of vectors ``x [..., D]`` for the kind's format (float64)."""
-    x = np.asarray(x, np.float64)
-    fmt = jkv.caches.kind(kind).format
-    if isinstance(fmt, jkv.Q8):  # half a step of the block (rotated: the block of the rotated vector, bounded
-        # by the vector's norm), float16 scales rounded up by at most one float16 ulp
-        amax = np.linalg.norm(x, axis=-1, keepdims=True) if fmt.rotated else np.abs(x).max(-1, keepdims=True)
-        return amax / 127 * (0.5 + 2**-10) + 1e-6
-    if isinstance(fmt, jkv.FP8):  # 3 mantissa bits: |x| / 16, and e4m3's subnormal step of the scale
-        scale = np.abs(x).max(-1, keepdims=True) / 448
-        return np.abs(x) / 16 + scale / 2**10 + 1e-7
-    if kind == "bf16":
-        return np.abs(x) * 2**-8
-    return np.zeros_like(x)
 
 
 def rand(rng, *shape):
@@ -268,3 +253,14 @@ def test_paged_pool_exhaustion_flags_and_touches_nothing(rng):
     np.testing.assert_array_equal(out.lengths, [16, 16, 0])
     np.testing.assert_array_equal(out.errors, [0, 0, ERR_POOL_EXHAUSTED])
     np.testing.assert_array_equal(out.pages_held(), [2, 2, 0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_array_is_its_own_buffer(kind):
+    """After init, reset, commit and rollback no two arrays of a cache share a buffer: donating the cache to a
+    jitted step donates each once (XLA refuses a buffer donated twice)."""
+    cache = make(kind)
+    for c in (cache, cache.reset(), cache.begin(1).commit(), cache.rollback(0)):
+        leaves = jax.tree.leaves(c)
+        pointers = [x.unsafe_buffer_pointer() for x in leaves]
+        assert len(set(pointers)) == len(leaves)
