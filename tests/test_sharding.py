@@ -50,7 +50,7 @@ def test_sharded_decode_matches_unsharded(model, dp, tp):
     assert out.data[0].sharding.is_equivalent_to(shardings.data[0], out.data[0].ndim)
     shapes = {s.data.shape for s in out.data[0].addressable_shards}
     assert shapes == {(CONFIG.num_layers, BATCH // dp, CONFIG.num_kv_heads // tp, MAX_LEN, CONFIG.head_dim)}
-    assert len({s.device for s in out.k.addressable_shards}) == dp * tp
+    assert len({s.device for s in out.data[0].addressable_shards}) == dp * tp
 
 
 def test_param_shards_are_megatron_split(model):
