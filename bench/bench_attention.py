@@ -4,7 +4,7 @@ For bf16, N=32 query heads, K=8 kv heads, D=128 and each B x T (every sequence f
 
 * ``jkv``: ``pallas_kernels.decode.decode_attention`` (the Triton kernel) with its default launch parameters,
   then a sweep of block sizes, splits, warps and stages (the best is reported beside the default),
-* ``jkv_auto``: ``pallas_kernels.dispatch.decode_attention_auto``, what ``jkv.decode_attention`` runs for a
+* ``jkv_auto``: ``pallas_kernels.dispatch.decode_attention_auto``, what ``jkv.attend`` runs at T = 1 for a
   contiguous cache: the Mosaic GPU kernel where ``prefer_mgpu`` picks it, else the Triton kernel,
 * ``jkv_5d``: the same kernel reading one layer of a two-layer ``[L, B, K, S, D]`` cache with a traced layer
   index (shows that the layer is not copied out of the cache),
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from jkv.quant import quantize
+from jkv.caches.formats import quantize
 from pallas_kernels import common as kernel_common
 from pallas_kernels import decode, dequantize, dispatch, reference
 from pallas_kernels.decode_q8 import q8_decode_attention, q8_decode_config

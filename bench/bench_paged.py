@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import common
-from jkv.quant import quantize
+from jkv.caches.formats import quantize
 from pallas_kernels import common as kernel_common
 from pallas_kernels import decode, decode_q8, paged, paged_q8, reference
 

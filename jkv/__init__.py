@@ -6,45 +6,61 @@ Axis letters, used in shape annotations and einsum strings across the package:
     N query heads    K kv heads                    G queries per kv head (N // K)
     D head_dim       L layers                      P pages
 
-Contiguous caches are ``[L, B, K, S, D]`` with ``lengths: int32[B]``.
+A cache kind is a layout (``KVCache``: ``[L, B, K, S, X]``; ``PagedKVCache``: a page pool) times a format
+(``Plain``, ``Q8``, ``FP8``); ``kinds()`` / ``make_cache`` name them.
 """
 
-from jkv import memory, quant
+from jkv import caches, memory
 from jkv.attention import (
+    attend,
+    attend_reference,
+    attend_write,
     attention_reference,
-    decode_attention,
     decode_attention_reference,
-    decode_attention_write,
     default_impl,
-    prefill_attention,
 )
-from jkv.cache import CacheSpec, KVCache, KVSnapshot
-from jkv.paged import PagedKVCache
-from jkv.paged_q8 import Q8PagedKVCache
-from jkv.quant import Q8KVCache, Q8Snapshot, dequantize, quantize
+from jkv.caches import (
+    FP8,
+    PAGE_SIZE,
+    Q8,
+    CacheSpec,
+    Format,
+    KVCache,
+    PagedKVCache,
+    Plain,
+    Snapshot,
+    dequantize,
+    kinds,
+    make_cache,
+    quantize,
+)
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies, llama3_inv_frequencies
 
 __all__ = [
+    "FP8",
+    "PAGE_SIZE",
+    "Q8",
     "CacheSpec",
+    "Format",
     "KVCache",
-    "KVSnapshot",
     "PagedKVCache",
-    "Q8KVCache",
-    "Q8PagedKVCache",
-    "Q8Snapshot",
+    "Plain",
     "RopeStyle",
+    "Snapshot",
     "apply_rope",
+    "attend",
+    "attend_reference",
+    "attend_write",
     "attention_reference",
-    "decode_attention",
+    "caches",
     "decode_attention_reference",
-    "decode_attention_write",
     "default_impl",
     "dequantize",
     "inv_frequencies",
+    "kinds",
     "llama3_inv_frequencies",
+    "make_cache",
     "memory",
-    "prefill_attention",
-    "quant",
     "quantize",
 ]
 __version__ = "0.1.0"

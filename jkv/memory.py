@@ -11,16 +11,22 @@ import warnings
 
 import jax
 
-from jkv.cache import CacheSpec
+from jkv.caches import CacheSpec
 
 # Kept free for activations, compiled programs and allocator slack (the seeds reserve a fixed 3.5 GB on GPU).
 DEFAULT_RESERVE_BYTES = 1 << 30
 DEFAULT_RESERVE_FRACTION = 0.05
+PER_SEQUENCE_BYTES = 12  # int32 lengths, counts and error bits
 
 
-def bytes_per_token(spec: CacheSpec) -> int:
-    """K + V bytes one position of one sequence takes across all layers."""
-    return spec.bytes_per_token
+def bytes_per_token(spec: CacheSpec, format=None) -> int:
+    """K + V bytes one position of one sequence takes across all layers (stored in ``format``; default the
+    spec's dtype as it is)."""
+    if format is None:
+        return spec.bytes_per_token
+    from jkv.caches.formats import bind
+
+    return bind(format, spec).bytes_per_token(spec)
 
 
 def bytes_per_layer_per_token(spec: CacheSpec) -> int:
@@ -28,12 +34,12 @@ def bytes_per_layer_per_token(spec: CacheSpec) -> int:
 
 
 def cache_bytes(spec: CacheSpec, batch: int, per_token: int | None = None) -> int:
-    """Bytes of a ``KVCache.init(spec, batch)`` (buffers plus the int32 lengths and error bits).
+    """Bytes of a ``KVCache.init(spec, batch)`` (buffers plus the int32 lengths, counts and error bits).
 
-    ``per_token`` overrides ``spec.bytes_per_token`` for other formats (e.g. ``jkv.quant.bytes_per_token``).
+    ``per_token`` overrides ``spec.bytes_per_token`` for other formats (``bytes_per_token(spec, format)``).
     """
     per_token = spec.bytes_per_token if per_token is None else per_token
-    return batch * (per_token * spec.max_len + 8)
+    return batch * (per_token * spec.max_len + PER_SEQUENCE_BYTES)
 
 
 def device_free_bytes(device: jax.Device | None = None) -> int:
@@ -86,7 +92,7 @@ def max_batch(
 def max_len_for(spec: CacheSpec, batch: int, budget: int | None = None, reserve: int | None = None) -> int:
     """Largest ``max_len`` at which ``batch`` sequences fit; 0 (with a warning) if not even one position does."""
     usable = usable_bytes(budget, reserve)
-    n = (usable // batch - 8) // spec.bytes_per_token if batch else 0
+    n = (usable // batch - PER_SEQUENCE_BYTES) // spec.bytes_per_token if batch else 0
     if n < 1:
         warnings.warn(
             f"jkv: not even one position fits for {batch=}: one position takes {spec.bytes_per_token:,} bytes per "

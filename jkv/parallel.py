@@ -3,7 +3,7 @@
 * ``dp`` (data parallel) splits the batch: each group of devices holds its own sequences.
 * ``tp`` (tensor parallel) splits the heads: each device holds ``K / tp`` kv heads.
 
-This module knows no cache and no model: caches give their own PartitionSpecs (``jkv.sharding``), models theirs
+This module knows no cache and no model: caches give their own PartitionSpecs (``jkv.caches.sharding``), models theirs
 (``jkv.models.llama.sharding``). Pallas kernels are not partitioned by XLA, so inside ``use_mesh(mesh)`` the
 attention dispatch runs them per shard on the local batch and heads with ``per_shard`` (``shard_map``).
 """

@@ -32,11 +32,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jkv import attention, quant, xla_flags
+from jkv import xla_flags
 from jkv.models import llama
 from jkv.serving import Generator, SamplingParams
-
-HADAMARD_IMPL = quant.HADAMARD_IMPL  # the library's default
 
 MODELS = {
     "smollm2-135m": llama.LlamaConfig.smollm2_135m,
@@ -93,11 +91,12 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> dict:
 # ---------------------------------------------------------------------------------------------- jkv
 def bench_jkv(config, params, batch: int, options, steps: int, prompt: int, max_len: int, cache="bf16") -> dict:
     """``cache``: a ``jkv generate --cache`` kind, ``q8-plain`` (a Q8 cache without its rotation), or a Q8 kind
-    with ``:<jkv.quant.HADAMARD_IMPL>`` appended (e.g. ``q8:dot``)."""
+    with ``:<a jkv.Q8 hadamard_impl>`` appended (e.g. ``q8:dot``)."""
     cache, _, hadamard_impl = cache.partition(":")
-    quant.HADAMARD_IMPL = hadamard_impl or HADAMARD_IMPL
-    storage = {"rotated": False} if cache == "q8-plain" else {}
     kind = cache.removesuffix("-plain")
+    storage = {"rotated": False} if cache != kind else {}  # fields of the kind's storage format
+    if hadamard_impl:
+        storage["hadamard_impl"] = hadamard_impl
     gen = Generator(config, params, max_len=max_len, batch=batch, cache=kind, options=options, cache_options=storage)
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(0, config.vocab_size, prompt).tolist() for _ in range(batch)]
@@ -235,12 +234,9 @@ def main(argv=None) -> int:
         "--norm-kernel", default="off", help="variants of llama.LlamaOptions.norm_kernel: off, on or off,on"
     )
     parser.add_argument(
-        "--fused-write", default="on", help="variants of jkv.attention.FUSED_DECODE_WRITE: off, on or off,on"
-    )
-    parser.add_argument(
         "--caches",
         default="bf16",
-        help="cache kinds of the jkv rows, e.g. bf16,q8,q8-plain (q8 without rotation),q8:dot (a HADAMARD_IMPL)",
+        help="cache kinds of the jkv rows, e.g. bf16,q8,q8-plain (q8 without rotation),q8:dot (a Q8 hadamard_impl)",
     )
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9, help="start nothing new after this many seconds")
@@ -276,14 +272,8 @@ def main(argv=None) -> int:
         roofline_ms = 1e3 * weight_bytes / (bw["tbps"] * 1e12)
         log(f"{name}: random bf16 init {time.perf_counter() - t:.1f} s, {weight_bytes / 1e9:.2f} GB read per step")
         base = {"model": name, "weight_gb": weight_bytes / 1e9, "roofline_ms": roofline_ms}
-        variants = [
-            (int(m), n, w)
-            for m in args.min_rows.split(",")
-            for n in args.norm_kernel.split(",")
-            for w in args.fused_write.split(",")
-        ]
-        for min_rows, norm_kernel, fused_write in variants:
-            attention.FUSED_DECODE_WRITE = {"off": False, "on": True}[fused_write]
+        variants = [(int(m), n) for m in args.min_rows.split(",") for n in args.norm_kernel.split(",")]
+        for min_rows, norm_kernel in variants:
             for impl, batch, cache in [(i, b, c) for i in impls for b in batches for c in args.caches.split(",")]:
                 if time.perf_counter() - START > args.deadline:
                     log(f"deadline: skipping jkv {name} b{batch} {impl} {cache} min_rows={min_rows}")
@@ -291,7 +281,6 @@ def main(argv=None) -> int:
                 options = llama.LlamaOptions(impl, {"off": False, "on": True}[norm_kernel], min_rows)
                 r = bench_jkv(config, params, batch, options, args.steps, args.prompt, args.max_len, cache)
                 r |= {"impl": impl, "batch": batch, "cache": cache, "min_rows": min_rows, "norm_kernel": norm_kernel}
-                r |= {"fused_write": fused_write}
                 r |= {"roofline": roofline_ms / r["ms"]}
                 record({"kind": "jkv", **base, **r})
         del params
@@ -328,7 +317,7 @@ def print_table(rows):
         f"{'model':14} {'B':>2} {'impl':6} {'cache':8} {'ms/step':>8} {'tok/s':>8} {'e2e ms':>7}"
         f" {'roof ms':>7} {'roof %':>6}"
         f" {'HF ms':>7} {'HF tok/s':>8} {'vs HF':>6} {'compile s':>9} {'rows':>4} {'kernels':>7}"
-        f" {'norm':>4} {'write':>5}"
+        f" {'norm':>4}"
     )
     for r in rows:
         if r["kind"] != "jkv":
@@ -340,7 +329,6 @@ def print_table(rows):
             f" {r['tok_s']:8.0f} {r['e2e_ms']:7.2f}"
             f" {r['roofline_ms']:7.2f} {100 * r['roofline']:5.1f}% {hf_cols} {r['compile_s']:9.1f}"
             f" {r.get('min_rows', 1):4d} {r.get('kernels', 0):7d} {r.get('norm_kernel', '-'):>4}"
-            f" {r.get('fused_write', '-'):>5}"
         )
 
 

@@ -34,9 +34,9 @@ def main():
     spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, max_len=4096)
     cache = jkv.KVCache.init(spec, 2)
     k = jnp.ones((2, 2, 1, 16))
-    step = jax.jit(lambda c, k: c.write(0, k, k).write(1, k, k).rollback(c.lengths), donate_argnums=0)
+    step = jax.jit(lambda c, k: c.begin(1).write(0, k, k).write(1, k, k).rollback(c.lengths), donate_argnums=0)
     print(
-        f"{jax.devices()[0].device_kind}: jitted cache write x2 + rollback: {per_call_us(step, cache, k):.1f} us/call"
+        f"{jax.devices()[0].device_kind}: jitted begin + write x2 + rollback: {per_call_us(step, cache, k):.1f} us/call"
     )
     config = llama.LlamaConfig(96, 64, 128, 2, 4, 2, 16)
     params = llama.init_params(config, jax.random.key(0), jnp.float32, scale=0.2)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jkv.quant import quantize
+from jkv.caches.formats import quantize
 from pallas_kernels import backend, decode_q8, dequantize, reference
 from pallas_kernels import decode as kernels
 
@@ -277,7 +277,7 @@ def accuracy(log, new_tokens: int = 32, generate: bool = True, weights: str = "f
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from reference import decode_attention_f64
 
-    from jkv.quant import dequantize
+    from jkv.caches.formats import dequantize
 
     rng = np.random.default_rng(0)
     log("round trip, x ~ N(0, 1) [4096, D] with 1 % of values x20: ||x' - x|| / ||x||, max |x' - x| / step")
@@ -337,9 +337,12 @@ def right_padded(seqs) -> np.ndarray:
 def model_kv_error(log, model, prompts) -> None:
     """Round trip error of the default model's own keys and values (the prompts' prefill, every layer): Q8 with
     and without the rotation, and bf16 rounding; median and max over layers of ||x' - x|| / ||x||."""
-    from jkv.cache import CacheSpec, KVCache
+    from jkv.caches import Q8, CacheSpec, KVCache
     from jkv.models import llama
-    from jkv.quant import decode, encode
+
+    def round_trip(r, rotated):
+        fmt = Q8(rotated=rotated)
+        return fmt.from_stored(fmt.decode(fmt.encode(r, r), jnp.float32)[0])
 
     config = model.config
     tokens = right_padded(prompts)
@@ -347,7 +350,7 @@ def model_kv_error(log, model, prompts) -> None:
     run = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))
     _, cache = run(model.params, KVCache.init(spec, len(prompts)), jnp.asarray(tokens))
     log(f"round trip of the model's own K/V ({len(prompts)} prompts' prefill), median / max over layers:")
-    for name, x in (("k", cache.k), ("v", cache.v)):
+    for name, x in (("k", cache.data[0]), ("v", cache.data[1])):
         rows = [
             np.concatenate(
                 [np.asarray(x[layer, b, :, : len(p)]).reshape(-1, spec.head_dim) for b, p in enumerate(prompts)]
@@ -356,8 +359,8 @@ def model_kv_error(log, model, prompts) -> None:
         ]
         errs = {}
         for label, fn in (
-            ("q8", lambda r: decode(encode(r, r, jnp.float16, False), jnp.float32, False)[0]),
-            ("q8 rotated", lambda r: decode(encode(r, r, jnp.float16, True), jnp.float32, True)[0]),
+            ("q8", lambda r: round_trip(r, False)),
+            ("q8 rotated", lambda r: round_trip(r, True)),
             ("bf16", lambda r: r.astype(jnp.bfloat16).astype(jnp.float32)),
         ):
             errs[label] = [
@@ -373,7 +376,7 @@ def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "ma
     """Greedy generation with each cache of GEN_CACHES against the bf16 cache on the default model: free runs
     (position-wise agreement, identical runs, first divergence), free runs stopping at EOS, and the bf16 run's
     tokens predicted under teacher forcing."""
-    from jkv.cache import CacheSpec
+    from jkv.caches import CacheSpec
     from jkv.cli import default_model_path
     from jkv.loading import load_gguf
     from jkv.models import llama

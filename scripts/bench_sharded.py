@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jkv
-from jkv import parallel, sharding
+from jkv import parallel
+from jkv.caches import cache_sharding, shard_cache
 from jkv.models import llama
 
 SHAPES = {
@@ -58,8 +59,8 @@ def run_one(model: str, tp: int, args, bandwidth: float) -> dict:
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, args.max_len, jnp.bfloat16)
-    cache = sharding.shard_cache(jkv.KVCache.init(spec, args.batch), mesh)
-    shardings = sharding.cache_sharding(cache, mesh)
+    cache = shard_cache(jkv.KVCache.init(spec, args.batch), mesh)
+    shardings = cache_sharding(cache, mesh)
     impl = args.impl
 
     def prefill(p, c, t):

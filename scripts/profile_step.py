@@ -24,7 +24,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jkv import attention
 from jkv.models import llama
 from jkv.serving import Generator, SamplingParams
 
@@ -48,7 +47,6 @@ def main(argv=None):
     ap.add_argument("--sequence", type=int, default=0, help="print the first N kernels of one step, in order")
     ap.add_argument("--splits", type=int, help="override the contiguous decode kernel's split count")
     ap.add_argument("--norm-kernel", action="store_true", help="llama.LlamaOptions.norm_kernel on")
-    ap.add_argument("--unfused-write", action="store_true", help="clear jkv.attention.FUSED_DECODE_WRITE")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -60,7 +58,6 @@ def main(argv=None):
 
         default_config = kernel_common.decode_config
         kernel_common.decode_config = lambda *a, **k: default_config(*a, **k)._replace(num_splits=args.splits)
-    attention.FUSED_DECODE_WRITE = not args.unfused_write
     config = MODELS[args.model]()
     params = llama.init_params(config, jax.random.key(0), jnp.bfloat16, scale=0.02, layout="layers")
     gen = Generator(
@@ -118,7 +115,6 @@ def main(argv=None):
         "batch": args.batch,
         "cache": args.cache,
         "norm_kernel": args.norm_kernel,
-        "fused_write": not args.unfused_write,
         "device": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "wall_ms_per_step": wall_ms,

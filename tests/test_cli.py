@@ -97,7 +97,7 @@ def test_default_model_missing(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    "args", [["--cache", "fp8"], ["--max-len", "0"], ["--impl", "cuda"]], ids=["cache", "max-len", "impl"]
+    "args", [["--cache", "int4"], ["--max-len", "0"], ["--impl", "cuda"]], ids=["cache", "max-len", "impl"]
 )
 def test_argparse_rejects_bad_choices(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -126,4 +126,5 @@ def test_cache_missing_from_installation(monkeypatch, tiny_gguf, capsys):
     monkeypatch.setattr(generator, "cache_kinds", lambda: tuple(k for k in kinds if k != "q8"))
     assert cli.main(["generate", "hi", "--model", tiny_gguf, "--cache", "q8", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "--cache q8 is not available in this installation: choose from ['bf16', 'f32', 'paged', 'q8-paged']" in err
+    names = "['bf16', 'f32', 'fp8', 'fp8-paged', 'paged', 'q8-paged']"
+    assert f"--cache q8 is not available in this installation: choose from {names}" in err

@@ -30,12 +30,6 @@ GROUPS = {
 }
 # Today's flat modules, by the group they move into. Delete a row when its module is gone.
 FLAT_MODULES = {
-    "jkv._checks": "caches",
-    "jkv.cache": "caches",
-    "jkv.paged": "caches",
-    "jkv.paged_q8": "caches",
-    "jkv.quant": "caches",
-    "jkv.sharding": "caches",  # its cache shardings move into jkv/caches/
     "jkv.rope": "models",
     "jkv.xla_flags": "cli",
 }

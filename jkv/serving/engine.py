@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jkv.cache import CacheSpec
+from jkv.caches import CacheSpec
 from jkv.models import llama
 from jkv.serving import steps
 from jkv.serving.metrics import Completion, EngineStats
@@ -55,7 +55,7 @@ class Engine:
     """Continuous-batching generation over the slots of one batched cache of a Llama-family model.
 
     ``Engine(params, config, EngineOptions(...))``, or the options' fields as keywords. ``mesh``
-    (``jkv.sharding.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
+    (``jkv.parallel.make_mesh``): weights split Megatron style over its ``tp`` axis, slots over its ``dp`` axis.
     """
 
     def __init__(self, params, config, options: EngineOptions | None = None, *, mesh=None, verbose=True, **knobs):
@@ -83,7 +83,7 @@ class Engine:
         self.cache = steps.make_cache(options.cache, self.spec, self.num_slots, num_pages=num_pages, **storage)
         cache_sharding = None
         if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split
-            from jkv import sharding
+            from jkv.caches import sharding
 
             llama.check_layout(config, mesh, batch=self.num_slots)
             self.params = llama.shard_params(params, config, mesh)

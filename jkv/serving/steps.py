@@ -12,21 +12,18 @@ Token ids are the only values a step returns to the host. A row whose logits hol
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 
-from jkv.cache import KVCache
+from jkv.caches import KVCache, registry
 from jkv.models import llama
-from jkv.paged import PagedKVCache
-from jkv.paged_q8 import Q8PagedKVCache
-from jkv.quant import Q8KVCache
 from jkv.serving.sampling import NONFINITE, choose
 
-CACHE_KINDS = ("bf16", "f32", "q8", "paged", "q8-paged")  # "default": contiguous, in the weights' dtype
-PAGE_SIZE = 16  # positions per page of the paged kinds (max_len must be a multiple)
-_DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+CACHE_KINDS = registry.kinds()  # and "default": contiguous, in the weights' dtype
+PAGE_SIZE = registry.PAGE_SIZE
 
 
 def cache_kinds() -> tuple[str, ...]:
@@ -44,34 +41,35 @@ def check_kind(kind: str, max_len: int) -> None:
 
 def is_paged(kind: str) -> bool:
     """Whether ``kind`` keeps a page pool (prefix-cache entries are then pinned pages, not copies)."""
-    return kind.endswith("paged")
+    return kind != "default" and registry.kind(kind).paged
 
 
 def kind_dtype(kind: str, default):
-    """The dtype a cache of ``kind`` stores (or dequantizes to): the kind's own, else ``default``."""
-    return _DTYPES.get(kind, default)
+    """The dtype a cache of ``kind`` stands for (its layers' dtype): the kind's own, else ``default``."""
+    forced = None if kind == "default" else registry.kind(kind).dtype
+    return default if forced is None else jnp.dtype(forced)
 
 
 def make_cache(kind: str, spec, batch: int, *, num_pages: int | None = None, **options):
     """An empty cache of ``kind`` for ``batch`` sequences. ``"default"``: contiguous in ``spec.dtype``.
-    ``num_pages`` sizes a paged kind's pool (default: every sequence can fill its row); ``options`` go to the
-    storage format (``rotated=False``: Q8 without the Hadamard rotation)."""
+    ``num_pages`` sizes a paged kind's pool (default: every sequence can fill its row); ``options`` are fields of
+    the kind's storage format (``rotated=False``: Q8 without the Hadamard rotation)."""
     check_kind(kind, spec.max_len)
-    if kind in _DTYPES:
-        return KVCache.init(spec.replace(dtype=_DTYPES[kind]), batch, **options)
-    if kind == "q8":
-        return Q8KVCache.init(spec, batch, **options)
-    if kind == "paged":
-        return PagedKVCache.init(spec, batch, page_size=PAGE_SIZE, num_pages=num_pages, **options)
-    if kind == "q8-paged":
-        return Q8PagedKVCache.init(spec, batch, page_size=PAGE_SIZE, num_pages=num_pages, **options)
-    return KVCache.init(spec, batch, **options)
+    if kind == "default":
+        return KVCache.init(spec, batch, **options)
+    fmt = dataclasses.replace(registry.kind(kind).format, **options)
+    paging = {"page_size": PAGE_SIZE, "num_pages": num_pages} if is_paged(kind) else {}
+    return registry.make_cache(kind, spec, batch, format=fmt, **paging)
 
 
 def staging_kind(kind: str) -> str:
     """The contiguous kind a prompt of a ``kind`` slot prefills into (``insert_into_slot`` takes it): the same
     storage format, one sequence."""
-    return "q8" if kind.startswith("q8") else "default"
+    if not is_paged(kind):
+        return kind
+    fmt = registry.kind(kind).format
+    same = [k.name for k in registry.KINDS.values() if k.layout == "contiguous" and k.format == fmt and k.dtype is None]
+    return same[0] if same else "default"
 
 
 def prefill_bucket(n: int, minimum: int, cap: int) -> int:
@@ -116,7 +114,7 @@ def _retire(cache, mask):
 class Steps:
     """The jitted steps of one engine (one model, one cache kind, one batch of slots), compiled once per shape.
 
-    ``mesh`` (``jkv.sharding.make_mesh``): steps are lowered with it active (Pallas kernels run per shard) and
+    ``mesh`` (``jkv.parallel.make_mesh``): steps are lowered with it active (Pallas kernels run per shard) and
     hand the batch cache back in ``cache_sharding`` (kept split between steps). ``compile_s`` sums the seconds
     spent compiling; ``compiled`` maps ``(step, shape key)`` to its executable.
     """

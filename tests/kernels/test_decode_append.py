@@ -15,8 +15,6 @@ from poison import poisoned_outputs
 from reference import decode_attention_f64
 from test_decode_kernel import CASES, GPU_SCALE, IDS, LENGTHS, ON_GPU
 
-import jkv
-from jkv.cache import ERR_WRITE_OVERFLOW
 from pallas_kernels import common, decode, reference
 
 
@@ -106,35 +104,3 @@ def test_append_argument_errors(rng):
         decode.decode_attention_append(q, k, k, n, new, new, append=jnp.ones((3,), bool))
     with pytest.raises(ValueError, match=r"lengths=\[ 3 33\] must lie in"):
         decode.decode_attention_append(q, k, k, jnp.array([3, 33]), new, new)
-
-
-@pytest.mark.parametrize("kind", ["bf16", "f32", "q8", "paged"])
-def test_decode_attention_write_equals_write_then_attend(rng, kind):
-    """``jkv.decode_attention_write`` on every cache kind, Pallas path (interpret mode here): the same output,
-    cache contents, lengths and error bits as ``cache.write`` then ``jkv.decode_attention``; a sequence whose
-    cache is full is refused (ERR_WRITE_OVERFLOW) and its positions stay as they were."""
-    dtype = jnp.float32 if kind == "f32" else jnp.bfloat16
-    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=48, dtype=dtype)
-    make = {
-        "bf16": lambda: jkv.KVCache.init(spec, 3),
-        "f32": lambda: jkv.KVCache.init(spec, 3),
-        "q8": lambda: jkv.Q8KVCache.init(spec, 3),
-        "paged": lambda: jkv.PagedKVCache.init(spec, 3, page_size=16, num_pages=12),
-    }[kind]
-    rand = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    cache = make()
-    for layer in range(2):
-        cache = cache.write(layer, rand(3, 2, 48, 64), rand(3, 2, 48, 64))
-    cache = cache.advance(48).rollback(jnp.asarray([47, 48, 16]))  # sequence 1 is full: its write is refused
-    q, k_new, v_new = rand(3, 8, 64).astype(dtype), rand(3, 2, 1, 64), rand(3, 2, 1, 64)
-    step = jax.jit(lambda c: jkv.decode_attention_write(q, k_new, v_new, c, 1, impl="pallas"))
-    out, got = step(cache)
-    written = jax.jit(lambda c: c.write(1, k_new, v_new))(cache)  # under jit: the full sequence is flagged
-    want = jkv.decode_attention(q, written, 1, impl="pallas")
-    assert rel_err(out.astype(jnp.float32), want.astype(jnp.float32)) < REL_TOL["float32"]
-    np.testing.assert_array_equal(got.errors, [0, ERR_WRITE_OVERFLOW, 0])
-    np.testing.assert_array_equal(got.errors, written.errors)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(written), strict=True):
-        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
-    if kind in ("bf16", "f32"):
-        assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(cache))

@@ -189,15 +189,15 @@ def test_whole_cache_layer_is_not_sliced_in_xla():
 
 
 def test_jkv_dispatch_uses_the_kernel(rng):
-    """jkv.decode_attention(impl="pallas") on a KVCache agrees with impl="xla" (kernel in interpret mode here)."""
+    """jkv.attend(impl="pallas") at T = 1 on a KVCache agrees with impl="xla" (kernel in interpret mode here)."""
     spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=80, dtype=jnp.float32)
     cache = jkv.KVCache.init(spec, 2)
     new = lambda t: jnp.asarray(rng.standard_normal((2, 2, t, 64)), jnp.float32)
-    cache = cache.write(1, new(37), new(37)).advance(37)
-    cache = cache.write(1, new(1), new(1))
-    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
-    out = jkv.decode_attention(q, cache, 1, impl="pallas")
-    ref = jkv.decode_attention(q, cache, 1, impl="xla")
+    cache = cache.begin(37).write(1, new(37), new(37)).commit()
+    cache = cache.begin(1).write(1, new(1), new(1))
+    q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.float32)
+    out = jkv.attend(q, cache, 1, impl="pallas")
+    ref = jkv.attend(q, cache, 1, impl="xla")
     assert rel_err(out, ref) < REL_TOL["float32"]
 
 

@@ -92,7 +92,7 @@ class TestOnHopper:
 
     @pytest.mark.parametrize("batch,seq", [(8, 4096), (1, 4096)], ids=["B=8_T=4k_mgpu", "B=1_T=4k_triton"])
     def test_dispatch_and_three_splits(self, rng, batch, seq):
-        """jkv.decode_attention over a KVCache (the shape-based kernel choice), and the Mosaic GPU kernel with
+        """jkv.attend at T = 1 over a KVCache (the shape-based kernel choice), and the Mosaic GPU kernel with
         three splits (partials merged by ``merge_partials``), against float64."""
         lengths = np.full((batch,), seq - 1, np.int32)
         lengths[0] = seq - 78
@@ -100,9 +100,9 @@ class TestOnHopper:
         bf = lambda x: jnp.asarray(x, jnp.bfloat16)
         f64 = lambda x: np.asarray(bf(x).astype(jnp.float32), np.float64)
         ref = decode_attention_f64(f64(q), f64(k[0]), f64(v[0]), lengths + 1)
-        cache = jkv.KVCache(k=bf(k), v=bf(v), lengths=jnp.asarray(lengths), errors=jnp.zeros(batch, jnp.int32))
+        cache = one_step_cache(bf(k), bf(v), jnp.asarray(lengths))
         assert dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16) == (batch == 8)
-        out = jax.jit(lambda q, c: jkv.decode_attention(q, c, 0, impl="pallas"))(bf(q), cache)
+        out = jax.jit(lambda q, c: jkv.attend(q[:, None], c, 0, impl="pallas")[:, 0])(bf(q), cache)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
         out = decode_mgpu.decode_attention_mgpu(bf(q), bf(k[0]), bf(v[0]), jnp.asarray(lengths + 1), num_splits=3)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
@@ -115,8 +115,8 @@ class TestOnHopper:
         q = rng.standard_normal((2, batch, 32, 128))
         k, v = (rng.standard_normal((2, 1, batch, 8, seq, 128)) for _ in range(2))
         bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-        caches = jkv.KVCache(k=bf(k), v=bf(v), lengths=jnp.asarray(lengths), errors=jnp.zeros((2, batch), jnp.int32))
-        out = jax.jit(jax.vmap(lambda q, c: jkv.decode_attention(q, c, 0, impl="pallas")))(bf(q), caches)
+        caches = one_step_cache(bf(k), bf(v), jnp.asarray(lengths))
+        out = jax.jit(jax.vmap(lambda q, c: jkv.attend(q[:, None], c, 0, impl="pallas")[:, 0]))(bf(q), caches)
         for i in range(2):
             f64 = lambda x: np.asarray(bf(x).astype(jnp.float32), np.float64)
             ref = decode_attention_f64(f64(q[i]), f64(k[i, 0]), f64(v[i, 0]), lengths[i] + 1)
@@ -229,3 +229,12 @@ def test_dispatch_takes_mosaic_gpu_by_the_rule_unless_told_not_to(rng, monkeypat
     assert dispatch.decode_attention_auto(q, k, v, lengths) == "mgpu"
     got = dispatch.decode_attention_auto(q, k, v, lengths, allow_mgpu=False)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(decode.decode_attention(q, k, v, lengths)))
+
+
+def one_step_cache(k, v, lengths):
+    """A contiguous cache over ``k``, ``v`` ``[..., L, B, K, S, D]`` in a step of one token per sequence (its query
+    at ``lengths[b]`` attends to ``lengths[b] + 1`` positions)."""
+    num_layers, _, kv_heads, seq, head_dim = k.shape[-5:]
+    spec = jkv.CacheSpec(num_layers, kv_heads, head_dim, seq, k.dtype)
+    ones, zeros = jnp.ones_like(lengths), jnp.zeros_like(lengths)
+    return jkv.KVCache((k, v), lengths, ones, zeros, spec=spec, format=jkv.Plain(k.dtype))

@@ -17,7 +17,7 @@ from poison import poisoned_outputs
 from reference import decode_attention_f64
 
 import jkv
-from jkv.paged import PagedKVCache
+from jkv.caches import PagedKVCache, Plain
 from pallas_kernels import backend, paged, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
@@ -131,29 +131,31 @@ def test_preload_covers_every_split():
 
 def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, dtype=jnp.float32):
     """The seeds' contract, |paged_attention(q, block_table) - incremental_attention(q, kv_cache)| < eps: the
-    relative error between ``jkv.decode_attention(impl="pallas")`` on a PagedKVCache and on the same contents in
+    relative error between ``jkv.attend(impl="pallas")`` at T = 1 on a PagedKVCache and on the same contents in
     a contiguous KVCache (the paged kernel against the contiguous kernel)."""
     spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=head_dim, max_len=8 * page_size, dtype=dtype)
     k_pages, v_pages, tables, _ = random_paged(rng, len(lengths), 2, head_dim, page_size, 8, lengths, (2, 1), True)
+    b = len(lengths)
     cache = PagedKVCache(
-        k_pages=jnp.asarray(k_pages, dtype),
-        v_pages=jnp.asarray(v_pages, dtype),
-        block_tables=jnp.asarray(tables),
-        refcounts=jnp.zeros(k_pages.shape[1], jnp.int32),  # not used by attention
-        pins=jnp.zeros(k_pages.shape[1], jnp.int32),
-        lengths=jnp.asarray(lengths, jnp.int32) - 1,  # decode attends to lengths + 1: the new key is written
-        errors=jnp.zeros(len(lengths), jnp.int32),
+        (jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype)),
+        jnp.asarray(tables),
+        jnp.zeros(k_pages.shape[1], jnp.int32),  # refcounts: not used by attention
+        jnp.zeros(k_pages.shape[1], jnp.int32),  # pins
+        jnp.asarray(lengths, jnp.int32) - 1,  # the step's one new key sits at lengths - 1
+        jnp.ones(b, jnp.int32),
+        jnp.zeros(b, jnp.int32),
+        spec=spec,
+        format=Plain(jnp.dtype(dtype)),
     )
-    assert cache.spec == spec
-    flat = cache.to_contiguous()
-    q = jnp.asarray(rng.standard_normal((len(lengths), 8, head_dim)), dtype)
-    got = jkv.decode_attention(q, cache, 1, impl="pallas")
-    want = jkv.decode_attention(q, flat, 1, impl="pallas")
+    flat = cache.to_contiguous().replace(counts=cache.counts)
+    q = jnp.asarray(rng.standard_normal((b, 1, 8, head_dim)), dtype)
+    got = jkv.attend(q, cache, 1, impl="pallas")
+    want = jkv.attend(q, flat, 1, impl="pallas")
     return rel_err(got.astype(jnp.float32), want.astype(jnp.float32))
 
 
 def test_paged_equals_contiguous_kernel(rng):
-    """Through jkv.decode_attention: interpret mode here, the compiled kernels on a GPU."""
+    """Through jkv.attend: interpret mode here, the compiled kernels on a GPU."""
     assert contract(rng) < 1e-5
 
 

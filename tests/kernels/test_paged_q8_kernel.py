@@ -1,7 +1,7 @@
 """The paged Q8 kernel against NumPy float64 over the dequantized values, on randomly permuted pages with NaN
 scales in every page and row no sequence uses (and stale table entries naming such pages); outputs start
 NaN-poisoned. Interpret mode on the CPU; the real lowering on a GPU. (Q8 pages as a cache, and attention through
-``jkv``: tests/test_paged_q8.py.)
+``jkv``: tests/caches/test_paged_q8_cache.py.)
 """
 
 import jax

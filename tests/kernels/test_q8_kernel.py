@@ -11,13 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL
+from kernel_inputs import KERNEL_TOL, Q8_ATTENTION_REL_TOL
 from poison import poisoned_outputs
 from reference import decode_attention_f64
-from test_quant import Q8_ATTENTION_REL_TOL
 
 import jkv
-from jkv.quant import quantize
+from jkv.caches.formats import quantize
 from pallas_kernels import backend, decode_q8, dequantize, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
@@ -177,15 +176,15 @@ def test_no_dequantized_cache_in_the_program():
 
 
 def test_jkv_dispatch_uses_the_kernel(rng):
-    """jkv.decode_attention(impl="pallas") on a Q8KVCache agrees with impl="xla" (kernel in interpret mode)."""
+    """jkv.attend(impl="pallas") at T = 1 on a Q8 cache agrees with impl="xla" (kernel in interpret mode)."""
     spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=80, dtype=jnp.float32)
-    cache = jkv.Q8KVCache.init(spec, 2)
+    cache = jkv.KVCache.init(spec, 2, format=jkv.Q8())
     new = lambda t: jnp.asarray(rng.standard_normal((2, 2, t, 64)), jnp.float32)
-    cache = cache.write(1, new(37), new(37)).advance(37)
-    cache = cache.write(1, new(1), new(1))
-    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
-    out = jkv.decode_attention(q, cache, 1, impl="pallas")
-    ref = jkv.decode_attention(q, cache, 1, impl="xla")
+    cache = cache.begin(37).write(1, new(37), new(37)).commit()
+    cache = cache.begin(1).write(1, new(1), new(1))
+    q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.float32)
+    out = jkv.attend(q, cache, 1, impl="pallas")
+    ref = jkv.attend(q, cache, 1, impl="xla")
     assert rel_err(out, ref) < KERNEL_TOL["float32-gpu" if ON_GPU else "float32"]
 
 

@@ -46,12 +46,12 @@ def random_params(config, seed=0, layout="layers", dtype=jnp.float32):
 def make_cache(config, batch, max_len, dtype=jnp.float32, kind="contiguous"):
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_len, dtype)
     if kind == "q8":
-        return jkv.Q8KVCache.init(spec, batch)
+        return jkv.KVCache.init(spec, batch, format=jkv.Q8())
     if kind == "paged":
         return jkv.PagedKVCache.init(spec, batch, page_size=8)
     cache = jkv.KVCache.init(spec, batch)
     # Unused positions hold NaN: nothing may read them.
-    return cache.replace(k=jnp.full_like(cache.k, jnp.nan), v=jnp.full_like(cache.v, jnp.nan))
+    return cache.replace(data=tuple(jnp.full_like(x, jnp.nan) for x in cache.data))
 
 
 # ---------------------------------------------------------------------------------------------- NumPy reference
@@ -162,7 +162,7 @@ def test_residual_stream_padded_to_min_matmul_rows(layout, rng):
     for t in range(2, 5):
         logits, cache = step(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
         assert logits.shape == (3, config.vocab_size) and rel_err(logits, full[:, t]) < 1e-5, t
-    assert cache.batch == 3 and not np.isnan(np.asarray(cache.k[:, :, :, :5])).any()
+    assert cache.batch == 3 and not np.isnan(np.asarray(cache.data[0][:, :, :, :5])).any()
     np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 5, 5])
     padded = functools.partial(fusions.padded_batch, options=options.resolve())
     assert padded(3, 1) == 8 and padded(3, 2) == 4 and padded(9, 1) == 9
@@ -204,11 +204,12 @@ def test_other_cache_types_plug_in(kind, rng):
         got.append(logits)
     tol = {"paged": 1e-5, "q8": 3e-2}[kind]
     assert rel_err(jnp.stack(got, 1), full[:, 5:10]) < tol
-    assert type(cache).__name__ == {"paged": "PagedKVCache", "q8": "Q8KVCache"}[kind]
+    want = {"paged": ("paged", "Plain"), "q8": ("contiguous", "Q8")}[kind]
+    assert (cache.layout, type(cache.format).__name__) == want
 
 
 def test_pallas_decode_matches_xla(rng):
-    """impl="pallas" goes through jkv.decode_attention_write to the Pallas kernel that writes the new row and
+    """impl="pallas" goes through jkv.attend_write to the Pallas kernel that writes the new row and
     attends in one launch (interpret mode off GPU): ragged lengths, several steps, logits and cache contents
     equal the XLA path's."""
     config = CONFIGS["llama-gqa4-untied"]
@@ -225,9 +226,9 @@ def test_pallas_decode_matches_xla(rng):
         outs[impl], caches[impl] = jnp.stack(got, 1), cache
     assert rel_err(outs["pallas"], outs["xla"]) < 1e-5
     np.testing.assert_array_equal(caches["pallas"].lengths, [7, 4])
-    for name in ("k", "v"):  # the valid positions (the test cache holds NaN past them)
+    for name in (0, 1):  # K and V: the valid positions (the test cache holds NaN past them)
         for b, n in enumerate([7, 4]):
-            got, want = (getattr(caches[impl], name)[:, b, :, :n] for impl in ("pallas", "xla"))
+            got, want = (caches[impl].data[name][:, b, :, :n] for impl in ("pallas", "xla"))
             assert rel_err(got, want) < 1e-5, (name, b)
     step = functools.partial(llama.decode_step, config=config, options=llama.LlamaOptions(impl="pallas"))
     assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(params, cache, tokens[:, 0]))
@@ -262,7 +263,7 @@ def test_bf16_weights_and_cache_track_f32(rng):
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 6)))
     l32, _ = jitted("forward", config)(params32, make_cache(config, 2, 8), tokens)
     l16, c16 = jitted("forward", config)(params16, make_cache(config, 2, 8, jnp.bfloat16), tokens)
-    assert l16.dtype == jnp.float32 and c16.k.dtype == jnp.bfloat16
+    assert l16.dtype == jnp.float32 and c16.data[0].dtype == jnp.bfloat16
     assert rel_err(l16, l32) < 3e-2
 
 
@@ -280,7 +281,7 @@ def test_decode_step_compiles_once_and_runs_in_place(layout, rng):
         traces.append(1)
         return llama.decode_step(params, cache, tokens, config=config)
 
-    cache = make_cache(config, 4, 256).advance(jnp.array([0, 3, 9, 1], jnp.int32))
+    cache = make_cache(config, 4, 256).begin(jnp.array([0, 3, 9, 1], jnp.int32)).commit()
     step = jax.jit(counted, donate_argnums=1)
     for _ in range(5):
         _, cache = step(params, cache, jnp.asarray(rng.integers(0, config.vocab_size, 4), jnp.int32))
@@ -289,7 +290,7 @@ def test_decode_step_compiles_once_and_runs_in_place(layout, rng):
 
     tokens = jnp.zeros((4,), jnp.int32)
     stats = step.lower(params, cache, tokens).compile().memory_analysis()
-    buffers = cache.k.nbytes + cache.v.nbytes
+    buffers = sum(x.nbytes for x in cache.data)
     assert stats.alias_size_in_bytes >= buffers
     assert stats.temp_size_in_bytes < buffers // 4, stats.temp_size_in_bytes  # a copy of K alone is buffers // 2
     plain = jax.jit(counted).lower(params, cache, tokens).compile().memory_analysis()

@@ -8,7 +8,8 @@ import pytest
 from conftest import rel_err
 
 import jkv
-from jkv import parallel, sharding
+from jkv import parallel
+from jkv.caches import cache_sharding, shard_cache
 from jkv.models import llama
 
 CONFIG = llama.LlamaConfig(
@@ -39,18 +40,18 @@ def test_sharded_decode_matches_unsharded(model, dp, tp):
     want_logits, want_cache = jax.jit(decode)(params, cache, tokens)
     mesh = parallel.make_mesh(tp=tp, dp=dp)
     sp = llama.shard_params(params, CONFIG, mesh)
-    sc = sharding.shard_cache(jax.tree.map(jnp.copy, cache), mesh)  # the step donates it
-    shardings = sharding.cache_sharding(sc, mesh)
+    sc = shard_cache(jax.tree.map(jnp.copy, cache), mesh)  # the step donates it
+    shardings = cache_sharding(sc, mesh)
     step = jax.jit(decode, donate_argnums=1, out_shardings=(None, shardings))
     logits, out = step(sp, sc, tokens)
     assert rel_err(logits, want_logits) < 1e-5
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(want_cache.lengths))
-    assert rel_err(out.k, want_cache.k) < 1e-6
+    assert rel_err(out.data[0], want_cache.data[0]) < 1e-6
     # The cache stays split between steps: each device holds its batch slice and kv heads only.
-    assert out.k.sharding.is_equivalent_to(shardings.k, out.k.ndim)
-    shapes = {s.data.shape for s in out.k.addressable_shards}
+    assert out.data[0].sharding.is_equivalent_to(shardings.data[0], out.data[0].ndim)
+    shapes = {s.data.shape for s in out.data[0].addressable_shards}
     assert shapes == {(CONFIG.num_layers, BATCH // dp, CONFIG.num_kv_heads // tp, MAX_LEN, CONFIG.head_dim)}
-    assert len({s.device for s in out.k.addressable_shards}) == dp * tp
+    assert len({s.device for s in out.data[0].addressable_shards}) == dp * tp
 
 
 def test_param_shards_are_megatron_split(model):
@@ -70,7 +71,7 @@ def test_pallas_kernel_runs_per_shard(model, dp, tp):
     params, cache, tokens = model
     want, _ = jax.jit(decode)(params, cache, tokens)
     mesh = parallel.make_mesh(tp=tp, dp=dp)
-    sp, sc = llama.shard_params(params, CONFIG, mesh), sharding.shard_cache(cache, mesh)
+    sp, sc = llama.shard_params(params, CONFIG, mesh), shard_cache(cache, mesh)
     with parallel.use_mesh(mesh):
         logits, _ = jax.jit(lambda p, c, t: decode(p, c, t, impl="pallas"))(sp, sc, tokens)
     assert rel_err(logits, want) < 1e-5
@@ -81,7 +82,7 @@ def test_layout_errors_name_the_numbers(model):
     with pytest.raises(ValueError, match=r"tp=3 must divide num_kv_heads=4 .* tp in \[1, 2, 4\] would work"):
         llama.shard_params(params, CONFIG, parallel.make_mesh(tp=3))
     with pytest.raises(ValueError, match=r"dp=3 must divide the cache's batch=4"):
-        sharding.shard_cache(cache, parallel.make_mesh(dp=3))
+        shard_cache(cache, parallel.make_mesh(dp=3))
     with pytest.raises(ValueError, match="dp=3 must divide the batch=4"):
         llama.check_layout(CONFIG, parallel.make_mesh(dp=3), batch=4)
     odd = llama.LlamaConfig(128, 64, 100, 2, 8, 8, 8)
@@ -107,29 +108,29 @@ def test_engine_on_a_mesh_matches_unsharded(model, dp, tp):
     want, _ = run(None)
     got, engine = run(parallel.make_mesh(tp=tp, dp=dp))
     assert got == want
-    shapes = {s.data.shape[1:3] for s in engine.cache.k.addressable_shards}
+    shapes = {s.data.shape[1:3] for s in engine.cache.data[0].addressable_shards}
     assert shapes == {(4 // dp, CONFIG.num_kv_heads // tp)}  # the slots stayed split between steps
 
 
-@pytest.mark.parametrize("kind", ["q8", "paged"])
+@pytest.mark.parametrize("kind", ["q8", "paged", "fp8", "fp8-paged"])
 def test_q8_and_paged_caches_shard_and_decode(kind):
     """Q8 caches split like contiguous ones; the paged pool splits over kv heads, block tables over batch."""
     config = llama.LlamaConfig(128, 64, 128, 2, 8, 4, 32)
     params = llama.init_params(config, jax.random.key(4), jnp.float32, scale=0.2)
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, MAX_LEN, jnp.float32)
-    cache = jkv.Q8KVCache.init(spec, BATCH) if kind == "q8" else jkv.PagedKVCache.init(spec, BATCH, page_size=8)
+    cache = jkv.make_cache(kind, spec, BATCH, **({"page_size": 8} if kind == "paged" else {}))
     tokens = jnp.asarray([3, 17, 99, 5], jnp.int32)
     step = lambda p, c, t: llama.decode_step(p, c, t, config=config, options=llama.LlamaOptions(impl="xla"))
     want, _ = jax.jit(step)(params, cache, tokens)
     mesh = parallel.make_mesh(tp=2, dp=2)
-    sc = sharding.shard_cache(cache, mesh)
-    logits, out = jax.jit(step, out_shardings=(None, sharding.cache_sharding(sc, mesh)))(
+    sc = shard_cache(cache, mesh)
+    logits, out = jax.jit(step, out_shardings=(None, cache_sharding(sc, mesh)))(
         llama.shard_params(params, config, mesh), sc, tokens
     )
     assert rel_err(logits, want) < 1e-5
-    pool = out.k if kind == "q8" else out.k_pages
+    pool = out.storage()[0]
     local = {s.data.shape for s in pool.addressable_shards}
-    if kind == "q8":
+    if kind in ("q8", "fp8"):
         assert local == {(config.num_layers, BATCH // 2, config.num_kv_heads // 2, MAX_LEN, config.head_dim)}
     else:
         assert {shape[2] for shape in local} == {config.num_kv_heads // 2}

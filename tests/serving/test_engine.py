@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jkv import KVCache
-from jkv.cache import CacheSpec
+from jkv.caches import CacheSpec
 from jkv.models import llama
 from jkv.serving import Engine, SamplingParams
 from jkv.serving.prefix import common_prefix_length
@@ -224,7 +224,7 @@ def test_default_slot_count_comes_from_memory_planner(params, capsys):
         (lambda e: Engine(e.params, CONFIG, max_len=1), ValueError, "max_len must be an int >= 2, got 1"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=-1), ValueError, "speculative_tokens"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, prefill_bucket=0), ValueError, "prefill_bucket"),
-        (lambda e: Engine(e.params, CONFIG, num_slots=1, cache="fp8"), ValueError, "cache='fp8' is not one of"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, cache="int4"), ValueError, "cache='int4' is not one of"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, max_len=40, cache="paged"), ValueError, "max_len=40"),
         (
             lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=2).submit(

@@ -108,7 +108,8 @@ def test_other_cache_types_generate(kind, params, generator):
     want = generator.generate(PROMPTS, max_new_tokens=6).tokens
     gen = Generator(CONFIG, params, max_len=64, batch=3, cache=kind)
     got = gen.generate(PROMPTS, max_new_tokens=6)
-    assert type(gen.cache).__name__ == {"paged": "PagedKVCache", "q8": "Q8KVCache", "bf16": "KVCache"}[kind]
+    layout = {"paged": ("paged", "Plain"), "q8": ("contiguous", "Q8"), "bf16": ("contiguous", "Plain")}[kind]
+    assert (gen.cache.layout, type(gen.cache.format).__name__) == layout
     if kind == "paged":  # same numbers, other layout: identical tokens
         assert got.tokens == want
     else:  # quantized or bf16 keys/values: the first token comes from the f32 prefill logits
@@ -116,7 +117,7 @@ def test_other_cache_types_generate(kind, params, generator):
 
 
 def test_cache_kinds_lists_what_exists():
-    assert set(cache_kinds()) == {"bf16", "f32", "q8", "paged", "q8-paged"}
+    assert tuple(cache_kinds()) == jkv.kinds() == ("bf16", "f32", "q8", "fp8", "paged", "q8-paged", "fp8-paged")
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -172,8 +173,9 @@ def test_generator_errors(params):
         Generator(CONFIG, params, max_len=1)
     with pytest.raises(ValueError, match="batch must be a positive int, got 0"):
         Generator(CONFIG, params, max_len=64, batch=0)
-    with pytest.raises(ValueError, match=r"cache='fp8' is not one of \['bf16', 'f32', 'paged', 'q8', 'q8-paged'\]"):
-        Generator(CONFIG, params, max_len=64, cache="fp8")
+    names = r"\['bf16', 'f32', 'fp8', 'fp8-paged', 'paged', 'q8', 'q8-paged'\]"
+    with pytest.raises(ValueError, match=r"cache='int4' is not one of " + names):
+        Generator(CONFIG, params, max_len=64, cache="int4")
     with pytest.raises(ValueError, match="impl='cuda' is not one of"):
         Generator(CONFIG, params, max_len=64, impl="cuda")
     with pytest.raises(ValueError, match="params has 2 layers"):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jkv.cache import CacheSpec
+from jkv.caches import CacheSpec
 from jkv.models import llama
 from jkv.serving import Generator, make_cache
 
@@ -46,7 +46,7 @@ def teacher_forced(model, prompts, continuations, cache_kind):
     config = model.config
     cache = make_cache(cache_kind, CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, 128), len(seqs))
     logits, cache = jax.jit(lambda p, c, t: llama.forward(p, c, t, config=config))(model.params, cache, tokens)
-    assert type(cache).__name__ == {"q8": "Q8KVCache", "bf16": "KVCache"}[cache_kind]
+    assert type(cache.format).__name__ == {"q8": "Q8", "bf16": "Plain"}[cache_kind]
     pred = np.asarray(jnp.argmax(logits, axis=-1))
     pairs = enumerate(zip(prompts, continuations, strict=True))
     return [[int(x) for x in pred[i, len(p) - 1 : len(p) - 1 + len(c)]] for i, (p, c) in pairs]
@@ -67,6 +67,6 @@ def test_q8_cache_agrees_with_bf16_cache(smollm):
     )
     assert agree(q8) >= 0.9, agree(q8)
     generator = Generator(smollm.config, smollm.params, max_len=128, batch=len(prompts), cache="q8")
-    assert generator.cache.rotated
+    assert generator.cache.format.rotated
     free = generator.generate(prompts, max_new_tokens=NEW_TOKENS).tokens
     assert agree(free) >= 0.9, (agree(free), free, reference)

@@ -7,7 +7,7 @@ rules for the weights).
 
 from jkv.models.llama.config import PRESETS, LlamaConfig
 from jkv.models.llama.fusions import DEFAULT_OPTIONS, MIN_MATMUL_ROWS, LlamaOptions
-from jkv.models.llama.model import attention_step, block, decode_step, forward, hidden_states, lm_head, prefill
+from jkv.models.llama.model import block, decode_step, forward, hidden_states, lm_head, prefill
 from jkv.models.llama.params import (
     LAYOUTS,
     LayerParams,
@@ -31,7 +31,6 @@ __all__ = [
     "LlamaConfig",
     "LlamaOptions",
     "LlamaParams",
-    "attention_step",
     "block",
     "check_layout",
     "check_params",

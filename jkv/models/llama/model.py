@@ -6,10 +6,10 @@ weights in Hugging Face layout: the GGUF loader un-permutes llama.cpp's interlea
 ends in the same layout. How the products run (fused weights, padded rows, the norm split around its product)
 is in ``fusions.py``.
 
-Every entry point reads and writes a jkv cache through the shared protocol (pages reserved once per step, a
-write and an attention per layer in ``attention_step``, ``advance`` after the last layer), so any cache type
-with that API plugs in. ``prefill`` takes ``T`` tokens per sequence, ``decode_step`` one; positions come from
-``cache.lengths``, so a ragged batch decodes in one step and one compiled step serves every position.
+Every entry point reads and writes a jkv cache through the cache protocol (``begin(T)``, ``jkv.attend_write``
+per layer, ``commit()`` after the last layer), so every cache kind plugs in. ``prefill`` takes ``T`` tokens per
+sequence, ``decode_step`` one; positions come from ``cache.lengths``, so a ragged batch decodes in one step and one
+compiled step serves every position.
 
 Numerics: weights and activations between layers live in ``params`` dtype (bf16 on GPU, f32 on CPU); matmuls
 accumulate in f32 (f32 weights multiply at full f32 precision, no TF32); the residual stream, norms, rope and
@@ -24,23 +24,12 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from jkv.attention import decode_attention_write, prefill_attention
+from jkv.attention import attend_write
 from jkv.models.llama import fusions
 from jkv.models.llama.config import LlamaConfig
 from jkv.models.llama.fusions import DEFAULT_OPTIONS, LlamaOptions, Normed
 from jkv.models.llama.params import LayerParams, LlamaParams
 from jkv.rope import RopeStyle, apply_rope
-
-
-def attention_step(
-    q: Float[Array, "B T N D"], key: Float[Array, "B K T D"], value: Float[Array, "B K T D"], cache, layer, impl
-):
-    """Write the step's keys/values into layer ``layer`` of ``cache`` and attend: ``(attn [B, T, N, D], cache)``."""
-    if q.shape[1] == 1:  # write and attend, one kernel where the cache allows
-        attn, cache = decode_attention_write(q[:, 0], key, value, cache, layer, impl=impl, reserved=True)
-        return attn[:, None], cache  # (B, 1, N, D)
-    cache = cache.write(layer, key, value, reserved=True)
-    return prefill_attention(q, cache, layer, impl=impl), cache
 
 
 def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: LlamaConfig, options: LlamaOptions):
@@ -50,7 +39,7 @@ def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: Lla
     q, key, value = fusions.qkv_projection(normed, layer, config, options)
     q, key, value = rope(q[:b]), rope(key[:b]), value[:b]  # (B, T, N, D), (B, T, K, D) x 2
     key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
-    attn, cache = attention_step(q.astype(layer.wqkv.dtype), key, value, cache, i, options.impl)
+    attn, cache = attend_write(q.astype(layer.wqkv.dtype), key, value, cache, i, impl=options.impl)  # (B, T, N, D)
     attn = fusions.pad_rows(attn, bp).reshape(bp, t, config.num_heads * config.head_dim)
     return fusions.project(attn, layer.wo, options), cache
 
@@ -89,7 +78,7 @@ def hidden_states(
     rope = functools.partial(apply_rope, positions=positions, inv_freq=inv_freq, style=RopeStyle.NEOX)
     x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (B, T, H)
     x = fusions.pad_rows(x, fusions.padded_batch(b, t, options))  # (B', T, H)
-    cache = cache.reserve(t)  # pages (of a paged cache) for the T new positions once per step, not per layer
+    cache = cache.begin(t)  # the step's T positions (a paged cache allocates their pages here, once per step)
     if params.stacked:  # [L, ...] arrays: one traced block under lax.scan
 
         def body(carry, layer):
@@ -101,7 +90,7 @@ def hidden_states(
         for i, layer_params in enumerate(params.layers):
             x, cache = block(layer_params, i, x, cache, rope=rope, config=config, options=options)
     h = fusions.rms_norm(x[:b], params.norm, config.rms_norm_eps, jnp.float32, options).value()
-    return h, cache.advance(t, reserved=True)
+    return h, cache.commit()
 
 
 def lm_head(params: LlamaParams, h: Float[Array, "... H"], options: LlamaOptions = DEFAULT_OPTIONS):

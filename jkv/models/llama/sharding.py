@@ -3,7 +3,7 @@
 ``tp`` splits the heads Megatron style: each device holds ``K / tp`` kv heads' q/k/v columns, the matching rows of
 the output projection, and ``1 / tp`` of the MLP's gate/up columns and down rows; XLA inserts the two all-reduces
 per layer (after the attention output and the MLP down projection) where the row-split matmuls meet. Weights are
-replicated over ``dp``. Caches have their own rules (``jkv.sharding``).
+replicated over ``dp``. Caches have their own rules (``jkv.caches.sharding``).
 """
 
 from __future__ import annotations

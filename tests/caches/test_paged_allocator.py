@@ -1,4 +1,4 @@
-"""10,000 random admit / grow / fork / rollback / retire / pin / evict / shared-admit operations on a PagedKVCache,
+"""10,000 random admit / step / fork / rollback / retire / pin / evict / shared-admit operations on a PagedKVCache,
 each checked against a model.
 
 The model is plain Python: each sequence holds a list of *abstract* page ids (a fork shares ids, a fresh page gets
@@ -15,7 +15,8 @@ the cache must agree with it:
 Count: ``test_ten_thousand_operations`` runs ``run_state_machine_as_test`` with ``stateful_step_count=100`` and
 ``max_examples=102`` (99 operations an example after ``initialize``), and tops up with further rounds when
 hypothesis has cut examples short, until the rules have run 10,000 operations. Every operation runs jitted
-(compiled once per shape), as an engine runs them; the eager API and its errors are covered by tests/test_paged.py.
+(compiled once per shape), as an engine runs them; the eager API and its errors are covered by
+tests/caches/test_paged.py.
 """
 
 import jax
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import jkv
-from jkv.cache import ERR_ADVANCE_OVERFLOW, ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW
+from jkv.caches import ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW
 
 PAGE = 4
 SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=1, head_dim=2, max_len=16, dtype=jnp.float32)  # 4 pages a sequence
@@ -35,13 +36,8 @@ PAGES = 10  # fewer than BATCH * 4: the pool runs out often
 SINGLE_LEN = 8  # max_len of the prefill caches that admit sequences
 OPERATIONS, STEPS = 10_000, 100  # STEPS per hypothesis example, initialize included
 
-_grow = jax.jit(
-    lambda c, k, v, n: _write_layers(c, k, v).advance(n)
-)  # write every layer at lengths, then advance by n[b] in {0, T}
-# The model's step protocol: reserve once, every layer writes with reserved=True, advance with reserved=True.
-_grow_reserved = jax.jit(
-    lambda c, k, v, n: _write_layers(c.reserve(k.shape[3]), k, v, reserved=True).advance(n, reserved=True)
-)
+# The step protocol: begin(n) (pages reserved once), every layer writes, commit.
+_step = jax.jit(lambda c, k, v, n: _write_layers(c.begin(n), k, v).commit())
 _rollback = jax.jit(lambda c, n: c.rollback(n))
 _reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
 _fork = jax.jit(lambda c, s, d: c.fork(s, d))
@@ -49,15 +45,25 @@ _insert = jax.jit(lambda c, i, s: c.insert_into_slot(i, s))
 _pin = jax.jit(lambda c, i, n: c.pin(i, n))
 _unpin = jax.jit(lambda c, pages: c.unpin(pages))
 _insert_shared = jax.jit(lambda c, i, s, pages, n: c.insert_into_slot(i, s, prefix=(pages, n)))
-_read_pinned = jax.jit(lambda c, pages, n: c.read_pinned(pages, n).k)
-_contents = jax.jit(lambda c: c.to_contiguous().k)
+_read_pinned = jax.jit(lambda c, pages, n: c.read_pinned(pages, n).data[0])
+_contents = jax.jit(lambda c: c.to_contiguous().data[0])
 _clear = jax.jit(lambda c: c.clear_errors())
 
 
-def _write_layers(cache, k, v, reserved=False):
+def _write_layers(cache, k, v):
     for layer in range(SPEC.num_layers):
-        cache = cache.write(layer, k[layer], v[layer], reserved=reserved)
+        cache = cache.write(layer, k[layer], v[layer])
     return cache
+
+
+def _single(k, v, length):
+    """A one-sequence contiguous float32 cache holding ``k``, ``v`` ``[L, 1, K, S, D]``, of length ``length``."""
+    spec = SPEC.replace(max_len=k.shape[3])
+    zeros = jnp.zeros(1, jnp.int32)
+    lengths = jnp.asarray([length], jnp.int32)
+    return jkv.KVCache(
+        (jnp.asarray(k), jnp.asarray(v)), lengths, zeros, zeros, spec=spec, format=jkv.Plain(jnp.float32)
+    )
 
 
 def cdiv(a, b):
@@ -124,40 +130,23 @@ class PagedModel(RuleBasedStateMachine):
         return got
 
     # ------------------------------------------------------------------ operations
-    @rule(
-        t=st.sampled_from([1, 3, 6]),
-        advance=st.lists(st.booleans(), min_size=BATCH, max_size=BATCH),
-        reserved=st.booleans(),
-    )
-    def grow(self, t, advance, reserved):
-        """Every sequence writes T positions in every layer; those marked advance by T (the others by 0). With
-        ``reserved``, as a model step does it: one ``reserve(T)``, then writes and advance with reserved=True;
-        the same outcome, except that a sequence whose reservation failed does not advance (without it, the
-        advance allocates on its own and moves over positions no write reached)."""
+    @rule(t=st.sampled_from([1, 3, 6]), advance=st.lists(st.booleans(), min_size=BATCH, max_size=BATCH))
+    def grow(self, t, advance):
+        """A step: the sequences marked advance declare T new tokens (the others 0), every layer writes T
+        positions, commit. A sequence whose step passes max_len or finds no pages gets count 0 and a flag."""
         type(self).steps += 1
         k = self.rng.standard_normal((SPEC.num_layers, BATCH, 1, t, SPEC.head_dim)).astype(np.float32)
         n = np.where(advance, t, 0).astype(np.int32)
-        self.cache = (_grow_reserved if reserved else _grow)(
-            self.cache, jnp.asarray(k), jnp.asarray(-k), jnp.asarray(n)
-        )
+        self.cache = _step(self.cache, jnp.asarray(k), jnp.asarray(-k), jnp.asarray(n))
 
-        fits = [self.lengths[b] + t <= SPEC.max_len for b in range(BATCH)]
-        written = self._reserve([self.lengths[b] + t * fits[b] for b in range(BATCH)])  # the layer-0 write
+        fits = [self.lengths[b] + int(n[b]) <= SPEC.max_len for b in range(BATCH)]
+        got = self._reserve([self.lengths[b] + int(n[b]) * fits[b] for b in range(BATCH)])  # begin
         for b in range(BATCH):
-            written[b] &= fits[b]
             if not fits[b]:
                 self.errors[b] |= ERR_WRITE_OVERFLOW
-                if n[b]:
-                    self.errors[b] |= ERR_ADVANCE_OVERFLOW
-        if reserved:  # no allocation in the advance: a sequence whose reservation failed stays where it was
-            moved = [written[b] or not fits[b] or not n[b] for b in range(BATCH)]
-        else:
-            moved = self._reserve([self.lengths[b] + int(n[b]) * fits[b] for b in range(BATCH)])  # the advance
-        for b in range(BATCH):
-            if n[b] and fits[b] and moved[b]:
+            elif n[b] and got[b]:
                 start = self.lengths[b]
-                new = k[:, b, 0].transpose(1, 0, 2) if written[b] else np.nan  # (T, L, D), or never written
-                self.values[b, start : start + t] = new
+                self.values[b, start : start + t] = k[:, b, 0].transpose(1, 0, 2)  # (T, L, D)
                 self.lengths[b] += t
         self._check_errors_then_clear()
 
@@ -190,9 +179,7 @@ class PagedModel(RuleBasedStateMachine):
     def admit(self, slot, n):
         type(self).steps += 1
         k = self.rng.standard_normal((SPEC.num_layers, 1, 1, SINGLE_LEN, SPEC.head_dim)).astype(np.float32)
-        single = jkv.KVCache(
-            k=jnp.asarray(k), v=jnp.asarray(-k), lengths=jnp.asarray([n], jnp.int32), errors=jnp.zeros(1, jnp.int32)
-        )
+        single = _single(k, -k, n)
         self.cache = _insert(self.cache, slot, single)
         self.rows[slot] = []
         if cdiv(n, PAGE) <= PAGES - len(self._live()):
@@ -235,9 +222,7 @@ class PagedModel(RuleBasedStateMachine):
         t = min(t, SPEC.max_len - n)
         k = self.rng.standard_normal((SPEC.num_layers, 1, 1, SPEC.max_len, SPEC.head_dim)).astype(np.float32)
         k[:, 0, 0, :n] = np.nan  # the shared positions must come from the pages, never from the prefill cache
-        single = jkv.KVCache(
-            k=jnp.asarray(k), v=jnp.asarray(-k), lengths=jnp.asarray([n + t], jnp.int32), errors=jnp.zeros(1, jnp.int32)
-        )
+        single = _single(k, -k, n + t)
         self.cache = _insert_shared(self.cache, slot, single, pages, n)
         self.rows[slot] = list(ids[: cdiv(n, PAGE)])  # old pages given back, the prefix's attached
         self.lengths[slot], self.errors[slot] = n, 0

@@ -1,4 +1,4 @@
-"""Reference attention (decode and causal prefill) against NumPy float64, through the cache API too."""
+"""Reference attention (decode and causal prefill) against NumPy float64, and the cache protocol end to end."""
 
 import jax
 import jax.numpy as jnp
@@ -71,18 +71,18 @@ def test_prefill_after_prefix_matches_float64(rng, batch, kv_heads, group, head_
 
 
 def test_through_the_cache_prefill_then_decode(rng):
-    """write + prefill_attention, advance, write + decode_attention: the cache protocol end to end."""
+    """begin + write + attend over T tokens, commit, then one more token: the cache protocol end to end."""
     spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, max_len=24)
     cache = jkv.KVCache.init(spec, 2)
     t, n_heads = 6, 8
     k = rng.standard_normal((2, 2, t + 1, 16)).astype(np.float32)
     v = rng.standard_normal((2, 2, t + 1, 16)).astype(np.float32)
     q = rng.standard_normal((2, t + 1, n_heads, 16)).astype(np.float32)
-    cache = cache.write(1, jnp.asarray(k[:, :, :t]), jnp.asarray(v[:, :, :t]))
-    pre = jkv.prefill_attention(jnp.asarray(q[:, :t]), cache, 1)
-    cache = cache.advance(t)
+    cache = cache.begin(t).write(1, jnp.asarray(k[:, :, :t]), jnp.asarray(v[:, :, :t]))
+    pre = jkv.attend(jnp.asarray(q[:, :t]), cache, 1)
+    cache = cache.commit().begin(1)
     cache = cache.write(1, jnp.asarray(k[:, :, t:]), jnp.asarray(v[:, :, t:]))
-    dec = jax.jit(lambda q, c: jkv.decode_attention(q, c, 1, impl="xla"))(jnp.asarray(q[:, t]), cache)
+    dec = jax.jit(lambda q, c: jkv.attend(q, c, 1, impl="xla"))(jnp.asarray(q[:, t:]), cache)[:, 0]
     full = attention_f64(q, k, v, np.broadcast_to(np.arange(t + 1), (2, t + 1)))
     assert rel_err(pre, full[:, :t]) < REL_TOL["float32"]
     assert rel_err(dec, full[:, t]) < REL_TOL["float32"]
@@ -99,8 +99,8 @@ def test_through_the_cache_prefill_then_decode(rng):
         (lambda q, k, n: jkv.decode_attention_reference(q, k, k, n + 9), ValueError, "must lie in [0, S=5]"),
         (lambda q, k, n: jkv.attention_reference(q, k, k, n), ValueError, "[B, T, N, D]"),
         (lambda q, k, n: jkv.attention_reference(q[:, None], k, k, n), ValueError, "q_positions.shape=(2,)"),
-        (lambda q, k, n: jkv.decode_attention(q, k, 0), TypeError, "must be a jkv cache"),
-        (lambda q, k, n: jkv.decode_attention(q, None, 0, impl="cuda"), ValueError, "impl='cuda'"),
+        (lambda q, k, n: jkv.attend(q[:, None], k, 0), TypeError, "must be a jkv cache"),
+        (lambda q, k, n: jkv.attend(q[:, None], None, 0, impl="cuda"), ValueError, "impl='cuda'"),
     ],
     ids=[
         "gqa",

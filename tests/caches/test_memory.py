@@ -17,6 +17,13 @@ def test_bytes_per_token_counts_k_and_v_of_every_layer():
     assert memory.cache_bytes(SPEC, 4) == jkv.KVCache.init(SPEC.replace(num_layers=30), 4).nbytes
 
 
+@pytest.mark.parametrize("format", [jkv.Q8(), jkv.Q8(scale_dtype="float32"), jkv.FP8()], ids=str)
+def test_bytes_per_token_of_a_format_is_what_its_cache_holds(format):
+    per_token = memory.bytes_per_token(SPEC, format)
+    small = SPEC.replace(max_len=16)
+    assert memory.cache_bytes(small, 2, per_token) == jkv.KVCache.init(small, 2, format=format).nbytes
+
+
 @pytest.mark.parametrize("batch", [1, 7, 32])
 def test_max_batch_is_tight(batch):
     budget = memory.cache_bytes(SPEC, batch)

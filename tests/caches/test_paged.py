@@ -1,7 +1,7 @@
 """PagedKVCache: every operation against the contiguous KVCache on the same data, sharing, errors, donation.
 
-The contiguous ``KVCache`` (itself tested against NumPy in test_cache.py) is the reference for logical contents:
-the same writes, advances and rollbacks on both caches must give equal valid positions. Random page placement
+The contiguous ``KVCache`` (itself tested against NumPy in test_kinds.py) is the reference for logical contents:
+the same steps and rollbacks on both caches must give equal valid positions. Random page placement
 comes from a pool that earlier sequences fragmented, and from hand-built permuted block tables with NaN in
 every page no table uses.
 """
@@ -15,8 +15,7 @@ from conftest import REL_TOL, rel_err
 from reference import attention_f64, decode_attention_f64
 
 import jkv
-from jkv.cache import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW
-from jkv.paged import NO_PAGE, PagedKVCache
+from jkv.caches import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW, NO_PAGE, PagedKVCache
 
 SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, max_len=32, dtype=jnp.float32)
 PAGE = 8
@@ -24,7 +23,8 @@ PAGE = 8
 # Operations run jitted (one compilation per cache type and shape, as a decode loop runs them), which also keeps
 # this file fast on a 2-core CPU; the eager host-side path and its errors are tested in test_errors_eager.
 _write = jax.jit(lambda c, layer, k, v: c.write(layer, k, v))
-_advance = jax.jit(lambda c, n: c.advance(n))
+_begin = jax.jit(lambda c, n: c.begin(n))
+_commit = jax.jit(lambda c: c.commit())
 _rollback = jax.jit(lambda c, n: c.rollback(n))
 _reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
 _fork = jax.jit(lambda c, src, dst: c.fork(src, dst))
@@ -39,9 +39,9 @@ def rand_kv(rng, batch, t, spec=SPEC):
 
 def valid(cache, b):
     """K and V of the valid positions of sequence ``b`` as NumPy ``[L, K, n, D]`` (paged or contiguous)."""
-    flat = _flat(cache) if isinstance(cache, PagedKVCache) else cache
+    flat = _flat(cache) if cache.layout == "paged" else cache
     n = int(cache.lengths[b])
-    return np.asarray(flat.k[:, b, :, :n]), np.asarray(flat.v[:, b, :, :n])
+    return np.asarray(flat.data[0][:, b, :, :n]), np.asarray(flat.data[1][:, b, :, :n])
 
 
 def assert_same_contents(paged, ref):
@@ -63,12 +63,13 @@ def assert_allocator_consistent(cache):
 
 
 def step_both(rng, paged, ref, t, advance=None):
-    """Write T positions in every layer of both caches, then advance both (by T, or by ``advance[b]``)."""
+    """A step of T tokens per sequence (or ``advance[b]``) on both caches: begin, every layer writes, commit."""
+    n = jnp.full(ref.batch, t, jnp.int32) if advance is None else jnp.asarray(advance, jnp.int32)
+    paged, ref = _begin(paged, n), _begin(ref, n)
     for layer in range(SPEC.num_layers):
         k, v = rand_kv(rng, ref.batch, t)
         paged, ref = _write(paged, layer, k, v), _write(ref, layer, k, v)
-    n = jnp.full(ref.batch, t, jnp.int32) if advance is None else jnp.asarray(advance, jnp.int32)
-    paged, ref = _advance(paged, n), _advance(ref, n)
+    paged, ref = _commit(paged), _commit(ref)
     assert not np.asarray(paged.errors).any() and not np.asarray(ref.errors).any()
     return paged, ref
 
@@ -95,16 +96,17 @@ def fragmented(rng):
 def test_init_shapes_and_nbytes(dtype, page_size):
     spec = SPEC.replace(dtype=jnp.dtype(dtype))
     cache = PagedKVCache.init(spec, 3, page_size=page_size, num_pages=5)
-    chex.assert_shape([cache.k_pages, cache.v_pages], (2, 5, 2, page_size, 8))
+    chex.assert_shape(list(cache.pages), (2, 5, 2, page_size, 8))
     chex.assert_shape(cache.block_tables, (3, 32 // page_size))
-    assert cache.k_pages.dtype == jnp.dtype(dtype) and cache.block_tables.dtype == jnp.int32
+    assert cache.pages[0].dtype == jnp.dtype(dtype) and cache.block_tables.dtype == jnp.int32
     assert (cache.page_size, cache.num_pages, cache.max_pages, cache.max_len, cache.batch) == (
         page_size, 5, 32 // page_size, 32, 3
     )  # fmt: skip
     assert cache.spec == spec
     assert (np.asarray(cache.block_tables) == NO_PAGE).all() and int(cache.num_free_pages()) == 5
     pool = 2 * 2 * 5 * 2 * page_size * 8 * jnp.dtype(dtype).itemsize
-    assert cache.nbytes == pool + 4 * (3 * (32 // page_size) + 5 + 5 + 3 + 3)  # tables, counts, pins, lengths, errors
+    # tables, refcounts, pins, lengths, counts, errors
+    assert cache.nbytes == pool + 4 * (3 * (32 // page_size) + 5 + 5 + 3 + 3 + 3)
     assert PagedKVCache.init(spec, 3, page_size=page_size).num_pages == 3 * (32 // page_size)  # default: all full
 
 
@@ -144,16 +146,18 @@ def test_ragged_advance_rollback_reset_slot_on_a_fragmented_pool(rng):
     assert int(empty.num_free_pages()) == paged.num_pages and not np.asarray(empty.lengths).any()
 
 
-def test_write_without_advance_keeps_its_pages_for_the_next_write(rng):
+def test_begin_reserves_once_and_rollback_gives_back(rng):
+    """``begin`` reserves the step's pages (every layer's write then only scatters); a second ``begin`` of the
+    same step allocates nothing; ``rollback`` gives back pages of a step that never committed."""
     paged = PagedKVCache.init(SPEC, 2, page_size=PAGE, num_pages=8)
     k, v = rand_kv(rng, 2, 9)
-    once = _write(paged, 0, k, v)
+    once = _begin(paged, jnp.full(2, 9, jnp.int32))
     np.testing.assert_array_equal(np.asarray(once.pages_held()), [2, 2])  # reserved, lengths still 0
-    twice = _write(_write(once, 1, k, v), 0, k, v)
+    twice = _write(_write(_begin(once, jnp.full(2, 9, jnp.int32)), 1, k, v), 0, k, v)
     chex.assert_trees_all_equal(twice.block_tables, once.block_tables)  # reserving again allocates nothing
-    chex.assert_trees_all_equal(jax.jit(lambda c: c.reserve(9))(twice).refcounts, once.refcounts)
+    chex.assert_trees_all_equal(twice.refcounts, once.refcounts)
     back = _rollback(once, jnp.zeros(2, jnp.int32))
-    assert int(back.num_free_pages()) == 8  # rollback gives back pages a write reserved but never advanced over
+    assert int(back.num_free_pages()) == 8  # rollback gives back pages a step reserved but never committed
 
 
 def test_fork_shares_pages_then_copies_on_write(rng):
@@ -163,7 +167,7 @@ def test_fork_shares_pages_then_copies_on_write(rng):
     tables = np.asarray(forked.block_tables)
     np.testing.assert_array_equal(tables[2], tables[0])  # the same physical pages
     np.testing.assert_array_equal(np.asarray(forked.refcounts)[tables[0, :2]], [2, 2])
-    assert int(forked.num_free_pages()) == int(paged.num_free_pages()) + 2  # sequence 2's reserved pages went back
+    assert int(forked.num_free_pages()) == int(paged.num_free_pages())  # shared, not copied
     ref = _insert(ref, 2, ref.extract_slot(0))
     assert_same_contents(forked, ref)
 
@@ -187,37 +191,14 @@ def test_fork_shares_pages_then_copies_on_write(rng):
     assert_allocator_consistent(grown)
 
 
-_write_reserved = jax.jit(lambda c, layer, k, v: c.write(layer, k, v, reserved=True))
-_advance_reserved = jax.jit(lambda c, n: c.advance(n, reserved=True))
-
-
-def test_reserved_writes_without_a_reservation_never_touch_a_shared_page(rng):
-    """``write(..., reserved=True)`` skips the allocator; used without ``reserve`` it must still be safe: a
-    sequence on a shared page (after a fork) or past its pages is dropped and flagged, the sharer's contents are
-    unchanged, and the reserved advance does not move it. With ``reserve`` first, it equals the plain writes."""
+def test_a_write_outside_a_step_touches_nothing(rng):
+    """Without ``begin`` the counts are 0: a write (even after a fork, on shared pages) stores nothing."""
     paged, ref = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=12), jkv.KVCache.init(SPEC, 3)
     paged, ref = step_both(rng, paged, ref, 13, advance=[13, 0, 0])
-    forked = _fork(paged, 0, 2)  # sequence 2 shares sequence 0's full page and its partial page (position 13)
-    before = _flat(forked)
+    forked = _fork(paged, 0, 2)
     k, v = rand_kv(rng, 3, 1)
-    out = _advance_reserved(_write_reserved(forked, 0, k, v), jnp.ones(3, jnp.int32))
-    # 0 and 2 share the page at position 13: refused, nothing written. Sequence 1 kept the pages of its
-    # unadvanced write (positions 0-15): its write and advance go through.
-    np.testing.assert_array_equal(np.asarray(out.errors), [ERR_POOL_EXHAUSTED, 0, ERR_POOL_EXHAUSTED])
-    np.testing.assert_array_equal(np.asarray(out.lengths), [13, 1, 13])
-    for name in ("k", "v"):
-        got, want = np.asarray(getattr(_flat(out), name)), np.asarray(getattr(before, name))
-        np.testing.assert_array_equal(got[:, [0, 2]], want[:, [0, 2]])
-        np.testing.assert_array_equal(got[0, 1, :, 0], np.asarray((k if name == "k" else v)[1, :, 0]))  # layer 0
-    assert_allocator_consistent(out)
-
-    reserve = jax.jit(lambda c: c.reserve(1))
-    planned = _advance_reserved(_write_reserved(reserve(forked), 0, k, v), jnp.ones(3, jnp.int32))
-    plain = _advance(_write(forked, 0, k, v), jnp.ones(3, jnp.int32))
-    assert_same_contents(planned, plain)
-    np.testing.assert_array_equal(np.asarray(planned.block_tables), np.asarray(plain.block_tables))
-    np.testing.assert_array_equal(np.asarray(planned.refcounts), np.asarray(plain.refcounts))
-    assert not np.asarray(planned.errors).any()
+    out = _commit(_write(forked, 0, k, v))
+    chex.assert_trees_all_equal(out, forked)
 
 
 _pin = jax.jit(lambda c, i, n: c.pin(i, n))
@@ -236,13 +217,13 @@ def test_pinned_prefix_outlives_its_sequence_and_is_shared_by_later_ones(rng):
     np.testing.assert_array_equal(np.asarray(pages), [row[0], row[1], NO_PAGE, NO_PAGE])
     paged, ref = _reset_slot(paged, 0), _reset_slot(ref, 0)
     np.testing.assert_array_equal(np.asarray(paged.refcounts)[row[:2]], [1, 1])  # held by the pins alone
-    assert int(paged.num_free_pages()) == 12 - 2 - int(paged.pages_held().sum())  # others hold reserved pages
+    assert int(paged.num_free_pages()) == 12 - 2 - int(paged.pages_held().sum())
     assert_allocator_consistent(paged)
 
     # A new prompt shares the first 10 positions: continue from the pinned pages, "prefill" 6 more.
     read = paged.read_pinned(pages[:2], 10)
     assert read.max_len == 2 * PAGE and int(read.lengths[0]) == 10
-    np.testing.assert_array_equal(np.asarray(read.k[:, 0, :, :10]), k0[:, :, :10])
+    np.testing.assert_array_equal(np.asarray(read.data[0][:, 0, :, :10]), k0[:, :, :10])
     single = jkv.KVCache.init(SPEC, 1).insert_into_slot(0, read)
     single, _ = step_both(rng, single, jkv.KVCache.init(SPEC, 1).insert_into_slot(0, read), 6)
     admitted = _insert_shared(paged, 1, single, pages, 10)
@@ -253,7 +234,7 @@ def test_pinned_prefix_outlives_its_sequence_and_is_shared_by_later_ones(rng):
     np.testing.assert_array_equal(np.asarray(admitted.refcounts)[[row[0], row[1], after[1]]], [2, 1, 1])
     assert_allocator_consistent(admitted)
     # The pinned pages kept their contents (sequence 1 wrote positions 10..15 into its copy).
-    np.testing.assert_array_equal(np.asarray(admitted.read_pinned(pages[:2], 13).k[:, 0, :, :13]), k0)
+    np.testing.assert_array_equal(np.asarray(admitted.read_pinned(pages[:2], 13).data[0][:, 0, :, :13]), k0)
 
     # Unpinning frees the page no table names; the shared one stays with sequence 1.
     freed = _unpin(admitted, pages)
@@ -303,11 +284,11 @@ def test_sharers_writing_together_copy_one_page_less(rng):
 
 def test_insert_into_slot_snapshot_restore(rng):
     paged, ref = fragmented(rng)
-    single = jkv.KVCache.init(SPEC.replace(max_len=20), 1)
+    single = jkv.KVCache.init(SPEC.replace(max_len=20), 1).begin(17)
     k, v = rand_kv(rng, 1, 17)
     for layer in range(SPEC.num_layers):
         single = single.write(layer, k, v)
-    single = single.advance(17)
+    single = single.commit()
     paged, ref = _insert(paged, 1, single), _insert(ref, 1, single)
     assert_same_contents(paged, ref)
     np.testing.assert_array_equal(np.asarray(paged.pages_held()), [3, 3, 2, 1])
@@ -317,11 +298,11 @@ def test_insert_into_slot_snapshot_restore(rng):
 
     for slot, max_len in ((1, None), (2, 12), (3, 32)):
         got, want = paged.extract_slot(slot, max_len), ref.extract_slot(slot, max_len)
-        assert got.k.shape == want.k.shape and int(got.lengths[0]) == int(want.lengths[0])
+        assert got.data[0].shape == want.data[0].shape and int(got.lengths[0]) == int(want.lengths[0])
         assert_same_contents(got, want)
 
     snap = paged.snapshot()
-    assert snap.k.shape[3] == 20 and snap.max_len == 32
+    assert snap.data[0].shape[3] == 20 and snap.max_len == 32
     restored = PagedKVCache.restore(snap, page_size=4, num_pages=20)
     assert (restored.page_size, restored.num_pages) == (4, 20)
     assert_same_contents(restored, ref)
@@ -347,51 +328,56 @@ def hand_built(rng, filled, lengths, *, page_size=PAGE, num_pages=16, spec=SPEC)
             k_pages[:, page, :, : len(rows)] = k_ref[:, b, :, rows].transpose(1, 2, 0, 3)
             v_pages[:, page, :, : len(rows)] = v_ref[:, b, :, rows].transpose(1, 2, 0, 3)
     cache = PagedKVCache(
-        k_pages=jnp.asarray(k_pages, spec.dtype),
-        v_pages=jnp.asarray(v_pages, spec.dtype),
-        block_tables=jnp.asarray(tables),
-        refcounts=jnp.asarray(np.bincount(tables[tables >= 0], minlength=num_pages), jnp.int32),
-        pins=jnp.zeros(num_pages, jnp.int32),
-        lengths=jnp.asarray(lengths, jnp.int32),
-        errors=jnp.zeros(batch, jnp.int32),
+        (jnp.asarray(k_pages, spec.dtype), jnp.asarray(v_pages, spec.dtype)),
+        jnp.asarray(tables),
+        jnp.asarray(np.bincount(tables[tables >= 0], minlength=num_pages), jnp.int32),
+        jnp.zeros(num_pages, jnp.int32),
+        jnp.asarray(lengths, jnp.int32),
+        jnp.zeros(batch, jnp.int32),
+        jnp.zeros(batch, jnp.int32),
+        spec=spec,
+        format=jkv.Plain(spec.dtype),
     )
     return cache, k_ref, v_ref
 
 
 @pytest.mark.parametrize("attended", [[1, 8, 9], [32, 17, 2], [16, 24, 31]], ids=str)
 def test_decode_and_prefill_attention_match_float64(rng, attended):
-    """jkv.decode_attention / prefill_attention over a PagedKVCache (XLA path) against NumPy float64."""
+    """jkv.attend at T = 1 and T = 2 over a PagedKVCache (XLA path) against NumPy float64."""
     attended = np.asarray(attended)
-    # Decode attends to lengths + 1 positions: the new key sits at lengths[b], already written.
+    # The step's one new key sits at lengths[b], already written: the query attends to lengths + 1 positions.
     cache, k_ref, v_ref = hand_built(rng, attended, attended - 1)
-    q = rng.standard_normal((3, 8, 8))  # N=8 over K=2: groups of 4
-    out = jax.jit(lambda q, c: jkv.decode_attention(q, c, 1, impl="xla"))(jnp.asarray(q, jnp.float32), cache)
+    cache = cache.replace(counts=jnp.ones(3, jnp.int32))
+    q = rng.standard_normal((3, 1, 8, 8))  # N=8 over K=2: groups of 4
+    out = jax.jit(lambda q, c: jkv.attend(q, c, 1, impl="xla"))(jnp.asarray(q, jnp.float32), cache)[:, 0]
+    q = q[:, 0]
     assert out.shape == q.shape and out.dtype == jnp.float32
     assert rel_err(out, decode_attention_f64(q, k_ref[1], v_ref[1], attended)) < REL_TOL["float32"]
 
     t = 2  # prefill of the last T written tokens: query t sits at lengths + t
-    cache = cache.replace(lengths=jnp.asarray(attended - t, jnp.int32))
+    cache = cache.replace(lengths=jnp.asarray(attended - t, jnp.int32), counts=jnp.full(3, t, jnp.int32))
     q = rng.standard_normal((3, t, 8, 8))
-    out = jax.jit(lambda q, c: jkv.prefill_attention(q, c, 0))(jnp.asarray(q, jnp.float32), cache)
+    out = jax.jit(lambda q, c: jkv.attend(q, c, 0))(jnp.asarray(q, jnp.float32), cache)
     positions = (attended - t)[:, None] + np.arange(t)[None, :]
     assert rel_err(out, attention_f64(q, k_ref[0], v_ref[0], positions)) < REL_TOL["float32"]
 
 
 def test_model_protocol_decode_step_matches_contiguous(rng):
-    """write per layer, attend, advance: a paged and a contiguous cache give the same attention every step."""
+    """begin, write + attend per layer, commit: a paged and a contiguous cache give the same attention."""
     paged, ref = fragmented(rng)
 
     @jax.jit
     def step(cache, k, v, q):
         outs = []
+        cache = cache.begin(1)
         for layer in range(SPEC.num_layers):
             cache = cache.write(layer, k, v)
-            outs.append(jkv.decode_attention(q, cache, layer, impl="xla"))
-        return cache.advance(1), jnp.stack(outs)
+            outs.append(jkv.attend(q, cache, layer, impl="xla"))
+        return cache.commit(), jnp.stack(outs)
 
     for _ in range(10):
         k, v = rand_kv(rng, 4, 1)
-        q = jnp.asarray(rng.standard_normal((4, 4, 8)), jnp.float32)
+        q = jnp.asarray(rng.standard_normal((4, 1, 4, 8)), jnp.float32)
         paged, got = step(paged, k, v, q)
         ref, want = step(ref, k, v, q)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
@@ -402,14 +388,14 @@ def test_model_protocol_decode_step_matches_contiguous(rng):
 # ---------------------------------------------------------------------- exhaustion, errors
 def test_pool_exhaustion_flags_and_never_overwrites_a_live_page(rng):
     paged = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=5)
-    single = jkv.KVCache.init(SPEC, 1)
+    single = jkv.KVCache.init(SPEC, 1).begin(12)
     for layer in range(SPEC.num_layers):
         single = single.write(layer, *rand_kv(rng, 1, 12))
-    single = single.advance(12)
+    single = single.commit()
     paged = paged.insert_into_slot(0, single).insert_into_slot(1, single)  # 4 of 5 pages live
     before = paged.to_contiguous()
     k, v = rand_kv(rng, 3, 9)
-    out = jax.jit(lambda c, k, v: c.write(0, k, v).write(1, k, v).advance(9))(paged, k, v)
+    out = jax.jit(lambda c, k, v: c.begin(9).write(0, k, v).write(1, k, v).commit())(paged, k, v)
     # Each sequence needs one more page, sequence 2 two; one is free: sequence 0 gets it, the rest nothing.
     np.testing.assert_array_equal(np.asarray(out.errors), [0, ERR_POOL_EXHAUSTED, ERR_POOL_EXHAUSTED])
     np.testing.assert_array_equal(np.asarray(out.lengths), [21, 12, 0])
@@ -419,8 +405,8 @@ def test_pool_exhaustion_flags_and_never_overwrites_a_live_page(rng):
     with pytest.raises(RuntimeError, match="sequence 1: page pool exhausted"):
         out.check()
     with pytest.raises(ValueError, match=r"page pool exhausted: reserving up to \[21 21  9\]"):
-        paged.write(0, k, v)
-    long = single.rollback(0).advance(17)
+        paged.begin(9)
+    long = single.rollback(0).begin(17).commit()
     bad = jax.jit(lambda c, s: c.insert_into_slot(2, s))(paged, long)
     np.testing.assert_array_equal(np.asarray(bad.errors), [0, 0, ERR_POOL_EXHAUSTED])
     assert int(bad.lengths[2]) == 0 and int(bad.pages_held()[2]) == 0
@@ -431,9 +417,9 @@ def test_pool_exhaustion_flags_and_never_overwrites_a_live_page(rng):
 def test_errors_under_jit_flag_and_change_nothing(rng):
     paged, _ = step_both(rng, PagedKVCache.init(SPEC, 2, page_size=PAGE), jkv.KVCache.init(SPEC, 2), 30)
     k, v = rand_kv(rng, 2, 3)
-    over = jax.jit(lambda c, k, v: c.write(0, k, v))(paged, k, v)
+    over = jax.jit(lambda c, k, v: c.begin(3).write(0, k, v))(paged, k, v)
     np.testing.assert_array_equal(np.asarray(over.errors), [ERR_WRITE_OVERFLOW] * 2)
-    chex.assert_trees_all_equal(over.k_pages, paged.k_pages)
+    chex.assert_trees_all_equal(over.pages, paged.pages)
     for fn in (lambda c, i: c.fork(i, 0), lambda c, i: c.reset_slot(i)):
         bad = jax.jit(fn)(paged, 5)
         assert (np.asarray(bad.errors) & ERR_BAD_SLOT).all()
@@ -454,27 +440,27 @@ def test_errors_eager(rng):
         (lambda: PagedKVCache.init(SPEC, 1, page_size=0), ValueError, "page_size must be a positive int"),
         (lambda: PagedKVCache.init(SPEC, 1, page_size=5), ValueError, "spec.max_len=32 must be a multiple of"),
         (lambda: PagedKVCache.init(SPEC, 1, page_size=8, num_pages=0), ValueError, "num_pages must be a positive"),
-        (lambda: paged.write(0, k3, v3), ValueError, "write of T=3 positions past max_len=32"),
+        (lambda: paged.begin(3), ValueError, "must stay within [0, max_len=32]"),
         (lambda: paged.write(2, k3, v3), ValueError, "layer=2 out of range"),
         (lambda: paged.write(0, k3, v3[:, :, :2]), ValueError, "must match"),
         (lambda: paged.write(0, k3[:1], v3[:1]), ValueError, "does not match"),
-        (lambda: paged.advance(3), ValueError, "advance by n=[3 3]"),
+        (lambda: paged.begin(-1), ValueError, "begin(counts=[-1 -1])"),
         (lambda: paged.rollback(31), ValueError, "rollback lengths=[31 31]"),
-        (lambda: paged.reserve(1.5), TypeError, "integer"),
-        (lambda: paged.reset_slot(2), ValueError, "slot=2 out of range for batch=2"),
-        (lambda: paged.fork(0, 2), ValueError, "slot=2 out of range"),
-        (lambda: paged.fork(-1, 0), ValueError, "slot=-1 out of range"),
-        (lambda: paged.insert_into_slot(0, "x"), TypeError, "single must be a KVCache"),
+        (lambda: paged.begin(1.5), TypeError, "integer"),
+        (lambda: paged.reset_slot(2), ValueError, "slot=2 out of range: expected an index in [0, 2)"),
+        (lambda: paged.fork(0, 2), ValueError, "dst=2 out of range"),
+        (lambda: paged.fork(-1, 0), ValueError, "src=-1 out of range"),
+        (lambda: paged.insert_into_slot(0, "x"), TypeError, "single must be a jkv.KVCache"),
         (lambda: paged.insert_into_slot(0, jkv.KVCache.init(SPEC, 2)), ValueError, "one sequence, got batch=2"),
         (lambda: paged.insert_into_slot(0, jkv.KVCache.init(SPEC.replace(max_len=40), 1)), ValueError, "40"),
         (lambda: paged.insert_into_slot(0, jkv.KVCache.init(SPEC.replace(head_dim=4), 1)), ValueError, "head_dim"),
         (lambda: paged.insert_into_slot(3, one), ValueError, "slot=3"),
-        (lambda: paged.gather_layer(-1), ValueError, "layer=-1 out of range"),
+        (lambda: paged.layer(-1), ValueError, "layer=-1 out of range"),
         (lambda: paged.extract_slot(0, max_len=40), ValueError, "max_len=40 exceeds this cache's max_len=32"),
         (lambda: paged.extract_slot(0, max_len=0), ValueError, "max_len must be a positive int"),
         (lambda: paged.extract_slot(2), ValueError, "slot=2 out of range"),
-        (lambda: PagedKVCache.from_contiguous(paged, page_size=8), TypeError, "cache must be a KVCache"),
-        (lambda: PagedKVCache.restore("x", page_size=8), TypeError, "KVSnapshot"),
+        (lambda: PagedKVCache.from_contiguous(paged, page_size=8), TypeError, "cache must be a jkv.KVCache"),
+        (lambda: PagedKVCache.restore("x", page_size=8), TypeError, "jkv.caches.Snapshot"),
         (lambda: PagedKVCache.from_contiguous(flat, page_size=8, num_pages=7), ValueError, "lengths=[30 30] need 8"),
     ]
     for fn, exc, text in cases:
@@ -486,17 +472,18 @@ def test_errors_eager(rng):
 
 # ---------------------------------------------------------------------- compiled once, updated in place
 def test_donated_decode_step_runs_in_place(rng):
-    """A jitted write-every-layer + advance step aliases the donated pools and allocates no copy of them, also
+    """A jitted begin + write-every-layer + commit step aliases the donated pools and allocates no copy of them, also
     with the copy-on-write branch compiled in; fork, rollback, reset_slot and insert do the same."""
     spec = jkv.CacheSpec(num_layers=4, num_kv_heads=2, head_dim=64, max_len=1024, dtype=jnp.float32)
     cache = PagedKVCache.init(spec, 8, page_size=16)
     k_new = jnp.asarray(rng.standard_normal((8, 2, 1, 64)), jnp.float32)
-    pools = cache.k_pages.nbytes + cache.v_pages.nbytes
+    pools = sum(x.nbytes for x in cache.pages)
 
     def step(c, k):
+        c = c.begin(1)
         for layer in range(spec.num_layers):
             c = c.write(layer, k, k)
-        return c.advance(1)
+        return c.commit()
 
     ops = [
         (step, (cache, k_new)),
@@ -506,14 +493,14 @@ def test_donated_decode_step_runs_in_place(rng):
     for fn, args in ops:
         stats = jax.jit(fn, donate_argnums=0).lower(*args).compile().memory_analysis()
         assert stats.alias_size_in_bytes >= pools, stats
-        assert stats.temp_size_in_bytes < cache.k_pages.nbytes // 16, stats  # scratch, no copy of a pool
+        assert stats.temp_size_in_bytes < cache.pages[0].nbytes // 16, stats  # scratch, no copy of a pool
     plain = jax.jit(step).lower(cache, k_new).compile().memory_analysis()
     assert plain.alias_size_in_bytes == 0  # without donation: a fresh output (the checks above can fail)
 
 
 def test_jitted_step_serves_every_position_without_recompiling(rng):
     cache = PagedKVCache.init(SPEC, 2, page_size=PAGE)
-    step = jax.jit(lambda c, k: c.write(0, k, k).advance(1), donate_argnums=0)
+    step = jax.jit(lambda c, k: c.begin(1).write(0, k, k).commit(), donate_argnums=0)
     for _ in range(20):
         cache = step(cache, next(rand_kv(rng, 2, 1)))
     assert step._cache_size() == 1

@@ -1,11 +1,12 @@
 """Argument validation shared by the caches, attention references and kernel wrappers.
 
 Checks run on the host with concrete values. Values that are tracers (inside ``jit``/``vmap``) are skipped
-here; the traced code paths record error flags instead (see ``jkv.cache``).
+here; the traced code paths record error bits instead (see ``jkv.caches.base``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -27,6 +28,9 @@ def concrete_value(x):
         return None
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
 def positive_int(name: str, value) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -40,32 +44,75 @@ def host_all(ok, message: Callable[[], str]) -> None:
         raise ValueError(message())
 
 
-def layer_index(layer, num_layers: int) -> None:
-    if isinstance(layer, (float, bool)) or (hasattr(layer, "dtype") and not jnp.issubdtype(layer.dtype, jnp.integer)):
-        raise TypeError(f"layer must be an integer, got {layer!r}")
-    value = concrete_value(layer)
-    if value is not None and not 0 <= int(value) < num_layers:
-        raise ValueError(f"layer={int(value)} out of range for {num_layers=}")
-
-
-def slot_index(slot, batch: int) -> None:
-    if isinstance(slot, (float, bool)) or (hasattr(slot, "dtype") and not jnp.issubdtype(slot.dtype, jnp.integer)):
-        raise TypeError(f"slot must be an integer, got {slot!r}")
-    value = concrete_value(slot)
-    if value is not None and not 0 <= int(value) < batch:
-        raise ValueError(f"slot={int(value)} out of range for {batch=}")
-
-
-def per_sequence_ints(name: str, value, batch: int):
-    """An int or ``int[B]`` as an int32 array broadcast to ``[B]``."""
+def int32_value(name: str, value):
+    """``value`` (an int or integer array) as int32, refusing on the host what int32 cannot hold (never wrapped)."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise TypeError(f"{name} must be an int or an integer array, got {value!r}")
+    host = concrete_value(value) if not isinstance(value, int) else np.asarray(value, dtype=object)
+    if host is not None:
+        if host.dtype != object and not np.issubdtype(host.dtype, np.integer):
+            raise TypeError(f"{name} must be an int or an integer array, got dtype {host.dtype}")
+        flat = [int(x) for x in np.ravel(host)]
+        bad = [x for x in flat if not INT32_MIN <= x <= INT32_MAX]
+        if bad:
+            raise ValueError(f"{name}={bad[0]} does not fit int32 (expected a value in [{INT32_MIN}, {INT32_MAX}])")
+        return jnp.asarray(np.asarray(flat, np.int32).reshape(np.shape(host)))
     arr = jnp.asarray(value)
     if not jnp.issubdtype(arr.dtype, jnp.integer):
         raise TypeError(f"{name} must be an int or an integer array, got dtype {arr.dtype}")
+    return arr.astype(jnp.int32)
+
+
+def per_sequence_ints(name: str, value, batch: int):
+    """An int or ``int[B]`` as an int32 array broadcast to ``[B]`` (host values checked to fit int32)."""
+    arr = int32_value(name, value)
     if arr.ndim == 0:
-        return jnp.broadcast_to(arr.astype(jnp.int32), (batch,))
+        return jnp.broadcast_to(arr, (batch,))
     if arr.shape != (batch,):
         raise ValueError(f"{name} must be a scalar or shape ({batch},), got shape {arr.shape}")
-    return arr.astype(jnp.int32)
+    return arr
+
+
+def index_in_range(name: str, value, size: int):
+    """An integer index as int32 and whether it lies in ``[0, size)`` (a bool array; raises on the host)."""
+    if isinstance(value, (float, bool)) or (hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if getattr(value, "ndim", 0) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
+    host = concrete_value(value)
+    if host is not None and not 0 <= int(host) < size:
+        raise ValueError(f"{name}={int(host)} out of range: expected an index in [0, {size})")
+    if isinstance(value, (int, np.integer)):  # a static index stays static (XLA updates in place more often)
+        return int(value), True
+    index = int32_value(name, value)
+    return index, (index >= 0) & (index < size)
+
+
+def allocation(shapes: list[tuple[tuple[int, ...], object]], what: str) -> int:
+    """Bytes of arrays of ``(shape, dtype)``; ``ValueError`` before anything is allocated when their element
+    count overflows or they exceed the memory of the local devices."""
+    total = 0
+    for shape, dtype in shapes:
+        size = 1
+        for n in shape:
+            size *= int(n)
+        if size >= 2**62:
+            raise ValueError(f"{what}: an array of shape {shape} has {size} elements, more than any device holds")
+        total += size * jnp.dtype(dtype).itemsize
+    free = sum(_device_bytes(d) for d in jax.local_devices())
+    if total > free:
+        raise ValueError(f"{what} needs {total:,} bytes, more than the {free:,} bytes of the local devices")
+    return total
+
+
+def _device_bytes(device) -> int:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def new_kv(name: str, x, batch: int, spec) -> None:
@@ -117,3 +164,8 @@ def decode_args(q, k, v, lengths) -> tuple[int, int, int, int, int]:
     if value is not None and (value.min(initial=0) < 0 or value.max(initial=0) > s):
         raise ValueError(f"lengths={value} must lie in [0, S={s}]")
     return b, n, kh, s, d
+
+
+def clamped(index, ok):
+    """``index`` where ``ok``, else 0 (static indices stay static); callers drop or mask what it reads."""
+    return index if ok is True else jnp.where(ok, index, 0)

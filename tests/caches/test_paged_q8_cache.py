@@ -1,10 +1,10 @@
-"""Q8 pages (jkv.Q8PagedKVCache and the paged Q8 kernel) against the contiguous Q8KVCache on the same data.
+"""Q8 pages (a PagedKVCache in the Q8 format) against the contiguous Q8 cache on the same data.
 
 Quantization is per vector, so the same writes give the same codes and scales wherever a position lives: every
-operation is compared *exactly* (codes and scales of the valid positions) with a ``Q8KVCache`` that received the
-same writes. Attention through the pages (XLA reference and Pallas kernel) must equal attention over the
-contiguous Q8 cache holding the same logical contents, on randomly permuted pages with NaN scales in every page
-and row no sequence uses; the kernel also against NumPy float64 over the dequantized values.
+operation is compared *exactly* (codes and scales of the valid positions) with a contiguous Q8 cache that
+received the same writes. Attention through the pages (XLA reference and Pallas kernel) must equal attention over
+the contiguous Q8 cache holding the same logical contents, on randomly permuted pages with NaN scales in every
+page and row no sequence uses. (The paged Q8 kernel itself: tests/kernels/test_paged_q8_kernel.py.)
 """
 
 import chex
@@ -17,9 +17,8 @@ from kernel_inputs import KERNEL_TOL, q8_pools
 from reference import attention_f64, decode_attention_f64
 
 import jkv
-from jkv.cache import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW
+from jkv.caches import ERR_BAD_SLOT, ERR_WRITE_OVERFLOW, NO_PAGE
 from jkv.models import llama
-from jkv.paged import NO_PAGE
 from jkv.serving import Engine, SamplingParams
 from pallas_kernels import backend
 
@@ -28,7 +27,8 @@ SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=32, max_len=32, dtyp
 PAGE = 8
 
 _write = jax.jit(lambda c, layer, k, v: c.write(layer, k, v))
-_advance = jax.jit(lambda c, n: c.advance(n))
+_begin = jax.jit(lambda c, n: c.begin(n))
+_commit = jax.jit(lambda c: c.commit())
 _rollback = jax.jit(lambda c, n: c.rollback(n))
 _reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
 _fork = jax.jit(lambda c, src, dst: c.fork(src, dst))
@@ -46,9 +46,9 @@ def rand_kv(rng, batch, t):
 
 def valid(cache, b):
     """Codes and scales of K and V at the valid positions of sequence ``b`` (paged or contiguous Q8)."""
-    flat = _flat(cache) if isinstance(cache, jkv.Q8PagedKVCache) else cache
+    flat = _flat(cache) if cache.layout == "paged" else cache
     n = int(cache.lengths[b])
-    return [np.asarray(x[:, b, :, :n]) for x in (flat.k, flat.k_scale, flat.v, flat.v_scale)]
+    return [np.asarray(x[:, b, :, :n]) for x in flat.data]
 
 
 def assert_same_contents(paged_cache, ref):
@@ -65,38 +65,40 @@ def assert_allocator_consistent(cache):
 
 
 def step_both(rng, paged_cache, ref, t, advance=None):
+    n = jnp.full(ref.batch, t, jnp.int32) if advance is None else jnp.asarray(advance, jnp.int32)
+    paged_cache, ref = _begin(paged_cache, n), _begin(ref, n)
     for layer in range(SPEC.num_layers):
         k, v = rand_kv(rng, ref.batch, t)
         paged_cache, ref = _write(paged_cache, layer, k, v), _write(ref, layer, k, v)
-    n = jnp.full(ref.batch, t, jnp.int32) if advance is None else jnp.asarray(advance, jnp.int32)
-    paged_cache, ref = _advance(paged_cache, n), _advance(ref, n)
+    paged_cache, ref = _commit(paged_cache), _commit(ref)
     assert not np.asarray(paged_cache.errors).any() and not np.asarray(ref.errors).any()
     return paged_cache, ref
 
 
 def new_pair(batch, num_pages):
-    return jkv.Q8PagedKVCache.init(SPEC, batch, page_size=PAGE, num_pages=num_pages), jkv.Q8KVCache.init(SPEC, batch)
+    paged_cache = jkv.make_cache("q8-paged", SPEC, batch, page_size=PAGE, num_pages=num_pages)
+    return paged_cache, jkv.make_cache("q8", SPEC, batch)
 
 
 # ---------------------------------------------------------------------- construction
 @pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
 def test_init_shapes_and_nbytes(scale_dtype):
-    cache = jkv.Q8PagedKVCache.init(
-        SPEC.replace(dtype=jnp.bfloat16), 3, page_size=PAGE, num_pages=5, scale_dtype=scale_dtype
-    )
-    chex.assert_shape([cache.k_pages, cache.v_pages], (2, 5, 2, PAGE, 32))
-    chex.assert_shape([cache.k_scale_pages, cache.v_scale_pages], (2, 5, 2, PAGE, 1))
-    assert cache.k_pages.dtype == jnp.int8 and cache.scale_dtype == jnp.dtype(scale_dtype)
+    fmt = jkv.Q8(scale_dtype=scale_dtype)
+    cache = jkv.PagedKVCache.init(SPEC.replace(dtype=jnp.bfloat16), 3, page_size=PAGE, num_pages=5, format=fmt)
+    k, ks, v, vs = cache.pages
+    chex.assert_shape([k, v], (2, 5, 2, PAGE, 32))
+    chex.assert_shape([ks, vs], (2, 5, 2, PAGE, 1))
+    assert k.dtype == jnp.int8 and ks.dtype == jnp.dtype(scale_dtype)
     assert cache.spec == SPEC.replace(dtype=jnp.bfloat16)
     assert (np.asarray(cache.block_tables) == NO_PAGE).all() and int(cache.num_free_pages()) == 5
     pools = 2 * 2 * 5 * 2 * PAGE * (32 + jnp.dtype(scale_dtype).itemsize)
-    assert cache.nbytes == pools + 4 * (3 * 4 + 5 + 5 + 3 + 3)  # tables, counts, pins, lengths, errors
+    assert cache.nbytes == pools + 4 * (3 * 4 + 5 + 5 + 3 + 3 + 3)  # tables, refcounts, pins, lengths, counts, errors
 
 
 # ---------------------------------------------------------------------- operations against the Q8KVCache
 def test_ops_match_q8_cache_on_a_fragmented_pool(rng):
-    """Writes across page boundaries, ragged advance, reset_slot and rollback on a fragmented pool; then insert
-    (a Q8KVCache as it is, a float KVCache quantized), extract_slot, snapshot / restore, from_contiguous."""
+    """Writes across page boundaries, ragged steps, reset_slot and rollback on a fragmented pool; then insert
+    (a Q8 cache as it is, a float cache quantized), extract_slot, snapshot / restore, from_contiguous."""
     paged_cache, ref = new_pair(4, 16)
     for i, advance in enumerate((None, None, [7, 0, 3, 7])):  # T = 7 throughout: one compiled write per cache
         paged_cache, ref = step_both(rng, paged_cache, ref, 7, advance)
@@ -109,29 +111,30 @@ def test_ops_match_q8_cache_on_a_fragmented_pool(rng):
     tables = np.asarray(paged_cache.block_tables)
     assert not (np.diff(tables[tables >= 0]) == 1).all(), tables  # pages out of order
 
-    single = jkv.Q8KVCache.init(SPEC.replace(max_len=20), 1)
+    single = jkv.make_cache("q8", SPEC.replace(max_len=20), 1).begin(17)
     k, v = rand_kv(rng, 1, 17)
     for layer in range(SPEC.num_layers):
         single = single.write(layer, k, v)
-    single = single.advance(17)
+    single = single.commit()
     paged_cache, ref = _insert(paged_cache, 1, single), _insert(ref, 1, single)
     assert_same_contents(paged_cache, ref)
-    flat = single.dequantize()  # a float KVCache: quantized on the way in, to the same codes
-    chex.assert_trees_all_equal(_flat(_insert(paged_cache, 1, flat)).k, _flat(paged_cache).k)
+    flat = single.with_format(jkv.Plain())  # a float cache: quantized on the way in, to about the same codes
+    got, want = _flat(_insert(paged_cache, 1, flat)).data[0], _flat(paged_cache).data[0]
+    assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1  # the rotation's rounding
     assert_allocator_consistent(paged_cache)
 
     for slot, max_len in ((1, None), (3, 12)):
         got, want = paged_cache.extract_slot(slot, max_len), ref.extract_slot(slot, max_len)
-        assert isinstance(got, jkv.Q8KVCache) and got.k.shape == want.k.shape
+        assert got.layout == "contiguous" and got.format == ref.format and got.data[0].shape == want.data[0].shape
         assert_same_contents(got, want)
-    deq, want = paged_cache.dequantize(), ref.dequantize()
+    deq, want = _flat(paged_cache).with_format(jkv.Plain()), ref.with_format(jkv.Plain())
     for b, n in enumerate(np.asarray(ref.lengths)):
-        np.testing.assert_array_equal(np.asarray(deq.k[:, b, :, :n]), np.asarray(want.k[:, b, :, :n]))
+        np.testing.assert_array_equal(np.asarray(deq.data[0][:, b, :, :n]), np.asarray(want.data[0][:, b, :, :n]))
 
     snap = paged_cache.snapshot()
-    assert isinstance(snap, jkv.Q8Snapshot) and snap.k.shape[3] == 20
-    restored = jkv.Q8PagedKVCache.restore(snap, page_size=4, num_pages=20)
-    assert (restored.page_size, restored.num_pages, restored.scale_dtype) == (4, 20, jnp.float16)
+    assert isinstance(snap, jkv.Snapshot) and snap.data[0].shape[3] == 20 and snap.format == ref.format
+    restored = jkv.PagedKVCache.restore(snap, page_size=4, num_pages=20)
+    assert (restored.page_size, restored.num_pages, restored.format) == (4, 20, ref.format)
     assert_same_contents(restored, ref)  # through from_contiguous(Q8KVCache.restore(snap))
 
 
@@ -153,10 +156,10 @@ def test_fork_copy_on_write_pin_and_shared_insert(rng):
     codes0 = valid(ref, 0)
     pinned, ref = _reset_slot(pinned, 0), _reset_slot(ref, 0)
     read = pinned.read_pinned(pages[:2], 10)
-    assert isinstance(read, jkv.Q8KVCache) and read.max_len == 2 * PAGE and int(read.lengths[0]) == 10
-    np.testing.assert_array_equal(np.asarray(read.k_scale[:, 0, :, :10]), codes0[1][:, :, :10])
-    single = jkv.Q8KVCache.init(SPEC, 1).insert_into_slot(0, read)
-    single, _ = step_both(rng, single, jkv.Q8KVCache.init(SPEC, 1).insert_into_slot(0, read), 7)
+    assert read.format == ref.format and read.max_len == 2 * PAGE and int(read.lengths[0]) == 10
+    np.testing.assert_array_equal(np.asarray(read.data[1][:, 0, :, :10]), codes0[1][:, :, :10])
+    single = jkv.make_cache("q8", SPEC, 1).insert_into_slot(0, read)
+    single, _ = step_both(rng, single, jkv.make_cache("q8", SPEC, 1).insert_into_slot(0, read), 7)
     admitted, ref = _insert_shared(pinned, 1, single, pages, 10), _insert(ref, 1, single)
     assert_same_contents(admitted, ref)
     after = np.asarray(admitted.block_tables)[1]
@@ -173,100 +176,89 @@ def test_errors(rng):
     for _ in range(4):
         paged_cache, ref = step_both(rng, paged_cache, ref, 7)  # lengths 28
     k3, v3 = rand_kv(rng, 4, 5)
-    one = jkv.Q8KVCache.init(SPEC, 1)
+    one = jkv.make_cache("q8", SPEC, 1)
+    q8_paged = lambda spec, **kw: jkv.PagedKVCache.init(spec, 1, page_size=8, format=jkv.Q8(**kw))
     cases = [
-        (lambda: jkv.Q8PagedKVCache.init(SPEC.replace(head_dim=16), 1, page_size=8), ValueError, "multiple of 32"),
-        (lambda: jkv.Q8PagedKVCache.init(SPEC, 1, page_size=8, scale_dtype=jnp.int8), TypeError, "scale_dtype"),
-        (lambda: paged_cache.write(0, k3, v3), ValueError, "write of T=5 positions past max_len=32"),
-        (lambda: paged_cache.insert_into_slot(0, "x"), TypeError, "single must be a Q8KVCache or a KVCache"),
+        (lambda: q8_paged(SPEC.replace(head_dim=16)), ValueError, "multiple of 32"),
+        (lambda: q8_paged(SPEC, scale_dtype=jnp.int8), TypeError, "scale_dtype"),
+        (lambda: paged_cache.begin(5), ValueError, "must stay within [0, max_len=32]"),
+        (lambda: paged_cache.insert_into_slot(0, "x"), TypeError, "single must be a jkv.KVCache"),
         (
-            lambda: paged_cache.insert_into_slot(0, jkv.Q8KVCache.init(SPEC, 1, scale_dtype=jnp.float32)),
-            ValueError,
-            "scale_dtype=float32, expected float16",
-        ),
-        (
-            lambda: paged_cache.insert_into_slot(0, jkv.Q8KVCache.init(SPEC, 1, rotated=False)),
-            ValueError,
-            "rotated=False, expected True",
-        ),
-        (
-            lambda: paged_cache.insert_into_slot(0, jkv.Q8KVCache.init(SPEC.replace(num_kv_heads=1), 1)),
+            lambda: paged_cache.insert_into_slot(0, jkv.make_cache("q8", SPEC.replace(num_kv_heads=1), 1)),
             ValueError,
             "num_kv_heads",
         ),
         (lambda: paged_cache.insert_into_slot(4, one), ValueError, "slot=4"),
-        (lambda: jkv.Q8PagedKVCache.from_contiguous("x", page_size=8), TypeError, "cache must be a Q8KVCache"),
-        (
-            lambda: jkv.Q8PagedKVCache.restore(jkv.KVCache.init(SPEC, 1).snapshot(), page_size=8),
-            TypeError,
-            "snap must be a Q8Snapshot",
-        ),
-        (lambda: jkv.Q8PagedKVCache.from_contiguous(ref, page_size=8, num_pages=15), ValueError, "need 16"),
+        (lambda: jkv.PagedKVCache.from_contiguous("x", page_size=8), TypeError, "cache must be a jkv.KVCache"),
+        (lambda: jkv.PagedKVCache.restore("x", page_size=8), TypeError, "snap must be a jkv.caches.Snapshot"),
+        (lambda: jkv.PagedKVCache.from_contiguous(ref, page_size=8, num_pages=15), ValueError, "need 16"),
     ]
     for fn, exc, text in cases:
         with pytest.raises(exc) as info:
             fn()
         assert text in str(info.value), (text, str(info.value))
-    over = jax.jit(lambda c, k, v: c.write(0, k, v))(paged_cache, k3, v3)
+    over = jax.jit(lambda c, k, v: c.begin(5).write(0, k, v))(paged_cache, k3, v3)
     np.testing.assert_array_equal(np.asarray(over.errors), [ERR_WRITE_OVERFLOW] * 4)
-    chex.assert_trees_all_equal(over.k_scale_pages, paged_cache.k_scale_pages)
+    chex.assert_trees_all_equal(over.pages, paged_cache.pages)
     bad = jax.jit(lambda c, i: c.fork(i, 0))(paged_cache, 5)
     assert (np.asarray(bad.errors) & ERR_BAD_SLOT).all()
 
 
 def test_donated_steps_run_in_place(rng):
-    """A jitted write-every-layer + advance step, fork/rollback/reset_slot and insert alias the donated pools
-    (codes and scales) and allocate no copy of them."""
+    """A jitted begin + write-every-layer + commit step, fork/rollback/reset_slot and insert alias the donated
+    pools (codes and scales) and allocate no copy of them."""
     spec = jkv.CacheSpec(num_layers=4, num_kv_heads=2, head_dim=128, max_len=1024, dtype=jnp.float32)
-    cache = jkv.Q8PagedKVCache.init(spec, 8, page_size=16)
+    cache = jkv.make_cache("q8-paged", spec, 8)
     k_new = jnp.asarray(rng.standard_normal((8, 2, 1, 128)), jnp.float32)
-    pools = sum(x.nbytes for x in (cache.k_pages, cache.v_pages, cache.k_scale_pages, cache.v_scale_pages))
+    pools = sum(x.nbytes for x in cache.pages)
 
     def step(c, k):
+        c = c.begin(1)
         for layer in range(spec.num_layers):
             c = c.write(layer, k, k)
-        return c.advance(1)
+        return c.commit()
 
     ops = [
         (step, (cache, k_new)),
         (lambda c: c.fork(0, 1).rollback(c.lengths).reset_slot(2), (cache,)),
-        (lambda c, s: c.insert_into_slot(3, s), (cache, jkv.Q8KVCache.init(spec.replace(max_len=128), 1))),
+        (lambda c, s: c.insert_into_slot(3, s), (cache, jkv.make_cache("q8", spec.replace(max_len=128), 1))),
     ]
     for fn, args in ops:
         stats = jax.jit(fn, donate_argnums=0).lower(*args).compile().memory_analysis()
         assert stats.alias_size_in_bytes >= pools, stats
-        assert stats.temp_size_in_bytes < cache.k_pages.nbytes // 16, stats
+        assert stats.temp_size_in_bytes < cache.pages[0].nbytes // 16, stats
 
 
 # ---------------------------------------------------------------------- attention
-def cache_of(pools, tables, lengths, dtype=jnp.float32):
-    k, k_scale, v, v_scale = pools
-    num_pages = k.shape[1]
-    return jkv.Q8PagedKVCache(
-        k_pages=k,
-        v_pages=v,
-        k_scale_pages=k_scale,
-        v_scale_pages=v_scale,
-        block_tables=jnp.asarray(tables),
-        refcounts=jnp.zeros(num_pages, jnp.int32),  # not used by attention
-        pins=jnp.zeros(num_pages, jnp.int32),
-        lengths=jnp.asarray(lengths, jnp.int32),
-        errors=jnp.zeros(len(lengths), jnp.int32),
-        dtype=jnp.dtype(dtype),
+def cache_of(pools, tables, lengths, counts, dtype=jnp.float32):
+    """A plain (not rotated) Q8 paged cache over hand-built pools, in a step of ``counts`` tokens."""
+    num_layers, num_pages, kv_heads, page_size, head_dim = pools[0].shape
+    tables = jnp.asarray(tables)
+    spec = jkv.CacheSpec(num_layers, kv_heads, head_dim, tables.shape[1] * page_size, dtype)
+    return jkv.PagedKVCache(
+        tuple(pools),
+        tables,
+        jnp.zeros(num_pages, jnp.int32),  # refcounts: not used by attention
+        jnp.zeros(num_pages, jnp.int32),  # pins
+        jnp.asarray(lengths, jnp.int32),
+        jnp.full(len(lengths), counts, jnp.int32),
+        jnp.zeros(len(lengths), jnp.int32),
+        spec=spec,
+        format=jkv.Q8(scale_dtype=pools[1].dtype, rotated=False),
     )
 
 
 def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, q_dtype=jnp.float32, impl="pallas"):
-    """The seeds' contract for Q8 pages: the relative difference between ``jkv.decode_attention`` on a
-    Q8PagedKVCache (permuted pages, NaN scales wherever unused, stale table entries) and on the same logical
-    contents as a contiguous Q8KVCache."""
+    """The seeds' contract for Q8 pages: the relative difference between ``jkv.attend`` at T = 1 on a paged Q8
+    cache (permuted pages, NaN scales wherever unused, stale table entries) and on the same logical contents as
+    a contiguous Q8 cache."""
     pools, tables, _ = q8_pools(rng, len(lengths), 2, head_dim, page_size, 8, lengths, (2, 1), True)
-    cache = cache_of(pools, tables, np.asarray(lengths) - 1)  # decode attends to lengths + 1
-    flat = cache.to_contiguous()
-    assert isinstance(flat, jkv.Q8KVCache)
-    q = jnp.asarray(rng.standard_normal((len(lengths), 8, head_dim)), q_dtype)
-    got = jkv.decode_attention(q, cache, 1, impl=impl)
-    want = jkv.decode_attention(q, flat, 1, impl=impl)
+    cache = cache_of(pools, tables, np.asarray(lengths) - 1, 1)  # the step's one new key sits at lengths - 1
+    flat = cache.to_contiguous().replace(counts=cache.counts)
+    assert flat.layout == "contiguous" and flat.format == cache.format
+    q = jnp.asarray(rng.standard_normal((len(lengths), 1, 8, head_dim)), q_dtype)
+    got = jkv.attend(q, cache, 1, impl=impl)
+    want = jkv.attend(q, flat, 1, impl=impl)
     assert got.shape == q.shape and got.dtype == q.dtype
     return rel_err(got.astype(jnp.float32), want.astype(jnp.float32))
 
@@ -280,21 +272,21 @@ def test_paged_equals_contiguous_q8(rng, impl):
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_rotated_pages_attend_like_rotated_slots(rng, impl):
-    """Pages and slots made by ``init`` are both rotated (jkv.quant): the same writes give the same codes, and
-    decode attention (the Pallas path rotating q and the output around the paged kernel) equals the contiguous
-    cache's and float64 attention over the rotated-back values."""
+    """Q8 pages and slots of the registry are both rotated: the same writes give the same codes, and decode
+    attention (the Pallas path rotating q and the output around the paged kernel) equals the contiguous cache's
+    and float64 attention over the rotated-back values."""
     paged_cache, ref = new_pair(3, 12)
-    assert paged_cache.rotated and ref.rotated
+    assert paged_cache.format.rotated and ref.format.rotated
     paged_cache, ref = step_both(rng, paged_cache, ref, 5)
     paged_cache, ref = step_both(rng, paged_cache, ref, 1, advance=[1, 0, 1])  # ragged
     assert_same_contents(paged_cache, ref)
-    flat = _flat(paged_cache)
-    assert flat.rotated
-    q = jnp.asarray(rng.standard_normal((3, 4, SPEC.head_dim)), jnp.float32)
-    got = jkv.decode_attention(q, paged_cache, 1, impl=impl)
-    assert rel_err(got, jkv.decode_attention(q, ref, 1, impl=impl)) < 1e-6
-    full = paged_cache.dequantize(jnp.float32)
-    want = decode_attention_f64(q, full.k[1], full.v[1], np.asarray(paged_cache.lengths) + 1)
+    assert _flat(paged_cache).format.rotated
+    q = jnp.asarray(rng.standard_normal((3, 1, 4, SPEC.head_dim)), jnp.float32)
+    paged_cache, ref = paged_cache.rollback(paged_cache.lengths - 1).begin(1), ref.rollback(ref.lengths - 1).begin(1)
+    got = jkv.attend(q, paged_cache, 1, impl=impl)[:, 0]
+    assert rel_err(got, jkv.attend(q, ref, 1, impl=impl)[:, 0]) < 1e-6
+    k, v = paged_cache.layer(1, jnp.float32)
+    want = decode_attention_f64(q[:, 0], k, v, np.asarray(paged_cache.lengths) + 1)
     assert rel_err(got, want) < KERNEL_TOL["float32-gpu" if ON_GPU and impl == "pallas" else "float32"]
 
 
@@ -302,9 +294,9 @@ def test_prefill_attention_matches_float64(rng):
     attended = np.array([9, 32, 17])
     pools, tables, (k, v) = q8_pools(rng, 3, 2, 32, PAGE, 4, attended, (2, 1), True)
     t = 2  # prefill of the last T written tokens: query t sits at lengths + t
-    cache = cache_of(pools, tables, attended - t)
+    cache = cache_of(pools, tables, attended - t, t)
     q = rng.standard_normal((3, t, 4, 32))
-    out = jax.jit(lambda q, c: jkv.prefill_attention(q, c, 1))(jnp.asarray(q, jnp.float32), cache)
+    out = jax.jit(lambda q, c: jkv.attend(q, c, 1))(jnp.asarray(q, jnp.float32), cache)
     positions = (attended - t)[:, None] + np.arange(t)[None, :]
     assert rel_err(out, attention_f64(q, k, v, positions)) < REL_TOL["float32"]
 
@@ -328,7 +320,7 @@ def test_engine_q8_pages_equal_q8_slots(rng):
     got, engine = run("q8-paged", num_slots=2, prefix_cache_bytes=1 << 20)
     assert got == want
     assert engine.stats.cached_prompt_tokens > 0  # later prompts shared the pinned pages of the first
-    assert isinstance(engine.cache, jkv.Q8PagedKVCache)
+    assert engine.cache.layout == "paged" and isinstance(engine.cache.format, jkv.Q8)
     assert_allocator_consistent(engine.cache)
     assert (np.asarray(engine.cache.refcounts) == np.asarray(engine.cache.pins)).all()  # only entries hold pages
 

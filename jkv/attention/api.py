@@ -1,0 +1,117 @@
+"""Attention over jkv caches: ``attend`` and ``attend_write`` for ``q [B, T, N, D]``.
+
+Query ``t`` of sequence ``b`` sits at position ``lengths[b] + t`` and attends causally to positions
+``<= lengths[b] + t``; queries ``t >= counts[b]`` are padding and give zero (``counts`` is the step's, from
+``cache.begin``). A layer out of range under ``jit`` gives NaN (and ``attend_write`` records ``ERR_BAD_LAYER``).
+
+``impl``: ``"xla"`` (the pure-``jnp`` reference, any backend), ``"pallas"`` (the Pallas kernels: compiled on GPU,
+interpret mode elsewhere) or ``None`` (``default_impl()``: Pallas on GPU, XLA elsewhere). ``T = 1`` runs the
+kernel registered for the cache's kind (``jkv.attention.kernels``); ``T > 1`` and kinds without a kernel run the
+reference over ``cache.layer(...)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jkv.attention import kernels
+from jkv.attention.reference import attend_reference
+from jkv.caches import checks
+from jkv.parallel import active_mesh, per_shard
+
+IMPLS = ("xla", "pallas")
+
+
+def default_impl() -> str:
+    """``"pallas"`` when the default backend is a GPU, else ``"xla"``."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def resolve_impl(impl: str | None) -> str:
+    if impl is None:
+        return default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    return impl
+
+
+def _check_q(q, cache) -> None:
+    if not hasattr(cache, "layout") or not hasattr(cache, "format"):
+        raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
+    shape = getattr(q, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"q must have shape [B, T, N, D], got {shape}")
+    if shape[0] != cache.batch or shape[3] != cache.spec.head_dim:
+        raise ValueError(
+            f"q.shape={tuple(shape)} does not match the cache's batch={cache.batch}, D={cache.spec.head_dim}"
+        )
+    checks.gqa_heads(shape[2], cache.spec.num_kv_heads)
+
+
+def _finish(out, cache, layer_ok, *, padding_zero: bool = False):
+    """Padding queries to zero (``padding_zero``: the kernel already gave them zero), everything to NaN for a layer
+    out of range. A static layer adds no operation (a decode step is launch-bound at small batches)."""
+    if not padding_zero:
+        live = jnp.arange(out.shape[1])[None, :] < cache.counts[:, None]  # (B, T)
+        out = jnp.where(live[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return out if layer_ok is True else jnp.where(layer_ok, out, jnp.full((), jnp.nan, out.dtype))
+
+
+def attend(
+    q: Float[Array, "B T N D"], cache, layer, *, impl: str | None = None, scale: float | None = None
+) -> Float[Array, "B T N D"]:
+    """Causal attention of the step's queries over ``layer`` of ``cache`` (module docstring)."""
+    impl = resolve_impl(impl)
+    _check_q(q, cache)
+    layer, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
+    kernel = kernels.decode_kernel(cache) if impl == "pallas" and q.shape[1] == 1 else None
+    if kernel is None:
+        return _finish(attend_reference(q, cache, layer, scale=scale), cache, layer_ok)
+    fmt = cache.format
+    qs = fmt.to_stored(q[:, 0])
+    # The one query sits at lengths[b] and reads lengths[b] + 1 positions; a padding row reads none (output zero).
+    n = jnp.where(cache.counts > 0, cache.lengths + 1, 0)
+    at = checks.clamped(layer, layer_ok)
+    call = lambda q, *rest: kernel.fn(q, *rest[:-2], rest[-2], layer=rest[-1], scale=scale)
+    mesh = active_mesh()
+    if mesh is not None:  # XLA cannot partition a Pallas call: run it on each shard's local batch and heads
+        out = per_shard(call, mesh, kernel.arrays, kernel.specs, qs, n, at)
+    else:
+        out = call(qs, *kernel.arrays, n, at)
+    return _finish(fmt.from_stored(out).astype(q.dtype)[:, None], cache, layer_ok, padding_zero=True)
+
+
+def attend_write(
+    q: Float[Array, "B T N D"],
+    k: Float[Array, "B K T D"],
+    v: Float[Array, "B K T D"],
+    cache,
+    layer,
+    *,
+    impl: str | None = None,
+    scale: float | None = None,
+):
+    """``cache.write(layer, k, v)`` then ``attend(q, cache, layer)``; returns ``(out, cache)``. On the Pallas path
+    a kind registered in ``kernels.FUSED_APPEND`` with ``T = 1`` does both in one kernel (the program attending
+    over the new position writes it), saving the write's own kernels; same results and error bits."""
+    impl = resolve_impl(impl)
+    fused = impl == "pallas" and kernels.fused_append(cache) and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1
+    if not fused or active_mesh() is not None:
+        cache = cache.write(layer, k, v)
+        return attend(q, cache, layer, impl=impl, scale=scale), cache
+    from pallas_kernels import decode as fused_kernel
+
+    _check_q(q, cache)
+    at, positions, errors = cache.write_plan(layer, k, v)
+    _, range_errors = cache.encode_new(k, v, positions)
+    _, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
+    append = positions[:, 0] < cache.max_len
+    n = jnp.where(cache.counts > 0, cache.lengths + 1, 0)  # a padding row reads nothing: its output is zero
+    kbuf, vbuf = cache.storage()
+    out, kbuf, vbuf = fused_kernel.decode_attention_append(
+        q[:, 0], kbuf, vbuf, n, k[:, :, 0], v[:, :, 0], append=append, layer=at, scale=scale
+    )
+    cache = cache.replace(data=(kbuf, vbuf), errors=cache.errors | errors | range_errors)
+    return _finish(out[:, None], cache, layer_ok, padding_zero=True), cache

@@ -1,0 +1,68 @@
+"""The kernel registry: ``(layout, format type) -> adapter``. An adapter returns the Pallas decode kernel for a
+cache of that kind, the arrays it reads (whole caches: no per-layer copy) and their ``shard_map`` specs. Kinds
+without an entry (fp8) attend through the XLA reference. Kernels take ``(q [B, N, D], *arrays, lengths, *,
+layer, scale)`` where ``lengths`` counts the valid positions, the new token's included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from jkv.caches import sharding
+from jkv.caches.formats import Q8, Plain
+
+
+class Kernel(NamedTuple):
+    fn: Callable
+    arrays: tuple
+    specs: tuple
+
+
+def _contiguous_plain():
+    from pallas_kernels import dispatch  # Mosaic GPU where it is faster and can run, else Triton
+
+    return dispatch.decode_attention_auto
+
+
+def _contiguous_q8():
+    from pallas_kernels import decode_q8  # dequantizes inside the K/V loads: no dequantized copy of the layer
+
+    return decode_q8.q8_decode_attention
+
+
+def _paged_plain():
+    from pallas_kernels import paged  # reads pages through the block table: no gathered copy
+
+    return paged.paged_decode_attention
+
+
+def _paged_q8():
+    from pallas_kernels import paged_q8
+
+    return paged_q8.paged_q8_decode_attention
+
+
+DECODE = {
+    ("contiguous", Plain): _contiguous_plain,
+    ("contiguous", Q8): _contiguous_q8,
+    ("paged", Plain): _paged_plain,
+    ("paged", Q8): _paged_q8,
+}
+# Kinds whose decode step writes the new row inside the attention kernel (pallas_kernels.decode).
+FUSED_APPEND = {("contiguous", Plain)}
+
+
+def key(cache) -> tuple[str, type]:
+    return cache.layout, type(cache.format)
+
+
+def decode_kernel(cache) -> Kernel | None:
+    """The T = 1 Pallas kernel for ``cache``, or None where the kind has none."""
+    entry = DECODE.get(key(cache))
+    if entry is None:
+        return None
+    return Kernel(entry(), tuple(cache.storage()), sharding.storage_specs(cache))
+
+
+def fused_append(cache) -> bool:
+    return key(cache) in FUSED_APPEND

@@ -1,0 +1,111 @@
+"""Admission of a prefilled one-sequence cache into a slot of a paged cache (``PagedKVCache.insert_into_slot``):
+on fresh pages, or after a shared prefix of pinned pages."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jkv.caches import checks, pool
+from jkv.caches.base import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED
+
+
+def admit(cache, slot, ok, single, arrays, prefix):
+    """``cache`` with ``single`` (arrays ``[L, 1, K, S', X]`` in the cache's format) in ``slot`` (see
+    ``PagedKVCache.insert_into_slot``)."""
+    hit = (jnp.arange(cache.batch) == slot) & ok
+    if prefix is not None:
+        return _admit_shared(cache, ok, hit, single, arrays, prefix)
+    before = cache
+    cache = cache._release_rows(hit)
+    n = pool.cdiv(single.lengths[0], cache.page_size)
+    need = hit[:, None] & (jnp.arange(cache.max_pages)[None, :] < n)
+    tables, refcounts, got, fresh = pool.allocate(cache.block_tables, cache.refcounts, need)
+    checks.host_all(
+        got,
+        lambda: (
+            f"page pool exhausted: admitting a sequence of length {int(single.lengths[0])} needs {int(n)} pages "
+            f"of {before.page_size}, only {int(cache.num_free_pages())} of {before.num_pages} are free"
+        ),
+    )
+    ps, m = cache.page_size, pool.cdiv(single.max_len, cache.page_size)
+    dst = fresh[jnp.where(ok, slot, 0), :m]  # [m], P where no page (dropped)
+
+    def put(buf, x):  # x [L, 1, K, S', X] -> [L, m, K, page_size, X]
+        x = jnp.pad(x[:, 0], ((0, 0), (0, 0), (0, m * ps - single.max_len), (0, 0)))
+        pages = x.reshape(x.shape[0], x.shape[1], m, ps, x.shape[3]).swapaxes(1, 2)
+        return buf.at[:, dst].set(pages.astype(buf.dtype), mode="drop")
+
+    served = hit & got
+    return cache.replace(
+        pages=tuple(put(buf, x) for buf, x in zip(cache.pages, arrays, strict=True)),
+        block_tables=tables,
+        refcounts=refcounts,
+        lengths=jnp.where(served, single.lengths[0], jnp.where(hit, 0, cache.lengths)),
+        counts=jnp.where(hit, 0, cache.counts),
+        errors=jnp.where(hit, jnp.where(got, single.errors[0], ERR_POOL_EXHAUSTED), cache.errors)
+        | jnp.where(ok, 0, ERR_BAD_SLOT),
+    )
+
+
+def _admit_shared(cache, ok, hit, single, arrays, prefix):
+    pages, n = prefix
+    pages, n = jnp.asarray(pages), checks.int32_value("prefix length", n)
+    if not jnp.issubdtype(pages.dtype, jnp.integer) or pages.ndim != 1:
+        raise TypeError(f"prefix pages must be an integer vector, got {pages!r}")
+    if n.ndim:
+        raise TypeError(f"prefix length must be an integer scalar, got shape {n.shape}")
+    before = cache
+    tables, refcounts, valid = pool.attach(
+        cache.block_tables, cache.refcounts, cache.pins, hit, pages, n, cache.page_size, cache.max_len
+    )
+    valid = valid & (n <= single.lengths[0])
+    checks.host_all(
+        valid,
+        lambda: (
+            f"prefix of n={int(n)} positions must be covered by pinned pages (got {np.asarray(pages).tolist()}, "
+            f"pins {np.asarray(before.pins)[np.clip(np.asarray(pages), 0, before.num_pages - 1)].tolist()}) "
+            f"and not exceed single's length {int(single.lengths[0])}"
+        ),
+    )
+    hit_v = hit & valid
+    cache = cache.replace(
+        block_tables=tables,
+        refcounts=refcounts,
+        lengths=jnp.where(hit_v, n, jnp.where(hit, 0, cache.lengths)),
+        counts=jnp.where(hit, 0, cache.counts),
+    )
+    cache, got = _extend_from(cache, hit_v, single, arrays)
+    checks.host_all(
+        got,
+        lambda: (
+            f"page pool exhausted: admitting a sequence of length {int(single.lengths[0])} after a shared prefix "
+            f"of {int(n)} needs more than the {int(before.num_free_pages())} free pages of {before.num_pages}"
+        ),
+    )
+    failed = hit & ~(valid & got)  # the slot ends empty: give back what it was given
+    cache = cache._release_rows(failed)
+    flag = jnp.where(valid, jnp.where(got, 0, ERR_POOL_EXHAUSTED), ERR_BAD_SLOT)
+    return cache.replace(
+        lengths=jnp.where(failed, 0, cache.lengths),
+        errors=jnp.where(hit, jnp.where(failed, flag, single.errors[0]), cache.errors) | jnp.where(ok, 0, ERR_BAD_SLOT),
+    )
+
+
+def _extend_from(cache, hit, single, arrays):
+    """Write positions ``[lengths[b], single.lengths[0])`` of ``single`` into the sequence where ``hit`` holds
+    (its earlier positions equal ``single``'s), reserving pages (copy-on-write of a shared one)."""
+    target = jnp.where(hit, jnp.maximum(single.lengths[0], cache.lengths), cache.lengths)
+    start = cache.lengths
+    cache, got = cache._reserve(target)
+    s = jnp.argmax(hit)
+    positions = jnp.arange(single.max_len, dtype=jnp.int32)
+    write = hit[s] & got[s] & (positions >= start[s]) & (positions < single.lengths[0])
+    pages = jnp.where(write, cache._logical_pages(positions[None, :])[s], cache.num_pages)
+    offsets = positions % cache.page_size
+
+    def put(buf, x):  # buf[:, pages, :, offsets, :] is (S', L, K, X)
+        return buf.at[:, pages, :, offsets, :].set(x[:, 0].transpose(2, 0, 1, 3).astype(buf.dtype), mode="drop")
+
+    new = tuple(put(buf, x) for buf, x in zip(cache.pages, arrays, strict=True))
+    return cache.replace(pages=new, lengths=jnp.where(hit & got, target, cache.lengths)), got

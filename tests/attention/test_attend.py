@@ -1,0 +1,134 @@
+"""``jkv.attend`` / ``attend_write`` over every registered cache kind against float64 NumPy: ragged counts, T = 1
+(the Pallas kernels in interpret mode where the kind has one) and T > 1, padding queries zero, a layer out of range
+NaN, NaN poison in every position no query may read."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from reference import attention_f64
+
+import jkv
+from jkv.caches import ERR_BAD_LAYER, ERR_WRITE_OVERFLOW
+
+KINDS = jkv.kinds()
+SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=32, dtype=jnp.float32)
+TOL = {"bf16": 2e-2, "q8": 3e-2, "fp8": 8e-2}
+
+
+def tol(kind):
+    return next((v for k, v in TOL.items() if kind.startswith(k)), 1e-5)
+
+
+def filled(kind, rng, lengths, poison=True):
+    """A cache whose committed positions hold random K/V and whose others hold NaN."""
+    paged = jkv.caches.kind(kind).paged
+    cache = jkv.make_cache(kind, SPEC, len(lengths), **({"page_size": 8} if paged else {}))
+    if poison:  # every stored position NaN first: nothing past the lengths may be read
+        nan = jnp.full((len(lengths), 2, 32, 64), jnp.nan)
+        cache = cache.begin(32)
+        for layer in range(2):
+            cache = cache.write(layer, nan, nan)
+        cache = cache.commit().rollback(0)
+    k = jnp.asarray(rng.standard_normal((2, len(lengths), 2, 32, 64)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, len(lengths), 2, 32, 64)), jnp.float32)
+    cache = cache.begin(jnp.asarray(lengths, jnp.int32))
+    for layer in range(2):
+        cache = cache.write(layer, k[layer], v[layer])
+    return cache.commit()
+
+
+def step_reference(q, cache, layer, counts):
+    """float64 NumPy over the cache's own decoded values (the format's rounding is the cache's, not attention's)."""
+    k, v = (np.asarray(x, np.float64) for x in cache.layer(layer, jnp.float32))
+    lengths = np.asarray(cache.lengths)
+    t = q.shape[1]
+    pos = np.where(np.arange(t)[None] < np.asarray(counts)[:, None], lengths[:, None] + np.arange(t)[None], -1)
+    k, v = np.nan_to_num(k), np.nan_to_num(v)
+    return attention_f64(q, k, v, pos)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("t", [1, 4])
+def test_attend_write_matches_float64(rng, kind, impl, t):
+    if impl == "pallas" and t > 1:
+        pytest.skip("T > 1 runs the XLA reference on every impl")
+    cache = filled(kind, rng, [5, 0, 17])
+    counts = jnp.asarray([t, max(t - 1, 1), 0 if t > 1 else 1], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, t, 8, 64)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((3, 2, t, 64)), jnp.float32) for _ in range(2))
+    cache = cache.begin(counts)
+    out, cache = jkv.attend_write(q, k, v, cache, 1, impl=impl)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    want = step_reference(np.asarray(q, np.float64), cache, 1, counts)
+    live = np.arange(t)[None] < np.asarray(counts)[:, None]
+    assert rel_err(np.asarray(out)[live], want[live]) < tol(kind)
+    np.testing.assert_array_equal(np.asarray(out)[~live], 0.0)
+    again = jkv.attend(q, cache, 1, impl=impl)
+    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_impls_agree_and_bad_layer_is_nan(rng, kind):
+    cache = filled(kind, rng, [3, 9]).begin(1)
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 64)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 2, 1, 64)), jnp.float32)
+    outs = {impl: jkv.attend_write(q, x, x, cache, 0, impl=impl)[0] for impl in ("xla", "pallas")}
+    assert rel_err(outs["pallas"], outs["xla"]) < tol(kind)
+    for impl in ("xla", "pallas"):
+        out, bad = jax.jit(lambda c, i, impl=impl: jkv.attend_write(q, x, x, c, i, impl=impl))(cache, jnp.int32(-1))
+        assert np.isnan(np.asarray(out)).all()
+        np.testing.assert_array_equal(bad.errors, [ERR_BAD_LAYER] * 2)
+    with pytest.raises(ValueError, match="layer=2 out of range"):
+        jkv.attend(q, cache, 2)
+
+
+def test_reference_is_the_same_call(rng):
+    cache = filled("q8", rng, [4, 6]).begin(jnp.asarray([2, 1]))
+    q = jnp.asarray(rng.standard_normal((2, 2, 4, 64)), jnp.float32)
+    np.testing.assert_array_equal(
+        jkv.attend(q, cache, 0, impl="xla"),
+        jnp.where(
+            (jnp.arange(2)[None] < cache.counts[:, None])[:, :, None, None], jkv.attend_reference(q, cache, 0), 0
+        ),
+    )
+
+
+def test_attention_errors(rng):
+    cache = filled("f32", rng, [1, 1], poison=False).begin(1)
+    with pytest.raises(ValueError, match=r"q must have shape \[B, T, N, D\]"):
+        jkv.attend(jnp.zeros((2, 4, 64)), cache, 0)
+    with pytest.raises(ValueError, match="num_q_heads=3 must be a positive multiple"):
+        jkv.attend(jnp.zeros((2, 1, 3, 64)), cache, 0)
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        jkv.attend(jnp.zeros((2, 1, 4, 64)), cache, 0, impl="cuda")
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f32", "q8", "paged"])
+def test_attend_write_equals_write_then_attend(rng, kind):
+    """``jkv.attend_write`` on the Pallas path (interpret mode here): the same output, cache contents, lengths and
+    error bits as ``cache.write`` then ``jkv.attend``; a sequence whose cache is full gets count 0 at ``begin``
+    (ERR_WRITE_OVERFLOW), its positions stay as they were and its output is zero. Contiguous plain caches take
+    the fused append kernel."""
+    dtype = jnp.float32 if kind == "f32" else jnp.bfloat16
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=48, dtype=dtype)
+    options = {"page_size": 16, "num_pages": 12} if kind == "paged" else {}
+    rand = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    cache = jkv.make_cache(kind, spec, 3, **options).begin(48)
+    for layer in range(2):
+        cache = cache.write(layer, rand(3, 2, 48, 64), rand(3, 2, 48, 64))
+    cache = cache.commit().rollback(jnp.asarray([47, 48, 16]))  # sequence 1 is full: its step is refused
+    q, k_new, v_new = rand(3, 1, 8, 64).astype(dtype), rand(3, 2, 1, 64), rand(3, 2, 1, 64)
+    step = jax.jit(lambda c: jkv.attend_write(q, k_new, v_new, c.begin(1), 1, impl="pallas"))
+    out, got = step(cache)
+    written = jax.jit(lambda c: c.begin(1).write(1, k_new, v_new))(cache)  # under jit: the full one is flagged
+    want = jkv.attend(q, written, 1, impl="pallas")
+    assert rel_err(out.astype(jnp.float32), want.astype(jnp.float32)) < 1e-6
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+    np.testing.assert_array_equal(got.errors, [0, ERR_WRITE_OVERFLOW, 0])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(written), strict=True):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    if kind in ("bf16", "f32"):
+        assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(cache))
