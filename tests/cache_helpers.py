@@ -1,10 +1,20 @@
-"""Helpers shared by the cache and attention tests: each format's stated error bound, in float64 NumPy."""
+"""Helpers shared by the cache and attention tests: each format's stated error bound, in float64 NumPy, and the
+cache operations jitted once (one compilation per cache type and shape, as a decode loop runs them)."""
 
+import jax
 import numpy as np
 
 import jkv
 
 BLOCK = 32
+
+_write = jax.jit(lambda c, layer, k, v: c.write(layer, k, v))
+_begin = jax.jit(lambda c, n: c.begin(n))
+_commit = jax.jit(lambda c: c.commit())
+_rollback = jax.jit(lambda c, n: c.rollback(n))
+_reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
+_fork = jax.jit(lambda c, src, dst: c.fork(src, dst))
+_insert = jax.jit(lambda c, i, single: c.insert_into_slot(i, single))
 
 
 def hadamard_f64(x):

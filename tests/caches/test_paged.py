@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cache_helpers import _begin, _commit, _fork, _insert, _reset_slot, _rollback, _write
 from conftest import REL_TOL, rel_err
 from reference import attention_f64, decode_attention_f64
 
@@ -20,15 +21,8 @@ from jkv.caches import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, ERR_WRITE_OVERFLOW, NO_
 SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, max_len=32, dtype=jnp.float32)
 PAGE = 8
 
-# Operations run jitted (one compilation per cache type and shape, as a decode loop runs them), which also keeps
+# Operations run jitted (tests/cache_helpers.py: one compilation per cache type and shape), which also keeps
 # this file fast on a 2-core CPU; the eager host-side path and its errors are tested in test_errors_eager.
-_write = jax.jit(lambda c, layer, k, v: c.write(layer, k, v))
-_begin = jax.jit(lambda c, n: c.begin(n))
-_commit = jax.jit(lambda c: c.commit())
-_rollback = jax.jit(lambda c, n: c.rollback(n))
-_reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
-_fork = jax.jit(lambda c, src, dst: c.fork(src, dst))
-_insert = jax.jit(lambda c, i, single: c.insert_into_slot(i, single))
 _flat = jax.jit(lambda c: c.to_contiguous())
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cache_helpers import _begin, _commit, _fork, _insert, _reset_slot, _rollback, _write
 from conftest import REL_TOL, rel_err
 from kernel_inputs import KERNEL_TOL, q8_pools
 from reference import attention_f64, decode_attention_f64
@@ -26,13 +27,6 @@ ON_GPU = backend.gpu_backend() == backend.TRITON
 SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=32, max_len=32, dtype=jnp.float32)
 PAGE = 8
 
-_write = jax.jit(lambda c, layer, k, v: c.write(layer, k, v))
-_begin = jax.jit(lambda c, n: c.begin(n))
-_commit = jax.jit(lambda c: c.commit())
-_rollback = jax.jit(lambda c, n: c.rollback(n))
-_reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
-_fork = jax.jit(lambda c, src, dst: c.fork(src, dst))
-_insert = jax.jit(lambda c, i, single: c.insert_into_slot(i, single))
 _insert_shared = jax.jit(lambda c, i, single, pages, n: c.insert_into_slot(i, single, prefix=(pages, n)))
 _pin = jax.jit(lambda c, i, n: c.pin(i, n))
 _unpin = jax.jit(lambda c, pages: c.unpin(pages))
