@@ -3,8 +3,9 @@
 import numpy as np
 
 
-def attention_f64(q, k, v, q_positions, scale=None):
-    """q [B, T, N, D]; k, v [B, K, S, D]; query (b, t) attends positions 0..q_positions[b, t]. float64."""
+def attention_f64(q, k, v, q_positions, scale=None, window=None, softcap=None):
+    """q [B, T, N, D]; k, v [B, K, S, D]; query (b, t) attends positions 0..q_positions[b, t] (the last
+    ``window`` of them); scores capped as softcap * tanh(s / softcap). float64."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, d = q.shape
     kh = k.shape[1]
@@ -16,11 +17,14 @@ def attention_f64(q, k, v, q_positions, scale=None):
             upto = int(q_positions[bi, ti]) + 1
             if upto <= 0:
                 continue
+            lo = 0 if window is None else max(0, upto - window)
             for h in range(n):
                 kv = h // g
-                s = k[bi, kv, :upto] @ q[bi, ti, h] * scale
+                s = k[bi, kv, lo:upto] @ q[bi, ti, h] * scale
+                if softcap is not None:
+                    s = softcap * np.tanh(s / softcap)
                 p = np.exp(s - s.max())
-                out[bi, ti, h] = p @ v[bi, kv, :upto] / p.sum()
+                out[bi, ti, h] = p @ v[bi, kv, lo:upto] / p.sum()
     return out
 
 
