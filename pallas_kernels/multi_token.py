@@ -20,8 +20,9 @@ The kernel (Triton lowering on GPU, interpret mode elsewhere; ``pallas_kernels.b
 * Q8 and FP8 caches are dequantized inside the products: scores of each 32-value Q8 chunk are weighted by its
   K scales, probabilities by the V scales (FP8: one scale per position, applied to the whole row).
 
-Launch parameters: ``pallas_kernels.multi_token_args.multi_token_config``. Public functions for the paged
-layout: ``pallas_kernels.multi_token_paged``.
+Launch parameters: ``pallas_kernels.multi_token_args.multi_token_config``. The other kinds' public functions:
+``pallas_kernels.multi_token_paged`` (paged Plain), ``pallas_kernels.multi_token_quant`` (Q8 and FP8, both
+layouts).
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jaxtyping import Array, Float, Int, Int8
+from jaxtyping import Array, Float, Int
 
 from pallas_kernels import backend, common, decode_q8, formats
 from pallas_kernels.common import MIN_BLOCK
-from pallas_kernels.multi_token_args import MultiTokenConfig, check_args, check_fp8_pair, check_pairs, check_q8_pair
-from pallas_kernels.multi_token_args import multi_token_config, resolve_config, tile_rows
+from pallas_kernels.multi_token_args import (
+    MultiTokenConfig,
+    check_args,
+    multi_token_config,
+    resolve_config,
+    tile_rows,
+)
 
 PLAIN, Q8, FP8 = "plain", "q8", "fp8"
 
@@ -233,7 +239,7 @@ def multi_token_kernel(
     )
     carry = lax.fori_loop(lo, full_lo, lambda j, c: attend(j, c, True), carry)
     carry = lax.fori_loop(full_lo, full_hi, lambda j, c: attend(j, c, False), carry)
-    m, denom, *acc = lax.fori_loop(full_hi, hi, lambda j, c: attend(j, c, True), carry)
+    _, denom, *acc = lax.fori_loop(full_hi, hi, lambda j, c: attend(j, c, True), carry)
     inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
     for c in range(chunks):
         backend.store(o_ref.at[rows_at(c)], (acc[c] * inv[:, None]).astype(o_ref.dtype), mask=tile_ok)
@@ -369,57 +375,3 @@ def multi_token_attention(
     dims = check_args(q, k, v, q_starts, lengths, counts, **options)
     return run(q, (k, v), None, q_starts, lengths, counts, dims, fmt=PLAIN, scale=scale, config=config,
                interpret=interpret, **options)  # fmt: skip
-
-
-def _quantized(fmt, check, q, k, k_scale, v, v_scale, q_starts, lengths, counts, **options):
-    k_vals, v_vals = check_pairs(check, k, k_scale, v, v_scale)
-    keys = ("layer", "window", "softcap")
-    dims = check_args(q, k_vals, v_vals, q_starts, lengths, counts, **{n: options[n] for n in keys})
-    return run(q, (k, k_scale, v, v_scale), None, q_starts, lengths, counts, dims, fmt=fmt, **options)
-
-
-def q8_multi_token_attention(
-    q: Float[Array, "T N D"],
-    k: Int8[Array, "*L B K S D"],
-    k_scale: Float[Array, "*L B K S D//32"],
-    v: Int8[Array, "*L B K S D"],
-    v_scale: Float[Array, "*L B K S D//32"],
-    q_starts: Int[Array, " B"],
-    lengths: Int[Array, " B"],
-    counts: Int[Array, " B"],
-    *,
-    layer=None,
-    scale: float | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    config: MultiTokenConfig | None = None,
-    interpret: bool | None = None,
-) -> Float[Array, "T N D"]:
-    """:func:`multi_token_attention` over a Q8 cache (int8 codes, one float16/float32 scale per 32 values along
-    ``D``), dequantized inside the products. Products in ``q``'s dtype (bf16 / f16; float32 for a float32
-    ``q``, tf32 on the GPU). The cache is in its stored basis: a rotated cache's caller rotates q and the output."""
-    options = dict(layer=layer, scale=scale, window=window, softcap=softcap, config=config, interpret=interpret)
-    return _quantized(Q8, check_q8_pair, q, k, k_scale, v, v_scale, q_starts, lengths, counts, **options)
-
-
-def fp8_multi_token_attention(
-    q: Float[Array, "T N D"],
-    k: Float[Array, "*L B K S D"],
-    k_scale: Float[Array, "*L B K S 1"],
-    v: Float[Array, "*L B K S D"],
-    v_scale: Float[Array, "*L B K S 1"],
-    q_starts: Int[Array, " B"],
-    lengths: Int[Array, " B"],
-    counts: Int[Array, " B"],
-    *,
-    layer=None,
-    scale: float | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    config: MultiTokenConfig | None = None,
-    interpret: bool | None = None,
-) -> Float[Array, "T N D"]:
-    """:func:`multi_token_attention` over an FP8 cache (float8_e4m3fn values, one float32 scale per position and
-    kv head), dequantized inside the products (products in ``q``'s dtype as for the Q8 kernel)."""
-    options = dict(layer=layer, scale=scale, window=window, softcap=softcap, config=config, interpret=interpret)
-    return _quantized(FP8, check_fp8_pair, q, k, k_scale, v, v_scale, q_starts, lengths, counts, **options)
