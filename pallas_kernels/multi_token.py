@@ -120,8 +120,8 @@ def multi_token_kernel(
     counts_ref,  # [B] int32
     layer_ref,  # [1] int32
     # then: tables [B, M] int32 (paged only); q [T, N, D]; the cache's arrays, whole: k, v [L, B, K, S, D]
-    # (paged: [L, P, K, page_size, D]), or k, k_scale, v, v_scale for Q8 / FP8; zeros [T, N, D];
-    # outputs: o [T, N, D] (aliased to the zeros: rows no tile stores stay 0)
+    # (paged: [L, P, K, page_size, D]), or k, k_scale, v, v_scale for Q8 / FP8; zeros [T + spare, N, D];
+    # outputs: o [T + spare, N, D] (aliased to the zeros: rows no tile stores stay 0; spare = rows // G + 1)
     *refs,
     paged: bool,
     fmt: str,
@@ -165,13 +165,16 @@ def multi_token_kernel(
     row_ok = tok < n_q
     row_pos = p_first + jnp.minimum(tok, jnp.maximum(n_q - 1, 0))  # padding rows mirror the last query
     q_row = jnp.clip(q_starts_ref[b] + first + tok, 0, tokens - 1)
+    # Rows without a query store (masked) into spare rows past T: no element is named twice in one store (which
+    # interpret mode would resolve arbitrarily).
+    o_row = jnp.where(row_ok, q_row, tokens + tok)
     head = h * group + r % group
     tile_ok = jnp.broadcast_to(row_ok[:, None], (rows, chunk))
 
-    def rows_at(c):  # the tile's elements of q / o in columns [c * chunk, (c + 1) * chunk)
-        return q_row[:, None], head[:, None], c * chunk + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+    def rows_at(row, c):  # the tile's elements of q / o in columns [c * chunk, (c + 1) * chunk)
+        return row[:, None], head[:, None], c * chunk + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
 
-    qs = [backend.load(q_ref.at[rows_at(c)], mask=tile_ok, other=0).astype(dot_dtype) for c in range(chunks)]
+    qs = [backend.load(q_ref.at[rows_at(q_row, c)], mask=tile_ok, other=0).astype(dot_dtype) for c in range(chunks)]
 
     def column(ref, address, c):  # one scale per position: [bk] float32
         return blocks.load(ref, layer, address, h, c).astype(jnp.float32)
@@ -242,7 +245,7 @@ def multi_token_kernel(
     _, denom, *acc = lax.fori_loop(full_hi, hi, lambda j, c: attend(j, c, True), carry)
     inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
     for c in range(chunks):
-        backend.store(o_ref.at[rows_at(c)], (acc[c] * inv[:, None]).astype(o_ref.dtype), mask=tile_ok)
+        backend.store(o_ref.at[rows_at(o_row, c)], (acc[c] * inv[:, None]).astype(o_ref.dtype), mask=tile_ok)
 
 
 def tile_table(counts: Int[Array, " B"], block_q: int, num_tiles: int) -> Int[Array, "2 NT"]:
@@ -292,20 +295,22 @@ def _launch(q, cache, tables, q_starts, lengths, counts, layer, *, fmt, scale, w
         precision=precision,
     )
     inputs = [tiles, q_starts, lengths, counts, layer, *([] if tables is None else [tables]), q, *cache]
-    inputs.append(jnp.zeros_like(q))
+    out_shape = (tokens + tile_rows(config.block_q, group) // group + 1, num_heads, head_dim)
+    inputs.append(jnp.zeros(out_shape, q.dtype))
     name = f"jkv_multi_token_{fmt}" + ("_paged" if tables is not None else "")
-    return backend.pallas_call(
+    out = backend.pallas_call(
         kernel,
         interpret=interpret,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         grid=grid,
         in_specs=[common.whole(x.shape) for x in inputs],
-        out_specs=common.whole(q.shape),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=common.whole(out_shape),
+        out_shape=jax.ShapeDtypeStruct(out_shape, q.dtype),
         input_output_aliases={len(inputs) - 1: 0},
         name=name,
     )(*inputs)
+    return out[:tokens]
 
 
 def run(
