@@ -1,6 +1,7 @@
 """Pallas GPU kernels for decode and multi-token attention and the decoder's norm, taking and returning plain
-arrays (no dependency on ``jkv``). Each kernel has a pure-``jnp`` reference with its signature in ``pallas_kernels.reference``;
-``pallas_kernels.backend`` is the one place that picks Mosaic GPU, Triton or interpret mode."""
+arrays (no dependency on ``jkv``). Each kernel has a pure-``jnp`` reference with its signature in
+``pallas_kernels.reference``; ``pallas_kernels.backend`` is the one place that picks Mosaic GPU, Triton or
+interpret mode."""
 
 from pallas_kernels.common import DecodeConfig, decode_config, merge_partials
 from pallas_kernels.decode import decode_attention, decode_attention_append

@@ -107,11 +107,6 @@ class PagedBlocks:
 # ----------------------------------------------------------------------------------------------- kernel
 
 
-def _dot(a, b, trans_b: bool, precision):
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
 def multi_token_kernel(
     # inputs
     tiles_ref,  # [2, NT] int32: each tile's sequence (-1: no tile) and its first query within the sequence
@@ -183,7 +178,7 @@ def multi_token_kernel(
         s = 0.0
         for c in range(chunks):
             k = blocks.load(k_ref, layer, address, h, pl.ds(c * chunk, chunk)).astype(dot_dtype)  # [bk, W]
-            part = _dot(qs[c], k, True, precision)
+            part = common.dot(qs[c], k, trans_b=True, precision=precision)
             s = s + (part * column(ks_ref, address, c)[None, :] if fmt == Q8 else part)
         if fmt == FP8:
             s = s * column(ks_ref, address, 0)[None, :]
@@ -202,7 +197,7 @@ def multi_token_kernel(
                 pc = p * (v_scale if keep is None else jnp.where(keep, v_scale, 0.0))[None, :]
             elif keep is not None:
                 v = jnp.where(keep[:, None], v, jnp.zeros_like(v))  # unread positions may hold NaN: 0 * NaN
-            out.append(_dot(pc.astype(dot_dtype), v, False, precision))
+            out.append(common.dot(pc.astype(dot_dtype), v, precision=precision))
         return out
 
     k_lo = 0 if window is None else jnp.maximum(p_first - window + 1, 0)  # the first query's window start
@@ -243,7 +238,7 @@ def multi_token_kernel(
     carry = lax.fori_loop(lo, full_lo, lambda j, c: attend(j, c, True), carry)
     carry = lax.fori_loop(full_lo, full_hi, lambda j, c: attend(j, c, False), carry)
     _, denom, *acc = lax.fori_loop(full_hi, hi, lambda j, c: attend(j, c, True), carry)
-    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    inv = common.inverse_or_zero(denom)
     for c in range(chunks):
         backend.store(o_ref.at[rows_at(o_row, c)], (acc[c] * inv[:, None]).astype(o_ref.dtype), mask=tile_ok)
 

@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import common, formats
+from pallas_kernels import common, decode_q8, formats
 from pallas_kernels.common import MIN_BLOCK, NUM_WARPS
 
 MAX_HEAD_DIM = 256  # the query tile and the accumulator of 128 rows x 256 columns fill a program's registers
-SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
 class Dims(NamedTuple):
@@ -109,17 +108,9 @@ def resolve_config(config, default: MultiTokenConfig, head_dim: int, itemsize: i
 
 
 def check_q8_pair(name: str, codes, scales) -> jax.ShapeDtypeStruct:
-    """``codes`` int8 ``[..., D]`` and ``scales [..., D // 32]`` float16/float32; a stand-in of the values."""
-    if getattr(codes, "dtype", None) != jnp.int8:
-        raise TypeError(f"{name} codes must be int8, got {getattr(codes, 'dtype', type(codes).__name__)}")
-    if getattr(scales, "dtype", None) not in SCALE_DTYPES:
-        raise TypeError(f"{name} scales must be float16 or float32, got {getattr(scales, 'dtype', None)}")
-    d = codes.shape[-1] if codes.ndim else 0
-    if codes.ndim == 0 or d % formats.Q8_BLOCK or scales.shape != (*codes.shape[:-1], d // formats.Q8_BLOCK):
-        raise ValueError(
-            f"{name}: codes.shape={codes.shape} and scales.shape={scales.shape} do not form a Q8 pair "
-            f"(D a multiple of {formats.Q8_BLOCK}, scales of shape codes.shape[:-1] + (D // {formats.Q8_BLOCK},))"
-        )
+    """``codes`` int8 ``[..., D]`` and ``scales [..., D // 32]`` float16/float32 (``decode_q8.check_q8``); a
+    stand-in of the values."""
+    decode_q8.check_q8(name, codes, scales)
     return jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
 
 
