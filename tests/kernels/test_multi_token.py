@@ -172,7 +172,7 @@ def test_long_prefill_allocates_nothing_like_t_by_s():
     memory = fn.lower(q, k, k, one, one, one).compile().memory_analysis()
     temp = memory.temp_size_in_bytes
     io = 4 * tokens * 2 * 64 * 2  # q, k, v and the output
-    assert temp < 8 * io < tokens * tokens * 4 // 100, temp
+    assert temp < 4 * io and temp < tokens * tokens * 4 // 64, temp  # a T x S float32 matrix is 4 GiB
 
 
 @pytest.mark.gpu
