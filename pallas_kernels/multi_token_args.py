@@ -65,7 +65,8 @@ def multi_token_config(
     ``block_q`` tokens so that a tile has about 128 rows (64 where a row is wider than 256 bytes of K: head_dim
     256, or float32), never more than ``max_count`` (the most queries a sequence brings, when the caller knows
     it: speculative verification's T = 5 needs no 128-row tile); ``block_k`` 64 keys, no more than ``max_len``;
-    8 warps for tiles of 128 rows and more, else 4; stages capped by shared memory. ``dtype`` is the dtype of
+    8 warps for tiles of 128 x 128 floats and more (the accumulator), else 4; up to 3 stages, capped by shared
+    memory. ``dtype`` is the dtype of
     the stored K/V values (int8 / float8 for Q8 / FP8 caches).
     """
     group = num_q_heads // num_kv_heads
@@ -77,7 +78,7 @@ def multi_token_config(
     block_k = 64
     if max_len is not None:
         block_k = max(MIN_BLOCK, min(block_k, common.pow2_floor(max(max_len, MIN_BLOCK))))
-    num_warps = 8 if tile_rows(block_q, group) >= 128 else 4
+    num_warps = 8 if tile_rows(block_q, group) * head_dim >= 128 * 128 else 4
     num_stages = max(1, min(3, common.max_stages(block_k, head_dim, itemsize)))
     return MultiTokenConfig(block_q, block_k, num_warps, num_stages)
 
