@@ -5,6 +5,9 @@ anything, NaN included.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Int8
@@ -193,7 +196,6 @@ def _multi_token(q, k, v, q_starts, lengths, counts, *, scale, window, softcap):
     of a sequence reads never reaches the output."""
     t, n, d = q.shape
     _, kh, s, _ = k.shape
-    q_starts, lengths, counts = (jnp.asarray(x).astype(jnp.int32) for x in (q_starts, lengths, counts))
     rows = jnp.arange(t)
     inside = (rows[None, :] >= q_starts[:, None]) & (rows[None, :] < (q_starts + counts)[:, None])  # (B, T)
     owned, owner = inside.any(axis=0), jnp.argmax(inside, axis=0)
@@ -219,31 +221,32 @@ def _multi_token(q, k, v, q_starts, lengths, counts, *, scale, window, softcap):
     return out.reshape(t, n, d).astype(q.dtype)
 
 
-def _multi_token_values(arrays, block_tables, layer, dequantize_fn):
-    """One layer's K and V values, contiguous ``[B, K, S, D]`` float32: pages gathered, quantized ones decoded."""
+@functools.partial(jax.jit, static_argnames=("fmt", "scale", "window", "softcap"))
+def _multi_token_values(q, arrays, block_tables, layer, q_starts, lengths, counts, *, fmt, scale, window, softcap):
+    """One layer's K and V values (pages gathered, quantized ones decoded to float32), then the step: compiled
+    once rather than run op by op."""
     if arrays[0].ndim == 5:
         arrays = tuple(x[layer] for x in arrays)
     if block_tables is not None:
-        arrays = tuple(gather_pages(x, jnp.asarray(block_tables)) for x in arrays)
-    if dequantize_fn is None:
-        return arrays
-    k, k_scale, v, v_scale = arrays
-    return dequantize_fn(k, k_scale, jnp.float32), dequantize_fn(v, v_scale, jnp.float32)
+        arrays = tuple(gather_pages(x, block_tables) for x in arrays)
+    if fmt != "plain":
+        decode_fn = formats.dequantize_q8 if fmt == "q8" else formats.dequantize_fp8
+        k, k_scale, v, v_scale = arrays
+        arrays = decode_fn(k, k_scale, jnp.float32), decode_fn(v, v_scale, jnp.float32)
+    return _multi_token(q, *arrays, q_starts, lengths, counts, scale=scale, window=window, softcap=softcap)
 
 
 def _multi_token_reference(fmt, q, arrays, block_tables, q_starts, lengths, counts, layer, scale, window, softcap):
     checks = dict(layer=layer, window=window, softcap=softcap, block_tables=block_tables)
     if fmt == "plain":
         check_multi_token(q, *arrays, q_starts, lengths, counts, **checks)
-        decode_fn = None
     else:
-        pair_check, decode_fn = {
-            "q8": (check_q8_pair, formats.dequantize_q8),
-            "fp8": (check_fp8_pair, formats.dequantize_fp8),
-        }[fmt]
+        pair_check = check_q8_pair if fmt == "q8" else check_fp8_pair
         check_multi_token(q, *check_pairs(pair_check, *arrays), q_starts, lengths, counts, **checks)
-    k, v = _multi_token_values(arrays, block_tables, layer, decode_fn)
-    return _multi_token(q, k, v, q_starts, lengths, counts, scale=scale, window=window, softcap=softcap)
+    ints = lambda x: None if x is None else jnp.asarray(x).astype(jnp.int32)
+    step = (ints(block_tables), ints(0 if layer is None else layer), ints(q_starts), ints(lengths), ints(counts))
+    options = dict(fmt=fmt, scale=None if scale is None else float(scale), window=window, softcap=softcap)
+    return _multi_token_values(q, tuple(arrays), *step, **options)
 
 
 def multi_token_attention_reference(
