@@ -318,6 +318,7 @@ def run(
     itemsize = jnp.dtype(cache[0].dtype).itemsize
     default = multi_token_config(dims.num_heads, dims.kv_heads, dims.head_dim, cache[0].dtype, max_len=dims.max_len)
     config = resolve_config(config, default, dims.head_dim, itemsize)
+    config = config._replace(block_q=max(1, min(config.block_q, dims.tokens)))  # no tile longer than the batch
     if block_tables is None and config.block_k > max(dims.max_len, MIN_BLOCK):
         raise ValueError(
             f"config.block_k={config.block_k} must be <= max(S, {MIN_BLOCK})={max(dims.max_len, MIN_BLOCK)}"
@@ -364,7 +365,10 @@ def multi_token_attention(
     (``[B, K, S, D]``, or a whole ``[L, B, K, S, D]`` cache with ``layer``, an int or a traced int32 scalar),
     which already hold the step's new K/V. ``softcap`` c: scores ``c * tanh(scale * q.k / c)``. ``scale``
     defaults to ``D ** -0.5``. Rows no sequence owns come out 0; positions no query reads may hold anything,
-    NaN included. ``config`` overrides ``multi_token_config``; ``interpret=None`` runs interpret mode off GPU.
+    NaN included. ``config`` overrides ``multi_token_config`` (pass ``multi_token_config(..., max_count=...)``
+    when every sequence brings few queries, as in speculative verification); ``interpret=None`` runs interpret
+    mode off GPU. The padded form ``q [B, Tpad, N, D]`` is ``q.reshape(B * Tpad, N, D)`` with
+    ``q_starts = b * Tpad``.
 
     Example (a prompt of 5 tokens after 3 cached ones, and one decode token of another sequence)::
 

@@ -137,32 +137,31 @@ def test_bad_arguments_raise(bad, fn):
         multi_token.multi_token_attention(*args, **options, interpret=True)
 
 
-def test_kinds_lower_through_triton():
+LOWERED = {"plain": (jnp.bfloat16,), "q8": (jnp.int8, jnp.float16), "fp8": (jnp.float8_e4m3fn, jnp.float32)}
+
+
+@pytest.mark.parametrize(
+    "fmt,paged,group,head_dim",
+    [(f, p, 4, 128) for f in LOWERED for p in (False, True)] + [("plain", False, 3, 96), ("q8", True, 8, 256)],
+)
+def test_kinds_lower_through_triton(fmt, paged, group, head_dim):
     """Every (layout, format) kind, with a window and softcap, lowers to a Triton kernel (no GPU needed), and the
     whole cache goes in whole: no copy of a layer in the HLO."""
     sds = jax.ShapeDtypeStruct
     ints = lambda *s: sds(s, jnp.int32)
-    tokens, batch, kv_heads, max_len, head_dim = 64, 3, 2, 256, 128
-    q = sds((tokens, 8, head_dim), jnp.bfloat16)
-    caches = {
-        "plain": (jnp.bfloat16,),
-        "q8": (jnp.int8, jnp.float16),
-        "fp8": (jnp.float8_e4m3fn, jnp.float32),
-    }
-    for fmt, dtypes in caches.items():
-        for paged in (False, True):
-            lead = (2, 40, kv_heads, 16) if paged else (2, batch, kv_heads, max_len)
-            widths = (head_dim, head_dim // 32 if fmt == "q8" else 1)
-            arrays = tuple(sds((*lead, w), dt) for dt, w in zip(dtypes, widths, strict=False))
-            cache = arrays * 2
-            tables = ints(batch, 16) if paged else None
-            traced = multi_token._launch.trace(
-                q, cache, tables, ints(batch), ints(batch), ints(batch), ints(1), fmt=fmt, scale=0.1, window=100,
-                softcap=30.0, config=MultiTokenConfig(8, 32, 4, 2), interpret=False,
-            )  # fmt: skip
-            text = traced.lower(lowering_platforms=("cuda",)).as_text()
-            assert "xla.gpu.triton" in text, (fmt, paged)
-            assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}x" not in text, (fmt, paged)
+    tokens, batch, kv_heads, max_len = 64, 3, 2, 256
+    q = sds((tokens, kv_heads * group, head_dim), jnp.bfloat16)
+    lead = (2, 40, kv_heads, 16) if paged else (2, batch, kv_heads, max_len)
+    widths = (head_dim, head_dim // 32 if fmt == "q8" else 1)
+    cache = tuple(sds((*lead, w), dt) for dt, w in zip(LOWERED[fmt], widths, strict=False)) * 2
+    tables = ints(batch, 16) if paged else None
+    traced = multi_token._launch.trace(
+        q, cache, tables, ints(batch), ints(batch), ints(batch), ints(1), fmt=fmt, scale=0.1, window=100,
+        softcap=30.0, config=MultiTokenConfig(8, 32, 4, 2), interpret=False,
+    )  # fmt: skip
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+    assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}x" not in text
 
 
 def test_long_prefill_allocates_nothing_like_t_by_s():
