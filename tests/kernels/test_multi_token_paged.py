@@ -19,7 +19,7 @@ from reference import multi_token_attention_f64
 
 from pallas_kernels import backend, formats, multi_token_paged, multi_token_quant, reference
 from pallas_kernels.multi_token import multi_token_attention
-from pallas_kernels.multi_token_args import MultiTokenConfig
+from pallas_kernels.multi_token_args import MultiTokenConfig, multi_token_config
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -106,7 +106,8 @@ def run_case(rng, case, *, interpret, with_reference=False):
     )
     args = [jnp.asarray(q, dtype), *arrays, *tables, *(jnp.asarray(x) for x in step[1:4])]
     kernel, kernel_reference = KERNELS[fmt, page_size is not None]
-    options = dict(window=window, softcap=softcap, config=None if launch is None else MultiTokenConfig(*launch, 4, 1))
+    config = launch if launch is None or isinstance(launch, MultiTokenConfig) else MultiTokenConfig(*launch, 4, 1)
+    options = dict(window=window, softcap=softcap, config=config)
     if layers is not None and layers[1] == "traced":
         out = jax.jit(lambda *a: kernel(*a[:-1], layer=a[-1], **options))(*args, jnp.int32(1))
     else:
@@ -146,3 +147,36 @@ def test_table_entry_without_page_is_refused():
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernel_matches_float64_gpu(rng, case):
     run_case(rng, case, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
+def test_verification_t5_paged_gpu(rng):
+    """Speculative verification at a realistic shape: 8 sequences x 5 queries after 2048 positions, pages of 16,
+    32/8/128 bf16, the launch rule told the most queries a sequence brings."""
+    config = multi_token_config(32, 8, 128, jnp.bfloat16, max_count=5)
+    case = ("verify", 16, "plain", None, 8, 4, 128, 2064, "bfloat16", (5,) * 8, (2048,) * 8, None, None, None, config)
+    run_case(rng, case, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
+def test_prefill_chunk_paged_gpu(rng):
+    """A 512-token chunk after 7680 cached positions through a permuted table of 16-position pages (bf16,
+    32/8/128); a spread of its rows against float64."""
+    cached, chunk, page_size, kv_heads, group, head_dim = 7680, 512, 16, 8, 4, 128
+    step = make_step(rng, [chunk], [cached])
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    q = bf(rng.standard_normal((step.tokens, kv_heads * group, head_dim)))
+    k, v = (poisoned(bf(rng.standard_normal((1, kv_heads, cached + chunk, head_dim))), step) for _ in "kv")
+    tables, owned, num_pages = page_table(rng, step, page_size, (cached + chunk) // page_size)
+    pools = [jnp.asarray(paginate(x, tables, owned, num_pages, page_size), jnp.bfloat16) for x in (k, v)]
+    ints = lambda x: jnp.asarray(x, jnp.int32)
+    out = multi_token_paged.paged_multi_token_attention(
+        jnp.asarray(q, jnp.bfloat16), *pools, ints(tables), *(ints(x) for x in step[1:4]), interpret=False
+    )
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    start = int(step.q_starts[0])
+    picks = np.arange(0, chunk, 37)
+    one = lambda i: multi_token_attention_f64(q[start + i : start + i + 1], k, v, [0], [cached + i], [1])[0]
+    assert rel_err(out[start + picks], np.stack([one(i) for i in picks])) < KERNEL_TOL["bfloat16"]
