@@ -27,8 +27,9 @@ class Step(NamedTuple):
         return owned
 
 
-def make_step(rng, counts, lengths, window=None) -> Step:
-    """Rows of the sequences in a random order, with random gaps (padding rows) between and after them."""
+def make_step(rng, counts, lengths, window=None, tokens=None) -> Step:
+    """Rows of the sequences in a random order, with random gaps (padding rows) between and after them; ``tokens``
+    fixes T (at least the rows used)."""
     counts, lengths = np.asarray(counts, np.int32), np.asarray(lengths, np.int32)
     q_starts = np.zeros_like(counts)
     row = int(rng.integers(0, 3))
@@ -37,7 +38,17 @@ def make_step(rng, counts, lengths, window=None) -> Step:
         row += int(counts[b]) + int(rng.integers(0, 3))
     first = np.zeros_like(lengths) if window is None else np.maximum(lengths - window + 1, 0)
     first = np.where(counts > 0, first, lengths)  # a sequence without queries reads nothing
-    return Step(row, q_starts, lengths, counts, first)
+    assert tokens is None or tokens >= row, (tokens, row)
+    return Step(row if tokens is None else tokens, q_starts, lengths, counts, first)
+
+
+def random_counts(rng, batch: int, tokens: int, most: int, max_len: int):
+    """Counts in [0, most] (0 and 1 likely) that fit ``tokens`` rows with gaps, and lengths that fit ``max_len``."""
+    counts = rng.choice([0, 1, 2, most // 2, most], size=batch)
+    while counts.sum() + 2 * (batch + 1) > tokens:
+        counts[rng.integers(batch)] //= 2
+    lengths = rng.integers(0, max_len - counts + 1)
+    return counts, lengths
 
 
 def poisoned(x, step: Step) -> np.ndarray:
@@ -59,15 +70,16 @@ def whole_cache(x, layers):
     return cache
 
 
-def page_table(rng, step: Step, page_size: int, max_pages: int, spare: int = 3):
-    """A permuted table over ``num_pages`` pages: each page some query reads gets its own page; other entries are
-    -1 or name one of ``spare`` pages nobody owns (stale). Returns ``(tables, owned, num_pages)``, ``owned`` true
-    at the entries whose page holds the sequence's positions."""
+def page_table(rng, step: Step, page_size: int, max_pages: int, spare: int = 3, num_pages: int | None = None):
+    """A permuted table over ``num_pages`` pages (default: those read plus ``spare``): each page some query reads
+    gets its own page; other entries are -1 or name one of the pages nobody owns (stale). Returns
+    ``(tables, owned, num_pages)``, ``owned`` true at the entries whose page holds the sequence's positions."""
     batch = len(step.counts)
     read = [[j for j in range(max_pages) if j * page_size < step.ends[b] and (j + 1) * page_size > step.first[b]]
             for b in range(batch)]  # fmt: skip
     total = sum(len(r) for r in read)
-    num_pages = total + spare
+    num_pages = total + spare if num_pages is None else num_pages
+    assert num_pages > total, (num_pages, total)
     order = rng.permutation(num_pages)
     tables = np.where(rng.random((batch, max_pages)) < 0.5, -1, rng.choice(order[total:], (batch, max_pages)))
     owned = np.zeros((batch, max_pages), bool)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from kernel_inputs import KERNEL_TOL
-from multi_token_inputs import make_step, poisoned, whole_cache
+from multi_token_inputs import make_step, poisoned, random_counts, whole_cache
 from reference import multi_token_attention_f64
 
 from pallas_kernels import backend, multi_token, reference
@@ -74,6 +74,22 @@ def test_kernel_matches_float64_interpret(rng, case):
     layer = None if where is None else where[1]
     out = reference.multi_token_attention_reference(*args, layer=layer, window=window, softcap=softcap)
     assert rel_err(out.astype(jnp.float32), ref) < KERNEL_TOL[case[5]]
+
+
+def test_random_steps_one_launch(rng):
+    """Twenty random steps through one compiled launch (the step's values are traced): ragged counts with 0 and 1,
+    random lengths and row gaps, a window and softcap, tiles of 3 queries over 16-key blocks."""
+    tokens, batch, kv_heads, group, head_dim, max_len, window, softcap = 28, 4, 2, 2, 32, 64, 10, 20.0
+    config = MultiTokenConfig(3, 16, 4, 1)
+    for _ in range(20):
+        step = make_step(rng, *random_counts(rng, batch, tokens, 9, max_len), window, tokens)
+        q = rng.standard_normal((tokens, kv_heads * group, head_dim))
+        k, v = (poisoned(rng.standard_normal((batch, kv_heads, max_len, head_dim)), step) for _ in "kv")
+        ref = multi_token_attention_f64(q, k, v, *step[1:4], window=window, softcap=softcap)
+        args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [jnp.asarray(x, jnp.int32) for x in step[1:4]]
+        out = multi_token.multi_token_attention(*args, window=window, softcap=softcap, config=config, interpret=True)
+        np.testing.assert_array_equal(np.asarray(out)[~step.owned_rows()], 0.0)
+        assert rel_err(out, ref) < KERNEL_TOL["float32"], step
 
 
 def test_empty_token_batch(rng):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from kernel_inputs import KERNEL_TOL
-from multi_token_inputs import make_step, page_table, paginate, poisoned, whole_cache
+from multi_token_inputs import make_step, page_table, paginate, poisoned, random_counts, whole_cache
 from reference import multi_token_attention_f64
 
 from pallas_kernels import backend, formats, multi_token_paged, multi_token_quant, reference
@@ -126,6 +126,28 @@ def run_case(rng, case, *, interpret, with_reference=False):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernel_matches_float64_interpret(rng, case):
     run_case(rng, case, interpret=True, with_reference=True)
+
+
+def test_random_paged_steps_one_launch(rng):
+    """Fifteen random steps through one compiled paged launch: fresh permuted tables with stale entries, pages of
+    8 positions under 16-key blocks, a window that starts inside pages."""
+    tokens, batch, kv_heads, group, head_dim, page_size, max_pages, window = 24, 3, 1, 4, 32, 8, 8, 13
+    config = MultiTokenConfig(2, 16, 4, 1)
+    num_pages = batch * max_pages + 3  # a fixed pool shape: the launch compiles once
+    for _ in range(15):
+        step = make_step(rng, *random_counts(rng, batch, tokens, 8, page_size * max_pages), window, tokens)
+        q = rng.standard_normal((tokens, kv_heads * group, head_dim))
+        k, v = (poisoned(rng.standard_normal((batch, kv_heads, page_size * max_pages, head_dim)), step) for _ in "kv")
+        ref = multi_token_attention_f64(q, k, v, *step[1:4], window=window)
+        tables, owned, _ = page_table(rng, step, page_size, max_pages, num_pages=num_pages)
+        pools = [jnp.asarray(paginate(x, tables, owned, num_pages, page_size), jnp.float32) for x in (k, v)]
+        ints = lambda x: jnp.asarray(x, jnp.int32)
+        out = multi_token_paged.paged_multi_token_attention(
+            jnp.asarray(q, jnp.float32), *pools, ints(tables), *(ints(x) for x in step[1:4]), window=window,
+            config=config, interpret=True,
+        )  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(out)[~step.owned_rows()], 0.0)
+        assert rel_err(out, ref) < KERNEL_TOL["float32"], step
 
 
 def test_table_entry_without_page_is_refused():
