@@ -244,13 +244,15 @@ def multi_token_kernel(
 
 
 def tile_table(counts: Int[Array, " B"], block_q: int, num_tiles: int) -> Int[Array, "2 NT"]:
-    """Tiles of ``block_q`` queries in sequence order: row 0 the sequence (-1 past the live tiles), row 1 the
-    tile's first query within its sequence."""
+    """Tiles of ``block_q`` queries, last first (a sequence's later tiles read more keys: launched first, they
+    leave the short ones to fill the end): row 0 the sequence (-1 past the live tiles), row 1 the tile's first
+    query within its sequence."""
     per = -(-jnp.maximum(counts, 0) // block_q)  # tiles of each sequence
     ends = jnp.cumsum(per)
     i = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right"), counts.shape[0] - 1)
     live = i < ends[-1]
+    i = jnp.where(live, ends[-1] - 1 - i, i)
+    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right"), counts.shape[0] - 1)
     first = (i - (ends - per)[seq]) * block_q
     return jnp.stack([jnp.where(live, seq, -1), jnp.where(live, first, 0)]).astype(jnp.int32)
 

@@ -92,6 +92,14 @@ def test_random_steps_one_launch(rng):
         assert rel_err(out, ref) < KERNEL_TOL["float32"], step
 
 
+def test_tile_table():
+    """Each sequence's queries cut into tiles of block_q, every tile once, the later (longer) tiles first; programs
+    past the live tiles get -1."""
+    tiles = np.asarray(multi_token.tile_table(jnp.array([5, 0, 1, 7]), 3, 8))
+    assert sorted(map(tuple, tiles[:, :6].T)) == [(0, 0), (0, 3), (2, 0), (3, 0), (3, 3), (3, 6)]
+    assert tuple(tiles[:, 0]) == (3, 6) and (tiles[0, 6:] == -1).all()
+
+
 def test_empty_token_batch(rng):
     """No query rows at all: an empty output (every count 0 over a NaN cache: ``run_case``)."""
     k = jnp.full((2, 2, 32, 64), jnp.nan, jnp.float32)
