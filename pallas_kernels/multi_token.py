@@ -116,7 +116,8 @@ def multi_token_kernel(
     layer_ref,  # [1] int32
     # then: tables [B, M] int32 (paged only); q [T, N, D]; the cache's arrays, whole: k, v [L, B, K, S, D]
     # (paged: [L, P, K, page_size, D]), or k, k_scale, v, v_scale for Q8 / FP8; zeros [T + spare, N, D];
-    # outputs: o [T + spare, N, D] (aliased to the zeros: rows no tile stores stay 0; spare = rows // G + 1)
+    # outputs: o [T + spare, N, D] (aliased to the zeros: rows no tile stores stay 0; spare rows in interpret
+    # mode only, rows // G + 1)
     *refs,
     paged: bool,
     fmt: str,
@@ -160,9 +161,9 @@ def multi_token_kernel(
     row_ok = tok < n_q
     row_pos = p_first + jnp.minimum(tok, jnp.maximum(n_q - 1, 0))  # padding rows mirror the last query
     q_row = jnp.clip(q_starts_ref[b] + first + tok, 0, tokens - 1)
-    # Rows without a query store (masked) into spare rows past T: no element is named twice in one store (which
-    # interpret mode would resolve arbitrarily).
-    o_row = jnp.where(row_ok, q_row, tokens + tok)
+    # Interpret mode: rows without a query store (masked) into spare rows past T, so no element is named twice in
+    # one store (interpret mode resolves that arbitrarily); a GPU never writes a masked lane.
+    o_row = jnp.where(row_ok, q_row, tokens + tok) if o_ref.shape[0] > tokens else q_row
     head = h * group + r % group
     tile_ok = jnp.broadcast_to(row_ok[:, None], (rows, chunk))
 
@@ -292,7 +293,8 @@ def _launch(q, cache, tables, q_starts, lengths, counts, layer, *, fmt, scale, w
         precision=precision,
     )
     inputs = [tiles, q_starts, lengths, counts, layer, *([] if tables is None else [tables]), q, *cache]
-    out_shape = (tokens + tile_rows(config.block_q, group) // group + 1, num_heads, head_dim)
+    spare = tile_rows(config.block_q, group) // group + 1 if interpret else 0
+    out_shape = (tokens + spare, num_heads, head_dim)
     inputs.append(jnp.zeros(out_shape, q.dtype))
     name = f"jkv_multi_token_{fmt}" + ("_paged" if tables is not None else "")
     out = backend.pallas_call(
@@ -307,7 +309,7 @@ def _launch(q, cache, tables, q_starts, lengths, counts, layer, *, fmt, scale, w
         input_output_aliases={len(inputs) - 1: 0},
         name=name,
     )(*inputs)
-    return out[:tokens]
+    return out[:tokens] if spare else out
 
 
 def run(
