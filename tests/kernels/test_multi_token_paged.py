@@ -49,8 +49,8 @@ CASES = [
      None, (2, "traced"), None),
     ("fp8_f32_softcap_layer", None, "fp8", "float32", 2, 2, 128, 48, "float32", (5, 16), (43, 0), None, 20.0,
      (2, 1), (8, 16)),
-    ("paged_fp8_page32_bf16_window", 32, "fp8", "float32", 1, 4, 64, 96, "bfloat16", (3, 20), (70, 10), 16, None,
-     None, None),
+    ("paged_fp8_page32_one_page_bf16_window", 32, "fp8", "float32", 1, 4, 64, 96, "bfloat16", (3, 20), (70, 10),
+     16, None, None, (4, 32)),
 ]  # fmt: skip
 IDS = [c[0] for c in CASES]
 
