@@ -316,7 +316,7 @@ def run(
     q, cache, block_tables, q_starts, lengths, counts, dims, *, fmt, layer, scale, window, softcap, config, interpret
 ):
     """Resolve the launch settings of a checked call (``dims`` from ``check_args``) and launch; shared by every
-    public function of this module and of ``pallas_kernels.multi_token_paged``."""
+    public function (this module, ``multi_token_paged``, ``multi_token_quant``)."""
     interpret = backend.resolve_interpret(interpret)
     scale = common.softmax_scale(scale, dims.head_dim)
     itemsize = jnp.dtype(cache[0].dtype).itemsize
@@ -327,7 +327,7 @@ def run(
         raise ValueError(
             f"config.block_k={config.block_k} must be <= max(S, {MIN_BLOCK})={max(dims.max_len, MIN_BLOCK)}"
         )
-    if dims.tokens == 0:
+    if dims.tokens == 0 or dims.batch == 0:  # no query, or no sequence to own one
         return jnp.zeros(q.shape, q.dtype)
     if cache[0].ndim == 4:
         cache, layer = tuple(x[None] for x in cache), 0  # free reshapes, not copies
