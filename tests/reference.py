@@ -45,3 +45,27 @@ def rope_f64(x, positions, theta, style):
         out[..., a] = x[..., a] * c - x[..., b] * s
         out[..., b] = x[..., b] * c + x[..., a] * s
     return out
+
+
+def multi_token_attention_f64(q, k, v, q_starts, lengths, counts, scale=None, window=None, softcap=None):
+    """The flat multi-token step in float64: q [T, N, D]; k, v [B, K, S, D]. Query i < counts[b] of sequence b
+    is row q_starts[b] + i at position p = lengths[b] + i and attends to positions max(0, p - window + 1)..p;
+    scores c * tanh(scale * q.k / c) with softcap c. Rows no sequence owns are 0. Reads only those positions."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    t, n, d = q.shape
+    kh = k.shape[1]
+    g = n // kh
+    scale = d**-0.5 if scale is None else scale
+    out = np.zeros((t, n, d))
+    for b in range(len(counts)):
+        for i in range(int(counts[b])):
+            p = int(lengths[b]) + i
+            lo = 0 if window is None else max(0, p - window + 1)
+            keys, values = k[b, :, lo : p + 1], v[b, :, lo : p + 1]  # (K, W, D)
+            qs = q[int(q_starts[b]) + i].reshape(kh, g, d)
+            s = np.einsum("kgd,kwd->kgw", qs, keys) * scale
+            if softcap is not None:
+                s = softcap * np.tanh(s / softcap)
+            e = np.exp(s - s.max(axis=-1, keepdims=True))
+            out[int(q_starts[b]) + i] = (np.einsum("kgw,kwd->kgd", e, values) / e.sum(-1)[..., None]).reshape(n, d)
+    return out
