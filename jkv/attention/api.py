@@ -7,9 +7,11 @@ the mixed serving step's form, with no padding per sequence. A layer out of rang
 ``attend_write`` records ``ERR_BAD_LAYER``).
 
 ``impl``: ``"xla"`` (the pure-``jnp`` reference, any backend), ``"pallas"`` (the Pallas kernels: compiled on GPU,
-interpret mode elsewhere) or ``None`` (``default_impl()``: Pallas on GPU, XLA elsewhere). ``T = 1`` runs the
-kernel registered for the cache's kind (``jkv.attention.kernels``); ``T > 1`` and kinds without a kernel run the
-reference over ``cache.layer(...)``.
+interpret mode elsewhere) or ``None`` (``default_impl()``: Pallas on GPU, XLA elsewhere). On the Pallas path a
+padded ``T = 1`` step runs the decode kernel registered for the cache's kind (``jkv.attention.kernels.DECODE``);
+flat steps, ``T > 1``, windows and soft caps run the multi-token kernel (``MULTI_TOKEN``: flash attention over
+the cache's storage, pages through the block table, no ``T x S`` scores); kinds without a kernel, and steps under
+an active device mesh at ``T > 1``, run the reference over ``cache.layer(...)``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from jkv.attention import kernels
 from jkv.attention.reference import attend_reference
 from jkv.caches import checks, tokens
 from jkv.parallel import active_mesh, per_shard
+from pallas_kernels import multi_token_config
 
 IMPLS = ("xla", "pallas")
 
@@ -87,6 +90,11 @@ def attend(
     decode = q.ndim == 4 and q.shape[1] == 1 and window is None and softcap is None
     kernel = kernels.decode_kernel(cache) if impl == "pallas" and decode else None
     if kernel is None:
+        multi = kernels.multi_token_kernel(cache) if impl == "pallas" and active_mesh() is None else None
+        if multi is not None:
+            at = checks.clamped(layer, layer_ok)
+            out = _multi_token(multi, q, cache, at, scale=scale, window=window, softcap=softcap)
+            return _finish(out, cache, layer_ok, padding_zero=True)
         out = attend_reference(q, cache, layer, scale=scale, window=window, softcap=softcap)
         return _finish(out, cache, layer_ok)
     fmt = cache.format
@@ -101,6 +109,27 @@ def attend(
     else:
         out = call(qs, *kernel.arrays, n, at)
     return _finish(fmt.from_stored(out).astype(q.dtype)[:, None], cache, layer_ok, padding_zero=True)
+
+
+def _multi_token(kernel, q, cache, layer, **options):
+    """The multi-token kernel over the cache's whole storage at an in-range ``layer``: a flat ``q [T, N, D]`` as
+    is (sequence ``b``'s queries from row ``flat_starts(counts)[b]``), a padded ``[B, T, N, D]`` as ``B * T`` rows
+    (``b * T``)."""
+    fmt, spec = cache.format, cache.spec
+    if q.ndim == 3:
+        flat, q_starts, max_count = q, tokens.flat_starts(cache.counts), None
+    else:
+        b, t, n, d = q.shape
+        flat, q_starts, max_count = q.reshape(b * t, n, d), jnp.arange(b, dtype=jnp.int32) * t, t
+    stored_dtype = cache.storage()[0].dtype  # the K values' storage: int8 / float8 for Q8 / FP8
+    config = multi_token_config(
+        q.shape[-2], spec.num_kv_heads, spec.head_dim, stored_dtype, max_len=spec.max_len, max_count=max_count
+    )
+    out = kernel(
+        fmt.to_stored(flat), *cache.storage(), q_starts, cache.lengths, cache.counts,
+        layer=layer, config=config, **options,
+    )  # fmt: skip
+    return fmt.from_stored(out).astype(q.dtype).reshape(q.shape)
 
 
 def attend_write(

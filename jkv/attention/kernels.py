@@ -1,7 +1,10 @@
-"""The kernel registry: ``(layout, format type) -> adapter``. An adapter returns the Pallas decode kernel for a
-cache of that kind, the arrays it reads (whole caches: no per-layer copy) and their ``shard_map`` specs. Kinds
-without an entry (fp8) attend through the XLA reference. Kernels take ``(q [B, N, D], *arrays, lengths, *,
-layer, scale)`` where ``lengths`` counts the valid positions, the new token's included."""
+"""The kernel registries: ``(layout, format type) -> adapter``; an adapter returns the Pallas kernel for a cache
+of that kind, which reads the cache's ``storage()`` arrays whole (no per-layer copy).
+
+* ``DECODE`` (T = 1): ``(q [B, N, D], *arrays, lengths, *, layer, scale)`` where ``lengths`` counts the valid
+  positions, the new token's included. Kinds without an entry (fp8) attend through the XLA reference.
+* ``MULTI_TOKEN`` (T > 1, flat or padded steps, windows, soft caps; ``pallas_kernels.multi_token``):
+  ``(q [T, N, D], *arrays, q_starts, lengths, counts, *, layer, scale, window, softcap, config)``."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from jkv.caches import sharding
-from jkv.caches.formats import Q8, Plain
+from jkv.caches.formats import FP8, Q8, Plain
 
 
 class Kernel(NamedTuple):
@@ -48,6 +51,25 @@ DECODE = {
     ("paged", Plain): _paged_plain,
     ("paged", Q8): _paged_q8,
 }
+
+
+def _multi(name: str):
+    def entry():
+        import pallas_kernels
+
+        return getattr(pallas_kernels, name)
+
+    return entry
+
+
+MULTI_TOKEN = {
+    ("contiguous", Plain): _multi("multi_token_attention"),
+    ("contiguous", Q8): _multi("q8_multi_token_attention"),
+    ("contiguous", FP8): _multi("fp8_multi_token_attention"),
+    ("paged", Plain): _multi("paged_multi_token_attention"),
+    ("paged", Q8): _multi("paged_q8_multi_token_attention"),
+    ("paged", FP8): _multi("paged_fp8_multi_token_attention"),
+}
 # Kinds whose decode step writes the new row inside the attention kernel (pallas_kernels.decode).
 FUSED_APPEND = {("contiguous", Plain)}
 
@@ -62,6 +84,12 @@ def decode_kernel(cache) -> Kernel | None:
     if entry is None:
         return None
     return Kernel(entry(), tuple(cache.storage()), sharding.storage_specs(cache))
+
+
+def multi_token_kernel(cache) -> Callable | None:
+    """The T > 1 Pallas kernel for ``cache``, or None where the kind has none."""
+    entry = MULTI_TOKEN.get(key(cache))
+    return None if entry is None else entry()
 
 
 def fused_append(cache) -> bool:
