@@ -186,6 +186,32 @@ def test_smollm2_greedy_continuations_match_hf(smollm, hf_greedy):
     assert first.startswith("The capital of France is Paris."), first
 
 
+@needs_smollm
+@pytest.mark.parametrize("kind", ["f32", "paged"])
+def test_smollm2_flat_prefill_through_the_kernel_keeps_greedy_tokens(smollm, hf_greedy, kind):
+    """The five prompts prefilled as one flat step through the multi-token kernel (interpret mode here), then 8
+    greedy decode steps: the same tokens as HF, and the prefill logits within 1e-4 of HF's."""
+    c = smollm.config
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 128)
+    cache = jkv.make_cache(kind, spec, len(hf_greedy))
+    counts = np.array([len(ids) for ids, _, _ in hf_greedy], np.int32)
+    tokens = np.zeros(counts.sum() + 3, np.int32)  # three padding rows
+    tokens[: counts.sum()] = np.concatenate([ids for ids, _, _ in hf_greedy])
+    pallas = llama.LlamaOptions(impl="pallas")
+    flat = jax.jit(functools.partial(llama.flat_hidden_states, config=c, options=pallas))
+    h, cache = flat(smollm.params, cache, jnp.asarray(tokens), jnp.asarray(counts))
+    logits = llama.lm_head(smollm.params, h[np.cumsum(counts) - 1])
+    want = np.stack([ref[n - 1] for n, (_, _, ref) in zip(counts, hf_greedy, strict=True)])
+    assert rel_err(logits, want) < 1e-4
+    step = jax.jit(functools.partial(llama.decode_step, config=c))
+    got = [np.asarray(jnp.argmax(logits, -1))]
+    for _ in range(8):
+        logits, cache = step(smollm.params, cache, jnp.asarray(got[-1], jnp.int32))
+        got.append(np.asarray(jnp.argmax(logits, -1)))
+    for i, (_, tokens_hf, _) in enumerate(hf_greedy):
+        assert [int(g[i]) for g in got] == tokens_hf[:9], QUESTIONS[i]
+
+
 TEXTS = [
     "Hello, world! How are you doing today?",
     "  leading spaces,\ttabs and\nnew lines\n\n",
