@@ -1,0 +1,482 @@
+"""Multi-token attention over a contiguous KV cache with the Mosaic GPU lowering (Hopper): prefill, prompt chunks
+and speculative verification as one flash-attention kernel (issue 20; the interface: MULTI_TOKEN_API.md).
+
+``q [T, N, D]`` is a flat batch of query tokens; sequence ``b``'s ``counts[b]`` queries are rows
+``q_starts[b] ..`` at positions ``lengths[b] ..``, their K/V already written to the cache. Query ``i`` at position
+``p`` attends causally to ``max(0, p - window + 1) <= s <= p``; query head ``n`` reads kv head ``n // G``; the
+logits may be soft-capped (``c * tanh(x / c)``); rows no sequence owns give 0. Softmax in float32, output in
+``q.dtype``. Plain 16-bit caches (bf16/f16, the MMA's inputs), ``D`` in 64/128/256.
+
+The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later):
+
+* a tile is ``block_q`` query tokens of one sequence x ``heads_per_tile`` query heads of one kv head, 64 rows in
+  all (a warpgroup MMA's M), head-major: row ``r`` is head ``r // block_q``, token ``r % block_q``. Several
+  heads per tile make a short query run (T = 5 verification) fill the MMA while reading each K/V block once per
+  kv head; for a long prompt the work per K/V block is the same as one head per tile;
+* the tile table (:func:`tile_table`, plain ``jnp`` outside the kernel) lists every tile's sequence, rows,
+  positions, key range and loop bounds, the longest key loops first; tiles over rows no sequence owns have an
+  empty key loop and store zeros; the grid is static (``(N / heads_per_tile, max tiles)``), dead tiles store
+  nothing. A tile starts on an 8-row boundary of ``q`` (tiled TMA copies need that); the rows before the
+  sequence's first are another segment's, computed and never stored;
+* one warpgroup per program: the query tile in shared memory is the left MMA operand; K and V blocks of
+  ``block_k`` positions stream through a ``num_stages``-slot TMA ring from the window start to the tile's last
+  position, each slot refilled once the MMA reading it has completed; ``s = q @ K^T`` and ``acc += p @ V`` are
+  warpgroup MMAs into float32, online softmax in base 2. Blocks inside every row's causal and window limits run
+  unmasked; the others mask the scores and zero the V rows outside the tile's key range in shared memory first
+  (a 0 weight times a NaN in an unreadable position would be NaN);
+* the output tile goes through an untiled shared-memory buffer to ``o`` in power-of-two row pieces (a TMA copy has
+  a static size), so only the sequence's rows are written.
+
+Launch parameters: :class:`MgpuMultiTokenConfig` and its rule :func:`mgpu_multi_token_config`. Paged K/V is not
+taken yet (see docs/BENCHMARKS.md, "Multi-token attention (issue 20)").
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import backend, common
+
+ROWS = 64  # rows of a warpgroup MMA: block_q tokens x heads_per_tile query heads
+HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 256 is the widest MMA
+CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs
+BLOCK_KS = (64, 128)  # 64: the decode kernel's verified block; 128 only measured against it (see the docs)
+MGPU_SMEM_RESERVE = 7 * 1024  # shared memory Mosaic GPU takes beside our buffers (as in decode_mgpu)
+LOG2E = math.log2(math.e)
+ALIGN = 8  # rows of a TMA tile: a tile's first row of q is a multiple of this
+COLUMNS = ("b", "row0", "skip", "nrows", "pos_base", "lo", "hi", "t_lo", "u_lo", "u_hi", "t_hi")
+NCOL = len(COLUMNS)
+
+
+class MgpuMultiTokenConfig(NamedTuple):
+    """Launch parameters (static: each distinct value compiles its own kernel)."""
+
+    block_q: int  # query tokens per tile (a multiple of 8); block_q * heads_per_tile = ROWS
+    heads_per_tile: int  # query heads of one kv head per tile (divides G)
+    block_k: int  # key positions per ring slot (BLOCK_KS)
+    num_stages: int  # ring slots: K/V blocks in flight per program
+
+
+def mgpu_multi_token_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> MgpuMultiTokenConfig:
+    """The default: as many of a kv head's query heads per tile as divide G among 8/4/2/1 (a tile keeps at least
+    8 tokens), 64-position blocks and a two-slot ring (at D <= 128 the buffers leave room for two programs per
+    multiprocessor, whose softmax and MMAs then overlap)."""
+    del head_dim, dtype  # one block size and ring depth for every supported head_dim and 16-bit dtype
+    group = num_q_heads // num_kv_heads
+    heads = next(h for h in (8, 4, 2, 1) if group % h == 0)
+    return MgpuMultiTokenConfig(block_q=ROWS // heads, heads_per_tile=heads, block_k=64, num_stages=2)
+
+
+def smem_bytes(config: MgpuMultiTokenConfig, head_dim: int, itemsize: int, out_itemsize: int) -> int:
+    """Shared memory of one program: query tile, output tile and the K/V ring."""
+    ring = config.num_stages * 2 * config.block_k * head_dim * itemsize
+    return ROWS * head_dim * (itemsize + out_itemsize) + ring
+
+
+def mgpu_unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
+    """Why this kernel cannot take the shape and cache dtype (None: it can), whatever the machine."""
+    if jnp.dtype(dtype) not in CACHE_DTYPES:
+        return f"the Mosaic GPU kernel takes {[str(t) for t in CACHE_DTYPES]} K/V (16-bit MMA inputs), got {dtype}"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim={head_dim} is not supported by the Mosaic GPU kernel; expected one of {HEAD_DIMS}"
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        return f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+    return None
+
+
+def mgpu_supported(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> bool:
+    """Whether :func:`multi_token_attention_mgpu` takes these heads, head_dim and cache dtype (any T, B, S, G)."""
+    return mgpu_unsupported_reason(num_q_heads, num_kv_heads, head_dim, dtype) is None
+
+
+# ----------------------------------------------------------------------------------------------- tile table
+
+
+def max_tiles(num_rows: int, batch: int, block_q: int) -> int:
+    """A static bound on the tiles of any call: ``2B + 1`` segments (sequences and the gaps between them), each
+    starting up to 7 rows early (8-row alignment) and ending in a partial tile."""
+    segments = 2 * batch + 1
+    return -(-(num_rows + (ALIGN - 1) * segments) // block_q) + segments
+
+
+def tile_table(q_starts, lengths, counts, *, num_rows: int, block_q: int, block_k: int, window: int | None):
+    """``int32[max_tiles, NCOL]``: one row per tile (columns :data:`COLUMNS`), the longest key loops first.
+
+    ``b``: the sequence (0 for other tiles); rows ``row0 + skip .. row0 + skip + nrows - 1`` of ``q`` are the
+    tile's own (``row0`` a multiple of 8; ``nrows`` 0: a dead tile); tile row ``r`` (token ``r % block_q``) sits at
+    position ``pos_base + r % block_q``; keys ``lo .. hi - 1`` are read (``lo == hi``: none, a tile over rows no
+    sequence owns, which stores zeros), in blocks ``t_lo .. t_hi - 1`` of which ``u_lo .. u_hi - 1`` lie inside
+    every row's causal and window limits (no mask).
+    """
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    q_starts, lengths, counts = i32(q_starts), i32(lengths), i32(counts)
+    batch = counts.shape[0]
+    live = counts > 0
+    # Segments: the sequences, then the gaps between their row ranges (sorted by first row).
+    first = jnp.where(live, q_starts, num_rows)
+    order = jnp.argsort(first)
+    ends = jnp.where(live, q_starts + counts, num_rows)[order]
+    gap_s = jnp.concatenate([i32([0]), ends])
+    gap_e = jnp.maximum(jnp.concatenate([first[order], i32([num_rows])]), gap_s)
+    seg_s = jnp.concatenate([q_starts, gap_s])
+    seg_e = jnp.concatenate([jnp.where(live, q_starts + counts, q_starts), gap_e])
+    seg_pos = jnp.concatenate([lengths, jnp.zeros(batch + 1, jnp.int32)])
+    seg_b = jnp.concatenate([jnp.arange(batch, dtype=jnp.int32), jnp.zeros(batch + 1, jnp.int32)])
+    seg_seq = jnp.arange(2 * batch + 1) < batch
+    a0 = seg_s // ALIGN * ALIGN
+    n_tiles = jnp.where(seg_e > seg_s, -(-(seg_e - a0) // block_q), 0)
+    tile_end = jnp.cumsum(n_tiles)
+    # Tile i of the table.
+    i = jnp.arange(max_tiles(num_rows, batch, block_q), dtype=jnp.int32)
+    seg = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), 2 * batch)
+    alive = i < tile_end[-1]
+    row0 = a0[seg] + (i - (tile_end - n_tiles)[seg]) * block_q
+    row_first = jnp.maximum(seg_s[seg], row0)
+    nrows = jnp.where(alive, jnp.minimum(seg_e[seg], row0 + block_q) - row_first, 0)
+    skip = row_first - row0
+    pos_first = seg_pos[seg] + row_first - seg_s[seg]
+    is_seq = seg_seq[seg] & alive
+    hi = jnp.where(is_seq, pos_first + nrows, 0)
+    lo = jnp.where(is_seq, 0 if window is None else jnp.maximum(pos_first - window + 1, 0), 0)
+    t_lo, t_hi = lo // block_k, -(-hi // block_k)
+    w_hi = 0 if window is None else jnp.maximum(pos_first + nrows - window, 0)  # the last row's window start
+    u_lo = jnp.clip(-(-w_hi // block_k), t_lo, t_hi)
+    u_hi = jnp.clip((pos_first + 1) // block_k, u_lo, t_hi)
+    columns = dict(b=jnp.where(is_seq, seg_b[seg], 0), row0=jnp.where(alive, row0, 0), skip=skip, nrows=nrows)
+    columns.update(pos_base=pos_first - skip, lo=lo, hi=hi, t_lo=t_lo, u_lo=u_lo, u_hi=u_hi, t_hi=t_hi)
+    table = jnp.stack([jnp.where(alive, columns[c], 0) if c == "skip" else columns[c] for c in COLUMNS], axis=1)
+    return table[jnp.argsort(t_lo - t_hi, stable=True)]  # longest key loops first
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+
+
+def _swizzled(dtype):
+    """Shared-memory transforms of an MMA operand: 8 x 128-byte tiles, 128-byte swizzle."""
+    plgpu = backend.mosaic_gpu_module()
+    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
+
+
+def _kernel(
+    # inputs
+    table_ref,  # [tiles * NCOL] int32: tile_table, flattened
+    layer_ref,  # [1] int32
+    q_ref,  # [T, N, D] in the cache dtype (T a multiple of 8)
+    k_ref,  # [L, B, K, S, D] (S a multiple of 8, >= block_k)
+    v_ref,  # [L, B, K, S, D]
+    # outputs
+    o_ref,  # [T, N, D] in q's dtype; only the rows of live tiles are written
+    *,
+    config: MgpuMultiTokenConfig,
+    group: int,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+):
+    plgpu = backend.mosaic_gpu_module()
+    wgmma_layout = plgpu.Layout.WGMMA
+    block_q, heads, block_k, stages = config
+    num_layers, _, _, max_len, head_dim = k_ref.shape
+    dtype = k_ref.dtype
+    head_group, tile = lax.axis_index("heads"), lax.axis_index("tile")
+    b, row0, skip, nrows, pos_base, lo, hi, t_lo, u_lo, u_hi, t_hi = (table_ref[tile * NCOL + c] for c in range(NCOL))
+    row0 = pl.multiple_of(row0, ALIGN)
+    layer = jnp.minimum(jnp.maximum(layer_ref[0], 0), num_layers - 1)  # validated on the host when concrete
+    first_head = head_group * heads
+    kv_head = lax.div(first_head, jnp.int32(group))
+    steps = t_hi - t_lo
+
+    def window_start(t):  # first position loaded for block t: the block itself, slid back to end inside S
+        return pl.multiple_of(jnp.minimum(t * block_k, max_len - block_k), ALIGN)
+
+    def attend(q_smem, k_smem, v_smem, q_barriers, k_barriers, v_barriers):
+        # q_smem [ROWS, D]; k_smem, v_smem [stages, bk, D]; one barrier per query head and per slot and operand
+        def fetch_k(i, slot):  # K of the loop's block i into a ring slot
+            rows = pl.ds(window_start(t_lo + i), block_k)
+            plgpu.copy_gmem_to_smem(k_ref.at[layer, b, kv_head, rows], k_smem.at[slot], k_barriers.at[slot])
+
+        def fetch_v(i, slot):
+            rows = pl.ds(window_start(t_lo + i), block_k)
+            plgpu.copy_gmem_to_smem(v_ref.at[layer, b, kv_head, rows], v_smem.at[slot], v_barriers.at[slot])
+
+        # The query tile and the first K/V blocks are all in flight before the program waits for any.
+        for g in range(heads):
+            dst = q_smem.at[pl.ds(g * block_q, block_q)]
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), first_head + g], dst, q_barriers.at[g])
+        for i in range(stages):
+
+            @pl.when(i < steps)
+            def _prefetch(i=i):
+                fetch_k(i, i)
+                fetch_v(i, i)
+
+        for g in range(heads):
+            plgpu.barrier_wait(q_barriers.at[g])
+
+        def step(i, carry, masked: bool):
+            acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32 (m in base-2 units)
+            t = t_lo + i
+            slot = lax.rem(i, jnp.int32(stages))
+            start = window_start(t)
+            plgpu.barrier_wait(k_barriers.at[slot])
+
+            def qk(s_ref):
+                plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                return s_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [ROWS, bk]
+
+            @pl.when(i + stages < steps)
+            def _refill_k():  # the scores were read: the MMA reading this K slot has completed
+                plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
+                fetch_k(i + stages, slot)
+
+            if softcap is None:
+                s = s * (scale * LOG2E)
+            else:
+                s = jnp.tanh(s * (scale / softcap)) * (softcap * LOG2E)
+            if masked:
+                shape = (ROWS, block_k)
+                pos = start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+                row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+                limit = pos_base + lax.rem(row, jnp.int32(block_q))  # each row's own position
+                valid = (pos >= t * block_k) & (pos <= limit)
+                if window is not None:
+                    valid = valid & (pos + window > limit)
+                s = jnp.where(valid, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing valid yet: no NaN
+            else:  # every key of the block is valid for every row of the tile: m_new is finite
+                m_new = m_use = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_use)  # 0 while m = -inf
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+            denom = denom * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+            plgpu.barrier_wait(v_barriers.at[slot])
+            if masked:
+                keep_lo = jnp.maximum(lo, t * block_k)
+
+                @pl.when((start < keep_lo) | (start + block_k > hi))
+                def _zero_outside():  # V rows outside the tile's key range may be NaN: zero them
+                    v_slot = v_smem.at[slot]
+                    v = v_slot[...]
+                    rows = start + plgpu.broadcasted_iota(jnp.int32, (block_k, head_dim), 0, layout=wgmma_layout)
+                    v_slot[...] = jnp.where((rows >= keep_lo) & (rows < hi), v, 0)
+                    plgpu.commit_smem()  # visible to the MMA (async proxy)
+
+            acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot]))(
+                plgpu.ACC.init(acc)
+            )
+
+            @pl.when(i + stages < steps)
+            def _refill_v():  # the second MMA reading this slot has completed (its result was read)
+                plgpu.commit_smem()
+                fetch_v(i + stages, slot)
+
+            return acc, m_new, denom
+
+        carry = (
+            plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), wgmma_layout),
+            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), wgmma_layout.reduce(1)),
+        )
+        masked = functools.partial(step, masked=True)
+        carry = lax.fori_loop(0, u_lo - t_lo, masked, carry)  # the window's edge
+        carry = lax.fori_loop(u_lo - t_lo, u_hi - t_lo, functools.partial(step, masked=False), carry)
+        return lax.fori_loop(u_hi - t_lo, steps, masked, carry)  # the causal diagonal
+
+    acc, _, denom = pl.run_scoped(
+        attend,
+        plgpu.SMEM((ROWS, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.Barrier(num_barriers=heads),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+    )
+
+    def store(o_smem):
+        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # no keys (a gap tile): zeros
+        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+        plgpu.commit_smem()
+        # Rows skip .. skip + nrows - 1 of each head's block, in pieces of the powers of two that sum to nrows.
+        size = block_q
+        while size >= 1:
+            first = skip + nrows - lax.rem(nrows, jnp.int32(2 * size))
+
+            @pl.when(lax.rem(lax.div(nrows, jnp.int32(size)), jnp.int32(2)) == 1)
+            def _piece(first=first, size=size):
+                for g in range(heads):
+                    src = o_smem.at[pl.ds(g * block_q + first, size)]
+                    plgpu.copy_smem_to_gmem(src, o_ref.at[pl.ds(row0 + first, size), first_head + g])
+
+            size //= 2
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((ROWS, head_dim), o_ref.dtype))
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config"))
+def _attend(q, k, v, q_starts, lengths, counts, layer, *, scale, window, softcap, config: MgpuMultiTokenConfig):
+    # q [T, N, D]; k, v [L, B, K, S, D] (S a multiple of 8, >= block_k); q_starts, lengths, counts int32[B]
+    plgpu = backend.mosaic_gpu_module()
+    num_rows, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[2]
+    table = tile_table(
+        q_starts, lengths, counts, num_rows=num_rows, block_q=config.block_q, block_k=config.block_k, window=window
+    )
+    body = functools.partial(_kernel, config=config, group=group, scale=scale, window=window, softcap=softcap)
+
+    def jkv_multi_token_attention_mgpu(*refs):  # the kernel's name in profiles
+        body(*refs)
+
+    rows = _round_up(num_rows, ALIGN)
+    q_in = q.astype(k.dtype)  # the MMA takes the cache's dtype (a copy of q only where they differ)
+    if rows != num_rows:  # whole 8-row tiles (a copy of q; the step's token buckets are multiples of 8)
+        q_in = jnp.pad(q_in, ((0, rows - num_rows), (0, 0), (0, 0)))
+    out = plgpu.kernel(
+        jkv_multi_token_attention_mgpu,
+        out_type=jax.ShapeDtypeStruct((rows, num_heads, head_dim), q.dtype),
+        grid=(num_heads // config.heads_per_tile, table.shape[0]),
+        grid_names=("heads", "tile"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(table.reshape(-1), layer, q_in, k, v)
+    return out if rows == num_rows else out[:num_rows]
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def check_args(q, k, v, q_starts, lengths, counts, layer=None, *, window=None, softcap=None):
+    """Validate a multi-token call; return ``(T, N, K, S, D)``. Concrete starts, lengths and counts are
+    range-checked (positions inside ``S``, rows inside ``T``, no two sequences' rows overlapping); traced ones
+    cannot be."""
+    if getattr(q, "ndim", None) != 3:
+        raise ValueError(f"q must have shape [T, N, D], got {getattr(q, 'shape', None)}")
+    kshape, vshape = getattr(k, "shape", None), getattr(v, "shape", None)
+    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
+        raise ValueError(f"k and v must both have shape [B, K, S, D] or [L, B, K, S, D], got {kshape} and {vshape}")
+    if (len(kshape) == 5) != (layer is not None):
+        raise ValueError(f"layer={layer!r} goes with a whole [L, B, K, S, D] cache and only then; k.shape={kshape}")
+    if k.dtype != v.dtype:
+        raise TypeError(f"k and v must share a dtype, got {k.dtype}, {v.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
+    num_rows, num_heads, head_dim = q.shape
+    batch, kv_heads, max_len, kv_dim = kshape[-4:]
+    if kv_dim != head_dim:
+        raise ValueError(f"q.shape={q.shape} does not match k.shape={kshape} (head_dim must agree)")
+    if (reason := mgpu_unsupported_reason(num_heads, kv_heads, head_dim, k.dtype)) is not None:
+        raise (TypeError if "K/V" in reason else ValueError)(reason)
+    if layer is not None:
+        common.check_layer(layer, kshape[0])
+    if window is not None and (not common.is_int(window) or window < 1):
+        raise ValueError(f"window={window!r} must be None or an int >= 1")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
+        raise ValueError(f"softcap={softcap!r} must be None or a positive number")
+    for name, x in (("q_starts", q_starts), ("lengths", lengths), ("counts", counts)):
+        if getattr(x, "shape", None) != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be int[{batch}], got {getattr(x, 'dtype', None)}{getattr(x, 'shape', None)}")
+    starts, lens, cnts = (common.concrete(x) for x in (q_starts, lengths, counts))
+    if cnts is not None and cnts.min(initial=0) < 0:
+        raise ValueError(f"counts={cnts} must be >= 0")
+    if lens is not None and cnts is not None and ((lens < 0) | (lens + cnts > max_len)).any():
+        raise ValueError(f"lengths={lens} + counts={cnts} must lie in [0, S={max_len}]")
+    if starts is not None and cnts is not None:
+        own = cnts > 0
+        if ((starts < 0) | (starts + cnts > num_rows))[own].any():
+            raise ValueError(f"rows q_starts={starts} + counts={cnts} must lie in [0, T={num_rows}]")
+        first, end = starts[own], (starts + cnts)[own]
+        order = first.argsort()
+        if (first[order][1:] < end[order][:-1]).any():
+            raise ValueError(f"sequences' query rows overlap: q_starts={starts}, counts={cnts}")
+    return num_rows, num_heads, kv_heads, max_len, head_dim
+
+
+def resolve_config(config, num_heads: int, kv_heads: int, head_dim: int, dtype, out_dtype) -> MgpuMultiTokenConfig:
+    """``config`` (None: :func:`mgpu_multi_token_config`), checked against the MMA and shared memory."""
+    if config is None:
+        config = mgpu_multi_token_config(num_heads, kv_heads, head_dim, dtype)
+    if not isinstance(config, MgpuMultiTokenConfig):
+        raise TypeError(f"config must be an MgpuMultiTokenConfig or None, got {config!r}")
+    for name, value in config._asdict().items():
+        if not common.is_int(value) or value < 1:
+            raise ValueError(f"config.{name}={value!r} must be a positive int")
+    if config.block_q * config.heads_per_tile != ROWS or config.block_q % ALIGN:
+        raise ValueError(
+            f"config.block_q={config.block_q} x heads_per_tile={config.heads_per_tile} must be {ROWS} rows, "
+            f"block_q a multiple of {ALIGN}"
+        )
+    if (num_heads // kv_heads) % config.heads_per_tile:
+        raise ValueError(f"config.heads_per_tile={config.heads_per_tile} must divide G={num_heads // kv_heads}")
+    if config.block_k not in BLOCK_KS:
+        raise ValueError(f"config.block_k={config.block_k} must be one of {BLOCK_KS}")
+    need = smem_bytes(config, head_dim, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize)
+    budget = backend.shared_memory_per_block() - MGPU_SMEM_RESERVE
+    if need > budget:
+        raise ValueError(f"{config} needs {need} bytes of shared memory at head_dim={head_dim}, more than {budget}")
+    return config
+
+
+def multi_token_attention_mgpu(
+    q: Float[Array, "T N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    q_starts: Int[Array, " B"],
+    lengths: Int[Array, " B"],
+    counts: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    config: MgpuMultiTokenConfig | None = None,
+) -> Float[Array, "T N D"]:
+    """Causal attention of a flat batch of query tokens over a contiguous cache (Mosaic GPU; see the module doc).
+
+    ``layer`` selects the layer of a whole ``[L, B, K, S, D]`` cache inside the kernel (no copy of the layer).
+    ``scale`` defaults to ``D ** -0.5``; ``window`` (keys ``p - window + 1 .. p``) and ``softcap`` are static.
+    Raises ``RuntimeError`` where Mosaic GPU cannot run (no Hopper GPU, or a JAX build without
+    ``jax.experimental.pallas.mosaic_gpu``): this kernel has no interpret mode.
+
+    Example: two sequences, one prefilling 5 tokens into an empty cache, one verifying 3 after 100 cached::
+
+        out = multi_token_attention_mgpu(q[:8], k, v, q_starts=[0, 5], lengths=[0, 100], counts=[5, 3])
+    """
+    q_starts, lengths, counts = (jnp.asarray(x).astype(jnp.int32) for x in (q_starts, lengths, counts))
+    _, n, kh, _, d = check_args(q, k, v, q_starts, lengths, counts, layer, window=window, softcap=softcap)
+    config = resolve_config(config, n, kh, d, k.dtype, q.dtype)
+    if not backend.mosaic_gpu_usable():
+        raise RuntimeError(
+            f"the Mosaic GPU multi-token kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}"
+        )
+    return _prepared_call(q, k, v, q_starts, lengths, counts, layer, scale, window, softcap, config)
+
+
+def _prepared_call(q, k, v, q_starts, lengths, counts, layer, scale, window, softcap, config):
+    """The kernel call on checked arguments: the one-layer cache as a whole one, S padded to whole 8-row tiles."""
+    scale = common.softmax_scale(scale, q.shape[-1])
+    if k.ndim == 4:
+        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
+    s = k.shape[3]
+    padded = max(config.block_k, _round_up(s, ALIGN))
+    if padded != s:  # a tiny cache, or S off the 8-row tile: pad it (a copy of the cache; never at usual sizes)
+        pad = [(0, 0)] * 3 + [(0, padded - s), (0, 0)]
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    softcap = None if softcap is None else float(softcap)
+    options = dict(scale=scale, window=window, softcap=softcap, config=config)
+    return _attend(q, k, v, q_starts, lengths, counts, layer, **options)
