@@ -32,13 +32,15 @@ interleaved rounds, ratios against cuDNN per round. ``--smoke`` (or ``JKV_PREFIL
 XLA rows only (``xla``: ``jax.nn.dot_product_attention(implementation="xla")`` in cuDNN's place), a check of this
 script on a CPU in seconds.
 
-Usage: ``python bench/bench_prefill.py --out DIR [--cases prefill-8k chunk-2k verify-64x5] [--rounds 5]``.
+Usage: ``python bench/bench_prefill.py --out DIR [--cases prefill-8k chunk-2k verify-64x5] [--rounds 5]
+[--configs 64/1/64/2 16/4/128/2]`` (Mosaic GPU launch parameters timed beside the default).
 Appends one JSON line per case to ``DIR/bench_prefill.jsonl``; prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -164,28 +166,53 @@ def dpa(case: Case, implementation: str):
     return fn
 
 
-def torch_flash(torch, case: Case):
-    """torch SDPA forced to the flash backend on ``[B, N, T, D]`` queries and ``[B, K, S', D]`` readable K/V."""
+def torch_flash(torch, case: Case, expand: bool):
+    """torch SDPA forced to the flash backend on ``[B, N, T, D]`` queries and ``[B, K, S', D]`` readable K/V
+    (``enable_gqa``; ``expand``: K/V heads repeated to N outside the timing instead, where that is refused)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
+    n, kh, d = case.heads
     keys = case.cached + case.new
     mask = None if case.cached == 0 else causal_lower_right(case.new, keys)
 
     def fn(q, k, v):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=not expand
+            )
+
+    def kv(x):  # a copy: the readable positions only (and every query head's own, expanded)
+        x = x[:, :, :keys]
+        return torch.from_dlpack(jnp.repeat(x, n // kh, axis=1) if expand else x)
 
     def to_torch(sets):
-        n, _, d = case.heads
-        keep = lambda x: torch.from_dlpack(x[:, :, :keys])  # a copy: the readable positions only
-        return [
-            (torch.from_dlpack(jnp.swapaxes(q.reshape(case.batch, case.new, n, d), 1, 2)), keep(k), keep(v))
-            for q, k, v, *_ in sets
-        ]
+        q_bntd = lambda q: jnp.swapaxes(q.reshape(case.batch, case.new, n, d), 1, 2)
+        return [(torch.from_dlpack(q_bntd(q)), kv(k), kv(v)) for q, k, v, *_ in sets]
 
     return fn, to_torch
+
+
+def bench_torch(torch, case: Case, sets, ref, est_s: float, *, sample: bool, log) -> tuple[dict, object]:
+    """The ``torch_flash`` row (enable_gqa, else expanded K/V) and its sampler for the interleaved rounds."""
+    errors = []
+    for expand in (False, True):
+        fn, to_torch = torch_flash(torch, case, expand)
+        try:
+            tsets = to_torch(sets)
+            out = jnp.asarray(np.asarray(fn(*tsets[0]).float().cpu()))
+            err = common.rel_err(jnp.swapaxes(out, 1, 2).reshape(ref.shape), ref)
+            timing = common.time_torch(torch, fn, tsets, est_s)
+        except Exception as e:  # torch's flash backend refused: report it, try expanded K/V
+            errors.append(f"{type(e).__name__}: {str(e)[:700]}")
+            log(f"  torch_flash    ERROR (expand={expand}) {errors[-1][:600]}")
+            continue
+        tflops = flops(case) / timing["time_s"] / 1e12
+        log(f"  {'torch_flash':14s} {timing['time_s'] * 1e6:10.1f} us {tflops:7.1f} TFLOP/s  err {err:.1e}")
+        sampler = common.torch_sampler(torch, fn, tsets, est_s) if sample else None
+        return {**timing, "tflops": tflops, "rel_err": err, "expanded_kv": expand, "errors": errors}, sampler
+    return {"error": " / ".join(errors)}, None
 
 
 def paged_sets(sets: list, seed: int) -> list:
@@ -221,17 +248,23 @@ def smoke_time(fn, arg_sets, est_s: float) -> dict:
     return {"compile_s": compile_s, "method": "wall (smoke)", "time_s": sorted(samples)[1], "spread_s": 0.0}
 
 
-def jkv_rows(case: Case, smoke: bool) -> dict:
-    """``name: (fn, set transform)`` of jkv's kernels that this process can run (Triton module imported lazily)."""
+def jkv_rows(case: Case, smoke: bool, configs=()) -> dict:
+    """``name: (fn, set transform)`` of jkv's kernels that this process can run (Triton module imported lazily);
+    ``configs``: Mosaic GPU launch parameters ``"block_q/heads_per_tile/block_k/num_stages"`` timed beside the
+    default (rows ``mgpu[...]``)."""
     from pallas_kernels import backend
 
     rows = {}
     if smoke:
         return rows
     if backend.mosaic_gpu_usable():
-        from pallas_kernels.multi_token_mgpu import multi_token_attention_mgpu
+        from pallas_kernels import multi_token_mgpu as mgpu
 
-        rows["mgpu"] = (multi_token_attention_mgpu, None)
+        rows["mgpu"] = (mgpu.multi_token_attention_mgpu, None)
+        for text in configs:
+            config = mgpu.MgpuMultiTokenConfig(*(int(x) for x in text.split("/")))
+            fn = functools.partial(mgpu.multi_token_attention_mgpu, config=config)
+            rows[f"mgpu[{text}]"] = (fn, None)
     try:
         triton = importlib.import_module("pallas_kernels.multi_token")
     except ImportError:
@@ -246,7 +279,7 @@ def jkv_rows(case: Case, smoke: bool) -> dict:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log) -> dict:
+def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log, configs=()) -> dict:
     sets, copies = case_sets(case, seed=zlib.crc32(name.encode()), rotate_bytes=0 if smoke else common.ROTATE_BYTES)
     work = flops(case)
     est_s = work / 300e12 + 10e-6
@@ -271,7 +304,7 @@ def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log) -
             samplers[row] = common.jax_sampler(fn, arg_sets, est_s)
 
     flat = lambda out: out.reshape(case.batch * case.new, *case.heads[::2])
-    for row, (fn, transform) in jkv_rows(case, smoke).items():
+    for row, (fn, transform) in jkv_rows(case, smoke, configs).items():
         record(row, fn, transform(sets) if transform else sets)
     dsets = dpa_sets(case, sets)
     record("xla" if smoke else "cudnn", dpa(case, "xla" if smoke else "cudnn"), dsets, flat)
@@ -288,22 +321,9 @@ def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log) -
         if rounds:
             samplers["decode"] = common.jax_sampler(dispatch.decode_attention_auto, dec, est_s / case.new)
     if torch is not None and not smoke:
-        fn, to_torch = torch_flash(torch, case)
-        try:
-            tsets = to_torch(sets)
-            out = jnp.asarray(np.asarray(fn(*tsets[0]).float().cpu()))
-            err = common.rel_err(jnp.swapaxes(out, 1, 2).reshape(ref.shape), ref)
-            timing = common.time_torch(torch, fn, tsets, est_s)
-            results["torch_flash"] = {**timing, "tflops": work / timing["time_s"] / 1e12, "rel_err": err}
-            log(
-                f"  {'torch_flash':14s} {timing['time_s'] * 1e6:10.1f} us "
-                f"{results['torch_flash']['tflops']:7.1f} TFLOP/s  err {err:.1e}"
-            )
-            if rounds:
-                samplers["torch_flash"] = common.torch_sampler(torch, fn, tsets, est_s)
-        except Exception as e:
-            results["torch_flash"] = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
-            log(f"  torch_flash    ERROR {results['torch_flash']['error'][:600]}")
+        results["torch_flash"], sampler = bench_torch(torch, case, sets, ref, est_s, sample=rounds > 0, log=log)
+        if sampler is not None:
+            samplers["torch_flash"] = sampler
     out = {"case": name, **case._asdict(), "flops": work, "rotating_copies": copies, "results": results}
     if len(samplers) > 1 and "cudnn" in samplers:
         out["interleaved"] = inter = common.interleaved(samplers, rounds, baseline="cudnn")
@@ -319,7 +339,8 @@ def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log) -
 def table(reports: list[dict]) -> str:
     """us per call (TFLOP/s) per case and row; speed against cuDNN (interleaved medians where timed so)."""
     rows = ("mgpu", "triton", "triton_paged", "cudnn", "torch_flash", "xla", "xla_ref", "decode")
-    present = [r for r in rows if any(r in rep["results"] for rep in reports)]
+    swept = sorted({r for rep in reports for r in rep["results"] if r.startswith("mgpu[")})
+    present = [r for r in (*rows[:1], *swept, *rows[1:]) if any(r in rep["results"] for rep in reports)]
     lines = [f"{'case':>12} " + " ".join(f"{r:>17}" for r in present) + f" {'mgpu/cudnn':>10} {'verify/decode':>13}"]
     for rep in reports:
         res, inter = rep["results"], rep.get("interleaved", {})
@@ -339,6 +360,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (0: none)")
+    parser.add_argument("--configs", nargs="*", default=[], help="Mosaic GPU launch parameters bq/heads/bk/stages")
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("JKV_PREFILL_SMOKE") == "1")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -355,7 +377,9 @@ def main(argv=None) -> None:
             f"{name}: B={case.batch} cached={case.cached} new={case.new} S={case.max_len} heads={case.heads}, "
             f"{flops(case) / 1e9:.1f} GFLOP"
         )
-        reports.append(bench_case(name, case, torch, rounds=args.rounds, smoke=args.smoke, log=log))
+        reports.append(
+            bench_case(name, case, torch, rounds=args.rounds, smoke=args.smoke, log=log, configs=args.configs)
+        )
         with path.open("a") as f:
             f.write(json.dumps({"meta": meta, **reports[-1]}) + "\n")
         jax.clear_caches()
