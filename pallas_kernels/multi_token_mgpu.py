@@ -108,9 +108,10 @@ def _kernel(
     # inputs
     table_ref,  # [tiles * NCOL] int32: multi_token_tiles.tile_table, flattened
     layer_ref,  # [1] int32
+    pages_ref,  # [B * M] int32: the block table, flattened (paged; else unused)
     q_ref,  # [T, N, D] in the cache dtype (T a multiple of 8)
-    k_ref,  # [L, B, K, S, D] (S a multiple of 8, >= block_k)
-    v_ref,  # [L, B, K, S, D]
+    k_ref,  # [L, B, K, S, D] (S a multiple of 8, >= block_k); paged: [L, P, K, page_size, D]
+    v_ref,  # like k_ref
     # outputs
     o_ref,  # [T, N, D] in q's dtype; only the rows of live tiles are written
     *,
@@ -119,11 +120,15 @@ def _kernel(
     scale: float,
     window: int | None,
     softcap: float | None,
+    pages_per_seq: int | None,  # M: the block table's columns (None: a contiguous cache)
 ):
     plgpu = backend.mosaic_gpu_module()
     wgmma_layout = plgpu.Layout.WGMMA
     block_q, heads, block_k, stages = config
-    num_layers, _, _, max_len, head_dim = k_ref.shape
+    num_layers, num_pages, _, max_len, head_dim = k_ref.shape
+    page_size = max_len
+    if pages_per_seq is not None:
+        max_len = pages_per_seq * page_size
     dtype = k_ref.dtype
     head_group, tile = lax.axis_index("heads"), lax.axis_index("tile")
     b, row0, skip, nrows, pos_base, lo, hi, t_lo, u_lo, u_hi, t_hi = (table_ref[tile * NCOL + c] for c in range(NCOL))
@@ -132,19 +137,27 @@ def _kernel(
     first_head = head_group * heads
     kv_head = lax.div(first_head, jnp.int32(group))
     steps = t_hi - t_lo
+    copies = 1 if pages_per_seq is None else block_k // page_size  # TMA copies per K or V block
 
     def window_start(t):  # first position loaded for block t: the block itself, slid back to end inside S
         return pl.multiple_of(jnp.minimum(t * block_k, max_len - block_k), ALIGN)
 
     def attend(q_smem, k_smem, v_smem, q_barriers, k_barriers, v_barriers):
         # q_smem [ROWS, D]; k_smem, v_smem [stages, bk, D]; one barrier per query head and per slot and operand
-        def fetch_k(i, slot):  # K of the loop's block i into a ring slot
-            rows = pl.ds(window_start(t_lo + i), block_k)
-            plgpu.copy_gmem_to_smem(k_ref.at[layer, b, kv_head, rows], k_smem.at[slot], k_barriers.at[slot])
+        def fetch(ref, smem, barriers, i, slot):  # K or V of the loop's block i into a ring slot
+            start = window_start(t_lo + i)
+            if pages_per_seq is None:
+                src = ref.at[layer, b, kv_head, pl.ds(start, block_k)]
+                plgpu.copy_gmem_to_smem(src, smem.at[slot], barriers.at[slot])
+                return
+            first = b * pages_per_seq + lax.div(start, jnp.int32(page_size))
+            for j in range(block_k // page_size):  # one copy per page, all arriving on the slot's barrier
+                page = jnp.minimum(jnp.maximum(pages_ref[first + j], 0), num_pages - 1)  # < 0: masked positions
+                dst = smem.at[slot, pl.ds(j * page_size, page_size)]
+                plgpu.copy_gmem_to_smem(ref.at[layer, page, kv_head], dst, barriers.at[slot])
 
-        def fetch_v(i, slot):
-            rows = pl.ds(window_start(t_lo + i), block_k)
-            plgpu.copy_gmem_to_smem(v_ref.at[layer, b, kv_head, rows], v_smem.at[slot], v_barriers.at[slot])
+        fetch_k = functools.partial(fetch, k_ref, k_smem, k_barriers)
+        fetch_v = functools.partial(fetch, v_ref, v_smem, v_barriers)
 
         # The query tile and the first K/V blocks are all in flight before the program waits for any.
         for g in range(heads):
@@ -239,8 +252,8 @@ def _kernel(
         plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=_swizzled(dtype)),
         plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=_swizzled(dtype)),
         plgpu.Barrier(num_barriers=heads),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
     )
 
     def store(o_smem):
@@ -268,16 +281,18 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config"))
-def _attend(q, k, v, q_starts, lengths, counts, layer, *, scale, window, softcap, config: MgpuMultiTokenConfig):
-    # q [T, N, D]; k, v [L, B, K, S, D] (S a multiple of 8, >= block_k); q_starts, lengths, counts int32[B]
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "pages_per_seq"))
+def _attend(q, k, v, pages, q_starts, lengths, counts, layer, *, scale, window, softcap, config, pages_per_seq=None):
+    # q [T, N, D]; k, v [L, B, K, S, D] (S a multiple of 8, >= block_k) or pools [L, P, K, page_size, D] with
+    # pages int32[B * M] (else unused); q_starts, lengths, counts int32[B]; layer int32[1]
     plgpu = backend.mosaic_gpu_module()
     num_rows, num_heads, head_dim = q.shape
     group = num_heads // k.shape[2]
     table = tile_table(
         q_starts, lengths, counts, num_rows=num_rows, block_q=config.block_q, block_k=config.block_k, window=window
     )
-    body = functools.partial(_kernel, config=config, group=group, scale=scale, window=window, softcap=softcap)
+    options = dict(scale=scale, window=window, softcap=softcap, pages_per_seq=pages_per_seq)
+    body = functools.partial(_kernel, config=config, group=group, **options)
 
     def jkv_multi_token_attention_mgpu(*refs):  # the kernel's name in profiles
         body(*refs)
@@ -292,7 +307,7 @@ def _attend(q, k, v, q_starts, lengths, counts, layer, *, scale, window, softcap
         grid=(num_heads // config.heads_per_tile, table.shape[0]),
         grid_names=("heads", "tile"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(table.reshape(-1), layer, q_in, k, v)
+    )(table.reshape(-1), layer, pages, q_in, k, v)
     return out if rows == num_rows else out[:num_rows]
 
 
@@ -380,4 +395,4 @@ def _prepared_call(q, k, v, q_starts, lengths, counts, layer, scale, window, sof
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     softcap = None if softcap is None else float(softcap)
     options = dict(scale=scale, window=window, softcap=softcap, config=config)
-    return _attend(q, k, v, q_starts, lengths, counts, layer, **options)
+    return _attend(q, k, v, jnp.zeros((1,), jnp.int32), q_starts, lengths, counts, layer, **options)

@@ -194,7 +194,16 @@ def test_lowers_for_cuda_without_slicing_the_layer(num_rows, batch, config, wind
     sd = jax.ShapeDtypeStruct
     cache = sd((layers, batch, kv_heads, max_len, head_dim), jnp.bfloat16)
     ints = sd((batch,), jnp.int32)
-    args = (sd((num_rows, 8, head_dim), jnp.bfloat16), cache, cache, ints, ints, ints, sd((1,), jnp.int32))
+    args = (
+        sd((num_rows, 8, head_dim), jnp.bfloat16),
+        cache,
+        cache,
+        sd((1,), jnp.int32),
+        ints,
+        ints,
+        ints,
+        sd((1,), jnp.int32),
+    )
     options = dict(scale=0.1, window=window, softcap=None, config=config)
     text = mgpu._attend.trace(*args, **options).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -207,7 +216,7 @@ def test_long_prefill_holds_nothing_of_size_t_times_s():
     sd = jax.ShapeDtypeStruct
     cache = sd((1, 1, 8, max_len, 128), jnp.bfloat16)
     ints = sd((1,), jnp.int32)
-    args = (sd((rows, 32, 128), jnp.bfloat16), cache, cache, ints, ints, ints, sd((1,), jnp.int32))
+    args = (sd((rows, 32, 128), jnp.bfloat16), cache, cache, sd((1,), jnp.int32), ints, ints, ints, sd((1,), jnp.int32))
     config = mgpu.mgpu_multi_token_config(32, 8, 128, jnp.bfloat16)
     options = dict(scale=0.1, window=None, softcap=None, config=config)
     text = mgpu._attend.trace(*args, **options).lower(lowering_platforms=("cuda",)).as_text()
