@@ -13,11 +13,10 @@ The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later):
   all (a warpgroup MMA's M), head-major: row ``r`` is head ``r // block_q``, token ``r % block_q``. Several
   heads per tile make a short query run (T = 5 verification) fill the MMA while reading each K/V block once per
   kv head; for a long prompt the work per K/V block is the same as one head per tile;
-* the tile table (``multi_token_tiles.tile_table``, plain ``jnp`` outside the kernel) lists every tile's sequence, rows,
-  positions, key range and loop bounds, the longest key loops first; tiles over rows no sequence owns have an
-  empty key loop and store zeros; the grid is static (``(N / heads_per_tile, max tiles)``), dead tiles store
-  nothing. A tile starts on an 8-row boundary of ``q`` (tiled TMA copies need that); the rows before the
-  sequence's first are another segment's, computed and never stored;
+* the tile table (``multi_token_tiles.tile_table``, ``jnp`` outside the kernel) gives each tile's sequence, rows,
+  positions, key range and loop bounds, longest loops first; tiles over rows no sequence owns store zeros; the
+  grid is static (``(N / heads_per_tile, max tiles)``). A tile starts on an 8-row boundary of ``q`` (tiled TMA
+  copies need that): rows before the sequence's first are another's, computed and never stored;
 * one warpgroup per program: the query tile in shared memory is the left MMA operand; K and V blocks of
   ``block_k`` positions stream through a ``num_stages``-slot TMA ring from the window start to the tile's last
   position, each slot refilled once the MMA reading it has completed; ``s = q @ K^T`` and ``acc += p @ V`` are
@@ -27,8 +26,8 @@ The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later):
 * the output tile goes through an untiled shared-memory buffer to ``o`` in power-of-two row pieces (a TMA copy has
   a static size), so only the sequence's rows are written.
 
-Launch parameters: :class:`MgpuMultiTokenConfig` and its rule :func:`mgpu_multi_token_config`. Paged K/V is not
-taken yet (see docs/BENCHMARKS.md, "Multi-token attention (issue 20)").
+Launch parameters: :class:`MgpuMultiTokenConfig`, :func:`mgpu_multi_token_config`. Paged K/V:
+``multi_token_mgpu_paged``; two consumer warpgroups and a producer: ``multi_token_mgpu_ws``.
 """
 
 from __future__ import annotations
@@ -73,10 +72,10 @@ def mgpu_multi_token_config(num_q_heads: int, num_kv_heads: int, head_dim: int, 
     return MgpuMultiTokenConfig(block_q=ROWS // heads, heads_per_tile=heads, block_k=64, num_stages=2)
 
 
-def smem_bytes(config: MgpuMultiTokenConfig, head_dim: int, itemsize: int, out_itemsize: int) -> int:
-    """Shared memory of one program: query tile, output tile and the K/V ring."""
+def smem_bytes(config: MgpuMultiTokenConfig, head_dim: int, itemsize: int, out_itemsize: int, consumers=1) -> int:
+    """Shared memory of one program: query and output tiles (one each per consumer warpgroup) and the K/V ring."""
     ring = config.num_stages * 2 * config.block_k * head_dim * itemsize
-    return ROWS * head_dim * (itemsize + out_itemsize) + ring
+    return consumers * ROWS * head_dim * (itemsize + out_itemsize) + ring
 
 
 def mgpu_unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
@@ -256,25 +255,32 @@ def _kernel(
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
     )
 
-    def store(o_smem):
-        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # no keys (a gap tile): zeros
-        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
-        plgpu.commit_smem()
-        # Rows skip .. skip + nrows - 1 of each head's block, in pieces of the powers of two that sum to nrows.
-        size = block_q
-        while size >= 1:
-            first = skip + nrows - lax.rem(nrows, jnp.int32(2 * size))
+    pl.run_scoped(
+        lambda o_smem: store_rows(plgpu, acc, denom, o_smem, o_ref, row0, skip, nrows, first_head, config),
+        plgpu.SMEM((ROWS, head_dim), o_ref.dtype),
+    )
 
-            @pl.when(lax.rem(lax.div(nrows, jnp.int32(size)), jnp.int32(2)) == 1)
-            def _piece(first=first, size=size):
-                for g in range(heads):
-                    src = o_smem.at[pl.ds(g * block_q + first, size)]
-                    plgpu.copy_smem_to_gmem(src, o_ref.at[pl.ds(row0 + first, size), first_head + g])
 
-            size //= 2
-        plgpu.wait_smem_to_gmem(0)
+def store_rows(plgpu, acc, denom, o_smem, o_ref, row0, skip, nrows, first_head, config) -> None:
+    """Normalise a tile's ``acc`` (no keys: zeros) into the untiled ``o_smem [ROWS, D]`` and copy rows
+    ``skip .. skip + nrows - 1`` of each head's block to ``o_ref`` rows ``row0 + skip ..``, in pieces of the
+    powers of two that sum to ``nrows`` (a TMA copy has a static size)."""
+    block_q, heads = config.block_q, config.heads_per_tile
+    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+    plgpu.commit_smem()
+    size = block_q
+    while size >= 1:
+        first = skip + nrows - lax.rem(nrows, jnp.int32(2 * size))
 
-    pl.run_scoped(store, plgpu.SMEM((ROWS, head_dim), o_ref.dtype))
+        @pl.when(lax.rem(lax.div(nrows, jnp.int32(size)), jnp.int32(2)) == 1)
+        def _piece(first=first, size=size):
+            for g in range(heads):
+                src = o_smem.at[pl.ds(g * block_q + first, size)]
+                plgpu.copy_smem_to_gmem(src, o_ref.at[pl.ds(row0 + first, size), first_head + g])
+
+        size //= 2
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -322,7 +328,7 @@ def check_mgpu_args(q, k, v, q_starts, lengths, counts, layer=None, *, window=No
     return t, n, kh, s, d
 
 
-def resolve_config(config, num_heads: int, kv_heads: int, head_dim: int, dtype, out_dtype) -> MgpuMultiTokenConfig:
+def resolve_config(config, num_heads, kv_heads, head_dim, dtype, out_dtype, consumers=1) -> MgpuMultiTokenConfig:
     """``config`` (None: :func:`mgpu_multi_token_config`), checked against the MMA and shared memory."""
     if config is None:
         config = mgpu_multi_token_config(num_heads, kv_heads, head_dim, dtype)
@@ -340,7 +346,7 @@ def resolve_config(config, num_heads: int, kv_heads: int, head_dim: int, dtype, 
         raise ValueError(f"config.heads_per_tile={config.heads_per_tile} must divide G={num_heads // kv_heads}")
     if config.block_k not in BLOCK_KS:
         raise ValueError(f"config.block_k={config.block_k} must be one of {BLOCK_KS}")
-    need = smem_bytes(config, head_dim, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize)
+    need = smem_bytes(config, head_dim, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize, consumers)
     budget = backend.shared_memory_per_block() - MGPU_SMEM_RESERVE
     if need > budget:
         raise ValueError(f"{config} needs {need} bytes of shared memory at head_dim={head_dim}, more than {budget}")

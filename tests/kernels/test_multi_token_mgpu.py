@@ -47,6 +47,8 @@ CASES = [
         None,
     ),
     ("ragged_g4_heads_1_bk128", RAGGED, 8, 2, 128, 300, 90, 10.0, Config(64, 1, 128, 2)),
+    # tiles whose first query sits 2 below a block's end: the unmasked run must stop before that block
+    ("chunk_diagonal_edge", dict(q_starts=[0], lengths=[62], counts=[70], rows=72), 4, 1, 64, 160, None, None, None),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -61,8 +63,10 @@ def case_inputs(rng, case):
     return q, k, v, starts, lengths, counts, window, softcap, config
 
 
-def emulate(table, q, k, v, *, config, scale, window, softcap):
-    """The kernel's algorithm over ``table`` in float64 NumPy: out (NaN where no tile stored) and stores per row."""
+def emulate(tiles, q, k, v, *, config, scale, window, softcap):
+    """The kernel's algorithm in float64 NumPy over ``tiles`` (rows of a tile table: one per 64-row MMA tile):
+    the blocks each loads, its masks, the V rows it zeroes, the rows it stores. Returns out (NaN where no tile
+    stored) and the stores per row."""
     num_rows, num_heads, _ = q.shape
     block_q, _, block_k, _ = config
     max_len = k.shape[2]
@@ -70,7 +74,7 @@ def emulate(table, q, k, v, *, config, scale, window, softcap):
     k, v = (np.pad(x, ((0, 0), (0, 0), (0, padded - max_len), (0, 0)), constant_values=np.nan) for x in (k, v))
     kv_of_head = np.arange(num_heads) // (num_heads // k.shape[1])
     out, stores = np.full(q.shape, np.nan), np.zeros(num_rows, int)
-    for b, row0, skip, nrows, pos_base, lo, hi, t_lo, u_lo, u_hi, t_hi in np.asarray(table):
+    for b, row0, skip, nrows, pos_base, lo, hi, t_lo, u_lo, u_hi, t_hi in tiles:
         if nrows == 0:
             continue
         assert row0 % 8 == 0 and 0 <= skip and skip + nrows <= block_q and t_lo <= u_lo <= u_hi <= t_hi
@@ -119,7 +123,7 @@ def test_tile_table_through_an_emulation_of_the_kernel(rng, case):
     work = np.asarray(table[:, -1] - table[:, -4])
     assert (np.diff(work) <= 0).all()  # the longest key loops first
     scale = q.shape[2] ** -0.5
-    out, stores = emulate(table, q, k, v, config=config, scale=scale, window=window, softcap=softcap)
+    out, stores = emulate(np.asarray(table), q, k, v, config=config, scale=scale, window=window, softcap=softcap)
     np.testing.assert_array_equal(stores, 1)
     ref = multi_token_attention_f64(q, k, v, starts, lengths, counts, window=window, softcap=softcap)
     assert rel_err(out, ref) < 1e-12
