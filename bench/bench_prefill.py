@@ -10,7 +10,8 @@ Rows (each checked against a float32 XLA reference, relative error, before it is
 
 * ``mgpu``: ``pallas_kernels.multi_token_mgpu.multi_token_attention_mgpu`` on the flat ``q [T, N, D]`` and the
   contiguous ``[B, K, S, D]`` cache; ``mgpu_paged`` (chunk): ``multi_token_mgpu_paged`` on the same contents in
-  page-16 pools ``[P, K, 16, D]`` at randomly permuted pages;
+  page-16 pools ``[P, K, 16, D]`` at randomly permuted pages; ``mgpu_ws``: its warp-specialised variant
+  (``multi_token_mgpu_ws``: two consumer warpgroups, one producer);
 * ``triton``: ``pallas_kernels.multi_token.multi_token_attention`` (imported lazily; skipped where absent), and
   ``triton_paged`` (the same pools and table) for the chunk where that module has a paged entry
   (:data:`PAGED_ENTRIES`, called as ``entry(q, k_pages, v_pages, block_tables, q_starts, lengths, counts)``);
@@ -56,11 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench import common
+from bench.prefill_peers import bench_torch, dpa, dpa_sets, paged_sets
 
-PAGE_SIZE = 16
 PAGED_ENTRIES = ("multi_token_attention_paged", "paged_multi_token_attention")  # the Triton module's paged entry
 
 
@@ -134,110 +134,6 @@ def reference(case: Case):
     return jax.jit(fn)
 
 
-def dpa_sets(case: Case, sets: list) -> list:
-    """``(q [B, T, N, D], k, v [B, S', K, D] of the cached prefix, k, v of the new positions)`` for jax's
-    ``dot_product_attention`` (copies made here, outside the timing)."""
-    n, _, d = case.heads
-    to_bskd = lambda x, a, b: jnp.swapaxes(x[:, :, a:b], 1, 2)
-    out = []
-    for q, k, v, *_ in sets:
-        prefix = (to_bskd(k, 0, case.cached), to_bskd(v, 0, case.cached)) if case.cached else (None, None)
-        new = (to_bskd(k, case.cached, case.cached + case.new), to_bskd(v, case.cached, case.cached + case.new))
-        out.append((q.reshape(case.batch, case.new, n, d), *prefix, *new))
-    return out
-
-
-def dpa(case: Case, implementation: str):
-    """jax's ``dot_product_attention`` over a cached prefix and new keys: one causal call for a prefill, else the
-    prefix (no mask) and the new keys (causal, square) merged by their log-sum-exps (``return_residual``, which
-    makes cuDNN's forward write its ``[B, N, T]`` statistics too)."""
-
-    def attend(q, k, v, causal, residual):
-        out = jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation=implementation, return_residual=residual
-        )
-        return out if residual else (out, None)
-
-    def fn(q, k_old, v_old, k_new, v_new):
-        out, lse = attend(q, k_new, v_new, True, k_old is not None)
-        if k_old is not None:
-            out_old, lse_old = attend(q, k_old, v_old, False, True)
-            lse, lse_old = lse.astype(jnp.float32), lse_old.astype(jnp.float32)
-            total = jnp.logaddexp(lse, lse_old)
-            w, w_old = jnp.exp(lse - total)[..., None], jnp.exp(lse_old - total)[..., None]  # [B, T, N, 1]
-            out = (out.astype(jnp.float32) * w + out_old.astype(jnp.float32) * w_old).astype(q.dtype)
-        return out
-
-    return fn
-
-
-def torch_flash(torch, case: Case, expand: bool):
-    """torch SDPA forced to the flash backend on ``[B, N, T, D]`` queries and ``[B, K, S', D]`` readable K/V
-    (``enable_gqa``; ``expand``: K/V heads repeated to N outside the timing instead, where that is refused)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
-
-    n, kh, d = case.heads
-    keys = case.cached + case.new
-    mask = None if case.cached == 0 else causal_lower_right(case.new, keys)
-
-    def fn(q, k, v):
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=not expand
-            )
-
-    def kv(x):  # a copy: the readable positions only (and every query head's own, expanded)
-        x = x[:, :, :keys]
-        return torch.from_dlpack(jnp.repeat(x, n // kh, axis=1) if expand else x)
-
-    def to_torch(sets):
-        q_bntd = lambda q: jnp.swapaxes(q.reshape(case.batch, case.new, n, d), 1, 2)
-        return [(torch.from_dlpack(q_bntd(q)), kv(k), kv(v)) for q, k, v, *_ in sets]
-
-    return fn, to_torch
-
-
-def bench_torch(torch, case: Case, sets, ref, est_s: float, *, sample: bool, log) -> tuple[dict, object]:
-    """The ``torch_flash`` row (enable_gqa, else expanded K/V) and its sampler for the interleaved rounds."""
-    errors = []
-    for expand in (False, True):
-        fn, to_torch = torch_flash(torch, case, expand)
-        try:
-            tsets = to_torch(sets)
-            out = jnp.asarray(np.asarray(fn(*tsets[0]).float().cpu()))
-            err = common.rel_err(jnp.swapaxes(out, 1, 2).reshape(ref.shape), ref)
-            timing = common.time_torch(torch, fn, tsets, est_s)
-        except Exception as e:  # torch's flash backend refused: report it, try expanded K/V
-            errors.append(f"{type(e).__name__}: {str(e)[:700]}")
-            log(f"  torch_flash    ERROR (expand={expand}) {errors[-1][:600]}")
-            continue
-        tflops = flops(case) / timing["time_s"] / 1e12
-        log(f"  {'torch_flash':14s} {timing['time_s'] * 1e6:10.1f} us {tflops:7.1f} TFLOP/s  err {err:.1e}")
-        sampler = common.torch_sampler(torch, fn, tsets, est_s) if sample else None
-        return {**timing, "tflops": tflops, "rel_err": err, "expanded_kv": expand, "errors": errors}, sampler
-    return {"error": " / ".join(errors)}, None
-
-
-def paged_sets(sets: list, seed: int) -> list:
-    """The cache as page pools ``[P, K, PAGE_SIZE, D]`` and a permuted block table ``int32[B, S / PAGE_SIZE]``."""
-
-    def pool(x, table):
-        batch, kh, max_len, d = x.shape
-        pages = x.reshape(batch, kh, max_len // PAGE_SIZE, PAGE_SIZE, d).swapaxes(1, 2)
-        flat = pages.reshape(-1, kh, PAGE_SIZE, d)
-        return jnp.zeros_like(flat).at[table.reshape(-1)].set(flat)
-
-    out = []
-    for q, k, v, starts, lengths, counts in sets:
-        batch, pages = k.shape[0], k.shape[2] // PAGE_SIZE
-        perm = np.random.default_rng(seed).permutation(batch * pages)
-        table = jnp.asarray(perm.reshape(batch, pages), jnp.int32)
-        out.append((q, pool(k, table), pool(v, table), table, starts, lengths, counts))
-    return out
-
-
 def smoke_time(fn, arg_sets, est_s: float) -> dict:
     """The smoke run's timing: compile, then the median wall time of three calls (no profiler, no chain)."""
     del est_s
@@ -266,6 +162,9 @@ def jkv_rows(case: Case, smoke: bool, configs=()) -> dict:
         from pallas_kernels import multi_token_mgpu as mgpu
 
         rows["mgpu"] = (mgpu.multi_token_attention_mgpu, None)
+        from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws
+
+        rows["mgpu_ws"] = (multi_token_attention_mgpu_ws, None)
         if case.batch == 1 and case.cached:  # the chunk: the same kernel through a permuted page-16 block table
             from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged
 
@@ -330,7 +229,7 @@ def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log, c
         if rounds:
             samplers["decode"] = common.jax_sampler(dispatch.decode_attention_auto, dec, est_s / case.new)
     if torch is not None and not smoke:
-        results["torch_flash"], sampler = bench_torch(torch, case, sets, ref, est_s, sample=rounds > 0, log=log)
+        results["torch_flash"], sampler = bench_torch(torch, case, sets, ref, work, est_s, sample=rounds > 0, log=log)
         if sampler is not None:
             samplers["torch_flash"] = sampler
     out = {"case": name, **case._asdict(), "flops": work, "rotating_copies": copies, "results": results}
@@ -348,7 +247,18 @@ def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log, c
 def table(reports: list[dict]) -> str:
     """us per call (TFLOP/s) per case and row; jkv's speed against cuDNN (> 1: faster; interleaved medians where
     timed so) and the verification's time over the decode step's (issue 20: <= 1.3)."""
-    rows = ("mgpu", "mgpu_paged", "triton", "triton_paged", "cudnn", "torch_flash", "xla", "xla_ref", "decode")
+    rows = (
+        "mgpu",
+        "mgpu_ws",
+        "mgpu_paged",
+        "triton",
+        "triton_paged",
+        "cudnn",
+        "torch_flash",
+        "xla",
+        "xla_ref",
+        "decode",
+    )
     swept = sorted({r for rep in reports for r in rep["results"] if r.startswith("mgpu[")})
     present = [r for r in (*rows[:1], *swept, *rows[1:]) if any(r in rep["results"] for rep in reports)]
     lines = [
@@ -360,7 +270,7 @@ def table(reports: list[dict]) -> str:
         res, inter = rep["results"], rep.get("interleaved", {})
         t = lambda r, res=res, inter=inter: inter.get(r, res.get(r, {})).get("time_s", float("nan"))
         cell = lambda r, res=res, t=t: f"{t(r) * 1e6:8.1f} ({res.get(r, {}).get('tflops', float('nan')):6.1f})"
-        best = min((x for x in (t("mgpu"), t("triton")) if not math.isnan(x)), default=float("nan"))
+        best = min((x for x in (t("mgpu"), t("mgpu_ws"), t("triton")) if not math.isnan(x)), default=float("nan"))
         lines.append(
             f"{rep['case']:>12} "
             + " ".join(f"{cell(r):>17}" for r in present)

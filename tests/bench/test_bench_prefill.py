@@ -1,5 +1,6 @@
-"""bench/bench_prefill.py: its FLOP count, its paged copy of the cache, and a smoke run on the CPU (tiny shapes, the
-XLA rows: the script's inputs, the split-and-merge form of the cuDNN row, its JSON lines and table)."""
+"""bench/bench_prefill.py: its FLOP count, its paged copy of the cache (bench/prefill_peers.py), and a smoke run on
+the CPU (tiny shapes, the XLA rows: the script's inputs, the split-and-merge form of the cuDNN row, its JSON lines
+and table)."""
 
 import json
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
 
-from bench import bench_prefill
+from bench import bench_prefill, prefill_peers
 
 
 @pytest.mark.parametrize("name", list(bench_prefill.CASES))
@@ -25,9 +26,9 @@ def test_flops_count_the_causal_mask(name):
 def test_paged_sets_hold_the_cache_under_a_permuted_table():
     case = bench_prefill.Case(2, 16, 8, 48, (4, 2, 8))
     sets, _ = bench_prefill.case_sets(case, seed=0, rotate_bytes=0)
-    ((_, k_pool, v_pool, table, *_),) = bench_prefill.paged_sets(sets, seed=3)
+    ((_, k_pool, v_pool, table, *_),) = prefill_peers.paged_sets(sets, seed=3)
     k, v = sets[0][1], sets[0][2]
-    assert table.shape == (2, 48 // bench_prefill.PAGE_SIZE)
+    assert table.shape == (2, 48 // prefill_peers.PAGE_SIZE)
     assert sorted(np.asarray(table).ravel()) != list(np.asarray(table).ravel())  # permuted
     for pool, cache in ((k_pool, k), (v_pool, v)):
         gathered = pool[table]  # [B, pages, K, page, D]
