@@ -8,6 +8,9 @@ from pallas_kernels.decode_mgpu import MgpuConfig, decode_attention_mgpu, mgpu_c
 from pallas_kernels.decode_q8 import q8_decode_attention, q8_decode_config
 from pallas_kernels.dequantize import dequantize_q8
 from pallas_kernels.dispatch import decode_attention_auto, prefer_mgpu
+from pallas_kernels.multi_token_mgpu import MgpuMultiTokenConfig, mgpu_multi_token_config, multi_token_attention_mgpu
+from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged
+from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws
 from pallas_kernels.paged import PagedConfig, paged_config, paged_decode_attention
 from pallas_kernels.paged_q8 import paged_q8_config, paged_q8_decode_attention
 from pallas_kernels.reference import (
@@ -25,6 +28,7 @@ from pallas_kernels.rms_norm import residual_rms_norm
 __all__ = [
     "DecodeConfig",
     "MgpuConfig",
+    "MgpuMultiTokenConfig",
     "PagedConfig",
     "decode_attention",
     "decode_attention_append",
@@ -38,6 +42,10 @@ __all__ = [
     "merge_partials",
     "merge_partials_reference",
     "mgpu_config",
+    "mgpu_multi_token_config",
+    "multi_token_attention_mgpu",
+    "multi_token_attention_mgpu_paged",
+    "multi_token_attention_mgpu_ws",
     "paged_config",
     "paged_decode_attention",
     "paged_decode_attention_reference",
