@@ -53,7 +53,7 @@ def tile_table(q_starts, lengths, counts, *, num_rows: int, block_q: int, block_
     tile_end = jnp.cumsum(n_tiles)
     # Tile i of the table.
     i = jnp.arange(max_tiles(num_rows, batch, block_q), dtype=jnp.int32)
-    seg = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), 2 * batch)
+    seg = jnp.minimum(jnp.searchsorted(tile_end, i, side="right", method="compare_all"), 2 * batch)  # one fusion
     alive = i < tile_end[-1]
     row0 = a0[seg] + (i - (tile_end - n_tiles)[seg]) * block_q
     row_first = jnp.maximum(seg_s[seg], row0)
