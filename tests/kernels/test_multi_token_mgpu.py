@@ -174,6 +174,17 @@ class TestOnHopper:
         assert out.dtype == jnp.float32
         assert rel_err(np.asarray(out, np.float64), ref) < REL_TOL["bfloat16"]
 
+    def test_long_prefill_memory_is_not_t_times_s(self):
+        """Issue 20: a 32k-token prompt's prefill never allocates memory proportional to T x S (the compiled
+        program's temporaries, read from its memory analysis, stay below one T x S array of bf16 / 16)."""
+        rows = max_len = 32768
+        q = jax.ShapeDtypeStruct((rows, 32, 128), jnp.bfloat16)
+        cache = jax.ShapeDtypeStruct((8, 1, 8, max_len, 128), jnp.bfloat16)
+        ints = jax.ShapeDtypeStruct((1,), jnp.int32)
+        fn = jax.jit(lambda q, k, v, s, n, c: mgpu.multi_token_attention_mgpu(q, k, v, s, n, c, layer=3))
+        memory = fn.lower(q, cache, cache, ints, ints, ints).compile().memory_analysis()
+        assert memory.temp_size_in_bytes < rows * max_len * 2 // 16, memory
+
     @pytest.mark.parametrize("head_dim", [256])
     def test_head_dim_256(self, rng, head_dim):
         case = ("verify", VERIFY, 8, 2, head_dim, 200, None, None, None)
