@@ -11,6 +11,9 @@ from pallas_kernels.dequantize import dequantize_q8
 from pallas_kernels.dispatch import decode_attention_auto, prefer_mgpu
 from pallas_kernels.multi_token import multi_token_attention
 from pallas_kernels.multi_token_args import MultiTokenConfig, multi_token_config
+from pallas_kernels.multi_token_mgpu import MgpuMultiTokenConfig, mgpu_multi_token_config, multi_token_attention_mgpu
+from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged
+from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws
 from pallas_kernels.multi_token_paged import paged_multi_token_attention
 from pallas_kernels.multi_token_quant import (
     fp8_multi_token_attention,
@@ -41,6 +44,7 @@ from pallas_kernels.rms_norm import residual_rms_norm
 __all__ = [
     "DecodeConfig",
     "MgpuConfig",
+    "MgpuMultiTokenConfig",
     "MultiTokenConfig",
     "PagedConfig",
     "decode_attention",
@@ -57,7 +61,11 @@ __all__ = [
     "merge_partials",
     "merge_partials_reference",
     "mgpu_config",
+    "mgpu_multi_token_config",
     "multi_token_attention",
+    "multi_token_attention_mgpu",
+    "multi_token_attention_mgpu_paged",
+    "multi_token_attention_mgpu_ws",
     "multi_token_attention_reference",
     "multi_token_config",
     "paged_config",

@@ -1,0 +1,260 @@
+"""A warp-specialised variant of the Mosaic GPU multi-token kernel (contiguous cache): two consumer warpgroups share
+one K/V ring that a producer warpgroup fills (the structure of jax's Hopper flash-attention kernel), so each K/V
+block goes through shared memory once per 128 query rows instead of once per 64.
+
+Same call and results as :func:`pallas_kernels.multi_token_mgpu.multi_token_attention_mgpu`. A tile is
+``2 * block_q`` tokens of one sequence (``multi_token_tiles.tile_table`` at that size); consumer ``w`` takes tokens
+``w * block_q ..`` of it, x the tile's query heads, as its own 64-row MMA tile with its own key range, and waits
+for (and releases) every block of the tile's range in order, skipping the compute of blocks outside its own. Both
+consumers zero the same V rows (outside the tile's key range) before their PV product: the same zeros, whichever
+writes first. Unverified on a GPU (see docs/BENCHMARKS.md, "Multi-token attention (issue 20)").
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import backend, common
+from pallas_kernels import multi_token_mgpu as mgpu
+from pallas_kernels.multi_token_tiles import ALIGN, NCOL, tile_table
+
+CONSUMERS = 2
+LOG2E, ROWS = mgpu.LOG2E, mgpu.ROWS
+
+
+def _own_range(wg, skip, nrows, pos_base, hi, tile_t_lo, *, block_q, block_k, window):
+    """Consumer ``wg``'s rows of the tile and its blocks: ``(skip, nrows, pos_base, t_lo, u_lo, u_hi, t_hi)``
+    (``tile_table``'s rules on its ``block_q`` tokens; no rows or no keys: the empty range at the tile's first
+    block, so that every block of the tile is skipped)."""
+    tok0 = wg * block_q
+    first, last = jnp.maximum(skip, tok0), jnp.minimum(skip + nrows, tok0 + block_q)
+    own = jnp.maximum(last - first, 0)
+    pos_first = pos_base + first
+    lo = 0 if window is None else jnp.maximum(pos_first - window + 1, 0)
+    has_keys = (own > 0) & (hi > 0)
+    t_lo = jnp.where(has_keys, lo // block_k, tile_t_lo)
+    t_hi = jnp.where(has_keys, -(-(pos_first + own) // block_k), tile_t_lo)
+    w_hi = 0 if window is None else jnp.maximum(pos_first + own - window, 0)
+    u_lo = jnp.minimum(jnp.maximum(-(-w_hi // block_k), t_lo), t_hi)
+    u_hi = jnp.minimum(jnp.maximum((pos_first + 1) // block_k, u_lo), t_hi)
+    return jnp.where(own > 0, first - tok0, 0), own, pos_base + tok0, t_lo, u_lo, u_hi, t_hi
+
+
+def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, scale, window, softcap):
+    # refs as in multi_token_mgpu._kernel (contiguous); the tile table is cut at 2 * block_q tokens
+    plgpu = backend.mosaic_gpu_module()
+    wgmma_layout = plgpu.Layout.WGMMA
+    block_q, heads, block_k, stages = config
+    num_layers, _, _, max_len, head_dim = k_ref.shape
+    dtype = k_ref.dtype
+    head_group, tile = lax.axis_index("heads"), lax.axis_index("tile")
+    b, row0, skip, nrows, pos_base, lo, hi, t_lo, _, _, t_hi = (table_ref[tile * NCOL + c] for c in range(NCOL))
+    row0 = pl.multiple_of(row0, ALIGN)
+    layer = jnp.minimum(jnp.maximum(layer_ref[0], 0), num_layers - 1)
+    first_head = head_group * heads
+    kv_head = lax.div(first_head, jnp.int32(group))
+    steps = t_hi - t_lo
+
+    def window_start(t):
+        return pl.multiple_of(jnp.minimum(t * block_k, max_len - block_k), ALIGN)
+
+    def scoped(q_smem, o_smem, k_smem, v_smem, q_barriers, k_barriers, v_barriers, k_free, v_free):
+        wg = lax.axis_index("wg")
+
+        def fetch(ref, smem, barriers, i, slot):
+            src = ref.at[layer, b, kv_head, pl.ds(window_start(t_lo + i), block_k)]
+            plgpu.copy_gmem_to_smem(src, smem.at[slot], barriers.at[slot])
+
+        @pl.when(wg == CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            for i in range(stages):
+
+                @pl.when(i < steps)
+                def _first(i=i):
+                    fetch(k_ref, k_smem, k_barriers, i, i)
+                    fetch(v_ref, v_smem, v_barriers, i, i)
+
+            @pl.loop(0, jnp.maximum(steps - stages, 0))
+            def _refill(i):
+                slot = lax.rem(i, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                fetch(k_ref, k_smem, k_barriers, i + stages, slot)
+                plgpu.barrier_wait(v_free.at[slot])
+                fetch(v_ref, v_smem, v_barriers, i + stages, slot)
+
+        @pl.when(wg < CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            own = _own_range(wg, skip, nrows, pos_base, hi, t_lo, block_q=block_q, block_k=block_k, window=window)
+            my_skip, my_rows, my_base, my_lo, my_ulo, my_uhi, my_hi = own
+            my_q = q_smem.at[wg]
+            for g in range(heads):
+                src = q_ref.at[pl.ds(pl.multiple_of(row0 + wg * block_q, ALIGN), block_q), first_head + g]
+                barrier = q_barriers.at[wg * heads + g]
+                plgpu.copy_gmem_to_smem(src, my_q.at[pl.ds(g * block_q, block_q)], barrier)
+            for g in range(heads):
+                plgpu.barrier_wait(q_barriers.at[wg * heads + g])
+
+            def step(i, carry, kind: str):
+                slot = lax.rem(i, jnp.int32(stages))
+                t = t_lo + i
+                start = window_start(t)
+                plgpu.barrier_wait(k_barriers.at[slot])
+                if kind == "skip":  # outside this consumer's keys: release the slot, keep the barriers' phases
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return carry
+                acc, m, denom = carry
+
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if softcap is None:
+                    s = s * (scale * LOG2E)
+                else:
+                    s = jnp.tanh(s * (scale / softcap)) * (softcap * LOG2E)
+                if kind == "masked":
+                    shape = (ROWS, block_k)
+                    pos = start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+                    row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+                    limit = my_base + lax.rem(row, jnp.int32(block_q))
+                    valid = (pos >= t * block_k) & (pos <= limit)
+                    if window is not None:
+                        valid = valid & (pos + window > limit)
+                    s = jnp.where(valid, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=1))
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                else:
+                    m_new = m_use = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_use)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                denom = denom * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_barriers.at[slot])
+                if kind == "masked":
+                    keep_lo = jnp.maximum(lo, t * block_k)  # the tile's range: both consumers write the same zeros
+
+                    @pl.when((start < keep_lo) | (start + block_k > hi))
+                    def _zero_outside():
+                        v_slot = v_smem.at[slot]
+                        v = v_slot[...]
+                        rows = start + plgpu.broadcasted_iota(jnp.int32, (block_k, head_dim), 0, layout=wgmma_layout)
+                        v_slot[...] = jnp.where((rows >= keep_lo) & (rows < hi), v, 0)
+                        plgpu.commit_smem()
+
+                acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot]))(
+                    plgpu.ACC.init(acc)
+                )
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, denom
+
+            carry = (
+                plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), wgmma_layout),
+                plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), wgmma_layout.reduce(1)),
+            )
+            bounds = (0, my_lo - t_lo, my_ulo - t_lo, my_uhi - t_lo, my_hi - t_lo, steps)
+            kinds = ("skip", "masked", "plain", "masked", "skip")
+            for (a, z), kind in zip(itertools.pairwise(bounds), kinds, strict=True):
+                carry = lax.fori_loop(a, z, functools.partial(step, kind=kind), carry)
+            acc, _, denom = carry
+            mgpu.store_rows(
+                plgpu, acc, denom, o_smem.at[wg], o_ref, row0 + wg * block_q, my_skip, my_rows, first_head, config
+            )
+
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((CONSUMERS, ROWS, head_dim), dtype, transforms=mgpu._swizzled(dtype)),
+        plgpu.SMEM((CONSUMERS, ROWS, head_dim), o_ref.dtype),
+        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=mgpu._swizzled(dtype)),
+        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=mgpu._swizzled(dtype)),
+        plgpu.Barrier(num_barriers=CONSUMERS * heads),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        collective_axes="wg",
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config"))
+def _attend(q, k, v, q_starts, lengths, counts, layer, *, scale, window, softcap, config):
+    # as multi_token_mgpu._attend for a contiguous [L, B, K, S, D] cache
+    plgpu = backend.mosaic_gpu_module()
+    num_rows, num_heads, head_dim = q.shape
+    table = tile_table(
+        q_starts,
+        lengths,
+        counts,
+        num_rows=num_rows,
+        block_q=CONSUMERS * config.block_q,
+        block_k=config.block_k,
+        window=window,
+    )
+    group = num_heads // k.shape[2]
+    body = functools.partial(_kernel, config=config, group=group, scale=scale, window=window, softcap=softcap)
+
+    def jkv_multi_token_attention_mgpu_ws(*refs):  # the kernel's name in profiles
+        body(*refs)
+
+    rows = -(-num_rows // ALIGN) * ALIGN
+    q_in = q.astype(k.dtype)  # the MMA takes the cache's dtype (a copy of q only where they differ)
+    if rows != num_rows:  # whole 8-row tiles (a copy of q; the step's token buckets are multiples of 8)
+        q_in = jnp.pad(q_in, ((0, rows - num_rows), (0, 0), (0, 0)))
+    out = plgpu.kernel(
+        jkv_multi_token_attention_mgpu_ws,
+        out_type=jax.ShapeDtypeStruct((rows, num_heads, head_dim), q.dtype),
+        grid=(num_heads // config.heads_per_tile, table.shape[0]),
+        grid_names=("heads", "tile"),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(table.reshape(-1), layer, q_in, k, v)
+    return out if rows == num_rows else out[:num_rows]
+
+
+def multi_token_attention_mgpu_ws(
+    q: Float[Array, "T N D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    q_starts: Int[Array, " B"],
+    lengths: Int[Array, " B"],
+    counts: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    config: mgpu.MgpuMultiTokenConfig | None = None,
+) -> Float[Array, "T N D"]:
+    """:func:`pallas_kernels.multi_token_mgpu.multi_token_attention_mgpu`, warp-specialised (see the module doc)."""
+    q_starts, lengths, counts = (jnp.asarray(x).astype(jnp.int32) for x in (q_starts, lengths, counts))
+    options = dict(window=window, softcap=softcap)
+    _, n, kh, s, d = mgpu.check_mgpu_args(q, k, v, q_starts, lengths, counts, layer, **options)
+    config = mgpu.resolve_config(config, n, kh, d, k.dtype, q.dtype, consumers=CONSUMERS)
+    if not backend.mosaic_gpu_usable():
+        raise RuntimeError(
+            f"the Mosaic GPU multi-token kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}"
+        )
+    if k.ndim == 4:
+        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
+    padded = max(config.block_k, -(-s // ALIGN) * ALIGN)
+    if padded != s:  # a tiny cache, or S off the 8-row tile: pad it (a copy of the cache)
+        pad = [(0, 0)] * 3 + [(0, padded - s), (0, 0)]
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    options.update(scale=common.softmax_scale(scale, d), config=config)
+    options["softcap"] = None if softcap is None else float(softcap)
+    return _attend(q, k, v, q_starts, lengths, counts, layer, **options)

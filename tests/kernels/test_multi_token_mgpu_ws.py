@@ -1,0 +1,89 @@
+"""The warp-specialised Mosaic GPU multi-token kernel (two consumer warpgroups, one producer) against a float64
+NumPy reference on a Hopper GPU; on every host its consumers' split of each tile through the float64 emulation of
+test_multi_token_mgpu.py, its CUDA lowering and its shared-memory check."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from multi_token_f64 import multi_token_attention_f64
+from test_multi_token_mgpu import CASES, IDS, case_inputs, emulate
+
+from pallas_kernels import backend, multi_token_tiles
+from pallas_kernels import multi_token_mgpu as mgpu
+from pallas_kernels import multi_token_mgpu_ws as ws
+
+ON_HOPPER = backend.mosaic_gpu_usable()
+
+
+def consumer_tiles(table, *, config, window):
+    """Each tile of a ``2 * block_q`` table as the two consumers' 64-row tiles (``_own_range``), in the one-consumer
+    table's columns; checks that a consumer's blocks lie inside its tile's."""
+    out = []
+    for b, row0, skip, nrows, pos_base, lo, hi, t_lo, _, _, t_hi in np.asarray(table):
+        for wg in range(ws.CONSUMERS):
+            own = ws._own_range(
+                wg, skip, nrows, pos_base, hi, t_lo, block_q=config.block_q, block_k=config.block_k, window=window
+            )
+            my_skip, my_rows, my_base, my_lo, my_ulo, my_uhi, my_hi = (int(x) for x in own)
+            assert t_lo <= my_lo <= my_ulo <= my_uhi <= my_hi <= max(t_hi, t_lo)
+            row = (b, row0 + wg * config.block_q, my_skip, my_rows, my_base, lo, hi, my_lo, my_ulo, my_uhi, my_hi)
+            out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_consumers_split_tiles_through_the_emulation(rng, case):
+    q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
+    table = jax.jit(multi_token_tiles.tile_table, static_argnames=("num_rows", "block_q", "block_k", "window"))(
+        starts, lengths, counts, num_rows=q.shape[0], block_q=2 * config.block_q, block_k=config.block_k, window=window
+    )
+    tiles = consumer_tiles(table, config=config, window=window)
+    options = dict(config=config, scale=q.shape[2] ** -0.5, window=window, softcap=softcap)
+    out, stores = emulate(tiles, q, k, v, **options)
+    np.testing.assert_array_equal(stores, 1)
+    ref = multi_token_attention_f64(q, k, v, starts, lengths, counts, window=window, softcap=softcap)
+    assert rel_err(out, ref) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_ws_kernel_matches_float64(rng, case):
+    q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    ref = multi_token_attention_f64(bf(q), bf(k), bf(v), starts, lengths, counts, window=window, softcap=softcap)
+    args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(x) for x in (starts, lengths, counts)]
+    out = ws.multi_token_attention_mgpu_ws(*args, window=window, softcap=softcap, config=config)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    np.testing.assert_array_equal(out[np.isnan(q[:, 0, 0])], 0.0)
+    assert rel_err(out, ref) < REL_TOL["bfloat16"]
+
+
+@pytest.mark.parametrize(
+    "config,window", [(None, None), (mgpu.MgpuMultiTokenConfig(64, 1, 128, 2), 70)], ids=["default", "bk128_window"]
+)
+def test_ws_lowers_for_cuda(config, window):
+    """Three warpgroups (two consumers, a producer) sharing the ring through barriers: Mosaic GPU lowers it."""
+    sd = jax.ShapeDtypeStruct
+    cache = sd((2, 3, 2, 256, 128), jnp.bfloat16)
+    ints = sd((3,), jnp.int32)
+    config = config or mgpu.mgpu_multi_token_config(8, 2, 128, jnp.bfloat16)
+    args = (sd((64, 8, 128), jnp.bfloat16), cache, cache, ints, ints, ints, sd((1,), jnp.int32))
+    options = dict(scale=0.1, window=window, softcap=None, config=config)
+    assert "mosaic_gpu" in ws._attend.trace(*args, **options).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_ws_shared_memory_counts_both_consumers(monkeypatch):
+    """Two query and output tiles beside the ring: a ring that fits one consumer may not fit two."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    monkeypatch.setattr(ws, "_attend", lambda *a, **kw: None)
+    q = jnp.ones((16, 8, 128), jnp.bfloat16)
+    k = jnp.ones((2, 2, 256, 128), jnp.bfloat16)
+    ints = lambda *x: jnp.asarray(x, jnp.int32)
+    config = mgpu.MgpuMultiTokenConfig(16, 4, 64, 5)  # 160 KiB of ring at D = 128, 32 KiB of tiles per consumer
+    assert mgpu.resolve_config(config, 8, 2, 128, jnp.bfloat16, jnp.bfloat16) == config
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        ws.multi_token_attention_mgpu_ws(q, k, k, ints(0, 8), ints(3, 5), ints(8, 4), config=config)
