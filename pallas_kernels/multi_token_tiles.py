@@ -1,4 +1,4 @@
-"""The flat multi-token attention call's arguments and its tile table (MULTI_TOKEN_API.md; issue 20).
+"""The flat multi-token attention call's arguments and its tile table (docs/attention.md; issue 20).
 
 A call attends ``q [T, N, D]``, a flat batch of query tokens, over a cache: sequence ``b``'s ``counts[b]`` queries
 are rows ``q_starts[b] ..`` at positions ``lengths[b] ..``. :func:`check_args` validates a call (shared by a kernel
