@@ -1,5 +1,5 @@
 """Multi-token attention over a contiguous KV cache with the Mosaic GPU lowering (Hopper): prefill, prompt chunks
-and speculative verification as one flash-attention kernel (issue 20; the interface: pallas_kernels.multi_token, docs/attention.md).
+and speculative verification as one flash-attention kernel (issue 20; docs/attention.md).
 
 ``q [T, N, D]`` is a flat batch of query tokens; sequence ``b``'s ``counts[b]`` queries are rows
 ``q_starts[b] ..`` at positions ``lengths[b] ..``, their K/V already written to the cache. Query ``i`` at position

@@ -1,4 +1,4 @@
-"""Float64 NumPy reference and random inputs for the flat multi-token attention call (pallas_kernels.multi_token; docs/attention.md).
+"""Float64 NumPy reference and random inputs for the flat multi-token attention call (docs/attention.md).
 
 Written from the interface text alone (a loop over sequences, queries and heads), independent of the kernels.
 """
