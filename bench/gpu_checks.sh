@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU checks the open kernel issues owe, in one device call (docs/BENCHMARKS.md says which figure goes where):
+#   1. the GPU-marked tests with the real lowerings (Triton and Mosaic GPU), one log per group;
+#   2. old main (the redesign's base, unpacked in .ab_old by the caller) against this checkout (bench/ab.py);
+#   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py).
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill ...]   (default: all three)
+# Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/jkv_gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests ab prefill)
+declare -A rc
+
+run() {  # name, seconds, command...
+  local name=$1 secs=$2
+  shift 2
+  echo "== $name (limit ${secs}s): $*"
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  rc[$name]=$?
+  tail -n 5 "$OUT/$name.log"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    tests)
+      run tests_triton 240 python -m pytest -q -x -m gpu tests/kernels/test_multi_token.py \
+        tests/kernels/test_multi_token_paged.py tests/attention tests/caches
+      run tests_mgpu 150 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu.py \
+        tests/kernels/test_multi_token_mgpu_paged.py tests/kernels/test_decode_mgpu.py
+      run tests_mgpu_ws 60 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws.py
+      ;;
+    ab)
+      if [ -d .ab_old/jkv ]; then
+        run ab 420 python bench/ab.py --a .ab_old --b . --rounds 7 --out "$OUT/ab.jsonl"
+      else
+        echo "== ab skipped: unpack the baseline first (git archive 1e4888c jkv pallas_kernels | tar -x -C .ab_old)"
+      fi
+      ;;
+    prefill)
+      run prefill 420 python bench/bench_prefill.py --out "$OUT" --rounds 5
+      ;;
+    *) echo "unknown part $part (tests, ab, prefill)" ;;
+  esac
+done
+
+echo
+printf '%-16s %s\n' part exit
+for name in "${!rc[@]}"; do printf '%-16s %s\n' "$name" "${rc[$name]}"; done
