@@ -93,7 +93,7 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
                 f"the prompt has {len(ids)} tokens; this server's context is {max_len} tokens, which leaves room "
                 f"for prompts of at most {max_len - 1}",
                 field,
-                "context_length_exceeded",
+                code="context_length_exceeded",
             )
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -109,7 +109,7 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
                 f"max_tokens={budget} with a prompt of {prompt_len} tokens needs {prompt_len + budget - 1} "
                 f"positions; this server's context is {max_len} tokens (at most {room} new tokens here)",
                 "max_tokens",
-                "context_length_exceeded",
+                code="context_length_exceeded",
             )
         seed = body.seed if body.seed is not None else random.randrange(SEED_LIMIT)
         stops = tokenizer.stop_ids if tokenizer is not None else ()
@@ -127,7 +127,7 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
         try:
             run.submit()
         except QueueFull as e:
-            raise ApiError(429, str(e), None, "rate_limit_exceeded") from None
+            raise ApiError(429, str(e), None, "rate_limit_exceeded", "rate_limit_exceeded") from None
         except ShuttingDown as e:
             raise ApiError(503, str(e), None, "server_unavailable") from None
         if body.stream:

@@ -18,12 +18,14 @@ MAX_STOP_STRINGS = 16
 class ApiError(Exception):
     """An error answered with an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code=None
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict:
-        return error_body(self.message, self.kind, self.param, self.status)
+        return error_body(self.message, self.kind, self.param, self.code)
 
 
 def error_body(message: str, kind: str, param: str | None, code: int | str | None = None) -> dict:
