@@ -58,7 +58,7 @@ class Ticket:
 
 class Worker:
     """Owns ``engine`` on one daemon thread. ``max_waiting``: requests that may wait for a slot beyond those the
-    engine runs; ``submit`` raises ``QueueFull`` past that. ``on_idle_stats(engine)`` runs on the worker thread
+    engine runs; ``submit`` raises ``QueueFull`` past that. ``on_stats(engine)`` runs on the worker thread
     every ``stats_every_s`` and when the engine goes idle (gauges read the engine there, never elsewhere)."""
 
     def __init__(self, engine, *, max_waiting: int = 256, on_stats=None, stats_every_s: float = 0.5):
