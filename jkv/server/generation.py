@@ -92,6 +92,8 @@ class Run:
             self.finish_reason = "stop" if self._text.stopped else FINISH.get(payload.finish_reason, "stop")
             return piece
         self.finish_reason = "error"
+        if kind == "rejected":
+            raise ApiError(400, str(payload))
         raise ApiError(500, str(payload), None, "server_error")
 
     # ------------------------------------------------------------------ response bodies

@@ -4,8 +4,9 @@ Other threads (the HTTP event loop) never touch the engine: they put submissions
 thread-safe inbox and receive events through ``Ticket.sink``. The tokens of one step reach each event loop in one
 ``call_soon_threadsafe`` call (not one per token), so a 64-slot step wakes the loop once.
 
-Events a sink receives, in order: ``("token", id)`` per generated token, then one of ``("done", Completion)`` or
-``("error", message)``. A cancelled ticket receives nothing more.
+Events a sink receives, in order: ``("token", id)`` per generated token, then one of ``("done", Completion)``,
+``("rejected", message)`` (the engine refused the request) or ``("error", message)`` (the engine failed, or the
+server stopped first). A cancelled ticket receives nothing more.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class Worker:
 
     # ------------------------------------------------------------------ the worker thread
     def _run(self) -> None:
-        last_stats = 0.0
+        last_stats, was_busy = 0.0, True
         try:
             while not self._stop.is_set():
                 busy = self.engine.has_work()
@@ -150,15 +151,17 @@ class Worker:
                         self._finished(completion)
                     self._flush()
                 now = time.monotonic()
-                if self._on_stats is not None and (now - last_stats >= self._stats_every or not busy):
-                    self._on_stats(self.engine)
+                if self._on_stats is not None and ((busy and now - last_stats >= self._stats_every) or was_busy):
+                    self._on_stats(self.engine)  # while busy every stats_every_s; once more on going idle
                     last_stats = now
+                was_busy = busy
         except BaseException as e:  # the engine failed: every waiting client gets the error, none hangs
             log.exception("the engine thread failed")
             self.error = e
             self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
         finally:
             self.stop_accepting()
+            self._fail_all("the server stopped before this request ended")
             self._abort_rest()
 
     def _drain_inbox(self, block: bool) -> None:
@@ -185,7 +188,7 @@ class Worker:
                 ticket.request_id = self.engine.submit(ticket.prompt, ticket.params, self._on_token)
             except ValueError as e:  # checked by the app before; a last word from the engine still reaches the client
                 self._release()
-                self._send(ticket, ("error", str(e)))
+                self._send(ticket, ("rejected", str(e)))
                 self._flush()
                 return
             self._tickets[ticket.request_id] = ticket
@@ -236,6 +239,7 @@ class Worker:
     def _fail_all(self, message: str) -> None:
         for ticket in self._tickets.values():
             self._send(ticket, ("error", message))
+        self._tickets.clear()
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
@@ -243,6 +247,8 @@ class Worker:
                 break
             if kind == "submit":
                 self._send(payload, ("error", message))
+            elif kind == "call":  # its caller waits: it still gets an answer (or the engine's error)
+                payload(self.engine)
         self._flush()
 
     def _abort_rest(self) -> None:

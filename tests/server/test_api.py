@@ -141,3 +141,17 @@ def test_models_and_health(running):
     assert [m.id for m in models.data] == ["tiny"]
     health = httpx.get(server.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_an_engine_failure_answers_500_and_health_turns_503(engine, running, monkeypatch):
+    server = running()
+
+    def broken():
+        raise FloatingPointError("planted failure")
+
+    monkeypatch.setattr(engine, "step", broken)
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert response.status_code == 500 and "planted failure" in response.json()["error"]["message"]
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 503
+    again = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert again.status_code == 503
