@@ -78,7 +78,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     gen.add_argument("--quiet", action="store_true", help="no progress bar and no timing summary")
     gen.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_serve_parser(commands)
     return parser
+
+
+def add_serve_parser(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (needs the serve extra)",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics over the "
+        'engine (docs/server.md). Needs `pip install -e ".[serve]"`.',
+    )
+    serve.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--served-model-name", default=None, help="the model id /v1/models lists (default: file name)")
+    serve.add_argument("--num-slots", type=_positive_int, default=None, help="engine slots (default: what fits memory)")
+    serve.add_argument(
+        "--max-len", type=_positive_int, default=None, help="context per request (default: min(model, 4096))"
+    )
+    serve.add_argument(
+        "--cache", choices=cache_choices(), default=None, help="KV cache type (default: the model dtype)"
+    )
+    serve.add_argument(
+        "--impl", choices=("pallas", "xla"), default=None, help="attention kernels (default: pallas on GPU)"
+    )
+    serve.add_argument("--dtype", choices=("bf16", "f32", "f16"), default=None, help="weights (default: bf16 on GPU)")
+    serve.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
+    serve.add_argument("--max-waiting", type=int, default=256, help="requests that may wait for a slot; more get 429")
+    serve.add_argument(
+        "--drain-s", type=float, default=30.0, help="on SIGINT/SIGTERM, seconds running streams may finish"
+    )
+    serve.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def read_batch_file(path: str) -> list[tuple[int, str]]:
@@ -273,6 +304,45 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_serve(args) -> int:
+    """Load the model, build the engine, compile its steps, then serve until SIGINT / SIGTERM (drained)."""
+    try:
+        from jkv import server
+    except ImportError as e:
+        raise CliError(f'jkv serve needs the serve extra ({e.name} is missing): pip install -e ".[serve]"') from None
+    from jkv.caches.registry import PAGE_SIZE, kind
+    from jkv.loading import load
+    from jkv.serving import Engine
+
+    if args.prefix_cache_mb < 0:
+        raise CliError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
+    path = args.model if args.model is not None else default_model_path()
+    model = load(path, args.dtype)
+    if model.tokenizer is None:
+        raise CliError(f"{path!r} has no tokenizer (tokenizer.json): the server takes text")
+    context = model.config.max_position
+    max_len = args.max_len if args.max_len is not None else min(context, 4096)
+    if max_len > context:
+        raise CliError(f"--max-len {max_len} exceeds the model's context length {context}")
+    if args.cache is not None and kind(args.cache).paged:
+        max_len = min(-(-max_len // PAGE_SIZE) * PAGE_SIZE, context - context % PAGE_SIZE)
+    engine = Engine(
+        model.params,
+        model.config,
+        num_slots=args.num_slots,
+        max_len=max_len,
+        cache=args.cache or "default",
+        impl=args.impl,
+        prefix_cache_bytes=args.prefix_cache_mb << 20,
+    )
+    print("jkv serve: compiling the engine's steps", file=sys.stderr)
+    server.warm_up(engine)
+    name = args.served_model_name or os.path.basename(os.path.normpath(path))
+    app = server.create_app(engine, model.tokenizer, server.ServerOptions(name, args.max_waiting))
+    server.make_server(app, args.host, args.port, args.drain_s).run()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from jkv import xla_flags
 
@@ -282,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "serve":
+            return run_serve(args)
     except (ValueError, TypeError) as e:  # jkv's user-facing errors: the message names the problem
         if args.debug:
             raise

@@ -24,6 +24,7 @@ GROUPS = {
     "jkv.loading": "loading",
     "jkv.serving": "serving",
     "jkv.serving.server": "server",
+    "jkv.server": "server",
     "jkv.integrations": "integrations",
     "jkv.memory": "memory",
     "jkv.cli": "cli",

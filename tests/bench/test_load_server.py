@@ -1,0 +1,36 @@
+"""bench/load_server.py's smoke mode: both modes serve every request of every level in full, and the table prints
+the server's share of the engine's tokens/s."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
+
+from bench import load_server
+
+
+def test_smoke_run_serves_every_request_in_both_modes(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    rows = load_server.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert sorted((r["concurrency"], r["mode"]) for r in rows) == [
+        (1, "engine"),
+        (1, "server"),
+        (4, "engine"),
+        (4, "server"),
+    ]
+    for r in rows:
+        assert (r["requests"], r["tokens"]) == (8, 8 * 6), r  # --smoke: 8 requests of exactly 6 tokens
+        assert r["tokens_per_s"] > 0 and 0 <= r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        assert 0 <= r["itl_p50_ms"] <= r["itl_p99_ms"]
+    assert "server/engine" in capsys.readouterr().out
+
+
+def test_the_id_tokenizer_round_trips():
+    tok = load_server.IdTokenizer(100)
+    assert tok.encode(tok.decode([3, 99, 0])) == [3, 99, 0]

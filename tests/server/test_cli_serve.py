@@ -1,0 +1,61 @@
+"""``jkv serve`` wiring: flags reach the engine, the app and uvicorn; bad flags are refused with a message."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers_loading import byte_level_alphabet
+
+import jkv.loading
+import jkv.server
+from jkv import cli
+from jkv.loading import tokenizer as tok_lib
+from jkv.loading.common import LoadedModel
+from jkv.models import llama
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Load a tiny random model whatever the path; record the app and the server instead of compiling and serving."""
+    tok = tok_lib.from_gguf_metadata(
+        {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.tokens": [*byte_level_alphabet(), "<|im_start|>", "<|im_end|>"],
+            "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.token_type": [1] * 256 + [3, 3],
+            "tokenizer.ggml.eos_token_id": 257,
+        }
+    )
+    config = llama.LlamaConfig(258, 32, 64, 1, 2, 1, 16, max_position=100)
+    params = llama.init_params(config, jax.random.key(0), jnp.float32)
+    seen = {}
+    monkeypatch.setattr(jkv.loading, "load", lambda path, dtype: LoadedModel(config, params, tok, path, 0.0))
+    monkeypatch.setattr(jkv.server, "warm_up", lambda engine: seen.setdefault("warmed", engine))
+
+    class Server:
+        def __init__(self, app, host, port, drain_s):
+            seen.update(app=app, host=host, port=port, drain_s=drain_s)
+
+        def run(self):
+            seen["ran"] = True
+
+    monkeypatch.setattr(jkv.server, "make_server", Server)
+    return seen
+
+
+def test_flags_reach_engine_app_and_server(served):
+    argv = ["serve", "--model", "/models/tiny.gguf", "--port", "9123", "--num-slots", "3", "--max-len", "40"]
+    argv += ["--cache", "paged", "--max-waiting", "5", "--drain-s", "2.5", "--served-model-name", "tiny-1"]
+    assert cli.main(argv) == 0
+    engine, app = served["warmed"], served["app"]
+    assert (engine.num_slots, engine.spec.max_len) == (3, 48)  # paged: rounded up to whole pages
+    assert app.state.worker.engine is engine and app.state.worker.capacity == 3 + 5
+    assert app.state.options.model_name == "tiny-1"
+    assert (served["host"], served["port"], served["drain_s"], served["ran"]) == ("127.0.0.1", 9123, 2.5, True)
+
+
+def test_bad_flags_are_refused(served, capsys):
+    assert cli.main(["serve", "--model", "m.gguf", "--max-len", "101"]) == 2
+    assert "exceeds the model's context length 100" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", "m.gguf", "--prefix-cache-mb", "-1"]) == 2
+    assert "--prefix-cache-mb must be >= 0" in capsys.readouterr().err
+    assert "app" not in served
