@@ -96,22 +96,23 @@ def from_llama_params(params: LlamaParams, config: LlamaConfig, *, impl=None, wi
         lambda: Model(config, rngs=nnx.Rngs(0), impl=impl, window=window, softcap=softcap, param_dtype=dtype)
     )
     params = with_layout(params, "layers")
-    model.embed.embedding.value = params.embed
-    model.norm.scale.value = params.norm
+    model.embed.embedding.set_value(params.embed)
+    model.norm.scale.set_value(params.norm)
     if not config.tie_embeddings:
-        model.lm_head.kernel.value = params.lm_head
+        model.lm_head.kernel.set_value(params.lm_head)
     for block, layer in zip(model.blocks, params.layers, strict=True):
-        block.attn_norm.scale.value, block.mlp_norm.scale.value = layer.attn_norm, layer.mlp_norm
+        block.attn_norm.scale.set_value(layer.attn_norm)
+        block.mlp_norm.scale.set_value(layer.mlp_norm)
         attn = block.attn
         for proj, w in zip((attn.q_proj, attn.k_proj, attn.v_proj), unfuse_qkv(layer.wqkv), strict=True):
-            proj.kernel.value = w
+            proj.kernel.set_value(w)
         if layer.bqkv is not None:
             for proj, b in zip((attn.q_proj, attn.k_proj, attn.v_proj), unfuse_qkv(layer.bqkv), strict=True):
-                proj.bias.value = b
-        attn.o_proj.kernel.value = layer.wo
-        block.mlp.gate.kernel.value = layer.w_gate_up[:, 0]
-        block.mlp.up.kernel.value = layer.w_gate_up[:, 1]
-        block.mlp.down.kernel.value = layer.w_down
+                proj.bias.set_value(b)
+        attn.o_proj.kernel.set_value(layer.wo)
+        block.mlp.gate.kernel.set_value(layer.w_gate_up[:, 0])
+        block.mlp.up.kernel.set_value(layer.w_gate_up[:, 1])
+        block.mlp.down.kernel.set_value(layer.w_down)
     return model
 
 
