@@ -1,8 +1,6 @@
 """The NNX and Equinox example models against jkv's own Llama: same logits and greedy tokens with contiguous,
 paged and Q8 caches (random tiny weights here; the shipped SmolLM2 in test_smollm.py)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +12,8 @@ from jkv.models import llama
 KINDS = ("f32", "paged", "q8")
 
 
-@functools.cache
-def llama_step(config, tokens_per_step):
-    del tokens_per_step  # one compiled function per step shape, kept apart for clarity of the cache key
-    return jax.jit(functools.partial(llama.forward, config=config, options=llama.LlamaOptions(impl="xla")))
+# jkv's own model, the reference (one jitted function: its compilations are shared by every test).
+LLAMA_FORWARD = jax.jit(lambda params, cache, tokens: llama.forward(params, cache, tokens, config=CONFIG))
 
 
 def greedy(step, weights, cache, prompt, new_tokens):
@@ -39,8 +35,7 @@ def test_example_model_matches_jkv_llama(framework, kind, rng):
     prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 5)), jnp.int32)
     step, weights = model_step(framework, params)
     logits, tokens, cache = greedy(step, weights, make_cache(kind, 2), prompt, 4)
-    ref_step = lambda p, c, t: llama_step(CONFIG, t.shape[1])(p, c, t)
-    ref_logits, ref_tokens, ref_cache = greedy(ref_step, params, make_cache(kind, 2), prompt, 4)
+    ref_logits, ref_tokens, ref_cache = greedy(LLAMA_FORWARD, params, make_cache(kind, 2), prompt, 4)
     np.testing.assert_array_equal(tokens, ref_tokens)
     assert logits.shape == (2, 5, CONFIG.vocab_size) and logits.dtype == np.float32
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5 * np.abs(ref_logits).max(), rtol=0)
