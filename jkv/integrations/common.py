@@ -66,6 +66,38 @@ def attend(
     return attend_write(q, k, v, cache, layer, impl=impl, window=window, softcap=softcap)
 
 
+def llama_layers(params) -> list:
+    """The per-layer weights of a ``jkv.models.llama.LlamaParams`` in either layout (stacked ``[L, ...]`` arrays
+    sliced per layer), as dicts with q/k/v split out of the fused ``wqkv [H, K, G + 2, D]``: ``wq [H, N*D]``,
+    ``wk``/``wv [H, K*D]`` (query head ``n`` uses kv head ``n // G``), biases ``bq``/``bk``/``bv`` or None,
+    and ``wo``, ``gate``/``up [H, F]``, ``down``, ``attn_norm``, ``mlp_norm``. Read by attribute, so the example
+    models need no import of ``jkv.models``."""
+    layers = params.layers
+    if params.stacked:
+        n = layers.wqkv.shape[0]
+        layers = [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)]
+    out = []
+    for layer in layers:
+        weights = dict(wo=layer.wo, attn_norm=layer.attn_norm, mlp_norm=layer.mlp_norm, down=layer.w_down)
+        weights.update(gate=layer.w_gate_up[:, 0], up=layer.w_gate_up[:, 1])
+        weights.update(zip(("wq", "wk", "wv"), _unfuse(layer.wqkv), strict=True))
+        biases = (None,) * 3 if layer.bqkv is None else _unfuse(layer.bqkv)
+        weights.update(zip(("bq", "bk", "bv"), biases, strict=True))
+        out.append(weights)
+    return out
+
+
+def _unfuse(wqkv):
+    """``[..., K, G + 2, D]`` -> ``[..., N*D]``, ``[..., K*D]``, ``[..., K*D]`` (kv head k's G queries, key, value)."""
+    *lead, k, g2, d = wqkv.shape
+    g = g2 - 2
+    return (
+        wqkv[..., :g, :].reshape(*lead, k * g * d),
+        wqkv[..., g, :].reshape(*lead, k * d),
+        wqkv[..., g + 1, :].reshape(*lead, k * d),
+    )
+
+
 def stack_caches(caches):
     """One cache pytree whose every array has a new leading axis over ``caches`` (all of one kind and shape):
     the input of ``jax.vmap(step, in_axes=0)`` for a step written for one sequence's cache."""

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jkv.integrations import common
 from jkv.integrations.eqx import Attention, linear
-from jkv.models.llama import LlamaConfig, LlamaParams, init_params, unfuse_qkv, with_layout
 
 
 class RMSNorm(eqx.Module):
@@ -69,25 +69,17 @@ class Model(eqx.Module):
         return logits.astype(jnp.float32), cache.commit()
 
 
-def from_llama_params(params: LlamaParams, config: LlamaConfig, *, impl=None, window=None, softcap=None) -> Model:
-    """The Equinox ``Model`` holding jkv's Llama weights (fused q/k/v and gate/up split back into separate
-    projections; stacked or per-layer layouts)."""
-    params = with_layout(params, "layers")
+def from_llama_params(params, config, *, impl=None, window=None, softcap=None) -> Model:
+    """The Equinox ``Model`` holding jkv's Llama weights (``jkv.models.llama.LlamaParams`` and its
+    ``LlamaConfig``, either layer layout; fused q/k/v and gate/up split back into separate projections). For
+    random weights, pass ``jkv.models.llama.init_params(config, key)``."""
     norm = lambda w: RMSNorm(w, config.rms_norm_eps)
     inv_freq = tuple(float(x) for x in config.inv_freq())
     blocks = []
-    for layer in params.layers:
-        wq, wk, wv = unfuse_qkv(layer.wqkv)
-        bq, bk, bv = (None,) * 3 if layer.bqkv is None else unfuse_qkv(layer.bqkv)
+    for w in common.llama_layers(params):
         attn = Attention(
-            wq, wk, wv, layer.wo, bq, bk, bv, config.num_heads, config.num_kv_heads, config.head_dim, inv_freq,
-            window=window, softcap=softcap, impl=impl,
+            w["wq"], w["wk"], w["wv"], w["wo"], w["bq"], w["bk"], w["bv"], config.num_heads, config.num_kv_heads,
+            config.head_dim, inv_freq, window=window, softcap=softcap, impl=impl,
         )  # fmt: skip
-        mlp = MLP(layer.w_gate_up[:, 0], layer.w_gate_up[:, 1], layer.w_down)
-        blocks.append(Block(norm(layer.attn_norm), attn, norm(layer.mlp_norm), mlp))
+        blocks.append(Block(norm(w["attn_norm"]), attn, norm(w["mlp_norm"]), MLP(w["gate"], w["up"], w["down"])))
     return Model(params.embed, tuple(blocks), norm(params.norm), params.lm_head)
-
-
-def init_model(config: LlamaConfig, key, dtype=jnp.float32, **options) -> Model:
-    """A randomly initialized ``Model`` (jkv's ``init_params`` distribution), e.g. to train from scratch."""
-    return from_llama_params(init_params(config, key, dtype=dtype), config, **options)

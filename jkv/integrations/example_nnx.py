@@ -17,8 +17,8 @@ from flax import nnx
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from jkv.integrations import common
 from jkv.integrations.nnx import Attention
-from jkv.models.llama import LlamaConfig, LlamaParams, unfuse_qkv, with_layout
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -37,7 +37,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, impl=None, window=None, softcap=None, param_dtype):
+    def __init__(self, config, *, rngs: nnx.Rngs, impl=None, window=None, softcap=None, param_dtype):
         norm = functools.partial(nnx.RMSNorm, config.hidden_size, epsilon=config.rms_norm_eps, rngs=rngs)
         self.attn_norm, self.mlp_norm = norm(param_dtype=param_dtype), norm(param_dtype=param_dtype)
         self.attn = Attention(
@@ -54,9 +54,10 @@ class Block(nnx.Module):
 
 
 class Model(nnx.Module):
-    """A Llama-family decoder (``config``: ``jkv.models.llama.LlamaConfig``) over any jkv cache kind."""
+    """A Llama-family decoder over any jkv cache kind. ``config``: a ``jkv.models.llama.LlamaConfig`` (read by
+    attribute: sizes, ``rms_norm_eps``, ``inv_freq()``, ``qkv_bias``, ``tie_embeddings``)."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, impl=None, window=None, softcap=None, param_dtype=None):
+    def __init__(self, config, *, rngs: nnx.Rngs, impl=None, window=None, softcap=None, param_dtype=None):
         param_dtype = jnp.float32 if param_dtype is None else param_dtype
         self.embed = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List(
@@ -88,31 +89,28 @@ class Model(nnx.Module):
         return logits.astype(jnp.float32), cache.commit()
 
 
-def from_llama_params(params: LlamaParams, config: LlamaConfig, *, impl=None, window=None, softcap=None) -> Model:
+def from_llama_params(params, config, *, impl=None, window=None, softcap=None) -> Model:
     """The NNX ``Model`` holding jkv's Llama weights (fused q/k/v and gate/up split back into separate
     projections; stacked or per-layer layouts). Built abstractly first, so no random weights are drawn."""
     dtype = params.embed.dtype
     model = nnx.eval_shape(
         lambda: Model(config, rngs=nnx.Rngs(0), impl=impl, window=window, softcap=softcap, param_dtype=dtype)
     )
-    params = with_layout(params, "layers")
     model.embed.embedding.set_value(params.embed)
     model.norm.scale.set_value(params.norm)
     if not config.tie_embeddings:
         model.lm_head.kernel.set_value(params.lm_head)
-    for block, layer in zip(model.blocks, params.layers, strict=True):
-        block.attn_norm.scale.set_value(layer.attn_norm)
-        block.mlp_norm.scale.set_value(layer.mlp_norm)
+    for block, w in zip(model.blocks, common.llama_layers(params), strict=True):
         attn = block.attn
-        for proj, w in zip((attn.q_proj, attn.k_proj, attn.v_proj), unfuse_qkv(layer.wqkv), strict=True):
-            proj.kernel.set_value(w)
-        if layer.bqkv is not None:
-            for proj, b in zip((attn.q_proj, attn.k_proj, attn.v_proj), unfuse_qkv(layer.bqkv), strict=True):
-                proj.bias.set_value(b)
-        attn.o_proj.kernel.set_value(layer.wo)
-        block.mlp.gate.kernel.set_value(layer.w_gate_up[:, 0])
-        block.mlp.up.kernel.set_value(layer.w_gate_up[:, 1])
-        block.mlp.down.kernel.set_value(layer.w_down)
+        block.attn_norm.scale.set_value(w["attn_norm"])
+        block.mlp_norm.scale.set_value(w["mlp_norm"])
+        for proj, name in ((attn.q_proj, "q"), (attn.k_proj, "k"), (attn.v_proj, "v")):
+            proj.kernel.set_value(w["w" + name])
+            if w["b" + name] is not None:
+                proj.bias.set_value(w["b" + name])
+        attn.o_proj.kernel.set_value(w["wo"])
+        for proj, name in ((block.mlp.gate, "gate"), (block.mlp.up, "up"), (block.mlp.down, "down")):
+            proj.kernel.set_value(w[name])
     return model
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers_integrations import CONFIG, FRAMEWORKS, make_cache, model_step, random_params
 
+from jkv.integrations import common
 from jkv.models import llama
 
 KINDS = ("f32", "paged", "q8")
@@ -41,3 +42,15 @@ def test_example_model_matches_jkv_llama(framework, kind, rng):
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5 * np.abs(ref_logits).max(), rtol=0)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 9])
     np.testing.assert_array_equal(np.asarray(cache.errors), np.asarray(ref_cache.errors))
+
+
+@pytest.mark.parametrize("layout", ["layers", "stacked"])
+def test_llama_layers_split_fused_weights(layout):
+    """The example models' converter reads jkv's fused q/k/v (and Qwen2's biases) as ``llama.unfuse_qkv`` does."""
+    config = llama.LlamaConfig(61, 32, 48, 2, 6, 2, 8, qkv_bias=True, tie_embeddings=True)
+    params = random_params(config, layout=layout)
+    for w, layer in zip(common.llama_layers(params), llama.with_layout(params, "layers").layers, strict=True):
+        for names, fused in ((("wq", "wk", "wv"), layer.wqkv), (("bq", "bk", "bv"), layer.bqkv)):
+            for name, want in zip(names, llama.unfuse_qkv(fused), strict=True):
+                np.testing.assert_array_equal(np.asarray(w[name]), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(w["up"]), np.asarray(layer.w_gate_up[:, 1]))
