@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import jkv
 from jkv.integrations import example_eqx, example_nnx
@@ -33,7 +32,3 @@ def model_step(framework, params, config=CONFIG, *, donate=False):
     model = example_eqx.from_llama_params(params, config)
     step = lambda m, cache, tokens, counts=None: m(tokens, cache, counts)
     return jax.jit(step, donate_argnums=(1,) if donate else ()), model
-
-
-def nnx_weights(module: nnx.Module):
-    return nnx.state(module, nnx.Param)
