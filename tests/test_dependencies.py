@@ -31,7 +31,7 @@ GROUPS = {
 }
 # Today's flat modules, by the group they move into. Delete a row when its module is gone.
 FLAT_MODULES = {
-    "jkv.rope": "models",
+    "jkv.rope": "attention",  # positions of queries and keys: used by models and integrations alike
     "jkv.xla_flags": "cli",
 }
 JKV = frozenset({*GROUPS.values(), "api"} - {"kernels"})

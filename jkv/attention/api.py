@@ -53,6 +53,20 @@ def _check_q(q, cache) -> None:
             f"q.shape={tuple(shape)} does not match the cache's batch={cache.batch}, D={cache.spec.head_dim}"
         )
     checks.gqa_heads(shape[-2], cache.spec.num_kv_heads)
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
+
+
+def _check_step(q, k) -> None:
+    """Queries and keys of one step in the same form with the same tokens (static shapes: free under ``jit``)."""
+    qs, ks = getattr(q, "shape", ()), getattr(k, "shape", ())
+    if len(qs) not in (3, 4) or len(ks) not in (3, 4):
+        return  # the cache's and attend's own checks name the bad shape
+    if (len(qs) == 4) != (len(ks) == 4):
+        raise ValueError(f"q.shape={tuple(qs)} and k.shape={tuple(ks)} mix a padded [B, ...] and a flat step")
+    tq, tk = (qs[1], ks[2]) if len(qs) == 4 else (qs[0], ks[0])
+    if tq != tk:
+        raise ValueError(f"q has T={tq} tokens but k has T={tk}: a step's queries, keys and values share T")
 
 
 def _live(q, cache):
@@ -148,6 +162,7 @@ def attend_write(
     a kind registered in ``kernels.FUSED_APPEND`` with ``T = 1`` does both in one kernel (the program attending
     over the new position writes it), saving the write's own kernels; same results and error bits."""
     impl = resolve_impl(impl)
+    _check_step(q, k)
     fused = (impl == "pallas" and kernels.fused_append(cache) and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1) and (
         getattr(q, "ndim", 0) == 4 and window is None and softcap is None
     )

@@ -105,6 +105,13 @@ def test_attention_errors(rng):
         jkv.attend(jnp.zeros((2, 1, 3, 64)), cache, 0)
     with pytest.raises(ValueError, match="impl='cuda'"):
         jkv.attend(jnp.zeros((2, 1, 4, 64)), cache, 0, impl="cuda")
+    with pytest.raises(TypeError, match="q must be a floating array, got dtype int32"):
+        jkv.attend(jnp.zeros((2, 1, 4, 64), jnp.int32), cache, 0)
+    k = jnp.ones((2, 2, 1, 64))  # [B, K, T=1, D]
+    with pytest.raises(ValueError, match="q has T=3 tokens but k has T=1"):
+        jkv.attend_write(jnp.ones((2, 3, 4, 64)), k, k, cache, 0)
+    with pytest.raises(ValueError, match=r"mix a padded \[B, ...\] and a flat step"):
+        jkv.attend_write(jnp.ones((1, 4, 64)), k, k, cache, 0)
 
 
 @pytest.mark.parametrize("kind", ["bf16", "f32", "q8", "paged"])

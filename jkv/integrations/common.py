@@ -1,0 +1,109 @@
+"""The framework-free half of the attention layers: positions of a step, rotary frequencies, the attention call
+through the cache, and stacking single-sequence caches for ``vmap``. Pure functions of arrays; no flax or equinox.
+
+The step protocol every layer follows (docs/own-model.md): the caller runs ``cache = cache.begin(counts)`` once
+before the first layer, each layer ``i`` calls ``attend`` here with ``layer=i`` (writing its keys and values, then
+attending), and the caller runs ``cache = cache.commit()`` after the last layer. Positions come from
+``cache.lengths``, which only ``commit`` advances, so every layer of a step sees the same positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from jkv.attention import attend_write
+from jkv.caches import checks
+from jkv.rope import RopeStyle, apply_rope, inv_frequencies
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, inv_freq=None) -> tuple[float, ...]:
+    """Rotary inverse frequencies ``[D/2]`` as a tuple of floats (a hashable, static module attribute):
+    ``inv_freq`` as given (e.g. a ``LlamaConfig.inv_freq()`` with Llama 3.1 scaling), else ``theta ** (-2i/D)``."""
+    inv = inv_frequencies(head_dim, theta) if inv_freq is None else np.asarray(inv_freq, np.float64)
+    if inv.shape != (head_dim // 2,):
+        raise ValueError(f"inv_freq has shape {inv.shape}, expected ({head_dim // 2},) for {head_dim=}")
+    return tuple(float(x) for x in inv)
+
+
+def check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Positive head counts with query heads a multiple of kv heads, and an even head_dim (rotary pairs)."""
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        checks.positive_int(name, value)
+    checks.gqa_heads(num_heads, num_kv_heads)
+    if head_dim % 2:
+        raise ValueError(f"{head_dim=} must be even (rotary embeddings rotate pairs)")
+
+
+def step_positions(cache, t: int) -> Int[Array, "B T"]:
+    """Position of each of the step's ``t`` tokens: ``cache.lengths[b] + t`` (valid between begin and commit)."""
+    return cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+
+def attend(
+    q: Float[Array, "B T N D"],
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K D"],
+    cache,
+    layer,
+    *,
+    inv_freq: tuple[float, ...],
+    rope_style: str = "neox",
+    window: int | None = None,
+    softcap: float | None = None,
+    impl: str | None = None,
+):
+    """Rotate ``q`` and ``k`` to their positions, write ``k``/``v`` into ``layer`` of ``cache`` and attend:
+    ``(out [B, T, N, D], cache)``. Tokens ``t >= cache.counts[b]`` are padding: not written, output zero."""
+    if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"q, k, v must be [B, T, N, D], [B, T, K, D] x 2, got {q.shape}, {k.shape}, {v.shape}")
+    positions = step_positions(cache, q.shape[1])
+    inv = jnp.asarray(inv_freq, jnp.float32)
+    q, k = apply_rope(q, positions, inv, RopeStyle(rope_style)), apply_rope(k, positions, inv, RopeStyle(rope_style))
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, T, D): the cache's write layout
+    return attend_write(q, k, v, cache, layer, impl=impl, window=window, softcap=softcap)
+
+
+def llama_layers(params) -> list:
+    """The per-layer weights of a ``jkv.models.llama.LlamaParams`` in either layout (stacked ``[L, ...]`` arrays
+    sliced per layer), as dicts with q/k/v split out of the fused ``wqkv [H, K, G + 2, D]``: ``wq [H, N*D]``,
+    ``wk``/``wv [H, K*D]`` (query head ``n`` uses kv head ``n // G``), biases ``bq``/``bk``/``bv`` or None,
+    and ``wo``, ``gate``/``up [H, F]``, ``down``, ``attn_norm``, ``mlp_norm``. Read by attribute, so the example
+    models need no import of ``jkv.models``."""
+    layers = params.layers
+    if params.stacked:
+        n = layers.wqkv.shape[0]
+        layers = [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)]
+    out = []
+    for layer in layers:
+        weights = dict(wo=layer.wo, attn_norm=layer.attn_norm, mlp_norm=layer.mlp_norm, down=layer.w_down)
+        weights.update(gate=layer.w_gate_up[:, 0], up=layer.w_gate_up[:, 1])
+        weights.update(zip(("wq", "wk", "wv"), _unfuse(layer.wqkv), strict=True))
+        biases = (None,) * 3 if layer.bqkv is None else _unfuse(layer.bqkv)
+        weights.update(zip(("bq", "bk", "bv"), biases, strict=True))
+        out.append(weights)
+    return out
+
+
+def _unfuse(wqkv):
+    """``[..., K, G + 2, D]`` -> ``[..., N*D]``, ``[..., K*D]``, ``[..., K*D]`` (kv head k's G queries, key, value)."""
+    *lead, k, g2, d = wqkv.shape
+    g = g2 - 2
+    return (
+        wqkv[..., :g, :].reshape(*lead, k * g * d),
+        wqkv[..., g, :].reshape(*lead, k * d),
+        wqkv[..., g + 1, :].reshape(*lead, k * d),
+    )
+
+
+def stack_caches(caches):
+    """One cache pytree whose every array has a new leading axis over ``caches`` (all of one kind and shape):
+    the input of ``jax.vmap(step, in_axes=0)`` for a step written for one sequence's cache."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
+
+
+def unstack_caches(stacked, n: int) -> list:
+    """The ``n`` caches of ``stack_caches``' output, in order."""
+    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]

@@ -1,0 +1,56 @@
+"""The NNX and Equinox example models against jkv's own Llama: same logits and greedy tokens with contiguous,
+paged and Q8 caches (random tiny weights here; the shipped SmolLM2 in test_smollm.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers_integrations import CONFIG, FRAMEWORKS, make_cache, model_step, random_params
+
+from jkv.integrations import common
+from jkv.models import llama
+
+KINDS = ("f32", "paged", "q8")
+
+
+# jkv's own model, the reference (one jitted function: its compilations are shared by every test).
+LLAMA_FORWARD = jax.jit(lambda params, cache, tokens: llama.forward(params, cache, tokens, config=CONFIG))
+
+
+def greedy(step, weights, cache, prompt, new_tokens):
+    """Prefill ``prompt [B, T]``, then ``new_tokens`` greedy steps: (logits of every step, tokens)."""
+    logits, cache = step(weights, cache, prompt)
+    all_logits, tokens = [logits[:, -1]], []
+    for _ in range(new_tokens):
+        token = jnp.argmax(all_logits[-1], axis=-1).astype(jnp.int32)
+        tokens.append(token)
+        logits, cache = step(weights, cache, token[:, None])
+        all_logits.append(logits[:, -1])
+    return np.stack(all_logits, 1), np.stack(tokens, 1), cache
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_example_model_matches_jkv_llama(framework, kind, rng):
+    params = random_params(layout="stacked")  # the converter reads either layout
+    prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 5)), jnp.int32)
+    step, weights = model_step(framework, params)
+    logits, tokens, cache = greedy(step, weights, make_cache(kind, 2), prompt, 4)
+    ref_logits, ref_tokens, ref_cache = greedy(LLAMA_FORWARD, params, make_cache(kind, 2), prompt, 4)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    assert logits.shape == (2, 5, CONFIG.vocab_size) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5 * np.abs(ref_logits).max(), rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 9])
+    np.testing.assert_array_equal(np.asarray(cache.errors), np.asarray(ref_cache.errors))
+
+
+@pytest.mark.parametrize("layout", ["layers", "stacked"])
+def test_llama_layers_split_fused_weights(layout):
+    """The example models' converter reads jkv's fused q/k/v (and Qwen2's biases) as ``llama.unfuse_qkv`` does."""
+    config = llama.LlamaConfig(61, 32, 48, 2, 6, 2, 8, qkv_bias=True, tie_embeddings=True)
+    params = random_params(config, layout=layout)
+    for w, layer in zip(common.llama_layers(params), llama.with_layout(params, "layers").layers, strict=True):
+        for names, fused in ((("wq", "wk", "wv"), layer.wqkv), (("bq", "bk", "bv"), layer.bqkv)):
+            for name, want in zip(names, llama.unfuse_qkv(fused), strict=True):
+                np.testing.assert_array_equal(np.asarray(w[name]), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(w["up"]), np.asarray(layer.w_gate_up[:, 1]))
