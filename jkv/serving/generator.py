@@ -65,9 +65,9 @@ def _is_int(x) -> bool:
 class Generator:
     """Generation for one model, one batch size and one cache capacity, over an ``Engine`` of ``batch`` slots.
 
-    The engine's steps compile once (decode on first use, prefill once per bucket of prompt length), with the
-    cache donated; ``compile_s`` in each result counts the compiles that call triggered. ``cache``: ``"default"``
-    (``"f32"`` for float32 weights, else ``"bf16"``) or a name of ``cache_kinds()``.
+    The engine's mixed step compiles once per token bucket, with the cache donated; ``compile_s`` in each result
+    counts the compiles that call triggered. ``cache``: ``"default"`` (``"f32"`` for float32 weights, else
+    ``"bf16"``) or a name of ``cache_kinds()``.
     """
 
     def __init__(
@@ -157,8 +157,9 @@ class Generator:
             engine.abort()
             raise
         timing.compile_s = engine.compile_s - compile0
+        # Steps that carried prompt tokens count as prefill, the others as decode.
         timing.prefill_s = stats.prefill_s - prefill0
-        timing.decode_s = time.perf_counter() - start - timing.compile_s - timing.prefill_s
+        timing.decode_s = max(time.perf_counter() - start - timing.compile_s - timing.prefill_s, 0.0)
         timing.decode_steps = stats.decode_steps - steps0
         engine.cache.check()
         return GenerationResult([c.tokens for c in done], [c.finish_reason for c in done], timing)
