@@ -96,7 +96,12 @@ class Engine:
             cache_sharding = sharding.cache_sharding(self.cache, mesh)
         self.steps = steps.Steps(config, options.model_options, mesh, cache_sharding)
         self.scheduler = Scheduler(
-            self.num_slots, options.batch_tokens, options.max_len, page_size=page_size, num_pages=num_pages
+            self.num_slots,
+            options.batch_tokens,
+            options.max_len,
+            page_size=page_size,
+            num_pages=num_pages,
+            buckets=options.buckets,
         )
         self.prefixes = Prefixes(self, per_token) if options.prefix_cache_bytes else None
         self.stats = EngineStats(num_pages=num_pages or 0)
@@ -121,13 +126,14 @@ class Engine:
         return None if self.prefixes is None else self.prefixes.cache
 
     def compile_all(self, progress: bool = True) -> int:
-        """Compile the mixed step of every token bucket now (a line per variant on stderr when ``progress``);
-        returns how many variants this engine has."""
-        rows = self.options.speculative_tokens + 1
+        """Compile the mixed step of every token bucket now, each by one step of no tokens (a line per variant on
+        stderr when ``progress``); returns how many variants this engine has."""
         for i, bucket in enumerate(self.scheduler.buckets):
             start = time.perf_counter()
             inputs = self._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), self._no_tokens)
-            self.steps.compile_mixed(self.params, self.cache, *inputs, lm_rows=rows)
+            _, self.cache = self.steps.mixed(
+                self.params, self.cache, *inputs, lm_rows=self.options.speculative_tokens + 1
+            )
             if progress:
                 print(
                     f"jkv engine: compiled step {i + 1}/{len(self.scheduler.buckets)} ({bucket} tokens) in "

@@ -102,3 +102,16 @@ def restore_prefix(cache, slot, entry, n):
     cache = cache.insert_into_slot(slot, entry)
     hit = jnp.arange(cache.batch) == slot
     return cache.rollback(jnp.where(hit, jnp.minimum(n, cache.lengths), cache.lengths))
+
+
+def extract_copy(cache, slot, *, max_len: int):
+    """A one-sequence copy of slot ``slot``'s first ``max_len`` positions."""
+    return cache.extract_slot(slot, max_len=max_len)
+
+
+def pin_pages(cache, slot, n):
+    return cache.pin(slot, n)
+
+
+def unpin_pages(cache, pages):
+    return cache.unpin(pages)

@@ -59,8 +59,9 @@ class EngineOptions:
     ``speculative_tokens`` (0: off): prompt-lookup drafts per step (greedy requests only). ``max_batch_tokens``
     (``None``: ``default_max_batch_tokens``): tokens one step carries at most, decode tokens and prompt chunks
     together. ``num_pages`` (paged kinds; ``None``: every slot can fill ``max_len``, plus the prefix cache's
-    budget): fewer oversubscribes memory, requests then wait for pages. ``cache_options``: storage options of the
-    cache format (``{"rotated": False}``: Q8 without its rotation)."""
+    budget): fewer oversubscribes memory, requests then wait for pages. ``buckets`` (``None``: powers of two from
+    the slot count up to ``max_batch_tokens``): the tokens-per-step shapes that compile, one step variant each.
+    ``cache_options``: storage options of the cache format (``{"rotated": False}``: Q8 without its rotation)."""
 
     num_slots: int | None = None
     max_len: int = 1024
@@ -72,6 +73,7 @@ class EngineOptions:
     max_ngram: int = 3
     max_batch_tokens: int | None = None
     num_pages: int | None = None
+    buckets: tuple[int, ...] | None = None
     cache_options: tuple[tuple[str, Any], ...] = ()
     model: llama.LlamaOptions = llama.DEFAULT_OPTIONS  # how the model runs; a given ``impl`` overrides its impl
 
@@ -98,6 +100,14 @@ class EngineOptions:
             _positive("max_batch_tokens", self.max_batch_tokens)
         if self.num_pages is not None:
             _positive("num_pages", self.num_pages)
+        if self.buckets is not None:
+            object.__setattr__(self, "buckets", tuple(sorted(self.buckets)))
+            for bucket in self.buckets:
+                _positive("each of buckets", bucket)
+            if not self.buckets or self.buckets[-1] < self.batch_tokens:
+                raise ValueError(
+                    f"the largest of buckets={self.buckets} must hold max_batch_tokens={self.batch_tokens}"
+                )
         steps.check_kind(self.cache, self.max_len)
         if not isinstance(self.model, llama.LlamaOptions):
             raise TypeError(f"model must be a jkv.models.llama.LlamaOptions, got {type(self.model).__name__}")

@@ -142,13 +142,18 @@ class Scheduler:
     """Decides each step's tokens (``schedule``) and keeps slots and pages; see the module docstring.
 
     ``page_size`` / ``num_pages``: the paged cache's pool (``None``: a contiguous cache, every slot holds
-    ``max_len`` positions and only slots limit admission).
+    ``max_len`` positions and only slots limit admission). ``buckets``: the tokens-per-step shapes (default
+    ``token_buckets``); a step runs in the smallest that holds its tokens.
     """
 
-    def __init__(self, num_slots: int, max_batch_tokens: int, max_len: int, *, page_size=None, num_pages=None):
+    def __init__(
+        self, num_slots: int, max_batch_tokens: int, max_len: int, *, page_size=None, num_pages=None, buckets=None
+    ):
         self.num_slots, self.max_len = num_slots, max_len
         self.max_batch_tokens = max_batch_tokens
-        self.buckets = token_buckets(max_batch_tokens, num_slots)
+        self.buckets = token_buckets(max_batch_tokens, num_slots) if buckets is None else tuple(sorted(buckets))
+        if self.buckets[-1] < max_batch_tokens:
+            raise ValueError(f"the largest of buckets={self.buckets} must hold max_batch_tokens={max_batch_tokens}")
         self.page_size = page_size
         self.pages = None if page_size is None else HostPages(num_pages)
         self.waiting: collections.deque[Sequence] = collections.deque()

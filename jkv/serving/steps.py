@@ -69,70 +69,75 @@ def pow2_bucket(n: int, cap: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- compiled steps
+@functools.cache
+def _shared_jit(fn, donate, statics: tuple):
+    """One ``jax.jit`` of ``fn`` per static arguments, shared by every engine of the process: engines of the same
+    model, cache kind and slot count reuse each other's compiled steps (JAX caches them per argument shapes)."""
+    return jax.jit(functools.partial(fn, **dict(statics)), donate_argnums=donate)
+
+
 class Steps:
     """The jitted steps of one engine (one model, one cache kind, one batch of slots), compiled once per shape.
 
-    ``mesh`` (``jkv.parallel.make_mesh``): steps are lowered with it active (Pallas kernels run per shard) and
-    hand the batch cache back in ``cache_sharding`` (kept split between steps). ``compile_s`` sums the seconds
-    spent compiling; ``compiled`` maps ``(step, shape key)`` to its executable.
+    ``mesh`` (``jkv.parallel.make_mesh``): steps are traced with it active (Pallas kernels run per shard) and hand
+    the batch cache back in ``cache_sharding`` (kept split between steps). ``compile_s`` sums the seconds of each
+    step's first call per shape (tracing and compiling; nearly nothing when another engine compiled it);
+    ``compiled`` holds the ``(step, shape key)`` pairs called so far.
     """
 
     def __init__(self, config, options: llama.LlamaOptions, mesh=None, cache_sharding=None):
         self.config, self.options, self.mesh, self._sharding = config, options, mesh, cache_sharding
-        self.compiled: dict[tuple, object] = {}
+        self.compiled: set[tuple] = set()
         self.compile_s = 0.0
+        self._own: dict[tuple, object] = {}  # jitted steps of a mesh engine (their output shardings are its own)
 
-    def _executable(self, name, key, fn, donate, args, cache_out=None):
-        """Step ``name``'s executable for ``args``, compiled first if ``(name, key)`` is new. ``cache_out(sharding)``:
-        the output shardings that keep a returned batch cache split over the mesh."""
-        exe = self.compiled.get((name, key))
-        if exe is None:
-            start = time.perf_counter()
-            kw = {}
-            if self._sharding is not None and cache_out is not None:
-                kw["out_shardings"] = cache_out(self._sharding)
-            context = contextlib.nullcontext()
-            if self.mesh is not None:
-                from jkv import parallel
+    def _jitted(self, fn, donate, cache_out, statics):
+        if self._sharding is None or cache_out is None:
+            return _shared_jit(fn, donate, statics)
+        key = (fn, donate, statics)
+        if key not in self._own:
+            part = functools.partial(fn, **dict(statics))
+            self._own[key] = jax.jit(part, donate_argnums=donate, out_shardings=cache_out(self._sharding))
+        return self._own[key]
 
-                context = parallel.use_mesh(self.mesh)
-            with context:
-                exe = jax.jit(fn, donate_argnums=donate, **kw).lower(*args).compile()
-            self.compiled[(name, key)] = exe
+    def _run(self, name, key, fn, donate, args, cache_out=None, **statics):
+        """Call step ``name`` (``fn`` with ``statics``) on ``args``; the first call of ``(name, key)`` is timed.
+        ``cache_out(sharding)``: the output shardings that keep a returned batch cache split over the mesh."""
+        jitted = self._jitted(fn, donate, cache_out, tuple(sorted(statics.items())))
+        first = (name, key) not in self.compiled
+        start = time.perf_counter()
+        context = contextlib.nullcontext()
+        if self.mesh is not None:
+            from jkv import parallel
+
+            context = parallel.use_mesh(self.mesh)
+        with context:
+            out = jitted(*args)
+        if first:
+            self.compiled.add((name, key))
             self.compile_s += time.perf_counter() - start
-        return exe
+        return out
 
-    def _run(self, name, key, fn, donate, args, cache_out=None):
-        return self._executable(name, key, fn, donate, args, cache_out)(*args)
-
-    def _mixed(self, lm_rows: int):
-        fn = functools.partial(mixed.mixed_step, config=self.config, options=self.options, rows=lm_rows)
-        out = (lambda c: (None, c)) if lm_rows == 1 else (lambda c: ((None, None), c))
-        return fn, out
+    def _model(self, **more):
+        return {"config": self.config, "options": self.options, **more}
 
     def mixed(self, params, cache, *inputs, lm_rows: int = 1):
         """One mixed step (``jkv.serving.mixed.mixed_step``) of the inputs after ``(params, cache)``, the first
         being the tokens ``[T]``: ``(out, cache)``."""
-        fn, out = self._mixed(lm_rows)
-        return self._run("mixed", (inputs[0].shape[0], lm_rows), fn, 1, (params, cache, *inputs), out)
+        out = (lambda c: (None, c)) if lm_rows == 1 else (lambda c: ((None, None), c))
+        key = (inputs[0].shape[0], lm_rows)
+        return self._run("mixed", key, mixed.mixed_step, 1, (params, cache, *inputs), out, **self._model(rows=lm_rows))
 
-    def compile_mixed(self, params, cache, *inputs, lm_rows: int = 1) -> None:
-        """Compile the mixed step for these inputs' shapes (nothing runs)."""
-        fn, out = self._mixed(lm_rows)
-        self._executable("mixed", (inputs[0].shape[0], lm_rows), fn, 1, (params, cache, *inputs), out)
+    def mixed_variants(self) -> list[tuple]:
+        """The ``(T, rows)`` keys of the mixed steps compiled (called) so far."""
+        return sorted(key for name, key in self.compiled if name == "mixed")
 
     def decode_executable(self, params, cache):
         """A compiled decode-only step ``(params, cache, tokens [B], *greedy_rows(B)) -> (tokens, cache)``: one
         token per slot (for device loops in benchmarks; nothing runs)."""
-        fn = functools.partial(mixed.decode_only, config=self.config, options=self.options)
         tokens = jnp.zeros((cache.batch,), jnp.int32)
-        return self._executable(
-            "decode", (), fn, 1, (params, cache, tokens, *greedy_rows(cache.batch)), lambda c: (None, c)
-        )
-
-    def mixed_variants(self) -> list[tuple]:
-        """The ``(T, rows)`` keys of the mixed steps compiled so far."""
-        return sorted(key for name, key in self.compiled if name == "mixed")
+        jitted = self._jitted(mixed.decode_only, 1, lambda c: (None, c), tuple(sorted(self._model().items())))
+        return jitted.lower(params, cache, tokens, *greedy_rows(cache.batch)).compile()
 
     def retire(self, cache, mask):
         """Empty the slots of ``mask`` (lengths and error bits to 0; a paged slot's pages go back)."""
@@ -150,16 +155,15 @@ class Steps:
 
     def extract(self, cache, slot, max_len: int):
         """A device copy of slot ``slot``'s first ``max_len`` positions (a contiguous prefix-cache entry)."""
-        fn = lambda c, s: c.extract_slot(s, max_len=max_len)
-        return self._run("extract", max_len, fn, (), (cache, jnp.int32(slot)))
+        return self._run("extract", max_len, mixed.extract_copy, (), (cache, jnp.int32(slot)), max_len=max_len)
 
     def pin(self, cache, slot, n):
         """Pin the pages of slot ``slot``'s first ``n`` positions: ``(cache, their page ids)``."""
         args = (cache, jnp.int32(slot), jnp.int32(n))
-        return self._run("pin", (), lambda c, s, m: c.pin(s, m), 0, args, lambda c: (c, None))
+        return self._run("pin", (), mixed.pin_pages, 0, args, lambda c: (c, None))
 
     def unpin(self, cache, pages):
-        return self._run("unpin", (), lambda c, p: c.unpin(p), 0, (cache, pages), lambda c: c)
+        return self._run("unpin", (), mixed.unpin_pages, 0, (cache, pages), lambda c: c)
 
 
 def greedy_rows(batch: int):
