@@ -67,7 +67,8 @@ class Generator:
 
     The engine's mixed step compiles once per token bucket, with the cache donated; ``compile_s`` in each result
     counts the compiles that call triggered. ``cache``: ``"default"`` (``"f32"`` for float32 weights, else
-    ``"bf16"``) or a name of ``cache_kinds()``.
+    ``"bf16"``) or a name of ``cache_kinds()``. ``max_batch_tokens`` and ``buckets``: the engine's tokens per
+    step and step shapes (``EngineOptions``).
     """
 
     def __init__(
@@ -81,6 +82,8 @@ class Generator:
         impl: str | None = None,
         cache_options=(),
         options: llama.LlamaOptions | None = None,
+        max_batch_tokens: int | None = None,
+        buckets: tuple[int, ...] | None = None,
     ):
         llama.check_params(params, config)
         if not _is_int(max_len) or max_len < 2:
@@ -94,7 +97,15 @@ class Generator:
         if impl is not None and options is not None:
             raise ValueError(f"give impl={impl!r} or options={options!r}, not both")
         model = llama.LlamaOptions(impl=resolve_impl(impl)) if options is None else options
-        engine_options = EngineOptions(int(batch), int(max_len), cache, cache_options=cache_options, model=model)
+        engine_options = EngineOptions(
+            int(batch),
+            int(max_len),
+            cache,
+            cache_options=cache_options,
+            model=model,
+            max_batch_tokens=max_batch_tokens,
+            buckets=buckets,
+        )
         self.engine = Engine(params, config, engine_options, verbose=False)
         self.config, self.params, self.spec = config, params, self.engine.spec
         self.max_len, self.batch, self.cache_kind = int(max_len), int(batch), cache
