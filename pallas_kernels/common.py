@@ -201,6 +201,20 @@ def resolve_config(default: DecodeConfig, max_len: int, head_dim: int, itemsize:
     return config._replace(num_stages=min(config.num_stages, max_stages(config.block_k, head_dim, itemsize)))
 
 
+# ----------------------------------------------------------------------------------------------- kernel bodies
+
+
+def dot(a, b, *, trans_b: bool = False, precision=None):
+    """``a @ b`` (``a @ b.T`` with ``trans_b``) of two 2-D tiles, accumulated and returned in float32."""
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def inverse_or_zero(denom):
+    """``1 / denom`` where the softmax denominator is positive, 0 where nothing was attended (no NaN)."""
+    return jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
 # ----------------------------------------------------------------------------------------------- split-K
 
 
@@ -252,7 +266,7 @@ def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool
     weight = jnp.exp(m - jnp.where(m_max > -jnp.inf, m_max, 0.0))  # exp(-inf) = 0: empty splits drop out
     total = jnp.sum(weight * denom)
     out = jnp.sum(weight[:, None] * acc, axis=0)  # [D]
-    inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)  # no position at all: zeros
+    inv = inverse_or_zero(total)  # no position at all: zeros
     o_ref[r, c, :] = (out * inv).astype(o_ref.dtype)
 
 

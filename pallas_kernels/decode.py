@@ -39,12 +39,6 @@ from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 # ----------------------------------------------------------------------------------------------- kernel
 
 
-def _dot(a, b, b_contract: int, precision):
-    """``a @ b`` (``b_contract=0``) or ``a @ b.T`` (``b_contract=1``) with a float32 result."""
-    dims = (((1,), (b_contract,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
 def decode_kernel(
     # inputs
     lengths_ref,  # [B] int32
@@ -99,7 +93,7 @@ def decode_kernel(
         k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
         if new_row is not None:
             k = jnp.where(new_row[:, None], k_new[None, :], k)
-        s = _dot(q, k, 1, precision) * scale  # [Gp, bk] float32
+        s = common.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, bk] float32
         if valid is not None:
             s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -110,7 +104,7 @@ def decode_kernel(
             v = jnp.where(new_row[:, None], v_new[None, :], v)
         if valid is not None:
             v = jnp.where(valid[:, None], v, 0)  # unused positions may hold NaN: 0 * NaN must not reach acc
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 0, precision)
+        acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
     def full_block(i, carry):
@@ -140,7 +134,7 @@ def decode_kernel(
     vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
     if num_splits == 1:
         (o_ref,) = out_refs
-        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
+        inv = common.inverse_or_zero(denom)  # length 0: zeros
         backend.store(o_ref.at[b, head_rows, :], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
         return
     acc_ref, m_ref, denom_ref = out_refs[:3]

@@ -78,13 +78,6 @@ def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int
 # ----------------------------------------------------------------------------------------------- kernel
 
 
-def _dot(a, b, trans_b=False, out=jnp.float32):
-    """``a @ b`` (``a @ b.T`` with ``trans_b``) accumulated in ``out``; default precision (tf32 for float32 on
-    the GPU lowering, exact float32 in interpret mode)."""
-    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=out)
-
-
 def wide_rows(group: int, chunks: int) -> int:
     """Query rows per chunk in the wide products: a power of two >= ``group`` with ``chunks * rows >= 16``."""
     return max(1 << (group - 1).bit_length(), -(-MIN_BLOCK // chunks))
@@ -140,7 +133,7 @@ def decode_kernel(
 
     def scores_of(keys):
         codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8
-        part = _dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
+        part = common.dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
         k_scale = scale_tile(k_scale_ref, keys) * scale
         return jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
 
@@ -151,7 +144,7 @@ def decode_kernel(
         # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the whole
         # code tile is right in chunk c's columns (the rest is dropped once, at the end).
         p_wide = (p[None] * v_scale[:, None, :]).reshape(chunks * rows, block_k).astype(dot_dtype)
-        return _dot(p_wide, v_ref[layer, b, h, keys, :].astype(dot_dtype))  # [R, D]
+        return common.dot(p_wide, v_ref[layer, b, h, keys, :].astype(dot_dtype))  # [R, D]
 
     def attend(carry, start, valid):
         m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
@@ -188,7 +181,7 @@ def decode_kernel(
     vec_ok = lax.broadcasted_iota(jnp.int32, (rows,), 0) < group if padded else None
     if num_splits == 1:
         (o_ref,) = out_refs
-        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
+        inv = common.inverse_or_zero(denom)  # length 0: zeros
         backend.store(o_ref.at[b, head_rows, cols], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
     else:
         acc_ref, m_ref, denom_ref = out_refs

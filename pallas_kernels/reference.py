@@ -5,11 +5,16 @@ anything, NaN included.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import common, decode, decode_q8, dequantize, paged, paged_q8
+from pallas_kernels import common, decode, decode_q8, dequantize, formats, paged, paged_q8
+from pallas_kernels.multi_token_args import check_args as check_multi_token
+from pallas_kernels.multi_token_args import check_fp8_pair, check_pairs, check_q8_pair
 
 
 def combine_splits(
@@ -183,6 +188,126 @@ def paged_q8_decode_attention_reference(
     k = dequantize_q8_reference(k, k_scale, dtype=jnp.float32)
     v = dequantize_q8_reference(v, v_scale, dtype=jnp.float32)
     return decode_attention_reference(q, k, v, lengths, scale=scale)
+
+
+def _multi_token(q, k, v, q_starts, lengths, counts, *, scale, window, softcap):
+    """The multi-token step over one layer's values ``k, v [B, K, S, D]`` (float32): each query row gathers its
+    sequence's keys (``[T, K, S, D]``: a test oracle, not a prefill path). NaN outside the positions some query
+    of a sequence reads never reaches the output."""
+    t, n, d = q.shape
+    _, kh, s, _ = k.shape
+    rows = jnp.arange(t)
+    inside = (rows[None, :] >= q_starts[:, None]) & (rows[None, :] < (q_starts + counts)[:, None])  # (B, T)
+    owned, owner = inside.any(axis=0), jnp.argmax(inside, axis=0)
+    pos = lengths[owner] + rows - q_starts[owner]  # (T,)
+    first = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window + 1, 0)
+    at = jnp.arange(s)
+    readable = (at[None, :] >= first[:, None]) & (at[None, :] < (lengths + counts)[:, None])  # (B, S)
+    k, v = (jnp.where(readable[:, None, :, None], x.astype(jnp.float32), 0.0) for x in (k, v))
+    valid = owned[:, None] & (at[None, :] <= pos[:, None])  # (T, S)
+    if window is not None:
+        valid &= at[None, :] > pos[:, None] - window
+    hi = lax.Precision.HIGHEST
+    qg = q.astype(jnp.float32).reshape(t, kh, n // kh, d)
+    scores = jnp.einsum("tkgd,tksd->tkgs", qg, k[owner], precision=hi) * (d**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("tkgs,tksd->tkgd", p, v[owner], precision=hi)
+    out = out * jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return out.reshape(t, n, d).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "scale", "window", "softcap"))
+def _multi_token_values(q, arrays, block_tables, layer, q_starts, lengths, counts, *, fmt, scale, window, softcap):
+    """One layer's K and V values (pages gathered, quantized ones decoded to float32), then the step: compiled
+    once rather than run op by op."""
+    if arrays[0].ndim == 5:
+        arrays = tuple(x[layer] for x in arrays)
+    if block_tables is not None:
+        arrays = tuple(gather_pages(x, block_tables) for x in arrays)
+    if fmt != "plain":
+        decode_fn = formats.dequantize_q8 if fmt == "q8" else formats.dequantize_fp8
+        k, k_scale, v, v_scale = arrays
+        arrays = decode_fn(k, k_scale, jnp.float32), decode_fn(v, v_scale, jnp.float32)
+    return _multi_token(q, *arrays, q_starts, lengths, counts, scale=scale, window=window, softcap=softcap)
+
+
+def _multi_token_reference(fmt, q, arrays, block_tables, q_starts, lengths, counts, layer, scale, window, softcap):
+    checks = dict(layer=layer, window=window, softcap=softcap, block_tables=block_tables)
+    if fmt == "plain":
+        check_multi_token(q, *arrays, q_starts, lengths, counts, **checks)
+    else:
+        pair_check = check_q8_pair if fmt == "q8" else check_fp8_pair
+        check_multi_token(q, *check_pairs(pair_check, *arrays), q_starts, lengths, counts, **checks)
+    ints = lambda x: None if x is None else jnp.asarray(x).astype(jnp.int32)
+    step = (ints(block_tables), ints(0 if layer is None else layer), ints(q_starts), ints(lengths), ints(counts))
+    options = dict(fmt=fmt, scale=None if scale is None else float(scale), window=window, softcap=softcap)
+    return _multi_token_values(q, tuple(arrays), *step, **options)
+
+
+def multi_token_attention_reference(
+    q, k, v, q_starts, lengths, counts, *, layer=None, scale=None, window=None, softcap=None, **launch
+):
+    """``multi_token.multi_token_attention`` in plain ``jnp``."""
+    del launch
+    args = (q_starts, lengths, counts, layer, scale, window, softcap)
+    return _multi_token_reference("plain", q, (k, v), None, *args)
+
+
+def paged_multi_token_attention_reference(
+    q, k_pages, v_pages, block_tables, q_starts, lengths, counts, *, layer=None, scale=None, window=None,
+    softcap=None, **launch,
+):  # fmt: skip
+    """``multi_token_paged.paged_multi_token_attention``: the pages gathered in XLA, then as contiguous."""
+    del launch
+    args = (q_starts, lengths, counts, layer, scale, window, softcap)
+    return _multi_token_reference("plain", q, (k_pages, v_pages), block_tables, *args)
+
+
+def q8_multi_token_attention_reference(
+    q, k, k_scale, v, v_scale, q_starts, lengths, counts, *, layer=None, scale=None, window=None, softcap=None,
+    **launch,
+):  # fmt: skip
+    """``multi_token_quant.q8_multi_token_attention``: dequantized to float32, then as Plain."""
+    del launch
+    args = (q_starts, lengths, counts, layer, scale, window, softcap)
+    return _multi_token_reference("q8", q, (k, k_scale, v, v_scale), None, *args)
+
+
+def fp8_multi_token_attention_reference(
+    q, k, k_scale, v, v_scale, q_starts, lengths, counts, *, layer=None, scale=None, window=None, softcap=None,
+    **launch,
+):  # fmt: skip
+    """``multi_token_quant.fp8_multi_token_attention``: dequantized to float32, then as Plain."""
+    del launch
+    args = (q_starts, lengths, counts, layer, scale, window, softcap)
+    return _multi_token_reference("fp8", q, (k, k_scale, v, v_scale), None, *args)
+
+
+def paged_q8_multi_token_attention_reference(
+    q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, q_starts, lengths, counts, *, layer=None,
+    scale=None, window=None, softcap=None, **launch,
+):  # fmt: skip
+    """``multi_token_quant.paged_q8_multi_token_attention``: pages gathered, dequantized, then as Plain."""
+    del launch
+    args = (q_starts, lengths, counts, layer, scale, window, softcap)
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    return _multi_token_reference("q8", q, pools, block_tables, *args)
+
+
+def paged_fp8_multi_token_attention_reference(
+    q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, q_starts, lengths, counts, *, layer=None,
+    scale=None, window=None, softcap=None, **launch,
+):  # fmt: skip
+    """``multi_token_quant.paged_fp8_multi_token_attention``: pages gathered, dequantized, then as Plain."""
+    del launch
+    args = (q_starts, lengths, counts, layer, scale, window, softcap)
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    return _multi_token_reference("fp8", q, pools, block_tables, *args)
 
 
 def residual_rms_norm_reference(x, y, weight, *, eps: float, dtype=jnp.float32, **launch):

@@ -2,7 +2,9 @@
 
 Query ``t`` of sequence ``b`` sits at position ``lengths[b] + t`` and attends causally to positions
 ``<= lengths[b] + t``; queries ``t >= counts[b]`` are padding and give zero (``counts`` is the step's, from
-``cache.begin``). A layer out of range under ``jit`` gives NaN (and ``attend_write`` records ``ERR_BAD_LAYER``).
+``cache.begin``). A flat ``q [T, N, D]`` holds the step's tokens ordered by sequence (``jkv.caches.tokens``):
+the mixed serving step's form, with no padding per sequence. A layer out of range under ``jit`` gives NaN (and
+``attend_write`` records ``ERR_BAD_LAYER``).
 
 ``impl``: ``"xla"`` (the pure-``jnp`` reference, any backend), ``"pallas"`` (the Pallas kernels: compiled on GPU,
 interpret mode elsewhere) or ``None`` (``default_impl()``: Pallas on GPU, XLA elsewhere). ``T = 1`` runs the
@@ -18,7 +20,7 @@ from jaxtyping import Array, Float
 
 from jkv.attention import kernels
 from jkv.attention.reference import attend_reference
-from jkv.caches import checks
+from jkv.caches import checks, tokens
 from jkv.parallel import active_mesh, per_shard
 
 IMPLS = ("xla", "pallas")
@@ -41,34 +43,52 @@ def _check_q(q, cache) -> None:
     if not hasattr(cache, "layout") or not hasattr(cache, "format"):
         raise TypeError(f"cache must be a jkv cache, got {type(cache).__name__}")
     shape = getattr(q, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise ValueError(f"q must have shape [B, T, N, D], got {shape}")
-    if shape[0] != cache.batch or shape[3] != cache.spec.head_dim:
+    if shape is None or len(shape) not in (3, 4):
+        raise ValueError(f"q must have shape [B, T, N, D] (or flat [T, N, D]), got {shape}")
+    if shape[-1] != cache.spec.head_dim or (len(shape) == 4 and shape[0] != cache.batch):
         raise ValueError(
             f"q.shape={tuple(shape)} does not match the cache's batch={cache.batch}, D={cache.spec.head_dim}"
         )
-    checks.gqa_heads(shape[2], cache.spec.num_kv_heads)
+    checks.gqa_heads(shape[-2], cache.spec.num_kv_heads)
+
+
+def _live(q, cache):
+    """Which queries are real (not padding): ``[B, T]``, or ``[T]`` for a flat ``q``."""
+    if q.ndim == 3:
+        return tokens.flat_layout(cache.lengths, cache.counts, q.shape[0])[2]
+    return jnp.arange(q.shape[1])[None, :] < cache.counts[:, None]
 
 
 def _finish(out, cache, layer_ok, *, padding_zero: bool = False):
     """Padding queries to zero (``padding_zero``: the kernel already gave them zero), everything to NaN for a layer
     out of range. A static layer adds no operation (a decode step is launch-bound at small batches)."""
     if not padding_zero:
-        live = jnp.arange(out.shape[1])[None, :] < cache.counts[:, None]  # (B, T)
-        out = jnp.where(live[:, :, None, None], out, jnp.zeros((), out.dtype))
+        live = _live(out, cache)
+        out = jnp.where(live[..., None, None], out, jnp.zeros((), out.dtype))
     return out if layer_ok is True else jnp.where(layer_ok, out, jnp.full((), jnp.nan, out.dtype))
 
 
 def attend(
-    q: Float[Array, "B T N D"], cache, layer, *, impl: str | None = None, scale: float | None = None
-) -> Float[Array, "B T N D"]:
-    """Causal attention of the step's queries over ``layer`` of ``cache`` (module docstring)."""
+    q: Float[Array, "B T N D"] | Float[Array, "T N D"],
+    cache,
+    layer,
+    *,
+    impl: str | None = None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> Float[Array, "B T N D"] | Float[Array, "T N D"]:
+    """Causal attention of the step's queries over ``layer`` of ``cache`` (module docstring). ``window``: a query
+    sees only the last ``window`` positions (itself included); ``softcap`` ``c`` caps scores as ``c*tanh(s/c)``."""
     impl = resolve_impl(impl)
     _check_q(q, cache)
+    checks.window_softcap(window, softcap)
     layer, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
-    kernel = kernels.decode_kernel(cache) if impl == "pallas" and q.shape[1] == 1 else None
+    decode = q.ndim == 4 and q.shape[1] == 1 and window is None and softcap is None
+    kernel = kernels.decode_kernel(cache) if impl == "pallas" and decode else None
     if kernel is None:
-        return _finish(attend_reference(q, cache, layer, scale=scale), cache, layer_ok)
+        out = attend_reference(q, cache, layer, scale=scale, window=window, softcap=softcap)
+        return _finish(out, cache, layer_ok)
     fmt = cache.format
     qs = fmt.to_stored(q[:, 0])
     # The one query sits at lengths[b] and reads lengths[b] + 1 positions; a padding row reads none (output zero).
@@ -84,30 +104,34 @@ def attend(
 
 
 def attend_write(
-    q: Float[Array, "B T N D"],
-    k: Float[Array, "B K T D"],
-    v: Float[Array, "B K T D"],
+    q: Float[Array, "B T N D"] | Float[Array, "T N D"],
+    k: Float[Array, "B K T D"] | Float[Array, "T K D"],
+    v: Float[Array, "B K T D"] | Float[Array, "T K D"],
     cache,
     layer,
     *,
     impl: str | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ):
-    """``cache.write(layer, k, v)`` then ``attend(q, cache, layer)``; returns ``(out, cache)``. On the Pallas path
+    """``cache.write(layer, k, v)`` then ``attend(q, cache, layer, ...)``; returns ``(out, cache)``. On the Pallas path
     a kind registered in ``kernels.FUSED_APPEND`` with ``T = 1`` does both in one kernel (the program attending
     over the new position writes it), saving the write's own kernels; same results and error bits."""
     impl = resolve_impl(impl)
-    fused = impl == "pallas" and kernels.fused_append(cache) and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1
+    fused = (impl == "pallas" and kernels.fused_append(cache) and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1) and (
+        getattr(q, "ndim", 0) == 4 and window is None and softcap is None
+    )
     if not fused or active_mesh() is not None:
         cache = cache.write(layer, k, v)
-        return attend(q, cache, layer, impl=impl, scale=scale), cache
+        return attend(q, cache, layer, impl=impl, scale=scale, window=window, softcap=softcap), cache
     from pallas_kernels import decode as fused_kernel
 
     _check_q(q, cache)
-    at, positions, errors = cache.write_plan(layer, k, v)
-    _, range_errors = cache.encode_new(k, v, positions)
+    at, slot, positions, errors = cache.write_plan(layer, k, v)  # T = 1: token i is sequence i's
+    _, range_errors = cache.encode_new(k, v, slot, positions)
     _, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
-    append = positions[:, 0] < cache.max_len
+    append = positions < cache.max_len
     n = jnp.where(cache.counts > 0, cache.lengths + 1, 0)  # a padding row reads nothing: its output is zero
     kbuf, vbuf = cache.storage()
     out, kbuf, vbuf = fused_kernel.decode_attention_append(

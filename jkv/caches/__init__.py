@@ -20,6 +20,7 @@ from jkv.caches.paged import NO_PAGE, PagedKVCache
 from jkv.caches.registry import PAGE_SIZE, Kind, kind, kinds, make_cache
 from jkv.caches.sharding import cache_sharding, cache_specs, shard_cache
 from jkv.caches.snapshot import Snapshot
+from jkv.caches.tokens import flat_layout, flat_starts
 
 __all__ = [
     "ERROR_NAMES",
@@ -46,6 +47,8 @@ __all__ = [
     "cache_specs",
     "dequantize",
     "describe_errors",
+    "flat_layout",
+    "flat_starts",
     "kind",
     "kinds",
     "make_cache",

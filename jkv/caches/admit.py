@@ -101,7 +101,7 @@ def _extend_from(cache, hit, single, arrays):
     s = jnp.argmax(hit)
     positions = jnp.arange(single.max_len, dtype=jnp.int32)
     write = hit[s] & got[s] & (positions >= start[s]) & (positions < single.lengths[0])
-    pages = jnp.where(write, cache._logical_pages(positions[None, :])[s], cache.num_pages)
+    pages = jnp.where(write, cache._logical_pages(s, positions), cache.num_pages)
     offsets = positions % cache.page_size
 
     def put(buf, x):  # buf[:, pages, :, offsets, :] is (S', L, K, X)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from jkv.caches import checks
+from jkv.caches import checks, tokens
 
 # Bits of ``cache.errors`` (int32[B], sticky until ``clear_errors`` / ``reset``).
 ERR_WRITE_OVERFLOW = 1  # a step would have reached past max_len: its count became 0, nothing written
@@ -140,29 +140,37 @@ class Cache(abc.ABC):
         return jnp.where(ok, counts, 0), ok, jnp.where(ok, 0, bits)
 
     def write_plan(self, layer, k, v):
-        """Validate a write; return ``(layer index, positions [B, T])`` with every position to drop set to
-        ``max_len`` (padding ``t >= counts[b]``, and everything when the layer is out of range), and the errors."""
+        """Validate a write of padded ``[B, K, T, D]`` or flat ``[T, K, D]`` keys and values (``jkv.caches.tokens``);
+        return ``(layer index, slot [N], positions [N], errors [B])`` over the write's ``N`` tokens in row-major
+        order, every position to drop set to ``max_len`` (padding tokens, and everything when the layer is out of
+        range)."""
         spec = self.spec
-        checks.new_kv("k", k, self.batch, spec)
-        checks.new_kv("v", v, self.batch, spec)
+        flat = getattr(k, "ndim", 0) == 3
+        checks.new_kv("k", k, self.batch, spec, flat=flat)
+        checks.new_kv("v", v, self.batch, spec, flat=flat)
         if k.shape != v.shape:
             raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} must match")
         layer, layer_ok = checks.index_in_range("layer", layer, spec.num_layers)
-        t = k.shape[2]
+        t = k.shape[0] if flat else k.shape[2]
+        room = jnp.sum(self.counts) <= t if flat else self.counts <= t
         checks.host_all(
-            self.counts <= t,
-            lambda: f"write of T={t} tokens is shorter than the step's counts={np.asarray(self.counts)}",
+            room,
+            lambda: (
+                f"write of {t} tokens ({'flat' if flat else 'T'}) is shorter than the step's "
+                f"counts={np.asarray(self.counts)}"
+            ),
         )
-        live = (jnp.arange(t, dtype=jnp.int32)[None, :] < self.counts[:, None]) & layer_ok
-        positions = jnp.where(live, self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32), spec.max_len)
-        errors = jnp.where(layer_ok, 0, ERR_BAD_LAYER) | jnp.where(self.counts <= t, 0, ERR_BAD_COUNT)
-        return checks.clamped(layer, layer_ok), positions, errors
+        layout = tokens.flat_layout if flat else tokens.padded_layout
+        slot, positions, live = layout(self.lengths, self.counts, t)
+        positions = jnp.where(live & layer_ok, positions, spec.max_len)
+        errors = jnp.where(layer_ok, 0, ERR_BAD_LAYER) | jnp.where(room, 0, ERR_BAD_COUNT)
+        return checks.clamped(layer, layer_ok), slot, positions, errors
 
-    def encode_new(self, k, v, positions):
-        """The format's arrays of the new tokens ``[B, K, T, X]`` and the range errors of the live ones."""
-        arrays, fits = self.format.encode_checked(k, v)  # fits [B, K, T]
-        live = positions < self.max_len
-        bad = jnp.any(~fits & live[:, None, :], axis=(1, 2))
+    def encode_new(self, k, v, slot, positions):
+        """The format's arrays of the new tokens ``[N, K, X]`` (token-major, ``tokens.token_major``) and the range
+        errors ``[B]`` of the live ones."""
+        arrays, fits = self.format.encode_checked(tokens.token_major(k), tokens.token_major(v))  # fits [N, K]
+        bad = tokens.any_per_slot(jnp.any(~fits, axis=1) & (positions < self.max_len), slot, self.batch)
         checks.host_all(
             ~bad,
             lambda: f"k/v hold values beyond what the {self.format} format can store (they would be saturated)",

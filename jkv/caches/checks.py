@@ -115,16 +115,22 @@ def _device_bytes(device) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def new_kv(name: str, x, batch: int, spec) -> None:
-    """New keys/values ``[B, K, T, D]`` for one layer of a cache with ``spec``."""
+def new_kv(name: str, x, batch: int, spec, *, flat: bool = False) -> None:
+    """New keys/values of one layer of a cache with ``spec``: padded ``[B, K, T, D]``, or ``[T, K, D]`` when
+    ``flat`` (``jkv.caches.tokens``)."""
     shape = getattr(x, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise ValueError(f"{name} must have shape [B, K, T, D], got {shape}")
-    b, k, t, d = shape
-    if (b, k, d) != (batch, spec.num_kv_heads, spec.head_dim) or t < 1:
-        raise ValueError(
-            f"{name}.shape={tuple(shape)} does not match [B={batch}, K={spec.num_kv_heads}, T>=1, D={spec.head_dim}]"
-        )
+    if shape is None or len(shape) != (3 if flat else 4):
+        raise ValueError(f"{name} must have shape [B, K, T, D] (or a flat step's [T, K, D]), got {shape}")
+    if flat:
+        t, k, d = shape
+        ok = (k, d) == (spec.num_kv_heads, spec.head_dim) and t >= 1
+        expected = f"a flat step's [T>=1, K={spec.num_kv_heads}, D={spec.head_dim}]"
+    else:
+        b, k, t, d = shape
+        ok = (b, k, d) == (batch, spec.num_kv_heads, spec.head_dim) and t >= 1
+        expected = f"[B={batch}, K={spec.num_kv_heads}, T>=1, D={spec.head_dim}]"
+    if not ok:
+        raise ValueError(f"{name}.shape={tuple(shape)} does not match {expected}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
 
@@ -169,3 +175,11 @@ def decode_args(q, k, v, lengths) -> tuple[int, int, int, int, int]:
 def clamped(index, ok):
     """``index`` where ``ok``, else 0 (static indices stay static); callers drop or mask what it reads."""
     return index if ok is True else jnp.where(ok, index, 0)
+
+
+def window_softcap(window, softcap) -> None:
+    """An attention window (positions a query sees, itself included) and a logit soft cap, each optional."""
+    if window is not None and (not isinstance(window, int | np.integer) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"window={window!r} must be a positive int (or None: no window)")
+    if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0 and np.isfinite(softcap)):
+        raise ValueError(f"softcap={softcap!r} must be a positive finite number (or None: no cap)")

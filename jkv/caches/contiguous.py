@@ -61,13 +61,12 @@ class KVCache(Cache):
         return self.replace(counts=counts, errors=self.errors | bits)
 
     def write(self, layer, k: Array, v: Array) -> KVCache:
-        layer, positions, errors = self.write_plan(layer, k, v)
-        new, range_errors = self.encode_new(k, v, positions)
-        rows = jnp.arange(self.batch)[:, None]  # (B, 1) against positions (B, T)
+        layer, slot, positions, errors = self.write_plan(layer, k, v)
+        new, range_errors = self.encode_new(k, v, slot, positions)
 
         # A scatter with mode="drop" updates in place under donation; dropped positions are max_len.
-        def put(buf, x):  # x (B, K, T, X) -> indexed as (B, T, K, X)
-            return buf.at[layer, rows, :, positions, :].set(jnp.swapaxes(x, 1, 2).astype(buf.dtype), mode="drop")
+        def put(buf, x):  # buf[layer, slot, :, positions, :] is (N, K, X), as x
+            return buf.at[layer, slot, :, positions, :].set(x.astype(buf.dtype), mode="drop")
 
         data = tuple(put(buf, x) for buf, x in zip(self.data, new, strict=True))
         return self.replace(data=data, errors=self.errors | errors | range_errors)

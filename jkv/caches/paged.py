@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int
 
-from jkv.caches import checks, pool
+from jkv.caches import checks, pool, tokens
 from jkv.caches.base import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, Cache, CacheSpec
 from jkv.caches.contiguous import KVCache, all_arrays, slot_arrays
 from jkv.caches.formats import Format, Plain, bind
@@ -130,8 +130,8 @@ class PagedKVCache(Cache):
         cache = self.replace(pages=pages, block_tables=tables, refcounts=refcounts)
         return cache.replace(errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED)), got
 
-    def _logical_pages(self, positions: Array) -> Array:
-        return pool.logical_pages(self.block_tables, positions, self.page_size, self.num_pages)
+    def _logical_pages(self, slot: Array, positions: Array) -> Array:
+        return pool.logical_pages(self.block_tables, slot, positions, self.page_size, self.num_pages)
 
     # ------------------------------------------------------------------ step
     def begin(self, counts) -> PagedKVCache:
@@ -142,9 +142,9 @@ class PagedKVCache(Cache):
         return cache.replace(counts=jnp.where(got, counts, 0), errors=cache.errors | bits)
 
     def write(self, layer, k: Array, v: Array) -> PagedKVCache:
-        layer, positions, errors = self.write_plan(layer, k, v)
-        new, range_errors = self.encode_new(k, v, positions)
-        pages = self._logical_pages(positions)
+        layer, slot, positions, errors = self.write_plan(layer, k, v)
+        new, range_errors = self.encode_new(k, v, slot, positions)
+        pages = self._logical_pages(slot, positions)
         # Belt and braces: a live position without a page of its own (begin not called) is dropped and flagged.
         own = self.refcounts[jnp.clip(pages, 0, self.num_pages - 1)] == 1
         live = positions < self.max_len
@@ -152,10 +152,11 @@ class PagedKVCache(Cache):
         pages = jnp.where(live & ~orphan, pages, self.num_pages)  # P drops the write
         offsets = positions % self.page_size
 
-        def put(buf, x):  # buf[layer, pages, :, offsets, :] is (B, T, K, X)
-            return buf.at[layer, pages, :, offsets, :].set(jnp.swapaxes(x, 1, 2).astype(buf.dtype), mode="drop")
+        def put(buf, x):  # buf[layer, pages, :, offsets, :] is (N, K, X), as x
+            return buf.at[layer, pages, :, offsets, :].set(x.astype(buf.dtype), mode="drop")
 
-        errors = errors | range_errors | jnp.where(jnp.any(orphan, axis=1), ERR_POOL_EXHAUSTED, 0)
+        orphaned = tokens.any_per_slot(orphan, slot, self.batch)
+        errors = errors | range_errors | jnp.where(orphaned, ERR_POOL_EXHAUSTED, 0)
         return self.replace(
             pages=tuple(put(buf, x) for buf, x in zip(self.pages, new, strict=True)), errors=self.errors | errors
         )

@@ -83,11 +83,12 @@ def reserve(tables, refcounts, lengths, target, page_size: int):
     return tables, refcounts.at[src].add(-1, mode="drop"), got, src, dst
 
 
-def logical_pages(tables: Array, positions: Array, page_size: int, num_pages: int) -> Array:
-    """Physical page of each position ``[B, T]``; ``num_pages`` where there is none (or past the table)."""
+def logical_pages(tables: Array, slot: Array, positions: Array, page_size: int, num_pages: int) -> Array:
+    """Physical page of position ``positions[i]`` of sequence ``slot[i]`` (any matching shapes); ``num_pages``
+    where there is none (or past the table)."""
     m = tables.shape[1]
     j = positions // page_size
-    pages = jnp.take_along_axis(tables, jnp.clip(j, 0, m - 1), axis=1)
+    pages = tables[slot, jnp.clip(j, 0, m - 1)]
     return jnp.where((j >= 0) & (j < m) & (pages >= 0), pages, num_pages)
 
 

@@ -98,8 +98,10 @@ def test_reference_is_the_same_call(rng):
 
 def test_attention_errors(rng):
     cache = filled("f32", rng, [1, 1], poison=False).begin(1)
-    with pytest.raises(ValueError, match=r"q must have shape \[B, T, N, D\]"):
-        jkv.attend(jnp.zeros((2, 4, 64)), cache, 0)
+    with pytest.raises(ValueError, match=r"q must have shape \[B, T, N, D\] \(or flat \[T, N, D\]\)"):
+        jkv.attend(jnp.zeros((4, 64)), cache, 0)
+    with pytest.raises(ValueError, match=r"q.shape=\(3, 4, 32\) does not match the cache's batch=2, D=64"):
+        jkv.attend(jnp.zeros((3, 4, 32)), cache, 0)
     with pytest.raises(ValueError, match="num_q_heads=3 must be a positive multiple"):
         jkv.attend(jnp.zeros((2, 1, 3, 64)), cache, 0)
     with pytest.raises(ValueError, match="impl='cuda'"):
@@ -132,3 +134,64 @@ def test_attend_write_equals_write_then_attend(rng, kind):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
     if kind in ("bf16", "f32"):
         assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(cache))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flat_attend_equals_padded(rng, kind):
+    """A flat step (``jkv.caches.tokens``) gives each token what the padded step gives it; padding rows are 0."""
+    counts = jnp.asarray([3, 0, 1], jnp.int32)
+    cache = filled(kind, rng, [5, 2, 17])
+    q = jnp.asarray(rng.standard_normal((3, 3, 8, 64)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((3, 2, 3, 64)), jnp.float32) for _ in range(2))
+    padded_out, padded = jkv.attend_write(q, k, v, cache.begin(counts), 1, impl="xla")
+    rows = [(0, 0), (0, 1), (0, 2), (2, 0)]  # (sequence, token) of each live flat row
+    flat_q = jnp.concatenate([jnp.stack([q[b, t] for b, t in rows]), q[1, :2]])  # two padding rows
+    flat_k, flat_v = (jnp.concatenate([jnp.stack([x[b, :, t] for b, t in rows]), x[1, :, :2]]) for x in (k, v))
+    out, _ = jkv.attend_write(flat_q, flat_k, flat_v, cache.begin(counts), 1, impl="xla")
+    assert out.shape == flat_q.shape
+    np.testing.assert_allclose(out[:4], jnp.stack([padded_out[b, t] for b, t in rows]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[4:], 0.0)
+    want = step_reference(np.asarray(q, np.float64), padded, 1, counts)
+    assert rel_err(np.asarray(out[:4]), np.stack([want[b, t] for b, t in rows])) < tol(kind)
+
+
+@pytest.mark.parametrize("kind", ["f32", "paged", "q8"])
+@pytest.mark.parametrize(("window", "softcap"), [(3, None), (None, 2.0), (6, 1.5)], ids=["w3", "cap2", "w6_cap1.5"])
+def test_window_and_softcap_match_float64(rng, kind, window, softcap):
+    """Positions before the window are NaN-poisoned in the cache: a query must not read them."""
+    cache = filled(kind, rng, [9, 2, 20])
+    if window is not None:
+        hidden = [max(0, n - window + 1) for n in (9, 2, 20)]  # positions no query of the step sees
+        cache = cache.rollback(jnp.asarray([0, 0, 0], jnp.int32)).begin(jnp.asarray(hidden, jnp.int32))
+        nan = jnp.full((3, 2, max(hidden), 64), jnp.nan)
+        cache = cache.write(0, nan, nan).write(1, nan, nan).commit()
+        cache = cache.rollback(jnp.asarray(hidden, jnp.int32))
+        rest = filled(kind, rng, [9, 2, 20])  # fresh values for the visible positions
+        cache = cache.begin(jnp.asarray([9 - hidden[0], 2 - hidden[1], 20 - hidden[2]], jnp.int32))
+        for layer in range(2):
+            kl, vl = rest.layer(layer, jnp.float32)
+            take = lambda x: jnp.stack([jnp.roll(x[b], -hidden[b], axis=1) for b in range(3)])
+            cache = cache.write(layer, take(kl), take(vl))
+        cache = cache.commit()
+    counts = jnp.asarray([4, 1, 3], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, 4, 8, 64)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((3, 2, 4, 64)), jnp.float32) for _ in range(2))
+    out, cache = jkv.attend_write(q, k, v, cache.begin(counts), 0, window=window, softcap=softcap)
+    kd, vd = (np.asarray(x, np.float64) for x in cache.layer(0, jnp.float32))
+    lengths, c = np.asarray(cache.lengths), np.asarray(counts)
+    pos = np.where(np.arange(4)[None] < c[:, None], lengths[:, None] + np.arange(4)[None], -1)
+    if window is not None:  # poison what the window hides (the reference must not read it either)
+        for b in range(3):
+            kd[b, :, : max(0, lengths[b] - window + 1)] = np.nan
+    want = attention_f64(np.asarray(q, np.float64), kd, vd, pos, window=window, softcap=softcap)
+    live = pos >= 0
+    assert rel_err(np.asarray(out)[live], want[live]) < tol(kind)
+    np.testing.assert_array_equal(np.asarray(out)[~live], 0.0)
+
+
+def test_window_and_softcap_errors(rng):
+    cache = filled("f32", rng, [3]).begin(1)
+    q = jnp.ones((1, 1, 8, 64))
+    for bad in (dict(window=0), dict(window=2.5), dict(softcap=0.0), dict(softcap=float("inf"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            jkv.attend(q, cache, 0, **bad)

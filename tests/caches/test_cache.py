@@ -144,7 +144,7 @@ def test_errors_eager(rng):
         (lambda: cache.write(0, k3[:1], v3[:1]), ValueError, "does not match"),
         (lambda: cache.write(0, k3, v3[:, :, :2]), ValueError, "must match"),
         (lambda: cache.write(0, k3[..., :4], v3[..., :4]), ValueError, "D=8"),
-        (lambda: cache.write(0, k3[0], v3[0]), ValueError, "shape [B, K, T, D]"),
+        (lambda: cache.write(0, k3[0], v3[0]), ValueError, "does not match a flat step's [T>=1, K=2, D=8]"),
         (lambda: cache.write(0, k3.astype(jnp.int32), v3.astype(jnp.int32)), TypeError, "floating"),
         (lambda: cache.begin(-1), ValueError, "begin(counts=[-1 -1])"),
         (lambda: cache.begin(jnp.array([1, 2, 3])), ValueError, "shape (2,)"),

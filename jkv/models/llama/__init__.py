@@ -7,7 +7,15 @@ rules for the weights).
 
 from jkv.models.llama.config import PRESETS, LlamaConfig
 from jkv.models.llama.fusions import DEFAULT_OPTIONS, MIN_MATMUL_ROWS, LlamaOptions
-from jkv.models.llama.model import block, decode_step, forward, hidden_states, lm_head, prefill
+from jkv.models.llama.model import (
+    block,
+    decode_step,
+    flat_hidden_states,
+    forward,
+    hidden_states,
+    lm_head,
+    prefill,
+)
 from jkv.models.llama.params import (
     LAYOUTS,
     LayerParams,
@@ -35,6 +43,7 @@ __all__ = [
     "check_layout",
     "check_params",
     "decode_step",
+    "flat_hidden_states",
     "forward",
     "fuse_qkv",
     "hidden_states",

@@ -25,6 +25,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from jkv.attention import attend_write
+from jkv.caches import tokens as cache_tokens
 from jkv.models.llama import fusions
 from jkv.models.llama.config import LlamaConfig
 from jkv.models.llama.fusions import DEFAULT_OPTIONS, LlamaOptions, Normed
@@ -34,13 +35,17 @@ from jkv.rope import RopeStyle, apply_rope
 
 def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: LlamaConfig, options: LlamaOptions):
     """Self-attention of block ``i`` on the normed stream ``[B', T, H]``: ``(out [B', T, H], cache)``. Rows past
-    ``cache.batch`` are padding (``fusions.padded_batch``): they skip attention and are never written."""
+    ``cache.batch`` are padding (``fusions.padded_batch``): they skip attention and are never written. A flat step
+    (``flat_hidden_states``) is one row of ``T`` tokens of many sequences."""
     b, (bp, t) = cache.batch, normed.rows.shape[:2]
     q, key, value = fusions.qkv_projection(normed, layer, config, options)
-    q, key, value = rope(q[:b]), rope(key[:b]), value[:b]  # (B, T, N, D), (B, T, K, D) x 2
-    key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
-    attn, cache = attend_write(q.astype(layer.wqkv.dtype), key, value, cache, i, impl=options.impl)  # (B, T, N, D)
-    attn = fusions.pad_rows(attn, bp).reshape(bp, t, config.num_heads * config.head_dim)
+    if rope.keywords["positions"].ndim == 1:  # flat: (T, N, D), (T, K, D) x 2
+        q, key, value = rope(q[0]), rope(key[0]), value[0]
+    else:
+        q, key, value = rope(q[:b]), rope(key[:b]), value[:b]  # (B, T, N, D), (B, T, K, D) x 2
+        key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
+    attn, cache = attend_write(q.astype(layer.wqkv.dtype), key, value, cache, i, impl=options.impl)
+    attn = fusions.pad_rows(attn.reshape(-1, t, config.num_heads * config.head_dim), bp)
     return fusions.project(attn, layer.wo, options), cache
 
 
@@ -71,14 +76,49 @@ def hidden_states(
 
     Token ``t`` of sequence ``b`` sits at position ``cache.lengths[b] + t``.
     """
+    t = tokens.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, T)
+    return _stream(params, cache.begin(t), tokens, positions, config=config, options=options)
+
+
+def flat_hidden_states(
+    params: LlamaParams,
+    cache,
+    tokens: Int[Array, " T"],
+    counts: Int[Array, " B"],
+    *,
+    config: LlamaConfig,
+    options: LlamaOptions = DEFAULT_OPTIONS,
+):
+    """Final-normed hidden states ``[T, H]`` (f32) of a flat step, and the advanced cache: sequence ``b``'s
+    ``counts[b]`` tokens are consecutive rows, in sequence order (``jkv.caches.tokens``; rows past
+    ``sum(counts)`` are padding and touch no cache). The mixed serving step: decode tokens, verification drafts
+    and prompt chunks of many sequences in one pass with no padding per sequence.
+
+    A sequence the cache refuses (past capacity, no free pages: count 0 and an error bit) takes no part: its rows
+    are moved out of the cache's layout and come back as zeros, so no other sequence's rows shift."""
+    t = tokens.shape[0]
+    declared = jnp.maximum(jnp.asarray(counts, jnp.int32), 0)
+    cache = cache.begin(counts)
+    # Each declared row's place in the layout of the counts the cache accepted (the identity when it took all).
+    slot, offset, live = cache_tokens.flat_layout(jnp.zeros_like(declared), declared, t)
+    kept = live & (cache.counts[slot] > 0)
+    row = jnp.where(kept, cache_tokens.flat_starts(cache.counts)[slot] + offset, t)  # t: not in the layout
+    source = jnp.zeros((t,), jnp.int32).at[row].set(jnp.arange(t, dtype=jnp.int32), mode="drop")
+    _, positions, _ = cache_tokens.flat_layout(cache.lengths, cache.counts, t)
+    h, cache = _stream(params, cache, tokens[source][None], jnp.maximum(positions, 0), config=config, options=options)
+    return jnp.where(kept[:, None], h[0][jnp.minimum(row, t - 1)], 0), cache
+
+
+def _stream(params: LlamaParams, cache, tokens, positions, *, config: LlamaConfig, options: LlamaOptions):
+    """The blocks over ``tokens [R, T]`` at ``positions`` (``[R, T]``; ``[T]`` for a flat step's one row) with
+    the step begun on ``cache``; the final-normed stream ``[R, T, H]`` and the committed cache."""
     options = options.resolve()
     b, t = tokens.shape
-    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, T)
     inv_freq = jnp.asarray(config.inv_freq(), jnp.float32)
-    rope = functools.partial(apply_rope, positions=positions, inv_freq=inv_freq, style=RopeStyle.NEOX)
-    x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (B, T, H)
-    x = fusions.pad_rows(x, fusions.padded_batch(b, t, options))  # (B', T, H)
-    cache = cache.begin(t)  # the step's T positions (a paged cache allocates their pages here, once per step)
+    rope = functools.partial(apply_rope_any, positions=positions, inv_freq=inv_freq)
+    x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (R, T, H)
+    x = fusions.pad_rows(x, fusions.padded_batch(b, t, options))  # (R', T, H)
     if params.stacked:  # [L, ...] arrays: one traced block under lax.scan
 
         def body(carry, layer):
@@ -91,6 +131,14 @@ def hidden_states(
             x, cache = block(layer_params, i, x, cache, rope=rope, config=config, options=options)
     h = fusions.rms_norm(x[:b], params.norm, config.rms_norm_eps, jnp.float32, options).value()
     return h, cache.commit()
+
+
+def apply_rope_any(x, *, positions, inv_freq):
+    """NEOX rotary embedding of ``x [B, T, H, D]`` at ``positions [B, T]``, or of a flat ``x [T, H, D]`` at
+    ``positions [T]``."""
+    if positions.ndim == 1:
+        return apply_rope(x[None], positions[None], inv_freq, RopeStyle.NEOX)[0]
+    return apply_rope(x, positions, inv_freq, RopeStyle.NEOX)
 
 
 def lm_head(params: LlamaParams, h: Float[Array, "... H"], options: LlamaOptions = DEFAULT_OPTIONS):
