@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-slots", type=_positive_int, default=None, help="engine slots (default: what fits memory)")
     gen.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
     gen.add_argument("--speculative", type=int, default=0, help="engine prompt-lookup draft tokens per step (0: off)")
+    gen.add_argument(
+        "--max-batch-tokens",
+        type=_positive_int,
+        default=None,
+        help="engine tokens per step at most, decode tokens and prompt chunks together (default: 2048 on a GPU, "
+        "256 on a CPU)",
+    )
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel devices (split the kv heads)")
     gen.add_argument("--dp", type=_positive_int, default=1, help="data-parallel devices (split the batch)")
     gen.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
@@ -190,6 +197,7 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         impl=args.impl,
         prefix_cache_bytes=args.prefix_cache_mb << 20,
         speculative_tokens=args.speculative,
+        max_batch_tokens=args.max_batch_tokens,
         mesh=mesh,
         verbose=not args.quiet,
     )
@@ -221,6 +229,7 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
             bar.close()
         if not args.quiet and done:
             print(summary(done, len(ids), engine.num_slots), file=sys.stderr)
+            print(f"[{engine.summary().format()}]", file=sys.stderr)
     return 0
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jkv import memory
 from jkv.caches import CacheSpec
 from jkv.models import llama
 from jkv.serving import steps
@@ -81,10 +82,11 @@ class Engine:
         num_pages = page_size = None
         if paged:
             page_size = steps.PAGE_SIZE
-            # Default: every slot can fill its row, and prefix entries pin at most prefix_cache_bytes more.
-            num_pages = options.num_pages or (
-                self.num_slots * (options.max_len // page_size) + options.prefix_cache_bytes // (per_token * page_size)
-            )
+            # Default: every slot can fill its row and prefix entries pin at most prefix_cache_bytes more, as far as
+            # the free memory goes (beyond that the scheduler makes requests wait for pages).
+            page_bytes = per_token * page_size
+            full = self.num_slots * (options.max_len // page_size) + options.prefix_cache_bytes // page_bytes
+            num_pages = options.num_pages or max(min(full, memory.usable_bytes() // page_bytes), 1)
         self.cache = steps.make_cache(options.cache, self.spec, self.num_slots, num_pages=num_pages, **storage)
         cache_sharding = None
         if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split

@@ -57,10 +57,11 @@ class EngineOptions:
     name of ``steps.CACHE_KINDS``. ``num_slots=None``: what fits the device's free memory (``memory.max_batch``,
     capped by ``default_max_slots``). ``prefix_cache_bytes`` (0: off): device bytes of cached prompt prefixes.
     ``speculative_tokens`` (0: off): prompt-lookup drafts per step (greedy requests only). ``max_batch_tokens``
-    (``None``: ``default_max_batch_tokens``, at most the largest bucket): tokens one step carries at most, decode tokens and prompt chunks
-    together. ``num_pages`` (paged kinds; ``None``: every slot can fill ``max_len``, plus the prefix cache's
-    budget): fewer oversubscribes memory, requests then wait for pages. ``buckets`` (``None``: powers of two from
-    the slot count up to ``max_batch_tokens``): the tokens-per-step shapes that compile, one step variant each.
+    (``None``: ``default_max_batch_tokens``, at most the largest bucket): tokens one step carries at most, decode
+    tokens and prompt chunks together. ``num_pages`` (paged kinds; ``None``: every slot can fill ``max_len``, plus
+    the prefix cache's budget, as far as free memory goes): fewer oversubscribes memory, requests then wait.
+    ``buckets`` (``None``: powers of two from the slot count up to ``max_batch_tokens``): the tokens-per-step
+    shapes that compile, one step variant each.
     ``cache_options``: storage options of the cache format (``{"rotated": False}``: Q8 without its rotation)."""
 
     num_slots: int | None = None
