@@ -115,7 +115,7 @@ def matmul_rate(n: int, trials: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- jkv
-def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool) -> dict:
+def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_pages=None) -> dict:
     max_len = -(-(max(map(len, prompts)) + new_tokens) // 16) * 16
     engine = Engine(
         params,
@@ -126,6 +126,7 @@ def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool) -> d
         impl=args.impl,
         max_batch_tokens=args.max_batch_tokens,
         prefix_cache_bytes=args.prefix_cache_mb << 20 if prefix else 0,
+        num_pages=num_pages or None,
         verbose=False,
     )
     start = time.perf_counter()
@@ -221,6 +222,8 @@ def main(argv=None) -> dict:
     workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
     if args.prefix_cache_mb is None:
         args.prefix_cache_mb = 1 if args.smoke else 4096
+    if args.smoke and args.max_batch_tokens is None:
+        args.max_batch_tokens = 16  # three step shapes: the smoke run spends its seconds running, not compiling
     if args.smoke:
         config, dtype, name = SMOKE_CONFIG, jnp.float32, "smoke (tiny random float32 Llama)"
     else:
@@ -244,7 +247,8 @@ def main(argv=None) -> dict:
         prompts = make_prompts(rng, config, workload)
         runs = {"jkv": run_jkv(args, config, params, prompts, new_tokens, slots, prefix=bool(shared))}
         if shared:
-            runs["jkv_no_prefix_cache"] = run_jkv(args, config, params, prompts, new_tokens, slots, prefix=False)
+            pool = runs["jkv"]["num_pages"]  # the same pool: the same compiled steps, the same memory
+            runs["jkv_no_prefix_cache"] = run_jkv(args, config, params, prompts, new_tokens, slots, False, pool)
         if not args.no_hf:
             runs["hf_continuous_batching"] = run_hf(args, config, prompts, new_tokens, slots)
         cached = runs["jkv"]["cached_prompt_tokens"]
