@@ -181,7 +181,7 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
     max_len = max(args.max_len or min(context, -(-need // 256) * 256), need)
     from jkv.caches.registry import PAGE_SIZE, kind
 
-    if args.cache is not None and kind(args.cache).paged:
+    if args.cache is None or kind(args.cache).paged:  # the engine's default cache is paged
         max_len = -(-max_len // PAGE_SIZE) * PAGE_SIZE
     mesh = None
     if args.tp * args.dp > 1:
@@ -193,7 +193,7 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         model.config,
         num_slots=args.num_slots,
         max_len=max_len,
-        cache=args.cache or "default",
+        cache=args.cache or "paged",
         impl=args.impl,
         prefix_cache_bytes=args.prefix_cache_mb << 20,
         speculative_tokens=args.speculative,

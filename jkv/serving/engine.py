@@ -13,11 +13,10 @@ and pages go back in the next step.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,30 +28,11 @@ from jkv.serving import steps
 from jkv.serving.metrics import Completion, EngineStats
 from jkv.serving.options import EngineOptions, default_num_slots
 from jkv.serving.prefixes import Prefixes
-from jkv.serving.sampling import NONFINITE, SamplingParams, sampling_rows
+from jkv.serving.requests import Request, emit, finish_reason, step_tokens
+from jkv.serving.sampling import SamplingParams, sampling_rows
 from jkv.serving.scheduler import Scheduler
 from jkv.serving.scheduler import Sequence as Scheduled
 from jkv.serving.speculative import prompt_lookup_draft
-
-
-class NonFiniteLogitsError(FloatingPointError):
-    """The model produced NaN or Inf logits for a request: generation stopped (the message names the step)."""
-
-
-@dataclasses.dataclass(eq=False)
-class _Request:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    on_token: Callable[[int, int], None] | None
-    submitted: float
-    seq: Scheduled
-    tokens: list[int] = dataclasses.field(default_factory=list)  # generated and read back
-    inflight: int = 0  # tokens sampled by a dispatched step, not read yet
-    draft: list[int] = dataclasses.field(default_factory=list)  # drafts of the step being planned
-    stopped: bool = False  # a stop token came
-    first_token: float = math.nan
-    last_token: float = math.nan
 
 
 class Engine:
@@ -107,7 +87,7 @@ class Engine:
         )
         self.prefixes = Prefixes(self, per_token) if options.prefix_cache_bytes else None
         self.stats = EngineStats(num_pages=num_pages or 0)
-        self._requests: dict[int, _Request] = {}  # waiting and running
+        self._requests: dict[int, Request] = {}  # waiting and running
         self._rows = None  # device copies of the slots' sampling parameters, until a slot changes
         self._inflight = None  # (token ids on the device, {slot: request}, label, dispatch time, compile s)
         self._resets = np.zeros(self.num_slots, bool)  # slots to empty at the start of the next step
@@ -165,7 +145,7 @@ class Engine:
         seq = Scheduled(self._next_id, len(prompt), positions)
         self.scheduler.add(seq)
         now = time.perf_counter()
-        self._requests[seq.id] = _Request(seq.id, prompt, params, on_token, now, seq)
+        self._requests[seq.id] = Request(seq.id, prompt, params, on_token, now, seq)
         if math.isnan(self.stats.first_submit):
             self.stats.first_submit, self._compile0 = now, self.steps.compile_s
         self._next_id += 1
@@ -263,27 +243,7 @@ class Engine:
     def _dispatch(self, plan) -> None:
         """Build the step's inputs from ``plan``, dispatch it, and read the previous step (or this one)."""
         k = self.options.speculative_tokens
-        bucket, tokens = plan.bucket, np.zeros(plan.bucket, np.int32)
-        src = np.full(bucket, -1, np.int32)
-        verify = np.zeros(self.num_slots, bool)
-        index = np.zeros(self.num_slots, np.int32)
-        sampling, drafted, row = {}, 0, 0
-        for e in plan.entries:
-            request, slot = self._requests[e.seq.id], e.seq.slot
-            if e.start < request.seq.prompt_len:  # a prompt chunk
-                tokens[row : row + e.count] = request.prompt[e.start : e.start + e.count]
-            else:  # the last token (on the device while in flight), then drafts to verify
-                if request.inflight:
-                    src[row] = slot
-                else:
-                    tokens[row] = request.tokens[-1]
-                tokens[row + 1 : row + e.count] = request.draft[: e.count - 1]
-                verify[slot] = e.count > 1
-                drafted += e.count - 1
-            if e.samples:
-                index[slot] = len(request.tokens) + request.inflight
-                sampling[slot] = request
-            row += e.count
+        tokens, src, verify, index, sampling, drafted = step_tokens(plan, self._requests, self.num_slots)
         prev = self._inflight[0] if self._inflight is not None else self._no_tokens
         compiling, start = self.steps.compile_s, time.perf_counter()
         inputs = self._step_inputs(tokens, src, prev, plan.counts, verify, index)
@@ -406,46 +366,18 @@ class Engine:
         else:
             self.stats.decode_s += seconds
 
-    def _emit(self, request: _Request, new_tokens: list[int], label: str, prefill: bool) -> None:
-        """Hand tokens to a request (stream them), up to a stop token (not handed on) or the budget."""
-        now = time.perf_counter()
-        for token in new_tokens:
-            if self._finish_reason(request) is not None:
-                break
-            if token == NONFINITE:
-                raise NonFiniteLogitsError(
-                    f"request {request.id}: the logits of its token {len(request.tokens)} held NaN or Inf "
-                    f"({label}); generation stopped"
-                )
-            if token in request.params.stop_tokens:
-                request.stopped = True
-                break
-            request.tokens.append(token)
-            if math.isnan(request.first_token):
-                request.first_token = now
-            request.last_token = now
-            self.stats.generated_tokens += 1
-            self.stats.decode_tokens += not prefill
-            if request.on_token is not None:
-                request.on_token(request.id, token)
-
-    def _finish_reason(self, request: _Request) -> str | None:
-        if request.stopped:
-            return "stop"
-        if len(request.tokens) >= request.params.max_new_tokens:
-            return "length"
-        # The cache holds the prompt and every generated token but the last; the last needs a free position.
-        if request.tokens and len(request.prompt) + len(request.tokens) >= self.spec.max_len:
-            return "max_len"
-        return None
+    def _emit(self, request: Request, new_tokens: list[int], label: str, prefill: bool) -> None:
+        n = emit(request, new_tokens, label, self.spec.max_len)
+        self.stats.generated_tokens += n
+        self.stats.decode_tokens += 0 if prefill else n
 
     def _retire_finished(self) -> None:
         for request in list(self._requests.values()):
-            reason = self._finish_reason(request)
+            reason = finish_reason(request, self.spec.max_len)
             if reason is not None:
                 self._finish(request, reason)
 
-    def _finish(self, request: _Request, reason: str) -> None:
+    def _finish(self, request: Request, reason: str) -> None:
         now = time.perf_counter()
         completion = Completion(
             request.id,
@@ -463,7 +395,7 @@ class Engine:
         self.stats.compile_s = self.steps.compile_s - self._compile0
         self.stats.completed_one(completion)
 
-    def _release(self, request: _Request) -> None:
+    def _release(self, request: Request) -> None:
         """The request leaves: its slot is emptied at the start of the next step, its pages go back."""
         slot = request.seq.slot
         self.scheduler.finish(request.seq)

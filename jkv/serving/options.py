@@ -53,8 +53,9 @@ def _positive(name, value, minimum=1):
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
-    """The engine's knobs. ``cache``: ``"default"`` (contiguous, in ``cache_dtype`` or the weights' dtype) or a
-    name of ``steps.CACHE_KINDS``. ``num_slots=None``: what fits the device's free memory (``memory.max_batch``,
+    """The engine's knobs. ``cache``: a name of ``steps.CACHE_KINDS`` (default ``"paged"``: pages in
+    ``cache_dtype`` or the weights' dtype; ``max_len`` a multiple of ``steps.PAGE_SIZE``), or ``"default"``
+    (contiguous, in that dtype). ``num_slots=None``: what fits the device's free memory (``memory.max_batch``,
     capped by ``default_max_slots``). ``prefix_cache_bytes`` (0: off): device bytes of cached prompt prefixes.
     ``speculative_tokens`` (0: off): prompt-lookup drafts per step (greedy requests only). ``max_batch_tokens``
     (``None``: ``default_max_batch_tokens``, at most the largest bucket): tokens one step carries at most, decode
@@ -66,7 +67,7 @@ class EngineOptions:
 
     num_slots: int | None = None
     max_len: int = 1024
-    cache: str = "default"
+    cache: str = "paged"
     cache_dtype: Any = None
     impl: str | None = None
     prefix_cache_bytes: int = 0
