@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-slots", type=_positive_int, default=None, help="engine slots (default: what fits memory)")
     gen.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
     gen.add_argument("--speculative", type=int, default=0, help="engine prompt-lookup draft tokens per step (0: off)")
+    gen.add_argument(
+        "--max-batch-tokens",
+        type=_positive_int,
+        default=None,
+        help="engine tokens per step at most, decode tokens and prompt chunks together (default: 2048 on a GPU, "
+        "256 on a CPU)",
+    )
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel devices (split the kv heads)")
     gen.add_argument("--dp", type=_positive_int, default=1, help="data-parallel devices (split the batch)")
     gen.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
@@ -205,7 +212,7 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
     max_len = max(args.max_len or min(context, -(-need // 256) * 256), need)
     from jkv.caches.registry import PAGE_SIZE, kind
 
-    if args.cache is not None and kind(args.cache).paged:
+    if args.cache is None or kind(args.cache).paged:  # the engine's default cache is paged
         max_len = -(-max_len // PAGE_SIZE) * PAGE_SIZE
     mesh = None
     if args.tp * args.dp > 1:
@@ -217,10 +224,11 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         model.config,
         num_slots=args.num_slots,
         max_len=max_len,
-        cache=args.cache or "default",
+        cache=args.cache or "paged",
         impl=args.impl,
         prefix_cache_bytes=args.prefix_cache_mb << 20,
         speculative_tokens=args.speculative,
+        max_batch_tokens=args.max_batch_tokens,
         mesh=mesh,
         verbose=not args.quiet,
     )
@@ -252,6 +260,7 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
             bar.close()
         if not args.quiet and done:
             print(summary(done, len(ids), engine.num_slots), file=sys.stderr)
+            print(f"[{engine.summary().format()}]", file=sys.stderr)
     return 0
 
 

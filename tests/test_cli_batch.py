@@ -185,7 +185,10 @@ def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tin
     assert "[2 answers of 4 requests, " in err and "tokens/s over 1 slots]" in err and "jkv: interrupted" in err
 
     monkeypatch.setattr(engine.Engine, "pop_finished", original)
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--max-batch-tokens", "2"]) == 0  # prompts over several steps of two tokens
     out, err = capsys.readouterr()
     assert [int(n) for n in re.findall(r"^\[line (\d+)\]", out, re.M)] == [1, 3, 4, 5]
     assert re.search(r"\[4 answers of 4 requests, \d+ tokens in [\d.]+ s: [\d.]+ tokens/s over 1 slots\]", err)
+    # The engine's run summary: rates of prompt and decode steps, latencies.
+    assert re.search(r"\[4 requests, \d+ tokens in [\d.]+ s: [\d.]+ tokens/s \| prefill \d+ tokens at", err)
+    assert "time to first token" in err and "inter-token" in err

@@ -1,54 +1,38 @@
-"""Continuous-batching engine: slots over one batched cache, admission, the pipelined loop, retirement.
+"""Continuous-batching engine: requests, slots and the pipelined loop of mixed steps.
 
-A request is admitted as soon as a slot is free: its prompt is prefilled into a one-sequence cache (after
-restoring the longest cached prefix, if any; ``jkv.serving.prefix``) and scattered into the slot. Every ``step()``
-then advances all active slots with one jitted, cache-donating decode step (``jkv.serving.steps``), or with one
-verify step of prompt-lookup drafts (``jkv.serving.speculative``). Decode steps are pipelined: step ``i + 1`` is
-dispatched before step ``i``'s token ids are read. A request finishes at a stop token (not returned), after
-``max_new_tokens``, or when its cache row is full (``sampling.FINISH_REASONS``); its slot is then reused.
+Every ``step()`` asks the scheduler (``jkv.serving.scheduler``) what the next step carries, at most
+``max_batch_tokens`` tokens: the next token (or prompt-lookup drafts to verify, ``jkv.serving.speculative``) of
+every running sequence and chunks of waiting prompts, which start after their longest prefix-cache hit
+(``jkv.serving.prefixes``). It then dispatches one jitted, cache-donating step for that token bucket
+(``jkv.serving.mixed``); there is no separate prefill. Steps are pipelined: step ``i + 1`` is dispatched before
+step ``i``'s token ids are read, its rows for those sequences taking step ``i``'s output on the device (verify
+steps read their results at once: the next drafts need them). A request finishes at a stop token (not returned),
+after ``max_new_tokens``, when its cache row is full, or when cancelled (``sampling.FINISH_REASONS``); its slot
+and pages go back in the next step.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
+import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from jkv import memory
 from jkv.caches import CacheSpec
 from jkv.models import llama
 from jkv.serving import steps
 from jkv.serving.metrics import Completion, EngineStats
 from jkv.serving.options import EngineOptions, default_num_slots
-from jkv.serving.prefix import PrefixCache
-from jkv.serving.sampling import NONFINITE, SamplingParams, sampling_rows
+from jkv.serving.prefixes import Prefixes
+from jkv.serving.requests import Request, emit, finish_reason, step_tokens
+from jkv.serving.sampling import SamplingParams, sampling_rows
+from jkv.serving.scheduler import Scheduler
+from jkv.serving.scheduler import Sequence as Scheduled
 from jkv.serving.speculative import prompt_lookup_draft
-
-
-class NonFiniteLogitsError(FloatingPointError):
-    """The model produced NaN or Inf logits for a request: generation stopped (the message names the step)."""
-
-
-@dataclasses.dataclass
-class _Request:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    on_token: Callable[[int, int], None] | None
-    submitted: float
-
-
-@dataclasses.dataclass
-class _Active:
-    request: _Request
-    tokens: list[int]  # generated so far; tokens[-1] is not yet in the cache
-    cached_prompt_tokens: int
-    first_token: float
-    stopped: bool = False  # a stop token came
 
 
 class Engine:
@@ -71,15 +55,18 @@ class Engine:
         dtype = steps.kind_dtype(options.cache, params.dtype if options.cache_dtype is None else options.cache_dtype)
         self.spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, options.max_len, dtype)
         storage = dict(options.cache_options)
-        self._single = steps.make_cache(steps.staging_kind(options.cache), self.spec, 1, **storage)
-        per_token = (self._single.nbytes - 8) // options.max_len  # bytes per position in the slots' format
+        probe = steps.make_cache(options.cache, self.spec.replace(max_len=steps.PAGE_SIZE), 1, **storage)
+        per_token = probe.format.bytes_per_token(probe.spec)  # bytes per position in the slots' format
         self.num_slots = options.num_slots or default_num_slots(self.spec, per_token, mesh, verbose)
-        num_pages = None
-        if steps.is_paged(options.cache):
-            # Every slot can fill its row, and prefix entries pin at most prefix_cache_bytes more: never exhausted.
-            self._page_bytes = per_token * steps.PAGE_SIZE
-            per_slot = options.max_len // steps.PAGE_SIZE
-            num_pages = self.num_slots * per_slot + options.prefix_cache_bytes // self._page_bytes
+        paged = steps.is_paged(options.cache)
+        num_pages = page_size = None
+        if paged:
+            page_size = steps.PAGE_SIZE
+            # Default: every slot can fill its row and prefix entries pin at most prefix_cache_bytes more, as far as
+            # the free memory goes (beyond that the scheduler makes requests wait for pages).
+            page_bytes = per_token * page_size
+            full = self.num_slots * (options.max_len // page_size) + options.prefix_cache_bytes // page_bytes
+            num_pages = options.num_pages or max(min(full, memory.usable_bytes() // page_bytes), 1)
         self.cache = steps.make_cache(options.cache, self.spec, self.num_slots, num_pages=num_pages, **storage)
         cache_sharding = None
         if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split
@@ -90,14 +77,23 @@ class Engine:
             self.cache = sharding.shard_cache(self.cache, mesh)
             cache_sharding = sharding.cache_sharding(self.cache, mesh)
         self.steps = steps.Steps(config, options.model_options, mesh, cache_sharding)
-        self.prefix_cache = None
-        if options.prefix_cache_bytes:
-            self.prefix_cache = PrefixCache(options.prefix_cache_bytes, on_evict=self._evicted)
-        self.stats = EngineStats()
-        self._slots: list[_Active | None] = [None] * self.num_slots
+        self.scheduler = Scheduler(
+            self.num_slots,
+            options.batch_tokens,
+            options.max_len,
+            page_size=page_size,
+            num_pages=num_pages,
+            buckets=options.buckets,
+        )
+        self.prefixes = Prefixes(self, per_token) if options.prefix_cache_bytes else None
+        self.stats = EngineStats(num_pages=num_pages or 0)
+        self._requests: dict[int, Request] = {}  # waiting and running
         self._rows = None  # device copies of the slots' sampling parameters, until a slot changes
-        self._inflight = None  # (token ids on the device, {slot: its state}, step label) not yet read
-        self._pending: collections.deque[_Request] = collections.deque()
+        self._inflight = None  # (token ids on the device, {slot: request}, label, dispatch time, compile s)
+        self._resets = np.zeros(self.num_slots, bool)  # slots to empty at the start of the next step
+        self._no_tokens = jnp.zeros(self.num_slots, jnp.int32)
+        self._last_read, self._last_read_compile = time.perf_counter(), 0.0
+        self._compile0 = 0.0  # compile seconds before the first submission the stats count
         self._done: dict[int, Completion] = {}
         self._next_id = 0
 
@@ -105,6 +101,28 @@ class Engine:
     def compile_s(self) -> float:
         """Seconds this engine has spent compiling its steps."""
         return self.steps.compile_s
+
+    @property
+    def prefix_cache(self):
+        """The ``PrefixCache`` of prompt prefixes (None when off)."""
+        return None if self.prefixes is None else self.prefixes.cache
+
+    def compile_all(self, progress: bool = True) -> int:
+        """Compile the mixed step of every token bucket now, each by one step of no tokens (a line per variant on
+        stderr when ``progress``); returns how many variants this engine has."""
+        for i, bucket in enumerate(self.scheduler.buckets):
+            start = time.perf_counter()
+            inputs = self._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), self._no_tokens)
+            _, self.cache = self.steps.mixed(
+                self.params, self.cache, *inputs, lm_rows=self.options.speculative_tokens + 1
+            )
+            if progress:
+                print(
+                    f"jkv engine: compiled step {i + 1}/{len(self.scheduler.buckets)} ({bucket} tokens) in "
+                    f"{time.perf_counter() - start:.1f} s",
+                    file=sys.stderr,
+                )
+        return len(self.scheduler.buckets)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None, on_token=None) -> int:
@@ -122,21 +140,27 @@ class Engine:
             raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
         if self.options.speculative_tokens and not params.greedy:
             raise ValueError("speculative decoding verifies greedy choices: use temperature=0 with speculative_tokens")
-        request = _Request(self._next_id, prompt, params, on_token, time.perf_counter())
+        # The last generated token is never written: prompt + max_new_tokens - 1 positions at most.
+        positions = min(len(prompt) + params.max_new_tokens - 1, self.spec.max_len)
+        seq = Scheduled(self._next_id, len(prompt), positions)
+        self.scheduler.add(seq)
+        now = time.perf_counter()
+        self._requests[seq.id] = Request(seq.id, prompt, params, on_token, now, seq)
+        if math.isnan(self.stats.first_submit):
+            self.stats.first_submit, self._compile0 = now, self.steps.compile_s
         self._next_id += 1
-        self._pending.append(request)
-        return request.id
+        return seq.id
 
     @property
     def num_active(self) -> int:
-        return sum(s is not None for s in self._slots)
+        return len(self.scheduler.running)
 
     @property
     def num_pending(self) -> int:
-        return len(self._pending)
+        return len(self.scheduler.waiting)
 
     def has_work(self) -> bool:
-        return bool(self._pending) or self.num_active > 0 or self._inflight is not None
+        return bool(self._requests) or self._inflight is not None
 
     def pop_finished(self) -> list[Completion]:
         done = sorted(self._done.values(), key=lambda c: c.id)
@@ -145,7 +169,7 @@ class Engine:
 
     def run(self, show_progress: bool = True) -> list[Completion]:
         """Step until every submitted request has finished; completions in submission order."""
-        total = self.num_pending + self.num_active
+        total = len(self._requests)
         bar = None
         if show_progress and total:
             from tqdm.auto import tqdm
@@ -158,18 +182,26 @@ class Engine:
             finished.extend(new)
             if bar is not None:
                 bar.update(len(new))
+        self._flush_resets()
         if bar is not None:
             bar.close()
         return sorted(finished, key=lambda c: c.id)
 
+    def cancel(self, request_id: int) -> bool:
+        """End a waiting or running request now (finish reason ``"cancelled"``, its tokens so far); False when
+        no such request is waiting or running."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, "cancelled")
+        return True
+
     def abort(self) -> None:
         """Drop every waiting and running request (no completions) and empty their slots, e.g. after an error."""
-        self._pending.clear()
         self._inflight = None
-        mask = np.asarray([s is not None for s in self._slots])
-        self._slots, self._rows = [None] * self.num_slots, None
-        if mask.any():
-            self.cache = self.steps.retire(self.cache, jnp.asarray(mask))
+        for request in list(self._requests.values()):
+            self._release(request)
+        self._flush_resets()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, **kw) -> list[list[int]]:
         """Convenience: run ``prompts`` through the engine and return the generated ids of each, in order."""
@@ -177,214 +209,209 @@ class Engine:
             self.submit(p, params)
         return [c.tokens for c in self.run(**kw)]
 
+    def summary(self):
+        """The figures since the engine was built or ``reset_stats`` (``metrics.RunSummary``)."""
+        return self.stats.summary()
+
+    def reset_stats(self) -> None:
+        """Start the counters of ``stats`` and ``summary()`` afresh (e.g. after a warm-up run)."""
+        self.stats = EngineStats(num_pages=self.stats.num_pages)
+
     # ------------------------------------------------------------------ one engine step
     def step(self) -> None:
-        """Admit what fits, then advance every slot that needs another token by one decode (or verify) step.
-
-        Step ``i + 1`` is dispatched with step ``i``'s token ids still on the device; step ``i``'s ids are read,
-        streamed and checked while step ``i + 1`` runs. A slot whose in-flight token is its last by count joins
-        no further step; one that stops at a stop token has one more position computed, which retirement drops.
-        Verify steps (speculative decoding) read their results at once.
-        """
-        k = self.options.speculative_tokens
-        if k:
+        """Plan and dispatch one mixed step, then read the previous one (see the module docstring)."""
+        if self.options.speculative_tokens:
             self._collect()
-        self.admit()
-        rows = self._rows_needing_a_token()
-        if not rows:
+        plan = self.scheduler.schedule(self._want, self._admit, self._make_room)
+        if plan is None:
             self._collect()
-        elif k and all(self._cache_length(i) + k + 1 <= self.spec.max_len for i in rows):
-            self._verify_step(rows, k)
-        else:
-            self._decode_step(rows)
-            if k:
-                self._collect()
-
-    def _in_flight(self, slot: int) -> bool:
-        return self._inflight is not None and self._inflight[1].get(slot) is self._slots[slot]
-
-    def _rows_needing_a_token(self) -> list[int]:
-        rows = []
-        for i, state in enumerate(self._slots):
-            if state is None or state.stopped:
-                continue
-            known = len(state.tokens) + self._in_flight(i)
-            if known < state.request.params.max_new_tokens and len(state.request.prompt) + known < self.spec.max_len:
-                rows.append(i)
-        return rows
-
-    def _cache_length(self, slot: int) -> int:
-        """Positions slot ``slot`` holds in the cache: its prompt and every generated token but the last."""
-        state = self._slots[slot]
-        return len(state.request.prompt) + len(state.tokens) - 1
-
-    def _collect(self) -> None:
-        """Read the token ids of the decode step in flight (if any): stream them, then retire finished slots."""
-        if self._inflight is None:
+            if not self._requests:
+                self._flush_resets()
             return
-        nxt, states, label = self._inflight
-        self._inflight = None
-        nxt = np.asarray(nxt)
-        for i, state in states.items():
-            if self._slots[i] is state:  # not retired (and reused) since that step was dispatched
-                self._emit(i, [int(nxt[i])], label)
-        self._retire_finished()
-
-    def _batch_rows(self, in_flight=()):
-        """Sampling inputs of every slot; the per-request arrays stay on the device until a slot changes. Slots
-        in ``in_flight`` have one generated token more than their host-side list shows (still on the device)."""
-        if self._rows is None:
-            key_data, _, temperature, top_k, top_p = sampling_rows(
-                [s and s.request.params for s in self._slots], [0] * self.num_slots
-            )
-            self._rows = tuple(jnp.asarray(x) for x in (key_data, temperature, top_k, top_p))
-        key_data, temperature, top_k, top_p = self._rows
-        index = [len(s.tokens) + (i in in_flight) if s else 0 for i, s in enumerate(self._slots)]
-        return key_data, jnp.asarray(np.asarray(index, np.int32)), temperature, top_k, top_p
+        self._dispatch(plan)
 
     def admit(self) -> None:
-        """Admit waiting requests into free slots: prefill each prompt and read its first token."""
-        while self._pending and None in self._slots:
-            start, compiling = time.perf_counter(), self.steps.compile_s
-            slot = self._slots.index(None)
-            request = self._pending.popleft()
-            prompt = request.prompt
-            cached, entry = (0, None) if self.prefix_cache is None else self.prefix_cache.lookup(prompt)
-            cached = min(cached, len(prompt) - 1)  # at least one token runs, to produce the next-token logits
-            paged = steps.is_paged(self.cache_kind)
-            if entry is None or cached == 0:
-                cached, entry = 0, None
-                single = self._single.reset()
-            elif paged:
-                single = self.steps.restore_pinned(self.cache, self._single, entry[0], cached)
-            else:
-                single = self.steps.restore(self._single, entry).rollback(cached)
-            rest = prompt[cached:]
-            bucket = steps.prefill_bucket(len(rest), self.options.prefill_bucket, self.spec.max_len - cached)
-            tokens = np.zeros((1, bucket), np.int32)
-            tokens[0, : len(rest)] = rest
-            true_len = jnp.asarray([len(prompt)], jnp.int32)
-            rows = (jnp.asarray(x) for x in sampling_rows([request.params], [0]))
-            first, single = self.steps.prefill(self.params, single, jnp.asarray(tokens), true_len, *rows)
-            self.stats.prefill_tokens += len(rest)
-            self.stats.cached_prompt_tokens += cached
-            prefix = (entry[0], jnp.int32(cached)) if entry is not None and paged else None
-            self.cache = self.steps.insert(self.cache, jnp.int32(slot), single, prefix)
-            self._single = single  # reuse the buffer for the next admission
-            if self.prefix_cache is not None and prompt not in self.prefix_cache:
-                self._remember(prompt, slot, single)
-            state = _Active(request, [], cached, time.perf_counter())
-            self._slots[slot] = state
-            self._rows = None
-            self._emit(slot, [int(np.asarray(first)[0])], "prefill")
-            state.first_token = time.perf_counter()
-            self.stats.prefill_s += time.perf_counter() - start - (self.steps.compile_s - compiling)
-        self._retire_finished()
+        """Run prompt-only steps until every waiting request holds a slot and its prompt is in the cache, its first
+        token read (benchmarks then drive a decode step of their own over the filled slots)."""
+        while True:
+            plan = self.scheduler.schedule(lambda seq: 0, self._admit, self._make_room)
+            if plan is None:
+                break
+            self._dispatch(plan)
+        self._collect()
 
-    def _remember(self, prompt: list[int], slot: int, single) -> None:
-        """Make ``prompt``'s keys and values a prefix-cache entry: its pinned pages (paged) or a device copy."""
-        if steps.is_paged(self.cache_kind):
-            self.cache, pages = self.steps.pin(self.cache, jnp.int32(slot), jnp.int32(len(prompt)))
-            entry, nbytes = (pages, len(prompt)), -(-len(prompt) // steps.PAGE_SIZE) * self._page_bytes
+    def _dispatch(self, plan) -> None:
+        """Build the step's inputs from ``plan``, dispatch it, and read the previous step (or this one)."""
+        k = self.options.speculative_tokens
+        tokens, src, verify, index, sampling, drafted = step_tokens(plan, self._requests, self.num_slots)
+        prev = self._inflight[0] if self._inflight is not None else self._no_tokens
+        compiling, start = self.steps.compile_s, time.perf_counter()
+        inputs = self._step_inputs(tokens, src, prev, plan.counts, verify, index)
+        out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1)
+        self._resets[:] = False
+        if self.prefixes is not None:
+            for e in plan.entries:
+                if e.samples and e.start < e.seq.prompt_len:  # its prompt is in the cache: worth remembering
+                    self.prefixes.remember(self._requests[e.seq.id])
+        st = self.stats
+        st.steps += 1
+        st.prefill_tokens += plan.prefill_tokens
+        prefill = plan.prefill_tokens > 0
+        st.decode_steps += not prefill
+        label = f"step {st.steps}"
+        info = (label, prefill, start, compiling)
+        if k:
+            st.verify_steps += bool(verify.any())
+            st.drafted_tokens += drafted
+            targets, accepted = (np.asarray(x) for x in out)
+            self._account(info)
+            for slot, request in sampling.items():
+                if verify[slot]:
+                    n = int(accepted[slot])
+                    st.accepted_tokens += n
+                    self.scheduler.rollback(request.seq, request.seq.computed - (plan.counts[slot] - 1 - n))
+                    self._emit(request, targets[slot, : n + 1].tolist(), label, prefill)
+                else:
+                    self._emit(request, [int(targets[slot, 0])], label, prefill)
+            self._retire_finished()
         else:
-            # A trimmed device copy: a hit restores it with one scatter, no host round trip. Its length is a
-            # prefill bucket, so few restore shapes ever compile.
-            keep = steps.prefill_bucket(len(prompt), self.options.prefill_bucket, self.spec.max_len)
-            entry = single.extract_slot(0, max_len=keep)
-            nbytes = entry.nbytes
-        if not self.prefix_cache.insert(prompt, entry, nbytes):
-            self._evicted(entry)
+            for request in sampling.values():
+                request.inflight += 1
+            self._collect()  # the previous step's ids, read while this one runs
+            self._inflight = (out, sampling, info)
+        self._pages_in_use()
 
-    def _evicted(self, entry) -> None:
-        """A prefix-cache entry left the cache: give its pinned pages back (device copies just go)."""
-        if steps.is_paged(self.cache_kind):
-            self.cache = self.steps.unpin(self.cache, entry[0])
-
-    def _decode_step(self, rows: list[int]) -> None:
-        tokens = np.zeros(self.num_slots, np.int32)
-        mask = np.zeros(self.num_slots, bool)
-        on_device = np.zeros(self.num_slots, bool)  # the slot's input token is the in-flight step's output
-        for i in rows:
-            mask[i] = True
-            if self._in_flight(i):
-                on_device[i] = True
-            else:
-                tokens[i] = self._slots[i].tokens[-1]
-        inputs = jnp.asarray(tokens)
-        if on_device.any():
-            inputs = self.steps.merge_tokens(self._inflight[0], inputs, jnp.asarray(on_device))
-        in_flight = set(np.flatnonzero(on_device).tolist())
-        self.stats.decode_steps += 1
-        label = f"decode step {self.stats.decode_steps}"
-        nxt, self.cache = self.steps.decode(
-            self.params, self.cache, inputs, jnp.asarray(mask), *self._batch_rows(in_flight)
+    def _step_inputs(self, tokens, src, prev, counts=None, verify=None, index=None):
+        """The mixed step's inputs after ``(params, cache)``, as device arrays."""
+        b = self.num_slots
+        counts = np.zeros(b, np.int32) if counts is None else counts
+        verify = np.zeros(b, bool) if verify is None else verify
+        index = np.zeros(b, np.int32) if index is None else index
+        key_data, temperature, top_k, top_p = self._sampling_rows()
+        host = (tokens, src)
+        rest = (counts, verify, self._resets.copy())
+        return (
+            *(jnp.asarray(x) for x in host),
+            prev,
+            *(jnp.asarray(x) for x in rest),
+            key_data,
+            jnp.asarray(index),
+            temperature,
+            top_k,
+            top_p,
         )
-        self._collect()  # the previous step's ids, read while this one runs
-        self._inflight = (nxt, {i: self._slots[i] for i in rows if self._slots[i] is not None}, label)
 
-    def _verify_step(self, rows: list[int], k: int) -> None:
-        tokens = np.zeros((self.num_slots, k + 1), np.int32)
-        mask = np.zeros(self.num_slots, bool)
-        drafted = {}
-        for i in rows:
-            state = self._slots[i]
-            draft = prompt_lookup_draft(state.request.prompt + state.tokens, k, max_ngram=self.options.max_ngram)
-            drafted[i] = len(draft)
-            # Unused draft positions repeat the last token: any filler is safe, a match is a correct guess.
-            tokens[i] = [state.tokens[-1], *draft] + [state.tokens[-1]] * (k - len(draft))
-            mask[i] = True
-        target, accepted, self.cache = self.steps.verify(
-            self.params, self.cache, jnp.asarray(tokens), jnp.asarray(mask)
-        )
-        target, accepted = np.asarray(target), np.asarray(accepted)
-        self.stats.verify_steps += 1
-        for i in rows:
-            self.stats.drafted_tokens += drafted[i]
-            self.stats.accepted_tokens += min(int(accepted[i]), drafted[i])
-            self._emit(i, target[i, : int(accepted[i]) + 1].tolist(), f"verify step {self.stats.verify_steps}")
+    def _sampling_rows(self):
+        """Per-slot sampling inputs on the device, rebuilt only when a slot changes hands."""
+        if self._rows is None:
+            params = [None if s is None else self._requests[s.id].params for s in self.scheduler.slots]
+            key_data, _, temperature, top_k, top_p = sampling_rows(params, [0] * self.num_slots)
+            self._rows = tuple(jnp.asarray(x) for x in (key_data, temperature, top_k, top_p))
+        return self._rows
+
+    def _want(self, seq: Scheduled) -> int:
+        """Tokens a running sequence whose prompt is done asks for: 0, 1, or 1 + its drafts."""
+        request = self._requests[seq.id]
+        known = len(request.tokens) + request.inflight
+        done = known >= request.params.max_new_tokens or request.seq.prompt_len + known >= self.spec.max_len
+        if request.stopped or done:
+            return 0
+        request.draft = []
+        room = request.params.max_new_tokens - known - 1  # drafts past the last token would be thrown away
+        k = min(self.options.speculative_tokens, room)
+        if k > 0 and not request.inflight:
+            request.draft = prompt_lookup_draft(request.prompt + request.tokens, k, max_ngram=self.options.max_ngram)
+        return 1 + len(request.draft)
+
+    def _admit(self, seq: Scheduled) -> tuple[int, list[int]]:
+        """A request took a slot: its prefix-cache hit ``(positions, host page ids)``, attached on the device."""
+        self._rows = None
+        if self.prefixes is None:
+            return 0, []
+        request = self._requests[seq.id]
+        n, ids = self.prefixes.attach(request.prompt, seq.slot)
+        if n:
+            self._resets[seq.slot] = False  # the attach emptied the slot first
+            self.stats.prefix_hits += 1
+            self.stats.cached_prompt_tokens += n
+        return n, ids
+
+    def _make_room(self) -> bool:
+        return self.prefixes is not None and self.prefixes.evict_one()
+
+    def _collect(self) -> None:
+        """Read the token ids of the step in flight (if any): stream them, then retire finished requests."""
+        if self._inflight is None:
+            return
+        out, sampling, info = self._inflight
+        self._inflight = None
+        out = np.asarray(out)
+        self._account(info)
+        for slot, request in sampling.items():
+            if self._requests.get(request.id) is request and request.seq.slot == slot:  # not finished since
+                request.inflight -= 1
+                self._emit(request, [int(out[slot])], info[0], info[1])
         self._retire_finished()
 
-    def _emit(self, slot: int, new_tokens: list[int], label: str) -> None:
-        """Hand tokens to the slot's request (stream them), up to a stop token (not handed on) or the budget."""
-        state = self._slots[slot]
-        for token in new_tokens:
-            if self._finish_reason(state) is not None:
-                break
-            if token == NONFINITE:
-                raise NonFiniteLogitsError(
-                    f"request {state.request.id}: the logits of its token {len(state.tokens)} held NaN or Inf "
-                    f"({label}); generation stopped"
-                )
-            if token in state.request.params.stop_tokens:
-                state.stopped = True
-                break
-            state.tokens.append(token)
-            if state.request.on_token is not None:
-                state.request.on_token(state.request.id, token)
+    def _account(self, info) -> None:
+        """Add a step's seconds (from its dispatch or the previous read, compiles excluded) to its phase."""
+        _, prefill, start, compiling = info
+        now = time.perf_counter()
+        if start < self._last_read:  # dispatched before the previous read: count from that read
+            start, compiling = self._last_read, self._last_read_compile
+        seconds = max(now - start - (self.steps.compile_s - compiling), 0.0)
+        self._last_read, self._last_read_compile = now, self.steps.compile_s
+        if prefill:
+            self.stats.prefill_s += seconds
+        else:
+            self.stats.decode_s += seconds
 
-    def _finish_reason(self, state: _Active) -> str | None:
-        if state.stopped:
-            return "stop"
-        if len(state.tokens) >= state.request.params.max_new_tokens:
-            return "length"
-        # The cache holds the prompt and every generated token but the last; the last needs a free position.
-        if state.tokens and len(state.request.prompt) + len(state.tokens) >= self.spec.max_len:
-            return "max_len"
-        return None
+    def _emit(self, request: Request, new_tokens: list[int], label: str, prefill: bool) -> None:
+        n = emit(request, new_tokens, label, self.spec.max_len)
+        self.stats.generated_tokens += n
+        self.stats.decode_tokens += 0 if prefill else n
 
     def _retire_finished(self) -> None:
-        mask = np.zeros(self.num_slots, bool)
+        for request in list(self._requests.values()):
+            reason = finish_reason(request, self.spec.max_len)
+            if reason is not None:
+                self._finish(request, reason)
+
+    def _finish(self, request: Request, reason: str) -> None:
         now = time.perf_counter()
-        for i, state in enumerate(self._slots):
-            reason = None if state is None else self._finish_reason(state)
-            if reason is None:
-                continue
-            r = state.request
-            self._done[r.id] = Completion(
-                r.id, r.prompt, state.tokens, reason, state.cached_prompt_tokens, r.submitted, state.first_token, now
-            )
-            self._slots[i] = None
+        completion = Completion(
+            request.id,
+            request.prompt,
+            request.tokens,
+            reason,
+            request.seq.cached,
+            request.submitted,
+            request.first_token,
+            now,
+            request.last_token,
+        )
+        self._release(request)
+        self._done[request.id] = completion
+        self.stats.compile_s = self.steps.compile_s - self._compile0
+        self.stats.completed_one(completion)
+
+    def _release(self, request: Request) -> None:
+        """The request leaves: its slot is emptied at the start of the next step, its pages go back."""
+        slot = request.seq.slot
+        self.scheduler.finish(request.seq)
+        del self._requests[request.id]
+        if slot >= 0:
+            self._resets[slot] = True
             self._rows = None
-            mask[i] = True
-        if mask.any():
-            self.cache = self.steps.retire(self.cache, jnp.asarray(mask))
+
+    def _flush_resets(self) -> None:
+        """Empty the slots still waiting for a next step (the engine is idle)."""
+        if self._resets.any() and self._inflight is None:
+            self.cache = self.steps.retire(self.cache, jnp.asarray(self._resets))
+            self._resets[:] = False
+        self._pages_in_use()
+
+    def _pages_in_use(self) -> None:
+        if self.scheduler.pages is not None:
+            self.stats.pages_in_use = self.scheduler.pages.in_use
+            self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, self.stats.pages_in_use)

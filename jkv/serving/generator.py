@@ -65,9 +65,10 @@ def _is_int(x) -> bool:
 class Generator:
     """Generation for one model, one batch size and one cache capacity, over an ``Engine`` of ``batch`` slots.
 
-    The engine's steps compile once (decode on first use, prefill once per bucket of prompt length), with the
-    cache donated; ``compile_s`` in each result counts the compiles that call triggered. ``cache``: ``"default"``
-    (``"f32"`` for float32 weights, else ``"bf16"``) or a name of ``cache_kinds()``.
+    The engine's mixed step compiles once per token bucket, with the cache donated; ``compile_s`` in each result
+    counts the compiles that call triggered. ``cache``: ``"default"`` (``"f32"`` for float32 weights, else
+    ``"bf16"``) or a name of ``cache_kinds()``. ``max_batch_tokens`` and ``buckets``: the engine's tokens per
+    step and step shapes (``EngineOptions``).
     """
 
     def __init__(
@@ -81,6 +82,8 @@ class Generator:
         impl: str | None = None,
         cache_options=(),
         options: llama.LlamaOptions | None = None,
+        max_batch_tokens: int | None = None,
+        buckets: tuple[int, ...] | None = None,
     ):
         llama.check_params(params, config)
         if not _is_int(max_len) or max_len < 2:
@@ -94,7 +97,15 @@ class Generator:
         if impl is not None and options is not None:
             raise ValueError(f"give impl={impl!r} or options={options!r}, not both")
         model = llama.LlamaOptions(impl=resolve_impl(impl)) if options is None else options
-        engine_options = EngineOptions(int(batch), int(max_len), cache, cache_options=cache_options, model=model)
+        engine_options = EngineOptions(
+            int(batch),
+            int(max_len),
+            cache,
+            cache_options=cache_options,
+            model=model,
+            max_batch_tokens=max_batch_tokens,
+            buckets=buckets,
+        )
         self.engine = Engine(params, config, engine_options, verbose=False)
         self.config, self.params, self.spec = config, params, self.engine.spec
         self.max_len, self.batch, self.cache_kind = int(max_len), int(batch), cache
@@ -157,8 +168,9 @@ class Generator:
             engine.abort()
             raise
         timing.compile_s = engine.compile_s - compile0
+        # Steps that carried prompt tokens count as prefill, the others as decode.
         timing.prefill_s = stats.prefill_s - prefill0
-        timing.decode_s = time.perf_counter() - start - timing.compile_s - timing.prefill_s
+        timing.decode_s = max(time.perf_counter() - start - timing.compile_s - timing.prefill_s, 0.0)
         timing.decode_steps = stats.decode_steps - steps0
         engine.cache.check()
         return GenerationResult([c.tokens for c in done], [c.finish_reason for c in done], timing)

@@ -19,6 +19,12 @@ def default_max_slots(backend: str) -> int:
     return 64 if backend in ("gpu", "tpu") else 8
 
 
+def default_max_batch_tokens(backend: str) -> int:
+    """Tokens per step when none is given: on a GPU a step of 2048 prompt tokens runs near the matmul rate and
+    still lets decoding sequences advance every step; on a CPU every row costs, so steps stay small."""
+    return 2048 if backend in ("gpu", "tpu") else 256
+
+
 def default_num_slots(spec, per_token: int, mesh, verbose: bool) -> int:
     """Slots of ``spec.max_len`` positions (``per_token`` bytes each) that fit the device's free memory, capped by
     ``default_max_slots``, whole slots per data-parallel group of ``mesh``; said on stderr when ``verbose``."""
@@ -47,24 +53,39 @@ def _positive(name, value, minimum=1):
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
-    """The engine's knobs. ``cache``: ``"default"`` (contiguous, in ``cache_dtype`` or the weights' dtype) or a
-    name of ``steps.CACHE_KINDS``. ``num_slots=None``: what fits the device's free memory (``memory.max_batch``,
+    """The engine's knobs. ``cache``: a name of ``steps.CACHE_KINDS`` (default ``"paged"``: pages in
+    ``cache_dtype`` or the weights' dtype; ``max_len`` a multiple of ``steps.PAGE_SIZE``), or ``"default"``
+    (contiguous, in that dtype). ``num_slots=None``: what fits the device's free memory (``memory.max_batch``,
     capped by ``default_max_slots``). ``prefix_cache_bytes`` (0: off): device bytes of cached prompt prefixes.
-    ``speculative_tokens`` (0: off): prompt-lookup drafts per step (greedy requests only). ``prefill_bucket``:
-    the shortest padded prefill (buckets are it times powers of two). ``cache_options``: storage options of the
-    cache format (``{"rotated": False}``: Q8 without its rotation)."""
+    ``speculative_tokens`` (0: off): prompt-lookup drafts per step (greedy requests only). ``max_batch_tokens``
+    (``None``: ``default_max_batch_tokens``, at most the largest bucket): tokens one step carries at most, decode
+    tokens and prompt chunks together. ``num_pages`` (paged kinds; ``None``: every slot can fill ``max_len``, plus
+    the prefix cache's budget, as far as free memory goes): fewer oversubscribes memory, requests then wait.
+    ``buckets`` (``None``: powers of two from the slot count up to ``max_batch_tokens``): the tokens-per-step
+    shapes that compile, one step variant each.
+    ``cache_options``: storage options of the cache format (``{"rotated": False}``: Q8 without its rotation)."""
 
     num_slots: int | None = None
     max_len: int = 1024
-    cache: str = "default"
+    cache: str = "paged"
     cache_dtype: Any = None
     impl: str | None = None
     prefix_cache_bytes: int = 0
     speculative_tokens: int = 0
     max_ngram: int = 3
-    prefill_bucket: int = 16
+    max_batch_tokens: int | None = None
+    num_pages: int | None = None
+    buckets: tuple[int, ...] | None = None
     cache_options: tuple[tuple[str, Any], ...] = ()
     model: llama.LlamaOptions = llama.DEFAULT_OPTIONS  # how the model runs; a given ``impl`` overrides its impl
+
+    @property
+    def batch_tokens(self) -> int:
+        """``max_batch_tokens``, or the backend's default."""
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        default = default_max_batch_tokens(jax.default_backend())
+        return default if self.buckets is None else min(default, self.buckets[-1])
 
     @property
     def model_options(self) -> llama.LlamaOptions:
@@ -78,7 +99,18 @@ class EngineOptions:
         _positive("prefix_cache_bytes", self.prefix_cache_bytes, 0)
         _positive("speculative_tokens", self.speculative_tokens, 0)
         _positive("max_ngram", self.max_ngram)
-        _positive("prefill_bucket", self.prefill_bucket)
+        if self.max_batch_tokens is not None:
+            _positive("max_batch_tokens", self.max_batch_tokens)
+        if self.num_pages is not None:
+            _positive("num_pages", self.num_pages)
+        if self.buckets is not None:
+            object.__setattr__(self, "buckets", tuple(sorted(self.buckets)))
+            for bucket in self.buckets:
+                _positive("each of buckets", bucket)
+            if not self.buckets or self.buckets[-1] < self.batch_tokens:
+                raise ValueError(
+                    f"the largest of buckets={self.buckets} must hold max_batch_tokens={self.batch_tokens}"
+                )
         steps.check_kind(self.cache, self.max_len)
         if not isinstance(self.model, llama.LlamaOptions):
             raise TypeError(f"model must be a jkv.models.llama.LlamaOptions, got {type(self.model).__name__}")

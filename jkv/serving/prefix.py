@@ -81,13 +81,20 @@ class PrefixCache:
         if len(tokens) < self.min_tokens or nbytes > self.max_bytes:
             return False
         while self.bytes + nbytes > self.max_bytes:
-            _, (old, freed) = self._entries.popitem(last=False)
-            self.bytes -= freed
-            self.evictions += 1
-            if self.on_evict is not None:
-                self.on_evict(old)
+            self.evict_lru()
         self._entries[tokens] = (snapshot, nbytes)
         self.bytes += nbytes
+        return True
+
+    def evict_lru(self) -> bool:
+        """Drop the least recently used entry (through ``on_evict``); False when there is none."""
+        if not self._entries:
+            return False
+        _, (old, freed) = self._entries.popitem(last=False)
+        self.bytes -= freed
+        self.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(old)
         return True
 
     def clear(self) -> None:

@@ -1,9 +1,9 @@
-"""The serving steps: the cache kinds, the prefill buckets, and the jitted, cache-donating step functions.
+"""The serving steps: the cache kinds and the jitted, cache-donating functions the engine dispatches.
 
 Every cache the serving code holds is built by ``make_cache`` from a name of ``CACHE_KINDS`` (the one kind list).
-``Steps`` compiles each step ahead of time on its first call for a shape (the prefill once per bucket, decode and
-verify once per engine), counts the seconds spent compiling, and runs the compiled executable afterwards: the
-batch cache is donated, so XLA updates it in place.
+``Steps`` compiles each function ahead of time on its first call for a shape (the mixed step once per token bucket,
+``jkv.serving.mixed``; the prefix-cache copies once per length bucket), counts the seconds spent compiling, and runs
+the compiled executable afterwards: the batch cache is donated, so XLA updates it in place.
 
 Token ids are the only values a step returns to the host. A row whose logits hold NaN or Inf returns
 ``sampling.NONFINITE`` instead of a token (``sampling.choose``), so the check costs no extra transfer.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 from jkv.caches import KVCache, registry
 from jkv.models import llama
-from jkv.serving.sampling import NONFINITE, choose
+from jkv.serving import mixed
 
 CACHE_KINDS = registry.kinds()  # and "default": contiguous, in the weights' dtype
 PAGE_SIZE = registry.PAGE_SIZE
@@ -62,160 +63,112 @@ def make_cache(kind: str, spec, batch: int, *, num_pages: int | None = None, **o
     return registry.make_cache(kind, spec, batch, format=fmt, **paging)
 
 
-def staging_kind(kind: str) -> str:
-    """The contiguous kind a prompt of a ``kind`` slot prefills into (``insert_into_slot`` takes it): the same
-    storage format, one sequence."""
-    if not is_paged(kind):
-        return kind
-    fmt = registry.kind(kind).format
-    same = [k.name for k in registry.KINDS.values() if k.layout == "contiguous" and k.format == fmt and k.dtype is None]
-    return same[0] if same else "default"
-
-
-def prefill_bucket(n: int, minimum: int, cap: int) -> int:
-    """Padded length of an ``n``-token prefill: ``minimum`` times a power of two (so at most log2(max_len)
-    shapes compile), at most ``cap``."""
-    blocks = -(-n // minimum)
-    return min((1 << (blocks - 1).bit_length()) * minimum, cap)
-
-
-# ---------------------------------------------------------------------------------------------- the step bodies
-def _prefill(params, single, tokens, true_len, key_data, index, temperature, top_k, top_p, *, config, options):
-    last = true_len - 1 - single.lengths  # index of the last prompt token among the new ones
-    logits, single = llama.prefill(params, single, tokens, last, config=config, options=options)
-    single = single.rollback(jnp.minimum(single.lengths, true_len))  # drop the bucket's padding
-    return choose(logits, key_data, index, temperature, top_k, top_p), single
-
-
-def _decode(params, cache, tokens, active, key_data, index, temperature, top_k, top_p, *, config, options):
-    before = cache.lengths
-    logits, cache = llama.decode_step(params, cache, tokens, config=config, options=options)
-    cache = cache.rollback(jnp.where(active, cache.lengths, before))  # idle slots do not move
-    return choose(logits, key_data, index, temperature, top_k, top_p), cache
-
-
-def _verify(params, cache, tokens, active, *, config, options):
-    before = cache.lengths
-    logits, cache = llama.forward(params, cache, tokens, config=config, options=options)  # (B, k+1, V)
-    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    target = jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), target, NONFINITE)
-    agree = (tokens[:, 1:] == target[:, :-1]).astype(jnp.int32)
-    accepted = jnp.sum(jnp.cumprod(agree, axis=1), axis=1)  # leading drafts the model agrees with
-    cache = cache.rollback(jnp.where(active, before + accepted + 1, before))
-    return target, accepted, cache
-
-
-def _retire(cache, mask):
-    cache = cache.rollback(jnp.where(mask, 0, cache.lengths))
-    return cache.replace(errors=jnp.where(mask, 0, cache.errors))
+def pow2_bucket(n: int, cap: int) -> int:
+    """``n`` rounded up to a power of two, at most ``cap`` (few shapes of a copy compile)."""
+    return min(1 << max(n - 1, 0).bit_length(), cap)
 
 
 # ---------------------------------------------------------------------------------------------- compiled steps
+@functools.cache
+def _shared_jit(fn, donate, statics: tuple):
+    """One ``jax.jit`` of ``fn`` per static arguments, shared by every engine of the process: engines of the same
+    model, cache kind and slot count reuse each other's compiled steps (JAX caches them per argument shapes)."""
+    return jax.jit(functools.partial(fn, **dict(statics)), donate_argnums=donate)
+
+
 class Steps:
     """The jitted steps of one engine (one model, one cache kind, one batch of slots), compiled once per shape.
 
-    ``mesh`` (``jkv.parallel.make_mesh``): steps are lowered with it active (Pallas kernels run per shard) and
-    hand the batch cache back in ``cache_sharding`` (kept split between steps). ``compile_s`` sums the seconds
-    spent compiling; ``compiled`` maps ``(step, shape key)`` to its executable.
+    ``mesh`` (``jkv.parallel.make_mesh``): steps are traced with it active (Pallas kernels run per shard) and hand
+    the batch cache back in ``cache_sharding`` (kept split between steps). ``compile_s`` sums the seconds of each
+    step's first call per shape (tracing and compiling; nearly nothing when another engine compiled it);
+    ``compiled`` holds the ``(step, shape key)`` pairs called so far.
     """
 
     def __init__(self, config, options: llama.LlamaOptions, mesh=None, cache_sharding=None):
         self.config, self.options, self.mesh, self._sharding = config, options, mesh, cache_sharding
-        self.compiled: dict[tuple, object] = {}
+        self.compiled: set[tuple] = set()
         self.compile_s = 0.0
+        self._own: dict[tuple, object] = {}  # jitted steps of a mesh engine (their output shardings are its own)
 
-    def _executable(self, name, key, fn, donate, args, cache_out=None):
-        """Step ``name``'s executable for ``args``, compiled first if ``(name, key)`` is new. ``cache_out(sharding)``:
-        the output shardings that keep a returned batch cache split over the mesh."""
-        exe = self.compiled.get((name, key))
-        if exe is None:
-            start = time.perf_counter()
-            kw = {}
-            if self._sharding is not None and cache_out is not None:
-                kw["out_shardings"] = cache_out(self._sharding)
-            context = contextlib.nullcontext()
-            if self.mesh is not None:
-                from jkv import parallel
+    def _jitted(self, fn, donate, cache_out, statics):
+        if self._sharding is None or cache_out is None:
+            return _shared_jit(fn, donate, statics)
+        key = (fn, donate, statics)
+        if key not in self._own:
+            part = functools.partial(fn, **dict(statics))
+            self._own[key] = jax.jit(part, donate_argnums=donate, out_shardings=cache_out(self._sharding))
+        return self._own[key]
 
-                context = parallel.use_mesh(self.mesh)
-            with context:
-                exe = jax.jit(fn, donate_argnums=donate, **kw).lower(*args).compile()
-            self.compiled[(name, key)] = exe
+    def _run(self, name, key, fn, donate, args, cache_out=None, **statics):
+        """Call step ``name`` (``fn`` with ``statics``) on ``args``; the first call of ``(name, key)`` is timed.
+        ``cache_out(sharding)``: the output shardings that keep a returned batch cache split over the mesh."""
+        jitted = self._jitted(fn, donate, cache_out, tuple(sorted(statics.items())))
+        first = (name, key) not in self.compiled
+        start = time.perf_counter()
+        context = contextlib.nullcontext()
+        if self.mesh is not None:
+            from jkv import parallel
+
+            context = parallel.use_mesh(self.mesh)
+        with context:
+            out = jitted(*args)
+        if first:
+            self.compiled.add((name, key))
             self.compile_s += time.perf_counter() - start
-        return exe
+        return out
 
-    def _run(self, name, key, fn, donate, args, cache_out=None):
-        return self._executable(name, key, fn, donate, args, cache_out)(*args)
+    def _model(self, **more):
+        return {"config": self.config, "options": self.options, **more}
 
-    def _model(self, fn):
-        return lambda *a: fn(*a, config=self.config, options=self.options)
+    def mixed(self, params, cache, *inputs, lm_rows: int = 1):
+        """One mixed step (``jkv.serving.mixed.mixed_step``) of the inputs after ``(params, cache)``, the first
+        being the tokens ``[T]``: ``(out, cache)``."""
+        out = (lambda c: (None, c)) if lm_rows == 1 else (lambda c: ((None, None), c))
+        key = (inputs[0].shape[0], lm_rows)
+        return self._run("mixed", key, mixed.mixed_step, 1, (params, cache, *inputs), out, **self._model(rows=lm_rows))
 
-    def prefill(self, params, single, tokens, true_len, *rows):
-        """Prompt tokens ``[1, T]`` (T a bucket) into the one-sequence ``single``: ``(first token [1], single)``."""
-        args = (params, single, tokens, true_len, *rows)
-        return self._run("prefill", tokens.shape[1], self._model(_prefill), 1, args)
-
-    def decode(self, params, cache, tokens, active, *rows):
-        """One token per active slot: ``(next tokens [B], cache)``; idle slots keep their lengths."""
-        args = (params, cache, tokens, active, *rows)
-        return self._run("decode", (), self._model(_decode), 1, args, lambda c: (None, c))
+    def mixed_variants(self) -> list[tuple]:
+        """The ``(T, rows)`` keys of the mixed steps compiled (called) so far."""
+        return sorted(key for name, key in self.compiled if name == "mixed")
 
     def decode_executable(self, params, cache):
-        """The compiled decode step ``(params, cache, tokens, *greedy_rows(B)) -> (tokens, cache)``, for device
-        loops in benchmarks (compiled here if no decode ran yet; nothing runs)."""
+        """A compiled decode-only step ``(params, cache, tokens [B], *greedy_rows(B)) -> (tokens, cache)``: one
+        token per slot (for device loops in benchmarks; nothing runs)."""
         tokens = jnp.zeros((cache.batch,), jnp.int32)
-        args = (params, cache, tokens, *greedy_rows(cache.batch))
-        return self._executable("decode", (), self._model(_decode), 1, args, lambda c: (None, c))
-
-    def verify(self, params, cache, tokens, active):
-        """``[B, k+1]`` tokens (the last one and k drafts) in one pass: ``(greedy targets, accepted, cache)``."""
-        args = (params, cache, tokens, active)
-        return self._run("verify", tokens.shape[1], self._model(_verify), 1, args, lambda c: (None, None, c))
+        jitted = self._jitted(mixed.decode_only, 1, lambda c: (None, c), tuple(sorted(self._model().items())))
+        return jitted.lower(params, cache, tokens, *greedy_rows(cache.batch)).compile()
 
     def retire(self, cache, mask):
         """Empty the slots of ``mask`` (lengths and error bits to 0; a paged slot's pages go back)."""
-        return self._run("retire", (), _retire, 0, (cache, mask), lambda c: c)
+        return self._run("retire", (), mixed.reset_slots, 0, (cache, mask), lambda c: c)
 
-    def insert(self, cache, slot, single, prefix=None):
-        """``single``'s sequence into ``slot``; ``prefix=(pages, n)`` (paged): its first n positions are those
-        pinned pages, shared, not written."""
-        if prefix is None:
-            fn = lambda c, s, one: c.insert_into_slot(s, one)
-            return self._run("insert", (), fn, 0, (cache, slot, single), lambda c: c)
-        fn = lambda c, s, one, pages, n: c.insert_into_slot(s, one, prefix=(pages, n))
-        return self._run("insert_shared", (), fn, 0, (cache, slot, single, *prefix), lambda c: c)
+    def attach(self, cache, slot, pages, n, single):
+        """Paged: slot ``slot`` starts with the first ``n`` positions of pinned ``pages`` (shared)."""
+        args = (cache, jnp.int32(slot), pages, jnp.int32(n), single)
+        return self._run("attach", (), mixed.attach_prefix, 0, args, lambda c: c)
+
+    def restore(self, cache, slot, entry, n):
+        """Contiguous: slot ``slot`` holds the first ``n`` positions of the device copy ``entry``."""
+        args = (cache, jnp.int32(slot), entry, jnp.int32(n))
+        return self._run("restore", entry.max_len, mixed.restore_prefix, 0, args, lambda c: c)
+
+    def extract(self, cache, slot, max_len: int):
+        """A device copy of slot ``slot``'s first ``max_len`` positions (a contiguous prefix-cache entry)."""
+        return self._run("extract", max_len, mixed.extract_copy, (), (cache, jnp.int32(slot)), max_len=max_len)
 
     def pin(self, cache, slot, n):
         """Pin the pages of slot ``slot``'s first ``n`` positions: ``(cache, their page ids)``."""
-        return self._run("pin", (), lambda c, s, m: c.pin(s, m), 0, (cache, slot, n), lambda c: (c, None))
+        args = (cache, jnp.int32(slot), jnp.int32(n))
+        return self._run("pin", (), mixed.pin_pages, 0, args, lambda c: (c, None))
 
     def unpin(self, cache, pages):
-        return self._run("unpin", (), lambda c, p: c.unpin(p), 0, (cache, pages), lambda c: c)
-
-    def restore(self, single, entry):
-        """The one-sequence cache holding a device copy ``entry`` (a prefix-cache entry of a contiguous kind)."""
-        fn = lambda one, e: one.reset().insert_into_slot(0, e)
-        return self._run("restore", entry.max_len, fn, 0, (single, entry))
-
-    def restore_pinned(self, cache, single, pages, n):
-        """The one-sequence cache holding the first ``n`` positions of pinned ``pages`` (read through them)."""
-        # A power of two of pages, at most the table's width: few shapes compile.
-        width = min(cache.max_pages, 1 << (-(-int(n) // PAGE_SIZE) - 1).bit_length())
-
-        def read(c, one, p, m):
-            return one.reset().insert_into_slot(0, c.read_pinned(p[:width], m))
-
-        return self._run("restore_pinned", width, read, 1, (cache, single, pages, jnp.int32(n)))
-
-    def merge_tokens(self, previous, host, use):
-        """Per slot, the in-flight step's token (``use``) or the host's."""
-        return self._run("merge", (), lambda p, h, u: jnp.where(u, p, h), (), (previous, host, use))
+        return self._run("unpin", (), mixed.unpin_pages, 0, (cache, pages), lambda c: c)
 
 
 def greedy_rows(batch: int):
-    """Sampling inputs of ``batch`` greedy rows, all active (for device loops over ``Steps.decode``)."""
+    """Sampling inputs ``(key_data, index, temperature, top_k, top_p)`` of ``batch`` greedy rows."""
     return (
-        jnp.ones((batch,), bool),
         jnp.zeros((batch, 2), jnp.uint32),
         jnp.zeros((batch,), jnp.int32),
         jnp.zeros((batch,), jnp.float32),
@@ -234,6 +187,5 @@ __all__ = [
     "is_paged",
     "kind_dtype",
     "make_cache",
-    "prefill_bucket",
-    "staging_kind",
+    "pow2_bucket",
 ]

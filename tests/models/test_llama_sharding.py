@@ -108,8 +108,9 @@ def test_engine_on_a_mesh_matches_unsharded(model, dp, tp):
     want, _ = run(None)
     got, engine = run(parallel.make_mesh(tp=tp, dp=dp))
     assert got == want
-    shapes = {s.data.shape[1:3] for s in engine.cache.data[0].addressable_shards}
-    assert shapes == {(4 // dp, CONFIG.num_kv_heads // tp)}  # the slots stayed split between steps
+    # The engine's default cache is paged: kv heads stayed split over tp, the slots' tables over dp.
+    assert {s.data.shape[2] for s in engine.cache.pages[0].addressable_shards} == {CONFIG.num_kv_heads // tp}
+    assert {s.data.shape[0] for s in engine.cache.block_tables.addressable_shards} == {4 // dp}
 
 
 @pytest.mark.parametrize("kind", ["q8", "paged", "fp8", "fp8-paged"])

@@ -1,26 +1,27 @@
-"""Engine: continuous batching equals generating alone; prefix cache; speculative decoding; no slot leaks."""
+"""Engine: continuous batching equals a token-by-token reference; stop tokens and full rows; sampling independent
+of batching; prefix cache; speculative decoding; cancellation; waiting for pages; no leak after 1,000 random
+requests with cancellations; few compiled step variants; the run summary; argument errors."""
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers_serving import CONFIG, MAX_LEN, assert_nothing_held, engine, make_params, random_prompts
 
 from jkv import KVCache
 from jkv.caches import CacheSpec
 from jkv.models import llama
 from jkv.serving import Engine, SamplingParams
+from jkv.serving.options import default_max_batch_tokens, default_max_slots
 from jkv.serving.prefix import common_prefix_length
-
-CONFIG = llama.LlamaConfig(
-    vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
-)
-MAX_LEN = 64
+from jkv.serving.scheduler import token_buckets
 
 
 @pytest.fixture(scope="module")
 def params():
-    # A larger init scale gives peaked next-token distributions: greedy ties are then far from rounding.
-    return llama.init_params(CONFIG, jax.random.key(7), jnp.float32, scale=0.2)
+    return make_params(7)
 
 
 _STEP = jax.jit(lambda p, c, t: llama.decode_step(p, c, t, config=CONFIG))
@@ -38,175 +39,209 @@ def greedy_alone(params, prompt, n):
     return out
 
 
-def prompts(rng, count, lo=2, hi=12):
-    return [rng.integers(0, CONFIG.vocab_size, size=rng.integers(lo, hi)).tolist() for _ in range(count)]
-
-
-@pytest.mark.parametrize("num_slots,cache", [(1, "default"), (3, "default"), (8, "default"), (3, "paged")])
-def test_batched_greedy_equals_alone(params, rng, num_slots, cache):
-    ps = prompts(rng, 7)
+@pytest.mark.parametrize("cache, budget", [("f32", 16), ("paged", 5)])
+def test_batched_greedy_equals_token_by_token(params, rng, cache, budget):
+    ps = random_prompts(rng, 7, hi=20)
     want = [greedy_alone(params, p, 10) for p in ps]
-    engine = Engine(params, CONFIG, num_slots=num_slots, max_len=MAX_LEN, cache=cache)
-    ids = [engine.submit(p, SamplingParams(max_new_tokens=10)) for p in ps[:4]]
-    engine.step()  # requests arrive while others are mid-generation
-    engine.step()
-    ids += [engine.submit(p, SamplingParams(max_new_tokens=10)) for p in ps[4:]]
-    done = engine.run(show_progress=False)
+    eng = engine(params, cache, max_batch_tokens=budget)
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=10)) for p in ps[:4]]
+    eng.step()  # requests arrive while others are mid-generation
+    eng.step()
+    ids += [eng.submit(p, SamplingParams(max_new_tokens=10)) for p in ps[4:]]
+    done = eng.run(show_progress=False)
     assert [c.id for c in done] == ids
     assert [c.tokens for c in done] == want
     assert all(c.finish_reason == "length" for c in done)
+    assert eng.stats.prefill_tokens == sum(map(len, ps))
+    assert_nothing_held(eng)
 
 
 def test_streaming_stop_tokens_and_max_len(params, rng):
-    p = prompts(rng, 1)[0]
+    p = random_prompts(rng, 1)[0]
     alone = greedy_alone(params, p, 40)
     streamed = []
-    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN)
+    eng = engine(params)
     stop = alone[5]
-    engine.submit(p, SamplingParams(max_new_tokens=40, stop_tokens=(stop,)), on_token=lambda i, t: streamed.append(t))
+    eng.submit(p, SamplingParams(max_new_tokens=40, stop_tokens=(stop,)), on_token=lambda i, t: streamed.append(t))
     long_prompt = rng.integers(0, CONFIG.vocab_size, size=MAX_LEN - 3).tolist()
-    engine.submit(long_prompt, SamplingParams(max_new_tokens=40))
-    first, second = engine.run(show_progress=False)
+    eng.submit(long_prompt, SamplingParams(max_new_tokens=40))
+    first, second = eng.run(show_progress=False)
     # The stop token ends the request and is neither returned nor streamed.
     assert first.finish_reason == "stop" and first.tokens == alone[: alone.index(stop)] == streamed
     assert second.finish_reason == "max_len" and len(second.tokens) == 3  # fills the row: 61 + 3 = 64 positions
     assert second.tokens == greedy_alone(params, long_prompt, 3)
+    assert_nothing_held(eng)
 
 
 def test_sampled_requests_do_not_depend_on_batching(params, rng):
-    ps = prompts(rng, 5)
+    ps = random_prompts(rng, 5)
     sp = [SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=i) for i in range(5)]
 
-    def run(num_slots):
-        engine = Engine(params, CONFIG, num_slots=num_slots, max_len=MAX_LEN)
+    def run(budget, together):
+        eng = engine(params, max_batch_tokens=budget)
+        out = []
         for p, s in zip(ps, sp, strict=True):
-            engine.submit(p, s)
-        return [c.tokens for c in engine.run(show_progress=False)]
+            eng.submit(p, s)
+            if not together:
+                out += [c.tokens for c in eng.run(show_progress=False)]
+        return out + [c.tokens for c in eng.run(show_progress=False)]
 
-    one, four = run(1), run(4)
-    assert one == four
+    one = run(16, together=False)
+    assert one == run(16, together=True) == run(7, together=True)
     assert one != [greedy_alone(params, p, 8) for p in ps]  # it did sample
 
 
-@pytest.mark.parametrize("cache", ["default", "paged"])
-def test_prefix_cache_hits_match_misses_and_skip_prefill(params, rng, cache):
-    system = rng.integers(0, CONFIG.vocab_size, size=20).tolist()
-    ps = [system + tail for tail in prompts(rng, 4, 1, 5)]
-    want = [greedy_alone(params, p, 6) for p in ps]
-    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN, prefix_cache_bytes=1 << 20, cache=cache)
-    engine.submit(system, SamplingParams(max_new_tokens=1))  # warms the cache with the shared prefix
-    engine.run(show_progress=False)
-    before = engine.stats.prefill_tokens
-    for p in ps:
-        engine.submit(p, SamplingParams(max_new_tokens=6))
-    done = engine.run(show_progress=False)
-    assert [c.tokens for c in done] == want
-    assert all(c.cached_prompt_tokens >= len(system) for c in done)
-    seen, prefill = [system], 0  # each prompt reuses its longest common prefix with any earlier prompt
-    for p in ps:
-        prefill += len(p) - min(max(common_prefix_length(p, q) for q in seen), len(p) - 1)
-        seen.append(p)
-    assert engine.stats.prefill_tokens - before == prefill
-    # The same prompt again restores everything but its last token.
-    engine.submit(ps[0], SamplingParams(max_new_tokens=6))
-    (again,) = engine.run(show_progress=False)
-    assert again.tokens == want[0] and again.cached_prompt_tokens == len(ps[0]) - 1
-
-
-@pytest.mark.parametrize("cache", ["default", "paged"])
-def test_prompts_sharing_a_prefix_with_an_earlier_prompt_reuse_it(params, rng, cache):
-    """No bare system prompt is ever submitted: the common prefix of two full prompts is what a later one reuses.
-    With a paged cache, concurrent requests hold the shared pages once (pinned by the entry, refcounted)."""
+@pytest.mark.parametrize("cache", ["f32", "paged"])
+def test_prompts_sharing_a_prefix_reuse_it(params, rng, cache):
+    """No bare system prompt is ever submitted: the common prefix of two full prompts is what a later one reuses
+    (a paged cache reuses whole pages, held once, pinned by the entry and refcounted)."""
     system = rng.integers(0, CONFIG.vocab_size, size=37).tolist()  # 2 full pages of 16 and 5 positions
-    ps = [[*system, i, *tail] for i, tail in enumerate(prompts(rng, 5, 1, 5))]  # tails differ at their first token
+    ps = [[*system, i, *tail] for i, tail in enumerate(random_prompts(rng, 5, 1, 5))]  # tails differ at once
     want = [greedy_alone(params, p, 5) for p in ps]
-    engine = Engine(params, CONFIG, num_slots=4, max_len=MAX_LEN, prefix_cache_bytes=1 << 20, cache=cache)
-    engine.submit(ps[0], SamplingParams(max_new_tokens=5))
-    engine.step()  # admitted alone: a miss, which becomes an entry
+    eng = engine(params, cache, prefix_cache_bytes=1 << 20, max_batch_tokens=16)
+    eng.submit(ps[0], SamplingParams(max_new_tokens=5))
+    while eng.stats.steps < 3:  # its prompt takes three steps of 16; then it is an entry
+        eng.step()
     for p in ps[1:]:
-        engine.submit(p, SamplingParams(max_new_tokens=5))
-    engine.step()  # the other four are admitted from the entry while the first still runs
+        eng.submit(p, SamplingParams(max_new_tokens=5))
+    eng.step()  # three more are admitted from the entry while the first still runs (one waits for a slot)
+    reused = 32 if cache == "paged" else 37
     if cache == "paged":
-        tables = np.asarray(engine.cache.block_tables)
-        assert len({int(t) for t in tables[:, 0]}) == 1 and len({int(t) for t in tables[:, 1]}) == 1  # shared
-        assert len({int(t) for t in tables[:, 2]}) == 4  # the partly filled page: each slot has its own copy
-        hist = np.bincount(tables[tables >= 0], minlength=engine.cache.num_pages)
-        np.testing.assert_array_equal(np.asarray(engine.cache.refcounts), hist + np.asarray(engine.cache.pins))
-    done = engine.run(show_progress=False)
+        tables, lengths = np.asarray(eng.cache.block_tables), np.asarray(eng.cache.lengths)
+        busy = lengths > 32
+        assert busy.sum() >= 2
+        assert len({int(t) for t in tables[busy, 0]}) == 1 and len({int(t) for t in tables[busy, 1]}) == 1  # shared
+        assert len({int(t) for t in tables[busy, 2]}) == busy.sum()  # the third page: each its own
+        hist = np.bincount(tables[tables >= 0], minlength=eng.cache.num_pages)
+        np.testing.assert_array_equal(np.asarray(eng.cache.refcounts), hist + np.asarray(eng.cache.pins))
+    done = eng.run(show_progress=False)
     assert [c.tokens for c in done] == want
-    assert [c.cached_prompt_tokens for c in done] == [0] + [len(system)] * 4
-    assert engine.stats.prefill_tokens == len(ps[0]) + sum(len(p) - len(system) for p in ps[1:])
-    if cache == "paged":  # every page still held is held by an entry; dropping the entries frees the pool
-        assert (np.asarray(engine.cache.refcounts) == np.asarray(engine.cache.pins)).all()
-        engine.prefix_cache.clear()
-        assert int(engine.cache.num_free_pages()) == engine.cache.num_pages
+    assert [c.cached_prompt_tokens for c in done] == [0] + [reused] * 4
+    assert eng.stats.prefill_tokens == len(ps[0]) + sum(len(p) - reused for p in ps[1:])
+    assert eng.stats.prefix_hits == 4
+    # The same prompt again reuses all it can: every position but the last (whole pages when paged).
+    eng.submit(ps[0], SamplingParams(max_new_tokens=5))
+    (again,) = eng.run(show_progress=False)
+    assert again.tokens == want[0]
+    assert again.cached_prompt_tokens == (32 if cache == "paged" else len(ps[0]) - 1)
+    assert_nothing_held(eng)
 
 
-@pytest.mark.parametrize("cache", ["default", "paged"])
-def test_speculative_decoding_equals_greedy_and_rolls_back(params, rng, cache):
+@pytest.mark.parametrize("cache", ["f32", "paged"])
+def test_speculative_decoding_equals_greedy_and_rolls_back(params, cache):
+    rng = np.random.default_rng(4)  # the same prompts for both kinds: some drafts are accepted, some not
     pattern = rng.integers(0, CONFIG.vocab_size, size=6).tolist()
-    ps = [pattern * 3, (pattern * 2)[:9], prompts(rng, 1)[0]]
+    ps = [pattern * 3, (pattern * 2)[:9], random_prompts(rng, 1)[0]]
     want = [greedy_alone(params, p, 24) for p in ps]
-    engine = Engine(params, CONFIG, num_slots=2, max_len=MAX_LEN, speculative_tokens=4, cache=cache)
+    eng = engine(params, cache, speculative_tokens=4, max_batch_tokens=8)
     for p in ps:
-        engine.submit(p, SamplingParams(max_new_tokens=24))
-    done = engine.run(show_progress=False)
+        eng.submit(p, SamplingParams(max_new_tokens=24))
+    done = eng.run(show_progress=False)
     assert [c.tokens for c in done] == want
-    st = engine.stats
+    st = eng.stats
     assert st.verify_steps > 0 and st.drafted_tokens > 0
-    assert st.accepted_tokens < st.drafted_tokens  # some drafts rejected: the cache was rolled back past them
-    assert not np.asarray(engine.cache.lengths).any()
+    assert 0 < st.accepted_tokens < st.drafted_tokens  # some drafts rejected: the cache was rolled back past them
+    assert 0 < eng.summary().acceptance_rate < 1
+    assert_nothing_held(eng)
 
 
-def test_q8_slots_do_not_depend_on_batching_or_prefix_hits(rng):
-    """Q8 slots (head_dim a multiple of 32): batched, prefix-cached and speculative runs all give the same tokens."""
-    config = llama.LlamaConfig(96, 64, 128, 2, 4, 2, 32)
-    q8_params = llama.init_params(config, jax.random.key(5), jnp.float32, scale=0.2)
-    system = rng.integers(0, config.vocab_size, size=12).tolist()
-    ps = [system] + [system + tail for tail in prompts(rng, 4, 1, 5)]  # the bare prefix first: later ones hit it
-
-    def run(**kw):
-        engine = Engine(q8_params, config, max_len=MAX_LEN, cache="q8", **kw)
-        for p in ps:
-            engine.submit(p, SamplingParams(max_new_tokens=8))
-        out = [c.tokens for c in engine.run(show_progress=False)]
-        return out, engine
-
-    alone, _ = run(num_slots=1)
-    batched, engine = run(num_slots=3, prefix_cache_bytes=1 << 20)
-    assert batched == alone
-    assert engine.stats.cached_prompt_tokens > 0  # later prompts restored the shared prefix from Q8 snapshots
-    assert run(num_slots=2, speculative_tokens=3)[0] == alone
+def test_cancel_frees_the_slot_and_keeps_the_tokens_so_far(params, rng):
+    ps = random_prompts(rng, 6)
+    eng = engine(params, "paged", max_batch_tokens=16)
+    ids = [eng.submit(p, SamplingParams(max_new_tokens=30)) for p in ps]
+    for _ in range(4):
+        eng.step()
+    assert eng.cancel(ids[0]) and eng.cancel(ids[5]) and not eng.cancel(99)
+    assert not eng.cancel(ids[0])  # already gone
+    cancelled = {c.id: c for c in eng.pop_finished()}
+    assert set(cancelled) == {ids[0], ids[5]}
+    assert cancelled[ids[0]].finish_reason == "cancelled" and 1 <= len(cancelled[ids[0]].tokens) < 30
+    assert cancelled[ids[5]].tokens == []  # never admitted: 4 slots
+    rest = eng.run(show_progress=False)
+    assert [c.id for c in rest] == ids[1:5] and all(len(c.tokens) == 30 for c in rest)
+    assert_nothing_held(eng)
 
 
-@pytest.mark.parametrize("cache", ["default", "paged"])
-def test_no_slot_leaks_after_many_random_requests(params, cache):
+def test_requests_wait_for_pages_and_all_finish(params, rng):
+    """A pool of 6 pages of 16: at most two requests of 33..48 positions run at once; the others wait."""
+    ps = [rng.integers(0, CONFIG.vocab_size, size=30).tolist() for _ in range(5)]
+    want = [greedy_alone(params, p, 10) for p in ps]
+    eng = engine(params, "paged", num_pages=6)
+    for p in ps:
+        eng.submit(p, SamplingParams(max_new_tokens=10))
+    done, most = [], 0
+    while eng.has_work():
+        eng.step()
+        most = max(most, eng.num_active)
+        done += eng.pop_finished()
+    assert most == 2
+    assert [c.tokens for c in done] == want
+    assert eng.summary().peak_pages_in_use <= 6
+    assert_nothing_held(eng)
+    with pytest.raises(ValueError, match="request 0: 64 positions need 4 pages, the pool has 3"):
+        engine(params, "paged", num_pages=3).submit(list(range(60)), SamplingParams(max_new_tokens=40))
+
+
+@pytest.mark.parametrize("cache", ["f32", "paged"])
+def test_no_leak_after_1000_random_requests_with_cancellations(params, cache):
     rng = np.random.default_rng(1)
-    engine = Engine(params, CONFIG, num_slots=4, max_len=32, prefix_cache_bytes=1 << 16, prefill_bucket=8, cache=cache)
-    finished = 0
+    systems = [rng.integers(0, CONFIG.vocab_size, size=16).tolist() for _ in range(2)]
+    # A pool of 6 pages of 16 (requests of 1 or 2 pages, entries of 1): requests wait, entries are evicted.
+    eng = engine(params, cache, prefix_cache_bytes=2 << 14, max_batch_tokens=8, num_pages=6)
+    live, finished = [], 0
     for _ in range(1000):
-        prompt = rng.integers(0, CONFIG.vocab_size, size=rng.integers(1, 6)).tolist()
+        if rng.random() < 0.5:  # a shared 16-token prefix (a whole page) and a short tail
+            prompt = systems[int(rng.integers(2))] + rng.integers(0, 8, size=rng.integers(0, 4)).tolist()
+        else:
+            prompt = rng.integers(0, CONFIG.vocab_size, size=rng.integers(1, 12)).tolist()
         stops = tuple(rng.integers(0, CONFIG.vocab_size, size=3).tolist())
-        engine.submit(prompt, SamplingParams(max_new_tokens=int(rng.integers(1, 4)), stop_tokens=stops))
+        live.append(eng.submit(prompt, SamplingParams(max_new_tokens=int(rng.integers(1, 6)), stop_tokens=stops)))
+        if rng.random() < 0.1:
+            finished += eng.cancel(live[int(rng.integers(len(live)))])
         if rng.random() < 0.5:
-            engine.step()
-            finished += len(engine.pop_finished())
-    finished += len(engine.run(show_progress=False))
+            eng.step()
+            done = eng.pop_finished()
+            finished += sum(c.finish_reason != "cancelled" for c in done)
+            gone = {c.id for c in done}
+            live = [i for i in live if i not in gone]
+    finished += sum(c.finish_reason != "cancelled" for c in eng.run(show_progress=False))
     assert finished == 1000
-    assert engine.num_active == 0 and engine.num_pending == 0
-    assert not np.asarray(engine.cache.lengths).any()
-    assert not np.asarray(engine.cache.errors).any()
-    if cache == "paged":  # only the prefix cache's entries hold pages; evicting them all frees the whole pool
-        assert engine.prefix_cache.evictions > 0
-        assert (np.asarray(engine.cache.refcounts) == np.asarray(engine.cache.pins)).all()
-        engine.prefix_cache.clear()
-        assert int(engine.cache.num_free_pages()) == engine.cache.num_pages
+    assert eng.stats.prefix_hits > 0 and eng.prefix_cache.evictions > 0
+    if cache == "paged":
+        assert eng.summary().peak_pages_in_use <= 6
+    assert_nothing_held(eng, entries_allowed=False)
 
 
-def test_default_slot_count_comes_from_memory_planner(params, capsys):
-    engine = Engine(params, CONFIG, max_len=MAX_LEN)
-    assert 1 <= engine.num_slots <= 64
-    assert "slots of max_len=64" in capsys.readouterr().err
+def test_few_step_variants_compile():
+    """The default configuration has at most 8 token buckets (on a GPU and on a CPU); an engine compiles one step
+    per bucket at start-up and none afterwards, whatever the mix of requests."""
+    for backend in ("gpu", "cpu"):
+        assert len(token_buckets(default_max_batch_tokens(backend), default_max_slots(backend))) <= 8
+    eng = Engine(make_params(1), CONFIG, num_slots=8, max_len=MAX_LEN, max_batch_tokens=16, verbose=False)
+    assert eng.compile_all(progress=False) == 2 and eng.steps.mixed_variants() == [(8, 1), (16, 1)]
+    rng = np.random.default_rng(0)
+    eng.generate(random_prompts(rng, 12, 1, 40), SamplingParams(max_new_tokens=5), show_progress=False)
+    assert eng.steps.mixed_variants() == [(8, 1), (16, 1)]
+    assert_nothing_held(eng)
+
+
+def test_run_summary_and_per_request_figures(params, rng):
+    eng = engine(params, "paged", prefix_cache_bytes=1 << 20)
+    system = rng.integers(0, CONFIG.vocab_size, size=20).tolist()
+    for tail in random_prompts(rng, 6, 1, 4):
+        eng.submit(system + tail, SamplingParams(max_new_tokens=6))
+    done = eng.run(show_progress=False)
+    assert all(c.time_to_first_token > 0 and c.inter_token_latency > 0 for c in done)
+    s = eng.summary()
+    assert s.requests == 6 and s.generated_tokens == 36 and s.tokens_per_s > 0
+    assert s.prefill_tokens == eng.stats.prefill_tokens and s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0
+    assert s.prefix_hits >= 1 and s.cached_prompt_tokens >= 16 and math.isnan(s.acceptance_rate)
+    assert s.peak_pages_in_use > s.pages_in_use > 0 and s.num_pages == eng.cache.num_pages
+    assert math.isclose(s.mean_ttft_s, np.mean([c.time_to_first_token for c in done]))
+    text = s.format()
+    assert "6 requests, 36 tokens" in text and "prefix hits" in text and "pages in use" in text
+    eng.reset_stats()
+    assert eng.summary().requests == 0
 
 
 @pytest.mark.parametrize(
@@ -223,7 +258,12 @@ def test_default_slot_count_comes_from_memory_planner(params, capsys):
         (lambda e: Engine(e.params, CONFIG, num_slots=0), ValueError, "num_slots must be a positive int, got 0"),
         (lambda e: Engine(e.params, CONFIG, max_len=1), ValueError, "max_len must be an int >= 2, got 1"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=-1), ValueError, "speculative_tokens"),
-        (lambda e: Engine(e.params, CONFIG, num_slots=1, prefill_bucket=0), ValueError, "prefill_bucket"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, max_batch_tokens=0), ValueError, "max_batch_tokens"),
+        (
+            lambda e: Engine(e.params, CONFIG, num_slots=1, max_batch_tokens=32, buckets=(8, 16)),
+            ValueError,
+            "the largest of buckets=(8, 16) must hold max_batch_tokens=32",
+        ),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, cache="int4"), ValueError, "cache='int4' is not one of"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, max_len=40, cache="paged"), ValueError, "max_len=40"),
         (
@@ -237,7 +277,17 @@ def test_default_slot_count_comes_from_memory_planner(params, capsys):
     ids=lambda x: None,
 )
 def test_engine_errors(params, call, exc, text):
-    engine = Engine(params, CONFIG, num_slots=1, max_len=MAX_LEN)
+    eng = Engine(params, CONFIG, num_slots=1, max_len=MAX_LEN, verbose=False)
     with pytest.raises(exc) as info:
-        call(engine)
+        call(eng)
     assert text in str(info.value)
+
+
+def test_default_slot_count_comes_from_memory_planner(params, capsys):
+    eng = Engine(params, CONFIG, max_len=MAX_LEN)
+    assert 1 <= eng.num_slots <= 64
+    assert "slots of max_len=64" in capsys.readouterr().err
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2 and common_prefix_length([], [1]) == 0

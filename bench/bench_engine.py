@@ -1,0 +1,279 @@
+"""End-to-end serving (issue 21): jkv's engine and HF transformers' continuous batching on three workloads, each
+against the ideal time of its work, measured in the same run.
+
+    python bench/bench_engine.py --model llama3-8b --out docs/bench_engine.json    # the GPU runs
+    python bench/bench_engine.py --smoke --no-hf                                   # CPU, a tiny model, seconds
+
+Workloads (random prompt tokens, greedy, no stop token; ``--smoke`` scales every count down):
+
+* mixed: 256 requests submitted at once, prompts uniform in [64, 512] tokens, 128 new tokens each, 64 slots;
+* long: 64 requests, prompts uniform in [8k, 16k] tokens, 128 new tokens;
+* shared: 256 requests, a 2k-token system prompt shared by all plus a question of [16, 64] tokens, 128 new
+  tokens; jkv with its prefix cache on and off.
+
+Ideal time of a workload: every decode step reads the weights once (``ceil(requests / slots) * new_tokens``
+steps), every generated token reads its sequence's K/V, both at the copy bandwidth measured here; the prompt
+tokens that must run (a prefix-cache hit skips its tokens) cost their matmul and causal-attention FLOPs at the bf16
+matmul rate measured here. The fraction printed is ideal / measured time. Models named by shape use random
+weights (the GPU machine reaches no model hub); every engine warms up (compiles every step variant) first, and
+compile time is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in the same process
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from jkv.models import llama
+from jkv.serving import CACHE_KINDS, Engine, SamplingParams
+
+SHAPES = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}
+SMOKE_CONFIG = llama.LlamaConfig(96, 64, 128, 2, 4, 2, 32, max_position=1024)
+
+# name: (requests, prompt length range, new tokens, slots, shared prefix length)
+WORKLOADS = {
+    "mixed": (256, (64, 512), 128, 64, 0),
+    "long": (64, (8192, 16384), 128, 64, 0),
+    "shared": (256, (16, 64), 128, 64, 2048),
+}
+SMOKE_WORKLOADS = {
+    "mixed": (12, (4, 24), 6, 4, 0),
+    "long": (4, (40, 80), 4, 4, 0),
+    "shared": (12, (2, 6), 6, 4, 32),
+}
+
+
+# ---------------------------------------------------------------------------------------------- the work
+def make_prompts(rng, config, workload):
+    n, (lo, hi), _, _, shared = workload
+    system = rng.integers(0, config.vocab_size, size=shared).tolist()
+    return [system + rng.integers(0, config.vocab_size, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+
+
+def matmul_params(config) -> int:
+    """Weights a token multiplies through in the blocks (embedding and LM head left out)."""
+    h, f, d = config.hidden_size, config.intermediate_size, config.head_dim
+    attn = h * d * (config.num_heads + 2 * config.num_kv_heads) + config.num_heads * d * h
+    return config.num_layers * (attn + 3 * h * f)
+
+
+def ideal_seconds(config, prompts, new_tokens, slots, cached, weight_bytes, kv_bytes_per_token, bandwidth, flops):
+    """``(seconds, parts)`` of a workload's ideal time (module docstring); ``cached[i]``: prompt ``i``'s tokens a
+    prefix-cache hit skips."""
+    steps = math.ceil(len(prompts) / slots) * new_tokens
+    kv_tokens = sum(len(p) * new_tokens + new_tokens * (new_tokens - 1) // 2 for p in prompts)
+    run = [(len(p), c) for p, c in zip(prompts, cached, strict=True)]
+    per_pair = 4 * config.num_layers * config.num_heads * config.head_dim  # q.k and p.v, per (query, key) pair
+    prompt_flops = sum(
+        2 * matmul_params(config) * (n - c) + per_pair * (n * (n + 1) - c * (c + 1)) // 2 for n, c in run
+    )
+    parts = {
+        "weights_s": steps * weight_bytes / bandwidth,
+        "kv_s": kv_tokens * kv_bytes_per_token / bandwidth,
+        "prompt_s": prompt_flops / flops,
+    }
+    return sum(parts.values()), parts
+
+
+def copy_bandwidth(nbytes: int, trials: int = 10) -> float:
+    """Bytes per second of a device copy (read + write) in JAX."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + jnp.bfloat16(1))
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times)
+
+
+def matmul_rate(n: int, trials: int = 10) -> float:
+    """FLOP/s of an ``n x n x n`` bf16 matmul (f32 accumulation)."""
+    a = jnp.ones((n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    mm(a, a).block_until_ready()
+    times = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        mm(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------- jkv
+def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_pages=None) -> dict:
+    max_len = -(-(max(map(len, prompts)) + new_tokens) // 16) * 16
+    engine = Engine(
+        params,
+        config,
+        num_slots=slots,
+        max_len=max_len,
+        cache=args.cache,
+        impl=args.impl,
+        max_batch_tokens=args.max_batch_tokens,
+        prefix_cache_bytes=args.prefix_cache_mb << 20 if prefix else 0,
+        num_pages=num_pages or None,
+        verbose=False,
+    )
+    start = time.perf_counter()
+    variants = engine.compile_all(progress=not args.smoke)
+    compile_s = time.perf_counter() - start
+    sp = SamplingParams(max_new_tokens=new_tokens)
+    for p in prompts[:2]:  # one after the other: the second hits the first's prefix (its copies compile)
+        engine.generate([p], SamplingParams(max_new_tokens=2), show_progress=False)
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.clear()
+    engine.reset_stats()
+    compiled = engine.compile_s
+    start = time.perf_counter()
+    for p in prompts:
+        engine.submit(p, sp)
+    done = engine.run(show_progress=False)
+    wall = time.perf_counter() - start
+    s = engine.summary()
+    return {
+        "wall_s": wall,
+        "tokens_per_s": sum(len(c.tokens) for c in done) / wall,
+        "mean_ttft_s": statistics.mean(c.time_to_first_token for c in done),
+        "mean_itl_s": s.mean_itl_s,
+        "prefill_tokens_per_s": s.prefill_tokens_per_s,
+        "decode_tokens_per_s": s.decode_tokens_per_s,
+        "prefix_hits": s.prefix_hits,
+        "cached_prompt_tokens": [c.cached_prompt_tokens for c in done],
+        "peak_pages_in_use": s.peak_pages_in_use,
+        "num_pages": s.num_pages,
+        "steps": s.steps,
+        "step_variants": variants,
+        "compile_s": compile_s,
+        "compile_s_while_timed": engine.compile_s - compiled,  # should be 0: every shape compiled before
+        "max_batch_tokens": engine.scheduler.max_batch_tokens,
+        "summary": s.format(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- HF peer
+def run_hf(args, config, prompts, new_tokens, slots) -> dict:
+    """HF transformers' continuous batching (``generate_batch``) on a random model of the same shape."""
+    try:
+        import torch
+        from transformers import GenerationConfig, LlamaForCausalLM
+        from transformers import LlamaConfig as HFConfig
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        hf_config = HFConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            max_position_embeddings=config.max_position,
+            rope_theta=config.rope_theta,
+        )
+        with torch.device(device):
+            model = LlamaForCausalLM(hf_config).to(dtype).eval()
+        gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        model.generate_batch(inputs=prompts[: min(2, len(prompts))], generation_config=gen)  # warm up
+        start = time.perf_counter()
+        out = model.generate_batch(inputs=prompts, generation_config=gen, record_timestamps=True)
+        wall = time.perf_counter() - start
+        tokens = sum(len(o.generated_tokens) for o in out.values())
+        ttft = [o.timestamps[0] - o.created_time for o in out.values() if o.timestamps]
+        del model
+        return {
+            "wall_s": wall,
+            "tokens_per_s": tokens / wall,
+            "mean_ttft_s": statistics.mean(ttft) if ttft else math.nan,
+            "device": device,
+        }
+    except Exception as e:  # a peer that cannot run is reported, not fatal
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--smoke", action="store_true", help="a tiny float32 model and small workloads (CPU, seconds)")
+    ap.add_argument("--only", choices=sorted(WORKLOADS), nargs="+", help="run these workloads (default: all)")
+    ap.add_argument("--cache", choices=CACHE_KINDS, default="paged", help="the engine's cache kind")
+    ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine tokens per step (default: its own)")
+    ap.add_argument("--prefix-cache-mb", type=int, default=None, help="prefix cache (default 4096, smoke 1)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
+    if args.prefix_cache_mb is None:
+        args.prefix_cache_mb = 1 if args.smoke else 4096
+    if args.smoke and args.max_batch_tokens is None:
+        args.max_batch_tokens = 16  # three step shapes: the smoke run spends its seconds running, not compiling
+    if args.smoke:
+        config, dtype, name = SMOKE_CONFIG, jnp.float32, "smoke (tiny random float32 Llama)"
+    else:
+        config, dtype, name = SHAPES[args.model](), jnp.bfloat16, f"{args.model}-shaped, random bf16 weights"
+    params = llama.init_params(config, jax.random.key(0), dtype, scale=0.02)
+    jax.block_until_ready(params)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+    bandwidth = copy_bandwidth(1 << (24 if args.smoke else 31))
+    flops = matmul_rate(256 if args.smoke else 8192)
+    common.log(
+        f"jkv engine benchmark: {name} on {jax.devices()[0].device_kind}; copy {bandwidth / 1e12:.3f} TB/s, "
+        f"bf16 matmul {flops / 1e12:.1f} TFLOP/s"
+    )
+    report = {"model": name, "cache": args.cache, "bandwidth_Bps": bandwidth, "matmul_flops": flops, "workloads": {}}
+    report["meta"] = common.meta(None)
+    rng = np.random.default_rng(0)
+    for wname in args.only or list(workloads):
+        workload = workloads[wname]
+        _, _, new_tokens, slots, shared = workload
+        prompts = make_prompts(rng, config, workload)
+        runs = {"jkv": run_jkv(args, config, params, prompts, new_tokens, slots, prefix=bool(shared))}
+        if shared:
+            pool = runs["jkv"]["num_pages"]  # the same pool: the same compiled steps, the same memory
+            runs["jkv_no_prefix_cache"] = run_jkv(args, config, params, prompts, new_tokens, slots, False, pool)
+        if not args.no_hf:
+            runs["hf_continuous_batching"] = run_hf(args, config, prompts, new_tokens, slots)
+        cached = runs["jkv"]["cached_prompt_tokens"]
+        ideal, parts = ideal_seconds(
+            config, prompts, new_tokens, slots, cached, weight_bytes, kv_per_token, bandwidth, flops
+        )
+        entry = {"requests": len(prompts), "prompt_tokens": sum(map(len, prompts)), "ideal_s": ideal, **parts}
+        for run_name, run in runs.items():
+            if "wall_s" in run:
+                run["ideal_fraction"] = ideal / run["wall_s"]
+                common.log(
+                    f"  {wname:6s} {run_name:22s} {run['tokens_per_s']:9.1f} tokens/s, mean TTFT "
+                    f"{run['mean_ttft_s']:.3f} s, {100 * run['ideal_fraction']:.0f} % of ideal ({ideal:.2f} s)"
+                )
+            else:
+                common.log(f"  {wname:6s} {run_name:22s} {run.get('error')}")
+        if shared and "wall_s" in runs["jkv_no_prefix_cache"]:
+            entry["prefix_cache_speedup"] = runs["jkv_no_prefix_cache"]["wall_s"] / runs["jkv"]["wall_s"]
+        entry["runs"] = runs
+        report["workloads"][wname] = entry
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

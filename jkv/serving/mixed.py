@@ -1,0 +1,117 @@
+"""The mixed serving step on the device: a flat batch of decode tokens, speculative drafts and prompt chunks.
+
+One function body, compiled once per token bucket ``T`` (and per ``rows``, the rows per sequence that reach the LM
+head: 1, or ``k + 1`` with speculative decoding). Sequence ``b`` (slot ``b``) brings ``counts[b]`` tokens, rows
+``starts[b] ..`` of the flat batch (``starts`` the exclusive cumulative sum of ``counts``); rows past
+``sum(counts)`` are padding. In one step:
+
+1. slots of ``reset`` are emptied (finished requests give their pages back before anything is allocated);
+2. rows with ``src >= 0`` take the previous step's sampled token of slot ``src`` (``prev``), still on the device:
+   the pipelined engine dispatches step ``i + 1`` before it reads step ``i``;
+3. ``jkv.models.llama.flat_hidden_states`` writes every token's K/V and attends (the cache is donated);
+4. the LM head runs on each sequence's last row (``rows == 1``: sampled with its request's parameters) or, for a
+   verification (``verify[b]``), on all its rows: the greedy targets, the drafts the model agrees with, and a
+   rollback past the rejected ones.
+
+A row whose logits hold NaN or Inf yields ``sampling.NONFINITE`` instead of a token.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Int
+
+from jkv.models import llama
+from jkv.serving.sampling import NONFINITE, choose
+
+
+def reset_slots(cache, reset: Bool[Array, " B"]):
+    """``cache`` with the slots of ``reset`` empty: length and error bits 0, a paged slot's pages given back."""
+    cache = cache.rollback(jnp.where(reset, 0, cache.lengths))
+    return cache.replace(errors=jnp.where(reset, 0, cache.errors))
+
+
+def flat_rows(counts: Int[Array, " B"], t: int):
+    """``(starts, last)`` ``[B]``: each sequence's first and last row in a flat batch of ``t`` rows (clipped into
+    ``[0, t)``: a sequence without tokens points at some row, its output is not read)."""
+    starts = jnp.cumsum(counts) - counts
+    return jnp.clip(starts, 0, t - 1), jnp.clip(starts + counts - 1, 0, t - 1)
+
+
+def mixed_step(
+    params,
+    cache,
+    tokens: Int[Array, " T"],
+    src: Int[Array, " T"],
+    prev: Int[Array, " B"],
+    counts: Int[Array, " B"],
+    verify: Bool[Array, " B"],
+    reset: Bool[Array, " B"],
+    key_data,
+    index,
+    temperature,
+    top_k,
+    top_p,
+    *,
+    config,
+    options,
+    rows: int,
+):
+    """One serving step (see the module docstring). Returns ``(next [B], cache)`` when ``rows == 1``, else
+    ``((targets [B, rows], accepted [B]), cache)``; a verifying sequence's new tokens are
+    ``targets[b, : accepted[b] + 1]``, any other sequence's next token is ``targets[b, 0]``."""
+    b, t = counts.shape[0], tokens.shape[0]
+    cache = reset_slots(cache, reset)
+    tokens = jnp.where(src >= 0, prev[jnp.clip(src, 0, b - 1)], tokens)
+    before = cache.lengths
+    h, cache = llama.flat_hidden_states(params, cache, tokens, counts, config=config, options=options)  # (T, H)
+    starts, last = flat_rows(counts, t)
+    if rows == 1:
+        logits = llama.lm_head(params, h[last], options)  # (B, V)
+        return choose(logits, key_data, index, temperature, top_k, top_p), cache
+    first = jnp.where(verify, starts, last)
+    at = jnp.minimum(first[:, None] + jnp.arange(rows), last[:, None])  # (B, rows); a short one repeats its last
+    logits = llama.lm_head(params, h[at], options)  # (B, rows, V)
+    targets = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    targets = jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), targets, NONFINITE)
+    drafts = tokens[jnp.clip(at[:, :-1] + 1, 0, t - 1)]  # (B, rows - 1): the token each target is checked against
+    checked = jnp.arange(rows - 1)[None, :] < jnp.where(verify, counts - 1, 0)[:, None]
+    agree = (drafts == targets[:, :-1]) & checked
+    accepted = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)  # leading drafts the model agrees with
+    cache = cache.rollback(jnp.where(verify, before + accepted + 1, cache.lengths))
+    return (targets, accepted), cache
+
+
+def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options):
+    """``mixed_step`` of one token per slot (``T = B``): ``(next [B], cache)``."""
+    b = tokens.shape[0]
+    none, ones = jnp.zeros((b,), bool), jnp.ones((b,), jnp.int32)
+    inputs = (tokens, -ones, tokens, ones, none, none, *rows)  # rows: key_data, index, temperature, top_k, top_p
+    return mixed_step(params, cache, *inputs, config=config, options=options, rows=1)
+
+
+def attach_prefix(cache, slot, pages, n, single):
+    """Paged: slot ``slot`` starts as the first ``n`` positions of the pinned ``pages`` (shared, not copied).
+    ``single`` is an empty one-sequence cache of the cache's format; nothing of it is written."""
+    probe = single.replace(lengths=jnp.reshape(n, (1,)).astype(jnp.int32))
+    return cache.insert_into_slot(slot, probe, prefix=(pages, n))
+
+
+def restore_prefix(cache, slot, entry, n):
+    """Contiguous: slot ``slot`` holds the first ``n`` positions of the device copy ``entry``."""
+    cache = cache.insert_into_slot(slot, entry)
+    hit = jnp.arange(cache.batch) == slot
+    return cache.rollback(jnp.where(hit, jnp.minimum(n, cache.lengths), cache.lengths))
+
+
+def extract_copy(cache, slot, *, max_len: int):
+    """A one-sequence copy of slot ``slot``'s first ``max_len`` positions."""
+    return cache.extract_slot(slot, max_len=max_len)
+
+
+def pin_pages(cache, slot, n):
+    return cache.pin(slot, n)
+
+
+def unpin_pages(cache, pages):
+    return cache.unpin(pages)

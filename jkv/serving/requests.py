@@ -1,0 +1,96 @@
+"""A request on the host while the engine serves it: its state, how a step's tokens are laid out from the
+scheduler's plan, and how sampled tokens are handed to it (stop tokens, budgets, streaming)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from jkv.serving.sampling import NONFINITE, SamplingParams
+from jkv.serving.scheduler import Sequence as Scheduled
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The model produced NaN or Inf logits for a request: generation stopped (the message names the step)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    on_token: Callable[[int, int], None] | None
+    submitted: float
+    seq: Scheduled
+    tokens: list[int] = dataclasses.field(default_factory=list)  # generated and read back
+    inflight: int = 0  # tokens sampled by a dispatched step, not read yet
+    draft: list[int] = dataclasses.field(default_factory=list)  # drafts of the step being planned
+    stopped: bool = False  # a stop token came
+    first_token: float = math.nan
+    last_token: float = math.nan
+
+
+def step_tokens(plan, requests: dict[int, Request], num_slots: int):
+    """The host inputs of ``plan``'s step: ``tokens [T]``, ``src [T]`` (the slot whose in-flight token a row
+    takes, -1: the host's), ``verify [B]``, ``index [B]`` (each sampling slot's token index), the sampling
+    requests by slot, and the drafts run."""
+    tokens, src = np.zeros(plan.bucket, np.int32), np.full(plan.bucket, -1, np.int32)
+    verify, index = np.zeros(num_slots, bool), np.zeros(num_slots, np.int32)
+    sampling, drafted, row = {}, 0, 0
+    for e in plan.entries:
+        request, slot = requests[e.seq.id], e.seq.slot
+        if e.start < request.seq.prompt_len:  # a prompt chunk
+            tokens[row : row + e.count] = request.prompt[e.start : e.start + e.count]
+        else:  # the last token (on the device while in flight), then drafts to verify
+            if request.inflight:
+                src[row] = slot
+            else:
+                tokens[row] = request.tokens[-1]
+            tokens[row + 1 : row + e.count] = request.draft[: e.count - 1]
+            verify[slot] = e.count > 1
+            drafted += e.count - 1
+        if e.samples:
+            index[slot] = len(request.tokens) + request.inflight
+            sampling[slot] = request
+        row += e.count
+    return tokens, src, verify, index, sampling, drafted
+
+
+def finish_reason(request: Request, max_len: int) -> str | None:
+    if request.stopped:
+        return "stop"
+    if len(request.tokens) >= request.params.max_new_tokens:
+        return "length"
+    # The cache holds the prompt and every generated token but the last; the last needs a free position.
+    if request.tokens and len(request.prompt) + len(request.tokens) >= max_len:
+        return "max_len"
+    return None
+
+
+def emit(request: Request, new_tokens: list[int], label: str, max_len: int) -> int:
+    """Hand tokens to ``request`` (stream them), up to a stop token (not handed on) or its budget; returns how
+    many it took. ``NONFINITE`` raises ``NonFiniteLogitsError`` naming the step ``label``."""
+    now, taken = time.perf_counter(), 0
+    for token in new_tokens:
+        if finish_reason(request, max_len) is not None:
+            break
+        if token == NONFINITE:
+            raise NonFiniteLogitsError(
+                f"request {request.id}: the logits of its token {len(request.tokens)} held NaN or Inf "
+                f"({label}); generation stopped"
+            )
+        if token in request.params.stop_tokens:
+            request.stopped = True
+            break
+        request.tokens.append(token)
+        taken += 1
+        if math.isnan(request.first_token):
+            request.first_token = now
+        request.last_token = now
+        if request.on_token is not None:
+            request.on_token(request.id, token)
+    return taken

@@ -1,0 +1,48 @@
+"""The engine benchmark (bench/bench_engine.py): its ideal-time arithmetic, and a CPU smoke run of one workload."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
+
+from bench import bench_engine
+
+
+def test_ideal_time_adds_weight_reads_kv_reads_and_prompt_flops():
+    config = bench_engine.SMOKE_CONFIG  # L=2, H=64, F=128, N=4, K=2, D=32
+    prompts = [[0] * 10, [0] * 6, [0] * 4]
+    seconds, parts = bench_engine.ideal_seconds(
+        config,
+        prompts,
+        new_tokens=3,
+        slots=2,
+        cached=[4, 0, 0],
+        weight_bytes=1000,
+        kv_bytes_per_token=10,
+        bandwidth=100.0,
+        flops=1e6,
+    )
+    # Two rounds of slots, 3 decode steps each: 6 weight reads.
+    assert parts["weights_s"] == pytest.approx(6 * 1000 / 100)
+    # Each generated token j reads its sequence's prompt plus the j tokens before it.
+    assert parts["kv_s"] == pytest.approx(sum(3 * n + 3 for n in (10, 6, 4)) * 10 / 100)
+    per_token = 2 * 2 * (64 * 32 * (4 + 2 * 2) + 4 * 32 * 64 + 3 * 64 * 128)
+    pairs = (10 * 11 - 4 * 5) // 2 + 6 * 7 // 2 + 4 * 5 // 2  # causal (query, key) pairs of the tokens that run
+    assert parts["prompt_s"] == pytest.approx(((6 + 6 + 4) * per_token + 4 * 2 * 4 * 32 * pairs) / 1e6)
+    assert seconds == pytest.approx(sum(parts.values()))
+
+
+def test_smoke_run_of_the_shared_prefix_workload(tmp_path):
+    out = tmp_path / "engine.json"
+    report = bench_engine.main(["--smoke", "--no-hf", "--only", "shared", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    shared = report["workloads"]["shared"]
+    on, off = shared["runs"]["jkv"], shared["runs"]["jkv_no_prefix_cache"]
+    assert on["prefix_hits"] > 0 and off["prefix_hits"] == 0 and sum(on["cached_prompt_tokens"]) >= 32
+    for run in (on, off):
+        assert run["tokens_per_s"] > 0 and run["mean_ttft_s"] > 0 and 0 < run["ideal_fraction"]
+        assert run["compile_s_while_timed"] == 0 and run["step_variants"] == 3
+    assert shared["prefix_cache_speedup"] > 0 and shared["ideal_s"] > 0
