@@ -1,0 +1,130 @@
+"""Each model family against HF transformers (eager attention, float32, CPU) on random weights of a small config
+saved by transformers and loaded by jkv: logits after a ragged prefill and over 32 teacher-forced decode steps,
+greedy tokens, on 4 prompts whose length plus generation passes the window, contiguous and paged caches."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+import jkv
+from jkv.loading import load_safetensors
+from jkv.models import llama
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+WINDOW = 8
+PROMPTS = (5, 11, 3, 9)  # two longer than the window; each plus 32 steps passes it
+STEPS = 32
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2)
+SMALL |= dict(head_dim=16, max_position_embeddings=128, attn_implementation="eager")
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=4.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            },
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=2, num_key_value_heads=1, sliding_window=WINDOW),
+    ),
+}
+
+
+def hf_model(family: str):
+    """A random HF model of ``family``, every weight (norms too) drawn away from its default."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    kw = SMALL | {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0} | extra
+    if family == "phi3":
+        kw.pop("head_dim")
+    torch.manual_seed(sum(map(ord, family)))
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if "norm" in name else 0.15
+            p.copy_(torch.randn_like(p) * scale + (1.0 if "norm" in name and "gemma" not in family else 0.0))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family, loaded jkv model, each prompt's HF greedy tokens, HF logits at every position)."""
+    model = hf_model(request.param)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    loaded = load_safetensors(directory, "f32", progress=False)
+    rng = np.random.default_rng(len(request.param))
+    prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
+    refs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            seq = list(prompt)
+            for _ in range(STEPS):  # no cache: each step's logits come from a full causal pass
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            logits = model(torch.tensor([seq[:-1]])).logits[0].numpy().astype(np.float64)
+            refs.append((seq[len(prompt) :], logits))
+    return request.param, loaded, prompts, refs
+
+
+def test_config_options(family):
+    name, loaded, _, _ = family
+    c = loaded.config
+    assert c.qk_norm == (name in ("qwen3", "gemma3"))
+    assert c.sandwich_norms == name.startswith("gemma") and (c.embed_scale is not None) == name.startswith("gemma")
+    windows = {"qwen3": None, "gemma2": (WINDOW, None, WINDOW), "gemma3": (WINDOW, WINDOW, None)}
+    assert c.windows == windows.get(name, (WINDOW,) * c.num_layers)
+    assert (c.attn_softcap, c.final_softcap) == ((2.0, 4.0) if name == "gemma2" else (None, None))
+    assert (c.rope_local_theta is not None) == (name == "gemma3")
+
+
+@pytest.mark.parametrize("kind", ["f32", "paged"])
+def test_matches_hf(family, kind):
+    """Ragged prefill, then 32 decode steps fed HF's greedy tokens: logits and argmax against HF's."""
+    _, loaded, prompts, refs = family
+    c = loaded.config
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.full((len(prompts), lengths.max()), 5, np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
+    cache = jkv.make_cache(kind, spec, len(prompts))
+    prefill = jax.jit(functools.partial(llama.prefill, config=c, options=llama.LlamaOptions(impl="xla")))
+    logits, cache = prefill(loaded.params, cache, jnp.asarray(padded), jnp.asarray(lengths - 1))
+    cache = cache.rollback(jnp.asarray(lengths))
+    want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
+    assert rel_err(logits, want) < 1e-5
+    step = jax.jit(functools.partial(llama.decode_step, config=c, options=llama.LlamaOptions(impl="xla")))
+    tokens = np.array([t for t, _ in refs])  # (B, STEPS)
+    assert (np.asarray(logits).argmax(-1) == tokens[:, 0]).all()
+    for j in range(STEPS - 1):
+        logits, cache = step(loaded.params, cache, jnp.asarray(tokens[:, j], jnp.int32))
+        want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
+        assert rel_err(logits, want) < 1e-5, j
+        assert (np.asarray(logits).argmax(-1) == tokens[:, j + 1]).all(), j
