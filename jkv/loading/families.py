@@ -44,8 +44,9 @@ def activation(hf: dict, model_type: str, source: str) -> str:
 
 def split_rope(rope: dict, model_type: str, source: str) -> tuple[dict, float | None]:
     """Gemma 3's per-layer-type ``rope_parameters``: (the global layers' parameters, the local rope base)."""
-    if "full_attention" not in rope:
-        return rope, None
+    if "full_attention" not in rope:  # transformers 4 spelling: rope_local_base_freq beside the global rope
+        theta = rope.pop("rope_local_base_freq", None) if model_type == "gemma3_text" else None
+        return rope, None if theta is None else validate.real(theta, "rope_local_base_freq", source, 1.0, 1e12)
     local = rope.get("sliding_attention") or {}
     if local.get("rope_type", "default") != "default":
         raise ModelLoadError(f"unsupported rope type {local['rope_type']!r} for sliding layers in {source}")
@@ -53,15 +54,23 @@ def split_rope(rope: dict, model_type: str, source: str) -> tuple[dict, float | 
     return rope["full_attention"], None if theta is None else validate.real(theta, "rope_theta", source, 1.0, 1e12)
 
 
+def default_layer_types(hf: dict, model_type: str, num_layers: int) -> list[str]:
+    """Which layers are windowed when ``config.json`` has no ``layer_types`` (transformers 4 spellings): all of
+    Mistral's and Phi-3's, Gemma 2's even layers, all but every ``sliding_window_pattern``-th of Gemma 3's."""
+    every = {"gemma2": 2, "gemma3_text": hf.get("sliding_window_pattern", 6)}.get(model_type)
+    local = [every is None or (i + 1) % every != 0 for i in range(num_layers)]
+    return ["sliding_attention" if x else "full_attention" for x in local]
+
+
 def family_fields(hf: dict, model_type: str, num_layers: int, head_dim: int, local_theta, source: str) -> dict:
     """``LlamaConfig`` family options from the config dict ``hf``."""
-    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-        raise ModelLoadError(f"unsupported use_sliding_window=True in {source}")
+    if hf.get("use_sliding_window"):  # Qwen's windows on only some layers: not mapped
+        raise ModelLoadError(f"unsupported sliding-window attention in {source} (use_sliding_window=True)")
     fields = {"activation": activation(hf, model_type, source), "qk_norm": model_type in ("qwen3", "gemma3_text")}
     window = hf.get("sliding_window")
     if window is not None and model_type in ("mistral", "phi3", *GEMMA):
         window = validate.integer(window, "sliding_window", source, 1, 1 << 27)
-        types = hf.get("layer_types") or ["sliding_attention"] * num_layers
+        types = hf.get("layer_types") or default_layer_types(hf, model_type, num_layers)
         if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
             raise ModelLoadError(f"{source}: layer_types={types!r} is invalid: expected {num_layers} layer types")
         fields["windows"] = tuple(window if kind == "sliding_attention" else None for kind in types)

@@ -5,7 +5,8 @@ to f32 by ``gguf.quants.dequantize`` (the package's own routines) before they ar
 
 llama.cpp's converter permutes the rows of the Q and K projections of ``llama`` models so that its interleaved
 (NORM) rotary embedding matches HF's split-halves (NEOX) one; we undo that permutation here and run NEOX
-everywhere, as HF transformers does. ``qwen2`` files are stored unpermuted (llama.cpp runs them in NEOX).
+everywhere, as HF transformers does. ``qwen2`` and ``qwen3`` files are stored unpermuted (llama.cpp runs them
+in NEOX); ``qwen3`` adds per-head q/k norms (``attn_q_norm``, ``attn_k_norm``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from jkv.loading import validate
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 MAGIC = b"GGUF"
 
@@ -39,6 +40,8 @@ _LAYER_NAMES = {
     "gate": "ffn_gate.weight",
     "up": "ffn_up.weight",
     "down": "ffn_down.weight",
+    "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight",
 }
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 
@@ -139,6 +142,7 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tup
         **values,
         tie_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm=arch == "qwen3",
         architecture=arch,
     )
     return config, names

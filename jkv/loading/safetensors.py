@@ -70,6 +70,8 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
     scaling = hf.get("rope_scaling") or {}
     if not isinstance(rope, dict) or not isinstance(scaling, dict):
         raise ModelLoadError(f"{source}: rope_parameters and rope_scaling must be objects")
+    if model_type == "gemma3_text" and "rope_local_base_freq" in hf:
+        rope = {**rope, "rope_local_base_freq": hf["rope_local_base_freq"]}
     rope, local_theta = families.split_rope(rope, model_type, source)
     rope = {**rope, **scaling}
     rope_type = rope.get("rope_type", rope.get("type", "default"))

@@ -128,3 +128,64 @@ def test_matches_hf(family, kind):
         want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
         assert rel_err(logits, want) < 1e-5, j
         assert (np.asarray(logits).argmax(-1) == tokens[:, j + 1]).all(), j
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_flat_steps(family, impl):
+    """The serving step's form: all prompts as one flat step, then flat decode steps of one token per sequence
+    fed HF's greedy tokens, on a paged cache; the Pallas multi-token kernel in interpret mode for Gemma 2 (window,
+    soft cap and query scale) only, to keep the run short."""
+    name, loaded, prompts, refs = family
+    if impl == "pallas" and name != "gemma2":
+        pytest.skip("one family runs the kernel in interpret mode")
+    c, options = loaded.config, llama.LlamaOptions(impl=impl)
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
+    cache = jkv.make_cache("paged", spec, len(prompts), page_size=8)
+    step = jax.jit(functools.partial(llama.flat_hidden_states, config=c, options=options))
+    head = jax.jit(functools.partial(llama.lm_head, options=options, config=c))
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.full(32, 7, np.int32)  # rows past the prompts are padding
+    tokens[: lengths.sum()] = np.concatenate(prompts)
+    h, cache = step(loaded.params, cache, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32))
+    want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
+    assert rel_err(head(loaded.params, h[np.cumsum(lengths) - 1]), want) < 1e-5
+    ones = jnp.ones(len(prompts), jnp.int32)
+    for j in range(4 if impl == "pallas" else STEPS - 1):
+        h, cache = step(loaded.params, cache, jnp.asarray([t[j] for t, _ in refs], jnp.int32), ones)
+        want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
+        assert rel_err(head(loaded.params, h), want) < 1e-5, j
+
+
+def test_transformers4_spellings_and_refusals():
+    """Gemma 3's and Gemma 2's older config.json (no layer_types, rope_local_base_freq) map to the same windows
+    and rope bases; what the decoder cannot run is refused with the field named."""
+    from jkv.loading import ModelLoadError
+    from jkv.loading.safetensors import config_from_hf
+
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=7, num_attention_heads=4)
+    base |= dict(num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+    gemma3, _ = config_from_hf(base | dict(model_type="gemma3_text", rope_theta=1e6, rope_local_base_freq=1e4))
+    assert gemma3.windows == (8, 8, 8, 8, 8, None, 8) and gemma3.rope_local_theta == 1e4
+    assert gemma3.rope_theta == 1e6 and not gemma3.uniform_layers and gemma3.qk_norm
+    gemma2, _ = config_from_hf(base | dict(model_type="gemma2", attn_logit_softcapping=50.0))
+    assert gemma2.windows == (8, None, 8, None, 8, None, 8) and gemma2.attn_softcap == 50.0
+    assert gemma2.activation == "gelu_tanh" and gemma2.query_scale == 0.25 and gemma2.embed_scale == 8.0
+    with pytest.raises(ModelLoadError, match="use_sliding_window"):
+        config_from_hf(base | dict(model_type="qwen3", use_sliding_window=True))
+    with pytest.raises(ModelLoadError, match="partial_rotary_factor"):
+        config_from_hf(base | dict(model_type="phi3", partial_rotary_factor=0.75))
+    with pytest.raises(ModelLoadError, match="hidden_act"):
+        config_from_hf(base | dict(model_type="mistral", hidden_act="relu"))
+
+
+def test_layer_layouts_and_init(family, rng):
+    """Per-layer buffers give the stacked layout's logits; random init passes the shape checks of the family."""
+    _, loaded, _, _ = family
+    c = loaded.config
+    llama.check_params(llama.init_params(c, jax.random.key(0), layout="stacked"), c)
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 10)), jnp.int32)
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16)
+    forward = functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="xla"))
+    stacked, _ = forward(llama.with_layout(loaded.params, "stacked"), jkv.make_cache("f32", spec, 2), tokens)
+    layers, _ = forward(llama.with_layout(loaded.params, "layers"), jkv.make_cache("f32", spec, 2), tokens)
+    assert rel_err(layers, stacked) < 1e-6
