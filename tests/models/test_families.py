@@ -203,3 +203,18 @@ def test_layer_layouts_and_init(family, rng):
     stacked, _ = forward(llama.with_layout(loaded.params, "stacked"), jkv.make_cache("f32", spec, 2), tokens)
     layers, _ = forward(llama.with_layout(loaded.params, "layers"), jkv.make_cache("f32", spec, 2), tokens)
     assert rel_err(layers, stacked) < 1e-6
+
+
+@pytest.mark.parametrize("num_slots,cache", [(1, "default"), (3, "paged")])
+def test_engine_greedy(family, num_slots, cache):
+    """Continuous batching at several concurrencies gives HF's 32 greedy tokens (windowed families)."""
+    from jkv.serving import Engine, SamplingParams
+
+    name, loaded, prompts, refs = family
+    if name not in ("mistral", "gemma2"):
+        pytest.skip("the engine is family-blind: one uniform and one alternating window suffice")
+    engine = Engine(loaded.params, loaded.config, num_slots=num_slots, max_len=64, cache=cache, verbose=False)
+    ids = [engine.submit(p, SamplingParams(max_new_tokens=STEPS)) for p in prompts]
+    done = engine.run(show_progress=False)
+    assert [c.id for c in done] == ids
+    assert [c.tokens for c in done] == [t for t, _ in refs]
