@@ -37,7 +37,7 @@ def activation(hf: dict, model_type: str, source: str) -> str:
     """The MLP gate's activation as a ``LlamaConfig.activation``, refusing others."""
     key = "hidden_activation" if model_type in GEMMA else "hidden_act"
     name = hf.get(key) or ("gelu_pytorch_tanh" if model_type in GEMMA else "silu")
-    if name not in ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ModelLoadError(f"unsupported {key}={name!r} in {source}: expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
@@ -47,22 +47,29 @@ def split_rope(rope: dict, model_type: str, source: str) -> tuple[dict, float | 
     if "full_attention" not in rope:  # transformers 4 spelling: rope_local_base_freq beside the global rope
         theta = rope.pop("rope_local_base_freq", None) if model_type == "gemma3_text" else None
         return rope, None if theta is None else validate.real(theta, "rope_local_base_freq", source, 1.0, 1e12)
-    local = rope.get("sliding_attention") or {}
+    local, full = rope.get("sliding_attention") or {}, rope["full_attention"]
+    if not isinstance(local, dict) or not isinstance(full, dict):
+        raise ModelLoadError(f"{source}: rope_parameters per layer type must be objects, got {rope!r}")
     if local.get("rope_type", "default") != "default":
         raise ModelLoadError(f"unsupported rope type {local['rope_type']!r} for sliding layers in {source}")
     theta = local.get("rope_theta")
-    return rope["full_attention"], None if theta is None else validate.real(theta, "rope_theta", source, 1.0, 1e12)
+    return full, None if theta is None else validate.real(theta, "rope_theta", source, 1.0, 1e12)
 
 
 def default_layer_types(hf: dict, model_type: str, num_layers: int) -> list[str]:
     """Which layers are windowed when ``config.json`` has no ``layer_types`` (transformers 4 spellings): all of
     Mistral's and Phi-3's, Gemma 2's even layers, all but every ``sliding_window_pattern``-th of Gemma 3's."""
-    every = {"gemma2": 2, "gemma3_text": hf.get("sliding_window_pattern", 6)}.get(model_type)
+    pattern = hf.get("sliding_window_pattern", 6)
+    if model_type == "gemma3_text":
+        pattern = validate.integer(pattern, "sliding_window_pattern", "config.json", 1, 1 << 20)
+    every = {"gemma2": 2, "gemma3_text": pattern}.get(model_type)
     local = [every is None or (i + 1) % every != 0 for i in range(num_layers)]
     return ["sliding_attention" if x else "full_attention" for x in local]
 
 
-def family_fields(hf: dict, model_type: str, num_layers: int, head_dim: int, local_theta, source: str) -> dict:
+def family_fields(
+    hf: dict, model_type: str, num_layers: int, head_dim: int, hidden_size: int, local_theta, source: str
+) -> dict:
     """``LlamaConfig`` family options from the config dict ``hf``."""
     if hf.get("use_sliding_window"):  # Qwen's windows on only some layers: not mapped
         raise ModelLoadError(f"unsupported sliding-window attention in {source} (use_sliding_window=True)")
@@ -71,12 +78,13 @@ def family_fields(hf: dict, model_type: str, num_layers: int, head_dim: int, loc
     if window is not None and model_type in ("mistral", "phi3", *GEMMA):
         window = validate.integer(window, "sliding_window", source, 1, 1 << 27)
         types = hf.get("layer_types") or default_layer_types(hf, model_type, num_layers)
-        if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        kinds = ("sliding_attention", "full_attention")
+        if not isinstance(types, list) or len(types) != num_layers or any(t not in kinds for t in types):
             raise ModelLoadError(f"{source}: layer_types={types!r} is invalid: expected {num_layers} layer types")
         fields["windows"] = tuple(window if kind == "sliding_attention" else None for kind in types)
     if model_type in GEMMA:
         scalar = validate.real(hf.get("query_pre_attn_scalar", head_dim), "query_pre_attn_scalar", source, 0, 1e9)
-        fields |= {"query_scale": scalar**-0.5, "sandwich_norms": True, "embed_scale": math.sqrt(hf["hidden_size"])}
+        fields |= {"query_scale": scalar**-0.5, "sandwich_norms": True, "embed_scale": math.sqrt(hidden_size)}
         for key, name in (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping")):
             if hf.get(name) is not None:
                 fields[key] = validate.real(hf[name], name, source, 0.0, 1e9)

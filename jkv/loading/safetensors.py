@@ -113,7 +113,9 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         architecture=model_type,
-        **families.family_fields(hf, model_type, values["num_layers"], values["head_dim"], local_theta, source),
+        **families.family_fields(
+            hf, model_type, values["num_layers"], values["head_dim"], values["hidden_size"], local_theta, source
+        ),
     )
     return config, names
 
