@@ -1,10 +1,15 @@
-"""The Llama family as pure functions over a params pytree: Llama 2/3, SmolLM2 (GQA, tied embeddings), Qwen2.
+"""The Llama family as pure functions over a params pytree: Llama 2/3, SmolLM2 (GQA, tied embeddings), Qwen2,
+and the families that differ from it by a few static options (``LlamaConfig``; docs/model.md, "Model families"):
+Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3.
 
 A decoder block is ``h = x + attention(norm(x)); out = h + mlp(norm(h))``. Qwen2 adds biases to q/k/v; SmolLM2
-and small Qwen2 reuse the token embedding as the LM head. Rotary embeddings are NEOX style (split halves) over
-weights in Hugging Face layout: the GGUF loader un-permutes llama.cpp's interleaved Q/K rows, so every source
-ends in the same layout. How the products run (fused weights, padded rows, the norm split around its product)
-is in ``fusions.py``.
+and small Qwen2 reuse the token embedding as the LM head. Qwen3 and Gemma 3 norm each q/k head before rope;
+windowed layers, soft caps and Gemma's query scale go to ``attend_write``; Gemma norms each sub-block's output
+too (``sandwich_norms``), gates with GELU-tanh and scales the embeddings.
+
+Rotary embeddings are NEOX style (split halves) over weights in Hugging Face layout: the GGUF loader
+un-permutes llama.cpp's interleaved Q/K rows, so every source ends in the same layout. How the products run
+(fused weights, padded rows, the norm split around its product) is in ``fusions.py``.
 
 Every entry point reads and writes a jkv cache through the cache protocol (``begin(T)``, ``jkv.attend_write``
 per layer, ``commit()`` after the last layer), so every cache kind plugs in. ``prefill`` takes ``T`` tokens per
@@ -18,6 +23,7 @@ softmax run in f32; logits are f32.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -57,8 +63,9 @@ def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: Lla
 
 
 def head_norm(x: Float[Array, "B T N D"], weight, config: LlamaConfig, options: LlamaOptions):
-    """RMSNorm of each head's ``D`` values (f32)."""
-    return fusions.rms_norm(x, weight, config.rms_norm_eps, jnp.float32, options).value()
+    """RMSNorm of each head's ``D`` values (f32; always the reference: a tiny op the norm kernel's shapes omit)."""
+    plain = dataclasses.replace(options, norm_kernel=False)
+    return fusions.rms_norm(x, weight, config.rms_norm_eps, jnp.float32, plain).value()
 
 
 def mlp(layer: LayerParams, normed: Normed, options: LlamaOptions, activation: str = "silu") -> Float[Array, "B T H"]:
