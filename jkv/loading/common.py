@@ -6,7 +6,8 @@ device in the requested dtype, one layer at a time behind a progress bar.
 
 Canonical names: ``embed``, ``norm``, ``lm_head``, and per layer ``i``: ``{i}.attn_norm``, ``{i}.q``, ``{i}.k``,
 ``{i}.v``, ``{i}.q_bias``, ``{i}.k_bias``, ``{i}.v_bias``, ``{i}.o``, ``{i}.mlp_norm``, ``{i}.gate``, ``{i}.up``,
-``{i}.down``.
+``{i}.down``, and where the family has them ``{i}.q_norm``, ``{i}.k_norm``, ``{i}.post_attn_norm``,
+``{i}.post_mlp_norm``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def build_params(
             mlp_norm=host(w("mlp_norm")),
             w_gate_up=host(np.stack([w("gate").T, w("up").T], axis=1)),  # (H, 2, F)
             w_down=host(w("down").T),
+            q_norm=host(w("q_norm")) if config.qk_norm else None,
+            k_norm=host(w("k_norm")) if config.qk_norm else None,
+            post_attn_norm=host(w("post_attn_norm")) if config.sandwich_norms else None,
+            post_mlp_norm=host(w("post_mlp_norm")) if config.sandwich_norms else None,
         )
         # Per-layer buffers go to the device at once (host memory holds one layer); stacked ones at the end.
         layers.append(layer if stacked else jax.device_put(layer))

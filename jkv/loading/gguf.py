@@ -5,7 +5,9 @@ to f32 by ``gguf.quants.dequantize`` (the package's own routines) before they ar
 
 llama.cpp's converter permutes the rows of the Q and K projections of ``llama`` models so that its interleaved
 (NORM) rotary embedding matches HF's split-halves (NEOX) one; we undo that permutation here and run NEOX
-everywhere, as HF transformers does. ``qwen2`` files are stored unpermuted (llama.cpp runs them in NEOX).
+everywhere, as HF transformers does. ``qwen2`` and ``qwen3`` files are stored unpermuted (llama.cpp runs them
+in NEOX); ``qwen3`` adds per-head q/k norms (``attn_q_norm``, ``attn_k_norm``). ``phi3`` stores q/k/v fused
+as ``attn_qkv`` and gate/up as one ``ffn_up`` of ``2F`` rows (split here), and its window on every layer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jkv.loading import validate
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 MAGIC = b"GGUF"
 
@@ -39,6 +41,8 @@ _LAYER_NAMES = {
     "gate": "ffn_gate.weight",
     "up": "ffn_up.weight",
     "down": "ffn_down.weight",
+    "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight",
 }
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 
@@ -135,10 +139,15 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tup
         value = meta[f"{arch}.attention.value_length"]
         if value != values["head_dim"]:
             validate.integer(value, f"{arch}.attention.value_length", source, values["head_dim"], values["head_dim"])
+    window = meta.get(f"{arch}.attention.sliding_window") if arch == "phi3" else None
+    if window:
+        window = validate.integer(window, f"{arch}.attention.sliding_window", source, 1, 1 << 27)
     config = LlamaConfig(
         **values,
+        windows=(window,) * values["num_layers"] if window else None,
         tie_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm=arch == "qwen3",
         architecture=arch,
     )
     return config, names
@@ -169,14 +178,17 @@ def load_gguf(
         )
     config, names = config_from_metadata(meta, set(tensors), source)
     shapes = {name: tuple(reversed(dims)) for name, (dims, _) in tensor_layout.items()}  # GGUF: innermost first
+    stored = dict(shapes)  # Phi-3's separate names shadow its fused ffn_up: reads reshape by the stored shape
+    pieces = _split_fused(config, shapes) if config.architecture == "phi3" else {}
     validate.check_tensors(config, shapes, gguf_name, names, source, r"blk\.(\d+)\.")
     dtype = resolve_dtype(dtype)
 
     def get(name: str) -> np.ndarray:
         key = gguf_name(name)
-        t = tensors[key]
+        fused, start, stop = pieces.get(key, (key, None, None))
+        t = tensors[fused]
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        w = validate.check_finite(w.reshape(shapes[key]), key, source, dtype)
+        w = validate.check_finite(w.reshape(stored[fused])[start:stop], key, source, dtype)
         if config.architecture == "llama" and name.endswith((".q", ".q_bias")):
             w = unpermute_rows(w, config.num_heads)
         elif config.architecture == "llama" and name.endswith((".k", ".k_bias")):
@@ -216,3 +228,25 @@ def _with_rope_factors(config: LlamaConfig, factors: np.ndarray, path: str) -> L
     if not (np.isfinite(factors).all() and factors.min() > 0):
         raise ModelLoadError(f"rope_freqs.weight in {path!r} holds {factors.min()}: expected finite values > 0")
     return dataclasses.replace(config, rope_factors=tuple(float(f) for f in factors))
+
+
+def _split_fused(config: LlamaConfig, shapes: dict) -> dict[str, tuple[str, int, int]]:
+    """Phi-3's fused ``attn_qkv`` and ``ffn_up`` (gate then up) as the separate tensors' names and shapes, added to
+    ``shapes``; returns ``{separate name: (fused name, first row, end row)}``."""
+    d, f = config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    pieces = {}
+    for i in range(config.num_layers):
+        for fused, parts in ((f"blk.{i}.attn_qkv.weight", (("attn_q", q), ("attn_k", kv), ("attn_v", kv))),
+                             (f"blk.{i}.ffn_up.weight", (("ffn_gate", f), ("ffn_up", f)))):  # fmt: skip
+            total = sum(n for _, n in parts)
+            if fused not in shapes or shapes[fused][0] != total:
+                got = shapes.get(fused, ("missing",))[0]
+                raise ModelLoadError(f"tensor {fused!r} has {got} rows, expected {total} (fused {parts})")
+            start = 0
+            for name, n in parts:
+                pieces[f"blk.{i}.{name}.weight"] = (fused, start, start + n)
+                start += n
+    for name, (fused, start, stop) in pieces.items():
+        shapes[name] = (stop - start, *shapes[fused][1:])
+    return pieces

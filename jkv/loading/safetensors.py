@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from jkv.loading import families, validate
 from jkv.loading import tokenizer as tokenizer_lib
-from jkv.loading import validate
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 # Canonical name (see jkv.loading.common) -> HF tensor name.
@@ -40,11 +40,11 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 
 
-def hf_name(name: str) -> str:
+def hf_name(name: str, architecture: str = "llama") -> str:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     layer, _, rest = name.partition(".")
-    return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+    return f"model.layers.{layer}.{families.LAYER_NAMES.get(architecture, {}).get(rest) or _LAYER_NAMES[rest]}"
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig, dict[str, str]]:
@@ -57,12 +57,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig, 
         raise ModelLoadError(
             f"unsupported architecture model_type={model_type!r} in {source}: jkv supports {ARCHITECTURES}"
         )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"unsupported hidden_act={hf['hidden_act']!r} in {source}: expected 'silu'")
     if hf.get("mlp_bias"):
         raise ModelLoadError(f"unsupported mlp_bias=True in {source}")
-    if hf.get("use_sliding_window") or (model_type == "mistral" and hf.get("sliding_window")):
-        raise ModelLoadError(f"unsupported sliding-window attention in {source}")
     try:
         return _config_from_hf(hf, model_type, source)
     except KeyError as e:
@@ -74,6 +70,9 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
     scaling = hf.get("rope_scaling") or {}
     if not isinstance(rope, dict) or not isinstance(scaling, dict):
         raise ModelLoadError(f"{source}: rope_parameters and rope_scaling must be objects")
+    if model_type == "gemma3_text" and "rope_local_base_freq" in hf:
+        rope = {**rope, "rope_local_base_freq": hf["rope_local_base_freq"]}
+    rope, local_theta = families.split_rope(rope, model_type, source)
     rope = {**rope, **scaling}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     raw = {
@@ -114,6 +113,9 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         architecture=model_type,
+        **families.family_fields(
+            hf, model_type, values["num_layers"], values["head_dim"], values["hidden_size"], local_theta, source
+        ),
     )
     return config, names
 
@@ -159,11 +161,16 @@ def load_safetensors(path, dtype=None, *, progress: bool = True, layout: str = "
         raise ModelLoadError(f"cannot read safetensors file in {str(directory)!r}: {e}") from None
     if config.tie_embeddings is False and "lm_head.weight" not in where:
         raise ModelLoadError(f"tie_word_embeddings is false but lm_head.weight is missing in {str(directory)!r}")
-    validate.check_tensors(config, shapes, hf_name, names, source, r"model\.layers\.(\d+)\.")
+    kd = config.num_kv_heads * config.head_dim
+    sizes = {"q": config.num_heads * config.head_dim, "k": kd, "v": kd, "f": config.intermediate_size}
+    families.split_fused(config.architecture, where, shapes, sizes)
+    file_name = lambda name: hf_name(name, config.architecture)
+    validate.check_tensors(config, shapes, file_name, names, source, r"model\.layers\.(\d+)\.")
 
     def get(name: str) -> np.ndarray:
-        key = hf_name(name)
-        return validate.check_finite(where[key].get_tensor(key).astype(np.float32), key, source, dtype)
+        key = file_name(name)
+        x = validate.check_finite(where[key].get_tensor(key).astype(np.float32), key, source, dtype)
+        return families.transform(name, x, config.architecture)
 
     params = build_params(config, get, dtype, progress=progress, layout=layout, desc=f"loading {directory.name}")
     tok = None

@@ -125,6 +125,10 @@ def expected_shapes(config, fields: Mapping[str, str]) -> dict[str, tuple[tuple[
     per_layer |= {"gate": (f, h), "up": (f, h), "down": (h, f)}
     if config.qkv_bias:
         per_layer |= {"q_bias": (nd,), "k_bias": (kd,), "v_bias": (kd,)}
+    if getattr(config, "qk_norm", False):
+        per_layer |= {"q_norm": ((config.head_dim, d),), "k_norm": ((config.head_dim, d),)}
+    if getattr(config, "sandwich_norms", False):
+        per_layer |= {"post_attn_norm": (h,), "post_mlp_norm": (h,)}
     for i in range(config.num_layers):
         shapes |= {f"{i}.{key}": shape for key, shape in per_layer.items()}
     return shapes

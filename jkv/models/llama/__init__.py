@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, SmolLM2, Qwen2) as pure functions over a params pytree.
+"""The Llama family (Llama 2/3, SmolLM2, Qwen2, and by static options Qwen3, Mistral, Gemma 2/3, Phi-3) as pure
+functions over a params pytree.
 
 ``config`` (hyperparameters and presets), ``params`` (weights, initialization, layouts), ``model`` (the block
 and the entry points), ``fusions`` (options, and every fusion with its reason), ``sharding`` (tensor-parallel

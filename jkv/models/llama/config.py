@@ -8,6 +8,8 @@ import numpy as np
 
 from jkv.rope import inv_frequencies, llama3_inv_frequencies
 
+ACTIVATIONS = ("silu", "gelu_tanh")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -32,6 +34,16 @@ class LlamaConfig:
     qkv_bias: bool = False
     max_position: int = 8192
     architecture: str = "llama"
+    # Family options (docs/model.md); the defaults are Llama's, and each is static, so Llama traces as before.
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm of each query and key head before rope
+    windows: tuple[int | None, ...] | None = None  # per layer: a query sees its last `window` positions; None: all
+    attn_softcap: float | None = None  # Gemma 2: attention scores capped as c * tanh(s / c)
+    final_softcap: float | None = None  # Gemma 2: logits capped the same way
+    query_scale: float | None = None  # score scale; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    sandwich_norms: bool = False  # Gemma 2/3: a norm after each sub-block too, before the residual add
+    activation: str = "silu"  # MLP gate: "silu" or "gelu_tanh" (Gemma)
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden_size), rounded to the weight dtype
+    rope_local_theta: float | None = None  # Gemma 3: rope base of windowed layers (unscaled); None: rope_theta
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -46,6 +58,40 @@ class LlamaConfig:
             raise ValueError(
                 f"rope_factors has {len(self.rope_factors)} values, expected head_dim/2={self.head_dim // 2}"
             )
+        if self.windows is not None:
+            if not isinstance(self.windows, tuple) or len(self.windows) != self.num_layers:
+                raise ValueError(f"LlamaConfig.windows must be a tuple of num_layers={self.num_layers} entries")
+            for w in self.windows:
+                if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+                    raise ValueError(f"LlamaConfig.windows holds {w!r}, expected a positive int or None")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"LlamaConfig.activation={self.activation!r} is not one of {ACTIVATIONS}")
+        for name in ("attn_softcap", "final_softcap", "query_scale", "embed_scale", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"LlamaConfig.{name} must be a positive number or None, got {value!r}")
+
+    def window(self, i) -> int | None:
+        """Layer ``i``'s attention window (None: full). ``i`` may be traced (``lax.scan``) only when every layer
+        has the same window and rope (``uniform_layers``)."""
+        if self.windows is None:
+            return None
+        if self.uniform_layers:
+            return self.windows[0]
+        return self.windows[int(i)]
+
+    def local_rope(self, i) -> bool:
+        """Whether layer ``i`` rotates with ``rope_local_theta`` (a windowed layer of a model that has one)."""
+        return self.rope_local_theta is not None and self.window(i) is not None
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Every layer has the same window and rope, so one traced block (``lax.scan``) serves them all."""
+        if self.windows is None:
+            return True
+        if len(set(self.windows)) > 1:
+            return False
+        return self.rope_local_theta is None or self.windows[0] is None
 
     @property
     def qkv_shape(self) -> tuple[int, int, int]:
@@ -57,8 +103,11 @@ class LlamaConfig:
         """Width of the fused q/k/v projection: ``(N + 2K) * D``."""
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
-    def inv_freq(self) -> np.ndarray:
-        """Rotary inverse frequencies ``[D/2]`` (float64 on the host), with Llama 3.1 / linear scaling applied."""
+    def inv_freq(self, local: bool = False) -> np.ndarray:
+        """Rotary inverse frequencies ``[D/2]`` (float64 on the host), with Llama 3.1 / linear scaling applied;
+        ``local``: those of ``rope_local_theta``, unscaled (Gemma 3's windowed layers)."""
+        if local:
+            return inv_frequencies(self.head_dim, self.rope_local_theta)
         if self.rope_llama3 is not None:
             factor, low, high, original = self.rope_llama3
             inv = llama3_inv_frequencies(self.head_dim, self.rope_theta, factor, low, high, int(original))
@@ -73,6 +122,8 @@ class LlamaConfig:
         qkv = self.qkv_size
         per_layer = 2 * h + h * qkv + self.num_heads * self.head_dim * h + 3 * h * f
         per_layer += qkv if self.qkv_bias else 0
+        per_layer += 2 * self.head_dim if self.qk_norm else 0
+        per_layer += 2 * h if self.sandwich_norms else 0
         return v * h + n_layers * per_layer + h + (0 if self.tie_embeddings else h * v)
 
     # ------------------------------------------------------------------ presets (shapes of published models)

@@ -137,8 +137,12 @@ def qkv_projection(normed: Normed, layer: LayerParams, config: LlamaConfig, opti
     return q, qkv[:, :, :, g], qkv[:, :, :, g + 1]
 
 
-def gate_up_projection(normed: Normed, layer: LayerParams, options: LlamaOptions) -> Float[Array, "B T F"]:
-    """``silu(gate) * up`` from one product with the fused ``w_gate_up`` ``[H, 2, F]`` (a split of F keeps each
-    gate column beside its up column)."""
+def gate_up_projection(
+    normed: Normed, layer: LayerParams, options: LlamaOptions, activation: str = "silu"
+) -> Float[Array, "B T F"]:
+    """``act(gate) * up`` from one product with the fused ``w_gate_up`` ``[H, 2, F]`` (a split of F keeps each
+    gate column beside its up column); ``act`` is SiLU or, for Gemma, GELU's tanh approximation."""
     gate_up = project_normed(normed, layer.w_gate_up, options)  # (B, T, 2, F)
-    return jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    gate = gate_up[:, :, 0]
+    gate = jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return gate * gate_up[:, :, 1]

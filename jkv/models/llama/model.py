@@ -1,10 +1,15 @@
-"""The Llama family as pure functions over a params pytree: Llama 2/3, SmolLM2 (GQA, tied embeddings), Qwen2.
+"""The Llama family as pure functions over a params pytree: Llama 2/3, SmolLM2 (GQA, tied embeddings), Qwen2,
+and the families that differ from it by a few static options (``LlamaConfig``; docs/model.md, "Model families"):
+Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3.
 
 A decoder block is ``h = x + attention(norm(x)); out = h + mlp(norm(h))``. Qwen2 adds biases to q/k/v; SmolLM2
-and small Qwen2 reuse the token embedding as the LM head. Rotary embeddings are NEOX style (split halves) over
-weights in Hugging Face layout: the GGUF loader un-permutes llama.cpp's interleaved Q/K rows, so every source
-ends in the same layout. How the products run (fused weights, padded rows, the norm split around its product)
-is in ``fusions.py``.
+and small Qwen2 reuse the token embedding as the LM head. Qwen3 and Gemma 3 norm each q/k head before rope;
+windowed layers, soft caps and Gemma's query scale go to ``attend_write``; Gemma norms each sub-block's output
+too (``sandwich_norms``), gates with GELU-tanh and scales the embeddings.
+
+Rotary embeddings are NEOX style (split halves) over weights in Hugging Face layout: the GGUF loader
+un-permutes llama.cpp's interleaved Q/K rows, so every source ends in the same layout. How the products run
+(fused weights, padded rows, the norm split around its product) is in ``fusions.py``.
 
 Every entry point reads and writes a jkv cache through the cache protocol (``begin(T)``, ``jkv.attend_write``
 per layer, ``commit()`` after the last layer), so every cache kind plugs in. ``prefill`` takes ``T`` tokens per
@@ -18,8 +23,10 @@ softmax run in f32; logits are f32.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
@@ -39,29 +46,45 @@ def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: Lla
     (``flat_hidden_states``) is one row of ``T`` tokens of many sequences."""
     b, (bp, t) = cache.batch, normed.rows.shape[:2]
     q, key, value = fusions.qkv_projection(normed, layer, config, options)
+    if config.qk_norm:  # per head, before rope (Qwen3, Gemma 3)
+        q, key = head_norm(q, layer.q_norm, config, options), head_norm(key, layer.k_norm, config, options)
+    rope = rope[config.local_rope(i)]
     if rope.keywords["positions"].ndim == 1:  # flat: (T, N, D), (T, K, D) x 2
         q, key, value = rope(q[0]), rope(key[0]), value[0]
     else:
         q, key, value = rope(q[:b]), rope(key[:b]), value[:b]  # (B, T, N, D), (B, T, K, D) x 2
         key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
-    attn, cache = attend_write(q.astype(layer.wqkv.dtype), key, value, cache, i, impl=options.impl)
+    extra = {}
+    if config.windows is not None or config.attn_softcap is not None or config.query_scale is not None:
+        extra = {"window": config.window(i), "softcap": config.attn_softcap, "scale": config.query_scale}
+    attn, cache = attend_write(q.astype(layer.wqkv.dtype), key, value, cache, i, impl=options.impl, **extra)
     attn = fusions.pad_rows(attn.reshape(-1, t, config.num_heads * config.head_dim), bp)
     return fusions.project(attn, layer.wo, options), cache
 
 
-def mlp(layer: LayerParams, normed: Normed, options: LlamaOptions) -> Float[Array, "B T H"]:
-    """``down(silu(gate) * up)`` on the normed stream."""
-    return fusions.project(fusions.gate_up_projection(normed, layer, options), layer.w_down, options)
+def head_norm(x: Float[Array, "B T N D"], weight, config: LlamaConfig, options: LlamaOptions):
+    """RMSNorm of each head's ``D`` values (f32; always the reference: a tiny op the norm kernel's shapes omit)."""
+    plain = dataclasses.replace(options, norm_kernel=False)
+    return fusions.rms_norm(x, weight, config.rms_norm_eps, jnp.float32, plain).value()
+
+
+def mlp(layer: LayerParams, normed: Normed, options: LlamaOptions, activation: str = "silu") -> Float[Array, "B T H"]:
+    """``down(act(gate) * up)`` on the normed stream."""
+    return fusions.project(fusions.gate_up_projection(normed, layer, options, activation), layer.w_down, options)
 
 
 def block(layer: LayerParams, i, x: Float[Array, "B T H"], cache, *, rope, config: LlamaConfig, options: LlamaOptions):
     """Decoder block ``i`` on the residual stream ``x`` (f32): the stream after it, and the cache holding its
-    keys and values."""
+    keys and values. ``rope``: ``{local: rotation}`` (``local`` True for Gemma 3's windowed layers)."""
     norm = functools.partial(fusions.rms_norm, eps=config.rms_norm_eps, dtype=layer.wqkv.dtype, options=options)
     attn, cache = attention(layer, i, norm(x, layer.attn_norm), cache, rope=rope, config=config, options=options)
+    if config.sandwich_norms:  # Gemma 2/3 norm each sub-block's output before the residual add
+        attn = fusions.rms_norm(attn, layer.post_attn_norm, config.rms_norm_eps, jnp.float32, options).value()
     h = x + attn
-    out = h + mlp(layer, norm(h, layer.mlp_norm), options)
-    return out, cache
+    out = mlp(layer, norm(h, layer.mlp_norm), options, config.activation)
+    if config.sandwich_norms:
+        out = fusions.rms_norm(out, layer.post_mlp_norm, config.rms_norm_eps, jnp.float32, options).value()
+    return h + out, cache
 
 
 def hidden_states(
@@ -115,11 +138,22 @@ def _stream(params: LlamaParams, cache, tokens, positions, *, config: LlamaConfi
     the step begun on ``cache``; the final-normed stream ``[R, T, H]`` and the committed cache."""
     options = options.resolve()
     b, t = tokens.shape
-    inv_freq = jnp.asarray(config.inv_freq(), jnp.float32)
-    rope = functools.partial(apply_rope_any, positions=positions, inv_freq=inv_freq)
+    kinds = (False, True) if config.rope_local_theta is not None else (False,)
+    rope = {
+        local: functools.partial(
+            apply_rope_any, positions=positions, inv_freq=jnp.asarray(config.inv_freq(local), jnp.float32)
+        )
+        for local in kinds
+    }
     x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (R, T, H)
+    if config.embed_scale is not None:  # rounded to the weight dtype first, as Gemma's checkpoints were trained
+        x = x * jnp.asarray(config.embed_scale, params.embed.dtype).astype(jnp.float32)
     x = fusions.pad_rows(x, fusions.padded_batch(b, t, options))  # (R', T, H)
-    if params.stacked:  # [L, ...] arrays: one traced block under lax.scan
+    if params.stacked and not config.uniform_layers:  # layers differ in static options: one traced block each
+        for i in range(config.num_layers):
+            layer_params = jax.tree.map(lambda w, i=i: w[i], params.layers)
+            x, cache = block(layer_params, i, x, cache, rope=rope, config=config, options=options)
+    elif params.stacked:  # [L, ...] arrays: one traced block under lax.scan
 
         def body(carry, layer):
             (x, cache), (layer_params, i) = carry, layer
@@ -141,12 +175,23 @@ def apply_rope_any(x, *, positions, inv_freq):
     return apply_rope(x, positions, inv_freq, RopeStyle.NEOX)
 
 
-def lm_head(params: LlamaParams, h: Float[Array, "... H"], options: LlamaOptions = DEFAULT_OPTIONS):
-    """Logits ``[..., V]`` (f32) from final hidden states; the transposed embedding when tied."""
+def lm_head(
+    params: LlamaParams,
+    h: Float[Array, "... H"],
+    options: LlamaOptions = DEFAULT_OPTIONS,
+    *,
+    config: LlamaConfig | None = None,
+):
+    """Logits ``[..., V]`` (f32) from final hidden states; the transposed embedding when tied. ``config`` brings
+    the family's final soft cap (Gemma 2): pass it for every family that has one."""
     options = options.resolve()
     if params.lm_head is None:
-        return fusions.project(h, params.embed, options, contract=1)
-    return fusions.project(h, params.lm_head, options)
+        logits = fusions.project(h, params.embed, options, contract=1)
+    else:
+        logits = fusions.project(h, params.lm_head, options)
+    if config is not None and config.final_softcap is not None:
+        logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
+    return logits
 
 
 def forward(
@@ -159,7 +204,7 @@ def forward(
 ):
     """Logits ``[B, T, V]`` of every new token (a full causal pass when the cache starts empty), and the cache."""
     h, cache = hidden_states(params, cache, tokens, config=config, options=options)
-    return lm_head(params, h, options), cache
+    return lm_head(params, h, options, config=config), cache
 
 
 def prefill(
@@ -181,7 +226,7 @@ def prefill(
     b, t, _ = h.shape
     last = jnp.full((b,), t - 1, jnp.int32) if last is None else last
     h_last = jnp.take_along_axis(h, last[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # (B, H)
-    return lm_head(params, h_last, options), cache
+    return lm_head(params, h_last, options, config=config), cache
 
 
 def decode_step(
@@ -194,4 +239,4 @@ def decode_step(
 ):
     """One new token per sequence at its own position ``cache.lengths[b]``: logits ``[B, V]`` and the cache."""
     h, cache = hidden_states(params, cache, tokens[:, None], config=config, options=options)
-    return lm_head(params, h[:, 0], options), cache
+    return lm_head(params, h[:, 0], options, config=config), cache

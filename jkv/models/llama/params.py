@@ -32,6 +32,10 @@ class LayerParams:
     mlp_norm: Float[Array, " H"]
     w_gate_up: Float[Array, "H 2 F"]  # [:, 0] gate, [:, 1] up; a split of F keeps each gate beside its up
     w_down: Float[Array, "F H"]
+    q_norm: Float[Array, " D"] | None = None  # qk_norm families (Qwen3, Gemma 3): per-head RMSNorm weights
+    k_norm: Float[Array, " D"] | None = None
+    post_attn_norm: Float[Array, " H"] | None = None  # sandwich_norms families (Gemma 2/3)
+    post_mlp_norm: Float[Array, " H"] | None = None
 
 
 @struct.dataclass
@@ -110,6 +114,7 @@ def check_params(params: LlamaParams, config: LlamaConfig) -> None:
         "w_gate_up": (h, 2, f),
         "w_down": (f, h),
     }
+    layer_want |= _family_shapes(config)
     if params.stacked:
         layers, prefix = [params.layers], "layers"
         layer_want = {k: None if s is None else (config.num_layers, *s) for k, s in layer_want.items()}
@@ -125,6 +130,18 @@ def check_params(params: LlamaParams, config: LlamaConfig) -> None:
     for name, shape in want.items():
         if got[name] != shape:
             raise ValueError(f"params.{name} has shape {got[name]}, expected {shape} for this config")
+
+
+def _family_shapes(config: LlamaConfig) -> dict:
+    """Shapes of the optional per-layer weights (None: the family has none)."""
+    d, h = (config.head_dim,), (config.hidden_size,)
+    qk, sandwich = config.qk_norm, config.sandwich_norms
+    return {
+        "q_norm": d if qk else None,
+        "k_norm": d if qk else None,
+        "post_attn_norm": h if sandwich else None,
+        "post_mlp_norm": h if sandwich else None,
+    }
 
 
 def init_params(
@@ -152,7 +169,7 @@ def _init_params(config: LlamaConfig, key, dtype, scale: float) -> LlamaParams:
         "mlp_norm": (h,),
         "w_gate_up": (h, 2, f),
         "w_down": (f, h),
-    }
+    } | _family_shapes(config)
     global_shapes = {"embed": (v, h), "norm": (h,), "lm_head": None if config.tie_embeddings else (h, v)}
 
     def split(flat, shapes, lead=()):

@@ -57,6 +57,10 @@ PARAM_TP_AXIS = {
     "mlp_norm": None,
     "w_gate_up": -1,  # [H, 2, F]: each device keeps its F columns of both gate and up
     "w_down": -2,
+    "q_norm": None,
+    "k_norm": None,
+    "post_attn_norm": None,
+    "post_mlp_norm": None,
 }
 
 

@@ -1,0 +1,220 @@
+"""Each model family against HF transformers (eager attention, float32, CPU) on random weights of a small config
+saved by transformers and loaded by jkv: logits after a ragged prefill and over 32 teacher-forced decode steps,
+greedy tokens, on 4 prompts whose length plus generation passes the window, contiguous and paged caches."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+import jkv
+from jkv.loading import load_safetensors
+from jkv.models import llama
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+WINDOW = 8
+PROMPTS = (5, 11, 3, 9)  # two longer than the window; each plus 32 steps passes it
+STEPS = 32
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2)
+SMALL |= dict(head_dim=16, max_position_embeddings=128, attn_implementation="eager")
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=4.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            },
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=2, num_key_value_heads=1, sliding_window=WINDOW),
+    ),
+}
+
+
+def hf_model(family: str):
+    """A random HF model of ``family``, every weight (norms too) drawn away from its default."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    kw = SMALL | {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0} | extra
+    if family == "phi3":
+        kw.pop("head_dim")
+    torch.manual_seed(sum(map(ord, family)))
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if "norm" in name else 0.15
+            p.copy_(torch.randn_like(p) * scale + (1.0 if "norm" in name and "gemma" not in family else 0.0))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family, loaded jkv model, each prompt's HF greedy tokens, HF logits at every position)."""
+    model = hf_model(request.param)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    loaded = load_safetensors(directory, "f32", progress=False)
+    rng = np.random.default_rng(len(request.param))
+    prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
+    return request.param, loaded, prompts, hf_greedy(model, prompts)
+
+
+def hf_greedy(model, prompts):
+    """Per prompt: HF's greedy tokens and its logits at every position of prompt + continuation but the last.
+    No HF cache: each step is a full causal pass over the right-padded batch (padding after a sequence's last
+    token cannot reach it), so HF's own window masks decide everything."""
+    seqs = [list(p) for p in prompts]
+    width = max(map(len, prompts)) + STEPS
+
+    def run(rows):
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        return model(ids).logits.numpy().astype(np.float64)
+
+    with torch.no_grad():
+        for _ in range(STEPS):
+            logits = run(seqs)
+            for seq, row in zip(seqs, logits, strict=True):
+                seq.append(int(row[len(seq) - 1].argmax()))
+        logits = run([seq[:-1] for seq in seqs])
+    return [(seq[len(p) :], row[: len(seq) - 1]) for p, seq, row in zip(prompts, seqs, logits, strict=True)]
+
+
+def test_config_options(family):
+    name, loaded, _, _ = family
+    c = loaded.config
+    assert c.qk_norm == (name in ("qwen3", "gemma3"))
+    assert c.sandwich_norms == name.startswith("gemma") and (c.embed_scale is not None) == name.startswith("gemma")
+    windows = {"qwen3": None, "gemma2": (WINDOW, None, WINDOW), "gemma3": (WINDOW, WINDOW, None)}
+    assert c.windows == windows.get(name, (WINDOW,) * c.num_layers)
+    assert (c.attn_softcap, c.final_softcap) == ((2.0, 4.0) if name == "gemma2" else (None, None))
+    assert (c.rope_local_theta is not None) == (name == "gemma3")
+
+
+@pytest.mark.parametrize("kind", ["f32", "paged"])
+def test_matches_hf(family, kind):
+    """Ragged prefill, then 32 decode steps fed HF's greedy tokens: logits and argmax against HF's."""
+    _, loaded, prompts, refs = family
+    c = loaded.config
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.full((len(prompts), lengths.max()), 5, np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
+    cache = jkv.make_cache(kind, spec, len(prompts))
+    prefill = jax.jit(functools.partial(llama.prefill, config=c, options=llama.LlamaOptions(impl="xla")))
+    logits, cache = prefill(loaded.params, cache, jnp.asarray(padded), jnp.asarray(lengths - 1))
+    cache = cache.rollback(jnp.asarray(lengths))
+    want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
+    assert rel_err(logits, want) < 1e-5
+    step = jax.jit(functools.partial(llama.decode_step, config=c, options=llama.LlamaOptions(impl="xla")))
+    tokens = np.array([t for t, _ in refs])  # (B, STEPS)
+    assert (np.asarray(logits).argmax(-1) == tokens[:, 0]).all()
+    for j in range(STEPS - 1):
+        logits, cache = step(loaded.params, cache, jnp.asarray(tokens[:, j], jnp.int32))
+        want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
+        assert rel_err(logits, want) < 1e-5, j
+        assert (np.asarray(logits).argmax(-1) == tokens[:, j + 1]).all(), j
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_flat_steps(family, impl):
+    """The serving step's form: all prompts as one flat step, then 8 flat decode steps of one token per sequence
+    fed HF's greedy tokens (past the window), on a paged cache; the Pallas multi-token kernel in interpret mode
+    (4 steps) for Gemma 2 only (window, soft cap, query scale); the XLA path for Mistral and Gemma 3."""
+    name, loaded, prompts, refs = family
+    if name not in {"pallas": ("gemma2",), "xla": ("mistral", "gemma3")}[impl]:
+        pytest.skip("the families with windows cover the flat step; one runs the kernel in interpret mode")
+    c, options = loaded.config, llama.LlamaOptions(impl=impl)
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
+    cache = jkv.make_cache("paged", spec, len(prompts), page_size=8)
+    step = jax.jit(functools.partial(llama.flat_hidden_states, config=c, options=options))
+    head = jax.jit(functools.partial(llama.lm_head, options=options, config=c))
+    lengths = np.array([len(p) for p in prompts])
+    tokens = np.full(32, 7, np.int32)  # rows past the prompts are padding
+    tokens[: lengths.sum()] = np.concatenate(prompts)
+    h, cache = step(loaded.params, cache, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32))
+    want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
+    assert rel_err(head(loaded.params, h[np.cumsum(lengths) - 1]), want) < 1e-5
+    ones = jnp.ones(len(prompts), jnp.int32)
+    for j in range(4 if impl == "pallas" else 8):
+        h, cache = step(loaded.params, cache, jnp.asarray([t[j] for t, _ in refs], jnp.int32), ones)
+        want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
+        assert rel_err(head(loaded.params, h), want) < 1e-5, j
+
+
+def test_transformers4_spellings_and_refusals():
+    """Gemma 3's and Gemma 2's older config.json (no layer_types, rope_local_base_freq) map to the same windows
+    and rope bases; what the decoder cannot run is refused with the field named."""
+    from jkv.loading import ModelLoadError
+    from jkv.loading.safetensors import config_from_hf
+
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=7, num_attention_heads=4)
+    base |= dict(num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+    gemma3, _ = config_from_hf(base | dict(model_type="gemma3_text", rope_theta=1e6, rope_local_base_freq=1e4))
+    assert gemma3.windows == (8, 8, 8, 8, 8, None, 8) and gemma3.rope_local_theta == 1e4
+    assert gemma3.rope_theta == 1e6 and not gemma3.uniform_layers and gemma3.qk_norm
+    gemma2, _ = config_from_hf(base | dict(model_type="gemma2", attn_logit_softcapping=50.0))
+    assert gemma2.windows == (8, None, 8, None, 8, None, 8) and gemma2.attn_softcap == 50.0
+    assert gemma2.activation == "gelu_tanh" and gemma2.query_scale == 0.25 and gemma2.embed_scale == 8.0
+    with pytest.raises(ModelLoadError, match="use_sliding_window"):
+        config_from_hf(base | dict(model_type="qwen3", use_sliding_window=True))
+    with pytest.raises(ModelLoadError, match="partial_rotary_factor"):
+        config_from_hf(base | dict(model_type="phi3", partial_rotary_factor=0.75))
+    with pytest.raises(ModelLoadError, match="hidden_act"):
+        config_from_hf(base | dict(model_type="mistral", hidden_act="relu"))
+
+
+def test_layer_layouts_and_init(family, rng):
+    """Per-layer buffers give the stacked layout's logits; random init passes the shape checks of the family."""
+    name, loaded, _, _ = family
+    if name != "gemma3":
+        pytest.skip("Gemma 3 has every per-layer option")
+    c = loaded.config
+    llama.check_params(llama.init_params(c, jax.random.key(0), layout="stacked"), c)
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 10)), jnp.int32)
+    spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16)
+    forward = functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="xla"))
+    stacked, _ = forward(llama.with_layout(loaded.params, "stacked"), jkv.make_cache("f32", spec, 2), tokens)
+    layers, _ = forward(llama.with_layout(loaded.params, "layers"), jkv.make_cache("f32", spec, 2), tokens)
+    assert rel_err(layers, stacked) < 1e-6
+
+
+@pytest.mark.parametrize("num_slots,cache", [(1, "default"), (3, "paged")])
+def test_engine_greedy(family, num_slots, cache):
+    """Continuous batching at several concurrencies gives HF's 32 greedy tokens (windowed families)."""
+    from jkv.serving import Engine, SamplingParams
+
+    name, loaded, prompts, refs = family
+    if name not in ("mistral", "gemma2"):
+        pytest.skip("the engine is family-blind: one uniform and one alternating window suffice")
+    engine = Engine(loaded.params, loaded.config, num_slots=num_slots, max_len=64, cache=cache, verbose=False)
+    ids = [engine.submit(p, SamplingParams(max_new_tokens=STEPS)) for p in prompts]
+    done = engine.run(show_progress=False)
+    assert [c.id for c in done] == ids
+    assert [c.tokens for c in done] == [t for t, _ in refs]
