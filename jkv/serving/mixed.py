@@ -67,11 +67,11 @@ def mixed_step(
     h, cache = llama.flat_hidden_states(params, cache, tokens, counts, config=config, options=options)  # (T, H)
     starts, last = flat_rows(counts, t)
     if rows == 1:
-        logits = llama.lm_head(params, h[last], options)  # (B, V)
+        logits = llama.lm_head(params, h[last], options, config=config)  # (B, V); config: a final soft cap
         return choose(logits, key_data, index, temperature, top_k, top_p), cache
     first = jnp.where(verify, starts, last)
     at = jnp.minimum(first[:, None] + jnp.arange(rows), last[:, None])  # (B, rows); a short one repeats its last
-    logits = llama.lm_head(params, h[at], options)  # (B, rows, V)
+    logits = llama.lm_head(params, h[at], options, config=config)  # (B, rows, V)
     targets = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     targets = jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), targets, NONFINITE)
     drafts = tokens[jnp.clip(at[:, :-1] + 1, 0, t - 1)]  # (B, rows - 1): the token each target is checked against
