@@ -71,8 +71,8 @@ def _check_step(q, k) -> None:
 
 def _live(q, cache):
     """Which queries are real (not padding): ``[B, T]``, or ``[T]`` for a flat ``q``."""
-    if q.ndim == 3:
-        return tokens.flat_layout(cache.lengths, cache.counts, q.shape[0])[2]
+    if q.ndim == 3:  # a flat step's live rows come first: sum(counts) of them
+        return jnp.arange(q.shape[0]) < jnp.sum(cache.counts)
     return jnp.arange(q.shape[1])[None, :] < cache.counts[:, None]
 
 
