@@ -69,6 +69,12 @@ def _check_step(q, k) -> None:
         raise ValueError(f"q has T={tq} tokens but k has T={tk}: a step's queries, keys and values share T")
 
 
+def _check_window(window, cache) -> None:
+    """A ring keeps only its window: attention over it must not look further back."""
+    if cache.window is not None and (window is None or window > cache.window):
+        raise ValueError(f"{window=} reads further back than the cache's ring keeps (window={cache.window})")
+
+
 def _live(q, cache):
     """Which queries are real (not padding): ``[B, T]``, or ``[T]`` for a flat ``q``."""
     if q.ndim == 3:  # a flat step's live rows come first: sum(counts) of them
@@ -101,6 +107,8 @@ def attend(
     _check_q(q, cache)
     checks.window_softcap(window, softcap)
     layer, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
+    cache, layer = cache.for_layer(layer)  # a per-layer plan: the group holding the layer
+    _check_window(window, cache)
     decode = q.ndim == 4 and q.shape[1] == 1 and window is None and softcap is None
     kernel = kernels.decode_kernel(cache) if impl == "pallas" and decode else None
     if kernel is None:

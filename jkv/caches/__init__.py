@@ -8,6 +8,7 @@ from jkv.caches.base import (
     ERR_POOL_EXHAUSTED,
     ERR_ROLLBACK_FORWARD,
     ERR_VALUE_RANGE,
+    ERR_WINDOW,
     ERR_WRITE_OVERFLOW,
     ERROR_NAMES,
     Cache,
@@ -17,7 +18,9 @@ from jkv.caches.base import (
 from jkv.caches.contiguous import KVCache
 from jkv.caches.formats import FP8, Q8, Format, Plain, dequantize, quantize
 from jkv.caches.paged import NO_PAGE, PagedKVCache
+from jkv.caches.plan import LayerPlan, PlannedCache
 from jkv.caches.registry import PAGE_SIZE, Kind, kind, kinds, make_cache
+from jkv.caches.ring import Ring
 from jkv.caches.sharding import cache_sharding, cache_specs, shard_cache
 from jkv.caches.snapshot import Snapshot
 from jkv.caches.tokens import flat_layout, flat_starts
@@ -30,6 +33,7 @@ __all__ = [
     "ERR_POOL_EXHAUSTED",
     "ERR_ROLLBACK_FORWARD",
     "ERR_VALUE_RANGE",
+    "ERR_WINDOW",
     "ERR_WRITE_OVERFLOW",
     "FP8",
     "NO_PAGE",
@@ -40,8 +44,11 @@ __all__ = [
     "Format",
     "KVCache",
     "Kind",
+    "LayerPlan",
     "PagedKVCache",
     "Plain",
+    "PlannedCache",
+    "Ring",
     "Snapshot",
     "cache_sharding",
     "cache_specs",

@@ -19,7 +19,8 @@ def admit(cache, slot, ok, single, arrays, prefix):
     before = cache
     cache = cache._release_rows(hit)
     n = pool.cdiv(single.lengths[0], cache.page_size)
-    need = hit[:, None] & (jnp.arange(cache.max_pages)[None, :] < n)
+    j = jnp.arange(cache.max_pages)[None, :]
+    need = hit[:, None] & (j < n) & (j >= cache.first_page(single.lengths[0]))  # a ring: only what it keeps
     tables, refcounts, got, fresh = pool.allocate(cache.block_tables, cache.refcounts, need)
     checks.host_all(
         got,
@@ -56,8 +57,9 @@ def _admit_shared(cache, ok, hit, single, arrays, prefix):
     if n.ndim:
         raise TypeError(f"prefix length must be an integer scalar, got shape {n.shape}")
     before = cache
+    first = 0 if cache.ring is None else cache.ring.read_page(n, cache.page_size)  # a ring needs its window only
     tables, refcounts, valid = pool.attach(
-        cache.block_tables, cache.refcounts, cache.pins, hit, pages, n, cache.page_size, cache.max_len
+        cache.block_tables, cache.refcounts, cache.pins, hit, pages, n, cache.page_size, cache.max_len, first
     )
     valid = valid & (n <= single.lengths[0])
     checks.host_all(

@@ -43,6 +43,7 @@ ERR_BAD_SLOT = 8  # a slot index or prefix out of range inside jit: nothing chan
 ERR_POOL_EXHAUSTED = 16  # paged: no free page for a step / admission: that sequence was left as it was
 ERR_BAD_LAYER = 32  # a layer index out of range inside jit: nothing written
 ERR_VALUE_RANGE = 64  # a value beyond what the format can store: stored saturated (finite), never NaN
+ERR_WINDOW = 128  # a windowed ring: a step longer than its slack, or a rollback below what it holds: refused
 ERROR_NAMES = {
     ERR_WRITE_OVERFLOW: "step past max_len (count set to 0, nothing written)",
     ERR_BAD_COUNT: "negative count, or a count beyond the written tokens",
@@ -51,6 +52,7 @@ ERROR_NAMES = {
     ERR_POOL_EXHAUSTED: "page pool exhausted (sequence left as it was)",
     ERR_BAD_LAYER: "layer index out of range (nothing written)",
     ERR_VALUE_RANGE: "value beyond the format's range (stored saturated)",
+    ERR_WINDOW: "windowed ring: step beyond its slack, or rollback below the positions it holds (refused)",
 }
 
 
@@ -110,6 +112,7 @@ class Cache(abc.ABC):
     """
 
     layout: ClassVar[str]  # "contiguous" or "paged": with type(format), the key of the kernel registry
+    window: ClassVar[int | None] = None  # positions a query may read back (a ring's window); None: all
 
     # ------------------------------------------------------------------ shape
     @property
@@ -252,6 +255,11 @@ class Cache(abc.ABC):
     @abc.abstractmethod
     def partition_specs(self):
         """A pytree like this cache of ``PartitionSpec`` s: kv heads over ``tp``, sequences over ``dp``."""
+
+    @abc.abstractmethod
+    def for_layer(self, layer):
+        """``(cache, index)``: the cache that stores ``layer`` (its lengths and counts this one's) and the layer's
+        index there; ``(self, layer)`` for a kind whose layers are alike (a per-layer plan: its group's)."""
 
     @abc.abstractmethod
     def storage(self) -> tuple:

@@ -141,6 +141,9 @@ class KVCache(Cache):
             k, v = self.format.from_stored(k).astype(dtype), self.format.from_stored(v).astype(dtype)
         return jnp.where(ok, k, jnp.nan), jnp.where(ok, v, jnp.nan)
 
+    def for_layer(self, layer):
+        return self, layer
+
     def storage(self) -> tuple[Array, ...]:
         return self.data
 

@@ -7,6 +7,9 @@ index covers all ``L`` layers, as in vLLM); ``block_tables[b, j] == -1`` means "
 step's pages once (allocating missing pages and copying a shared one first: copy-on-write); ``write`` only
 scatters. ``rollback`` and ``reset_slot`` give back every page past the new length.
 
+``ring`` (``jkv.caches.ring``): the cache of windowed layers; pages that fall out of reach go back at each
+``begin``, so only entries from the ring's first kept page on name pages.
+
 Invariants (tests/caches/test_paged_allocator.py): ``refcounts`` equals the histogram of the non-negative table
 entries plus ``pins``; every entry below ``cdiv(lengths[b], page_size)`` names a page; only entries below that
 bound are shared, and among those only the last can be partially filled.
@@ -22,9 +25,10 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int
 
 from jkv.caches import checks, pool, tokens
-from jkv.caches.base import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, Cache, CacheSpec
+from jkv.caches.base import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, ERR_WINDOW, Cache, CacheSpec
 from jkv.caches.contiguous import KVCache, all_arrays, slot_arrays
 from jkv.caches.formats import Format, Plain, bind
+from jkv.caches.ring import Ring
 from jkv.caches.sharding import DP, TP
 
 NO_PAGE = pool.NO_PAGE
@@ -44,17 +48,25 @@ class PagedKVCache(Cache):
     errors: Int[Array, " B"]
     spec: CacheSpec = struct.field(pytree_node=False)
     format: Format = struct.field(pytree_node=False)
+    ring: Ring | None = struct.field(pytree_node=False, default=None)  # windowed layers: jkv.caches.ring
 
     layout = "paged"
 
     # ------------------------------------------------------------------ construction and shape
     @classmethod
     def init(
-        cls, spec: CacheSpec, batch: int, *, page_size: int, num_pages: int | None = None, format: Format | None = None
+        cls,
+        spec: CacheSpec,
+        batch: int,
+        *,
+        page_size: int,
+        num_pages: int | None = None,
+        format: Format | None = None,
+        ring: Ring | None = None,
     ) -> PagedKVCache:
         """``batch`` empty sequences over ``num_pages`` pages of ``page_size`` positions (default: enough for
-        every sequence to be full; fewer oversubscribes memory, the point of paging). ``spec.max_len`` must be a
-        multiple of ``page_size``."""
+        every sequence to be full, or to fill its ``ring``; fewer oversubscribes memory, the point of paging).
+        ``spec.max_len`` must be a multiple of ``page_size``."""
         if not isinstance(spec, CacheSpec):
             raise TypeError(f"spec must be a jkv.CacheSpec, got {type(spec).__name__}")
         checks.positive_int("batch", batch)
@@ -62,7 +74,10 @@ class PagedKVCache(Cache):
         if spec.max_len % page_size:
             raise ValueError(f"spec.max_len={spec.max_len} must be a multiple of {page_size=}")
         max_pages = spec.max_len // page_size
-        num_pages = batch * max_pages if num_pages is None else num_pages
+        if ring is not None:
+            ring = Ring(*ring).check()
+        held = max_pages if ring is None else min(ring.pages_per_sequence(page_size), max_pages)
+        num_pages = batch * held if num_pages is None else num_pages
         checks.positive_int("num_pages", num_pages)
         format = bind(Plain() if format is None else format, spec)
         lead = (spec.num_layers, num_pages, spec.num_kv_heads, page_size)
@@ -79,7 +94,16 @@ class PagedKVCache(Cache):
             zeros(batch),
             spec=spec,
             format=format,
+            ring=ring,
         )
+
+    @property
+    def window(self) -> int | None:
+        return None if self.ring is None else self.ring.window
+
+    def first_page(self, lengths, counts=0):
+        """First logical page each sequence keeps for a step of ``counts`` at ``lengths`` (0 without a ring)."""
+        return 0 if self.ring is None else self.ring.first_page(lengths, counts, self.page_size)
 
     @property
     def page_size(self) -> int:
@@ -138,7 +162,14 @@ class PagedKVCache(Cache):
         """Declare the step and reserve its pages, once for every layer's write. A sequence past capacity or
         without enough free pages gets count 0 and an error bit; nothing of it is touched."""
         counts, ok, bits = self._declare(counts)
-        cache, got = self._reserve(jnp.where(ok, self.lengths + counts, self.lengths))
+        cache = self
+        if self.ring is not None:  # pages out of the ring's reach go back first; a bounded ring refuses long steps
+            long = self.ring.bounded & (counts > self.ring.slack)
+            checks.host_all(~long, lambda: f"begin(counts={np.asarray(counts)}) exceeds the ring's {self.ring}")
+            counts, ok, bits = jnp.where(long, 0, counts), ok & ~long, jnp.where(long, ERR_WINDOW, bits)
+            behind = jnp.arange(self.max_pages)[None, :] < self.first_page(self.lengths, counts)[:, None]
+            cache = self._release(behind)
+        cache, got = cache._reserve(jnp.where(ok, self.lengths + counts, self.lengths))
         return cache.replace(counts=jnp.where(got, counts, 0), errors=cache.errors | bits)
 
     def write(self, layer, k: Array, v: Array) -> PagedKVCache:
@@ -165,6 +196,11 @@ class PagedKVCache(Cache):
         """Shrink lengths and give back every page past each resulting length (a refused sequence, flagged, keeps
         its length but gives back the pages of the step it had begun)."""
         lengths, errors = self._rolled(lengths)
+        if self.ring is not None:  # a ring refuses a rollback below what it holds
+            held = self.ring.can_roll_back(lengths, self.block_tables, self.page_size)
+            message = lambda: f"rollback to {np.asarray(lengths)} reads positions the ring {self.ring} let go"
+            checks.host_all(held, message)
+            lengths, errors = jnp.where(held, lengths, self.lengths), errors | jnp.where(held, 0, ERR_WINDOW)
         cache = self.replace(lengths=lengths, counts=jnp.zeros_like(self.counts), errors=errors)
         keep = pool.cdiv(lengths, self.page_size)
         return cache._release(jnp.arange(self.max_pages)[None, :] >= keep[:, None])
@@ -300,7 +336,9 @@ class PagedKVCache(Cache):
         return KVCache(tuple(map(take, self.pages)), lengths, counts, errors, spec=spec, format=self.format)
 
     @classmethod
-    def from_contiguous(cls, cache: KVCache, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
+    def from_contiguous(
+        cls, cache: KVCache, *, page_size: int, num_pages: int | None = None, ring: Ring | None = None
+    ) -> PagedKVCache:
         """Page a contiguous cache (its format kept): each sequence gets ``cdiv(length, page_size)`` fresh pages.
         ``max_len`` is rounded up to a multiple of ``page_size``; a pool too small raises on the host (under ``jit``
         the sequences that do not fit are left empty with ``ERR_POOL_EXHAUSTED``)."""
@@ -314,9 +352,11 @@ class PagedKVCache(Cache):
             page_size=page_size,
             num_pages=num_pages,
             format=cache.format,
+            ring=ring,
         )
         arrays = all_arrays("cache", cache, spec, paged.format)
-        need = jnp.arange(m)[None, :] < pool.cdiv(cache.lengths, page_size)[:, None]
+        j = jnp.arange(m)[None, :]
+        need = (j < pool.cdiv(cache.lengths, page_size)[:, None]) & (j >= paged.first_page(cache.lengths)[:, None])
         tables, refcounts, got, fresh = pool.allocate(paged.block_tables, paged.refcounts, need)
         checks.host_all(
             got,
@@ -358,6 +398,9 @@ class PagedKVCache(Cache):
             k, v = self.format.from_stored(k).astype(dtype), self.format.from_stored(v).astype(dtype)
         return jnp.where(ok, k, jnp.nan), jnp.where(ok, v, jnp.nan)
 
+    def for_layer(self, layer):
+        return self, layer
+
     def storage(self) -> tuple[Array, ...]:
         return (*self.pages, self.block_tables)
 
@@ -379,6 +422,6 @@ class PagedKVCache(Cache):
         return self.to_contiguous().snapshot(trim=trim)
 
     @classmethod
-    def restore(cls, snap, *, page_size: int, num_pages: int | None = None) -> PagedKVCache:
+    def restore(cls, snap, *, page_size: int, num_pages: int | None = None, ring: Ring | None = None) -> PagedKVCache:
         """Rebuild a paged cache from a ``Snapshot`` (of either layout); bit-exact on valid positions."""
-        return cls.from_contiguous(KVCache.restore(snap), page_size=page_size, num_pages=num_pages)
+        return cls.from_contiguous(KVCache.restore(snap), page_size=page_size, num_pages=num_pages, ring=ring)

@@ -122,13 +122,14 @@ def unpin_counts(pins: Array, pages: Array) -> tuple[Array, Array]:
     return jnp.minimum(asked, pins), asked
 
 
-def attach(tables, refcounts, pins, hit, pages, length, page_size: int, max_len: int):
+def attach(tables, refcounts, pins, hit, pages, length, page_size: int, max_len: int, first=0):
     """Give the sequence where ``hit [B]`` the pinned ``pages`` as its first ``length`` positions (its old
-    references go back first). Returns tables, refcounts and ``valid`` (length in range, every page pinned)."""
+    references go back first; entries before page ``first`` are left out: a ring's). Returns tables, refcounts
+    and ``valid`` (length in range, every page attached pinned)."""
     m, p = pages.shape[0], refcounts.shape[0]
     width = tables.shape[1]
     idx = jnp.clip(pages, 0, p - 1)
-    covered = jnp.arange(m) < cdiv(length, page_size)
+    covered = (jnp.arange(m) < cdiv(length, page_size)) & (jnp.arange(m) >= first)
     pinned = (pages >= 0) & (pages < p) & (pins[idx] > 0)
     valid = (length >= 0) & (length <= min(m * page_size, max_len)) & jnp.all(pinned | ~covered)
     row = (

@@ -14,6 +14,7 @@ from jkv.caches.base import CacheSpec
 from jkv.caches.contiguous import KVCache
 from jkv.caches.formats import FP8, Q8, Format, Plain, bind
 from jkv.caches.paged import PagedKVCache
+from jkv.caches.plan import PlannedCache
 
 PAGE_SIZE = 16  # positions per page of the paged kinds (max_len must be a multiple)
 LAYOUTS = {"contiguous": KVCache, "paged": PagedKVCache}
@@ -68,12 +69,25 @@ def kind(name: str) -> Kind:
     return KINDS[name]
 
 
-def make_cache(name: str, spec: CacheSpec, batch: int, **options):
+def make_cache(name: str, spec: CacheSpec, batch: int, *, windows=None, slack: int | None = None, **options):
     """An empty cache of kind ``name``. ``options``: ``page_size`` (default ``PAGE_SIZE``) and ``num_pages`` for
-    the paged kinds; a ``format`` to replace the kind's (e.g. ``Q8(rotated=False)``)."""
+    the paged kinds; a ``format`` to replace the kind's (e.g. ``Q8(rotated=False)``).
+
+    ``windows`` (one entry per layer, None: full; e.g. ``config.windows``): when any layer has a window, a
+    per-layer plan (``jkv.caches.plan.PlannedCache``) of the kind's layout: windowed layers keep rings of
+    ``window - 1 + slack`` positions (``slack`` default ``page_size``: the most tokens a step adds and the deepest
+    rollback); ``window_pages`` sizes each ring's pool."""
     k = kind(name)
     format = options.pop("format", k.format)
     spec = k.spec_for(spec)
+    if windows is not None and any(w is not None for w in windows):
+        page_size = options.pop("page_size", PAGE_SIZE)
+        slack = page_size if slack is None else slack
+        if not k.paged and options.pop("num_pages", None) is not None:
+            raise TypeError(f"cache kind {name!r} takes no num_pages")
+        return PlannedCache.init(
+            spec, batch, windows=windows, slack=slack, layout=k.layout, format=format, page_size=page_size, **options
+        )
     if k.paged:
         options.setdefault("page_size", PAGE_SIZE)
         return PagedKVCache.init(spec, batch, format=format, **options)
