@@ -1,4 +1,5 @@
-"""Memory planning: how many sequences (or how long a context) fit a byte budget.
+"""Memory planning: how many sequences (or how long a context) fit a byte budget, and what a cache takes
+(``cache_bytes``; a per-layer plan with windowed rings: ``plan_bytes``).
 
 ``budget`` defaults to the device's free memory (``device.memory_stats()``: ``bytes_limit - bytes_in_use``);
 on backends that report no statistics (the CPU), the host's available physical memory is used.
@@ -101,3 +102,39 @@ def max_len_for(spec: CacheSpec, batch: int, budget: int | None = None, reserve:
         )
         return 0
     return int(n)
+
+
+def plan_bytes(
+    spec: CacheSpec,
+    batch: int,
+    windows,
+    *,
+    slack: int,
+    page_size: int = 16,
+    format=None,
+    layout: str = "contiguous",
+    num_pages: int | None = None,
+) -> int:
+    """Device bytes of a per-layer plan (``PlannedCache.init(spec, batch, windows=..., slack=..., layout=...)``
+    with its default ring pools): full layers hold ``max_len`` positions per sequence (a paged full group:
+    ``num_pages``), each windowed layer its ring's pages (``Ring.pages_per_sequence``), plus block tables, page
+    counts and the per-sequence ints of every group."""
+    from jkv.caches.ring import Ring
+
+    windows = tuple(windows)
+    per_layer = bytes_per_token(spec, format) // spec.num_layers  # one position of one layer, K and V
+    m = -(-spec.max_len // page_size)  # block-table width
+
+    def paged(layers: int, pages: int) -> int:  # pools, tables, refcounts and pins, ints
+        return layers * pages * page_size * per_layer + 4 * (batch * m + 2 * pages) + batch * PER_SEQUENCE_BYTES
+
+    total = batch * PER_SEQUENCE_BYTES  # the plan's own lengths, counts and errors
+    full = windows.count(None)
+    if full and layout == "paged":
+        total += paged(full, batch * m if num_pages is None else num_pages)
+    elif full:
+        total += full * batch * spec.max_len * per_layer + batch * PER_SEQUENCE_BYTES
+    for window in sorted({w for w in windows if w is not None}):
+        pages = batch * min(Ring(window, slack).pages_per_sequence(page_size), m)
+        total += paged(windows.count(window), pages)
+    return total

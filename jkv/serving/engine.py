@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkv import memory
-from jkv.caches import CacheSpec
+from jkv.caches import CacheSpec, Ring
 from jkv.models import llama
 from jkv.serving import steps
 from jkv.serving.metrics import Completion, EngineStats
@@ -57,8 +57,14 @@ class Engine:
         storage = dict(options.cache_options)
         probe = steps.make_cache(options.cache, self.spec.replace(max_len=steps.PAGE_SIZE), 1, **storage)
         per_token = probe.format.bytes_per_token(probe.spec)  # bytes per position in the slots' format
-        self.num_slots = options.num_slots or default_num_slots(self.spec, per_token, mesh, verbose)
         paged = steps.is_paged(options.cache)
+        windows, plan = options.windows(config), None
+        slots_per_token = per_token
+        if windows is not None:  # a per-layer plan: windowed layers on rings
+            plan = {"windows": windows, "slack": options.slack(paged)}
+            ring = memory.plan_bytes(self.spec, 1, windows, slack=plan["slack"], page_size=steps.PAGE_SIZE)
+            slots_per_token = -(-ring * per_token // memory.cache_bytes(self.spec, 1))  # what a slot really takes
+        self.num_slots = options.num_slots or default_num_slots(self.spec, slots_per_token, mesh, verbose)
         num_pages = page_size = None
         if paged:
             page_size = steps.PAGE_SIZE
@@ -67,7 +73,14 @@ class Engine:
             page_bytes = per_token * page_size
             full = self.num_slots * (options.max_len // page_size) + options.prefix_cache_bytes // page_bytes
             num_pages = options.num_pages or max(min(full, memory.usable_bytes() // page_bytes), 1)
-        self.cache = steps.make_cache(options.cache, self.spec, self.num_slots, num_pages=num_pages, **storage)
+        if plan is not None and paged:  # rings' pools: every slot fills its ring, steps' chunks and pinned prefixes
+            ring_pages = max(Ring(w, plan["slack"]).pages_per_sequence(page_size) for w in windows if w is not None)
+            extra = -(-options.batch_tokens // page_size) + options.prefix_cache_bytes // page_bytes
+            plan["window_pages"] = self.num_slots * (ring_pages + 1) + extra
+        self.cache = steps.make_cache(
+            options.cache, self.spec, self.num_slots, num_pages=num_pages, plan=plan, **storage
+        )
+        self.window_slack = None if plan is None else plan["slack"]
         cache_sharding = None
         if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split
             from jkv.caches import sharding
@@ -84,6 +97,7 @@ class Engine:
             page_size=page_size,
             num_pages=num_pages,
             buckets=options.buckets,
+            max_count=self.window_slack if plan is not None and not paged else None,
         )
         self.prefixes = Prefixes(self, per_token) if options.prefix_cache_bytes else None
         self.stats = EngineStats(num_pages=num_pages or 0)

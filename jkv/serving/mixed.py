@@ -98,10 +98,9 @@ def attach_prefix(cache, slot, pages, n, single):
 
 
 def restore_prefix(cache, slot, entry, n):
-    """Contiguous: slot ``slot`` holds the first ``n`` positions of the device copy ``entry``."""
-    cache = cache.insert_into_slot(slot, entry)
-    hit = jnp.arange(cache.batch) == slot
-    return cache.rollback(jnp.where(hit, jnp.minimum(n, cache.lengths), cache.lengths))
+    """Contiguous: slot ``slot`` holds the first ``n`` positions of the device copy ``entry`` (cut before it goes
+    in: a ring takes only what it keeps, and could not roll back far)."""
+    return cache.insert_into_slot(slot, entry.replace(lengths=jnp.minimum(entry.lengths, n)))
 
 
 def extract_copy(cache, slot, *, max_len: int):

@@ -63,7 +63,10 @@ class EngineOptions:
     the prefix cache's budget, as far as free memory goes): fewer oversubscribes memory, requests then wait.
     ``buckets`` (``None``: powers of two from the slot count up to ``max_batch_tokens``): the tokens-per-step
     shapes that compile, one step variant each.
-    ``cache_options``: storage options of the cache format (``{"rotated": False}``: Q8 without its rotation)."""
+    ``cache_options``: storage options of the cache format (``{"rotated": False}``: Q8 without its rotation).
+    ``windowed`` (``None``: on when the model's config has windowed layers): a per-layer cache plan, windowed
+    layers on rings (``jkv.caches.plan``); ``window_slack`` (``None``: every step fits, ``max_batch_tokens`` for a
+    contiguous plan; a paged plan ``max(PAGE_SIZE, speculative_tokens + 1)``): the rings' slack."""
 
     num_slots: int | None = None
     max_len: int = 1024
@@ -77,6 +80,8 @@ class EngineOptions:
     num_pages: int | None = None
     buckets: tuple[int, ...] | None = None
     cache_options: tuple[tuple[str, Any], ...] = ()
+    windowed: bool | None = None
+    window_slack: int | None = None
     model: llama.LlamaOptions = llama.DEFAULT_OPTIONS  # how the model runs; a given ``impl`` overrides its impl
 
     @property
@@ -86,6 +91,20 @@ class EngineOptions:
             return self.max_batch_tokens
         default = default_max_batch_tokens(jax.default_backend())
         return default if self.buckets is None else min(default, self.buckets[-1])
+
+    def slack(self, paged: bool) -> int:
+        """The rings' slack (``window_slack``, or its default)."""
+        if self.window_slack is not None:
+            return self.window_slack
+        if paged:
+            return max(steps.PAGE_SIZE, self.speculative_tokens + 1)
+        return max(self.batch_tokens, self.speculative_tokens + 1)
+
+    def windows(self, config) -> tuple | None:
+        """The per-layer windows of the cache plan, or None (a uniform cache)."""
+        if self.windowed is False or config.windows is None or all(w is None for w in config.windows):
+            return None
+        return config.windows
 
     @property
     def model_options(self) -> llama.LlamaOptions:
@@ -103,6 +122,10 @@ class EngineOptions:
             _positive("max_batch_tokens", self.max_batch_tokens)
         if self.num_pages is not None:
             _positive("num_pages", self.num_pages)
+        if self.window_slack is not None:
+            _positive("window_slack", self.window_slack)
+        if self.windowed not in (None, True, False):
+            raise TypeError(f"windowed must be None, True or False, got {self.windowed!r}")
         if self.buckets is not None:
             object.__setattr__(self, "buckets", tuple(sorted(self.buckets)))
             for bucket in self.buckets:

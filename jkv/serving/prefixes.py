@@ -5,6 +5,9 @@ completes the prompt; a hit attaches them to the new slot, shared, and the promp
 past them). Whole pages only: a hit never writes into a shared page, so no copy-on-write and the scheduler's page
 count stays exact. A contiguous cache keeps a device copy of the prompt's positions (its length a power of two,
 so few copy shapes compile); a hit copies it into the slot.
+
+A cache plan's rings keep only ``window - 1 + slack`` positions behind a prompt's end: an entry of a prompt of
+``P`` tokens then serves hits of at least ``P - slack`` positions (repeated prompts), shorter ones are misses.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class Prefixes:
             n -= n % self.page_size
         if entry is None or n <= 0:
             return 0, []
+        entry, length = entry
+        slack = self.engine.window_slack
+        if slack is not None and n < length - slack:  # the rings let go of what this shorter prefix reads
+            return 0, []
         e = self.engine
         if self.paged:
             pages, ids = entry
@@ -59,14 +66,15 @@ class Prefixes:
                 return
             entry = e.steps.extract(e.cache, seq.slot, steps.pow2_bucket(len(prompt), e.spec.max_len))
             nbytes = entry.nbytes
-        if not self.cache.insert(key, entry, nbytes):
-            self._evicted(entry)
+        if not self.cache.insert(key, (entry, len(prompt)), nbytes):
+            self._evicted((entry, len(prompt)))
 
     def evict_one(self) -> bool:
         """Drop the least recently used entry (its pages go back); False when there is none."""
         return self.cache.evict_lru()
 
     def _evicted(self, entry) -> None:
+        entry, _ = entry
         if self.paged:
             pages, ids = entry
             self.engine.cache = self.engine.steps.unpin(self.engine.cache, pages)

@@ -143,13 +143,23 @@ class Scheduler:
 
     ``page_size`` / ``num_pages``: the paged cache's pool (``None``: a contiguous cache, every slot holds
     ``max_len`` positions and only slots limit admission). ``buckets``: the tokens-per-step shapes (default
-    ``token_buckets``); a step runs in the smallest that holds its tokens.
+    ``token_buckets``); a step runs in the smallest that holds its tokens. ``max_count``: most tokens of one
+    sequence in a step (a contiguous cache plan's ring slack; prompts then take more chunks).
     """
 
     def __init__(
-        self, num_slots: int, max_batch_tokens: int, max_len: int, *, page_size=None, num_pages=None, buckets=None
+        self,
+        num_slots: int,
+        max_batch_tokens: int,
+        max_len: int,
+        *,
+        page_size=None,
+        num_pages=None,
+        buckets=None,
+        max_count: int | None = None,
     ):
         self.num_slots, self.max_len = num_slots, max_len
+        self.max_count = max_batch_tokens if max_count is None else max_count  # tokens of one sequence per step
         self.max_batch_tokens = max_batch_tokens
         self.buckets = token_buckets(max_batch_tokens, num_slots) if buckets is None else tuple(sorted(buckets))
         if self.buckets[-1] < max_batch_tokens:
@@ -239,6 +249,7 @@ class Scheduler:
 
         def take(seq: Sequence, n: int) -> None:
             nonlocal budget
+            n = min(n, self.max_count)
             entries.append(Entry(seq, seq.computed, n))
             counts[seq.slot] = n
             budget -= n

@@ -37,11 +37,14 @@ def plan_cache(kind, config, batch, max_len=64):
     return jkv.make_cache(kind, spec, batch, windows=config.windows, slack=SLACK, page_size=PAGE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["f32", "paged"])
 def test_matches_hf(family, kind):
     """Ragged prefill, 32 decode steps fed HF's greedy tokens, and at step 20 (rings wrapped) a 3-token step whose
     last token is wrong, rolled back by one across the wrap: logits and argmax against HF's."""
-    _, loaded, prompts, refs = family
+    name, loaded, prompts, refs = family
+    if (name, kind) in (("gemma2", "paged"), ("gemma3", "f32")):
+        pytest.skip("both layouts on Mistral; one each on Gemma 2 and 3 (CI time)")
     c = loaded.config
     lengths = np.array([len(p) for p in prompts], np.int32)
     padded = np.full((len(prompts), lengths.max()), 5, np.int32)
@@ -80,14 +83,18 @@ def test_matches_hf(family, kind):
     assert int(cache.lengths.min()) > WINDOW - 1 + SLACK  # every ring wrapped
 
 
+ENGINE_RUNS = {("mistral", 1, "default"), ("gemma2", 3, "default"), ("gemma2", 3, "paged")}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("num_slots,cache", [(1, "default"), (3, "default"), (3, "paged")])
 def test_engine_greedy(family, num_slots, cache):
     """Continuous batching on plans (chosen by default for a config with windows) gives HF's greedy tokens."""
     from jkv.serving import Engine, SamplingParams
 
     name, loaded, prompts, refs = family
-    if name == "gemma3" and num_slots == 1:
-        pytest.skip("the engine is family-blind: one concurrency of Gemma 3 suffices")
+    if (name, num_slots, cache) not in ENGINE_RUNS:
+        pytest.skip("the engine is family-blind: a uniform and an alternating window at two concurrencies suffice")
     engine = Engine(loaded.params, loaded.config, num_slots=num_slots, max_len=64, cache=cache, verbose=False)
     assert isinstance(engine.cache, jkv.caches.PlannedCache)
     ids = [engine.submit(p, SamplingParams(max_new_tokens=STEPS)) for p in prompts]
