@@ -103,7 +103,9 @@ class PagedKVCache(Cache):
 
     def first_page(self, lengths, counts=0):
         """First logical page each sequence keeps for a step of ``counts`` at ``lengths`` (0 without a ring)."""
-        return 0 if self.ring is None else self.ring.first_page(lengths, counts, self.page_size)
+        if self.ring is None:
+            return jnp.zeros_like(jnp.asarray(lengths))
+        return self.ring.first_page(lengths, counts, self.page_size)
 
     @property
     def page_size(self) -> int:

@@ -1,0 +1,208 @@
+"""Per-layer cache plans (``jkv.caches.plan``): full layers beside windowed rings, against a float64 NumPy model
+of every position ever written, with every buffer NaN-poisoned at the start (a ring read outside its window, or a
+reused page read before it is written, shows up as NaN). Steps are ragged, rings wrap several times, rollbacks
+cross the wrap; refusals leave everything untouched; slots, snapshots and the engine's prefix reuse keep the
+contents; the memory of a Gemma-3-shaped plan is measured."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from reference import attention_f64
+
+import jkv
+from jkv import memory
+from jkv.caches import ERR_WINDOW, PlannedCache, Ring
+from jkv.serving import mixed
+
+WINDOWS = (4, None, 6)  # two ring groups and a full one, the full layer in the middle
+SLACK, PAGE, MAX_LEN, B, T = 5, 4, 64, 3, 5
+SPEC = jkv.CacheSpec(3, 2, 16, MAX_LEN)
+N = 4  # query heads (GQA 2)
+
+
+def poisoned(cache):
+    """Every stored value NaN: only positions written since may be read."""
+    fill = lambda x: jnp.full_like(x, jnp.nan)
+    groups = []
+    for group in cache.groups:
+        if hasattr(group, "pages"):
+            groups.append(group.replace(pages=tuple(map(fill, group.pages))))
+        else:
+            groups.append(group.replace(data=tuple(map(fill, group.data))))
+    return cache.replace(groups=tuple(groups))
+
+
+def new_cache(layout, batch=B):
+    return poisoned(PlannedCache.init(SPEC, batch, windows=WINDOWS, slack=SLACK, layout=layout, page_size=PAGE))
+
+
+class Model:
+    """Every K/V ever written, in float64, and the lengths: the ring's reference."""
+
+    def __init__(self, batch=B):
+        self.k = np.full((SPEC.num_layers, batch, 2, MAX_LEN, 16), np.nan)
+        self.v = np.full_like(self.k, np.nan)
+        self.lengths = np.zeros(batch, np.int64)
+
+    def attend(self, q, layer, counts):
+        positions = np.where(
+            np.arange(q.shape[1])[None, :] < counts[:, None], self.lengths[:, None] + np.arange(q.shape[1]), -1
+        )
+        k, v = np.nan_to_num(self.k[layer]), np.nan_to_num(self.v[layer])  # unwritten: never in a window
+        return attention_f64(q, k, v, positions, window=WINDOWS[layer])
+
+
+@functools.partial(jax.jit, static_argnames="impl")
+def _step(cache, counts, q, k, v, impl="xla"):
+    """A padded step of every layer: begin, write + attend, commit."""
+    cache = cache.begin(counts)
+    outs = []
+    for layer in range(SPEC.num_layers):
+        out, cache = jkv.attend_write(q, k[layer], v[layer], cache, layer, impl=impl, window=WINDOWS[layer])
+        outs.append(out)
+    return jnp.stack(outs), cache.commit()
+
+
+_rollback = jax.jit(lambda c, n: c.rollback(n))
+
+
+def step(cache, model, rng, counts, impl="xla"):
+    counts = np.asarray(counts)
+    batch = counts.shape[0]
+    q = rng.standard_normal((batch, T, N, 16)).astype(np.float32)
+    k = rng.standard_normal((SPEC.num_layers, batch, 2, T, 16)).astype(np.float32)
+    v = rng.standard_normal(k.shape).astype(np.float32)
+    outs, cache = _step(cache, jnp.asarray(counts, jnp.int32), q, k, v, impl=impl)
+    for b in range(batch):
+        at = slice(model.lengths[b], model.lengths[b] + counts[b])
+        model.k[:, b, :, at] = k[:, b, :, : counts[b]]
+        model.v[:, b, :, at] = v[:, b, :, : counts[b]]
+    for layer in range(SPEC.num_layers):
+        want = model.attend(q, layer, counts)
+        assert rel_err(outs[layer], want) < 1e-5, layer
+    model.lengths += counts
+    return cache
+
+
+def ring_pages_held(cache):
+    return [np.asarray(g.pages_held()).max() for g in cache.groups[1:]]
+
+
+@pytest.fixture(scope="module", params=["contiguous", "paged"])
+def wrapped(request):
+    """A plan after 14 ragged steps with speculative-style rollbacks: every ring has wrapped."""
+    layout = request.param
+    rng = np.random.default_rng(7)
+    cache, model = new_cache(layout), Model()
+    for i in range(14):
+        counts = rng.integers(0, SLACK + 1, B) if i else np.array([5, 3, 0])
+        cache = step(cache, model, rng, counts)
+        if i % 3 == 1:  # reject up to 2 of the step's tokens
+            back = np.minimum(rng.integers(0, 3, B), counts)
+            model.lengths -= back
+            cache = _rollback(cache, jnp.asarray(model.lengths, jnp.int32))
+        assert np.asarray(cache.errors).max() == 0
+        pages = [Ring(w, SLACK, layout == "contiguous").pages_per_sequence(PAGE) for w in (4, 6)]
+        assert all(h <= p for h, p in zip(ring_pages_held(cache), pages, strict=True))
+    assert (model.lengths > 6 - 1 + SLACK + PAGE).all(), model.lengths  # past every ring's pages
+    return layout, cache, model
+
+
+def test_steps_match_the_model(wrapped):
+    """The fixture checked every step; here: a step, the deepest rollback a ring guarantees below its end (across
+    the wrap), and two more steps."""
+    _, cache, model = wrapped
+    rng = np.random.default_rng(1)
+    model = Model.__new__(Model)
+    model.k, model.v, model.lengths = wrapped[2].k.copy(), wrapped[2].v.copy(), wrapped[2].lengths.copy()
+    cache = step(cache, model, rng, [SLACK, 3, SLACK])
+    model.lengths -= SLACK
+    cache = _rollback(cache, jnp.asarray(model.lengths, jnp.int32))
+    for counts in ([5, 1, 2], [1, 1, 1]):
+        cache = step(cache, model, rng, counts)
+    assert np.asarray(cache.errors).max() == 0
+
+
+def test_refusals_touch_nothing(wrapped):
+    """A step beyond a contiguous plan's slack, and a rollback below what a ring holds: host calls raise; under
+    jit the sequence is left as it was with ERR_WINDOW, the others go on."""
+    layout, cache, model = wrapped
+    with pytest.raises(ValueError, match="ring"):
+        cache.rollback(jnp.asarray(model.lengths - 9, jnp.int32))
+    deep = jnp.asarray(np.where(np.arange(B) == 1, model.lengths - 9, model.lengths - 1), jnp.int32)
+    after = _rollback(cache, deep)
+    assert np.asarray(after.errors).tolist() == [0, ERR_WINDOW, 0]
+    assert np.asarray(after.lengths).tolist() == (model.lengths - [1, 0, 1]).tolist()
+    for old, new in zip(cache.groups[1:], after.groups[1:], strict=True):  # the refused sequence keeps its pages
+        assert np.array_equal(old.block_tables[1], new.block_tables[1])
+    assert _rollback(cache, jnp.zeros(B, jnp.int32)).lengths.max() == 0  # back to empty: always
+    if layout == "contiguous":
+        with pytest.raises(ValueError, match="slack"):
+            cache.begin(jnp.asarray([SLACK + 1, 1, 1], jnp.int32))
+        begun = jax.jit(lambda c, n: c.begin(n))(cache, jnp.asarray([SLACK + 1, 1, 1], jnp.int32))
+        assert np.asarray(begun.counts).tolist() == [0, 1, 1]
+        assert np.asarray(begun.errors).tolist() == [ERR_WINDOW, 0, 0]
+        row = lambda c: [np.asarray(g.block_tables[0]) for g in c.groups[1:]]
+        assert all(np.array_equal(a, b) for a, b in zip(row(begun), row(cache), strict=True))
+
+
+def test_slots_snapshot_and_prefixes(wrapped):
+    """extract -> insert into another slot, snapshot -> restore, and the engine's prefix reuse (contiguous: a
+    device copy cut to n; paged: pinned pages attached) all attend as the model does."""
+    layout, cache, model = wrapped
+    rng = np.random.default_rng(2)
+    single = cache.extract_slot(0)
+    assert single.spec.num_layers == 3 and int(single.lengths[0]) == model.lengths[0]
+    moved = cache.insert_into_slot(2, single)
+    m2 = Model.__new__(Model)
+    m2.k, m2.v, m2.lengths = model.k.copy(), model.v.copy(), model.lengths.copy()
+    m2.k[:, 2], m2.v[:, 2], m2.lengths[2] = m2.k[:, 0], m2.v[:, 0], m2.lengths[0]
+    moved = step(moved, m2, rng, [1, 0, 2])
+
+    snap = cache.snapshot()
+    back = PlannedCache.restore(snap, windows=WINDOWS, slack=SLACK, layout=layout, page_size=PAGE)
+    m3 = Model.__new__(Model)
+    m3.k, m3.v, m3.lengths = model.k.copy(), model.v.copy(), model.lengths.copy()
+    step(back, m3, rng, [2, 1, 1])
+
+    n = int(model.lengths[1]) - 2
+    if layout == "contiguous":
+        entry = mixed.extract_copy(cache, 1, max_len=MAX_LEN)
+        hit = mixed.restore_prefix(cache, 0, entry, n)
+    else:
+        n -= n % PAGE
+        cache, pages = mixed.pin_pages(cache, 1, n)
+        probe = jkv.KVCache.init(SPEC.replace(max_len=PAGE), 1)
+        hit = mixed.attach_prefix(cache, 0, pages, n, probe)
+    m4 = Model.__new__(Model)
+    m4.k, m4.v, m4.lengths = model.k.copy(), model.v.copy(), model.lengths.copy()
+    m4.k[:, 0], m4.v[:, 0], m4.lengths[0] = m4.k[:, 1], m4.v[:, 1], n
+    hit = step(hit, m4, rng, [3, 1, 0])
+    assert np.asarray(hit.errors).max() == 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_pallas_kernels_read_rings(layout, rng):
+    """The Pallas kernels (interpret mode) over wrapping rings: the paged multi-token kernel reads a ring through
+    its block table from the window's first page; ragged steps of up to 5 tokens and decode steps."""
+    cache, model = new_cache(layout, batch=2), Model(2)
+    for counts in ([5, 4], [5, 5], [4, 5], [1, 3], [2, 1]):
+        cache = step(cache, model, rng, counts, impl="pallas")
+    assert (model.lengths > 6 - 1 + SLACK).all() and np.asarray(cache.errors).max() == 0
+
+
+def test_gemma3_shaped_plan_memory():
+    """5 local layers of window 1024 per global layer at 32k context: at most a quarter of full caches' bytes,
+    measured on the arrays, and memory.plan_bytes says the same."""
+    spec = jkv.CacheSpec(12, 1, 16, 32768)
+    windows = tuple(None if i % 6 == 5 else 1024 for i in range(12))
+    full = jkv.KVCache.init(spec, 1)
+    for layout in ("contiguous", "paged"):
+        plan = PlannedCache.init(spec, 1, windows=windows, slack=64, layout=layout)
+        assert plan.nbytes <= 0.25 * full.nbytes, (layout, plan.nbytes / full.nbytes)
+        assert memory.plan_bytes(spec, 1, windows, slack=64, layout=layout) == plan.nbytes
+    assert memory.cache_bytes(spec, 1) == full.nbytes
