@@ -1,5 +1,6 @@
 """Admission of a prefilled one-sequence cache into a slot of a paged cache (``PagedKVCache.insert_into_slot``):
-on fresh pages, or after a shared prefix of pinned pages."""
+on fresh pages, or after a shared prefix of pinned pages; and a whole contiguous cache paged
+(``PagedKVCache.from_contiguous``)."""
 
 from __future__ import annotations
 
@@ -111,3 +112,32 @@ def _extend_from(cache, hit, single, arrays):
 
     new = tuple(put(buf, x) for buf, x in zip(cache.pages, arrays, strict=True))
     return cache.replace(pages=new, lengths=jnp.where(hit & got, target, cache.lengths)), got
+
+
+def paged_from_contiguous(paged, cache, arrays):
+    """The empty ``paged`` cache holding ``cache``'s sequences (``arrays``: its data in ``paged``'s format)."""
+    page_size, max_len = paged.page_size, cache.spec.max_len
+    m = pool.cdiv(max_len, page_size)
+    j = jnp.arange(m)[None, :]
+    need = (j < pool.cdiv(cache.lengths, page_size)[:, None]) & (j >= paged.first_page(cache.lengths)[:, None])
+    tables, refcounts, got, fresh = pool.allocate(paged.block_tables, paged.refcounts, need)
+    checks.host_all(
+        got,
+        lambda: (
+            f"page pool exhausted: lengths={np.asarray(cache.lengths)} need {int(need.sum())} pages of "
+            f"{page_size}, the pool has {paged.num_pages}"
+        ),
+    )
+
+    def put(buf, x):  # x [L, B, K, S, X] -> pages [L, B, m, K, page_size, X]
+        x = jnp.pad(x, ((0, 0),) * 3 + ((0, m * page_size - max_len), (0, 0)))
+        nl, b, kh, _, d = x.shape
+        return buf.at[:, fresh].set(x.reshape(nl, b, kh, m, page_size, d).swapaxes(2, 3).astype(buf.dtype), mode="drop")
+
+    return paged.replace(
+        pages=tuple(put(buf, x) for buf, x in zip(paged.pages, arrays, strict=True)),
+        block_tables=tables,
+        refcounts=refcounts,
+        lengths=jnp.where(got, cache.lengths, 0),
+        errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
+    )

@@ -341,47 +341,18 @@ class PagedKVCache(Cache):
     def from_contiguous(
         cls, cache: KVCache, *, page_size: int, num_pages: int | None = None, ring: Ring | None = None
     ) -> PagedKVCache:
-        """Page a contiguous cache (its format kept): each sequence gets ``cdiv(length, page_size)`` fresh pages.
-        ``max_len`` is rounded up to a multiple of ``page_size``; a pool too small raises on the host (under ``jit``
-        the sequences that do not fit are left empty with ``ERR_POOL_EXHAUSTED``)."""
+        """Page a contiguous cache (its format kept): each sequence gets ``cdiv(length, page_size)`` fresh pages
+        (a ``ring``: those it keeps). ``max_len`` is rounded up to a multiple of ``page_size``; a pool too small
+        raises on the host (under ``jit`` the sequences that do not fit are left empty with
+        ``ERR_POOL_EXHAUSTED``)."""
+        from jkv.caches.admit import paged_from_contiguous
+
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a jkv.KVCache, got {type(cache).__name__}")
-        spec = cache.spec
-        m = pool.cdiv(spec.max_len, page_size)
-        paged = cls.init(
-            spec.replace(max_len=m * page_size),
-            cache.batch,
-            page_size=page_size,
-            num_pages=num_pages,
-            format=cache.format,
-            ring=ring,
-        )
-        arrays = all_arrays("cache", cache, spec, paged.format)
-        j = jnp.arange(m)[None, :]
-        need = (j < pool.cdiv(cache.lengths, page_size)[:, None]) & (j >= paged.first_page(cache.lengths)[:, None])
-        tables, refcounts, got, fresh = pool.allocate(paged.block_tables, paged.refcounts, need)
-        checks.host_all(
-            got,
-            lambda: (
-                f"page pool exhausted: lengths={np.asarray(cache.lengths)} need {int(need.sum())} pages of "
-                f"{page_size}, the pool has {paged.num_pages}"
-            ),
-        )
-
-        def put(buf, x):  # x [L, B, K, S, X] -> pages [L, B, m, K, page_size, X]
-            x = jnp.pad(x, ((0, 0),) * 3 + ((0, m * page_size - spec.max_len), (0, 0)))
-            nl, b, kh, _, d = x.shape
-            return buf.at[:, fresh].set(
-                x.reshape(nl, b, kh, m, page_size, d).swapaxes(2, 3).astype(buf.dtype), mode="drop"
-            )
-
-        return paged.replace(
-            pages=tuple(put(buf, x) for buf, x in zip(paged.pages, arrays, strict=True)),
-            block_tables=tables,
-            refcounts=refcounts,
-            lengths=jnp.where(got, cache.lengths, 0),
-            errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
-        )
+        m = pool.cdiv(cache.spec.max_len, page_size)
+        spec = cache.spec.replace(max_len=m * page_size)
+        paged = cls.init(spec, cache.batch, page_size=page_size, num_pages=num_pages, format=cache.format, ring=ring)
+        return paged_from_contiguous(paged, cache, all_arrays("cache", cache, cache.spec, paged.format))
 
     # ------------------------------------------------------------------ reading
     def layer(self, layer, dtype=None, *, stored: bool = False) -> tuple[Array, Array]:
