@@ -102,3 +102,28 @@ def test_engine_greedy(family, num_slots, cache):
     assert [c.id for c in done] == ids
     assert [c.tokens for c in done] == [t for t, _ in refs]
     engine.cache.check()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["default", "paged"])
+def test_engine_prefixes_and_drafts(family, cache):
+    """Rings under the engine's prefix cache (each prompt sent twice: the second time a hit of whole pages) and
+    speculative verification (rejected drafts rolled back in every ring): the tokens of full caches (which
+    test_families checks against HF)."""
+    from jkv.serving import Engine, SamplingParams
+
+    name, loaded, _, _ = family
+    if name != "gemma2":
+        pytest.skip("one alternating-window family covers the engine's prefix and draft paths")
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in (20, 18)]  # a page of 16 and more
+    params = SamplingParams(max_new_tokens=24)
+    common = dict(num_slots=2, max_len=64, cache=cache, verbose=False)
+    full = Engine(loaded.params, loaded.config, windowed=False, **common).generate(prompts, params, show_progress=False)
+    engine = Engine(loaded.params, loaded.config, prefix_cache_bytes=1 << 20, speculative_tokens=2, **common)
+    assert isinstance(engine.cache, jkv.caches.PlannedCache)
+    first = engine.generate(prompts, params, show_progress=False)
+    again = engine.generate(prompts, params, show_progress=False)
+    assert first == full and again == full
+    assert engine.stats.prefix_hits >= 2 and engine.stats.verify_steps > 0
+    engine.cache.check()
