@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jkv.caches import KVCache, Plain, PlannedCache, registry
+from jkv.caches import KVCache, PlannedCache, registry
 from jkv.models import llama
 from jkv.serving import mixed
 
@@ -58,14 +58,11 @@ def make_cache(kind: str, spec, batch: int, *, num_pages: int | None = None, pla
     ..., "slack": ..., "window_pages": ...}`` for a per-layer plan (``registry.make_cache``)."""
     check_kind(kind, spec.max_len)
     plan = {} if plan is None else {"page_size": PAGE_SIZE, **plan}
-    if kind == "default" and not plan:
-        return KVCache.init(spec, batch, **options)
-    name = "f32" if kind == "default" else kind  # the plain contiguous kind; the spec's dtype is kept below
-    fmt = dataclasses.replace(Plain() if kind == "default" else registry.kind(kind).format, **options)
-    paging = {"page_size": PAGE_SIZE, "num_pages": num_pages} if is_paged(kind) else {}
     if kind == "default":
-        return PlannedCache.init(spec, batch, format=fmt, layout="contiguous", **plan)
-    return registry.make_cache(name, spec, batch, format=fmt, **(paging | plan))
+        return PlannedCache.init(spec, batch, **plan, **options) if plan else KVCache.init(spec, batch, **options)
+    fmt = dataclasses.replace(registry.kind(kind).format, **options)
+    paging = {"page_size": PAGE_SIZE, "num_pages": num_pages} if is_paged(kind) else {}
+    return registry.make_cache(kind, spec, batch, format=fmt, **(paging | plan))
 
 
 def pow2_bucket(n: int, cap: int) -> int:
