@@ -88,6 +88,31 @@ def step(cache, model, rng, counts, impl="xla"):
     return cache
 
 
+def flat_step(cache, model, rng, counts, rows=8):
+    """A flat step (``jkv.caches.tokens``): sequence b's tokens are consecutive rows; rows past sum(counts) pad."""
+    counts = np.asarray(counts)
+    starts = np.cumsum(counts) - counts
+    q = rng.standard_normal((rows, N, 16)).astype(np.float32)
+    k = rng.standard_normal((SPEC.num_layers, rows, 2, 16)).astype(np.float32)
+    v = rng.standard_normal(k.shape).astype(np.float32)
+    outs, cache = _step(cache, jnp.asarray(counts, jnp.int32), q, k, v)
+    padded_q = np.zeros((counts.shape[0], T, N, 16), np.float32)
+    for b, (s, n) in enumerate(zip(starts, counts, strict=True)):
+        padded_q[b, :n] = q[s : s + n]
+        at = slice(model.lengths[b], model.lengths[b] + n)
+        model.k[:, b, :, at] = k[:, s : s + n].transpose(0, 2, 1, 3)
+        model.v[:, b, :, at] = v[:, s : s + n].transpose(0, 2, 1, 3)
+    for layer in range(SPEC.num_layers):
+        want = model.attend(padded_q, layer, counts)
+        got = np.zeros_like(want)
+        for b, (s, n) in enumerate(zip(starts, counts, strict=True)):
+            got[b, :n] = outs[layer][s : s + n]
+        assert rel_err(got, want) < 1e-5, layer
+        assert not np.asarray(outs[layer][counts.sum() :]).any()  # padding rows: zero
+    model.lengths += counts
+    return cache
+
+
 def ring_pages_held(cache):
     return [np.asarray(g.pages_held()).max() for g in cache.groups[1:]]
 
@@ -114,7 +139,7 @@ def wrapped(request):
 
 def test_steps_match_the_model(wrapped):
     """The fixture checked every step; here: a step, the deepest rollback a ring guarantees below its end (across
-    the wrap), and two more steps."""
+    the wrap), two more padded steps and two flat ones."""
     _, cache, model = wrapped
     rng = np.random.default_rng(1)
     model = Model.__new__(Model)
@@ -124,6 +149,8 @@ def test_steps_match_the_model(wrapped):
     cache = _rollback(cache, jnp.asarray(model.lengths, jnp.int32))
     for counts in ([5, 1, 2], [1, 1, 1]):
         cache = step(cache, model, rng, counts)
+    for counts in ([3, 0, 4], [1, 1, 1]):
+        cache = flat_step(cache, model, rng, counts)
     assert np.asarray(cache.errors).max() == 0
 
 
