@@ -16,6 +16,8 @@ PROMPTS = (5, 11, 3, 9)  # two longer than the window; each plus 32 steps passes
 STEPS = 32
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2)
 SMALL |= dict(head_dim=16, max_position_embeddings=128, attn_implementation="eager")
+# Gemma ties its embeddings by default; untied here, since a tied random model repeats its last token, and greedy
+# tokens that repeat would check little past the window.
 FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=WINDOW)),
@@ -26,6 +28,7 @@ FAMILIES = {
             num_hidden_layers=3,
             sliding_window=WINDOW,
             query_pre_attn_scalar=24,
+            tie_word_embeddings=False,
             attn_logit_softcapping=2.0,
             final_logit_softcapping=4.0,
         ),
@@ -37,6 +40,7 @@ FAMILIES = {
             num_hidden_layers=3,
             sliding_window=WINDOW,
             query_pre_attn_scalar=24,
+            tie_word_embeddings=False,
             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
             rope_parameters={
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},

@@ -25,7 +25,7 @@ CASES = {
     "mistral": ("llama", {}),
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {}),
-    "gemma2": ("gemma2", dict(query_pre_attn_scalar=SMALL["head_dim"])),
+    "gemma2": ("gemma2", dict(query_pre_attn_scalar=SMALL["head_dim"], tie_word_embeddings=True)),  # no lm_head
     "gemma3": ("gemma3", dict(query_pre_attn_scalar=SMALL["head_dim"], num_hidden_layers=6, layer_types=None)),
 }
 WANT = {
