@@ -6,7 +6,7 @@ import contextlib
 import gguf
 import numpy as np
 import pytest
-from helpers_loading import llama_cpp_permute
+from helpers_loading import byte_level_alphabet, llama_cpp_permute
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,6 +68,18 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
+# family -> (GGUF architecture, HF config overrides that llama.cpp's reading of the file can express: Gemma's
+# query scale is head_dim ** -0.5 below 27B, Gemma 3's windows fall on all but every sixth layer, and Gemma 2's
+# converter drops lm_head)
+GGUF_CASES = {
+    "mistral": ("llama", {}),
+    "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {}),
+    "gemma2": ("gemma2", dict(query_pre_attn_scalar=SMALL["head_dim"], tie_word_embeddings=True)),
+    "gemma3": ("gemma3", dict(query_pre_attn_scalar=SMALL["head_dim"], num_hidden_layers=6, layer_types=None)),
+}
+
+
 def hf_model(family: str, **overrides):
     """A random HF model of ``family`` (``overrides``: config fields), every weight (norms too) drawn away from
     its default."""
@@ -105,12 +117,30 @@ def hf_greedy(model, prompts, steps: int = STEPS):
     return [(seq[len(p) :], row[: len(seq) - 1]) for p, seq, row in zip(prompts, seqs, logits, strict=True)]
 
 
-def write_gguf(path, model, arch: str) -> None:
+def save_word_tokenizer(directory, vocab_size: int) -> None:
+    """A ``tokenizer.json`` of whole words (``<pad>``, ``<bos>``, ``<eos>``, then ``w3`` ... split on spaces, so
+    text and token ids determine each other) and a ``tokenizer_config.json`` naming BOS (prepended) and EOS."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def write_gguf(path, model, arch: str, bpe: bool = False) -> None:
     """``model`` as llama.cpp's ``convert_hf_to_gguf.py`` writes it for ``arch`` (f32 tensors): the keys its
     model class sets, tensor names by gguf's own name map, Q/K rows permuted for ``llama`` (Mistral), Gemma's norms
     stored as ``1 + w`` and no ``lm_head``. ``llama`` gets ``attention.sliding_window`` when the model has one
     (the converter leaves it out; jkv reads it where present). A SentencePiece-style token list of placeholder
-    pieces (BPE for ``qwen3``) gives the vocabulary size, as the converter's tokenizer does."""
+    pieces (BPE for ``qwen3``) gives the vocabulary size, as the converter's tokenizer does; ``bpe``: a GPT-2
+    style byte-level BPE instead, which jkv reads (its 256 byte pieces need a vocabulary of at least 259)."""
     c, hp = model.config, model.config.to_dict()
     n_layers, heads, kv_heads = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
     w = gguf.GGUFWriter(str(path), arch=arch)
@@ -145,11 +175,20 @@ def write_gguf(path, model, arch: str) -> None:
         w.add_final_logit_softcapping(c.final_logit_softcapping)
     if getattr(c, "sliding_window", None) and arch in ("llama", "phi3", "gemma2", "gemma3"):
         w.add_sliding_window(c.sliding_window)
-    w.add_tokenizer_model("gpt2" if arch == "qwen3" else "llama")
-    w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
-    if arch != "qwen3":
-        w.add_token_scores([0.0] * c.vocab_size)
-    w.add_token_types([3] * 3 + [1] * (c.vocab_size - 3))
+    if bpe:
+        pieces = ["Ġt", "he", "Ġthe"]
+        tokens = [*byte_level_alphabet(), *pieces] + [f"<extra{i}>" for i in range(c.vocab_size - 259)]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * 259 + [3] * (c.vocab_size - 259))
+        w.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    else:
+        w.add_tokenizer_model("gpt2" if arch == "qwen3" else "llama")
+        w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
+        if arch != "qwen3":
+            w.add_token_scores([0.0] * c.vocab_size)
+        w.add_token_types([3] * 3 + [1] * (c.vocab_size - 3))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], n_layers)

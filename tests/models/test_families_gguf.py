@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from helpers_families import PROMPTS, SMALL, WINDOW, hf_greedy, hf_model, write_gguf
+from helpers_families import GGUF_CASES, PROMPTS, WINDOW, hf_greedy, hf_model, write_gguf
 
 import jkv
 from jkv.loading import ModelLoadError, load_gguf
@@ -19,15 +19,6 @@ from jkv.loading.gguf import config_from_metadata
 from jkv.models import llama
 
 STEPS = 16  # teacher-forced in one forward pass: decode steps are tests/models/test_families.py's
-# family -> (GGUF architecture, HF config overrides that llama.cpp's reading of the file can express: Gemma's
-# query scale is head_dim ** -0.5 below 27B, and Gemma 3's windows fall on all but every sixth layer)
-CASES = {
-    "mistral": ("llama", {}),
-    "qwen3": ("qwen3", {}),
-    "phi3": ("phi3", {}),
-    "gemma2": ("gemma2", dict(query_pre_attn_scalar=SMALL["head_dim"], tie_word_embeddings=True)),  # no lm_head
-    "gemma3": ("gemma3", dict(query_pre_attn_scalar=SMALL["head_dim"], num_hidden_layers=6, layer_types=None)),
-}
 WANT = {
     "mistral": dict(windows=(WINDOW,) * 2),
     "qwen3": dict(qk_norm=True, windows=None),
@@ -37,9 +28,9 @@ WANT = {
 }
 
 
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize("family", list(GGUF_CASES))
 def test_gguf_matches_hf(family, tmp_path):
-    arch, overrides = CASES[family]
+    arch, overrides = GGUF_CASES[family]
     model = hf_model(family, **overrides)
     write_gguf(tmp_path / f"{family}.gguf", model, arch)
     loaded = load_gguf(tmp_path / f"{family}.gguf", "f32", progress=False, with_tokenizer=False)
