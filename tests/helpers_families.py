@@ -138,9 +138,10 @@ def write_gguf(path, model, arch: str, bpe: bool = False) -> None:
     """``model`` as llama.cpp's ``convert_hf_to_gguf.py`` writes it for ``arch`` (f32 tensors): the keys its
     model class sets, tensor names by gguf's own name map, Q/K rows permuted for ``llama`` (Mistral), Gemma's norms
     stored as ``1 + w`` and no ``lm_head``. ``llama`` gets ``attention.sliding_window`` when the model has one
-    (the converter leaves it out; jkv reads it where present). A SentencePiece-style token list of placeholder
-    pieces (BPE for ``qwen3``) gives the vocabulary size, as the converter's tokenizer does; ``bpe``: a GPT-2
-    style byte-level BPE instead, which jkv reads (its 256 byte pieces need a vocabulary of at least 259)."""
+    (the converter leaves it out; jkv reads it where present). The tokenizer gives the vocabulary size, as the
+    converter's does: SentencePiece pieces of one character each (no space prefix for Gemma), or for ``qwen3``
+    placeholder pieces, or with ``bpe`` a GPT-2 style byte-level BPE (its 256 byte pieces need a vocabulary of at
+    least 259)."""
     c, hp = model.config, model.config.to_dict()
     n_layers, heads, kv_heads = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
     w = gguf.GGUFWriter(str(path), arch=arch)
@@ -183,12 +184,18 @@ def write_gguf(path, model, arch: str, bpe: bool = False) -> None:
         w.add_token_list(tokens)
         w.add_token_types([1] * 259 + [3] * (c.vocab_size - 259))
         w.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    else:
-        w.add_tokenizer_model("gpt2" if arch == "qwen3" else "llama")
+    elif arch == "qwen3":
+        w.add_tokenizer_model("gpt2")
         w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
-        if arch != "qwen3":
-            w.add_token_scores([0.0] * c.vocab_size)
         w.add_token_types([3] * 3 + [1] * (c.vocab_size - 3))
+    else:  # SentencePiece: control tokens, then "▁" and one character per piece, so every text of them encodes
+        chars = [chr(i) for i in range(33, 127)] + [chr(i) for i in range(0x100, 0x100 + c.vocab_size)]
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<pad>", "<bos>", "<eos>", "\u2581", *chars[: c.vocab_size - 4]])
+        w.add_token_scores([0.0] * c.vocab_size)
+        w.add_token_types([3] * 3 + [1] * (c.vocab_size - 3))
+        if arch.startswith("gemma"):
+            w.add_add_space_prefix(False)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], n_layers)

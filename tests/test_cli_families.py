@@ -1,9 +1,9 @@
 """``jkv generate --model DIR`` and ``--model FILE.gguf`` on each family: a small random HF model saved by
 transformers with a word tokenizer (tests/helpers_families.py), and the GGUF file llama.cpp's converter would write
-from it (with a byte-level BPE tokenizer, the kind jkv reads from GGUF). The command's tokens (recorded from the
-generator it calls) equal HF's greedy continuation of the prompt's ids, up to the tokenizer's first stop token,
-past the window; what it prints is their text. Gemma 3 from its directory and Mistral from GGUF run by default,
-the rest slow (every family's loading is checked in tests/models)."""
+from it (a SentencePiece tokenizer as the converter stores one, byte-level BPE for Qwen3). The command's tokens
+(recorded from the generator it calls) equal HF's greedy continuation of the prompt's ids, up to the tokenizer's
+first stop token, past the window; what it prints is their text. Gemma 3 from its directory and Mistral from GGUF
+run by default, the rest slow (every family's loading is checked in tests/models)."""
 
 import pytest
 from helpers_families import FAMILIES, GGUF_CASES, hf_greedy, hf_model, save_word_tokenizer, write_gguf
@@ -36,7 +36,7 @@ def test_generate_matches_hf_greedy(family, kind, tmp_path, monkeypatch, capsys)
         path = str(tmp_path)
     else:
         path = str(tmp_path / f"{family}.gguf")
-        write_gguf(path, model, arch, bpe=True)
+        write_gguf(path, model, arch, bpe=arch == "qwen3")
     tok = load(path, "f32", progress=False).tokenizer
     ids = tok.encode(PROMPTS[kind])
     want = hf_greedy(model, [ids], STEPS)[0][0]
@@ -49,7 +49,7 @@ def test_generate_matches_hf_greedy(family, kind, tmp_path, monkeypatch, capsys)
     argv = ["generate", PROMPTS[kind], "--model", path, "--raw", "--max-new-tokens", str(STEPS), "--dtype", "f32"]
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
-    assert len(ids) + len(want) > 8, "the prompt and continuation must pass the window"
+    assert len(want) == STEPS and len(ids) + STEPS > 8, "the continuation must be whole and pass the window"
     assert results[0].tokens == want
     text = "".join(piece for piece in map(tok.stream().push, want))
     assert out == text + "\n" and f"[{len(want)} tokens, " in err
