@@ -6,8 +6,9 @@ to f32 by ``gguf.quants.dequantize`` (the package's own routines) before they ar
 llama.cpp's converter permutes the rows of the Q and K projections of ``llama`` models so that its interleaved
 (NORM) rotary embedding matches HF's split-halves (NEOX) one; we undo that permutation here and run NEOX
 everywhere, as HF transformers does. ``qwen2`` and ``qwen3`` files are stored unpermuted (llama.cpp runs them
-in NEOX); ``qwen3`` adds per-head q/k norms (``attn_q_norm``, ``attn_k_norm``). ``phi3`` stores q/k/v fused
-as ``attn_qkv`` and gate/up as one ``ffn_up`` of ``2F`` rows (split here), and its window on every layer.
+in NEOX). ``phi3`` stores q/k/v fused as ``attn_qkv`` and gate/up as one ``ffn_up`` of ``2F`` rows (split
+here). What each family's metadata means (windows, soft caps, Gemma's norms and query scale) is in
+``jkv.loading.gguf_families``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import time
 
 import numpy as np
 
+from jkv.loading import gguf_families, validate
 from jkv.loading import tokenizer as tokenizer_lib
-from jkv.loading import validate
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
+ARCHITECTURES = gguf_families.ARCHITECTURES
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 MAGIC = b"GGUF"
 
@@ -43,6 +44,7 @@ _LAYER_NAMES = {
     "down": "ffn_down.weight",
     "q_norm": "attn_q_norm.weight",
     "k_norm": "attn_k_norm.weight",
+    **gguf_families.LAYER_NAMES,
 }
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 
@@ -139,16 +141,12 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tup
         value = meta[f"{arch}.attention.value_length"]
         if value != values["head_dim"]:
             validate.integer(value, f"{arch}.attention.value_length", source, values["head_dim"], values["head_dim"])
-    window = meta.get(f"{arch}.attention.sliding_window") if arch == "phi3" else None
-    if window:
-        window = validate.integer(window, f"{arch}.attention.sliding_window", source, 1, 1 << 27)
     config = LlamaConfig(
         **values,
-        windows=(window,) * values["num_layers"] if window else None,
         tie_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
-        qk_norm=arch == "qwen3",
         architecture=arch,
+        **gguf_families.family_fields(meta, arch, values, source),
     )
     return config, names
 

@@ -1,7 +1,8 @@
 """Tokenizers from model files, built on the ``tokenizers`` package, plus chat templates and streaming decode.
 
 GGUF files carry a GPT-2 style byte-level BPE (``tokenizer.ggml.model == "gpt2"``) as a vocabulary, merges and a
-pre-tokenizer name; the name picks how text is split before BPE, as llama.cpp does. HF directories carry a
+pre-tokenizer name; the name picks how text is split before BPE, as llama.cpp does. SentencePiece vocabularies
+(``"llama"``: pieces and scores) are encoded by ``jkv.loading.spm``. HF directories carry a
 ``tokenizer.json`` that ``tokenizers`` reads as is.
 """
 
@@ -42,6 +43,7 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 
 # Tokens that end a turn in common chat formats; each one present in a vocabulary also stops generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>")
+END_OF_TURN_TOKENS += ("<end_of_turn>",)  # Gemma's
 
 
 class TokenizerError(ValueError):
@@ -152,13 +154,13 @@ class StreamDecoder:
 def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
     """A tokenizer from GGUF ``tokenizer.*`` metadata (values already decoded to Python objects)."""
     kind = fields.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise TokenizerError(
             f"unsupported tokenizer model {kind!r} in {source}: jkv reads GPT-2 style byte-level BPE ('gpt2') "
-            "from GGUF; use a safetensors directory with tokenizer.json for other tokenizers"
+            "and SentencePiece ('llama') from GGUF; use a safetensors directory with tokenizer.json for others"
         )
     tokens = fields.get("tokenizer.ggml.tokens")
-    merges = fields.get("tokenizer.ggml.merges")
+    merges = fields.get("tokenizer.ggml.merges") if kind == "gpt2" else []
     if not tokens or merges is None:
         raise TokenizerError(f"{source} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     types = fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
@@ -168,6 +170,8 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
     _check_list(types, int, "tokenizer.ggml.token_type", source)
     if len(types) != len(tokens):
         raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(types)} token types")
+    if kind == "llama":
+        return _sentencepiece(fields, tokens, types, source)
     bad = next((m for m in merges if " " not in m), None)
     if bad is not None:
         raise TokenizerError(f"{source}: merge {bad!r} in tokenizer.ggml.merges is not two tokens joined by a space")
@@ -211,6 +215,31 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
         add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=template,
         extra_stop_ids=() if eot is None else (eot,),
+    )
+
+
+def _sentencepiece(fields: dict, tokens: list, types: list, source: str) -> Tokenizer:
+    """A SentencePiece vocabulary (``jkv.loading.spm``), BOS prepended unless the file says otherwise."""
+    from jkv.loading.spm import SentencePieceBackend
+
+    scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    _check_list(scores, float, "tokenizer.ggml.scores", source)
+    if len(scores) != len(tokens):
+        raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(scores)} token scores")
+    prefix = fields.get("tokenizer.ggml.add_space_prefix", True)
+    backend = SentencePieceBackend(tokens, scores, types, add_space_prefix=prefix)
+    ids = {key: fields.get(f"tokenizer.ggml.{key}") for key in ("bos_token_id", "eos_token_id", "eot_token_id")}
+    for key, value in ids.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TokenizerError(f"{source}: tokenizer.ggml.{key}={value!r} is not a token id")
+    template = fields.get("tokenizer.chat_template")
+    return Tokenizer(
+        backend,
+        bos_id=ids["bos_token_id"],
+        eos_id=ids["eos_token_id"],
+        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", True)),
+        chat_template=template if isinstance(template, str) else None,
+        extra_stop_ids=() if ids["eot_token_id"] is None else (ids["eot_token_id"],),
     )
 
 

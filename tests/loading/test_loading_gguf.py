@@ -357,10 +357,10 @@ ERRORS = {
         ModelLoadError,
         "tensor 'blk.1.ffn_up.weight' is missing from",
     ),
-    "sentencepiece-tokenizer": (
-        lambda p, r: write_tiny_gguf(p, r, tokenizer="llama"),
+    "wordpiece-tokenizer": (
+        lambda p, r: write_tiny_gguf(p, r, tokenizer="bert"),
         TokenizerError,
-        "unsupported tokenizer model 'llama'",
+        r"unsupported tokenizer model 'bert' .* \('gpt2'\) and SentencePiece \('llama'\)",
     ),
 }
 

@@ -9,68 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from helpers_families import FAMILIES, PROMPTS, STEPS, WINDOW, hf_greedy, hf_model
 
 import jkv
 from jkv.loading import load_safetensors
 from jkv.models import llama
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-WINDOW = 8
-PROMPTS = (5, 11, 3, 9)  # two longer than the window; each plus 32 steps passes it
-STEPS = 32
-SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2)
-SMALL |= dict(head_dim=16, max_position_embeddings=128, attn_implementation="eager")
-FAMILIES = {
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2, tie_word_embeddings=False)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, sliding_window=WINDOW)),
-    "gemma2": (
-        "Gemma2Config",
-        "Gemma2ForCausalLM",
-        dict(
-            num_hidden_layers=3,
-            sliding_window=WINDOW,
-            query_pre_attn_scalar=24,
-            attn_logit_softcapping=2.0,
-            final_logit_softcapping=4.0,
-        ),
-    ),
-    "gemma3": (
-        "Gemma3TextConfig",
-        "Gemma3ForCausalLM",
-        dict(
-            num_hidden_layers=3,
-            sliding_window=WINDOW,
-            query_pre_attn_scalar=24,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-            rope_parameters={
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
-            },
-        ),
-    ),
-    "phi3": (
-        "Phi3Config",
-        "Phi3ForCausalLM",
-        dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=2, num_key_value_heads=1, sliding_window=WINDOW),
-    ),
-}
-
-
-def hf_model(family: str):
-    """A random HF model of ``family``, every weight (norms too) drawn away from its default."""
-    config_cls, model_cls, extra = FAMILIES[family]
-    kw = SMALL | {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0} | extra
-    if family == "phi3":
-        kw.pop("head_dim")
-    torch.manual_seed(sum(map(ord, family)))
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if "norm" in name else 0.15
-            p.copy_(torch.randn_like(p) * scale + (1.0 if "norm" in name and "gemma" not in family else 0.0))
-    return model
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -83,26 +26,6 @@ def family(request, tmp_path_factory):
     rng = np.random.default_rng(len(request.param))
     prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
     return request.param, loaded, prompts, hf_greedy(model, prompts)
-
-
-def hf_greedy(model, prompts):
-    """Per prompt: HF's greedy tokens and its logits at every position of prompt + continuation but the last.
-    No HF cache: each step is a full causal pass over the right-padded batch (padding after a sequence's last
-    token cannot reach it), so HF's own window masks decide everything."""
-    seqs = [list(p) for p in prompts]
-    width = max(map(len, prompts)) + STEPS
-
-    def run(rows):
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        return model(ids).logits.numpy().astype(np.float64)
-
-    with torch.no_grad():
-        for _ in range(STEPS):
-            logits = run(seqs)
-            for seq, row in zip(seqs, logits, strict=True):
-                seq.append(int(row[len(seq) - 1].argmax()))
-        logits = run([seq[:-1] for seq in seqs])
-    return [(seq[len(p) :], row[: len(seq) - 1]) for p, seq, row in zip(prompts, seqs, logits, strict=True)]
 
 
 def test_config_options(family):
@@ -203,18 +126,3 @@ def test_layer_layouts_and_init(family, rng):
     stacked, _ = forward(llama.with_layout(loaded.params, "stacked"), jkv.make_cache("f32", spec, 2), tokens)
     layers, _ = forward(llama.with_layout(loaded.params, "layers"), jkv.make_cache("f32", spec, 2), tokens)
     assert rel_err(layers, stacked) < 1e-6
-
-
-@pytest.mark.parametrize("num_slots,cache", [(1, "default"), (3, "paged")])
-def test_engine_greedy(family, num_slots, cache):
-    """Continuous batching at several concurrencies gives HF's 32 greedy tokens (windowed families)."""
-    from jkv.serving import Engine, SamplingParams
-
-    name, loaded, prompts, refs = family
-    if name not in ("mistral", "gemma2"):
-        pytest.skip("the engine is family-blind: one uniform and one alternating window suffice")
-    engine = Engine(loaded.params, loaded.config, num_slots=num_slots, max_len=64, cache=cache, verbose=False)
-    ids = [engine.submit(p, SamplingParams(max_new_tokens=STEPS)) for p in prompts]
-    done = engine.run(show_progress=False)
-    assert [c.id for c in done] == ids
-    assert [c.tokens for c in done] == [t for t, _ in refs]

@@ -1,87 +1,99 @@
-"""GGUF files of the new architectures, written here as llama.cpp's converter names them from an HF model's
-weights (Qwen3: ``attn_q_norm`` / ``attn_k_norm``, unpermuted rows; Phi-3: fused ``attn_qkv`` and an ``ffn_up`` of
-gate then up rows, ``attention.sliding_window``): jkv's logits against HF's."""
+"""GGUF files of each family, written from a small random HF model as llama.cpp's converter writes them
+(tests/helpers_families.py: Mistral as ``llama`` with permuted Q/K rows, Qwen3's q/k norms, Phi-3's fused tensors,
+Gemma's ``1 + w`` norms and metadata), loaded by jkv: logits at every position of two prompts and HF's 16 greedy
+continuation tokens (one forward pass, past the window) against HF's, and their argmax against those tokens.
+What the metadata alone decides (layer patterns, Gemma's query scale, defaults, refusals) is checked on dicts."""
 
 import functools
 
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from helpers_families import GGUF_CASES, PROMPTS, WINDOW, hf_greedy, hf_model, write_gguf
 
 import jkv
-from jkv.loading import load_gguf
+from jkv.loading import ModelLoadError, load_gguf
+from jkv.loading.gguf import config_from_metadata
 from jkv.models import llama
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.o_proj": "attn_output"}
-NAMES |= {f"self_attn.{x}_proj": f"attn_{x}" for x in "qkv"} | {f"self_attn.{x}_norm": f"attn_{x}_norm" for x in "qk"}
-NAMES |= {f"mlp.{x}_proj": f"ffn_{x}" for x in ("gate", "up", "down")}
-NAMES |= {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
-
-
-def write_gguf(path, model, arch: str) -> None:
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), arch=arch)
-    meta = {"block_count": c.num_hidden_layers, "context_length": 128, "embedding_length": c.hidden_size}
-    meta |= {"feed_forward_length": c.intermediate_size, "attention.head_count": c.num_attention_heads}
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    meta |= {"attention.head_count_kv": c.num_key_value_heads, "attention.key_length": d}
-    meta |= {"attention.value_length": d, "vocab_size": c.vocab_size}
-    for key, value in meta.items():
-        writer.add_uint32(f"{arch}.{key}", value)
-    writer.add_float32(f"{arch}.rope.freq_base", c.rope_parameters["rope_theta"])
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
-    if getattr(c, "sliding_window", None):
-        writer.add_uint32(f"{arch}.attention.sliding_window", c.sliding_window)
-    for name, w in model.state_dict().items():
-        w = w.numpy().astype(np.float32)
-        if name == "model.embed_tokens.weight":
-            writer.add_tensor("token_embd.weight", w)
-        elif name == "model.norm.weight":
-            writer.add_tensor("output_norm.weight", w)
-        elif name == "lm_head.weight":
-            writer.add_tensor("output.weight", w)
-        else:
-            _, _, layer, rest = name.removesuffix(".weight").split(".", 3)
-            writer.add_tensor(f"blk.{layer}.{NAMES[rest]}.weight", w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-CONFIGS = {
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, hidden_size=64, num_attention_heads=4)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(hidden_size=192, num_attention_heads=2, sliding_window=8)),
+STEPS = 16  # teacher-forced in one forward pass: decode steps are tests/models/test_families.py's
+WANT = {
+    "mistral": dict(windows=(WINDOW,) * 2),
+    "qwen3": dict(qk_norm=True, windows=None),
+    "phi3": dict(windows=(WINDOW,) * 2),
+    "gemma2": dict(windows=(WINDOW, None, WINDOW), attn_softcap=2.0, final_softcap=4.0, query_scale=0.25),
+    "gemma3": dict(windows=(WINDOW,) * 5 + (None,), qk_norm=True, rope_local_theta=1e4, rope_linear_factor=2.0),
 }
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
-def test_gguf_matches_hf(arch, tmp_path, rng):
-    config_cls, model_cls, extra = CONFIGS[arch]
-    config = getattr(transformers, config_cls)(
-        vocab_size=96, intermediate_size=80, num_hidden_layers=2, num_key_value_heads=1, tie_word_embeddings=False,
-        attn_implementation="eager", bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.15) + (1.0 if "norm" in name else 0.0))
-    write_gguf(tmp_path / f"{arch}.gguf", model, arch)
-    loaded = load_gguf(tmp_path / f"{arch}.gguf", "f32", progress=False, with_tokenizer=False)
+@pytest.mark.parametrize("family", list(GGUF_CASES))
+def test_gguf_matches_hf(family, tmp_path):
+    arch, overrides = GGUF_CASES[family]
+    model = hf_model(family, **overrides)
+    write_gguf(tmp_path / f"{family}.gguf", model, arch)
+    loaded = load_gguf(tmp_path / f"{family}.gguf", "f32", progress=False, with_tokenizer=False)
     c = loaded.config
-    assert c.qk_norm == (arch == "qwen3") and c.architecture == arch
-    assert c.windows == ((8,) * 2 if arch == "phi3" else None)
-    tokens = rng.integers(0, 96, (2, 14))  # past Phi-3's window
-    with torch.no_grad():
-        want = model(torch.tensor(tokens)).logits.numpy()
-    cache = jkv.make_cache("f32", jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16), 2)
-    forward = jax.jit(functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="xla")))
-    logits, _ = forward(loaded.params, cache, jnp.asarray(tokens, jnp.int32))
-    assert rel_err(logits, want) < 1e-5
+    assert c.architecture == arch and c.sandwich_norms == family.startswith("gemma")
+    for field, value in WANT[family].items():
+        assert getattr(c, field) == value, field
+    rng = np.random.default_rng(len(family))
+    prompts = [rng.integers(3, c.vocab_size, n).tolist() for n in PROMPTS[:2]]  # 5 and 11 tokens
+    refs = hf_greedy(model, prompts, STEPS)
+    seqs = [p + t[:-1] for p, (t, _) in zip(prompts, refs, strict=True)]  # what HF's logits were computed on
+    tokens = np.full((len(seqs), max(map(len, seqs))), 5, np.int32)
+    for i, seq in enumerate(seqs):
+        tokens[i, : len(seq)] = seq
+    cache = jkv.make_cache("f32", jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 32), len(seqs))
+    forward = functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="xla"))
+    logits, _ = jax.jit(forward)(loaded.params, cache, jnp.asarray(tokens))
+    for row, seq, (greedy, ref) in zip(np.asarray(logits), seqs, refs, strict=True):
+        assert rel_err(row[: len(seq)], ref) < 1e-5
+        assert (row[len(seq) - STEPS : len(seq)].argmax(-1) == greedy).all()
+
+
+def gemma_meta(arch: str, layers: int, **keys) -> dict:
+    meta = {"general.architecture": arch, f"{arch}.vocab_size": 96, f"{arch}.block_count": layers}
+    meta |= {f"{arch}.{k}": v for k, v in dict(embedding_length=4608, feed_forward_length=64).items()}
+    meta |= {f"{arch}.attention.{k}": v for k, v in dict(head_count=32, head_count_kv=16, key_length=128).items()}
+    return meta | {f"{arch}.{k}": v for k, v in keys.items()}
+
+
+def test_metadata_rules():
+    """llama.cpp's reading of what the file leaves out: Gemma 2's window and soft caps, the 27B query scale
+    (hidden // heads, told by the layer count), Gemma 3 without a window; an explicit layer pattern."""
+    names = {"blk.0.attn_q.weight"}
+    gemma2, _ = config_from_metadata(gemma_meta("gemma2", 4), names, "f")
+    assert gemma2.windows == (4096, None, 4096, None) and (gemma2.attn_softcap, gemma2.final_softcap) == (50, 30)
+    assert gemma2.query_scale == 128**-0.5 and gemma2.embed_scale == 4608**0.5 and gemma2.tie_embeddings
+    assert gemma2.rope_theta == 10000.0 and gemma2.activation == "gelu_tanh"
+    large, _ = config_from_metadata(gemma_meta("gemma2", 46), names, "f")
+    assert large.query_scale == 144**-0.5
+    large3, _ = config_from_metadata(gemma_meta("gemma3", 62, **{"attention.sliding_window": 16}), names, "f")
+    assert large3.query_scale == 144**-0.5 and large3.windows[:6] == (16,) * 5 + (None,)
+    assert large3.rope_local_theta == 10000.0 and large3.final_softcap is None and large3.attn_softcap is None
+    plain3, _ = config_from_metadata(gemma_meta("gemma3", 6), names, "f")
+    assert plain3.windows is None and plain3.rope_local_theta is None and plain3.uniform_layers
+    flags = [True, False, False, True]
+    meta = gemma_meta("gemma3", 4, **{"attention.sliding_window": 16, "attention.sliding_window_pattern": flags})
+    assert config_from_metadata(meta, names, "f")[0].windows == (16, None, None, 16)
+    meta = gemma_meta("llama", 3, **{"attention.sliding_window": 16, "attention.sliding_window_pattern": 3})
+    assert config_from_metadata(meta, names, "f")[0].windows == (16, 16, None)
+    assert config_from_metadata(gemma_meta("llama", 3), names, "f")[0].windows is None
+
+
+@pytest.mark.parametrize(
+    "arch,keys,match",
+    [
+        ("gemma", {}, r"unsupported architecture 'gemma' in f: jkv supports \('llama', .*'gemma2', 'gemma3'\)"),
+        ("falcon", {}, "unsupported architecture 'falcon'"),
+        ("gemma3", {"attention.sliding_window": -1}, r"gemma3.attention.sliding_window=-1 is invalid"),
+        ("gemma3", {"attention.sliding_window": 8, "attention.sliding_window_pattern": [True]}, "4 booleans"),
+        ("gemma2", {"final_logit_softcapping": float("nan")}, "gemma2.final_logit_softcapping=nan is invalid"),
+        ("llama", {"rope.dimension_count": 64}, r"llama.rope.dimension_count=64 is invalid: expected an integer in"),
+    ],
+)
+def test_metadata_refusals(arch, keys, match):
+    with pytest.raises(ModelLoadError, match=match):
+        config_from_metadata(gemma_meta(arch, 4, **keys), {"blk.0.attn_q.weight"}, "f")

@@ -1,0 +1,70 @@
+"""The engine on each model family (tests/helpers_families.py: small random HF models saved by transformers and
+loaded by jkv): greedy tokens identical to HF's for 4 prompts whose length plus 32 new tokens passes the window,
+at concurrencies 1, 2 and 4 (4 requests on 3 slots: one waits for a slot), on a contiguous and a paged cache, and
+with prompt-lookup drafts whose rejection rolls the cache back.
+
+One engine per cache kind serves every concurrency (its step compiles once, for one token bucket), so slots are
+reused across rounds. Mistral (a window on every layer) and Gemma 2 (alternating windows, soft caps) run by
+default, drafts on Mistral only (its random model's drafts are mostly rejected); the others are marked slow: the
+engine is family-blind, and each decoder is checked step by step in tests/models/test_families.py."""
+
+import numpy as np
+import pytest
+from helpers_families import FAMILIES, PROMPTS, STEPS, hf_greedy, hf_model
+
+from jkv.loading import load_safetensors
+from jkv.serving import Engine, SamplingParams
+
+FAST = ("mistral", "gemma2")
+
+
+def families(fast):
+    """Every family, those outside ``fast`` marked slow."""
+    return [pytest.param(f, marks=() if f in fast else pytest.mark.slow) for f in FAMILIES]
+
+
+CONCURRENCY = (4, 1, 2)  # requests submitted together per round
+
+
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES])
+def family(request, tmp_path_factory):
+    """(loaded jkv model, prompts, each prompt's HF greedy tokens)."""
+    model = hf_model(request.param)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    loaded = load_safetensors(directory, "f32", progress=False)
+    rng = np.random.default_rng(len(request.param) + 1)
+    prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
+    return loaded, prompts, [tokens for tokens, _ in hf_greedy(model, prompts)]
+
+
+@pytest.mark.parametrize("cache", ["default", "paged"])
+def test_engine_matches_hf_greedy(family, cache):
+    loaded, prompts, want = family
+    engine = Engine(
+        loaded.params, loaded.config, num_slots=3, max_len=64, cache=cache, buckets=(16,), max_batch_tokens=16,
+        verbose=False,
+    )  # fmt: skip
+    for concurrency in CONCURRENCY:
+        got = {}
+        for start in range(0, len(prompts), concurrency):
+            batch = range(start, min(start + concurrency, len(prompts)))
+            ids = {engine.submit(prompts[i], SamplingParams(max_new_tokens=STEPS)): i for i in batch}
+            for done in engine.run(show_progress=False):
+                got[ids[done.id]] = done.tokens
+                assert done.finish_reason == "length", (concurrency, ids[done.id], done.finish_reason)
+        assert [got[i] for i in range(len(prompts))] == want, concurrency
+
+
+@pytest.mark.parametrize("family", families(("mistral",)), indirect=True)
+def test_engine_speculative_matches_hf_greedy(family):
+    """Prompt-lookup drafts verified and rolled back past the window (contiguous cache): still HF's tokens."""
+    loaded, prompts, want = family
+    engine = Engine(
+        loaded.params, loaded.config, num_slots=3, max_len=64, cache="default", buckets=(16,), max_batch_tokens=16,
+        speculative_tokens=3, verbose=False,
+    )  # fmt: skip
+    ids = [engine.submit(p, SamplingParams(max_new_tokens=STEPS)) for p in prompts]
+    done = engine.run(show_progress=False)
+    assert [c.id for c in done] == ids and [c.tokens for c in done] == want
+    assert engine.stats.accepted_tokens < engine.stats.drafted_tokens, "no draft was rejected: nothing rolled back"
