@@ -26,6 +26,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from jkv.attention import IMPLS, resolve_impl
+from jkv.models import quant
 from jkv.models.llama.config import LlamaConfig
 from jkv.models.llama.params import LayerParams
 from pallas_kernels import reference as kernel_reference
@@ -84,7 +85,10 @@ def project(x: Float[Array, "... H"], w, options: LlamaOptions, contract: int = 
     """``x`` times ``w`` over ``x``'s last axis and ``w``'s axis ``contract``: operands in the weight dtype,
     f32 accumulation and result. Output axes: ``x``'s leading ones, then ``w``'s others in order. Fewer rows than
     ``options.min_matmul_rows`` are padded with zeros. Float32 weights multiply at full float32 precision: XLA's
-    default on a GPU rounds float32 operands to TF32 (~1e-3 relative), not what float32 weights ask for."""
+    default on a GPU rounds float32 operands to TF32 (~1e-3 relative), not what float32 weights ask for.
+    A block-quantized weight (``jkv.models.quant.QuantizedMatrix``) goes to its own product, unpadded."""
+    if isinstance(w, quant.QuantizedMatrix):
+        return quant.project(x, w, options.impl, contract)
     lead = x.shape[:-1]
     rows = math.prod(lead)
     x2 = pad_rows(x.reshape(rows, x.shape[-1]).astype(w.dtype), options.min_matmul_rows)
