@@ -40,6 +40,7 @@ def test_smoke_run(tmp_path, capsys):
     for row in rows.values():
         # a CPU's wall-clock difference of two programs may come out negative: only the arithmetic is checked
         assert row["floor_s"] > 0 and row["of_floor"] == pytest.approx(row["floor_s"] / row["time_s"])
-    assert math.isfinite(report["prefill"]["rows"]["q8_0"]["tokens_per_s"])
+    assert set(report["prefill"]["rows"]) == {"bf16", "q8_0", "q4_k", "q8_0_xla", "q4_k_xla"}
+    assert math.isfinite(report["prefill"]["rows"]["q4_k_xla"]["tokens_per_s"])
     assert report["agreement"]["rows"]["bf16"] == {"token_agreement": 1.0, "prompts_equal": 1.0}
     assert capsys.readouterr().out.splitlines()[-1].startswith("agreement q4_k")

@@ -90,3 +90,9 @@ def test_from_planes_rejects_a_shape_the_planes_do_not_hold(rng, shape, axis, ma
     planes = random_planes(rng, "Q8_0", 40, 64)
     with pytest.raises(ValueError, match=match):
         quant.from_planes("Q8_0", planes, shape, jnp.float32, axis)
+
+
+def test_weights_impl_is_checked():
+    assert llama.LlamaOptions(impl="pallas", weights_impl="xla").resolve().weights_impl == "xla"
+    with pytest.raises(ValueError, match="weights_impl='cuda' is not one of"):
+        llama.LlamaOptions(weights_impl="cuda")
