@@ -121,3 +121,19 @@ def test_smollm2_native_weights_fit_the_file_and_keep_greedy_tokens():
         generator = Generator(model.config, p, max_len=64, batch=len(prompts))
         results.append(generator.generate(prompts, max_new_tokens=16, stop_ids=()).tokens)
     assert results[0] == results[1], [tok.decode(t) for t in results[0]]
+
+
+@pytest.mark.gpu
+@needs_smollm
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: the qmatmul kernels in the model")
+def test_smollm2_native_weights_through_the_kernels_on_gpu():
+    """On a GPU the model's products run the qmatmul kernels (float32 activations: the register path for decode,
+    the dot path at full precision for prefill): the same greedy tokens as the dequantized float32 model."""
+    model = load_gguf(smollm_path(), "f32", progress=False, weights="native")
+    tok = model.tokenizer
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS]
+    results = []
+    for p in (model.params, quant.dequantize_params(model.params)):
+        generator = Generator(model.config, p, max_len=96, batch=len(prompts))
+        results.append(generator.generate(prompts, max_new_tokens=32, stop_ids=()).tokens)
+    assert results[0] == results[1], [tok.decode(t) for t in results[0]]
