@@ -2,9 +2,9 @@
 and Q4_K weights, each beside its weight-read floor; greedy agreement of quantized small models with bf16.
 
 * ``decode``: one decode step (``llama.decode_step``, bf16 KV cache filling from empty, greedy tokens fed back)
-  at batch 1, 16 and 64, timed as programs of ``n`` and ``2n`` steps under ``lax.fori_loop`` (wall clock,
-  differenced: dispatch and the cache's allocation cancel; one compile, the step count traced), the variants in ``--rounds`` interleaved rounds
-  (``bench.common.interleaved``). Each row's floor: its weight bytes read once per step
+  at batch 1, 16 and 64, timed as runs of ``n`` and ``2n`` steps under ``lax.fori_loop`` (one compile, the step
+  count traced; wall clock, differenced: dispatch and the cache's allocation cancel), the variants in
+  ``--rounds`` interleaved rounds (``bench.common.interleaved``). Each row's floor: its weight bytes read once per step
   (``LlamaParams.decode_bytes``) plus the K/V bytes the step reads at its mean length, over the bandwidth (a
   device copy measured in the same run where torch sees the GPU, else 4.8e12 B/s); ``of_floor`` = floor / time.
 * ``prefill``: one prompt of ``--prefill-tokens`` tokens into an empty cache (``llama.prefill``), tokens/s, and
