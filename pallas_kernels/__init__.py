@@ -25,7 +25,7 @@ from pallas_kernels.multi_token_quant import (
 )
 from pallas_kernels.paged import PagedConfig, paged_config, paged_decode_attention
 from pallas_kernels.paged_q8 import paged_q8_config, paged_q8_decode_attention
-from pallas_kernels.qmatmul import QMatmulConfig, qmatmul, qmatmul_config
+from pallas_kernels.quantized_matmul import QMatmulConfig, qmatmul, qmatmul_config
 from pallas_kernels.reference import (
     decode_attention_append_reference,
     decode_attention_reference,

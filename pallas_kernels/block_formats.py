@@ -13,18 +13,21 @@ Q4_0     2      nibbles uint8 [N, K/2]; scales f16 [N, K/32].        value = (ni
 Q4_1     2      nibbles uint8 [N, K/2]; scales, mins f16 [N, K/32].  value = nibble * scale + min
 Q4_K     2      nibbles uint8 [N, K/2]; sub_scales, sub_mins uint8 [N, K/32] (6-bit);
                 d, dmin f16 [N, K/256].                              value = d*sub_scale*nibble - dmin*sub_min
-Q6_K     1      codes int8 [N, K] (the 6-bit value minus 32); sub_scales int8 [N, K/16];
-                d f16 [N, K/256].                                    value = d * sub_scale * code
+Q6_K     2      nibbles uint8 [N, K/2] (low 4 bits); crumbs uint8 [N, K/4] (high 2 bits);
+                sub_scales_low, sub_scales_high int8 [N, K/32];
+                d f16 [N, K/256].                                    value = d * sub_scale * (6-bit - 32)
 =======  =====  ====================================================================================
 
 Nibbles (``parts == 2``) keep GGUF's Q4_0 order for every 4-bit format: packed column ``16 b + j`` holds
 element ``32 b + j`` in its low nibble and element ``32 b + 16 + j`` in its high one (Q4_K is repacked to it).
 A kernel therefore never interleaves nibbles: the activations are split once per call into the two halves of
 each 32-block (:func:`split_parts`: ``[parts, M, K / parts]``) and part ``p`` of ``x`` multiplies the
-nibbles ``p`` (low, high). Every plane of a format covers ``group`` packed columns per entry (codes 1, Q8_0
-scales 32, 4-bit scales 16, Q4_K's d 128, Q6_K's d 256), so a tile ``bk`` packed columns wide (a multiple of
-``max_group``) reads ``bk / group`` entries of each plane. Q6_K keeps one int8 code per value (8.6 bits per
-weight beside its file's 6.6) so a tile decodes without bit planes; the other formats take their file's bytes.
+nibbles ``p`` (low, high). Q6_K keeps its values' low 4 bits that way and their high 2 bits in ``crumbs``: byte
+``8 b + j`` holds, from its low bits up, those of values ``32 b + j``, ``+ 8``, ``+ 16``, ``+ 24``; its 16-value
+sub-scales split by part (``sub_scales_low`` for values ``32 b .. + 15``, ``_high`` for the next 16). Every plane
+of a format covers ``group`` packed columns per entry (codes and nibbles 1, crumbs 2, Q8_0 scales 32, 4-bit and
+Q6_K sub-scales 16, the K-quants' d 128), so a tile ``bk`` packed columns wide (a multiple of ``max_group``) reads
+``bk / group`` entries of each plane. Every format takes its file's bits per weight (Q4_K: 4.625 for 4.5).
 """
 
 from __future__ import annotations
@@ -75,7 +78,17 @@ FORMATS = {
         4.625,
     ),
     "Q6_K": BlockFormat(
-        "Q6_K", 256, 1, (Plane("codes", _I8, 1), Plane("sub_scales", _I8, 16), Plane("d", _F16, 256)), 8.5625
+        "Q6_K",
+        256,
+        2,
+        (
+            Plane("nibbles", _U8, 1),
+            Plane("crumbs", _U8, 2),
+            Plane("sub_scales_low", _I8, 16),
+            Plane("sub_scales_high", _I8, 16),
+            Plane("d", _F16, 128),
+        ),
+        6.5625,
     ),
 }
 
@@ -135,11 +148,9 @@ def dequantize_tile(fmt: str, tiles) -> tuple:
     if fmt == "Q8_0":
         codes, scales = tiles
         return (_grouped(codes.astype(f32), scales.astype(f32), 32),)
-    if fmt == "Q6_K":
-        codes, sub, d = tiles
-        scale = _grouped(sub.astype(f32), d.astype(f32), 16)  # [R, W / 16]
-        return (_grouped(codes.astype(f32), scale, 16),)
     nibbles = tiles[0].astype(jnp.int32)
+    if fmt == "Q6_K":
+        return _q6_k_tile(nibbles, *tiles[1:])
     low, high = (nibbles & 15).astype(f32), lax.shift_right_logical(nibbles, 4).astype(f32)
     if fmt == "Q4_0":
         scales = tiles[1].astype(f32)
@@ -152,6 +163,20 @@ def dequantize_tile(fmt: str, tiles) -> tuple:
         scale, shift = _grouped(sub, d, 8), -_grouped(sub_min, dmin, 8)  # [R, W / 16]
         return tuple(_grouped(q, scale, 16, shift) for q in (low, high))
     raise ValueError(f"weight format {fmt!r} is not one of {tuple(FORMATS)}")
+
+
+def _q6_k_tile(nibbles, crumbs, sub_low, sub_high, d):
+    """Q6_K's two parts ``[R, W]`` (see the module docstring for the crumbs' bit order)."""
+    f32 = jnp.float32
+    r, w = nibbles.shape
+    c = crumbs.astype(jnp.int32).reshape(r, w // 16, 1, 8)  # the 8 crumb bytes of each 16 packed columns
+    pair = 2 * lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1), 2)  # columns j and j + 8 of a group: shifts 0, 2
+    parts = []
+    for p, (four, sub) in enumerate(((nibbles & 15, sub_low), (lax.shift_right_logical(nibbles, 4), sub_high))):
+        two = (lax.shift_right_logical(c, pair + 4 * p) & 3).reshape(r, w)  # part p: shifts 0/2, or 4/6
+        scale = _grouped(sub.astype(f32), d.astype(f32), 8)  # [R, W / 16]
+        parts.append(_grouped((four + 16 * two - 32).astype(f32), scale, 16))
+    return tuple(parts)
 
 
 def split_parts(x, fmt: str):

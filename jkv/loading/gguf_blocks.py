@@ -2,8 +2,9 @@
 
 A GGUF matrix of ``N`` rows by ``K`` values is ``uint8 [N, K / block * block_bytes]``: each row a run of blocks,
 each block its scales then its packed values (the byte layouts are GGML's, read from the ``gguf`` package's
-constants and llama.cpp's ``ggml-common.h`` definitions). ``repack`` splits the blocks into planes; only Q4_K's
-nibbles move (GGUF packs 64 values per 32 bytes there, the planes 32 per 16 bytes, as Q4_0).
+constants and llama.cpp's ``ggml-common.h`` definitions). ``repack`` splits the blocks into planes; Q4_K's nibbles
+move (GGUF packs 64 values per 32 bytes there, the planes 32 per 16 bytes, as Q4_0), and Q6_K's 6-bit values are
+regrouped into the planes' nibbles and crumbs.
 """
 
 from __future__ import annotations
@@ -58,8 +59,12 @@ def repack(raw: np.ndarray, fmt: str, n: int, k: int) -> tuple[np.ndarray, ...]:
         qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
         low = np.concatenate([ql & 15, ql >> 4], axis=3).reshape(n, nb, 2, 4, 32)  # quarter t: values 32t..
         high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
-        codes = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8).reshape(n, k)
-        planes = (codes, b[..., 192:208].view(np.int8).reshape(n, nb * 16), _f16(b[..., 208:210]))
+        values = (low | (high << 4)).reshape(n, k // 32, 32)  # 6-bit, in order
+        nibbles = ((values[..., :16] & 15) | ((values[..., 16:] & 15) << 4)).reshape(n, k // 2)
+        top = (values >> 4).reshape(n, k // 32, 4, 8)  # values 32b + 8t + j
+        crumbs = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).reshape(n, k // 4)
+        sub = b[..., 192:208].view(np.int8).reshape(n, k // 16)
+        planes = (nibbles, crumbs, sub[:, 0::2], sub[:, 1::2], _f16(b[..., 208:210]))
     else:
         raise ValueError(f"weight format {fmt!r} is not one of {tuple(FORMATS)}")
     planes = tuple(np.ascontiguousarray(p) for p in planes)

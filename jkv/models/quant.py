@@ -9,7 +9,7 @@ adds a leading ``[L]`` to every plane (``shape`` then reads ``(L, *dense shape)`
 
 :func:`project` is the one product every matmul of the model goes through for such a weight
 (``jkv.models.llama.fusions.project`` hands it over); :func:`take_rows` dequantizes the embedding rows a step
-looks up. The ``"pallas"`` impl runs ``pallas_kernels.qmatmul`` (Triton on a GPU, interpret mode elsewhere),
+looks up. The ``"pallas"`` impl runs ``pallas_kernels.quantized_matmul`` (Triton on a GPU, interpret mode elsewhere),
 ``"xla"`` its reference (the matrix dequantized in float32, rounded to the compute dtype, one dot).
 """
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import block_formats, qmatmul
+from pallas_kernels import block_formats, quantized_matmul
 
 
 @struct.dataclass
@@ -94,7 +94,7 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1]).astype(w.dtype)
     if impl == "pallas":
-        y = qmatmul.qmatmul(x2, w.planes, w.format)
+        y = quantized_matmul.qmatmul(x2, w.planes, w.format)
     else:
         y = block_formats.qmatmul_reference(x2, w.planes, w.format)
     return y.reshape(*lead, *w.out_shape)

@@ -1,4 +1,4 @@
-"""Block-quantized matmul (``pallas_kernels.qmatmul``, its reference in ``block_formats``) against NumPy float64
+"""Block-quantized matmul (``pallas_kernels.quantized_matmul``, its reference in ``block_formats``) against NumPy float64
 of the dequantized matrix: interpret mode on CPU; the Triton lowering of both paths everywhere; argument errors.
 
 Every case draws fresh planes (scales and mins of both signs, every code value), an odd ``N`` and ``K`` an odd
@@ -11,8 +11,9 @@ import pytest
 from conftest import REL_TOL, rel_err
 from qweight_inputs import dequantize_f64, planes_like, random_planes
 
-from pallas_kernels import backend, block_formats, qmatmul
-from pallas_kernels.qmatmul import QMatmulConfig
+from pallas_kernels import backend, block_formats
+from pallas_kernels import quantized_matmul as qmatmul
+from pallas_kernels.quantized_matmul import QMatmulConfig
 
 FORMATS = tuple(block_formats.FORMATS)
 N = 37
