@@ -1,5 +1,6 @@
-"""Block-quantized matmul (``pallas_kernels.quantized_matmul``, its reference in ``block_formats``) against NumPy float64
-of the dequantized matrix: interpret mode on CPU; the Triton lowering of both paths everywhere; argument errors.
+"""Block-quantized matmul (``pallas_kernels.quantized_matmul``, its reference in ``block_formats``) against NumPy
+float64 of the dequantized matrix: interpret mode on CPU; the Triton lowering of both paths everywhere; argument
+errors.
 
 Every case draws fresh planes (scales and mins of both signs, every code value), an odd ``N`` and ``K`` an odd
 multiple of the format's block, at ``M`` = 1 and 3 (the register path) and 64 (the tensor-core path)."""
