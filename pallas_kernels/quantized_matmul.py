@@ -73,9 +73,9 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
         bn = max(1, min(64, FMA_ELEMENTS // (bm * bk)))
         warps, stages = 4, 3
     else:
-        bm = 64 if m <= 64 else 128
+        bm = min(128, max(common.MIN_BLOCK, _pow2_ceil(m)))  # no more padded rows than a dot tile needs
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
-        bn, warps, stages = 128, 4 if bm == 64 else 8, 3
+        bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
     bn = min(bn, common.pow2_floor(n))
     steps = kp // bk
     programs = pl.cdiv(m, bm) * pl.cdiv(n, bn)
