@@ -2,8 +2,9 @@
 # The GPU checks the open kernel issues owe, in one device call (docs/BENCHMARKS.md says which figure goes where):
 #   1. the GPU-marked tests with the real lowerings (Triton and Mosaic GPU), one log per group;
 #   2. old main (the redesign's base, unpacked in .ab_old by the caller) against this checkout (bench/ab.py);
-#   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill ...]   (default: all three)
+#   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py);
+#   4. quantized weights (issue 26): the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request).
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill|qweights ...]   (default: the first three)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +43,11 @@ for part in "${parts[@]}"; do
     prefill)
       run prefill 420 python bench/bench_prefill.py --out "$OUT" --rounds 5
       ;;
-    *) echo "unknown part $part (tests, ab, prefill)" ;;
+    qweights)
+      run tests_qweights 240 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py tests/loading/test_loading_native.py
+      run bench_qweights 540 python bench/bench_qweights.py --out "$OUT" --rounds 5
+      ;;
+    *) echo "unknown part $part (tests, ab, prefill, qweights)" ;;
   esac
 done
 

@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--dtype", choices=("bf16", "f32", "f16"), default=None, help="weights (default: bf16 on GPU)")
     gen.add_argument("--max-len", type=_positive_int, default=None, help="cache capacity (default: what is needed)")
+    gen.add_argument(
+        "--weights",
+        choices=("dequantize", "native"),
+        default="dequantize",
+        help="GGUF block-quantized matrices: dequantized to --dtype at load (default) or kept quantized (native)",
+    )
+    gen.add_argument(
+        "--quantize", choices=("q8_0", "q4_k"), default=None, help="safetensors models: quantize matrices at load"
+    )
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     gen.add_argument("--quiet", action="store_true", help="no progress bar and no timing summary")
     gen.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -164,6 +173,9 @@ def check_flags(args) -> None:
         raise CliError(f"--speculative must be >= 0 (0: off), got {args.speculative}")
     if args.speculative and args.temperature > 0:
         raise CliError("--speculative verifies greedy choices: use it with --temperature 0")
+    quantized = getattr(args, "weights", "dequantize") == "native" or getattr(args, "quantize", None) is not None
+    if quantized and args.tp * args.dp > 1:
+        raise CliError("quantized weights (--weights native, --quantize) run on one device: drop --tp/--dp")
 
 
 def check_room(prompt_tokens: int, args, context: int, where: str = "") -> None:
@@ -284,7 +296,7 @@ def run_generate(args) -> int:
     available = gen.cache_kinds()
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")
-    model = load(path, args.dtype, progress=not args.quiet)
+    model = load(path, args.dtype, progress=not args.quiet, weights=args.weights, quantize=args.quantize)
     if model.tokenizer is None:
         raise CliError(f"{path!r} has no tokenizer (tokenizer.json), so it cannot take a text prompt")
     if prompts is not None or args.tp * args.dp > 1:

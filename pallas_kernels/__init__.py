@@ -3,6 +3,8 @@ arrays (no dependency on ``jkv``). Each kernel has a pure-``jnp`` reference with
 ``pallas_kernels.reference``; ``pallas_kernels.backend`` is the one place that picks Mosaic GPU, Triton or
 interpret mode."""
 
+from pallas_kernels.block_formats import FORMATS as WEIGHT_FORMATS
+from pallas_kernels.block_formats import qmatmul_reference
 from pallas_kernels.common import DecodeConfig, decode_config, merge_partials
 from pallas_kernels.decode import decode_attention, decode_attention_append
 from pallas_kernels.decode_mgpu import MgpuConfig, decode_attention_mgpu, mgpu_config
@@ -23,6 +25,7 @@ from pallas_kernels.multi_token_quant import (
 )
 from pallas_kernels.paged import PagedConfig, paged_config, paged_decode_attention
 from pallas_kernels.paged_q8 import paged_q8_config, paged_q8_decode_attention
+from pallas_kernels.quantized_matmul import QMatmulConfig, qmatmul, qmatmul_config
 from pallas_kernels.reference import (
     decode_attention_append_reference,
     decode_attention_reference,
@@ -42,11 +45,13 @@ from pallas_kernels.reference import (
 from pallas_kernels.rms_norm import residual_rms_norm
 
 __all__ = [
+    "WEIGHT_FORMATS",
     "DecodeConfig",
     "MgpuConfig",
     "MgpuMultiTokenConfig",
     "MultiTokenConfig",
     "PagedConfig",
+    "QMatmulConfig",
     "decode_attention",
     "decode_attention_append",
     "decode_attention_append_reference",
@@ -86,6 +91,9 @@ __all__ = [
     "q8_decode_config",
     "q8_multi_token_attention",
     "q8_multi_token_attention_reference",
+    "qmatmul",
+    "qmatmul_config",
+    "qmatmul_reference",
     "residual_rms_norm",
     "residual_rms_norm_reference",
 ]

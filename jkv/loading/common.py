@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jkv.models import quant
 from jkv.models.llama import LayerParams, LlamaConfig, LlamaParams, check_params, fuse_qkv, resolve_layout
 
 
@@ -68,10 +69,13 @@ def build_params(
     progress: bool = True,
     desc: str = "loading",
     layout: str = "auto",
+    packed: Callable[[str], tuple[str, tuple] | None] | None = None,
 ) -> LlamaParams:
     """Fuse, transpose and place every weight on the default device as ``dtype`` (see the module docstring).
 
     ``layout``: per-layer buffers or stacked layers, as ``jkv.models.llama.with_layout`` describes.
+    ``packed``: ``name -> (format, planes) or None`` for weights kept block-quantized (``jkv.models.quant``;
+    planes of the ``[out, in]`` matrix, NumPy); a fused group whose parts differ in format is dequantized.
     """
     dtype = resolve_dtype(dtype)
     np_dtype = np.dtype(dtype)
@@ -80,23 +84,39 @@ def build_params(
     def host(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32).astype(np_dtype)
 
+    def packed_group(names, fuse, dense_shape, reduce_axis=0):
+        """A QuantizedMatrix of the fused ``names``, or None (a dense weight) where any is not packed alike."""
+        parts = [packed(name) for name in names] if packed is not None else [None]
+        if any(p is None for p in parts) or len({fmt for fmt, _ in parts}) != 1:
+            return None
+        return quant.from_planes(parts[0][0], fuse([planes for _, planes in parts]), dense_shape, dtype, reduce_axis)
+
     bar = tqdm(total=config.num_layers + 2, desc=desc, unit="layer", file=sys.stderr, disable=not progress)
-    embed = jax.device_put(host(get("embed")))
+    h, f, nd = config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim
+    one = lambda parts: parts[0]
+    embed = packed_group(["embed"], one, (config.vocab_size, h), reduce_axis=1)
+    embed = jax.device_put(host(get("embed")) if embed is None else embed)
     bar.update(1)
     layers = []
     for i in range(config.num_layers):
         w = lambda name, i=i: np.asarray(get(f"{i}.{name}"), np.float32)
         k = config.num_kv_heads
-        wqkv = fuse_qkv(w("q").T, w("k").T, w("v").T, k)  # (H, K, G + 2, D)
+        names = lambda *parts, i=i: [f"{i}.{p}" for p in parts]
+        fuse = lambda parts, k=k: quant.fuse_qkv_rows(*parts, k)
+        wqkv = packed_group(names("q", "k", "v"), fuse, (h, *config.qkv_shape))
+        wqkv = host(fuse_qkv(w("q").T, w("k").T, w("v").T, k)) if wqkv is None else wqkv  # (H, K, G + 2, D)
+        w_gate_up = packed_group(names("gate", "up"), quant.concat_rows, (h, 2, f))
+        w_gate_up = host(np.stack([w("gate").T, w("up").T], axis=1)) if w_gate_up is None else w_gate_up
+        wo, w_down = packed_group(names("o"), one, (nd, h)), packed_group(names("down"), one, (f, h))
         bqkv = fuse_qkv(w("q_bias"), w("k_bias"), w("v_bias"), k) if config.qkv_bias else None
         layer = LayerParams(
             attn_norm=host(w("attn_norm")),
-            wqkv=host(wqkv),
+            wqkv=wqkv,
             bqkv=None if bqkv is None else host(bqkv),
-            wo=host(w("o").T),
+            wo=host(w("o").T) if wo is None else wo,
             mlp_norm=host(w("mlp_norm")),
-            w_gate_up=host(np.stack([w("gate").T, w("up").T], axis=1)),  # (H, 2, F)
-            w_down=host(w("down").T),
+            w_gate_up=w_gate_up,  # (H, 2, F)
+            w_down=host(w("down").T) if w_down is None else w_down,
             q_norm=host(w("q_norm")) if config.qk_norm else None,
             k_norm=host(w("k_norm")) if config.qk_norm else None,
             post_attn_norm=host(w("post_attn_norm")) if config.sandwich_norms else None,
@@ -105,13 +125,19 @@ def build_params(
         # Per-layer buffers go to the device at once (host memory holds one layer); stacked ones at the end.
         layers.append(layer if stacked else jax.device_put(layer))
         bar.update(1)
+    if stacked and len({jax.tree.structure(layer) for layer in layers}) > 1:
+        stacked, layers = False, [jax.device_put(layer) for layer in layers]  # formats differ by layer: no stack
     if stacked:
         layers = jax.device_put(jax.tree.map(lambda *xs: np.stack(xs), *layers))
+    lm_head = None
+    if not config.tie_embeddings:
+        lm_head = packed_group(["lm_head"], one, (h, config.vocab_size))
+        lm_head = host(np.asarray(get("lm_head"), np.float32).T) if lm_head is None else lm_head
     params = LlamaParams(
         embed=embed,
         layers=layers if stacked else tuple(layers),
         norm=jax.device_put(host(get("norm"))),
-        lm_head=None if config.tie_embeddings else jax.device_put(host(np.asarray(get("lm_head"), np.float32).T)),
+        lm_head=None if lm_head is None else jax.device_put(lm_head),
     )
     bar.update(1)
     bar.close()

@@ -19,14 +19,16 @@ import time
 
 import numpy as np
 
-from jkv.loading import gguf_families, validate
+from jkv.loading import gguf_blocks, gguf_families, validate
 from jkv.loading import tokenizer as tokenizer_lib
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
+from pallas_kernels import block_formats
 
 ARCHITECTURES = gguf_families.ARCHITECTURES
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 MAGIC = b"GGUF"
+WEIGHTS = ("dequantize", "native")  # load_gguf's choices: every tensor dense, or block formats kept
 
 # Canonical name (see jkv.loading.common) -> GGUF tensor name.
 _LAYER_NAMES = {
@@ -152,16 +154,27 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tup
 
 
 def load_gguf(
-    path, dtype=None, *, progress: bool = True, with_tokenizer: bool = True, layout: str = "auto"
+    path,
+    dtype=None,
+    *,
+    progress: bool = True,
+    with_tokenizer: bool = True,
+    layout: str = "auto",
+    weights: str = "dequantize",
 ) -> LoadedModel:
     """Load a GGUF file: config from metadata, weights dequantized and placed on the device as ``dtype``.
 
-    ``dtype``: None (bf16 on GPU, f32 elsewhere), a name such as ``"bf16"``, or a floating dtype. Llama 3.1
+    ``dtype``: None (bf16 on GPU, f32 elsewhere), a name such as ``"bf16"``, or a floating dtype. ``weights``:
+    ``"dequantize"`` (every tensor as ``dtype``) or ``"native"``: matrices in a block format of
+    ``pallas_kernels.block_formats`` stay in it on the device (``jkv.models.quant.QuantizedMatrix``, computing in
+    ``dtype``); float tensors, and fused groups whose parts differ in format, are dequantized. Llama 3.1
     frequency factors (a ``rope_freqs.weight`` tensor) are applied to the rotary frequencies. Every field and
     tensor is checked before any weight is computed with (``jkv.loading.validate``).
     """
     import gguf
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r} is not one of {WEIGHTS}")
     start = time.perf_counter()
     path = os.fspath(path)
     source = repr(path)
@@ -193,12 +206,34 @@ def load_gguf(
             w = unpermute_rows(w, config.num_kv_heads)
         return w
 
+    def packed(name: str):
+        key = gguf_name(name)
+        fused, start, stop = pieces.get(key, (key, None, None))
+        t = tensors[fused]
+        fmt = t.tensor_type.name
+        if fmt not in block_formats.FORMATS or len(stored[fused]) != 2:
+            return None
+        planes = tuple(p[start:stop] for p in gguf_blocks.repack(t.data, fmt, *stored[fused]))
+        for plane in planes:
+            if plane.dtype == np.float16:
+                validate.check_finite(plane, key, source, dtype)
+        if config.architecture == "llama" and name.endswith((".q", ".k")):
+            heads = config.num_heads if name.endswith(".q") else config.num_kv_heads
+            planes = tuple(unpermute_rows(p, heads) for p in planes)
+        return fmt, planes
+
     if "rope_freqs.weight" in tensors:
         t = tensors["rope_freqs.weight"]
         factors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
         config = _with_rope_factors(config, factors, path)
     params = build_params(
-        config, get, dtype, progress=progress, layout=layout, desc=f"loading {os.path.basename(path)}"
+        config,
+        get,
+        dtype,
+        progress=progress,
+        layout=layout,
+        desc=f"loading {os.path.basename(path)}",
+        packed=packed if weights == "native" else None,
     )
     tok = None
     if with_tokenizer:
@@ -213,7 +248,13 @@ def load_gguf(
         tokenizer=tok,
         source=path,
         load_seconds=time.perf_counter() - start,
-        info={"format": "gguf", "name": meta.get("general.name"), "tensor_types": types, "dtype": str(dtype)},
+        info={
+            "format": "gguf",
+            "name": meta.get("general.name"),
+            "tensor_types": types,
+            "dtype": str(dtype),
+            "weights": weights,
+        },
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from jkv.loading import families, validate
+from jkv.loading import quantize as quantize_lib
 from jkv.loading import tokenizer as tokenizer_lib
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
@@ -120,11 +121,17 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
     return config, names
 
 
-def load_safetensors(path, dtype=None, *, progress: bool = True, layout: str = "auto") -> LoadedModel:
+def load_safetensors(
+    path, dtype=None, *, progress: bool = True, layout: str = "auto", quantize: str | None = None
+) -> LoadedModel:
     """Load an HF directory (``config.json`` + ``*.safetensors``) with weights on the device as ``dtype``.
 
     ``dtype``: None (bf16 on GPU, f32 elsewhere), a name such as ``"bf16"``, or a floating dtype.
+    ``quantize``: None, ``"q8_0"`` or ``"q4_k"``: matrices quantized at load into block formats kept on the
+    device (``jkv.loading.quantize.plan`` says which matrix gets which format), computing in ``dtype``.
     """
+    if quantize is not None and quantize not in quantize_lib.QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not None or one of {quantize_lib.QUANTIZE}")
     start = time.perf_counter()
     directory = Path(path)
     if not directory.is_dir():
@@ -172,7 +179,20 @@ def load_safetensors(path, dtype=None, *, progress: bool = True, layout: str = "
         x = validate.check_finite(where[key].get_tensor(key).astype(np.float32), key, source, dtype)
         return families.transform(name, x, config.architecture)
 
-    params = build_params(config, get, dtype, progress=progress, layout=layout, desc=f"loading {directory.name}")
+    def packed(name: str):
+        key = file_name(name)
+        fmt = quantize_lib.plan(name, shapes[key][-1], quantize) if len(shapes[key]) == 2 else None
+        return None if fmt is None else (fmt, quantize_lib.quantize(get(name), fmt))
+
+    params = build_params(
+        config,
+        get,
+        dtype,
+        progress=progress,
+        layout=layout,
+        desc=f"loading {directory.name}",
+        packed=None if quantize is None else packed,
+    )
     tok = None
     if (directory / "tokenizer.json").is_file():
         tok = tokenizer_lib.from_hf_directory(directory)
@@ -183,5 +203,5 @@ def load_safetensors(path, dtype=None, *, progress: bool = True, layout: str = "
         tokenizer=tok,
         source=os.fspath(directory),
         load_seconds=time.perf_counter() - start,
-        info={"format": "safetensors", "files": len(files), "dtype": str(dtype)},
+        info={"format": "safetensors", "files": len(files), "dtype": str(dtype), "quantize": quantize},
     )

@@ -26,6 +26,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from jkv.attention import IMPLS, resolve_impl
+from jkv.models import quant
 from jkv.models.llama.config import LlamaConfig
 from jkv.models.llama.params import LayerParams
 from pallas_kernels import reference as kernel_reference
@@ -43,12 +44,17 @@ class LlamaOptions:
     impl: str | None = None  # attention: "xla" (reference) or "pallas" (kernels); None: Pallas on GPU only
     norm_kernel: bool = False  # RMSNorm as one Pallas kernel when impl is "pallas"
     min_matmul_rows: int | None = None  # None: MIN_MATMUL_ROWS of the backend, else 1
+    # Block-quantized weights (jkv.models.quant): "pallas" (the qmatmul kernels) or "xla" (dequantize + one dot);
+    # None follows ``impl``.
+    weights_impl: str | None = None
 
     def __post_init__(self):
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"LlamaOptions.impl={self.impl!r} is not one of {IMPLS} or None")
         if not isinstance(self.norm_kernel, bool):
             raise ValueError(f"LlamaOptions.norm_kernel must be a bool, got {self.norm_kernel!r}")
+        if self.weights_impl is not None and self.weights_impl not in IMPLS:
+            raise ValueError(f"LlamaOptions.weights_impl={self.weights_impl!r} is not one of {IMPLS} or None")
         rows = self.min_matmul_rows
         if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
             raise ValueError(f"LlamaOptions.min_matmul_rows must be a positive int or None, got {rows!r}")
@@ -84,7 +90,10 @@ def project(x: Float[Array, "... H"], w, options: LlamaOptions, contract: int = 
     """``x`` times ``w`` over ``x``'s last axis and ``w``'s axis ``contract``: operands in the weight dtype,
     f32 accumulation and result. Output axes: ``x``'s leading ones, then ``w``'s others in order. Fewer rows than
     ``options.min_matmul_rows`` are padded with zeros. Float32 weights multiply at full float32 precision: XLA's
-    default on a GPU rounds float32 operands to TF32 (~1e-3 relative), not what float32 weights ask for."""
+    default on a GPU rounds float32 operands to TF32 (~1e-3 relative), not what float32 weights ask for.
+    A block-quantized weight (``jkv.models.quant.QuantizedMatrix``) goes to its own product, unpadded."""
+    if isinstance(w, quant.QuantizedMatrix):
+        return quant.project(x, w, options.weights_impl or options.impl, contract)
     lead = x.shape[:-1]
     rows = math.prod(lead)
     x2 = pad_rows(x.reshape(rows, x.shape[-1]).astype(w.dtype), options.min_matmul_rows)

@@ -33,6 +33,7 @@ from jaxtyping import Array, Float, Int
 
 from jkv.attention import attend_write
 from jkv.caches import tokens as cache_tokens
+from jkv.models import quant
 from jkv.models.llama import fusions
 from jkv.models.llama.config import LlamaConfig
 from jkv.models.llama.fusions import DEFAULT_OPTIONS, LlamaOptions, Normed
@@ -145,7 +146,7 @@ def _stream(params: LlamaParams, cache, tokens, positions, *, config: LlamaConfi
         )
         for local in kinds
     }
-    x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)  # (R, T, H)
+    x = quant.take_rows(params.embed, tokens).astype(jnp.float32)  # (R, T, H)
     if config.embed_scale is not None:  # rounded to the weight dtype first, as Gemma's checkpoints were trained
         x = x * jnp.asarray(config.embed_scale, params.embed.dtype).astype(jnp.float32)
     x = fusions.pad_rows(x, fusions.padded_batch(b, t, options))  # (R', T, H)

@@ -62,9 +62,9 @@ class LlamaParams:
 
     def decode_bytes(self) -> int:
         """Weight bytes one decode step reads: every layer, the final norm and the LM head (one embedding row)."""
-        layers = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.layers))
-        head = self.embed if self.lm_head is None else self.lm_head
-        return layers + int(self.norm.size) * self.norm.dtype.itemsize + int(head.size) * head.dtype.itemsize
+        nbytes = lambda tree: sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+        head = self.embed if self.lm_head is None else self.lm_head  # a pytree of planes where quantized
+        return nbytes(self.layers) + nbytes(self.norm) + nbytes(head)
 
 
 LAYOUTS = ("auto", "layers", "stacked")

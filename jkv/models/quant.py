@@ -1,0 +1,139 @@
+"""Block-quantized weight matrices as pytrees the model takes wherever it takes a dense weight.
+
+A :class:`QuantizedMatrix` stands for a dense weight of ``shape`` (as ``LlamaParams`` holds it, e.g. ``wqkv
+[H, K, G + 2, D]``) whose reduction axis is ``reduce_axis`` (0 for projections; 1 for the embedding, whose rows
+are tokens and whose transpose is a tied LM head). It holds the matrix as ``N`` rows of ``K`` reduction values in
+the planes of ``pallas_kernels.block_formats`` (packed codes or nibbles and per-block scales, ``K`` along each
+plane's last axis), with the format, the dense shape and the compute dtype as static aux data; stacking layers
+adds a leading ``[L]`` to every plane (``shape`` then reads ``(L, *dense shape)``).
+
+:func:`project` is the one product every matmul of the model goes through for such a weight
+(``jkv.models.llama.fusions.project`` hands it over); :func:`take_rows` dequantizes the embedding rows a step
+looks up. The ``"pallas"`` impl runs ``pallas_kernels.quantized_matmul`` (Triton on a GPU, interpret mode elsewhere),
+``"xla"`` its reference (the matrix dequantized in float32, rounded to the compute dtype, one dot).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pallas_kernels import block_formats, quantized_matmul
+
+
+@struct.dataclass
+class QuantizedMatrix:
+    planes: tuple  # block_formats planes of the [N, K] matrix, each [*batch, N, ...]
+    format: str = struct.field(pytree_node=False)
+    dense_shape: tuple[int, ...] = struct.field(pytree_node=False)  # one matrix, as the dense weight
+    reduce_axis: int = struct.field(pytree_node=False)  # 0 (projections) or 1 (the [V, H] embedding)
+    compute_dtype: str = struct.field(pytree_node=False)  # activations are cast to it; the dense dtype it replaces
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.planes[0].shape[:-2], *self.dense_shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.size) * p.dtype.itemsize for p in self.planes)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The dense axes other than the reduction one (a product's output axes, in order)."""
+        return tuple(n for axis, n in enumerate(self.dense_shape) if axis != self.reduce_axis)
+
+    def dequantize(self, dtype=None):
+        """The dense weight (``[*batch, *dense_shape]``) as ``dtype`` (default the compute dtype)."""
+        dtype = self.dtype if dtype is None else dtype
+        batch = self.planes[0].shape[:-2]
+        flat = [p.reshape(-1, *p.shape[-2:]) for p in self.planes]
+        rows = jax.vmap(lambda *ps: block_formats.dequantize(ps, self.format, jnp.float32))(*flat)  # (B, N, K)
+        k = self.dense_shape[self.reduce_axis]
+        dense = rows.reshape(-1, *self.out_shape, k)
+        if self.reduce_axis == 0:
+            dense = jnp.moveaxis(dense, -1, 1)
+        return dense.reshape(*batch, *self.dense_shape).astype(dtype)
+
+
+def from_planes(fmt: str, planes: Sequence, dense_shape, dtype, reduce_axis: int = 0) -> QuantizedMatrix:
+    """A ``QuantizedMatrix`` over ``planes`` (NumPy or JAX; ``[N, ...]`` rows in ``dense_shape``'s output order),
+    checked against the format and the dense shape."""
+    dense_shape = tuple(int(n) for n in dense_shape)
+    if reduce_axis not in (0, len(dense_shape) - 1) or len(dense_shape) < 2:
+        raise ValueError(f"reduce_axis={reduce_axis} must be 0 or the last axis of a dense shape {dense_shape}")
+    n, k = block_formats.check_planes(fmt, tuple(planes))
+    out = math.prod(d for axis, d in enumerate(dense_shape) if axis != reduce_axis)
+    if (n, k) != (out, dense_shape[reduce_axis]):
+        raise ValueError(
+            f"{fmt} planes of an {n} x {k} matrix cannot stand for a dense {dense_shape} reduced over axis "
+            f"{reduce_axis} (expected {out} x {dense_shape[reduce_axis]})"
+        )
+    return QuantizedMatrix(tuple(planes), fmt, dense_shape, reduce_axis, jnp.dtype(dtype).name)
+
+
+def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
+    """``x [..., K]`` times ``w`` over its reduction axis: ``[..., *w.out_shape]`` float32 (activations cast to
+    ``w.dtype`` first, as for a dense weight)."""
+    if contract != w.reduce_axis:
+        raise ValueError(f"a {w.format} matrix reduces over axis {w.reduce_axis}, not {contract}")
+    if w.planes[0].ndim != 2:
+        raise ValueError(f"project takes one matrix, got stacked planes {w.planes[0].shape}: slice a layer first")
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1]).astype(w.dtype)
+    if impl == "pallas":
+        y = quantized_matmul.qmatmul(x2, w.planes, w.format)
+    else:
+        y = block_formats.qmatmul_reference(x2, w.planes, w.format)
+    return y.reshape(*lead, *w.out_shape)
+
+
+def take_rows(w, ids):
+    """``w[ids]`` for a dense ``[V, H]`` embedding or a ``QuantizedMatrix`` one (rows dequantized, ``w.dtype``)."""
+    if not isinstance(w, QuantizedMatrix):
+        return jnp.take(w, ids, axis=0)
+    if w.reduce_axis != 1 or len(w.dense_shape) != 2:
+        raise ValueError(f"take_rows needs a [V, H] embedding reduced over axis 1, got {w.dense_shape}/{w.reduce_axis}")
+    flat = ids.reshape(-1)
+    rows = block_formats.dequantize(tuple(p[flat] for p in w.planes), w.format, w.dtype)  # (R, H)
+    return rows.reshape(*ids.shape, w.dense_shape[1])
+
+
+# ----------------------------------------------------------------------------------------------- host side
+def concat_rows(parts: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Planes of the matrices ``parts`` (each a tuple of planes of one format) stacked row after row."""
+    return tuple(np.concatenate(planes, axis=0) for planes in zip(*parts, strict=True))
+
+
+def fuse_qkv_rows(q, k, v, num_kv_heads: int) -> tuple[np.ndarray, ...]:
+    """Planes of q/k/v projections (rows ``N*D``, ``K*D``, ``K*D``) in the row order of the fused ``wqkv``
+    ``[H, K, G + 2, D]``: kv head ``h``'s ``G`` query heads, then its key, then its value."""
+    out = []
+    for pq, pk, pv in zip(q, k, v, strict=True):
+        group = [p.reshape(num_kv_heads, -1, p.shape[-1]) for p in (pq, pk, pv)]
+        out.append(np.concatenate(group, axis=1).reshape(-1, pq.shape[-1]))
+    return tuple(out)
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, QuantizedMatrix)
+
+
+def dequantize_params(params, dtype=None):
+    """``params`` with every ``QuantizedMatrix`` replaced by its dense weight (``dtype``, default its compute
+    dtype): the dequantize-at-load model of the same values."""
+    return jax.tree.map(
+        lambda w: w.dequantize(dtype) if isinstance(w, QuantizedMatrix) else w, params, is_leaf=is_quantized
+    )

@@ -1,0 +1,187 @@
+"""Activations times a block-quantized weight matrix, dequantizing inside the kernel: ``x [M, K] @ W.T -> [M, N]``.
+
+``W`` is ``N x K`` in one of ``pallas_kernels.block_formats``' formats (planes ``[N, ...]``, ``K`` along the last
+axis); its reference is ``block_formats.qmatmul_reference`` (same signature). Two paths share one kernel body:
+
+* small ``M`` (decode steps, ``M <= FMA_ROWS``): bandwidth-bound. Each program owns ``bn`` output columns and
+  walks ``K`` in tiles of ``bk`` packed columns; a tile of every plane is loaded, dequantized in registers to
+  float32 and multiplied into the ``[bm, bn]`` float32 accumulator by broadcast-multiply-sum (no tensor-core tile
+  has so few rows). ``K`` is split over ``num_splits`` programs when too few column blocks fill the GPU; their
+  float32 partials are summed outside.
+* large ``M`` (prefill, big mixed steps): a ``bm x bn`` output tile per program; each weight tile is dequantized to
+  the activations' dtype (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32
+  accumulation.
+
+Activations are split once per call into the kernel's ``parts`` (``block_formats.split_parts``), so nibble tiles
+never interleave. The last row and column blocks slide back to end at ``M`` and ``N`` (their overlap rewrites the
+same values), so an odd ``N`` needs no masks; ``M`` below one block is padded with zero rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend, common
+from pallas_kernels.block_formats import (
+    block_format,
+    check_activations,
+    check_planes,
+    dequantize_tile,
+    split_parts,
+)
+
+FMA_ROWS = 8  # at most this many rows take the register (broadcast-multiply) path; more take the dot
+FMA_ELEMENTS = 8192  # bm * bn * bk of the broadcast product: registers of 4 warps without spills
+TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
+
+
+class QMatmulConfig(NamedTuple):
+    """Launch parameters (static: each distinct value compiles its own kernel)."""
+
+    block_m: int  # rows of x per program (power of two)
+    block_n: int  # output columns per program (power of two, <= N)
+    block_k: int  # packed columns per step (power of two dividing K / parts, a multiple of the format's max_group)
+    num_splits: int  # programs sharing one output block's K (dividing K / parts / block_k)
+    num_warps: int
+    num_stages: int
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << (max(x, 1) - 1).bit_length()
+
+
+def _largest_pow2_dividing(x: int, cap: int) -> int:
+    out = 1
+    while out * 2 <= cap and x % (out * 2) == 0:
+        out *= 2
+    return out
+
+
+def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
+    """The default launch for ``x [m, k]`` times an ``n x k`` ``fmt`` matrix (rules in docs/quant.md)."""
+    spec = block_format(fmt)
+    kp = k // spec.parts
+    if m <= FMA_ROWS or n < common.MIN_BLOCK:  # a dot tile needs 16 columns: thin matrices take registers
+        bm = min(_pow2_ceil(m), FMA_ROWS)
+        bk = max(spec.max_group, _largest_pow2_dividing(kp, 256 // spec.parts))
+        bn = max(1, min(64, FMA_ELEMENTS // (bm * bk)))
+        warps, stages = 4, 3
+    else:
+        bm = min(128, max(common.MIN_BLOCK, _pow2_ceil(m)))  # no more padded rows than a dot tile needs
+        bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
+        bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
+    bn = min(bn, common.pow2_floor(n))
+    steps = kp // bk
+    programs = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+    want = max(1, -(-TARGET_PROGRAMS * backend.num_multiprocessors() // programs))
+    splits = max(d for d in range(1, min(want, steps) + 1) if steps % d == 0)
+    return QMatmulConfig(bm, bn, bk, splits, warps, stages)
+
+
+def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> None:
+    spec = block_format(fmt)
+    kp = k // spec.parts
+    bm, bn, bk, splits, warps, stages = config
+    pow2 = lambda v: common.is_int(v) and v >= 1 and v & (v - 1) == 0
+    if not (pow2(bm) and pow2(bn) and bn <= n):
+        raise ValueError(f"block_m={bm} and block_n={bn} must be powers of two with block_n <= N={n}")
+    if not (pow2(bk) and bk % spec.max_group == 0 and kp % bk == 0):
+        raise ValueError(
+            f"block_k={bk} must be a power of two dividing K/{spec.parts}={kp} and a multiple of {spec.max_group} "
+            f"(the widest {fmt} plane group)"
+        )
+    if not (common.is_int(splits) and splits >= 1 and (kp // bk) % splits == 0):
+        raise ValueError(f"num_splits={splits} must divide the {kp // bk} K steps")
+    if bm > FMA_ROWS and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
+        raise ValueError(f"the dot path (block_m={bm} > {FMA_ROWS}) needs block_m and block_n >= {common.MIN_BLOCK}")
+    common.check_launch_overrides(num_warps=warps, num_stages=stages, num_splits=splits)
+
+
+def _kernel(
+    # inputs
+    x_ref,  # [P, M, K / P]: the activations split into the format's parts
+    *refs,  # the planes [N, K / P / group] each, then the output [S, M, N] float32
+    fmt: str,
+    groups: tuple[int, ...],
+    config: QMatmulConfig,
+    steps: int,  # K steps per split
+):
+    plane_refs, o_ref = refs[:-1], refs[-1]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    _, m_total, _ = x_ref.shape
+    n_total = plane_refs[0].shape[0]
+    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pl.ds(jnp.minimum(i * bm, m_total - bm), bm)  # the last block slides back to end at M (and N)
+    cols = pl.ds(jnp.minimum(j * bn, n_total - bn), bn)
+    use_dot = bm > FMA_ROWS
+    dot_dtype = x_ref.dtype
+    precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+
+    def body(step, acc):
+        k0 = pl.multiple_of((s * steps + step) * bk, bk)
+        tiles = [ref[cols, pl.ds(k0 // g, bk // g)] for ref, g in zip(plane_refs, groups, strict=True)]
+        for p, w in enumerate(dequantize_tile(fmt, tiles)):  # [bn, bk] float32 each
+            x = x_ref[p, rows, pl.ds(k0, bk)]  # [bm, bk]
+            if use_dot:
+                acc += common.dot(x, w.astype(dot_dtype), trans_b=True, precision=precision)
+            else:
+                acc += jnp.sum(x.astype(jnp.float32)[:, None, :] * w[None, :, :], axis=2)
+        return acc
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[s, rows, cols] = acc
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
+def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool):
+    m, k = x.shape
+    n = planes[0].shape[0]
+    spec = block_format(fmt)
+    rows = max(m, config.block_m)
+    xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
+    steps = k // spec.parts // config.block_k // config.num_splits
+    grid = (pl.cdiv(rows, config.block_m), pl.cdiv(n, config.block_n), config.num_splits)
+    out_shape = jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32)
+    kernel = functools.partial(_kernel, fmt=fmt, groups=tuple(p.group for p in spec.planes), config=config, steps=steps)
+    out = backend.pallas_call(
+        kernel,
+        interpret=interpret,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        grid=grid,
+        in_specs=[common.whole(xs.shape)] + [common.whole(p.shape) for p in planes],
+        out_specs=common.whole(out_shape.shape),
+        out_shape=out_shape,
+        name=f"jkv_qmatmul_{fmt.lower()}",
+    )(xs, *planes)
+    return out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]
+
+
+def common_pad_rows(x, rows: int):
+    """``x`` with zero rows appended up to ``rows``."""
+    return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+
+
+def qmatmul(x, planes, fmt: str, *, config: QMatmulConfig | None = None, interpret: bool | None = None):
+    """``x [M, K] @ W.T -> [M, N]`` (float32) for the ``N x K`` matrix ``W`` held in ``planes`` as ``fmt``.
+
+    ``x``: bfloat16, float16 or float32. ``config``: launch parameters (default :func:`qmatmul_config`).
+    ``interpret``: None picks Triton on a GPU, interpret mode elsewhere (``pallas_kernels.backend``).
+
+    >>> y = qmatmul(x, (codes, scales), "Q8_0")  # codes int8 [N, K], scales f16 [N, K // 32]
+    """
+    planes = tuple(planes) if isinstance(planes, list) else planes
+    n, k = check_planes(fmt, planes)
+    check_activations(x, k, fmt)
+    m = x.shape[0]
+    if m == 0:
+        return jnp.zeros((0, n), jnp.float32)
+    config = qmatmul_config(m, n, k, fmt) if config is None else QMatmulConfig(*config)
+    check_config(config, m, n, k, fmt)
+    return _qmatmul(x, planes, fmt=fmt, config=config, interpret=backend.resolve_interpret(interpret))

@@ -1,0 +1,46 @@
+"""bench/bench_qweights.py: its random quantized models (formats, bytes a step reads) and a smoke run on the CPU
+(tiny shapes: every section of the JSON report, the table last)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
+
+from bench import bench_qweights
+from jkv.models import llama, quant
+
+
+def test_random_quantized_models_read_fewer_bytes():
+    config = bench_qweights.SMOKE_CONFIG
+    dense = llama.init_params(config, jax.random.key(0), jnp.bfloat16, layout="layers")
+    q8, q4 = (bench_qweights.random_quantized(dense, c, seed) for seed, c in enumerate(("q8_0", "q4_k")))
+    assert q4.layers[0].wqkv.format == "Q4_K" and q4.embed.format == q8.layers[0].w_down.format == "Q8_0"
+    llama.check_params(q4, config)
+    matrices = ("wqkv", "wo", "w_gate_up", "w_down")
+    layer_bytes = lambda p: sum(getattr(p.layers[0], name).nbytes for name in matrices)
+    assert layer_bytes(q8) == pytest.approx(layer_bytes(dense) * 8.5 / 16)
+    assert layer_bytes(q4) == pytest.approx(layer_bytes(dense) * 4.625 / 16)
+    values = quant.dequantize_params(q4).layers[0].wqkv
+    assert bool(jnp.isfinite(values).all()) and 0.001 < float(jnp.std(values.astype(jnp.float32))) < 1.0
+
+
+@pytest.mark.slow
+def test_smoke_run(tmp_path, capsys):
+    report = bench_qweights.main(["--smoke", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "bench_qweights.json").read_text()) == json.loads(json.dumps(report))
+    rows = report["decode"]["2"]
+    assert set(rows) == {"bf16", "q8_0", "q4_k"}
+    assert rows["q4_k"]["weight_bytes"] < rows["q8_0"]["weight_bytes"] < rows["bf16"]["weight_bytes"]
+    for row in rows.values():
+        # a CPU's wall-clock difference of two programs may come out negative: only the arithmetic is checked
+        assert row["floor_s"] > 0 and row["of_floor"] == pytest.approx(row["floor_s"] / row["time_s"])
+    assert set(report["prefill"]["rows"]) == {"bf16", "q8_0", "q4_k", "q8_0_xla", "q4_k_xla"}
+    assert math.isfinite(report["prefill"]["rows"]["q4_k_xla"]["tokens_per_s"])
+    assert report["agreement"]["rows"]["bf16"] == {"token_agreement": 1.0, "prompts_equal": 1.0}
+    assert capsys.readouterr().out.splitlines()[-1].startswith("agreement q4_k")

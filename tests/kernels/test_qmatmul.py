@@ -1,0 +1,138 @@
+"""Block-quantized matmul (``pallas_kernels.quantized_matmul``, its reference in ``block_formats``) against NumPy
+float64 of the dequantized matrix: interpret mode on CPU; the Triton lowering of both paths everywhere; argument
+errors.
+
+Every case draws fresh planes (scales and mins of both signs, every code value), an odd ``N`` and ``K`` an odd
+multiple of the format's block, at ``M`` = 1 and 3 (the register path) and 64 (the tensor-core path)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from qweight_inputs import dequantize_f64, planes_like, random_planes
+
+from pallas_kernels import backend, block_formats
+from pallas_kernels import quantized_matmul as qmatmul
+from pallas_kernels.quantized_matmul import QMatmulConfig
+
+FORMATS = tuple(block_formats.FORMATS)
+N = 37
+
+
+def run(rng, fmt, m, n=N, blocks=3, dtype=jnp.float32, config=None, fn=None):
+    k = block_formats.FORMATS[fmt].block * blocks
+    planes = random_planes(rng, fmt, n, k)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ dequantize_f64(planes, fmt).T
+    fn = fn or (lambda x, p: qmatmul.qmatmul(x, p, fmt, config=config, interpret=True))
+    out = fn(x, tuple(jnp.asarray(p) for p in planes))
+    assert out.shape == (m, n) and out.dtype == jnp.float32
+    return out, ref
+
+
+@pytest.mark.parametrize("m", [1, 3, 64])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_matches_float64(rng, fmt, m):
+    out, ref = run(rng, fmt, m)
+    assert rel_err(out, ref) < REL_TOL["float32"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_matches_float64(rng, fmt):
+    out, ref = run(rng, fmt, 5, fn=lambda x, p: block_formats.qmatmul_reference(x, p, fmt))
+    assert rel_err(out, ref) < REL_TOL["float32"]
+
+
+@pytest.mark.parametrize("m", [2, 24])
+def test_bf16_activations(rng, m):
+    """bf16 x: the register path multiplies in f32, the dot path rounds the dequantized tile to bf16."""
+    out, ref = run(rng, "Q4_K", m, dtype=jnp.bfloat16)
+    assert rel_err(out, ref) < REL_TOL["bfloat16"]
+
+
+@pytest.mark.parametrize(
+    "fmt,m,n,config",
+    [
+        ("Q8_0", 1, 19, QMatmulConfig(1, 16, 32, 3, 4, 2)),  # K split three ways, N = 19 slides back
+        ("Q4_1", 20, 5, None),  # N below one dot tile: the register path over three row blocks
+        ("Q4_0", 40, 33, QMatmulConfig(16, 16, 16, 1, 4, 2)),  # dot path, ragged M and N blocks
+    ],
+    ids=["splits3", "thin_n", "ragged_dot"],
+)
+def test_launch_variants(rng, fmt, m, n, config):
+    out, ref = run(rng, fmt, m, n=n, config=config)
+    assert rel_err(out, ref) < REL_TOL["float32"]
+
+
+def test_default_config_fills_the_gpu_at_batch_one():
+    config = qmatmul.qmatmul_config(1, 4096, 4096, "Q8_0")
+    programs = 4096 // config.block_n * config.num_splits
+    assert config.block_m == 1 and programs >= backend.num_multiprocessors()
+
+
+def _planes(fmt, n=64, k=256):
+    return planes_like(fmt, n, k, jnp.zeros)
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: (jnp.ones((2, 256)), _planes("Q8_0"), "Q5_0"), ValueError, "is not one of"),
+        (lambda: (jnp.ones((2, 256)), _planes("Q8_0")[:1], "Q8_0"), ValueError, "takes 2 planes"),
+        (
+            lambda: (jnp.ones((2, 256)), (_planes("Q8_0")[0], jnp.zeros((64, 8), jnp.float32)), "Q8_0"),
+            ValueError,
+            "plane 'scales' is float32",
+        ),
+        (lambda: (jnp.ones((2, 128)), _planes("Q4_K"), "Q4_K"), ValueError, r"x must be \[M, K=256\]"),
+        (lambda: (jnp.ones((2, 256), jnp.int32), _planes("Q6_K"), "Q6_K"), TypeError, "int32"),
+        (
+            lambda: (jnp.ones((2, 160)), (jnp.zeros((64, 80), jnp.uint8), *_planes("Q4_K")[1:]), "Q4_K"),
+            ValueError,
+            "K=160 must be a positive multiple of 256",
+        ),
+    ],
+    ids=["unknown_format", "missing_plane", "scale_dtype", "k_mismatch", "int_x", "k_not_block"],
+)
+def test_bad_arguments_raise(make, error, match):
+    x, planes, fmt = make()
+    with pytest.raises(error, match=match):
+        qmatmul.qmatmul(x, planes, fmt, interpret=True)
+    with pytest.raises(error, match=match):
+        block_formats.qmatmul_reference(x, planes, fmt)
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (QMatmulConfig(1, 128, 64, 1, 4, 2), "block_n=128"),  # more than N = 64
+        (QMatmulConfig(1, 32, 48, 1, 4, 2), "block_k=48"),
+        (QMatmulConfig(1, 32, 64, 3, 4, 2), "num_splits=3"),
+        (QMatmulConfig(32, 8, 64, 1, 4, 2), "dot path"),
+    ],
+)
+def test_bad_config_raises(config, match):
+    with pytest.raises(ValueError, match=match):
+        qmatmul.qmatmul(jnp.ones((2, 256)), _planes("Q8_0"), "Q8_0", config=config, interpret=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 128])
+def test_lowers_through_triton(fmt, m):
+    """Both paths lower to a Triton kernel for CUDA on any host (no GPU needed), bf16 activations."""
+    sds = jax.ShapeDtypeStruct
+    n, k = 1024, 512
+    planes = planes_like(fmt, n, k, sds)
+    config = qmatmul.qmatmul_config(m, n, k, fmt)
+    traced = qmatmul._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config, interpret=False)
+    assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
+@pytest.mark.parametrize("m", [1, 3, 64, 200])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_matches_float64(rng, fmt, m):
+    out, ref = run(rng, fmt, m, n=301, blocks=5, dtype=jnp.bfloat16, fn=lambda x, p: qmatmul.qmatmul(x, p, fmt))
+    assert rel_err(out, ref) < REL_TOL["bfloat16"]

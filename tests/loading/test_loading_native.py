@@ -1,0 +1,139 @@
+"""GGUF block formats kept on the device (``load_gguf(weights="native")``): the repacked planes hold exactly the
+values gguf-py dequantizes; tiny GGUF files give the logits of their dequantized load; the shipped SmolLM2 Q4_1
+model takes about its file's bytes and gives the dequantized float32 model's greedy tokens; option errors."""
+
+import functools
+import os
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from gguf import GGMLQuantizationType as Q
+from helpers_loading import needs_smollm, smollm_path, write_tiny_gguf
+
+import jkv
+from jkv.loading import gguf_blocks, load, load_gguf
+from jkv.models import llama, quant
+from jkv.serving.generator import Generator
+from pallas_kernels import block_formats
+
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+@pytest.mark.parametrize("fmt", list(block_formats.FORMATS))
+def test_repacked_planes_hold_what_gguf_dequantizes(rng, fmt):
+    """Random blocks (every bit pattern of codes and 6-bit scales, f16 scales and mins of both signs)."""
+    block, size = block_formats.FORMATS[fmt].block, gguf_blocks.BLOCK_BYTES[fmt]
+    n, k = 7, 3 * block
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    for offset in F16_FIELDS[fmt]:
+        values = rng.standard_normal((n, k // block, 1)).astype(np.float16)
+        raw[..., offset : offset + 2] = values.view(np.uint8)
+    raw = raw.reshape(n, -1)
+    planes = gguf_blocks.repack(raw, fmt, n, k)
+    assert tuple(p.shape for p in planes) == block_formats.plane_shapes(fmt, n, k)
+    want = gguf.quants.dequantize(raw, Q[fmt]).reshape(n, k)
+    np.testing.assert_array_equal(np.asarray(block_formats.dequantize(planes, fmt)), want)
+    with pytest.raises(ValueError, match=f"is not a {n} x {2 * k} matrix"):
+        gguf_blocks.repack(raw, fmt, n, 2 * k)
+
+
+UNIFORM = {
+    "attn_q": Q.Q4_K, "attn_k": Q.Q4_K, "attn_v": Q.Q4_K, "attn_output": Q.Q6_K, "ffn_gate": Q.Q4_0,
+    "ffn_up": Q.Q4_0, "ffn_down": Q.Q4_1, "token_embd": Q.Q8_0, "output": Q.Q6_K,
+}  # fmt: skip
+MIXED = {
+    "attn_q": Q.Q8_0,
+    "attn_k": Q.Q4_K,
+    "attn_v": Q.Q4_0,
+    "attn_output": Q.Q4_1,
+    "ffn_up": Q.F16,
+    "token_embd": Q.Q8_0,
+}
+
+
+@functools.cache
+def tiny_forward(config):
+    return jax.jit(functools.partial(llama.forward, config=config))
+
+
+@pytest.mark.parametrize("types,layout", [(UNIFORM, "stacked"), (MIXED, "layers")], ids=["uniform", "mixed"])
+def test_tiny_native_gguf_gives_the_dequantized_logits(tmp_path, rng, types, layout):
+    """Every matrix whose fused group shares one block format stays quantized; the logits are the dequantized
+    model's (float32, up to summation order). A group of mixed formats (q/k/v here) is dequantized at load."""
+    write_tiny_gguf(tmp_path / "m.gguf", rng, types=types)
+    native = load_gguf(tmp_path / "m.gguf", "f32", progress=False, layout=layout, weights="native")
+    dense = load_gguf(tmp_path / "m.gguf", "f32", progress=False, layout=layout)
+    layer = native.params.layers if layout == "stacked" else native.params.layers[0]
+    kept = {name: getattr(layer, name).format for name in ("wqkv", "wo", "w_gate_up", "w_down") if
+            quant.is_quantized(getattr(layer, name))}  # fmt: skip
+    if types is UNIFORM:
+        assert kept == {"wqkv": "Q4_K", "wo": "Q6_K", "w_gate_up": "Q4_0", "w_down": "Q4_1"}
+        assert native.params.lm_head.format == "Q6_K"
+    else:
+        assert kept == {"wo": "Q4_1"}
+    assert native.params.embed.format == "Q8_0" and native.info["weights"] == "native"
+    c = native.config
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 6)), jnp.int32)
+    cache = jkv.KVCache.init(jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16), 2)
+    got, _ = tiny_forward(c)(native.params, cache, tokens)
+    want, _ = tiny_forward(c)(dense.params, cache, tokens)
+    assert rel_err(got, want) < 1e-5
+    assert native.params.nbytes < dense.params.nbytes / (3 if types is UNIFORM else 1)
+
+
+def test_weight_options_are_checked(tmp_path, rng):
+    write_tiny_gguf(tmp_path / "m.gguf", rng)
+    with pytest.raises(ValueError, match="weights='bf16' is not one of"):
+        load_gguf(tmp_path / "m.gguf", progress=False, weights="bf16")
+    with pytest.raises(ValueError, match="quantize='q8_0' applies to safetensors"):
+        load(tmp_path / "m.gguf", progress=False, quantize="q8_0")
+    with pytest.raises(ValueError, match="weights='native' applies to GGUF"):
+        load(tmp_path, progress=False, weights="native")
+
+
+QUESTIONS = (
+    "Name three colors of the rainbow.",
+    "What does a bee make?",
+    "Give me a word that rhymes with cat.",
+    "How many legs does a spider have?",
+)
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_smollm2_native_weights_fit_the_file_and_keep_greedy_tokens():
+    """Q4_1 blocks and the Q8_0 embedding stay quantized: the params take <= 1.2x the file's bytes, and 16 greedy
+    tokens for each of four prompts (one ragged batch) equal those of the model of the dequantized float32
+    values (``dequantize_params``: exactly what ``weights="dequantize"`` loads, as the repack test shows)."""
+    path = smollm_path()
+    model = load_gguf(path, "f32", progress=False, weights="native")
+    params = model.params
+    assert params.layers.wqkv.format == "Q4_1" and params.embed.format == "Q8_0"
+    assert params.nbytes <= 1.2 * os.path.getsize(path)
+    tok = model.tokenizer
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS]
+    results = []
+    for p in (params, quant.dequantize_params(params)):
+        generator = Generator(model.config, p, max_len=64, batch=len(prompts))
+        results.append(generator.generate(prompts, max_new_tokens=16, stop_ids=()).tokens)
+    assert results[0] == results[1], [tok.decode(t) for t in results[0]]
+
+
+@pytest.mark.gpu
+@needs_smollm
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: the qmatmul kernels in the model")
+def test_smollm2_native_weights_through_the_kernels_on_gpu():
+    """On a GPU the model's products run the qmatmul kernels (float32 activations: the register path for decode,
+    the dot path at full precision for prefill): the same greedy tokens as the dequantized float32 model."""
+    model = load_gguf(smollm_path(), "f32", progress=False, weights="native")
+    tok = model.tokenizer
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS]
+    results = []
+    for p in (model.params, quant.dequantize_params(model.params)):
+        generator = Generator(model.config, p, max_len=96, batch=len(prompts))
+        results.append(generator.generate(prompts, max_new_tokens=32, stop_ids=()).tokens)
+    assert results[0] == results[1], [tok.decode(t) for t in results[0]]
