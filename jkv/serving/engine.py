@@ -21,18 +21,17 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jkv import memory
-from jkv.caches import CacheSpec, Ring
 from jkv.models import llama
 from jkv.serving import steps
 from jkv.serving.metrics import Completion, EngineStats
-from jkv.serving.options import EngineOptions, default_num_slots
+from jkv.serving.options import EngineOptions
 from jkv.serving.prefixes import Prefixes
 from jkv.serving.requests import Request, emit, finish_reason, step_tokens
 from jkv.serving.sampling import SamplingParams, sampling_rows
 from jkv.serving.scheduler import Scheduler
 from jkv.serving.scheduler import Sequence as Scheduled
 from jkv.serving.speculative import prompt_lookup_draft
+from jkv.serving.storage import plan_storage
 
 
 class Engine:
@@ -52,35 +51,10 @@ class Engine:
             raise ValueError(f"max_len={options.max_len} exceeds the model's context length {config.max_position}")
         self.options, self.params, self.config, self.mesh = options, params, config, mesh
         self.cache_kind = options.cache
-        dtype = steps.kind_dtype(options.cache, params.dtype if options.cache_dtype is None else options.cache_dtype)
-        self.spec = CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, options.max_len, dtype)
-        storage = dict(options.cache_options)
-        probe = steps.make_cache(options.cache, self.spec.replace(max_len=steps.PAGE_SIZE), 1, **storage)
-        per_token = probe.format.bytes_per_token(probe.spec)  # bytes per position in the slots' format
-        paged = steps.is_paged(options.cache)
-        windows, plan = options.windows(config), None
-        slots_per_token = per_token
-        if windows is not None:  # a per-layer plan: windowed layers on rings
-            plan = {"windows": windows, "slack": options.slack(paged)}
-            ring = memory.plan_bytes(self.spec, 1, windows, slack=plan["slack"], page_size=steps.PAGE_SIZE)
-            slots_per_token = -(-ring * per_token // memory.cache_bytes(self.spec, 1))  # what a slot really takes
-        self.num_slots = options.num_slots or default_num_slots(self.spec, slots_per_token, mesh, verbose)
-        num_pages = page_size = None
-        if paged:
-            page_size = steps.PAGE_SIZE
-            # Default: every slot can fill its row and prefix entries pin at most prefix_cache_bytes more, as far as
-            # the free memory goes (beyond that the scheduler makes requests wait for pages).
-            page_bytes = per_token * page_size
-            full = self.num_slots * (options.max_len // page_size) + options.prefix_cache_bytes // page_bytes
-            num_pages = options.num_pages or max(min(full, memory.usable_bytes() // page_bytes), 1)
-        if plan is not None and paged:  # rings' pools: every slot fills its ring, steps' chunks and pinned prefixes
-            ring_pages = max(Ring(w, plan["slack"]).pages_per_sequence(page_size) for w in windows if w is not None)
-            extra = -(-options.batch_tokens // page_size) + options.prefix_cache_bytes // page_bytes
-            plan["window_pages"] = self.num_slots * (ring_pages + 1) + extra
-        self.cache = steps.make_cache(
-            options.cache, self.spec, self.num_slots, num_pages=num_pages, plan=plan, **storage
-        )
-        self.window_slack = None if plan is None else plan["slack"]
+        storage = plan_storage(options, config, params.dtype, mesh, verbose)
+        self.spec, self.num_slots, self.window_slack = storage.spec, storage.num_slots, storage.window_slack
+        self.cache = storage.make_cache(options)
+        num_pages, per_token = storage.num_pages, storage.per_token
         cache_sharding = None
         if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split
             from jkv.caches import sharding
@@ -94,10 +68,10 @@ class Engine:
             self.num_slots,
             options.batch_tokens,
             options.max_len,
-            page_size=page_size,
+            page_size=storage.page_size,
             num_pages=num_pages,
             buckets=options.buckets,
-            max_count=self.window_slack if plan is not None and not paged else None,
+            max_count=self.window_slack if storage.page_size is None else None,
         )
         self.prefixes = Prefixes(self, per_token) if options.prefix_cache_bytes else None
         self.stats = EngineStats(num_pages=num_pages or 0)

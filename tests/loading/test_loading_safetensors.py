@@ -82,6 +82,7 @@ def test_sharded_files_and_bf16(saved, tmp_path):
         "format": "safetensors",
         "files": len(list(tmp_path.glob("*.safetensors"))),
         "dtype": "bfloat16",
+        "quantize": None,
     }
     w = model.model.layers[1].self_attn.k_proj.weight.detach().numpy()
     np.testing.assert_array_equal(llama.unfuse_qkv(np.asarray(ref.params.layers[1].wqkv))[1], w.T)
