@@ -5,11 +5,7 @@ import zlib
 
 # Eight host devices so the sharding tests can build meshes on a CPU-only machine. Must precede importing jax;
 # unsharded code still runs on device 0 as before.
-# Backend optimisation off: the tests' programs are tiny and compiling them (LLVM) is most of the suite's time;
-# numerics stay IEEE (no fast-math either way).
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import numpy as np
 import pytest
