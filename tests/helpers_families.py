@@ -214,3 +214,17 @@ def write_gguf(path, model, arch: str, bpe: bool = False) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def loaded_family(name: str, tmp_path_factory):
+    """(name, the jkv model loaded from the saved random HF model, random prompts, each prompt's HF greedy tokens
+    and logits)."""
+    from jkv.loading import load_safetensors
+
+    model = hf_model(name)
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory)
+    loaded = load_safetensors(directory, "f32", progress=False)
+    rng = np.random.default_rng(len(name))
+    prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
+    return name, loaded, prompts, hf_greedy(model, prompts)

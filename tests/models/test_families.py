@@ -9,23 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from helpers_families import FAMILIES, PROMPTS, STEPS, WINDOW, hf_greedy, hf_model
+from helpers_families import FAMILIES, STEPS, WINDOW, loaded_family
 
 import jkv
-from jkv.loading import load_safetensors
 from jkv.models import llama
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """(family, loaded jkv model, each prompt's HF greedy tokens, HF logits at every position)."""
-    model = hf_model(request.param)
-    directory = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(directory)
-    loaded = load_safetensors(directory, "f32", progress=False)
-    rng = np.random.default_rng(len(request.param))
-    prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
-    return request.param, loaded, prompts, hf_greedy(model, prompts)
+    return loaded_family(request.param, tmp_path_factory)
 
 
 def test_config_options(family):

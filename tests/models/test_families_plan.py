@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from test_families import PROMPTS, STEPS, WINDOW, hf_greedy, hf_model
+from helpers_families import loaded_family
+from test_families import STEPS, WINDOW
 
 import jkv
-from jkv.loading import load_safetensors
 from jkv.models import llama
 
 SLACK = 12  # the padded prefill writes max(PROMPTS) = 11 tokens per sequence in one step
@@ -23,13 +23,7 @@ XLA = llama.LlamaOptions(impl="xla")
 
 @pytest.fixture(scope="module", params=["mistral", "gemma2", "gemma3"])
 def family(request, tmp_path_factory):
-    model = hf_model(request.param)
-    directory = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(directory)
-    loaded = load_safetensors(directory, "f32", progress=False)
-    rng = np.random.default_rng(len(request.param))
-    prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
-    return request.param, loaded, prompts, hf_greedy(model, prompts)
+    return loaded_family(request.param, tmp_path_factory)
 
 
 def plan_cache(kind, config, batch, max_len=64):
