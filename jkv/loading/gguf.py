@@ -1,7 +1,8 @@
-"""GGUF files (llama.cpp's format), read through llama.cpp's own ``gguf`` package.
+"""GGUF files (llama.cpp's format): the header read by ``jkv.loading.gguf_file``, tensors dequantized by
+llama.cpp's own ``gguf`` package.
 
 The config comes from the ``<arch>.*`` metadata, the tokenizer from ``tokenizer.*``, and tensors are dequantized
-to f32 by ``gguf.quants.dequantize`` (the package's own routines) before they are cast to the requested dtype.
+to f32 by the ``gguf`` package's own block routines before they are cast to the requested dtype.
 
 llama.cpp's converter permutes the rows of the Q and K projections of ``llama`` models so that its interleaved
 (NORM) rotary embedding matches HF's split-halves (NEOX) one; we undo that permutation here and run NEOX
@@ -19,7 +20,7 @@ import time
 
 import numpy as np
 
-from jkv.loading import gguf_blocks, gguf_families, validate
+from jkv.loading import gguf_blocks, gguf_families, gguf_file, validate
 from jkv.loading import tokenizer as tokenizer_lib
 from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
 from jkv.models.llama import LlamaConfig
@@ -27,7 +28,6 @@ from pallas_kernels import block_formats
 
 ARCHITECTURES = gguf_families.ARCHITECTURES
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-MAGIC = b"GGUF"
 WEIGHTS = ("dequantize", "native")  # load_gguf's choices: every tensor dense, or block formats kept
 
 # Canonical name (see jkv.loading.common) -> GGUF tensor name.
@@ -65,36 +65,23 @@ def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def open_gguf(path):
-    """A ``gguf.GGUFReader`` over ``path`` and its checked layout, or ``ModelLoadError`` saying why the file
-    cannot be one (see ``jkv.loading.validate.gguf_layout``)."""
+def open_gguf(path) -> gguf_file.GGUFFile:
+    """``path`` read by ``jkv.loading.gguf_file.read_gguf`` (metadata decoded, tensors mapped, every length
+    checked), or ``ModelLoadError`` saying why the file cannot be one."""
+    return gguf_file.read_gguf(path)
+
+
+def dequantize(t: gguf_file.GGUFTensor, chunk_values: int = 1 << 22) -> np.ndarray:
+    """Tensor ``t`` as float32 ``[rows, row length]`` by the ``gguf`` package's block routines, applied to chunks
+    of whole rows (its ``quants.dequantize`` loops over groups of 16 rows, seconds for a small model)."""
     import gguf
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"GGUF file not found: {path!r}")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != MAGIC:
-        raise ModelLoadError(f"{path!r} is not a GGUF file: it starts with {magic!r}, expected {MAGIC!r}")
-    layout = validate.gguf_layout(path, repr(path))
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on a damaged file
-        raise ModelLoadError(f"{path!r} is truncated or corrupt ({size} bytes): {type(e).__name__}: {e}") from None
-    return reader, layout
-
-
-def metadata(reader) -> dict:
-    """GGUF metadata as Python values (strings, numbers, lists)."""
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # a field of a type this gguf version cannot decode: skip it, nothing we read
-            continue
-    return out
+    if t.type_name in ("F32", "F16"):
+        return np.asarray(gguf.quants.dequantize(t.data, t.ggml_type), np.float32)
+    rows = max(1, chunk_values // t.dims[0])
+    kind = getattr(gguf.quants, t.type_name)
+    parts = [kind.dequantize_rows(t.data[i : i + rows]) for i in range(0, t.data.shape[0], rows)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tuple[LlamaConfig, dict[str, str]]:
@@ -171,24 +158,22 @@ def load_gguf(
     frequency factors (a ``rope_freqs.weight`` tensor) are applied to the rotary frequencies. Every field and
     tensor is checked before any weight is computed with (``jkv.loading.validate``).
     """
-    import gguf
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r} is not one of {WEIGHTS}")
     start = time.perf_counter()
     path = os.fspath(path)
     source = repr(path)
-    reader, tensor_layout = open_gguf(path)
-    meta = metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    bad = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type.name not in TENSOR_TYPES]
+    reader = open_gguf(path)
+    meta, tensors = reader.metadata, reader.tensors
+    bad = [f"{t.name} ({t.type_name})" for t in tensors.values() if t.type_name not in TENSOR_TYPES]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ModelLoadError(
             f"unsupported tensor type in {path!r}: {', '.join(bad[:5])}{more}; jkv reads {', '.join(TENSOR_TYPES)}"
         )
     config, names = config_from_metadata(meta, set(tensors), source)
-    shapes = {name: tuple(reversed(dims)) for name, (dims, _) in tensor_layout.items()}  # GGUF: innermost first
+    shapes = {name: t.shape for name, t in tensors.items()}
     stored = dict(shapes)  # Phi-3's separate names shadow its fused ffn_up: reads reshape by the stored shape
     pieces = _split_fused(config, shapes) if config.architecture == "phi3" else {}
     validate.check_tensors(config, shapes, gguf_name, names, source, r"blk\.(\d+)\.")
@@ -198,7 +183,7 @@ def load_gguf(
         key = gguf_name(name)
         fused, start, stop = pieces.get(key, (key, None, None))
         t = tensors[fused]
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        w = dequantize(t)
         w = validate.check_finite(w.reshape(stored[fused])[start:stop], key, source, dtype)
         if config.architecture == "llama" and name.endswith((".q", ".q_bias")):
             w = unpermute_rows(w, config.num_heads)
@@ -210,7 +195,7 @@ def load_gguf(
         key = gguf_name(name)
         fused, start, stop = pieces.get(key, (key, None, None))
         t = tensors[fused]
-        fmt = t.tensor_type.name
+        fmt = t.type_name
         if fmt not in block_formats.FORMATS or len(stored[fused]) != 2:
             return None
         planes = tuple(p[start:stop] for p in gguf_blocks.repack(t.data, fmt, *stored[fused]))
@@ -224,7 +209,7 @@ def load_gguf(
 
     if "rope_freqs.weight" in tensors:
         t = tensors["rope_freqs.weight"]
-        factors = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
+        factors = dequantize(t).astype(np.float64).reshape(-1)
         config = _with_rope_factors(config, factors, path)
     params = build_params(
         config,
@@ -240,8 +225,8 @@ def load_gguf(
         tok = tokenizer_lib.from_gguf_metadata(meta, source)
         validate.check_tokenizer(tok, config, names["vocab_size"], source)
     types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    for t in tensors.values():
+        types[t.type_name] = types.get(t.type_name, 0) + 1
     return LoadedModel(
         config=config,
         params=params,

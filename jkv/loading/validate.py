@@ -13,9 +13,7 @@ with an error naming the step, instead of sampling from garbage.
 from __future__ import annotations
 
 import math
-import mmap
 import re
-import struct
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -193,132 +191,6 @@ def check_tokenizer(tokenizer, config, vocab_field: str, source: str) -> None:
             raise TokenizerError(
                 f"{source}: the {what} token id {token_id} lies outside [0, {vocab_field}={config.vocab_size})"
             )
-
-
-# ---------------------------------------------------------------------------------------------- GGUF layout
-_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
-GGUF_VERSIONS = (2, 3)
-GGUF_MAX_DIMS = 4
-
-
-def gguf_layout(path: str, source: str) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Walk a GGUF file's header with every count and length bounded by the file's size, before any reader
-    trusts them; returns ``{tensor name: (dims innermost first, type id)}``.
-
-    Refuses: unknown versions or value types, lengths past the end, duplicate keys or tensors, tensors of 0 or more
-    than 4 dims, unknown types, rows not a whole number of quantization blocks, misaligned offsets, tensor data
-    past the end of the file or overlapping another tensor's.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return _walk_gguf(data, source)
-
-
-def _walk_gguf(data, source: str) -> dict[str, tuple[tuple[int, ...], int]]:
-    import gguf
-
-    size = len(data)
-    pos = 0
-
-    def take(fmt: str):
-        nonlocal pos
-        if pos + struct.calcsize(fmt) > size:
-            raise ModelLoadError(f"{source} is truncated or corrupt: its header runs past the end ({size} bytes)")
-        value = struct.unpack_from("<" + fmt, data, pos)
-        pos += struct.calcsize(fmt)
-        return value[0] if len(value) == 1 else value
-
-    def skip(nbytes: int, what: str):
-        nonlocal pos
-        if nbytes > size - pos:
-            raise ModelLoadError(
-                f"{source} is truncated or corrupt: {what} claims {nbytes} bytes at offset {pos}, past the end "
-                f"({size} bytes)"
-            )
-        pos += nbytes
-
-    def string(what: str) -> bytes:
-        n = take("Q")
-        start = pos
-        skip(n, what)
-        return data[start:pos]
-
-    def value(kind: int, key: str, nested: bool):
-        if kind in _GGUF_SCALAR_BYTES:
-            skip(_GGUF_SCALAR_BYTES[kind], f"the value of {key}")
-        elif kind == _GGUF_STRING:
-            string(f"the string value of {key}")
-        elif kind == _GGUF_ARRAY and not nested:
-            item, count = take("I"), take("Q")
-            if item in _GGUF_SCALAR_BYTES:
-                skip(count * _GGUF_SCALAR_BYTES[item], f"the array {key}")
-            elif item == _GGUF_STRING:
-                if count > (size - pos) // 8:  # each string takes 8 bytes of length at least
-                    skip(count * 8, f"the array {key}")
-                for _ in range(count):
-                    string(f"an item of the array {key}")
-            else:
-                raise ModelLoadError(f"{source} is corrupt: the array {key} has items of unknown type {item}")
-        else:
-            raise ModelLoadError(f"{source} is corrupt: metadata {key} has unknown value type {kind}")
-
-    take("4s")
-    version = take("I")
-    if version not in GGUF_VERSIONS:
-        raise ModelLoadError(
-            f"{source} is truncated or corrupt, or of a newer format: it has GGUF version {version}, jkv reads "
-            f"versions {GGUF_VERSIONS}"
-        )
-    n_tensors, n_kv = take("Q"), take("Q")
-    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-    keys = set()
-    for _ in range(min(n_kv, size)):  # each key takes bytes: a larger count runs past the end and stops there
-        key = string("a metadata key").decode("utf-8", "replace")
-        if key in keys:
-            raise ModelLoadError(f"{source} is corrupt: metadata key {key!r} appears twice")
-        keys.add(key)
-        kind = take("I")
-        if key == "general.alignment" and kind == _GGUF_UINT32:
-            alignment = take("I")
-            if alignment == 0 or alignment & (alignment - 1):
-                _fail(source, key, alignment, "a power of two")
-        else:
-            value(kind, key, nested=False)
-    infos = {}
-    for _ in range(min(n_tensors, size)):
-        name = string("a tensor name").decode("utf-8", "replace")
-        n_dims = take("I")
-        if not 1 <= n_dims <= GGUF_MAX_DIMS:
-            _fail(source, f"tensor {name!r} dimension count", n_dims, f"1 to {GGUF_MAX_DIMS}")
-        dims = tuple(take("Q") for _ in range(n_dims))
-        kind, offset = take("I"), take("Q")
-        if name in infos:
-            raise ModelLoadError(f"{source} is corrupt: tensor {name!r} appears twice")
-        if min(dims) < 1 or math.prod(dims) > 1 << 40:
-            _fail(source, f"tensor {name!r} shape", dims, "dimensions >= 1 and at most 2**40 elements")
-        if kind not in gguf.GGML_QUANT_SIZES:
-            _fail(source, f"tensor {name!r} type", kind, "a GGML tensor type")
-        block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
-        if dims[0] % block:
-            _fail(source, f"tensor {name!r} row length", dims[0], f"a multiple of its type's block of {block}")
-        if offset % alignment:
-            _fail(source, f"tensor {name!r} data offset", offset, f"a multiple of the alignment {alignment}")
-        infos[name] = (dims, kind, offset, math.prod(dims) // block * block_bytes)
-    start = pos + (-pos % alignment)
-    end_of_last, last = 0, None
-    for name, (_, _, offset, nbytes) in sorted(infos.items(), key=lambda item: item[1][2]):
-        if start + offset + nbytes > size:
-            raise ModelLoadError(
-                f"{source} is truncated: tensor {name!r} needs bytes up to {start + offset + nbytes} but the file "
-                f"has {size}"
-            )
-        if offset < end_of_last:
-            raise ModelLoadError(
-                f"{source} is corrupt: tensor {name!r}'s data (offset {offset}) overlaps tensor {last!r}'s "
-                f"(which ends at {end_of_last})"
-            )
-        end_of_last, last = offset + nbytes, name
-    return {name: (dims, kind) for name, (dims, kind, _, _) in infos.items()}
 
 
 class NonFiniteLogitsError(ValueError):

@@ -65,7 +65,8 @@ def hf_llama_from_gguf(path):
     names |= {f"ffn_{x}": f"mlp.{x}_proj" for x in ("gate", "up", "down")}
     state = {}
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # a plain array: no memmap per row group
+        w = w.reshape([int(n) for n in reversed(t.shape)])
         if t.name == "token_embd.weight":
             key = "model.embed_tokens.weight"
         elif t.name == "output_norm.weight":

@@ -26,8 +26,7 @@ def tokenizer():
         pytest.skip(needs_smollm.kwargs["reason"])
     from jkv.loading import gguf, tokenizer
 
-    reader, _ = gguf.open_gguf(smollm_path())
-    return tokenizer.from_gguf_metadata(gguf.metadata(reader))
+    return tokenizer.from_gguf_metadata(gguf.open_gguf(smollm_path()).metadata)
 
 
 @pytest.fixture(scope="session")
