@@ -81,7 +81,7 @@ def test_a_cut_string_array_is_refused_naming_it(tmp_path):
     at = raw.index(b"t.strs") + len(b"t.strs") + 4 + 4 + 8  # value type, item type, count
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(raw[:at] + (10**6).to_bytes(8, "little") + raw[at + 8 :])  # the first string claims 1 MB
-    with pytest.raises(ModelLoadError, match="an item of the array t.strs claims 1000008 bytes"):
+    with pytest.raises(ModelLoadError, match=r"an item of the array t\.strs claims 1000008 bytes"):
         gguf_file.read_gguf(cut)
     cut.write_bytes(raw[: at + 4])
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
