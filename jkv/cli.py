@@ -61,13 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-slots", type=_positive_int, default=None, help="engine slots (default: what fits memory)")
     gen.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
     gen.add_argument("--speculative", type=int, default=0, help="engine prompt-lookup draft tokens per step (0: off)")
-    gen.add_argument(
-        "--max-batch-tokens",
-        type=_positive_int,
-        default=None,
-        help="engine tokens per step at most, decode tokens and prompt chunks together (default: 2048 on a GPU, "
-        "256 on a CPU)",
-    )
+    _add_max_batch_tokens(gen)
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel devices (split the kv heads)")
     gen.add_argument("--dp", type=_positive_int, default=1, help="data-parallel devices (split the batch)")
     gen.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
@@ -82,20 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--dtype", choices=("bf16", "f32", "f16"), default=None, help="weights (default: bf16 on GPU)")
     gen.add_argument("--max-len", type=_positive_int, default=None, help="cache capacity (default: what is needed)")
-    gen.add_argument(
-        "--weights",
-        choices=("dequantize", "native"),
-        default="dequantize",
-        help="GGUF block-quantized matrices: dequantized to --dtype at load (default) or kept quantized (native)",
-    )
-    gen.add_argument(
-        "--quantize", choices=("q8_0", "q4_k"), default=None, help="safetensors models: quantize matrices at load"
-    )
+    _add_weight_formats(gen)
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     gen.add_argument("--quiet", action="store_true", help="no progress bar and no timing summary")
     gen.add_argument("--debug", action="store_true", help="show tracebacks")
     add_serve_parser(commands)
     return parser
+
+
+def _add_max_batch_tokens(parser) -> None:
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=_positive_int,
+        default=None,
+        help="engine tokens per step at most, decode tokens and prompt chunks together (default: 2048 on a GPU, "
+        "256 on a CPU)",
+    )
+
+
+def _add_weight_formats(parser) -> None:
+    parser.add_argument(
+        "--weights",
+        choices=("dequantize", "native"),
+        default="dequantize",
+        help="GGUF block-quantized matrices: dequantized to --dtype at load (default) or kept quantized (native)",
+    )
+    parser.add_argument(
+        "--quantize", choices=("q8_0", "q4_k"), default=None, help="safetensors models: quantize matrices at load"
+    )
 
 
 def add_serve_parser(commands) -> None:
@@ -120,6 +128,8 @@ def add_serve_parser(commands) -> None:
         "--impl", choices=("pallas", "xla"), default=None, help="attention kernels (default: pallas on GPU)"
     )
     serve.add_argument("--dtype", choices=("bf16", "f32", "f16"), default=None, help="weights (default: bf16 on GPU)")
+    _add_weight_formats(serve)
+    _add_max_batch_tokens(serve)
     serve.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
     serve.add_argument("--max-waiting", type=int, default=256, help="requests that may wait for a slot; more get 429")
     serve.add_argument(
@@ -338,7 +348,7 @@ def run_serve(args) -> int:
     if args.prefix_cache_mb < 0:
         raise CliError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     path = args.model if args.model is not None else default_model_path()
-    model = load(path, args.dtype)
+    model = load(path, args.dtype, weights=args.weights, quantize=args.quantize)
     if model.tokenizer is None:
         raise CliError(f"{path!r} has no tokenizer (tokenizer.json): the server takes text")
     context = model.config.max_position
@@ -355,6 +365,7 @@ def run_serve(args) -> int:
         cache=args.cache or "default",
         impl=args.impl,
         prefix_cache_bytes=args.prefix_cache_mb << 20,
+        max_batch_tokens=args.max_batch_tokens,
     )
     print("jkv serve: compiling the engine's steps", file=sys.stderr)
     server.warm_up(engine)

@@ -28,7 +28,11 @@ def served(monkeypatch):
     config = llama.LlamaConfig(258, 32, 64, 1, 2, 1, 16, max_position=100)
     params = llama.init_params(config, jax.random.key(0), jnp.float32)
     seen = {}
-    monkeypatch.setattr(jkv.loading, "load", lambda path, dtype: LoadedModel(config, params, tok, path, 0.0))
+    def load(path, dtype, **formats):
+        seen["load"] = formats
+        return LoadedModel(config, params, tok, path, 0.0)
+
+    monkeypatch.setattr(jkv.loading, "load", load)
     monkeypatch.setattr(jkv.server, "warm_up", lambda engine: seen.setdefault("warmed", engine))
 
     class Server:
@@ -50,6 +54,7 @@ def test_flags_reach_engine_app_and_server(served):
     assert (engine.num_slots, engine.spec.max_len) == (3, 48)  # paged: rounded up to whole pages
     assert app.state.worker.engine is engine and app.state.worker.capacity == 3 + 5
     assert app.state.options.model_name == "tiny-1"
+    assert served["load"] == {"weights": "dequantize", "quantize": None}
     assert (served["host"], served["port"], served["drain_s"], served["ran"]) == ("127.0.0.1", 9123, 2.5, True)
 
 
@@ -59,3 +64,10 @@ def test_bad_flags_are_refused(served, capsys):
     assert cli.main(["serve", "--model", "m.gguf", "--prefix-cache-mb", "-1"]) == 2
     assert "--prefix-cache-mb must be >= 0" in capsys.readouterr().err
     assert "app" not in served
+
+
+def test_weight_formats_and_step_budget_reach_the_loader_and_engine(served):
+    argv = ["serve", "--model", "/models/tiny", "--weights", "native", "--quantize", "q8_0"]
+    assert cli.main([*argv, "--max-batch-tokens", "24", "--num-slots", "2"]) == 0
+    assert served["load"] == {"weights": "native", "quantize": "q8_0"}
+    assert served["warmed"].options.max_batch_tokens == 24
