@@ -16,13 +16,31 @@ from jkv.serving import engine
 PROMPTS = ["What is the capital of France? Answer in one word.", "Name a primary colour.", "Say hello."]
 
 
+_LOADED = {}
+
+
+@pytest.fixture
+def load_once(monkeypatch):
+    """The CLI's loads of the shipped model share one ``LoadedModel`` (immutable): these tests are about what the
+    CLI does with the model, and each load costs seconds."""
+    real = jkv.loading.load
+
+    def load(path, dtype=None, **options):
+        key = (path, dtype, tuple(sorted((k, v) for k, v in options.items() if k != "progress")))
+        if key not in _LOADED:
+            _LOADED[key] = real(path, dtype, **options)
+        return _LOADED[key]
+
+    monkeypatch.setattr(jkv.loading, "load", load)
+
+
 def answer_alone(prompt, capsys, *extra):
     assert cli.main(["generate", prompt, "--max-new-tokens", "12", "--quiet", *extra]) == 0
     return capsys.readouterr().out.strip()
 
 
 @needs_smollm
-def test_batch_file_answers_equal_single_prompts(tmp_path, capsys):
+def test_batch_file_answers_equal_single_prompts(tmp_path, capsys, load_once):
     alone = [answer_alone(p, capsys) for p in PROMPTS]
     batch = tmp_path / "prompts.txt"
     batch.write_text("\n".join([PROMPTS[0], "", *PROMPTS[1:]]) + "\n")  # blank lines are skipped
@@ -37,7 +55,7 @@ def test_batch_file_answers_equal_single_prompts(tmp_path, capsys):
 
 @needs_smollm
 @pytest.mark.skipif(jax.device_count() < 3, reason="needs 3 devices")
-def test_tensor_parallel_cli_matches_one_device(capsys):
+def test_tensor_parallel_cli_matches_one_device(capsys, load_once):
     """SmolLM2 has 3 kv heads: --tp 3 splits them over 3 (host) devices and answers the same."""
     assert answer_alone(PROMPTS[0], capsys, "--tp", "3") == answer_alone(PROMPTS[0], capsys)
 
@@ -64,7 +82,7 @@ def test_batch_errors(tmp_path, capsys, argv, text):
 
 
 @needs_smollm
-def test_tp_that_does_not_divide_the_heads_is_refused(capsys):
+def test_tp_that_does_not_divide_the_heads_is_refused(capsys, load_once):
     assert cli.main(["generate", "hi", "--tp", "2", "--quiet"]) == 2
     assert "tp=2 must divide num_kv_heads=3" in capsys.readouterr().err
 
