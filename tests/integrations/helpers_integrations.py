@@ -1,8 +1,8 @@
 """Shared pieces of the integration tests: a tiny config, caches of a kind, and each framework's model and step."""
 
+import helpers_params
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jkv
 from jkv.integrations import example_eqx, example_nnx
@@ -13,18 +13,9 @@ CONFIG = llama.LlamaConfig(97, 64, 96, 2, 8, 2, 32, 1e-5, 10000.0)
 FRAMEWORKS = ("nnx", "eqx")
 
 
-def random_params(config=CONFIG, seed=0, layout="layers", scale=0.15):
-    """``llama.init_params``'s distribution (norms near 1, embedding std 1, the rest std ``scale``: large enough
-    that attention and the MLP move the logits a lot), drawn by NumPy into its traced shapes: nothing compiles."""
-    shapes = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0), scale=scale, layout=layout))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = getattr(path[-1], "name", "")
-        mean, std = (1.0, 0.1) if name.endswith("norm") else (0.0, 1.0 if name == "embed" else scale)
-        return jnp.asarray(np.asarray(mean + std * rng.standard_normal(leaf.shape), leaf.dtype))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+def random_params(config=CONFIG, seed=0, layout="layers"):
+    # Weights large enough that attention and the MLP move the logits a lot (NumPy draws: nothing compiles).
+    return helpers_params.random_params(config, seed, 0.15, layout)
 
 
 def make_cache(kind, batch, max_len=32, config=CONFIG, nan=True):
