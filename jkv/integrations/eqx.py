@@ -74,6 +74,7 @@ class Attention(eqx.Module):
     ) -> Attention:
         """Random weights (normal, std ``1/sqrt(fan_in)``); ``options``: ``rope_style``, ``window``, ``softcap``,
         ``impl``."""
+        common.check_heads(num_heads, num_kv_heads, head_dim)  # before drawing weights it would refuse
         kq, kk, kv, ko = jax.random.split(key, 4)
         nd, kd = num_heads * head_dim, num_kv_heads * head_dim
         bias = (lambda n: jnp.zeros((n,), dtype)) if qkv_bias else (lambda n: None)

@@ -1,5 +1,6 @@
 """Shared pieces of the integration tests: a tiny config, caches of a kind, and each framework's model and step."""
 
+import helpers_params
 import jax
 import jax.numpy as jnp
 
@@ -13,8 +14,8 @@ FRAMEWORKS = ("nnx", "eqx")
 
 
 def random_params(config=CONFIG, seed=0, layout="layers"):
-    # Weights large enough that attention and the MLP move the logits a lot.
-    return llama.init_params(config, jax.random.key(seed), scale=0.15, layout=layout)
+    # Weights large enough that attention and the MLP move the logits a lot (NumPy draws: nothing compiles).
+    return helpers_params.random_params(config, seed, 0.15, layout)
 
 
 def make_cache(kind, batch, max_len=32, config=CONFIG, nan=True):

@@ -26,7 +26,8 @@ def make_layer(framework, weights, options):
             *(jnp.asarray(weights[n]) for n in ("wq", "wk", "wv", "wo")), None, None, None, N, K, D,
             common.rope_frequencies(D, THETA), **options,
         )  # fmt: skip
-    layer = jnnx.Attention(H, N, K, D, rngs=nnx.Rngs(0), rope_theta=THETA, **options)
+    # Built abstractly (as example_nnx.from_llama_params does): no random init to compile, every kernel set below.
+    layer = nnx.eval_shape(lambda: jnnx.Attention(H, N, K, D, rngs=nnx.Rngs(0), rope_theta=THETA, **options))
     for proj, name in ((layer.q_proj, "wq"), (layer.k_proj, "wk"), (layer.v_proj, "wv"), (layer.o_proj, "wo")):
         proj.kernel.set_value(jnp.asarray(weights[name]))
     return layer
@@ -78,7 +79,7 @@ def test_attention_layer_matches_float64(framework, options, rng):
 def test_layer_rejects_bad_heads():
     with pytest.raises(ValueError, match="num_q_heads=6 must be a positive multiple of num_kv_heads=4"):
         jnnx.Attention(H, 6, 4, D, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="even head_dim, got head_dim=15"):
+    with pytest.raises(ValueError, match="head_dim=15 must be even"):
         jeqx.Attention.init(H, 4, 2, 15, key=jax.random.key(0))
 
 

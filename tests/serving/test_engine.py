@@ -214,10 +214,11 @@ def test_no_leak_after_1000_random_requests_with_cancellations(params, cache):
 
 def test_few_step_variants_compile():
     """The default configuration has at most 8 token buckets (on a GPU and on a CPU); an engine compiles one step
-    per bucket at start-up and none afterwards, whatever the mix of requests."""
+    per bucket at start-up and none afterwards, whatever the mix of requests (the shared shape with buckets of 8 and
+    16 tokens: the 16-token step is the other tests')."""
     for backend in ("gpu", "cpu"):
         assert len(token_buckets(default_max_batch_tokens(backend), default_max_slots(backend))) <= 8
-    eng = Engine(make_params(1), CONFIG, num_slots=8, max_len=MAX_LEN, max_batch_tokens=16, verbose=False)
+    eng = engine(make_params(1), buckets=(8, 16))
     assert eng.compile_all(progress=False) == 2 and eng.steps.mixed_variants() == [(8, 1), (16, 1)]
     rng = np.random.default_rng(0)
     eng.generate(random_prompts(rng, 12, 1, 40), SamplingParams(max_new_tokens=5), show_progress=False)

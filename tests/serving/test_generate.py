@@ -4,6 +4,7 @@ seeded sampling, cache types, compile-once, timing, and every argument error."""
 import dataclasses
 import functools
 
+import helpers_params
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ CONFIG = llama.LlamaConfig(83, 64, 96, 2, 4, 2, 32, 1e-5, 1e4, max_position=512)
 
 @pytest.fixture(scope="module")
 def params():
-    return llama.init_params(CONFIG, jax.random.key(11), scale=0.2, layout="stacked")
+    return helpers_params.random_params(CONFIG, 11, scale=0.2, layout="stacked")
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from helpers_serving import BUCKETS, CONFIG, MAX_LEN, SLOTS, assert_nothing_held, engine, make_params, one_at_a_time
 
+from jkv.models import llama
 from jkv.serving import Generator, NonFiniteLogitsError, SamplingParams, cache_kinds
 
-SHAPE = {"max_len": MAX_LEN, "batch": SLOTS, "buckets": BUCKETS}  # generators of the shared engine shape
+# Generators of the shared engine shape and model options: they run the engines' compiled steps.
+SHAPE = {"max_len": MAX_LEN, "batch": SLOTS, "buckets": BUCKETS, "options": llama.DEFAULT_OPTIONS}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,6 @@ def test_non_finite_logits_stop_generation_naming_the_step(params, prompts):
     assert generator.engine.num_active == 0 and not generator.engine.has_work()
     with pytest.raises(NonFiniteLogitsError, match=r"token 1 held NaN or Inf \(step 4\)"):
         generator.generate([prompts[0]], max_new_tokens=4)
-    eng = engine(poisoned, speculative_tokens=2)
+    eng = engine(poisoned, speculative_tokens=3)  # the drafting step of the concurrency test
     with pytest.raises(NonFiniteLogitsError, match=r"token 1 held NaN or Inf \(step 2\)"):
         eng.generate([prompts[0]], show_progress=False)
