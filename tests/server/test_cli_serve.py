@@ -28,6 +28,7 @@ def served(monkeypatch):
     config = llama.LlamaConfig(258, 32, 64, 1, 2, 1, 16, max_position=100)
     params = llama.init_params(config, jax.random.key(0), jnp.float32)
     seen = {}
+
     def load(path, dtype, **formats):
         seen["load"] = formats
         return LoadedModel(config, params, tok, path, 0.0)
