@@ -96,7 +96,8 @@ class Generator:
             cache = "f32" if params.dtype == jnp.float32 else "bf16"
         if impl is not None and options is not None:
             raise ValueError(f"give impl={impl!r} or options={options!r}, not both")
-        model = llama.LlamaOptions(impl=resolve_impl(impl)) if options is None else options
+        resolve_impl(impl)  # a bad name fails here; None stays None, as the engine keeps it (one compiled step)
+        model = llama.LlamaOptions(impl=impl) if options is None else options
         engine_options = EngineOptions(
             int(batch),
             int(max_len),
