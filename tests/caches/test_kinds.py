@@ -67,9 +67,14 @@ _insert = jax.jit(lambda c, s, single: c.insert_into_slot(s, single))
 
 @jax.jit
 def _layers(cache):
-    """K and V of every layer as float32 ``[L, B, K, S, D]`` (decoded, every position)."""
     kv = [cache.layer(layer, jnp.float32) for layer in range(cache.spec.num_layers)]
     return jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv])
+
+
+def layers(cache):
+    """K and V of every layer as float32 NumPy ``[L, B, K, S, D]`` (decoded, every position); sliced on the host
+    (a slice of a device array compiles a program per shape)."""
+    return tuple(np.asarray(x) for x in _layers(cache))
 
 
 def counts_of(*counts):
@@ -93,7 +98,7 @@ def test_ragged_step_stores_each_sequence_at_its_length(rng, kind):
     np.testing.assert_array_equal(cache.lengths, lengths)
     np.testing.assert_array_equal(cache.counts, 0)
     assert not np.asarray(cache.errors).any()
-    for name, got in zip("kv", _layers(cache), strict=True):
+    for name, got in zip("kv", layers(cache), strict=True):
         got = np.asarray(got, np.float64)
         assert got.shape == (2, 3, 2, 256, 64)
         for layer in range(2):
@@ -106,8 +111,8 @@ def test_ragged_step_stores_each_sequence_at_its_length(rng, kind):
 def test_batch_composition_does_not_change_a_sequence(rng, kind):
     """A sequence's stored values are the same (bit for bit) whether it steps alone or with others."""
     k, v = kv(rng)
-    both = _layers(_step(make(kind), counts_of(4, 3, 1), k, v))
-    alone = _layers(_step(make(kind), counts_of(4, 0, 0), k, v))
+    both = layers(_step(make(kind), counts_of(4, 3, 1), k, v))
+    alone = layers(_step(make(kind), counts_of(4, 0, 0), k, v))
     for got, want in zip(both, alone, strict=True):
         np.testing.assert_array_equal(got[:, 0, :, :4], want[:, 0, :, :4])
 
@@ -118,11 +123,11 @@ def test_capacity_errors_host_and_jit(rng, kind):
     cache = make(kind).begin(jnp.asarray([full, 0, 0])).commit()
     with pytest.raises(ValueError, match="max_len"):
         cache.begin(3)
-    before = _layers(cache)
+    before = layers(cache)
     after = _step(cache, counts_of(3, 3, 3), *kv(rng))
     np.testing.assert_array_equal(after.errors, [ERR_WRITE_OVERFLOW, 0, 0])
     np.testing.assert_array_equal(after.lengths, [full, 3, 3])
-    for got, want in zip(_layers(after), before, strict=True):
+    for got, want in zip(layers(after), before, strict=True):
         np.testing.assert_array_equal(got[:, 0], want[:, 0])
     with pytest.raises(RuntimeError, match="sequence 0: step past max_len"):
         after.check()
@@ -196,14 +201,14 @@ def test_insert_extract_snapshot_restore_bit_exact(rng, kind):
     assert single.batch == 1 and single.max_len == 16 and int(single.lengths[0]) == 4
     moved = _insert(cache.reset_slot(0), 0, single)
     np.testing.assert_array_equal(moved.lengths, [4, 2, 4])
-    for got, want in zip(_layers(moved), _layers(cache), strict=True):
+    for got, want in zip(layers(moved), layers(cache), strict=True):
         np.testing.assert_array_equal(got[:, 0, :, :4], want[:, 2, :, :4])
     snap = cache.snapshot()
     layout = jkv.caches.registry.LAYOUTS[cache.layout]
     options = {"page_size": cache.page_size} if cache.layout == "paged" else {}
     back = layout.restore(snap, **options)
     np.testing.assert_array_equal(back.lengths, cache.lengths)
-    for got, want in zip(_layers(back), _layers(cache), strict=True):
+    for got, want in zip(layers(back), layers(cache), strict=True):
         for b, n in enumerate(lengths):
             np.testing.assert_array_equal(got[:, b, :, :n], want[:, b, :, :n])
 
@@ -223,7 +228,7 @@ def test_values_beyond_the_format_never_store_nan(kind, layout):
             cache.write(0, x, x)
     out = _write0_commit(cache, x)
     np.testing.assert_array_equal(out.errors, [ERR_VALUE_RANGE if q8 else 0] * 3)
-    assert np.isfinite(np.asarray(_layers(out)[0][0, :, :, :1])).all()
+    assert np.isfinite(np.asarray(layers(out)[0][0, :, :, :1])).all()
 
 
 def test_impossible_sizes_raise_before_allocating():
