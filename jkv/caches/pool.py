@@ -12,16 +12,23 @@ holding position ``lengths[b]`` can be in that state, because a sequence shares 
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 NO_PAGE = -1  # block-table entry of a logical page that has no physical page
+
+# Each function is jitted: a cache operation called eagerly then compiles it once, not each of its primitives.
+_static = lambda *names: functools.partial(jax.jit, static_argnames=names)
 
 
 def cdiv(a, b):
     return (a + b - 1) // b
 
 
+@jax.jit
 def release(tables: Array, refcounts: Array, drop: Array) -> tuple[Array, Array]:
     """Drop the table entries where ``drop [B, M]`` holds, giving one reference back per entry."""
     p = refcounts.shape[0]
@@ -29,6 +36,7 @@ def release(tables: Array, refcounts: Array, drop: Array) -> tuple[Array, Array]
     return jnp.where(drop, NO_PAGE, tables), refcounts.at[pages.ravel()].add(-1, mode="drop")
 
 
+@jax.jit
 def allocate(tables: Array, refcounts: Array, need: Array) -> tuple[Array, Array, Array, Array]:
     """Give every entry where ``need [B, M]`` holds a fresh page, all-or-nothing per sequence.
 
@@ -46,6 +54,7 @@ def allocate(tables: Array, refcounts: Array, need: Array) -> tuple[Array, Array
     return jnp.where(need, fresh, tables), refcounts.at[fresh.ravel()].add(1, mode="drop"), got, fresh
 
 
+@_static("page_size")
 def reserve(tables, refcounts, lengths, target, page_size: int):
     """Pages for positions ``[lengths[b], target[b])`` (``target <= M * page_size``): allocate the missing ones and
     a fresh copy of a shared one. Returns tables, refcounts, ``got [B]`` and the copies to make ``(src, dst)``
@@ -83,6 +92,7 @@ def reserve(tables, refcounts, lengths, target, page_size: int):
     return tables, refcounts.at[src].add(-1, mode="drop"), got, src, dst
 
 
+@_static("page_size", "num_pages")
 def logical_pages(tables: Array, slot: Array, positions: Array, page_size: int, num_pages: int) -> Array:
     """Physical page of position ``positions[i]`` of sequence ``slot[i]`` (any matching shapes); ``num_pages``
     where there is none (or past the table)."""
@@ -92,6 +102,7 @@ def logical_pages(tables: Array, slot: Array, positions: Array, page_size: int, 
     return jnp.where((j >= 0) & (j < m) & (pages >= 0), pages, num_pages)
 
 
+@_static("page_size")
 def fork(tables, refcounts, lengths, src, dst, act, page_size: int):
     """Sequence ``dst`` shares ``src``'s pages (where ``act``): its old references go back, each page of ``src``'s
     valid prefix gains one. Returns tables, refcounts and ``src``'s length."""
@@ -106,6 +117,7 @@ def fork(tables, refcounts, lengths, src, dst, act, page_size: int):
     return tables, refcounts.at[added].add(1, mode="drop"), length
 
 
+@jax.jit
 def pin(refcounts, pins, row, covered):
     """One more reference (and pin) on each page of ``row [M]`` where ``covered``; returns them and the pages."""
     p = refcounts.shape[0]
@@ -114,6 +126,7 @@ def pin(refcounts, pins, row, covered):
     return refcounts.at[held].add(1, mode="drop"), pins.at[held].add(1, mode="drop"), pages
 
 
+@jax.jit
 def unpin_counts(pins: Array, pages: Array) -> tuple[Array, Array]:
     """``(drop [P], asked [P])``: references of ``pages`` to give back (at most what is pinned) and asked for."""
     p = pins.shape[0]
@@ -122,6 +135,7 @@ def unpin_counts(pins: Array, pages: Array) -> tuple[Array, Array]:
     return jnp.minimum(asked, pins), asked
 
 
+@_static("page_size", "max_len")
 def attach(tables, refcounts, pins, hit, pages, length, page_size: int, max_len: int, first=0):
     """Give the sequence where ``hit [B]`` the pinned ``pages`` as its first ``length`` positions (its old
     references go back first; entries before page ``first`` are left out: a ring's). Returns tables, refcounts

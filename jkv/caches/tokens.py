@@ -10,6 +10,9 @@ padding.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
@@ -20,6 +23,8 @@ def flat_starts(counts: Int[Array, " B"]) -> Int[Array, " B"]:
     return jnp.cumsum(counts) - counts
 
 
+# Jitted: a write called eagerly compiles each layout once, not each of its primitives.
+@functools.partial(jax.jit, static_argnames="t")
 def flat_layout(
     lengths: Int[Array, " B"], counts: Int[Array, " B"], t: int
 ) -> tuple[Int[Array, " T"], Int[Array, " T"], Bool[Array, " T"]]:
@@ -37,6 +42,7 @@ def flat_layout(
     return slot, jnp.where(live, position, -1), live
 
 
+@functools.partial(jax.jit, static_argnames="t")
 def padded_layout(lengths: Int[Array, " B"], counts: Int[Array, " B"], t: int):
     """``(slot, position, live)`` of the ``B * t`` tokens of a padded step, row-major (sequence, then token)."""
     b = lengths.shape[0]
@@ -55,6 +61,7 @@ def token_major(x: Array) -> Array:
     return jnp.swapaxes(x, 1, 2).reshape(b * t, k, d)
 
 
+@functools.partial(jax.jit, static_argnames="batch")
 def any_per_slot(flag: Bool[Array, " N"], slot: Int[Array, " N"], batch: int) -> Bool[Array, " B"]:
     """Whether any of each sequence's tokens has ``flag``."""
     return jnp.zeros((batch,), bool).at[slot].max(flag)

@@ -75,7 +75,7 @@ def test_write_casts_to_cache_dtype(rng):
     k_new, v_new = rand_kv(rng, 2, 2)
     out = cache.begin(2).write(0, k_new, v_new)
     chex.assert_type(out.data[0], jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(out.data[0][0, :, :, :2]), np.asarray(k_new.astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(out.data[0])[0, :, :, :2], np.asarray(k_new.astype(jnp.bfloat16)))
 
 
 def test_commit_reset_reset_slot_rollback(rng):
@@ -91,7 +91,7 @@ def test_commit_reset_reset_slot_rollback(rng):
     rolled = cache.rollback(2)
     k_new, v_new = rand_kv(rng, 4, 1)
     out = rolled.begin(1).write(0, k_new, v_new)
-    np.testing.assert_array_equal(np.asarray(out.data[0][0, :, :, 2]), np.asarray(k_new[:, :, 0]))
+    np.testing.assert_array_equal(np.asarray(out.data[0])[0, :, :, 2], np.asarray(k_new[:, :, 0]))
 
 
 @pytest.mark.parametrize("single_len", [1, 7, 16])
@@ -123,12 +123,12 @@ def test_snapshot_restore_bit_exact(rng, dtype, trim):
     chex.assert_trees_all_equal_shapes_and_dtypes(back, cache)
     keep = snap.data[0].shape[3]
     for got, want in zip(back.data, cache.data, strict=True):
-        np.testing.assert_array_equal(np.asarray(got[:, :, :, :keep]), np.asarray(want[:, :, :, :keep]))
+        np.testing.assert_array_equal(np.asarray(got)[:, :, :, :keep], np.asarray(want)[:, :, :, :keep])
     np.testing.assert_array_equal(np.asarray(back.lengths), np.asarray(cache.lengths))
     np.testing.assert_array_equal(np.asarray(back.errors), np.asarray(cache.errors))
     bigger = jkv.KVCache.restore(snap, max_len=32)
     assert bigger.max_len == 32
-    np.testing.assert_array_equal(np.asarray(bigger.data[0][:, :, :, :keep]), np.asarray(cache.data[0][:, :, :, :keep]))
+    np.testing.assert_array_equal(np.asarray(bigger.data[0])[:, :, :, :keep], np.asarray(cache.data[0])[:, :, :, :keep])
 
 
 # ---------------------------------------------------------------------- errors at the boundary
@@ -181,8 +181,8 @@ def test_errors_under_jit_flag_and_never_corrupt(rng):
     out = jax.jit(lambda c, k, v: c.begin(3).write(0, k, v))(cache, k3, v3)
     np.testing.assert_array_equal(np.asarray(out.errors), [ERR_WRITE_OVERFLOW, 0])
     np.testing.assert_array_equal(np.asarray(out.counts), [0, 3])  # the refused step has no tokens
-    np.testing.assert_array_equal(np.asarray(out.data[0][:, 0]), k_np[:, 0])  # refused sequence untouched
-    np.testing.assert_array_equal(np.asarray(out.data[0][0, 1, :, 2:5]), np.asarray(k3[1]))  # the other written
+    np.testing.assert_array_equal(np.asarray(out.data[0])[:, 0], k_np[:, 0])  # refused sequence untouched
+    np.testing.assert_array_equal(np.asarray(out.data[0])[0, 1, :, 2:5], np.asarray(k3[1]))  # the other written
     with pytest.raises(RuntimeError, match="sequence 0: step past max_len"):
         out.check()
     adv = jax.jit(lambda c: c.begin(jnp.array([3, 1])).commit())(cache)

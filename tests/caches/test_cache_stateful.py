@@ -16,17 +16,27 @@ from jkv.caches import ERR_WRITE_OVERFLOW
 
 SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=32, max_len=16, dtype=jnp.float32)
 BATCH = 3
+T = 5  # every step writes [B, K, T, D] (counts up to T): one compiled step per kind
+
+
+def _write_layers(cache, k, v):
+    for layer in range(SPEC.num_layers):
+        cache = cache.write(layer, k[layer], v[layer])
+    return cache
+
+
+# Jitted once per kind and shape, as a decode loop would be; the eager API is exercised by test_kinds.py.
+_step = jax.jit(lambda c, n, k, v: _write_layers(c.begin(n), k, v).commit())
+_rollback = jax.jit(lambda c, n: c.rollback(n))
+_reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
+_insert = jax.jit(lambda c, i, s: c.insert_into_slot(i, s))
+_layers = jax.jit(lambda c: [c.layer(layer, jnp.float32) for layer in range(SPEC.num_layers)])
 
 
 def machine(kind: str):
     paged = jkv.caches.kind(kind).paged
     options = {"page_size": 4} if paged else {}
     layout = jkv.caches.registry.LAYOUTS[jkv.caches.kind(kind).layout]
-    # Jitted once per shape, as a decode loop would be; the eager API is exercised by test_kinds.py.
-    step = jax.jit(lambda c, n, k, v: _write_layers(c.begin(n), k, v).commit())
-    rollback = jax.jit(lambda c, n: c.rollback(n))
-    reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
-    insert = jax.jit(lambda c, i, s: c.insert_into_slot(i, s))
 
     class CacheModel(RuleBasedStateMachine):
         """NumPy model: K/V ``[L, B, K, S, D]`` as written and lengths; positions below the lengths compared."""
@@ -45,9 +55,8 @@ def machine(kind: str):
         @rule(counts=st.lists(st.integers(0, 5), min_size=BATCH, max_size=BATCH))
         def ragged_step(self, counts):
             counts = np.asarray(counts)
-            t = max(int(counts.max()), 1)
-            k, v = self._new(BATCH, t), self._new(BATCH, t)
-            self.cache = step(self.cache, jnp.asarray(counts, jnp.int32), jnp.asarray(k), jnp.asarray(v))
+            k, v = self._new(BATCH, T), self._new(BATCH, T)
+            self.cache = _step(self.cache, jnp.asarray(counts, jnp.int32), jnp.asarray(k), jnp.asarray(v))
             fits = self.lengths + counts <= SPEC.max_len
             for b in np.flatnonzero(fits):
                 n, c = self.lengths[b], counts[b]
@@ -61,20 +70,20 @@ def machine(kind: str):
         @rule(data=st.data())
         def rollback(self, data):
             new = np.array([data.draw(st.integers(0, int(n))) for n in self.lengths])
-            self.cache = rollback(self.cache, jnp.asarray(new, jnp.int32))
+            self.cache = _rollback(self.cache, jnp.asarray(new, jnp.int32))
             self.lengths = new
 
         @rule(slot=st.integers(0, BATCH - 1))
         def reset_slot(self, slot):
-            self.cache = reset_slot(self.cache, slot)
+            self.cache = _reset_slot(self.cache, slot)
             self.lengths[slot] = 0
 
         @rule(slot=st.integers(0, BATCH - 1), n=st.integers(0, 8))
         def insert_prefilled(self, slot, n):
             single = jkv.caches.kind(kind).single(SPEC.replace(max_len=8))
             k, v = self._new(1, 8), self._new(1, 8)
-            single = _write_layers(single.begin(n), jnp.asarray(k), jnp.asarray(v)).commit()
-            self.cache = insert(self.cache, slot, single)
+            single = _step(single, jnp.int32(n), jnp.asarray(k), jnp.asarray(v))
+            self.cache = _insert(self.cache, slot, single)
             self.k[:, slot, :, :n] = k[:, 0, :, :n]
             self.v[:, slot, :, :n] = v[:, 0, :, :n]
             self.lengths[slot] = n
@@ -87,20 +96,14 @@ def machine(kind: str):
         def matches_model(self):
             np.testing.assert_array_equal(self.cache.lengths, self.lengths)
             assert not np.asarray(self.cache.errors).any()
-            for layer in range(2):
-                got = [np.asarray(x, np.float64) for x in self.cache.layer(layer, jnp.float32)]
+            for layer, kv in enumerate(_layers(self.cache)):
+                got = [np.asarray(x, np.float64) for x in kv]
                 for b, n in enumerate(self.lengths):
                     for g, w in zip(got, (self.k, self.v), strict=True):
                         want = w[layer, b, :, :n]
                         assert (np.abs(g[b, :, :n] - want) <= bound(kind, want)).all(), (kind, layer, b)
 
     return CacheModel
-
-
-def _write_layers(cache, k, v):
-    for layer in range(SPEC.num_layers):
-        cache = cache.write(layer, k[layer], v[layer])
-    return cache
 
 
 @pytest.mark.parametrize("kind", jkv.kinds())

@@ -24,6 +24,7 @@ PAGE = 8
 # Operations run jitted (tests/cache_helpers.py: one compilation per cache type and shape), which also keeps
 # this file fast on a 2-core CPU; the eager host-side path and its errors are tested in test_errors_eager.
 _flat = jax.jit(lambda c: c.to_contiguous())
+_extract = jax.jit(lambda c, slot, max_len: c.extract_slot(slot, max_len), static_argnums=(1, 2))
 
 
 def rand_kv(rng, batch, t, spec=SPEC):
@@ -35,7 +36,7 @@ def valid(cache, b):
     """K and V of the valid positions of sequence ``b`` as NumPy ``[L, K, n, D]`` (paged or contiguous)."""
     flat = _flat(cache) if cache.layout == "paged" else cache
     n = int(cache.lengths[b])
-    return np.asarray(flat.data[0][:, b, :, :n]), np.asarray(flat.data[1][:, b, :, :n])
+    return np.asarray(flat.data[0])[:, b, :, :n], np.asarray(flat.data[1])[:, b, :, :n]  # host slices: no compile per n
 
 
 def assert_same_contents(paged, ref):
@@ -217,7 +218,7 @@ def test_pinned_prefix_outlives_its_sequence_and_is_shared_by_later_ones(rng):
     # A new prompt shares the first 10 positions: continue from the pinned pages, "prefill" 6 more.
     read = paged.read_pinned(pages[:2], 10)
     assert read.max_len == 2 * PAGE and int(read.lengths[0]) == 10
-    np.testing.assert_array_equal(np.asarray(read.data[0][:, 0, :, :10]), k0[:, :, :10])
+    np.testing.assert_array_equal(np.asarray(read.data[0])[:, 0, :, :10], k0[:, :, :10])
     single = jkv.KVCache.init(SPEC, 1).insert_into_slot(0, read)
     single, _ = step_both(rng, single, jkv.KVCache.init(SPEC, 1).insert_into_slot(0, read), 6)
     admitted = _insert_shared(paged, 1, single, pages, 10)
@@ -228,7 +229,7 @@ def test_pinned_prefix_outlives_its_sequence_and_is_shared_by_later_ones(rng):
     np.testing.assert_array_equal(np.asarray(admitted.refcounts)[[row[0], row[1], after[1]]], [2, 1, 1])
     assert_allocator_consistent(admitted)
     # The pinned pages kept their contents (sequence 1 wrote positions 10..15 into its copy).
-    np.testing.assert_array_equal(np.asarray(admitted.read_pinned(pages[:2], 13).data[0][:, 0, :, :13]), k0)
+    np.testing.assert_array_equal(np.asarray(admitted.read_pinned(pages[:2], 13).data[0])[:, 0, :, :13], k0)
 
     # Unpinning frees the page no table names; the shared one stays with sequence 1.
     freed = _unpin(admitted, pages)
@@ -278,11 +279,11 @@ def test_sharers_writing_together_copy_one_page_less(rng):
 
 def test_insert_into_slot_snapshot_restore(rng):
     paged, ref = fragmented(rng)
-    single = jkv.KVCache.init(SPEC.replace(max_len=20), 1).begin(17)
+    single = _begin(jkv.KVCache.init(SPEC.replace(max_len=20), 1), 17)
     k, v = rand_kv(rng, 1, 17)
     for layer in range(SPEC.num_layers):
-        single = single.write(layer, k, v)
-    single = single.commit()
+        single = _write(single, layer, k, v)
+    single = _commit(single)
     paged, ref = _insert(paged, 1, single), _insert(ref, 1, single)
     assert_same_contents(paged, ref)
     np.testing.assert_array_equal(np.asarray(paged.pages_held()), [3, 3, 2, 1])
@@ -291,7 +292,7 @@ def test_insert_into_slot_snapshot_restore(rng):
     assert_allocator_consistent(again)
 
     for slot, max_len in ((1, None), (2, 12), (3, 32)):
-        got, want = paged.extract_slot(slot, max_len), ref.extract_slot(slot, max_len)
+        got, want = _extract(paged, slot, max_len), _extract(ref, slot, max_len)
         assert got.data[0].shape == want.data[0].shape and int(got.lengths[0]) == int(want.lengths[0])
         assert_same_contents(got, want)
 
@@ -382,12 +383,12 @@ def test_model_protocol_decode_step_matches_contiguous(rng):
 # ---------------------------------------------------------------------- exhaustion, errors
 def test_pool_exhaustion_flags_and_never_overwrites_a_live_page(rng):
     paged = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=5)
-    single = jkv.KVCache.init(SPEC, 1).begin(12)
+    single = _begin(jkv.KVCache.init(SPEC, 1), 12)
     for layer in range(SPEC.num_layers):
-        single = single.write(layer, *rand_kv(rng, 1, 12))
-    single = single.commit()
-    paged = paged.insert_into_slot(0, single).insert_into_slot(1, single)  # 4 of 5 pages live
-    before = paged.to_contiguous()
+        single = _write(single, layer, *rand_kv(rng, 1, 12))
+    single = _commit(single)
+    paged = _insert(_insert(paged, 0, single), 1, single)  # 4 of 5 pages live
+    before = _flat(paged)
     k, v = rand_kv(rng, 3, 9)
     out = jax.jit(lambda c, k, v: c.begin(9).write(0, k, v).write(1, k, v).commit())(paged, k, v)
     # Each sequence needs one more page, sequence 2 two; one is free: sequence 0 gets it, the rest nothing.
@@ -400,8 +401,8 @@ def test_pool_exhaustion_flags_and_never_overwrites_a_live_page(rng):
         out.check()
     with pytest.raises(ValueError, match=r"page pool exhausted: reserving up to \[21 21  9\]"):
         paged.begin(9)
-    long = single.rollback(0).begin(17).commit()
-    bad = jax.jit(lambda c, s: c.insert_into_slot(2, s))(paged, long)
+    long = _commit(_begin(_rollback(single, 0), 17))
+    bad = _insert(paged, 2, long)
     np.testing.assert_array_equal(np.asarray(bad.errors), [0, 0, ERR_POOL_EXHAUSTED])
     assert int(bad.lengths[2]) == 0 and int(bad.pages_held()[2]) == 0
     with pytest.raises(ValueError, match="admitting a sequence of length 17 needs 3 pages of 8, only 1 of 5"):

@@ -31,6 +31,12 @@ _insert_shared = jax.jit(lambda c, i, single, pages, n: c.insert_into_slot(i, si
 _pin = jax.jit(lambda c, i, n: c.pin(i, n))
 _unpin = jax.jit(lambda c, pages: c.unpin(pages))
 _flat = jax.jit(lambda c: c.to_contiguous())
+_extract = jax.jit(lambda c, slot, max_len=None: c.extract_slot(slot, max_len), static_argnums=(1, 2))
+_with_format = jax.jit(lambda c, fmt: c.with_format(fmt), static_argnums=1)
+_read_pinned = jax.jit(lambda c, pages, n: c.read_pinned(pages, n))
+_attend = jax.jit(lambda q, c, layer, impl=None: jkv.attend(q, c, layer, impl=impl), static_argnums=(2, 3))
+_layer_f32 = jax.jit(lambda c, layer: c.layer(layer, jnp.float32), static_argnums=1)
+_restart = jax.jit(lambda c: c.rollback(c.lengths - 1).begin(1))  # the last position again, as a step
 
 
 def rand_kv(rng, batch, t):
@@ -42,7 +48,7 @@ def valid(cache, b):
     """Codes and scales of K and V at the valid positions of sequence ``b`` (paged or contiguous Q8)."""
     flat = _flat(cache) if cache.layout == "paged" else cache
     n = int(cache.lengths[b])
-    return [np.asarray(x[:, b, :, :n]) for x in flat.data]
+    return [np.asarray(x)[:, b, :, :n] for x in flat.data]  # sliced on the host: no compile per n
 
 
 def assert_same_contents(paged_cache, ref):
@@ -105,25 +111,25 @@ def test_ops_match_q8_cache_on_a_fragmented_pool(rng):
     tables = np.asarray(paged_cache.block_tables)
     assert not (np.diff(tables[tables >= 0]) == 1).all(), tables  # pages out of order
 
-    single = jkv.make_cache("q8", SPEC.replace(max_len=20), 1).begin(17)
+    single = _begin(jkv.make_cache("q8", SPEC.replace(max_len=20), 1), 17)
     k, v = rand_kv(rng, 1, 17)
     for layer in range(SPEC.num_layers):
-        single = single.write(layer, k, v)
-    single = single.commit()
+        single = _write(single, layer, k, v)
+    single = _commit(single)
     paged_cache, ref = _insert(paged_cache, 1, single), _insert(ref, 1, single)
     assert_same_contents(paged_cache, ref)
-    flat = single.with_format(jkv.Plain())  # a float cache: quantized on the way in, to about the same codes
+    flat = _with_format(single, jkv.Plain())  # a float cache: quantized on the way in, to about the same codes
     got, want = _flat(_insert(paged_cache, 1, flat)).data[0], _flat(paged_cache).data[0]
     assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1  # the rotation's rounding
     assert_allocator_consistent(paged_cache)
 
     for slot, max_len in ((1, None), (3, 12)):
-        got, want = paged_cache.extract_slot(slot, max_len), ref.extract_slot(slot, max_len)
+        got, want = _extract(paged_cache, slot, max_len), _extract(ref, slot, max_len)
         assert got.layout == "contiguous" and got.format == ref.format and got.data[0].shape == want.data[0].shape
         assert_same_contents(got, want)
-    deq, want = _flat(paged_cache).with_format(jkv.Plain()), ref.with_format(jkv.Plain())
+    deq, want = _with_format(_flat(paged_cache), jkv.Plain()), _with_format(ref, jkv.Plain())
     for b, n in enumerate(np.asarray(ref.lengths)):
-        np.testing.assert_array_equal(np.asarray(deq.data[0][:, b, :, :n]), np.asarray(want.data[0][:, b, :, :n]))
+        np.testing.assert_array_equal(np.asarray(deq.data[0])[:, b, :, :n], np.asarray(want.data[0])[:, b, :, :n])
 
     snap = paged_cache.snapshot()
     assert isinstance(snap, jkv.Snapshot) and snap.data[0].shape[3] == 20 and snap.format == ref.format
@@ -136,7 +142,7 @@ def test_fork_copy_on_write_pin_and_shared_insert(rng):
     paged_cache, ref = new_pair(4, 16)
     for _ in range(2):  # sequence 0: one full page and 6 positions of the next
         paged_cache, ref = step_both(rng, paged_cache, ref, 7, advance=[7, 0, 0, 0])
-    forked, ref_f = _fork(paged_cache, 0, 2), _insert(ref, 2, ref.extract_slot(0))
+    forked, ref_f = _fork(paged_cache, 0, 2), _insert(ref, 2, _extract(ref, 0))
     row = np.asarray(forked.block_tables)[0]
     np.testing.assert_array_equal(np.asarray(forked.block_tables)[2], row)
     grown, ref_g = step_both(rng, forked, ref_f, 7, advance=[1, 0, 1, 0])  # both write the shared partial page
@@ -149,16 +155,16 @@ def test_fork_copy_on_write_pin_and_shared_insert(rng):
     pinned, pages = _pin(paged_cache, 0, 14)
     codes0 = valid(ref, 0)
     pinned, ref = _reset_slot(pinned, 0), _reset_slot(ref, 0)
-    read = pinned.read_pinned(pages[:2], 10)
+    read = _read_pinned(pinned, pages[:2], 10)
     assert read.format == ref.format and read.max_len == 2 * PAGE and int(read.lengths[0]) == 10
-    np.testing.assert_array_equal(np.asarray(read.data[1][:, 0, :, :10]), codes0[1][:, :, :10])
-    single = jkv.make_cache("q8", SPEC, 1).insert_into_slot(0, read)
-    single, _ = step_both(rng, single, jkv.make_cache("q8", SPEC, 1).insert_into_slot(0, read), 7)
+    np.testing.assert_array_equal(np.asarray(read.data[1])[:, 0, :, :10], codes0[1][:, :, :10])
+    single = _insert(jkv.make_cache("q8", SPEC, 1), 0, read)
+    single, _ = step_both(rng, single, _insert(jkv.make_cache("q8", SPEC, 1), 0, read), 7)
     admitted, ref = _insert_shared(pinned, 1, single, pages, 10), _insert(ref, 1, single)
     assert_same_contents(admitted, ref)
     after = np.asarray(admitted.block_tables)[1]
     assert after[0] == row[0] and after[1] not in row[:2]  # full page shared, partial one copied
-    for got, want in zip(valid(admitted.read_pinned(pages[:2], 14), 0), codes0, strict=True):
+    for got, want in zip(valid(_read_pinned(admitted, pages[:2], 14), 0), codes0, strict=True):
         np.testing.assert_array_equal(got, want)  # the pinned pages kept their contents
     freed = _unpin(admitted, pages)
     assert_allocator_consistent(freed)
@@ -194,7 +200,7 @@ def test_errors(rng):
     over = jax.jit(lambda c, k, v: c.begin(5).write(0, k, v))(paged_cache, k3, v3)
     np.testing.assert_array_equal(np.asarray(over.errors), [ERR_WRITE_OVERFLOW] * 4)
     chex.assert_trees_all_equal(over.pages, paged_cache.pages)
-    bad = jax.jit(lambda c, i: c.fork(i, 0))(paged_cache, 5)
+    bad = _fork(paged_cache, 5, 0)
     assert (np.asarray(bad.errors) & ERR_BAD_SLOT).all()
 
 
@@ -251,8 +257,8 @@ def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, q_dtyp
     flat = cache.to_contiguous().replace(counts=cache.counts)
     assert flat.layout == "contiguous" and flat.format == cache.format
     q = jnp.asarray(rng.standard_normal((len(lengths), 1, 8, head_dim)), q_dtype)
-    got = jkv.attend(q, cache, 1, impl=impl)
-    want = jkv.attend(q, flat, 1, impl=impl)
+    got = _attend(q, cache, 1, impl)
+    want = _attend(q, flat, 1, impl)
     assert got.shape == q.shape and got.dtype == q.dtype
     return rel_err(got.astype(jnp.float32), want.astype(jnp.float32))
 
@@ -276,10 +282,10 @@ def test_rotated_pages_attend_like_rotated_slots(rng, impl):
     assert_same_contents(paged_cache, ref)
     assert _flat(paged_cache).format.rotated
     q = jnp.asarray(rng.standard_normal((3, 1, 4, SPEC.head_dim)), jnp.float32)
-    paged_cache, ref = paged_cache.rollback(paged_cache.lengths - 1).begin(1), ref.rollback(ref.lengths - 1).begin(1)
-    got = jkv.attend(q, paged_cache, 1, impl=impl)[:, 0]
-    assert rel_err(got, jkv.attend(q, ref, 1, impl=impl)[:, 0]) < 1e-6
-    k, v = paged_cache.layer(1, jnp.float32)
+    paged_cache, ref = _restart(paged_cache), _restart(ref)
+    got = _attend(q, paged_cache, 1, impl)[:, 0]
+    assert rel_err(got, _attend(q, ref, 1, impl)[:, 0]) < 1e-6
+    k, v = _layer_f32(paged_cache, 1)
     want = decode_attention_f64(q[:, 0], k, v, np.asarray(paged_cache.lengths) + 1)
     assert rel_err(got, want) < KERNEL_TOL["float32-gpu" if ON_GPU and impl == "pallas" else "float32"]
 
@@ -290,7 +296,7 @@ def test_prefill_attention_matches_float64(rng):
     t = 2  # prefill of the last T written tokens: query t sits at lengths + t
     cache = cache_of(pools, tables, attended - t, t)
     q = rng.standard_normal((3, t, 4, 32))
-    out = jax.jit(lambda q, c: jkv.attend(q, c, 1))(jnp.asarray(q, jnp.float32), cache)
+    out = _attend(jnp.asarray(q, jnp.float32), cache, 1)
     positions = (attended - t)[:, None] + np.arange(t)[None, :]
     assert rel_err(out, attention_f64(q, k, v, positions)) < REL_TOL["float32"]
 
@@ -304,8 +310,8 @@ def test_engine_q8_pages_equal_q8_slots(rng):
     system = rng.integers(0, config.vocab_size, size=20).tolist()  # one full page of 16 and a partial one
     ps = [system] + [system + rng.integers(0, 96, size=n).tolist() for n in (1, 3, 4)]
 
-    def run(cache, **kw):
-        engine = Engine(params, config, max_len=64, cache=cache, verbose=False, **kw)
+    def run(cache, **kw):  # one bucket: one compiled step per engine (prompts go in chunks of 16)
+        engine = Engine(params, config, max_len=64, cache=cache, verbose=False, buckets=(16,), **kw)
         for p in ps:
             engine.submit(p, SamplingParams(max_new_tokens=6))
         return [c.tokens for c in engine.run(show_progress=False)], engine

@@ -2,6 +2,8 @@
 re-storing other formats, errors, and attention through a Q8 cache against float64 references (the format's
 own round trip: test_formats.py)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,27 @@ NAMES = ("k", "k_scale", "v", "v_scale")
 
 
 # ---------------------------------------------------------------------- cache
+# Cache operations jitted once per shape (the eager host path and its errors: test_cache_errors_eager).
+_insert = jax.jit(lambda c, slot, single: c.insert_into_slot(slot, single))
+_extract = jax.jit(lambda c, slot, max_len: c.extract_slot(slot, max_len), static_argnums=2)
+_with_format = jax.jit(lambda c, fmt: c.with_format(fmt), static_argnums=1)
+_layer = jax.jit(lambda c, layer: c.layer(layer, jnp.float32), static_argnums=1)
+_begin_write = jax.jit(lambda c, t, layer, k, v: c.begin(t).write(layer, k, v), static_argnums=(1, 2))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "fmt"))
+def _quantized(k, v, lengths, spec, fmt):
+    zeros = jnp.zeros_like(lengths)
+    plain = jkv.KVCache(
+        (k, v), lengths, zeros, zeros, spec=spec.replace(dtype=jnp.float32), format=jkv.Plain(jnp.float32)
+    )
+    cache = plain.with_format(fmt)
+    unused = jnp.arange(spec.max_len)[None, :] >= lengths[:, None]  # (B, S)
+    poison = lambda s: jnp.where(unused[None, :, None, :, None], jnp.nan, s).astype(s.dtype)
+    kq, ks, vq, vs = cache.data
+    return cache.replace(data=(kq, poison(ks), vq, poison(vs)), spec=spec)
+
+
 def filled(rng, lengths, spec=SPEC, scale_dtype=jnp.float16, rotated=True):
     """A Q8 cache whose sequence b holds lengths[b] random positions in every layer, the original float32
     values, and NaN scales in every unused position (so that reading one shows up)."""
@@ -60,20 +83,8 @@ def filled(rng, lengths, spec=SPEC, scale_dtype=jnp.float16, rotated=True):
     shape = (spec.num_layers, len(lengths), spec.num_kv_heads, spec.max_len, spec.head_dim)
     k = rng.standard_normal(shape).astype(np.float32)
     v = rng.standard_normal(shape).astype(np.float32)
-    zeros = jnp.zeros(len(lengths), jnp.int32)
-    plain = jkv.KVCache(
-        (jnp.asarray(k), jnp.asarray(v)),
-        jnp.asarray(lengths, jnp.int32),
-        zeros,
-        zeros,
-        spec=spec.replace(dtype=jnp.float32),
-        format=jkv.Plain(jnp.float32),
-    )
-    cache = plain.with_format(jkv.Q8(scale_dtype=scale_dtype, rotated=rotated))
-    unused = np.arange(spec.max_len)[None, :] >= lengths[:, None]  # (B, S)
-    poison = lambda s: jnp.where(unused[None, :, None, :, None], jnp.nan, s).astype(s.dtype)
-    kq, ks, vq, vs = cache.data
-    return cache.replace(data=(kq, poison(ks), vq, poison(vs)), spec=spec), k, v
+    fmt = jkv.Q8(scale_dtype=scale_dtype, rotated=rotated)
+    return _quantized(jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths, jnp.int32), spec, fmt), k, v
 
 
 def np_q8(cache):
@@ -82,9 +93,12 @@ def np_q8(cache):
     return out | {"lengths": np.array(cache.lengths), "errors": np.array(cache.errors)}
 
 
-def assert_q8_equal(a, b):
+def assert_q8_equal(a, b, keep=None):
+    """Codes, scales, lengths and errors equal (the first ``keep`` positions of the codes and scales)."""
+    want = np_q8(b)
     for name, x in np_q8(a).items():
-        np.testing.assert_array_equal(x, np_q8(b)[name], err_msg=name)
+        cut = (lambda y: y[:, :, :, :keep]) if keep is not None and name not in ("lengths", "errors") else np.asarray
+        np.testing.assert_array_equal(cut(x), cut(want[name]), err_msg=name)
 
 
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES, ids=sname)
@@ -119,7 +133,7 @@ def test_write_quantizes_only_the_new_positions(rng, t, scale_dtype, rotated):
     before = np_q8(cache)
     k_new = jnp.asarray(blocky(rng, (4, 2, t, 64)), jnp.float32)
     v_new = jnp.asarray(blocky(rng, (4, 2, t, 64)), jnp.float32)
-    out = jax.jit(lambda c, k, v: c.begin(t).write(1, k, v))(cache, k_new, v_new)
+    out = _begin_write(cache, t, 1, k_new, v_new)
     kq, ks = codes_of(k_new, rotated, scale_dtype)
     vq, vs = codes_of(v_new, rotated, scale_dtype)
     want = before
@@ -140,11 +154,11 @@ def test_write_quantizes_only_the_new_positions(rng, t, scale_dtype, rotated):
         np.testing.assert_array_equal(x[~written], want[name][~written], err_msg=name)
         tol = {"atol": 1, "rtol": 0} if name in ("k", "v") else {"atol": 0, "rtol": 2**-9}
         np.testing.assert_allclose(x[written], want[name][written], err_msg=name, **tol)
-    k, v = out.layer(1, jnp.float32)
+    k, v = (np.asarray(x) for x in _layer(out, 1))
     for b, n in enumerate(lengths):
-        scales = out.data[1][1, b, :, n : n + t]
+        scales = np.asarray(out.data[1])[1, b, :, n : n + t]
         assert within_format(k[b, :, n : n + t], k_new[b], scales, rotated)
-        assert np.isfinite(np.asarray(v[b, :, n : n + t])).all()
+        assert np.isfinite(v[b, :, n : n + t]).all()
 
 
 @pytest.mark.parametrize("single_len", [1, 16])
@@ -152,7 +166,7 @@ def test_write_quantizes_only_the_new_positions(rng, t, scale_dtype, rotated):
 def test_insert_into_slot_and_extract_bit_exact(rng, slot, single_len):
     cache, _, _ = filled(rng, [2, 9, 4, 11])
     single, _, _ = filled(rng, [single_len], SPEC.replace(max_len=single_len))
-    out = cache.insert_into_slot(slot, single)
+    out = _insert(cache, slot, single)
     want = np_q8(cache)
     for name, x in np_q8(single).items():
         if name in ("lengths", "errors"):
@@ -161,7 +175,7 @@ def test_insert_into_slot_and_extract_bit_exact(rng, slot, single_len):
             want[name][:, slot, :, :single_len] = x[:, 0]
     for name, x in np_q8(out).items():
         np.testing.assert_array_equal(x, want[name], err_msg=name)
-    back = out.extract_slot(slot, max_len=single_len)
+    back = _extract(out, slot, single_len)
     assert back.spec == single.spec and back.format == single.format
     assert_q8_equal(back, single)
 
@@ -179,25 +193,24 @@ def test_snapshot_restore_bit_exact(rng, scale_dtype, trim):
     back = jkv.KVCache.restore(snap)
     chex.assert_trees_all_equal_shapes_and_dtypes(back, cache)
     assert back.spec == cache.spec and back.format == cache.format
-    cut = lambda c: c.replace(data=tuple(x[:, :, :, :keep] for x in c.data))
-    assert_q8_equal(cut(back), cut(cache))  # NaN scales of unused positions compare equal too
+    assert_q8_equal(back, cache, keep)  # NaN scales of unused positions compare equal too
     bigger = jkv.KVCache.restore(snap, max_len=32)
     assert bigger.max_len == 32
-    assert_q8_equal(cut(bigger), cut(cache))
+    assert_q8_equal(bigger, cache, keep)
 
 
 @pytest.mark.parametrize("rotated", [False, True], ids=["plain", "rotated"])
 def test_with_format_dequantizes_the_whole_cache(rng, rotated):
     cache, k, _ = filled(rng, [16, 16, 16], SPEC.replace(dtype=jnp.bfloat16), rotated=rotated)
     assert cache.format.rotated == rotated
-    full = cache.with_format(jkv.Plain())
+    full = _with_format(cache, jkv.Plain())
     assert full.spec == cache.spec and full.format == jkv.Plain(jnp.bfloat16)
     chex.assert_type(full.data[0], jnp.bfloat16)
-    full32 = cache.replace(spec=cache.spec.replace(dtype=jnp.float32)).with_format(jkv.Plain())
+    full32 = _with_format(cache.replace(spec=cache.spec.replace(dtype=jnp.float32)), jkv.Plain())
     assert within_format(full32.data[0], k, cache.data[1], rotated)
     v = dequantize(cache.data[2], cache.data[3])
     np.testing.assert_array_equal(np.asarray(full32.data[1]), np.asarray(hadamard(v) if rotated else v))
-    layer_k, layer_v = cache.layer(1, jnp.float32)
+    layer_k, layer_v = _layer(cache, 1)
     np.testing.assert_array_equal(np.asarray(layer_k), np.asarray(full32.data[0][1]))
     np.testing.assert_array_equal(np.asarray(layer_v), np.asarray(full32.data[1][1]))
     np.testing.assert_array_equal(np.asarray(full.lengths), [16, 16, 16])
@@ -238,35 +251,46 @@ def test_slots_of_another_storage_are_re_stored(rng):
     this cache's format (what used to be refused): the slot holds this format's codes of their values."""
     cache, _, _ = filled(rng, [14, 2])
     plain, _, _ = filled(rng, [5], SPEC.replace(max_len=8))
-    plain = plain.with_format(jkv.Plain())
-    out = cache.insert_into_slot(1, plain)
-    want = plain.with_format(cache.format)
+    plain = _with_format(plain, jkv.Plain())
+    out = _insert(cache, 1, plain)
+    want = _with_format(plain, cache.format)
     for got, w in zip(out.data, want.data, strict=True):
-        np.testing.assert_allclose(np.asarray(got[:, 1, :, :5], np.float32), np.asarray(w[:, 0, :, :5], np.float32),
+        np.testing.assert_allclose(np.asarray(got, np.float32)[:, 1, :, :5], np.asarray(w, np.float32)[:, 0, :, :5],
                                    atol=1, rtol=2**-9)  # fmt: skip
-    other = plain.with_format(jkv.Q8(scale_dtype=jnp.float32, rotated=False))
-    out = cache.insert_into_slot(1, other)
+    other = _with_format(plain, jkv.Q8(scale_dtype=jnp.float32, rotated=False))
+    out = _insert(cache, 1, other)
     assert out.format == cache.format and int(out.lengths[1]) == 5
 
 
 def test_errors_under_jit_flag_and_never_corrupt(rng):
     cache, _, _ = filled(rng, [14, 2])
     k3 = jnp.asarray(rng.standard_normal((2, 2, 3, 64)), jnp.float32)
-    out = jax.jit(lambda c, k: c.begin(3).write(0, k, k))(cache, k3)
+    out = _begin_write(cache, 3, 0, k3, k3)
     np.testing.assert_array_equal(np.asarray(out.errors), [ERR_WRITE_OVERFLOW, 0])
-    np.testing.assert_array_equal(np.asarray(out.data[0][:, 0]), np.asarray(cache.data[0][:, 0]))  # untouched
-    np.testing.assert_array_equal(np.asarray(out.data[1][:, 0]), np.asarray(cache.data[1][:, 0]))
-    got, want = np.asarray(out.data[0][0, 1, :, 2:5]), np.asarray(codes_of(k3[1], True)[0])
+    np.testing.assert_array_equal(np.asarray(out.data[0])[:, 0], np.asarray(cache.data[0])[:, 0])  # untouched
+    np.testing.assert_array_equal(np.asarray(out.data[1])[:, 0], np.asarray(cache.data[1])[:, 0])
+    got, want = np.asarray(out.data[0])[0, 1, :, 2:5], np.asarray(codes_of(k3[1], True)[0])
     assert np.abs(got.astype(int) - want).max() <= 1  # the rotation's float32 sums may round differently in jit
     with pytest.raises(RuntimeError, match="sequence 0: step past max_len"):
         out.check()
-    bad = jax.jit(lambda c, s, i: c.insert_into_slot(i, s))(cache, jkv.KVCache.init(SPEC, 1, format=jkv.Q8()), 7)
+    bad = _insert(cache, 7, jkv.KVCache.init(SPEC, 1, format=jkv.Q8()))
     np.testing.assert_array_equal(np.asarray(bad.data[0]), np.asarray(cache.data[0]))
     np.testing.assert_array_equal(np.asarray(bad.lengths), [14, 2])
     assert (np.asarray(bad.errors) & ERR_BAD_SLOT).all()
 
 
 # ---------------------------------------------------------------------- attention through a Q8 cache
+_attend_xla = jax.jit(lambda q, c, layer: jkv.attend(q, c, layer, impl="xla"), static_argnums=2)
+
+
+@functools.partial(jax.jit, static_argnames="impl")
+def _decode_step(cache, k_new, q, impl):
+    """A decode step: begin(1), layer 1 written (``k_new`` as keys and values), attention of ``q`` [B, 1, N, D]
+    through layer 1; and layer 1's keys and values decoded as float32."""
+    cache = cache.begin(1).write(1, k_new, k_new)
+    return jkv.attend(q, cache, 1, impl=impl), cache.layer(1, jnp.float32)
+
+
 ATTN_CASES = [  # (batch, kv_heads, group, head_dim, max_len, scale dtype)
     (3, 2, 4, 64, 200, jnp.float16),
     (3, 2, 4, 64, 200, jnp.float32),
@@ -291,15 +315,15 @@ def test_decode_attention_q8(rng, batch, kv_heads, group, head_dim, max_len, sca
     lengths[0] = max_len - 1  # attends to every position
     cache, k, v = filled(rng, lengths, spec, scale_dtype, rotated)
     k_new = rng.standard_normal((batch, kv_heads, 1, head_dim)).astype(np.float32)
-    cache = cache.begin(1).write(1, jnp.asarray(k_new), jnp.asarray(k_new))
     k[1, np.arange(batch), :, lengths] = k_new[:, :, 0]
     v[1, np.arange(batch), :, lengths] = k_new[:, :, 0]
     q = jnp.asarray(rng.standard_normal((batch, 1, kv_heads * group, head_dim)), jnp.float32)
-    out = jkv.attend(q, cache, 1, impl=impl)[:, 0]
+    out, layer = _decode_step(cache, jnp.asarray(k_new), q, impl)
+    out = out[:, 0]
     chex.assert_shape(out, (batch, kv_heads * group, head_dim))
     chex.assert_type(out, jnp.float32)
     q = q[:, 0]
-    deq_k, deq_v = (np.asarray(x, np.float64) for x in cache.layer(1, jnp.float32))
+    deq_k, deq_v = (np.asarray(x, np.float64) for x in layer)
     # Equal to "dequantize, then attend" to float32 rounding ...
     ref_q8 = decode_attention_f64(q, deq_k, deq_v, lengths + 1)
     tol = 10 * REL_TOL["float32"] if impl == "xla" else 2e-3 if backend.gpu_backend() == backend.TRITON else 2e-5
@@ -313,10 +337,10 @@ def test_prefill_attention_q8_xla(rng):
     cache, _, _ = filled(rng, [5, 0, 9])
     t = 4
     k_new = jnp.asarray(rng.standard_normal((3, 2, t, 64)), jnp.float32)
-    cache = cache.begin(t).write(2, k_new, -k_new)
+    cache = _begin_write(cache, t, 2, k_new, -k_new)
     q = jnp.asarray(rng.standard_normal((3, t, 4, 64)), jnp.float32)
-    out = jkv.attend(q, cache, 2, impl="xla")
-    deq_k, deq_v = cache.layer(2, jnp.float32)
+    out = _attend_xla(q, cache, 2)
+    deq_k, deq_v = _layer(cache, 2)
     positions = np.array([5, 0, 9])[:, None] + np.arange(t)
     assert rel_err(out, attention_f64(q, deq_k, deq_v, positions)) < 10 * REL_TOL["float32"]
     with pytest.raises(TypeError, match="cache must be a jkv cache, got dict"):
