@@ -2,11 +2,16 @@
 own greedy continuations and logits, and the GGUF file llama.cpp's converter would write from such a model."""
 
 import contextlib
+import functools
 
 import gguf
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers_loading import byte_level_alphabet, llama_cpp_permute
+
+from jkv.models import llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -228,3 +233,39 @@ def loaded_family(name: str, tmp_path_factory):
     rng = np.random.default_rng(len(name))
     prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
     return name, loaded, prompts, hf_greedy(model, prompts)
+
+
+def padded_prompts(prompts, pad: int = 5):
+    """Right-padded prompts ``[B, max length]`` (``pad`` after each) and their lengths ``[B]``."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.full((len(prompts), lengths.max()), pad, np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    return padded, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("config", "options", "wrong_at"))
+def teacher_forced(params, cache, padded, lengths, tokens, *, config, options, wrong_at=None):
+    """One compile for a whole comparison: a ragged prefill of ``padded`` (each prompt read at its own last token,
+    the cache rolled back to ``lengths``), then one decode step per column of ``tokens [B, S]`` (``lax.scan``).
+    With ``wrong_at=j``: columns ``j`` and ``j + 1`` go in one 3-token forward step whose last token is wrong
+    (``tokens[:, j] + 1``), rolled back by one. Returns the prefill logits ``[B, V]``, the logits after each
+    column ``[B, S, V]`` and the cache."""
+    model = dict(config=config, options=options)
+    logits, cache = llama.prefill(params, cache, padded, lengths - 1, **model)
+    cache = cache.rollback(lengths)
+
+    def step(cache, column):
+        out, cache = llama.decode_step(params, cache, column, **model)
+        return cache, out
+
+    if wrong_at is None:
+        cache, steps = jax.lax.scan(step, cache, tokens.T)
+        return logits, jnp.swapaxes(steps, 0, 1), cache
+    cache, before = jax.lax.scan(step, cache, tokens[:, :wrong_at].T)
+    three = jnp.concatenate([tokens[:, wrong_at : wrong_at + 2], tokens[:, wrong_at : wrong_at + 1] + 1], axis=1)
+    spec, cache = llama.forward(params, cache, three, **model)
+    cache = cache.rollback(cache.lengths - 1)
+    cache, after = jax.lax.scan(step, cache, tokens[:, wrong_at + 2 :].T)
+    steps = jnp.concatenate([jnp.swapaxes(before, 0, 1), spec[:, :2], jnp.swapaxes(after, 0, 1)], axis=1)
+    return logits, steps, cache
