@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from helpers_compile import FAST_COMPILE
 from helpers_families import FAMILIES, STEPS, WINDOW, loaded_family, padded_prompts, teacher_forced
 
 import jkv
@@ -56,7 +57,7 @@ def test_matches_hf(family, kind):
     np.testing.assert_array_equal(cache.lengths, lengths + STEPS - 1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "options"))
+@functools.partial(jax.jit, static_argnames=("config", "options"), compiler_options=FAST_COMPILE)
 def flat_logits(params, cache, tokens, counts, rows, *, config, options):
     """A flat step of ``tokens [32]`` and the logits of its ``rows``: one compile serves prefill and decode."""
     h, cache = llama.flat_hidden_states(params, cache, tokens, counts, config=config, options=options)
@@ -123,7 +124,10 @@ def test_layer_layouts_and_init(family, rng):
     tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 10)), jnp.int32)
     spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16)
     forward = functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="xla"))
-    both = jax.jit(lambda stacked, layers, cache, t: (forward(stacked, cache, t)[0], forward(layers, cache, t)[0]))
+    both = jax.jit(
+        lambda stacked, layers, cache, t: (forward(stacked, cache, t)[0], forward(layers, cache, t)[0]),
+        compiler_options=FAST_COMPILE,
+    )
     params = [llama.with_layout(loaded.params, layout) for layout in ("stacked", "layers")]
     stacked, layers = both(*params, jkv.make_cache("f32", spec, 2), tokens)  # one compile for both layouts
     assert rel_err(layers, stacked) < 1e-6
