@@ -2,11 +2,17 @@
 own greedy continuations and logits, and the GGUF file llama.cpp's converter would write from such a model."""
 
 import contextlib
+import functools
 
 import gguf
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers_compile import FAST_COMPILE
 from helpers_loading import byte_level_alphabet, llama_cpp_permute
+
+from jkv.models import llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -228,3 +234,45 @@ def loaded_family(name: str, tmp_path_factory):
     rng = np.random.default_rng(len(name))
     prompts = [rng.integers(3, loaded.config.vocab_size, n).tolist() for n in PROMPTS]
     return name, loaded, prompts, hf_greedy(model, prompts)
+
+
+def padded_prompts(prompts, pad: int = 5):
+    """Right-padded prompts ``[B, max length]`` (``pad`` after each) and their lengths ``[B]``."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.full((len(prompts), lengths.max()), pad, np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    return padded, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("config", "options", "wrong_at"), compiler_options=FAST_COMPILE)
+def teacher_forced(params, cache, padded, lengths, tokens, *, config, options, wrong_at=None):
+    """One compile for a whole comparison: a ragged prefill of ``padded`` (each prompt read at its own last token,
+    the cache rolled back to ``lengths``), then one decode step per column of ``tokens [B, S]`` (``lax.scan``).
+    With ``wrong_at=j``: columns ``j`` and ``j + 1`` go in one 3-token forward step whose last token is wrong
+    (``tokens[:, j] + 1``), rolled back by one (a branch of the scanned step, so the decode step compiles once).
+    Returns the prefill logits ``[B, V]``, the logits after each column ``[B, S, V]`` and the cache."""
+    model = dict(config=config, options=options)
+    logits, cache = llama.prefill(params, cache, padded, lengths - 1, **model)
+    cache = cache.rollback(lengths)
+
+    def decode(cache, three):  # logits of the first token, a row of zeros after
+        out, cache = llama.decode_step(params, cache, three[:, 0], **model)
+        return cache, jnp.stack([out, jnp.zeros_like(out)], axis=1)
+
+    def speculate(cache, three):  # logits of the two right tokens
+        out, cache = llama.forward(params, cache, three, **model)
+        return cache.rollback(cache.lengths - 1), out[:, :2]
+
+    s = tokens.shape[1]
+    if wrong_at is None:
+        cache, out = jax.lax.scan(decode, cache, jnp.swapaxes(tokens, 0, 1)[:, :, None])
+        return logits, jnp.swapaxes(out, 0, 1)[:, :, 0], cache
+    # The step at wrong_at takes columns wrong_at and wrong_at + 1: s - 1 scanned steps for s columns.
+    columns = jnp.concatenate([jnp.arange(wrong_at + 1), jnp.arange(wrong_at + 2, s)])
+    three = jnp.stack([tokens[:, columns], tokens[:, jnp.minimum(columns + 1, s - 1)], tokens[:, columns] + 1], -1)
+    step = lambda cache, x: jax.lax.cond(x[1], speculate, decode, cache, x[0])
+    cache, out = jax.lax.scan(step, cache, (jnp.swapaxes(three, 0, 1), columns == wrong_at))
+    out = jnp.swapaxes(out, 0, 1)  # (B, steps, 2, V)
+    steps = jnp.concatenate([out[:, :wrong_at, 0], out[:, wrong_at], out[:, wrong_at + 1 :, 0]], axis=1)
+    return logits, steps, cache

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from helpers_families import FAMILIES, STEPS, WINDOW, loaded_family
+from helpers_compile import FAST_COMPILE
+from helpers_families import FAMILIES, STEPS, WINDOW, loaded_family, padded_prompts, teacher_forced
 
 import jkv
 from jkv.models import llama
@@ -34,54 +35,61 @@ def test_config_options(family):
 
 @pytest.mark.parametrize("kind", ["f32", "paged"])
 def test_matches_hf(family, kind):
-    """Ragged prefill, then 32 decode steps fed HF's greedy tokens: logits and argmax against HF's."""
+    """Ragged prefill, then 31 decode steps fed HF's greedy tokens (one compiled scan): logits and argmax against
+    HF's after the prefill and after every step."""
     _, loaded, prompts, refs = family
     c = loaded.config
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    padded = np.full((len(prompts), lengths.max()), 5, np.int32)
-    for i, p in enumerate(prompts):
-        padded[i, : len(p)] = p
+    padded, lengths = padded_prompts(prompts)
     spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
     cache = jkv.make_cache(kind, spec, len(prompts))
-    prefill = jax.jit(functools.partial(llama.prefill, config=c, options=llama.LlamaOptions(impl="xla")))
-    logits, cache = prefill(loaded.params, cache, jnp.asarray(padded), jnp.asarray(lengths - 1))
-    cache = cache.rollback(jnp.asarray(lengths))
+    tokens = np.array([t for t, _ in refs])  # (B, STEPS)
+    logits, steps, cache = teacher_forced(
+        loaded.params, cache, padded, lengths, tokens[:, :-1], config=c, options=llama.LlamaOptions(impl="xla")
+    )
+    logits, steps = np.asarray(logits), np.asarray(steps)
     want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
     assert rel_err(logits, want) < 1e-5
-    step = jax.jit(functools.partial(llama.decode_step, config=c, options=llama.LlamaOptions(impl="xla")))
-    tokens = np.array([t for t, _ in refs])  # (B, STEPS)
-    assert (np.asarray(logits).argmax(-1) == tokens[:, 0]).all()
+    assert (logits.argmax(-1) == tokens[:, 0]).all()
     for j in range(STEPS - 1):
-        logits, cache = step(loaded.params, cache, jnp.asarray(tokens[:, j], jnp.int32))
         want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
-        assert rel_err(logits, want) < 1e-5, j
-        assert (np.asarray(logits).argmax(-1) == tokens[:, j + 1]).all(), j
+        assert rel_err(steps[:, j], want) < 1e-5, j
+        assert (steps[:, j].argmax(-1) == tokens[:, j + 1]).all(), j
+    np.testing.assert_array_equal(cache.lengths, lengths + STEPS - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "options"), compiler_options=FAST_COMPILE)
+def flat_logits(params, cache, tokens, counts, rows, *, config, options):
+    """A flat step of ``tokens [32]`` and the logits of its ``rows``: one compile serves prefill and decode."""
+    h, cache = llama.flat_hidden_states(params, cache, tokens, counts, config=config, options=options)
+    return llama.lm_head(params, h[rows], options, config=config), cache
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_flat_steps(family, impl):
-    """The serving step's form: all prompts as one flat step, then 8 flat decode steps of one token per sequence
-    fed HF's greedy tokens (past the window), on a paged cache; the Pallas multi-token kernel in interpret mode
-    (4 steps) for Gemma 2 only (window, soft cap, query scale); the XLA path for Mistral and Gemma 3."""
+    """The serving step's form (a fixed bucket of 32 rows, those past the real tokens padding): all prompts as one
+    flat step, then 8 flat decode steps of one token per sequence fed HF's greedy tokens (past the window), on a
+    paged cache; the Pallas multi-token kernel in interpret mode (4 steps) for Gemma 2 only (window, soft cap,
+    query scale); the XLA path for Mistral and Gemma 3."""
     name, loaded, prompts, refs = family
     if name not in {"pallas": ("gemma2",), "xla": ("mistral", "gemma3")}[impl]:
         pytest.skip("the families with windows cover the flat step; one runs the kernel in interpret mode")
     c, options = loaded.config, llama.LlamaOptions(impl=impl)
     spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
     cache = jkv.make_cache("paged", spec, len(prompts), page_size=8)
-    step = jax.jit(functools.partial(llama.flat_hidden_states, config=c, options=options))
-    head = jax.jit(functools.partial(llama.lm_head, options=options, config=c))
+    step = functools.partial(flat_logits, loaded.params, config=c, options=options)
     lengths = np.array([len(p) for p in prompts])
     tokens = np.full(32, 7, np.int32)  # rows past the prompts are padding
     tokens[: lengths.sum()] = np.concatenate(prompts)
-    h, cache = step(loaded.params, cache, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32))
+    logits, cache = step(cache, tokens, jnp.asarray(lengths, jnp.int32), np.cumsum(lengths) - 1)
     want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
-    assert rel_err(head(loaded.params, h[np.cumsum(lengths) - 1]), want) < 1e-5
-    ones = jnp.ones(len(prompts), jnp.int32)
+    assert rel_err(logits, want) < 1e-5
+    ones, first, padding = jnp.ones(len(prompts), jnp.int32), np.arange(len(prompts)), [7] * (32 - len(prompts))
     for j in range(4 if impl == "pallas" else 8):
-        h, cache = step(loaded.params, cache, jnp.asarray([t[j] for t, _ in refs], jnp.int32), ones)
+        tokens = np.array([t[j] for t, _ in refs] + padding, np.int32)
+        logits, cache = step(cache, tokens, ones, first)
         want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
-        assert rel_err(head(loaded.params, h), want) < 1e-5, j
+        assert rel_err(logits, want) < 1e-5, j
+    np.testing.assert_array_equal(cache.lengths, lengths + j + 1)
 
 
 def test_transformers4_spellings_and_refusals():
@@ -116,6 +124,10 @@ def test_layer_layouts_and_init(family, rng):
     tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 10)), jnp.int32)
     spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16)
     forward = functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="xla"))
-    stacked, _ = forward(llama.with_layout(loaded.params, "stacked"), jkv.make_cache("f32", spec, 2), tokens)
-    layers, _ = forward(llama.with_layout(loaded.params, "layers"), jkv.make_cache("f32", spec, 2), tokens)
+    both = jax.jit(
+        lambda stacked, layers, cache, t: (forward(stacked, cache, t)[0], forward(layers, cache, t)[0]),
+        compiler_options=FAST_COMPILE,
+    )
+    params = [llama.with_layout(loaded.params, layout) for layout in ("stacked", "layers")]
+    stacked, layers = both(*params, jkv.make_cache("f32", spec, 2), tokens)  # one compile for both layouts
     assert rel_err(layers, stacked) < 1e-6

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from helpers_compile import FAST_COMPILE
 from helpers_families import GGUF_CASES, PROMPTS, WINDOW, hf_greedy, hf_model, write_gguf
 
 import jkv
@@ -47,7 +48,7 @@ def test_gguf_matches_hf(family, tmp_path):
         tokens[i, : len(seq)] = seq
     cache = jkv.make_cache("f32", jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 32), len(seqs))
     forward = functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="xla"))
-    logits, _ = jax.jit(forward)(loaded.params, cache, jnp.asarray(tokens))
+    logits, _ = jax.jit(forward, compiler_options=FAST_COMPILE)(loaded.params, cache, jnp.asarray(tokens))
     for row, seq, (greedy, ref) in zip(np.asarray(logits), seqs, refs, strict=True):
         assert rel_err(row[: len(seq)], ref) < 1e-5
         assert (row[len(seq) - STEPS : len(seq)].argmax(-1) == greedy).all()

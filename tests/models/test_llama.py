@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from helpers_compile import FAST_COMPILE
 
 import jkv
 from jkv.models import llama
@@ -31,16 +32,24 @@ IDS = [name for name in CONFIGS if name != "q8able-gqa2"]
 XLA = llama.LlamaOptions(impl="xla")
 
 
+FAST = FAST_COMPILE  # every float32 program below; the bfloat16 one compiles with the default options
+
+
 @functools.cache
 def jitted(name, config, impl="xla", **options):
-    """``llama.<name>`` compiled for ``config`` (eager dispatch op by op is far slower than one compile)."""
+    """``llama.<name>`` compiled for ``config`` (eager dispatch op by op is far slower than one compile), float32
+    weights."""
     options = llama.LlamaOptions(impl=impl, **options)
-    return jax.jit(functools.partial(getattr(llama, name), config=config, options=options))
+    return jax.jit(functools.partial(getattr(llama, name), config=config, options=options), compiler_options=FAST)
+
+
+# One compile per params structure (eager, each leaf shape's stack or slice compiles on its own).
+with_layout = jax.jit(llama.with_layout, static_argnums=1)
 
 
 def random_params(config, seed=0, layout="layers", dtype=jnp.float32):
     # Larger weights than init_params' default so that attention and the MLP move the logits a lot.
-    return llama.init_params(config, jax.random.key(seed), dtype=dtype, scale=0.15, layout=layout)
+    return with_layout(llama.init_params(config, jax.random.key(seed), dtype=dtype, scale=0.15), layout)
 
 
 def make_cache(config, batch, max_len, dtype=jnp.float32, kind="contiguous"):
@@ -114,7 +123,9 @@ def test_prefill_then_decode_equals_one_full_pass(name, rng):
     cache = make_cache(config, 3, 16)
     logits, cache = jitted("prefill", config)(params, cache, tokens[:, :5])
     assert rel_err(logits, full[:, 4]) < 1e-5
-    step = jax.jit(functools.partial(llama.decode_step, config=config, options=XLA), donate_argnums=1)
+    step = jax.jit(
+        functools.partial(llama.decode_step, config=config, options=XLA), donate_argnums=1, compiler_options=FAST
+    )
     for t in range(5, 11):
         logits, cache = step(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
         assert rel_err(logits, full[:, t]) < 1e-5, t
@@ -137,10 +148,9 @@ def test_ragged_batch_prefill_and_decode(rng):
     cache = cache.rollback(jnp.asarray(lengths))
     refs = [forward_f64(params, config, s[None])[0] for s in seqs]
     assert rel_err(logits, np.stack([r[n - 1] for r, n in zip(refs, lengths, strict=True)])) < 1e-5
-    step = jax.jit(functools.partial(llama.decode_step, config=config), donate_argnums=1)
     for j in range(4):
         tok = np.array([s[n + j] for s, n in zip(seqs, lengths, strict=True)], np.int32)
-        logits, cache = step(params, cache, jnp.asarray(tok))
+        logits, cache = jitted("decode_step", config)(params, cache, jnp.asarray(tok))
         want = np.stack([r[n + j] for r, n in zip(refs, lengths, strict=True)])
         assert rel_err(logits, want) < 1e-5, j
     np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + 4)
@@ -154,9 +164,10 @@ def test_residual_stream_padded_to_min_matmul_rows(layout, rng):
     config = CONFIGS["qwen2-bias-tied"]
     params = random_params(config, seed=6, layout=layout)
     tokens = rng.integers(0, config.vocab_size, (3, 5))
-    full = forward_f64(llama.with_layout(params, "layers"), config, tokens)
-    prefill = jax.jit(functools.partial(llama.prefill, config=config, options=options))
-    step = jax.jit(functools.partial(llama.decode_step, config=config, options=options), donate_argnums=1)
+    full = forward_f64(with_layout(params, "layers"), config, tokens)
+    prefill = jax.jit(functools.partial(llama.prefill, config=config, options=options), compiler_options=FAST)
+    model_step = functools.partial(llama.decode_step, config=config, options=options)
+    step = jax.jit(model_step, donate_argnums=1, compiler_options=FAST)
     logits, cache = prefill(params, make_cache(config, 3, 8), jnp.asarray(tokens[:, :2]))
     assert rel_err(logits, full[:, 1]) < 1e-5
     for t in range(2, 5):
@@ -166,22 +177,21 @@ def test_residual_stream_padded_to_min_matmul_rows(layout, rng):
     np.testing.assert_array_equal(np.asarray(cache.lengths), [5, 5, 5])
     padded = functools.partial(fusions.padded_batch, options=options.resolve())
     assert padded(3, 1) == 8 and padded(3, 2) == 4 and padded(9, 1) == 9
-    pads = str(jax.make_jaxpr(step)(params, cache, jnp.asarray(tokens[:, 0], jnp.int32)))
-    assert "pad" in pads and "pad" not in str(
-        jax.make_jaxpr(jitted("decode_step", config))(params, cache, tokens[:, 0])
-    )
+    pads = str(jax.make_jaxpr(model_step)(params, cache, jnp.asarray(tokens[:, 0], jnp.int32)))
+    unpadded = functools.partial(llama.decode_step, config=config, options=XLA)
+    assert "pad" in pads and "pad" not in str(jax.make_jaxpr(unpadded)(params, cache, tokens[:, 0]))
 
 
 def test_stacked_and_per_layer_layouts_agree(rng):
     config = CONFIGS["qwen2-bias-tied"]
     params = random_params(config, seed=4, layout="layers")
-    stacked = llama.with_layout(params, "stacked")
+    stacked = with_layout(params, "stacked")
     assert stacked.stacked and not params.stacked
-    assert llama.with_layout(stacked, "layers").layers[1].wqkv.shape == params.layers[1].wqkv.shape
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 6)))
+    assert with_layout(stacked, "layers").layers[1].wqkv.shape == params.layers[1].wqkv.shape
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 11)))  # test_prefill_then_decode's shapes
     outs = []
     for p in (params, stacked):
-        logits, cache = jitted("forward", config)(p, make_cache(config, 2, 8), tokens)
+        logits, cache = jitted("forward", config)(p, make_cache(config, 3, 16), tokens)
         nxt, cache = jitted("decode_step", config)(p, cache, tokens[:, 0])
         outs.append((logits, nxt))
     assert rel_err(outs[1][0], outs[0][0]) < 1e-6
@@ -201,9 +211,9 @@ def test_other_cache_types_plug_in(kind, rng):
     got = [logits]
     for t in range(6, 10):
         logits, cache = jitted("decode_step", config)(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
-        got.append(logits)
+        got.append(np.asarray(logits))
     tol = {"paged": 1e-5, "q8": 3e-2}[kind]
-    assert rel_err(jnp.stack(got, 1), full[:, 5:10]) < tol
+    assert rel_err(np.stack(got, 1), full[:, 5:10]) < tol
     want = {"paged": ("paged", "Plain"), "q8": ("contiguous", "Q8")}[kind]
     assert (cache.layout, type(cache.format).__name__) == want
 
@@ -214,20 +224,20 @@ def test_pallas_decode_matches_xla(rng):
     equal the XLA path's."""
     config = CONFIGS["llama-gqa4-untied"]
     params = random_params(config, seed=6)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 7)))
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 8)))  # the shapes of the tests above: shared compiles
     outs, caches = {}, {}
     for impl in ("xla", "pallas"):
-        _, cache = jitted("prefill", config, impl)(params, make_cache(config, 2, 16), tokens[:, :4])
-        cache = cache.rollback(jnp.asarray([4, 1]))  # ragged: sequence 1 continues from position 1
+        _, cache = jitted("prefill", config, impl)(params, make_cache(config, 3, 16), tokens[:, :5])
+        cache = cache.rollback(jnp.asarray([5, 1, 3]))  # ragged: sequence 1 continues from position 1
         got = []
-        for t in range(4, 7):
+        for t in range(5, 8):
             logits, cache = jitted("decode_step", config, impl)(params, cache, tokens[:, t])
-            got.append(logits)
-        outs[impl], caches[impl] = jnp.stack(got, 1), cache
+            got.append(np.asarray(logits))
+        outs[impl], caches[impl] = np.stack(got, 1), cache
     assert rel_err(outs["pallas"], outs["xla"]) < 1e-5
-    np.testing.assert_array_equal(caches["pallas"].lengths, [7, 4])
+    np.testing.assert_array_equal(caches["pallas"].lengths, [8, 4, 6])
     for name in (0, 1):  # K and V: the valid positions (the test cache holds NaN past them)
-        for b, n in enumerate([7, 4]):
+        for b, n in enumerate([8, 4, 6]):
             got, want = (caches[impl].data[name][:, b, :, :n] for impl in ("pallas", "xla"))
             assert rel_err(got, want) < 1e-5, (name, b)
     step = functools.partial(llama.decode_step, config=config, options=llama.LlamaOptions(impl="pallas"))
@@ -242,15 +252,16 @@ def test_norm_kernel_matches_float64(layout, rng):
     config = CONFIGS["qwen2-bias-tied"]
     params = random_params(config, seed=8, layout=layout)
     tokens = rng.integers(0, config.vocab_size, (2, 6))
-    full = forward_f64(llama.with_layout(params, "layers"), config, tokens)
-    prefill = jax.jit(functools.partial(llama.prefill, config=config, options=options))
-    step = jax.jit(functools.partial(llama.decode_step, config=config, options=options))
+    full = forward_f64(with_layout(params, "layers"), config, tokens)
+    prefill = jax.jit(functools.partial(llama.prefill, config=config, options=options), compiler_options=FAST)
+    model_step = functools.partial(llama.decode_step, config=config, options=options)
+    step = jax.jit(model_step, compiler_options=FAST)
     logits, cache = prefill(params, make_cache(config, 2, 8), jnp.asarray(tokens[:, :4]))
     assert rel_err(logits, full[:, 3]) < 1e-5
     for t in range(4, 6):
         logits, cache = step(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
         assert rel_err(logits, full[:, t]) < 1e-5, t
-    jaxpr = str(jax.make_jaxpr(step)(params, cache, jnp.asarray(tokens[:, 0], jnp.int32)))
+    jaxpr = str(jax.make_jaxpr(model_step)(params, cache, jnp.asarray(tokens[:, 0], jnp.int32)))
     assert "jkv_residual_rms_norm" in jaxpr  # the kernel ran, not the XLA path
     plain = functools.partial(llama.decode_step, config=config, options=llama.LlamaOptions(impl="pallas"))
     assert "jkv_residual_rms_norm" not in str(jax.make_jaxpr(plain)(params, cache, jnp.asarray(tokens[:, 0])))
@@ -260,9 +271,10 @@ def test_bf16_weights_and_cache_track_f32(rng):
     config = CONFIGS["qwen2-bias-tied"]
     params32 = random_params(config, seed=7)
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 6)))
-    l32, _ = jitted("forward", config)(params32, make_cache(config, 2, 8), tokens)
-    l16, c16 = jitted("forward", config)(params16, make_cache(config, 2, 8, jnp.bfloat16), tokens)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 11)))  # test_prefill_then_decode's shapes
+    l32, _ = jitted("forward", config)(params32, make_cache(config, 3, 16), tokens)
+    forward16 = jax.jit(functools.partial(llama.forward, config=config, options=XLA))
+    l16, c16 = forward16(params16, make_cache(config, 3, 16, jnp.bfloat16), tokens)
     assert l16.dtype == jnp.float32 and c16.data[0].dtype == jnp.bfloat16
     assert rel_err(l16, l32) < 3e-2
 
@@ -325,7 +337,7 @@ def test_params_errors():
     bad = params.replace(layers=(params.layers[0], params.layers[1].replace(wo=params.layers[1].wo[:, :8])))
     with pytest.raises(ValueError, match=r"params.layers\[1\].wo has shape \(128, 8\), expected \(128, 64\)"):
         llama.check_params(bad, config)
-    stacked = llama.with_layout(params, "stacked")
+    stacked = with_layout(params, "stacked")
     with pytest.raises(ValueError, match=r"params.layers.bqkv has shape \(2, 4, 6, 16\), expected None"):
         llama.check_params(stacked.replace(layers=stacked.layers.replace(bqkv=jnp.zeros((2, 4, 6, 16)))), config)
     with pytest.raises(ValueError, match="layout='rows' is not one of"):

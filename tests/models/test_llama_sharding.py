@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from helpers_compile import FAST_COMPILE
 
 import jkv
 from jkv import parallel
@@ -25,7 +26,8 @@ def model():
     spec = jkv.CacheSpec(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, MAX_LEN, jnp.float32)
     prompt = np.random.default_rng(0).integers(0, CONFIG.vocab_size, size=(BATCH, 6))
     cache = jkv.KVCache.init(spec, BATCH)
-    _, cache = jax.jit(lambda p, c, t: llama.prefill(p, c, t, config=CONFIG))(params, cache, jnp.asarray(prompt))
+    prefill = jax.jit(lambda p, c, t: llama.prefill(p, c, t, config=CONFIG), compiler_options=FAST_COMPILE)
+    _, cache = prefill(params, cache, jnp.asarray(prompt))
     tokens = jnp.asarray([3, 17, 99, 5], jnp.int32)
     return params, cache, tokens
 
@@ -37,12 +39,12 @@ def decode(params, cache, tokens, impl="xla"):
 @pytest.mark.parametrize("dp,tp", [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4)], ids=lambda x: str(x))
 def test_sharded_decode_matches_unsharded(model, dp, tp):
     params, cache, tokens = model
-    want_logits, want_cache = jax.jit(decode)(params, cache, tokens)
+    want_logits, want_cache = jax.jit(decode, compiler_options=FAST_COMPILE)(params, cache, tokens)
     mesh = parallel.make_mesh(tp=tp, dp=dp)
     sp = llama.shard_params(params, CONFIG, mesh)
     sc = shard_cache(jax.tree.map(jnp.copy, cache), mesh)  # the step donates it
     shardings = cache_sharding(sc, mesh)
-    step = jax.jit(decode, donate_argnums=1, out_shardings=(None, shardings))
+    step = jax.jit(decode, donate_argnums=1, out_shardings=(None, shardings), compiler_options=FAST_COMPILE)
     logits, out = step(sp, sc, tokens)
     assert rel_err(logits, want_logits) < 1e-5
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(want_cache.lengths))
@@ -69,11 +71,12 @@ def test_param_shards_are_megatron_split(model):
 def test_pallas_kernel_runs_per_shard(model, dp, tp):
     """Inside use_mesh the Pallas decode kernel (interpret mode here) runs on each shard's local heads."""
     params, cache, tokens = model
-    want, _ = jax.jit(decode)(params, cache, tokens)
+    want, _ = jax.jit(decode, compiler_options=FAST_COMPILE)(params, cache, tokens)
     mesh = parallel.make_mesh(tp=tp, dp=dp)
     sp, sc = llama.shard_params(params, CONFIG, mesh), shard_cache(cache, mesh)
     with parallel.use_mesh(mesh):
-        logits, _ = jax.jit(lambda p, c, t: decode(p, c, t, impl="pallas"))(sp, sc, tokens)
+        pallas = jax.jit(lambda p, c, t: decode(p, c, t, impl="pallas"), compiler_options=FAST_COMPILE)
+        logits, _ = pallas(sp, sc, tokens)
     assert rel_err(logits, want) < 1e-5
 
 
@@ -99,7 +102,10 @@ def test_engine_on_a_mesh_matches_unsharded(model, dp, tp):
     prompts = [rng.integers(0, CONFIG.vocab_size, size=n).tolist() for n in (3, 7, 5, 9, 4)]
 
     def run(mesh):
-        engine = Engine(params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla")
+        # One token bucket: each engine's mixed step compiles once.
+        engine = Engine(
+            params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla", buckets=(16,), max_batch_tokens=16
+        )
         for p in prompts:
             engine.submit(p, SamplingParams(max_new_tokens=6))
         done = engine.run(show_progress=False)
@@ -122,10 +128,10 @@ def test_q8_and_paged_caches_shard_and_decode(kind):
     cache = jkv.make_cache(kind, spec, BATCH, **({"page_size": 8} if kind == "paged" else {}))
     tokens = jnp.asarray([3, 17, 99, 5], jnp.int32)
     step = lambda p, c, t: llama.decode_step(p, c, t, config=config, options=llama.LlamaOptions(impl="xla"))
-    want, _ = jax.jit(step)(params, cache, tokens)
+    want, _ = jax.jit(step, compiler_options=FAST_COMPILE)(params, cache, tokens)
     mesh = parallel.make_mesh(tp=2, dp=2)
     sc = shard_cache(cache, mesh)
-    logits, out = jax.jit(step, out_shardings=(None, cache_sharding(sc, mesh)))(
+    logits, out = jax.jit(step, out_shardings=(None, cache_sharding(sc, mesh)), compiler_options=FAST_COMPILE)(
         llama.shard_params(params, config, mesh), sc, tokens
     )
     assert rel_err(logits, want) < 1e-5

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from helpers_compile import FAST_COMPILE
 from qweight_inputs import dequantize_f64, random_planes
 
 import jkv
@@ -27,8 +28,19 @@ def dense_params():
 
 
 @functools.cache
+def quantized(choice):  # quantized on the host once per format (two tests take Q8_0)
+    return quantize_params(dense_params(), choice)
+
+
+# One compile each (eager, every matrix shape's dequantize or stack compiles on its own).
+dequantized = jax.jit(quant.dequantize_params)
+stacked_layout = jax.jit(functools.partial(llama.with_layout, layout="stacked"))
+
+
+@functools.cache
 def forward(impl):  # one jitted function per impl: dense and dequantized params share its compile
-    return jax.jit(functools.partial(llama.forward, config=CONFIG, options=llama.LlamaOptions(impl=impl)))
+    options = llama.LlamaOptions(impl=impl)
+    return jax.jit(functools.partial(llama.forward, config=CONFIG, options=options), compiler_options=FAST_COMPILE)
 
 
 def logits_of(params, tokens, impl):
@@ -38,20 +50,20 @@ def logits_of(params, tokens, impl):
 
 @pytest.mark.parametrize("choice,impl", [("q8_0", "pallas"), ("q4_k", "xla")])
 def test_quantized_model_computes_its_dequantized_model(rng, choice, impl):
-    params = quantize_params(dense_params(), choice)
+    params = quantized(choice)
     assert isinstance(params.layers[0].wqkv, quant.QuantizedMatrix)
     assert params.layers[1].w_down.format == choice.upper() and params.embed.format == "Q8_0"
     tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 5)), jnp.int32)
     got = logits_of(params, tokens, impl)
-    want = logits_of(quant.dequantize_params(params), tokens, "xla")
+    want = logits_of(dequantized(params), tokens, "xla")
     assert rel_err(got, want) < 1e-5
     # and the quantization itself stays near the float model (its error is the format's, docs/quant.md)
     assert rel_err(got, logits_of(dense_params(), tokens, "xla")) < {"q8_0": 0.02, "q4_k": 0.2}[choice]
 
 
 def test_stacked_layout_takes_quantized_layers(rng):
-    params = quantize_params(dense_params(), "q8_0")
-    stacked = llama.with_layout(params, "stacked")
+    params = quantized("q8_0")
+    stacked = stacked_layout(params)
     assert stacked.layers.wqkv.shape == (2, *params.layers[0].wqkv.shape)
     llama.check_params(stacked, CONFIG)
     tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 5)), jnp.int32)
