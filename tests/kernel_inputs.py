@@ -1,5 +1,6 @@
 """Inputs and tolerances the kernel tests (tests/kernels/) and the cache tests that run kernels share."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import REL_TOL
@@ -13,6 +14,20 @@ KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat1
 # relative errors of 7.2e-3 to 8.6e-3 over 1024 positions with either scale dtype (docs/quant.md); asserted at
 # about twice the largest.
 Q8_ATTENTION_REL_TOL = 1.5e-2
+# XLA's CPU backend optimisations off for the kernel tests' own jits: compiling the interpret-mode kernels (tiny
+# programs, run once) is most of these tests' time, and the passes add more than they save; same semantics.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def fast_jit(fn, **options):
+    """``jax.jit(fn, **options)``, compiled with ``FAST_COMPILE`` on a CPU (as usual on a GPU)."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE if jax.default_backend() == "cpu" else None, **options)
+
+
+def run_jitted(fn, *args, **static):
+    """``fn(*args, **static)`` as one ``fast_jit`` program (eager dispatch would compile the calls around a kernel
+    one by one, at full optimisation)."""
+    return fast_jit(lambda *a: fn(*a, **static))(*args)
 
 
 def random_paged(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
+from kernel_inputs import fast_jit
 from reference import attention_f64
 
 import jkv
@@ -17,44 +18,77 @@ from jkv.caches import ERR_BAD_LAYER, ERR_WRITE_OVERFLOW
 KINDS = jkv.kinds()
 SPEC = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=32, dtype=jnp.float32)
 TOL = {"bf16": 2e-2, "q8": 3e-2, "fp8": 8e-2}
+# Every test's cache holds 3 sequences and its steps run at layer 1 with 8 query heads, so that tests of equal
+# step shapes share one compiled program per kind (compiling the interpret-mode kernels is most of the time).
+BATCH, HEADS, LAYER = 3, 8, 1
 
 
 def tol(kind):
     return next((v for k, v in TOL.items() if kind.startswith(k)), 1e-5)
 
 
-def filled(kind, rng, lengths, poison=True):
-    """A cache whose committed positions hold random K/V and whose others hold NaN."""
-    k, v = (jnp.asarray(rng.standard_normal((2, len(lengths), 2, 32, 64)), jnp.float32) for _ in range(2))
-    return _fill(k, v, jnp.asarray(lengths, jnp.int32), kind=kind, poison=poison)
+def rand(rng, *shape, dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "poison"))  # one compile, not hundreds of eager ops
-def _fill(k, v, lengths, *, kind, poison):
+def queries(rng, kind, *shape):
+    """Random queries in the dtype a model of the kind's cache computes in."""
+    return rand(rng, *shape, dtype=jnp.bfloat16 if kind == "bf16" else jnp.float32)
+
+
+def counts_of(*counts):
+    return jnp.asarray(counts, jnp.int32)
+
+
+def filled(kind, rng, lengths, hidden=(0, 0, 0)):
+    """A cache of 3 sequences whose committed positions hold random K/V, except the first ``hidden[b]`` of each, and
+    whose others hold NaN."""
+    assert len(lengths) == BATCH
+    k, v = (rng.standard_normal((2, BATCH, 2, 32, 64)) for _ in range(2))
+    for b, n in enumerate(hidden):
+        k[:, b, :, :n] = v[:, b, :, :n] = np.nan
+    return _fill(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), counts_of(*lengths), kind=kind)
+
+
+@functools.partial(fast_jit, static_argnames="kind")  # one compile, not hundreds of eager ops
+def _fill(k, v, lengths, *, kind):
     paged = jkv.caches.kind(kind).paged
-    cache = jkv.make_cache(kind, SPEC, lengths.shape[0], **({"page_size": 8} if paged else {}))
-    if poison:  # every stored position NaN first: nothing past the lengths may be read
-        nan = jnp.full((lengths.shape[0], 2, 32, 64), jnp.nan)
-        cache = cache.begin(32)
-        for layer in range(2):
-            cache = cache.write(layer, nan, nan)
-        cache = cache.commit().rollback(0)
-    cache = cache.begin(lengths)
+    cache = jkv.make_cache(kind, SPEC, BATCH, **({"page_size": 8} if paged else {}))
+    # every stored position NaN first: nothing past the lengths may be read
+    nan = jnp.full((BATCH, 2, 32, 64), jnp.nan)
+    cache = cache.begin(32)
+    for layer in range(2):
+        cache = cache.write(layer, nan, nan)
+    cache = cache.commit().rollback(0).begin(lengths)
     for layer in range(2):
         cache = cache.write(layer, k[layer], v[layer])
     return cache.commit()
 
 
-# The calls under test, jitted (the layer and options static, as a model's unrolled layers pass them): eager
+# The calls under test, jitted with the layer and options static (as a model's unrolled layers pass them): eager
 # dispatch would compile every one of their operations separately.
-attend = jax.jit(jkv.attend, static_argnums=2, static_argnames=("impl", "window", "softcap"))
-attend_write = jax.jit(jkv.attend_write, static_argnums=4, static_argnames=("impl", "window", "softcap"))
-decoded = jax.jit(lambda cache, layer: cache.layer(layer, jnp.float32), static_argnums=1)
+@functools.partial(fast_jit, static_argnames=("impl", "window", "softcap"))
+def step(q, k, v, cache, counts, *, impl, window=None, softcap=None):
+    """``attend_write`` in a step of ``counts`` tokens, and ``attend`` again over the cache it returns."""
+    options = dict(impl=impl, window=window, softcap=softcap)
+    out, cache = jkv.attend_write(q, k, v, cache.begin(counts), LAYER, **options)
+    return out, cache, jkv.attend(q, cache, LAYER, **options)
 
 
-def step_reference(q, cache, layer, counts):
+@functools.partial(fast_jit, static_argnames="impl")
+def step_at(q, k, v, cache, counts, layer, *, impl):
+    """``attend_write`` at a traced layer."""
+    return jkv.attend_write(q, k, v, cache.begin(counts), layer, impl=impl)
+
+
+begin = fast_jit(lambda cache, counts: cache.begin(counts))
+write = fast_jit(lambda cache, counts, k, v: cache.begin(counts).write(LAYER, k, v))
+decoded = fast_jit(lambda cache: cache.layer(LAYER, jnp.float32))
+
+
+def step_reference(q, cache, counts):
     """float64 NumPy over the cache's own decoded values (the format's rounding is the cache's, not attention's)."""
-    k, v = (np.asarray(x, np.float64) for x in decoded(cache, layer))
+    k, v = (np.asarray(x, np.float64) for x in decoded(cache))
     lengths = np.asarray(cache.lengths)
     t = q.shape[1]
     pos = np.where(np.arange(t)[None] < np.asarray(counts)[:, None], lengths[:, None] + np.arange(t)[None], -1)
@@ -62,67 +96,78 @@ def step_reference(q, cache, layer, counts):
     return attention_f64(q, k, v, pos)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("t", [1, 4])
+# The XLA path is one reference over the cache's decoded layer for every kind: a plain, a Q8 and a paged FP8 one.
+XLA_KINDS = ("bf16", "q8", "fp8-paged")
+MATCHES = [(t, kind, "pallas") for t in (1, 4) for kind in KINDS] + [(t, k, "xla") for t in (1, 4) for k in XLA_KINDS]
+
+
+@pytest.mark.parametrize(("t", "kind", "impl"), MATCHES, ids=["-".join(map(str, c)) for c in MATCHES])
 def test_attend_write_matches_float64(rng, kind, impl, t):
-    """T = 1 runs the decode kernel on the Pallas path, T = 4 the multi-token kernel (interpret mode here)."""
+    """T = 1 runs the decode kernel on the Pallas path, T = 4 the multi-token kernel (interpret mode here);
+    ``attend`` over the written cache gives the same."""
     cache = filled(kind, rng, [5, 0, 17])
-    counts = jnp.asarray([t, max(t - 1, 1), 0 if t > 1 else 1], jnp.int32)
-    q = jnp.asarray(rng.standard_normal((3, t, 8, 64)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((3, 2, t, 64)), jnp.float32) for _ in range(2))
-    cache = cache.begin(counts)
-    out, cache = attend_write(q, k, v, cache, 1, impl=impl)
+    counts = counts_of(t, max(t - 1, 1), 0 if t > 1 else 1)
+    q = queries(rng, kind, BATCH, t, HEADS, 64)
+    k, v = (rand(rng, BATCH, 2, t, 64) for _ in range(2))
+    out, cache, again = step(q, k, v, cache, counts, impl=impl)
     assert out.shape == q.shape and out.dtype == q.dtype
-    want = step_reference(np.asarray(q, np.float64), cache, 1, counts)
+    want = step_reference(np.asarray(q, np.float64), cache, counts)
     live = np.arange(t)[None] < np.asarray(counts)[:, None]
     assert rel_err(np.asarray(out)[live], want[live]) < tol(kind)
-    np.testing.assert_array_equal(np.asarray(out)[~live], 0.0)
-    again = attend(q, cache, 1, impl=impl)
-    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[~live], 0.0)
+    np.testing.assert_allclose(np.asarray(again, np.float32), np.asarray(out, np.float32), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_impls_agree_and_bad_layer_is_nan(rng, kind):
-    cache = filled(kind, rng, [3, 9]).begin(1)
-    q = jnp.asarray(rng.standard_normal((2, 1, 4, 64)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((2, 2, 1, 64)), jnp.float32)
-    outs = {impl: attend_write(q, x, x, cache, 0, impl=impl)[0] for impl in ("xla", "pallas")}
-    assert rel_err(outs["pallas"], outs["xla"]) < tol(kind)
-    for impl in ("xla", "pallas"):
-        out, bad = jax.jit(lambda c, i, impl=impl: jkv.attend_write(q, x, x, c, i, impl=impl))(cache, jnp.int32(-1))
-        assert np.isnan(np.asarray(out)).all()
-        np.testing.assert_array_equal(bad.errors, [ERR_BAD_LAYER] * 2)
+# Out-of-range layers on the Pallas path of every kind (the fused append, the decode kernels, the multi-token kernel
+# at T = 1 for FP8); the XLA path's handling is the same for every kind: one contiguous and one paged.
+BAD_LAYER = [(kind, "pallas") for kind in KINDS] + [("bf16", "xla"), ("fp8-paged", "xla")]
+
+
+@pytest.mark.parametrize(("kind", "impl"), BAD_LAYER, ids=[f"{k}-{i}" for k, i in BAD_LAYER])
+def test_traced_layer_and_bad_layer_is_nan(rng, kind, impl):
+    """A layer traced under ``jit`` gives what the static layer gives; out of range, NaN and ERR_BAD_LAYER (and a
+    static one out of range is refused)."""
+    cache = filled(kind, rng, [3, 9, 30])
+    ones = counts_of(1, 1, 1)
+    q = queries(rng, kind, BATCH, 1, HEADS, 64)
+    x = rand(rng, BATCH, 2, 1, 64)
+    want = step(q, x, x, cache, ones, impl=impl)[0]
+    out, _ = step_at(q, x, x, cache, ones, jnp.int32(LAYER), impl=impl)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), rtol=1e-5, atol=1e-5)
+    out, bad = step_at(q, x, x, cache, ones, jnp.int32(-1), impl=impl)
+    assert np.isnan(np.asarray(out, np.float32)).all()
+    np.testing.assert_array_equal(bad.errors, [ERR_BAD_LAYER] * BATCH)
     with pytest.raises(ValueError, match="layer=2 out of range"):
-        jkv.attend(q, cache, 2)
+        jkv.attend(q, bad, 2)
 
 
 def test_reference_is_the_same_call(rng):
-    cache = filled("q8", rng, [4, 6]).begin(jnp.asarray([2, 1]))
-    q = jnp.asarray(rng.standard_normal((2, 2, 4, 64)), jnp.float32)
-    np.testing.assert_array_equal(
-        jkv.attend(q, cache, 0, impl="xla"),
-        jnp.where(
+    cache = begin(filled("q8", rng, [4, 6, 1]), counts_of(2, 1, 0))
+    q = rand(rng, BATCH, 2, 4, 64)
+    by_attend = fast_jit(lambda q, cache: jkv.attend(q, cache, 0, impl="xla"))
+    by_reference = fast_jit(
+        lambda q, cache: jnp.where(
             (jnp.arange(2)[None] < cache.counts[:, None])[:, :, None, None], jkv.attend_reference(q, cache, 0), 0
-        ),
+        )
     )
+    np.testing.assert_array_equal(by_attend(q, cache), by_reference(q, cache))
 
 
 def test_attention_errors(rng):
-    cache = filled("f32", rng, [1, 1], poison=False).begin(1)
+    cache = begin(filled("f32", rng, [1, 1, 1]), counts_of(1, 1, 1))
     with pytest.raises(ValueError, match=r"q must have shape \[B, T, N, D\] \(or flat \[T, N, D\]\)"):
         jkv.attend(jnp.zeros((4, 64)), cache, 0)
-    with pytest.raises(ValueError, match=r"q.shape=\(3, 4, 32\) does not match the cache's batch=2, D=64"):
-        jkv.attend(jnp.zeros((3, 4, 32)), cache, 0)
+    with pytest.raises(ValueError, match=r"q.shape=\(4, 4, 32\) does not match the cache's batch=3, D=64"):
+        jkv.attend(jnp.zeros((4, 4, 32)), cache, 0)
     with pytest.raises(ValueError, match="num_q_heads=3 must be a positive multiple"):
-        jkv.attend(jnp.zeros((2, 1, 3, 64)), cache, 0)
+        jkv.attend(jnp.zeros((3, 1, 3, 64)), cache, 0)
     with pytest.raises(ValueError, match="impl='cuda'"):
-        jkv.attend(jnp.zeros((2, 1, 4, 64)), cache, 0, impl="cuda")
+        jkv.attend(jnp.zeros((3, 1, 4, 64)), cache, 0, impl="cuda")
     with pytest.raises(TypeError, match="q must be a floating array, got dtype int32"):
-        jkv.attend(jnp.zeros((2, 1, 4, 64), jnp.int32), cache, 0)
-    k = jnp.ones((2, 2, 1, 64))  # [B, K, T=1, D]
+        jkv.attend(jnp.zeros((3, 1, 4, 64), jnp.int32), cache, 0)
+    k = jnp.ones((3, 2, 1, 64))  # [B, K, T=1, D]
     with pytest.raises(ValueError, match="q has T=3 tokens but k has T=1"):
-        jkv.attend_write(jnp.ones((2, 3, 4, 64)), k, k, cache, 0)
+        jkv.attend_write(jnp.ones((3, 3, 4, 64)), k, k, cache, 0)
     with pytest.raises(ValueError, match=r"mix a padded \[B, ...\] and a flat step"):
         jkv.attend_write(jnp.ones((1, 4, 64)), k, k, cache, 0)
 
@@ -133,83 +178,66 @@ def test_attend_write_equals_write_then_attend(rng, kind):
     error bits as ``cache.write`` then ``jkv.attend``; a sequence whose cache is full gets count 0 at ``begin``
     (ERR_WRITE_OVERFLOW), its positions stay as they were and its output is zero. Contiguous plain caches take
     the fused append kernel."""
-    dtype = jnp.float32 if kind == "f32" else jnp.bfloat16
-    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=48, dtype=dtype)
-    options = {"page_size": 16, "num_pages": 12} if kind == "paged" else {}
-    rand = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    kv = [(rand(3, 2, 48, 64), rand(3, 2, 48, 64)) for _ in range(2)]
-
-    @jax.jit
-    def fill(kv):
-        cache = jkv.make_cache(kind, spec, 3, **options).begin(48)
-        for layer, (k, v) in enumerate(kv):
-            cache = cache.write(layer, k, v)
-        return cache.commit().rollback(jnp.asarray([47, 48, 16]))  # sequence 1 is full: its step is refused
-
-    cache = fill(kv)
-    q, k_new, v_new = rand(3, 1, 8, 64).astype(dtype), rand(3, 2, 1, 64), rand(3, 2, 1, 64)
-    step = jax.jit(lambda c: jkv.attend_write(q, k_new, v_new, c.begin(1), 1, impl="pallas"))
-    out, got = step(cache)
-    written = jax.jit(lambda c: c.begin(1).write(1, k_new, v_new))(cache)  # under jit: the full one is flagged
-    want = attend(q, written, 1, impl="pallas")
-    assert rel_err(out.astype(jnp.float32), want.astype(jnp.float32)) < 1e-6
-    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
-    np.testing.assert_array_equal(got.errors, [0, ERR_WRITE_OVERFLOW, 0])
+    cache = filled(kind, rng, [31, 32, 16])  # sequence 1 is full: its step is refused
+    ones = counts_of(1, 1, 1)
+    q, k_new, v_new = queries(rng, kind, BATCH, 1, HEADS, 64), rand(rng, BATCH, 2, 1, 64), rand(rng, BATCH, 2, 1, 64)
+    out, got, again = step(q, k_new, v_new, cache, ones, impl="pallas")
+    written = write(cache, ones, k_new, v_new)  # under jit: the full one is flagged
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(written), strict=True):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    # the same cache: attending over it (the decode kernel, never the fused one) is attending over ``written``
+    assert rel_err(out.astype(jnp.float32), again.astype(jnp.float32)) < 1e-6
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+    np.testing.assert_array_equal(got.errors, [0, ERR_WRITE_OVERFLOW, 0])
     if kind in ("bf16", "f32"):
-        assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(cache))
+        jaxpr = step.trace(q, k_new, v_new, cache, ones, impl="pallas").jaxpr
+        assert "jkv_decode_attention_append" in str(jaxpr)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("kind", KINDS)
+# A flat step's XLA path is the padded one's reference over the same written cache: one contiguous and one paged
+# kind; the Pallas path (the multi-token kernel's flat form) for every kind.
+FLAT = [(kind, "pallas") for kind in KINDS] + [("q8", "xla"), ("fp8-paged", "xla")]
+
+
+@pytest.mark.parametrize(("kind", "impl"), FLAT, ids=[f"{k}-{i}" for k, i in FLAT])
 def test_flat_attend_equals_padded(rng, kind, impl):
     """A flat step (``jkv.caches.tokens``) gives each token what the padded step gives it; padding rows are 0."""
-    counts = jnp.asarray([3, 0, 1], jnp.int32)
+    counts = counts_of(3, 0, 1)
     cache = filled(kind, rng, [5, 2, 17])
-    q = jnp.asarray(rng.standard_normal((3, 3, 8, 64)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((3, 2, 3, 64)), jnp.float32) for _ in range(2))
-    padded_out, padded = attend_write(q, k, v, cache.begin(counts), 1, impl=impl)
+    q = queries(rng, kind, BATCH, 4, HEADS, 64)
+    k, v = (rand(rng, BATCH, 2, 4, 64) for _ in range(2))
+    padded_out, padded, _ = step(q, k, v, cache, counts, impl=impl)
     rows = [(0, 0), (0, 1), (0, 2), (2, 0)]  # (sequence, token) of each live flat row
     flat_q = jnp.concatenate([jnp.stack([q[b, t] for b, t in rows]), q[1, :2]])  # two padding rows
     flat_k, flat_v = (jnp.concatenate([jnp.stack([x[b, :, t] for b, t in rows]), x[1, :, :2]]) for x in (k, v))
-    out, _ = attend_write(flat_q, flat_k, flat_v, cache.begin(counts), 1, impl=impl)
+    out, _, again = step(flat_q, flat_k, flat_v, cache, counts, impl=impl)
     assert out.shape == flat_q.shape
-    np.testing.assert_allclose(out[:4], jnp.stack([padded_out[b, t] for b, t in rows]), rtol=1e-5, atol=1e-6)
+    out, again, padded_out = (np.asarray(x, np.float32) for x in (out, again, padded_out))
+    np.testing.assert_allclose(out[:4], np.stack([padded_out[b, t] for b, t in rows]), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out[4:], 0.0)
-    want = step_reference(np.asarray(q, np.float64), padded, 1, counts)
-    assert rel_err(np.asarray(out[:4]), np.stack([want[b, t] for b, t in rows])) < tol(kind)
+    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-6)
+    want = step_reference(np.asarray(q, np.float64), padded, counts)
+    assert rel_err(out[:4], np.stack([want[b, t] for b, t in rows])) < tol(kind)
 
 
-@functools.partial(jax.jit, static_argnames="hidden")
-def _hide(cache, rest, *, hidden):
-    """``cache`` with NaN at each sequence's first ``hidden[b]`` positions and ``rest``'s values after them."""
-    cache = cache.rollback(jnp.zeros(3, jnp.int32)).begin(jnp.asarray(hidden, jnp.int32))
-    nan = jnp.full((3, 2, max(hidden), 64), jnp.nan)
-    cache = cache.write(0, nan, nan).write(1, nan, nan).commit()
-    cache = cache.rollback(jnp.asarray(hidden, jnp.int32))
-    cache = cache.begin(jnp.asarray([9 - hidden[0], 2 - hidden[1], 20 - hidden[2]], jnp.int32))
-    for layer in range(2):
-        kl, vl = rest.layer(layer, jnp.float32)
-        take = lambda x: jnp.stack([jnp.roll(x[b], -hidden[b], axis=1) for b in range(3)])
-        cache = cache.write(layer, take(kl), take(vl))
-    return cache.commit()
+# Window and soft cap together for each layout and format, each alone once (the window inside pages, the cap on
+# Q8), on the Pallas path; the XLA path's reference applies them alike for every kind: each combination once.
+WINDOWS = [(kind, 6, 1.5) for kind in ("f32", "paged", "q8", "fp8-paged")] + [("paged", 3, None), ("q8", None, 2.0)]
+WINDOWS = [(*w, "pallas") for w in WINDOWS] + [("fp8-paged", 6, 1.5, "xla"), ("paged", 3, None, "xla")]
+WINDOWS += [("q8", None, 2.0, "xla")]
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("kind", ["f32", "paged", "q8", "fp8-paged"])
-@pytest.mark.parametrize(("window", "softcap"), [(3, None), (None, 2.0), (6, 1.5)], ids=["w3", "cap2", "w6_cap1.5"])
+@pytest.mark.parametrize(("kind", "window", "softcap", "impl"), WINDOWS, ids=["-".join(map(str, w)) for w in WINDOWS])
 def test_window_and_softcap_match_float64(rng, kind, window, softcap, impl):
     """Positions before the window are NaN-poisoned in the cache: a query must not read them."""
-    cache = filled(kind, rng, [9, 2, 20])
-    if window is not None:
-        hidden = tuple(max(0, n - window + 1) for n in (9, 2, 20))  # positions no query of the step sees
-        cache = _hide(cache, filled(kind, rng, [9, 2, 20]), hidden=hidden)
-    counts = jnp.asarray([4, 1, 3], jnp.int32)
-    q = jnp.asarray(rng.standard_normal((3, 4, 8, 64)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((3, 2, 4, 64)), jnp.float32) for _ in range(2))
-    out, cache = attend_write(q, k, v, cache.begin(counts), 0, window=window, softcap=softcap, impl=impl)
-    kd, vd = (np.asarray(x, np.float64) for x in decoded(cache, 0))
+    hidden = [0 if window is None else max(0, n - window + 1) for n in (9, 2, 20)]  # no query of the step sees
+    cache = filled(kind, rng, [9, 2, 20], hidden)
+    counts = counts_of(4, 1, 3)
+    q = rand(rng, BATCH, 4, HEADS, 64)
+    k, v = (rand(rng, BATCH, 2, 4, 64) for _ in range(2))
+    out, cache, again = step(q, k, v, cache, counts, window=window, softcap=softcap, impl=impl)
+    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-6)
+    kd, vd = (np.asarray(x, np.float64) for x in decoded(cache))
     lengths, c = np.asarray(cache.lengths), np.asarray(counts)
     pos = np.where(np.arange(4)[None] < c[:, None], lengths[:, None] + np.arange(4)[None], -1)
     if window is not None:  # poison what the window hides (the reference must not read it either)
@@ -222,8 +250,8 @@ def test_window_and_softcap_match_float64(rng, kind, window, softcap, impl):
 
 
 def test_window_and_softcap_errors(rng):
-    cache = filled("f32", rng, [3]).begin(1)
-    q = jnp.ones((1, 1, 8, 64))
+    cache = begin(filled("f32", rng, [3, 3, 3]), counts_of(1, 1, 1))
+    q = jnp.ones((3, 1, 8, 64))
     for bad in (dict(window=0), dict(window=2.5), dict(softcap=0.0), dict(softcap=float("inf"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             jkv.attend(q, cache, 0, **bad)

@@ -1,10 +1,10 @@
 """Reference attention (decode and causal prefill) against NumPy float64, and the cache protocol end to end."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from kernel_inputs import run_jitted
 from reference import attention_f64, decode_attention_f64
 
 import jkv
@@ -38,11 +38,11 @@ def test_decode_reference_matches_float64(rng, batch, kv_heads, group, head_dim,
     ref = decode_attention_f64(q, k, v, lengths)
     k, v = nan_past(k, lengths), nan_past(v, lengths)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    out = jkv.decode_attention_reference(f32(q), f32(k), f32(v), jnp.asarray(lengths, jnp.int32))
+    out = run_jitted(jkv.decode_attention_reference, f32(q), f32(k), f32(v), jnp.asarray(lengths, jnp.int32))
     assert out.shape == q.shape and out.dtype == jnp.float32
     assert rel_err(out, ref) < REL_TOL["float32"]
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-    out = jkv.decode_attention_reference(bf(q), bf(k), bf(v), jnp.asarray(lengths, jnp.int32))
+    out = run_jitted(jkv.decode_attention_reference, bf(q), bf(k), bf(v), jnp.asarray(lengths, jnp.int32))
     assert out.dtype == jnp.bfloat16
     assert rel_err(out, ref) < REL_TOL["bfloat16"]
 
@@ -50,7 +50,7 @@ def test_decode_reference_matches_float64(rng, batch, kv_heads, group, head_dim,
 def test_zero_length_gives_zero_output(rng):
     q = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((2, 2, 5, 8)), jnp.float32)
-    out = jkv.decode_attention_reference(q, k, k, jnp.array([0, 3], jnp.int32))
+    out = run_jitted(jkv.decode_attention_reference, q, k, k, jnp.array([0, 3], jnp.int32))
     np.testing.assert_array_equal(np.asarray(out[0]), 0)
     assert np.isfinite(np.asarray(out)).all()
 
@@ -66,23 +66,25 @@ def test_prefill_after_prefix_matches_float64(rng, batch, kv_heads, group, head_
     ref = attention_f64(q, k, v, positions)
     k, v = nan_past(k, start + t), nan_past(v, start + t)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    out = jkv.attention_reference(f32(q), f32(k), f32(v), jnp.asarray(positions, jnp.int32))
+    out = run_jitted(jkv.attention_reference, f32(q), f32(k), f32(v), jnp.asarray(positions, jnp.int32))
     assert rel_err(out, ref) < REL_TOL["float32"]
 
 
 def test_through_the_cache_prefill_then_decode(rng):
     """begin + write + attend over T tokens, commit, then one more token: the cache protocol end to end."""
     spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, max_len=24)
-    cache = jkv.KVCache.init(spec, 2)
     t, n_heads = 6, 8
     k = rng.standard_normal((2, 2, t + 1, 16)).astype(np.float32)
     v = rng.standard_normal((2, 2, t + 1, 16)).astype(np.float32)
     q = rng.standard_normal((2, t + 1, n_heads, 16)).astype(np.float32)
-    cache = cache.begin(t).write(1, jnp.asarray(k[:, :, :t]), jnp.asarray(v[:, :, :t]))
-    pre = jkv.attend(jnp.asarray(q[:, :t]), cache, 1)
-    cache = cache.commit().begin(1)
-    cache = cache.write(1, jnp.asarray(k[:, :, t:]), jnp.asarray(v[:, :, t:]))
-    dec = jax.jit(lambda q, c: jkv.attend(q, c, 1, impl="xla"))(jnp.asarray(q[:, t:]), cache)[:, 0]
+
+    def steps(q, k, v):  # one program: eager cache operations would compile one by one
+        cache = jkv.KVCache.init(spec, 2).begin(t).write(1, k[:, :, :t], v[:, :, :t])
+        pre = jkv.attend(q[:, :t], cache, 1)
+        cache = cache.commit().begin(1).write(1, k[:, :, t:], v[:, :, t:])
+        return pre, jkv.attend(q[:, t:], cache, 1, impl="xla")[:, 0]
+
+    pre, dec = run_jitted(steps, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
     full = attention_f64(q, k, v, np.broadcast_to(np.arange(t + 1), (2, t + 1)))
     assert rel_err(pre, full[:, :t]) < REL_TOL["float32"]
     assert rel_err(dec, full[:, t]) < REL_TOL["float32"]

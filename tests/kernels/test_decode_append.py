@@ -6,11 +6,11 @@ output buffer is NaN-poisoned (``poison.poisoned_outputs``), and the updated cac
 exactly (only the new rows changed, NaN elsewhere preserved). Interpret mode on CPU; the real lowering on a GPU.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from kernel_inputs import fast_jit
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 from test_decode_kernel import CASES, GPU_SCALE, IDS, LENGTHS, ON_GPU
@@ -53,15 +53,15 @@ def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False, kern
     options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
     kernel = kernel or decode.decode_attention_append
     call = lambda *a, **layer: kernel(*a, append=jnp.asarray(append), **options, **layer)
-    jitted = jax.jit(call, donate_argnums=(1, 2))
+    jitted = fast_jit(call, donate_argnums=(1, 2) if donate else ())
     with poisoned_outputs():
         if layers is None:
             args[1], args[2] = args[1][0], args[2][0]  # a one-layer [B, K, S, D] cache
-            out, k, v = (jitted if donate else call)(*args)
+            out, k, v = jitted(*args)
         elif donate or layers[1] == "traced":
             out, k, v = jitted(*args, layer=jnp.int32(layer))
-        else:
-            out, k, v = call(*args, layer=layer)
+        else:  # a static layer
+            out, k, v = fast_jit(lambda *a: call(*a, layer=layer))(*args)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     assert rel_err(out, ref) < REL_TOL[dtype.name], names

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from kernel_inputs import fast_jit, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -82,12 +83,11 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
     with poisoned_outputs():
         if layers is None:
-            out = decode.decode_attention(*args, **options)
+            out = run_jitted(decode.decode_attention, *args, **options)
         elif layers[1] == "traced":
-            fn = jax.jit(lambda q, k, v, n, layer: decode.decode_attention(q, k, v, n, layer=layer, **options))
-            out = fn(*args, jnp.int32(1))
+            out = run_jitted(lambda *a: decode.decode_attention(*a[:-1], layer=a[-1], **options), *args, jnp.int32(1))
         else:
-            out = decode.decode_attention(*args, layer=layers[1], **options)
+            out = run_jitted(decode.decode_attention, *args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     for b, n in enumerate(lengths):
@@ -131,7 +131,7 @@ def test_reference_matches_float64(rng):
     k, k_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
     v, v_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    out = reference.decode_attention_reference(f32(q), f32(k), f32(v), jnp.asarray(lengths), layer=1)
+    out = run_jitted(reference.decode_attention_reference, f32(q), f32(k), f32(v), jnp.asarray(lengths), layer=1)
     assert rel_err(out, decode_attention_f64(q, k_slab, v_slab, lengths)) < REL_TOL["float32"]
     np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
 
@@ -144,10 +144,11 @@ def test_combine_splits_matches_one_pass(rng):
     m = np.stack([scores[:, p].max(axis=1, initial=-np.inf) for p in pieces])  # (P, G)
     denom = np.stack([np.exp(scores[:, p] - m[i][:, None]).sum(axis=1) for i, p in enumerate(pieces)])
     acc = np.stack([np.exp(scores[:, p] - m[i][:, None]) @ values[p] for i, p in enumerate(pieces)])  # (P, G, D)
-    out = reference.combine_splits(jnp.asarray(m, jnp.float32), jnp.asarray(denom, jnp.float32), jnp.asarray(acc))
+    combine = fast_jit(reference.combine_splits)
+    out = combine(jnp.asarray(m, jnp.float32), jnp.asarray(denom, jnp.float32), jnp.asarray(acc, jnp.float32))
     p = np.exp(scores - scores.max(axis=1, keepdims=True))
     assert rel_err(out, (p / p.sum(axis=1, keepdims=True)) @ values) < REL_TOL["float32"]
-    empty = reference.combine_splits(jnp.full((3, 2), -jnp.inf), jnp.zeros((3, 2)), jnp.zeros((3, 2, 8)))
+    empty = combine(jnp.full((3, 2), -jnp.inf), jnp.zeros((3, 2)), jnp.zeros((3, 2, 8)))
     np.testing.assert_array_equal(np.asarray(empty), 0.0)
 
 
@@ -191,13 +192,15 @@ def test_whole_cache_layer_is_not_sliced_in_xla():
 def test_jkv_dispatch_uses_the_kernel(rng):
     """jkv.attend(impl="pallas") at T = 1 on a KVCache agrees with impl="xla" (kernel in interpret mode here)."""
     spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=80, dtype=jnp.float32)
-    cache = jkv.KVCache.init(spec, 2)
     new = lambda t: jnp.asarray(rng.standard_normal((2, 2, t, 64)), jnp.float32)
-    cache = cache.begin(37).write(1, new(37), new(37)).commit()
-    cache = cache.begin(1).write(1, new(1), new(1))
+
+    def both(q, k, v, k_new, v_new):  # one program: eager cache operations would compile one by one
+        cache = jkv.KVCache.init(spec, 2).begin(37).write(1, k, v).commit()
+        cache = cache.begin(1).write(1, k_new, v_new)
+        return jkv.attend(q, cache, 1, impl="pallas"), jkv.attend(q, cache, 1, impl="xla")
+
     q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.float32)
-    out = jkv.attend(q, cache, 1, impl="pallas")
-    ref = jkv.attend(q, cache, 1, impl="xla")
+    out, ref = run_jitted(both, q, new(37), new(37), new(1), new(1))
     assert rel_err(out, ref) < REL_TOL["float32"]
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL
+from kernel_inputs import KERNEL_TOL, fast_jit, run_jitted
 from multi_token_inputs import make_step, poisoned, random_counts, whole_cache
 from reference import multi_token_attention_f64
 
@@ -49,20 +49,22 @@ def run_case(rng, case, *, interpret, scale_up=1):
     config = None if launch is None else MultiTokenConfig(*launch, 4, 1)
     options = dict(window=window, softcap=softcap)
     if layers is not None and layers[1] == "traced":
-        fn = jax.jit(lambda *a: multi_token.multi_token_attention(*a[:-1], layer=a[-1], **options, config=config))
-        out = fn(*args, jnp.int32(1))
+        fn = lambda *a: multi_token.multi_token_attention(*a[:-1], layer=a[-1], **options, config=config)
+        out = run_jitted(fn, *args, jnp.int32(1))
     else:
         layer = None if layers is None else layers[1]
-        out = multi_token.multi_token_attention(*args, layer=layer, **options, config=config, interpret=interpret)
+        kernel = multi_token.multi_token_attention
+        out = run_jitted(kernel, *args, layer=layer, **options, config=config, interpret=interpret)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     np.testing.assert_array_equal(out[~step.owned_rows()], 0.0)  # padding rows and rows of no sequence
     assert rel_err(out, ref) < tolerance(dtype, interpret), case[0]
     if layers is None:  # the same launch with every count 0 over a NaN cache: zeros
         nan = jnp.full(args[1].shape, jnp.nan, dtype)
-        none = multi_token.multi_token_attention(
-            args[0], nan, nan, args[3], args[4], jnp.zeros_like(args[5]), **options, config=config, interpret=interpret
-        )
+        none = run_jitted(
+            multi_token.multi_token_attention, args[0], nan, nan, args[3], args[4], jnp.zeros_like(args[5]),
+            **options, config=config, interpret=interpret,
+        )  # fmt: skip
         np.testing.assert_array_equal(np.asarray(none.astype(jnp.float32)), 0.0)
     return args, ref, where
 
@@ -72,7 +74,7 @@ def test_kernel_matches_float64_interpret(rng, case):
     args, ref, where = run_case(rng, case, interpret=True)
     window, softcap = case[8], case[9]
     layer = None if where is None else where[1]
-    out = reference.multi_token_attention_reference(*args, layer=layer, window=window, softcap=softcap)
+    out = run_jitted(reference.multi_token_attention_reference, *args, layer=layer, window=window, softcap=softcap)
     assert rel_err(out.astype(jnp.float32), ref) < KERNEL_TOL[case[5]]
 
 
@@ -81,13 +83,15 @@ def test_random_steps_one_launch(rng):
     random lengths and row gaps, a window and softcap, tiles of 3 queries over 16-key blocks."""
     tokens, batch, kv_heads, group, head_dim, max_len, window, softcap = 28, 4, 2, 2, 32, 64, 10, 20.0
     config = MultiTokenConfig(3, 16, 4, 1)
+    options = dict(window=window, softcap=softcap, config=config, interpret=True)
+    launch = fast_jit(lambda *a: multi_token.multi_token_attention(*a, **options))
     for _ in range(20):
         step = make_step(rng, *random_counts(rng, batch, tokens, 9, max_len), window, tokens)
         q = rng.standard_normal((tokens, kv_heads * group, head_dim))
         k, v = (poisoned(rng.standard_normal((batch, kv_heads, max_len, head_dim)), step) for _ in "kv")
         ref = multi_token_attention_f64(q, k, v, *step[1:4], window=window, softcap=softcap)
         args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [jnp.asarray(x, jnp.int32) for x in step[1:4]]
-        out = multi_token.multi_token_attention(*args, window=window, softcap=softcap, config=config, interpret=True)
+        out = launch(*args)
         np.testing.assert_array_equal(np.asarray(out)[~step.owned_rows()], 0.0)
         assert rel_err(out, ref) < KERNEL_TOL["float32"], step
 

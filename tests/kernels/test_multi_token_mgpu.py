@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from kernel_inputs import fast_jit
 from multi_token_f64 import multi_token_attention_f64, poisoned_inputs
 
 from pallas_kernels import backend, multi_token_tiles
@@ -23,7 +24,7 @@ from pallas_kernels import multi_token_mgpu as mgpu
 
 ON_HOPPER = backend.mosaic_gpu_usable()
 Config = mgpu.MgpuMultiTokenConfig
-tile_table = jax.jit(multi_token_tiles.tile_table, static_argnames=("num_rows", "block_q", "block_k", "window"))
+tile_table = fast_jit(multi_token_tiles.tile_table, static_argnames=("num_rows", "block_q", "block_k", "window"))
 RAGGED = dict(q_starts=[70, 3, 20, 64, 100], lengths=[10, 0, 100, 200, 63], counts=[0, 1, 37, 5, 17], rows=128)
 VERIFY = dict(q_starts=[0, 5, 10, 15, 20, 25], lengths=[0, 60, 64, 127, 150, 195], counts=[5] * 6, rows=32)
 
@@ -119,6 +120,7 @@ def test_tile_table_through_an_emulation_of_the_kernel(rng, case):
     table = tile_table(
         starts, lengths, counts, num_rows=q.shape[0], block_q=config.block_q, block_k=config.block_k, window=window
     )
+    table = np.asarray(table)
     assert table.shape == (multi_token_tiles.max_tiles(q.shape[0], len(counts), config.block_q), 11)
     work = np.asarray(table[:, -1] - table[:, -4])
     assert (np.diff(work) <= 0).all()  # the longest key loops first

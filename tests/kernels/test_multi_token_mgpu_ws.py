@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
 from multi_token_f64 import multi_token_attention_f64
-from test_multi_token_mgpu import CASES, IDS, case_inputs, emulate
+from test_multi_token_mgpu import CASES, IDS, case_inputs, emulate, tile_table
 
-from pallas_kernels import backend, multi_token_tiles
+from pallas_kernels import backend
 from pallas_kernels import multi_token_mgpu as mgpu
 from pallas_kernels import multi_token_mgpu_ws as ws
 
@@ -36,10 +36,10 @@ def consumer_tiles(table, *, config, window):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_consumers_split_tiles_through_the_emulation(rng, case):
     q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
-    table = jax.jit(multi_token_tiles.tile_table, static_argnames=("num_rows", "block_q", "block_k", "window"))(
+    table = tile_table(
         starts, lengths, counts, num_rows=q.shape[0], block_q=2 * config.block_q, block_k=config.block_k, window=window
     )
-    tiles = consumer_tiles(table, config=config, window=window)
+    tiles = consumer_tiles(np.asarray(table), config=config, window=window)
     options = dict(config=config, scale=q.shape[2] ** -0.5, window=window, softcap=softcap)
     out, stores = emulate(tiles, q, k, v, **options)
     np.testing.assert_array_equal(stores, 1)

@@ -8,12 +8,11 @@ it in their scales, FP8 pages in values and scales. Tables are permuted; windows
 straddle pages.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL
+from kernel_inputs import KERNEL_TOL, fast_jit, run_jitted
 from multi_token_inputs import make_step, page_table, paginate, poisoned, random_counts, whole_cache
 from reference import multi_token_attention_f64
 
@@ -107,9 +106,10 @@ def run_case(rng, case, *, interpret, with_reference=False):
     config = launch if launch is None or isinstance(launch, MultiTokenConfig) else MultiTokenConfig(*launch, 4, 1)
     options = dict(window=window, softcap=softcap, config=config)
     if layers is not None and layers[1] == "traced":
-        out = jax.jit(lambda *a: kernel(*a[:-1], layer=a[-1], **options))(*args, jnp.int32(1))
+        out = run_jitted(lambda *a: kernel(*a[:-1], layer=a[-1], **options), *args, jnp.int32(1))
     else:
-        out = kernel(*args, layer=None if layers is None else layers[1], **options, interpret=interpret)
+        layer = None if layers is None else layers[1]
+        out = run_jitted(kernel, *args, layer=layer, **options, interpret=interpret)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     np.testing.assert_array_equal(out[~step.owned_rows()], 0.0)
@@ -117,7 +117,7 @@ def run_case(rng, case, *, interpret, with_reference=False):
     assert rel_err(out, ref) < tol, case[0]
     if with_reference:
         layer = None if where is None else where[1]
-        out = kernel_reference(*args, layer=layer, window=window, softcap=softcap)
+        out = run_jitted(kernel_reference, *args, layer=layer, window=window, softcap=softcap)
         assert rel_err(out.astype(jnp.float32), ref) < KERNEL_TOL[dtype.name], case[0]
 
 
@@ -132,6 +132,8 @@ def test_random_paged_steps_one_launch(rng):
     tokens, batch, kv_heads, group, head_dim, page_size, max_pages, window = 24, 3, 2, 4, 64, 8, 8, 13
     config = MultiTokenConfig(2, 16, 4, 1)
     num_pages = batch * max_pages + 3  # a fixed pool shape: the launch compiles once
+    kernel = multi_token_paged.paged_multi_token_attention
+    launch = fast_jit(lambda *a: kernel(*a, window=window, config=config, interpret=True))
     for _ in range(15):
         step = make_step(rng, *random_counts(rng, batch, tokens, 8, page_size * max_pages), window, tokens)
         q = rng.standard_normal((tokens, kv_heads * group, head_dim))
@@ -140,10 +142,7 @@ def test_random_paged_steps_one_launch(rng):
         tables, owned, _ = page_table(rng, step, page_size, max_pages, num_pages=num_pages)
         pools = [jnp.asarray(paginate(x, tables, owned, num_pages, page_size), jnp.float32) for x in (k, v)]
         ints = lambda x: jnp.asarray(x, jnp.int32)
-        out = multi_token_paged.paged_multi_token_attention(
-            jnp.asarray(q, jnp.float32), *pools, ints(tables), *(ints(x) for x in step[1:4]), window=window,
-            config=config, interpret=True,
-        )  # fmt: skip
+        out = launch(jnp.asarray(q, jnp.float32), *pools, ints(tables), *(ints(x) for x in step[1:4]))
         np.testing.assert_array_equal(np.asarray(out)[~step.owned_rows()], 0.0)
         assert rel_err(out, ref) < KERNEL_TOL["float32"], step
 

@@ -7,12 +7,11 @@ kernel writes into NaN-poisoned outputs (``poison.poisoned_outputs``). Interpret
 lowering on a GPU.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
-from kernel_inputs import random_paged
+from kernel_inputs import random_paged, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -71,12 +70,12 @@ def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     options = {**dict(interpret=interpret, pages_per_block=ppb, num_splits=splits), **launch}
     with poisoned_outputs():
         if layers is None:
-            out = paged.paged_decode_attention(*args, **options)
+            out = run_jitted(paged.paged_decode_attention, *args, **options)
         elif layers[1] == "traced":
-            fn = jax.jit(lambda *a: paged.paged_decode_attention(*a[:-1], layer=a[-1], **options))
-            out = fn(*args, jnp.int32(1))
+            fn = lambda *a: paged.paged_decode_attention(*a[:-1], layer=a[-1], **options)
+            out = run_jitted(fn, *args, jnp.int32(1))
         else:
-            out = paged.paged_decode_attention(*args, layer=layers[1], **options)
+            out = run_jitted(paged.paged_decode_attention, *args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     for b, n in enumerate(lengths):
@@ -149,8 +148,8 @@ def contract(rng, *, lengths=(1, 40, 97, 128), page_size=16, head_dim=64, dtype=
     )
     flat = cache.to_contiguous().replace(counts=cache.counts)
     q = jnp.asarray(rng.standard_normal((b, 1, 8, head_dim)), dtype)
-    got = jkv.attend(q, cache, 1, impl="pallas")
-    want = jkv.attend(q, flat, 1, impl="pallas")
+    attend = lambda q, cache: jkv.attend(q, cache, 1, impl="pallas")
+    got, want = run_jitted(attend, q, cache), run_jitted(attend, q, flat)
     return rel_err(got.astype(jnp.float32), want.astype(jnp.float32))
 
 
@@ -166,7 +165,7 @@ def test_reference_matches_float64(rng):
     q = rng.standard_normal((3, 4, 64))
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     args = (f32(q), f32(k_pages), f32(v_pages), jnp.asarray(tables), jnp.asarray(lengths))
-    out = reference.paged_decode_attention_reference(*args, layer=1)
+    out = run_jitted(reference.paged_decode_attention_reference, *args, layer=1)
     assert rel_err(out, decode_attention_f64(q, k_slab, v_slab, lengths)) < REL_TOL["float32"]
     np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, q8_pools
+from kernel_inputs import KERNEL_TOL, q8_pools, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -41,11 +41,11 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     kernel = paged_q8.paged_q8_decode_attention
     with poisoned_outputs():
         if layers is None:
-            out = kernel(*args, **options)
+            out = run_jitted(kernel, *args, **options)
         elif layers[1] == "traced":
-            out = jax.jit(lambda *a: kernel(*a[:-1], layer=a[-1], **options))(*args, jnp.int32(1))
+            out = run_jitted(lambda *a: kernel(*a[:-1], layer=a[-1], **options), *args, jnp.int32(1))
         else:
-            out = kernel(*args, layer=layers[1], **options)
+            out = run_jitted(kernel, *args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     for b, n in enumerate(lengths):
@@ -55,7 +55,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     tol = KERNEL_TOL[dtype.name + ("-gpu" if dtype == jnp.float32 and jax.default_backend() == "gpu" else "")]
     assert rel_err(out, ref) < tol, lengths
     if layers is None:  # the kernel's own reference, on the same pools
-        own = reference.paged_q8_decode_attention_reference(*args).astype(jnp.float32)
+        own = run_jitted(reference.paged_q8_decode_attention_reference, *args).astype(jnp.float32)
         assert rel_err(out, own) < max(tol, 2e-2)
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, Q8_ATTENTION_REL_TOL
+from kernel_inputs import KERNEL_TOL, Q8_ATTENTION_REL_TOL, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -78,12 +78,11 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     kernel = decode_q8.q8_decode_attention
     with poisoned_outputs():
         if layers is None:
-            out = kernel(*args, **options)
+            out = run_jitted(kernel, *args, **options)
         elif layers[1] == "traced":
-            fn = jax.jit(lambda *a, layer: kernel(*a, layer=layer, **options))
-            out = fn(*args, layer=jnp.int32(1))
+            out = run_jitted(lambda *a: kernel(*a[:-1], layer=a[-1], **options), *args, jnp.int32(1))
         else:
-            out = kernel(*args, layer=layers[1], **options)
+            out = run_jitted(kernel, *args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
 
     one = (lambda x: x[1]) if layers else (lambda x: x)
@@ -117,7 +116,9 @@ def run_dequant(rng, case, interpret):
     x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-2, 2, (*shape[:-1], 1))
     codes, scales = quantize(jnp.asarray(x, jnp.float32), scale_dtype=scale_dtype)
     with poisoned_outputs():
-        out = dequantize.dequantize_q8(codes, scales, dtype=dtype, interpret=interpret, block_rows=block_rows)
+        out = run_jitted(
+            dequantize.dequantize_q8, codes, scales, dtype=dtype, interpret=interpret, block_rows=block_rows
+        )
     assert out.shape == shape and out.dtype == jnp.dtype(dtype)
     # Bit-equal to float32 codes * scales rounded once to the output dtype (jkv.dequantize is the reference).
     want = jkv.dequantize(codes, scales).astype(dtype)
@@ -178,13 +179,15 @@ def test_no_dequantized_cache_in_the_program():
 def test_jkv_dispatch_uses_the_kernel(rng):
     """jkv.attend(impl="pallas") at T = 1 on a Q8 cache agrees with impl="xla" (kernel in interpret mode)."""
     spec = jkv.CacheSpec(num_layers=2, num_kv_heads=2, head_dim=64, max_len=80, dtype=jnp.float32)
-    cache = jkv.KVCache.init(spec, 2, format=jkv.Q8())
     new = lambda t: jnp.asarray(rng.standard_normal((2, 2, t, 64)), jnp.float32)
-    cache = cache.begin(37).write(1, new(37), new(37)).commit()
-    cache = cache.begin(1).write(1, new(1), new(1))
+
+    def both(q, k, v, k_new, v_new):  # one program: eager cache operations would compile one by one
+        cache = jkv.KVCache.init(spec, 2, format=jkv.Q8()).begin(37).write(1, k, v).commit()
+        cache = cache.begin(1).write(1, k_new, v_new)
+        return jkv.attend(q, cache, 1, impl="pallas"), jkv.attend(q, cache, 1, impl="xla")
+
     q = jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.float32)
-    out = jkv.attend(q, cache, 1, impl="pallas")
-    ref = jkv.attend(q, cache, 1, impl="xla")
+    out, ref = run_jitted(both, q, new(37), new(37), new(1), new(1))
     assert rel_err(out, ref) < KERNEL_TOL["float32-gpu" if ON_GPU else "float32"]
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
+from kernel_inputs import fast_jit
 from qweight_inputs import dequantize_f64, planes_like, random_planes
 
 from pallas_kernels import backend, block_formats
@@ -24,9 +25,9 @@ def run(rng, fmt, m, n=N, blocks=3, dtype=jnp.float32, config=None, fn=None):
     k = block_formats.FORMATS[fmt].block * blocks
     planes = random_planes(rng, fmt, n, k)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-    ref = np.asarray(x.astype(jnp.float32), np.float64) @ dequantize_f64(planes, fmt).T
+    ref = np.asarray(x, np.float64) @ dequantize_f64(planes, fmt).T
     fn = fn or (lambda x, p: qmatmul.qmatmul(x, p, fmt, config=config, interpret=True))
-    out = fn(x, tuple(jnp.asarray(p) for p in planes))
+    out = fast_jit(fn)(x, tuple(jnp.asarray(p) for p in planes))  # one program, not the eager calls around it
     assert out.shape == (m, n) and out.dtype == jnp.float32
     return out, ref
 
