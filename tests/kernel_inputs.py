@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import REL_TOL
+from helpers_compile import FAST_COMPILE
 
 from jkv.caches.formats import dequantize, quantize
 
@@ -14,14 +15,12 @@ KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat1
 # relative errors of 7.2e-3 to 8.6e-3 over 1024 positions with either scale dtype (docs/quant.md); asserted at
 # about twice the largest.
 Q8_ATTENTION_REL_TOL = 1.5e-2
-# XLA's CPU backend optimisations off for the kernel tests' own jits: compiling the interpret-mode kernels (tiny
-# programs, run once) is most of these tests' time, and the passes add more than they save; same semantics.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def fast_jit(fn, **options):
-    """``jax.jit(fn, **options)``, compiled with ``FAST_COMPILE`` on a CPU (as usual on a GPU)."""
-    return jax.jit(fn, compiler_options=FAST_COMPILE if jax.default_backend() == "cpu" else None, **options)
+    """``jax.jit(fn, **options)`` with ``helpers_compile.FAST_COMPILE`` (compiling the interpret-mode kernels, tiny
+    programs run once, is most of the kernel tests' time on a CPU)."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **options)
 
 
 def run_jitted(fn, *args, **static):
