@@ -155,7 +155,7 @@ def start_server(engine, tokenizer):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = make_server(app, "127.0.0.1", port, drain_s=5, log_level="warning")
+    server = make_server(app, "127.0.0.1", port, drain_s=5, log_level="warning", configure_logging=False)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

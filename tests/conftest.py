@@ -7,9 +7,16 @@ import zlib
 # unsharded code still runs on device 0 as before.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import settings
+
+# On a CPU the suite's time is mostly XLA compiling small programs: compile them without XLA's optimisation passes
+# (half the compile time; IEEE arithmetic either way). Modules marked ``full_optimization`` (bfloat16 quality
+# figures: the passes change where bf16 rounds) compile as users' programs do. JKV_TEST_FULL_OPT=1 turns it off.
+FAST_CPU_COMPILE = jax.default_backend() == "cpu" and os.environ.get("JKV_TEST_FULL_OPT") != "1"
+jax.config.update("jax_disable_most_optimizations", FAST_CPU_COMPILE)
 
 # References are NumPy float64 (tests/reference.py); JAX runs in its default 32-bit mode, as users run it.
 settings.register_profile("ci", deadline=None, print_blob=True, derandomize=False)
@@ -32,3 +39,17 @@ def rng(request):
     """A NumPy generator seeded from the test's id: fresh per test, reproducible per test."""
     seed = zlib.crc32(request.node.nodeid.encode())  # stable across processes (str hash() is salted)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compile_level(request):
+    """Full XLA optimisation for the tests of a module marked ``full_optimization`` (caches cleared on the way in
+    and out, so no program compiled at the other level is reused)."""
+    if not FAST_CPU_COMPILE or request.node.get_closest_marker("full_optimization") is None:
+        yield
+        return
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", True)

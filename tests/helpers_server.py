@@ -42,7 +42,9 @@ class Running:
         sock = free_port_socket()
         port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.server = make_server(self.app, "127.0.0.1", port, drain_s=drain_s, log_level="warning")
+        self.server = make_server(
+            self.app, "127.0.0.1", port, drain_s=drain_s, log_level="warning", configure_logging=False
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -24,10 +24,28 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def make_server(app, host: str = "127.0.0.1", port: int = 8000, drain_s: float = 30.0, log_level: str = "info"):
-    """A ``DrainingServer`` for ``app`` (from ``create_app``); ``await server.serve()`` or ``server.run()``."""
+def make_server(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    drain_s: float = 30.0,
+    log_level: str = "info",
+    configure_logging: bool = True,
+):
+    """A ``DrainingServer`` for ``app`` (from ``create_app``); ``await server.serve()`` or ``server.run()``.
+
+    ``configure_logging``: install uvicorn's logging configuration (as ``jkv serve`` does). A process that embeds
+    the server and has its own logging passes False: ``logging.config.dictConfig`` closes every handler already
+    installed (a test runner's log capture among them); only the levels are set then."""
+    log_config = uvicorn.config.LOGGING_CONFIG if configure_logging else None
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_s, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=log_config,
+        timeout_graceful_shutdown=drain_s,
+        lifespan="on",
     )
     return DrainingServer(config, app.state.worker)
 

@@ -18,6 +18,8 @@ from jkv.caches import CacheSpec
 from jkv.models import llama
 from jkv.serving import Generator, make_cache
 
+pytestmark = pytest.mark.full_optimization  # a bf16 quality figure: programs as users compile them
+
 PROMPTS = [
     "What is the capital of France? Answer in one word.",
     "Write a haiku about the sea.",
