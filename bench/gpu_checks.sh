@@ -3,8 +3,9 @@
 #   1. the GPU-marked tests with the real lowerings (Triton and Mosaic GPU), one log per group;
 #   2. old main (the redesign's base, unpacked in .ab_old by the caller) against this checkout (bench/ab.py);
 #   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py);
-#   4. quantized weights (issue 26): the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill|qweights ...]   (default: the first three)
+#   4. quantized weights (issue 26): the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request);
+#   5. Mistral-7B / Gemma-2-9B-shaped decode steps against HF's hybrid static cache (issue 23; part families).
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill|qweights|families ...]   (default: the first three)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +48,10 @@ for part in "${parts[@]}"; do
       run tests_qweights 240 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py tests/loading/test_loading_native.py
       run bench_qweights 540 python bench/bench_qweights.py --out "$OUT" --rounds 5
       ;;
-    *) echo "unknown part $part (tests, ab, prefill, qweights)" ;;
+    families)
+      run bench_families 540 python bench/bench_families.py --out "$OUT" --rounds 5
+      ;;
+    *) echo "unknown part $part (tests, ab, prefill, qweights, families)" ;;
   esac
 done
 
