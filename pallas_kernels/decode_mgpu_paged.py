@@ -73,7 +73,10 @@ def paged_mgpu_unsupported_reason(num_q_heads: int, num_kv_heads: int, page_size
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
         return f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}"
     if num_q_heads // num_kv_heads > ROWS:
-        return f"num_q_heads={num_q_heads} // num_kv_heads={num_kv_heads} query heads per kv head exceeds {ROWS}"
+        group = num_q_heads // num_kv_heads
+        return (
+            f"num_q_heads={num_q_heads} // num_kv_heads={num_kv_heads} = {group} query heads per kv head exceeds {ROWS}"
+        )
     if page_size < MIN_PAGE or page_size & (page_size - 1):
         return f"page_size={page_size} must be a power of two >= {MIN_PAGE} for the Mosaic GPU kernel (TMA tiles)"
     return None
