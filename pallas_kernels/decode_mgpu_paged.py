@@ -361,6 +361,8 @@ def paged_decode_attention_mgpu(
         num_splits=num_splits,
         num_stages=num_stages,
     )
+    if block_tables.shape[1] == 0:  # no sequence can hold a position (lengths are 0): nothing to launch
+        return jnp.zeros(q.shape, q.dtype)
     if k_pages.ndim == 4:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy
     layer = jnp.asarray(layer, jnp.int32).reshape(1)

@@ -123,7 +123,7 @@ class TestOnHopper:
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
     @pytest.mark.parametrize(
-        "batch,seq,page_size", [(1, 4096, 16), (8, 4096, 16), (1, 32768, 16), (16, 8192, 64)], ids=str
+        "batch,seq,page_size", [(1, 4096, 16), (8, 4096, 16), (1, 32768, 16), (32, 2048, 64)], ids=str
     )
     def test_bench_shapes_default_config(self, rng, batch, seq, page_size):
         """The benchmark's head layout (N=32, K=8, D=128, bf16) with the default launch parameters."""
@@ -232,6 +232,16 @@ def test_launch_parameter_errors(monkeypatch, options, error, match):
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
     with pytest.raises(error, match=match):
         mp.paged_decode_attention_mgpu(*_args(), **options)
+
+
+def test_empty_table_gives_zeros(monkeypatch, rng):
+    """A table of no columns holds no position: zeros in q's dtype, without a launch."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    q, pools, _, _, _ = _args()
+    q = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    out = mp.paged_decode_attention_mgpu(q, pools, pools, jnp.zeros((2, 0), jnp.int32), jnp.zeros(2, jnp.int32))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="checks the refusal where Mosaic GPU cannot run")
