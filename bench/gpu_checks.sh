@@ -31,7 +31,7 @@ for part in "${parts[@]}"; do
       run tests_triton 240 python -m pytest -q -x -m gpu tests/kernels/test_multi_token.py \
         tests/kernels/test_multi_token_paged.py tests/attention tests/caches
       run tests_mgpu 150 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu.py \
-        tests/kernels/test_multi_token_mgpu_paged.py tests/kernels/test_decode_mgpu.py
+        tests/kernels/test_multi_token_mgpu_paged.py tests/kernels/test_decode_mgpu.py tests/kernels/test_decode_mgpu_paged.py
       run tests_mgpu_ws 60 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws.py
       ;;
     ab)
