@@ -92,8 +92,9 @@ DONATION_MARKS = ("tf.aliasing_output", "jax.buffer_donor")
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_donated_step_updates_cache_in_place(framework, rng):
-    # Eight layers: the reference attention's per-layer scratch stays well under a copy of the whole cache.
-    config = dataclasses.replace(CONFIG, num_layers=8)
+    # Four layers: the reference attention's scratch (about one layer's K and V, buffers // 4) stays well under a
+    # copy of K alone (buffers // 2).
+    config = dataclasses.replace(CONFIG, num_layers=4)
     step, weights = model_step(framework, random_params(config), config, donate=True)
     cache = make_cache("f32", 4, 256, config, nan=False)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (4, 1)), jnp.int32)
@@ -103,7 +104,7 @@ def test_donated_step_updates_cache_in_place(framework, rng):
     stats = step.lower(weights, cache, tokens).compile().memory_analysis()
     buffers = sum(x.nbytes for x in cache.data)
     assert stats.alias_size_in_bytes >= buffers
-    assert stats.temp_size_in_bytes < buffers // 4, stats.temp_size_in_bytes  # a copy of K alone is buffers // 2
+    assert stats.temp_size_in_bytes < buffers * 3 // 8, stats.temp_size_in_bytes
     # The control: without donation the program asks for no input/output aliasing (read from the lowering: an
     # eight-layer compile less).
     plain, _ = model_step(framework, random_params(config), config, donate=False)
