@@ -181,10 +181,11 @@ def bench_prefill(config, models: dict, tokens: int, rounds: int) -> dict:
     return rows
 
 
-def greedy_tokens(config, params, prompts, new_tokens: int):
+def greedy_tokens(config, params, prompts, new_tokens: int, buckets=None):
     from jkv.serving.generator import Generator
 
-    generator = Generator(config, params, max_len=max(len(p) for p in prompts) + new_tokens, batch=len(prompts))
+    max_len = max(len(p) for p in prompts) + new_tokens
+    generator = Generator(config, params, max_len=max_len, batch=len(prompts), buckets=buckets)
     return generator.generate(prompts, max_new_tokens=new_tokens, stop_ids=()).tokens
 
 
@@ -194,7 +195,7 @@ def agreement(smoke: bool, new_tokens: int) -> dict:
         config = SMOKE_CONFIG
         base = llama.init_params(config, jax.random.key(1), jnp.bfloat16, scale=0.05)
         prompts = [list(range(3 + i, 9 + 2 * i)) for i in range(2)]
-        variants = {"bf16": base}
+        variants, buckets = {"bf16": base}, (16,)  # every step one shape: one compiled step per variant
     else:
         from jkv.cli import default_model_path
         from jkv.loading import load_gguf
@@ -203,9 +204,9 @@ def agreement(smoke: bool, new_tokens: int) -> dict:
         config, tok = model.config, model.tokenizer
         prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in PROMPTS]
         base = quant.dequantize_params(model.params)
-        variants = {"bf16": base, "q4_1_native": model.params}
+        variants, buckets = {"bf16": base, "q4_1_native": model.params}, None
     variants |= {c: quantize_lib.quantize_params(base, c) for c in ("q8_0", "q4_k")}
-    tokens = {name: greedy_tokens(config, p, prompts, new_tokens) for name, p in variants.items()}
+    tokens = {name: greedy_tokens(config, p, prompts, new_tokens, buckets) for name, p in variants.items()}
     ref = np.asarray(tokens["bf16"])
     out = {}
     for name, toks in tokens.items():

@@ -17,15 +17,20 @@ KINDS = ("f32", "paged", "q8")
 LLAMA_FORWARD = jax.jit(lambda params, cache, tokens: llama.forward(params, cache, tokens, config=CONFIG))
 
 
-def greedy(step, weights, cache, prompt, new_tokens):
-    """Prefill ``prompt [B, T]``, then ``new_tokens`` greedy steps: (logits of every step, tokens)."""
-    logits, cache = step(weights, cache, prompt)
-    all_logits, tokens = [logits[:, -1]], []
+def greedy(step, weights, cache, prompt, new_tokens, rng):
+    """Prefill ``prompt [B, T]``, then ``new_tokens`` greedy steps, each padded to the prompt's ``T`` (counts 1; the
+    padding random, never written: one program per model and cache kind): (logits of every step, tokens)."""
+    b, t = prompt.shape
+    logits, cache = step(weights, cache, prompt, jnp.full(b, t, jnp.int32))
+    all_logits, tokens = [np.asarray(logits[:, -1])], []
+    ones = jnp.ones(b, jnp.int32)
     for _ in range(new_tokens):
-        token = jnp.argmax(all_logits[-1], axis=-1).astype(jnp.int32)
+        token = np.argmax(all_logits[-1], axis=-1).astype(np.int32)
         tokens.append(token)
-        logits, cache = step(weights, cache, token[:, None])
-        all_logits.append(logits[:, -1])
+        padded = rng.integers(0, CONFIG.vocab_size, prompt.shape).astype(np.int32)
+        padded[:, 0] = token
+        logits, cache = step(weights, cache, jnp.asarray(padded), ones)
+        all_logits.append(np.asarray(logits[:, 0]))
     return np.stack(all_logits, 1), np.stack(tokens, 1), cache
 
 
@@ -35,9 +40,12 @@ def test_example_model_matches_jkv_llama(framework, kind, rng):
     params = random_params(layout="stacked")  # the converter reads either layout
     prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 5)), jnp.int32)
     step, weights = model_step(framework, params)
-    logits, tokens, cache = greedy(step, weights, make_cache(kind, 2), prompt, 4)
-    ref_logits, ref_tokens, ref_cache = greedy(LLAMA_FORWARD, params, make_cache(kind, 2), prompt, 4)
-    np.testing.assert_array_equal(tokens, ref_tokens)
+    logits, tokens, cache = greedy(step, weights, make_cache(kind, 2), prompt, 4, rng)
+    # The reference teacher-forced on the example's tokens in one pass (one program per kind): its logits at the
+    # prompt's last token and at each generated one, whose argmax must be the next generated token.
+    ref_logits, ref_cache = LLAMA_FORWARD(params, make_cache(kind, 2), jnp.concatenate([prompt, tokens], 1))
+    ref_logits = np.asarray(ref_logits)[:, prompt.shape[1] - 1 :]
+    np.testing.assert_array_equal(tokens, np.argmax(ref_logits[:, :-1], -1))
     assert logits.shape == (2, 5, CONFIG.vocab_size) and logits.dtype == np.float32
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5 * np.abs(ref_logits).max(), rtol=0)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [9, 9])

@@ -18,6 +18,10 @@ from jkv.integrations import nnx as jnnx
 
 H, N, K, D, THETA = 32, 6, 2, 16, 500.0
 OPTIONS = {"plain": {}, "window-softcap-norm": dict(window=3, softcap=1.5, rope_style="norm")}
+LAYER_CALL = {
+    "nnx": nnx.jit(lambda layer, x, cache: layer(x, cache, 1)),
+    "eqx": jax.jit(lambda layer, x, cache: layer(x, cache, 1)),
+}
 
 
 def make_layer(framework, weights, options):
@@ -40,14 +44,14 @@ def test_attention_layer_matches_float64(framework, options, rng):
     shapes = {"wq": (H, N * D), "wk": (H, K * D), "wv": (H, K * D), "wo": (N * D, H)}
     weights = {n: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for n, s in shapes.items()}
     layer = make_layer(framework, weights, options)
-    call = (nnx.jit if framework == "nnx" else jax.jit)(lambda layer, x, cache: layer(x, cache, 1))
+    call = LAYER_CALL[framework]
     spec = jkv.CacheSpec(2, K, D, 16, jnp.float32)
     cache = jkv.KVCache.init(spec, 2)
     cache = cache.replace(data=tuple(jnp.full_like(x, jnp.nan) for x in cache.data))  # unwritten: NaN
     keys, values = np.zeros((2, K, 16, D)), np.zeros((2, K, 16, D))
     lengths = np.zeros(2, int)
     style = options.get("rope_style", "neox")
-    for t, counts in ((4, [4, 2]), (2, [1, 2]), (1, [1, 0])):
+    for t, counts in ((4, [4, 2]), (4, [1, 2]), (1, [1, 0])):  # two shapes: a ragged multi-token one and decode
         x = rng.standard_normal((2, t, H)).astype(np.float32)
         cache = cache.begin(jnp.asarray(counts, jnp.int32))
         out, cache = call(layer, jnp.asarray(x), cache)
@@ -83,10 +87,14 @@ def test_layer_rejects_bad_heads():
         jeqx.Attention.init(H, 4, 2, 15, key=jax.random.key(0))
 
 
+DONATION_MARKS = ("tf.aliasing_output", "jax.buffer_donor")
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_donated_step_updates_cache_in_place(framework, rng):
-    # Eight layers: the reference attention's per-layer scratch stays well under a copy of the whole cache.
-    config = dataclasses.replace(CONFIG, num_layers=8)
+    # Four layers: the reference attention's scratch (about one layer's K and V, buffers // 4) stays well under a
+    # copy of K alone (buffers // 2).
+    config = dataclasses.replace(CONFIG, num_layers=4)
     step, weights = model_step(framework, random_params(config), config, donate=True)
     cache = make_cache("f32", 4, 256, config, nan=False)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (4, 1)), jnp.int32)
@@ -96,31 +104,36 @@ def test_donated_step_updates_cache_in_place(framework, rng):
     stats = step.lower(weights, cache, tokens).compile().memory_analysis()
     buffers = sum(x.nbytes for x in cache.data)
     assert stats.alias_size_in_bytes >= buffers
-    assert stats.temp_size_in_bytes < buffers // 4, stats.temp_size_in_bytes  # a copy of K alone is buffers // 2
+    assert stats.temp_size_in_bytes < buffers * 3 // 8, stats.temp_size_in_bytes
+    # The control: without donation the program asks for no input/output aliasing (read from the lowering: an
+    # eight-layer compile less).
     plain, _ = model_step(framework, random_params(config), config, donate=False)
-    assert plain.lower(weights, cache, tokens).compile().memory_analysis().alias_size_in_bytes == 0
+    assert any(x in step.lower(weights, cache, tokens).as_text() for x in DONATION_MARKS)
+    assert not any(x in plain.lower(weights, cache, tokens).as_text() for x in DONATION_MARKS)
 
 
 @pytest.mark.parametrize(("framework", "kind"), [("nnx", "f32"), ("nnx", "paged"), ("eqx", "f32")])
 def test_vmap_over_single_sequence_caches_equals_batched(framework, kind, rng):
     """The step written for one sequence (a batch-1 cache), vmapped over stacked batch-1 caches."""
     step, weights = model_step(framework, random_params())
-    one = lambda cache, tokens, counts: step(weights, cache, tokens[None], counts[None])
-    mapped = jax.jit(jax.vmap(lambda c, t, n: tuple(x for x in one(c, t, n)), in_axes=(0, 0, 0)))
+    one = lambda w, cache, tokens, counts: step(w, cache, tokens[None], counts[None])
+    mapped = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
     batched = make_cache(kind, 3)
-    stacked = common.stack_caches([make_cache(kind, 1) for _ in range(3)])
-    counts = jnp.asarray([5, 3, 4], jnp.int32)
-    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (3, 5)), jnp.int32)
-    for step_index in range(3):
-        logits, batched = step(weights, batched, tokens, counts)
-        mapped_logits, stacked = mapped(stacked, tokens, counts)
+    stacked = jax.jit(common.stack_caches)([make_cache(kind, 1) for _ in range(3)])
+    counts = np.asarray([5, 3, 4], np.int32)
+    tokens = rng.integers(0, CONFIG.vocab_size, (3, 5)).astype(np.int32)
+    for _ in range(3):  # a ragged prefill, then two decode steps padded to the same T (one program each)
+        logits, batched = step(weights, batched, jnp.asarray(tokens), jnp.asarray(counts))
+        mapped_logits, stacked = mapped(weights, stacked, jnp.asarray(tokens), jnp.asarray(counts))
+        logits, mapped_logits = np.asarray(logits), np.asarray(mapped_logits)
         assert mapped_logits.shape == (3, 1, *logits.shape[1:])
-        scale = float(jnp.abs(logits).max())  # 1e-6 of the logits' range: float32 sums in another order
-        np.testing.assert_allclose(np.asarray(mapped_logits[:, 0]), np.asarray(logits), atol=1e-6 * scale, rtol=0)
-        last = logits[jnp.arange(3), counts - 1]
-        tokens, counts = jnp.argmax(last, -1).astype(jnp.int32)[:, None], jnp.ones(3, jnp.int32)
-        mapped_last = mapped_logits[jnp.arange(3), 0, jnp.where(step_index == 0, jnp.asarray([5, 3, 4]), 1) - 1]
-        np.testing.assert_array_equal(np.asarray(jnp.argmax(mapped_last, -1)), np.asarray(tokens[:, 0]))
+        scale = np.abs(logits).max()  # 1e-6 of the logits' range: float32 sums in another order
+        np.testing.assert_allclose(mapped_logits[:, 0], logits, atol=1e-6 * scale, rtol=0)
+        last = logits[np.arange(3), counts - 1]
+        mapped_last = mapped_logits[np.arange(3), 0, counts - 1]
+        np.testing.assert_array_equal(np.argmax(mapped_last, -1), np.argmax(last, -1))
+        tokens = rng.integers(0, CONFIG.vocab_size, (3, 5)).astype(np.int32)  # padding after the first: unwritten
+        tokens[:, 0], counts = np.argmax(last, -1), np.ones(3, np.int32)
     singles = common.unstack_caches(stacked, 3)
     np.testing.assert_array_equal(np.concatenate([np.asarray(c.lengths) for c in singles]), batched.lengths)
     np.testing.assert_array_equal(np.asarray(batched.lengths), [7, 5, 6])

@@ -29,7 +29,8 @@ def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False, kern
     append[0] = True
     num_layers, layer = (1, 0) if layers is None else (layers[0], 1)
     shape = (num_layers, batch, kv_heads, max_len, head_dim)
-    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    cast = lambda x: np.asarray(x).astype(dtype)  # in NumPy (ml_dtypes): no eager conversion to compile per shape
+    rounded = lambda x: cast(x).astype(np.float64)
     q = rng.standard_normal((batch, kv_heads * group, head_dim))
     new = {name: rng.standard_normal((batch, kv_heads, head_dim)) for name in "kv"}
     caches, expected, slabs = {}, {}, {}
@@ -48,7 +49,7 @@ def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False, kern
         expected[name], slabs[name] = want, want[layer]
     ref = decode_attention_f64(rounded(q), slabs["k"], slabs["v"], lengths)
 
-    args = [jnp.asarray(x, dtype) for x in (q, caches["k"], caches["v"])]
+    args = [jnp.asarray(cast(x)) for x in (q, caches["k"], caches["v"])]
     args += [jnp.asarray(lengths), jnp.asarray(new["k"], jnp.float32), jnp.asarray(new["v"], jnp.float32)]
     options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
     kernel = kernel or decode.decode_attention_append
@@ -63,14 +64,21 @@ def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False, kern
         else:  # a static layer
             out, k, v = fast_jit(lambda *a: call(*a, layer=layer))(*args)
     assert out.shape == q.shape and out.dtype == dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     assert rel_err(out, ref) < REL_TOL[dtype.name], names
     for name, got in (("k", k), ("v", v)):
-        got = np.asarray(got.astype(jnp.float32), np.float64).reshape(shape)
+        got = np.asarray(got).astype(np.float64).reshape(shape)
         np.testing.assert_array_equal(got, expected[name], err_msg=f"{name} cache after the append")
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+# Interpret mode on CPU: the table less the rows that repeat another's path at another batch or launch default
+# (splits3 ~ splits3_batch5, more_splits_than_blocks ~ more_splits_batch3, g3_d128_f32_default ~ g1_d128_bf16_default;
+# test_decode_kernel.py runs every row without the append). The GPU class runs every row.
+SKIPPED_ON_CPU = ("g1_d64_f32_splits3", "g2_d64_f16_more_splits_than_blocks", "g3_d128_f32_default")
+CPU_CASES = [c for c in CASES if c[0] not in SKIPPED_ON_CPU]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
 def test_append_matches_float64_interpret(rng, case):
     run_append_case(rng, case, interpret=True)
 

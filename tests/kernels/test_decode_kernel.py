@@ -76,7 +76,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     k, k_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
     v, v_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
     # The reference sees the values the kernel sees: inputs rounded to the test dtype first.
-    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype)).astype(np.float64)
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(lengths)]
@@ -89,7 +89,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
         else:
             out = run_jitted(decode.decode_attention, *args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     for b, n in enumerate(lengths):
         if n == 0:
             np.testing.assert_array_equal(out[b], 0.0)

@@ -48,7 +48,7 @@ def run_case(rng, case, q_dtype=None):
     q = rng.standard_normal((batch, kv_heads * group, head_dim))
     k, k_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
     v, v_slab = nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
-    rounded = lambda x, t: np.asarray(jnp.asarray(x, t).astype(jnp.float32), np.float64)
+    rounded = lambda x, t: np.asarray(jnp.asarray(x, t)).astype(np.float64)
     ref = decode_attention_f64(rounded(q, dtype), rounded(k_slab, dtype), rounded(v_slab, dtype), lengths)
 
     args = [jnp.asarray(q, q_dtype)] + [jnp.asarray(x, dtype) for x in (k, v)] + [jnp.asarray(lengths)]
@@ -61,7 +61,7 @@ def run_case(rng, case, q_dtype=None):
     else:
         out = decode_mgpu.decode_attention_mgpu(*args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == q_dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     for b, n in enumerate(lengths):
         if n == 0:
             np.testing.assert_array_equal(out[b], 0.0)

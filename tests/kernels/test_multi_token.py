@@ -39,7 +39,7 @@ def run_case(rng, case, *, interpret, scale_up=1):
     dtype, max_len = jnp.dtype(dtype), max_len * scale_up
     lengths = np.asarray(lengths) * scale_up
     step = make_step(rng, counts, lengths, window)
-    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype)).astype(np.float64)
     q = rounded(rng.standard_normal((step.tokens, kv_heads * group, head_dim)))
     k, v = (poisoned(rounded(rng.standard_normal((len(counts), kv_heads, max_len, head_dim))), step) for _ in "kv")
     ref = multi_token_attention_f64(q, k, v, *step[1:4], window=window, softcap=softcap)
@@ -56,7 +56,7 @@ def run_case(rng, case, *, interpret, scale_up=1):
         kernel = multi_token.multi_token_attention
         out = run_jitted(kernel, *args, layer=layer, **options, config=config, interpret=interpret)
     assert out.shape == q.shape and out.dtype == dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     np.testing.assert_array_equal(out[~step.owned_rows()], 0.0)  # padding rows and rows of no sequence
     assert rel_err(out, ref) < tolerance(dtype, interpret), case[0]
     if layers is None:  # the same launch with every count 0 over a NaN cache: zeros

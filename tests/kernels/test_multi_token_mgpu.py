@@ -149,14 +149,14 @@ class TestOnHopper:
     def test_kernel_matches_float64(self, rng, case, dtype):
         q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
         dtype = jnp.dtype(dtype)
-        rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+        rounded = lambda x: np.asarray(jnp.asarray(x, dtype)).astype(np.float64)
         ref = multi_token_attention_f64(
             rounded(q), rounded(k), rounded(v), starts, lengths, counts, window=window, softcap=softcap
         )
         args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(x) for x in (starts, lengths, counts)]
         out = mgpu.multi_token_attention_mgpu(*args, window=window, softcap=softcap, config=config)
         assert out.shape == q.shape and out.dtype == dtype
-        out = np.asarray(out.astype(jnp.float32), np.float64)
+        out = np.asarray(out).astype(np.float64)
         owned = ~np.isnan(q[:, 0, 0])
         np.testing.assert_array_equal(out[~owned], 0.0)  # rows no sequence owns
         assert rel_err(out, ref) < REL_TOL[dtype.name]
@@ -164,7 +164,7 @@ class TestOnHopper:
     def test_whole_cache_traced_layer_float32_queries(self, rng):
         """A [L, B, K, S, D] cache with the layer traced under jit, NaN in the other layer; f32 q keeps its dtype."""
         q, k, v, starts, lengths, counts, window, softcap, _ = case_inputs(rng, CASES[1])
-        bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+        bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)).astype(np.float64)
         ref = multi_token_attention_f64(bf(q), bf(k), bf(v), starts, lengths, counts, window=window, softcap=softcap)
         whole = lambda x: jnp.asarray(np.stack([np.full_like(x, np.nan), x]), jnp.bfloat16)
         fn = jax.jit(
@@ -191,7 +191,7 @@ class TestOnHopper:
     def test_head_dim_256(self, rng, head_dim):
         case = ("verify", VERIFY, 8, 2, head_dim, 200, None, None, None)
         q, k, v, starts, lengths, counts, *_ = case_inputs(rng, case)
-        bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+        bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)).astype(np.float64)
         ref = multi_token_attention_f64(bf(q), bf(k), bf(v), starts, lengths, counts)
         args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(x) for x in (starts, lengths, counts)]
         out = mgpu.multi_token_attention_mgpu(*args)

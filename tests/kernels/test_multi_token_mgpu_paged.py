@@ -51,7 +51,7 @@ def to_pages(rng, cache, page_size, ok):
 @pytest.mark.parametrize("name,page_size", PAGED, ids=[f"{n}_page{p}" for n, p in PAGED])
 def test_paged_kernel_matches_float64(rng, name, page_size):
     q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, BY_ID[name])
-    bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)).astype(np.float64)
     ref = multi_token_attention_f64(bf(q), bf(k), bf(v), starts, lengths, counts, window=window, softcap=softcap)
     ok = readable(lengths, counts, window, k.shape[2])
     seed = int(rng.integers(1 << 30))
@@ -62,7 +62,7 @@ def test_paged_kernel_matches_float64(rng, name, page_size):
         *bfs(q, k_pages, v_pages), *ints, window=window, softcap=softcap, config=config
     )
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     np.testing.assert_array_equal(out[np.isnan(q[:, 0, 0])], 0.0)
     assert rel_err(out, ref) < REL_TOL["bfloat16"]
 

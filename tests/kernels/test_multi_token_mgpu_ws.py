@@ -52,12 +52,12 @@ def test_consumers_split_tiles_through_the_emulation(rng, case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_ws_kernel_matches_float64(rng, case):
     q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
-    bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)).astype(np.float64)
     ref = multi_token_attention_f64(bf(q), bf(k), bf(v), starts, lengths, counts, window=window, softcap=softcap)
     args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(x) for x in (starts, lengths, counts)]
     out = ws.multi_token_attention_mgpu_ws(*args, window=window, softcap=softcap, config=config)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     np.testing.assert_array_equal(out[np.isnan(q[:, 0, 0])], 0.0)
     assert rel_err(out, ref) < REL_TOL["bfloat16"]
 

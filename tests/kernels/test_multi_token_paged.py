@@ -84,7 +84,7 @@ def run_case(rng, case, *, interpret, with_reference=False):
     counts, lengths, window, softcap, layers, launch = case[9:]
     dtype = jnp.dtype(dtype)
     step = make_step(rng, counts, lengths, window)
-    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype)).astype(np.float64)
     q = rounded(rng.standard_normal((step.tokens, kv_heads * group, head_dim)))
     shape = (len(counts), kv_heads, max_len, head_dim)
     (k_arrays, k_values), (v_arrays, v_values) = (stored(rng, fmt, shape, step, scale_dtype, rounded) for _ in "kv")
@@ -111,7 +111,7 @@ def run_case(rng, case, *, interpret, with_reference=False):
         layer = None if layers is None else layers[1]
         out = run_jitted(kernel, *args, layer=layer, **options, interpret=interpret)
     assert out.shape == q.shape and out.dtype == dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     np.testing.assert_array_equal(out[~step.owned_rows()], 0.0)
     tol = KERNEL_TOL["float32-gpu" if dtype == jnp.float32 and ON_GPU else dtype.name]
     assert rel_err(out, ref) < tol, case[0]
@@ -185,7 +185,7 @@ def test_prefill_chunk_paged_gpu(rng):
     32/8/128); a spread of its rows against float64."""
     cached, chunk, page_size, kv_heads, group, head_dim = 7680, 512, 16, 8, 4, 128
     step = make_step(rng, [chunk], [cached])
-    bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)).astype(np.float64)
     q = bf(rng.standard_normal((step.tokens, kv_heads * group, head_dim)))
     k, v = (poisoned(bf(rng.standard_normal((1, kv_heads, cached + chunk, head_dim))), step) for _ in "kv")
     tables, owned, num_pages = page_table(rng, step, page_size, (cached + chunk) // page_size)
@@ -194,7 +194,7 @@ def test_prefill_chunk_paged_gpu(rng):
     out = multi_token_paged.paged_multi_token_attention(
         jnp.asarray(q, jnp.bfloat16), *pools, ints(tables), *(ints(x) for x in step[1:4]), interpret=False
     )
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     start = int(step.q_starts[0])
     picks = np.arange(0, chunk, 37)
     one = lambda i: multi_token_attention_f64(q[start + i : start + i + 1], k, v, [0], [cached + i], [1])[0]

@@ -63,7 +63,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     k_pages, v_pages, tables, (k_slab, v_slab) = random_paged(
         rng, batch, kv_heads, head_dim, ps, max_pages, lengths, layers, stale
     )
-    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype)).astype(np.float64)
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k_pages, v_pages)] + [jnp.asarray(tables), jnp.asarray(lengths)]
@@ -77,7 +77,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
         else:
             out = run_jitted(paged.paged_decode_attention, *args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     for b, n in enumerate(lengths):
         if n == 0:
             np.testing.assert_array_equal(out[b], 0.0)

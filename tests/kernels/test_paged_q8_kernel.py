@@ -47,7 +47,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
         else:
             out = run_jitted(kernel, *args, layer=layers[1], **options)
     assert out.shape == q.shape and out.dtype == dtype
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     for b, n in enumerate(lengths):
         if n == 0:
             np.testing.assert_array_equal(out[b], 0.0)

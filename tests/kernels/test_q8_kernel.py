@@ -89,7 +89,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     deq = lambda c, s: np.asarray(jkv.dequantize(one(c), one(s)), np.float64)  # NaN past each length
     q64 = np.asarray(q.astype(jnp.float32), np.float64)
     ref_q8 = decode_attention_f64(q64, deq(k, k_scale), deq(v, v_scale), lengths)
-    out = np.asarray(out.astype(jnp.float32), np.float64)
+    out = np.asarray(out).astype(np.float64)
     for b, n in enumerate(lengths):
         if n == 0:
             np.testing.assert_array_equal(out[b], 0.0)

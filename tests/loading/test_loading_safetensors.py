@@ -30,17 +30,37 @@ def saved(request, tmp_path_factory):
     return request.param, model, directory
 
 
-def hf_greedy(model, prompt: list[int], n: int = 32):
-    """HF's greedy tokens and its logits at every position of prompt + continuation but the last."""
+def hf_greedy(model, prompts: list[list[int]], n: int = 32):
+    """HF's greedy tokens of each prompt and its logits at every position of prompt + continuation but the last.
+    One batch: right-padded prompts, the padding masked out and each row's positions given (n + 1 HF calls)."""
+    lengths, t = [len(p) for p in prompts], max(len(p) for p in prompts)
+    ids, mask = torch.zeros((len(prompts), t), dtype=torch.long), torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
+    positions = torch.arange(t)[None].repeat(len(prompts), 1)
     with torch.no_grad():
-        step = model(torch.tensor([prompt]), use_cache=True)
-        logits, tokens = [step.logits[0]], []
-        for _ in range(n):
-            tokens.append(int(step.logits[0, -1].argmax()))
-            if len(tokens) < n:
-                step = model(torch.tensor([tokens[-1:]]), past_key_values=step.past_key_values, use_cache=True)
-                logits.append(step.logits[0])
-    return tokens, torch.cat(logits).numpy()
+        step = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        logits = [[step.logits[i, :n_i]] for i, n_i in enumerate(lengths)]
+        last = torch.stack([step.logits[i, n_i - 1] for i, n_i in enumerate(lengths)])
+        tokens = []
+        for j in range(n):
+            tokens.append(last.argmax(-1))
+            if j == n - 1:
+                break
+            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], 1)
+            positions = torch.tensor(lengths)[:, None] + j
+            step = model(
+                tokens[-1][:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=step.past_key_values,
+                use_cache=True,
+            )
+            last = step.logits[:, -1]
+            for i in range(len(prompts)):
+                logits[i].append(step.logits[i])
+    tokens = torch.stack(tokens, 1).tolist()
+    return [(tokens[i], torch.cat(logits[i]).numpy()) for i in range(len(prompts))]
 
 
 def test_safetensors_matches_hf(saved, rng):
@@ -51,7 +71,7 @@ def test_safetensors_matches_hf(saved, rng):
     assert c.qkv_bias == case.startswith("qwen2") and c.tie_embeddings == model.config.tie_word_embeddings
     assert c.architecture == model.config.model_type
     prompts = [rng.integers(0, c.vocab_size, n).tolist() for n in (5, 9, 2, 14, 7)]
-    hf = [hf_greedy(model, p) for p in prompts]
+    hf = hf_greedy(model, prompts)
 
     lengths = np.array([len(p) for p in prompts], np.int32)
     padded = np.zeros((5, lengths.max()), np.int32)
@@ -67,7 +87,8 @@ def test_safetensors_matches_hf(saved, rng):
         logits, cache = step(loaded.params, cache, jnp.asarray([t[j] for t, _ in hf], jnp.int32))
         assert rel_err(logits, np.stack([ref[n + j] for n, (_, ref) in zip(lengths, hf, strict=True)])) < 1e-4, j
 
-    result = Generator(c, loaded.params, max_len=64, batch=5).generate(prompts, max_new_tokens=32)
+    generator = Generator(c, loaded.params, max_len=64, batch=5, buckets=(64,))  # one step shape: one compile
+    result = generator.generate(prompts, max_new_tokens=32)
     assert result.tokens == [t for t, _ in hf]
 
 

@@ -51,8 +51,11 @@ def params(config):
 
 @pytest.fixture(scope="session")
 def engine(params, config):
-    """The engine every test's server runs on (one at a time); warm, and idle between tests."""
-    engine = Engine(params, config, num_slots=NUM_SLOTS, max_len=MAX_LEN, cache="paged", verbose=False)
+    """The engine every test's server runs on (one at a time); warm, and idle between tests. One step shape (a
+    bucket of MAX_LEN tokens): the warm-up compiles the only step."""
+    engine = Engine(
+        params, config, num_slots=NUM_SLOTS, max_len=MAX_LEN, cache="paged", buckets=(MAX_LEN,), verbose=False
+    )
     engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3), show_progress=False)
     return engine
 
