@@ -1,0 +1,334 @@
+"""Decode attention (T = 1) of every jkv cache kind against torch SDPA and jax's cuDNN attention, in one run.
+
+Shapes (``bench/decode_kinds.py``; ``--shapes`` picks a subset or adds others): 1x4096, 1x131072, 16x8192,
+128x2048, 256x1024 at Hq/Hkv/D 32/8/128; 4x4096 MHA 32/32/128; 32x2048 at 9/3/64; 8x4096 at 16/8/256; 16x8192 at
+32/4/128 (GQA 8); and a ragged batch ``32xr256-16384`` (32 lengths drawn in 256..16384, the same every run). Rows:
+
+* ``jkv_auto``: ``pallas_kernels.dispatch.decode_attention_auto`` (what jkv runs for a contiguous bf16 cache),
+  ``jkv_triton`` / ``jkv_mgpu``: its Triton (``decode``) and Mosaic GPU (``decode_mgpu``) kernels, default launch;
+* ``paged16_triton`` / ``paged16_mgpu``: ``paged`` and ``decode_mgpu_paged`` on the same contents in pages of 16
+  at permuted places of a pool;
+* ``q8_triton`` / ``q8_paged16_triton``: ``decode_q8`` and ``paged_q8`` on the same K/V quantized (int8 codes,
+  float16 scales per 32 values), contiguous and in the same pages;
+* ``jax_cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on ``[B, S, K, D]`` K/V (transposed
+  outside the timing), the lengths as ``key_value_seq_lengths`` where ragged;
+* ``torch_cudnn`` / ``torch_flash``: ``scaled_dot_product_attention`` (``enable_gqa``) forced to that backend,
+  where it runs. torch takes no lengths: on the ragged batch it reads every sequence to the longest (padded).
+
+Method (``bench/common.py``): each row is first checked against the XLA reference on the first input set
+(relative error; Q8 rows against the Q8 reference, padded rows against the full-length one) and its first call
+timed (compile included); a row that fails to lower, run or check is recorded with its error and the run goes on.
+Then every row that passed is timed in ``--rounds`` interleaved rounds (``common.interleaved``: JAX rows as chained
+programs read from profiler traces, torch rows as CUDA graphs), and its per-round speed against ``torch_cudnn``
+(else the first row timed) is reported. TB/s = K+V bytes the lengths hold (Q8: its int8 codes and scales) /
+median time. Ceilings measured in the same run: a 1 GiB read stream (``common.read_bandwidth``) and a 1 GiB
+device copy (``common.copy_bandwidth``, read + write; needs torch).
+
+``--smoke``: the shapes at CPU size (``decode_kinds.smoke_shape``), Triton kernels in interpret mode, jax's XLA
+path in cuDNN's place, no torch, wall-clock samples; the Mosaic GPU rows and every kernel's GPU path are lowered
+for CUDA instead of run (``--lower-only``: only that, at the shapes' real sizes, no arrays made).
+
+Usage: ``python bench/bench_decode_kinds.py --out DIR [--rounds 5] [--budget-s 420] [--shapes 1x4096 ...]
+[--resume DIR/bench_decode_kinds.json]``. Writes ``DIR/bench_decode_kinds.json`` after every shape (``--resume``
+keeps a time-limited run's shapes and adds the rest) and ``DIR/bench_decode_kinds.png``; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from bench import common
+from bench import decode_kinds as kinds
+
+TOL = 3e-2  # relative error a row may have against its reference (bf16 output)
+NAN = float("nan")
+
+
+def wall_sampler(fn, arg_sets):
+    """The smoke run's sample: wall time of one call (compiled already), the input sets rotated."""
+    turn = itertools.count()
+
+    def sample():
+        args = arg_sets[next(turn) % len(arg_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return time.perf_counter() - t0
+
+    return sample
+
+
+def check(results, name, run, ref, extra=None) -> bool:
+    """Run ``run()`` once (compiling it), record its relative error against ``ref`` and the first call's time;
+    False (and the error recorded) where it fails or misses :data:`TOL`."""
+    try:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(run())
+        first = time.perf_counter() - t0
+        err = common.rel_err(out, ref)
+    except Exception as e:  # a row that does not lower or run here is reported, not fatal
+        results[name] = {"error": f"{type(e).__name__}: {str(e)[:1500]}", **(extra or {})}
+        return False
+    results[name] = {"rel_err": err, "first_call_s": first, **(extra or {})}
+    if not err <= TOL:
+        results[name]["error"] = f"check failed: relative error {err:.3g} > {TOL}"
+    return "error" not in results[name]
+
+
+def jax_part(shape, sets, refs, est_s, results, samplers, *, smoke: bool) -> None:
+    """Check jkv's kernels and jax's attention and make their samplers; in a smoke run, lower the Mosaic GPU rows
+    (and every row's GPU path) for CUDA instead of running them there."""
+    for name, row in kinds.jax_rows(shape, smoke).items():
+        extra = {"fmt": row.fmt, "layout": row.layout}
+        if name == "jkv_auto":
+            extra["picks"] = kinds.auto_choice(shape)
+        if smoke and row.mgpu:
+            try:
+                results[name] = {**extra, **kinds.lower_for_cuda(row.fn, sets[row.layout][0])}
+            except Exception as e:
+                results[name] = {**extra, "error": f"lowering for CUDA: {type(e).__name__}: {str(e)[:1500]}"}
+            continue
+        fn = jax.jit(row.fn)
+        ref = refs["q8" if row.fmt == "q8" else "bf16"]
+        if not check(results, name, lambda fn=fn, row=row: fn(*sets[row.layout][0]), ref, extra):
+            continue
+        try:
+            if smoke:
+                samplers[name] = wall_sampler(fn, sets[row.layout])
+                if name != "jax_xla":  # the GPU path of a kernel that just ran in interpret mode
+                    results[name]["gpu_lowering"] = kinds.lower_for_cuda(row.fn, sets[row.layout][0])
+            else:
+                samplers[name] = common.jax_sampler(row.fn, sets[row.layout], est_s)
+        except Exception as e:
+            results[name]["error"] = f"timing setup: {type(e).__name__}: {str(e)[:1500]}"
+
+
+def torch_part(torch, shape, sets, refs, est_s, results, samplers) -> None:
+    """torch SDPA forced to cuDNN and to flash attention (q_len 1, ``enable_gqa``), where each runs."""
+    from torch.nn.attention import SDPBackend
+
+    tsets = common.torch_inputs(torch, sets["bf16"])
+    padded = {"padded_to": shape.seq} if shape.lengths else {}
+    for name, which in (("torch_cudnn", SDPBackend.CUDNN_ATTENTION), ("torch_flash", SDPBackend.FLASH_ATTENTION)):
+        fn = common.torch_sdpa(which)
+
+        def run(fn=fn):
+            out = fn(*tsets[0])[:, :, 0]
+            torch.cuda.synchronize()
+            return jnp.asarray(out.float().cpu().numpy())
+
+        if check(results, name, run, refs["full"], {"fmt": "bf16", "layout": "bf16", **padded}):
+            try:
+                samplers[name] = common.torch_sampler(torch, fn, tsets, est_s)
+            except Exception as e:
+                results[name]["error"] = f"CUDA graph: {type(e).__name__}: {str(e)[:1500]}"
+
+
+def bench_shape(shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log) -> dict:
+    sets, copies, est_s = kinds.shape_inputs(shape, rotate_bytes=0 if smoke else common.ROTATE_BYTES)
+    refs = kinds.references(shape, sets)
+    results, samplers = {}, {}
+    jax_part(shape, sets, refs, est_s, results, samplers, smoke=smoke)
+    if torch is not None:
+        torch_part(torch, shape, sets, refs, est_s, results, samplers)
+    baseline = next((b for b in ("torch_cudnn", "jkv_auto") if b in samplers), next(iter(samplers), None))
+    if baseline is not None:
+        for name, r in common.interleaved(samplers, rounds, baseline=baseline).items():
+            speed = r.pop(f"speed_vs_{baseline}")
+            tbps = kinds.kv_bytes(shape, results[name]["fmt"]) / r["time_s"] / 1e12
+            results[name].update(r, speed_vs_baseline=speed, tbps=tbps, of_read=tbps / read_tbps)
+    report = {
+        **shape._asdict(),
+        "kv_bytes": {fmt: kinds.kv_bytes(shape, fmt) for fmt in ("bf16", "q8")},
+        "rotating_copies": copies,
+        "baseline": baseline,
+        "results": results,
+    }
+    del sets, refs, samplers
+    for line in shape_lines(report):
+        log(line)
+    return report
+
+
+def shape_lines(shape: dict) -> list[str]:
+    """Per row: us per call (spread), TB/s, share of the read stream, speed vs the baseline (median, range of the
+    per-round ratios; > 1: faster), error against the reference; errors and notes."""
+    lines = [f"  {'row':18s} {'us':>9} {'spread':>7} {'TB/s':>6} {'/read':>6}  vs {shape['baseline']}"]
+    for name, r in shape["results"].items():
+        notes = " ".join(
+            x
+            for x in (
+                f"picks {r['picks']}" if "picks" in r else "",
+                f"padded to S={r['padded_to']}" if "padded_to" in r else "",
+                f"lowered for CUDA ({', '.join(r['kernels'])}), not run" if "lowered" in r else "",
+            )
+            if x
+        )
+        if "error" in r:
+            lines.append(f"  {name:18s} ERROR {r['error'][:1200]} {notes}")
+        elif "time_s" in r:
+            s = r["speed_vs_baseline"]
+            lines.append(
+                f"  {name:18s} {r['time_s'] * 1e6:9.1f} {r['spread_s'] * 1e6:7.1f} {r['tbps']:6.3f} "
+                f"{r['of_read']:6.0%}  {s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})  err {r['rel_err']:.1e}  "
+                f"first call {r['first_call_s']:.1f}s {notes}"
+            )
+        else:
+            lines.append(f"  {name:18s} {notes}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def table(report: dict) -> str:
+    """us per call per shape and row (interleaved medians), then each row's speed against torch cuDNN (> 1:
+    faster; where torch did not run, against the shape's baseline, marked *)."""
+    shapes = report["shapes"]
+    rows = list(dict.fromkeys(name for s in shapes for name in s["results"]))
+    t = lambda s, name: s["results"].get(name, {}).get("time_s", NAN)
+    head = f"{'shape':>20} " + " ".join(f"{name[:12]:>12}" for name in rows)
+    run = report["runs"][-1]
+    lines = [
+        f"read stream {run['read']['tbps']:.3f} TB/s, copy {run.get('copy', {}).get('tbps', NAN):.3f} TB/s "
+        f"(read + write); TB/s of each row in the JSON",
+        "us per call",
+        head,
+    ]
+    for s in shapes:
+        lines.append(f"{s['name']:>20} " + " ".join(f"{t(s, name) * 1e6:12.1f}" for name in rows))
+    lines += ["speed vs torch_cudnn (time of torch_cudnn / time of the row)", head]
+    for s in shapes:
+        base, mark = ("torch_cudnn", " ") if s["baseline"] == "torch_cudnn" else (s["baseline"], "*")
+        cells = " ".join(f"{t(s, base) / t(s, name):12.3f}" for name in rows)
+        lines.append(f"{s['name']:>19}{mark} {cells}")
+    if any(s.get("lengths") for s in shapes):
+        lines.append("ragged shapes: torch rows read every sequence to the longest (padded); TB/s counts the lengths")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path, log) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not importable: no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = report["shapes"]
+    rows = [
+        n
+        for n in dict.fromkeys(n for s in shapes for n in s["results"])
+        if any("tbps" in s["results"].get(n, {}) for s in shapes)
+    ]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(14, 8), sharex=True)
+    width = 0.8 / max(1, len(rows))
+    x = list(range(len(shapes)))
+    for i, name in enumerate(rows):
+        result = lambda s, name=name: s["results"].get(name, {})
+        top.bar([j + i * width for j in x], [result(s).get("tbps", 0.0) for s in shapes], width, label=name)
+        speed = [result(s).get("speed_vs_baseline", {}).get("median", 0.0) for s in shapes]
+        bottom.bar([j + i * width for j in x], speed, width)
+    run = report["runs"][-1]
+    top.axhline(run["read"]["tbps"], color="k", ls="--", lw=1, label="read stream")
+    if "copy" in run:
+        top.axhline(run["copy"]["tbps"], color="k", ls=":", lw=1, label="device copy (read + write)")
+    bottom.axhline(1.0, color="k", lw=1)
+    top.set_ylabel("TB/s (K+V bytes the lengths hold / time)")
+    bottom.set_ylabel("speed vs torch cuDNN (> 1: faster)")
+    bottom.set_xticks([j + 0.4 - width / 2 for j in x], [s["name"] for s in shapes], rotation=20, fontsize=8)
+    top.set_title(f"Decode attention, every jkv cache kind, on {run['meta']['gpu']} ({run['meta']['date']})")
+    top.legend(ncol=4, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    log(f"plot: {path}")
+
+
+def lower_only(names, smoke: bool, log) -> dict:
+    """Lower every JAX row's GPU path for CUDA at each shape's real size (abstract inputs, nothing allocated)."""
+    out = {}
+    for text in names:
+        shape = kinds.parse_shape(text)
+        shape = kinds.smoke_shape(shape) if smoke else shape
+        inputs = kinds.abstract_inputs(shape)
+        for name, row in kinds.jax_rows(shape, smoke=False).items():
+            if name == "jax_cudnn":
+                continue  # cuDNN's lowering asks for a cuDNN library
+            t0 = time.perf_counter()
+            try:
+                out[f"{text} {name}"] = r = kinds.lower_for_cuda(row.fn, inputs[row.layout])
+                log(f"{text:20s} {name:18s} lowered ({', '.join(r['kernels'])}) {time.perf_counter() - t0:.1f}s")
+            except Exception as e:
+                out[f"{text} {name}"] = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
+                log(f"{text:20s} {name:18s} ERROR {out[f'{text} {name}']['error'][:600]}")
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--shapes", nargs="*", default=list(kinds.SHAPE_NAMES), help="BxS[:N/K/D] or Bxr<lo>-<hi>")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per shape")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start no shape after this many seconds")
+    parser.add_argument("--resume", type=Path, help="a previous run's JSON: keep its shapes, run the others")
+    parser.add_argument("--smoke", action="store_true", help="CPU-sized shapes, interpret mode, no torch")
+    parser.add_argument("--lower-only", action="store_true", help="only lower every GPU path for CUDA")
+    args = parser.parse_args(argv)
+    start, log = time.perf_counter(), common.log
+    if args.lower_only:
+        return lower_only(args.shapes, args.smoke, log)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch = None if args.smoke else common.load_torch()
+    report = json.loads(args.resume.read_text()) if args.resume else {"runs": [], "shapes": []}
+    run = {"meta": {**common.meta(torch), "smoke": args.smoke}}
+    log(json.dumps(run["meta"]))
+    run["read"] = common.read_bandwidth(1 << 22 if args.smoke else 1 << 30)
+    if torch is not None:
+        run["copy"] = common.copy_bandwidth(torch)
+    log(f"read stream {run['read']['tbps']:.3f} TB/s, copy {run.get('copy', {}).get('tbps', NAN):.3f} TB/s")
+    report["runs"].append(run)
+    done = {s["name"] for s in report["shapes"]}
+    path = args.out / "bench_decode_kinds.json"
+    report["not_run"] = []
+    for text in args.shapes:
+        shape = kinds.parse_shape(text)
+        shape = kinds.smoke_shape(shape) if args.smoke else shape
+        if shape.name in done:
+            continue
+        if time.perf_counter() - start > args.budget_s:
+            report["not_run"].append(text)
+            log(f"{text}: not started (--budget-s {args.budget_s:.0f} spent; --resume {path} runs it)")
+            continue
+        t0 = time.perf_counter()
+        lengths = f", lengths {min(shape.lengths)}..{max(shape.lengths)}" if shape.lengths else ""
+        log(f"{shape.name}: B={shape.batch} S={shape.seq} N/K/D={shape.heads}{lengths}")
+        row = bench_shape(shape, torch, rounds=args.rounds, smoke=args.smoke, read_tbps=run["read"]["tbps"], log=log)
+        report["shapes"].append({**row, "run": len(report["runs"]) - 1, "wall_s": time.perf_counter() - t0})
+        path.write_text(json.dumps(report, indent=1))
+        gc.collect()
+        jax.clear_caches()
+        if torch is not None:
+            torch.cuda.empty_cache()
+    path.write_text(json.dumps(report, indent=1))
+    try:
+        plot(report, args.out / "bench_decode_kinds.png", log)
+    except Exception as e:  # the JSON is written already
+        log(f"plot failed: {type(e).__name__}: {e}")
+    log(f"total {time.perf_counter() - start:.0f} s")
+    log(table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
