@@ -50,6 +50,7 @@ import jax.numpy as jnp
 
 from bench import common
 from bench import decode_kinds as kinds
+from bench.bench_prefill import smoke_time
 
 TOL = 3e-2  # relative error a row may have against its reference (bf16 output)
 NAN = float("nan")
@@ -85,10 +86,10 @@ def check(results, name, run, ref, extra=None) -> bool:
     return "error" not in results[name]
 
 
-def jax_part(shape, sets, refs, est_s, results, samplers, *, smoke: bool) -> None:
+def jax_part(shape, rows, sets, refs, est_s, results, samplers, *, smoke: bool) -> None:
     """Check jkv's kernels and jax's attention and make their samplers; in a smoke run, lower the Mosaic GPU rows
     (and every row's GPU path) for CUDA instead of running them there."""
-    for name, row in kinds.jax_rows(shape, smoke).items():
+    for name, row in rows.items():
         extra = {"fmt": row.fmt, "layout": row.layout}
         if name == "jkv_auto":
             extra["picks"] = kinds.auto_choice(shape)
@@ -113,13 +114,15 @@ def jax_part(shape, sets, refs, est_s, results, samplers, *, smoke: bool) -> Non
             results[name]["error"] = f"timing setup: {type(e).__name__}: {str(e)[:1500]}"
 
 
-def torch_part(torch, shape, sets, refs, est_s, results, samplers) -> None:
+def torch_part(torch, shape, sets, refs, est_s, results, samplers, only) -> None:
     """torch SDPA forced to cuDNN and to flash attention (q_len 1, ``enable_gqa``), where each runs."""
     from torch.nn.attention import SDPBackend
 
     tsets = common.torch_inputs(torch, sets["bf16"])
     padded = {"padded_to": shape.seq} if shape.lengths else {}
     for name, which in (("torch_cudnn", SDPBackend.CUDNN_ATTENTION), ("torch_flash", SDPBackend.FLASH_ATTENTION)):
+        if only and name not in only:
+            continue
         fn = common.torch_sdpa(which)
 
         def run(fn=fn):
@@ -134,13 +137,16 @@ def torch_part(torch, shape, sets, refs, est_s, results, samplers) -> None:
                 results[name]["error"] = f"CUDA graph: {type(e).__name__}: {str(e)[:1500]}"
 
 
-def bench_shape(shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log) -> dict:
-    sets, copies, est_s = kinds.shape_inputs(shape, rotate_bytes=0 if smoke else common.ROTATE_BYTES)
+def bench_shape(shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log, only=None) -> dict:
+    """Every row (``only``: those named) at one shape: checked, then timed in interleaved rounds."""
+    rows = {name: row for name, row in kinds.jax_rows(shape, smoke).items() if not only or name in only}
+    layouts = {row.layout for row in rows.values()}
+    sets, copies, est_s = kinds.shape_inputs(shape, 0 if smoke else common.ROTATE_BYTES, layouts)
     refs = kinds.references(shape, sets)
     results, samplers = {}, {}
-    jax_part(shape, sets, refs, est_s, results, samplers, smoke=smoke)
+    jax_part(shape, rows, sets, refs, est_s, results, samplers, smoke=smoke)
     if torch is not None:
-        torch_part(torch, shape, sets, refs, est_s, results, samplers)
+        torch_part(torch, shape, sets, refs, est_s, results, samplers, only)
     baseline = next((b for b in ("torch_cudnn", "jkv_auto") if b in samplers), next(iter(samplers), None))
     if baseline is not None:
         for name, r in common.interleaved(samplers, rounds, baseline=baseline).items():
@@ -255,7 +261,7 @@ def plot(report: dict, path: Path, log) -> None:
     log(f"plot: {path}")
 
 
-def lower_only(names, smoke: bool, log) -> dict:
+def lower_only(names, smoke: bool, log, only=None) -> dict:
     """Lower every JAX row's GPU path for CUDA at each shape's real size (abstract inputs, nothing allocated)."""
     out = {}
     for text in names:
@@ -263,7 +269,7 @@ def lower_only(names, smoke: bool, log) -> dict:
         shape = kinds.smoke_shape(shape) if smoke else shape
         inputs = kinds.abstract_inputs(shape)
         for name, row in kinds.jax_rows(shape, smoke=False).items():
-            if name == "jax_cudnn":
+            if name == "jax_cudnn" or (only and name not in only):
                 continue  # cuDNN's lowering asks for a cuDNN library
             t0 = time.perf_counter()
             try:
@@ -281,19 +287,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", nargs="*", default=list(kinds.SHAPE_NAMES), help="BxS[:N/K/D] or Bxr<lo>-<hi>")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per shape")
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no shape after this many seconds")
+    parser.add_argument("--rows", nargs="*", help="only these rows (default: all), e.g. jkv_mgpu torch_cudnn")
     parser.add_argument("--resume", type=Path, help="a previous run's JSON: keep its shapes, run the others")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized shapes, interpret mode, no torch")
     parser.add_argument("--lower-only", action="store_true", help="only lower every GPU path for CUDA")
     args = parser.parse_args(argv)
     start, log = time.perf_counter(), common.log
     if args.lower_only:
-        return lower_only(args.shapes, args.smoke, log)
+        return lower_only(args.shapes, args.smoke, log, args.rows)
     args.out.mkdir(parents=True, exist_ok=True)
     torch = None if args.smoke else common.load_torch()
     report = json.loads(args.resume.read_text()) if args.resume else {"runs": [], "shapes": []}
     run = {"meta": {**common.meta(torch), "smoke": args.smoke}}
     log(json.dumps(run["meta"]))
-    run["read"] = common.read_bandwidth(1 << 22 if args.smoke else 1 << 30)
+    run["read"] = common.read_bandwidth(1 << 22, smoke_time) if args.smoke else common.read_bandwidth()
     if torch is not None:
         run["copy"] = common.copy_bandwidth(torch)
     log(f"read stream {run['read']['tbps']:.3f} TB/s, copy {run.get('copy', {}).get('tbps', NAN):.3f} TB/s")
@@ -313,7 +320,9 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         lengths = f", lengths {min(shape.lengths)}..{max(shape.lengths)}" if shape.lengths else ""
         log(f"{shape.name}: B={shape.batch} S={shape.seq} N/K/D={shape.heads}{lengths}")
-        row = bench_shape(shape, torch, rounds=args.rounds, smoke=args.smoke, read_tbps=run["read"]["tbps"], log=log)
+        row = bench_shape(
+            shape, torch, rounds=args.rounds, smoke=args.smoke, read_tbps=run["read"]["tbps"], log=log, only=args.rows
+        )
         report["shapes"].append({**row, "run": len(report["runs"]) - 1, "wall_s": time.perf_counter() - t0})
         path.write_text(json.dumps(report, indent=1))
         gc.collect()

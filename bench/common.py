@@ -262,15 +262,16 @@ def copy_bandwidth(torch, nbytes: int = 1 << 30, trials: int = 20) -> dict:
     return {"bytes": 2 * nbytes, "time_s": t, "tbps": 2 * nbytes / t / 1e12}
 
 
-def read_bandwidth(nbytes: int = 1 << 30) -> dict:
+def read_bandwidth(nbytes: int = 1 << 30, timer=None) -> dict:
     """A read stream over ``nbytes`` of bf16 (a row sum of ``[rows, 8192]``, writing 1/4096 of what it reads),
     timed as the kernels are (:func:`time_jax`; each call scaled by tanh of the last one's first sum, so none
-    merges): the ceiling of a kernel that reads its input once and writes little. Wall clock off a GPU."""
+    merges): the ceiling of a kernel that reads its input once and writes little. ``timer``: another
+    ``time_jax``-like function (a smoke run's wall clock)."""
     rows = max(1, nbytes // 2 // 8192)
     x = jax.random.normal(jax.random.key(0), (rows, 8192), jnp.bfloat16)
     first = jnp.ones((rows,), jnp.float32)
     fn = lambda last, x: jnp.sum(x * jnp.tanh(last[0]).astype(x.dtype), axis=1, dtype=jnp.float32)
-    timing = time_jax(fn, [(first, x)], est_s=x.nbytes / 3e12)
+    timing = (timer or time_jax)(fn, [(first, x)], est_s=x.nbytes / 3e12)
     del x
     return {"bytes": rows * 8192 * 2, **timing, "tbps": rows * 8192 * 2 / timing["time_s"] / 1e12}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 from unittest import mock
@@ -48,6 +49,7 @@ SHAPE_NAMES = (
     "16x8192:32/4/128",
     "32xr256-16384",
 )
+LAYOUTS = ("bf16", "paged", "q8", "q8_paged", "bshd")
 _SPEC = re.compile(r"^(\d+)x(?:(\d+)|r(\d+)-(\d+))(?::(\d+)/(\d+)/(\d+))?$")
 
 
@@ -91,23 +93,24 @@ def kv_bytes(shape: Shape, fmt: str) -> int:
 # ----------------------------------------------------------------------------------------------- inputs
 
 
-def shape_inputs(shape: Shape, rotate_bytes: float) -> tuple[dict, int, float]:
-    """Rotating input sets per layout: ``bf16`` (q, k, v [B, K, S, D], lengths), ``paged`` (the same contents in
-    page-16 pools at permuted places, bench_paged's layout), ``q8`` / ``q8_paged`` (quantized with float16 scales),
-    ``bshd`` (K/V as ``[B, S, K, D]`` for jax's dot_product_attention, transposed here outside the timing).
-    Returns ``(sets by layout, copies, est_s)``."""
+def shape_inputs(shape: Shape, rotate_bytes: float, layouts=LAYOUTS) -> tuple[dict, int, float]:
+    """Rotating input sets per layout (those in ``layouts``; ``bf16`` always): ``bf16`` (q, k, v [B, K, S, D],
+    lengths), ``paged`` (the same contents in page-16 pools at permuted places, bench_paged's layout), ``q8`` /
+    ``q8_paged`` (quantized with float16 scales; the pages at the same places), ``bshd`` (K/V as ``[B, S, K, D]``
+    for jax's dot_product_attention, transposed here outside the timing). Returns ``(sets, copies, est_s)``."""
     sets, copies, est_s = common.decode_inputs(
         shape.batch, shape.seq, heads=shape.heads, lengths=shape.lengths, rotate_bytes=rotate_bytes
     )
     key = jax.random.key(RAGGED_SEED)
-    q8 = [(q, *quantize(k), *quantize(v), n) for q, k, v, n in sets]
-    out = {
-        "bf16": sets,
-        "paged": paged_sets(sets, PAGE_SIZE, key),
-        "q8": q8,
-        "q8_paged": paged_sets(q8, PAGE_SIZE, key),
-        "bshd": [(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), n) for q, k, v, n in sets],
-    }
+    out = {"bf16": sets}
+    if "paged" in layouts:
+        out["paged"] = paged_sets(sets, PAGE_SIZE, key)
+    if {"q8", "q8_paged"} & set(layouts):
+        out["q8"] = [(q, *quantize(k), *quantize(v), n) for q, k, v, n in sets]
+    if "q8_paged" in layouts:
+        out["q8_paged"] = paged_sets(out["q8"], PAGE_SIZE, key)
+    if "bshd" in layouts:
+        out["bshd"] = [(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), n) for q, k, v, n in sets]
     return out, copies, est_s
 
 
@@ -135,7 +138,9 @@ def references(shape: Shape, sets: dict) -> dict:
     computes)."""
     q, k, v, n = sets["bf16"][0]
     ref = jax.jit(reference.decode_attention_reference)
-    out = {"bf16": ref(q, k, v, n), "q8": jax.jit(reference.q8_decode_attention_reference)(*sets["q8"][0])}
+    out = {"bf16": ref(q, k, v, n)}
+    if "q8" in sets:
+        out["q8"] = jax.jit(reference.q8_decode_attention_reference)(*sets["q8"][0])
     out["full"] = ref(q, k, v, jnp.full_like(n, shape.seq)) if shape.lengths else out["bf16"]
     return out
 
@@ -203,7 +208,8 @@ def lower_for_cuda(fn, args) -> dict:
     """Lower ``fn`` on abstract ``args`` for CUDA (:func:`as_if_on_hopper`): catches signature, configuration and
     Mosaic GPU lowering errors on any host. A fresh wrapper, so no trace made here is reused by a later run."""
     abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args]
+    t0 = time.perf_counter()
     with as_if_on_hopper():
         text = jax.jit(lambda *a: fn(*a)).trace(*abstract).lower(lowering_platforms=("cuda",)).as_text()
     kernels = [name for name in ("mosaic_gpu", "triton", "cudnn") if name in text]
-    return {"lowered": "cuda", "kernels": kernels}
+    return {"lowered": "cuda", "kernels": kernels, "lower_s": time.perf_counter() - t0}
