@@ -6,9 +6,9 @@ Shapes (``bench/decode_kinds.py``; ``--shapes`` picks a subset or adds others): 
 
 * ``jkv_auto``: ``pallas_kernels.dispatch.decode_attention_auto`` (what jkv runs for a contiguous bf16 cache),
   ``jkv_triton`` / ``jkv_mgpu``: its Triton (``decode``) and Mosaic GPU (``decode_mgpu``) kernels, default launch;
-* ``paged16_triton`` / ``paged16_mgpu``: ``paged`` and ``decode_mgpu_paged`` on the same contents in pages of 16
+* ``paged_triton`` / ``paged_mgpu``: ``paged`` and ``decode_mgpu_paged`` on the same contents in pages of 16
   at permuted places of a pool;
-* ``q8_triton`` / ``q8_paged16_triton``: ``decode_q8`` and ``paged_q8`` on the same K/V quantized (int8 codes,
+* ``q8_triton`` / ``q8paged_triton``: ``decode_q8`` and ``paged_q8`` on the same K/V quantized (int8 codes,
   float16 scales per 32 values), contiguous and in the same pages;
 * ``jax_cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on ``[B, S, K, D]`` K/V (transposed
   outside the timing), the lengths as ``key_value_seq_lengths`` where ragged;
@@ -156,6 +156,7 @@ def bench_shape(shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log
     report = {
         **shape._asdict(),
         "kv_bytes": {fmt: kinds.kv_bytes(shape, fmt) for fmt in ("bf16", "q8")},
+        "page_size": kinds.PAGE_SIZE,
         "rotating_copies": copies,
         "baseline": baseline,
         "results": results,
@@ -197,27 +198,34 @@ def shape_lines(shape: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------- report
 
 
+def speed(shape: dict, name: str) -> float:
+    """The row's median per-round speed against the shape's baseline (> 1: faster); NaN where not timed."""
+    return shape["results"].get(name, {}).get("speed_vs_baseline", {}).get("median", NAN)
+
+
 def table(report: dict) -> str:
-    """us per call per shape and row (interleaved medians), then each row's speed against torch cuDNN (> 1:
-    faster; where torch did not run, against the shape's baseline, marked *)."""
+    """Per shape and row: us per call and TB/s (interleaved medians), then the median per-round speed against
+    torch cuDNN (> 1: faster; where torch cuDNN was not timed, against the shape's baseline, marked *)."""
     shapes = report["shapes"]
     rows = list(dict.fromkeys(name for s in shapes for name in s["results"]))
-    t = lambda s, name: s["results"].get(name, {}).get("time_s", NAN)
-    head = f"{'shape':>20} " + " ".join(f"{name[:12]:>12}" for name in rows)
+    get = lambda s, name, key: s["results"].get(name, {}).get(key, NAN)
+    head = f"{'shape':>20} " + " ".join(f"{name[:14]:>14}" for name in rows)
     run = report["runs"][-1]
-    lines = [
-        f"read stream {run['read']['tbps']:.3f} TB/s, copy {run.get('copy', {}).get('tbps', NAN):.3f} TB/s "
-        f"(read + write); TB/s of each row in the JSON",
-        "us per call",
-        head,
-    ]
-    for s in shapes:
-        lines.append(f"{s['name']:>20} " + " ".join(f"{t(s, name) * 1e6:12.1f}" for name in rows))
-    lines += ["speed vs torch_cudnn (time of torch_cudnn / time of the row)", head]
-    for s in shapes:
-        base, mark = ("torch_cudnn", " ") if s["baseline"] == "torch_cudnn" else (s["baseline"], "*")
-        cells = " ".join(f"{t(s, base) / t(s, name):12.3f}" for name in rows)
-        lines.append(f"{s['name']:>19}{mark} {cells}")
+    copy = run.get("copy", {}).get("tbps", NAN)
+    lines = [f"read stream {run['read']['tbps']:.3f} TB/s, device copy {copy:.3f} TB/s (read + write)"]
+    for title, cell in (
+        ("us per call", lambda s, name: f"{get(s, name, 'time_s') * 1e6:14.1f}"),
+        ("TB/s (K+V bytes the lengths hold; Q8: its own bytes)", lambda s, name: f"{get(s, name, 'tbps'):14.3f}"),
+        ("speed vs torch_cudnn (median of the per-round ratios)", lambda s, name: f"{speed(s, name):14.3f}"),
+    ):
+        lines += [title, head]
+        for s in shapes:
+            mark = "*" if title.startswith("speed") and s["baseline"] != "torch_cudnn" else " "
+            lines.append(f"{s['name']:>19}{mark} " + " ".join(cell(s, name) for name in rows))
+    if any(s["baseline"] != "torch_cudnn" for s in shapes):
+        lines.append(
+            "*: torch cuDNN not timed there; against " + ", ".join(sorted({str(s["baseline"]) for s in shapes}))
+        )
     if any(s.get("lengths") for s in shapes):
         lines.append("ragged shapes: torch rows read every sequence to the longest (padded); TB/s counts the lengths")
     return "\n".join(lines)
@@ -244,15 +252,15 @@ def plot(report: dict, path: Path, log) -> None:
     for i, name in enumerate(rows):
         result = lambda s, name=name: s["results"].get(name, {})
         top.bar([j + i * width for j in x], [result(s).get("tbps", 0.0) for s in shapes], width, label=name)
-        speed = [result(s).get("speed_vs_baseline", {}).get("median", 0.0) for s in shapes]
-        bottom.bar([j + i * width for j in x], speed, width)
+        bottom.bar([j + i * width for j in x], [speed(s, name) for s in shapes], width)
     run = report["runs"][-1]
     top.axhline(run["read"]["tbps"], color="k", ls="--", lw=1, label="read stream")
     if "copy" in run:
         top.axhline(run["copy"]["tbps"], color="k", ls=":", lw=1, label="device copy (read + write)")
     bottom.axhline(1.0, color="k", lw=1)
     top.set_ylabel("TB/s (K+V bytes the lengths hold / time)")
-    bottom.set_ylabel("speed vs torch cuDNN (> 1: faster)")
+    baselines = ", ".join(sorted({str(s["baseline"]) for s in shapes}))
+    bottom.set_ylabel(f"speed vs {baselines}\n(median per-round ratio; > 1: faster)")
     bottom.set_xticks([j + 0.4 - width / 2 for j in x], [s["name"] for s in shapes], rotation=20, fontsize=8)
     top.set_title(f"Decode attention, every jkv cache kind, on {run['meta']['gpu']} ({run['meta']['date']})")
     top.legend(ncol=4, fontsize=7)

@@ -178,10 +178,10 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
         "jkv_auto": Row("bf16", dispatch.decode_attention_auto),
         "jkv_triton": Row("bf16", decode.decode_attention),
         "jkv_mgpu": Row("bf16", decode_mgpu.decode_attention_mgpu, mgpu=True),
-        "paged16_triton": Row("paged", paged.paged_decode_attention),
-        "paged16_mgpu": Row("paged", decode_mgpu_paged.paged_decode_attention_mgpu, mgpu=True),
+        "paged_triton": Row("paged", paged.paged_decode_attention),
+        "paged_mgpu": Row("paged", decode_mgpu_paged.paged_decode_attention_mgpu, mgpu=True),
         "q8_triton": Row("q8", decode_q8.q8_decode_attention, fmt="q8"),
-        "q8_paged16_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
+        "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
         ("jax_xla" if smoke else "jax_cudnn"): Row("bshd", dot_product_attention("xla" if smoke else "cudnn", ragged)),
     }
 
