@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench import common
+from bench import common, preflight
 from bench import decode_kinds as kinds
 from bench.bench_prefill import smoke_time
 
-TOL = 3e-2  # relative error a row may have against its reference (bf16 output)
 NAN = float("nan")
+MGPU_ROWS = ("jkv_mgpu", "paged_mgpu")  # the kernels new to the GPU: preflighted in a child process
 
 
 def wall_sampler(fn, arg_sets):
@@ -71,7 +71,7 @@ def wall_sampler(fn, arg_sets):
 
 def check(results, name, run, ref, extra=None) -> bool:
     """Run ``run()`` once (compiling it), record its relative error against ``ref`` and the first call's time;
-    False (and the error recorded) where it fails or misses :data:`TOL`."""
+    False (and the error recorded) where it fails or misses :data:`kinds.TOL`."""
     try:
         t0 = time.perf_counter()
         out = jax.block_until_ready(run())
@@ -81,18 +81,21 @@ def check(results, name, run, ref, extra=None) -> bool:
         results[name] = {"error": f"{type(e).__name__}: {str(e)[:1500]}", **(extra or {})}
         return False
     results[name] = {"rel_err": err, "first_call_s": first, **(extra or {})}
-    if not err <= TOL:
-        results[name]["error"] = f"check failed: relative error {err:.3g} > {TOL}"
+    if not err <= kinds.TOL:
+        results[name]["error"] = f"check failed: relative error {err:.3g} > {kinds.TOL}"
     return "error" not in results[name]
 
 
-def jax_part(shape, rows, sets, refs, est_s, results, samplers, *, smoke: bool) -> None:
+def jax_part(shape, rows, sets, refs, est_s, results, samplers, *, smoke: bool, blocked) -> None:
     """Check jkv's kernels and jax's attention and make their samplers; in a smoke run, lower the Mosaic GPU rows
     (and every row's GPU path) for CUDA instead of running them there."""
     for name, row in rows.items():
         extra = {"fmt": row.fmt, "layout": row.layout}
         if name == "jkv_auto":
             extra["picks"] = kinds.auto_choice(shape)
+        if name in blocked:
+            results[name] = {**extra, "error": blocked[name]}
+            continue
         if smoke and row.mgpu:
             try:
                 results[name] = {**extra, **kinds.lower_for_cuda(row.fn, sets[row.layout][0])}
@@ -137,19 +140,37 @@ def torch_part(torch, shape, sets, refs, est_s, results, samplers, only) -> None
                 results[name]["error"] = f"CUDA graph: {type(e).__name__}: {str(e)[:1500]}"
 
 
-def bench_shape(shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log, only=None) -> dict:
-    """Every row (``only``: those named) at one shape: checked, then timed in interleaved rounds."""
+def guarded(name, sampler, results):
+    """``sampler``, except that a sample that raises records the error in the row and gives NaN from then on."""
+
+    def sample():
+        if "error" not in results[name]:
+            try:
+                return sampler()
+            except Exception as e:
+                results[name]["error"] = f"timing: {type(e).__name__}: {str(e)[:1500]}"
+        return NAN
+
+    return sample
+
+
+def bench_shape(shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log, only=None, blocked=None) -> dict:
+    """Every row (``only``: those named; ``blocked``: rows not to run, with the reason) at one shape: checked,
+    then timed in interleaved rounds."""
     rows = {name: row for name, row in kinds.jax_rows(shape, smoke).items() if not only or name in only}
     layouts = {row.layout for row in rows.values()}
     sets, copies, est_s = kinds.shape_inputs(shape, 0 if smoke else common.ROTATE_BYTES, layouts)
     refs = kinds.references(shape, sets)
     results, samplers = {}, {}
-    jax_part(shape, rows, sets, refs, est_s, results, samplers, smoke=smoke)
+    jax_part(shape, rows, sets, refs, est_s, results, samplers, smoke=smoke, blocked=blocked or {})
     if torch is not None:
         torch_part(torch, shape, sets, refs, est_s, results, samplers, only)
     baseline = next((b for b in ("torch_cudnn", "jkv_auto") if b in samplers), next(iter(samplers), None))
     if baseline is not None:
+        samplers = {name: guarded(name, sampler, results) for name, sampler in samplers.items()}
         for name, r in common.interleaved(samplers, rounds, baseline=baseline).items():
+            if "error" in results[name]:
+                continue
             speed = r.pop(f"speed_vs_{baseline}")
             tbps = kinds.kv_bytes(shape, results[name]["fmt"]) / r["time_s"] / 1e12
             results[name].update(r, speed_vs_baseline=speed, tbps=tbps, of_read=tbps / read_tbps)
@@ -269,24 +290,23 @@ def plot(report: dict, path: Path, log) -> None:
     log(f"plot: {path}")
 
 
-def lower_only(names, smoke: bool, log, only=None) -> dict:
-    """Lower every JAX row's GPU path for CUDA at each shape's real size (abstract inputs, nothing allocated)."""
-    out = {}
-    for text in names:
-        shape = kinds.parse_shape(text)
-        shape = kinds.smoke_shape(shape) if smoke else shape
-        inputs = kinds.abstract_inputs(shape)
-        for name, row in kinds.jax_rows(shape, smoke=False).items():
-            if name == "jax_cudnn" or (only and name not in only):
-                continue  # cuDNN's lowering asks for a cuDNN library
-            t0 = time.perf_counter()
-            try:
-                out[f"{text} {name}"] = r = kinds.lower_for_cuda(row.fn, inputs[row.layout])
-                log(f"{text:20s} {name:18s} lowered ({', '.join(r['kernels'])}) {time.perf_counter() - t0:.1f}s")
-            except Exception as e:
-                out[f"{text} {name}"] = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
-                log(f"{text:20s} {name:18s} ERROR {out[f'{text} {name}']['error'][:600]}")
-    return out
+def start_run(args, torch, log) -> dict:
+    """The run's metadata, its ceilings (read stream; copy where torch runs) and, on a GPU, the preflight of the
+    rows named by ``--preflight`` (``bench/preflight.py``)."""
+    from pallas_kernels import backend
+
+    run = {"meta": {**common.meta(torch), "smoke": args.smoke}}
+    log(json.dumps(run["meta"]))
+    run["read"] = common.read_bandwidth(1 << 22, smoke_time) if args.smoke else common.read_bandwidth()
+    if torch is not None:
+        run["copy"] = common.copy_bandwidth(torch)
+    log(f"read stream {run['read']['tbps']:.3f} TB/s, copy {run.get('copy', {}).get('tbps', NAN):.3f} TB/s")
+    names = [name for name in args.preflight if not args.rows or name in args.rows]
+    if names and not args.smoke and backend.on_gpu():
+        t0 = time.perf_counter()
+        run["preflight"] = preflight.preflight(names)
+        log(f"preflight ({time.perf_counter() - t0:.0f} s): {json.dumps(run['preflight'])[:3000]}")
+    return run
 
 
 def main(argv=None) -> dict:
@@ -297,25 +317,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no shape after this many seconds")
     parser.add_argument("--rows", nargs="*", help="only these rows (default: all), e.g. jkv_mgpu torch_cudnn")
     parser.add_argument("--resume", type=Path, help="a previous run's JSON: keep its shapes, run the others")
+    parser.add_argument("--preflight", nargs="*", default=list(MGPU_ROWS), help="rows run in a child process first")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized shapes, interpret mode, no torch")
     parser.add_argument("--lower-only", action="store_true", help="only lower every GPU path for CUDA")
     args = parser.parse_args(argv)
     start, log = time.perf_counter(), common.log
     if args.lower_only:
-        return lower_only(args.shapes, args.smoke, log, args.rows)
+        return kinds.lower_all(args.shapes, args.smoke, log, args.rows)
     args.out.mkdir(parents=True, exist_ok=True)
     torch = None if args.smoke else common.load_torch()
     report = json.loads(args.resume.read_text()) if args.resume else {"runs": [], "shapes": []}
-    run = {"meta": {**common.meta(torch), "smoke": args.smoke}}
-    log(json.dumps(run["meta"]))
-    run["read"] = common.read_bandwidth(1 << 22, smoke_time) if args.smoke else common.read_bandwidth()
-    if torch is not None:
-        run["copy"] = common.copy_bandwidth(torch)
-    log(f"read stream {run['read']['tbps']:.3f} TB/s, copy {run.get('copy', {}).get('tbps', NAN):.3f} TB/s")
-    report["runs"].append(run)
-    done = {s["name"] for s in report["shapes"]}
-    path = args.out / "bench_decode_kinds.json"
-    report["not_run"] = []
+    report["shapes"] = [s for s in report["shapes"] if "error" not in s]  # a resumed run retries failed shapes
+    report["runs"].append(run := start_run(args, torch, log))
+    blocked = {name: f"preflight: {why}" for name, why in run.get("preflight", {}).items() if why}
+    done, path, report["not_run"] = {s["name"] for s in report["shapes"]}, args.out / "bench_decode_kinds.json", []
     for text in args.shapes:
         shape = kinds.parse_shape(text)
         shape = kinds.smoke_shape(shape) if args.smoke else shape
@@ -328,9 +343,20 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         lengths = f", lengths {min(shape.lengths)}..{max(shape.lengths)}" if shape.lengths else ""
         log(f"{shape.name}: B={shape.batch} S={shape.seq} N/K/D={shape.heads}{lengths}")
-        row = bench_shape(
-            shape, torch, rounds=args.rounds, smoke=args.smoke, read_tbps=run["read"]["tbps"], log=log, only=args.rows
-        )
+        try:
+            row = bench_shape(
+                shape,
+                torch,
+                rounds=args.rounds,
+                smoke=args.smoke,
+                read_tbps=run["read"]["tbps"],
+                log=log,
+                only=args.rows,
+                blocked=blocked,
+            )
+        except Exception as e:  # e.g. out of memory building the inputs: the other shapes still run
+            row = {**shape._asdict(), "error": f"{type(e).__name__}: {str(e)[:1500]}", "baseline": None, "results": {}}
+            log(f"  shape failed: {row['error']}")
         report["shapes"].append({**row, "run": len(report["runs"]) - 1, "wall_s": time.perf_counter() - t0})
         path.write_text(json.dumps(report, indent=1))
         gc.collect()

@@ -35,6 +35,7 @@ from pallas_kernels import (
 )
 
 PAGE_SIZE = 16
+TOL = 3e-2  # relative error a row may have against its reference (bf16 output)
 RAGGED_SEED = 0
 HEADS = (common.NUM_Q_HEADS, common.NUM_KV_HEADS, common.HEAD_DIM)
 SHAPE_NAMES = (
@@ -213,3 +214,22 @@ def lower_for_cuda(fn, args) -> dict:
         text = jax.jit(lambda *a: fn(*a)).trace(*abstract).lower(lowering_platforms=("cuda",)).as_text()
     kernels = [name for name in ("mosaic_gpu", "triton", "cudnn") if name in text]
     return {"lowered": "cuda", "kernels": kernels, "lower_s": time.perf_counter() - t0}
+
+
+def lower_all(names, smoke: bool, log, only=None) -> dict:
+    """Lower every JAX row's GPU path for CUDA at each shape's real size (abstract inputs, nothing allocated)."""
+    out = {}
+    for text in names:
+        shape = parse_shape(text)
+        shape = smoke_shape(shape) if smoke else shape
+        inputs = abstract_inputs(shape)
+        for name, row in jax_rows(shape, smoke=False).items():
+            if name == "jax_cudnn" or (only and name not in only):
+                continue  # cuDNN's lowering asks for a cuDNN library
+            try:
+                out[f"{text} {name}"] = r = lower_for_cuda(row.fn, inputs[row.layout])
+                log(f"{text:20s} {name:18s} lowered ({', '.join(r['kernels'])}) {r['lower_s']:.1f}s")
+            except Exception as e:
+                out[f"{text} {name}"] = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
+                log(f"{text:20s} {name:18s} ERROR {out[f'{text} {name}']['error'][:600]}")
+    return out

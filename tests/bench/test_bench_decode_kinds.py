@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
 
-from bench import bench_decode_kinds, decode_kinds
+from bench import bench_decode_kinds, decode_kinds, preflight
 
 
 @pytest.mark.parametrize("text", decode_kinds.SHAPE_NAMES)
@@ -57,7 +57,7 @@ def test_smoke_run(tmp_path, capsys):
     for name in ("jkv_triton", "q8paged_triton", "jax_xla"):
         r = results[name]
         assert "error" not in r, (name, r)
-        assert r["rel_err"] < bench_decode_kinds.TOL and r["time_s"] > 0 and np.isfinite(r["tbps"])
+        assert r["rel_err"] < decode_kinds.TOL and r["time_s"] > 0 and np.isfinite(r["tbps"])
     for name in ("jkv_triton", "q8paged_triton"):
         assert "triton" in results[name]["gpu_lowering"]["kernels"], name
     for name in ("jkv_mgpu", "paged_mgpu"):
@@ -66,3 +66,15 @@ def test_smoke_run(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()  # the table comes last: speed rows, then notes
     assert out[-5].startswith("speed vs torch_cudnn") and out[-3].strip().startswith("3xr16-128:4/2/64*")
     assert out[-2].startswith("*: torch cuDNN not timed") and out[-1].startswith("ragged shapes: torch rows")
+
+
+def test_preflight_reports_each_row_from_a_child():
+    """The child's report per row: a kernel that cannot run here and a name that is no row, each with its reason."""
+    verdicts = preflight.preflight(["jkv_mgpu", "nope"], shapes=("2xr16-128:4/2/64",))
+    assert "cannot run here" in verdicts["jkv_mgpu"] and "no row 'nope'" in verdicts["nope"]
+
+
+def test_preflight_pins_a_hung_child_on_each_row():
+    """A child that reports nothing in time: each row is tried alone and gets its own verdict."""
+    verdicts = preflight.preflight(["jkv_triton", "paged_triton"], timeout_s=0.5)
+    assert verdicts == {name: "preflight: the child ran past 0.5 s" for name in ("jkv_triton", "paged_triton")}
