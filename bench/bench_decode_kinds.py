@@ -20,17 +20,20 @@ Method (``bench/common.py``): each row is first checked against the XLA referenc
 timed (compile included); a row that fails to lower, run or check is recorded with its error and the run goes on.
 Then every row that passed is timed in ``--rounds`` interleaved rounds (``common.interleaved``: JAX rows as chained
 programs read from profiler traces, torch rows as CUDA graphs), and its per-round speed against ``torch_cudnn``
-(else the first row timed) is reported. TB/s = K+V bytes the lengths hold (Q8: its int8 codes and scales) /
-median time. Ceilings measured in the same run: a 1 GiB read stream (``common.read_bandwidth``) and a 1 GiB
-device copy (``common.copy_bandwidth``, read + write; needs torch).
+(else ``jkv_auto``, else the first row timed) is reported. TB/s = K+V bytes the lengths hold (Q8: its int8 codes
+and scales) / median time. Ceilings measured in the same run: a 1 GiB read stream (``common.read_bandwidth``)
+and a 1 GiB device copy (``common.copy_bandwidth``, read + write; needs torch). Before the shapes, the Mosaic GPU
+rows (``--preflight``) run once in a child process (``bench/preflight.py``): one that crashes, hangs or misses
+the reference there is recorded and not run here (a crash would poison this process's CUDA context).
 
 ``--smoke``: the shapes at CPU size (``decode_kinds.smoke_shape``), Triton kernels in interpret mode, jax's XLA
 path in cuDNN's place, no torch, wall-clock samples; the Mosaic GPU rows and every kernel's GPU path are lowered
 for CUDA instead of run (``--lower-only``: only that, at the shapes' real sizes, no arrays made).
 
 Usage: ``python bench/bench_decode_kinds.py --out DIR [--rounds 5] [--budget-s 420] [--shapes 1x4096 ...]
-[--resume DIR/bench_decode_kinds.json]``. Writes ``DIR/bench_decode_kinds.json`` after every shape (``--resume``
-keeps a time-limited run's shapes and adds the rest) and ``DIR/bench_decode_kinds.png``; prints a table last.
+[--rows jkv_mgpu torch_cudnn ...] [--resume DIR/bench_decode_kinds.json]``. Writes ``DIR/bench_decode_kinds.json``
+after every shape (``--resume`` keeps a time-limited run's shapes and adds the rest) and
+``DIR/bench_decode_kinds.png``; prints a table last.
 """
 
 from __future__ import annotations
@@ -79,10 +82,12 @@ def check(results, name, run, ref, extra=None) -> bool:
         err = common.rel_err(out, ref)
     except Exception as e:  # a row that does not lower or run here is reported, not fatal
         results[name] = {"error": f"{type(e).__name__}: {str(e)[:1500]}", **(extra or {})}
+        common.log(f"  checked {name}: {results[name]['error'][:300]}")
         return False
     results[name] = {"rel_err": err, "first_call_s": first, **(extra or {})}
     if not err <= kinds.TOL:
         results[name]["error"] = f"check failed: relative error {err:.3g} > {kinds.TOL}"
+    common.log(f"  checked {name}: relative error {err:.1e}, first call {first:.1f} s")
     return "error" not in results[name]
 
 
@@ -93,6 +98,8 @@ def jax_part(shape, rows, sets, refs, est_s, results, samplers, *, smoke: bool, 
         extra = {"fmt": row.fmt, "layout": row.layout}
         if name == "jkv_auto":
             extra["picks"] = kinds.auto_choice(shape)
+            if extra["picks"] == "mgpu" and "jkv_mgpu" in blocked:
+                blocked = {**blocked, name: f"takes jkv_mgpu's kernel, which failed: {blocked['jkv_mgpu']}"}
         if name in blocked:
             results[name] = {**extra, "error": blocked[name]}
             continue
