@@ -297,9 +297,10 @@ def plot(report: dict, path: Path, log) -> None:
     log(f"plot: {path}")
 
 
-def start_run(args, torch, log) -> dict:
+def start_run(args, torch, log, previous=()) -> dict:
     """The run's metadata, its ceilings (read stream; copy where torch runs) and, on a GPU, the preflight of the
-    rows named by ``--preflight`` (``bench/preflight.py``)."""
+    rows named by ``--preflight`` (``bench/preflight.py``; a resumed run on the same GPU kind reuses the verdicts
+    of the ``previous`` runs)."""
     from pallas_kernels import backend
 
     run = {"meta": {**common.meta(torch), "smoke": args.smoke}}
@@ -309,7 +310,13 @@ def start_run(args, torch, log) -> dict:
         run["copy"] = common.copy_bandwidth(torch)
     log(f"read stream {run['read']['tbps']:.3f} TB/s, copy {run.get('copy', {}).get('tbps', NAN):.3f} TB/s")
     names = [name for name in args.preflight if not args.rows or name in args.rows]
-    if names and not args.smoke and backend.on_gpu():
+    earlier = {
+        k: v for r in previous if r["meta"]["gpu"] == run["meta"]["gpu"] for k, v in r.get("preflight", {}).items()
+    }
+    if names and all(name in earlier for name in names):
+        run["preflight"] = {name: earlier[name] for name in names}
+        log(f"preflight verdicts of the resumed run: {json.dumps(run['preflight'])[:3000]}")
+    elif names and not args.smoke and backend.on_gpu():
         t0 = time.perf_counter()
         run["preflight"] = preflight.preflight(names)
         log(f"preflight ({time.perf_counter() - t0:.0f} s): {json.dumps(run['preflight'])[:3000]}")
@@ -335,7 +342,7 @@ def main(argv=None) -> dict:
     torch = None if args.smoke else common.load_torch()
     report = json.loads(args.resume.read_text()) if args.resume else {"runs": [], "shapes": []}
     report["shapes"] = [s for s in report["shapes"] if "error" not in s]  # a resumed run retries failed shapes
-    report["runs"].append(run := start_run(args, torch, log))
+    report["runs"].append(run := start_run(args, torch, log, report["runs"]))
     blocked = {name: f"preflight: {why}" for name, why in run.get("preflight", {}).items() if why}
     done, path, report["not_run"] = {s["name"] for s in report["shapes"]}, args.out / "bench_decode_kinds.json", []
     for text in args.shapes:
