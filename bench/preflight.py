@@ -19,7 +19,8 @@ SHAPES = ("4xr100-4000:32/8/128", "3xr64-2000:9/3/64", "2x1024:16/8/256")
 
 
 def check_rows(names, shapes=SHAPES) -> None:
-    """The child: each row at each shape against its XLA reference; one JSON line per row as soon as it is done."""
+    """The child: each row at each shape against its XLA reference (a row stops at its first failure); then one
+    JSON line per row."""
     import jax
 
     from bench import common
@@ -45,9 +46,10 @@ def check_rows(names, shapes=SHAPES) -> None:
         print(json.dumps({"row": name, "error": errors[name]}), flush=True)
 
 
-def preflight(names, *, timeout_s: float = 180.0, shapes=SHAPES) -> dict:
-    """``{row: None (passed) or why not}`` for ``names``, checked in a child process; where the child dies or hangs
-    before it reports, each row is tried again alone in a fresh child, so a crash is pinned on its own row."""
+def preflight(names, *, timeout_s: float = 150.0, shapes=SHAPES) -> dict:
+    """``{row: None (passed) or why not}`` for ``names``, checked in a child process. Where the child dies before
+    it reports, each row is tried again alone in a fresh child, so a crash is pinned on its own row; where it
+    hangs, the rows it did not report are given up (a retry would likely hang as long again)."""
     verdicts, queue = {}, [list(names)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     while queue:
@@ -55,16 +57,16 @@ def preflight(names, *, timeout_s: float = 180.0, shapes=SHAPES) -> dict:
         command = [sys.executable, "-m", "bench.preflight", *group, "--shapes", *shapes]
         try:
             proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-            out, fault = proc.stdout, f"the child exited with {proc.returncode}: {proc.stderr[-1500:]}"
+            out, fault, hung = proc.stdout, f"the child exited with {proc.returncode}: {proc.stderr[-1500:]}", False
         except subprocess.TimeoutExpired as e:  # its output comes as bytes whatever text= says
-            out, fault = (e.stdout or b"").decode(errors="replace"), f"the child ran past {timeout_s:g} s"
+            out, fault, hung = (e.stdout or b"").decode(errors="replace"), f"the child ran past {timeout_s:g} s", True
         for line in out.splitlines():
             if line.startswith('{"row"'):
                 report = json.loads(line)
                 verdicts[report["row"]] = report["error"]
         left = [name for name in group if name not in verdicts]
-        if len(group) == 1 and left:
-            verdicts[group[0]] = f"preflight: {fault}"
+        if hung or len(group) == 1:
+            verdicts.update({name: f"{fault} (rows {', '.join(group)})" for name in left})
         else:
             queue += [[name] for name in left]
     return verdicts

@@ -74,7 +74,30 @@ def test_preflight_reports_each_row_from_a_child():
     assert "cannot run here" in verdicts["jkv_mgpu"] and "no row 'nope'" in verdicts["nope"]
 
 
-def test_preflight_pins_a_hung_child_on_each_row():
-    """A child that reports nothing in time: each row is tried alone and gets its own verdict."""
+def test_preflight_gives_up_the_rows_of_a_hung_child():
+    """A child that reports nothing in time: its rows are given up with the reason, not retried."""
     verdicts = preflight.preflight(["jkv_triton", "paged_triton"], timeout_s=0.5)
-    assert verdicts == {name: "preflight: the child ran past 0.5 s" for name in ("jkv_triton", "paged_triton")}
+    assert verdicts == dict.fromkeys(
+        ("jkv_triton", "paged_triton"), "the child ran past 0.5 s (rows jkv_triton, paged_triton)"
+    )
+
+
+CRASHING_CHILD = """#!/bin/sh
+shift 2
+rows=""
+for a in "$@"; do [ "$a" = "--shapes" ] && break; rows="$rows $a"; done
+case "$rows" in *boom*) echo "Segmentation fault" >&2; exit 139;; esac
+for r in $rows; do echo "{\\"row\\": \\"$r\\", \\"error\\": null}"; done
+"""
+
+
+def test_preflight_pins_a_crash_on_its_row(tmp_path, monkeypatch):
+    """A child that dies before it reports: each row again alone, so only the crashing one fails (a stand-in for
+    the interpreter that crashes whenever it is given the row ``boom``)."""
+    child = tmp_path / "python"
+    child.write_text(CRASHING_CHILD)
+    child.chmod(0o755)
+    monkeypatch.setattr(preflight.sys, "executable", str(child))
+    verdicts = preflight.preflight(["a", "boom", "b"])
+    assert verdicts["a"] is None and verdicts["b"] is None
+    assert verdicts["boom"].startswith("the child exited with 139: Segmentation fault")
