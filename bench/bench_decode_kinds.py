@@ -335,6 +335,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="CPU-sized shapes, interpret mode, no torch")
     parser.add_argument("--lower-only", action="store_true", help="only lower every GPU path for CUDA")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least one round is needed")
     start, log = time.perf_counter(), common.log
     if args.lower_only:
         return kinds.lower_all(args.shapes, args.smoke, log, args.rows)
