@@ -2,7 +2,7 @@
 its peers, on one shape set.
 
 A shape is written ``BxS[:N/K/D]`` (every sequence full, capacity S) or ``Bxr{lo}-{hi}[:N/K/D]`` (ragged: B
-lengths drawn uniformly from ``lo..hi`` with :data:`RAGGED_SEED`, the same every run; capacity S = the longest,
+lengths drawn uniformly from ``lo..hi`` with :data:`SEED`, the same every run; capacity S = the longest,
 rounded up to 64); heads N/K/D default to 32/8/128.
 """
 
@@ -36,7 +36,7 @@ from pallas_kernels import (
 
 PAGE_SIZE = 16
 TOL = 3e-2  # relative error a row may have against its reference (bf16 output)
-RAGGED_SEED = 0
+SEED = 0  # of the ragged lengths and the page permutation: the same every run
 HEADS = (common.NUM_Q_HEADS, common.NUM_KV_HEADS, common.HEAD_DIM)
 SHAPE_NAMES = (
     "1x4096",
@@ -72,7 +72,7 @@ def parse_shape(text: str) -> Shape:
         return Shape(text, int(batch), int(seq), heads, None)
     if not 1 <= int(lo) <= int(hi):
         raise ValueError(f"shape {text!r}: ragged lengths need 1 <= lo={lo} <= hi={hi}")
-    lengths = np.random.default_rng(RAGGED_SEED).integers(int(lo), int(hi) + 1, size=int(batch))
+    lengths = np.random.default_rng(SEED).integers(int(lo), int(hi) + 1, size=int(batch))
     return Shape(text, int(batch), -(-int(lengths.max()) // 64) * 64, heads, tuple(int(x) for x in lengths))
 
 
@@ -102,7 +102,7 @@ def shape_inputs(shape: Shape, rotate_bytes: float, layouts=LAYOUTS) -> tuple[di
     sets, copies, est_s = common.decode_inputs(
         shape.batch, shape.seq, heads=shape.heads, lengths=shape.lengths, rotate_bytes=rotate_bytes
     )
-    key = jax.random.key(RAGGED_SEED)
+    key = jax.random.key(SEED)
     out = {"bf16": sets}
     if "paged" in layouts:
         out["paged"] = paged_sets(sets, PAGE_SIZE, key)
@@ -154,7 +154,6 @@ class Row(NamedTuple):
     fn: Callable
     fmt: str = "bf16"  # bytes counted: "bf16" or "q8"
     mgpu: bool = False  # Mosaic GPU only: lowered for CUDA, not run, where it cannot run
-    pads: bool = False  # takes no lengths: reads every sequence to S (ragged shapes: padded to the longest)
 
 
 def dot_product_attention(implementation: str, ragged: bool):
