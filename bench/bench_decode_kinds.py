@@ -33,7 +33,8 @@ for CUDA instead of run (``--lower-only``: only that, at the shapes' real sizes,
 Usage: ``python bench/bench_decode_kinds.py --out DIR [--rounds 5] [--budget-s 420] [--shapes 1x4096 ...]
 [--rows jkv_mgpu torch_cudnn ...] [--resume DIR/bench_decode_kinds.json]``. Writes ``DIR/bench_decode_kinds.json``
 after every shape (``--resume`` keeps a time-limited run's shapes and adds the rest) and
-``DIR/bench_decode_kinds.png``; prints a table last.
+``DIR/bench_decode_kinds.png`` (matplotlib, where importable; ``--replot JSON`` draws it later); prints a table
+last.
 """
 
 from __future__ import annotations
@@ -334,6 +335,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--preflight", nargs="*", default=list(MGPU_ROWS), help="rows run in a child process first")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized shapes, interpret mode, no torch")
     parser.add_argument("--lower-only", action="store_true", help="only lower every GPU path for CUDA")
+    parser.add_argument("--replot", type=Path, help="only draw the plot and table of a saved JSON into --out")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least one round is needed")
@@ -341,6 +343,10 @@ def main(argv=None) -> dict:
     if args.lower_only:
         return kinds.lower_all(args.shapes, args.smoke, log, args.rows)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot(report := json.loads(args.replot.read_text()), args.out / "bench_decode_kinds.png", log)
+        log(table(report))
+        return report
     torch = None if args.smoke else common.load_torch()
     report = json.loads(args.resume.read_text()) if args.resume else {"runs": [], "shapes": []}
     report["shapes"] = [s for s in report["shapes"] if "error" not in s]  # a resumed run retries failed shapes
