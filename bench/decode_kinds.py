@@ -33,6 +33,9 @@ from pallas_kernels import (
     paged_q8,
     reference,
 )
+from pallas_kernels import formats as kernel_formats
+from pallas_kernels.multi_token_args import multi_token_config
+from pallas_kernels.multi_token_quant import fp8_multi_token_attention, paged_fp8_multi_token_attention
 
 PAGE_SIZE = 16
 TOL = 3e-2  # relative error a row may have against its reference (bf16 output)
@@ -50,7 +53,9 @@ SHAPE_NAMES = (
     "16x8192:32/4/128",
     "32xr256-16384",
 )
-LAYOUTS = ("bf16", "paged", "q8", "q8_paged", "bshd")
+LAYOUTS = ("bf16", "paged", "q8", "q8_paged", "fp8", "fp8_paged", "bshd")
+# Bytes per position and kv head of K or V: bf16 values; int8 codes + a float16 scale per 32; e4m3 + a float32 scale.
+VALUE_BYTES = {"bf16": lambda d: 2 * d, "q8": lambda d: d + d // 32 * 2, "fp8": lambda d: d + 4}
 _SPEC = re.compile(r"^(\d+)x(?:(\d+)|r(\d+)-(\d+))(?::(\d+)/(\d+)/(\d+))?$")
 
 
@@ -84,11 +89,11 @@ def smoke_shape(shape: Shape) -> Shape:
 
 
 def kv_bytes(shape: Shape, fmt: str) -> int:
-    """K + V bytes a kernel must read: the sequences' positions only (ragged: their sum); ``fmt`` "bf16" or "q8"
-    (int8 codes and one float16 scale per 32 values)."""
+    """K + V bytes a kernel must read: the sequences' positions only (ragged: their sum), in format ``fmt``
+    (:data:`VALUE_BYTES`)."""
     _, kh, d = shape.heads
     positions = sum(shape.lengths) if shape.lengths else shape.batch * shape.seq
-    return 2 * positions * kh * (d * 2 if fmt == "bf16" else d + d // 32 * 2)
+    return 2 * positions * kh * VALUE_BYTES[fmt](d)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -110,6 +115,11 @@ def shape_inputs(shape: Shape, rotate_bytes: float, layouts=LAYOUTS) -> tuple[di
         out["q8"] = [(q, *quantize(k), *quantize(v), n) for q, k, v, n in sets]
     if "q8_paged" in layouts:
         out["q8_paged"] = paged_sets(out["q8"], PAGE_SIZE, key)
+    if {"fp8", "fp8_paged"} & set(layouts):
+        fp8 = kernel_formats.quantize_fp8
+        out["fp8"] = [(q, *fp8(k), *fp8(v), n) for q, k, v, n in sets]
+    if "fp8_paged" in layouts:
+        out["fp8_paged"] = paged_sets(out["fp8"], PAGE_SIZE, key)
     if "bshd" in layouts:
         out["bshd"] = [(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), n) for q, k, v, n in sets]
     return out, copies, est_s
@@ -124,24 +134,33 @@ def abstract_inputs(shape: Shape) -> dict:
     codes, scales = sd((b, kh, s, d), jnp.int8), sd((b, kh, s, d // 32), jnp.float16)
     pool_codes = sd((b * s // PAGE_SIZE, kh, PAGE_SIZE, d), jnp.int8)
     pool_scales = sd((b * s // PAGE_SIZE, kh, PAGE_SIZE, d // 32), jnp.float16)
+    e4m3, e4m3_scales = sd((b, kh, s, d), kernel_formats.FP8_DTYPE), sd((b, kh, s, 1), jnp.float32)
+    pool_e4m3 = sd((b * s // PAGE_SIZE, kh, PAGE_SIZE, d), kernel_formats.FP8_DTYPE)
+    pool_e4m3_scales = sd((b * s // PAGE_SIZE, kh, PAGE_SIZE, 1), jnp.float32)
     return {
         "bf16": (q, kv, kv, ints),
         "paged": (q, pool, pool, table, ints),
         "q8": (q, codes, scales, codes, scales, ints),
         "q8_paged": (q, pool_codes, pool_scales, pool_codes, pool_scales, table, ints),
+        "fp8": (q, e4m3, e4m3_scales, e4m3, e4m3_scales, ints),
+        "fp8_paged": (q, pool_e4m3, pool_e4m3_scales, pool_e4m3, pool_e4m3_scales, table, ints),
         "bshd": (q, sd((b, s, kh, d), jnp.bfloat16), sd((b, s, kh, d), jnp.bfloat16), ints),
     }
 
 
 def references(shape: Shape, sets: dict) -> dict:
-    """The XLA references on the first input set: ``bf16`` (every bf16 row, paged ones included), ``q8`` (the Q8
-    rows: the kernel's own error, not the format's), ``full`` (every sequence read to S: what a padding peer
-    computes)."""
+    """The XLA references on the first input set: ``bf16`` (every bf16 row, paged ones included), ``q8`` / ``fp8``
+    (over the dequantized cache: the kernel's own error, not the format's), ``full`` (every sequence read to S:
+    what a padding peer computes)."""
     q, k, v, n = sets["bf16"][0]
     ref = jax.jit(reference.decode_attention_reference)
     out = {"bf16": ref(q, k, v, n)}
     if "q8" in sets:
         out["q8"] = jax.jit(reference.q8_decode_attention_reference)(*sets["q8"][0])
+    if "fp8" in sets:
+        _, kv, ks, vv, vs, _ = sets["fp8"][0]
+        deq = lambda x, s: kernel_formats.dequantize_fp8(x, s, jnp.float32)
+        out["fp8"] = jax.jit(lambda q, *a: ref(q, deq(*a[:2]), deq(*a[2:4]), a[4]))(q, kv, ks, vv, vs, n)
     out["full"] = ref(q, k, v, jnp.full_like(n, shape.seq)) if shape.lengths else out["bf16"]
     return out
 
@@ -152,7 +171,7 @@ def references(shape: Shape, sets: dict) -> dict:
 class Row(NamedTuple):
     layout: str  # which input sets it reads (shape_inputs)
     fn: Callable
-    fmt: str = "bf16"  # bytes counted: "bf16" or "q8"
+    fmt: str = "bf16"  # bytes counted and reference: "bf16", "q8" or "fp8"
     mgpu: bool = False  # Mosaic GPU only: lowered for CUDA, not run, where it cannot run
 
 
@@ -170,9 +189,23 @@ def dot_product_attention(implementation: str, ragged: bool):
     return fn
 
 
+def multi_token_step(kernel, shape: Shape):
+    """What ``jkv.attend`` runs at T = 1 for a kind without a decode kernel (FP8): the multi-token ``kernel``, one
+    query per sequence at position ``n - 1`` (``lengths = n - 1, counts = 1``), jkv's launch rule for it."""
+    n_heads, kh, d = shape.heads
+    config = multi_token_config(n_heads, kh, d, kernel_formats.FP8_DTYPE, max_len=shape.seq, max_count=1)
+
+    def fn(q, *arrays_and_lengths):
+        *arrays, n = arrays_and_lengths
+        starts = jnp.arange(q.shape[0], dtype=jnp.int32)
+        return kernel(q, *arrays, starts, n - 1, jnp.ones_like(n), config=config)
+
+    return fn
+
+
 def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
     """jkv's kernel for each cache kind (the contiguous dispatch and both of its kernels, paged page 16 in Triton
-    and Mosaic GPU, Q8 contiguous and paged) and jax's cuDNN attention (its XLA path in a smoke run)."""
+    and Mosaic GPU, Q8 and FP8 contiguous and paged) and jax's cuDNN attention (its XLA path in a smoke run)."""
     ragged = shape.lengths is not None
     return {
         "jkv_auto": Row("bf16", dispatch.decode_attention_auto),
@@ -182,6 +215,8 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
         "paged_mgpu": Row("paged", decode_mgpu_paged.paged_decode_attention_mgpu, mgpu=True),
         "q8_triton": Row("q8", decode_q8.q8_decode_attention, fmt="q8"),
         "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
+        "fp8_triton": Row("fp8", multi_token_step(fp8_multi_token_attention, shape), fmt="fp8"),
+        "fp8paged_triton": Row("fp8_paged", multi_token_step(paged_fp8_multi_token_attention, shape), fmt="fp8"),
         ("jax_xla" if smoke else "jax_cudnn"): Row("bshd", dot_product_attention("xla" if smoke else "cudnn", ragged)),
     }
 

@@ -38,7 +38,7 @@ def check_rows(names, shapes=SHAPES) -> None:
                 continue
             try:
                 out = jax.block_until_ready(jax.jit(row.fn)(*sets[row.layout][0]))
-                err = common.rel_err(out, refs["q8" if row.fmt == "q8" else "bf16"])
+                err = common.rel_err(out, refs[row.fmt])
                 errors[name] = None if err <= kinds.TOL else f"{text}: relative error {err:.3g} > {kinds.TOL}"
             except Exception as e:
                 errors[name] = f"{text}: {type(e).__name__}: {str(e)[:1000]}"

@@ -39,6 +39,7 @@ def test_bytes_count_the_lengths_and_the_format():
     full = decode_kinds.parse_shape("2x128:4/2/64")
     assert decode_kinds.kv_bytes(full, "bf16") == 2 * 2 * 2 * 128 * 64 * 2
     assert decode_kinds.kv_bytes(full, "q8") == 2 * 2 * 2 * 128 * (64 + 64 // 32 * 2)
+    assert decode_kinds.kv_bytes(full, "fp8") == 2 * 2 * 2 * 128 * (64 + 4)  # e4m3 values, a float32 scale
     ragged = decode_kinds.parse_shape("3xr16-100:4/2/64")
     assert decode_kinds.kv_bytes(ragged, "bf16") == 2 * sum(ragged.lengths) * 2 * 64 * 2
 
