@@ -60,6 +60,7 @@ from bench.decode_kinds_report import plot, shape_lines, table
 
 NAN = float("nan")
 MGPU_ROWS = ("jkv_mgpu", "paged_mgpu")  # the kernels new to the GPU: preflighted in a child process
+TORCH_ROWS = {"torch_cudnn": "CUDNN_ATTENTION", "torch_flash": "FLASH_ATTENTION"}  # torch SDPA backends
 
 
 def wall_sampler(fn, arg_sets):
@@ -133,10 +134,10 @@ def torch_part(torch, shape, sets, refs, est_s, results, samplers, only) -> None
 
     tsets = common.torch_inputs(torch, sets["bf16"])
     padded = {"padded_to": shape.seq} if shape.lengths else {}
-    for name, which in (("torch_cudnn", SDPBackend.CUDNN_ATTENTION), ("torch_flash", SDPBackend.FLASH_ATTENTION)):
+    for name in TORCH_ROWS:
         if only and name not in only:
             continue
-        fn = common.torch_sdpa(which)
+        fn = common.torch_sdpa(getattr(SDPBackend, TORCH_ROWS[name]))
 
         def run(fn=fn):
             out = fn(*tsets[0])[:, :, 0]
@@ -239,6 +240,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least one round is needed")
+    known = [*kinds.jax_rows(kinds.parse_shape("1x64"), smoke=False), "jax_xla", *TORCH_ROWS]
+    if unknown := [name for name in (args.rows or []) + args.preflight if name not in known]:
+        parser.error(f"no rows {unknown}; expected some of {known}")
     start, log = time.perf_counter(), common.log
     if args.lower_only:
         return kinds.lower_all(args.shapes, args.smoke, log, args.rows)
