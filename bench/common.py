@@ -262,21 +262,43 @@ def copy_bandwidth(torch, nbytes: int = 1 << 30, trials: int = 20) -> dict:
     return {"bytes": 2 * nbytes, "time_s": t, "tbps": 2 * nbytes / t / 1e12}
 
 
-def decode_inputs(batch: int, seq: int) -> tuple[list, int, float]:
-    """Rotating input sets ``(q [B, N, D], k, v [B, K, T, D], lengths)`` (bf16, every sequence full) for one
-    shape: enough copies to exceed ``ROTATE_BYTES``. Returns ``(sets, copies, est_s)``, ``est_s`` a first guess
-    of one call's time (for the calls per timed program)."""
+def read_bandwidth(nbytes: int = 1 << 30, timer=None) -> dict:
+    """A read stream over ``nbytes`` of bf16 (a row sum of ``[rows, 8192]``, writing 1/4096 of what it reads),
+    timed as the kernels are (:func:`time_jax`; each call scaled by tanh of the last one's first sum, so none
+    merges): the ceiling of a kernel that reads its input once and writes little. ``timer``: another
+    ``time_jax``-like function (a smoke run's wall clock)."""
+    rows = max(1, nbytes // 2 // 8192)
+    x = jax.random.normal(jax.random.key(0), (rows, 8192), jnp.bfloat16)
+    first = jnp.ones((rows,), jnp.float32)
+    fn = lambda last, x: jnp.sum(x * jnp.tanh(last[0]).astype(x.dtype), axis=1, dtype=jnp.float32)
+    timing = (timer or time_jax)(fn, [(first, x)], est_s=x.nbytes / 3e12)
+    del x
+    return {"bytes": rows * 8192 * 2, **timing, "tbps": rows * 8192 * 2 / timing["time_s"] / 1e12}
+
+
+def decode_inputs(
+    batch: int,
+    seq: int,
+    *,
+    heads: tuple[int, int, int] = (NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM),
+    lengths=None,
+    rotate_bytes: float = ROTATE_BYTES,
+) -> tuple[list, int, float]:
+    """Rotating input sets ``(q [B, N, D], k, v [B, K, T, D], lengths)`` (bf16; ``heads`` = N, K, D; every
+    sequence full unless ``lengths`` are given) for one shape: enough copies to exceed ``rotate_bytes``. Returns
+    ``(sets, copies, est_s)``, ``est_s`` a first guess of one call's time (for the calls per timed program)."""
+    num_q_heads, num_kv_heads, head_dim = heads
     key = jax.random.key(batch * 100003 + seq)
-    nbytes = kv_bytes(batch, seq)
-    copies = max(1, math.ceil(ROTATE_BYTES / nbytes))
+    nbytes = 2 * batch * num_kv_heads * seq * head_dim * 2
+    copies = max(1, math.ceil(rotate_bytes / nbytes))
     est_s = nbytes / 2.5e12 + 5e-6
-    lengths = jnp.full((batch,), seq, jnp.int32)
+    lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     sets = []
     for i in range(copies):
         kq, kk, kv = jax.random.split(jax.random.fold_in(key, i), 3)
-        q = jax.random.normal(kq, (batch, NUM_Q_HEADS, HEAD_DIM), jnp.bfloat16)
-        k = jax.random.normal(kk, (batch, NUM_KV_HEADS, seq, HEAD_DIM), jnp.bfloat16)
-        v = jax.random.normal(kv, (batch, NUM_KV_HEADS, seq, HEAD_DIM), jnp.bfloat16)
+        q = jax.random.normal(kq, (batch, num_q_heads, head_dim), jnp.bfloat16)
+        k = jax.random.normal(kk, (batch, num_kv_heads, seq, head_dim), jnp.bfloat16)
+        v = jax.random.normal(kv, (batch, num_kv_heads, seq, head_dim), jnp.bfloat16)
         sets.append((q, k, v, lengths))
     return sets, copies, est_s
 
