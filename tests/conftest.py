@@ -6,6 +6,9 @@ import zlib
 # Eight host devices so the sharding tests can build meshes on a CPU-only machine. Must precede importing jax;
 # unsharded code still runs on device 0 as before.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# One OpenMP thread for torch (the HF references) and NumPy's BLAS: the suite runs one pytest worker per core, and
+# torch's spinning thread pool beside a busy JAX runs HF's models many times slower. Read when torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax
 import numpy as np
