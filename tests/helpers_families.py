@@ -276,3 +276,58 @@ def teacher_forced(params, cache, padded, lengths, tokens, *, config, options, w
     out = jnp.swapaxes(out, 0, 1)  # (B, steps, 2, V)
     steps = jnp.concatenate([out[:, :wrong_at, 0], out[:, wrong_at], out[:, wrong_at + 1 :, 0]], axis=1)
     return logits, steps, cache
+
+
+def flat_columns(prompts, tokens, width: int = 32, pad: int = 7, wrong_at=None):
+    """The inputs of ``flat_forced`` for the comparison ``teacher_forced`` makes, in the serving step's form (flat
+    steps of ``width`` rows, those past the real tokens padding): the prompts as one flat step, then one step per
+    column of ``tokens [B, S]`` (one token per sequence), or with ``wrong_at=j`` columns ``j`` and ``j + 1`` and a
+    wrong token (``tokens[:, j] + 1``) in one step of 3 tokens per sequence, rolled back by one. Each step reads
+    two rows per sequence (the same row twice but in that 3-token step)."""
+    b, s = tokens.shape
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    steps = [(np.concatenate(prompts), lengths, np.repeat(np.cumsum(lengths) - 1, 2), 0)]
+    one, first = np.ones(b, np.int32), np.repeat(np.arange(b), 2)
+    j = 0
+    while j < s:
+        if j == wrong_at:
+            three = np.stack([tokens[:, j], tokens[:, min(j + 1, s - 1)], tokens[:, j] + 1], -1).reshape(-1)
+            steps.append((three, 3 * one, (3 * np.arange(b)[:, None] + [0, 1]).reshape(-1), 1))
+            j += 2
+        else:
+            steps.append((tokens[:, j], one, first, 0))
+            j += 1
+    flat = np.full((len(steps), width), pad, np.int32)
+    for i, (t, _, _, _) in enumerate(steps):
+        flat[i, : len(t)] = t
+    counts, rows, back = (np.array([x[k] for x in steps], np.int32) for k in (1, 2, 3))
+    return flat, counts, rows, np.repeat(back[:, None], b, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "options", "rollback"), compiler_options=FAST_COMPILE)
+def flat_forced(params, cache, tokens, counts, rows, back, *, config, options, rollback=False):
+    """One compile for a whole comparison in the serving step's form (``flat_columns``): one flat step per row of
+    ``tokens [S, T]`` (``counts [S, B]`` tokens per sequence, ``llama.flat_hidden_states``, a ``lax.scan``), the
+    logits of its ``rows [S, R]``, and with ``rollback`` the cache rolled back by ``back [S, B]`` after it (the
+    rejection of a speculative draft). Returns the logits ``[S, R, V]`` and the cache."""
+
+    def step(cache, x):
+        tokens, counts, rows, back = x
+        h, cache = llama.flat_hidden_states(params, cache, tokens, counts, config=config, options=options)
+        if rollback:
+            cache = cache.rollback(cache.lengths - back)
+        return cache, llama.lm_head(params, h[rows], options, config=config)
+
+    cache, logits = jax.lax.scan(step, cache, (tokens, counts, rows, back))
+    return logits, cache
+
+
+def forced_logits(logits, wrong_at=None):
+    """``flat_forced``'s logits ``[S, 2B, V]`` as ``teacher_forced`` returns them: the prefill's ``[B, V]`` and
+    one row per column ``[B, columns, V]``."""
+    logits = np.asarray(logits)
+    first = logits[:, 0::2]  # (S, B, V): each sequence's first row
+    steps = [first[i] for i in range(1, len(logits))]
+    if wrong_at is not None:  # the 3-token step: its two right rows
+        steps[wrong_at : wrong_at + 1] = [first[wrong_at + 1], logits[wrong_at + 1, 1::2]]
+    return first[0], np.stack(steps, 1)

@@ -16,6 +16,7 @@ def random_params(config, seed: int = 0, scale: float = 0.02, layout: str = "lay
     def draw(path, leaf):
         name = getattr(path[-1], "name", "")
         mean, std = (1.0, 0.1) if name.endswith("norm") else (0.0, 1.0 if name == "embed" else scale)
-        return jnp.asarray(np.asarray(mean + std * rng.standard_normal(leaf.shape), leaf.dtype))
+        # device_put, not jnp.asarray: that compiles a small staging program per shape
+        return jax.device_put(np.asarray(mean + std * rng.standard_normal(leaf.shape), leaf.dtype))
 
     return jax.tree_util.tree_map_with_path(draw, shapes)

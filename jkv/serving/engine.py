@@ -18,8 +18,10 @@ import sys
 import time
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jkv.models import llama
 from jkv.serving import steps
@@ -80,6 +82,9 @@ class Engine:
         self._inflight = None  # (token ids on the device, {slot: request}, label, dispatch time, compile s)
         self._resets = np.zeros(self.num_slots, bool)  # slots to empty at the start of the next step
         self._no_tokens = jnp.zeros(self.num_slots, jnp.int32)
+        if mesh is not None:  # placed as the steps return token ids (split over dp like the slots): one compile
+            split = PartitionSpec("dp") if mesh.shape.get("dp", 1) > 1 else PartitionSpec()
+            self._no_tokens = jax.device_put(self._no_tokens, NamedSharding(mesh, split))
         self._last_read, self._last_read_compile = time.perf_counter(), 0.0
         self._compile0 = 0.0  # compile seconds before the first submission the stats count
         self._done: dict[int, Completion] = {}

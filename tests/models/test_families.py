@@ -10,10 +10,22 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from helpers_compile import FAST_COMPILE
-from helpers_families import FAMILIES, STEPS, WINDOW, loaded_family, padded_prompts, teacher_forced
+from helpers_families import (
+    FAMILIES,
+    STEPS,
+    WINDOW,
+    flat_columns,
+    flat_forced,
+    forced_logits,
+    loaded_family,
+    padded_prompts,
+    teacher_forced,
+)
 
 import jkv
 from jkv.models import llama
+
+XLA = llama.LlamaOptions(impl="xla")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -35,18 +47,23 @@ def test_config_options(family):
 
 @pytest.mark.parametrize("kind", ["f32", "paged"])
 def test_matches_hf(family, kind):
-    """Ragged prefill, then 31 decode steps fed HF's greedy tokens (one compiled scan): logits and argmax against
-    HF's after the prefill and after every step."""
+    """A ragged prefill, then 31 decode steps fed HF's greedy tokens (one compiled scan): logits and argmax against
+    HF's after the prefill and after every step. Contiguous: through ``llama.prefill`` and ``llama.decode_step``;
+    paged (pages of 8): in the serving step's form, flat steps of 32 rows (all prompts as one step, then one token
+    per sequence; rows past the real tokens are padding), the prefill and every step one compiled program."""
     _, loaded, prompts, refs = family
     c = loaded.config
     padded, lengths = padded_prompts(prompts)
     spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
-    cache = jkv.make_cache(kind, spec, len(prompts))
+    cache = jkv.make_cache(kind, spec, len(prompts), **({"page_size": 8} if kind == "paged" else {}))
     tokens = np.array([t for t, _ in refs])  # (B, STEPS)
-    logits, steps, cache = teacher_forced(
-        loaded.params, cache, padded, lengths, tokens[:, :-1], config=c, options=llama.LlamaOptions(impl="xla")
-    )
-    logits, steps = np.asarray(logits), np.asarray(steps)
+    model = dict(config=c, options=XLA)
+    if kind == "paged":
+        logits, cache = flat_forced(loaded.params, cache, *flat_columns(prompts, tokens[:, :-1]), **model)
+        logits, steps = forced_logits(logits)
+    else:
+        logits, steps, cache = teacher_forced(loaded.params, cache, padded, lengths, tokens[:, :-1], **model)
+        logits, steps = np.asarray(logits), np.asarray(steps)
     want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
     assert rel_err(logits, want) < 1e-5
     assert (logits.argmax(-1) == tokens[:, 0]).all()
@@ -64,16 +81,15 @@ def flat_logits(params, cache, tokens, counts, rows, *, config, options):
     return llama.lm_head(params, h[rows], options, config=config), cache
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_flat_steps(family, impl):
-    """The serving step's form (a fixed bucket of 32 rows, those past the real tokens padding): all prompts as one
-    flat step, then 8 flat decode steps of one token per sequence fed HF's greedy tokens (past the window), on a
-    paged cache; the Pallas multi-token kernel in interpret mode (4 steps) for Gemma 2 only (window, soft cap,
-    query scale); the XLA path for Mistral and Gemma 3."""
+def test_flat_steps_on_the_pallas_kernel(family):
+    """The serving step's form on the Pallas multi-token kernel (interpret mode) for Gemma 2 only (window, soft
+    cap, query scale): all prompts as one flat step of 32 rows (those past the real tokens padding), then 4 flat
+    decode steps of one token per sequence fed HF's greedy tokens (past the window), on a paged cache
+    (test_matches_hf runs the XLA path on every family)."""
     name, loaded, prompts, refs = family
-    if name not in {"pallas": ("gemma2",), "xla": ("mistral", "gemma3")}[impl]:
-        pytest.skip("the families with windows cover the flat step; one runs the kernel in interpret mode")
-    c, options = loaded.config, llama.LlamaOptions(impl=impl)
+    if name != "gemma2":
+        pytest.skip("one family with windows runs the kernel in interpret mode")
+    c, options = loaded.config, llama.LlamaOptions(impl="pallas")
     spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64)
     cache = jkv.make_cache("paged", spec, len(prompts), page_size=8)
     step = functools.partial(flat_logits, loaded.params, config=c, options=options)
@@ -84,7 +100,7 @@ def test_flat_steps(family, impl):
     want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
     assert rel_err(logits, want) < 1e-5
     ones, first, padding = jnp.ones(len(prompts), jnp.int32), np.arange(len(prompts)), [7] * (32 - len(prompts))
-    for j in range(4 if impl == "pallas" else 8):
+    for j in range(4):
         tokens = np.array([t[j] for t, _ in refs] + padding, np.int32)
         logits, cache = step(cache, tokens, ones, first)
         want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
@@ -115,12 +131,13 @@ def test_transformers4_spellings_and_refusals():
 
 
 def test_layer_layouts_and_init(family, rng):
-    """Per-layer buffers give the stacked layout's logits; random init passes the shape checks of the family."""
+    """Per-layer buffers give the stacked layout's logits; random init passes the shape checks of the family (its
+    shapes: traced, not run)."""
     name, loaded, _, _ = family
     if name != "gemma3":
         pytest.skip("Gemma 3 has every per-layer option")
     c = loaded.config
-    llama.check_params(llama.init_params(c, jax.random.key(0), layout="stacked"), c)
+    llama.check_params(jax.eval_shape(lambda: llama.init_params(c, jax.random.key(0), layout="stacked")), c)
     tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 10)), jnp.int32)
     spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16)
     forward = functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="xla"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from helpers_compile import FAST_COMPILE
+from helpers_params import random_params as numpy_params
 
 import jkv
 from jkv.models import llama
@@ -30,6 +31,7 @@ CONFIGS = {
 }
 IDS = [name for name in CONFIGS if name != "q8able-gqa2"]
 XLA = llama.LlamaOptions(impl="xla")
+LAST = jnp.full((3,), 4, jnp.int32)  # the last of 5 prompt tokens: the prefill shape of three tests
 
 
 FAST = FAST_COMPILE  # every float32 program below; the bfloat16 one compiles with the default options
@@ -38,18 +40,20 @@ FAST = FAST_COMPILE  # every float32 program below; the bfloat16 one compiles wi
 @functools.cache
 def jitted(name, config, impl="xla", **options):
     """``llama.<name>`` compiled for ``config`` (eager dispatch op by op is far slower than one compile), float32
-    weights."""
+    weights, the cache donated (as served). One per (name, config, options): tests of equal shapes share compiles."""
     options = llama.LlamaOptions(impl=impl, **options)
-    return jax.jit(functools.partial(getattr(llama, name), config=config, options=options), compiler_options=FAST)
+    fn = functools.partial(getattr(llama, name), config=config, options=options)
+    return jax.jit(fn, donate_argnums=1, compiler_options=FAST)
 
 
 # One compile per params structure (eager, each leaf shape's stack or slice compiles on its own).
 with_layout = jax.jit(llama.with_layout, static_argnums=1)
 
 
-def random_params(config, seed=0, layout="layers", dtype=jnp.float32):
-    # Larger weights than init_params' default so that attention and the MLP move the logits a lot.
-    return with_layout(llama.init_params(config, jax.random.key(seed), dtype=dtype, scale=0.15), layout)
+def random_params(config, seed=0, layout="layers"):
+    # init_params' distribution drawn by NumPy (nothing compiles), larger weights than its default so that
+    # attention and the MLP move the logits a lot.
+    return numpy_params(config, seed, scale=0.15, layout=layout)
 
 
 def make_cache(config, batch, max_len, dtype=jnp.float32, kind="contiguous"):
@@ -121,11 +125,9 @@ def test_prefill_then_decode_equals_one_full_pass(name, rng):
     assert rel_err(logits, full) < 1e-5
     np.testing.assert_array_equal(np.asarray(cache.lengths), [11] * 3)
     cache = make_cache(config, 3, 16)
-    logits, cache = jitted("prefill", config)(params, cache, tokens[:, :5])
+    logits, cache = jitted("prefill", config)(params, cache, tokens[:, :5], LAST)
     assert rel_err(logits, full[:, 4]) < 1e-5
-    step = jax.jit(
-        functools.partial(llama.decode_step, config=config, options=XLA), donate_argnums=1, compiler_options=FAST
-    )
+    step = jitted("decode_step", config)
     for t in range(5, 11):
         logits, cache = step(params, cache, jnp.asarray(tokens[:, t], jnp.int32))
         assert rel_err(logits, full[:, t]) < 1e-5, t
@@ -134,13 +136,13 @@ def test_prefill_then_decode_equals_one_full_pass(name, rng):
 
 
 def test_ragged_batch_prefill_and_decode(rng):
-    """Right-padded prompts of lengths 3, 7, 1: prefill reads each at its own last token, rollback drops the
-    padding, and a batched decode step matches each sequence run alone."""
+    """Right-padded prompts of lengths 3, 5, 1: prefill reads each at its own last token, rollback drops the
+    padding, and a batched decode step matches each sequence run alone (test_prefill_then_decode's shapes)."""
     config = CONFIGS["llama-gqa4-untied"]
     params = random_params(config, seed=3)
-    lengths = np.array([3, 7, 1], np.int32)
+    lengths = np.array([3, 5, 1], np.int32)
     seqs = [rng.integers(0, config.vocab_size, n + 4) for n in lengths]
-    padded = np.zeros((3, 8), np.int32)
+    padded = np.zeros((3, 5), np.int32)
     for i, n in enumerate(lengths):
         padded[i, :n] = seqs[i][:n]
     cache = make_cache(config, 3, 16)
@@ -220,14 +222,14 @@ def test_other_cache_types_plug_in(kind, rng):
 
 def test_pallas_decode_matches_xla(rng):
     """impl="pallas" goes through jkv.attend_write to the Pallas kernel that writes the new row and
-    attends in one launch (interpret mode off GPU): ragged lengths, several steps, logits and cache contents
-    equal the XLA path's."""
+    attends in one launch (interpret mode off GPU): ragged lengths, several steps after one (XLA) prefill, logits
+    and cache contents equal the XLA path's."""
     config = CONFIGS["llama-gqa4-untied"]
     params = random_params(config, seed=6)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 8)))  # the shapes of the tests above: shared compiles
     outs, caches = {}, {}
     for impl in ("xla", "pallas"):
-        _, cache = jitted("prefill", config, impl)(params, make_cache(config, 3, 16), tokens[:, :5])
+        _, cache = jitted("prefill", config)(params, make_cache(config, 3, 16), tokens[:, :5], LAST)
         cache = cache.rollback(jnp.asarray([5, 1, 3]))  # ragged: sequence 1 continues from position 1
         got = []
         for t in range(5, 8):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from helpers_compile import FAST_COMPILE
+from helpers_params import random_params
 
 import jkv
 from jkv import parallel
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices 
 
 @pytest.fixture(scope="module")
 def model():
-    params = llama.init_params(CONFIG, jax.random.key(3), jnp.float32, scale=0.2)
+    params = random_params(CONFIG, seed=3, scale=0.2)
     spec = jkv.CacheSpec(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, MAX_LEN, jnp.float32)
     prompt = np.random.default_rng(0).integers(0, CONFIG.vocab_size, size=(BATCH, 6))
     cache = jkv.KVCache.init(spec, BATCH)
@@ -93,37 +94,43 @@ def test_layout_errors_name_the_numbers(model):
         llama.check_layout(odd, parallel.make_mesh(tp=8))
 
 
-@pytest.mark.parametrize("dp,tp", [(2, 2), (1, 4)], ids=lambda x: str(x))
-def test_engine_on_a_mesh_matches_unsharded(model, dp, tp):
+MESH_PROMPTS = [np.random.default_rng(1).integers(0, CONFIG.vocab_size, size=n).tolist() for n in (3, 7, 5, 9, 4)]
+
+
+def engine_tokens(params, mesh):
+    """The tokens of 5 requests on 4 slots (one waits), and the engine. One token bucket: each engine's mixed step
+    compiles once."""
     from jkv.serving import Engine, SamplingParams
 
-    params, _, _ = model
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, CONFIG.vocab_size, size=n).tolist() for n in (3, 7, 5, 9, 4)]
+    engine = Engine(
+        params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla", buckets=(16,), max_batch_tokens=16
+    )
+    for p in MESH_PROMPTS:
+        engine.submit(p, SamplingParams(max_new_tokens=6))
+    return [c.tokens for c in engine.run(show_progress=False)], engine
 
-    def run(mesh):
-        # One token bucket: each engine's mixed step compiles once.
-        engine = Engine(
-            params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla", buckets=(16,), max_batch_tokens=16
-        )
-        for p in prompts:
-            engine.submit(p, SamplingParams(max_new_tokens=6))
-        done = engine.run(show_progress=False)
-        return [c.tokens for c in done], engine
 
-    want, _ = run(None)
-    got, engine = run(parallel.make_mesh(tp=tp, dp=dp))
-    assert got == want
+@pytest.fixture(scope="module")
+def unsharded_tokens(model):
+    return engine_tokens(model[0], None)[0]
+
+
+@pytest.mark.parametrize("dp,tp", [(2, 2), (1, 4)], ids=lambda x: str(x))
+def test_engine_on_a_mesh_matches_unsharded(model, unsharded_tokens, dp, tp):
+    got, engine = engine_tokens(model[0], parallel.make_mesh(tp=tp, dp=dp))
+    assert got == unsharded_tokens
     # The engine's default cache is paged: kv heads stayed split over tp, the slots' tables over dp.
     assert {s.data.shape[2] for s in engine.cache.pages[0].addressable_shards} == {CONFIG.num_kv_heads // tp}
     assert {s.data.shape[0] for s in engine.cache.block_tables.addressable_shards} == {4 // dp}
+    # The first step's inputs are placed as the later steps' are: each step compiled once (private: the jits).
+    assert [f._cache_size() for f in engine.steps._own.values()] == [1] * len(engine.steps._own)
 
 
 @pytest.mark.parametrize("kind", ["q8", "paged", "fp8", "fp8-paged"])
 def test_q8_and_paged_caches_shard_and_decode(kind):
     """Q8 caches split like contiguous ones; the paged pool splits over kv heads, block tables over batch."""
     config = llama.LlamaConfig(128, 64, 128, 2, 8, 4, 32)
-    params = llama.init_params(config, jax.random.key(4), jnp.float32, scale=0.2)
+    params = random_params(config, seed=4, scale=0.2)
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, MAX_LEN, jnp.float32)
     cache = jkv.make_cache(kind, spec, BATCH, **({"page_size": 8} if kind == "paged" else {}))
     tokens = jnp.asarray([3, 17, 99, 5], jnp.int32)
