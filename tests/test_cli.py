@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 from helpers_loading import needs_smollm, write_tiny_gguf
+from helpers_smollm import load_shared
 
+import jkv.loading
 from jkv import cli
 
 QUESTION = "What is the capital of France? Answer in one word."
@@ -17,8 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @needs_smollm
-def test_default_model_answers_and_is_deterministic(capsys):
-    """Run once as a fresh process through ``python -m jkv.cli`` and once in-process: same greedy text."""
+def test_default_model_answers_and_is_deterministic(capsys, monkeypatch):
+    """Run once as a fresh process through ``python -m jkv.cli`` and once in-process (with the load of the shipped
+    model that other tests of the process share): same greedy text."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     args = ["generate", QUESTION, "--max-new-tokens", "24"]
     proc = subprocess.run(
@@ -27,6 +30,7 @@ def test_default_model_answers_and_is_deterministic(capsys):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout, proc.stdout
     assert "tokens/s" in proc.stderr and "compile" in proc.stderr and "prefill" in proc.stderr
+    monkeypatch.setattr(jkv.loading, "load", load_shared)
     assert cli.main([*args, "--quiet"]) == 0
     assert capsys.readouterr().out == proc.stdout
 

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from helpers_loading import needs_smollm, write_tiny_gguf
+from helpers_smollm import load_shared
 
 import jkv.loading
 from jkv import cli
@@ -16,22 +17,11 @@ from jkv.serving import engine
 PROMPTS = ["What is the capital of France? Answer in one word.", "Name a primary colour.", "Say hello."]
 
 
-_LOADED = {}
-
-
 @pytest.fixture
 def load_once(monkeypatch):
-    """The CLI's loads of the shipped model share one ``LoadedModel`` (immutable): these tests are about what the
-    CLI does with the model, and each load costs seconds."""
-    real = jkv.loading.load
-
-    def load(path, dtype=None, **options):
-        key = (path, dtype, tuple(sorted((k, v) for k, v in options.items() if k != "progress")))
-        if key not in _LOADED:
-            _LOADED[key] = real(path, dtype, **options)
-        return _LOADED[key]
-
-    monkeypatch.setattr(jkv.loading, "load", load)
+    """The CLI's loads of the shipped model share one ``LoadedModel`` (immutable) with every test of the process:
+    these tests are about what the CLI does with the model, and each load costs seconds."""
+    monkeypatch.setattr(jkv.loading, "load", load_shared)
 
 
 def answer_alone(prompt, capsys, *extra):
@@ -184,7 +174,8 @@ def test_batch_refuses_what_one_prompt_refuses(tiny_gguf, batch, capsys, options
 
 
 def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tiny_gguf, batch, capsys):
-    """One slot: answers finish one by one. An interrupt after the second keeps both printed and sums them up."""
+    """One slot: answers finish one by one. An interrupt after the second keeps both printed and sums them up.
+    Prompts go over several steps of two tokens (both runs: one compiled step per token bucket for the two)."""
     popped = []
     original = engine.Engine.pop_finished
 
@@ -197,13 +188,14 @@ def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tin
 
     monkeypatch.setattr(engine.Engine, "pop_finished", pop_then_interrupt)
     args = ["generate", "--batch-file", batch, "--model", tiny_gguf, "--max-new-tokens", "3", "--num-slots", "1"]
+    args += ["--max-batch-tokens", "2"]
     assert cli.main(args) == 130
     out, err = capsys.readouterr()
     assert out.startswith("[line 1] the the\n") and "[line 3] the cat\n" in out and "[line 4]" not in out
     assert "[2 answers of 4 requests, " in err and "tokens/s over 1 slots]" in err and "jkv: interrupted" in err
 
     monkeypatch.setattr(engine.Engine, "pop_finished", original)
-    assert cli.main([*args, "--max-batch-tokens", "2"]) == 0  # prompts over several steps of two tokens
+    assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert [int(n) for n in re.findall(r"^\[line (\d+)\]", out, re.M)] == [1, 3, 4, 5]
     assert re.search(r"\[4 answers of 4 requests, \d+ tokens in [\d.]+ s: [\d.]+ tokens/s over 1 slots\]", err)

