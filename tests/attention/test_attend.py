@@ -47,22 +47,19 @@ def filled(kind, rng, lengths, hidden=(0, 0, 0)):
     k, v = (rng.standard_normal((2, BATCH, 2, 32, 64)) for _ in range(2))
     for b, n in enumerate(hidden):
         k[:, b, :, :n] = v[:, b, :, :n] = np.nan
-    return _fill(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), counts_of(*lengths), kind=kind)
+    past = (np.arange(32)[None, :] >= np.asarray(lengths)[:, None])[None, :, None, :, None]  # nothing there is read
+    k, v = (np.where(past, np.nan, x).astype(np.float32) for x in (k, v))
+    return _fill(k, v, counts_of(*lengths), kind=kind)
 
 
 @functools.partial(fast_jit, static_argnames="kind")  # one compile, not hundreds of eager ops
 def _fill(k, v, lengths, *, kind):
+    """Every position of every layer written (NaN past the lengths), then rolled back to the lengths."""
     paged = jkv.caches.kind(kind).paged
-    cache = jkv.make_cache(kind, SPEC, BATCH, **({"page_size": 8} if paged else {}))
-    # every stored position NaN first: nothing past the lengths may be read
-    nan = jnp.full((BATCH, 2, 32, 64), jnp.nan)
-    cache = cache.begin(32)
-    for layer in range(2):
-        cache = cache.write(layer, nan, nan)
-    cache = cache.commit().rollback(0).begin(lengths)
+    cache = jkv.make_cache(kind, SPEC, BATCH, **({"page_size": 8} if paged else {})).begin(32)
     for layer in range(2):
         cache = cache.write(layer, k[layer], v[layer])
-    return cache.commit()
+    return cache.commit().rollback(lengths)
 
 
 # The calls under test, jitted with the layer and options static (as a model's unrolled layers pass them): eager
