@@ -266,5 +266,6 @@ class Cache(abc.ABC):
         """The format's arrays as this layout stores them (what a kernel reads)."""
 
 
-# Jitted: an eager write compiles the format's encoding once, not each of its primitives.
-_encode_checked = jax.jit(lambda format, k, v: format.encode_checked(k, v), static_argnums=0)
+@jax.jit(static_argnums=0)  # an eager write compiles the format's encoding once, not each of its primitives
+def _encode_checked(format, k, v):
+    return format.encode_checked(k, v)

@@ -28,8 +28,9 @@ def take(data, lengths, errors, max_len: int, format, dtype, trim: bool) -> Snap
     return Snapshot(host, lengths, np.asarray(errors).copy(), max_len, format, np.dtype(dtype).name)
 
 
-# Jitted: one program per kept length for all the arrays, not one eager slice per array.
-_first = jax.jit(lambda data, keep: tuple(x[:, :, :, :keep] for x in data), static_argnums=1)
+@jax.jit(static_argnums=1)  # one program per kept length for all the arrays, not one eager slice per array
+def _first(data, keep: int):
+    return tuple(x[:, :, :, :keep] for x in data)
 
 
 def padded(snap: Snapshot, max_len: int | None) -> tuple[tuple[np.ndarray, ...], int]:
