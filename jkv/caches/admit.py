@@ -4,6 +4,9 @@ on fresh pages, or after a shared prefix of pinned pages; and a whole contiguous
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,19 +20,26 @@ def admit(cache, slot, ok, single, arrays, prefix):
     hit = (jnp.arange(cache.batch) == slot) & ok
     if prefix is not None:
         return _admit_shared(cache, ok, hit, single, arrays, prefix)
-    before = cache
+    out, got, n, free = _admit_fresh(cache, slot, ok, single, tuple(arrays))
+    checks.host_all(
+        got,
+        lambda: (
+            f"page pool exhausted: admitting a sequence of length {int(single.lengths[0])} needs {int(n)} pages "
+            f"of {cache.page_size}, only {int(free)} of {cache.num_pages} are free"
+        ),
+    )
+    return out
+
+
+@jax.jit  # an eager admission compiles once, not each primitive
+def _admit_fresh(cache, slot, ok, single, arrays):
+    """The admission on fresh pages, ``got [B]``, the pages it needs and the free pages it found."""
+    hit = (jnp.arange(cache.batch) == slot) & ok
     cache = cache._release_rows(hit)
     n = pool.cdiv(single.lengths[0], cache.page_size)
     j = jnp.arange(cache.max_pages)[None, :]
     need = hit[:, None] & (j < n) & (j >= cache.first_page(single.lengths[0]))  # a ring: only what it keeps
     tables, refcounts, got, fresh = pool.allocate(cache.block_tables, cache.refcounts, need)
-    checks.host_all(
-        got,
-        lambda: (
-            f"page pool exhausted: admitting a sequence of length {int(single.lengths[0])} needs {int(n)} pages "
-            f"of {before.page_size}, only {int(cache.num_free_pages())} of {before.num_pages} are free"
-        ),
-    )
     ps, m = cache.page_size, pool.cdiv(single.max_len, cache.page_size)
     dst = fresh[jnp.where(ok, slot, 0), :m]  # [m], P where no page (dropped)
 
@@ -39,7 +49,7 @@ def admit(cache, slot, ok, single, arrays, prefix):
         return buf.at[:, dst].set(pages.astype(buf.dtype), mode="drop")
 
     served = hit & got
-    return cache.replace(
+    out = cache.replace(
         pages=tuple(put(buf, x) for buf, x in zip(cache.pages, arrays, strict=True)),
         block_tables=tables,
         refcounts=refcounts,
@@ -48,6 +58,7 @@ def admit(cache, slot, ok, single, arrays, prefix):
         errors=jnp.where(hit, jnp.where(got, single.errors[0], ERR_POOL_EXHAUSTED), cache.errors)
         | jnp.where(ok, 0, ERR_BAD_SLOT),
     )
+    return out, got, n, cache.num_free_pages()
 
 
 def _admit_shared(cache, ok, hit, single, arrays, prefix):
@@ -116,28 +127,36 @@ def _extend_from(cache, hit, single, arrays):
 
 def paged_from_contiguous(paged, cache, arrays):
     """The empty ``paged`` cache holding ``cache``'s sequences (``arrays``: its data in ``paged``'s format)."""
-    page_size, max_len = paged.page_size, cache.spec.max_len
-    m = pool.cdiv(max_len, page_size)
-    j = jnp.arange(m)[None, :]
-    need = (j < pool.cdiv(cache.lengths, page_size)[:, None]) & (j >= paged.first_page(cache.lengths)[:, None])
-    tables, refcounts, got, fresh = pool.allocate(paged.block_tables, paged.refcounts, need)
+    out, got, need = _page_all(paged, cache.lengths, cache.errors, tuple(arrays), cache.spec.max_len)
     checks.host_all(
         got,
         lambda: (
-            f"page pool exhausted: lengths={np.asarray(cache.lengths)} need {int(need.sum())} pages of "
-            f"{page_size}, the pool has {paged.num_pages}"
+            f"page pool exhausted: lengths={np.asarray(cache.lengths)} need {int(need)} pages of "
+            f"{paged.page_size}, the pool has {paged.num_pages}"
         ),
     )
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="max_len")  # an eager call compiles once, not each primitive
+def _page_all(paged, lengths, errors, arrays, max_len: int):
+    """``paged`` holding sequences of ``lengths`` stored as ``arrays``, ``got [B]`` and the pages they need."""
+    page_size = paged.page_size
+    m = pool.cdiv(max_len, page_size)
+    j = jnp.arange(m)[None, :]
+    need = (j < pool.cdiv(lengths, page_size)[:, None]) & (j >= paged.first_page(lengths)[:, None])
+    tables, refcounts, got, fresh = pool.allocate(paged.block_tables, paged.refcounts, need)
 
     def put(buf, x):  # x [L, B, K, S, X] -> pages [L, B, m, K, page_size, X]
         x = jnp.pad(x, ((0, 0),) * 3 + ((0, m * page_size - max_len), (0, 0)))
         nl, b, kh, _, d = x.shape
         return buf.at[:, fresh].set(x.reshape(nl, b, kh, m, page_size, d).swapaxes(2, 3).astype(buf.dtype), mode="drop")
 
-    return paged.replace(
+    out = paged.replace(
         pages=tuple(put(buf, x) for buf, x in zip(paged.pages, arrays, strict=True)),
         block_tables=tables,
         refcounts=refcounts,
-        lengths=jnp.where(got, cache.lengths, 0),
-        errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
+        lengths=jnp.where(got, lengths, 0),
+        errors=errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED),
     )
+    return out, got, jnp.sum(need)

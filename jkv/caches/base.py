@@ -172,7 +172,7 @@ class Cache(abc.ABC):
     def encode_new(self, k, v, slot, positions):
         """The format's arrays of the new tokens ``[N, K, X]`` (token-major, ``tokens.token_major``) and the range
         errors ``[B]`` of the live ones."""
-        arrays, fits = self.format.encode_checked(tokens.token_major(k), tokens.token_major(v))  # fits [N, K]
+        arrays, fits = _encode_checked(self.format, tokens.token_major(k), tokens.token_major(v))  # fits [N, K]
         bad = tokens.any_per_slot(jnp.any(~fits, axis=1) & (positions < self.max_len), slot, self.batch)
         checks.host_all(
             ~bad,
@@ -264,3 +264,8 @@ class Cache(abc.ABC):
     @abc.abstractmethod
     def storage(self) -> tuple:
         """The format's arrays as this layout stores them (what a kernel reads)."""
+
+
+@jax.jit(static_argnums=0)  # an eager write compiles the format's encoding once, not each of its primitives
+def _encode_checked(format, k, v):
+    return format.encode_checked(k, v)

@@ -4,8 +4,10 @@ reads coalesced. One final class for every format; the step protocol is ``jkv.ca
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 from jax import lax
@@ -202,6 +204,12 @@ def _convert(data, source: Format, target: Format, dtype) -> tuple[Any, ...]:
     """Arrays of ``source`` re-stored in ``target`` (as they are when the formats agree)."""
     if source == target:
         return data
+    return _reencode(tuple(data), source, target, jnp.dtype(dtype))
+
+
+# Jitted: converting eagerly compiles once per pair of formats and shape, not each primitive.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _reencode(data, source: Format, target: Format, dtype) -> tuple[Any, ...]:
     k, v = source.decode(data, jnp.float32)
     k, v = source.from_stored(k), source.from_stored(v)
     return target.encode(k.astype(dtype), v.astype(dtype))

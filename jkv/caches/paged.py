@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax import lax
+from jax import jit, lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int
 
@@ -323,6 +323,7 @@ class PagedKVCache(Cache):
         """The logical contents as a contiguous cache of this format (positions without a page are zero)."""
         return self._contiguous(self.block_tables, self.lengths, self.errors, self.max_len)
 
+    @jit(static_argnames="max_len")  # the cache a pytree argument: an eager read compiles once, not per primitive
     def _contiguous(self, tables: Array, lengths: Array, errors: Array, max_len: int) -> KVCache:
         """The pages of ``tables [B', m]`` as contiguous arrays ``[L, B', K, max_len, X]``."""
         held = (tables >= 0)[None, :, :, None, None, None]

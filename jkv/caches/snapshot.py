@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 
@@ -23,8 +24,13 @@ def take(data, lengths, errors, max_len: int, format, dtype, trim: bool) -> Snap
     positions are kept."""
     lengths = np.asarray(lengths).copy()
     keep = max(int(lengths.max(initial=0)), 1) if trim else max_len
-    host = tuple(np.asarray(x[:, :, :, :keep]) for x in data)
+    host = tuple(np.asarray(x) for x in _first(tuple(data), keep))
     return Snapshot(host, lengths, np.asarray(errors).copy(), max_len, format, np.dtype(dtype).name)
+
+
+@jax.jit(static_argnums=1)  # one program per kept length for all the arrays, not one eager slice per array
+def _first(data, keep: int):
+    return tuple(x[:, :, :, :keep] for x in data)
 
 
 def padded(snap: Snapshot, max_len: int | None) -> tuple[tuple[np.ndarray, ...], int]:

@@ -56,7 +56,7 @@ def machine(kind: str):
         def ragged_step(self, counts):
             counts = np.asarray(counts)
             k, v = self._new(BATCH, T), self._new(BATCH, T)
-            self.cache = _step(self.cache, jnp.asarray(counts, jnp.int32), jnp.asarray(k), jnp.asarray(v))
+            self.cache = _step(self.cache, counts.astype(np.int32), k, v)  # NumPy in: no eager conversions
             fits = self.lengths + counts <= SPEC.max_len
             for b in np.flatnonzero(fits):
                 n, c = self.lengths[b], counts[b]
@@ -70,7 +70,7 @@ def machine(kind: str):
         @rule(data=st.data())
         def rollback(self, data):
             new = np.array([data.draw(st.integers(0, int(n))) for n in self.lengths])
-            self.cache = _rollback(self.cache, jnp.asarray(new, jnp.int32))
+            self.cache = _rollback(self.cache, new.astype(np.int32))
             self.lengths = new
 
         @rule(slot=st.integers(0, BATCH - 1))
@@ -82,7 +82,7 @@ def machine(kind: str):
         def insert_prefilled(self, slot, n):
             single = jkv.caches.kind(kind).single(SPEC.replace(max_len=8))
             k, v = self._new(1, 8), self._new(1, 8)
-            single = _step(single, jnp.int32(n), jnp.asarray(k), jnp.asarray(v))
+            single = _step(single, np.int32(n), k, v)
             self.cache = _insert(self.cache, slot, single)
             self.k[:, slot, :, :n] = k[:, 0, :, :n]
             self.v[:, slot, :, :n] = v[:, 0, :, :n]
@@ -109,7 +109,8 @@ def machine(kind: str):
 @pytest.mark.parametrize("kind", jkv.kinds())
 def test_random_operations_match_the_model(kind):
     model = machine(kind)
-    # The float32 kind at the full count; the others (same code paths, other formats) at a few examples each.
-    examples, steps = (40, 25) if kind == "f32" else (5, 20)
+    # The float32 kind at the full count (500 operations); the others (same code paths, other formats) at a few
+    # examples each.
+    examples, steps = (20, 25) if kind == "f32" else (5, 20)
     model.TestCase.settings = settings(max_examples=examples, stateful_step_count=steps, deadline=None)
     model.TestCase("runTest").runTest()

@@ -1,7 +1,10 @@
 """The storage formats: Q8's round trip bound (plain and Hadamard-rotated), its scales, the rotation itself, and
 format errors. (fp8's bound: tests/caches/test_kinds.py; every cache kind's behaviour: the same file.)"""
 
+import functools
+
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,19 +116,23 @@ def hadamard_f64(n):
     return (-1.0) ** bits / np.sqrt(n)
 
 
+# Jitted as it runs inside a step (eagerly, each butterfly stage's operations would compile one by one).
+_hadamard = jax.jit(hadamard, static_argnums=1)
+
+
 @pytest.mark.parametrize("impl", HADAMARD_IMPLS)
 @pytest.mark.parametrize("d,block", [(32, 32), (64, 64), (96, 32), (128, 128), (192, 64), (256, 256)])
 def test_hadamard_is_the_orthonormal_block_matrix(rng, d, block, impl):
     assert hadamard_block(d) == block
     x = rng.standard_normal((3, 5, d))
     want = x.reshape(3, 5, d // block, block) @ hadamard_f64(block)  # block diagonal
-    got = hadamard(jnp.asarray(x, jnp.float32), impl)
+    got = _hadamard(jnp.asarray(x, jnp.float32), impl)
     chex.assert_type(got, jnp.float32)
     np.testing.assert_allclose(np.asarray(got, np.float64), want.reshape(x.shape), atol=1e-5 * np.abs(x).max())
     # Its own inverse, and dot products (attention scores) are kept.
-    np.testing.assert_allclose(np.asarray(hadamard(got, impl)), x, atol=1e-5 * np.abs(x).max())
+    np.testing.assert_allclose(np.asarray(_hadamard(got, impl)), x, atol=1e-5 * np.abs(x).max())
     y = rng.standard_normal((3, 5, d))
-    dots = np.sum(np.asarray(got, np.float64) * np.asarray(hadamard(jnp.asarray(y, jnp.float32), impl)), -1)
+    dots = np.sum(np.asarray(got, np.float64) * np.asarray(_hadamard(jnp.asarray(y, jnp.float32), impl)), -1)
     np.testing.assert_allclose(dots, np.sum(x * y, -1), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="impl='fft' is not one of"):
         hadamard(got, "fft")
@@ -138,9 +145,14 @@ def test_rotation_spreads_outlier_channels(rng):
     x[:, [3, 40]] *= 20  # two outlier channels, as measured in the default model's keys
     err = {}
     for rotated in (False, True):
-        spec = jkv.CacheSpec(num_layers=1, num_kv_heads=1, head_dim=64, max_len=4096)
-        xs = jnp.asarray(x, jnp.float32)[None, None]  # (B, K, T, D)
-        cache = jkv.KVCache.init(spec, 1).begin(4096).write(0, xs, xs).commit()
-        k = cache.with_format(jkv.Q8(rotated=rotated)).layer(0, jnp.float32)[0]
+        k = _stored_in(jnp.asarray(x, jnp.float32)[None, None], jkv.Q8(rotated=rotated))  # (B, K, T, D)
         err[rotated] = np.linalg.norm(np.asarray(k[0, 0]) - x) / np.linalg.norm(x)
     assert err[True] < err[False] / 2, err
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stored_in(xs, fmt):
+    """Keys ``xs [1, 1, T, D]`` written to a float cache, re-stored in ``fmt`` and read back as float32."""
+    spec = jkv.CacheSpec(num_layers=1, num_kv_heads=1, head_dim=xs.shape[-1], max_len=xs.shape[2])
+    cache = jkv.KVCache.init(spec, 1).begin(xs.shape[2]).write(0, xs, xs).commit()
+    return cache.with_format(fmt).layer(0, jnp.float32)[0]

@@ -58,11 +58,14 @@ def assert_allocator_consistent(cache):
 
 
 def step_both(rng, paged, ref, t, advance=None):
-    """A step of T tokens per sequence (or ``advance[b]``) on both caches: begin, every layer writes, commit."""
-    n = jnp.full(ref.batch, t, jnp.int32) if advance is None else jnp.asarray(advance, jnp.int32)
+    """A step of T tokens per sequence (or ``advance[b]``) on both caches: begin, every layer writes, commit. The
+    writes are padded to 16 or 32 tokens (a sequence writes its first counts[b]): one compiled write per cache
+    type, batch and bucket, whatever T."""
+    n = np.full(ref.batch, t, np.int32) if advance is None else np.asarray(advance, np.int32)
+    width = 16 if t <= 16 else SPEC.max_len
     paged, ref = _begin(paged, n), _begin(ref, n)
     for layer in range(SPEC.num_layers):
-        k, v = rand_kv(rng, ref.batch, t)
+        k, v = rand_kv(rng, ref.batch, width)
         paged, ref = _write(paged, layer, k, v), _write(ref, layer, k, v)
     paged, ref = _commit(paged), _commit(ref)
     assert not np.asarray(paged.errors).any() and not np.asarray(ref.errors).any()
@@ -199,6 +202,7 @@ def test_a_write_outside_a_step_touches_nothing(rng):
 _pin = jax.jit(lambda c, i, n: c.pin(i, n))
 _unpin = jax.jit(lambda c, pages: c.unpin(pages))
 _insert_shared = jax.jit(lambda c, i, single, pages, n: c.insert_into_slot(i, single, prefix=(pages, n)))
+_read_pinned = jax.jit(lambda c, pages, n: c.read_pinned(pages, n))
 
 
 def test_pinned_prefix_outlives_its_sequence_and_is_shared_by_later_ones(rng):
@@ -216,11 +220,12 @@ def test_pinned_prefix_outlives_its_sequence_and_is_shared_by_later_ones(rng):
     assert_allocator_consistent(paged)
 
     # A new prompt shares the first 10 positions: continue from the pinned pages, "prefill" 6 more.
-    read = paged.read_pinned(pages[:2], 10)
+    first_two = np.asarray(pages)[:2]  # sliced on the host: no compile
+    read = _read_pinned(paged, first_two, 10)
     assert read.max_len == 2 * PAGE and int(read.lengths[0]) == 10
     np.testing.assert_array_equal(np.asarray(read.data[0])[:, 0, :, :10], k0[:, :, :10])
-    single = jkv.KVCache.init(SPEC, 1).insert_into_slot(0, read)
-    single, _ = step_both(rng, single, jkv.KVCache.init(SPEC, 1).insert_into_slot(0, read), 6)
+    single = _insert(jkv.KVCache.init(SPEC, 1), 0, read)
+    single, _ = step_both(rng, single, single, 6)
     admitted = _insert_shared(paged, 1, single, pages, 10)
     ref = _insert(ref, 1, single)
     assert_same_contents(admitted, ref)
@@ -229,7 +234,7 @@ def test_pinned_prefix_outlives_its_sequence_and_is_shared_by_later_ones(rng):
     np.testing.assert_array_equal(np.asarray(admitted.refcounts)[[row[0], row[1], after[1]]], [2, 1, 1])
     assert_allocator_consistent(admitted)
     # The pinned pages kept their contents (sequence 1 wrote positions 10..15 into its copy).
-    np.testing.assert_array_equal(np.asarray(admitted.read_pinned(pages[:2], 13).data[0])[:, 0, :, :13], k0)
+    np.testing.assert_array_equal(np.asarray(_read_pinned(admitted, first_two, 13).data[0])[:, 0, :, :13], k0)
 
     # Unpinning frees the page no table names; the shared one stays with sequence 1.
     freed = _unpin(admitted, pages)
@@ -245,8 +250,8 @@ def test_pin_and_shared_insert_errors(rng):
         paged.pin(0, 10)
     with pytest.raises(ValueError, match="unpin of pages"):
         paged.unpin(paged.block_tables[0])
-    pinned, pages = paged.pin(0, 9)
-    single = ref.extract_slot(0)
+    pinned, pages = _pin(paged, 0, 9)
+    single = _extract(ref, 0, None)
     with pytest.raises(ValueError, match="must be covered by pinned pages"):
         pinned.insert_into_slot(1, single, prefix=(paged.block_tables[1], 4))  # no pages there
     with pytest.raises(ValueError, match="must be covered by pinned pages"):

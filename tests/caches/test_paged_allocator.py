@@ -19,6 +19,8 @@ hypothesis has cut examples short, until the rules have run 10,000 operations. E
 tests/caches/test_paged.py.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,18 +38,61 @@ PAGES = 10  # fewer than BATCH * 4: the pool runs out often
 SINGLE_LEN = 8  # max_len of the prefill caches that admit sequences
 OPERATIONS, STEPS = 10_000, 100  # STEPS per hypothesis example, initialize included
 
-# The step protocol: begin(n) (pages reserved once), every layer writes, commit.
-_step = jax.jit(lambda c, k, v, n: _write_layers(c.begin(n), k, v).commit())
+# The step protocol: begin(n) (pages reserved once), every layer writes, commit. Writes are padded to T_MAX positions
+# (a sequence writes its first n): one compiled step for every step size.
+_step = jax.jit(lambda c, k, v, n: _with_errors(_write_layers(c.begin(n), k, v).commit()))
 _rollback = jax.jit(lambda c, n: c.rollback(n))
 _reset_slot = jax.jit(lambda c, i: c.reset_slot(i))
 _fork = jax.jit(lambda c, s, d: c.fork(s, d))
-_insert = jax.jit(lambda c, i, s: c.insert_into_slot(i, s))
+_insert = jax.jit(lambda c, i, s: _with_errors(c.insert_into_slot(i, s)))
 _pin = jax.jit(lambda c, i, n: c.pin(i, n))
 _unpin = jax.jit(lambda c, pages: c.unpin(pages))
-_insert_shared = jax.jit(lambda c, i, s, pages, n: c.insert_into_slot(i, s, prefix=(pages, n)))
-_read_pinned = jax.jit(lambda c, pages, n: c.read_pinned(pages, n).data[0])
-_contents = jax.jit(lambda c: c.to_contiguous().data[0])
-_clear = jax.jit(lambda c: c.clear_errors())
+_insert_shared = jax.jit(lambda c, i, s, pages, n: _with_errors(c.insert_into_slot(i, s, prefix=(pages, n))))
+T_MAX = 6
+PINNED = 2  # prefix-cache entries held at most
+
+
+def _with_errors(cache):
+    """The cache with its error bits cleared, and the bits (checked against the model's, then forgotten)."""
+    return cache.clear_errors(), cache.errors
+
+
+def _observed(c, pinned_pages, pinned_lengths):
+    """Everything the invariant reads: the allocator's arrays, the logical contents of layer arrays ``k``, and the
+    contents of the ``PINNED`` pinned entries (``pinned_pages [PINNED, M]``, unused rows ``NO_PAGE``, length 0)."""
+    pinned = [c.read_pinned(pages, n).data[0] for pages, n in zip(pinned_pages, pinned_lengths, strict=True)]
+    return {
+        "tables": c.block_tables,
+        "refcounts": c.refcounts,
+        "pins": c.pins,
+        "lengths": c.lengths,
+        "errors": c.errors,
+        "free": c.num_free_pages(),
+        "k": c.to_contiguous().data[0],
+        "pinned": jnp.stack(pinned),
+    }
+
+
+# One program and one transfer: the observed arrays raveled into a float32 vector (integers here are < 2**24).
+_observe = jax.jit(
+    lambda *a: jnp.concatenate([x.ravel().astype(jnp.float32) for _, x in sorted(_observed(*a).items())])
+)
+
+
+@functools.cache
+def _observed_shapes():
+    cache = jkv.PagedKVCache.init(SPEC, BATCH, page_size=PAGE, num_pages=PAGES)
+    pages = np.full((PINNED, cache.max_pages), -1, np.int32)
+    return jax.eval_shape(_observed, cache, pages, np.zeros(PINNED, np.int32))
+
+
+def _unravel(flat):
+    """The dict of ``_observed`` from ``_observe``'s vector."""
+    out, at = {}, 0
+    for name, x in sorted(_observed_shapes().items()):
+        out[name] = flat[at : at + x.size].reshape(x.shape).astype(x.dtype)
+        at += x.size
+    return out
 
 
 def _write_layers(cache, k, v):
@@ -59,11 +104,9 @@ def _write_layers(cache, k, v):
 def _single(k, v, length):
     """A one-sequence contiguous float32 cache holding ``k``, ``v`` ``[L, 1, K, S, D]``, of length ``length``."""
     spec = SPEC.replace(max_len=k.shape[3])
-    zeros = jnp.zeros(1, jnp.int32)
-    lengths = jnp.asarray([length], jnp.int32)
-    return jkv.KVCache(
-        (jnp.asarray(k), jnp.asarray(v)), lengths, zeros, zeros, spec=spec, format=jkv.Plain(jnp.float32)
-    )
+    zeros = np.zeros(1, np.int32)  # NumPy leaves: the jitted operation takes them as they are
+    lengths = np.asarray([length], np.int32)
+    return jkv.KVCache((k, v), lengths, zeros, zeros, spec=spec, format=jkv.Plain(jnp.float32))
 
 
 def cdiv(a, b):
@@ -133,11 +176,13 @@ class PagedModel(RuleBasedStateMachine):
     @rule(t=st.sampled_from([1, 3, 6]), advance=st.lists(st.booleans(), min_size=BATCH, max_size=BATCH))
     def grow(self, t, advance):
         """A step: the sequences marked advance declare T new tokens (the others 0), every layer writes T
-        positions, commit. A sequence whose step passes max_len or finds no pages gets count 0 and a flag."""
+        positions (padded to T_MAX), commit. A sequence whose step passes max_len or finds no pages gets count 0
+        and a flag."""
         type(self).steps += 1
-        k = self.rng.standard_normal((SPEC.num_layers, BATCH, 1, t, SPEC.head_dim)).astype(np.float32)
+        k = self.rng.standard_normal((SPEC.num_layers, BATCH, 1, T_MAX, SPEC.head_dim)).astype(np.float32)
+        k[:, :, :, t:] = np.nan  # padding past the step's T: never stored
         n = np.where(advance, t, 0).astype(np.int32)
-        self.cache = _step(self.cache, jnp.asarray(k), jnp.asarray(-k), jnp.asarray(n))
+        self.cache, errors = _step(self.cache, k, -k, n)
 
         fits = [self.lengths[b] + int(n[b]) <= SPEC.max_len for b in range(BATCH)]
         got = self._reserve([self.lengths[b] + int(n[b]) * fits[b] for b in range(BATCH)])  # begin
@@ -146,15 +191,15 @@ class PagedModel(RuleBasedStateMachine):
                 self.errors[b] |= ERR_WRITE_OVERFLOW
             elif n[b] and got[b]:
                 start = self.lengths[b]
-                self.values[b, start : start + t] = k[:, b, 0].transpose(1, 0, 2)  # (T, L, D)
+                self.values[b, start : start + t] = k[:, b, 0, :t].transpose(1, 0, 2)  # (T, L, D)
                 self.lengths[b] += t
-        self._check_errors_then_clear()
+        self._check_errors(errors)
 
     @rule(data=st.data())
     def rollback(self, data):
         type(self).steps += 1
         new = [data.draw(st.integers(0, n)) for n in self.lengths]
-        self.cache = _rollback(self.cache, jnp.asarray(new, jnp.int32))
+        self.cache = _rollback(self.cache, np.asarray(new, np.int32))
         for b in range(BATCH):
             self.lengths[b] = new[b]
             del self.rows[b][cdiv(new[b], PAGE) :]
@@ -180,7 +225,7 @@ class PagedModel(RuleBasedStateMachine):
         type(self).steps += 1
         k = self.rng.standard_normal((SPEC.num_layers, 1, 1, SINGLE_LEN, SPEC.head_dim)).astype(np.float32)
         single = _single(k, -k, n)
-        self.cache = _insert(self.cache, slot, single)
+        self.cache, errors = _insert(self.cache, slot, single)
         self.rows[slot] = []
         if cdiv(n, PAGE) <= PAGES - len(self._live()):
             self.rows[slot] = [self._fresh() for _ in range(cdiv(n, PAGE))]
@@ -188,16 +233,17 @@ class PagedModel(RuleBasedStateMachine):
             self.values[slot, :SINGLE_LEN] = k[:, 0, 0].transpose(1, 0, 2)
         else:
             self.lengths[slot], self.errors[slot] = 0, ERR_POOL_EXHAUSTED
-        self._check_errors_then_clear()
+        self._check_errors(errors)
 
     @rule(slot=st.integers(0, BATCH - 1), frac=st.floats(0, 1))
     def pin(self, slot, frac):
         """A prefix cache keeps the first n positions of a sequence (at most 2 entries, so the pool stays usable)."""
         type(self).steps += 1
-        if len(self.pinned) >= 2:
+        if len(self.pinned) >= PINNED:
             self.unpin(0)
         n = int(frac * self.lengths[slot])
         self.cache, pages = _pin(self.cache, slot, n)
+        pages = np.asarray(pages)
         ids = list(self.rows[slot][: cdiv(n, PAGE)])
         self.pinned.append((ids, n, self.values[slot, :n].copy(), pages))
 
@@ -223,7 +269,7 @@ class PagedModel(RuleBasedStateMachine):
         k = self.rng.standard_normal((SPEC.num_layers, 1, 1, SPEC.max_len, SPEC.head_dim)).astype(np.float32)
         k[:, 0, 0, :n] = np.nan  # the shared positions must come from the pages, never from the prefill cache
         single = _single(k, -k, n + t)
-        self.cache = _insert_shared(self.cache, slot, single, pages, n)
+        self.cache, errors = _insert_shared(self.cache, slot, single, pages, n)
         self.rows[slot] = list(ids[: cdiv(n, PAGE)])  # old pages given back, the prefix's attached
         self.lengths[slot], self.errors[slot] = n, 0
         got = self._reserve([n + t if b == slot else self.lengths[b] for b in range(BATCH)])[slot]
@@ -233,11 +279,11 @@ class PagedModel(RuleBasedStateMachine):
             self.values[slot, n : n + t] = k[:, 0, 0, n : n + t].transpose(1, 0, 2)
         else:
             self.rows[slot], self.lengths[slot] = [], 0
-        self._check_errors_then_clear()
+        self._check_errors(errors)
 
-    def _check_errors_then_clear(self):
-        assert np.asarray(self.cache.errors).tolist() == self.errors, (np.asarray(self.cache.errors), self.errors)
-        self.cache = _clear(self.cache)
+    def _check_errors(self, errors):
+        """The operation's error bits (the cache has them cleared already) are the model's; both start over."""
+        assert np.asarray(errors).tolist() == self.errors, (np.asarray(errors), self.errors)
         self.errors = [0] * BATCH
 
     # ------------------------------------------------------------------ checks after every step
@@ -245,9 +291,14 @@ class PagedModel(RuleBasedStateMachine):
     def agrees_with_model(self):
         if not hasattr(self, "cache"):
             return
-        tables = np.asarray(self.cache.block_tables)
-        refcounts = np.asarray(self.cache.refcounts)
-        assert np.asarray(self.cache.lengths).tolist() == self.lengths
+        pinned_pages = np.full((PINNED, self.cache.max_pages), -1, np.int32)
+        pinned_lengths = np.zeros(PINNED, np.int32)
+        for i, (_, n, _, pages) in enumerate(self.pinned):
+            pinned_pages[i], pinned_lengths[i] = np.asarray(pages), n
+        seen = _unravel(np.asarray(_observe(self.cache, pinned_pages, pinned_lengths)))
+        tables, refcounts = seen["tables"], seen["refcounts"]
+        assert seen["lengths"].tolist() == self.lengths
+        assert seen["errors"].tolist() == self.errors  # every operation's bits were checked and cleared
         # Structure: physical pages where the model holds ids, shared exactly as the model shares ids.
         phys_of = {}
         for b, row in enumerate(self.rows):
@@ -256,27 +307,27 @@ class PagedModel(RuleBasedStateMachine):
                 assert phys_of.setdefault(page_id, tables[b, j]) == tables[b, j], "one id, two pages"
         assert len(set(phys_of.values())) == len(phys_of), "two ids, one page: a live page shared without a fork"
         # Counts: refcounts are the histogram of table entries; free pages are those no table names.
-        for ids, n, values, pages in self.pinned:  # pinned pages: the model's ids, alive, contents kept
-            pages = np.asarray(pages)
+        for i, (ids, n, values, _) in enumerate(self.pinned):  # pinned pages: the model's ids, alive, contents kept
+            pages = pinned_pages[i]
             assert (pages >= 0).tolist() == [j < len(ids) for j in range(len(pages))], (pages, ids)
             for j, page_id in enumerate(ids):
                 assert phys_of.setdefault(page_id, pages[j]) == pages[j], "one id, two pages (pinned)"
-            got = np.asarray(_read_pinned(self.cache, jnp.asarray(pages), n))[:, 0, 0, :n]  # (L, n, D)
+            got = seen["pinned"][i][:, 0, 0, :n]  # (L, n, D)
             want = values.transpose(1, 0, 2)
             known = ~np.isnan(want)
-            np.testing.assert_array_equal(got[known], want[known])
+            assert np.array_equal(got[known], want[known]), (i, got, want)
         assert len(set(phys_of.values())) == len(phys_of), "two ids, one page"
         hist = np.bincount(tables[tables >= 0], minlength=PAGES)
         pins = np.bincount([phys_of[i] for ids, *_ in self.pinned for i in ids], minlength=PAGES)
-        np.testing.assert_array_equal(np.asarray(self.cache.pins), pins)
-        np.testing.assert_array_equal(refcounts, hist + pins)
-        assert int(self.cache.num_free_pages()) == PAGES - len(self._live())
+        assert np.array_equal(seen["pins"], pins), (seen["pins"], pins)
+        assert np.array_equal(refcounts, hist + pins), (refcounts, hist, pins)
+        assert int(seen["free"]) == PAGES - len(self._live())
         # Contents of every valid, known position, in every layer.
-        k = np.asarray(_contents(self.cache))[:, :, 0]  # (L, B, S, D)
+        k = seen["k"][:, :, 0]  # (L, B, S, D)
         for b, n in enumerate(self.lengths):
             want = self.values[b, :n].transpose(1, 0, 2)  # (L, n, D)
             known = ~np.isnan(want)
-            np.testing.assert_array_equal(k[:, b, :n][known], want[known])
+            assert np.array_equal(k[:, b, :n][known], want[known]), (b, k[:, b, :n], want)
 
 
 def test_ten_thousand_operations():

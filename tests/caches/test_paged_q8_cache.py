@@ -65,10 +65,13 @@ def assert_allocator_consistent(cache):
 
 
 def step_both(rng, paged_cache, ref, t, advance=None):
-    n = jnp.full(ref.batch, t, jnp.int32) if advance is None else jnp.asarray(advance, jnp.int32)
+    """A step of T <= 8 tokens (or ``advance[b]``) on both caches, its writes padded to 8: one compiled write per
+    cache type and batch."""
+    n = np.full(ref.batch, t, np.int32) if advance is None else np.asarray(advance, np.int32)
+    assert t <= 8, t
     paged_cache, ref = _begin(paged_cache, n), _begin(ref, n)
     for layer in range(SPEC.num_layers):
-        k, v = rand_kv(rng, ref.batch, t)
+        k, v = rand_kv(rng, ref.batch, 8)
         paged_cache, ref = _write(paged_cache, layer, k, v), _write(ref, layer, k, v)
     paged_cache, ref = _commit(paged_cache), _commit(ref)
     assert not np.asarray(paged_cache.errors).any() and not np.asarray(ref.errors).any()

@@ -24,6 +24,7 @@ SPEC = jkv.CacheSpec(3, 2, 16, MAX_LEN)
 N = 4  # query heads (GQA 2)
 
 
+@jax.jit  # one program, not one fill per stored array
 def poisoned(cache):
     """Every stored value NaN: only positions written since may be read."""
     fill = lambda x: jnp.full_like(x, jnp.nan)
@@ -68,6 +69,14 @@ def _step(cache, counts, q, k, v, impl="xla"):
 
 
 _rollback = jax.jit(lambda c, n: c.rollback(n))
+_begin = jax.jit(lambda c, n: c.begin(n))
+# Slots and prefix reuse jitted, as the engine runs them (eagerly every operation compiles op by op).
+_extract = jax.jit(lambda c, slot: c.extract_slot(slot))
+_insert = jax.jit(lambda c, slot, single: c.insert_into_slot(slot, single))
+_extract_copy = jax.jit(lambda c, slot: mixed.extract_copy(c, slot, max_len=MAX_LEN))
+_restore_prefix = jax.jit(mixed.restore_prefix)
+_pin_pages = jax.jit(mixed.pin_pages)
+_attach_prefix = jax.jit(mixed.attach_prefix)
 
 
 def step(cache, model, rng, counts, impl="xla"):
@@ -170,7 +179,7 @@ def test_refusals_touch_nothing(wrapped):
     if layout == "contiguous":
         with pytest.raises(ValueError, match="slack"):
             cache.begin(jnp.asarray([SLACK + 1, 1, 1], jnp.int32))
-        begun = jax.jit(lambda c, n: c.begin(n))(cache, jnp.asarray([SLACK + 1, 1, 1], jnp.int32))
+        begun = _begin(cache, jnp.asarray([SLACK + 1, 1, 1], jnp.int32))
         assert np.asarray(begun.counts).tolist() == [0, 1, 1]
         assert np.asarray(begun.errors).tolist() == [ERR_WINDOW, 0, 0]
         row = lambda c: [np.asarray(g.block_tables[0]) for g in c.groups[1:]]
@@ -182,9 +191,9 @@ def test_slots_snapshot_and_prefixes(wrapped):
     device copy cut to n; paged: pinned pages attached) all attend as the model does."""
     layout, cache, model = wrapped
     rng = np.random.default_rng(2)
-    single = cache.extract_slot(0)
+    single = _extract(cache, 0)
     assert single.spec.num_layers == 3 and int(single.lengths[0]) == model.lengths[0]
-    moved = cache.insert_into_slot(2, single)
+    moved = _insert(cache, 2, single)
     m2 = Model.__new__(Model)
     m2.k, m2.v, m2.lengths = model.k.copy(), model.v.copy(), model.lengths.copy()
     m2.k[:, 2], m2.v[:, 2], m2.lengths[2] = m2.k[:, 0], m2.v[:, 0], m2.lengths[0]
@@ -198,13 +207,13 @@ def test_slots_snapshot_and_prefixes(wrapped):
 
     n = int(model.lengths[1]) - 2
     if layout == "contiguous":
-        entry = mixed.extract_copy(cache, 1, max_len=MAX_LEN)
-        hit = mixed.restore_prefix(cache, 0, entry, n)
+        entry = _extract_copy(cache, 1)
+        hit = _restore_prefix(cache, 0, entry, n)
     else:
         n -= n % PAGE
-        cache, pages = mixed.pin_pages(cache, 1, n)
+        cache, pages = _pin_pages(cache, 1, n)
         probe = jkv.KVCache.init(SPEC.replace(max_len=PAGE), 1)
-        hit = mixed.attach_prefix(cache, 0, pages, n, probe)
+        hit = _attach_prefix(cache, 0, pages, n, probe)
     m4 = Model.__new__(Model)
     m4.k, m4.v, m4.lengths = model.k.copy(), model.v.copy(), model.lengths.copy()
     m4.k[:, 0], m4.v[:, 0], m4.lengths[0] = m4.k[:, 1], m4.v[:, 1], n

@@ -46,9 +46,13 @@ def within_format(deq, x, scales, rotated):
     return bool((np.linalg.norm(deq - x, axis=-1) <= bound + slack).all())
 
 
+# Jitted as it runs inside a write (eagerly, each butterfly stage's operations would compile one by one).
+_hadamard = jax.jit(hadamard)
+
+
 def codes_of(x, rotated, scale_dtype=jnp.float16):
     """What a cache stores for values ``x``: the codes of x, or of hadamard(x) when rotated."""
-    return quantize(hadamard(x) if rotated else x, scale_dtype=scale_dtype)
+    return quantize(_hadamard(x) if rotated else x, scale_dtype=scale_dtype)
 
 
 NAMES = ("k", "k_scale", "v", "v_scale")
@@ -209,7 +213,7 @@ def test_with_format_dequantizes_the_whole_cache(rng, rotated):
     full32 = _with_format(cache.replace(spec=cache.spec.replace(dtype=jnp.float32)), jkv.Plain())
     assert within_format(full32.data[0], k, cache.data[1], rotated)
     v = dequantize(cache.data[2], cache.data[3])
-    np.testing.assert_array_equal(np.asarray(full32.data[1]), np.asarray(hadamard(v) if rotated else v))
+    np.testing.assert_array_equal(np.asarray(full32.data[1]), np.asarray(_hadamard(v) if rotated else v))
     layer_k, layer_v = _layer(cache, 1)
     np.testing.assert_array_equal(np.asarray(layer_k), np.asarray(full32.data[0][1]))
     np.testing.assert_array_equal(np.asarray(layer_v), np.asarray(full32.data[1][1]))
