@@ -190,3 +190,38 @@ def random_hf_model(case: str, seed: int = 0):
             else:
                 p.copy_((1.0 if "embed" in name else 0.15) * torch.randn_like(p))
     return model.eval()
+
+
+def hf_greedy(model, prompts: list[list[int]], n: int = 32):
+    """HF's greedy tokens of each prompt and its logits at every position of prompt + continuation but the last.
+    One batch: right-padded prompts, the padding masked out and each row's positions given (n + 1 HF calls)."""
+    import torch
+
+    lengths, t = [len(p) for p in prompts], max(len(p) for p in prompts)
+    ids, mask = torch.zeros((len(prompts), t), dtype=torch.long), torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
+    positions = torch.arange(t)[None].repeat(len(prompts), 1)
+    with torch.no_grad():
+        step = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        logits = [[step.logits[i, :n_i]] for i, n_i in enumerate(lengths)]
+        last = torch.stack([step.logits[i, n_i - 1] for i, n_i in enumerate(lengths)])
+        tokens = []
+        for j in range(n):
+            tokens.append(last.argmax(-1))
+            if j == n - 1:
+                break
+            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], 1)
+            positions = torch.tensor(lengths)[:, None] + j
+            step = model(
+                tokens[-1][:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=step.past_key_values,
+                use_cache=True,
+            )
+            last = step.logits[:, -1]
+            for i in range(len(prompts)):
+                logits[i].append(step.logits[i])
+    tokens = torch.stack(tokens, 1).tolist()
+    return [(tokens[i], torch.cat(logits[i]).numpy()) for i in range(len(prompts))]

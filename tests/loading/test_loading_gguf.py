@@ -5,6 +5,7 @@ tokenizer and chat template, and every load error."""
 import os
 
 import gguf
+import helpers_loading
 import helpers_smollm
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,14 @@ import pytest
 from conftest import rel_err
 from gguf import GGMLQuantizationType as Q
 from helpers_families import one_torch_thread
-from helpers_loading import TINY, llama_cpp_permute, llama_cpp_unpermute, needs_smollm, smollm_path, write_tiny_gguf
+from helpers_loading import (
+    TINY,
+    llama_cpp_permute,
+    llama_cpp_unpermute,
+    needs_smollm,
+    smollm_path,
+    write_tiny_gguf,
+)
 from helpers_smollm import gguf_reader, jitted, reading_with_shared_reader
 
 import jkv
@@ -102,35 +110,17 @@ def hf_smollm():
 @pytest.fixture(scope="module")
 def hf_greedy(smollm, hf_smollm):
     """For each question (chat-formatted by our tokenizer): prompt ids, HF's 32 greedy tokens (no stop), and HF's
-    logits at every position of prompt + continuation but the last. HF runs the five prompts as one left-padded
-    batch with an attention mask and explicit positions."""
+    logits at every position of prompt + continuation but the last. HF runs the five prompts as one batch
+    (``helpers_loading.hf_greedy``)."""
     model, _ = hf_smollm
     prompts = [
         smollm.tokenizer.encode(smollm.tokenizer.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS
     ]
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), one_torch_thread():
-        step = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        logits, tokens = [step.logits], []
-        for _ in range(32):
-            tokens.append(step.logits[:, -1].argmax(-1))
-            if len(tokens) < 32:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                positions = positions[:, -1:] + 1
-                step = model(
-                    tokens[-1][:, None],
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=step.past_key_values,
-                    use_cache=True,
-                )
-                logits.append(step.logits)
-    logits = torch.cat(logits, 1).numpy()  # (5, width + 31, V)
-    tokens = torch.stack(tokens, 1).tolist()
-    return [(p, tokens[i], logits[i, width - len(p) :]) for i, p in enumerate(prompts)]
+    with one_torch_thread():
+        return [
+            (p, tokens, logits)
+            for p, (tokens, logits) in zip(prompts, helpers_loading.hf_greedy(model, prompts), strict=True)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2 parity

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from helpers_loading import HF_CASES, random_hf_model
+from helpers_loading import HF_CASES, hf_greedy, random_hf_model
 
 import jkv
 from jkv.loading import ModelLoadError, load, load_safetensors
@@ -28,39 +28,6 @@ def saved(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory)
     return request.param, model, directory
-
-
-def hf_greedy(model, prompts: list[list[int]], n: int = 32):
-    """HF's greedy tokens of each prompt and its logits at every position of prompt + continuation but the last.
-    One batch: right-padded prompts, the padding masked out and each row's positions given (n + 1 HF calls)."""
-    lengths, t = [len(p) for p in prompts], max(len(p) for p in prompts)
-    ids, mask = torch.zeros((len(prompts), t), dtype=torch.long), torch.zeros((len(prompts), t), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
-    positions = torch.arange(t)[None].repeat(len(prompts), 1)
-    with torch.no_grad():
-        step = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        logits = [[step.logits[i, :n_i]] for i, n_i in enumerate(lengths)]
-        last = torch.stack([step.logits[i, n_i - 1] for i, n_i in enumerate(lengths)])
-        tokens = []
-        for j in range(n):
-            tokens.append(last.argmax(-1))
-            if j == n - 1:
-                break
-            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], 1)
-            positions = torch.tensor(lengths)[:, None] + j
-            step = model(
-                tokens[-1][:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=step.past_key_values,
-                use_cache=True,
-            )
-            last = step.logits[:, -1]
-            for i in range(len(prompts)):
-                logits[i].append(step.logits[i])
-    tokens = torch.stack(tokens, 1).tolist()
-    return [(tokens[i], torch.cat(logits[i]).numpy()) for i in range(len(prompts))]
 
 
 def test_safetensors_matches_hf(saved, rng):
