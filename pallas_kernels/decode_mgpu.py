@@ -237,7 +237,7 @@ def _kernel(
         (o_ref,) = out_refs
 
         def store_o(o_smem):
-            inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # length 0: zeros
+            inv = common.inverse_or_zero(denom)  # length 0: zeros
             o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[mine], o_ref.at[b, pl.ds(h * group, group)])

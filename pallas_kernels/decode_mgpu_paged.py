@@ -292,7 +292,7 @@ def _paged_decode(q, k_pages, v_pages, tables, lengths, layer, *, scale: float, 
         body(*refs)
 
     q_rows = q.reshape(-1, head_dim)  # [B * N, D], a free reshape
-    padded = -(-q_rows.shape[0] // 8) * 8
+    padded = decode_mgpu._round_up(q_rows.shape[0], 8)
     if padded != q_rows.shape[0]:  # whole 8-row tiles (a copy of q; only where B * N is not a multiple of 8)
         q_rows = jnp.pad(q_rows, ((0, padded - q_rows.shape[0]), (0, 0)))
     outs = plgpu.kernel(

@@ -266,7 +266,7 @@ def store_rows(plgpu, acc, denom, o_smem, o_ref, row0, skip, nrows, first_head, 
     ``skip .. skip + nrows - 1`` of each head's block to ``o_ref`` rows ``row0 + skip ..``, in pieces of the
     powers of two that sum to ``nrows`` (a TMA copy has a static size)."""
     block_q, heads = config.block_q, config.heads_per_tile
-    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    inv = common.inverse_or_zero(denom)
     o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
     plgpu.commit_smem()
     size = block_q
