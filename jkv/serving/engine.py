@@ -371,18 +371,7 @@ class Engine:
                 self._finish(request, reason)
 
     def _finish(self, request: Request, reason: str) -> None:
-        now = time.perf_counter()
-        completion = Completion(
-            request.id,
-            request.prompt,
-            request.tokens,
-            reason,
-            request.seq.cached,
-            request.submitted,
-            request.first_token,
-            now,
-            request.last_token,
-        )
+        completion = request.completion(reason, time.perf_counter())
         self._release(request)
         self._done[request.id] = completion
         self.stats.compile_s = self.steps.compile_s - self._compile0

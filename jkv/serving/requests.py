@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jkv.serving.metrics import Completion
 from jkv.serving.sampling import NONFINITE, SamplingParams
 from jkv.serving.scheduler import Sequence as Scheduled
 
@@ -32,6 +33,20 @@ class Request:
     stopped: bool = False  # a stop token came
     first_token: float = math.nan
     last_token: float = math.nan
+
+    def completion(self, reason: str, now: float) -> Completion:
+        """What the caller gets back once the request finished at ``now`` for ``reason``."""
+        return Completion(
+            self.id,
+            self.prompt,
+            self.tokens,
+            reason,
+            self.seq.cached,
+            self.submitted,
+            self.first_token,
+            now,
+            self.last_token,
+        )
 
 
 def step_tokens(plan, requests: dict[int, Request], num_slots: int):
