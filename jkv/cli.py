@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
-    gen.add_argument("--cache", choices=cache_choices(), default=None, help="KV cache type (default: the model dtype)")
+    gen.add_argument(
+        "--cache", choices=cache_choices(), default=None, help="KV cache type (default: the model dtype; batch: paged)"
+    )
     gen.add_argument(
         "--impl", choices=("pallas", "xla"), default=None, help="attention kernels (default: pallas on GPU)"
     )
@@ -122,7 +124,7 @@ def add_serve_parser(commands) -> None:
         "--max-len", type=_positive_int, default=None, help="context per request (default: min(model, 4096))"
     )
     serve.add_argument(
-        "--cache", choices=cache_choices(), default=None, help="KV cache type (default: the model dtype)"
+        "--cache", choices=cache_choices(), default=None, help="KV cache type (default: paged, the model dtype)"
     )
     serve.add_argument(
         "--impl", choices=("pallas", "xla"), default=None, help="attention kernels (default: pallas on GPU)"
@@ -206,10 +208,34 @@ def check_room(prompt_tokens: int, args, context: int, where: str = "") -> None:
         )
 
 
+def build_engine(args, model, max_len: int, **knobs):
+    """The engine of ``jkv generate --batch-file`` and ``jkv serve``: a paged cache unless ``--cache`` names
+    another kind, ``max_len`` then rounded up to whole pages (within the model's context)."""
+    from jkv.caches.registry import PAGE_SIZE, kind
+    from jkv.serving import Engine
+
+    cache = args.cache or "paged"
+    whole = model.config.max_position // PAGE_SIZE * PAGE_SIZE  # the context's whole pages
+    if kind(cache).paged:
+        rounded = -(-max_len // PAGE_SIZE) * PAGE_SIZE
+        max_len = min(rounded, whole) if whole else rounded
+    return Engine(
+        model.params,
+        model.config,
+        num_slots=args.num_slots,
+        max_len=max_len,
+        cache=cache,
+        impl=args.impl,
+        prefix_cache_bytes=args.prefix_cache_mb << 20,
+        max_batch_tokens=args.max_batch_tokens,
+        **knobs,
+    )
+
+
 def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
     """Run many prompts through the engine; print each answer as soon as it finishes, tagged with its line number
     (``[line N] prompt``, then the answer), and a summary on stderr. An interrupt keeps the answers printed."""
-    from jkv.serving import Engine, SamplingParams
+    from jkv.serving import SamplingParams
 
     tok, context = model.tokenizer, model.config.max_position
     if args.max_len is not None and args.max_len > context:
@@ -232,28 +258,12 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
     # The engine keeps one free position after the last token, which the single-prompt generator does not need.
     need = max(len(i) for i in ids) + args.max_new_tokens
     max_len = max(args.max_len or min(context, -(-need // 256) * 256), need)
-    from jkv.caches.registry import PAGE_SIZE, kind
-
-    if args.cache is None or kind(args.cache).paged:  # the engine's default cache is paged
-        max_len = -(-max_len // PAGE_SIZE) * PAGE_SIZE
     mesh = None
     if args.tp * args.dp > 1:
         from jkv import parallel
 
         mesh = parallel.make_mesh(tp=args.tp, dp=args.dp)
-    engine = Engine(
-        model.params,
-        model.config,
-        num_slots=args.num_slots,
-        max_len=max_len,
-        cache=args.cache or "paged",
-        impl=args.impl,
-        prefix_cache_bytes=args.prefix_cache_mb << 20,
-        speculative_tokens=args.speculative,
-        max_batch_tokens=args.max_batch_tokens,
-        mesh=mesh,
-        verbose=not args.quiet,
-    )
+    engine = build_engine(args, model, max_len, speculative_tokens=args.speculative, mesh=mesh, verbose=not args.quiet)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -341,9 +351,7 @@ def run_serve(args) -> int:
         from jkv import server
     except ImportError as e:
         raise CliError(f'jkv serve needs the serve extra ({e.name} is missing): pip install -e ".[serve]"') from None
-    from jkv.caches.registry import PAGE_SIZE, kind
     from jkv.loading import load
-    from jkv.serving import Engine
 
     if args.prefix_cache_mb < 0:
         raise CliError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
@@ -355,18 +363,7 @@ def run_serve(args) -> int:
     max_len = args.max_len if args.max_len is not None else min(context, 4096)
     if max_len > context:
         raise CliError(f"--max-len {max_len} exceeds the model's context length {context}")
-    if args.cache is not None and kind(args.cache).paged:
-        max_len = min(-(-max_len // PAGE_SIZE) * PAGE_SIZE, context - context % PAGE_SIZE)
-    engine = Engine(
-        model.params,
-        model.config,
-        num_slots=args.num_slots,
-        max_len=max_len,
-        cache=args.cache or "default",
-        impl=args.impl,
-        prefix_cache_bytes=args.prefix_cache_mb << 20,
-        max_batch_tokens=args.max_batch_tokens,
-    )
+    engine = build_engine(args, model, max_len)
     print("jkv serve: compiling the engine's steps", file=sys.stderr)
     server.warm_up(engine)
     name = args.served_model_name or os.path.basename(os.path.normpath(path))
