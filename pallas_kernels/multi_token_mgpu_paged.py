@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common
+from pallas_kernels import common
 from pallas_kernels import multi_token_mgpu as mgpu
 from pallas_kernels.multi_token_tiles import ALIGN
 
@@ -68,10 +68,7 @@ def multi_token_attention_mgpu_paged(
     config = mgpu.resolve_config(config, n, kh, d, k_pages.dtype, q.dtype)
     if config.block_k % page_size:
         raise ValueError(f"page_size={page_size} must divide config.block_k={config.block_k}")
-    if not backend.mosaic_gpu_usable():
-        raise RuntimeError(
-            f"the Mosaic GPU multi-token kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}"
-        )
+    mgpu.require_mosaic_gpu()
     if k_pages.ndim == 4:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy
     tables = jnp.asarray(block_tables, jnp.int32)
@@ -79,18 +76,8 @@ def multi_token_attention_mgpu_paged(
     if narrow > 0:  # the ring's block spans more pages than a sequence has: no page for the rest
         tables = jnp.pad(tables, ((0, 0), (0, narrow)), constant_values=-1)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    options = mgpu.static_options(scale, d, window, softcap, config)
+    flat = tables.reshape(-1)
     return mgpu._attend(
-        q,
-        k_pages,
-        v_pages,
-        tables.reshape(-1),
-        q_starts,
-        lengths,
-        counts,
-        layer,
-        scale=common.softmax_scale(scale, d),
-        window=window,
-        softcap=None if softcap is None else float(softcap),
-        config=config,
-        pages_per_seq=tables.shape[1],
+        q, k_pages, v_pages, flat, q_starts, lengths, counts, layer, **options, pages_per_seq=tables.shape[1]
     )

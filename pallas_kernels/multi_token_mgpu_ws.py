@@ -21,12 +21,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend
 from pallas_kernels import multi_token_mgpu as mgpu
+from pallas_kernels import multi_token_mgpu_kernel as kernel
+from pallas_kernels.mgpu_common import ROWS, initial_carry, mma_accumulate, mma_scores, round_up, swizzled
 from pallas_kernels.multi_token_tiles import ALIGN, NCOL, tile_table
 
 CONSUMERS = 2
-LOG2E, ROWS = mgpu.LOG2E, mgpu.ROWS
 
 
 def _own_range(wg, skip, nrows, pos_base, hi, tile_t_lo, *, block_q, block_k, window):
@@ -48,9 +49,8 @@ def _own_range(wg, skip, nrows, pos_base, hi, tile_t_lo, *, block_q, block_k, wi
 
 
 def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, scale, window, softcap):
-    # refs as in multi_token_mgpu._kernel (contiguous); the tile table is cut at 2 * block_q tokens
+    # refs as in multi_token_mgpu_kernel.kernel (contiguous); the tile table is cut at 2 * block_q tokens
     plgpu = backend.mosaic_gpu_module()
-    wgmma_layout = plgpu.Layout.WGMMA
     block_q, heads, block_k, stages = config
     num_layers, _, _, max_len, head_dim = k_ref.shape
     dtype = k_ref.dtype
@@ -62,15 +62,14 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
     kv_head = lax.div(first_head, jnp.int32(group))
     steps = t_hi - t_lo
 
-    def window_start(t):
-        return pl.multiple_of(jnp.minimum(t * block_k, max_len - block_k), ALIGN)
+    window_start = functools.partial(kernel.block_start, block_k=block_k, max_len=max_len)
+    fetch_at = functools.partial(kernel.fetch_block, layer=layer, b=b, kv_head=kv_head, block_k=block_k)
 
     def scoped(q_smem, o_smem, k_smem, v_smem, q_barriers, k_barriers, v_barriers, k_free, v_free):
         wg = lax.axis_index("wg")
 
-        def fetch(ref, smem, barriers, i, slot):
-            src = ref.at[layer, b, kv_head, pl.ds(window_start(t_lo + i), block_k)]
-            plgpu.copy_gmem_to_smem(src, smem.at[slot], barriers.at[slot])
+        def fetch(ref, smem, barriers, i, slot):  # K or V of the loop's block i into a ring slot
+            fetch_at(ref, smem, barriers, window_start(t_lo + i), slot)
 
         @pl.when(wg == CONSUMERS)
         def _producer():
@@ -113,73 +112,34 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
                     plgpu.barrier_wait(v_barriers.at[slot])
                     plgpu.barrier_arrive(v_free.at[slot])
                     return carry
-                acc, m, denom = carry
-
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
-                    return s_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))
+                s = mma_scores(my_q, k_smem, slot, block_k)
                 plgpu.barrier_arrive(k_free.at[slot])
-                if softcap is None:
-                    s = s * (scale * LOG2E)
-                else:
-                    s = jnp.tanh(s * (scale / softcap)) * (softcap * LOG2E)
-                if kind == "masked":
-                    shape = (ROWS, block_k)
-                    pos = start + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
-                    row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
-                    limit = my_base + lax.rem(row, jnp.int32(block_q))
-                    valid = (pos >= t * block_k) & (pos <= limit)
-                    if window is not None:
-                        valid = valid & (pos + window > limit)
-                    s = jnp.where(valid, s, -jnp.inf)
-                    m_new = jnp.maximum(m, s.max(axis=1))
-                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                else:
-                    m_new = m_use = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp2(m - m_use)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-                denom = denom * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                row_limits = (my_base, block_q, window) if kind == "masked" else None
+                options = dict(start=start, t=t, scale=scale, softcap=softcap)
+                p, m_new, denom, acc = kernel.softmax_block(s, carry, row_limits, **options)
                 plgpu.barrier_wait(v_barriers.at[slot])
-                if kind == "masked":
-                    keep_lo = jnp.maximum(lo, t * block_k)  # the tile's range: both consumers write the same zeros
-
-                    @pl.when((start < keep_lo) | (start + block_k > hi))
-                    def _zero_outside():
-                        v_slot = v_smem.at[slot]
-                        v = v_slot[...]
-                        rows = start + plgpu.broadcasted_iota(jnp.int32, (block_k, head_dim), 0, layout=wgmma_layout)
-                        v_slot[...] = jnp.where((rows >= keep_lo) & (rows < hi), v, 0)
-                        plgpu.commit_smem()
-
-                acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot]))(
-                    plgpu.ACC.init(acc)
-                )
+                if kind == "masked":  # the tile's key range: both consumers write the same zeros
+                    kernel.zero_v_outside(v_smem, slot, start=start, t=t, lo=lo, hi=hi)
+                acc = mma_accumulate(acc, p, v_smem, slot)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, denom
 
-            carry = (
-                plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), wgmma_layout),
-                plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), wgmma_layout.reduce(1)),
-            )
+            carry = initial_carry(head_dim)
             bounds = (0, my_lo - t_lo, my_ulo - t_lo, my_uhi - t_lo, my_hi - t_lo, steps)
             kinds = ("skip", "masked", "plain", "masked", "skip")
             for (a, z), kind in zip(itertools.pairwise(bounds), kinds, strict=True):
                 carry = lax.fori_loop(a, z, functools.partial(step, kind=kind), carry)
             acc, _, denom = carry
-            mgpu.store_rows(
+            kernel.store_rows(
                 plgpu, acc, denom, o_smem.at[wg], o_ref, row0 + wg * block_q, my_skip, my_rows, first_head, config
             )
 
     pl.run_scoped(
         scoped,
-        plgpu.SMEM((CONSUMERS, ROWS, head_dim), dtype, transforms=mgpu._swizzled(dtype)),
+        plgpu.SMEM((CONSUMERS, ROWS, head_dim), dtype, transforms=swizzled(dtype)),
         plgpu.SMEM((CONSUMERS, ROWS, head_dim), o_ref.dtype),
-        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=mgpu._swizzled(dtype)),
-        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=mgpu._swizzled(dtype)),
+        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=swizzled(dtype)),
+        plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=swizzled(dtype)),
         plgpu.Barrier(num_barriers=CONSUMERS * heads),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
@@ -209,7 +169,7 @@ def _attend(q, k, v, q_starts, lengths, counts, layer, *, scale, window, softcap
     def jkv_multi_token_attention_mgpu_ws(*refs):  # the kernel's name in profiles
         body(*refs)
 
-    rows = -(-num_rows // ALIGN) * ALIGN
+    rows = round_up(num_rows, ALIGN)
     q_in = q.astype(k.dtype)  # the MMA takes the cache's dtype (a copy of q only where they differ)
     if rows != num_rows:  # whole 8-row tiles (a copy of q; the step's token buckets are multiples of 8)
         q_in = jnp.pad(q_in, ((0, rows - num_rows), (0, 0), (0, 0)))
@@ -242,19 +202,8 @@ def multi_token_attention_mgpu_ws(
     """:func:`pallas_kernels.multi_token_mgpu.multi_token_attention_mgpu`, warp-specialised (see the module doc)."""
     q_starts, lengths, counts = (jnp.asarray(x).astype(jnp.int32) for x in (q_starts, lengths, counts))
     options = dict(window=window, softcap=softcap)
-    _, n, kh, s, d = mgpu.check_mgpu_args(q, k, v, q_starts, lengths, counts, layer, **options)
+    _, n, kh, _, d = mgpu.check_mgpu_args(q, k, v, q_starts, lengths, counts, layer, **options)
     config = mgpu.resolve_config(config, n, kh, d, k.dtype, q.dtype, consumers=CONSUMERS)
-    if not backend.mosaic_gpu_usable():
-        raise RuntimeError(
-            f"the Mosaic GPU multi-token kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}"
-        )
-    if k.ndim == 4:
-        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
-    padded = max(config.block_k, -(-s // ALIGN) * ALIGN)
-    if padded != s:  # a tiny cache, or S off the 8-row tile: pad it (a copy of the cache)
-        pad = [(0, 0)] * 3 + [(0, padded - s), (0, 0)]
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    options.update(scale=common.softmax_scale(scale, d), config=config)
-    options["softcap"] = None if softcap is None else float(softcap)
-    return _attend(q, k, v, q_starts, lengths, counts, layer, **options)
+    mgpu.require_mosaic_gpu()
+    k, v, layer = mgpu.whole_cache(k, v, layer, config.block_k)
+    return _attend(q, k, v, q_starts, lengths, counts, layer, **mgpu.static_options(scale, d, window, softcap, config))

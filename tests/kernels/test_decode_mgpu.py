@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arg_errors import DECODE_MGPU_INPUT_ERRORS, DECODE_MGPU_LAUNCH_ERRORS, parametrize
 from conftest import REL_TOL, rel_err
 from reference import decode_attention_f64
 from test_decode_kernel import LENGTHS, nan_filled_cache
@@ -165,32 +166,13 @@ def _args(batch=2, kv_heads=2, group=4, head_dim=128, max_len=256, dtype=jnp.bfl
     return q, k, k, jnp.full((batch,), 3, jnp.int32)
 
 
-@pytest.mark.parametrize(
-    "change,error,match",
-    [
-        (dict(dtype=jnp.float32), TypeError, "16-bit MMA inputs"),
-        (dict(head_dim=32), ValueError, "head_dim=32 is not supported by the Mosaic GPU kernel"),
-        (dict(group=65, kv_heads=1), ValueError, "65 query heads per kv head exceeds 64"),
-    ],
-    ids=["f32_cache", "head_dim_32", "group_65"],
-)
+@parametrize("change,error,match", DECODE_MGPU_INPUT_ERRORS)
 def test_argument_errors(change, error, match):
     with pytest.raises(error, match=match):
         decode_mgpu.decode_attention_mgpu(*_args(**change))
 
 
-@pytest.mark.parametrize(
-    "options,error,match",
-    [
-        (dict(block_k=128), ValueError, "block_k=128 must be 64"),
-        (dict(num_splits=0), ValueError, "num_splits=0 must be >= 1"),
-        (dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
-        (dict(num_stages=8), ValueError, "bytes of K/V ring and query tile"),
-        (dict(num_splits=2.0), TypeError, "num_splits must be an int"),
-        (dict(scale="x"), TypeError, "scale must be a Python number"),
-    ],
-    ids=["block_k", "splits", "stages", "ring_too_big", "splits_float", "scale"],
-)
+@parametrize("options,error,match", DECODE_MGPU_LAUNCH_ERRORS)
 def test_launch_parameter_errors(monkeypatch, options, error, match):
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
     with pytest.raises(error, match=match):

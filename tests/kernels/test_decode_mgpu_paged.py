@@ -13,6 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arg_errors import (
+    DECODE_MGPU_INPUT_ERRORS,
+    DECODE_MGPU_LAUNCH_ERRORS,
+    assert_refusals,
+    paged_check_errors,
+    parametrize,
+)
 from conftest import REL_TOL, rel_err
 from kernel_inputs import random_paged
 from reference import decode_attention_f64
@@ -175,59 +182,34 @@ def test_launch_defaults_are_the_contiguous_kernels(batch, kv_heads, pages, page
     assert config.block_k == 64 and (config.num_splits, config.num_stages) == want
 
 
-def _args(batch=2, kv_heads=2, group=4, head_dim=128, page_size=16, pages=6, dtype=jnp.bfloat16, table=None):
+def _args(batch=2, kv_heads=2, group=4, head_dim=128, page_size=16, pages=6, dtype=jnp.bfloat16):
     q = jnp.zeros((batch, kv_heads * group, head_dim), dtype)
     pools = jnp.zeros((pages, kv_heads, page_size, head_dim), dtype)
-    table = jnp.asarray(table if table is not None else [[0, 1, 2], [3, 4, 5]][:batch], jnp.int32)
+    table = jnp.asarray([[0, 1, 2], [3, 4, 5]][:batch], jnp.int32)
     return q, pools, pools, table, jnp.full((batch,), 3, jnp.int32)
 
 
-@pytest.mark.parametrize(
-    "change,error,match",
-    [
-        (dict(dtype=jnp.float32), TypeError, "16-bit MMA inputs"),
-        (dict(head_dim=32), ValueError, "head_dim=32 is not supported by the Mosaic GPU kernel"),
-        (dict(head_dim=96), ValueError, "head_dim=96 is not supported"),
-        (dict(group=65, kv_heads=1), ValueError, "65 query heads per kv head exceeds 64"),
-        (dict(page_size=4), ValueError, r"page_size=4 must be a power of two >= 8"),
-        (dict(page_size=24), ValueError, "page_size=24 must be a power of two"),
-        (dict(table=[[0, 1, 2], [-1, 4, 5]]), ValueError, r"block_tables\[1, 0\]=-1 must name a page in \[0, 6\)"),
-        (dict(page_size=1), ValueError, "page_size=1 must be a power of two >= 8"),
-        (dict(table=[[0, 1, 2]]), ValueError, r"block_tables must be int\[2, M\]"),
-    ],
-    ids=["f32_pools", "head_dim_32", "head_dim_96", "group_65", "page_4", "page_24", "table_-1", "page_1", "table_b"],
-)
+# What this kernel adds to paged.check_args (whose table test_argument_errors_of_the_shared_checks runs).
+PAGED_MGPU_INPUT_ERRORS = [
+    *DECODE_MGPU_INPUT_ERRORS,
+    ("head_dim_96", dict(head_dim=96), ValueError, "head_dim=96 is not supported"),
+    ("page_4", dict(page_size=4), ValueError, r"page_size=4 must be a power of two >= 8"),
+    ("page_1", dict(page_size=1), ValueError, "page_size=1 must be a power of two >= 8"),
+]
+
+
+@parametrize("change,error,match", PAGED_MGPU_INPUT_ERRORS)
 def test_argument_errors(change, error, match):
     with pytest.raises(error, match=match):
         mp.paged_decode_attention_mgpu(*_args(**change))
 
 
 def test_argument_errors_of_the_shared_checks():
-    """Lengths past the table, layers and scale go through ``paged.check_args`` and ``common``."""
-    q, pools, _, table, n = _args()
-    call = mp.paged_decode_attention_mgpu
-    with pytest.raises(ValueError, match=r"must lie in \[0, M \* page_size = 48\]"):
-        call(q, pools, pools, table, jnp.asarray([1, 49], jnp.int32))
-    with pytest.raises(ValueError, match="holds every layer"):
-        call(q, pools[None], pools[None], table, n)
-    with pytest.raises(ValueError, match="layer=2 out of range"):
-        call(q, pools[None], pools[None], table, n, layer=2)
-    with pytest.raises(ValueError, match="layer=0 needs pools of shape"):
-        call(q, pools, pools, table, n, layer=0)
+    """The table of ``paged.check_args`` errors the Triton paged kernel's tests run: it runs first here too."""
+    assert_refusals(mp.paged_decode_attention_mgpu, paged_check_errors())
 
 
-@pytest.mark.parametrize(
-    "options,error,match",
-    [
-        (dict(block_k=128), ValueError, "block_k=128 must be 64"),
-        (dict(num_splits=0), ValueError, "num_splits=0 must be >= 1"),
-        (dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
-        (dict(num_stages=8), ValueError, "bytes of K/V ring and query tile"),
-        (dict(num_splits=2.0), TypeError, "num_splits must be an int"),
-        (dict(scale="x"), TypeError, "scale must be a Python number"),
-    ],
-    ids=["block_k", "splits", "stages", "ring_too_big", "splits_float", "scale"],
-)
+@parametrize("options,error,match", DECODE_MGPU_LAUNCH_ERRORS)
 def test_launch_parameter_errors(monkeypatch, options, error, match):
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
     with pytest.raises(error, match=match):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arg_errors import MGPU_INPUT_ERRORS, MULTI_TOKEN_MGPU_OPTION_ERRORS, multi_token_args, parametrize
 from conftest import REL_TOL, rel_err
 from kernel_inputs import fast_jit
 from multi_token_f64 import multi_token_attention_f64, poisoned_inputs
@@ -241,47 +242,18 @@ def test_long_prefill_holds_nothing_of_size_t_times_s():
     assert max(sizes) <= rows * 32 * 128  # q and the output; the cache is 8 * S * 128
 
 
-def _args(rows=16, batch=2, kv_heads=2, group=4, head_dim=128, max_len=256, dtype=jnp.bfloat16):
-    q = jnp.ones((rows, kv_heads * group, head_dim), dtype)
-    k = jnp.ones((batch, kv_heads, max_len, head_dim), dtype)
-    ints = lambda *x: jnp.asarray(x, jnp.int32)
-    return q, k, k, ints(0, 8), ints(3, 5), ints(8, 4)
+@parametrize("change,error,match", MGPU_INPUT_ERRORS)
+def test_argument_errors(change, error, match):
+    with pytest.raises(error, match=match):
+        mgpu.multi_token_attention_mgpu(*multi_token_args(**change))
 
 
-@pytest.mark.parametrize(
-    "change,options,error,match",
-    [
-        (dict(dtype=jnp.float32), {}, TypeError, "16-bit MMA inputs"),
-        (dict(head_dim=32), {}, ValueError, "head_dim=32 is not supported by the Mosaic GPU kernel"),
-        (dict(group=3, kv_heads=1), dict(config=Config(16, 4, 64, 2)), ValueError, "heads_per_tile=4 must divide G=3"),
-        ({}, dict(config=Config(32, 4, 64, 2)), ValueError, "must be 64 rows"),
-        ({}, dict(config=Config(16, 4, 32, 2)), ValueError, r"block_k=32 must be one of \(64, 128\)"),
-        ({}, dict(config=Config(16, 4, 128, 8)), ValueError, "bytes of shared memory"),
-        ({}, dict(config=(16, 4, 64, 2)), TypeError, "config must be an MgpuMultiTokenConfig"),
-        ({}, dict(window=0), ValueError, "window=0 must be None or an int >= 1"),
-        ({}, dict(softcap=-1.0), ValueError, "softcap=-1.0 must be None or a positive number"),
-        ({}, dict(scale="x"), TypeError, "scale must be a Python number"),
-        ({}, dict(layer=0), ValueError, "layer=0 goes with a whole"),
-    ],
-    ids=[
-        "f32_cache",
-        "head_dim_32",
-        "heads_per_tile",
-        "rows",
-        "block_k",
-        "smem",
-        "config_type",
-        "window",
-        "softcap",
-        "scale",
-        "layer_4d",
-    ],
-)
-def test_argument_errors(monkeypatch, change, options, error, match):
+@parametrize("options,error,match", MULTI_TOKEN_MGPU_OPTION_ERRORS)
+def test_option_errors(monkeypatch, options, error, match):
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
     monkeypatch.setattr(mgpu, "_attend", lambda *a, **kw: None)  # the launch itself cannot run here
     with pytest.raises(error, match=match):
-        mgpu.multi_token_attention_mgpu(*_args(**change), **options)
+        mgpu.multi_token_attention_mgpu(*multi_token_args(), **options)
 
 
 @pytest.mark.parametrize(
@@ -295,7 +267,7 @@ def test_argument_errors(monkeypatch, change, options, error, match):
     ids=["negative_count", "past_S", "past_T", "overlap"],
 )
 def test_sequence_errors(starts, lengths, counts, match):
-    q, k, v, *_ = _args()
+    q, k, v, *_ = multi_token_args()
     ints = lambda x: jnp.asarray(x, jnp.int32)
     with pytest.raises(ValueError, match=match):
         mgpu.multi_token_attention_mgpu(q, k, v, ints(starts), ints(lengths), ints(counts))
@@ -303,7 +275,7 @@ def test_sequence_errors(starts, lengths, counts, match):
 
 def test_a_sequence_with_no_queries_may_start_anywhere():
     """counts 0: its start is not a row of q, and it overlaps nothing."""
-    q, k, v, *_ = _args()
+    q, k, v, *_ = multi_token_args()
     ints = lambda x: jnp.asarray(x, jnp.int32)
     mgpu.check_mgpu_args(q, k, v, ints((0, 99)), ints((3, 256)), ints((8, 0)))
 
@@ -311,7 +283,7 @@ def test_a_sequence_with_no_queries_may_start_anywhere():
 @pytest.mark.skipif(ON_HOPPER, reason="checks the refusal where Mosaic GPU cannot run")
 def test_refuses_to_run_without_mosaic_gpu():
     with pytest.raises(RuntimeError, match="the Mosaic GPU multi-token kernel cannot run here: "):
-        mgpu.multi_token_attention_mgpu(*_args())
+        mgpu.multi_token_attention_mgpu(*multi_token_args())
 
 
 @pytest.mark.parametrize(

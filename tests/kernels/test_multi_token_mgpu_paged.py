@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arg_errors import MULTI_TOKEN_MGPU_OPTION_ERRORS, parametrize
 from conftest import REL_TOL, rel_err
 from multi_token_f64 import multi_token_attention_f64, readable
 from test_multi_token_mgpu import CASES, case_inputs
@@ -106,6 +107,15 @@ def test_paged_argument_errors(monkeypatch, change, options, match):
     monkeypatch.setattr(mgpu, "_attend", lambda *a, **kw: None)  # the launch itself cannot run here
     with pytest.raises(ValueError, match=match):
         multi_token_attention_mgpu_paged(*_paged_args(**change), **options)
+
+
+@parametrize("options,error,match", MULTI_TOKEN_MGPU_OPTION_ERRORS)
+def test_paged_option_errors(monkeypatch, options, error, match):
+    """The contiguous kernel's option checks, through the paged entry point."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
+    monkeypatch.setattr(mgpu, "_attend", lambda *a, **kw: None)  # the launch itself cannot run here
+    with pytest.raises(error, match=match):
+        multi_token_attention_mgpu_paged(*_paged_args(), **options)
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="checks the refusal where Mosaic GPU cannot run")

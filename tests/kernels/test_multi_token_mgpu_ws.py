@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from arg_errors import MULTI_TOKEN_MGPU_OPTION_ERRORS, multi_token_args, parametrize
 from conftest import REL_TOL, rel_err
 from multi_token_f64 import multi_token_attention_f64
 from test_multi_token_mgpu import CASES, IDS, case_inputs, emulate, tile_table
@@ -80,10 +81,16 @@ def test_ws_shared_memory_counts_both_consumers(monkeypatch):
     """Two query and output tiles beside the ring: a ring that fits one consumer may not fit two."""
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
     monkeypatch.setattr(ws, "_attend", lambda *a, **kw: None)
-    q = jnp.ones((16, 8, 128), jnp.bfloat16)
-    k = jnp.ones((2, 2, 256, 128), jnp.bfloat16)
-    ints = lambda *x: jnp.asarray(x, jnp.int32)
     config = mgpu.MgpuMultiTokenConfig(16, 4, 64, 5)  # 160 KiB of ring at D = 128, 32 KiB of tiles per consumer
     assert mgpu.resolve_config(config, 8, 2, 128, jnp.bfloat16, jnp.bfloat16) == config
     with pytest.raises(ValueError, match="bytes of shared memory"):
-        ws.multi_token_attention_mgpu_ws(q, k, k, ints(0, 8), ints(3, 5), ints(8, 4), config=config)
+        ws.multi_token_attention_mgpu_ws(*multi_token_args(), config=config)
+
+
+@parametrize("options,error,match", MULTI_TOKEN_MGPU_OPTION_ERRORS)
+def test_ws_option_errors(monkeypatch, options, error, match):
+    """The contiguous kernel's option checks, through the warp-specialised entry point."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
+    monkeypatch.setattr(ws, "_attend", lambda *a, **kw: None)  # the launch itself cannot run here
+    with pytest.raises(error, match=match):
+        ws.multi_token_attention_mgpu_ws(*multi_token_args(), **options)

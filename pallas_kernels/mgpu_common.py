@@ -1,0 +1,61 @@
+"""What the Mosaic GPU attention kernels (``decode_mgpu*``, ``multi_token_mgpu*``) share: the MMA's row count and
+operand dtypes, shared-memory layout and budget, and the warpgroup-MMA steps of a flash-attention loop written once
+(each kernel keeps its own masking and online softmax)."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend
+
+ROWS = 64  # rows of a warpgroup MMA
+HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 256 is the widest MMA
+CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs (no transposed f32)
+# Shared memory Mosaic GPU takes beside our buffers (Hopper: 227 - 7 = 220 KiB for those).
+MGPU_SMEM_RESERVE = 7 * 1024
+LOG2E = math.log2(math.e)
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def swizzled(dtype):
+    """Shared-memory transforms of an MMA operand: 8 x 128-byte tiles, 128-byte swizzle."""
+    plgpu = backend.mosaic_gpu_module()
+    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
+
+
+def initial_carry(head_dim: int):
+    """The online softmax's start, in the MMA's register layout: ``acc [ROWS, D]`` zeros, running max ``-inf``
+    and denominator zeros ``[ROWS]`` (float32)."""
+    plgpu = backend.mosaic_gpu_module()
+    wgmma_layout = plgpu.Layout.WGMMA
+    return (
+        plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), wgmma_layout),
+        plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1)),
+        plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), wgmma_layout.reduce(1)),
+    )
+
+
+def mma_scores(q, k_smem, slot, block_k: int):
+    """``q @ K^T`` of ring slot ``slot`` (``k_smem [stages, bk, D]``) as a warpgroup MMA: float32 ``[ROWS, bk]``
+    in registers. ``q``: ``[ROWS, D]`` registers or shared memory."""
+    plgpu = backend.mosaic_gpu_module()
+
+    def qk(s_ref):
+        plgpu.wgmma(s_ref, q, k_smem.at[slot].transpose((1, 0)))
+        return s_ref[...]
+
+    return pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))
+
+
+def mma_accumulate(acc, p, v_smem, slot):
+    """``acc + p @ V`` of ring slot ``slot`` as a warpgroup MMA (``p`` cast to the slot's dtype)."""
+    plgpu = backend.mosaic_gpu_module()
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot]))(
+        plgpu.ACC.init(acc)
+    )
