@@ -19,6 +19,14 @@ The plan shares ``lengths``, ``counts`` and ``errors`` with its groups: its own 
 group gets them before an operation and gives back its error bits after. ``for_layer(i)`` hands attention the
 group of layer ``i`` (with its own layout's kernels: the paged kernels read a ring through its block table, from
 the window's first page on). A layer index must be static unless the plan has one group (every layer alike).
+
+Every operation of the uniform kinds works group by group: the step, rollback, reset / reset_slot, insert / extract
+a slot, ``fork`` (a paged group, every ring included, shares ``src``'s pages copy-on-write; a contiguous full group
+copies the row), ``with_format``, snapshot / ``restore`` (of any kind's snapshot), ``to_contiguous`` /
+``from_contiguous``, shard specs; paged plans also ``pin`` / ``unpin`` / ``read_pinned`` and ``insert_into_slot
+(prefix=)``, with one page vector per group. Refused, with why: prefix pages on a contiguous plan (its groups
+share no pages: a prefix is a device copy), and one pool's attributes (``block_tables``, ``num_free_pages`` ...:
+``PER_GROUP``), which a plan has once per group (``cache.groups[g]``).
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ from jkv.caches.sharding import DP
 
 # What one contiguous array or one page pool answers: a plan holds one per group, so it answers none of them.
 PER_GROUP = frozenset(
-    "data pages block_tables refcounts pins ring page_size num_pages max_pages num_free_pages pages_held first_page".split()
-)
+    ("data", "pages", "block_tables", "refcounts", "pins", "ring", "page_size", "num_pages", "max_pages",
+     "num_free_pages", "pages_held", "first_page")
+)  # fmt: skip
 
 
 @struct.dataclass
