@@ -23,6 +23,13 @@ _read_pinned = jax.jit(lambda c, pages, n: c.read_pinned(pages, n))
 _extract = jax.jit(lambda c, slot: c.extract_slot(slot))
 
 
+@jax.jit  # one program, not each layer's decoding op by op
+def _decoded(cache):
+    """Every layer's K and V decoded, ``[L, B, K, S, D]`` each."""
+    layers = [cache.layer(i) for i in range(cache.spec.num_layers)]
+    return jnp.stack([k for k, _ in layers]), jnp.stack([v for _, v in layers])
+
+
 @pytest.fixture(scope="module", params=["contiguous", "paged"])
 def wrapped(request):
     return (request.param, *wrapped_plan(request.param))
@@ -91,9 +98,9 @@ def test_with_format_fp8(wrapped):
     got = _flat(fp8)
     back = _with_format(fp8, jkv.Plain())
     assert back.format == jkv.Plain(jnp.float32)
+    (ks, vs), (kbs, vbs) = _decoded(got), _decoded(back)
     for layer in range(SPEC.num_layers):
-        k, v = got.layer(layer)
-        kb, vb = back.layer(layer)
+        k, v, kb, vb = ks[layer], vs[layer], kbs[layer], vbs[layer]
         for b in range(B):
             at = held(layer, int(model.lengths[b]))
             for x, want in ((k, model.k), (v, model.v)):
@@ -122,8 +129,9 @@ def test_with_format_q8_and_restore():
     uniform, got = flat.with_format(jkv.Q8()), _flat(q8)
     restored = _flat(PlannedCache.restore(q8.snapshot(), max_len=2 * spec.max_len, **options))
     assert restored.max_len == 2 * spec.max_len and restored.format == jkv.Q8()
+    ks, vs = _decoded(got)
     for layer, window in enumerate(windows):
-        k, v = got.layer(layer)
+        k, v = ks[layer], vs[layer]
         for b, n in enumerate(lengths):
             at = slice(0 if window is None else n - window + 1, n)
             for x, y, z in zip(got.data, uniform.data, restored.data, strict=True):
@@ -145,9 +153,9 @@ def test_read_pinned_and_unpin():
     assert read.max_len == MAX_LEN and int(read.lengths[0]) == n
     for x, y in zip(read.data, one.data, strict=True):
         np.testing.assert_array_equal(x[:, :, :, :n], y[:, :, :, :n])
+    ks, _ = _decoded(read)
     for layer in range(SPEC.num_layers):
-        k, _ = read.layer(layer)
-        np.testing.assert_array_equal(k[0, :, held(layer, n)], model.k[layer, 1, :, held(layer, n)])
+        np.testing.assert_array_equal(ks[layer, 0, :, held(layer, n)], model.k[layer, 1, :, held(layer, n)])
     back = pinned.unpin(pages)
     for group, before in zip(back.groups, cache.groups, strict=True):
         assert not np.asarray(group.pins).any()
