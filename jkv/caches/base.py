@@ -245,6 +245,14 @@ class Cache(abc.ABC):
         """The one-sequence contiguous cache of slot ``slot``."""
 
     @abc.abstractmethod
+    def fork(self, src, dst):
+        """Make sequence ``dst`` a copy of ``src`` (n samples or beams from one prompt): copied, or sharing pages."""
+
+    @abc.abstractmethod
+    def with_format(self, format):
+        """Every position re-stored in ``format`` (``jkv.caches.formats``)."""
+
+    @abc.abstractmethod
     def layer(self, layer, dtype=None, *, stored: bool = False):
         """K and V of ``layer`` as ``[B, K, S, D]`` (decoded; ``stored``: in the format's stored basis)."""
 

@@ -55,7 +55,7 @@ class KVCache(Cache):
         """Every position re-stored in ``format`` (e.g. ``Q8()`` to quantize a float cache, ``Plain()`` to
         dequantize one); lengths, counts and errors kept."""
         format = bind(format, self.spec)
-        return self.replace(data=_convert(self.data, self.format, format, self.spec.dtype), format=format)
+        return self.replace(data=convert(self.data, self.format, format, self.spec.dtype), format=format)
 
     # ------------------------------------------------------------------ step
     def begin(self, counts) -> KVCache:
@@ -106,6 +106,24 @@ class KVCache(Cache):
             lengths=jnp.where(hit, single.lengths[0], self.lengths),
             counts=jnp.where(hit, 0, self.counts),
             errors=jnp.where(hit, single.errors[0], self.errors) | jnp.where(ok, 0, ERR_BAD_SLOT),
+        )
+
+    def fork(self, src, dst) -> KVCache:
+        """Make sequence ``dst`` a copy of ``src``: its positions, length and error bits copied (a contiguous cache
+        shares nothing; ``PagedKVCache.fork`` shares pages). ``src == dst`` changes nothing; a slot out of range
+        under ``jit`` changes nothing and flags ``ERR_BAD_SLOT`` (host calls raise)."""
+        src, src_ok = checks.index_in_range("src", src, self.batch)
+        dst, dst_ok = checks.index_in_range("dst", dst, self.batch)
+        ok = src_ok & dst_ok
+        act = ok & (src != dst)
+        at = checks.clamped(src, ok)
+        to = dst if act is True else jnp.where(act, dst, self.batch)  # out of range: dropped by the scatter
+        hit = jnp.arange(self.batch) == to
+        return self.replace(
+            data=tuple(buf.at[:, to].set(buf[:, at], mode="drop") for buf in self.data),
+            lengths=jnp.where(hit, self.lengths[at], self.lengths),
+            counts=jnp.where(hit, 0, self.counts),
+            errors=jnp.where(hit, self.errors[at], self.errors) | jnp.where(ok, 0, ERR_BAD_SLOT),
         )
 
     def extract_slot(self, slot, max_len: int | None = None) -> KVCache:
@@ -189,7 +207,7 @@ def slot_arrays(name: str, single: KVCache, spec: CacheSpec, format: Format) -> 
         raise ValueError(f"{name} must hold one sequence, got batch={single.batch}")
     if single.max_len > spec.max_len:
         raise ValueError(f"{name}.max_len={single.max_len} exceeds this cache's max_len={spec.max_len}")
-    return _convert(single.data, single.format, format, spec.dtype)
+    return convert(single.data, single.format, format, spec.dtype)
 
 
 def all_arrays(name: str, cache: KVCache, spec: CacheSpec, format: Format) -> tuple[Array, ...]:
@@ -197,10 +215,10 @@ def all_arrays(name: str, cache: KVCache, spec: CacheSpec, format: Format) -> tu
     if not isinstance(cache, KVCache):
         raise TypeError(f"{name} must be a jkv.KVCache, got {type(cache).__name__}")
     checks.same_layout(name, cache.spec, spec)
-    return _convert(cache.data, cache.format, format, spec.dtype)
+    return convert(cache.data, cache.format, format, spec.dtype)
 
 
-def _convert(data, source: Format, target: Format, dtype) -> tuple[Any, ...]:
+def convert(data, source: Format, target: Format, dtype) -> tuple[Any, ...]:
     """Arrays of ``source`` re-stored in ``target`` (as they are when the formats agree)."""
     if source == target:
         return data

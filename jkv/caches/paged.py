@@ -26,7 +26,7 @@ from jaxtyping import Array, Int
 
 from jkv.caches import checks, pool, tokens
 from jkv.caches.base import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, ERR_WINDOW, Cache, CacheSpec
-from jkv.caches.contiguous import KVCache, all_arrays, slot_arrays
+from jkv.caches.contiguous import KVCache, all_arrays, convert, slot_arrays
 from jkv.caches.formats import Format, Plain, bind
 from jkv.caches.ring import Ring
 from jkv.caches.sharding import DP, TP
@@ -96,6 +96,11 @@ class PagedKVCache(Cache):
             format=format,
             ring=ring,
         )
+
+    def with_format(self, format: Format) -> PagedKVCache:
+        """Every page re-stored in ``format`` (as ``KVCache.with_format``); tables, sharing and pins kept."""
+        format = bind(format, self.spec)
+        return self.replace(pages=convert(self.pages, self.format, format, self.spec.dtype), format=format)
 
     @property
     def window(self) -> int | None:

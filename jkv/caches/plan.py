@@ -19,11 +19,17 @@ The plan shares ``lengths``, ``counts`` and ``errors`` with its groups: its own 
 group gets them before an operation and gives back its error bits after. ``for_layer(i)`` hands attention the
 group of layer ``i`` (with its own layout's kernels: the paged kernels read a ring through its block table, from
 the window's first page on). A layer index must be static unless the plan has one group (every layer alike).
+
+Every operation of the uniform kinds works group by group: the step, rollback, reset / reset_slot, insert / extract
+a slot, ``fork`` (a paged group, every ring included, shares ``src``'s pages copy-on-write; a contiguous full group
+copies the row), ``with_format``, snapshot / ``restore`` (of any kind's snapshot), ``to_contiguous`` /
+``from_contiguous``, shard specs; paged plans also ``pin`` / ``unpin`` / ``read_pinned`` and ``insert_into_slot
+(prefix=)``, with one page vector per group. Refused, with why: prefix pages on a contiguous plan (its groups
+share no pages: a prefix is a device copy), and one pool's attributes (``block_tables``, ``num_free_pages`` ...:
+``PER_GROUP``), which a plan has once per group (``cache.groups[g]``).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,71 +38,19 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int
 
-from jkv.caches import checks, pool
+from jkv.caches import checks
 from jkv.caches.base import ERR_BAD_SLOT, ERR_WINDOW, Cache, CacheSpec
 from jkv.caches.contiguous import KVCache
 from jkv.caches.formats import Format, Plain, bind
+from jkv.caches.layer_plan import LayerPlan, join_layers, take_layers
 from jkv.caches.paged import PagedKVCache
-from jkv.caches.ring import Ring
 from jkv.caches.sharding import DP
 
-LAYOUTS = ("contiguous", "paged")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerPlan:
-    """Static: each layer's window (None: full), the rings' ``slack``, the layout and the page size of rings (and
-    of a paged full group)."""
-
-    windows: tuple[int | None, ...]
-    slack: int
-    layout: str = "contiguous"
-    page_size: int = 16
-
-    def __post_init__(self):
-        object.__setattr__(self, "windows", tuple(self.windows))
-        for w in self.windows:
-            if w is not None and (not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w < 1):
-                raise ValueError(f"windows holds {w!r}, expected a positive int or None")
-        checks.positive_int("slack", self.slack)
-        checks.positive_int("page_size", self.page_size)
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout={self.layout!r} is not one of {LAYOUTS}")
-
-    @property
-    def groups(self) -> tuple[tuple[int | None, tuple[int, ...]], ...]:
-        """``(window, layers)`` of each group: the full layers first, then each window, smallest first."""
-        keys = sorted(set(self.windows), key=lambda w: -1 if w is None else w)
-        return tuple((w, tuple(i for i, x in enumerate(self.windows) if x == w)) for w in keys)
-
-    def where(self, layer: int) -> tuple[int, int]:
-        """``(group, index in it)`` of ``layer``."""
-        for g, (_, layers) in enumerate(self.groups):
-            if layer in layers:
-                return g, layers.index(layer)
-        raise ValueError(f"layer={layer} out of range: expected an index in [0, {len(self.windows)})")
-
-    def ring(self, g: int) -> Ring | None:
-        window = self.groups[g][0]
-        return None if window is None else Ring(int(window), self.slack, self.layout == "contiguous")
-
-    def paged(self, g: int) -> bool:
-        return self.layout == "paged" or self.groups[g][0] is not None
-
-    def group_spec(self, spec: CacheSpec, g: int) -> CacheSpec:
-        n = len(self.groups[g][1])
-        if not self.paged(g):
-            return spec.replace(num_layers=n)
-        return spec.replace(num_layers=n, max_len=pool.cdiv(spec.max_len, self.page_size) * self.page_size)
-
-
-def take_layers(cache: KVCache, layers: tuple[int, ...]) -> KVCache:
-    """The contiguous cache of ``layers`` of ``cache`` (a slice when they are consecutive)."""
-    lo, n = layers[0], len(layers)
-    pick = (lambda x: x[lo : lo + n]) if layers == tuple(range(lo, lo + n)) else (lambda x: x[np.asarray(layers)])
-    part = cache.spec.replace(num_layers=n)
-    data = tuple(map(pick, cache.data))
-    return KVCache(data, cache.lengths, cache.counts, cache.errors, spec=part, format=cache.format)
+# What one contiguous array or one page pool answers: a plan holds one per group, so it answers none of them.
+PER_GROUP = frozenset(
+    ("data", "pages", "block_tables", "refcounts", "pins", "ring", "page_size", "num_pages", "max_pages",
+     "num_free_pages", "pages_held", "first_page")
+)  # fmt: skip
 
 
 @struct.dataclass
@@ -180,9 +134,16 @@ class PlannedCache(Cache):
         return out._with(groups).rollback(lengths)
 
     @classmethod
-    def restore(cls, snap, **plan_options) -> PlannedCache:
-        """Rebuild from a ``Snapshot`` (``from_contiguous``'s options)."""
-        return cls.from_contiguous(KVCache.restore(snap), **plan_options)
+    def restore(cls, snap, max_len: int | None = None, **plan_options) -> PlannedCache:
+        """Rebuild from a ``Snapshot`` of any kind (``max_len`` as ``KVCache.restore``; ``from_contiguous``'s
+        options)."""
+        return cls.from_contiguous(KVCache.restore(snap, max_len), **plan_options)
+
+    def with_format(self, format: Format) -> PlannedCache:
+        """Every group re-stored in ``format`` (``KVCache.with_format``, ``PagedKVCache.with_format``: pages,
+        tables and sharing kept); lengths, counts and errors kept."""
+        format = bind(format, self.spec)
+        return self.replace(groups=tuple(group.with_format(format) for group in self.groups), format=format)
 
     # ------------------------------------------------------------------ groups
     def _synced(self, g: int, errors=None):
@@ -222,6 +183,14 @@ class PlannedCache(Cache):
     @property
     def windows(self) -> tuple[int | None, ...]:
         return self.plan.windows
+
+    def __getattr__(self, name):  # only reached for names the class lacks
+        if name in PER_GROUP:
+            raise AttributeError(
+                f"a PlannedCache has no {name!r}: each layer group has its own arrays (a paged group its own pool); "
+                f"read cache.groups[g].{name}, group g holding the layers cache.plan.groups[g] (window, layers)"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ step
     def begin(self, counts) -> PlannedCache:
@@ -275,6 +244,18 @@ class PlannedCache(Cache):
             errors=jnp.where(keep, self.errors, 0) | jnp.where(ok, 0, ERR_BAD_SLOT),
         )
 
+    def fork(self, src, dst) -> PlannedCache:
+        """Make sequence ``dst`` a copy of ``src`` in every group (n samples or beams from one prompt): a paged
+        group (every ring, a paged plan's full layers) shares ``src``'s pages copy-on-write (``PagedKVCache.fork``:
+        a ring shares the pages it holds), a contiguous plan's full group copies its row (``KVCache.fork``).
+        ``src == dst`` changes nothing; a slot out of range under ``jit`` changes nothing and flags
+        ``ERR_BAD_SLOT`` (host calls raise). No page is taken, so no group can refuse it."""
+        checks.index_in_range("src", src, self.batch)
+        checks.index_in_range("dst", dst, self.batch)
+        groups = [self._synced(g, self.errors).fork(src, dst) for g in range(len(self.groups))]
+        first = groups[0]  # every group did the same to lengths, counts and errors
+        return self._with(groups, lengths=first.lengths, counts=first.counts, errors=first.errors)
+
     def insert_into_slot(self, slot, single: KVCache, prefix=None) -> PlannedCache:
         """Put a one-sequence contiguous cache of every layer into ``slot`` (each group takes its layers; a ring
         only what it keeps). ``prefix=(pages, n)`` (paged plans): ``pages`` one vector per group, from ``pin``.
@@ -283,6 +264,10 @@ class PlannedCache(Cache):
             raise TypeError(f"single must be a jkv.KVCache, got {type(single).__name__}")
         checks.same_layout("single", single.spec, self.spec)
         at, ok = checks.index_in_range("slot", slot, self.batch)
+        if prefix is not None:
+            self._paged_only("insert_into_slot(prefix=)")
+            pages, n = prefix
+            prefix = (self._per_group("prefix pages", pages), n)
         groups = []
         for g, (_, layers) in enumerate(self.plan.groups):
             part = take_layers(single, layers)
@@ -309,7 +294,7 @@ class PlannedCache(Cache):
         if max_len > self.max_len:
             raise ValueError(f"{max_len=} exceeds this cache's max_len={self.max_len}")
         parts = [self._synced(g, self.errors).extract_slot(slot, max_len) for g in range(len(self.groups))]
-        return self._merge(parts, max_len)
+        return join_layers(parts, self.plan, self.spec, max_len)
 
     def to_contiguous(self) -> KVCache:
         """Every layer as one contiguous cache (a ring's positions it let go read 0)."""
@@ -317,24 +302,13 @@ class PlannedCache(Cache):
         for g in range(len(self.groups)):
             group = self._synced(g, self.errors)
             parts.append(group.to_contiguous() if self.plan.paged(g) else group)
-        return self._merge(parts, self.max_len)
-
-    def _merge(self, parts, max_len: int) -> KVCache:
-        order = np.argsort(np.concatenate([layers for _, layers in self.plan.groups]))
-        data = []
-        for arrays in zip(*(p.data for p in parts), strict=True):
-            stacked = jnp.concatenate([x[:, :, :, :max_len] for x in arrays], axis=0)
-            data.append(stacked[order] if (order != np.arange(order.size)).any() else stacked)
-        first = parts[0]
-        spec = self.spec.replace(max_len=max_len)
-        return KVCache(tuple(data), first.lengths, first.counts, first.errors, spec=spec, format=self.format)
+        return join_layers(parts, self.plan, self.spec, self.max_len)
 
     # ------------------------------------------------------------------ paged plans: prefix pages
     def pin(self, slot, length):
         """``PagedKVCache.pin`` in every group: ``(cache, pages)`` with ``pages`` a tuple, one vector per group
         (a ring's pages it let go are ``NO_PAGE``)."""
-        if self.plan.layout != "paged":
-            raise TypeError("pin needs a paged plan")
+        self._paged_only("pin")
         groups, pages = [], []
         for g in range(len(self.groups)):
             group, held = self._synced(g).pin(slot, length)
@@ -343,8 +317,38 @@ class PlannedCache(Cache):
         return self._with(groups), tuple(pages)
 
     def unpin(self, pages) -> PlannedCache:
+        """Give back what ``pin`` returned (one vector per group)."""
+        self._paged_only("unpin")
+        pages = self._per_group("pages", pages)
         groups = [group.unpin(p) for group, p in zip(self.groups, pages, strict=True)]
         return self.replace(groups=tuple(groups))
+
+    def read_pinned(self, pages, length) -> KVCache:
+        """Positions ``[0, length)`` of what ``pin`` returned (one vector per group, all of the same length
+        ``m``) as a one-sequence contiguous cache of every layer and ``max_len = m * page_size``
+        (``PagedKVCache.read_pinned``; a ring's positions it let go read 0)."""
+        self._paged_only("read_pinned")
+        pages = self._per_group("pages", pages)
+        widths = [jnp.shape(p) for p in pages]
+        if len(set(widths)) != 1 or len(widths[0]) != 1:
+            raise ValueError(f"pages must be vectors of one length, one per group, got shapes {widths}")
+        parts = [group.read_pinned(p, length) for group, p in zip(self.groups, pages, strict=True)]
+        return join_layers(parts, self.plan, self.spec, parts[0].max_len)
+
+    def _paged_only(self, what: str) -> None:
+        if self.plan.layout != "paged":
+            raise TypeError(
+                f"{what} needs a paged plan (pinned pages); this plan is contiguous: a prefix is a device copy "
+                "(extract_slot, then insert_into_slot of it cut to its length)"
+            )
+
+    def _per_group(self, name: str, value) -> tuple:
+        """``value`` as a tuple of one entry per group (as ``pin`` returns pages)."""
+        if not isinstance(value, (tuple, list)) or len(value) != len(self.groups):
+            got = f"{len(value)} entries" if isinstance(value, (tuple, list)) else type(value).__name__
+            windows = [w for w, _ in self.plan.groups]
+            raise ValueError(f"{name} must hold one page vector per group of windows {windows} (pin's), got {got}")
+        return tuple(value)
 
     # ------------------------------------------------------------------ reading
     def layer(self, layer, dtype=None, *, stored: bool = False):

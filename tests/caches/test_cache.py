@@ -112,6 +112,30 @@ def test_insert_into_slot_and_extract(rng, slot, single_len):
     np.testing.assert_array_equal(np.asarray(back.lengths), np.asarray(single.lengths))
 
 
+def test_fork_copies_a_row(rng):
+    """fork(src, dst): dst's positions, length and error bits become src's, the others unchanged; static and traced
+    slots alike; src == dst changes nothing; a slot out of range under jit flags ERR_BAD_SLOT and touches nothing;
+    host calls raise naming it."""
+    cache, k_np, v_np = filled(rng, [5, 0, 9, 3])
+    cache = cache.replace(errors=jnp.asarray([0, 0, 2, 0], jnp.int32), counts=jnp.asarray([0, 0, 0, 4], jnp.int32))
+    fork = jax.jit(lambda c, s, d: c.fork(s, d))
+    for got in (cache.fork(2, 3), fork(cache, jnp.int32(2), jnp.int32(3))):
+        k_np2, v_np2 = k_np.copy(), v_np.copy()
+        k_np2[:, 3], v_np2[:, 3] = k_np[:, 2], v_np[:, 2]
+        np.testing.assert_array_equal(got.data[0], k_np2)
+        np.testing.assert_array_equal(got.data[1], v_np2)
+        assert got.lengths.tolist() == [5, 0, 9, 9] and got.errors.tolist() == [0, 0, 2, 2]
+        assert got.counts.tolist() == [0, 0, 0, 0]
+    same = fork(cache, jnp.int32(1), jnp.int32(1))
+    chex.assert_trees_all_equal(same, cache)
+    bad = fork(cache, jnp.int32(0), jnp.int32(4))
+    chex.assert_trees_all_equal(bad.replace(errors=cache.errors), cache)
+    assert (np.asarray(bad.errors) & ERR_BAD_SLOT).all()
+    for src, dst, name in ((4, 0, "src=4"), (0, -1, "dst=-1")):
+        with pytest.raises(ValueError, match=name):
+            cache.fork(src, dst)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("trim", [True, False])
 def test_snapshot_restore_bit_exact(rng, dtype, trim):

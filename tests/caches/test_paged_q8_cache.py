@@ -101,7 +101,7 @@ def test_init_shapes_and_nbytes(scale_dtype):
 # ---------------------------------------------------------------------- operations against the Q8KVCache
 def test_ops_match_q8_cache_on_a_fragmented_pool(rng):
     """Writes across page boundaries, ragged steps, reset_slot and rollback on a fragmented pool; then insert
-    (a Q8 cache as it is, a float cache quantized), extract_slot, snapshot / restore, from_contiguous."""
+    (a Q8 cache as it is, a float cache quantized), extract_slot, with_format, snapshot / restore, from_contiguous."""
     paged_cache, ref = new_pair(4, 16)
     for i, advance in enumerate((None, None, [7, 0, 3, 7])):  # T = 7 throughout: one compiled write per cache
         paged_cache, ref = step_both(rng, paged_cache, ref, 7, advance)
@@ -131,8 +131,12 @@ def test_ops_match_q8_cache_on_a_fragmented_pool(rng):
         assert got.layout == "contiguous" and got.format == ref.format and got.data[0].shape == want.data[0].shape
         assert_same_contents(got, want)
     deq, want = _with_format(_flat(paged_cache), jkv.Plain()), _with_format(ref, jkv.Plain())
+    in_place = _with_format(paged_cache, jkv.Plain())  # the pool re-stored: tables and pages kept
+    assert in_place.format == jkv.Plain(SPEC.dtype) and (in_place.block_tables == paged_cache.block_tables).all()
     for b, n in enumerate(np.asarray(ref.lengths)):
         np.testing.assert_array_equal(np.asarray(deq.data[0])[:, b, :, :n], np.asarray(want.data[0])[:, b, :, :n])
+        for x, y in zip(_flat(in_place).data, want.data, strict=True):
+            np.testing.assert_array_equal(np.asarray(x)[:, b, :, :n], np.asarray(y)[:, b, :, :n])
 
     snap = paged_cache.snapshot()
     assert isinstance(snap, jkv.Snapshot) and snap.data[0].shape[3] == 20 and snap.format == ref.format

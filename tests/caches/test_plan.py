@@ -4,71 +4,19 @@ reused page read before it is written, shows up as NaN). Steps are ragged, rings
 cross the wrap; refusals leave everything untouched; slots, snapshots and the engine's prefix reuse keep the
 contents; the memory of a Gemma-3-shaped plan is measured."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from reference import attention_f64
+from helpers_plan import MAX_LEN, PAGE, SLACK, SPEC, WINDOWS, B, Model, N, T, new_cache, run_rollback, run_step, step
+from helpers_plan import wrapped as wrapped_plan
 
 import jkv
 from jkv import memory
-from jkv.caches import ERR_WINDOW, PlannedCache, Ring
+from jkv.caches import ERR_WINDOW, PlannedCache
 from jkv.serving import mixed
 
-WINDOWS = (4, None, 6)  # two ring groups and a full one, the full layer in the middle
-SLACK, PAGE, MAX_LEN, B, T = 5, 4, 64, 3, 5
-SPEC = jkv.CacheSpec(3, 2, 16, MAX_LEN)
-N = 4  # query heads (GQA 2)
-
-
-@jax.jit  # one program, not one fill per stored array
-def poisoned(cache):
-    """Every stored value NaN: only positions written since may be read."""
-    fill = lambda x: jnp.full_like(x, jnp.nan)
-    groups = []
-    for group in cache.groups:
-        if hasattr(group, "pages"):
-            groups.append(group.replace(pages=tuple(map(fill, group.pages))))
-        else:
-            groups.append(group.replace(data=tuple(map(fill, group.data))))
-    return cache.replace(groups=tuple(groups))
-
-
-def new_cache(layout, batch=B):
-    return poisoned(PlannedCache.init(SPEC, batch, windows=WINDOWS, slack=SLACK, layout=layout, page_size=PAGE))
-
-
-class Model:
-    """Every K/V ever written, in float64, and the lengths: the ring's reference."""
-
-    def __init__(self, batch=B):
-        self.k = np.full((SPEC.num_layers, batch, 2, MAX_LEN, 16), np.nan)
-        self.v = np.full_like(self.k, np.nan)
-        self.lengths = np.zeros(batch, np.int64)
-
-    def attend(self, q, layer, counts):
-        positions = np.where(
-            np.arange(q.shape[1])[None, :] < counts[:, None], self.lengths[:, None] + np.arange(q.shape[1]), -1
-        )
-        k, v = np.nan_to_num(self.k[layer]), np.nan_to_num(self.v[layer])  # unwritten: never in a window
-        return attention_f64(q, k, v, positions, window=WINDOWS[layer])
-
-
-@functools.partial(jax.jit, static_argnames="impl")
-def _step(cache, counts, q, k, v, impl="xla"):
-    """A padded step of every layer: begin, write + attend, commit."""
-    cache = cache.begin(counts)
-    outs = []
-    for layer in range(SPEC.num_layers):
-        out, cache = jkv.attend_write(q, k[layer], v[layer], cache, layer, impl=impl, window=WINDOWS[layer])
-        outs.append(out)
-    return jnp.stack(outs), cache.commit()
-
-
-_rollback = jax.jit(lambda c, n: c.rollback(n))
 _begin = jax.jit(lambda c, n: c.begin(n))
 # Slots and prefix reuse jitted, as the engine runs them (eagerly every operation compiles op by op).
 _extract = jax.jit(lambda c, slot: c.extract_slot(slot))
@@ -79,24 +27,6 @@ _pin_pages = jax.jit(mixed.pin_pages)
 _attach_prefix = jax.jit(mixed.attach_prefix)
 
 
-def step(cache, model, rng, counts, impl="xla"):
-    counts = np.asarray(counts)
-    batch = counts.shape[0]
-    q = rng.standard_normal((batch, T, N, 16)).astype(np.float32)
-    k = rng.standard_normal((SPEC.num_layers, batch, 2, T, 16)).astype(np.float32)
-    v = rng.standard_normal(k.shape).astype(np.float32)
-    outs, cache = _step(cache, jnp.asarray(counts, jnp.int32), q, k, v, impl=impl)
-    for b in range(batch):
-        at = slice(model.lengths[b], model.lengths[b] + counts[b])
-        model.k[:, b, :, at] = k[:, b, :, : counts[b]]
-        model.v[:, b, :, at] = v[:, b, :, : counts[b]]
-    for layer in range(SPEC.num_layers):
-        want = model.attend(q, layer, counts)
-        assert rel_err(outs[layer], want) < 1e-5, layer
-    model.lengths += counts
-    return cache
-
-
 def flat_step(cache, model, rng, counts, rows=8):
     """A flat step (``jkv.caches.tokens``): sequence b's tokens are consecutive rows; rows past sum(counts) pad."""
     counts = np.asarray(counts)
@@ -104,7 +34,7 @@ def flat_step(cache, model, rng, counts, rows=8):
     q = rng.standard_normal((rows, N, 16)).astype(np.float32)
     k = rng.standard_normal((SPEC.num_layers, rows, 2, 16)).astype(np.float32)
     v = rng.standard_normal(k.shape).astype(np.float32)
-    outs, cache = _step(cache, jnp.asarray(counts, jnp.int32), q, k, v)
+    outs, cache = run_step(cache, jnp.asarray(counts, jnp.int32), q, k, v)
     padded_q = np.zeros((counts.shape[0], T, N, 16), np.float32)
     for b, (s, n) in enumerate(zip(starts, counts, strict=True)):
         padded_q[b, :n] = q[s : s + n]
@@ -122,28 +52,10 @@ def flat_step(cache, model, rng, counts, rows=8):
     return cache
 
 
-def ring_pages_held(cache):
-    return [np.asarray(g.pages_held()).max() for g in cache.groups[1:]]
-
-
 @pytest.fixture(scope="module", params=["contiguous", "paged"])
 def wrapped(request):
     """A plan after 14 ragged steps with speculative-style rollbacks: every ring has wrapped."""
-    layout = request.param
-    rng = np.random.default_rng(7)
-    cache, model = new_cache(layout), Model()
-    for i in range(14):
-        counts = rng.integers(0, SLACK + 1, B) if i else np.array([5, 3, 0])
-        cache = step(cache, model, rng, counts)
-        if i % 3 == 1:  # reject up to 2 of the step's tokens
-            back = np.minimum(rng.integers(0, 3, B), counts)
-            model.lengths -= back
-            cache = _rollback(cache, jnp.asarray(model.lengths, jnp.int32))
-        assert np.asarray(cache.errors).max() == 0
-        pages = [Ring(w, SLACK, layout == "contiguous").pages_per_sequence(PAGE) for w in (4, 6)]
-        assert all(h <= p for h, p in zip(ring_pages_held(cache), pages, strict=True))
-    assert (model.lengths > 6 - 1 + SLACK + PAGE).all(), model.lengths  # past every ring's pages
-    return layout, cache, model
+    return (request.param, *wrapped_plan(request.param))
 
 
 def test_steps_match_the_model(wrapped):
@@ -151,11 +63,10 @@ def test_steps_match_the_model(wrapped):
     the wrap), two more padded steps and two flat ones."""
     _, cache, model = wrapped
     rng = np.random.default_rng(1)
-    model = Model.__new__(Model)
-    model.k, model.v, model.lengths = wrapped[2].k.copy(), wrapped[2].v.copy(), wrapped[2].lengths.copy()
+    model = model.copy()
     cache = step(cache, model, rng, [SLACK, 3, SLACK])
     model.lengths -= SLACK
-    cache = _rollback(cache, jnp.asarray(model.lengths, jnp.int32))
+    cache = run_rollback(cache, jnp.asarray(model.lengths, jnp.int32))
     for counts in ([5, 1, 2], [1, 1, 1]):
         cache = step(cache, model, rng, counts)
     for counts in ([3, 0, 4], [1, 1, 1]):
@@ -170,12 +81,12 @@ def test_refusals_touch_nothing(wrapped):
     with pytest.raises(ValueError, match="ring"):
         cache.rollback(jnp.asarray(model.lengths - 9, jnp.int32))
     deep = jnp.asarray(np.where(np.arange(B) == 1, model.lengths - 9, model.lengths - 1), jnp.int32)
-    after = _rollback(cache, deep)
+    after = run_rollback(cache, deep)
     assert np.asarray(after.errors).tolist() == [0, ERR_WINDOW, 0]
     assert np.asarray(after.lengths).tolist() == (model.lengths - [1, 0, 1]).tolist()
     for old, new in zip(cache.groups[1:], after.groups[1:], strict=True):  # the refused sequence keeps its pages
         assert np.array_equal(old.block_tables[1], new.block_tables[1])
-    assert _rollback(cache, jnp.zeros(B, jnp.int32)).lengths.max() == 0  # back to empty: always
+    assert run_rollback(cache, jnp.zeros(B, jnp.int32)).lengths.max() == 0  # back to empty: always
     if layout == "contiguous":
         with pytest.raises(ValueError, match="slack"):
             cache.begin(jnp.asarray([SLACK + 1, 1, 1], jnp.int32))
@@ -194,16 +105,13 @@ def test_slots_snapshot_and_prefixes(wrapped):
     single = _extract(cache, 0)
     assert single.spec.num_layers == 3 and int(single.lengths[0]) == model.lengths[0]
     moved = _insert(cache, 2, single)
-    m2 = Model.__new__(Model)
-    m2.k, m2.v, m2.lengths = model.k.copy(), model.v.copy(), model.lengths.copy()
-    m2.k[:, 2], m2.v[:, 2], m2.lengths[2] = m2.k[:, 0], m2.v[:, 0], m2.lengths[0]
+    m2 = model.copy()
+    m2.fork(0, 2)
     moved = step(moved, m2, rng, [1, 0, 2])
 
     snap = cache.snapshot()
     back = PlannedCache.restore(snap, windows=WINDOWS, slack=SLACK, layout=layout, page_size=PAGE)
-    m3 = Model.__new__(Model)
-    m3.k, m3.v, m3.lengths = model.k.copy(), model.v.copy(), model.lengths.copy()
-    step(back, m3, rng, [2, 1, 1])
+    step(back, model.copy(), rng, [2, 1, 1])
 
     n = int(model.lengths[1]) - 2
     if layout == "contiguous":
@@ -214,9 +122,9 @@ def test_slots_snapshot_and_prefixes(wrapped):
         cache, pages = _pin_pages(cache, 1, n)
         probe = jkv.KVCache.init(SPEC.replace(max_len=PAGE), 1)
         hit = _attach_prefix(cache, 0, pages, n, probe)
-    m4 = Model.__new__(Model)
-    m4.k, m4.v, m4.lengths = model.k.copy(), model.v.copy(), model.lengths.copy()
-    m4.k[:, 0], m4.v[:, 0], m4.lengths[0] = m4.k[:, 1], m4.v[:, 1], n
+    m4 = model.copy()
+    m4.fork(1, 0)
+    m4.lengths[0] = n
     hit = step(hit, m4, rng, [3, 1, 0])
     assert np.asarray(hit.errors).max() == 0
 
