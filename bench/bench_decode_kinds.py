@@ -107,6 +107,9 @@ def jax_part(shape, rows, sets, refs, est_s, results, samplers, *, smoke: bool, 
         if name in blocked:
             results[name] = {**extra, "error": blocked[name]}
             continue
+        if row.refused:
+            results[name] = {**extra, "error": f"refused: {row.refused}"}
+            continue
         if smoke and row.mgpu:
             try:
                 results[name] = {**extra, **kinds.lower_for_cuda(row.fn, sets[row.layout][0])}

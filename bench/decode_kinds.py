@@ -173,6 +173,7 @@ class Row(NamedTuple):
     fn: Callable
     fmt: str = "bf16"  # bytes counted and reference: "bf16", "q8" or "fp8"
     mgpu: bool = False  # Mosaic GPU only: lowered for CUDA, not run, where it cannot run
+    refused: str | None = None  # the kernel's own refusal of this shape (decode_mgpu.known_defect): not a failure
 
 
 def dot_product_attention(implementation: str, ragged: bool):
@@ -207,12 +208,14 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
     """jkv's kernel for each cache kind (the contiguous dispatch and both of its kernels, paged page 16 in Triton
     and Mosaic GPU, Q8 and FP8 contiguous and paged) and jax's cuDNN attention (its XLA path in a smoke run)."""
     ragged = shape.lengths is not None
+    n, kh, d = shape.heads
+    refused = decode_mgpu.known_defect(d, n // kh)
     return {
         "jkv_auto": Row("bf16", dispatch.decode_attention_auto),
         "jkv_triton": Row("bf16", decode.decode_attention),
-        "jkv_mgpu": Row("bf16", decode_mgpu.decode_attention_mgpu, mgpu=True),
+        "jkv_mgpu": Row("bf16", decode_mgpu.decode_attention_mgpu, mgpu=True, refused=refused),
         "paged_triton": Row("paged", paged.paged_decode_attention),
-        "paged_mgpu": Row("paged", decode_mgpu_paged.paged_decode_attention_mgpu, mgpu=True),
+        "paged_mgpu": Row("paged", decode_mgpu_paged.paged_decode_attention_mgpu, mgpu=True, refused=refused),
         "q8_triton": Row("q8", decode_q8.q8_decode_attention, fmt="q8"),
         "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
         "fp8_triton": Row("fp8", multi_token_step(fp8_multi_token_attention, shape), fmt="fp8"),

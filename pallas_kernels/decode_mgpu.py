@@ -128,9 +128,21 @@ def _resolve_config(default: MgpuConfig, head_dim: int, itemsize: int, **overrid
     return config
 
 
+def known_defect(head_dim: int, group: int) -> str | None:
+    """Why the Mosaic GPU decode kernels refuse a shape they lower for but were measured to get wrong on the GPU
+    (docs/notes/decode_kernel.md, "v6"); None where no defect is known. The dispatch never picks them there."""
+    if head_dim == 64 and group % 8:
+        return (
+            f"head_dim=64 with group={group} query heads per kv head (not a multiple of 8): the Mosaic GPU decode "
+            "kernels compute wrong attention there (a known defect, docs/notes/decode_kernel.md); use the Triton "
+            "kernel (pallas_kernels.decode / pallas_kernels.paged)"
+        )
+    return None
+
+
 def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
     """``pallas_kernels.common.check_args``, then what this kernel adds: 16-bit K/V, head_dim among
-    ``HEAD_DIMS``, G <= 64."""
+    ``HEAD_DIMS``, G <= 64, no :func:`known_defect`."""
     b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
     if jnp.dtype(k.dtype) not in CACHE_DTYPES:
         raise TypeError(
@@ -141,6 +153,8 @@ def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, i
         raise ValueError(f"head_dim={d} is not supported by the Mosaic GPU kernel; expected one of {HEAD_DIMS}")
     if n // kh > ROWS:
         raise ValueError(f"num_q_heads={n} // num_kv_heads={kh} = {n // kh} query heads per kv head exceeds {ROWS}")
+    if (defect := known_defect(d, n // kh)) is not None:
+        raise ValueError(defect)
     return b, n, kh, s, d
 
 

@@ -80,6 +80,8 @@ def paged_mgpu_unsupported_reason(num_q_heads: int, num_kv_heads: int, page_size
         return (
             f"num_q_heads={num_q_heads} // num_kv_heads={num_kv_heads} = {group} query heads per kv head exceeds {ROWS}"
         )
+    if (defect := decode_mgpu.known_defect(head_dim, num_q_heads // num_kv_heads)) is not None:
+        return defect
     if page_size < MIN_PAGE or page_size & (page_size - 1):
         return f"page_size={page_size} must be a power of two >= {MIN_PAGE} for the Mosaic GPU kernel (TMA tiles)"
     return None

@@ -24,6 +24,7 @@ def prefer_mgpu(
         or group > decode_mgpu.ROWS
         or max_len % 8
         or max_len < decode_mgpu.BLOCK_K
+        or decode_mgpu.known_defect(head_dim, group) is not None
     ):
         return False  # the Mosaic GPU kernel cannot take it, or would need a padded copy of the cache
     sms = num_multiprocessors or backend.num_multiprocessors()

@@ -34,7 +34,7 @@ CASES = [
     ("g3_d128_bf16_layer1_of3", 2, 2, 3, 128, 500, "bfloat16", ("S", "0"), (3, 1), None, None, None),
     ("g5_d128_f16_deep_ring", 3, 1, 5, 128, 1500, "float16", ("bk-1", "S", "2bk+1"), None, 64, 2, 4),
     ("g4_d128_bf16_more_splits_than_blocks", 3, 2, 4, 128, 200, "bfloat16", ("S", "1", "0"), None, 64, 8, 2),
-    ("g4_d64_bf16_tiny_cache", 2, 1, 4, 64, 40, "bfloat16", ("S", "1"), None, None, None, None),
+    ("g8_d64_bf16_tiny_cache", 2, 1, 8, 64, 40, "bfloat16", ("S", "1"), None, None, None, None),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -134,6 +134,9 @@ def test_dispatch_rule_on_the_benchmark_shapes(batch, seq, want):
     assert dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16, num_multiprocessors=132) == want
     assert not dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.float32, num_multiprocessors=132)  # no f32 MMA here
     assert not dispatch.prefer_mgpu(batch, 8, seq + 4, 128, 4, jnp.bfloat16, num_multiprocessors=132)  # would pad
+    # head_dim 64 only with whole 8-row groups of query heads (decode_mgpu.known_defect)
+    assert dispatch.prefer_mgpu(batch, 8, 2 * seq, 64, 8, jnp.bfloat16, num_multiprocessors=132) == want
+    assert not dispatch.prefer_mgpu(batch, 8, 2 * seq, 64, 3, jnp.bfloat16, num_multiprocessors=132)
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="checks the fallback where Mosaic GPU cannot run")

@@ -44,10 +44,10 @@ CASES = [
     ("g3_d128_bf16_ps128_layer1_of3", 2, 2, 3, 128, 128, 4, "bfloat16", ("S", "0"), (3, 1), None, None, "nan"),
     ("g5_d128_f16_ps16_deep_ring", 3, 1, 5, 128, 16, 94, "float16", ("bk-1", "S", "2bk+1"), None, 2, 4, "wild"),
     ("g4_d128_bf16_more_splits_than_blocks", 3, 2, 4, 128, 16, 13, "bfloat16", ("S", "1", "0"), None, 8, 2, "nan"),
-    ("g4_d64_bf16_ps16_table_under_one_block", 2, 1, 4, 64, 16, 2, "bfloat16", ("S", "1"), None, None, None, "wild"),
+    ("g16_d64_bf16_ps16_table_under_one_block", 2, 1, 16, 64, 16, 2, "bfloat16", ("S", "1"), None, None, None, "wild"),
     ("mha_d128_bf16_ps256", 2, 8, 1, 128, 256, 3, "bfloat16", ("ps+1", "S"), None, 2, 2, "nan"),
     ("g8_d256_f16_ps8_layer0_of2", 2, 2, 8, 256, 8, 40, "float16", ("ps-1", "bk+1"), (2, 0), 3, None, "-1"),
-    ("g5_d64_bf16_ps32_rows_past_64", 7, 2, 5, 64, 32, 20, "bfloat16", ("S", "ps", "1", "bk"), None, 2, 2, "wild"),
+    ("g5_d128_bf16_ps32_rows_past_64", 7, 2, 5, 128, 32, 20, "bfloat16", ("S", "ps", "1", "bk"), None, 2, 2, "wild"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -237,9 +237,9 @@ LOWERINGS = [
     ("g4_d128_ps16_one_split", 2, 2, 4, 128, 16, 3, "bfloat16", "bfloat16", 1, 2),
     ("g4_d128_ps16_three_splits", 2, 2, 4, 128, 16, 3, "bfloat16", "bfloat16", 3, 2),
     ("g8_d256_ps8_f16", 3, 2, 8, 256, 8, None, "float16", "float16", 2, 2),
-    ("mha_d64_ps64_f32_q", 5, 8, 1, 64, 64, None, "bfloat16", "float32", 1, 4),
+    ("mha_d128_ps64_f32_q", 5, 8, 1, 128, 64, None, "bfloat16", "float32", 1, 4),
     ("g5_d128_ps128_rows_off_tile", 7, 2, 5, 128, 128, 2, "bfloat16", "bfloat16", 4, 3),
-    ("g2_d64_ps256_f16", 1, 4, 2, 64, 256, 2, "float16", "float16", 2, 2),
+    ("g8_d64_ps256_f16", 1, 4, 8, 64, 256, 2, "float16", "float16", 2, 2),
 ]
 
 
