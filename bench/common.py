@@ -173,7 +173,7 @@ def _torch_replay(torch, fn, arg_sets, reps: int):
     graphs = {}
     for n in (reps, 2 * reps):
         graphs[n] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[n]):
+        with torch.cuda.graph(graphs[n], capture_error_mode="thread_local"):  # JAX's threads may touch CUDA
             for i in range(n):
                 fn(*arg_sets[i % len(arg_sets)])
 
