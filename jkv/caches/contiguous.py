@@ -156,10 +156,7 @@ class KVCache(Cache):
         layer, ok = checks.index_in_range("layer", layer, self.spec.num_layers)
         dtype = self.spec.dtype if dtype is None else jnp.dtype(dtype)
         arrays = tuple(x[checks.clamped(layer, ok)] for x in self.data)
-        k, v = self.format.decode(arrays, dtype)
-        if not stored:
-            k, v = self.format.from_stored(k).astype(dtype), self.format.from_stored(v).astype(dtype)
-        return jnp.where(ok, k, jnp.nan), jnp.where(ok, v, jnp.nan)
+        return self.format.read(arrays, dtype, stored=stored, ok=ok)
 
     def for_layer(self, layer):
         return self, layer

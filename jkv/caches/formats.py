@@ -62,6 +62,14 @@ class Format(abc.ABC):
         """``x`` back from the stored basis (attention outputs, decoded layers)."""
         return x
 
+    def read(self, arrays, dtype, *, stored: bool, ok) -> tuple[Array, Array]:
+        """A layer's keys and values in ``dtype`` from its stored arrays, back from the stored basis unless
+        ``stored``; NaN where ``ok`` is false (a layer index out of range under ``jit``)."""
+        k, v = self.decode(arrays, dtype)
+        if not stored:
+            k, v = self.from_stored(k).astype(dtype), self.from_stored(v).astype(dtype)
+        return jnp.where(ok, k, jnp.nan), jnp.where(ok, v, jnp.nan)
+
     def bytes_per_token(self, spec) -> int:
         """Bytes of one position of one sequence across all layers, K and V."""
         per_head = sum(jnp.dtype(dtype).itemsize * width for dtype, width in self.arrays(spec))

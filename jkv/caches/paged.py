@@ -153,12 +153,7 @@ class PagedKVCache(Cache):
                 f"{self.num_pages} (page_size={self.page_size})"
             ),
         )
-        copy = lambda pools: tuple(
-            x.at[:, dst].set(x[:, jnp.clip(src, 0, self.num_pages - 1)], mode="drop") for x in pools
-        )
-        # A cond, not a masked copy: the copy gathers B pages of every layer, far more than a decode step's write.
-        pages = lax.cond(jnp.any(src < self.num_pages), copy, lambda pools: pools, self.pages)
-        cache = self.replace(pages=pages, block_tables=tables, refcounts=refcounts)
+        cache = self.replace(pages=pool.copy_pages(self.pages, src, dst), block_tables=tables, refcounts=refcounts)
         return cache.replace(errors=cache.errors | jnp.where(got, 0, ERR_POOL_EXHAUSTED)), got
 
     def _logical_pages(self, slot: Array, positions: Array) -> Array:
@@ -372,10 +367,7 @@ class PagedKVCache(Cache):
             b, m, kh, ps, d = x.shape
             return x.swapaxes(1, 2).reshape(b, kh, m * ps, d)
 
-        k, v = self.format.decode(tuple(map(take, self.pages)), dtype)
-        if not stored:
-            k, v = self.format.from_stored(k).astype(dtype), self.format.from_stored(v).astype(dtype)
-        return jnp.where(ok, k, jnp.nan), jnp.where(ok, v, jnp.nan)
+        return self.format.read(tuple(map(take, self.pages)), dtype, stored=stored, ok=ok)
 
     def for_layer(self, layer):
         return self, layer

@@ -92,6 +92,15 @@ def reserve(tables, refcounts, lengths, target, page_size: int):
     return tables, refcounts.at[src].add(-1, mode="drop"), got, src, dst
 
 
+def copy_pages(pools: tuple[Array, ...], src: Array, dst: Array) -> tuple[Array, ...]:
+    """Copy-on-write of ``reserve``: page ``src[i]`` into page ``dst[i]`` of every pool ``[L, P, ...]`` (entries
+    with ``src >= P`` copy nothing)."""
+    num_pages = pools[0].shape[1]
+    copy = lambda pools: tuple(x.at[:, dst].set(x[:, jnp.clip(src, 0, num_pages - 1)], mode="drop") for x in pools)
+    # A cond, not a masked copy: the copy gathers B pages of every layer, far more than a decode step's write.
+    return jax.lax.cond(jnp.any(src < num_pages), copy, lambda pools: pools, pools)
+
+
 @_static("page_size", "num_pages")
 def logical_pages(tables: Array, slot: Array, positions: Array, page_size: int, num_pages: int) -> Array:
     """Physical page of position ``positions[i]`` of sequence ``slot[i]`` (any matching shapes); ``num_pages``

@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jkv.attention import attend_write
+from jkv.attention.qkv import unfuse_qkv
 from jkv.caches import checks
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies
 
@@ -80,22 +81,11 @@ def llama_layers(params) -> list:
     for layer in layers:
         weights = dict(wo=layer.wo, attn_norm=layer.attn_norm, mlp_norm=layer.mlp_norm, down=layer.w_down)
         weights.update(gate=layer.w_gate_up[:, 0], up=layer.w_gate_up[:, 1])
-        weights.update(zip(("wq", "wk", "wv"), _unfuse(layer.wqkv), strict=True))
-        biases = (None,) * 3 if layer.bqkv is None else _unfuse(layer.bqkv)
+        weights.update(zip(("wq", "wk", "wv"), unfuse_qkv(layer.wqkv), strict=True))
+        biases = (None,) * 3 if layer.bqkv is None else unfuse_qkv(layer.bqkv)
         weights.update(zip(("bq", "bk", "bv"), biases, strict=True))
         out.append(weights)
     return out
-
-
-def _unfuse(wqkv):
-    """``[..., K, G + 2, D]`` -> ``[..., N*D]``, ``[..., K*D]``, ``[..., K*D]`` (kv head k's G queries, key, value)."""
-    *lead, k, g2, d = wqkv.shape
-    g = g2 - 2
-    return (
-        wqkv[..., :g, :].reshape(*lead, k * g * d),
-        wqkv[..., g, :].reshape(*lead, k * d),
-        wqkv[..., g + 1, :].reshape(*lead, k * d),
-    )
 
 
 def stack_caches(caches):

@@ -211,14 +211,9 @@ def load_gguf(
         t = tensors["rope_freqs.weight"]
         factors = dequantize(t).astype(np.float64).reshape(-1)
         config = _with_rope_factors(config, factors, path)
+    packed = packed if weights == "native" else None
     params = build_params(
-        config,
-        get,
-        dtype,
-        progress=progress,
-        layout=layout,
-        desc=f"loading {os.path.basename(path)}",
-        packed=packed if weights == "native" else None,
+        config, get, dtype, progress=progress, layout=layout, desc=f"loading {os.path.basename(path)}", packed=packed
     )
     tok = None
     if with_tokenizer:

@@ -184,14 +184,9 @@ def load_safetensors(
         fmt = quantize_lib.plan(name, shapes[key][-1], quantize) if len(shapes[key]) == 2 else None
         return None if fmt is None else (fmt, quantize_lib.quantize(get(name), fmt))
 
+    packed = None if quantize is None else packed
     params = build_params(
-        config,
-        get,
-        dtype,
-        progress=progress,
-        layout=layout,
-        desc=f"loading {directory.name}",
-        packed=None if quantize is None else packed,
+        config, get, dtype, progress=progress, layout=layout, desc=f"loading {directory.name}", packed=packed
     )
     tok = None
     if (directory / "tokenizer.json").is_file():

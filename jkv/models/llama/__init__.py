@@ -6,6 +6,7 @@ and the entry points), ``fusions`` (options, and every fusion with its reason), 
 rules for the weights).
 """
 
+from jkv.attention.qkv import fuse_qkv, unfuse_qkv
 from jkv.models.llama.config import PRESETS, LlamaConfig
 from jkv.models.llama.fusions import DEFAULT_OPTIONS, MIN_MATMUL_ROWS, LlamaOptions
 from jkv.models.llama.model import (
@@ -22,10 +23,8 @@ from jkv.models.llama.params import (
     LayerParams,
     LlamaParams,
     check_params,
-    fuse_qkv,
     init_params,
     resolve_layout,
-    unfuse_qkv,
     with_layout,
 )
 from jkv.models.llama.sharding import PARAM_TP_AXIS, check_layout, init_params_sharded, param_specs, shard_params

@@ -2,7 +2,7 @@
 initialization, shape checks against a config, the two layer layouts, and the fused q/k/v weight layout.
 
 Weights are stored fused where a block multiplies them together: q/k/v as ``[H, K, G + 2, D]`` and gate/up as
-``[H, 2, F]`` (``fusions.py`` says why); ``fuse_qkv`` / ``unfuse_qkv`` convert from and to separate matrices.
+``[H, 2, F]`` (``fusions.py`` says why); ``jkv.attention.qkv`` converts from and to separate matrices.
 """
 
 from __future__ import annotations
@@ -195,25 +195,3 @@ def _init_params(config: LlamaConfig, key, dtype, scale: float) -> LlamaParams:
     rest = split(draw(global_key, total(global_shapes)), global_shapes)
     per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(config.num_layers))
     return LlamaParams(layers=per_layer, **rest)
-
-
-def fuse_qkv(wq, wk, wv, num_kv_heads: int):
-    """Fuse q/k/v projections ``[..., N*D]``, ``[..., K*D]``, ``[..., K*D]`` (input features first, or biases)
-    into the grouped layout ``[..., K, G + 2, D]`` (NumPy or JAX arrays)."""
-    xp = jnp if isinstance(wq, jax.Array) else np
-    lead, k = wq.shape[:-1], num_kv_heads
-    d = wk.shape[-1] // k
-    g = wq.shape[-1] // (k * d)
-    parts = [wq.reshape(*lead, k, g, d), wk.reshape(*lead, k, 1, d), wv.reshape(*lead, k, 1, d)]
-    return xp.concatenate(parts, axis=-2)
-
-
-def unfuse_qkv(wqkv):
-    """Inverse of ``fuse_qkv``: ``(wq [..., N*D], wk [..., K*D], wv [..., K*D])``."""
-    *lead, k, g2, d = wqkv.shape
-    g = g2 - 2
-    return (
-        wqkv[..., :g, :].reshape(*lead, k * g * d),
-        wqkv[..., g, :].reshape(*lead, k * d),
-        wqkv[..., g + 1, :].reshape(*lead, k * d),
-    )
