@@ -15,6 +15,8 @@ The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kerne
 * split ``j`` of sequence ``b`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks in a loop whose trip
   count comes from the length, so blocks past a sequence's length are never read; full blocks run unmasked,
   the last partial block runs once, masked (its load window slides back to stay inside ``S``);
+* with a ``window`` the blocks start at the one holding ``max(n - window, 0)`` (blocks wholly before the window
+  are never read) and that first block runs masked; a ``softcap`` caps the scaled scores, ``c * tanh(s / c)``;
 * several splits leave partials that ``pallas_kernels.common.merge_partials`` merges; with one split the kernel
   normalises and writes the output itself.
 
