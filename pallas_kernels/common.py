@@ -240,7 +240,7 @@ def split_blocks(n, j, block_k: int, num_splits: int, first=0):
     ``first .. ceil(n / block_k) - 1`` (``first``: the window's first block) cut into equal shares (the last ones
     may be shorter or empty)."""
     end = pl.cdiv(n, block_k)
-    per_split = pl.cdiv(end - first, num_splits)
+    per_split = pl.cdiv(end if isinstance(first, int) and first == 0 else end - first, num_splits)
     lo = first + j * per_split
     return lo, jnp.minimum(lo + per_split, end)
 
