@@ -107,6 +107,23 @@ def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
     return b, n, kh, s, d
 
 
+def check_window_softcap(window, softcap) -> None:
+    """``window`` (positions a query sees, itself included) None or an int >= 1; ``softcap`` None or a Python
+    number > 0 (both static kernel parameters)."""
+    if window is not None and (not is_int(window) or window < 1):
+        raise ValueError(f"window={window!r} must be None or an int >= 1")
+    if softcap is not None:
+        if not isinstance(softcap, (int, float, np.floating, np.integer)) or isinstance(softcap, bool):
+            raise TypeError(f"softcap must be None or a Python number, got {softcap!r}")
+        if not softcap > 0:
+            raise ValueError(f"softcap={softcap} must be > 0")
+
+
+def reach(max_len: int, window: int | None) -> int:
+    """Most positions one query reads: the cache length, or the window where it is shorter (launch rules)."""
+    return max_len if window is None else min(max_len, int(window))
+
+
 def softmax_scale(scale, head_dim: int) -> float:
     """The softmax scale of a decode call: ``head_dim ** -0.5`` for None, else ``scale``, a Python number (it
     is a static kernel parameter)."""
@@ -218,12 +235,24 @@ def inverse_or_zero(denom):
 # ----------------------------------------------------------------------------------------------- split-K
 
 
-def split_blocks(n, j, block_k: int, num_splits: int):
-    """Blocks ``[lo, hi)`` of a sequence of ``n`` positions that split ``j`` of ``num_splits`` walks: the
-    ``ceil(n / block_k)`` blocks cut into equal shares (the last ones may be shorter or empty)."""
-    per_split = pl.cdiv(pl.cdiv(n, block_k), num_splits)
-    lo = j * per_split
-    return lo, jnp.minimum(lo + per_split, pl.cdiv(n, block_k))
+def split_blocks(n, j, block_k: int, num_splits: int, first=0):
+    """Blocks ``[lo, hi)`` of a sequence of ``n`` positions that split ``j`` of ``num_splits`` walks: blocks
+    ``first .. ceil(n / block_k) - 1`` (``first``: the window's first block) cut into equal shares (the last ones
+    may be shorter or empty)."""
+    end = pl.cdiv(n, block_k)
+    per_split = pl.cdiv(end if isinstance(first, int) and first == 0 else end - first, num_splits)
+    lo = first + j * per_split
+    return lo, jnp.minimum(lo + per_split, end)
+
+
+def window_start(n, window: int | None):
+    """First position a query at ``n - 1`` sees: ``max(n - window, 0)``, 0 without a window."""
+    return 0 if window is None else jnp.maximum(n - window, 0)
+
+
+def softcapped(s, softcap: float | None):
+    """Scores ``s`` (already scaled) capped as ``softcap * tanh(s / softcap)``; as they are without a cap."""
+    return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
 def partial_rows(splits: int) -> int:

@@ -15,6 +15,8 @@ The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kerne
 * split ``j`` of sequence ``b`` walks its share of the ``cdiv(lengths[b], block_k)`` blocks in a loop whose trip
   count comes from the length, so blocks past a sequence's length are never read; full blocks run unmasked,
   the last partial block runs once, masked (its load window slides back to stay inside ``S``);
+* with a ``window`` the blocks start at the one holding ``max(n - window, 0)`` (blocks wholly before the window
+  are never read) and that first block runs masked; a ``softcap`` caps the scaled scores, ``c * tanh(s / c)``;
 * several splits leave partials that ``pallas_kernels.common.merge_partials`` merges; with one split the kernel
   normalises and writes the output itself.
 
@@ -57,6 +59,8 @@ def decode_kernel(
     block_k: int,
     num_splits: int,
     scale: float,
+    window: int | None,
+    softcap: float | None,
     precision,
 ):
     if append:
@@ -71,7 +75,9 @@ def decode_kernel(
     n = jnp.clip(lengths_ref[b], 0, max_len)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
 
-    lo, hi = common.split_blocks(n, j, block_k, num_splits)
+    start = common.window_start(n, window)  # the query at n - 1 sees positions start .. n - 1
+    first = start // block_k  # blocks wholly before the window are never read
+    lo, hi = common.split_blocks(n, j, block_k, num_splits, first)
     if append:
         # The block holding the new position n - 1 always runs as the (masked) tail, where the new row is
         # substituted for what the cache held: the cache is read before it is written, never after.
@@ -93,7 +99,7 @@ def decode_kernel(
         k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
         if new_row is not None:
             k = jnp.where(new_row[:, None], k_new[None, :], k)
-        s = common.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, bk] float32
+        s = common.softcapped(common.dot(q, k, trans_b=True, precision=precision) * scale, softcap)  # [Gp, bk]
         if valid is not None:
             s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -110,18 +116,28 @@ def decode_kernel(
     def full_block(i, carry):
         return attend(carry, pl.multiple_of(i * block_k, block_k), None)
 
+    def head_block(carry):  # the window's first block when it starts inside it: the earlier positions masked
+        at = pl.multiple_of(first * block_k, block_k)
+        return attend(carry, at, at + lax.broadcasted_iota(jnp.int32, (block_k,), 0) >= start)
+
     def tail_block(carry):
-        start = n_full * block_k
-        window = jnp.minimum(start, max_len - block_k)  # slide back so the load stays inside S
-        pos = window + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        return attend(carry, window, (pos >= start) & (pos < n), (pos == new_pos) if append else None)
+        at = n_full * block_k
+        slid = jnp.minimum(at, max_len - block_k)  # slide back so the load stays inside S
+        pos = slid + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        valid = (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n)
+        return attend(carry, slid, valid, (pos == new_pos) if append else None)
 
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, head_dim), jnp.float32),
     )
-    carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
+    full_lo = lo
+    if window is not None:  # the head block runs masked (unless the tail holds the window's start)
+        has_head = (lo == first) & (first < n_full) & (start > first * block_k)
+        carry = lax.cond(has_head, head_block, lambda c: c, carry)
+        full_lo = lo + has_head.astype(jnp.int32)
+    carry = lax.fori_loop(full_lo, jnp.minimum(hi, n_full), full_block, carry)
     has_tail = (lo <= n_full) & (n_full < hi)
     m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
     if append:  # the program that attended over the new position writes it (one row of K and of V)
@@ -143,7 +159,9 @@ def decode_kernel(
     backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
 
 
-def kernel_options(kv_dtype, group: int, block_k: int, num_splits: int, scale: float) -> dict:
+def kernel_options(
+    kv_dtype, group: int, block_k: int, num_splits: int, scale: float, window=None, softcap=None
+) -> dict:
     """The static arguments of :func:`decode_kernel` but ``append`` (shared with the paged kernel); the products
     run in the cache dtype, float32 ones at the highest precision."""
     return dict(
@@ -152,12 +170,16 @@ def kernel_options(kv_dtype, group: int, block_k: int, num_splits: int, scale: f
         block_k=block_k,
         num_splits=num_splits,
         scale=scale,
+        window=window,
+        softcap=None if softcap is None else float(softcap),
         precision=lax.Precision.HIGHEST if kv_dtype == jnp.float32 else None,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
-def _decode(q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeConfig, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
+def _decode(
+    q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeConfig, interpret, window=None, softcap=None
+):
     # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1];
     # new: None, or (append int32[B], k_new [B, K, D], v_new [B, K, D]): then k and v are returned updated
     _, batch, kv_heads, _, _ = k.shape
@@ -168,7 +190,7 @@ def _decode(q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeCo
     if new is not None:  # the cache is updated in place: its buffers are the last two outputs
         aliases = {3: len(out_shape), 4: len(out_shape) + 1}
         out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    options = kernel_options(k.dtype, group, config.block_k, splits, scale)
+    options = kernel_options(k.dtype, group, config.block_k, splits, scale, window, softcap)
     kernel = functools.partial(decode_kernel, append=new is not None, **options)
     grid = (batch, kv_heads, splits)
     name = "jkv_decode_attention" if new is None else "jkv_decode_attention_append"
@@ -181,13 +203,16 @@ def _decode(q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeCo
 # ----------------------------------------------------------------------------------------------- public
 
 
-def _launch_settings(q, k, scale, interpret, **overrides) -> tuple[bool, float, DecodeConfig]:
-    """Interpret mode, softmax scale and launch config of a decode call (``overrides`` as :func:`decode_attention`)."""
+def _launch_settings(q, k, scale, interpret, window, softcap, **overrides) -> tuple[bool, float, DecodeConfig]:
+    """Interpret mode, softmax scale and launch config of a decode call (``overrides`` as :func:`decode_attention`;
+    the defaults for the positions one query reads, ``common.reach``)."""
     b, _, d = q.shape
     kh, s = k.shape[-3], k.shape[-2]
     interpret = backend.resolve_interpret(interpret)
+    common.check_window_softcap(window, softcap)
     itemsize = jnp.dtype(k.dtype).itemsize
-    config = common.resolve_config(common.decode_config(b, kh, s, d, k.dtype), s, d, itemsize, **overrides)
+    default = common.decode_config(b, kh, common.reach(s, window), d, k.dtype)
+    config = common.resolve_config(default, s, d, itemsize, **overrides)
     return interpret, common.softmax_scale(scale, d), config
 
 
@@ -199,6 +224,8 @@ def decode_attention(
     *,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     interpret: bool | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
@@ -208,12 +235,14 @@ def decode_attention(
     """Decode attention of one query per sequence over its first ``lengths[b]`` cache positions.
 
     ``layer`` selects the layer of a whole ``[L, B, K, S, D]`` cache inside the kernel (no copy of the layer).
-    ``scale`` defaults to ``D ** -0.5``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
+    ``scale`` defaults to ``D ** -0.5``. ``window`` (static): the query, at ``lengths[b] - 1``, sees only the last
+    ``window`` positions (the blocks wholly before them are never read); ``softcap`` ``c`` (static) caps the
+    scaled scores as ``c * tanh(s / c)``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
     ``num_splits``, ``num_warps`` and ``num_stages`` override ``pallas_kernels.common.decode_config``.
     """
     *_, s, _ = common.check_args(q, k, v, lengths, layer)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
-    interpret, scale, config = _launch_settings(q, k, scale, interpret, **overrides)
+    interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
     if k.ndim == 4:
         k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
     if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
@@ -221,7 +250,8 @@ def decode_attention(
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
-    return _decode(q, k, v, lengths, layer, scale=scale, config=config, interpret=interpret)
+    options = dict(scale=scale, window=window, softcap=softcap, config=config, interpret=interpret)
+    return _decode(q, k, v, lengths, layer, **options)
 
 
 def check_append_args(q, k, v, lengths, k_new, v_new, append=None, layer=None) -> tuple[int, int, int, int, int]:
@@ -253,6 +283,8 @@ def decode_attention_append(
     append=None,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     interpret: bool | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
@@ -267,12 +299,13 @@ def decode_attention_append(
     ``k_new``/``v_new`` and writes that one row; ``k`` and ``v`` are updated in place when the caller donates
     them (inside a jitted step whose cache is donated, no copy). ``append`` (bool or int ``[B]``, default all)
     selects the sequences that write; the others attend over what their cache holds and leave it unchanged, as
-    does a sequence of length 0. Launch overrides as :func:`decode_attention`.
+    does a sequence of length 0. ``window``, ``softcap`` and launch overrides as :func:`decode_attention`.
     """
     b, _, _, s, _ = check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
     append = jnp.ones((b,), jnp.int32) if append is None else append
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
-    interpret, scale, config = _launch_settings(q, k, scale, interpret, **overrides)
+    interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
+    extra = dict(scale=scale, window=window, softcap=softcap)
     whole = k.ndim == 5
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     append = jnp.asarray(append).astype(jnp.int32)
@@ -285,10 +318,10 @@ def decode_attention_append(
             return at.set(new.astype(buf.dtype), mode="drop")
 
         k, v = put(k, k_new), put(v, v_new)
-        out = decode_attention(q, k, v, lengths, layer=layer, scale=scale, interpret=interpret, **overrides)
+        out = decode_attention(q, k, v, lengths, layer=layer, interpret=interpret, **extra, **overrides)
         return out, k, v
     k5, v5 = (k, v) if whole else (k[None], v[None])
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     new = (append, k_new, v_new)
-    out, k5, v5 = _decode(q, k5, v5, lengths, layer, new, scale=scale, config=config, interpret=interpret)
+    out, k5, v5 = _decode(q, k5, v5, lengths, layer, new, **extra, config=config, interpret=interpret)
     return (out, k5, v5) if whole else (out, k5[0], v5[0])

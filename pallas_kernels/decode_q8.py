@@ -99,6 +99,8 @@ def decode_kernel(
     block_k: int,
     num_splits: int,
     scale: float,
+    window: int | None,
+    softcap: float | None,
     dot_dtype,
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -108,7 +110,9 @@ def decode_kernel(
     n = jnp.clip(lengths_ref[b], 0, max_len)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
 
-    lo, hi = common.split_blocks(n, j, block_k, num_splits)
+    start = common.window_start(n, window)  # the query at n - 1 sees positions start .. n - 1
+    first = start // block_k  # blocks wholly before the window are never read
+    lo, hi = common.split_blocks(n, j, block_k, num_splits, first)
     n_full = n // block_k  # blocks whose every position is valid
 
     def scale_tile(ref, keys):  # [D/32, bk] float32
@@ -149,7 +153,7 @@ def decode_kernel(
     def attend(carry, start, valid):
         m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
         keys = pl.ds(start, block_k)
-        s = scores_of(keys)
+        s = common.softcapped(scores_of(keys), softcap)
         if valid is not None:  # unused positions may hold NaN scales: where(), never a multiply, masks them
             s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -162,18 +166,27 @@ def decode_kernel(
     def full_block(i, carry):
         return attend(carry, pl.multiple_of(i * block_k, block_k), None)
 
+    def head_block(carry):  # the window's first block when it starts inside it: the earlier positions masked
+        at = pl.multiple_of(first * block_k, block_k)
+        return attend(carry, at, at + lax.broadcasted_iota(jnp.int32, (block_k,), 0) >= start)
+
     def tail_block(carry):
-        start = n_full * block_k
-        window = jnp.minimum(start, max_len - block_k)  # slide back so the load stays inside S
-        pos = window + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        return attend(carry, window, (pos >= start) & (pos < n))
+        at = n_full * block_k
+        slid = jnp.minimum(at, max_len - block_k)  # slide back so the load stays inside S
+        pos = slid + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        return attend(carry, slid, (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n))
 
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((wide_rows_, head_dim), jnp.float32),
     )
-    carry = lax.fori_loop(lo, jnp.minimum(hi, n_full), full_block, carry)
+    full_lo = lo
+    if window is not None:  # the head block runs masked (unless the tail holds the window's start)
+        has_head = (lo == first) & (first < n_full) & (start > first * block_k)
+        carry = lax.cond(has_head, head_block, lambda c: c, carry)
+        full_lo = lo + has_head.astype(jnp.int32)
+    carry = lax.fori_loop(full_lo, jnp.minimum(hi, n_full), full_block, carry)
     has_tail = (lo <= n_full) & (n_full < hi)
     m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
     acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)  # each row block's own chunk
@@ -196,7 +209,9 @@ def dot_dtype_for(q_dtype) -> jnp.dtype:
     return q_dtype if q_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
 
 
-def kernel_options(q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float) -> dict:
+def kernel_options(
+    q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float, window=None, softcap=None
+) -> dict:
     """The static arguments of :func:`decode_kernel` (shared with the paged Q8 kernel)."""
     return dict(
         group=group,
@@ -204,19 +219,23 @@ def kernel_options(q_dtype, group: int, head_dim: int, block_k: int, num_splits:
         block_k=block_k,
         num_splits=num_splits,
         scale=scale,
+        window=window,
+        softcap=None if softcap is None else float(softcap),
         dot_dtype=dot_dtype_for(q_dtype),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
-def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret):
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
+def _decode(
+    q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret, window=None, softcap=None
+):
     # q [B, N, D]; k, v int8[L, B, K, S, D]; scales [L, B, K, S, D // 32]; lengths int32[B]; layer int32[1]
     _, batch, kv_heads, _, head_dim = k.shape
     group = q.shape[1] // kv_heads
     splits = config.num_splits
     out_shape = common.split_out_shape(q, splits)
     inputs = [lengths, layer, q, k, k_scale, v, v_scale]
-    options = kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale)
+    options = kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale, window, softcap)
     kernel = functools.partial(decode_kernel, **options)
     grid = (batch, kv_heads, splits)
     return common.launch_split_kernel(
@@ -258,6 +277,8 @@ def q8_decode_attention(
     *,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     interpret: bool | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
@@ -269,13 +290,15 @@ def q8_decode_attention(
     Arguments as for ``pallas_kernels.decode.decode_attention``, with each of K and V given as codes and scales
     (one layer ``[B, K, S, ...]`` or a whole ``[L, B, K, S, ...]`` cache with ``layer``). The products run in
     ``q``'s dtype when it is bfloat16 or float16, in tf32 (GPU) or float32 (interpret) for a float32 ``q``;
-    softmax and accumulation in float32. Launch overrides as for :func:`q8_decode_config`'s fields.
+    softmax and accumulation in float32. ``window`` and ``softcap`` as ``pallas_kernels.decode.decode_attention``.
+    Launch overrides as for :func:`q8_decode_config`'s fields.
     """
     b, _, kh, s, d = check_args(q, k, k_scale, v, v_scale, lengths, layer)
+    common.check_window_softcap(window, softcap)
     interpret = backend.resolve_interpret(interpret)
     scale = common.softmax_scale(scale, d)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
-    config = common.resolve_config(q8_decode_config(b, kh, s, d), s, d, 1, **overrides)
+    config = common.resolve_config(q8_decode_config(b, kh, common.reach(s, window), d), s, d, 1, **overrides)
     if k.ndim == 4:
         k, k_scale, v, v_scale, layer = k[None], k_scale[None], v[None], v_scale[None], 0  # free reshapes
     if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
@@ -283,4 +306,5 @@ def q8_decode_attention(
         k, k_scale, v, v_scale = (jnp.pad(x, pad) for x in (k, k_scale, v, v_scale))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
-    return _decode(q, k, k_scale, v, v_scale, lengths, layer, scale=float(scale), config=config, interpret=interpret)
+    options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
+    return _decode(q, k, k_scale, v, v_scale, lengths, layer, **options)

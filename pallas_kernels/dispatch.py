@@ -1,5 +1,6 @@
 """The contiguous-cache decode kernel for a shape and a machine: Mosaic GPU where it measured faster and can run,
-else the Triton kernel (interpret mode off GPU). Same arguments and results as either kernel.
+else the Triton kernel (interpret mode off GPU). Same arguments and results as either kernel; a window or a soft
+cap goes to the Triton kernel (the Mosaic GPU kernel takes neither).
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ def prefer_mgpu(
     return kv_bytes >= MIN_CACHE_BYTES and batch * num_kv_heads <= 2 * sms
 
 
-def decode_attention_auto(q, k, v, lengths, *, layer=None, scale=None, allow_mgpu: bool = True):
+def decode_attention_auto(
+    q, k, v, lengths, *, layer=None, scale=None, window=None, softcap=None, allow_mgpu: bool = True
+):
     """Decode attention over a contiguous cache with the kernel that suits the shape and the machine:
     ``decode_mgpu.decode_attention_mgpu`` where Mosaic GPU can run (``backend.mosaic_gpu_usable``),
-    ``allow_mgpu`` holds and :func:`prefer_mgpu` says so; else ``decode.decode_attention`` (Triton on a GPU,
-    interpret mode elsewhere). ``allow_mgpu=False`` keeps the Triton kernel (for benchmarks that compare)."""
+    ``allow_mgpu`` holds, no ``window`` or ``softcap`` is asked for and :func:`prefer_mgpu` says so; else
+    ``decode.decode_attention`` (Triton on a GPU, interpret mode elsewhere). ``allow_mgpu=False`` keeps the
+    Triton kernel (for benchmarks that compare)."""
     b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
-    if allow_mgpu and backend.mosaic_gpu_usable() and prefer_mgpu(b, kh, s, d, n // kh, k.dtype):
+    plain = window is None and softcap is None
+    if allow_mgpu and plain and backend.mosaic_gpu_usable() and prefer_mgpu(b, kh, s, d, n // kh, k.dtype):
         return decode_mgpu.decode_attention_mgpu(q, k, v, lengths, layer=layer, scale=scale)
-    return decode.decode_attention(q, k, v, lengths, layer=layer, scale=scale)
+    return decode.decode_attention(q, k, v, lengths, layer=layer, scale=scale, window=window, softcap=softcap)

@@ -149,16 +149,6 @@ def _check_int_vector(name: str, x, batch: int):
     return common.concrete(x)
 
 
-def _check_window_softcap(window, softcap) -> None:
-    if window is not None and (not common.is_int(window) or window < 1):
-        raise ValueError(f"window={window!r} must be None or an int >= 1")
-    if softcap is not None:
-        if not isinstance(softcap, (int, float, np.floating, np.integer)) or isinstance(softcap, bool):
-            raise TypeError(f"softcap must be None or a Python number, got {softcap!r}")
-        if not softcap > 0:
-            raise ValueError(f"softcap={softcap} must be > 0")
-
-
 def _check_step(q_starts, lengths, counts, tokens: int, max_len: int, bound: str) -> None:
     """Concrete step values: counts >= 0, rows in ``[0, T]``, positions in ``[0, max_len]``, no shared rows."""
     if any(x is None for x in (q_starts, lengths, counts)):
@@ -232,7 +222,7 @@ def check_args(q, k, v, q_starts, lengths, counts, *, layer=None, window=None, s
         raise ValueError(f"num_q_heads={num_heads} must be a multiple of num_kv_heads={kv_heads}")
     if head_dim % MIN_BLOCK or not MIN_BLOCK <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim={head_dim} is not supported; expected a multiple of 16 in [16, {MAX_HEAD_DIM}]")
-    _check_window_softcap(window, softcap)
+    common.check_window_softcap(window, softcap)
     batch = getattr(q_starts, "shape", (None,))[0] if paged else first
     if paged and (batch is None or getattr(q_starts, "ndim", None) != 1):
         raise ValueError(f"q_starts must be int[B], got {getattr(q_starts, 'shape', None)}")

@@ -136,9 +136,9 @@ class BlockAddresses:
     """Page indices of one block, loaded once for all its reads, and its in-page offsets and row mask, built once
     per row width (``D`` for K/V values, ``D // 32`` for Q8 scales)."""
 
-    def __init__(self, tables_ref, lengths_ref, num_pages: int, page_size: int):
+    def __init__(self, tables_ref, lengths_ref, num_pages: int, page_size: int, window: int | None = None):
         self.tables, self.lengths = tables_ref, lengths_ref
-        self.num_pages, self.page_size = num_pages, page_size
+        self.num_pages, self.page_size, self.window = num_pages, page_size, window
         self._last = None  # (b, start, size, pages, {width: (offsets, valid)}) of the block last asked for
         self._entries = None  # (first, entries [W]): the split's table entries from index `first`, preloaded
 
@@ -149,7 +149,8 @@ class BlockAddresses:
         b, j = pl.program_id(0), pl.program_id(2)
         max_pages = self.tables.shape[1]
         n = jnp.clip(self.lengths[b], 0, max_pages * self.page_size)
-        lo, _ = common.split_blocks(n, j, block_k, num_splits)
+        first = common.window_start(n, self.window) // block_k
+        lo, _ = common.split_blocks(n, j, block_k, num_splits, first)
         first = jnp.minimum(lo * (block_k // self.page_size), max_pages - width)
         self._entries = (first, self.tables[b, pl.ds(first, width)])
 
@@ -178,7 +179,10 @@ class BlockAddresses:
         ps, size, n = self.page_size, window.size, self.lengths[b]
         r = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
         offsets = (r % ps, lax.broadcasted_iota(jnp.int32, (1, width), 1))
-        valid = window.start + lax.broadcasted_iota(jnp.int32, (size, width), 0) < n
+        pos = window.start + lax.broadcasted_iota(jnp.int32, (size, width), 0)
+        valid = pos < n
+        if self.window is not None:  # rows before the window (a ring's released pages) are not read either
+            valid = valid & (pos >= common.window_start(n, self.window))
         return offsets, valid
 
 
@@ -206,7 +210,7 @@ def _paged_kernel(
     preload: int,
     **params,
 ):
-    addresses = BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3])
+    addresses = BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3], params["window"])
     if preload:
         addresses.preload(preload, params["block_k"], params["num_splits"])
     decode.decode_kernel(
@@ -214,8 +218,10 @@ def _paged_kernel(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
-def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedConfig, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
+def _paged(
+    q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedConfig, interpret, window=None, softcap=None
+):
     # q [B, N, D]; k_pages, v_pages [L, P, K, page_size, D]; tables int32[B, M]; lengths int32[B]; layer int32[1]
     kv_heads, page_size, _ = k_pages.shape[2:]
     batch, max_pages = tables.shape
@@ -225,7 +231,7 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
     out_shape = common.split_out_shape(q, splits)
     inputs = [lengths, layer, tables, q, k_pages, v_pages]
     preload = preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
-    options = decode.kernel_options(k_pages.dtype, group, ppb * page_size, splits, scale)
+    options = decode.kernel_options(k_pages.dtype, group, ppb * page_size, splits, scale, window, softcap)
     kernel = functools.partial(_paged_kernel, preload=preload, **options)
     grid = (batch, kv_heads, splits)
     return common.launch_split_kernel(
@@ -236,10 +242,13 @@ def _paged(q, k_pages, v_pages, tables, lengths, layer, *, scale, config: PagedC
 # ----------------------------------------------------------------------------------------------- public
 
 
-def check_args(q, k_pages, v_pages, block_tables, lengths, layer=None) -> tuple[int, int, int, int, int, int]:
+def check_args(
+    q, k_pages, v_pages, block_tables, lengths, layer=None, window=None
+) -> tuple[int, int, int, int, int, int]:
     """Validate the arguments of :func:`paged_decode_attention` (and its reference's); return
-    ``(B, N, K, P, page_size, D)``. Concrete lengths, tables and layer are range-checked; traced ones cannot be
-    (the kernel clamps them)."""
+    ``(B, N, K, P, page_size, D)``. Concrete lengths, tables and layer are range-checked (table entries before
+    the ``window``'s first page need not name a page: a ring releases them); traced ones cannot be (the kernel
+    clamps them)."""
     if getattr(q, "ndim", None) != 3:
         raise ValueError(f"q must have shape [B, N, D], got {getattr(q, 'shape', None)}")
     kshape, vshape = getattr(k_pages, "shape", None), getattr(v_pages, "shape", None)
@@ -276,7 +285,9 @@ def check_args(q, k_pages, v_pages, block_tables, lengths, layer=None) -> tuple[
     common.check_lengths(lengths, b, max_len, f"M * page_size = {max_len}")
     value, tables = common.concrete(lengths), common.concrete(block_tables)
     if value is not None and tables is not None:
-        used = np.arange(tshape[1])[None, :] < -(-value[:, None] // page_size)  # entries the lengths cover
+        column = np.arange(tshape[1])[None, :]
+        first = 0 if window is None else np.maximum(value - window, 0)[:, None] // page_size
+        used = (column >= first) & (column < -(-value[:, None] // page_size))  # entries the query reads
         bad = used & ((tables < 0) | (tables >= num_pages))
         if bad.any():
             b0, m0 = (int(i) for i in np.argwhere(bad)[0])
@@ -298,6 +309,8 @@ def paged_decode_attention(
     *,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     interpret: bool | None = None,
     pages_per_block: int | None = None,
     num_splits: int | None = None,
@@ -308,15 +321,19 @@ def paged_decode_attention(
     """Decode attention of one query per sequence over its first ``lengths[b]`` positions, through the table.
 
     ``layer`` selects the layer of ``[L, P, K, page_size, D]`` pools inside the kernel (no copy of a layer).
-    ``scale`` defaults to ``D ** -0.5``. ``interpret=None`` runs interpret mode off GPU. ``pages_per_block``,
+    ``scale`` defaults to ``D ** -0.5``. ``window`` and ``softcap`` as ``pallas_kernels.decode.decode_attention``
+    (with a window, table entries before its first page are never read: a ring's released pages may be ``-1``).
+    ``interpret=None`` runs interpret mode off GPU. ``pages_per_block``,
     ``num_splits``, ``num_warps``, ``num_stages`` and ``preload`` (read a split's table entries before its
     loop, where they fit: :func:`preload_entries`) override :func:`paged_config`.
     """
-    b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer)
+    common.check_window_softcap(window, softcap)
+    b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer, window)
     interpret = backend.resolve_interpret(interpret)
     scale = common.softmax_scale(scale, d)
+    reach_pages = -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
     config = resolve_config(
-        paged_config(b, kh, block_tables.shape[1], page_size, d, k_pages.dtype),
+        paged_config(b, kh, reach_pages, page_size, d, k_pages.dtype),
         page_size,
         d,
         jnp.dtype(k_pages.dtype).itemsize,
@@ -331,5 +348,5 @@ def paged_decode_attention(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     tables = jnp.asarray(block_tables).astype(jnp.int32)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
-    options = dict(scale=float(scale), config=config, interpret=interpret)
+    options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
     return _paged(q, k_pages, v_pages, tables, lengths, layer, **options)

@@ -43,15 +43,17 @@ def _paged_q8_kernel(
     preload: int,
     **params,
 ):
-    addresses = BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3])
+    addresses = BlockAddresses(tables_ref, lengths_ref, k_ref.shape[1], k_ref.shape[3], params["window"])
     if preload:
         addresses.preload(preload, params["block_k"], params["num_splits"])
     views = [PagedView(ref, addresses) for ref in (k_ref, k_scale_ref, v_ref, v_scale_ref)]
     decode_q8.decode_kernel(lengths_ref, layer_ref, q_ref, *views, *refs, **params)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
-def _paged_q8(q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, config: PagedConfig, interpret):
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
+def _paged_q8(
+    q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, config, interpret, window=None, softcap=None
+):
     # q [B, N, D]; k, v int8[L, P, K, page_size, D]; scales [L, P, K, page_size, D // 32]; tables int32[B, M];
     # lengths int32[B]; layer int32[1]
     kv_heads, page_size, head_dim = k.shape[2:]
@@ -60,7 +62,8 @@ def _paged_q8(q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, confi
     tables = paged.pad_tables(tables, ppb)
     out_shape = common.split_out_shape(q, splits)
     inputs = [lengths, layer, tables, q, k, k_scale, v, v_scale]
-    options = decode_q8.kernel_options(q.dtype, q.shape[1] // kv_heads, head_dim, ppb * page_size, splits, scale)
+    group = q.shape[1] // kv_heads
+    options = decode_q8.kernel_options(q.dtype, group, head_dim, ppb * page_size, splits, scale, window, softcap)
     preload = paged.preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
     kernel = functools.partial(_paged_q8_kernel, preload=preload, **options)
     grid = (q.shape[0], kv_heads, splits)
@@ -69,7 +72,7 @@ def _paged_q8(q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, confi
     )
 
 
-def check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None):
+def check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None, window=None):
     """Validate the arguments of :func:`paged_q8_decode_attention` (and its reference's); return
     ``(B, N, K, P, page_size, D)``."""
     decode_q8.check_q8("k_pages", k_pages, k_scale_pages)
@@ -81,7 +84,7 @@ def check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, 
         )
     # Shapes, GQA, head_dim, page size, tables, lengths and layer as for bf16 pools, on stand-ins of the values.
     stand_in = jax.ShapeDtypeStruct(k_pages.shape, jnp.bfloat16)
-    return paged.check_args(q, stand_in, stand_in, block_tables, lengths, layer)
+    return paged.check_args(q, stand_in, stand_in, block_tables, lengths, layer, window)
 
 
 def paged_q8_decode_attention(
@@ -95,6 +98,8 @@ def paged_q8_decode_attention(
     *,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     interpret: bool | None = None,
     pages_per_block: int | None = None,
     num_splits: int | None = None,
@@ -105,14 +110,17 @@ def paged_q8_decode_attention(
     """Decode attention over Q8 pages: ``pallas_kernels.paged.paged_decode_attention`` with each of K and V given
     as code and scale pools, dequantized inside the loads as ``pallas_kernels.decode_q8.q8_decode_attention``
     does; the launch arguments override :func:`paged_q8_config`. Products in ``q``'s dtype (bfloat16 / float16;
-    tf32 on GPU for float32), softmax and accumulation in float32."""
+    tf32 on GPU for float32), softmax and accumulation in float32; ``window`` and ``softcap`` as the paged
+    kernel's."""
+    common.check_window_softcap(window, softcap)
     b, _, kh, _, page_size, d = check_args(
-        q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer
+        q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer, window
     )
     interpret = backend.resolve_interpret(interpret)
     scale = common.softmax_scale(scale, d)
+    reach_pages = -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
     config = paged.resolve_config(
-        paged_q8_config(b, kh, block_tables.shape[1], page_size, d),
+        paged_q8_config(b, kh, reach_pages, page_size, d),
         page_size,
         d,
         1,
@@ -128,4 +136,5 @@ def paged_q8_decode_attention(
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     tables = jnp.asarray(block_tables).astype(jnp.int32)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
-    return _paged_q8(q, *pools, tables, lengths, layer, scale=float(scale), config=config, interpret=interpret)
+    options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
+    return _paged_q8(q, *pools, tables, lengths, layer, **options)

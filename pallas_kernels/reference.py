@@ -50,20 +50,27 @@ def decode_attention_reference(
     *,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     **launch,
 ) -> Float[Array, "B N D"]:
     """``decode.decode_attention`` (and ``decode_mgpu.decode_attention_mgpu``, ``dispatch.decode_attention_auto``)."""
     del launch
     b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
+    common.check_window_softcap(window, softcap)
     if k.ndim == 5:
         k, v = k[layer], v[layer]
     scale = d**-0.5 if scale is None else scale
     hi = lax.Precision.HIGHEST
     qg = q.astype(jnp.float32).reshape(b, kh, n // kh, d)  # (B, K, G, D)
-    valid = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]  # (B, S)
+    lengths = jnp.asarray(lengths)
+    pos = jnp.arange(s)[None, :]
+    valid = pos < lengths[:, None]  # (B, S)
+    if window is not None:
+        valid &= pos >= lengths[:, None] - window
     kz = jnp.where(valid[:, None, :, None], k.astype(jnp.float32), 0.0)
     vz = jnp.where(valid[:, None, :, None], v.astype(jnp.float32), 0.0)
-    scores = jnp.einsum("bkgd,bksd->bkgs", qg, kz, precision=hi) * scale
+    scores = common.softcapped(jnp.einsum("bkgd,bksd->bkgs", qg, kz, precision=hi) * scale, softcap)
     scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))  # (B, K, G, S); masked positions give 0
@@ -84,6 +91,8 @@ def decode_attention_append_reference(
     append=None,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     **launch,
 ) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
     """``decode.decode_attention_append``: an XLA scatter of the new rows, then the attention reference."""
@@ -99,7 +108,7 @@ def decode_attention_append_reference(
         return at.set(new.astype(buf.dtype), mode="drop")
 
     k, v = put(k, k_new), put(v, v_new)
-    return decode_attention_reference(q, k, v, lengths, layer=layer, scale=scale), k, v
+    return decode_attention_reference(q, k, v, lengths, layer=layer, scale=scale, window=window, softcap=softcap), k, v
 
 
 def gather_pages(pages: Array, block_tables: Array) -> Array:
@@ -119,16 +128,18 @@ def paged_decode_attention_reference(
     *,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     **launch,
 ) -> Float[Array, "B N D"]:
     """``paged.paged_decode_attention``: gather the pages into a contiguous cache (an XLA gather of every table
     entry) and run the contiguous reference."""
     del launch
-    paged.check_args(q, k_pages, v_pages, block_tables, lengths, layer)
+    paged.check_args(q, k_pages, v_pages, block_tables, lengths, layer, window)
     if k_pages.ndim == 5:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
     k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
-    return decode_attention_reference(q, k, v, lengths, scale=scale)
+    return decode_attention_reference(q, k, v, lengths, scale=scale, window=window, softcap=softcap)
 
 
 def dequantize_q8_reference(
@@ -152,6 +163,8 @@ def q8_decode_attention_reference(
     *,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     **launch,
 ) -> Float[Array, "B N D"]:
     """``decode_q8.q8_decode_attention``: dequantize to float32, then the bf16 kernel's reference."""
@@ -161,7 +174,7 @@ def q8_decode_attention_reference(
         k, k_scale, v, v_scale = k[layer], k_scale[layer], v[layer], v_scale[layer]
     k = dequantize_q8_reference(k, k_scale, dtype=jnp.float32)
     v = dequantize_q8_reference(v, v_scale, dtype=jnp.float32)
-    return decode_attention_reference(q, k, v, lengths, scale=scale)
+    return decode_attention_reference(q, k, v, lengths, scale=scale, window=window, softcap=softcap)
 
 
 def paged_q8_decode_attention_reference(
@@ -175,19 +188,21 @@ def paged_q8_decode_attention_reference(
     *,
     layer=None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     **launch,
 ) -> Float[Array, "B N D"]:
     """``paged_q8.paged_q8_decode_attention``: gather the pages (codes and scales), dequantize to float32 and run
     the contiguous reference."""
     del launch
-    paged_q8.check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer)
+    paged_q8.check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer, window)
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
     if k_pages.ndim == 5:
         pools = tuple(x[layer] for x in pools)
     k, k_scale, v, v_scale = (gather_pages(x, block_tables) for x in pools)
     k = dequantize_q8_reference(k, k_scale, dtype=jnp.float32)
     v = dequantize_q8_reference(v, v_scale, dtype=jnp.float32)
-    return decode_attention_reference(q, k, v, lengths, scale=scale)
+    return decode_attention_reference(q, k, v, lengths, scale=scale, window=window, softcap=softcap)
 
 
 def _multi_token(q, k, v, q_starts, lengths, counts, *, scale, window, softcap):

@@ -28,9 +28,10 @@ def attention_f64(q, k, v, q_positions, scale=None, window=None, softcap=None):
     return out
 
 
-def decode_attention_f64(q, k, v, lengths, scale=None):
+def decode_attention_f64(q, k, v, lengths, scale=None, window=None, softcap=None):
+    """q [B, N, D]: one query per sequence at position lengths[b] - 1 (none for a length 0: output zero)."""
     lengths = np.asarray(lengths)
-    return attention_f64(np.asarray(q)[:, None], k, v, lengths[:, None] - 1, scale)[:, 0]
+    return attention_f64(np.asarray(q)[:, None], k, v, lengths[:, None] - 1, scale, window, softcap)[:, 0]
 
 
 def rope_f64(x, positions, theta, style):

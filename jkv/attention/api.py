@@ -8,10 +8,11 @@ the mixed serving step's form, with no padding per sequence. A layer out of rang
 
 ``impl``: ``"xla"`` (the pure-``jnp`` reference, any backend), ``"pallas"`` (the Pallas kernels: compiled on GPU,
 interpret mode elsewhere) or ``None`` (``default_impl()``: Pallas on GPU, XLA elsewhere). On the Pallas path a
-padded ``T = 1`` step runs the decode kernel registered for the cache's kind (``jkv.attention.kernels.DECODE``);
-flat steps, ``T > 1``, windows and soft caps run the multi-token kernel (``MULTI_TOKEN``: flash attention over
-the cache's storage, pages through the block table, no ``T x S`` scores); kinds without a kernel, and steps under
-an active device mesh at ``T > 1``, run the reference over ``cache.layer(...)``.
+padded ``T = 1`` step runs the decode kernel registered for the cache's kind (``jkv.attention.kernels.DECODE``),
+windows and soft caps included (a ring's pages through its block table, from the window's first page on); flat
+steps and ``T > 1`` run the multi-token kernel (``MULTI_TOKEN``: flash attention over the cache's storage, pages
+through the block table, no ``T x S`` scores); kinds without a kernel, and steps under an active device mesh at
+``T > 1``, run the reference over ``cache.layer(...)``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def attend(
     layer, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
     cache, layer = cache.for_layer(layer)  # a per-layer plan: the group holding the layer
     _check_window(window, cache)
-    decode = q.ndim == 4 and q.shape[1] == 1 and window is None and softcap is None
+    decode = q.ndim == 4 and q.shape[1] == 1
     kernel = kernels.decode_kernel(cache) if impl == "pallas" and decode else None
     if kernel is None:
         multi = kernels.multi_token_kernel(cache) if impl == "pallas" and active_mesh() is None else None
@@ -124,7 +125,8 @@ def attend(
     # The one query sits at lengths[b] and reads lengths[b] + 1 positions; a padding row reads none (output zero).
     n = jnp.where(cache.counts > 0, cache.lengths + 1, 0)
     at = checks.clamped(layer, layer_ok)
-    call = lambda q, *rest: kernel.fn(q, *rest[:-2], rest[-2], layer=rest[-1], scale=scale)
+    options = dict(scale=scale, window=window, softcap=softcap)
+    call = lambda q, *rest: kernel.fn(q, *rest[:-2], rest[-2], layer=rest[-1], **options)
     mesh = active_mesh()
     if mesh is not None:  # XLA cannot partition a Pallas call: run it on each shard's local batch and heads
         out = per_shard(call, mesh, kernel.arrays, kernel.specs, qs, n, at)
@@ -171,15 +173,16 @@ def attend_write(
     over the new position writes it), saving the write's own kernels; same results and error bits."""
     impl = resolve_impl(impl)
     _check_step(q, k)
-    fused = (impl == "pallas" and kernels.fused_append(cache) and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1) and (
-        getattr(q, "ndim", 0) == 4 and window is None and softcap is None
-    )
+    fused = impl == "pallas" and kernels.fused_append(cache) and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1
+    fused = fused and getattr(q, "ndim", 0) == 4
     if not fused or active_mesh() is not None:
         cache = cache.write(layer, k, v)
         return attend(q, cache, layer, impl=impl, scale=scale, window=window, softcap=softcap), cache
     from pallas_kernels import decode as fused_kernel
 
     _check_q(q, cache)
+    checks.window_softcap(window, softcap)
+    _check_window(window, cache)
     at, slot, positions, errors = cache.write_plan(layer, k, v)  # T = 1: token i is sequence i's
     _, range_errors = cache.encode_new(k, v, slot, positions)
     _, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
@@ -187,7 +190,8 @@ def attend_write(
     n = jnp.where(cache.counts > 0, cache.lengths + 1, 0)  # a padding row reads nothing: its output is zero
     kbuf, vbuf = cache.storage()
     out, kbuf, vbuf = fused_kernel.decode_attention_append(
-        q[:, 0], kbuf, vbuf, n, k[:, :, 0], v[:, :, 0], append=append, layer=at, scale=scale
-    )
+        q[:, 0], kbuf, vbuf, n, k[:, :, 0], v[:, :, 0], append=append, layer=at, scale=scale, window=window,
+        softcap=softcap,
+    )  # fmt: skip
     cache = cache.replace(data=(kbuf, vbuf), errors=cache.errors | errors | range_errors)
     return _finish(out[:, None], cache, layer_ok, padding_zero=True), cache

@@ -1,8 +1,8 @@
 """The kernel registries: ``(layout, format type) -> adapter``; an adapter returns the Pallas kernel for a cache
 of that kind, which reads the cache's ``storage()`` arrays whole (no per-layer copy).
 
-* ``DECODE`` (T = 1): ``(q [B, N, D], *arrays, lengths, *, layer, scale)`` where ``lengths`` counts the valid
-  positions, the new token's included. Kinds without an entry (fp8) attend through the XLA reference.
+* ``DECODE`` (T = 1): ``(q [B, N, D], *arrays, lengths, *, layer, scale, window, softcap)`` where ``lengths``
+  counts the valid positions, the new token's included. Kinds without an entry (fp8) take the multi-token kernel.
 * ``MULTI_TOKEN`` (T > 1, flat or padded steps, windows, soft caps; ``pallas_kernels.multi_token``):
   ``(q [T, N, D], *arrays, q_starts, lengths, counts, *, layer, scale, window, softcap, config)``."""
 

@@ -3,6 +3,7 @@
 NaN, NaN poison in every position no query may read."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -258,3 +259,78 @@ def test_window_and_softcap_errors(rng):
     for bad in (dict(window=0), dict(window=2.5), dict(softcap=0.0), dict(softcap=float("inf"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             jkv.attend(q, cache, 0, **bad)
+
+
+# T = 1 with a window and a soft cap runs each kind's decode kernel (contiguous plain: the fused append in
+# attend_write, the decode kernel in attend), never the multi-token kernel: the kernels' names in the step's jaxpr.
+DECODE_NAMES = {"f32": "jkv_decode_attention", "q8": "jkv_q8_decode_attention", "paged": "jkv_paged_attention"}
+DECODE_NAMES["q8-paged"] = "jkv_paged_q8_attention"
+DECODE_WINDOWS = [("f32", 6, 1.5), ("q8", 6, None), ("paged", 3, 1.5), ("q8-paged", 6, 2.0)]
+
+
+def kernel_names(jaxpr) -> list[str]:
+    return sorted(set(re.findall(r"name=(jkv_\w+)", str(jaxpr))))
+
+
+@pytest.mark.parametrize(
+    ("kind", "window", "softcap"), DECODE_WINDOWS, ids=["-".join(map(str, w)) for w in DECODE_WINDOWS]
+)
+def test_decode_step_window_and_softcap_take_the_decode_kernel(rng, kind, window, softcap):
+    """Positions before each query's window hold NaN in the cache."""
+    lengths = [9, 2, 20]
+    cache = filled(kind, rng, lengths, [max(0, n - window + 1) for n in lengths])
+    counts = counts_of(1, 1, 0)
+    q = queries(rng, kind, BATCH, 1, HEADS, 64)
+    k, v = (rand(rng, BATCH, 2, 1, 64) for _ in range(2))
+    names = kernel_names(step.trace(q, k, v, cache, counts, window=window, softcap=softcap, impl="pallas").jaxpr)
+    fused = ["jkv_decode_attention_append"] if kind == "f32" else []
+    assert names == sorted({DECODE_NAMES[kind], *fused} | ({"jkv_merge_splits"} & set(names))), names
+    out, cache, again = step(q, k, v, cache, counts, window=window, softcap=softcap, impl="pallas")
+    np.testing.assert_allclose(np.asarray(again, np.float32), np.asarray(out, np.float32), rtol=1e-5, atol=1e-6)
+    kd, vd = (np.asarray(x, np.float64) for x in decoded(cache))
+    pos = np.where(np.asarray(counts) > 0, lengths, -1)[:, None]
+    for b, n in enumerate(lengths):  # what the window hides (the reference must not read it either)
+        kd[b, :, : max(0, n - window + 1)] = np.nan
+    want = attention_f64(np.asarray(q, np.float64), kd, vd, pos, window=window, softcap=softcap)
+    assert rel_err(np.asarray(out)[:2], want[:2]) < tol(kind)
+    np.testing.assert_array_equal(np.asarray(out)[2], 0.0)
+
+
+@functools.partial(fast_jit, static_argnames=("layout", "steps"))
+def _planned(k, v, lengths, *, layout, steps):
+    """A plan of a full layer 0 and a ring (window 6, slack 4, pages of 4) at layer 1, filled 4 tokens a step."""
+    cache = jkv.make_cache(
+        "paged" if layout == "paged" else "f32", SPEC, BATCH, windows=(None, 6), slack=4, page_size=4
+    )
+    for i in range(steps):
+        counts = jnp.clip(lengths - 4 * i, 0, 4)
+        cache = cache.begin(counts)
+        for layer in range(2):
+            cache = cache.write(layer, k[:, :, 4 * i : 4 * i + 4], v[:, :, 4 * i : 4 * i + 4])
+        cache = cache.commit()
+    return cache
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_ring_decode_step_takes_the_paged_decode_kernel(rng, layout):
+    """The windowed layer of a per-layer plan is a ring: its block table names pages from the window's first page
+    on (the released ones are -1), in position order, so the paged decode kernel reads it as it reads any paged
+    cache. Positions before each query's window hold NaN."""
+    window, softcap, lengths = 6, 1.5, np.array([13, 3, 22])
+    k, v = (rng.standard_normal((BATCH, 2, 24, 64)) for _ in range(2))
+    kp, vp = k.copy(), v.copy()
+    for b, n in enumerate(lengths):
+        kp[b, :, : max(0, n - window + 1)] = vp[b, :, : max(0, n - window + 1)] = np.nan
+    cache = _planned(*(jnp.asarray(x, jnp.float32) for x in (kp, vp)), jnp.asarray(lengths), layout=layout, steps=6)
+    assert (np.asarray(cache.groups[1].block_tables)[2, :3] == -1).all()  # pages that fell out of the ring
+    ones = counts_of(1, 1, 1)
+    q = rand(rng, BATCH, 1, HEADS, 64)
+    k_new, v_new = (rand(rng, BATCH, 2, 1, 64) for _ in range(2))
+    names = kernel_names(step.trace(q, k_new, v_new, cache, ones, window=window, softcap=softcap, impl="pallas").jaxpr)
+    assert "jkv_paged_attention" in names and not any("multi_token" in n for n in names), names
+    out, _, again = step(q, k_new, v_new, cache, ones, window=window, softcap=softcap, impl="pallas")
+    np.testing.assert_allclose(np.asarray(again), np.asarray(out), rtol=1e-5, atol=1e-6)
+    for x, new in ((k, k_new), (v, v_new)):
+        x[np.arange(BATCH), :, lengths] = np.asarray(new)[:, :, 0]
+    want = attention_f64(np.asarray(q, np.float64), k, v, lengths[:, None], window=window, softcap=softcap)
+    assert rel_err(out, want) < 1e-5

@@ -4,6 +4,9 @@ over 32 decode steps, greedy tokens, a speculative-style rollback after the ring
 and paged plans (tests/serving/test_families_engine.py runs the engine on plans: concurrencies 1, 2 and 4, prefix
 hits and drafts)."""
 
+import re
+
+import jax
 import numpy as np
 import pytest
 from conftest import rel_err
@@ -70,4 +73,27 @@ def test_matches_hf(family, kind):
         assert (steps[:, j].argmax(-1) == tokens[:, j + 1]).all(), j
     np.testing.assert_array_equal(cache.lengths, lengths + STEPS - 1)
     cache.check()
+    assert int(cache.lengths.min()) > WINDOW - 1 + SLACK  # every ring wrapped
+
+
+def test_padded_decode_on_the_pallas_decode_kernels(family):
+    """Gemma 2 (window and soft cap) on a contiguous plan, Pallas path (interpret mode): each padded T = 1 step
+    runs the decode kernels (the full layers' contiguous one, the rings' paged one) with the window and the cap,
+    never the multi-token kernel; logits and greedy tokens against HF's over 20 steps, past the rings' wrap."""
+    name, loaded, prompts, refs = family
+    if name != "gemma2":
+        pytest.skip("one family with windows and a soft cap runs the decode kernels in interpret mode")
+    c, options = loaded.config, llama.LlamaOptions(impl="pallas")
+    padded, lengths = padded_prompts(prompts)
+    cache = plan_cache("f32", c, len(prompts))
+    tokens = np.array([t for t, _ in refs])[:, :21]  # (B, 21): 20 decode steps, and the token each should pick
+    jaxpr = jax.make_jaxpr(lambda cache, t: llama.decode_step(loaded.params, cache, t, config=c, options=options))
+    names = set(re.findall(r"name=(jkv_\w+)", str(jaxpr(cache, tokens[:, 0]))))
+    assert {"jkv_decode_attention", "jkv_paged_attention"} <= names and not any("multi_token" in n for n in names)
+    _, steps, cache = teacher_forced(loaded.params, cache, padded, lengths, tokens[:, :-1], config=c, options=options)
+    steps = np.asarray(steps)
+    for j in range(steps.shape[1]):
+        want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
+        assert rel_err(steps[:, j], want) < 1e-5, j
+        assert (steps[:, j].argmax(-1) == tokens[:, j + 1]).all(), j
     assert int(cache.lengths.min()) > WINDOW - 1 + SLACK  # every ring wrapped
