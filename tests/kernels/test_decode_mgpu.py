@@ -108,6 +108,24 @@ class TestOnHopper:
         out = decode_mgpu.decode_attention_mgpu(bf(q), bf(k[0]), bf(v[0]), jnp.asarray(lengths + 1), num_splits=3)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
 
+    @pytest.mark.xfail(strict=True, reason="decode_mgpu.known_defect: lift the refusal once this passes")
+    @pytest.mark.parametrize("splits", [1, 3])
+    def test_known_defect_head_dim_64_group_5(self, rng, splits):
+        """The shape ``known_defect`` refuses, run through the kernel body behind the refusal: wrong on an H100
+        (docs/notes/decode_kernel.md, v6). Strict: a fixed kernel makes this test fail, so the refusal goes."""
+        batch, kv_heads, group, d, seq = 3, 3, 5, 64, 2048
+        lengths = np.array([2000, 1, 777], np.int32)
+        q = rng.standard_normal((batch, kv_heads * group, d))
+        k, v = (rng.standard_normal((1, batch, kv_heads, seq, d)) for _ in range(2))
+        bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+        f64 = lambda x: np.asarray(bf(x).astype(jnp.float32), np.float64)
+        ref = decode_attention_f64(f64(q), f64(k[0]), f64(v[0]), lengths)
+        config = decode_mgpu.MgpuConfig(decode_mgpu.BLOCK_K, splits, decode_mgpu.DEFAULT_STAGES)
+        out = decode_mgpu._decode(
+            bf(q), bf(k), bf(v), jnp.asarray(lengths), jnp.zeros(1, jnp.int32), scale=d**-0.5, config=config
+        )
+        assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
+
     def test_dispatch_under_vmap(self, rng):
         """A stack of two caches at a shape where the dispatch picks the Mosaic GPU kernel, under jit(vmap)."""
         batch, seq = 8, 4096
