@@ -30,15 +30,22 @@ run() {  # name, seconds, command...
 for part in "${parts[@]}"; do
   case $part in
     tests)
-      run tests_triton 240 python -m pytest -q -x -m gpu tests/kernels/test_multi_token.py \
-        tests/kernels/test_multi_token_paged.py tests/attention tests/caches
-      run tests_mgpu 150 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu.py \
+      run tests_triton 300 python -m pytest -q -m gpu tests/kernels/test_multi_token.py \
+        tests/kernels/test_multi_token_paged.py tests/kernels/test_decode_kernel.py tests/kernels/test_paged_kernel.py \
+        tests/kernels/test_q8_kernel.py tests/kernels/test_paged_q8_kernel.py tests/kernels/test_decode_window.py \
+        tests/kernels/test_decode_append.py tests/kernels/test_merge_partials.py tests/kernels/test_rms_norm.py \
+        tests/attention tests/caches
+      run tests_mgpu 240 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu.py \
         tests/kernels/test_multi_token_mgpu_paged.py tests/kernels/test_decode_mgpu.py tests/kernels/test_decode_mgpu_paged.py
       run tests_mgpu_ws 60 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws.py
       ;;
     ab)
       if [ -d .ab_old/jkv ]; then
-        run ab 420 python bench/ab.py --a .ab_old --b . --rounds 7 --out "$OUT/ab.jsonl"
+        # Each worker holds an 8B model, its cache and the batch-64 step (~48 GB): both fit only past ~100 GB.
+        mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+        cases=()
+        [ "${mib:-0}" -lt 100000 ] && cases=(--cases step-8b-b1 attn-1x32768 attn-16x8192 attn-128x2048)
+        run ab 420 python bench/ab.py --a .ab_old --b . --rounds 7 --out "$OUT/ab.jsonl" "${cases[@]}"
       else
         echo "== ab skipped: unpack the baseline first (git archive 1e4888c jkv pallas_kernels | tar -x -C .ab_old)"
       fi
