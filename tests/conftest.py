@@ -1,5 +1,6 @@
 """Shared test configuration: tolerances keyed by dtype, NumPy float64 references, hypothesis profiles."""
 
+import contextlib
 import os
 import zlib
 
@@ -56,3 +57,17 @@ def _compile_level(request):
     yield
     jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+@contextlib.contextmanager
+def optimized_compiles():
+    """XLA's optimisation passes on for the programs compiled inside: the real SmolLM2's matrix-vector steps run
+    about ten times slower unoptimised, more than the passes cost. The level is not part of jit's cache key, so a
+    program compiled before at the other level runs as it is (float32 results
+    equal up to rounding, another speed)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
