@@ -71,3 +71,11 @@ def optimized_compiles():
         yield
     finally:
         jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def optimized():
+    """The test's programs compile with XLA's optimisation passes (``optimized_compiles``): for tests that run the
+    real SmolLM2 for many steps."""
+    with optimized_compiles():
+        yield
