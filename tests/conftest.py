@@ -18,7 +18,9 @@ from hypothesis import settings
 
 # On a CPU the suite's time is mostly XLA compiling small programs: compile them without XLA's optimisation passes
 # (half the compile time; IEEE arithmetic either way). Modules marked ``full_optimization`` (bfloat16 quality
-# figures: the passes change where bf16 rounds) compile as users' programs do. JKV_TEST_FULL_OPT=1 turns it off.
+# figures: the passes change where bf16 rounds) compile as users' programs do, and so do the tests that run the real
+# SmolLM2 for many steps (the ``optimized`` fixture: runtime, not compiling, is their cost). JKV_TEST_FULL_OPT=1 turns
+# it off.
 FAST_CPU_COMPILE = jax.default_backend() == "cpu" and os.environ.get("JKV_TEST_FULL_OPT") != "1"
 jax.config.update("jax_disable_most_optimizations", FAST_CPU_COMPILE)
 
