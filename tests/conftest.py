@@ -1,5 +1,6 @@
 """Shared test configuration: tolerances keyed by dtype, NumPy float64 references, hypothesis profiles."""
 
+import contextlib
 import os
 import zlib
 
@@ -17,7 +18,9 @@ from hypothesis import settings
 
 # On a CPU the suite's time is mostly XLA compiling small programs: compile them without XLA's optimisation passes
 # (half the compile time; IEEE arithmetic either way). Modules marked ``full_optimization`` (bfloat16 quality
-# figures: the passes change where bf16 rounds) compile as users' programs do. JKV_TEST_FULL_OPT=1 turns it off.
+# figures: the passes change where bf16 rounds) compile as users' programs do, and so do the tests that run the real
+# SmolLM2 for many steps (the ``optimized`` fixture: runtime, not compiling, is their cost). JKV_TEST_FULL_OPT=1 turns
+# it off.
 FAST_CPU_COMPILE = jax.default_backend() == "cpu" and os.environ.get("JKV_TEST_FULL_OPT") != "1"
 jax.config.update("jax_disable_most_optimizations", FAST_CPU_COMPILE)
 
@@ -56,3 +59,25 @@ def _compile_level(request):
     yield
     jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+@contextlib.contextmanager
+def optimized_compiles():
+    """XLA's optimisation passes on for the programs compiled inside: the real SmolLM2's matrix-vector steps run
+    about ten times slower unoptimised, more than the passes cost. The level is not part of jit's cache key, so a
+    program compiled before at the other level runs as it is (float32 results
+    equal up to rounding, another speed)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture
+def optimized():
+    """The test's programs compile with XLA's optimisation passes (``optimized_compiles``): for tests that run the
+    real SmolLM2 for many steps."""
+    with optimized_compiles():
+        yield

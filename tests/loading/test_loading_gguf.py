@@ -137,6 +137,7 @@ def test_smollm2_config_and_tensor_types(smollm):
 
 
 @needs_smollm
+@pytest.mark.usefixtures("optimized")
 def test_smollm2_prefill_and_decode_logits_match_hf(smollm, hf_greedy):
     """Teacher-forced on HF's own continuations: a full pass over prompt + continuation (one right-padded
     batch), and prefill of the prompts followed by 8 decode steps, both within 1e-4 of HF's logits."""
@@ -171,6 +172,7 @@ def test_smollm2_prefill_and_decode_logits_match_hf(smollm, hf_greedy):
 
 
 @needs_smollm
+@pytest.mark.usefixtures("optimized")
 def test_smollm2_greedy_continuations_match_hf(smollm, hf_greedy):
     """32 greedy tokens for 5 prompts generated as one ragged batch: identical to HF's, token for token."""
     generator = Generator(smollm.config, smollm.params, max_len=128, batch=len(QUESTIONS))
@@ -183,6 +185,7 @@ def test_smollm2_greedy_continuations_match_hf(smollm, hf_greedy):
 
 
 @needs_smollm
+@pytest.mark.usefixtures("optimized")
 @pytest.mark.parametrize("kind", ["f32", "paged"])
 def test_smollm2_flat_prefill_through_the_kernel_keeps_greedy_tokens(smollm, hf_greedy, kind):
     """The five prompts prefilled as one flat step through the multi-token kernel (interpret mode here), then 8

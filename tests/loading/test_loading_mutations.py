@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from helpers_loading import write_tiny_gguf
+from helpers_loading import TINY_HF_CONFIG as HF_CONFIG
+from helpers_loading import write_tiny_gguf, write_tiny_safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -113,42 +114,10 @@ def test_mutated_gguf_is_refused_or_sound(gguf_file, tmp_path_factory, data):
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
-HF_CONFIG = {
-    "model_type": "llama",
-    "vocab_size": 96,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": True,
-}
-
-
-def hf_tensors(rng) -> dict[str, np.ndarray]:
-    c = HF_CONFIG
-    h, f, v, d = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["hidden_size"] // 4
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    prefix = "model.layers.0."
-    shapes |= {prefix + "input_layernorm.weight": (h,), prefix + "post_attention_layernorm.weight": (h,)}
-    shapes |= {prefix + "self_attn.q_proj.weight": (4 * d, h), prefix + "self_attn.o_proj.weight": (h, 4 * d)}
-    shapes |= {prefix + f"self_attn.{x}_proj.weight": (2 * d, h) for x in "kv"}
-    shapes |= {prefix + f"mlp.{x}_proj.weight": (f, h) for x in ("gate", "up")} | {
-        prefix + "mlp.down_proj.weight": (h, f)
-    }
-    return {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
-
-
 @pytest.fixture(scope="module")
 def safetensors_dir(tmp_path_factory):
-    from safetensors.numpy import save_file
-
     directory = tmp_path_factory.mktemp("hf")
-    save_file(hf_tensors(np.random.default_rng(0)), directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(HF_CONFIG))
+    write_tiny_safetensors(directory, np.random.default_rng(0))
     load_or_refuse(directory)  # the unmutated model loads and runs
     return directory
 

@@ -106,6 +106,7 @@ QUESTIONS = (
 
 @pytest.mark.slow
 @needs_smollm
+@pytest.mark.usefixtures("optimized")
 def test_smollm2_native_weights_fit_the_file_and_keep_greedy_tokens():
     """Q4_1 blocks and the Q8_0 embedding stay quantized: the params take <= 1.2x the file's bytes, and 16 greedy
     tokens for each of four prompts (one ragged batch) equal those of the model of the dequantized float32
