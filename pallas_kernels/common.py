@@ -51,13 +51,16 @@ def concrete(x):
     return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
+def check_int_vector(name: str, x, batch: int):
+    """``x`` int ``[B]``; its values as NumPy, or None when traced."""
+    if getattr(x, "shape", None) != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be int[{batch}], got {getattr(x, 'dtype', None)}{getattr(x, 'shape', None)}")
+    return concrete(x)
+
+
 def check_lengths(lengths, batch: int, max_len: int, bound: str) -> None:
     """``lengths`` int ``[B]``; concrete values in ``[0, max_len]`` (``bound`` spells the bound out)."""
-    if getattr(lengths, "shape", None) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(
-            f"lengths must be int[{batch}], got {getattr(lengths, 'dtype', None)}{getattr(lengths, 'shape', None)}"
-        )
-    value = concrete(lengths)
+    value = check_int_vector("lengths", lengths, batch)
     if value is not None and (value.min(initial=0) < 0 or value.max(initial=0) > max_len):
         raise ValueError(f"lengths={value} must lie in [0, {bound}]")
 
@@ -75,35 +78,68 @@ def check_layer(layer, num_layers: int) -> None:
         raise ValueError(f"layer={int(value)} out of range for num_layers={num_layers}")
 
 
+def check_kv(q, k, v, layer, *, q_axes: str, axes: str, layer_needs: str, names=("k", "v"), dtypes=CACHE_DTYPES):
+    """What every attention kernel checks first: ``q`` 3-D (``q_axes`` spells its axes) and floating; ``k`` and ``v``
+    (``names``) of one shape, ``axes`` or ``[L, *axes]``, with ``layer`` exactly for the latter (``layer_needs``
+    says what a layer needs, in the error) and in range; one dtype (among ``dtypes`` unless None); head_dim equal
+    to ``q``'s, kv heads dividing query heads. Returns ``(q.shape, k.shape[-4:])``."""
+    kn, vn = names
+    if getattr(q, "ndim", None) != 3:
+        raise ValueError(f"q must have shape {q_axes}, got {getattr(q, 'shape', None)}")
+    kshape, vshape = getattr(k, "shape", None), getattr(v, "shape", None)
+    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
+        raise ValueError(f"{kn} and {vn} must both have shape {axes} or [L, {axes[1:]}, got {kshape} and {vshape}")
+    if len(kshape) == 5 and layer is None:
+        raise ValueError(f"{kn}.shape={kshape} holds every layer [L, {axes[1:]}: pass layer=")
+    if len(kshape) == 4 and layer is not None:
+        raise ValueError(f"layer={layer!r} {layer_needs}, got {kn}.shape={kshape}")
+    if k.dtype != v.dtype or (dtypes is not None and jnp.dtype(k.dtype) not in dtypes):
+        among = "" if dtypes is None else f" among {[str(d) for d in dtypes]}"
+        raise TypeError(f"{kn} and {vn} must share a dtype{among}, got {k.dtype}, {v.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
+    num_heads, kv_heads, head_dim = q.shape[1], kshape[-3], kshape[-1]
+    if head_dim != q.shape[2]:
+        raise ValueError(f"q.shape={q.shape} does not match {kn}.shape={kshape} (head_dim must agree)")
+    if kv_heads < 1 or num_heads % kv_heads:
+        raise ValueError(f"num_q_heads={num_heads} must be a multiple of num_kv_heads={kv_heads}")
+    if layer is not None:
+        check_layer(layer, kshape[0])
+    return q.shape, kshape[-4:]
+
+
+def check_block_tables(block_tables, batch: int, num_pages: int, page_size: int, first=None, end=None, why=None):
+    """``block_tables`` int ``[B, M]``; where the table and the (concrete) positions ``[first[b], end[b])`` that
+    sequence ``b`` reads are known, each entry covering them names a page of the pool (``why(b)`` says who reads
+    it); entries outside may be anything (a ring's released pages)."""
+    tshape = getattr(block_tables, "shape", None)
+    if tshape is None or len(tshape) != 2 or tshape[0] != batch or not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        raise ValueError(f"block_tables must be int[{batch}, M], got {getattr(block_tables, 'dtype', None)}{tshape}")
+    tables = concrete(block_tables)
+    if tables is None or first is None or end is None:
+        return
+    column = np.arange(tshape[1])[None, :]
+    read = (column >= first[:, None] // page_size) & (column < -(-end[:, None] // page_size))
+    bad = read & ((tables < 0) | (tables >= num_pages))
+    if bad.any():
+        b0, m0 = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"block_tables[{b0}, {m0}]={int(tables[b0, m0])} must name a page in [0, {num_pages}): {why(b0)}"
+        )
+
+
 def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
     """Validate the arguments of a contiguous decode kernel (and of its reference); return ``(B, N, K, S, D)``.
 
     Concrete lengths and layer are range-checked; traced ones cannot be (the kernel clamps them in bounds).
     """
-    if getattr(q, "ndim", None) != 3:
-        raise ValueError(f"q must have shape [B, N, D], got {getattr(q, 'shape', None)}")
-    kshape, vshape = getattr(k, "shape", None), getattr(v, "shape", None)
-    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
-        raise ValueError(f"k and v must both have shape [B, K, S, D] or [L, B, K, S, D], got {kshape} and {vshape}")
-    if len(kshape) == 5 and layer is None:
-        raise ValueError(f"k.shape={kshape} is a whole [L, B, K, S, D] cache: pass layer=")
-    if len(kshape) == 4 and layer is not None:
-        raise ValueError(f"layer={layer!r} needs a whole [L, B, K, S, D] cache, got k.shape={kshape}")
-    if k.dtype != v.dtype or jnp.dtype(k.dtype) not in CACHE_DTYPES:
-        raise TypeError(f"k and v must share a dtype among {[str(d) for d in CACHE_DTYPES]}, got {k.dtype}, {v.dtype}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
-    b, n, d = q.shape
-    bk, kh, s, dk = kshape[-4:]
-    if (bk, dk) != (b, d):
-        raise ValueError(f"q.shape={q.shape} does not match k.shape={kshape} (batch and head_dim must agree)")
-    if n % kh:
-        raise ValueError(f"num_q_heads={n} must be a multiple of num_kv_heads={kh}")
+    whole = "needs a whole [L, B, K, S, D] cache"
+    (b, n, d), (bk, kh, s, _) = check_kv(q, k, v, layer, q_axes="[B, N, D]", axes="[B, K, S, D]", layer_needs=whole)
+    if bk != b:
+        raise ValueError(f"q.shape={q.shape} does not match k.shape={k.shape} (batch and head_dim must agree)")
     if d not in HEAD_DIMS:
         raise ValueError(f"head_dim={d} is not supported; expected one of {HEAD_DIMS}")
     check_lengths(lengths, b, s, f"S={s}")
-    if layer is not None:
-        check_layer(layer, kshape[0])
     return b, n, kh, s, d
 
 

@@ -61,18 +61,28 @@ def check_q8(name: str, codes, scales) -> None:
         )
 
 
-def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
-    """Validate :func:`q8_decode_attention`'s arguments (and its reference's); return ``(B, N, K, S, D)``."""
-    check_q8("k", k, k_scale)
-    check_q8("v", v, v_scale)
-    if v.shape != k.shape or v_scale.dtype != k_scale.dtype:
+def check_q8_pair(name: str, codes, scales) -> jax.ShapeDtypeStruct:
+    """:func:`check_q8`; a stand-in of the values, for the checks of a bf16 cache."""
+    check_q8(name, codes, scales)
+    return jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
+
+
+def check_pairs(check, k, k_scale, v, v_scale, names=("k", "v")):
+    """Both pairs of a quantized cache through ``check(name, values, scales)`` (:func:`check_q8_pair`, or
+    ``multi_token_args.check_fp8_pair``); they must agree in shape and scale dtype. Returns what ``check`` gives."""
+    k_vals, v_vals = check(names[0], k, k_scale), check(names[1], v, v_scale)
+    if v.shape != k.shape or v_scale.shape != k_scale.shape or v_scale.dtype != k_scale.dtype:
         raise ValueError(
-            f"k and v must have the same shape and scale dtype, got {k.shape}/{k_scale.dtype} and "
-            f"{v.shape}/{v_scale.dtype}"
+            f"{names[0]} and {names[1]} must have the same shape and scale dtype, got "
+            f"{k.shape}/{k_scale.shape}/{k_scale.dtype} and {v.shape}/{v_scale.shape}/{v_scale.dtype}"
         )
-    # Shapes, GQA, head_dim, lengths and layer as for the bf16 kernel, on stand-ins of the dequantized cache.
-    stand_in = jax.ShapeDtypeStruct(k.shape, jnp.bfloat16)
-    return common.check_args(q, stand_in, stand_in, lengths, layer)
+    return k_vals, v_vals
+
+
+def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
+    """Validate :func:`q8_decode_attention`'s arguments (and its reference's); return ``(B, N, K, S, D)``: the
+    pairs, then shapes, GQA, head_dim, lengths and layer as for the bf16 kernel on stand-ins of the values."""
+    return common.check_args(q, *check_pairs(check_q8_pair, k, k_scale, v, v_scale), lengths, layer)
 
 
 # ----------------------------------------------------------------------------------------------- kernel

@@ -249,54 +249,22 @@ def check_args(
     ``(B, N, K, P, page_size, D)``. Concrete lengths, tables and layer are range-checked (table entries before
     the ``window``'s first page need not name a page: a ring releases them); traced ones cannot be (the kernel
     clamps them)."""
-    if getattr(q, "ndim", None) != 3:
-        raise ValueError(f"q must have shape [B, N, D], got {getattr(q, 'shape', None)}")
-    kshape, vshape = getattr(k_pages, "shape", None), getattr(v_pages, "shape", None)
-    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
-        raise ValueError(
-            f"k_pages and v_pages must both have shape [P, K, page_size, D] or [L, P, K, page_size, D], "
-            f"got {kshape} and {vshape}"
-        )
-    if len(kshape) == 5 and layer is None:
-        raise ValueError(f"k_pages.shape={kshape} holds every layer [L, P, K, page_size, D]: pass layer=")
-    if len(kshape) == 4 and layer is not None:
-        raise ValueError(f"layer={layer!r} needs pools of shape [L, P, K, page_size, D], got k_pages.shape={kshape}")
-    if k_pages.dtype != v_pages.dtype or jnp.dtype(k_pages.dtype) not in common.CACHE_DTYPES:
-        raise TypeError(
-            f"k_pages and v_pages must share a dtype among {[str(d) for d in common.CACHE_DTYPES]}, "
-            f"got {k_pages.dtype}, {v_pages.dtype}"
-        )
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
-    b, n, d = q.shape
-    num_pages, kh, page_size, dk = kshape[-4:]
-    if dk != d:
-        raise ValueError(f"q.shape={q.shape} does not match k_pages.shape={kshape} (head_dim must agree)")
-    if n % kh:
-        raise ValueError(f"num_q_heads={n} must be a multiple of num_kv_heads={kh}")
+    (b, n, d), (num_pages, kh, page_size, _) = common.check_kv(
+        q, k_pages, v_pages, layer, q_axes="[B, N, D]", axes="[P, K, page_size, D]",
+        layer_needs="needs pools of shape [L, P, K, page_size, D]", names=("k_pages", "v_pages"),
+    )  # fmt: skip
     if d not in common.HEAD_DIMS:
         raise ValueError(f"head_dim={d} is not supported; expected one of {common.HEAD_DIMS}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size={page_size} must be a power of two (a block of keys is whole pages)")
-    tshape = getattr(block_tables, "shape", None)
-    if tshape is None or len(tshape) != 2 or tshape[0] != b or not jnp.issubdtype(block_tables.dtype, jnp.integer):
-        raise ValueError(f"block_tables must be int[{b}, M], got {getattr(block_tables, 'dtype', None)}{tshape}")
-    max_len = tshape[1] * page_size
+    common.check_block_tables(block_tables, b, num_pages, page_size)  # its shape: M is read next
+    max_len = block_tables.shape[1] * page_size
     common.check_lengths(lengths, b, max_len, f"M * page_size = {max_len}")
-    value, tables = common.concrete(lengths), common.concrete(block_tables)
-    if value is not None and tables is not None:
-        column = np.arange(tshape[1])[None, :]
-        first = 0 if window is None else np.maximum(value - window, 0)[:, None] // page_size
-        used = (column >= first) & (column < -(-value[:, None] // page_size))  # entries the query reads
-        bad = used & ((tables < 0) | (tables >= num_pages))
-        if bad.any():
-            b0, m0 = (int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"block_tables[{b0}, {m0}]={int(tables[b0, m0])} must name a page in [0, {num_pages}): "
-                f"lengths[{b0}]={int(value[b0])} covers it"
-            )
-    if layer is not None:
-        common.check_layer(layer, kshape[0])
+    value = common.concrete(lengths)
+    if value is not None:  # the query at n - 1 reads from its window's start to n - 1
+        first = np.zeros_like(value) if window is None else np.maximum(value - window, 0)
+        why = lambda b0: f"lengths[{b0}]={int(value[b0])} covers it"
+        common.check_block_tables(block_tables, b, num_pages, page_size, first, value, why)
     return b, n, kh, num_pages, page_size, d
 
 

@@ -75,16 +75,9 @@ def _paged_q8(
 def check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None, window=None):
     """Validate the arguments of :func:`paged_q8_decode_attention` (and its reference's); return
     ``(B, N, K, P, page_size, D)``."""
-    decode_q8.check_q8("k_pages", k_pages, k_scale_pages)
-    decode_q8.check_q8("v_pages", v_pages, v_scale_pages)
-    if v_pages.shape != k_pages.shape or v_scale_pages.dtype != k_scale_pages.dtype:
-        raise ValueError(
-            f"k and v pages must have the same shape and scale dtype, got {k_pages.shape}/{k_scale_pages.dtype} "
-            f"and {v_pages.shape}/{v_scale_pages.dtype}"
-        )
-    # Shapes, GQA, head_dim, page size, tables, lengths and layer as for bf16 pools, on stand-ins of the values.
-    stand_in = jax.ShapeDtypeStruct(k_pages.shape, jnp.bfloat16)
-    return paged.check_args(q, stand_in, stand_in, block_tables, lengths, layer, window)
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    values = decode_q8.check_pairs(decode_q8.check_q8_pair, *pools, names=("k_pages", "v_pages"))
+    return paged.check_args(q, *values, block_tables, lengths, layer, window)
 
 
 def paged_q8_decode_attention(

@@ -13,8 +13,9 @@ from jax import lax
 from jaxtyping import Array, Float, Int, Int8
 
 from pallas_kernels import common, decode, decode_q8, dequantize, formats, paged, paged_q8
+from pallas_kernels.decode_q8 import check_pairs, check_q8_pair
 from pallas_kernels.multi_token_args import check_args as check_multi_token
-from pallas_kernels.multi_token_args import check_fp8_pair, check_pairs, check_q8_pair
+from pallas_kernels.multi_token_args import check_fp8_pair
 
 
 def combine_splits(
