@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, common, decode_walk
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -70,14 +70,9 @@ def decode_kernel(
     if append:
         out_refs, (k_out_ref, v_out_ref) = out_refs[:-2], out_refs[-2:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_layers, _, _, max_len, head_dim = k_ref.shape
-    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
-    n = jnp.clip(lengths_ref[b], 0, max_len)
-    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
-
-    start = common.window_start(n, window)  # the query at n - 1 sees positions start .. n - 1
-    first = start // block_k  # blocks wholly before the window are never read
-    lo, hi = common.split_blocks(n, j, block_k, num_splits, first)
+    max_len, head_dim = k_ref.shape[3:]
+    split = dict(block_k=block_k, num_splits=num_splits, window=window)
+    n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     if append:
         # The block holding the new position n - 1 always runs as the (masked) tail, where the new row is
         # substituted for what the cache held: the cache is read before it is written, never after.
@@ -88,10 +83,7 @@ def decode_kernel(
     else:
         n_full = n // block_k  # blocks whose every position is valid
 
-    # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
-    head_rows = pl.ds(h * group, rows)
-    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if rows != group else None
-    q = backend.load(q_ref.at[b, head_rows, :], mask=row_ok, other=0 if row_ok is not None else None)
+    head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=slice(None))
     q = q.astype(k_ref.dtype)  # [Gp, D]
 
     def attend(carry, start, valid, new_row=None):
@@ -113,33 +105,15 @@ def decode_kernel(
         acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
-    def full_block(i, carry):
-        return attend(carry, pl.multiple_of(i * block_k, block_k), None)
-
-    def head_block(carry):  # the window's first block when it starts inside it: the earlier positions masked
-        at = pl.multiple_of(first * block_k, block_k)
-        return attend(carry, at, at + lax.broadcasted_iota(jnp.int32, (block_k,), 0) >= start)
-
-    def tail_block(carry):
-        at = n_full * block_k
-        slid = jnp.minimum(at, max_len - block_k)  # slide back so the load stays inside S
-        pos = slid + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        valid = (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n)
-        return attend(carry, slid, valid, (pos == new_pos) if append else None)
-
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, head_dim), jnp.float32),
     )
-    full_lo = lo
-    if window is not None:  # the head block runs masked (unless the tail holds the window's start)
-        has_head = (lo == first) & (first < n_full) & (start > first * block_k)
-        carry = lax.cond(has_head, head_block, lambda c: c, carry)
-        full_lo = lo + has_head.astype(jnp.int32)
-    carry = lax.fori_loop(full_lo, jnp.minimum(hi, n_full), full_block, carry)
-    has_tail = (lo <= n_full) & (n_full < hi)
-    m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
+    bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi, new_pos=new_pos if append else None)
+    (m, denom, acc), has_tail = decode_walk.walk(
+        attend, carry, block_k=block_k, max_len=max_len, window=window, **bounds
+    )
     if append:  # the program that attended over the new position writes it (one row of K and of V)
 
         @pl.when(has_tail & (new_pos >= 0))
@@ -147,16 +121,8 @@ def decode_kernel(
             k_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = k_new[None, :]
             v_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = v_new[None, :]
 
-    vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
-    if num_splits == 1:
-        (o_ref,) = out_refs
-        inv = common.inverse_or_zero(denom)  # length 0: zeros
-        backend.store(o_ref.at[b, head_rows, :], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
-        return
-    acc_ref, m_ref, denom_ref = out_refs[:3]
-    backend.store(acc_ref.at[b, j, head_rows, :], acc, mask=row_ok)
-    backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
-    backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
+    decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, slice(None), row_ok, group=group, rows=rows,
+                      num_splits=num_splits)  # fmt: skip
 
 
 def kernel_options(

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, common, decode_walk
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 QBLOCK = 32  # values per scale
@@ -114,26 +114,18 @@ def decode_kernel(
     dot_dtype,
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_layers, _, _, max_len, head_dim = k_ref.shape
+    max_len, head_dim = k_ref.shape[3:]
     chunks = head_dim // QBLOCK
-    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
-    n = jnp.clip(lengths_ref[b], 0, max_len)
-    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
-
-    start = common.window_start(n, window)  # the query at n - 1 sees positions start .. n - 1
-    first = start // block_k  # blocks wholly before the window are never read
-    lo, hi = common.split_blocks(n, j, block_k, num_splits, first)
+    split = dict(block_k=block_k, num_splits=num_splits, window=window)
+    n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     n_full = n // block_k  # blocks whose every position is valid
 
     def scale_tile(ref, keys):  # [D/32, bk] float32
         return ref[layer, b, h, keys, :].T.astype(jnp.float32)
 
-    # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
-    head_rows = pl.ds(h * group, rows)
-    padded = rows != group
-    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if padded else None
     cols = pl.ds(0, head_dim)
-    q = backend.load(q_ref.at[b, head_rows, cols], mask=row_ok, other=0 if padded else None).astype(dot_dtype)
+    head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=cols)
+    q = q.astype(dot_dtype)
     # Row c * rows + g of the wide query holds query g's chunk c and zeros elsewhere (block diagonal), so one
     # product with a whole [bk, D] code tile gives every chunk's partial scores: [chunks * rows, bk].
     wide_rows_ = chunks * rows
@@ -173,44 +165,17 @@ def decode_kernel(
         acc = acc * widen(alpha)[:, None] + pv
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
-    def full_block(i, carry):
-        return attend(carry, pl.multiple_of(i * block_k, block_k), None)
-
-    def head_block(carry):  # the window's first block when it starts inside it: the earlier positions masked
-        at = pl.multiple_of(first * block_k, block_k)
-        return attend(carry, at, at + lax.broadcasted_iota(jnp.int32, (block_k,), 0) >= start)
-
-    def tail_block(carry):
-        at = n_full * block_k
-        slid = jnp.minimum(at, max_len - block_k)  # slide back so the load stays inside S
-        pos = slid + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        return attend(carry, slid, (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n))
-
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((wide_rows_, head_dim), jnp.float32),
     )
-    full_lo = lo
-    if window is not None:  # the head block runs masked (unless the tail holds the window's start)
-        has_head = (lo == first) & (first < n_full) & (start > first * block_k)
-        carry = lax.cond(has_head, head_block, lambda c: c, carry)
-        full_lo = lo + has_head.astype(jnp.int32)
-    carry = lax.fori_loop(full_lo, jnp.minimum(hi, n_full), full_block, carry)
-    has_tail = (lo <= n_full) & (n_full < hi)
-    m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
+    bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi)
+    (m, denom, acc), _ = decode_walk.walk(attend, carry, block_k=block_k, max_len=max_len, window=window, **bounds)
     acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)  # each row block's own chunk
 
-    vec_ok = lax.broadcasted_iota(jnp.int32, (rows,), 0) < group if padded else None
-    if num_splits == 1:
-        (o_ref,) = out_refs
-        inv = common.inverse_or_zero(denom)  # length 0: zeros
-        backend.store(o_ref.at[b, head_rows, cols], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
-    else:
-        acc_ref, m_ref, denom_ref = out_refs
-        backend.store(acc_ref.at[b, j, head_rows, cols], acc, mask=row_ok)
-        backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
-        backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
+    decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, group=group, rows=rows,
+                      num_splits=num_splits)  # fmt: skip
 
 
 def dot_dtype_for(q_dtype) -> jnp.dtype:
