@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common, decode_walk
+from pallas_kernels import backend, checks, common, decode_walk
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -175,11 +175,11 @@ def _launch_settings(q, k, scale, interpret, window, softcap, **overrides) -> tu
     b, _, d = q.shape
     kh, s = k.shape[-3], k.shape[-2]
     interpret = backend.resolve_interpret(interpret)
-    common.check_window_softcap(window, softcap)
+    checks.check_window_softcap(window, softcap)
     itemsize = jnp.dtype(k.dtype).itemsize
     default = common.decode_config(b, kh, common.reach(s, window), d, k.dtype)
     config = common.resolve_config(default, s, d, itemsize, **overrides)
-    return interpret, common.softmax_scale(scale, d), config
+    return interpret, checks.softmax_scale(scale, d), config
 
 
 def decode_attention(
@@ -206,7 +206,7 @@ def decode_attention(
     scaled scores as ``c * tanh(s / c)``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
     ``num_splits``, ``num_warps`` and ``num_stages`` override ``pallas_kernels.common.decode_config``.
     """
-    *_, s, _ = common.check_args(q, k, v, lengths, layer)
+    *_, s, _ = checks.check_args(q, k, v, lengths, layer)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
     if k.ndim == 4:
@@ -222,7 +222,7 @@ def decode_attention(
 
 def check_append_args(q, k, v, lengths, k_new, v_new, append=None, layer=None) -> tuple[int, int, int, int, int]:
     """Validate :func:`decode_attention_append`'s arguments (and its reference's); return ``(B, N, K, S, D)``."""
-    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
+    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
         if getattr(x, "shape", None) != (b, kh, d):
             raise ValueError(f"{name} must have shape [B, K, D] = {(b, kh, d)}, got {getattr(x, 'shape', None)}")

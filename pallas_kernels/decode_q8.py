@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend, common, decode_walk
+from pallas_kernels import backend, checks, common, decode_walk
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 QBLOCK = 32  # values per scale
@@ -82,7 +82,7 @@ def check_pairs(check, k, k_scale, v, v_scale, names=("k", "v")):
 def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
     """Validate :func:`q8_decode_attention`'s arguments (and its reference's); return ``(B, N, K, S, D)``: the
     pairs, then shapes, GQA, head_dim, lengths and layer as for the bf16 kernel on stand-ins of the values."""
-    return common.check_args(q, *check_pairs(check_q8_pair, k, k_scale, v, v_scale), lengths, layer)
+    return checks.check_args(q, *check_pairs(check_q8_pair, k, k_scale, v, v_scale), lengths, layer)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -269,9 +269,9 @@ def q8_decode_attention(
     Launch overrides as for :func:`q8_decode_config`'s fields.
     """
     b, _, kh, s, d = check_args(q, k, k_scale, v, v_scale, lengths, layer)
-    common.check_window_softcap(window, softcap)
+    checks.check_window_softcap(window, softcap)
     interpret = backend.resolve_interpret(interpret)
-    scale = common.softmax_scale(scale, d)
+    scale = checks.softmax_scale(scale, d)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     config = common.resolve_config(q8_decode_config(b, kh, common.reach(s, window), d), s, d, 1, **overrides)
     if k.ndim == 4:

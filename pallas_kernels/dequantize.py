@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int8
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, checks, common
 from pallas_kernels.decode_q8 import QBLOCK, check_q8
 
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -91,7 +91,7 @@ def dequantize_q8(
         return jnp.zeros(codes.shape, dtype)
     if block_rows is None:
         block_rows = min(DEQUANT_BLOCK_ROWS, 1 << (rows.bit_length() - 1))  # largest power of two <= rows
-    elif not common.is_int(block_rows) or block_rows < 1 or block_rows & (block_rows - 1) or block_rows > rows:
+    elif not checks.is_int(block_rows) or block_rows < 1 or block_rows & (block_rows - 1) or block_rows > rows:
         raise ValueError(f"{block_rows=} must be a power of two no larger than the number of rows ({rows})")
     out = _dequantize(
         codes.reshape(rows, head_dim),

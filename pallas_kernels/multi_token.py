@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common, decode_q8, formats
+from pallas_kernels import backend, checks, common, decode_q8, formats
 from pallas_kernels.common import MIN_BLOCK
 from pallas_kernels.multi_token_args import (
     MultiTokenConfig,
@@ -318,7 +318,7 @@ def run(
     """Resolve the launch settings of a checked call (``dims`` from ``check_args``) and launch; shared by every
     public function (this module, ``multi_token_paged``, ``multi_token_quant``)."""
     interpret = backend.resolve_interpret(interpret)
-    scale = common.softmax_scale(scale, dims.head_dim)
+    scale = checks.softmax_scale(scale, dims.head_dim)
     itemsize = jnp.dtype(cache[0].dtype).itemsize
     default = multi_token_config(dims.num_heads, dims.kv_heads, dims.head_dim, cache[0].dtype, max_len=dims.max_len)
     config = resolve_config(config, default, dims.head_dim, itemsize)

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import common, formats
-from pallas_kernels.common import MIN_BLOCK, NUM_WARPS
+from pallas_kernels import checks, common, formats
+from pallas_kernels.checks import NUM_WARPS
+from pallas_kernels.common import MIN_BLOCK
 
 MAX_HEAD_DIM = 256  # the query tile and the accumulator of 128 rows x 256 columns fill a program's registers
 
@@ -92,7 +93,7 @@ def resolve_config(config, default: MultiTokenConfig, head_dim: int, itemsize: i
     if not isinstance(config, MultiTokenConfig):
         raise TypeError(f"config must be a MultiTokenConfig or None, got {config!r}")
     for name, value in config._asdict().items():
-        if not common.is_int(value):
+        if not checks.is_int(value):
             raise TypeError(f"config.{name} must be an int, got {value!r}")
     if config.block_q < 1:
         raise ValueError(f"config.block_q={config.block_q} must be >= 1")
@@ -167,22 +168,22 @@ def check_args(q, k, v, q_starts, lengths, counts, *, layer=None, window=None, s
     paged = block_tables is not None
     axes = "[P, K, page_size, D]" if paged else "[B, K, S, D]"
     needs = "needs a cache with a leading layer axis"
-    (tokens, num_heads, head_dim), (first, kv_heads, rows, _) = common.check_kv(
+    (tokens, num_heads, head_dim), (first, kv_heads, rows, _) = checks.check_kv(
         q, k, v, layer, q_axes="[T, N, D]", axes=axes, layer_needs=needs
     )
     if head_dim % MIN_BLOCK or not MIN_BLOCK <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim={head_dim} is not supported; expected a multiple of 16 in [16, {MAX_HEAD_DIM}]")
-    common.check_window_softcap(window, softcap)
+    checks.check_window_softcap(window, softcap)
     batch = getattr(q_starts, "shape", (None,))[0] if paged else first
     if paged and (batch is None or getattr(q_starts, "ndim", None) != 1):
         raise ValueError(f"q_starts must be int[B], got {getattr(q_starts, 'shape', None)}")
     step = (("q_starts", q_starts), ("lengths", lengths), ("counts", counts))
-    values = [common.check_int_vector(name, x, batch) for name, x in step]
+    values = [checks.check_int_vector(name, x, batch) for name, x in step]
     if paged and rows & (rows - 1):
         raise ValueError(f"page_size={rows} must be a power of two")
     max_len = block_tables.shape[1] * rows if paged and getattr(block_tables, "ndim", 0) == 2 else rows
     bound = f"M * page_size = {max_len}" if paged else f"S={max_len}"
     if paged:
-        common.check_block_tables(block_tables, batch, first, rows, *_reads(values[1], values[2], window))
+        checks.check_block_tables(block_tables, batch, first, rows, *_reads(values[1], values[2], window))
     _check_step(*values, tokens, max_len, bound)
     return Dims(tokens, num_heads, kv_heads, head_dim, batch, max_len)

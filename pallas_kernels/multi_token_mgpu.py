@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, checks
 from pallas_kernels import multi_token_mgpu_kernel as kernel
 from pallas_kernels.mgpu_common import CACHE_DTYPES, HEAD_DIMS, MGPU_SMEM_RESERVE, ROWS, round_up
 from pallas_kernels.multi_token_tiles import ALIGN, check_args, tile_table
@@ -139,7 +139,7 @@ def resolve_config(config, num_heads, kv_heads, head_dim, dtype, out_dtype, cons
     if not isinstance(config, MgpuMultiTokenConfig):
         raise TypeError(f"config must be an MgpuMultiTokenConfig or None, got {config!r}")
     for name, value in config._asdict().items():
-        if not common.is_int(value) or value < 1:
+        if not checks.is_int(value) or value < 1:
             raise ValueError(f"config.{name}={value!r} must be a positive int")
     if config.block_q * config.heads_per_tile != ROWS or config.block_q % ALIGN:
         raise ValueError(
@@ -202,7 +202,7 @@ def require_mosaic_gpu() -> None:
 def static_options(scale, head_dim: int, window, softcap, config) -> dict:
     """The kernel's static arguments: the softmax scale resolved, ``softcap`` a Python float."""
     softcap = None if softcap is None else float(softcap)
-    return dict(scale=common.softmax_scale(scale, head_dim), window=window, softcap=softcap, config=config)
+    return dict(scale=checks.softmax_scale(scale, head_dim), window=window, softcap=softcap, config=config)
 
 
 def whole_cache(k, v, layer, block_k: int):

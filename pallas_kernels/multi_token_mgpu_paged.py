@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import common
+from pallas_kernels import checks
 from pallas_kernels import multi_token_mgpu as mgpu
 from pallas_kernels.multi_token_tiles import ALIGN
 
@@ -37,7 +37,7 @@ def check_paged_args(q, k_pages, v_pages, block_tables, q_starts, lengths, count
         raise ValueError(f"page_size={page_size} must be a multiple of {ALIGN} (a TMA tile's rows)")
     logical = jax.ShapeDtypeStruct((*kshape[:-4], batch, kv_heads, pages_per_seq * page_size, head_dim), k_pages.dtype)
     t, n, _, _, d = mgpu.check_mgpu_args(q, logical, logical, q_starts, lengths, counts, layer, **options)
-    table = common.concrete(block_tables)
+    table = checks.concrete(block_tables)
     if table is not None and table.max(initial=-1) >= num_pages:
         raise ValueError(f"block_tables hold page {table.max()} but the pools have P={num_pages} pages")
     return t, n, kv_heads, page_size, d, pages_per_seq

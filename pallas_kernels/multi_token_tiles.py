@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels import common
+from pallas_kernels import checks
 
 ALIGN = 8  # rows of a TMA tile: a tile's first row of q is a multiple of this
 COLUMNS = ("b", "row0", "skip", "nrows", "pos_base", "lo", "hi", "t_lo", "u_lo", "u_hi", "t_hi")
@@ -78,15 +78,15 @@ def check_args(q, k, v, q_starts, lengths, counts, layer=None, *, window=None, s
     range-checked (positions inside ``S``, rows inside ``T``, no two sequences' rows overlapping); traced ones
     cannot be."""
     needs = "goes with a whole [L, B, K, S, D] cache and only then"
-    (num_rows, num_heads, head_dim), (batch, kv_heads, max_len, _) = common.check_kv(
+    (num_rows, num_heads, head_dim), (batch, kv_heads, max_len, _) = checks.check_kv(
         q, k, v, layer, q_axes="[T, N, D]", axes="[B, K, S, D]", layer_needs=needs, dtypes=None
     )
-    if window is not None and (not common.is_int(window) or window < 1):
+    if window is not None and (not checks.is_int(window) or window < 1):
         raise ValueError(f"window={window!r} must be None or an int >= 1")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
         raise ValueError(f"softcap={softcap!r} must be None or a positive number")
     step = (("q_starts", q_starts), ("lengths", lengths), ("counts", counts))
-    starts, lens, cnts = (common.check_int_vector(name, x, batch) for name, x in step)
+    starts, lens, cnts = (checks.check_int_vector(name, x, batch) for name, x in step)
     if cnts is not None and cnts.min(initial=0) < 0:
         raise ValueError(f"counts={cnts} must be >= 0")
     if lens is not None and cnts is not None and ((lens < 0) | (lens + cnts > max_len)).any():

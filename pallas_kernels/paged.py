@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common, decode
+from pallas_kernels import backend, checks, common, decode
 from pallas_kernels.common import MIN_BLOCK
 
 
@@ -84,7 +84,7 @@ def resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsize
     preload = overrides.pop("preload", None)
     if preload is not None and not isinstance(preload, (bool, np.bool_)):
         raise TypeError(f"preload must be a bool, got {preload!r}")
-    common.check_launch_overrides(**overrides)
+    checks.check_launch_overrides(**overrides)
     ppb = overrides["pages_per_block"]
     if ppb is not None and (ppb < 1 or ppb & (ppb - 1) or ppb * page_size < MIN_BLOCK):
         raise ValueError(
@@ -249,22 +249,22 @@ def check_args(
     ``(B, N, K, P, page_size, D)``. Concrete lengths, tables and layer are range-checked (table entries before
     the ``window``'s first page need not name a page: a ring releases them); traced ones cannot be (the kernel
     clamps them)."""
-    (b, n, d), (num_pages, kh, page_size, _) = common.check_kv(
+    (b, n, d), (num_pages, kh, page_size, _) = checks.check_kv(
         q, k_pages, v_pages, layer, q_axes="[B, N, D]", axes="[P, K, page_size, D]",
         layer_needs="needs pools of shape [L, P, K, page_size, D]", names=("k_pages", "v_pages"),
     )  # fmt: skip
-    if d not in common.HEAD_DIMS:
-        raise ValueError(f"head_dim={d} is not supported; expected one of {common.HEAD_DIMS}")
+    if d not in checks.HEAD_DIMS:
+        raise ValueError(f"head_dim={d} is not supported; expected one of {checks.HEAD_DIMS}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size={page_size} must be a power of two (a block of keys is whole pages)")
-    common.check_block_tables(block_tables, b, num_pages, page_size)  # its shape: M is read next
+    checks.check_block_tables(block_tables, b, num_pages, page_size)  # its shape: M is read next
     max_len = block_tables.shape[1] * page_size
-    common.check_lengths(lengths, b, max_len, f"M * page_size = {max_len}")
-    value = common.concrete(lengths)
+    checks.check_lengths(lengths, b, max_len, f"M * page_size = {max_len}")
+    value = checks.concrete(lengths)
     if value is not None:  # the query at n - 1 reads from its window's start to n - 1
         first = np.zeros_like(value) if window is None else np.maximum(value - window, 0)
         why = lambda b0: f"lengths[{b0}]={int(value[b0])} covers it"
-        common.check_block_tables(block_tables, b, num_pages, page_size, first, value, why)
+        checks.check_block_tables(block_tables, b, num_pages, page_size, first, value, why)
     return b, n, kh, num_pages, page_size, d
 
 
@@ -295,10 +295,10 @@ def paged_decode_attention(
     ``num_splits``, ``num_warps``, ``num_stages`` and ``preload`` (read a split's table entries before its
     loop, where they fit: :func:`preload_entries`) override :func:`paged_config`.
     """
-    common.check_window_softcap(window, softcap)
+    checks.check_window_softcap(window, softcap)
     b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer, window)
     interpret = backend.resolve_interpret(interpret)
-    scale = common.softmax_scale(scale, d)
+    scale = checks.softmax_scale(scale, d)
     reach_pages = -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
     config = resolve_config(
         paged_config(b, kh, reach_pages, page_size, d, k_pages.dtype),

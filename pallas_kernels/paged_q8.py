@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend, common, decode_q8, paged
+from pallas_kernels import backend, checks, common, decode_q8, paged
 from pallas_kernels.common import MIN_BLOCK
 from pallas_kernels.paged import BlockAddresses, PagedConfig, PagedView
 
@@ -105,12 +105,12 @@ def paged_q8_decode_attention(
     does; the launch arguments override :func:`paged_q8_config`. Products in ``q``'s dtype (bfloat16 / float16;
     tf32 on GPU for float32), softmax and accumulation in float32; ``window`` and ``softcap`` as the paged
     kernel's."""
-    common.check_window_softcap(window, softcap)
+    checks.check_window_softcap(window, softcap)
     b, _, kh, _, page_size, d = check_args(
         q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer, window
     )
     interpret = backend.resolve_interpret(interpret)
-    scale = common.softmax_scale(scale, d)
+    scale = checks.softmax_scale(scale, d)
     reach_pages = -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
     config = paged.resolve_config(
         paged_q8_config(b, kh, reach_pages, page_size, d),

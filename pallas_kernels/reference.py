@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import common, decode, decode_q8, dequantize, formats, paged, paged_q8
+from pallas_kernels import checks, common, decode, decode_q8, dequantize, formats, paged, paged_q8
 from pallas_kernels.decode_q8 import check_pairs, check_q8_pair
 from pallas_kernels.multi_token_args import check_args as check_multi_token
 from pallas_kernels.multi_token_args import check_fp8_pair
@@ -57,8 +57,8 @@ def decode_attention_reference(
 ) -> Float[Array, "B N D"]:
     """``decode.decode_attention`` (and ``decode_mgpu.decode_attention_mgpu``, ``dispatch.decode_attention_auto``)."""
     del launch
-    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
-    common.check_window_softcap(window, softcap)
+    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
+    checks.check_window_softcap(window, softcap)
     if k.ndim == 5:
         k, v = k[layer], v[layer]
     scale = d**-0.5 if scale is None else scale
