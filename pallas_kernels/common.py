@@ -111,6 +111,26 @@ def resolve_config(default: DecodeConfig, max_len: int, head_dim: int, itemsize:
     return config._replace(num_stages=min(config.num_stages, max_stages(config.block_k, head_dim, itemsize)))
 
 
+def launch_settings(default, max_len: int, head_dim: int, itemsize: int, scale, interpret, **overrides):
+    """Interpret mode, softmax scale and launch config (``default`` with ``overrides``, :func:`resolve_config`) of
+    a checked Triton decode call over ``max_len`` positions of ``itemsize``-byte K/V."""
+    interpret = backend.resolve_interpret(interpret)
+    config = resolve_config(default, max_len, head_dim, itemsize, **overrides)
+    return interpret, checks.softmax_scale(scale, head_dim), config
+
+
+def whole_cache(arrays, layer, positions: int | None = None):
+    """Cache arrays as whole ``[L, ...]`` caches (one layer ``[B, K, S, X]``: free reshapes, layer 0), padded along
+    the position axis to ``positions`` where they hold fewer (a tiny cache: a copy), and ``layer`` as ``int32[1]``."""
+    if arrays[0].ndim == 4:
+        arrays, layer = tuple(x[None] for x in arrays), 0  # free reshapes, not copies
+    held = arrays[0].shape[3]
+    if positions is not None and held < positions:
+        pad = [(0, 0)] * 3 + [(0, positions - held), (0, 0)]
+        arrays = tuple(jnp.pad(x, pad) for x in arrays)
+    return arrays, jnp.asarray(layer, jnp.int32).reshape(1)
+
+
 # ----------------------------------------------------------------------------------------------- kernel bodies
 
 

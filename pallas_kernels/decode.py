@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, checks, common, decode_walk
+from pallas_kernels import checks, common, decode_walk
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -174,12 +174,9 @@ def _launch_settings(q, k, scale, interpret, window, softcap, **overrides) -> tu
     the defaults for the positions one query reads, ``common.reach``)."""
     b, _, d = q.shape
     kh, s = k.shape[-3], k.shape[-2]
-    interpret = backend.resolve_interpret(interpret)
     checks.check_window_softcap(window, softcap)
-    itemsize = jnp.dtype(k.dtype).itemsize
     default = common.decode_config(b, kh, common.reach(s, window), d, k.dtype)
-    config = common.resolve_config(default, s, d, itemsize, **overrides)
-    return interpret, checks.softmax_scale(scale, d), config
+    return common.launch_settings(default, s, d, jnp.dtype(k.dtype).itemsize, scale, interpret, **overrides)
 
 
 def decode_attention(
@@ -206,15 +203,10 @@ def decode_attention(
     scaled scores as ``c * tanh(s / c)``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
     ``num_splits``, ``num_warps`` and ``num_stages`` override ``pallas_kernels.common.decode_config``.
     """
-    *_, s, _ = checks.check_args(q, k, v, lengths, layer)
+    checks.check_args(q, k, v, lengths, layer)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
-    if k.ndim == 4:
-        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
-    if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
-        pad = [(0, 0)] * 3 + [(0, MIN_BLOCK - s), (0, 0)]
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    (k, v), layer = common.whole_cache((k, v), layer, MIN_BLOCK)  # a tiny cache padded to one block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=scale, window=window, softcap=softcap, config=config, interpret=interpret)
     return _decode(q, k, v, lengths, layer, **options)
@@ -286,8 +278,7 @@ def decode_attention_append(
         k, v = put(k, k_new), put(v, v_new)
         out = decode_attention(q, k, v, lengths, layer=layer, interpret=interpret, **extra, **overrides)
         return out, k, v
-    k5, v5 = (k, v) if whole else (k[None], v[None])
-    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    (k5, v5), layer = common.whole_cache((k, v), layer)
     new = (append, k_new, v_new)
     out, k5, v5 = _decode(q, k5, v5, lengths, layer, new, **extra, config=config, interpret=interpret)
     return (out, k5, v5) if whole else (out, k5[0], v5[0])

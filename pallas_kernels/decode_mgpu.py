@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, checks
+from pallas_kernels import backend, checks, common
 from pallas_kernels import decode_mgpu_kernel as kernel
 from pallas_kernels.mgpu_common import CACHE_DTYPES, HEAD_DIMS, MGPU_SMEM_RESERVE, ROWS, round_up
 
@@ -190,12 +190,7 @@ def decode_attention_mgpu(
         num_splits=num_splits,
         num_stages=num_stages,
     )
-    if k.ndim == 4:
-        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
-    padded = max(config.block_k, round_up(s, 8))
-    if padded != s:  # a tiny cache, or S off the 8-row tile: pad it (a copy of the cache; never at usual sizes)
-        pad = [(0, 0)] * 3 + [(0, padded - s), (0, 0)]
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    # A tiny cache, or S off the 8-row tile, is padded (a copy of the cache; never at usual sizes).
+    (k, v), layer = common.whole_cache((k, v), layer, max(config.block_k, round_up(s, 8)))
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     return _decode(q, k, v, lengths, layer, scale=float(scale), config=config)

@@ -270,16 +270,10 @@ def q8_decode_attention(
     """
     b, _, kh, s, d = check_args(q, k, k_scale, v, v_scale, lengths, layer)
     checks.check_window_softcap(window, softcap)
-    interpret = backend.resolve_interpret(interpret)
-    scale = checks.softmax_scale(scale, d)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
-    config = common.resolve_config(q8_decode_config(b, kh, common.reach(s, window), d), s, d, 1, **overrides)
-    if k.ndim == 4:
-        k, k_scale, v, v_scale, layer = k[None], k_scale[None], v[None], v_scale[None], 0  # free reshapes
-    if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
-        pad = [(0, 0)] * 3 + [(0, MIN_BLOCK - s), (0, 0)]
-        k, k_scale, v, v_scale = (jnp.pad(x, pad) for x in (k, k_scale, v, v_scale))
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    default = q8_decode_config(b, kh, common.reach(s, window), d)
+    interpret, scale, config = common.launch_settings(default, s, d, 1, scale, interpret, **overrides)
+    cache, layer = common.whole_cache((k, k_scale, v, v_scale), layer, MIN_BLOCK)  # a tiny cache padded to a block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
-    return _decode(q, k, k_scale, v, v_scale, lengths, layer, **options)
+    return _decode(q, *cache, lengths, layer, **options)

@@ -329,15 +329,11 @@ def run(
         )
     if dims.tokens == 0 or dims.batch == 0:  # no query, or no sequence to own one
         return jnp.zeros(q.shape, q.dtype)
-    if cache[0].ndim == 4:
-        cache, layer = tuple(x[None] for x in cache), 0  # free reshapes, not copies
-    if block_tables is None and dims.max_len < config.block_k:  # a tiny cache: pad it to one block
-        pad = [(0, 0)] * 3 + [(0, config.block_k - dims.max_len), (0, 0)]
-        cache = tuple(jnp.pad(x, pad) for x in cache)
+    # A contiguous cache shorter than one block is padded to one (a copy of a tiny cache).
+    cache, layer = common.whole_cache(cache, layer, config.block_k if block_tables is None else None)
     ints = lambda x: jnp.asarray(x).astype(jnp.int32)
     tables = None if block_tables is None else ints(block_tables)
     options = dict(fmt=fmt, scale=scale, window=window, softcap=None if softcap is None else float(softcap))
-    layer = ints(layer).reshape(1)
     return _launch(
         q, tuple(cache), tables, ints(q_starts), ints(lengths), ints(counts), layer,
         **options, config=config, interpret=interpret,

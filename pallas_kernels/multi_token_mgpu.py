@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, checks
+from pallas_kernels import backend, checks, common
 from pallas_kernels import multi_token_mgpu_kernel as kernel
 from pallas_kernels.mgpu_common import CACHE_DTYPES, HEAD_DIMS, MGPU_SMEM_RESERVE, ROWS, round_up
 from pallas_kernels.multi_token_tiles import ALIGN, check_args, tile_table
@@ -208,11 +208,5 @@ def static_options(scale, head_dim: int, window, softcap, config) -> dict:
 def whole_cache(k, v, layer, block_k: int):
     """``k``, ``v`` as whole ``[L, B, K, S, D]`` caches (a one-layer cache: a free reshape) with ``S`` padded to
     whole 8-row tiles and at least ``block_k`` positions (a copy, never at usual sizes), ``layer`` as ``int32[1]``."""
-    if k.ndim == 4:
-        k, v, layer = k[None], v[None], 0
-    s = k.shape[3]
-    padded = max(block_k, round_up(s, ALIGN))
-    if padded != s:
-        pad = [(0, 0)] * 3 + [(0, padded - s), (0, 0)]
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    return k, v, jnp.asarray(layer, jnp.int32).reshape(1)
+    (k, v), layer = common.whole_cache((k, v), layer, max(block_k, round_up(k.shape[-2], ALIGN)))
+    return k, v, layer

@@ -297,24 +297,32 @@ def paged_decode_attention(
     """
     checks.check_window_softcap(window, softcap)
     b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer, window)
-    interpret = backend.resolve_interpret(interpret)
-    scale = checks.softmax_scale(scale, d)
-    reach_pages = -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
-    config = resolve_config(
-        paged_config(b, kh, reach_pages, page_size, d, k_pages.dtype),
-        page_size,
-        d,
-        jnp.dtype(k_pages.dtype).itemsize,
-        pages_per_block=pages_per_block,
-        num_splits=num_splits,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        preload=preload,
+    default = paged_config(b, kh, reach_pages(block_tables, page_size, window), page_size, d, k_pages.dtype)
+    overrides = dict(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
+                     num_stages=num_stages, preload=preload)  # fmt: skip
+    settings = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
+    itemsize = jnp.dtype(k_pages.dtype).itemsize
+    return launch(
+        _paged, q, (k_pages, v_pages), block_tables, lengths, layer, default, itemsize, **settings, **overrides
     )
-    if k_pages.ndim == 4:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+
+def reach_pages(block_tables, page_size: int, window) -> int:
+    """Most table entries one query reads: the table's width, or the window's pages where it is narrower."""
+    return -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
+
+
+def launch(fn, q, pools, block_tables, lengths, layer, default, itemsize, *, scale, window, softcap, interpret,
+           **overrides):  # fmt: skip
+    """The launch plumbing of a checked paged decode call (Plain or Q8 pools): interpret mode, softmax scale, the
+    config (``default`` with the launch ``overrides``, :func:`resolve_config`), whole pools and int32 arrays; then
+    ``fn(q, *pools, tables, lengths, layer, **static arguments)``."""
+    interpret = backend.resolve_interpret(interpret)
+    page_size, head_dim = pools[0].shape[-2:]
+    scale = checks.softmax_scale(scale, head_dim)
+    config = resolve_config(default, page_size, head_dim, itemsize, **overrides)
+    pools, layer = common.whole_cache(pools, layer)
     tables = jnp.asarray(block_tables).astype(jnp.int32)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
-    return _paged(q, k_pages, v_pages, tables, lengths, layer, **options)
+    return fn(q, *pools, tables, lengths, layer, **options)
