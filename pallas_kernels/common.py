@@ -193,6 +193,24 @@ def whole(shape):
     return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
 
 
+def whole_call(kernel, inputs, out_shape, *, grid, num_warps: int, num_stages: int, interpret, name: str, aliases=None):
+    """``backend.pallas_call`` of ``kernel`` on ``inputs`` where every program sees each input and output whole
+    (:func:`whole`) and indexes them itself; ``out_shape`` one ShapeDtypeStruct or a list of them."""
+    many = isinstance(out_shape, list)
+    return backend.pallas_call(
+        kernel,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        grid=grid,
+        in_specs=[whole(x.shape) for x in inputs],
+        out_specs=[whole(o.shape) for o in out_shape] if many else whole(out_shape.shape),
+        out_shape=out_shape,
+        input_output_aliases=aliases or {},
+        name=name,
+    )(*inputs)
+
+
 def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool):
     r, c = pl.program_id(0), pl.program_id(1)
     p_rows = acc_ref.shape[1]  # splits padded to a power of two
@@ -223,17 +241,9 @@ def merge_partials(acc, m, denom=None, *, splits: int, dtype, interpret: bool):
         raise ValueError(f"acc.shape[1]={padded} must be a power of two >= splits={splits}")
     inputs = [acc, m, m if denom is None else denom]
     kernel = functools.partial(_merge_kernel, splits=splits, packed=denom is None)
-    return backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=4 if padded * head_dim >= 4096 else 1,
-        num_stages=1,
-        grid=(rows, cols),
-        in_specs=[whole(x.shape) for x in inputs],
-        out_specs=whole((rows, cols, head_dim)),
-        out_shape=jax.ShapeDtypeStruct((rows, cols, head_dim), dtype),
-        name="jkv_merge_splits",
-    )(*inputs)
+    out_shape = jax.ShapeDtypeStruct((rows, cols, head_dim), dtype)
+    launch = dict(grid=(rows, cols), num_warps=4 if padded * head_dim >= 4096 else 1, num_stages=1)
+    return whole_call(kernel, inputs, out_shape, **launch, interpret=interpret, name="jkv_merge_splits")
 
 
 def launch_split_kernel(
@@ -243,18 +253,8 @@ def launch_split_kernel(
     first three outputs are the partials, merged here (:func:`merge_partials`) into ``dtype``; with one, its
     first output is the result. With ``trailing`` outputs after those, returns ``(result, *trailing outputs)``.
     Shared by the contiguous, paged and Q8 decode kernels."""
-    outs = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        grid=grid,
-        in_specs=[whole(x.shape) for x in inputs],
-        out_specs=[whole(o.shape) for o in out_shape],
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        name=name,
-    )(*inputs)
+    launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
+    outs = whole_call(kernel, inputs, out_shape, **launch, name=name, aliases=aliases)
     extra = tuple(outs[len(outs) - trailing :])
     outs = outs[: len(outs) - trailing]
     if grid[2] == 1:

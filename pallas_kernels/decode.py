@@ -230,6 +230,20 @@ def check_append_args(q, k, v, lengths, k_new, v_new, append=None, layer=None) -
     return b, n, kh, s, d
 
 
+def write_rows(k, v, k_new, v_new, lengths, append, layer=None):
+    """``k_new``/``v_new [B, K, D]`` written in XLA (a scatter) at position ``lengths[b] - 1`` of each sequence
+    (of ``layer`` for a whole cache) whose ``append[b]`` is nonzero and that has a position; the others dropped.
+    ``lengths`` and ``append`` int32 ``[B]``."""
+    rows = jnp.arange(lengths.shape[0])
+    pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, k.shape[-2])  # S: dropped
+
+    def put(buf, new):
+        at = buf.at[layer, rows, :, pos, :] if buf.ndim == 5 else buf.at[rows, :, pos, :]
+        return at.set(new.astype(buf.dtype), mode="drop")
+
+    return put(k, k_new), put(v, v_new)
+
+
 def decode_attention_append(
     q: Float[Array, "B N D"],
     k: Float[Array, "*L B K S D"],
@@ -268,14 +282,7 @@ def decode_attention_append(
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     append = jnp.asarray(append).astype(jnp.int32)
     if s < MIN_BLOCK:  # the kernel would read a padded copy: write in XLA, then attend
-        rows = jnp.arange(b)
-        pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, s)  # s: dropped
-
-        def put(buf, new):
-            at = buf.at[layer, rows, :, pos, :] if whole else buf.at[rows, :, pos, :]
-            return at.set(new.astype(buf.dtype), mode="drop")
-
-        k, v = put(k, k_new), put(v, v_new)
+        k, v = write_rows(k, v, k_new, v_new, lengths, append, layer)
         out = decode_attention(q, k, v, lengths, layer=layer, interpret=interpret, **extra, **overrides)
         return out, k, v
     (k5, v5), layer = common.whole_cache((k, v), layer)

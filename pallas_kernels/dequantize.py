@@ -56,17 +56,8 @@ def _dequantize(codes, scales, *, dtype, block_rows: int, interpret: bool):
     rows, head_dim = codes.shape
     out_shape = jax.ShapeDtypeStruct((rows, head_dim), dtype)
     kernel = functools.partial(_dequant_kernel, block_rows=block_rows)
-    return backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=4,
-        num_stages=1,
-        grid=(pl.cdiv(rows, block_rows),),
-        in_specs=[common.whole(codes.shape), common.whole(scales.shape)],
-        out_specs=common.whole(out_shape.shape),
-        out_shape=out_shape,
-        name="jkv_q8_dequantize",
-    )(codes, scales)
+    launch = dict(grid=(pl.cdiv(rows, block_rows),), num_warps=4, num_stages=1, interpret=interpret)
+    return common.whole_call(kernel, [codes, scales], out_shape, **launch, name="jkv_q8_dequantize")
 
 
 def dequantize_q8(

@@ -297,18 +297,9 @@ def _launch(q, cache, tables, q_starts, lengths, counts, layer, *, fmt, scale, w
     out_shape = (tokens + spare, num_heads, head_dim)
     inputs.append(jnp.zeros(out_shape, q.dtype))
     name = f"jkv_multi_token_{fmt}" + ("_paged" if tables is not None else "")
-    out = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        grid=grid,
-        in_specs=[common.whole(x.shape) for x in inputs],
-        out_specs=common.whole(out_shape),
-        out_shape=jax.ShapeDtypeStruct(out_shape, q.dtype),
-        input_output_aliases={len(inputs) - 1: 0},
-        name=name,
-    )(*inputs)
+    launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
+    out_struct = jax.ShapeDtypeStruct(out_shape, q.dtype)
+    out = common.whole_call(kernel, inputs, out_struct, **launch, name=name, aliases={len(inputs) - 1: 0})
     return out[:tokens] if spare else out
 
 

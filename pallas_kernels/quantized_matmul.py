@@ -149,17 +149,8 @@ def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool):
     grid = (pl.cdiv(rows, config.block_m), pl.cdiv(n, config.block_n), config.num_splits)
     out_shape = jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32)
     kernel = functools.partial(_kernel, fmt=fmt, groups=tuple(p.group for p in spec.planes), config=config, steps=steps)
-    out = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        grid=grid,
-        in_specs=[common.whole(xs.shape)] + [common.whole(p.shape) for p in planes],
-        out_specs=common.whole(out_shape.shape),
-        out_shape=out_shape,
-        name=f"jkv_qmatmul_{fmt.lower()}",
-    )(xs, *planes)
+    launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
+    out = common.whole_call(kernel, [xs, *planes], out_shape, **launch, name=f"jkv_qmatmul_{fmt.lower()}")
     return out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]
 
 

@@ -98,17 +98,10 @@ def decode_attention_append_reference(
 ) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
     """``decode.decode_attention_append``: an XLA scatter of the new rows, then the attention reference."""
     del launch
-    b, _, _, s, _ = decode.check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
+    b, *_ = decode.check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
     append = jnp.ones((b,), jnp.int32) if append is None else jnp.asarray(append).astype(jnp.int32)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
-    rows = jnp.arange(b)
-    pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, s)  # s: dropped
-
-    def put(buf, new):
-        at = buf.at[layer, rows, :, pos, :] if buf.ndim == 5 else buf.at[rows, :, pos, :]
-        return at.set(new.astype(buf.dtype), mode="drop")
-
-    k, v = put(k, k_new), put(v, v_new)
+    k, v = decode.write_rows(k, v, k_new, v_new, lengths, append, layer)
     return decode_attention_reference(q, k, v, lengths, layer=layer, scale=scale, window=window, softcap=softcap), k, v
 
 
