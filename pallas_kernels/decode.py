@@ -105,14 +105,9 @@ def decode_kernel(
         acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
-    carry = (
-        jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, head_dim), jnp.float32),
-    )
     bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi, new_pos=new_pos if append else None)
     (m, denom, acc), has_tail = decode_walk.walk(
-        attend, carry, block_k=block_k, max_len=max_len, window=window, **bounds
+        attend, rows, (rows, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
     )
     if append:  # the program that attended over the new position writes it (one row of K and of V)
 

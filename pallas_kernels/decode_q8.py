@@ -165,13 +165,10 @@ def decode_kernel(
         acc = acc * widen(alpha)[:, None] + pv
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
-    carry = (
-        jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((wide_rows_, head_dim), jnp.float32),
-    )
     bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi)
-    (m, denom, acc), _ = decode_walk.walk(attend, carry, block_k=block_k, max_len=max_len, window=window, **bounds)
+    (m, denom, acc), _ = decode_walk.walk(
+        attend, rows, (wide_rows_, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
+    )
     acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)  # each row block's own chunk
 
     decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, group=group, rows=rows,

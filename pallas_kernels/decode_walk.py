@@ -35,11 +35,13 @@ def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
     return head_rows, row_ok, q
 
 
-def walk(attend, carry, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window, new_pos=None):
-    """Run ``attend(carry, at, valid[, new_row])`` over the split's blocks ``[lo, hi)``: the window's first block
-    masked where the window starts inside it, whole blocks (below ``n_full``) unmasked, the tail block masked
-    (slid back to stay inside ``S``; with ``new_pos``, ``new_row`` marks that position). Returns the carry and
-    whether this split ran the tail."""
+def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,
+         new_pos=None):  # fmt: skip
+    """Run ``attend(carry, at, valid[, new_row])`` over the split's blocks ``[lo, hi)`` from the online softmax's
+    start (running max ``-inf`` and denominator 0 ``[rows]``, ``acc`` zeros of ``acc_shape``; float32): the
+    window's first block masked where the window starts inside it, whole blocks (below ``n_full``) unmasked, the
+    tail block masked (slid back to stay inside ``S``; with ``new_pos``, ``new_row`` marks that position).
+    Returns the final ``(m, denom, acc)`` and whether this split ran the tail."""
 
     def full_block(i, carry):
         return attend(carry, pl.multiple_of(i * block_k, block_k), None)
@@ -55,6 +57,11 @@ def walk(attend, carry, *, n, n_full, start, first, lo, hi, block_k: int, max_le
         valid = (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n)
         return attend(carry, slid, valid) if new_pos is None else attend(carry, slid, valid, pos == new_pos)
 
+    carry = (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros(acc_shape, jnp.float32),
+    )
     full_lo = lo
     if window is not None:  # the head block runs masked (unless the tail holds the window's start)
         has_head = (lo == first) & (first < n_full) & (start > first * block_k)
