@@ -1,5 +1,5 @@
-"""Plumbing the decode kernels share: argument checks, the softmax scale, launch configs, split-K arithmetic and
-the kernel that merges split partials.
+"""Plumbing the decode kernels share: launch configs, split-K arithmetic and the kernel that merges split partials
+(their argument checks: ``pallas_kernels.checks``).
 
 A split-K decode kernel runs one program per ``(b, kv head, split)``; split ``j`` walks its share of the
 ``cdiv(lengths[b], block_k)`` blocks (:func:`split_blocks`). With one split the kernel normalises and writes the
@@ -16,16 +16,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend
+from pallas_kernels import backend, checks
 
 MIN_BLOCK = 16  # Triton's smallest dot dimension: the q tile has at least this many rows, blocks this many keys
-HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two tiles; 64 and 128 are the tested and tuned ones
-CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-NUM_WARPS = (1, 2, 4, 8, 16)
 # Shared memory Triton itself takes beside the pipelined K/V buffers (Hopper: 227 - 27 = 200 KiB for the buffers).
 TRITON_SMEM_RESERVE = 27 * 1024
 
@@ -39,115 +35,12 @@ class DecodeConfig(NamedTuple):
     num_stages: int  # Triton software-pipelining depth of the loop's K/V loads
 
 
-# ----------------------------------------------------------------------------------------------- validation
-
-
-def is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def concrete(x):
-    """``x`` as a NumPy array, or ``None`` when it is traced (then it cannot be range-checked)."""
-    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
-
-
-def check_lengths(lengths, batch: int, max_len: int, bound: str) -> None:
-    """``lengths`` int ``[B]``; concrete values in ``[0, max_len]`` (``bound`` spells the bound out)."""
-    if getattr(lengths, "shape", None) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(
-            f"lengths must be int[{batch}], got {getattr(lengths, 'dtype', None)}{getattr(lengths, 'shape', None)}"
-        )
-    value = concrete(lengths)
-    if value is not None and (value.min(initial=0) < 0 or value.max(initial=0) > max_len):
-        raise ValueError(f"lengths={value} must lie in [0, {bound}]")
-
-
-def check_layer(layer, num_layers: int) -> None:
-    """``layer`` an int or an integer scalar; concrete values in ``[0, num_layers)``."""
-    if isinstance(layer, (bool, float)) or not (
-        is_int(layer) or (hasattr(layer, "dtype") and jnp.issubdtype(layer.dtype, jnp.integer))
-    ):
-        raise TypeError(f"layer must be an int or an integer scalar, got {layer!r}")
-    if getattr(layer, "shape", ()) != ():
-        raise ValueError(f"layer must be a scalar, got shape {layer.shape}")
-    value = concrete(layer)
-    if value is not None and not 0 <= int(value) < num_layers:
-        raise ValueError(f"layer={int(value)} out of range for num_layers={num_layers}")
-
-
-def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
-    """Validate the arguments of a contiguous decode kernel (and of its reference); return ``(B, N, K, S, D)``.
-
-    Concrete lengths and layer are range-checked; traced ones cannot be (the kernel clamps them in bounds).
-    """
-    if getattr(q, "ndim", None) != 3:
-        raise ValueError(f"q must have shape [B, N, D], got {getattr(q, 'shape', None)}")
-    kshape, vshape = getattr(k, "shape", None), getattr(v, "shape", None)
-    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
-        raise ValueError(f"k and v must both have shape [B, K, S, D] or [L, B, K, S, D], got {kshape} and {vshape}")
-    if len(kshape) == 5 and layer is None:
-        raise ValueError(f"k.shape={kshape} is a whole [L, B, K, S, D] cache: pass layer=")
-    if len(kshape) == 4 and layer is not None:
-        raise ValueError(f"layer={layer!r} needs a whole [L, B, K, S, D] cache, got k.shape={kshape}")
-    if k.dtype != v.dtype or jnp.dtype(k.dtype) not in CACHE_DTYPES:
-        raise TypeError(f"k and v must share a dtype among {[str(d) for d in CACHE_DTYPES]}, got {k.dtype}, {v.dtype}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
-    b, n, d = q.shape
-    bk, kh, s, dk = kshape[-4:]
-    if (bk, dk) != (b, d):
-        raise ValueError(f"q.shape={q.shape} does not match k.shape={kshape} (batch and head_dim must agree)")
-    if n % kh:
-        raise ValueError(f"num_q_heads={n} must be a multiple of num_kv_heads={kh}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head_dim={d} is not supported; expected one of {HEAD_DIMS}")
-    check_lengths(lengths, b, s, f"S={s}")
-    if layer is not None:
-        check_layer(layer, kshape[0])
-    return b, n, kh, s, d
-
-
-def check_window_softcap(window, softcap) -> None:
-    """``window`` (positions a query sees, itself included) None or an int >= 1; ``softcap`` None or a Python
-    number > 0 (both static kernel parameters)."""
-    if window is not None and (not is_int(window) or window < 1):
-        raise ValueError(f"window={window!r} must be None or an int >= 1")
-    if softcap is not None:
-        if not isinstance(softcap, (int, float, np.floating, np.integer)) or isinstance(softcap, bool):
-            raise TypeError(f"softcap must be None or a Python number, got {softcap!r}")
-        if not softcap > 0:
-            raise ValueError(f"softcap={softcap} must be > 0")
+# ----------------------------------------------------------------------------------------------- launch rules
 
 
 def reach(max_len: int, window: int | None) -> int:
     """Most positions one query reads: the cache length, or the window where it is shorter (launch rules)."""
     return max_len if window is None else min(max_len, int(window))
-
-
-def softmax_scale(scale, head_dim: int) -> float:
-    """The softmax scale of a decode call: ``head_dim ** -0.5`` for None, else ``scale``, a Python number (it
-    is a static kernel parameter)."""
-    if scale is None:
-        return head_dim**-0.5
-    if not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python number, got {scale!r}")
-    return float(scale)
-
-
-def check_launch_overrides(*, num_warps=None, **ints) -> None:
-    """Types and ranges of the launch overrides the Triton decode kernels share (None keeps a default): integers,
-    ``num_splits`` / ``num_stages`` >= 1, ``num_warps`` in ``NUM_WARPS``. Each kernel checks its own block size."""
-    for name, value in {**ints, "num_warps": num_warps}.items():
-        if value is not None and not is_int(value):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    for name in ("num_splits", "num_stages"):
-        if ints.get(name) is not None and ints[name] < 1:
-            raise ValueError(f"{name}={ints[name]} must be >= 1")
-    if num_warps is not None and num_warps not in NUM_WARPS:
-        raise ValueError(f"{num_warps=} must be one of {NUM_WARPS}")
-
-
-# ----------------------------------------------------------------------------------------------- launch rules
 
 
 def pow2_floor(x: int) -> int:
@@ -209,13 +102,33 @@ def decode_config(
 def resolve_config(default: DecodeConfig, max_len: int, head_dim: int, itemsize: int, **overrides) -> DecodeConfig:
     """The default with the caller's overrides (``None`` keeps the default), validated; stages are capped so the
     resident K/V blocks of ``itemsize`` bytes fit in shared memory (:func:`max_stages`)."""
-    check_launch_overrides(**overrides)
+    checks.check_launch_overrides(**overrides)
     block_k = overrides.get("block_k")
     top = max(max_len, MIN_BLOCK)
     if block_k is not None and (block_k < MIN_BLOCK or block_k & (block_k - 1) or block_k > top):
         raise ValueError(f"{block_k=} must be a power of two in [{MIN_BLOCK}, max(S, {MIN_BLOCK})={top}]")
     config = default._replace(**{k: int(v) for k, v in overrides.items() if v is not None})
     return config._replace(num_stages=min(config.num_stages, max_stages(config.block_k, head_dim, itemsize)))
+
+
+def launch_settings(default, max_len: int, head_dim: int, itemsize: int, scale, interpret, **overrides):
+    """Interpret mode, softmax scale and launch config (``default`` with ``overrides``, :func:`resolve_config`) of
+    a checked Triton decode call over ``max_len`` positions of ``itemsize``-byte K/V."""
+    interpret = backend.resolve_interpret(interpret)
+    config = resolve_config(default, max_len, head_dim, itemsize, **overrides)
+    return interpret, checks.softmax_scale(scale, head_dim), config
+
+
+def whole_cache(arrays, layer, positions: int | None = None):
+    """Cache arrays as whole ``[L, ...]`` caches (one layer ``[B, K, S, X]``: free reshapes, layer 0), padded along
+    the position axis to ``positions`` where they hold fewer (a tiny cache: a copy), and ``layer`` as ``int32[1]``."""
+    if arrays[0].ndim == 4:
+        arrays, layer = tuple(x[None] for x in arrays), 0  # free reshapes, not copies
+    held = arrays[0].shape[3]
+    if positions is not None and held < positions:
+        pad = [(0, 0)] * 3 + [(0, positions - held), (0, 0)]
+        arrays = tuple(jnp.pad(x, pad) for x in arrays)
+    return arrays, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 # ----------------------------------------------------------------------------------------------- kernel bodies
@@ -280,6 +193,24 @@ def whole(shape):
     return pl.BlockSpec(tuple(shape), lambda *_: (0,) * len(shape))
 
 
+def whole_call(kernel, inputs, out_shape, *, grid, num_warps: int, num_stages: int, interpret, name: str, aliases=None):
+    """``backend.pallas_call`` of ``kernel`` on ``inputs`` where every program sees each input and output whole
+    (:func:`whole`) and indexes them itself; ``out_shape`` one ShapeDtypeStruct or a list of them."""
+    many = isinstance(out_shape, list)
+    return backend.pallas_call(
+        kernel,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        grid=grid,
+        in_specs=[whole(x.shape) for x in inputs],
+        out_specs=[whole(o.shape) for o in out_shape] if many else whole(out_shape.shape),
+        out_shape=out_shape,
+        input_output_aliases=aliases or {},
+        name=name,
+    )(*inputs)
+
+
 def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool):
     r, c = pl.program_id(0), pl.program_id(1)
     p_rows = acc_ref.shape[1]  # splits padded to a power of two
@@ -310,17 +241,9 @@ def merge_partials(acc, m, denom=None, *, splits: int, dtype, interpret: bool):
         raise ValueError(f"acc.shape[1]={padded} must be a power of two >= splits={splits}")
     inputs = [acc, m, m if denom is None else denom]
     kernel = functools.partial(_merge_kernel, splits=splits, packed=denom is None)
-    return backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=4 if padded * head_dim >= 4096 else 1,
-        num_stages=1,
-        grid=(rows, cols),
-        in_specs=[whole(x.shape) for x in inputs],
-        out_specs=whole((rows, cols, head_dim)),
-        out_shape=jax.ShapeDtypeStruct((rows, cols, head_dim), dtype),
-        name="jkv_merge_splits",
-    )(*inputs)
+    out_shape = jax.ShapeDtypeStruct((rows, cols, head_dim), dtype)
+    launch = dict(grid=(rows, cols), num_warps=4 if padded * head_dim >= 4096 else 1, num_stages=1)
+    return whole_call(kernel, inputs, out_shape, **launch, interpret=interpret, name="jkv_merge_splits")
 
 
 def launch_split_kernel(
@@ -330,18 +253,8 @@ def launch_split_kernel(
     first three outputs are the partials, merged here (:func:`merge_partials`) into ``dtype``; with one, its
     first output is the result. With ``trailing`` outputs after those, returns ``(result, *trailing outputs)``.
     Shared by the contiguous, paged and Q8 decode kernels."""
-    outs = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        grid=grid,
-        in_specs=[whole(x.shape) for x in inputs],
-        out_specs=[whole(o.shape) for o in out_shape],
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        name=name,
-    )(*inputs)
+    launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
+    outs = whole_call(kernel, inputs, out_shape, **launch, name=name, aliases=aliases)
     extra = tuple(outs[len(outs) - trailing :])
     outs = outs[: len(outs) - trailing]
     if grid[2] == 1:

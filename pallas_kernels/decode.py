@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common
+from pallas_kernels import checks, common, decode_walk
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -70,14 +70,9 @@ def decode_kernel(
     if append:
         out_refs, (k_out_ref, v_out_ref) = out_refs[:-2], out_refs[-2:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_layers, _, _, max_len, head_dim = k_ref.shape
-    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
-    n = jnp.clip(lengths_ref[b], 0, max_len)
-    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
-
-    start = common.window_start(n, window)  # the query at n - 1 sees positions start .. n - 1
-    first = start // block_k  # blocks wholly before the window are never read
-    lo, hi = common.split_blocks(n, j, block_k, num_splits, first)
+    max_len, head_dim = k_ref.shape[3:]
+    split = dict(block_k=block_k, num_splits=num_splits, window=window)
+    n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     if append:
         # The block holding the new position n - 1 always runs as the (masked) tail, where the new row is
         # substituted for what the cache held: the cache is read before it is written, never after.
@@ -88,10 +83,7 @@ def decode_kernel(
     else:
         n_full = n // block_k  # blocks whose every position is valid
 
-    # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
-    head_rows = pl.ds(h * group, rows)
-    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if rows != group else None
-    q = backend.load(q_ref.at[b, head_rows, :], mask=row_ok, other=0 if row_ok is not None else None)
+    head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=slice(None))
     q = q.astype(k_ref.dtype)  # [Gp, D]
 
     def attend(carry, start, valid, new_row=None):
@@ -113,33 +105,10 @@ def decode_kernel(
         acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
-    def full_block(i, carry):
-        return attend(carry, pl.multiple_of(i * block_k, block_k), None)
-
-    def head_block(carry):  # the window's first block when it starts inside it: the earlier positions masked
-        at = pl.multiple_of(first * block_k, block_k)
-        return attend(carry, at, at + lax.broadcasted_iota(jnp.int32, (block_k,), 0) >= start)
-
-    def tail_block(carry):
-        at = n_full * block_k
-        slid = jnp.minimum(at, max_len - block_k)  # slide back so the load stays inside S
-        pos = slid + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        valid = (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n)
-        return attend(carry, slid, valid, (pos == new_pos) if append else None)
-
-    carry = (
-        jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, head_dim), jnp.float32),
+    bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi, new_pos=new_pos if append else None)
+    (m, denom, acc), has_tail = decode_walk.walk(
+        attend, rows, (rows, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
     )
-    full_lo = lo
-    if window is not None:  # the head block runs masked (unless the tail holds the window's start)
-        has_head = (lo == first) & (first < n_full) & (start > first * block_k)
-        carry = lax.cond(has_head, head_block, lambda c: c, carry)
-        full_lo = lo + has_head.astype(jnp.int32)
-    carry = lax.fori_loop(full_lo, jnp.minimum(hi, n_full), full_block, carry)
-    has_tail = (lo <= n_full) & (n_full < hi)
-    m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
     if append:  # the program that attended over the new position writes it (one row of K and of V)
 
         @pl.when(has_tail & (new_pos >= 0))
@@ -147,16 +116,8 @@ def decode_kernel(
             k_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = k_new[None, :]
             v_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = v_new[None, :]
 
-    vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
-    if num_splits == 1:
-        (o_ref,) = out_refs
-        inv = common.inverse_or_zero(denom)  # length 0: zeros
-        backend.store(o_ref.at[b, head_rows, :], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
-        return
-    acc_ref, m_ref, denom_ref = out_refs[:3]
-    backend.store(acc_ref.at[b, j, head_rows, :], acc, mask=row_ok)
-    backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
-    backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
+    decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, slice(None), row_ok, group=group, rows=rows,
+                      num_splits=num_splits)  # fmt: skip
 
 
 def kernel_options(
@@ -208,12 +169,9 @@ def _launch_settings(q, k, scale, interpret, window, softcap, **overrides) -> tu
     the defaults for the positions one query reads, ``common.reach``)."""
     b, _, d = q.shape
     kh, s = k.shape[-3], k.shape[-2]
-    interpret = backend.resolve_interpret(interpret)
-    common.check_window_softcap(window, softcap)
-    itemsize = jnp.dtype(k.dtype).itemsize
+    checks.check_window_softcap(window, softcap)
     default = common.decode_config(b, kh, common.reach(s, window), d, k.dtype)
-    config = common.resolve_config(default, s, d, itemsize, **overrides)
-    return interpret, common.softmax_scale(scale, d), config
+    return common.launch_settings(default, s, d, jnp.dtype(k.dtype).itemsize, scale, interpret, **overrides)
 
 
 def decode_attention(
@@ -240,15 +198,10 @@ def decode_attention(
     scaled scores as ``c * tanh(s / c)``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
     ``num_splits``, ``num_warps`` and ``num_stages`` override ``pallas_kernels.common.decode_config``.
     """
-    *_, s, _ = common.check_args(q, k, v, lengths, layer)
+    checks.check_args(q, k, v, lengths, layer)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
-    if k.ndim == 4:
-        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
-    if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
-        pad = [(0, 0)] * 3 + [(0, MIN_BLOCK - s), (0, 0)]
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    (k, v), layer = common.whole_cache((k, v), layer, MIN_BLOCK)  # a tiny cache padded to one block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=scale, window=window, softcap=softcap, config=config, interpret=interpret)
     return _decode(q, k, v, lengths, layer, **options)
@@ -256,7 +209,7 @@ def decode_attention(
 
 def check_append_args(q, k, v, lengths, k_new, v_new, append=None, layer=None) -> tuple[int, int, int, int, int]:
     """Validate :func:`decode_attention_append`'s arguments (and its reference's); return ``(B, N, K, S, D)``."""
-    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
+    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
         if getattr(x, "shape", None) != (b, kh, d):
             raise ValueError(f"{name} must have shape [B, K, D] = {(b, kh, d)}, got {getattr(x, 'shape', None)}")
@@ -270,6 +223,20 @@ def check_append_args(q, k, v, lengths, k_new, v_new, append=None, layer=None) -
             f"append must be bool or int [{b}], got {getattr(append, 'dtype', None)}{getattr(append, 'shape', None)}"
         )
     return b, n, kh, s, d
+
+
+def write_rows(k, v, k_new, v_new, lengths, append, layer=None):
+    """``k_new``/``v_new [B, K, D]`` written in XLA (a scatter) at position ``lengths[b] - 1`` of each sequence
+    (of ``layer`` for a whole cache) whose ``append[b]`` is nonzero and that has a position; the others dropped.
+    ``lengths`` and ``append`` int32 ``[B]``."""
+    rows = jnp.arange(lengths.shape[0])
+    pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, k.shape[-2])  # S: dropped
+
+    def put(buf, new):
+        at = buf.at[layer, rows, :, pos, :] if buf.ndim == 5 else buf.at[rows, :, pos, :]
+        return at.set(new.astype(buf.dtype), mode="drop")
+
+    return put(k, k_new), put(v, v_new)
 
 
 def decode_attention_append(
@@ -310,18 +277,10 @@ def decode_attention_append(
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     append = jnp.asarray(append).astype(jnp.int32)
     if s < MIN_BLOCK:  # the kernel would read a padded copy: write in XLA, then attend
-        rows = jnp.arange(b)
-        pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, s)  # s: dropped
-
-        def put(buf, new):
-            at = buf.at[layer, rows, :, pos, :] if whole else buf.at[rows, :, pos, :]
-            return at.set(new.astype(buf.dtype), mode="drop")
-
-        k, v = put(k, k_new), put(v, v_new)
+        k, v = write_rows(k, v, k_new, v_new, lengths, append, layer)
         out = decode_attention(q, k, v, lengths, layer=layer, interpret=interpret, **extra, **overrides)
         return out, k, v
-    k5, v5 = (k, v) if whole else (k[None], v[None])
-    layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    (k5, v5), layer = common.whole_cache((k, v), layer)
     new = (append, k_new, v_new)
     out, k5, v5 = _decode(q, k5, v5, lengths, layer, new, **extra, config=config, interpret=interpret)
     return (out, k5, v5) if whole else (out, k5[0], v5[0])

@@ -3,7 +3,7 @@
 Same call shape and semantics as :func:`pallas_kernels.decode.decode_attention`: ``q [B, N, D]``;
 ``k``, ``v`` either ``[B, K, S, D]`` or a whole ``[L, B, K, S, D]`` cache with ``layer`` (int or traced int32
 scalar); ``lengths int[B]`` (0 gives zeros); query head ``n`` reads kv head ``n // G``; softmax in float32; the
-output has ``q.dtype``. The arguments are validated by ``pallas_kernels.common.check_args``, and the split-K
+output has ``q.dtype``. The arguments are validated by ``pallas_kernels.checks.check_args``, and the split-K
 partials are merged by ``pallas_kernels.common.merge_partials``.
 
 The kernel (``jax.experimental.pallas.mosaic_gpu``; Hopper and later, no interpret mode) is
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, checks, common
 from pallas_kernels import decode_mgpu_kernel as kernel
 from pallas_kernels.mgpu_common import CACHE_DTYPES, HEAD_DIMS, MGPU_SMEM_RESERVE, ROWS, round_up
 
@@ -110,7 +110,7 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
 
 def _resolve_config(default: MgpuConfig, head_dim: int, itemsize: int, **overrides) -> MgpuConfig:
     for name, value in overrides.items():
-        if value is not None and not common.is_int(value):
+        if value is not None and not checks.is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
     config = default._replace(**{k: int(x) for k, x in overrides.items() if x is not None})
     if config.block_k != BLOCK_K:
@@ -141,9 +141,9 @@ def known_defect(head_dim: int, group: int) -> str | None:
 
 
 def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
-    """``pallas_kernels.common.check_args``, then what this kernel adds: 16-bit K/V, head_dim among
+    """``pallas_kernels.checks.check_args``, then what this kernel adds: 16-bit K/V, head_dim among
     ``HEAD_DIMS``, G <= 64, no :func:`known_defect`."""
-    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
+    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
     if jnp.dtype(k.dtype) not in CACHE_DTYPES:
         raise TypeError(
             f"the Mosaic GPU kernel takes {[str(t) for t in CACHE_DTYPES]} K/V (16-bit MMA inputs), got {k.dtype}; "
@@ -180,7 +180,7 @@ def decode_attention_mgpu(
     b, _, kh, s, d = check_mgpu_args(q, k, v, lengths, layer)
     if not backend.mosaic_gpu_usable():
         raise RuntimeError(f"the Mosaic GPU decode kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}")
-    scale = common.softmax_scale(scale, d)
+    scale = checks.softmax_scale(scale, d)
     itemsize = jnp.dtype(k.dtype).itemsize
     config = _resolve_config(
         mgpu_config(b, kh, s, d, k.dtype),
@@ -190,12 +190,7 @@ def decode_attention_mgpu(
         num_splits=num_splits,
         num_stages=num_stages,
     )
-    if k.ndim == 4:
-        k, v, layer = k[None], v[None], 0  # a free reshape, not a copy
-    padded = max(config.block_k, round_up(s, 8))
-    if padded != s:  # a tiny cache, or S off the 8-row tile: pad it (a copy of the cache; never at usual sizes)
-        pad = [(0, 0)] * 3 + [(0, padded - s), (0, 0)]
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    # A tiny cache, or S off the 8-row tile, is padded (a copy of the cache; never at usual sizes).
+    (k, v), layer = common.whole_cache((k, v), layer, max(config.block_k, round_up(s, 8)))
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     return _decode(q, k, v, lengths, layer, scale=float(scale), config=config)

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, common
-from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, mma_accumulate, mma_scores, round_up, swizzled
+from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, ring_accumulate, ring_scores, round_up, swizzled
 
 STATS = 32  # float32 columns of a split's per-row statistics (max, denominator): 128-byte rows
 
@@ -135,13 +135,10 @@ def kernel(
             slot = lax.rem(i, jnp.int32(num_stages))
             start = block_start(t, block_k=block_k, capacity=ring.capacity) if ring.slides else t * block_k
 
-            plgpu.barrier_wait(k_barriers.at[slot])
-            s = mma_scores(q, k_smem, slot, block_k)  # [ROWS, bk]
-
-            @pl.when(i + num_stages < steps)
-            def _refill_k():  # the scores were read: the MMA reading this K slot has completed
-                plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
-                fetch_k(t + num_stages, slot)
+            refill = lambda: i + num_stages < steps
+            s = ring_scores(
+                q, k_smem, k_barriers, slot, block_k, refill=refill, fetch=lambda: fetch_k(t + num_stages, slot)
+            )
 
             pos = start + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=wgmma_layout)
             # a slid block's positions before t * block_k were counted by the block before
@@ -163,13 +160,7 @@ def kernel(
                 v_slot[...] = jnp.where(start + rows < n, v, 0)
                 plgpu.commit_smem()  # visible to the MMA (async proxy)
 
-            acc = mma_accumulate(acc, p, v_smem, slot)
-
-            @pl.when(i + num_stages < steps)
-            def _refill_v():  # the second MMA reading this slot has completed (its result was read)
-                plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
-                fetch_v(t + num_stages, slot)
-
+            acc = ring_accumulate(acc, p, v_smem, slot, refill=refill, fetch=lambda: fetch_v(t + num_stages, slot))
             return acc, m_new, denom
 
         return lax.fori_loop(0, steps, step, initial_carry(head_dim))

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common, decode_mgpu, paged
+from pallas_kernels import backend, checks, common, decode_mgpu, paged
 from pallas_kernels import decode_mgpu_kernel as kernel
 from pallas_kernels.decode_mgpu import MgpuConfig
 from pallas_kernels.mgpu_common import ROWS
@@ -186,7 +186,7 @@ def paged_decode_attention_mgpu(
     if not backend.mosaic_gpu_usable():
         reason = backend.mosaic_gpu_unavailable_reason()
         raise RuntimeError(f"the Mosaic GPU paged decode kernel cannot run here: {reason}")
-    scale = common.softmax_scale(scale, d)
+    scale = checks.softmax_scale(scale, d)
     config = decode_mgpu._resolve_config(
         paged_mgpu_config(b, kh, block_tables.shape[1], page_size, d, k_pages.dtype),
         d,
@@ -197,9 +197,7 @@ def paged_decode_attention_mgpu(
     )
     if block_tables.shape[1] == 0:  # no sequence can hold a position (lengths are 0): nothing to launch
         return jnp.zeros(q.shape, q.dtype)
-    if k_pages.ndim == 4:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    (k_pages, v_pages), layer = common.whole_cache((k_pages, v_pages), layer)
     tables = jnp.asarray(block_tables).astype(jnp.int32)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     return _paged_decode(q, k_pages, v_pages, tables, lengths, layer, scale=float(scale), config=config)

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, checks, common, decode_walk
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 QBLOCK = 32  # values per scale
@@ -61,18 +61,28 @@ def check_q8(name: str, codes, scales) -> None:
         )
 
 
-def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
-    """Validate :func:`q8_decode_attention`'s arguments (and its reference's); return ``(B, N, K, S, D)``."""
-    check_q8("k", k, k_scale)
-    check_q8("v", v, v_scale)
-    if v.shape != k.shape or v_scale.dtype != k_scale.dtype:
+def check_q8_pair(name: str, codes, scales) -> jax.ShapeDtypeStruct:
+    """:func:`check_q8`; a stand-in of the values, for the checks of a bf16 cache."""
+    check_q8(name, codes, scales)
+    return jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
+
+
+def check_pairs(check, k, k_scale, v, v_scale, names=("k", "v")):
+    """Both pairs of a quantized cache through ``check(name, values, scales)`` (:func:`check_q8_pair`, or
+    ``multi_token_args.check_fp8_pair``); they must agree in shape and scale dtype. Returns what ``check`` gives."""
+    k_vals, v_vals = check(names[0], k, k_scale), check(names[1], v, v_scale)
+    if v.shape != k.shape or v_scale.shape != k_scale.shape or v_scale.dtype != k_scale.dtype:
         raise ValueError(
-            f"k and v must have the same shape and scale dtype, got {k.shape}/{k_scale.dtype} and "
-            f"{v.shape}/{v_scale.dtype}"
+            f"{names[0]} and {names[1]} must have the same shape and scale dtype, got "
+            f"{k.shape}/{k_scale.shape}/{k_scale.dtype} and {v.shape}/{v_scale.shape}/{v_scale.dtype}"
         )
-    # Shapes, GQA, head_dim, lengths and layer as for the bf16 kernel, on stand-ins of the dequantized cache.
-    stand_in = jax.ShapeDtypeStruct(k.shape, jnp.bfloat16)
-    return common.check_args(q, stand_in, stand_in, lengths, layer)
+    return k_vals, v_vals
+
+
+def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
+    """Validate :func:`q8_decode_attention`'s arguments (and its reference's); return ``(B, N, K, S, D)``: the
+    pairs, then shapes, GQA, head_dim, lengths and layer as for the bf16 kernel on stand-ins of the values."""
+    return checks.check_args(q, *check_pairs(check_q8_pair, k, k_scale, v, v_scale), lengths, layer)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -104,26 +114,18 @@ def decode_kernel(
     dot_dtype,
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_layers, _, _, max_len, head_dim = k_ref.shape
+    max_len, head_dim = k_ref.shape[3:]
     chunks = head_dim // QBLOCK
-    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
-    n = jnp.clip(lengths_ref[b], 0, max_len)
-    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
-
-    start = common.window_start(n, window)  # the query at n - 1 sees positions start .. n - 1
-    first = start // block_k  # blocks wholly before the window are never read
-    lo, hi = common.split_blocks(n, j, block_k, num_splits, first)
+    split = dict(block_k=block_k, num_splits=num_splits, window=window)
+    n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     n_full = n // block_k  # blocks whose every position is valid
 
     def scale_tile(ref, keys):  # [D/32, bk] float32
         return ref[layer, b, h, keys, :].T.astype(jnp.float32)
 
-    # This kv head's query heads are rows h*G .. h*G+G-1 of q; the tile pads them to `rows` (masked, zeros).
-    head_rows = pl.ds(h * group, rows)
-    padded = rows != group
-    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if padded else None
     cols = pl.ds(0, head_dim)
-    q = backend.load(q_ref.at[b, head_rows, cols], mask=row_ok, other=0 if padded else None).astype(dot_dtype)
+    head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=cols)
+    q = q.astype(dot_dtype)
     # Row c * rows + g of the wide query holds query g's chunk c and zeros elsewhere (block diagonal), so one
     # product with a whole [bk, D] code tile gives every chunk's partial scores: [chunks * rows, bk].
     wide_rows_ = chunks * rows
@@ -163,44 +165,14 @@ def decode_kernel(
         acc = acc * widen(alpha)[:, None] + pv
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
-    def full_block(i, carry):
-        return attend(carry, pl.multiple_of(i * block_k, block_k), None)
-
-    def head_block(carry):  # the window's first block when it starts inside it: the earlier positions masked
-        at = pl.multiple_of(first * block_k, block_k)
-        return attend(carry, at, at + lax.broadcasted_iota(jnp.int32, (block_k,), 0) >= start)
-
-    def tail_block(carry):
-        at = n_full * block_k
-        slid = jnp.minimum(at, max_len - block_k)  # slide back so the load stays inside S
-        pos = slid + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        return attend(carry, slid, (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n))
-
-    carry = (
-        jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((wide_rows_, head_dim), jnp.float32),
+    bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi)
+    (m, denom, acc), _ = decode_walk.walk(
+        attend, rows, (wide_rows_, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
     )
-    full_lo = lo
-    if window is not None:  # the head block runs masked (unless the tail holds the window's start)
-        has_head = (lo == first) & (first < n_full) & (start > first * block_k)
-        carry = lax.cond(has_head, head_block, lambda c: c, carry)
-        full_lo = lo + has_head.astype(jnp.int32)
-    carry = lax.fori_loop(full_lo, jnp.minimum(hi, n_full), full_block, carry)
-    has_tail = (lo <= n_full) & (n_full < hi)
-    m, denom, acc = lax.cond(has_tail, tail_block, lambda c: c, carry)
     acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)  # each row block's own chunk
 
-    vec_ok = lax.broadcasted_iota(jnp.int32, (rows,), 0) < group if padded else None
-    if num_splits == 1:
-        (o_ref,) = out_refs
-        inv = common.inverse_or_zero(denom)  # length 0: zeros
-        backend.store(o_ref.at[b, head_rows, cols], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
-    else:
-        acc_ref, m_ref, denom_ref = out_refs
-        backend.store(acc_ref.at[b, j, head_rows, cols], acc, mask=row_ok)
-        backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
-        backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
+    decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, group=group, rows=rows,
+                      num_splits=num_splits)  # fmt: skip
 
 
 def dot_dtype_for(q_dtype) -> jnp.dtype:
@@ -294,17 +266,11 @@ def q8_decode_attention(
     Launch overrides as for :func:`q8_decode_config`'s fields.
     """
     b, _, kh, s, d = check_args(q, k, k_scale, v, v_scale, lengths, layer)
-    common.check_window_softcap(window, softcap)
-    interpret = backend.resolve_interpret(interpret)
-    scale = common.softmax_scale(scale, d)
+    checks.check_window_softcap(window, softcap)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
-    config = common.resolve_config(q8_decode_config(b, kh, common.reach(s, window), d), s, d, 1, **overrides)
-    if k.ndim == 4:
-        k, k_scale, v, v_scale, layer = k[None], k_scale[None], v[None], v_scale[None], 0  # free reshapes
-    if s < MIN_BLOCK:  # a tiny cache: pad it to one whole block (copies at most 15 positions per slab)
-        pad = [(0, 0)] * 3 + [(0, MIN_BLOCK - s), (0, 0)]
-        k, k_scale, v, v_scale = (jnp.pad(x, pad) for x in (k, k_scale, v, v_scale))
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    default = q8_decode_config(b, kh, common.reach(s, window), d)
+    interpret, scale, config = common.launch_settings(default, s, d, 1, scale, interpret, **overrides)
+    cache, layer = common.whole_cache((k, k_scale, v, v_scale), layer, MIN_BLOCK)  # a tiny cache padded to a block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
-    return _decode(q, k, k_scale, v, v_scale, lengths, layer, **options)
+    return _decode(q, *cache, lengths, layer, **options)

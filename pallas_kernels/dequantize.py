@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int8
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, checks, common
 from pallas_kernels.decode_q8 import QBLOCK, check_q8
 
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -56,17 +56,8 @@ def _dequantize(codes, scales, *, dtype, block_rows: int, interpret: bool):
     rows, head_dim = codes.shape
     out_shape = jax.ShapeDtypeStruct((rows, head_dim), dtype)
     kernel = functools.partial(_dequant_kernel, block_rows=block_rows)
-    return backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=4,
-        num_stages=1,
-        grid=(pl.cdiv(rows, block_rows),),
-        in_specs=[common.whole(codes.shape), common.whole(scales.shape)],
-        out_specs=common.whole(out_shape.shape),
-        out_shape=out_shape,
-        name="jkv_q8_dequantize",
-    )(codes, scales)
+    launch = dict(grid=(pl.cdiv(rows, block_rows),), num_warps=4, num_stages=1, interpret=interpret)
+    return common.whole_call(kernel, [codes, scales], out_shape, **launch, name="jkv_q8_dequantize")
 
 
 def dequantize_q8(
@@ -91,7 +82,7 @@ def dequantize_q8(
         return jnp.zeros(codes.shape, dtype)
     if block_rows is None:
         block_rows = min(DEQUANT_BLOCK_ROWS, 1 << (rows.bit_length() - 1))  # largest power of two <= rows
-    elif not common.is_int(block_rows) or block_rows < 1 or block_rows & (block_rows - 1) or block_rows > rows:
+    elif not checks.is_int(block_rows) or block_rows < 1 or block_rows & (block_rows - 1) or block_rows > rows:
         raise ValueError(f"{block_rows=} must be a power of two no larger than the number of rows ({rows})")
     out = _dequantize(
         codes.reshape(rows, head_dim),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels import backend, common, decode, decode_mgpu
+from pallas_kernels import backend, checks, decode, decode_mgpu
 
 # The Mosaic GPU kernel wins with at least this many bytes of K and V and at most two (b, kv head) programs per
 # multiprocessor (docs/BENCHMARKS.md, "Decode attention"; the measurements behind it: docs/notes/kernel_rules.md).
@@ -41,7 +41,7 @@ def decode_attention_auto(
     ``allow_mgpu`` holds, no ``window`` or ``softcap`` is asked for and :func:`prefer_mgpu` says so; else
     ``decode.decode_attention`` (Triton on a GPU, interpret mode elsewhere). ``allow_mgpu=False`` keeps the
     Triton kernel (for benchmarks that compare)."""
-    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
+    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
     plain = window is None and softcap is None
     if allow_mgpu and plain and backend.mosaic_gpu_usable() and prefer_mgpu(b, kh, s, d, n // kh, k.dtype):
         return decode_mgpu.decode_attention_mgpu(q, k, v, lengths, layer=layer, scale=scale)

@@ -59,3 +59,33 @@ def mma_accumulate(acc, p, v_smem, slot):
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot]))(
         plgpu.ACC.init(acc)
     )
+
+
+def ring_scores(q, k_smem, k_barriers, slot, block_k: int, *, refill, fetch):
+    """Wait for ring slot ``slot``'s K block, then ``q @ K^T`` (:func:`mma_scores`); once the scores are read the
+    MMA reading the slot has completed, and where ``refill()`` the slot is refilled by ``fetch()`` (both called
+    inside, so their operations follow the product's)."""
+    plgpu = backend.mosaic_gpu_module()
+    plgpu.barrier_wait(k_barriers.at[slot])
+    s = mma_scores(q, k_smem, slot, block_k)  # [ROWS, bk]
+
+    @pl.when(refill())
+    def _refill_k():
+        plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
+        fetch()
+
+    return s
+
+
+def ring_accumulate(acc, p, v_smem, slot, *, refill, fetch):
+    """``acc + p @ V`` of ring slot ``slot`` (:func:`mma_accumulate`); where ``refill()``, the slot is then refilled
+    by ``fetch()`` (the second MMA reading it has completed: its result was read)."""
+    plgpu = backend.mosaic_gpu_module()
+    acc = mma_accumulate(acc, p, v_smem, slot)
+
+    @pl.when(refill())
+    def _refill_v():
+        plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
+        fetch()
+
+    return acc

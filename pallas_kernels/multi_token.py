@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common, decode_q8, formats
+from pallas_kernels import backend, checks, common, decode_q8, formats
 from pallas_kernels.common import MIN_BLOCK
 from pallas_kernels.multi_token_args import (
     MultiTokenConfig,
@@ -297,18 +297,9 @@ def _launch(q, cache, tables, q_starts, lengths, counts, layer, *, fmt, scale, w
     out_shape = (tokens + spare, num_heads, head_dim)
     inputs.append(jnp.zeros(out_shape, q.dtype))
     name = f"jkv_multi_token_{fmt}" + ("_paged" if tables is not None else "")
-    out = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        grid=grid,
-        in_specs=[common.whole(x.shape) for x in inputs],
-        out_specs=common.whole(out_shape),
-        out_shape=jax.ShapeDtypeStruct(out_shape, q.dtype),
-        input_output_aliases={len(inputs) - 1: 0},
-        name=name,
-    )(*inputs)
+    launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
+    out_struct = jax.ShapeDtypeStruct(out_shape, q.dtype)
+    out = common.whole_call(kernel, inputs, out_struct, **launch, name=name, aliases={len(inputs) - 1: 0})
     return out[:tokens] if spare else out
 
 
@@ -318,7 +309,7 @@ def run(
     """Resolve the launch settings of a checked call (``dims`` from ``check_args``) and launch; shared by every
     public function (this module, ``multi_token_paged``, ``multi_token_quant``)."""
     interpret = backend.resolve_interpret(interpret)
-    scale = common.softmax_scale(scale, dims.head_dim)
+    scale = checks.softmax_scale(scale, dims.head_dim)
     itemsize = jnp.dtype(cache[0].dtype).itemsize
     default = multi_token_config(dims.num_heads, dims.kv_heads, dims.head_dim, cache[0].dtype, max_len=dims.max_len)
     config = resolve_config(config, default, dims.head_dim, itemsize)
@@ -329,15 +320,11 @@ def run(
         )
     if dims.tokens == 0 or dims.batch == 0:  # no query, or no sequence to own one
         return jnp.zeros(q.shape, q.dtype)
-    if cache[0].ndim == 4:
-        cache, layer = tuple(x[None] for x in cache), 0  # free reshapes, not copies
-    if block_tables is None and dims.max_len < config.block_k:  # a tiny cache: pad it to one block
-        pad = [(0, 0)] * 3 + [(0, config.block_k - dims.max_len), (0, 0)]
-        cache = tuple(jnp.pad(x, pad) for x in cache)
+    # A contiguous cache shorter than one block is padded to one (a copy of a tiny cache).
+    cache, layer = common.whole_cache(cache, layer, config.block_k if block_tables is None else None)
     ints = lambda x: jnp.asarray(x).astype(jnp.int32)
     tables = None if block_tables is None else ints(block_tables)
     options = dict(fmt=fmt, scale=scale, window=window, softcap=None if softcap is None else float(softcap))
-    layer = ints(layer).reshape(1)
     return _launch(
         q, tuple(cache), tables, ints(q_starts), ints(lengths), ints(counts), layer,
         **options, config=config, interpret=interpret,

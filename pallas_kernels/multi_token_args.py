@@ -1,7 +1,8 @@
 """Argument checks and the launch rule of the multi-token attention kernels (``pallas_kernels.multi_token``).
 
 One check serves every (layout, format) kind and the kernels' references alike: the format checks
-(:func:`check_q8_pair`, :func:`check_fp8_pair`) reduce a quantized cache to stand-ins of its values, then
+(``decode_q8.check_q8_pair``, :func:`check_fp8_pair`, through ``decode_q8.check_pairs``) reduce a quantized cache
+to stand-ins of its values, then
 :func:`check_args` checks shapes, dtypes, GQA, head_dim, the step's ``q_starts`` / ``lengths`` / ``counts`` (range
 and overlap when concrete), the block table, ``layer``, ``window`` and ``softcap``.
 """
@@ -14,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import common, decode_q8, formats
-from pallas_kernels.common import MIN_BLOCK, NUM_WARPS
+from pallas_kernels import checks, common, formats
+from pallas_kernels.checks import NUM_WARPS
+from pallas_kernels.common import MIN_BLOCK
 
 MAX_HEAD_DIM = 256  # the query tile and the accumulator of 128 rows x 256 columns fill a program's registers
 
@@ -91,7 +93,7 @@ def resolve_config(config, default: MultiTokenConfig, head_dim: int, itemsize: i
     if not isinstance(config, MultiTokenConfig):
         raise TypeError(f"config must be a MultiTokenConfig or None, got {config!r}")
     for name, value in config._asdict().items():
-        if not common.is_int(value):
+        if not checks.is_int(value):
             raise TypeError(f"config.{name} must be an int, got {value!r}")
     if config.block_q < 1:
         raise ValueError(f"config.block_q={config.block_q} must be >= 1")
@@ -108,13 +110,6 @@ def resolve_config(config, default: MultiTokenConfig, head_dim: int, itemsize: i
 # ----------------------------------------------------------------------------------------------- formats
 
 
-def check_q8_pair(name: str, codes, scales) -> jax.ShapeDtypeStruct:
-    """``codes`` int8 ``[..., D]`` and ``scales [..., D // 32]`` float16/float32 (``decode_q8.check_q8``); a
-    stand-in of the values."""
-    decode_q8.check_q8(name, codes, scales)
-    return jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
-
-
 def check_fp8_pair(name: str, values, scales) -> jax.ShapeDtypeStruct:
     """``values`` float8_e4m3fn ``[..., D]`` and ``scales`` float32 ``[..., 1]``; a stand-in of the values."""
     if getattr(values, "dtype", None) != formats.FP8_DTYPE:
@@ -129,24 +124,7 @@ def check_fp8_pair(name: str, values, scales) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(values.shape, jnp.bfloat16)
 
 
-def check_pairs(check, k, k_scale, v, v_scale):
-    """Both pairs of a quantized cache through ``check``; they must agree in shape and scale dtype."""
-    k_vals, v_vals = check("k", k, k_scale), check("v", v, v_scale)
-    if v.shape != k.shape or v_scale.shape != k_scale.shape or v_scale.dtype != k_scale.dtype:
-        raise ValueError(
-            f"k and v must have the same shapes and scale dtype, got {k.shape}/{k_scale.shape}/{k_scale.dtype} "
-            f"and {v.shape}/{v_scale.shape}/{v_scale.dtype}"
-        )
-    return k_vals, v_vals
-
-
 # ----------------------------------------------------------------------------------------------- arguments
-
-
-def _check_int_vector(name: str, x, batch: int):
-    if getattr(x, "shape", None) != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(f"{name} must be int[{batch}], got {getattr(x, 'dtype', None)}{getattr(x, 'shape', None)}")
-    return common.concrete(x)
 
 
 def _check_step(q_starts, lengths, counts, tokens: int, max_len: int, bound: str) -> None:
@@ -167,26 +145,16 @@ def _check_step(q_starts, lengths, counts, tokens: int, max_len: int, bound: str
         raise ValueError(f"sequences' query rows overlap: q_starts={q_starts}, counts={counts}")
 
 
-def _check_tables(block_tables, batch, num_pages, page_size, lengths, counts, window) -> None:
-    """Concrete tables: every entry a query may read names a page (entries before the first query's window
-    start, and past the last query's position, may be anything)."""
-    tshape = getattr(block_tables, "shape", None)
-    if tshape is None or len(tshape) != 2 or tshape[0] != batch or not jnp.issubdtype(block_tables.dtype, jnp.integer):
-        raise ValueError(f"block_tables must be int[{batch}, M], got {getattr(block_tables, 'dtype', None)}{tshape}")
-    tables = common.concrete(block_tables)
-    if tables is None or lengths is None or counts is None:
-        return
+def _reads(lengths, counts, window):
+    """Concrete positions ``[first, end)`` each sequence's queries read (none without queries), and who reads."""
+    if lengths is None or counts is None:
+        return ()
     first = np.zeros_like(lengths) if window is None else np.maximum(lengths - window + 1, 0)
-    column = np.arange(tshape[1])[None, :]
-    read = (counts[:, None] > 0) & (column >= first[:, None] // page_size)
-    read &= column < -(-(lengths + counts)[:, None] // page_size)
-    bad = read & ((tables < 0) | (tables >= num_pages))
-    if bad.any():
-        b0, m0 = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"block_tables[{b0}, {m0}]={int(tables[b0, m0])} must name a page in [0, {num_pages}): the queries "
-            f"of sequence {b0} (lengths={int(lengths[b0])}, counts={int(counts[b0])}) read it"
-        )
+    end = np.where(counts > 0, lengths + counts, 0)
+    why = lambda b0: (
+        f"the queries of sequence {b0} (lengths={int(lengths[b0])}, counts={int(counts[b0])}) read it"
+    )  # fmt: skip
+    return first, end, why
 
 
 def check_args(q, k, v, q_starts, lengths, counts, *, layer=None, window=None, softcap=None, block_tables=None) -> Dims:
@@ -198,44 +166,24 @@ def check_args(q, k, v, q_starts, lengths, counts, *, layer=None, window=None, s
     (the kernel clamps them in bounds).
     """
     paged = block_tables is not None
-    what = "[P, K, page_size, D] or [L, P, K, page_size, D]" if paged else "[B, K, S, D] or [L, B, K, S, D]"
-    if getattr(q, "ndim", None) != 3:
-        raise ValueError(f"q must have shape [T, N, D], got {getattr(q, 'shape', None)}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
-    kshape, vshape = getattr(k, "shape", None), getattr(v, "shape", None)
-    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
-        raise ValueError(f"k and v must both have shape {what}, got {kshape} and {vshape}")
-    if len(kshape) == 5 and layer is None:
-        raise ValueError(f"k.shape={kshape} holds every layer: pass layer=")
-    if len(kshape) == 4 and layer is not None:
-        raise ValueError(f"layer={layer!r} needs a cache with a leading layer axis, got k.shape={kshape}")
-    if k.dtype != v.dtype or jnp.dtype(k.dtype) not in common.CACHE_DTYPES:
-        raise TypeError(
-            f"k and v must share a dtype among {[str(d) for d in common.CACHE_DTYPES]}, got {k.dtype}, {v.dtype}"
-        )
-    tokens, num_heads, head_dim = q.shape
-    first, kv_heads, rows, dk = kshape[-4:]
-    if dk != head_dim:
-        raise ValueError(f"q.shape={q.shape} does not match k.shape={kshape} (head_dim must agree)")
-    if num_heads % kv_heads:
-        raise ValueError(f"num_q_heads={num_heads} must be a multiple of num_kv_heads={kv_heads}")
+    axes = "[P, K, page_size, D]" if paged else "[B, K, S, D]"
+    needs = "needs a cache with a leading layer axis"
+    (tokens, num_heads, head_dim), (first, kv_heads, rows, _) = checks.check_kv(
+        q, k, v, layer, q_axes="[T, N, D]", axes=axes, layer_needs=needs
+    )
     if head_dim % MIN_BLOCK or not MIN_BLOCK <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim={head_dim} is not supported; expected a multiple of 16 in [16, {MAX_HEAD_DIM}]")
-    common.check_window_softcap(window, softcap)
+    checks.check_window_softcap(window, softcap)
     batch = getattr(q_starts, "shape", (None,))[0] if paged else first
     if paged and (batch is None or getattr(q_starts, "ndim", None) != 1):
         raise ValueError(f"q_starts must be int[B], got {getattr(q_starts, 'shape', None)}")
-    values = [
-        _check_int_vector(n, x, batch) for n, x in (("q_starts", q_starts), ("lengths", lengths), ("counts", counts))
-    ]
+    step = (("q_starts", q_starts), ("lengths", lengths), ("counts", counts))
+    values = [checks.check_int_vector(name, x, batch) for name, x in step]
     if paged and rows & (rows - 1):
         raise ValueError(f"page_size={rows} must be a power of two")
     max_len = block_tables.shape[1] * rows if paged and getattr(block_tables, "ndim", 0) == 2 else rows
     bound = f"M * page_size = {max_len}" if paged else f"S={max_len}"
     if paged:
-        _check_tables(block_tables, batch, first, rows, values[1], values[2], window)
+        checks.check_block_tables(block_tables, batch, first, rows, *_reads(values[1], values[2], window))
     _check_step(*values, tokens, max_len, bound)
-    if layer is not None:
-        common.check_layer(layer, kshape[0])
     return Dims(tokens, num_heads, kv_heads, head_dim, batch, max_len)

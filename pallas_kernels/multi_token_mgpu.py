@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, checks, common
 from pallas_kernels import multi_token_mgpu_kernel as kernel
 from pallas_kernels.mgpu_common import CACHE_DTYPES, HEAD_DIMS, MGPU_SMEM_RESERVE, ROWS, round_up
 from pallas_kernels.multi_token_tiles import ALIGN, check_args, tile_table
@@ -95,8 +95,7 @@ def mgpu_supported(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) ->
 def _attend(q, k, v, pages, q_starts, lengths, counts, layer, *, scale, window, softcap, config, pages_per_seq=None):
     # q [T, N, D]; k, v [L, B, K, S, D] (S a multiple of 8, >= block_k) or pools [L, P, K, page_size, D] with
     # pages int32[B * M] (else unused); q_starts, lengths, counts int32[B]; layer int32[1]
-    plgpu = backend.mosaic_gpu_module()
-    num_rows, num_heads, head_dim = q.shape
+    num_rows, num_heads, _ = q.shape
     group = num_heads // k.shape[2]
     table = tile_table(
         q_starts, lengths, counts, num_rows=num_rows, block_q=config.block_q, block_k=config.block_k, window=window
@@ -107,17 +106,27 @@ def _attend(q, k, v, pages, q_starts, lengths, counts, layer, *, scale, window, 
     def jkv_multi_token_attention_mgpu(*refs):  # the kernel's name in profiles
         body(*refs)
 
+    return launch(jkv_multi_token_attention_mgpu, table, layer, q, k, v, pages=pages, config=config)
+
+
+def launch(kernel_fn, table, layer, q, k, v, *, config, pages=None, **options):
+    """``plgpu.kernel`` of a multi-token kernel body over ``(table, layer, [pages,] q, k, v)`` on the grid
+    ``(N / heads_per_tile, tiles)``: ``q`` in the cache's dtype (the MMA's), padded to whole 8-row tiles (a copy
+    only where needed; the step's token buckets are multiples of 8), the output cut back to ``T`` rows."""
+    plgpu = backend.mosaic_gpu_module()
+    num_rows, num_heads, head_dim = q.shape
     rows = round_up(num_rows, ALIGN)
     q_in = q.astype(k.dtype)  # the MMA takes the cache's dtype (a copy of q only where they differ)
     if rows != num_rows:  # whole 8-row tiles (a copy of q; the step's token buckets are multiples of 8)
         q_in = jnp.pad(q_in, ((0, rows - num_rows), (0, 0), (0, 0)))
     out = plgpu.kernel(
-        jkv_multi_token_attention_mgpu,
+        kernel_fn,
         out_type=jax.ShapeDtypeStruct((rows, num_heads, head_dim), q.dtype),
         grid=(num_heads // config.heads_per_tile, table.shape[0]),
         grid_names=("heads", "tile"),
+        **options,
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(table.reshape(-1), layer, pages, q_in, k, v)
+    )(table.reshape(-1), layer, *(() if pages is None else (pages,)), q_in, k, v)
     return out if rows == num_rows else out[:num_rows]
 
 
@@ -139,7 +148,7 @@ def resolve_config(config, num_heads, kv_heads, head_dim, dtype, out_dtype, cons
     if not isinstance(config, MgpuMultiTokenConfig):
         raise TypeError(f"config must be an MgpuMultiTokenConfig or None, got {config!r}")
     for name, value in config._asdict().items():
-        if not common.is_int(value) or value < 1:
+        if not checks.is_int(value) or value < 1:
             raise ValueError(f"config.{name}={value!r} must be a positive int")
     if config.block_q * config.heads_per_tile != ROWS or config.block_q % ALIGN:
         raise ValueError(
@@ -202,17 +211,11 @@ def require_mosaic_gpu() -> None:
 def static_options(scale, head_dim: int, window, softcap, config) -> dict:
     """The kernel's static arguments: the softmax scale resolved, ``softcap`` a Python float."""
     softcap = None if softcap is None else float(softcap)
-    return dict(scale=common.softmax_scale(scale, head_dim), window=window, softcap=softcap, config=config)
+    return dict(scale=checks.softmax_scale(scale, head_dim), window=window, softcap=softcap, config=config)
 
 
 def whole_cache(k, v, layer, block_k: int):
     """``k``, ``v`` as whole ``[L, B, K, S, D]`` caches (a one-layer cache: a free reshape) with ``S`` padded to
     whole 8-row tiles and at least ``block_k`` positions (a copy, never at usual sizes), ``layer`` as ``int32[1]``."""
-    if k.ndim == 4:
-        k, v, layer = k[None], v[None], 0
-    s = k.shape[3]
-    padded = max(block_k, round_up(s, ALIGN))
-    if padded != s:
-        pad = [(0, 0)] * 3 + [(0, padded - s), (0, 0)]
-        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    return k, v, jnp.asarray(layer, jnp.int32).reshape(1)
+    (k, v), layer = common.whole_cache((k, v), layer, max(block_k, round_up(k.shape[-2], ALIGN)))
+    return k, v, layer

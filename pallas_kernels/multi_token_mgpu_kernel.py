@@ -14,7 +14,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, common
-from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, mma_accumulate, mma_scores, swizzled
+from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, ring_accumulate, ring_scores, swizzled
 from pallas_kernels.multi_token_tiles import ALIGN, NCOL
 
 
@@ -82,26 +82,17 @@ def kernel(
             t = t_lo + i
             slot = lax.rem(i, jnp.int32(stages))
             start = window_start(t)
-            plgpu.barrier_wait(k_barriers.at[slot])
-            s = mma_scores(q_smem, k_smem, slot, block_k)  # [ROWS, bk]
-
-            @pl.when(i + stages < steps)
-            def _refill_k():  # the scores were read: the MMA reading this K slot has completed
-                plgpu.commit_smem()  # fence + warpgroup barrier: every warp is past its reads of the slot
-                fetch_k(i + stages, slot)
+            refill = lambda: i + stages < steps
+            s = ring_scores(
+                q_smem, k_smem, k_barriers, slot, block_k, refill=refill, fetch=lambda: fetch_k(i + stages, slot)
+            )
 
             row_limits = (pos_base, block_q, window) if masked else None
             p, m_new, denom, acc = softmax_block(s, carry, row_limits, start=start, t=t, scale=scale, softcap=softcap)
             plgpu.barrier_wait(v_barriers.at[slot])
             if masked:
                 zero_v_outside(v_smem, slot, start=start, t=t, lo=lo, hi=hi)
-            acc = mma_accumulate(acc, p, v_smem, slot)
-
-            @pl.when(i + stages < steps)
-            def _refill_v():  # the second MMA reading this slot has completed (its result was read)
-                plgpu.commit_smem()
-                fetch_v(i + stages, slot)
-
+            acc = ring_accumulate(acc, p, v_smem, slot, refill=refill, fetch=lambda: fetch_v(i + stages, slot))
             return acc, m_new, denom
 
         carry = initial_carry(head_dim)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import common
+from pallas_kernels import checks, common
 from pallas_kernels import multi_token_mgpu as mgpu
 from pallas_kernels.multi_token_tiles import ALIGN
 
@@ -37,7 +37,7 @@ def check_paged_args(q, k_pages, v_pages, block_tables, q_starts, lengths, count
         raise ValueError(f"page_size={page_size} must be a multiple of {ALIGN} (a TMA tile's rows)")
     logical = jax.ShapeDtypeStruct((*kshape[:-4], batch, kv_heads, pages_per_seq * page_size, head_dim), k_pages.dtype)
     t, n, _, _, d = mgpu.check_mgpu_args(q, logical, logical, q_starts, lengths, counts, layer, **options)
-    table = common.concrete(block_tables)
+    table = checks.concrete(block_tables)
     if table is not None and table.max(initial=-1) >= num_pages:
         raise ValueError(f"block_tables hold page {table.max()} but the pools have P={num_pages} pages")
     return t, n, kv_heads, page_size, d, pages_per_seq
@@ -69,13 +69,11 @@ def multi_token_attention_mgpu_paged(
     if config.block_k % page_size:
         raise ValueError(f"page_size={page_size} must divide config.block_k={config.block_k}")
     mgpu.require_mosaic_gpu()
-    if k_pages.ndim == 4:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy
+    (k_pages, v_pages), layer = common.whole_cache((k_pages, v_pages), layer)
     tables = jnp.asarray(block_tables, jnp.int32)
     narrow = config.block_k // page_size - pages_per_seq
     if narrow > 0:  # the ring's block spans more pages than a sequence has: no page for the rest
         tables = jnp.pad(tables, ((0, 0), (0, narrow)), constant_values=-1)
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     options = mgpu.static_options(scale, d, window, softcap, config)
     flat = tables.reshape(-1)
     return mgpu._attend(

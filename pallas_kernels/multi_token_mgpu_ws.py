@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int
 from pallas_kernels import backend
 from pallas_kernels import multi_token_mgpu as mgpu
 from pallas_kernels import multi_token_mgpu_kernel as kernel
-from pallas_kernels.mgpu_common import ROWS, initial_carry, mma_accumulate, mma_scores, round_up, swizzled
+from pallas_kernels.mgpu_common import ROWS, initial_carry, mma_accumulate, mma_scores, swizzled
 from pallas_kernels.multi_token_tiles import ALIGN, NCOL, tile_table
 
 CONSUMERS = 2
@@ -152,8 +152,7 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
 @functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config"))
 def _attend(q, k, v, q_starts, lengths, counts, layer, *, scale, window, softcap, config):
     # as multi_token_mgpu._attend for a contiguous [L, B, K, S, D] cache
-    plgpu = backend.mosaic_gpu_module()
-    num_rows, num_heads, head_dim = q.shape
+    num_rows, num_heads, _ = q.shape
     table = tile_table(
         q_starts,
         lengths,
@@ -169,20 +168,8 @@ def _attend(q, k, v, q_starts, lengths, counts, layer, *, scale, window, softcap
     def jkv_multi_token_attention_mgpu_ws(*refs):  # the kernel's name in profiles
         body(*refs)
 
-    rows = round_up(num_rows, ALIGN)
-    q_in = q.astype(k.dtype)  # the MMA takes the cache's dtype (a copy of q only where they differ)
-    if rows != num_rows:  # whole 8-row tiles (a copy of q; the step's token buckets are multiples of 8)
-        q_in = jnp.pad(q_in, ((0, rows - num_rows), (0, 0), (0, 0)))
-    out = plgpu.kernel(
-        jkv_multi_token_attention_mgpu_ws,
-        out_type=jax.ShapeDtypeStruct((rows, num_heads, head_dim), q.dtype),
-        grid=(num_heads // config.heads_per_tile, table.shape[0]),
-        grid_names=("heads", "tile"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(table.reshape(-1), layer, q_in, k, v)
-    return out if rows == num_rows else out[:num_rows]
+    threads = dict(num_threads=CONSUMERS + 1, thread_name="wg")
+    return mgpu.launch(jkv_multi_token_attention_mgpu_ws, table, layer, q, k, v, config=config, **threads)
 
 
 def multi_token_attention_mgpu_ws(

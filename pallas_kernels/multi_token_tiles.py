@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels import common
+from pallas_kernels import checks
 
 ALIGN = 8  # rows of a TMA tile: a tile's first row of q is a multiple of this
 COLUMNS = ("b", "row0", "skip", "nrows", "pos_base", "lo", "hi", "t_lo", "u_lo", "u_hi", "t_hi")
@@ -77,33 +77,16 @@ def check_args(q, k, v, q_starts, lengths, counts, layer=None, *, window=None, s
     """Validate a multi-token call; return ``(T, N, K, S, D)``. Concrete starts, lengths and counts are
     range-checked (positions inside ``S``, rows inside ``T``, no two sequences' rows overlapping); traced ones
     cannot be."""
-    if getattr(q, "ndim", None) != 3:
-        raise ValueError(f"q must have shape [T, N, D], got {getattr(q, 'shape', None)}")
-    kshape, vshape = getattr(k, "shape", None), getattr(v, "shape", None)
-    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
-        raise ValueError(f"k and v must both have shape [B, K, S, D] or [L, B, K, S, D], got {kshape} and {vshape}")
-    if (len(kshape) == 5) != (layer is not None):
-        raise ValueError(f"layer={layer!r} goes with a whole [L, B, K, S, D] cache and only then; k.shape={kshape}")
-    if k.dtype != v.dtype:
-        raise TypeError(f"k and v must share a dtype, got {k.dtype}, {v.dtype}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
-    num_rows, num_heads, head_dim = q.shape
-    batch, kv_heads, max_len, kv_dim = kshape[-4:]
-    if kv_dim != head_dim:
-        raise ValueError(f"q.shape={q.shape} does not match k.shape={kshape} (head_dim must agree)")
-    if kv_heads < 1 or num_heads % kv_heads:
-        raise ValueError(f"num_q_heads={num_heads} must be a multiple of num_kv_heads={kv_heads}")
-    if layer is not None:
-        common.check_layer(layer, kshape[0])
-    if window is not None and (not common.is_int(window) or window < 1):
+    needs = "goes with a whole [L, B, K, S, D] cache and only then"
+    (num_rows, num_heads, head_dim), (batch, kv_heads, max_len, _) = checks.check_kv(
+        q, k, v, layer, q_axes="[T, N, D]", axes="[B, K, S, D]", layer_needs=needs, dtypes=None
+    )
+    if window is not None and (not checks.is_int(window) or window < 1):
         raise ValueError(f"window={window!r} must be None or an int >= 1")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
         raise ValueError(f"softcap={softcap!r} must be None or a positive number")
-    for name, x in (("q_starts", q_starts), ("lengths", lengths), ("counts", counts)):
-        if getattr(x, "shape", None) != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be int[{batch}], got {getattr(x, 'dtype', None)}{getattr(x, 'shape', None)}")
-    starts, lens, cnts = (common.concrete(x) for x in (q_starts, lengths, counts))
+    step = (("q_starts", q_starts), ("lengths", lengths), ("counts", counts))
+    starts, lens, cnts = (checks.check_int_vector(name, x, batch) for name, x in step)
     if cnts is not None and cnts.min(initial=0) < 0:
         raise ValueError(f"counts={cnts} must be >= 0")
     if lens is not None and cnts is not None and ((lens < 0) | (lens + cnts > max_len)).any():

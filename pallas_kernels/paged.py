@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, common, decode
+from pallas_kernels import backend, checks, common, decode
 from pallas_kernels.common import MIN_BLOCK
 
 
@@ -84,7 +84,7 @@ def resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsize
     preload = overrides.pop("preload", None)
     if preload is not None and not isinstance(preload, (bool, np.bool_)):
         raise TypeError(f"preload must be a bool, got {preload!r}")
-    common.check_launch_overrides(**overrides)
+    checks.check_launch_overrides(**overrides)
     ppb = overrides["pages_per_block"]
     if ppb is not None and (ppb < 1 or ppb & (ppb - 1) or ppb * page_size < MIN_BLOCK):
         raise ValueError(
@@ -249,54 +249,22 @@ def check_args(
     ``(B, N, K, P, page_size, D)``. Concrete lengths, tables and layer are range-checked (table entries before
     the ``window``'s first page need not name a page: a ring releases them); traced ones cannot be (the kernel
     clamps them)."""
-    if getattr(q, "ndim", None) != 3:
-        raise ValueError(f"q must have shape [B, N, D], got {getattr(q, 'shape', None)}")
-    kshape, vshape = getattr(k_pages, "shape", None), getattr(v_pages, "shape", None)
-    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
-        raise ValueError(
-            f"k_pages and v_pages must both have shape [P, K, page_size, D] or [L, P, K, page_size, D], "
-            f"got {kshape} and {vshape}"
-        )
-    if len(kshape) == 5 and layer is None:
-        raise ValueError(f"k_pages.shape={kshape} holds every layer [L, P, K, page_size, D]: pass layer=")
-    if len(kshape) == 4 and layer is not None:
-        raise ValueError(f"layer={layer!r} needs pools of shape [L, P, K, page_size, D], got k_pages.shape={kshape}")
-    if k_pages.dtype != v_pages.dtype or jnp.dtype(k_pages.dtype) not in common.CACHE_DTYPES:
-        raise TypeError(
-            f"k_pages and v_pages must share a dtype among {[str(d) for d in common.CACHE_DTYPES]}, "
-            f"got {k_pages.dtype}, {v_pages.dtype}"
-        )
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
-    b, n, d = q.shape
-    num_pages, kh, page_size, dk = kshape[-4:]
-    if dk != d:
-        raise ValueError(f"q.shape={q.shape} does not match k_pages.shape={kshape} (head_dim must agree)")
-    if n % kh:
-        raise ValueError(f"num_q_heads={n} must be a multiple of num_kv_heads={kh}")
-    if d not in common.HEAD_DIMS:
-        raise ValueError(f"head_dim={d} is not supported; expected one of {common.HEAD_DIMS}")
+    (b, n, d), (num_pages, kh, page_size, _) = checks.check_kv(
+        q, k_pages, v_pages, layer, q_axes="[B, N, D]", axes="[P, K, page_size, D]",
+        layer_needs="needs pools of shape [L, P, K, page_size, D]", names=("k_pages", "v_pages"),
+    )  # fmt: skip
+    if d not in checks.HEAD_DIMS:
+        raise ValueError(f"head_dim={d} is not supported; expected one of {checks.HEAD_DIMS}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size={page_size} must be a power of two (a block of keys is whole pages)")
-    tshape = getattr(block_tables, "shape", None)
-    if tshape is None or len(tshape) != 2 or tshape[0] != b or not jnp.issubdtype(block_tables.dtype, jnp.integer):
-        raise ValueError(f"block_tables must be int[{b}, M], got {getattr(block_tables, 'dtype', None)}{tshape}")
-    max_len = tshape[1] * page_size
-    common.check_lengths(lengths, b, max_len, f"M * page_size = {max_len}")
-    value, tables = common.concrete(lengths), common.concrete(block_tables)
-    if value is not None and tables is not None:
-        column = np.arange(tshape[1])[None, :]
-        first = 0 if window is None else np.maximum(value - window, 0)[:, None] // page_size
-        used = (column >= first) & (column < -(-value[:, None] // page_size))  # entries the query reads
-        bad = used & ((tables < 0) | (tables >= num_pages))
-        if bad.any():
-            b0, m0 = (int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"block_tables[{b0}, {m0}]={int(tables[b0, m0])} must name a page in [0, {num_pages}): "
-                f"lengths[{b0}]={int(value[b0])} covers it"
-            )
-    if layer is not None:
-        common.check_layer(layer, kshape[0])
+    checks.check_block_tables(block_tables, b, num_pages, page_size)  # its shape: M is read next
+    max_len = block_tables.shape[1] * page_size
+    checks.check_lengths(lengths, b, max_len, f"M * page_size = {max_len}")
+    value = checks.concrete(lengths)
+    if value is not None:  # the query at n - 1 reads from its window's start to n - 1
+        first = np.zeros_like(value) if window is None else np.maximum(value - window, 0)
+        why = lambda b0: f"lengths[{b0}]={int(value[b0])} covers it"
+        checks.check_block_tables(block_tables, b, num_pages, page_size, first, value, why)
     return b, n, kh, num_pages, page_size, d
 
 
@@ -327,26 +295,34 @@ def paged_decode_attention(
     ``num_splits``, ``num_warps``, ``num_stages`` and ``preload`` (read a split's table entries before its
     loop, where they fit: :func:`preload_entries`) override :func:`paged_config`.
     """
-    common.check_window_softcap(window, softcap)
+    checks.check_window_softcap(window, softcap)
     b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer, window)
-    interpret = backend.resolve_interpret(interpret)
-    scale = common.softmax_scale(scale, d)
-    reach_pages = -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
-    config = resolve_config(
-        paged_config(b, kh, reach_pages, page_size, d, k_pages.dtype),
-        page_size,
-        d,
-        jnp.dtype(k_pages.dtype).itemsize,
-        pages_per_block=pages_per_block,
-        num_splits=num_splits,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        preload=preload,
+    default = paged_config(b, kh, reach_pages(block_tables, page_size, window), page_size, d, k_pages.dtype)
+    overrides = dict(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
+                     num_stages=num_stages, preload=preload)  # fmt: skip
+    settings = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
+    itemsize = jnp.dtype(k_pages.dtype).itemsize
+    return launch(
+        _paged, q, (k_pages, v_pages), block_tables, lengths, layer, default, itemsize, **settings, **overrides
     )
-    if k_pages.ndim == 4:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0  # a free reshape, not a copy
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+
+def reach_pages(block_tables, page_size: int, window) -> int:
+    """Most table entries one query reads: the table's width, or the window's pages where it is narrower."""
+    return -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
+
+
+def launch(fn, q, pools, block_tables, lengths, layer, default, itemsize, *, scale, window, softcap, interpret,
+           **overrides):  # fmt: skip
+    """The launch plumbing of a checked paged decode call (Plain or Q8 pools): interpret mode, softmax scale, the
+    config (``default`` with the launch ``overrides``, :func:`resolve_config`), whole pools and int32 arrays; then
+    ``fn(q, *pools, tables, lengths, layer, **static arguments)``."""
+    interpret = backend.resolve_interpret(interpret)
+    page_size, head_dim = pools[0].shape[-2:]
+    scale = checks.softmax_scale(scale, head_dim)
+    config = resolve_config(default, page_size, head_dim, itemsize, **overrides)
+    pools, layer = common.whole_cache(pools, layer)
     tables = jnp.asarray(block_tables).astype(jnp.int32)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
-    return _paged(q, k_pages, v_pages, tables, lengths, layer, **options)
+    return fn(q, *pools, tables, lengths, layer, **options)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend, common, decode_q8, paged
+from pallas_kernels import checks, common, decode_q8, paged
 from pallas_kernels.common import MIN_BLOCK
 from pallas_kernels.paged import BlockAddresses, PagedConfig, PagedView
 
@@ -75,16 +74,9 @@ def _paged_q8(
 def check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None, window=None):
     """Validate the arguments of :func:`paged_q8_decode_attention` (and its reference's); return
     ``(B, N, K, P, page_size, D)``."""
-    decode_q8.check_q8("k_pages", k_pages, k_scale_pages)
-    decode_q8.check_q8("v_pages", v_pages, v_scale_pages)
-    if v_pages.shape != k_pages.shape or v_scale_pages.dtype != k_scale_pages.dtype:
-        raise ValueError(
-            f"k and v pages must have the same shape and scale dtype, got {k_pages.shape}/{k_scale_pages.dtype} "
-            f"and {v_pages.shape}/{v_scale_pages.dtype}"
-        )
-    # Shapes, GQA, head_dim, page size, tables, lengths and layer as for bf16 pools, on stand-ins of the values.
-    stand_in = jax.ShapeDtypeStruct(k_pages.shape, jnp.bfloat16)
-    return paged.check_args(q, stand_in, stand_in, block_tables, lengths, layer, window)
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    values = decode_q8.check_pairs(decode_q8.check_q8_pair, *pools, names=("k_pages", "v_pages"))
+    return paged.check_args(q, *values, block_tables, lengths, layer, window)
 
 
 def paged_q8_decode_attention(
@@ -112,29 +104,11 @@ def paged_q8_decode_attention(
     does; the launch arguments override :func:`paged_q8_config`. Products in ``q``'s dtype (bfloat16 / float16;
     tf32 on GPU for float32), softmax and accumulation in float32; ``window`` and ``softcap`` as the paged
     kernel's."""
-    common.check_window_softcap(window, softcap)
-    b, _, kh, _, page_size, d = check_args(
-        q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer, window
-    )
-    interpret = backend.resolve_interpret(interpret)
-    scale = common.softmax_scale(scale, d)
-    reach_pages = -(-common.reach(block_tables.shape[1] * page_size, window) // page_size)
-    config = paged.resolve_config(
-        paged_q8_config(b, kh, reach_pages, page_size, d),
-        page_size,
-        d,
-        1,
-        pages_per_block=pages_per_block,
-        num_splits=num_splits,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        preload=preload,
-    )
+    checks.check_window_softcap(window, softcap)
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
-    if k_pages.ndim == 4:
-        pools, layer = tuple(x[None] for x in pools), 0  # free reshapes, not copies
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    tables = jnp.asarray(block_tables).astype(jnp.int32)
-    lengths = jnp.asarray(lengths).astype(jnp.int32)
-    options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
-    return _paged_q8(q, *pools, tables, lengths, layer, **options)
+    b, _, kh, _, page_size, d = check_args(q, *pools, block_tables, lengths, layer, window)
+    default = paged_q8_config(b, kh, paged.reach_pages(block_tables, page_size, window), page_size, d)
+    overrides = dict(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
+                     num_stages=num_stages, preload=preload)  # fmt: skip
+    settings = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
+    return paged.launch(_paged_q8, q, pools, block_tables, lengths, layer, default, 1, **settings, **overrides)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, checks, common
 from pallas_kernels.block_formats import (
     block_format,
     check_activations,
@@ -88,7 +88,7 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
     spec = block_format(fmt)
     kp = k // spec.parts
     bm, bn, bk, splits, warps, stages = config
-    pow2 = lambda v: common.is_int(v) and v >= 1 and v & (v - 1) == 0
+    pow2 = lambda v: checks.is_int(v) and v >= 1 and v & (v - 1) == 0
     if not (pow2(bm) and pow2(bn) and bn <= n):
         raise ValueError(f"block_m={bm} and block_n={bn} must be powers of two with block_n <= N={n}")
     if not (pow2(bk) and bk % spec.max_group == 0 and kp % bk == 0):
@@ -96,11 +96,11 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
             f"block_k={bk} must be a power of two dividing K/{spec.parts}={kp} and a multiple of {spec.max_group} "
             f"(the widest {fmt} plane group)"
         )
-    if not (common.is_int(splits) and splits >= 1 and (kp // bk) % splits == 0):
+    if not (checks.is_int(splits) and splits >= 1 and (kp // bk) % splits == 0):
         raise ValueError(f"num_splits={splits} must divide the {kp // bk} K steps")
     if bm > FMA_ROWS and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
         raise ValueError(f"the dot path (block_m={bm} > {FMA_ROWS}) needs block_m and block_n >= {common.MIN_BLOCK}")
-    common.check_launch_overrides(num_warps=warps, num_stages=stages, num_splits=splits)
+    checks.check_launch_overrides(num_warps=warps, num_stages=stages, num_splits=splits)
 
 
 def _kernel(
@@ -149,17 +149,8 @@ def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool):
     grid = (pl.cdiv(rows, config.block_m), pl.cdiv(n, config.block_n), config.num_splits)
     out_shape = jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32)
     kernel = functools.partial(_kernel, fmt=fmt, groups=tuple(p.group for p in spec.planes), config=config, steps=steps)
-    out = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        grid=grid,
-        in_specs=[common.whole(xs.shape)] + [common.whole(p.shape) for p in planes],
-        out_specs=common.whole(out_shape.shape),
-        out_shape=out_shape,
-        name=f"jkv_qmatmul_{fmt.lower()}",
-    )(xs, *planes)
+    launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
+    out = common.whole_call(kernel, [xs, *planes], out_shape, **launch, name=f"jkv_qmatmul_{fmt.lower()}")
     return out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]
 
 

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import common, decode, decode_q8, dequantize, formats, paged, paged_q8
+from pallas_kernels import checks, common, decode, decode_q8, dequantize, formats, paged, paged_q8
+from pallas_kernels.decode_q8 import check_pairs, check_q8_pair
 from pallas_kernels.multi_token_args import check_args as check_multi_token
-from pallas_kernels.multi_token_args import check_fp8_pair, check_pairs, check_q8_pair
+from pallas_kernels.multi_token_args import check_fp8_pair
 
 
 def combine_splits(
@@ -56,28 +57,34 @@ def decode_attention_reference(
 ) -> Float[Array, "B N D"]:
     """``decode.decode_attention`` (and ``decode_mgpu.decode_attention_mgpu``, ``dispatch.decode_attention_auto``)."""
     del launch
-    b, n, kh, s, d = common.check_args(q, k, v, lengths, layer)
-    common.check_window_softcap(window, softcap)
+    *_, s, _ = checks.check_args(q, k, v, lengths, layer)
+    checks.check_window_softcap(window, softcap)
     if k.ndim == 5:
         k, v = k[layer], v[layer]
-    scale = d**-0.5 if scale is None else scale
-    hi = lax.Precision.HIGHEST
-    qg = q.astype(jnp.float32).reshape(b, kh, n // kh, d)  # (B, K, G, D)
     lengths = jnp.asarray(lengths)
     pos = jnp.arange(s)[None, :]
     valid = pos < lengths[:, None]  # (B, S)
     if window is not None:
         valid &= pos >= lengths[:, None] - window
-    kz = jnp.where(valid[:, None, :, None], k.astype(jnp.float32), 0.0)
-    vz = jnp.where(valid[:, None, :, None], v.astype(jnp.float32), 0.0)
-    scores = common.softcapped(jnp.einsum("bkgd,bksd->bkgs", qg, kz, precision=hi) * scale, softcap)
+    kz, vz = (jnp.where(valid[:, None, :, None], x.astype(jnp.float32), 0.0) for x in (k, v))
+    return _attend_rows(q, kz, vz, valid, scale=scale, softcap=softcap)
+
+
+def _attend_rows(q, k, v, valid, *, scale, softcap):
+    """Query row ``r`` of ``q [R, N, D]`` attends to the positions ``valid [R, S]`` of its own ``k``, ``v``
+    ``[R, K, S, D]`` (float32, zero where not valid) at the highest precision; a row with none gives zeros."""
+    r, n, d = q.shape
+    hi = lax.Precision.HIGHEST
+    qg = q.astype(jnp.float32).reshape(r, k.shape[1], n // k.shape[1], d)  # (R, K, G, D)
+    scale = d**-0.5 if scale is None else scale
+    scores = common.softcapped(jnp.einsum("rkgd,rksd->rkgs", qg, k, precision=hi) * scale, softcap)
     scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))  # (B, K, G, S); masked positions give 0
-    out = jnp.einsum("bkgs,bksd->bkgd", p, vz, precision=hi)
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))  # (R, K, G, S); masked positions give 0
+    out = jnp.einsum("rkgs,rksd->rkgd", p, v, precision=hi)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     out = out * jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
-    return out.reshape(b, n, d).astype(q.dtype)
+    return out.reshape(r, n, d).astype(q.dtype)
 
 
 def decode_attention_append_reference(
@@ -97,17 +104,10 @@ def decode_attention_append_reference(
 ) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
     """``decode.decode_attention_append``: an XLA scatter of the new rows, then the attention reference."""
     del launch
-    b, _, _, s, _ = decode.check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
+    b, *_ = decode.check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
     append = jnp.ones((b,), jnp.int32) if append is None else jnp.asarray(append).astype(jnp.int32)
     lengths = jnp.asarray(lengths).astype(jnp.int32)
-    rows = jnp.arange(b)
-    pos = jnp.where((append != 0) & (lengths > 0), lengths - 1, s)  # s: dropped
-
-    def put(buf, new):
-        at = buf.at[layer, rows, :, pos, :] if buf.ndim == 5 else buf.at[rows, :, pos, :]
-        return at.set(new.astype(buf.dtype), mode="drop")
-
-    k, v = put(k, k_new), put(v, v_new)
+    k, v = decode.write_rows(k, v, k_new, v_new, lengths, append, layer)
     return decode_attention_reference(q, k, v, lengths, layer=layer, scale=scale, window=window, softcap=softcap), k, v
 
 
@@ -209,8 +209,8 @@ def _multi_token(q, k, v, q_starts, lengths, counts, *, scale, window, softcap):
     """The multi-token step over one layer's values ``k, v [B, K, S, D]`` (float32): each query row gathers its
     sequence's keys (``[T, K, S, D]``: a test oracle, not a prefill path). NaN outside the positions some query
     of a sequence reads never reaches the output."""
-    t, n, d = q.shape
-    _, kh, s, _ = k.shape
+    t = q.shape[0]
+    s = k.shape[2]
     rows = jnp.arange(t)
     inside = (rows[None, :] >= q_starts[:, None]) & (rows[None, :] < (q_starts + counts)[:, None])  # (B, T)
     owned, owner = inside.any(axis=0), jnp.argmax(inside, axis=0)
@@ -222,18 +222,7 @@ def _multi_token(q, k, v, q_starts, lengths, counts, *, scale, window, softcap):
     valid = owned[:, None] & (at[None, :] <= pos[:, None])  # (T, S)
     if window is not None:
         valid &= at[None, :] > pos[:, None] - window
-    hi = lax.Precision.HIGHEST
-    qg = q.astype(jnp.float32).reshape(t, kh, n // kh, d)
-    scores = jnp.einsum("tkgd,tksd->tkgs", qg, k[owner], precision=hi) * (d**-0.5 if scale is None else scale)
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("tkgs,tksd->tkgd", p, v[owner], precision=hi)
-    out = out * jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
-    return out.reshape(t, n, d).astype(q.dtype)
+    return _attend_rows(q, k[owner], v[owner], valid, scale=scale, softcap=softcap)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "scale", "window", "softcap"))

@@ -53,17 +53,8 @@ def _call(x, y, weight, *, eps: float, dtype, interpret: bool):
     if has_y:
         out_shape.insert(0, jax.ShapeDtypeStruct((rows, hidden), jnp.float32))
     kernel = functools.partial(_kernel, hidden=hidden, width=width, eps=eps, has_y=has_y)
-    outs = backend.pallas_call(
-        kernel,
-        interpret=interpret,
-        num_warps=4 if width <= 4096 else 8,
-        num_stages=1,
-        grid=(rows,),
-        in_specs=[common.whole(a.shape) for a in inputs],
-        out_specs=[common.whole(o.shape) for o in out_shape],
-        out_shape=out_shape,
-        name="jkv_residual_rms_norm",
-    )(*inputs)
+    launch = dict(grid=(rows,), num_warps=4 if width <= 4096 else 8, num_stages=1, interpret=interpret)
+    outs = common.whole_call(kernel, inputs, out_shape, **launch, name="jkv_residual_rms_norm")
     return tuple(outs) if has_y else (x, *outs)
 
 

@@ -1,0 +1,152 @@
+"""Argument checks the attention kernels and their references share: types and ranges of the step's integers, the
+q/k/v triple (:func:`check_kv`), block tables, the contiguous decode call (:func:`check_args`), window, softcap,
+softmax scale and launch overrides. Errors name the bad value and what was expected."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two tiles; 64 and 128 are the tested and tuned ones
+CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+NUM_WARPS = (1, 2, 4, 8, 16)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def concrete(x):
+    """``x`` as a NumPy array, or ``None`` when it is traced (then it cannot be range-checked)."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def check_int_vector(name: str, x, batch: int):
+    """``x`` int ``[B]``; its values as NumPy, or None when traced."""
+    if getattr(x, "shape", None) != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be int[{batch}], got {getattr(x, 'dtype', None)}{getattr(x, 'shape', None)}")
+    return concrete(x)
+
+
+def check_lengths(lengths, batch: int, max_len: int, bound: str) -> None:
+    """``lengths`` int ``[B]``; concrete values in ``[0, max_len]`` (``bound`` spells the bound out)."""
+    value = check_int_vector("lengths", lengths, batch)
+    if value is not None and (value.min(initial=0) < 0 or value.max(initial=0) > max_len):
+        raise ValueError(f"lengths={value} must lie in [0, {bound}]")
+
+
+def check_layer(layer, num_layers: int) -> None:
+    """``layer`` an int or an integer scalar; concrete values in ``[0, num_layers)``."""
+    if isinstance(layer, (bool, float)) or not (
+        is_int(layer) or (hasattr(layer, "dtype") and jnp.issubdtype(layer.dtype, jnp.integer))
+    ):
+        raise TypeError(f"layer must be an int or an integer scalar, got {layer!r}")
+    if getattr(layer, "shape", ()) != ():
+        raise ValueError(f"layer must be a scalar, got shape {layer.shape}")
+    value = concrete(layer)
+    if value is not None and not 0 <= int(value) < num_layers:
+        raise ValueError(f"layer={int(value)} out of range for num_layers={num_layers}")
+
+
+def check_kv(q, k, v, layer, *, q_axes: str, axes: str, layer_needs: str, names=("k", "v"), dtypes=CACHE_DTYPES):
+    """What every attention kernel checks first: ``q`` 3-D (``q_axes`` spells its axes) and floating; ``k`` and ``v``
+    (``names``) of one shape, ``axes`` or ``[L, *axes]``, with ``layer`` exactly for the latter (``layer_needs``
+    says what a layer needs, in the error) and in range; one dtype (among ``dtypes`` unless None); head_dim equal
+    to ``q``'s, kv heads dividing query heads. Returns ``(q.shape, k.shape[-4:])``."""
+    kn, vn = names
+    if getattr(q, "ndim", None) != 3:
+        raise ValueError(f"q must have shape {q_axes}, got {getattr(q, 'shape', None)}")
+    kshape, vshape = getattr(k, "shape", None), getattr(v, "shape", None)
+    if kshape is None or len(kshape) not in (4, 5) or vshape != kshape:
+        raise ValueError(f"{kn} and {vn} must both have shape {axes} or [L, {axes[1:]}, got {kshape} and {vshape}")
+    if len(kshape) == 5 and layer is None:
+        raise ValueError(f"{kn}.shape={kshape} holds every layer [L, {axes[1:]}: pass layer=")
+    if len(kshape) == 4 and layer is not None:
+        raise ValueError(f"layer={layer!r} {layer_needs}, got {kn}.shape={kshape}")
+    if k.dtype != v.dtype or (dtypes is not None and jnp.dtype(k.dtype) not in dtypes):
+        among = "" if dtypes is None else f" among {[str(d) for d in dtypes]}"
+        raise TypeError(f"{kn} and {vn} must share a dtype{among}, got {k.dtype}, {v.dtype}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q must be a floating array, got dtype {q.dtype}")
+    num_heads, kv_heads, head_dim = q.shape[1], kshape[-3], kshape[-1]
+    if head_dim != q.shape[2]:
+        raise ValueError(f"q.shape={q.shape} does not match {kn}.shape={kshape} (head_dim must agree)")
+    if kv_heads < 1 or num_heads % kv_heads:
+        raise ValueError(f"num_q_heads={num_heads} must be a multiple of num_kv_heads={kv_heads}")
+    if layer is not None:
+        check_layer(layer, kshape[0])
+    return q.shape, kshape[-4:]
+
+
+def check_block_tables(block_tables, batch: int, num_pages: int, page_size: int, first=None, end=None, why=None):
+    """``block_tables`` int ``[B, M]``; where the table and the (concrete) positions ``[first[b], end[b])`` that
+    sequence ``b`` reads are known, each entry covering them names a page of the pool (``why(b)`` says who reads
+    it); entries outside may be anything (a ring's released pages)."""
+    tshape = getattr(block_tables, "shape", None)
+    if tshape is None or len(tshape) != 2 or tshape[0] != batch or not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        raise ValueError(f"block_tables must be int[{batch}, M], got {getattr(block_tables, 'dtype', None)}{tshape}")
+    tables = concrete(block_tables)
+    if tables is None or first is None or end is None:
+        return
+    column = np.arange(tshape[1])[None, :]
+    read = (column >= first[:, None] // page_size) & (column < -(-end[:, None] // page_size))
+    bad = read & ((tables < 0) | (tables >= num_pages))
+    if bad.any():
+        b0, m0 = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"block_tables[{b0}, {m0}]={int(tables[b0, m0])} must name a page in [0, {num_pages}): {why(b0)}"
+        )
+
+
+def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
+    """Validate the arguments of a contiguous decode kernel (and of its reference); return ``(B, N, K, S, D)``.
+
+    Concrete lengths and layer are range-checked; traced ones cannot be (the kernel clamps them in bounds).
+    """
+    whole = "needs a whole [L, B, K, S, D] cache"
+    (b, n, d), (bk, kh, s, _) = check_kv(q, k, v, layer, q_axes="[B, N, D]", axes="[B, K, S, D]", layer_needs=whole)
+    if bk != b:
+        raise ValueError(f"q.shape={q.shape} does not match k.shape={k.shape} (batch and head_dim must agree)")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim={d} is not supported; expected one of {HEAD_DIMS}")
+    check_lengths(lengths, b, s, f"S={s}")
+    return b, n, kh, s, d
+
+
+def check_window_softcap(window, softcap) -> None:
+    """``window`` (positions a query sees, itself included) None or an int >= 1; ``softcap`` None or a Python
+    number > 0 (both static kernel parameters)."""
+    if window is not None and (not is_int(window) or window < 1):
+        raise ValueError(f"window={window!r} must be None or an int >= 1")
+    if softcap is not None:
+        if not isinstance(softcap, (int, float, np.floating, np.integer)) or isinstance(softcap, bool):
+            raise TypeError(f"softcap must be None or a Python number, got {softcap!r}")
+        if not softcap > 0:
+            raise ValueError(f"softcap={softcap} must be > 0")
+
+
+def softmax_scale(scale, head_dim: int) -> float:
+    """The softmax scale of a decode call: ``head_dim ** -0.5`` for None, else ``scale``, a Python number (it
+    is a static kernel parameter)."""
+    if scale is None:
+        return head_dim**-0.5
+    if not isinstance(scale, (int, float, np.floating)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python number, got {scale!r}")
+    return float(scale)
+
+
+def check_launch_overrides(*, num_warps=None, **ints) -> None:
+    """Types and ranges of the launch overrides the Triton decode kernels share (None keeps a default): integers,
+    ``num_splits`` / ``num_stages`` >= 1, ``num_warps`` in ``NUM_WARPS``. Each kernel checks its own block size."""
+    for name, value in {**ints, "num_warps": num_warps}.items():
+        if value is not None and not is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    for name in ("num_splits", "num_stages"):
+        if ints.get(name) is not None and ints[name] < 1:
+            raise ValueError(f"{name}={ints[name]} must be >= 1")
+    if num_warps is not None and num_warps not in NUM_WARPS:
+        raise ValueError(f"{num_warps=} must be one of {NUM_WARPS}")
+
+
+# ----------------------------------------------------------------------------------------------- launch rules

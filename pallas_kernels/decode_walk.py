@@ -1,0 +1,87 @@
+"""What the Triton split-K decode kernel bodies share (``decode.decode_kernel``, which the paged kernel runs too,
+and ``decode_q8.decode_kernel``): a program's range of blocks, its query tile, the walk over its blocks and the
+store of its output or partials. Each body keeps its own ``attend`` (the products of one block)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend, common
+
+
+def program_range(lengths_ref, layer_ref, b, j, shape, *, block_k: int, num_splits: int, window: int | None):
+    """Program ``(b, ., j)``'s sequence length ``n``, layer, window start, first block and split ``[lo, hi)`` over
+    a cache of ``shape`` ``[L, B, K, S, D]``."""
+    num_layers, _, _, max_len, _ = shape
+    # Lengths and layer were validated on the host when concrete; the clamps only keep traced values in bounds.
+    n = jnp.clip(lengths_ref[b], 0, max_len)
+    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+
+    start = common.window_start(n, window)  # the query at n - 1 sees positions start .. n - 1
+    first = start // block_k  # blocks wholly before the window are never read
+    lo, hi = common.split_blocks(n, j, block_k, num_splits, first)
+    return n, layer, start, first, lo, hi
+
+
+def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
+    """This kv head's query heads, rows ``h*G .. h*G+G-1`` of ``q``, padded to ``rows`` (masked, zeros):
+    ``(head_rows, row_ok, q [rows, D])``; ``row_ok`` is None without padding."""
+    head_rows = pl.ds(h * group, rows)
+    head_dim = q_ref.shape[-1]
+    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if rows != group else None
+    q = backend.load(q_ref.at[b, head_rows, cols], mask=row_ok, other=0 if row_ok is not None else None)
+    return head_rows, row_ok, q
+
+
+def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,
+         new_pos=None):  # fmt: skip
+    """Run ``attend(carry, at, valid[, new_row])`` over the split's blocks ``[lo, hi)`` from the online softmax's
+    start (running max ``-inf`` and denominator 0 ``[rows]``, ``acc`` zeros of ``acc_shape``; float32): the
+    window's first block masked where the window starts inside it, whole blocks (below ``n_full``) unmasked, the
+    tail block masked (slid back to stay inside ``S``; with ``new_pos``, ``new_row`` marks that position).
+    Returns the final ``(m, denom, acc)`` and whether this split ran the tail."""
+
+    def full_block(i, carry):
+        return attend(carry, pl.multiple_of(i * block_k, block_k), None)
+
+    def head_block(carry):  # the window's first block when it starts inside it: the earlier positions masked
+        at = pl.multiple_of(first * block_k, block_k)
+        return attend(carry, at, at + lax.broadcasted_iota(jnp.int32, (block_k,), 0) >= start)
+
+    def tail_block(carry):
+        at = n_full * block_k
+        slid = jnp.minimum(at, max_len - block_k)  # slide back so the load stays inside S
+        pos = slid + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        valid = (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n)
+        return attend(carry, slid, valid) if new_pos is None else attend(carry, slid, valid, pos == new_pos)
+
+    carry = (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros(acc_shape, jnp.float32),
+    )
+    full_lo = lo
+    if window is not None:  # the head block runs masked (unless the tail holds the window's start)
+        has_head = (lo == first) & (first < n_full) & (start > first * block_k)
+        carry = lax.cond(has_head, head_block, lambda c: c, carry)
+        full_lo = lo + has_head.astype(jnp.int32)
+    carry = lax.fori_loop(full_lo, jnp.minimum(hi, n_full), full_block, carry)
+    has_tail = (lo <= n_full) & (n_full < hi)
+    return lax.cond(has_tail, tail_block, lambda c: c, carry), has_tail
+
+
+def store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, *, group: int, rows: int, num_splits: int):
+    """With one split, the normalised output ``o [B, N, D]``; with several, this split's partials ``acc``, ``m``,
+    ``denom`` (``common.split_out_shape``); padding rows are never stored."""
+    vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        inv = common.inverse_or_zero(denom)  # length 0: zeros
+        backend.store(o_ref.at[b, head_rows, cols], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
+        return
+    acc_ref, m_ref, denom_ref = out_refs[:3]
+    backend.store(acc_ref.at[b, j, head_rows, cols], acc, mask=row_ok)
+    backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
+    backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)
