@@ -27,9 +27,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, checks, common
+from pallas_kernels import backend, checks, common, mgpu_common
 from pallas_kernels import decode_mgpu_kernel as kernel
-from pallas_kernels.mgpu_common import CACHE_DTYPES, HEAD_DIMS, MGPU_SMEM_RESERVE, ROWS, round_up
+from pallas_kernels.mgpu_common import MGPU_SMEM_RESERVE, ROWS, round_up
 
 BLOCK_K = 64  # 128 compiled and ran but gave wrong results on jax 0.11.2 (see docs/notes/decode_kernel.md)
 DEFAULT_STAGES = 2
@@ -140,21 +140,24 @@ def known_defect(head_dim: int, group: int) -> str | None:
     return None
 
 
-def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
-    """``pallas_kernels.checks.check_args``, then what this kernel adds: 16-bit K/V, head_dim among
-    ``HEAD_DIMS``, G <= 64, no :func:`known_defect`."""
-    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
-    if jnp.dtype(k.dtype) not in CACHE_DTYPES:
-        raise TypeError(
-            f"the Mosaic GPU kernel takes {[str(t) for t in CACHE_DTYPES]} K/V (16-bit MMA inputs), got {k.dtype}; "
-            "pallas_kernels.decode.decode_attention takes float32"
+def unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
+    """Why the Mosaic GPU decode kernels (contiguous and paged) cannot take these heads, head_dim and cache dtype
+    (None: they can), any machine: ``mgpu_common.unsupported_reason``, a kv head's query heads within one 64-row
+    MMA tile, no :func:`known_defect`."""
+    if (reason := mgpu_common.unsupported_reason(num_q_heads, num_kv_heads, head_dim, dtype)) is not None:
+        return reason
+    group = num_q_heads // num_kv_heads
+    if group > ROWS:
+        return (
+            f"num_q_heads={num_q_heads} // num_kv_heads={num_kv_heads} = {group} query heads per kv head exceeds {ROWS}"
         )
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head_dim={d} is not supported by the Mosaic GPU kernel; expected one of {HEAD_DIMS}")
-    if n // kh > ROWS:
-        raise ValueError(f"num_q_heads={n} // num_kv_heads={kh} = {n // kh} query heads per kv head exceeds {ROWS}")
-    if (defect := known_defect(d, n // kh)) is not None:
-        raise ValueError(defect)
+    return known_defect(head_dim, group)
+
+
+def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
+    """``pallas_kernels.checks.check_args``, then what this kernel adds (:func:`unsupported_reason`)."""
+    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
+    mgpu_common.refuse(unsupported_reason(n, kh, d, k.dtype), k.dtype)
     return b, n, kh, s, d
 
 

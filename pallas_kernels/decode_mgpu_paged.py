@@ -40,10 +40,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, checks, common, decode_mgpu, paged
+from pallas_kernels import backend, checks, common, decode_mgpu, mgpu_common, paged
 from pallas_kernels import decode_mgpu_kernel as kernel
 from pallas_kernels.decode_mgpu import MgpuConfig
-from pallas_kernels.mgpu_common import ROWS
 
 MIN_PAGE = 8  # a TMA copy writes whole 8-row tiles of the swizzled slot
 
@@ -67,21 +66,10 @@ def paged_mgpu_config(
 
 
 def paged_mgpu_unsupported_reason(num_q_heads: int, num_kv_heads: int, page_size: int, head_dim: int, dtype):
-    """Why this kernel cannot take these heads, page size, head_dim and pool dtype (None: it can), any machine."""
-    if jnp.dtype(dtype) not in decode_mgpu.CACHE_DTYPES:
-        names = [str(t) for t in decode_mgpu.CACHE_DTYPES]
-        return f"the Mosaic GPU paged kernel takes {names} pools (16-bit MMA inputs), got {jnp.dtype(dtype)}"
-    if head_dim not in decode_mgpu.HEAD_DIMS:
-        return f"head_dim={head_dim} is not supported by the Mosaic GPU kernel; expected one of {decode_mgpu.HEAD_DIMS}"
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        return f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}"
-    if num_q_heads // num_kv_heads > ROWS:
-        group = num_q_heads // num_kv_heads
-        return (
-            f"num_q_heads={num_q_heads} // num_kv_heads={num_kv_heads} = {group} query heads per kv head exceeds {ROWS}"
-        )
-    if (defect := decode_mgpu.known_defect(head_dim, num_q_heads // num_kv_heads)) is not None:
-        return defect
+    """Why this kernel cannot take these heads, page size, head_dim and pool dtype (None: it can), any machine:
+    ``decode_mgpu.unsupported_reason``, and pages the TMA tiles."""
+    if (reason := decode_mgpu.unsupported_reason(num_q_heads, num_kv_heads, head_dim, dtype)) is not None:
+        return reason
     if page_size < MIN_PAGE or page_size & (page_size - 1):
         return f"page_size={page_size} must be a power of two >= {MIN_PAGE} for the Mosaic GPU kernel (TMA tiles)"
     return None
@@ -151,9 +139,7 @@ def check_paged_mgpu_args(q, k_pages, v_pages, block_tables, lengths, layer=None
     """``pallas_kernels.paged.check_args``, then what this kernel adds (:func:`paged_mgpu_unsupported_reason`);
     returns ``(B, N, K, P, page_size, D)``."""
     b, n, kh, num_pages, page_size, d = paged.check_args(q, k_pages, v_pages, block_tables, lengths, layer)
-    reason = paged_mgpu_unsupported_reason(n, kh, page_size, d, k_pages.dtype)
-    if reason is not None:
-        raise (TypeError if jnp.dtype(k_pages.dtype) not in decode_mgpu.CACHE_DTYPES else ValueError)(reason)
+    mgpu_common.refuse(paged_mgpu_unsupported_reason(n, kh, page_size, d, k_pages.dtype), k_pages.dtype)
     return b, n, kh, num_pages, page_size, d
 
 

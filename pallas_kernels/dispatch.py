@@ -20,12 +20,9 @@ def prefer_mgpu(
     """Whether :func:`decode_attention_auto` takes the Mosaic GPU kernel for this shape (the rule above)."""
     dtype = jnp.dtype(dtype)
     if (
-        dtype not in decode_mgpu.CACHE_DTYPES
-        or head_dim not in decode_mgpu.HEAD_DIMS
-        or group > decode_mgpu.ROWS
+        decode_mgpu.unsupported_reason(group * num_kv_heads, num_kv_heads, head_dim, dtype) is not None
         or max_len % 8
         or max_len < decode_mgpu.BLOCK_K
-        or decode_mgpu.known_defect(head_dim, group) is not None
     ):
         return False  # the Mosaic GPU kernel cannot take it, or would need a padded copy of the cache
     sms = num_multiprocessors or backend.num_multiprocessors()

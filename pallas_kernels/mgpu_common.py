@@ -19,6 +19,27 @@ MGPU_SMEM_RESERVE = 7 * 1024
 LOG2E = math.log2(math.e)
 
 
+def unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
+    """Why a Mosaic GPU attention kernel cannot take these heads, head_dim and cache dtype (None: it can), any
+    machine: 16-bit MMA inputs, a head_dim the swizzle tiles, whole groups of query heads."""
+    if jnp.dtype(dtype) not in CACHE_DTYPES:
+        names = [str(t) for t in CACHE_DTYPES]
+        return (
+            f"the Mosaic GPU kernel takes {names} K/V (16-bit MMA inputs; the Triton kernels take float32), got {dtype}"
+        )
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim={head_dim} is not supported by the Mosaic GPU kernel; expected one of {HEAD_DIMS}"
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        return f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+    return None
+
+
+def refuse(reason: str | None, dtype) -> None:
+    """Raise ``reason`` (if any): ``TypeError`` for a cache dtype the MMA cannot take, else ``ValueError``."""
+    if reason is not None:
+        raise (TypeError if jnp.dtype(dtype) not in CACHE_DTYPES else ValueError)(reason)
+
+
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 

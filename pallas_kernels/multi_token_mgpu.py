@@ -41,7 +41,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import backend, checks, common
 from pallas_kernels import multi_token_mgpu_kernel as kernel
-from pallas_kernels.mgpu_common import CACHE_DTYPES, HEAD_DIMS, MGPU_SMEM_RESERVE, ROWS, round_up
+from pallas_kernels.mgpu_common import MGPU_SMEM_RESERVE, ROWS, refuse, round_up, unsupported_reason
 from pallas_kernels.multi_token_tiles import ALIGN, check_args, tile_table
 
 BLOCK_KS = (64, 128)  # 64: the decode kernel's verified block; 128 only measured against it (see the docs)
@@ -72,15 +72,7 @@ def smem_bytes(config: MgpuMultiTokenConfig, head_dim: int, itemsize: int, out_i
     return consumers * ROWS * head_dim * (itemsize + out_itemsize) + ring
 
 
-def mgpu_unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
-    """Why this kernel cannot take the shape and cache dtype (None: it can), whatever the machine."""
-    if jnp.dtype(dtype) not in CACHE_DTYPES:
-        return f"the Mosaic GPU kernel takes {[str(t) for t in CACHE_DTYPES]} K/V (16-bit MMA inputs), got {dtype}"
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim={head_dim} is not supported by the Mosaic GPU kernel; expected one of {HEAD_DIMS}"
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        return f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}"
-    return None
+mgpu_unsupported_reason = unsupported_reason  # nothing the multi-token kernels add
 
 
 def mgpu_supported(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> bool:
@@ -136,8 +128,7 @@ def launch(kernel_fn, table, layer, q, k, v, *, config, pages=None, **options):
 def check_mgpu_args(q, k, v, q_starts, lengths, counts, layer=None, *, window=None, softcap=None):
     """``multi_token_tiles.check_args``, then what this kernel adds (:func:`mgpu_unsupported_reason`)."""
     t, n, kh, s, d = check_args(q, k, v, q_starts, lengths, counts, layer, window=window, softcap=softcap)
-    if (reason := mgpu_unsupported_reason(n, kh, d, k.dtype)) is not None:
-        raise (TypeError if jnp.dtype(k.dtype) not in CACHE_DTYPES else ValueError)(reason)
+    refuse(mgpu_unsupported_reason(n, kh, d, k.dtype), k.dtype)
     return t, n, kh, s, d
 
 
