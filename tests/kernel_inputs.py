@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import REL_TOL
 from helpers_compile import FAST_COMPILE
+from reference import decode_attention_f64
 
 from jkv.caches.formats import dequantize, quantize
 
@@ -54,6 +55,20 @@ def random_paged(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, 
     if layers is None:
         k_pages, v_pages = k_pages[0], v_pages[0]
     return k_pages, v_pages, tables, slabs
+
+
+def bench_paged_inputs(rng, batch, seq, page_size):
+    """The benchmark's head layout (N=32, K=8, D=128) over bf16 page pools, full lengths but the first
+    (``seq - 77``): ``(q, k_pages, v_pages, tables, lengths)`` as device arrays and the float64 reference output."""
+    lengths = np.full((batch,), seq, np.int32)
+    lengths[0] = seq - 77
+    k_pages, v_pages, tables, (k, v) = random_paged(
+        rng, batch, 8, 128, page_size, seq // page_size, lengths, None, True
+    )
+    q = rng.standard_normal((batch, 32, 128))
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+    ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
+    return (bf(q), bf(k_pages), bf(v_pages), jnp.asarray(tables), jnp.asarray(lengths)), ref
 
 
 def q8_pools(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, layers, stale, scale_dtype=jnp.float16):

@@ -21,7 +21,7 @@ from arg_errors import (
     parametrize,
 )
 from conftest import REL_TOL, rel_err
-from kernel_inputs import random_paged
+from kernel_inputs import bench_paged_inputs, random_paged
 from reference import decode_attention_f64
 from test_paged_kernel import LENGTHS
 
@@ -134,15 +134,8 @@ class TestOnHopper:
     )
     def test_bench_shapes_default_config(self, rng, batch, seq, page_size):
         """The benchmark's head layout (N=32, K=8, D=128, bf16) with the default launch parameters."""
-        lengths = np.full((batch,), seq, np.int32)
-        lengths[0] = seq - 77
-        k_pages, v_pages, tables, (k, v) = random_paged(
-            rng, batch, 8, 128, page_size, seq // page_size, lengths, None, True
-        )
-        q = rng.standard_normal((batch, 32, 128))
-        bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-        ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
-        out = mp.paged_decode_attention_mgpu(bf(q), bf(k_pages), bf(v_pages), jnp.asarray(tables), jnp.asarray(lengths))
+        args, ref = bench_paged_inputs(rng, batch, seq, page_size)
+        out = mp.paged_decode_attention_mgpu(*args)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
 
 

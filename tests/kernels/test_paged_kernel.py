@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from arg_errors import assert_refusals, paged_check_errors
 from conftest import REL_TOL, rel_err
-from kernel_inputs import random_paged, run_jitted
+from kernel_inputs import bench_paged_inputs, random_paged, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -227,16 +227,7 @@ class TestOnGpu:
     @pytest.mark.parametrize("batch,seq,page_size", [(1, 4096, 16), (8, 4096, 64)], ids=str)
     def test_bench_shapes_default_config(self, rng, batch, seq, page_size):
         """The benchmark's head layout (N=32, K=8, D=128, bf16) with its default launch parameters."""
-        lengths = np.full((batch,), seq, np.int32)
-        lengths[0] = seq - 77
-        k_pages, v_pages, tables, (k, v) = random_paged(
-            rng, batch, 8, 128, page_size, seq // page_size, lengths, None, True
-        )
-        q = rng.standard_normal((batch, 32, 128))
-        bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-        ref = decode_attention_f64(*(np.asarray(bf(x).astype(jnp.float32), np.float64) for x in (q, k, v)), lengths)
+        args, ref = bench_paged_inputs(rng, batch, seq, page_size)
         with poisoned_outputs():
-            out = paged.paged_decode_attention(
-                bf(q), bf(k_pages), bf(v_pages), jnp.asarray(tables), jnp.asarray(lengths), interpret=False
-            )
+            out = paged.paged_decode_attention(*args, interpret=False)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
