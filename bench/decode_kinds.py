@@ -173,7 +173,7 @@ class Row(NamedTuple):
     fn: Callable
     fmt: str = "bf16"  # bytes counted and reference: "bf16", "q8" or "fp8"
     mgpu: bool = False  # Mosaic GPU only: lowered for CUDA, not run, where it cannot run
-    refused: str | None = None  # the kernel's own refusal of this shape (decode_mgpu.known_defect): not a failure
+    refused: str | None = None  # the kernel's own refusal of this shape (decode_mgpu.unsupported_reason): not a failure
 
 
 def dot_product_attention(implementation: str, ragged: bool):
@@ -209,7 +209,7 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
     and Mosaic GPU, Q8 and FP8 contiguous and paged) and jax's cuDNN attention (its XLA path in a smoke run)."""
     ragged = shape.lengths is not None
     n, kh, d = shape.heads
-    refused = decode_mgpu.known_defect(d, n // kh)
+    refused = decode_mgpu.unsupported_reason(n, kh, d, jnp.bfloat16)
     return {
         "jkv_auto": Row("bf16", dispatch.decode_attention_auto),
         "jkv_triton": Row("bf16", decode.decode_attention),

@@ -128,22 +128,10 @@ def _resolve_config(default: MgpuConfig, head_dim: int, itemsize: int, **overrid
     return config
 
 
-def known_defect(head_dim: int, group: int) -> str | None:
-    """Why the Mosaic GPU decode kernels refuse a shape they lower for but were measured to get wrong on the GPU
-    (docs/notes/decode_kernel.md, "v6"); None where no defect is known. The dispatch never picks them there."""
-    if head_dim == 64 and group % 8:
-        return (
-            f"head_dim=64 with group={group} query heads per kv head (not a multiple of 8): the Mosaic GPU decode "
-            "kernels compute wrong attention there (a known defect, docs/notes/decode_kernel.md); use the Triton "
-            "kernel (pallas_kernels.decode / pallas_kernels.paged)"
-        )
-    return None
-
-
 def unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
     """Why the Mosaic GPU decode kernels (contiguous and paged) cannot take these heads, head_dim and cache dtype
-    (None: they can), any machine: ``mgpu_common.unsupported_reason``, a kv head's query heads within one 64-row
-    MMA tile, no :func:`known_defect`."""
+    (None: they can), any machine: ``mgpu_common.unsupported_reason`` and a kv head's query heads within one
+    64-row MMA tile."""
     if (reason := mgpu_common.unsupported_reason(num_q_heads, num_kv_heads, head_dim, dtype)) is not None:
         return reason
     group = num_q_heads // num_kv_heads
@@ -151,7 +139,7 @@ def unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype
         return (
             f"num_q_heads={num_q_heads} // num_kv_heads={num_kv_heads} = {group} query heads per kv head exceeds {ROWS}"
         )
-    return known_defect(head_dim, group)
+    return None
 
 
 def check_mgpu_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:

@@ -3,10 +3,12 @@
 in how a ring slot is filled (a :data:`SlotFill`) and in the static :class:`Ring` facts that follow from it.
 
 * one program (one warpgroup, 128 threads) per ``(split, kv head, b)``; the ``G`` query heads of the kv head are
-  ``G`` rows of a 64-row query tile (a warpgroup MMA has 64 rows), held in registers as the MMA's left operand.
+  ``G`` rows of a 64-row query tile (a warpgroup MMA has 64 rows), which the first MMA reads from shared memory.
   Tiled TMA copies start on the 8-row tile, so the tile is the 64-row window of ``q`` from the multiple of 8 at
-  or below the head's first row (all of ``q``'s rows where it has fewer than 64); the other rows are zeroed in
-  registers and never stored;
+  or below the head's first row (all of ``q``'s rows where it has fewer than 64); the other rows (other heads',
+  or never written) are computed alongside and never stored: rows are independent through both MMAs and the
+  softmax. (With the tile in registers as the MMA's operand, jax 0.11.2's Mosaic GPU gave wrong products at
+  head_dim 64 for rows not starting the 8-row tile: docs/notes/decode_kernel.md, v7.);
 * K and V blocks of ``block_k`` positions stream through a ring of ``num_stages`` shared-memory slots, each filled
   by ``Ring.copies`` TMA copies completing on the slot's barrier; a slot's K is refilled with the block
   ``num_stages`` ahead as soon as the block's scores are read, its V once the second MMA has completed, so up to
@@ -98,8 +100,7 @@ def kernel(
 
     # Tiled TMA copies start at multiples of the 8-row tile: this kv head's G query rows sit at `offset` in a
     # window of up to 64 rows from the multiple of 8 at or below its first row. The other rows of the window
-    # belong to other heads (or lie past the end, where TMA fills zeros); they are zeroed in registers and never
-    # stored.
+    # belong to other heads (or lie past the end, where TMA fills zeros): computed, never stored.
     first_row = b * (num_kv_heads * group) + h * group
     window_row = pl.multiple_of(lax.div(first_row, jnp.int32(8)) * 8, 8)
     offset = first_row - window_row  # 0..7
@@ -118,16 +119,13 @@ def kernel(
 
         # The query window and the first K/V blocks are all in flight before the program waits for any.
         # Fewer than 64 query rows in all (small batches): the window is all of them, into the tile's first rows
-        # (the rest of the tile is never initialised; those rows are zeroed below, as are other heads' rows).
+        # (the rest of the tile is never initialised: rows never stored).
         q_window = min(ROWS, q_ref.shape[0])
         q_dst = q_smem if q_window == ROWS else q_smem.at[pl.ds(0, q_window)]
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, q_window)], q_dst, q_barrier.at[0])
         for i in range(num_stages):
             pl.when(i < steps)(functools.partial(fetch, lo + i, i))
         plgpu.barrier_wait(q_barrier.at[0])
-        q = q_smem[...]  # [ROWS, D], the MMA register layout
-        q_rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, head_dim), 0, layout=wgmma_layout)
-        q = jnp.where((q_rows >= offset) & (q_rows < offset + group), q, 0).astype(dtype)
 
         def step(i, carry):
             acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32 (m in base-2 units)
@@ -137,7 +135,7 @@ def kernel(
 
             refill = lambda: i + num_stages < steps
             s = ring_scores(
-                q, k_smem, k_barriers, slot, block_k, refill=refill, fetch=lambda: fetch_k(t + num_stages, slot)
+                q_smem, k_smem, k_barriers, slot, block_k, refill=refill, fetch=lambda: fetch_k(t + num_stages, slot)
             )
 
             pos = start + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=wgmma_layout)
@@ -228,7 +226,7 @@ def launch(named_kernel, q, k, v, lengths, layer, tables=None, *, batch: int, sp
             jax.ShapeDtypeStruct((batch, kv_heads, rows, group, head_dim), jnp.float32),  # acc
             jax.ShapeDtypeStruct((batch, kv_heads, rows, group, STATS), jnp.float32),  # m, denom
         )
-    q_rows = q.reshape(-1, head_dim)  # [B * N, D], a free reshape
+    q_rows = q.reshape(-1, head_dim).astype(k.dtype)  # [B * N, D]: a free reshape; the MMA's operand dtype
     padded = round_up(q_rows.shape[0], 8)
     if padded != q_rows.shape[0]:  # whole 8-row tiles (a copy of q; only where B * N is not a multiple of 8)
         q_rows = jnp.pad(q_rows, ((0, padded - q_rows.shape[0]), (0, 0)))

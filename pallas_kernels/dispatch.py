@@ -10,8 +10,10 @@ import jax.numpy as jnp
 from pallas_kernels import backend, checks, decode, decode_mgpu
 
 # The Mosaic GPU kernel wins with at least this many bytes of K and V and at most two (b, kv head) programs per
-# multiprocessor (docs/BENCHMARKS.md, "Decode attention"; the measurements behind it: docs/notes/kernel_rules.md).
+# multiprocessor (docs/BENCHMARKS.md, "Decode attention"; the measurements behind it: docs/notes/kernel_rules.md),
+# at head_dim 128 and up: at head_dim 64 the Triton kernel measured faster (docs/notes/decode_kernel.md, v7).
 MIN_CACHE_BYTES = 64 * 2**20
+MIN_HEAD_DIM = 128
 
 
 def prefer_mgpu(
@@ -23,6 +25,7 @@ def prefer_mgpu(
         decode_mgpu.unsupported_reason(group * num_kv_heads, num_kv_heads, head_dim, dtype) is not None
         or max_len % 8
         or max_len < decode_mgpu.BLOCK_K
+        or head_dim < MIN_HEAD_DIM
     ):
         return False  # the Mosaic GPU kernel cannot take it, or would need a padded copy of the cache
     sms = num_multiprocessors or backend.num_multiprocessors()

@@ -23,8 +23,6 @@ MGPU_INPUT_ERRORS = [
 DECODE_MGPU_INPUT_ERRORS = [
     *MGPU_INPUT_ERRORS,
     ("group_65", dict(group=65, kv_heads=1), ValueError, "65 query heads per kv head exceeds 64"),
-    ("d64_group_3", dict(head_dim=64, group=3), ValueError, "head_dim=64 with group=3 .* known defect"),
-    ("d64_group_12", dict(head_dim=64, group=12), ValueError, "head_dim=64 with group=12 .* known defect"),
 ]
 # Their launch overrides (decode_mgpu._resolve_config): (id, keyword arguments, error, regex).
 DECODE_MGPU_LAUNCH_ERRORS = [

@@ -108,12 +108,12 @@ class TestOnHopper:
         out = decode_mgpu.decode_attention_mgpu(bf(q), bf(k[0]), bf(v[0]), jnp.asarray(lengths + 1), num_splits=3)
         assert rel_err(out.astype(jnp.float32), ref) < REL_TOL["bfloat16"]
 
-    @pytest.mark.xfail(strict=True, reason="decode_mgpu.known_defect: lift the refusal once this passes")
+    @pytest.mark.parametrize("group", [1, 3, 5])
     @pytest.mark.parametrize("splits", [1, 3])
-    def test_known_defect_head_dim_64_group_5(self, rng, splits):
-        """The shape ``known_defect`` refuses, run through the kernel body behind the refusal: wrong on an H100
-        (docs/notes/decode_kernel.md, v6). Strict: a fixed kernel makes this test fail, so the refusal goes."""
-        batch, kv_heads, group, d, seq = 3, 3, 5, 64, 2048
+    def test_head_dim_64_groups_off_the_8_row_tile(self, rng, splits, group):
+        """head_dim 64 with kv heads whose query rows start inside an 8-row tile, over many blocks: wrong while
+        the query tile was the first MMA's register operand (docs/notes/decode_kernel.md, v6 and v7)."""
+        batch, kv_heads, d, seq = 3, 3, 64, 2048
         lengths = np.array([2000, 1, 777], np.int32)
         q = rng.standard_normal((batch, kv_heads * group, d))
         k, v = (rng.standard_normal((1, batch, kv_heads, seq, d)) for _ in range(2))
@@ -152,9 +152,9 @@ def test_dispatch_rule_on_the_benchmark_shapes(batch, seq, want):
     assert dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.bfloat16, num_multiprocessors=132) == want
     assert not dispatch.prefer_mgpu(batch, 8, seq, 128, 4, jnp.float32, num_multiprocessors=132)  # no f32 MMA here
     assert not dispatch.prefer_mgpu(batch, 8, seq + 4, 128, 4, jnp.bfloat16, num_multiprocessors=132)  # would pad
-    # head_dim 64 only with whole 8-row groups of query heads (decode_mgpu.known_defect)
-    assert dispatch.prefer_mgpu(batch, 8, 2 * seq, 64, 8, jnp.bfloat16, num_multiprocessors=132) == want
-    assert not dispatch.prefer_mgpu(batch, 8, 2 * seq, 64, 3, jnp.bfloat16, num_multiprocessors=132)
+    # head_dim 64: the Triton kernel, whatever the size (it measured faster there)
+    for group in (3, 8):
+        assert not dispatch.prefer_mgpu(batch, 8, 4 * seq, 64, group, jnp.bfloat16, num_multiprocessors=132)
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="checks the fallback where Mosaic GPU cannot run")

@@ -48,6 +48,8 @@ CASES = [
     ("mha_d128_bf16_ps256", 2, 8, 1, 128, 256, 3, "bfloat16", ("ps+1", "S"), None, 2, 2, "nan"),
     ("g8_d256_f16_ps8_layer0_of2", 2, 2, 8, 256, 8, 40, "float16", ("ps-1", "bk+1"), (2, 0), 3, None, "-1"),
     ("g5_d128_bf16_ps32_rows_past_64", 7, 2, 5, 128, 32, 20, "bfloat16", ("S", "ps", "1", "bk"), None, 2, 2, "wild"),
+    ("g5_d64_bf16_ps32_rows_past_64", 7, 2, 5, 64, 32, 20, "bfloat16", ("S", "ps", "1", "bk"), None, 2, 2, "wild"),
+    ("g3_d64_f16_ps16_one_split", 3, 3, 3, 64, 16, 40, "float16", ("S-1", "ps"), None, 1, 2, "wild"),
 ]
 IDS = [c[0] for c in CASES]
 
