@@ -17,6 +17,7 @@ output the next call's query.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,6 +29,8 @@ STEP_CASES = {"step-8b-b1": 1, "step-8b-b64": 64}
 ATTN_CASES = {"attn-1x32768": (1, 32768), "attn-16x8192": (16, 8192), "attn-128x2048": (128, 2048)}
 HEADS = (32, 8, 128)  # query heads, kv heads, head_dim
 PROMPT, MAX_LEN = 1024, 2048
+# Each worker's share of the GPU's memory (two workers; JKV_AB_MEM_FRACTION overrides, e.g. 0.48 on an 80 GB card).
+MEM_FRACTION = os.environ.get("JKV_AB_MEM_FRACTION", "0.45")
 SMOKE = os.environ.get("JKV_AB_SMOKE") == "1"  # tiny shapes: a check of this script on a CPU
 if SMOKE:
     ATTN_CASES = {name: (b, 64) for name, (b, _) in ATTN_CASES.items()}
@@ -76,14 +79,25 @@ class Api:
         return self.jkv.decode_attention(q, cache, 0)
 
 
-def _step_case(api, batch):
+@functools.cache
+def _model():
+    """The 8B-shaped config and its random bf16 weights, once per worker: the step cases share them (16 GB)."""
     import jax
     import jax.numpy as jnp
 
     from jkv.models import llama
 
     config = llama.LlamaConfig(512, 128, 256, 2, 4, 2, 32) if SMOKE else llama.LlamaConfig.llama3_8b()
-    params = llama.init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
+    return config, llama.init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
+
+
+def _step_case(api, batch):
+    import jax
+    import jax.numpy as jnp
+
+    from jkv.models import llama
+
+    config, params = _model()
     spec = api.jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, MAX_LEN, jnp.bfloat16)
     lengths = jax.random.randint(jax.random.key(1), (batch,), PROMPT // 2, PROMPT + 1)
     cache = _with_lengths(_randomize(api.cache(spec, batch), jax.random.key(2)), lengths)
@@ -153,7 +167,7 @@ def worker(case_names, steps, calls):
 
 # ---------------------------------------------------------------------------------------------- coordinator
 def start(path, cases, args):
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(path), XLA_PYTHON_CLIENT_MEM_FRACTION="0.45")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(path), XLA_PYTHON_CLIENT_MEM_FRACTION=MEM_FRACTION)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--cases", *cases]
     cmd += ["--steps", str(args.steps), "--calls", str(args.calls)]
     proc = subprocess.Popen(cmd, env=env, cwd=path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
