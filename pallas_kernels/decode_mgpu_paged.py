@@ -10,7 +10,7 @@ head ``n // G``; softmax in float32; the output has ``q.dtype``. Arguments are v
 ``pallas_kernels.paged.check_args`` plus what the MMA needs (:func:`paged_mgpu_unsupported_reason`).
 
 The kernel is ``decode_mgpu_kernel``'s (one warpgroup per ``(split, kv head, b)``, the kv head's ``G`` query heads as
-rows of a 64-row query tile in registers, a ``num_stages``-slot TMA ring of ``block_k = 64`` positions, ``wgmma``
+rows of a 64-row query tile in shared memory, a ``num_stages``-slot TMA ring of ``block_k = 64`` positions, ``wgmma``
 for ``q @ K^T`` and ``p @ V``, online softmax in base 2, split-K partials merged by
 ``pallas_kernels.common.merge_partials``); this module gives it how a ring slot is filled (:func:`_fill`):
 
