@@ -193,7 +193,7 @@ def main(argv=None):
     p.add_argument("--b", help="checkout compared with the baseline")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=20, help="decode steps per timing")
-    p.add_argument("--calls", type=int, default=50, help="attention calls per timing")
+    p.add_argument("--calls", type=int, default=400, help="attention calls per timing (fewer: rounds too noisy)")
     p.add_argument("--cases", nargs="+", default=[*STEP_CASES, *ATTN_CASES])
     p.add_argument("--out", default=None, help="JSON lines, one per timing")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -41,11 +41,12 @@ for part in "${parts[@]}"; do
       ;;
     ab)
       if [ -d .ab_old/jkv ]; then
-        # Each worker holds an 8B model, its cache and the batch-64 step (~48 GB): both fit only past ~100 GB.
+        # Each worker holds 8B-shaped weights and the batch-64 cache (~33 GiB): on an 80 GB card give each 48 %.
         mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-        cases=()
-        [ "${mib:-0}" -lt 100000 ] && cases=(--cases step-8b-b1 attn-1x32768 attn-16x8192 attn-128x2048)
-        run ab 420 python bench/ab.py --a .ab_old --b . --rounds 7 --out "$OUT/ab.jsonl" "${cases[@]}"
+        fraction=0.45
+        [ "${mib:-0}" -lt 100000 ] && fraction=0.48
+        export JKV_AB_MEM_FRACTION=$fraction
+        run ab 420 python bench/ab.py --a .ab_old --b . --rounds 7 --out "$OUT/ab.jsonl"
       else
         echo "== ab skipped: unpack the baseline first (git archive 1e4888c jkv pallas_kernels | tar -x -C .ab_old)"
       fi
