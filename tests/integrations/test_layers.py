@@ -1,7 +1,9 @@
 """The NNX and Equinox attention layers against float64 NumPy (GQA, NORM rotary, window, soft cap, ragged
 steps); their models' donated steps updating the cache in place; vmap over single-sequence caches."""
 
+import collections
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +14,11 @@ from helpers_integrations import CONFIG, FRAMEWORKS, make_cache, model_step, ran
 from reference import attention_f64, rope_f64
 
 import jkv
+from jkv.attention import api
 from jkv.integrations import common
 from jkv.integrations import eqx as jeqx
 from jkv.integrations import nnx as jnnx
+from pallas_kernels import backend
 
 H, N, K, D, THETA = 32, 6, 2, 16, 500.0
 OPTIONS = {"plain": {}, "window-softcap-norm": dict(window=3, softcap=1.5, rope_style="norm")}
@@ -144,3 +148,31 @@ def test_vmap_over_single_sequence_caches_equals_batched(framework, kind, rng):
             for x, y in zip(got.layer(layer), want.layer(layer), strict=True):
                 x, y = np.asarray(x)[0, :, :n], np.asarray(y)[0, :, :n]
                 np.testing.assert_allclose(x, y, atol=1e-6 * np.abs(y).max(), rtol=0)
+
+
+def _cuda_kernels(fn, *args) -> collections.Counter:
+    """The Pallas kernels (by name) in ``fn``'s program lowered for CUDA."""
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return collections.Counter(re.findall(r'name = "(jkv_[A-Za-z0-9_]+)"', text))
+
+
+@pytest.mark.parametrize("framework,kind", [("nnx", "f32"), ("eqx", "paged"), ("nnx", "q8")])
+def test_vmap_over_single_sequence_caches_runs_the_batched_kernels(monkeypatch, framework, kind):
+    """On a GPU the vmapped one-sequence step runs the batched step's kernels (vmap adds a grid axis to each
+    Pallas call): both programs lowered for CUDA, with the GPU paths forced (Triton, no interpret mode), name the
+    same kernels, a multi-token one for a prompt step and a decode one for T = 1."""
+    monkeypatch.setattr(api, "default_impl", lambda: "pallas")
+    monkeypatch.setattr(backend, "gpu_backend", lambda: backend.TRITON)
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: False)
+    monkeypatch.setattr(backend, "resolve_interpret", lambda interpret: bool(interpret))
+    step, weights = model_step(framework, random_params())
+    one = lambda w, cache, tokens, counts: step(w, cache, tokens[None], counts[None])
+    batched = make_cache(kind, 3, nan=False)
+    stacked = common.stack_caches([make_cache(kind, 1, nan=False) for _ in range(3)])
+    for t, family in ((5, "jkv_multi_token"), (1, "jkv_")):
+        tokens, counts = jnp.zeros((3, t), jnp.int32), jnp.full((3,), t, jnp.int32)
+        want = _cuda_kernels(step, weights, batched, tokens, counts)
+        got = _cuda_kernels(jax.vmap(one, in_axes=(None, 0, 0, 0)), weights, stacked, tokens, counts)
+        assert want and all(name.startswith(family) for name in want), want
+        assert (t == 1) == all("multi_token" not in name for name in want), want
+        assert got == want
