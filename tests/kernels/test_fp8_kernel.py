@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, fp8_arrays, random_paged, run_jitted
+from kernel_inputs import KERNEL_TOL, LENGTHS, fp8_arrays, random_paged, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -23,15 +23,6 @@ from pallas_kernels import backend, decode_fp8, reference
 from pallas_kernels.formats import FP8_DTYPE
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
-
-LENGTHS = {  # relative to the cache size S and the block size bk
-    "0": lambda s, bk: 0,
-    "1": lambda s, bk: 1,
-    "bk-1": lambda s, bk: bk - 1,
-    "bk": lambda s, bk: bk,
-    "bk+1": lambda s, bk: bk + 1,
-    "S": lambda s, bk: s,
-}
 
 # (id, batch, kv_heads, group, head_dim, max_len, q dtype, lengths, layers, block_k, num_splits); layers: None for
 # one layer [B, K, S, D], (L, layer) for a whole cache, layer "traced" under jit.
