@@ -17,14 +17,16 @@ KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat1
 # relative errors of 7.2e-3 to 8.6e-3 over 1024 positions with either scale dtype (docs/quant.md); asserted at
 # about twice the largest.
 Q8_ATTENTION_REL_TOL = 1.5e-2
-# Named sequence lengths of the decode kernel tables, from the cache size S and the block size bk: empty, one
+# Lengths named relative to the cache size S and the block size bk, so one table serves every scale: empty, one
 # position, a block's edges and the capacity.
 LENGTHS = {
-    "0": lambda s, bk: 0,
     "1": lambda s, bk: 1,
+    "0": lambda s, bk: 0,
     "bk-1": lambda s, bk: bk - 1,
     "bk": lambda s, bk: bk,
     "bk+1": lambda s, bk: bk + 1,
+    "2bk+1": lambda s, bk: 2 * bk + 1,
+    "S-1": lambda s, bk: s - 1,
     "S": lambda s, bk: s,
 }
 
