@@ -32,6 +32,7 @@ CASES = [
     ("g8_d64_f32_layer1_of3_default", 2, 1, 8, 64, 64, "float32", ("S", "0"), (3, 1), None, None),
     ("g3_d128_f16_traced_layer", 2, 2, 3, 128, 150, "float16", ("S", "bk+1"), (2, "traced"), 32, None),
     ("g2_d32_f32_tiny_cache", 2, 2, 2, 32, 8, "float32", ("S", "1"), None, None, None),
+    ("g2_d256_bf16_splits2", 2, 1, 2, 256, 48, "bfloat16", ("bk+1", "S"), None, 16, 2),
 ]
 # (id, batch, kv_heads, group, head_dim, page_size, max_pages, q dtype, lengths, layers, pages_per_block, splits,
 #  preload); lengths in positions (clipped to the capacity); preload None: the default.
