@@ -142,12 +142,12 @@ def decode_kernel(
     # With one chunk (FP8) every wide tile is the plain one.
     wide_rows_ = chunks * rows
     iota = lambda dim: lax.broadcasted_iota(jnp.int32, (wide_rows_, head_dim), dim)
-    diag = lambda: iota(0) // rows == iota(1) // chunk  # [R, D]: row block c's own chunk c
+    diag = iota(0) // rows == iota(1) // chunk if chunks > 1 else None  # [R, D]: row block c's own chunk c
 
     def widen(x):  # [rows, ...] -> [chunks * rows, ...]: row c * rows + g is x[g]
         return x if chunks == 1 else jnp.broadcast_to(x[None], (chunks, *x.shape)).reshape(wide_rows_, *x.shape[1:])
 
-    q_wide = q if chunks == 1 else jnp.where(diag(), widen(q), jnp.zeros((wide_rows_, head_dim), q.dtype))  # [R, D]
+    q_wide = q if chunks == 1 else jnp.where(diag, widen(q), jnp.zeros((wide_rows_, head_dim), q.dtype))  # [R, D]
 
     def scores_of(keys):
         codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
@@ -159,15 +159,16 @@ def decode_kernel(
 
     def values_of(p, keys, valid):
         v_scale = scale_tile(v_scale_ref, keys)  # [chunks, bk]
-        values = v_ref[layer, b, h, keys, :].astype(dot_dtype)  # [bk, D]
         if valid is not None:
             v_scale = jnp.where(valid[None, :], v_scale, 0.0)
-            if jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 values may be NaN there (int8 codes cannot)
-                values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
         # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the whole
         # code tile is right in chunk c's columns (the rest is dropped once, at the end).
         p_wide = p * v_scale if chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(wide_rows_, block_k)
-        return common.dot(p_wide.astype(dot_dtype), values)  # [R, D]
+        p_wide = p_wide.astype(dot_dtype)
+        values = v_ref[layer, b, h, keys, :].astype(dot_dtype)  # [bk, D]
+        if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
+            values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
+        return common.dot(p_wide, values)  # [R, D]
 
     def attend(carry, start, valid):
         m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
@@ -187,7 +188,7 @@ def decode_kernel(
         attend, rows, (wide_rows_, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
     )
     if chunks > 1:  # each row block's own chunk
-        acc = jnp.sum(jnp.where(diag(), acc, 0.0).reshape(chunks, rows, head_dim), axis=0)
+        acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)
 
     decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, group=group, rows=rows,
                       num_splits=num_splits)  # fmt: skip
