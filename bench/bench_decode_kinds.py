@@ -9,8 +9,9 @@ Shapes (``bench/decode_kinds.py``; ``--shapes`` picks a subset or adds others): 
 * ``paged_triton`` / ``paged_mgpu``: ``paged`` and ``decode_mgpu_paged`` on the same contents in pages of 16
   at permuted places of a pool;
 * ``q8_triton`` / ``q8paged_triton``: ``decode_q8`` and ``paged_q8`` on the same K/V quantized (int8 codes,
-  float16 scales per 32 values), contiguous and in the same pages; ``fp8_triton`` / ``fp8paged_triton``: what jkv
-  runs at T = 1 for its FP8 kinds (no decode kernel): ``multi_token_quant``'s FP8 kernels, one query per sequence;
+  float16 scales per 32 values), contiguous and in the same pages; ``fp8_triton`` / ``fp8paged_triton``:
+  ``decode_fp8``'s kernels on the same K/V in FP8 (e4m3 values, a float32 scale per position), contiguous and
+  in the same pages;
 * ``jax_cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on ``[B, S, K, D]`` K/V (transposed
   outside the timing), the lengths as ``key_value_seq_lengths`` where ragged;
 * ``torch_cudnn`` / ``torch_flash``: ``scaled_dot_product_attention`` (``enable_gqa``) forced to that backend,

@@ -25,6 +25,7 @@ from jkv.caches.formats import quantize
 from pallas_kernels import (
     backend,
     decode,
+    decode_fp8,
     decode_mgpu,
     decode_mgpu_paged,
     decode_q8,
@@ -34,8 +35,6 @@ from pallas_kernels import (
     reference,
 )
 from pallas_kernels import formats as kernel_formats
-from pallas_kernels.multi_token_args import multi_token_config
-from pallas_kernels.multi_token_quant import fp8_multi_token_attention, paged_fp8_multi_token_attention
 
 PAGE_SIZE = 16
 TOL = 3e-2  # relative error a row may have against its reference (bf16 output)
@@ -158,9 +157,7 @@ def references(shape: Shape, sets: dict) -> dict:
     if "q8" in sets:
         out["q8"] = jax.jit(reference.q8_decode_attention_reference)(*sets["q8"][0])
     if "fp8" in sets:
-        _, kv, ks, vv, vs, _ = sets["fp8"][0]
-        deq = lambda x, s: kernel_formats.dequantize_fp8(x, s, jnp.float32)
-        out["fp8"] = jax.jit(lambda q, *a: ref(q, deq(*a[:2]), deq(*a[2:4]), a[4]))(q, kv, ks, vv, vs, n)
+        out["fp8"] = jax.jit(reference.fp8_decode_attention_reference)(*sets["fp8"][0])
     out["full"] = ref(q, k, v, jnp.full_like(n, shape.seq)) if shape.lengths else out["bf16"]
     return out
 
@@ -190,20 +187,6 @@ def dot_product_attention(implementation: str, ragged: bool):
     return fn
 
 
-def multi_token_step(kernel, shape: Shape):
-    """What ``jkv.attend`` runs at T = 1 for a kind without a decode kernel (FP8): the multi-token ``kernel``, one
-    query per sequence at position ``n - 1`` (``lengths = n - 1, counts = 1``), jkv's launch rule for it."""
-    n_heads, kh, d = shape.heads
-    config = multi_token_config(n_heads, kh, d, kernel_formats.FP8_DTYPE, max_len=shape.seq, max_count=1)
-
-    def fn(q, *arrays_and_lengths):
-        *arrays, n = arrays_and_lengths
-        starts = jnp.arange(q.shape[0], dtype=jnp.int32)
-        return kernel(q, *arrays, starts, n - 1, jnp.ones_like(n), config=config)
-
-    return fn
-
-
 def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
     """jkv's kernel for each cache kind (the contiguous dispatch and both of its kernels, paged page 16 in Triton
     and Mosaic GPU, Q8 and FP8 contiguous and paged) and jax's cuDNN attention (its XLA path in a smoke run)."""
@@ -218,8 +201,8 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
         "paged_mgpu": Row("paged", decode_mgpu_paged.paged_decode_attention_mgpu, mgpu=True, refused=refused),
         "q8_triton": Row("q8", decode_q8.q8_decode_attention, fmt="q8"),
         "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
-        "fp8_triton": Row("fp8", multi_token_step(fp8_multi_token_attention, shape), fmt="fp8"),
-        "fp8paged_triton": Row("fp8_paged", multi_token_step(paged_fp8_multi_token_attention, shape), fmt="fp8"),
+        "fp8_triton": Row("fp8", decode_fp8.fp8_decode_attention, fmt="fp8"),
+        "fp8paged_triton": Row("fp8_paged", decode_fp8.paged_fp8_decode_attention, fmt="fp8"),
         ("jax_xla" if smoke else "jax_cudnn"): Row("bshd", dot_product_attention("xla" if smoke else "cudnn", ragged)),
     }
 

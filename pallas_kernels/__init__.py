@@ -7,6 +7,12 @@ from pallas_kernels.block_formats import FORMATS as WEIGHT_FORMATS
 from pallas_kernels.block_formats import qmatmul_reference
 from pallas_kernels.common import DecodeConfig, decode_config, merge_partials
 from pallas_kernels.decode import decode_attention, decode_attention_append
+from pallas_kernels.decode_fp8 import (
+    fp8_decode_attention,
+    fp8_decode_config,
+    paged_fp8_config,
+    paged_fp8_decode_attention,
+)
 from pallas_kernels.decode_mgpu import MgpuConfig, decode_attention_mgpu, mgpu_config
 from pallas_kernels.decode_q8 import q8_decode_attention, q8_decode_config
 from pallas_kernels.dequantize import dequantize_q8
@@ -30,10 +36,12 @@ from pallas_kernels.reference import (
     decode_attention_append_reference,
     decode_attention_reference,
     dequantize_q8_reference,
+    fp8_decode_attention_reference,
     fp8_multi_token_attention_reference,
     merge_partials_reference,
     multi_token_attention_reference,
     paged_decode_attention_reference,
+    paged_fp8_decode_attention_reference,
     paged_fp8_multi_token_attention_reference,
     paged_multi_token_attention_reference,
     paged_q8_decode_attention_reference,
@@ -61,6 +69,9 @@ __all__ = [
     "decode_config",
     "dequantize_q8",
     "dequantize_q8_reference",
+    "fp8_decode_attention",
+    "fp8_decode_attention_reference",
+    "fp8_decode_config",
     "fp8_multi_token_attention",
     "fp8_multi_token_attention_reference",
     "merge_partials",
@@ -76,6 +87,9 @@ __all__ = [
     "paged_config",
     "paged_decode_attention",
     "paged_decode_attention_reference",
+    "paged_fp8_config",
+    "paged_fp8_decode_attention",
+    "paged_fp8_decode_attention_reference",
     "paged_fp8_multi_token_attention",
     "paged_fp8_multi_token_attention_reference",
     "paged_multi_token_attention",

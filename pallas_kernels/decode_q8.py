@@ -1,4 +1,4 @@
-"""GQA decode attention over a Q8 cache that dequantizes inside its K/V loads.
+"""GQA decode attention over a Q8 (or FP8) cache that dequantizes inside its K/V loads.
 
 The Q8 format: int8 codes ``[..., D]`` and one scale (float16 or float32) per 32 consecutive values along
 ``D``, ``[..., D // 32]``; a value is ``code * scale``. A Q8 cache is ``int8[L, B, K, S, D]`` codes with
@@ -17,11 +17,18 @@ Codes enter the tensor-core products exactly (int8 fits bf16, f16 and tf32 manti
 float32 results, so the only roundings are those of ``q`` and ``p`` to the product dtype, as in the bf16 kernel.
 Each K/V byte is read once: the kernel moves ``D + D // 32 * scale_bytes`` bytes per position and head instead of
 ``2 * D`` for bf16.
+
+The body takes the values per scale (``chunk``) from the arrays' shapes: 32 for Q8, the whole head for FP8
+(float8_e4m3fn values, one float32 scale per position and kv head: ``pallas_kernels.decode_fp8``), where the wide
+products are the plain ones (one chunk: the bf16 kernel's products with the scales on scores and probabilities).
+:func:`run` is the public functions' launch for either format (:class:`QuantFormat`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,10 +86,13 @@ def check_pairs(check, k, k_scale, v, v_scale, names=("k", "v")):
     return k_vals, v_vals
 
 
-def check_args(q, k, k_scale, v, v_scale, lengths, layer=None) -> tuple[int, int, int, int, int]:
-    """Validate :func:`q8_decode_attention`'s arguments (and its reference's); return ``(B, N, K, S, D)``: the
-    pairs, then shapes, GQA, head_dim, lengths and layer as for the bf16 kernel on stand-ins of the values."""
-    return checks.check_args(q, *check_pairs(check_q8_pair, k, k_scale, v, v_scale), lengths, layer)
+def check_args(
+    q, k, k_scale, v, v_scale, lengths, layer=None, check_pair=check_q8_pair
+) -> tuple[int, int, int, int, int]:
+    """Validate :func:`q8_decode_attention`'s arguments (and its reference's; FP8's with its ``check_pair``);
+    return ``(B, N, K, S, D)``: the pairs, then shapes, GQA, head_dim, lengths and layer as for the bf16 kernel
+    on stand-ins of the values."""
+    return checks.check_args(q, *check_pairs(check_pair, k, k_scale, v, v_scale), lengths, layer)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -112,15 +122,16 @@ def decode_kernel(
     window: int | None,
     softcap: float | None,
     dot_dtype,
+    chunk: int = QBLOCK,  # values per scale: 32 (Q8) or D (FP8: one chunk, plain products)
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
-    chunks = head_dim // QBLOCK
+    chunks = head_dim // chunk
     split = dict(block_k=block_k, num_splits=num_splits, window=window)
     n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     n_full = n // block_k  # blocks whose every position is valid
 
-    def scale_tile(ref, keys):  # [D/32, bk] float32
+    def scale_tile(ref, keys):  # [chunks, bk] float32
         return ref[layer, b, h, keys, :].T.astype(jnp.float32)
 
     cols = pl.ds(0, head_dim)
@@ -128,29 +139,36 @@ def decode_kernel(
     q = q.astype(dot_dtype)
     # Row c * rows + g of the wide query holds query g's chunk c and zeros elsewhere (block diagonal), so one
     # product with a whole [bk, D] code tile gives every chunk's partial scores: [chunks * rows, bk].
+    # With one chunk (FP8) every wide tile is the plain one.
     wide_rows_ = chunks * rows
-    chunk_of = lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim) // QBLOCK
-    diag = lax.broadcasted_iota(jnp.int32, (wide_rows_, head_dim), 0) // rows == chunk_of((wide_rows_, head_dim), 1)
-    q_wide = jnp.broadcast_to(q[None], (chunks, rows, head_dim)).reshape(wide_rows_, head_dim)
-    q_wide = jnp.where(diag, q_wide, jnp.zeros_like(q_wide))  # [R, D]
+    iota = lambda dim: lax.broadcasted_iota(jnp.int32, (wide_rows_, head_dim), dim)
+    diag = iota(0) // rows == iota(1) // chunk if chunks > 1 else None  # [R, D]: row block c's own chunk c
 
     def widen(x):  # [rows, ...] -> [chunks * rows, ...]: row c * rows + g is x[g]
-        return jnp.broadcast_to(x[None], (chunks, *x.shape)).reshape(chunks * x.shape[0], *x.shape[1:])
+        return x if chunks == 1 else jnp.broadcast_to(x[None], (chunks, *x.shape)).reshape(wide_rows_, *x.shape[1:])
+
+    q_wide = q if chunks == 1 else jnp.where(diag, widen(q), jnp.zeros((wide_rows_, head_dim), q.dtype))  # [R, D]
 
     def scores_of(keys):
-        codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8
+        codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
         part = common.dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
         k_scale = scale_tile(k_scale_ref, keys) * scale
+        if chunks == 1:
+            return part * k_scale
         return jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
 
     def values_of(p, keys, valid):
-        v_scale = scale_tile(v_scale_ref, keys)  # [D/32, bk]
+        v_scale = scale_tile(v_scale_ref, keys)  # [chunks, bk]
         if valid is not None:
             v_scale = jnp.where(valid[None, :], v_scale, 0.0)
         # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the whole
         # code tile is right in chunk c's columns (the rest is dropped once, at the end).
-        p_wide = (p[None] * v_scale[:, None, :]).reshape(chunks * rows, block_k).astype(dot_dtype)
-        return common.dot(p_wide, v_ref[layer, b, h, keys, :].astype(dot_dtype))  # [R, D]
+        p_wide = p * v_scale if chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(wide_rows_, block_k)
+        p_wide = p_wide.astype(dot_dtype)
+        values = v_ref[layer, b, h, keys, :].astype(dot_dtype)  # [bk, D]
+        if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
+            values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
+        return common.dot(p_wide, values)  # [R, D]
 
     def attend(carry, start, valid):
         m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
@@ -169,7 +187,8 @@ def decode_kernel(
     (m, denom, acc), _ = decode_walk.walk(
         attend, rows, (wide_rows_, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
     )
-    acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)  # each row block's own chunk
+    if chunks > 1:  # each row block's own chunk
+        acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)
 
     decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, group=group, rows=rows,
                       num_splits=num_splits)  # fmt: skip
@@ -182,37 +201,45 @@ def dot_dtype_for(q_dtype) -> jnp.dtype:
 
 
 def kernel_options(
-    q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float, window=None, softcap=None
-) -> dict:
-    """The static arguments of :func:`decode_kernel` (shared with the paged Q8 kernel)."""
+    q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float, window=None, softcap=None,
+    chunk: int = QBLOCK,
+) -> dict:  # fmt: skip
+    """The static arguments of :func:`decode_kernel` (shared with the paged kernel) for ``chunk`` values per scale."""
     return dict(
         group=group,
-        rows=wide_rows(group, head_dim // QBLOCK),
+        rows=wide_rows(group, head_dim // chunk),
         block_k=block_k,
         num_splits=num_splits,
         scale=scale,
         window=window,
         softcap=None if softcap is None else float(softcap),
         dot_dtype=dot_dtype_for(q_dtype),
+        chunk=chunk,
     )
+
+
+def format_name(values_dtype) -> str:
+    """``"q8"`` for int8 codes, ``"fp8"`` for e4m3 values: the kernels' names."""
+    return "q8" if values_dtype == jnp.int8 else "fp8"
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
 def _decode(
     q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret, window=None, softcap=None
 ):
-    # q [B, N, D]; k, v int8[L, B, K, S, D]; scales [L, B, K, S, D // 32]; lengths int32[B]; layer int32[1]
+    # q [B, N, D]; k, v int8 or float8_e4m3fn [L, B, K, S, D]; scales [L, B, K, S, D // chunk] (Q8: chunk 32;
+    # FP8: D); lengths int32[B]; layer int32[1]
     _, batch, kv_heads, _, head_dim = k.shape
     group = q.shape[1] // kv_heads
     splits = config.num_splits
     out_shape = common.split_out_shape(q, splits)
     inputs = [lengths, layer, q, k, k_scale, v, v_scale]
-    options = kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale, window, softcap)
+    chunk = head_dim // k_scale.shape[-1]
+    options = kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale, window, softcap, chunk)
     kernel = functools.partial(decode_kernel, **options)
     grid = (batch, kv_heads, splits)
-    return common.launch_split_kernel(
-        kernel, inputs, out_shape, {}, grid, config, interpret, "jkv_q8_decode_attention", q.dtype
-    )
+    name = f"jkv_{format_name(k.dtype)}_decode_attention"
+    return common.launch_split_kernel(kernel, inputs, out_shape, {}, grid, config, interpret, name, q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -265,12 +292,29 @@ def q8_decode_attention(
     softmax and accumulation in float32. ``window`` and ``softcap`` as ``pallas_kernels.decode.decode_attention``.
     Launch overrides as for :func:`q8_decode_config`'s fields.
     """
-    b, _, kh, s, d = check_args(q, k, k_scale, v, v_scale, lengths, layer)
-    checks.check_window_softcap(window, softcap)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
-    default = q8_decode_config(b, kh, common.reach(s, window), d)
+    settings = dict(layer=layer, scale=scale, window=window, softcap=softcap, interpret=interpret)
+    return run(Q8, q, (k, k_scale, v, v_scale), lengths, **settings, **overrides)
+
+
+class QuantFormat(NamedTuple):
+    """What a quantized format changes in the decode calls: its pair check (``check_pairs``) and launch rule."""
+
+    check_pair: Callable  # (name, values, scales) -> a stand-in of the values
+    config: Callable  # (batch, kv_heads, max_len, head_dim, block_k=None) -> DecodeConfig
+
+
+Q8 = QuantFormat(check_q8_pair, q8_decode_config)
+
+
+def run(fmt: QuantFormat, q, arrays, lengths, *, layer, scale, window, softcap, interpret, **overrides):
+    """A contiguous Q8 / FP8 decode call: ``arrays`` (k, k_scale, v, v_scale) checked as ``fmt``'s pairs, the
+    launch ``fmt.config``'s defaults with ``overrides`` (block_k, num_splits, num_warps, num_stages) on top."""
+    b, _, kh, s, d = check_args(q, *arrays, lengths, layer, check_pair=fmt.check_pair)
+    checks.check_window_softcap(window, softcap)
+    default = fmt.config(b, kh, common.reach(s, window), d)
     interpret, scale, config = common.launch_settings(default, s, d, 1, scale, interpret, **overrides)
-    cache, layer = common.whole_cache((k, k_scale, v, v_scale), layer, MIN_BLOCK)  # a tiny cache padded to a block
+    cache, layer = common.whole_cache(arrays, layer, MIN_BLOCK)  # a tiny cache padded to a block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
     return _decode(q, *cache, lengths, layer, **options)

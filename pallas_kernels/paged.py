@@ -128,7 +128,9 @@ class PagedView:
         if cols != slice(None):
             raise NotImplementedError(f"a paged view reads whole rows ([..., :]), got columns {cols}")
         pages, offsets, valid = self.addresses(b, window, self.shape[4])
-        x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=0)
+        # A float zero for float pools: Triton's lowering casts no integer to float8.
+        zero = 0.0 if jnp.issubdtype(self.dtype, jnp.floating) else 0
+        x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=zero)
         return x.reshape(window.size, self.shape[4])  # [bk, D]
 
 

@@ -1,7 +1,8 @@
 """Decode attention over Q8 pages: int8 code pools ``[L, P, K, page_size, D]`` and scale pools
 ``[L, P, K, page_size, D // 32]``, read through the block table by ``pallas_kernels.decode_q8``'s kernel body (its
 fused dequant) over four ``pallas_kernels.paged`` views that share one block's page indices: the codes and the
-scales of a block come from the same pages, so the table is read once per block.
+scales of a block come from the same pages, so the table is read once per block. FP8 pages (e4m3 values, one
+float32 scale per row: ``pallas_kernels.decode_fp8``) run the same kernel through :func:`run`.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from jaxtyping import Array, Float, Int, Int8
 
 from pallas_kernels import checks, common, decode_q8, paged
 from pallas_kernels.common import MIN_BLOCK
+from pallas_kernels.decode_q8 import QuantFormat
 from pallas_kernels.paged import BlockAddresses, PagedConfig, PagedView
 
 
-def paged_q8_config(batch: int, num_kv_heads: int, max_pages: int, page_size: int, head_dim: int) -> PagedConfig:
-    """Defaults: the contiguous Q8 kernel's block of keys (``decode_q8.q8_decode_config``) rounded to whole
-    pages, and its splits, warps and stages for that block."""
+def paged_q8_config(
+    batch: int, num_kv_heads: int, max_pages: int, page_size: int, head_dim: int, fmt: QuantFormat = decode_q8.Q8
+) -> PagedConfig:
+    """Defaults: the contiguous kernel's block of keys (``fmt.config``: ``decode_q8.q8_decode_config``) rounded
+    to whole pages, and its splits, warps and stages for that block."""
     max_len = max_pages * page_size
-    base = decode_q8.q8_decode_config(batch, num_kv_heads, max_len, head_dim)
+    base = fmt.config(batch, num_kv_heads, max_len, head_dim)
     ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
-    config = decode_q8.q8_decode_config(batch, num_kv_heads, max_len, head_dim, block_k=ppb * page_size)
+    config = fmt.config(batch, num_kv_heads, max_len, head_dim, block_k=ppb * page_size)
     preload = paged.preload_entries(max_pages, ppb, config.num_splits, page_size) > 0
     return PagedConfig(ppb, config.num_splits, config.num_warps, config.num_stages, preload)
 
@@ -53,29 +57,32 @@ def _paged_q8_kernel(
 def _paged_q8(
     q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, config, interpret, window=None, softcap=None
 ):
-    # q [B, N, D]; k, v int8[L, P, K, page_size, D]; scales [L, P, K, page_size, D // 32]; tables int32[B, M];
-    # lengths int32[B]; layer int32[1]
+    # q [B, N, D]; k, v int8 or float8_e4m3fn [L, P, K, page_size, D]; scales [L, P, K, page_size, D // chunk]
+    # (Q8: chunk 32; FP8: D); tables int32[B, M]; lengths int32[B]; layer int32[1]
     kv_heads, page_size, head_dim = k.shape[2:]
     max_pages = tables.shape[1]
     splits, ppb = config.num_splits, config.pages_per_block
     tables = paged.pad_tables(tables, ppb)
     out_shape = common.split_out_shape(q, splits)
     inputs = [lengths, layer, tables, q, k, k_scale, v, v_scale]
-    group = q.shape[1] // kv_heads
-    options = decode_q8.kernel_options(q.dtype, group, head_dim, ppb * page_size, splits, scale, window, softcap)
+    group, chunk = q.shape[1] // kv_heads, head_dim // k_scale.shape[-1]
+    block_k = ppb * page_size
+    options = decode_q8.kernel_options(q.dtype, group, head_dim, block_k, splits, scale, window, softcap, chunk)
     preload = paged.preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
     kernel = functools.partial(_paged_q8_kernel, preload=preload, **options)
     grid = (q.shape[0], kv_heads, splits)
-    return common.launch_split_kernel(
-        kernel, inputs, out_shape, {}, grid, config, interpret, "jkv_paged_q8_attention", q.dtype
-    )
+    name = f"jkv_paged_{decode_q8.format_name(k.dtype)}_attention"
+    return common.launch_split_kernel(kernel, inputs, out_shape, {}, grid, config, interpret, name, q.dtype)
 
 
-def check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None, window=None):
-    """Validate the arguments of :func:`paged_q8_decode_attention` (and its reference's); return
-    ``(B, N, K, P, page_size, D)``."""
+def check_args(
+    q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None, window=None,
+    check_pair=decode_q8.check_q8_pair,
+):  # fmt: skip
+    """Validate the arguments of :func:`paged_q8_decode_attention` (and its reference's; FP8's with its
+    ``check_pair``); return ``(B, N, K, P, page_size, D)``."""
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
-    values = decode_q8.check_pairs(decode_q8.check_q8_pair, *pools, names=("k_pages", "v_pages"))
+    values = decode_q8.check_pairs(check_pair, *pools, names=("k_pages", "v_pages"))
     return paged.check_args(q, *values, block_tables, lengths, layer, window)
 
 
@@ -104,11 +111,18 @@ def paged_q8_decode_attention(
     does; the launch arguments override :func:`paged_q8_config`. Products in ``q``'s dtype (bfloat16 / float16;
     tf32 on GPU for float32), softmax and accumulation in float32; ``window`` and ``softcap`` as the paged
     kernel's."""
-    checks.check_window_softcap(window, softcap)
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
-    b, _, kh, _, page_size, d = check_args(q, *pools, block_tables, lengths, layer, window)
-    default = paged_q8_config(b, kh, paged.reach_pages(block_tables, page_size, window), page_size, d)
     overrides = dict(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
                      num_stages=num_stages, preload=preload)  # fmt: skip
+    settings = dict(layer=layer, scale=scale, window=window, softcap=softcap, interpret=interpret)
+    return run(decode_q8.Q8, q, pools, block_tables, lengths, **settings, **overrides)
+
+
+def run(fmt: QuantFormat, q, pools, block_tables, lengths, *, layer, scale, window, softcap, interpret, **overrides):
+    """A paged Q8 / FP8 decode call: ``pools`` (k, k_scale, v, v_scale) checked as ``fmt``'s pairs, the launch
+    :func:`paged_q8_config`'s defaults for ``fmt`` with ``overrides`` (``paged.resolve_config``) on top."""
+    checks.check_window_softcap(window, softcap)
+    b, _, kh, _, page_size, d = check_args(q, *pools, block_tables, lengths, layer, window, fmt.check_pair)
+    default = paged_q8_config(b, kh, paged.reach_pages(block_tables, page_size, window), page_size, d, fmt)
     settings = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
     return paged.launch(_paged_q8, q, pools, block_tables, lengths, layer, default, 1, **settings, **overrides)

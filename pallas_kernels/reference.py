@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import checks, common, decode, decode_q8, dequantize, formats, paged, paged_q8
+from pallas_kernels import checks, common, decode, decode_fp8, decode_q8, dequantize, formats, paged, paged_q8
 from pallas_kernels.decode_q8 import check_pairs, check_q8_pair
 from pallas_kernels.multi_token_args import check_args as check_multi_token
 from pallas_kernels.multi_token_args import check_fp8_pair
@@ -170,11 +170,7 @@ def q8_decode_attention_reference(
     """``decode_q8.q8_decode_attention``: dequantize to float32, then the bf16 kernel's reference."""
     del launch
     decode_q8.check_args(q, k, k_scale, v, v_scale, lengths, layer)
-    if k.ndim == 5:
-        k, k_scale, v, v_scale = k[layer], k_scale[layer], v[layer], v_scale[layer]
-    k = dequantize_q8_reference(k, k_scale, dtype=jnp.float32)
-    v = dequantize_q8_reference(v, v_scale, dtype=jnp.float32)
-    return decode_attention_reference(q, k, v, lengths, scale=scale, window=window, softcap=softcap)
+    return _quantized_decode("q8", q, (k, k_scale, v, v_scale), None, lengths, layer, scale, window, softcap)
 
 
 def paged_q8_decode_attention_reference(
@@ -195,13 +191,44 @@ def paged_q8_decode_attention_reference(
     """``paged_q8.paged_q8_decode_attention``: gather the pages (codes and scales), dequantize to float32 and run
     the contiguous reference."""
     del launch
-    paged_q8.check_args(q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer, window)
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
-    if k_pages.ndim == 5:
-        pools = tuple(x[layer] for x in pools)
-    k, k_scale, v, v_scale = (gather_pages(x, block_tables) for x in pools)
-    k = dequantize_q8_reference(k, k_scale, dtype=jnp.float32)
-    v = dequantize_q8_reference(v, v_scale, dtype=jnp.float32)
+    paged_q8.check_args(q, *pools, block_tables, lengths, layer, window)
+    return _quantized_decode("q8", q, pools, block_tables, lengths, layer, scale, window, softcap)
+
+
+def fp8_decode_attention_reference(
+    q, k, k_scale, v, v_scale, lengths, *, layer=None, scale=None, window=None, softcap=None, **launch
+):
+    """``decode_fp8.fp8_decode_attention``: dequantize to float32, then the bf16 kernel's reference."""
+    del launch
+    decode_fp8.check_args(q, k, k_scale, v, v_scale, lengths, layer)
+    return _quantized_decode("fp8", q, (k, k_scale, v, v_scale), None, lengths, layer, scale, window, softcap)
+
+
+def paged_fp8_decode_attention_reference(
+    q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, *, layer=None, scale=None,
+    window=None, softcap=None, **launch,
+):  # fmt: skip
+    """``decode_fp8.paged_fp8_decode_attention``: gather the pages (values and scales), dequantize to float32 and
+    run the contiguous reference."""
+    del launch
+    pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
+    decode_fp8.check_paged_args(q, *pools, block_tables, lengths, layer, window)
+    return _quantized_decode("fp8", q, pools, block_tables, lengths, layer, scale, window, softcap)
+
+
+def _quantized_decode(fmt, q, arrays, block_tables, lengths, layer, scale, window, softcap):
+    """A checked Q8 / FP8 decode call's reference: ``layer``'s arrays (pages gathered through ``block_tables``
+    when given), dequantized to float32, then :func:`decode_attention_reference`."""
+    if arrays[0].ndim == 5:
+        arrays = tuple(x[layer] for x in arrays)
+    if block_tables is not None:
+        arrays = tuple(gather_pages(x, block_tables) for x in arrays)
+    k, k_scale, v, v_scale = arrays
+    if fmt == "q8":
+        k, v = (dequantize_q8_reference(x, s, dtype=jnp.float32) for x, s in ((k, k_scale), (v, v_scale)))
+    else:
+        k, v = formats.dequantize_fp8(k, k_scale, jnp.float32), formats.dequantize_fp8(v, v_scale, jnp.float32)
     return decode_attention_reference(q, k, v, lengths, scale=scale, window=window, softcap=softcap)
 
 

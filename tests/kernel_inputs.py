@@ -8,6 +8,7 @@ from helpers_compile import FAST_COMPILE
 from reference import decode_attention_f64
 
 from jkv.caches.formats import dequantize, quantize
+from pallas_kernels.formats import dequantize_fp8, quantize_fp8
 
 # Products in bf16/f16 round p (and q): the shared table. float32 q: exact in interpret mode on a CPU, tf32 on a
 # GPU (the real lowering, and interpret mode too: its dots run on the GPU at default precision).
@@ -16,6 +17,18 @@ KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat1
 # relative errors of 7.2e-3 to 8.6e-3 over 1024 positions with either scale dtype (docs/quant.md); asserted at
 # about twice the largest.
 Q8_ATTENTION_REL_TOL = 1.5e-2
+# Lengths named relative to the cache size S and the block size bk, so one table serves every scale: empty, one
+# position, a block's edges and the capacity.
+LENGTHS = {
+    "1": lambda s, bk: 1,
+    "0": lambda s, bk: 0,
+    "bk-1": lambda s, bk: bk - 1,
+    "bk": lambda s, bk: bk,
+    "bk+1": lambda s, bk: bk + 1,
+    "2bk+1": lambda s, bk: 2 * bk + 1,
+    "S-1": lambda s, bk: s - 1,
+    "S": lambda s, bk: s,
+}
 
 
 def fast_jit(fn, **options):
@@ -84,3 +97,11 @@ def q8_pools(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, laye
         for s in slabs
     ]
     return pools, tables, deq
+
+
+def fp8_arrays(x):
+    """``x [..., D]`` (float64) in the FP8 format as NumPy arrays: float8_e4m3fn values, float32 scales ``[..., 1]``,
+    and the float64 values they hold. A NaN vector stays NaN in both its values and its scale (poison)."""
+    values, scales = quantize_fp8(jnp.asarray(x, jnp.float32))
+    held = np.asarray(dequantize_fp8(values, scales, jnp.float32), np.float64)
+    return np.asarray(values), np.asarray(scales), held

@@ -2,7 +2,7 @@
 of that kind, which reads the cache's ``storage()`` arrays whole (no per-layer copy).
 
 * ``DECODE`` (T = 1): ``(q [B, N, D], *arrays, lengths, *, layer, scale, window, softcap)`` where ``lengths``
-  counts the valid positions, the new token's included. Kinds without an entry (fp8) take the multi-token kernel.
+  counts the valid positions, the new token's included. Kinds without an entry take the multi-token kernel.
 * ``MULTI_TOKEN`` (T > 1, flat or padded steps, windows, soft caps; ``pallas_kernels.multi_token``):
   ``(q [T, N, D], *arrays, q_starts, lengths, counts, *, layer, scale, window, softcap, config)``."""
 
@@ -45,11 +45,22 @@ def _paged_q8():
     return paged_q8.paged_q8_decode_attention
 
 
+def _fp8(name: str):
+    def entry():
+        from pallas_kernels import decode_fp8  # the Q8 kernels with one scale per row: e4m3 read in place
+
+        return getattr(decode_fp8, name)
+
+    return entry
+
+
 DECODE = {
     ("contiguous", Plain): _contiguous_plain,
     ("contiguous", Q8): _contiguous_q8,
+    ("contiguous", FP8): _fp8("fp8_decode_attention"),
     ("paged", Plain): _paged_plain,
     ("paged", Q8): _paged_q8,
+    ("paged", FP8): _fp8("paged_fp8_decode_attention"),
 }
 
 

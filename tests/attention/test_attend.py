@@ -123,8 +123,8 @@ def test_attend_write_matches_float64(rng, kind, impl, t):
     np.testing.assert_allclose(np.asarray(again, np.float32), np.asarray(out, np.float32), rtol=1e-5, atol=1e-5)
 
 
-# Out-of-range layers on the Pallas path of every kind (the fused append, the decode kernels, the multi-token kernel
-# at T = 1 for FP8); the XLA path's handling is the same for every kind: one contiguous and one paged.
+# Out-of-range layers on the Pallas path of every kind (the fused append, the decode kernels); the XLA path's
+# handling is the same for every kind: one contiguous and one paged.
 BAD_LAYER = [(kind, "pallas") for kind in KINDS] + [("bf16", "xla"), ("fp8-paged", "xla")]
 
 
@@ -264,8 +264,10 @@ def test_window_and_softcap_errors(rng):
 # T = 1 with a window and a soft cap runs each kind's decode kernel (contiguous plain: the fused append in
 # attend_write, the decode kernel in attend), never the multi-token kernel: the kernels' names in the step's jaxpr.
 DECODE_NAMES = {"f32": "jkv_decode_attention", "q8": "jkv_q8_decode_attention", "paged": "jkv_paged_attention"}
-DECODE_NAMES["q8-paged"] = "jkv_paged_q8_attention"
-DECODE_WINDOWS = [("f32", 6, 1.5), ("q8", 6, None), ("paged", 3, 1.5), ("q8-paged", 6, 2.0)]
+DECODE_NAMES |= {"q8-paged": "jkv_paged_q8_attention", "fp8": "jkv_fp8_decode_attention"}
+DECODE_NAMES["fp8-paged"] = "jkv_paged_fp8_attention"
+DECODE_WINDOWS = [("f32", 6, 1.5), ("q8", 6, None), ("paged", 3, 1.5), ("q8-paged", 6, 2.0), ("fp8", 6, 1.5)]
+DECODE_WINDOWS += [("fp8-paged", 3, None)]
 
 
 def kernel_names(jaxpr) -> list[str]:

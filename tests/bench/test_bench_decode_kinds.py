@@ -45,7 +45,7 @@ def test_bytes_count_the_lengths_and_the_format():
 
 
 def test_smoke_run(tmp_path, capsys):
-    rows = ["jkv_triton", "jkv_mgpu", "paged_mgpu", "q8paged_triton", "jax_xla"]  # every layout, both lowerings
+    rows = ["jkv_triton", "jkv_mgpu", "paged_mgpu", "q8paged_triton", "fp8_triton", "jax_xla"]  # both lowerings
     shape = "32xr256-16384:16/2/64"  # group 8: head_dim 64 takes no other in Mosaic GPU
     argv = ["--smoke", "--rounds", "1", "--shapes", shape, "--rows", *rows, "--out", str(tmp_path)]
     report = bench_decode_kinds.main(argv)
@@ -55,11 +55,11 @@ def test_smoke_run(tmp_path, capsys):
     assert shape["lengths"] and shape["heads"] == [16, 2, 64] and saved["runs"][0]["read"]["tbps"] > 0
     results = shape["results"]
     assert list(results) == rows
-    for name in ("jkv_triton", "q8paged_triton", "jax_xla"):
+    for name in ("jkv_triton", "q8paged_triton", "fp8_triton", "jax_xla"):
         r = results[name]
         assert "error" not in r, (name, r)
         assert r["rel_err"] < decode_kinds.TOL and r["time_s"] > 0 and np.isfinite(r["tbps"])
-    for name in ("jkv_triton", "q8paged_triton"):
+    for name in ("jkv_triton", "q8paged_triton", "fp8_triton"):
         assert "triton" in results[name]["gpu_lowering"]["kernels"], name
     for name in ("jkv_mgpu", "paged_mgpu"):
         assert "error" not in results[name] and "mosaic_gpu" in results[name]["kernels"], results[name]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REL_TOL, rel_err
-from kernel_inputs import fast_jit, run_jitted
+from kernel_inputs import LENGTHS, fast_jit, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -17,18 +17,6 @@ import jkv
 from pallas_kernels import backend, common, decode, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
-
-# Lengths named relative to the cache size S and the block size bk, so one table serves every scale.
-LENGTHS = {
-    "1": lambda s, bk: 1,
-    "0": lambda s, bk: 0,
-    "bk-1": lambda s, bk: bk - 1,
-    "bk": lambda s, bk: bk,
-    "bk+1": lambda s, bk: bk + 1,
-    "2bk+1": lambda s, bk: 2 * bk + 1,
-    "S-1": lambda s, bk: s - 1,
-    "S": lambda s, bk: s,
-}
 
 # (id, batch, kv_heads, group, head_dim, max_len, dtype, lengths, layers, block_k, num_splits)
 # layers: None for a one-layer [B, K, S, D] cache, (L, layer) for a whole cache, layer "traced" under jit.

@@ -1,11 +1,11 @@
-"""The decode kernels with a window and a soft cap against NumPy float64: contiguous and paged, plain and Q8 (and
-the fused append), interpret mode on the CPU and the real Triton lowering on a GPU.
+"""The decode kernels with a window and a soft cap against NumPy float64: contiguous and paged, plain, Q8 and FP8
+(and the fused append), interpret mode on the CPU and the real Triton lowering on a GPU.
 
 Every case draws fresh random inputs; cache positions before each sequence's window and past its length hold NaN
-(Q8: NaN scales), so a kernel that reads one there gives NaN. Paged cases drop the table entries of pages wholly
-before the window to -1, as a ring releases them, and point some entries past the length at a NaN page. Lengths
-cover shorter than the window, the window's start inside a block and on a block edge, and the capacity. Outputs
-start NaN-poisoned (``poison.poisoned_outputs``).
+(Q8: NaN scales; FP8: NaN values and scales), so a kernel that reads one there gives NaN. Paged cases drop the
+table entries of pages wholly before the window to -1, as a ring releases them, and point some entries past the
+length at a NaN page. Lengths cover shorter than the window, the window's start inside a block and on a block edge,
+and the capacity. Outputs start NaN-poisoned (``poison.poisoned_outputs``).
 """
 
 import jax
@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, run_jitted
+from kernel_inputs import KERNEL_TOL, fp8_arrays, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
 from jkv.caches.formats import dequantize, quantize
-from pallas_kernels import backend, decode, decode_q8, paged, paged_q8, reference
+from pallas_kernels import backend, decode, decode_fp8, decode_q8, paged, paged_q8, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -36,6 +36,8 @@ CASES = [
     ("paged_bf16_ps16_w40_default", "paged", 3, 2, 2, 64, 128, "bfloat16", (17, 71, 128), 40, None, (16, None), None),
     ("q8_f32_w20_cap2_splits2", "q8", 4, 2, 4, 64, 96, "float32", (5, 37, 52, 96), 20, 2.0, 16, 2),
     ("paged_q8_bf16_ps16_w40_cap2", "paged_q8", 3, 2, 2, 64, 96, "bfloat16", (17, 63, 96), 40, 2.0, (16, 1), 2),
+    ("fp8_f32_w20_cap2_splits2", "fp8", 4, 2, 4, 64, 96, "float32", (5, 37, 52, 96), 20, 2.0, 16, 2),
+    ("paged_fp8_f32_ps8_ppb2_w20_cap2", "paged_fp8", 4, 2, 4, 64, 96, "float32", (1, 37, 52, 96), 20, 2.0, (8, 2), 2),
 ]
 IDS = [c[0] for c in CASES]
 GPU_SCALE = 4  # the GPU class scales lengths, windows and capacities (blocks stay): edges stay edges
@@ -60,7 +62,7 @@ def to_pages(rng, caches, lengths, window, page_size):
     need = [-(-n // page_size) for n in lengths]
     num_pages = sum(e - f for f, e in zip(first, need, strict=True)) + 2
     order = rng.permutation(num_pages)
-    fill = lambda c: np.nan if np.issubdtype(c.dtype, np.floating) else 0  # Q8 codes: the NaN scales poison
+    fill = lambda c: 0 if c.dtype == np.int8 else np.nan  # Q8 codes: the NaN scales poison
     pools = [np.full((num_pages, c.shape[1], page_size, c.shape[3]), fill(c), c.dtype) for c in caches]
     tables = np.full((batch, max_len // page_size), -1, np.int32)
     used = 0
@@ -96,6 +98,9 @@ def run_case(rng, case, *, scale_up=1, interpret=None, fn=None):
     if kind in ("q8", "paged_q8"):
         (kc, ks, k_vals), (vc, vs, v_vals) = (q8_pair(s, hide) for s in slabs)
         arrays = [kc, ks, vc, vs]
+    elif kind in ("fp8", "paged_fp8"):
+        (kv, ks, k_vals), (vv, vs, v_vals) = (fp8_arrays(poisoned(s, hide)) for s in slabs)
+        arrays = [kv, ks, vv, vs]
     else:
         k_vals, v_vals = (np.asarray(jnp.asarray(s, dtype).astype(jnp.float32), np.float64) for s in slabs)
         arrays = [poisoned(s, hide) for s in slabs]
@@ -119,6 +124,8 @@ def run_case(rng, case, *, scale_up=1, interpret=None, fn=None):
             "paged": paged.paged_decode_attention,
             "q8": decode_q8.q8_decode_attention,
             "paged_q8": paged_q8.paged_q8_decode_attention,
+            "fp8": decode_fp8.fp8_decode_attention,
+            "paged_fp8": decode_fp8.paged_fp8_decode_attention,
         }[kind]
     )
     with poisoned_outputs():
@@ -151,8 +158,10 @@ REFERENCES = {
     "paged": reference.paged_decode_attention_reference,
     "q8": reference.q8_decode_attention_reference,
     "paged_q8": reference.paged_q8_decode_attention_reference,
+    "fp8": reference.fp8_decode_attention_reference,
+    "paged_fp8": reference.paged_fp8_decode_attention_reference,
 }
-REFERENCE_CASES = [CASES[0], CASES[5], CASES[7], CASES[8]]
+REFERENCE_CASES = [CASES[0], CASES[5], CASES[7], CASES[8], CASES[9], CASES[10]]
 
 
 @pytest.mark.parametrize("case", REFERENCE_CASES, ids=[c[1] for c in REFERENCE_CASES])

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, Q8_ATTENTION_REL_TOL, run_jitted
+from kernel_inputs import KERNEL_TOL, LENGTHS, Q8_ATTENTION_REL_TOL, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -20,15 +20,6 @@ from jkv.caches.formats import quantize
 from pallas_kernels import backend, decode_q8, dequantize, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
-
-LENGTHS = {  # relative to the cache size S and the block size bk
-    "0": lambda s, bk: 0,
-    "1": lambda s, bk: 1,
-    "bk-1": lambda s, bk: bk - 1,
-    "bk": lambda s, bk: bk,
-    "bk+1": lambda s, bk: bk + 1,
-    "S": lambda s, bk: s,
-}
 
 # (id, batch, kv_heads, group, head_dim, max_len, q dtype, scale dtype, lengths, layers, block_k, num_splits)
 # layers: None for one layer [B, K, S, D], (L, layer) for a whole cache, layer "traced" under jit.
