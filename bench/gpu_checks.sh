@@ -32,7 +32,8 @@ for part in "${parts[@]}"; do
     tests)
       run tests_triton 300 python -m pytest -q -m gpu tests/kernels/test_multi_token.py \
         tests/kernels/test_multi_token_paged.py tests/kernels/test_decode_kernel.py tests/kernels/test_paged_kernel.py \
-        tests/kernels/test_q8_kernel.py tests/kernels/test_paged_q8_kernel.py tests/kernels/test_decode_window.py \
+        tests/kernels/test_q8_kernel.py tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py \
+        tests/kernels/test_decode_window.py \
         tests/kernels/test_decode_append.py tests/kernels/test_merge_partials.py tests/kernels/test_rms_norm.py \
         tests/attention tests/caches
       run tests_mgpu 240 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu.py \
