@@ -30,7 +30,7 @@ run() {  # name, seconds, command...
 for part in "${parts[@]}"; do
   case $part in
     tests)
-      run tests_triton 300 python -m pytest -q -m gpu tests/kernels/test_multi_token.py \
+      run tests_triton 420 python -m pytest -q -m gpu tests/kernels/test_multi_token.py \
         tests/kernels/test_multi_token_paged.py tests/kernels/test_decode_kernel.py tests/kernels/test_paged_kernel.py \
         tests/kernels/test_q8_kernel.py tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py \
         tests/kernels/test_decode_window.py \
