@@ -4,9 +4,10 @@ import contextlib
 import os
 import zlib
 
-# Eight host devices so the sharding tests can build meshes on a CPU-only machine. Must precede importing jax;
-# unsharded code still runs on device 0 as before.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from helpers_xla_flags import suite_xla_flags
+
+# Eight host devices and the faster CPU code generation (helpers_xla_flags). Must precede importing jax.
+os.environ["XLA_FLAGS"] = suite_xla_flags(os.environ)
 # One OpenMP thread for torch (the HF references) and NumPy's BLAS: the suite runs one pytest worker per core, and
 # torch's spinning thread pool beside a busy JAX runs HF's models many times slower. Read when torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -99,25 +99,22 @@ def step_reference(q, cache, counts):
 
 # The XLA path is one reference over the cache's decoded layer for every kind: a plain, a Q8 and a paged FP8 one.
 XLA_KINDS = ("bf16", "q8", "fp8-paged")
-MATCHES = [(t, kind, "pallas") for t in (1, 4) for kind in KINDS] + [(t, k, "xla") for t in (1, 4) for k in XLA_KINDS]
+MATCHES = [(kind, "pallas") for kind in KINDS] + [(kind, "xla") for kind in XLA_KINDS]
 
 
-@pytest.mark.parametrize(("t", "kind", "impl"), MATCHES, ids=["-".join(map(str, c)) for c in MATCHES])
-def test_attend_write_matches_float64(rng, kind, impl, t):
-    """T = 1 runs the decode kernel on the Pallas path, T = 4 the multi-token kernel (interpret mode here);
-    ``attend`` over the written cache gives the same."""
+@pytest.mark.parametrize(("kind", "impl"), MATCHES, ids=[f"{k}-{i}" for k, i in MATCHES])
+def test_attend_write_matches_float64(rng, kind, impl):
+    """T = 1 runs the decode kernel on the Pallas path (interpret mode here; T > 1 and flat steps:
+    ``test_padded_and_flat_steps_match_float64``); ``attend`` over the written cache gives the same."""
     cache = filled(kind, rng, [5, 0, 17])
-    counts = counts_of(t, max(t - 1, 1), 0 if t > 1 else 1)
-    q = queries(rng, kind, BATCH, t, HEADS, 64)
-    k, v = (rand(rng, BATCH, 2, t, 64) for _ in range(2))
-    if t == 1:
-        out, cache, again, (at_layer, _) = decode_step(q, k, v, cache, counts, jnp.int32(LAYER), impl=impl)
-        np.testing.assert_allclose(np.asarray(at_layer, np.float32), np.asarray(out, np.float32), rtol=1e-5, atol=1e-5)
-    else:
-        out, cache, again = step(q, k, v, cache, counts, impl=impl)
+    counts = counts_of(1, 1, 0)
+    q = queries(rng, kind, BATCH, 1, HEADS, 64)
+    k, v = (rand(rng, BATCH, 2, 1, 64) for _ in range(2))
+    out, cache, again, (at_layer, _) = decode_step(q, k, v, cache, counts, jnp.int32(LAYER), impl=impl)
+    np.testing.assert_allclose(np.asarray(at_layer, np.float32), np.asarray(out, np.float32), rtol=1e-5, atol=1e-5)
     assert out.shape == q.shape and out.dtype == q.dtype
     want = step_reference(np.asarray(q, np.float64), cache, counts)
-    live = np.arange(t)[None] < np.asarray(counts)[:, None]
+    live = np.asarray(counts)[:, None] > 0
     assert rel_err(np.asarray(out)[live], want[live]) < tol(kind)
     np.testing.assert_array_equal(np.asarray(out, np.float32)[~live], 0.0)
     np.testing.assert_allclose(np.asarray(again, np.float32), np.asarray(out, np.float32), rtol=1e-5, atol=1e-5)
@@ -198,30 +195,39 @@ def test_attend_write_equals_write_then_attend(rng, kind):
         assert "jkv_decode_attention_append" in str(jaxpr)
 
 
-# A flat step's XLA path is the padded one's reference over the same written cache: one contiguous and one paged
-# kind; the Pallas path (the multi-token kernel's flat form) for every kind but f32 (bf16's kernel, in float32).
-FLAT = [(kind, "pallas") for kind in KINDS if kind != "f32"] + [("q8", "xla"), ("fp8-paged", "xla")]
+@functools.partial(fast_jit, static_argnames="impl")
+def padded_and_flat(q, k, v, flat_q, flat_k, flat_v, cache, counts, *, impl):
+    """``step`` of the same tokens as a padded ``[B, T, ...]`` and as a flat ``[T, ...]`` step: one program."""
+    return step_fn(q, k, v, cache, counts, impl=impl), step_fn(flat_q, flat_k, flat_v, cache, counts, impl=impl)
 
 
-@pytest.mark.parametrize(("kind", "impl"), FLAT, ids=[f"{k}-{i}" for k, i in FLAT])
-def test_flat_attend_equals_padded(rng, kind, impl):
-    """A flat step (``jkv.caches.tokens``) gives each token what the padded step gives it; padding rows are 0."""
-    counts = counts_of(3, 0, 1)
-    cache = filled(kind, rng, [5, 2, 17])
+@pytest.mark.parametrize(("kind", "impl"), MATCHES, ids=[f"{k}-{i}" for k, i in MATCHES])
+def test_padded_and_flat_steps_match_float64(rng, kind, impl):
+    """T = 4 runs the multi-token kernel on the Pallas path (interpret mode here), padded as B * T rows or flat
+    (``jkv.caches.tokens``: sequences' tokens back to back, a sequence of count 0 in the middle): each token gets
+    what float64 gives it and the padded step gives it; padding queries and padding rows are 0; ``attend`` over the
+    written cache gives the same. Sequence 0 starts empty, so its first token attends to itself alone."""
+    counts = counts_of(4, 0, 3)
+    cache = filled(kind, rng, [0, 2, 14])  # sequence 2 steps over a page boundary (pages of 8)
     q = queries(rng, kind, BATCH, 4, HEADS, 64)
     k, v = (rand(rng, BATCH, 2, 4, 64) for _ in range(2))
-    padded_out, padded, _ = step(q, k, v, cache, counts, impl=impl)
-    rows = [(0, 0), (0, 1), (0, 2), (2, 0)]  # (sequence, token) of each live flat row
+    rows = [(0, 0), (0, 1), (0, 2), (0, 3), (2, 0), (2, 1), (2, 2)]  # (sequence, token) of each live flat row
     flat_q = jnp.concatenate([jnp.stack([q[b, t] for b, t in rows]), q[1, :2]])  # two padding rows
     flat_k, flat_v = (jnp.concatenate([jnp.stack([x[b, :, t] for b, t in rows]), x[1, :, :2]]) for x in (k, v))
-    out, _, again = step(flat_q, flat_k, flat_v, cache, counts, impl=impl)
-    assert out.shape == flat_q.shape
-    out, again, padded_out = (np.asarray(x, np.float32) for x in (out, again, padded_out))
-    np.testing.assert_allclose(out[:4], np.stack([padded_out[b, t] for b, t in rows]), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(out[4:], 0.0)
-    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-6)
+    (out, padded, again), (flat_out, _, flat_again) = padded_and_flat(
+        q, k, v, flat_q, flat_k, flat_v, cache, counts, impl=impl
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype and flat_out.shape == flat_q.shape
     want = step_reference(np.asarray(q, np.float64), padded, counts)
-    assert rel_err(out[:4], np.stack([want[b, t] for b, t in rows])) < tol(kind)
+    live = np.arange(4)[None] < np.asarray(counts)[:, None]
+    assert rel_err(np.asarray(out)[live], want[live]) < tol(kind)
+    out, again, flat_out, flat_again = (np.asarray(x, np.float32) for x in (out, again, flat_out, flat_again))
+    np.testing.assert_array_equal(out[~live], 0.0)
+    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flat_out[:7], np.stack([out[b, t] for b, t in rows]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(flat_out[7:], 0.0)
+    np.testing.assert_allclose(flat_again, flat_out, rtol=1e-5, atol=1e-6)
+    assert rel_err(flat_out[:7], np.stack([want[b, t] for b, t in rows])) < tol(kind)
 
 
 # Window and soft cap together for each layout and format, each alone once (the window inside pages, the cap on
@@ -304,13 +310,15 @@ def _planned(k, v, lengths, *, layout, steps):
     cache = jkv.make_cache(
         "paged" if layout == "paged" else "f32", SPEC, BATCH, windows=(None, 6), slack=4, page_size=4
     )
-    for i in range(steps):
-        counts = jnp.clip(lengths - 4 * i, 0, 4)
-        cache = cache.begin(counts)
+
+    def fill_step(i, cache):  # a loop, not unrolled: the step's operations compile once
+        cache = cache.begin(jnp.clip(lengths - 4 * i, 0, 4))
+        new_k, new_v = (jax.lax.dynamic_slice_in_dim(x, 4 * i, 4, axis=2) for x in (k, v))
         for layer in range(2):
-            cache = cache.write(layer, k[:, :, 4 * i : 4 * i + 4], v[:, :, 4 * i : 4 * i + 4])
-        cache = cache.commit()
-    return cache
+            cache = cache.write(layer, new_k, new_v)
+        return cache.commit()
+
+    return jax.lax.fori_loop(0, steps, fill_step, cache)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
