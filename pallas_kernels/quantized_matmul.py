@@ -12,6 +12,11 @@ axis); its reference is ``block_formats.qmatmul_reference`` (same signature). Tw
   the activations' dtype (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32
   accumulation.
 
+The small-M formulation is a launch choice (``QMatmulConfig.path``): ``"fma"`` (above, the default), ``"units"``
+(``pallas_kernels.qmatmul_units``: 2-D register tiles only, one reduction after the K loop) or ``"dot"`` at any
+``M`` (rows padded to 16: the tensor cores' arithmetic is free in a bandwidth-bound step). docs/quant.md's "Speed"
+section says what each is for and how ``bench/bench_qmatmul.py`` compares them.
+
 Activations are split once per call into the kernel's ``parts`` (``block_formats.split_parts``), so nibble tiles
 never interleave. The last row and column blocks slide back to end at ``M`` and ``N`` (their overlap rewrites the
 same values), so an odd ``N`` needs no masks; ``M`` below one block is padded with zero rows.
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, checks, common
+from pallas_kernels import backend, checks, common, qmatmul_units
 from pallas_kernels.block_formats import (
     block_format,
     check_activations,
@@ -39,6 +44,7 @@ from pallas_kernels.block_formats import (
 FMA_ROWS = 8  # at most this many rows take the register (broadcast-multiply) path; more take the dot
 FMA_ELEMENTS = 8192  # bm * bn * bk of the broadcast product: registers of 4 warps without spills
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
+PATHS = ("fma", "units", "dot")
 
 
 class QMatmulConfig(NamedTuple):
@@ -50,6 +56,12 @@ class QMatmulConfig(NamedTuple):
     num_splits: int  # programs sharing one output block's K (dividing K / parts / block_k)
     num_warps: int
     num_stages: int
+    path: str | None = None  # one of PATHS; None: "fma" at block_m <= FMA_ROWS, else "dot"
+
+
+def config_path(config: QMatmulConfig) -> str:
+    """The formulation ``config`` launches (its ``path``, else the one its ``block_m`` implies)."""
+    return config.path or ("fma" if config.block_m <= FMA_ROWS else "dot")
 
 
 def _pow2_ceil(x: int) -> int:
@@ -87,7 +99,7 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
 def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> None:
     spec = block_format(fmt)
     kp = k // spec.parts
-    bm, bn, bk, splits, warps, stages = config
+    bm, bn, bk, splits, warps, stages, path = config
     pow2 = lambda v: checks.is_int(v) and v >= 1 and v & (v - 1) == 0
     if not (pow2(bm) and pow2(bn) and bn <= n):
         raise ValueError(f"block_m={bm} and block_n={bn} must be powers of two with block_n <= N={n}")
@@ -98,8 +110,10 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
         )
     if not (checks.is_int(splits) and splits >= 1 and (kp // bk) % splits == 0):
         raise ValueError(f"num_splits={splits} must divide the {kp // bk} K steps")
-    if bm > FMA_ROWS and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
-        raise ValueError(f"the dot path (block_m={bm} > {FMA_ROWS}) needs block_m and block_n >= {common.MIN_BLOCK}")
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path={path!r} is not one of {PATHS} (or None for the one block_m implies)")
+    if config_path(config) == "dot" and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
+        raise ValueError(f"the dot path (block_m={bm}) needs block_m and block_n >= {common.MIN_BLOCK}")
     checks.check_launch_overrides(num_warps=warps, num_stages=stages, num_splits=splits)
 
 
@@ -117,18 +131,30 @@ def _kernel(
     _, m_total, _ = x_ref.shape
     n_total = plane_refs[0].shape[0]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows = pl.ds(jnp.minimum(i * bm, m_total - bm), bm)  # the last block slides back to end at M (and N)
-    cols = pl.ds(jnp.minimum(j * bn, n_total - bn), bn)
-    use_dot = bm > FMA_ROWS
+    row0 = jnp.minimum(i * bm, m_total - bm)  # the last block slides back to end at M (and N)
+    rows, cols = pl.ds(row0, bm), pl.ds(jnp.minimum(j * bn, n_total - bn), bn)
+    path = config_path(config)
     dot_dtype = x_ref.dtype
     precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    if path == "units":
+
+        def units_body(step, accs):
+            k0 = pl.multiple_of((s * steps + step) * bk, bk)
+            return qmatmul_units.units_step(
+                fmt, x_ref, plane_refs, accs, rows0=row0, cols=cols, k0=k0, block_k=bk, block_m=bm
+            )
+
+        width = qmatmul_units.unit_width(fmt)
+        accs = lax.fori_loop(0, steps, units_body, tuple(jnp.zeros((bn, width), jnp.float32) for _ in range(bm)))
+        qmatmul_units.units_finish(o_ref, accs, split=s, rows0=row0, cols=cols)
+        return
 
     def body(step, acc):
         k0 = pl.multiple_of((s * steps + step) * bk, bk)
         tiles = [ref[cols, pl.ds(k0 // g, bk // g)] for ref, g in zip(plane_refs, groups, strict=True)]
         for p, w in enumerate(dequantize_tile(fmt, tiles)):  # [bn, bk] float32 each
             x = x_ref[p, rows, pl.ds(k0, bk)]  # [bm, bk]
-            if use_dot:
+            if path == "dot":
                 acc += common.dot(x, w.astype(dot_dtype), trans_b=True, precision=precision)
             else:
                 acc += jnp.sum(x.astype(jnp.float32)[:, None, :] * w[None, :, :], axis=2)

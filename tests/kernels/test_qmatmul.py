@@ -66,6 +66,20 @@ def test_launch_variants(rng, fmt, m, n, config):
     assert rel_err(out, ref) < REL_TOL["float32"]
 
 
+SMALL_M_CASES = [  # every format's units once (its own dequantization), rows and the dot path on two
+    *[(f, 1, QMatmulConfig(1, 16, 128, 3, 4, 2, "units")) for f in FORMATS],  # K split three ways, N slides back
+    *[(f, 3, QMatmulConfig(2, 16, 128, 1, 4, 2, "units")) for f in ("Q8_0", "Q4_K")],  # the last row block slides
+    *[(f, 3, QMatmulConfig(16, 16, 128, 1, 4, 2, "dot")) for f in ("Q4_1", "Q6_K")],  # 13 zero rows padded
+]
+
+
+@pytest.mark.parametrize("fmt,m,config", SMALL_M_CASES, ids=[f"{f}-m{m}-{c.path}" for f, m, c in SMALL_M_CASES])
+def test_small_m_paths(rng, fmt, m, config):
+    """The candidate small-M formulations (docs/quant.md, "Speed") against float64."""
+    out, ref = run(rng, fmt, m, blocks=768 // block_formats.FORMATS[fmt].block, config=config)
+    assert rel_err(out, ref) < REL_TOL["float32"]
+
+
 def test_default_config_fills_the_gpu_at_batch_one():
     config = qmatmul.qmatmul_config(1, 4096, 4096, "Q8_0")
     programs = 4096 // config.block_n * config.num_splits
@@ -111,6 +125,8 @@ def test_bad_arguments_raise(make, error, match):
         (QMatmulConfig(1, 32, 48, 1, 4, 2), "block_k=48"),
         (QMatmulConfig(1, 32, 64, 3, 4, 2), "num_splits=3"),
         (QMatmulConfig(32, 8, 64, 1, 4, 2), "dot path"),
+        (QMatmulConfig(1, 16, 64, 1, 4, 2, "dot"), "dot path"),
+        (QMatmulConfig(1, 16, 64, 1, 4, 2, "gemv"), "path='gemv'"),
     ],
 )
 def test_bad_config_raises(config, match):
@@ -118,14 +134,22 @@ def test_bad_config_raises(config, match):
         qmatmul.qmatmul(jnp.ones((2, 256)), _planes("Q8_0"), "Q8_0", config=config, interpret=True)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 128])
-def test_lowers_through_triton(fmt, m):
-    """Both paths lower to a Triton kernel for CUDA on any host (no GPU needed), bf16 activations."""
+LOWERING_CASES = [
+    *[(f, m, None) for f in FORMATS for m in (1, 128)],
+    *[(f, 1, "units") for f in FORMATS],
+    *[(f, 1, "dot") for f in ("Q8_0", "Q4_K")],
+]
+
+
+@pytest.mark.parametrize("fmt,m,path", LOWERING_CASES)
+def test_lowers_through_triton(fmt, m, path):
+    """Every path lowers to a Triton kernel for CUDA on any host (no GPU needed), bf16 activations."""
     sds = jax.ShapeDtypeStruct
     n, k = 1024, 512
     planes = planes_like(fmt, n, k, sds)
     config = qmatmul.qmatmul_config(m, n, k, fmt)
+    if path is not None:
+        config = config._replace(path=path, block_m=16 if path == "dot" else config.block_m)
     traced = qmatmul._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config, interpret=False)
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
