@@ -89,11 +89,15 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
         bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
     bn = min(bn, common.pow2_floor(n))
-    steps = kp // bk
-    programs = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages)
+
+
+def default_splits(m: int, n: int, steps: int, block_m: int, block_n: int) -> int:
+    """The split-K rule: the fewest splits (a divisor of the ``steps`` K steps) giving ``TARGET_PROGRAMS``
+    programs per multiprocessor, or as near as the divisors allow."""
+    programs = pl.cdiv(m, block_m) * pl.cdiv(n, block_n)
     want = max(1, -(-TARGET_PROGRAMS * backend.num_multiprocessors() // programs))
-    splits = max(d for d in range(1, min(want, steps) + 1) if steps % d == 0)
-    return QMatmulConfig(bm, bn, bk, splits, warps, stages)
+    return max(d for d in range(1, min(want, steps) + 1) if steps % d == 0)
 
 
 def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> None:
