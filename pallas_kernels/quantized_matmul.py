@@ -1,25 +1,25 @@
 """Activations times a block-quantized weight matrix, dequantizing inside the kernel: ``x [M, K] @ W.T -> [M, N]``.
 
 ``W`` is ``N x K`` in one of ``pallas_kernels.block_formats``' formats (planes ``[N, ...]``, ``K`` along the last
-axis); its reference is ``block_formats.qmatmul_reference`` (same signature). Two paths share one kernel body:
+axis); its reference is ``block_formats.qmatmul_reference`` (same signature). One kernel, three formulations
+(``QMatmulConfig.path``):
 
-* small ``M`` (decode steps, ``M <= FMA_ROWS``): bandwidth-bound. Each program owns ``bn`` output columns and
-  walks ``K`` in tiles of ``bk`` packed columns; a tile of every plane is loaded, dequantized in registers to
-  float32 and multiplied into the ``[bm, bn]`` float32 accumulator by broadcast-multiply-sum (no tensor-core tile
-  has so few rows). ``K`` is split over ``num_splits`` programs when too few column blocks fill the GPU; their
-  float32 partials are summed outside.
-* large ``M`` (prefill, big mixed steps): a ``bm x bn`` output tile per program; each weight tile is dequantized to
-  the activations' dtype (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32
-  accumulation.
+* ``"units"`` (small ``M``, decode steps: the default at ``M <= FMA_ROWS``; bandwidth-bound): each program owns
+  ``bn`` output columns of ``bm`` rows and walks ``K`` in steps of ``bk`` packed columns, each a static loop of
+  units (``pallas_kernels.qmatmul_units``): 2-D windows of the codes, one column of each per-group plane,
+  dequantized in registers to float32 and multiplied into a ``[bn, U]`` float32 accumulator per row, reduced once
+  after the K loop. No 3-D register tile, no per-step reduction: the codes load 16 bytes wide and the loop needs
+  no layout conversion (docs/quant.md, "Speed").
+* ``"fma"`` (the first small-M kernel, kept for comparison): the whole ``[bn, bk]`` tile dequantized through
+  ``[R, W / g, g]`` reshapes and multiplied by a ``[bm, bn, bk]`` broadcast-multiply-sum each step.
+* ``"dot"`` (large ``M``: prefill, big mixed steps; any ``M`` when named): a ``bm x bn`` output tile per program
+  (``bm >= 16``, fewer rows padded with zeros); each weight tile is dequantized to the activations' dtype
+  (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32 accumulation.
 
-The small-M formulation is a launch choice (``QMatmulConfig.path``): ``"fma"`` (above, the default), ``"units"``
-(``pallas_kernels.qmatmul_units``: 2-D register tiles only, one reduction after the K loop) or ``"dot"`` at any
-``M`` (rows padded to 16: the tensor cores' arithmetic is free in a bandwidth-bound step). docs/quant.md's "Speed"
-section says what each is for and how ``bench/bench_qmatmul.py`` compares them.
-
-Activations are split once per call into the kernel's ``parts`` (``block_formats.split_parts``), so nibble tiles
-never interleave. The last row and column blocks slide back to end at ``M`` and ``N`` (their overlap rewrites the
-same values), so an odd ``N`` needs no masks; ``M`` below one block is padded with zero rows.
+``K`` is split over ``num_splits`` programs when too few column blocks fill the GPU; their float32 partials are
+summed outside. Activations are split once per call into the kernel's ``parts`` (``block_formats.split_parts``),
+so nibble tiles never interleave. The last row and column blocks slide back to end at ``M`` and ``N`` (their
+overlap rewrites the same values), so an odd ``N`` needs no masks; ``M`` below one block is padded with zero rows.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from pallas_kernels.block_formats import (
     split_parts,
 )
 
-FMA_ROWS = 8  # at most this many rows take the register (broadcast-multiply) path; more take the dot
-FMA_ELEMENTS = 8192  # bm * bn * bk of the broadcast product: registers of 4 warps without spills
+FMA_ROWS = 8  # at most this many rows take a register path (units by default); more take the dot
+UNITS_ELEMENTS = 4096  # bm * bn * unit of the units path's accumulators: 32 registers a thread of 4 warps
+FMA_ELEMENTS = 8192  # bm * bn * bk of the fma path's broadcast product: registers of 4 warps without spills
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
 PATHS = ("fma", "units", "dot")
 
@@ -56,12 +57,12 @@ class QMatmulConfig(NamedTuple):
     num_splits: int  # programs sharing one output block's K (dividing K / parts / block_k)
     num_warps: int
     num_stages: int
-    path: str | None = None  # one of PATHS; None: "fma" at block_m <= FMA_ROWS, else "dot"
+    path: str | None = None  # one of PATHS; None: "units" at block_m <= FMA_ROWS, else "dot"
 
 
 def config_path(config: QMatmulConfig) -> str:
     """The formulation ``config`` launches (its ``path``, else the one its ``block_m`` implies)."""
-    return config.path or ("fma" if config.block_m <= FMA_ROWS else "dot")
+    return config.path or ("units" if config.block_m <= FMA_ROWS else "dot")
 
 
 def _pow2_ceil(x: int) -> int:
@@ -81,15 +82,25 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     kp = k // spec.parts
     if m <= FMA_ROWS or n < common.MIN_BLOCK:  # a dot tile needs 16 columns: thin matrices take registers
         bm = min(_pow2_ceil(m), FMA_ROWS)
-        bk = max(spec.max_group, _largest_pow2_dividing(kp, 256 // spec.parts))
-        bn = max(1, min(64, FMA_ELEMENTS // (bm * bk)))
-        warps, stages = 4, 3
+        bk = max(spec.max_group, _largest_pow2_dividing(kp, 256))
+        bn = max(1, min(64, UNITS_ELEMENTS // (bm * qmatmul_units.unit_width(fmt))))
+        warps, stages, path = 4, 3, "units"
     else:
         bm = min(128, max(common.MIN_BLOCK, _pow2_ceil(m)))  # no more padded rows than a dot tile needs
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
-        bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
+        bn, warps, stages, path = 128, 4 if bm <= 64 else 8, 3, "dot"
     bn = min(bn, common.pow2_floor(n))
-    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages)
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages, path)
+
+
+def fma_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
+    """The first small-M launch (``"fma"``, the default before the units path), for comparisons."""
+    spec = block_format(fmt)
+    kp = k // spec.parts
+    bm = min(_pow2_ceil(m), FMA_ROWS)
+    bk = max(spec.max_group, _largest_pow2_dividing(kp, 256 // spec.parts))
+    bn = min(max(1, min(64, FMA_ELEMENTS // (bm * bk))), common.pow2_floor(n))
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "fma")
 
 
 def default_splits(m: int, n: int, steps: int, block_m: int, block_n: int) -> int:

@@ -47,9 +47,7 @@ def test_smoke_run(tmp_path, capsys):
 
 
 def test_ir_report_lowers_each_variant_for_cuda():
-    config = bench_qmatmul.variants(1, 256, 512, "Q4_K")["units"]
-    ttir = qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, config)
-    counts = qmatmul_ir.ttir_counts(ttir)
-    assert ttir.startswith("module") and counts["rank3_types"] == 0 and counts["ops"]["load"] >= 5
-    fma = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.qmatmul_config(1, 256, 512, "Q4_K")))
-    assert fma["rank3_types"] > 0 and fma["ops"]["reshape"] > 0  # today's path: the [R, W/g, g] reshapes
+    units = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.qmatmul_config(1, 256, 512, "Q4_K")))
+    assert units["rank3_types"] == 0 and units["ops"]["load"] >= 5  # the default: 2-D tiles only
+    fma = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.fma_config(1, 256, 512, "Q4_K")))
+    assert fma["rank3_types"] > 0 and fma["ops"]["reshape"] > 0  # the first small-M path: [R, W/g, g] reshapes

@@ -1,9 +1,10 @@
 """Block-quantized matmul (``pallas_kernels.quantized_matmul``, its reference in ``block_formats``) against NumPy
-float64 of the dequantized matrix: interpret mode on CPU; the Triton lowering of both paths everywhere; argument
+float64 of the dequantized matrix: interpret mode on CPU; the Triton lowering of every path everywhere; argument
 errors.
 
 Every case draws fresh planes (scales and mins of both signs, every code value), an odd ``N`` and ``K`` an odd
-multiple of the format's block, at ``M`` = 1 and 3 (the register path) and 64 (the tensor-core path)."""
+multiple of the format's block, at ``M`` = 1 and 3 (the default register path, units) and 64 (the tensor-core
+path); the other small-M formulations (fma, dot below 16 rows) on a few cases."""
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +67,9 @@ def test_launch_variants(rng, fmt, m, n, config):
     assert rel_err(out, ref) < REL_TOL["float32"]
 
 
-SMALL_M_CASES = [  # every format's units once (its own dequantization), rows and the dot path on two
-    *[(f, 1, QMatmulConfig(1, 16, 128, 3, 4, 2, "units")) for f in FORMATS],  # K split three ways, N slides back
-    *[(f, 3, QMatmulConfig(2, 16, 128, 1, 4, 2, "units")) for f in ("Q8_0", "Q4_K")],  # the last row block slides
+SMALL_M_CASES = [  # units (the default: every format in test_kernel_matches_float64) split, fma and dot at M = 3
+    *[(f, 1, QMatmulConfig(1, 16, 128, 3, 4, 2, "units")) for f in ("Q8_0", "Q6_K")],  # K split 3 ways, N slides
+    *[(f, 3, QMatmulConfig(2, 16, 128, 1, 4, 2, "fma")) for f in ("Q8_0", "Q4_K")],  # the last row block slides
     *[(f, 3, QMatmulConfig(16, 16, 128, 1, 4, 2, "dot")) for f in ("Q4_1", "Q6_K")],  # 13 zero rows padded
 ]
 
@@ -136,7 +137,7 @@ def test_bad_config_raises(config, match):
 
 LOWERING_CASES = [
     *[(f, m, None) for f in FORMATS for m in (1, 128)],
-    *[(f, 1, "units") for f in FORMATS],
+    *[(f, 1, "fma") for f in ("Q8_0", "Q4_K")],  # M = 1's default is units
     *[(f, 1, "dot") for f in ("Q8_0", "Q4_K")],
 ]
 
