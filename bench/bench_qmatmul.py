@@ -53,7 +53,7 @@ LAYERS_8B = 32
 TARGETS_8B_M1 = {"Q8_0": 2.3e-3, "Q4_K": 1.5e-3}
 SMOKE_MATRICES = {"wo": (64, 256)}
 SMOKE_ROWS = (1, 16)
-SMOKE_VARIANTS = ("default", "fma", "dot16")  # one of each path: interpret mode compiles slowly
+SMOKE_VARIANTS = ("default", "fma", "dot16_expand")  # one of each path: interpret mode compiles slowly
 
 
 def plane_specs(fmt: str, n: int, k: int) -> list[tuple[tuple[int, int], np.dtype]]:
@@ -85,12 +85,13 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["units_bn32_s4"] = f(bm, 32, 256, 4, 4, "units")
         out["units_bk128_nosplit"] = f(bm, 64, 128, 4, 3, "units", splits=1)
         out["dot16"] = f(16, 64, 128, 4, 3, "dot")
-        out["dot16_bn128_w8"] = f(16, 128, 128, 8, 3, "dot")
-        out["dot16_bk256_s4"] = f(16, 64, 256, 4, 4, "dot")
+        out["dot16_expand"] = f(16, 64, 128, 4, 3, "dot_expand")
     else:
         bm = out["default"].block_m
         out["dot_bn64"] = f(bm, 64, 128, 4, 3, "dot")
         out["dot_bk128_s4"] = f(bm, 128, 128, 4, 4, "dot")
+        out["expand"] = out["default"]._replace(path="dot_expand")
+        out["expand_bn64"] = out["dot_bn64"]._replace(path="dot_expand")
         if m <= 16:
             out["units_bm8"] = f(8, 32, 256, 4, 3, "units")
     firsts = {}

@@ -15,6 +15,8 @@ axis); its reference is ``block_formats.qmatmul_reference`` (same signature). On
 * ``"dot"`` (large ``M``: prefill, big mixed steps; any ``M`` when named): a ``bm x bn`` output tile per program
   (``bm >= 16``, fewer rows padded with zeros); each weight tile is dequantized to the activations' dtype
   (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32 accumulation.
+  ``"dot_expand"``: the same with the tile dequantized from plane reads expanded to its shape
+  (``pallas_kernels.qmatmul_expand``: no reshapes).
 
 ``K`` is split over ``num_splits`` programs when too few column blocks fill the GPU; their float32 partials are
 summed outside. Activations are split once per call into the kernel's ``parts`` (``block_formats.split_parts``),
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, checks, common, qmatmul_units
+from pallas_kernels import backend, checks, common, qmatmul_expand, qmatmul_units
 from pallas_kernels.block_formats import (
     block_format,
     check_activations,
@@ -45,7 +47,7 @@ FMA_ROWS = 8  # at most this many rows take a register path (units by default); 
 UNITS_ELEMENTS = 4096  # bm * bn * unit of the units path's accumulators: 32 registers a thread of 4 warps
 FMA_ELEMENTS = 8192  # bm * bn * bk of the fma path's broadcast product: registers of 4 warps without spills
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
-PATHS = ("fma", "units", "dot")
+PATHS = ("units", "fma", "dot", "dot_expand")
 
 
 class QMatmulConfig(NamedTuple):
@@ -127,7 +129,7 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
         raise ValueError(f"num_splits={splits} must divide the {kp // bk} K steps")
     if path is not None and path not in PATHS:
         raise ValueError(f"path={path!r} is not one of {PATHS} (or None for the one block_m implies)")
-    if config_path(config) == "dot" and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
+    if config_path(config).startswith("dot") and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
         raise ValueError(f"the dot path (block_m={bm}) needs block_m and block_n >= {common.MIN_BLOCK}")
     checks.check_launch_overrides(num_warps=warps, num_stages=stages, num_splits=splits)
 
@@ -166,10 +168,14 @@ def _kernel(
 
     def body(step, acc):
         k0 = pl.multiple_of((s * steps + step) * bk, bk)
-        tiles = [ref[cols, pl.ds(k0 // g, bk // g)] for ref, g in zip(plane_refs, groups, strict=True)]
-        for p, w in enumerate(dequantize_tile(fmt, tiles)):  # [bn, bk] float32 each
+        if path == "dot_expand":
+            parts = qmatmul_expand.expanded_tiles(fmt, plane_refs, cols.start, bn, k0, bk)
+        else:
+            tiles = [ref[cols, pl.ds(k0 // g, bk // g)] for ref, g in zip(plane_refs, groups, strict=True)]
+            parts = dequantize_tile(fmt, tiles)
+        for p, w in enumerate(parts):  # [bn, bk] float32 each
             x = x_ref[p, rows, pl.ds(k0, bk)]  # [bm, bk]
-            if path == "dot":
+            if path != "fma":
                 acc += common.dot(x, w.astype(dot_dtype), trans_b=True, precision=precision)
             else:
                 acc += jnp.sum(x.astype(jnp.float32)[:, None, :] * w[None, :, :], axis=2)

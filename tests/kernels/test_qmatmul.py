@@ -4,7 +4,7 @@ errors.
 
 Every case draws fresh planes (scales and mins of both signs, every code value), an odd ``N`` and ``K`` an odd
 multiple of the format's block, at ``M`` = 1 and 3 (the default register path, units) and 64 (the tensor-core
-path); the other small-M formulations (fma, dot below 16 rows) on a few cases."""
+path); the other formulations (fma, dot below 16 rows, dot_expand) on a few cases."""
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,7 @@ SMALL_M_CASES = [  # units (the default: every format in test_kernel_matches_flo
     *[(f, 1, QMatmulConfig(1, 16, 128, 3, 4, 2, "units")) for f in ("Q8_0", "Q6_K")],  # K split 3 ways, N slides
     *[(f, 3, QMatmulConfig(2, 16, 128, 1, 4, 2, "fma")) for f in ("Q8_0", "Q4_K")],  # the last row block slides
     *[(f, 3, QMatmulConfig(16, 16, 128, 1, 4, 2, "dot")) for f in ("Q4_1", "Q6_K")],  # 13 zero rows padded
+    *[(f, 20, QMatmulConfig(16, 16, 128, 3, 4, 2, "dot_expand")) for f in FORMATS],  # its own dequantization
 ]
 
 
@@ -139,6 +140,7 @@ LOWERING_CASES = [
     *[(f, m, None) for f in FORMATS for m in (1, 128)],
     *[(f, 1, "fma") for f in ("Q8_0", "Q4_K")],  # M = 1's default is units
     *[(f, 1, "dot") for f in ("Q8_0", "Q4_K")],
+    *[(f, 64, "dot_expand") for f in ("Q8_0", "Q6_K")],
 ]
 
 
@@ -161,4 +163,18 @@ def test_lowers_through_triton(fmt, m, path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_matches_float64(rng, fmt, m):
     out, ref = run(rng, fmt, m, n=301, blocks=5, dtype=jnp.bfloat16, fn=lambda x, p: qmatmul.qmatmul(x, p, fmt))
+    assert rel_err(out, ref) < REL_TOL["bfloat16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
+@pytest.mark.parametrize("path", ["fma", "dot", "dot_expand"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_named_paths_match_float64(rng, fmt, path):
+    """The non-default formulations compiled by Triton (bench/bench_qmatmul.py times them)."""
+    config = qmatmul.fma_config(3, 301, 1280, fmt)
+    if path != "fma":
+        config = config._replace(block_m=16, block_n=16, path=path)
+    fn = lambda x, p: qmatmul.qmatmul(x, p, fmt, config=config)
+    out, ref = run(rng, fmt, 3, n=301, blocks=1280 // block_formats.FORMATS[fmt].block, dtype=jnp.bfloat16, fn=fn)
     assert rel_err(out, ref) < REL_TOL["bfloat16"]
