@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -145,7 +146,7 @@ def _wall_sampler(fn, arg_sets, est_s: float):
 
 def bench_cell(m: int, name: str, fmt: str, shape, bandwidth: float, rounds: int, smoke: bool) -> dict:
     n, k = shape
-    key = jax.random.key(hash((m, name, fmt)) % (1 << 30))
+    key = jax.random.key(zlib.crc32(f"{m} {name} {fmt}".encode()))
     q_bytes, d_bytes = sum(math.prod(s) * d.itemsize for s, d in plane_specs(fmt, n, k)), n * k * 2
     copies = 1 if smoke else max(1, math.ceil(common.ROTATE_BYTES / q_bytes))
     x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.bfloat16)
