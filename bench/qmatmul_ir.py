@@ -72,6 +72,7 @@ def lowered_ttir(fmt: str, m: int, n: int, k: int, config) -> str:
     sds = jax.ShapeDtypeStruct
     planes = tuple(sds(s, d) for s, d in bench_qmatmul.plane_specs(fmt, n, k))
     modules = []
+    jax.clear_caches()  # a launch lowered before would come from the cache, past the capture
     with _capture_triton_modules(modules):
         qm._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config, interpret=False).lower(
             lowering_platforms=("cuda",)

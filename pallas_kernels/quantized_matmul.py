@@ -45,6 +45,7 @@ from pallas_kernels.block_formats import (
 
 FMA_ROWS = 8  # at most this many rows take a register path (units by default); more take the dot
 UNITS_ELEMENTS = 4096  # bm * bn * unit of the units path's accumulators: 32 registers a thread of 4 warps
+UNITS_PER_STEP = 16  # bm * bk / unit where the groups allow: the unrolled step's size bounds Triton's compile time
 FMA_ELEMENTS = 8192  # bm * bn * bk of the fma path's broadcast product: registers of 4 warps without spills
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
 PATHS = ("units", "fma", "dot", "dot_expand")
@@ -83,9 +84,9 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     spec = block_format(fmt)
     kp = k // spec.parts
     if m <= FMA_ROWS or n < common.MIN_BLOCK:  # a dot tile needs 16 columns: thin matrices take registers
-        bm = min(_pow2_ceil(m), FMA_ROWS)
-        bk = max(spec.max_group, _largest_pow2_dividing(kp, 256))
-        bn = max(1, min(64, UNITS_ELEMENTS // (bm * qmatmul_units.unit_width(fmt))))
+        bm, unit = min(_pow2_ceil(m), FMA_ROWS), qmatmul_units.unit_width(fmt)
+        bk = max(spec.max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // bm)))
+        bn = max(1, min(64, UNITS_ELEMENTS // (bm * unit)))
         warps, stages, path = 4, 3, "units"
     else:
         bm = min(128, max(common.MIN_BLOCK, _pow2_ceil(m)))  # no more padded rows than a dot tile needs
