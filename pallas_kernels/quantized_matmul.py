@@ -1,20 +1,27 @@
 """Activations times a block-quantized weight matrix, dequantizing inside the kernel: ``x [M, K] @ W.T -> [M, N]``.
 
 ``W`` is ``N x K`` in one of ``pallas_kernels.block_formats``' formats (planes ``[N, ...]``, ``K`` along the last
-axis); its reference is ``block_formats.qmatmul_reference`` (same signature). Two paths share one kernel body:
+axis); its reference is ``block_formats.qmatmul_reference`` (same signature). One kernel, three formulations
+(``QMatmulConfig.path``):
 
-* small ``M`` (decode steps, ``M <= FMA_ROWS``): bandwidth-bound. Each program owns ``bn`` output columns and
-  walks ``K`` in tiles of ``bk`` packed columns; a tile of every plane is loaded, dequantized in registers to
-  float32 and multiplied into the ``[bm, bn]`` float32 accumulator by broadcast-multiply-sum (no tensor-core tile
-  has so few rows). ``K`` is split over ``num_splits`` programs when too few column blocks fill the GPU; their
-  float32 partials are summed outside.
-* large ``M`` (prefill, big mixed steps): a ``bm x bn`` output tile per program; each weight tile is dequantized to
-  the activations' dtype (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32
-  accumulation.
+* ``"units"`` (small ``M``, decode steps: the default at ``M <= FMA_ROWS``; bandwidth-bound): each program owns
+  ``bn`` output columns of ``bm`` rows and walks ``K`` in steps of ``bk`` packed columns, each a static loop of
+  units (``pallas_kernels.qmatmul_units``): 2-D windows of the codes, one column of each per-group plane,
+  dequantized in registers to float32 and multiplied into a ``[bn, U]`` float32 accumulator per row, reduced once
+  after the K loop. No 3-D register tile, no per-step reduction: the codes load 16 bytes wide and the loop needs
+  no layout conversion (docs/quant.md, "Speed").
+* ``"fma"`` (the first small-M kernel, kept for comparison): the whole ``[bn, bk]`` tile dequantized through
+  ``[R, W / g, g]`` reshapes and multiplied by a ``[bm, bn, bk]`` broadcast-multiply-sum each step.
+* ``"dot"`` (large ``M``: prefill, big mixed steps; any ``M`` when named): a ``bm x bn`` output tile per program
+  (``bm >= 16``, fewer rows padded with zeros); each weight tile is dequantized to the activations' dtype
+  (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32 accumulation.
+  ``"dot_expand"``: the same with the tile dequantized from plane reads expanded to its shape
+  (``pallas_kernels.qmatmul_expand``: no reshapes).
 
-Activations are split once per call into the kernel's ``parts`` (``block_formats.split_parts``), so nibble tiles
-never interleave. The last row and column blocks slide back to end at ``M`` and ``N`` (their overlap rewrites the
-same values), so an odd ``N`` needs no masks; ``M`` below one block is padded with zero rows.
+``K`` is split over ``num_splits`` programs when too few column blocks fill the GPU; their float32 partials are
+summed outside. Activations are split once per call into the kernel's ``parts`` (``block_formats.split_parts``),
+so nibble tiles never interleave. The last row and column blocks slide back to end at ``M`` and ``N`` (their
+overlap rewrites the same values), so an odd ``N`` needs no masks; ``M`` below one block is padded with zero rows.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, checks, common
+from pallas_kernels import backend, checks, common, qmatmul_expand, qmatmul_units
 from pallas_kernels.block_formats import (
     block_format,
     check_activations,
@@ -36,9 +43,12 @@ from pallas_kernels.block_formats import (
     split_parts,
 )
 
-FMA_ROWS = 8  # at most this many rows take the register (broadcast-multiply) path; more take the dot
-FMA_ELEMENTS = 8192  # bm * bn * bk of the broadcast product: registers of 4 warps without spills
+FMA_ROWS = 8  # at most this many rows take a register path (units by default); more take the dot
+UNITS_ELEMENTS = 4096  # bm * bn * unit of the units path's accumulators: 32 registers a thread of 4 warps
+UNITS_PER_STEP = 16  # bm * bk / unit where the groups allow: the unrolled step's size bounds Triton's compile time
+FMA_ELEMENTS = 8192  # bm * bn * bk of the fma path's broadcast product: registers of 4 warps without spills
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
+PATHS = ("units", "fma", "dot", "dot_expand")
 
 
 class QMatmulConfig(NamedTuple):
@@ -50,6 +60,12 @@ class QMatmulConfig(NamedTuple):
     num_splits: int  # programs sharing one output block's K (dividing K / parts / block_k)
     num_warps: int
     num_stages: int
+    path: str | None = None  # one of PATHS; None: "units" at block_m <= FMA_ROWS, else "dot"
+
+
+def config_path(config: QMatmulConfig) -> str:
+    """The formulation ``config`` launches (its ``path``, else the one its ``block_m`` implies)."""
+    return config.path or ("units" if config.block_m <= FMA_ROWS else "dot")
 
 
 def _pow2_ceil(x: int) -> int:
@@ -68,26 +84,40 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     spec = block_format(fmt)
     kp = k // spec.parts
     if m <= FMA_ROWS or n < common.MIN_BLOCK:  # a dot tile needs 16 columns: thin matrices take registers
-        bm = min(_pow2_ceil(m), FMA_ROWS)
-        bk = max(spec.max_group, _largest_pow2_dividing(kp, 256 // spec.parts))
-        bn = max(1, min(64, FMA_ELEMENTS // (bm * bk)))
-        warps, stages = 4, 3
+        bm, unit = min(_pow2_ceil(m), FMA_ROWS), qmatmul_units.unit_width(fmt)
+        bk = max(spec.max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // bm)))
+        bn = max(1, min(64, UNITS_ELEMENTS // (bm * unit)))
+        warps, stages, path = 4, 3, "units"
     else:
         bm = min(128, max(common.MIN_BLOCK, _pow2_ceil(m)))  # no more padded rows than a dot tile needs
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
-        bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
+        bn, warps, stages, path = 128, 4 if bm <= 64 else 8, 3, "dot"
     bn = min(bn, common.pow2_floor(n))
-    steps = kp // bk
-    programs = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages, path)
+
+
+def fma_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
+    """The first small-M launch (``"fma"``, the default before the units path), for comparisons."""
+    spec = block_format(fmt)
+    kp = k // spec.parts
+    bm = min(_pow2_ceil(m), FMA_ROWS)
+    bk = max(spec.max_group, _largest_pow2_dividing(kp, 256 // spec.parts))
+    bn = min(max(1, min(64, FMA_ELEMENTS // (bm * bk))), common.pow2_floor(n))
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "fma")
+
+
+def default_splits(m: int, n: int, steps: int, block_m: int, block_n: int) -> int:
+    """The split-K rule: the fewest splits (a divisor of the ``steps`` K steps) giving ``TARGET_PROGRAMS``
+    programs per multiprocessor, or as near as the divisors allow."""
+    programs = pl.cdiv(m, block_m) * pl.cdiv(n, block_n)
     want = max(1, -(-TARGET_PROGRAMS * backend.num_multiprocessors() // programs))
-    splits = max(d for d in range(1, min(want, steps) + 1) if steps % d == 0)
-    return QMatmulConfig(bm, bn, bk, splits, warps, stages)
+    return max(d for d in range(1, min(want, steps) + 1) if steps % d == 0)
 
 
 def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> None:
     spec = block_format(fmt)
     kp = k // spec.parts
-    bm, bn, bk, splits, warps, stages = config
+    bm, bn, bk, splits, warps, stages, path = config
     pow2 = lambda v: checks.is_int(v) and v >= 1 and v & (v - 1) == 0
     if not (pow2(bm) and pow2(bn) and bn <= n):
         raise ValueError(f"block_m={bm} and block_n={bn} must be powers of two with block_n <= N={n}")
@@ -98,8 +128,10 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
         )
     if not (checks.is_int(splits) and splits >= 1 and (kp // bk) % splits == 0):
         raise ValueError(f"num_splits={splits} must divide the {kp // bk} K steps")
-    if bm > FMA_ROWS and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
-        raise ValueError(f"the dot path (block_m={bm} > {FMA_ROWS}) needs block_m and block_n >= {common.MIN_BLOCK}")
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path={path!r} is not one of {PATHS} (or None for the one block_m implies)")
+    if config_path(config).startswith("dot") and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
+        raise ValueError(f"the dot path (block_m={bm}) needs block_m and block_n >= {common.MIN_BLOCK}")
     checks.check_launch_overrides(num_warps=warps, num_stages=stages, num_splits=splits)
 
 
@@ -117,18 +149,34 @@ def _kernel(
     _, m_total, _ = x_ref.shape
     n_total = plane_refs[0].shape[0]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows = pl.ds(jnp.minimum(i * bm, m_total - bm), bm)  # the last block slides back to end at M (and N)
-    cols = pl.ds(jnp.minimum(j * bn, n_total - bn), bn)
-    use_dot = bm > FMA_ROWS
+    row0 = jnp.minimum(i * bm, m_total - bm)  # the last block slides back to end at M (and N)
+    rows, cols = pl.ds(row0, bm), pl.ds(jnp.minimum(j * bn, n_total - bn), bn)
+    path = config_path(config)
     dot_dtype = x_ref.dtype
     precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    if path == "units":
+
+        def units_body(step, accs):
+            k0 = pl.multiple_of((s * steps + step) * bk, bk)
+            return qmatmul_units.units_step(
+                fmt, x_ref, plane_refs, accs, rows0=row0, cols=cols, k0=k0, block_k=bk, block_m=bm
+            )
+
+        width = qmatmul_units.unit_width(fmt)
+        accs = lax.fori_loop(0, steps, units_body, tuple(jnp.zeros((bn, width), jnp.float32) for _ in range(bm)))
+        qmatmul_units.units_finish(o_ref, accs, split=s, rows0=row0, cols=cols)
+        return
 
     def body(step, acc):
         k0 = pl.multiple_of((s * steps + step) * bk, bk)
-        tiles = [ref[cols, pl.ds(k0 // g, bk // g)] for ref, g in zip(plane_refs, groups, strict=True)]
-        for p, w in enumerate(dequantize_tile(fmt, tiles)):  # [bn, bk] float32 each
+        if path == "dot_expand":
+            parts = qmatmul_expand.expanded_tiles(fmt, plane_refs, cols.start, bn, k0, bk)
+        else:
+            tiles = [ref[cols, pl.ds(k0 // g, bk // g)] for ref, g in zip(plane_refs, groups, strict=True)]
+            parts = dequantize_tile(fmt, tiles)
+        for p, w in enumerate(parts):  # [bn, bk] float32 each
             x = x_ref[p, rows, pl.ds(k0, bk)]  # [bm, bk]
-            if use_dot:
+            if path != "fma":
                 acc += common.dot(x, w.astype(dot_dtype), trans_b=True, precision=precision)
             else:
                 acc += jnp.sum(x.astype(jnp.float32)[:, None, :] * w[None, :, :], axis=2)

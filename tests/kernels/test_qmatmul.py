@@ -1,9 +1,10 @@
 """Block-quantized matmul (``pallas_kernels.quantized_matmul``, its reference in ``block_formats``) against NumPy
-float64 of the dequantized matrix: interpret mode on CPU; the Triton lowering of both paths everywhere; argument
+float64 of the dequantized matrix: interpret mode on CPU; the Triton lowering of every path everywhere; argument
 errors.
 
 Every case draws fresh planes (scales and mins of both signs, every code value), an odd ``N`` and ``K`` an odd
-multiple of the format's block, at ``M`` = 1 and 3 (the register path) and 64 (the tensor-core path)."""
+multiple of the format's block, at ``M`` = 1 and 3 (the default register path, units) and 64 (the tensor-core
+path); the other formulations (fma, dot below 16 rows, dot_expand) on a few cases."""
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,21 @@ def test_launch_variants(rng, fmt, m, n, config):
     assert rel_err(out, ref) < REL_TOL["float32"]
 
 
+SMALL_M_CASES = [  # units (the default: every format in test_kernel_matches_float64) split, fma and dot at M = 3
+    *[(f, 1, QMatmulConfig(1, 16, 128, 3, 4, 2, "units")) for f in ("Q8_0", "Q6_K")],  # K split 3 ways, N slides
+    *[(f, 3, QMatmulConfig(2, 16, 128, 1, 4, 2, "fma")) for f in ("Q8_0", "Q4_K")],  # the last row block slides
+    *[(f, 3, QMatmulConfig(16, 16, 128, 1, 4, 2, "dot")) for f in ("Q4_1", "Q6_K")],  # 13 zero rows padded
+    *[(f, 20, QMatmulConfig(16, 16, 128, 3, 4, 2, "dot_expand")) for f in FORMATS],  # its own dequantization
+]
+
+
+@pytest.mark.parametrize("fmt,m,config", SMALL_M_CASES, ids=[f"{f}-m{m}-{c.path}" for f, m, c in SMALL_M_CASES])
+def test_small_m_paths(rng, fmt, m, config):
+    """The candidate small-M formulations (docs/quant.md, "Speed") against float64."""
+    out, ref = run(rng, fmt, m, blocks=768 // block_formats.FORMATS[fmt].block, config=config)
+    assert rel_err(out, ref) < REL_TOL["float32"]
+
+
 def test_default_config_fills_the_gpu_at_batch_one():
     config = qmatmul.qmatmul_config(1, 4096, 4096, "Q8_0")
     programs = 4096 // config.block_n * config.num_splits
@@ -111,6 +127,8 @@ def test_bad_arguments_raise(make, error, match):
         (QMatmulConfig(1, 32, 48, 1, 4, 2), "block_k=48"),
         (QMatmulConfig(1, 32, 64, 3, 4, 2), "num_splits=3"),
         (QMatmulConfig(32, 8, 64, 1, 4, 2), "dot path"),
+        (QMatmulConfig(1, 16, 64, 1, 4, 2, "dot"), "dot path"),
+        (QMatmulConfig(1, 16, 64, 1, 4, 2, "gemv"), "path='gemv'"),
     ],
 )
 def test_bad_config_raises(config, match):
@@ -118,14 +136,23 @@ def test_bad_config_raises(config, match):
         qmatmul.qmatmul(jnp.ones((2, 256)), _planes("Q8_0"), "Q8_0", config=config, interpret=True)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 128])
-def test_lowers_through_triton(fmt, m):
-    """Both paths lower to a Triton kernel for CUDA on any host (no GPU needed), bf16 activations."""
+LOWERING_CASES = [
+    *[(f, m, None) for f in FORMATS for m in (1, 128)],
+    *[(f, 1, "fma") for f in ("Q8_0", "Q4_K")],  # M = 1's default is units
+    *[(f, 1, "dot") for f in ("Q8_0", "Q4_K")],
+    *[(f, 64, "dot_expand") for f in ("Q8_0", "Q6_K")],
+]
+
+
+@pytest.mark.parametrize("fmt,m,path", LOWERING_CASES)
+def test_lowers_through_triton(fmt, m, path):
+    """Every path lowers to a Triton kernel for CUDA on any host (no GPU needed), bf16 activations."""
     sds = jax.ShapeDtypeStruct
     n, k = 1024, 512
     planes = planes_like(fmt, n, k, sds)
     config = qmatmul.qmatmul_config(m, n, k, fmt)
+    if path is not None:
+        config = config._replace(path=path, block_m=16 if path == "dot" else config.block_m)
     traced = qmatmul._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config, interpret=False)
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
@@ -136,4 +163,18 @@ def test_lowers_through_triton(fmt, m):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_matches_float64(rng, fmt, m):
     out, ref = run(rng, fmt, m, n=301, blocks=5, dtype=jnp.bfloat16, fn=lambda x, p: qmatmul.qmatmul(x, p, fmt))
+    assert rel_err(out, ref) < REL_TOL["bfloat16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
+@pytest.mark.parametrize("path", ["fma", "dot", "dot_expand"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_named_paths_match_float64(rng, fmt, path):
+    """The non-default formulations compiled by Triton (bench/bench_qmatmul.py times them)."""
+    config = qmatmul.fma_config(3, 301, 1280, fmt)
+    if path != "fma":
+        config = config._replace(block_m=16, block_n=16, path=path)
+    fn = lambda x, p: qmatmul.qmatmul(x, p, fmt, config=config)
+    out, ref = run(rng, fmt, 3, n=301, blocks=1280 // block_formats.FORMATS[fmt].block, dtype=jnp.bfloat16, fn=fn)
     assert rel_err(out, ref) < REL_TOL["bfloat16"]

@@ -1,0 +1,197 @@
+"""What the Triton compiler makes of each ``qmatmul`` launch variant, on a CPU: the Pallas kernel lowered for CUDA
+(``jax``'s own Pallas-to-Triton lowering, as on a GPU), then, where the ``triton`` package is importable, compiled
+by it for sm_90 to TTGIR (layouts assigned), PTX and SASS (its bundled ``ptxas`` and ``nvdisasm``): no GPU needed.
+
+Counted per variant: in the TTGIR, ``convert_layout`` ops inside the K loop (each a register shuffle or a round
+trip through shared memory) and shared-memory allocations; in the SASS (the whole kernel; the K loop dominates),
+global loads by width, shared-memory loads and stores, barriers, warp shuffles, FMAs; from ``ptxas -v``, registers
+and spills. The ``triton`` package's version is not the one inside jaxlib on the GPU machine: its passes are
+close, not equal. Usage: ``python bench/qmatmul_ir.py --out DIR [--smoke]`` (``pip install triton`` for the
+compiled counts; without it only the lowered TTIR's op counts). Writes ``DIR/qmatmul_ir.json`` and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from bench import bench_qmatmul
+from pallas_kernels import backend
+from pallas_kernels import quantized_matmul as qm
+
+SASS_OPS = {  # SASS mnemonic prefixes counted (first match wins)
+    "ldg_128": r"LDG\.E\.(?:EL\.)?128",
+    "ldg_64": r"LDG\.E\.(?:EL\.)?64",
+    "ldg_32": r"LDG\.E(?:\.EL)?(?:\.CONSTANT)?\s",
+    "ldg_16": r"LDG\.E\.(?:EL\.)?U?16",
+    "ldg_8": r"LDG\.E\.(?:EL\.)?[US]8",
+    "ldgsts": r"LDGSTS",
+    "lds": r"LDS",
+    "sts": r"STS",
+    "bar": r"BAR\.SYNC",
+    "shfl": r"SHFL",
+    "ffma": r"FFMA",
+    "hmma": r"HGMMA|HMMA",
+}
+
+
+@contextlib.contextmanager
+def _capture_triton_modules(out: list):
+    """Within: every Pallas Triton lowering appends its module's text (``tt`` dialect) to ``out``."""
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    lower = reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        out.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    with (
+        mock.patch.object(reg.lowering, "lower_jaxpr_to_triton_module", capture),
+        mock.patch.object(backend, "gpu_backend", lambda: backend.TRITON),
+    ):
+        yield
+
+
+def lowered_ttir(fmt: str, m: int, n: int, k: int, config) -> str:
+    """The ``tt``-dialect module ``qmatmul`` lowers to for CUDA at this shape and launch (abstract inputs)."""
+    sds = jax.ShapeDtypeStruct
+    planes = tuple(sds(s, d) for s, d in bench_qmatmul.plane_specs(fmt, n, k))
+    modules = []
+    jax.clear_caches()  # a launch lowered before would come from the cache, past the capture
+    with _capture_triton_modules(modules):
+        qm._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config, interpret=False).lower(
+            lowering_platforms=("cuda",)
+        )
+    return modules[0]
+
+
+def _loop_lines(text: str) -> list[str]:
+    """Lines inside the outermost ``scf.for`` of an MLIR text (the K loop)."""
+    lines, depth, inside = [], 0, False
+    for line in text.splitlines():
+        if not inside and "scf.for" in line:
+            inside, depth = True, 0
+        if inside:
+            lines.append(line)
+            depth += line.count("{") - line.count("}")
+            if depth <= 0 and len(lines) > 1:
+                break
+    return lines
+
+
+def ttir_counts(ttir: str) -> dict:
+    ops = collections.Counter(re.findall(r"\btt\.(reshape|broadcast|expand_dims|reduce|dot|load|store)\b", ttir))
+    rank3 = len(re.findall(r"tensor<\d+x\d+x\d+x", ttir))
+    return {"ops": dict(ops), "rank3_types": rank3}
+
+
+def compiled_counts(ttir: str, num_warps: int, num_stages: int) -> dict:
+    """TTGIR / SASS / ptxas counts of ``ttir`` compiled by the ``triton`` package for sm_90 (see the docstring)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ttir"
+        path.write_text(ttir)
+        kernel = triton.compile(
+            str(path), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+        )
+        ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+        sass = subprocess.run([tools / "nvdisasm", cubin], capture_output=True, text=True).stdout
+        (Path(tmp) / "kernel.ptx").write_text(ptx)
+        ptxas = next((p for p in (tools / "ptxas-blackwell", tools / "ptxas") if p.exists()), None)
+        info = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", Path(tmp) / "kernel.ptx", "-o", Path(tmp) / "x.cubin"],
+            capture_output=True,
+            text=True,
+        ).stderr
+    loop = "\n".join(_loop_lines(ttgir))
+    sass_counts = collections.Counter()
+    for line in sass.splitlines():
+        for name, pattern in SASS_OPS.items():
+            if re.search(r"\b" + pattern, line):
+                sass_counts[name] += 1
+                break
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    return {
+        "triton": triton.__version__,
+        "convert_layout_in_loop": loop.count("ttg.convert_layout"),
+        "convert_layout_total": ttgir.count("ttg.convert_layout"),
+        "local_alloc": ttgir.count("ttg.local_alloc"),
+        "shared_bytes": kernel.metadata.shared,
+        "sass": dict(sass_counts),
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(spills.group(1)) if spills else None,
+    }
+
+
+def analyse(fmt: str, m: int, n: int, k: int, config) -> dict:
+    ttir = lowered_ttir(fmt, m, n, k, config)
+    row = {"config": list(config), "ttir": ttir_counts(ttir)}
+    try:
+        row["compiled"] = compiled_counts(ttir, config.num_warps, config.num_stages)
+    except ImportError:
+        row["compiled"] = None
+    except Exception as e:  # a compile error is a finding too
+        row["compiled"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--smoke", action="store_true", help="one small shape, two variants")
+    parser.add_argument("--shape", default="wo", help="which matrix of bench_qmatmul.MATRICES (default wo)")
+    args = parser.parse_args(argv)
+    n, k = (256, 512) if args.smoke else bench_qmatmul.MATRICES[args.shape]
+    report = {"shape": [n, k], "rows": {}}
+    for fmt in bench_qmatmul.FORMATS:
+        for m in (1,) if args.smoke else bench_qmatmul.ROWS:
+            variants = bench_qmatmul.variants(m, n, k, fmt)
+            for name, config in list(variants.items())[: 2 if args.smoke else None]:
+                key = f"{fmt} M={m} {name}"
+                report["rows"][key] = analyse(fmt, m, n, k, config)
+                print_row(key, report["rows"][key])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qmatmul_ir.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def print_row(key: str, row: dict) -> None:
+    c = row["compiled"]
+    if not c or "error" in c:
+        print(f"{key:34s} ttir {row['ttir']}  compiled: {c and c['error'][:200]}", flush=True)
+        return
+    s = c["sass"]
+    ldg = "/".join(str(s.get(f"ldg_{w}", 0)) for w in (128, 64, 32, 16, 8))
+    print(
+        f"{key:34s} cvt(loop) {c['convert_layout_in_loop']:2d} smem {c['shared_bytes']:6d} B  "
+        f"LDG128/64/32/16/8 {ldg:>16s} LDGSTS {s.get('ldgsts', 0):3d} LDS {s.get('lds', 0):3d} "
+        f"STS {s.get('sts', 0):3d} BAR {s.get('bar', 0):2d} SHFL {s.get('shfl', 0):4d} FFMA {s.get('ffma', 0):5d} "
+        f"MMA {s.get('hmma', 0):3d} regs {c['registers']} spill {c['spill_bytes']}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

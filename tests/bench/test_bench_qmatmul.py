@@ -1,0 +1,53 @@
+"""bench/bench_qmatmul.py and bench/qmatmul_ir.py: every launch variant is valid at the 8B shapes it will meet on
+the GPU, the layer summary's arithmetic, a smoke run on the CPU (interpret mode: the JSON report, the table last)
+and the CUDA lowering the IR report starts from."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
+
+from bench import bench_qmatmul, qmatmul_ir
+from pallas_kernels import quantized_matmul as qm
+
+
+@pytest.mark.parametrize("fmt", bench_qmatmul.FORMATS)
+@pytest.mark.parametrize("m", bench_qmatmul.ROWS)
+def test_variants_are_valid_launches_at_every_8b_shape(fmt, m):
+    for n, k in bench_qmatmul.MATRICES.values():
+        configs = bench_qmatmul.variants(m, n, k, fmt)
+        assert configs["default"] == qm.qmatmul_config(m, n, k, fmt) and len(set(configs.values())) == len(configs)
+        for config in configs.values():
+            qm.check_config(config, m, n, k, fmt)  # raises on a launch the GPU run would reject
+
+
+def test_summary_sums_the_layer_and_projects_the_step():
+    row = lambda t: {"time_s": t, "floor_s": t / 2}
+    by_matrix = {name: {"Q8_0": {"v": row(1e-5 * (i + 1))}} for i, name in enumerate(bench_qmatmul.LAYER)}
+    by_matrix["lm_head"] = {"Q8_0": {"v": row(7e-5)}}
+    s = bench_qmatmul.summarize({"1": by_matrix})["1"]["Q8_0"]["v"]
+    assert s["layer_s"] == pytest.approx(1e-4) and s["of_floor"] == pytest.approx(0.5)
+    assert s["step_8b_s"] == pytest.approx(32e-4 + 7e-5) and s["step_8b_floor_s"] == pytest.approx(16e-4 + 3.5e-5)
+
+
+def test_smoke_run(tmp_path, capsys):
+    report = bench_qmatmul.main(["--smoke", "--formats", "Q8_0", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "bench_qmatmul.json").read_text()) == json.loads(json.dumps(report))
+    rows = report["cells"]["1"]["wo"]["Q8_0"]
+    assert set(rows) == {"bf16", *bench_qmatmul.SMOKE_VARIANTS}
+    for name, r in rows.items():
+        assert r["time_s"] > 0 and r["of_floor"] == pytest.approx(r["floor_s"] / r["time_s"])
+        if name != "bf16":
+            assert r["rel_err"] < 1e-2 and len(r["config"]) == len(qm.QMatmulConfig._fields)
+    assert set(report["cells"]["16"]["wo"]["Q8_0"]) == {"bf16", "default"}
+    assert report["skipped"] == [] and capsys.readouterr().out.splitlines()[-1].startswith(" 16 wo")
+
+
+def test_ir_report_lowers_each_variant_for_cuda():
+    units = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.qmatmul_config(1, 256, 512, "Q4_K")))
+    assert units["rank3_types"] == 0 and units["ops"]["load"] >= 5  # the default: 2-D tiles only
+    fma = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.fma_config(1, 256, 512, "Q4_K")))
+    assert fma["rank3_types"] > 0 and fma["ops"]["reshape"] > 0  # the first small-M path: [R, W/g, g] reshapes
