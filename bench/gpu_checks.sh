@@ -3,11 +3,12 @@
 #   1. the GPU-marked tests with the real lowerings (Triton and Mosaic GPU), one log per group;
 #   2. old main (the redesign's base, unpacked in .ab_old by the caller) against this checkout (bench/ab.py);
 #   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py);
-#   4. quantized weights (issue 26): the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request);
+#   4. quantized weights (issue 26): the qmatmul kernel variants (part qmatmul: its GPU tests, bench/bench_qmatmul.py),
+#      the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request);
 #   5. Mistral-7B / Gemma-2-9B-shaped decode steps against HF's hybrid static cache (issue 23; part families);
 #   6. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill|qweights|families|kinds ...]   (default: the first three)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill|qmatmul|qweights|families|kinds ...]   (default: the first three)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,13 +60,17 @@ for part in "${parts[@]}"; do
       run tests_qweights 240 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py tests/loading/test_loading_native.py
       run bench_qweights 540 python bench/bench_qweights.py --out "$OUT" --rounds 5
       ;;
+    qmatmul)
+      run tests_qmatmul 200 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py
+      run bench_qmatmul 340 python bench/bench_qmatmul.py --out "$OUT" --rounds 2 --deadline-s 300
+      ;;
     families)
       run bench_families 540 python bench/bench_families.py --out "$OUT" --rounds 5
       ;;
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (tests, ab, prefill, qweights, families, kinds)" ;;
+    *) echo "unknown part $part (tests, ab, prefill, qmatmul, qweights, families, kinds)" ;;
   esac
 done
 
