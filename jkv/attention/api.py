@@ -169,29 +169,31 @@ def attend_write(
     softcap: float | None = None,
 ):
     """``cache.write(layer, k, v)`` then ``attend(q, cache, layer, ...)``; returns ``(out, cache)``. On the Pallas path
-    a kind registered in ``kernels.FUSED_APPEND`` with ``T = 1`` does both in one kernel (the program attending
-    over the new position writes it), saving the write's own kernels; same results and error bits."""
+    a kind registered in ``kernels.FUSED_APPEND`` with ``T = 1`` (for a per-layer plan: a layer whose group is such
+    a kind) does both in one kernel (the program attending over the new position writes it), saving the write's own
+    kernels; same results and error bits."""
     impl = resolve_impl(impl)
     _check_step(q, k)
-    fused = impl == "pallas" and kernels.fused_append(cache) and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1
-    fused = fused and getattr(q, "ndim", 0) == 4
-    if not fused or active_mesh() is not None:
+    fused = impl == "pallas" and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1 and getattr(q, "ndim", 0) == 4
+    # a per-layer plan: the group holding the layer (its full layers are plain contiguous caches)
+    target, inner = cache.for_layer(layer) if fused else (cache, layer)
+    if not (fused and kernels.fused_append(target)) or active_mesh() is not None:
         cache = cache.write(layer, k, v)
         return attend(q, cache, layer, impl=impl, scale=scale, window=window, softcap=softcap), cache
     from pallas_kernels import decode as fused_kernel
 
-    _check_q(q, cache)
+    _check_q(q, target)
     checks.window_softcap(window, softcap)
-    _check_window(window, cache)
-    at, slot, positions, errors = cache.write_plan(layer, k, v)  # T = 1: token i is sequence i's
-    _, range_errors = cache.encode_new(k, v, slot, positions)
-    _, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
-    append = positions < cache.max_len
-    n = jnp.where(cache.counts > 0, cache.lengths + 1, 0)  # a padding row reads nothing: its output is zero
-    kbuf, vbuf = cache.storage()
+    _check_window(window, target)
+    at, slot, positions, errors = target.write_plan(inner, k, v)  # T = 1: token i is sequence i's
+    _, range_errors = target.encode_new(k, v, slot, positions)
+    _, layer_ok = checks.index_in_range("layer", inner, target.spec.num_layers)
+    append = positions < target.max_len
+    n = jnp.where(target.counts > 0, target.lengths + 1, 0)  # a padding row reads nothing: its output is zero
+    kbuf, vbuf = target.storage()
     out, kbuf, vbuf = fused_kernel.decode_attention_append(
         q[:, 0], kbuf, vbuf, n, k[:, :, 0], v[:, :, 0], append=append, layer=at, scale=scale, window=window,
         softcap=softcap,
     )  # fmt: skip
-    cache = cache.replace(data=(kbuf, vbuf), errors=cache.errors | errors | range_errors)
-    return _finish(out[:, None], cache, layer_ok, padding_zero=True), cache
+    target = target.replace(data=(kbuf, vbuf), errors=target.errors | errors | range_errors)
+    return _finish(out[:, None], target, layer_ok, padding_zero=True), cache.with_layer_cache(layer, target)

@@ -269,6 +269,11 @@ class Cache(abc.ABC):
         """``(cache, index)``: the cache that stores ``layer`` (its lengths and counts this one's) and the layer's
         index there; ``(self, layer)`` for a kind whose layers are alike (a per-layer plan: its group's)."""
 
+    def with_layer_cache(self, layer, sub):
+        """This cache with ``sub`` (``for_layer(layer)[0]`` after an operation on it) in its place, ``sub``'s error
+        bits joining this cache's; ``sub`` itself for a kind whose layers are alike."""
+        return sub
+
     @abc.abstractmethod
     def storage(self) -> tuple:
         """The format's arrays as this layout stores them (what a kernel reads)."""

@@ -180,6 +180,12 @@ class PlannedCache(Cache):
         g, i = self._where(layer)
         return self._synced(g, self.errors), i
 
+    def with_layer_cache(self, layer, sub) -> PlannedCache:
+        g, _ = self._where(layer)
+        groups = list(self.groups)
+        groups[g] = sub
+        return self._with(groups)
+
     @property
     def windows(self) -> tuple[int | None, ...]:
         return self.plan.windows

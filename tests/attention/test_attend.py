@@ -344,3 +344,31 @@ def test_ring_decode_step_takes_the_paged_decode_kernel(rng, layout):
         x[np.arange(BATCH), :, lengths] = np.asarray(new)[:, :, 0]
     want = attention_f64(np.asarray(q, np.float64), k, v, lengths[:, None], window=window, softcap=softcap)
     assert rel_err(out, want) < 1e-5
+
+
+@fast_jit
+def _full_layer_step(q, k, v, cache, counts):
+    """``attend_write`` at a plan's full layer 0, and ``write`` then ``attend`` of the same step: one program."""
+    cache = cache.begin(counts)
+    out, got = jkv.attend_write(q, k, v, cache, 0, impl="pallas")
+    written = cache.write(0, k, v)
+    return out, got, jkv.attend(q, written, 0, impl="pallas"), written
+
+
+def test_plan_full_layer_takes_the_fused_append(rng):
+    """A per-layer plan's full layer (a plain contiguous group) at T = 1: ``attend_write`` takes the fused append
+    kernel, with the output, cache and error bits of ``write`` then ``attend``, and float64's output."""
+    lengths = np.array([13, 3, 22])
+    k, v = (rng.standard_normal((BATCH, 2, 24, 64)) for _ in range(2))
+    cache = _planned(*(jnp.asarray(x, jnp.float32) for x in (k, v)), jnp.asarray(lengths), layout="contiguous", steps=6)
+    ones = counts_of(1, 1, 1)
+    q = rand(rng, BATCH, 1, HEADS, 64)
+    k_new, v_new = (rand(rng, BATCH, 2, 1, 64) for _ in range(2))
+    assert "jkv_decode_attention_append" in kernel_names(_full_layer_step.trace(q, k_new, v_new, cache, ones).jaxpr)
+    out, got, want_out, want = _full_layer_step(q, k_new, v_new, cache, ones)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for x, new in ((k, k_new), (v, v_new)):
+        x[np.arange(BATCH), :, lengths] = np.asarray(new)[:, :, 0]
+    assert rel_err(out, attention_f64(np.asarray(q, np.float64), k, v, lengths[:, None])) < 1e-5

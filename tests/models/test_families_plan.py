@@ -78,8 +78,9 @@ def test_matches_hf(family, kind):
 
 def test_padded_decode_on_the_pallas_decode_kernels(family):
     """Gemma 2 (window and soft cap) on a contiguous plan, Pallas path (interpret mode): each padded T = 1 step
-    runs the decode kernels (the full layers' contiguous one, the rings' paged one) with the window and the cap,
-    never the multi-token kernel; logits and greedy tokens against HF's over 20 steps, past the rings' wrap."""
+    runs the decode kernels (the full layers' contiguous one with the write fused, the rings' paged one) with the
+    window and the cap, never the multi-token kernel; logits and greedy tokens against HF's over 20 steps, past
+    the rings' wrap."""
     name, loaded, prompts, refs = family
     if name != "gemma2":
         pytest.skip("one family with windows and a soft cap runs the decode kernels in interpret mode")
@@ -89,7 +90,8 @@ def test_padded_decode_on_the_pallas_decode_kernels(family):
     tokens = np.array([t for t, _ in refs])[:, :21]  # (B, 21): 20 decode steps, and the token each should pick
     jaxpr = jax.make_jaxpr(lambda cache, t: llama.decode_step(loaded.params, cache, t, config=c, options=options))
     names = set(re.findall(r"name=(jkv_\w+)", str(jaxpr(cache, tokens[:, 0]))))
-    assert {"jkv_decode_attention", "jkv_paged_attention"} <= names and not any("multi_token" in n for n in names)
+    assert {"jkv_decode_attention_append", "jkv_paged_attention"} <= names  # full layers: write fused into attention
+    assert not any("multi_token" in n for n in names), names
     _, steps, cache = teacher_forced(loaded.params, cache, padded, lengths, tokens[:, :-1], config=c, options=options)
     steps = np.asarray(steps)
     for j in range(steps.shape[1]):
