@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.block_formats import block_format
+from pallas_kernels.qmatmul_units import dequantize_codes
 
 
 def expanded_tiles(fmt: str, plane_refs, n0, bn: int, k0, bk: int) -> tuple:
@@ -23,24 +24,10 @@ def expanded_tiles(fmt: str, plane_refs, n0, bn: int, k0, bk: int) -> tuple:
     col = lax.broadcasted_iota(jnp.int32, (1, bk), 1)  # packed column within the tile
     at = lambda ref, idx: ref[rows, idx + jnp.zeros((bn, 1), jnp.int32)]  # a [bn, bk] gather of one plane
     groups = [p.group for p in block_format(fmt).planes]
-    entry = lambda i: at(plane_refs[i], lax.div(k0 + col, groups[i])).astype(f32)
-    codes = at(plane_refs[0], k0 + col)
-    if fmt == "Q8_0":
-        return (codes.astype(f32) * entry(1),)
-    nibbles = codes.astype(jnp.int32)
-    fours = (nibbles & 15, lax.shift_right_logical(nibbles, 4))
-    if fmt == "Q4_0":
-        return tuple((q.astype(f32) - 8.0) * entry(1) for q in fours)
-    if fmt == "Q4_1":
-        return tuple(q.astype(f32) * entry(1) + entry(2) for q in fours)
-    if fmt == "Q4_K":
-        scale, shift = entry(1) * entry(3), -(entry(2) * entry(4))
-        return tuple(q.astype(f32) * scale + shift for q in fours)
-    c = k0 + col  # Q6_K
-    crumbs = at(plane_refs[1], lax.div(c, 16) * 8 + lax.rem(c, 8)).astype(jnp.int32)
-    half = 2 * lax.div(lax.rem(c, 16), 8)
-    d = entry(4)
-    return tuple(
-        (four + 16 * ((crumbs >> (half + 4 * p)) & 3) - 32).astype(f32) * (entry(2 + p) * d)
-        for p, four in enumerate(fours)
-    )
+    c = k0 + col
+    entry = lambda i: at(plane_refs[i], lax.div(c, groups[i])).astype(f32)
+
+    def crumbs():  # Q6_K: byte 8 b + c % 8 of packed column 16 b + c % 16, shifted by 2 * (c % 16 // 8) bits
+        return at(plane_refs[1], lax.div(c, 16) * 8 + lax.rem(c, 8)).astype(jnp.int32), 2 * lax.div(lax.rem(c, 16), 8)
+
+    return dequantize_codes(fmt, at(plane_refs[0], c), entry, crumbs)

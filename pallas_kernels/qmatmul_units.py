@@ -29,32 +29,44 @@ def _column(ref, cols, c0, group: int):
     return ref[cols, lax.div(c0, group)].astype(jnp.float32)
 
 
+def dequantize_codes(fmt: str, codes, entry, crumbs=None) -> tuple:
+    """The ``parts`` float32 tiles of a window of packed columns: ``codes`` the code plane's window, ``entry(i)``
+    plane ``i``'s entries broadcast against it; Q6_K's ``crumbs()``: its crumb bytes (int32) and their shift (0 or
+    2), each broadcast against the codes. Shared by the units and dot_expand paths (their reads differ)."""
+    f32 = jnp.float32
+    if fmt == "Q8_0":
+        return (codes.astype(f32) * entry(1),)
+    nibbles = codes.astype(jnp.int32)
+    fours = (nibbles & 15, lax.shift_right_logical(nibbles, 4))
+    if fmt == "Q4_0":
+        return tuple((q.astype(f32) - 8.0) * entry(1) for q in fours)
+    if fmt == "Q4_1":
+        return tuple(q.astype(f32) * entry(1) + entry(2) for q in fours)
+    if fmt == "Q4_K":
+        scale, shift = entry(1) * entry(3), -(entry(2) * entry(4))
+        return tuple(q.astype(f32) * scale + shift for q in fours)
+    # Q6_K: a value is its nibble plus 16 times its crumb (2 bits), less 32 (the bytes are non-negative: the
+    # arithmetic shift is the logical one)
+    bits, half = crumbs()
+    d = entry(4)
+    return tuple(
+        (four + 16 * ((bits >> (half + 4 * p)) & 3) - 32).astype(f32) * (entry(2 + p) * d)
+        for p, four in enumerate(fours)
+    )
+
+
 def dequantize_unit(fmt: str, plane_refs, cols, c0) -> tuple:
     """The ``parts`` float32 tiles ``[bn, U]`` of the unit of packed columns ``c0 .. c0 + U - 1`` (``c0`` a
     multiple of ``U``), read from the planes' refs."""
     width = UNIT[fmt]
     groups = [p.group for p in block_format(fmt).planes]
     entry = lambda i: _column(plane_refs[i], cols, c0, groups[i])[:, None]  # [bn, 1], broadcast along the unit
-    if fmt == "Q8_0":
-        return (plane_refs[0][cols, pl.ds(c0, width)].astype(jnp.float32) * entry(1),)
-    nibbles = plane_refs[0][cols, pl.ds(c0, width)].astype(jnp.int32)
-    fours = (nibbles & 15, lax.shift_right_logical(nibbles, 4))
-    if fmt == "Q4_0":
-        return tuple((q.astype(jnp.float32) - 8.0) * entry(1) for q in fours)
-    if fmt == "Q4_1":
-        return tuple(q.astype(jnp.float32) * entry(1) + entry(2) for q in fours)
-    if fmt == "Q4_K":
-        scale, shift = entry(1) * entry(3), -(entry(2) * entry(4))
-        return tuple(q.astype(jnp.float32) * scale + shift for q in fours)
-    # Q6_K: the unit's 8 crumb bytes serve columns 16 b + j and 16 b + 8 + j alike, shifted by 0 or 2 bits
-    crumbs = plane_refs[1][cols, pl.ds(pl.multiple_of(lax.div(c0, 16) * 8, 8), width)].astype(jnp.int32)
-    half_shift = 2 * lax.rem(lax.div(c0, 8), 2)
-    d = entry(4)
-    parts = []
-    for p, four in enumerate(fours):
-        two = (crumbs >> (half_shift + 4 * p)) & 3  # non-negative: arithmetic = logical shift
-        parts.append((four + 16 * two - 32).astype(jnp.float32) * (entry(2 + p) * d))
-    return tuple(parts)
+
+    def crumbs():  # the unit's 8 crumb bytes serve columns 16 b + j and 16 b + 8 + j alike, shifted by 0 or 2 bits
+        window = pl.ds(pl.multiple_of(lax.div(c0, 16) * 8, 8), width)
+        return plane_refs[1][cols, window].astype(jnp.int32), 2 * lax.rem(lax.div(c0, 8), 2)
+
+    return dequantize_codes(fmt, plane_refs[0][cols, pl.ds(c0, width)], entry, crumbs)
 
 
 def units_step(fmt: str, x_ref, plane_refs, accs, *, rows0, cols, k0, block_k: int, block_m: int):
