@@ -23,6 +23,7 @@ tiny shapes on any backend in seconds. Writes ``DIR/bench_qweights.json`` and pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -41,6 +42,7 @@ from bench import common
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
 from pallas_kernels import block_formats
+from pallas_kernels import quantized_matmul as qm
 
 DATASHEET_BPS = 4.8e12
 BATCHES = (1, 16, 64)
@@ -135,6 +137,47 @@ def step_sampler(config, params, batch: int, steps: int):
     return sampler, compile_s
 
 
+@contextlib.contextmanager
+def small_m_launch(variant: str | None):
+    """Quantized products of at most ``FMA_ROWS`` rows launched as ``variant`` while inside (None: the default,
+    the 16-row dot; ``"units"``: the register path, ``quantized_matmul.units_config``)."""
+    default = qm.qmatmul_config
+    if variant == "units":
+        qm.qmatmul_config = lambda m, n, k, fmt: (qm.units_config if m <= qm.FMA_ROWS else default)(m, n, k, fmt)
+    elif variant is not None:
+        raise ValueError(f"small-M launch {variant!r}: expected None or 'units'")
+    try:
+        yield
+    finally:
+        qm.qmatmul_config = default
+
+
+def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12) -> dict:
+    """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and
+    the span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
+    small-M products on the register path, ``<name>_units``)."""
+    out = {}
+    tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
+    runs = [(name, params, None) for name, params in models.items()]
+    runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
+    for name, params, launch in runs:
+        program = decode_program(config, batch, steps)
+        args = (params, tokens, jnp.int32(steps))
+        with small_m_launch(launch):
+            wall(program, *args)
+        events = common._trace(lambda a, program=program: program(*a), args, 1, "/device:GPU")
+        kernels = {}
+        for kernel, start, end in events:
+            kernels[kernel] = kernels.get(kernel, 0.0) + (end - start) * 1e-9 / steps
+        span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) * 1e-9 / steps if events else 0.0
+        ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
+        out[name] = {"span_s": span, "kernels_s": dict(ranked[:top]), "other_s": sum(t for _, t in ranked[top:])}
+        common.log(f"breakdown {name} B={batch}: span {span * 1e3:.3f} ms/step, busy {sum(kernels.values()) * 1e3:.3f}")
+        for kernel, t in ranked[:top]:
+            common.log(f"  {t * 1e6:9.1f} us  {kernel[:110]}")
+    return out
+
+
 def kv_read_bytes(config, batch: int, steps: int) -> int:
     """K/V bytes (bf16) one timed step reads: the difference of the two runs is steps ``steps .. 2 * steps - 1``,
     at a mean length of ``1.5 * steps``."""
@@ -225,6 +268,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timed program (and 2x)")
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a check of this script on any backend")
+    parser.add_argument("--breakdown", action="store_true", help="only the per-kernel time of a batch-1 step")
     args = parser.parse_args(argv)
     torch = common.load_torch()
     copy = common.copy_bandwidth(torch) if torch is not None else None
@@ -242,6 +286,11 @@ def main(argv=None) -> dict:
     dense = llama.init_params(config, jax.random.key(0), jnp.bfloat16, layout="layers")
     models = {"bf16": dense} | {c: random_quantized(dense, c, i + 1) for i, c in enumerate(VARIANTS[1:])}
     common.log(f"weights ready in {time.perf_counter() - t0:.1f} s")
+    if args.breakdown:
+        report = {"meta": common.meta(torch), "breakdown": step_breakdown(config, models, 1, min(steps, 8))}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_qweights_breakdown.json").write_text(json.dumps(report, indent=1))
+        return report
     report = {
         "meta": common.meta(torch)
         | {"smoke": args.smoke, "model": "smoke" if args.smoke else "llama3-8b", "steps": steps},

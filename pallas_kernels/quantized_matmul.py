@@ -1,10 +1,17 @@
 """Activations times a block-quantized weight matrix, dequantizing inside the kernel: ``x [M, K] @ W.T -> [M, N]``.
 
 ``W`` is ``N x K`` in one of ``pallas_kernels.block_formats``' formats (planes ``[N, ...]``, ``K`` along the last
-axis); its reference is ``block_formats.qmatmul_reference`` (same signature). One kernel, three formulations
+axis); its reference is ``block_formats.qmatmul_reference`` (same signature). One kernel, four formulations
 (``QMatmulConfig.path``):
 
-* ``"units"`` (small ``M``, decode steps: the default at ``M <= FMA_ROWS``; bandwidth-bound): each program owns
+* ``"dot"`` (the default wherever ``N`` holds a 16-column tile: decode steps, prefill, mixed steps): a ``bm x bn``
+  output tile per program (``bm >= 16``, fewer rows padded with zeros); each weight tile is dequantized to the
+  activations' dtype (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32
+  accumulation. At ``M <= SMALL_DOT_ROWS`` one 16-row tile, 64 columns, 128-deep K steps: measured in a
+  Llama-3-8B-shaped decode step on the GPU 3x faster than ``"units"`` (docs/quant.md, "Speed").
+  ``"dot_expand"``: the same with the tile dequantized from plane reads expanded to its shape
+  (``pallas_kernels.qmatmul_expand``: no reshapes).
+* ``"units"`` (register path; the default for matrices thinner than a dot tile): each program owns
   ``bn`` output columns of ``bm`` rows and walks ``K`` in steps of ``bk`` packed columns, each a static loop of
   units (``pallas_kernels.qmatmul_units``): 2-D windows of the codes, one column of each per-group plane,
   dequantized in registers to float32 and multiplied into a ``[bn, U]`` float32 accumulator per row, reduced once
@@ -12,11 +19,6 @@ axis); its reference is ``block_formats.qmatmul_reference`` (same signature). On
   no layout conversion (docs/quant.md, "Speed").
 * ``"fma"`` (the first small-M kernel, kept for comparison): the whole ``[bn, bk]`` tile dequantized through
   ``[R, W / g, g]`` reshapes and multiplied by a ``[bm, bn, bk]`` broadcast-multiply-sum each step.
-* ``"dot"`` (large ``M``: prefill, big mixed steps; any ``M`` when named): a ``bm x bn`` output tile per program
-  (``bm >= 16``, fewer rows padded with zeros); each weight tile is dequantized to the activations' dtype
-  (bf16/f16; f32 at full precision) and fed to the tensor-core ``dot`` with float32 accumulation.
-  ``"dot_expand"``: the same with the tile dequantized from plane reads expanded to its shape
-  (``pallas_kernels.qmatmul_expand``: no reshapes).
 
 ``K`` is split over ``num_splits`` programs when too few column blocks fill the GPU; their float32 partials are
 summed outside. Activations are split once per call into the kernel's ``parts`` (``block_formats.split_parts``),
@@ -43,7 +45,8 @@ from pallas_kernels.block_formats import (
     split_parts,
 )
 
-FMA_ROWS = 8  # at most this many rows take a register path (units by default); more take the dot
+FMA_ROWS = 8  # at most this many rows a register path (units, fma) takes in one program
+SMALL_DOT_ROWS = 16  # at most this many rows take the decode-shaped dot launch (one 16-row tile, bn 64, bk 128)
 UNITS_ELEMENTS = 4096  # bm * bn * unit of the units path's accumulators: 32 registers a thread of 4 warps
 UNITS_PER_STEP = 16  # bm * bk / unit where the groups allow: the unrolled step's size bounds Triton's compile time
 FMA_ELEMENTS = 8192  # bm * bn * bk of the fma path's broadcast product: registers of 4 warps without spills
@@ -80,20 +83,31 @@ def _largest_pow2_dividing(x: int, cap: int) -> int:
 
 
 def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
-    """The default launch for ``x [m, k]`` times an ``n x k`` ``fmt`` matrix (rules in docs/quant.md)."""
+    """The default launch for ``x [m, k]`` times an ``n x k`` ``fmt`` matrix (rules in docs/quant.md, "Speed")."""
     spec = block_format(fmt)
     kp = k // spec.parts
-    if m <= FMA_ROWS or n < common.MIN_BLOCK:  # a dot tile needs 16 columns: thin matrices take registers
-        bm, unit = min(_pow2_ceil(m), FMA_ROWS), qmatmul_units.unit_width(fmt)
-        bk = max(spec.max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // bm)))
-        bn = max(1, min(64, UNITS_ELEMENTS // (bm * unit)))
-        warps, stages, path = 4, 3, "units"
+    if n < common.MIN_BLOCK:  # a dot tile needs 16 columns: thin matrices take registers
+        return units_config(m, n, k, fmt)
+    if m <= SMALL_DOT_ROWS:  # decode steps: one 16-row tile (rows padded), narrow column blocks, deep K steps
+        bm, bn, warps, stages = common.MIN_BLOCK, 64, 4, 3
+        bk = max(spec.max_group, _largest_pow2_dividing(kp, 128))
     else:
         bm = min(128, max(common.MIN_BLOCK, _pow2_ceil(m)))  # no more padded rows than a dot tile needs
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
-        bn, warps, stages, path = 128, 4 if bm <= 64 else 8, 3, "dot"
+        bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
     bn = min(bn, common.pow2_floor(n))
-    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages, path)
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages, "dot")
+
+
+def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
+    """The register launch (``"units"``): the default for matrices thinner than a dot tile, and at ``M <= 8``
+    before the GPU measured the 16-row dot faster there (kept for comparisons)."""
+    spec = block_format(fmt)
+    kp = k // spec.parts
+    bm, unit = min(_pow2_ceil(m), FMA_ROWS), qmatmul_units.unit_width(fmt)
+    bk = max(spec.max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // bm)))
+    bn = min(max(1, min(64, UNITS_ELEMENTS // (bm * unit))), common.pow2_floor(n))
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "units")
 
 
 def fma_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:

@@ -47,7 +47,7 @@ def test_smoke_run(tmp_path, capsys):
 
 
 def test_ir_report_lowers_each_variant_for_cuda():
-    units = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.qmatmul_config(1, 256, 512, "Q4_K")))
-    assert units["rank3_types"] == 0 and units["ops"]["load"] >= 5  # the default: 2-D tiles only
+    units = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.units_config(1, 256, 512, "Q4_K")))
+    assert units["rank3_types"] == 0 and units["ops"]["load"] >= 5  # the register path: 2-D tiles only
     fma = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.fma_config(1, 256, 512, "Q4_K")))
     assert fma["rank3_types"] > 0 and fma["ops"]["reshape"] > 0  # the first small-M path: [R, W/g, g] reshapes

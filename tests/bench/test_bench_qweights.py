@@ -44,3 +44,23 @@ def test_smoke_run(tmp_path, capsys):
     assert math.isfinite(report["prefill"]["rows"]["q4_k_xla"]["tokens_per_s"])
     assert report["agreement"]["rows"]["bf16"] == {"token_agreement": 1.0, "prompts_equal": 1.0}
     assert capsys.readouterr().out.splitlines()[-1].startswith("agreement q4_k")
+
+
+def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path):
+    """``--breakdown`` profiles each model and each quantized one on the register path (on a CPU no kernel is
+    traced: the spans are 0), writes its JSON, and leaves ``qmatmul_config`` as it found it."""
+    from pallas_kernels import quantized_matmul as qm
+
+    rule = qm.qmatmul_config
+    report = bench_qweights.main(["--smoke", "--breakdown", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "bench_qweights_breakdown.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["breakdown"]) == {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units"}
+    assert qm.qmatmul_config is rule
+    with bench_qweights.small_m_launch("units"):
+        assert (
+            qm.qmatmul_config(1, 64, 256, "Q8_0").path == "units"
+            and qm.qmatmul_config(64, 64, 256, "Q8_0").path == "dot"
+        )
+    with pytest.raises(ValueError, match="'gemv'"), bench_qweights.small_m_launch("gemv"):
+        pass
+    assert qm.qmatmul_config is rule

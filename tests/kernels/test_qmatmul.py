@@ -3,8 +3,8 @@ float64 of the dequantized matrix: interpret mode on CPU; the Triton lowering of
 errors.
 
 Every case draws fresh planes (scales and mins of both signs, every code value), an odd ``N`` and ``K`` an odd
-multiple of the format's block, at ``M`` = 1 and 3 (the default register path, units) and 64 (the tensor-core
-path); the other formulations (fma, dot below 16 rows, dot_expand) on a few cases."""
+multiple of the format's block, at ``M`` = 1 and 3 (the default: one zero-padded 16-row dot tile) and 64; the
+other formulations (the register paths units and fma, dot_expand) on a few cases each."""
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +67,9 @@ def test_launch_variants(rng, fmt, m, n, config):
     assert rel_err(out, ref) < REL_TOL["float32"]
 
 
-SMALL_M_CASES = [  # units (the default: every format in test_kernel_matches_float64) split, fma and dot at M = 3
+SMALL_M_CASES = [  # units (every format; M = 1 split K), fma and dot at M = 3
     *[(f, 1, QMatmulConfig(1, 16, 128, 3, 4, 2, "units")) for f in ("Q8_0", "Q6_K")],  # K split 3 ways, N slides
+    *[(f, 3, QMatmulConfig(4, 16, 128, 1, 4, 2, "units")) for f in ("Q4_0", "Q4_1", "Q4_K")],  # a padded row
     *[(f, 3, QMatmulConfig(2, 16, 128, 1, 4, 2, "fma")) for f in ("Q8_0", "Q4_K")],  # the last row block slides
     *[(f, 3, QMatmulConfig(16, 16, 128, 1, 4, 2, "dot")) for f in ("Q4_1", "Q6_K")],  # 13 zero rows padded
     *[(f, 20, QMatmulConfig(16, 16, 128, 3, 4, 2, "dot_expand")) for f in FORMATS],  # its own dequantization
@@ -85,7 +86,8 @@ def test_small_m_paths(rng, fmt, m, config):
 def test_default_config_fills_the_gpu_at_batch_one():
     config = qmatmul.qmatmul_config(1, 4096, 4096, "Q8_0")
     programs = 4096 // config.block_n * config.num_splits
-    assert config.block_m == 1 and programs >= backend.num_multiprocessors()
+    assert (config.block_m, config.path) == (16, "dot") and programs >= backend.num_multiprocessors()
+    assert qmatmul.qmatmul_config(1, 8, 4096, "Q8_0").path == "units"  # thinner than a dot tile
 
 
 def _planes(fmt, n=64, k=256):
@@ -138,8 +140,8 @@ def test_bad_config_raises(config, match):
 
 LOWERING_CASES = [
     *[(f, m, None) for f in FORMATS for m in (1, 128)],
-    *[(f, 1, "fma") for f in ("Q8_0", "Q4_K")],  # M = 1's default is units
-    *[(f, 1, "dot") for f in ("Q8_0", "Q4_K")],
+    *[(f, 1, "fma") for f in ("Q8_0", "Q4_K")],  # M = 1's default is the 16-row dot
+    *[(f, 1, "units") for f in ("Q8_0", "Q4_K")],
     *[(f, 64, "dot_expand") for f in ("Q8_0", "Q6_K")],
 ]
 
@@ -152,7 +154,7 @@ def test_lowers_through_triton(fmt, m, path):
     planes = planes_like(fmt, n, k, sds)
     config = qmatmul.qmatmul_config(m, n, k, fmt)
     if path is not None:
-        config = config._replace(path=path, block_m=16 if path == "dot" else config.block_m)
+        config = config._replace(path=path, block_m=16 if path.startswith("dot") else 1)
     traced = qmatmul._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config, interpret=False)
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
