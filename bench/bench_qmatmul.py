@@ -54,7 +54,7 @@ LAYERS_8B = 32
 TARGETS_8B_M1 = {"Q8_0": 2.3e-3, "Q4_K": 1.5e-3}
 SMOKE_MATRICES = {"wo": (64, 256)}
 SMOKE_ROWS = (1, 16)
-SMOKE_VARIANTS = ("default", "fma", "dot16_expand")  # one of each path: interpret mode compiles slowly
+SMOKE_VARIANTS = ("default", "units", "grouped")  # one of each path: interpret mode compiles slowly
 
 
 def plane_specs(fmt: str, n: int, k: int) -> list[tuple[tuple[int, int], np.dtype]]:
@@ -80,21 +80,19 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
     f = lambda *a, **kw: _fit(m, n, k, fmt, *a, **kw)
     if m <= qm.FMA_ROWS:
         bm = min(8, 1 << (m - 1).bit_length())
-        out["fma"] = qm.fma_config(m, n, k, fmt)
-        out["units"] = f(bm, 64, 256, 4, 3, "units")
-        out["units_bn128_w8"] = f(bm, 128, 256, 8, 3, "units")
-        out["units_bn32_s4"] = f(bm, 32, 256, 4, 4, "units")
-        out["units_bk128_nosplit"] = f(bm, 64, 128, 4, 3, "units", splits=1)
-        out["dot16"] = f(16, 64, 128, 4, 3, "dot")
+        out["units"] = qm.units_config(m, n, k, fmt)
         out["dot16_expand"] = f(16, 64, 128, 4, 3, "dot_expand")
+        out["grouped"] = f(16, 64, 128, 4, 3, "grouped")
+        out["grouped_bn32"] = f(16, 32, 128, 4, 3, "grouped")
+        out["grouped_bn128"] = f(16, 128, 128, 4, 3, "grouped")
+        out["grouped_bk256"] = f(16, 64, 256, 4, 3, "grouped")
+        out["grouped_s4"] = f(16, 64, 128, 4, 4, "grouped")
     else:
         bm = out["default"].block_m
         out["dot_bn64"] = f(bm, 64, 128, 4, 3, "dot")
-        out["dot_bk128_s4"] = f(bm, 128, 128, 4, 4, "dot")
         out["expand"] = out["default"]._replace(path="dot_expand")
-        out["expand_bn64"] = out["dot_bn64"]._replace(path="dot_expand")
-        if m <= 16:
-            out["units_bm8"] = f(8, 32, 256, 4, 3, "units")
+        out["grouped"] = out["default"]._replace(path="grouped")
+        out["grouped_bn64"] = f(bm, 64, 128, 4, 3, "grouped")
     firsts = {}
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once
         firsts.setdefault(config, name)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, checks, common, qmatmul_expand, qmatmul_units
+from pallas_kernels import backend, checks, common, qmatmul_expand, qmatmul_grouped, qmatmul_units
 from pallas_kernels.block_formats import (
     block_format,
     check_activations,
@@ -51,7 +51,7 @@ UNITS_ELEMENTS = 4096  # bm * bn * unit of the units path's accumulators: 32 reg
 UNITS_PER_STEP = 16  # bm * bk / unit where the groups allow: the unrolled step's size bounds Triton's compile time
 FMA_ELEMENTS = 8192  # bm * bn * bk of the fma path's broadcast product: registers of 4 warps without spills
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
-PATHS = ("units", "fma", "dot", "dot_expand")
+PATHS = ("units", "fma", "dot", "dot_expand", "grouped")
 
 
 class QMatmulConfig(NamedTuple):
@@ -144,7 +144,7 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
         raise ValueError(f"num_splits={splits} must divide the {kp // bk} K steps")
     if path is not None and path not in PATHS:
         raise ValueError(f"path={path!r} is not one of {PATHS} (or None for the one block_m implies)")
-    if config_path(config).startswith("dot") and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
+    if config_path(config) in ("dot", "dot_expand", "grouped") and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
         raise ValueError(f"the dot path (block_m={bm}) needs block_m and block_n >= {common.MIN_BLOCK}")
     checks.check_launch_overrides(num_warps=warps, num_stages=stages, num_splits=splits)
 
@@ -152,20 +152,24 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
 def _kernel(
     # inputs
     x_ref,  # [P, M, K / P]: the activations split into the format's parts
-    *refs,  # the planes [N, K / P / group] each, then the output [S, M, N] float32
+    *refs,  # grouped path with offsets: the group sums [P, M, K / P / G]; the planes [N, K / P / group] each; the
+    # output [S, M, N] float32
     fmt: str,
     groups: tuple[int, ...],
     config: QMatmulConfig,
     steps: int,  # K steps per split
 ):
     plane_refs, o_ref = refs[:-1], refs[-1]
+    path = config_path(config)
+    sums_ref = None
+    if path == "grouped" and qmatmul_grouped.has_offsets(fmt):
+        sums_ref, plane_refs = plane_refs[0], plane_refs[1:]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     _, m_total, _ = x_ref.shape
     n_total = plane_refs[0].shape[0]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row0 = jnp.minimum(i * bm, m_total - bm)  # the last block slides back to end at M (and N)
     rows, cols = pl.ds(row0, bm), pl.ds(jnp.minimum(j * bn, n_total - bn), bn)
-    path = config_path(config)
     dot_dtype = x_ref.dtype
     precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
     if path == "units":
@@ -183,6 +187,10 @@ def _kernel(
 
     def body(step, acc):
         k0 = pl.multiple_of((s * steps + step) * bk, bk)
+        if path == "grouped":
+            return qmatmul_grouped.grouped_step(
+                fmt, x_ref, sums_ref, plane_refs, acc, rows=rows, cols=cols, k0=k0, block_k=bk, block_n=bn
+            )
         if path == "dot_expand":
             parts = qmatmul_expand.expanded_tiles(fmt, plane_refs, cols.start, bn, k0, bk)
         else:
@@ -212,7 +220,10 @@ def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool):
     out_shape = jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32)
     kernel = functools.partial(_kernel, fmt=fmt, groups=tuple(p.group for p in spec.planes), config=config, steps=steps)
     launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
-    out = common.whole_call(kernel, [xs, *planes], out_shape, **launch, name=f"jkv_qmatmul_{fmt.lower()}")
+    inputs = [xs, *planes]
+    if config_path(config) == "grouped" and qmatmul_grouped.has_offsets(fmt):
+        inputs.insert(1, qmatmul_grouped.group_sums(xs, fmt))
+    out = common.whole_call(kernel, inputs, out_shape, **launch, name=f"jkv_qmatmul_{fmt.lower()}")
     return out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]
 
 

@@ -4,7 +4,7 @@ errors.
 
 Every case draws fresh planes (scales and mins of both signs, every code value), an odd ``N`` and ``K`` an odd
 multiple of the format's block, at ``M`` = 1 and 3 (the default: one zero-padded 16-row dot tile) and 64; the
-other formulations (the register paths units and fma, dot_expand) on a few cases each."""
+other formulations (the register paths units and fma, dot_expand, grouped) on a few cases each."""
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,7 @@ SMALL_M_CASES = [  # units (every format; M = 1 split K), fma and dot at M = 3
     *[(f, 3, QMatmulConfig(2, 16, 128, 1, 4, 2, "fma")) for f in ("Q8_0", "Q4_K")],  # the last row block slides
     *[(f, 3, QMatmulConfig(16, 16, 128, 1, 4, 2, "dot")) for f in ("Q4_1", "Q6_K")],  # 13 zero rows padded
     *[(f, 20, QMatmulConfig(16, 16, 128, 3, 4, 2, "dot_expand")) for f in FORMATS],  # its own dequantization
+    *[(f, 3, QMatmulConfig(16, 16, 128, 3, 4, 2, "grouped")) for f in FORMATS],  # codes on the MMA, scales after
 ]
 
 
@@ -143,6 +144,7 @@ LOWERING_CASES = [
     *[(f, 1, "fma") for f in ("Q8_0", "Q4_K")],  # M = 1's default is the 16-row dot
     *[(f, 1, "units") for f in ("Q8_0", "Q4_K")],
     *[(f, 64, "dot_expand") for f in ("Q8_0", "Q6_K")],
+    *[(f, 1, "grouped") for f in FORMATS],
 ]
 
 
@@ -154,7 +156,7 @@ def test_lowers_through_triton(fmt, m, path):
     planes = planes_like(fmt, n, k, sds)
     config = qmatmul.qmatmul_config(m, n, k, fmt)
     if path is not None:
-        config = config._replace(path=path, block_m=16 if path.startswith("dot") else 1)
+        config = config._replace(path=path, block_m=1 if path in ("units", "fma") else 16)
     traced = qmatmul._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config, interpret=False)
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
@@ -170,13 +172,17 @@ def test_gpu_matches_float64(rng, fmt, m):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
-@pytest.mark.parametrize("path", ["fma", "dot", "dot_expand"])
+@pytest.mark.parametrize("path", ["fma", "units", "dot_expand", "grouped", "grouped_f32"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_named_paths_match_float64(rng, fmt, path):
-    """The non-default formulations compiled by Triton (bench/bench_qmatmul.py times them)."""
+    """The non-default formulations compiled by Triton (bench/bench_qmatmul.py times them); ``grouped`` also with
+    float32 activations (the codes on the tensor cores at full precision)."""
     config = qmatmul.fma_config(3, 301, 1280, fmt)
-    if path != "fma":
-        config = config._replace(block_m=16, block_n=16, path=path)
+    if path == "units":
+        config = qmatmul.units_config(3, 301, 1280, fmt)
+    elif path != "fma":
+        config = config._replace(block_m=16, block_n=16, path=path.removesuffix("_f32"))
+    dtype = jnp.float32 if path.endswith("_f32") else jnp.bfloat16
     fn = lambda x, p: qmatmul.qmatmul(x, p, fmt, config=config)
-    out, ref = run(rng, fmt, 3, n=301, blocks=1280 // block_formats.FORMATS[fmt].block, dtype=jnp.bfloat16, fn=fn)
-    assert rel_err(out, ref) < REL_TOL["bfloat16"]
+    out, ref = run(rng, fmt, 3, n=301, blocks=1280 // block_formats.FORMATS[fmt].block, dtype=dtype, fn=fn)
+    assert rel_err(out, ref) < REL_TOL["bfloat16" if dtype == jnp.bfloat16 else "float32"]
