@@ -11,7 +11,12 @@ Workloads (random prompt tokens, greedy, no stop token; ``--smoke`` scales every
 * shared: 256 requests, a 2k-token system prompt shared by all plus a question of [16, 64] tokens, 128 new
   tokens; jkv with its prefix cache on and off.
 
-Ideal time of a workload: every decode step reads the weights once (``ceil(requests / slots) * new_tokens``
+``--weights bf16 q8_0 q4_k`` runs the engine once per weight format on each workload (issue 26: random planes
+of the model's shape in the formats ``--quantize`` gives, ``bench_qweights.random_quantized``), as runs
+``jkv``, ``jkv_q8_0``, ``jkv_q4_k``; each run's ideal time counts its own weight bytes.
+
+Ideal time of a workload: every decode step reads the weights once (the bytes a step reads: every layer, the
+norm, the LM head) (``ceil(requests / slots) * new_tokens``
 steps), every generated token reads its sequence's K/V, both at the copy bandwidth measured here; the prompt
 tokens that must run (a prefix-cache hit skips its tokens) cost their matmul and causal-attention FLOPs at the bf16
 matmul rate measured here. The fraction printed is ideal / measured time. Models named by shape use random
@@ -37,10 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
+from bench.bench_qweights import random_quantized
 from jkv.models import llama
 from jkv.serving import CACHE_KINDS, Engine, SamplingParams
 
 SHAPES = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}
+WEIGHTS = ("bf16", "q8_0", "q4_k")  # bf16: the model's dtype (float32 in the smoke run)
 SMOKE_CONFIG = llama.LlamaConfig(96, 64, 128, 2, 4, 2, 32, max_position=1024)
 
 # name: (requests, prompt length range, new tokens, slots, shared prefix length)
@@ -217,6 +224,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine tokens per step (default: its own)")
     ap.add_argument("--prefix-cache-mb", type=int, default=None, help="prefix cache (default 4096, smoke 1)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    ap.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["bf16"], help="weight formats, a run each")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
@@ -229,8 +237,9 @@ def main(argv=None) -> dict:
     else:
         config, dtype, name = SHAPES[args.model](), jnp.bfloat16, f"{args.model}-shaped, random bf16 weights"
     params = llama.init_params(config, jax.random.key(0), dtype, scale=0.02)
-    jax.block_until_ready(params)
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    models = {w: params if w == "bf16" else random_quantized(params, w, seed) for seed, w in enumerate(args.weights)}
+    jax.block_until_ready(models)
+    weight_bytes = {w: p.decode_bytes() for w, p in models.items()}
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
     bandwidth = copy_bandwidth(1 << (24 if args.smoke else 31))
     flops = matmul_rate(256 if args.smoke else 8192)
@@ -245,19 +254,26 @@ def main(argv=None) -> dict:
         workload = workloads[wname]
         _, _, new_tokens, slots, shared = workload
         prompts = make_prompts(rng, config, workload)
-        runs = {"jkv": run_jkv(args, config, params, prompts, new_tokens, slots, prefix=bool(shared))}
-        if shared:
-            pool = runs["jkv"]["num_pages"]  # the same pool: the same compiled steps, the same memory
-            runs["jkv_no_prefix_cache"] = run_jkv(args, config, params, prompts, new_tokens, slots, False, pool)
+        runs, formats = {}, {}
+        for w, model in models.items():
+            name = "jkv" if w == "bf16" else f"jkv_{w}"
+            runs[name] = run_jkv(args, config, model, prompts, new_tokens, slots, prefix=bool(shared))
+            formats[name] = w
+            if shared and w == "bf16":
+                pool = runs["jkv"]["num_pages"]  # the same pool: the same compiled steps, the same memory
+                runs["jkv_no_prefix_cache"] = run_jkv(args, config, model, prompts, new_tokens, slots, False, pool)
+                formats["jkv_no_prefix_cache"] = w
         if not args.no_hf:
             runs["hf_continuous_batching"] = run_hf(args, config, prompts, new_tokens, slots)
-        cached = runs["jkv"]["cached_prompt_tokens"]
-        ideal, parts = ideal_seconds(
-            config, prompts, new_tokens, slots, cached, weight_bytes, kv_per_token, bandwidth, flops
-        )
+        first = next(iter(formats))
+        cached = runs[first]["cached_prompt_tokens"]
+        work = (config, prompts, new_tokens, slots, cached)
+        ideals = {w: ideal_seconds(*work, weight_bytes[w], kv_per_token, bandwidth, flops) for w in models}
+        ideal, parts = ideals[formats[first]]
         entry = {"requests": len(prompts), "prompt_tokens": sum(map(len, prompts)), "ideal_s": ideal, **parts}
         for run_name, run in runs.items():
             if "wall_s" in run:
+                run["ideal_s"] = ideal = ideals[formats.get(run_name, formats[first])][0]
                 run["ideal_fraction"] = ideal / run["wall_s"]
                 common.log(
                     f"  {wname:6s} {run_name:22s} {run['tokens_per_s']:9.1f} tokens/s, mean TTFT "
@@ -265,7 +281,7 @@ def main(argv=None) -> dict:
                 )
             else:
                 common.log(f"  {wname:6s} {run_name:22s} {run.get('error')}")
-        if shared and "wall_s" in runs["jkv_no_prefix_cache"]:
+        if shared and "wall_s" in runs.get("jkv_no_prefix_cache", {}):
             entry["prefix_cache_speedup"] = runs["jkv_no_prefix_cache"]["wall_s"] / runs["jkv"]["wall_s"]
         entry["runs"] = runs
         report["workloads"][wname] = entry

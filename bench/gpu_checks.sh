@@ -4,11 +4,12 @@
 #   2. old main (the redesign's base, unpacked in .ab_old by the caller) against this checkout (bench/ab.py);
 #   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py);
 #   4. quantized weights (issue 26): the qmatmul kernel variants (part qmatmul: its GPU tests, bench/bench_qmatmul.py),
-#      the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request);
+#      the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request); the engine workload with
+#      bf16, Q8_0 and Q4_K weights (part qengine: bench/bench_engine.py's mixed workload, a run per format);
 #   5. Mistral-7B / Gemma-2-9B-shaped decode steps against HF's hybrid static cache (issue 23; part families);
 #   6. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill|qmatmul|qweights|families|kinds ...]   (default: the first three)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill|qmatmul|qweights|qengine|families|kinds ...]   (default: the first three)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,13 +65,17 @@ for part in "${parts[@]}"; do
       run tests_qmatmul 200 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py
       run bench_qmatmul 340 python bench/bench_qmatmul.py --out "$OUT" --rounds 2 --deadline-s 300
       ;;
+    qengine)
+      run bench_engine_qweights 580 python bench/bench_engine.py --model llama3-8b --only mixed --no-hf \
+        --weights bf16 q8_0 q4_k --out "$OUT/bench_engine_qweights.json"
+      ;;
     families)
       run bench_families 540 python bench/bench_families.py --out "$OUT" --rounds 5
       ;;
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (tests, ab, prefill, qmatmul, qweights, families, kinds)" ;;
+    *) echo "unknown part $part (tests, ab, prefill, qmatmul, qweights, qengine, families, kinds)" ;;
   esac
 done
 

@@ -46,3 +46,14 @@ def test_smoke_run_of_the_shared_prefix_workload(tmp_path):
         assert run["tokens_per_s"] > 0 and run["mean_ttft_s"] > 0 and 0 < run["ideal_fraction"]
         assert run["compile_s_while_timed"] == 0 and run["step_variants"] == 3
     assert shared["prefix_cache_speedup"] > 0 and shared["ideal_s"] > 0
+
+
+def test_smoke_run_with_quantized_weights_runs_each_format():
+    """``--weights``: a run per format on the same workload, each ideal time counting its own weight bytes (fewer
+    bytes, a shorter ideal)."""
+    report = bench_engine.main(["--smoke", "--no-hf", "--only", "mixed", "--weights", "bf16", "q8_0"])
+    runs = report["workloads"]["mixed"]["runs"]
+    assert set(runs) == {"jkv", "jkv_q8_0"}
+    for run in runs.values():
+        assert run["tokens_per_s"] > 0 and run["compile_s_while_timed"] == 0
+    assert runs["jkv_q8_0"]["ideal_s"] < runs["jkv"]["ideal_s"] == report["workloads"]["mixed"]["ideal_s"]
