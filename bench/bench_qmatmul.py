@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from pallas_kernels import block_formats
+from pallas_kernels import block_formats, qmatmul_grouped
 from pallas_kernels import common as kcommon
 from pallas_kernels import quantized_matmul as qm
 from pallas_kernels.quantized_matmul import QMatmulConfig
@@ -54,7 +54,7 @@ LAYERS_8B = 32
 TARGETS_8B_M1 = {"Q8_0": 2.3e-3, "Q4_K": 1.5e-3}
 SMOKE_MATRICES = {"wo": (64, 256)}
 SMOKE_ROWS = (1, 16)
-SMOKE_VARIANTS = ("default", "units", "grouped")  # one of each path: interpret mode compiles slowly
+SMOKE_VARIANTS = ("default", "units", "grouped", "grouped_gm")  # one of each path: interpret mode compiles slowly
 
 
 def plane_specs(fmt: str, n: int, k: int) -> list[tuple[tuple[int, int], np.dtype]]:
@@ -83,10 +83,9 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["units"] = qm.units_config(m, n, k, fmt)
         out["dot16_expand"] = f(16, 64, 128, 4, 3, "dot_expand")
         out["grouped"] = f(16, 64, 128, 4, 3, "grouped")
-        out["grouped_bn32"] = f(16, 32, 128, 4, 3, "grouped")
         out["grouped_bn128"] = f(16, 128, 128, 4, 3, "grouped")
-        out["grouped_bk256"] = f(16, 64, 256, 4, 3, "grouped")
-        out["grouped_s4"] = f(16, 64, 128, 4, 4, "grouped")
+        out["grouped_gm"] = out["grouped"]  # the same launch over groups-major per-group planes
+        out["grouped_bn128_gm"] = out["grouped_bn128"]
     else:
         bm = out["default"].block_m
         out["dot_bn64"] = f(bm, 64, 128, 4, 3, "dot")
@@ -95,8 +94,8 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["grouped_bn64"] = f(bm, 64, 128, 4, 3, "grouped")
     firsts = {}
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once
-        firsts.setdefault(config, name)
-    return {name: config for config, name in firsts.items()}
+        firsts.setdefault((config, name.endswith(GROUPS_MAJOR)), name)
+    return {name: config for (config, _), name in firsts.items()}
 
 
 def random_planes(key, fmt: str, n: int, k: int) -> tuple:
@@ -120,8 +119,24 @@ def _chain(y, x):
     return (x.astype(jnp.float32) + 1e-6 * jnp.sum(y, axis=1, keepdims=True)).astype(x.dtype)
 
 
-def quantized_fn(fmt: str, config: QMatmulConfig):
-    return lambda x, *planes: _chain(qm.qmatmul(x, planes, fmt, config=config), x)
+GROUPS_MAJOR = "_gm"  # a variant named with this suffix reads its per-group planes groups-major
+
+
+def product(fmt: str, name: str, config: QMatmulConfig):
+    """``(x, planes) -> [M, N]`` of variant ``name``; its planes as :func:`layout` gives them."""
+    if name.endswith(GROUPS_MAJOR):
+        return lambda x, planes: qm.qmatmul_groups_major(x, planes, fmt, config=config)
+    return lambda x, planes: qm.qmatmul(x, planes, fmt, config=config)
+
+
+def layout(fmt: str, name: str, planes: tuple) -> tuple:
+    """``planes`` in the layout variant ``name`` reads (a transposed copy, made before timing)."""
+    return qmatmul_grouped.to_groups_major(planes, fmt) if name.endswith(GROUPS_MAJOR) else planes
+
+
+def quantized_fn(fmt: str, name: str, config: QMatmulConfig):
+    call = product(fmt, name, config)
+    return lambda x, *planes: _chain(call(x, planes), x)
 
 
 def bf16_fn(x, w):
@@ -162,8 +177,9 @@ def bench_cell(m: int, name: str, fmt: str, shape, bandwidth: float, rounds: int
     for vname, config in configs.items():
         t0 = time.perf_counter()
         try:
-            err = common.rel_err(qm.qmatmul(x, q_sets[0][1:], fmt, config=config), ref)
-            samplers[vname] = sampler(quantized_fn(fmt, config), q_sets, est(q_bytes))
+            sets = [(x, *layout(fmt, vname, tuple(planes))) for _, *planes in q_sets]
+            err = common.rel_err(product(fmt, vname, config)(x, sets[0][1:]), ref)
+            samplers[vname] = sampler(quantized_fn(fmt, vname, config), sets, est(q_bytes))
             checked[vname] = {"config": list(config), "rel_err": err, "setup_s": time.perf_counter() - t0}
         except Exception as e:  # a variant that fails to compile or run is reported, the others still timed
             rows[vname] = {"config": list(config), "error": f"{type(e).__name__}: {str(e)[:400]}"}

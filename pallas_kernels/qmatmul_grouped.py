@@ -21,9 +21,22 @@ from pallas_kernels.block_formats import block_format
 GROUP = {"Q8_0": 32, "Q4_0": 16, "Q4_1": 16, "Q4_K": 16, "Q6_K": 16}  # packed columns sharing scale and offset
 
 
-def _entry(ref, cols, c0, group: int):
-    """Each of the ``cols`` rows' entry for packed column ``c0``: ``[1, bn]`` float32 (a row to scale a product)."""
+def _entry(ref, cols, c0, group: int, groups_major: bool):
+    """Each of the ``cols`` rows' entry for packed column ``c0``: ``[1, bn]`` float32 (a row to scale a product);
+    ``groups_major``: the plane is stored ``[K / P / group, N]`` (:func:`to_groups_major`), one contiguous read."""
+    if groups_major:
+        return ref[pl.ds(lax.div(c0, group), 1), cols].astype(jnp.float32)
     return ref[cols, lax.div(c0, group)].astype(jnp.float32)[None, :]
+
+
+ENTRY_PLANES = {"Q8_0": (1,), "Q4_0": (1,), "Q4_1": (1, 2), "Q4_K": (1, 2, 3, 4), "Q6_K": (2, 3, 4)}
+
+
+def to_groups_major(planes, fmt: str) -> tuple:
+    """``planes`` with every per-group plane the grouped path reads as a column (:data:`ENTRY_PLANES`) transposed
+    to ``[K / P / group, N]``: the layout :func:`pallas_kernels.quantized_matmul.qmatmul_groups_major` takes."""
+    block_format(fmt)
+    return tuple(p.T if i in ENTRY_PLANES[fmt] else p for i, p in enumerate(planes))
 
 
 def _q6_k_high(ref, cols, c0, bn: int):
@@ -36,13 +49,13 @@ def _q6_k_high(ref, cols, c0, bn: int):
     return ref[rows, byte].astype(jnp.int32), 2 * lax.div(col, 8)
 
 
-def group_codes(fmt: str, plane_refs, cols, c0, bn: int):
+def group_codes(fmt: str, plane_refs, cols, c0, bn: int, groups_major: bool = False):
     """The ``parts`` integer code tiles ``[bn, G]`` (int32) of the group at packed column ``c0``, and per part its
     ``(scale, offset)`` rows ``[1, bn]`` float32 (offset None where the format has none): value = code * scale +
     offset."""
     width = GROUP[fmt]
     groups = [p.group for p in block_format(fmt).planes]
-    entry = lambda i: _entry(plane_refs[i], cols, c0, groups[i])
+    entry = lambda i: _entry(plane_refs[i], cols, c0, groups[i], groups_major)
     window = plane_refs[0][cols, pl.ds(c0, width)].astype(jnp.int32)
     if fmt == "Q8_0":
         return (window,), ((entry(1), None),)
@@ -72,7 +85,9 @@ def group_sums(xs, fmt: str):
     return xs.astype(jnp.float32).reshape(p, m, kp // GROUP[fmt], GROUP[fmt]).sum(axis=-1)
 
 
-def grouped_step(fmt: str, x_ref, sums_ref, plane_refs, acc, *, rows, cols, k0, block_k: int, block_n: int):
+def grouped_step(
+    fmt: str, x_ref, sums_ref, plane_refs, acc, *, rows, cols, k0, block_k: int, block_n: int, groups_major: bool
+):
     """``acc [bm, bn]`` float32 after the K step at packed column ``k0``: per group and part, the activations
     times the integer codes on the tensor cores, scaled (and offset by the group's activation sums, ``sums_ref``
     from :func:`group_sums`; None for formats without offsets) in float32."""
@@ -81,7 +96,7 @@ def grouped_step(fmt: str, x_ref, sums_ref, plane_refs, acc, *, rows, cols, k0, 
     precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
     for u in range(block_k // width):
         c0 = pl.multiple_of(k0 + u * width, width)
-        codes, factors = group_codes(fmt, plane_refs, cols, c0, block_n)
+        codes, factors = group_codes(fmt, plane_refs, cols, c0, block_n, groups_major)
         for p, (q, (scale, offset)) in enumerate(zip(codes, factors, strict=True)):
             x = x_ref[p, rows, pl.ds(c0, width)]  # [bm, G]
             acc += common.dot(x, q.astype(dtype), trans_b=True, precision=precision) * scale

@@ -158,6 +158,7 @@ def _kernel(
     groups: tuple[int, ...],
     config: QMatmulConfig,
     steps: int,  # K steps per split
+    groups_major: bool,  # the grouped path's per-group planes stored [K / P / group, N]
 ):
     plane_refs, o_ref = refs[:-1], refs[-1]
     path = config_path(config)
@@ -189,7 +190,17 @@ def _kernel(
         k0 = pl.multiple_of((s * steps + step) * bk, bk)
         if path == "grouped":
             return qmatmul_grouped.grouped_step(
-                fmt, x_ref, sums_ref, plane_refs, acc, rows=rows, cols=cols, k0=k0, block_k=bk, block_n=bn
+                fmt,
+                x_ref,
+                sums_ref,
+                plane_refs,
+                acc,
+                rows=rows,
+                cols=cols,
+                k0=k0,
+                block_k=bk,
+                block_n=bn,
+                groups_major=groups_major,
             )
         if path == "dot_expand":
             parts = qmatmul_expand.expanded_tiles(fmt, plane_refs, cols.start, bn, k0, bk)
@@ -208,8 +219,8 @@ def _kernel(
     o_ref[s, rows, cols] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret"))
-def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret", "groups_major"))
+def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, groups_major: bool = False):
     m, k = x.shape
     n = planes[0].shape[0]
     spec = block_format(fmt)
@@ -218,7 +229,8 @@ def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool):
     steps = k // spec.parts // config.block_k // config.num_splits
     grid = (pl.cdiv(rows, config.block_m), pl.cdiv(n, config.block_n), config.num_splits)
     out_shape = jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32)
-    kernel = functools.partial(_kernel, fmt=fmt, groups=tuple(p.group for p in spec.planes), config=config, steps=steps)
+    groups = tuple(p.group for p in spec.planes)
+    kernel = functools.partial(_kernel, fmt=fmt, groups=groups, config=config, steps=steps, groups_major=groups_major)
     launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
     inputs = [xs, *planes]
     if config_path(config) == "grouped" and qmatmul_grouped.has_offsets(fmt):
@@ -249,3 +261,20 @@ def qmatmul(x, planes, fmt: str, *, config: QMatmulConfig | None = None, interpr
     config = qmatmul_config(m, n, k, fmt) if config is None else QMatmulConfig(*config)
     check_config(config, m, n, k, fmt)
     return _qmatmul(x, planes, fmt=fmt, config=config, interpret=backend.resolve_interpret(interpret))
+
+
+def qmatmul_groups_major(x, planes, fmt: str, *, config: QMatmulConfig, interpret: bool | None = None):
+    """:func:`qmatmul` on the grouped path over planes whose per-group planes are stored groups-major
+    (``qmatmul_grouped.to_groups_major``: each group's entries for all rows contiguous), a layout under trial
+    (bench/bench_qmatmul.py times it as ``grouped_gm``)."""
+    if config_path(config) != "grouped":
+        raise ValueError(f"groups-major planes take the grouped path, got path={config.path!r}")
+    entries = qmatmul_grouped.ENTRY_PLANES[fmt] if fmt in qmatmul_grouped.ENTRY_PLANES else ()
+    shapes = [  # the row-major layout's shapes, for the checks (no transposed copy)
+        jax.ShapeDtypeStruct(p.shape[::-1] if i in entries else p.shape, p.dtype) for i, p in enumerate(planes)
+    ]
+    n, k = check_planes(fmt, shapes)
+    check_activations(x, k, fmt)
+    check_config(config, x.shape[0], n, k, fmt)
+    interpret = backend.resolve_interpret(interpret)
+    return _qmatmul(x, tuple(planes), fmt=fmt, config=config, interpret=interpret, groups_major=True)

@@ -14,7 +14,7 @@ from conftest import REL_TOL, rel_err
 from kernel_inputs import fast_jit
 from qweight_inputs import dequantize_f64, planes_like, random_planes
 
-from pallas_kernels import backend, block_formats
+from pallas_kernels import backend, block_formats, qmatmul_grouped
 from pallas_kernels import quantized_matmul as qmatmul
 from pallas_kernels.quantized_matmul import QMatmulConfig
 
@@ -82,6 +82,17 @@ def test_small_m_paths(rng, fmt, m, config):
     """The candidate small-M formulations (docs/quant.md, "Speed") against float64."""
     out, ref = run(rng, fmt, m, blocks=768 // block_formats.FORMATS[fmt].block, config=config)
     assert rel_err(out, ref) < REL_TOL["float32"]
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K", "Q6_K"])
+def test_groups_major_planes_on_the_grouped_path(rng, fmt):
+    """The grouped path over per-group planes stored groups-major (the layout under trial) against float64."""
+    config = QMatmulConfig(16, 16, 128, 3, 4, 2, "grouped")
+    fn = lambda x, p: qmatmul.qmatmul_groups_major(x, qmatmul_grouped.to_groups_major(p, fmt), fmt, config=config)
+    out, ref = run(rng, fmt, 3, blocks=768 // block_formats.FORMATS[fmt].block, fn=fn)
+    assert rel_err(out, ref) < REL_TOL["float32"]
+    with pytest.raises(ValueError, match="path='dot'"):
+        qmatmul.qmatmul_groups_major(jnp.ones((1, 768)), (), fmt, config=config._replace(path="dot"))
 
 
 def test_default_config_fills_the_gpu_at_batch_one():
