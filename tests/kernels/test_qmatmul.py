@@ -183,17 +183,19 @@ def test_gpu_matches_float64(rng, fmt, m):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
-@pytest.mark.parametrize("path", ["fma", "units", "dot_expand", "grouped", "grouped_f32"])
+@pytest.mark.parametrize("path", ["fma", "units", "dot_expand", "grouped", "grouped_f32", "grouped_gm"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_named_paths_match_float64(rng, fmt, path):
     """The non-default formulations compiled by Triton (bench/bench_qmatmul.py times them); ``grouped`` also with
-    float32 activations (the codes on the tensor cores at full precision)."""
+    float32 activations (the codes on the tensor cores at full precision) and over groups-major planes."""
     config = qmatmul.fma_config(3, 301, 1280, fmt)
     if path == "units":
         config = qmatmul.units_config(3, 301, 1280, fmt)
     elif path != "fma":
-        config = config._replace(block_m=16, block_n=16, path=path.removesuffix("_f32"))
+        config = config._replace(block_m=16, block_n=16, path=path.removesuffix("_f32").removesuffix("_gm"))
     dtype = jnp.float32 if path.endswith("_f32") else jnp.bfloat16
     fn = lambda x, p: qmatmul.qmatmul(x, p, fmt, config=config)
+    if path.endswith("_gm"):
+        fn = lambda x, p: qmatmul.qmatmul_groups_major(x, qmatmul_grouped.to_groups_major(p, fmt), fmt, config=config)
     out, ref = run(rng, fmt, 3, n=301, blocks=1280 // block_formats.FORMATS[fmt].block, dtype=dtype, fn=fn)
     assert rel_err(out, ref) < REL_TOL["bfloat16" if dtype == jnp.bfloat16 else "float32"]
