@@ -49,27 +49,35 @@ def _q6_k_high(ref, cols, c0, bn: int):
     return ref[rows, byte].astype(jnp.int32), 2 * lax.div(col, 8)
 
 
-def group_codes(fmt: str, plane_refs, cols, c0, bn: int, groups_major: bool = False):
-    """The ``parts`` integer code tiles ``[bn, G]`` (int32) of the group at packed column ``c0``, and per part its
-    ``(scale, offset)`` rows ``[1, bn]`` float32 (offset None where the format has none): value = code * scale +
-    offset."""
-    width = GROUP[fmt]
-    groups = [p.group for p in block_format(fmt).planes]
-    entry = lambda i: _entry(plane_refs[i], cols, c0, groups[i], groups_major)
-    window = plane_refs[0][cols, pl.ds(c0, width)].astype(jnp.int32)
+def group_codes(fmt: str, plane_refs, cols, c0, bn: int):
+    """The ``parts`` integer code tiles ``[bn, G]`` (int32) of the group at packed column ``c0``."""
+    window = plane_refs[0][cols, pl.ds(c0, GROUP[fmt])].astype(jnp.int32)
     if fmt == "Q8_0":
-        return (window,), ((entry(1), None),)
+        return (window,)
     fours = (window & 15, lax.shift_right_logical(window, 4))
     if fmt == "Q4_0":
-        return tuple(q - 8 for q in fours), ((entry(1), None),) * 2
-    if fmt == "Q4_1":
-        return fours, ((entry(1), entry(2)),) * 2
-    if fmt == "Q4_K":
-        return fours, ((entry(1) * entry(3), -(entry(2) * entry(4))),) * 2
+        return tuple(q - 8 for q in fours)
+    if fmt in ("Q4_1", "Q4_K"):
+        return fours
     bits, shift = _q6_k_high(plane_refs[1], cols, c0, bn)
-    codes = tuple(four + 16 * (lax.shift_right_logical(bits, shift + 4 * p) & 3) - 32 for p, four in enumerate(fours))
+    return tuple(four + 16 * (lax.shift_right_logical(bits, shift + 4 * p) & 3) - 32 for p, four in enumerate(fours))
+
+
+def group_factors(fmt: str, plane_refs, cols, c0, groups_major: bool = False):
+    """Per part, the ``(scale, offset)`` rows ``[1, bn]`` float32 of the group at packed column ``c0`` (offset None
+    where the format has none): value = code * scale + offset."""
+    groups = [p.group for p in block_format(fmt).planes]
+    entry = lambda i: _entry(plane_refs[i], cols, c0, groups[i], groups_major)
+    if fmt == "Q8_0":
+        return ((entry(1), None),)
+    if fmt == "Q4_0":
+        return ((entry(1), None),) * 2
+    if fmt == "Q4_1":
+        return ((entry(1), entry(2)),) * 2
+    if fmt == "Q4_K":
+        return ((entry(1) * entry(3), -(entry(2) * entry(4))),) * 2
     d = entry(4)
-    return codes, ((entry(2) * d, None), (entry(3) * d, None))
+    return ((entry(2) * d, None), (entry(3) * d, None))
 
 
 def has_offsets(fmt: str) -> bool:
@@ -85,21 +93,35 @@ def group_sums(xs, fmt: str):
     return xs.astype(jnp.float32).reshape(p, m, kp // GROUP[fmt], GROUP[fmt]).sum(axis=-1)
 
 
-def grouped_step(
-    fmt: str, x_ref, sums_ref, plane_refs, acc, *, rows, cols, k0, block_k: int, block_n: int, groups_major: bool
-):
+def step_factors(fmt: str, sums_ref, plane_refs, *, rows, cols, k0, block_k: int, groups_major: bool) -> tuple:
+    """Every group's scales and offsets of the K step at packed column ``k0``, with each offset's activation sums
+    (``sums_ref`` from :func:`group_sums`; None without offsets) as ``[bm, 1]``: what the kernel loads one step
+    ahead (plain loads, which Triton's pipeliner leaves in place, would stall every step on memory latency)."""
+    width = GROUP[fmt]
+    out = []
+    for u in range(block_k // width):
+        c0 = pl.multiple_of(k0 + u * width, width)
+        parts = []
+        for p, (scale, offset) in enumerate(group_factors(fmt, plane_refs, cols, c0, groups_major)):
+            sums = None if offset is None else sums_ref[p, rows, lax.div(c0, width)][:, None]
+            parts.append((scale, offset, sums))
+        out.append(tuple(parts))
+    return tuple(out)
+
+
+def grouped_step(fmt: str, x_ref, plane_refs, acc, factors, *, rows, cols, k0, block_k: int, block_n: int):
     """``acc [bm, bn]`` float32 after the K step at packed column ``k0``: per group and part, the activations
-    times the integer codes on the tensor cores, scaled (and offset by the group's activation sums, ``sums_ref``
-    from :func:`group_sums`; None for formats without offsets) in float32."""
+    times the integer codes on the tensor cores, scaled (and offset by the group's activation sums) in float32 by
+    ``factors`` (:func:`step_factors` of this step)."""
     width = GROUP[fmt]
     dtype = x_ref.dtype
     precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
     for u in range(block_k // width):
         c0 = pl.multiple_of(k0 + u * width, width)
-        codes, factors = group_codes(fmt, plane_refs, cols, c0, block_n, groups_major)
-        for p, (q, (scale, offset)) in enumerate(zip(codes, factors, strict=True)):
+        codes = group_codes(fmt, plane_refs, cols, c0, block_n)
+        for p, (q, (scale, offset, sums)) in enumerate(zip(codes, factors[u], strict=True)):
             x = x_ref[p, rows, pl.ds(c0, width)]  # [bm, G]
             acc += common.dot(x, q.astype(dtype), trans_b=True, precision=precision) * scale
             if offset is not None:
-                acc += sums_ref[p, rows, lax.div(c0, width)][:, None] * offset
+                acc += sums * offset
     return acc

@@ -186,6 +186,31 @@ def _kernel(
         qmatmul_units.units_finish(o_ref, accs, split=s, rows0=row0, cols=cols)
         return
 
+    if path == "grouped":  # each step's scales, offsets and sums loaded one step ahead, in the loop's carry
+        factors = lambda step: qmatmul_grouped.step_factors(
+            fmt,
+            sums_ref,
+            plane_refs,
+            rows=rows,
+            cols=cols,
+            k0=(s * steps + step) * bk,
+            block_k=bk,
+            groups_major=groups_major,
+        )
+
+        def grouped_body(step, carry):
+            acc, now = carry
+            ahead = factors(jnp.minimum(step + 1, steps - 1))
+            k0 = pl.multiple_of((s * steps + step) * bk, bk)
+            acc = qmatmul_grouped.grouped_step(
+                fmt, x_ref, plane_refs, acc, now, rows=rows, cols=cols, k0=k0, block_k=bk, block_n=bn
+            )
+            return acc, ahead
+
+        acc, _ = lax.fori_loop(0, steps, grouped_body, (jnp.zeros((bm, bn), jnp.float32), factors(0)))
+        o_ref[s, rows, cols] = acc
+        return
+
     def body(step, acc):
         k0 = pl.multiple_of((s * steps + step) * bk, bk)
         if path == "grouped":
