@@ -105,6 +105,8 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
 
         def fetch(i, slot, wait: bool):  # K, then V, of the loop's block i into a ring slot (once freed)
             copies = fill.locate(where, window_start(t_lo + i))  # a page table's reads ahead of the wait
+            if len(copies) != fill.copies:  # the slot barrier's arrival count: a mismatch would hang the consumers
+                raise ValueError(f"fill.locate gave {len(copies)} copies per slot, fill.copies={fill.copies}")
             for ref, smem, barriers, free in ((k_ref, k_smem, k_barriers, k_free), (v_ref, v_smem, v_barriers, v_free)):
                 if wait:
                     plgpu.barrier_wait(free.at[slot])

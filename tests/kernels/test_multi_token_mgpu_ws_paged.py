@@ -103,11 +103,8 @@ def test_slots_hold_every_key_of_their_tile(rng, name, page_size, layer):
     assert slots > 0
 
 
-@pytest.mark.parametrize(
-    "page_size,block_k,window,stages", [(16, 64, None, 2), (8, 64, 40, 3), (64, 128, 70, 2)], ids=str
-)
-def test_ws_paged_lowers_for_cuda(page_size, block_k, window, stages):
-    """A producer warpgroup issuing one TMA copy per page, all on the slot's barrier: Mosaic GPU lowers it."""
+def lower_for_cuda(page_size, block_k, window, stages):
+    """``_attend`` of a three-sequence call over two-layer pools, lowered for CUDA (no GPU needed)."""
     layers, pages, kv_heads, head_dim, batch, per_seq = 2, 40, 2, 128, 3, 16
     sd = jax.ShapeDtypeStruct
     pools = sd((layers, pages, kv_heads, page_size, head_dim), jnp.bfloat16)
@@ -115,8 +112,24 @@ def test_ws_paged_lowers_for_cuda(page_size, block_k, window, stages):
     args = (sd((64, 8, head_dim), jnp.bfloat16), pools, pools, sd((batch * per_seq,), jnp.int32), ints, ints, ints)
     config = mgpu.MgpuMultiTokenConfig(16, 4, block_k, stages)
     options = dict(scale=0.1, window=window, softcap=None, config=config, pages_per_seq=per_seq)
-    lowered = wsp._attend.trace(*args, sd((1,), jnp.int32), **options).lower(lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+    return wsp._attend.trace(*args, sd((1,), jnp.int32), **options).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize(
+    "page_size,block_k,window,stages", [(16, 64, None, 2), (8, 64, 40, 3), (64, 128, 70, 2)], ids=str
+)
+def test_ws_paged_lowers_for_cuda(page_size, block_k, window, stages):
+    """A producer warpgroup issuing one TMA copy per page, all on the slot's barrier: Mosaic GPU lowers it."""
+    assert "mosaic_gpu" in lower_for_cuda(page_size, block_k, window, stages).as_text()
+
+
+def test_copies_per_slot_match_the_barrier(monkeypatch):
+    """A fill issuing fewer copies than its slot barrier awaits would hang the consumers: refused while tracing."""
+    fewer = wsp._page_copies
+    monkeypatch.setattr(wsp, "_page_copies", lambda *a, **kw: fewer(*a, **kw)[1:])
+    wsp._attend.clear_cache()  # trace again with the patched fill
+    with pytest.raises(ValueError, match=r"gave 3 copies per slot, fill\.copies=4"):
+        lower_for_cuda(16, 64, None, 2)
 
 
 @pytest.mark.parametrize(
