@@ -41,6 +41,7 @@ for part in "${parts[@]}"; do
       run tests_mgpu 240 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu.py \
         tests/kernels/test_multi_token_mgpu_paged.py tests/kernels/test_decode_mgpu.py tests/kernels/test_decode_mgpu_paged.py
       run tests_mgpu_ws 60 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws.py
+      run tests_mgpu_ws_paged 180 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws_paged.py
       ;;
     ab)
       if [ -d .ab_old/jkv ]; then

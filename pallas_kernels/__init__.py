@@ -22,6 +22,7 @@ from pallas_kernels.multi_token_args import MultiTokenConfig, multi_token_config
 from pallas_kernels.multi_token_mgpu import MgpuMultiTokenConfig, mgpu_multi_token_config, multi_token_attention_mgpu
 from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged
 from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws
+from pallas_kernels.multi_token_mgpu_ws_paged import multi_token_attention_mgpu_ws_paged
 from pallas_kernels.multi_token_paged import paged_multi_token_attention
 from pallas_kernels.multi_token_quant import (
     fp8_multi_token_attention,
@@ -82,6 +83,7 @@ __all__ = [
     "multi_token_attention_mgpu",
     "multi_token_attention_mgpu_paged",
     "multi_token_attention_mgpu_ws",
+    "multi_token_attention_mgpu_ws_paged",
     "multi_token_attention_reference",
     "multi_token_config",
     "paged_config",

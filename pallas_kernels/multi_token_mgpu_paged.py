@@ -62,20 +62,33 @@ def multi_token_attention_mgpu_paged(
     arguments otherwise, same results as over the cache the pages spell out)."""
     q_starts, lengths, counts = (jnp.asarray(x).astype(jnp.int32) for x in (q_starts, lengths, counts))
     options = dict(window=window, softcap=softcap)
-    _, n, kh, page_size, d, pages_per_seq = check_paged_args(
+    _, n, kh, page_size, d, _ = check_paged_args(
         q, k_pages, v_pages, block_tables, q_starts, lengths, counts, layer, **options
     )
-    config = mgpu.resolve_config(config, n, kh, d, k_pages.dtype, q.dtype)
+    config = resolve_paged_config(config, n, kh, d, page_size, k_pages.dtype, q.dtype)
+    mgpu.require_mosaic_gpu()
+    k_pages, v_pages, flat, pages_per_seq, layer = paged_operands(k_pages, v_pages, block_tables, layer, config)
+    options = mgpu.static_options(scale, d, window, softcap, config)
+    return mgpu._attend(
+        q, k_pages, v_pages, flat, q_starts, lengths, counts, layer, **options, pages_per_seq=pages_per_seq
+    )
+
+
+def resolve_paged_config(config, num_heads, kv_heads, head_dim, page_size, dtype, out_dtype, consumers=1):
+    """``multi_token_mgpu.resolve_config``, and pages that tile a ring slot."""
+    config = mgpu.resolve_config(config, num_heads, kv_heads, head_dim, dtype, out_dtype, consumers=consumers)
     if config.block_k % page_size:
         raise ValueError(f"page_size={page_size} must divide config.block_k={config.block_k}")
-    mgpu.require_mosaic_gpu()
+    return config
+
+
+def paged_operands(k_pages, v_pages, block_tables, layer, config):
+    """The kernel's operands: whole ``[L, P, K, page_size, D]`` pools, the block table flattened to ``int32[B * M]``
+    (widened with -1 entries where narrower than one block: a copy of the table only), its columns ``M`` and
+    ``layer`` as ``int32[1]``."""
     (k_pages, v_pages), layer = common.whole_cache((k_pages, v_pages), layer)
     tables = jnp.asarray(block_tables, jnp.int32)
-    narrow = config.block_k // page_size - pages_per_seq
+    narrow = config.block_k // k_pages.shape[3] - tables.shape[1]
     if narrow > 0:  # the ring's block spans more pages than a sequence has: no page for the rest
         tables = jnp.pad(tables, ((0, 0), (0, narrow)), constant_values=-1)
-    options = mgpu.static_options(scale, d, window, softcap, config)
-    flat = tables.reshape(-1)
-    return mgpu._attend(
-        q, k_pages, v_pages, flat, q_starts, lengths, counts, layer, **options, pages_per_seq=tables.shape[1]
-    )
+    return k_pages, v_pages, tables.reshape(-1), tables.shape[1], layer

@@ -7,13 +7,16 @@ Same call and results as :func:`pallas_kernels.multi_token_mgpu.multi_token_atte
 ``w * block_q ..`` of it, x the tile's query heads, as its own 64-row MMA tile with its own key range, and waits
 for (and releases) every block of the tile's range in order, skipping the compute of blocks outside its own. Both
 consumers zero the same V rows (outside the tile's key range) before their PV product: the same zeros, whichever
-writes first. Unverified on a GPU (see docs/BENCHMARKS.md, "Multi-token attention (issue 20)").
+writes first. How the producer fills a ring slot is a :class:`Fill` (the contiguous cache's blocks by default;
+pages through the block table: ``multi_token_mgpu_ws_paged``).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,35 @@ from pallas_kernels.mgpu_common import ROWS, initial_carry, mma_accumulate, mma_
 from pallas_kernels.multi_token_tiles import ALIGN, NCOL, tile_table
 
 CONSUMERS = 2
+
+
+class Where(NamedTuple):
+    """A program's place in the cache (traced int32 scalars): what a :data:`Locate` reads."""
+
+    layer: jax.Array
+    b: jax.Array
+    kv_head: jax.Array
+    lo: jax.Array  # the tile's keys lo .. hi - 1 (multi_token_tiles.tile_table; steps only where lo < hi)
+    hi: jax.Array
+
+
+# locate(where, start) -> [(index, rows)]: the TMA copies that fill a ring slot with the block_k positions from
+# `start` of K or V: per copy the index of its source in the whole cache or pool (`ref.at[index]`) and the slot's
+# rows it fills (None: all of them); all arrive on the slot's barrier.
+Locate = Callable[..., list]
+
+
+class Fill(NamedTuple):
+    """How the producer fills a ring slot (static: each distinct value compiles its own kernel)."""
+
+    locate: Locate
+    capacity: int  # positions a sequence can hold: a block past it slides back to end at it
+    copies: int  # len(locate(...)): TMA copies per K or V slot, the slot barrier's arrivals
+
+
+def contiguous_copies(where: Where, start, *, block_k: int) -> list:
+    """A :data:`Locate` over a whole ``[L, B, K, S, D]`` cache: one copy of the block."""
+    return [((where.layer, where.b, where.kv_head, pl.ds(start, block_k)), None)]
 
 
 def _own_range(wg, skip, nrows, pos_base, hi, tile_t_lo, *, block_q, block_k, window):
@@ -48,11 +80,14 @@ def _own_range(wg, skip, nrows, pos_base, hi, tile_t_lo, *, block_q, block_k, wi
     return jnp.where(own > 0, first - tok0, 0), own, pos_base + tok0, t_lo, u_lo, u_hi, t_hi
 
 
-def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, scale, window, softcap):
-    # refs as in multi_token_mgpu_kernel.kernel (contiguous); the tile table is cut at 2 * block_q tokens
+def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, scale, window, softcap, fill=None):
+    # refs as in multi_token_mgpu_kernel.kernel; the tile table is cut at 2 * block_q tokens; fill: a Fill (None:
+    # a contiguous [L, B, K, S, D] cache)
     plgpu = backend.mosaic_gpu_module()
     block_q, heads, block_k, stages = config
     num_layers, _, _, max_len, head_dim = k_ref.shape
+    if fill is None:
+        fill = Fill(functools.partial(contiguous_copies, block_k=block_k), capacity=max_len, copies=1)
     dtype = k_ref.dtype
     head_group, tile = lax.axis_index("heads"), lax.axis_index("tile")
     b, row0, skip, nrows, pos_base, lo, hi, t_lo, _, _, t_hi = (table_ref[tile * NCOL + c] for c in range(NCOL))
@@ -62,14 +97,22 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
     kv_head = lax.div(first_head, jnp.int32(group))
     steps = t_hi - t_lo
 
-    window_start = functools.partial(kernel.block_start, block_k=block_k, max_len=max_len)
-    fetch_at = functools.partial(kernel.fetch_block, layer=layer, b=b, kv_head=kv_head, block_k=block_k)
+    window_start = functools.partial(kernel.block_start, block_k=block_k, max_len=fill.capacity)
+    where = Where(layer=layer, b=b, kv_head=kv_head, lo=lo, hi=hi)
 
     def scoped(q_smem, o_smem, k_smem, v_smem, q_barriers, k_barriers, v_barriers, k_free, v_free):
         wg = lax.axis_index("wg")
 
-        def fetch(ref, smem, barriers, i, slot):  # K or V of the loop's block i into a ring slot
-            fetch_at(ref, smem, barriers, window_start(t_lo + i), slot)
+        def fetch(i, slot, wait: bool):  # K, then V, of the loop's block i into a ring slot (once freed)
+            copies = fill.locate(where, window_start(t_lo + i))  # a page table's reads ahead of the wait
+            if len(copies) != fill.copies:  # the slot barrier's arrival count: a mismatch would hang the consumers
+                raise ValueError(f"fill.locate gave {len(copies)} copies per slot, fill.copies={fill.copies}")
+            for ref, smem, barriers, free in ((k_ref, k_smem, k_barriers, k_free), (v_ref, v_smem, v_barriers, v_free)):
+                if wait:
+                    plgpu.barrier_wait(free.at[slot])
+                for index, rows in copies:
+                    dst = smem.at[slot] if rows is None else smem.at[slot, rows]
+                    plgpu.copy_gmem_to_smem(ref.at[index], dst, barriers.at[slot])
 
         @pl.when(wg == CONSUMERS)
         def _producer():
@@ -78,16 +121,11 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
 
                 @pl.when(i < steps)
                 def _first(i=i):
-                    fetch(k_ref, k_smem, k_barriers, i, i)
-                    fetch(v_ref, v_smem, v_barriers, i, i)
+                    fetch(i, i, wait=False)
 
             @pl.loop(0, jnp.maximum(steps - stages, 0))
             def _refill(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                fetch(k_ref, k_smem, k_barriers, i + stages, slot)
-                plgpu.barrier_wait(v_free.at[slot])
-                fetch(v_ref, v_smem, v_barriers, i + stages, slot)
+                fetch(i + stages, lax.rem(i, jnp.int32(stages)), wait=True)
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
@@ -141,8 +179,8 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
         plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=swizzled(dtype)),
         plgpu.SMEM((stages, block_k, head_dim), dtype, transforms=swizzled(dtype)),
         plgpu.Barrier(num_barriers=CONSUMERS * heads),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=fill.copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=fill.copies, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         collective_axes="wg",
