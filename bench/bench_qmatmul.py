@@ -90,6 +90,7 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         bm = out["default"].block_m
         out["dot_bn64"] = f(bm, 64, 128, 4, 3, "dot")
         out["expand"] = out["default"]._replace(path="dot_expand")
+        out["expand_bn64"] = out["dot_bn64"]._replace(path="dot_expand")
         out["grouped"] = out["default"]._replace(path="grouped")
         out["grouped_bn64"] = f(bm, 64, 128, 4, 3, "grouped")
     firsts = {}
