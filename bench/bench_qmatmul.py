@@ -91,8 +91,9 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["dot_bn64"] = f(bm, 64, 128, 4, 3, "dot")
         out["expand"] = out["default"]._replace(path="dot_expand")
         out["expand_bn64"] = out["dot_bn64"]._replace(path="dot_expand")
-        out["grouped"] = out["default"]._replace(path="grouped")
-        out["grouped_bn64"] = f(bm, 64, 128, 4, 3, "grouped")
+        if m <= qm.SMALL_DOT_ROWS:  # per-group products scale [bm, bn] accumulators: a small-M formulation
+            out["grouped"] = out["default"]._replace(path="grouped")
+            out["grouped_gm"] = out["grouped"]
     firsts = {}
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once
         firsts.setdefault((config, name.endswith(GROUPS_MAJOR)), name)
