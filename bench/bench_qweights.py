@@ -47,6 +47,7 @@ from pallas_kernels import quantized_matmul as qm
 DATASHEET_BPS = 4.8e12
 BATCHES = (1, 16, 64)
 VARIANTS = ("bf16", "q8_0", "q4_k")
+SECTIONS = {"decode", "prefill", "agreement"}
 SMOKE_CONFIG = llama.LlamaConfig(
     vocab_size=256, hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64
 )
@@ -138,14 +139,19 @@ def step_sampler(config, params, batch: int, steps: int):
 
 
 @contextlib.contextmanager
-def small_m_launch(variant: str | None):
-    """Quantized products of at most ``FMA_ROWS`` rows launched as ``variant`` while inside (None: the default,
-    the 16-row dot; ``"units"``: the register path, ``quantized_matmul.units_config``)."""
+def launch_rule(variant: str | None):
+    """Quantized products launched as ``variant`` while inside: None, the default rule; ``"units"``: at most
+    ``FMA_ROWS`` rows on the register path (``quantized_matmul.units_config``); ``"expand"``: more than
+    ``SMALL_DOT_ROWS`` rows on the default tile with ``dot_expand``'s dequantization (prefill)."""
     default = qm.qmatmul_config
     if variant == "units":
         qm.qmatmul_config = lambda m, n, k, fmt: (qm.units_config if m <= qm.FMA_ROWS else default)(m, n, k, fmt)
+    elif variant == "expand":
+        qm.qmatmul_config = lambda m, n, k, fmt: (
+            default(m, n, k, fmt)._replace(path="dot_expand") if m > qm.SMALL_DOT_ROWS else default(m, n, k, fmt)
+        )
     elif variant is not None:
-        raise ValueError(f"small-M launch {variant!r}: expected None or 'units'")
+        raise ValueError(f"launch rule {variant!r}: expected None, 'units' or 'expand'")
     try:
         yield
     finally:
@@ -163,7 +169,7 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12) 
     for name, params, launch in runs:
         program = decode_program(config, batch, steps)
         args = (params, tokens, jnp.int32(steps))
-        with small_m_launch(launch):
+        with launch_rule(launch):
             wall(program, *args)
         events = common._trace(lambda a, program=program: program(*a), args, 1, "/device:GPU")
         kernels = {}
@@ -203,19 +209,23 @@ def bench_decode(config, models: dict, bandwidth: float, steps: int, rounds: int
 
 def bench_prefill(config, models: dict, tokens: int, rounds: int) -> dict:
     """Prefill rows: every model through the kernels, and each quantized one also as ``<name>_xla``
-    (``weights_impl="xla"``: each matrix dequantized to bf16 by XLA, then one library GEMM)."""
+    (``weights_impl="xla"``: each matrix dequantized to bf16 by XLA, then one library GEMM) and ``<name>_expand``
+    (the kernels with ``dot_expand``'s tile dequantization: no register spills at large M in the sm_90 counts)."""
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, tokens, jnp.bfloat16)
     prompt = (jnp.arange(tokens, dtype=jnp.int32) * 7919 % config.vocab_size)[None]
 
     def program(options):
         return jax.jit(lambda p, t: llama.prefill(p, jkv.KVCache.init(spec, 1), t, config=config, options=options)[0])
 
-    kernel, dequant = program(llama.DEFAULT_OPTIONS), program(llama.LlamaOptions(weights_impl="xla"))
-    runs = {name: (kernel, params) for name, params in models.items()}
-    runs |= {f"{name}_xla": (dequant, params) for name, params in models.items() if name != "bf16"}
+    dequant = program(llama.LlamaOptions(weights_impl="xla"))
+    runs = {name: (program(llama.DEFAULT_OPTIONS), params, None) for name, params in models.items()}
+    quantized = {name: params for name, params in models.items() if name != "bf16"}
+    runs |= {f"{name}_xla": (dequant, params, None) for name, params in quantized.items()}
+    runs |= {f"{name}_expand": (program(llama.DEFAULT_OPTIONS), p, "expand") for name, p in quantized.items()}
     samplers = {}
-    for name, (fn, params) in runs.items():
-        wall(fn, params, prompt)
+    for name, (fn, params, rule) in runs.items():
+        with launch_rule(rule):  # compiled inside: the program keeps the launch it was traced with
+            wall(fn, params, prompt)
         samplers[name] = functools.partial(wall, fn, params, prompt)
     rows = common.interleaved(samplers, rounds, baseline="bf16")
     for row in rows.values():
@@ -269,6 +279,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a check of this script on any backend")
     parser.add_argument("--breakdown", action="store_true", help="only the per-kernel time of a batch-1 step")
+    parser.add_argument("--sections", default="decode,prefill,agreement", help="which sections, comma-separated")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batches, comma-separated")
     args = parser.parse_args(argv)
     torch = common.load_torch()
     copy = common.copy_bandwidth(torch) if torch is not None else None
@@ -291,20 +303,33 @@ def main(argv=None) -> dict:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qweights_breakdown.json").write_text(json.dumps(report, indent=1))
         return report
+    sections = set(args.sections.split(","))
+    if not sections <= SECTIONS:
+        raise SystemExit(f"--sections {args.sections!r}: expected a comma-separated subset of {sorted(SECTIONS)}")
+    batches = SMOKE_BATCHES if args.smoke else tuple(int(b) for b in args.batches.split(","))
     report = {
         "meta": common.meta(torch)
         | {"smoke": args.smoke, "model": "smoke" if args.smoke else "llama3-8b", "steps": steps},
         "bandwidth": {"bytes_per_s": bandwidth, "source": "device copy" if copy else "datasheet", "copy": copy},
-        "decode": bench_decode(config, models, bandwidth, steps, rounds, SMOKE_BATCHES if args.smoke else BATCHES),
-        "prefill": {"tokens": prefill_tokens, "rows": bench_prefill(config, models, prefill_tokens, rounds)},
+        "decode": {},
+        "prefill": {"tokens": prefill_tokens, "rows": {}},
+        "agreement": {"rows": {}},
     }
-    try:
-        report["agreement"] = agreement(args.smoke, 3 if args.smoke else 32)
-    except (ImportError, OSError, ValueError) as e:  # no gguf package or no SmolLM2 on this machine
-        report["agreement"] = {"error": f"{type(e).__name__}: {e}", "rows": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))
+    save = lambda: (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))  # after every section
+    if "decode" in sections:
+        report["decode"] = bench_decode(config, models, bandwidth, steps, rounds, batches)
+        save()
+    if "prefill" in sections:
+        report["prefill"]["rows"] = bench_prefill(config, models, prefill_tokens, rounds)
+        save()
+    if "agreement" in sections:
+        try:
+            report["agreement"] = agreement(args.smoke, 3 if args.smoke else 32)
+        except (ImportError, OSError, ValueError) as e:  # no gguf package or no SmolLM2 on this machine
+            report["agreement"] = {"error": f"{type(e).__name__}: {e}", "rows": {}}
+        save()
     print_table(report)
     return report
 
@@ -316,7 +341,7 @@ def print_table(report: dict) -> None:
             ms, floor = r["time_s"] * 1e3, r["floor_s"] * 1e3
             common.log(f"{'B=' + batch:<10}{name:<10}{ms:>10.3f}{floor:>10.3f}{r['of_floor']:>10.2f}")
     for name, r in report["prefill"]["rows"].items():
-        common.log(f"prefill {name:<8} {r['tokens_per_s']:.0f} tok/s ({r['speed_vs_bf16']['median']:.2f}x bf16)")
+        common.log(f"prefill {name:<12} {r['tokens_per_s']:.0f} tok/s ({r['speed_vs_bf16']['median']:.2f}x bf16)")
     for name, r in report["agreement"]["rows"].items():
         common.log(f"agreement {name:<12} tokens {r['token_agreement']:.3f} prompts {r['prompts_equal']:.3f}")
 

@@ -40,7 +40,15 @@ def test_smoke_run(tmp_path, capsys):
     for row in rows.values():
         # a CPU's wall-clock difference of two programs may come out negative: only the arithmetic is checked
         assert row["floor_s"] > 0 and row["of_floor"] == pytest.approx(row["floor_s"] / row["time_s"])
-    assert set(report["prefill"]["rows"]) == {"bf16", "q8_0", "q4_k", "q8_0_xla", "q4_k_xla"}
+    assert set(report["prefill"]["rows"]) == {
+        "bf16",
+        "q8_0",
+        "q4_k",
+        "q8_0_xla",
+        "q4_k_xla",
+        "q8_0_expand",
+        "q4_k_expand",
+    }
     assert math.isfinite(report["prefill"]["rows"]["q4_k_xla"]["tokens_per_s"])
     assert report["agreement"]["rows"]["bf16"] == {"token_agreement": 1.0, "prompts_equal": 1.0}
     assert capsys.readouterr().out.splitlines()[-1].startswith("agreement q4_k")
@@ -56,11 +64,19 @@ def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path
     assert json.loads((tmp_path / "bench_qweights_breakdown.json").read_text()) == json.loads(json.dumps(report))
     assert set(report["breakdown"]) == {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units"}
     assert qm.qmatmul_config is rule
-    with bench_qweights.small_m_launch("units"):
-        assert (
-            qm.qmatmul_config(1, 64, 256, "Q8_0").path == "units"
-            and qm.qmatmul_config(64, 64, 256, "Q8_0").path == "dot"
-        )
-    with pytest.raises(ValueError, match="'gemv'"), bench_qweights.small_m_launch("gemv"):
+    paths = lambda: (qm.qmatmul_config(1, 64, 256, "Q8_0").path, qm.qmatmul_config(64, 64, 256, "Q8_0").path)
+    with bench_qweights.launch_rule("units"):
+        assert paths() == ("units", "dot")
+    with bench_qweights.launch_rule("expand"):
+        assert paths() == ("dot", "dot_expand")
+    with pytest.raises(ValueError, match="'gemv'"), bench_qweights.launch_rule("gemv"):
         pass
     assert qm.qmatmul_config is rule
+
+
+def test_sections_run_alone_and_bad_sections_are_refused(tmp_path):
+    report = bench_qweights.main(["--smoke", "--sections", "prefill", "--out", str(tmp_path)])
+    assert report["decode"] == {} and report["agreement"]["rows"] == {} and "q8_0_expand" in report["prefill"]["rows"]
+    assert json.loads((tmp_path / "bench_qweights.json").read_text()) == json.loads(json.dumps(report))
+    with pytest.raises(SystemExit, match="'decode,speed'"):
+        bench_qweights.main(["--smoke", "--sections", "decode,speed", "--out", str(tmp_path)])
