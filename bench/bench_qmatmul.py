@@ -1,6 +1,7 @@
 """Block-quantized matmul kernels alone (issue 26): ``pallas_kernels.qmatmul`` at a Llama-3-8B layer's matrices,
 Q8_0 and Q4_K, each of several launch variants (``QMatmulConfig``: the small-M path ``fma`` / ``units`` / ``dot``,
-tiles, warps, stages, split-K) against bf16 ``x @ W.T`` (XLA) and each one's weight-read floor, in one run.
+tiles, warps, stages, split-K) against bf16 ``x @ W.T`` (XLA) and each one's weight-read floor, in one run; where
+Mosaic GPU runs (Hopper), also the launches of ``pallas_kernels.qmatmul_mgpu`` that take the cell (``mgpu*``).
 
 Each cell (rows ``M``, matrix, format) times every variant and bf16 in ``--rounds`` interleaved rounds
 (``bench.common.interleaved``, per-call device spans of chained programs read from profiler traces:
@@ -35,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from pallas_kernels import block_formats
+from pallas_kernels import backend, block_formats
 from pallas_kernels import common as kcommon
+from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
+from pallas_kernels.qmatmul_mgpu import QMatmulMgpuConfig
 from pallas_kernels.quantized_matmul import QMatmulConfig
 
 FORMATS = ("Q8_0", "Q4_K")
@@ -99,6 +102,28 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
     return {name: config for config, name in firsts.items()}
 
 
+def mgpu_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulMgpuConfig]:
+    """The Mosaic GPU kernel's launches timed at this cell: its default, four ring slots, no K split (those that
+    fit; none where the kernel does not take the format or shape)."""
+    if qmm.unsupported_reason(fmt, n, k, jnp.bfloat16) is not None:
+        return {}
+    base = qmm.qmatmul_mgpu_config(m, n, k)
+    out = {"mgpu": base, "mgpu_s4": base._replace(num_stages=4), "mgpu_nosplit": base._replace(num_splits=1)}
+    fits = lambda c: qmm.smem_bytes(c.block_m, c.num_stages) <= qmm.smem_budget()
+    firsts = {}
+    for name, config in out.items():
+        if fits(config):
+            firsts.setdefault(config, name)
+    return {name: config for config, name in firsts.items()}
+
+
+def product(fmt: str, config):
+    """``(x, planes) -> [M, N]`` float32 through the kernel ``config`` launches (Triton's or Mosaic GPU's)."""
+    if isinstance(config, QMatmulMgpuConfig):
+        return lambda x, planes: qmm.qmatmul_mgpu(x, planes, fmt, config=config)
+    return lambda x, planes: qm.qmatmul(x, planes, fmt, config=config)
+
+
 def random_planes(key, fmt: str, n: int, k: int) -> tuple:
     """Planes of a random matrix drawn on the device (values about N(0, 0.02) in scale; the time does not depend
     on them)."""
@@ -120,8 +145,9 @@ def _chain(y, x):
     return (x.astype(jnp.float32) + 1e-6 * jnp.sum(y, axis=1, keepdims=True)).astype(x.dtype)
 
 
-def quantized_fn(fmt: str, config: QMatmulConfig):
-    return lambda x, *planes: _chain(qm.qmatmul(x, planes, fmt, config=config), x)
+def quantized_fn(fmt: str, config):
+    run = product(fmt, config)
+    return lambda x, *planes: _chain(run(x, planes), x)
 
 
 def bf16_fn(x, w):
@@ -158,11 +184,13 @@ def bench_cell(m: int, name: str, fmt: str, shape, bandwidth: float, rounds: int
     configs = variants(m, n, k, fmt)
     if smoke:
         configs = {v: c for v, c in configs.items() if v in SMOKE_VARIANTS}
+    elif backend.mosaic_gpu_usable():
+        configs |= mgpu_variants(m, n, k, fmt)
     samplers, rows, checked = {"bf16": sampler(bf16_fn, d_sets, est(d_bytes))}, {}, {}
     for vname, config in configs.items():
         t0 = time.perf_counter()
         try:
-            err = common.rel_err(qm.qmatmul(x, q_sets[0][1:], fmt, config=config), ref)
+            err = common.rel_err(product(fmt, config)(x, q_sets[0][1:]), ref)
             samplers[vname] = sampler(quantized_fn(fmt, config), q_sets, est(q_bytes))
             checked[vname] = {"config": list(config), "rel_err": err, "setup_s": time.perf_counter() - t0}
         except Exception as e:  # a variant that fails to compile or run is reported, the others still timed

@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
 
 from bench import bench_qmatmul, qmatmul_ir
+from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
 
 
@@ -22,6 +23,22 @@ def test_variants_are_valid_launches_at_every_8b_shape(fmt, m):
         assert configs["default"] == qm.qmatmul_config(m, n, k, fmt) and len(set(configs.values())) == len(configs)
         for config in configs.values():
             qm.check_config(config, m, n, k, fmt)  # raises on a launch the GPU run would reject
+
+
+@pytest.mark.parametrize("m", bench_qmatmul.ROWS)
+def test_mgpu_variants_are_valid_launches_at_every_8b_shape(m):
+    for n, k in bench_qmatmul.MATRICES.values():
+        configs = bench_qmatmul.mgpu_variants(m, n, k, "Q8_0")
+        assert configs["mgpu"] == qmm.qmatmul_mgpu_config(m, n, k) and len(set(configs.values())) == len(configs)
+        for config in configs.values():
+            qmm.check_config(config, k, 2)  # raises on a launch the GPU run would reject
+        assert bench_qmatmul.mgpu_variants(m, n, k, "Q4_K") == {}  # a format the kernel refuses
+
+
+def test_product_dispatches_by_config_type(monkeypatch):
+    monkeypatch.setattr(qmm, "qmatmul_mgpu", lambda x, planes, fmt, config: ("mgpu", config))
+    config = qmm.qmatmul_mgpu_config(1, 4096, 4096)
+    assert bench_qmatmul.product("Q8_0", config)(None, ()) == ("mgpu", config)
 
 
 def test_summary_sums_the_layer_and_projects_the_step():
