@@ -156,7 +156,9 @@ def _qmatmul(x, codes, scales, *, config: QMatmulMgpuConfig):
         out_type=jax.ShapeDtypeStruct((config.num_splits, n, rows), jnp.float32),
         grid=(config.num_splits, pl.cdiv(rows, config.block_m), pl.cdiv(n, BLOCK_N)),
         grid_names=("split", "row", "col"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # No barrier around every shared-memory store (two per 32-column group): no thread reads what it writes,
+        # and commit_smem (fence + warpgroup barrier) orders the tile before the MMA and the output before its copy.
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
     )(x, codes, scales)
     return out.sum(axis=0)[:, :m].T if config.num_splits > 1 else out[0, :, :m].T
 
