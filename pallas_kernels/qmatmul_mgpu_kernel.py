@@ -4,16 +4,19 @@ for ``pallas_kernels.qmatmul_mgpu``. The product is computed transposed, ``W_til
 MMA rows on padding.
 
 * one program (one warpgroup) per ``(K split, row block of x, column block of BLOCK_N weight rows)``;
-* each step's code window ``[BLOCK_N, BLOCK_K]`` (int8, tiled and 128-byte swizzled), its scale window
-  ``[BLOCK_N, BLOCK_K / 32]`` (f16, one 16-byte row per weight row) and the activations' window
-  ``[block_m, BLOCK_K]`` come by TMA into a ring of ``num_stages`` shared-memory slots, all three on the slot's
-  barrier. Rows past ``N`` read as zeros (TMA) and their outputs are dropped by the store;
-* the warpgroup dequantizes the slot's codes in registers (``code * scale`` in float32, one 128-column swizzle
-  tile at a time, each 32-column group's scale broadcast along its row), rounds to the activations' dtype and
-  stores the tile into one of two swizzled ``[BLOCK_N, BLOCK_K]`` buffers; both MMA operands are in shared memory
-  (a register operand gave wrong rows in the decode kernel: docs/notes/decode_kernel.md, v7);
-* the ``wgmma`` of step ``k`` runs while step ``k + 1`` is dequantized into the other buffer; once the MMA of
-  step ``k`` is known complete (``wgmma_wait(1)`` after the next one is issued), its ring slot is refilled;
+* each step's code window ``[BLOCK_N, BLOCK_K]`` (int8), its scale window ``[BLOCK_N, BLOCK_K / 32]`` (f16, one
+  16-byte row per weight row) and the activations' window ``[block_m, BLOCK_K]`` come by TMA into a ring of
+  ``num_stages`` shared-memory slots, the weights on one barrier per slot and the activations on another. Rows
+  past ``N`` read as zeros (TMA) and their outputs are dropped by the store. Codes, activations and dequantized
+  tiles are tiled by one 32-column group (8 x 32 tiles, swizzled over their 32/64-byte rows), so a group is one
+  tile column: loaded, scaled and stored as a static ``[BLOCK_N, 32]`` slice, no reshape;
+* the warpgroup dequantizes the slot group by group in registers (``code * scale`` in float32; the group's scale
+  of each row taken out of the scale window by a masked row sum and broadcast along the row), rounds to the
+  activations' dtype and stores into one of two ``[BLOCK_N, BLOCK_K]`` tiles; its codes and scales are then
+  refilled with the step ``num_stages`` ahead. Both MMA operands are in shared memory (a register operand gave
+  wrong rows in the decode kernel: docs/notes/decode_kernel.md, v7);
+* the ``wgmma`` of step ``k`` runs while step ``k + 1`` is dequantized into the other tile; once it is known
+  complete (``wgmma_wait(1)`` after the next one is issued), its activations' slot is refilled;
 * the float32 accumulator ``[BLOCK_N, block_m]`` goes through shared memory to the partials ``[S, N, M']``.
 """
 
