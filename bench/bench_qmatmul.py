@@ -107,9 +107,9 @@ def mgpu_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulMgpuConf
     fit; none where the kernel does not take the format or shape)."""
     if qmm.unsupported_reason(fmt, n, k, jnp.bfloat16) is not None:
         return {}
-    base = qmm.qmatmul_mgpu_config(m, n, k)
+    base = qmm.qmatmul_mgpu_config(m, n, k, fmt)
     out = {"mgpu": base, "mgpu_s4": base._replace(num_stages=4), "mgpu_nosplit": base._replace(num_splits=1)}
-    fits = lambda c: qmm.smem_bytes(c.block_m, c.num_stages) <= qmm.smem_budget()
+    fits = lambda c: qmm.smem_bytes(fmt, c.block_m, c.num_stages) <= qmm.smem_budget()
     firsts = {}
     for name, config in out.items():
         if fits(config):

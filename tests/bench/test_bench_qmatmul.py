@@ -25,19 +25,20 @@ def test_variants_are_valid_launches_at_every_8b_shape(fmt, m):
             qm.check_config(config, m, n, k, fmt)  # raises on a launch the GPU run would reject
 
 
+@pytest.mark.parametrize("fmt", bench_qmatmul.FORMATS)
 @pytest.mark.parametrize("m", bench_qmatmul.ROWS)
-def test_mgpu_variants_are_valid_launches_at_every_8b_shape(m):
+def test_mgpu_variants_are_valid_launches_at_every_8b_shape(fmt, m):
     for n, k in bench_qmatmul.MATRICES.values():
-        configs = bench_qmatmul.mgpu_variants(m, n, k, "Q8_0")
-        assert configs["mgpu"] == qmm.qmatmul_mgpu_config(m, n, k) and len(set(configs.values())) == len(configs)
+        configs = bench_qmatmul.mgpu_variants(m, n, k, fmt)
+        assert configs["mgpu"] == qmm.qmatmul_mgpu_config(m, n, k, fmt) and len(set(configs.values())) == len(configs)
         for config in configs.values():
-            qmm.check_config(config, k, 2)  # raises on a launch the GPU run would reject
-        assert bench_qmatmul.mgpu_variants(m, n, k, "Q4_K") == {}  # a format the kernel refuses
+            qmm.check_config(config, fmt, k, 2)  # raises on a launch the GPU run would reject
+        assert bench_qmatmul.mgpu_variants(m, n, k, "Q6_K") == {}  # a format the kernel refuses
 
 
 def test_product_dispatches_by_config_type(monkeypatch):
     monkeypatch.setattr(qmm, "qmatmul_mgpu", lambda x, planes, fmt, config: ("mgpu", config))
-    config = qmm.qmatmul_mgpu_config(1, 4096, 4096)
+    config = qmm.qmatmul_mgpu_config(1, 4096, 4096, "Q8_0")
     assert bench_qmatmul.product("Q8_0", config)(None, ()) == ("mgpu", config)
 
 

@@ -23,32 +23,36 @@ ROUNDED_TOL = 1e-5  # float32 accumulation against float64, same rounded weights
 LLAMA_8B = {"wqkv": (6144, 4096), "wo": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LLAMA_8B["lm_head"] = (128256, 4096)
 
-# (id, M, N, K, activation dtype, config or None for the default)
+# (id, format, M, N, K, activation dtype, config or None for the default)
 CASES = [
-    ("m1_default", 1, 256, 1024, "bfloat16", None),
-    ("m3_n200_splits3", 3, 200, 768, "bfloat16", Config(8, 3, 2)),  # N past its last 64-row block
-    ("m16_f16_stages4", 16, 192, 2048, "float16", Config(16, 2, 4)),
-    ("m64_one_split", 64, 128, 1280, "bfloat16", Config(64, 1, 2)),
-    ("m13_more_stages_than_steps", 13, 64, 512, "bfloat16", Config(16, 1, 4)),
-    ("m200_row_blocks_slide", 200, 136, 512, "bfloat16", None),  # 208 rows: the last 64-row block slides back
-    ("m1_deep_k_default", 1, 512, 4096, "bfloat16", None),
+    ("q8_0_m1_default", "Q8_0", 1, 256, 1024, "bfloat16", None),
+    ("q8_0_m3_n200_splits3", "Q8_0", 3, 200, 768, "bfloat16", Config(8, 3, 2)),  # N past its last 64-row block
+    ("q8_0_m16_f16_stages4", "Q8_0", 16, 192, 2048, "float16", Config(16, 2, 4)),
+    ("q8_0_m64_one_split", "Q8_0", 64, 128, 1280, "bfloat16", Config(64, 1, 2)),
+    ("q8_0_m13_more_stages_than_steps", "Q8_0", 13, 64, 512, "bfloat16", Config(16, 1, 4)),
+    ("q8_0_m200_row_blocks_slide", "Q8_0", 200, 136, 512, "bfloat16", None),  # the last 64-row block slides back
+    ("q8_0_m1_deep_k_default", "Q8_0", 1, 512, 4096, "bfloat16", None),
+    ("q4_k_m1_default", "Q4_K", 1, 256, 2048, "bfloat16", None),
+    ("q4_k_m3_n200_splits2", "Q4_K", 3, 200, 4096, "bfloat16", Config(8, 2, 3)),  # d windows of two splits
+    ("q4_k_m16_f16", "Q4_K", 16, 128, 6144, "float16", None),  # 12 steps: d windows not at a split's start
+    ("q4_k_m64_row_blocks", "Q4_K", 64, 64, 2048, "bfloat16", None),  # 16-row blocks
 ]
 
 
-def inputs(rng, m, n, k, dtype):
-    planes = random_planes(rng, "Q8_0", n, k)
+def inputs(rng, fmt, m, n, k, dtype):
+    planes = random_planes(rng, fmt, n, k)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     return x, planes
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
-@pytest.mark.parametrize("m,n,k,dtype,config", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_matches_float64(rng, m, n, k, dtype, config):
-    x, planes = inputs(rng, m, n, k, dtype)
-    out = mgpu.qmatmul_mgpu(x, tuple(jnp.asarray(p) for p in planes), "Q8_0", config=config)
+@pytest.mark.parametrize("fmt,m,n,k,dtype,config", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_matches_float64(rng, fmt, m, n, k, dtype, config):
+    x, planes = inputs(rng, fmt, m, n, k, dtype)
+    out = mgpu.qmatmul_mgpu(x, tuple(jnp.asarray(p) for p in planes), fmt, config=config)
     assert out.shape == (m, n) and out.dtype == jnp.float32
-    w = dequantize_f64(planes, "Q8_0")
+    w = dequantize_f64(planes, fmt)
     w_rounded = np.asarray(jnp.asarray(w, jnp.float32).astype(dtype), np.float64)  # exact in f32, then rounded
     x64 = np.asarray(x, np.float64)
     assert rel_err(out, x64 @ w_rounded.T) < ROUNDED_TOL
@@ -61,53 +65,71 @@ def test_under_jit_with_the_reference(rng):
     """Traced inside a caller's jit; the same product as ``block_formats.qmatmul_reference`` up to order."""
     from pallas_kernels.block_formats import qmatmul_reference
 
-    x, planes = inputs(rng, 2, 320, 1536, "bfloat16")
-    planes = tuple(jnp.asarray(p) for p in planes)
-    out = jax.jit(lambda x, p: mgpu.qmatmul_mgpu(x, p, "Q8_0"))(x, planes)
-    assert rel_err(out, qmatmul_reference(x, planes, "Q8_0")) < ROUNDED_TOL
+    for fmt in mgpu.FORMATS:
+        x, planes = inputs(rng, fmt, 2, 320, 2048, "bfloat16")
+        planes = tuple(jnp.asarray(p) for p in planes)
+        out = jax.jit(lambda x, p, fmt=fmt: mgpu.qmatmul_mgpu(x, p, fmt))(x, planes)
+        assert rel_err(out, qmatmul_reference(x, planes, fmt)) < ROUNDED_TOL
 
 
-def lowered(m, n, k, config, dtype=jnp.bfloat16) -> str:
+def lowered(fmt, m, n, k, config, dtype=jnp.bfloat16) -> str:
     sds = jax.ShapeDtypeStruct
-    planes = planes_like("Q8_0", n, k, sds)
-    return mgpu._qmatmul.trace(sds((m, k), dtype), *planes, config=config).lower(lowering_platforms=("cuda",)).as_text()
+    traced = mgpu._qmatmul.trace(sds((m, k), dtype), planes_like(fmt, n, k, sds), fmt=fmt, config=config)
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
-LOWERING = [
-    *[(f"{name}_m{m}", m, *shape, None) for name, shape in LLAMA_8B.items() for m in (1, 16)],  # bench_qmatmul's
-    *[(c[0], c[1], c[2], c[3], c[5]) for c in CASES],
-    ("m64_default", 64, 4096, 4096, None),
-]
+def launches():
+    """Every distinct launch (format, rows, config) of bench_qmatmul's cells and the GPU cases, at its first
+    shape: the compiled kernel differs between shapes only in sizes."""
+    cells = [
+        (f"{f}_{name}_m{m}", f, m, *LLAMA_8B[name], None)
+        for f in mgpu.FORMATS
+        for name in LLAMA_8B
+        for m in (1, 16, 64)
+    ]
+    seen, out = set(), []
+    for name, fmt, m, n, k, config in [*cells, *[(c[0], *c[1:5], c[6]) for c in CASES]]:
+        config = config or mgpu.qmatmul_mgpu_config(m, n, k, fmt)
+        if (fmt, -(-m // 8), config) not in seen:
+            seen.add((fmt, -(-m // 8), config))
+            out.append((name, fmt, m, n, k, config))
+    return out
 
 
-@pytest.mark.parametrize("m,n,k,config", [c[1:] for c in LOWERING], ids=[c[0] for c in LOWERING])
-def test_lowers_for_cuda(m, n, k, config):
+LOWERING = launches()
+
+
+@pytest.mark.parametrize("fmt,m,n,k,config", [c[1:] for c in LOWERING], ids=[c[0] for c in LOWERING])
+def test_lowers_for_cuda(fmt, m, n, k, config):
     """Every launch the tests and the benchmark use lowers to a Mosaic GPU kernel on any host (no GPU needed)."""
-    config = config or mgpu.qmatmul_mgpu_config(m, n, k)
-    text = lowered(m, n, k, config)
+    text = lowered(fmt, m, n, k, config)
     assert "mosaic_gpu" in text
     assert "triton" not in text
 
 
-def test_lowers_with_f16_activations():
-    assert "mosaic_gpu" in lowered(3, 128, 512, Config(8, 1, 3), jnp.float16)
+@pytest.mark.parametrize("fmt", mgpu.FORMATS)
+def test_lowers_with_f16_activations(fmt):
+    assert "mosaic_gpu" in lowered(fmt, 3, 128, 2048, Config(8, 1, 2), jnp.float16)
 
 
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("name", LLAMA_8B)
-def test_default_config_fills_the_gpu_and_fits(name, m):
+@pytest.mark.parametrize("fmt", mgpu.FORMATS)
+def test_default_config_fills_the_gpu_and_fits(fmt, name, m):
     n, k = LLAMA_8B[name]
-    config = mgpu.qmatmul_mgpu_config(m, n, k)
+    config = mgpu.qmatmul_mgpu_config(m, n, k, fmt)
     programs = -(-n // mgpu.BLOCK_N) * config.num_splits
     assert config.block_m == (8 if m <= 8 else 16)
-    assert programs >= 0.9 * backend.num_multiprocessors()  # wo at M = 16: 128 programs of 9 steps beat 256 of 5
-    assert mgpu.check_config(config, k, 2) == config  # fits shared memory, divides the K steps
+    # one wave of long programs may beat two of short ones: wo at M = 16 (Q8_0) 128 programs, wqkv (Q4_K) 96
+    assert programs >= 0.7 * backend.num_multiprocessors()
+    assert mgpu.check_config(config, fmt, k, 2) == config  # fits shared memory, divides the K steps
     assert config.num_stages >= mgpu.MIN_STAGES
 
 
 def test_default_config_row_blocks():
-    assert mgpu.qmatmul_mgpu_config(200, 4096, 4096).block_m == 64
-    assert mgpu.qmatmul_mgpu_config(40, 4096, 4096).block_m == 40
+    assert mgpu.qmatmul_mgpu_config(200, 4096, 4096, "Q8_0").block_m == 64
+    assert mgpu.qmatmul_mgpu_config(40, 4096, 4096, "Q8_0").block_m == 40
+    assert mgpu.qmatmul_mgpu_config(64, 4096, 4096, "Q4_K").block_m == 16  # two parts: 16 rows fit two slots
 
 
 def _args(m=2, n=128, k=512, dtype=jnp.bfloat16, fmt="Q8_0"):
@@ -117,14 +139,15 @@ def _args(m=2, n=128, k=512, dtype=jnp.bfloat16, fmt="Q8_0"):
 @pytest.mark.parametrize(
     "change,error,match",
     [
-        (dict(fmt="Q4_K"), ValueError, r"takes \('Q8_0',\) weights, got 'Q4_K'"),
+        (dict(fmt="Q6_K"), ValueError, r"takes \('Q8_0', 'Q4_K'\) weights, got 'Q6_K'"),
         (dict(dtype=jnp.float32), TypeError, "16-bit MMA.*got float32"),
         (dict(n=100), ValueError, "N=100 must be a multiple of 8"),
         (dict(n=56), ValueError, "N=56 must be .* at least the Mosaic GPU quantized matmul's 64-row block"),
-        (dict(k=288), ValueError, "K=288 must be a multiple of 256"),
+        (dict(k=288), ValueError, "K=288 must be a multiple of 256 for Q8_0"),
+        (dict(k=1536, fmt="Q4_K"), ValueError, "K=1536 must be a multiple of 2048 for Q4_K"),
         (dict(fmt="Q5_0"), ValueError, "'Q5_0' is not one of"),
     ],
-    ids=["q4_k", "f32_x", "n_off_tile", "n_below_block", "k_off_step", "unknown_format"],
+    ids=["q6_k", "f32_x", "n_off_tile", "n_below_block", "k_off_step", "q4_k_k_off_d_rows", "unknown_format"],
 )
 def test_argument_errors(change, error, match):
     with pytest.raises(error, match=match):
