@@ -40,7 +40,7 @@ FORMATS = tuple(formats.FORMATS)
 BLOCK_N, BLOCK_K = formats.BLOCK_N, formats.BLOCK_K  # weight rows per program, packed columns per K step
 ROW_ALIGN = 8  # the activations' rows come in 8-row tiles (the MMA's N is a multiple of 8)
 MAX_BLOCK_M = 64  # activation rows per program at most: a small-M kernel (the accumulator's registers)
-MIN_STAGES = 2  # a slot's activations are refilled one step after their MMA was issued
+MIN_STAGES = 2  # one weight slot would leave every step's load exposed
 MAX_STAGES = 4
 KERNEL = "the Mosaic GPU quantized matmul"  # how errors name it
 SPLIT_OVERHEAD_STEPS = 1  # a program's fixed cost (ring fill, store) in K steps, for the split rule
@@ -60,13 +60,14 @@ def smem_budget() -> int:
 
 
 def smem_bytes(fmt: str, block_m: int, num_stages: int, itemsize: int = 2) -> int:
-    """Shared memory of a launch: the ring (weight windows and activations per slot), two buffers of dequantized
-    tiles, the output tile."""
+    """Shared memory of a launch: the ring (weight windows per slot, activations per slot and one more) and two
+    buffers of dequantized tiles; the output tile reuses them after the loop."""
     spec = formats.FORMATS[fmt]
     planes = block_format(fmt).planes
     windows = sum(BLOCK_N * w.cols * p.dtype.itemsize for w, p in zip(spec.windows, planes, strict=True))
-    slot = windows + spec.parts * block_m * BLOCK_K * itemsize
-    return num_stages * slot + 2 * spec.parts * BLOCK_N * BLOCK_K * itemsize + BLOCK_N * block_m * 4
+    x_slot = spec.parts * block_m * BLOCK_K * itemsize
+    ring = num_stages * windows + (num_stages + 1) * x_slot + 2 * spec.parts * BLOCK_N * BLOCK_K * itemsize
+    return max(ring, BLOCK_N * block_m * 4)
 
 
 def qmatmul_mgpu_config(

@@ -6,8 +6,8 @@ MMA rows on padding.
 * one program (one warpgroup) per ``(K split, row block of x, column block of BLOCK_N weight rows)``;
 * each step's windows of the weight planes (``qmatmul_mgpu_formats``: codes or nibbles ``[BLOCK_N, BLOCK_K]``,
   their scales) and of the activations' parts ``[block_m, BLOCK_K]`` come by TMA into a ring of ``num_stages``
-  shared-memory slots, the weights on one barrier per slot and the activations on another. Rows past ``N`` read
-  as zeros (TMA) and their outputs are dropped by the store;
+  shared-memory slots (one more for the activations, which the MMA frees a step later), each half on its own
+  barriers. Rows past ``N`` read as zeros (TMA) and their outputs are dropped by the store;
 * the warpgroup dequantizes the slot in registers (float32, rounded to the activations' dtype) into the
   ``parts`` tiles ``[BLOCK_N, BLOCK_K]`` of one of two buffers (``qmatmul_mgpu_formats``: one scale group per
   tile column, no reshape); the slot's weight windows are then refilled with the step ``num_stages`` ahead.
@@ -46,9 +46,12 @@ def kernel(
     n0 = pl.multiple_of(j * BLOCK_N, 8)  # rows past N: TMA reads zeros, the store drops them
     r0 = pl.multiple_of(jnp.minimum(i * block_m, rows - block_m), 8)  # the last row block slides back to end at M'
     first = s * steps
+    x_slots = num_stages + 1
 
     def ring(x_smem, w_smem, w_barriers, x_barriers, acc_ref, *window_smem):
-        # x_smem [stages, P, bm, BK]; w_smem [2, P, BN, BK]; window_smem [stages, BN, cols] per plane; per slot
+        # x_smem [stages + 1, P, bm, BK]; w_smem [2, P, BN, BK]; window_smem [stages, BN, cols] per plane; per
+        # slot one barrier for the weight windows, one for the activations (one slot more: they are freed a step
+        # later, by the MMA)
         # one barrier for the weight windows, one for the activations
         def k_start(t):  # first packed column of the split's step t
             return pl.multiple_of((first + t) * BLOCK_K, BLOCK_K)
@@ -64,12 +67,13 @@ def kernel(
                 src = x_ref.at[p, pl.ds(r0, block_m), pl.ds(k_start(t), BLOCK_K)]
                 plgpu.copy_gmem_to_smem(src, x_smem.at[slot, p], x_barriers.at[slot])
 
-        for t in range(min(num_stages, steps)):  # the first steps all in flight before any wait
-            fetch_weights(t, t)
+        for t in range(min(num_stages + 1, steps)):  # the first steps all in flight before any wait
+            if t < num_stages:
+                fetch_weights(t, t)
             fetch_x(t, t)
 
         def step(k, carry):
-            slot, buf = lax.rem(k, jnp.int32(num_stages)), lax.rem(k, jnp.int32(2))
+            slot, x_slot, buf = (lax.rem(k, jnp.int32(c)) for c in (num_stages, x_slots, 2))
             plgpu.barrier_wait(w_barriers.at[slot])
             # buffer `buf` was last read by the MMAs of step k - 2, complete since step k - 1's wgmma_wait(1)
             windows = [smem.at[slot] for smem in window_smem]
@@ -80,14 +84,14 @@ def kernel(
             def _refill_weights():  # the windows are in registers already
                 fetch_weights(k + num_stages, slot)
 
-            plgpu.barrier_wait(x_barriers.at[slot])
+            plgpu.barrier_wait(x_barriers.at[x_slot])
             for p in range(parts):
-                plgpu.wgmma(acc_ref, w_smem.at[buf, p], plgpu.transpose_ref(x_smem.at[slot, p], (1, 0)))
+                plgpu.wgmma(acc_ref, w_smem.at[buf, p], plgpu.transpose_ref(x_smem.at[x_slot, p], (1, 0)))
             plgpu.wgmma_wait(1)  # only the newest MMA may still run: step k - 1's slot may be refilled
 
-            @pl.when((k >= 1) & (k - 1 + num_stages < steps))
-            def _refill_x():
-                fetch_x(k - 1 + num_stages, lax.rem(k - 1, jnp.int32(num_stages)))
+            @pl.when((k >= 1) & (k - 1 + x_slots < steps))
+            def _refill_x():  # with the step num_stages ahead, as the weights
+                fetch_x(k - 1 + x_slots, lax.rem(k - 1, jnp.int32(x_slots)))
 
             return carry
 
@@ -101,10 +105,10 @@ def kernel(
         windows.append(plgpu.SMEM((num_stages, BLOCK_N, window.cols), plane.dtype, transforms=transforms))
     acc = pl.run_scoped(
         ring,
-        plgpu.SMEM((num_stages, parts, block_m, BLOCK_K), dtype, transforms=tile_transforms(dtype, spec.group)),
+        plgpu.SMEM((x_slots, parts, block_m, BLOCK_K), dtype, transforms=tile_transforms(dtype, spec.group)),
         plgpu.SMEM((2, parts, BLOCK_N, BLOCK_K), dtype, transforms=tile_transforms(dtype, spec.group)),
         plgpu.Barrier(num_arrivals=len(spec.windows), num_barriers=num_stages),
-        plgpu.Barrier(num_arrivals=parts, num_barriers=num_stages),
+        plgpu.Barrier(num_arrivals=parts, num_barriers=x_slots),
         plgpu.ACC((BLOCK_N, block_m), jnp.float32),
         *windows,
     )
