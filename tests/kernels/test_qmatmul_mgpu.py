@@ -22,6 +22,7 @@ ON_HOPPER = backend.mosaic_gpu_usable()
 ROUNDED_TOL = 1e-5  # float32 accumulation against float64, same rounded weights
 LLAMA_8B = {"wqkv": (6144, 4096), "wo": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LLAMA_8B["lm_head"] = (128256, 4096)
+IDENTITY = [("Q8_0", 256), ("Q4_K", 2048)]  # (format, K = M) of the identity test
 
 # (id, format, M, N, K, activation dtype, config or None for the default)
 CASES = [
@@ -61,6 +62,20 @@ def test_matches_float64(rng, fmt, m, n, k, dtype, config):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
+@pytest.mark.parametrize("fmt,k", IDENTITY)
+def test_identity_activations_read_back_the_rounded_matrix(rng, fmt, k):
+    """``I @ W.T = W.T`` exactly (each output one product by 1): every dequantized weight as the kernel rounds it,
+    so a wrong group, part, row or step shows where it is."""
+    n = 136  # two column blocks and a partial one (136 in the lowering test too)
+    planes = random_planes(rng, fmt, n, k)
+    out = mgpu.qmatmul_mgpu(jnp.eye(k, dtype=jnp.bfloat16), tuple(jnp.asarray(p) for p in planes), fmt)
+    w = np.asarray(jnp.asarray(dequantize_f64(planes, fmt), jnp.float32).astype(jnp.bfloat16), np.float32)
+    wrong = np.argwhere(np.asarray(out).T != w)  # (row n, column k) of W
+    assert wrong.size == 0, f"{len(wrong)} of {w.size} weights differ, first (n, k): {wrong[:8].tolist()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
 def test_under_jit_with_the_reference(rng):
     """Traced inside a caller's jit; the same product as ``block_formats.qmatmul_reference`` up to order."""
     from pallas_kernels.block_formats import qmatmul_reference
@@ -88,7 +103,8 @@ def launches():
         for m in (1, 16, 64)
     ]
     seen, out = set(), []
-    for name, fmt, m, n, k, config in [*cells, *[(c[0], *c[1:5], c[6]) for c in CASES]]:
+    identity = [(f"{fmt}_identity", fmt, k, 136, k, None) for fmt, k in IDENTITY]
+    for name, fmt, m, n, k, config in [*cells, *[(c[0], *c[1:5], c[6]) for c in CASES], *identity]:
         config = config or mgpu.qmatmul_mgpu_config(m, n, k, fmt)
         if (fmt, -(-m // 8), config) not in seen:
             seen.add((fmt, -(-m // 8), config))
