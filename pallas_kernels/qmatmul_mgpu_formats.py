@@ -54,12 +54,17 @@ def tile_transforms(dtype, cols: int):
     return plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * jnp.dtype(dtype).itemsize)
 
 
-def _row_picker(window, layout):
-    """``pick(j)``: column ``j`` (static or traced) of the ``[BLOCK_N, c]`` ``window`` as a float32 row vector."""
+def _load_window(window, dtype=jnp.float32):
+    """A ``[BLOCK_N, c]`` scale window in the MMA register layout, as ``dtype``."""
     plgpu = backend.mosaic_gpu_module()
-    values = plgpu.load(window, (), layout=layout, optimized=False).astype(jnp.float32)
-    col = plgpu.broadcasted_iota(jnp.int32, values.shape, 1, layout=layout)
-    return lambda j: jnp.where(col == j, values, 0.0).sum(axis=1)  # [BLOCK_N]
+    return plgpu.load(window, (), layout=plgpu.Layout.WGMMA, optimized=False).astype(dtype)
+
+
+def _row_picker(values):
+    """``pick(j)``: column ``j`` (static or traced) of ``values [BLOCK_N, c]`` (MMA layout) as a row vector."""
+    plgpu = backend.mosaic_gpu_module()
+    col = plgpu.broadcasted_iota(jnp.int32, values.shape, 1, layout=plgpu.Layout.WGMMA)
+    return lambda j: jnp.where(col == j, values, jnp.zeros((), values.dtype)).sum(axis=1)  # [BLOCK_N]
 
 
 def _broadcast(row, cols: int):
@@ -80,7 +85,7 @@ def _dequantize_q8_0(windows, tiles, dtype, k0) -> None:
     del k0  # the scale window is the step's own
     codes, scales = windows
     (tile,) = tiles
-    scale = _row_picker(scales, backend.mosaic_gpu_module().Layout.WGMMA)
+    scale = _row_picker(_load_window(scales))
     for g in range(BLOCK_K // 32):
         q = _load_codes(codes, g).astype(jnp.float32)
         tile[:, pl.ds(g * 32, 32)] = (q * _broadcast(scale(g), 32)).astype(dtype)
@@ -89,10 +94,11 @@ def _dequantize_q8_0(windows, tiles, dtype, k0) -> None:
 def _dequantize_q4_k(windows, tiles, dtype, k0) -> None:
     """``nibble * (d * sub_scale) - dmin * sub_min`` (float32) for both parts, one 16-column group at a time;
     ``d`` and ``dmin`` windows hold 8 superblocks from the multiple of 8 at or below the step's first."""
-    layout = backend.mosaic_gpu_module().Layout.WGMMA
     nibbles, sub_scales, sub_mins, d, dmin = windows
-    sub_scale, sub_min = _row_picker(sub_scales, layout), _row_picker(sub_mins, layout)
-    d_of, dmin_of = _row_picker(d, layout), _row_picker(dmin, layout)
+    # a group's 6-bit sub-scale and sub-min taken out together: one masked row sum of sub_scale + 64 * sub_min
+    packed = _load_window(sub_scales, jnp.int32) | (_load_window(sub_mins, jnp.int32) << 6)
+    sub = _row_picker(packed)
+    d_of, dmin_of = _row_picker(_load_window(d)), _row_picker(_load_window(dmin))
     first = lax.rem(lax.div(k0, jnp.int32(128)), jnp.int32(8))  # the step's first superblock in the d window
     supers = BLOCK_K // 128
     d_rows = [d_of(first + h) for h in range(supers)]
@@ -102,8 +108,9 @@ def _dequantize_q4_k(windows, tiles, dtype, k0) -> None:
         for half in range(CODE_TILE // 16):
             g = c * (CODE_TILE // 16) + half
             h = g // (128 // 16)
-            scale = d_rows[h] * sub_scale(g)
-            shift = _broadcast(dmin_rows[h] * sub_min(g), 16)
+            both = sub(g)
+            scale = d_rows[h] * (both & 63).astype(jnp.float32)
+            shift = _broadcast(dmin_rows[h] * lax.shift_right_logical(both, 6).astype(jnp.float32), 16)
             qg = q[:, half * 16 : (half + 1) * 16]
             cols = pl.ds(g * 16, 16)
             # 8-bit values take bitwise operations only: the high nibble stays 16x, its scale takes the 1/16 (exact)
