@@ -19,7 +19,7 @@ from pallas_kernels import qmatmul_mgpu as mgpu
 from pallas_kernels.qmatmul_mgpu import QMatmulMgpuConfig as Config
 
 ON_HOPPER = backend.mosaic_gpu_usable()
-ROUNDED_TOL = 1e-4  # float32 (tensor-core) accumulation against float64, same rounded weights: one wrong weight in 1e5 shows
+ROUNDED_TOL = 1e-4  # tensor-core float32 sums against float64 of the same rounded weights: one wrong weight shows
 LLAMA_8B = {"wqkv": (6144, 4096), "wo": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LLAMA_8B["lm_head"] = (128256, 4096)
 IDENTITY = [("Q8_0", 256), ("Q4_K", 2048)]  # (format, K = M) of the identity test
