@@ -31,7 +31,6 @@ from pallas_kernels.multi_token_quant import (
 )
 from pallas_kernels.paged import PagedConfig, paged_config, paged_decode_attention
 from pallas_kernels.paged_q8 import paged_q8_config, paged_q8_decode_attention
-from pallas_kernels.qmatmul_mgpu import QMatmulMgpuConfig, qmatmul_mgpu, qmatmul_mgpu_config
 from pallas_kernels.quantized_matmul import QMatmulConfig, qmatmul, qmatmul_config
 from pallas_kernels.reference import (
     decode_attention_append_reference,
@@ -61,7 +60,6 @@ __all__ = [
     "MultiTokenConfig",
     "PagedConfig",
     "QMatmulConfig",
-    "QMatmulMgpuConfig",
     "decode_attention",
     "decode_attention_append",
     "decode_attention_append_reference",
@@ -109,8 +107,6 @@ __all__ = [
     "q8_multi_token_attention_reference",
     "qmatmul",
     "qmatmul_config",
-    "qmatmul_mgpu",
-    "qmatmul_mgpu_config",
     "qmatmul_reference",
     "residual_rms_norm",
     "residual_rms_norm_reference",
