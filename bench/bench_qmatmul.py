@@ -1,6 +1,7 @@
 """Block-quantized matmul kernels alone (issue 26): ``pallas_kernels.qmatmul`` at a Llama-3-8B layer's matrices,
 Q8_0 and Q4_K, each of several launch variants (``QMatmulConfig``: the small-M path ``fma`` / ``units`` / ``dot``,
-tiles, warps, stages, split-K) against bf16 ``x @ W.T`` (XLA) and each one's weight-read floor, in one run.
+tiles, warps, stages, split-K) against bf16 ``x @ W.T`` (XLA) and each one's weight-read floor, in one run; where
+Mosaic GPU runs (Hopper), also the launches of ``pallas_kernels.qmatmul_mgpu`` that take the cell (``mgpu*``).
 
 Each cell (rows ``M``, matrix, format) times every variant and bf16 in ``--rounds`` interleaved rounds
 (``bench.common.interleaved``, per-call device spans of chained programs read from profiler traces:
@@ -35,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from pallas_kernels import block_formats, qmatmul_grouped
+from pallas_kernels import backend, block_formats, qmatmul_grouped
 from pallas_kernels import common as kcommon
+from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
+from pallas_kernels.qmatmul_mgpu import QMatmulMgpuConfig
 from pallas_kernels.quantized_matmul import QMatmulConfig
 
 FORMATS = ("Q8_0", "Q4_K")
@@ -100,6 +103,21 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
     return {name: config for (config, _), name in firsts.items()}
 
 
+def mgpu_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulMgpuConfig]:
+    """The Mosaic GPU kernel's launches timed at this cell: its default, four ring slots, no K split (those that
+    fit; none where the kernel does not take the format or shape)."""
+    if qmm.unsupported_reason(fmt, n, k, jnp.bfloat16) is not None:
+        return {}
+    base = qmm.qmatmul_mgpu_config(m, n, k, fmt)
+    out = {"mgpu": base, "mgpu_s4": base._replace(num_stages=4), "mgpu_nosplit": base._replace(num_splits=1)}
+    fits = lambda c: qmm.smem_bytes(fmt, c.block_m, c.num_stages) <= qmm.smem_budget()
+    firsts = {}
+    for name, config in out.items():
+        if fits(config):
+            firsts.setdefault(config, name)
+    return {name: config for config, name in firsts.items()}
+
+
 def random_planes(key, fmt: str, n: int, k: int) -> tuple:
     """Planes of a random matrix drawn on the device (values about N(0, 0.02) in scale; the time does not depend
     on them)."""
@@ -124,8 +142,11 @@ def _chain(y, x):
 GROUPS_MAJOR = "_gm"  # a variant named with this suffix reads its per-group planes groups-major
 
 
-def product(fmt: str, name: str, config: QMatmulConfig):
-    """``(x, planes) -> [M, N]`` of variant ``name``; its planes as :func:`layout` gives them."""
+def product(fmt: str, name: str, config):
+    """``(x, planes) -> [M, N]`` float32 of variant ``name``: through the kernel ``config`` launches (Triton's or
+    Mosaic GPU's), its planes as :func:`layout` gives them."""
+    if isinstance(config, QMatmulMgpuConfig):
+        return lambda x, planes: qmm.qmatmul_mgpu(x, planes, fmt, config=config)
     if name.endswith(GROUPS_MAJOR):
         return lambda x, planes: qm.qmatmul_groups_major(x, planes, fmt, config=config)
     return lambda x, planes: qm.qmatmul(x, planes, fmt, config=config)
@@ -136,7 +157,7 @@ def layout(fmt: str, name: str, planes: tuple) -> tuple:
     return qmatmul_grouped.to_groups_major(planes, fmt) if name.endswith(GROUPS_MAJOR) else planes
 
 
-def quantized_fn(fmt: str, name: str, config: QMatmulConfig):
+def quantized_fn(fmt: str, name: str, config):
     call = product(fmt, name, config)
     return lambda x, *planes: _chain(call(x, planes), x)
 
@@ -175,6 +196,8 @@ def bench_cell(m: int, name: str, fmt: str, shape, bandwidth: float, rounds: int
     configs = variants(m, n, k, fmt)
     if smoke:
         configs = {v: c for v, c in configs.items() if v in SMOKE_VARIANTS}
+    elif backend.mosaic_gpu_usable():
+        configs |= mgpu_variants(m, n, k, fmt)
     samplers, rows, checked = {"bf16": sampler(bf16_fn, d_sets, est(d_bytes))}, {}, {}
     for vname, config in configs.items():
         t0 = time.perf_counter()

@@ -6,11 +6,15 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
+from qweight_inputs import planes_like
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
 
 from bench import bench_qmatmul, qmatmul_ir
+from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
 
 
@@ -24,6 +28,44 @@ def test_variants_are_valid_launches_at_every_8b_shape(fmt, m):
         assert len(keys) == len(configs)  # no launch timed twice over the same layout
         for config in configs.values():
             qm.check_config(config, m, n, k, fmt)  # raises on a launch the GPU run would reject
+
+
+@pytest.mark.parametrize("fmt", bench_qmatmul.FORMATS)
+@pytest.mark.parametrize("m", bench_qmatmul.ROWS)
+def test_mgpu_variants_are_valid_launches_at_every_8b_shape(fmt, m):
+    for n, k in bench_qmatmul.MATRICES.values():
+        configs = bench_qmatmul.mgpu_variants(m, n, k, fmt)
+        assert configs["mgpu"] == qmm.qmatmul_mgpu_config(m, n, k, fmt) and len(set(configs.values())) == len(configs)
+        for config in configs.values():
+            qmm.check_config(config, fmt, k, 2)  # raises on a launch the GPU run would reject
+        assert bench_qmatmul.mgpu_variants(m, n, k, "Q6_K") == {}  # a format the kernel refuses
+
+
+def mgpu_launches():
+    """bench_qmatmul's Mosaic GPU launches, one per (format, block_m, num_stages, whether K is split): the kernel
+    differs between the others in sizes only."""
+    out = {}
+    for fmt in bench_qmatmul.FORMATS:
+        for m in bench_qmatmul.ROWS:
+            for name, (n, k) in bench_qmatmul.MATRICES.items():
+                for config in bench_qmatmul.mgpu_variants(m, n, k, fmt).values():
+                    key = (fmt, config.block_m, config.num_stages, config.num_splits > 1)
+                    out.setdefault(key, (f"{fmt}_m{m}_{name}_{'_'.join(map(str, config))}", fmt, m, n, k, config))
+    return list(out.values())
+
+
+@pytest.mark.parametrize("fmt,m,n,k,config", [c[1:] for c in mgpu_launches()], ids=[c[0] for c in mgpu_launches()])
+def test_mgpu_variants_lower_for_cuda(fmt, m, n, k, config):
+    sds = jax.ShapeDtypeStruct
+    planes = planes_like(fmt, n, k, sds)
+    traced = qmm._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config)
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_product_dispatches_by_config_type(monkeypatch):
+    monkeypatch.setattr(qmm, "qmatmul_mgpu", lambda x, planes, fmt, config: ("mgpu", config))
+    config = qmm.qmatmul_mgpu_config(1, 4096, 4096, "Q8_0")
+    assert bench_qmatmul.product("Q8_0", "mgpu", config)(None, ()) == ("mgpu", config)
 
 
 def test_summary_sums_the_layer_and_projects_the_step():
