@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks the open kernel issues owe, in one device call (docs/BENCHMARKS.md says which figure goes where):
-#   1. the GPU-marked tests with the real lowerings (Triton and Mosaic GPU), one log per group;
+#   1. the GPU-marked tests with the real lowerings, one log per group: Triton (part tests), Mosaic GPU (part mgpu);
 #   2. old main (the redesign's base, unpacked in .ab_old by the caller) against this checkout (bench/ab.py);
 #   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py);
 #   4. quantized weights (issue 26): the qmatmul kernel variants (part qmatmul: its GPU tests, bench/bench_qmatmul.py),
@@ -9,7 +9,7 @@
 #   5. Mistral-7B / Gemma-2-9B-shaped decode steps against HF's hybrid static cache (issue 23; part families);
 #   6. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|ab|prefill|qmatmul|qweights|qengine|families|kinds ...]   (default: the first three)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|mgpu|ab|prefill|qmatmul|qweights|qengine|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ OUT=${OUT:-/tmp/jkv_gpu_checks}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests ab prefill)
+[ ${#parts[@]} -eq 0 ] && parts=(tests)
 declare -A rc
 
 run() {  # name, seconds, command...
@@ -38,10 +38,13 @@ for part in "${parts[@]}"; do
         tests/kernels/test_decode_window.py \
         tests/kernels/test_decode_append.py tests/kernels/test_merge_partials.py tests/kernels/test_rms_norm.py \
         tests/attention tests/caches
+      ;;
+    mgpu)  # the Mosaic GPU tests (a call of their own: with the Triton tests they pass one call's 10 minutes)
       run tests_mgpu 240 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu.py \
         tests/kernels/test_multi_token_mgpu_paged.py tests/kernels/test_decode_mgpu.py tests/kernels/test_decode_mgpu_paged.py
       run tests_mgpu_ws 60 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws.py
       run tests_mgpu_ws_paged 180 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws_paged.py
+      run tests_qmatmul_mgpu 120 python -m pytest -q -m gpu tests/kernels/test_qmatmul_mgpu.py
       ;;
     ab)
       if [ -d .ab_old/jkv ]; then
@@ -76,7 +79,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (tests, ab, prefill, qmatmul, qweights, qengine, families, kinds)" ;;
+    *) echo "unknown part $part (tests, mgpu, ab, prefill, qmatmul, qweights, qengine, families, kinds)" ;;
   esac
 done
 
