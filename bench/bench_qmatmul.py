@@ -14,9 +14,8 @@ block matrices per variant and ``step_8b`` projects a batch-``M`` step of the 32
 head), beside the issue's targets (<= 2.3 ms Q8_0, <= 1.5 ms Q4_K at M = 1).
 
 Cells run M = 1 first; past ``--deadline-s`` the rest are skipped (listed), and the JSON is rewritten after every
-cell, so a run stopped by a time limit still reports what it timed. Usage:
-``python bench/bench_qmatmul.py --out DIR [--rounds 3] [--rows 1,16,64] [--matrices wqkv,wo]``; ``--smoke``:
-tiny shapes in interpret mode on any backend (wall clock). Writes ``DIR/bench_qmatmul.json``, a table last.
+cell, so a run stopped by a time limit still reports what it timed. Usage: ``python bench/bench_qmatmul.py
+--out DIR [--rounds 3] [--rows 1,16,64] [--matrices wqkv,wo] [--variants a,b]``; ``--smoke``: tiny shapes in interpret mode on any backend (wall clock). Writes ``DIR/bench_qmatmul.json``, a table last.
 """
 
 from __future__ import annotations
@@ -180,7 +179,9 @@ def _wall_sampler(fn, arg_sets, est_s: float):
     return sample
 
 
-def bench_cell(m: int, name: str, fmt: str, shape, bandwidth: float, rounds: int, smoke: bool) -> dict:
+def bench_cell(
+    m: int, name: str, fmt: str, shape, bandwidth: float, rounds: int, smoke: bool, only: set | None = None
+) -> dict:
     n, k = shape
     key = jax.random.key(zlib.crc32(f"{m} {name} {fmt}".encode()))
     q_bytes, d_bytes = sum(math.prod(s) * d.itemsize for s, d in plane_specs(fmt, n, k)), n * k * 2
@@ -198,6 +199,8 @@ def bench_cell(m: int, name: str, fmt: str, shape, bandwidth: float, rounds: int
         configs = {v: c for v, c in configs.items() if v in SMOKE_VARIANTS}
     elif backend.mosaic_gpu_usable():
         configs |= mgpu_variants(m, n, k, fmt)
+    if only:  # the default stays: every row's reference point beside bf16
+        configs = {v: c for v, c in configs.items() if v in only or v == "default"}
     samplers, rows, checked = {"bf16": sampler(bf16_fn, d_sets, est(d_bytes))}, {}, {}
     for vname, config in configs.items():
         t0 = time.perf_counter()
@@ -244,6 +247,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument("--matrices", default=",".join(MATRICES))
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--variants", default="", help="time only these variants (and the default); all if empty")
     parser.add_argument("--deadline-s", type=float, default=520.0, help="skip the cells left after this long")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode: a check of this script")
     args = parser.parse_args(argv)
@@ -256,6 +260,7 @@ def main(argv=None) -> dict:
         read = common.read_bandwidth()
         bandwidth, shapes, row_list = read["tbps"] * 1e12, MATRICES, tuple(int(r) for r in args.rows.split(","))
     shapes = {name: s for name, s in shapes.items() if args.smoke or name in args.matrices.split(",")}
+    only = {v for v in args.variants.split(",") if v}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -270,7 +275,8 @@ def main(argv=None) -> dict:
                 if time.perf_counter() - t_start > args.deadline_s:
                     report["skipped"].append(f"M={m} {name} {fmt}")
                     continue
-                rows = bench_cell(m, name, fmt, shape, bandwidth, 2 if args.smoke else args.rounds, args.smoke)
+                rounds = 2 if args.smoke else args.rounds
+                rows = bench_cell(m, name, fmt, shape, bandwidth, rounds, args.smoke, only)
                 report["cells"].setdefault(str(m), {}).setdefault(name, {})[fmt] = rows
                 best = min((r["time_s"], v) for v, r in rows.items() if v != "bf16" and "time_s" in r)
                 common.log(
