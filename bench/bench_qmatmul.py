@@ -15,7 +15,8 @@ head), beside the issue's targets (<= 2.3 ms Q8_0, <= 1.5 ms Q4_K at M = 1).
 
 Cells run M = 1 first; past ``--deadline-s`` the rest are skipped (listed), and the JSON is rewritten after every
 cell, so a run stopped by a time limit still reports what it timed. Usage: ``python bench/bench_qmatmul.py
---out DIR [--rounds 3] [--rows 1,16,64] [--matrices wqkv,wo] [--variants a,b]``; ``--smoke``: tiny shapes in interpret mode on any backend (wall clock). Writes ``DIR/bench_qmatmul.json``, a table last.
+--out DIR [--rounds 3] [--rows 1,16,64] [--matrices wqkv,wo] [--variants a,b]``; ``--smoke``: tiny shapes in
+interpret mode on any backend (wall clock). Writes ``DIR/bench_qmatmul.json``, a table last.
 """
 
 from __future__ import annotations
