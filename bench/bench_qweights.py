@@ -171,17 +171,36 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12) 
         args = (params, tokens, jnp.int32(steps))
         with launch_rule(launch):
             wall(program, *args)
+            hlo = program.lower(*args).compile().as_text() or ""  # the fusions' instructions, named as in the trace
         events = common._trace(lambda a, program=program: program(*a), args, 1, "/device:GPU")
-        kernels = {}
+        kernels, calls = {}, {}
         for kernel, start, end in events:
             kernels[kernel] = kernels.get(kernel, 0.0) + (end - start) * 1e-9 / steps
+            calls[kernel] = calls.get(kernel, 0) + 1 / steps
         span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) * 1e-9 / steps if events else 0.0
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
-        out[name] = {"span_s": span, "kernels_s": dict(ranked[:top]), "other_s": sum(t for _, t in ranked[top:])}
+        xla = {k: fusion_line(hlo, k) for k, _ in ranked[:top] if not k.startswith("jkv_")}
+        out[name] = {
+            "span_s": span,
+            "kernels_s": dict(ranked[:top]),
+            "calls_per_step": {k: calls[k] for k, _ in ranked[:top]},
+            "xla_fusions": {k: line for k, line in xla.items() if line},
+            "other_s": sum(t for _, t in ranked[top:]),
+        }
         common.log(f"breakdown {name} B={batch}: span {span * 1e3:.3f} ms/step, busy {sum(kernels.values()) * 1e3:.3f}")
         for kernel, t in ranked[:top]:
-            common.log(f"  {t * 1e6:9.1f} us  {kernel[:110]}")
+            common.log(f"  {t * 1e6:9.1f} us {calls[kernel]:6.1f}x  {kernel[:100]}  {xla.get(kernel, '')[:160]}")
     return out
+
+
+def fusion_line(hlo: str, name: str) -> str:
+    """The instruction of the compiled program's HLO text that defines ``name`` (a fusion or kernel as the
+    profiler names it), or ''."""
+    for line in hlo.splitlines():
+        stripped = line.strip().removeprefix("ROOT ").lstrip("%")
+        if stripped.startswith(f"{name} = "):
+            return stripped
+    return ""
 
 
 def kv_read_bytes(config, batch: int, steps: int) -> int:

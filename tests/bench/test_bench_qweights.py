@@ -80,3 +80,14 @@ def test_sections_run_alone_and_bad_sections_are_refused(tmp_path):
     assert json.loads((tmp_path / "bench_qweights.json").read_text()) == json.loads(json.dumps(report))
     with pytest.raises(SystemExit, match="'decode,speed'"):
         bench_qweights.main(["--smoke", "--sections", "decode,speed", "--out", str(tmp_path)])
+
+
+def test_fusion_line_finds_an_instruction_by_its_profiled_name():
+    hlo = """ENTRY %main {
+  %fusion.3 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused
+  ROOT %input_add_reduce_fusion_61 = f32[2,16]{1,0} fusion(%a, %b), kind=kInput, calls=%x
+}"""
+    assert bench_qweights.fusion_line(hlo, "input_add_reduce_fusion_61").startswith(
+        "input_add_reduce_fusion_61 = f32[2,16]"
+    )
+    assert bench_qweights.fusion_line(hlo, "fusion") == "" and bench_qweights.fusion_line(hlo, "fusion.3") != ""
