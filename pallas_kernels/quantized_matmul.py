@@ -213,20 +213,6 @@ def _kernel(
 
     def body(step, acc):
         k0 = pl.multiple_of((s * steps + step) * bk, bk)
-        if path == "grouped":
-            return qmatmul_grouped.grouped_step(
-                fmt,
-                x_ref,
-                sums_ref,
-                plane_refs,
-                acc,
-                rows=rows,
-                cols=cols,
-                k0=k0,
-                block_k=bk,
-                block_n=bn,
-                groups_major=groups_major,
-            )
         if path == "dot_expand":
             parts = qmatmul_expand.expanded_tiles(fmt, plane_refs, cols.start, bn, k0, bk)
         else:
