@@ -7,6 +7,7 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
   ``--rounds`` interleaved rounds (``bench.common.interleaved``). Each row's floor: its weight bytes read once per step
   (``LlamaParams.decode_bytes``) plus the K/V bytes the step reads at its mean length, over the bandwidth (a
   device copy measured in the same run where torch sees the GPU, else 4.8e12 B/s); ``of_floor`` = floor / time.
+  Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``).
 * ``prefill``: one prompt of ``--prefill-tokens`` tokens into an empty cache (``llama.prefill``), tokens/s, and
   each quantized row's throughput against bf16's (issue 26 asks >= 0.8x), through the kernels' large-M path and
   as ``<name>_xla`` (``LlamaOptions(weights_impl="xla")``: dequantize to bf16, then XLA's GEMM).
@@ -105,7 +106,23 @@ def random_quantized(params, choice: str, seed: int):
     return params.replace(embed=replace(params.embed, "embed", -2, 1), layers=layers, lm_head=lm_head)
 
 
-def decode_program(config, batch: int, max_steps: int):
+MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
+
+
+def options_of(name: str) -> llama.LlamaOptions:
+    return llama.LlamaOptions(weights_impl="mgpu") if name.endswith(MGPU) else llama.DEFAULT_OPTIONS
+
+
+def with_mgpu_rows(models: dict) -> dict:
+    """``models`` and, where Mosaic GPU runs, each quantized one again as ``<name>_mgpu`` (the same params)."""
+    from pallas_kernels import backend
+
+    if not backend.mosaic_gpu_usable():
+        return models
+    return models | {f"{name}{MGPU}": params for name, params in models.items() if name != "bf16"}
+
+
+def decode_program(config, batch: int, max_steps: int, options=llama.DEFAULT_OPTIONS):
     """A jitted ``(params, tokens, steps) -> tokens`` running ``steps`` (traced, at most ``max_steps``) greedy decode
     steps from an empty cache: one compile serves both program lengths."""
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, max_steps + 8, jnp.bfloat16)
@@ -113,7 +130,7 @@ def decode_program(config, batch: int, max_steps: int):
     def run(params, tokens, steps):
         def body(_, carry):
             cache, tokens = carry
-            logits, cache = llama.decode_step(params, cache, tokens, config=config)
+            logits, cache = llama.decode_step(params, cache, tokens, config=config, options=options)
             return cache, jnp.argmax(logits, -1).astype(jnp.int32)
 
         return lax.fori_loop(0, steps, body, (jkv.KVCache.init(spec, batch), tokens))[1]
@@ -127,9 +144,9 @@ def wall(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def step_sampler(config, params, batch: int, steps: int):
+def step_sampler(config, params, batch: int, steps: int, options=llama.DEFAULT_OPTIONS):
     """One sample of a decode step's seconds: runs of ``steps`` and ``2 * steps`` steps, differenced."""
-    program = decode_program(config, batch, 2 * steps)
+    program = decode_program(config, batch, 2 * steps, options)
     tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
     short, long = jnp.int32(steps), jnp.int32(2 * steps)
     compile_s = wall(program, params, tokens, short)
@@ -161,13 +178,14 @@ def launch_rule(variant: str | None):
 def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12) -> dict:
     """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and
     the span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
-    small-M products on the register path, ``<name>_units``)."""
+    small-M products on the register path, ``<name>_units``, and where Mosaic GPU runs on its kernel,
+    ``<name>_mgpu``)."""
     out = {}
     tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
-    runs = [(name, params, None) for name, params in models.items()]
+    runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
     runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
     for name, params, launch in runs:
-        program = decode_program(config, batch, steps)
+        program = decode_program(config, batch, steps, options_of(name))
         args = (params, tokens, jnp.int32(steps))
         with launch_rule(launch):
             wall(program, *args)
@@ -214,7 +232,7 @@ def bench_decode(config, models: dict, bandwidth: float, steps: int, rounds: int
     for batch in batches:
         samplers, compile_s = {}, {}
         for name, params in models.items():
-            samplers[name], compile_s[name] = step_sampler(config, params, batch, steps)
+            samplers[name], compile_s[name] = step_sampler(config, params, batch, steps, options_of(name))
         rows = common.interleaved(samplers, rounds, baseline="bf16")
         for name, row in rows.items():
             weights = models[name].decode_bytes()
@@ -338,7 +356,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save = lambda: (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))  # after every section
     if "decode" in sections:
-        report["decode"] = bench_decode(config, models, bandwidth, steps, rounds, batches)
+        report["decode"] = bench_decode(config, with_mgpu_rows(models), bandwidth, steps, rounds, batches)
         save()
     if "prefill" in sections:
         report["prefill"]["rows"] = bench_prefill(config, models, prefill_tokens, rounds)

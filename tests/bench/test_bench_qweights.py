@@ -91,3 +91,15 @@ def test_fusion_line_finds_an_instruction_by_its_profiled_name():
         "input_add_reduce_fusion_61 = f32[2,16]"
     )
     assert bench_qweights.fusion_line(hlo, "fusion") == "" and bench_qweights.fusion_line(hlo, "fusion.3") != ""
+
+
+def test_mgpu_rows_only_where_mosaic_gpu_runs(monkeypatch):
+    from pallas_kernels import backend
+
+    models = {"bf16": 0, "q8_0": 1}
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: False)
+    assert bench_qweights.with_mgpu_rows(models) == models
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    assert bench_qweights.with_mgpu_rows(models) == {"bf16": 0, "q8_0": 1, "q8_0_mgpu": 1}
+    assert bench_qweights.options_of("q8_0_mgpu").weights_impl == "mgpu"
+    assert bench_qweights.options_of("q8_0") == llama.DEFAULT_OPTIONS

@@ -44,8 +44,9 @@ class LlamaOptions:
     impl: str | None = None  # attention: "xla" (reference) or "pallas" (kernels); None: Pallas on GPU only
     norm_kernel: bool = False  # RMSNorm as one Pallas kernel when impl is "pallas"
     min_matmul_rows: int | None = None  # None: MIN_MATMUL_ROWS of the backend, else 1
-    # Block-quantized weights (jkv.models.quant): "pallas" (the qmatmul kernels) or "xla" (dequantize + one dot);
-    # None follows ``impl``.
+    # Block-quantized weights (jkv.models.quant.WEIGHTS_IMPLS): "pallas" (the Triton qmatmul kernels), "mgpu" (the
+    # Mosaic GPU kernel where it takes the matrix, else Triton's; Hopper) or "xla" (dequantize + one dot); None
+    # follows ``impl``.
     weights_impl: str | None = None
 
     def __post_init__(self):
@@ -53,8 +54,10 @@ class LlamaOptions:
             raise ValueError(f"LlamaOptions.impl={self.impl!r} is not one of {IMPLS} or None")
         if not isinstance(self.norm_kernel, bool):
             raise ValueError(f"LlamaOptions.norm_kernel must be a bool, got {self.norm_kernel!r}")
-        if self.weights_impl is not None and self.weights_impl not in IMPLS:
-            raise ValueError(f"LlamaOptions.weights_impl={self.weights_impl!r} is not one of {IMPLS} or None")
+        if self.weights_impl is not None and self.weights_impl not in quant.WEIGHTS_IMPLS:
+            raise ValueError(
+                f"LlamaOptions.weights_impl={self.weights_impl!r} is not one of {quant.WEIGHTS_IMPLS} or None"
+            )
         rows = self.min_matmul_rows
         if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
             raise ValueError(f"LlamaOptions.min_matmul_rows must be a positive int or None, got {rows!r}")
