@@ -7,9 +7,10 @@
 #      the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request); the engine workload with
 #      bf16, Q8_0 and Q4_K weights (part qengine: bench/bench_engine.py's mixed workload, a run per format);
 #   5. Mistral-7B / Gemma-2-9B-shaped decode steps against HF's hybrid static cache (issue 23; part families);
-#   6. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
+#   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
+#   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|mgpu|ab|prefill|qmatmul|qweights|qengine|families|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|mgpu|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,13 +74,21 @@ for part in "${parts[@]}"; do
       run bench_engine_qweights 580 python bench/bench_engine.py --model llama3-8b --only mixed --no-hf \
         --weights bf16 q8_0 q4_k --out "$OUT/bench_engine_qweights.json"
       ;;
+    engine)  # issue 21: the three serving workloads, 8B-shaped random bf16 weights (HF's peer left out: time)
+      run bench_engine 580 python bench/bench_engine.py --model llama3-8b --no-hf --out "$OUT/bench_engine.json"
+      ;;
+    server)  # issue 24: the HTTP server against the in-process engine (carry .whl_server: the server packages)
+      [ -d .whl_server ] && python -m pip install -q --no-deps .whl_server/*.whl
+      run load_server 580 python bench/load_server.py --shape llama3-8b --concurrency 1 16 64 \
+        --out "$OUT/load_server.json"
+      ;;
     families)
       run bench_families 540 python bench/bench_families.py --out "$OUT" --rounds 5
       ;;
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (tests, mgpu, ab, prefill, qmatmul, qweights, qengine, families, kinds)" ;;
+    *) echo "unknown part $part (tests, mgpu, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 
