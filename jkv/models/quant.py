@@ -10,8 +10,9 @@ adds a leading ``[L]`` to every plane (``shape`` then reads ``(L, *dense shape)`
 :func:`project` is the one product every matmul of the model goes through for such a weight
 (``jkv.models.llama.fusions.project`` hands it over); :func:`take_rows` dequantizes the embedding rows a step
 looks up. The ``"pallas"`` impl runs ``pallas_kernels.quantized_matmul`` (Triton on a GPU, interpret mode elsewhere),
-``"mgpu"`` ``pallas_kernels.qmatmul_mgpu`` (Mosaic GPU, Hopper) for the matrices it takes and Triton's for the
-rest, ``"xla"`` the reference (the matrix dequantized in float32, rounded to the compute dtype, one dot).
+``"mgpu"`` ``pallas_kernels.qmatmul_mgpu`` (Mosaic GPU, Hopper) for the products it takes (decode-sized row
+counts) and Triton's for the rest, ``"xla"`` the reference (the matrix dequantized in float32, rounded to the
+compute dtype, one dot).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
         raise ValueError(f"project takes one matrix, got stacked planes {w.planes[0].shape}: slice a layer first")
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1]).astype(w.dtype)
-    if impl == "mgpu" and _mgpu_takes(w, x2.dtype):
+    if impl == "mgpu" and _mgpu_takes(w, x2.shape[0], x2.dtype):
         from pallas_kernels import qmatmul_mgpu
 
         y = qmatmul_mgpu.qmatmul_mgpu(x2, w.planes, w.format)
@@ -109,13 +110,15 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     return y.reshape(*lead, *w.out_shape)
 
 
-def _mgpu_takes(w: QuantizedMatrix, dtype) -> bool:
-    """Whether the Mosaic GPU kernel takes ``w`` times ``dtype`` activations (its formats and shapes); it needs a
-    GPU with Mosaic GPU (``qmatmul_mgpu`` says so where there is none)."""
+def _mgpu_takes(w: QuantizedMatrix, rows: int, dtype) -> bool:
+    """Whether the Mosaic GPU kernel takes ``rows`` of ``dtype`` activations times ``w``: a small-M kernel (one row
+    block at most; prefill stays on the Triton kernel's large tiles), its formats and shapes. It needs a GPU with
+    Mosaic GPU (``qmatmul_mgpu`` says so where there is none)."""
     from pallas_kernels import qmatmul_mgpu
 
     n, k = math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
-    return qmatmul_mgpu.unsupported_reason(w.format, n, k, dtype) is None
+    small = rows <= qmatmul_mgpu.MAX_BLOCK_M
+    return small and qmatmul_mgpu.unsupported_reason(w.format, n, k, dtype) is None
 
 
 def take_rows(w, ids):

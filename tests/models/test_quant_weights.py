@@ -112,15 +112,16 @@ def test_weights_impl_is_checked():
 
 def test_mgpu_weights_impl_lowers_to_the_mosaic_gpu_kernel_where_it_takes_the_matrix(rng, monkeypatch):
     """``weights_impl="mgpu"``: bf16 activations times a Q8_0 matrix the Mosaic GPU kernel takes lower (for CUDA,
-    no GPU needed) to that kernel; a matrix it refuses (N below its 64-row block) to the Triton kernel."""
+    no GPU needed) to that kernel; a matrix it refuses (N below its 64-row block) and prefill-sized row counts to
+    the Triton kernel."""
     from pallas_kernels import backend
 
     monkeypatch.setattr(backend, "resolve_interpret", lambda interpret: bool(interpret))
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
-    x = jax.ShapeDtypeStruct((1, 256), jnp.bfloat16)
-    for n, kernel in ((128, "mosaic_gpu"), (40, "xla.gpu.triton")):
+    for m, n, kernel in ((1, 128, "mosaic_gpu"), (1, 40, "xla.gpu.triton"), (256, 128, "xla.gpu.triton")):
+        x = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
         w = quant.from_planes("Q8_0", random_planes(rng, "Q8_0", n, 256), (256, n), jnp.bfloat16)
         text = jax.jit(lambda x, w: quant.project(x, w, "mgpu")).trace(x, w).lower(lowering_platforms=("cuda",))
-        assert kernel in text.as_text(), n
+        assert kernel in text.as_text() and ("mosaic_gpu" in text.as_text()) == (kernel == "mosaic_gpu"), (m, n)
     with pytest.raises(ValueError, match="'gemm' is not one of"):
         quant.project(jnp.ones((1, 256)), w, "gemm")
