@@ -1,0 +1,175 @@
+"""Decode attention over a contiguous Q8 cache with the Mosaic GPU lowering (Hopper): a TMA ring of int8 codes
+and their scales, dequantized in registers into 16-bit tiles for warpgroup MMAs.
+
+Same call and semantics as :func:`pallas_kernels.decode_q8.q8_decode_attention` (its argument checks: int8 codes
+``[*L, B, K, S, D]``, float16 or float32 scales ``[*L, B, K, S, D // 32]``, value = code * scale), without
+``window`` and ``softcap``. The products run in ``q``'s dtype when it is bfloat16 or float16, in bfloat16 for a
+float32 ``q`` (the output keeps ``q``'s dtype); softmax and accumulation in float32. The body is
+``pallas_kernels.decode_mgpu_q8_kernel``'s; splits are merged by ``pallas_kernels.common.merge_partials``.
+Not wired into the dispatch: ``bench/bench_decode_kinds.py`` times it (row ``q8_mgpu``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, Int8
+
+from pallas_kernels import backend, checks, common, decode_q8, mgpu_common
+from pallas_kernels import decode_mgpu_q8_kernel as kernel
+from pallas_kernels.decode_mgpu import smem_budget
+from pallas_kernels.decode_mgpu_kernel import STATS
+from pallas_kernels.mgpu_common import ROWS, round_up
+
+DEFAULT_STAGES = 2  # the bf16 kernel's measured ring depth; a block holds as many bytes as its bf16 blocks
+MMA_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class MgpuQ8Config(NamedTuple):
+    """Launch parameters (static: each distinct value compiles its own kernel)."""
+
+    num_splits: int  # programs per (b, kv head), each walking an equal share of the ring blocks
+    num_stages: int  # ring slots: blocks in flight per program
+
+
+def block_positions(head_dim: int) -> int:
+    """Positions per ring block: 64 view rows of ``8 // (head_dim // 32)`` positions each."""
+    return ROWS * kernel.interleave(head_dim)
+
+
+def mgpu_q8_config(
+    batch: int, num_kv_heads: int, max_len: int, head_dim: int, *, num_multiprocessors: int | None = None
+) -> MgpuQ8Config:
+    """The bf16 Mosaic GPU kernel's rule (``decode_mgpu.mgpu_config``) over this kernel's ring blocks: about one
+    program per multiprocessor, equal shares of at least two blocks, ``DEFAULT_STAGES`` slots."""
+    sms = num_multiprocessors or backend.num_multiprocessors()
+    blocks = max(1, math.ceil(max_len / block_positions(head_dim)))
+    splits = max(1, min(sms // (batch * num_kv_heads), blocks // 2))
+    splits = math.ceil(blocks / math.ceil(blocks / splits))  # equal shares: no split left empty at full length
+    return MgpuQ8Config(splits, DEFAULT_STAGES)
+
+
+def unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int) -> str | None:
+    """Why this kernel cannot take these heads and head_dim (None: it can), any machine."""
+    if head_dim not in mgpu_common.HEAD_DIMS:
+        return f"head_dim={head_dim} is not supported by the Mosaic GPU Q8 kernel; expected one of {mgpu_common.HEAD_DIMS}"
+    group = num_q_heads // num_kv_heads
+    if group > ROWS:
+        return (
+            f"num_q_heads={num_q_heads} // num_kv_heads={num_kv_heads} = {group} query heads per kv head exceeds {ROWS}"
+        )
+    return None
+
+
+def check_mgpu_q8_args(q, k, k_scale, v, v_scale, lengths, layer=None, window=None, softcap=None):
+    """``decode_q8.check_args``, then what this kernel adds; returns ``(B, N, K, S, D)``."""
+    b, n, kh, s, d = decode_q8.check_args(q, k, k_scale, v, v_scale, lengths, layer)
+    if window is not None or softcap is not None:
+        raise ValueError(
+            f"the Mosaic GPU Q8 kernel takes no window or softcap, got {window=}, {softcap=}; "
+            "use pallas_kernels.decode_q8.q8_decode_attention"
+        )
+    if (reason := unsupported_reason(n, kh, d)) is not None:
+        raise ValueError(reason)
+    return b, n, kh, s, d
+
+
+def _resolve_config(default: MgpuQ8Config, head_dim: int, scale_itemsize: int, **overrides) -> MgpuQ8Config:
+    for name, value in overrides.items():
+        if value is not None and not checks.is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    config = default._replace(**{k: int(x) for k, x in overrides.items() if x is not None})
+    if config.num_splits < 1:
+        raise ValueError(f"num_splits={config.num_splits} must be >= 1")
+    if config.num_stages < 1:
+        raise ValueError(f"num_stages={config.num_stages} must be >= 1")
+    need = kernel.ring_bytes(head_dim, scale_itemsize, 2, config.num_stages)
+    if need > smem_budget():
+        raise ValueError(
+            f"num_stages={config.num_stages} needs {need} bytes of ring, tiles and query window "
+            f"(head_dim={head_dim}), more than the {smem_budget()} a program may take"
+        )
+    return config
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config"))
+def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale: float, config: MgpuQ8Config):
+    # q [B, N, D]; k, v int8 [L, B, K, S, D] (S a multiple of the ring block); scales [L, B, K, S, D // 32];
+    # lengths int32[B]; layer int32[1]
+    num_layers, batch, kv_heads, max_len, head_dim = k.shape
+    reps = kernel.interleave(head_dim)
+    codes_view = lambda x: x.reshape(num_layers, batch, kv_heads, max_len // reps, reps * head_dim)  # free
+    scales_view = lambda x: x.reshape(num_layers, batch, kv_heads, max_len // reps, kernel.SCALE_COLS)  # free
+    group = q.shape[1] // kv_heads
+    body = functools.partial(
+        kernel.kernel, group=group, num_splits=config.num_splits, num_stages=config.num_stages, scale=scale
+    )
+
+    def jkv_q8_decode_attention_mgpu(*refs):  # the kernel's name in profiles
+        body(*refs)
+
+    splits = config.num_splits
+    if splits == 1:
+        out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    else:
+        rows = common.partial_rows(splits)  # the kernel writes the first `splits`
+        out_type = (
+            jax.ShapeDtypeStruct((batch, kv_heads, rows, group, head_dim), jnp.float32),  # acc
+            jax.ShapeDtypeStruct((batch, kv_heads, rows, group, STATS), jnp.float32),  # m, denom
+        )
+    mma_dtype = q.dtype if q.dtype in MMA_DTYPES else jnp.dtype(jnp.bfloat16)
+    q_rows = q.reshape(-1, head_dim).astype(mma_dtype)  # [B * N, D]
+    padded = round_up(q_rows.shape[0], 8)
+    if padded != q_rows.shape[0]:  # whole 8-row tiles (a copy of q; only where B * N is not a multiple of 8)
+        q_rows = jnp.pad(q_rows, ((0, padded - q_rows.shape[0]), (0, 0)))
+    plgpu = backend.mosaic_gpu_module()
+    outs = plgpu.kernel(
+        jkv_q8_decode_attention_mgpu,
+        out_type=out_type,
+        grid=(splits, kv_heads, batch),
+        grid_names=("split", "kv_head", "batch"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(lengths, layer, q_rows, codes_view(k), scales_view(k_scale), codes_view(v), scales_view(v_scale))
+    if splits == 1:
+        return outs
+    acc, stats = outs
+    flat = lambda x: x.reshape(batch * kv_heads, *x.shape[2:])  # free reshapes
+    out = common.merge_partials(flat(acc), flat(stats), splits=splits, dtype=q.dtype, interpret=False)
+    return out.reshape(q.shape)
+
+
+def q8_decode_attention_mgpu(
+    q: Float[Array, "B N D"],
+    k: Int8[Array, "*L B K S D"],
+    k_scale: Float[Array, "*L B K S D//32"],
+    v: Int8[Array, "*L B K S D"],
+    v_scale: Float[Array, "*L B K S D//32"],
+    lengths: Int[Array, " B"],
+    *,
+    layer=None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    num_stages: int | None = None,
+) -> Float[Array, "B N D"]:
+    """Decode attention over a Q8 cache (Mosaic GPU): one query per sequence over its first ``lengths[b]``
+    positions; arguments as :func:`pallas_kernels.decode_q8.q8_decode_attention`'s. ``window`` and ``softcap``
+    must be None (refused otherwise). ``num_splits`` and ``num_stages`` override :func:`mgpu_q8_config`. Raises
+    ``RuntimeError`` where Mosaic GPU cannot run: this kernel has no interpret mode."""
+    b, _, kh, s, d = check_mgpu_q8_args(q, k, k_scale, v, v_scale, lengths, layer, window, softcap)
+    if not backend.mosaic_gpu_usable():
+        raise RuntimeError(
+            f"the Mosaic GPU Q8 decode kernel cannot run here: {backend.mosaic_gpu_unavailable_reason()}"
+        )
+    scale = checks.softmax_scale(scale, d)
+    default = mgpu_q8_config(b, kh, s, d)
+    config = _resolve_config(default, d, k_scale.dtype.itemsize, num_splits=num_splits, num_stages=num_stages)
+    # S padded to whole ring blocks (a copy of the cache; never at power-of-two sizes of at least 256).
+    cache, layer = common.whole_cache((k, k_scale, v, v_scale), layer, round_up(s, block_positions(d)))
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    return _decode(q, *cache, lengths, layer, scale=float(scale), config=config)

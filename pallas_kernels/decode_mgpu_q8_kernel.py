@@ -1,0 +1,177 @@
+"""The Mosaic GPU Q8 decode kernel body (Hopper: TMA ring of int8 codes and their scales, dequantization in
+registers into 16-bit tiles, warpgroup MMAs), for ``pallas_kernels.decode_mgpu_q8``.
+
+The cache is read through free reshapes that make every TMA copy tile-sized: with ``C = D // 32`` scales per
+position and ``R = 8 // C`` positions per 8-scale row, codes ``[L, B, K, S, D]`` are viewed as
+``[L, B, K, S / R, R * D]`` and scales as ``[L, B, K, S / R, 8]`` (16- or 32-byte rows: TMA's narrowest). A ring
+block is 64 view rows, ``64 * R`` positions: a ``[64, R * D]`` code window and a ``[64, 8]`` scale window per K
+and V. Its sub-tile ``i < R`` (code columns ``i * D ..``, scale columns ``i * C ..``) holds the 64 positions
+``block start + r * R + i``: each code row's scales sit in the same row of the scale window, so one 32-column
+group is dequantized as the ``pallas_kernels.qmatmul_mgpu_formats`` Q8 weights are (the group's scale of each row
+picked by a masked row sum and broadcast along the 8-bit MMA layout). Attention does not care in which order a
+block's positions come, as long as K, V and the mask agree.
+
+* one program (one warpgroup) per ``(split, kv head, b)``; the query window as in
+  ``pallas_kernels.decode_mgpu_kernel`` (64 rows in shared memory, this kv head's ``G`` rows at ``offset``);
+* per ring block: wait for its four windows; the scale windows go to registers with the scales of positions at
+  or past the length zeroed (NaN may lie there; codes are finite, so those K and V values are exactly 0); per
+  sub-tile, K and V codes are dequantized (float32, rounded to the MMA dtype) into one K and one V tile, the
+  scores ``q @ K^T`` and ``acc += p @ V`` are warpgroup MMAs with both tiles in shared memory, and the online
+  softmax is the bf16 kernel's (base 2, positions at or past the length masked); the ring slot is refilled with
+  the block ``num_stages`` ahead once its last sub-tile is dequantized;
+* split-K and the store are ``decode_mgpu_kernel``'s (``common.split_blocks`` over ring blocks; one split
+  normalises and stores, several store partials for ``merge_partials``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend, common
+from pallas_kernels.decode_mgpu_kernel import _store as store_rows
+from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, mma_accumulate, mma_scores
+
+QBLOCK = 32  # values per scale: one 32-byte code tile column, one 64-byte 16-bit tile column
+SCALE_COLS = 8  # scales per view row
+
+
+def interleave(head_dim: int) -> int:
+    """``R``: positions per view row (8 scales of ``head_dim // 32`` each)."""
+    return SCALE_COLS // (head_dim // QBLOCK)
+
+
+def tiles(dtype, cols: int):
+    """Shared-memory transforms: 8 x ``cols`` tiles, swizzled over their row's bytes."""
+    plgpu = backend.mosaic_gpu_module()
+    return plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * jnp.dtype(dtype).itemsize)
+
+
+def _row_picker(values):
+    """``pick(j)``: column ``j`` (static) of ``values [ROWS, c]`` (MMA layout) as a row vector ``[ROWS]``."""
+    plgpu = backend.mosaic_gpu_module()
+    col = plgpu.broadcasted_iota(jnp.int32, values.shape, 1, layout=plgpu.Layout.WGMMA)
+    return lambda j: jnp.where(col == j, values, jnp.zeros((), values.dtype)).sum(axis=1)
+
+
+def _dequantize(codes, scale_row, tile, col: int, dst: int, dtype) -> None:
+    """``codes[:, col : col + 32] * scale_row`` (float32) into ``tile[:, dst : dst + 32]`` as ``dtype``."""
+    plgpu = backend.mosaic_gpu_module()
+    q = plgpu.load(codes, (slice(None), pl.ds(col, QBLOCK)), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.float32)
+    scale = plgpu.layout_cast(lax.broadcast_in_dim(scale_row, (ROWS, QBLOCK), [0]), plgpu.Layout.WGMMA_8BIT)
+    tile[:, pl.ds(dst, QBLOCK)] = (q * scale).astype(dtype)
+
+
+def kernel(
+    # inputs
+    lengths_ref,  # [B] int32
+    layer_ref,  # [1] int32
+    q_ref,  # [R', D]: the queries, one row per (b, query head), in the MMA dtype; R' = B * N rounded up to 8
+    k_ref,  # [L, B, K, S / R, R * D] int8: the whole cache's codes, viewed
+    k_scale_ref,  # [L, B, K, S / R, 8] float16 or float32
+    v_ref,  # like k_ref
+    v_scale_ref,  # like k_scale_ref
+    # outputs: as decode_mgpu_kernel.kernel's
+    *out_refs,
+    group: int,
+    num_splits: int,
+    num_stages: int,
+    scale: float,
+):
+    plgpu = backend.mosaic_gpu_module()
+    wgmma_layout = plgpu.Layout.WGMMA
+    j, h, b = lax.axis_index("split"), lax.axis_index("kv_head"), lax.axis_index("batch")
+    num_layers, _, num_kv_heads, view_rows, width = k_ref.shape
+    head_dim = q_ref.shape[1]
+    reps, chunks = width // head_dim, head_dim // QBLOCK  # R positions per view row (R * C = 8), C chunks
+    span = ROWS * reps  # positions per ring block
+    dtype = q_ref.dtype
+    n = jnp.minimum(jnp.maximum(lengths_ref[b], 0), view_rows * reps)
+    layer = jnp.minimum(jnp.maximum(layer_ref[0], 0), num_layers - 1)
+    lo, hi = common.split_blocks(n, j, span, num_splits)
+    steps = jnp.maximum(hi - lo, 0)
+
+    first_row = b * (num_kv_heads * group) + h * group  # the query window as in decode_mgpu_kernel
+    window_row = pl.multiple_of(lax.div(first_row, jnp.int32(8)) * 8, 8)
+    offset = first_row - window_row
+
+    def ring_loop(q_smem, k_codes, v_codes, k_scales, v_scales, k_tile, v_tile, q_barrier, barriers):
+        # q_smem [ROWS, D]; *_codes [stages, ROWS, R * D] int8; *_scales [stages, ROWS, 8]; *_tile [1, ROWS, D]
+        def fetch(t, slot):  # ring block t's four windows, on one barrier
+            rows = pl.ds(pl.multiple_of(t * ROWS, ROWS), ROWS)
+            for src, dst in ((k_ref, k_codes), (k_scale_ref, k_scales), (v_ref, v_codes), (v_scale_ref, v_scales)):
+                plgpu.copy_gmem_to_smem(src.at[layer, b, h, rows], dst.at[slot], barriers.at[slot])
+
+        q_window = min(ROWS, q_ref.shape[0])
+        q_dst = q_smem if q_window == ROWS else q_smem.at[pl.ds(0, q_window)]
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, q_window)], q_dst, q_barrier.at[0])
+        for i in range(num_stages):
+            pl.when(i < steps)(functools.partial(fetch, lo + i, i))
+        plgpu.barrier_wait(q_barrier.at[0])
+
+        def step(i, carry):
+            t = lo + i
+            slot = lax.rem(i, jnp.int32(num_stages))
+            base = t * span
+            plgpu.barrier_wait(barriers.at[slot])
+
+            # Scale window row r, column c: position base + r * R + c // C. Zero at or past the length.
+            shape = (ROWS, SCALE_COLS)
+            rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+            cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+            held = base + rows * reps + lax.div(cols, jnp.int32(chunks)) < n
+
+            def scales_of(ref):
+                window = plgpu.load(ref.at[slot], (), layout=wgmma_layout, optimized=False).astype(jnp.float32)
+                return _row_picker(jnp.where(held, window, 0.0))
+
+            k_scale, v_scale = scales_of(k_scales), scales_of(v_scales)
+            columns = plgpu.broadcasted_iota(jnp.int32, (ROWS, ROWS), 1, layout=wgmma_layout)
+            for sub in range(reps):
+                acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32 (m in base-2 units)
+                for g in range(chunks):
+                    c, col = sub * chunks + g, sub * head_dim + g * QBLOCK
+                    _dequantize(k_codes.at[slot], k_scale(c), k_tile.at[0], col, g * QBLOCK, dtype)
+                    _dequantize(v_codes.at[slot], v_scale(c), v_tile.at[0], col, g * QBLOCK, dtype)
+                plgpu.commit_smem()  # the tiles visible to the MMA (async proxy); every warp past its code reads
+                if sub == reps - 1:
+                    pl.when(i + num_stages < steps)(functools.partial(fetch, t + num_stages, slot))
+
+                s = mma_scores(q_smem, k_tile, 0, ROWS)  # [ROWS, ROWS]: column r is position base + r * R + sub
+                valid = base + columns * reps + sub < n
+                s = jnp.where(valid, s * (scale * LOG2E), -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))  # finite: sub-tile 0 of a walked block holds a valid position
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                denom = denom * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                acc = mma_accumulate(acc, p, v_tile, 0)  # complete on return: the tiles may be rewritten
+                carry = acc, m_new, denom
+            return carry
+
+        return lax.fori_loop(0, steps, step, initial_carry(head_dim))
+
+    code_width = reps * head_dim
+    acc, m, denom = pl.run_scoped(
+        ring_loop,
+        plgpu.SMEM((ROWS, head_dim), dtype, transforms=tiles(dtype, QBLOCK)),
+        plgpu.SMEM((num_stages, ROWS, code_width), jnp.int8, transforms=tiles(jnp.int8, QBLOCK)),
+        plgpu.SMEM((num_stages, ROWS, code_width), jnp.int8, transforms=tiles(jnp.int8, QBLOCK)),
+        plgpu.SMEM((num_stages, ROWS, SCALE_COLS), k_scale_ref.dtype),
+        plgpu.SMEM((num_stages, ROWS, SCALE_COLS), v_scale_ref.dtype),
+        plgpu.SMEM((1, ROWS, head_dim), dtype, transforms=tiles(dtype, QBLOCK)),
+        plgpu.SMEM((1, ROWS, head_dim), dtype, transforms=tiles(dtype, QBLOCK)),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_arrivals=4, num_barriers=num_stages),
+    )
+    store_rows(acc, m, denom, out_refs, b=b, h=h, j=j, offset=offset, group=group, num_splits=num_splits)
+
+
+def ring_bytes(head_dim: int, scale_itemsize: int, dtype_itemsize: int, stages: int) -> int:
+    """Shared memory of a program's buffers: the ring (codes and scales of K and V), two tiles and the queries."""
+    width = interleave(head_dim) * head_dim
+    ring = stages * 2 * ROWS * (width + SCALE_COLS * scale_itemsize)
+    return ring + 3 * ROWS * head_dim * dtype_itemsize
