@@ -56,7 +56,8 @@ def mgpu_q8_config(
 def unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int) -> str | None:
     """Why this kernel cannot take these heads and head_dim (None: it can), any machine."""
     if head_dim not in mgpu_common.HEAD_DIMS:
-        return f"head_dim={head_dim} is not supported by the Mosaic GPU Q8 kernel; expected one of {mgpu_common.HEAD_DIMS}"
+        expected = mgpu_common.HEAD_DIMS
+        return f"head_dim={head_dim} is not supported by the Mosaic GPU Q8 kernel; expected one of {expected}"
     group = num_q_heads // num_kv_heads
     if group > ROWS:
         return (
