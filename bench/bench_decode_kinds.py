@@ -9,7 +9,8 @@ Shapes (``bench/decode_kinds.py``; ``--shapes`` picks a subset or adds others): 
 * ``paged_triton`` / ``paged_mgpu``: ``paged`` and ``decode_mgpu_paged`` on the same contents in pages of 16
   at permuted places of a pool;
 * ``q8_triton`` / ``q8paged_triton``: ``decode_q8`` and ``paged_q8`` on the same K/V quantized (int8 codes,
-  float16 scales per 32 values), contiguous and in the same pages; ``fp8_triton`` / ``fp8paged_triton``:
+  float16 scales per 32 values), contiguous and in the same pages; ``q8_mgpu``: ``decode_mgpu_q8`` (Mosaic GPU)
+  on the contiguous Q8 cache; ``fp8_triton`` / ``fp8paged_triton``:
   ``decode_fp8``'s kernels on the same K/V in FP8 (e4m3 values, a float32 scale per position), contiguous and
   in the same pages;
 * ``jax_cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on ``[B, S, K, D]`` K/V (transposed
@@ -60,7 +61,7 @@ from bench.bench_prefill import smoke_time
 from bench.decode_kinds_report import plot, shape_lines, table
 
 NAN = float("nan")
-MGPU_ROWS = ("jkv_mgpu", "paged_mgpu")  # the kernels new to the GPU: preflighted in a child process
+MGPU_ROWS = ("jkv_mgpu", "paged_mgpu", "q8_mgpu")  # the kernels new to the GPU: preflighted in a child process
 TORCH_ROWS = {"torch_cudnn": "CUDNN_ATTENTION", "torch_flash": "FLASH_ATTENTION"}  # torch SDPA backends
 
 

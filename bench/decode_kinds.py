@@ -28,6 +28,7 @@ from pallas_kernels import (
     decode_fp8,
     decode_mgpu,
     decode_mgpu_paged,
+    decode_mgpu_q8,
     decode_q8,
     dispatch,
     paged,
@@ -193,6 +194,7 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
     ragged = shape.lengths is not None
     n, kh, d = shape.heads
     refused = decode_mgpu.unsupported_reason(n, kh, d, jnp.bfloat16)
+    q8_refused = decode_mgpu_q8.unsupported_reason(n, kh, d)
     return {
         "jkv_auto": Row("bf16", dispatch.decode_attention_auto),
         "jkv_triton": Row("bf16", decode.decode_attention),
@@ -200,6 +202,7 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
         "paged_triton": Row("paged", paged.paged_decode_attention),
         "paged_mgpu": Row("paged", decode_mgpu_paged.paged_decode_attention_mgpu, mgpu=True, refused=refused),
         "q8_triton": Row("q8", decode_q8.q8_decode_attention, fmt="q8"),
+        "q8_mgpu": Row("q8", decode_mgpu_q8.q8_decode_attention_mgpu, fmt="q8", mgpu=True, refused=q8_refused),
         "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
         "fp8_triton": Row("fp8", decode_fp8.fp8_decode_attention, fmt="fp8"),
         "fp8paged_triton": Row("fp8_paged", decode_fp8.paged_fp8_decode_attention, fmt="fp8"),

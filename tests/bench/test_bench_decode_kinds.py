@@ -45,7 +45,8 @@ def test_bytes_count_the_lengths_and_the_format():
 
 
 def test_smoke_run(tmp_path, capsys):
-    rows = ["jkv_triton", "jkv_mgpu", "paged_mgpu", "q8paged_triton", "fp8_triton", "jax_xla"]  # both lowerings
+    mgpu = ["jkv_mgpu", "paged_mgpu", "q8_mgpu"]
+    rows = ["jkv_triton", *mgpu, "q8paged_triton", "fp8_triton", "jax_xla"]  # both lowerings
     shape = "32xr256-16384:16/2/64"  # group 8: head_dim 64 takes no other in Mosaic GPU
     argv = ["--smoke", "--rounds", "1", "--shapes", shape, "--rows", *rows, "--out", str(tmp_path)]
     report = bench_decode_kinds.main(argv)
@@ -61,7 +62,7 @@ def test_smoke_run(tmp_path, capsys):
         assert r["rel_err"] < decode_kinds.TOL and r["time_s"] > 0 and np.isfinite(r["tbps"])
     for name in ("jkv_triton", "q8paged_triton", "fp8_triton"):
         assert "triton" in results[name]["gpu_lowering"]["kernels"], name
-    for name in ("jkv_mgpu", "paged_mgpu"):
+    for name in mgpu:
         assert "error" not in results[name] and "mosaic_gpu" in results[name]["kernels"], results[name]
     assert shape["baseline"] == "jkv_triton" and results["jkv_triton"]["speed_vs_baseline"]["median"] == 1.0
     out = capsys.readouterr().out.strip().splitlines()  # the table comes last: speed rows, then notes
