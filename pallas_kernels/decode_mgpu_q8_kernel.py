@@ -132,6 +132,7 @@ def kernel(
             columns = plgpu.broadcasted_iota(jnp.int32, (ROWS, ROWS), 1, layout=wgmma_layout)
             for sub in range(reps):
                 acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32 (m in base-2 units)
+                plgpu.commit_smem()  # every warp past the last MMAs' reads of the tiles (each waits for its own)
                 for g in range(chunks):
                     c, col = sub * chunks + g, sub * head_dim + g * QBLOCK
                     _dequantize(k_codes.at[slot], k_scale(c), k_tile.at[0], col, g * QBLOCK, dtype)
