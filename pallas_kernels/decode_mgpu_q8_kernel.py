@@ -1,5 +1,7 @@
-"""The Mosaic GPU Q8 decode kernel body (Hopper: TMA ring of int8 codes and their scales, dequantization in
-registers into 16-bit tiles, warpgroup MMAs), for ``pallas_kernels.decode_mgpu_q8``.
+"""The Mosaic GPU Q8 / FP8 decode kernel body (Hopper: TMA ring of 8-bit codes and their scales, dequantization
+in registers into 16-bit tiles, warpgroup MMAs), for ``pallas_kernels.decode_mgpu_q8``. Written for Q8 below; FP8
+(e4m3 codes, one float32 scale per position) is the same with one scale per position (``R = 8``), and its codes
+past the length (which may be NaN) are zeroed where their scale was.
 
 The cache is read through free reshapes that make every TMA copy tile-sized: with ``C = D // 32`` scales per
 position and ``R = 8 // C`` positions per 8-scale row, codes ``[L, B, K, S, D]`` are viewed as
@@ -36,12 +38,11 @@ from pallas_kernels.decode_mgpu_kernel import _store as store_rows
 from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, mma_accumulate, mma_scores
 
 QBLOCK = 32  # values per scale: one 32-byte code tile column, one 64-byte 16-bit tile column
-SCALE_COLS = 8  # scales per view row
 
 
-def interleave(head_dim: int) -> int:
-    """``R``: positions per view row (8 scales of ``head_dim // 32`` each)."""
-    return SCALE_COLS // (head_dim // QBLOCK)
+def interleave(scale_cols: int, scales_per_position: int) -> int:
+    """``R``: positions per view row of ``scale_cols`` scales."""
+    return scale_cols // scales_per_position
 
 
 def tiles(dtype, cols: int):
@@ -57,12 +58,16 @@ def _row_picker(values):
     return lambda j: jnp.where(col == j, values, jnp.zeros((), values.dtype)).sum(axis=1)
 
 
-def _dequantize(codes, scale_row, tile, col: int, dst: int, dtype) -> None:
-    """``codes[:, col : col + 32] * scale_row`` (float32) into ``tile[:, dst : dst + 32]`` as ``dtype``."""
+def _dequantize(codes, scale_row, tile, col: int, dst: int, dtype, floating: bool) -> None:
+    """``codes[:, col : col + 32] * scale_row`` (float32) into ``tile[:, dst : dst + 32]`` as ``dtype``; with
+    ``floating`` codes, rows of scale 0 (past the length) are 0 whatever the codes hold."""
     plgpu = backend.mosaic_gpu_module()
     q = plgpu.load(codes, (slice(None), pl.ds(col, QBLOCK)), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.float32)
     scale = plgpu.layout_cast(lax.broadcast_in_dim(scale_row, (ROWS, QBLOCK), [0]), plgpu.Layout.WGMMA_8BIT)
-    tile[:, pl.ds(dst, QBLOCK)] = (q * scale).astype(dtype)
+    value = q * scale
+    if floating:
+        value = jnp.where(scale == 0.0, 0.0, value)
+    tile[:, pl.ds(dst, QBLOCK)] = value.astype(dtype)
 
 
 def kernel(
@@ -86,7 +91,10 @@ def kernel(
     j, h, b = lax.axis_index("split"), lax.axis_index("kv_head"), lax.axis_index("batch")
     num_layers, _, num_kv_heads, view_rows, width = k_ref.shape
     head_dim = q_ref.shape[1]
-    reps, chunks = width // head_dim, head_dim // QBLOCK  # R positions per view row (R * C = 8), C chunks
+    scale_cols = k_scale_ref.shape[-1]
+    reps, chunks = width // head_dim, head_dim // QBLOCK  # R positions per view row, C 32-value groups
+    per_scale = width // scale_cols  # values per scale: 32 (Q8) or D (FP8)
+    floating = jnp.issubdtype(k_ref.dtype, jnp.floating)  # e4m3 codes may be NaN past the length (int8 cannot)
     span = ROWS * reps  # positions per ring block
     dtype = q_ref.dtype
     n = jnp.minimum(jnp.maximum(lengths_ref[b], 0), view_rows * reps)
@@ -118,11 +126,12 @@ def kernel(
             base = t * span
             plgpu.barrier_wait(barriers.at[slot])
 
-            # Scale window row r, column c: position base + r * R + c // C. Zero at or past the length.
-            shape = (ROWS, SCALE_COLS)
+            # Scale window row r, column c: position base + r * R + c // (scales per position). Zero at or past
+            # the length.
+            shape = (ROWS, scale_cols)
             rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
             cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
-            held = base + rows * reps + lax.div(cols, jnp.int32(chunks)) < n
+            held = base + rows * reps + lax.div(cols, jnp.int32(scale_cols // reps)) < n
 
             def scales_of(ref):
                 window = plgpu.load(ref.at[slot], (), layout=wgmma_layout, optimized=False).astype(jnp.float32)
@@ -134,9 +143,10 @@ def kernel(
                 acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32 (m in base-2 units)
                 plgpu.commit_smem()  # every warp past the last MMAs' reads of the tiles (each waits for its own)
                 for g in range(chunks):
-                    c, col = sub * chunks + g, sub * head_dim + g * QBLOCK
-                    _dequantize(k_codes.at[slot], k_scale(c), k_tile.at[0], col, g * QBLOCK, dtype)
-                    _dequantize(v_codes.at[slot], v_scale(c), v_tile.at[0], col, g * QBLOCK, dtype)
+                    col = sub * head_dim + g * QBLOCK
+                    c = col // per_scale
+                    _dequantize(k_codes.at[slot], k_scale(c), k_tile.at[0], col, g * QBLOCK, dtype, floating)
+                    _dequantize(v_codes.at[slot], v_scale(c), v_tile.at[0], col, g * QBLOCK, dtype, floating)
                 plgpu.commit_smem()  # the tiles visible to the MMA (async proxy); every warp past its code reads
                 if sub == reps - 1:
                     pl.when(i + num_stages < steps)(functools.partial(fetch, t + num_stages, slot))
@@ -159,10 +169,10 @@ def kernel(
     acc, m, denom = pl.run_scoped(
         ring_loop,
         plgpu.SMEM((ROWS, head_dim), dtype, transforms=tiles(dtype, QBLOCK)),
-        plgpu.SMEM((num_stages, ROWS, code_width), jnp.int8, transforms=tiles(jnp.int8, QBLOCK)),
-        plgpu.SMEM((num_stages, ROWS, code_width), jnp.int8, transforms=tiles(jnp.int8, QBLOCK)),
-        plgpu.SMEM((num_stages, ROWS, SCALE_COLS), k_scale_ref.dtype),
-        plgpu.SMEM((num_stages, ROWS, SCALE_COLS), v_scale_ref.dtype),
+        plgpu.SMEM((num_stages, ROWS, code_width), k_ref.dtype, transforms=tiles(k_ref.dtype, QBLOCK)),
+        plgpu.SMEM((num_stages, ROWS, code_width), v_ref.dtype, transforms=tiles(v_ref.dtype, QBLOCK)),
+        plgpu.SMEM((num_stages, ROWS, scale_cols), k_scale_ref.dtype),
+        plgpu.SMEM((num_stages, ROWS, scale_cols), v_scale_ref.dtype),
         plgpu.SMEM((1, ROWS, head_dim), dtype, transforms=tiles(dtype, QBLOCK)),
         plgpu.SMEM((1, ROWS, head_dim), dtype, transforms=tiles(dtype, QBLOCK)),
         plgpu.Barrier(num_barriers=1),
@@ -171,8 +181,7 @@ def kernel(
     store_rows(acc, m, denom, out_refs, b=b, h=h, j=j, offset=offset, group=group, num_splits=num_splits)
 
 
-def ring_bytes(head_dim: int, scale_itemsize: int, dtype_itemsize: int, stages: int) -> int:
+def ring_bytes(head_dim: int, reps: int, scale_cols: int, scale_itemsize: int, dtype_itemsize: int, stages: int) -> int:
     """Shared memory of a program's buffers: the ring (codes and scales of K and V), two tiles and the queries."""
-    width = interleave(head_dim) * head_dim
-    ring = stages * 2 * ROWS * (width + SCALE_COLS * scale_itemsize)
+    ring = stages * 2 * ROWS * (reps * head_dim + scale_cols * scale_itemsize)
     return ring + 3 * ROWS * head_dim * dtype_itemsize
