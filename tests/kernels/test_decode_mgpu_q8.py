@@ -34,6 +34,14 @@ CASES = [
     ("g6_d256_bf16_more_splits_than_blocks", 3, 2, 6, 256, 200, "bfloat16", "float16", ("S", "1", "0"), None, 8, 2),
 ]  # fmt: skip
 IDS = [c[0] for c in CASES]
+# FP8 (float32 scales; head_dim 64 and 128: 256 is refused): ring blocks of 512 positions
+FP8_CASES = [
+    ("g4_d128_bf16_splits3", 3, 2, 4, 128, 2000, "bfloat16", "float32", ("1", "bk-1", "bk+1"), None, 3, None),
+    ("g8_d64_f16_traced_layer", 2, 1, 8, 64, 1500, "float16", "float32", ("S", "2bk+1"), (2, "traced"), 2, 2),
+    ("g1_d64_bf16_layer1_of3_default", 3, 2, 1, 64, 700, "bfloat16", "float32", ("S", "0", "bk"), (3, 1), None, None),
+    ("mha_d128_f32q_tiny_cache", 2, 4, 1, 128, 40, "float32", "float32", ("S", "1"), None, None, None),
+]
+FP8_IDS = [c[0] for c in FP8_CASES]
 
 
 def q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype):
@@ -41,7 +49,7 @@ def q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dty
     values ``code * scale`` of the attended layer (NaN where the scales are)."""
     shape = (batch, kv_heads, max_len, head_dim)
     codes = rng.integers(-127, 128, shape, np.int8)
-    scales = np.asarray(jnp.asarray(rng.standard_normal((*shape[:-1], head_dim // 32)) * 0.02, scale_dtype))
+    scales = np.array(jnp.asarray(rng.standard_normal((*shape[:-1], head_dim // 32)) * 0.02, scale_dtype))
     for b, n in enumerate(lengths):
         scales[b, :, n:] = np.nan
     values = codes * np.repeat(scales.astype(np.float64), 32, axis=-1)
@@ -53,19 +61,39 @@ def q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dty
     return jnp.asarray(codes), jnp.asarray(scales), values
 
 
-def run_case(rng, case):
+def fp8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype):
+    """:func:`q8_cache` in FP8: e4m3 values and a float32 scale per position, values and scales NaN past each
+    length and in every other layer."""
+    assert scale_dtype == "float32"
+    shape = (batch, kv_heads, max_len, head_dim)
+    codes = np.array(jnp.asarray(rng.standard_normal(shape) * 30, jnp.float8_e4m3fn).astype(jnp.float32))
+    scales = rng.standard_normal((*shape[:-1], 1)).astype(np.float32) * 0.02
+    for b, n in enumerate(lengths):
+        codes[b, :, n:], scales[b, :, n:] = np.nan, np.nan
+    values = codes.astype(np.float64) * scales
+    if layers is not None:
+        num_layers, _ = layers
+        codes = np.stack([codes if i == 1 else np.full_like(codes, np.nan) for i in range(num_layers)])
+        scales = np.stack([scales if i == 1 else np.full_like(scales, np.nan) for i in range(num_layers)])
+    return jnp.asarray(codes, jnp.float8_e4m3fn), jnp.asarray(scales), values
+
+
+def run_case(rng, case, fmt="q8"):
     _, batch, kv_heads, group, head_dim, max_len, dtype, scale_dtype, names, layers, num_splits, stages = case
     dtype = jnp.dtype(dtype)
-    bk = decode_mgpu_q8.block_positions(head_dim)
+    spec, cache, attend = {
+        "q8": (decode_mgpu_q8.Q8, q8_cache, decode_mgpu_q8.q8_decode_attention_mgpu),
+        "fp8": (decode_mgpu_q8.FP8, fp8_cache, decode_mgpu_q8.fp8_decode_attention_mgpu),
+    }[fmt]
+    bk = decode_mgpu_q8.block_positions(head_dim, spec)
     names = [names[i % len(names)] for i in range(batch)]
     lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
     q = jnp.asarray(rng.standard_normal((batch, kv_heads * group, head_dim)), dtype)
-    k, k_scale, k_values = q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
-    v, v_scale, v_values = q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
+    k, k_scale, k_values = cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
+    v, v_scale, v_values = cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
 
     options = dict(num_splits=num_splits, num_stages=stages)
     args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
-    attend = decode_mgpu_q8.q8_decode_attention_mgpu
     if layers is None:
         out = attend(*args, **options)
     elif layers[1] == "traced":
@@ -91,6 +119,10 @@ class TestOnHopper:
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case)
+
+    @pytest.mark.parametrize("case", FP8_CASES, ids=FP8_IDS)
+    def test_fp8_kernel_matches_float64(self, rng, case):
+        run_case(rng, case, fmt="fp8")
 
     @pytest.mark.parametrize("batch,seq", [(1, 32768), (8, 4096)], ids=["B=1_T=32k", "B=8_T=4k"])
     def test_bench_shapes_default_config(self, rng, batch, seq):
@@ -177,3 +209,36 @@ def test_lowers_for_cuda_without_slicing_the_layer(head_dim, scale_dtype, num_sp
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert f"tensor<{batch}x{kv_heads}x{max_len}x{head_dim}xi8>" not in text
+
+
+@pytest.mark.parametrize("head_dim,num_splits", [(64, 1), (64, 3), (128, 1), (128, 2)], ids=str)
+def test_fp8_lowers_for_cuda(head_dim, num_splits):
+    num_layers, batch, kv_heads, max_len = 2, 2, 2, 1024
+    values = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, head_dim), jnp.float8_e4m3fn)
+    scales = jax.ShapeDtypeStruct((num_layers, batch, kv_heads, max_len, 1), jnp.float32)
+    q = jax.ShapeDtypeStruct((batch, kv_heads * 4, head_dim), jnp.bfloat16)
+    ints = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    fmt = decode_mgpu_q8.FP8
+    config = decode_mgpu_q8.mgpu_q8_config(batch, kv_heads, max_len, head_dim, fmt)._replace(num_splits=num_splits)
+    assert config.num_stages == (2 if head_dim == 64 else 1)  # FP8's view rows are 8 * D bytes
+    traced = decode_mgpu_q8._decode.trace(
+        q, values, scales, values, scales, *ints, scale=0.1, config=config, scale_cols=fmt.scale_cols
+    )
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_fp8_argument_errors(monkeypatch):
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    attend = decode_mgpu_q8.fp8_decode_attention_mgpu
+    q, k, s, _, _, n = _args(head_dim=256)
+    values, scales = k.astype(jnp.float8_e4m3fn), s[..., :1].astype(jnp.float32)
+    with pytest.raises(ValueError, match="head_dim=256: the Mosaic GPU FP8 kernel's one-slot ring"):
+        attend(q, values, scales, values, scales, n)
+    q, k, s, _, _, n = _args(head_dim=128)
+    values, scales = k.astype(jnp.float8_e4m3fn), s[..., :1].astype(jnp.float32)
+    with pytest.raises(TypeError, match="v scales must be float32"):
+        attend(q, values, scales, values, scales.astype(jnp.float16), n)
+    with pytest.raises(ValueError, match="num_stages=2 needs"):
+        attend(q, values, scales, values, scales, n, num_stages=2)
+    with pytest.raises(ValueError, match="Mosaic GPU FP8 kernel takes no window"):
+        attend(q, values, scales, values, scales, n, window=8)
