@@ -12,7 +12,7 @@ Shapes (``bench/decode_kinds.py``; ``--shapes`` picks a subset or adds others): 
   float16 scales per 32 values), contiguous and in the same pages; ``q8_mgpu``: ``decode_mgpu_q8`` (Mosaic GPU)
   on the contiguous Q8 cache; ``fp8_triton`` / ``fp8paged_triton``:
   ``decode_fp8``'s kernels on the same K/V in FP8 (e4m3 values, a float32 scale per position), contiguous and
-  in the same pages;
+  in the same pages; ``fp8_mgpu``: ``decode_mgpu_q8``'s FP8 kernel (Mosaic GPU) on the contiguous FP8 cache;
 * ``jax_cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on ``[B, S, K, D]`` K/V (transposed
   outside the timing), the lengths as ``key_value_seq_lengths`` where ragged;
 * ``torch_cudnn`` / ``torch_flash``: ``scaled_dot_product_attention`` (``enable_gqa``) forced to that backend,
@@ -61,7 +61,8 @@ from bench.bench_prefill import smoke_time
 from bench.decode_kinds_report import plot, shape_lines, table
 
 NAN = float("nan")
-MGPU_ROWS = ("jkv_mgpu", "paged_mgpu", "q8_mgpu")  # the kernels new to the GPU: preflighted in a child process
+# the kernels new to the GPU: preflighted in a child process
+MGPU_ROWS = ("jkv_mgpu", "paged_mgpu", "q8_mgpu", "fp8_mgpu")
 TORCH_ROWS = {"torch_cudnn": "CUDNN_ATTENTION", "torch_flash": "FLASH_ATTENTION"}  # torch SDPA backends
 
 

@@ -195,6 +195,7 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
     n, kh, d = shape.heads
     refused = decode_mgpu.unsupported_reason(n, kh, d, jnp.bfloat16)
     q8_refused = decode_mgpu_q8.unsupported_reason(n, kh, d)
+    fp8_refused = decode_mgpu_q8.unsupported_reason(n, kh, d, decode_mgpu_q8.FP8)
     return {
         "jkv_auto": Row("bf16", dispatch.decode_attention_auto),
         "jkv_triton": Row("bf16", decode.decode_attention),
@@ -205,6 +206,7 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
         "q8_mgpu": Row("q8", decode_mgpu_q8.q8_decode_attention_mgpu, fmt="q8", mgpu=True, refused=q8_refused),
         "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
         "fp8_triton": Row("fp8", decode_fp8.fp8_decode_attention, fmt="fp8"),
+        "fp8_mgpu": Row("fp8", decode_mgpu_q8.fp8_decode_attention_mgpu, fmt="fp8", mgpu=True, refused=fp8_refused),
         "fp8paged_triton": Row("fp8_paged", decode_fp8.paged_fp8_decode_attention, fmt="fp8"),
         ("jax_xla" if smoke else "jax_cudnn"): Row("bshd", dot_product_attention("xla" if smoke else "cudnn", ragged)),
     }
