@@ -10,7 +10,7 @@
 #   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|mgpu|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|mgpu|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +46,9 @@ for part in "${parts[@]}"; do
       run tests_mgpu_ws 60 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws.py
       run tests_mgpu_ws_paged 180 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws_paged.py
       run tests_qmatmul_mgpu 120 python -m pytest -q -m gpu tests/kernels/test_qmatmul_mgpu.py
+      ;;
+    mgpu_q8)  # the Mosaic GPU Q8 / FP8 decode kernel's tests (issue 22; new, so a part of its own)
+      run tests_decode_mgpu_q8 300 python -m pytest -q -m gpu tests/kernels/test_decode_mgpu_q8.py
       ;;
     ab)
       if [ -d .ab_old/jkv ]; then
@@ -88,7 +91,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (tests, mgpu, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (tests, mgpu, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 
