@@ -32,7 +32,8 @@ from pallas_kernels.decode_mgpu_kernel import STATS
 from pallas_kernels.mgpu_common import ROWS, round_up
 
 FP8_SCALE_COLS = 8  # float32 scales per view row: eight positions ([64, 4] windows have no MMA register layout)
-DEFAULT_STAGES = 2  # the bf16 kernel's measured ring depth; a block holds as many bytes as its bf16 blocks
+MIN_SPLIT_BYTES = 2 * ROWS * 128 * 2  # the bf16 kernel's two-block share: two 64 x 128 bf16 blocks
+DEFAULT_STAGES = 2  # the bf16 kernel's measured ring depth (a Q8 block's codes: a 64 x 128 bf16 block's bytes)
 MMA_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -69,15 +70,17 @@ def mgpu_q8_config(
     batch: int, num_kv_heads: int, max_len: int, head_dim: int, fmt: MgpuQuant = Q8, *,
     num_multiprocessors: int | None = None,
 ) -> MgpuQ8Config:  # fmt: skip
-    """The bf16 Mosaic GPU kernel's rule (``decode_mgpu.mgpu_config``) over this kernel's ring blocks: about one
-    program per multiprocessor, equal shares of at least two blocks, ``DEFAULT_STAGES`` slots."""
+    """The bf16 Mosaic GPU kernel's rule (``decode_mgpu.mgpu_config``) in bytes: about one program per
+    multiprocessor, equal shares of at least ``MIN_SPLIT_BYTES`` of codes per operand (two of Q8's blocks, one of
+    FP8's), ``DEFAULT_STAGES`` slots (fewer where they do not fit: FP8 at head_dim 128)."""
     sms = num_multiprocessors or backend.num_multiprocessors()
     blocks = max(1, math.ceil(max_len / block_positions(head_dim, fmt)))
-    splits = max(1, min(sms // (batch * num_kv_heads), blocks // 2))
+    per_split = max(1, -(-MIN_SPLIT_BYTES // (ROWS * fmt.reps(head_dim) * head_dim)))  # blocks
+    splits = max(1, min(sms // (batch * num_kv_heads), blocks // per_split))
     splits = math.ceil(blocks / math.ceil(blocks / splits))  # equal shares: no split left empty at full length
     stages = DEFAULT_STAGES
     while stages > 1 and _smem_need(fmt, head_dim, 4, stages) > smem_budget():
-        stages -= 1  # FP8's wide view rows at head_dim 128
+        stages -= 1
     return MgpuQ8Config(splits, stages)
 
 

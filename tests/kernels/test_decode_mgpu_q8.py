@@ -132,14 +132,24 @@ class TestOnHopper:
 
 
 @pytest.mark.parametrize(
-    "batch,kv_heads,max_len,head_dim,want",
-    [(1, 8, 32768, 128, 16), (8, 8, 4096, 128, 2), (64, 8, 8192, 128, 1), (1, 8, 4096, 64, 8), (2, 1, 40, 64, 1)],
-    ids=["B=1_T=32k", "B=8_T=4k", "B=64_T=8k", "B=1_T=4k_d64", "B=2_T=40"],
+    "fmt,batch,kv_heads,max_len,head_dim,want",
+    [
+        ("Q8", 1, 8, 32768, 128, (16, 2)),
+        ("Q8", 8, 8, 4096, 128, (2, 2)),
+        ("Q8", 64, 8, 8192, 128, (1, 2)),
+        ("Q8", 1, 8, 4096, 64, (8, 2)),
+        ("Q8", 2, 1, 40, 64, (1, 2)),
+        ("FP8", 1, 8, 4096, 128, (8, 1)),
+        ("FP8", 1, 8, 4096, 64, (8, 2)),
+    ],
+    ids=["B=1_T=32k", "B=8_T=4k", "B=64_T=8k", "B=1_T=4k_d64", "B=2_T=40", "fp8_B=1_T=4k", "fp8_B=1_T=4k_d64"],
 )
-def test_launch_rule(batch, kv_heads, max_len, head_dim, want):
-    """About one program per multiprocessor of an H100 (132), equal shares of at least two ring blocks."""
-    config = decode_mgpu_q8.mgpu_q8_config(batch, kv_heads, max_len, head_dim, num_multiprocessors=132)
-    assert config == decode_mgpu_q8.MgpuQ8Config(want, decode_mgpu_q8.DEFAULT_STAGES)
+def test_launch_rule(fmt, batch, kv_heads, max_len, head_dim, want):
+    """About one program per multiprocessor of an H100 (132), equal shares of at least two of the bf16 kernel's
+    64 x 128 blocks in code bytes; FP8 at head_dim 128 has room for one ring slot."""
+    fmt = getattr(decode_mgpu_q8, fmt)
+    config = decode_mgpu_q8.mgpu_q8_config(batch, kv_heads, max_len, head_dim, fmt, num_multiprocessors=132)
+    assert config == decode_mgpu_q8.MgpuQ8Config(*want)
 
 
 def _args(batch=2, kv_heads=2, group=4, head_dim=128, max_len=256, scale_dtype=jnp.float16, q_dtype=jnp.bfloat16):
