@@ -17,10 +17,11 @@ block's positions come, as long as K, V and the mask agree.
   ``pallas_kernels.decode_mgpu_kernel`` (64 rows in shared memory, this kv head's ``G`` rows at ``offset``);
 * per ring block: wait for its four windows; the scale windows go to registers with the scales of positions at
   or past the length zeroed (NaN may lie there; codes are finite, so those K and V values are exactly 0); per
-  sub-tile, K and V codes are dequantized (float32, rounded to the MMA dtype) into one K and one V tile, the
-  scores ``q @ K^T`` and ``acc += p @ V`` are warpgroup MMAs with both tiles in shared memory, and the online
-  softmax is the bf16 kernel's (base 2, positions at or past the length masked); the ring slot is refilled with
-  the block ``num_stages`` ahead once its last sub-tile is dequantized;
+  sub-tile, K codes are dequantized (float32, rounded to the MMA dtype) into one K tile, the scores ``q @ K^T``
+  start as a warpgroup MMA, V codes are dequantized into one V tile while it runs, then ``acc += p @ V`` (both
+  MMA operands in shared memory but ``p``), with the bf16 kernel's online softmax (base 2, positions at or past
+  the length masked); the ring slot is refilled with the block ``num_stages`` ahead once its last sub-tile is
+  dequantized;
 * split-K and the store are ``decode_mgpu_kernel``'s (``common.split_blocks`` over ring blocks; one split
   normalises and stores, several store partials for ``merge_partials``).
 """
@@ -35,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, common
 from pallas_kernels.decode_mgpu_kernel import _store as store_rows
-from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, mma_accumulate, mma_scores
+from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, mma_accumulate
 
 QBLOCK = 32  # values per scale: one 32-byte code tile column, one 64-byte 16-bit tile column
 
@@ -142,16 +143,25 @@ def kernel(
             for sub in range(reps):
                 acc, m, denom = carry  # [ROWS, D], [ROWS], [ROWS] float32 (m in base-2 units)
                 plgpu.commit_smem()  # every warp past the last MMAs' reads of the tiles (each waits for its own)
-                for g in range(chunks):
-                    col = sub * head_dim + g * QBLOCK
-                    c = col // per_scale
-                    _dequantize(k_codes.at[slot], k_scale(c), k_tile.at[0], col, g * QBLOCK, dtype, floating)
-                    _dequantize(v_codes.at[slot], v_scale(c), v_tile.at[0], col, g * QBLOCK, dtype, floating)
-                plgpu.commit_smem()  # the tiles visible to the MMA (async proxy); every warp past its code reads
-                if sub == reps - 1:
-                    pl.when(i + num_stages < steps)(functools.partial(fetch, t + num_stages, slot))
 
-                s = mma_scores(q_smem, k_tile, 0, ROWS)  # [ROWS, ROWS]: column r is position base + r * R + sub
+                def dequantize(codes, scale_of, tile, sub=sub):
+                    for g in range(chunks):
+                        col = sub * head_dim + g * QBLOCK
+                        _dequantize(codes.at[slot], scale_of(col // per_scale), tile.at[0], col, g * QBLOCK, dtype,
+                                    floating)  # fmt: skip
+
+                dequantize(k_codes, k_scale, k_tile)
+                plgpu.commit_smem()  # the K tile visible to the MMA (async proxy)
+
+                def qk(s_ref, sub=sub):  # V is dequantized while the first MMA runs (it reads q and K only)
+                    plgpu.wgmma(s_ref, q_smem, k_tile.at[0].transpose((1, 0)))
+                    dequantize(v_codes, v_scale, v_tile)
+                    plgpu.commit_smem()  # the V tile visible to the second MMA; every warp past its code reads
+                    if sub == reps - 1:
+                        pl.when(i + num_stages < steps)(functools.partial(fetch, t + num_stages, slot))
+                    return s_ref[...]  # waits for the MMA
+
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS, ROWS), jnp.float32))  # column r: position base + r * R + sub
                 valid = base + columns * reps + sub < n
                 s = jnp.where(valid, s * (scale * LOG2E), -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))  # finite: sub-tile 0 of a walked block holds a valid position
