@@ -102,7 +102,7 @@ def _decode(q, k, v, lengths, layer, *, scale: float, config: MgpuConfig):
     def jkv_decode_attention_mgpu(*refs):  # the kernel's name in profiles
         body(*refs)
 
-    return kernel.launch(jkv_decode_attention_mgpu, q, k, v, lengths, layer, batch=batch, splits=config.num_splits)
+    return kernel.launch(jkv_decode_attention_mgpu, q, (k, v), lengths, layer, batch=batch, splits=config.num_splits)
 
 
 # ----------------------------------------------------------------------------------------------- public

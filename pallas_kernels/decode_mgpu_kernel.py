@@ -211,12 +211,14 @@ def _store(acc, m, denom, out_refs, *, b, h, j, offset, group: int, num_splits: 
     pl.run_scoped(store_partials, plgpu.SMEM((ROWS, head_dim), jnp.float32), plgpu.SMEM((ROWS, STATS), jnp.float32))
 
 
-def launch(named_kernel, q, k, v, lengths, layer, tables=None, *, batch: int, splits: int):
+def launch(named_kernel, q, cache, lengths, layer, tables=None, *, batch: int, splits: int, mma_dtype=None):
     """Run ``named_kernel`` (the body bound to its options, under the name profiles show) on a grid
-    ``(splits, K, B)`` and merge the splits' partials. ``q [B, N, D]``; ``k``, ``v`` ``[L, ...]`` caches or pools;
-    ``lengths int32[B]``; ``layer int32[1]``; ``tables int32[B, M]`` (paged) is passed flattened after ``layer``."""
+    ``(splits, K, B)`` and merge the splits' partials. ``q [B, N, D]``; ``cache``: the kernel's cache arrays in its
+    order, each ``[L, B or P, K, ...]`` (K/V caches or pools; a quantized cache's codes and scales);
+    ``lengths int32[B]``; ``layer int32[1]``; ``tables int32[B, M]`` (paged) is passed flattened after ``layer``;
+    ``mma_dtype``: the query's MMA operand dtype (default the cache's)."""
     plgpu = backend.mosaic_gpu_module()
-    kv_heads, head_dim = k.shape[2], k.shape[-1]
+    kv_heads, head_dim = cache[0].shape[2], q.shape[-1]
     group = q.shape[1] // kv_heads
     if splits == 1:
         out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
@@ -226,18 +228,18 @@ def launch(named_kernel, q, k, v, lengths, layer, tables=None, *, batch: int, sp
             jax.ShapeDtypeStruct((batch, kv_heads, rows, group, head_dim), jnp.float32),  # acc
             jax.ShapeDtypeStruct((batch, kv_heads, rows, group, STATS), jnp.float32),  # m, denom
         )
-    q_rows = q.reshape(-1, head_dim).astype(k.dtype)  # [B * N, D]: a free reshape; the MMA's operand dtype
+    q_rows = q.reshape(-1, head_dim).astype(mma_dtype or cache[0].dtype)  # [B * N, D]: a free reshape
     padded = round_up(q_rows.shape[0], 8)
     if padded != q_rows.shape[0]:  # whole 8-row tiles (a copy of q; only where B * N is not a multiple of 8)
         q_rows = jnp.pad(q_rows, ((0, padded - q_rows.shape[0]), (0, 0)))
-    inputs = (lengths, layer, q_rows, k, v) if tables is None else (lengths, layer, tables.reshape(-1), q_rows, k, v)
+    inputs = (lengths, layer, q_rows) if tables is None else (lengths, layer, tables.reshape(-1), q_rows)
     outs = plgpu.kernel(
         named_kernel,
         out_type=out_type,
         grid=(splits, kv_heads, batch),
         grid_names=("split", "kv_head", "batch"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(*inputs)
+    )(*inputs, *cache)
     if splits == 1:
         return outs
     acc, stats = outs

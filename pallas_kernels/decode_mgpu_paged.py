@@ -129,7 +129,7 @@ def _paged_decode(q, k_pages, v_pages, tables, lengths, layer, *, scale: float, 
         body(lengths_ref, layer_ref, *refs, fill=fill)
 
     named = jkv_paged_decode_attention_mgpu
-    return kernel.launch(named, q, k_pages, v_pages, lengths, layer, tables, batch=batch, splits=config.num_splits)
+    return kernel.launch(named, q, (k_pages, v_pages), lengths, layer, tables, batch=batch, splits=config.num_splits)
 
 
 # ----------------------------------------------------------------------------------------------- public

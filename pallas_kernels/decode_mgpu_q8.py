@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Int8
 
 from pallas_kernels import backend, checks, common, decode_fp8, decode_q8, mgpu_common
+from pallas_kernels import decode_mgpu_kernel as kernel_bf16
 from pallas_kernels import decode_mgpu_q8_kernel as kernel
 from pallas_kernels.decode_mgpu import smem_budget
-from pallas_kernels.decode_mgpu_kernel import STATS
 from pallas_kernels.mgpu_common import ROWS, round_up
 
 FP8_SCALE_COLS = 8  # float32 scales per view row: eight positions ([64, 4] windows have no MMA register layout)
@@ -156,34 +156,12 @@ def _decode(q, k, k_scale, v, v_scale, lengths, layer, *, scale: float, config: 
     def jkv_q8_decode_attention_mgpu(*refs):  # the kernel's name in profiles
         body(*refs)
 
-    splits = config.num_splits
-    if splits == 1:
-        out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    else:
-        rows = common.partial_rows(splits)  # the kernel writes the first `splits`
-        out_type = (
-            jax.ShapeDtypeStruct((batch, kv_heads, rows, group, head_dim), jnp.float32),  # acc
-            jax.ShapeDtypeStruct((batch, kv_heads, rows, group, STATS), jnp.float32),  # m, denom
-        )
     mma_dtype = q.dtype if q.dtype in MMA_DTYPES else jnp.dtype(jnp.bfloat16)
-    q_rows = q.reshape(-1, head_dim).astype(mma_dtype)  # [B * N, D]
-    padded = round_up(q_rows.shape[0], 8)
-    if padded != q_rows.shape[0]:  # whole 8-row tiles (a copy of q; only where B * N is not a multiple of 8)
-        q_rows = jnp.pad(q_rows, ((0, padded - q_rows.shape[0]), (0, 0)))
-    plgpu = backend.mosaic_gpu_module()
-    outs = plgpu.kernel(
-        jkv_q8_decode_attention_mgpu,
-        out_type=out_type,
-        grid=(splits, kv_heads, batch),
-        grid_names=("split", "kv_head", "batch"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(lengths, layer, q_rows, codes_view(k), scales_view(k_scale), codes_view(v), scales_view(v_scale))
-    if splits == 1:
-        return outs
-    acc, stats = outs
-    flat = lambda x: x.reshape(batch * kv_heads, *x.shape[2:])  # free reshapes
-    out = common.merge_partials(flat(acc), flat(stats), splits=splits, dtype=q.dtype, interpret=False)
-    return out.reshape(q.shape)
+    cache = (codes_view(k), scales_view(k_scale), codes_view(v), scales_view(v_scale))
+    splits = config.num_splits
+    return kernel_bf16.launch(
+        jkv_q8_decode_attention_mgpu, q, cache, lengths, layer, batch=batch, splits=splits, mma_dtype=mma_dtype
+    )
 
 
 def q8_decode_attention_mgpu(
