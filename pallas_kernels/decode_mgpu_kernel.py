@@ -98,12 +98,7 @@ def kernel(
     steps = jnp.maximum(hi - lo, 0)
     program = Program(b, h, layer, n)
 
-    # Tiled TMA copies start at multiples of the 8-row tile: this kv head's G query rows sit at `offset` in a
-    # window of up to 64 rows from the multiple of 8 at or below its first row. The other rows of the window
-    # belong to other heads (or lie past the end, where TMA fills zeros): computed, never stored.
-    first_row = b * (num_kv_heads * group) + h * group
-    window_row = pl.multiple_of(lax.div(first_row, jnp.int32(8)) * 8, 8)
-    offset = first_row - window_row  # 0..7
+    window_row, offset = query_window(b, h, num_kv_heads, group)
 
     def ring_loop(q_smem, k_smem, v_smem, q_barrier, k_barriers, v_barriers):
         # q_smem [ROWS, D]; k_smem, v_smem [stages, bk, D]; one barrier per ring slot and operand
@@ -118,11 +113,7 @@ def kernel(
             fetch_v(t, slot)
 
         # The query window and the first K/V blocks are all in flight before the program waits for any.
-        # Fewer than 64 query rows in all (small batches): the window is all of them, into the tile's first rows
-        # (the rest of the tile is never initialised: rows never stored).
-        q_window = min(ROWS, q_ref.shape[0])
-        q_dst = q_smem if q_window == ROWS else q_smem.at[pl.ds(0, q_window)]
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, q_window)], q_dst, q_barrier.at[0])
+        fetch_query_window(plgpu, q_ref, q_smem, window_row, q_barrier.at[0])
         for i in range(num_stages):
             pl.when(i < steps)(functools.partial(fetch, lo + i, i))
         plgpu.barrier_wait(q_barrier.at[0])
@@ -173,6 +164,25 @@ def kernel(
         plgpu.Barrier(num_arrivals=ring.copies, num_barriers=num_stages),
     )
     _store(acc, m, denom, out_refs, b=b, h=h, j=j, offset=offset, group=group, num_splits=num_splits)
+
+
+def query_window(b, h, num_kv_heads: int, group: int):
+    """``(window_row, offset)``: tiled TMA copies start at multiples of the 8-row tile, so kv head ``h``'s ``G``
+    query rows sit at ``offset`` (0..7) in a window of up to 64 rows from the multiple of 8 at or below its first
+    row. The other rows of the window belong to other heads (or lie past the end, where TMA fills zeros):
+    computed, never stored."""
+    first_row = b * (num_kv_heads * group) + h * group
+    window_row = pl.multiple_of(lax.div(first_row, jnp.int32(8)) * 8, 8)
+    return window_row, first_row - window_row
+
+
+def fetch_query_window(plgpu, q_ref, q_smem, window_row, barrier) -> None:
+    """Start the copy of the query window from ``window_row`` into ``q_smem`` on ``barrier``. Fewer than 64 query
+    rows in all (small batches): the window is all of them, into the tile's first rows (the rest of the tile is
+    never initialised: rows never stored)."""
+    q_window = min(ROWS, q_ref.shape[0])
+    q_dst = q_smem if q_window == ROWS else q_smem.at[pl.ds(0, q_window)]
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, q_window)], q_dst, barrier)
 
 
 def _store(acc, m, denom, out_refs, *, b, h, j, offset, group: int, num_splits: int) -> None:

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, common
 from pallas_kernels.decode_mgpu_kernel import _store as store_rows
+from pallas_kernels.decode_mgpu_kernel import fetch_query_window, query_window
 from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, mma_accumulate
 
 QBLOCK = 32  # values per scale: one 32-byte code tile column, one 64-byte 16-bit tile column
@@ -103,9 +104,7 @@ def kernel(
     lo, hi = common.split_blocks(n, j, span, num_splits)
     steps = jnp.maximum(hi - lo, 0)
 
-    first_row = b * (num_kv_heads * group) + h * group  # the query window as in decode_mgpu_kernel
-    window_row = pl.multiple_of(lax.div(first_row, jnp.int32(8)) * 8, 8)
-    offset = first_row - window_row
+    window_row, offset = query_window(b, h, num_kv_heads, group)
 
     def ring_loop(q_smem, k_codes, v_codes, k_scales, v_scales, k_tile, v_tile, q_barrier, barriers):
         # q_smem [ROWS, D]; *_codes [stages, ROWS, R * D] int8; *_scales [stages, ROWS, 8]; *_tile [1, ROWS, D]
@@ -114,9 +113,7 @@ def kernel(
             for src, dst in ((k_ref, k_codes), (k_scale_ref, k_scales), (v_ref, v_codes), (v_scale_ref, v_scales)):
                 plgpu.copy_gmem_to_smem(src.at[layer, b, h, rows], dst.at[slot], barriers.at[slot])
 
-        q_window = min(ROWS, q_ref.shape[0])
-        q_dst = q_smem if q_window == ROWS else q_smem.at[pl.ds(0, q_window)]
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, q_window)], q_dst, q_barrier.at[0])
+        fetch_query_window(plgpu, q_ref, q_smem, window_row, q_barrier.at[0])
         for i in range(num_stages):
             pl.when(i < steps)(functools.partial(fetch, lo + i, i))
         plgpu.barrier_wait(q_barrier.at[0])
