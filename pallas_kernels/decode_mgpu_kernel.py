@@ -163,7 +163,7 @@ def kernel(
         plgpu.Barrier(num_arrivals=ring.copies, num_barriers=num_stages),
         plgpu.Barrier(num_arrivals=ring.copies, num_barriers=num_stages),
     )
-    _store(acc, m, denom, out_refs, b=b, h=h, j=j, offset=offset, group=group, num_splits=num_splits)
+    store_rows(acc, m, denom, out_refs, b=b, h=h, j=j, offset=offset, group=group, num_splits=num_splits)
 
 
 def query_window(b, h, num_kv_heads: int, group: int):
@@ -185,7 +185,7 @@ def fetch_query_window(plgpu, q_ref, q_smem, window_row, barrier) -> None:
     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(window_row, q_window)], q_dst, barrier)
 
 
-def _store(acc, m, denom, out_refs, *, b, h, j, offset, group: int, num_splits: int) -> None:
+def store_rows(acc, m, denom, out_refs, *, b, h, j, offset, group: int, num_splits: int) -> None:
     """One split: normalise and store this kv head's rows of the tile to ``o``; several: store ``acc`` and the
     rows' statistics (natural-log max, denominator) for ``merge_partials``."""
     plgpu = backend.mosaic_gpu_module()
