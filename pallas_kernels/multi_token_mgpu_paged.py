@@ -60,18 +60,38 @@ def multi_token_attention_mgpu_paged(
 ) -> Float[Array, "T N D"]:
     """:func:`pallas_kernels.multi_token_mgpu.multi_token_attention_mgpu` over page pools and a block table (same
     arguments otherwise, same results as over the cache the pages spell out)."""
+    options = dict(layer=layer, scale=scale, window=window, softcap=softcap, config=config)
+    return paged_call(mgpu._attend, q, k_pages, v_pages, block_tables, q_starts, lengths, counts, **options)
+
+
+def paged_call(
+    attend,
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    q_starts,
+    lengths,
+    counts,
+    *,
+    layer,
+    scale,
+    window,
+    softcap,
+    config,
+    consumers: int = 1,
+):
+    """A paged entry's checks, launch parameters (``consumers`` warpgroups sharing the ring) and operands, then
+    ``attend(q, k_pages, v_pages, table, q_starts, lengths, counts, layer, **static options, pages_per_seq)``."""
     q_starts, lengths, counts = (jnp.asarray(x).astype(jnp.int32) for x in (q_starts, lengths, counts))
-    options = dict(window=window, softcap=softcap)
     _, n, kh, page_size, d, _ = check_paged_args(
-        q, k_pages, v_pages, block_tables, q_starts, lengths, counts, layer, **options
+        q, k_pages, v_pages, block_tables, q_starts, lengths, counts, layer, window=window, softcap=softcap
     )
-    config = resolve_paged_config(config, n, kh, d, page_size, k_pages.dtype, q.dtype)
+    config = resolve_paged_config(config, n, kh, d, page_size, k_pages.dtype, q.dtype, consumers=consumers)
     mgpu.require_mosaic_gpu()
     k_pages, v_pages, flat, pages_per_seq, layer = paged_operands(k_pages, v_pages, block_tables, layer, config)
     options = mgpu.static_options(scale, d, window, softcap, config)
-    return mgpu._attend(
-        q, k_pages, v_pages, flat, q_starts, lengths, counts, layer, **options, pages_per_seq=pages_per_seq
-    )
+    return attend(q, k_pages, v_pages, flat, q_starts, lengths, counts, layer, **options, pages_per_seq=pages_per_seq)
 
 
 def resolve_paged_config(config, num_heads, kv_heads, head_dim, page_size, dtype, out_dtype, consumers=1):

@@ -97,13 +97,5 @@ def multi_token_attention_mgpu_ws_paged(
 ) -> Float[Array, "T N D"]:
     """:func:`pallas_kernels.multi_token_mgpu_paged.multi_token_attention_mgpu_paged`, warp-specialised (see the
     module doc); ``config`` is checked for two consumers' query and output tiles beside the ring."""
-    q_starts, lengths, counts = (jnp.asarray(x).astype(jnp.int32) for x in (q_starts, lengths, counts))
-    options = dict(window=window, softcap=softcap)
-    _, n, kh, page_size, d, _ = paged.check_paged_args(
-        q, k_pages, v_pages, block_tables, q_starts, lengths, counts, layer, **options
-    )
-    config = paged.resolve_paged_config(config, n, kh, d, page_size, k_pages.dtype, q.dtype, consumers=ws.CONSUMERS)
-    mgpu.require_mosaic_gpu()
-    k_pages, v_pages, flat, pages_per_seq, layer = paged.paged_operands(k_pages, v_pages, block_tables, layer, config)
-    options = mgpu.static_options(scale, d, window, softcap, config)
-    return _attend(q, k_pages, v_pages, flat, q_starts, lengths, counts, layer, **options, pages_per_seq=pages_per_seq)
+    options = dict(layer=layer, scale=scale, window=window, softcap=softcap, config=config, consumers=ws.CONSUMERS)
+    return paged.paged_call(_attend, q, k_pages, v_pages, block_tables, q_starts, lengths, counts, **options)
