@@ -224,6 +224,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine tokens per step (default: its own)")
     ap.add_argument("--prefix-cache-mb", type=int, default=None, help="prefix cache (default 4096, smoke 1)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    ap.add_argument(
+        "--multi-token-kernel",
+        choices=["auto", "triton"],
+        default="auto",
+        help="auto: Mosaic GPU multi-token kernels where they run (pallas_kernels.dispatch); triton: the Triton ones",
+    )
     ap.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["bf16"], help="weight formats, a run each")
     ap.add_argument("--out", help="write the results as JSON here (after each workload)")
     ap.add_argument(
@@ -235,6 +241,10 @@ def main(argv=None) -> dict:
     if args.compile_cache and not args.smoke:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if args.multi_token_kernel == "triton":
+        from pallas_kernels import dispatch
+
+        dispatch.MULTI_TOKEN_MGPU = False
     workloads = SMOKE_WORKLOADS if args.smoke else WORKLOADS
     if args.prefix_cache_mb is None:
         args.prefix_cache_mb = 1 if args.smoke else 4096

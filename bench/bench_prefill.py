@@ -182,7 +182,8 @@ def jkv_rows(case: Case, smoke: bool, configs=()) -> dict:
     except ImportError:
         return rows
     rows["triton"] = (triton.multi_token_attention, None)
-    paged = next((getattr(triton, e) for e in PAGED_ENTRIES if hasattr(triton, e)), None)
+    package = importlib.import_module("pallas_kernels")  # the paged entry lives in its own module
+    paged = next((getattr(m, e) for m in (triton, package) for e in PAGED_ENTRIES if hasattr(m, e)), None)
     if paged is not None and case.batch == 1 and case.cached:
         rows["triton_paged"] = (paged, lambda sets: paged_sets(sets, seed=1))
     return rows

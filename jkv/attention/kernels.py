@@ -73,11 +73,20 @@ def _multi(name: str):
     return entry
 
 
+def _dispatch(name: str):
+    def entry():
+        from pallas_kernels import dispatch  # Mosaic GPU where it can run, else Triton
+
+        return getattr(dispatch, name)
+
+    return entry
+
+
 MULTI_TOKEN = {
-    ("contiguous", Plain): _multi("multi_token_attention"),
+    ("contiguous", Plain): _dispatch("multi_token_attention_auto"),
     ("contiguous", Q8): _multi("q8_multi_token_attention"),
     ("contiguous", FP8): _multi("fp8_multi_token_attention"),
-    ("paged", Plain): _multi("paged_multi_token_attention"),
+    ("paged", Plain): _dispatch("paged_multi_token_attention_auto"),
     ("paged", Q8): _multi("paged_q8_multi_token_attention"),
     ("paged", FP8): _multi("paged_fp8_multi_token_attention"),
 }
