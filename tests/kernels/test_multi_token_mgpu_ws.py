@@ -50,9 +50,11 @@ def test_consumers_split_tiles_through_the_emulation(rng, case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
+@pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_ws_kernel_matches_float64(rng, case):
+def test_ws_kernel_matches_float64(rng, case, pingpong):
     q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
+    config = config._replace(pingpong=pingpong)
     bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)).astype(np.float64)
     ref = multi_token_attention_f64(bf(q), bf(k), bf(v), starts, lengths, counts, window=window, softcap=softcap)
     args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(x) for x in (starts, lengths, counts)]
@@ -63,15 +65,19 @@ def test_ws_kernel_matches_float64(rng, case):
     assert rel_err(out, ref) < REL_TOL["bfloat16"]
 
 
+@pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
 @pytest.mark.parametrize(
-    "config,window", [(None, None), (mgpu.MgpuMultiTokenConfig(64, 1, 128, 2), 70)], ids=["default", "bk128_window"]
+    "config,window",
+    [(None, None), (mgpu.MgpuMultiTokenConfig(64, 1, 128, 2), 70), (mgpu.MgpuMultiTokenConfig(16, 4, 64, 1), 40)],
+    ids=["default", "bk128_window", "one_stage_window"],
 )
-def test_ws_lowers_for_cuda(config, window):
-    """Three warpgroups (two consumers, a producer) sharing the ring through barriers: Mosaic GPU lowers it."""
+def test_ws_lowers_for_cuda(config, window, pingpong):
+    """Three warpgroups (two consumers, a producer) sharing the ring through barriers, with or without the
+    consumers' ping-pong barrier: Mosaic GPU lowers it."""
     sd = jax.ShapeDtypeStruct
     cache = sd((2, 3, 2, 256, 128), jnp.bfloat16)
     ints = sd((3,), jnp.int32)
-    config = config or mgpu.mgpu_multi_token_config(8, 2, 128, jnp.bfloat16)
+    config = (config or mgpu.mgpu_multi_token_config(8, 2, 128, jnp.bfloat16))._replace(pingpong=pingpong)
     args = (sd((64, 8, 128), jnp.bfloat16), cache, cache, ints, ints, ints, sd((1,), jnp.int32))
     options = dict(scale=0.1, window=window, softcap=None, config=config)
     assert "mosaic_gpu" in ws._attend.trace(*args, **options).lower(lowering_platforms=("cuda",)).as_text()
@@ -94,3 +100,33 @@ def test_ws_option_errors(monkeypatch, options, error, match):
     monkeypatch.setattr(ws, "_attend", lambda *a, **kw: None)  # the launch itself cannot run here
     with pytest.raises(error, match=match):
         ws.multi_token_attention_mgpu_ws(*multi_token_args(), **options)
+
+
+@pytest.mark.parametrize(
+    "config,error,match",
+    [
+        (mgpu.MgpuMultiTokenConfig(16, 4, 64, 2, pingpong=1), TypeError, r"config\.pingpong=1 must be a bool"),
+        (mgpu.MgpuMultiTokenConfig(16, 4, 64, 2, pingpong=True), None, None),
+    ],
+    ids=["not_bool", "accepted"],
+)
+def test_ws_pingpong_option(monkeypatch, config, error, match):
+    """``pingpong`` is a bool the warp-specialised entry point takes."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
+    calls = []
+    monkeypatch.setattr(ws, "_attend", lambda *a, **kw: calls.append(kw["config"]))  # the launch cannot run here
+    if error is None:
+        ws.multi_token_attention_mgpu_ws(*multi_token_args(), config=config)
+        assert calls == [config]
+        return
+    with pytest.raises(error, match=match):
+        ws.multi_token_attention_mgpu_ws(*multi_token_args(), config=config)
+
+
+def test_one_warpgroup_kernel_refuses_pingpong(monkeypatch):
+    """The ping-pong schedule needs two consumers: the one-warpgroup kernel refuses it rather than ignore it."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    monkeypatch.setattr(mgpu, "_attend", lambda *a, **kw: None)
+    config = mgpu.MgpuMultiTokenConfig(16, 4, 64, 2, pingpong=True)
+    with pytest.raises(ValueError, match=r"config\.pingpong=True takes two consumer warpgroups"):
+        mgpu.multi_token_attention_mgpu(*multi_token_args(), config=config)
