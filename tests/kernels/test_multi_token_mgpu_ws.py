@@ -16,6 +16,18 @@ from pallas_kernels import multi_token_mgpu as mgpu
 from pallas_kernels import multi_token_mgpu_ws as ws
 
 ON_HOPPER = backend.mosaic_gpu_usable()
+Config = mgpu.MgpuMultiTokenConfig
+# Long key loops (the ring wraps many times) over which the consumers' ranges differ: a window cuts blocks that only
+# consumer 0 reads, the causal diagonal blocks that only consumer 1 reads. (id, sequences, N, K, D, S, window,
+# softcap, config) as test_multi_token_mgpu.CASES.
+LONG = dict(q_starts=[0, 704], lengths=[0, 500], counts=[700, 300], rows=1008)
+LONG_CASES = [
+    ("long_one_stage_window", LONG, 8, 2, 128, 1024, 300, None, Config(64, 1, 64, 1)),
+    ("long_three_stages", LONG, 8, 2, 128, 1024, None, None, Config(64, 1, 64, 3)),
+    ("long_bk128_window", LONG, 8, 2, 128, 1024, 200, None, Config(64, 1, 128, 2)),
+    ("long_g4_window_softcap", LONG, 8, 2, 128, 1024, 100, 30.0, None),
+]
+WS_CASES, WS_IDS = CASES + LONG_CASES, IDS + [c[0] for c in LONG_CASES]
 
 
 def consumer_tiles(table, *, config, window):
@@ -34,7 +46,7 @@ def consumer_tiles(table, *, config, window):
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
 def test_consumers_split_tiles_through_the_emulation(rng, case):
     q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
     table = tile_table(
@@ -51,7 +63,7 @@ def test_consumers_split_tiles_through_the_emulation(rng, case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
 @pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
 def test_ws_kernel_matches_float64(rng, case, pingpong):
     q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
     config = config._replace(pingpong=pingpong)

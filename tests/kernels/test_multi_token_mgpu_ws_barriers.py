@@ -4,7 +4,7 @@ order the kernel issues them (keep ``consumer_ops`` in step with ``_kernel``'s c
 interleavings over mbarriers that count phases and keep, per waiting thread, the parity of the next phase it waits
 for. A schedule passes if every interleaving tried finishes with no barrier holding a partial phase, no thread
 arriving twice in one phase and no waiter two phases behind (its parity would then name the wrong phase). The
-consumers' skip and computed steps come from ``_own_range`` on the tile tables of test_multi_token_mgpu.py's
+consumers' skip and computed steps come from ``_own_range`` on the tile tables of test_multi_token_mgpu_ws.py's
 cases, and from every split of short tiles.
 
 A kernel that breaks the protocol hangs on the GPU; this model finds such a break on a CPU first.
@@ -15,7 +15,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from test_multi_token_mgpu import CASES, IDS, case_inputs, tile_table
+from test_multi_token_mgpu import case_inputs, tile_table
+from test_multi_token_mgpu_ws import WS_CASES, WS_IDS
 
 from pallas_kernels import multi_token_mgpu_ws as ws
 
@@ -108,7 +109,7 @@ def kinds_of(lo, hi, steps):
 
 
 @pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
 def test_case_tiles_never_hang(rng, case, pingpong):
     """Every tile of the case's two-consumer table, each consumer computing only its own blocks."""
     q, _, _, starts, lengths, counts, window, _, config = case_inputs(rng, case)
