@@ -7,21 +7,30 @@ arriving twice in one phase and no waiter two phases behind (its parity would th
 consumers' skip and computed steps come from ``_own_range`` on the tile tables of test_multi_token_mgpu_ws.py's
 cases, and from every split of short tiles.
 
-A kernel that breaks the protocol hangs on the GPU; this model finds such a break on a CPU first.
+The model's ping-pong turns are checked against the kernel itself: its traced program takes two turns per step in
+each of its five step loops, and the two offset turns outside them (``test_kernel_takes_two_turns_in_every_step``).
+A kernel that breaks the protocol hangs on the GPU; these find such a break on a CPU first.
 """
 
+import functools
 import itertools
 from collections import Counter
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jcore
 from test_multi_token_mgpu import case_inputs, tile_table
 from test_multi_token_mgpu_ws import WS_CASES, WS_IDS
 
+from pallas_kernels import multi_token_mgpu as mgpu
 from pallas_kernels import multi_token_mgpu_ws as ws
 
+Config = mgpu.MgpuMultiTokenConfig
 CONSUMERS = ws.CONSUMERS
 INTERLEAVINGS = 20
+TURN = ("turn", 0)  # the ping-pong barrier; the ring's are (name, slot)
 
 
 def consumer_ops(wg, kinds, *, stages, pingpong, skip_turns=2):
@@ -29,7 +38,7 @@ def consumer_ops(wg, kinds, *, stages, pingpong, skip_turns=2):
     ``("arrive" | "wait", barrier)``; ``skip_turns`` other than 2 plants a bug."""
     steps = len(kinds)
     k, v, k_free, v_free = (lambda i, n=n: (n, i % stages) for n in ("k", "v", "k_free", "v_free"))
-    turn = [("arrive", "turn"), ("wait", "turn")]
+    turn = [("arrive", TURN), ("wait", TURN)]
     ops = []
     if pingpong:
         ops += [("wait", k(0))] if steps else []
@@ -40,14 +49,14 @@ def consumer_ops(wg, kinds, *, stages, pingpong, skip_turns=2):
         if kind == "skip":  # the slot released; pingpong: the computed step's two turns around the V wait
             ops += [("arrive", k_free(i))]
             if pingpong and skip_turns:
-                ops += turn * (skip_turns - 1) + [("arrive", "turn"), ("wait", v(i)), ("wait", "turn")]
+                ops += turn * (skip_turns - 1) + [("arrive", TURN), ("wait", v(i)), ("wait", TURN)]
             else:
                 ops += [("wait", v(i))]
             ops += [("arrive", v_free(i)), *next_k]
         else:  # scores issued, a turn, scores read; softmax, half a turn, V, the turn's wait; PV issued, next K
             ops += turn if pingpong else []
-            ops += [("arrive", k_free(i))] + ([("arrive", "turn")] if pingpong else [])
-            ops += [("wait", v(i))] + ([("wait", "turn")] if pingpong else [])
+            ops += [("arrive", k_free(i))] + ([("arrive", TURN)] if pingpong else [])
+            ops += [("wait", v(i))] + ([("wait", TURN)] if pingpong else [])
             ops += [*next_k, ("arrive", v_free(i))]
     ops += turn if pingpong and wg == 0 else []
     return ops
@@ -95,6 +104,7 @@ def run_protocol(programs: dict, rng) -> None:
 
 
 def tile_programs(kinds_per_wg, *, stages, pingpong, skip_turns=2):
+    """One tile's programs: both consumers' (their steps' kinds) and the producer's."""
     steps = len(kinds_per_wg[0])
     programs = {
         f"consumer{wg}": consumer_ops(wg, kinds, stages=stages, pingpong=pingpong, skip_turns=skip_turns)
@@ -150,3 +160,49 @@ def test_the_model_catches_unpaired_turns(rng, skip_turns):
     with pytest.raises(AssertionError, match=r"hang|partial phases|twice|behind"):
         for _ in range(INTERLEAVINGS):
             run_protocol(tile_programs(kinds, stages=2, pingpong=True, skip_turns=skip_turns), rng)
+
+
+def turn_ops(config, window):
+    """The kernel's own operations on its ping-pong barrier (the one barrier of one slot; the ring's have
+    ``num_stages`` > 1, the query tiles' ``2 * heads_per_tile``), from ``_attend``'s traced program: per loop body
+    (``lax.fori_loop``), the ops outside any ``pl.when`` in order, and the ops under a ``pl.when`` outside loops."""
+    sd = jax.ShapeDtypeStruct
+    cache = sd((2, 3, 2, 256, 128), jnp.bfloat16)
+    ints = sd((3,), jnp.int32)
+    args = (sd((64, 8, 128), jnp.bfloat16), cache, cache, ints, ints, ints, sd((1,), jnp.int32))
+    attend = functools.partial(ws._attend, scale=0.1, window=window, softcap=None, config=config)
+    loops, when = [], []
+
+    def walk(jaxpr, loop, conditional):
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name in ("barrier_arrive", "barrier_wait") and eqn.invars[0].aval.shape == (1,):
+                op = name.removeprefix("barrier_")
+                assert not (conditional and loop is not None), "a turn under a pl.when inside a loop"
+                (when if conditional else loop).append(op)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else [param]:
+                    sub = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+                    if not isinstance(sub, jcore.Jaxpr):
+                        continue
+                    if name == "while":
+                        loops.append([])
+                        walk(sub, loops[-1], False)
+                    else:
+                        walk(sub, loop, conditional or name == "cond")
+
+    walk(jax.make_jaxpr(attend)(*args).jaxpr, None, False)
+    return [ops for ops in loops if ops], when
+
+
+@pytest.mark.parametrize("window", [None, 70])
+@pytest.mark.parametrize("config", [Config(16, 4, 64, 2), Config(64, 1, 64, 3)], ids=str)
+def test_kernel_takes_two_turns_in_every_step(config, window):
+    """The count the module doc argues from, read off the kernel's program: each of the consumer's five loops
+    (skip, masked, plain, masked, skip steps) takes exactly two turns per step, each arrival followed by its wait,
+    none of them conditional, and outside the loops only the two offset turns (consumer 1's first, consumer 0's
+    last); without ``pingpong`` there is no such barrier."""
+    loops, when = turn_ops(config._replace(pingpong=True), window)
+    assert loops == [["arrive", "wait", "arrive", "wait"]] * 5
+    assert when == ["arrive", "wait"] * 2
+    assert turn_ops(config, window) == ([], [])
