@@ -195,7 +195,7 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
                     if pingpong:
                         wait_k(i + 1)
                     return carry
-                s = mma_scores(my_q, k_smem, slot, block_k, issued=take_turn if pingpong else None)
+                s = mma_scores(my_q, k_smem, slot, block_k, issued=take_turn)
                 plgpu.barrier_arrive(k_free.at[slot])
                 row_limits = (my_base, block_q, window) if kind == "masked" else None
                 options = dict(start=start, t=t, scale=scale, softcap=softcap)
