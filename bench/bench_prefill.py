@@ -12,7 +12,8 @@ Rows (each checked against a float32 XLA reference, relative error, before it is
   contiguous ``[B, K, S, D]`` cache; ``mgpu_paged`` (chunk): ``multi_token_mgpu_paged`` on the same contents in
   page-16 pools ``[P, K, 16, D]`` at randomly permuted pages; ``mgpu_ws``: its warp-specialised variant
   (``multi_token_mgpu_ws``: two consumer warpgroups, one producer), and ``mgpu_ws_paged`` (chunk) on the paged
-  ones (``multi_token_mgpu_ws_paged``: the producer copies the pages through the table);
+  ones (``multi_token_mgpu_ws_paged``: the producer copies the pages through the table); ``mgpu_ws_pp`` and
+  ``mgpu_ws_paged_pp``: the same with the consumers' ping-pong schedule (``config.pingpong``);
 * ``triton``: ``pallas_kernels.multi_token.multi_token_attention`` (imported lazily; skipped where absent), and
   ``triton_paged`` (the same pools and table) for the chunk where that module has a paged entry
   (:data:`PAGED_ENTRIES`, called as ``entry(q, k_pages, v_pages, block_tables, q_starts, lengths, counts)``);
@@ -36,7 +37,9 @@ XLA rows only (``xla``: ``jax.nn.dot_product_attention(implementation="xla")`` i
 script on a CPU in seconds.
 
 Usage: ``python bench/bench_prefill.py --out DIR [--cases prefill-8k chunk-2k verify-64x5] [--rounds 5]
-[--configs 64/1/64/2 16/4/128/2]`` (Mosaic GPU launch parameters timed beside the default).
+[--configs 64/1/64/2 16/4/128/2] [--ws-configs 16/4/64/3]`` (Mosaic GPU launch parameters timed beside the
+default: ``--configs`` for ``mgpu``, rows ``mgpu[...]``; ``--ws-configs`` for the warp-specialised kernel without
+and with the ping-pong schedule, rows ``mgpu_ws[...]`` and ``mgpu_ws_pp[...]``).
 Appends one JSON line per case to ``DIR/bench_prefill.jsonl``; prints a table last.
 """
 
@@ -150,10 +153,10 @@ def smoke_time(fn, arg_sets, est_s: float) -> dict:
     return {"compile_s": compile_s, "method": "wall (smoke)", "time_s": sorted(samples)[1], "spread_s": 0.0}
 
 
-def jkv_rows(case: Case, smoke: bool, configs=()) -> dict:
+def jkv_rows(case: Case, smoke: bool, configs=(), ws_configs=()) -> dict:
     """``name: (fn, set transform)`` of jkv's kernels that this process can run (Triton module imported lazily);
-    ``configs``: Mosaic GPU launch parameters ``"block_q/heads_per_tile/block_k/num_stages"`` timed beside the
-    default (rows ``mgpu[...]``)."""
+    ``configs``, ``ws_configs``: Mosaic GPU launch parameters ``"block_q/heads_per_tile/block_k/num_stages"``
+    timed beside the default (rows ``mgpu[...]``; ``mgpu_ws[...]`` and ``mgpu_ws_pp[...]``)."""
     from pallas_kernels import backend
 
     rows = {}
@@ -165,18 +168,25 @@ def jkv_rows(case: Case, smoke: bool, configs=()) -> dict:
         rows["mgpu"] = (mgpu.multi_token_attention_mgpu, None)
         from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws
 
+        pingpong = mgpu.mgpu_multi_token_config(*case.heads, jnp.bfloat16)._replace(pingpong=True)
         rows["mgpu_ws"] = (multi_token_attention_mgpu_ws, None)
+        rows["mgpu_ws_pp"] = (functools.partial(multi_token_attention_mgpu_ws, config=pingpong), None)
         if case.batch == 1 and case.cached:  # the chunk: the same kernel through a permuted page-16 block table
             from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged
 
-            rows["mgpu_paged"] = (multi_token_attention_mgpu_paged, lambda sets: paged_sets(sets, seed=1))
+            pages = lambda sets: paged_sets(sets, seed=1)
+            rows["mgpu_paged"] = (multi_token_attention_mgpu_paged, pages)
             from pallas_kernels.multi_token_mgpu_ws_paged import multi_token_attention_mgpu_ws_paged
 
-            rows["mgpu_ws_paged"] = (multi_token_attention_mgpu_ws_paged, lambda sets: paged_sets(sets, seed=1))
+            rows["mgpu_ws_paged"] = (multi_token_attention_mgpu_ws_paged, pages)
+            rows["mgpu_ws_paged_pp"] = (functools.partial(multi_token_attention_mgpu_ws_paged, config=pingpong), pages)
+        parse = lambda text: mgpu.MgpuMultiTokenConfig(*(int(x) for x in text.split("/")))
         for text in configs:
-            config = mgpu.MgpuMultiTokenConfig(*(int(x) for x in text.split("/")))
-            fn = functools.partial(mgpu.multi_token_attention_mgpu, config=config)
-            rows[f"mgpu[{text}]"] = (fn, None)
+            rows[f"mgpu[{text}]"] = (functools.partial(mgpu.multi_token_attention_mgpu, config=parse(text)), None)
+        for text in ws_configs:
+            for row, pp in (("mgpu_ws", False), ("mgpu_ws_pp", True)):
+                config = parse(text)._replace(pingpong=pp)
+                rows[f"{row}[{text}]"] = (functools.partial(multi_token_attention_mgpu_ws, config=config), None)
     try:
         triton = importlib.import_module("pallas_kernels.multi_token")
     except ImportError:
@@ -192,7 +202,7 @@ def jkv_rows(case: Case, smoke: bool, configs=()) -> dict:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log, configs=()) -> dict:
+def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log, configs=(), ws_configs=()) -> dict:
     sets, copies = case_sets(case, seed=zlib.crc32(name.encode()), rotate_bytes=0 if smoke else common.ROTATE_BYTES)
     work = flops(case)
     est_s = work / 300e12 + 10e-6
@@ -217,7 +227,7 @@ def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log, c
             samplers[row] = common.jax_sampler(fn, arg_sets, est_s)
 
     flat = lambda out: out.reshape(case.batch * case.new, *case.heads[::2])
-    for row, (fn, transform) in jkv_rows(case, smoke, configs).items():
+    for row, (fn, transform) in jkv_rows(case, smoke, configs, ws_configs).items():
         record(row, fn, transform(sets) if transform else sets)
     dsets = dpa_sets(case, sets)
     record("xla" if smoke else "cudnn", dpa(case, "xla" if smoke else "cudnn"), dsets, flat)
@@ -256,8 +266,10 @@ def table(reports: list[dict]) -> str:
     rows = (
         "mgpu",
         "mgpu_ws",
+        "mgpu_ws_pp",
         "mgpu_paged",
         "mgpu_ws_paged",
+        "mgpu_ws_paged_pp",
         "triton",
         "triton_paged",
         "cudnn",
@@ -266,7 +278,7 @@ def table(reports: list[dict]) -> str:
         "xla_ref",
         "decode",
     )
-    swept = sorted({r for rep in reports for r in rep["results"] if r.startswith("mgpu[")})
+    swept = sorted({r for rep in reports for r in rep["results"] if r.startswith(("mgpu[", "mgpu_ws"))} - set(rows))
     present = [r for r in (*rows[:1], *swept, *rows[1:]) if any(r in rep["results"] for rep in reports)]
     lines = [
         f"{'case':>12} "
@@ -277,8 +289,11 @@ def table(reports: list[dict]) -> str:
         res, inter = rep["results"], rep.get("interleaved", {})
         t = lambda r, res=res, inter=inter: inter.get(r, res.get(r, {})).get("time_s", float("nan"))
         cell = lambda r, res=res, t=t: f"{t(r) * 1e6:8.1f} ({res.get(r, {}).get('tflops', float('nan')):6.1f})"
-        best = min((x for x in (t("mgpu"), t("mgpu_ws"), t("triton")) if not math.isnan(x)), default=float("nan"))
-        paged = min((x for x in (t("mgpu_paged"), t("mgpu_ws_paged")) if not math.isnan(x)), default=float("nan"))
+        best = min(
+            (x for x in map(t, ("mgpu", "mgpu_ws", "mgpu_ws_pp", "triton")) if not math.isnan(x)), default=math.nan
+        )
+        pages = ("mgpu_paged", "mgpu_ws_paged", "mgpu_ws_paged_pp")
+        paged = min((x for x in map(t, pages) if not math.isnan(x)), default=math.nan)
         lines.append(
             f"{rep['case']:>12} "
             + " ".join(f"{cell(r):>17}" for r in present)
@@ -293,6 +308,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (0: none)")
     parser.add_argument("--configs", nargs="*", default=[], help="Mosaic GPU launch parameters bq/heads/bk/stages")
+    parser.add_argument("--ws-configs", nargs="*", default=[], help="the same for mgpu_ws and mgpu_ws_pp")
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("JKV_PREFILL_SMOKE") == "1")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -302,16 +318,14 @@ def main(argv=None) -> None:
     path = args.out / "bench_prefill.jsonl"
     meta = {**common.meta(torch), "smoke": args.smoke}
     log(json.dumps(meta))
-    reports = []
+    reports, sweeps = [], dict(configs=args.configs, ws_configs=args.ws_configs)
     for name in args.cases:
         case = cases[name]
         log(
             f"{name}: B={case.batch} cached={case.cached} new={case.new} S={case.max_len} heads={case.heads}, "
             f"{flops(case) / 1e9:.1f} GFLOP"
         )
-        reports.append(
-            bench_case(name, case, torch, rounds=args.rounds, smoke=args.smoke, log=log, configs=args.configs)
-        )
+        reports.append(bench_case(name, case, torch, rounds=args.rounds, smoke=args.smoke, log=log, **sweeps))
         with path.open("a") as f:
             f.write(json.dumps({"meta": meta, **reports[-1]}) + "\n")
         jax.clear_caches()

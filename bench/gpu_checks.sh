@@ -2,7 +2,8 @@
 # The GPU checks the open kernel issues owe, in one device call (docs/BENCHMARKS.md says which figure goes where):
 #   1. the GPU-marked tests with the real lowerings, one log per group: Triton (part tests), Mosaic GPU (part mgpu);
 #   2. old main (the redesign's base, unpacked in .ab_old by the caller) against this checkout (bench/ab.py);
-#   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py);
+#   3. multi-token attention against cuDNN and torch SDPA (bench/bench_prefill.py; part prefill); the warp-specialised
+#      kernels' ping-pong schedule (part pingpong: its GPU tests, then prefill and chunk with its rows and sweeps);
 #   4. quantized weights (issue 26): the qmatmul kernel variants (part qmatmul: its GPU tests, bench/bench_qmatmul.py),
 #      the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request); the engine workload with
 #      bf16, Q8_0 and Q4_K weights (part qengine: bench/bench_engine.py's mixed workload, a run per format);
@@ -10,7 +11,7 @@
 #   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|mgpu|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,9 +44,16 @@ for part in "${parts[@]}"; do
     mgpu)  # the Mosaic GPU tests (a call of their own: with the Triton tests they pass one call's 10 minutes)
       run tests_mgpu 240 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu.py \
         tests/kernels/test_multi_token_mgpu_paged.py tests/kernels/test_decode_mgpu.py tests/kernels/test_decode_mgpu_paged.py
-      run tests_mgpu_ws 60 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws.py
-      run tests_mgpu_ws_paged 180 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws_paged.py
+      run tests_mgpu_ws 120 python -m pytest -q -m gpu -k "not pingpong" tests/kernels/test_multi_token_mgpu_ws.py
+      run tests_mgpu_ws_paged 180 python -m pytest -q -m gpu -k "not pingpong" \
+        tests/kernels/test_multi_token_mgpu_ws_paged.py
       run tests_qmatmul_mgpu 120 python -m pytest -q -m gpu tests/kernels/test_qmatmul_mgpu.py
+      ;;
+    pingpong)  # the warp-specialised kernels' ping-pong schedule (issue 20; new: a barrier mistake would hang)
+      run tests_mgpu_ws_pp 240 python -m pytest -q -m gpu -k pingpong tests/kernels/test_multi_token_mgpu_ws.py \
+        tests/kernels/test_multi_token_mgpu_ws_paged.py
+      run prefill_pp 480 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 5 \
+        --ws-configs 16/4/128/2 16/4/64/3
       ;;
     mgpu_q8)  # the Mosaic GPU Q8 / FP8 decode kernel's tests (issue 22; new, so a part of its own)
       run tests_decode_mgpu_q8 300 python -m pytest -q -m gpu tests/kernels/test_decode_mgpu_q8.py
@@ -91,7 +99,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (tests, mgpu, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 

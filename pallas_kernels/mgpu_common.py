@@ -62,24 +62,32 @@ def initial_carry(head_dim: int):
     )
 
 
-def mma_scores(q, k_smem, slot, block_k: int):
+def mma_scores(q, k_smem, slot, block_k: int, *, issued=None):
     """``q @ K^T`` of ring slot ``slot`` (``k_smem [stages, bk, D]``) as a warpgroup MMA: float32 ``[ROWS, bk]``
-    in registers. ``q``: ``[ROWS, D]`` registers or shared memory."""
+    in registers. ``q``: ``[ROWS, D]`` registers or shared memory. ``issued()`` (if given) runs once the MMA is
+    issued, before its result is waited for."""
     plgpu = backend.mosaic_gpu_module()
 
     def qk(s_ref):
         plgpu.wgmma(s_ref, q, k_smem.at[slot].transpose((1, 0)))
+        if issued is not None:
+            issued()
         return s_ref[...]
 
     return pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))
 
 
-def mma_accumulate(acc, p, v_smem, slot):
-    """``acc + p @ V`` of ring slot ``slot`` as a warpgroup MMA (``p`` cast to the slot's dtype)."""
+def mma_accumulate(acc, p, v_smem, slot, *, issued=None):
+    """``acc + p @ V`` of ring slot ``slot`` as a warpgroup MMA (``p`` cast to the slot's dtype); ``issued()``
+    (if given) runs once the MMA is issued, before its result is waited for."""
     plgpu = backend.mosaic_gpu_module()
-    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot]))(
-        plgpu.ACC.init(acc)
-    )
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot])
+        if issued is not None:
+            issued()
+
+    return pl.run_state(pv)(plgpu.ACC.init(acc))
 
 
 def ring_scores(q, k_smem, k_barriers, slot, block_k: int, *, refill, fetch):

@@ -54,6 +54,9 @@ class MgpuMultiTokenConfig(NamedTuple):
     heads_per_tile: int  # query heads of one kv head per tile (divides G)
     block_k: int  # key positions per ring slot (BLOCK_KS)
     num_stages: int  # ring slots: K/V blocks in flight per program
+    # the warp-specialised kernels' two consumers take turns at the tensor cores, one's softmax overlapping the
+    # other's MMAs (multi_token_mgpu_ws); the one-warpgroup kernels refuse it
+    pingpong: bool = False
 
 
 def mgpu_multi_token_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> MgpuMultiTokenConfig:
@@ -139,8 +142,13 @@ def resolve_config(config, num_heads, kv_heads, head_dim, dtype, out_dtype, cons
     if not isinstance(config, MgpuMultiTokenConfig):
         raise TypeError(f"config must be an MgpuMultiTokenConfig or None, got {config!r}")
     for name, value in config._asdict().items():
-        if not checks.is_int(value) or value < 1:
+        if name == "pingpong":
+            if not isinstance(value, bool):
+                raise TypeError(f"config.pingpong={value!r} must be a bool")
+        elif not checks.is_int(value) or value < 1:
             raise ValueError(f"config.{name}={value!r} must be a positive int")
+    if config.pingpong and consumers != 2:
+        raise ValueError(f"config.pingpong=True takes two consumer warpgroups (multi_token_mgpu_ws*), not {consumers}")
     if config.block_q * config.heads_per_tile != ROWS or config.block_q % ALIGN:
         raise ValueError(
             f"config.block_q={config.block_q} x heads_per_tile={config.heads_per_tile} must be {ROWS} rows, "

@@ -37,7 +37,7 @@ def kernel(
     pages_per_seq: int | None,  # M: the block table's columns (None: a contiguous cache)
 ):
     plgpu = backend.mosaic_gpu_module()
-    block_q, heads, block_k, stages = config
+    block_q, heads, block_k, stages = config.block_q, config.heads_per_tile, config.block_k, config.num_stages
     num_layers, _, _, max_len, head_dim = k_ref.shape
     page_size = max_len
     if pages_per_seq is not None:

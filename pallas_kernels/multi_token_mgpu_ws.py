@@ -9,6 +9,26 @@ for (and releases) every block of the tile's range in order, skipping the comput
 consumers zero the same V rows (outside the tile's key range) before their PV product: the same zeros, whichever
 writes first. How the producer fills a ring slot is a :class:`Fill` (the contiguous cache's blocks by default;
 pages through the block table: ``multi_token_mgpu_ws_paged``).
+
+``config.pingpong`` (FlashAttention-3's ping-pong schedule): the consumers take turns at the tensor cores through
+a barrier of two arrivals, so that one's softmax runs while the other's products do. In each step a consumer takes
+two turns (arrives, then waits): one after issuing ``q @ K^T``, before reading the scores, and one after its
+softmax, before issuing ``p @ V`` (the V slot's wait sits between that turn's arrival and its wait). Consumer 1
+takes one turn before its loop and consumer 0 one after it, so consumer 0 arrives at phases ``2i, 2i + 1`` in step
+``i`` and consumer 1 at ``2i + 1, 2i + 2``: each phase pairs one consumer's issued scores with the other's finished
+softmax. A consumer also waits for the next block's K while its ``p @ V`` runs (the first block's before the loop).
+Why it cannot hang:
+
+* each consumer waits once on every phase, after its own arrival at it, so neither can arrive twice in one phase
+  (and the parity a waiting thread tracks stays right);
+* both consumers arrive ``2 * (t_hi - t_lo) + 1`` times on every tile, whatever their own keys: both run every
+  step of the tile's range (their five loops cut it at the monotone bounds of ``_own_range``), and a skip step
+  takes the same two turns as a computed one, between the same ring waits and releases;
+* a consumer's ring waits need only releases that the other makes before the arrival this consumer waits on next,
+  so no wait closes a cycle: block ``i + 1``'s K (waited after step ``i``'s second turn) needs block ``i``'s K slot
+  and the V slots before it released, block ``i``'s V (waited inside that turn) the slots before block ``i``; a
+  consumer releases block ``i``'s K slot before its second arrival in step ``i``, its V slot before its first
+  arrival in step ``i + 1``.
 """
 
 from __future__ import annotations
@@ -84,7 +104,8 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
     # refs as in multi_token_mgpu_kernel.kernel; the tile table is cut at 2 * block_q tokens; fill: a Fill (None:
     # a contiguous [L, B, K, S, D] cache)
     plgpu = backend.mosaic_gpu_module()
-    block_q, heads, block_k, stages = config
+    block_q, heads, block_k, stages = config.block_q, config.heads_per_tile, config.block_k, config.num_stages
+    pingpong = config.pingpong
     num_layers, _, _, max_len, head_dim = k_ref.shape
     if fill is None:
         fill = Fill(functools.partial(contiguous_copies, block_k=block_k), capacity=max_len, copies=1)
@@ -100,8 +121,26 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
     window_start = functools.partial(kernel.block_start, block_k=block_k, max_len=fill.capacity)
     where = Where(layer=layer, b=b, kv_head=kv_head, lo=lo, hi=hi)
 
-    def scoped(q_smem, o_smem, k_smem, v_smem, q_barriers, k_barriers, v_barriers, k_free, v_free):
+    def scoped(q_smem, o_smem, k_smem, v_smem, q_barriers, k_barriers, v_barriers, k_free, v_free, *turns):
+        # turns: the ping-pong schedule's barrier (config.pingpong), else none
         wg = lax.axis_index("wg")
+
+        def turn_arrive():  # this consumer's half of a turn is done (no-ops without pingpong)
+            if pingpong:
+                plgpu.barrier_arrive(turns[0])
+
+        def turn_wait():  # ... and the other consumer's too
+            if pingpong:
+                plgpu.barrier_wait(turns[0])
+
+        def take_turn():
+            turn_arrive()
+            turn_wait()
+
+        def wait_k(i):  # block i's K (pingpong: waited one step ahead, while the step before's PV product runs)
+            @pl.when(i < steps)
+            def _wait():
+                plgpu.barrier_wait(k_barriers.at[lax.rem(i, jnp.int32(stages))])
 
         def fetch(i, slot, wait: bool):  # K, then V, of the loop's block i into a ring slot (once freed)
             copies = fill.locate(where, window_start(t_lo + i))  # a page table's reads ahead of the wait
@@ -144,29 +183,45 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
                 slot = lax.rem(i, jnp.int32(stages))
                 t = t_lo + i
                 start = window_start(t)
-                plgpu.barrier_wait(k_barriers.at[slot])
+                if not pingpong:
+                    plgpu.barrier_wait(k_barriers.at[slot])
                 if kind == "skip":  # outside this consumer's keys: release the slot, keep the barriers' phases
                     plgpu.barrier_arrive(k_free.at[slot])
+                    take_turn()  # pingpong: the two turns of a computed step (see the module doc)
+                    turn_arrive()
                     plgpu.barrier_wait(v_barriers.at[slot])
+                    turn_wait()
                     plgpu.barrier_arrive(v_free.at[slot])
+                    if pingpong:
+                        wait_k(i + 1)
                     return carry
-                s = mma_scores(my_q, k_smem, slot, block_k)
+                s = mma_scores(my_q, k_smem, slot, block_k, issued=take_turn)
                 plgpu.barrier_arrive(k_free.at[slot])
                 row_limits = (my_base, block_q, window) if kind == "masked" else None
                 options = dict(start=start, t=t, scale=scale, softcap=softcap)
                 p, m_new, denom, acc = kernel.softmax_block(s, carry, row_limits, **options)
+                if pingpong:  # the softmax done before the turn passes (arithmetic could move past an arrival)
+                    acc, m_new, denom, p = lax.optimization_barrier((acc, m_new, denom, p.astype(dtype)))
+                turn_arrive()
                 plgpu.barrier_wait(v_barriers.at[slot])
                 if kind == "masked":  # the tile's key range: both consumers write the same zeros
                     kernel.zero_v_outside(v_smem, slot, start=start, t=t, lo=lo, hi=hi)
-                acc = mma_accumulate(acc, p, v_smem, slot)
+                turn_wait()
+                next_k = functools.partial(wait_k, i + 1) if pingpong else None
+                acc = mma_accumulate(acc, p, v_smem, slot, issued=next_k)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, denom
 
             carry = initial_carry(head_dim)
+            if pingpong:  # the first block's K, then consumer 1 a turn behind consumer 0
+                wait_k(0)
+                pl.when(wg == 1)(take_turn)
             bounds = (0, my_lo - t_lo, my_ulo - t_lo, my_uhi - t_lo, my_hi - t_lo, steps)
             kinds = ("skip", "masked", "plain", "masked", "skip")
             for (a, z), kind in zip(itertools.pairwise(bounds), kinds, strict=True):
                 carry = lax.fori_loop(a, z, functools.partial(step, kind=kind), carry)
+            if pingpong:  # consumer 0's last turn, which consumer 1's last step waits for
+                pl.when(wg == 0)(take_turn)
             acc, _, denom = carry
             kernel.store_rows(
                 plgpu, acc, denom, o_smem.at[wg], o_ref, row0 + wg * block_q, my_skip, my_rows, first_head, config
@@ -183,6 +238,7 @@ def _kernel(table_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *, config, group, 
         plgpu.Barrier(num_arrivals=fill.copies, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        *([plgpu.Barrier(num_arrivals=CONSUMERS)] if pingpong else []),
         collective_axes="wg",
     )
 

@@ -43,6 +43,7 @@ MULTI_TOKEN_MGPU_OPTION_ERRORS = [
     ("block_k", dict(config=Config(16, 4, 32, 2)), ValueError, r"block_k=32 must be one of \(64, 128\)"),
     ("smem", dict(config=Config(16, 4, 128, 8)), ValueError, "bytes of shared memory"),
     ("config_type", dict(config=(16, 4, 64, 2)), TypeError, "config must be an MgpuMultiTokenConfig"),
+    ("pingpong_type", dict(config=Config(16, 4, 64, 2, pingpong=1)), TypeError, r"config\.pingpong=1 must be a bool"),
     ("window", dict(window=0), ValueError, "window=0 must be None or an int >= 1"),
     ("softcap", dict(softcap=-1.0), ValueError, "softcap=-1.0 must be None or a positive number"),
     ("scale", dict(scale="x"), TypeError, "scale must be a Python number"),

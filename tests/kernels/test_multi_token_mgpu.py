@@ -70,7 +70,7 @@ def emulate(tiles, q, k, v, *, config, scale, window, softcap):
     the blocks each loads, its masks, the V rows it zeroes, the rows it stores. Returns out (NaN where no tile
     stored) and the stores per row."""
     num_rows, num_heads, _ = q.shape
-    block_q, _, block_k, _ = config
+    block_q, block_k = config.block_q, config.block_k
     max_len = k.shape[2]
     padded = max(block_k, -(-max_len // 8) * 8)  # the wrapper's padding of S (NaN here: never to be read)
     k, v = (np.pad(x, ((0, 0), (0, 0), (0, padded - max_len), (0, 0)), constant_values=np.nan) for x in (k, v))

@@ -16,6 +16,18 @@ from pallas_kernels import multi_token_mgpu as mgpu
 from pallas_kernels import multi_token_mgpu_ws as ws
 
 ON_HOPPER = backend.mosaic_gpu_usable()
+Config = mgpu.MgpuMultiTokenConfig
+# Long key loops (the ring wraps many times) over which the consumers' ranges differ: a window cuts blocks that only
+# consumer 0 reads, the causal diagonal blocks that only consumer 1 reads. (id, sequences, N, K, D, S, window,
+# softcap, config) as test_multi_token_mgpu.CASES.
+LONG = dict(q_starts=[0, 704], lengths=[0, 500], counts=[700, 300], rows=1008)
+LONG_CASES = [
+    ("long_one_stage_window", LONG, 8, 2, 128, 1024, 300, None, Config(64, 1, 64, 1)),
+    ("long_three_stages", LONG, 8, 2, 128, 1024, None, None, Config(64, 1, 64, 3)),
+    ("long_bk128_window", LONG, 8, 2, 128, 1024, 200, None, Config(64, 1, 128, 2)),
+    ("long_g4_window_softcap", LONG, 8, 2, 128, 1024, 100, 30.0, None),
+]
+WS_CASES, WS_IDS = CASES + LONG_CASES, IDS + [c[0] for c in LONG_CASES]
 
 
 def consumer_tiles(table, *, config, window):
@@ -34,7 +46,7 @@ def consumer_tiles(table, *, config, window):
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
 def test_consumers_split_tiles_through_the_emulation(rng, case):
     q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
     table = tile_table(
@@ -50,9 +62,11 @@ def test_consumers_split_tiles_through_the_emulation(rng, case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_ws_kernel_matches_float64(rng, case):
+@pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
+@pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
+def test_ws_kernel_matches_float64(rng, case, pingpong):
     q, k, v, starts, lengths, counts, window, softcap, config = case_inputs(rng, case)
+    config = config._replace(pingpong=pingpong)
     bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)).astype(np.float64)
     ref = multi_token_attention_f64(bf(q), bf(k), bf(v), starts, lengths, counts, window=window, softcap=softcap)
     args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(x) for x in (starts, lengths, counts)]
@@ -63,15 +77,19 @@ def test_ws_kernel_matches_float64(rng, case):
     assert rel_err(out, ref) < REL_TOL["bfloat16"]
 
 
+@pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
 @pytest.mark.parametrize(
-    "config,window", [(None, None), (mgpu.MgpuMultiTokenConfig(64, 1, 128, 2), 70)], ids=["default", "bk128_window"]
+    "config,window",
+    [(None, None), (mgpu.MgpuMultiTokenConfig(64, 1, 128, 2), 70), (mgpu.MgpuMultiTokenConfig(16, 4, 64, 1), 40)],
+    ids=["default", "bk128_window", "one_stage_window"],
 )
-def test_ws_lowers_for_cuda(config, window):
-    """Three warpgroups (two consumers, a producer) sharing the ring through barriers: Mosaic GPU lowers it."""
+def test_ws_lowers_for_cuda(config, window, pingpong):
+    """Three warpgroups (two consumers, a producer) sharing the ring through barriers, with or without the
+    consumers' ping-pong barrier: Mosaic GPU lowers it."""
     sd = jax.ShapeDtypeStruct
     cache = sd((2, 3, 2, 256, 128), jnp.bfloat16)
     ints = sd((3,), jnp.int32)
-    config = config or mgpu.mgpu_multi_token_config(8, 2, 128, jnp.bfloat16)
+    config = (config or mgpu.mgpu_multi_token_config(8, 2, 128, jnp.bfloat16))._replace(pingpong=pingpong)
     args = (sd((64, 8, 128), jnp.bfloat16), cache, cache, ints, ints, ints, sd((1,), jnp.int32))
     options = dict(scale=0.1, window=window, softcap=None, config=config)
     assert "mosaic_gpu" in ws._attend.trace(*args, **options).lower(lowering_platforms=("cuda",)).as_text()
@@ -94,3 +112,22 @@ def test_ws_option_errors(monkeypatch, options, error, match):
     monkeypatch.setattr(ws, "_attend", lambda *a, **kw: None)  # the launch itself cannot run here
     with pytest.raises(error, match=match):
         ws.multi_token_attention_mgpu_ws(*multi_token_args(), **options)
+
+
+def test_ws_takes_pingpong(monkeypatch):
+    """The warp-specialised entry point passes ``config.pingpong`` on to its kernel."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)  # reach the checks that follow it
+    calls = []
+    monkeypatch.setattr(ws, "_attend", lambda *a, **kw: calls.append(kw["config"]))  # the launch cannot run here
+    config = mgpu.MgpuMultiTokenConfig(16, 4, 64, 2, pingpong=True)
+    ws.multi_token_attention_mgpu_ws(*multi_token_args(), config=config)
+    assert calls == [config]
+
+
+def test_one_warpgroup_kernel_refuses_pingpong(monkeypatch):
+    """The ping-pong schedule needs two consumers: the one-warpgroup kernel refuses it rather than ignore it."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    monkeypatch.setattr(mgpu, "_attend", lambda *a, **kw: None)
+    config = mgpu.MgpuMultiTokenConfig(16, 4, 64, 2, pingpong=True)
+    with pytest.raises(ValueError, match=r"config\.pingpong=True takes two consumer warpgroups"):
+        mgpu.multi_token_attention_mgpu(*multi_token_args(), config=config)

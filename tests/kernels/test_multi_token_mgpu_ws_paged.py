@@ -49,11 +49,13 @@ def paged_case(rng, name, page_size):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
+@pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
 @pytest.mark.parametrize("name,page_size,layer", PAGED, ids=IDS)
-def test_ws_paged_kernel_matches_float64(rng, name, page_size, layer):
+def test_ws_paged_kernel_matches_float64(rng, name, page_size, layer, pingpong):
     q, k, v, k_pages, v_pages, table, starts, lengths, counts, window, softcap, config = paged_case(
         rng, name, page_size
     )
+    config = config._replace(pingpong=pingpong)
     bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)).astype(np.float64)
     ref = multi_token_attention_f64(bf(q), bf(k), bf(v), starts, lengths, counts, window=window, softcap=softcap)
     if layer is not None:  # two layers, the other all NaN: only the selected one may be read
@@ -103,24 +105,26 @@ def test_slots_hold_every_key_of_their_tile(rng, name, page_size, layer):
     assert slots > 0
 
 
-def lower_for_cuda(page_size, block_k, window, stages):
+def lower_for_cuda(page_size, block_k, window, stages, pingpong=False):
     """``_attend`` of a three-sequence call over two-layer pools, lowered for CUDA (no GPU needed)."""
     layers, pages, kv_heads, head_dim, batch, per_seq = 2, 40, 2, 128, 3, 16
     sd = jax.ShapeDtypeStruct
     pools = sd((layers, pages, kv_heads, page_size, head_dim), jnp.bfloat16)
     ints = sd((batch,), jnp.int32)
     args = (sd((64, 8, head_dim), jnp.bfloat16), pools, pools, sd((batch * per_seq,), jnp.int32), ints, ints, ints)
-    config = mgpu.MgpuMultiTokenConfig(16, 4, block_k, stages)
+    config = mgpu.MgpuMultiTokenConfig(16, 4, block_k, stages, pingpong=pingpong)
     options = dict(scale=0.1, window=window, softcap=None, config=config, pages_per_seq=per_seq)
     return wsp._attend.trace(*args, sd((1,), jnp.int32), **options).lower(lowering_platforms=("cuda",))
 
 
+@pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "pingpong"])
 @pytest.mark.parametrize(
     "page_size,block_k,window,stages", [(16, 64, None, 2), (8, 64, 40, 3), (64, 128, 70, 2)], ids=str
 )
-def test_ws_paged_lowers_for_cuda(page_size, block_k, window, stages):
-    """A producer warpgroup issuing one TMA copy per page, all on the slot's barrier: Mosaic GPU lowers it."""
-    assert "mosaic_gpu" in lower_for_cuda(page_size, block_k, window, stages).as_text()
+def test_ws_paged_lowers_for_cuda(page_size, block_k, window, stages, pingpong):
+    """A producer warpgroup issuing one TMA copy per page, all on the slot's barrier (the consumers with or without
+    their ping-pong barrier): Mosaic GPU lowers it."""
+    assert "mosaic_gpu" in lower_for_cuda(page_size, block_k, window, stages, pingpong).as_text()
 
 
 def test_copies_per_slot_match_the_barrier(monkeypatch):
