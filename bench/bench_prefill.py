@@ -202,7 +202,9 @@ def jkv_rows(case: Case, smoke: bool, configs=(), ws_configs=()) -> dict:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log, configs=(), ws_configs=()) -> dict:
+def bench_case(
+    name: str, case: Case, torch, *, rounds: int, smoke: bool, log, configs=(), ws_configs=(), only=None
+) -> dict:
     sets, copies = case_sets(case, seed=zlib.crc32(name.encode()), rotate_bytes=0 if smoke else common.ROTATE_BYTES)
     work = flops(case)
     est_s = work / 300e12 + 10e-6
@@ -228,7 +230,8 @@ def bench_case(name: str, case: Case, torch, *, rounds: int, smoke: bool, log, c
 
     flat = lambda out: out.reshape(case.batch * case.new, *case.heads[::2])
     for row, (fn, transform) in jkv_rows(case, smoke, configs, ws_configs).items():
-        record(row, fn, transform(sets) if transform else sets)
+        if only is None or row in only or row.split("[")[0] in only:
+            record(row, fn, transform(sets) if transform else sets)
     dsets = dpa_sets(case, sets)
     record("xla" if smoke else "cudnn", dpa(case, "xla" if smoke else "cudnn"), dsets, flat)
     del dsets
@@ -309,16 +312,18 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (0: none)")
     parser.add_argument("--configs", nargs="*", default=[], help="Mosaic GPU launch parameters bq/heads/bk/stages")
     parser.add_argument("--ws-configs", nargs="*", default=[], help="the same for mgpu_ws and mgpu_ws_pp")
+    parser.add_argument("--rows", nargs="*", default=None, help="jkv rows to time (default: all; peers always)")
+    parser.add_argument("--no-torch", action="store_true", help="leave torch SDPA out")
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("JKV_PREFILL_SMOKE") == "1")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch = None if args.smoke else common.load_torch()
+    torch = None if args.smoke or args.no_torch else common.load_torch()
     log, cases = common.log, SMOKE_CASES if args.smoke else CASES
     path = args.out / "bench_prefill.jsonl"
     meta = {**common.meta(torch), "smoke": args.smoke}
     log(json.dumps(meta))
-    reports, sweeps = [], dict(configs=args.configs, ws_configs=args.ws_configs)
+    reports, sweeps = [], dict(configs=args.configs, ws_configs=args.ws_configs, only=args.rows)
     for name in args.cases:
         case = cases[name]
         log(
