@@ -10,8 +10,10 @@
 #   5. Mistral-7B / Gemma-2-9B-shaped decode steps against HF's hybrid static cache (issue 23; part families);
 #   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
-#      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON).
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+#      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
+#   8. part quick: a short call for a scarce machine (the multi-token dispatch's and warp-specialised kernels' GPU
+#      tests, prefill and chunk without torch, the engine's mixed workload), best with GPU_CHECKS_BUDGET=460.
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +24,19 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests)
 declare -A rc
 
+# GPU_CHECKS_BUDGET (seconds, optional): every part's limit is cut to what is left of it, so that one device call
+# ends inside its own limit whatever the parts given (a part reached with under 10 s left is skipped).
+budget_end=$((SECONDS + ${GPU_CHECKS_BUDGET:-100000}))
+
 run() {  # name, seconds, command...
-  local name=$1 secs=$2
+  local name=$1 secs=$2 left=$((budget_end - SECONDS))
   shift 2
+  [ "$secs" -gt "$left" ] && secs=$left
+  if [ "$secs" -lt 10 ]; then
+    echo "== $name skipped: the call's budget is spent"
+    rc[$name]=skipped
+    return
+  fi
   echo "== $name (limit ${secs}s): $*"
   timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
   rc[$name]=$?
@@ -54,6 +66,16 @@ for part in "${parts[@]}"; do
         tests/kernels/test_multi_token_mgpu_ws_paged.py
       run prefill_pp 480 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 5 \
         --ws-configs 16/4/128/2 16/4/64/3
+      ;;
+    quick)  # the short call of a scarce machine: what this session's changes need first (issue 20 and 21)
+      run tests_dispatch 80 python -m pytest -q -m gpu tests/kernels/test_dispatch_multi_token.py
+      run tests_mgpu_ws_pp 70 python -m pytest -q -m gpu -k pingpong tests/kernels/test_multi_token_mgpu_ws.py
+      run tests_mgpu_ws_paged 90 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws_paged.py
+      run prefill_quick 170 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 3 \
+        --no-torch --rows mgpu mgpu_ws mgpu_ws_pp mgpu_paged mgpu_ws_paged mgpu_ws_paged_pp triton triton_paged
+      tail -n 4 "$OUT/prefill_quick.log"
+      run bench_engine_mixed 300 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed \
+        --out "$OUT/bench_engine.json"
       ;;
     mgpu_q8)  # the Mosaic GPU Q8 / FP8 decode kernel's tests (issue 22; new, so a part of its own)
       run tests_decode_mgpu_q8 300 python -m pytest -q -m gpu tests/kernels/test_decode_mgpu_q8.py
@@ -99,7 +121,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 
