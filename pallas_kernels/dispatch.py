@@ -55,24 +55,35 @@ def decode_attention_auto(
 
 
 # ------------------------------------------------------------------------------------ multi-token attention
-# Mosaic GPU multi-token kernels where they can run: on the H100 they measured 1.2-1.3x the Triton kernel's
-# speed on every case of bench/bench_prefill.py (docs/BENCHMARKS.md, "Multi-token attention"). Benchmarks that
-# compare set this False (or the environment's JKV_MULTI_TOKEN_MGPU=0) before they trace.
+# Mosaic GPU multi-token kernels where they can run: on the H100 the warp-specialised kernel with the ping-pong
+# schedule measured 1.38x (8192-token prefill) and 1.38x (a 2048-token chunk after 30,720 positions) the Triton
+# kernel's speed, and its paged variant 1.92x the Triton paged kernel's (docs/BENCHMARKS.md, "Multi-token
+# attention"). Benchmarks that compare set this False (or the environment's JKV_MULTI_TOKEN_MGPU=0) before they
+# trace.
 MULTI_TOKEN_MGPU = os.environ.get("JKV_MULTI_TOKEN_MGPU", "1") != "0"
 
 
 def multi_token_mgpu_kind(num_rows: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
     """Which Mosaic GPU multi-token kernel suits a step of ``num_rows`` query rows over ``batch`` sequences:
-    ``"ws"`` (two consumer warpgroups on a shared ring: a tile of ``2 * block_q`` tokens of one sequence) where the
-    sequences bring on average enough tokens to fill its tiles, ``"plain"`` (one warpgroup, ``block_q`` tokens)
-    for short runs (verification, decode-heavy mixed steps); ``None`` where neither takes these heads, head_dim
-    and dtype. Any machine (the caller asks :func:`backend.mosaic_gpu_usable`)."""
+    ``"ws"`` (two consumer warpgroups on a shared ring, taking turns at the tensor cores: a tile of
+    ``2 * block_q`` tokens of one sequence) where the sequences bring on average enough tokens to fill its tiles,
+    ``"plain"`` (one warpgroup, ``block_q`` tokens) for short runs (verification, decode-heavy mixed steps);
+    ``None`` where neither takes these heads, head_dim and dtype. Any machine (the caller asks
+    :func:`backend.mosaic_gpu_usable`)."""
     from pallas_kernels import multi_token_mgpu as mgpu
 
     if not mgpu.mgpu_supported(num_q_heads, num_kv_heads, head_dim, dtype):
         return None
     config = mgpu.mgpu_multi_token_config(num_q_heads, num_kv_heads, head_dim, dtype)
     return "ws" if num_rows >= 2 * config.block_q * max(batch, 1) else "plain"
+
+
+def ws_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
+    """The warp-specialised kernels' launch as dispatched: the default tiles with the ping-pong schedule (measured
+    faster than without it on every case of bench/bench_prefill.py)."""
+    from pallas_kernels import multi_token_mgpu as mgpu
+
+    return mgpu.mgpu_multi_token_config(num_q_heads, num_kv_heads, head_dim, dtype)._replace(pingpong=True)
 
 
 def _use_mgpu(allow_mgpu: bool) -> bool:
@@ -84,11 +95,11 @@ def multi_token_attention_auto(
     allow_mgpu: bool = True,
 ):  # fmt: skip
     """Multi-token attention over a contiguous cache with the kernel that suits the step and the machine: the Mosaic
-    GPU kernels (:func:`multi_token_mgpu_kind`) where Mosaic GPU can run, the cache's positions are whole 8-row
-    tiles of at least one block (no padded copy) and ``allow_mgpu`` holds; else
-    ``multi_token.multi_token_attention`` (Triton on a GPU, interpret mode elsewhere). Same arguments and results
-    as either; ``config`` is the Triton kernel's (``multi_token_args.multi_token_config``), unused on the Mosaic
-    GPU path (its kernels pick their own launch)."""
+    GPU kernels (:func:`multi_token_mgpu_kind`; the warp-specialised one with :func:`ws_config`) where Mosaic GPU
+    can run, the cache's positions are whole 8-row tiles of at least one block (no padded copy) and
+    ``allow_mgpu`` holds; else ``multi_token.multi_token_attention`` (Triton on a GPU, interpret mode elsewhere).
+    Same arguments and results as either; ``config`` is the Triton kernel's
+    (``multi_token_args.multi_token_config``), unused on the Mosaic GPU path."""
     from pallas_kernels import multi_token
 
     options = dict(layer=layer, scale=scale, window=window, softcap=softcap)
@@ -98,7 +109,8 @@ def multi_token_attention_auto(
         if kind == "ws":
             from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws
 
-            return multi_token_attention_mgpu_ws(q, k, v, q_starts, lengths, counts, **options)
+            config = ws_config(n, kh, d, k.dtype)
+            return multi_token_attention_mgpu_ws(q, k, v, q_starts, lengths, counts, config=config, **options)
         if kind == "plain":
             from pallas_kernels.multi_token_mgpu import multi_token_attention_mgpu
 
@@ -110,20 +122,24 @@ def paged_multi_token_attention_auto(
     q, k_pages, v_pages, block_tables, q_starts, lengths, counts, *, layer=None, scale=None, window=None,
     softcap=None, config=None, allow_mgpu: bool = True,
 ):  # fmt: skip
-    """:func:`multi_token_attention_auto` over page pools: the Mosaic GPU paged kernel
-    (``multi_token_mgpu_paged``) where Mosaic GPU can run, the kernel takes the heads, head_dim and dtype and the
-    page size (a multiple of 8) divides its 64-position block; else ``multi_token_paged`` (Triton)."""
+    """:func:`multi_token_attention_auto` over page pools: the Mosaic GPU paged kernels
+    (``multi_token_mgpu_ws_paged`` for long runs, ``multi_token_mgpu_paged`` for short ones) where Mosaic GPU can
+    run, the kernels take the heads, head_dim and dtype and the page size (a multiple of 8) divides their
+    64-position block; else ``multi_token_paged`` (Triton)."""
     from pallas_kernels.multi_token_paged import paged_multi_token_attention
 
     options = dict(layer=layer, scale=scale, window=window, softcap=softcap)
     n, kh, page_size, d = q.shape[-2], k_pages.shape[-3], k_pages.shape[-2], q.shape[-1]
+    operands = (k_pages, v_pages, block_tables, q_starts, lengths, counts)
     if _use_mgpu(allow_mgpu) and page_size % 8 == 0 and 64 % page_size == 0:
-        if multi_token_mgpu_kind(q.shape[0], lengths.shape[0], n, kh, d, k_pages.dtype) is not None:
+        kind = multi_token_mgpu_kind(q.shape[0], lengths.shape[0], n, kh, d, k_pages.dtype)
+        if kind == "ws":
+            from pallas_kernels.multi_token_mgpu_ws_paged import multi_token_attention_mgpu_ws_paged
+
+            config = ws_config(n, kh, d, k_pages.dtype)
+            return multi_token_attention_mgpu_ws_paged(q, *operands, config=config, **options)
+        if kind == "plain":
             from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged
 
-            return multi_token_attention_mgpu_paged(
-                q, k_pages, v_pages, block_tables, q_starts, lengths, counts, **options
-            )
-    return paged_multi_token_attention(
-        q, k_pages, v_pages, block_tables, q_starts, lengths, counts, config=config, **options
-    )
+            return multi_token_attention_mgpu_paged(q, *operands, **options)
+    return paged_multi_token_attention(q, *operands, config=config, **options)

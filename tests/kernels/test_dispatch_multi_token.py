@@ -32,6 +32,8 @@ ON_HOPPER = backend.mosaic_gpu_usable()
 def test_rule(rows, batch, heads, want):
     assert dispatch.multi_token_mgpu_kind(rows, batch, *heads, jnp.bfloat16) == want
     assert dispatch.multi_token_mgpu_kind(rows, batch, *heads, jnp.float32) is None  # no float32 MMA operands
+    if want == "ws":
+        assert dispatch.ws_config(*heads, jnp.bfloat16).pingpong  # the schedule measured faster
 
 
 def _step(rng, *, tokens, batch, kv_heads, group, head_dim, max_len, window):
@@ -52,7 +54,16 @@ CASES = [  # (id, tokens, batch, kv_heads, group, head_dim, max_len, window, sof
     ("contiguous_g4", 64, 3, 2, 4, 64, 128, None, None, None),
     ("paged16_g2_window", 64, 3, 2, 2, 64, 128, 20, None, 16),
     ("contiguous_g8_softcap", 48, 2, 1, 8, 128, 96, None, 25.0, None),
+    ("contiguous_g4_ws", 192, 2, 2, 4, 64, 256, None, None, None),  # the warp-specialised kernels (GPU)
+    ("paged16_g2_ws_window", 256, 2, 2, 2, 64, 384, 40, None, 16),
 ]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].endswith(("_ws", "_ws_window"))], ids=lambda c: c[0])
+def test_gpu_cases_reach_the_warp_specialised_kernels(case):
+    """The GPU cases below include steps the rule sends to the warp-specialised kernels."""
+    _, tokens, batch, kv_heads, group, head_dim, *_ = case
+    assert dispatch.multi_token_mgpu_kind(tokens, batch, kv_heads * group, kv_heads, head_dim, jnp.bfloat16) == "ws"
 
 
 def _run(rng, case, dtype, *, allow_mgpu=True):
