@@ -12,6 +12,8 @@ A cache plan's rings keep only ``window - 1 + slack`` positions behind a prompt'
 
 from __future__ import annotations
 
+import weakref
+
 from jkv.caches import KVCache
 from jkv.serving import steps
 from jkv.serving.prefix import PrefixCache
@@ -21,11 +23,14 @@ class Prefixes:
     """Prefix-cache entries of ``engine`` (its cache, steps and scheduler); ``per_token``: bytes of a position."""
 
     def __init__(self, engine, per_token: int):
-        self.engine = engine
+        # Weak references both ways: an engine dropped by its user frees its device memory (cache pool, entries)
+        # at once, not only when Python's cycle collector next runs.
+        self.engine = weakref.proxy(engine)
         self.paged = steps.is_paged(engine.cache_kind)
         self.page_size = steps.PAGE_SIZE
         self.page_bytes = per_token * self.page_size
-        self.cache = PrefixCache(engine.options.prefix_cache_bytes, on_evict=self._evicted)
+        evicted = weakref.WeakMethod(self._evicted)
+        self.cache = PrefixCache(engine.options.prefix_cache_bytes, on_evict=lambda entry: evicted()(entry))
         if self.paged:  # what an attach hands the cache as the slot's sequence: nothing of it is written
             spec = engine.cache.spec.replace(max_len=self.page_size)
             self._empty = KVCache.init(spec, 1, format=engine.cache.format)
