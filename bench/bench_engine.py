@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, engine_profile
 from bench.bench_qweights import random_quantized
 from jkv.models import llama
 from jkv.serving import CACHE_KINDS, Engine, SamplingParams
@@ -123,7 +123,7 @@ def matmul_rate(n: int, trials: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- jkv
-def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_pages=None) -> dict:
+def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_pages=None, profile=False) -> dict:
     max_len = -(-(max(map(len, prompts)) + new_tokens) // 16) * 16
     engine = Engine(
         params,
@@ -154,6 +154,9 @@ def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_
     wall = time.perf_counter() - start
     s, max_batch_tokens = engine.summary(), engine.scheduler.max_batch_tokens
     compile_while_timed = engine.compile_s - compiled  # should be 0: every shape compiled before
+    profiled = None
+    if profile and args.profile_steps:  # the decode-only step with every slot busy, after the timed run
+        profiled = engine_profile.profile_decode_steps(engine, prompts, new_tokens, args.profile_steps)
     del engine  # its cache pool and prefix cache: freed before the next engine is built (an engine's parts
     gc.collect()  # refer to each other, so only the cycle collector frees them)
     return {
@@ -173,6 +176,7 @@ def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_
         "compile_s_while_timed": compile_while_timed,
         "max_batch_tokens": max_batch_tokens,
         "summary": s.format(),
+        **({"profile": profiled} if profiled else {}),
     }
 
 
@@ -235,6 +239,12 @@ def main(argv=None) -> dict:
         help="auto: Mosaic GPU multi-token kernels where they run (pallas_kernels.dispatch); triton: the Triton ones",
     )
     ap.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["bf16"], help="weight formats, a run each")
+    ap.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the mixed workload's jkv run, profile this many decode-only steps (bench/engine_profile.py)",
+    )
     ap.add_argument("--out", help="write the results as JSON here (after each workload)")
     ap.add_argument(
         "--compile-cache",
@@ -279,7 +289,8 @@ def main(argv=None) -> dict:
         runs, formats = {}, {}
         for w, model in models.items():
             name = "jkv" if w == "bf16" else f"jkv_{w}"
-            runs[name] = run_jkv(args, config, model, prompts, new_tokens, slots, prefix=bool(shared))
+            profile = wname == "mixed"
+            runs[name] = run_jkv(args, config, model, prompts, new_tokens, slots, bool(shared), profile=profile)
             formats[name] = w
             if shared and w == "bf16":
                 pool = runs["jkv"]["num_pages"]  # the same pool: the same compiled steps, the same memory

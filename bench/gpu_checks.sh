@@ -74,7 +74,7 @@ for part in "${parts[@]}"; do
       run prefill_quick 170 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 3 \
         --no-torch --rows mgpu mgpu_ws mgpu_ws_pp mgpu_paged mgpu_ws_paged mgpu_ws_paged_pp triton triton_paged
       tail -n 4 "$OUT/prefill_quick.log"
-      run bench_engine_mixed 300 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed \
+      run bench_engine_mixed 300 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed --profile-steps 20 \
         --out "$OUT/bench_engine.json"
       ;;
     mgpu_q8)  # the Mosaic GPU Q8 / FP8 decode kernel's tests (issue 22; new, so a part of its own)
