@@ -1,5 +1,6 @@
-"""Shared pieces of the paged cache tests (test_paged.py, test_paged_attention.py): a small spec, random K/V, the
-contiguous cache as the reference of logical contents, the allocator's invariants and a fragmented pool."""
+"""Shared pieces of the paged cache tests (test_paged.py, test_paged_attention.py, test_paged_q8_cache.py): a
+small spec, random K/V, the contiguous cache as the reference of logical contents, the allocator's invariants and a
+fragmented pool."""
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +22,11 @@ def rand_kv(rng, batch, t, spec=SPEC):
 
 
 def valid(cache, b):
-    """K and V of the valid positions of sequence ``b`` as NumPy ``[L, K, n, D]`` (paged or contiguous)."""
+    """The stored arrays (K and V; for Q8 their codes and scales) at the valid positions of sequence ``b`` as NumPy
+    ``[L, K, n, X]``, paged or contiguous."""
     flat = _flat(cache) if cache.layout == "paged" else cache
     n = int(cache.lengths[b])
-    return np.asarray(flat.data[0])[:, b, :, :n], np.asarray(flat.data[1])[:, b, :, :n]  # host slices: no compile per n
+    return [np.asarray(x)[:, b, :, :n] for x in flat.data]  # host slices: no compile per n
 
 
 def assert_same_contents(paged, ref):

@@ -15,6 +15,7 @@ import pytest
 from cache_helpers import _begin, _commit, _fork, _insert, _reset_slot, _rollback, _write
 from conftest import REL_TOL, rel_err
 from kernel_inputs import KERNEL_TOL, q8_pools
+from paged_helpers import _flat, assert_allocator_consistent, assert_same_contents, valid
 from reference import attention_f64, decode_attention_f64
 
 import jkv
@@ -30,7 +31,6 @@ PAGE = 8
 _insert_shared = jax.jit(lambda c, i, single, pages, n: c.insert_into_slot(i, single, prefix=(pages, n)))
 _pin = jax.jit(lambda c, i, n: c.pin(i, n))
 _unpin = jax.jit(lambda c, pages: c.unpin(pages))
-_flat = jax.jit(lambda c: c.to_contiguous())
 _extract = jax.jit(lambda c, slot, max_len=None: c.extract_slot(slot, max_len), static_argnums=(1, 2))
 _with_format = jax.jit(lambda c, fmt: c.with_format(fmt), static_argnums=1)
 _read_pinned = jax.jit(lambda c, pages, n: c.read_pinned(pages, n))
@@ -42,26 +42,6 @@ _restart = jax.jit(lambda c: c.rollback(c.lengths - 1).begin(1))  # the last pos
 def rand_kv(rng, batch, t):
     shape = (batch, SPEC.num_kv_heads, t, SPEC.head_dim)
     return (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
-
-
-def valid(cache, b):
-    """Codes and scales of K and V at the valid positions of sequence ``b`` (paged or contiguous Q8)."""
-    flat = _flat(cache) if cache.layout == "paged" else cache
-    n = int(cache.lengths[b])
-    return [np.asarray(x)[:, b, :, :n] for x in flat.data]  # sliced on the host: no compile per n
-
-
-def assert_same_contents(paged_cache, ref):
-    np.testing.assert_array_equal(np.asarray(paged_cache.lengths), np.asarray(ref.lengths))
-    for b in range(ref.batch):
-        for got, want in zip(valid(paged_cache, b), valid(ref, b), strict=True):
-            np.testing.assert_array_equal(got, want)
-
-
-def assert_allocator_consistent(cache):
-    tables = np.asarray(cache.block_tables)
-    hist = np.bincount(tables[tables >= 0], minlength=cache.num_pages)
-    np.testing.assert_array_equal(np.asarray(cache.refcounts), hist + np.asarray(cache.pins))
 
 
 def step_both(rng, paged_cache, ref, t, advance=None):
