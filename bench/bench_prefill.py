@@ -156,7 +156,8 @@ def smoke_time(fn, arg_sets, est_s: float) -> dict:
 def jkv_rows(case: Case, smoke: bool, configs=(), ws_configs=()) -> dict:
     """``name: (fn, set transform)`` of jkv's kernels that this process can run (Triton module imported lazily);
     ``configs``, ``ws_configs``: Mosaic GPU launch parameters ``"block_q/heads_per_tile/block_k/num_stages"``
-    timed beside the default (rows ``mgpu[...]``; ``mgpu_ws[...]`` and ``mgpu_ws_pp[...]``)."""
+    timed beside the default (rows ``mgpu[...]``; ``mgpu_ws[...]``, ``mgpu_ws_pp[...]`` and on the chunk
+    ``mgpu_ws_paged_pp[...]``); ``auto`` and ``auto_paged``: ``pallas_kernels.dispatch``'s choice."""
     from pallas_kernels import backend
 
     rows = {}
@@ -187,6 +188,15 @@ def jkv_rows(case: Case, smoke: bool, configs=(), ws_configs=()) -> dict:
             for row, pp in (("mgpu_ws", False), ("mgpu_ws_pp", True)):
                 config = parse(text)._replace(pingpong=pp)
                 rows[f"{row}[{text}]"] = (functools.partial(multi_token_attention_mgpu_ws, config=config), None)
+            if case.batch == 1 and case.cached:
+                config = parse(text)._replace(pingpong=True)
+                fn = functools.partial(multi_token_attention_mgpu_ws_paged, config=config)
+                rows[f"mgpu_ws_paged_pp[{text}]"] = (fn, pages)
+        from pallas_kernels import dispatch  # what the attention API runs (Mosaic GPU here)
+
+        rows["auto"] = (dispatch.multi_token_attention_auto, None)
+        if case.batch == 1 and case.cached:
+            rows["auto_paged"] = (dispatch.paged_multi_token_attention_auto, pages)
     try:
         triton = importlib.import_module("pallas_kernels.multi_token")
     except ImportError:
@@ -273,6 +283,8 @@ def table(reports: list[dict]) -> str:
         "mgpu_paged",
         "mgpu_ws_paged",
         "mgpu_ws_paged_pp",
+        "auto",
+        "auto_paged",
         "triton",
         "triton_paged",
         "cudnn",
