@@ -72,7 +72,7 @@ for part in "${parts[@]}"; do
       run tests_mgpu_ws_pp 70 python -m pytest -q -m gpu -k pingpong tests/kernels/test_multi_token_mgpu_ws.py
       run tests_mgpu_ws_paged 90 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws_paged.py
       run prefill_quick 170 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 3 \
-        --no-torch --rows mgpu mgpu_ws mgpu_ws_pp mgpu_paged mgpu_ws_paged mgpu_ws_paged_pp triton triton_paged
+        --no-torch --rows mgpu_ws_pp mgpu_ws_paged_pp auto auto_paged triton triton_paged
       tail -n 4 "$OUT/prefill_quick.log"
       run bench_engine_mixed 300 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed --profile-steps 20 \
         --out "$OUT/bench_engine.json"
