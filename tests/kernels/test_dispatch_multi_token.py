@@ -3,6 +3,7 @@ auto entries the attention API registers for plain caches, against float64 on Na
 run the Triton kernel in interpret mode; on a Hopper GPU (``gpu`` tests) the Mosaic GPU kernels they pick, with
 the Triton kernel forced beside them (``allow_mgpu=False``) on the same inputs."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,3 +103,19 @@ def test_falls_back_to_the_triton_kernel(rng, case):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_auto_entries_gpu(rng, case, allow_mgpu):
     _run(rng, case, jnp.bfloat16, allow_mgpu=allow_mgpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU with Mosaic GPU")
+def test_auto_entry_under_vmap_gpu(rng):
+    """Two steps over two caches stacked, under jit(vmap), where the rule picks the warp-specialised kernel."""
+    _, tokens, batch, kv_heads, group, head_dim, max_len, window, _, _ = CASES[3]
+    shape = dict(tokens=tokens, batch=batch, kv_heads=kv_heads, group=group, head_dim=head_dim, max_len=max_len)
+    steps = [_step(rng, **shape, window=window) for _ in range(2)]
+    stack = lambda i, dtype: jnp.stack([jnp.asarray(s[i], dtype) for s in steps])
+    ints = [jnp.stack([jnp.asarray(s[0][j], jnp.int32) for s in steps]) for j in (1, 2, 3)]
+    out = jax.jit(jax.vmap(dispatch.multi_token_attention_auto))(
+        stack(1, jnp.bfloat16), stack(2, jnp.bfloat16), stack(3, jnp.bfloat16), *ints
+    )
+    for i, (step, *_, ref) in enumerate(steps):
+        _check(out[i], ref, step, "bfloat16")
