@@ -71,11 +71,12 @@ def multi_token_mgpu_kind(num_rows: int, batch: int, num_q_heads: int, num_kv_he
     ``None`` where neither takes these heads, head_dim and dtype. Any machine (the caller asks
     :func:`backend.mosaic_gpu_usable`)."""
     from pallas_kernels import multi_token_mgpu as mgpu
+    from pallas_kernels.multi_token_mgpu_ws import CONSUMERS
 
     if not mgpu.mgpu_supported(num_q_heads, num_kv_heads, head_dim, dtype):
         return None
     config = mgpu.mgpu_multi_token_config(num_q_heads, num_kv_heads, head_dim, dtype)
-    return "ws" if num_rows >= 2 * config.block_q * max(batch, 1) else "plain"
+    return "ws" if num_rows >= CONSUMERS * config.block_q * max(batch, 1) else "plain"
 
 
 def ws_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
@@ -86,8 +87,19 @@ def ws_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
     return mgpu.mgpu_multi_token_config(num_q_heads, num_kv_heads, head_dim, dtype)._replace(pingpong=True)
 
 
-def _use_mgpu(allow_mgpu: bool) -> bool:
-    return allow_mgpu and MULTI_TOKEN_MGPU and backend.mosaic_gpu_usable()
+def _mgpu_launch(allow_mgpu: bool, q, lengths, kv_heads: int, dtype):
+    """``(kind, config)`` of the Mosaic GPU kernel for this step (:func:`multi_token_mgpu_kind`; the
+    warp-specialised kernels with :func:`ws_config`), or ``(None, None)`` where none may or can run here."""
+    from pallas_kernels import multi_token_mgpu as mgpu
+
+    if not (allow_mgpu and MULTI_TOKEN_MGPU and backend.mosaic_gpu_usable()):
+        return None, None
+    num_rows, n, d = q.shape[0], q.shape[-2], q.shape[-1]
+    kind = multi_token_mgpu_kind(num_rows, lengths.shape[0], n, kv_heads, d, dtype)
+    if kind is None:
+        return None, None
+    config = ws_config if kind == "ws" else mgpu.mgpu_multi_token_config
+    return kind, config(n, kv_heads, d, dtype)
 
 
 def multi_token_attention_auto(
@@ -101,20 +113,17 @@ def multi_token_attention_auto(
     Same arguments and results as either; ``config`` is the Triton kernel's
     (``multi_token_args.multi_token_config``), unused on the Mosaic GPU path."""
     from pallas_kernels import multi_token
+    from pallas_kernels.multi_token_tiles import ALIGN
 
     options = dict(layer=layer, scale=scale, window=window, softcap=softcap)
-    n, kh, s, d = q.shape[-2], k.shape[-3], k.shape[-2], q.shape[-1]
-    if _use_mgpu(allow_mgpu) and s % 8 == 0 and s >= 64:
-        kind = multi_token_mgpu_kind(q.shape[0], lengths.shape[0], n, kh, d, k.dtype)
+    positions = k.shape[-2]
+    kind, launch = _mgpu_launch(allow_mgpu, q, lengths, k.shape[-3], k.dtype)
+    if kind is not None and positions % ALIGN == 0 and positions >= launch.block_k:
         if kind == "ws":
-            from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws
-
-            config = ws_config(n, kh, d, k.dtype)
-            return multi_token_attention_mgpu_ws(q, k, v, q_starts, lengths, counts, config=config, **options)
-        if kind == "plain":
-            from pallas_kernels.multi_token_mgpu import multi_token_attention_mgpu
-
-            return multi_token_attention_mgpu(q, k, v, q_starts, lengths, counts, **options)
+            from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws as kernel
+        else:
+            from pallas_kernels.multi_token_mgpu import multi_token_attention_mgpu as kernel
+        return kernel(q, k, v, q_starts, lengths, counts, config=launch, **options)
     return multi_token.multi_token_attention(q, k, v, q_starts, lengths, counts, config=config, **options)
 
 
@@ -125,21 +134,18 @@ def paged_multi_token_attention_auto(
     """:func:`multi_token_attention_auto` over page pools: the Mosaic GPU paged kernels
     (``multi_token_mgpu_ws_paged`` for long runs, ``multi_token_mgpu_paged`` for short ones) where Mosaic GPU can
     run, the kernels take the heads, head_dim and dtype and the page size (a multiple of 8) divides their
-    64-position block; else ``multi_token_paged`` (Triton)."""
+    block; else ``multi_token_paged`` (Triton)."""
     from pallas_kernels.multi_token_paged import paged_multi_token_attention
+    from pallas_kernels.multi_token_tiles import ALIGN
 
     options = dict(layer=layer, scale=scale, window=window, softcap=softcap)
-    n, kh, page_size, d = q.shape[-2], k_pages.shape[-3], k_pages.shape[-2], q.shape[-1]
+    page_size = k_pages.shape[-2]
     operands = (k_pages, v_pages, block_tables, q_starts, lengths, counts)
-    if _use_mgpu(allow_mgpu) and page_size % 8 == 0 and 64 % page_size == 0:
-        kind = multi_token_mgpu_kind(q.shape[0], lengths.shape[0], n, kh, d, k_pages.dtype)
+    kind, launch = _mgpu_launch(allow_mgpu, q, lengths, k_pages.shape[-3], k_pages.dtype)
+    if kind is not None and page_size % ALIGN == 0 and launch.block_k % page_size == 0:
         if kind == "ws":
-            from pallas_kernels.multi_token_mgpu_ws_paged import multi_token_attention_mgpu_ws_paged
-
-            config = ws_config(n, kh, d, k_pages.dtype)
-            return multi_token_attention_mgpu_ws_paged(q, *operands, config=config, **options)
-        if kind == "plain":
-            from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged
-
-            return multi_token_attention_mgpu_paged(q, *operands, **options)
+            from pallas_kernels.multi_token_mgpu_ws_paged import multi_token_attention_mgpu_ws_paged as kernel
+        else:
+            from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged as kernel
+        return kernel(q, *operands, config=launch, **options)
     return paged_multi_token_attention(q, *operands, config=config, **options)
