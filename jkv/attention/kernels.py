@@ -8,6 +8,7 @@ of that kind, which reads the cache's ``storage()`` arrays whole (no per-layer c
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -45,50 +46,36 @@ def _paged_q8():
     return paged_q8.paged_q8_decode_attention
 
 
-def _fp8(name: str):
-    def entry():
-        from pallas_kernels import decode_fp8  # the Q8 kernels with one scale per row: e4m3 read in place
+def _entry(module: str, name: str):
+    """An adapter that imports ``module`` when first asked (the Triton modules need a GPU or interpret mode)."""
 
-        return getattr(decode_fp8, name)
+    def entry():
+        return getattr(importlib.import_module(module), name)
 
     return entry
+
+
+FP8_KERNELS = "pallas_kernels.decode_fp8"  # the Q8 kernels with one scale per row: e4m3 read in place
+DISPATCH = "pallas_kernels.dispatch"  # Mosaic GPU where it can run, else Triton
 
 
 DECODE = {
     ("contiguous", Plain): _contiguous_plain,
     ("contiguous", Q8): _contiguous_q8,
-    ("contiguous", FP8): _fp8("fp8_decode_attention"),
+    ("contiguous", FP8): _entry(FP8_KERNELS, "fp8_decode_attention"),
     ("paged", Plain): _paged_plain,
     ("paged", Q8): _paged_q8,
-    ("paged", FP8): _fp8("paged_fp8_decode_attention"),
+    ("paged", FP8): _entry(FP8_KERNELS, "paged_fp8_decode_attention"),
 }
 
 
-def _multi(name: str):
-    def entry():
-        import pallas_kernels
-
-        return getattr(pallas_kernels, name)
-
-    return entry
-
-
-def _dispatch(name: str):
-    def entry():
-        from pallas_kernels import dispatch  # Mosaic GPU where it can run, else Triton
-
-        return getattr(dispatch, name)
-
-    return entry
-
-
 MULTI_TOKEN = {
-    ("contiguous", Plain): _dispatch("multi_token_attention_auto"),
-    ("contiguous", Q8): _multi("q8_multi_token_attention"),
-    ("contiguous", FP8): _multi("fp8_multi_token_attention"),
-    ("paged", Plain): _dispatch("paged_multi_token_attention_auto"),
-    ("paged", Q8): _multi("paged_q8_multi_token_attention"),
-    ("paged", FP8): _multi("paged_fp8_multi_token_attention"),
+    ("contiguous", Plain): _entry(DISPATCH, "multi_token_attention_auto"),
+    ("contiguous", Q8): _entry("pallas_kernels", "q8_multi_token_attention"),
+    ("contiguous", FP8): _entry("pallas_kernels", "fp8_multi_token_attention"),
+    ("paged", Plain): _entry(DISPATCH, "paged_multi_token_attention_auto"),
+    ("paged", Q8): _entry("pallas_kernels", "paged_q8_multi_token_attention"),
+    ("paged", FP8): _entry("pallas_kernels", "paged_fp8_multi_token_attention"),
 }
 # Kinds whose decode step writes the new row inside the attention kernel (pallas_kernels.decode).
 FUSED_APPEND = {("contiguous", Plain)}
