@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--compile-cache",
         default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "jkv_bench_engine_xla"),
-        help="JAX's persistent compilation cache: engines of the same shapes reuse each other's steps ('' = off)",
+        help="JAX's persistent compilation cache: a later run on the same machine reuses the steps ('' = off)",
     )
     args = ap.parse_args(argv)
     if args.compile_cache and not args.smoke:
@@ -313,7 +313,7 @@ def main(argv=None) -> dict:
                     f"{run['mean_ttft_s']:.3f} s, {100 * run['ideal_fraction']:.0f} % of ideal ({ideal:.2f} s)"
                 )
                 if "summary" in run and not args.smoke:
-                    common.log("    " + run["summary"].replace("\n", "\n    "))
+                    common.log("    " + run["summary"])
             else:
                 common.log(f"  {wname:6s} {run_name:22s} {run.get('error')}")
         if shared and "wall_s" in runs.get("jkv_no_prefix_cache", {}):

@@ -164,19 +164,20 @@ def jkv_rows(case: Case, smoke: bool, configs=(), ws_configs=()) -> dict:
     rows = {}
     if smoke:
         return rows
+    pages = lambda sets: paged_sets(sets, seed=1)  # the chunk's rows over pages: page-16 pools, a permuted table
     if backend.mosaic_gpu_usable():
+        from pallas_kernels import dispatch
         from pallas_kernels import multi_token_mgpu as mgpu
 
         rows["mgpu"] = (mgpu.multi_token_attention_mgpu, None)
         from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws
 
-        pingpong = mgpu.mgpu_multi_token_config(*case.heads, jnp.bfloat16)._replace(pingpong=True)
+        pingpong = dispatch.ws_config(*case.heads, jnp.bfloat16)  # the dispatched launch
         rows["mgpu_ws"] = (multi_token_attention_mgpu_ws, None)
         rows["mgpu_ws_pp"] = (functools.partial(multi_token_attention_mgpu_ws, config=pingpong), None)
         if case.batch == 1 and case.cached:  # the chunk: the same kernel through a permuted page-16 block table
             from pallas_kernels.multi_token_mgpu_paged import multi_token_attention_mgpu_paged
 
-            pages = lambda sets: paged_sets(sets, seed=1)
             rows["mgpu_paged"] = (multi_token_attention_mgpu_paged, pages)
             from pallas_kernels.multi_token_mgpu_ws_paged import multi_token_attention_mgpu_ws_paged
 
@@ -193,9 +194,7 @@ def jkv_rows(case: Case, smoke: bool, configs=(), ws_configs=()) -> dict:
                 config = parse(text)._replace(pingpong=True)
                 fn = functools.partial(multi_token_attention_mgpu_ws_paged, config=config)
                 rows[f"mgpu_ws_paged_pp[{text}]"] = (fn, pages)
-        from pallas_kernels import dispatch  # what the attention API runs (Mosaic GPU here)
-
-        rows["auto"] = (dispatch.multi_token_attention_auto, None)
+        rows["auto"] = (dispatch.multi_token_attention_auto, None)  # what the attention API runs
         if case.batch == 1 and case.cached:
             rows["auto_paged"] = (dispatch.paged_multi_token_attention_auto, pages)
     try:
@@ -206,7 +205,7 @@ def jkv_rows(case: Case, smoke: bool, configs=(), ws_configs=()) -> dict:
     package = importlib.import_module("pallas_kernels")  # the paged entry lives in its own module
     paged = next((getattr(m, e) for m in (triton, package) for e in PAGED_ENTRIES if hasattr(m, e)), None)
     if paged is not None and case.batch == 1 and case.cached:
-        rows["triton_paged"] = (paged, lambda sets: paged_sets(sets, seed=1))
+        rows["triton_paged"] = (paged, pages)
     return rows
 
 

@@ -74,7 +74,8 @@ def profile_decode_steps(engine, prompts, new_tokens: int, steps: int, top: int 
     span = (max(e for _, _, e in events) - min(b for _, b, _ in events)) * 1e-9 / steps if events else float("nan")
     kinds = {}
     for name, t in kernels.items():
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + t
+        kind = kind_of(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
     report = {
         "slots": busy_slots,
