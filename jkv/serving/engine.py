@@ -389,7 +389,9 @@ class Engine:
     def _flush_resets(self) -> None:
         """Empty the slots still waiting for a next step (the engine is idle)."""
         if self._resets.any() and self._inflight is None:
-            self.cache = self.steps.retire(self.cache, jnp.asarray(self._resets))
+            # a copy: on the CPU backend jnp.asarray may alias the host array, which the next line clears
+            # before the asynchronous step has read it
+            self.cache = self.steps.retire(self.cache, jnp.asarray(self._resets.copy()))
             self._resets[:] = False
         self._pages_in_use()
 
