@@ -46,12 +46,16 @@ def test_smoke_run_of_the_shared_prefix_workload(tmp_path):
         assert run["tokens_per_s"] > 0 and run["mean_ttft_s"] > 0 and 0 < run["ideal_fraction"]
         assert run["compile_s_while_timed"] == 0 and run["step_variants"] == 3
     assert shared["prefix_cache_speedup"] > 0 and shared["ideal_s"] > 0
+    # 12 requests in 4 slots: 3 waves, the second waiting a third of the ideal time and the third two thirds
+    assert shared["slots"] == 4 and shared["waves"] == 3
+    assert shared["ttft_waves_s"] == pytest.approx(shared["ideal_s"] / 3)
 
 
 def test_smoke_run_with_quantized_weights_runs_each_format():
     """``--weights``: a run per format on the same workload, each ideal time counting its own weight bytes (fewer
     bytes, a shorter ideal)."""
-    report = bench_engine.main(["--smoke", "--no-hf", "--only", "mixed", "--weights", "bf16", "q8_0"])
+    report = bench_engine.main(["--smoke", "--no-hf", "--only", "mixed", "--weights", "bf16", "q8_0", "--slots", "6"])
+    assert report["workloads"]["mixed"]["waves"] == 2  # --slots: 12 requests in 6 slots
     runs = report["workloads"]["mixed"]["runs"]
     assert set(runs) == {"jkv", "jkv_q8_0"}
     for run in runs.values():
