@@ -16,6 +16,9 @@ Workloads (random prompt tokens, greedy, no stop token; ``--smoke`` scales every
 of the model's shape in the formats ``--quantize`` gives, ``bench_qweights.random_quantized``), as runs
 ``jkv``, ``jkv_q8_0``, ``jkv_q4_k``; each run's ideal time counts its own weight bytes.
 
+The engine runs with the XLA flags ``jkv generate`` and ``jkv serve`` apply (``jkv.xla_flags``: whole steps as
+CUDA graphs, the layer loop included); ``--default-xla-flags`` leaves ``XLA_FLAGS`` alone.
+
 Ideal time of a workload: every decode step reads the weights once (the bytes a step reads: every layer, the
 norm, the LM head) (``ceil(requests / slots) * new_tokens``
 steps), every generated token reads its sequence's K/V, both at the copy bandwidth measured here; the prompt
@@ -50,6 +53,7 @@ import numpy as np
 
 from bench import common, engine_profile
 from bench.bench_qweights import random_quantized
+from jkv import xla_flags
 from jkv.models import llama
 from jkv.serving import CACHE_KINDS, Engine, SamplingParams
 from jkv.serving.options import DECODE_STEPS
@@ -265,6 +269,11 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--out", help="write the results as JSON here (after each workload)")
     ap.add_argument(
+        "--default-xla-flags",
+        action="store_true",
+        help="leave XLA_FLAGS as given (default: add jkv.xla_flags.GPU_FLAGS, as `jkv generate` and `jkv serve` do)",
+    )
+    ap.add_argument(
         "--compile-cache",
         default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "jkv_bench_engine_xla"),
         help="JAX's persistent compilation cache: a later run on the same machine reuses the steps ('' = off)",
@@ -272,6 +281,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         ap.error(f"--slots must be a positive number of slots, got {args.slots}")
+    if not args.default_xla_flags:
+        xla_flags.apply_recommended(warn=False)  # before JAX starts: what the CLI's engines run with
     if args.compile_cache and not args.smoke:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -301,6 +312,7 @@ def main(argv=None) -> dict:
     )
     report = {"model": name, "cache": args.cache, "bandwidth_Bps": bandwidth, "matmul_flops": flops, "workloads": {}}
     report["meta"] = common.meta(None)
+    report["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rng = np.random.default_rng(0)
     for wname in args.only or list(workloads):
         workload = workloads[wname]

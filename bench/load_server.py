@@ -240,7 +240,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="a tiny random model on any device, a few small levels")
     ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument(
+        "--default-xla-flags", action="store_true", help="leave XLA_FLAGS as given (default: what `jkv serve` adds)"
+    )
     args = ap.parse_args(argv)
+    if not args.default_xla_flags:
+        from jkv import xla_flags
+
+        xla_flags.apply_recommended(warn=False)  # before JAX starts, as `jkv serve` does
     if args.smoke:
         args.shape, args.concurrency, args.prompt_len, args.max_tokens = "tiny", [1, 4], 6, 6
         args.requests = args.requests or 8
