@@ -11,7 +11,6 @@ Workloads (random prompt tokens, greedy, no stop token; ``--smoke`` scales every
 * shared: 256 requests, a 2k-token system prompt shared by all plus a question of [16, 64] tokens, 128 new
   tokens; jkv with its prefix cache on and off.
 
-``--decode-steps flat slots`` runs the engine once per ``EngineOptions.decode_steps`` (runs ``jkv``, ``jkv_slots``).
 ``--weights bf16 q8_0 q4_k`` runs the engine once per weight format on each workload (issue 26: random planes
 of the model's shape in the formats ``--quantize`` gives, ``bench_qweights.random_quantized``), as runs
 ``jkv``, ``jkv_q8_0``, ``jkv_q4_k``; each run's ideal time counts its own weight bytes.
@@ -56,7 +55,6 @@ from bench.bench_qweights import random_quantized
 from jkv import xla_flags
 from jkv.models import llama
 from jkv.serving import CACHE_KINDS, Engine, SamplingParams
-from jkv.serving.options import DECODE_STEPS
 
 SHAPES = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}
 WEIGHTS = ("bf16", "q8_0", "q4_k")  # bf16: the model's dtype (float32 in the smoke run)
@@ -134,15 +132,12 @@ def matmul_rate(n: int, trials: int = 10) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- jkv
-def run_jkv(
-    args, config, params, prompts, new_tokens, slots, prefix: bool, num_pages=None, profile=False, decode_steps="flat"
-) -> dict:
+def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_pages=None, profile=False) -> dict:
     max_len = -(-(max(map(len, prompts)) + new_tokens) // 16) * 16
     engine = Engine(
         params,
         config,
         num_slots=slots,
-        decode_steps=decode_steps,
         max_len=max_len,
         cache=args.cache,
         impl=args.impl,
@@ -255,13 +250,6 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["bf16"], help="weight formats, a run each")
     ap.add_argument(
-        "--decode-steps",
-        nargs="+",
-        choices=DECODE_STEPS,
-        default=["flat"],
-        help="the engine's decode_steps, a run each (slots: runs jkv_slots, jkv_<weights>_slots)",
-    )
-    ap.add_argument(
         "--profile-steps",
         type=int,
         default=0,
@@ -321,12 +309,10 @@ def main(argv=None) -> dict:
         prompts = make_prompts(rng, config, workload)
         runs, formats = {}, {}
         for w, model in models.items():
-            for mode in args.decode_steps:
-                name = ("jkv" if w == "bf16" else f"jkv_{w}") + ("" if mode == "flat" else f"_{mode}")
-                profile = wname == "mixed"
-                one = (args, config, model, prompts, new_tokens, slots, bool(shared))
-                runs[name] = run_jkv(*one, profile=profile, decode_steps=mode)
-                formats[name] = w
+            name = "jkv" if w == "bf16" else f"jkv_{w}"
+            profile = wname == "mixed"
+            runs[name] = run_jkv(args, config, model, prompts, new_tokens, slots, bool(shared), profile=profile)
+            formats[name] = w
             if shared and w == "bf16":
                 pool = runs["jkv"]["num_pages"]  # the same pool: the same compiled steps, the same memory
                 runs["jkv_no_prefix_cache"] = run_jkv(args, config, model, prompts, new_tokens, slots, False, pool)

@@ -28,7 +28,7 @@ from jkv.serving import steps
 from jkv.serving.metrics import Completion, EngineStats
 from jkv.serving.options import EngineOptions
 from jkv.serving.prefixes import Prefixes
-from jkv.serving.requests import Request, by_slot, emit, finish_reason, step_tokens
+from jkv.serving.requests import Request, emit, finish_reason, step_tokens
 from jkv.serving.sampling import SamplingParams, sampling_rows
 from jkv.serving.scheduler import Scheduler
 from jkv.serving.scheduler import Sequence as Scheduled
@@ -89,7 +89,6 @@ class Engine:
         self._compile0 = 0.0  # compile seconds before the first submission the stats count
         self._done: dict[int, Completion] = {}
         self._next_id = 0
-        self._slot_steps = options.decode_steps == "slots" and not options.speculative_tokens
 
     @property
     def compile_s(self) -> float:
@@ -116,10 +115,7 @@ class Engine:
                     f"{time.perf_counter() - start:.1f} s",
                     file=sys.stderr,
                 )
-        if self._slot_steps:  # the decode-only step laid out by slot
-            inputs = self._step_inputs(np.zeros(self.num_slots, np.int32), np.full(self.num_slots, -1), self._no_tokens)
-            _, self.cache = self.steps.slots(self.params, self.cache, *inputs)
-        return len(self.scheduler.buckets) + self._slot_steps
+        return len(self.scheduler.buckets)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None, on_token=None) -> int:
@@ -243,12 +239,8 @@ class Engine:
         tokens, src, verify, index, sampling, drafted = step_tokens(plan, self._requests, self.num_slots)
         prev = self._inflight[0] if self._inflight is not None else self._no_tokens
         compiling, start = self.steps.compile_s, time.perf_counter()
-        slotted = by_slot(plan, tokens, src, self.num_slots) if self._slot_steps else None
-        inputs = self._step_inputs(*(slotted or (tokens, src)), prev, plan.counts, verify, index)
-        if slotted is not None:  # decode_steps="slots": the decode-only step laid out by slot
-            out, self.cache = self.steps.slots(self.params, self.cache, *inputs)
-        else:
-            out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1)
+        inputs = self._step_inputs(tokens, src, prev, plan.counts, verify, index)
+        out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1)
         self._resets[:] = False
         if self.prefixes is not None:
             for e in plan.entries:

@@ -13,8 +13,7 @@ head: 1, or ``k + 1`` with speculative decoding). Sequence ``b`` (slot ``b``) br
    verification (``verify[b]``), on all its rows: the greedy targets, the drafts the model agrees with, and a
    rollback past the rejected ones.
 
-A row whose logits hold NaN or Inf yields ``sampling.NONFINITE`` instead of a token. ``slot_step``: a step of one
-token per slot, laid out by slot, through the padded decode path (an engine option for its decode-only steps).
+A row whose logits hold NaN or Inf yields ``sampling.NONFINITE`` instead of a token.
 """
 
 from __future__ import annotations
@@ -81,37 +80,6 @@ def mixed_step(
     accepted = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)  # leading drafts the model agrees with
     cache = cache.rollback(jnp.where(verify, before + accepted + 1, cache.lengths))
     return (targets, accepted), cache
-
-
-def slot_step(
-    params,
-    cache,
-    tokens: Int[Array, " B"],
-    src: Int[Array, " B"],
-    prev: Int[Array, " B"],
-    counts: Int[Array, " B"],
-    verify: Bool[Array, " B"],
-    reset: Bool[Array, " B"],
-    key_data,
-    index,
-    temperature,
-    top_k,
-    top_p,
-    *,
-    config,
-    options,
-):
-    """``mixed_step`` (``rows == 1``) of a step of at most one token per slot laid out by slot: row ``b`` is slot
-    ``b``'s token (``counts[b]`` 0 or 1), through ``llama.slot_hidden_states`` (the decode kernels on the Pallas
-    path). The engine's ``decode_steps="slots"`` runs its decode-only steps here. Same inputs and output
-    (``verify`` is all False and unused)."""
-    del verify
-    b = counts.shape[0]
-    cache = reset_slots(cache, reset)
-    tokens = jnp.where(src >= 0, prev[jnp.clip(src, 0, b - 1)], tokens)
-    h, cache = llama.slot_hidden_states(params, cache, tokens, counts, config=config, options=options)  # (B, H)
-    logits = llama.lm_head(params, h, options, config=config)  # (B, V)
-    return choose(logits, key_data, index, temperature, top_k, top_p), cache
 
 
 def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options):

@@ -45,9 +45,6 @@ def default_num_slots(spec, per_token: int, mesh, verbose: bool) -> int:
     return n
 
 
-DECODE_STEPS = ("flat", "slots")  # EngineOptions.decode_steps
-
-
 def _positive(name, value, minimum=1):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
@@ -69,11 +66,7 @@ class EngineOptions:
     ``cache_options``: storage options of the cache format (``{"rotated": False}``: Q8 without its rotation).
     ``windowed`` (``None``: on when the model's config has windowed layers): a per-layer cache plan, windowed
     layers on rings (``jkv.caches.plan``); ``window_slack`` (``None``: every step fits, ``max_batch_tokens`` for a
-    contiguous plan; a paged plan ``max(PAGE_SIZE, speculative_tokens + 1)``): the rings' slack.
-    ``decode_steps``: how a step of one token per running sequence runs (without speculative decoding):
-    ``"flat"`` (the mixed step, the multi-token kernels: a sequence's attention never depends on what else is in
-    its step) or ``"slots"`` (one more compiled variant, laid out by slot, through the decode kernels; a token's
-    numerics then differ between decode-only and mixed steps within float rounding)."""
+    contiguous plan; a paged plan ``max(PAGE_SIZE, speculative_tokens + 1)``): the rings' slack."""
 
     num_slots: int | None = None
     max_len: int = 1024
@@ -90,7 +83,6 @@ class EngineOptions:
     windowed: bool | None = None
     window_slack: int | None = None
     model: llama.LlamaOptions = llama.DEFAULT_OPTIONS  # how the model runs; a given ``impl`` overrides its impl
-    decode_steps: str = "flat"
 
     @property
     def batch_tokens(self) -> int:
@@ -143,7 +135,5 @@ class EngineOptions:
                     f"the largest of buckets={self.buckets} must hold max_batch_tokens={self.batch_tokens}"
                 )
         steps.check_kind(self.cache, self.max_len)
-        if self.decode_steps not in DECODE_STEPS:
-            raise ValueError(f"decode_steps={self.decode_steps!r} is not one of {DECODE_STEPS}")
         if not isinstance(self.model, llama.LlamaOptions):
             raise TypeError(f"model must be a jkv.models.llama.LlamaOptions, got {type(self.model).__name__}")

@@ -75,17 +75,6 @@ def step_tokens(plan, requests: dict[int, Request], num_slots: int):
     return tokens, src, verify, index, sampling, drafted
 
 
-def by_slot(plan, tokens, src, num_slots: int):
-    """``step_tokens``' ``(tokens, src)`` of a step of one token per running sequence laid out by slot (``[B]``,
-    row ``b`` slot ``b``'s), or None when ``plan`` carries a prompt token or a draft."""
-    if plan.prefill_tokens or any(e.count != 1 for e in plan.entries):
-        return None
-    slots = np.asarray([e.seq.slot for e in plan.entries], np.int64)
-    by_tokens, by_src = np.zeros(num_slots, np.int32), np.full(num_slots, -1, np.int32)
-    by_tokens[slots], by_src[slots] = tokens[: len(slots)], src[: len(slots)]  # src: already the slot's own
-    return by_tokens, by_src
-
-
 def finish_reason(request: Request, max_len: int) -> str | None:
     if request.stopped:
         return "stop"

@@ -11,7 +11,6 @@ Token ids are the only values a step returns to the host. A row whose logits hol
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -85,13 +84,12 @@ class Steps:
     ``mesh`` (``jkv.parallel.make_mesh``): steps are traced with it active (Pallas kernels run per shard) and hand
     the batch cache back in ``cache_sharding`` (kept split between steps). ``compile_s`` sums the seconds of each
     step's first call per shape (tracing and compiling; nearly nothing when another engine compiled it);
-    ``compiled`` holds the ``(step, shape key)`` pairs called so far, ``calls`` the calls of each step.
+    ``compiled`` holds the ``(step, shape key)`` pairs called so far.
     """
 
     def __init__(self, config, options: llama.LlamaOptions, mesh=None, cache_sharding=None):
         self.config, self.options, self.mesh, self._sharding = config, options, mesh, cache_sharding
         self.compiled: set[tuple] = set()
-        self.calls: collections.Counter = collections.Counter()  # step name -> calls
         self.compile_s = 0.0
         self._own: dict[tuple, object] = {}  # jitted steps of a mesh engine (their output shardings are its own)
 
@@ -109,7 +107,6 @@ class Steps:
         ``cache_out(sharding)``: the output shardings that keep a returned batch cache split over the mesh."""
         jitted = self._jitted(fn, donate, cache_out, tuple(sorted(statics.items())))
         first = (name, key) not in self.compiled
-        self.calls[name] += 1
         start = time.perf_counter()
         context = contextlib.nullcontext()
         if self.mesh is not None:
@@ -132,12 +129,6 @@ class Steps:
         out = (lambda c: (None, c)) if lm_rows == 1 else (lambda c: ((None, None), c))
         key = (inputs[0].shape[0], lm_rows)
         return self._run("mixed", key, mixed.mixed_step, 1, (params, cache, *inputs), out, **self._model(rows=lm_rows))
-
-    def slots(self, params, cache, *inputs):
-        """One ``jkv.serving.mixed.slot_step`` (a decode-only step laid out by slot; ``mixed``'s inputs with
-        ``T = B``): ``(next [B], cache)``."""
-        args = (params, cache, *inputs)
-        return self._run("slots", (), mixed.slot_step, 1, args, lambda c: (None, c), **self._model())
 
     def mixed_variants(self) -> list[tuple]:
         """The ``(T, rows)`` keys of the mixed steps compiled (called) so far."""

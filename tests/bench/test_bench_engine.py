@@ -51,15 +51,13 @@ def test_smoke_run_of_the_shared_prefix_workload(tmp_path):
     assert shared["ttft_waves_s"] == pytest.approx(shared["ideal_s"] / 3)
 
 
-def test_smoke_run_with_quantized_weights_and_slot_steps_runs_each():
+def test_smoke_run_with_quantized_weights_runs_each_format():
     """``--weights``: a run per format on the same workload, each ideal time counting its own weight bytes (fewer
     bytes, a shorter ideal)."""
-    argv = ["--smoke", "--no-hf", "--only", "mixed", "--weights", "bf16", "q8_0", "--slots", "6"]
-    report = bench_engine.main([*argv, "--decode-steps", "flat", "slots"])
+    report = bench_engine.main(["--smoke", "--no-hf", "--only", "mixed", "--weights", "bf16", "q8_0", "--slots", "6"])
     assert report["workloads"]["mixed"]["waves"] == 2  # --slots: 12 requests in 6 slots
     runs = report["workloads"]["mixed"]["runs"]
-    assert set(runs) == {"jkv", "jkv_q8_0", "jkv_slots", "jkv_q8_0_slots"}  # and a run per decode_steps
-    assert runs["jkv_slots"]["step_variants"] == runs["jkv"]["step_variants"] + 1
+    assert set(runs) == {"jkv", "jkv_q8_0"}
     for run in runs.values():
         assert run["tokens_per_s"] > 0 and run["compile_s_while_timed"] == 0
     assert runs["jkv_q8_0"]["ideal_s"] < runs["jkv"]["ideal_s"] == report["workloads"]["mixed"]["ideal_s"]

@@ -17,7 +17,6 @@ from jkv.models.llama.model import (
     hidden_states,
     lm_head,
     prefill,
-    slot_hidden_states,
 )
 from jkv.models.llama.params import (
     LAYOUTS,
@@ -55,7 +54,6 @@ __all__ = [
     "prefill",
     "resolve_layout",
     "shard_params",
-    "slot_hidden_states",
     "unfuse_qkv",
     "with_layout",
 ]

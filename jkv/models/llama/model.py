@@ -134,24 +134,6 @@ def flat_hidden_states(
     return jnp.where(kept[:, None], h[0][jnp.minimum(row, t - 1)], 0), cache
 
 
-def slot_hidden_states(
-    params: LlamaParams,
-    cache,
-    tokens: Int[Array, " B"],
-    counts: Int[Array, " B"],
-    *,
-    config: LlamaConfig,
-    options: LlamaOptions = DEFAULT_OPTIONS,
-):
-    """Final-normed hidden states ``[B, H]`` (f32) of a step of at most one token per sequence, row ``b`` sequence
-    ``b``'s (``counts[b]`` 0 or 1: a row of count 0 is padding and touches no cache), and the advanced cache. The
-    padded ``T = 1`` step (``hidden_states``) with per-sequence counts: on the Pallas path its attention runs the
-    decode kernels rather than the multi-token ones."""
-    positions = cache.lengths[:, None]  # (B, 1)
-    h, cache = _stream(params, cache.begin(counts), tokens[:, None], positions, config=config, options=options)
-    return h[:, 0], cache
-
-
 def _stream(params: LlamaParams, cache, tokens, positions, *, config: LlamaConfig, options: LlamaOptions):
     """The blocks over ``tokens [R, T]`` at ``positions`` (``[R, T]``; ``[T]`` for a flat step's one row) with
     the step begun on ``cache``; the final-normed stream ``[R, T, H]`` and the committed cache."""
