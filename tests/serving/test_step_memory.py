@@ -1,0 +1,48 @@
+"""The serving step updates its donated cache in place: the compiled mixed step holds no copy of the page pool,
+whatever the pool's size, and hands the pool back in the donated buffers. On a GPU its attention runs the Pallas
+kernels (their operands are the whole pool); elsewhere the reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkv.models import llama
+from jkv.serving import Engine, mixed
+
+# Llama-3-8B's attention heads (32 / 8, head_dim 128: the Mosaic GPU kernels take them), two small layers.
+CONFIG = llama.LlamaConfig(512, 256, 512, 2, 32, 8, 128)
+
+
+@functools.cache
+def _params():
+    # bf16 on a GPU (the Mosaic GPU kernels take 16-bit caches); float32 elsewhere: XLA's CPU backend scatters into
+    # a bf16 array through float32 copies of the whole operand
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return llama.init_params(CONFIG, jax.random.key(0), dtype, scale=0.05)
+
+
+def _compiled_memory(kind: str, num_pages: int, tokens: int):
+    """``(memory analysis, pool bytes)`` of the engine's mixed step of ``tokens`` tokens over ``num_pages`` pages."""
+    engine = Engine(
+        _params(), CONFIG, num_slots=8, max_len=1024, cache=kind, num_pages=num_pages, buckets=(tokens,),
+        max_batch_tokens=tokens, verbose=False,
+    )  # fmt: skip
+    inputs = engine._step_inputs(np.zeros(tokens, np.int32), np.full(tokens, -1, np.int32), engine._no_tokens)
+    step = functools.partial(mixed.mixed_step, config=CONFIG, options=engine.steps.options, rows=1)
+    stats = jax.jit(step, donate_argnums=1).lower(engine.params, engine.cache, *inputs).compile().memory_analysis()
+    return stats, sum(x.nbytes for x in engine.cache.storage())
+
+
+@pytest.mark.parametrize("tokens", [64, 2048])
+@pytest.mark.parametrize("kind", ["paged", "q8-paged"])
+def test_mixed_step_holds_no_copy_of_the_pool(kind, tokens):
+    small, pool = _compiled_memory(kind, 256, tokens)
+    large, large_pool = _compiled_memory(kind, 1024, tokens)
+    assert large_pool > 3.9 * pool  # (the pages, and a few small arrays)
+    # four times the pages, the same scratch: a copy of even one layer's K pages would add large_pool / 4
+    grown = large.temp_size_in_bytes - small.temp_size_in_bytes
+    assert grown < large_pool // 16, (grown, large_pool)
+    assert large.alias_size_in_bytes >= large_pool  # the pool comes back in the donated buffers
