@@ -11,9 +11,10 @@
 #   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
-#   8. part quick: a short call for a scarce machine (the multi-token dispatch's and warp-specialised kernels' GPU
-#      tests, prefill and chunk without torch, the engine's mixed workload), best with GPU_CHECKS_BUDGET=460.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+#   8. part quick: a short call for a scarce machine (the mixed step's memory test, the engine's mixed workload
+#      with a profile of its decode-only step, the multi-token dispatch's GPU tests); part prefill_quick: prefill
+#      and chunk without torch.
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,16 +68,16 @@ for part in "${parts[@]}"; do
       run prefill_pp 480 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 5 \
         --ws-configs 16/4/128/2 16/4/64/3
       ;;
-    quick)  # the short call of a scarce machine: what this session's changes need first (issue 20 and 21)
+    quick)  # the short call of a scarce machine: what this session's changes need first (issue 21, then 20)
+      run tests_step_memory 120 python -m pytest -q tests/serving/test_step_memory.py  # the pool updated in place
+      run bench_engine_mixed 300 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed --profile-steps 20 \
+        --out "$OUT/bench_engine.json"
       run tests_dispatch 80 python -m pytest -q -m gpu tests/kernels/test_dispatch_multi_token.py
-      run tests_attention 120 python -m pytest -q tests/attention  # (no gpu marks there) the API through the dispatch
-      run tests_mgpu_ws_pp 70 python -m pytest -q -m gpu -k pingpong tests/kernels/test_multi_token_mgpu_ws.py
-      run tests_mgpu_ws_paged 90 python -m pytest -q -m gpu tests/kernels/test_multi_token_mgpu_ws_paged.py
+      ;;
+    prefill_quick)  # issue 20 without torch: the dispatched kernels and the warp-specialised ones against cuDNN
       run prefill_quick 170 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 3 \
         --no-torch --rows mgpu_ws_pp mgpu_ws_paged_pp auto auto_paged triton triton_paged
       tail -n 4 "$OUT/prefill_quick.log"
-      run bench_engine_mixed 300 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed --profile-steps 20 \
-        --out "$OUT/bench_engine.json"
       ;;
     mgpu_q8)  # the Mosaic GPU Q8 / FP8 decode kernel's tests (issue 22; new, so a part of its own)
       run tests_decode_mgpu_q8 300 python -m pytest -q -m gpu tests/kernels/test_decode_mgpu_q8.py
@@ -122,7 +123,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (quick, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 
