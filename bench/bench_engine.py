@@ -189,6 +189,17 @@ def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_
     }
 
 
+def reported(run, *args, **kwargs) -> dict:
+    """``run(*args, **kwargs)``, or ``{"error": ...}`` when it raises (out of memory, say): the failure is reported
+    and the next runs go on, their memory freed of the failed run's first."""
+    try:
+        return run(*args, **kwargs)
+    except Exception as e:
+        error = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    gc.collect()  # the failed run's engine, held by the traceback until here
+    return error
+
+
 # ---------------------------------------------------------------------------------------------- HF peer
 def run_hf(args, config, prompts, new_tokens, slots) -> dict:
     """HF transformers' continuous batching (``generate_batch``) on a random model of the same shape."""
@@ -311,16 +322,18 @@ def main(argv=None) -> dict:
         for w, model in models.items():
             name = "jkv" if w == "bf16" else f"jkv_{w}"
             profile = wname == "mixed"
-            runs[name] = run_jkv(args, config, model, prompts, new_tokens, slots, bool(shared), profile=profile)
+            one = (args, config, model, prompts, new_tokens, slots, bool(shared))
+            runs[name] = reported(run_jkv, *one, profile=profile)
             formats[name] = w
             if shared and w == "bf16":
-                pool = runs["jkv"]["num_pages"]  # the same pool: the same compiled steps, the same memory
-                runs["jkv_no_prefix_cache"] = run_jkv(args, config, model, prompts, new_tokens, slots, False, pool)
+                pool = runs["jkv"].get("num_pages")  # the same pool: the same compiled steps, the same memory
+                one = (args, config, model, prompts, new_tokens, slots, False, pool)
+                runs["jkv_no_prefix_cache"] = reported(run_jkv, *one)
                 formats["jkv_no_prefix_cache"] = w
         if not args.no_hf:
             runs["hf_continuous_batching"] = run_hf(args, config, prompts, new_tokens, slots)
         first = next(iter(formats))
-        cached = runs[first]["cached_prompt_tokens"]
+        cached = runs[first].get("cached_prompt_tokens", [0] * len(prompts))  # a failed run: as without hits
         work = (config, prompts, new_tokens, slots, cached)
         ideals = {w: ideal_seconds(*work, weight_bytes[w], kv_per_token, bandwidth, flops) for w in models}
         ideal, parts = ideals[formats[first]]
@@ -343,7 +356,7 @@ def main(argv=None) -> dict:
                     common.log("    " + run["summary"])
             else:
                 common.log(f"  {wname:6s} {run_name:22s} {run.get('error')}")
-        if shared and "wall_s" in runs.get("jkv_no_prefix_cache", {}):
+        if shared and all("wall_s" in runs.get(name, {}) for name in ("jkv", "jkv_no_prefix_cache")):
             entry["prefix_cache_speedup"] = runs["jkv_no_prefix_cache"]["wall_s"] / runs["jkv"]["wall_s"]
         entry["runs"] = runs
         report["workloads"][wname] = entry

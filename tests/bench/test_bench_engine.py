@@ -61,3 +61,22 @@ def test_smoke_run_with_quantized_weights_runs_each_format():
     for run in runs.values():
         assert run["tokens_per_s"] > 0 and run["compile_s_while_timed"] == 0
     assert runs["jkv_q8_0"]["ideal_s"] < runs["jkv"]["ideal_s"] == report["workloads"]["mixed"]["ideal_s"]
+
+
+def test_a_failed_run_is_reported_and_the_next_ones_go_on(monkeypatch):
+    """A run that raises (on the GPU: out of memory building or stepping its engine) becomes an error entry; the
+    workload's other runs and the next workload still run."""
+    real, calls = bench_engine.run_jkv, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("no room for the pool")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_engine, "run_jkv", first_fails)
+    report = bench_engine.main(["--smoke", "--no-hf", "--only", "shared", "mixed"])
+    shared, mixed = report["workloads"]["shared"]["runs"], report["workloads"]["mixed"]["runs"]
+    assert shared["jkv"] == {"error": "MemoryError: no room for the pool"}
+    assert shared["jkv_no_prefix_cache"]["tokens_per_s"] > 0 and mixed["jkv"]["tokens_per_s"] > 0
+    assert "prefix_cache_speedup" not in report["workloads"]["shared"]
