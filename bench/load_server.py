@@ -197,7 +197,7 @@ def build_engine(args, slots: int):
         config = llama.LlamaConfig.preset(args.shape)
         dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, None: jnp.bfloat16}[args.dtype]
         params = llama.init_params(config, jax.random.key(0), dtype)
-    max_len = args.max_len or args.prompt_len + args.max_tokens + 16
+    max_len = args.max_len or -(-(args.prompt_len + args.max_tokens + 16) // 16) * 16  # whole pages of 16
     # --smoke: one step shape (a whole level's prompts fit it), so the warm-up compiles one step, not one per bucket
     buckets = (32,) if args.smoke else None
     return Engine(
@@ -232,7 +232,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--url", help="drive this running server only (no in-process engine)")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default=None)
     ap.add_argument("--impl", choices=["pallas", "xla"], default=None)
-    ap.add_argument("--cache", default="default", help="the engine's cache kind")
+    ap.add_argument("--cache", default="paged", help="the engine's cache kind (default: paged, as `jkv serve`)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 per client)")
     ap.add_argument("--prompt-len", type=int, default=128)
