@@ -389,7 +389,7 @@ class Engine:
     def _flush_resets(self) -> None:
         """Empty the slots still waiting for a next step (the engine is idle)."""
         if self._resets.any() and self._inflight is None:
-            # a copy: on CPU jnp.asarray may alias the array, cleared below before the async step reads it
+            # a copy: on CPU the transfer may read the host array after this returns, and it is cleared below
             self.cache = self.steps.retire(self.cache, jnp.asarray(self._resets.copy()))
             self._resets[:] = False
         self._pages_in_use()
