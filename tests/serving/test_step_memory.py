@@ -24,10 +24,11 @@ def _params():
     return llama.init_params(CONFIG, jax.random.key(0), dtype, scale=0.05)
 
 
-def _compiled_memory(kind: str, num_pages: int, tokens: int):
-    """``(memory analysis, pool bytes)`` of the engine's mixed step of ``tokens`` tokens over ``num_pages`` pages."""
+def _compiled_memory(kind: str, tokens: int, *, num_pages: int | None = None, num_slots: int = 8):
+    """``(memory analysis, cache bytes)`` of the engine's mixed step of ``tokens`` tokens over a cache of ``kind``
+    (``num_pages`` pages for a paged kind)."""
     engine = Engine(
-        _params(), CONFIG, num_slots=8, max_len=1024, cache=kind, num_pages=num_pages, buckets=(tokens,),
+        _params(), CONFIG, num_slots=num_slots, max_len=1024, cache=kind, num_pages=num_pages, buckets=(tokens,),
         max_batch_tokens=tokens, verbose=False,
     )  # fmt: skip
     inputs = engine._step_inputs(np.zeros(tokens, np.int32), np.full(tokens, -1, np.int32), engine._no_tokens)
@@ -39,10 +40,23 @@ def _compiled_memory(kind: str, num_pages: int, tokens: int):
 @pytest.mark.parametrize("tokens", [64, 2048])
 @pytest.mark.parametrize("kind", ["paged", "q8-paged"])
 def test_mixed_step_holds_no_copy_of_the_pool(kind, tokens):
-    small, pool = _compiled_memory(kind, 256, tokens)
-    large, large_pool = _compiled_memory(kind, 1024, tokens)
+    small, pool = _compiled_memory(kind, tokens, num_pages=256)
+    large, large_pool = _compiled_memory(kind, tokens, num_pages=1024)
     assert large_pool > 3.9 * pool  # (the pages, and a few small arrays)
     # four times the pages, the same scratch: a copy of even one layer's K pages would add large_pool / 4
     grown = large.temp_size_in_bytes - small.temp_size_in_bytes
     assert grown < large_pool // 16, (grown, large_pool)
     assert large.alias_size_in_bytes >= large_pool  # the pool comes back in the donated buffers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="off a GPU the reference's scratch grows with the cache")
+@pytest.mark.parametrize("tokens", [64, 2048])
+def test_mixed_step_holds_no_copy_of_a_contiguous_cache(tokens):
+    """The contiguous cache in the weights' dtype, four times the slots: the kernels' scratch stays the same."""
+    small, cache = _compiled_memory("default", tokens, num_slots=8)
+    large, large_cache = _compiled_memory("default", tokens, num_slots=32)
+    assert large_cache > 3.9 * cache
+    grown = large.temp_size_in_bytes - small.temp_size_in_bytes
+    assert grown < large_cache // 16, (grown, large_cache)
+    assert large.alias_size_in_bytes >= large_cache
