@@ -22,30 +22,6 @@ class Kernel(NamedTuple):
     specs: tuple
 
 
-def _contiguous_plain():
-    from pallas_kernels import dispatch  # Mosaic GPU where it is faster and can run, else Triton
-
-    return dispatch.decode_attention_auto
-
-
-def _contiguous_q8():
-    from pallas_kernels import decode_q8  # dequantizes inside the K/V loads: no dequantized copy of the layer
-
-    return decode_q8.q8_decode_attention
-
-
-def _paged_plain():
-    from pallas_kernels import paged  # reads pages through the block table: no gathered copy
-
-    return paged.paged_decode_attention
-
-
-def _paged_q8():
-    from pallas_kernels import paged_q8
-
-    return paged_q8.paged_q8_decode_attention
-
-
 def _entry(module: str, name: str):
     """An adapter that imports ``module`` when first asked (the Triton modules need a GPU or interpret mode)."""
 
@@ -60,11 +36,13 @@ DISPATCH = "pallas_kernels.dispatch"  # Mosaic GPU where it can run, else Triton
 
 
 DECODE = {
-    ("contiguous", Plain): _contiguous_plain,
-    ("contiguous", Q8): _contiguous_q8,
+    ("contiguous", Plain): _entry(DISPATCH, "decode_attention_auto"),
+    # dequantizes inside the K/V loads: no dequantized copy of the layer
+    ("contiguous", Q8): _entry("pallas_kernels.decode_q8", "q8_decode_attention"),
     ("contiguous", FP8): _entry(FP8_KERNELS, "fp8_decode_attention"),
-    ("paged", Plain): _paged_plain,
-    ("paged", Q8): _paged_q8,
+    # reads pages through the block table: no gathered copy
+    ("paged", Plain): _entry("pallas_kernels.paged", "paged_decode_attention"),
+    ("paged", Q8): _entry("pallas_kernels.paged_q8", "paged_q8_decode_attention"),
     ("paged", FP8): _entry(FP8_KERNELS, "paged_fp8_decode_attention"),
 }
 
