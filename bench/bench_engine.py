@@ -202,43 +202,41 @@ def reported(run, *args, **kwargs) -> dict:
 
 # ---------------------------------------------------------------------------------------------- HF peer
 def run_hf(args, config, prompts, new_tokens, slots) -> dict:
-    """HF transformers' continuous batching (``generate_batch``) on a random model of the same shape."""
-    try:
-        import torch
-        from transformers import GenerationConfig, LlamaForCausalLM
-        from transformers import LlamaConfig as HFConfig
+    """HF transformers' continuous batching (``generate_batch``) on a random model of the same shape (run it through
+    ``reported``: a peer that cannot run is reported, not fatal)."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFConfig
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        hf_config = HFConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            num_key_value_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            max_position_embeddings=config.max_position,
-            rope_theta=config.rope_theta,
-        )
-        with torch.device(device):
-            model = LlamaForCausalLM(hf_config).to(dtype).eval()
-        gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        model.generate_batch(inputs=prompts[: min(2, len(prompts))], generation_config=gen)  # warm up
-        start = time.perf_counter()
-        out = model.generate_batch(inputs=prompts, generation_config=gen, record_timestamps=True)
-        wall = time.perf_counter() - start
-        tokens = sum(len(o.generated_tokens) for o in out.values())
-        ttft = [o.timestamps[0] - o.created_time for o in out.values() if o.timestamps]
-        del model
-        return {
-            "wall_s": wall,
-            "tokens_per_s": tokens / wall,
-            "mean_ttft_s": statistics.mean(ttft) if ttft else math.nan,
-            "device": device,
-        }
-    except Exception as e:  # a peer that cannot run is reported, not fatal
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf_config = HFConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position,
+        rope_theta=config.rope_theta,
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_config).to(dtype).eval()
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    model.generate_batch(inputs=prompts[: min(2, len(prompts))], generation_config=gen)  # warm up
+    start = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=gen, record_timestamps=True)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    ttft = [o.timestamps[0] - o.created_time for o in out.values() if o.timestamps]
+    del model
+    return {
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "mean_ttft_s": statistics.mean(ttft) if ttft else math.nan,
+        "device": device,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -331,7 +329,7 @@ def main(argv=None) -> dict:
                 runs["jkv_no_prefix_cache"] = reported(run_jkv, *one)
                 formats["jkv_no_prefix_cache"] = w
         if not args.no_hf:
-            runs["hf_continuous_batching"] = run_hf(args, config, prompts, new_tokens, slots)
+            runs["hf_continuous_batching"] = reported(run_hf, args, config, prompts, new_tokens, slots)
         first = next(iter(formats))
         cached = runs[first].get("cached_prompt_tokens", [0] * len(prompts))  # a failed run: as without hits
         work = (config, prompts, new_tokens, slots, cached)
