@@ -76,3 +76,27 @@ def fragmented(rng):
     tables = np.asarray(paged.block_tables)
     assert not (np.diff(tables[tables >= 0]) == 1).all(), tables  # not simply pages 0, 1, 2, ... in order
     return paged, ref
+
+
+def assert_donated_ops_in_place(cache, single, k_new):
+    """A jitted begin + write-every-layer + commit step (``k_new`` as K and V), fork/rollback/reset_slot and the
+    insert of ``single`` into slot 3 alias the donated pools of ``cache`` and allocate no copy of them. Returns the
+    step (for a check without donation)."""
+    pools = sum(x.nbytes for x in cache.pages)
+
+    def step(c, k):
+        c = c.begin(1)
+        for layer in range(c.spec.num_layers):
+            c = c.write(layer, k, k)
+        return c.commit()
+
+    ops = [
+        (step, (cache, k_new)),
+        (lambda c: c.fork(0, 1).rollback(c.lengths).reset_slot(2), (cache,)),
+        (lambda c, s: c.insert_into_slot(3, s), (cache, single)),
+    ]
+    for fn, args in ops:
+        stats = jax.jit(fn, donate_argnums=0).lower(*args).compile().memory_analysis()
+        assert stats.alias_size_in_bytes >= pools, stats
+        assert stats.temp_size_in_bytes < cache.pages[0].nbytes // 16, stats  # scratch, no copy of a pool
+    return step

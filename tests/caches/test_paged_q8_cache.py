@@ -15,7 +15,7 @@ import pytest
 from cache_helpers import _begin, _commit, _fork, _insert, _reset_slot, _rollback, _write
 from conftest import REL_TOL, rel_err
 from kernel_inputs import KERNEL_TOL, q8_pools
-from paged_helpers import _flat, assert_allocator_consistent, assert_same_contents, valid
+from paged_helpers import _flat, assert_allocator_consistent, assert_donated_ops_in_place, assert_same_contents, valid
 from reference import attention_f64, decode_attention_f64
 
 import jkv
@@ -197,23 +197,7 @@ def test_donated_steps_run_in_place(rng):
     spec = jkv.CacheSpec(num_layers=4, num_kv_heads=2, head_dim=128, max_len=1024, dtype=jnp.float32)
     cache = jkv.make_cache("q8-paged", spec, 8)
     k_new = jnp.asarray(rng.standard_normal((8, 2, 1, 128)), jnp.float32)
-    pools = sum(x.nbytes for x in cache.pages)
-
-    def step(c, k):
-        c = c.begin(1)
-        for layer in range(spec.num_layers):
-            c = c.write(layer, k, k)
-        return c.commit()
-
-    ops = [
-        (step, (cache, k_new)),
-        (lambda c: c.fork(0, 1).rollback(c.lengths).reset_slot(2), (cache,)),
-        (lambda c, s: c.insert_into_slot(3, s), (cache, jkv.make_cache("q8", spec.replace(max_len=128), 1))),
-    ]
-    for fn, args in ops:
-        stats = jax.jit(fn, donate_argnums=0).lower(*args).compile().memory_analysis()
-        assert stats.alias_size_in_bytes >= pools, stats
-        assert stats.temp_size_in_bytes < cache.pages[0].nbytes // 16, stats
+    assert_donated_ops_in_place(cache, jkv.make_cache("q8", spec.replace(max_len=128), 1), k_new)
 
 
 # ---------------------------------------------------------------------- attention
