@@ -96,9 +96,9 @@ def copy_pages(pools: tuple[Array, ...], src: Array, dst: Array) -> tuple[Array,
     """Copy-on-write of ``reserve``: page ``src[i]`` into page ``dst[i]`` of every pool ``[L, P, ...]`` (entries
     with ``src >= P`` copy nothing)."""
     num_pages = pools[0].shape[1]
-    copy = lambda pools: tuple(x.at[:, dst].set(x[:, jnp.clip(src, 0, num_pages - 1)], mode="drop") for x in pools)
-    # A cond, not a masked copy: the copy gathers B pages of every layer, far more than a decode step's write.
-    return jax.lax.cond(jnp.any(src < num_pages), copy, lambda pools: pools, pools)
+    # No lax.cond around it: XLA gave a cond's result a buffer of its own (a second pool in the compiled step, as
+    # tests/serving/test_step_memory.py found on a GPU); a dropped entry reads page P - 1 and writes nothing.
+    return tuple(x.at[:, dst].set(x[:, jnp.clip(src, 0, num_pages - 1)], mode="drop") for x in pools)
 
 
 @_static("page_size", "num_pages")
