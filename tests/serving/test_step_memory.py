@@ -3,6 +3,9 @@ whatever the pool's size, and hands the pool back in the donated buffers. On a G
 kernels (their operands are the whole pool); elsewhere the reference."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ import pytest
 from jkv.models import llama
 from jkv.serving import Engine, mixed
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Llama-3-8B's attention heads (32 / 8, head_dim 128: the Mosaic GPU kernels take them), two small layers.
 CONFIG = llama.LlamaConfig(512, 256, 512, 2, 32, 8, 128)
 
@@ -37,9 +41,7 @@ def _compiled_memory(kind: str, tokens: int, *, num_pages: int | None = None, nu
     return stats, sum(x.nbytes for x in engine.cache.storage())
 
 
-@pytest.mark.parametrize("tokens", [64, 2048])
-@pytest.mark.parametrize("kind", ["paged", "q8-paged"])
-def test_mixed_step_holds_no_copy_of_the_pool(kind, tokens):
+def check_no_copy_of_the_pool(kind: str, tokens: int) -> None:
     small, pool = _compiled_memory(kind, tokens, num_pages=256)
     large, large_pool = _compiled_memory(kind, tokens, num_pages=1024)
     assert large_pool > 3.9 * pool  # (the pages, and a few small arrays)
@@ -47,6 +49,35 @@ def test_mixed_step_holds_no_copy_of_the_pool(kind, tokens):
     grown = large.temp_size_in_bytes - small.temp_size_in_bytes
     assert grown < large_pool // 16, (grown, large_pool)
     assert large.alias_size_in_bytes >= large_pool  # the pool comes back in the donated buffers
+
+
+@pytest.mark.parametrize("tokens", [64, 2048])
+@pytest.mark.parametrize("kind", ["paged", "q8-paged"])
+def test_mixed_step_holds_no_copy_of_the_pool(kind, tokens):
+    check_no_copy_of_the_pool(kind, tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the flags are options of XLA's GPU compiler")
+@pytest.mark.parametrize("kind", ["paged", "q8-paged"])
+def test_mixed_step_holds_no_copy_of_the_pool_under_the_cli_xla_flags(kind):
+    """The same under the XLA flags ``jkv generate`` and ``jkv serve`` run with (``jkv.xla_flags``: command
+    buffers); in a process of its own, as XLA reads its flags once."""
+    code = (
+        "from jkv import xla_flags; xla_flags.apply_recommended(warn=False); import test_step_memory; "
+        f"test_step_memory.check_no_copy_of_the_pool({kind!r}, 2048)"
+    )
+    path = os.pathsep.join(
+        [REPO, os.path.join(REPO, "tests"), os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.gpu
