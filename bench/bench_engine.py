@@ -42,6 +42,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in the same process
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -195,7 +196,14 @@ def reported(run, *args, **kwargs) -> dict:
     try:
         return run(*args, **kwargs)
     except Exception as e:
-        error = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        # where it failed too (the benchmark's own frames and jkv's, innermost last): an out-of-memory names only
+        # the executable
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/jax/" not in f.filename]
+        where = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames[-6:]]
+        # and what held the memory then: the live device arrays of 1 GiB or more
+        held = sorted((a.nbytes >> 20, f"{a.dtype}{list(a.shape)}") for a in jax.live_arrays() if a.nbytes >= 1 << 30)
+        error = {"error": f"{type(e).__name__}: {str(e)[:300]}", "where": where, "live_gib_arrays": held}
+        print(f"  failed at {' < '.join(reversed(where))}; arrays of 1 GiB or more (MiB): {held}", file=sys.stderr)
     gc.collect()  # the failed run's engine, held by the traceback until here
     return error
 

@@ -77,6 +77,7 @@ def test_a_failed_run_is_reported_and_the_next_ones_go_on(monkeypatch):
     monkeypatch.setattr(bench_engine, "run_jkv", first_fails)
     report = bench_engine.main(["--smoke", "--no-hf", "--only", "shared", "mixed"])
     shared, mixed = report["workloads"]["shared"]["runs"], report["workloads"]["mixed"]["runs"]
-    assert shared["jkv"] == {"error": "MemoryError: no room for the pool"}
+    assert shared["jkv"]["error"] == "MemoryError: no room for the pool"
+    assert shared["jkv"]["where"][-1].endswith("first_fails")  # where it failed, innermost last
     assert shared["jkv_no_prefix_cache"]["tokens_per_s"] > 0 and mixed["jkv"]["tokens_per_s"] > 0
     assert "prefix_cache_speedup" not in report["workloads"]["shared"]
