@@ -11,9 +11,9 @@
 #   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
-#   8. part quick: a short call for a scarce machine (the mixed step's memory test, the engine's mixed workload
-#      with a profile of its decode-only step, the multi-token dispatch's GPU tests); part prefill_quick: prefill
-#      and chunk without torch.
+#   8. part quick: a short call for a scarce machine (the mixed step's memory tests, the engine's long workload,
+#      its mixed workload with a profile of its decode-only step, the multi-token dispatch's GPU tests); part
+#      prefill_quick: prefill and chunk without torch.
 # Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
@@ -69,7 +69,9 @@ for part in "${parts[@]}"; do
         --ws-configs 16/4/128/2 16/4/64/3
       ;;
     quick)  # the short call of a scarce machine: what this session's changes need first (issue 21, then 20)
-      run tests_step_memory 120 python -m pytest -q tests/serving/test_step_memory.py  # the pool updated in place
+      run tests_step_memory 150 python -m pytest -q tests/serving/test_step_memory.py  # the pool updated in place
+      run bench_engine_long 240 python bench/bench_engine.py --model llama3-8b --no-hf --only long \
+        --out "$OUT/bench_engine_long.json"  # a failure names where it failed and the arrays then held
       run bench_engine_mixed 300 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed --profile-steps 20 \
         --out "$OUT/bench_engine.json"
       run tests_dispatch 80 python -m pytest -q -m gpu tests/kernels/test_dispatch_multi_token.py
