@@ -58,10 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a UTF-8 text file of prompts, one per line: all of them run through the batched engine (continuous "
         "batching); each answer prints as soon as it finishes, tagged with its line number, then a summary",
     )
-    gen.add_argument("--num-slots", type=_positive_int, default=None, help="engine slots (default: what fits memory)")
-    gen.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
+    _add_engine_options(gen)
     gen.add_argument("--speculative", type=int, default=0, help="engine prompt-lookup draft tokens per step (0: off)")
-    _add_max_batch_tokens(gen)
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel devices (split the kv heads)")
     gen.add_argument("--dp", type=_positive_int, default=1, help="data-parallel devices (split the batch)")
     gen.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
@@ -86,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_max_batch_tokens(parser) -> None:
+def _add_engine_options(parser) -> None:
+    """The engine's sizes, shared by ``generate --batch-file`` and ``serve``."""
+    slots_help = "engine slots (default: what fits memory)"
+    parser.add_argument("--num-slots", type=_positive_int, default=None, help=slots_help)
     parser.add_argument(
         "--max-batch-tokens",
         type=_positive_int,
@@ -94,6 +95,14 @@ def _add_max_batch_tokens(parser) -> None:
         help="engine tokens per step at most, decode tokens and prompt chunks together (default: 2048 on a GPU, "
         "256 on a CPU)",
     )
+    parser.add_argument(
+        "--num-pages",
+        type=_positive_int,
+        default=None,
+        help="pages of 16 positions in a paged cache's pool (default: every slot full, as far as free memory goes; "
+        "fewer leave memory to other work, and requests wait for pages)",
+    )
+    parser.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
 
 
 def _add_weight_formats(parser) -> None:
@@ -119,7 +128,6 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--served-model-name", default=None, help="the model id /v1/models lists (default: file name)")
-    serve.add_argument("--num-slots", type=_positive_int, default=None, help="engine slots (default: what fits memory)")
     serve.add_argument(
         "--max-len", type=_positive_int, default=None, help="context per request (default: min(model, 4096))"
     )
@@ -131,8 +139,7 @@ def add_serve_parser(commands) -> None:
     )
     serve.add_argument("--dtype", choices=("bf16", "f32", "f16"), default=None, help="weights (default: bf16 on GPU)")
     _add_weight_formats(serve)
-    _add_max_batch_tokens(serve)
-    serve.add_argument("--prefix-cache-mb", type=int, default=0, help="engine prefix cache budget in MiB (0: off)")
+    _add_engine_options(serve)
     serve.add_argument("--max-waiting", type=int, default=256, help="requests that may wait for a slot; more get 429")
     serve.add_argument(
         "--drain-s", type=float, default=30.0, help="on SIGINT/SIGTERM, seconds running streams may finish"
@@ -228,6 +235,7 @@ def build_engine(args, model, max_len: int, **knobs):
         impl=args.impl,
         prefix_cache_bytes=args.prefix_cache_mb << 20,
         max_batch_tokens=args.max_batch_tokens,
+        num_pages=args.num_pages,
         **knobs,
     )
 

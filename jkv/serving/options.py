@@ -122,6 +122,9 @@ class EngineOptions:
             _positive("max_batch_tokens", self.max_batch_tokens)
         if self.num_pages is not None:
             _positive("num_pages", self.num_pages)
+            if not steps.is_paged(self.cache):
+                kind = f"cache={self.cache!r} is not paged"
+                raise ValueError(f"num_pages={self.num_pages} sizes a paged cache's pool; {kind}")
         if self.window_slack is not None:
             _positive("window_slack", self.window_slack)
         if self.windowed not in (None, True, False):

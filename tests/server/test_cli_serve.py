@@ -49,10 +49,22 @@ def served(monkeypatch):
 
 def test_flags_reach_engine_app_and_server(served):
     argv = ["serve", "--model", "/models/tiny.gguf", "--port", "9123", "--num-slots", "3", "--max-len", "40"]
-    argv += ["--cache", "paged", "--max-waiting", "5", "--drain-s", "2.5", "--served-model-name", "tiny-1"]
+    argv += [
+        "--num-pages",
+        "7",
+        "--cache",
+        "paged",
+        "--max-waiting",
+        "5",
+        "--drain-s",
+        "2.5",
+        "--served-model-name",
+        "tiny-1",
+    ]
     assert cli.main(argv) == 0
     engine, app = served["warmed"], served["app"]
     assert (engine.num_slots, engine.spec.max_len) == (3, 48)  # paged: rounded up to whole pages
+    assert engine.cache.num_pages == engine.scheduler.pages.num_pages == 7
     assert app.state.worker.engine is engine and app.state.worker.capacity == 3 + 5
     assert app.state.options.model_name == "tiny-1"
     assert served["load"] == {"weights": "dequantize", "quantize": None}
@@ -64,6 +76,8 @@ def test_bad_flags_are_refused(served, capsys):
     assert "exceeds the model's context length 100" in capsys.readouterr().err
     assert cli.main(["serve", "--model", "m.gguf", "--prefix-cache-mb", "-1"]) == 2
     assert "--prefix-cache-mb must be >= 0" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", "m.gguf", "--cache", "f32", "--num-pages", "9"]) == 2
+    assert "num_pages=9 sizes a paged cache's pool; cache='f32' is not paged" in capsys.readouterr().err
     assert "app" not in served
 
 

@@ -198,7 +198,9 @@ def test_no_leak_after_1000_random_requests_with_cancellations(params, cache):
     rng = np.random.default_rng(1)
     systems = [rng.integers(0, CONFIG.vocab_size, size=16).tolist() for _ in range(2)]
     # A pool of 6 pages of 16 (requests of 1 or 2 pages, entries of 1): requests wait, entries are evicted.
-    eng = engine(params, cache, prefix_cache_bytes=2 << 14, max_batch_tokens=8, num_pages=6)
+    eng = engine(
+        params, cache, prefix_cache_bytes=2 << 14, max_batch_tokens=8, num_pages=6 if cache == "paged" else None
+    )
     live, finished = [], 0
     for _ in range(1000):
         if rng.random() < 0.5:  # a shared 16-token prefix (a whole page) and a short tail
@@ -278,6 +280,12 @@ def test_run_summary_and_per_request_figures(params, rng):
         ),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, cache="int4"), ValueError, "cache='int4' is not one of"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, max_len=40, cache="paged"), ValueError, "max_len=40"),
+        (
+            lambda e: Engine(e.params, CONFIG, num_slots=1, cache="f32", num_pages=8),
+            ValueError,
+            "num_pages=8 sizes a paged cache's pool; cache='f32' is not paged",
+        ),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, cache="paged", num_pages=0), ValueError, "num_pages"),
         (
             lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=2).submit(
                 [1], SamplingParams(temperature=0.5)
