@@ -144,7 +144,7 @@ def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_
         impl=args.impl,
         max_batch_tokens=args.max_batch_tokens,
         prefix_cache_bytes=args.prefix_cache_mb << 20 if prefix else 0,
-        num_pages=num_pages or None,
+        num_pages=num_pages or args.num_pages,
         verbose=False,
     )
     start = time.perf_counter()
@@ -259,6 +259,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefix-cache-mb", type=int, default=None, help="prefix cache (default 4096, smoke 1)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     ap.add_argument("--slots", type=int, default=None, help="engine slots for every workload (default: its own)")
+    ap.add_argument("--num-pages", type=int, default=None, help="paged pool of every engine (default: the engine's)")
     ap.add_argument(
         "--multi-token-kernel",
         choices=["auto", "triton"],
