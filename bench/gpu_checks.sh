@@ -13,8 +13,8 @@
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
 #   8. part quick: a short call for a scarce machine (the mixed step's memory tests, the engine's long workload,
 #      its mixed workload with a profile of its decode-only step, the multi-token dispatch's GPU tests); part
-#      prefill_quick: prefill and chunk without torch.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+#      prefill_quick: prefill and chunk without torch; part memory: bench/step_memory.py on the long workload's shapes.
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +76,10 @@ for part in "${parts[@]}"; do
         --out "$OUT/bench_engine.json"
       run tests_dispatch 80 python -m pytest -q -m gpu tests/kernels/test_dispatch_multi_token.py
       ;;
+    memory)  # where the long workload's steps put their memory (compiled only: nothing runs)
+      run step_memory 150 python bench/step_memory.py --model llama3-8b --slots 64 --max-len 16512 --buckets 64 2048 \
+        --cli-xla-flags
+      ;;
     prefill_quick)  # issue 20 without torch: the dispatched kernels and the warp-specialised ones against cuDNN
       run prefill_quick 170 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 3 \
         --no-torch --rows mgpu_ws_pp mgpu_ws_paged_pp auto auto_paged triton triton_paged
@@ -125,7 +129,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (quick, memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 

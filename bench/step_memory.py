@@ -1,0 +1,130 @@
+"""Where an engine's compiled mixed step puts its device memory: for each token bucket, XLA's memory analysis
+(arguments, outputs, how much of them is aliased to the donated cache, scratch) and the buffer assignment's
+allocations of 1 GiB or more with the values they hold. Nothing runs: the steps are only compiled, so a shape that
+would run out of memory can still be looked at.
+
+    python bench/step_memory.py --model llama3-8b --slots 64 --max-len 16512 --buckets 64 2048
+    python bench/step_memory.py --model llama3-8b --slots 64 --max-len 16512 --cli-xla-flags   # as `jkv serve`
+
+Random weights of the shape; the engine's own pool size unless ``--num-pages``. The scratch of a step must not
+grow with the pool (tests/serving/test_step_memory.py): a pool-sized allocation other than the donated
+parameters is a copy of the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import glob
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 1 << 30
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("smollm2-135m", "llama3-8b"), default="llama3-8b", help="the shape")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (faster compiles)")
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--cache", default="paged", help="the engine's cache kind")
+    ap.add_argument("--num-pages", type=int, default=None, help="paged pool (default: the engine's)")
+    ap.add_argument("--buckets", type=int, nargs="+", default=[64, 2048], help="tokens per step of each step")
+    ap.add_argument("--cli-xla-flags", action="store_true", help="compile with jkv.xla_flags, as the CLI runs")
+    ap.add_argument("--dump", default=None, help="keep XLA's dumps in this folder (default: a temporary one)")
+    return ap.parse_args(argv)
+
+
+def allocations(text: str, min_bytes: int = GIB) -> list[tuple[int, str, list[str]]]:
+    """``(size, header, large values)`` of each allocation of ``min_bytes`` or more in a buffer-assignment dump."""
+    found = []
+    for block in re.split(r"\n(?=allocation \d+:)", text):
+        head = re.match(r"allocation \d+: size (\d+)(.*)", block)
+        if not head or int(head.group(1)) < min_bytes:
+            continue
+        values = []
+        for line in block.splitlines()[1:]:
+            size = re.search(r"size=(\d+)", line)
+            if size and int(size.group(1)) >= min_bytes:
+                values.append(line.strip())
+        found.append((int(head.group(1)), head.group(2).strip(" ,:"), values))
+    return found
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    dump = args.dump or tempfile.mkdtemp(prefix="jkv_step_memory_")
+    if args.cli_xla_flags:
+        from jkv import xla_flags
+
+        xla_flags.apply_recommended(warn=False)
+    flags = f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*mixed_step.*"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jkv.models import llama
+    from jkv.serving import Engine, mixed
+
+    shape = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}[args.model]()
+    config = shape if args.layers is None else dataclasses.replace(shape, num_layers=args.layers)
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    params = llama.init_params(config, jax.random.key(0), dtype, scale=0.02)
+    buckets = tuple(sorted(args.buckets))
+    engine = Engine(
+        params, config, num_slots=args.slots, max_len=args.max_len, cache=args.cache, num_pages=args.num_pages,
+        buckets=buckets, max_batch_tokens=buckets[-1], verbose=False,
+    )  # fmt: skip
+    cache_bytes = sum(x.nbytes for x in engine.cache.storage())
+    print(
+        f"{args.model} ({config.num_layers} layers) on {jax.devices()[0].device_kind}: {args.slots} slots, "
+        f"max_len {args.max_len}, {args.cache} cache of {cache_bytes / GIB:.2f} GiB "
+        f"({engine.cache_kind}, {getattr(engine.cache, 'num_pages', '-')} pages); XLA_FLAGS={os.environ['XLA_FLAGS']}"
+    )
+    rows = []
+    for bucket in buckets:
+        before = set(glob.glob(f"{dump}/*buffer-assignment.txt"))
+        inputs = engine._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), engine._no_tokens)
+        rows_out = engine.options.speculative_tokens + 1
+        step = functools.partial(mixed.mixed_step, config=config, options=engine.steps.options, rows=rows_out)
+        compiled = jax.jit(step, donate_argnums=1).lower(engine.params, engine.cache, *inputs).compile()
+        m = compiled.memory_analysis()
+        row = {
+            "bucket": bucket,
+            "arguments_gib": m.argument_size_in_bytes / GIB,
+            "outputs_gib": m.output_size_in_bytes / GIB,
+            "aliased_gib": m.alias_size_in_bytes / GIB,
+            "scratch_gib": m.temp_size_in_bytes / GIB,
+        }
+        rows.append(row)
+        print(f"\nbucket {bucket}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "bucket"))
+        for path in sorted(set(glob.glob(f"{dump}/*buffer-assignment.txt")) - before):
+            for size, header, values in allocations(Path(path).read_text()):
+                print(f"  allocation of {size / GIB:.2f} GiB: {header[:160]}")
+                for value in values[:8]:
+                    print(f"    {value[:160]}")
+                if len(values) > 8:
+                    print(f"    ... {len(values) - 8} more values of 1 GiB or more share it")
+    print(f"\n{'bucket':>7} {'arguments':>10} {'outputs':>8} {'aliased':>8} {'scratch':>8}  (GiB)")
+    for r in rows:
+        print(
+            f"{r['bucket']:>7} {r['arguments_gib']:>10.2f} {r['outputs_gib']:>8.2f} {r['aliased_gib']:>8.2f} "
+            f"{r['scratch_gib']:>8.2f}"
+        )
+    if args.dump is None:
+        shutil.rmtree(dump, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
