@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common, engine_profile
+from bench import common, engine_profile, hf_llama
 from bench.bench_qweights import random_quantized
 from jkv import xla_flags
 from jkv.models import llama
@@ -214,23 +214,11 @@ def run_hf(args, config, prompts, new_tokens, slots) -> dict:
     ``reported``: a peer that cannot run is reported, not fatal)."""
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
-    from transformers import LlamaConfig as HFConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    hf_config = HFConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position,
-        rope_theta=config.rope_theta,
-    )
     with torch.device(device):
-        model = LlamaForCausalLM(hf_config).to(dtype).eval()
+        model = LlamaForCausalLM(hf_llama.hf_config(config)).to(dtype).eval()
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     model.generate_batch(inputs=prompts[: min(2, len(prompts))], generation_config=gen)  # warm up
     start = time.perf_counter()
