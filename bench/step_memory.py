@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import glob
 import os
 import re
@@ -74,7 +73,7 @@ def main(argv=None) -> list[dict]:
     import numpy as np
 
     from jkv.models import llama
-    from jkv.serving import Engine, mixed
+    from jkv.serving import Engine
 
     shape = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}[args.model]()
     config = shape if args.layers is None else dataclasses.replace(shape, num_layers=args.layers)
@@ -95,10 +94,8 @@ def main(argv=None) -> list[dict]:
     for bucket in buckets:
         before = set(glob.glob(f"{dump}/*buffer-assignment.txt"))
         inputs = engine._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), engine._no_tokens)
-        rows_out = engine.options.speculative_tokens + 1
-        step = functools.partial(mixed.mixed_step, config=config, options=engine.steps.options, rows=rows_out)
-        compiled = jax.jit(step, donate_argnums=1).lower(engine.params, engine.cache, *inputs).compile()
-        m = compiled.memory_analysis()
+        lm_rows = engine.options.speculative_tokens + 1
+        m = engine.steps.mixed_executable(engine.params, engine.cache, *inputs, lm_rows=lm_rows).memory_analysis()
         row = {
             "bucket": bucket,
             "arguments_gib": m.argument_size_in_bytes / GIB,

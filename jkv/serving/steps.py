@@ -126,9 +126,14 @@ class Steps:
     def mixed(self, params, cache, *inputs, lm_rows: int = 1):
         """One mixed step (``jkv.serving.mixed.mixed_step``) of the inputs after ``(params, cache)``, the first
         being the tokens ``[T]``: ``(out, cache)``."""
-        out = (lambda c: (None, c)) if lm_rows == 1 else (lambda c: ((None, None), c))
         key = (inputs[0].shape[0], lm_rows)
-        return self._run("mixed", key, mixed.mixed_step, 1, (params, cache, *inputs), out, **self._model(rows=lm_rows))
+        args = (params, cache, *inputs)
+        return self._run("mixed", key, mixed.mixed_step, 1, args, _mixed_out(lm_rows), **self._model(rows=lm_rows))
+
+    def mixed_executable(self, params, cache, *inputs, lm_rows: int = 1):
+        """The mixed step ``mixed`` runs on these inputs, compiled (nothing runs): for its memory analysis."""
+        statics = tuple(sorted(self._model(rows=lm_rows).items()))
+        return self._jitted(mixed.mixed_step, 1, _mixed_out(lm_rows), statics).lower(params, cache, *inputs).compile()
 
     def mixed_variants(self) -> list[tuple]:
         """The ``(T, rows)`` keys of the mixed steps compiled (called) so far."""
@@ -166,6 +171,11 @@ class Steps:
 
     def unpin(self, cache, pages):
         return self._run("unpin", (), mixed.unpin_pages, 0, (cache, pages), lambda c: c)
+
+
+def _mixed_out(lm_rows: int):
+    """The output shardings of a mixed step, given the batch cache's (``Steps._jitted``'s ``cache_out``)."""
+    return (lambda c: (None, c)) if lm_rows == 1 else (lambda c: ((None, None), c))
 
 
 def greedy_rows(batch: int):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jkv.models import llama
-from jkv.serving import Engine, mixed
+from jkv.serving import Engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Llama-3-8B's attention heads (32 / 8, head_dim 128: the Mosaic GPU kernels take them), two small layers.
@@ -36,8 +36,7 @@ def _compiled_memory(kind: str, tokens: int, *, num_pages: int | None = None, nu
         max_batch_tokens=tokens, verbose=False,
     )  # fmt: skip
     inputs = engine._step_inputs(np.zeros(tokens, np.int32), np.full(tokens, -1, np.int32), engine._no_tokens)
-    step = functools.partial(mixed.mixed_step, config=CONFIG, options=engine.steps.options, rows=1)
-    stats = jax.jit(step, donate_argnums=1).lower(engine.params, engine.cache, *inputs).compile().memory_analysis()
+    stats = engine.steps.mixed_executable(engine.params, engine.cache, *inputs).memory_analysis()
     return stats, sum(x.nbytes for x in engine.cache.storage())
 
 
