@@ -54,6 +54,7 @@ import numpy as np
 from bench import common, engine_profile, hf_llama
 from bench.bench_qweights import random_quantized
 from jkv import xla_flags
+from jkv.caches.registry import whole_pages
 from jkv.models import llama
 from jkv.serving import CACHE_KINDS, Engine, SamplingParams
 
@@ -134,7 +135,7 @@ def matmul_rate(n: int, trials: int = 10) -> float:
 
 # ---------------------------------------------------------------------------------------------- jkv
 def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_pages=None, profile=False) -> dict:
-    max_len = -(-(max(map(len, prompts)) + new_tokens) // 16) * 16
+    max_len = whole_pages(max(map(len, prompts)) + new_tokens)
     engine = Engine(
         params,
         config,

@@ -174,6 +174,7 @@ def build_engine(args, slots: int):
     import jax
     import jax.numpy as jnp
 
+    from jkv.caches.registry import whole_pages
     from jkv.models import llama
     from jkv.serving import Engine
 
@@ -197,7 +198,7 @@ def build_engine(args, slots: int):
         config = llama.LlamaConfig.preset(args.shape)
         dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, None: jnp.bfloat16}[args.dtype]
         params = llama.init_params(config, jax.random.key(0), dtype)
-    max_len = args.max_len or -(-(args.prompt_len + args.max_tokens + 16) // 16) * 16  # whole pages of 16
+    max_len = args.max_len or whole_pages(args.prompt_len + args.max_tokens + 16)
     # --smoke: one step shape (a whole level's prompts fit it), so the warm-up compiles one step, not one per bucket
     buckets = (32,) if args.smoke else None
     return Engine(

@@ -106,13 +106,13 @@ def check_room(prompt_tokens: int, args, context: int, where: str = "") -> None:
 def build_engine(args, model, max_len: int, **knobs):
     """The engine of ``jkv generate --batch-file`` and ``jkv serve``: a paged cache unless ``--cache`` names
     another kind, ``max_len`` then rounded up to whole pages (within the model's context)."""
-    from jkv.caches.registry import PAGE_SIZE, kind
+    from jkv.caches.registry import PAGE_SIZE, kind, whole_pages
     from jkv.serving import Engine
 
     cache = args.cache or "paged"
     whole = model.config.max_position // PAGE_SIZE * PAGE_SIZE  # the context's whole pages
     if kind(cache).paged:
-        rounded = -(-max_len // PAGE_SIZE) * PAGE_SIZE
+        rounded = whole_pages(max_len)
         max_len = min(rounded, whole) if whole else rounded
     return Engine(
         model.params,

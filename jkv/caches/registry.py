@@ -58,6 +58,11 @@ _KINDS = (
 KINDS = {kind.name: kind for kind in _KINDS}
 
 
+def whole_pages(positions: int) -> int:
+    """``positions`` rounded up to whole pages of ``PAGE_SIZE`` (a paged cache's ``max_len``)."""
+    return -(-positions // PAGE_SIZE) * PAGE_SIZE
+
+
 def kinds() -> tuple[str, ...]:
     """The names of every cache kind."""
     return tuple(KINDS)
