@@ -36,6 +36,30 @@ def kind_of(kernel: str) -> str:
     return "other"
 
 
+def idle_gaps(events, steps: int, top: int = 8, min_ns: int = 2000) -> dict:
+    """Where the device idles between kernels: the gaps of ``min_ns`` or more between one activity's end and the
+    next one's start (``events``: ``(name, start_ns, end_ns)``, several streams merged), summed per pair of
+    ``(kind of the kernel before, the kernel after)`` and divided by ``steps``. Returns ``{"idle_s", "gaps",
+    "top": {"kind before -> kernel after": (seconds per step, gaps per step)}}``: a long wait for the host shows
+    as few large gaps, launch overhead as many small ones."""
+    ordered = sorted(events, key=lambda e: e[1])
+    pairs, idle, count, reach, before = {}, 0, 0, None, None
+    for name, begin, end in ordered:
+        if reach is not None and begin - reach >= min_ns:
+            key = f"{kind_of(before)} -> {name[:80]}"
+            total, n = pairs.get(key, (0, 0))
+            pairs[key] = (total + begin - reach, n + 1)
+            idle, count = idle + begin - reach, count + 1
+        if reach is None or end >= reach:
+            reach, before = end, name
+    ranked = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "idle_s": idle * 1e-9 / steps,
+        "gaps": count / steps,
+        "top": {k: (t * 1e-9 / steps, n / steps) for k, (t, n) in ranked},
+    }
+
+
 def fill(engine, prompts, new_tokens: int) -> int:
     """Submit a prompt per slot and run prompt-only steps until every slot holds its prompt; returns how many."""
     n = min(engine.num_slots, len(prompts))
@@ -77,6 +101,7 @@ def profile_decode_steps(engine, prompts, new_tokens: int, steps: int, top: int 
         kind = kind_of(name)
         kinds[kind] = kinds.get(kind, 0.0) + t
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
+    gaps = idle_gaps(events, steps)
     report = {
         "slots": busy_slots,
         "steps": steps,
@@ -88,6 +113,7 @@ def profile_decode_steps(engine, prompts, new_tokens: int, steps: int, top: int 
         "kinds_s": kinds,
         "top_kernels_s": dict(ranked[:top]),
         "top_calls_per_step": {k: calls[k] for k, _ in ranked[:top]},
+        "idle_gaps": gaps,
     }
     common.log(
         f"profile: {busy_slots} slots decoding, {steps} steps: host {report['host_step_s'] * 1e3:.2f} ms/step "
@@ -99,4 +125,7 @@ def profile_decode_steps(engine, prompts, new_tokens: int, steps: int, top: int 
     )
     for name, t in ranked[:top]:
         common.log(f"  {t * 1e6:9.1f} us {calls[name]:6.1f}x  {kind_of(name):6s} {name[:110]}")
+    common.log(f"  idle between kernels: {gaps['idle_s'] * 1e3:.2f} ms/step in {gaps['gaps']:.0f} gaps of 2 us or more")
+    for pair, (t, n) in gaps["top"].items():
+        common.log(f"  {t * 1e6:9.1f} us {n:6.1f}x  idle before {pair}")
     return report
