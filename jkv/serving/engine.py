@@ -79,6 +79,7 @@ class Engine:
         self.stats = EngineStats(num_pages=num_pages or 0)
         self._requests: dict[int, Request] = {}  # waiting and running
         self._rows = None  # device copies of the slots' sampling parameters, until a slot changes
+        self._draw = False  # whether some slot samples (set with _rows)
         self._inflight = None  # (token ids on the device, {slot: request}, label, dispatch time, compile s)
         self._resets = np.zeros(self.num_slots, bool)  # slots to empty at the start of the next step
         self._no_tokens = jnp.zeros(self.num_slots, jnp.int32)
@@ -100,22 +101,27 @@ class Engine:
         """The ``PrefixCache`` of prompt prefixes (None when off)."""
         return None if self.prefixes is None else self.prefixes.cache
 
-    def compile_all(self, progress: bool = True) -> int:
+    def compile_all(self, progress: bool = True, sampling: bool = True) -> int:
         """Compile the mixed step of every token bucket now, each by one step of no tokens (a line per variant on
-        stderr when ``progress``); returns how many variants this engine has."""
-        for i, bucket in enumerate(self.scheduler.buckets):
+        stderr when ``progress``); returns how many variants were compiled. Every bucket has a greedy variant
+        (steps whose rows are all greedy: an argmax) and a sampling one (steps where some row samples); with
+        ``sampling=False`` only the greedy ones compile now (the first sampling step of a bucket then compiles
+        its variant). Speculative engines verify greedy choices only: one variant per bucket."""
+        draws = (False, True) if sampling and not self.options.speculative_tokens else (False,)
+        variants = [(bucket, draw) for bucket in self.scheduler.buckets for draw in draws]
+        for i, (bucket, draw) in enumerate(variants):
             start = time.perf_counter()
             inputs = self._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), self._no_tokens)
             _, self.cache = self.steps.mixed(
-                self.params, self.cache, *inputs, lm_rows=self.options.speculative_tokens + 1
+                self.params, self.cache, *inputs, lm_rows=self.options.speculative_tokens + 1, draw=draw
             )
             if progress:
                 print(
-                    f"jkv engine: compiled step {i + 1}/{len(self.scheduler.buckets)} ({bucket} tokens) in "
-                    f"{time.perf_counter() - start:.1f} s",
+                    f"jkv engine: compiled step {i + 1}/{len(variants)} ({bucket} tokens"
+                    f"{', sampling' if draw else ''}) in {time.perf_counter() - start:.1f} s",
                     file=sys.stderr,
                 )
-        return len(self.scheduler.buckets)
+        return len(variants)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None, on_token=None) -> int:
@@ -240,7 +246,7 @@ class Engine:
         prev = self._inflight[0] if self._inflight is not None else self._no_tokens
         compiling, start = self.steps.compile_s, time.perf_counter()
         inputs = self._step_inputs(tokens, src, prev, plan.counts, verify, index)
-        out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1)
+        out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1, draw=self._draw)
         self._resets[:] = False
         if self.prefixes is not None:
             for e in plan.entries:
@@ -300,6 +306,7 @@ class Engine:
             params = [None if s is None else self._requests[s.id].params for s in self.scheduler.slots]
             key_data, _, temperature, top_k, top_p = sampling_rows(params, [0] * self.num_slots)
             self._rows = tuple(jnp.asarray(x) for x in (key_data, temperature, top_k, top_p))
+            self._draw = bool((temperature > 0).any())  # the step variant: a sampling one while some slot samples
         return self._rows
 
     def _want(self, seq: Scheduled) -> int:

@@ -1,9 +1,9 @@
 """The mixed serving step on the device: a flat batch of decode tokens, speculative drafts and prompt chunks.
 
 One function body, compiled once per token bucket ``T`` (and per ``rows``, the rows per sequence that reach the LM
-head: 1, or ``k + 1`` with speculative decoding). Sequence ``b`` (slot ``b``) brings ``counts[b]`` tokens, rows
-``starts[b] ..`` of the flat batch (``starts`` the exclusive cumulative sum of ``counts``); rows past
-``sum(counts)`` are padding. In one step:
+head: 1, or ``k + 1`` with speculative decoding; and per ``draw``: whether any row samples, ``sampling.sample``).
+Sequence ``b`` (slot ``b``) brings ``counts[b]`` tokens, rows ``starts[b] ..`` of the flat batch (``starts`` the
+exclusive cumulative sum of ``counts``); rows past ``sum(counts)`` are padding. In one step:
 
 1. slots of ``reset`` are emptied (finished requests give their pages back before anything is allocated);
 2. rows with ``src >= 0`` take the previous step's sampled token of slot ``src`` (``prev``), still on the device:
@@ -56,10 +56,12 @@ def mixed_step(
     config,
     options,
     rows: int,
+    draw: bool = True,
 ):
     """One serving step (see the module docstring). Returns ``(next [B], cache)`` when ``rows == 1``, else
     ``((targets [B, rows], accepted [B]), cache)``; a verifying sequence's new tokens are
-    ``targets[b, : accepted[b] + 1]``, any other sequence's next token is ``targets[b, 0]``."""
+    ``targets[b, : accepted[b] + 1]``, any other sequence's next token is ``targets[b, 0]``. ``draw=False``: every
+    row is greedy (``rows > 1`` always is)."""
     b, t = counts.shape[0], tokens.shape[0]
     cache = reset_slots(cache, reset)
     tokens = jnp.where(src >= 0, prev[jnp.clip(src, 0, b - 1)], tokens)
@@ -68,7 +70,7 @@ def mixed_step(
     starts, last = flat_rows(counts, t)
     if rows == 1:
         logits = llama.lm_head(params, h[last], options, config=config)  # (B, V); config: a final soft cap
-        return choose(logits, key_data, index, temperature, top_k, top_p), cache
+        return choose(logits, key_data, index, temperature, top_k, top_p, draw=draw), cache
     first = jnp.where(verify, starts, last)
     at = jnp.minimum(first[:, None] + jnp.arange(rows), last[:, None])  # (B, rows); a short one repeats its last
     logits = llama.lm_head(params, h[at], options, config=config)  # (B, rows, V)
@@ -82,12 +84,12 @@ def mixed_step(
     return (targets, accepted), cache
 
 
-def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options):
+def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options, draw: bool = True):
     """``mixed_step`` of one token per slot (``T = B``): ``(next [B], cache)``."""
     b = tokens.shape[0]
     none, ones = jnp.zeros((b,), bool), jnp.ones((b,), jnp.int32)
     inputs = (tokens, -ones, tokens, ones, none, none, *rows)  # rows: key_data, index, temperature, top_k, top_p
-    return mixed_step(params, cache, *inputs, config=config, options=options, rows=1)
+    return mixed_step(params, cache, *inputs, config=config, options=options, rows=1, draw=draw)
 
 
 def attach_prefix(cache, slot, pages, n, single):

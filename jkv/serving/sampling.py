@@ -83,22 +83,26 @@ def sample(
     temperature: Float[Array, " B"],
     top_k: Int[Array, " B"],
     top_p: Float[Array, " B"],
+    *,
+    draw: bool = True,
 ) -> Int[Array, " B"]:
     """One token per row.
 
     ``temperature[b] == 0`` picks the argmax (greedy, deterministic). Otherwise the logits are divided by the
     temperature, restricted to the ``top_k[b]`` most likely tokens (``0``: no limit) and to the smallest set whose
     probability reaches ``top_p[b]`` (``1.0``: no limit), and one token is drawn with ``keys[b]`` (typed PRNG keys).
+
+    ``draw`` (static) says whether any row may sample. The sampling path sorts every row (a 128k-entry sort per row
+    for Llama 3); with ``draw=False`` only the argmax is computed, and every row must be greedy (the caller knows
+    its rows' parameters: the engine picks the variant per step). The choice is static, not a ``lax.cond`` on the
+    temperatures: on a GPU a conditional reads its predicate back to the host, which holds the dispatching thread
+    until the step's forward pass is done, so the host cannot prepare the next step while this one runs.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    # The sampling path sorts every row (a 128k-entry sort per row for Llama 3): skipped when no row samples, so a
-    # batch of greedy requests costs an argmax only.
-    return jax.lax.cond(
-        jnp.any(temperature > 0),
-        lambda: jnp.where(temperature > 0, _draw(logits, keys, temperature, top_k, top_p), greedy),
-        lambda: greedy,
-    )
+    if not draw:
+        return greedy
+    return jnp.where(temperature > 0, _draw(logits, keys, temperature, top_k, top_p), greedy)
 
 
 def _draw(logits, keys, temperature, top_k, top_p) -> Int[Array, " B"]:
@@ -121,10 +125,12 @@ def _draw(logits, keys, temperature, top_k, top_p) -> Int[Array, " B"]:
 NONFINITE = -1
 
 
-def choose(logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p) -> Int[Array, " B"]:
-    """``sample`` with the scheme's keys, and ``NONFINITE`` in rows whose logits are not all finite: the check
-    travels with the token ids, so it costs the host no extra read."""
-    tokens = sample(logits, token_keys(key_data, index), temperature, top_k, top_p)
+def choose(
+    logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p, *, draw: bool = True
+) -> Int[Array, " B"]:
+    """``sample`` (``draw`` as there) with the scheme's keys, and ``NONFINITE`` in rows whose logits are not all
+    finite: the check travels with the token ids, so it costs the host no extra read."""
+    tokens = sample(logits, token_keys(key_data, index), temperature, top_k, top_p, draw=draw)
     return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NONFINITE)
 
 

@@ -123,27 +123,29 @@ class Steps:
     def _model(self, **more):
         return {"config": self.config, "options": self.options, **more}
 
-    def mixed(self, params, cache, *inputs, lm_rows: int = 1):
+    def mixed(self, params, cache, *inputs, lm_rows: int = 1, draw: bool = True):
         """One mixed step (``jkv.serving.mixed.mixed_step``) of the inputs after ``(params, cache)``, the first
-        being the tokens ``[T]``: ``(out, cache)``."""
-        key = (inputs[0].shape[0], lm_rows)
-        args = (params, cache, *inputs)
-        return self._run("mixed", key, mixed.mixed_step, 1, args, _mixed_out(lm_rows), **self._model(rows=lm_rows))
+        being the tokens ``[T]``: ``(out, cache)``. ``draw=False`` when every row is greedy (a variant of its own)."""
+        draw = draw and lm_rows == 1  # verification is greedy: one variant
+        key = (inputs[0].shape[0], lm_rows, draw)
+        statics = self._model(rows=lm_rows, draw=draw)
+        return self._run("mixed", key, mixed.mixed_step, 1, (params, cache, *inputs), _mixed_out(lm_rows), **statics)
 
-    def mixed_executable(self, params, cache, *inputs, lm_rows: int = 1):
+    def mixed_executable(self, params, cache, *inputs, lm_rows: int = 1, draw: bool = True):
         """The mixed step ``mixed`` runs on these inputs, compiled (nothing runs): for its memory analysis."""
-        statics = tuple(sorted(self._model(rows=lm_rows).items()))
+        statics = tuple(sorted(self._model(rows=lm_rows, draw=draw and lm_rows == 1).items()))
         return self._jitted(mixed.mixed_step, 1, _mixed_out(lm_rows), statics).lower(params, cache, *inputs).compile()
 
     def mixed_variants(self) -> list[tuple]:
-        """The ``(T, rows)`` keys of the mixed steps compiled (called) so far."""
+        """The ``(T, rows, draw)`` keys of the mixed steps compiled (called) so far."""
         return sorted(key for name, key in self.compiled if name == "mixed")
 
     def decode_executable(self, params, cache):
         """A compiled decode-only step ``(params, cache, tokens [B], *greedy_rows(B)) -> (tokens, cache)``: one
         token per slot (for device loops in benchmarks; nothing runs)."""
         tokens = jnp.zeros((cache.batch,), jnp.int32)
-        jitted = self._jitted(mixed.decode_only, 1, lambda c: (None, c), tuple(sorted(self._model().items())))
+        statics = tuple(sorted(self._model(draw=False).items()))
+        jitted = self._jitted(mixed.decode_only, 1, lambda c: (None, c), statics)
         return jitted.lower(params, cache, tokens, *greedy_rows(cache.batch)).compile()
 
     def retire(self, cache, mask):

@@ -31,6 +31,21 @@ def test_greedy_rows_take_argmax(rng):
     np.testing.assert_array_equal(np.asarray(out), np.argmax(np.asarray(logits), axis=-1))
 
 
+def test_greedy_variant_and_mixed_rows(rng):
+    """``draw=False`` (every row greedy) is the argmax; with ``draw=True`` greedy rows beside sampling ones still
+    take their argmax, and the sampling rows draw."""
+    logits = jnp.asarray(rng.standard_normal((6, 50)) * 3, jnp.float32)
+    keys = jax.random.split(jax.random.key(2), 6)
+    temperature = jnp.asarray([0, 5, 0, 5, 0, 5], jnp.float32)
+    k, p = jnp.zeros((6,), jnp.int32), jnp.ones((6,), jnp.float32)
+    argmax = np.argmax(np.asarray(logits), axis=-1)
+    greedy = sample(logits, keys, jnp.zeros(6, jnp.float32), k, p, draw=False)
+    np.testing.assert_array_equal(np.asarray(greedy), argmax)
+    mixed = np.asarray(jax.jit(sample)(logits, keys, temperature, k, p))
+    np.testing.assert_array_equal(mixed[::2], argmax[::2])
+    assert (mixed[1::2] != argmax[1::2]).any()  # hot rows of 50 tokens: some leave the argmax
+
+
 def test_distribution_matches_softmax():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     counts = np.bincount(_draw(logits, 20000), minlength=4) / 20000
