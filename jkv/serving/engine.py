@@ -33,7 +33,7 @@ from jkv.serving.sampling import SamplingParams, sampling_rows
 from jkv.serving.scheduler import Scheduler
 from jkv.serving.scheduler import Sequence as Scheduled
 from jkv.serving.speculative import prompt_lookup_draft
-from jkv.serving.storage import plan_storage
+from jkv.serving.storage import allocate, plan_storage
 
 
 class Engine:
@@ -55,7 +55,7 @@ class Engine:
         self.cache_kind = options.cache
         storage = plan_storage(options, config, params.dtype, mesh, verbose)
         self.spec, self.num_slots, self.window_slack = storage.spec, storage.num_slots, storage.window_slack
-        self.cache = storage.make_cache(options)
+        storage, self.cache = allocate(storage, options, verbose)
         num_pages, per_token = storage.num_pages, storage.per_token
         cache_sharding = None
         if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split

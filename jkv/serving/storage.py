@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from typing import NamedTuple
+
+import jax
 
 from jkv import memory
 from jkv.caches import CacheSpec, Ring
@@ -60,3 +64,39 @@ def plan_storage(options: EngineOptions, config, weights_dtype, mesh=None, verbo
         extra = -(-options.batch_tokens // page_size) + options.prefix_cache_bytes // page_bytes
         plan["window_pages"] = num_slots * (ring_pages + 1) + extra
     return Storage(spec, per_token, num_slots, page_size, num_pages, plan)
+
+
+def allocate(storage: Storage, options: EngineOptions, verbose: bool = True):
+    """``(storage, cache)``: the cache of ``storage``, its buffers placed on the device. A pool sized from the free
+    memory (no ``options.num_pages``) that the allocator cannot place, its free memory being fragmented (the
+    bytes are free but not in one block), is retried with an eighth fewer pages, down to one full sequence's;
+    the pages given up are reported (stderr when ``verbose``). Any other failure, or a pool sized by the
+    caller, raises."""
+    auto = storage.num_pages is not None and options.num_pages is None
+    while True:
+        cache = None
+        try:
+            cache = storage.make_cache(options)
+            if auto:
+                jax.block_until_ready(cache)  # a failed allocation surfaces here, not at some later step
+            return storage, cache
+        except jax.errors.JaxRuntimeError as e:
+            if not auto or "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            floor = storage.spec.max_len // storage.page_size
+            fewer = storage.num_pages - max(storage.num_pages // 8, 1)
+            if fewer < floor:
+                raise MemoryError(
+                    f"the device could not place a page pool of {storage.num_pages} pages, and fewer than "
+                    f"{floor} (one sequence of max_len={storage.spec.max_len}) cannot serve: free device memory "
+                    "or lower max_len"
+                ) from e
+        if verbose:
+            print(
+                f"jkv engine: a pool of {storage.num_pages} pages did not fit the device's free memory in one piece "
+                f"(fragmented); trying {fewer}",
+                file=sys.stderr,
+            )
+        storage = storage._replace(num_pages=fewer)
+        del cache
+        gc.collect()  # the failed attempt's buffers
