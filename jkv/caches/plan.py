@@ -31,10 +31,10 @@ share no pages: a prefix is a device copy), and one pool's attributes (``block_t
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax import lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Int
 
@@ -211,8 +211,11 @@ class PlannedCache(Cache):
             groups.append(self._synced(g).begin(agreed))
             agreed = groups[-1].counts
         if self.plan.layout == "paged" and len(groups) > 1:  # a pool refused a sequence: the others let it go too
-            again = lambda c: c.rollback(c.lengths).begin(agreed)
-            groups = [lax.cond(jnp.any(c.counts != agreed), again, lambda c: c, c) for c in groups]
+            # Every group but the last (whose counts are the agreed ones) reserves again for the agreed counts: the
+            # same pages' worth where nothing was refused. Unconditionally: a ``lax.cond`` on "anything refused"
+            # would make the host read its predicate back on a GPU, holding the dispatch of each step until the
+            # previous one is done (tests/serving/test_step_host_sync.py).
+            groups[:-1] = [c.rollback(c.lengths).begin(agreed) for c in groups[:-1]]
         return self._with(groups, counts=agreed, errors=self.errors | bits)
 
     def write(self, layer, k, v) -> PlannedCache:
@@ -281,8 +284,8 @@ class PlannedCache(Cache):
             groups.append(self._synced(g).insert_into_slot(slot, part, **extra))
         hit = (jnp.arange(self.batch) == at) & ok
         failed = hit & ~self._agreed(groups)
-        if len(groups) > 1:
-            groups = [lax.cond(jnp.any(failed), lambda c: c.reset_slot(slot), lambda c: c, c) for c in groups]
+        if len(groups) > 1:  # a select of the slot's metadata, not a cond (which would hold a copy of the pools)
+            groups = [_select(jnp.any(failed), c.reset_slot(slot), c) for c in groups]
         errors = jnp.zeros_like(self.errors)
         for group in groups:
             errors = errors | group.errors
@@ -373,3 +376,9 @@ class PlannedCache(Cache):
     def snapshot(self, trim: bool = True):
         """Every layer's logical contents on the host (a ``Snapshot``; ``restore`` rebuilds the plan)."""
         return self.to_contiguous().snapshot(trim=trim)
+
+
+def _select(flag, a, b):
+    """``a`` where ``flag`` else ``b``, leaf by leaf; a leaf the two share (a pool neither touched) passes through
+    without a select."""
+    return jax.tree.map(lambda x, y: x if x is y else jnp.where(flag, x, y), a, b)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from cache_helpers import bound
 from conftest import rel_err
-from helpers_plan import MAX_LEN, PAGE, SLACK, SPEC, WINDOWS, B, new_cache, rollback, run_step, step, step_inputs
+from helpers_plan import MAX_LEN, PAGE, SLACK, SPEC, WINDOWS, B, Model, new_cache, rollback, run_step, step, step_inputs
 from helpers_plan import wrapped as wrapped_plan
 
 import jkv
-from jkv.caches import ERR_BAD_SLOT, PlannedCache
+from jkv.caches import ERR_BAD_SLOT, ERR_POOL_EXHAUSTED, PlannedCache
 
 _fork = jax.jit(lambda c, src, dst: c.fork(src, dst))
 _with_format = jax.jit(lambda c, fmt: c.with_format(fmt), static_argnums=1)
@@ -187,3 +187,28 @@ def test_refusals_say_why():
         assert getattr(cache, "refcounts", None) is None
         with pytest.raises(AttributeError, match="each layer group has its own"):
             cache.num_free_pages()
+
+
+@pytest.mark.parametrize("small", ["window_pages", "num_pages"])
+def test_a_pool_that_refuses_makes_every_group_let_the_sequence_go(small):
+    """A paged plan whose rings' pools (or its full layers' pool, a group after the first ring's) cannot hold a
+    sequence's step: every group leaves that sequence as it was (count 0, its table row untouched, no page of the
+    step kept: the groups that had reserved them gave them back), it is flagged, and the others' step is the
+    model's."""
+    cache = PlannedCache.init(SPEC, B, windows=WINDOWS, slack=SLACK, layout="paged", page_size=PAGE, **{small: 4})
+    rng, model = np.random.default_rng(5), Model()
+    cache = step(cache, model, rng, [4, 4, 4])  # a page per slot in every pool: 3 of the small pools' 4 taken
+    counts = np.asarray([4, SLACK, 0])  # slot 0 needs one more page, slot 1 two: only one is free
+    q, k, v = step_inputs(rng, B)
+    outs, after = run_step(cache, jnp.asarray(counts, jnp.int32), q, k, v)
+    assert np.asarray(after.lengths).tolist() == [8, 4, 4]
+    assert np.asarray(after.errors).tolist() == [0, ERR_POOL_EXHAUSTED, 0]
+    for old, new in zip(pools(cache), pools(after), strict=True):
+        np.testing.assert_array_equal(np.asarray(new.block_tables[1]), np.asarray(old.block_tables[1]))
+        tables = np.asarray(new.block_tables)
+        held = np.bincount(tables[tables >= 0], minlength=new.num_pages) + np.asarray(new.pins)
+        np.testing.assert_array_equal(np.asarray(new.refcounts), held)  # no page held outside the tables
+    model.k[:, 0, :, 4:8], model.v[:, 0, :, 4:8] = k[:, 0, :, :4], v[:, 0, :, :4]
+    for layer in range(SPEC.num_layers):
+        want = model.attend(q, layer, np.asarray([4, 0, 0]))
+        assert rel_err(np.asarray(outs[layer])[0], want[0]) < 1e-5, layer

@@ -3,6 +3,7 @@ kernels. On a GPU XLA runs such control flow from the host (it reads the predica
 dispatches step ``i + 1`` would stall until step ``i``'s forward pass is done and could not prepare the next step
 while the device works (measured: a greedy sampling ``cond`` cost the 8B-shaped decode step 40 % of its speed)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -15,12 +16,14 @@ from jkv.models import llama
 from jkv.serving import CACHE_KINDS, Engine, mixed
 
 CONFIG = llama.LlamaConfig(96, 64, 128, 2, 2, 1, 32)  # head_dim 32: the Q8 formats take it
+# Gemma 2's pattern: alternating windowed and full layers (a per-layer cache plan of two groups, a pool each)
+WINDOWED = dataclasses.replace(CONFIG, windows=(16, None))
 CONTROL_FLOW = {"cond", "while"}
 
 
 @functools.cache
 def _params():
-    return llama.init_params(CONFIG, jax.random.key(0), jnp.float32, scale=0.2)
+    return llama.init_params(CONFIG, jax.random.key(0), jnp.float32, scale=0.2)  # WINDOWED's too
 
 
 def control_flow(jaxpr) -> list[str]:
@@ -37,14 +40,14 @@ def control_flow(jaxpr) -> list[str]:
     return found
 
 
-def step_jaxpr(kind: str, draw: bool, rows: int = 1):
+def step_jaxpr(kind: str, draw: bool, rows: int = 1, config=CONFIG):
     engine = Engine(
-        _params(), CONFIG, num_slots=3, max_len=64, cache=kind, buckets=(8,), max_batch_tokens=8,
+        _params(), config, num_slots=3, max_len=64, cache=kind, buckets=(8,), max_batch_tokens=8,
         speculative_tokens=rows - 1, verbose=False,
     )  # fmt: skip
     inputs = engine._step_inputs(np.zeros(8, np.int32), np.full(8, -1, np.int32), engine._no_tokens)
     step = functools.partial(
-        mixed.mixed_step, config=CONFIG, options=engine.options.model_options, rows=rows, draw=draw
+        mixed.mixed_step, config=config, options=engine.options.model_options, rows=rows, draw=draw
     )
     return jax.make_jaxpr(step)(engine.params, engine.cache, *inputs).jaxpr
 
@@ -53,6 +56,12 @@ def step_jaxpr(kind: str, draw: bool, rows: int = 1):
 @pytest.mark.parametrize("draw", [False, True], ids=["greedy", "sampling"])
 def test_the_mixed_step_has_no_control_flow(kind, draw):
     assert control_flow(step_jaxpr(kind, draw)) == []
+
+
+@pytest.mark.parametrize("kind", ["paged", "q8-paged", "bf16"])
+def test_the_step_of_a_windowed_plan_has_no_control_flow(kind):
+    """A per-layer plan of pools: a group that refuses a sequence makes the others let it go, without a cond."""
+    assert control_flow(step_jaxpr(kind, True, config=WINDOWED)) == []
 
 
 def test_the_verification_step_has_no_control_flow():
