@@ -11,10 +11,10 @@
 #   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
-#   8. part quick: a short call for a scarce machine (the mixed step's memory tests, the engine's long workload,
-#      its mixed workload with a profile of its decode-only step, the multi-token dispatch's GPU tests); part
-#      prefill_quick: prefill and chunk without torch; part memory: bench/step_memory.py on the long workload's shapes.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+#   8. part quick: a short call for a scarce machine (the engine's long and shared-prefix workloads); part mixed: its
+#      mixed workload with HF's peer and a profile of its decode-only step; part prefill_quick: prefill and chunk
+#      without torch; part memory: bench/step_memory.py on the long workload's shapes.
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,13 +68,13 @@ for part in "${parts[@]}"; do
       run prefill_pp 480 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 5 \
         --ws-configs 16/4/128/2 16/4/64/3
       ;;
-    quick)  # the short call of a scarce machine: what this session's changes need first (issue 21, then 20)
-      run tests_step_memory 150 python -m pytest -q tests/serving/test_step_memory.py  # the pool updated in place
-      run bench_engine_long 240 python bench/bench_engine.py --model llama3-8b --no-hf --only long \
-        --out "$OUT/bench_engine_long.json"  # a failure names where it failed and the arrays then held
-      run bench_engine_mixed 300 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed --profile-steps 20 \
+    quick)  # the short call of a scarce machine: what this session's changes need first (issue 21)
+      run bench_engine_long_shared 560 python bench/bench_engine.py --model llama3-8b --no-hf --only long shared \
+        --out "$OUT/bench_engine_long_shared.json"  # a failure names where it failed and the arrays then held
+      ;;
+    mixed)  # issue 21's workload with a profile of its decode-only step (idle gaps included) and HF's peer
+      run bench_engine_mixed 560 python bench/bench_engine.py --model llama3-8b --only mixed --profile-steps 20 \
         --out "$OUT/bench_engine.json"
-      run tests_dispatch 80 python -m pytest -q -m gpu tests/kernels/test_dispatch_multi_token.py
       ;;
     memory)  # where the long workload's steps put their memory (compiled only: nothing runs)
       run step_memory 150 python bench/step_memory.py --model llama3-8b --slots 64 --max-len 16512 --buckets 64 2048 \
@@ -129,7 +129,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 
