@@ -28,6 +28,7 @@ GROUPS = {
     "jkv.integrations": "integrations",
     "jkv.memory": "memory",
     "jkv.cli": "cli",
+    "jkv.cli_parser": "cli",
 }
 # Today's flat modules, by the group they move into. Delete a row when its module is gone.
 FLAT_MODULES = {
