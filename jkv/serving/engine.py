@@ -35,6 +35,8 @@ from jkv.serving.scheduler import Sequence as Scheduled
 from jkv.serving.speculative import prompt_lookup_draft
 from jkv.serving.storage import allocate, plan_storage
 
+SAMPLING_INPUTS = slice(6, None)  # the step inputs sample_step takes too: key_data, index, temperature, top_k, top_p
+
 
 class Engine:
     """Continuous-batching generation over the slots of one batched cache of a Llama-family model.
@@ -102,26 +104,33 @@ class Engine:
         return None if self.prefixes is None else self.prefixes.cache
 
     def compile_all(self, progress: bool = True, sampling: bool = True) -> int:
-        """Compile the mixed step of every token bucket now, each by one step of no tokens (a line per variant on
-        stderr when ``progress``); returns how many variants were compiled. Every bucket has a greedy variant
-        (steps whose rows are all greedy: an argmax) and a sampling one (steps where some row samples); with
-        ``sampling=False`` only the greedy ones compile now (the first sampling step of a bucket then compiles
-        its variant). Speculative engines verify greedy choices only: one variant per bucket."""
-        draws = (False, True) if sampling and not self.options.speculative_tokens else (False,)
-        variants = [(bucket, draw) for bucket in self.scheduler.buckets for draw in draws]
-        for i, (bucket, draw) in enumerate(variants):
+        """Compile the mixed step of every token bucket now, each by one step of no tokens, and the program that
+        draws the tokens of sampling steps (one for every bucket; not with ``sampling=False`` or speculative
+        decoding, which verifies greedy choices); a line each on stderr when ``progress``. Returns how many
+        programs this engine has."""
+        draw = sampling and not self.options.speculative_tokens
+        count = len(self.scheduler.buckets) + draw
+        for i, bucket in enumerate(self.scheduler.buckets):
             start = time.perf_counter()
             inputs = self._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), self._no_tokens)
-            _, self.cache = self.steps.mixed(
-                self.params, self.cache, *inputs, lm_rows=self.options.speculative_tokens + 1, draw=draw
+            out, self.cache = self.steps.mixed(
+                self.params, self.cache, *inputs, lm_rows=self.options.speculative_tokens + 1
             )
             if progress:
                 print(
-                    f"jkv engine: compiled step {i + 1}/{len(variants)} ({bucket} tokens"
-                    f"{', sampling' if draw else ''}) in {time.perf_counter() - start:.1f} s",
+                    f"jkv engine: compiled step {i + 1}/{count} ({bucket} tokens) in "
+                    f"{time.perf_counter() - start:.1f} s",
                     file=sys.stderr,
                 )
-        return len(variants)
+        if draw:
+            start = time.perf_counter()
+            self.steps.sample(out[1], *inputs[SAMPLING_INPUTS])
+            if progress:
+                print(
+                    f"jkv engine: compiled step {count}/{count} (sampling) in {time.perf_counter() - start:.1f} s",
+                    file=sys.stderr,
+                )
+        return count
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None, on_token=None) -> int:
@@ -246,7 +255,9 @@ class Engine:
         prev = self._inflight[0] if self._inflight is not None else self._no_tokens
         compiling, start = self.steps.compile_s, time.perf_counter()
         inputs = self._step_inputs(tokens, src, prev, plan.counts, verify, index)
-        out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1, draw=self._draw)
+        out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1)
+        if not k:  # (argmax, logits): a program of its own draws where some slot samples
+            out = self.steps.sample(out[1], *inputs[SAMPLING_INPUTS]) if self._draw else out[0]
         self._resets[:] = False
         if self.prefixes is not None:
             for e in plan.entries:
@@ -306,7 +317,7 @@ class Engine:
             params = [None if s is None else self._requests[s.id].params for s in self.scheduler.slots]
             key_data, _, temperature, top_k, top_p = sampling_rows(params, [0] * self.num_slots)
             self._rows = tuple(jnp.asarray(x) for x in (key_data, temperature, top_k, top_p))
-            self._draw = bool((temperature > 0).any())  # the step variant: a sampling one while some slot samples
+            self._draw = bool((temperature > 0).any())  # some slot samples: its steps' tokens are drawn
         return self._rows
 
     def _want(self, seq: Scheduled) -> int:

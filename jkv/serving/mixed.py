@@ -1,17 +1,21 @@
 """The mixed serving step on the device: a flat batch of decode tokens, speculative drafts and prompt chunks.
 
 One function body, compiled once per token bucket ``T`` (and per ``rows``, the rows per sequence that reach the LM
-head: 1, or ``k + 1`` with speculative decoding; and per ``draw``: whether any row samples, ``sampling.sample``).
-Sequence ``b`` (slot ``b``) brings ``counts[b]`` tokens, rows ``starts[b] ..`` of the flat batch (``starts`` the
-exclusive cumulative sum of ``counts``); rows past ``sum(counts)`` are padding. In one step:
+head: 1, or ``k + 1`` with speculative decoding). Sequence ``b`` (slot ``b``) brings ``counts[b]`` tokens, rows
+``starts[b] ..`` of the flat batch (``starts`` the exclusive cumulative sum of ``counts``); rows past
+``sum(counts)`` are padding. In one step:
 
 1. slots of ``reset`` are emptied (finished requests give their pages back before anything is allocated);
 2. rows with ``src >= 0`` take the previous step's sampled token of slot ``src`` (``prev``), still on the device:
    the pipelined engine dispatches step ``i + 1`` before it reads step ``i``;
 3. ``jkv.models.llama.flat_hidden_states`` writes every token's K/V and attends (the cache is donated);
-4. the LM head runs on each sequence's last row (``rows == 1``: sampled with its request's parameters) or, for a
-   verification (``verify[b]``), on all its rows: the greedy targets, the drafts the model agrees with, and a
-   rollback past the rejected ones.
+4. the LM head runs on each sequence's last row (``rows == 1``: the argmax and the logits; where some row samples,
+   ``sample_step`` draws from those logits after the step, a program of its own) or, for a verification
+   (``verify[b]``), on all its rows: the greedy targets, the drafts the model agrees with, and a rollback past
+   the rejected ones.
+
+No ``cond`` or ``while`` outside the Pallas kernels: on a GPU XLA runs control flow from the host, reading the
+predicate back, which would hold the dispatching thread until the step's forward pass is done.
 
 A row whose logits hold NaN or Inf yields ``sampling.NONFINITE`` instead of a token.
 """
@@ -19,7 +23,7 @@ A row whose logits hold NaN or Inf yields ``sampling.NONFINITE`` instead of a to
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jkv.models import llama
 from jkv.serving.sampling import NONFINITE, choose
@@ -56,12 +60,12 @@ def mixed_step(
     config,
     options,
     rows: int,
-    draw: bool = True,
 ):
-    """One serving step (see the module docstring). Returns ``(next [B], cache)`` when ``rows == 1``, else
+    """One serving step (see the module docstring). Returns ``((greedy [B], logits [B, V]), cache)`` when ``rows ==
+    1`` (``greedy``: each sequence's argmax, ``sampling.NONFINITE`` where its logits are not finite), else
     ``((targets [B, rows], accepted [B]), cache)``; a verifying sequence's new tokens are
-    ``targets[b, : accepted[b] + 1]``, any other sequence's next token is ``targets[b, 0]``. ``draw=False``: every
-    row is greedy (``rows > 1`` always is)."""
+    ``targets[b, : accepted[b] + 1]``, any other sequence's next token is ``targets[b, 0]``. The sampling inputs
+    (``key_data`` .. ``top_p``) are ``sample_step``'s: a step of greedy rows does not read them."""
     b, t = counts.shape[0], tokens.shape[0]
     cache = reset_slots(cache, reset)
     tokens = jnp.where(src >= 0, prev[jnp.clip(src, 0, b - 1)], tokens)
@@ -70,7 +74,7 @@ def mixed_step(
     starts, last = flat_rows(counts, t)
     if rows == 1:
         logits = llama.lm_head(params, h[last], options, config=config)  # (B, V); config: a final soft cap
-        return choose(logits, key_data, index, temperature, top_k, top_p, draw=draw), cache
+        return (choose(logits, key_data, index, temperature, top_k, top_p, draw=False), logits), cache
     first = jnp.where(verify, starts, last)
     at = jnp.minimum(first[:, None] + jnp.arange(rows), last[:, None])  # (B, rows); a short one repeats its last
     logits = llama.lm_head(params, h[at], options, config=config)  # (B, rows, V)
@@ -84,12 +88,19 @@ def mixed_step(
     return (targets, accepted), cache
 
 
-def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options, draw: bool = True):
-    """``mixed_step`` of one token per slot (``T = B``): ``(next [B], cache)``."""
+def sample_step(logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p) -> Int[Array, " B"]:
+    """The tokens of a step where some row samples (``logits`` the step's): a row of temperature 0 takes its
+    argmax, the others draw with their request's parameters (``sampling.choose``). One program for every bucket."""
+    return choose(logits, key_data, index, temperature, top_k, top_p)
+
+
+def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options):
+    """``mixed_step`` of one token per slot (``T = B``), greedy: ``(next [B], cache)``."""
     b = tokens.shape[0]
     none, ones = jnp.zeros((b,), bool), jnp.ones((b,), jnp.int32)
     inputs = (tokens, -ones, tokens, ones, none, none, *rows)  # rows: key_data, index, temperature, top_k, top_p
-    return mixed_step(params, cache, *inputs, config=config, options=options, rows=1, draw=draw)
+    (greedy, _), cache = mixed_step(params, cache, *inputs, config=config, options=options, rows=1)
+    return greedy, cache
 
 
 def attach_prefix(cache, slot, pages, n, single):

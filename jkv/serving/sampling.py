@@ -93,10 +93,10 @@ def sample(
     probability reaches ``top_p[b]`` (``1.0``: no limit), and one token is drawn with ``keys[b]`` (typed PRNG keys).
 
     ``draw`` (static) says whether any row may sample. The sampling path sorts every row (a 128k-entry sort per row
-    for Llama 3); with ``draw=False`` only the argmax is computed, and every row must be greedy (the caller knows
-    its rows' parameters: the engine picks the variant per step). The choice is static, not a ``lax.cond`` on the
-    temperatures: on a GPU a conditional reads its predicate back to the host, which holds the dispatching thread
-    until the step's forward pass is done, so the host cannot prepare the next step while this one runs.
+    for Llama 3); with ``draw=False`` only the argmax is computed, and every row must be greedy. The choice is not
+    a ``lax.cond`` on the temperatures: on a GPU a conditional reads its predicate back to the host, holding the
+    dispatching thread until the program has reached it (the engine's step takes the argmax, and a program of its
+    own draws where some slot samples: ``jkv.serving.mixed.sample_step``).
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)

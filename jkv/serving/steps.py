@@ -123,29 +123,32 @@ class Steps:
     def _model(self, **more):
         return {"config": self.config, "options": self.options, **more}
 
-    def mixed(self, params, cache, *inputs, lm_rows: int = 1, draw: bool = True):
+    def mixed(self, params, cache, *inputs, lm_rows: int = 1):
         """One mixed step (``jkv.serving.mixed.mixed_step``) of the inputs after ``(params, cache)``, the first
-        being the tokens ``[T]``: ``(out, cache)``. ``draw=False`` when every row is greedy (a variant of its own)."""
-        draw = draw and lm_rows == 1  # verification is greedy: one variant
-        key = (inputs[0].shape[0], lm_rows, draw)
-        statics = self._model(rows=lm_rows, draw=draw)
-        return self._run("mixed", key, mixed.mixed_step, 1, (params, cache, *inputs), _mixed_out(lm_rows), **statics)
+        being the tokens ``[T]``: ``(out, cache)``."""
+        key = (inputs[0].shape[0], lm_rows)
+        args = (params, cache, *inputs)
+        return self._run("mixed", key, mixed.mixed_step, 1, args, _mixed_out, **self._model(rows=lm_rows))
 
-    def mixed_executable(self, params, cache, *inputs, lm_rows: int = 1, draw: bool = True):
+    def mixed_executable(self, params, cache, *inputs, lm_rows: int = 1):
         """The mixed step ``mixed`` runs on these inputs, compiled (nothing runs): for its memory analysis."""
-        statics = tuple(sorted(self._model(rows=lm_rows, draw=draw and lm_rows == 1).items()))
-        return self._jitted(mixed.mixed_step, 1, _mixed_out(lm_rows), statics).lower(params, cache, *inputs).compile()
+        statics = tuple(sorted(self._model(rows=lm_rows).items()))
+        return self._jitted(mixed.mixed_step, 1, _mixed_out, statics).lower(params, cache, *inputs).compile()
+
+    def sample(self, logits, *rows):
+        """The tokens of a step where some row samples (``jkv.serving.mixed.sample_step``; ``rows``: key_data,
+        index, temperature, top_k, top_p): one program, compiled once."""
+        return self._run("sample", logits.shape, mixed.sample_step, (), (logits, *rows))
 
     def mixed_variants(self) -> list[tuple]:
-        """The ``(T, rows, draw)`` keys of the mixed steps compiled (called) so far."""
+        """The ``(T, rows)`` keys of the mixed steps compiled (called) so far."""
         return sorted(key for name, key in self.compiled if name == "mixed")
 
     def decode_executable(self, params, cache):
         """A compiled decode-only step ``(params, cache, tokens [B], *greedy_rows(B)) -> (tokens, cache)``: one
         token per slot (for device loops in benchmarks; nothing runs)."""
         tokens = jnp.zeros((cache.batch,), jnp.int32)
-        statics = tuple(sorted(self._model(draw=False).items()))
-        jitted = self._jitted(mixed.decode_only, 1, lambda c: (None, c), statics)
+        jitted = self._jitted(mixed.decode_only, 1, lambda c: (None, c), tuple(sorted(self._model().items())))
         return jitted.lower(params, cache, tokens, *greedy_rows(cache.batch)).compile()
 
     def retire(self, cache, mask):
@@ -175,9 +178,10 @@ class Steps:
         return self._run("unpin", (), mixed.unpin_pages, 0, (cache, pages), lambda c: c)
 
 
-def _mixed_out(lm_rows: int):
-    """The output shardings of a mixed step, given the batch cache's (``Steps._jitted``'s ``cache_out``)."""
-    return (lambda c: (None, c)) if lm_rows == 1 else (lambda c: ((None, None), c))
+def _mixed_out(cache_sharding):
+    """The output shardings of a mixed step, given the batch cache's (``Steps._jitted``'s ``cache_out``): two
+    outputs ahead of the cache (greedy ids and logits, or targets and accepted counts)."""
+    return (None, None), cache_sharding
 
 
 def greedy_rows(batch: int):

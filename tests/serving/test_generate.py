@@ -69,7 +69,7 @@ def test_compiles_once_across_calls_and_positions(generator):
     generator.generate([[1, 2, 3, 4, 5, 6]], max_new_tokens=3)
     again = generator.generate([[4, 5, 6, 7, 8]], max_new_tokens=5)  # other lengths, the one step shape
     assert again.timing.compile_s == 0
-    assert generator.engine.steps.mixed_variants() == [(16, 1, False)]  # greedy: the argmax variant
+    assert generator.engine.steps.mixed_variants() == [(16, 1)]
     assert again.tokens[0] == generator.generate([[4, 5, 6, 7, 8]], max_new_tokens=5).tokens[0]
 
 

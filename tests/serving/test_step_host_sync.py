@@ -40,32 +40,35 @@ def control_flow(jaxpr) -> list[str]:
     return found
 
 
-def step_jaxpr(kind: str, draw: bool, rows: int = 1, config=CONFIG):
+def step_jaxpr(kind: str, rows: int = 1, config=CONFIG):
     engine = Engine(
         _params(), config, num_slots=3, max_len=64, cache=kind, buckets=(8,), max_batch_tokens=8,
         speculative_tokens=rows - 1, verbose=False,
     )  # fmt: skip
     inputs = engine._step_inputs(np.zeros(8, np.int32), np.full(8, -1, np.int32), engine._no_tokens)
-    step = functools.partial(
-        mixed.mixed_step, config=config, options=engine.options.model_options, rows=rows, draw=draw
-    )
+    step = functools.partial(mixed.mixed_step, config=config, options=engine.options.model_options, rows=rows)
     return jax.make_jaxpr(step)(engine.params, engine.cache, *inputs).jaxpr
 
 
 @pytest.mark.parametrize("kind", CACHE_KINDS)
-@pytest.mark.parametrize("draw", [False, True], ids=["greedy", "sampling"])
-def test_the_mixed_step_has_no_control_flow(kind, draw):
-    assert control_flow(step_jaxpr(kind, draw)) == []
+def test_the_mixed_step_has_no_control_flow(kind):
+    assert control_flow(step_jaxpr(kind)) == []
+
+
+def test_the_sampling_program_has_no_control_flow():
+    b, v = 3, CONFIG.vocab_size
+    rows = (jnp.zeros((b, 2), jnp.uint32), jnp.zeros(b, jnp.int32), jnp.ones(b), jnp.zeros(b, jnp.int32), jnp.ones(b))
+    assert control_flow(jax.make_jaxpr(mixed.sample_step)(jnp.zeros((b, v)), *rows).jaxpr) == []
 
 
 @pytest.mark.parametrize("kind", ["paged", "q8-paged", "bf16"])
 def test_the_step_of_a_windowed_plan_has_no_control_flow(kind):
     """A per-layer plan of pools: a group that refuses a sequence makes the others let it go, without a cond."""
-    assert control_flow(step_jaxpr(kind, True, config=WINDOWED)) == []
+    assert control_flow(step_jaxpr(kind, config=WINDOWED)) == []
 
 
 def test_the_verification_step_has_no_control_flow():
-    assert control_flow(step_jaxpr("paged", False, rows=3)) == []
+    assert control_flow(step_jaxpr("paged", rows=3)) == []
 
 
 def test_the_check_sees_control_flow():
