@@ -28,7 +28,7 @@ from jkv.serving import steps
 from jkv.serving.metrics import Completion, EngineStats
 from jkv.serving.options import EngineOptions
 from jkv.serving.prefixes import Prefixes
-from jkv.serving.requests import Request, emit, finish_reason, step_tokens
+from jkv.serving.requests import Request, checked_prompt, emit, finish_reason, step_tokens
 from jkv.serving.sampling import SamplingParams, sampling_rows
 from jkv.serving.scheduler import Scheduler
 from jkv.serving.scheduler import Sequence as Scheduled
@@ -110,26 +110,22 @@ class Engine:
         programs this engine has."""
         draw = sampling and not self.options.speculative_tokens
         count = len(self.scheduler.buckets) + draw
+
+        def compiled(i: int, what: str, start: float) -> None:
+            if progress:
+                took = time.perf_counter() - start
+                print(f"jkv engine: compiled step {i}/{count} ({what}) in {took:.1f} s", file=sys.stderr)
+
         for i, bucket in enumerate(self.scheduler.buckets):
             start = time.perf_counter()
             inputs = self._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), self._no_tokens)
-            out, self.cache = self.steps.mixed(
-                self.params, self.cache, *inputs, lm_rows=self.options.speculative_tokens + 1
-            )
-            if progress:
-                print(
-                    f"jkv engine: compiled step {i + 1}/{count} ({bucket} tokens) in "
-                    f"{time.perf_counter() - start:.1f} s",
-                    file=sys.stderr,
-                )
+            rows = self.options.speculative_tokens + 1
+            out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=rows)
+            compiled(i + 1, f"{bucket} tokens", start)
         if draw:
             start = time.perf_counter()
             self.steps.sample(out[1], *inputs[SAMPLING_INPUTS])
-            if progress:
-                print(
-                    f"jkv engine: compiled step {count}/{count} (sampling) in {time.perf_counter() - start:.1f} s",
-                    file=sys.stderr,
-                )
+            compiled(count, "sampling", start)
         return count
 
     # ------------------------------------------------------------------ requests
@@ -138,16 +134,7 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("prompt must hold at least one token")
-        if len(prompt) > self.spec.max_len:  # a full row still yields the prefill's token
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_len={self.spec.max_len}")
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
-        if self.options.speculative_tokens and not params.greedy:
-            raise ValueError("speculative decoding verifies greedy choices: use temperature=0 with speculative_tokens")
+        prompt = checked_prompt(prompt, params, self.spec.max_len, self.config.vocab_size, self.options)
         # The last generated token is never written: prompt + max_new_tokens - 1 positions at most.
         positions = min(len(prompt) + params.max_new_tokens - 1, self.spec.max_len)
         seq = Scheduled(self._next_id, len(prompt), positions)

@@ -49,6 +49,22 @@ class Request:
         )
 
 
+def checked_prompt(prompt, params, max_len: int, vocab_size: int, options) -> list[int]:
+    """``prompt`` as a list of ints, or ``ValueError`` naming what is wrong with it (or with ``params`` under the
+    engine's ``options``)."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("prompt must hold at least one token")
+    if len(prompt) > max_len:  # a full row still yields the prefill's token
+        raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_len={max_len}")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    if options.speculative_tokens and not params.greedy:
+        raise ValueError("speculative decoding verifies greedy choices: use temperature=0 with speculative_tokens")
+    return prompt
+
+
 def step_tokens(plan, requests: dict[int, Request], num_slots: int):
     """The host inputs of ``plan``'s step: ``tokens [T]``, ``src [T]`` (the slot whose in-flight token a row
     takes, -1: the host's), ``verify [B]``, ``index [B]`` (each sampling slot's token index), the sampling
