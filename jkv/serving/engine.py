@@ -56,8 +56,8 @@ class Engine:
         self.options, self.params, self.config, self.mesh = options, params, config, mesh
         self.cache_kind = options.cache
         storage = plan_storage(options, config, params.dtype, mesh, verbose)
+        storage, self.cache = allocate(storage, options, mesh, verbose)
         self.spec, self.num_slots, self.window_slack = storage.spec, storage.num_slots, storage.window_slack
-        storage, self.cache = allocate(storage, options, verbose)
         num_pages, per_token = storage.num_pages, storage.per_token
         cache_sharding = None
         if mesh is not None:  # tensor / data parallel: weights and slots split over the mesh, kept split

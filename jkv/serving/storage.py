@@ -66,37 +66,56 @@ def plan_storage(options: EngineOptions, config, weights_dtype, mesh=None, verbo
     return Storage(spec, per_token, num_slots, page_size, num_pages, plan)
 
 
-def allocate(storage: Storage, options: EngineOptions, verbose: bool = True):
-    """``(storage, cache)``: the cache of ``storage``, its buffers placed on the device. A pool sized from the free
-    memory (no ``options.num_pages``) that the allocator cannot place, its free memory being fragmented (the
-    bytes are free but not in one block), is retried with an eighth fewer pages, down to one full sequence's;
-    the pages given up are reported (stderr when ``verbose``). Any other failure, or a pool sized by the
-    caller, raises."""
-    auto = storage.num_pages is not None and options.num_pages is None
+def allocate(storage: Storage, options: EngineOptions, mesh=None, verbose: bool = True):
+    """``(storage, cache)``: the cache of ``storage``, its buffers placed on the device. What was sized from the
+    free memory (a paged pool without ``options.num_pages``; a contiguous batch without ``options.num_slots``)
+    that the allocator cannot place, its free memory being fragmented (the bytes are free but not in one block),
+    is retried an eighth smaller (whole data-parallel groups of ``mesh``), down to one sequence's pages or one
+    slot; each retry is said on stderr when ``verbose``. Any other failure, or sizes the caller gave, raise."""
     while True:
         cache = None
         try:
             cache = storage.make_cache(options)
-            if auto:
-                jax.block_until_ready(cache)  # a failed allocation surfaces here, not at some later step
+            jax.block_until_ready(cache)  # a failed allocation surfaces here, not at some later step
             return storage, cache
         except jax.errors.JaxRuntimeError as e:
-            if not auto or "RESOURCE_EXHAUSTED" not in str(e):
+            if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            floor = storage.spec.max_len // storage.page_size
-            fewer = storage.num_pages - max(storage.num_pages // 8, 1)
-            if fewer < floor:
-                raise MemoryError(
-                    f"the device could not place a page pool of {storage.num_pages} pages, and fewer than "
-                    f"{floor} (one sequence of max_len={storage.spec.max_len}) cannot serve: free device memory "
-                    "or lower max_len"
-                ) from e
+            smaller, said = _smaller(storage, options, mesh)
+            if smaller is None and not said:
+                raise
+            if smaller is None:
+                raise MemoryError(said) from e
         if verbose:
-            print(
-                f"jkv engine: a pool of {storage.num_pages} pages did not fit the device's free memory in one piece "
-                f"(fragmented); trying {fewer}",
-                file=sys.stderr,
-            )
-        storage = storage._replace(num_pages=fewer)
+            print(f"jkv engine: {said}", file=sys.stderr)
+        storage = smaller
         del cache
         gc.collect()  # the failed attempt's buffers
+
+
+_UNPLACED = "did not fit the device's free memory in one piece (fragmented)"
+
+
+def _smaller(storage: Storage, options: EngineOptions, mesh):
+    """``(a smaller storage, what is tried)``, or ``(None, why not)`` (``None, ""``: the caller sized it)."""
+    if storage.num_pages is not None:  # paged
+        if options.num_pages is not None:
+            return None, ""
+        floor = storage.spec.max_len // storage.page_size
+        fewer = storage.num_pages - max(storage.num_pages // 8, 1)
+        if fewer < floor:
+            return None, (
+                f"the device could not place a page pool of {storage.num_pages} pages, and fewer than {floor} (one "
+                f"sequence of max_len={storage.spec.max_len}) cannot serve: free device memory or lower max_len"
+            )
+        return storage._replace(num_pages=fewer), f"a pool of {storage.num_pages} pages {_UNPLACED}; trying {fewer}"
+    if options.num_slots is not None:
+        return None, ""
+    group = 1 if mesh is None else mesh.shape.get("dp", 1)
+    fewer = storage.num_slots - max(storage.num_slots // 8 // group, 1) * group
+    if fewer < group:
+        return None, (
+            f"the device could not place a cache of {storage.num_slots} slots of max_len={storage.spec.max_len}: "
+            "free device memory or lower max_len"
+        )
+    return storage._replace(num_slots=fewer), f"a cache of {storage.num_slots} slots {_UNPLACED}; trying {fewer}"
