@@ -81,7 +81,7 @@ class Engine:
         self.stats = EngineStats(num_pages=num_pages or 0)
         self._requests: dict[int, Request] = {}  # waiting and running
         self._rows = None  # device copies of the slots' sampling parameters, until a slot changes
-        self._draw = False  # whether some slot samples (set with _rows)
+        self._draw = None  # some slot samples: "truncate" (top-k / top-p) or "all" tokens; None: none (with _rows)
         self._inflight = None  # (token ids on the device, {slot: request}, label, dispatch time, compile s)
         self._resets = np.zeros(self.num_slots, bool)  # slots to empty at the start of the next step
         self._no_tokens = jnp.zeros(self.num_slots, jnp.int32)
@@ -104,12 +104,12 @@ class Engine:
         return None if self.prefixes is None else self.prefixes.cache
 
     def compile_all(self, progress: bool = True, sampling: bool = True) -> int:
-        """Compile the mixed step of every token bucket now, each by one step of no tokens, and the program that
-        draws the tokens of sampling steps (one for every bucket; not with ``sampling=False`` or speculative
-        decoding, which verifies greedy choices); a line each on stderr when ``progress``. Returns how many
-        programs this engine has."""
+        """Compile the mixed step of every token bucket now, each by one step of no tokens, and the two programs
+        that draw the tokens of sampling steps (with and without top-k / top-p; not with ``sampling=False`` or
+        speculative decoding, which verifies greedy choices); a line each on stderr when ``progress``. Returns how
+        many programs were compiled."""
         draw = sampling and not self.options.speculative_tokens
-        count = len(self.scheduler.buckets) + draw
+        count = len(self.scheduler.buckets) + 2 * draw
 
         def compiled(i: int, what: str, start: float) -> None:
             if progress:
@@ -122,10 +122,10 @@ class Engine:
             rows = self.options.speculative_tokens + 1
             out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=rows)
             compiled(i + 1, f"{bucket} tokens", start)
-        if draw:
+        for i, truncate in enumerate((True, False) if draw else ()):
             start = time.perf_counter()
-            self.steps.sample(out[1], *inputs[SAMPLING_INPUTS])
-            compiled(count, "sampling", start)
+            self.steps.sample(out[1], *inputs[SAMPLING_INPUTS], truncate=truncate)
+            compiled(count - 1 + i, "sampling, top-k / top-p" if truncate else "sampling", start)
         return count
 
     # ------------------------------------------------------------------ requests
@@ -244,7 +244,8 @@ class Engine:
         inputs = self._step_inputs(tokens, src, prev, plan.counts, verify, index)
         out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1)
         if not k:  # (argmax, logits): a program of its own draws where some slot samples
-            out = self.steps.sample(out[1], *inputs[SAMPLING_INPUTS]) if self._draw else out[0]
+            rows = inputs[SAMPLING_INPUTS]
+            out = self.steps.sample(out[1], *rows, truncate=self._draw == "truncate") if self._draw else out[0]
         self._resets[:] = False
         if self.prefixes is not None:
             for e in plan.entries:
@@ -304,7 +305,9 @@ class Engine:
             params = [None if s is None else self._requests[s.id].params for s in self.scheduler.slots]
             key_data, _, temperature, top_k, top_p = sampling_rows(params, [0] * self.num_slots)
             self._rows = tuple(jnp.asarray(x) for x in (key_data, temperature, top_k, top_p))
-            self._draw = bool((temperature > 0).any())  # some slot samples: its steps' tokens are drawn
+            hot = temperature > 0  # some slot samples: its steps' tokens are drawn (sorted for top-k / top-p)
+            truncated = (hot & ((top_k > 0) | (top_p < 1))).any()
+            self._draw = None if not hot.any() else "truncate" if truncated else "all"
         return self._rows
 
     def _want(self, seq: Scheduled) -> int:

@@ -88,10 +88,13 @@ def mixed_step(
     return (targets, accepted), cache
 
 
-def sample_step(logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p) -> Int[Array, " B"]:
+def sample_step(
+    logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p, *, truncate: bool = True
+) -> Int[Array, " B"]:
     """The tokens of a step where some row samples (``logits`` the step's): a row of temperature 0 takes its
-    argmax, the others draw with their request's parameters (``sampling.choose``). One program for every bucket."""
-    return choose(logits, key_data, index, temperature, top_k, top_p)
+    argmax, the others draw with their request's parameters (``sampling.choose``; ``truncate=False`` when no row
+    limits top-k or top-p: no sort). One program for every bucket."""
+    return choose(logits, key_data, index, temperature, top_k, top_p, truncate=truncate)
 
 
 def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options):

@@ -85,6 +85,7 @@ def sample(
     top_p: Float[Array, " B"],
     *,
     draw: bool = True,
+    truncate: bool = True,
 ) -> Int[Array, " B"]:
     """One token per row.
 
@@ -96,18 +97,21 @@ def sample(
     for Llama 3); with ``draw=False`` only the argmax is computed, and every row must be greedy. The choice is not
     a ``lax.cond`` on the temperatures: on a GPU a conditional reads its predicate back to the host, holding the
     dispatching thread until the program has reached it (the engine's step takes the argmax, and a program of its
-    own draws where some slot samples: ``jkv.serving.mixed.sample_step``).
+    own draws where some slot samples: ``jkv.serving.mixed.sample_step``). ``truncate=False`` (static): no row
+    limits top-k or top-p, so the sort is skipped and each sampling row draws from all its tokens.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if not draw:
         return greedy
-    return jnp.where(temperature > 0, _draw(logits, keys, temperature, top_k, top_p), greedy)
+    return jnp.where(temperature > 0, _draw(logits, keys, temperature, top_k, top_p, truncate), greedy)
 
 
-def _draw(logits, keys, temperature, top_k, top_p) -> Int[Array, " B"]:
+def _draw(logits, keys, temperature, top_k, top_p, truncate: bool) -> Int[Array, " B"]:
     vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    if not truncate:
+        return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # (B, V) descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # (B, 1): smallest logit kept by top-k
@@ -126,11 +130,12 @@ NONFINITE = -1
 
 
 def choose(
-    logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p, *, draw: bool = True
+    logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p, *, draw: bool = True, truncate=True
 ) -> Int[Array, " B"]:
-    """``sample`` (``draw`` as there) with the scheme's keys, and ``NONFINITE`` in rows whose logits are not all
-    finite: the check travels with the token ids, so it costs the host no extra read."""
-    tokens = sample(logits, token_keys(key_data, index), temperature, top_k, top_p, draw=draw)
+    """``sample`` (``draw``, ``truncate`` as there) with the scheme's keys, and ``NONFINITE`` in rows whose logits
+    are not all finite: the check travels with the token ids, so it costs the host no extra read."""
+    keys = token_keys(key_data, index)
+    tokens = sample(logits, keys, temperature, top_k, top_p, draw=draw, truncate=truncate)
     return jnp.where(jnp.all(jnp.isfinite(logits), axis=-1), tokens, NONFINITE)
 
 

@@ -135,10 +135,12 @@ class Steps:
         statics = tuple(sorted(self._model(rows=lm_rows).items()))
         return self._jitted(mixed.mixed_step, 1, _mixed_out, statics).lower(params, cache, *inputs).compile()
 
-    def sample(self, logits, *rows):
+    def sample(self, logits, *rows, truncate: bool = True):
         """The tokens of a step where some row samples (``jkv.serving.mixed.sample_step``; ``rows``: key_data,
-        index, temperature, top_k, top_p): one program, compiled once."""
-        return self._run("sample", logits.shape, mixed.sample_step, (), (logits, *rows))
+        index, temperature, top_k, top_p): a program for every bucket, and one without the sort (``truncate=False``:
+        no row limits top-k or top-p)."""
+        key = (logits.shape, truncate)
+        return self._run("sample", key, mixed.sample_step, (), (logits, *rows), truncate=truncate)
 
     def mixed_variants(self) -> list[tuple]:
         """The ``(T, rows)`` keys of the mixed steps compiled (called) so far."""

@@ -232,15 +232,16 @@ def test_few_step_variants_compile():
     for backend in ("gpu", "cpu"):
         assert len(token_buckets(default_max_batch_tokens(backend), default_max_slots(backend))) <= 8
     eng = engine(make_params(1), buckets=(8, 16))
-    assert eng.compile_all(progress=False) == 3  # a step per bucket and the sampling program
+    assert eng.compile_all(progress=False) == 4  # a step per bucket, the sampling programs (with top-k / top-p or not)
     steps = lambda: {key for key in eng.steps.compiled if key[0] in ("mixed", "sample")}  # not retire's program
     compiled = steps()
-    assert eng.steps.mixed_variants() == [(8, 1), (16, 1)] and len(compiled) == 3
+    assert eng.steps.mixed_variants() == [(8, 1), (16, 1)] and len(compiled) == 4
     rng = np.random.default_rng(0)
     greedy, sampled = SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=5, temperature=0.8, seed=3)
     prompts = random_prompts(rng, 12, 1, 40)
     eng.generate(prompts[:6], greedy, show_progress=False)
     eng.generate(prompts[6:], sampled, show_progress=False)
+    eng.generate(prompts[6:], SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.9), show_progress=False)
     for i, p in enumerate(prompts[:4]):  # greedy and sampling requests side by side
         eng.submit(p, sampled if i % 2 else greedy)
     eng.run(show_progress=False)
@@ -266,6 +267,12 @@ def test_greedy_steps_take_the_argmax_and_sampling_steps_draw():
     assert done[ids[1]] != alone[1]  # it did sample (six tokens at temperature 1.5 of a random model)
     again = eng.generate([prompts[1]], sampled, show_progress=False)[0]
     assert again == done[ids[1]]  # a sampled request's tokens depend on its seed only, not on its neighbours
+    truncating = lambda: sorted(key[1][1] for key in eng.steps.compiled if key[0] == "sample")
+    assert truncating() == [False]  # no top-k / top-p: the program without the sort
+    # top-k = 1 at a high temperature: the truncating program, whose one token left is the argmax
+    top1 = SamplingParams(max_new_tokens=6, temperature=1.5, top_k=1, seed=11)
+    assert eng.generate([prompts[1]], top1, show_progress=False)[0] == alone[1]
+    assert truncating() == [False, True]
     assert_nothing_held(eng)
 
 

@@ -1,5 +1,7 @@
 """On-device sampling: greedy, top-k and top-p supports, and the sampled distribution."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +46,18 @@ def test_greedy_variant_and_mixed_rows(rng):
     mixed = np.asarray(jax.jit(sample)(logits, keys, temperature, k, p))
     np.testing.assert_array_equal(mixed[::2], argmax[::2])
     assert (mixed[1::2] != argmax[1::2]).any()  # hot rows of 50 tokens: some leave the argmax
+
+
+def test_without_truncation_the_draws_are_the_same(rng):
+    """``truncate=False`` (no row limits top-k or top-p) skips the sort and draws the same tokens as the full path
+    with top_k 0 and top_p 1 (the same keys, the same logits)."""
+    logits = jnp.asarray(rng.standard_normal((64, 40)) * 2, jnp.float32)
+    keys = jax.random.split(jax.random.key(4), 64)
+    temperature = jnp.asarray(rng.uniform(0, 2, 64) * (np.arange(64) % 3 > 0), jnp.float32)  # some rows greedy
+    k, p = jnp.zeros((64,), jnp.int32), jnp.ones((64,), jnp.float32)
+    full = jax.jit(sample)(logits, keys, temperature, k, p)
+    plain = jax.jit(functools.partial(sample, truncate=False))(logits, keys, temperature, k, p)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(full))
 
 
 def test_distribution_matches_softmax():

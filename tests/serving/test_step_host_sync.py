@@ -55,10 +55,12 @@ def test_the_mixed_step_has_no_control_flow(kind):
     assert control_flow(step_jaxpr(kind)) == []
 
 
-def test_the_sampling_program_has_no_control_flow():
+@pytest.mark.parametrize("truncate", [True, False])
+def test_the_sampling_programs_have_no_control_flow(truncate):
     b, v = 3, CONFIG.vocab_size
     rows = (jnp.zeros((b, 2), jnp.uint32), jnp.zeros(b, jnp.int32), jnp.ones(b), jnp.zeros(b, jnp.int32), jnp.ones(b))
-    assert control_flow(jax.make_jaxpr(mixed.sample_step)(jnp.zeros((b, v)), *rows).jaxpr) == []
+    program = functools.partial(mixed.sample_step, truncate=truncate)
+    assert control_flow(jax.make_jaxpr(program)(jnp.zeros((b, v)), *rows).jaxpr) == []
 
 
 @pytest.mark.parametrize("kind", ["paged", "q8-paged", "bf16"])
