@@ -55,6 +55,28 @@ def test_the_mixed_step_has_no_control_flow(kind):
     assert control_flow(step_jaxpr(kind)) == []
 
 
+@pytest.mark.parametrize("config", [CONFIG, WINDOWED], ids=["uniform", "windowed"])
+@pytest.mark.parametrize("kind", ["paged", "bf16"])
+def test_the_slot_programs_have_no_control_flow(kind, config):
+    """What runs between steps: emptying finished slots, and a prefix-cache hit's pin, attach and unpin (paged)."""
+    engine = Engine(
+        _params(), config, num_slots=3, max_len=64, cache=kind, buckets=(8,), prefix_cache_bytes=1 << 20,
+        verbose=False,
+    )  # fmt: skip
+    cache, slot, n = engine.cache, jnp.int32(1), jnp.int32(20)
+    programs = [jax.make_jaxpr(mixed.reset_slots)(cache, jnp.asarray([True, False, True]))]
+    if kind == "paged":
+        pinned, pages = jax.eval_shape(mixed.pin_pages, cache, slot, n)  # shapes only: the slot is empty
+        programs.append(jax.make_jaxpr(mixed.pin_pages)(cache, slot, n))
+        programs.append(jax.make_jaxpr(mixed.unpin_pages)(pinned, pages))
+        single = engine.prefixes._empty  # what the engine's attach hands the cache
+        programs.append(jax.make_jaxpr(mixed.attach_prefix)(pinned, jnp.int32(2), pages, n, single))
+    else:
+        programs.append(jax.make_jaxpr(functools.partial(mixed.extract_copy, max_len=32))(cache, slot))
+    for program in programs:
+        assert control_flow(program.jaxpr) == []
+
+
 @pytest.mark.parametrize("truncate", [True, False])
 def test_the_sampling_programs_have_no_control_flow(truncate):
     b, v = 3, CONFIG.vocab_size
