@@ -149,9 +149,10 @@ def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_
         verbose=False,
     )
     start = time.perf_counter()
-    variants = engine.compile_all(progress=not args.smoke, sampling=False)  # the workloads are greedy
+    sampling = args.temperature > 0
+    variants = engine.compile_all(progress=not args.smoke, sampling=sampling)  # greedy runs: not the samplers
     compile_s = time.perf_counter() - start
-    sp = SamplingParams(max_new_tokens=new_tokens)
+    sp = SamplingParams(max_new_tokens=new_tokens, temperature=args.temperature, top_p=args.top_p)
     for p in prompts[:2]:  # one after the other: the second hits the first's prefix (its copies compile)
         engine.generate([p], SamplingParams(max_new_tokens=2), show_progress=False)
     if engine.prefix_cache is not None:
@@ -220,7 +221,8 @@ def run_hf(args, config, prompts, new_tokens, slots) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         model = LlamaForCausalLM(hf_llama.hf_config(config)).to(dtype).eval()
-    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    sample = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature else {}
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=bool(sample), eos_token_id=-1, pad_token_id=0, **sample)
     model.generate_batch(inputs=prompts[: min(2, len(prompts))], generation_config=gen)  # warm up
     start = time.perf_counter()
     out = model.generate_batch(inputs=prompts, generation_config=gen, record_timestamps=True)
@@ -256,6 +258,8 @@ def main(argv=None) -> dict:
         help="auto: Mosaic GPU multi-token kernels where they run (pallas_kernels.dispatch); triton: the Triton ones",
     )
     ap.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["bf16"], help="weight formats, a run each")
+    ap.add_argument("--temperature", type=float, default=0.0, help="every request's (0: greedy, the default)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="every request's nucleus mass (1: off)")
     ap.add_argument(
         "--profile-steps",
         type=int,
@@ -276,6 +280,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.slots is not None and args.slots < 1:
         ap.error(f"--slots must be a positive number of slots, got {args.slots}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        ap.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
     if not args.default_xla_flags:
         xla_flags.apply_recommended(warn=False)  # before JAX starts: what the CLI's engines run with
     if args.compile_cache and not args.smoke:

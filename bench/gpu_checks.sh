@@ -12,9 +12,10 @@
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
 #   8. part quick: a short call for a scarce machine (the engine's long and shared-prefix workloads); part mixed: its
-#      mixed workload with HF's peer and a profile of its decode-only step; part prefill_quick: prefill and chunk
+#      mixed workload with HF's peer and a profile of its decode-only step; part sampled: it sampling (the sampling
+#      programs' cost); part prefill_quick: prefill and chunk
 #      without torch; part memory: bench/step_memory.py on the long workload's shapes.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|sampled|memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +77,12 @@ for part in "${parts[@]}"; do
       run bench_engine_mixed 560 python bench/bench_engine.py --model llama3-8b --only mixed --profile-steps 20 \
         --out "$OUT/bench_engine.json"
       ;;
+    sampled)  # the mixed workload sampling (temperature 1, top-p 1 then 0.9): the sampling programs' cost
+      run bench_engine_sampled 280 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed \
+        --temperature 1.0 --out "$OUT/bench_engine_sampled.json"
+      run bench_engine_top_p 280 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed \
+        --temperature 1.0 --top-p 0.9 --out "$OUT/bench_engine_top_p.json"
+      ;;
     memory)  # where the long workload's steps put their memory (compiled only: nothing runs)
       run step_memory 150 python bench/step_memory.py --model llama3-8b --slots 64 --max-len 16512 --buckets 64 2048 \
         --cli-xla-flags
@@ -129,7 +136,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, sampled, memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 

@@ -63,6 +63,14 @@ def test_smoke_run_with_quantized_weights_runs_each_format():
     assert runs["jkv_q8_0"]["ideal_s"] < runs["jkv"]["ideal_s"] == report["workloads"]["mixed"]["ideal_s"]
 
 
+def test_smoke_run_of_sampled_requests_compiles_the_samplers_first():
+    """``--temperature``: the requests sample; the two sampling programs compile with the steps, before the timed
+    run (none compiles while it runs)."""
+    report = bench_engine.main(["--smoke", "--no-hf", "--only", "mixed", "--temperature", "0.8", "--top-p", "0.9"])
+    run = report["workloads"]["mixed"]["runs"]["jkv"]
+    assert run["step_variants"] == 5 and run["compile_s_while_timed"] == 0 and run["tokens_per_s"] > 0
+
+
 def test_a_failed_run_is_reported_and_the_next_ones_go_on(monkeypatch):
     """A run that raises (on the GPU: out of memory building or stepping its engine) becomes an error entry; the
     workload's other runs and the next workload still run."""
