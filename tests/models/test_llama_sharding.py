@@ -97,7 +97,7 @@ def test_layout_errors_name_the_numbers(model):
 MESH_PROMPTS = [np.random.default_rng(1).integers(0, CONFIG.vocab_size, size=n).tolist() for n in (3, 7, 5, 9, 4)]
 
 
-def engine_tokens(params, mesh):
+def engine_tokens(params, mesh, temperature=0.0):
     """The tokens of 5 requests on 4 slots (one waits), and the engine. One token bucket: each engine's mixed step
     compiles once."""
     from jkv.serving import Engine, SamplingParams
@@ -105,8 +105,8 @@ def engine_tokens(params, mesh):
     engine = Engine(
         params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla", buckets=(16,), max_batch_tokens=16
     )
-    for p in MESH_PROMPTS:
-        engine.submit(p, SamplingParams(max_new_tokens=6))
+    for i, p in enumerate(MESH_PROMPTS):
+        engine.submit(p, SamplingParams(max_new_tokens=6, temperature=temperature, seed=i))
     return [c.tokens for c in engine.run(show_progress=False)], engine
 
 
@@ -124,6 +124,21 @@ def test_engine_on_a_mesh_matches_unsharded(model, unsharded_tokens, dp, tp):
     assert {s.data.shape[0] for s in engine.cache.block_tables.addressable_shards} == {4 // dp}
     # The first step's inputs are placed as the later steps' are: each step compiled once (private: the jits).
     assert [f._cache_size() for f in engine.steps._own.values()] == [1] * len(engine.steps._own)
+
+
+def test_sampled_requests_on_a_mesh_draw_as_unsharded(model):
+    """Sampling on a mesh: the sampling program takes the sharded step's logits, its ids feed the next sharded
+    step; the same seeds draw the same tokens as on one device, and the sampling program compiles once."""
+    from jkv.serving import mixed, steps
+
+    sampler = steps._shared_jit(mixed.sample_step, (), (("truncate", False),))  # private: the process's jit of it
+    want, _ = engine_tokens(model[0], None, temperature=1.0)
+    before = sampler._cache_size()
+    got, _ = engine_tokens(model[0], parallel.make_mesh(tp=2, dp=2), temperature=1.0)
+    assert got == want
+    assert sampler._cache_size() - before <= 1  # one compile for the mesh's logits, whatever the step
+    greedy, _ = engine_tokens(model[0], None)
+    assert got != greedy  # they did sample
 
 
 @pytest.mark.parametrize("kind", ["q8", "paged", "fp8", "fp8-paged"])
