@@ -70,7 +70,6 @@ def main(argv=None) -> list[dict]:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from jkv.models import llama
     from jkv.serving import Engine
@@ -93,7 +92,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for bucket in buckets:
         before = set(glob.glob(f"{dump}/*buffer-assignment.txt"))
-        inputs = engine._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), engine._no_tokens)
+        inputs = engine.empty_step_inputs(bucket)
         lm_rows = engine.options.speculative_tokens + 1
         m = engine.steps.mixed_executable(engine.params, engine.cache, *inputs, lm_rows=lm_rows).memory_analysis()
         row = {

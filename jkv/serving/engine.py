@@ -118,7 +118,7 @@ class Engine:
 
         for i, bucket in enumerate(self.scheduler.buckets):
             start = time.perf_counter()
-            inputs = self._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), self._no_tokens)
+            inputs = self.empty_step_inputs(bucket)
             rows = self.options.speculative_tokens + 1
             out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=rows)
             compiled(i + 1, f"{bucket} tokens", start)
@@ -278,6 +278,11 @@ class Engine:
             self._collect()  # the previous step's ids, read while this one runs
             self._inflight = (out, sampling, info)
         self._pages_in_use()
+
+    def empty_step_inputs(self, bucket: int):
+        """The inputs after ``(params, cache)`` of a mixed step of ``bucket`` rows carrying no token (it compiles
+        that bucket's step and changes nothing in the cache)."""
+        return self._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), self._no_tokens)
 
     def _step_inputs(self, tokens, src, prev, counts=None, verify=None, index=None):
         """The mixed step's inputs after ``(params, cache)``, as device arrays."""

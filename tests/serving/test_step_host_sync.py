@@ -9,7 +9,6 @@ import functools
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jkv.models import llama
@@ -45,7 +44,7 @@ def step_jaxpr(kind: str, rows: int = 1, config=CONFIG):
         _params(), config, num_slots=3, max_len=64, cache=kind, buckets=(8,), max_batch_tokens=8,
         speculative_tokens=rows - 1, verbose=False,
     )  # fmt: skip
-    inputs = engine._step_inputs(np.zeros(8, np.int32), np.full(8, -1, np.int32), engine._no_tokens)
+    inputs = engine.empty_step_inputs(8)
     step = functools.partial(mixed.mixed_step, config=config, options=engine.options.model_options, rows=rows)
     return jax.make_jaxpr(step)(engine.params, engine.cache, *inputs).jaxpr
 

@@ -9,7 +9,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jkv.models import llama
@@ -35,7 +34,7 @@ def _compiled_memory(kind: str, tokens: int, *, num_pages: int | None = None, nu
         _params(), CONFIG, num_slots=num_slots, max_len=1024, cache=kind, num_pages=num_pages, buckets=(tokens,),
         max_batch_tokens=tokens, verbose=False,
     )  # fmt: skip
-    inputs = engine._step_inputs(np.zeros(tokens, np.int32), np.full(tokens, -1, np.int32), engine._no_tokens)
+    inputs = engine.empty_step_inputs(tokens)
     stats = engine.steps.mixed_executable(engine.params, engine.cache, *inputs).memory_analysis()
     return stats, sum(x.nbytes for x in engine.cache.storage())
 
