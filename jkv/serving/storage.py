@@ -79,15 +79,14 @@ def allocate(storage: Storage, options: EngineOptions, mesh=None, verbose: bool 
             jax.block_until_ready(cache)  # a failed allocation surfaces here, not at some later step
             return storage, cache
         except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            smaller, said = _smaller(storage, options, mesh)
-            if smaller is None and not said:
-                raise
+            smaller = _smaller(storage, options, mesh, e) if "RESOURCE_EXHAUSTED" in str(e) else None
             if smaller is None:
-                raise MemoryError(said) from e
+                raise
         if verbose:
-            print(f"jkv engine: {said}", file=sys.stderr)
+            paged = storage.num_pages is not None
+            what, fewer = ("pool", f"{storage.num_pages} pages") if paged else ("cache", f"{storage.num_slots} slots")
+            tried = smaller.num_pages if paged else smaller.num_slots
+            print(f"jkv engine: a {what} of {fewer} {_UNPLACED}; trying {tried}", file=sys.stderr)
         storage = smaller
         del cache
         gc.collect()  # the failed attempt's buffers
@@ -96,26 +95,27 @@ def allocate(storage: Storage, options: EngineOptions, mesh=None, verbose: bool 
 _UNPLACED = "did not fit the device's free memory in one piece (fragmented)"
 
 
-def _smaller(storage: Storage, options: EngineOptions, mesh):
-    """``(a smaller storage, what is tried)``, or ``(None, why not)`` (``None, ""``: the caller sized it)."""
+def _smaller(storage: Storage, options: EngineOptions, mesh, error) -> Storage | None:
+    """``storage`` an eighth smaller after ``error``; None where the caller gave the size; ``MemoryError`` below
+    one sequence's pages or one slot."""
     if storage.num_pages is not None:  # paged
         if options.num_pages is not None:
-            return None, ""
+            return None
         floor = storage.spec.max_len // storage.page_size
         fewer = storage.num_pages - max(storage.num_pages // 8, 1)
         if fewer < floor:
-            return None, (
+            raise MemoryError(
                 f"the device could not place a page pool of {storage.num_pages} pages, and fewer than {floor} (one "
                 f"sequence of max_len={storage.spec.max_len}) cannot serve: free device memory or lower max_len"
-            )
-        return storage._replace(num_pages=fewer), f"a pool of {storage.num_pages} pages {_UNPLACED}; trying {fewer}"
+            ) from error
+        return storage._replace(num_pages=fewer)
     if options.num_slots is not None:
-        return None, ""
+        return None
     group = 1 if mesh is None else mesh.shape.get("dp", 1)
     fewer = storage.num_slots - max(storage.num_slots // 8 // group, 1) * group
     if fewer < group:
-        return None, (
+        raise MemoryError(
             f"the device could not place a cache of {storage.num_slots} slots of max_len={storage.spec.max_len}: "
             "free device memory or lower max_len"
-        )
-    return storage._replace(num_slots=fewer), f"a cache of {storage.num_slots} slots {_UNPLACED}; trying {fewer}"
+        ) from error
+    return storage._replace(num_slots=fewer)
