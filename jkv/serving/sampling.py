@@ -130,7 +130,7 @@ NONFINITE = -1
 
 
 def choose(
-    logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p, *, draw: bool = True, truncate=True
+    logits: Float[Array, "B V"], key_data, index, temperature, top_k, top_p, *, draw: bool = True, truncate: bool = True
 ) -> Int[Array, " B"]:
     """``sample`` (``draw``, ``truncate`` as there) with the scheme's keys, and ``NONFINITE`` in rows whose logits
     are not all finite: the check travels with the token ids, so it costs the host no extra read."""
