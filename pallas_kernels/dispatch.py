@@ -63,20 +63,28 @@ def decode_attention_auto(
 MULTI_TOKEN_MGPU = os.environ.get("JKV_MULTI_TOKEN_MGPU", "1") != "0"
 
 
-def multi_token_mgpu_kind(num_rows: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
+def multi_token_mgpu_kind(
+    num_rows: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, out_dtype=None
+):  # fmt: skip
     """Which Mosaic GPU multi-token kernel suits a step of ``num_rows`` query rows over ``batch`` sequences:
     ``"ws"`` (two consumer warpgroups on a shared ring, taking turns at the tensor cores: a tile of
-    ``2 * block_q`` tokens of one sequence) where the sequences bring on average enough tokens to fill its tiles,
-    ``"plain"`` (one warpgroup, ``block_q`` tokens) for short runs (verification, decode-heavy mixed steps);
-    ``None`` where neither takes these heads, head_dim and dtype. Any machine (the caller asks
-    :func:`backend.mosaic_gpu_usable`)."""
+    ``2 * block_q`` tokens of one sequence) where the sequences bring on average enough tokens to fill its tiles
+    and its buffers fit the device's shared memory (at head_dim 256 they do not on a Hopper GPU),
+    ``"plain"`` (one warpgroup, ``block_q`` tokens) for short runs (verification, decode-heavy mixed steps) and
+    where only it fits; ``None`` where neither takes these heads, head_dim and dtype. ``out_dtype``: the queries'
+    (None: ``dtype``). Any machine (the caller asks :func:`backend.mosaic_gpu_usable`)."""
     from pallas_kernels import multi_token_mgpu as mgpu
     from pallas_kernels.multi_token_mgpu_ws import CONSUMERS
 
+    out_dtype = dtype if out_dtype is None else out_dtype
     if not mgpu.mgpu_supported(num_q_heads, num_kv_heads, head_dim, dtype):
         return None
     config = mgpu.mgpu_multi_token_config(num_q_heads, num_kv_heads, head_dim, dtype)
-    return "ws" if num_rows >= CONSUMERS * config.block_q * max(batch, 1) else "plain"
+    if not mgpu.fits(config, head_dim, dtype, out_dtype):
+        return None
+    long_runs = num_rows >= CONSUMERS * config.block_q * max(batch, 1)
+    ws = ws_config(num_q_heads, num_kv_heads, head_dim, dtype)
+    return "ws" if long_runs and mgpu.fits(ws, head_dim, dtype, out_dtype, CONSUMERS) else "plain"
 
 
 def ws_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
@@ -95,7 +103,7 @@ def _mgpu_launch(allow_mgpu: bool, q, lengths, kv_heads: int, dtype):
     if not (allow_mgpu and MULTI_TOKEN_MGPU and backend.mosaic_gpu_usable()):
         return None, None
     num_rows, n, d = q.shape[0], q.shape[-2], q.shape[-1]
-    kind = multi_token_mgpu_kind(num_rows, lengths.shape[0], n, kv_heads, d, dtype)
+    kind = multi_token_mgpu_kind(num_rows, lengths.shape[0], n, kv_heads, d, dtype, q.dtype)
     if kind is None:
         return None, None
     config = ws_config if kind == "ws" else mgpu.mgpu_multi_token_config

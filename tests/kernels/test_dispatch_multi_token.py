@@ -27,6 +27,8 @@ ON_HOPPER = backend.mosaic_gpu_usable()
         (1024, 4, (9, 3, 64), "ws"),  # G = 3: one head a tile, 64 tokens
         (256, 4, (9, 3, 64), "plain"),
         (4096, 1, (32, 8, 96), None),  # head_dim 96: no Mosaic GPU kernel
+        (8192, 1, (16, 8, 256), "plain"),  # head_dim 256: two warpgroups' buffers pass a Hopper's shared memory
+        (512, 4, (8, 4, 256), "plain"),
     ],
     ids=str,
 )
@@ -57,6 +59,7 @@ CASES = [  # (id, tokens, batch, kv_heads, group, head_dim, max_len, window, sof
     ("contiguous_g8_softcap", 48, 2, 1, 8, 128, 96, None, 25.0, None),
     ("contiguous_g4_ws", 192, 2, 2, 4, 64, 256, None, None, None),  # the warp-specialised kernels (GPU)
     ("paged16_g2_ws_window", 256, 2, 2, 2, 64, 384, 40, None, 16),
+    ("paged16_g2_d256_long", 256, 1, 1, 2, 256, 320, None, 30.0, 16),  # long rows, but one warpgroup fits
 ]
 
 
