@@ -28,6 +28,9 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in the same process
+# ... and XLA's allocator keeps what it once grew to (compile-time autotuning included): cap it at half the GPU, so
+# that torch's own autotuning finds room beside two copies of the weights.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import jax
@@ -111,7 +114,10 @@ def jkv_sampler(config, params, batch: int, prompt: int, steps: int, max_len: in
         tokens.block_until_ready()
         return (time.perf_counter() - t) / steps
 
-    return sample, {"cache": type(gen.cache).__name__}
+    stats = jax.devices()[0].memory_stats() or {}
+    info = {"cache": type(gen.cache).__name__}
+    info.update({f"{k}_gb": stats[k] / 1e9 for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats})
+    return sample, info
 
 
 def hf_sampler(torch, model, batch: int, prompt: int, steps: int, max_len: int, device: str):
