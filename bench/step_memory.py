@@ -26,11 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GIB = 1 << 30
+FAMILY_SHAPES = ("mistral-7b", "gemma2-9b")  # bench/bench_families.py's HF configs
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=("smollm2-135m", "llama3-8b"), default="llama3-8b", help="the shape")
+    ap.add_argument(
+        "--model", choices=("smollm2-135m", "llama3-8b", *FAMILY_SHAPES), default="llama3-8b", help="the shape"
+    )
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (faster compiles)")
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=4096)
@@ -42,8 +45,10 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def allocations(text: str, min_bytes: int = GIB) -> list[tuple[int, str, list[str]]]:
-    """``(size, header, large values)`` of each allocation of ``min_bytes`` or more in a buffer-assignment dump."""
+def allocations(text: str, min_bytes: int = GIB, min_value: int = 64 << 20) -> list[tuple[int, str, list[str]]]:
+    """``(size, header, values)`` of each allocation of ``min_bytes`` or more in a buffer-assignment dump: its
+    values of ``min_value`` bytes or more, largest first (the scratch allocation holds every temporary; a copy of
+    each layer's weights shows there as one value per layer)."""
     found = []
     for block in re.split(r"\n(?=allocation \d+:)", text):
         head = re.match(r"allocation \d+: size (\d+)(.*)", block)
@@ -52,9 +57,9 @@ def allocations(text: str, min_bytes: int = GIB) -> list[tuple[int, str, list[st
         values = []
         for line in block.splitlines()[1:]:
             size = re.search(r"size=(\d+)", line)
-            if size and int(size.group(1)) >= min_bytes:
-                values.append(line.strip())
-        found.append((int(head.group(1)), head.group(2).strip(" ,:"), values))
+            if size and int(size.group(1)) >= min_value:
+                values.append((int(size.group(1)), line.strip()))
+        found.append((int(head.group(1)), head.group(2).strip(" ,:"), [v for _, v in sorted(values, reverse=True)]))
     return found
 
 
@@ -74,8 +79,18 @@ def main(argv=None) -> list[dict]:
     from jkv.models import llama
     from jkv.serving import Engine
 
-    shape = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}[args.model]()
-    config = shape if args.layers is None else dataclasses.replace(shape, num_layers=args.layers)
+    if args.model in FAMILY_SHAPES:
+        from bench.bench_families import hf_config
+        from jkv.loading.safetensors import config_from_hf
+
+        shape, _ = config_from_hf(hf_config(args.model, smoke=False).to_dict(), f"{args.model} shape")
+    else:
+        shape = {"smollm2-135m": llama.LlamaConfig.smollm2_135m, "llama3-8b": llama.LlamaConfig.llama3_8b}[args.model]()
+    config = shape
+    if args.layers is not None:  # the first layers (per-layer fields cut alike)
+        fields = {f.name: getattr(shape, f.name) for f in dataclasses.fields(shape)}
+        cut = {k: v[: args.layers] for k, v in fields.items() if isinstance(v, tuple)}
+        config = dataclasses.replace(shape, num_layers=args.layers, **cut)
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     params = llama.init_params(config, jax.random.key(0), dtype, scale=0.02)
     buckets = tuple(sorted(args.buckets))
@@ -107,10 +122,10 @@ def main(argv=None) -> list[dict]:
         for path in sorted(set(glob.glob(f"{dump}/*buffer-assignment.txt")) - before):
             for size, header, values in allocations(Path(path).read_text()):
                 print(f"  allocation of {size / GIB:.2f} GiB: {header[:160]}")
-                for value in values[:8]:
+                for value in values[:12]:
                     print(f"    {value[:160]}")
-                if len(values) > 8:
-                    print(f"    ... {len(values) - 8} more values of 1 GiB or more share it")
+                if len(values) > 12:
+                    print(f"    ... {len(values) - 12} more values of 64 MiB or more share it")
     print(f"\n{'bucket':>7} {'arguments':>10} {'outputs':>8} {'aliased':>8} {'scratch':>8}  (GiB)")
     for r in rows:
         print(
