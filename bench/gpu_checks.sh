@@ -14,8 +14,9 @@
 #   8. part quick: a short call for a scarce machine (the engine's long and shared-prefix workloads); part mixed: its
 #      mixed workload with HF's peer and a profile of its decode-only step; part sampled: it sampling (the sampling
 #      programs' cost); part prefill_quick: prefill and chunk
-#      without torch; part memory: bench/step_memory.py on the long workload's shapes.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|sampled|memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+#      without torch; part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the
+#      step's weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|sampled|memory|families_memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,6 +88,11 @@ for part in "${parts[@]}"; do
       run step_memory 150 python bench/step_memory.py --model llama3-8b --slots 64 --max-len 16512 --buckets 64 2048 \
         --cli-xla-flags
       ;;
+    families_memory)  # Gemma-2-9B's mixed step asked for 15.50 GiB of scratch (its layers' matrices): where it goes
+      run tests_weights_copy 150 python -m pytest -q tests/serving/test_step_memory.py
+      run step_memory_gemma2 150 python bench/step_memory.py --model gemma2-9b --slots 1 --max-len 1256 --cache bf16 \
+        --buckets 64 256
+      ;;
     prefill_quick)  # issue 20 without torch: the dispatched kernels and the warp-specialised ones against cuDNN
       run prefill_quick 170 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 3 \
         --no-torch --rows mgpu_ws_pp mgpu_ws_paged_pp auto auto_paged triton triton_paged
@@ -136,7 +142,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, sampled, memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, sampled, memory, families_memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 
