@@ -29,13 +29,12 @@ from jkv.serving.metrics import Completion, EngineStats
 from jkv.serving.options import EngineOptions
 from jkv.serving.prefixes import Prefixes
 from jkv.serving.requests import Request, checked_prompt, emit, finish_reason, step_tokens
-from jkv.serving.sampling import SamplingParams, sampling_rows
+from jkv.serving.sampling import SamplingParams
 from jkv.serving.scheduler import Scheduler
 from jkv.serving.scheduler import Sequence as Scheduled
 from jkv.serving.speculative import prompt_lookup_draft
+from jkv.serving.step_inputs import SAMPLING_INPUTS, StepInputs
 from jkv.serving.storage import allocate, plan_storage
-
-SAMPLING_INPUTS = slice(6, None)  # the step inputs sample_step takes too: key_data, index, temperature, top_k, top_p
 
 
 class Engine:
@@ -80,14 +79,12 @@ class Engine:
         self.prefixes = Prefixes(self, per_token) if options.prefix_cache_bytes else None
         self.stats = EngineStats(num_pages=num_pages or 0)
         self._requests: dict[int, Request] = {}  # waiting and running
-        self._rows = None  # device copies of the slots' sampling parameters, until a slot changes
-        self._draw = None  # some slot samples: "truncate" (top-k / top-p) or "all" tokens; None: none (with _rows)
         self._inflight = None  # (token ids on the device, {slot: request}, label, dispatch time, compile s)
-        self._resets = np.zeros(self.num_slots, bool)  # slots to empty at the start of the next step
-        self._no_tokens = jnp.zeros(self.num_slots, jnp.int32)
+        no_tokens = jnp.zeros(self.num_slots, jnp.int32)
         if mesh is not None:  # placed as the steps return token ids (split over dp like the slots): one compile
             split = PartitionSpec("dp") if mesh.shape.get("dp", 1) > 1 else PartitionSpec()
-            self._no_tokens = jax.device_put(self._no_tokens, NamedSharding(mesh, split))
+            no_tokens = jax.device_put(no_tokens, NamedSharding(mesh, split))
+        self.inputs = StepInputs(self.num_slots, no_tokens)
         self._last_read, self._last_read_compile = time.perf_counter(), 0.0
         self._compile0 = 0.0  # compile seconds before the first submission the stats count
         self._done: dict[int, Completion] = {}
@@ -118,7 +115,7 @@ class Engine:
 
         for i, bucket in enumerate(self.scheduler.buckets):
             start = time.perf_counter()
-            inputs = self.empty_step_inputs(bucket)
+            inputs = self.inputs.empty(self._slot_params, bucket)
             rows = self.options.speculative_tokens + 1
             out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=rows)
             compiled(i + 1, f"{bucket} tokens", start)
@@ -239,14 +236,15 @@ class Engine:
         """Build the step's inputs from ``plan``, dispatch it, and read the previous step (or this one)."""
         k = self.options.speculative_tokens
         tokens, src, verify, index, sampling, drafted = step_tokens(plan, self._requests, self.num_slots)
-        prev = self._inflight[0] if self._inflight is not None else self._no_tokens
+        prev = self._inflight[0] if self._inflight is not None else self.inputs.no_tokens
         compiling, start = self.steps.compile_s, time.perf_counter()
-        inputs = self._step_inputs(tokens, src, prev, plan.counts, verify, index)
+        inputs = self.inputs.build(self._slot_params, tokens, src, prev, plan.counts, verify, index)
         out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=k + 1)
         if not k:  # (argmax, logits): a program of its own draws where some slot samples
             rows = inputs[SAMPLING_INPUTS]
-            out = self.steps.sample(out[1], *rows, truncate=self._draw == "truncate") if self._draw else out[0]
-        self._resets[:] = False
+            draw = self.inputs.draw
+            out = self.steps.sample(out[1], *rows, truncate=draw == "truncate") if draw else out[0]
+        self.inputs.resets[:] = False
         if self.prefixes is not None:
             for e in plan.entries:
                 if e.samples and e.start < e.seq.prompt_len:  # its prompt is in the cache: worth remembering
@@ -282,38 +280,10 @@ class Engine:
     def empty_step_inputs(self, bucket: int):
         """The inputs after ``(params, cache)`` of a mixed step of ``bucket`` rows carrying no token (it compiles
         that bucket's step and changes nothing in the cache)."""
-        return self._step_inputs(np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32), self._no_tokens)
+        return self.inputs.empty(self._slot_params, bucket)
 
-    def _step_inputs(self, tokens, src, prev, counts=None, verify=None, index=None):
-        """The mixed step's inputs after ``(params, cache)``, as device arrays."""
-        b = self.num_slots
-        counts = np.zeros(b, np.int32) if counts is None else counts
-        verify = np.zeros(b, bool) if verify is None else verify
-        index = np.zeros(b, np.int32) if index is None else index
-        key_data, temperature, top_k, top_p = self._sampling_rows()
-        host = (tokens, src)
-        rest = (counts, verify, self._resets.copy())
-        return (
-            *(jnp.asarray(x) for x in host),
-            prev,
-            *(jnp.asarray(x) for x in rest),
-            key_data,
-            jnp.asarray(index),
-            temperature,
-            top_k,
-            top_p,
-        )
-
-    def _sampling_rows(self):
-        """Per-slot sampling inputs on the device, rebuilt only when a slot changes hands."""
-        if self._rows is None:
-            params = [None if s is None else self._requests[s.id].params for s in self.scheduler.slots]
-            key_data, _, temperature, top_k, top_p = sampling_rows(params, [0] * self.num_slots)
-            self._rows = tuple(jnp.asarray(x) for x in (key_data, temperature, top_k, top_p))
-            hot = temperature > 0  # some slot samples: its steps' tokens are drawn (sorted for top-k / top-p)
-            truncated = (hot & ((top_k > 0) | (top_p < 1))).any()
-            self._draw = None if not hot.any() else "truncate" if truncated else "all"
-        return self._rows
+    def _slot_params(self) -> list[SamplingParams | None]:
+        return [None if s is None else self._requests[s.id].params for s in self.scheduler.slots]
 
     def _want(self, seq: Scheduled) -> int:
         """Tokens a running sequence whose prompt is done asks for: 0, 1, or 1 + its drafts."""
@@ -331,13 +301,13 @@ class Engine:
 
     def _admit(self, seq: Scheduled) -> tuple[int, list[int]]:
         """A request took a slot: its prefix-cache hit ``(positions, host page ids)``, attached on the device."""
-        self._rows = None
+        self.inputs.slots_changed()
         if self.prefixes is None:
             return 0, []
         request = self._requests[seq.id]
         n, ids = self.prefixes.attach(request.prompt, seq.slot)
         if n:
-            self._resets[seq.slot] = False  # the attach emptied the slot first
+            self.inputs.resets[seq.slot] = False  # the attach emptied the slot first
             self.stats.prefix_hits += 1
             self.stats.cached_prompt_tokens += n
         return n, ids
@@ -396,15 +366,16 @@ class Engine:
         self.scheduler.finish(request.seq)
         del self._requests[request.id]
         if slot >= 0:
-            self._resets[slot] = True
-            self._rows = None
+            self.inputs.resets[slot] = True
+            self.inputs.slots_changed()
 
     def _flush_resets(self) -> None:
         """Empty the slots still waiting for a next step (the engine is idle)."""
-        if self._resets.any() and self._inflight is None:
+        resets = self.inputs.resets
+        if resets.any() and self._inflight is None:
             # a copy: on CPU the transfer may read the host array after this returns, and it is cleared below
-            self.cache = self.steps.retire(self.cache, jnp.asarray(self._resets.copy()))
-            self._resets[:] = False
+            self.cache = self.steps.retire(self.cache, jnp.asarray(resets.copy()))
+            resets[:] = False
         self._pages_in_use()
 
     def _pages_in_use(self) -> None:
