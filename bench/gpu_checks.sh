@@ -131,8 +131,12 @@ for part in "${parts[@]}"; do
     engine)  # issue 21: the three serving workloads, 8B-shaped random bf16 weights (HF's peer left out: time)
       run bench_engine 580 python bench/bench_engine.py --model llama3-8b --no-hf --out "$OUT/bench_engine.json"
       ;;
-    server)  # issue 24: the HTTP server against the in-process engine (carry .whl_server: the server packages)
-      [ -d .whl_server ] && python -m pip install -q --no-deps .whl_server/*.whl
+    server)  # issue 24: the HTTP server against the in-process engine (carry .whl_server: the server packages, as
+      # `pip download -d .whl_server --python-version 3.12 --only-binary=:all: --platform manylinux_2_17_x86_64 ...`
+      # of pyproject's serve and test extras brings them)
+      # offline, with dependency resolution: what the image already satisfies stays as it is
+      [ -d .whl_server ] && python -m pip install -q --no-index --find-links .whl_server fastapi uvicorn[standard] \
+        prometheus-client openai httpx
       run load_server 580 python bench/load_server.py --shape llama3-8b --concurrency 1 16 64 \
         --out "$OUT/load_server.json"
       ;;
