@@ -175,11 +175,6 @@ def run_model(args, torch, name: str, device: str, bandwidth: float | None) -> l
     rows = []
     for batch in args.batches:
         common.log(f"{name} b{batch}: prompt {args.prompt}, {args.steps} steps, max_len {args.max_len}")
-        samplers, info = {}, {}
-        samplers["jkv"], info["jkv"] = jkv_sampler(config, params, batch, args.prompt, args.steps, args.max_len)
-        if model is not None:
-            samplers["hf"], info["hf"] = hf_sampler(torch, model, batch, args.prompt, args.steps, args.max_len, device)
-        timed = common.interleaved(samplers, args.rounds, baseline="hf" if model is not None else "jkv")
         row = {
             "model": name,
             "batch": batch,
@@ -187,6 +182,21 @@ def run_model(args, torch, name: str, device: str, bandwidth: float | None) -> l
             "steps": args.steps,
             "weight_gb": weight_bytes / 1e9,
         }
+        samplers, info = {}, {}
+        try:
+            samplers["jkv"], info["jkv"] = jkv_sampler(config, params, batch, args.prompt, args.steps, args.max_len)
+            if model is not None:
+                hf = hf_sampler(torch, model, batch, args.prompt, args.steps, args.max_len, device)
+                samplers["hf"], info["hf"] = hf
+            timed = common.interleaved(samplers, args.rounds, baseline="hf" if model is not None else "jkv")
+        except Exception as e:  # out of memory, a lowering failure: the next shapes still run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            common.log(f"{name} b{batch} failed: {row['error']}")
+        if "error" in row:  # (out of the except: its traceback no longer holds the failed engine)
+            rows.append(row)
+            del samplers
+            gc.collect()
+            continue
         for peer, t in timed.items():
             row[peer] = {"ms": 1e3 * t["time_s"], "spread_ms": 1e3 * t["spread_s"], **info[peer]}
             if model is not None:
@@ -212,6 +222,9 @@ def type_of(hf_cfg):
 def print_table(rows) -> None:
     print(f"\n{'model':11} {'B':>3} {'jkv ms':>8} {'HF ms':>8} {'vs HF':>6} {'range':>11} {'roof ms':>8}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['model']:11} {r['batch']:3d} failed: {r['error'][:100]}")
+            continue
         hf = r.get("hf")
         vs = r["jkv"].get("speed_vs_hf")
         hf_cols = f"{hf['ms']:8.2f} {vs['median']:5.2f}x {vs['min']:5.2f}-{vs['max']:4.2f}" if hf else f"{'-':>8}"
@@ -221,7 +234,7 @@ def print_table(rows) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
+    ap.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["mistral-7b", "gemma2-9b"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="(--smoke: 1 and 3 unless given)")
     ap.add_argument("--prompt", type=int, default=1024, help="tokens already in each sequence's cache")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed sample")
@@ -244,10 +257,10 @@ def main(argv=None) -> dict:
     report = {"meta": common.meta(torch if device == "cuda" else None), "rows": []}
     for name in args.models:
         report["rows"] += run_model(args, torch, name, device, bandwidth)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_families.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        if args.out:  # after each model: a later one's failure or the call's time limit keeps these
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "bench_families.json"), "w") as f:
+                json.dump(report, f, indent=1)
     print_table(report["rows"])
     return report
 

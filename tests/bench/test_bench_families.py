@@ -25,3 +25,22 @@ def test_smoke_run(tmp_path, capsys):
     assert row["hf"]["ms"] > 0 and row["jkv"]["ms"] > 0 and row["jkv"]["speed_vs_hf"]["median"] > 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[-1].split()[:2] == ["gemma2-9b", "2"]
+
+
+def test_a_failed_shape_is_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    real = bench_families.jkv_sampler
+
+    def sampler(config, params, batch, *rest):
+        if batch == 1:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 15.50GiB\nmore text")
+        return real(config, params, batch, *rest)
+
+    monkeypatch.setattr(bench_families, "jkv_sampler", sampler)
+    argv = ["--smoke", "--no-hf", "--models", "mistral-7b", "--batches", "1", "2", "--rounds", "1"]
+    report = bench_families.main([*argv, "--out", str(tmp_path)])
+    failed, ran = report["rows"]
+    assert failed["error"] == "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 15.50GiB"
+    assert "jkv" not in failed and ran["jkv"]["ms"] > 0 and "error" not in ran
+    assert json.loads((tmp_path / "bench_families.json").read_text())["rows"][0]["error"] == failed["error"]
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[-2].split()[:3] == ["mistral-7b", "1", "failed:"] and table[-1].split()[:2] == ["mistral-7b", "2"]
