@@ -39,6 +39,25 @@ def test_rule(rows, batch, heads, want):
         assert dispatch.ws_config(*heads, jnp.bfloat16).pingpong  # the schedule measured faster
 
 
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_the_picked_launch_fits_the_shared_memory(head_dim, out_dtype):
+    """Whatever the rule picks, its launch fits this device's shared memory (off a GPU: a Hopper's), for every
+    group size and run length: a kernel the rule picks never fails to launch."""
+    from pallas_kernels import multi_token_mgpu as mgpu
+    from pallas_kernels.multi_token_mgpu_ws import CONSUMERS
+
+    for group in range(1, 9):
+        for rows, batch in [(64, 64), (2048, 4), (8192, 1)]:
+            kind = dispatch.multi_token_mgpu_kind(rows, batch, 2 * group, 2, head_dim, jnp.bfloat16, out_dtype)
+            if kind is None:
+                continue
+            make = dispatch.ws_config if kind == "ws" else mgpu.mgpu_multi_token_config
+            config = make(2 * group, 2, head_dim, jnp.bfloat16)
+            consumers = CONSUMERS if kind == "ws" else 1
+            mgpu.resolve_config(config, 2 * group, 2, head_dim, jnp.bfloat16, out_dtype, consumers=consumers)
+
+
 def _step(rng, *, tokens, batch, kv_heads, group, head_dim, max_len, window):
     step = make_step(rng, *random_counts(rng, batch, tokens, tokens // 2, max_len), window, tokens)
     q = rng.standard_normal((tokens, kv_heads * group, head_dim))
