@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import math
 import os
 import re
 import shutil
@@ -61,6 +62,25 @@ def allocations(text: str, min_bytes: int = GIB, min_value: int = 64 << 20) -> l
                 values.append((int(size.group(1)), line.strip()))
         found.append((int(head.group(1)), head.group(2).strip(" ,:"), [v for _, v in sorted(values, reverse=True)]))
     return found
+
+
+XLA_TYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "int8": "s8", "uint8": "u8", "int32": "s32"}
+
+
+def weight_sized(text: str, weights) -> tuple[int, int]:
+    """``(count, bytes)`` of the values outside the parameters' allocations (scratch, outputs) of a
+    buffer-assignment dump whose type and element count are a weight's (``weights``: arrays; a copy may be
+    reshaped): a step that copies its weights shows them here."""
+    sizes = {(XLA_TYPES.get(str(w.dtype), str(w.dtype)), w.size) for w in weights if w.nbytes >= 1 << 20}
+    count = total = 0
+    for block in re.split(r"\n(?=allocation \d+:)", text):
+        if re.match(r"allocation \d+: size \d+, parameter", block):
+            continue
+        for value in re.finditer(r"\(size=(\d+),offset=\d+\): (\w+)\[([\d,]*)\]", block):
+            elements = math.prod(int(d) for d in value.group(3).split(",") if d)
+            if (value.group(2), elements) in sizes:
+                count, total = count + 1, total + int(value.group(1))
+    return count, total
 
 
 def main(argv=None) -> list[dict]:
@@ -119,8 +139,13 @@ def main(argv=None) -> list[dict]:
         }
         rows.append(row)
         print(f"\nbucket {bucket}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "bucket"))
+        weights = [x for x in jax.tree_util.tree_leaves(engine.params) if x.ndim >= 2]
         for path in sorted(set(glob.glob(f"{dump}/*buffer-assignment.txt")) - before):
-            for size, header, values in allocations(Path(path).read_text()):
+            text = Path(path).read_text()
+            count, total = weight_sized(text, weights)
+            row["weight_sized_gib"] = row.get("weight_sized_gib", 0.0) + total / GIB
+            print(f"  {count} values of a weight's type and size outside the parameters: {total / GIB:.2f} GiB")
+            for size, header, values in allocations(text):
                 print(f"  allocation of {size / GIB:.2f} GiB: {header[:160]}")
                 for value in values[:12]:
                     print(f"    {value[:160]}")

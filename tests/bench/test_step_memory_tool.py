@@ -34,3 +34,19 @@ def test_cpu_run_reports_each_bucket_with_the_cache_aliased(capsys):
         assert r["aliased_gib"] > 0 and r["aliased_gib"] <= r["outputs_gib"] and r["scratch_gib"] > 0
     out = capsys.readouterr().out
     assert "paged cache of" in out and out.rstrip().splitlines()[-1].split()[0] == "32"
+
+
+def test_weight_sized_counts_copies_of_a_weight_outside_the_parameters():
+    import numpy as np
+
+    text = """BufferAssignment:
+allocation 0: size 8388608, parameter 1, shape |f32[1024,2048]| at ShapeIndex {}:
+ value: <1 params_wo.1 @0> (size=8388608,offset=0): f32[1024,2048]{1,0}
+allocation 1: size 16777216, preallocated-temp:
+ value: <2 copy.3 @0> (size=8388608,offset=0): f32[2048,1024]{1,0}
+ value: <3 fusion.4 @0> (size=8388608,offset=8388608): f32[1024,2,1024]{2,1,0}
+ value: <4 fusion.5 @0> (size=4194304,offset=0): bf16[1024,2048]{1,0}
+ value: <5 fusion.6 @0> (size=4096,offset=0): f32[1024]{0}
+"""
+    weights = [np.zeros((1024, 2048), np.float32), np.zeros((4, 4), np.float32)]
+    assert step_memory.weight_sized(text, weights) == (2, 2 * 8388608)  # not the parameter, the bf16 or the vector
