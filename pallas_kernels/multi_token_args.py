@@ -22,6 +22,12 @@ from pallas_kernels.common import MIN_BLOCK
 MAX_HEAD_DIM = 256  # the query tile and the accumulator of 128 rows x 256 columns fill a program's registers
 
 
+def takes_head_dim(head_dim: int) -> bool:
+    """Whether the multi-token kernels take ``head_dim``: a multiple of 16 up to :data:`MAX_HEAD_DIM` (K/V are
+    read in power-of-two column chunks, so 48, 80 or 96 work)."""
+    return head_dim % MIN_BLOCK == 0 and MIN_BLOCK <= head_dim <= MAX_HEAD_DIM
+
+
 class Dims(NamedTuple):
     """Sizes of a multi-token call: tokens, query heads, kv heads, head_dim, sequences and the positions a
     sequence can hold (``S``, or ``M * page_size`` through a block table)."""
@@ -171,7 +177,7 @@ def check_args(q, k, v, q_starts, lengths, counts, *, layer=None, window=None, s
     (tokens, num_heads, head_dim), (first, kv_heads, rows, _) = checks.check_kv(
         q, k, v, layer, q_axes="[T, N, D]", axes=axes, layer_needs=needs
     )
-    if head_dim % MIN_BLOCK or not MIN_BLOCK <= head_dim <= MAX_HEAD_DIM:
+    if not takes_head_dim(head_dim):
         raise ValueError(f"head_dim={head_dim} is not supported; expected a multiple of 16 in [16, {MAX_HEAD_DIM}]")
     checks.check_window_softcap(window, softcap)
     batch = getattr(q_starts, "shape", (None,))[0] if paged else first

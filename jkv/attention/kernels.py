@@ -2,9 +2,11 @@
 of that kind, which reads the cache's ``storage()`` arrays whole (no per-layer copy).
 
 * ``DECODE`` (T = 1): ``(q [B, N, D], *arrays, lengths, *, layer, scale, window, softcap)`` where ``lengths``
-  counts the valid positions, the new token's included. Kinds without an entry take the multi-token kernel.
+  counts the valid positions, the new token's included. Kinds without an entry, and head_dims the decode kernels'
+  power-of-two tiles do not take (``pallas_kernels.checks.HEAD_DIMS``; Phi-3's 96), take the multi-token kernel.
 * ``MULTI_TOKEN`` (T > 1, flat or padded steps, windows, soft caps; ``pallas_kernels.multi_token``):
-  ``(q [T, N, D], *arrays, q_starts, lengths, counts, *, layer, scale, window, softcap, config)``."""
+  ``(q [T, N, D], *arrays, q_starts, lengths, counts, *, layer, scale, window, softcap, config)``; head_dims it
+  does not take (``pallas_kernels.multi_token_args.takes_head_dim``) run the reference."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import NamedTuple
 
 from jkv.caches import sharding
 from jkv.caches.formats import FP8, Q8, Plain
+from pallas_kernels import checks as kernel_checks
+from pallas_kernels.multi_token_args import takes_head_dim
 
 
 class Kernel(NamedTuple):
@@ -63,19 +67,26 @@ def key(cache) -> tuple[str, type]:
     return cache.layout, type(cache.format)
 
 
+def _decode_takes(cache) -> bool:
+    return cache.spec.head_dim in kernel_checks.HEAD_DIMS
+
+
 def decode_kernel(cache) -> Kernel | None:
-    """The T = 1 Pallas kernel for ``cache``, or None where the kind has none."""
+    """The T = 1 Pallas kernel for ``cache``, or None where the kind has none or its head_dim is not one the
+    decode kernels take."""
     entry = DECODE.get(key(cache))
-    if entry is None:
+    if entry is None or not _decode_takes(cache):
         return None
     return Kernel(entry(), tuple(cache.storage()), sharding.storage_specs(cache))
 
 
 def multi_token_kernel(cache) -> Callable | None:
-    """The T > 1 Pallas kernel for ``cache``, or None where the kind has none."""
+    """The T > 1 Pallas kernel for ``cache``, or None where the kind has none or its head_dim is not one the
+    multi-token kernels take."""
     entry = MULTI_TOKEN.get(key(cache))
-    return None if entry is None else entry()
+    return None if entry is None or not takes_head_dim(cache.spec.head_dim) else entry()
 
 
 def fused_append(cache) -> bool:
-    return key(cache) in FUSED_APPEND
+    """Whether ``cache``'s decode step writes its new row inside the attention kernel."""
+    return key(cache) in FUSED_APPEND and _decode_takes(cache)

@@ -3,6 +3,7 @@ saved by transformers and loaded by jkv: logits after a ragged prefill and over 
 greedy tokens, on 4 prompts whose length plus generation passes the window, contiguous and paged caches."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -148,3 +149,27 @@ def test_layer_layouts_and_init(family, rng):
     params = [llama.with_layout(loaded.params, layout) for layout in ("stacked", "layers")]
     stacked, layers = both(*params, jkv.make_cache("f32", spec, 2), tokens)  # one compile for both layouts
     assert rel_err(layers, stacked) < 1e-6
+
+
+def test_padded_decode_at_head_dim_96_on_the_pallas_path(family):
+    """Phi-3's head_dim 96 is not a decode kernel's tile: on the Pallas path (interpret mode) its padded T = 1
+    steps run the multi-token kernel (the decode kernels would refuse it); prefill and 8 decode steps fed HF's
+    greedy tokens against HF's logits."""
+    name, loaded, prompts, refs = family
+    if name != "phi3":
+        pytest.skip("the family whose head_dim is off the decode kernels' tiles")
+    c, options = loaded.config, llama.LlamaOptions(impl="pallas")
+    assert c.head_dim == 96
+    padded, lengths = padded_prompts(prompts)
+    cache = jkv.make_cache("f32", jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 64), len(prompts))
+    jaxpr = jax.make_jaxpr(lambda cache, t: llama.decode_step(loaded.params, cache, t, config=c, options=options))
+    names = set(re.findall(r"name=(jkv_\w+)", str(jaxpr(cache, padded[:, 0]))))
+    assert any("multi_token" in n for n in names) and not any("decode" in n for n in names), names
+    tokens = np.array([t for t, _ in refs])[:, :9]
+    logits, steps, _ = teacher_forced(loaded.params, cache, padded, lengths, tokens[:, :-1], config=c, options=options)
+    want = np.stack([ref[n - 1] for n, (_, ref) in zip(lengths, refs, strict=True)])
+    assert rel_err(np.asarray(logits), want) < 1e-5
+    for j in range(tokens.shape[1] - 1):
+        want = np.stack([ref[n + j] for n, (_, ref) in zip(lengths, refs, strict=True)])
+        assert rel_err(np.asarray(steps)[:, j], want) < 1e-5, j
+        assert (np.asarray(steps)[:, j].argmax(-1) == tokens[:, j + 1]).all(), j
