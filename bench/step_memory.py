@@ -118,7 +118,7 @@ def main(argv=None) -> list[dict]:
         params, config, num_slots=args.slots, max_len=args.max_len, cache=args.cache, num_pages=args.num_pages,
         buckets=buckets, max_batch_tokens=buckets[-1], verbose=False,
     )  # fmt: skip
-    cache_bytes = sum(x.nbytes for x in engine.cache.storage())
+    cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.cache.storage()))  # (a plan: per group)
     print(
         f"{args.model} ({config.num_layers} layers) on {jax.devices()[0].device_kind}: {args.slots} slots, "
         f"max_len {args.max_len}, {args.cache} cache of {cache_bytes / GIB:.2f} GiB "
