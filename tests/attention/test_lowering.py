@@ -42,3 +42,30 @@ def test_attend_write_lowers_to_triton(triton_backend, kind, head_dim, t, capped
     )
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text  # a kernel, not the reference
+
+
+@pytest.fixture
+def mosaic_backend(monkeypatch, triton_backend):
+    """... and takes Mosaic GPU kernels where the dispatch would on a Hopper GPU (this machine's shared memory
+    taken for a Hopper GPU's: ``backend.OFF_GPU_SHARED_MEMORY``)."""
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["plain", "window-softcap"])
+@pytest.mark.parametrize("t", [5, 128], ids=["short-runs", "long-runs"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("kind", ["bf16", "paged"])
+def test_multi_token_steps_lower_to_mosaic_gpu(mosaic_backend, kind, head_dim, t, capped):
+    """The steps the dispatch sends to a Mosaic GPU multi-token kernel (short runs: one warpgroup; long runs: the
+    warp-specialised one where it fits the shared memory) lower for CUDA with the launch it picks."""
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=KV_HEADS, head_dim=head_dim, max_len=256, dtype=jnp.bfloat16)
+    paged = jkv.caches.kind(kind).paged
+    cache = jax.eval_shape(lambda: jkv.make_cache(kind, spec, BATCH, **({"page_size": 16} if paged else {})))
+    sds = jax.ShapeDtypeStruct
+    q = sds((BATCH, t, KV_HEADS * GROUP, head_dim), jnp.bfloat16)
+    kv = sds((BATCH, KV_HEADS, t, head_dim), jnp.bfloat16)
+    options = dict(window=24, softcap=30.0) if capped else dict(window=None, softcap=None)
+    traced = jax.jit(_step, static_argnames=("window", "softcap")).trace(
+        q, kv, kv, cache, sds((BATCH,), jnp.int32), **options
+    )
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
