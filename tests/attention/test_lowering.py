@@ -69,3 +69,15 @@ def test_multi_token_steps_lower_to_mosaic_gpu(mosaic_backend, kind, head_dim, t
         q, kv, kv, cache, sds((BATCH,), jnp.int32), **options
     )
     assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_steps_lower_to_mosaic_gpu(mosaic_backend, head_dim, group):
+    """``jkv.attend`` at T = 1 over a contiguous cache the dispatch gives the Mosaic GPU decode kernel (caches of
+    64 MiB and more: abstract here, nothing is allocated)."""
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=8, head_dim=head_dim, max_len=16384, dtype=jnp.bfloat16)
+    cache = jax.eval_shape(lambda: jkv.make_cache("bf16", spec, BATCH).begin(1))
+    q = jax.ShapeDtypeStruct((BATCH, 1, 8 * group, head_dim), jnp.bfloat16)
+    traced = jax.jit(lambda q, cache: jkv.attend(q, cache, 1, impl="pallas")).trace(q, cache)
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
