@@ -23,10 +23,30 @@ A row whose logits hold NaN or Inf yields ``sampling.NONFINITE`` instead of a to
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jkv.models import llama
 from jkv.serving.sampling import NONFINITE, choose
+
+
+def pack(tokens, src, counts, verify, reset) -> np.ndarray:
+    """The step's host inputs as one int32 array ``tokens [T] | src [T] | counts [B] | verify [B] | reset [B]``:
+    one host-to-device copy a step, not five (each costs the dispatching thread a transfer of its own)."""
+    return np.concatenate([np.asarray(x, np.int32) for x in (tokens, src, counts, verify, reset)])
+
+
+def packed_tokens(size: int, batch: int) -> int:
+    """``T`` of a packed array of ``size`` entries for ``batch`` slots."""
+    return (size - 3 * batch) // 2
+
+
+def unpack(packed: Int[Array, " P"], batch: int):
+    """``(tokens [T], src [T], counts [B], verify [B], reset [B])`` of :func:`pack`'s array (``verify`` and
+    ``reset`` as booleans)."""
+    t = packed_tokens(packed.shape[0], batch)
+    tokens, src, counts = packed[:t], packed[t : 2 * t], packed[2 * t : 2 * t + batch]
+    return tokens, src, counts, packed[2 * t + batch : 2 * t + 2 * batch] != 0, packed[2 * t + 2 * batch :] != 0
 
 
 def reset_slots(cache, reset: Bool[Array, " B"]):
@@ -45,12 +65,8 @@ def flat_rows(counts: Int[Array, " B"], t: int):
 def mixed_step(
     params,
     cache,
-    tokens: Int[Array, " T"],
-    src: Int[Array, " T"],
+    packed: Int[Array, " P"],
     prev: Int[Array, " B"],
-    counts: Int[Array, " B"],
-    verify: Bool[Array, " B"],
-    reset: Bool[Array, " B"],
     key_data,
     index,
     temperature,
@@ -65,7 +81,9 @@ def mixed_step(
     1`` (``greedy``: each sequence's argmax, ``sampling.NONFINITE`` where its logits are not finite), else
     ``((targets [B, rows], accepted [B]), cache)``; a verifying sequence's new tokens are
     ``targets[b, : accepted[b] + 1]``, any other sequence's next token is ``targets[b, 0]``. The sampling inputs
-    (``key_data`` .. ``top_p``) are ``sample_step``'s: a step of greedy rows does not read them."""
+    (``key_data`` .. ``top_p``) are ``sample_step``'s: a step of greedy rows does not read them. ``packed``: the
+    step's tokens, their sources, counts, verify flags and resets (:func:`pack`)."""
+    tokens, src, counts, verify, reset = unpack(packed, prev.shape[0])
     b, t = counts.shape[0], tokens.shape[0]
     cache = reset_slots(cache, reset)
     tokens = jnp.where(src >= 0, prev[jnp.clip(src, 0, b - 1)], tokens)
@@ -100,8 +118,9 @@ def sample_step(
 def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options):
     """``mixed_step`` of one token per slot (``T = B``), greedy: ``(next [B], cache)``."""
     b = tokens.shape[0]
-    none, ones = jnp.zeros((b,), bool), jnp.ones((b,), jnp.int32)
-    inputs = (tokens, -ones, tokens, ones, none, none, *rows)  # rows: key_data, index, temperature, top_k, top_p
+    zeros, ones = jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.int32)
+    packed = jnp.concatenate([tokens.astype(jnp.int32), -ones, ones, zeros, zeros])  # pack's layout, traced
+    inputs = (packed, tokens, *rows)  # rows: key_data, index, temperature, top_k, top_p
     (greedy, _), cache = mixed_step(params, cache, *inputs, config=config, options=options, rows=1)
     return greedy, cache
 

@@ -1,5 +1,6 @@
 """The inputs of the engine's mixed step after ``(params, cache)``: the host's arrays of each step (tokens, where
-each row's token comes from, the slots' token counts, verify flags and slot resets) moved to the device, and the
+each row's token comes from, the slots' token counts, verify flags and slot resets) moved to the device in one
+copy (``jkv.serving.mixed.pack``; each slot's token index for its random key only where some slot samples), and the
 slots' sampling rows, kept on the device until a slot changes hands. ``draw`` tells the engine which sampling
 program (``jkv.serving.mixed.sample_step``) a step's logits go to, if any."""
 
@@ -10,10 +11,11 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from jkv.serving.mixed import pack
 from jkv.serving.sampling import SamplingParams, sampling_rows
 
 SlotParams = Callable[[], list[SamplingParams | None]]
-SAMPLING_INPUTS = slice(6, None)  # the step inputs sample_step takes too: key_data, index, temperature, top_k, top_p
+SAMPLING_INPUTS = slice(2, None)  # the step inputs sample_step takes too: key_data, index, temperature, top_k, top_p
 
 
 class StepInputs:
@@ -28,6 +30,7 @@ class StepInputs:
         self.resets = np.zeros(num_slots, bool)  # slots to empty at the start of the next step
         self.draw = None  # some slot samples: "truncate" (top-k / top-p) or "all" tokens; None: none (with _rows)
         self._rows = None  # device copies of the slots' sampling parameters, until a slot changes
+        self._no_index = None  # the index of a step where no slot samples (not read): zeros, copied once
 
     def slots_changed(self) -> None:
         """A slot took or let go of a request: its sampling row is rebuilt with the next step's inputs."""
@@ -35,25 +38,20 @@ class StepInputs:
 
     def build(self, slot_params: SlotParams, tokens, src, prev, counts=None, verify=None, index=None) -> tuple:
         """The mixed step's inputs after ``(params, cache)``, as device arrays: ``tokens`` and ``src`` ``[T]``,
-        ``prev`` (the previous step's token ids on the device), then per slot ``counts``, ``verify`` and
-        ``index`` (zeros where None), the resets, and the sampling rows."""
+        then per slot ``counts``, ``verify`` and the resets, packed into one array; ``prev`` (the previous step's
+        token ids on the device); the sampling rows with ``index`` (zeros where None)."""
         b = self.num_slots
         counts = np.zeros(b, np.int32) if counts is None else counts
         verify = np.zeros(b, bool) if verify is None else verify
-        index = np.zeros(b, np.int32) if index is None else index
         key_data, temperature, top_k, top_p = self._sampling_rows(slot_params)
-        host = (tokens, src)
-        rest = (counts, verify, self.resets.copy())  # a copy: the transfer may read it after the resets are cleared
-        return (
-            *(jnp.asarray(x) for x in host),
-            prev,
-            *(jnp.asarray(x) for x in rest),
-            key_data,
-            jnp.asarray(index),
-            temperature,
-            top_k,
-            top_p,
-        )
+        packed = jnp.asarray(pack(tokens, src, counts, verify, self.resets))  # (a copy: resets are cleared later)
+        if self.draw is None:  # no slot samples: the index is not read
+            if self._no_index is None:
+                self._no_index = jnp.zeros(b, jnp.int32)
+            index = self._no_index
+        else:
+            index = jnp.asarray(np.zeros(b, np.int32) if index is None else index)
+        return packed, prev, key_data, index, temperature, top_k, top_p
 
     def empty(self, slot_params: SlotParams, bucket: int) -> tuple:
         """The inputs of a step of ``bucket`` rows carrying no token (it compiles that bucket's step and changes

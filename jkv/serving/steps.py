@@ -125,8 +125,8 @@ class Steps:
 
     def mixed(self, params, cache, *inputs, lm_rows: int = 1):
         """One mixed step (``jkv.serving.mixed.mixed_step``) of the inputs after ``(params, cache)``, the first
-        being the tokens ``[T]``: ``(out, cache)``."""
-        key = (inputs[0].shape[0], lm_rows)
+        two being the packed host inputs (``mixed.pack``) and the previous tokens ``[B]``: ``(out, cache)``."""
+        key = (mixed.packed_tokens(inputs[0].shape[0], inputs[1].shape[0]), lm_rows)
         args = (params, cache, *inputs)
         return self._run("mixed", key, mixed.mixed_step, 1, args, _mixed_out, **self._model(rows=lm_rows))
 

@@ -181,3 +181,19 @@ def test_generator_errors(params):
     with pytest.raises(ValueError, match="params has 2 layers"):
         Generator(dataclasses.replace(CONFIG, num_layers=3), llama.with_layout(params, "layers"), max_len=64)
     assert Generator(CONFIG, params, max_len=64).generate([[1]], max_new_tokens=0).tokens == [[]]
+
+
+def test_compiled_decode_step_continues_as_generate(params, full_logits):
+    """``decode_step_compiled`` (benchmarks' device loop: one greedy token per slot, ``mixed.decode_only``) over
+    slots holding the prompts continues each as ``generate`` does."""
+    gen = Generator(CONFIG, params, max_len=64, batch=3, buckets=(16,))
+    want = [greedy_reference(full_logits, p, 6) for p in PROMPTS]
+    step, rows = gen.decode_step_compiled()
+    for p in PROMPTS:
+        gen.engine.submit(p, SamplingParams(max_new_tokens=6))
+    gen.engine.admit()  # the slots (in submission order) hold the prompts and their first token is read
+    tokens, got = jnp.asarray([w[0] for w in want], jnp.int32), []
+    for _ in range(5):
+        tokens, gen.cache = step(params, gen.cache, tokens, *rows)
+        got.append(np.asarray(tokens))
+    assert np.stack(got, axis=1).tolist() == [w[1:] for w in want]
