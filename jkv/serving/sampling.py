@@ -68,8 +68,11 @@ class SamplingParams:
 
 @functools.lru_cache(maxsize=4096)  # one device call per seed, not one per slot change
 def request_key_data(seed: int) -> np.ndarray:
-    """The raw key data of a request's PRNG key (host array, ``uint32[2]``): a function of its seed only."""
-    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+    """The raw key data of a request's PRNG key (host array, ``uint32[2]``; read-only, as the cache shares it): a
+    function of its seed only."""
+    data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    data.flags.writeable = False
+    return data
 
 
 def token_keys(key_data: Array, index: Int[Array, " B"]):

@@ -31,6 +31,7 @@ class StepInputs:
         self.draw = None  # some slot samples: "truncate" (top-k / top-p) or "all" tokens; None: none (with _rows)
         self._rows = None  # device copies of the slots' sampling parameters, until a slot changes
         self._no_index = None  # the index of a step where no slot samples (not read): zeros, copied once
+        self._greedy = None  # the sampling rows of idle slots, copied once: what a step where none samples takes
 
     def slots_changed(self) -> None:
         """A slot took or let go of a request: its sampling row is rebuilt with the next step's inputs."""
@@ -60,9 +61,17 @@ class StepInputs:
 
     def _sampling_rows(self, slot_params: SlotParams):
         if self._rows is None:
-            key_data, _, temperature, top_k, top_p = sampling_rows(slot_params(), [0] * self.num_slots)
+            params = slot_params()
+            if not any(p is not None and p.temperature > 0 for p in params):  # greedy: the rows are not read
+                self.draw = None
+                if self._greedy is None:
+                    key_data, _, *rest = sampling_rows([None] * self.num_slots, [0] * self.num_slots)
+                    self._greedy = tuple(jnp.asarray(x) for x in (key_data, *rest))
+                self._rows = self._greedy
+                return self._rows
+            key_data, _, temperature, top_k, top_p = sampling_rows(params, [0] * self.num_slots)
             self._rows = tuple(jnp.asarray(x) for x in (key_data, temperature, top_k, top_p))
             hot = temperature > 0  # some slot samples: its steps' tokens are drawn (sorted for top-k / top-p)
             truncated = (hot & ((top_k > 0) | (top_p < 1))).any()
-            self.draw = None if not hot.any() else "truncate" if truncated else "all"
+            self.draw = "truncate" if truncated else "all"
         return self._rows
