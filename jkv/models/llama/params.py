@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax import lax
 from jaxtyping import Array, Float
 
 from jkv.models.llama.config import LlamaConfig
@@ -149,49 +148,56 @@ def init_params(
 ) -> LlamaParams:
     """Random weights (normal, std ``scale``; norms near 1, embedding std 1) for tests and benchmarks.
 
-    Generated on the device by one compiled program (an 8B-shaped model takes seconds, not minutes).
+    Generated on the device, a layer at a time by one compiled program (an 8B-shaped model takes seconds, not
+    minutes, and the device holds the weights plus one layer's draw at most, not twice the weights).
     """
-    params = _init_params(config, key, jnp.dtype(dtype), float(scale))
+    dtype, scale = jnp.dtype(dtype), float(scale)
+    layer_key, global_key = jax.random.split(key)
+    layers = tuple(_init_layer(config, k, dtype, scale) for k in jax.random.split(layer_key, config.num_layers))
+    params = LlamaParams(layers=layers, **_init_globals(config, global_key, dtype, scale))
     return with_layout(params, layout)
 
 
+def _split(flat, shapes: dict, dtype, scale: float) -> dict:
+    """``flat`` (one normal draw) cut into ``shapes``' arrays: norms near 1 (std 0.1), the embedding std 1, the
+    rest std ``scale``; None where a shape is None."""
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        if shape is None:
+            out[name] = None
+            continue
+        size = int(np.prod(shape))
+        x = flat[offset : offset + size].reshape(shape)
+        offset += size
+        std = 0.1 if name.endswith("norm") else 1.0 if name == "embed" else scale
+        out[name] = ((1.0 if name.endswith("norm") else 0.0) + std * x.astype(jnp.float32)).astype(dtype)
+    return out
+
+
+def _draw(key, shapes: dict, dtype):
+    # One normal draw per program: every separate jax.random call adds its own threefry program, and dozens of
+    # them take minutes to compile on a CPU.
+    n = sum(int(np.prod(s)) for s in shapes.values() if s is not None)
+    return jax.random.normal(key, (n,), jnp.float32).astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _init_params(config: LlamaConfig, key, dtype, scale: float) -> LlamaParams:
-    # Two normal draws in all (one flat vector per layer under lax.map, one for the rest): every separate
-    # jax.random call adds its own threefry program, and dozens of them take minutes to compile on a CPU.
-    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    qkv_shape = config.qkv_shape
-    layer_shapes = {
+def _init_layer(config: LlamaConfig, key, dtype, scale: float) -> LayerParams:
+    h, f = config.hidden_size, config.intermediate_size
+    shapes = {
         "attn_norm": (h,),
-        "wqkv": (h, *qkv_shape),
-        "bqkv": qkv_shape if config.qkv_bias else None,
+        "wqkv": (h, *config.qkv_shape),
+        "bqkv": config.qkv_shape if config.qkv_bias else None,
         "wo": (config.num_heads * config.head_dim, h),
         "mlp_norm": (h,),
         "w_gate_up": (h, 2, f),
         "w_down": (f, h),
     } | _family_shapes(config)
-    global_shapes = {"embed": (v, h), "norm": (h,), "lm_head": None if config.tie_embeddings else (h, v)}
+    return LayerParams(**_split(_draw(key, shapes, dtype), shapes, dtype, scale))
 
-    def split(flat, shapes, lead=()):
-        out, offset = {}, 0
-        for name, shape in shapes.items():
-            if shape is None:
-                out[name] = None
-                continue
-            size = int(np.prod(shape))
-            x = flat[..., offset : offset + size].reshape(*lead, *shape)
-            offset += size
-            std = 0.1 if name.endswith("norm") else 1.0 if name == "embed" else scale
-            out[name] = ((1.0 if name.endswith("norm") else 0.0) + std * x.astype(jnp.float32)).astype(dtype)
-        return out
 
-    def total(shapes):
-        return sum(int(np.prod(s)) for s in shapes.values() if s is not None)
-
-    layer_key, global_key = jax.random.split(key)
-    draw = lambda k, n: jax.random.normal(k, (n,), jnp.float32).astype(dtype)
-    flat = lax.map(lambda k: draw(k, total(layer_shapes)), jax.random.split(layer_key, config.num_layers))
-    layers = LayerParams(**split(flat, layer_shapes, (config.num_layers,)))
-    rest = split(draw(global_key, total(global_shapes)), global_shapes)
-    per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(config.num_layers))
-    return LlamaParams(layers=per_layer, **rest)
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_globals(config: LlamaConfig, key, dtype, scale: float) -> dict:
+    h, v = config.hidden_size, config.vocab_size
+    shapes = {"embed": (v, h), "norm": (h,), "lm_head": None if config.tie_embeddings else (h, v)}
+    return _split(_draw(key, shapes, dtype), shapes, dtype, scale)
