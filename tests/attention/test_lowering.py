@@ -25,12 +25,9 @@ def _step(q, k, v, cache, counts, *, window, softcap):
     return jkv.attend_write(q, k, v, cache.begin(counts), 1, impl="pallas", window=window, softcap=softcap)
 
 
-@pytest.mark.parametrize("capped", [False, True], ids=["plain", "window-softcap"])
-@pytest.mark.parametrize("t", [1, 5])
-@pytest.mark.parametrize("head_dim", [96, 256])
-@pytest.mark.parametrize("kind", KINDS)
-def test_attend_write_lowers_to_triton(triton_backend, kind, head_dim, t, capped):
-    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=KV_HEADS, head_dim=head_dim, max_len=MAX_LEN, dtype=jnp.bfloat16)
+def _lowered(kind: str, head_dim: int, t: int, capped: bool, max_len: int) -> str:
+    """The StableHLO text of ``_step`` (T = ``t`` tokens a sequence) over an abstract cache of ``kind``, for CUDA."""
+    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=KV_HEADS, head_dim=head_dim, max_len=max_len, dtype=jnp.bfloat16)
     paged = jkv.caches.kind(kind).paged
     cache = jax.eval_shape(lambda: jkv.make_cache(kind, spec, BATCH, **({"page_size": 16} if paged else {})))
     sds = jax.ShapeDtypeStruct
@@ -40,8 +37,15 @@ def test_attend_write_lowers_to_triton(triton_backend, kind, head_dim, t, capped
     traced = jax.jit(_step, static_argnames=("window", "softcap")).trace(
         q, kv, kv, cache, sds((BATCH,), jnp.int32), **options
     )
-    text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text  # a kernel, not the reference
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["plain", "window-softcap"])
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("head_dim", [96, 256])
+@pytest.mark.parametrize("kind", KINDS)
+def test_attend_write_lowers_to_triton(triton_backend, kind, head_dim, t, capped):
+    assert "xla.gpu.triton" in _lowered(kind, head_dim, t, capped, MAX_LEN)  # a kernel, not the reference
 
 
 @pytest.fixture
@@ -58,17 +62,7 @@ def mosaic_backend(monkeypatch, triton_backend):
 def test_multi_token_steps_lower_to_mosaic_gpu(mosaic_backend, kind, head_dim, t, capped):
     """The steps the dispatch sends to a Mosaic GPU multi-token kernel (short runs: one warpgroup; long runs: the
     warp-specialised one where it fits the shared memory) lower for CUDA with the launch it picks."""
-    spec = jkv.CacheSpec(num_layers=2, num_kv_heads=KV_HEADS, head_dim=head_dim, max_len=256, dtype=jnp.bfloat16)
-    paged = jkv.caches.kind(kind).paged
-    cache = jax.eval_shape(lambda: jkv.make_cache(kind, spec, BATCH, **({"page_size": 16} if paged else {})))
-    sds = jax.ShapeDtypeStruct
-    q = sds((BATCH, t, KV_HEADS * GROUP, head_dim), jnp.bfloat16)
-    kv = sds((BATCH, KV_HEADS, t, head_dim), jnp.bfloat16)
-    options = dict(window=24, softcap=30.0) if capped else dict(window=None, softcap=None)
-    traced = jax.jit(_step, static_argnames=("window", "softcap")).trace(
-        q, kv, kv, cache, sds((BATCH,), jnp.int32), **options
-    )
-    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in _lowered(kind, head_dim, t, capped, 256)
 
 
 @pytest.mark.parametrize("head_dim", [128, 256])
