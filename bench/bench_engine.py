@@ -175,6 +175,7 @@ def run_jkv(args, config, params, prompts, new_tokens, slots, prefix: bool, num_
         "wall_s": wall,
         "tokens_per_s": sum(len(c.tokens) for c in done) / wall,
         "mean_ttft_s": statistics.mean(c.time_to_first_token for c in done),
+        "mean_queue_s": statistics.mean(c.queue_wait for c in done),  # of which waiting for a slot
         "mean_itl_s": s.mean_itl_s,
         "prefill_tokens_per_s": s.prefill_tokens_per_s,
         "decode_tokens_per_s": s.decode_tokens_per_s,

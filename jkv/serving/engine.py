@@ -302,9 +302,10 @@ class Engine:
     def _admit(self, seq: Scheduled) -> tuple[int, list[int]]:
         """A request took a slot: its prefix-cache hit ``(positions, host page ids)``, attached on the device."""
         self.inputs.slots_changed()
+        request = self._requests[seq.id]
+        request.admitted = time.perf_counter()
         if self.prefixes is None:
             return 0, []
-        request = self._requests[seq.id]
         n, ids = self.prefixes.attach(request.prompt, seq.slot)
         if n:
             self.inputs.resets[seq.slot] = False  # the attach emptied the slot first

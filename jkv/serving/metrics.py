@@ -20,6 +20,7 @@ class Completion:
     first_token: float  # when its first token reached the host (nan: none came)
     finished: float
     last_token: float = math.nan  # when its last token reached the host
+    admitted: float = math.nan  # when it took a slot (nan: never)
 
     @property
     def latency(self) -> float:
@@ -28,6 +29,11 @@ class Completion:
     @property
     def time_to_first_token(self) -> float:
         return self.first_token - self.submitted
+
+    @property
+    def queue_wait(self) -> float:
+        """Seconds it waited for a free slot (part of its time to first token)."""
+        return self.admitted - self.submitted
 
     @property
     def inter_token_latency(self) -> float:
@@ -56,6 +62,7 @@ class EngineStats:
     decode_s: float = 0.0  # seconds of steps that did not
     ttft_s: float = 0.0  # sum over completed requests with a first token
     ttft_n: int = 0
+    queue_s: float = 0.0  # sum over those of the wait for a slot
     itl_s: float = 0.0  # sum over completed requests of their mean inter-token latency
     itl_n: int = 0
     first_submit: float = math.nan
@@ -74,6 +81,7 @@ class EngineStats:
         self.last_finish = c.finished
         if not math.isnan(c.first_token):
             self.ttft_s += c.time_to_first_token
+            self.queue_s += 0.0 if math.isnan(c.admitted) else c.queue_wait
             self.ttft_n += 1
         if not math.isnan(c.inter_token_latency):
             self.itl_s += c.inter_token_latency
@@ -91,6 +99,7 @@ class EngineStats:
             prefill_tokens_per_s=rate(self.prefill_tokens, self.prefill_s),
             decode_tokens_per_s=rate(self.decode_tokens, self.decode_s),
             mean_ttft_s=self.ttft_s / self.ttft_n if self.ttft_n else math.nan,
+            mean_queue_s=self.queue_s / self.ttft_n if self.ttft_n else math.nan,
             mean_itl_s=self.itl_s / self.itl_n if self.itl_n else math.nan,
             acceptance_rate=self.acceptance_rate if self.drafted_tokens else math.nan,
             prefix_hits=self.prefix_hits,
@@ -116,6 +125,7 @@ class RunSummary:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     mean_ttft_s: float
+    mean_queue_s: float  # of the time to first token, the mean wait for a free slot
     mean_itl_s: float
     acceptance_rate: float  # nan without speculation
     prefix_hits: int
@@ -131,7 +141,8 @@ class RunSummary:
             f"{self.tokens_per_s:.1f} tokens/s",
             f"prefill {self.prefill_tokens} tokens at {self.prefill_tokens_per_s:.1f} tokens/s",
             f"decode {self.decode_tokens_per_s:.1f} tokens/s",
-            f"time to first token {1e3 * self.mean_ttft_s:.1f} ms, inter-token {1e3 * self.mean_itl_s:.2f} ms",
+            f"time to first token {1e3 * self.mean_ttft_s:.1f} ms (waiting for a slot {1e3 * self.mean_queue_s:.1f}), "
+            f"inter-token {1e3 * self.mean_itl_s:.2f} ms",
             f"{self.steps} steps",
         ]
         if not math.isnan(self.acceptance_rate):

@@ -33,6 +33,7 @@ class Request:
     stopped: bool = False  # a stop token came
     first_token: float = math.nan
     last_token: float = math.nan
+    admitted: float = math.nan  # when it took a slot
 
     def completion(self, reason: str, now: float) -> Completion:
         """What the caller gets back once the request finished at ``now`` for ``reason``."""
@@ -46,6 +47,7 @@ class Request:
             self.first_token,
             now,
             self.last_token,
+            self.admitted,
         )
 
 
