@@ -115,7 +115,7 @@ class Engine:
 
         for i, bucket in enumerate(self.scheduler.buckets):
             start = time.perf_counter()
-            inputs = self.inputs.empty(self._slot_params, bucket)
+            inputs = self.empty_step_inputs(bucket)
             rows = self.options.speculative_tokens + 1
             out, self.cache = self.steps.mixed(self.params, self.cache, *inputs, lm_rows=rows)
             compiled(i + 1, f"{bucket} tokens", start)

@@ -30,10 +30,11 @@ from jkv.models import llama
 from jkv.serving.sampling import NONFINITE, choose
 
 
-def pack(tokens, src, counts, verify, reset) -> np.ndarray:
+def pack(tokens, src, counts, verify, reset, xp=np):
     """The step's host inputs as one int32 array ``tokens [T] | src [T] | counts [B] | verify [B] | reset [B]``:
-    one host-to-device copy a step, not five (each costs the dispatching thread a transfer of its own)."""
-    return np.concatenate([np.asarray(x, np.int32) for x in (tokens, src, counts, verify, reset)])
+    one host-to-device copy a step, not five (each costs the dispatching thread a transfer of its own). ``xp``:
+    ``numpy`` (the engine's host arrays) or ``jax.numpy`` (inside a traced step)."""
+    return xp.concatenate([xp.asarray(x, dtype=xp.int32) for x in (tokens, src, counts, verify, reset)])
 
 
 def packed_tokens(size: int, batch: int) -> int:
@@ -119,7 +120,7 @@ def decode_only(params, cache, tokens: Int[Array, " B"], *rows, config, options)
     """``mixed_step`` of one token per slot (``T = B``), greedy: ``(next [B], cache)``."""
     b = tokens.shape[0]
     zeros, ones = jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.int32)
-    packed = jnp.concatenate([tokens.astype(jnp.int32), -ones, ones, zeros, zeros])  # pack's layout, traced
+    packed = pack(tokens, -ones, ones, zeros, zeros, xp=jnp)
     inputs = (packed, tokens, *rows)  # rows: key_data, index, temperature, top_k, top_p
     (greedy, _), cache = mixed_step(params, cache, *inputs, config=config, options=options, rows=1)
     return greedy, cache

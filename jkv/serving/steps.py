@@ -130,10 +130,15 @@ class Steps:
         args = (params, cache, *inputs)
         return self._run("mixed", key, mixed.mixed_step, 1, args, _mixed_out, **self._model(rows=lm_rows))
 
+    def mixed_traced(self, params, cache, *inputs, lm_rows: int = 1):
+        """The mixed step ``mixed`` runs on these inputs, traced (nothing compiles or runs): to lower it for a
+        platform of one's choosing."""
+        statics = tuple(sorted(self._model(rows=lm_rows).items()))
+        return self._jitted(mixed.mixed_step, 1, _mixed_out, statics).trace(params, cache, *inputs)
+
     def mixed_executable(self, params, cache, *inputs, lm_rows: int = 1):
         """The mixed step ``mixed`` runs on these inputs, compiled (nothing runs): for its memory analysis."""
-        statics = tuple(sorted(self._model(rows=lm_rows).items()))
-        return self._jitted(mixed.mixed_step, 1, _mixed_out, statics).lower(params, cache, *inputs).compile()
+        return self.mixed_traced(params, cache, *inputs, lm_rows=lm_rows).lower().compile()
 
     def sample(self, logits, *rows, truncate: bool = True):
         """The tokens of a step where some row samples (``jkv.serving.mixed.sample_step``; ``rows``: key_data,

@@ -10,8 +10,7 @@ import pytest
 from test_step_memory import FAMILIES
 
 from jkv.models import llama
-from jkv.serving import Engine, mixed
-from jkv.serving.steps import _mixed_out
+from jkv.serving import Engine
 from pallas_kernels import backend
 
 # Each family's attention options at small widths (lowering does not depend on them), two layers where the
@@ -38,8 +37,6 @@ def test_mixed_step_lowers_for_cuda(hopper_dispatch, family, kind):
         params, config, num_slots=2, max_len=512, cache=kind, buckets=(256,), max_batch_tokens=256,
         model=llama.LlamaOptions(impl="pallas"), verbose=False,
     )  # fmt: skip
-    statics = tuple(sorted(engine.steps._model(rows=1).items()))
-    jitted = engine.steps._jitted(mixed.mixed_step, 1, _mixed_out, statics)
-    traced = jitted.trace(engine.params, engine.cache, *engine.empty_step_inputs(256))
+    traced = engine.steps.mixed_traced(engine.params, engine.cache, *engine.empty_step_inputs(256))
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text or "xla.gpu.triton" in text
