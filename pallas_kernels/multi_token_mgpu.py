@@ -75,11 +75,17 @@ def smem_bytes(config: MgpuMultiTokenConfig, head_dim: int, itemsize: int, out_i
     return consumers * ROWS * head_dim * (itemsize + out_itemsize) + ring
 
 
-def fits(config: MgpuMultiTokenConfig, head_dim: int, dtype, out_dtype, consumers=1) -> bool:
-    """Whether one program of ``config`` (:func:`smem_bytes`) fits the default GPU's shared memory (read from the
-    device: :func:`backend.shared_memory_per_block`), less what Mosaic GPU keeps for itself."""
+def smem_need(config: MgpuMultiTokenConfig, head_dim: int, dtype, out_dtype, consumers=1) -> tuple[int, int]:
+    """``(bytes, budget)``: one program's shared memory (:func:`smem_bytes`) and what the default GPU offers it (read
+    from the device: :func:`backend.shared_memory_per_block`, less what Mosaic GPU keeps for itself)."""
     need = smem_bytes(config, head_dim, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize, consumers)
-    return need <= backend.shared_memory_per_block() - MGPU_SMEM_RESERVE
+    return need, backend.shared_memory_per_block() - MGPU_SMEM_RESERVE
+
+
+def fits(config: MgpuMultiTokenConfig, head_dim: int, dtype, out_dtype, consumers=1) -> bool:
+    """Whether one program of ``config`` fits the default GPU's shared memory (:func:`smem_need`)."""
+    need, budget = smem_need(config, head_dim, dtype, out_dtype, consumers)
+    return need <= budget
 
 
 mgpu_unsupported_reason = unsupported_reason  # nothing the multi-token kernels add
@@ -165,9 +171,8 @@ def resolve_config(config, num_heads, kv_heads, head_dim, dtype, out_dtype, cons
         raise ValueError(f"config.heads_per_tile={config.heads_per_tile} must divide G={num_heads // kv_heads}")
     if config.block_k not in BLOCK_KS:
         raise ValueError(f"config.block_k={config.block_k} must be one of {BLOCK_KS}")
-    if not fits(config, head_dim, dtype, out_dtype, consumers):
-        need = smem_bytes(config, head_dim, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize, consumers)
-        budget = backend.shared_memory_per_block() - MGPU_SMEM_RESERVE
+    need, budget = smem_need(config, head_dim, dtype, out_dtype, consumers)
+    if need > budget:
         raise ValueError(f"{config} needs {need} bytes of shared memory at head_dim={head_dim}, more than {budget}")
     return config
 
