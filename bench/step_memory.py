@@ -74,7 +74,7 @@ def weight_sized(text: str, weights) -> tuple[int, int]:
     sizes = {(XLA_TYPES.get(str(w.dtype), str(w.dtype)), w.size) for w in weights if w.nbytes >= 1 << 20}
     count = total = 0
     for block in re.split(r"\n(?=allocation \d+:)", text):
-        if re.match(r"allocation \d+: size \d+, parameter", block):
+        if re.match(r"allocation \d+: size \d+,[^\n]*\bparameter \d+", block):  # (GPU dumps: "page 0, parameter 0")
             continue
         for value in re.finditer(r"\(size=(\d+),offset=\d+\): (\w+)\[([\d,]*)\]", block):
             elements = math.prod(int(d) for d in value.group(3).split(",") if d)
