@@ -12,11 +12,11 @@
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
 #   8. part quick: a short call for a scarce machine (the engine's long and shared-prefix workloads); part mixed: its
-#      mixed workload with HF's peer and a profile of its decode-only step; part sampled: it sampling (the sampling
-#      programs' cost); part prefill_quick: prefill and chunk
-#      without torch; part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the
-#      step's weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|sampled|memory|families_memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+#      mixed workload with HF's peer and a profile of its decode-only step; part mixed_slots: it with 128 slots;
+#      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
+#      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
+#      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +77,10 @@ for part in "${parts[@]}"; do
     mixed)  # issue 21's workload with a profile of its decode-only step (idle gaps included) and HF's peer
       run bench_engine_mixed 560 python bench/bench_engine.py --model llama3-8b --only mixed --profile-steps 20 \
         --out "$OUT/bench_engine.json"
+      ;;
+    mixed_slots)  # issue 21's TTFT question: the mixed workload with 128 slots (two waves, not four), no HF peer
+      run bench_engine_mixed_128 560 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed --slots 128 \
+        --out "$OUT/bench_engine_mixed_128.json"
       ;;
     sampled)  # the mixed workload sampling (temperature 1, top-p 1 then 0.9): the sampling programs' cost
       run bench_engine_sampled 280 python bench/bench_engine.py --model llama3-8b --no-hf --only mixed \
@@ -146,7 +150,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, sampled, memory, families_memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
   esac
 done
 
