@@ -7,7 +7,8 @@
 #   4. quantized weights (issue 26): the qmatmul kernel variants (part qmatmul: its GPU tests, bench/bench_qmatmul.py),
 #      the qmatmul GPU tests, then bench/bench_qweights.py (part qweights, on request); the engine workload with
 #      bf16, Q8_0 and Q4_K weights (part qengine: bench/bench_engine.py's mixed workload, a run per format);
-#   5. Mistral-7B / Gemma-2-9B-shaped decode steps against HF's hybrid static cache (issue 23; part families);
+#   5. Mistral-7B / Gemma-2-9B-shaped decode steps against HF's hybrid static cache (issue 23; parts
+#      families and families_gemma);
 #   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
 #      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
@@ -16,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,7 +93,7 @@ for part in "${parts[@]}"; do
       run step_memory 150 python bench/step_memory.py --model llama3-8b --slots 64 --max-len 16512 --buckets 64 2048 \
         --cli-xla-flags
       ;;
-    families_memory)  # Gemma-2-9B's mixed step asked for 15.50 GiB of scratch (its layers' matrices): where it goes
+    families_memory)  # Gemma-2-9B's step memory (a 15.50 GiB allocation failed once; none at 1e74989: BENCHMARKS)
       run tests_weights_copy 150 python -m pytest -q tests/serving/test_step_memory.py
       run step_memory_gemma2 150 python bench/step_memory.py --model gemma2-9b --slots 1 --max-len 1256 --cache bf16 \
         --buckets 64 256
@@ -144,13 +145,16 @@ for part in "${parts[@]}"; do
       run load_server 580 python bench/load_server.py --shape llama3-8b --concurrency 1 16 64 \
         --out "$OUT/load_server.json"
       ;;
-    families)
-      run bench_families 540 python bench/bench_families.py --out "$OUT" --rounds 5
+    families)  # one model a call: each takes 4-8 minutes with HF's compiles (Gemma-2-9B: part families_gemma)
+      run bench_families 580 python bench/bench_families.py --models mistral-7b --out "$OUT" --rounds 5
+      ;;
+    families_gemma)
+      run bench_families_gemma 580 python bench/bench_families.py --models gemma2-9b --out "$OUT/gemma" --rounds 5
       ;;
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, families_gemma, kinds)" ;;
   esac
 done
 
