@@ -76,6 +76,14 @@ def _check_window(window, cache) -> None:
         raise ValueError(f"{window=} reads further back than the cache's ring keeps (window={cache.window})")
 
 
+def _masking(window, cache) -> int | None:
+    """``window``, or None where it masks nothing: a plain cache (no ring) holds at most ``max_len`` positions, all
+    inside a window that long, so the kernels take their unwindowed path (on the GPU the faster kernels)."""
+    if window is not None and cache.window is None and window >= cache.spec.max_len:
+        return None
+    return window
+
+
 def _live(q, cache):
     """Which queries are real (not padding): ``[B, T]``, or ``[T]`` for a flat ``q``."""
     if q.ndim == 3:  # a flat step's live rows come first: sum(counts) of them
@@ -110,6 +118,7 @@ def attend(
     layer, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
     cache, layer = cache.for_layer(layer)  # a per-layer plan: the group holding the layer
     _check_window(window, cache)
+    window = _masking(window, cache)
     decode = q.ndim == 4 and q.shape[1] == 1
     kernel = kernels.decode_kernel(cache) if impl == "pallas" and decode else None
     if kernel is None:
@@ -185,6 +194,7 @@ def attend_write(
     _check_q(q, target)
     checks.window_softcap(window, softcap)
     _check_window(window, target)
+    window = _masking(window, target)
     at, slot, positions, errors = target.write_plan(inner, k, v)  # T = 1: token i is sequence i's
     _, range_errors = target.encode_new(k, v, slot, positions)
     _, layer_ok = checks.index_in_range("layer", inner, target.spec.num_layers)

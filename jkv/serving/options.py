@@ -101,10 +101,12 @@ class EngineOptions:
         return max(self.batch_tokens, self.speculative_tokens + 1)
 
     def windows(self, config) -> tuple | None:
-        """The per-layer windows of the cache plan, or None (a uniform cache)."""
-        if self.windowed is False or config.windows is None or all(w is None for w in config.windows):
+        """The per-layer windows of the cache plan, or None (a uniform cache). A window of ``max_len`` or more is
+        a full layer: no sequence outgrows it, and its ring would hold more than the full layer does."""
+        if self.windowed is False or config.windows is None:
             return None
-        return config.windows
+        windows = tuple(None if w is None or w >= self.max_len else w for w in config.windows)
+        return None if all(w is None for w in windows) else windows
 
     @property
     def model_options(self) -> llama.LlamaOptions:
