@@ -84,6 +84,13 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
     def encode(text: str, field: str) -> list[int]:
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", field)
+        try:  # JSON may carry a lone surrogate (``"\ud800"``), which is no character and has no UTF-8 bytes
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = text[e.start : e.end].encode("unicode_escape").decode()
+            raise ApiError(
+                400, f"{field}: the text holds {bad}, a lone surrogate, which is not Unicode", field
+            ) from None
         return tokenizer.encode(text)
 
     def check_prompt(ids: list[int], field: str) -> None:

@@ -1,0 +1,40 @@
+"""Request bodies as clients send them: nulls for unset fields, text that is not Unicode, fields the server does not
+implement, and token budgets at the edge of the context (each answered as the OpenAI API documents, never a 500)."""
+
+import json
+
+import httpx
+import pytest
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    """JSON with non-ASCII characters escaped (``\\ud800``, as a JavaScript client sends a lone surrogate)."""
+    content = json.dumps({"model": "tiny"} | body).encode()
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
+
+
+def assert_400(response: httpx.Response, field: str) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"]) == (field, "invalid_request_error"), error
+    return error["message"]
+
+
+HI = [{"role": "user", "content": "Hi"}]
+VALID = {"/v1/completions": {"prompt": "Hi"}, "/v1/chat/completions": {"messages": HI}}
+
+
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+        ("/v1/completions", {"prompt": ["\udfff"]}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
+    ],
+    ids=["prompt", "prompt-list", "chat"],
+)
+def test_a_lone_surrogate_in_the_text_is_a_400(running, path, body, field):
+    server = running()
+    message = assert_400(post(server, path, body | {"max_tokens": 2}), field)
+    assert "surrogate" in message
+    assert post(server, path, VALID[path] | {"max_tokens": 1}).status_code == 200
