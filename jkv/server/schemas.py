@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SEED_LIMIT = 2**32  # jkv.serving.SamplingParams.seed: jax.random.key keeps 32 bits
 MAX_STOP_STRINGS = 16
+# The values of unimplemented completion fields that ask for nothing (logprobs=0 asks for the chosen token's).
+NEUTRAL = {"echo": (False,), "logprobs": (None,), "best_of": (None, 1), "suffix": (None,)}
 
 
 class ApiError(Exception):
@@ -122,8 +124,8 @@ class CompletionRequest(_Generation):
     @field_validator("echo", "logprobs", "best_of", "suffix")
     @classmethod
     def _unsupported(cls, value, info):
-        if value not in (None, False, 1) or (info.field_name == "suffix" and value is not None):
-            raise ValueError(f"{info.field_name} is not supported")
+        if value not in NEUTRAL[info.field_name]:  # per field: with one shared tuple, echo=true passed as 1
+            raise ValueError(f"{info.field_name}={value!r} is not supported")
         return value
 
 

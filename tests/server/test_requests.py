@@ -38,3 +38,17 @@ def test_a_lone_surrogate_in_the_text_is_a_400(running, path, body, field):
     message = assert_400(post(server, path, body | {"max_tokens": 2}), field)
     assert "surrogate" in message
     assert post(server, path, VALID[path] | {"max_tokens": 1}).status_code == 200
+
+
+UNSUPPORTED = [("echo", True), ("echo", 1), ("logprobs", 1), ("logprobs", 0), ("best_of", 2), ("suffix", "end")]
+NEUTRAL = [("echo", False), ("logprobs", None), ("best_of", 1), ("suffix", None)]
+
+
+def test_completion_fields_jkv_does_not_implement_are_refused_unless_neutral(running):
+    server = running()
+    for field, value in UNSUPPORTED:  # echo=true or logprobs=1 must not come back without the echo or logprobs
+        message = assert_400(post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, field: value}), field)
+        assert "not supported" in message, (field, value)
+    for field, value in NEUTRAL:
+        response = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, field: value})
+        assert response.status_code == 200, (field, value, response.text)
