@@ -106,16 +106,16 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
         if bad:
             raise ApiError(400, f"token ids {bad[:5]} lie outside the vocabulary [0, {vocab})", field)
 
-    def sampling(body, prompt_len: int, budget: int | None, default: int) -> SamplingParams:
+    def sampling(body, prompt_len: int, budget: int | None, default: int, field: str) -> SamplingParams:
         room = max_len - prompt_len + 1  # the last generated token needs no cache position
         if budget is None:
             budget = min(default, room)
         elif budget > room:
             raise ApiError(
                 400,
-                f"max_tokens={budget} with a prompt of {prompt_len} tokens needs {prompt_len + budget - 1} "
+                f"{field}={budget} with a prompt of {prompt_len} tokens needs {prompt_len + budget - 1} "
                 f"positions; this server's context is {max_len} tokens (at most {room} new tokens here)",
-                "max_tokens",
+                field,
                 code="context_length_exceeded",
             )
         seed = body.seed if body.seed is not None else random.randrange(SEED_LIMIT)
@@ -157,7 +157,7 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
     async def completions(request: Request, body: CompletionRequest):
         prompt = body.prompt if isinstance(body.prompt, list) else encode(body.prompt, "prompt")
         check_prompt(prompt, "prompt")
-        params = sampling(body, len(prompt), body.max_tokens, options.default_max_tokens)
+        params = sampling(body, len(prompt), body.max_tokens, options.default_max_tokens, "max_tokens")
         return await answer(request, body, prompt, params, "text_completion")
 
     @app.post("/v1/chat/completions")
@@ -171,7 +171,7 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
             raise ApiError(400, str(e), "messages") from None
         prompt = encode(text, "messages")
         check_prompt(prompt, "messages")
-        params = sampling(body, len(prompt), body.token_budget, max_len)
+        params = sampling(body, len(prompt), body.token_budget, max_len, body.budget_field)
         return await answer(request, body, prompt, params, "chat.completion")
 
     @app.get("/v1/models")

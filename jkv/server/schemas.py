@@ -165,5 +165,10 @@ class ChatCompletionRequest(_Generation):
         return value
 
     @property
+    def budget_field(self) -> str:
+        """The field that set the budget (errors name it): ``max_completion_tokens`` when sent, else ``max_tokens``."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
     def token_budget(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return getattr(self, self.budget_field)

@@ -5,6 +5,7 @@ import json
 
 import httpx
 import pytest
+from helpers_server import MAX_LEN
 
 
 def post(server, path: str, body: dict) -> httpx.Response:
@@ -52,3 +53,9 @@ def test_completion_fields_jkv_does_not_implement_are_refused_unless_neutral(run
     for field, value in NEUTRAL:
         response = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, field: value})
         assert response.status_code == 200, (field, value, response.text)
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_chat_budget_past_the_context_names_the_field_sent(running, field):
+    message = assert_400(post(running(), "/v1/chat/completions", {"messages": HI, field: 10 * MAX_LEN}), field)
+    assert message.startswith(f"{field}={10 * MAX_LEN} ")
