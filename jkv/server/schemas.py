@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SEED_LIMIT = 2**32  # jkv.serving.SamplingParams.seed: jax.random.key keeps 32 bits
 MAX_STOP_STRINGS = 16
@@ -58,6 +58,16 @@ class _Generation(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """OpenAI's optional fields are nullable (clients send an unset argument as null): null takes the field's
+        default. A required field sent as null stays an error."""
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+        return {key: value for key, value in data.items() if value is not None or key not in optional}
 
     @field_validator("n")
     @classmethod

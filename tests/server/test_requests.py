@@ -4,6 +4,7 @@ implement, and token budgets at the edge of the context (each answered as the Op
 import json
 
 import httpx
+import openai
 import pytest
 from helpers_server import MAX_LEN
 
@@ -59,3 +60,24 @@ def test_completion_fields_jkv_does_not_implement_are_refused_unless_neutral(run
 def test_a_chat_budget_past_the_context_names_the_field_sent(running, field):
     message = assert_400(post(running(), "/v1/chat/completions", {"messages": HI, field: 10 * MAX_LEN}), field)
     assert message.startswith(f"{field}={10 * MAX_LEN} ")
+
+
+NULLS = dict(temperature=None, top_p=None, n=None, seed=None, stop=None, stream=None, stream_options=None)
+NULLS |= dict(presence_penalty=None, frequency_penalty=None, logit_bias=None, user=None)
+
+
+def test_null_fields_take_their_defaults(running):
+    """OpenAI's optional fields are nullable, and the ``openai`` client sends an argument passed as None as null
+    (``create(temperature=args.temperature)``): null is the field's default, as if it were left out."""
+    server = running()
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    text = api.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0).choices[0].text
+    nulls = NULLS | dict(logprobs=None, echo=None, best_of=None, suffix=None, extra_body={"top_k": None})
+    got = api.completions.create(model="tiny", prompt="Hi", max_tokens=2, **(nulls | {"temperature": 0}))
+    assert (got.choices[0].text, got.usage.completion_tokens) == (text, 2)
+    assert api.completions.create(model="tiny", prompt="Hi", **nulls | {"max_tokens": None}).usage.completion_tokens
+    nulls = NULLS | dict(max_tokens=None, max_completion_tokens=None, logprobs=None, top_logprobs=None, tools=None)
+    chat = api.chat.completions.create(model="tiny", messages=HI, **(nulls | {"max_completion_tokens": 2}))
+    assert chat.usage.completion_tokens == 2 and chat.choices[0].message.role == "assistant"
+    assert_400(post(server, "/v1/completions", {"prompt": None}), "prompt")  # required fields stay required
+    assert_400(post(server, "/v1/chat/completions", {"messages": None}), "messages")
