@@ -107,14 +107,14 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
             raise ApiError(400, f"token ids {bad[:5]} lie outside the vocabulary [0, {vocab})", field)
 
     def sampling(body, prompt_len: int, budget: int | None, default: int, field: str) -> SamplingParams:
-        room = max_len - prompt_len + 1  # the last generated token needs no cache position
+        room = max_len - prompt_len  # the engine ends a request when prompt + generated tokens reach max_len
         if budget is None:
             budget = min(default, room)
         elif budget > room:
             raise ApiError(
                 400,
-                f"{field}={budget} with a prompt of {prompt_len} tokens needs {prompt_len + budget - 1} "
-                f"positions; this server's context is {max_len} tokens (at most {room} new tokens here)",
+                f"{field}={budget} with a prompt of {prompt_len} tokens needs {prompt_len + budget} positions; "
+                f"this server's context is {max_len} tokens (at most {room} new tokens here)",
                 field,
                 code="context_length_exceeded",
             )

@@ -81,3 +81,16 @@ def test_null_fields_take_their_defaults(running):
     assert chat.usage.completion_tokens == 2 and chat.choices[0].message.role == "assistant"
     assert_400(post(server, "/v1/completions", {"prompt": None}), "prompt")  # required fields stay required
     assert_400(post(server, "/v1/chat/completions", {"messages": None}), "messages")
+
+
+def test_the_largest_budget_accepted_is_generated_in_full(running):
+    """The engine ends a request when prompt + generated tokens reach its max_len: a budget the server accepts
+    must fit that, or the client gets fewer tokens than it asked for and was promised."""
+    server = running()
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    prompt = [1, 2, 3]
+    room = MAX_LEN - len(prompt)
+    got = api.completions.create(model="tiny", prompt=prompt, max_tokens=room, temperature=0)
+    assert (got.usage.completion_tokens, got.choices[0].finish_reason) == (room, "length")
+    message = assert_400(post(server, "/v1/completions", {"prompt": prompt, "max_tokens": room + 1}), "max_tokens")
+    assert f"at most {room} new tokens" in message
