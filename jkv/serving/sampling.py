@@ -120,9 +120,10 @@ def _draw(logits, keys, temperature, top_k, top_p, truncate: bool) -> Int[Array,
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # (B, 1): smallest logit kept by top-k
     ordered = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
-    # Keep token i (in descending order) while the mass before it is below top_p: the first token always stays.
+    # Keep token i (in descending order) while the mass before it is below top_p: the first token always stays,
+    # also where top_p is 0 in float32 (a valid top_p of 1e-300).
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep = before < top_p[:, None]
+    keep = (before < top_p[:, None]) | (jnp.arange(vocab)[None, :] == 0)
     cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # smallest kept logit
     masked = jnp.where((scaled >= jnp.maximum(kth, cutoff)), scaled, -jnp.inf)
     return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked).astype(jnp.int32)

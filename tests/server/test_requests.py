@@ -94,3 +94,13 @@ def test_the_largest_budget_accepted_is_generated_in_full(running):
     assert (got.usage.completion_tokens, got.choices[0].finish_reason) == (room, "length")
     message = assert_400(post(server, "/v1/completions", {"prompt": prompt, "max_tokens": room + 1}), "max_tokens")
     assert f"at most {room} new tokens" in message
+
+
+def test_a_tiny_top_p_samples_the_most_likely_token(running):
+    """top_p=1e-300 is valid (in (0, 1]) and keeps only the most likely token; it is 0 as a float32 on the device,
+    where it kept none and drew token 0 (here an end token: an empty answer)."""
+    server = running()
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    greedy = api.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
+    nucleus = api.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=1, top_p=1e-300, seed=0)
+    assert (nucleus.choices[0].text, nucleus.usage.completion_tokens) == (greedy.choices[0].text, 2)

@@ -82,3 +82,11 @@ def test_temperature_sharpens():
     logits = np.log(np.array([0.6, 0.4]))
     cold = np.mean(_draw(logits, 8000, temperature=0.25) == 0)
     assert cold > 0.8  # 0.6^4 / (0.6^4 + 0.4^4) = 0.835
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-45])
+def test_a_top_p_that_is_zero_in_float32_still_keeps_the_most_likely_token(top_p):
+    """``SamplingParams`` takes any top_p in (0, 1]; on the device it is float32, where these are 0 (or flushed to
+    0): the most likely token stays, as it always does, instead of none (a draw over -inf everywhere)."""
+    logits = np.log(np.array([0.1, 0.2, 0.3, 0.4]))
+    assert set(_draw(logits, 64, top_p=top_p).tolist()) == {3}
