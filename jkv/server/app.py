@@ -122,7 +122,7 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
         stops = tokenizer.stop_ids if tokenizer is not None else ()
         return SamplingParams(
             temperature=body.temperature,
-            top_k=max(body.top_k, 0),
+            top_k=body.top_k if 0 < body.top_k < vocab else 0,  # all of the vocabulary is no cut (and fits int32)
             top_p=body.top_p,
             seed=seed,
             max_new_tokens=budget,

@@ -104,3 +104,16 @@ def test_a_tiny_top_p_samples_the_most_likely_token(running):
     greedy = api.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
     nucleus = api.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=1, top_p=1e-300, seed=0)
     assert (nucleus.choices[0].text, nucleus.usage.completion_tokens) == (greedy.choices[0].text, 2)
+
+
+def test_a_top_k_past_the_vocabulary_is_no_cut(running):
+    """top_k at or past the vocabulary keeps every token, as top_k=0 does; 2**31 overflowed the engine's int32 rows
+    and failed the engine thread, so every later request got 503."""
+    server = running()
+    body = {"prompt": "Hi", "max_tokens": 2, "temperature": 1, "seed": 5}
+    plain = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    for top_k in (2**31, 2**64):
+        response = post(server, "/v1/completions", body | {"top_k": top_k})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == plain
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
