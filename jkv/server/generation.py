@@ -40,6 +40,7 @@ class Run:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._arrived = time.perf_counter()
         self._last: float | None = None
+        self._check_at = self._arrived + DISCONNECT_POLL_S  # when a non-streaming request next asks for its client
         self.ticket = Ticket(prompt, params, self._queue.put_nowait, asyncio.get_running_loop())
 
     def submit(self) -> None:
@@ -67,11 +68,16 @@ class Run:
         if disconnected is None:
             return await self._queue.get()
         while True:
-            try:
-                return await asyncio.wait_for(self._queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+            wait = self._check_at - time.perf_counter()
+            if wait <= 0:  # on a clock, not in pauses between tokens: a busy engine may never pause that long
                 if await disconnected():
-                    raise ClientGone(self.id) from None
+                    raise ClientGone(self.id)
+                self._check_at = time.perf_counter() + DISCONNECT_POLL_S
+                continue
+            try:
+                return await asyncio.wait_for(self._queue.get(), wait)
+            except asyncio.TimeoutError:
+                pass
 
     def _event(self, kind: str, payload) -> str:
         if kind == "token":

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -162,6 +163,25 @@ def test_a_client_leaving_frees_its_slot_and_pages(engine, tokenizer, running, m
     values = metric_values(server.url)
     assert values[("jkv_request_finish_total", (("reason", "cancelled"),))] == 1
     assert values[("jkv_generation_tokens_total", ())] < 50
+
+
+@pytest.mark.skipif(not hasattr(Engine, "cancel"), reason="needs Engine.cancel(request_id) from the engine branch")
+def test_a_non_streaming_client_leaving_while_tokens_flow_frees_its_slot(engine, running, monkeypatch):
+    """Tokens come every step, never a pause of the disconnect poll's length: the request must still notice its
+    client left (within a poll or two), not run on to max_tokens in a slot nobody reads."""
+    cancelled = []
+    original_cancel, original_step = engine.cancel, engine.step
+    monkeypatch.setattr(engine, "cancel", lambda rid: (cancelled.append(rid), original_cancel(rid))[1])
+    monkeypatch.setattr(engine, "step", lambda: (original_step(), time.sleep(0.05))[0])  # 60 tokens: 3 s or more
+    server = running()
+    body = {"prompt": [5, 6, 7], "max_tokens": 60, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    assert server.wait_idle(timeout=30) == IDLE and len(cancelled) == 1
+    values = metric_values(server.url)
+    assert values[("jkv_requests_total", (("endpoint", "completions"), ("status", "499")))] == 1
+    assert values[("jkv_request_finish_total", (("reason", "cancelled"),))] == 1
+    assert values[("jkv_generation_tokens_total", ())] < 40
 
 
 def test_sigterm_drains_running_streams(engine, tokenizer, running):
