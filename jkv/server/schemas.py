@@ -144,18 +144,21 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content):
+        for i, part in enumerate(content if isinstance(content, list) else ()):
+            if part.get("type") != "text":
+                raise ValueError(f"part {i} is of type {part.get('type')!r}: only text parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i}, of type 'text', needs a string 'text'")
+        return content
+
     def text(self) -> str:
         """The message's text: a string, or the text parts of a list of content parts."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(
-                    400, f"content part of type {part.get('type')!r}: only text parts are supported", "messages"
-                )
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part["text"] for part in self.content)
 
 
 class ChatCompletionRequest(_Generation):

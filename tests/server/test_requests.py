@@ -117,3 +117,17 @@ def test_a_top_k_past_the_vocabulary_is_no_cut(running):
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"] == plain
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+PARTS = [
+    ([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}], "only text parts"),
+    ([{"type": "text", "text": "a"}, {"type": "text"}], "string 'text'"),
+    ([{"type": "text", "text": 5}], "string 'text'"),
+]
+
+
+@pytest.mark.parametrize("content,says", PARTS, ids=["image", "no-text", "text-not-a-string"])
+def test_a_content_part_that_is_not_text_is_a_400_naming_the_message(running, content, says):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+    message = assert_400(post(running(), "/v1/chat/completions", {"messages": messages}), "messages[1].content")
+    assert says in message
