@@ -14,6 +14,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jkv.server.generation import ClientGone, Run
 from jkv.server.metrics import ServerMetrics
@@ -72,6 +73,12 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError):
         return fail(request, error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException):  # unknown routes and methods
+        response = fail(request, ApiError(error.status_code, f"{error.detail}: {request.method} {request.url.path}"))
+        response.headers.update(error.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):

@@ -131,3 +131,17 @@ def test_a_content_part_that_is_not_text_is_a_400_naming_the_message(running, co
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
     message = assert_400(post(running(), "/v1/chat/completions", {"messages": messages}), "messages[1].content")
     assert says in message
+
+
+def test_unknown_routes_and_methods_answer_openai_error_bodies(running):
+    server = running()
+    for method, path, status in [("POST", "/v1/embeddings", 404), ("GET", "/v1/completions", 405)]:
+        response = httpx.request(method, server.url + path, timeout=10)
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and path in error["message"], error
+    with pytest.raises(openai.NotFoundError) as info:
+        openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0).embeddings.create(
+            model="tiny", input="Hi"
+        )
+    assert info.value.body["type"] == "invalid_request_error"
