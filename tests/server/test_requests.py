@@ -1,5 +1,7 @@
-"""Request bodies as clients send them: nulls for unset fields, text that is not Unicode, fields the server does not
-implement, and token budgets at the edge of the context (each answered as the OpenAI API documents, never a 500)."""
+"""Requests as clients send them: nulls for unset fields, text that is not Unicode, fields the server does not
+implement, content parts that are not text, token budgets at the edge of the context, sampling values at the edge of
+what the engine holds (top_p 1e-300, top_k 2**31), unknown routes: each answered as the OpenAI API documents, never
+a 500 or a failed engine."""
 
 import json
 
