@@ -56,3 +56,26 @@ def test_stop_strings_cut_across_pieces(tok, stop):
     assert "".join(pieces) == want == stream.text and stream.stopped == (stop in TEXT)
     if stream.stopped:
         assert stream.push(int(rng.integers(0, 256))) == "" and stream.finish() == ""  # nothing after a stop
+
+
+@pytest.mark.parametrize("kind", ["text_completion", "chat.completion"])
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("model", ["jkv", 'odd "model"\n\x00piece\x00'])
+def test_streamed_piece_events_are_the_chunks_they_stand_for(tok, kind, include_usage, model):
+    """``Run.piece_event`` renders a chunk once and splices each piece in: the same bytes as rendering each chunk
+    whole, for pieces JSON must escape (quotes, backslashes, control characters, non-ASCII, lone surrogates' text),
+    and for a model name that holds its marker (the slow path)."""
+    import asyncio
+
+    from jkv.server.generation import Run
+    from jkv.server.metrics import ServerMetrics
+
+    pieces = ["", "plain", 'a "quote" \\ back', "new\nline\ttab\x00nul\x1f", "Grüße 世界 🍎", "\x00piece\x00", "\u2028"]
+
+    async def render():
+        run = Run(None, ServerMetrics(), tok, [1, 2], None, (), kind, model)
+        event = run.piece_event(include_usage)
+        return [(event(p), run.chunk([run._choice(p, None)], None, include_usage)) for p in pieces]
+
+    for fast, whole in asyncio.run(render()):
+        assert fast == whole
