@@ -31,6 +31,17 @@ LAYER_NAMES = {
 }
 LAYER_NAMES["gemma3_text"] = LAYER_NAMES["gemma2"] | LAYER_NAMES["qwen3"]
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# What a key absent from config.json means where HF's config class default is not Llama's. transformers 4 wrote no
+# key equal to its base class's default, so Gemma's hub checkpoints have no tie_word_embeddings (true).
+DEFAULTS = {
+    "mistral": {"sliding_window": 4096},
+    "qwen3": {"head_dim": 128},
+    "gemma2": {"tie_word_embeddings": True, "head_dim": 256, "sliding_window": 4096, "query_pre_attn_scalar": 256},
+    "gemma3_text": {"tie_word_embeddings": True, "head_dim": 256, "sliding_window": 4096, "query_pre_attn_scalar": 256},
+    "phi3": {"rms_norm_eps": 1e-5},
+}
+DEFAULTS["gemma2"] |= {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+DEFAULTS["gemma3_text"] |= {"rope_theta": 1e6, "rope_local_base_freq": 1e4}
 
 
 def activation(hf: dict, model_type: str, source: str) -> str:

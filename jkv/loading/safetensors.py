@@ -60,6 +60,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig, 
         )
     if hf.get("mlp_bias"):
         raise ModelLoadError(f"unsupported mlp_bias=True in {source}")
+    hf = families.DEFAULTS.get(model_type, {}) | hf
     try:
         return _config_from_hf(hf, model_type, source)
     except KeyError as e:

@@ -1,0 +1,95 @@
+"""``config.json`` as checkpoints on the hub spell it, against HF transformers reading the same directory: a small
+random model of each family saved by transformers, its ``config.json`` edited to an older or sparser spelling,
+then loaded by both. jkv's logits over a prompt and HF's greedy continuation (one forward, float32, CPU) match
+HF's, and so does every greedy token; what jkv cannot run is refused with the field, its value and what is
+supported."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from helpers_compile import FAST_COMPILE
+from helpers_families import hf_model, one_torch_thread
+
+import jkv
+from jkv.loading import load_safetensors
+from jkv.models import llama
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+PROMPT, STEPS = 12, 8  # longer than the families' window (8) once generation runs
+
+
+@functools.partial(jax.jit, static_argnames="config", compiler_options=FAST_COMPILE)
+def jkv_logits(params, tokens, *, config):
+    spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, tokens.shape[1])
+    cache = jkv.make_cache("f32", spec, 1)
+    return llama.forward(params, cache, tokens, config=config, options=llama.LlamaOptions(impl="xla"))[0]
+
+
+def saved(tmp_path, family: str, edit=None, **overrides):
+    """A random ``family`` model saved in ``tmp_path``, its ``config.json`` passed through ``edit`` (a dict in
+    place)."""
+    hf_model(family, **overrides).save_pretrained(tmp_path)
+    if edit is not None:
+        config = json.loads((tmp_path / "config.json").read_text())
+        edit(config)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def assert_matches_hf(directory):
+    """HF's model from ``directory``: its greedy continuation of a random prompt, and its logits over prompt and
+    continuation; jkv's model from ``directory``: the same logits (one forward) and argmax."""
+    with one_torch_thread():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        seq = np.random.default_rng(0).integers(3, hf.config.vocab_size, PROMPT).tolist()
+        with torch.no_grad():
+            for _ in range(STEPS):
+                seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+            want = hf(torch.tensor([seq])).logits[0].numpy()
+    loaded = load_safetensors(directory, "f32", progress=False)
+    got = np.asarray(jkv_logits(loaded.params, jnp.asarray([seq], jnp.int32), config=loaded.config)[0])
+    assert rel_err(got, want) < 1e-5
+    np.testing.assert_array_equal(got[PROMPT - 1 : -1].argmax(-1), seq[PROMPT:])
+    return loaded.config
+
+
+def drop(*keys):
+    return lambda config: [config.pop(key, None) for key in keys]
+
+
+# transformers 4 left out of config.json what equals its base class's default, and tie_word_embeddings=True was
+# one: Gemma 2 and Gemma 3 (1B) checkpoints on the hub have no tie_word_embeddings, and HF ties them.
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_without_tie_word_embeddings_ties(family, tmp_path):
+    directory = saved(tmp_path, family, drop("tie_word_embeddings"), tie_word_embeddings=True)
+    assert assert_matches_hf(directory).tie_embeddings
+
+
+# family -> the keys dropped from its config.json: HF then takes its config class's defaults
+ABSENT = {
+    "gemma2": ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "head_dim"),
+    "gemma3": ("query_pre_attn_scalar", "rope_parameters", "sliding_window"),
+    "qwen3": ("head_dim",),
+    "mistral": ("sliding_window",),
+    "phi3": ("rms_norm_eps",),
+}
+
+
+@pytest.mark.parametrize("family", list(ABSENT))
+def test_absent_keys_take_hf_defaults(family, tmp_path):
+    """A key missing from ``config.json`` means the HF config class's default, which for these families is not
+    Llama's (Gemma's head_dim, query scale, soft caps and rope bases, Qwen3's head_dim, Mistral's window)."""
+    overrides = {"rms_norm_eps": 2e-5} if family == "phi3" else {}
+    if family in ("gemma2", "gemma3", "qwen3"):  # the class default head_dim, 256 or 128, with 4 heads
+        overrides |= {"head_dim": 256 if family.startswith("gemma") else 128, "num_key_value_heads": 1}
+    directory = saved(tmp_path, family, drop(*ABSENT[family]), **overrides)
+    config = assert_matches_hf(directory)
+    if family == "mistral":  # HF's default window, 4096, is beyond the prompt: its value is checked here
+        assert config.windows == (4096,) * config.num_layers
