@@ -31,6 +31,8 @@ LAYER_NAMES = {
 }
 LAYER_NAMES["gemma3_text"] = LAYER_NAMES["gemma2"] | LAYER_NAMES["qwen3"]
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# Where attention_bias=True biases o_proj as well as q/k/v (Qwen2 biases q/k/v always, Mistral and Phi-3 never).
+BIASED_O_PROJ = ("llama", "qwen3", "gemma2", "gemma3_text")
 # What a key absent from config.json means where HF's config class default is not Llama's. transformers 4 wrote no
 # key equal to its base class's default, so Gemma's hub checkpoints have no tie_word_embeddings (true).
 DEFAULTS = {

@@ -60,6 +60,11 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig, 
         )
     if hf.get("mlp_bias"):
         raise ModelLoadError(f"unsupported mlp_bias=True in {source}")
+    if hf.get("attention_bias") and model_type in families.BIASED_O_PROJ:
+        raise ModelLoadError(
+            f"unsupported attention_bias=True in {source} for model_type={model_type!r} (it biases o_proj, which "
+            "jkv does not run): expected false"
+        )
     hf = families.DEFAULTS.get(model_type, {}) | hf
     try:
         return _config_from_hf(hf, model_type, source)
@@ -113,7 +118,7 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
         **values,
         rope_llama3=llama3,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2",  # Mistral and Phi-3 ignore attention_bias; the others are refused
         architecture=model_type,
         **families.family_fields(
             hf, model_type, values["num_layers"], values["head_dim"], values["hidden_size"], local_theta, source

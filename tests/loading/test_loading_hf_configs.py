@@ -16,7 +16,8 @@ from helpers_compile import FAST_COMPILE
 from helpers_families import hf_model, one_torch_thread
 
 import jkv
-from jkv.loading import load_safetensors
+from jkv.loading import ModelLoadError, load_safetensors
+from jkv.loading.safetensors import config_from_hf
 from jkv.models import llama
 
 torch = pytest.importorskip("torch")
@@ -93,3 +94,18 @@ def test_absent_keys_take_hf_defaults(family, tmp_path):
     config = assert_matches_hf(directory)
     if family == "mistral":  # HF's default window, 4096, is beyond the prompt: its value is checked here
         assert config.windows == (4096,) * config.num_layers
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_attention_bias_that_hf_ignores(family, tmp_path):
+    """Mistral's and Phi-3's attention has no biases whatever ``attention_bias`` says."""
+    assert not assert_matches_hf(saved(tmp_path, family, lambda c: c.update(attention_bias=True))).qkv_bias
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "gemma3_text"])
+def test_attention_bias_on_o_proj_is_refused(model_type):
+    """These families' ``attention_bias`` biases o_proj too, which the decoder has no place for."""
+    hf = dict(model_type=model_type, vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2)
+    hf |= dict(num_attention_heads=4, attention_bias=True)
+    with pytest.raises(ModelLoadError, match=rf"attention_bias=True .*model_type='{model_type}'.*expected false"):
+        config_from_hf(hf)
