@@ -64,7 +64,8 @@ def split_rope(rope: dict, model_type: str, source: str) -> tuple[dict, float | 
     if not isinstance(local, dict) or not isinstance(full, dict):
         raise ModelLoadError(f"{source}: rope_parameters per layer type must be objects, got {rope!r}")
     if local.get("rope_type", "default") != "default":
-        raise ModelLoadError(f"unsupported rope type {local['rope_type']!r} for sliding layers in {source}")
+        field = "rope_parameters.sliding_attention.rope_type"
+        raise ModelLoadError(f"unsupported {field}={local['rope_type']!r} in {source}: expected default")
     theta = local.get("rope_theta")
     return full, None if theta is None else validate.real(theta, "rope_theta", source, 1.0, 1e12)
 
@@ -85,7 +86,7 @@ def family_fields(
 ) -> dict:
     """``LlamaConfig`` family options from the config dict ``hf``."""
     if hf.get("use_sliding_window"):  # Qwen's windows on only some layers: not mapped
-        raise ModelLoadError(f"unsupported sliding-window attention in {source} (use_sliding_window=True)")
+        raise ModelLoadError(f"unsupported use_sliding_window=True in {source}: expected false")
     fields = {"activation": activation(hf, model_type, source), "qk_norm": model_type in ("qwen3", "gemma3_text")}
     window = hf.get("sliding_window")
     if window is not None and model_type in ("mistral", "phi3", *GEMMA):

@@ -59,7 +59,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LlamaConfig, 
             f"unsupported architecture model_type={model_type!r} in {source}: jkv supports {ARCHITECTURES}"
         )
     if hf.get("mlp_bias"):
-        raise ModelLoadError(f"unsupported mlp_bias=True in {source}")
+        raise ModelLoadError(f"unsupported mlp_bias=True in {source}: expected false")
     if hf.get("attention_bias") and model_type in families.BIASED_O_PROJ:
         raise ModelLoadError(
             f"unsupported attention_bias=True in {source} for model_type={model_type!r} (it biases o_proj, which "
@@ -79,9 +79,10 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
         raise ModelLoadError(f"{source}: rope_parameters and rope_scaling must be objects")
     if model_type == "gemma3_text" and "rope_local_base_freq" in hf:
         rope = {**rope, "rope_local_base_freq": hf["rope_local_base_freq"]}
+    base = "rope_parameters.full_attention" if "full_attention" in rope else "rope_parameters"
     rope, local_theta = families.split_rope(rope, model_type, source)
+    rope_type, rope_field = _rope_type(rope, scaling, base)
     rope = {**rope, **scaling}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
     raw = {
         "vocab_size": (hf["vocab_size"], "vocab_size"),
         "hidden_size": (hf["hidden_size"], "hidden_size"),
@@ -101,7 +102,9 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
     elif rope_type == "linear":
         raw["rope_linear_factor"] = (rope["factor"], "rope_scaling.factor")
     elif rope_type != "default":
-        raise ModelLoadError(f"unsupported rope type {rope_type!r} in {source}: expected default, linear or llama3")
+        raise ModelLoadError(
+            f"unsupported {rope_field}={rope_type!r} in {source}: expected one of default, linear, llama3"
+        )
     values = validate.config_values(raw, source)
     names = {key: name for key, (_, name) in raw.items()}
     if hf.get("head_dim"):
@@ -125,6 +128,15 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
         ),
     )
     return config, names
+
+
+def _rope_type(rope: dict, scaling: dict, base: str) -> tuple[str, str]:
+    """The rope type, ``rope_scaling``'s over ``rope_parameters``' (``base``), and the field that gives it."""
+    for key in ("rope_type", "type"):
+        for field, source in (("rope_scaling", scaling), (base, rope)):
+            if key in source:
+                return source[key], f"{field}.{key}"
+    return "default", f"{base}.rope_type"
 
 
 def load_safetensors(

@@ -109,3 +109,56 @@ def test_attention_bias_on_o_proj_is_refused(model_type):
     hf |= dict(num_attention_heads=4, attention_bias=True)
     with pytest.raises(ModelLoadError, match=rf"attention_bias=True .*model_type='{model_type}'.*expected false"):
         config_from_hf(hf)
+
+
+LONGROPE = {"long_factor": [1.0] * 8, "short_factor": [1.0] * 8, "original_max_position_embeddings": 64}
+# config.json edit -> what the error must say: the field as the file spells it, its value, what is supported
+REFUSED = {
+    "phi3-longrope": (
+        dict(model_type="phi3", rope_scaling={"type": "longrope", **LONGROPE}),
+        r"rope_scaling.type='longrope' .*expected one of default, linear, llama3",
+    ),
+    "phi3-su": (
+        dict(model_type="phi3", rope_scaling={"type": "su", **LONGROPE}),
+        r"rope_scaling.type='su' .*expected one of default, linear, llama3",
+    ),
+    "phi3-longrope-t5": (
+        dict(model_type="phi3", rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, **LONGROPE}),
+        r"rope_parameters.rope_type='longrope' .*expected one of default, linear, llama3",
+    ),
+    "llama-yarn": (
+        dict(model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        r"rope_scaling.rope_type='yarn' .*expected one of default, linear, llama3",
+    ),
+    "gemma3-local-linear": (
+        dict(
+            model_type="gemma3_text",
+            rope_parameters={
+                "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            },
+        ),
+        r"rope_parameters.sliding_attention.rope_type='linear' .*expected default",
+    ),
+    "gemma3-global-dynamic": (
+        dict(model_type="gemma3_text", rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0}}),
+        r"rope_parameters.full_attention.rope_type='dynamic' .*expected one of default, linear, llama3",
+    ),
+    "qwen2-sliding": (
+        dict(model_type="qwen2", use_sliding_window=True, sliding_window=8),
+        r"use_sliding_window=True .*expected false",
+    ),
+    "llama-mlp-bias": (dict(model_type="llama", mlp_bias=True), r"mlp_bias=True .*expected false"),
+    "phi3-partial-rotary": (
+        dict(model_type="phi3", partial_rotary_factor=0.5),
+        r"partial_rotary_factor=0.5 .*expected 1.0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refusals_name_field_value_and_what_is_supported(case):
+    fields, message = REFUSED[case]
+    hf = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
+    with pytest.raises(ModelLoadError, match=message):
+        config_from_hf(hf | dict(head_dim=16, sliding_window=8) | fields)

@@ -130,9 +130,9 @@ ERRORS = {
     "unsupported-activation": (edit_config(hidden_act="gelu"), "unsupported hidden_act='gelu'"),
     "unsupported-rope": (
         edit_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
-        "unsupported rope type 'yarn'",
+        "unsupported rope_parameters.rope_type='yarn'",
     ),
-    "sliding-window": (edit_config(use_sliding_window=True), "unsupported sliding-window attention"),
+    "sliding-window": (edit_config(use_sliding_window=True), "unsupported use_sliding_window=True"),
     "mlp-bias": (edit_config(mlp_bias=True), "unsupported mlp_bias=True"),
     "missing-field": (edit_config(hidden_size=None), "lacks the field 'hidden_size'"),
     "no-weights": (lambda d: (d / "model.safetensors").unlink(), "has no \\*.safetensors files"),
