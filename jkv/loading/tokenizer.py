@@ -259,9 +259,14 @@ def from_hf_directory(directory) -> Tokenizer:
         backend = Backend.from_file(str(directory / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise TokenizerError(f"cannot read {str(directory / 'tokenizer.json')!r}: {e}") from None
-    config = {}
-    if (directory / "tokenizer_config.json").is_file():
-        config = json.loads((directory / "tokenizer_config.json").read_text())
+    config, config_path = {}, directory / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{str(config_path)!r} is not a JSON object: {e}") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{str(config_path)!r} is not a JSON object: it holds a {type(config).__name__}")
     template = config.get("chat_template")
     if (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text()

@@ -102,3 +102,31 @@ def test_malformed_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     with pytest.raises(TokenizerError, match=r"cannot read '.*tokenizer\.json'"):
         tok_lib.from_hf_directory(tmp_path)
+
+
+def word_directory(directory, post_bos: bool, config: dict):
+    """An HF directory's tokenizer: words ``w3``... after ``<pad> <bos> <eos>``, its ``tokenizer.json``
+    post-processor prepending ``<bos>`` when ``post_bos`` (as Llama 3's does), and ``config`` as
+    ``tokenizer_config.json``."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "<bos>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials)} | {f"w{i}": i for i in range(3, 40)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    if post_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("text", ["{oops", "[1, 2]"], ids=["not-json", "not-an-object"])
+def test_malformed_tokenizer_config_json(tmp_path, text):
+    word_directory(tmp_path, False, {})
+    (tmp_path / "tokenizer_config.json").write_text(text)
+    with pytest.raises(TokenizerError, match=r"'.*tokenizer_config\.json' .*JSON object"):
+        tok_lib.from_hf_directory(tmp_path)
