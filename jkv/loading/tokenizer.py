@@ -271,10 +271,14 @@ def from_hf_directory(directory) -> Tokenizer:
     if (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text()
     bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    bos_id = backend.token_to_id(bos) if bos else None
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:  # Llama 3 says nothing: its tokenizer.json's post-processor prepends BOS, as HF runs it
+        add_bos = bos_id is not None and backend.encode("", add_special_tokens=True).ids[:1] == [bos_id]
     return Tokenizer(
         backend,
-        bos_id=backend.token_to_id(bos) if bos else None,
+        bos_id=bos_id,
         eos_id=backend.token_to_id(eos) if eos else None,
-        add_bos=bool(config.get("add_bos_token", False)),
+        add_bos=bool(add_bos),
         chat_template=template if isinstance(template, str) else None,
     )

@@ -124,6 +124,23 @@ def word_directory(directory, post_bos: bool, config: dict):
     return directory
 
 
+SPECIALS = {"bos_token": "<bos>", "eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+@pytest.mark.parametrize(
+    "post_bos,config",
+    [(True, SPECIALS), (False, SPECIALS), (True, SPECIALS | {"add_bos_token": True})],
+    ids=["post-processor-bos(llama3)", "no-bos", "add_bos_token"],
+)
+def test_hf_directory_bos_as_transformers_adds_it(tmp_path, post_bos, config):
+    """Without ``add_bos_token`` in tokenizer_config.json (Llama 3), BOS is what tokenizer.json's post-processor
+    adds, as transformers' tokenizer does."""
+    transformers = pytest.importorskip("transformers")
+    directory = word_directory(tmp_path, post_bos, config)
+    want = transformers.AutoTokenizer.from_pretrained(directory)("w5 w6")["input_ids"]
+    assert tok_lib.from_hf_directory(directory).encode("w5 w6") == want
+
+
 @pytest.mark.parametrize("text", ["{oops", "[1, 2]"], ids=["not-json", "not-an-object"])
 def test_malformed_tokenizer_config_json(tmp_path, text):
     word_directory(tmp_path, False, {})
