@@ -139,6 +139,30 @@ def _rope_type(rope: dict, scaling: dict, base: str) -> tuple[str, str]:
     return "default", f"{base}.rope_type"
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The files HF reads: ``model.safetensors``, else those ``model.safetensors.index.json`` names (each must be
+    there), else every ``*.safetensors`` in ``directory``."""
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{str(directory)!r} has no *.safetensors files")
+        return files
+    try:
+        weight_map = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{str(index)!r} is not valid JSON: {e}") from None
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(f"{str(index)!r} is invalid: expected an object whose weight_map maps tensors to files")
+    for name in sorted(set(weight_map.values())):
+        if Path(name).name != name or not (directory / name).is_file():
+            raise ModelLoadError(f"{str(index)!r} names {name!r}, which is not in {str(directory)!r}")
+    return [directory / name for name in sorted(set(weight_map.values()))]
+
+
 def load_safetensors(
     path, dtype=None, *, progress: bool = True, layout: str = "auto", quantize: str | None = None
 ) -> LoadedModel:
@@ -162,9 +186,7 @@ def load_safetensors(
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{str(config_path)!r} is not valid JSON: {e}") from None
     config, names = config_from_hf(hf, str(config_path))
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{str(directory)!r} has no *.safetensors files")
+    files = weight_files(directory)
     dtype = resolve_dtype(dtype)
     source = f"the safetensors files in {str(directory)!r}"
 

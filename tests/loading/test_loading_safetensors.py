@@ -168,3 +168,25 @@ def test_load_errors_name_the_problem(case, tmp_path):
 def test_direct_loader_on_missing_directory(tmp_path):
     with pytest.raises(ModelLoadError, match=r"safetensors model directory not found: '.*/nowhere'"):
         load_safetensors(tmp_path / "nowhere")
+
+
+def test_shards_are_the_index_files(tmp_path):
+    """HF's choice of files: ``model.safetensors`` when there is one (shards beside it are stale), else the files
+    ``model.safetensors.index.json`` names, each of which must be there."""
+    model = random_hf_model("qwen2-bias-mha-untied")
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    ref = load_safetensors(tmp_path, "f32", progress=False, layout="layers")
+    assert ref.info["files"] == len(shards) > 2
+    model.save_pretrained(tmp_path / "single")
+    (tmp_path / "single" / "model.safetensors").rename(tmp_path / "model.safetensors")
+    single = load_safetensors(tmp_path, "f32", progress=False, layout="layers")
+    assert single.info["files"] == 1
+    assert jax.tree.all(jax.tree.map(np.array_equal, single.params, ref.params))
+    (tmp_path / "model.safetensors").unlink()
+    shards[-1].unlink()
+    with pytest.raises(ModelLoadError, match=rf"index\.json' names {shards[-1].name!r}, which is not in"):
+        load_safetensors(tmp_path, "f32", progress=False)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    with pytest.raises(ModelLoadError, match=r"index\.json' .*expected .*weight_map"):
+        load_safetensors(tmp_path, "f32", progress=False)
