@@ -128,26 +128,37 @@ class _Rows:
         return self.handle.get_tensor(self.key)[self.start : self.stop]
 
 
-def split_fused(model_type: str, where: dict, shapes: dict, sizes: dict) -> None:
-    """Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` as the separate Llama-named tensors, in place.
+# Phi-3's fused tensors -> their parts: (canonical name, HF name), in row order.
+FUSED = {
+    "self_attn.qkv_proj.weight": (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj")),
+    "mlp.gate_up_proj.weight": (("gate", "mlp.gate_proj"), ("up", "mlp.up_proj")),
+}
 
-    ``sizes``: ``{"q": N*D, "k": K*D, "v": K*D, "f": intermediate_size}``."""
+
+def split_fused(model_type: str, where: dict, shapes: dict, expected: dict, source: str) -> None:
+    """Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` as the separate Llama-named tensors, in place, each fused
+    tensor checked first against the shape its parts imply.
+
+    ``expected``: ``jkv.loading.validate.expected_shapes`` of the config (each dim with the field it comes from)."""
     if model_type != "phi3":
         return
-    qkv = [("self_attn.q_proj", sizes["q"]), ("self_attn.k_proj", sizes["k"]), ("self_attn.v_proj", sizes["v"])]
-    parts = {"self_attn.qkv_proj.weight": qkv}
-    parts["mlp.gate_up_proj.weight"] = [("mlp.gate_proj", sizes["f"]), ("mlp.up_proj", sizes["f"])]
     for key in list(shapes):
-        match = re.fullmatch(r"(model\.layers\.\d+)\.(.+)", key)
-        if match is None or match.group(2) not in parts:
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+        if match is None or match.group(2) not in FUSED:
             continue
-        prefix, fused = match.groups()
-        total = sum(n for _, n in parts[fused])
-        if shapes[key][0] != total:
-            raise ModelLoadError(f"tensor {key!r} has {shapes[key][0]} rows, expected {total}")
+        layer, fused = match.groups()
+        parts = [(expected[f"0.{canonical}"], name) for canonical, name in FUSED[fused]]  # alike in every layer
+        (_, (h, h_origin)), _ = parts[0]
+        want = (sum(shape[0][0] for shape, _ in parts), h)
+        if tuple(shapes[key]) != want:
+            rows = " + ".join(shape[0][1] for shape, _ in parts)
+            raise ModelLoadError(
+                f"tensor {key!r} in {source} has shape {tuple(shapes[key])}, expected {want} "
+                f"({want[0]} from {rows}, {h} from {h_origin})"
+            )
         start = 0
-        for name, n in parts[fused]:
-            where[f"{prefix}.{name}.weight"] = _Rows(where[key], key, start, start + n)
-            shapes[f"{prefix}.{name}.weight"] = (n, *shapes[key][1:])
+        for ((n, _), _), name in parts:
+            where[f"model.layers.{layer}.{name}.weight"] = _Rows(where[key], key, start, start + n)
+            shapes[f"model.layers.{layer}.{name}.weight"] = (n, h)
             start += n
         del where[key], shapes[key]

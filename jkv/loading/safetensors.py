@@ -208,9 +208,7 @@ def load_safetensors(
         raise ModelLoadError(f"cannot read safetensors file in {str(directory)!r}: {e}") from None
     if config.tie_embeddings is False and "lm_head.weight" not in where:
         raise ModelLoadError(f"tie_word_embeddings is false but lm_head.weight is missing in {str(directory)!r}")
-    kd = config.num_kv_heads * config.head_dim
-    sizes = {"q": config.num_heads * config.head_dim, "k": kd, "v": kd, "f": config.intermediate_size}
-    families.split_fused(config.architecture, where, shapes, sizes)
+    families.split_fused(config.architecture, where, shapes, validate.expected_shapes(config, names), source)
     file_name = lambda name: hf_name(name, config.architecture)
     validate.check_tensors(config, shapes, file_name, names, source, r"model\.layers\.(\d+)\.")
 

@@ -162,3 +162,31 @@ def test_refusals_name_field_value_and_what_is_supported(case):
     hf = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
     with pytest.raises(ModelLoadError, match=message):
         config_from_hf(hf | dict(head_dim=16, sliding_window=8) | fields)
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("self_attn.qkv_proj.weight", (300, 192)),
+        ("mlp.gate_up_proj.weight", (160, 100)),
+        ("mlp.gate_up_proj.weight", (160,)),
+    ],
+    ids=["qkv-rows", "gate-up-columns", "gate-up-1d"],
+)
+def test_phi3_fused_tensor_of_the_wrong_shape(tmp_path, name, shape):
+    """Phi-3's fused tensors are checked as the file holds them: the error names the file's tensor, the shape
+    found and the shape expected, with the fields that give it."""
+    from safetensors.numpy import load_file, save_file
+
+    saved(tmp_path, "phi3")
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors[f"model.layers.1.{name}"] = np.zeros(shape, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    kv = " \\+ num_key_value_heads=1 × head dim 96"
+    rows = f"384 from num_attention_heads=2 × head dim 96{kv}{kv}"
+    rows = rows if "qkv" in name else "160 from intermediate_size=80 \\+ intermediate_size=80"
+    want = rf"tensor 'model.layers.1.{name}' in .* has shape \({', '.join(map(str, shape))},?\), expected "
+    with pytest.raises(
+        ModelLoadError, match=want + rf"\({rows.split()[0]}, 192\) \({rows}, 192 from hidden_size=192\)"
+    ):
+        load_safetensors(tmp_path, "f32", progress=False)
