@@ -139,6 +139,16 @@ def _rope_type(rope: dict, scaling: dict, base: str) -> tuple[str, str]:
     return "default", f"{base}.rope_type"
 
 
+class _Renamed:
+    """A tensor of a safetensors file read under another name (``get_tensor`` as a safetensors handle's)."""
+
+    def __init__(self, handle, key: str):
+        self.handle, self.key = handle, key
+
+    def get_tensor(self, _name: str) -> np.ndarray:
+        return self.handle.get_tensor(self.key)
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The files HF reads: ``model.safetensors``, else those ``model.safetensors.index.json`` names (each must be
     there), else every ``*.safetensors`` in ``directory``."""
@@ -206,6 +216,9 @@ def load_safetensors(
                 where[name], shapes[name] = handle, tuple(piece.get_shape())
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"cannot read safetensors file in {str(directory)!r}: {e}") from None
+    if "model.embed_tokens.weight" not in shapes and "embed_tokens.weight" in shapes:  # a base model's, as HF reads
+        for key in [key for key in shapes if key != "lm_head.weight"]:
+            where[f"model.{key}"], shapes[f"model.{key}"] = _Renamed(where.pop(key), key), shapes.pop(key)
     if config.tie_embeddings is False and "lm_head.weight" not in where:
         raise ModelLoadError(f"tie_word_embeddings is false but lm_head.weight is missing in {str(directory)!r}")
     families.split_fused(config.architecture, where, shapes, validate.expected_shapes(config, names), source)

@@ -190,3 +190,19 @@ def test_phi3_fused_tensor_of_the_wrong_shape(tmp_path, name, shape):
         ModelLoadError, match=want + rf"\({rows.split()[0]}, 192\) \({rows}, 192 from hidden_size=192\)"
     ):
         load_safetensors(tmp_path, "f32", progress=False)
+
+
+def renamed(directory, rename):
+    """``directory``'s ``model.safetensors`` with every tensor renamed by ``rename``."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    save_file({rename(k): v for k, v in tensors.items()}, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def test_base_model_names_load_as_hf_loads_them(tmp_path):
+    """A tied model saved from its base model (``embed_tokens.weight``, ``layers.0...``: no ``model.``), which HF
+    loads into its causal LM."""
+    directory = saved(tmp_path, "qwen3", tie_word_embeddings=True)
+    assert_matches_hf(renamed(directory, lambda k: k.removeprefix("model.")))
