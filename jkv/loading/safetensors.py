@@ -220,7 +220,9 @@ def load_safetensors(
         for key in [key for key in shapes if key != "lm_head.weight"]:
             where[f"model.{key}"], shapes[f"model.{key}"] = _Renamed(where.pop(key), key), shapes.pop(key)
     if config.tie_embeddings is False and "lm_head.weight" not in where:
-        raise ModelLoadError(f"tie_word_embeddings is false but lm_head.weight is missing in {str(directory)!r}")
+        raise ModelLoadError(
+            f"tie_word_embeddings is false but {validate.missing_tensor('lm_head.weight', shapes, source)}"
+        )
     families.split_fused(config.architecture, where, shapes, validate.expected_shapes(config, names), source)
     file_name = lambda name: hf_name(name, config.architecture)
     validate.check_tensors(config, shapes, file_name, names, source, r"model\.layers\.(\d+)\.")

@@ -148,7 +148,7 @@ def check_tensors(
     for canonical, want in expected_shapes(config, fields).items():
         key = file_name(canonical)
         if key not in shapes:
-            raise ModelLoadError(f"tensor {key!r} is missing from {source}")
+            raise missing_tensor(key, shapes, source)
         got = tuple(int(n) for n in shapes[key])
         if got != tuple(n for n, _ in want):
             why = ", ".join(f"{n} from {origin}" for n, origin in want)
@@ -163,6 +163,15 @@ def check_tensors(
                 f"tensor {key!r} in {source} belongs to layer {match.group(1)}, but "
                 f"{fields.get('num_layers', 'num_layers')}={config.num_layers}: the layer count is wrong"
             )
+
+
+def missing_tensor(key: str, shapes: Mapping[str, tuple[int, ...]], source: str) -> ModelLoadError:
+    """The error for tensor ``key`` missing from ``shapes``, naming a tensor the file holds under another prefix
+    (a multimodal checkpoint's ``language_model.``)."""
+    tail = "." + key.removeprefix("model.")
+    near = sorted(name for name in shapes if name.endswith(tail))
+    held = f": the files hold {near[0]!r}, under a prefix that is not read" if near else ""
+    return ModelLoadError(f"tensor {key!r} is missing from {source}{held}")
 
 
 def check_finite(x: np.ndarray, name: str, source: str, dtype=np.float32) -> np.ndarray:

@@ -206,3 +206,19 @@ def test_base_model_names_load_as_hf_loads_them(tmp_path):
     loads into its causal LM."""
     directory = saved(tmp_path, "qwen3", tie_word_embeddings=True)
     assert_matches_hf(renamed(directory, lambda k: k.removeprefix("model.")))
+
+
+# transformers 4 and 5 names of a multimodal checkpoint's language model: (layers' prefix, lm_head's name)
+MULTIMODAL = {"t4": ("language_model.model.", "language_model.lm_head.weight"), "t5": ("model.language_model.", None)}
+
+
+@pytest.mark.parametrize("spelling", list(MULTIMODAL))
+def test_names_under_a_multimodal_prefix_are_refused_naming_them(tmp_path, spelling):
+    """A multimodal checkpoint's language model, which HF's causal LM would not read either: the error names the
+    tensor missing and what the files hold instead."""
+    prefix, lm_head = MULTIMODAL[spelling]
+    rename = lambda k: (lm_head or k) if k == "lm_head.weight" else prefix + k.removeprefix("model.")
+    directory = renamed(saved(tmp_path, "qwen3"), rename)
+    key, held = ("lm_head", lm_head) if lm_head else ("model.embed_tokens", f"{prefix}embed_tokens.weight")
+    with pytest.raises(ModelLoadError, match=rf"'{key}.weight' is missing from .*: the files hold '{held}'"):
+        load_safetensors(directory, "f32", progress=False)

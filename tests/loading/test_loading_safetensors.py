@@ -144,7 +144,10 @@ ERRORS = {
         drop_tensor("model.layers.1.mlp.up_proj.weight"),
         "tensor 'model.layers.1.mlp.up_proj.weight' is missing",
     ),
-    "untied-without-lm-head": (edit_config(tie_word_embeddings=False), "lm_head.weight is missing"),
+    "untied-without-lm-head": (
+        edit_config(tie_word_embeddings=False),
+        "tie_word_embeddings is false but tensor 'lm_head.weight' is missing",
+    ),
     "wrong-shape": (
         edit_config(intermediate_size=100),
         r"tensor 'model.layers.0.mlp.gate_proj.weight' in .* has shape \(96, 64\), expected \(100, 64\) "
