@@ -99,7 +99,8 @@ def family_fields(
     if model_type in GEMMA:
         scalar = validate.real(hf.get("query_pre_attn_scalar", head_dim), "query_pre_attn_scalar", source, 0, 1e9)
         fields |= {"query_scale": scalar**-0.5, "sandwich_norms": True, "embed_scale": math.sqrt(hidden_size)}
-        for key, name in (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping")):
+        caps = (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping"))
+        for key, name in caps[model_type == "gemma3_text" :]:  # HF's Gemma 3 attention applies no cap it is given
             if hf.get(name) is not None:
                 fields[key] = validate.real(hf[name], name, source, 0.0, 1e9)
         if model_type == "gemma3_text" and local_theta is not None:

@@ -222,3 +222,11 @@ def test_names_under_a_multimodal_prefix_are_refused_naming_them(tmp_path, spell
     key, held = ("lm_head", lm_head) if lm_head else ("model.embed_tokens", f"{prefix}embed_tokens.weight")
     with pytest.raises(ModelLoadError, match=rf"'{key}.weight' is missing from .*: the files hold '{held}'"):
         load_safetensors(directory, "f32", progress=False)
+
+
+def test_gemma3_attention_takes_no_soft_cap(tmp_path):
+    """Gemma 3's config has attn_logit_softcapping (null in Google's checkpoints), but HF's Gemma 3 attention never
+    applies it (nor does llama.cpp's): only the final cap counts."""
+    directory = saved(tmp_path, "gemma3", attn_logit_softcapping=3.0, final_logit_softcapping=5.0)
+    config = assert_matches_hf(directory)
+    assert (config.attn_softcap, config.final_softcap) == (None, 5.0)
