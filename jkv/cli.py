@@ -212,9 +212,12 @@ def run_generate(args) -> int:
     available = gen.cache_kinds()
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")
+    no_tokenizer = f"{path!r} has no tokenizer (tokenizer.json), so it cannot take a text prompt"
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise CliError(no_tokenizer)  # before a directory's weights load
     model = load(path, args.dtype, progress=not args.quiet, weights=args.weights, quantize=args.quantize)
     if model.tokenizer is None:
-        raise CliError(f"{path!r} has no tokenizer (tokenizer.json), so it cannot take a text prompt")
+        raise CliError(no_tokenizer)
     if prompts is not None or args.tp * args.dp > 1:
         return run_batch(args, model, prompts if prompts is not None else [(1, args.prompt)])
 
@@ -252,9 +255,12 @@ def run_serve(args) -> int:
     if args.prefix_cache_mb < 0:
         raise CliError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     path = args.model if args.model is not None else default_model_path()
+    no_tokenizer = f"{path!r} has no tokenizer (tokenizer.json): the server takes text"
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise CliError(no_tokenizer)  # before a directory's weights load
     model = load(path, args.dtype, weights=args.weights, quantize=args.quantize)
     if model.tokenizer is None:
-        raise CliError(f"{path!r} has no tokenizer (tokenizer.json): the server takes text")
+        raise CliError(no_tokenizer)
     context = model.config.max_position
     max_len = args.max_len if args.max_len is not None else min(context, 4096)
     if max_len > context:

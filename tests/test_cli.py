@@ -124,6 +124,16 @@ def test_model_without_tokenizer(tmp_path, tiny_gguf, capsys):
         generate_text(model, "hi")
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_directory_without_tokenizer_is_refused_before_its_weights_load(tmp_path, monkeypatch, capsys, command):
+    import jkv.loading
+
+    write_tiny_safetensors(tmp_path, np.random.default_rng(0))
+    monkeypatch.setattr(jkv.loading, "load", lambda *a, **k: pytest.fail("the weights were loaded"))
+    assert cli.main([command, *(["hi"] if command == "generate" else []), "--model", str(tmp_path)]) == 2
+    assert f"{str(tmp_path)!r} has no tokenizer (tokenizer.json)" in capsys.readouterr().err
+
+
 def test_cache_missing_from_installation(monkeypatch, tiny_gguf, capsys):
     from jkv.serving import generator
 

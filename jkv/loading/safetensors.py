@@ -199,6 +199,10 @@ def load_safetensors(
     files = weight_files(directory)
     dtype = resolve_dtype(dtype)
     source = f"the safetensors files in {str(directory)!r}"
+    tok = None  # read first: a tokenizer error costs no weight loading
+    if (directory / "tokenizer.json").is_file():
+        tok = tokenizer_lib.from_hf_directory(directory)
+        validate.check_tokenizer(tok, config, names["vocab_size"], source)
 
     where, shapes = {}, {}
     try:  # safe_open checks each header: JSON, known dtypes, offsets that tile the data exactly, within the file
@@ -241,10 +245,6 @@ def load_safetensors(
     params = build_params(
         config, get, dtype, progress=progress, layout=layout, desc=f"loading {directory.name}", packed=packed
     )
-    tok = None
-    if (directory / "tokenizer.json").is_file():
-        tok = tokenizer_lib.from_hf_directory(directory)
-        validate.check_tokenizer(tok, config, names["vocab_size"], source)
     return LoadedModel(
         config=config,
         params=params,

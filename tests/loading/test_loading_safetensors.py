@@ -193,3 +193,13 @@ def test_shards_are_the_index_files(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
     with pytest.raises(ModelLoadError, match=r"index\.json' .*expected .*weight_map"):
         load_safetensors(tmp_path, "f32", progress=False)
+
+
+def test_tokenizer_errors_come_before_the_weights_load(tmp_path, monkeypatch):
+    import jkv.loading.safetensors
+
+    random_hf_model("qwen2-bias-gqa2-tied").save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{oops")
+    monkeypatch.setattr(jkv.loading.safetensors, "build_params", lambda *a, **k: pytest.fail("the weights loaded"))
+    with pytest.raises(jkv.loading.TokenizerError, match=r"cannot read '.*tokenizer\.json'"):
+        load_safetensors(tmp_path, "f32", progress=False)
