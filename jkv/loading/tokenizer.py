@@ -8,6 +8,7 @@ pre-tokenizer name; the name picks how text is split before BPE, as llama.cpp do
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,8 +113,12 @@ class Tokenizer:
         def raise_exception(message):
             raise TokenizerError(f"chat template: {message}")
 
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # As transformers renders templates: loop controls ({% break %}) and strftime_now (Llama 3.1's date).
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
             template = env.from_string(self.chat_template)
             return template.render(
@@ -268,6 +273,9 @@ def from_hf_directory(directory) -> Tokenizer:
         if not isinstance(config, dict):
             raise TokenizerError(f"{str(config_path)!r} is not a JSON object: it holds a {type(config).__name__}")
     template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the one called "default" serves chat
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
     if (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text()
     bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))

@@ -147,3 +147,22 @@ def test_malformed_tokenizer_config_json(tmp_path, text):
     (tmp_path / "tokenizer_config.json").write_text(text)
     with pytest.raises(TokenizerError, match=r"'.*tokenizer_config\.json' .*JSON object"):
         tok_lib.from_hf_directory(tmp_path)
+
+
+TEMPLATES = {  # tokenizer_config.json's chat_template forms that transformers renders
+    "named-list": [
+        {"name": "default", "template": "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}"},
+        {"name": "tool_use", "template": "tools"},
+    ],
+    "loop-controls": "{% for m in messages %}{{ m['content'] }}{% if loop.first %}{% break %}{% endif %}{% endfor %}",
+    "strftime-now": "{{ strftime_now('%Y') }} {{ messages[0]['content'] }}",
+}
+
+
+@pytest.mark.parametrize("case", list(TEMPLATES))
+def test_hf_directory_chat_template_renders_as_transformers_does(tmp_path, case):
+    transformers = pytest.importorskip("transformers")
+    directory = word_directory(tmp_path, False, SPECIALS | {"chat_template": TEMPLATES[case]})
+    messages = [{"role": "user", "content": "w5 w6"}, {"role": "user", "content": "w7"}]
+    want = transformers.AutoTokenizer.from_pretrained(directory).apply_chat_template(messages, tokenize=False)
+    assert tok_lib.from_hf_directory(directory).render_chat(messages) == want
