@@ -82,7 +82,16 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
     base = "rope_parameters.full_attention" if "full_attention" in rope else "rope_parameters"
     rope, local_theta = families.split_rope(rope, model_type, source)
     rope_type, rope_field = _rope_type(rope, scaling, base)
-    rope = {**rope, **scaling}
+
+    def rope_value(key: str, default=None) -> tuple[object, str]:
+        """``key`` (``rope_scaling``'s over ``rope_parameters``') and its field as the file spells it."""
+        for field, where in (("rope_scaling", scaling), (base, rope)):
+            if key in where:
+                return where[key], f"{field}.{key}"
+        if default is None:
+            raise ModelLoadError(f"{source} lacks the field {rope_field.rsplit('.', 1)[0] + '.' + key!r}")
+        return default
+
     raw = {
         "vocab_size": (hf["vocab_size"], "vocab_size"),
         "hidden_size": (hf["hidden_size"], "hidden_size"),
@@ -90,17 +99,16 @@ def _config_from_hf(hf: dict, model_type: str, source: str) -> tuple[LlamaConfig
         "num_layers": (hf["num_hidden_layers"], "num_hidden_layers"),
         "num_heads": (hf["num_attention_heads"], "num_attention_heads"),
         "rms_norm_eps": (hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
-        "rope_theta": (rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta"),
+        "rope_theta": rope_value("rope_theta", (hf.get("rope_theta", 10000.0), "rope_theta")),
         "max_position": (hf.get("max_position_embeddings", 8192), "max_position_embeddings"),
     }
     raw["num_kv_heads"] = (hf.get("num_key_value_heads") or raw["num_heads"][0], "num_key_value_heads")
     if rope_type == "llama3":
         for key in ("factor", "low_freq_factor", "high_freq_factor"):
-            raw[f"rope_{key}"] = (rope[key], f"rope_scaling.{key}")
-        original = "original_max_position_embeddings"
-        raw["rope_original_max_position"] = (rope[original], f"rope_scaling.{original}")
+            raw[f"rope_{key}"] = rope_value(key)
+        raw["rope_original_max_position"] = rope_value("original_max_position_embeddings")
     elif rope_type == "linear":
-        raw["rope_linear_factor"] = (rope["factor"], "rope_scaling.factor")
+        raw["rope_linear_factor"] = rope_value("factor")
     elif rope_type != "default":
         raise ModelLoadError(
             f"unsupported {rope_field}={rope_type!r} in {source}: expected one of default, linear, llama3"

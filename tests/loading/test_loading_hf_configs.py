@@ -230,3 +230,32 @@ def test_gemma3_attention_takes_no_soft_cap(tmp_path):
     directory = saved(tmp_path, "gemma3", attn_logit_softcapping=3.0, final_logit_softcapping=5.0)
     config = assert_matches_hf(directory)
     assert (config.attn_softcap, config.final_softcap) == (None, 5.0)
+
+
+# rope fields as the file spells them -> the field the error must name
+ROPE_FIELDS = {
+    "t5-linear-factor": (
+        dict(rope_parameters={"rope_type": "linear", "factor": 0.0, "rope_theta": 1e4}),
+        r"rope_parameters.factor=0.0 is invalid",
+    ),
+    "t4-llama3-missing": (
+        dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}),
+        r"lacks the field 'rope_scaling.high_freq_factor'",
+    ),
+    "t5-gemma3-linear-missing": (
+        dict(
+            model_type="gemma3_text",
+            rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e6}, "sliding_attention": {}},
+        ),
+        r"lacks the field 'rope_parameters.full_attention.factor'",
+    ),
+    "t5-theta": (dict(rope_parameters={"rope_type": "default", "rope_theta": -1}), r"rope_parameters.rope_theta=-1"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_FIELDS))
+def test_rope_errors_name_the_field_as_spelled(case):
+    fields, message = ROPE_FIELDS[case]
+    hf = dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2)
+    with pytest.raises(ModelLoadError, match=message):
+        config_from_hf(hf | dict(num_attention_heads=4) | fields)
