@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from helpers_compile import FAST_COMPILE
-from helpers_families import hf_model, one_torch_thread
+from helpers_families import SMALL, hf_model, one_torch_thread
 
 import jkv
 from jkv.loading import ModelLoadError, load_safetensors
@@ -33,10 +33,27 @@ def jkv_logits(params, tokens, *, config):
     return llama.forward(params, cache, tokens, config=config, options=llama.LlamaOptions(impl="xla"))[0]
 
 
-def saved(tmp_path, family: str, edit=None, **overrides):
-    """A random ``family`` model saved in ``tmp_path``, its ``config.json`` passed through ``edit`` (a dict in
-    place)."""
-    hf_model(family, **overrides).save_pretrained(tmp_path)
+def llama_model(family: str, **overrides):
+    """A random HF Llama or Qwen2 model of ``helpers_families``' small shape, norms drawn around 1."""
+    config_cls, model_cls = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    }[family]
+    kw = SMALL | {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "num_hidden_layers": 2} | overrides
+    torch.manual_seed(0)
+    with one_torch_thread():
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.15) + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def saved(tmp_path, family: str, edit=None, dtype=None, **overrides):
+    """A random ``family`` model saved in ``tmp_path`` (weights in ``dtype``, default float32), its
+    ``config.json`` passed through ``edit`` (a dict in place)."""
+    model = llama_model(family, **overrides) if family in ("llama", "qwen2") else hf_model(family, **overrides)
+    model.to(dtype or torch.float32).save_pretrained(tmp_path)
     if edit is not None:
         config = json.loads((tmp_path / "config.json").read_text())
         edit(config)
@@ -259,3 +276,55 @@ def test_rope_errors_name_the_field_as_spelled(case):
     hf = dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2)
     with pytest.raises(ModelLoadError, match=message):
         config_from_hf(hf | dict(num_attention_heads=4) | fields)
+
+
+def transformers4(config: dict) -> None:
+    """``config.json`` as transformers 4 wrote it: rope_theta and rope_scaling beside the other keys (Gemma 3's
+    local base as rope_local_base_freq), no layer_types, no key equal to its base class default (Gemma's
+    tie_word_embeddings), torch_dtype."""
+    rope = config.pop("rope_parameters")
+    full = rope.pop("full_attention", rope)
+    if "sliding_attention" in rope:
+        config |= {"rope_local_base_freq": rope["sliding_attention"]["rope_theta"], "sliding_window_pattern": 6}
+    config["rope_theta"] = full.pop("rope_theta")
+    full.pop("partial_rotary_factor", None)
+    config["rope_scaling"] = None if full.get("rope_type", "default") == "default" else full
+    gemma_tied = config["model_type"].startswith("gemma") and config["tie_word_embeddings"]  # Gemma's default
+    for key in ("layer_types", "dtype") + (("tie_word_embeddings",) if gemma_tied else ()):
+        config.pop(key, None)
+    config["torch_dtype"] = "bfloat16"
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 5e5}
+LLAMA3 |= {"original_max_position_embeddings": 16}
+GEMMA3_4B = dict(num_hidden_layers=7, layer_types=None, tie_word_embeddings=True)  # 5 local : 1 global, then local
+GEMMA3_4B["rope_parameters"] = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+}
+# name -> (family, config overrides, weight dtype on disk), each saved in transformers 4's spelling too
+VARIANTS = {
+    "gemma3-4b-text-linear-global-rope": ("gemma3", GEMMA3_4B, torch.bfloat16),
+    "gemma2-tied": ("gemma2", dict(tie_word_embeddings=True), torch.float16),
+    "phi3-4k-rope-scaling-null": ("phi3", {}, torch.float16),
+    "qwen2-use-sliding-window-false": (
+        "qwen2",
+        dict(use_sliding_window=False, sliding_window=8, max_window_layers=1),
+        None,
+    ),
+    "mistral-head-dim-32": ("mistral", dict(head_dim=32), torch.bfloat16),
+    "llama-linear-rope": (
+        "llama",
+        dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}),
+        None,
+    ),
+    "llama3.2-tied-llama3-rope": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3), torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("spelling", ["transformers5", "transformers4"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_checkpoint_variants_match_hf(tmp_path, variant, spelling):
+    family, overrides, dtype = VARIANTS[variant]
+    edit = transformers4 if spelling == "transformers4" else None
+    assert_matches_hf(saved(tmp_path, family, edit, dtype, **overrides))
