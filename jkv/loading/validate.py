@@ -186,12 +186,15 @@ def check_finite(x: np.ndarray, name: str, source: str, dtype=np.float32) -> np.
 
 
 def check_tokenizer(tokenizer, config, vocab_field: str, source: str) -> None:
-    """Every id the tokenizer can produce, and its special ids, index a row of the embedding table."""
+    """Every id of the tokenizer's vocabulary, and its special ids, index a row of the embedding table. Tokens
+    added past the table (Gemma 3's ``<image_soft_token>``, one past its embeddings) are let be: text holding one
+    is refused where prompts are checked against the vocabulary size (``Generator``, the engine)."""
     from jkv.loading.tokenizer import TokenizerError
 
-    if tokenizer.vocab_size > config.vocab_size:
+    size = tokenizer.backend.get_vocab_size(with_added_tokens=False)
+    if size > config.vocab_size:
         raise TokenizerError(
-            f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but {vocab_field}={config.vocab_size}: "
+            f"{source}: the tokenizer has {size} tokens but {vocab_field}={config.vocab_size}: "
             "its ids would index past the embedding table"
         )
     specials = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id} | {f"stop {i}": i for i in tokenizer.stop_ids}

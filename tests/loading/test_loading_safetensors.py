@@ -203,3 +203,27 @@ def test_tokenizer_errors_come_before_the_weights_load(tmp_path, monkeypatch):
     monkeypatch.setattr(jkv.loading.safetensors, "build_params", lambda *a, **k: pytest.fail("the weights loaded"))
     with pytest.raises(jkv.loading.TokenizerError, match=r"cannot read '.*tokenizer\.json'"):
         load_safetensors(tmp_path, "f32", progress=False)
+
+
+def test_added_tokens_past_the_embedding_table(tmp_path):
+    """Gemma 3 1B's tokenizer.json adds <image_soft_token> at id 262144, one past its 262144 embeddings: the model
+    loads (a prompt holding that token is refused where prompts are checked), but a tokenizer whose own vocabulary
+    outgrows the table is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    random_hf_model("qwen2-bias-gqa2-tied").save_pretrained(tmp_path)  # vocab_size 211
+    vocab = {"<s>": 0, "</s>": 1} | {f"w{i}": i for i in range(2, 211)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>", "<image_soft_token>"])  # the last one is id 211
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load(tmp_path, "f32", progress=False)
+    assert loaded.tokenizer.vocab_size == 212 and loaded.tokenizer.encode("w5 w7") == [5, 7]
+    generator = Generator(loaded.config, loaded.params, max_len=16, batch=1, buckets=(16,))
+    with pytest.raises(ValueError, match=r"token ids outside \[0, vocab_size=211\)"):
+        generator.generate([loaded.tokenizer.encode("w5 <image_soft_token>")], max_new_tokens=1)
+    vocab["w211"] = 211
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(jkv.loading.TokenizerError, match=r"the tokenizer has 212 tokens but vocab_size=211"):
+        load(tmp_path, "f32", progress=False)
