@@ -289,4 +289,28 @@ def from_hf_directory(directory) -> Tokenizer:
         eos_id=backend.token_to_id(eos) if eos else None,
         add_bos=bool(add_bos),
         chat_template=template if isinstance(template, str) else None,
+        extra_stop_ids=generation_stop_ids(directory, backend.get_vocab_size(with_added_tokens=True)),
     )
+
+
+def generation_stop_ids(directory: Path, vocab_size: int) -> tuple[int, ...]:
+    """The end tokens HF's ``generate`` stops at besides the tokenizer's EOS: ``eos_token_id`` (an id or a list)
+    of ``generation_config.json``, else of ``config.json`` (Phi-3 and Llama 3.1 Instruct end a turn with a token that
+    only the former names)."""
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            fields = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{str(path)!r} is not a JSON object: {e}") from None
+        value = fields.get("eos_token_id") if isinstance(fields, dict) else None
+        ids = [] if value is None else value if isinstance(value, list) else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+            raise TokenizerError(
+                f"{str(path)!r}: eos_token_id={value!r} is invalid: expected a token id or a list of token ids in "
+                f"[0, {vocab_size})"
+            )
+        return tuple(ids)
+    return ()

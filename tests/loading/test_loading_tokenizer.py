@@ -166,3 +166,39 @@ def test_hf_directory_chat_template_renders_as_transformers_does(tmp_path, case)
     messages = [{"role": "user", "content": "w5 w6"}, {"role": "user", "content": "w7"}]
     want = transformers.AutoTokenizer.from_pretrained(directory).apply_chat_template(messages, tokenize=False)
     assert tok_lib.from_hf_directory(directory).render_chat(messages) == want
+
+
+STOPS = {  # files beside the tokenizer -> the stop ids (<eos> is 2)
+    "generation-list": ({"generation_config.json": {"eos_token_id": [2, 7, 9]}}, (2, 7, 9)),
+    "generation-int": ({"generation_config.json": {"eos_token_id": 7}, "config.json": {"eos_token_id": 9}}, (2, 7)),
+    "config-only": ({"config.json": {"eos_token_id": [9, 11]}}, (2, 9, 11)),
+    "generation-without": ({"generation_config.json": {"do_sample": True}, "config.json": {"eos_token_id": 9}}, (2,)),
+    "none": ({}, (2,)),
+}
+
+
+@pytest.mark.parametrize("case", list(STOPS))
+def test_hf_directory_stops_where_transformers_generate_stops(tmp_path, case):
+    """``eos_token_id`` of generation_config.json, else of config.json, as HF's ``generate`` reads it (Phi-3 ends a
+    chat turn with <|end|>, which only generation_config.json names), beside the tokenizer's EOS."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    files, want = STOPS[case]
+    directory = word_directory(tmp_path, False, SPECIALS)
+    for name, fields in files.items():
+        (directory / name).write_text(json.dumps(fields))
+    assert tok_lib.from_hf_directory(directory).stop_ids == want
+    if "generation_config.json" in files:
+        hf = transformers.GenerationConfig.from_pretrained(directory).eos_token_id
+        assert {2} | set(hf if isinstance(hf, list) else [] if hf is None else [hf]) == set(want)
+
+
+@pytest.mark.parametrize("value", ["7", 40, [2, -1], True], ids=["string", "past-vocab", "negative", "bool"])
+def test_hf_directory_bad_generation_eos(tmp_path, value):
+    import json
+
+    directory = word_directory(tmp_path, False, SPECIALS)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(TokenizerError, match=r"generation_config\.json'?: eos_token_id=.* expected a token id"):
+        tok_lib.from_hf_directory(directory)
