@@ -177,6 +177,7 @@ def load_gguf(
     stored = dict(shapes)  # Phi-3's separate names shadow its fused ffn_up: reads reshape by the stored shape
     pieces = _split_fused(config, shapes) if config.architecture == "phi3" else {}
     validate.check_tensors(config, shapes, gguf_name, names, source, r"blk\.(\d+)\.")
+    _check_all_read(config, names, set(tensors), pieces, source)
     dtype = resolve_dtype(dtype)
 
     def get(name: str) -> np.ndarray:
@@ -247,6 +248,20 @@ def _with_rope_factors(config: LlamaConfig, factors: np.ndarray, path: str) -> L
     if not (np.isfinite(factors).all() and factors.min() > 0):
         raise ModelLoadError(f"rope_freqs.weight in {path!r} holds {factors.min()}: expected finite values > 0")
     return dataclasses.replace(config, rope_factors=tuple(float(f) for f in factors))
+
+
+def _check_all_read(config: LlamaConfig, names: dict, held: set[str], pieces: dict, source: str) -> None:
+    """Every tensor of the file is one jkv reads for ``config``: one left out would change the model's output
+    (llama.cpp reads a Llama's ``attn_output.bias`` and a Phi-3 128k file's long-rope factors, which jkv cannot
+    run; llama.cpp itself refuses a file holding a tensor it does not create)."""
+    read = {pieces.get(key, (key,))[0] for key in map(gguf_name, validate.expected_shapes(config, names))}
+    unread = sorted(held - read - {"rope_freqs.weight"})
+    if unread:
+        more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
+        raise ModelLoadError(
+            f"{source} holds tensors jkv does not read for architecture {config.architecture!r}: "
+            f"{', '.join(map(repr, unread[:5]))}{more}; loading without them would change the model's output"
+        )
 
 
 def _split_fused(config: LlamaConfig, shapes: dict) -> dict[str, tuple[str, int, int]]:
