@@ -7,7 +7,8 @@
 * ``gemma2``: the window (4096 when absent) on even layers (llama.cpp's pattern 2), attention and final soft caps
   (50 and 30 when absent), norms after each sub-block (``post_attention_norm``, ``post_ffw_norm``; the
   pre-MLP norm is ``ffn_norm``), GELU-tanh MLP, embeddings times ``sqrt(hidden)``.
-* ``gemma3``: Gemma 2's without the attention soft cap (a final one only when the file has it), plus q/k norms;
+* ``gemma3``: Gemma 2's without the attention soft cap (an ``attn_logit_softcapping`` key is ignored, as llama.cpp
+  ignores it; a final cap only when the file has one), plus q/k norms;
   the window, when present and not 0, on all but every sixth layer (pattern 6), whose rope base is
   ``rope.freq_base_swa`` (10000 when absent) and unscaled; ``rope.freq_base`` and its linear scaling are the
   global layers'.
@@ -59,10 +60,10 @@ def family_fields(meta: dict, arch: str, values: dict, source: str) -> dict:
     fields["embed_scale"] = math.sqrt(values["hidden_size"])
     caps = GEMMA2_SOFTCAPS if arch == "gemma2" else {"final_logit_softcapping": 0.0}
     for field, key in (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping")):
-        value = meta.get(f"{arch}.{key}", caps.get(key))
-        if value is not None:
-            value = validate.real(value, f"{arch}.{key}", source, 0.0, 1e9, low_exclusive=False)
-            fields[field] = value or None  # 0: no cap, as llama.cpp reads it
+        if key not in caps:  # Gemma 3's attention applies no cap, in llama.cpp and HF alike, whatever the file says
+            continue
+        value = validate.real(meta.get(f"{arch}.{key}", caps[key]), f"{arch}.{key}", source, 0.0, 1e9, False)
+        fields[field] = value or None  # 0: no cap, as llama.cpp reads it
     if arch == "gemma3" and window is not None:
         key = f"{arch}.rope.freq_base_swa"
         fields["rope_local_theta"] = validate.real(meta.get(key, LOCAL_ROPE_THETA), key, source, 1.0, 1e12)

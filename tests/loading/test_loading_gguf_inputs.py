@@ -7,6 +7,7 @@ import pytest
 from helpers_loading import TINY, write_tiny_gguf
 
 from jkv.loading import ModelLoadError, load_gguf
+from jkv.loading.gguf import config_from_metadata
 
 H = TINY["hidden"]
 UNREAD = {
@@ -24,3 +25,12 @@ def test_tensors_jkv_would_not_read_are_refused(case, tmp_path, rng):
     first = sorted(UNREAD[case])[0]
     with pytest.raises(ModelLoadError, match=rf"holds tensors jkv does not read .*'{first}'"):
         load_gguf(tmp_path / "m.gguf", "f32", progress=False, with_tokenizer=False)
+
+
+def test_gemma3_ignores_an_attention_soft_cap_key():
+    """llama.cpp's and HF's Gemma 3 attention apply no soft cap, whatever the file says; its final cap is read."""
+    meta = {"general.architecture": "gemma3", "gemma3.vocab_size": 96, "gemma3.block_count": 6}
+    meta |= {"gemma3.embedding_length": 64, "gemma3.feed_forward_length": 64, "gemma3.attention.head_count": 4}
+    meta |= {"gemma3.attn_logit_softcapping": 50.0, "gemma3.final_logit_softcapping": 30.0}
+    config, _ = config_from_metadata(meta, {"blk.0.attn_q.weight"}, "f")
+    assert config.attn_softcap is None and config.final_softcap == 30.0
