@@ -78,9 +78,9 @@ class GGUFFile:
 def read_gguf(path, source: str | None = None) -> GGUFFile:
     """Read ``path``'s header and map its tensors; ``source`` names the file in errors (default ``repr(path)``).
 
-    Refuses: a wrong magic, unknown versions or value types, lengths past the end, duplicate keys or tensors,
-    nested arrays, tensors of 0 or more than 4 dims, unknown tensor types, rows not a whole number of quantization
-    blocks, misaligned offsets, tensor data past the end of the file or overlapping another tensor's.
+    Refuses: a wrong magic, big-endian files, unknown versions or value types, lengths past the end, duplicate keys
+    or tensors, nested arrays, tensors of 0 or more than 4 dims, unknown tensor types, rows not a whole number of
+    quantization blocks, misaligned offsets, tensor data past the end of the file or overlapping another tensor's.
     """
     path = os.fspath(path)
     source = repr(path) if source is None else source
@@ -169,6 +169,12 @@ class _Walk:
         self.take("4s")  # the magic, checked by read_gguf
         version = self.take("I")
         if version not in VERSIONS:
+            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            if swapped in VERSIONS:  # the magic reads the same either way; the version tells the byte order
+                raise ModelLoadError(
+                    f"{self.source} is a big-endian GGUF file (version {swapped}): jkv reads little-endian files "
+                    "only, as llama.cpp's converter writes them by default"
+                )
             raise ModelLoadError(
                 f"{self.source} is truncated or corrupt, or of a newer format: it has GGUF version {version}, jkv "
                 f"reads versions {VERSIONS}"

@@ -2,6 +2,7 @@
 ``attn_output.bias``; a Phi-3 128k file holds its long-rope factors), family keys llama.cpp ignores, and files
 jkv cannot read at all (big-endian)."""
 
+import gguf
 import numpy as np
 import pytest
 from helpers_loading import TINY, write_tiny_gguf
@@ -34,3 +35,15 @@ def test_gemma3_ignores_an_attention_soft_cap_key():
     meta |= {"gemma3.attn_logit_softcapping": 50.0, "gemma3.final_logit_softcapping": 30.0}
     config, _ = config_from_metadata(meta, {"blk.0.attn_q.weight"}, "f")
     assert config.attn_softcap is None and config.final_softcap == 30.0
+
+
+def test_a_big_endian_file_is_refused_as_such(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "be.gguf"), arch="llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match=r"be\.gguf' is a big-endian GGUF file \(version 3\): jkv reads"):
+        load_gguf(tmp_path / "be.gguf", "f32", progress=False)
