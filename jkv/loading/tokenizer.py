@@ -36,7 +36,8 @@ PRE_TOKENIZERS = {
     "llama-v3": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
 }
-# llama.cpp merges whole words found in a Llama-3 vocabulary before applying merges.
+# llama.cpp merges whole words found in a Llama-3 vocabulary before applying merges, and prepends BOS unless the
+# file's add_bos_token says otherwise.
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 
 # GGUF token types.
@@ -217,7 +218,7 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
         backend,
         bos_id=ids["bos_token_id"],
         eos_id=ids["eos_token_id"],
-        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", pre in _IGNORE_MERGES)),
         chat_template=template,
         extra_stop_ids=() if eot is None else (eot,),
     )

@@ -1,14 +1,15 @@
 """GGUF inputs the other GGUF tests do not name: tensors jkv would not read (llama.cpp reads a Llama's
 ``attn_output.bias``; a Phi-3 128k file holds its long-rope factors), family keys llama.cpp ignores, and files
-jkv cannot read at all (big-endian)."""
+jkv cannot read at all (big-endian); tokenizer metadata as llama.cpp reads it."""
 
 import gguf
 import numpy as np
 import pytest
-from helpers_loading import TINY, write_tiny_gguf
+from helpers_loading import TINY, byte_level_alphabet, write_tiny_gguf
 
 from jkv.loading import ModelLoadError, load_gguf
 from jkv.loading.gguf import config_from_metadata
+from jkv.loading.tokenizer import from_gguf_metadata
 
 H = TINY["hidden"]
 UNREAD = {
@@ -47,3 +48,30 @@ def test_a_big_endian_file_is_refused_as_such(tmp_path):
     w.close()
     with pytest.raises(ModelLoadError, match=r"be\.gguf' is a big-endian GGUF file \(version 3\): jkv reads"):
         load_gguf(tmp_path / "be.gguf", "f32", progress=False)
+
+
+def byte_level_fields(**fields) -> dict:
+    """GGUF ``tokenizer.*`` metadata of a byte-level BPE (no merges) with BOS at 256; ``None`` drops a key."""
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [*byte_level_alphabet(), "<bos>", "<eos>"]}
+    meta |= {"tokenizer.ggml.merges": [], "tokenizer.ggml.token_type": [1] * 256 + [3, 3]}
+    meta |= {"tokenizer.ggml.bos_token_id": 256, "tokenizer.ggml.eos_token_id": 257}
+    return {k: v for k, v in (meta | fields).items() if v is not None}
+
+
+ADD_BOS = {  # (tokenizer.ggml.pre, tokenizer.ggml.add_bos_token) -> BOS prepended, as llama.cpp decides
+    "llama-bpe-no-key": ("llama-bpe", None, True),
+    "llama3-no-key": ("llama3", None, True),
+    "llama-bpe-false": ("llama-bpe", False, False),
+    "default-no-key": ("default", None, False),
+    "qwen2-no-key": ("qwen2", None, False),
+    "qwen2-true": ("qwen2", True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(ADD_BOS))
+def test_bpe_bos_default_follows_the_pre_tokenizer(case):
+    """llama.cpp prepends BOS for Llama 3's pre-tokenizers unless the file says otherwise (older Llama 3 files
+    carry no ``add_bos_token``), and for other byte-level BPEs only when the file asks for it."""
+    pre, flag, want = ADD_BOS[case]
+    tok = from_gguf_metadata(byte_level_fields(**{"tokenizer.ggml.pre": pre, "tokenizer.ggml.add_bos_token": flag}))
+    assert tok.encode("hi") == ([256] if want else []) + [ord("h"), ord("i")]
