@@ -96,12 +96,17 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tup
             raise ModelLoadError(f"{source} lacks the metadata field {arch}.{key!s}")
         return value, f"{arch}.{key}"
 
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    # As llama.cpp reads them: the type defaults to linear, the factor may sit under its older key.
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    factor = next((k for k in ("rope.scaling.factor", "rope.scale_linear") if f"{arch}.{k}" in meta), None)
     raw = {}
-    if scaling == "linear":
-        raw["rope_linear_factor"] = field("rope.scaling.factor")
+    if scaling == "linear" or (scaling is None and factor is not None):
+        raw["rope_linear_factor"] = field(factor or "rope.scaling.factor")
     elif scaling not in ("none", None):
         raise ModelLoadError(f"unsupported rope scaling {scaling!r} in {source}: expected none or linear")
+    attn_factor = meta.get(f"{arch}.rope.scaling.attn_factor", 1.0)
+    if attn_factor != 1.0:  # llama.cpp scales every rotation by it
+        raise ModelLoadError(f"unsupported {arch}.rope.scaling.attn_factor={attn_factor!r} in {source}: expected 1.0")
     if meta.get(f"{arch}.vocab_size") is not None:
         raw["vocab_size"] = field("vocab_size")
     elif meta.get("tokenizer.ggml.tokens"):

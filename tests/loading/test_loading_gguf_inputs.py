@@ -75,3 +75,27 @@ def test_bpe_bos_default_follows_the_pre_tokenizer(case):
     pre, flag, want = ADD_BOS[case]
     tok = from_gguf_metadata(byte_level_fields(**{"tokenizer.ggml.pre": pre, "tokenizer.ggml.add_bos_token": flag}))
     assert tok.encode("hi") == ([256] if want else []) + [ord("h"), ord("i")]
+
+
+ROPE = {  # <arch>.rope.* metadata -> the linear factor llama.cpp applies (its default scaling type is linear)
+    "factor-without-type": ({"rope.scaling.factor": 4.0}, 4.0),
+    "legacy-scale-linear": ({"rope.scale_linear": 2.0}, 2.0),
+    "type-none-with-factor": ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, 1.0),
+    "nothing": ({}, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE))
+def test_rope_scaling_factor_as_llama_cpp_reads_it(case, tmp_path, rng):
+    keys, factor = ROPE[case]
+    write_tiny_gguf(tmp_path / "m.gguf", rng, strings=keys)
+    config = load_gguf(tmp_path / "m.gguf", "f32", progress=False, with_tokenizer=False).config
+    d = TINY["hidden"] // TINY["heads"]
+    np.testing.assert_allclose(config.inv_freq(), 10000.0 ** (-np.arange(0, d, 2) / d) / factor, rtol=1e-6)
+
+
+def test_rope_attention_factor_is_refused(tmp_path, rng):
+    """llama.cpp multiplies every rotation by ``rope.scaling.attn_factor``; jkv cannot, and says so."""
+    write_tiny_gguf(tmp_path / "m.gguf", rng, strings={"rope.scaling.attn_factor": 1.2})
+    with pytest.raises(ModelLoadError, match=r"unsupported llama.rope.scaling.attn_factor=1.2\d* in .*: expected 1.0"):
+        load_gguf(tmp_path / "m.gguf", "f32", progress=False, with_tokenizer=False)
