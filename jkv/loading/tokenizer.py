@@ -36,8 +36,7 @@ PRE_TOKENIZERS = {
     "llama-v3": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
 }
-# llama.cpp merges whole words found in a Llama-3 vocabulary before applying merges, and prepends BOS unless the
-# file's add_bos_token says otherwise.
+# llama.cpp merges whole words found in a Llama-3 vocabulary before applying merges.
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 
 # GGUF token types.
@@ -176,11 +175,6 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
     _check_list(types, int, "tokenizer.ggml.token_type", source)
     if len(types) != len(tokens):
         raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(types)} token types")
-    if kind == "llama":
-        return _sentencepiece(fields, tokens, types, source)
-    bad = next((m for m in merges if " " not in m), None)
-    if bad is not None:
-        raise TokenizerError(f"{source}: merge {bad!r} in tokenizer.ggml.merges is not two tokens joined by a space")
     ids = {}
     for key in ("bos_token_id", "eos_token_id", "eot_token_id"):
         value = fields.get(f"tokenizer.ggml.{key}")
@@ -190,6 +184,16 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
     template = fields.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
         raise TokenizerError(f"{source}: tokenizer.chat_template is a {type(template).__name__}, not text")
+    eot = ids["eot_token_id"]
+    common = dict(bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], chat_template=template)
+    common["extra_stop_ids"] = () if eot is None else (eot,)
+    # llama.cpp prepends BOS to SentencePiece and to Llama 3's byte-level BPE unless the file says otherwise
+    add_bos = _flag(fields, "tokenizer.ggml.add_bos_token", kind == "llama" or pre in _IGNORE_MERGES, source)
+    if kind == "llama":
+        return _sentencepiece(fields, tokens, types, source, add_bos=add_bos, **common)
+    bad = next((m for m in merges if " " not in m), None)
+    if bad is not None:
+        raise TokenizerError(f"{source}: merge {bad!r} in tokenizer.ggml.merges is not two tokens joined by a space")
     split, digits = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
 
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -213,40 +217,26 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
     user = [AddedToken(t, special=False, normalized=False) for t, k in pairs_typed if k == TOKEN_USER_DEFINED]
     backend.add_special_tokens(special)
     backend.add_tokens(user)
-    eot = ids["eot_token_id"]
-    return Tokenizer(
-        backend,
-        bos_id=ids["bos_token_id"],
-        eos_id=ids["eos_token_id"],
-        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", pre in _IGNORE_MERGES)),
-        chat_template=template,
-        extra_stop_ids=() if eot is None else (eot,),
-    )
+    return Tokenizer(backend, add_bos=add_bos, **common)
 
 
-def _sentencepiece(fields: dict, tokens: list, types: list, source: str) -> Tokenizer:
-    """A SentencePiece vocabulary (``jkv.loading.spm``), BOS prepended unless the file says otherwise."""
+def _sentencepiece(fields: dict, tokens: list, types: list, source: str, **options) -> Tokenizer:
+    """A SentencePiece vocabulary (``jkv.loading.spm``); ``options``: ``Tokenizer``'s."""
     from jkv.loading.spm import SentencePieceBackend
 
     scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     _check_list(scores, float, "tokenizer.ggml.scores", source)
     if len(scores) != len(tokens):
         raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(scores)} token scores")
-    prefix = fields.get("tokenizer.ggml.add_space_prefix", True)
-    backend = SentencePieceBackend(tokens, scores, types, add_space_prefix=prefix)
-    ids = {key: fields.get(f"tokenizer.ggml.{key}") for key in ("bos_token_id", "eos_token_id", "eot_token_id")}
-    for key, value in ids.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TokenizerError(f"{source}: tokenizer.ggml.{key}={value!r} is not a token id")
-    template = fields.get("tokenizer.chat_template")
-    return Tokenizer(
-        backend,
-        bos_id=ids["bos_token_id"],
-        eos_id=ids["eos_token_id"],
-        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", True)),
-        chat_template=template if isinstance(template, str) else None,
-        extra_stop_ids=() if ids["eot_token_id"] is None else (ids["eot_token_id"],),
-    )
+    prefix = _flag(fields, "tokenizer.ggml.add_space_prefix", True, source)
+    return Tokenizer(SentencePieceBackend(tokens, scores, types, add_space_prefix=prefix), **options)
+
+
+def _flag(fields: dict, key: str, default: bool, source: str) -> bool:
+    value = fields.get(key, default)
+    if not isinstance(value, (bool, int)) or value not in (0, 1):  # GGUF stores flags as bool; 0 and 1 pass too
+        raise TokenizerError(f"{source}: {key}={value!r} is not a boolean")
+    return bool(value)
 
 
 def _check_list(values, kind: type, field: str, source: str) -> None:

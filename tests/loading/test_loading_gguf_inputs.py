@@ -9,7 +9,7 @@ from helpers_loading import TINY, byte_level_alphabet, write_tiny_gguf
 
 from jkv.loading import ModelLoadError, load_gguf
 from jkv.loading.gguf import config_from_metadata
-from jkv.loading.tokenizer import from_gguf_metadata
+from jkv.loading.tokenizer import TokenizerError, from_gguf_metadata
 
 H = TINY["hidden"]
 UNREAD = {
@@ -99,3 +99,36 @@ def test_rope_attention_factor_is_refused(tmp_path, rng):
     write_tiny_gguf(tmp_path / "m.gguf", rng, strings={"rope.scaling.attn_factor": 1.2})
     with pytest.raises(ModelLoadError, match=r"unsupported llama.rope.scaling.attn_factor=1.2\d* in .*: expected 1.0"):
         load_gguf(tmp_path / "m.gguf", "f32", progress=False, with_tokenizer=False)
+
+
+SPM_FIELDS = {
+    "tokenizer.ggml.model": "llama",
+    "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "\u2581", "a", "\u2581a"],
+    "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0, -1.0, -0.5],
+    "tokenizer.ggml.token_type": [2, 3, 3, 1, 1, 1],
+    "tokenizer.ggml.bos_token_id": 1,
+    "tokenizer.ggml.eos_token_id": 2,
+}
+TYPE_ERRORS = {  # (tokenizer model, key, value, message): what the SentencePiece path let pass
+    "spm-template-list": ("llama", "tokenizer.chat_template", [1, 2], "tokenizer.chat_template is a list, not text"),
+    "spm-add-bos-text": ("llama", "tokenizer.ggml.add_bos_token", "false", "add_bos_token='false' is not a boolean"),
+    "spm-space-prefix-text": ("llama", "tokenizer.ggml.add_space_prefix", "no", "add_space_prefix='no' is not a"),
+    "bpe-add-bos-text": ("gpt2", "tokenizer.ggml.add_bos_token", "false", "add_bos_token='false' is not a boolean"),
+    "spm-eot-float": ("llama", "tokenizer.ggml.eot_token_id", 2.0, r"eot_token_id=2.0 is not a token id"),
+}
+
+
+@pytest.mark.parametrize("case", list(TYPE_ERRORS))
+def test_tokenizer_metadata_of_the_wrong_type_is_refused(case):
+    model, key, value, message = TYPE_ERRORS[case]
+    fields = (SPM_FIELDS if model == "llama" else byte_level_fields()) | {key: value}
+    with pytest.raises(TokenizerError, match=message):
+        from_gguf_metadata(fields)
+
+
+def test_sentencepiece_flags_as_llama_cpp_reads_them():
+    """BOS by default and an integer 0 or 1 read as a flag; EOT joins the stop ids."""
+    tok = from_gguf_metadata(SPM_FIELDS | {"tokenizer.ggml.eot_token_id": 4})
+    assert tok.encode("a") == [1, 5] and tok.stop_ids == (2, 4)
+    tok = from_gguf_metadata(SPM_FIELDS | {"tokenizer.ggml.add_bos_token": 0, "tokenizer.ggml.add_space_prefix": 0})
+    assert tok.encode("a") == [4] and tok.decode([5]) == " a"
