@@ -118,7 +118,7 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tup
         "intermediate_size": field("feed_forward_length"),
         "num_layers": field("block_count"),
         "num_heads": field("attention.head_count"),
-        "rms_norm_eps": field("attention.layer_norm_rms_epsilon", 1e-5),
+        "rms_norm_eps": field("attention.layer_norm_rms_epsilon"),  # required, as llama.cpp requires it
         "rope_theta": field("rope.freq_base", 10000.0),
         "max_position": field("context_length", 8192),
     }

@@ -34,6 +34,7 @@ def test_gemma3_ignores_an_attention_soft_cap_key():
     meta = {"general.architecture": "gemma3", "gemma3.vocab_size": 96, "gemma3.block_count": 6}
     meta |= {"gemma3.embedding_length": 64, "gemma3.feed_forward_length": 64, "gemma3.attention.head_count": 4}
     meta |= {"gemma3.attn_logit_softcapping": 50.0, "gemma3.final_logit_softcapping": 30.0}
+    meta["gemma3.attention.layer_norm_rms_epsilon"] = 1e-6
     config, _ = config_from_metadata(meta, {"blk.0.attn_q.weight"}, "f")
     assert config.attn_softcap is None and config.final_softcap == 30.0
 
@@ -132,3 +133,12 @@ def test_sentencepiece_flags_as_llama_cpp_reads_them():
     assert tok.encode("a") == [1, 5] and tok.stop_ids == (2, 4)
     tok = from_gguf_metadata(SPM_FIELDS | {"tokenizer.ggml.add_bos_token": 0, "tokenizer.ggml.add_space_prefix": 0})
     assert tok.encode("a") == [4] and tok.decode([5]) == " a"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_a_missing_norm_epsilon_is_refused_naming_the_key(arch):
+    """llama.cpp requires the key; a default would be Llama's 1e-5 where Qwen2 and Gemma use 1e-6."""
+    meta = {"general.architecture": arch, f"{arch}.vocab_size": 96, f"{arch}.block_count": 2}
+    meta |= {f"{arch}.embedding_length": 64, f"{arch}.feed_forward_length": 64, f"{arch}.attention.head_count": 4}
+    with pytest.raises(ModelLoadError, match=rf"lacks the metadata field {arch}.attention.layer_norm_rms_epsilon"):
+        config_from_metadata(meta, {"blk.0.attn_q.weight"}, "f")

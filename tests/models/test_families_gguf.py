@@ -58,6 +58,7 @@ def gemma_meta(arch: str, layers: int, **keys) -> dict:
     meta = {"general.architecture": arch, f"{arch}.vocab_size": 96, f"{arch}.block_count": layers}
     meta |= {f"{arch}.{k}": v for k, v in dict(embedding_length=4608, feed_forward_length=64).items()}
     meta |= {f"{arch}.attention.{k}": v for k, v in dict(head_count=32, head_count_kv=16, key_length=128).items()}
+    meta[f"{arch}.attention.layer_norm_rms_epsilon"] = 1e-6
     return meta | {f"{arch}.{k}": v for k, v in keys.items()}
 
 
