@@ -31,13 +31,15 @@ PRE_TOKENIZERS = {
     "gpt-2": (_GPT2_SPLIT, False),
     # SmolLM: every digit on its own, then GPT-2's pattern.
     "smollm": (_GPT2_SPLIT, True),
-    "llama-bpe": (_LLAMA3_SPLIT, False),
-    "llama3": (_LLAMA3_SPLIT, False),
-    "llama-v3": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
+    # Names llama.cpp reads as Qwen2's (DeepSeek-R1's Qwen distills; Megrez is a llama model).
+    "deepseek-r1-qwen": (_QWEN2_SPLIT, False),
+    "megrez": (_QWEN2_SPLIT, False),
 }
-# llama.cpp merges whole words found in a Llama-3 vocabulary before applying merges.
-_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
+# Llama 3's, and the names llama.cpp reads as Llama 3's (Falcon 3 and Devstral are llama models); llama.cpp merges
+# whole words found in such a vocabulary before applying merges.
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"}
+PRE_TOKENIZERS |= {name: (_LLAMA3_SPLIT, False) for name in sorted(_IGNORE_MERGES)}
 
 # GGUF token types.
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6

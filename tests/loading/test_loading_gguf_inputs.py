@@ -142,3 +142,22 @@ def test_a_missing_norm_epsilon_is_refused_naming_the_key(arch):
     meta |= {f"{arch}.embedding_length": 64, f"{arch}.feed_forward_length": 64, f"{arch}.attention.head_count": 4}
     with pytest.raises(ModelLoadError, match=rf"lacks the metadata field {arch}.attention.layer_norm_rms_epsilon"):
         config_from_metadata(meta, {"blk.0.attn_q.weight"}, "f")
+
+
+PRE = {  # tokenizer.ggml.pre -> (whether "34" of "1234" stays in one pre-token and merges, BOS by default)
+    "default": (True, False),  # GPT-2's digit runs
+    "qwen2": (False, False),  # one digit at a time
+    "deepseek-r1-qwen": (False, False),  # llama.cpp reads it as qwen2
+    "falcon3": (False, True),  # llama.cpp reads it as Llama 3's: digits in threes, BOS
+    "smollm": (False, False),
+}
+
+
+@pytest.mark.parametrize("pre", list(PRE))
+def test_pre_tokenizer_names_llama_cpp_reads_as_a_known_pattern(pre):
+    merged, bos = PRE[pre]
+    tokens = [*byte_level_alphabet(), "<bos>", "<eos>", "34"]
+    fields = {"tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["3 4"]}
+    tok = from_gguf_metadata(byte_level_fields(**fields, **{"tokenizer.ggml.token_type": [1] * 256 + [3, 3, 1]}))
+    digits = [ord(c) for c in "1234"]
+    assert tok.encode("1234") == [256] * bos + ([*digits[:2], 258] if merged else digits)
