@@ -47,6 +47,7 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 # Tokens that end a turn in common chat formats; each one present in a vocabulary also stops generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>")
 END_OF_TURN_TOKENS += ("<end_of_turn>",)  # Gemma's
+END_OF_TURN_TOKENS += ("<|eom_id|>",)  # Llama 3.1's end of a message to a tool, an end of generation in llama.cpp
 
 
 class TokenizerError(ValueError):
@@ -178,7 +179,7 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
     if len(types) != len(tokens):
         raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(types)} token types")
     ids = {}
-    for key in ("bos_token_id", "eos_token_id", "eot_token_id"):
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id"):
         value = fields.get(f"tokenizer.ggml.{key}")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TokenizerError(f"{source}: tokenizer.ggml.{key}={value!r} is not a token id")
@@ -186,9 +187,8 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
     template = fields.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
         raise TokenizerError(f"{source}: tokenizer.chat_template is a {type(template).__name__}, not text")
-    eot = ids["eot_token_id"]
     common = dict(bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], chat_template=template)
-    common["extra_stop_ids"] = () if eot is None else (eot,)
+    common["extra_stop_ids"] = tuple(ids[k] for k in ("eot_token_id", "eom_token_id") if ids[k] is not None)
     # llama.cpp prepends BOS to SentencePiece and to Llama 3's byte-level BPE unless the file says otherwise
     add_bos = _flag(fields, "tokenizer.ggml.add_bos_token", kind == "llama" or pre in _IGNORE_MERGES, source)
     if kind == "llama":

@@ -161,3 +161,14 @@ def test_pre_tokenizer_names_llama_cpp_reads_as_a_known_pattern(pre):
     tok = from_gguf_metadata(byte_level_fields(**fields, **{"tokenizer.ggml.token_type": [1] * 256 + [3, 3, 1]}))
     digits = [ord(c) for c in "1234"]
     assert tok.encode("1234") == [256] * bos + ([*digits[:2], 258] if merged else digits)
+
+
+def test_end_of_message_ids_stop_generation():
+    """llama.cpp ends generation at EOS, EOT and EOM: Llama 3.1's <|eom_id|> (named by the key, or found by its
+    text as llama.cpp finds it) ends a tool call."""
+    tokens = [*byte_level_alphabet(), "<bos>", "<eos>", "<|eot_id|>", "<|eom_id|>"]
+    fields = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [1] * 256 + [3] * 4}
+    assert from_gguf_metadata(byte_level_fields(**fields)).stop_ids == (257, 258, 259)
+    fields["tokenizer.ggml.tokens"] = [*tokens[:-1], "<|tool_end|>"]
+    tok = from_gguf_metadata(byte_level_fields(**fields, **{"tokenizer.ggml.eom_token_id": 259}))
+    assert tok.stop_ids == (257, 258, 259)
