@@ -7,12 +7,14 @@ to their ids; every other span gets a leading space when ``tokenizer.ggml.add_sp
 starts the text or follows such a token, spaces become ``▁``, and adjacent symbols (UTF-8 characters at first)
 merge while their concatenation is a token, the highest score first (the leftmost of equal scores). A symbol that
 is no token becomes its bytes' ``<0xXX>`` tokens. Decoding turns ``▁`` back into spaces and byte tokens into
-bytes, drops control tokens, and with the space prefix strips one leading space.
+bytes, drops control tokens and ids past the vocabulary (as ``tokenizers`` does), and with the space prefix strips
+one leading space.
 """
 
 from __future__ import annotations
 
 import heapq
+import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -33,7 +35,13 @@ class SentencePieceBackend:
         self.ids = {}
         for i, token in enumerate(self.tokens):
             self.ids.setdefault(token, i)
-        self.bytes = {int(t[3:5], 16): i for i, t in enumerate(self.tokens) if types[i] == TOKEN_BYTE and len(t) == 6}
+        self.byte_of = {}  # byte token id -> its byte value
+        for i, (token, kind) in enumerate(zip(self.tokens, self.types, strict=True)):
+            if kind == TOKEN_BYTE:
+                if not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                    raise ValueError(f"byte token {i} is {token!r}, not of the form <0xXX>")
+                self.byte_of[i] = int(token[3:5], 16)
+        self.bytes = {b: i for i, b in self.byte_of.items()}
         special = (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
         self.special = sorted((t for t, k in zip(self.tokens, types, strict=True) if k in special and t), key=len)
         self.special.reverse()  # longest first, as llama.cpp matches them
@@ -63,9 +71,11 @@ class SentencePieceBackend:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         out = bytearray()
         for i in ids:
+            if not 0 <= i < len(self.tokens):  # an id past the vocabulary (embeddings padded beyond it) has no text
+                continue
             kind, token = self.types[i], self.tokens[i]
             if kind == TOKEN_BYTE:
-                out.append(int(token[3:5], 16))
+                out.append(self.byte_of[i])
             elif kind == TOKEN_CONTROL:
                 out += b"" if skip_special_tokens else token.encode()
             else:

@@ -231,7 +231,11 @@ def _sentencepiece(fields: dict, tokens: list, types: list, source: str, **optio
     if len(scores) != len(tokens):
         raise TokenizerError(f"{source} has {len(tokens)} tokens but {len(scores)} token scores")
     prefix = _flag(fields, "tokenizer.ggml.add_space_prefix", True, source)
-    return Tokenizer(SentencePieceBackend(tokens, scores, types, add_space_prefix=prefix), **options)
+    try:
+        backend = SentencePieceBackend(tokens, scores, types, add_space_prefix=prefix)
+    except ValueError as e:
+        raise TokenizerError(f"{source}: {e} in tokenizer.ggml.tokens") from None
+    return Tokenizer(backend, **options)
 
 
 def _flag(fields: dict, key: str, default: bool, source: str) -> bool:

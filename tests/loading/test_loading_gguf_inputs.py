@@ -172,3 +172,14 @@ def test_end_of_message_ids_stop_generation():
     fields["tokenizer.ggml.tokens"] = [*tokens[:-1], "<|tool_end|>"]
     tok = from_gguf_metadata(byte_level_fields(**fields, **{"tokenizer.ggml.eom_token_id": 259}))
     assert tok.stop_ids == (257, 258, 259)
+
+
+def test_sentencepiece_decode_skips_ids_past_the_vocabulary_and_bad_byte_tokens_are_refused():
+    """A model whose embeddings outnumber its pieces can sample an id with no piece: it decodes to nothing, as
+    ``tokenizers`` decodes it (it raised IndexError, and a negative id read the last piece)."""
+    tok = from_gguf_metadata(SPM_FIELDS)
+    assert tok.decode([5, 99, -1, 5]) == "a a"
+    fields = SPM_FIELDS | {"tokenizer.ggml.tokens": [*SPM_FIELDS["tokenizer.ggml.tokens"][:5], "<0xZZ>"]}
+    fields["tokenizer.ggml.token_type"] = [2, 3, 3, 1, 1, 6]
+    with pytest.raises(TokenizerError, match=r"byte token 5 is '<0xZZ>', not of the form <0xXX> in tokenizer"):
+        from_gguf_metadata(fields)
