@@ -104,6 +104,9 @@ def config_from_metadata(meta: dict, tensor_names: set[str], source: str) -> tup
         raw["rope_linear_factor"] = field(factor or "rope.scaling.factor")
     elif scaling not in ("none", None):
         raise ModelLoadError(f"unsupported rope scaling {scaling!r} in {source}: expected none or linear")
+    experts = meta.get(f"{arch}.expert_count", 0)
+    if experts:  # Mixtral is a llama file whose MLPs are experts
+        raise ModelLoadError(f"unsupported {arch}.expert_count={experts!r} in {source}: jkv runs dense MLPs only")
     attn_factor = meta.get(f"{arch}.rope.scaling.attn_factor", 1.0)
     if attn_factor != 1.0:  # llama.cpp scales every rotation by it
         raise ModelLoadError(f"unsupported {arch}.rope.scaling.attn_factor={attn_factor!r} in {source}: expected 1.0")

@@ -183,3 +183,10 @@ def test_sentencepiece_decode_skips_ids_past_the_vocabulary_and_bad_byte_tokens_
     fields["tokenizer.ggml.token_type"] = [2, 3, 3, 1, 1, 6]
     with pytest.raises(TokenizerError, match=r"byte token 5 is '<0xZZ>', not of the form <0xXX> in tokenizer"):
         from_gguf_metadata(fields)
+
+
+def test_a_mixture_of_experts_llama_file_is_refused_as_such(tmp_path, rng):
+    """Mixtral is converted as ``llama`` with ``expert_count``: refused for what it is, not for a missing tensor."""
+    write_tiny_gguf(tmp_path / "m.gguf", rng, fields={"expert_count": 8, "expert_used_count": 2})
+    with pytest.raises(ModelLoadError, match=r"unsupported llama.expert_count=8 in .*: jkv runs dense MLPs only"):
+        load_gguf(tmp_path / "m.gguf", "f32", progress=False, with_tokenizer=False)
