@@ -150,12 +150,14 @@ class Generator:
         n_new = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not _is_int(n_new) or n_new < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {n_new!r}")
+        # Checked as SamplingParams checks them: a seed outside [0, 2**32) is refused, never wrapped.
+        given = {"seed": seed, "stop_tokens": stop_ids}
+        sampling = dataclasses.replace(sampling, **{k: v for k, v in given.items() if v is not None})
         prompts = self._check_prompts(prompts, n_new)
         timing = Timing(prompt_tokens=sum(len(p) for p in prompts), batch=len(prompts))
         if n_new == 0:
             return GenerationResult([[] for _ in prompts], ["length"] * len(prompts), timing)
-        seed = sampling.seed if seed is None else seed
-        stops = sampling.stop_tokens if stop_ids is None else tuple(stop_ids)
+        seed, stops = sampling.seed, sampling.stop_tokens
         engine, stats = self.engine, self.engine.stats
         compile0, prefill0, steps0, start = engine.compile_s, stats.prefill_s, stats.decode_steps, time.perf_counter()
         index = {}

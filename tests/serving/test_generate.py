@@ -128,7 +128,17 @@ SAMPLING_ERRORS = {
     "float-top-k": (dict(top_k=2.5), "top_k must be an int >= 0"),
     "zero-top-p": (dict(top_p=0.0), r"top_p must lie in \(0, 1\], got 0.0"),
     "big-top-p": (dict(top_p=1.5), r"top_p must lie in \(0, 1\], got 1.5"),
+    "bool-temperature": (dict(temperature=True), "temperature must be a finite number >= 0, got True"),
+    "bool-top-p": (dict(top_p=True), r"top_p must lie in \(0, 1\], got True"),
+    "int-stop-tokens": (dict(stop_tokens=2), r"stop_tokens must be a sequence of token ids \(ints\), got 2"),
+    "text-stop-tokens": (dict(stop_tokens="2"), r"stop_tokens must be a sequence of token ids \(ints\), got '2'"),
 }
+
+
+def test_sampling_takes_numpy_scalars_as_numbers():
+    params = SamplingParams(np.float32(0.5), np.int64(4), np.float32(0.75), np.uint32(7), np.int16(3), [np.int32(2)])
+    assert params == SamplingParams(0.5, 4, 0.75, 7, 3, (2,))
+    assert [type(x) for x in dataclasses.astuple(params)[:5]] == [float, int, float, int, int]
 
 
 @pytest.mark.parametrize("case", list(SAMPLING_ERRORS))
@@ -155,6 +165,10 @@ GENERATE_ERRORS = {
     "text-prompt": (dict(prompts="hello"), TypeError, "prompts must be a non-empty list of token-id lists"),
     "negative-new-tokens": (dict(max_new_tokens=-2), ValueError, "max_new_tokens must be an int >= 0, got -2"),
     "sampling-type": (dict(sampling=0.7), TypeError, "sampling must be a jkv.serving.SamplingParams, got float"),
+    "negative-seed": (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*32\), got -1"),
+    "seed-beyond-32-bits": (dict(seed=2**40), ValueError, r"seed must be an int in \[0, 2\*\*32\), got 1099511627776"),
+    "bool-seed": (dict(seed=True), ValueError, r"seed must be an int in \[0, 2\*\*32\), got True"),
+    "int-stop-ids": (dict(stop_ids=3), ValueError, r"stop_tokens must be a sequence of token ids \(ints\), got 3"),
 }
 
 
