@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import jax
+import numpy as np
 
 from jkv import memory
 from jkv.models import llama
@@ -45,10 +46,18 @@ def default_num_slots(spec, per_token: int, mesh, verbose: bool) -> int:
     return n
 
 
-def _positive(name, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+def _positive(name, value, minimum=1) -> int:
+    """``value`` as a Python int (NumPy integers included), or ``ValueError`` naming it."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+# The integer knobs of EngineOptions and their least values; those of _OPTIONAL may be None (a default).
+_SIZES = {"max_len": 2, "num_slots": 1, "prefix_cache_bytes": 0, "speculative_tokens": 0, "max_ngram": 1}
+_SIZES |= {"max_batch_tokens": 1, "num_pages": 1, "window_slack": 1}
+_OPTIONAL = ("num_slots", "max_batch_tokens", "num_pages", "window_slack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,28 +123,23 @@ class EngineOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "cache_options", tuple(sorted(dict(self.cache_options).items())))
-        _positive("max_len", self.max_len, 2)
-        if self.num_slots is not None:
-            _positive("num_slots", self.num_slots)
-        _positive("prefix_cache_bytes", self.prefix_cache_bytes, 0)
-        _positive("speculative_tokens", self.speculative_tokens, 0)
-        _positive("max_ngram", self.max_ngram)
-        if self.max_batch_tokens is not None:
-            _positive("max_batch_tokens", self.max_batch_tokens)
+        for name, minimum in _SIZES.items():  # Python ints from here on: they key compiled steps and name shapes
+            if getattr(self, name) is not None or name not in _OPTIONAL:
+                object.__setattr__(self, name, _positive(name, getattr(self, name), minimum))
         if self.num_pages is not None:
-            _positive("num_pages", self.num_pages)
             if not steps.is_paged(self.cache):
                 kind = f"cache={self.cache!r} is not paged"
                 raise ValueError(f"num_pages={self.num_pages} sizes a paged cache's pool; {kind}")
-        if self.window_slack is not None:
-            _positive("window_slack", self.window_slack)
         if self.windowed not in (None, True, False):
             raise TypeError(f"windowed must be None, True or False, got {self.windowed!r}")
         if self.buckets is not None:
-            object.__setattr__(self, "buckets", tuple(sorted(self.buckets)))
-            for bucket in self.buckets:
-                _positive("each of buckets", bucket)
-            if not self.buckets or self.buckets[-1] < self.batch_tokens:
+            if isinstance(self.buckets, (str, bytes)) or not hasattr(self.buckets, "__iter__"):
+                raise TypeError(f"buckets must be a tuple of ints (tokens per step), got {self.buckets!r}")
+            buckets = tuple(sorted(_positive("each of buckets", b) for b in self.buckets))
+            object.__setattr__(self, "buckets", buckets)
+            if not buckets:
+                raise ValueError("buckets=() names no step shape: give at least one tokens-per-step size, or None")
+            if self.buckets[-1] < self.batch_tokens:
                 raise ValueError(
                     f"the largest of buckets={self.buckets} must hold max_batch_tokens={self.batch_tokens}"
                 )

@@ -51,10 +51,31 @@ class Request:
         )
 
 
+def token_ids(prompt) -> list[int]:
+    """``prompt`` (a sequence of ints, or a 1-D integer array) as a list of Python ints; ``TypeError`` naming
+    anything else (text, floats, bools: never converted, as ``int("123")`` or ``int(1.7)`` would)."""
+    if isinstance(prompt, (str, bytes)):
+        raise TypeError(f"prompt must be token ids, got the text {prompt!r:.60}: encode it with the tokenizer first")
+    if hasattr(prompt, "dtype") and hasattr(prompt, "shape"):  # a NumPy or JAX array
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(
+                f"prompt must be a 1-D array of integer token ids, got shape {ids.shape} and dtype {ids.dtype}"
+            )
+        return ids.tolist()
+    if not hasattr(prompt, "__iter__"):
+        raise TypeError(f"prompt must be a sequence of token ids, got {type(prompt).__name__}")
+    ids = list(prompt)
+    bad = [t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
+    if bad:
+        raise TypeError(f"prompt token ids must be ints, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(t) for t in ids]
+
+
 def checked_prompt(prompt, params, max_len: int, vocab_size: int, options) -> list[int]:
     """``prompt`` as a list of ints, or ``ValueError`` naming what is wrong with it (or with ``params`` under the
-    engine's ``options``)."""
-    prompt = [int(t) for t in prompt]
+    engine's ``options``); ``TypeError`` when it is not token ids."""
+    prompt = token_ids(prompt)
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     if len(prompt) > max_len:  # a full row still yields the prefill's token

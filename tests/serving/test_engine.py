@@ -309,6 +309,12 @@ def test_run_summary_and_per_request_figures(params, rng):
         (lambda e: e.submit(list(range(65))), ValueError, "prompt of 65 tokens does not fit max_len=64"),
         (lambda e: e.submit([1, 500]), ValueError, "token ids [500] outside the vocabulary [0, 96)"),
         (lambda e: e.submit([1], "greedy"), TypeError, "SamplingParams"),
+        (lambda e: e.submit("123"), TypeError, "prompt must be token ids, got the text '123'"),
+        (lambda e: e.submit([1.7, 2.2]), TypeError, "prompt token ids must be ints, got 1.7 (float)"),
+        (lambda e: e.submit([2, True]), TypeError, "prompt token ids must be ints, got True (bool)"),
+        (lambda e: e.submit(np.array([1.0, 2.0])), TypeError, "got shape (2,) and dtype float64"),
+        (lambda e: e.submit(np.ones((2, 2), int)), TypeError, "got shape (2, 2) and dtype int64"),
+        (lambda e: e.submit(5), TypeError, "prompt must be a sequence of token ids, got int"),
         (lambda e: SamplingParams(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int, got 0"),
         (lambda e: SamplingParams(temperature=-1.0), ValueError, "temperature must be a finite number >= 0, got -1.0"),
         (lambda e: SamplingParams(top_k=-2), ValueError, "top_k must be an int >= 0"),
@@ -322,6 +328,9 @@ def test_run_summary_and_per_request_figures(params, rng):
             ValueError,
             "the largest of buckets=(8, 16) must hold max_batch_tokens=32",
         ),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, buckets=()), ValueError, "buckets=() names no step shape"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1, buckets=16), TypeError, "buckets must be a tuple of ints"),
+        (lambda e: Engine(e.params, CONFIG, num_slots=1.0), ValueError, "num_slots must be a positive int, got 1.0"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, cache="int4"), ValueError, "cache='int4' is not one of"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, max_len=40, cache="paged"), ValueError, "max_len=40"),
         (
@@ -345,6 +354,18 @@ def test_engine_errors(params, call, exc, text):
     with pytest.raises(exc) as info:
         call(eng)
     assert text in str(info.value)
+
+
+def test_numpy_integers_are_token_ids_and_sizes(params):
+    """Integer arrays and NumPy integers are what a caller's own code often holds: taken as the ints they are."""
+    eng = Engine(params, CONFIG, num_slots=np.int64(2), max_len=np.int32(MAX_LEN), cache="f32", verbose=False)
+    assert eng.num_slots == 2 and type(eng.options.num_slots) is int and type(eng.options.max_len) is int
+    sampling = SamplingParams(max_new_tokens=3)
+    for prompt in ([5, 6, 7], np.array([5, 6, 7], np.int32), jnp.array([5, 6, 7]), (np.int64(5), 6, 7)):
+        eng.submit(prompt, sampling)
+    outs = eng.run(show_progress=False)
+    assert all(c.prompt == [5, 6, 7] and type(c.prompt[0]) is int for c in outs)
+    assert all(c.tokens == outs[0].tokens for c in outs)
 
 
 def test_default_slot_count_comes_from_memory_planner(params, capsys):
