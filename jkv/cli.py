@@ -187,14 +187,16 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         if bar is not None:
             bar.close()
         if not args.quiet and done:
-            print(summary(done, len(ids), engine.num_slots), file=sys.stderr)
+            print(summary(done, len(ids), engine.num_slots, engine.stats.compile_s), file=sys.stderr)
             print(f"[{engine.summary().format()}]", file=sys.stderr)
     return 0
 
 
-def summary(done, total_requests: int, slots: int) -> str:
+def summary(done, total_requests: int, slots: int, compile_s: float = 0.0) -> str:
+    """The answers' line of the batch summary: seconds from the first submission to the last answer, less the
+    ``compile_s`` spent compiling steps in between (as the engine's own summary counts them)."""
     tokens = sum(len(c.tokens) for c in done)
-    wall = max(max(c.finished for c in done) - min(c.submitted for c in done), 1e-9)
+    wall = max(max(c.finished for c in done) - min(c.submitted for c in done) - compile_s, 1e-9)
     return (
         f"[{len(done)} answers of {total_requests} requests, {tokens} tokens in {wall:.2f} s: "
         f"{tokens / wall:.1f} tokens/s over {slots} slots]"

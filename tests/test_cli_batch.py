@@ -156,6 +156,15 @@ def test_non_utf8_batch_file_names_file_and_line(monkeypatch, tmp_path, capsys):
     assert f"--batch-file {str(path)!r} line 2 is not UTF-8 text (byte 0xef at column 3)" in err
 
 
+def test_summary_leaves_compile_seconds_out_of_its_rate():
+    """Requests submitted at 0 and finished at 10 s, 6 s of which compiled steps: 20 tokens in 4 s."""
+    done = [engine.Completion(i, [1], [7] * 10, "length", 0, 0.0, 1.0, 5.0 + 5 * i) for i in range(2)]
+    assert (
+        cli.summary(done, 3, 2, compile_s=6.0)
+        == "[2 answers of 3 requests, 20 tokens in 4.00 s: 5.0 tokens/s over 2 slots]"
+    )
+
+
 def test_zero_new_tokens_gives_empty_answers(tiny_gguf, batch, capsys):
     assert cli.main(["generate", "the the", "--model", tiny_gguf, "--max-new-tokens", "0", "--quiet", "--raw"]) == 0
     assert capsys.readouterr().out == "\n"  # one prompt: no token
@@ -214,12 +223,18 @@ def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tin
     out, err = capsys.readouterr()
     assert out.startswith("[line 1] the the\n") and "[line 3] the cat\n" in out and "[line 4]" not in out
     assert "[2 answers of 4 requests, " in err and "tokens/s over 1 slots]" in err and "jkv: interrupted" in err
+    # Both summaries span first submission to last answer without the seconds spent compiling steps.
+    answers_s = re.search(r"\[2 answers of 4 requests, \d+ tokens in ([\d.]+) s", err).group(1)
+    assert answers_s == re.search(r"\[2 requests, \d+ tokens in ([\d.]+) s", err).group(1)
 
     monkeypatch.setattr(engine.Engine, "pop_finished", original)
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert [int(n) for n in re.findall(r"^\[line (\d+)\]", out, re.M)] == [1, 3, 4, 5]
     assert re.search(r"\[4 answers of 4 requests, \d+ tokens in [\d.]+ s: [\d.]+ tokens/s over 1 slots\]", err)
+    # Both summaries span first submission to last answer without the seconds spent compiling steps.
+    answers_s = re.search(r"\[4 answers of 4 requests, \d+ tokens in ([\d.]+) s", err).group(1)
+    assert answers_s == re.search(r"\[4 requests, \d+ tokens in ([\d.]+) s", err).group(1)
     # The engine's run summary: rates of prompt and decode steps, latencies.
     assert re.search(r"\[4 requests, \d+ tokens in [\d.]+ s: [\d.]+ tokens/s \| prefill \d+ tokens at", err)
     assert "time to first token" in err and "inter-token" in err
