@@ -44,8 +44,8 @@ def read_batch_file(path: str) -> list[tuple[int, str]]:
         raise CliError(f"cannot read --batch-file {path!r}: {e.strerror}") from e
     prompts = []
     for number, line in enumerate(raw, start=1):
-        try:
-            text = line.decode("utf-8").rstrip("\r")
+        try:  # a byte-order mark (as Windows editors save UTF-8) is no part of the first prompt
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r")
         except UnicodeDecodeError as e:
             raise CliError(
                 f"--batch-file {path!r} line {number} is not UTF-8 text (byte {line[e.start]:#04x} at column "

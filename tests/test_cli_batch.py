@@ -156,6 +156,21 @@ def test_non_utf8_batch_file_names_file_and_line(monkeypatch, tmp_path, capsys):
     assert f"--batch-file {str(path)!r} line 2 is not UTF-8 text (byte 0xef at column 3)" in err
 
 
+@pytest.mark.parametrize(
+    "raw, prompts",
+    [
+        (b"\xef\xbb\xbfthe the\nthe cat\n", [(1, "the the"), (2, "the cat")]),  # Notepad's UTF-8 starts with a BOM
+        (b"the the\r\n\r\n \t\r\nthe cat", [(1, "the the"), (4, "the cat")]),  # CRLF, blank lines, no last newline
+        (b"\xef\xbb\xbf\ncaf\xc3\xa9\n", [(2, "caf\u00e9")]),
+    ],
+    ids=["bom", "crlf", "bom-then-blank"],
+)
+def test_batch_file_lines_as_an_editor_shows_them(tmp_path, raw, prompts):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(raw)
+    assert cli.read_batch_file(str(path)) == prompts
+
+
 def test_summary_leaves_compile_seconds_out_of_its_rate():
     """Requests submitted at 0 and finished at 10 s, 6 s of which compiled steps: 20 tokens in 4 s."""
     done = [engine.Completion(i, [1], [7] * 10, "length", 0, 0.0, 1.0, 5.0 + 5 * i) for i in range(2)]
