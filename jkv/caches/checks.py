@@ -172,6 +172,19 @@ def decode_args(q, k, v, lengths) -> tuple[int, int, int, int, int]:
     return b, n, kh, s, d
 
 
+def page_ids(what: str, pages, num_pages: int):
+    """Page ids as ``PagedKVCache.pin`` returns them: an integer vector of pool pages, -1 for none (host values
+    outside the pool raise, naming ``what``: they would be dropped or read as another page)."""
+    pages = jnp.asarray(pages)
+    if not jnp.issubdtype(pages.dtype, jnp.integer) or pages.ndim != 1:
+        raise TypeError(f"pages must be an integer vector, got {pages!r}")
+    known = (pages >= -1) & (pages < num_pages)
+    host_all(
+        known, lambda: f"{what} {np.asarray(pages)[~np.asarray(known)].tolist()} outside the pool [0, {num_pages})"
+    )
+    return pages
+
+
 def clamped(index, ok):
     """``index`` where ``ok``, else 0 (static indices stay static); callers drop or mask what it reads."""
     return index if ok is True else jnp.where(ok, index, 0)

@@ -275,9 +275,7 @@ class PagedKVCache(Cache):
     def unpin(self, pages) -> PagedKVCache:
         """Give back the references ``pin`` returned (``NO_PAGE`` entries skipped); host calls refuse to unpin a
         page more often than it is pinned, under ``jit`` the excess is ignored."""
-        pages = jnp.asarray(pages)
-        if not jnp.issubdtype(pages.dtype, jnp.integer) or pages.ndim != 1:
-            raise TypeError(f"pages must be an integer vector, got {pages!r}")
+        pages = checks.page_ids("unpin of pages", pages, self.num_pages)
         drop, asked = pool.unpin_counts(self.pins, pages)
         checks.host_all(
             asked <= self.pins,
@@ -287,11 +285,21 @@ class PagedKVCache(Cache):
 
     def read_pinned(self, pages, length) -> KVCache:
         """Positions ``[0, length)`` of pinned ``pages [m]`` as a one-sequence contiguous cache of ``max_len =
-        m * page_size`` in this cache's format (what a prefill continues from). Entries without a page read 0."""
-        pages = jnp.asarray(pages)
-        m = pages.shape[0]
-        length = jnp.clip(jnp.asarray(length, jnp.int32), 0, m * self.page_size)
-        return self._contiguous(pages[None, :], length[None], jnp.zeros(1, jnp.int32), m * self.page_size)
+        m * page_size`` in this cache's format (what a prefill continues from). Entries without a page read 0.
+        A page that is not pinned (or not in the pool), or a length outside ``[0, m * page_size]``, raises on the
+        host; under ``jit`` it gives an empty cache flagged ``ERR_BAD_SLOT`` (never another page's contents)."""
+        pages = checks.page_ids("read_pinned of pages", pages, self.num_pages)
+        length = checks.int32_value("length", length)
+        if length.ndim:
+            raise TypeError(f"length must be an integer scalar, got shape {length.shape}")
+        held = (pages >= 0) & (pages < self.num_pages) & (self.pins[jnp.clip(pages, 0, self.num_pages - 1)] > 0)
+        pinned, n = (pages == NO_PAGE) | held, pages.shape[0] * self.page_size
+        bad = lambda: np.asarray(pages)[~np.asarray(pinned)].tolist()
+        checks.host_all(pinned, lambda: f"read_pinned of pages {bad()} that are not pinned")
+        checks.host_all((length >= 0) & (length <= n), lambda: f"read_pinned length={int(length)} must lie in [0, {n}]")
+        ok = jnp.all(pinned) & (length >= 0) & (length <= n)
+        errors = jnp.where(ok, 0, ERR_BAD_SLOT)[None]
+        return self._contiguous(jnp.where(ok, pages, NO_PAGE)[None, :], jnp.where(ok, length, 0)[None], errors, n)
 
     def insert_into_slot(self, slot, single: KVCache, prefix=None) -> PagedKVCache:
         """Admit a one-sequence contiguous cache (any format: re-stored in this one) into ``slot`` on fresh pages;

@@ -211,6 +211,28 @@ def test_pin_and_shared_insert_errors(rng):
     chex.assert_trees_all_equal(flagged.pins, pinned.pins)
 
 
+def test_read_pinned_and_unpin_refuse_pages_that_are_not_pinned(rng):
+    """A page id outside the pool or not pinned is refused on the host, never read in another page's place (it
+    was clamped to the pool's last page); under jit it reads 0 and the result is flagged. Unpinning a page id
+    outside the pool is refused on the host as an unpinned one is."""
+    paged, ref = PagedKVCache.init(SPEC, 2, page_size=PAGE, num_pages=3), jkv.KVCache.init(SPEC, 2)
+    paged, ref = step_both(rng, paged, ref, 2 * PAGE, advance=[PAGE, 2 * PAGE])  # sequence 1 holds the last page
+    pinned, pages = _pin(paged, 0, PAGE)
+    last = int(pinned.block_tables[1, 1])
+    assert last == pinned.num_pages - 1
+    for bad, what in (([99], r"pages \[99\] outside the pool \[0, 3\)"), ([last], rf"pages \[{last}\] .*not pinned")):
+        with pytest.raises(ValueError, match=what):
+            pinned.read_pinned(np.asarray(bad), 4)
+        read = _read_pinned(pinned, np.asarray(bad), 4)
+        assert int(read.errors[0]) == ERR_BAD_SLOT and not np.asarray(read.data[0]).any()
+    with pytest.raises(ValueError, match=r"length=9 must lie in \[0, 8\]"):
+        pinned.read_pinned(pages[:1], PAGE + 1)
+    assert int(_read_pinned(pinned, pages[:1], PAGE + 1).errors[0]) == ERR_BAD_SLOT
+    assert int(_read_pinned(pinned, pages[:1], PAGE).errors[0]) == 0
+    with pytest.raises(ValueError, match=r"unpin of pages \[99\] outside the pool \[0, 3\)"):
+        pinned.unpin(np.asarray([int(pages[0]), 99]))
+
+
 def test_sharers_writing_together_copy_one_page_less(rng):
     """Forked samples decoding in one step: the first sharer keeps the shared page, the others copy it."""
     paged, ref = PagedKVCache.init(SPEC, 3, page_size=PAGE, num_pages=12), jkv.KVCache.init(SPEC, 3)
