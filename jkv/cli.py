@@ -168,7 +168,12 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         seed=args.seed,
         stop_tokens=tuple(tok.stop_ids),
     )
-    index = {engine.submit(request_ids, params): i for i, request_ids in enumerate(ids)}
+    index = {}
+    for i, ((number, _), request_ids) in enumerate(zip(prompts, ids, strict=True)):
+        try:  # what the engine alone knows: e.g. a prompt more pages long than --num-pages
+            index[engine.submit(request_ids, params)] = i
+        except ValueError as e:
+            raise CliError(f"line {number}: {e}" if tagged else str(e)) from None
     done = []
     bar = None
     if not args.quiet:

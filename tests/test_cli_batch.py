@@ -218,6 +218,12 @@ def test_batch_refuses_what_one_prompt_refuses(tiny_gguf, batch, capsys, options
     assert re.search(many, capsys.readouterr().err)
 
 
+def test_a_prompt_the_page_pool_cannot_hold_is_named_by_its_line(tiny_gguf, batch, capsys):
+    args = ["generate", "--batch-file", batch, "--model", tiny_gguf, "--quiet", "--raw", "--max-new-tokens", "60"]
+    assert cli.main([*args, "--num-pages", "3"]) == 2
+    assert re.search(r"^jkv: error: line 1: .* need 4 pages, the pool has 3$", capsys.readouterr().err)
+
+
 def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tiny_gguf, batch, capsys):
     """One slot: answers finish one by one. An interrupt after the second keeps both printed and sums them up.
     Prompts go over several steps of one token (both runs: one compiled step, shared by the two)."""
