@@ -78,6 +78,13 @@ def check_flags(args) -> None:
         raise CliError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     if args.speculative < 0:
         raise CliError(f"--speculative must be >= 0 (0: off), got {args.speculative}")
+    if args.num_pages is not None and args.cache is not None:
+        from jkv.caches.registry import kind
+
+        if not kind(args.cache).paged:
+            raise CliError(
+                f"--num-pages {args.num_pages} sizes a paged cache's pool; --cache {args.cache} is not paged"
+            )
     if args.speculative and args.temperature > 0:
         raise CliError("--speculative verifies greedy choices: use it with --temperature 0")
     quantized = getattr(args, "weights", "dequantize") == "native" or getattr(args, "quantize", None) is not None

@@ -127,6 +127,7 @@ def no_load(*args, **kwargs):
         (["--speculative", "-2"], "--speculative must be >= 0"),
         (["--speculative", "2", "--temperature", "0.5"], "--speculative verifies greedy choices"),
         (["--top-p", "0"], r"top_p must lie in \(0, 1\]"),
+        (["--cache", "f32", "--num-pages", "4"], "--num-pages 4 sizes a paged cache's pool; --cache f32 is not paged"),
     ],
     ids=[
         "negative-new-tokens",
@@ -136,6 +137,7 @@ def no_load(*args, **kwargs):
         "speculative",
         "spec-sampled",
         "top-p",
+        "pages-of-contiguous",
     ],
 )
 @pytest.mark.parametrize("mode", ["batch", "single"])
