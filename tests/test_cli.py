@@ -71,6 +71,7 @@ ERRORS = {
         ["--max-len", "4", "--max-new-tokens", "2"],  # 128 new tokens would not fit: refused before loading
         r"the prompt has \d+ tokens, longer than max_len=4",
     ),
+    "empty-raw-prompt": ("", ["--raw"], r"the prompt is empty \(it encodes to no token\): give some text"),
     "prompt-longer-than-context": (
         LONG,
         ["--raw"],

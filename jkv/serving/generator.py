@@ -238,6 +238,8 @@ def generate_text(
         chat = tok.chat_template is not None
     text = tok.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     ids = tok.encode(text)
+    if not ids:
+        raise ValueError("the prompt is empty (it encodes to no token): give some text")
     if len(ids) > model.config.max_position:
         raise ValueError(
             f"the prompt has {len(ids)} tokens, longer than the model's context length {model.config.max_position}"
