@@ -196,10 +196,13 @@ class Engine:
         self._flush_resets()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, **kw) -> list[list[int]]:
-        """Convenience: run ``prompts`` through the engine and return the generated ids of each, in order."""
-        for p in prompts:
-            self.submit(p, params)
-        return [c.tokens for c in self.run(**kw)]
+        """Convenience: run ``prompts`` through the engine and return the generated ids of each, in order (requests
+        submitted before run too; their completions stay for ``pop_finished``)."""
+        ids = [self.submit(p, params) for p in prompts]
+        done = {c.id: c for c in self.run(**kw)}
+        mine = [done.pop(i) for i in ids]
+        self._done.update(done)
+        return [c.tokens for c in mine]
 
     def summary(self):
         """The figures since the engine was built or ``reset_stats`` (``metrics.RunSummary``)."""

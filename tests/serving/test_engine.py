@@ -356,6 +356,18 @@ def test_engine_errors(params, call, exc, text):
     assert text in str(info.value)
 
 
+def test_generate_returns_the_answers_of_its_own_prompts(params):
+    """A request submitted before ``generate`` runs with it, but its completion stays for ``pop_finished``: it is
+    not one of the answers ``generate`` returns (it was, ahead of them)."""
+    eng = engine(params, "f32")
+    sampling = SamplingParams(max_new_tokens=3)
+    alone = eng.generate([[7, 8, 9]], sampling, show_progress=False)
+    other = eng.submit([1, 2, 3], SamplingParams(max_new_tokens=5))
+    assert eng.generate([[7, 8, 9]], sampling, show_progress=False) == alone
+    (left,) = eng.pop_finished()
+    assert left.id == other and len(left.tokens) == 5 and eng.pop_finished() == []
+
+
 def test_numpy_integers_are_token_ids_and_sizes(params):
     """Integer arrays and NumPy integers are what a caller's own code often holds: taken as the ints they are."""
     eng = Engine(params, CONFIG, num_slots=np.int64(2), max_len=np.int32(MAX_LEN), cache="f32", verbose=False)
