@@ -114,7 +114,7 @@ def attend(
     sees only the last ``window`` positions (itself included); ``softcap`` ``c`` caps scores as ``c*tanh(s/c)``."""
     impl = resolve_impl(impl)
     _check_q(q, cache)
-    checks.window_softcap(window, softcap)
+    checks.window_softcap(window, softcap, scale)
     layer, layer_ok = checks.index_in_range("layer", layer, cache.spec.num_layers)
     cache, layer = cache.for_layer(layer)  # a per-layer plan: the group holding the layer
     _check_window(window, cache)
@@ -183,6 +183,7 @@ def attend_write(
     kernels; same results and error bits."""
     impl = resolve_impl(impl)
     _check_step(q, k)
+    checks.window_softcap(window, softcap, scale)
     fused = impl == "pallas" and getattr(k, "ndim", 0) == 4 and k.shape[2] == 1 and getattr(q, "ndim", 0) == 4
     # a per-layer plan: the group holding the layer (its full layers are plain contiguous caches)
     target, inner = cache.for_layer(layer) if fused else (cache, layer)
@@ -192,7 +193,6 @@ def attend_write(
     from pallas_kernels import decode as fused_kernel
 
     _check_q(q, target)
-    checks.window_softcap(window, softcap)
     _check_window(window, target)
     window = _masking(window, target)
     at, slot, positions, errors = target.write_plan(inner, k, v)  # T = 1: token i is sequence i's

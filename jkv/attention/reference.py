@@ -30,7 +30,7 @@ def attention_reference(
     negative: output zero), or with ``window`` to the last ``window`` of them. ``softcap`` ``c`` caps the scaled
     scores as ``c * tanh(s / c)``. Query head ``n`` reads kv head ``n // (N // K)``. Positions no query reads may
     hold NaN. Returned in ``q.dtype``."""
-    checks.window_softcap(window, softcap)
+    checks.window_softcap(window, softcap, scale)
     if q.ndim != 4:
         raise ValueError(f"q must have shape [B, T, N, D], got {q.shape}")
     b, t, n, d = q.shape

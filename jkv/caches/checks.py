@@ -190,9 +190,17 @@ def clamped(index, ok):
     return index if ok is True else jnp.where(ok, index, 0)
 
 
-def window_softcap(window, softcap) -> None:
-    """An attention window (positions a query sees, itself included) and a logit soft cap, each optional."""
+def window_softcap(window, softcap, scale=None) -> None:
+    """An attention window (positions a query sees, itself included), a logit soft cap and a score scale, each
+    optional (static numbers; NumPy's count)."""
     if window is not None and (not isinstance(window, int | np.integer) or isinstance(window, bool) or window < 1):
         raise ValueError(f"window={window!r} must be a positive int (or None: no window)")
-    if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0 and np.isfinite(softcap)):
+    if softcap is not None and not _positive_number(softcap):
         raise ValueError(f"softcap={softcap!r} must be a positive finite number (or None: no cap)")
+    if scale is not None and not _positive_number(scale):
+        raise ValueError(f"scale={scale!r} must be a positive finite number (or None: 1/sqrt(D))")
+
+
+def _positive_number(x) -> bool:
+    number = isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+    return number and bool(np.isfinite(x)) and x > 0

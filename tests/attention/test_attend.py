@@ -265,6 +265,15 @@ def test_window_and_softcap_errors(rng):
     for bad in (dict(window=0), dict(window=2.5), dict(softcap=0.0), dict(softcap=float("inf"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             jkv.attend(q, cache, 0, **bad)
+    for bad in (dict(scale=float("nan")), dict(scale=-0.125), dict(scale=0.0), dict(scale=True)):
+        with pytest.raises(ValueError, match=r"scale=.* must be a positive finite number \(or None: 1/sqrt\(D\)\)"):
+            jkv.attend(q, cache, 0, **bad)  # NaN gave NaN outputs, a negative scale inverted the attention
+        with pytest.raises(ValueError, match="scale="):
+            jkv.attend_write(q, jnp.ones((3, 2, 1, 64)), jnp.ones((3, 2, 1, 64)), cache, 0, **bad)
+    # NumPy scalars are numbers, as a model's config may hold them
+    good = dict(window=np.int64(2), softcap=np.float32(30.0), scale=np.float32(0.125))
+    ref = jkv.attend(q, cache, 0, window=2, softcap=30.0, scale=0.125)
+    np.testing.assert_array_equal(jkv.attend(q, cache, 0, **good), ref)
 
 
 # T = 1 with a window and a soft cap runs each kind's decode kernel (contiguous plain: the fused append in
