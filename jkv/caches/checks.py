@@ -52,6 +52,8 @@ def int32_value(name: str, value):
     if host is not None:
         if host.dtype != object and not np.issubdtype(host.dtype, np.integer):
             raise TypeError(f"{name} must be an int or an integer array, got dtype {host.dtype}")
+        if host.dtype == object and not all(isinstance(x, int | np.integer) for x in np.ravel(host)):
+            raise TypeError(f"{name} must be an int or an integer array, got {value!r}")
         flat = [int(x) for x in np.ravel(host)]
         bad = [x for x in flat if not INT32_MIN <= x <= INT32_MAX]
         if bad:

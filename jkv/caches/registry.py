@@ -69,6 +69,8 @@ def kinds() -> tuple[str, ...]:
 
 
 def kind(name: str) -> Kind:
+    if not isinstance(name, str):
+        raise TypeError(f"cache kind must be a name (a str), got {name!r}: one of {kinds()}")
     if name not in KINDS:
         raise ValueError(f"cache kind {name!r} is not one of {kinds()}")
     return KINDS[name]
