@@ -149,10 +149,17 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         check_room(len(request_ids), args, context, f"line {number}: " if args.batch_file else "")
     tagged = args.batch_file is not None
 
+    bar = None
+
     def show(index: int, tokens: list[int]) -> None:
         text = tok.decode(tokens, skip_special=True)
         number, prompt = prompts[index]
-        print(f"[line {number}] {prompt}\n{text}\n" if tagged else text, flush=True)
+        answer = f"[line {number}] {prompt}\n{text}\n" if tagged else text
+        if bar is None:
+            print(answer, flush=True)
+        else:  # on a terminal: the bar (stderr) cleared first and redrawn after, not run into
+            bar.write(answer, file=sys.stdout)
+            sys.stdout.flush()
 
     if args.max_new_tokens == 0:  # as for one prompt: no token, and no engine to build
         for i in range(len(prompts)):
@@ -182,7 +189,6 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         except ValueError as e:
             raise CliError(f"line {number}: {e}" if tagged else str(e)) from None
     done = []
-    bar = None
     if not args.quiet:
         from tqdm.auto import tqdm
 

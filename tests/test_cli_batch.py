@@ -226,6 +226,18 @@ def test_a_prompt_the_page_pool_cannot_hold_is_named_by_its_line(tiny_gguf, batc
     assert re.search(r"^jkv: error: line 1: .* need 4 pages, the pool has 3$", capsys.readouterr().err)
 
 
+def test_answers_do_not_run_into_the_progress_bar(tiny_gguf, batch):
+    """On a terminal stdout and stderr are one screen: each answer starts on a line of its own (the bar is cleared
+    first and redrawn after), never after the bar's text."""
+    screen = io.StringIO()
+    args = ["generate", "--batch-file", batch, "--model", tiny_gguf, "--raw", "--max-new-tokens", "2"]
+    with contextlib.redirect_stdout(screen), contextlib.redirect_stderr(screen):
+        assert cli.main([*args, "--num-slots", "1", "--max-batch-tokens", "4"]) == 0
+    text = screen.getvalue()
+    assert text.count("[line ") == 4
+    assert all(text[i - 1] in "\n\r" for i in range(len(text)) if text.startswith("[line ", i)), text
+
+
 def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tiny_gguf, batch, capsys):
     """One slot: answers finish one by one. An interrupt after the second keeps both printed and sums them up.
     Prompts go over several steps of one token (both runs: one compiled step, shared by the two)."""
