@@ -265,6 +265,8 @@ class Engine:
             targets, accepted = (np.asarray(x) for x in out)
             self._account(info)
             for slot, request in sampling.items():
+                if request.released:  # cancelled by an earlier request's on_token
+                    continue
                 if verify[slot]:
                     n = int(accepted[slot])
                     st.accepted_tokens += n
@@ -367,6 +369,7 @@ class Engine:
     def _release(self, request: Request) -> None:
         """The request leaves: its slot is emptied at the start of the next step, its pages go back."""
         slot = request.seq.slot
+        request.released = True
         self.scheduler.finish(request.seq)
         del self._requests[request.id]
         if slot >= 0:

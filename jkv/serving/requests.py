@@ -31,6 +31,7 @@ class Request:
     inflight: int = 0  # tokens sampled by a dispatched step, not read yet
     draft: list[int] = dataclasses.field(default_factory=list)  # drafts of the step being planned
     stopped: bool = False  # a stop token came
+    released: bool = False  # finished or cancelled: nothing more is handed to it
     first_token: float = math.nan
     last_token: float = math.nan
     admitted: float = math.nan  # when it took a slot
@@ -130,7 +131,7 @@ def emit(request: Request, new_tokens: list[int], label: str, max_len: int) -> i
     many it took. ``NONFINITE`` raises ``NonFiniteLogitsError`` naming the step ``label``."""
     now, taken = time.perf_counter(), 0
     for token in new_tokens:
-        if finish_reason(request, max_len) is not None:
+        if request.released or finish_reason(request, max_len) is not None:  # e.g. cancelled by on_token
             break
         if token == NONFINITE:
             raise NonFiniteLogitsError(

@@ -173,6 +173,31 @@ def test_cancel_frees_the_slot_and_keeps_the_tokens_so_far(params, rng):
     assert_nothing_held(eng)
 
 
+@pytest.mark.parametrize("speculative", [0, 3], ids=["plain", "speculative"])
+def test_a_request_cancelled_from_a_stream_callback_streams_no_more(params, speculative):
+    """A client that goes away is cancelled from inside ``on_token`` (its own or another request's): no token of
+    it is streamed after, and its completion holds the tokens streamed before (a verify step handed over the rest
+    of its accepted drafts, and a request cancelled by another's callback its token of that step)."""
+    eng = engine(params, "paged", speculative_tokens=speculative)
+    prompt = [5, 6, 7] * 4  # repeats itself: prompt-lookup drafts
+    streamed, late, ids = {}, [], []
+
+    def on_token(rid, token):
+        if rid in cancelled:
+            late.append((rid, token))
+        streamed.setdefault(rid, []).append(token)
+        if rid == ids[0] and len(streamed[rid]) == 4:
+            cancelled.update(ids)
+            assert eng.cancel(ids[1]) and eng.cancel(ids[0])
+
+    cancelled = set()
+    ids += [eng.submit(p, SamplingParams(max_new_tokens=20), on_token) for p in (prompt, prompt[1:])]
+    done = {c.id: c for c in eng.run(show_progress=False)}
+    assert late == [] and all(done[i].finish_reason == "cancelled" for i in ids)
+    assert all(done[i].tokens == streamed.get(i, []) for i in ids) and len(done[ids[0]].tokens) == 4
+    assert_nothing_held(eng)
+
+
 def test_requests_wait_for_pages_and_all_finish(params, rng):
     """A pool of 6 pages of 16: at most two requests of 33..48 positions run at once; the others wait."""
     ps = [rng.integers(0, CONFIG.vocab_size, size=30).tolist() for _ in range(5)]
