@@ -131,6 +131,8 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if on_token is not None and not callable(on_token):  # else every later step would fail on it
+            raise TypeError(f"on_token must be a callable on_token(id, token), got {on_token!r}")
         prompt = checked_prompt(prompt, params, self.spec.max_len, self.config.vocab_size, self.options)
         # The last generated token is never written: prompt + max_new_tokens - 1 positions at most.
         positions = min(len(prompt) + params.max_new_tokens - 1, self.spec.max_len)

@@ -340,6 +340,7 @@ def test_run_summary_and_per_request_figures(params, rng):
         (lambda e: e.submit(np.array([1.0, 2.0])), TypeError, "got shape (2,) and dtype float64"),
         (lambda e: e.submit(np.ones((2, 2), int)), TypeError, "got shape (2, 2) and dtype int64"),
         (lambda e: e.submit(5), TypeError, "prompt must be a sequence of token ids, got int"),
+        (lambda e: e.submit([1], None, 5), TypeError, "on_token must be a callable on_token(id, token), got 5"),
         (lambda e: SamplingParams(max_new_tokens=0), ValueError, "max_new_tokens must be a positive int, got 0"),
         (lambda e: SamplingParams(temperature=-1.0), ValueError, "temperature must be a finite number >= 0, got -1.0"),
         (lambda e: SamplingParams(top_k=-2), ValueError, "top_k must be an int >= 0"),
