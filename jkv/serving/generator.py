@@ -147,6 +147,8 @@ class Generator:
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a jkv.serving.SamplingParams, got {type(sampling).__name__}")
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token must be a callable on_token(sequence_index, token), got {on_token!r}")
         n_new = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not _is_int(n_new) or n_new < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {n_new!r}")

@@ -168,6 +168,11 @@ GENERATE_ERRORS = {
     "negative-seed": (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*32\), got -1"),
     "seed-beyond-32-bits": (dict(seed=2**40), ValueError, r"seed must be an int in \[0, 2\*\*32\), got 1099511627776"),
     "bool-seed": (dict(seed=True), ValueError, r"seed must be an int in \[0, 2\*\*32\), got True"),
+    "on-token-not-callable": (
+        dict(on_token=1),
+        TypeError,
+        r"on_token must be a callable on_token\(sequence_index, token\)",
+    ),
     "int-stop-ids": (dict(stop_ids=3), ValueError, r"stop_tokens must be a sequence of token ids \(ints\), got 3"),
 }
 
