@@ -165,8 +165,7 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         for i in range(len(prompts)):
             show(i, [])
         return 0
-    # The engine keeps one free position after the last token, which the single-prompt generator does not need.
-    need = max(len(i) for i in ids) + args.max_new_tokens
+    need = max(len(i) for i in ids) + args.max_new_tokens - 1  # the last new token is never written
     max_len = max(args.max_len or min(context, -(-need // 256) * 256), need)
     mesh = None
     if args.tp * args.dp > 1:

@@ -296,7 +296,7 @@ class Engine:
         """Tokens a running sequence whose prompt is done asks for: 0, 1, or 1 + its drafts."""
         request = self._requests[seq.id]
         known = len(request.tokens) + request.inflight
-        done = known >= request.params.max_new_tokens or request.seq.prompt_len + known >= self.spec.max_len
+        done = known >= request.params.max_new_tokens or request.seq.prompt_len + known - 1 >= self.spec.max_len
         if request.stopped or done:
             return 0
         request.draft = []

@@ -120,8 +120,8 @@ def finish_reason(request: Request, max_len: int) -> str | None:
         return "stop"
     if len(request.tokens) >= request.params.max_new_tokens:
         return "length"
-    # The cache holds the prompt and every generated token but the last; the last needs a free position.
-    if request.tokens and len(request.prompt) + len(request.tokens) >= max_len:
+    # The cache holds the prompt and every generated token but the last: the row is full once they fill it.
+    if request.tokens and len(request.prompt) + len(request.tokens) - 1 >= max_len:
         return "max_len"
     return None
 

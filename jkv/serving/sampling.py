@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int
 FINISH_REASONS = (
     "stop",  # a stop token came; the stop token itself is not part of the returned tokens
     "length",  # max_new_tokens tokens were generated
-    "max_len",  # the request's cache row is full (prompt + generated tokens reached the engine's max_len)
+    "max_len",  # its cache row is full: prompt + generated tokens - 1 (the last is never written) = max_len
 )
 
 

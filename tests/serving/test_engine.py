@@ -15,7 +15,7 @@ from helpers_serving import CONFIG, MAX_LEN, assert_nothing_held, engine, make_p
 from jkv import KVCache
 from jkv.caches import CacheSpec
 from jkv.models import llama
-from jkv.serving import Engine, SamplingParams
+from jkv.serving import Engine, Generator, SamplingParams
 from jkv.serving.options import default_max_batch_tokens, default_max_slots
 from jkv.serving.prefix import common_prefix_length
 from jkv.serving.scheduler import token_buckets
@@ -35,7 +35,7 @@ def greedy_alone(params, prompt, n):
     for token in prompt:
         logits, cache = _STEP(params, cache, jnp.asarray([token], jnp.int32))
     out = [int(jnp.argmax(logits[0]))]
-    while len(out) < n and len(prompt) + len(out) < MAX_LEN:
+    while len(out) < n and len(prompt) + len(out) - 1 < MAX_LEN:  # out[-1] is written at that position
         logits, cache = _STEP(params, cache, jnp.asarray([out[-1]], jnp.int32))
         out.append(int(jnp.argmax(logits[0])))
     return out
@@ -70,9 +70,33 @@ def test_streaming_stop_tokens_and_max_len(params, rng):
     first, second = eng.run(show_progress=False)
     # The stop token ends the request and is neither returned nor streamed.
     assert first.finish_reason == "stop" and first.tokens == alone[: alone.index(stop)] == streamed
-    assert second.finish_reason == "max_len" and len(second.tokens) == 3  # fills the row: 61 + 3 = 64 positions
-    assert second.tokens == greedy_alone(params, long_prompt, 3)
+    # Fills the row: 61 + 4 - 1 = 64 positions (the last token is never written).
+    assert second.finish_reason == "max_len" and len(second.tokens) == 4
+    assert second.tokens == greedy_alone(params, long_prompt, 4)
     assert_nothing_held(eng)
+
+
+@pytest.mark.parametrize("front", ["engine", "generator"])
+def test_prompt_and_new_tokens_fill_the_row_exactly(params, front):
+    """prompt + max_new_tokens - 1 = max_len positions is accepted (the last token is never written), so all
+    max_new_tokens come back ("length"); one more asked comes back one short ("max_len"). The row held one token
+    fewer: 10 + 55 - 1 = 64 gave 54 tokens and "max_len"."""
+    prompt = list(range(1, 11))
+    if front == "engine":
+        eng = engine(params, "paged")
+        for n in (55, 56):
+            eng.submit(prompt, SamplingParams(max_new_tokens=n))
+        done = eng.run(show_progress=False)
+        got = [(len(c.tokens), c.finish_reason) for c in done]
+        assert done[0].tokens == done[1].tokens == greedy_alone(params, prompt, 55)
+        assert_nothing_held(eng)
+    else:
+        gen = Generator(CONFIG, params, max_len=MAX_LEN, max_batch_tokens=16)
+        result = gen.generate([prompt], max_new_tokens=55)
+        got = [(len(result.tokens[0]), result.finish_reasons[0])]
+        with pytest.raises(ValueError, match="needs 65 cache positions"):
+            gen.generate([prompt], max_new_tokens=56)
+    assert got == [(55, "length"), (55, "max_len")][: len(got)]
 
 
 def test_sampled_requests_do_not_depend_on_batching(params, rng):
