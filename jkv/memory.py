@@ -7,10 +7,12 @@ on backends that report no statistics (the CPU), the host's available physical m
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
 import jax
+import numpy as np
 
 from jkv.caches import CacheSpec
 
@@ -58,10 +60,18 @@ def device_free_bytes(device: jax.Device | None = None) -> int:
 
 def usable_bytes(budget: int | None = None, reserve: int | None = None) -> int:
     """``budget`` (default: device free memory) less a reserve (default: max(1 GiB, 5%) of the free memory)."""
-    free = device_free_bytes() if budget is None else int(budget)
+    free = device_free_bytes() if budget is None else _bytes("budget", budget)
     if reserve is None:
         reserve = 0 if budget is not None else max(DEFAULT_RESERVE_BYTES, int(free * DEFAULT_RESERVE_FRACTION))
-    return max(free - int(reserve), 0)
+    return max(free - _bytes("reserve", reserve), 0)
+
+
+def _bytes(name: str, value) -> int:
+    """A byte count given as an int or a float (``8e9``), or ``ValueError`` naming it."""
+    number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number of bytes >= 0")
+    return int(value)
 
 
 def max_batch(

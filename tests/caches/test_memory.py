@@ -46,6 +46,23 @@ def test_warns_when_nothing_fits():
         assert memory.max_len_for(SPEC, batch=4, budget=1000) == 0
 
 
+@pytest.mark.parametrize(
+    "budget, reserve",
+    [(float("nan"), None), (float("inf"), None), (-1, None), ("1000000000", None), (True, None), (2**30, -5)],
+    ids=["nan", "inf", "negative", "text", "bool", "negative-reserve"],
+)
+def test_bad_budgets_are_refused(budget, reserve):
+    """A budget or reserve must be a finite number of bytes >= 0 (NaN and inf failed inside int(), a negative
+    budget planned nothing silently, the text '1000000000' was taken as a number)."""
+    name, value = ("budget", budget) if reserve is None else ("reserve", reserve)
+    message = rf"{name}={value!r} must be a finite number of bytes >= 0"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        memory.max_batch(SPEC, budget=budget, reserve=reserve)
+    with pytest.raises(ValueError, match=name):
+        memory.max_len_for(SPEC, 4, budget=budget, reserve=reserve)
+    assert memory.max_batch(SPEC, budget=8e9) == memory.max_batch(SPEC, budget=8 * 10**9)  # floats count
+
+
 def test_device_free_memory_is_positive_and_default_budget_works():
     assert memory.device_free_bytes() > 0
     with warnings.catch_warnings():
