@@ -114,7 +114,7 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
             raise ApiError(400, f"token ids {bad[:5]} lie outside the vocabulary [0, {vocab})", field)
 
     def sampling(body, prompt_len: int, budget: int | None, default: int, field: str) -> SamplingParams:
-        room = max_len - prompt_len  # the engine ends a request when prompt + generated tokens reach max_len
+        room = max_len - prompt_len  # OpenAI's count: prompt + completion tokens within the context
         if budget is None:
             budget = min(default, room)
         elif budget > room:
