@@ -40,7 +40,15 @@ def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence[jax.Device] | None = N
 
 
 def mesh_sizes(mesh: Mesh) -> tuple[int, int]:
-    """``(dp, tp)`` of ``mesh``."""
+    """``(dp, tp)`` of ``mesh``; ``ValueError`` naming its axes when it lacks either (``make_mesh`` gives both)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"expected a jax.sharding.Mesh (jkv.parallel.make_mesh), got {type(mesh).__name__}")
+    missing = [name for name in (DP, TP) if name not in mesh.shape]
+    if missing:
+        raise ValueError(
+            f"the mesh's axes {tuple(mesh.axis_names)} lack {missing}: jkv shards over a mesh with axes "
+            f"({DP!r}, {TP!r}) (jkv.parallel.make_mesh; size 1 for an unused one)"
+        )
     return mesh.shape[DP], mesh.shape[TP]
 
 

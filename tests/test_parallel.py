@@ -82,3 +82,12 @@ def test_sharding_doc_example_runs():
     names |= {"cache": jkv.KVCache.init(spec, 2), "tokens": jnp.array([1, 2])}
     exec(compile(code, "docs/sharding.md", "exec"), names)
     assert names["logits"].shape == (2, config.vocab_size) and names["cache"].lengths.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("axes", [("x",), ("tp",), ("dp",), ("data", "model")], ids=str)
+def test_mesh_without_dp_and_tp_axes_is_refused_by_name(axes):
+    """A user's own mesh lacking an axis jkv shards over: a ValueError naming the axes, not a KeyError."""
+    devices = np.array(jax.devices()[:2]).reshape((2,) + (1,) * (len(axes) - 1))
+    mesh = jax.sharding.Mesh(devices, axes)
+    with pytest.raises(ValueError, match=re.escape(f"the mesh's axes {axes} lack")):
+        parallel.mesh_sizes(mesh)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from jkv.parallel import DP, TP
+from jkv.parallel import DP, TP, mesh_sizes  # noqa: F401 (the cache kinds import DP, TP from here)
 
 
 def cache_specs(cache):
@@ -21,7 +21,7 @@ def cache_sharding(cache, mesh: Mesh):
 
 def shard_cache(cache, mesh: Mesh):
     """Place ``cache`` on ``mesh``: its kv heads split over tp, its sequences over dp."""
-    dp, tp = mesh.shape[DP], mesh.shape[TP]
+    dp, tp = mesh_sizes(mesh)
     if cache.spec.num_kv_heads % tp:
         raise ValueError(f"tp={tp} must divide the cache's num_kv_heads={cache.spec.num_kv_heads}")
     if cache.batch % dp:

@@ -52,6 +52,8 @@ class Engine:
         llama.check_params(params, config)
         if options.max_len > config.max_position:
             raise ValueError(f"max_len={options.max_len} exceeds the model's context length {config.max_position}")
+        if mesh is not None:  # a mesh that cannot fit is refused before any cache is planned or placed
+            llama.check_layout(config, mesh)
         self.options, self.params, self.config, self.mesh = options, params, config, mesh
         self.cache_kind = options.cache
         storage = plan_storage(options, config, params.dtype, mesh, verbose)

@@ -164,3 +164,18 @@ def test_q8_and_paged_caches_shard_and_decode(kind):
     else:
         assert {shape[2] for shape in local} == {config.num_kv_heads // 2}
         assert {s.data.shape for s in out.block_tables.addressable_shards} == {(BATCH // 2, out.max_pages)}
+
+
+def test_users_of_a_mesh_without_dp_or_tp_name_its_axes(model):
+    """shard_params, shard_cache and the Engine refuse a mesh lacking an axis with the axes named (was KeyError)."""
+    from jkv.serving import Engine
+
+    params, cache, _ = model
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))
+    message = r"the mesh's axes \('tp',\) lack \['dp'\]"
+    with pytest.raises(ValueError, match=message):
+        llama.shard_params(params, CONFIG, mesh)
+    with pytest.raises(ValueError, match=message):
+        shard_cache(cache, mesh)
+    with pytest.raises(ValueError, match=message):
+        Engine(params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla", verbose=False)
