@@ -179,3 +179,23 @@ def test_users_of_a_mesh_without_dp_or_tp_name_its_axes(model):
         shard_cache(cache, mesh)
     with pytest.raises(ValueError, match=message):
         Engine(params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla", verbose=False)
+
+
+def test_vocab_not_split_by_tp_is_refused_by_name():
+    """The LM head's vocab columns split over tp: a vocab tp does not divide is refused naming it (was jax's
+    IndivisibleError from device_put); a tied head (no lm_head) is not split, so any vocab fits."""
+    config = llama.LlamaConfig(100, 64, 128, 2, 8, 8, 8)
+    mesh = parallel.make_mesh(tp=8)
+    with pytest.raises(ValueError, match=r"tp=8 must divide vocab_size=100; tp in \[1, 2, 4\] would work"):
+        llama.shard_params(random_params(config, seed=0), config, mesh)
+    with pytest.raises(ValueError, match="tp=8 must divide vocab_size=100"):
+        llama.init_params_sharded(config, jax.random.key(0), mesh, jnp.float32)
+    tied = llama.LlamaConfig(100, 64, 128, 2, 8, 8, 8, tie_embeddings=True)
+    llama.check_layout(tied, mesh)
+
+
+def test_suggested_tp_sizes_fit_every_split():
+    """The sizes a refusal suggests fit every split axis, not only the failing one."""
+    config = llama.LlamaConfig(128, 64, 100, 2, 8, 8, 8)  # kv heads 8 allow tp=8, intermediate 100 does not
+    with pytest.raises(ValueError, match=r"tp=3 must divide num_kv_heads=8 .* tp in \[1, 2, 4\] would work"):
+        llama.check_layout(config, parallel.make_mesh(tp=3))

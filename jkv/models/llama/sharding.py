@@ -27,15 +27,15 @@ def _divisors(n: int) -> list[int]:
 def check_layout(config: LlamaConfig, mesh: Mesh, batch: int | None = None) -> None:
     """Raise ``ValueError`` naming the numbers when ``config`` cannot be split over ``mesh``."""
     dp, tp = mesh_sizes(mesh)
-    if config.num_kv_heads % tp:
-        ok = [d for d in _divisors(config.num_kv_heads)]
-        raise ValueError(
-            f"tensor parallel size tp={tp} must divide num_kv_heads={config.num_kv_heads} "
-            f"(each device holds whole kv heads); tp in {ok} would work"
-        )
-    if config.intermediate_size % tp:
-        ok = [d for d in _divisors(math.gcd(config.intermediate_size, config.num_kv_heads))]
-        raise ValueError(f"tp={tp} must divide intermediate_size={config.intermediate_size}; tp in {ok} would work")
+    # Sizes tp splits: whole kv heads, the MLP's columns, and the LM head's vocab columns (a tied head is not split).
+    split = {"num_kv_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size}
+    if not config.tie_embeddings:
+        split["vocab_size"] = config.vocab_size
+    ok = _divisors(math.gcd(*split.values()))
+    for name, size in split.items():
+        if size % tp:
+            why = " (each device holds whole kv heads)" if name == "num_kv_heads" else ""
+            raise ValueError(f"tensor parallel size tp={tp} must divide {name}={size}{why}; tp in {ok} would work")
     if batch is not None and batch % dp:
         raise ValueError(
             f"data parallel size dp={dp} must divide the batch={batch}; use a batch that is a multiple of {dp}"
