@@ -28,8 +28,9 @@ def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence[jax.Device] | None = N
     """A ``(dp, tp)`` mesh over the first ``dp * tp`` devices (tp devices adjacent: they talk every layer)."""
     devices = list(jax.devices() if devices is None else devices)
     for name, value in (("tp", tp), ("dp", dp)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    tp, dp = int(tp), int(dp)
     if tp * dp > len(devices):
         raise ValueError(
             f"dp={dp} x tp={tp} needs {dp * tp} devices but only {len(devices)} are available "

@@ -26,10 +26,17 @@ def test_make_mesh_shape_and_device_order(dp, tp):
     np.testing.assert_array_equal(mesh.devices.ravel(), jax.devices()[: dp * tp])
 
 
+def test_make_mesh_takes_numpy_integers():
+    """Sizes computed with NumPy (``np.int64``) are ints as the engine's options take them (were refused)."""
+    mesh = parallel.make_mesh(tp=np.int64(2), dp=np.int32(2))
+    assert parallel.mesh_sizes(mesh) == (2, 2) and all(type(n) is int for n in parallel.mesh_sizes(mesh))
+
+
 MESH_ERRORS = {
     "too-many-devices": (dict(tp=4, dp=4), r"dp=4 x tp=4 needs 16 devices but only 8"),
     "zero-tp": (dict(tp=0), "tp must be a positive int, got 0"),
     "bool-dp": (dict(dp=True), "dp must be a positive int, got True"),
+    "float-tp": (dict(tp=2.0), "tp must be a positive int, got 2.0"),
 }
 
 
