@@ -199,3 +199,17 @@ def test_suggested_tp_sizes_fit_every_split():
     config = llama.LlamaConfig(128, 64, 100, 2, 8, 8, 8)  # kv heads 8 allow tp=8, intermediate 100 does not
     with pytest.raises(ValueError, match=r"tp=3 must divide num_kv_heads=8 .* tp in \[1, 2, 4\] would work"):
         llama.check_layout(config, parallel.make_mesh(tp=3))
+
+
+def test_quantized_weights_are_refused_by_name():
+    """Block-quantized weights have no split rule: the refusal names the weight and the way out (it named a
+    plane, ``.lm_head.planes[0]``, as a parameter without a rule)."""
+    from qweight_inputs import random_planes
+
+    from jkv.models import quant
+
+    planes = random_planes(np.random.default_rng(0), "Q8_0", CONFIG.vocab_size, CONFIG.hidden_size)
+    head = quant.from_planes("Q8_0", planes, (CONFIG.hidden_size, CONFIG.vocab_size), jnp.float32)
+    params = random_params(CONFIG, seed=0).replace(lm_head=head)
+    with pytest.raises(ValueError, match=r"\.lm_head is block-quantized \(Q8_0\).*dequantize_params"):
+        llama.shard_params(params, CONFIG, parallel.make_mesh(tp=2))

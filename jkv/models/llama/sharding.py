@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jkv.models import quant
 from jkv.models.llama.config import LlamaConfig
 from jkv.models.llama.params import LlamaParams, init_params
 from jkv.parallel import TP, mesh_sizes
@@ -68,6 +69,11 @@ def param_specs(params):
     """PartitionSpecs for a ``LlamaParams`` pytree (either layer layout)."""
 
     def spec_for(path, leaf):
+        if quant.is_quantized(leaf):
+            raise ValueError(
+                f"parameter {jax.tree_util.keystr(path)} is block-quantized ({leaf.format}): quantized weights run "
+                "on one device; dequantize them (jkv.models.quant.dequantize_params) to shard them"
+            )
         name = getattr(path[-1], "name", None)
         if name not in PARAM_TP_AXIS:
             raise ValueError(f"no tensor-parallel rule for parameter {jax.tree_util.keystr(path)}")
@@ -77,7 +83,7 @@ def param_specs(params):
             spec[axis] = TP
         return P(*spec)
 
-    return jax.tree_util.tree_map_with_path(spec_for, params)
+    return jax.tree_util.tree_map_with_path(spec_for, params, is_leaf=quant.is_quantized)
 
 
 def shard_params(params: LlamaParams, config: LlamaConfig, mesh: Mesh) -> LlamaParams:
