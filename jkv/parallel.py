@@ -56,6 +56,7 @@ def mesh_sizes(mesh: Mesh) -> tuple[int, int]:
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh):
     """Within this context, Pallas attention kernels run per shard of ``mesh`` (``shard_map`` over dp and tp)."""
+    mesh_sizes(mesh)  # a mesh without both axes is refused here, not inside a traced kernel
     _ACTIVE_MESH.append(mesh)
     try:
         yield mesh

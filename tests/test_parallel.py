@@ -98,3 +98,7 @@ def test_mesh_without_dp_and_tp_axes_is_refused_by_name(axes):
     mesh = jax.sharding.Mesh(devices, axes)
     with pytest.raises(ValueError, match=re.escape(f"the mesh's axes {axes} lack")):
         parallel.mesh_sizes(mesh)
+    # use_mesh refuses it on entry (kernels then failed inside shard_map: "must refer to an axis marked as manual")
+    with pytest.raises(ValueError, match=re.escape(f"the mesh's axes {axes} lack")), parallel.use_mesh(mesh):
+        pass
+    assert parallel.active_mesh() is None
