@@ -33,8 +33,8 @@ def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence[jax.Device] | None = N
     tp, dp = int(tp), int(dp)
     if tp * dp > len(devices):
         raise ValueError(
-            f"dp={dp} x tp={tp} needs {dp * tp} devices but only {len(devices)} are available "
-            f"({devices[0].platform}); choose dp * tp <= {len(devices)}"
+            f"dp={dp} x tp={tp} needs {dp * tp} devices but only {len(devices)} are available"
+            f"{f' ({devices[0].platform})' if devices else ''}; choose dp * tp <= {len(devices)}"
         )
     grid = np.array(devices[: dp * tp], dtype=object).reshape(dp, tp)
     return Mesh(grid, (DP, TP))

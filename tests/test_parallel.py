@@ -37,6 +37,7 @@ MESH_ERRORS = {
     "zero-tp": (dict(tp=0), "tp must be a positive int, got 0"),
     "bool-dp": (dict(dp=True), "dp must be a positive int, got True"),
     "float-tp": (dict(tp=2.0), "tp must be a positive int, got 2.0"),
+    "no-devices": (dict(tp=2, devices=[]), r"dp=1 x tp=2 needs 2 devices but only 0 are available"),
 }
 
 
