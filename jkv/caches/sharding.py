@@ -16,6 +16,8 @@ def cache_specs(cache):
 
 
 def cache_sharding(cache, mesh: Mesh):
+    """``NamedSharding`` s on ``mesh`` for every array of ``cache`` (a compiled step's ``out_shardings``)."""
+    mesh_sizes(mesh)  # a mesh without both axes is refused naming its axes
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs(cache))
 
 

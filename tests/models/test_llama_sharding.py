@@ -167,7 +167,8 @@ def test_q8_and_paged_caches_shard_and_decode(kind):
 
 
 def test_users_of_a_mesh_without_dp_or_tp_name_its_axes(model):
-    """shard_params, shard_cache and the Engine refuse a mesh lacking an axis with the axes named (was KeyError)."""
+    """shard_params, shard_cache, cache_sharding and the Engine refuse a mesh lacking an axis, naming its axes
+    (they raised KeyError or a jax error)."""
     from jkv.serving import Engine
 
     params, cache, _ = model
@@ -177,6 +178,8 @@ def test_users_of_a_mesh_without_dp_or_tp_name_its_axes(model):
         llama.shard_params(params, CONFIG, mesh)
     with pytest.raises(ValueError, match=message):
         shard_cache(cache, mesh)
+    with pytest.raises(ValueError, match=message):
+        cache_sharding(cache, mesh)
     with pytest.raises(ValueError, match=message):
         Engine(params, CONFIG, num_slots=4, max_len=MAX_LEN, mesh=mesh, impl="xla", verbose=False)
 
