@@ -88,12 +88,32 @@ def llama_layers(params) -> list:
     return out
 
 
+def _layout(cache) -> tuple:
+    """What must agree for caches to stack: the pytree's structure (kind, format) and each leaf's shape/dtype."""
+    leaves, treedef = jax.tree.flatten(cache)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+
+
 def stack_caches(caches):
     """One cache pytree whose every array has a new leading axis over ``caches`` (all of one kind and shape):
     the input of ``jax.vmap(step, in_axes=0)`` for a step written for one sequence's cache."""
+    caches = list(caches)
+    if not caches:
+        raise ValueError("stack_caches got no caches: expected one or more of one kind and shape")
+    want = _layout(caches[0])
+    for i, cache in enumerate(caches[1:], 1):
+        if _layout(cache) != want:
+            raise ValueError(
+                f"caches[{i}] ({type(cache).__name__}, arrays {_layout(cache)[1]}) differs from caches[0] "
+                f"({type(caches[0]).__name__}, arrays {want[1]}): expected one kind, spec and batch"
+            )
     return jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
 
 
 def unstack_caches(stacked, n: int) -> list:
-    """The ``n`` caches of ``stack_caches``' output, in order."""
+    """The ``n`` caches of ``stack_caches``' output, in order (``n`` must be the stack's length)."""
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(stacked)}
+    if sizes != {n}:
+        held = sizes.pop() if len(sizes) == 1 else sorted(sizes, key=str)
+        raise ValueError(f"unstack_caches({n=}): the stack holds {held} caches, expected {n}")
     return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
