@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jkv.attention import attend_write
+from jkv.attention import IMPLS, attend_write
 from jkv.attention.qkv import unfuse_qkv
 from jkv.caches import checks
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies
@@ -36,6 +36,22 @@ def check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     checks.gqa_heads(num_heads, num_kv_heads)
     if head_dim % 2:
         raise ValueError(f"{head_dim=} must be even (rotary embeddings rotate pairs)")
+
+
+def check_settings(rope_style, window, softcap, impl) -> None:
+    """The layer's static settings, checked when it is built (a bad one would otherwise fail at its first call)."""
+    styles = tuple(style.value for style in RopeStyle)
+    if rope_style not in styles:
+        raise ValueError(f"{rope_style=} must be one of {styles}")
+    checks.window_softcap(window, softcap)
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"{impl=} is not one of {IMPLS} (or None: the default for the platform)")
+
+
+def check_input(x, hidden_size: int) -> None:
+    """``x`` is a step's ``[B, T, hidden_size]`` activations."""
+    if getattr(x, "ndim", None) != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"x.shape={getattr(x, 'shape', None)} must be [B, T, {hidden_size}]")
 
 
 def step_positions(cache, t: int) -> Int[Array, "B T"]:

@@ -51,11 +51,19 @@ class Attention(eqx.Module):
 
     def __check_init__(self):
         common.check_heads(self.num_heads, self.num_kv_heads, self.head_dim)
-        want = {"wq": self.num_heads, "wk": self.num_kv_heads, "wv": self.num_kv_heads}
-        for name, heads in want.items():
-            w = getattr(self, name)
-            if w.ndim != 2 or w.shape[1] != heads * self.head_dim:
-                raise ValueError(f"{name}.shape={w.shape} must be [H, {heads * self.head_dim}]")
+        common.check_settings(self.rope_style, self.window, self.softcap, self.impl)
+        half = self.head_dim // 2
+        if len(self.inv_freq) != half:
+            raise ValueError(f"inv_freq has {len(self.inv_freq)} frequencies, expected {half} for head_dim={2 * half}")
+        hidden = self.wq.shape[0] if self.wq.ndim == 2 else None
+        nd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        for name, shape in (("wq", (hidden, nd)), ("wk", (hidden, kd)), ("wv", (hidden, kd)), ("wo", (nd, hidden))):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name}.shape={getattr(self, name).shape} must be [{shape[0]}, {shape[1]}]")
+        for name, n in (("bq", nd), ("bk", kd), ("bv", kd)):
+            bias = getattr(self, name)
+            if bias is not None and bias.shape != (n,):
+                raise ValueError(f"{name}.shape={bias.shape} must be ({n},) or None")
 
     @classmethod
     def init(
@@ -88,6 +96,7 @@ class Attention(eqx.Module):
     def __call__(self, x: Float[Array, "B T H"], cache, layer):
         """``x``: the step's ``T`` tokens per sequence (tokens ``t >= cache.counts[b]`` are padding). Returns
         ``(out [B, T, H], cache)`` with this layer's keys and values written at ``cache.lengths[b] + t``."""
+        common.check_input(x, self.wq.shape[0])
         b, t, _ = x.shape
         q = linear(x, self.wq, self.bq).reshape(b, t, self.num_heads, self.head_dim)
         k = linear(x, self.wk, self.bk).reshape(b, t, self.num_kv_heads, self.head_dim)

@@ -44,6 +44,7 @@ class Attention(nnx.Module):
         precision=lax.Precision.HIGHEST,
     ):
         common.check_heads(num_heads, num_kv_heads, head_dim)
+        common.check_settings(rope_style, window, softcap, impl)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.inv_freq = common.rope_frequencies(head_dim, rope_theta, inv_freq)
         self.rope_style, self.window, self.softcap, self.impl = rope_style, window, softcap, impl
@@ -60,6 +61,7 @@ class Attention(nnx.Module):
     def __call__(self, x: Float[Array, "B T H"], cache, layer):
         """``x``: the step's ``T`` tokens per sequence (tokens ``t >= cache.counts[b]`` are padding). Returns
         ``(out [B, T, H], cache)`` with this layer's keys and values written at ``cache.lengths[b] + t``."""
+        common.check_input(x, self.q_proj.in_features)
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)

@@ -36,3 +36,41 @@ def test_stack_caches_refuses_nothing_and_mixed_kinds():
     spec = jkv.CacheSpec(2, K, 32, 16, jnp.float32)
     with pytest.raises(ValueError, match=r"caches\[1\] .*int8.* differs from caches\[0\]"):
         common.stack_caches([jkv.make_cache("f32", spec, 1), jkv.make_cache("q8", spec, 1)])
+
+
+def test_eqx_layer_checks_every_weight_at_construction():
+    layer = eqx_layer(qkv_bias=True)
+    w = {n: getattr(layer, n) for n in ("wq", "wk", "wv", "wo", "bq", "bk", "bv")}
+    settings = (N, K, D, layer.inv_freq)
+    bad = {
+        "wo": (w["wq"], r"wo.shape=\(32, 64\) must be \[64, 32\]"),  # [N*D, H]: the transpose of wq
+        "bq": (jnp.zeros(3), r"bq.shape=\(3,\) must be \(64,\)"),
+        "wk": (w["wk"][:5], r"wk.shape=\(5, 32\) must be \[32, 32\]"),  # hidden size of wq
+    }
+    for name, (value, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            jeqx.Attention(*{**w, name: value}.values(), *settings)
+    with pytest.raises(ValueError, match=r"inv_freq has 3 frequencies, expected 8 for head_dim=16"):
+        jeqx.Attention(*w.values(), N, K, D, (1.0,) * 3)
+
+
+@pytest.mark.parametrize("make", [eqx_layer, nnx_layer], ids=["eqx", "nnx"])
+def test_layer_settings_are_checked_at_construction(make):
+    for options, message in (
+        (dict(rope_style="bogus"), r"rope_style='bogus' must be one of \('neox', 'norm'\)"),
+        (dict(window=0), r"window=0 must be a positive int"),
+        (dict(softcap=-1.0), r"softcap=-1.0"),
+        (dict(impl="bogus"), r"impl='bogus' is not one of"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make(**options)
+
+
+@pytest.mark.parametrize("make", [eqx_layer, nnx_layer], ids=["eqx", "nnx"])
+def test_layer_input_shape_is_named(make):
+    layer = make()
+    cache = jkv.make_cache("f32", SPEC, 2).begin(3)
+    with pytest.raises(ValueError, match=r"x.shape=\(3, 32\) must be \[B, T, 32\]"):
+        layer(jnp.ones((3, H)), cache, 0)
+    with pytest.raises(ValueError, match=r"x.shape=\(2, 3, 33\) must be \[B, T, 32\]"):
+        layer(jnp.ones((2, 3, H + 1)), cache, 0)
