@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 from jkv.attention import IMPLS, attend_write
 from jkv.attention.qkv import unfuse_qkv
 from jkv.caches import checks
+from jkv.caches.base import Cache
 from jkv.rope import RopeStyle, apply_rope, inv_frequencies
 
 
@@ -48,10 +49,19 @@ def check_settings(rope_style, window, softcap, impl) -> None:
         raise ValueError(f"{impl=} is not one of {IMPLS} (or None: the default for the platform)")
 
 
-def check_input(x, hidden_size: int) -> None:
-    """``x`` is a step's ``[B, T, hidden_size]`` activations."""
+def check_input(x, hidden_size: int, cache) -> None:
+    """``x`` is a step's ``[B, T, hidden_size]`` activations over ``cache``'s ``B`` sequences."""
     if getattr(x, "ndim", None) != 3 or x.shape[-1] != hidden_size:
         raise ValueError(f"x.shape={getattr(x, 'shape', None)} must be [B, T, {hidden_size}]")
+    check_cache(cache, x.shape[0], f"x.shape={x.shape}")
+
+
+def check_cache(cache, batch: int, what: str) -> None:
+    """``cache`` is a jkv cache (``jkv.make_cache``) holding ``batch`` sequences, the batch of the step's ``what``."""
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be a jkv cache (jkv.make_cache(kind, spec, batch)), got {type(cache).__name__}")
+    if cache.batch != batch:
+        raise ValueError(f"{what} has batch {batch}, the cache has batch {cache.batch}")
 
 
 def step_positions(cache, t: int) -> Int[Array, "B T"]:
@@ -76,6 +86,7 @@ def attend(
     ``(out [B, T, N, D], cache)``. Tokens ``t >= cache.counts[b]`` are padding: not written, output zero."""
     if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2]:
         raise ValueError(f"q, k, v must be [B, T, N, D], [B, T, K, D] x 2, got {q.shape}, {k.shape}, {v.shape}")
+    check_cache(cache, q.shape[0], f"q.shape={q.shape}")
     positions = step_positions(cache, q.shape[1])
     inv = jnp.asarray(inv_freq, jnp.float32)
     q, k = apply_rope(q, positions, inv, RopeStyle(rope_style)), apply_rope(k, positions, inv, RopeStyle(rope_style))

@@ -96,7 +96,7 @@ class Attention(eqx.Module):
     def __call__(self, x: Float[Array, "B T H"], cache, layer):
         """``x``: the step's ``T`` tokens per sequence (tokens ``t >= cache.counts[b]`` are padding). Returns
         ``(out [B, T, H], cache)`` with this layer's keys and values written at ``cache.lengths[b] + t``."""
-        common.check_input(x, self.wq.shape[0])
+        common.check_input(x, self.wq.shape[0], cache)
         b, t, _ = x.shape
         q = linear(x, self.wq, self.bq).reshape(b, t, self.num_heads, self.head_dim)
         k = linear(x, self.wk, self.bk).reshape(b, t, self.num_kv_heads, self.head_dim)

@@ -61,7 +61,7 @@ class Attention(nnx.Module):
     def __call__(self, x: Float[Array, "B T H"], cache, layer):
         """``x``: the step's ``T`` tokens per sequence (tokens ``t >= cache.counts[b]`` are padding). Returns
         ``(out [B, T, H], cache)`` with this layer's keys and values written at ``cache.lengths[b] + t``."""
-        common.check_input(x, self.q_proj.in_features)
+        common.check_input(x, self.q_proj.in_features, cache)
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)

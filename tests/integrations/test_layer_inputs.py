@@ -74,3 +74,12 @@ def test_layer_input_shape_is_named(make):
         layer(jnp.ones((3, H)), cache, 0)
     with pytest.raises(ValueError, match=r"x.shape=\(2, 3, 33\) must be \[B, T, 32\]"):
         layer(jnp.ones((2, 3, H + 1)), cache, 0)
+
+
+@pytest.mark.parametrize("make", [eqx_layer, nnx_layer], ids=["eqx", "nnx"])
+def test_layer_names_a_cache_of_another_batch_or_not_a_cache(make):
+    layer, x = make(), jnp.ones((2, 3, H))
+    with pytest.raises(ValueError, match=r"x.shape=\(2, 3, 32\) has batch 2, the cache has batch 3"):
+        layer(x, jkv.make_cache("f32", SPEC, 3).begin(3), 0)
+    with pytest.raises(TypeError, match=r"cache must be a jkv cache .*got dict"):
+        layer(x, {"k": jnp.zeros(3)}, 0)
