@@ -64,6 +64,13 @@ def check_cache(cache, batch: int, what: str) -> None:
         raise ValueError(f"{what} has batch {batch}, the cache has batch {cache.batch}")
 
 
+def check_tokens(tokens) -> None:
+    """``tokens`` is a step's ``int [B, T]`` token ids."""
+    dtype = getattr(tokens, "dtype", None)
+    if getattr(tokens, "ndim", None) != 2 or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers [B, T], got shape {getattr(tokens, 'shape', None)} {dtype}")
+
+
 def step_positions(cache, t: int) -> Int[Array, "B T"]:
     """Position of each of the step's ``t`` tokens: ``cache.lengths[b] + t`` (valid between begin and commit)."""
     return cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]

@@ -60,6 +60,7 @@ class Model(eqx.Module):
     def __call__(self, tokens: Int[Array, "B T"], cache, counts=None):
         """Logits ``[B, T, V]`` (float32) of the step's tokens and the committed cache. ``counts`` (an int or
         ``int32[B]``, default ``T``): real tokens per sequence; the rest of each row is padding, never written."""
+        common.check_tokens(tokens)
         cache = cache.begin(tokens.shape[1] if counts is None else counts)
         x = jnp.take(self.embed, tokens, axis=0).astype(jnp.float32)
         for i, block in enumerate(self.blocks):

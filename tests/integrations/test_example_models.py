@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers_integrations import CONFIG, FRAMEWORKS, make_cache, model_step, random_params
 
-from jkv.integrations import common
+from jkv.integrations import common, example_eqx, example_nnx
 from jkv.models import llama
 
 KINDS = ("f32", "paged", "q8")
@@ -62,3 +62,13 @@ def test_llama_layers_split_fused_weights(layout):
             for name, want in zip(names, llama.unfuse_qkv(fused), strict=True):
                 np.testing.assert_array_equal(np.asarray(w[name]), np.asarray(want))
         np.testing.assert_array_equal(np.asarray(w["up"]), np.asarray(layer.w_gate_up[:, 1]))
+
+
+@pytest.mark.parametrize("module", [example_nnx, example_eqx], ids=FRAMEWORKS)
+def test_example_model_names_bad_tokens(module):
+    """Tokens that are not ``int [B, T]`` are named (a vector failed on ``tokens.shape[1]``, floats in the gather)."""
+    model = module.from_llama_params(random_params(), CONFIG)
+    cache = make_cache("f32", 2)
+    for tokens in (jnp.zeros(3, jnp.int32), jnp.zeros((2, 3), jnp.float32)):
+        with pytest.raises(ValueError, match=r"tokens must be integers \[B, T\], got shape \((3,|2, 3)\) "):
+            model(tokens, cache)
