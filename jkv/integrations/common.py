@@ -101,6 +101,33 @@ def attend(
     return attend_write(q, k, v, cache, layer, impl=impl, window=window, softcap=softcap)
 
 
+# Config fields of families the example models do not implement, with the value plain Llama blocks have.
+PLAIN_LLAMA = dict(
+    qk_norm=False, final_softcap=None, query_scale=None, sandwich_norms=False, activation="silu", embed_scale=None
+)
+
+
+def check_llama(params, config, *, window=None, softcap=None) -> None:
+    """``params`` fit ``config`` (``jkv.models.llama.check_params``) and ``config`` is a family the example models
+    run as written: plain Llama blocks, its attention window and soft cap (if any) the ``window``/``softcap``
+    passed, one for every layer. Anything else would run and give wrong logits."""
+    from jkv.models.llama import check_params  # only here: nothing else in the integrations needs jkv.models
+
+    check_params(params, config)
+    for name, plain in PLAIN_LLAMA.items():
+        if getattr(config, name, plain) != plain:
+            raise ValueError(
+                f"config.{name}={getattr(config, name)!r}: the example models implement plain Llama blocks "
+                f"({name}={plain!r}); use jkv.models.llama for this family"
+            )
+    windows = set(getattr(config, "windows", None) or (None,))
+    if windows != {None} and windows != {window}:
+        raise ValueError(f"config.windows={config.windows}: pass window=... when every layer has that one window")
+    cap = getattr(config, "attn_softcap", None)
+    if cap is not None and softcap != cap:
+        raise ValueError(f"config.attn_softcap={cap}: pass softcap={cap} (the model's attention soft cap)")
+
+
 def llama_layers(params) -> list:
     """The per-layer weights of a ``jkv.models.llama.LlamaParams`` in either layout (stacked ``[L, ...]`` arrays
     sliced per layer), as dicts with q/k/v split out of the fused ``wqkv [H, K, G + 2, D]``: ``wq [H, N*D]``,

@@ -74,6 +74,7 @@ def from_llama_params(params, config, *, impl=None, window=None, softcap=None) -
     """The Equinox ``Model`` holding jkv's Llama weights (``jkv.models.llama.LlamaParams`` and its
     ``LlamaConfig``, either layer layout; fused q/k/v and gate/up split back into separate projections). For
     random weights, pass ``jkv.models.llama.init_params(config, key)``."""
+    common.check_llama(params, config, window=window, softcap=softcap)
     norm = lambda w: RMSNorm(w, config.rms_norm_eps)
     inv_freq = tuple(float(x) for x in config.inv_freq())
     blocks = []

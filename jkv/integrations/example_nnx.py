@@ -93,6 +93,7 @@ class Model(nnx.Module):
 def from_llama_params(params, config, *, impl=None, window=None, softcap=None) -> Model:
     """The NNX ``Model`` holding jkv's Llama weights (fused q/k/v and gate/up split back into separate
     projections; stacked or per-layer layouts). Built abstractly first, so no random weights are drawn."""
+    common.check_llama(params, config, window=window, softcap=softcap)
     dtype = params.embed.dtype
     model = nnx.eval_shape(
         lambda: Model(config, rngs=nnx.Rngs(0), impl=impl, window=window, softcap=softcap, param_dtype=dtype)

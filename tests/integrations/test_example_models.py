@@ -1,6 +1,8 @@
 """The NNX and Equinox example models against jkv's own Llama: same logits and greedy tokens with contiguous,
 paged and Q8 caches (random tiny weights here; the shipped SmolLM2 in test_smollm.py)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,23 @@ def test_example_model_names_bad_tokens(module):
     for tokens in (jnp.zeros(3, jnp.int32), jnp.zeros((2, 3), jnp.float32)):
         with pytest.raises(ValueError, match=r"tokens must be integers \[B, T\], got shape \((3,|2, 3)\) "):
             model(tokens, cache)
+
+
+@pytest.mark.parametrize("module", [example_nnx, example_eqx], ids=FRAMEWORKS)
+def test_from_llama_params_refuses_what_the_example_would_get_wrong(module):
+    """A config the example model does not implement (Qwen3's q/k norms, Gemma's soft caps, ...) or weights of
+    another config are refused, naming the field: the model built anyway ran, with wrong logits."""
+    for change, message in (
+        (dict(qk_norm=True), r"config.qk_norm=True"),
+        (dict(final_softcap=30.0), r"config.final_softcap=30.0"),
+        (dict(activation="gelu_tanh"), r"config.activation='gelu_tanh'"),
+    ):
+        config = dataclasses.replace(CONFIG, **change)
+        with pytest.raises(ValueError, match=message):
+            module.from_llama_params(llama.init_params(config, jax.random.key(0)), config)
+    params = random_params()
+    other = dataclasses.replace(CONFIG, num_heads=16, head_dim=16, num_kv_heads=4)  # same q/k/v widths
+    with pytest.raises(ValueError, match=r"params.layers\[0\].wqkv has shape"):
+        module.from_llama_params(params, other)
+    with pytest.raises(ValueError, match=r"params.lm_head is present but config.tie_embeddings=True"):
+        module.from_llama_params(params, dataclasses.replace(CONFIG, tie_embeddings=True))
