@@ -123,6 +123,8 @@ def check_llama(params, config, *, window=None, softcap=None) -> None:
     windows = set(getattr(config, "windows", None) or (None,))
     if windows != {None} and windows != {window}:
         raise ValueError(f"config.windows={config.windows}: pass window=... when every layer has that one window")
+    if windows != {None} and getattr(config, "rope_local_theta", None) is not None:
+        raise ValueError(f"config.rope_local_theta={config.rope_local_theta}: windowed layers with their own rope base")
     cap = getattr(config, "attn_softcap", None)
     if cap is not None and softcap != cap:
         raise ValueError(f"config.attn_softcap={cap}: pass softcap={cap} (the model's attention soft cap)")

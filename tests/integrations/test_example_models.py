@@ -84,6 +84,7 @@ def test_from_llama_params_refuses_what_the_example_would_get_wrong(module):
         (dict(qk_norm=True), r"config.qk_norm=True"),
         (dict(final_softcap=30.0), r"config.final_softcap=30.0"),
         (dict(activation="gelu_tanh"), r"config.activation='gelu_tanh'"),
+        (dict(windows=(4, None)), r"config.windows=\(4, None\)"),
     ):
         config = dataclasses.replace(CONFIG, **change)
         with pytest.raises(ValueError, match=message):
