@@ -108,12 +108,13 @@ PLAIN_LLAMA = dict(
 
 
 def check_llama(params, config, *, window=None, softcap=None) -> None:
-    """``params`` fit ``config`` (``jkv.models.llama.check_params``) and ``config`` is a family the example models
-    run as written: plain Llama blocks, its attention window and soft cap (if any) the ``window``/``softcap``
-    passed, one for every layer. Anything else would run and give wrong logits."""
-    from jkv.models.llama import check_params  # only here: nothing else in the integrations needs jkv.models
-
-    check_params(params, config)
+    """``params`` fit ``config`` (``LlamaParams.check``: the integrations do not import ``jkv.models``) and
+    ``config`` is a family the example models run as written: plain Llama blocks, its attention window and soft
+    cap (if any) the ``window``/``softcap`` passed, one for every layer. Anything else would run and give wrong
+    logits."""
+    if not callable(getattr(params, "check", None)):
+        raise TypeError(f"params must be jkv.models.llama.LlamaParams, got {type(params).__name__}")
+    params.check(config)
     for name, plain in PLAIN_LLAMA.items():
         if getattr(config, name, plain) != plain:
             raise ValueError(

@@ -59,6 +59,11 @@ class LlamaParams:
     def nbytes(self) -> int:
         return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))
 
+    def check(self, config) -> None:
+        """``check_params(self, config)``: raise ``ValueError`` naming the first weight that does not fit ``config``
+        (code that may not import ``jkv.models``, such as the integrations, checks weights through this)."""
+        check_params(self, config)
+
     def decode_bytes(self) -> int:
         """Weight bytes one decode step reads: every layer, the final norm and the LM head (one embedding row)."""
         nbytes = lambda tree: sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
