@@ -13,8 +13,10 @@ Canonical names: ``embed``, ``norm``, ``lm_head``, and per layer ``i``: ``{i}.at
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +30,15 @@ from jkv.models.llama import LayerParams, LlamaConfig, LlamaParams, check_params
 
 class ModelLoadError(ValueError):
     """A model file or directory that cannot be loaded: missing, corrupt, truncated or unsupported."""
+
+
+def read_json(path: Path, error: type[ValueError] = ModelLoadError, what: str = "valid JSON"):
+    """The JSON value in the file ``path``; ``error`` naming the file where it is not JSON (or not UTF-8 text):
+    ``'<path>' is not <what>: <why>``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{str(path)!r} is not {what}: {e}") from None
 
 
 @dataclasses.dataclass

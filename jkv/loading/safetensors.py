@@ -6,7 +6,6 @@ The tokenizer comes from ``tokenizer.json`` (and the chat template and special t
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from jkv.loading import families, validate
 from jkv.loading import quantize as quantize_lib
 from jkv.loading import tokenizer as tokenizer_lib
-from jkv.loading.common import LoadedModel, ModelLoadError, build_params, resolve_dtype
+from jkv.loading.common import LoadedModel, ModelLoadError, build_params, read_json, resolve_dtype
 from jkv.models.llama import LlamaConfig
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
@@ -168,10 +167,7 @@ def weight_files(directory: Path) -> list[Path]:
         if not files:
             raise ModelLoadError(f"{str(directory)!r} has no *.safetensors files")
         return files
-    try:
-        weight_map = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{str(index)!r} is not valid JSON: {e}") from None
+    weight_map = read_json(index)
     weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelLoadError(f"{str(index)!r} is invalid: expected an object whose weight_map maps tensors to files")
@@ -199,10 +195,7 @@ def load_safetensors(
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{str(directory)!r} has no config.json")
-    try:
-        hf = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{str(config_path)!r} is not valid JSON: {e}") from None
+    hf = read_json(config_path)
     config, names = config_from_hf(hf, str(config_path))
     files = weight_files(directory)
     dtype = resolve_dtype(dtype)

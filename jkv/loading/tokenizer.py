@@ -9,12 +9,13 @@ pre-tokenizer name; the name picks how text is split before BPE, as llama.cpp do
 from __future__ import annotations
 
 import datetime
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
+
+from jkv.loading.common import read_json
 
 # How each GGUF ``tokenizer.ggml.pre`` splits text before byte-level BPE. ``None``: GPT-2's own pattern.
 _GPT2_SPLIT = None
@@ -263,10 +264,7 @@ def from_hf_directory(directory) -> Tokenizer:
         raise TokenizerError(f"cannot read {str(directory / 'tokenizer.json')!r}: {e}") from None
     config, config_path = {}, directory / "tokenizer_config.json"
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{str(config_path)!r} is not a JSON object: {e}") from None
+        config = read_json(config_path, TokenizerError, "a JSON object")
         if not isinstance(config, dict):
             raise TokenizerError(f"{str(config_path)!r} is not a JSON object: it holds a {type(config).__name__}")
     template = config.get("chat_template")
@@ -298,10 +296,7 @@ def generation_stop_ids(directory: Path, vocab_size: int) -> tuple[int, ...]:
         path = directory / name
         if not path.is_file():
             continue
-        try:
-            fields = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{str(path)!r} is not a JSON object: {e}") from None
+        fields = read_json(path, TokenizerError, "a JSON object")
         value = fields.get("eos_token_id") if isinstance(fields, dict) else None
         ids = [] if value is None else value if isinstance(value, list) else [value]
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
