@@ -12,9 +12,8 @@ import os
 import warnings
 
 import jax
-import numpy as np
 
-from jkv.caches import CacheSpec
+from jkv.caches import CacheSpec, checks
 
 # Kept free for activations, compiled programs and allocator slack (the seeds reserve a fixed 3.5 GB on GPU).
 DEFAULT_RESERVE_BYTES = 1 << 30
@@ -68,8 +67,7 @@ def usable_bytes(budget: int | None = None, reserve: int | None = None) -> int:
 
 def _bytes(name: str, value) -> int:
     """A byte count given as an int or a float (``8e9``), or ``ValueError`` naming it."""
-    number = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value < 0:
+    if not checks.is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}={value!r} must be a finite number of bytes >= 0")
     return int(value)
 

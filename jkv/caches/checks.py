@@ -174,6 +174,17 @@ def decode_args(q, k, v, lengths) -> tuple[int, int, int, int, int]:
     return b, n, kh, s, d
 
 
+def length_within(what: str, length, bound, bound_text: Callable[[], str]):
+    """``length`` as an int32 scalar and whether it lies in ``[0, bound]``; a host value outside raises, naming
+    ``what`` and ``bound_text()`` (under ``jit`` the caller flags it)."""
+    length = int32_value("length", length)
+    if length.ndim:
+        raise TypeError(f"length must be an integer scalar, got shape {length.shape}")
+    fits = (length >= 0) & (length <= bound)
+    host_all(fits, lambda: f"{what} length={int(length)} must lie in [0, {bound_text()}]")
+    return length, fits
+
+
 def page_ids(what: str, pages, num_pages: int):
     """Page ids as ``PagedKVCache.pin`` returns them: an integer vector of pool pages, -1 for none (host values
     outside the pool raise, naming ``what``: they would be dropped or read as another page)."""
@@ -203,6 +214,10 @@ def window_softcap(window, softcap, scale=None) -> None:
         raise ValueError(f"scale={scale!r} must be a positive finite number (or None: 1/sqrt(D))")
 
 
+def is_number(x) -> bool:
+    """An int or a float, NumPy's included (``np.float32`` is not a ``float``); never a bool."""
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
 def _positive_number(x) -> bool:
-    number = isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
-    return number and bool(np.isfinite(x)) and x > 0
+    return is_number(x) and bool(np.isfinite(x)) and x > 0

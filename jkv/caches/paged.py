@@ -258,15 +258,10 @@ class PagedKVCache(Cache):
         their contents, until ``unpin(pages)``; ``insert_into_slot(..., prefix=(pages, n))`` shares them. Under
         ``jit`` a bad slot or length pins nothing and flags ``ERR_BAD_SLOT``."""
         slot, ok = checks.index_in_range("slot", slot, self.batch)
-        length = checks.int32_value("length", length)
-        if length.ndim:
-            raise TypeError(f"length must be an integer scalar, got shape {length.shape}")
         s = jnp.where(ok, slot, 0)
-        checks.host_all(
-            (length >= 0) & (length <= self.lengths[s]),
-            lambda: f"pin length={int(length)} must lie in [0, lengths[{int(slot)}]={int(self.lengths[s])}]",
-        )
-        valid = ok & (length >= 0) & (length <= self.lengths[s])
+        bound = lambda: f"lengths[{int(slot)}]={int(self.lengths[s])}"
+        length, fits = checks.length_within("pin", length, self.lengths[s], bound)
+        valid = ok & fits
         covered = valid & (jnp.arange(self.max_pages) < pool.cdiv(length, self.page_size))
         refcounts, pins, pages = pool.pin(self.refcounts, self.pins, self.block_tables[s], covered)
         bad = jnp.where(ok, (jnp.arange(self.batch) == s) & ~valid, True)
@@ -289,15 +284,12 @@ class PagedKVCache(Cache):
         A page that is not pinned (or not in the pool), or a length outside ``[0, m * page_size]``, raises on the
         host; under ``jit`` it gives an empty cache flagged ``ERR_BAD_SLOT`` (never another page's contents)."""
         pages = checks.page_ids("read_pinned of pages", pages, self.num_pages)
-        length = checks.int32_value("length", length)
-        if length.ndim:
-            raise TypeError(f"length must be an integer scalar, got shape {length.shape}")
         held = (pages >= 0) & (pages < self.num_pages) & (self.pins[jnp.clip(pages, 0, self.num_pages - 1)] > 0)
         pinned, n = (pages == NO_PAGE) | held, pages.shape[0] * self.page_size
         bad = lambda: np.asarray(pages)[~np.asarray(pinned)].tolist()
         checks.host_all(pinned, lambda: f"read_pinned of pages {bad()} that are not pinned")
-        checks.host_all((length >= 0) & (length <= n), lambda: f"read_pinned length={int(length)} must lie in [0, {n}]")
-        ok = jnp.all(pinned) & (length >= 0) & (length <= n)
+        length, fits = checks.length_within("read_pinned", length, n, lambda: str(n))
+        ok = jnp.all(pinned) & fits
         errors = jnp.where(ok, 0, ERR_BAD_SLOT)[None]
         return self._contiguous(jnp.where(ok, pages, NO_PAGE)[None, :], jnp.where(ok, length, 0)[None], errors, n)
 

@@ -28,7 +28,7 @@ from jkv.serving import steps
 from jkv.serving.metrics import Completion, EngineStats
 from jkv.serving.options import EngineOptions
 from jkv.serving.prefixes import Prefixes
-from jkv.serving.requests import Request, checked_prompt, emit, finish_reason, step_tokens
+from jkv.serving.requests import Request, checked_prompt, emit, fills_row, finish_reason, step_tokens
 from jkv.serving.sampling import SamplingParams
 from jkv.serving.scheduler import Scheduler
 from jkv.serving.scheduler import Sequence as Scheduled
@@ -298,7 +298,7 @@ class Engine:
         """Tokens a running sequence whose prompt is done asks for: 0, 1, or 1 + its drafts."""
         request = self._requests[seq.id]
         known = len(request.tokens) + request.inflight
-        done = known >= request.params.max_new_tokens or request.seq.prompt_len + known - 1 >= self.spec.max_len
+        done = known >= request.params.max_new_tokens or fills_row(request.seq.prompt_len, known, self.spec.max_len)
         if request.stopped or done:
             return 0
         request.draft = []

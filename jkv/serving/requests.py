@@ -115,13 +115,17 @@ def step_tokens(plan, requests: dict[int, Request], num_slots: int):
     return tokens, src, verify, index, sampling, drafted
 
 
+def fills_row(prompt_len: int, generated: int, max_len: int) -> bool:
+    """Whether a sequence's cache row is full: it holds the prompt and every generated token but the last."""
+    return generated > 0 and prompt_len + generated - 1 >= max_len
+
+
 def finish_reason(request: Request, max_len: int) -> str | None:
     if request.stopped:
         return "stop"
     if len(request.tokens) >= request.params.max_new_tokens:
         return "length"
-    # The cache holds the prompt and every generated token but the last: the row is full once they fill it.
-    if request.tokens and len(request.prompt) + len(request.tokens) - 1 >= max_len:
+    if fills_row(len(request.prompt), len(request.tokens), max_len):
         return "max_len"
     return None
 

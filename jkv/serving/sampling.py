@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from jkv.caches.checks import is_number
+
 # What a finished request's ``finish_reason`` says.
 FINISH_REASONS = (
     "stop",  # a stop token came; the stop token itself is not part of the returned tokens
@@ -26,11 +28,6 @@ FINISH_REASONS = (
 
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    """An int or float, NumPy's included (``np.float32`` is not a ``float``); never a bool."""
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +48,11 @@ class SamplingParams:
     stop_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
+        if not is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: no top-k cut), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:  # jax.random.key keeps 32 bits of larger seeds
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
@@ -66,9 +63,9 @@ class SamplingParams:
         if not iterable or not all(_is_int(t) for t in stops):
             raise ValueError(f"stop_tokens must be a sequence of token ids (ints), got {self.stop_tokens!r}")
         # Python numbers from here on: NumPy scalars would compare and hash alike, but print and serialize apart.
-        for name, cast in (("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)):
+        casts = (("temperature", float), ("top_k", int), ("top_p", float), ("seed", int), ("max_new_tokens", int))
+        for name, cast in casts:
             object.__setattr__(self, name, cast(getattr(self, name)))
-        object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stops))
 
     @property
