@@ -220,8 +220,21 @@ def summary(done, total_requests: int, slots: int, compile_s: float = 0.0) -> st
     )
 
 
-def run_generate(args) -> int:
+def load_with_tokenizer(path: str, args, needs: str, **options):
+    """The model at ``path`` (``--dtype``, ``--weights``, ``--quantize``), refused when it has no tokenizer (a
+    directory's before its weights load); ``needs``: why the command needs one."""
     from jkv.loading import load
+
+    no_tokenizer = f"{path!r} has no tokenizer (tokenizer.json){needs}"
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise CliError(no_tokenizer)
+    model = load(path, args.dtype, weights=args.weights, quantize=args.quantize, **options)
+    if model.tokenizer is None:
+        raise CliError(no_tokenizer)
+    return model
+
+
+def run_generate(args) -> int:
     from jkv.serving import generator as gen
 
     check_flags(args)
@@ -231,12 +244,7 @@ def run_generate(args) -> int:
     available = gen.cache_kinds()
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")
-    no_tokenizer = f"{path!r} has no tokenizer (tokenizer.json), so it cannot take a text prompt"
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise CliError(no_tokenizer)  # before a directory's weights load
-    model = load(path, args.dtype, progress=not args.quiet, weights=args.weights, quantize=args.quantize)
-    if model.tokenizer is None:
-        raise CliError(no_tokenizer)
+    model = load_with_tokenizer(path, args, ", so it cannot take a text prompt", progress=not args.quiet)
     if prompts is not None or args.tp * args.dp > 1:
         return run_batch(args, model, prompts if prompts is not None else [(1, args.prompt)])
 
@@ -269,17 +277,11 @@ def run_serve(args) -> int:
         from jkv import server
     except ImportError as e:
         raise CliError(f'jkv serve needs the serve extra ({e.name} is missing): pip install -e ".[serve]"') from None
-    from jkv.loading import load
 
     if args.prefix_cache_mb < 0:
         raise CliError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     path = args.model if args.model is not None else default_model_path()
-    no_tokenizer = f"{path!r} has no tokenizer (tokenizer.json): the server takes text"
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise CliError(no_tokenizer)  # before a directory's weights load
-    model = load(path, args.dtype, weights=args.weights, quantize=args.quantize)
-    if model.tokenizer is None:
-        raise CliError(no_tokenizer)
+    model = load_with_tokenizer(path, args, ": the server takes text")
     context = model.config.max_position
     max_len = args.max_len if args.max_len is not None else min(context, 4096)
     if max_len > context:
