@@ -124,6 +124,7 @@ def main(argv=None) -> list[dict]:
         f"max_len {args.max_len}, {args.cache} cache of {cache_bytes / GIB:.2f} GiB "
         f"({engine.cache_kind}, {getattr(engine.cache, 'num_pages', '-')} pages); XLA_FLAGS={os.environ['XLA_FLAGS']}"
     )
+    weights = [x for x in jax.tree_util.tree_leaves(engine.params) if x.ndim >= 2]  # what a copy would match
     rows = []
     for bucket in buckets:
         before = set(glob.glob(f"{dump}/*buffer-assignment.txt"))
@@ -139,7 +140,6 @@ def main(argv=None) -> list[dict]:
         }
         rows.append(row)
         print(f"\nbucket {bucket}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "bucket"))
-        weights = [x for x in jax.tree_util.tree_leaves(engine.params) if x.ndim >= 2]
         for path in sorted(set(glob.glob(f"{dump}/*buffer-assignment.txt")) - before):
             text = Path(path).read_text()
             count, total = weight_sized(text, weights)
