@@ -195,7 +195,7 @@ def build_engine(args, slots: int):
         )
         params = llama.init_params(config, jax.random.key(0), jnp.float32, scale=0.2)
     else:
-        config = llama.LlamaConfig.preset(args.shape)
+        config = shape_config(args.shape)
         dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, None: jnp.bfloat16}[args.dtype]
         params = llama.init_params(config, jax.random.key(0), dtype)
     max_len = args.max_len or whole_pages(args.prompt_len + args.max_tokens + 16)
@@ -205,6 +205,13 @@ def build_engine(args, slots: int):
         params, config, num_slots=slots, max_len=max_len, cache=args.cache, impl=args.impl, buckets=buckets,
         verbose=False,
     )  # fmt: skip
+
+
+def shape_config(shape: str):
+    """The preset config of a --shape name (`llama3-8b` -> `LlamaConfig.llama3_8b()`)."""
+    from jkv.models import llama
+
+    return getattr(llama.LlamaConfig, shape.replace("-", "_").replace(".", "_"))()
 
 
 def compare(rows: list[dict]) -> list[str]:

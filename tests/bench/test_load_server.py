@@ -34,3 +34,9 @@ def test_smoke_run_serves_every_request_in_both_modes(tmp_path, capsys):
 def test_the_id_tokenizer_round_trips():
     tok = load_server.IdTokenizer(100)
     assert tok.encode(tok.decode([3, 99, 0])) == [3, 99, 0]
+
+
+def test_every_shape_choice_names_a_preset():
+    """Each real --shape builds its preset config (a misnamed preset once failed the GPU run before any request)."""
+    for shape in ("smollm2-135m", "llama3-8b", "qwen2-0.5b"):
+        assert load_server.shape_config(shape).num_layers > 0, shape
