@@ -9,9 +9,11 @@ concurrencies, through the HTTP server and through the same engine driven in-pro
 Every level sends the same request set (``--requests`` per level, default four per client, of ``--prompt-len``
 random token ids and exactly ``--max-tokens`` new tokens: no stop token) from ``concurrency`` closed-loop clients:
 in-process, ``concurrency`` requests are kept submitted to the engine; over HTTP, ``concurrency`` asyncio clients
-(httpx, in a process of their own) stream completions. One engine of ``max(concurrency)`` slots serves both,
-compiled before anything is timed. Random weights make random text; ids are rendered as text by a stand-in
-tokenizer, so no tokenizer file is needed.
+(httpx, spread over ``--client-processes`` processes of their own) stream completions. One engine of
+``max(concurrency)`` slots serves both, compiled before anything is timed. Random weights make random text; ids are
+rendered as text by a stand-in tokenizer, so no tokenizer file is needed. One process of 64 httpx clients saturates
+its interpreter at the event rate of a GPU-served level (docs/BENCHMARKS.md): the clients are spread over several
+processes, as real clients are.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import queue
 import socket
 import sys
 import threading
@@ -106,13 +109,15 @@ def run_engine(engine, prompts: list[list[int]], max_tokens: int, concurrency: i
     return level
 
 
-async def run_server(url: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> Level:
-    """The request set through the server: ``concurrency`` streaming clients, each sending its next request
-    when the last ends. A token's arrival is its server-sent event's."""
+async def run_clients(url: str, prompts: list[list[int]], max_tokens: int, clients: int, barrier=None) -> dict:
+    """``clients`` streaming clients, each sending its next request of ``prompts`` when its last ends; a token's
+    arrival is its server-sent event's. Returns the start and end (``time.perf_counter``, one clock for every
+    process of the machine) and each request's ``(submitted, arrivals)``. ``barrier``: waited on before the
+    start, so that every client process starts together."""
     import httpx
 
-    level, todo = Level("server", concurrency), list(prompts)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    todo, done = list(prompts), []
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
 
     async def client(http):
         while todo:
@@ -125,26 +130,70 @@ async def run_server(url: str, prompts: list[list[int]], max_tokens: int, concur
                     # One event per token (a multi-byte character split over tokens comes in one event).
                     if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                         arrivals.append(time.perf_counter())
-            level.add(submitted, arrivals)
+            done.append((submitted, arrivals))
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        if barrier is not None:
+            barrier.wait()
         start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        level.wall_s = time.perf_counter() - start
-    return level
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return {"start": start, "end": time.perf_counter(), "requests": done}
 
 
-def _drive(url: str, prompts, max_tokens: int, concurrency: int) -> Level:
-    return asyncio.run(run_server(url, prompts, max_tokens, concurrency))
+def _client_process(url, prompts, max_tokens, clients, barrier, results) -> None:
+    try:
+        results.put(asyncio.run(run_clients(url, prompts, max_tokens, clients, barrier)))
+    except BaseException as e:
+        barrier.abort()
+        results.put(f"{type(e).__name__}: {e}")
 
 
-def drive(url: str, prompts, max_tokens: int, concurrency: int) -> Level:
-    """``run_server`` in a process of its own, as real clients are: the clients' Python work (HTTP, JSON) then
-    does not compete with the server's for one interpreter lock."""
+def drive(url: str, prompts, max_tokens: int, concurrency: int, processes: int = 4) -> Level:
+    """``concurrency`` closed-loop streaming clients over ``min(processes, concurrency)`` processes of their own,
+    as real clients are: the clients' Python work (HTTP, SSE lines, JSON) neither competes with the server's for
+    its interpreter lock nor makes one client process the bottleneck (one asyncio process of httpx clients
+    saturates near 64 streams). Client ``i`` sends requests ``i, i + concurrency, ...`` of ``prompts``."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_drive, (url, prompts, max_tokens, concurrency))
+    processes = max(1, min(processes, concurrency))
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    groups = [list(range(concurrency))[p::processes] for p in range(processes)]
+    procs = [
+        ctx.Process(
+            target=_client_process,
+            args=(
+                url,
+                [prompts[j] for i in g for j in range(i, len(prompts), concurrency)],
+                max_tokens,
+                len(g),
+                barrier,
+                results,
+            ),
+            daemon=True,
+        )
+        for g in groups
+    ]
+    for proc in procs:
+        proc.start()
+    parts = []
+    while len(parts) < len(procs):
+        try:
+            parts.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if not any(proc.is_alive() for proc in procs) and results.empty():
+                raise RuntimeError(f"a client process died: exit codes {[p.exitcode for p in procs]}") from None
+    for proc in procs:
+        proc.join()
+    failures = [r for r in parts if isinstance(r, str)]
+    if failures:
+        raise RuntimeError(f"a client process failed: {failures[0]}")
+    level = Level("server", concurrency)
+    for part in parts:
+        for submitted, arrivals in part["requests"]:
+            level.add(submitted, arrivals)
+    level.wall_s = max(r["end"] for r in parts) - min(r["start"] for r in parts)
+    return level
 
 
 def start_server(engine, tokenizer):
@@ -246,6 +295,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=None)
+    ap.add_argument(
+        "--client-processes", type=int, default=4, help="processes the HTTP clients are spread over (default: 4)"
+    )
     ap.add_argument("--smoke", action="store_true", help="a tiny random model on any device, a few small levels")
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument(
@@ -267,7 +319,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     if args.url:
         for c in args.concurrency:
-            rows.append(drive(args.url, request_set(c, 1000), args.max_tokens, c).row())
+            rows.append(drive(args.url, request_set(c, 1000), args.max_tokens, c, args.client_processes).row())
     else:
         from jkv.server import warm_up
 
@@ -279,8 +331,8 @@ def main(argv=None) -> list[dict]:
         rows += [run_engine(engine, sets[c], args.max_tokens, c).row() for c in args.concurrency]
         url, stop = start_server(engine, IdTokenizer(vocab))
         try:
-            drive(url, sets[args.concurrency[0]][:2], args.max_tokens, 2)  # the server's first requests
-            rows += [drive(url, sets[c], args.max_tokens, c).row() for c in args.concurrency]
+            drive(url, sets[args.concurrency[0]][:2], args.max_tokens, 2, 1)  # the server's first requests
+            rows += [drive(url, sets[c], args.max_tokens, c, args.client_processes).row() for c in args.concurrency]
         finally:
             stop()
         rows.sort(key=lambda r: (r["concurrency"], r["mode"]))

@@ -40,3 +40,15 @@ def test_every_shape_choice_names_a_preset():
     """Each real --shape builds its preset config (a misnamed preset once failed the GPU run before any request)."""
     for shape in ("smollm2-135m", "llama3-8b", "qwen2-0.5b"):
         assert load_server.shape_config(shape).num_layers > 0, shape
+
+
+def test_a_failing_client_process_fails_the_level():
+    """Clients that cannot reach the server fail the level with their error, not hang or count nothing."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there
+    with pytest.raises(RuntimeError, match="a client process failed: Connect"):
+        load_server.drive(f"http://127.0.0.1:{port}", [[1, 2]] * 4, 2, 2, 2)
