@@ -4,6 +4,7 @@ concurrencies, through the HTTP server and through the same engine driven in-pro
     python bench/load_server.py --shape llama3-8b --concurrency 1 4 16 64          # random 8B-shaped bf16 weights
     python bench/load_server.py --gguf path/to/model.gguf --concurrency 1 16 64
     python bench/load_server.py --url http://127.0.0.1:8000 --concurrency 1 64     # a server already running
+    python bench/load_server.py --paced 3 4.5 --concurrency 16 64                  # no model: the server's overhead
     python bench/load_server.py --smoke                                              # tiny model, CPU, seconds
 
 Every level sends the same request set (``--requests`` per level, default four per client, of ``--prompt-len``
@@ -220,6 +221,11 @@ def start_server(engine, tokenizer):
 
 
 def build_engine(args, slots: int):
+    if args.paced:
+        from bench.paced_engine import PacedEngine
+
+        hold_ms, wait_ms = args.paced
+        return PacedEngine(slots, hold_s=hold_ms / 1e3, wait_s=wait_ms / 1e3)
     import jax
     import jax.numpy as jnp
 
@@ -298,6 +304,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument(
         "--client-processes", type=int, default=4, help="processes the HTTP clients are spread over (default: 4)"
     )
+    ap.add_argument(
+        "--paced",
+        type=float,
+        nargs=2,
+        metavar=("HOLD_MS", "WAIT_MS"),
+        help="no model: a stand-in engine whose steps hold the interpreter HOLD_MS, then wait WAIT_MS "
+        "(bench/paced_engine.py), to measure the server's own overhead on any machine",
+    )
     ap.add_argument("--smoke", action="store_true", help="a tiny random model on any device, a few small levels")
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument(
@@ -325,7 +339,8 @@ def main(argv=None) -> list[dict]:
 
         engine = build_engine(args, max(args.concurrency))
         vocab = engine.config.vocab_size
-        warm_up(engine)
+        if not args.paced:
+            warm_up(engine)
         sets = {c: request_set(c, vocab) for c in args.concurrency}
         run_engine(engine, sets[args.concurrency[0]][:2], args.max_tokens, 2)  # the prefill bucket, compiled
         rows += [run_engine(engine, sets[c], args.max_tokens, c).row() for c in args.concurrency]

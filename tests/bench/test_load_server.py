@@ -52,3 +52,32 @@ def test_a_failing_client_process_fails_the_level():
     sock.close()  # nothing listens there
     with pytest.raises(RuntimeError, match="a client process failed: Connect"):
         load_server.drive(f"http://127.0.0.1:{port}", [[1, 2]] * 4, 2, 2, 2)
+
+
+def test_paced_run_serves_every_request_in_both_modes(tmp_path):
+    """--paced: no model, the stand-in engine at a fixed pace; every request of every level is served in full."""
+    argv = "--paced 0.2 0.3 --concurrency 1 4 --requests 8 --prompt-len 5 --max-tokens 7 --client-processes 2"
+    rows = load_server.main(argv.split())
+    assert sorted((r["concurrency"], r["mode"]) for r in rows) == [
+        (1, "engine"),
+        (1, "server"),
+        (4, "engine"),
+        (4, "server"),
+    ]
+    for r in rows:
+        assert (r["requests"], r["tokens"]) == (8, 8 * 7), r
+
+
+def test_paced_engine_cancels_waiting_and_running_requests():
+    from bench.paced_engine import PacedEngine
+    from jkv.serving import SamplingParams
+
+    engine, seen = PacedEngine(2, hold_s=0, wait_s=0), []
+    ids = [engine.submit([1, 2], SamplingParams(max_new_tokens=3), lambda i, t: seen.append(i)) for _ in range(3)]
+    engine.step()  # two run, the third waits
+    assert (engine.num_active, engine.num_pending, seen) == (2, 1, ids[:2])
+    assert engine.cancel(ids[2]) and engine.cancel(ids[0]) and not engine.cancel(12345)
+    while engine.has_work():
+        engine.step()
+    done = {c.id: (c.finish_reason, len(c.tokens)) for c in engine.pop_finished()}
+    assert done == {ids[0]: ("cancelled", 1), ids[1]: ("length", 3), ids[2]: ("cancelled", 0)}
