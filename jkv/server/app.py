@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jkv.server.generation import ClientGone, Run
 from jkv.server.metrics import ServerMetrics
-from jkv.server.schemas import SEED_LIMIT, ApiError, ChatCompletionRequest, CompletionRequest, error_body
+from jkv.server.schemas import (
+    SEED_LIMIT,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    json_type,
+)
 from jkv.server.worker import QueueFull, ShuttingDown, Worker
 from jkv.serving import SamplingParams
 
@@ -85,6 +92,8 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
         first = error.errors()[0]
         param = field_name(first.get("loc", ()))
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if str(first.get("type", "")).endswith("_type") and "input" in first:  # strict types: say what came
+            message += f", got {json_type(first['input'])}"
         return fail(request, ApiError(400, f"{param}: {message}" if param else message, param))
 
     # ------------------------------------------------------------------ prompts and budgets
@@ -207,7 +216,7 @@ def field_name(loc) -> str | None:
     for part in parts:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif "[" in part or part in {"str", "int", "float", "bool", "list", "dict"} or part.startswith("function"):
+        elif "[" in part or part in {"str", "int", "float", "bool", "list", "dict"} or part.startswith("function-"):
             break
         else:
             name += f".{part}" if name else part

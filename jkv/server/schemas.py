@@ -1,20 +1,69 @@
 """Request bodies of the OpenAI API subset the server speaks, and its error bodies.
 
-Fields jkv does not implement are refused with a 400 naming them when set to anything but their neutral value,
-rather than ignored: a client asking for logprobs or penalties should learn that it gets none. Fields that change
-nothing here (``user``, ``model`` naming the served model) are accepted.
+Fields jkv does not implement (the ``UNIMPLEMENTED_*`` tables) are refused with a 400 naming them when set to
+anything but a value that asks for nothing (``response_format`` ``{"type": "text"}``, penalties 0, no tools), rather
+than ignored: a client asking for JSON output, tool calls or logprobs should learn that it gets none. Fields that
+change nothing here (``user``, ``model`` naming the served model) are accepted; fields the API does not have are
+ignored. Types are strict, as OpenAI's are: ``"max_tokens": "5"`` or ``5.0`` is a 400, not 5; an int is a valid
+float.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+import json
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 SEED_LIMIT = 2**32  # jkv.serving.SamplingParams.seed: jax.random.key keeps 32 bits
 MAX_STOP_STRINGS = 16
-# The values of unimplemented completion fields that ask for nothing (logprobs=0 asks for the chosen token's).
-NEUTRAL = {"echo": (False,), "logprobs": (None,), "best_of": (None, 1), "suffix": (None,)}
+REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unimplemented:
+    """A field jkv accepts only at ``neutral`` values (compared after validation, so types are already strict:
+    ``echo=1`` never equals ``True``); ``supported`` ends the 400's message."""
+
+    neutral: tuple
+    supported: str
+
+    def check(self, name: str, value):
+        if value not in self.neutral:
+            raise ValueError(f"{name}={json.dumps(value)} is not supported: {self.supported}")
+        return value
+
+
+NO_TOOLS = "this server does not call tools (send none, or leave it out)"
+# Per endpoint, as OpenAI's API names them (a field of the other endpoint is unknown there, hence ignored).
+UNIMPLEMENTED_BOTH = {
+    "n": Unimplemented((1,), "one choice per request (n=1); send n requests instead"),
+    "presence_penalty": Unimplemented((0,), "penalties are not applied (send 0, or leave it out)"),
+    "frequency_penalty": Unimplemented((0,), "penalties are not applied (send 0, or leave it out)"),
+    "logit_bias": Unimplemented(({},), "no logit bias is applied (send {}, or leave it out)"),
+    "response_format": Unimplemented(
+        ({"type": "text"},), 'this server generates free text only (send {"type": "text"}, or leave it out)'
+    ),
+}
+UNIMPLEMENTED_COMPLETIONS = UNIMPLEMENTED_BOTH | {
+    "echo": Unimplemented((False,), "the prompt is not echoed (send false)"),
+    "logprobs": Unimplemented((), "no log probabilities are returned (leave it out, or null)"),
+    "best_of": Unimplemented((1,), "one candidate per request (best_of=1)"),
+    "suffix": Unimplemented(("",), "no text is inserted before a suffix (leave it out)"),
+}
+UNIMPLEMENTED_CHAT = UNIMPLEMENTED_BOTH | {
+    "logprobs": Unimplemented((False,), "no log probabilities are returned (send false)"),
+    "top_logprobs": Unimplemented((0,), "no log probabilities are returned (send 0, or leave it out)"),
+    "tools": Unimplemented(([],), NO_TOOLS),
+    "functions": Unimplemented(([],), NO_TOOLS),
+    "tool_choice": Unimplemented(("none", "auto"), 'no tools are called: "none" or "auto" only'),
+    "function_call": Unimplemented(("none", "auto"), 'no functions are called: "none" or "auto" only'),
+    "parallel_tool_calls": Unimplemented((True, False), NO_TOOLS),
+    "modalities": Unimplemented((["text"],), 'text output only (["text"])'),
+    "audio": Unimplemented((), "text output only (leave it out)"),
+    "web_search_options": Unimplemented((), "this server does not search the web (leave it out)"),
+}
 
 
 class ApiError(Exception):
@@ -34,15 +83,22 @@ def error_body(message: str, kind: str, param: str | None, code: int | str | Non
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def json_type(value) -> str:
+    """What JSON calls ``value``'s type, for a 400 saying what a field got."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array"}
+    return "null" if value is None else names.get(type(value), "an object")
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class _Generation(BaseModel):
     """The sampling and streaming fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
+    unimplemented: ClassVar[dict[str, Unimplemented]] = UNIMPLEMENTED_BOTH
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -57,6 +113,7 @@ class _Generation(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
 
     @model_validator(mode="before")
@@ -69,12 +126,11 @@ class _Generation(BaseModel):
         optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
         return {key: value for key, value in data.items() if value is not None or key not in optional}
 
-    @field_validator("n")
+    @field_validator("*")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n={n}: this server generates one choice per request (n=1); send n requests instead")
-        return n
+    def _implemented(cls, value, info: ValidationInfo):
+        rule = cls.unimplemented.get(info.field_name)
+        return value if rule is None else rule.check(info.field_name, value)
 
     @field_validator("stop")
     @classmethod
@@ -85,20 +141,6 @@ class _Generation(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         return stops
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float, info) -> float:
-        if value != 0:
-            raise ValueError(f"{info.field_name}={value}: penalties are not supported (use 0)")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return value
 
     @property
     def stop_strings(self) -> list[str]:
@@ -112,6 +154,7 @@ class _Generation(BaseModel):
 class CompletionRequest(_Generation):
     """``POST /v1/completions``: ``prompt`` is text or token ids (one prompt; a list of one is accepted too)."""
 
+    unimplemented: ClassVar[dict[str, Unimplemented]] = UNIMPLEMENTED_COMPLETIONS
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
@@ -131,16 +174,9 @@ class CompletionRequest(_Generation):
             raise ValueError("the prompt holds no token")
         return prompt
 
-    @field_validator("echo", "logprobs", "best_of", "suffix")
-    @classmethod
-    def _unsupported(cls, value, info):
-        if value not in NEUTRAL[info.field_name]:  # per field: with one shared tuple, echo=true passed as 1
-            raise ValueError(f"{info.field_name}={value!r} is not supported")
-        return value
-
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -164,18 +200,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Generation):
     """``POST /v1/chat/completions``; ``max_completion_tokens`` is the newer name of ``max_tokens``."""
 
+    unimplemented: ClassVar[dict[str, Unimplemented]] = UNIMPLEMENTED_CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-
-    @field_validator("logprobs", "top_logprobs", "tools")
-    @classmethod
-    def _unsupported(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} is not supported")
-        return value
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     @property
     def budget_field(self) -> str:

@@ -44,18 +44,110 @@ def test_a_lone_surrogate_in_the_text_is_a_400(running, path, body, field):
     assert post(server, path, VALID[path] | {"max_tokens": 1}).status_code == 200
 
 
-UNSUPPORTED = [("echo", True), ("echo", 1), ("logprobs", 1), ("logprobs", 0), ("best_of", 2), ("suffix", "end")]
-NEUTRAL = [("echo", False), ("logprobs", None), ("best_of", 1), ("suffix", None)]
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+# (endpoint, field, value): each asks for something jkv does not do, so a 200 would be an answer it did not get.
+UNSUPPORTED = [
+    (COMPLETIONS, "echo", True),
+    (COMPLETIONS, "logprobs", 1),
+    (COMPLETIONS, "logprobs", 0),  # 0 asks for the chosen token's logprob
+    (COMPLETIONS, "best_of", 2),
+    (COMPLETIONS, "suffix", "end"),
+    (COMPLETIONS, "response_format", {"type": "json_object"}),  # vLLM's guided decoding on completions
+    (COMPLETIONS, "logit_bias", {"1": 5}),
+    (COMPLETIONS, "presence_penalty", 0.5),
+    (CHAT, "response_format", {"type": "json_object"}),
+    (CHAT, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    (CHAT, "tools", [TOOL]),
+    (CHAT, "tool_choice", "required"),
+    (CHAT, "tool_choice", {"type": "function", "function": {"name": "f"}}),
+    (CHAT, "functions", [TOOL["function"]]),
+    (CHAT, "function_call", {"name": "f"}),
+    (CHAT, "logit_bias", {"1": -100}),
+    (CHAT, "frequency_penalty", -1),
+    (CHAT, "logprobs", True),
+    (CHAT, "top_logprobs", 2),
+    (CHAT, "n", 3),
+    (CHAT, "modalities", ["text", "audio"]),
+    (CHAT, "audio", {"voice": "alloy", "format": "wav"}),
+    (CHAT, "web_search_options", {}),
+]
+# Values that ask for nothing: what the server does anyway.
+NEUTRAL = [
+    (COMPLETIONS, "echo", False),
+    (COMPLETIONS, "best_of", 1),
+    (COMPLETIONS, "response_format", {"type": "text"}),
+    (COMPLETIONS, "logit_bias", {}),
+    (COMPLETIONS, "frequency_penalty", 0),
+    (CHAT, "response_format", {"type": "text"}),
+    (CHAT, "tools", []),
+    (CHAT, "tool_choice", "none"),
+    (CHAT, "tool_choice", "auto"),  # with no tools: no call to make
+    (CHAT, "functions", []),
+    (CHAT, "function_call", "none"),
+    (CHAT, "parallel_tool_calls", False),
+    (CHAT, "logit_bias", {}),
+    (CHAT, "presence_penalty", 0.0),
+    (CHAT, "logprobs", False),
+    (CHAT, "top_logprobs", 0),
+    (CHAT, "modalities", ["text"]),
+]
 
 
-def test_completion_fields_jkv_does_not_implement_are_refused_unless_neutral(running):
+def test_fields_jkv_does_not_implement_are_refused_unless_neutral(running):
+    """A client asking for JSON output, tool calls, logprobs or penalties must learn it gets none, not receive
+    plain text as if it had; the message says what the server does support."""
     server = running()
-    for field, value in UNSUPPORTED:  # echo=true or logprobs=1 must not come back without the echo or logprobs
-        message = assert_400(post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, field: value}), field)
-        assert "not supported" in message, (field, value)
-    for field, value in NEUTRAL:
-        response = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, field: value})
-        assert response.status_code == 200, (field, value, response.text)
+    for path, field, value in UNSUPPORTED:
+        message = assert_400(post(server, path, VALID[path] | {"max_tokens": 1, field: value}), field)
+        assert "not supported" in message and field in message, (path, field, value, message)
+    for path, field, value in NEUTRAL:
+        response = post(server, path, VALID[path] | {"max_tokens": 1, field: value})
+        assert response.status_code == 200, (path, field, value, response.text)
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model="tiny", messages=HI, response_format={"type": "json_object"})
+    assert info.value.body["param"] == "response_format" and '{"type": "text"}' in info.value.body["message"]
+
+
+# (endpoint, field, value, param): a JSON value of the wrong type, refused as OpenAI's API does, not coerced.
+WRONG_TYPES = [
+    (COMPLETIONS, "max_tokens", "5", "max_tokens"),
+    (COMPLETIONS, "max_tokens", 5.0, "max_tokens"),
+    (COMPLETIONS, "max_tokens", True, "max_tokens"),
+    (COMPLETIONS, "temperature", "0.5", "temperature"),
+    (COMPLETIONS, "temperature", True, "temperature"),
+    (COMPLETIONS, "stream", "yes", "stream"),
+    (COMPLETIONS, "stream", 1, "stream"),
+    (COMPLETIONS, "seed", "3", "seed"),
+    (COMPLETIONS, "top_k", "3", "top_k"),
+    (COMPLETIONS, "echo", 1, "echo"),
+    (COMPLETIONS, "stream_options", {"include_usage": "yes"}, "stream_options.include_usage"),
+    (CHAT, "max_completion_tokens", "5", "max_completion_tokens"),
+    (CHAT, "n", 1.0, "n"),
+    (CHAT, "top_p", "1", "top_p"),
+    (CHAT, "logprobs", 0, "logprobs"),
+    (CHAT, "messages", [{"role": "user", "content": 5}], "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize(
+    "path,field,value,param",
+    WRONG_TYPES,
+    ids=[f"{'chat' if 'chat' in p else 'completions'}-{f}-{v!r}" for p, f, v, _ in WRONG_TYPES],
+)
+def test_a_value_of_the_wrong_json_type_is_a_400_naming_the_field(running, path, field, value, param):
+    message = assert_400(post(running(), path, VALID[path] | {"max_tokens": 1} | {field: value}), param)
+    assert message.startswith(f"{param}: "), message
+
+
+def test_integers_are_numbers_where_a_float_is_expected(running):
+    """JSON has one number type: temperature 1 or presence_penalty 0 is as valid as 1.0 or 0.0."""
+    server = running()
+    for path in (COMPLETIONS, CHAT):
+        body = VALID[path] | {"max_tokens": 1, "temperature": 0, "top_p": 1, "presence_penalty": 0}
+        response = post(server, path, body | {"frequency_penalty": 0})
+        assert response.status_code == 200, (path, response.text)
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
