@@ -5,6 +5,9 @@ import socket
 import threading
 import time
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from jkv.server import ServerOptions, create_app, make_server
 
 MAX_LEN = 64
@@ -25,6 +28,16 @@ def held(engine) -> dict:
 
 
 IDLE = {"pending": 0, "active": 0, "work": False, "lengths": 0, "pages": 0, "pins": 0}
+
+
+def metric_values(url) -> dict:
+    """``{(sample name, sorted labels): value}`` of the server's /metrics, through prometheus_client's parser."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
 
 
 def free_port_socket() -> socket.socket:

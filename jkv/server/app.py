@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import random
 import time
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +30,8 @@ from jkv.server.schemas import (
 )
 from jkv.server.worker import QueueFull, ShuttingDown, Worker
 from jkv.serving import SamplingParams
+
+log = logging.getLogger("jkv.server")
 
 # Requests counted by ``jkv_requests_total``: the generation endpoints, by their path.
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
@@ -86,6 +90,13 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
         response = fail(request, ApiError(error.status_code, f"{error.detail}: {request.method} {request.url.path}"))
         response.headers.update(error.headers or {})
         return response
+
+    def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        message = f"internal error ({type(error).__name__}: {error}) answering {request.method} {request.url.path}"
+        return fail(request, ApiError(500, message, None, "server_error"))
+
+    app.add_middleware(UnexpectedErrors, answer=unexpected)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
@@ -206,6 +217,33 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+class UnexpectedErrors:
+    """ASGI middleware: an exception no handler took (a bug of ours) is answered by ``answer(request, error)``
+    while the response has not started. (Starlette's own 500 handler raises the error on after answering: the
+    server then logs it a second time, after the client has its answer, and drops the connection.) An error after
+    the status line went out is raised on: the server logs it and cuts the connection."""
+
+    def __init__(self, app, answer: Callable[[Request, Exception], Response]):
+        self.app, self.answer = app, answer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as error:
+            if started:
+                raise
+            await self.answer(Request(scope, receive), error)(scope, receive, send)
 
 
 def field_name(loc) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,8 @@ from jkv.server.metrics import ServerMetrics
 from jkv.server.schemas import ApiError
 from jkv.server.text import TextStream
 from jkv.server.worker import Ticket, Worker
+
+log = logging.getLogger("jkv.server")
 
 # The engine's finish reasons as OpenAI names them: a full cache row is a length limit too.
 FINISH = {"stop": "stop", "length": "length", "max_len": "length"}
@@ -57,6 +60,13 @@ class Run:
                         yield piece
                     if self.finish_reason is not None:
                         break
+        except ClientGone:
+            raise
+        except Exception:  # a failure of ours (the engine's came as an event and ended its request already)
+            if self.finish_reason is None:
+                self.worker.cancel(self.ticket)
+                self.finish_reason = "error"
+            raise
         finally:
             if self.finish_reason is None:  # the client went away (or the consumer was cancelled)
                 self.worker.cancel(self.ticket)
@@ -146,7 +156,7 @@ class Run:
 
     async def events(self, include_usage: bool) -> AsyncIterator[str]:
         """The server-sent events of a streamed answer, ``data: [DONE]`` last; an engine failure mid-stream
-        becomes an ``error`` event (the status line has gone out already)."""
+        or a failure of the server's own becomes an ``error`` event (the status line has gone out already)."""
         try:
             if self.kind != "text_completion":
                 yield self.chunk([self._choice(None, None, first=True)], None, include_usage)
@@ -160,4 +170,8 @@ class Run:
                 yield self.chunk([], self.usage(), True)
         except ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:  # a failure of ours: logged here, as nothing above this generator sees it
+            log.exception("stream %s failed", self.id)
+            error = ApiError(500, f"internal error ({type(e).__name__}: {e}) in the stream", None, "server_error")
+            yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"

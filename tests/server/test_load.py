@@ -12,8 +12,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers_server import IDLE, NUM_SLOTS
-from prometheus_client.parser import text_string_to_metric_families
+from helpers_server import IDLE, NUM_SLOTS, metric_values
 
 from jkv.serving import Engine, SamplingParams
 
@@ -24,16 +23,6 @@ def reference(engine, tokenizer, prompts, max_tokens):
     return [
         (tokenizer.decode(t, skip_special=True), len(t)) for t in engine.generate(prompts, params, show_progress=False)
     ]
-
-
-def metric_values(url) -> dict:
-    """``{(sample name, sorted labels): value}`` of the server's /metrics, through prometheus_client's parser."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 def test_64_streams_with_a_quarter_leaving(engine, tokenizer, running):
