@@ -91,13 +91,6 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
         response.headers.update(error.headers or {})
         return response
 
-    def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
-        message = f"internal error ({type(error).__name__}: {error}) answering {request.method} {request.url.path}"
-        return fail(request, ApiError(500, message, None, "server_error"))
-
-    app.add_middleware(UnexpectedErrors, answer=unexpected)
-
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
         first = error.errors()[0]
@@ -106,6 +99,13 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
         if str(first.get("type", "")).endswith("_type") and "input" in first:  # strict types: say what came
             message += f", got {json_type(first['input'])}"
         return fail(request, ApiError(400, f"{param}: {message}" if param else message, param))
+
+    def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        message = f"internal error ({type(error).__name__}: {error}) answering {request.method} {request.url.path}"
+        return fail(request, ApiError(500, message, None, "server_error"))
+
+    app.add_middleware(UnexpectedErrors, answer=unexpected)
 
     # ------------------------------------------------------------------ prompts and budgets
     def encode(text: str, field: str) -> list[int]:

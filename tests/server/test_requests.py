@@ -138,7 +138,7 @@ WRONG_TYPES = [
 )
 def test_a_value_of_the_wrong_json_type_is_a_400_naming_the_field(running, path, field, value, param):
     message = assert_400(post(running(), path, VALID[path] | {"max_tokens": 1} | {field: value}), param)
-    assert message.startswith(f"{param}: "), message
+    assert message.startswith(f"{param}: ") and ", got " in message, message  # what came: "got a string"
 
 
 def test_integers_are_numbers_where_a_float_is_expected(running):
