@@ -146,14 +146,18 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
                 code="context_length_exceeded",
             )
         seed = body.seed if body.seed is not None else random.randrange(SEED_LIMIT)
-        stops = tokenizer.stop_ids if tokenizer is not None else ()
+        stops = () if body.ignore_eos or tokenizer is None else tuple(tokenizer.stop_ids)
+        extra = body.stop_token_ids or []
+        bad = [t for t in extra if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})", "stop_token_ids")
         return SamplingParams(
             temperature=body.temperature,
             top_k=body.top_k if 0 < body.top_k < vocab else 0,  # all of the vocabulary is no cut (and fits int32)
             top_p=body.top_p,
             seed=seed,
             max_new_tokens=budget,
-            stop_tokens=tuple(stops),
+            stop_tokens=tuple(sorted(set(stops) | set(extra))),
         )
 
     async def answer(request: Request, body, prompt: list[int], params: SamplingParams, kind: str):

@@ -2,10 +2,11 @@
 
 Fields jkv does not implement (the ``UNIMPLEMENTED_*`` tables) are refused with a 400 naming them when set to
 anything but a value that asks for nothing (``response_format`` ``{"type": "text"}``, penalties 0, no tools), rather
-than ignored: a client asking for JSON output, tool calls or logprobs should learn that it gets none. Fields that
-change nothing here (``user``, ``model`` naming the served model) are accepted; fields the API does not have are
-ignored. Types are strict, as OpenAI's are: ``"max_tokens": "5"`` or ``5.0`` is a 400, not 5; an int is a valid
-float.
+than ignored: a client asking for JSON output, tool calls, logprobs, or vLLM's guided decoding and penalties,
+should learn that it gets none. Of vLLM's sampling extensions ``top_k``, ``ignore_eos`` and ``stop_token_ids`` are
+implemented. Fields that change nothing here (``user``, ``model`` naming the served model) are accepted; fields
+neither API has are ignored. Types are strict, as OpenAI's are: ``"max_tokens": "5"`` or ``5.0`` is a 400, not 5;
+an int is a valid float.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Unimplemented:
 
 
 NO_TOOLS = "this server does not call tools (send none, or leave it out)"
+GUIDED = "no guided decoding: this server generates free text only (leave it out)"
 # Per endpoint, as OpenAI's API names them (a field of the other endpoint is unknown there, hence ignored).
 UNIMPLEMENTED_BOTH = {
     "n": Unimplemented((1,), "one choice per request (n=1); send n requests instead"),
@@ -45,6 +47,16 @@ UNIMPLEMENTED_BOTH = {
     "response_format": Unimplemented(
         ({"type": "text"},), 'this server generates free text only (send {"type": "text"}, or leave it out)'
     ),
+    # vLLM's sampling extensions (jkv implements top_k, ignore_eos and stop_token_ids of them)
+    "repetition_penalty": Unimplemented((1,), "no repetition penalty is applied (send 1, or leave it out)"),
+    "min_p": Unimplemented((0,), "no min-p cut is applied (send 0, or leave it out)"),
+    "min_tokens": Unimplemented((0,), "a stop token may end the answer at any length (send 0, or leave it out)"),
+    "use_beam_search": Unimplemented((False,), "sampling or greedy decoding only (send false)"),
+    "include_stop_str_in_output": Unimplemented((False,), "a stop string is cut from the text (send false)"),
+    "guided_json": Unimplemented((), GUIDED),
+    "guided_regex": Unimplemented((), GUIDED),
+    "guided_choice": Unimplemented((), GUIDED),
+    "guided_grammar": Unimplemented((), GUIDED),
 }
 UNIMPLEMENTED_COMPLETIONS = UNIMPLEMENTED_BOTH | {
     "echo": Unimplemented((False,), "the prompt is not echoed (send false)"),
@@ -115,6 +127,17 @@ class _Generation(BaseModel):
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+    ignore_eos: bool = False  # extension (vLLM's): the model's end tokens do not end the answer
+    stop_token_ids: list[int] | None = None  # extension (vLLM's): more token ids that end the answer
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    use_beam_search: bool = False
+    include_stop_str_in_output: bool = False
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="before")
     @classmethod

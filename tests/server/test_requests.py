@@ -3,12 +3,16 @@ implement, content parts that are not text, token budgets at the edge of the con
 what the engine holds (top_p 1e-300, top_k 2**31), unknown routes: each answered as the OpenAI API documents, never
 a 500 or a failed engine."""
 
+import copy
 import json
 
 import httpx
 import openai
 import pytest
-from helpers_server import MAX_LEN
+from helpers_server import MAX_LEN, Running
+
+from jkv.server import ServerOptions
+from jkv.serving import SamplingParams
 
 
 def post(server, path: str, body: dict) -> httpx.Response:
@@ -71,6 +75,15 @@ UNSUPPORTED = [
     (CHAT, "modalities", ["text", "audio"]),
     (CHAT, "audio", {"voice": "alloy", "format": "wav"}),
     (CHAT, "web_search_options", {}),
+    (COMPLETIONS, "repetition_penalty", 1.1),  # vLLM's sampling extensions
+    (CHAT, "min_p", 0.05),
+    (COMPLETIONS, "min_tokens", 3),
+    (CHAT, "use_beam_search", True),
+    (COMPLETIONS, "include_stop_str_in_output", True),
+    (CHAT, "guided_json", {"type": "object"}),
+    (COMPLETIONS, "guided_regex", "[0-9]+"),
+    (CHAT, "guided_choice", ["yes", "no"]),
+    (COMPLETIONS, "guided_grammar", "root ::= 'a'"),
 ]
 # Values that ask for nothing: what the server does anyway.
 NEUTRAL = [
@@ -91,6 +104,13 @@ NEUTRAL = [
     (CHAT, "logprobs", False),
     (CHAT, "top_logprobs", 0),
     (CHAT, "modalities", ["text"]),
+    (COMPLETIONS, "repetition_penalty", 1.0),
+    (CHAT, "repetition_penalty", 1),
+    (CHAT, "min_p", 0),
+    (COMPLETIONS, "min_tokens", 0),
+    (CHAT, "use_beam_search", False),
+    (COMPLETIONS, "ignore_eos", True),
+    (CHAT, "stop_token_ids", []),
 ]
 
 
@@ -239,3 +259,26 @@ def test_unknown_routes_and_methods_answer_openai_error_bodies(running):
             model="tiny", input="Hi"
         )
     assert info.value.body["type"] == "invalid_request_error"
+
+
+def test_stop_token_ids_and_ignore_eos_as_vllm_takes_them(engine, tokenizer):
+    """stop_token_ids end the answer at such a token (not returned, finish_reason stop); ignore_eos keeps the
+    model's own end tokens from ending it (stop_token_ids still do). Out-of-vocabulary ids are a 400."""
+    prompt = [5, 17, 300, 42]
+    greedy = engine.generate([prompt], SamplingParams(max_new_tokens=6), show_progress=False)[0]
+    end = greedy[2]
+    assert end not in greedy[:2], greedy  # else the test asks nothing of position 2
+    own_end = copy.copy(tokenizer)
+    own_end.stop_ids = (end,)  # as if the model's end token were greedy[2]
+    server = Running(engine, own_end, ServerOptions(model_name="tiny"))
+    try:
+        body = {"prompt": prompt, "max_tokens": 6, "temperature": 0}
+        stopped = post(server, COMPLETIONS, body).json()
+        assert (stopped["usage"]["completion_tokens"], stopped["choices"][0]["finish_reason"]) == (2, "stop")
+        ignored = post(server, COMPLETIONS, body | {"ignore_eos": True}).json()
+        assert (ignored["usage"]["completion_tokens"], ignored["choices"][0]["finish_reason"]) == (6, "length")
+        by_id = post(server, COMPLETIONS, body | {"ignore_eos": True, "stop_token_ids": [end]}).json()
+        assert (by_id["usage"]["completion_tokens"], by_id["choices"][0]["finish_reason"]) == (2, "stop")
+        assert_400(post(server, COMPLETIONS, body | {"stop_token_ids": [tokenizer.vocab_size]}), "stop_token_ids")
+    finally:
+        server.stop()
