@@ -1,14 +1,16 @@
 """Tokenizers from model files, built on the ``tokenizers`` package, plus chat templates and streaming decode.
 
 GGUF files carry a GPT-2 style byte-level BPE (``tokenizer.ggml.model == "gpt2"``) as a vocabulary, merges and a
-pre-tokenizer name; the name picks how text is split before BPE, as llama.cpp does. SentencePiece vocabularies
-(``"llama"``: pieces and scores) are encoded by ``jkv.loading.spm``. HF directories carry a
-``tokenizer.json`` that ``tokenizers`` reads as is.
+pre-tokenizer name; the name picks how text is split before BPE, as llama.cpp does, and a name jkv does not know
+is refused (as llama.cpp refuses it) rather than split as another scheme. SentencePiece vocabularies (``"llama"``:
+pieces and scores) are encoded by ``jkv.loading.spm``. HF directories carry a ``tokenizer.json`` that ``tokenizers``
+reads as is.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,6 +67,7 @@ class Tokenizer:
         bos_id: int | None = None,
         eos_id: int | None = None,
         add_bos: bool = False,
+        add_eos: bool = False,
         chat_template: str | None = None,
         extra_stop_ids: Sequence[int] = (),
     ):
@@ -72,6 +75,7 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.add_bos = add_bos
+        self.add_eos = add_eos
         self.chat_template = chat_template
         stops = {eos_id} if eos_id is not None else set()
         stops |= {i for i in (backend.token_to_id(t) for t in END_OF_TURN_TOKENS) if i is not None}
@@ -84,17 +88,22 @@ class Tokenizer:
     def token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) map to their ids.
 
-        ``add_bos`` (default: the model's own setting) prepends BOS unless the text already starts with it.
+        ``add_bos`` (default: the model's own setting) prepends BOS unless the text already starts with it;
+        ``add_eos`` (likewise) appends EOS unless it already ends with it, as llama.cpp encodes with special tokens.
+        A prompt to continue passes ``add_eos=False``: after EOS a model starts a new text, not the answer.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids = self.backend.encode(text, add_special_tokens=False).ids
         add_bos = self.add_bos if add_bos is None else add_bos
+        add_eos = self.add_eos if add_eos is None else add_eos
         if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
+        if add_eos and self.eos_id is not None and ids[-1:] != [self.eos_id]:
+            ids = [*ids, self.eos_id]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
@@ -173,7 +182,7 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
     if not tokens or merges is None:
         raise TokenizerError(f"{source} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     types = fields.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
-    pre = fields.get("tokenizer.ggml.pre", "default")
+    pre = fields.get("tokenizer.ggml.pre") or "default"  # as llama.cpp reads a file without one
     _check_list(tokens, str, "tokenizer.ggml.tokens", source)
     _check_list(merges, str, "tokenizer.ggml.merges", source)
     _check_list(types, int, "tokenizer.ggml.token_type", source)
@@ -190,14 +199,23 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
         raise TokenizerError(f"{source}: tokenizer.chat_template is a {type(template).__name__}, not text")
     common = dict(bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], chat_template=template)
     common["extra_stop_ids"] = tuple(ids[k] for k in ("eot_token_id", "eom_token_id") if ids[k] is not None)
+    if kind == "gpt2" and (
+        not isinstance(pre, str) or pre not in PRE_TOKENIZERS
+    ):  # splitting as another scheme would give other token ids
+        raise TokenizerError(
+            f"unsupported pre-tokenizer tokenizer.ggml.pre={pre!r} in {source}: jkv splits text before byte-level "
+            f"BPE as {', '.join(sorted(PRE_TOKENIZERS))}; use the model's safetensors directory, whose "
+            "tokenizer.json carries its own pre-tokenizer (or load with with_tokenizer=False)"
+        )
     # llama.cpp prepends BOS to SentencePiece and to Llama 3's byte-level BPE unless the file says otherwise
     add_bos = _flag(fields, "tokenizer.ggml.add_bos_token", kind == "llama" or pre in _IGNORE_MERGES, source)
+    common["add_eos"] = _flag(fields, "tokenizer.ggml.add_eos_token", False, source)
     if kind == "llama":
         return _sentencepiece(fields, tokens, types, source, add_bos=add_bos, **common)
     bad = next((m for m in merges if " " not in m), None)
     if bad is not None:
         raise TokenizerError(f"{source}: merge {bad!r} in tokenizer.ggml.merges is not two tokens joined by a space")
-    split, digits = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
+    split, digits = PRE_TOKENIZERS[pre]
 
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
@@ -261,7 +279,7 @@ def from_hf_directory(directory) -> Tokenizer:
     try:
         backend = Backend.from_file(str(directory / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise TokenizerError(f"cannot read {str(directory / 'tokenizer.json')!r}: {e}") from None
+        raise TokenizerError(_unreadable(directory / "tokenizer.json", e)) from None
     config, config_path = {}, directory / "tokenizer_config.json"
     if config_path.is_file():
         config = read_json(config_path, TokenizerError, "a JSON object")
@@ -286,6 +304,31 @@ def from_hf_directory(directory) -> Tokenizer:
         chat_template=template if isinstance(template, str) else None,
         extra_stop_ids=generation_stop_ids(directory, backend.get_vocab_size(with_added_tokens=True)),
     )
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why ``tokenizers`` refused ``path``; a pre-tokenizer type it does not know is named, with those it knows."""
+    known = {n for n in dir(pre_tokenizers) if isinstance(getattr(pre_tokenizers, n), type)} - {"PreTokenizer"}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer")
+    except (OSError, ValueError, AttributeError):
+        config = None
+    unknown = [t for t in _pre_tokenizer_types(config) if t not in known]
+    if unknown:
+        return (
+            f"cannot read {str(path)!r}: its pre_tokenizer type {unknown[0]!r} is not one this tokenizers package "
+            f"knows ({', '.join(sorted(known))}): a newer tokenizers may"
+        )
+    return f"cannot read {str(path)!r}: {error}"
+
+
+def _pre_tokenizer_types(config) -> list:
+    """The ``type`` of a tokenizer.json ``pre_tokenizer``, or of each step of a ``Sequence``."""
+    if not isinstance(config, dict):
+        return []
+    if config.get("type") == "Sequence" and isinstance(config.get("pretokenizers"), list):
+        return [t for step in config["pretokenizers"] for t in _pre_tokenizer_types(step)]
+    return [config.get("type")]
 
 
 def generation_stop_ids(directory: Path, vocab_size: int) -> tuple[int, ...]:

@@ -118,7 +118,7 @@ def create_app(engine, tokenizer, options: ServerOptions | None = None) -> FastA
             raise ApiError(
                 400, f"{field}: the text holds {bad}, a lone surrogate, which is not Unicode", field
             ) from None
-        return tokenizer.encode(text)
+        return tokenizer.encode(text, add_eos=False)  # a prompt to continue: never EOS
 
     def check_prompt(ids: list[int], field: str) -> None:
         if len(ids) > max_len - 1:  # the room for at least one generated token

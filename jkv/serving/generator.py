@@ -239,7 +239,7 @@ def generate_text(
     if chat is None:
         chat = tok.chat_template is not None
     text = tok.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
-    ids = tok.encode(text)
+    ids = tok.encode(text, add_eos=False)  # a prompt to continue: never EOS, whatever the model's flag
     if not ids:
         raise ValueError("the prompt is empty (it encodes to no token): give some text")
     if len(ids) > model.config.max_position:

@@ -115,6 +115,7 @@ TYPE_ERRORS = {  # (tokenizer model, key, value, message): what the SentencePiec
     "spm-add-bos-text": ("llama", "tokenizer.ggml.add_bos_token", "false", "add_bos_token='false' is not a boolean"),
     "spm-space-prefix-text": ("llama", "tokenizer.ggml.add_space_prefix", "no", "add_space_prefix='no' is not a"),
     "bpe-add-bos-text": ("gpt2", "tokenizer.ggml.add_bos_token", "false", "add_bos_token='false' is not a boolean"),
+    "bpe-add-eos-text": ("gpt2", "tokenizer.ggml.add_eos_token", "yes", "add_eos_token='yes' is not a boolean"),
     "spm-eot-float": ("llama", "tokenizer.ggml.eot_token_id", 2.0, r"eot_token_id=2.0 is not a token id"),
 }
 
@@ -161,6 +162,65 @@ def test_pre_tokenizer_names_llama_cpp_reads_as_a_known_pattern(pre):
     tok = from_gguf_metadata(byte_level_fields(**fields, **{"tokenizer.ggml.token_type": [1] * 256 + [3, 3, 1]}))
     digits = [ord(c) for c in "1234"]
     assert tok.encode("1234") == [256] * bos + ([*digits[:2], 258] if merged else digits)
+
+
+@pytest.mark.parametrize("pre", ["tekken", "deepseek-llm", ["gpt2"]], ids=["tekken", "deepseek-llm", "a-list"])
+def test_an_unknown_pre_tokenizer_is_refused_naming_the_known_ones(pre):
+    """Splitting as GPT-2 a text that the model splits otherwise gives other token ids, silently: llama.cpp
+    refuses a name it does not know, and so does jkv."""
+    with pytest.raises(TokenizerError, match=r"unsupported pre-tokenizer tokenizer.ggml.pre=.* as .*llama-bpe.*smollm"):
+        from_gguf_metadata(byte_level_fields(**{"tokenizer.ggml.pre": pre}))
+
+
+@pytest.mark.parametrize("pre", [None, ""], ids=["no-key", "empty"])
+def test_a_missing_pre_tokenizer_is_gpt2s_and_sentencepiece_has_none(pre):
+    """llama.cpp reads a byte-level BPE without a name as GPT-2's, and ignores the name for SentencePiece."""
+    tok = from_gguf_metadata(byte_level_fields(**{"tokenizer.ggml.pre": pre}))
+    assert tok.encode("hi 12") == [ord(c) for c in "hi 12"]
+    assert from_gguf_metadata(SPM_FIELDS | {"tokenizer.ggml.pre": "tekken"}).encode("a") == [1, 5]
+
+
+ADD_EOS = {  # (fields, text, add_eos argument) -> ids, as llama.cpp encodes with special tokens
+    "bpe-flag": (byte_level_fields(**{"tokenizer.ggml.add_eos_token": True}), "hi", None, [104, 105, 257]),
+    "bpe-flag-prompt": (byte_level_fields(**{"tokenizer.ggml.add_eos_token": True}), "hi", False, [104, 105]),
+    "bpe-no-key": (byte_level_fields(), "hi", None, [104, 105]),
+    "bpe-asked": (byte_level_fields(), "hi", True, [104, 105, 257]),
+    "bpe-ends-with-eos": (
+        byte_level_fields(**{"tokenizer.ggml.add_eos_token": True}),
+        "hi<eos>",
+        None,
+        [104, 105, 257],
+    ),
+    "spm-flag": (SPM_FIELDS | {"tokenizer.ggml.add_eos_token": True}, "a", None, [1, 5, 2]),
+    "spm-flag-int": (SPM_FIELDS | {"tokenizer.ggml.add_eos_token": 1}, "a", None, [1, 5, 2]),
+    "spm-false": (SPM_FIELDS | {"tokenizer.ggml.add_eos_token": False}, "a", None, [1, 5]),
+}
+
+
+@pytest.mark.parametrize("case", list(ADD_EOS))
+def test_add_eos_token_appends_eos_unless_the_caller_says_not(case):
+    fields, text, add_eos, want = ADD_EOS[case]
+    assert from_gguf_metadata(fields).encode(text, add_eos=add_eos) == want
+
+
+@pytest.mark.parametrize("flag", [True, False, None], ids=["true", "false", "no-key"])
+def test_add_eos_token_as_transformers_reads_the_file(tmp_path, flag):
+    transformers = pytest.importorskip("transformers")
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(SPM_FIELDS["tokenizer.ggml.tokens"])
+    w.add_token_scores(SPM_FIELDS["tokenizer.ggml.scores"])
+    w.add_token_types(SPM_FIELDS["tokenizer.ggml.token_type"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    if flag is not None:
+        w.add_add_eos_token(flag)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    want = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")("a a")["input_ids"]
+    fields = SPM_FIELDS | ({} if flag is None else {"tokenizer.ggml.add_eos_token": flag})
+    assert from_gguf_metadata(fields).encode("a a") == want == [1, 5, 5] + [2] * bool(flag)
 
 
 def test_end_of_message_ids_stop_generation():

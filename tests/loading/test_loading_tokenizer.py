@@ -104,6 +104,20 @@ def test_malformed_tokenizer_json(tmp_path):
         tok_lib.from_hf_directory(tmp_path)
 
 
+def test_an_unknown_hf_pre_tokenizer_is_named_with_the_known_ones(tmp_path):
+    """A tokenizer.json of a newer ``tokenizers`` (a step of its pre-tokenizer this one lacks) is refused naming
+    that step, not with serde's "did not match any variant of untagged enum"."""
+    import json
+
+    word_directory(tmp_path, False, SPECIALS)
+    config = json.loads((tmp_path / "tokenizer.json").read_text())
+    steps = [{"type": "Digits", "individual_digits": True}, {"type": "FancySplit", "pattern": "x"}]
+    config["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": steps}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"pre_tokenizer type 'FancySplit' is not one .*knows \(BertPre.*Split"):
+        tok_lib.from_hf_directory(tmp_path)
+
+
 def word_directory(directory, post_bos: bool, config: dict):
     """An HF directory's tokenizer: words ``w3``... after ``<pad> <bos> <eos>``, its ``tokenizer.json``
     post-processor prepending ``<bos>`` when ``post_bos`` (as Llama 3's does), and ``config`` as
