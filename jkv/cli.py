@@ -90,6 +90,20 @@ def check_flags(args) -> None:
     quantized = getattr(args, "weights", "dequantize") == "native" or getattr(args, "quantize", None) is not None
     if quantized and args.tp * args.dp > 1:
         raise CliError("quantized weights (--weights native, --quantize) run on one device: drop --tp/--dp")
+    sizes = {"--num-slots": args.num_slots, "--max-batch-tokens": args.max_batch_tokens}
+    sizes |= {"--num-pages": args.num_pages, "--prefix-cache-mb": args.prefix_cache_mb or None}
+    given = [flag for flag, value in sizes.items() if value is not None]
+    if given and not uses_engine(args):
+        raise CliError(
+            f"{given[0]} sizes the batched engine, which one PROMPT runs without: it needs --batch-file FILE (or "
+            f"--tp/--dp/--speculative, which run the engine); drop {given[0]} for one prompt"
+        )
+
+
+def uses_engine(args) -> bool:
+    """Whether ``generate`` runs the batched engine: for a batch file, a device mesh or speculative decoding (one
+    prompt alone runs the generator, which streams its text)."""
+    return args.batch_file is not None or args.tp * args.dp > 1 or args.speculative > 0
 
 
 def check_room(prompt_tokens: int, args, context: int, where: str = "") -> None:
@@ -144,7 +158,8 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
     if args.max_len is not None and args.max_len > context:
         raise CliError(f"max_len={args.max_len} exceeds the model's context length max_position={context}")
     chat = (tok.chat_template is not None) if not args.raw else False
-    ids = [tok.encode(tok.render_chat([{"role": "user", "content": p}]) if chat else p) for _, p in prompts]
+    texts = [tok.render_chat([{"role": "user", "content": p}]) if chat else p for _, p in prompts]
+    ids = [tok.encode(text, add_eos=False) for text in texts]  # prompts to continue: never EOS
     for (number, _), request_ids in zip(prompts, ids, strict=True):
         check_room(len(request_ids), args, context, f"line {number}: " if args.batch_file else "")
     tagged = args.batch_file is not None
@@ -245,7 +260,7 @@ def run_generate(args) -> int:
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")
     model = load_with_tokenizer(path, args, ", so it cannot take a text prompt", progress=not args.quiet)
-    if prompts is not None or args.tp * args.dp > 1:
+    if uses_engine(args):
         return run_batch(args, model, prompts if prompts is not None else [(1, args.prompt)])
 
     def on_text(piece: str) -> None:

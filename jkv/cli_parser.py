@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         "batching); each answer prints as soon as it finishes, tagged with its line number, then a summary",
     )
     _add_engine_options(gen)
-    gen.add_argument("--speculative", type=int, default=0, help="engine prompt-lookup draft tokens per step (0: off)")
+    gen.add_argument(
+        "--speculative", type=int, default=0, help="prompt-lookup draft tokens per step, run by the engine (0: off)"
+    )
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel devices (split the kv heads)")
     gen.add_argument("--dp", type=_positive_int, default=1, help="data-parallel devices (split the batch)")
     gen.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_options(parser) -> None:
-    """The engine's sizes, shared by ``generate --batch-file`` and ``serve``."""
+    """The engine's sizes, shared by ``generate`` (where it runs the engine: ``--batch-file``...) and ``serve``."""
     slots_help = "engine slots (default: what fits memory)"
     parser.add_argument("--num-slots", type=_positive_int, default=None, help=slots_help)
     parser.add_argument(

@@ -149,6 +149,19 @@ def test_flags_are_checked_before_the_model_loads(monkeypatch, batch, capsys, op
     assert err.startswith("jkv: error: ") and err.count("\n") == 1 and re.search(message, err), err
 
 
+ENGINE_SIZES = {"num-slots": "2", "max-batch-tokens": "64", "num-pages": "8", "prefix-cache-mb": "16"}
+
+
+@pytest.mark.parametrize("flag", list(ENGINE_SIZES))
+def test_engine_sizes_without_the_engine_are_refused(monkeypatch, capsys, flag):
+    """One prompt alone runs the generator, not the engine: a flag sizing the engine would be silently ignored."""
+    monkeypatch.setattr(jkv.loading, "load", no_load)
+    argv = ["generate", "hi", "--model", "/nonexistent.gguf", "--quiet", f"--{flag}", ENGINE_SIZES[flag]]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jkv: error: --{flag} sizes the batched engine") and "needs --batch-file FILE" in err
+
+
 def test_non_utf8_batch_file_names_file_and_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(jkv.loading, "load", no_load)
     path = tmp_path / "latin1.txt"
@@ -180,6 +193,38 @@ def test_summary_leaves_compile_seconds_out_of_its_rate():
         cli.summary(done, 3, 2, compile_s=6.0)
         == "[2 answers of 3 requests, 20 tokens in 4.00 s: 5.0 tokens/s over 2 slots]"
     )
+
+
+def test_one_prompt_with_speculative_runs_the_engine(tiny_gguf, tmp_path, capsys):
+    """``--speculative`` applies to one prompt as well: it runs through the engine (which the engine's own flags
+    then size), with the greedy answer of the same prompt in a batch file without drafts."""
+    (tmp_path / "one.txt").write_text("the the he\n")
+    common = ["--model", tiny_gguf, "--raw", "--max-new-tokens", "6"]
+    assert cli.main(["generate", "--batch-file", str(tmp_path / "one.txt"), *common, "--quiet"]) == 0
+    plain = capsys.readouterr().out.removeprefix("[line 1] the the he\n")
+    assert cli.main(["generate", "the the he", *common, "--speculative", "2", "--num-slots", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == plain.strip() and "1 requests, 6 tokens" in err  # the engine's summary
+
+
+def test_prompts_never_end_with_eos_whatever_the_model_asks(monkeypatch, tiny_gguf, batch, capsys):
+    """A GGUF may set ``tokenizer.ggml.add_eos_token``: the tokenizer then appends EOS as llama.cpp does, but a
+    prompt to continue never ends with it (llama.cpp's own CLI refuses such a model rather than do it)."""
+    encoded, eos, real_load = [], [], jkv.loading.load
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        model.tokenizer.add_eos = True
+        eos.append(model.tokenizer.eos_id)
+        encode = model.tokenizer.encode
+        model.tokenizer.encode = lambda *a, **k: encoded.append(encode(*a, **k)) or encoded[-1]
+        return model
+
+    monkeypatch.setattr(jkv.loading, "load", load)
+    common = ["--model", tiny_gguf, "--quiet", "--raw", "--max-new-tokens", "1"]
+    assert cli.main(["generate", "the the", *common]) == 0
+    assert cli.main(["generate", "--batch-file", batch, *common]) == 0
+    assert eos[0] is not None and len(encoded) == 5 and all(ids[-1] != eos[0] for ids in encoded), encoded
 
 
 def test_zero_new_tokens_gives_empty_answers(tiny_gguf, batch, capsys):
