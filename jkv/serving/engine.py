@@ -368,7 +368,7 @@ class Engine:
         self._release(request)
         self._done[request.id] = completion
         self.stats.compile_s = self.steps.compile_s - self._compile0
-        self.stats.completed_one(completion)
+        self.stats.completed_one(completion, self.steps.compile_s_between)
 
     def _release(self, request: Request) -> None:
         """The request leaves: its slot is emptied at the start of the next step, its pages go back."""

@@ -76,15 +76,18 @@ class EngineStats:
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
-    def completed_one(self, c: Completion) -> None:
+    def completed_one(self, c: Completion, compiling=lambda start, end: 0.0) -> None:
+        """Count ``c``; ``compiling(start, end)``: the seconds spent compiling between two of its times, left out of
+        its latencies (a request's first step may wait seconds for a compile that later requests do not)."""
         self.completed += 1
         self.last_finish = c.finished
         if not math.isnan(c.first_token):
-            self.ttft_s += c.time_to_first_token
-            self.queue_s += 0.0 if math.isnan(c.admitted) else c.queue_wait
+            self.ttft_s += c.time_to_first_token - compiling(c.submitted, c.first_token)
+            waited = not math.isnan(c.admitted)
+            self.queue_s += c.queue_wait - compiling(c.submitted, c.admitted) if waited else 0.0
             self.ttft_n += 1
         if not math.isnan(c.inter_token_latency):
-            self.itl_s += c.inter_token_latency
+            self.itl_s += c.inter_token_latency - compiling(c.first_token, c.last_token) / (len(c.tokens) - 1)
             self.itl_n += 1
 
     def summary(self) -> RunSummary:
@@ -93,6 +96,7 @@ class EngineStats:
         return RunSummary(
             requests=self.completed,
             wall_s=wall,
+            compile_s=self.compile_s,
             generated_tokens=self.generated_tokens,
             tokens_per_s=rate(self.generated_tokens, wall),
             prefill_tokens=self.prefill_tokens,
@@ -113,12 +117,14 @@ class EngineStats:
 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
-    """The figures of a run (``EngineStats.summary``). ``wall_s``: first submission to last completion, compiles
-    excluded. Prefill tokens/s: prompt tokens over the seconds of steps that carried any; decode tokens/s: tokens
-    sampled by the other steps over their seconds."""
+    """The figures of a run (``EngineStats.summary``). ``wall_s``: first submission to last completion; it, the
+    rates and the latencies leave out ``compile_s``, the seconds spent compiling steps in between. Prefill tokens/s:
+    prompt tokens over the seconds of steps that carried any; decode tokens/s: tokens sampled by the other steps
+    over their seconds."""
 
     requests: int
     wall_s: float
+    compile_s: float
     generated_tokens: int
     tokens_per_s: float
     prefill_tokens: int
@@ -139,6 +145,7 @@ class RunSummary:
         parts = [
             f"{self.requests} requests, {self.generated_tokens} tokens in {self.wall_s:.2f} s: "
             f"{self.tokens_per_s:.1f} tokens/s",
+            f"compiling {self.compile_s:.2f} s, left out of every time and rate here",
             f"prefill {self.prefill_tokens} tokens at {self.prefill_tokens_per_s:.1f} tokens/s",
             f"decode {self.decode_tokens_per_s:.1f} tokens/s",
             f"time to first token {1e3 * self.mean_ttft_s:.1f} ms (waiting for a slot {1e3 * self.mean_queue_s:.1f}), "

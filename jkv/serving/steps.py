@@ -91,6 +91,7 @@ class Steps:
         self.config, self.options, self.mesh, self._sharding = config, options, mesh, cache_sharding
         self.compiled: set[tuple] = set()
         self.compile_s = 0.0
+        self.compiles: list[tuple[float, float]] = []  # (start, end) of each first call, time.perf_counter
         self._own: dict[tuple, object] = {}  # jitted steps of a mesh engine (their output shardings are its own)
 
     def _jitted(self, fn, donate, cache_out, statics):
@@ -117,8 +118,14 @@ class Steps:
             out = jitted(*args)
         if first:
             self.compiled.add((name, key))
-            self.compile_s += time.perf_counter() - start
+            self.compiles.append((start, time.perf_counter()))
+            self.compile_s += self.compiles[-1][1] - start
         return out
+
+    def compile_s_between(self, start: float, end: float) -> float:
+        """Seconds of compiling between two ``time.perf_counter`` readings (e.g. a request's submission and its
+        first token)."""
+        return sum(max(min(e, end) - max(s, start), 0.0) for s, e in self.compiles)
 
     def _model(self, **more):
         return {"config": self.config, "options": self.options, **more}
