@@ -199,9 +199,8 @@ def from_gguf_metadata(fields: dict, source: str = "GGUF") -> Tokenizer:
         raise TokenizerError(f"{source}: tokenizer.chat_template is a {type(template).__name__}, not text")
     common = dict(bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], chat_template=template)
     common["extra_stop_ids"] = tuple(ids[k] for k in ("eot_token_id", "eom_token_id") if ids[k] is not None)
-    if kind == "gpt2" and (
-        not isinstance(pre, str) or pre not in PRE_TOKENIZERS
-    ):  # splitting as another scheme would give other token ids
+    # Splitting as another scheme would give other token ids, silently.
+    if kind == "gpt2" and (not isinstance(pre, str) or pre not in PRE_TOKENIZERS):
         raise TokenizerError(
             f"unsupported pre-tokenizer tokenizer.ggml.pre={pre!r} in {source}: jkv splits text before byte-level "
             f"BPE as {', '.join(sorted(PRE_TOKENIZERS))}; use the model's safetensors directory, whose "
@@ -317,7 +316,7 @@ def _unreadable(path: Path, error: Exception) -> str:
     if unknown:
         return (
             f"cannot read {str(path)!r}: its pre_tokenizer type {unknown[0]!r} is not one this tokenizers package "
-            f"knows ({', '.join(sorted(known))}): a newer tokenizers may"
+            f"knows ({', '.join(sorted(known))}); a newer tokenizers may read it"
         )
     return f"cannot read {str(path)!r}: {error}"
 
