@@ -159,3 +159,28 @@ def test_an_engine_failure_answers_500_and_health_turns_503(engine, running, mon
     assert httpx.get(server.url + "/health", timeout=10).status_code == 503
     again = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
     assert again.status_code == 503
+
+
+def test_prompts_never_end_with_eos_whatever_the_model_asks(engine, tokenizer):
+    """A model whose GGUF sets ``tokenizer.ggml.add_eos_token``: its tokenizer appends EOS, a prompt to continue
+    (a completion's text, a chat) does not."""
+    import copy
+
+    from helpers_server import Running
+
+    from jkv.server import ServerOptions
+
+    eos_adding = copy.copy(tokenizer)
+    eos_adding.add_eos = True
+    text, messages = "The capital of France is", [{"role": "user", "content": "Hi"}]
+    want = tokenizer.encode(text, add_eos=False)
+    assert eos_adding.encode(text) == [*want, tokenizer.eos_id]
+    server = Running(engine, eos_adding, ServerOptions(model_name="tiny", max_waiting=8))
+    try:
+        api = client(server)
+        got = api.completions.create(model="tiny", prompt=text, max_tokens=1, temperature=0)
+        assert got.usage.prompt_tokens == len(want)
+        got = api.chat.completions.create(model="tiny", messages=messages, max_tokens=1, temperature=0)
+        assert got.usage.prompt_tokens == len(tokenizer.encode(tokenizer.render_chat(messages), add_eos=False))
+    finally:
+        server.stop()
