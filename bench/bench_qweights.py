@@ -292,7 +292,7 @@ def agreement(smoke: bool, new_tokens: int) -> dict:
 
         model = load_gguf(default_model_path(), "bf16", progress=False, layout="layers", weights="native")
         config, tok = model.config, model.tokenizer
-        prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}])) for q in PROMPTS]
+        prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}]), add_eos=False) for q in PROMPTS]
         base = quant.dequantize_params(model.params)
         variants, buckets = {"bf16": base, "q4_1_native": model.params}, None
     variants |= {c: quantize_lib.quantize_params(base, c) for c in ("q8_0", "q4_k")}

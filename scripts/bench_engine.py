@@ -146,7 +146,7 @@ def copy_prompts(config, tokenizer, rng, n=4):
             "for i in range(10):\n    total += values[i] * weights[i]\nprint(total / sum(weights))\n",
         ]
         texts = [f"Repeat the following text exactly.\n\n{p}\n\nRepeated text:\n{p[:20]}" for p in passages[:n]]
-        return [tokenizer.encode(t) for t in texts]
+        return [tokenizer.encode(t, add_eos=False) for t in texts]
     out = []
     for _ in range(n):
         passage = rng.integers(0, config.vocab_size, size=48).tolist()

@@ -202,7 +202,7 @@ def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "ma
     model = load_gguf(default_model_path(), weights, progress=False)
     tok, config = model.tokenizer, model.config
     texts = {"main": PROMPTS, "held-out": HELD_OUT}[prompt_set]
-    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}])) for p in texts]
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": p}]), add_eos=False) for p in texts]
     model_kv_error(log, model, prompts)
     free = {}
     for kind in ("bf16", *GEN_CACHES):
