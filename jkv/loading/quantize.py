@@ -10,6 +10,8 @@ llama.cpp's quantizers, whose Q4_K search for the best scales is more careful th
   fits); ``nibble = round((x + offset) / step)`` clipped to 0..15. Error per value at most about half a step
   plus ``dmin`` where the rounded-up offset pushes the top value past 15 steps.
 
+A weight so large that a scale has no finite float16 (Q8_0: ``max|x| > 65504 * 127``) is a ``ValueError``.
+
 :func:`plan` says which format each matrix of a model gets: the requested one for the block's projections,
 Q8_0 for the embedding and LM head (a 4-bit LM head costs far more quality than its share of the bytes), and
 Q8_0 where a matrix's input width is not a multiple of 256 (Q4_K's block).
@@ -29,17 +31,30 @@ def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``w [N, K]`` (K a multiple of 32) as Q8_0 planes ``(codes int8 [N, K], scales f16 [N, K/32])``."""
     n, k = _check(w, 32)
     blocks = np.asarray(w, np.float32).reshape(n, k // 32, 32)
-    scale = (np.abs(blocks).max(axis=-1) / 127.0).astype(np.float16)  # (N, K/32)
+    scale = _to_f16(np.abs(blocks).max(axis=-1) / 127.0, "Q8_0", w)  # (N, K/32)
     s = scale.astype(np.float32)[..., None]
     codes = np.where(s > 0, np.round(blocks / np.where(s > 0, s, 1)), 0)
     return np.clip(codes, -127, 127).astype(np.int8).reshape(n, k), scale
 
 
-def _six_bit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _to_f16(scale: np.ndarray, fmt: str, w: np.ndarray) -> np.ndarray:
+    """``scale`` as float16, or a ``ValueError`` where a value has no finite float16 (weights far too large)."""
+    with np.errstate(over="ignore"):
+        out = scale.astype(np.float16)
+    if not np.isfinite(out).all():
+        raise ValueError(
+            f"{fmt} needs float16 scales, and max|w|={float(np.abs(w).max()):g} makes one past "
+            f"{float(np.finfo(np.float16).max):g}"
+        )
+    return out
+
+
+def _six_bit(values: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``values [..., 8] >= 0`` as an f16 super-scale ``[...]`` and 6-bit multiples ``[..., 8]`` rounded up."""
     top = values.max(axis=-1)
-    sup = (top / 63.0).astype(np.float16)
+    sup = _to_f16(top / 63.0, "Q4_K", w)
     sup = np.where(sup.astype(np.float32) * 63 < top, np.nextafter(sup, np.float16(np.inf)), sup)  # round up
+    sup = _to_f16(sup, "Q4_K", w)
     s = sup.astype(np.float32)[..., None]
     q = np.where(s > 0, np.ceil(values / np.where(s > 0, s, 1) - 1e-6), 0)
     return sup, np.clip(q, 0, 63).astype(np.uint8)
@@ -51,8 +66,8 @@ def quantize_q4_k(w: np.ndarray) -> tuple[np.ndarray, ...]:
     x = np.asarray(w, np.float32).reshape(n, k // 256, 8, 32)
     low = np.minimum(x.min(axis=-1), 0.0)  # (N, K/256, 8)
     step = (x.max(axis=-1) - low) / 15.0
-    d, sub = _six_bit(step)
-    dmin, sub_min = _six_bit(-low)
+    d, sub = _six_bit(step, w)
+    dmin, sub_min = _six_bit(-low, w)
     step_q = d.astype(np.float32)[..., None] * sub  # what the planes hold
     offset_q = dmin.astype(np.float32)[..., None] * sub_min
     safe = np.where(step_q > 0, step_q, 1)[..., None]

@@ -240,7 +240,12 @@ def load_safetensors(
     def packed(name: str):
         key = file_name(name)
         fmt = quantize_lib.plan(name, shapes[key][-1], quantize) if len(shapes[key]) == 2 else None
-        return None if fmt is None else (fmt, quantize_lib.quantize(get(name), fmt))
+        if fmt is None:
+            return None
+        try:
+            return fmt, quantize_lib.quantize(get(name), fmt)
+        except ValueError as e:  # the quantizer does not know which tensor it holds
+            raise ModelLoadError(f"cannot quantize {key!r} of {source}: {e}") from None
 
     packed = None if quantize is None else packed
     params = build_params(

@@ -4,6 +4,7 @@ small random HF model loaded with ``quantize=`` keeps the float model's logits w
 its greedy choices on most positions."""
 
 import functools
+import re
 
 import gguf
 import jax
@@ -15,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from qweight_inputs import dequantize_f64
 
 import jkv
-from jkv.loading import load_safetensors
+from jkv.loading import ModelLoadError, load_safetensors
 from jkv.loading import quantize as qz
 from jkv.models import llama, quant
 
@@ -75,6 +76,17 @@ def test_bad_inputs_raise():
         qz.plan("0.q", 256, "q5")
 
 
+@pytest.mark.parametrize("fmt,big", [("Q8_0", 1e7), ("Q4_K", -1e7), ("Q4_K", 1e9)])
+def test_weights_past_float16_scales_raise(fmt, big):
+    """A block whose scale (Q8_0: max|x| / 127) or super-scale (Q4_K) has no finite float16 value is an error
+    naming the largest weight, not planes that dequantize to inf or NaN."""
+    w = np.ones((2, 256), np.float32)
+    w[1, 7] = big
+    with pytest.raises(ValueError, match=f"{fmt} .*float16.*{re.escape(f'{abs(big):g}')}"):
+        qz.quantize(w, fmt)
+    assert np.isfinite(dequantize_f64(qz.quantize(w / abs(big) * 1e5, fmt), fmt)).all()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A random Llama (hidden 256, so Q4_K fits every projection; std 0.05 weights) saved by transformers."""
@@ -124,3 +136,14 @@ def test_safetensors_quantized_round_trip(saved, rng, choice):
     assert agree >= AGREEMENT[choice], agree
     exact, _ = forward(c)(quant.dequantize_params(model.params), cache, tokens)
     assert rel_err(got, exact) < 1e-5
+
+
+def test_load_names_the_tensor_it_cannot_quantize(saved, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(saved / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = 1e9
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_bytes((saved / "config.json").read_bytes())
+    with pytest.raises(ModelLoadError, match=r"cannot quantize 'model\.layers\.1\.mlp\.down_proj\.weight' .*1e\+09"):
+        load_safetensors(tmp_path, "f32", progress=False, quantize="q8_0")
