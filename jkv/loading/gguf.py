@@ -211,6 +211,8 @@ def load_gguf(
         for plane in planes:
             if plane.dtype == np.float16:
                 validate.check_finite(plane, key, source, dtype)
+        if np.dtype(dtype) == np.float16:  # finite scales times codes may still pass float16, the products' dtype
+            get(name)
         if config.architecture == "llama" and name.endswith((".q", ".k")):
             heads = config.num_heads if name.endswith(".q") else config.num_kv_heads
             planes = tuple(unpermute_rows(p, heads) for p in planes)

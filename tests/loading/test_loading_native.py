@@ -16,7 +16,7 @@ from helpers_loading import needs_smollm, smollm_path, write_tiny_gguf
 from helpers_smollm import load_shared
 
 import jkv
-from jkv.loading import gguf_blocks, load, load_gguf
+from jkv.loading import ModelLoadError, gguf_blocks, load, load_gguf
 from jkv.models import llama, quant
 from jkv.serving.generator import Generator
 from pallas_kernels import block_formats
@@ -94,6 +94,21 @@ def test_weight_options_are_checked(tmp_path, rng):
         load(tmp_path / "m.gguf", progress=False, quantize="q8_0")
     with pytest.raises(ValueError, match="weights='native' applies to GGUF"):
         load(tmp_path, progress=False, weights="native")
+
+
+@pytest.mark.parametrize("weights", ["dequantize", "native"])
+def test_values_past_float16_are_refused_either_way(tmp_path, rng, weights):
+    """One Q8_0 block of ``1000 * 127``: finite float16 planes, values past float16. A float16 load refuses the file
+    whether it dequantizes or keeps the blocks (whose products would compute in float16); float32 takes it."""
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, rng, types={"attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "attn_v": Q.Q8_0})
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.attn_k.weight")
+    raw = bytearray(path.read_bytes())
+    raw[t.data_offset : t.data_offset + 3] = np.float16(1000).tobytes() + bytes([127])
+    path.write_bytes(raw)
+    with pytest.raises(ModelLoadError, match=r"'blk\.1\.attn_k\.weight' .* values up to 1\.27e\+05, beyond float16"):
+        load_gguf(path, "f16", progress=False, weights=weights)
+    assert load_gguf(path, "f32", progress=False, weights=weights).params.nbytes > 0
 
 
 QUESTIONS = (
