@@ -113,7 +113,8 @@ _FIELDS = {"wqkv": "q", "wo": "o", "w_gate_up": "gate", "w_down": "down"}
 
 def quantize_params(params, choice: str):
     """Dense ``LlamaParams`` (either layout) with every matrix ``plan`` picks quantized on the host and placed back
-    on the device (``jkv.models.quant.QuantizedMatrix``, computing in the params' dtype); the rest unchanged."""
+    on the device (``jkv.models.quant.QuantizedMatrix``, computing in the params' dtype); the rest unchanged.
+    A matrix that is block-quantized already is a ``ValueError``."""
     import jax
 
     from jkv.models import quant
@@ -121,7 +122,12 @@ def quantize_params(params, choice: str):
 
     dtype = params.dtype
 
-    def convert(w, name: str, reduce_axis: int = 0):
+    def convert(w, name: str, reduce_axis: int = 0, field: str | None = None):
+        if quant.is_quantized(w):  # a second rounding on top of the blocks' own
+            raise ValueError(
+                f"{field or name} is already {w.format}: quantize_params takes dense weights (dequantize "
+                "block-quantized ones first: jkv.models.quant.dequantize_params)"
+            )
         dense = np.asarray(jax.device_get(w), np.float32)
         k = dense.shape[reduce_axis]
         fmt = plan(name, k, choice)
@@ -133,7 +139,12 @@ def quantize_params(params, choice: str):
     stacked = params.stacked
     layers = with_layout(params, "layers").layers
     layers = tuple(
-        layer.replace(**{field: convert(getattr(layer, field), f"{i}.{name}") for field, name in _FIELDS.items()})
+        layer.replace(
+            **{
+                field: convert(getattr(layer, field), f"{i}.{name}", field=f"layers[{i}].{field}")
+                for field, name in _FIELDS.items()
+            }
+        )
         for i, layer in enumerate(layers)
     )
     lm_head = None if params.lm_head is None else convert(params.lm_head, "lm_head")

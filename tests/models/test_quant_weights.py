@@ -104,6 +104,13 @@ def test_from_planes_rejects_a_shape_the_planes_do_not_hold(rng, shape, axis, ma
         quant.from_planes("Q8_0", planes, shape, jnp.float32, axis)
 
 
+def test_quantizing_quantized_params_is_an_error():
+    """Quantizing blocks again would stack a second rounding on the first without a word: an error naming the
+    matrix and the way to its values."""
+    with pytest.raises(ValueError, match=r"layers\[0\]\.wqkv is already Q8_0: .*dequantize_params"):
+        quantize_params(quantized("q8_0"), "q4_k")
+
+
 def test_weights_impl_is_checked():
     assert llama.LlamaOptions(impl="pallas", weights_impl="xla").resolve().weights_impl == "xla"
     with pytest.raises(ValueError, match="weights_impl='cuda' is not one of"):
