@@ -190,6 +190,7 @@ class Engine:
         if request is None:
             return False
         self._finish(request, "cancelled")
+        self._flush_if_idle()
         return True
 
     def abort(self) -> None:
@@ -224,10 +225,9 @@ class Engine:
         plan = self.scheduler.schedule(self._want, self._admit, self._make_room)
         if plan is None:
             self._collect()
-            if not self._requests:
-                self._flush_resets()
-            return
-        self._dispatch(plan)
+        else:
+            self._dispatch(plan)
+        self._flush_if_idle()
 
     def admit(self) -> None:
         """Run prompt-only steps until every waiting request holds a slot and its prompt is in the cache, its first
@@ -379,6 +379,12 @@ class Engine:
         if slot >= 0:
             self.inputs.resets[slot] = True
             self.inputs.slots_changed()
+
+    def _flush_if_idle(self) -> None:
+        """Empty the finished slots now when no further step will (nothing waits, runs or is in flight): a caller
+        that steps while ``has_work()`` (the server's worker) would else leave their lengths and pages held."""
+        if not self._requests and self._inflight is None:
+            self._flush_resets()
 
     def _flush_resets(self) -> None:
         """Empty the slots still waiting for a next step (the engine is idle)."""
