@@ -118,22 +118,30 @@ def sample(
 
 
 def _draw(logits, keys, temperature, top_k, top_p, truncate: bool) -> Int[Array, " B"]:
-    vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     if not truncate:
         return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
+    masked = jnp.where(kept_tokens(scaled, top_k, top_p), scaled, -jnp.inf)
+    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked).astype(jnp.int32)
+
+
+def kept_tokens(scaled: Float[Array, "B V"], top_k: Int[Array, " B"], top_p: Float[Array, " B"]):
+    """``bool[B, V]``: the tokens each row may draw after its top-k and top-p cuts (``scaled``: the logits over
+    the temperature)."""
+    vocab = scaled.shape[-1]
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # (B, V) descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # (B, 1): smallest logit kept by top-k
     ordered = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
     # Keep token i (in descending order) while the mass before it is below top_p: the first token always stays,
-    # also where top_p is 0 in float32 (a valid top_p of 1e-300).
+    # also where top_p is 0 in float32 (a valid top_p of 1e-300); top_p = 1 keeps all, though the float32 running
+    # sum of a peaked row reaches 1 before its last tokens (a row drawing uncut in the program without the sort
+    # draws the same token here).
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (before < top_p[:, None]) | (jnp.arange(vocab)[None, :] == 0)
+    keep = (before < top_p[:, None]) | (top_p[:, None] >= 1) | (jnp.arange(vocab)[None, :] == 0)
     cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # smallest kept logit
-    masked = jnp.where((scaled >= jnp.maximum(kth, cutoff)), scaled, -jnp.inf)
-    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked).astype(jnp.int32)
+    return scaled >= jnp.maximum(kth, cutoff)
 
 
 # A sampled token id that says "this row's logits held NaN or Inf" (checked on the host with the tokens).

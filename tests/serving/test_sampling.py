@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jkv.serving.sampling import sample
+from jkv.serving.sampling import kept_tokens, sample
 
 
 def _draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=0):
@@ -90,3 +90,13 @@ def test_a_top_p_that_is_zero_in_float32_still_keeps_the_most_likely_token(top_p
     0): the most likely token stays, as it always does, instead of none (a draw over -inf everywhere)."""
     logits = np.log(np.array([0.1, 0.2, 0.3, 0.4]))
     assert set(_draw(logits, 64, top_p=top_p).tolist()) == {3}
+
+
+def test_top_p_of_one_cuts_nothing():
+    """top_p = 1 keeps every token (as top_k = 0 does) although the float32 running sum of a long, peaked row's
+    probabilities reaches 1 before its last tokens: a request drawing with neither cut gets the tokens of the
+    program without the sort whether or not a neighbour's top-k / top-p sends its step through the sort."""
+    logits = jax.random.normal(jax.random.key(0), (4, 32000)) * 2
+    zeros, ones = jnp.zeros((4,), jnp.int32), jnp.ones((4,), jnp.float32)
+    assert bool(jax.jit(kept_tokens)(logits, zeros, ones).all())
+    assert int(jax.jit(kept_tokens)(logits, zeros, jnp.full((4,), 0.5, jnp.float32)).sum()) < 4 * 32000  # it cuts
