@@ -238,6 +238,7 @@ class Engine:
                 break
             self._dispatch(plan)
         self._collect()
+        self._flush_if_idle()
 
     def _dispatch(self, plan) -> None:
         """Build the step's inputs from ``plan``, dispatch it, and read the previous step (or this one)."""

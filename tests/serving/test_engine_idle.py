@@ -1,10 +1,11 @@
 """An engine driven by ``step()`` alone, as the server's worker drives it (``while has_work(): step()``), holds
 nothing once ``has_work()`` is False: no slot length, page or pin, whether its last request finished or was
-cancelled, with or without speculative decoding (whose steps read their tokens at once: nothing is in flight)."""
+cancelled, with or without speculative decoding (whose steps read their tokens at once: nothing is in flight), and
+after ``admit()``."""
 
 import pytest
 from helpers_server import IDLE, held
-from helpers_serving import engine, make_params
+from helpers_serving import assert_nothing_held, engine, make_params
 
 from jkv.serving import SamplingParams
 
@@ -33,3 +34,14 @@ def test_stepping_until_idle_holds_nothing(params, speculative, end):
     (done,) = eng.pop_finished()
     assert done.finish_reason == ("length" if end == "finish" else "cancelled")
     assert held(eng) == IDLE
+
+
+@pytest.mark.parametrize("cache", ["f32", "paged"])
+def test_admit_holds_nothing_once_its_requests_finished(params, cache):
+    """``admit()`` runs the prompts and reads their first tokens: a request of one token finishes there, and the
+    engine, idle, holds nothing of it."""
+    eng = engine(params, cache)
+    eng.submit([1, 2, 3], SamplingParams(max_new_tokens=1))
+    eng.admit()
+    assert not eng.has_work() and [c.finish_reason for c in eng.pop_finished()] == ["length"]
+    assert_nothing_held(eng)

@@ -7,7 +7,7 @@ together (a prefix hit on pages whose writer is still running) and prompts shari
 (requests wait), a prefix cache small enough to evict, ``max_new_tokens`` that fill the row exactly or run past
 it, stop tokens among the first three tokens (the first included), cancellations at any step and from callbacks,
 and either prompt-lookup drafts (greedy) or seeded sampling with top-k / top-p beside greedy requests. The engine
-is driven as the server's worker drives it: ``step()`` while ``has_work()``."""
+is driven as the server's worker drives it, ``step()`` while ``has_work()``, with a few ``admit()`` calls between."""
 
 import dataclasses
 
@@ -99,7 +99,7 @@ def run_mix(params, kind, alone: Alone, seed: int) -> dict:
         submit(*draw_request())
     done = []
     while eng.has_work():
-        eng.step()
+        eng.admit() if rng.random() < 0.05 else eng.step()  # admit: every waiting prompt in, first tokens read
         if rng.random() < 0.3 and len(requests) < 16:
             submit(*draw_request())
         if rng.random() < 0.05:
