@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jkv.models import llama
-from jkv.serving import steps
+from jkv.serving import requests, steps
 from jkv.serving.metrics import Completion, EngineStats
 from jkv.serving.options import EngineOptions
 from jkv.serving.prefixes import Prefixes
@@ -90,7 +90,7 @@ class Engine:
         self._last_read, self._last_read_compile = time.perf_counter(), 0.0
         self._compile0 = 0.0  # compile seconds before the first submission the stats count
         self._done: dict[int, Completion] = {}
-        self._next_id = 0
+        self._next_id, self._stepping = 0, False
 
     @property
     def compile_s(self) -> float:
@@ -218,6 +218,7 @@ class Engine:
         self.stats = EngineStats(num_pages=self.stats.num_pages)
 
     # ------------------------------------------------------------------ one engine step
+    @requests.one_step_at_a_time
     def step(self) -> None:
         """Plan and dispatch one mixed step, then read the previous one (see the module docstring)."""
         if self.options.speculative_tokens:
@@ -229,6 +230,7 @@ class Engine:
             self._dispatch(plan)
         self._flush_if_idle()
 
+    @requests.one_step_at_a_time
     def admit(self) -> None:
         """Run prompt-only steps until every waiting request holds a slot and its prompt is in the cache, its first
         token read (benchmarks then drive a decode step of their own over the filled slots)."""

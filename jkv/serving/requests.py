@@ -4,6 +4,7 @@ scheduler's plan, and how sampled tokens are handed to it (stop tokens, budgets,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -153,3 +154,23 @@ def emit(request: Request, new_tokens: list[int], label: str, max_len: int) -> i
         if request.on_token is not None:
             request.on_token(request.id, token)
     return taken
+
+
+def one_step_at_a_time(method):
+    """An engine's ``method`` (a step) refused while another runs: an ``on_token`` callback may submit and cancel,
+    not step (a step inside a step reads the outer one's tokens as its own, and the engine never goes idle)."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self._stepping:
+            raise RuntimeError(
+                f"Engine.{method.__name__}() called inside a step (from an on_token callback?): a callback may "
+                "submit() and cancel(), not step(), admit(), run() or generate()"
+            )
+        self._stepping = True
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._stepping = False
+
+    return guarded

@@ -1,7 +1,9 @@
 """Engine, its API and accounting: few compiled step variants, greedy against sampling steps, the run summary and
 per-request figures, argument errors, NumPy integers, the default slot count, the prefix length rule."""
 
+import contextlib
 import math
+import signal
 
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,39 @@ def test_default_slot_count_comes_from_memory_planner(params, capsys):
 
 def test_common_prefix_length():
     assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2 and common_prefix_length([], [1]) == 0
+
+
+@contextlib.contextmanager
+def fail_after(seconds: int):
+    """A TimeoutError after ``seconds`` (the main thread's alarm): without the guard, a nested step wedges the
+    engine and its run never ends; the test then fails instead of hanging the suite."""
+
+    def ring(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("call", ["step", "admit", "run", "generate"])
+def test_a_step_from_a_stream_callback_is_refused(params, call):
+    """A callback may submit and cancel; a step inside a step would read the outer step's tokens as its own."""
+    eng = engine(params, "paged")
+    calls = {"step": eng.step, "admit": eng.admit, "run": eng.run, "generate": lambda: eng.generate([[1, 2]])}
+
+    def on_token(request_id, token, tried=[]):  # noqa: B006 (once: without the guard a nested run never ends)
+        if not tried:
+            tried.append(1)
+            calls[call]()
+
+    eng.submit([3, 4, 5], SamplingParams(max_new_tokens=3), on_token)
+    with fail_after(60), pytest.raises(RuntimeError, match=r"called inside a step \(from an on_token callback\?\)"):
+        eng.run(show_progress=False)
+    assert not eng._stepping  # the guard is down again: the engine takes further calls
+    eng.abort()
+    assert eng.generate([[6, 7]], SamplingParams(max_new_tokens=2), show_progress=False)[0]
