@@ -169,8 +169,15 @@ class PagedKVCache(Cache):
             long = self.ring.bounded & (counts > self.ring.slack)
             checks.host_all(~long, lambda: f"begin(counts={np.asarray(counts)}) exceeds the ring's {self.ring}")
             counts, ok, bits = jnp.where(long, 0, counts), ok & ~long, jnp.where(long, ERR_WINDOW, bits)
-            behind = jnp.arange(self.max_pages)[None, :] < self.first_page(self.lengths, counts)[:, None]
-            cache = self._release(behind)
+            # A sequence the pool refuses keeps the pages behind its ring too (its rollbacks still reach them).
+            reach = self.first_page(self.lengths, counts)[:, None]
+            behind = (jnp.arange(self.max_pages)[None, :] < reach) & ok[:, None]
+            target = jnp.where(ok, self.lengths + counts, self.lengths)
+            served = pool.servable(self.block_tables, self.refcounts, self.lengths, target, behind, self.page_size)
+            where = lambda: f"begin(counts={np.asarray(counts)}) at lengths={np.asarray(self.lengths)}"
+            checks.host_all(served, lambda: f"page pool exhausted: {where()} (pool of {self.num_pages} pages)")
+            ok, counts, bits = ok & served, jnp.where(served, counts, 0), jnp.where(served, bits, ERR_POOL_EXHAUSTED)
+            cache = self._release(behind & served[:, None])
         cache, got = cache._reserve(jnp.where(ok, self.lengths + counts, self.lengths))
         return cache.replace(counts=jnp.where(got, counts, 0), errors=cache.errors | bits)
 

@@ -92,6 +92,29 @@ def reserve(tables, refcounts, lengths, target, page_size: int):
     return tables, refcounts.at[src].add(-1, mode="drop"), got, src, dst
 
 
+@_static("page_size")
+def servable(tables, refcounts, lengths, target, behind, page_size: int):
+    """``[B]``: the sequences whose ``reserve`` up to ``target`` is served when only served sequences give back
+    their entries where ``behind [B, M]`` (a ring's pages out of reach): a refused one keeps them. Counted
+    conservatively (a shared page is copied, a released one frees only if this entry was its sole reference), so
+    ``reserve`` after those releases serves every one of them; growing sequences are served in batch order up to
+    the last one whose running balance of pages taken less pages given back fits the free pages."""
+    p, (b, m) = refcounts.shape[0], tables.shape
+    rows, j = jnp.arange(b), jnp.arange(m)[None, :]
+    first = lengths // page_size
+    in_range = (target > lengths)[:, None] & (j >= first[:, None]) & (j < cdiv(target, page_size)[:, None])
+    page = tables[rows, jnp.minimum(first, m - 1)]
+    shared = in_range[rows, jnp.minimum(first, m - 1)] & (page >= 0) & (refcounts[jnp.clip(page, 0, p - 1)] > 1)
+    need = jnp.sum(in_range & (tables < 0), axis=1, dtype=jnp.int32) + shared
+    sole = (tables >= 0) & (refcounts[jnp.clip(tables, 0, p - 1)] == 1)
+    gives = jnp.sum(behind & sole, axis=1, dtype=jnp.int32)
+    grows = need > 0
+    free = jnp.sum(refcounts == 0, dtype=jnp.int32) + jnp.sum(jnp.where(grows, 0, gives))
+    balance = jnp.cumsum(jnp.where(grows, need - gives, 0))
+    last = jnp.max(jnp.where(grows & (balance <= free), rows, -1))
+    return ~grows | (rows <= last)
+
+
 def copy_pages(pools: tuple[Array, ...], src: Array, dst: Array) -> tuple[Array, ...]:
     """Copy-on-write of ``reserve``: page ``src[i]`` into page ``dst[i]`` of every pool ``[L, P, ...]`` (entries
     with ``src >= P`` copy nothing)."""
