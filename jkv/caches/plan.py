@@ -207,6 +207,10 @@ class PlannedCache(Cache):
             checks.host_all(~long, message)
             counts, bits = jnp.where(long, 0, counts), jnp.where(long, ERR_WINDOW, bits)
         groups, agreed = [], counts
+        if self.plan.layout == "paged" and len(self.groups) > 1:  # first which sequences every pool serves: no
+            for g in range(len(self.groups)):  # ring gives back its pages for a step another pool then refuses
+                dry = self._synced(g).begin(agreed)
+                agreed, bits = dry.counts, bits | dry.errors
         for g in range(len(self.groups)):
             groups.append(self._synced(g).begin(agreed))
             agreed = groups[-1].counts

@@ -160,3 +160,22 @@ def test_pooled_ring_refused_for_pages_keeps_its_ring():
     back.check()
     with pytest.raises(ValueError, match="page pool exhausted"):
         cache.begin(jnp.asarray([8, 0], jnp.int32))
+
+
+def test_plan_ring_keeps_its_pages_when_another_pool_refuses():
+    """A paged plan of two rings: the window-9 pool refuses a step the window-5 pool could serve. The window-5 ring
+    must not have given back its pages for it: the plan is untouched and a rollback within slack still succeeds."""
+    spec = CacheSpec(3, 1, 8, 32)
+    cache = jkv.caches.make_cache(
+        "paged", spec, 2, windows=(None, 5, 9), slack=2, page_size=4, num_pages=16, window_pages=7
+    )
+    rng = np.random.default_rng(5)
+    step = jax.jit(lambda c, n, k: c.begin(n).write(0, k, k).write(1, k, k).write(2, k, k).commit())
+    for counts in [[2, 2]] * 6 + [[0, 0]]:
+        k = jnp.asarray(rng.standard_normal((2, 1, 2, 8)), jnp.float32)
+        cache = step(cache, jnp.asarray(counts, jnp.int32), k).check()
+    refused = jax.jit(lambda c: c.begin(jnp.asarray([9, 0], jnp.int32)).commit())(cache)
+    _assert_untouched(cache, refused, E.ERR_POOL_EXHAUSTED, 0)
+    back = jax.jit(lambda c: c.rollback(jnp.asarray([10, 12], jnp.int32)))(refused.clear_errors())
+    np.testing.assert_array_equal(back.lengths, [10, 12])
+    back.check()
