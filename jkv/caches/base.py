@@ -145,8 +145,8 @@ class Cache(abc.ABC):
     def write_plan(self, layer, k, v):
         """Validate a write of padded ``[B, K, T, D]`` or flat ``[T, K, D]`` keys and values (``jkv.caches.tokens``);
         return ``(layer index, slot [N], positions [N], errors [B])`` over the write's ``N`` tokens in row-major
-        order, every position to drop set to ``max_len`` (padding tokens, and everything when the layer is out of
-        range)."""
+        order, every position to drop set to ``max_len`` (padding tokens, everything when the layer is out of
+        range, and every token of a sequence whose count the write falls short of: of all of them when flat)."""
         spec = self.spec
         flat = getattr(k, "ndim", 0) == 3
         checks.new_kv("k", k, self.batch, spec, flat=flat)
@@ -165,7 +165,8 @@ class Cache(abc.ABC):
         )
         layout = tokens.flat_layout if flat else tokens.padded_layout
         slot, positions, live = layout(self.lengths, self.counts, t)
-        positions = jnp.where(live & layer_ok, positions, spec.max_len)
+        fits = room if flat else room[slot]  # a sequence whose count the write falls short of: none of it written
+        positions = jnp.where(live & layer_ok & fits, positions, spec.max_len)
         errors = jnp.where(layer_ok, 0, ERR_BAD_LAYER) | jnp.where(room, 0, ERR_BAD_COUNT)
         return checks.clamped(layer, layer_ok), slot, positions, errors
 

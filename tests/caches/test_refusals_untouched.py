@@ -124,3 +124,17 @@ def test_plan_ring_keeps_its_pages_when_another_pool_refuses():
     back = jax.jit(lambda c: c.rollback(jnp.asarray([10, 12], jnp.int32)))(refused.clear_errors())
     np.testing.assert_array_equal(back.lengths, [10, 12])
     back.check()
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["padded", "flat"])
+@pytest.mark.parametrize("name", ["f32", "q8-paged", "ring-pooled", "plan-paged"])
+def test_write_shorter_than_the_count_writes_nothing(name, flat):
+    """A write of fewer tokens than the step's count (padded: that sequence's; flat: their sum) writes nothing of
+    it (``ERR_BAD_COUNT``), not its first tokens."""
+    begun = jax.jit(lambda c: c.begin(jnp.asarray([0, 3, 0], jnp.int32)))(lived_in(name))
+    shape = (2, SPEC.num_kv_heads, SPEC.head_dim) if flat else (B, SPEC.num_kv_heads, 2, SPEC.head_dim)
+    k = jnp.asarray(np.random.default_rng(2).standard_normal(shape), jnp.float32)
+    after = jax.jit(lambda c, k: c.write(0, k, -k))(begun, k)
+    errors = np.asarray(after.errors)
+    assert np.all(errors == (E.ERR_BAD_COUNT if flat else [0, E.ERR_BAD_COUNT, 0])), errors
+    assert bits(begun) == bits(after.clear_errors())
