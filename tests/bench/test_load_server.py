@@ -18,6 +18,12 @@ def test_smoke_run_serves_every_request_in_both_modes(tmp_path, capsys):
     out = tmp_path / "rows.json"
     rows = load_server.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == rows
+    assert_every_request_served(rows, 6)  # --smoke: 8 requests of exactly 6 tokens
+    assert "server/engine" in capsys.readouterr().out
+
+
+def assert_every_request_served(rows: list[dict], tokens: int) -> None:
+    """Both modes at concurrency 1 and 4, each level 8 requests of exactly ``tokens`` tokens, figures in order."""
     assert sorted((r["concurrency"], r["mode"]) for r in rows) == [
         (1, "engine"),
         (1, "server"),
@@ -25,10 +31,9 @@ def test_smoke_run_serves_every_request_in_both_modes(tmp_path, capsys):
         (4, "server"),
     ]
     for r in rows:
-        assert (r["requests"], r["tokens"]) == (8, 8 * 6), r  # --smoke: 8 requests of exactly 6 tokens
+        assert (r["requests"], r["tokens"]) == (8, 8 * tokens), r
         assert r["tokens_per_s"] > 0 and 0 <= r["ttft_p50_ms"] <= r["ttft_p99_ms"]
         assert 0 <= r["itl_p50_ms"] <= r["itl_p99_ms"]
-    assert "server/engine" in capsys.readouterr().out
 
 
 def test_the_id_tokenizer_round_trips():
@@ -57,15 +62,7 @@ def test_a_failing_client_process_fails_the_level():
 def test_paced_run_serves_every_request_in_both_modes(tmp_path):
     """--paced: no model, the stand-in engine at a fixed pace; every request of every level is served in full."""
     argv = "--paced 0.2 0.3 --concurrency 1 4 --requests 8 --prompt-len 5 --max-tokens 7 --client-processes 2"
-    rows = load_server.main(argv.split())
-    assert sorted((r["concurrency"], r["mode"]) for r in rows) == [
-        (1, "engine"),
-        (1, "server"),
-        (4, "engine"),
-        (4, "server"),
-    ]
-    for r in rows:
-        assert (r["requests"], r["tokens"]) == (8, 8 * 7), r
+    assert_every_request_served(load_server.main(argv.split()), 7)
 
 
 def test_paced_engine_cancels_waiting_and_running_requests():

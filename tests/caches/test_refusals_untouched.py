@@ -87,17 +87,31 @@ def test_bad_layer_write_touches_nothing(name):
     assert bits(cache) == bits(after.clear_errors())
 
 
+def _stepped(cache, num_layers: int, steps, k_shape, seed: int):
+    """``cache`` after one checked step per entry of ``steps`` (the counts), fresh random K = V of ``k_shape``
+    written to each of its ``num_layers`` layers."""
+    rng = np.random.default_rng(seed)
+
+    def step(c, n, k):
+        c = c.begin(n)
+        for layer in range(num_layers):
+            c = c.write(layer, k, k)
+        return c.commit()
+
+    step = jax.jit(step)
+    for counts in steps:
+        k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+        cache = step(cache, jnp.asarray(counts, jnp.int32), k).check()
+    return cache
+
+
 def test_pooled_ring_refused_for_pages_keeps_its_ring():
     """A pooled (unbounded) ring whose step the pool refuses keeps the pages behind its window: a rollback of up to
     ``slack`` positions still succeeds after the refused step, as it does without it."""
     ring = Ring(4, 2, bounded=False)
     spec = CacheSpec(1, 1, 4, 32)
     cache = PagedKVCache.init(spec, 2, page_size=4, num_pages=4, ring=ring)
-    rng = np.random.default_rng(3)
-    step = jax.jit(lambda c, n, k: c.begin(n).write(0, k, k).commit())
-    for counts in ([2, 0], [2, 0], [2, 0], [2, 0], [0, 8]):
-        k = jnp.asarray(rng.standard_normal((2, 1, 8, 4)), jnp.float32)
-        cache = step(cache, jnp.asarray(counts, jnp.int32), k).check()
+    cache = _stepped(cache, 1, ([2, 0], [2, 0], [2, 0], [2, 0], [0, 8]), (2, 1, 8, 4), seed=3)
     refused = jax.jit(lambda c: c.begin(jnp.asarray([8, 0], jnp.int32)).commit())(cache)
     _assert_untouched(cache, refused, E.ERR_POOL_EXHAUSTED, 0)
     back = jax.jit(lambda c: c.rollback(jnp.asarray([6, 8], jnp.int32)))(refused.clear_errors())
@@ -114,11 +128,7 @@ def test_plan_ring_keeps_its_pages_when_another_pool_refuses():
     cache = jkv.caches.make_cache(
         "paged", spec, 2, windows=(None, 5, 9), slack=2, page_size=4, num_pages=16, window_pages=7
     )
-    rng = np.random.default_rng(5)
-    step = jax.jit(lambda c, n, k: c.begin(n).write(0, k, k).write(1, k, k).write(2, k, k).commit())
-    for counts in [[2, 2]] * 6 + [[0, 0]]:
-        k = jnp.asarray(rng.standard_normal((2, 1, 2, 8)), jnp.float32)
-        cache = step(cache, jnp.asarray(counts, jnp.int32), k).check()
+    cache = _stepped(cache, 3, [[2, 2]] * 6 + [[0, 0]], (2, 1, 2, 8), seed=5)
     refused = jax.jit(lambda c: c.begin(jnp.asarray([9, 0], jnp.int32)).commit())(cache)
     _assert_untouched(cache, refused, E.ERR_POOL_EXHAUSTED, 0)
     back = jax.jit(lambda c: c.rollback(jnp.asarray([10, 12], jnp.int32)))(refused.clear_errors())
