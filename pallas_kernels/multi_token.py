@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, checks, common, decode_q8, formats, int_codes
+from pallas_kernels import backend, checks, common, decode_q8, formats
 from pallas_kernels.common import MIN_BLOCK
 from pallas_kernels.multi_token_args import (
     MultiTokenConfig,
@@ -131,7 +131,6 @@ def multi_token_kernel(
     softcap: float | None,
     dot_dtype,
     precision,
-    convert: str = "cvt",  # int8 codes to dot_dtype (decode_q8.CONVERTS; "f16" converts as "bits" here)
 ):
     if paged:
         tables_ref, *refs = refs
@@ -173,18 +172,13 @@ def multi_token_kernel(
 
     qs = [backend.load(q_ref.at[rows_at(q_row, c)], mask=tile_ok, other=0).astype(dot_dtype) for c in range(chunks)]
 
-    def operand(x):  # a loaded K/V tile as the products' operand
-        if x.dtype == jnp.int8:
-            return int_codes.int8_to(x, dot_dtype, "cvt" if convert == "cvt" else "bits")
-        return x.astype(dot_dtype)
-
     def column(ref, address, c):  # one scale per position: [bk] float32
         return blocks.load(ref, layer, address, h, c).astype(jnp.float32)
 
     def scores_of(address):  # [rows, bk] float32
         s = 0.0
         for c in range(chunks):
-            k = operand(blocks.load(k_ref, layer, address, h, pl.ds(c * chunk, chunk)))  # [bk, W]
+            k = blocks.load(k_ref, layer, address, h, pl.ds(c * chunk, chunk)).astype(dot_dtype)  # [bk, W]
             part = common.dot(qs[c], k, trans_b=True, precision=precision)
             s = s + (part * column(ks_ref, address, c)[None, :] if fmt == Q8 else part)
         if fmt == FP8:
@@ -197,7 +191,7 @@ def multi_token_kernel(
             p = p * (v_scale if keep is None else jnp.where(keep, v_scale, 0.0))[None, :]
         out = []
         for c in range(chunks):
-            v = operand(blocks.load(v_ref, layer, address, h, pl.ds(c * chunk, chunk)))  # [bk, W]
+            v = blocks.load(v_ref, layer, address, h, pl.ds(c * chunk, chunk)).astype(dot_dtype)  # [bk, W]
             pc = p
             if fmt == Q8:  # codes are finite: the scales carry the mask
                 v_scale = column(vs_ref, address, c)
@@ -269,10 +263,8 @@ def num_tiles(tokens: int, batch: int, block_q: int) -> int:
     return max(1, min(pl.cdiv(tokens, block_q) + batch - 1, tokens))
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "scale", "window", "softcap", "config", "interpret", "convert"))
-def _launch(
-    q, cache, tables, q_starts, lengths, counts, layer, *, fmt, scale, window, softcap, config, interpret, convert="cvt"
-):
+@functools.partial(jax.jit, static_argnames=("fmt", "scale", "window", "softcap", "config", "interpret"))
+def _launch(q, cache, tables, q_starts, lengths, counts, layer, *, fmt, scale, window, softcap, config, interpret):
     # q [T, N, D]; cache: (k, v) or (k, k_scale, v, v_scale), each [L, B, K, S, X] or [L, P, K, page_size, X];
     # tables int32[B, M] or None; q_starts, lengths, counts int32[B]; layer int32[1]
     tokens, num_heads, head_dim = q.shape
@@ -299,7 +291,6 @@ def _launch(
         softcap=softcap,
         dot_dtype=dot_dtype,
         precision=precision,
-        convert=convert,
     )
     inputs = [tiles, q_starts, lengths, counts, layer, *([] if tables is None else [tables]), q, *cache]
     spare = tile_rows(config.block_q, group) // group + 1 if interpret else 0
@@ -336,7 +327,7 @@ def run(
     options = dict(fmt=fmt, scale=scale, window=window, softcap=None if softcap is None else float(softcap))
     return _launch(
         q, tuple(cache), tables, ints(q_starts), ints(lengths), ints(counts), layer,
-        **options, config=config, interpret=interpret, convert=decode_q8.CONVERT,
+        **options, config=config, interpret=interpret,
     )  # fmt: skip
 
 

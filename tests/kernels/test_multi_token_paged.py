@@ -16,7 +16,7 @@ from kernel_inputs import KERNEL_TOL, fast_jit, run_jitted
 from multi_token_inputs import make_step, page_table, paginate, poisoned, random_counts, whole_cache
 from reference import multi_token_attention_f64
 
-from pallas_kernels import backend, decode_q8, formats, multi_token_paged, multi_token_quant, reference
+from pallas_kernels import backend, formats, multi_token_paged, multi_token_quant, reference
 from pallas_kernels.multi_token import multi_token_attention
 from pallas_kernels.multi_token_args import MultiTokenConfig, multi_token_config
 
@@ -126,16 +126,6 @@ def test_kernel_matches_float64_interpret(rng, case):
     run_case(rng, case, interpret=True, with_reference=True)
 
 
-Q8_CASES = [c for c in CASES if c[2] == "q8"]
-
-
-@pytest.mark.parametrize("convert", [c for c in decode_q8.CONVERTS if c != decode_q8.CONVERT])
-@pytest.mark.parametrize("case", Q8_CASES, ids=[c[0] for c in Q8_CASES])
-def test_q8_other_conversions_interpret(rng, case, convert, monkeypatch):
-    monkeypatch.setattr(decode_q8, "CONVERT", convert)
-    run_case(rng, case, interpret=True)
-
-
 def test_random_paged_steps_one_launch(rng):
     """Fifteen random steps through one compiled paged launch: fresh permuted tables with stale entries, pages of
     8 positions under 16-key blocks (a row gather), tiles straddling pages, a window that starts inside pages."""
@@ -175,15 +165,6 @@ def test_table_entry_without_page_is_refused():
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernel_matches_float64_gpu(rng, case):
-    run_case(rng, case, interpret=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
-@pytest.mark.parametrize("convert", decode_q8.CONVERTS)
-@pytest.mark.parametrize("case", Q8_CASES, ids=[c[0] for c in Q8_CASES])
-def test_q8_each_conversion_gpu(rng, case, convert, monkeypatch):
-    monkeypatch.setattr(decode_q8, "CONVERT", convert)
     run_case(rng, case, interpret=False)
 
 
