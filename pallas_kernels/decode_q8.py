@@ -47,11 +47,7 @@ BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 SPLIT_KEYS = 128
-CONVERT = "cvt"  # how int8 codes become the products' operands: one of CONVERTS
-# "cvt" / "bits": pallas_kernels.int_codes.METHODS into the query's dtype; "f16": bf16 queries over Q8 codes with
-# float16 scales take float16 products (codes from their bits, the query and each block's probabilities scaled by
-# powers of two into float16's range, undone on the float32 results); elsewhere as "bits".
-CONVERTS = (*int_codes.METHODS, "f16")
+CONVERT = "cvt"  # how int8 codes become the products' dtype (pallas_kernels.int_codes.METHODS)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -128,7 +124,7 @@ def decode_kernel(
     softcap: float | None,
     dot_dtype,
     chunk: int = QBLOCK,  # values per scale: 32 (Q8) or D (FP8: one chunk, plain products)
-    convert: str = CONVERT,  # one of CONVERTS
+    convert: str = CONVERT,  # int8 codes to dot_dtype: pallas_kernels.int_codes.METHODS
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
@@ -137,13 +133,9 @@ def decode_kernel(
     n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     n_full = n // block_k  # blocks whose every position is valid
 
-    f16 = convert == "f16" and chunks > 1 and k_ref.dtype == jnp.int8 and v_scale_ref.dtype == jnp.float16
-    f16 = f16 and jnp.dtype(dot_dtype) == jnp.bfloat16
-    product_dtype = jnp.float16 if f16 else dot_dtype
-
     def operand(tile):  # a [bk, D] tile of codes (int8) or values (e4m3) as the products' operand
         if tile.dtype == jnp.int8:
-            return int_codes.int8_to(tile, product_dtype, "cvt" if convert == "cvt" else "bits")
+            return int_codes.int8_to(tile, dot_dtype, convert)
         return tile.astype(dot_dtype)
 
     def scale_tile(ref, keys):  # [chunks, bk] float32
@@ -151,10 +143,7 @@ def decode_kernel(
 
     cols = pl.ds(0, head_dim)
     head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=cols)
-    row_unit = None
-    if f16:  # each query row over 2**e >= its largest magnitude (exact), so float16 holds it; undone on the scores
-        q, row_unit = _over_power_of_two(q.astype(jnp.float32), axis=1)
-    q = q.astype(product_dtype)
+    q = q.astype(dot_dtype)
     # Row c * rows + g of the wide query holds query g's chunk c and zeros elsewhere (block diagonal), so one
     # product with a whole [bk, D] code tile gives every chunk's partial scores: [chunks * rows, bk].
     # With one chunk (FP8) every wide tile is the plain one.
@@ -173,8 +162,7 @@ def decode_kernel(
         k_scale = scale_tile(k_scale_ref, keys) * scale
         if chunks == 1:
             return part * k_scale
-        s = jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
-        return s if row_unit is None else s * row_unit[:, None]
+        return jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
 
     def values_of(p, keys, valid):
         v_scale = scale_tile(v_scale_ref, keys)  # [chunks, bk]
@@ -183,15 +171,11 @@ def decode_kernel(
         # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the whole
         # code tile is right in chunk c's columns (the rest is dropped once, at the end).
         p_wide = p * v_scale if chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(wide_rows_, block_k)
-        block_unit = None
-        if f16:  # the block's probabilities times scales over a power of two >= their largest, undone after
-            p_wide, block_unit = _over_power_of_two(p_wide, axis=None)
-        p_wide = p_wide.astype(product_dtype)
+        p_wide = p_wide.astype(dot_dtype)
         values = operand(v_ref[layer, b, h, keys, :])  # [bk, D]
         if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
             values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
-        pv = common.dot(p_wide, values)  # [R, D]
-        return pv if block_unit is None else pv * block_unit
+        return common.dot(p_wide, values)  # [R, D]
 
     def attend(carry, start, valid):
         m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
@@ -215,17 +199,6 @@ def decode_kernel(
 
     decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, group=group, rows=rows,
                       num_splits=num_splits)  # fmt: skip
-
-
-def _over_power_of_two(x, axis):
-    """``(x / u, u)`` with ``u`` the power of two of the largest magnitude's exponent (along ``axis``; over all
-    of ``x`` for None), so ``|x / u| < 2``; exact (bit operations on float32) for magnitudes below ``2**127``;
-    ``u`` is 0 where the largest is 0 or subnormal, whose quotient stays about 0."""
-    top = jnp.max(jnp.abs(x), axis=axis, keepdims=axis is not None)
-    exponent = lax.bitcast_convert_type(top, jnp.int32) & jnp.int32(0x7F800000)  # the bits of u
-    inverse = lax.bitcast_convert_type(jnp.int32(0x7F000000) - exponent, jnp.float32)  # 1 / u (2**127 for u = 0)
-    unit = lax.bitcast_convert_type(exponent, jnp.float32)
-    return x * inverse, (unit if axis is None else jnp.squeeze(unit, axis))
 
 
 def dot_dtype_for(q_dtype) -> jnp.dtype:
@@ -353,4 +326,4 @@ def run(fmt: QuantFormat, q, arrays, lengths, *, layer, scale, window, softcap, 
     cache, layer = common.whole_cache(arrays, layer, MIN_BLOCK)  # a tiny cache padded to a block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
-    return _decode(q, *cache, lengths, layer, **options, convert=CONVERT)
+    return _decode(q, *cache, lengths, layer, **options)

@@ -95,13 +95,6 @@ def test_q8_attention_matches_dequantize_then_attend_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
-@pytest.mark.parametrize("convert", [c for c in decode_q8.CONVERTS if c != decode_q8.CONVERT])
-@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[IDS[0], IDS[5]])
-def test_q8_attention_other_conversions_interpret(rng, case, convert, monkeypatch):
-    monkeypatch.setattr(decode_q8, "CONVERT", convert)
-    run_case(rng, case, interpret=True)
-
-
 DEQUANT_CASES = [  # (id, shape, scale dtype, out dtype, block_rows)
     ("cache_layer_f16scale_to_bf16_tail_window", (3, 2, 37, 128), "float16", "bfloat16", 16),
     ("rows_f32scale_to_f32_default", (40, 64), "float32", "float32", None),
@@ -137,12 +130,6 @@ class TestOnGpu:
 
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_q8_attention_matches_dequantize_then_attend(self, rng, case):
-        run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
-
-    @pytest.mark.parametrize("convert", decode_q8.CONVERTS)
-    @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=[IDS[0], IDS[2], IDS[6]])
-    def test_q8_attention_each_conversion(self, rng, case, convert, monkeypatch):
-        monkeypatch.setattr(decode_q8, "CONVERT", convert)
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
     @pytest.mark.parametrize("case", DEQUANT_CASES, ids=[c[0] for c in DEQUANT_CASES])
