@@ -60,7 +60,7 @@ class BlockFormat(NamedTuple):
 
 
 _U8, _I8, _F16 = np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.float16)
-CONVERT = "cvt"  # how codes become float32 in the tiles (pallas_kernels.int_codes.METHODS)
+CONVERT = "bits"  # how Q8_0 codes become float32 in the tiles (pallas_kernels.int_codes.METHODS)
 FORMATS = {
     "Q8_0": BlockFormat("Q8_0", 32, 1, (Plane("codes", _I8, 1), Plane("scales", _F16, 32)), 8.5),
     "Q4_0": BlockFormat("Q4_0", 32, 2, (Plane("nibbles", _U8, 1), Plane("scales", _F16, 16)), 4.5),
@@ -150,11 +150,11 @@ def dequantize_tile(fmt: str, tiles) -> tuple:
     f32 = jnp.float32
     if fmt == "Q8_0":
         codes, scales = tiles
-        return (_grouped(int_codes.int8_to(codes, f32, CONVERT), scales.astype(f32), 32),)
+        return (_grouped(int_codes.int8_to_f32(codes, CONVERT), scales.astype(f32), 32),)
     nibbles = tiles[0].astype(jnp.int32)
     if fmt == "Q6_K":
         return _q6_k_tile(nibbles, *tiles[1:])
-    low, high = (int_codes.small_to_f32(x, CONVERT) for x in (nibbles & 15, lax.shift_right_logical(nibbles, 4)))
+    low, high = (nibbles & 15).astype(f32), lax.shift_right_logical(nibbles, 4).astype(f32)
     if fmt == "Q4_0":
         scales = tiles[1].astype(f32)
         return tuple(_grouped(q - 8.0, scales, 16) for q in (low, high))

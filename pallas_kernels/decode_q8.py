@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend, checks, common, decode_walk, int_codes
+from pallas_kernels import backend, checks, common, decode_walk
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 QBLOCK = 32  # values per scale
@@ -47,7 +47,6 @@ BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 SPLIT_KEYS = 128
-CONVERT = "cvt"  # how int8 codes become the products' dtype (pallas_kernels.int_codes.METHODS)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -124,7 +123,6 @@ def decode_kernel(
     softcap: float | None,
     dot_dtype,
     chunk: int = QBLOCK,  # values per scale: 32 (Q8) or D (FP8: one chunk, plain products)
-    convert: str = CONVERT,  # int8 codes to dot_dtype: pallas_kernels.int_codes.METHODS
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
@@ -132,11 +130,6 @@ def decode_kernel(
     split = dict(block_k=block_k, num_splits=num_splits, window=window)
     n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     n_full = n // block_k  # blocks whose every position is valid
-
-    def operand(tile):  # a [bk, D] tile of codes (int8) or values (e4m3) as the products' operand
-        if tile.dtype == jnp.int8:
-            return int_codes.int8_to(tile, dot_dtype, convert)
-        return tile.astype(dot_dtype)
 
     def scale_tile(ref, keys):  # [chunks, bk] float32
         return ref[layer, b, h, keys, :].T.astype(jnp.float32)
@@ -158,7 +151,7 @@ def decode_kernel(
 
     def scores_of(keys):
         codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
-        part = common.dot(q_wide, operand(codes), trans_b=True)  # [R, bk] float32
+        part = common.dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
         k_scale = scale_tile(k_scale_ref, keys) * scale
         if chunks == 1:
             return part * k_scale
@@ -172,7 +165,7 @@ def decode_kernel(
         # code tile is right in chunk c's columns (the rest is dropped once, at the end).
         p_wide = p * v_scale if chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(wide_rows_, block_k)
         p_wide = p_wide.astype(dot_dtype)
-        values = operand(v_ref[layer, b, h, keys, :])  # [bk, D]
+        values = v_ref[layer, b, h, keys, :].astype(dot_dtype)  # [bk, D]
         if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
             values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
         return common.dot(p_wide, values)  # [R, D]
@@ -209,7 +202,7 @@ def dot_dtype_for(q_dtype) -> jnp.dtype:
 
 def kernel_options(
     q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float, window=None, softcap=None,
-    chunk: int = QBLOCK, convert: str = CONVERT,
+    chunk: int = QBLOCK,
 ) -> dict:  # fmt: skip
     """The static arguments of :func:`decode_kernel` (shared with the paged kernel) for ``chunk`` values per scale."""
     return dict(
@@ -222,7 +215,6 @@ def kernel_options(
         softcap=None if softcap is None else float(softcap),
         dot_dtype=dot_dtype_for(q_dtype),
         chunk=chunk,
-        convert=convert,
     )
 
 
@@ -231,11 +223,10 @@ def format_name(values_dtype) -> str:
     return "q8" if values_dtype == jnp.int8 else "fp8"
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret", "convert"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
 def _decode(
-    q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret, window=None, softcap=None,
-    convert=CONVERT,
-):  # fmt: skip
+    q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret, window=None, softcap=None
+):
     # q [B, N, D]; k, v int8 or float8_e4m3fn [L, B, K, S, D]; scales [L, B, K, S, D // chunk] (Q8: chunk 32;
     # FP8: D); lengths int32[B]; layer int32[1]
     _, batch, kv_heads, _, head_dim = k.shape
@@ -244,7 +235,7 @@ def _decode(
     out_shape = common.split_out_shape(q, splits)
     inputs = [lengths, layer, q, k, k_scale, v, v_scale]
     chunk = head_dim // k_scale.shape[-1]
-    options = kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale, window, softcap, chunk, convert)
+    options = kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale, window, softcap, chunk)
     kernel = functools.partial(decode_kernel, **options)
     grid = (batch, kv_heads, splits)
     name = f"jkv_{format_name(k.dtype)}_decode_attention"
