@@ -199,9 +199,28 @@ class CompletionRequest(_Generation):
 
 
 class ChatMessage(BaseModel):
+    """One turn. A turn of tool use (role ``tool``, or an assistant's ``tool_calls`` / ``function_call``) is refused:
+    this server calls no tools, and dropping the calls would show the model a conversation that never happened."""
+
     model_config = REQUEST_CONFIG
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: dict[str, Any] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _no_tool_role(cls, role):
+        if role == "tool":
+            raise ValueError(f"a tool's result answers a tool call, and {NO_TOOLS}")
+        return role
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_calls(cls, calls):
+        if calls:
+            raise ValueError(NO_TOOLS)
+        return calls
 
     @field_validator("content")
     @classmethod

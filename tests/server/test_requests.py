@@ -247,6 +247,25 @@ def test_a_content_part_that_is_not_text_is_a_400_naming_the_message(running, co
     assert says in message
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+TOOL_TURNS = [  # (a turn of tool use, the field named)
+    ({"role": "assistant", "content": None, "tool_calls": [CALL]}, "messages[1].tool_calls"),
+    ({"role": "assistant", "content": "", "function_call": CALL["function"]}, "messages[1].function_call"),
+    ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages[1].role"),
+]
+
+
+@pytest.mark.parametrize("turn,param", TOOL_TURNS, ids=["tool_calls", "function_call", "tool-role"])
+def test_a_turn_of_tool_use_is_a_400_naming_it(running, turn, param):
+    """The calls would be dropped silently otherwise: the model would answer a conversation that never happened."""
+    server = running()
+    message = assert_400(post(server, "/v1/chat/completions", {"messages": [*HI, turn]}), param)
+    assert "does not call tools" in message, message
+    plain = {"role": "assistant", "content": "Hello", "tool_calls": [], "function_call": None}  # asks for nothing
+    response = post(server, "/v1/chat/completions", {"messages": [*HI, plain, *HI], "max_tokens": 1})
+    assert response.status_code == 200, response.text
+
+
 def test_unknown_routes_and_methods_answer_openai_error_bodies(running):
     server = running()
     for method, path, status in [("POST", "/v1/embeddings", 404), ("GET", "/v1/completions", 405)]:
