@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -145,6 +145,12 @@ for part in "${parts[@]}"; do
       run load_server 580 python bench/load_server.py --shape llama3-8b --concurrency 1 16 64 \
         --out "$OUT/load_server.json"
       ;;
+    server_trace)  # issue 24: where the served requests' first tokens wait (ingress, engine, egress; carry .whl_server)
+      [ -d .whl_server ] && python -m pip install -q --no-index --find-links .whl_server fastapi uvicorn[standard] \
+        prometheus-client openai httpx
+      run load_server_trace 580 python bench/load_server.py --shape llama3-8b --concurrency 16 64 --trace-ttft \
+        --out "$OUT/load_server_trace.json"
+      ;;
     families)  # one model a call: each takes 4-8 minutes with HF's compiles (Gemma-2-9B: part families_gemma)
       run bench_families 580 python bench/bench_families.py --models mistral-7b --out "$OUT" --rounds 5
       ;;
@@ -154,7 +160,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 

@@ -6,6 +6,7 @@ concurrencies, through the HTTP server and through the same engine driven in-pro
     python bench/load_server.py --url http://127.0.0.1:8000 --concurrency 1 64     # a server already running
     python bench/load_server.py --paced 3 4.5 --concurrency 16 64                  # no model: the server's overhead
     python bench/load_server.py --smoke                                              # tiny model, CPU, seconds
+    python bench/load_server.py --shape llama3-8b --concurrency 16 --trace-ttft     # where first tokens wait
 
 Every level sends the same request set (``--requests`` per level, default four per client, of ``--prompt-len``
 random token ids and exactly ``--max-tokens`` new tokens: no stop token) from ``concurrency`` closed-loop clients:
@@ -28,8 +29,14 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+
+from bench import ttft_trace
+from bench.ttft_trace import prompt_key
 
 
 class IdTokenizer:
@@ -59,6 +66,7 @@ class Level:
     wall_s: float = 0.0
     ttft_s: list = dataclasses.field(default_factory=list)
     itl_s: list = dataclasses.field(default_factory=list)
+    log: list = dataclasses.field(default_factory=list)  # server mode: (sent, arrivals, prompt key) per request
 
     def add(self, submitted: float, arrivals: list[float]) -> None:
         self.requests += 1
@@ -131,7 +139,7 @@ async def run_clients(url: str, prompts: list[list[int]], max_tokens: int, clien
                     # One event per token (a multi-byte character split over tokens comes in one event).
                     if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                         arrivals.append(time.perf_counter())
-            done.append((submitted, arrivals))
+            done.append((submitted, arrivals, prompt_key(body["prompt"])))
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         if barrier is not None:
@@ -191,8 +199,9 @@ def drive(url: str, prompts, max_tokens: int, concurrency: int, processes: int =
         raise RuntimeError(f"a client process failed: {failures[0]}")
     level = Level("server", concurrency)
     for part in parts:
-        for submitted, arrivals in part["requests"]:
+        for submitted, arrivals, key in part["requests"]:
             level.add(submitted, arrivals)
+            level.log.append((submitted, arrivals, key))
     level.wall_s = max(r["end"] for r in parts) - min(r["start"] for r in parts)
     return level
 
@@ -312,6 +321,11 @@ def main(argv=None) -> list[dict]:
         help="no model: a stand-in engine whose steps hold the interpreter HOLD_MS, then wait WAIT_MS "
         "(bench/paced_engine.py), to measure the server's own overhead on any machine",
     )
+    ap.add_argument(
+        "--trace-ttft",
+        action="store_true",
+        help="time each served request's first token in three stretches: to the engine, in it, back (ttft_trace.py)",
+    )
     ap.add_argument("--smoke", action="store_true", help="a tiny random model on any device, a few small levels")
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument(
@@ -345,11 +359,19 @@ def main(argv=None) -> list[dict]:
         run_engine(engine, sets[args.concurrency[0]][:2], args.max_tokens, 2)  # the prefill bucket, compiled
         rows += [run_engine(engine, sets[c], args.max_tokens, c).row() for c in args.concurrency]
         url, stop = start_server(engine, IdTokenizer(vocab))
+        trace, untrace = ttft_trace.instrument(engine) if args.trace_ttft else (None, None)
         try:
             drive(url, sets[args.concurrency[0]][:2], args.max_tokens, 2, 1)  # the server's first requests
-            rows += [drive(url, sets[c], args.max_tokens, c, args.client_processes).row() for c in args.concurrency]
+            for c in args.concurrency:
+                level = drive(url, sets[c], args.max_tokens, c, args.client_processes)
+                rows.append(level.row())
+                if trace is not None:
+                    rows[-1]["ttft_trace"] = ttft_trace.report(trace, level.log)
+                    print("\n".join(ttft_trace.lines(c, rows[-1]["ttft_trace"])), flush=True)
         finally:
             stop()
+            if untrace is not None:
+                untrace()
         rows.sort(key=lambda r: (r["concurrency"], r["mode"]))
     print("\n".join(compare(rows)))
     if args.out:
@@ -359,5 +381,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     main()

@@ -16,10 +16,19 @@ from bench import load_server
 
 def test_smoke_run_serves_every_request_in_both_modes(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    rows = load_server.main(["--smoke", "--out", str(out)])
+    rows = load_server.main(["--smoke", "--out", str(out), "--trace-ttft"])
     assert json.loads(out.read_text()) == rows
     assert_every_request_served(rows, 6)  # --smoke: 8 requests of exactly 6 tokens
-    assert "server/engine" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "server/engine" in printed and "ttft trace at 4" in printed
+    for r in rows:  # the trace saw every served request; its stretches add up to each request's TTFT
+        if r["mode"] == "server":
+            trace = r["ttft_trace"]
+            assert (trace["requests"], trace["unmatched"]) == (8, 0), trace
+            assert trace["ttft"]["p50_ms"] == pytest.approx(r["ttft_p50_ms"], abs=1e-2)
+            stretches = [trace[s]["slowest_tenth_mean_ms"] for s in ("ingress", "engine", "egress")]
+            assert min(stretches) >= 0
+            assert sum(stretches) == pytest.approx(trace["ttft"]["slowest_tenth_mean_ms"], abs=0.05)
 
 
 def assert_every_request_served(rows: list[dict], tokens: int) -> None:
