@@ -144,3 +144,22 @@ def test_cache_missing_from_installation(monkeypatch, tiny_gguf, capsys):
     err = capsys.readouterr().err
     names = "['bf16', 'f32', 'fp8', 'fp8-paged', 'paged', 'q8-paged']"
     assert f"--cache q8 is not available in this installation: choose from {names}" in err
+
+
+@pytest.mark.parametrize("new_tokens", [2, 3], ids=["unfinished-character", "special-token"])
+def test_streamed_text_is_the_answer_a_batch_prints(tiny_gguf, new_tokens, capsys, monkeypatch):
+    """What one prompt streams is its tokens decoded as the batch mode (and the server) decode them: special
+    tokens dropped, and the bytes of a character that never completed shown at the end, not lost. The tiny model
+    answers "the the" with a digit, a lone UTF-8 lead byte, then a control token."""
+    from jkv.serving import generator
+
+    results, real = [], generator.generate_text
+    monkeypatch.setattr(generator, "generate_text", lambda *a, **k: results.append(real(*a, **k)) or results[-1])
+    argv = ["generate", "the the", "--model", tiny_gguf, "--raw", "--quiet", "--max-new-tokens", str(new_tokens)]
+    assert cli.main(argv) == 0
+    (result,) = results
+    tok = jkv.loading.load_gguf(tiny_gguf, "f32", progress=False).tokenizer
+    last = result.tokens[-1]
+    assert (tok.decode([last], skip_special=True) == "" != tok.decode([last])) == (new_tokens == 3)
+    assert result.text == "5\ufffd"  # the lone byte comes out as decoding shows it
+    assert capsys.readouterr().out == result.text + "\n" == tok.decode(result.tokens, skip_special=True) + "\n"

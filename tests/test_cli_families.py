@@ -57,5 +57,5 @@ def test_generate_matches_hf_greedy(family, kind, tmp_path, monkeypatch, capsys)
     out, err = capsys.readouterr()
     assert len(want) == STEPS and len(ids) + STEPS > 8, "the continuation must be whole and pass the window"
     assert results[0].tokens == want
-    text = "".join(piece for piece in map(tok.stream().push, want))
+    text = tok.decode(want, skip_special=True)  # what the command streams
     assert out == text + "\n" and f"[{len(want)} tokens, " in err

@@ -140,32 +140,48 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise TokenizerError(f"cannot render the model's chat template: {e}") from None
 
-    def stream(self) -> StreamDecoder:
-        return StreamDecoder(self)
+    def stream(self, skip_special: bool = False) -> StreamDecoder:
+        """A ``StreamDecoder`` over this tokenizer; ``skip_special``: special tokens add no text, as
+        ``decode(ids, skip_special=True)`` of the whole answer shows it."""
+        return StreamDecoder(self, skip_special)
 
 
 class StreamDecoder:
     """Turns a stream of token ids into text pieces, holding back bytes of a character not yet complete.
 
     Each piece is the text of a short window of recent tokens minus the text of its prefix, so the work per
-    token stays constant and multi-token characters (UTF-8 split across byte tokens) come out whole.
+    token stays constant and multi-token characters (UTF-8 split across byte tokens) come out whole. ``finish``
+    hands out what is still held back when the stream ends. ``skip_special``: as ``Tokenizer.decode``'s.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self.tokenizer = tokenizer
+        self.skip_special = skip_special
         self.ids: list[int] = []
         self.prefix = 0  # start of the decode window
         self.read = 0  # tokens already emitted
 
+    def _decode(self, ids: list[int]) -> str:
+        if self.skip_special:
+            return self.tokenizer.decode(ids, skip_special=True)
+        return self.tokenizer.decode(ids)  # a tokenizer-like object (the server's view) may take ids alone
+
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix : self.read])
-        after = decode(self.ids[self.prefix :])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before) :]
         return ""
+
+    def finish(self) -> str:
+        """The text still held back at the end: bytes of a character that never completed, as decoding the
+        whole answer shows them (U+FFFD)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :] if after.startswith(before) else ""
 
 
 # ---------------------------------------------------------------------------------------------- builders

@@ -231,7 +231,8 @@ def generate_text(
 
     ``chat`` (default: whenever the model has a chat template) wraps the prompt as one user message in the
     model's chat format. ``max_len`` defaults to what the prompt and ``max_new_tokens`` need. ``on_text`` gets
-    each new piece of text as it is decoded. Generation stops at the tokenizer's stop tokens.
+    each new piece of text as it is decoded; the pieces join to the returned text (special tokens dropped).
+    Generation stops at the tokenizer's stop tokens.
     """
     tok = model.tokenizer
     if tok is None:
@@ -252,7 +253,7 @@ def generate_text(
     elif len(ids) > max_len:
         raise ValueError(f"the prompt has {len(ids)} tokens, longer than {max_len=}")
     generator = Generator(model.config, model.params, max_len=max_len, cache=cache, impl=impl)
-    stream = tok.stream()
+    stream = tok.stream(skip_special=True)  # streamed as the returned text reads: special tokens dropped
 
     def on_token(_, token_id):
         if on_text is not None:
@@ -265,6 +266,9 @@ def generate_text(
     )
     result.timing.load_s = model.load_seconds
     new = result.tokens[0]
+    rest = stream.finish()
+    if rest and on_text is not None:
+        on_text(rest)
     return TextResult(tok.decode(new, skip_special=True), ids, new, result.finish_reasons[0], result.timing)
 
 
