@@ -329,7 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\njkv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`jkv generate ... | head`): stop quietly, as shell tools do
+        _silence_stdout()
+        return 141  # the shell's status of a process that SIGPIPE ended
     return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device: Python flushes it once more at exit, which would fail on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (replaced in-process): nothing is flushed to a pipe
+        pass
 
 
 if __name__ == "__main__":

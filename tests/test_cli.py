@@ -163,3 +163,16 @@ def test_streamed_text_is_the_answer_a_batch_prints(tiny_gguf, new_tokens, capsy
     assert (tok.decode([last], skip_special=True) == "" != tok.decode([last])) == (new_tokens == 3)
     assert result.text == "5\ufffd"  # the lone byte comes out as decoding shows it
     assert capsys.readouterr().out == result.text + "\n" == tok.decode(result.tokens, skip_special=True) + "\n"
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tiny_gguf):
+    """``jkv generate ... | head -c 10``: once the reader has closed the pipe, the command stops without a
+    traceback (Python's BrokenPipeError), with the shell's status of a process ended by SIGPIPE."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = ["generate", "the the", "--model", tiny_gguf, "--raw", "--quiet", "--max-new-tokens", "4"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jkv.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    proc.stdout.close()  # before the first piece of text is written
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == "", err
