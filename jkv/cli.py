@@ -65,6 +65,8 @@ def check_flags(args) -> None:
     """Every check that needs no model, so a bad flag is reported before the model loads."""
     if (args.prompt is None) == (args.batch_file is None):
         raise CliError("give either a PROMPT or --batch-file FILE (one prompt per line), not both or neither")
+    if args.prompt is not None:
+        check_utf8(args.prompt)
     if args.max_new_tokens < 0:
         raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.max_len is not None and args.max_new_tokens > args.max_len:
@@ -98,6 +100,19 @@ def check_flags(args) -> None:
             f"{given[0]} sizes the batched engine, which one PROMPT runs without: it needs --batch-file FILE (or "
             f"--tp/--dp/--speculative, which run the engine); drop {given[0]} for one prompt"
         )
+
+
+def check_utf8(prompt: str) -> None:
+    """Refuse a command-line prompt of bytes that are not UTF-8 (Python hands them over as lone surrogates)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(prompt[e.start])
+        what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"{prompt[e.start]!r}"
+        raise CliError(
+            f"the prompt is not UTF-8 text ({what} at column {e.start + 1}): pass UTF-8 text (is the terminal's "
+            "encoding UTF-8?)"
+        ) from None
 
 
 def uses_engine(args) -> bool:

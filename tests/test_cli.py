@@ -176,3 +176,14 @@ def test_a_reader_that_leaves_ends_the_command_quietly(tiny_gguf):
     proc.stdout.close()  # before the first piece of text is written
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and err == "", err
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_is_refused_naming_the_byte(monkeypatch, capsys):
+    monkeypatch.setattr(jkv.loading, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    prompt = b"caf\xe9 ok".decode("utf-8", "surrogateescape")  # a Latin-1 argv as Python hands it over
+    assert cli.main(["generate", prompt, "--model", "/nonexistent.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "jkv: error: the prompt is not UTF-8 text (byte 0xe9 at column 4): pass UTF-8 text (is the "
+        "terminal's encoding UTF-8?)\n"
+    )

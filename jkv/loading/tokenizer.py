@@ -97,6 +97,11 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:  # a lone surrogate (undecodable bytes as Python hands them over) is no character
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = text[e.start : e.end].encode("unicode_escape").decode()
+            raise ValueError(f"text holds {bad} at index {e.start}, a lone surrogate, which is not Unicode") from None
         ids = self.backend.encode(text, add_special_tokens=False).ids
         add_bos = self.add_bos if add_bos is None else add_bos
         add_eos = self.add_eos if add_eos is None else add_eos

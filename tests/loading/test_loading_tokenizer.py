@@ -216,3 +216,9 @@ def test_hf_directory_bad_generation_eos(tmp_path, value):
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
     with pytest.raises(TokenizerError, match=r"generation_config\.json'?: eos_token_id=.* expected a token id"):
         tok_lib.from_hf_directory(directory)
+
+
+def test_a_lone_surrogate_is_refused_naming_it():
+    """Text holding a lone surrogate (undecodable bytes as Python hands them over) has no UTF-8 bytes to encode."""
+    with pytest.raises(ValueError, match=r"text holds \\udce9 at index 3, a lone surrogate, which is not Unicode"):
+        byte_level().encode("caf\udce9")
