@@ -26,6 +26,9 @@ FINISH_REASONS = (
 )
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -50,8 +53,16 @@ class SamplingParams:
     def __post_init__(self):
         if not is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.temperature > FLOAT32_MAX:  # the step divides by it in float32, where it would be inf
+            raise ValueError(
+                f"temperature must be at most {FLOAT32_MAX:.7g} (float32's largest), got {self.temperature!r}"
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: no top-k cut), got {self.top_k!r}")
+        if self.top_k >= 2**31:  # an int32 on the device; any k past the vocabulary cuts nothing
+            raise ValueError(
+                f"top_k must be below 2**31 (one at least the vocabulary size cuts nothing), got {self.top_k!r}"
+            )
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:  # jax.random.key keeps 32 bits of larger seeds

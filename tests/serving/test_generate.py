@@ -126,6 +126,11 @@ SAMPLING_ERRORS = {
     "nan-temperature": (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
     "negative-top-k": (dict(top_k=-1), r"top_k must be an int >= 0 \(0: no top-k cut\), got -1"),
     "float-top-k": (dict(top_k=2.5), "top_k must be an int >= 0"),
+    "int32-top-k": (dict(top_k=2**31), r"top_k must be below 2\*\*31 \(one at least the vocabulary .*, got 2147483648"),
+    "float32-temperature": (
+        dict(temperature=1e39),
+        r"temperature must be at most 3.402823e\+38 \(float32's .*got 1e\+39",
+    ),
     "zero-top-p": (dict(top_p=0.0), r"top_p must lie in \(0, 1\], got 0.0"),
     "big-top-p": (dict(top_p=1.5), r"top_p must lie in \(0, 1\], got 1.5"),
     "bool-temperature": (dict(temperature=True), "temperature must be a finite number >= 0, got True"),
