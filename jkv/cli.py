@@ -255,7 +255,8 @@ def load_with_tokenizer(path: str, args, needs: str, **options):
     directory's before its weights load); ``needs``: why the command needs one."""
     from jkv.loading import load
 
-    no_tokenizer = f"{path!r} has no tokenizer (tokenizer.json){needs}"
+    where = "tokenizer.json" if os.path.isdir(path) else "tokenizer.ggml.* metadata"
+    no_tokenizer = f"{path!r} has no tokenizer ({where}){needs}"
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise CliError(no_tokenizer)
     model = load(path, args.dtype, weights=args.weights, quantize=args.quantize, **options)

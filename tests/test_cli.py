@@ -120,6 +120,9 @@ def test_model_without_tokenizer(tmp_path, tiny_gguf, capsys):
     write_tiny_safetensors(tmp_path, np.random.default_rng(0))  # no tokenizer.json beside it
     assert cli.main(["generate", "hi", "--model", str(tmp_path), "--quiet"]) == 2
     assert "has no tokenizer (tokenizer.json), so it cannot take a text prompt" in capsys.readouterr().err
+    write_tiny_gguf(tmp_path / "none.gguf", np.random.default_rng(0), tokenizer=None, fields={"vocab_size": 300})
+    assert cli.main(["generate", "hi", "--model", str(tmp_path / "none.gguf"), "--quiet"]) == 2
+    assert "has no tokenizer (tokenizer.ggml.* metadata), so it cannot take" in capsys.readouterr().err
     model = load_gguf(tiny_gguf, "f32", progress=False, with_tokenizer=False)
     with pytest.raises(ValueError, match="carries no tokenizer: use Generator with token ids instead"):
         generate_text(model, "hi")

@@ -164,7 +164,8 @@ def load_gguf(
     ``pallas_kernels.block_formats`` stay in it on the device (``jkv.models.quant.QuantizedMatrix``, computing in
     ``dtype``); float tensors, and fused groups whose parts differ in format, are dequantized. Llama 3.1
     frequency factors (a ``rope_freqs.weight`` tensor) are applied to the rotary frequencies. Every field and
-    tensor is checked before any weight is computed with (``jkv.loading.validate``).
+    tensor is checked before any weight is computed with (``jkv.loading.validate``). ``with_tokenizer``: build the
+    file's tokenizer (None when it has no ``tokenizer.ggml.*`` metadata), before any weight loads.
     """
 
     if weights not in WEIGHTS:
@@ -223,13 +224,13 @@ def load_gguf(
         factors = dequantize(t).astype(np.float64).reshape(-1)
         config = _with_rope_factors(config, factors, path)
     packed = packed if weights == "native" else None
+    tok = None  # read first: a tokenizer error costs no weight loading; a file without one has none, as a directory
+    if with_tokenizer and any(key.startswith("tokenizer.ggml.") for key in meta):
+        tok = tokenizer_lib.from_gguf_metadata(meta, source)
+        validate.check_tokenizer(tok, config, names["vocab_size"], source)
     params = build_params(
         config, get, dtype, progress=progress, layout=layout, desc=f"loading {os.path.basename(path)}", packed=packed
     )
-    tok = None
-    if with_tokenizer:
-        tok = tokenizer_lib.from_gguf_metadata(meta, source)
-        validate.check_tokenizer(tok, config, names["vocab_size"], source)
     types: dict[str, int] = {}
     for t in tensors.values():
         types[t.type_name] = types.get(t.type_name, 0) + 1

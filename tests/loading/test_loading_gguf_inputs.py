@@ -250,3 +250,18 @@ def test_a_mixture_of_experts_llama_file_is_refused_as_such(tmp_path, rng):
     write_tiny_gguf(tmp_path / "m.gguf", rng, fields={"expert_count": 8, "expert_used_count": 2})
     with pytest.raises(ModelLoadError, match=r"unsupported llama.expert_count=8 in .*: jkv runs dense MLPs only"):
         load_gguf(tmp_path / "m.gguf", "f32", progress=False, with_tokenizer=False)
+
+
+def test_a_tokenizer_error_comes_before_the_weights_load(tmp_path, rng, monkeypatch):
+    """A file whose tokenizer jkv cannot build is refused before its weights are read (minutes for a large model),
+    as a directory's tokenizer.json is; a file without tokenizer metadata loads with no tokenizer, as a directory
+    without tokenizer.json does (the CLI then says that it has none)."""
+    from jkv.loading import gguf as gguf_loader
+
+    write_tiny_gguf(tmp_path / "bert.gguf", rng, tokenizer="bert")
+    write_tiny_gguf(tmp_path / "none.gguf", rng, tokenizer=None, fields={"vocab_size": 300})
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_loader, "build_params", lambda *a, **k: pytest.fail("the weights were loaded"))
+        with pytest.raises(TokenizerError, match="unsupported tokenizer model 'bert'"):
+            load_gguf(tmp_path / "bert.gguf", "f32", progress=False)
+    assert load_gguf(tmp_path / "none.gguf", "f32", progress=False).tokenizer is None
