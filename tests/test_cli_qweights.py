@@ -1,13 +1,14 @@
 """``jkv generate --weights native`` and ``--quantize``: a quantized tiny GGUF generates through its kept blocks,
-a safetensors flag on a GGUF file and quantized weights with --tp are one-line errors."""
+a safetensors flag on a GGUF file (and the reverse) and quantized weights with --tp are one-line errors."""
 
 import re
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from helpers_loading import write_tiny_gguf
+from helpers_loading import write_tiny_gguf, write_tiny_safetensors
 
+import jkv.loading
 from jkv import cli
 
 TYPES = {kind: Q.Q8_0 for kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
@@ -32,7 +33,7 @@ def test_native_weights_generate(quantized_gguf, capsys):
 @pytest.mark.parametrize(
     "options,message",
     [
-        (["--quantize", "q8_0"], "quantize='q8_0' applies to safetensors models"),
+        (["--quantize", "q8_0"], r"quantize='q8_0' applies to safetensors directories; '.*q8.gguf' is a GGUF file"),
         (["--weights", "native", "--tp", "2"], "quantized weights .* run on one device"),
     ],
 )
@@ -40,3 +41,10 @@ def test_quantized_weight_errors(quantized_gguf, capsys, options, message):
     assert cli.main(["generate", "hi", "--model", quantized_gguf, "--quiet", *options]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jkv: error: ") and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_native_weights_of_a_directory_name_what_it_takes(tmp_path):
+    write_tiny_safetensors(tmp_path, np.random.default_rng(0))
+    takes = r"is a safetensors directory, which quantizes at load with quantize= one of \('q8_0', 'q4_k'\)$"
+    with pytest.raises(ValueError, match=takes):
+        jkv.loading.load(tmp_path, weights="native")

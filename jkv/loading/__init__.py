@@ -6,6 +6,7 @@ import os
 
 from jkv.loading.common import LoadedModel, ModelLoadError, resolve_dtype
 from jkv.loading.gguf import load_gguf
+from jkv.loading.quantize import QUANTIZE
 from jkv.loading.safetensors import load_safetensors
 from jkv.loading.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from jkv.loading.validate import NonFiniteLogitsError, check_finite_logits
@@ -30,12 +31,18 @@ def load(
     path = os.fspath(path)
     if os.path.isdir(path):
         if weights != "dequantize":
-            raise ValueError(f"weights={weights!r} applies to GGUF files; a safetensors model takes quantize=")
+            raise ValueError(
+                f"weights={weights!r} applies to GGUF files; {path!r} is a safetensors directory, which quantizes "
+                f"at load with quantize= one of {QUANTIZE}"
+            )
         return load_safetensors(path, dtype, progress=progress, layout=layout, quantize=quantize)
     if not os.path.exists(path):
         raise ModelLoadError(f"model not found: {path!r} (expected a .gguf file or a safetensors directory)")
     if quantize is not None:
-        raise ValueError(f"quantize={quantize!r} applies to safetensors models; a GGUF file takes weights='native'")
+        raise ValueError(
+            f"quantize={quantize!r} applies to safetensors directories; {path!r} is a GGUF file, whose quantized "
+            "matrices stay quantized with weights='native'"
+        )
     return load_gguf(path, dtype, progress=progress, layout=layout, weights=weights)
 
 
