@@ -164,9 +164,10 @@ def build_engine(args, model, max_len: int, **knobs):
     )
 
 
-def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
+def run_batch(args, model, prompts: list[tuple[int, str]], mesh=None) -> int:
     """Run many prompts through the engine; print each answer as soon as it finishes, tagged with its line number
-    (``[line N] prompt``, then the answer), and a summary on stderr. An interrupt keeps the answers printed."""
+    (``[line N] prompt``, then the answer), and a summary on stderr. An interrupt keeps the answers printed.
+    ``mesh``: the devices of ``--tp/--dp`` (None: one)."""
     from jkv.serving import SamplingParams
 
     tok, context = model.tokenizer, model.config.max_position
@@ -197,11 +198,6 @@ def run_batch(args, model, prompts: list[tuple[int, str]]) -> int:
         return 0
     need = max(len(i) for i in ids) + args.max_new_tokens - 1  # the last new token is never written
     max_len = max(args.max_len or min(context, -(-need // 256) * 256), need)
-    mesh = None
-    if args.tp * args.dp > 1:
-        from jkv import parallel
-
-        mesh = parallel.make_mesh(tp=args.tp, dp=args.dp)
     engine = build_engine(args, model, max_len, speculative_tokens=args.speculative, mesh=mesh, verbose=not args.quiet)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -275,9 +271,14 @@ def run_generate(args) -> int:
     available = gen.cache_kinds()
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")
+    mesh = None
+    if args.tp * args.dp > 1:  # before the model loads: more devices than there are is refused at once
+        from jkv import parallel
+
+        mesh = parallel.make_mesh(tp=args.tp, dp=args.dp)
     model = load_with_tokenizer(path, args, ", so it cannot take a text prompt", progress=not args.quiet)
     if uses_engine(args):
-        return run_batch(args, model, prompts if prompts is not None else [(1, args.prompt)])
+        return run_batch(args, model, prompts if prompts is not None else [(1, args.prompt)], mesh)
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)

@@ -321,3 +321,11 @@ def test_answers_stream_as_they_finish_and_survive_an_interrupt(monkeypatch, tin
         rf"\[4 requests, \d+ tokens in [\d.]+ s: [\d.]+ tokens/s \| {compiling} \| prefill \d+ tokens", err
     )
     assert "time to first token" in err and "inter-token" in err
+
+
+def test_more_devices_than_there_are_is_refused_before_the_model_loads(monkeypatch, capsys):
+    monkeypatch.setattr(jkv.loading, "load", no_load)
+    many = jax.device_count() + 1
+    assert cli.main(["generate", "hi", "--model", "/nonexistent.gguf", "--quiet", "--dp", str(many)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jkv: error: dp={many} x tp=1 needs {many} devices but only {many - 1} are available")
