@@ -89,6 +89,17 @@ def check_flags(args) -> None:
             )
     if args.speculative and args.temperature > 0:
         raise CliError("--speculative verifies greedy choices: use it with --temperature 0")
+    if args.speculative:
+        import jax
+
+        from jkv.serving.options import default_max_batch_tokens
+
+        budget = args.max_batch_tokens or default_max_batch_tokens(jax.default_backend())
+        if args.speculative >= budget:
+            raise CliError(
+                f"--speculative {args.speculative} must be below --max-batch-tokens {budget}: a step carries at most "
+                "that many tokens, a sequence's next token and its drafts among them"
+            )
     quantized = getattr(args, "weights", "dequantize") == "native" or getattr(args, "quantize", None) is not None
     if quantized and args.tp * args.dp > 1:
         raise CliError("quantized weights (--weights native, --quantize) run on one device: drop --tp/--dp")

@@ -143,6 +143,11 @@ class EngineOptions:
                 raise ValueError(
                     f"the largest of buckets={self.buckets} must hold max_batch_tokens={self.batch_tokens}"
                 )
+        if self.speculative_tokens >= self.batch_tokens:  # the LM head runs on 1 + drafts rows of every slot
+            raise ValueError(
+                f"speculative_tokens={self.speculative_tokens} must be below max_batch_tokens={self.batch_tokens}: a "
+                "step carries at most that many tokens, a sequence's next token and its drafts among them"
+            )
         steps.check_kind(self.cache, self.max_len)
         if not isinstance(self.model, llama.LlamaOptions):
             raise TypeError(f"model must be a jkv.models.llama.LlamaOptions, got {type(self.model).__name__}")

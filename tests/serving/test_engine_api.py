@@ -124,6 +124,11 @@ def test_run_summary_and_per_request_figures(params, rng):
         (lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=-1), ValueError, "speculative_tokens"),
         (lambda e: Engine(e.params, CONFIG, num_slots=1, max_batch_tokens=0), ValueError, "max_batch_tokens"),
         (
+            lambda e: Engine(e.params, CONFIG, num_slots=1, speculative_tokens=8, max_batch_tokens=8),
+            ValueError,
+            "speculative_tokens=8 must be below max_batch_tokens=8: a step carries at most that many tokens",
+        ),
+        (
             lambda e: Engine(e.params, CONFIG, num_slots=1, max_batch_tokens=32, buckets=(8, 16)),
             ValueError,
             "the largest of buckets=(8, 16) must hold max_batch_tokens=32",
