@@ -82,7 +82,8 @@ class PagedKVCache(Cache):
         format = bind(Plain() if format is None else format, spec)
         lead = (spec.num_layers, num_pages, spec.num_kv_heads, page_size)
         shapes = [((*lead, width), dtype) for dtype, width in format.arrays(spec)]
-        checks.allocation(shapes, f"a paged {format} cache of {num_pages=} and {spec}")
+        tables = [((batch, max_pages), jnp.int32), ((batch, 3), jnp.int32), ((num_pages, 2), jnp.int32)]
+        checks.allocation(shapes + tables, f"a paged {format} cache of {batch=}, {num_pages=} and {spec}")
         zeros = lambda n: jnp.zeros((n,), jnp.int32)
         return cls(
             tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes),

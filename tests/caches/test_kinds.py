@@ -238,6 +238,8 @@ def test_impossible_sizes_raise_before_allocating():
         jkv.KVCache.init(jkv.CacheSpec(2, 2, 64, 2**40), batch=4)
     with pytest.raises(ValueError, match="bytes of the local devices"):
         jkv.PagedKVCache.init(jkv.CacheSpec(2, 2, 64, 2**40), batch=4, page_size=2**20)
+    with pytest.raises(ValueError, match=r"cache of batch=68719476736, num_pages=8 .* bytes of the local devices"):
+        jkv.PagedKVCache.init(jkv.CacheSpec(2, 2, 64, 256), batch=2**36, page_size=16, num_pages=8)  # the tables
 
 
 @jax.jit
