@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "serve":
             return run_serve(args)
-    except (ValueError, TypeError) as e:  # jkv's user-facing errors: the message names the problem
+    # jkv's user-facing errors, the message naming the problem; MemoryError: the engine's cache does not fit the
+    # device (jkv.serving.storage says how much and what to lower)
+    except (ValueError, TypeError, MemoryError) as e:
         if args.debug:
             raise
         print(f"jkv: error: {e}", file=sys.stderr)

@@ -331,3 +331,16 @@ def test_more_devices_than_there_are_is_refused_before_the_model_loads(monkeypat
     assert cli.main(["generate", "hi", "--model", "/nonexistent.gguf", "--quiet", "--dp", str(many)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"jkv: error: dp={many} x tp=1 needs {many} devices but only {many - 1} are available")
+
+
+def test_a_cache_the_device_cannot_place_is_one_line(monkeypatch, tiny_gguf, batch, capsys):
+    """The engine's MemoryError (its cache did not fit the device, even an eighth smaller each time down to one
+    sequence) says what to lower: a line of its own, not a traceback."""
+    message = "the device could not place a page pool of 17 pages: free device memory or lower max_len"
+
+    def full(*args, **kwargs):
+        raise MemoryError(message)
+
+    monkeypatch.setattr(cli, "build_engine", full)
+    assert cli.main(["generate", "--batch-file", batch, "--model", tiny_gguf, "--quiet", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == f"jkv: error: {message}\n"
