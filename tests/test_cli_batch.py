@@ -242,7 +242,8 @@ def test_zero_new_tokens_gives_empty_answers(tiny_gguf, batch, capsys):
     [
         (
             ["--max-new-tokens", "1000000000"],
-            r"\+ max_new_tokens=1000000000 needs \d+ cache positions, more than max_len=512",
+            r"^jkv: error: the prompt \(\d+ tokens\) \+ max_new_tokens=1000000000 needs \d+ cache positions, more than "
+            r"the model's context length 512$",
             r"line 1: the prompt \(\d+ tokens\) \+ --max-new-tokens 1000000000 needs \d+ cache positions, more "
             r"than the model's context length 512",
         ),

@@ -248,6 +248,13 @@ def generate_text(
             f"the prompt has {len(ids)} tokens, longer than the model's context length {model.config.max_position}"
         )
     if max_len is None:
+        # The last new token is never written to the cache. No max_len was given: a refusal names the context.
+        positions = len(ids) + max_new_tokens - 1 if _is_int(max_new_tokens) else 0
+        if positions > model.config.max_position:
+            raise ValueError(
+                f"the prompt ({len(ids)} tokens) + {max_new_tokens=} needs {positions} cache positions, more than the "
+                f"model's context length {model.config.max_position}"
+            )
         need = len(ids) + max(max_new_tokens, 1)
         max_len = min(model.config.max_position, max(256, -(-need // 256) * 256))
     elif len(ids) > max_len:
