@@ -254,7 +254,7 @@ def test_zero_new_tokens_gives_empty_answers(tiny_gguf, batch, capsys):
         ),
         (
             ["--max-len", "8", "--max-new-tokens", "8"],
-            r"prompt 0 \(3 tokens\) \+ max_new_tokens=8 needs 10 cache positions, more than max_len=8",
+            r"^jkv: error: the prompt \(3 tokens\) \+ max_new_tokens=8 needs 10 cache positions, more than max_len=8$",
             r"line 1: the prompt \(3 tokens\) \+ --max-new-tokens 8 needs 10 cache positions, more than max_len=8",
         ),
     ],

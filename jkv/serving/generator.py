@@ -247,18 +247,19 @@ def generate_text(
         raise ValueError(
             f"the prompt has {len(ids)} tokens, longer than the model's context length {model.config.max_position}"
         )
+    if max_len is not None and _is_int(max_len) and len(ids) > max_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens, longer than {max_len=}")
+    # The last new token is never written to the cache; the refusal names the limit the caller knows of.
+    positions = len(ids) + max_new_tokens - 1 if _is_int(max_new_tokens) else 0
+    cap = model.config.max_position if max_len is None or not _is_int(max_len) else max_len
+    if positions > cap:
+        limit = f"the model's context length {cap}" if max_len is None else f"{max_len=}"
+        raise ValueError(
+            f"the prompt ({len(ids)} tokens) + {max_new_tokens=} needs {positions} cache positions, more than {limit}"
+        )
     if max_len is None:
-        # The last new token is never written to the cache. No max_len was given: a refusal names the context.
-        positions = len(ids) + max_new_tokens - 1 if _is_int(max_new_tokens) else 0
-        if positions > model.config.max_position:
-            raise ValueError(
-                f"the prompt ({len(ids)} tokens) + {max_new_tokens=} needs {positions} cache positions, more than the "
-                f"model's context length {model.config.max_position}"
-            )
         need = len(ids) + max(max_new_tokens, 1)
         max_len = min(model.config.max_position, max(256, -(-need // 256) * 256))
-    elif len(ids) > max_len:
-        raise ValueError(f"the prompt has {len(ids)} tokens, longer than {max_len=}")
     generator = Generator(model.config, model.params, max_len=max_len, cache=cache, impl=impl)
     stream = tok.stream(skip_special=True)  # streamed as the returned text reads: special tokens dropped
 
