@@ -356,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"jkv: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the model's logits held NaN or Inf (jkv.serving.NonFiniteLogitsError)
+        if args.debug:
+            raise
+        hint = ": float16 overflows in some models, try --dtype bf16" if args.dtype == "f16" else ""
+        print(f"jkv: error: {e}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\njkv: interrupted", file=sys.stderr)
         return 130

@@ -190,3 +190,23 @@ def test_a_prompt_of_bytes_that_are_not_utf8_is_refused_naming_the_byte(monkeypa
         err == "jkv: error: the prompt is not UTF-8 text (byte 0xe9 at column 4): pass UTF-8 text (is the "
         "terminal's encoding UTF-8?)\n"
     )
+
+
+def test_logits_that_overflow_end_with_one_line(tiny_gguf, monkeypatch, capsys):
+    """Weights a thousand times larger overflow float16 activations: the engine stops at the NaN logits, and the
+    command says so (with what to try) in a line, not a traceback."""
+    import dataclasses
+
+    import jax
+
+    real = jkv.loading.load
+
+    def large(*args, **kwargs):
+        model = real(*args, **kwargs)
+        return dataclasses.replace(model, params=jax.tree.map(lambda w: w * 1000, model.params))
+
+    monkeypatch.setattr(jkv.loading, "load", large)
+    argv = ["generate", "the the", "--model", tiny_gguf, "--raw", "--quiet", "--dtype", "f16", "--max-new-tokens", "2"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"jkv: error: request 0: the logits .* held NaN or Inf .*try --dtype bf16\n", err), err
