@@ -210,3 +210,13 @@ def test_logits_that_overflow_end_with_one_line(tiny_gguf, monkeypatch, capsys):
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(r"jkv: error: request 0: the logits .* held NaN or Inf .*try --dtype bf16\n", err), err
+
+
+def test_a_paged_cache_fits_a_context_of_any_length(tmp_path, capsys):
+    """A model whose context (500) is no whole number of pages: with no --max-len, a paged cache takes the context's
+    whole pages (496), as the batch mode's does, not a max_len of 500 that it would refuse."""
+    write_tiny_gguf(tmp_path / "m.gguf", np.random.default_rng(0), fields={"context_length": 500})
+    prompt = " the" * 300  # 300 tokens: more than the 256 positions a short prompt gets
+    argv = ["generate", prompt, "--model", str(tmp_path / "m.gguf"), "--raw", "--quiet", "--cache", "paged"]
+    assert cli.main([*argv, "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "\n"

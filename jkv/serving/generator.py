@@ -260,6 +260,8 @@ def generate_text(
     if max_len is None:
         need = len(ids) + max(max_new_tokens, 1)
         max_len = min(model.config.max_position, max(256, -(-need // 256) * 256))
+        if cache in cache_kinds() and steps.is_paged(cache):  # whole pages, within a context of any length
+            max_len -= max_len % steps.PAGE_SIZE
     generator = Generator(model.config, model.params, max_len=max_len, cache=cache, impl=impl)
     stream = tok.stream(skip_special=True)  # streamed as the returned text reads: special tokens dropped
 
