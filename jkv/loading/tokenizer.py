@@ -136,6 +136,7 @@ class Tokenizer:
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = _tojson
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
             template = env.from_string(self.chat_template)
@@ -149,6 +150,12 @@ class Tokenizer:
         """A ``StreamDecoder`` over this tokenizer; ``skip_special``: special tokens add no text, as
         ``decode(ids, skip_special=True)`` of the whole answer shows it."""
         return StreamDecoder(self, skip_special)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """JSON as transformers' chat templates write it: text as is, where jinja's own filter escapes ``<>&'`` and
+    every non-ASCII character (tool-calling templates write their arguments with it)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class StreamDecoder:

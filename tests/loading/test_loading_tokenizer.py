@@ -170,6 +170,7 @@ TEMPLATES = {  # tokenizer_config.json's chat_template forms that transformers r
     ],
     "loop-controls": "{% for m in messages %}{{ m['content'] }}{% if loop.first %}{% break %}{% endif %}{% endfor %}",
     "strftime-now": "{{ strftime_now('%Y') }} {{ messages[0]['content'] }}",
+    "tojson": "{{ {'args': messages[0]['content'] + \" <é&'>\"} | tojson }}{{ [1, 2] | tojson(indent=2) }}",
 }
 
 
