@@ -17,6 +17,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:  # the socket layer keeps the low 16 bits of a larger one: another port, silently
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):  # NaN too: the drain would fail only at shutdown
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def cache_choices() -> tuple[str, ...]:
     """The registry's cache kinds (imported here, not at module import: main sets XLA flags before JAX starts)."""
     from jkv.caches.registry import kinds
@@ -104,7 +125,7 @@ def add_serve_parser(commands) -> None:
     )
     serve.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--served-model-name", default=None, help="the model id /v1/models lists (default: file name)")
     serve.add_argument(
         "--max-len", type=_positive_int, default=None, help="context per request (default: min(model, 4096))"
@@ -118,8 +139,10 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--dtype", choices=("bf16", "f32", "f16"), default=None, help="weights (default: bf16 on GPU)")
     _add_weight_formats(serve)
     _add_engine_options(serve)
-    serve.add_argument("--max-waiting", type=int, default=256, help="requests that may wait for a slot; more get 429")
     serve.add_argument(
-        "--drain-s", type=float, default=30.0, help="on SIGINT/SIGTERM, seconds running streams may finish"
+        "--max-waiting", type=_non_negative_int, default=256, help="requests that may wait for a slot; more get 429"
+    )
+    serve.add_argument(
+        "--drain-s", type=_seconds, default=30.0, help="on SIGINT/SIGTERM, seconds running streams may finish"
     )
     serve.add_argument("--debug", action="store_true", help="show tracebacks")

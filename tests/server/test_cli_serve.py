@@ -1,5 +1,7 @@
 """``jkv serve`` wiring: flags reach the engine, the app and uvicorn; bad flags are refused with a message."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -86,3 +88,22 @@ def test_weight_formats_and_step_budget_reach_the_loader_and_engine(served):
     assert cli.main([*argv, "--max-batch-tokens", "24", "--num-slots", "2"]) == 0
     assert served["load"] == {"weights": "native", "quantize": "q8_0"}
     assert served["warmed"].options.max_batch_tokens == 24
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--port", "99999", r"must be a TCP port in \[0, 65535\], got 99999"),
+        ("--drain-s", "nan", "must be a finite number of seconds >= 0, got nan"),
+        ("--drain-s", "-5", "must be a finite number of seconds >= 0, got -5"),
+        ("--max-waiting", "-1", "must be an integer >= 0, got -1"),
+    ],
+    ids=["port", "drain-nan", "drain-negative", "max-waiting"],
+)
+def test_server_flags_out_of_range_are_refused_before_the_model_loads(served, capsys, flag, value, message):
+    """A port past 65535 served on its low 16 bits (uvicorn said it listened on the one given); a NaN drain failed
+    only at shutdown; a negative --max-waiting was refused after the model loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--model", "m.gguf", flag, value])
+    assert exit_info.value.code == 2 and re.search(f"argument {flag}: {message}", capsys.readouterr().err)
+    assert "load" not in served
