@@ -1,0 +1,29 @@
+"""The ``# runnable`` examples of docs/*.md run as written. The blocks of one doc share a namespace and run in
+order (a later block builds on the earlier ones); a traceback names the doc's own lines."""
+
+import pathlib
+
+import pytest
+from test_readme import runnable_blocks
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+EXAMPLES = {path.name: runnable_blocks(path) for path in sorted(DOCS.glob("*.md"))}
+CASES = [(name, i) for name, blocks in EXAMPLES.items() for i in range(len(blocks))]
+
+_namespaces: dict[str, tuple[dict, int]] = {}  # doc -> (its namespace, how many of its blocks ran there)
+
+
+def test_docs_have_runnable_examples():
+    assert CASES, "docs/*.md lost their runnable examples"
+
+
+@pytest.mark.parametrize(("name", "index"), CASES, ids=[f"{name}-block{i}" for name, i in CASES])
+def test_doc_example_runs(name, index):
+    namespace, done = _namespaces.get(name, ({"__name__": f"docs_{name}"}, 0))
+    if done > index:  # run again (pytest --count, a rerun): start the doc afresh
+        namespace, done = {"__name__": f"docs_{name}"}, 0
+    _namespaces[name] = (namespace, done)
+    for i in range(done, index + 1):  # the earlier blocks first, when this one runs alone (-k, a failed predecessor)
+        _namespaces[name] = (namespace, i)
+        exec(EXAMPLES[name][i], namespace)
+    _namespaces[name] = (namespace, index + 1)
