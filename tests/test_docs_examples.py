@@ -3,6 +3,7 @@ order (a later block builds on the earlier ones); a traceback names the doc's ow
 
 import pathlib
 
+import jax
 import pytest
 from test_readme import runnable_blocks
 
@@ -10,6 +11,7 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 EXAMPLES = {path.name: runnable_blocks(path) for path in sorted(DOCS.glob("*.md"))}
 CASES = [(name, i) for name, blocks in EXAMPLES.items() for i in range(len(blocks))]
 
+NEEDS_DEVICES = {"sharding.md": 2}  # a mesh of tp=2 (on a CPU, tests/conftest.py's host devices)
 _namespaces: dict[str, tuple[dict, int]] = {}  # doc -> (its namespace, how many of its blocks ran there)
 
 
@@ -19,11 +21,11 @@ def test_docs_have_runnable_examples():
 
 @pytest.mark.parametrize(("name", "index"), CASES, ids=[f"{name}-block{i}" for name, i in CASES])
 def test_doc_example_runs(name, index):
+    if jax.device_count() < NEEDS_DEVICES.get(name, 1):
+        pytest.skip(f"{name} needs {NEEDS_DEVICES[name]} devices, found {jax.device_count()}")
     namespace, done = _namespaces.get(name, ({"__name__": f"docs_{name}"}, 0))
     if done > index:  # run again (pytest --count, a rerun): start the doc afresh
         namespace, done = {"__name__": f"docs_{name}"}, 0
-    _namespaces[name] = (namespace, done)
-    for i in range(done, index + 1):  # the earlier blocks first, when this one runs alone (-k, a failed predecessor)
-        _namespaces[name] = (namespace, i)
+    for i in range(done, index + 1):  # the earlier blocks first when this one runs alone (-k) or one failed
         exec(EXAMPLES[name][i], namespace)
-    _namespaces[name] = (namespace, index + 1)
+        _namespaces[name] = (namespace, i + 1)
