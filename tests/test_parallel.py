@@ -1,8 +1,7 @@
 """jkv.parallel on 8 host CPU devices (``XLA_FLAGS`` set in tests/conftest.py): the mesh, its errors, the
-active-mesh context, a function run per shard against the same function on the whole arrays, and the example of
-docs/sharding.md."""
+active-mesh context, and a function run per shard against the same function on the whole arrays (docs/sharding.md's
+example runs in tests/test_docs_examples.py)."""
 
-import pathlib
 import re
 
 import jax
@@ -11,9 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import jkv
 from jkv import parallel
-from jkv.models import llama
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
 
@@ -78,18 +75,6 @@ def test_per_shard_matches_whole_arrays():
     got = parallel.per_shard(fn, mesh, (k,), (P(None, parallel.DP, parallel.TP, None, None),), q, lengths, 1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
     assert {s.data.shape for s in got.addressable_shards} == {(2, 2, 16)}
-
-
-def test_sharding_doc_example_runs():
-    """docs/sharding.md's example, as written, over a small random model (its names given beforehand)."""
-    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "sharding.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    config = llama.LlamaConfig(96, 64, 128, 2, 4, 2, 32)
-    spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, 32)
-    names = {"config": config, "params": llama.init_params(config, jax.random.key(0), jnp.float32)}
-    names |= {"cache": jkv.KVCache.init(spec, 2), "tokens": jnp.array([1, 2])}
-    exec(compile(code, "docs/sharding.md", "exec"), names)
-    assert names["logits"].shape == (2, config.vocab_size) and names["cache"].lengths.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("axes", [("x",), ("tp",), ("dp",), ("data", "model")], ids=str)
