@@ -220,3 +220,15 @@ def test_a_paged_cache_fits_a_context_of_any_length(tmp_path, capsys):
     argv = ["generate", prompt, "--model", str(tmp_path / "m.gguf"), "--raw", "--quiet", "--cache", "paged"]
     assert cli.main([*argv, "--max-new-tokens", "0"]) == 0
     assert capsys.readouterr().out == "\n"
+
+
+def test_a_paged_max_len_rounds_up_to_whole_pages(tiny_gguf, capsys):
+    """--max-len 100 with a paged cache: one prompt takes 112 positions (whole pages of 16), as the batch mode
+    does, and gives the contiguous cache's tokens (it was refused: 'a multiple of its page size')."""
+    argv = ["generate", "the the", "--model", tiny_gguf, "--raw", "--quiet", "--max-new-tokens", "5"]
+    argv += ["--max-len", "100"]
+    outputs = []
+    for cache in ("paged", "bf16"):
+        assert cli.main([*argv, "--cache", cache, "--dtype", "f32"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip(), outputs

@@ -262,6 +262,9 @@ def generate_text(
         max_len = min(model.config.max_position, max(256, -(-need // 256) * 256))
         if cache in cache_kinds() and steps.is_paged(cache):  # whole pages, within a context of any length
             max_len -= max_len % steps.PAGE_SIZE
+    elif _is_int(max_len) and cache in cache_kinds() and steps.is_paged(cache):
+        rounded = -(-max_len // steps.PAGE_SIZE) * steps.PAGE_SIZE  # whole pages, as the engine's batch mode takes
+        max_len = rounded if rounded <= model.config.max_position else max_len  # else the cache refuses it
     generator = Generator(model.config, model.params, max_len=max_len, cache=cache, impl=impl)
     stream = tok.stream(skip_special=True)  # streamed as the returned text reads: special tokens dropped
 
