@@ -279,6 +279,9 @@ def run_generate(args) -> int:
     prompts = read_batch_file(args.batch_file) if args.batch_file is not None else None
     path = args.model if args.model is not None else default_model_path()
     sampling = gen.SamplingParams(args.temperature, args.top_k, args.top_p)
+    if args.temperature == 0 and (args.top_k != 0 or args.top_p != 1.0) and not args.quiet:
+        print("jkv: note: --top-k / --top-p shape sampling, and --temperature 0 (the default) is greedy: "
+              "they change nothing here; give a temperature > 0 to sample", file=sys.stderr)  # fmt: skip
     available = gen.cache_kinds()
     if args.cache is not None and args.cache not in available:
         raise CliError(f"--cache {args.cache} is not available in this installation: choose from {sorted(available)}")

@@ -232,3 +232,12 @@ def test_a_paged_max_len_rounds_up_to_whole_pages(tiny_gguf, capsys):
         assert cli.main([*argv, "--cache", cache, "--dtype", "f32"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0].strip(), outputs
+
+
+def test_top_k_at_temperature_zero_says_it_changes_nothing(tiny_gguf, capsys):
+    """Greedy decoding ignores --top-k / --top-p: the user who set them without a temperature is told so."""
+    argv = ["generate", "the the", "--model", tiny_gguf, "--raw", "--max-new-tokens", "2"]
+    assert cli.main([*argv, "--top-k", "40"]) == 0
+    assert "--temperature 0 (the default) is greedy" in capsys.readouterr().err
+    assert cli.main([*argv, "--top-k", "40", "--temperature", "0.7"]) == 0
+    assert "is greedy" not in capsys.readouterr().err
