@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkv.attention import resolve_impl
+from jkv.caches.registry import whole_pages
 from jkv.models import llama
 from jkv.serving import steps
 from jkv.serving.engine import Engine, EngineOptions
@@ -257,13 +258,14 @@ def generate_text(
         raise ValueError(
             f"the prompt ({len(ids)} tokens) + {max_new_tokens=} needs {positions} cache positions, more than {limit}"
         )
+    paged = cache in cache_kinds() and steps.is_paged(cache)
     if max_len is None:
         need = len(ids) + max(max_new_tokens, 1)
         max_len = min(model.config.max_position, max(256, -(-need // 256) * 256))
-        if cache in cache_kinds() and steps.is_paged(cache):  # whole pages, within a context of any length
+        if paged:  # whole pages, within a context of any length
             max_len -= max_len % steps.PAGE_SIZE
-    elif _is_int(max_len) and cache in cache_kinds() and steps.is_paged(cache):
-        rounded = -(-max_len // steps.PAGE_SIZE) * steps.PAGE_SIZE  # whole pages, as the engine's batch mode takes
+    elif _is_int(max_len) and paged:
+        rounded = whole_pages(max_len)  # whole pages, as the engine's batch mode takes them
         max_len = rounded if rounded <= model.config.max_position else max_len  # else the cache refuses it
     generator = Generator(model.config, model.params, max_len=max_len, cache=cache, impl=impl)
     stream = tok.stream(skip_special=True)  # streamed as the returned text reads: special tokens dropped
