@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -109,6 +109,14 @@ for part in "${parts[@]}"; do
         --shapes 1x131072 16x8192 128x2048 --sweep-configs 64/4/3 64/4/4 64/8/3 128/4/3 128/8/3 128/8/4 32/4/4 \
         --sweep-splits 0.5 1.5 2 --budget-s 300 --deadline-s 480
       ;;
+    qmatmul_ncu)  # issue 26: Nsight Compute's view of the M = 1 products (speed of light, stalls, occupancy)
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      for fmt in Q8_0 Q4_K; do
+        run "ncu_qmatmul_$fmt" 240 "$ncu" --clock-control none -k regex:jkv_qmatmul --section SpeedOfLight \
+          --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats \
+          python bench/ncu_qmatmul.py --matrix wqkv --fmt "$fmt" --rows 1 --variants "${NCU_VARIANTS:-default,units,dot16_expand}"
+      done
+      ;;
     prefill_quick)  # issue 20 without torch: the dispatched kernels and the warp-specialised ones against cuDNN
       run prefill_quick 170 python bench/bench_prefill.py --out "$OUT" --cases prefill-8k chunk-2k --rounds 3 \
         --no-torch --rows mgpu_ws_pp mgpu_ws_paged_pp auto auto_paged triton triton_paged
@@ -171,7 +179,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 

@@ -1,0 +1,67 @@
+"""One launch of each ``qmatmul`` variant of a cell, for Nsight Compute (issue 26: why the small-M kernels sit far
+below their read floor). Run under ``ncu``; the kernels launch in the order printed first, one launch each, so the
+profiler's n-th ``jkv_qmatmul`` report is the n-th variant listed::
+
+    ncu --clock-control none -k regex:jkv_qmatmul --section SpeedOfLight --section WarpStateStats \\
+        --section Occupancy --section MemoryWorkloadAnalysis \\
+        python bench/ncu_qmatmul.py --matrix wqkv --fmt Q8_0 --rows 1 --variants default,units
+
+Variants are ``bench/bench_qmatmul.py``'s names at the cell, or ``path:bm/bn/bk/splits/warps/stages`` for any
+launch (``units:1/64/256/8/4/3``). Without ``ncu`` it runs too (a check of the launches: each output against the
+float32 reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from bench import bench_qmatmul, common
+from pallas_kernels import block_formats
+from pallas_kernels import quantized_matmul as qm
+
+
+def parse_variant(text: str, named: dict) -> tuple[str, qm.QMatmulConfig]:
+    if ":" not in text:
+        if text not in named:
+            raise SystemExit(f"variant {text!r} is not one of {sorted(named)} nor path:bm/bn/bk/splits/warps/stages")
+        return text, named[text]
+    path, numbers = text.split(":", 1)
+    values = [int(v) for v in numbers.split("/")]
+    if len(values) != 6 or path not in qm.PATHS:
+        raise SystemExit(f"variant {text!r}: expected path:bm/bn/bk/splits/warps/stages with path in {qm.PATHS}")
+    return text, qm.QMatmulConfig(*values, path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--matrix", default="wqkv", choices=sorted(bench_qmatmul.MATRICES))
+    parser.add_argument("--fmt", default="Q8_0", choices=sorted(block_formats.FORMATS))
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--variants", default="default")
+    parser.add_argument("--shape", default="", help="N,K instead of the matrix's (a small check off the GPU)")
+    args = parser.parse_args(argv)
+    n, k = map(int, args.shape.split(",")) if args.shape else bench_qmatmul.MATRICES[args.matrix]
+    named = bench_qmatmul.variants(args.rows, n, k, args.fmt)
+    chosen = [parse_variant(v, named) for v in args.variants.split(",") if v]
+    for i, (name, config) in enumerate(chosen):
+        print(f"launch {i}: {name} {config}", flush=True)
+    key = jax.random.key(zlib.crc32(f"{args.matrix} {args.fmt}".encode()))
+    planes = bench_qmatmul.random_planes(key, args.fmt, n, k)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (args.rows, k), jnp.bfloat16)
+    ref = block_formats.qmatmul_reference(x.astype(jnp.float32), planes, args.fmt)
+    for name, config in chosen:
+        qm.check_config(config, args.rows, n, k, args.fmt)
+        y = jax.block_until_ready(qm.qmatmul(x, planes, args.fmt, config=config))
+        print(f"{name}: rel_err {common.rel_err(y, ref):.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
