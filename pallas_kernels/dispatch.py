@@ -61,10 +61,14 @@ def decode_attention_auto(
 # attention"). Benchmarks that compare set this False (or the environment's JKV_MULTI_TOKEN_MGPU=0) before they
 # trace.
 MULTI_TOKEN_MGPU = os.environ.get("JKV_MULTI_TOKEN_MGPU", "1") != "0"
+# The warp-specialised kernels' key blocks, the first that fits taken: 128 measured faster than 64 on prefill and
+# on chunks over contiguous and paged caches (docs/BENCHMARKS.md, "Multi-token attention", fourth run).
+WS_BLOCK_KS = (128, 64)
 
 
 def multi_token_mgpu_kind(
-    num_rows: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, out_dtype=None
+    num_rows: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, out_dtype=None,
+    block_ok=None,
 ):  # fmt: skip
     """Which Mosaic GPU multi-token kernel suits a step of ``num_rows`` query rows over ``batch`` sequences:
     ``"ws"`` (two consumer warpgroups on a shared ring, taking turns at the tensor cores: a tile of
@@ -72,7 +76,8 @@ def multi_token_mgpu_kind(
     and its buffers fit the device's shared memory (at head_dim 256 they do not on a Hopper GPU),
     ``"plain"`` (one warpgroup, ``block_q`` tokens) for short runs (verification, decode-heavy mixed steps) and
     where only it fits; ``None`` where neither takes these heads, head_dim and dtype. ``out_dtype``: the queries'
-    (None: ``dtype``). Any machine (the caller asks :func:`backend.mosaic_gpu_usable`)."""
+    (None: ``dtype``); ``block_ok``: as :func:`ws_config` takes it. Any machine (the caller asks
+    :func:`backend.mosaic_gpu_usable`)."""
     from pallas_kernels import multi_token_mgpu as mgpu
     from pallas_kernels.multi_token_mgpu_ws import CONSUMERS
 
@@ -83,19 +88,28 @@ def multi_token_mgpu_kind(
     if not mgpu.fits(config, head_dim, dtype, out_dtype):
         return None
     long_runs = num_rows >= CONSUMERS * config.block_q * max(batch, 1)
-    ws = ws_config(num_q_heads, num_kv_heads, head_dim, dtype)
+    ws = ws_config(num_q_heads, num_kv_heads, head_dim, dtype, out_dtype, block_ok)
     return "ws" if long_runs and mgpu.fits(ws, head_dim, dtype, out_dtype, CONSUMERS) else "plain"
 
 
-def ws_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
+def ws_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, out_dtype=None, block_ok=None):
     """The warp-specialised kernels' launch as dispatched: the default tiles with the ping-pong schedule (measured
-    faster than without it on every case of bench/bench_prefill.py)."""
+    faster than without it on every case of bench/bench_prefill.py) and the first of :data:`WS_BLOCK_KS` whose
+    ring fits the device's shared memory beside both consumers' tiles and that ``block_ok(block_k)`` accepts (the
+    caller's layout: a contiguous cache of at least one block, pages dividing it); else the default block."""
     from pallas_kernels import multi_token_mgpu as mgpu
+    from pallas_kernels.multi_token_mgpu_ws import CONSUMERS
 
-    return mgpu.mgpu_multi_token_config(num_q_heads, num_kv_heads, head_dim, dtype)._replace(pingpong=True)
+    out_dtype = dtype if out_dtype is None else out_dtype
+    base = mgpu.mgpu_multi_token_config(num_q_heads, num_kv_heads, head_dim, dtype)._replace(pingpong=True)
+    for block_k in WS_BLOCK_KS:
+        config = base._replace(block_k=block_k)
+        if mgpu.fits(config, head_dim, dtype, out_dtype, CONSUMERS) and (block_ok is None or block_ok(block_k)):
+            return config
+    return base
 
 
-def _mgpu_launch(allow_mgpu: bool, q, lengths, kv_heads: int, dtype):
+def _mgpu_launch(allow_mgpu: bool, q, lengths, kv_heads: int, dtype, block_ok):
     """``(kind, config)`` of the Mosaic GPU kernel for this step (:func:`multi_token_mgpu_kind`; the
     warp-specialised kernels with :func:`ws_config`), or ``(None, None)`` where none may or can run here."""
     from pallas_kernels import multi_token_mgpu as mgpu
@@ -103,11 +117,12 @@ def _mgpu_launch(allow_mgpu: bool, q, lengths, kv_heads: int, dtype):
     if not (allow_mgpu and MULTI_TOKEN_MGPU and backend.mosaic_gpu_usable()):
         return None, None
     num_rows, n, d = q.shape[0], q.shape[-2], q.shape[-1]
-    kind = multi_token_mgpu_kind(num_rows, lengths.shape[0], n, kv_heads, d, dtype, q.dtype)
+    kind = multi_token_mgpu_kind(num_rows, lengths.shape[0], n, kv_heads, d, dtype, q.dtype, block_ok)
     if kind is None:
         return None, None
-    config = ws_config if kind == "ws" else mgpu.mgpu_multi_token_config
-    return kind, config(n, kv_heads, d, dtype)
+    if kind == "ws":
+        return kind, ws_config(n, kv_heads, d, dtype, q.dtype, block_ok)
+    return kind, mgpu.mgpu_multi_token_config(n, kv_heads, d, dtype)
 
 
 def multi_token_attention_auto(
@@ -125,7 +140,7 @@ def multi_token_attention_auto(
 
     options = dict(layer=layer, scale=scale, window=window, softcap=softcap)
     positions = k.shape[-2]
-    kind, launch = _mgpu_launch(allow_mgpu, q, lengths, k.shape[-3], k.dtype)
+    kind, launch = _mgpu_launch(allow_mgpu, q, lengths, k.shape[-3], k.dtype, lambda block_k: positions >= block_k)
     if kind is not None and positions % ALIGN == 0 and positions >= launch.block_k:
         if kind == "ws":
             from pallas_kernels.multi_token_mgpu_ws import multi_token_attention_mgpu_ws as kernel
@@ -149,7 +164,9 @@ def paged_multi_token_attention_auto(
     options = dict(layer=layer, scale=scale, window=window, softcap=softcap)
     page_size = k_pages.shape[-2]
     operands = (k_pages, v_pages, block_tables, q_starts, lengths, counts)
-    kind, launch = _mgpu_launch(allow_mgpu, q, lengths, k_pages.shape[-3], k_pages.dtype)
+    kind, launch = _mgpu_launch(
+        allow_mgpu, q, lengths, k_pages.shape[-3], k_pages.dtype, lambda block_k: block_k % page_size == 0
+    )
     if kind is not None and page_size % ALIGN == 0 and launch.block_k % page_size == 0:
         if kind == "ws":
             from pallas_kernels.multi_token_mgpu_ws_paged import multi_token_attention_mgpu_ws_paged as kernel

@@ -52,10 +52,27 @@ def test_the_picked_launch_fits_the_shared_memory(head_dim, out_dtype):
             kind = dispatch.multi_token_mgpu_kind(rows, batch, 2 * group, 2, head_dim, jnp.bfloat16, out_dtype)
             if kind is None:
                 continue
-            make = dispatch.ws_config if kind == "ws" else mgpu.mgpu_multi_token_config
-            config = make(2 * group, 2, head_dim, jnp.bfloat16)
+            if kind == "ws":
+                config = dispatch.ws_config(2 * group, 2, head_dim, jnp.bfloat16, out_dtype)
+            else:
+                config = mgpu.mgpu_multi_token_config(2 * group, 2, head_dim, jnp.bfloat16)
             consumers = CONSUMERS if kind == "ws" else 1
             mgpu.resolve_config(config, 2 * group, 2, head_dim, jnp.bfloat16, out_dtype, consumers=consumers)
+
+
+def test_ws_block_is_the_largest_that_fits_the_layout():
+    """The warp-specialised launch takes 128-key blocks (measured faster) where they fit the shared memory and the
+    caller's layout, else 64: a contiguous cache shorter than 128 positions, pages that do not divide 128."""
+    heads = (32, 8, 128)
+    assert dispatch.ws_config(*heads, jnp.bfloat16).block_k == 128
+    assert dispatch.ws_config(*heads, jnp.bfloat16, block_ok=lambda bk: 100 >= bk).block_k == 64
+    assert dispatch.ws_config(*heads, jnp.bfloat16, block_ok=lambda bk: bk % 256 == 0).block_k == 64  # refused later
+    # float32 outputs: both consumers' output tiles and a 128-key ring pass a Hopper's shared memory
+    from pallas_kernels import multi_token_mgpu as mgpu
+    from pallas_kernels.multi_token_mgpu_ws import CONSUMERS
+
+    config = dispatch.ws_config(*heads, jnp.bfloat16, jnp.float32)
+    assert mgpu.fits(config, 128, jnp.bfloat16, jnp.float32, CONSUMERS) or config.block_k == 64
 
 
 def _step(rng, *, tokens, batch, kv_heads, group, head_dim, max_len, window):

@@ -51,6 +51,18 @@ CASES = [
     ("ragged_g4_heads_1_bk128", RAGGED, 8, 2, 128, 300, 90, 10.0, Config(64, 1, 128, 2)),
     # tiles whose first query sits 2 below a block's end: the unmasked run must stop before that block
     ("chunk_diagonal_edge", dict(q_starts=[0], lengths=[62], counts=[70], rows=72), 4, 1, 64, 160, None, None, None),
+    # the warp-specialised kernels' dispatched launch at G = 4, D = 128 (dispatch.ws_config: 128-key blocks)
+    (
+        "chunk_g4_bk128",
+        dict(q_starts=[0], lengths=[300], counts=[200], rows=200),
+        8,
+        2,
+        128,
+        512,
+        None,
+        30.0,
+        Config(16, 4, 128, 2),
+    ),
 ]
 IDS = [c[0] for c in CASES]
 

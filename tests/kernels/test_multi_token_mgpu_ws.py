@@ -26,6 +26,7 @@ LONG_CASES = [
     ("long_three_stages", LONG, 8, 2, 128, 1024, None, None, Config(64, 1, 64, 3)),
     ("long_bk128_window", LONG, 8, 2, 128, 1024, 200, None, Config(64, 1, 128, 2)),
     ("long_g4_window_softcap", LONG, 8, 2, 128, 1024, 100, 30.0, None),
+    ("long_g4_bk128_window", LONG, 8, 2, 128, 1024, 300, None, Config(16, 4, 128, 2)),  # the dispatched launch
 ]
 WS_CASES, WS_IDS = CASES + LONG_CASES, IDS + [c[0] for c in LONG_CASES]
 

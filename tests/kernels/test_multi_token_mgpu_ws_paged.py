@@ -34,6 +34,7 @@ PAGED = [
     ("chunk_window_cuts_block", 64, None),
     ("chunk_diagonal_edge", 16, None),
     ("ragged_g4_heads_1_bk128", 32, 1),
+    ("chunk_g4_bk128", 16, 1),  # the dispatched launch: 8 pages a block
 ]
 IDS = [f"{n}_page{p}" + ("" if layer is None else f"_layer{layer}") for n, p, layer in PAGED]
 
