@@ -96,6 +96,23 @@ def test_ws_lowers_for_cuda(config, window, pingpong):
     assert "mosaic_gpu" in ws._attend.trace(*args, **options).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason=f"needs Mosaic GPU: {backend.mosaic_gpu_unavailable_reason()}")
+def test_dispatched_long_prefill_memory_is_not_t_times_s():
+    """Issue 20 through the dispatch (the warp-specialised kernel, its 128-key launch): a 32k-token prompt's prefill
+    compiles with temporaries below one T x S array of bf16 / 16."""
+    from pallas_kernels import dispatch
+
+    rows = max_len = 32768
+    q = jax.ShapeDtypeStruct((rows, 32, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((8, 1, 8, max_len, 128), jnp.bfloat16)
+    ints = jax.ShapeDtypeStruct((1,), jnp.int32)
+    assert dispatch.multi_token_mgpu_kind(rows, 1, 32, 8, 128, jnp.bfloat16) == "ws"
+    fn = jax.jit(lambda q, k, v, s, n, c: dispatch.multi_token_attention_auto(q, k, v, s, n, c, layer=3))
+    memory = fn.lower(q, cache, cache, ints, ints, ints).compile().memory_analysis()
+    assert memory.temp_size_in_bytes < rows * max_len * 2 // 16, memory
+
+
 def test_ws_shared_memory_counts_both_consumers(monkeypatch):
     """Two query and output tiles beside the ring: a ring that fits one consumer may not fit two."""
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
