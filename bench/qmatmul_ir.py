@@ -100,8 +100,9 @@ def ttir_counts(ttir: str) -> dict:
     return {"ops": dict(ops), "rank3_types": rank3}
 
 
-def compiled_counts(ttir: str, num_warps: int, num_stages: int) -> dict:
-    """TTGIR / SASS / ptxas counts of ``ttir`` compiled by the ``triton`` package for sm_90 (see the docstring)."""
+def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
+    """``ttir`` compiled by the ``triton`` package for sm_90: its ``ttgir``, ``sass`` (nvdisasm), ``ptxas`` (the
+    ``-v`` report) and ``shared`` (bytes). Raises ImportError without the package."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -123,6 +124,13 @@ def compiled_counts(ttir: str, num_warps: int, num_stages: int) -> dict:
             capture_output=True,
             text=True,
         ).stderr
+    return {"ttgir": ttgir, "sass": sass, "ptxas": info, "shared": kernel.metadata.shared, "triton": triton.__version__}
+
+
+def compiled_counts(ttir: str, num_warps: int, num_stages: int) -> dict:
+    """TTGIR / SASS / ptxas counts of ``ttir`` compiled by the ``triton`` package for sm_90 (see the docstring)."""
+    compiled = compile_sm90(ttir, num_warps, num_stages)
+    ttgir, sass, info = compiled["ttgir"], compiled["sass"], compiled["ptxas"]
     loop = "\n".join(_loop_lines(ttgir))
     sass_counts = collections.Counter()
     for line in sass.splitlines():
@@ -133,11 +141,11 @@ def compiled_counts(ttir: str, num_warps: int, num_stages: int) -> dict:
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores", info)
     return {
-        "triton": triton.__version__,
+        "triton": compiled["triton"],
         "convert_layout_in_loop": loop.count("ttg.convert_layout"),
         "convert_layout_total": ttgir.count("ttg.convert_layout"),
         "local_alloc": ttgir.count("ttg.local_alloc"),
-        "shared_bytes": kernel.metadata.shared,
+        "shared_bytes": compiled["shared"],
         "sass": dict(sass_counts),
         "registers": int(regs.group(1)) if regs else None,
         "spill_bytes": int(spills.group(1)) if spills else None,

@@ -47,6 +47,11 @@ BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 SPLIT_KEYS = 128
+# Forms of the loop's arithmetic, all exact in the same roundings (decode_kernel's ``form``): "default"; the bench
+# and bench/decode_ir.py compare them. LOOP_FORM is the one the public functions use (read per call).
+LOOP_FORMS = ("default", "vperm", "srot", "vperm+srot")
+LOOP_FORM = "default"
+FLAGS = frozenset({"vperm", "srot"})
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -103,6 +108,26 @@ def wide_rows(group: int, chunks: int) -> int:
     return max(1 << (group - 1).bit_length(), -(-MIN_BLOCK // chunks))
 
 
+def permute_columns(x, lanes: int, inverse: bool = False):
+    """``x [M, D]`` with its columns reordered: column ``t * lanes + c`` takes column ``c * T + t`` (``T = D //
+    lanes``); ``inverse`` undoes it. In a product's ``[K, D]`` right operand over ``num_warps`` warps, whose column
+    ``n`` a thread holds for ``n % (8 * num_warps)`` fixed, ``lanes = 8 * num_warps`` gives each thread ``T``
+    adjacent columns of ``x``: one wide shared-memory read per row instead of one byte each."""
+    m, d = x.shape
+    if lanes >= d:
+        return x
+    split = (m, d // lanes, lanes) if inverse else (m, lanes, d // lanes)
+    return x.reshape(split).transpose(0, 2, 1).reshape(m, d)
+
+
+def lane_chunk_bits(rows: int, chunks: int) -> int:
+    """Bits of the row block index ``k = r // rows`` of a wide row ``r`` that fall among the low three bits of
+    ``r``: those a 16-row product tile spreads over lanes (the rest are a thread's registers). The "srot" form
+    gives row block ``k`` chunk ``sigma(k)`` (``k`` rotated right by these bits), so the chunks one thread's rows
+    hold are adjacent and their scales one wider shared-memory read per key."""
+    return min(max(0, 3 - (rows.bit_length() - 1)), chunks.bit_length() - 1)
+
+
 def decode_kernel(
     # inputs (the paged kernel passes views of its pools that read through the block table for k/v and scales)
     lengths_ref,  # [B] int32
@@ -123,6 +148,8 @@ def decode_kernel(
     softcap: float | None,
     dot_dtype,
     chunk: int = QBLOCK,  # values per scale: 32 (Q8) or D (FP8: one chunk, plain products)
+    form: str = "default",  # LOOP_FORMS: "+"-joined
+    num_warps: int = NUM_WARPS,  # the launch's (the "vperm" form's column order follows it)
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
@@ -132,7 +159,7 @@ def decode_kernel(
     n_full = n // block_k  # blocks whose every position is valid
 
     def scale_tile(ref, keys):  # [chunks, bk] float32
-        return ref[layer, b, h, keys, :].T.astype(jnp.float32)
+        return chunk_order(ref[layer, b, h, keys, :].T.astype(jnp.float32))
 
     cols = pl.ds(0, head_dim)
     head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=cols)
@@ -141,8 +168,20 @@ def decode_kernel(
     # product with a whole [bk, D] code tile gives every chunk's partial scores: [chunks * rows, bk].
     # With one chunk (FP8) every wide tile is the plain one.
     wide_rows_ = chunks * rows
+    flags = set(form.split("+")) - {"default"}
+    if flags - FLAGS:
+        raise ValueError(f"form={form!r}: unknown parts {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
+    rotate = lane_chunk_bits(rows, chunks) if "srot" in flags else 0
     iota = lambda dim: lax.broadcasted_iota(jnp.int32, (wide_rows_, head_dim), dim)
-    diag = iota(0) // rows == iota(1) // chunk if chunks > 1 else None  # [R, D]: row block c's own chunk c
+    block = iota(0) // rows  # row block k holds chunk k, or its rotation sigma(k) with "srot"
+    if rotate:
+        block = block % (1 << rotate) * (chunks >> rotate) + block // (1 << rotate)
+    diag = block == iota(1) // chunk if chunks > 1 else None  # [R, D]: row block k's own chunk
+
+    def chunk_order(x):  # [chunks, bk] in the row blocks' order of chunks
+        if not rotate:
+            return x
+        return x.reshape(1 << rotate, chunks >> rotate, x.shape[1]).transpose(1, 0, 2).reshape(x.shape)
 
     def widen(x):  # [rows, ...] -> [chunks * rows, ...]: row c * rows + g is x[g]
         return x if chunks == 1 else jnp.broadcast_to(x[None], (chunks, *x.shape)).reshape(wide_rows_, *x.shape[1:])
@@ -165,7 +204,10 @@ def decode_kernel(
         # code tile is right in chunk c's columns (the rest is dropped once, at the end).
         p_wide = p * v_scale if chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(wide_rows_, block_k)
         p_wide = p_wide.astype(dot_dtype)
-        values = v_ref[layer, b, h, keys, :].astype(dot_dtype)  # [bk, D]
+        values = v_ref[layer, b, h, keys, :]  # [bk, D]
+        if "vperm" in flags:
+            values = permute_columns(values, 8 * num_warps)
+        values = values.astype(dot_dtype)
         if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
             values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
         return common.dot(p_wide, values)  # [R, D]
@@ -187,6 +229,8 @@ def decode_kernel(
     (m, denom, acc), _ = decode_walk.walk(
         attend, rows, (wide_rows_, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
     )
+    if "vperm" in flags:
+        acc = permute_columns(acc, 8 * num_warps, inverse=True)
     if chunks > 1:  # each row block's own chunk
         acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)
 
@@ -202,7 +246,7 @@ def dot_dtype_for(q_dtype) -> jnp.dtype:
 
 def kernel_options(
     q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float, window=None, softcap=None,
-    chunk: int = QBLOCK,
+    chunk: int = QBLOCK, form: str = "default", num_warps: int = NUM_WARPS,
 ) -> dict:  # fmt: skip
     """The static arguments of :func:`decode_kernel` (shared with the paged kernel) for ``chunk`` values per scale."""
     return dict(
@@ -215,6 +259,8 @@ def kernel_options(
         softcap=None if softcap is None else float(softcap),
         dot_dtype=dot_dtype_for(q_dtype),
         chunk=chunk,
+        form=form,
+        num_warps=num_warps,
     )
 
 
@@ -223,10 +269,11 @@ def format_name(values_dtype) -> str:
     return "q8" if values_dtype == jnp.int8 else "fp8"
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret", "form"))
 def _decode(
-    q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret, window=None, softcap=None
-):
+    q, k, k_scale, v, v_scale, lengths, layer, *, scale, config: DecodeConfig, interpret, window=None, softcap=None,
+    form="default",
+):  # fmt: skip
     # q [B, N, D]; k, v int8 or float8_e4m3fn [L, B, K, S, D]; scales [L, B, K, S, D // chunk] (Q8: chunk 32;
     # FP8: D); lengths int32[B]; layer int32[1]
     _, batch, kv_heads, _, head_dim = k.shape
@@ -235,7 +282,9 @@ def _decode(
     out_shape = common.split_out_shape(q, splits)
     inputs = [lengths, layer, q, k, k_scale, v, v_scale]
     chunk = head_dim // k_scale.shape[-1]
-    options = kernel_options(q.dtype, group, head_dim, config.block_k, splits, scale, window, softcap, chunk)
+    options = kernel_options(
+        q.dtype, group, head_dim, config.block_k, splits, scale, window, softcap, chunk, form, config.num_warps
+    )
     kernel = functools.partial(decode_kernel, **options)
     grid = (batch, kv_heads, splits)
     name = f"jkv_{format_name(k.dtype)}_decode_attention"
@@ -317,4 +366,4 @@ def run(fmt: QuantFormat, q, arrays, lengths, *, layer, scale, window, softcap, 
     cache, layer = common.whole_cache(arrays, layer, MIN_BLOCK)  # a tiny cache padded to a block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
-    return _decode(q, *cache, lengths, layer, **options)
+    return _decode(q, *cache, lengths, layer, **options, form=LOOP_FORM)

@@ -53,10 +53,11 @@ def _paged_q8_kernel(
     decode_q8.decode_kernel(lengths_ref, layer_ref, q_ref, *views, *refs, **params)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret", "form"))
 def _paged_q8(
-    q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, config, interpret, window=None, softcap=None
-):
+    q, k, k_scale, v, v_scale, tables, lengths, layer, *, scale, config, interpret, window=None, softcap=None,
+    form="default",
+):  # fmt: skip
     # q [B, N, D]; k, v int8 or float8_e4m3fn [L, P, K, page_size, D]; scales [L, P, K, page_size, D // chunk]
     # (Q8: chunk 32; FP8: D); tables int32[B, M]; lengths int32[B]; layer int32[1]
     kv_heads, page_size, head_dim = k.shape[2:]
@@ -67,7 +68,9 @@ def _paged_q8(
     inputs = [lengths, layer, tables, q, k, k_scale, v, v_scale]
     group, chunk = q.shape[1] // kv_heads, head_dim // k_scale.shape[-1]
     block_k = ppb * page_size
-    options = decode_q8.kernel_options(q.dtype, group, head_dim, block_k, splits, scale, window, softcap, chunk)
+    options = decode_q8.kernel_options(
+        q.dtype, group, head_dim, block_k, splits, scale, window, softcap, chunk, form, config.num_warps
+    )
     preload = paged.preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
     kernel = functools.partial(_paged_q8_kernel, preload=preload, **options)
     grid = (q.shape[0], kv_heads, splits)
@@ -125,4 +128,5 @@ def run(fmt: QuantFormat, q, pools, block_tables, lengths, *, layer, scale, wind
     b, _, kh, _, page_size, d = check_args(q, *pools, block_tables, lengths, layer, window, fmt.check_pair)
     default = paged_q8_config(b, kh, paged.reach_pages(block_tables, page_size, window), page_size, d, fmt)
     settings = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
-    return paged.launch(_paged_q8, q, pools, block_tables, lengths, layer, default, 1, **settings, **overrides)
+    fn = functools.partial(_paged_q8, form=decode_q8.LOOP_FORM)  # read per call
+    return paged.launch(fn, q, pools, block_tables, lengths, layer, default, 1, **settings, **overrides)

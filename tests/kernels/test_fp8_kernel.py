@@ -19,7 +19,7 @@ from kernel_inputs import KERNEL_TOL, LENGTHS, fp8_arrays, random_paged, run_jit
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
-from pallas_kernels import backend, decode_fp8, reference
+from pallas_kernels import backend, decode_fp8, decode_q8, reference
 from pallas_kernels.formats import FP8_DTYPE
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
@@ -134,6 +134,14 @@ def test_paged_fp8_decode_matches_float64_interpret(rng, case):
     run_paged_case(rng, case, interpret=True)
 
 
+@pytest.mark.parametrize("kind,case", [("contiguous", CASES[0]), ("contiguous", CASES[5]), ("paged", PAGED_CASES[0])],
+                         ids=lambda x: x if isinstance(x, str) else x[0])  # fmt: skip
+def test_vperm_form_interpret(rng, kind, case, monkeypatch):
+    """The Q8 body's "vperm" loop form (the value tile's columns reordered) on FP8 values (one chunk)."""
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm")
+    (run_case if kind == "contiguous" else run_paged_case)(rng, case, interpret=True)
+
+
 def test_reference_matches_float64(rng):
     """The contiguous reference (``pallas_kernels.reference``) on a whole NaN-poisoned cache."""
     lengths = np.array([1, 30, 48], np.int32)
@@ -168,6 +176,15 @@ class TestOnGpu:
     @pytest.mark.parametrize("case", PAGED_CASES, ids=[c[0] for c in PAGED_CASES])
     def test_paged_fp8_decode_matches_float64(self, rng, case):
         run_paged_case(rng, case, scale_up=GPU_PAGED_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("kind,case", [("contiguous", CASES[0]), ("paged", PAGED_CASES[0])],
+                             ids=lambda x: x if isinstance(x, str) else x[0])  # fmt: skip
+    def test_vperm_form(self, rng, kind, case, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm")
+        if kind == "contiguous":
+            run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+        else:
+            run_paged_case(rng, case, scale_up=GPU_PAGED_SCALE, interpret=False)
 
     @pytest.mark.parametrize(
         "batch,seq,page_size",

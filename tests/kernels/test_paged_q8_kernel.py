@@ -13,7 +13,7 @@ from kernel_inputs import KERNEL_TOL, q8_pools, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
-from pallas_kernels import backend, paged_q8, reference
+from pallas_kernels import backend, decode_q8, paged_q8, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -64,6 +64,13 @@ def test_kernel_matches_float64_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
+@pytest.mark.parametrize("form", [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=[IDS[0], IDS[1], IDS[4]])
+def test_loop_forms_interpret(rng, case, form, monkeypatch):
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
+    run_case(rng, case, interpret=True)
+
+
 @pytest.mark.parametrize("page_size,expected_ppb", [(4, 16), (16, 4), (64, 1), (256, 1)], ids=str)
 def test_config_counts_whole_pages(page_size, expected_ppb):
     """The default block is the contiguous Q8 kernel's 64 keys, rounded to whole pages."""
@@ -104,6 +111,12 @@ class TestOnGpu:
 
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_kernel_matches_float64(self, rng, case):
+        run_case(rng, case, scale_up=8, interpret=False)
+
+    @pytest.mark.parametrize("form", decode_q8.LOOP_FORMS)
+    @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=[IDS[0], IDS[3], IDS[4]])
+    def test_loop_forms(self, rng, case, form, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=8, interpret=False)
 
     @pytest.mark.parametrize("batch,seq,page_size", [(1, 4096, 16), (8, 4096, 64)], ids=str)

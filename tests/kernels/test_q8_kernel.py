@@ -95,6 +95,35 @@ def test_q8_attention_matches_dequantize_then_attend_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
+# The loop forms (decode_q8.LOOP_FORMS) on cases of one, two, four and eight scale chunks per head.
+FORM_CASES = [
+    CASES[0],
+    CASES[1],
+    CASES[4],
+    CASES[6],
+    ("g2_d256_bf16_splits2", 2, 1, 2, 256, 48, "bfloat16", "float16", ("1", "bk+1"), None, 16, 2),
+]
+OTHER_FORMS = [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM]
+
+
+@pytest.mark.parametrize("form", OTHER_FORMS)
+@pytest.mark.parametrize("case", FORM_CASES, ids=[c[0] for c in FORM_CASES])
+def test_loop_forms_interpret(rng, case, form, monkeypatch):
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
+    run_case(rng, case, interpret=True)
+
+
+@pytest.mark.parametrize("lanes,d", [(32, 128), (16, 128), (8, 64), (64, 64)])
+def test_permute_columns(lanes, d):
+    """Column ``t * lanes + c`` takes column ``c * T + t``; the inverse undoes it."""
+    x = np.arange(3 * d).reshape(3, d)
+    y = np.asarray(decode_q8.permute_columns(jnp.asarray(x), lanes))
+    t = max(d // lanes, 1)
+    want = [c * t + i for i in range(t) for c in range(min(lanes, d))]
+    np.testing.assert_array_equal(y, x[:, want])
+    np.testing.assert_array_equal(np.asarray(decode_q8.permute_columns(jnp.asarray(y), lanes, inverse=True)), x)
+
+
 DEQUANT_CASES = [  # (id, shape, scale dtype, out dtype, block_rows)
     ("cache_layer_f16scale_to_bf16_tail_window", (3, 2, 37, 128), "float16", "bfloat16", 16),
     ("rows_f32scale_to_f32_default", (40, 64), "float32", "float32", None),
@@ -131,6 +160,28 @@ class TestOnGpu:
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_q8_attention_matches_dequantize_then_attend(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("form", decode_q8.LOOP_FORMS)
+    @pytest.mark.parametrize("case", FORM_CASES, ids=[c[0] for c in FORM_CASES])
+    def test_loop_forms(self, rng, case, form, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("form", decode_q8.LOOP_FORMS)
+    @pytest.mark.parametrize("block_k,num_warps", [(64, 4), (64, 2), (32, 1), (128, 4), (128, 8)], ids=str)
+    def test_loop_forms_bench_shape(self, rng, form, block_k, num_warps, monkeypatch):
+        """Each form at the benchmark's head layout under the launches the bench times (the "vperm" column
+        order follows the warps)."""
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
+        lengths = np.array([4096, 4096 - 77, 1, block_k], np.int32)
+        q = jnp.asarray(rng.standard_normal((4, 32, 128)), jnp.bfloat16)
+        k, k_scale, _ = q8_cache(rng, 4, 8, 4096, 128, lengths, None, "float16")
+        v, v_scale, _ = q8_cache(rng, 4, 8, 4096, 128, lengths, None, "float16")
+        args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
+        with poisoned_outputs():
+            out = decode_q8.q8_decode_attention(*args, interpret=False, block_k=block_k, num_warps=num_warps)
+        ref = reference.q8_decode_attention_reference(*args)
+        assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
 
     @pytest.mark.parametrize("case", DEQUANT_CASES, ids=[c[0] for c in DEQUANT_CASES])
     def test_dequantize_kernel(self, rng, case):
