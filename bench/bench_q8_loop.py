@@ -1,0 +1,163 @@
+"""The Q8 decode kernel's loop forms (``pallas_kernels.decode_q8.LOOP_FORMS``) and launches, timed beside bf16.
+
+Issue 22 asks for Q8 decode attention at <= 0.55x the bf16 kernel's time at B*T >= 131072 (Hq/Hkv/D 32/8/128, bf16
+queries, float16 scales). Each variant ``form[/block_k/warps/stages]`` (the launch fields left out keep
+``q8_decode_config``'s defaults) is compiled once and timed in interleaved rounds in one process beside the bf16
+kernel the dispatch picks (``bf16``, the baseline) and the bf16 Triton kernel (``bf16_triton``). Rows print µs,
+TB/s of the bytes each variant reads and the time against ``bf16``; each variant's error against the float32
+reference on the Q8 cache is checked, and ``same`` says whether its output equals the default form's (same
+launch) bit for bit. The loop's per-block instruction counts of the same forms: ``bench/decode_ir.py`` (CPU).
+
+    python bench/bench_q8_loop.py --out $OUT --rounds 5
+    python bench/bench_q8_loop.py --out $OUT --variants default vperm+srot vperm+srot/128/4 --shapes 1x131072
+    JAX_PLATFORMS=cpu python bench/bench_q8_loop.py --smoke --out /tmp/q8loop   # CPU: wiring only, no timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from jkv.caches.formats import quantize
+from pallas_kernels import decode, decode_q8, dispatch, reference
+
+SHAPES = ("1x131072", "16x8192", "128x2048", "1x4096")
+VARIANTS = (
+    "default",
+    "vperm",
+    "srot",
+    "vperm+srot",
+    "vperm+srot/128/4",
+    "vperm+srot/64/2",
+    "vperm+srot/32/1",
+    "vperm+srot/128/8",
+)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``form[/block_k[/warps[/stages]]]`` -> ``(form, launch overrides)``."""
+    form, *launch = text.split("/")
+    if form not in decode_q8.LOOP_FORMS:
+        raise ValueError(f"variant {text!r}: form {form!r} is not one of {decode_q8.LOOP_FORMS}")
+    return form, dict(zip(("block_k", "num_warps", "num_stages"), map(int, launch), strict=False))
+
+
+def q8_call(batch: int, seq: int, form: str, overrides: dict, interpret: bool):
+    """The Q8 kernel at this shape with ``form`` and the default launch under ``overrides`` (splits follow
+    ``q8_decode_config`` for the block), as ``fn(q, k, k_scale, v, v_scale, lengths)`` over one layer."""
+    block_k = overrides.get("block_k")
+    config = decode_q8.q8_decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, block_k=block_k)
+    config = config._replace(**{k: v for k, v in overrides.items() if k != "block_k"})
+    options = dict(scale=common.HEAD_DIM**-0.5, config=config, interpret=interpret, form=form)
+
+    def call(q, k, ks, v, vs, n):
+        layers = (x[None] for x in (k, ks, v, vs))
+        return decode_q8._decode(q, *layers, n, jnp.zeros(1, jnp.int32), **options)
+
+    return call, config
+
+
+def sampler(fn, sets, est_s: float, smoke: bool):
+    if smoke:
+        run = common._chained(fn, 2)
+        common._wall(run, sets)
+        return lambda: common._wall(run, sets) / 2
+    return common.jax_sampler(fn, sets, est_s)
+
+
+def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log) -> dict:
+    batch, seq = (int(x) for x in text.split("x"))
+    if smoke:
+        batch, seq = min(batch, 2), min(seq, 256)
+    sets, _, est = common.decode_inputs(batch, seq, rotate_bytes=0 if smoke else common.ROTATE_BYTES)
+    q8_sets = [(q, *quantize(k), *quantize(v), n) for q, k, v, n in sets]
+    ref = np.asarray(reference.q8_decode_attention_reference(*q8_sets[0]), np.float32)
+    interpret = smoke
+    bf16_triton = lambda q, k, v, n: decode.decode_attention(q, k, v, n, interpret=interpret)
+    samplers = {
+        "bf16": sampler(lambda q, k, v, n: dispatch.decode_attention_auto(q, k, v, n), sets, est, smoke),
+        "bf16_triton": sampler(bf16_triton, sets, est, smoke),
+    }
+    row, outs = {"variants": {}}, {}
+    for text_v in variants:
+        form, overrides = parse_variant(text_v)
+        if smoke and "block_k" in overrides:
+            overrides["block_k"] = min(overrides["block_k"], seq)
+        fn, config = q8_call(batch, seq, form, overrides, interpret)
+        outs[text_v] = np.asarray(fn(*q8_sets[0]), np.float32)
+        launch = "/".join(text_v.split("/")[1:])
+        base = outs.get("default" + (f"/{launch}" if launch else ""))
+        row["variants"][text_v] = {
+            "config": list(config),
+            "rel_err": common.rel_err(outs[text_v], ref),
+            "same_as_default": None if base is None else bool(np.array_equal(outs[text_v], base)),
+        }
+        samplers[text_v] = sampler(fn, q8_sets, est * 0.6, smoke)
+    timed = common.interleaved(samplers, rounds, baseline="bf16")
+    for name, t in timed.items():
+        nbytes = common.kv_bytes(batch, seq) if name.startswith("bf16") else common.q8_bytes(batch, seq)
+        cell = {"us": t["time_s"] * 1e6, "tbps": nbytes / t["time_s"] / 1e12}
+        cell["vs_bf16"] = 1 / t["speed_vs_bf16"]["median"]
+        if name in row["variants"]:
+            row["variants"][name].update(cell)
+        else:
+            row[name] = cell
+    log(f"{text}: bf16 {row['bf16']['us']:.1f} us; " + ", ".join(
+        f"{k} {v['us']:.1f} ({v['vs_bf16']:.3f})" for k, v in row["variants"].items()))  # fmt: skip
+    return row
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help="form[/block_k[/warps[/stages]]]")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, wall clock: wiring only")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
+    args = ap.parse_args(argv)
+    for v in args.variants:
+        parse_variant(v)
+    out, t0 = Path(args.out), time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+    report = {"meta": common.meta(None), "shapes": {}}
+    for shape in args.shapes:
+        if time.perf_counter() - t0 > args.budget_s:
+            log(f"budget reached: {shape} and later shapes not run")
+            break
+        report["shapes"][shape] = shape_cell(shape, args.variants, 1 if args.smoke else args.rounds, args.smoke, log)
+        (out / "bench_q8_loop.json").write_text(json.dumps(report, indent=1))
+        jax.clear_caches()
+    print_table(report)
+    return report
+
+
+def print_table(report: dict) -> None:
+    print("\nµs (TB/s of the variant's bytes, time / bf16); same: output equal to the default form's at its launch")
+    print("| shape | variant | launch (bk, splits, warps, stages) | us | TB/s | / bf16 | same | err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, r in report["shapes"].items():
+        for name in ("bf16", "bf16_triton"):
+            print(
+                f"| {shape} | {name} | | {r[name]['us']:.1f} | {r[name]['tbps']:.2f} | {r[name]['vs_bf16']:.3f} | | |"
+            )
+        for name, v in r["variants"].items():
+            print(f"| {shape} | {name} | {tuple(v['config'])} | {v['us']:.1f} | {v['tbps']:.2f} | {v['vs_bf16']:.3f} "
+                  f"| {v['same_as_default']} | {v['rel_err']:.1e} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
