@@ -38,11 +38,14 @@ VARIANTS = (
     "default",
     "vperm",
     "srot",
+    "dsum",
     "vperm+srot",
-    "vperm+srot/128/4",
-    "vperm+srot/64/2",
-    "vperm+srot/32/1",
-    "vperm+srot/128/8",
+    "vperm+srot+dsum",
+    "default/128/4",
+    "vperm+srot+dsum/128/4",
+    "vperm+srot+dsum/64/2",
+    "vperm+srot+dsum/32/1",
+    "vperm+srot+dsum/64/1",
 )
 
 

@@ -49,9 +49,9 @@ NUM_STAGES = 3
 SPLIT_KEYS = 128
 # Forms of the loop's arithmetic, all exact in the same roundings (decode_kernel's ``form``): "default"; the bench
 # and bench/decode_ir.py compare them. LOOP_FORM is the one the public functions use (read per call).
-LOOP_FORMS = ("default", "vperm", "srot", "vperm+srot")
+LOOP_FORMS = ("default", "vperm", "srot", "dsum", "vperm+srot", "vperm+srot+dsum")
 LOOP_FORM = "default"
-FLAGS = frozenset({"vperm", "srot"})
+FLAGS = frozenset({"vperm", "srot", "dsum"})
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -223,12 +223,18 @@ def decode_kernel(
         p = jnp.exp(s - m_new[:, None])  # [rows, bk]
         pv = values_of(p, keys, valid)
         acc = acc * widen(alpha)[:, None] + pv
+        if "dsum" in flags:  # per key column: summed once, after the loop (no reduction across warps per block)
+            return m_new, denom * alpha[:, None] + p, acc
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
 
     bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi)
+    if "dsum" in flags:
+        bounds["denom_shape"] = (rows, block_k)
     (m, denom, acc), _ = decode_walk.walk(
         attend, rows, (wide_rows_, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
     )
+    if "dsum" in flags:
+        denom = jnp.sum(denom, axis=1)
     if "vperm" in flags:
         acc = permute_columns(acc, 8 * num_warps, inverse=True)
     if chunks > 1:  # each row block's own chunk

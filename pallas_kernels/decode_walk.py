@@ -36,9 +36,10 @@ def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
 
 
 def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,
-         new_pos=None):  # fmt: skip
+         new_pos=None, denom_shape=None):  # fmt: skip
     """Run ``attend(carry, at, valid[, new_row])`` over the split's blocks ``[lo, hi)`` from the online softmax's
-    start (running max ``-inf`` and denominator 0 ``[rows]``, ``acc`` zeros of ``acc_shape``; float32): the
+    start (running max ``-inf`` and denominator 0 ``[rows]`` (or ``denom_shape``), ``acc`` zeros of ``acc_shape``;
+    float32): the
     window's first block masked where the window starts inside it, whole blocks (below ``n_full``) unmasked, the
     tail block masked (slid back to stay inside ``S``; with ``new_pos``, ``new_row`` marks that position).
     Returns the final ``(m, denom, acc)`` and whether this split ran the tail."""
@@ -59,7 +60,7 @@ def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block
 
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros(denom_shape or (rows,), jnp.float32),
         jnp.zeros(acc_shape, jnp.float32),
     )
     full_lo = lo
