@@ -4,7 +4,9 @@
 queries, float16 scales, the default launch), then compiled for sm_90 by the ``triton`` package
 (``bench.qmatmul_ir.compile_sm90``). No GPU needed; that Triton is not jaxlib's, so the counts are indicative.
 
-Counted inside the loop over full blocks, so per block: in the TTGIR (the ``scf.for``), layout conversions,
+Counted inside the loop over full blocks, so per block (``per key``: warp instructions per key, the SASS loop's
+instructions times warps over the block's keys; ``warps/SM``: resident warps the registers and shared memory
+allow): in the TTGIR (the ``scf.for``), layout conversions,
 shared-memory allocations and loads, async copies by contiguity (elements), reshapes, transposes, products; in the
 SASS (the backward branch's body holding the most MMAs), instructions by mnemonic group (``SASS_GROUPS``) and in
 all; from ``ptxas -v``, registers and spill bytes. Usage (``triton`` importable, e.g. ``PYTHONPATH=/tmp/tt:$PWD``)::
@@ -161,33 +163,27 @@ COLUMNS = ("instructions", "HMMA", "LDS", "LDSM", "STS", "STSM", "BAR", "LDGSTS"
            "FFMA", "FMUL", "FADD", "SHFL", "LOP3", "MUFU")  # fmt: skip
 
 
+def warps_per_sm(registers: int, shared: int, warps: int) -> int:
+    """Resident warps per Hopper multiprocessor for programs of ``warps`` warps: 64K registers (allocated per warp
+    in units of 256), 228 KB of shared memory (1 KB reserved per program), at most 32 programs and 64 warps."""
+    per_warp = -(-registers * 32 // 256) * 256
+    programs = min(65536 // (per_warp * warps), 233472 // (shared + 1024), 32, 64 // warps)
+    return programs * warps
+
+
+HEAD = ("kernel", "bk/w/s", "per key", "warps/SM", "cvt", "alloc", "lload", "reshape", "trans", *COLUMNS, "regs",
+        "spill", "smem")  # fmt: skip
+
+
 def print_table(rows: dict) -> None:
-    head = [
-        "kernel",
-        "bk/w/s",
-        "per key",
-        "cvt",
-        "alloc",
-        "lload",
-        "reshape",
-        "trans",
-        *COLUMNS,
-        "regs",
-        "spill",
-        "smem",
-    ]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    print("| " + " | ".join(HEAD) + " |")
+    print("|" + "---|" * len(HEAD))
     for name, r in rows.items():
-        t, s = r["ttgir_loop"], r["sass_loop"]
-        launch = r["launch"]
+        t, s, launch = r["ttgir_loop"], r["sass_loop"], r["launch"]
         per_key = s["instructions"] * launch["warps"] / launch["block_k"]  # warp instructions per key
-        cells = [
-            name,
-            "{block_k}/{warps}/{stages}".format(**launch),
-            f"{per_key:.2f}",
-            *(t[k] for k in ("convert_layout", "local_alloc", "local_load", "reshape", "trans")),
-        ]
+        occupancy = warps_per_sm(r["registers"], r["shared_bytes"], launch["warps"])
+        cells = [name, "{block_k}/{warps}/{stages}".format(**launch), f"{per_key:.2f}", occupancy]
+        cells += [t[k] for k in ("convert_layout", "local_alloc", "local_load", "reshape", "trans")]
         cells += [s.get(c, 0) for c in COLUMNS] + [r["registers"], r["spill_bytes"], r["shared_bytes"]]
         print("| " + " | ".join(map(str, cells)) + " |")
     for name, r in rows.items():

@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -109,6 +109,14 @@ for part in "${parts[@]}"; do
         --shapes 1x131072 16x8192 128x2048 --sweep-configs 64/4/3 64/4/4 64/8/3 128/4/3 128/8/3 128/8/4 32/4/4 \
         --sweep-splits 0.5 1.5 2 --budget-s 300 --deadline-s 480
       ;;
+    q8_loop_tests)  # issue 22: the GPU tests of the Q8 kernel's loop forms (decode_q8.LOOP_FORMS)
+      run q8_loop_tests 420 python -m pytest -q -m gpu tests/kernels/test_q8_kernel.py \
+        tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py -k "loop_forms or vperm"
+      ;;
+    q8_loop)  # issue 22: each loop form and launch of bench/bench_q8_loop.py timed beside bf16 (a call of its own)
+      run q8_loop 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 400
+      tail -n 60 "$OUT/q8_loop.log"
+      ;;
     qmatmul_ncu)  # issue 26: Nsight Compute's view of the M = 1 products (speed of light, stalls, occupancy)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       for fmt in Q8_0 Q4_K; do
@@ -179,7 +187,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 

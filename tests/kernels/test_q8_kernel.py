@@ -161,13 +161,13 @@ class TestOnGpu:
     def test_q8_attention_matches_dequantize_then_attend(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize("form", decode_q8.LOOP_FORMS)
+    @pytest.mark.parametrize("form", OTHER_FORMS)
     @pytest.mark.parametrize("case", FORM_CASES, ids=[c[0] for c in FORM_CASES])
     def test_loop_forms(self, rng, case, form, monkeypatch):
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize("form", decode_q8.LOOP_FORMS)
+    @pytest.mark.parametrize("form", ["vperm", "vperm+srot+dsum"])
     @pytest.mark.parametrize("block_k,num_warps", [(64, 4), (64, 2), (32, 1), (128, 4), (128, 8)], ids=str)
     def test_loop_forms_bench_shape(self, rng, form, block_k, num_warps, monkeypatch):
         """Each form at the benchmark's head layout under the launches the bench times (the "vperm" column
