@@ -39,13 +39,14 @@ VARIANTS = (
     "vperm",
     "srot",
     "dsum",
+    "exp2",
     "vperm+srot",
     "vperm+srot+dsum",
+    "vperm+srot+dsum+exp2",
     "default/128/4",
-    "vperm+srot+dsum/128/4",
-    "vperm+srot+dsum/64/2",
-    "vperm+srot+dsum/32/1",
-    "vperm+srot+dsum/64/1",
+    "vperm+srot+dsum+exp2/128/4",
+    "vperm+srot+dsum+exp2/64/2",
+    "vperm+srot+dsum+exp2/32/1",
 )
 
 

@@ -111,7 +111,8 @@ for part in "${parts[@]}"; do
       ;;
     q8_loop_tests)  # issue 22: the GPU tests of the Q8 kernel's loop forms (decode_q8.LOOP_FORMS)
       run q8_loop_tests 420 python -m pytest -q -m gpu tests/kernels/test_q8_kernel.py \
-        tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py -k "loop_forms or vperm"
+        tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py tests/kernels/test_decode_window.py \
+        -k "loop_forms or vperm"
       ;;
     q8_loop)  # issue 22: each loop form and launch of bench/bench_q8_loop.py timed beside bf16 (a call of its own)
       run q8_loop 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 400

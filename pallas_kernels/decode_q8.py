@@ -49,9 +49,10 @@ NUM_STAGES = 3
 SPLIT_KEYS = 128
 # Forms of the loop's arithmetic, all exact in the same roundings (decode_kernel's ``form``): "default"; the bench
 # and bench/decode_ir.py compare them. LOOP_FORM is the one the public functions use (read per call).
-LOOP_FORMS = ("default", "vperm", "srot", "dsum", "vperm+srot", "vperm+srot+dsum")
+LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "vperm+srot", "vperm+srot+dsum", "vperm+srot+dsum+exp2")
 LOOP_FORM = "default"
-FLAGS = frozenset({"vperm", "srot", "dsum"})
+LOG2E = 1.4426950408889634
+FLAGS = frozenset({"vperm", "srot", "dsum", "exp2"})
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -188,10 +189,15 @@ def decode_kernel(
 
     q_wide = q if chunks == 1 else jnp.where(diag, widen(q), jnp.zeros((wide_rows_, head_dim), q.dtype))  # [R, D]
 
+    # With "exp2" the scores are kept in base-2 units (times log2(e), folded into the key scales' factor where
+    # no softcap comes between) and exponentiated by exp2; the running max returns to natural units at the end.
+    base2 = "exp2" in flags
+    score_factor = scale * LOG2E if base2 and softcap is None else scale
+
     def scores_of(keys):
         codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
         part = common.dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
-        k_scale = scale_tile(k_scale_ref, keys) * scale
+        k_scale = scale_tile(k_scale_ref, keys) * score_factor
         if chunks == 1:
             return part * k_scale
         return jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
@@ -216,11 +222,14 @@ def decode_kernel(
         m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
         keys = pl.ds(start, block_k)
         s = common.softcapped(scores_of(keys), softcap)
+        if base2 and softcap is not None:
+            s = s * LOG2E
         if valid is not None:  # unused positions may hold NaN scales: where(), never a multiply, masks them
             s = jnp.where(valid[None, :], s, -jnp.inf)
+        exp = jnp.exp2 if base2 else jnp.exp
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
-        p = jnp.exp(s - m_new[:, None])  # [rows, bk]
+        alpha = exp(m - m_new)  # 0 on the first block (m = -inf)
+        p = exp(s - m_new[:, None])  # [rows, bk]
         pv = values_of(p, keys, valid)
         acc = acc * widen(alpha)[:, None] + pv
         if "dsum" in flags:  # per key column: summed once, after the loop (no reduction across warps per block)
@@ -235,6 +244,8 @@ def decode_kernel(
     )
     if "dsum" in flags:
         denom = jnp.sum(denom, axis=1)
+    if base2:
+        m = m * (1 / LOG2E)
     if "vperm" in flags:
         acc = permute_columns(acc, 8 * num_warps, inverse=True)
     if chunks > 1:  # each row block's own chunk

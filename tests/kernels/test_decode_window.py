@@ -143,6 +143,19 @@ def test_window_softcap_match_float64_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
+QUANT_CASES = [c for c in CASES if c[1] in ("q8", "paged_q8", "fp8", "paged_fp8")]
+OTHER_FORMS = [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM]
+GPU_FORMS = [f for f in OTHER_FORMS if "+" not in f] + [decode_q8.LOOP_FORMS[-1]]  # each part, then all of them
+
+
+@pytest.mark.parametrize("form", OTHER_FORMS)
+@pytest.mark.parametrize("case", QUANT_CASES, ids=[c[0] for c in QUANT_CASES])
+def test_q8_loop_forms_interpret(rng, case, form, monkeypatch):
+    """The Q8 body's loop forms (decode_q8.LOOP_FORMS) with a window (a masked head block) and a soft cap."""
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
+    run_case(rng, case, interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
 class TestOnGpu:
@@ -150,6 +163,12 @@ class TestOnGpu:
 
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_window_softcap_match_float64(self, rng, case):
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("form", GPU_FORMS)
+    @pytest.mark.parametrize("case", QUANT_CASES[:2], ids=[c[0] for c in QUANT_CASES[:2]])
+    def test_q8_loop_forms(self, rng, case, form, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
 

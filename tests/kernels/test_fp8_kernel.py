@@ -136,9 +136,10 @@ def test_paged_fp8_decode_matches_float64_interpret(rng, case):
 
 @pytest.mark.parametrize("kind,case", [("contiguous", CASES[0]), ("contiguous", CASES[5]), ("paged", PAGED_CASES[0])],
                          ids=lambda x: x if isinstance(x, str) else x[0])  # fmt: skip
-def test_vperm_form_interpret(rng, kind, case, monkeypatch):
-    """The Q8 body's "vperm" loop form (the value tile's columns reordered) on FP8 values (one chunk)."""
-    monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm")
+@pytest.mark.parametrize("form", ["vperm", decode_q8.LOOP_FORMS[-1]])
+def test_vperm_form_interpret(rng, kind, case, form, monkeypatch):
+    """The Q8 body's loop forms on FP8 values (one chunk): "vperm" (the value tile's columns reordered), all."""
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
     (run_case if kind == "contiguous" else run_paged_case)(rng, case, interpret=True)
 
 
@@ -179,8 +180,9 @@ class TestOnGpu:
 
     @pytest.mark.parametrize("kind,case", [("contiguous", CASES[0]), ("paged", PAGED_CASES[0])],
                              ids=lambda x: x if isinstance(x, str) else x[0])  # fmt: skip
-    def test_vperm_form(self, rng, kind, case, monkeypatch):
-        monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm")
+    @pytest.mark.parametrize("form", ["vperm", decode_q8.LOOP_FORMS[-1]])
+    def test_vperm_form(self, rng, kind, case, form, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         if kind == "contiguous":
             run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
         else:

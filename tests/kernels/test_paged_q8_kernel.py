@@ -113,7 +113,7 @@ class TestOnGpu:
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=8, interpret=False)
 
-    @pytest.mark.parametrize("form", [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM])
+    @pytest.mark.parametrize("form", [f for f in decode_q8.LOOP_FORMS[1:] if "+" not in f] + [decode_q8.LOOP_FORMS[-1]])
     @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=[IDS[0], IDS[3], IDS[4]])
     def test_loop_forms(self, rng, case, form, monkeypatch):
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
