@@ -45,6 +45,7 @@ VARIANTS = (
     "vperm+srot+dsum+exp2",
     "default/128/4",
     "vperm+srot+dsum+exp2/128/4",
+    "vperm+srot+dsum+exp2/128/2/2",
     "vperm+srot+dsum+exp2/64/2",
     "vperm+srot+dsum+exp2/32/1",
 )

@@ -22,6 +22,16 @@ The body takes the values per scale (``chunk``) from the arrays' shapes: 32 for 
 (float8_e4m3fn values, one float32 scale per position and kv head: ``pallas_kernels.decode_fp8``), where the wide
 products are the plain ones (one chunk: the bf16 kernel's products with the scales on scores and probabilities).
 :func:`run` is the public functions' launch for either format (:class:`QuantFormat`).
+
+The loop's arithmetic comes in forms (``LOOP_FORMS``, ``+``-joined parts of ``FLAGS``; the public functions read
+``LOOP_FORM`` per call): ``vperm`` reorders the value tile's columns (:func:`permute_columns`, undone once on the
+output) so each thread reads adjacent codes of a row in one word, where the default form reads the int8 tile a
+byte at a time (the product wants it along keys, which ``ldmatrix`` cannot transpose for 8-bit values); ``srot``
+orders the wide row blocks' chunks (:func:`lane_chunk_bits`) so a thread's scales are adjacent; ``dsum`` keeps the
+softmax denominator per key column, summed once after the loop instead of across the warps every block; ``exp2``
+keeps scores in base-2 units (``log2(e)`` folded into the key scales' factor), ``exp2`` being the bare hardware
+exponential. Codes and the roundings of ``q`` and ``p`` to the product dtype are those of the default in every
+form; ``srot`` and ``dsum`` sum in another order and ``exp2`` differs in float32 rounding.
 """
 
 from __future__ import annotations
@@ -47,8 +57,8 @@ BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 SPLIT_KEYS = 128
-# Forms of the loop's arithmetic, all exact in the same roundings (decode_kernel's ``form``): "default"; the bench
-# and bench/decode_ir.py compare them. LOOP_FORM is the one the public functions use (read per call).
+# Forms of the loop's arithmetic (the module docstring; decode_kernel's ``form``), compared by bench/decode_ir.py
+# (per-block instruction counts, CPU) and bench/bench_q8_loop.py (GPU time). LOOP_FORM: the public functions'.
 LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "vperm+srot", "vperm+srot+dsum", "vperm+srot+dsum+exp2")
 LOOP_FORM = "default"
 LOG2E = 1.4426950408889634
@@ -165,8 +175,8 @@ def decode_kernel(
     cols = pl.ds(0, head_dim)
     head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=cols)
     q = q.astype(dot_dtype)
-    # Row c * rows + g of the wide query holds query g's chunk c and zeros elsewhere (block diagonal), so one
-    # product with a whole [bk, D] code tile gives every chunk's partial scores: [chunks * rows, bk].
+    # Row c * rows + g of the wide query holds query g's chunk c (sigma(c) with "srot") and zeros elsewhere (block
+    # diagonal), so one product with a whole [bk, D] code tile gives every chunk's partial scores: [R, bk].
     # With one chunk (FP8) every wide tile is the plain one.
     wide_rows_ = chunks * rows
     flags = set(form.split("+")) - {"default"}
