@@ -1,0 +1,51 @@
+"""bench/bench_q8_loop.py and bench/decode_ir.py: a smoke run of the loop forms' bench on the CPU (interpret mode:
+the JSON report, every form equal to the default's output at its launch) and the CUDA lowerings the IR report
+starts from (each form's marks in the TTIR; compiled counts where the ``triton`` package is importable)."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
+
+from bench import bench_q8_loop, decode_ir
+
+
+def test_smoke_run_reports_each_variant(tmp_path, capsys):
+    variants = ["default", "vperm+srot+dsum+exp2", "vperm+srot+dsum+exp2/32/1"]
+    report = bench_q8_loop.main(["--smoke", "--shapes", "1x4096", "--variants", *variants, "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "bench_q8_loop.json").read_text())["shapes"].keys() == {"1x4096"}
+    row = report["shapes"]["1x4096"]
+    assert set(row["variants"]) == set(variants) and row["bf16"]["us"] > 0 and row["bf16_triton"]["us"] > 0
+    for name, v in row["variants"].items():
+        assert v["rel_err"] < 1e-2 and v["us"] > 0, name
+    assert row["variants"]["vperm+srot+dsum+exp2/32/1"]["config"][2] == 1  # the launch's warps
+    assert "| 1x4096 | default |" in capsys.readouterr().out
+
+
+def test_variant_names_are_checked():
+    assert bench_q8_loop.parse_variant("vperm/128/2") == ("vperm", {"block_k": 128, "num_warps": 2})
+    with pytest.raises(ValueError, match="not one of"):
+        bench_q8_loop.parse_variant("nope/64")
+
+
+def test_ir_report_lowers_each_form_for_cuda():
+    ttir = {f: decode_ir.lowered("q8", 1, 4096, f)[0] for f in ("default", "vperm", "vperm+srot+dsum+exp2")}
+    value_tile = r"tensor<64x32x4xi8"  # the value tile split for its column order (4 warps: 32 lanes, 4 columns)
+    assert not re.search(value_tile, ttir["default"]) and re.search(value_tile, ttir["vperm"])
+    assert "__nv_expf" in ttir["default"] and "__nv_exp2f" in ttir["vperm+srot+dsum+exp2"]
+    bf16, launch = decode_ir.lowered("bf16", 1, 4096)
+    assert "tt.dot" in bf16 and launch[0] == 4
+    paged, _ = decode_ir.lowered("q8", 2, 256, "vperm", paged_pool=True)
+    assert re.search(value_tile, paged)
+
+
+def test_ir_counts_where_triton_compiles():
+    pytest.importorskip("triton")
+    ttir, (warps, stages, _) = decode_ir.lowered("q8", 1, 4096, "vperm")
+    counts = decode_ir.counts(ttir, warps, stages)
+    assert counts["sass_loop"]["HMMA"] > 0 and counts["registers"] > 0
+    assert "LDS.8" not in counts["sass_loop"]["widths"]  # no byte-wise shared-memory reads of the value tile
