@@ -42,6 +42,7 @@ VARIANTS = (
     "exp2",
     "vperm+srot",
     "vperm+srot+dsum",
+    "vperm+srot+exp2",
     "vperm+srot+dsum+exp2",
     "default/128/4",
     "vperm+srot+dsum+exp2/128/4",
@@ -54,8 +55,8 @@ VARIANTS = (
 def parse_variant(text: str) -> tuple[str, dict]:
     """``form[/block_k[/warps[/stages]]]`` -> ``(form, launch overrides)``."""
     form, *launch = text.split("/")
-    if form not in decode_q8.LOOP_FORMS:
-        raise ValueError(f"variant {text!r}: form {form!r} is not one of {decode_q8.LOOP_FORMS}")
+    if set(form.split("+")) - decode_q8.FLAGS - {"default"}:
+        raise ValueError(f"variant {text!r}: form {form!r} is not default or parts of {sorted(decode_q8.FLAGS)}")
     return form, dict(zip(("block_k", "num_warps", "num_stages"), map(int, launch), strict=False))
 
 
