@@ -56,6 +56,7 @@ SASS_GROUPS = {  # column: mnemonic pattern (instruction name with its modifiers
     "SHFL": r"SHFL\b",
     "LOP3": r"LOP3\b",
     "MUFU": r"MUFU\b",
+    "MOV": r"IMAD\.MOV\b|MOV\b",
 }
 TTGIR_OPS = ("convert_layout", "local_alloc", "local_load", "local_store", "tt.reshape", "tt.trans", "tt.dot")
 
@@ -160,7 +161,7 @@ def _width(name: str) -> str:
 
 
 COLUMNS = ("instructions", "HMMA", "LDS", "LDSM", "STS", "STSM", "BAR", "LDGSTS", "PRMT", "F2FP", "I2F", "HADD2",
-           "FFMA", "FMUL", "FADD", "SHFL", "LOP3", "MUFU")  # fmt: skip
+           "FFMA", "FMUL", "FADD", "SHFL", "LOP3", "MUFU", "MOV")  # fmt: skip
 
 
 def warps_per_sm(registers: int, shared: int, warps: int) -> int:
