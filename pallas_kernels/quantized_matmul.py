@@ -17,6 +17,9 @@ axis); its reference is ``block_formats.qmatmul_reference`` (same signature). On
   dequantized in registers to float32 and multiplied into a ``[bn, U]`` float32 accumulator per row, reduced once
   after the K loop. No 3-D register tile, no per-step reduction: the codes load 16 bytes wide and the loop needs
   no layout conversion (docs/quant.md, "Speed").
+* ``"dp4a"`` (a register path under trial, never the default): the activations rounded to int8 per 32-block
+  of ``K`` once per call, each unit's weight words multiplied into int32 sums by PTX ``dp4a`` and scaled per
+  group into a ``[bn, words]`` float32 accumulator per row (``pallas_kernels.qmatmul_dp4a``; docs/quant.md).
 * ``"fma"`` (the first small-M kernel, kept for comparison): the whole ``[bn, bk]`` tile dequantized through
   ``[R, W / g, g]`` reshapes and multiplied by a ``[bm, bn, bk]`` broadcast-multiply-sum each step.
 
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, checks, common, qmatmul_expand, qmatmul_grouped, qmatmul_units
+from pallas_kernels import backend, checks, common, qmatmul_dp4a, qmatmul_expand, qmatmul_grouped, qmatmul_units
 from pallas_kernels.block_formats import (
     block_format,
     check_activations,
@@ -51,7 +54,7 @@ UNITS_ELEMENTS = 4096  # bm * bn * unit of the units path's accumulators: 32 reg
 UNITS_PER_STEP = 16  # bm * bk / unit where the groups allow: the unrolled step's size bounds Triton's compile time
 FMA_ELEMENTS = 8192  # bm * bn * bk of the fma path's broadcast product: registers of 4 warps without spills
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
-PATHS = ("units", "fma", "dot", "dot_expand", "grouped")
+PATHS = ("units", "fma", "dot", "dot_expand", "grouped", "dp4a")
 
 
 class QMatmulConfig(NamedTuple):
@@ -110,6 +113,17 @@ def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "units")
 
 
+def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128) -> QMatmulConfig:
+    """The integer-dot launch (``"dp4a"``, under trial): ``block_n`` rows of words per unit (128: one 16-byte
+    load a thread of 4 warps for the 4-bit formats), the units path's step-size rule, the default split rule."""
+    spec = block_format(fmt)
+    kp = k // spec.parts
+    bm, unit = min(_pow2_ceil(m), FMA_ROWS), 32 // spec.parts
+    bk = max(spec.max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // bm)))
+    bn = min(block_n, common.pow2_floor(n))
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "dp4a")
+
+
 def fma_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     """The first small-M launch (``"fma"``, the default before the units path), for comparisons."""
     spec = block_format(fmt)
@@ -144,6 +158,8 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
         raise ValueError(f"num_splits={splits} must divide the {kp // bk} K steps")
     if path is not None and path not in PATHS:
         raise ValueError(f"path={path!r} is not one of {PATHS} (or None for the one block_m implies)")
+    if config_path(config) == "dp4a" and bm > FMA_ROWS:
+        raise ValueError(f"the dp4a path unrolls its rows: block_m={bm} must be at most {FMA_ROWS}")
     if config_path(config) in ("dot", "dot_expand", "grouped") and (bm < common.MIN_BLOCK or bn < common.MIN_BLOCK):
         raise ValueError(f"the dot path (block_m={bm}) needs block_m and block_n >= {common.MIN_BLOCK}")
     checks.check_launch_overrides(num_warps=warps, num_stages=stages, num_splits=splits)
@@ -151,20 +167,21 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
 
 def _kernel(
     # inputs
-    x_ref,  # [P, M, K / P]: the activations split into the format's parts
-    *refs,  # grouped path with offsets: the group sums [P, M, K / P / G]; the planes [N, K / P / group] each; the
-    # output [S, M, N] float32
+    x_ref,  # [P, M, K / P]: the activations split into the format's parts (dp4a: int8 codes as words [.., K / P / 4])
+    *refs,  # grouped path with offsets: the group sums [P, M, K / P / G]; dp4a: the activations' factors
+    # [F, M, K / 32]; the planes [N, K / P / group] each; the output [S, M, N] float32
     fmt: str,
     groups: tuple[int, ...],
     config: QMatmulConfig,
     steps: int,  # K steps per split
     groups_major: bool,  # the grouped path's per-group planes stored [K / P / group, N]
+    interpret: bool,  # the dp4a path emulates its PTX instruction
 ):
     plane_refs, o_ref = refs[:-1], refs[-1]
     path = config_path(config)
     sums_ref = None
-    if path == "grouped" and qmatmul_grouped.has_offsets(fmt):
-        sums_ref, plane_refs = plane_refs[0], plane_refs[1:]
+    if (path == "grouped" and qmatmul_grouped.has_offsets(fmt)) or path == "dp4a":
+        sums_ref, plane_refs = plane_refs[0], plane_refs[1:]  # dp4a: the activations' scales (and sums)
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     _, m_total, _ = x_ref.shape
     n_total = plane_refs[0].shape[0]
@@ -173,6 +190,24 @@ def _kernel(
     rows, cols = pl.ds(row0, bm), pl.ds(jnp.minimum(j * bn, n_total - bn), bn)
     dot_dtype = x_ref.dtype
     precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    if path == "dp4a":
+        qmatmul_dp4a.dp4a_program(
+            fmt,
+            x_ref,
+            sums_ref,
+            plane_refs,
+            o_ref,
+            rows0=row0,
+            cols=cols,
+            split=s,
+            steps=steps,
+            block_k=bk,
+            block_m=bm,
+            block_n=bn,
+            emulate=interpret,
+        )
+        return
+
     if path == "units":
 
         def units_body(step, accs):
@@ -236,15 +271,28 @@ def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, gro
     n = planes[0].shape[0]
     spec = block_format(fmt)
     rows = max(m, config.block_m)
-    xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
+    path = config_path(config)
+    if path == "dp4a":  # int8 words (P, M', K/P/4), their factors (F, M', K/32); the code planes as words
+        xs, factors = qmatmul_dp4a.quantize_activations(common_pad_rows(x, rows), fmt)
+        planes = (factors, *qmatmul_dp4a.weight_words(planes, fmt))
+    else:
+        xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
     steps = k // spec.parts // config.block_k // config.num_splits
     grid = (pl.cdiv(rows, config.block_m), pl.cdiv(n, config.block_n), config.num_splits)
     out_shape = jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32)
     groups = tuple(p.group for p in spec.planes)
-    kernel = functools.partial(_kernel, fmt=fmt, groups=groups, config=config, steps=steps, groups_major=groups_major)
+    kernel = functools.partial(
+        _kernel,
+        fmt=fmt,
+        groups=groups,
+        config=config,
+        steps=steps,
+        groups_major=groups_major,
+        interpret=interpret,
+    )
     launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
     inputs = [xs, *planes]
-    if config_path(config) == "grouped" and qmatmul_grouped.has_offsets(fmt):
+    if path == "grouped" and qmatmul_grouped.has_offsets(fmt):
         inputs.insert(1, qmatmul_grouped.group_sums(xs, fmt))
     out = common.whole_call(kernel, inputs, out_shape, **launch, name=f"jkv_qmatmul_{fmt.lower()}")
     return out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]

@@ -1,0 +1,211 @@
+"""The ``"dp4a"`` formulation of ``quantized_matmul``'s small-M kernel: integer dot products of int8 activations.
+
+The activations are rounded once per call (XLA, ``M x K`` work) to int8 per 32-block of ``K`` with one float32
+scale per block (``scale = max|x| / 127``, round to nearest), as fast GGUF matrix-vector kernels do; Q4_1 and Q4_K
+also take each block's sum of the rounded activations (``scale * sum(codes)``, so the offset term matches what the
+integer part multiplies). The codes are split into the format's parts as ``block_formats.split_parts`` splits
+``x`` and packed four to an int32 word; the weights' code planes are read as int32 words too (a bitcast), so word
+``c`` of part ``p`` of ``x`` pairs with word ``c`` of the weights' packed columns.
+
+A K step walks **units** of one 32-block (Q8_0: 8 words of codes, the 4-bit formats: 4 words holding both
+nibbles, Q6_K: two halves of 2 words, as its crumb bytes pair with them): each unit is one 2-D window
+``[bn, words]`` of the codes, and PTX ``dp4a.s32.s32`` multiplies four bytes of weights by four bytes of
+activations into an int32 per word (the 4-bit formats: the low nibbles ``w & 0x0F0F0F0F`` with part 0's word,
+the high ``(w >> 4) & 0x0F0F0F0F`` with part 1's, into one sum, as one activation scale covers the 32-block).
+Each word's sum, converted to float32, meets its group's ``weight scale * activation scale`` (a ``[bn, 1]``
+column) in a ``[bn, words]`` float32 accumulator per row, reduced once after the K loop. Integer offsets are
+folded into the sums (Q4_0's ``-8`` and Q6_K's ``-32``: ``dp4a`` of the activations' word with a splat of the
+offset, its third operand); float offsets (Q4_1's mins, Q4_K's ``-dmin * sub_min``) multiply the block's
+activation sum into a ``[bn]`` accumulator per row. Interpret mode (no PTX) emulates ``dp4a`` with shifts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend
+from pallas_kernels.block_formats import block_format, split_parts
+
+WORDS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q6_K": 2}  # accumulator columns: words per unit (Q6_K: half)
+FLOAT_OFFSETS = ("Q4_1", "Q4_K")  # formats whose offsets take the activations' block sums
+DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, $3;"
+LOW_NIBBLES = 0x0F0F0F0F
+
+
+def _splat(byte: int) -> int:
+    """The int32 word whose four bytes are ``byte`` (a signed 8-bit value)."""
+    return int(np.array([byte & 0xFF] * 4, np.uint8).view(np.int32)[0])
+
+
+def accumulator_width(fmt: str) -> int:
+    block_format(fmt)  # names the known formats if fmt is not one
+    return WORDS[fmt]
+
+
+def quantize_activations(x, fmt: str):
+    """``x [M, K]`` rounded to int8 per 32-block: ``(words, factors)``, ``words`` int32 ``[P, M, K / P / 4]`` (the
+    codes split into the format's parts, four to a word, the first code in the low byte) and ``factors`` float32
+    ``[F, M, K / 32]``: each block's scale, and for Q4_1 / Q4_K (F = 2) its sum of the rounded activations."""
+    m, k = x.shape
+    blocks = x.astype(jnp.float32).reshape(m, k // 32, 32)
+    scale = jnp.max(jnp.abs(blocks), axis=2) / 127.0  # [M, K / 32]
+    safe = jnp.where(scale > 0, scale, 1.0)[:, :, None]
+    codes = jnp.clip(jnp.round(blocks / safe), -127, 127).astype(jnp.int8)
+    parts = split_parts(codes.reshape(m, k), fmt)  # (P, M, K / P)
+    words = lax.bitcast_convert_type(parts.reshape(*parts.shape[:2], -1, 4), jnp.int32)  # (P, M, K / P / 4)
+    factors = [scale]
+    if fmt in FLOAT_OFFSETS:
+        factors.append(scale * jnp.sum(codes.astype(jnp.int32), axis=2).astype(jnp.float32))
+    return words, jnp.stack(factors)
+
+
+def weight_words(planes, fmt: str) -> tuple:
+    """``planes`` with the byte planes the kernel reads as words (codes or nibbles; Q6_K's crumbs) bitcast to int32
+    ``[N, bytes / 4]`` (a free view: row-major bytes)."""
+    spec = block_format(fmt)
+    as_words = lambda p: lax.bitcast_convert_type(p.reshape(p.shape[0], -1, 4), jnp.int32)
+    return tuple(as_words(p) if plane.group <= 2 else p for p, plane in zip(planes, spec.planes, strict=True))
+
+
+def dp4a_emulated(a, b, c):
+    """``c`` plus the dot product of the four signed bytes of ``a`` and of ``b`` (int32, wrapping), with shifts."""
+    byte = lambda w, i: lax.shift_right_arithmetic(lax.shift_left(w, jnp.int32(24 - 8 * i)), jnp.int32(24))
+    return c + sum(byte(a, i) * byte(b, i) for i in range(4))
+
+
+def dp4a(a, b, c, *, emulate: bool):
+    """PTX ``dp4a.s32.s32`` on int32 tensors of one shape (:func:`dp4a_emulated` in interpret mode)."""
+    if emulate:
+        return dp4a_emulated(a, b, c)
+    (out,) = backend.triton_module().elementwise_inline_asm(
+        DP4A_ASM,
+        args=[a, b, c],
+        constraints="=r,r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)],
+    )
+    return out
+
+
+def _column(ref, cols, c0, group: int):
+    """The entry of a per-group plane covering packed column ``c0`` for each of the ``cols`` rows: ``[bn]``."""
+    return ref[cols, lax.div(c0, group)].astype(jnp.float32)
+
+
+def _weight_factors(fmt: str, plane_refs, cols, c0) -> tuple:
+    """The unit's per-part weight scales (``[bn, 1]`` each) and its float offset (``[bn]``, or None)."""
+    groups = [p.group for p in block_format(fmt).planes]
+    entry = lambda i: _column(plane_refs[i], cols, c0, groups[i])
+    if fmt in ("Q8_0", "Q4_0"):
+        return (entry(1)[:, None],), None
+    if fmt == "Q4_1":
+        return (entry(1)[:, None],), entry(2)
+    if fmt == "Q4_K":
+        return ((entry(1) * entry(3))[:, None],), -(entry(2) * entry(4))
+    d = entry(4)  # Q6_K: a sub-scale per part
+    return ((entry(2) * d)[:, None], (entry(3) * d)[:, None]), None
+
+
+def _unit_words(fmt: str, plane_refs, cols, c0) -> list:
+    """The unit's weight words per accumulator window: ``[(window offset in words, (part codes...))]``, each
+    codes tile ``[bn, WORDS]`` int32 of non-negative bytes (signed for Q8_0), one per part."""
+    w0 = lax.div(c0, 4)
+    width = WORDS[fmt]
+    if fmt == "Q8_0":
+        return [(0, (plane_refs[0][cols, pl.ds(w0, width)],))]
+    if fmt != "Q6_K":
+        w = plane_refs[0][cols, pl.ds(w0, width)]
+        return [(0, (w & LOW_NIBBLES, lax.shift_right_arithmetic(w, 4) & LOW_NIBBLES))]
+    # Q6_K: the block's two crumb words serve nibble words 0-1 (crumb shift 0) and 2-3 (shift 2) alike; part 1's
+    # crumbs sit 4 bits above part 0's, each moved to bits 4-5 of its byte
+    crumbs = plane_refs[1][cols, pl.ds(lax.div(c0, 8), 2)]
+    out = []
+    for h in range(2):
+        w = plane_refs[0][cols, pl.ds(w0 + 2 * h, 2)]
+        low = (w & LOW_NIBBLES) | (lax.shift_left(crumbs, 4 - 2 * h) & 0x30303030)
+        high = (lax.shift_right_arithmetic(w, 4) & LOW_NIBBLES) | (
+            lax.shift_right_arithmetic(crumbs, 2 * h) & 0x30303030
+        )
+        out.append((2 * h, (low, high)))
+    return out
+
+
+INT_OFFSET = {"Q4_0": -8, "Q6_K": -32}  # integer offsets of the codes, folded into the integer sums
+
+
+def _integer_sum(fmt: str, codes, xs, *, emulate: bool):
+    """``sum_p dot(codes[p] + offset, xs[p])`` per word: ``[bn, WORDS]`` int32 from the parts' code tiles and the
+    row's activation words ``[WORDS]`` (the offset's share, ``dot(splat(offset), x)``, computed once per word)."""
+    c = jnp.zeros(xs[0].shape, jnp.int32)
+    if fmt in INT_OFFSET:
+        splat = jnp.full(xs[0].shape, _splat(INT_OFFSET[fmt]), jnp.int32)
+        for x in xs:
+            c = dp4a(splat, x, c, emulate=emulate)
+    out = jnp.broadcast_to(c[None, :], codes[0].shape)
+    for q, x in zip(codes, xs, strict=True):
+        out = dp4a(q, jnp.broadcast_to(x[None, :], q.shape), out, emulate=emulate)
+    return out
+
+
+def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, offs, *, rows0, cols, k0, block_k: int, emulate: bool):
+    """``accs`` (one ``[bn, WORDS]`` float32 accumulator per row) and ``offs`` (one ``[bn]`` per row for the
+    float-offset formats, else empty) after the K step at packed column ``k0``."""
+    parts = block_format(fmt).parts
+    per_unit = 32 // parts  # packed columns of one 32-block
+    width = WORDS[fmt]
+    accs, offs = list(accs), list(offs)
+    for u in range(block_k // per_unit):
+        c0 = pl.multiple_of(k0 + u * per_unit, per_unit)
+        block, w0 = lax.div(c0, per_unit), lax.div(c0, 4)
+        scales, offset = _weight_factors(fmt, plane_refs, cols, c0)
+        windows = _unit_words(fmt, plane_refs, cols, c0)
+        for r in range(len(accs)):
+            row = rows0 + r
+            factors = [s * xf_ref[0, row, block] for s in scales]  # [bn, 1]: weight scale times activation scale
+            for at, codes in windows:
+                xs = [xw_ref[p, row, pl.ds(w0 + at, width)] for p in range(parts)]  # [WORDS] each
+                if len(factors) == 1:  # one scale over the block: both parts into one sum
+                    sums = [_integer_sum(fmt, codes, xs, emulate=emulate)]
+                else:  # Q6_K: a scale per part
+                    sums = [_integer_sum(fmt, (q,), (x,), emulate=emulate) for q, x in zip(codes, xs, strict=True)]
+                for f, isum in zip(factors, sums, strict=True):
+                    accs[r] = accs[r] + isum.astype(jnp.float32) * f
+            if offset is not None:
+                offs[r] = offs[r] + offset * xf_ref[1, row, block]
+    return tuple(accs), tuple(offs)
+
+
+def dp4a_program(
+    fmt: str,
+    xw_ref,
+    xf_ref,
+    plane_refs,
+    o_ref,
+    *,
+    rows0,
+    cols,
+    split,
+    steps: int,
+    block_k: int,
+    block_m: int,
+    block_n: int,
+    emulate: bool,
+) -> None:
+    """One program's share: its ``steps`` K steps from split ``split``, each row's sum stored to the partials."""
+
+    def body(step, carry):
+        k0 = pl.multiple_of((split * steps + step) * block_k, block_k)
+        return dp4a_step(
+            fmt, xw_ref, xf_ref, plane_refs, *carry, rows0=rows0, cols=cols, k0=k0, block_k=block_k, emulate=emulate
+        )
+
+    accs = tuple(jnp.zeros((block_n, WORDS[fmt]), jnp.float32) for _ in range(block_m))
+    offs = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(block_m if fmt in FLOAT_OFFSETS else 0))
+    accs, offs = lax.fori_loop(0, steps, body, (accs, offs))
+    for r, acc in enumerate(accs):
+        out = jnp.sum(acc, axis=1)
+        o_ref[split, rows0 + r, cols] = out + offs[r] if offs else out
