@@ -7,8 +7,8 @@ integer part multiplies). The codes are split into the format's parts as ``block
 ``x`` and packed four to an int32 word; the weights' code planes are read as int32 words too (a bitcast), so word
 ``c`` of part ``p`` of ``x`` pairs with word ``c`` of the weights' packed columns.
 
-A K step walks **units** of one 32-block (Q8_0: 8 words of codes, the 4-bit formats: 4 words holding both
-nibbles, Q6_K: two halves of 2 words, as its crumb bytes pair with them): each unit is one 2-D window
+A K step walks **units** of one 32-block (Q8_0: 8 words of codes in two windows of 4, the 4-bit formats: 4 words
+holding both nibbles, Q6_K: two windows of 2 words, as its crumb bytes pair with them), each window a 2-D read
 ``[bn, words]`` of the codes, and PTX ``dp4a.s32.s32`` multiplies four bytes of weights by four bytes of
 activations into an int32 per word (the 4-bit formats: the low nibbles ``w & 0x0F0F0F0F`` with part 0's word,
 the high ``(w >> 4) & 0x0F0F0F0F`` with part 1's, into one sum, as one activation scale covers the 32-block).
@@ -30,7 +30,9 @@ from jax.experimental import pallas as pl
 from pallas_kernels import backend
 from pallas_kernels.block_formats import block_format, split_parts
 
-WORDS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q6_K": 2}  # accumulator columns: words per unit (Q6_K: half)
+# Accumulator columns: words per window, 16 bytes where a unit allows (a window row per thread: a 16-byte load and
+# the [bn] scale columns in the tile's own row layout); Q8_0's unit is two windows, Q6_K's two of 8 bytes.
+WORDS = {"Q8_0": 4, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q6_K": 2}
 FLOAT_OFFSETS = ("Q4_1", "Q4_K")  # formats whose offsets take the activations' block sums
 DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, $3;"
 LOW_NIBBLES = 0x0F0F0F0F
@@ -97,17 +99,17 @@ def _column(ref, cols, c0, group: int):
 
 
 def _weight_factors(fmt: str, plane_refs, cols, c0) -> tuple:
-    """The unit's per-part weight scales (``[bn, 1]`` each) and its float offset (``[bn]``, or None)."""
+    """The unit's per-part weight scales and its float offset (``[bn]`` each; no offset: None)."""
     groups = [p.group for p in block_format(fmt).planes]
     entry = lambda i: _column(plane_refs[i], cols, c0, groups[i])
     if fmt in ("Q8_0", "Q4_0"):
-        return (entry(1)[:, None],), None
+        return (entry(1),), None
     if fmt == "Q4_1":
-        return (entry(1)[:, None],), entry(2)
+        return (entry(1),), entry(2)
     if fmt == "Q4_K":
-        return ((entry(1) * entry(3))[:, None],), -(entry(2) * entry(4))
+        return (entry(1) * entry(3),), -(entry(2) * entry(4))
     d = entry(4)  # Q6_K: a sub-scale per part
-    return ((entry(2) * d)[:, None], (entry(3) * d)[:, None]), None
+    return (entry(2) * d, entry(3) * d), None
 
 
 def _unit_words(fmt: str, plane_refs, cols, c0) -> list:
@@ -116,7 +118,7 @@ def _unit_words(fmt: str, plane_refs, cols, c0) -> list:
     w0 = lax.div(c0, 4)
     width = WORDS[fmt]
     if fmt == "Q8_0":
-        return [(0, (plane_refs[0][cols, pl.ds(w0, width)],))]
+        return [(at, (plane_refs[0][cols, pl.ds(w0 + at, width)],)) for at in (0, width)]
     if fmt != "Q6_K":
         w = plane_refs[0][cols, pl.ds(w0, width)]
         return [(0, (w & LOW_NIBBLES, lax.shift_right_arithmetic(w, 4) & LOW_NIBBLES))]
@@ -165,7 +167,8 @@ def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, offs, *, rows0, cols, 
         windows = _unit_words(fmt, plane_refs, cols, c0)
         for r in range(len(accs)):
             row = rows0 + r
-            factors = [s * xf_ref[0, row, block] for s in scales]  # [bn, 1]: weight scale times activation scale
+            x_scale = xf_ref[0, row, block]
+            factors = [(s * x_scale)[:, None] for s in scales]  # [bn, 1]: weight scale times activation scale
             for at, codes in windows:
                 xs = [xw_ref[p, row, pl.ds(w0 + at, width)] for p in range(parts)]  # [WORDS] each
                 if len(factors) == 1:  # one scale over the block: both parts into one sum

@@ -114,14 +114,14 @@ def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
 
 
 def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128) -> QMatmulConfig:
-    """The integer-dot launch (``"dp4a"``, under trial): ``block_n`` rows of words per unit (128: one 16-byte
-    load a thread of 4 warps for the 4-bit formats), the units path's step-size rule, the default split rule."""
+    """The integer-dot launch (``"dp4a"``, under trial): a warp per 32 of ``block_n`` rows (each thread one row
+    of a 16-byte window of words), the units path's step-size rule, the default split rule."""
     spec = block_format(fmt)
     kp = k // spec.parts
     bm, unit = min(_pow2_ceil(m), FMA_ROWS), 32 // spec.parts
     bk = max(spec.max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // bm)))
     bn = min(block_n, common.pow2_floor(n))
-    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "dp4a")
+    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), max(1, min(8, bn // 32)), 1, "dp4a")
 
 
 def fma_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
