@@ -1,0 +1,155 @@
+"""The ``"dp4a"`` path of ``quantized_matmul`` (``pallas_kernels.qmatmul_dp4a``): interpret mode on CPU against
+NumPy float64, its ``dp4a`` emulation against plain integer arithmetic, and its Triton lowering with the PTX.
+
+Two references per case, on fresh random planes (every code value, scales of both signs) and activations:
+
+* the same arithmetic in float64: the activations as the path rounds them (its int8 codes, unpacked from the
+  words, times each 32-block's scale) times the exact weights; the kernel within 1e-6 (float32 accumulation);
+* the float product ``x @ W.T``: within the activations' rounding, element by element
+  ``|out - x @ W.T| <= sum_k |W[n, k]| * scale[m, k // 32] / 2`` (each rounded activation is within half a step
+  of ``x``), plus float32 slack ``1e-5 * (|x| @ |W|.T)``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REL_TOL, rel_err
+from kernel_inputs import fast_jit
+from qweight_inputs import dequantize_f64, planes_like, random_planes
+
+from pallas_kernels import backend, block_formats, qmatmul_dp4a
+from pallas_kernels import quantized_matmul as qmatmul
+from pallas_kernels.quantized_matmul import QMatmulConfig
+
+FORMATS = tuple(block_formats.FORMATS)
+N = 37  # odd: the last column block slides back
+
+
+def rounded_activations(x, fmt):
+    """``(x_hat, scales)`` float64 ``[M, K]`` and ``[M, K / 32]``: the activations as the path rounds them, read
+    back from its words (undoing ``split_parts``: part ``p`` holds values ``32 b + 16 p + j``)."""
+    words, factors = qmatmul_dp4a.quantize_activations(x, fmt)
+    codes = np.asarray(words).view(np.int8)  # (P, M, K / P): little-endian bytes, the first code lowest
+    parts, m, kp = codes.shape
+    codes = codes.reshape(parts, m, kp // (32 // parts), 32 // parts).transpose(1, 2, 0, 3).reshape(m, parts * kp)
+    scales = np.asarray(factors[0], np.float64)
+    x_hat = codes.astype(np.float64) * np.repeat(scales, 32, axis=1)
+    if fmt in qmatmul_dp4a.FLOAT_OFFSETS:  # the block sums are those of the rounded activations
+        sums = x_hat.reshape(m, -1, 32).sum(axis=2)
+        np.testing.assert_allclose(np.asarray(factors[1], np.float64), sums, rtol=1e-6, atol=1e-6 * scales.max())
+    return x_hat, scales
+
+
+def run(rng, fmt, m, config, n=N, blocks=3, dtype=jnp.float32, interpret=True):
+    k = block_formats.FORMATS[fmt].block * blocks
+    planes = random_planes(rng, fmt, n, k)
+    x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 10.0, (m, 1)), dtype)
+    w = dequantize_f64(planes, fmt)
+    fn = lambda x, p: qmatmul.qmatmul(x, p, fmt, config=config, interpret=interpret)
+    out = fast_jit(fn)(x, tuple(jnp.asarray(p) for p in planes))
+    assert out.shape == (m, n) and out.dtype == jnp.float32
+    x_hat, scales = rounded_activations(x, fmt)
+    x64 = np.asarray(x, np.float64)
+    bound = (np.repeat(scales, 32, axis=1) / 2) @ np.abs(w).T + 1e-5 * (np.abs(x64) @ np.abs(w).T)
+    return np.asarray(out, np.float64), x_hat @ w.T, x64 @ w.T, bound
+
+
+CASES = [  # every format; M = 1, a padded row block, two row blocks (the last slides back); K split and not
+    *[(f, 1, QMatmulConfig(1, 16, 128, 3, 1, 1, "dp4a")) for f in FORMATS],  # each split one K step or two
+    *[(f, 3, QMatmulConfig(4, 32, 128, 1, 1, 1, "dp4a")) for f in FORMATS],  # a zero row padded, N slides
+    *[(f, 13, QMatmulConfig(8, 16, 128, 3, 1, 1, "dp4a")) for f in ("Q8_0", "Q4_K", "Q6_K")],  # two row blocks
+    ("Q4_0", 16, QMatmulConfig(8, 16, 64, 2, 1, 1, "dp4a")),
+    ("Q4_1", 6, QMatmulConfig(2, 8, 32, 12, 1, 1, "dp4a")),  # narrow blocks, twelve splits of two units
+]
+
+
+@pytest.mark.parametrize("fmt,m,config", CASES, ids=[f"{f}-m{m}-bm{c.block_m}-s{c.num_splits}" for f, m, c in CASES])
+def test_matches_float64(rng, fmt, m, config):
+    out, same, exact, bound = run(rng, fmt, m, config, blocks=768 // block_formats.FORMATS[fmt].block)
+    assert rel_err(out, same) < REL_TOL["float32"]
+    assert np.all(np.abs(out - exact) <= bound)
+    assert rel_err(out, exact) > 1e-5  # the activations were rounded: the float product is not what it computes
+
+
+def test_bf16_activations_and_default_launch(rng):
+    """bf16 ``x`` (rounded to int8 from its float32 values) through :func:`quantized_matmul.dp4a_config`."""
+    m, k = 5, 512
+    config = qmatmul.dp4a_config(m, N, k, "Q4_K")
+    assert config.path == "dp4a" and config.block_m == 8 and config.block_n <= N
+    out, same, exact, bound = run(rng, "Q4_K", m, config, blocks=2, dtype=jnp.bfloat16)
+    assert rel_err(out, same) < REL_TOL["float32"] and np.all(np.abs(out - exact) <= bound)
+
+
+def test_quantized_activations(rng):
+    """Codes in [-127, 127], each block's largest at +-127, every value within half a step; zero blocks stay
+    zero (no division by a zero scale); the words hold the codes split into parts, the first code lowest."""
+    x = rng.standard_normal((3, 256)).astype(np.float32) * 4
+    x[1, 32:64] = 0.0
+    for fmt in ("Q8_0", "Q4_K"):
+        words, factors = qmatmul_dp4a.quantize_activations(jnp.asarray(x), fmt)
+        parts = block_formats.FORMATS[fmt].parts
+        assert words.dtype == jnp.int32 and words.shape == (parts, 3, 256 // parts // 4)
+        assert factors.shape == (2 if fmt in qmatmul_dp4a.FLOAT_OFFSETS else 1, 3, 8)
+        x_hat, scales = rounded_activations(jnp.asarray(x), fmt)
+        codes = np.rint(x_hat / np.repeat(np.where(scales > 0, scales, 1), 32, axis=1))
+        assert np.abs(codes).max() == 127 and np.all(np.abs(codes).reshape(3, 8, 32).max(axis=2)[scales > 0] == 127)
+        assert np.all(np.abs(x - x_hat) <= np.repeat(scales, 32, axis=1) / 2 * (1 + 1e-6))
+        assert scales[1, 1] == 0 and np.all(x_hat[1, 32:64] == 0)
+
+
+def _emulated_reference(a, b, c):
+    """``c`` plus the signed bytes' dot product, in int64, wrapped to int32."""
+    bytes_of = lambda w: w.astype(np.int32).view(np.int8).reshape(*w.shape, 4).astype(np.int64)
+    out = c.astype(np.int64) + (bytes_of(a) * bytes_of(b)).sum(axis=-1)
+    return ((out + 2**31) % 2**32 - 2**31).astype(np.int32)
+
+
+def test_dp4a_emulation_matches_integer_arithmetic(rng):
+    words = lambda: rng.integers(-(2**31), 2**31, (64, 8), dtype=np.int64).astype(np.int32)
+    a, b, c = words(), words(), words()
+    a[0], b[0] = qmatmul_dp4a._splat(-128), qmatmul_dp4a._splat(-128)  # the extremes: 4 * 16384
+    a[1], b[1] = qmatmul_dp4a._splat(127), qmatmul_dp4a._splat(-128)
+    a[2], b[2], c[2] = qmatmul_dp4a._splat(-128), qmatmul_dp4a._splat(-128), 2**31 - 1  # wraps
+    out = jax.jit(qmatmul_dp4a.dp4a_emulated)(a, b, c)
+    np.testing.assert_array_equal(np.asarray(out), _emulated_reference(a, b, c))
+    assert int(out[0, 0]) == int(c[0, 0]) + 4 * 128 * 128
+
+
+def test_dp4a_path_refuses_many_rows():
+    with pytest.raises(ValueError, match="dp4a path unrolls its rows"):
+        qmatmul.qmatmul(
+            jnp.ones((2, 256)),
+            planes_like("Q8_0", 64, 256, jnp.zeros),
+            "Q8_0",
+            config=QMatmulConfig(16, 16, 64, 1, 4, 1, "dp4a"),
+            interpret=True,
+        )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_lowers_through_triton_with_dp4a(fmt):
+    """The path lowers to a Triton kernel for CUDA on any host, with the PTX ``dp4a`` in it (not the emulation)."""
+    sds = jax.ShapeDtypeStruct
+    n, k = 1024, 512
+    config = qmatmul.dp4a_config(1, n, k, fmt)
+    traced = qmatmul._qmatmul.trace(
+        sds((1, k), jnp.bfloat16), planes_like(fmt, n, k, sds), fmt=fmt, config=config, interpret=False
+    )
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and qmatmul_dp4a.DP4A_ASM in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_matches_float64(rng, fmt, m):
+    """Compiled by Triton with the real ``dp4a``: the same two references, bf16 activations, default launch."""
+    k = 1280 if block_formats.FORMATS[fmt].block == 32 else 1536
+    config = qmatmul.dp4a_config(m, 301, k, fmt)
+    out, same, exact, bound = run(
+        rng, fmt, m, config, n=301, blocks=k // block_formats.FORMATS[fmt].block, dtype=jnp.bfloat16, interpret=None
+    )
+    assert rel_err(out, same) < REL_TOL["float32"]
+    assert np.all(np.abs(out - exact) <= bound)
