@@ -1,7 +1,8 @@
 """Block-quantized matmul kernels alone (issue 26): ``pallas_kernels.qmatmul`` at a Llama-3-8B layer's matrices,
-Q8_0 and Q4_K, each of several launch variants (``QMatmulConfig``: the small-M path ``fma`` / ``units`` / ``dot``,
-tiles, warps, stages, split-K) against bf16 ``x @ W.T`` (XLA) and each one's weight-read floor, in one run; where
-Mosaic GPU runs (Hopper), also the launches of ``pallas_kernels.qmatmul_mgpu`` that take the cell (``mgpu*``).
+Q8_0 and Q4_K, each of several launch variants (``QMatmulConfig``: the small-M path ``fma`` / ``units`` / ``dot`` /
+``dp4a``, tiles, warps, stages, split-K) against bf16 ``x @ W.T`` (XLA) and each one's weight-read floor, in one
+run; where Mosaic GPU runs (Hopper), also the launches of ``pallas_kernels.qmatmul_mgpu`` that take the cell
+(``mgpu*``).
 
 Each cell (rows ``M``, matrix, format) times every variant and bf16 in ``--rounds`` interleaved rounds
 (``bench.common.interleaved``, per-call device spans of chained programs read from profiler traces:
@@ -57,7 +58,7 @@ LAYERS_8B = 32
 TARGETS_8B_M1 = {"Q8_0": 2.3e-3, "Q4_K": 1.5e-3}
 SMOKE_MATRICES = {"wo": (64, 256)}
 SMOKE_ROWS = (1, 16)
-SMOKE_VARIANTS = ("default", "units", "grouped", "grouped_gm")  # one of each path: interpret mode compiles slowly
+SMOKE_VARIANTS = ("default", "units", "grouped", "grouped_gm", "dp4a")  # one of each path: compiles are slow
 
 
 def plane_specs(fmt: str, n: int, k: int) -> list[tuple[tuple[int, int], np.dtype]]:
@@ -89,6 +90,7 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["grouped_bn128"] = f(16, 128, 128, 4, 3, "grouped")
         out["grouped_gm"] = out["grouped"]  # the same launch over groups-major per-group planes
         out["grouped_bn128_gm"] = out["grouped_bn128"]
+        out |= dp4a_variants(m, n, k, fmt)
     else:
         bm = out["default"].block_m
         out["dot_bn64"] = f(bm, 64, 128, 4, 3, "dot")
@@ -101,6 +103,22 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once
         firsts.setdefault((config, name.endswith(GROUPS_MAJOR)), name)
     return {name: config for (config, _), name in firsts.items()}
+
+
+def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
+    """The integer-dot path's launches (``"dp4a"``, under trial): its rule, 64 / 256 rows a program, 128-deep K
+    steps (fewer registers), twice the K splits."""
+    base = qm.dp4a_config(m, n, k, fmt)
+    kp = k // block_formats.FORMATS[fmt].parts
+    out = {
+        "dp4a": base,
+        "dp4a_bn64": qm.dp4a_config(m, n, k, fmt, block_n=64),
+        "dp4a_bn256": qm.dp4a_config(m, n, k, fmt, block_n=256),
+        "dp4a_bk128": _fit(m, n, k, fmt, base.block_m, base.block_n, 128, base.num_warps, 1, "dp4a"),
+    }
+    if (kp // base.block_k) % (2 * base.num_splits) == 0:
+        out["dp4a_split2x"] = base._replace(num_splits=2 * base.num_splits)
+    return out
 
 
 def mgpu_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulMgpuConfig]:

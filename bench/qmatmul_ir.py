@@ -44,6 +44,7 @@ SASS_OPS = {  # SASS mnemonic prefixes counted (first match wins)
     "bar": r"BAR\.SYNC",
     "shfl": r"SHFL",
     "ffma": r"FFMA",
+    "idp": r"IDP",  # dp4a
     "hmma": r"HGMMA|HMMA",
 }
 
@@ -196,6 +197,7 @@ def print_row(key: str, row: dict) -> None:
         f"{key:34s} cvt(loop) {c['convert_layout_in_loop']:2d} smem {c['shared_bytes']:6d} B  "
         f"LDG128/64/32/16/8 {ldg:>16s} LDGSTS {s.get('ldgsts', 0):3d} LDS {s.get('lds', 0):3d} "
         f"STS {s.get('sts', 0):3d} BAR {s.get('bar', 0):2d} SHFL {s.get('shfl', 0):4d} FFMA {s.get('ffma', 0):5d} "
+        f"IDP {s.get('idp', 0):4d} "
         f"MMA {s.get('hmma', 0):3d} regs {c['registers']} spill {c['spill_bytes']}",
         flush=True,
     )
