@@ -93,15 +93,11 @@ def dp4a(a, b, c, *, emulate: bool):
     return out
 
 
-def _column(ref, cols, c0, group: int):
-    """The entry of a per-group plane covering packed column ``c0`` for each of the ``cols`` rows: ``[bn]``."""
-    return ref[cols, lax.div(c0, group)].astype(jnp.float32)
-
-
-def _weight_factors(fmt: str, plane_refs, cols, c0) -> tuple:
-    """The unit's per-part weight scales and its float offset (``[bn]`` each; no offset: None)."""
+def _weight_factors(fmt: str, plane_refs, cols, index) -> tuple:
+    """The unit's per-part weight scales and its float offset (``[bn]`` each; no offset: None); ``index(g)``: the
+    unit's entry of a plane of ``g`` packed columns an entry."""
     groups = [p.group for p in block_format(fmt).planes]
-    entry = lambda i: _column(plane_refs[i], cols, c0, groups[i])
+    entry = lambda i: plane_refs[i][cols, index(groups[i])].astype(jnp.float32)
     if fmt in ("Q8_0", "Q4_0"):
         return (entry(1),), None
     if fmt == "Q4_1":
@@ -112,10 +108,10 @@ def _weight_factors(fmt: str, plane_refs, cols, c0) -> tuple:
     return (entry(2) * d, entry(3) * d), None
 
 
-def _unit_words(fmt: str, plane_refs, cols, c0) -> list:
+def _unit_words(fmt: str, plane_refs, cols, index) -> list:
     """The unit's weight words per accumulator window: ``[(window offset in words, (part codes...))]``, each
     codes tile ``[bn, WORDS]`` int32 of non-negative bytes (signed for Q8_0), one per part."""
-    w0 = lax.div(c0, 4)
+    w0 = index(4)
     width = WORDS[fmt]
     if fmt == "Q8_0":
         return [(at, (plane_refs[0][cols, pl.ds(w0 + at, width)],)) for at in (0, width)]
@@ -124,7 +120,7 @@ def _unit_words(fmt: str, plane_refs, cols, c0) -> list:
         return [(0, (w & LOW_NIBBLES, lax.shift_right_arithmetic(w, 4) & LOW_NIBBLES))]
     # Q6_K: the block's two crumb words serve nibble words 0-1 (crumb shift 0) and 2-3 (shift 2) alike; part 1's
     # crumbs sit 4 bits above part 0's, each moved to bits 4-5 of its byte
-    crumbs = plane_refs[1][cols, pl.ds(lax.div(c0, 8), 2)]
+    crumbs = plane_refs[1][cols, pl.ds(index(8), 2)]
     out = []
     for h in range(2):
         w = plane_refs[0][cols, pl.ds(w0 + 2 * h, 2)]
@@ -161,10 +157,12 @@ def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, offs, *, rows0, cols, 
     width = WORDS[fmt]
     accs, offs = list(accs), list(offs)
     for u in range(block_k // per_unit):
-        c0 = pl.multiple_of(k0 + u * per_unit, per_unit)
-        block, w0 = lax.div(c0, per_unit), lax.div(c0, 4)
-        scales, offset = _weight_factors(fmt, plane_refs, cols, c0)
-        windows = _unit_words(fmt, plane_refs, cols, c0)
+        # entry of packed column k0 + u * per_unit in a plane of g columns an entry (k0 a multiple of g): a static
+        # offset from the step's, so the addresses are the step's plus constants
+        index = lambda g, u=u: lax.div(k0, g) + u * per_unit // g
+        block, w0 = index(per_unit), index(4)
+        scales, offset = _weight_factors(fmt, plane_refs, cols, index)
+        windows = _unit_words(fmt, plane_refs, cols, index)
         for r in range(len(accs)):
             row = rows0 + r
             x_scale = xf_ref[0, row, block]
