@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from pallas_kernels import backend, block_formats, qmatmul_grouped
+from pallas_kernels import backend, block_formats, qmatmul_dp4a, qmatmul_grouped
 from pallas_kernels import common as kcommon
 from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
@@ -167,11 +167,16 @@ def product(fmt: str, name: str, config):
         return lambda x, planes: qmm.qmatmul_mgpu(x, planes, fmt, config=config)
     if name.endswith(GROUPS_MAJOR):
         return lambda x, planes: qm.qmatmul_groups_major(x, planes, fmt, config=config)
+    if qm.config_path(config) == "dp4a":
+        return lambda x, planes: qm.qmatmul_words(x, planes, fmt, config=config)
     return lambda x, planes: qm.qmatmul(x, planes, fmt, config=config)
 
 
-def layout(fmt: str, name: str, planes: tuple) -> tuple:
-    """``planes`` in the layout variant ``name`` reads (a transposed copy, made before timing)."""
+def layout(fmt: str, name: str, planes: tuple, config=None) -> tuple:
+    """``planes`` in the layout variant ``name`` reads (a transposed copy, or the dp4a path's int32 words, made
+    before timing)."""
+    if isinstance(config, QMatmulConfig) and qm.config_path(config) == "dp4a":
+        return jax.jit(qmatmul_dp4a.weight_words, static_argnums=1)(planes, fmt)
     return qmatmul_grouped.to_groups_major(planes, fmt) if name.endswith(GROUPS_MAJOR) else planes
 
 
@@ -224,7 +229,7 @@ def bench_cell(
     for vname, config in configs.items():
         t0 = time.perf_counter()
         try:
-            sets = [(x, *layout(fmt, vname, tuple(planes))) for _, *planes in q_sets]
+            sets = [(x, *layout(fmt, vname, tuple(planes), config)) for _, *planes in q_sets]
             err = common.rel_err(product(fmt, vname, config)(x, sets[0][1:]), ref)
             samplers[vname] = sampler(quantized_fn(fmt, vname, config), sets, est(q_bytes))
             checked[vname] = {"config": list(config), "rel_err": err, "setup_s": time.perf_counter() - t0}

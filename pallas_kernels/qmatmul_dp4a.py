@@ -67,10 +67,23 @@ def quantize_activations(x, fmt: str):
 
 def weight_words(planes, fmt: str) -> tuple:
     """``planes`` with the byte planes the kernel reads as words (codes or nibbles; Q6_K's crumbs) bitcast to int32
-    ``[N, bytes / 4]`` (a free view: row-major bytes)."""
+    ``[N, bytes / 4]``, the first byte lowest (planes already int32 are kept). XLA may copy rather than view a
+    bitcast that changes the element size: make the words once, before the calls (``qmatmul_words``)."""
     spec = block_format(fmt)
     as_words = lambda p: lax.bitcast_convert_type(p.reshape(p.shape[0], -1, 4), jnp.int32)
-    return tuple(as_words(p) if plane.group <= 2 else p for p, plane in zip(planes, spec.planes, strict=True))
+    words = lambda p, plane: plane.group <= 2 and p.dtype != jnp.int32
+    return tuple(as_words(p) if words(p, plane) else p for p, plane in zip(planes, spec.planes, strict=True))
+
+
+def byte_shapes(planes, fmt: str) -> list:
+    """The byte planes' shapes and dtypes (``ShapeDtypeStruct``) of planes whose byte planes are words."""
+    spec = block_format(fmt)
+    out = []
+    for p, plane in zip(planes, spec.planes, strict=True):
+        words = plane.group <= 2 and getattr(p, "dtype", None) == jnp.int32 and getattr(p, "ndim", 0) == 2
+        shape = (p.shape[0], 4 * p.shape[1]) if words else p.shape
+        out.append(jax.ShapeDtypeStruct(shape, plane.dtype if words else p.dtype))
+    return out
 
 
 def dp4a_emulated(a, b, c):

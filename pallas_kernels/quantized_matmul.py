@@ -337,3 +337,18 @@ def qmatmul_groups_major(x, planes, fmt: str, *, config: QMatmulConfig, interpre
     check_config(config, x.shape[0], n, k, fmt)
     interpret = backend.resolve_interpret(interpret)
     return _qmatmul(x, tuple(planes), fmt=fmt, config=config, interpret=interpret, groups_major=True)
+
+
+def qmatmul_words(x, planes, fmt: str, *, config: QMatmulConfig, interpret: bool | None = None):
+    """:func:`qmatmul` on the dp4a path over planes whose byte planes (codes or nibbles, Q6_K's crumbs) are already
+    int32 words (``qmatmul_dp4a.weight_words``, made once): no bitcast in the call (bench/bench_qmatmul.py times
+    the dp4a variants so)."""
+    if config_path(config) != "dp4a":
+        raise ValueError(f"word planes take the dp4a path, got path={config.path!r}")
+    planes = tuple(planes)
+    n, k = check_planes(fmt, qmatmul_dp4a.byte_shapes(planes, fmt))
+    check_activations(x, k, fmt)
+    check_config(config, x.shape[0], n, k, fmt)
+    if x.shape[0] == 0:
+        return jnp.zeros((0, n), jnp.float32)
+    return _qmatmul(x, planes, fmt=fmt, config=config, interpret=backend.resolve_interpret(interpret))

@@ -116,6 +116,21 @@ def test_dp4a_emulation_matches_integer_arithmetic(rng):
     assert int(out[0, 0]) == int(c[0, 0]) + 4 * 128 * 128
 
 
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q6_K"])
+def test_word_planes_give_the_same_product(rng, fmt):
+    """``qmatmul_words`` over planes made words once equals ``qmatmul`` over the bytes; it refuses other paths."""
+    k = 512
+    planes = tuple(jnp.asarray(p) for p in random_planes(rng, fmt, N, k))
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+    config = QMatmulConfig(2, 16, 128, 2, 1, 1, "dp4a")
+    words = qmatmul_dp4a.weight_words(planes, fmt)
+    assert [w.dtype for w in words[: 1 + (fmt == "Q6_K")]] == [jnp.int32] * (1 + (fmt == "Q6_K"))
+    out = qmatmul.qmatmul_words(x, words, fmt, config=config, interpret=True)
+    np.testing.assert_array_equal(out, qmatmul.qmatmul(x, planes, fmt, config=config, interpret=True))
+    with pytest.raises(ValueError, match="path='units'"):
+        qmatmul.qmatmul_words(x, words, fmt, config=config._replace(path="units"))
+
+
 def test_dp4a_path_refuses_many_rows():
     with pytest.raises(ValueError, match="dp4a path unrolls its rows"):
         qmatmul.qmatmul(
