@@ -12,11 +12,12 @@ holding both nibbles, Q6_K: two windows of 2 words, as its crumb bytes pair with
 ``[bn, words]`` of the codes, and PTX ``dp4a.s32.s32`` multiplies four bytes of weights by four bytes of
 activations into an int32 per word (the 4-bit formats: the low nibbles ``w & 0x0F0F0F0F`` with part 0's word,
 the high ``(w >> 4) & 0x0F0F0F0F`` with part 1's, into one sum, as one activation scale covers the 32-block).
-Each word's sum, converted to float32, meets its group's ``weight scale * activation scale`` (a ``[bn, 1]``
-column) in a ``[bn, words]`` float32 accumulator per row, reduced once after the K loop. Integer offsets are
+A window's row lies in one thread (16 bytes, a warp per 32 rows), so its words' sums add up to the block's
+integer sum in registers (no shuffle, no shared memory); converted to float32, it meets the block's ``weight
+scale * activation scale`` (``[bn]`` columns) in one ``[bn]`` float32 accumulator per row. Integer offsets are
 folded into the sums (Q4_0's ``-8`` and Q6_K's ``-32``: ``dp4a`` of the activations' word with a splat of the
 offset, its third operand); float offsets (Q4_1's mins, Q4_K's ``-dmin * sub_min``) multiply the block's
-activation sum into a ``[bn]`` accumulator per row. Interpret mode (no PTX) emulates ``dp4a`` with shifts.
+activation sum into the same accumulator. Interpret mode (no PTX) emulates ``dp4a`` with shifts.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels import backend
 from pallas_kernels.block_formats import block_format, split_parts
 
-# Accumulator columns: words per window, 16 bytes where a unit allows (a window row per thread: a 16-byte load and
-# the [bn] scale columns in the tile's own row layout); Q8_0's unit is two windows, Q6_K's two of 8 bytes.
+# Words per window, 16 bytes where a unit allows (a window row per thread: a 16-byte load, its words summed in the
+# thread, the [bn] scale columns in the tile's own row layout); Q8_0's unit is two windows, Q6_K's two of 8 bytes.
 WORDS = {"Q8_0": 4, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q6_K": 2}
 FLOAT_OFFSETS = ("Q4_1", "Q4_K")  # formats whose offsets take the activations' block sums
 DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, $3;"
@@ -41,11 +42,6 @@ LOW_NIBBLES = 0x0F0F0F0F
 def _splat(byte: int) -> int:
     """The int32 word whose four bytes are ``byte`` (a signed 8-bit value)."""
     return int(np.array([byte & 0xFF] * 4, np.uint8).view(np.int32)[0])
-
-
-def accumulator_width(fmt: str) -> int:
-    block_format(fmt)  # names the known formats if fmt is not one
-    return WORDS[fmt]
 
 
 def quantize_activations(x, fmt: str):
@@ -122,7 +118,7 @@ def _weight_factors(fmt: str, plane_refs, cols, index) -> tuple:
 
 
 def _unit_words(fmt: str, plane_refs, cols, index) -> list:
-    """The unit's weight words per accumulator window: ``[(window offset in words, (part codes...))]``, each
+    """The unit's weight words per window: ``[(window offset in words, (part codes...))]``, each
     codes tile ``[bn, WORDS]`` int32 of non-negative bytes (signed for Q8_0), one per part."""
     w0 = index(4)
     width = WORDS[fmt]
@@ -162,13 +158,12 @@ def _integer_sum(fmt: str, codes, xs, *, emulate: bool):
     return out
 
 
-def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, offs, *, rows0, cols, k0, block_k: int, emulate: bool):
-    """``accs`` (one ``[bn, WORDS]`` float32 accumulator per row) and ``offs`` (one ``[bn]`` per row for the
-    float-offset formats, else empty) after the K step at packed column ``k0``."""
+def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, *, rows0, cols, k0, block_k: int, emulate: bool):
+    """``accs`` (one ``[bn]`` float32 accumulator per row) after the K step at packed column ``k0``."""
     parts = block_format(fmt).parts
     per_unit = 32 // parts  # packed columns of one 32-block
     width = WORDS[fmt]
-    accs, offs = list(accs), list(offs)
+    accs = list(accs)
     for u in range(block_k // per_unit):
         # entry of packed column k0 + u * per_unit in a plane of g columns an entry (k0 a multiple of g): a static
         # offset from the step's, so the addresses are the step's plus constants
@@ -179,18 +174,21 @@ def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, offs, *, rows0, cols, 
         for r in range(len(accs)):
             row = rows0 + r
             x_scale = xf_ref[0, row, block]
-            factors = [(s * x_scale)[:, None] for s in scales]  # [bn, 1]: weight scale times activation scale
+            totals = [None] * len(scales)  # the block's integer sums, one per scale
             for at, codes in windows:
                 xs = [xw_ref[p, row, pl.ds(w0 + at, width)] for p in range(parts)]  # [WORDS] each
-                if len(factors) == 1:  # one scale over the block: both parts into one sum
+                if len(scales) == 1:  # one scale over the block: both parts into one sum
                     sums = [_integer_sum(fmt, codes, xs, emulate=emulate)]
                 else:  # Q6_K: a scale per part
                     sums = [_integer_sum(fmt, (q,), (x,), emulate=emulate) for q, x in zip(codes, xs, strict=True)]
-                for f, isum in zip(factors, sums, strict=True):
-                    accs[r] = accs[r] + isum.astype(jnp.float32) * f
+                for i, isum in enumerate(sums):
+                    words = jnp.sum(isum, axis=1)  # [bn]: a row's words lie in one thread
+                    totals[i] = words if totals[i] is None else totals[i] + words
+            for s, total in zip(scales, totals, strict=True):
+                accs[r] = accs[r] + total.astype(jnp.float32) * (s * x_scale)
             if offset is not None:
-                offs[r] = offs[r] + offset * xf_ref[1, row, block]
-    return tuple(accs), tuple(offs)
+                accs[r] = accs[r] + offset * xf_ref[1, row, block]
+    return tuple(accs)
 
 
 def dp4a_program(
@@ -211,15 +209,12 @@ def dp4a_program(
 ) -> None:
     """One program's share: its ``steps`` K steps from split ``split``, each row's sum stored to the partials."""
 
-    def body(step, carry):
+    def body(step, accs):
         k0 = pl.multiple_of((split * steps + step) * block_k, block_k)
         return dp4a_step(
-            fmt, xw_ref, xf_ref, plane_refs, *carry, rows0=rows0, cols=cols, k0=k0, block_k=block_k, emulate=emulate
+            fmt, xw_ref, xf_ref, plane_refs, accs, rows0=rows0, cols=cols, k0=k0, block_k=block_k, emulate=emulate
         )
 
-    accs = tuple(jnp.zeros((block_n, WORDS[fmt]), jnp.float32) for _ in range(block_m))
-    offs = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(block_m if fmt in FLOAT_OFFSETS else 0))
-    accs, offs = lax.fori_loop(0, steps, body, (accs, offs))
+    accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(block_m)))
     for r, acc in enumerate(accs):
-        out = jnp.sum(acc, axis=1)
-        o_ref[split, rows0 + r, cols] = out + offs[r] if offs else out
+        o_ref[split, rows0 + r, cols] = acc

@@ -18,8 +18,9 @@ axis); its reference is ``block_formats.qmatmul_reference`` (same signature). On
   after the K loop. No 3-D register tile, no per-step reduction: the codes load 16 bytes wide and the loop needs
   no layout conversion (docs/quant.md, "Speed").
 * ``"dp4a"`` (a register path under trial, never the default): the activations rounded to int8 per 32-block
-  of ``K`` once per call, each unit's weight words multiplied into int32 sums by PTX ``dp4a`` and scaled per
-  group into a ``[bn, words]`` float32 accumulator per row (``pallas_kernels.qmatmul_dp4a``; docs/quant.md).
+  of ``K`` once per call, each block's weight words multiplied into int32 sums by PTX ``dp4a``, summed in the
+  thread that holds the row and scaled into a ``[bn]`` float32 accumulator per row
+  (``pallas_kernels.qmatmul_dp4a``; docs/quant.md).
 * ``"fma"`` (the first small-M kernel, kept for comparison): the whole ``[bn, bk]`` tile dequantized through
   ``[R, W / g, g]`` reshapes and multiplied by a ``[bm, bn, bk]`` broadcast-multiply-sum each step.
 
