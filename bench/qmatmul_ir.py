@@ -6,8 +6,9 @@ Counted per variant: in the TTGIR, ``convert_layout`` ops inside the K loop (eac
 trip through shared memory) and shared-memory allocations; in the SASS (the whole kernel; the K loop dominates),
 global loads by width, shared-memory loads and stores, barriers, warp shuffles, FMAs; from ``ptxas -v``, registers
 and spills. The ``triton`` package's version is not the one inside jaxlib on the GPU machine: its passes are
-close, not equal. Usage: ``python bench/qmatmul_ir.py --out DIR [--smoke]`` (``pip install triton`` for the
-compiled counts; without it only the lowered TTIR's op counts). Writes ``DIR/qmatmul_ir.json`` and a table.
+close, not equal. Usage: ``python bench/qmatmul_ir.py --out DIR [--smoke] [--shape wqkv] [--rows 1]
+[--variants units,default,dp4a]`` (``pip install triton`` for the compiled counts; without it only the lowered
+TTIR's op counts). Writes ``DIR/qmatmul_ir.json`` and a table.
 """
 
 from __future__ import annotations
@@ -170,12 +171,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="one small shape, two variants")
     parser.add_argument("--shape", default="wo", help="which matrix of bench_qmatmul.MATRICES (default wo)")
+    parser.add_argument("--rows", default=",".join(map(str, bench_qmatmul.ROWS)), help="M values (default all)")
+    parser.add_argument("--variants", default="", help="only these bench_qmatmul variants (all if empty)")
     args = parser.parse_args(argv)
+    only = {v for v in args.variants.split(",") if v}
     n, k = (256, 512) if args.smoke else bench_qmatmul.MATRICES[args.shape]
     report = {"shape": [n, k], "rows": {}}
     for fmt in bench_qmatmul.FORMATS:
-        for m in (1,) if args.smoke else bench_qmatmul.ROWS:
+        for m in (1,) if args.smoke else tuple(int(r) for r in args.rows.split(",")):
             variants = bench_qmatmul.variants(m, n, k, fmt)
+            variants = {v: c for v, c in variants.items() if not only or v in only}
             for name, config in list(variants.items())[: 2 if args.smoke else None]:
                 key = f"{fmt} M={m} {name}"
                 report["rows"][key] = analyse(fmt, m, n, k, config)
