@@ -1,11 +1,11 @@
 """The ``"dp4a"`` formulation of ``quantized_matmul``'s small-M kernel: integer dot products of int8 activations.
 
 The activations are rounded once per call (XLA, ``M x K`` work) to int8 per 32-block of ``K`` with one float32
-scale per block (``scale = max|x| / 127``, round to nearest), as fast GGUF matrix-vector kernels do; Q4_1 and Q4_K
-also take each block's sum of the rounded activations (``scale * sum(codes)``, so the offset term matches what the
-integer part multiplies). The codes are split into the format's parts as ``block_formats.split_parts`` splits
-``x`` and packed four to an int32 word; the weights' code planes are read as int32 words too (a bitcast), so word
-``c`` of part ``p`` of ``x`` pairs with word ``c`` of the weights' packed columns.
+scale per block (``scale = max|x| / 127``, round to nearest), as fast GGUF matrix-vector kernels do, with the sums
+the offsets take (:func:`quantize_activations`). The codes are split into the format's parts as
+``block_formats.split_parts`` splits ``x`` and packed four to an int32 word; the weights' code planes are read as
+int32 words too (a bitcast), so word ``c`` of part ``p`` of ``x`` pairs with word ``c`` of the weights' packed
+columns.
 
 A K step walks **units** of one 32-block (Q8_0: 8 words of codes in two windows of 4, the 4-bit formats: 4 words
 holding both nibbles, Q6_K: two windows of 2 words, as its crumb bytes pair with them), each window a 2-D read
@@ -14,17 +14,17 @@ activations into an int32 per word (the 4-bit formats: the low nibbles ``w & 0x0
 the high ``(w >> 4) & 0x0F0F0F0F`` with part 1's, into one sum, as one activation scale covers the 32-block).
 A window's row lies in one thread (16 bytes, a warp per 32 rows), so its words' sums add up to the block's
 integer sum in registers (no shuffle, no shared memory); converted to float32, it meets the block's ``weight
-scale * activation scale`` (``[bn]`` columns) in one ``[bn]`` float32 accumulator per row. Integer offsets are
-folded into the sums (Q4_0's ``-8`` and Q6_K's ``-32``: ``dp4a`` of the activations' word with a splat of the
-offset, its third operand); float offsets (Q4_1's mins, Q4_K's ``-dmin * sub_min``) multiply the block's
-activation sum into the same accumulator. Interpret mode (no PTX) emulates ``dp4a`` with shifts.
+scale * activation scale`` (``[bn]`` columns) in one ``[bn]`` float32 accumulator per row. Integer offsets
+(Q4_0's ``-8``, Q6_K's ``-32``) add ``offset * sum(activation codes)`` of the block (Q6_K: of each part) to the
+integer sum; float offsets (Q4_1's mins, Q4_K's ``-dmin * sub_min``) multiply the block's sum of the rounded
+activations (``scale * sum(codes)``, so the offset term matches what the integer part multiplies) into the same
+accumulator. Interpret mode (no PTX) emulates ``dp4a`` with shifts.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -35,19 +35,16 @@ from pallas_kernels.block_formats import block_format, split_parts
 # thread, the [bn] scale columns in the tile's own row layout); Q8_0's unit is two windows, Q6_K's two of 8 bytes.
 WORDS = {"Q8_0": 4, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q6_K": 2}
 FLOAT_OFFSETS = ("Q4_1", "Q4_K")  # formats whose offsets take the activations' block sums
+INT_OFFSET = {"Q4_0": -8, "Q6_K": -32}  # integer offsets of the codes: they take the sums of the activation codes
 DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, $3;"
 LOW_NIBBLES = 0x0F0F0F0F
-
-
-def _splat(byte: int) -> int:
-    """The int32 word whose four bytes are ``byte`` (a signed 8-bit value)."""
-    return int(np.array([byte & 0xFF] * 4, np.uint8).view(np.int32)[0])
 
 
 def quantize_activations(x, fmt: str):
     """``x [M, K]`` rounded to int8 per 32-block: ``(words, factors)``, ``words`` int32 ``[P, M, K / P / 4]`` (the
     codes split into the format's parts, four to a word, the first code in the low byte) and ``factors`` float32
-    ``[F, M, K / 32]``: each block's scale, and for Q4_1 / Q4_K (F = 2) its sum of the rounded activations."""
+    ``[F, M, K / 32]``: each block's scale, then for Q4_1 / Q4_K its sum of the rounded activations, for Q4_0 the
+    sum of its codes, for Q6_K the sums of the codes of each part (its first and second 16; integers, exact)."""
     m, k = x.shape
     blocks = x.astype(jnp.float32).reshape(m, k // 32, 32)
     scale = jnp.max(jnp.abs(blocks), axis=2) / 127.0  # [M, K / 32]
@@ -55,9 +52,14 @@ def quantize_activations(x, fmt: str):
     codes = jnp.clip(jnp.round(blocks / safe), -127, 127).astype(jnp.int8)
     parts = split_parts(codes.reshape(m, k), fmt)  # (P, M, K / P)
     words = lax.bitcast_convert_type(parts.reshape(*parts.shape[:2], -1, 4), jnp.int32)  # (P, M, K / P / 4)
+    code_sum = lambda lo, hi: jnp.sum(codes[:, :, lo:hi].astype(jnp.int32), axis=2).astype(jnp.float32)
     factors = [scale]
     if fmt in FLOAT_OFFSETS:
-        factors.append(scale * jnp.sum(codes.astype(jnp.int32), axis=2).astype(jnp.float32))
+        factors.append(scale * code_sum(0, 32))
+    elif fmt == "Q4_0":
+        factors.append(code_sum(0, 32))
+    elif fmt == "Q6_K":
+        factors += [code_sum(0, 16), code_sum(16, 32)]
     return words, jnp.stack(factors)
 
 
@@ -141,18 +143,10 @@ def _unit_words(fmt: str, plane_refs, cols, index) -> list:
     return out
 
 
-INT_OFFSET = {"Q4_0": -8, "Q6_K": -32}  # integer offsets of the codes, folded into the integer sums
-
-
-def _integer_sum(fmt: str, codes, xs, *, emulate: bool):
-    """``sum_p dot(codes[p] + offset, xs[p])`` per word: ``[bn, WORDS]`` int32 from the parts' code tiles and the
-    row's activation words ``[WORDS]`` (the offset's share, ``dot(splat(offset), x)``, computed once per word)."""
-    c = jnp.zeros(xs[0].shape, jnp.int32)
-    if fmt in INT_OFFSET:
-        splat = jnp.full(xs[0].shape, _splat(INT_OFFSET[fmt]), jnp.int32)
-        for x in xs:
-            c = dp4a(splat, x, c, emulate=emulate)
-    out = jnp.broadcast_to(c[None, :], codes[0].shape)
+def _integer_sum(codes, xs, *, emulate: bool):
+    """``sum_p dot(codes[p], xs[p])`` per word: ``[bn, WORDS]`` int32 from the parts' code tiles and the row's
+    activation words ``[WORDS]``, chained through ``dp4a``'s third operand."""
+    out = jnp.zeros(codes[0].shape, jnp.int32)
     for q, x in zip(codes, xs, strict=True):
         out = dp4a(q, jnp.broadcast_to(x[None, :], q.shape), out, emulate=emulate)
     return out
@@ -178,14 +172,17 @@ def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, *, rows0, cols, k0, bl
             for at, codes in windows:
                 xs = [xw_ref[p, row, pl.ds(w0 + at, width)] for p in range(parts)]  # [WORDS] each
                 if len(scales) == 1:  # one scale over the block: both parts into one sum
-                    sums = [_integer_sum(fmt, codes, xs, emulate=emulate)]
+                    sums = [_integer_sum(codes, xs, emulate=emulate)]
                 else:  # Q6_K: a scale per part
-                    sums = [_integer_sum(fmt, (q,), (x,), emulate=emulate) for q, x in zip(codes, xs, strict=True)]
+                    sums = [_integer_sum((q,), (x,), emulate=emulate) for q, x in zip(codes, xs, strict=True)]
                 for i, isum in enumerate(sums):
                     words = jnp.sum(isum, axis=1)  # [bn]: a row's words lie in one thread
                     totals[i] = words if totals[i] is None else totals[i] + words
-            for s, total in zip(scales, totals, strict=True):
-                accs[r] = accs[r] + total.astype(jnp.float32) * (s * x_scale)
+            for i, (s, total) in enumerate(zip(scales, totals, strict=True)):
+                total = total.astype(jnp.float32)  # exact: at most 32 * 127 * 127 in magnitude
+                if fmt in INT_OFFSET:  # dot(q + o, x) = dot(q, x) + o * sum(x): the codes' sum of the block or part
+                    total = total + INT_OFFSET[fmt] * xf_ref[1 + i, row, block]
+                accs[r] = accs[r] + total * (s * x_scale)
             if offset is not None:
                 accs[r] = accs[r] + offset * xf_ref[1, row, block]
     return tuple(accs)

@@ -35,9 +35,16 @@ def rounded_activations(x, fmt):
     codes = codes.reshape(parts, m, kp // (32 // parts), 32 // parts).transpose(1, 2, 0, 3).reshape(m, parts * kp)
     scales = np.asarray(factors[0], np.float64)
     x_hat = codes.astype(np.float64) * np.repeat(scales, 32, axis=1)
-    if fmt in qmatmul_dp4a.FLOAT_OFFSETS:  # the block sums are those of the rounded activations
-        sums = x_hat.reshape(m, -1, 32).sum(axis=2)
-        np.testing.assert_allclose(np.asarray(factors[1], np.float64), sums, rtol=1e-6, atol=1e-6 * scales.max())
+    blocks = codes.reshape(m, -1, 32)
+    sums = {  # the offsets' sums: of the rounded activations, or (exact integers) of the codes, per part for Q6_K
+        "Q4_1": [x_hat.reshape(m, -1, 32).sum(axis=2)],
+        "Q4_K": [x_hat.reshape(m, -1, 32).sum(axis=2)],
+        "Q4_0": [blocks.sum(axis=2)],
+        "Q6_K": [blocks[:, :, :16].sum(axis=2), blocks[:, :, 16:].sum(axis=2)],
+    }.get(fmt, [])
+    assert factors.shape == (1 + len(sums), m, codes.shape[1] // 32)
+    for got, want in zip(factors[1:], sums, strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6 * max(scales.max(), 1))
     return x_hat, scales
 
 
@@ -83,19 +90,24 @@ def test_bf16_activations_and_default_launch(rng):
 
 def test_quantized_activations(rng):
     """Codes in [-127, 127], each block's largest at +-127, every value within half a step; zero blocks stay
-    zero (no division by a zero scale); the words hold the codes split into parts, the first code lowest."""
+    zero (no division by a zero scale); the words hold the codes split into parts, the first code lowest; each
+    format's factors: the scales, then the sums its offsets take (:func:`rounded_activations` checks them)."""
     x = rng.standard_normal((3, 256)).astype(np.float32) * 4
     x[1, 32:64] = 0.0
-    for fmt in ("Q8_0", "Q4_K"):
-        words, factors = qmatmul_dp4a.quantize_activations(jnp.asarray(x), fmt)
+    for fmt in FORMATS:
+        words, _ = qmatmul_dp4a.quantize_activations(jnp.asarray(x), fmt)
         parts = block_formats.FORMATS[fmt].parts
         assert words.dtype == jnp.int32 and words.shape == (parts, 3, 256 // parts // 4)
-        assert factors.shape == (2 if fmt in qmatmul_dp4a.FLOAT_OFFSETS else 1, 3, 8)
         x_hat, scales = rounded_activations(jnp.asarray(x), fmt)
         codes = np.rint(x_hat / np.repeat(np.where(scales > 0, scales, 1), 32, axis=1))
         assert np.abs(codes).max() == 127 and np.all(np.abs(codes).reshape(3, 8, 32).max(axis=2)[scales > 0] == 127)
         assert np.all(np.abs(x - x_hat) <= np.repeat(scales, 32, axis=1) / 2 * (1 + 1e-6))
         assert scales[1, 1] == 0 and np.all(x_hat[1, 32:64] == 0)
+
+
+def _splat(byte: int) -> int:
+    """The int32 word whose four bytes are ``byte`` (a signed 8-bit value)."""
+    return int(np.array([byte & 0xFF] * 4, np.uint8).view(np.int32)[0])
 
 
 def _emulated_reference(a, b, c):
@@ -108,9 +120,9 @@ def _emulated_reference(a, b, c):
 def test_dp4a_emulation_matches_integer_arithmetic(rng):
     words = lambda: rng.integers(-(2**31), 2**31, (64, 8), dtype=np.int64).astype(np.int32)
     a, b, c = words(), words(), words()
-    a[0], b[0] = qmatmul_dp4a._splat(-128), qmatmul_dp4a._splat(-128)  # the extremes: 4 * 16384
-    a[1], b[1] = qmatmul_dp4a._splat(127), qmatmul_dp4a._splat(-128)
-    a[2], b[2], c[2] = qmatmul_dp4a._splat(-128), qmatmul_dp4a._splat(-128), 2**31 - 1  # wraps
+    a[0], b[0] = _splat(-128), _splat(-128)  # the extremes: 4 * 16384
+    a[1], b[1] = _splat(127), _splat(-128)
+    a[2], b[2], c[2] = _splat(-128), _splat(-128), 2**31 - 1  # wraps
     out = jax.jit(qmatmul_dp4a.dp4a_emulated)(a, b, c)
     np.testing.assert_array_equal(np.asarray(out), _emulated_reference(a, b, c))
     assert int(out[0, 0]) == int(c[0, 0]) + 4 * 128 * 128
