@@ -143,10 +143,10 @@ def _unit_words(fmt: str, plane_refs, cols, index) -> list:
     return out
 
 
-def _integer_sum(codes, xs, *, emulate: bool):
-    """``sum_p dot(codes[p], xs[p])`` per word: ``[bn, WORDS]`` int32 from the parts' code tiles and the row's
-    activation words ``[WORDS]``, chained through ``dp4a``'s third operand."""
-    out = jnp.zeros(codes[0].shape, jnp.int32)
+def _integer_sum(codes, xs, out, *, emulate: bool):
+    """``out + sum_p dot(codes[p], xs[p])`` per word: ``[bn, WORDS]`` int32 from the parts' code tiles and the
+    row's activation words ``[WORDS]``, chained through ``dp4a``'s third operand (``out`` None: from zero)."""
+    out = jnp.zeros(codes[0].shape, jnp.int32) if out is None else out
     for q, x in zip(codes, xs, strict=True):
         out = dp4a(q, jnp.broadcast_to(x[None, :], q.shape), out, emulate=emulate)
     return out
@@ -168,18 +168,17 @@ def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, *, rows0, cols, k0, bl
         for r in range(len(accs)):
             row = rows0 + r
             x_scale = xf_ref[0, row, block]
-            totals = [None] * len(scales)  # the block's integer sums, one per scale
+            sums = [None] * len(scales)  # the block's integer sums per word, one per scale, over its windows
             for at, codes in windows:
                 xs = [xw_ref[p, row, pl.ds(w0 + at, width)] for p in range(parts)]  # [WORDS] each
                 if len(scales) == 1:  # one scale over the block: both parts into one sum
-                    sums = [_integer_sum(codes, xs, emulate=emulate)]
+                    sums = [_integer_sum(codes, xs, sums[0], emulate=emulate)]
                 else:  # Q6_K: a scale per part
-                    sums = [_integer_sum((q,), (x,), emulate=emulate) for q, x in zip(codes, xs, strict=True)]
-                for i, isum in enumerate(sums):
-                    words = jnp.sum(isum, axis=1)  # [bn]: a row's words lie in one thread
-                    totals[i] = words if totals[i] is None else totals[i] + words
-            for i, (s, total) in enumerate(zip(scales, totals, strict=True)):
-                total = total.astype(jnp.float32)  # exact: at most 32 * 127 * 127 in magnitude
+                    sums = [
+                        _integer_sum((q,), (x,), t, emulate=emulate) for q, x, t in zip(codes, xs, sums, strict=True)
+                    ]
+            for i, (s, words) in enumerate(zip(scales, sums, strict=True)):
+                total = jnp.sum(words, axis=1).astype(jnp.float32)  # a row's words lie in one thread; exact (< 2^24)
                 if fmt in INT_OFFSET:  # dot(q + o, x) = dot(q, x) + o * sum(x): the codes' sum of the block or part
                     total = total + INT_OFFSET[fmt] * xf_ref[1 + i, row, block]
                 accs[r] = accs[r] + total * (s * x_scale)
