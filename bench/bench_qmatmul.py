@@ -106,12 +106,13 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
 
 
 def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
-    """The integer-dot path's launches (``"dp4a"``, under trial): its rule, 64 / 256 rows a program, 128-deep K
-    steps (fewer registers), twice the K splits."""
+    """The integer-dot path's launches (``"dp4a"``, under trial): its rule, each step's weight reads issued a step
+    ahead (stages 2), 64 / 256 rows a program, 128-deep K steps (fewer registers), twice the K splits."""
     base = qm.dp4a_config(m, n, k, fmt)
     kp = k // block_formats.FORMATS[fmt].parts
     out = {
         "dp4a": base,
+        "dp4a_prefetch": base._replace(num_stages=2),
         "dp4a_bn64": qm.dp4a_config(m, n, k, fmt, block_n=64),
         "dp4a_bn256": qm.dp4a_config(m, n, k, fmt, block_n=256),
         "dp4a_bk128": _fit(m, n, k, fmt, base.block_m, base.block_n, 128, base.num_warps, 1, "dp4a"),

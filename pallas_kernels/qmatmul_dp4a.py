@@ -104,41 +104,47 @@ def dp4a(a, b, c, *, emulate: bool):
     return out
 
 
-def _weight_factors(fmt: str, plane_refs, cols, index) -> tuple:
-    """The unit's per-part weight scales and its float offset (``[bn]`` each; no offset: None); ``index(g)``: the
-    unit's entry of a plane of ``g`` packed columns an entry."""
-    groups = [p.group for p in block_format(fmt).planes]
-    entry = lambda i: plane_refs[i][cols, index(groups[i])].astype(jnp.float32)
+def _unit_loads(fmt: str, plane_refs, cols, index) -> tuple:
+    """The unit's weight-side reads as loaded (so that a step's reads can be issued a step ahead): ``(entries,
+    words)``, ``entries`` each per-group plane's ``[bn]`` entries, ``words`` the code windows ``[bn, WORDS]``
+    (Q6_K: its two nibble windows, then its crumb words); ``index(g)``: the unit's entry of a plane of ``g``
+    packed columns an entry."""
+    spec = block_format(fmt)
+    entries = tuple(ref[cols, index(p.group)] for ref, p in zip(plane_refs, spec.planes, strict=True) if p.group > 2)
+    w0, width = index(4), WORDS[fmt]
+    words = tuple(plane_refs[0][cols, pl.ds(w0 + at, width)] for at in range(0, 8 // spec.parts, width))
+    if fmt == "Q6_K":
+        words += (plane_refs[1][cols, pl.ds(index(8), 2)],)
+    return entries, words
+
+
+def _weight_factors(fmt: str, entries) -> tuple:
+    """The unit's per-part weight scales and its float offset (``[bn]`` each; no offset: None)."""
+    e = [v.astype(jnp.float32) for v in entries]
     if fmt in ("Q8_0", "Q4_0"):
-        return (entry(1),), None
+        return (e[0],), None
     if fmt == "Q4_1":
-        return (entry(1),), entry(2)
-    if fmt == "Q4_K":
-        return (entry(1) * entry(3),), -(entry(2) * entry(4))
-    d = entry(4)  # Q6_K: a sub-scale per part
-    return (entry(2) * d, entry(3) * d), None
+        return (e[0],), e[1]
+    if fmt == "Q4_K":  # sub-scale, sub-min, d, dmin
+        return (e[0] * e[2],), -(e[1] * e[3])
+    return (e[0] * e[2], e[1] * e[2]), None  # Q6_K: a sub-scale per part, d
 
 
-def _unit_words(fmt: str, plane_refs, cols, index) -> list:
-    """The unit's weight words per window: ``[(window offset in words, (part codes...))]``, each
-    codes tile ``[bn, WORDS]`` int32 of non-negative bytes (signed for Q8_0), one per part."""
-    w0 = index(4)
-    width = WORDS[fmt]
+def _unit_codes(fmt: str, words) -> list:
+    """The unit's code tiles per window: ``[(window offset in words, (part codes...))]``, each ``[bn, WORDS]``
+    int32 of non-negative bytes (signed for Q8_0), one per part."""
     if fmt == "Q8_0":
-        return [(at, (plane_refs[0][cols, pl.ds(w0 + at, width)],)) for at in (0, width)]
+        return [(WORDS[fmt] * i, (w,)) for i, w in enumerate(words)]
+    nibbles = lambda w: (w & LOW_NIBBLES, lax.shift_right_arithmetic(w, 4) & LOW_NIBBLES)
     if fmt != "Q6_K":
-        w = plane_refs[0][cols, pl.ds(w0, width)]
-        return [(0, (w & LOW_NIBBLES, lax.shift_right_arithmetic(w, 4) & LOW_NIBBLES))]
+        return [(0, nibbles(words[0]))]
     # Q6_K: the block's two crumb words serve nibble words 0-1 (crumb shift 0) and 2-3 (shift 2) alike; part 1's
     # crumbs sit 4 bits above part 0's, each moved to bits 4-5 of its byte
-    crumbs = plane_refs[1][cols, pl.ds(index(8), 2)]
-    out = []
+    crumbs, out = words[2], []
     for h in range(2):
-        w = plane_refs[0][cols, pl.ds(w0 + 2 * h, 2)]
-        low = (w & LOW_NIBBLES) | (lax.shift_left(crumbs, 4 - 2 * h) & 0x30303030)
-        high = (lax.shift_right_arithmetic(w, 4) & LOW_NIBBLES) | (
-            lax.shift_right_arithmetic(crumbs, 2 * h) & 0x30303030
-        )
+        low, high = nibbles(words[h])
+        low = low | (lax.shift_left(crumbs, 4 - 2 * h) & 0x30303030)
+        high = high | (lax.shift_right_arithmetic(crumbs, 2 * h) & 0x30303030)
         out.append((2 * h, (low, high)))
     return out
 
@@ -152,19 +158,30 @@ def _integer_sum(codes, xs, out, *, emulate: bool):
     return out
 
 
-def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, *, rows0, cols, k0, block_k: int, emulate: bool):
-    """``accs`` (one ``[bn]`` float32 accumulator per row) after the K step at packed column ``k0``."""
+def _unit_index(k0, u: int, per_unit: int):
+    """``index(g)``: the entry of packed column ``k0 + u * per_unit`` in a plane of ``g`` packed columns an entry
+    (``k0`` a multiple of ``g``): a static offset from the step's, so the addresses are the step's plus constants."""
+    return lambda g: lax.div(k0, g) + u * per_unit // g
+
+
+def step_loads(fmt: str, plane_refs, *, cols, k0, block_k: int) -> tuple:
+    """The weight-side reads of the K step at packed column ``k0``: one :func:`_unit_loads` per unit."""
+    per_unit = 32 // block_format(fmt).parts  # packed columns of one 32-block
+    return tuple(_unit_loads(fmt, plane_refs, cols, _unit_index(k0, u, per_unit)) for u in range(block_k // per_unit))
+
+
+def dp4a_step(fmt: str, xw_ref, xf_ref, loads, accs, *, rows0, k0, emulate: bool):
+    """``accs`` (one ``[bn]`` float32 accumulator per row) after the K step at packed column ``k0``, whose
+    weight-side reads are ``loads`` (:func:`step_loads`)."""
     parts = block_format(fmt).parts
-    per_unit = 32 // parts  # packed columns of one 32-block
+    per_unit = 32 // parts
     width = WORDS[fmt]
     accs = list(accs)
-    for u in range(block_k // per_unit):
-        # entry of packed column k0 + u * per_unit in a plane of g columns an entry (k0 a multiple of g): a static
-        # offset from the step's, so the addresses are the step's plus constants
-        index = lambda g, u=u: lax.div(k0, g) + u * per_unit // g
+    for u, (entries, words) in enumerate(loads):
+        index = _unit_index(k0, u, per_unit)
         block, w0 = index(per_unit), index(4)
-        scales, offset = _weight_factors(fmt, plane_refs, cols, index)
-        windows = _unit_words(fmt, plane_refs, cols, index)
+        scales, offset = _weight_factors(fmt, entries)
+        windows = _unit_codes(fmt, words)
         for r in range(len(accs)):
             row = rows0 + r
             x_scale = xf_ref[0, row, block]
@@ -177,8 +194,8 @@ def dp4a_step(fmt: str, xw_ref, xf_ref, plane_refs, accs, *, rows0, cols, k0, bl
                     sums = [
                         _integer_sum((q,), (x,), t, emulate=emulate) for q, x, t in zip(codes, xs, sums, strict=True)
                     ]
-            for i, (s, words) in enumerate(zip(scales, sums, strict=True)):
-                total = jnp.sum(words, axis=1).astype(jnp.float32)  # a row's words lie in one thread; exact (< 2^24)
+            for i, (s, words_sum) in enumerate(zip(scales, sums, strict=True)):
+                total = jnp.sum(words_sum, axis=1).astype(jnp.float32)  # a row's words lie in one thread; < 2^24
                 if fmt in INT_OFFSET:  # dot(q + o, x) = dot(q, x) + o * sum(x): the codes' sum of the block or part
                     total = total + INT_OFFSET[fmt] * xf_ref[1 + i, row, block]
                 accs[r] = accs[r] + total * (s * x_scale)
@@ -202,15 +219,26 @@ def dp4a_program(
     block_m: int,
     block_n: int,
     emulate: bool,
+    prefetch: bool,
 ) -> None:
-    """One program's share: its ``steps`` K steps from split ``split``, each row's sum stored to the partials."""
+    """One program's share: its ``steps`` K steps from split ``split``, each row's sum stored to the partials.
+    ``prefetch``: each step's weight-side reads issued during the step before (carried in the loop), so a step
+    does not wait a memory latency for them."""
+    k0 = lambda step: pl.multiple_of((split * steps + step) * block_k, block_k)
+    loads = lambda step: step_loads(fmt, plane_refs, cols=cols, k0=k0(step), block_k=block_k)
+    compute = lambda step, now, accs: dp4a_step(
+        fmt, xw_ref, xf_ref, now, accs, rows0=rows0, k0=k0(step), emulate=emulate
+    )
+    accs = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(block_m))
+    if prefetch:
 
-    def body(step, accs):
-        k0 = pl.multiple_of((split * steps + step) * block_k, block_k)
-        return dp4a_step(
-            fmt, xw_ref, xf_ref, plane_refs, accs, rows0=rows0, cols=cols, k0=k0, block_k=block_k, emulate=emulate
-        )
+        def body(step, carry):
+            accs, now = carry
+            ahead = loads(jnp.minimum(step + 1, steps - 1))  # issued before this step's arithmetic
+            return compute(step, now, accs), ahead
 
-    accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(block_m)))
+        accs, _ = lax.fori_loop(0, steps, body, (accs, loads(0)))
+    else:
+        accs = lax.fori_loop(0, steps, lambda step, accs: compute(step, loads(step), accs), accs)
     for r, acc in enumerate(accs):
         o_ref[split, rows0 + r, cols] = acc

@@ -206,6 +206,7 @@ def _kernel(
             block_m=bm,
             block_n=bn,
             emulate=interpret,
+            prefetch=config.num_stages > 1,  # its loop is not pipelined by Triton: stages 2 carries the reads
         )
         return
 

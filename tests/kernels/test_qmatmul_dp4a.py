@@ -68,10 +68,13 @@ CASES = [  # every format; M = 1, a padded row block, two row blocks (the last s
     *[(f, 13, QMatmulConfig(8, 16, 128, 3, 1, 1, "dp4a")) for f in ("Q8_0", "Q4_K", "Q6_K")],  # two row blocks
     ("Q4_0", 16, QMatmulConfig(8, 16, 64, 2, 1, 1, "dp4a")),
     ("Q4_1", 6, QMatmulConfig(2, 8, 32, 12, 1, 1, "dp4a")),  # narrow blocks, twelve splits of two units
+    *[(f, 2, QMatmulConfig(2, 16, 128, 1, 1, 2, "dp4a")) for f in FORMATS],  # stages 2: each step's reads a step ahead
 ]
 
 
-@pytest.mark.parametrize("fmt,m,config", CASES, ids=[f"{f}-m{m}-bm{c.block_m}-s{c.num_splits}" for f, m, c in CASES])
+@pytest.mark.parametrize(
+    "fmt,m,config", CASES, ids=[f"{f}-m{m}-bm{c.block_m}-s{c.num_splits}-st{c.num_stages}" for f, m, c in CASES]
+)
 def test_matches_float64(rng, fmt, m, config):
     out, same, exact, bound = run(rng, fmt, m, config, blocks=768 // block_formats.FORMATS[fmt].block)
     assert rel_err(out, same) < REL_TOL["float32"]
