@@ -101,8 +101,8 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
             out["grouped_gm"] = out["grouped"]
     firsts = {}
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once
-        firsts.setdefault((config, name.endswith(GROUPS_MAJOR)), name)
-    return {name: config for (config, _), name in firsts.items()}
+        firsts.setdefault((config, name.endswith(GROUPS_MAJOR), INTERLEAVED in name), name)
+    return {name: config for (config, _, _), name in firsts.items()}
 
 
 def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
@@ -119,6 +119,10 @@ def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
     }
     if (kp // base.block_k) % (2 * base.num_splits) == 0:
         out["dp4a_split2x"] = base._replace(num_splits=2 * base.num_splits)
+    if qmatmul_dp4a.WORDS[fmt] == 4:  # coalesced windows (qmatmul_dp4a.interleave): the rule, twice the splits
+        out["dp4a_il"] = base
+        if "dp4a_split2x" in out:
+            out["dp4a_il_split2x"] = out["dp4a_split2x"]
     return out
 
 
@@ -159,6 +163,7 @@ def _chain(y, x):
 
 
 GROUPS_MAJOR = "_gm"  # a variant named with this suffix reads its per-group planes groups-major
+INTERLEAVED = "_il"  # a dp4a variant named with this reads words laid out by qmatmul_dp4a.interleave
 
 
 def product(fmt: str, name: str, config):
@@ -169,7 +174,8 @@ def product(fmt: str, name: str, config):
     if name.endswith(GROUPS_MAJOR):
         return lambda x, planes: qm.qmatmul_groups_major(x, planes, fmt, config=config)
     if qm.config_path(config) == "dp4a":
-        return lambda x, planes: qm.qmatmul_words(x, planes, fmt, config=config)
+        tiled = INTERLEAVED in name
+        return lambda x, planes: qm.qmatmul_words(x, planes, fmt, config=config, interleaved=tiled)
     return lambda x, planes: qm.qmatmul(x, planes, fmt, config=config)
 
 
@@ -177,7 +183,8 @@ def layout(fmt: str, name: str, planes: tuple, config=None) -> tuple:
     """``planes`` in the layout variant ``name`` reads (a transposed copy, or the dp4a path's int32 words, made
     before timing)."""
     if isinstance(config, QMatmulConfig) and qm.config_path(config) == "dp4a":
-        return jax.jit(qmatmul_dp4a.weight_words, static_argnums=1)(planes, fmt)
+        words = jax.jit(qmatmul_dp4a.weight_words, static_argnums=1)(planes, fmt)
+        return jax.jit(qmatmul_dp4a.interleave, static_argnums=1)(words, fmt) if INTERLEAVED in name else words
     return qmatmul_grouped.to_groups_major(planes, fmt) if name.endswith(GROUPS_MAJOR) else planes
 
 

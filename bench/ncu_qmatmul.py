@@ -7,8 +7,8 @@ profiler's n-th ``jkv_qmatmul`` report is the n-th variant listed::
         python bench/ncu_qmatmul.py --matrix wqkv --fmt Q8_0 --rows 1 --variants default,units
 
 Variants are ``bench/bench_qmatmul.py``'s names at the cell, or ``path:bm/bn/bk/splits/warps/stages`` for any
-launch (``units:1/64/256/8/4/3``). Without ``ncu`` it runs too (a check of the launches: each output against the
-float32 reference).
+launch (``units:1/64/256/8/4/3``; ``dp4a_il:...``: the dp4a path over interleaved words). Without ``ncu`` it
+runs too (a check of the launches: each output against the float32 reference).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def parse_variant(text: str, named: dict) -> tuple[str, qm.QMatmulConfig]:
         return text, named[text]
     path, numbers = text.split(":", 1)
     values = [int(v) for v in numbers.split("/")]
+    path = path.removesuffix(bench_qmatmul.INTERLEAVED)  # dp4a_il: the dp4a path over interleaved words
     if len(values) != 6 or path not in qm.PATHS:
         raise SystemExit(f"variant {text!r}: expected path:bm/bn/bk/splits/warps/stages with path in {qm.PATHS}")
     return text, qm.QMatmulConfig(*values, path)
@@ -59,7 +60,8 @@ def main(argv=None) -> None:
     ref = block_formats.qmatmul_reference(x.astype(jnp.float32), planes, args.fmt)
     for name, config in chosen:
         qm.check_config(config, args.rows, n, k, args.fmt)
-        y = jax.block_until_ready(qm.qmatmul(x, planes, args.fmt, config=config))
+        laid = bench_qmatmul.layout(args.fmt, name, planes, config)  # made before the profiled launch
+        y = jax.block_until_ready(bench_qmatmul.product(args.fmt, name, config)(x, laid))
         print(f"{name}: rel_err {common.rel_err(y, ref):.2e}", flush=True)
 
 

@@ -73,8 +73,27 @@ def weight_words(planes, fmt: str) -> tuple:
     return tuple(as_words(p) if words(p, plane) else p for p, plane in zip(planes, spec.planes, strict=True))
 
 
-def byte_shapes(planes, fmt: str) -> list:
-    """The byte planes' shapes and dtypes (``ShapeDtypeStruct``) of planes whose byte planes are words."""
+def interleave(word_planes, fmt: str) -> tuple:
+    """Word planes (:func:`weight_words`) laid out for coalesced reads: the code words as ``[K_words / 4, N, 4]``
+    (each row's 16-byte windows of one K position side by side, so a warp's window loads read consecutive bytes)
+    and the per-group planes K-major ``[entries, N]``. Formats with 16-byte windows only (not Q6_K)."""
+    if WORDS.get(fmt) != 4:
+        raise ValueError(f"interleaved word planes take formats with 16-byte windows, not {fmt}")
+    codes, *entries = word_planes
+    n, kw = codes.shape
+    return (jnp.transpose(codes.reshape(n, kw // 4, 4), (1, 0, 2)), *(jnp.transpose(e) for e in entries))
+
+
+def byte_shapes(planes, fmt: str, interleaved: bool = False) -> list:
+    """The byte planes' shapes and dtypes (``ShapeDtypeStruct``) of planes whose byte planes are words (and, with
+    ``interleaved``, laid out by :func:`interleave`)."""
+    if interleaved:
+        codes, *entries = planes
+        windows, n, _ = codes.shape
+        planes = (
+            jax.ShapeDtypeStruct((n, 4 * windows), jnp.int32),
+            *(jax.ShapeDtypeStruct(e.shape[::-1], e.dtype) for e in entries),
+        )
     spec = block_format(fmt)
     out = []
     for p, plane in zip(planes, spec.planes, strict=True):
@@ -104,15 +123,20 @@ def dp4a(a, b, c, *, emulate: bool):
     return out
 
 
-def _unit_loads(fmt: str, plane_refs, cols, index) -> tuple:
+def _unit_loads(fmt: str, plane_refs, cols, index, interleaved: bool = False) -> tuple:
     """The unit's weight-side reads as loaded (so that a step's reads can be issued a step ahead): ``(entries,
     words)``, ``entries`` each per-group plane's ``[bn]`` entries, ``words`` the code windows ``[bn, WORDS]``
     (Q6_K: its two nibble windows, then its crumb words); ``index(g)``: the unit's entry of a plane of ``g``
-    packed columns an entry."""
+    packed columns an entry. ``interleaved``: planes laid out by :func:`interleave`."""
     spec = block_format(fmt)
-    entries = tuple(ref[cols, index(p.group)] for ref, p in zip(plane_refs, spec.planes, strict=True) if p.group > 2)
-    w0, width = index(4), WORDS[fmt]
-    words = tuple(plane_refs[0][cols, pl.ds(w0 + at, width)] for at in range(0, 8 // spec.parts, width))
+    per_group = [(ref, p.group) for ref, p in zip(plane_refs, spec.planes, strict=True) if p.group > 2]
+    width, spans = WORDS[fmt], range(0, 8 // spec.parts, WORDS[fmt])
+    if interleaved:  # window w of every row side by side: [bn, 4] words from consecutive bytes
+        entries = tuple(ref[index(g), cols] for ref, g in per_group)
+        return entries, tuple(plane_refs[0][index(16) + at // 4, cols, :] for at in spans)
+    entries = tuple(ref[cols, index(g)] for ref, g in per_group)
+    w0 = index(4)
+    words = tuple(plane_refs[0][cols, pl.ds(w0 + at, width)] for at in spans)
     if fmt == "Q6_K":
         words += (plane_refs[1][cols, pl.ds(index(8), 2)],)
     return entries, words
@@ -164,10 +188,13 @@ def _unit_index(k0, u: int, per_unit: int):
     return lambda g: lax.div(k0, g) + u * per_unit // g
 
 
-def step_loads(fmt: str, plane_refs, *, cols, k0, block_k: int) -> tuple:
+def step_loads(fmt: str, plane_refs, *, cols, k0, block_k: int, interleaved: bool = False) -> tuple:
     """The weight-side reads of the K step at packed column ``k0``: one :func:`_unit_loads` per unit."""
     per_unit = 32 // block_format(fmt).parts  # packed columns of one 32-block
-    return tuple(_unit_loads(fmt, plane_refs, cols, _unit_index(k0, u, per_unit)) for u in range(block_k // per_unit))
+    return tuple(
+        _unit_loads(fmt, plane_refs, cols, _unit_index(k0, u, per_unit), interleaved)
+        for u in range(block_k // per_unit)
+    )
 
 
 def dp4a_step(fmt: str, xw_ref, xf_ref, loads, accs, *, rows0, k0, emulate: bool):
@@ -220,12 +247,13 @@ def dp4a_program(
     block_n: int,
     emulate: bool,
     prefetch: bool,
+    interleaved: bool = False,
 ) -> None:
     """One program's share: its ``steps`` K steps from split ``split``, each row's sum stored to the partials.
     ``prefetch``: each step's weight-side reads issued during the step before (carried in the loop), so a step
-    does not wait a memory latency for them."""
+    does not wait a memory latency for them. ``interleaved``: planes laid out by :func:`interleave`."""
     k0 = lambda step: pl.multiple_of((split * steps + step) * block_k, block_k)
-    loads = lambda step: step_loads(fmt, plane_refs, cols=cols, k0=k0(step), block_k=block_k)
+    loads = lambda step: step_loads(fmt, plane_refs, cols=cols, k0=k0(step), block_k=block_k, interleaved=interleaved)
     compute = lambda step, now, accs: dp4a_step(
         fmt, xw_ref, xf_ref, now, accs, rows0=rows0, k0=k0(step), emulate=emulate
     )

@@ -177,6 +177,7 @@ def _kernel(
     steps: int,  # K steps per split
     groups_major: bool,  # the grouped path's per-group planes stored [K / P / group, N]
     interpret: bool,  # the dp4a path emulates its PTX instruction
+    interleaved: bool = False,  # the dp4a path's planes laid out by qmatmul_dp4a.interleave
 ):
     plane_refs, o_ref = refs[:-1], refs[-1]
     path = config_path(config)
@@ -185,7 +186,7 @@ def _kernel(
         sums_ref, plane_refs = plane_refs[0], plane_refs[1:]  # dp4a: the activations' scales (and sums)
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     _, m_total, _ = x_ref.shape
-    n_total = plane_refs[0].shape[0]
+    n_total = plane_refs[0].shape[1 if interleaved else 0]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row0 = jnp.minimum(i * bm, m_total - bm)  # the last block slides back to end at M (and N)
     rows, cols = pl.ds(row0, bm), pl.ds(jnp.minimum(j * bn, n_total - bn), bn)
@@ -207,6 +208,7 @@ def _kernel(
             block_n=bn,
             emulate=interpret,
             prefetch=config.num_stages > 1,  # its loop is not pipelined by Triton: stages 2 carries the reads
+            interleaved=interleaved,
         )
         return
 
@@ -267,16 +269,18 @@ def _kernel(
     o_ref[s, rows, cols] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret", "groups_major"))
-def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, groups_major: bool = False):
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret", "groups_major", "interleaved"))
+def _qmatmul(
+    x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, groups_major: bool = False, interleaved=False
+):
     m, k = x.shape
-    n = planes[0].shape[0]
+    n = planes[0].shape[1 if interleaved else 0]
     spec = block_format(fmt)
     rows = max(m, config.block_m)
     path = config_path(config)
     if path == "dp4a":  # int8 words (P, M', K/P/4), their factors (F, M', K/32); the code planes as words
         xs, factors = qmatmul_dp4a.quantize_activations(common_pad_rows(x, rows), fmt)
-        planes = (factors, *qmatmul_dp4a.weight_words(planes, fmt))
+        planes = (factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
     else:
         xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
     steps = k // spec.parts // config.block_k // config.num_splits
@@ -291,6 +295,7 @@ def _qmatmul(x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, gro
         steps=steps,
         groups_major=groups_major,
         interpret=interpret,
+        interleaved=interleaved,
     )
     launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
     inputs = [xs, *planes]
@@ -341,16 +346,19 @@ def qmatmul_groups_major(x, planes, fmt: str, *, config: QMatmulConfig, interpre
     return _qmatmul(x, tuple(planes), fmt=fmt, config=config, interpret=interpret, groups_major=True)
 
 
-def qmatmul_words(x, planes, fmt: str, *, config: QMatmulConfig, interpret: bool | None = None):
+def qmatmul_words(
+    x, planes, fmt: str, *, config: QMatmulConfig, interpret: bool | None = None, interleaved: bool = False
+):
     """:func:`qmatmul` on the dp4a path over planes whose byte planes (codes or nibbles, Q6_K's crumbs) are already
     int32 words (``qmatmul_dp4a.weight_words``, made once): no bitcast in the call (bench/bench_qmatmul.py times
-    the dp4a variants so)."""
+    the dp4a variants so). ``interleaved``: the words laid out by ``qmatmul_dp4a.interleave`` (coalesced reads)."""
     if config_path(config) != "dp4a":
         raise ValueError(f"word planes take the dp4a path, got path={config.path!r}")
     planes = tuple(planes)
-    n, k = check_planes(fmt, qmatmul_dp4a.byte_shapes(planes, fmt))
+    n, k = check_planes(fmt, qmatmul_dp4a.byte_shapes(planes, fmt, interleaved))
     check_activations(x, k, fmt)
     check_config(config, x.shape[0], n, k, fmt)
     if x.shape[0] == 0:
         return jnp.zeros((0, n), jnp.float32)
-    return _qmatmul(x, planes, fmt=fmt, config=config, interpret=backend.resolve_interpret(interpret))
+    interpret = backend.resolve_interpret(interpret)
+    return _qmatmul(x, planes, fmt=fmt, config=config, interpret=interpret, interleaved=interleaved)

@@ -24,7 +24,8 @@ def test_variants_are_valid_launches_at_every_8b_shape(fmt, m):
     for n, k in bench_qmatmul.MATRICES.values():
         configs = bench_qmatmul.variants(m, n, k, fmt)
         assert configs["default"] == qm.qmatmul_config(m, n, k, fmt)
-        keys = {(c, name.endswith(bench_qmatmul.GROUPS_MAJOR)) for name, c in configs.items()}
+        layouts = lambda name: (name.endswith(bench_qmatmul.GROUPS_MAJOR), bench_qmatmul.INTERLEAVED in name)
+        keys = {(c, layouts(name)) for name, c in configs.items()}
         assert len(keys) == len(configs)  # no launch timed twice over the same layout
         for config in configs.values():
             qm.check_config(config, m, n, k, fmt)  # raises on a launch the GPU run would reject

@@ -146,6 +146,31 @@ def test_word_planes_give_the_same_product(rng, fmt):
         qmatmul.qmatmul_words(x, words, fmt, config=config._replace(path="units"))
 
 
+INTERLEAVED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")  # the formats with 16-byte windows
+
+
+@pytest.mark.parametrize("fmt", INTERLEAVED)
+def test_interleaved_words_give_the_same_product(rng, fmt):
+    """Words laid out by ``interleave`` (``[K_words / 4, N, 4]`` codes, K-major per-group planes) give the same
+    product as the row-major words, with prefetch and several splits; Q6_K is refused."""
+    k = 512
+    planes = tuple(jnp.asarray(p) for p in random_planes(rng, fmt, N, k))
+    x = jnp.asarray(rng.standard_normal((3, k)), jnp.float32)
+    words = qmatmul_dp4a.weight_words(planes, fmt)
+    tiled = qmatmul_dp4a.interleave(words, fmt)
+    assert tiled[0].shape == (words[0].shape[1] // 4, N, 4)
+    for config in (QMatmulConfig(4, 16, 128, 2, 1, 1, "dp4a"), QMatmulConfig(2, 32, 128, 1, 1, 2, "dp4a")):
+        want = qmatmul.qmatmul_words(x, words, fmt, config=config, interpret=True)
+        got = qmatmul.qmatmul_words(x, tiled, fmt, config=config, interpret=True, interleaved=True)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_interleave_refuses_q6_k(rng):
+    words = qmatmul_dp4a.weight_words(tuple(jnp.asarray(p) for p in random_planes(rng, "Q6_K", N, 256)), "Q6_K")
+    with pytest.raises(ValueError, match="16-byte windows, not Q6_K"):
+        qmatmul_dp4a.interleave(words, "Q6_K")
+
+
 def test_dp4a_path_refuses_many_rows():
     with pytest.raises(ValueError, match="dp4a path unrolls its rows"):
         qmatmul.qmatmul(
@@ -183,3 +208,18 @@ def test_gpu_matches_float64(rng, fmt, m):
     )
     assert rel_err(out, same) < REL_TOL["float32"]
     assert np.all(np.abs(out - exact) <= bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
+def test_gpu_interleaved_words_give_the_same_product(rng, fmt):
+    """Compiled with the real ``dp4a``: interleaved words equal the row-major ones at the default launch."""
+    k, m = 1536, 1
+    planes = tuple(jnp.asarray(p) for p in random_planes(rng, fmt, 301, k))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    config = qmatmul.dp4a_config(m, 301, k, fmt)
+    words = qmatmul_dp4a.weight_words(planes, fmt)
+    want = qmatmul.qmatmul_words(x, words, fmt, config=config)
+    got = qmatmul.qmatmul_words(x, qmatmul_dp4a.interleave(words, fmt), fmt, config=config, interleaved=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
