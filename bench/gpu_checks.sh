@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|dp4a|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -118,12 +118,18 @@ for part in "${parts[@]}"; do
       run q8_loop 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 400
       tail -n 60 "$OUT/q8_loop.log"
       ;;
+    dp4a)  # issue 26: the integer-dot path's GPU tests, then its launches at M = 1 (row-major and interleaved words)
+      run tests_dp4a 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul_dp4a.py -k "Q8_0 or Q4_K or interleaved"
+      run bench_dp4a 300 python bench/bench_qmatmul.py --out "$OUT" --rounds 3 --rows 1 --matrices wqkv,gate_up,down \
+        --formats Q8_0,Q4_K --deadline-s 240 --variants dp4a,dp4a_split2x,dp4a_il,dp4a_il_split2x
+      tail -n 30 "$OUT/bench_dp4a.log"
+      ;;
     qmatmul_ncu)  # issue 26: Nsight Compute's view of the M = 1 products (speed of light, stalls, occupancy)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       for fmt in Q8_0 Q4_K; do
         run "ncu_qmatmul_$fmt" 240 "$ncu" --clock-control none -k regex:jkv_qmatmul --section SpeedOfLight \
           --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats \
-          python bench/ncu_qmatmul.py --matrix wqkv --fmt "$fmt" --rows 1 --variants "${NCU_VARIANTS:-default,units,dot16_expand}"
+          python bench/ncu_qmatmul.py --matrix wqkv --fmt "$fmt" --rows 1 --variants "${NCU_VARIANTS:-default,dp4a,dp4a_il,dp4a_il_split2x}"
       done
       ;;
     prefill_quick)  # issue 20 without torch: the dispatched kernels and the warp-specialised ones against cuDNN
@@ -188,7 +194,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 
