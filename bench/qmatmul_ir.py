@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import bench_qmatmul
-from pallas_kernels import backend
+from pallas_kernels import backend, qmatmul_dp4a
 from pallas_kernels import quantized_matmul as qm
 
 SASS_OPS = {  # SASS mnemonic prefixes counted (first match wins)
@@ -69,14 +69,19 @@ def _capture_triton_modules(out: list):
         yield
 
 
-def lowered_ttir(fmt: str, m: int, n: int, k: int, config) -> str:
-    """The ``tt``-dialect module ``qmatmul`` lowers to for CUDA at this shape and launch (abstract inputs)."""
+def lowered_ttir(fmt: str, m: int, n: int, k: int, config, name: str = "") -> str:
+    """The ``tt``-dialect module ``qmatmul`` lowers to for CUDA at this shape and launch (abstract inputs); a
+    variant ``name`` with ``bench_qmatmul.INTERLEAVED`` in it reads words laid out by ``qmatmul_dp4a.interleave``."""
     sds = jax.ShapeDtypeStruct
     planes = tuple(sds(s, d) for s, d in bench_qmatmul.plane_specs(fmt, n, k))
+    tiled = bench_qmatmul.INTERLEAVED in name
+    if tiled:
+        planes = jax.eval_shape(lambda p: qmatmul_dp4a.interleave(qmatmul_dp4a.weight_words(p, fmt), fmt), planes)
     modules = []
     jax.clear_caches()  # a launch lowered before would come from the cache, past the capture
     with _capture_triton_modules(modules):
-        qm._qmatmul.trace(sds((m, k), jnp.bfloat16), planes, fmt=fmt, config=config, interpret=False).lower(
+        x = sds((m, k), jnp.bfloat16)
+        qm._qmatmul.trace(x, planes, fmt=fmt, config=config, interpret=False, interleaved=tiled).lower(
             lowering_platforms=("cuda",)
         )
     return modules[0]
@@ -154,8 +159,8 @@ def compiled_counts(ttir: str, num_warps: int, num_stages: int) -> dict:
     }
 
 
-def analyse(fmt: str, m: int, n: int, k: int, config) -> dict:
-    ttir = lowered_ttir(fmt, m, n, k, config)
+def analyse(fmt: str, m: int, n: int, k: int, config, name: str = "") -> dict:
+    ttir = lowered_ttir(fmt, m, n, k, config, name)
     row = {"config": list(config), "ttir": ttir_counts(ttir)}
     try:
         row["compiled"] = compiled_counts(ttir, config.num_warps, config.num_stages)
@@ -183,7 +188,7 @@ def main(argv=None) -> dict:
             variants = {v: c for v, c in variants.items() if not only or v in only}
             for name, config in list(variants.items())[: 2 if args.smoke else None]:
                 key = f"{fmt} M={m} {name}"
-                report["rows"][key] = analyse(fmt, m, n, k, config)
+                report["rows"][key] = analyse(fmt, m, n, k, config, name)
                 print_row(key, report["rows"][key])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
