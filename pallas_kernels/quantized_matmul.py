@@ -103,13 +103,20 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages, "dot")
 
 
+def _unrolled_block_k(fmt: str, kp: int, unit: int, block_m: int) -> int:
+    """K step of the register paths that unroll units of ``unit`` packed columns for each of ``block_m`` rows: at
+    most ``UNITS_PER_STEP`` row-units a step (and 256 columns), a power of two dividing the ``kp`` packed columns,
+    at least the format's widest plane group."""
+    return max(block_format(fmt).max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // block_m)))
+
+
 def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     """The register launch (``"units"``): the default for matrices thinner than a dot tile, and at ``M <= 8``
     before the GPU measured the 16-row dot faster there (kept for comparisons)."""
     spec = block_format(fmt)
     kp = k // spec.parts
     bm, unit = min(_pow2_ceil(m), FMA_ROWS), qmatmul_units.unit_width(fmt)
-    bk = max(spec.max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // bm)))
+    bk = _unrolled_block_k(fmt, kp, unit, bm)
     bn = min(max(1, min(64, UNITS_ELEMENTS // (bm * unit))), common.pow2_floor(n))
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "units")
 
@@ -119,8 +126,8 @@ def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128) -> QMat
     of a 16-byte window of words), the units path's step-size rule, the default split rule."""
     spec = block_format(fmt)
     kp = k // spec.parts
-    bm, unit = min(_pow2_ceil(m), FMA_ROWS), 32 // spec.parts
-    bk = max(spec.max_group, _largest_pow2_dividing(kp, min(256, UNITS_PER_STEP * unit // bm)))
+    bm = min(_pow2_ceil(m), FMA_ROWS)
+    bk = _unrolled_block_k(fmt, kp, 32 // spec.parts, bm)
     bn = min(block_n, common.pow2_floor(n))
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), max(1, min(8, bn // 32)), 1, "dp4a")
 

@@ -8,11 +8,16 @@ from helpers_compile import FAST_COMPILE
 from reference import decode_attention_f64
 
 from jkv.caches.formats import dequantize, quantize
+from pallas_kernels import decode_q8
 from pallas_kernels.formats import dequantize_fp8, quantize_fp8
 
 # Products in bf16/f16 round p (and q): the shared table. float32 q: exact in interpret mode on a CPU, tf32 on a
 # GPU (the real lowering, and interpret mode too: its dots run on the GPU at default precision).
 KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat16"], "float16": REL_TOL["float16"]}
+# The Q8 body's loop forms other than the default (decode_q8.LOOP_FORMS), and those the GPU tests take: each part
+# alone, then all of them
+Q8_OTHER_FORMS = [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM]
+Q8_GPU_FORMS = [f for f in Q8_OTHER_FORMS if "+" not in f] + [decode_q8.LOOP_FORMS[-1]]
 # Decode attention through a Q8 cache against attention over the unquantized values, q/k/v ~ N(0, 1): measured
 # relative errors of 7.2e-3 to 8.6e-3 over 1024 positions with either scale dtype (docs/quant.md); asserted at
 # about twice the largest.

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, fp8_arrays, run_jitted
+from kernel_inputs import KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, fp8_arrays, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -144,11 +144,9 @@ def test_window_softcap_match_float64_interpret(rng, case):
 
 
 QUANT_CASES = [c for c in CASES if c[1] in ("q8", "paged_q8", "fp8", "paged_fp8")]
-OTHER_FORMS = [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM]
-GPU_FORMS = [f for f in OTHER_FORMS if "+" not in f] + [decode_q8.LOOP_FORMS[-1]]  # each part, then all of them
 
 
-@pytest.mark.parametrize("form", OTHER_FORMS)
+@pytest.mark.parametrize("form", Q8_OTHER_FORMS)
 @pytest.mark.parametrize("case", QUANT_CASES, ids=[c[0] for c in QUANT_CASES])
 def test_q8_loop_forms_interpret(rng, case, form, monkeypatch):
     """The Q8 body's loop forms (decode_q8.LOOP_FORMS) with a window (a masked head block) and a soft cap."""
@@ -165,7 +163,7 @@ class TestOnGpu:
     def test_window_softcap_match_float64(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize("form", GPU_FORMS)
+    @pytest.mark.parametrize("form", Q8_GPU_FORMS)
     @pytest.mark.parametrize("case", QUANT_CASES[:2], ids=[c[0] for c in QUANT_CASES[:2]])
     def test_q8_loop_forms(self, rng, case, form, monkeypatch):
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)

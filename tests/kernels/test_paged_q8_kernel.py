@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, q8_pools, run_jitted
+from kernel_inputs import KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, q8_pools, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -64,7 +64,7 @@ def test_kernel_matches_float64_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
-@pytest.mark.parametrize("form", [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM])
+@pytest.mark.parametrize("form", Q8_OTHER_FORMS)
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=[IDS[0], IDS[1], IDS[4]])
 def test_loop_forms_interpret(rng, case, form, monkeypatch):
     monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
@@ -113,7 +113,7 @@ class TestOnGpu:
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=8, interpret=False)
 
-    @pytest.mark.parametrize("form", [f for f in decode_q8.LOOP_FORMS[1:] if "+" not in f] + [decode_q8.LOOP_FORMS[-1]])
+    @pytest.mark.parametrize("form", Q8_GPU_FORMS)
     @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=[IDS[0], IDS[3], IDS[4]])
     def test_loop_forms(self, rng, case, form, monkeypatch):
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, LENGTHS, Q8_ATTENTION_REL_TOL, run_jitted
+from kernel_inputs import KERNEL_TOL, LENGTHS, Q8_ATTENTION_REL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -103,11 +103,9 @@ FORM_CASES = [
     CASES[6],
     ("g2_d256_bf16_splits2", 2, 1, 2, 256, 48, "bfloat16", "float16", ("1", "bk+1"), None, 16, 2),
 ]
-OTHER_FORMS = [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM]
-GPU_FORMS = [f for f in OTHER_FORMS if "+" not in f] + [decode_q8.LOOP_FORMS[-1]]  # each part, then all of them
 
 
-@pytest.mark.parametrize("form", OTHER_FORMS)
+@pytest.mark.parametrize("form", Q8_OTHER_FORMS)
 @pytest.mark.parametrize("case", FORM_CASES, ids=[c[0] for c in FORM_CASES])
 def test_loop_forms_interpret(rng, case, form, monkeypatch):
     monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
@@ -162,7 +160,7 @@ class TestOnGpu:
     def test_q8_attention_matches_dequantize_then_attend(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize("form", GPU_FORMS)
+    @pytest.mark.parametrize("form", Q8_GPU_FORMS)
     @pytest.mark.parametrize("case", FORM_CASES, ids=[c[0] for c in FORM_CASES])
     def test_loop_forms(self, rng, case, form, monkeypatch):
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
