@@ -99,6 +99,8 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
         bm = min(128, max(common.MIN_BLOCK, _pow2_ceil(m)))  # no more padded rows than a dot tile needs
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
         bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
+        if bk > 64:  # the K-quants' 128-column steps: 128 x 128 tiles in 3 stages take 256 KiB of shared memory
+            bn, stages = 64, 2 if bm > 64 else 3
     bn = min(bn, common.pow2_floor(n))
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages, "dot")
 

@@ -183,6 +183,21 @@ def test_gpu_matches_float64(rng, fmt, m):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_prefill_sized_launch(rng, fmt):
+    """A prefill-sized product whose programs each walk many K steps (few splits), so that Triton pipelines the
+    loop and the default launch takes its most shared memory (the K-quants' 128 x 128 tiles in 3 stages once
+    asked for 256 KiB, more than a Hopper block has: the launch failed)."""
+    m, n, k = 2048, 1024, 4096
+    config = qmatmul.qmatmul_config(m, n, k, fmt)
+    assert k // block_formats.FORMATS[fmt].parts // config.block_k // config.num_splits >= 4
+    fn = lambda x, p: qmatmul.qmatmul(x, p, fmt)
+    out, ref = run(rng, fmt, m, n=n, blocks=k // block_formats.FORMATS[fmt].block, dtype=jnp.bfloat16, fn=fn)
+    assert rel_err(out, ref) < REL_TOL["bfloat16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
 @pytest.mark.parametrize("path", ["fma", "units", "dot_expand", "grouped", "grouped_f32", "grouped_gm"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_named_paths_match_float64(rng, fmt, path):
