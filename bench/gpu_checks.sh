@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|dp4a|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|dp4a|dp4a_sweep|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -128,6 +128,21 @@ for part in "${parts[@]}"; do
       run bench_qweights_prefill 500 python bench/bench_qweights.py --out "$OUT" --sections prefill --rounds 3
       tail -n 12 "$OUT/bench_qweights_prefill.log"
       ;;
+    dp4a_sweep)  # issue 26: launches of the interleaved dp4a product under Nsight Compute (kernel time, DRAM %)
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      declare -A sweep=(
+        [Q4_K]=dp4a_il_split2x,dp4a_il:1/128/128/16/4/1,dp4a_il:1/128/128/8/4/1,dp4a_il:1/64/128/16/2/1,dp4a_il:1/256/256/8/8/1,dp4a_il:1/128/256/8/4/2,dp4a_il:1/64/256/8/2/1
+        [Q8_0]=dp4a_il_split2x,dp4a_il:1/128/256/16/4/1,dp4a_il:1/128/128/16/4/1,dp4a_il:1/128/128/32/4/1,dp4a_il:1/64/256/16/2/1,dp4a_il:1/256/256/8/8/1
+      )
+      for fmt in Q4_K Q8_0; do
+        for matrix in wqkv gate_up; do
+          run "ncu_sweep_${fmt}_$matrix" 120 "$ncu" --clock-control none -k regex:jkv_qmatmul --section SpeedOfLight \
+            --section Occupancy --section LaunchStats python bench/ncu_qmatmul.py --matrix "$matrix" --fmt "$fmt" \
+            --rows 1 --variants "${sweep[$fmt]}"
+          grep -E "^launch|Duration|DRAM Throughput|Achieved Occupancy" "$OUT/ncu_sweep_${fmt}_$matrix.log"
+        done
+      done
+      ;;
     qmatmul_ncu)  # issue 26: Nsight Compute's view of the M = 1 products (speed of light, stalls, occupancy)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       for fmt in Q8_0 Q4_K; do
@@ -198,7 +213,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, dp4a_sweep, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 
