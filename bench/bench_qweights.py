@@ -7,13 +7,15 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
   ``--rounds`` interleaved rounds (``bench.common.interleaved``). Each row's floor: its weight bytes read once per step
   (``LlamaParams.decode_bytes``) plus the K/V bytes the step reads at its mean length, over the bandwidth (a
   device copy measured in the same run where torch sees the GPU, else 4.8e12 B/s); ``of_floor`` = floor / time.
-  Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``).
+  Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``); each quantized
+  model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words).
 * ``prefill``: one prompt of ``--prefill-tokens`` tokens into an empty cache (``llama.prefill``), tokens/s, and
   each quantized row's throughput against bf16's (issue 26 asks >= 0.8x), through the kernels' large-M path and
   as ``<name>_xla`` (``LlamaOptions(weights_impl="xla")``: dequantize to bf16, then XLA's GEMM).
 * ``agreement``: the shipped SmolLM2 (``--smoke``: a tiny random model) in bf16 against its native Q4_1 blocks
   and its matrices requantized at load to Q8_0 and Q4_K (``jkv.loading.quantize``), 32 greedy tokens on each of
-  a fixed prompt set: the fraction of tokens equal to bf16's, and of prompts equal throughout.
+  a fixed prompt set: the fraction of tokens equal to bf16's, and of prompts equal throughout; each quantized
+  model also in the dp4a layout (``<name>_dp4a``: its decode steps round the activations to int8).
 
 The quantized 8B weights are random planes drawn on the device (a step's time does not depend on the values;
 quantizing 8B parameters on the host would take minutes); the embedding and LM head take Q8_0 in both quantized
@@ -111,6 +113,12 @@ MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weight
 
 def options_of(name: str) -> llama.LlamaOptions:
     return llama.LlamaOptions(weights_impl="mgpu") if name.endswith(MGPU) else llama.DEFAULT_OPTIONS
+
+
+def with_dp4a_rows(models: dict) -> dict:
+    """``models`` and each quantized one again as ``<name>_dp4a``: its projections in the integer-dot kernel's
+    layout (``quant.to_dp4a_layout``; decode steps of up to 8 rows run that kernel, more dequantize for one dot)."""
+    return models | {f"{name}_dp4a": quant.to_dp4a_layout(p) for name, p in models.items() if name != "bf16"}
 
 
 def with_mgpu_rows(models: dict) -> dict:
@@ -294,7 +302,7 @@ def agreement(smoke: bool, new_tokens: int) -> dict:
         prompts = [tok.encode(tok.render_chat([{"role": "user", "content": q}]), add_eos=False) for q in PROMPTS]
         base = quant.dequantize_params(model.params)
         variants, buckets = {"bf16": base, "q4_1_native": model.params}, None
-    variants |= {c: quantize_lib.quantize_params(base, c) for c in ("q8_0", "q4_k")}
+    variants = with_dp4a_rows(variants | {c: quantize_lib.quantize_params(base, c) for c in ("q8_0", "q4_k")})
     tokens = {name: greedy_tokens(config, p, prompts, new_tokens, buckets) for name, p in variants.items()}
     ref = np.asarray(tokens["bf16"])
     out = {}
@@ -355,7 +363,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save = lambda: (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))  # after every section
     if "decode" in sections:
-        report["decode"] = bench_decode(config, with_mgpu_rows(models), bandwidth, steps, rounds, batches)
+        decode_models = with_dp4a_rows(with_mgpu_rows(models))
+        report["decode"] = bench_decode(config, decode_models, bandwidth, steps, rounds, batches)
         save()
     if "prefill" in sections:
         report["prefill"]["rows"] = bench_prefill(config, models, prefill_tokens, rounds)

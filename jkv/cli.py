@@ -95,6 +95,11 @@ def check_flags(args) -> None:
     quantized = getattr(args, "weights", "dequantize") == "native" or getattr(args, "quantize", None) is not None
     if quantized and args.tp * args.dp > 1:
         raise CliError("quantized weights (--weights native, --quantize) run on one device: drop --tp/--dp")
+    if getattr(args, "weight_layout", "rows") != "rows" and not quantized:
+        raise CliError(
+            f"--weight-layout {args.weight_layout} lays out quantized weights: add --weights native (GGUF) or "
+            "--quantize (safetensors)"
+        )
     sizes = {"--num-slots": args.num_slots, "--max-batch-tokens": args.max_batch_tokens}
     sizes |= {"--num-pages": args.num_pages, "--prefix-cache-mb": args.prefix_cache_mb or None}
     given = [flag for flag, value in sizes.items() if value is not None]
@@ -258,7 +263,8 @@ def load_with_tokenizer(path: str, args, needs: str, **options):
     no_tokenizer = f"{path!r} has no tokenizer ({where}){needs}"
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise CliError(no_tokenizer)
-    model = load(path, args.dtype, weights=args.weights, quantize=args.quantize, **options)
+    layout = getattr(args, "weight_layout", "rows")
+    model = load(path, args.dtype, weights=args.weights, quantize=args.quantize, weight_layout=layout, **options)
     if model.tokenizer is None:
         raise CliError(no_tokenizer)
     return model

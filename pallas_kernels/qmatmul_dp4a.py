@@ -84,6 +84,25 @@ def interleave(word_planes, fmt: str) -> tuple:
     return (jnp.transpose(codes.reshape(n, kw // 4, 4), (1, 0, 2)), *(jnp.transpose(e) for e in entries))
 
 
+def deinterleave(planes, fmt: str) -> tuple:
+    """The word planes (:func:`weight_words`) of planes laid out by :func:`interleave` (its inverse)."""
+    if WORDS.get(fmt) != 4:
+        raise ValueError(f"interleaved word planes take formats with 16-byte windows, not {fmt}")
+    codes, *entries = planes
+    windows, n, _ = codes.shape
+    return (jnp.transpose(codes, (1, 0, 2)).reshape(n, 4 * windows), *(jnp.transpose(e) for e in entries))
+
+
+def byte_planes(word_planes, fmt: str) -> tuple:
+    """The format's own planes from word planes (the inverse of :func:`weight_words`)."""
+    out = []
+    for p, plane in zip(word_planes, block_format(fmt).planes, strict=True):
+        if p.dtype == jnp.int32 and jnp.dtype(plane.dtype).itemsize == 1:
+            p = lax.bitcast_convert_type(p, plane.dtype).reshape(p.shape[0], -1)
+        out.append(p)
+    return tuple(out)
+
+
 def byte_shapes(planes, fmt: str, interleaved: bool = False) -> list:
     """The byte planes' shapes and dtypes (``ShapeDtypeStruct``) of planes whose byte planes are words (and, with
     ``interleaved``, laid out by :func:`interleave`)."""

@@ -17,15 +17,18 @@ from jkv.models import llama
 
 
 @functools.cache
-def _load_once(path, dtype, layout, weights, quantize):
-    return _load(path, dtype, progress=False, layout=layout, weights=weights, quantize=quantize)
+def _load_once(path, dtype, layout, weights, quantize, weight_layout):
+    options = {"weights": weights, "quantize": quantize, "weight_layout": weight_layout}
+    return _load(path, dtype, progress=False, layout=layout, **options)
 
 
-def load_shared(path, dtype=None, *, progress=True, layout="auto", weights="dequantize", quantize=None):
+def load_shared(
+    path, dtype=None, *, progress=True, layout="auto", weights="dequantize", quantize=None, weight_layout="rows"
+):
     """``jkv.loading.load`` (its signature; ``progress`` is ignored) with one load per process for equal arguments:
     a ``LoadedModel`` holds immutable arrays, and each load of the shipped model costs seconds."""
     layout = layout if layout == "auto" else llama.resolve_layout(layout)
-    return _load_once(os.fspath(path), np.dtype(resolve_dtype(dtype)).name, layout, weights, quantize)
+    return _load_once(os.fspath(path), np.dtype(resolve_dtype(dtype)).name, layout, weights, quantize, weight_layout)
 
 
 def smollm(weights: str = "dequantize"):

@@ -1,5 +1,6 @@
 """``jkv generate --weights native`` and ``--quantize``: a quantized tiny GGUF generates through its kept blocks,
-a safetensors flag on a GGUF file (and the reverse) and quantized weights with --tp are one-line errors."""
+a safetensors flag on a GGUF file (and the reverse), quantized weights with --tp and a weight layout without
+quantized weights are one-line errors; the dp4a layout generates."""
 
 import re
 
@@ -28,6 +29,8 @@ def test_native_weights_generate(quantized_gguf, capsys):
     assert "[4 tokens, length]" in native.err
     assert cli.main(args) == 0
     assert capsys.readouterr().out == native.out  # the same greedy tokens as the dequantized float32 model
+    assert cli.main([*args, "--weights", "native", "--weight-layout", "dp4a"]) == 0
+    assert "[4 tokens, length]" in capsys.readouterr().err  # the layout's own arithmetic: tokens not compared
 
 
 @pytest.mark.parametrize(
@@ -35,6 +38,7 @@ def test_native_weights_generate(quantized_gguf, capsys):
     [
         (["--quantize", "q8_0"], r"quantize='q8_0' applies to safetensors directories; '.*q8.gguf' is a GGUF file"),
         (["--weights", "native", "--tp", "2"], "quantized weights .* run on one device"),
+        (["--weight-layout", "dp4a"], "--weight-layout dp4a lays out quantized weights: add --weights native"),
     ],
 )
 def test_quantized_weight_errors(quantized_gguf, capsys, options, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -12,6 +13,8 @@ from jkv.loading.safetensors import load_safetensors
 from jkv.loading.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from jkv.loading.validate import NonFiniteLogitsError, check_finite_logits
 
+WEIGHT_LAYOUTS = ("rows", "dp4a")
+
 
 def load(
     path,
@@ -21,15 +24,32 @@ def load(
     layout: str = "auto",
     weights: str = "dequantize",
     quantize: str | None = None,
+    weight_layout: str = "rows",
 ) -> LoadedModel:
     """Load a GGUF file or an HF safetensors directory, whichever ``path`` is.
 
     ``dtype``: None (bf16 on GPU, f32 elsewhere), a name (``"bf16"``, ``"f32"``) or a floating dtype.
     ``layout``: ``"layers"`` (per-layer buffers), ``"stacked"`` (scan over layers) or ``"auto"`` (per-layer on GPU).
     ``weights`` (GGUF): ``"dequantize"`` or ``"native"`` (block formats kept on the device); ``quantize``
-    (safetensors): None, ``"q8_0"`` or ``"q4_k"`` (docs/quant.md, "Quantized weights").
+    (safetensors): None, ``"q8_0"`` or ``"q4_k"`` (docs/quant.md, "Quantized weights"). ``weight_layout``:
+    ``"rows"`` or ``"dp4a"`` (quantized weights only: ``jkv.models.quant.to_dp4a_layout``).
     """
-    path = os.fspath(path)
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout={weight_layout!r} is not one of {WEIGHT_LAYOUTS}")
+    if weight_layout != "rows" and weights == "dequantize" and quantize is None:
+        raise ValueError(
+            f"weight_layout={weight_layout!r} lays out quantized weights: load them with weights='native' (GGUF) or "
+            "quantize= (safetensors)"
+        )
+    model = _load(os.fspath(path), dtype, progress, layout, weights, quantize)
+    if weight_layout == "dp4a":
+        from jkv.models import quant
+
+        model = dataclasses.replace(model, params=quant.to_dp4a_layout(model.params))
+    return model
+
+
+def _load(path: str, dtype, progress: bool, layout: str, weights: str, quantize: str | None) -> LoadedModel:
     if os.path.isdir(path):
         if weights != "dequantize":
             raise ValueError(

@@ -25,9 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import block_formats, quantized_matmul
+from pallas_kernels import block_formats, qmatmul_dp4a, quantized_matmul
 
 WEIGHTS_IMPLS = ("xla", "pallas", "mgpu")
+LAYOUTS = ("rows", "dp4a")  # QuantizedMatrix.layout: the format's planes, or to_dp4a_layout's interleaved words
+DP4A_FORMATS = tuple(f for f, words in qmatmul_dp4a.WORDS.items() if words == 4)
+DP4A_MAX_ROWS = quantized_matmul.FMA_ROWS  # rows a dp4a-layout product takes on the integer-dot kernel
 
 
 @struct.dataclass
@@ -37,6 +40,19 @@ class QuantizedMatrix:
     dense_shape: tuple[int, ...] = struct.field(pytree_node=False)  # one matrix, as the dense weight
     reduce_axis: int = struct.field(pytree_node=False)  # 0 (projections) or 1 (the [V, H] embedding)
     compute_dtype: str = struct.field(pytree_node=False)  # activations are cast to it; the dense dtype it replaces
+    layout: str = struct.field(pytree_node=False, default="rows")  # one of LAYOUTS
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The stacking axes before the matrix's planes (``[L]`` for stacked layers)."""
+        return self.planes[0].shape[: self.planes[0].ndim - (3 if self.layout == "dp4a" else 2)]
+
+    def row_planes(self) -> tuple:
+        """The planes in the format's own row layout (``layout == "rows"``: as held; ``"dp4a"``: converted back,
+        one matrix; XLA work)."""
+        if self.layout == "rows":
+            return self.planes
+        return qmatmul_dp4a.byte_planes(qmatmul_dp4a.deinterleave(self.planes, self.format), self.format)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -44,7 +60,7 @@ class QuantizedMatrix:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.planes[0].shape[:-2], *self.dense_shape)
+        return (*self.batch_shape, *self.dense_shape)
 
     @property
     def ndim(self) -> int:
@@ -62,9 +78,10 @@ class QuantizedMatrix:
     def dequantize(self, dtype=None):
         """The dense weight (``[*batch, *dense_shape]``) as ``dtype`` (default the compute dtype)."""
         dtype = self.dtype if dtype is None else dtype
-        batch = self.planes[0].shape[:-2]
-        flat = [p.reshape(-1, *p.shape[-2:]) for p in self.planes]
-        rows = jax.vmap(lambda *ps: block_formats.dequantize(ps, self.format, jnp.float32))(*flat)  # (B, N, K)
+        batch = self.batch_shape
+        flat = [p.reshape(-1, *p.shape[len(batch) :]) for p in self.planes]
+        one = lambda *ps: block_formats.dequantize(self.replace(planes=ps).row_planes(), self.format, jnp.float32)
+        rows = jax.vmap(one)(*flat)  # (B, N, K)
         k = self.dense_shape[self.reduce_axis]
         dense = rows.reshape(-1, *self.out_shape, k)
         if self.reduce_axis == 0:
@@ -93,11 +110,13 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     ``w.dtype`` first, as for a dense weight)."""
     if contract != w.reduce_axis:
         raise ValueError(f"a {w.format} matrix reduces over axis {w.reduce_axis}, not {contract}")
-    if w.planes[0].ndim != 2:
+    if w.batch_shape:
         raise ValueError(f"project takes one matrix, got stacked planes {w.planes[0].shape}: slice a layer first")
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1]).astype(w.dtype)
-    if impl == "mgpu" and _mgpu_takes(w, x2.shape[0], x2.dtype):
+    if w.layout == "dp4a":
+        y = _project_dp4a(x2, w, impl)
+    elif impl == "mgpu" and _mgpu_takes(w, x2.shape[0], x2.dtype):
         from pallas_kernels import qmatmul_mgpu
 
         y = qmatmul_mgpu.qmatmul_mgpu(x2, w.planes, w.format)
@@ -108,6 +127,41 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     else:
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
     return y.reshape(*lead, *w.out_shape)
+
+
+def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
+    """``x2 @ W.T`` for a matrix in the dp4a layout: the integer-dot kernel over its interleaved words up to
+    ``DP4A_MAX_ROWS`` rows (twice the default rule's K splits where the steps allow: the launch measured fastest),
+    more rows (and the ``"xla"`` impl) as the reference does it, the matrix dequantized for one dot."""
+    if impl not in WEIGHTS_IMPLS:
+        raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
+    m, n, k = x2.shape[0], math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
+    if impl == "xla" or m > DP4A_MAX_ROWS:
+        return block_formats.qmatmul_reference(x2, w.row_planes(), w.format)
+    config = quantized_matmul.dp4a_config(m, n, k, w.format)
+    steps = k // block_formats.FORMATS[w.format].parts // config.block_k
+    if steps % (2 * config.num_splits) == 0:
+        config = config._replace(num_splits=2 * config.num_splits)
+    return quantized_matmul.qmatmul_words(x2, w.planes, w.format, config=config, interleaved=True)
+
+
+def to_dp4a_layout(params):
+    """``params`` with each projection matrix of a ``DP4A_FORMATS`` format in the dp4a layout: its code words
+    interleaved for the integer-dot kernel's coalesced reads (``pallas_kernels.qmatmul_dp4a.interleave``), the same
+    bytes. Decode-sized products (up to ``DP4A_MAX_ROWS`` rows) then run that kernel, whose activations are rounded
+    to int8 per 32-block (docs/quant.md); larger ones dequantize the matrix for one dot. Embeddings keep their rows
+    (a step looks rows up)."""
+
+    def convert(w):
+        if not is_quantized(w) or w.layout != "rows" or w.reduce_axis != 0 or w.format not in DP4A_FORMATS:
+            return w
+        batch = w.batch_shape
+        flat = [p.reshape(-1, *p.shape[len(batch) :]) for p in w.planes]
+        words = lambda *ps: qmatmul_dp4a.interleave(qmatmul_dp4a.weight_words(ps, w.format), w.format)
+        laid = jax.jit(jax.vmap(words))(*flat)
+        return w.replace(planes=tuple(p.reshape(*batch, *p.shape[1:]) for p in laid), layout="dp4a")
+
+    return jax.tree.map(convert, params, is_leaf=is_quantized)
 
 
 def _mgpu_takes(w: QuantizedMatrix, rows: int, dtype) -> bool:
@@ -125,7 +179,7 @@ def take_rows(w, ids):
     """``w[ids]`` for a dense ``[V, H]`` embedding or a ``QuantizedMatrix`` one (rows dequantized, ``w.dtype``)."""
     if not isinstance(w, QuantizedMatrix):
         return jnp.take(w, ids, axis=0)
-    if w.reduce_axis != 1 or len(w.dense_shape) != 2:
+    if w.reduce_axis != 1 or len(w.dense_shape) != 2 or w.layout != "rows":
         raise ValueError(f"take_rows needs a [V, H] embedding reduced over axis 1, got {w.dense_shape}/{w.reduce_axis}")
     flat = ids.reshape(-1)
     rows = block_formats.dequantize(tuple(p[flat] for p in w.planes), w.format, w.dtype)  # (R, H)

@@ -35,8 +35,9 @@ def test_smoke_run(tmp_path, capsys):
     report = bench_qweights.main(["--smoke", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench_qweights.json").read_text()) == json.loads(json.dumps(report))
     rows = report["decode"]["2"]
-    assert set(rows) == {"bf16", "q8_0", "q4_k"}
+    assert set(rows) == {"bf16", "q8_0", "q4_k", "q8_0_dp4a", "q4_k_dp4a"}
     assert rows["q4_k"]["weight_bytes"] < rows["q8_0"]["weight_bytes"] < rows["bf16"]["weight_bytes"]
+    assert rows["q4_k_dp4a"]["weight_bytes"] == rows["q4_k"]["weight_bytes"]  # the same bytes, laid out anew
     for row in rows.values():
         # a CPU's wall-clock difference of two programs may come out negative: only the arithmetic is checked
         assert row["floor_s"] > 0 and row["of_floor"] == pytest.approx(row["floor_s"] / row["time_s"])
@@ -51,7 +52,7 @@ def test_smoke_run(tmp_path, capsys):
     }
     assert math.isfinite(report["prefill"]["rows"]["q4_k_xla"]["tokens_per_s"])
     assert report["agreement"]["rows"]["bf16"] == {"token_agreement": 1.0, "prompts_equal": 1.0}
-    assert capsys.readouterr().out.splitlines()[-1].startswith("agreement q4_k")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("agreement q4_k_dp4a")
 
 
 def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path):

@@ -86,8 +86,33 @@ def test_tiny_native_gguf_gives_the_dequantized_logits(tmp_path, rng, types, lay
     assert native.params.nbytes < dense.params.nbytes / (3 if types is UNIFORM else 1)
 
 
+def test_tiny_native_gguf_in_the_dp4a_layout(tmp_path, rng):
+    """``weight_layout="dp4a"``: the projections of the formats the integer-dot kernel takes are laid out for it
+    (Q6_K and the embedding keep their rows); a prefill gives the row layout's logits, a decode step (the kernel,
+    interpret mode here) the same within the activations' int8 rounding."""
+    write_tiny_gguf(tmp_path / "m.gguf", rng, types=UNIFORM)
+    rows = load(tmp_path / "m.gguf", "f32", progress=False, layout="layers", weights="native")
+    laid = load(tmp_path / "m.gguf", "f32", progress=False, layout="layers", weights="native", weight_layout="dp4a")
+    layer = laid.params.layers[0]
+    assert {name: getattr(layer, name).layout for name in ("wqkv", "wo", "w_gate_up", "w_down")} == {
+        "wqkv": "dp4a", "wo": "rows", "w_gate_up": "dp4a", "w_down": "dp4a"
+    }  # fmt: skip
+    assert laid.params.embed.layout == "rows" and laid.params.nbytes == rows.params.nbytes
+    c = laid.config
+    forward = jax.jit(functools.partial(llama.forward, config=c, options=llama.LlamaOptions(impl="pallas")))
+    cache = jkv.KVCache.init(jkv.CacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16), 2)
+    for length, tol in ((9, 1e-5), (1, 0.02)):
+        tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, length)), jnp.int32)
+        got, want = forward(laid.params, cache, tokens)[0], forward(rows.params, cache, tokens)[0]
+        assert rel_err(got, want) < tol, length
+
+
 def test_weight_options_are_checked(tmp_path, rng):
     write_tiny_gguf(tmp_path / "m.gguf", rng)
+    with pytest.raises(ValueError, match="weight_layout='dp4a' lays out quantized weights"):
+        load(tmp_path / "m.gguf", progress=False, weight_layout="dp4a")
+    with pytest.raises(ValueError, match="weight_layout='cols' is not one of"):
+        load(tmp_path / "m.gguf", progress=False, weights="native", weight_layout="cols")
     with pytest.raises(ValueError, match="weights='bf16' is not one of"):
         load_gguf(tmp_path / "m.gguf", progress=False, weights="bf16")
     with pytest.raises(ValueError, match="quantize='q8_0' applies to safetensors"):

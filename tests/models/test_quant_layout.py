@@ -1,0 +1,100 @@
+"""The dp4a layout of quantized weights (``jkv.models.quant.to_dp4a_layout``): the same bytes laid out for the
+integer-dot kernel's coalesced reads. The matrix it holds is unchanged (dequantized exactly as before, shape and
+bytes equal); decode-sized products run the integer-dot kernel (interpret mode here) within the bound of its
+activations' int8 rounding against float64; larger ones compute exactly what the row layout's reference does; a
+model in this layout, in either layer layout, computes its prefill as the row-layout model and its decode step
+within the activations' rounding."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from helpers_compile import FAST_COMPILE
+from qweight_inputs import dequantize_f64, random_planes
+
+import jkv
+from jkv.loading.quantize import quantize_params
+from jkv.models import llama, quant
+from pallas_kernels import qmatmul_dp4a
+
+CONFIG = llama.LlamaConfig(
+    vocab_size=320, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64
+)
+
+
+def rounding_bound(x, w):
+    """What rounding ``x`` to int8 per 32-block (scale ``max|x| / 127``, to nearest) can move ``x @ w.T`` by."""
+    blocks = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2) / 127.0
+    return (np.repeat(blocks, 32, axis=1) / 2) @ np.abs(w).T + 1e-5 * (np.abs(x) @ np.abs(w).T)
+
+
+@pytest.mark.parametrize("fmt", quant.DP4A_FORMATS)
+def test_matrix_keeps_its_values_and_products(rng, fmt):
+    h, f = 512, 40  # a [H, 2, F] weight over N = 2F rows
+    planes = random_planes(rng, fmt, 2 * f, h)
+    w = quant.from_planes(fmt, planes, (h, 2, f), jnp.float32)
+    laid = quant.to_dp4a_layout(w)
+    assert laid.layout == "dp4a" and w.layout == "rows"
+    assert laid.shape == w.shape and laid.nbytes == w.nbytes and laid.out_shape == (2, f)
+    assert laid.planes[0].shape == (h // qmatmul_dp4a.block_format(fmt).parts // 16, 2 * f, 4)
+    np.testing.assert_array_equal(np.asarray(laid.dequantize()), np.asarray(w.dequantize()))
+    dense = dequantize_f64(planes, fmt)  # [N, K]
+    x = rng.standard_normal((3, h)).astype(np.float32)
+    got = np.asarray(quant.project(jnp.asarray(x), laid, "pallas"), np.float64).reshape(3, 2 * f)
+    exact = x.astype(np.float64) @ dense.T
+    assert np.all(np.abs(got - exact) <= rounding_bound(x.astype(np.float64), dense))
+    assert rel_err(got, exact) > 1e-7  # the activations were rounded: this is the integer-dot kernel's product
+    x = rng.standard_normal((quant.DP4A_MAX_ROWS + 4, h)).astype(np.float32)  # more rows: dequantize, one dot
+    got = quant.project(jnp.asarray(x), laid, "pallas")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.project(jnp.asarray(x), w, "xla")))
+
+
+def test_layout_leaves_what_it_does_not_take(rng):
+    """Embeddings (rows are looked up), Q6_K (8-byte windows) and dense weights stay as they are; converting
+    twice changes nothing."""
+    embed = quant.from_planes("Q8_0", random_planes(rng, "Q8_0", 40, 64), (40, 64), jnp.float32, reduce_axis=1)
+    q6 = quant.from_planes("Q6_K", random_planes(rng, "Q6_K", 16, 256), (256, 16), jnp.float32)
+    q8 = quant.to_dp4a_layout(quant.from_planes("Q8_0", random_planes(rng, "Q8_0", 16, 64), (64, 16), jnp.float32))
+    tree = {"embed": embed, "q6": q6, "dense": jnp.ones((4, 4)), "q8": q8}
+    out = quant.to_dp4a_layout(tree)
+    assert out["embed"] is embed and out["q6"] is q6 and out["dense"] is tree["dense"] and out["q8"] is q8
+    with pytest.raises(ValueError, match="take_rows needs"):
+        quant.take_rows(quant.to_dp4a_layout(q8).replace(reduce_axis=1), jnp.zeros((1,), jnp.int32))
+
+
+@functools.cache
+def forward(impl):
+    options = llama.LlamaOptions(impl=impl)
+    return jax.jit(functools.partial(llama.forward, config=CONFIG, options=options), compiler_options=FAST_COMPILE)
+
+
+def logits_of(params, tokens, impl):
+    spec = jkv.CacheSpec(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, 16)
+    return np.asarray(forward(impl)(params, jkv.KVCache.init(spec, tokens.shape[0]), tokens)[0], np.float64)
+
+
+@pytest.mark.parametrize("choice,layer_layout", [("q4_k", "layers"), ("q8_0", "stacked")])
+def test_model_in_the_dp4a_layout(rng, choice, layer_layout):
+    dense = llama.init_params(CONFIG, jax.random.key(3), jnp.float32, scale=0.05, layout="layers")
+    rows = quantize_params(dense, choice)
+    if layer_layout == "stacked":
+        rows = llama.with_layout(rows, layout="stacked")
+    laid = quant.to_dp4a_layout(rows)
+    wqkv = lambda p: p.layers.wqkv if layer_layout == "stacked" else p.layers[0].wqkv
+    assert wqkv(laid).layout == "dp4a" and laid.embed.layout == "rows" and wqkv(laid).shape == wqkv(rows).shape
+    prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 6)), jnp.int32)  # 12 rows: dequantize, one dot
+    assert rel_err(logits_of(laid, prompt, "pallas"), logits_of(rows, prompt, "xla")) < 1e-6
+    step = prompt[:, :1]  # 2 rows: the integer-dot kernel, activations rounded to int8
+    got, want = logits_of(laid, step, "pallas"), logits_of(rows, step, "xla")
+    assert 1e-6 < rel_err(got, want) < 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: the integer-dot kernel compiled")
+@pytest.mark.parametrize("choice", ["q4_k", "q8_0"])
+def test_gpu_model_in_the_dp4a_layout(rng, choice):
+    """The same on a GPU: the integer-dot kernel compiled by Triton, over the interleaved words."""
+    test_model_in_the_dp4a_layout(rng, choice, "layers")
