@@ -363,7 +363,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save = lambda: (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))  # after every section
     if "decode" in sections:
-        decode_models = with_dp4a_rows(with_mgpu_rows(models))
+        decode_models = with_mgpu_rows(models) | with_dp4a_rows(models)
         report["decode"] = bench_decode(config, decode_models, bandwidth, steps, rounds, batches)
         save()
     if "prefill" in sections:
