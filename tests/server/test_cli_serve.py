@@ -69,7 +69,7 @@ def test_flags_reach_engine_app_and_server(served):
     assert engine.cache.num_pages == engine.scheduler.pages.num_pages == 7
     assert app.state.worker.engine is engine and app.state.worker.capacity == 3 + 5
     assert app.state.options.model_name == "tiny-1"
-    assert served["load"] == {"weights": "dequantize", "quantize": None}
+    assert served["load"] == {"weights": "dequantize", "quantize": None, "weight_layout": "rows"}
     assert (served["host"], served["port"], served["drain_s"], served["ran"]) == ("127.0.0.1", 9123, 2.5, True)
 
 
@@ -84,9 +84,9 @@ def test_bad_flags_are_refused(served, capsys):
 
 
 def test_weight_formats_and_step_budget_reach_the_loader_and_engine(served):
-    argv = ["serve", "--model", "/models/tiny", "--weights", "native", "--quantize", "q8_0"]
+    argv = ["serve", "--model", "/models/tiny", "--weights", "native", "--quantize", "q8_0", "--weight-layout", "dp4a"]
     assert cli.main([*argv, "--max-batch-tokens", "24", "--num-slots", "2"]) == 0
-    assert served["load"] == {"weights": "native", "quantize": "q8_0"}
+    assert served["load"] == {"weights": "native", "quantize": "q8_0", "weight_layout": "dp4a"}
     assert served["warmed"].options.max_batch_tokens == 24
 
 
