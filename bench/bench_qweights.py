@@ -325,6 +325,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--breakdown", action="store_true", help="only the per-kernel time of a batch-1 step")
     parser.add_argument("--sections", default="decode,prefill,agreement", help="which sections, comma-separated")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batches, comma-separated")
+    parser.add_argument("--decode-rows", default="", help="only these decode rows, comma-separated (default: all)")
     args = parser.parse_args(argv)
     torch = common.load_torch()
     copy = common.copy_bandwidth(torch) if torch is not None else None
@@ -364,6 +365,9 @@ def main(argv=None) -> dict:
     save = lambda: (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))  # after every section
     if "decode" in sections:
         decode_models = with_mgpu_rows(models) | with_dp4a_rows(models)
+        if args.decode_rows:
+            keep = set(args.decode_rows.split(",")) | {"bf16"}
+            decode_models = {name: p for name, p in decode_models.items() if name in keep}
         report["decode"] = bench_decode(config, decode_models, bandwidth, steps, rounds, batches)
         save()
     if "prefill" in sections:
