@@ -99,10 +99,13 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         if m <= qm.SMALL_DOT_ROWS:  # per-group products scale [bm, bn] accumulators: a small-M formulation
             out["grouped"] = out["default"]._replace(path="grouped")
             out["grouped_gm"] = out["grouped"]
+        if m <= 64:  # the interleaved integer-dot launches over 8-row blocks (the weights re-read per block)
+            out |= {v: c for v, c in dp4a_variants(m, n, k, fmt).items() if INTERLEAVED in v}
+    out[DEQUANT] = out["default"]  # the dp4a layout's larger products: the matrix dequantized, one XLA dot
     firsts = {}
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once
-        firsts.setdefault((config, name.endswith(GROUPS_MAJOR), INTERLEAVED in name), name)
-    return {name: config for (config, _, _), name in firsts.items()}
+        firsts.setdefault((config, name.endswith(GROUPS_MAJOR), INTERLEAVED in name, name == DEQUANT), name)
+    return {name: config for (config, *_), name in firsts.items()}
 
 
 def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
@@ -164,11 +167,14 @@ def _chain(y, x):
 
 GROUPS_MAJOR = "_gm"  # a variant named with this suffix reads its per-group planes groups-major
 INTERLEAVED = "_il"  # a dp4a variant named with this reads words laid out by qmatmul_dp4a.interleave
+DEQUANT = "dequant"  # this variant is block_formats.qmatmul_reference: the matrix dequantized, then one XLA dot
 
 
 def product(fmt: str, name: str, config):
     """``(x, planes) -> [M, N]`` float32 of variant ``name``: through the kernel ``config`` launches (Triton's or
     Mosaic GPU's), its planes as :func:`layout` gives them."""
+    if name == DEQUANT:
+        return lambda x, planes: block_formats.qmatmul_reference(x, planes, fmt)
     if isinstance(config, QMatmulMgpuConfig):
         return lambda x, planes: qmm.qmatmul_mgpu(x, planes, fmt, config=config)
     if name.endswith(GROUPS_MAJOR):

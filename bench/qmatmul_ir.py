@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
     for fmt in bench_qmatmul.FORMATS:
         for m in (1,) if args.smoke else tuple(int(r) for r in args.rows.split(",")):
             variants = bench_qmatmul.variants(m, n, k, fmt)
-            variants = {v: c for v, c in variants.items() if not only or v in only}
+            variants = {v: c for v, c in variants.items() if (not only or v in only) and v != bench_qmatmul.DEQUANT}
             for name, config in list(variants.items())[: 2 if args.smoke else None]:
                 key = f"{fmt} M={m} {name}"
                 report["rows"][key] = analyse(fmt, m, n, k, config, name)

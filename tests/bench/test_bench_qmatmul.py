@@ -24,9 +24,16 @@ def test_variants_are_valid_launches_at_every_8b_shape(fmt, m):
     for n, k in bench_qmatmul.MATRICES.values():
         configs = bench_qmatmul.variants(m, n, k, fmt)
         assert configs["default"] == qm.qmatmul_config(m, n, k, fmt)
-        layouts = lambda name: (name.endswith(bench_qmatmul.GROUPS_MAJOR), bench_qmatmul.INTERLEAVED in name)
+        layouts = lambda name: (
+            name.endswith(bench_qmatmul.GROUPS_MAJOR),
+            bench_qmatmul.INTERLEAVED in name,
+            name == bench_qmatmul.DEQUANT,
+        )
         keys = {(c, layouts(name)) for name, c in configs.items()}
         assert len(keys) == len(configs)  # no launch timed twice over the same layout
+        assert bench_qmatmul.DEQUANT in configs and any(bench_qmatmul.INTERLEAVED in v for v in configs) == (
+            m <= 64 and fmt != "Q6_K"
+        )
         for config in configs.values():
             qm.check_config(config, m, n, k, fmt)  # raises on a launch the GPU run would reject
 
