@@ -180,7 +180,10 @@ def take_rows(w, ids):
     if not isinstance(w, QuantizedMatrix):
         return jnp.take(w, ids, axis=0)
     if w.reduce_axis != 1 or len(w.dense_shape) != 2 or w.layout != "rows":
-        raise ValueError(f"take_rows needs a [V, H] embedding reduced over axis 1, got {w.dense_shape}/{w.reduce_axis}")
+        raise ValueError(
+            f"take_rows needs a [V, H] embedding reduced over axis 1 in the rows layout, got "
+            f"{w.dense_shape}/{w.reduce_axis}/{w.layout}"
+        )
     flat = ids.reshape(-1)
     rows = block_formats.dequantize(tuple(p[flat] for p in w.planes), w.format, w.dtype)  # (R, H)
     return rows.reshape(*ids.shape, w.dense_shape[1])
