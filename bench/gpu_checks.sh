@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|dp4a|dp4a_sweep|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|dp4a|dp4a_sweep|qlayout|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -124,6 +124,13 @@ for part in "${parts[@]}"; do
         --formats Q8_0,Q4_K --deadline-s 240 --variants dp4a,dp4a_split2x,dp4a_il,dp4a_il_split2x
       tail -n 30 "$OUT/bench_dp4a.log"
       ;;
+    qlayout)  # issue 26: the large-M launch fix and the dp4a layout's GPU tests, then the batch-1 step in each layout
+      run tests_qlayout 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py tests/models/test_quant_layout.py \
+        -k "prefill_sized or dp4a_layout or gpu_matches"
+      run bench_qweights_b1 400 python bench/bench_qweights.py --out "$OUT/b1" --sections decode --batches 1 \
+        --rounds 3 --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a
+      grep -E "^B=|bandwidth" "$OUT/bench_qweights_b1.log" | tail -8
+      ;;
     qweights_prefill)  # issue 26's prefill point: bf16 against each format through the kernels, dequantize + GEMM
       run bench_qweights_prefill 500 python bench/bench_qweights.py --out "$OUT" --sections prefill --rounds 3
       tail -n 12 "$OUT/bench_qweights_prefill.log"
@@ -213,7 +220,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, dp4a_sweep, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, dp4a_sweep, qlayout, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 
