@@ -209,6 +209,11 @@ def is_quantized(w) -> bool:
     return isinstance(w, QuantizedMatrix)
 
 
+def holds_layout(tree, layout: str) -> bool:
+    """Whether a ``QuantizedMatrix`` of ``layout`` is among ``tree``'s leaves (static: known at trace time)."""
+    return any(is_quantized(w) and w.layout == layout for w in jax.tree.leaves(tree, is_leaf=is_quantized))
+
+
 def dequantize_params(params, dtype=None):
     """``params`` with every ``QuantizedMatrix`` replaced by its dense weight (``dtype``, default its compute
     dtype): the dequantize-at-load model of the same values."""

@@ -92,6 +92,25 @@ def test_model_in_the_dp4a_layout(rng, choice, layer_layout):
     assert 1e-6 < rel_err(got, want) < 0.02
 
 
+def test_decode_rows_are_not_padded_for_the_dp4a_kernel(rng, monkeypatch):
+    """The residual stream is padded to ``min_matmul_rows`` for XLA's dense products, but not in a model holding
+    dp4a-layout matrices: the integer-dot kernel's work grows with its rows (a batch-1 step padded to 8 rows made
+    it slower than the row layout's kernel on the GPU)."""
+    seen = []
+    project = quant._project_dp4a
+    monkeypatch.setattr(quant, "_project_dp4a", lambda x2, w, impl: seen.append(x2.shape[0]) or project(x2, w, impl))
+    dense = llama.init_params(CONFIG, jax.random.key(3), jnp.float32, scale=0.05, layout="layers")
+    laid = quant.to_dp4a_layout(quantize_params(dense, "q8_0"))
+    assert quant.holds_layout(laid, "dp4a") and not quant.holds_layout(dense, "dp4a")
+    options = llama.LlamaOptions(impl="pallas", min_matmul_rows=8)
+    spec = jkv.CacheSpec(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, 16)
+    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (1, 1)), jnp.int32)
+    logits, _ = jax.jit(functools.partial(llama.forward, config=CONFIG, options=options))(
+        laid, jkv.KVCache.init(spec, 1), tokens
+    )
+    assert logits.shape == (1, 1, CONFIG.vocab_size) and seen and set(seen) == {1}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: the integer-dot kernel compiled")
 @pytest.mark.parametrize("choice", ["q4_k", "q8_0"])

@@ -149,7 +149,8 @@ def _stream(params: LlamaParams, cache, tokens, positions, *, config: LlamaConfi
     x = quant.take_rows(params.embed, tokens).astype(jnp.float32)  # (R, T, H)
     if config.embed_scale is not None:  # rounded to the weight dtype first, as Gemma's checkpoints were trained
         x = x * jnp.asarray(config.embed_scale, params.embed.dtype).astype(jnp.float32)
-    x = fusions.pad_rows(x, fusions.padded_batch(b, t, options))  # (R', T, H)
+    if not quant.holds_layout(params.layers, "dp4a"):  # the integer-dot kernel's work grows with its rows: no pad
+        x = fusions.pad_rows(x, fusions.padded_batch(b, t, options))  # (R', T, H)
     if params.stacked and not config.uniform_layers:  # layers differ in static options: one traced block each
         for i in range(config.num_layers):
             layer_params = jax.tree.map(lambda w, i=i: w[i], params.layers)
