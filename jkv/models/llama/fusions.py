@@ -9,7 +9,8 @@ names the docs/BENCHMARKS.md section that measured it ("Model fusions" there lis
 * RMSNorm split around its product: the per-row scale is applied to the product's output, so the norm's only
   work of its own is one reduction ("End-to-end decode", run 5).
 * small products padded to ``MIN_MATMUL_ROWS`` rows, once per step on the residual stream: XLA's one-row GPU
-  products read weights more slowly than its 8-row ones ("End-to-end decode", run 2 and "Later runs").
+  products read weights more slowly than its 8-row ones ("End-to-end decode", run 2 and "Later runs"); not in a
+  model holding dp4a-layout matrices, whose integer-dot kernel's work grows with its rows.
 * the RMSNorm as one Pallas kernel (``LlamaOptions.norm_kernel``): off, measured neutral to worse (run 6).
 """
 
