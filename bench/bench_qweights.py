@@ -186,12 +186,13 @@ def launch_rule(variant: str | None):
 def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12) -> dict:
     """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and
     the span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
-    small-M products on the register path, ``<name>_units``, and where Mosaic GPU runs on its kernel,
-    ``<name>_mgpu``)."""
+    small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a``, and where Mosaic
+    GPU runs on its kernel, ``<name>_mgpu``)."""
     out = {}
     tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
     runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
     runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
+    runs += [(name, params, None) for name, params in with_dp4a_rows(models).items() if name.endswith("_dp4a")]
     for name, params, launch in runs:
         program = decode_program(config, batch, steps, options_of(name))
         args = (params, tokens, jnp.int32(steps))

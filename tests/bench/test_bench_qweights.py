@@ -56,14 +56,14 @@ def test_smoke_run(tmp_path, capsys):
 
 
 def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path):
-    """``--breakdown`` profiles each model and each quantized one on the register path (on a CPU no kernel is
-    traced: the spans are 0), writes its JSON, and leaves ``qmatmul_config`` as it found it."""
+    """``--breakdown`` profiles each model and each quantized one on the register path and in the dp4a layout (on a
+    CPU no kernel is traced: the spans are 0), writes its JSON, and leaves ``qmatmul_config`` as it found it."""
     from pallas_kernels import quantized_matmul as qm
 
     rule = qm.qmatmul_config
     report = bench_qweights.main(["--smoke", "--breakdown", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench_qweights_breakdown.json").read_text()) == json.loads(json.dumps(report))
-    assert set(report["breakdown"]) == {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units"}
+    assert set(report["breakdown"]) == {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units", "q8_0_dp4a", "q4_k_dp4a"}
     assert qm.qmatmul_config is rule
     paths = lambda: (qm.qmatmul_config(1, 64, 256, "Q8_0").path, qm.qmatmul_config(64, 64, 256, "Q8_0").path)
     with bench_qweights.launch_rule("units"):
