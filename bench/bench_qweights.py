@@ -117,7 +117,7 @@ def options_of(name: str) -> llama.LlamaOptions:
 
 def with_dp4a_rows(models: dict) -> dict:
     """``models`` and each quantized one again as ``<name>_dp4a``: its projections in the integer-dot kernel's
-    layout (``quant.to_dp4a_layout``; decode steps of up to 8 rows run that kernel, more dequantize for one dot)."""
+    layout (``quant.to_dp4a_layout``; decode steps of up to 16 rows run that kernel, more dequantize for one dot)."""
     return models | {f"{name}_dp4a": quant.to_dp4a_layout(p) for name, p in models.items() if name != "bf16"}
 
 

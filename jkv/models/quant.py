@@ -30,7 +30,10 @@ from pallas_kernels import block_formats, qmatmul_dp4a, quantized_matmul
 WEIGHTS_IMPLS = ("xla", "pallas", "mgpu")
 LAYOUTS = ("rows", "dp4a")  # QuantizedMatrix.layout: the format's planes, or to_dp4a_layout's interleaved words
 DP4A_FORMATS = tuple(f for f, words in qmatmul_dp4a.WORDS.items() if words == 4)
-DP4A_MAX_ROWS = quantized_matmul.FMA_ROWS  # rows a dp4a-layout product takes on the integer-dot kernel
+# Rows a dp4a-layout product takes on the integer-dot kernel (in programs of 8; each re-reads the weights, from the
+# L2 where its neighbours just did): an estimate against dequantizing the matrix (its bytes written and read again
+# in bf16) until bench/bench_qmatmul.py's dp4a_il / dequant rows at M = 16-64 place it (docs/quant.md).
+DP4A_MAX_ROWS = 16
 
 
 @struct.dataclass

@@ -197,7 +197,7 @@ def test_lowers_through_triton_with_dp4a(fmt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gpu_matches_float64(rng, fmt, m):
     """Compiled by Triton with the real ``dp4a``: the same two references, bf16 activations, default launch."""

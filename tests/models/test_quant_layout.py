@@ -42,11 +42,12 @@ def test_matrix_keeps_its_values_and_products(rng, fmt):
     assert laid.planes[0].shape == (h // qmatmul_dp4a.block_format(fmt).parts // 16, 2 * f, 4)
     np.testing.assert_array_equal(np.asarray(laid.dequantize()), np.asarray(w.dequantize()))
     dense = dequantize_f64(planes, fmt)  # [N, K]
-    x = rng.standard_normal((3, h)).astype(np.float32)
-    got = np.asarray(quant.project(jnp.asarray(x), laid, "pallas"), np.float64).reshape(3, 2 * f)
-    exact = x.astype(np.float64) @ dense.T
-    assert np.all(np.abs(got - exact) <= rounding_bound(x.astype(np.float64), dense))
-    assert rel_err(got, exact) > 1e-7  # the activations were rounded: this is the integer-dot kernel's product
+    for m in (3, quant.DP4A_MAX_ROWS):  # one program's rows; the most rows the kernel takes (programs of 8)
+        x = rng.standard_normal((m, h)).astype(np.float32)
+        got = np.asarray(quant.project(jnp.asarray(x), laid, "pallas"), np.float64).reshape(m, 2 * f)
+        exact = x.astype(np.float64) @ dense.T
+        assert np.all(np.abs(got - exact) <= rounding_bound(x.astype(np.float64), dense))
+        assert rel_err(got, exact) > 1e-7  # the activations were rounded: this is the integer-dot kernel's product
     x = rng.standard_normal((quant.DP4A_MAX_ROWS + 4, h)).astype(np.float32)  # more rows: dequantize, one dot
     got = quant.project(jnp.asarray(x), laid, "pallas")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.project(jnp.asarray(x), w, "xla")))
@@ -85,7 +86,8 @@ def test_model_in_the_dp4a_layout(rng, choice, layer_layout):
     laid = quant.to_dp4a_layout(rows)
     wqkv = lambda p: p.layers.wqkv if layer_layout == "stacked" else p.layers[0].wqkv
     assert wqkv(laid).layout == "dp4a" and laid.embed.layout == "rows" and wqkv(laid).shape == wqkv(rows).shape
-    prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 6)), jnp.int32)  # 12 rows: dequantize, one dot
+    prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 9)), jnp.int32)  # 18 rows: dequantize, one dot
+    assert prompt.size > quant.DP4A_MAX_ROWS
     assert rel_err(logits_of(laid, prompt, "pallas"), logits_of(rows, prompt, "xla")) < 1e-6
     step = prompt[:, :1]  # 2 rows: the integer-dot kernel, activations rounded to int8
     got, want = logits_of(laid, step, "pallas"), logits_of(rows, step, "xla")
