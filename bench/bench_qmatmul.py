@@ -58,7 +58,7 @@ LAYERS_8B = 32
 TARGETS_8B_M1 = {"Q8_0": 2.3e-3, "Q4_K": 1.5e-3}
 SMOKE_MATRICES = {"wo": (64, 256)}
 SMOKE_ROWS = (1, 16)
-SMOKE_VARIANTS = ("default", "units", "grouped", "grouped_gm", "dp4a")  # one of each path: compiles are slow
+SMOKE_VARIANTS = ("default", "units", "grouped", "grouped_gm", "dp4a", "dequant")  # one of each path: compiles are slow
 
 
 def plane_specs(fmt: str, n: int, k: int) -> list[tuple[tuple[int, int], np.dtype]]:

@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|dp4a|dp4a_sweep|qlayout|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|dp4a|dp4a_sweep|qlayout|qlayout_rows|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -131,6 +131,11 @@ for part in "${parts[@]}"; do
         --rounds 3 --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a
       grep -E "^B=|bandwidth" "$OUT/bench_qweights_b1.log" | tail -8
       ;;
+    qlayout_rows)  # issue 26: where the dp4a layout's kernel should hand over to the dequantized matrix (DP4A_MAX_ROWS)
+      run bench_qlayout_rows 560 python bench/bench_qmatmul.py --out "$OUT" --rounds 3 --rows 1,16,32,64 \
+        --matrices wqkv,gate_up --formats Q8_0,Q4_K --deadline-s 500 --variants dp4a_il,dp4a_il_split2x,dequant
+      tail -n 40 "$OUT/bench_qlayout_rows.log"
+      ;;
     qweights_prefill)  # issue 26's prefill point: bf16 against each format through the kernels, dequantize + GEMM
       run bench_qweights_prefill 500 python bench/bench_qweights.py --out "$OUT" --sections prefill --rounds 3
       tail -n 12 "$OUT/bench_qweights_prefill.log"
@@ -220,7 +225,7 @@ for part in "${parts[@]}"; do
     kinds)
       run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, dp4a_sweep, qlayout, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, dp4a_sweep, qlayout, qlayout_rows, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 

@@ -94,7 +94,7 @@ def test_smoke_run(tmp_path, capsys):
         assert r["time_s"] > 0 and r["of_floor"] == pytest.approx(r["floor_s"] / r["time_s"])
         if name != "bf16":
             assert r["rel_err"] < 1e-2 and len(r["config"]) == len(qm.QMatmulConfig._fields)
-    assert set(report["cells"]["16"]["wo"]["Q8_0"]) == {"bf16", "default", "grouped", "grouped_gm"}
+    assert set(report["cells"]["16"]["wo"]["Q8_0"]) == {"bf16", "default", "grouped", "grouped_gm", "dequant"}
     assert report["skipped"] == [] and capsys.readouterr().out.splitlines()[-1].startswith(" 16 wo")
 
 
