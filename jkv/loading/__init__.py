@@ -45,7 +45,7 @@ def load(
     if weight_layout == "dp4a":
         from jkv.models import quant
 
-        model = dataclasses.replace(model, params=quant.to_dp4a_layout(model.params))
+        model = dataclasses.replace(model, params=quant.to_dp4a_layout(model.params, donate=True))
     return model
 
 

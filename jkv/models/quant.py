@@ -148,12 +148,13 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     return quantized_matmul.qmatmul_words(x2, w.planes, w.format, config=config, interleaved=True)
 
 
-def to_dp4a_layout(params):
+def to_dp4a_layout(params, *, donate: bool = False):
     """``params`` with each projection matrix of a ``DP4A_FORMATS`` format in the dp4a layout: its code words
     interleaved for the integer-dot kernel's coalesced reads (``pallas_kernels.qmatmul_dp4a.interleave``), the same
     bytes. Decode-sized products (up to ``DP4A_MAX_ROWS`` rows) then run that kernel, whose activations are rounded
     to int8 per 32-block (docs/quant.md); larger ones dequantize the matrix for one dot. Embeddings keep their rows
-    (a step looks rows up)."""
+    (a step looks rows up). ``donate``: free each matrix's row-layout planes once its new ones are made, so the
+    weights are never held twice (``params`` must not be used afterwards; the loader does this)."""
 
     def convert(w):
         if not is_quantized(w) or w.layout != "rows" or w.reduce_axis != 0 or w.format not in DP4A_FORMATS:
@@ -162,6 +163,11 @@ def to_dp4a_layout(params):
         flat = [p.reshape(-1, *p.shape[len(batch) :]) for p in w.planes]
         words = lambda *ps: qmatmul_dp4a.interleave(qmatmul_dp4a.weight_words(ps, w.format), w.format)
         laid = jax.jit(jax.vmap(words))(*flat)
+        if donate:
+            jax.block_until_ready(laid)
+            for p in w.planes:
+                if isinstance(p, jax.Array):
+                    p.delete()
         return w.replace(planes=tuple(p.reshape(*batch, *p.shape[1:]) for p in laid), layout="dp4a")
 
     return jax.tree.map(convert, params, is_leaf=is_quantized)

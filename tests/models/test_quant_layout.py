@@ -53,6 +53,18 @@ def test_matrix_keeps_its_values_and_products(rng, fmt):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.project(jnp.asarray(x), w, "xla")))
 
 
+def test_donated_conversion_frees_the_row_planes(rng):
+    """``donate=True`` (the loader's): each converted matrix's row-layout planes are freed once its new ones exist,
+    so a model's weights are never on the device twice; what it does not convert is left alone."""
+    w = quant.from_planes("Q4_K", tuple(map(jnp.asarray, random_planes(rng, "Q4_K", 40, 512))), (512, 40), jnp.float32)
+    q6 = quant.from_planes("Q6_K", tuple(map(jnp.asarray, random_planes(rng, "Q6_K", 16, 256))), (256, 16), jnp.float32)
+    want = np.asarray(w.dequantize())
+    out = quant.to_dp4a_layout({"w": w, "q6": q6}, donate=True)
+    assert all(p.is_deleted() for p in w.planes) and not any(p.is_deleted() for p in q6.planes)
+    np.testing.assert_array_equal(np.asarray(out["w"].dequantize()), want)
+    assert out["q6"] is q6
+
+
 def test_layout_leaves_what_it_does_not_take(rng):
     """Embeddings (rows are looked up), Q6_K (8-byte windows) and dense weights stay as they are; converting
     twice changes nothing."""
