@@ -12,8 +12,7 @@ from jkv.loading.quantize import QUANTIZE
 from jkv.loading.safetensors import load_safetensors
 from jkv.loading.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from jkv.loading.validate import NonFiniteLogitsError, check_finite_logits
-
-WEIGHT_LAYOUTS = ("rows", "dp4a")
+from jkv.models import quant
 
 
 def load(
@@ -34,8 +33,8 @@ def load(
     (safetensors): None, ``"q8_0"`` or ``"q4_k"`` (docs/quant.md, "Quantized weights"). ``weight_layout``:
     ``"rows"`` or ``"dp4a"`` (quantized weights only: ``jkv.models.quant.to_dp4a_layout``).
     """
-    if weight_layout not in WEIGHT_LAYOUTS:
-        raise ValueError(f"weight_layout={weight_layout!r} is not one of {WEIGHT_LAYOUTS}")
+    if weight_layout not in quant.LAYOUTS:
+        raise ValueError(f"weight_layout={weight_layout!r} is not one of {quant.LAYOUTS}")
     if weight_layout != "rows" and weights == "dequantize" and quantize is None:
         raise ValueError(
             f"weight_layout={weight_layout!r} lays out quantized weights: load them with weights='native' (GGUF) or "
@@ -43,8 +42,6 @@ def load(
         )
     model = _load(os.fspath(path), dtype, progress, layout, weights, quantize)
     if weight_layout == "dp4a":
-        from jkv.models import quant
-
         model = dataclasses.replace(model, params=quant.to_dp4a_layout(model.params, donate=True))
     return model
 
