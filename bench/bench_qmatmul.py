@@ -112,7 +112,7 @@ def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
     """The integer-dot path's launches (``"dp4a"``, under trial): its rule, each step's weight reads issued a step
     ahead (stages 2), 64 / 256 rows a program, 128-deep K steps (fewer registers), twice the K splits."""
     base = qm.dp4a_config(m, n, k, fmt)
-    kp = k // block_formats.FORMATS[fmt].parts
+    split2x = qm.dp4a_config(m, n, k, fmt, split_factor=2)
     out = {
         "dp4a": base,
         "dp4a_prefetch": base._replace(num_stages=2),
@@ -120,8 +120,8 @@ def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         "dp4a_bn256": qm.dp4a_config(m, n, k, fmt, block_n=256),
         "dp4a_bk128": _fit(m, n, k, fmt, base.block_m, base.block_n, 128, base.num_warps, 1, "dp4a"),
     }
-    if (kp // base.block_k) % (2 * base.num_splits) == 0:
-        out["dp4a_split2x"] = base._replace(num_splits=2 * base.num_splits)
+    if split2x != base:
+        out["dp4a_split2x"] = split2x
     if qmatmul_dp4a.WORDS[fmt] == 4:  # coalesced windows (qmatmul_dp4a.interleave): the rule, twice the splits
         out["dp4a_il"] = base
         if "dp4a_split2x" in out:

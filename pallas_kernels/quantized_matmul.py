@@ -123,15 +123,19 @@ def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "units")
 
 
-def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128) -> QMatmulConfig:
+def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128, split_factor: int = 1) -> QMatmulConfig:
     """The integer-dot launch (``"dp4a"``, under trial): a warp per 32 of ``block_n`` rows (each thread one row
-    of a 16-byte window of words), the units path's step-size rule, the default split rule."""
+    of a 16-byte window of words), the units path's step-size rule, the default split rule times ``split_factor``
+    where the K steps divide by that many splits (else the rule's own)."""
     spec = block_format(fmt)
     kp = k // spec.parts
     bm = min(_pow2_ceil(m), FMA_ROWS)
     bk = _unrolled_block_k(fmt, kp, 32 // spec.parts, bm)
     bn = min(block_n, common.pow2_floor(n))
-    return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), max(1, min(8, bn // 32)), 1, "dp4a")
+    splits = default_splits(m, n, kp // bk, bm, bn)
+    if (kp // bk) % (split_factor * splits) == 0:
+        splits *= split_factor
+    return QMatmulConfig(bm, bn, bk, splits, max(1, min(8, bn // 32)), 1, "dp4a")
 
 
 def fma_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:

@@ -141,10 +141,7 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     m, n, k = x2.shape[0], math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
     if impl == "xla" or m > DP4A_MAX_ROWS:
         return block_formats.qmatmul_reference(x2, w.row_planes(), w.format)
-    config = quantized_matmul.dp4a_config(m, n, k, w.format)
-    steps = k // block_formats.FORMATS[w.format].parts // config.block_k
-    if steps % (2 * config.num_splits) == 0:
-        config = config._replace(num_splits=2 * config.num_splits)
+    config = quantized_matmul.dp4a_config(m, n, k, w.format, split_factor=2)
     return quantized_matmul.qmatmul_words(x2, w.planes, w.format, config=config, interleaved=True)
 
 
