@@ -17,6 +17,7 @@ compute dtype, one dot).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -157,9 +158,7 @@ def to_dp4a_layout(params, *, donate: bool = False):
         if not is_quantized(w) or w.layout != "rows" or w.reduce_axis != 0 or w.format not in DP4A_FORMATS:
             return w
         batch = w.batch_shape
-        flat = [p.reshape(-1, *p.shape[len(batch) :]) for p in w.planes]
-        words = lambda *ps: qmatmul_dp4a.interleave(qmatmul_dp4a.weight_words(ps, w.format), w.format)
-        laid = jax.jit(jax.vmap(words))(*flat)
+        laid = _interleaved_words(tuple(p.reshape(-1, *p.shape[len(batch) :]) for p in w.planes), w.format)
         if donate:
             jax.block_until_ready(laid)
             for p in w.planes:
@@ -168,6 +167,14 @@ def to_dp4a_layout(params, *, donate: bool = False):
         return w.replace(planes=tuple(p.reshape(*batch, *p.shape[1:]) for p in laid), layout="dp4a")
 
     return jax.tree.map(convert, params, is_leaf=is_quantized)
+
+
+@functools.partial(jax.jit, static_argnames="fmt")
+def _interleaved_words(flat_planes: tuple, fmt: str) -> tuple:
+    """Each of a flattened batch of matrices' planes laid out by ``qmatmul_dp4a.interleave`` (one compile per
+    format and shape: a model's layers share it)."""
+    one = lambda *ps: qmatmul_dp4a.interleave(qmatmul_dp4a.weight_words(ps, fmt), fmt)
+    return jax.vmap(one)(*flat_planes)
 
 
 def _mgpu_takes(w: QuantizedMatrix, rows: int, dtype) -> bool:
