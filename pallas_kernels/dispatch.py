@@ -78,18 +78,26 @@ def multi_token_mgpu_kind(
     where only it fits; ``None`` where neither takes these heads, head_dim and dtype. ``out_dtype``: the queries'
     (None: ``dtype``); ``block_ok``: as :func:`ws_config` takes it. Any machine (the caller asks
     :func:`backend.mosaic_gpu_usable`)."""
+    kind, _ = _mgpu_choice(num_rows, batch, num_q_heads, num_kv_heads, head_dim, dtype, out_dtype, block_ok)
+    return kind
+
+
+def _mgpu_choice(num_rows, batch, num_q_heads, num_kv_heads, head_dim, dtype, out_dtype, block_ok):
+    """``(kind, config)``: :func:`multi_token_mgpu_kind`'s answer and the launch it chose it with."""
     from pallas_kernels import multi_token_mgpu as mgpu
     from pallas_kernels.multi_token_mgpu_ws import CONSUMERS
 
     out_dtype = dtype if out_dtype is None else out_dtype
     if not mgpu.mgpu_supported(num_q_heads, num_kv_heads, head_dim, dtype):
-        return None
+        return None, None
     config = mgpu.mgpu_multi_token_config(num_q_heads, num_kv_heads, head_dim, dtype)
     if not mgpu.fits(config, head_dim, dtype, out_dtype):
-        return None
+        return None, None
     long_runs = num_rows >= CONSUMERS * config.block_q * max(batch, 1)
     ws = ws_config(num_q_heads, num_kv_heads, head_dim, dtype, out_dtype, block_ok)
-    return "ws" if long_runs and mgpu.fits(ws, head_dim, dtype, out_dtype, CONSUMERS) else "plain"
+    if long_runs and mgpu.fits(ws, head_dim, dtype, out_dtype, CONSUMERS):
+        return "ws", ws
+    return "plain", config
 
 
 def ws_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, out_dtype=None, block_ok=None):
@@ -112,17 +120,10 @@ def ws_config(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, out_dty
 def _mgpu_launch(allow_mgpu: bool, q, lengths, kv_heads: int, dtype, block_ok):
     """``(kind, config)`` of the Mosaic GPU kernel for this step (:func:`multi_token_mgpu_kind`; the
     warp-specialised kernels with :func:`ws_config`), or ``(None, None)`` where none may or can run here."""
-    from pallas_kernels import multi_token_mgpu as mgpu
-
     if not (allow_mgpu and MULTI_TOKEN_MGPU and backend.mosaic_gpu_usable()):
         return None, None
     num_rows, n, d = q.shape[0], q.shape[-2], q.shape[-1]
-    kind = multi_token_mgpu_kind(num_rows, lengths.shape[0], n, kv_heads, d, dtype, q.dtype, block_ok)
-    if kind is None:
-        return None, None
-    if kind == "ws":
-        return kind, ws_config(n, kv_heads, d, dtype, q.dtype, block_ok)
-    return kind, mgpu.mgpu_multi_token_config(n, kv_heads, d, dtype)
+    return _mgpu_choice(num_rows, lengths.shape[0], n, kv_heads, d, dtype, q.dtype, block_ok)
 
 
 def multi_token_attention_auto(
