@@ -115,10 +115,12 @@ def options_of(name: str) -> llama.LlamaOptions:
     return llama.LlamaOptions(weights_impl="mgpu") if name.endswith(MGPU) else llama.DEFAULT_OPTIONS
 
 
-def with_dp4a_rows(models: dict) -> dict:
+def with_dp4a_rows(models: dict, keep=None) -> dict:
     """``models`` and each quantized one again as ``<name>_dp4a``: its projections in the integer-dot kernel's
-    layout (``quant.to_dp4a_layout``; decode steps of up to 16 rows run that kernel, more dequantize for one dot)."""
-    return models | {f"{name}_dp4a": quant.to_dp4a_layout(p) for name, p in models.items() if name != "bf16"}
+    layout (``quant.to_dp4a_layout``; decode steps of up to 16 rows run that kernel, more dequantize for one dot).
+    ``keep``: convert only the rows named there (None: all; each conversion is another copy of the weights)."""
+    wanted = lambda name: name != "bf16" and (keep is None or f"{name}_dp4a" in keep)
+    return models | {f"{name}_dp4a": quant.to_dp4a_layout(p) for name, p in models.items() if wanted(name)}
 
 
 def with_mgpu_rows(models: dict) -> dict:
@@ -183,16 +185,17 @@ def launch_rule(variant: str | None):
         qm.qmatmul_config = default
 
 
-def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12) -> dict:
+def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, keep=None) -> dict:
     """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and
     the span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
     small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a``, and where Mosaic
-    GPU runs on its kernel, ``<name>_mgpu``)."""
+    GPU runs on its kernel, ``<name>_mgpu``). ``keep``: only these variants (all when None)."""
     out = {}
     tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
     runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
     runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
-    runs += [(name, params, None) for name, params in with_dp4a_rows(models).items() if name.endswith("_dp4a")]
+    runs += [(name, p, None) for name, p in with_dp4a_rows(models, keep).items() if name.endswith("_dp4a")]
+    runs = [run for run in runs if keep is None or run[0] in keep]
     for name, params, launch in runs:
         program = decode_program(config, batch, steps, options_of(name))
         args = (params, tokens, jnp.int32(steps))
@@ -345,7 +348,8 @@ def main(argv=None) -> dict:
     models = {"bf16": dense} | {c: random_quantized(dense, c, i + 1) for i, c in enumerate(VARIANTS[1:])}
     common.log(f"weights ready in {time.perf_counter() - t0:.1f} s")
     if args.breakdown:
-        report = {"meta": common.meta(torch), "breakdown": step_breakdown(config, models, 1, min(steps, 8))}
+        keep = set(args.decode_rows.split(",")) if args.decode_rows else None
+        report = {"meta": common.meta(torch), "breakdown": step_breakdown(config, models, 1, min(steps, 8), keep=keep)}
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qweights_breakdown.json").write_text(json.dumps(report, indent=1))
         return report
@@ -365,9 +369,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save = lambda: (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))  # after every section
     if "decode" in sections:
-        decode_models = with_mgpu_rows(models) | with_dp4a_rows(models)
-        if args.decode_rows:
-            keep = set(args.decode_rows.split(",")) | {"bf16"}
+        keep = set(args.decode_rows.split(",")) | {"bf16"} if args.decode_rows else None
+        decode_models = with_mgpu_rows(models) | with_dp4a_rows(models, keep)
+        if keep is not None:
             decode_models = {name: p for name, p in decode_models.items() if name in keep}
         report["decode"] = bench_decode(config, decode_models, bandwidth, steps, rounds, batches)
         save()
