@@ -10,8 +10,9 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
   Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``); each quantized
   model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words).
 * ``prefill``: one prompt of ``--prefill-tokens`` tokens into an empty cache (``llama.prefill``), tokens/s, and
-  each quantized row's throughput against bf16's (issue 26 asks >= 0.8x), through the kernels' large-M path and
-  as ``<name>_xla`` (``LlamaOptions(weights_impl="xla")``: dequantize to bf16, then XLA's GEMM).
+  each quantized row's throughput against bf16's (issue 26 asks >= 0.8x) as dispatched, through the kernel's
+  large-M path (``<name>_kernel``) and as ``<name>_xla`` (``LlamaOptions(weights_impl="xla")``: dequantize to
+  bf16, then XLA's GEMM).
 * ``agreement``: the shipped SmolLM2 (``--smoke``: a tiny random model) in bf16 against its native Q4_1 blocks
   and its matrices requantized at load to Q8_0 and Q4_K (``jkv.loading.quantize``), 32 greedy tokens on each of
   a fixed prompt set: the fraction of tokens equal to bf16's, and of prompts equal throughout; each quantized
@@ -168,21 +169,24 @@ def step_sampler(config, params, batch: int, steps: int, options=llama.DEFAULT_O
 @contextlib.contextmanager
 def launch_rule(variant: str | None):
     """Quantized products launched as ``variant`` while inside: None, the default rule; ``"units"``: at most
-    ``FMA_ROWS`` rows on the register path (``quantized_matmul.units_config``); ``"expand"``: more than
-    ``SMALL_DOT_ROWS`` rows on the default tile with ``dot_expand``'s dequantization (prefill)."""
-    default = qm.qmatmul_config
+    ``FMA_ROWS`` rows on the register path (``quantized_matmul.units_config``); ``"kernel"``: the Triton kernel at
+    every row count (prefill too: no ``quant.DEQUANT_MIN_ROWS`` hand-over); ``"expand"``: that, with more than
+    ``SMALL_DOT_ROWS`` rows on the default tile with ``dot_expand``'s dequantization."""
+    default, handover = qm.qmatmul_config, quant.DEQUANT_MIN_ROWS
+    if variant in ("kernel", "expand"):
+        quant.DEQUANT_MIN_ROWS = sys.maxsize
     if variant == "units":
         qm.qmatmul_config = lambda m, n, k, fmt: (qm.units_config if m <= qm.FMA_ROWS else default)(m, n, k, fmt)
     elif variant == "expand":
         qm.qmatmul_config = lambda m, n, k, fmt: (
             default(m, n, k, fmt)._replace(path="dot_expand") if m > qm.SMALL_DOT_ROWS else default(m, n, k, fmt)
         )
-    elif variant is not None:
-        raise ValueError(f"launch rule {variant!r}: expected None, 'units' or 'expand'")
+    elif variant not in (None, "kernel"):
+        raise ValueError(f"launch rule {variant!r}: expected None, 'units', 'kernel' or 'expand'")
     try:
         yield
     finally:
-        qm.qmatmul_config = default
+        qm.qmatmul_config, quant.DEQUANT_MIN_ROWS = default, handover
 
 
 def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, keep=None) -> dict:
@@ -257,9 +261,10 @@ def bench_decode(config, models: dict, bandwidth: float, steps: int, rounds: int
 
 
 def bench_prefill(config, models: dict, tokens: int, rounds: int) -> dict:
-    """Prefill rows: every model through the kernels, and each quantized one also as ``<name>_xla``
-    (``weights_impl="xla"``: each matrix dequantized to bf16 by XLA, then one library GEMM) and ``<name>_expand``
-    (the kernels with ``dot_expand``'s tile dequantization: no register spills at large M in the sm_90 counts)."""
+    """Prefill rows: every model as dispatched (``quant.DEQUANT_MIN_ROWS`` and more rows: dequantize, one dot),
+    and each quantized one also as ``<name>_kernel`` (the Triton kernel's large-M path whatever the rows),
+    ``<name>_xla`` (``weights_impl="xla"``: each matrix dequantized to bf16 by XLA, then one library GEMM) and
+    ``<name>_expand`` (the kernel with ``dot_expand``'s tile dequantization)."""
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, tokens, jnp.bfloat16)
     prompt = (jnp.arange(tokens, dtype=jnp.int32) * 7919 % config.vocab_size)[None]
 
@@ -269,6 +274,7 @@ def bench_prefill(config, models: dict, tokens: int, rounds: int) -> dict:
     dequant = program(llama.LlamaOptions(weights_impl="xla"))
     runs = {name: (program(llama.DEFAULT_OPTIONS), params, None) for name, params in models.items()}
     quantized = {name: params for name, params in models.items() if name != "bf16"}
+    runs |= {f"{name}_kernel": (program(llama.DEFAULT_OPTIONS), p, "kernel") for name, p in quantized.items()}
     runs |= {f"{name}_xla": (dequant, params, None) for name, params in quantized.items()}
     runs |= {f"{name}_expand": (program(llama.DEFAULT_OPTIONS), p, "expand") for name, p in quantized.items()}
     samplers = {}

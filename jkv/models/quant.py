@@ -12,7 +12,8 @@ adds a leading ``[L]`` to every plane (``shape`` then reads ``(L, *dense shape)`
 looks up. The ``"pallas"`` impl runs ``pallas_kernels.quantized_matmul`` (Triton on a GPU, interpret mode elsewhere),
 ``"mgpu"`` ``pallas_kernels.qmatmul_mgpu`` (Mosaic GPU, Hopper) for the products it takes (decode-sized row
 counts) and Triton's for the rest, ``"xla"`` the reference (the matrix dequantized in float32, rounded to the
-compute dtype, one dot).
+compute dtype, one dot). Products of ``DEQUANT_MIN_ROWS`` rows or more (prefill) take the reference under every
+impl: XLA's GEMM over the dequantized matrix outruns the kernels there.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ DP4A_FORMATS = tuple(f for f, words in qmatmul_dp4a.WORDS.items() if words == 4)
 # L2 where its neighbours just did): an estimate against dequantizing the matrix (its bytes written and read again
 # in bf16) until bench/bench_qmatmul.py's dp4a_il / dequant rows at M = 16-64 place it (docs/quant.md).
 DP4A_MAX_ROWS = 16
+# Rows from which a row-layout product dequantizes the matrix for one XLA dot instead of running the Triton dot
+# kernel: on an H200 a 2,048-token prefill ran 1.9-2.3x faster so (docs/BENCHMARKS.md, "The H200: ..."). Taking
+# the dequantization as a fixed cost per call and both paths as linear in the rows from there, they cross near 300
+# rows (Q8_0) and 370 (Q4_K); the kernel is relatively faster at fewer rows (less compute-bound), so the threshold
+# sits above both: an estimate until bench/bench_qmatmul.py's default / dequant rows at M = 64-512 place it.
+DEQUANT_MIN_ROWS = 512
 
 
 @struct.dataclass
@@ -120,6 +127,8 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     x2 = x.reshape(math.prod(lead), x.shape[-1]).astype(w.dtype)
     if w.layout == "dp4a":
         y = _project_dp4a(x2, w, impl)
+    elif impl in ("pallas", "mgpu") and x2.shape[0] >= DEQUANT_MIN_ROWS:  # prefill-sized: the reference's path
+        y = block_formats.qmatmul_reference(x2, w.planes, w.format)
     elif impl == "mgpu" and _mgpu_takes(w, x2.shape[0], x2.dtype):
         from pallas_kernels import qmatmul_mgpu
 

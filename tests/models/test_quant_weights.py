@@ -132,3 +132,23 @@ def test_mgpu_weights_impl_lowers_to_the_mosaic_gpu_kernel_where_it_takes_the_ma
         assert kernel in text.as_text() and ("mosaic_gpu" in text.as_text()) == (kernel == "mosaic_gpu"), (m, n)
     with pytest.raises(ValueError, match="'gemm' is not one of"):
         quant.project(jnp.ones((1, 256)), w, "gemm")
+
+
+@pytest.mark.parametrize("impl", ["pallas", "mgpu"])
+def test_prefill_sized_products_dequantize_for_one_dot(rng, monkeypatch, impl):
+    """From ``quant.DEQUANT_MIN_ROWS`` rows a product lowers (for CUDA, no GPU needed) to the matrix dequantized
+    and one XLA dot under either kernel impl, with no kernel; a row fewer still runs the Triton kernel. The values
+    are the reference's (``test_quantized_model_computes_its_dequantized_model`` covers the model)."""
+    from pallas_kernels import backend
+
+    monkeypatch.setattr(backend, "resolve_interpret", lambda interpret: bool(interpret))
+    monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
+    w = quant.from_planes("Q4_K", random_planes(rng, "Q4_K", 128, 256), (256, 128), jnp.bfloat16)
+    for m in (quant.DEQUANT_MIN_ROWS - 1, quant.DEQUANT_MIN_ROWS, 3 * quant.DEQUANT_MIN_ROWS):
+        x = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
+        text = jax.jit(lambda x, w: quant.project(x, w, impl)).trace(x, w).lower(lowering_platforms=("cuda",))
+        text = text.as_text()
+        kernel = "xla.gpu.triton" in text or "mosaic_gpu" in text
+        assert kernel == (m < quant.DEQUANT_MIN_ROWS), (m, impl)
+        if m >= quant.DEQUANT_MIN_ROWS:
+            assert "dot_general" in text and "bf16" in text
