@@ -123,7 +123,7 @@ def add_serve_parser(commands) -> None:
         "serve",
         help="an OpenAI-compatible HTTP server (needs the serve extra)",
         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics over the "
-        'engine (docs/server.md). Needs `pip install -e ".[serve]"`.',
+        'engine (docs/serving.md). Needs `pip install -e ".[serve]"`.',
     )
     serve.add_argument("--model", help="a .gguf file or an HF safetensors directory (default: SmolLM2-135M-Instruct)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

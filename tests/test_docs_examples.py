@@ -13,7 +13,7 @@ CASES = [(name, i) for name, blocks in EXAMPLES.items() for i in range(len(block
 
 # Python blocks left unmarked on purpose: source excerpts (adding-a-format), a fragment naming the user's files
 # (quant: `path`, `directory`), a client of a running server. Any other python block must be marked runnable.
-FRAGMENTS = {"adding-a-format.md": 3, "quant.md": 1, "server.md": 1}
+FRAGMENTS = {"adding-a-format.md": 3, "quant.md": 1, "serving.md": 1}
 NEEDS_DEVICES = {"sharding.md": 2}  # a mesh of tp=2 (on a CPU, tests/conftest.py's host devices)
 _namespaces: dict[str, tuple[dict, int]] = {}  # doc -> (its namespace, how many of its blocks ran there)
 
