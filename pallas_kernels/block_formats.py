@@ -168,6 +168,17 @@ def dequantize_tile(fmt: str, tiles) -> tuple:
     raise ValueError(f"weight format {fmt!r} is not one of {tuple(FORMATS)}")
 
 
+# The 4-bit formats' values from their nibbles ``q`` as (N, K/32, 2, 16) float32 and their other planes (float32),
+# dequantize_tile's arithmetic; ``per_block`` broadcasts an [N, K/32] term over each block's 32 values.
+_BLOCK_VALUES = {
+    "Q4_0": lambda q, per_block, scales: (q - 8.0) * per_block(scales),
+    "Q4_1": lambda q, per_block, scales, mins: q * per_block(scales) + per_block(mins),
+    "Q4_K": lambda q, per_block, sub, sub_min, d, dmin: (
+        q * per_block(_grouped(sub, d, 8)) + per_block(-_grouped(sub_min, dmin, 8))
+    ),
+}
+
+
 def _q6_k_tile(nibbles, crumbs, sub_low, sub_high, d):
     """Q6_K's two parts ``[R, W]`` (see the module docstring for the crumbs' bit order)."""
     f32 = jnp.float32
@@ -193,8 +204,16 @@ def split_parts(x, fmt: str):
 
 
 def dequantize(planes, fmt: str, dtype=jnp.float32):
-    """The ``[N, K]`` matrix ``planes`` hold, as ``dtype`` (computed in float32)."""
+    """The ``[N, K]`` matrix ``planes`` hold, as ``dtype`` (computed in float32 with :func:`dequantize_tile`'s
+    arithmetic: its values bit for bit where the compiler contracts both alike, as on a CPU)."""
     n, k = check_planes(fmt, planes)
+    if fmt in _BLOCK_VALUES:  # one broadcast expression: no halves stacked (one elementwise pass for XLA)
+        nibbles = planes[0].astype(jnp.int32).reshape(n, k // 32, 1, 16)
+        shift = 4 * lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1), 2)  # a block's low 16 values, then its high 16
+        q = (lax.shift_right_logical(nibbles, shift) & 15).astype(jnp.float32)  # (N, K/32, 2, 16)
+        per_block = lambda t: t[:, :, None, None]  # [N, K/32] over each block's 32 values
+        values = _BLOCK_VALUES[fmt](q, per_block, *(p.astype(jnp.float32) for p in planes[1:]))
+        return values.reshape(n, k).astype(dtype)
     parts = dequantize_tile(fmt, planes)  # each [N, K / P]
     if len(parts) == 1:
         return parts[0].astype(dtype)

@@ -46,6 +46,21 @@ def test_reference_matches_float64(rng, fmt):
     assert rel_err(out, ref) < REL_TOL["float32"]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantized_matrix_is_the_tiles_bit_for_bit(rng, fmt):
+    """``block_formats.dequantize`` (the reference's and prefill's matrix; the 4-bit formats as one broadcast
+    expression) holds the values the kernels' ``dequantize_tile`` makes, bit for bit on a CPU, in float32 and
+    rounded to bf16."""
+    k = block_formats.FORMATS[fmt].block * 3
+    planes = tuple(jnp.asarray(p) for p in random_planes(rng, fmt, N, k))
+    parts = jax.jit(lambda p: block_formats.dequantize_tile(fmt, p))(planes)  # each [N, K / P]
+    tiles = np.stack([np.asarray(t).reshape(N, k // 32, -1) for t in parts], axis=2).reshape(N, k)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = np.asarray(jax.jit(block_formats.dequantize, static_argnums=(1, 2))(planes, fmt, dtype), np.float32)
+        want = np.asarray(jnp.asarray(tiles).astype(dtype), np.float32)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("m", [2, 24])
 def test_bf16_activations(rng, m):
     """bf16 x: the register path multiplies in f32, the dot path rounds the dequantized tile to bf16."""
