@@ -229,10 +229,11 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
 
 def fusion_line(hlo: str, name: str) -> str:
     """The instruction of the compiled program's HLO text that defines ``name`` (a fusion or kernel as the
-    profiler names it), or ''."""
+    profiler names it: the HLO name with its dots as underscores, ``loop_pad_fusion.126`` -> ``_126``), or ''."""
     for line in hlo.splitlines():
         stripped = line.strip().removeprefix("ROOT ").lstrip("%")
-        if stripped.startswith(f"{name} = "):
+        defined, sep, _ = stripped.partition(" = ")
+        if sep and defined.replace(".", "_") == name.replace(".", "_"):
             return stripped
     return ""
 
