@@ -45,6 +45,8 @@ def test_smoke_run(tmp_path, capsys):
         "bf16",
         "q8_0",
         "q4_k",
+        "q8_0_kernel",
+        "q4_k_kernel",
         "q8_0_xla",
         "q4_k_xla",
         "q8_0_expand",
@@ -60,7 +62,7 @@ def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path
     CPU no kernel is traced: the spans are 0), writes its JSON, and leaves ``qmatmul_config`` as it found it."""
     from pallas_kernels import quantized_matmul as qm
 
-    rule = qm.qmatmul_config
+    rule, handover = qm.qmatmul_config, quant.DEQUANT_MIN_ROWS
     report = bench_qweights.main(["--smoke", "--breakdown", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench_qweights_breakdown.json").read_text()) == json.loads(json.dumps(report))
     assert set(report["breakdown"]) == {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units", "q8_0_dp4a", "q4_k_dp4a"}
@@ -69,7 +71,10 @@ def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path
     with bench_qweights.launch_rule("units"):
         assert paths() == ("units", "dot")
     with bench_qweights.launch_rule("expand"):
-        assert paths() == ("dot", "dot_expand")
+        assert paths() == ("dot", "dot_expand") and quant.DEQUANT_MIN_ROWS > 2**40
+    with bench_qweights.launch_rule("kernel"):  # the Triton kernel at prefill sizes too
+        assert paths() == ("dot", "dot") and quant.DEQUANT_MIN_ROWS > 2**40
+    assert quant.DEQUANT_MIN_ROWS == handover
     with pytest.raises(ValueError, match="'gemv'"), bench_qweights.launch_rule("gemv"):
         pass
     assert qm.qmatmul_config is rule
@@ -92,6 +97,7 @@ def test_fusion_line_finds_an_instruction_by_its_profiled_name():
         "input_add_reduce_fusion_61 = f32[2,16]"
     )
     assert bench_qweights.fusion_line(hlo, "fusion") == "" and bench_qweights.fusion_line(hlo, "fusion.3") != ""
+    assert bench_qweights.fusion_line(hlo, "fusion_3").startswith("fusion.3 = ")  # the profiler's spelling
 
 
 def test_mgpu_rows_only_where_mosaic_gpu_runs(monkeypatch):
