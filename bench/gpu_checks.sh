@@ -11,7 +11,7 @@
 #      families and families_gemma);
 #   6. the serving workloads (issue 21; part engine) and the HTTP server's load (issue 24; part server);
 #   7. decode attention of every cache kind against torch SDPA and jax cuDNN (issue 22; part kinds: a call of its
-#      own; where its budget stops it before the last shape, run bench/bench_decode_kinds.py --resume on its JSON);
+#      own; where its budget stops it before the last shape, KINDS_RESUME=path/to/its.json runs the rest);
 #   8. part quick: a short call for a scarce machine (the engine's long and shared-prefix workloads); part mixed: its
 #      mixed workload with HF's peer and a profile of its decode-only step; part mixed_slots: it with 128 slots;
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
@@ -31,6 +31,11 @@ declare -A rc
 # GPU_CHECKS_BUDGET (seconds, optional): every part's limit is cut to what is left of it, so that one device call
 # ends inside its own limit whatever the parts given (a part reached with under 10 s left is skipped).
 budget_end=$((SECONDS + ${GPU_CHECKS_BUDGET:-100000}))
+
+part_secs() {  # seconds: what a part asking for them gets (the call's budget may cut it)
+  local left=$((budget_end - SECONDS))
+  echo $(($1 < left ? $1 : left))
+}
 
 run() {  # name, seconds, command...
   local name=$1 secs=$2 left=$((budget_end - SECONDS))
@@ -223,7 +228,10 @@ for part in "${parts[@]}"; do
       run bench_families_gemma 580 python bench/bench_families.py --models gemma2-9b --out "$OUT/gemma" --rounds 5
       ;;
     kinds)
-      run bench_decode_kinds 580 python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 --budget-s 420
+      # its own budget (start no shape after it) leaves a shape's ~2 minutes inside the part's limit
+      secs=$(part_secs 580)
+      run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
+        --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
     *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, dp4a_sweep, qlayout, qlayout_rows, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
