@@ -7,8 +7,9 @@ profiler's n-th ``jkv_qmatmul`` report is the n-th variant listed::
         python bench/ncu_qmatmul.py --matrix wqkv --fmt Q8_0 --rows 1 --variants default,units
 
 Variants are ``bench/bench_qmatmul.py``'s names at the cell, or ``path:bm/bn/bk/splits/warps/stages`` for any
-launch (``units:1/64/256/8/4/3``; ``dp4a_il:...``: the dp4a path over interleaved words). Without ``ncu`` it
-runs too (a check of the launches: each output against the float32 reference).
+launch (``units:1/64/256/8/4/3``; ``dp4a_il:...``: the dp4a path over interleaved words); a launch the cell
+cannot take is skipped with its reason, so one list serves several matrices. Without ``ncu`` it runs too (a
+check of the launches: each output against the float32 reference).
 """
 
 from __future__ import annotations
@@ -51,15 +52,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     n, k = map(int, args.shape.split(",")) if args.shape else bench_qmatmul.MATRICES[args.matrix]
     named = bench_qmatmul.variants(args.rows, n, k, args.fmt)
-    chosen = [parse_variant(v, named) for v in args.variants.split(",") if v]
-    for i, (name, config) in enumerate(chosen):
+    chosen = []
+    for name, config in (parse_variant(v, named) for v in args.variants.split(",") if v):
+        try:  # a launch this cell cannot take (its splits do not divide the K steps, ...) is left out, said so
+            qm.check_config(config, args.rows, n, k, args.fmt)
+            chosen.append((name, config))
+        except ValueError as e:
+            print(f"skipped {name} {tuple(config)}: {e}", flush=True)
+    for i, (name, config) in enumerate(chosen):  # the n-th profiled launch is the n-th printed here
         print(f"launch {i}: {name} {config}", flush=True)
     key = jax.random.key(zlib.crc32(f"{args.matrix} {args.fmt}".encode()))
     planes = bench_qmatmul.random_planes(key, args.fmt, n, k)
     x = jax.random.normal(jax.random.fold_in(key, 1), (args.rows, k), jnp.bfloat16)
     ref = block_formats.qmatmul_reference(x.astype(jnp.float32), planes, args.fmt)
     for name, config in chosen:
-        qm.check_config(config, args.rows, n, k, args.fmt)
         laid = bench_qmatmul.layout(args.fmt, name, planes, config)  # made before the profiled launch
         y = jax.block_until_ready(bench_qmatmul.product(args.fmt, name, config)(x, laid))
         print(f"{name}: rel_err {common.rel_err(y, ref):.2e}", flush=True)

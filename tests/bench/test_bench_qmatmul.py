@@ -110,3 +110,18 @@ def test_variants_option_keeps_the_default_and_the_named(tmp_path):
         ["--smoke", "--formats", "Q8_0", "--rows", "1", "--variants", "units", "--out", str(tmp_path)]
     )
     assert set(report["cells"]["1"]["wo"]["Q8_0"]) == {"bf16", "default", "units"}
+
+
+def test_ncu_launches_skip_what_a_cell_cannot_take(capsys):
+    """bench/ncu_qmatmul.py: a launch the cell cannot take (its splits do not divide the K steps) is skipped with
+    the reason, and the launches it runs are numbered in the order they go (the profiler's n-th report), each
+    checked against the reference (interpret mode here)."""
+    from bench import ncu_qmatmul
+
+    variants = "dp4a_il:1/64/128/16/2/1,dp4a_il:1/64/128/7/2/1,default"  # 7 splits do not divide 16 K steps
+    ncu_qmatmul.main(["--matrix", "wqkv", "--fmt", "Q4_K", "--rows", "1", "--shape", "64,4096", "--variants", variants])
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out if line.startswith("launch")] == ["launch 0", "launch 1"]
+    assert any(line.startswith("skipped dp4a_il:1/64/128/7/2/1") and "must divide" in line for line in out)
+    errors = [float(line.rsplit(" ", 1)[1]) for line in out if "rel_err" in line]
+    assert len(errors) == 2 and max(errors) < 2e-2  # the dp4a launch rounds the activations to int8
