@@ -2,10 +2,10 @@
 
 The activations are rounded once per call (XLA, ``M x K`` work) to int8 per 32-block of ``K`` with one float32
 scale per block (``scale = max|x| / 127``, round to nearest), as fast GGUF matrix-vector kernels do, with the sums
-the offsets take (:func:`quantize_activations`). The codes are split into the format's parts as
-``block_formats.split_parts`` splits ``x`` and packed four to an int32 word; the weights' code planes are read as
-int32 words too (a bitcast), so word ``c`` of part ``p`` of ``x`` pairs with word ``c`` of the weights' packed
-columns.
+the offsets take (:func:`quantize_activations`). The codes are packed four to an int32 word in ``K``'s order;
+the weights' code planes are read as int32 words too (a bitcast). Block ``b``'s part ``p`` (the first or second
+16 values of a nibble format, as ``block_formats.split_parts`` splits ``x``) is activation words ``8b + 4p`` on,
+and pairs with the words of the weights' packed columns of block ``b``.
 
 A K step walks **units** of one 32-block (Q8_0: 8 words of codes in two windows of 4, the 4-bit formats: 4 words
 holding both nibbles, Q6_K: two windows of 2 words, as its crumb bytes pair with them), each window a 2-D read
@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
-from pallas_kernels.block_formats import block_format, split_parts
+from pallas_kernels.block_formats import block_format
 
 # Words per window, 16 bytes where a unit allows (a window row per thread: a 16-byte load, its words summed in the
 # thread, the [bn] scale columns in the tile's own row layout); Q8_0's unit is two windows, Q6_K's two of 8 bytes.
@@ -40,18 +40,25 @@ DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, $3;"
 LOW_NIBBLES = 0x0F0F0F0F
 
 
+def num_factors(fmt: str) -> int:
+    """How many ``[M, K / 32]`` factor arrays :func:`quantize_activations` gives for ``fmt``."""
+    return 1 + (fmt in FLOAT_OFFSETS or fmt == "Q4_0") + 2 * (fmt == "Q6_K")
+
+
 def quantize_activations(x, fmt: str):
-    """``x [M, K]`` rounded to int8 per 32-block: ``(words, factors)``, ``words`` int32 ``[P, M, K / P / 4]`` (the
-    codes split into the format's parts, four to a word, the first code in the low byte) and ``factors`` float32
-    ``[F, M, K / 32]``: each block's scale, then for Q4_1 / Q4_K its sum of the rounded activations, for Q4_0 the
-    sum of its codes, for Q6_K the sums of the codes of each part (its first and second 16; integers, exact)."""
+    """``x [M, K]`` rounded to int8 per 32-block: ``(words, factors)``, ``words`` int32 ``[M, K / 4]`` (the codes
+    four to a word in ``K``'s order, the first code in the low byte: block ``b``'s 32 codes are words ``8b`` to
+    ``8b + 7``, a nibble format's part ``p`` the four from ``8b + 4p``) and ``factors`` a tuple of
+    :func:`num_factors` float32 ``[M, K / 32]``: each block's scale, then for Q4_1 / Q4_K its sum of the rounded
+    activations, for Q4_0 the sum of its codes, for Q6_K the sums of the codes of each part (its first and second
+    16; integers, exact). Kept apart and in ``K``'s order, they are what XLA computes them as: no transpose into
+    parts, no stacked copy (each of those was a launch of its own in a decode step)."""
     m, k = x.shape
     blocks = x.astype(jnp.float32).reshape(m, k // 32, 32)
     scale = jnp.max(jnp.abs(blocks), axis=2) / 127.0  # [M, K / 32]
     safe = jnp.where(scale > 0, scale, 1.0)[:, :, None]
     codes = jnp.clip(jnp.round(blocks / safe), -127, 127).astype(jnp.int8)
-    parts = split_parts(codes.reshape(m, k), fmt)  # (P, M, K / P)
-    words = lax.bitcast_convert_type(parts.reshape(*parts.shape[:2], -1, 4), jnp.int32)  # (P, M, K / P / 4)
+    words = lax.bitcast_convert_type(codes.reshape(m, k // 4, 4), jnp.int32)  # (M, K / 4)
     code_sum = lambda lo, hi: jnp.sum(codes[:, :, lo:hi].astype(jnp.int32), axis=2).astype(jnp.float32)
     factors = [scale]
     if fmt in FLOAT_OFFSETS:
@@ -60,7 +67,7 @@ def quantize_activations(x, fmt: str):
         factors.append(code_sum(0, 32))
     elif fmt == "Q6_K":
         factors += [code_sum(0, 16), code_sum(16, 32)]
-    return words, jnp.stack(factors)
+    return words, tuple(factors)
 
 
 def weight_words(planes, fmt: str) -> tuple:
@@ -216,24 +223,24 @@ def step_loads(fmt: str, plane_refs, *, cols, k0, block_k: int, interleaved: boo
     )
 
 
-def dp4a_step(fmt: str, xw_ref, xf_ref, loads, accs, *, rows0, k0, emulate: bool):
+def dp4a_step(fmt: str, xw_ref, xf_refs, loads, accs, *, rows0, k0, emulate: bool):
     """``accs`` (one ``[bn]`` float32 accumulator per row) after the K step at packed column ``k0``, whose
-    weight-side reads are ``loads`` (:func:`step_loads`)."""
+    weight-side reads are ``loads`` (:func:`step_loads`); ``xw_ref`` / ``xf_refs``: the activations' words and
+    factors (:func:`quantize_activations`)."""
     parts = block_format(fmt).parts
     per_unit = 32 // parts
     width = WORDS[fmt]
     accs = list(accs)
     for u, (entries, words) in enumerate(loads):
-        index = _unit_index(k0, u, per_unit)
-        block, w0 = index(per_unit), index(4)
+        block = _unit_index(k0, u, per_unit)(per_unit)  # the unit's 32-block: the activation words 8 * block on
         scales, offset = _weight_factors(fmt, entries)
         windows = _unit_codes(fmt, words)
         for r in range(len(accs)):
             row = rows0 + r
-            x_scale = xf_ref[0, row, block]
+            x_scale = xf_refs[0][row, block]
             sums = [None] * len(scales)  # the block's integer sums per word, one per scale, over its windows
-            for at, codes in windows:
-                xs = [xw_ref[p, row, pl.ds(w0 + at, width)] for p in range(parts)]  # [WORDS] each
+            for at, codes in windows:  # part p's words of the block: from 8 * block + p * 8 / parts
+                xs = [xw_ref[row, pl.ds(8 * block + p * (8 // parts) + at, width)] for p in range(parts)]
                 if len(scales) == 1:  # one scale over the block: both parts into one sum
                     sums = [_integer_sum(codes, xs, sums[0], emulate=emulate)]
                 else:  # Q6_K: a scale per part
@@ -243,17 +250,17 @@ def dp4a_step(fmt: str, xw_ref, xf_ref, loads, accs, *, rows0, k0, emulate: bool
             for i, (s, words_sum) in enumerate(zip(scales, sums, strict=True)):
                 total = jnp.sum(words_sum, axis=1).astype(jnp.float32)  # a row's words lie in one thread; < 2^24
                 if fmt in INT_OFFSET:  # dot(q + o, x) = dot(q, x) + o * sum(x): the codes' sum of the block or part
-                    total = total + INT_OFFSET[fmt] * xf_ref[1 + i, row, block]
+                    total = total + INT_OFFSET[fmt] * xf_refs[1 + i][row, block]
                 accs[r] = accs[r] + total * (s * x_scale)
             if offset is not None:
-                accs[r] = accs[r] + offset * xf_ref[1, row, block]
+                accs[r] = accs[r] + offset * xf_refs[1][row, block]
     return tuple(accs)
 
 
 def dp4a_program(
     fmt: str,
     xw_ref,
-    xf_ref,
+    xf_refs,
     plane_refs,
     o_ref,
     *,
@@ -274,7 +281,7 @@ def dp4a_program(
     k0 = lambda step: pl.multiple_of((split * steps + step) * block_k, block_k)
     loads = lambda step: step_loads(fmt, plane_refs, cols=cols, k0=k0(step), block_k=block_k, interleaved=interleaved)
     compute = lambda step, now, accs: dp4a_step(
-        fmt, xw_ref, xf_ref, now, accs, rows0=rows0, k0=k0(step), emulate=emulate
+        fmt, xw_ref, xf_refs, now, accs, rows0=rows0, k0=k0(step), emulate=emulate
     )
     accs = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(block_m))
     if prefetch:

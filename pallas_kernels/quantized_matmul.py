@@ -181,9 +181,9 @@ def check_config(config: QMatmulConfig, m: int, n: int, k: int, fmt: str) -> Non
 
 def _kernel(
     # inputs
-    x_ref,  # [P, M, K / P]: the activations split into the format's parts (dp4a: int8 codes as words [.., K / P / 4])
-    *refs,  # grouped path with offsets: the group sums [P, M, K / P / G]; dp4a: the activations' factors
-    # [F, M, K / 32]; the planes [N, K / P / group] each; the output [S, M, N] float32
+    x_ref,  # [P, M, K / P]: the activations split into the format's parts (dp4a: int8 codes as words [M, K / 4])
+    *refs,  # grouped path with offsets: the group sums [P, M, K / P / G]; dp4a: the activations' F factors
+    # [M, K / 32] each; the planes [N, K / P / group] each; the output [S, M, N] float32
     fmt: str,
     groups: tuple[int, ...],
     config: QMatmulConfig,
@@ -195,10 +195,13 @@ def _kernel(
     plane_refs, o_ref = refs[:-1], refs[-1]
     path = config_path(config)
     sums_ref = None
-    if (path == "grouped" and qmatmul_grouped.has_offsets(fmt)) or path == "dp4a":
-        sums_ref, plane_refs = plane_refs[0], plane_refs[1:]  # dp4a: the activations' scales (and sums)
+    if path == "grouped" and qmatmul_grouped.has_offsets(fmt):
+        sums_ref, plane_refs = plane_refs[0], plane_refs[1:]
+    if path == "dp4a":  # the activations' scales (and sums)
+        f = qmatmul_dp4a.num_factors(fmt)
+        sums_ref, plane_refs = plane_refs[:f], plane_refs[f:]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    _, m_total, _ = x_ref.shape
+    m_total = x_ref.shape[-2]
     n_total = plane_refs[0].shape[1 if interleaved else 0]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row0 = jnp.minimum(i * bm, m_total - bm)  # the last block slides back to end at M (and N)
@@ -291,9 +294,9 @@ def _qmatmul(
     spec = block_format(fmt)
     rows = max(m, config.block_m)
     path = config_path(config)
-    if path == "dp4a":  # int8 words (P, M', K/P/4), their factors (F, M', K/32); the code planes as words
+    if path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each; the code planes as words
         xs, factors = qmatmul_dp4a.quantize_activations(common_pad_rows(x, rows), fmt)
-        planes = (factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
+        planes = (*factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
     else:
         xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
     steps = k // spec.parts // config.block_k // config.num_splits

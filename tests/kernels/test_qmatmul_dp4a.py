@@ -28,11 +28,10 @@ N = 37  # odd: the last column block slides back
 
 def rounded_activations(x, fmt):
     """``(x_hat, scales)`` float64 ``[M, K]`` and ``[M, K / 32]``: the activations as the path rounds them, read
-    back from its words (undoing ``split_parts``: part ``p`` holds values ``32 b + 16 p + j``)."""
+    back from its words (in ``K``'s order)."""
     words, factors = qmatmul_dp4a.quantize_activations(x, fmt)
-    codes = np.asarray(words).view(np.int8)  # (P, M, K / P): little-endian bytes, the first code lowest
-    parts, m, kp = codes.shape
-    codes = codes.reshape(parts, m, kp // (32 // parts), 32 // parts).transpose(1, 2, 0, 3).reshape(m, parts * kp)
+    codes = np.asarray(words).view(np.int8)  # (M, K): little-endian bytes, the first code lowest
+    m = codes.shape[0]
     scales = np.asarray(factors[0], np.float64)
     x_hat = codes.astype(np.float64) * np.repeat(scales, 32, axis=1)
     blocks = codes.reshape(m, -1, 32)
@@ -42,7 +41,8 @@ def rounded_activations(x, fmt):
         "Q4_0": [blocks.sum(axis=2)],
         "Q6_K": [blocks[:, :, :16].sum(axis=2), blocks[:, :, 16:].sum(axis=2)],
     }.get(fmt, [])
-    assert factors.shape == (1 + len(sums), m, codes.shape[1] // 32)
+    assert len(factors) == 1 + len(sums) == qmatmul_dp4a.num_factors(fmt)
+    assert all(f.shape == (m, codes.shape[1] // 32) and f.dtype == jnp.float32 for f in factors)
     for got, want in zip(factors[1:], sums, strict=True):
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6 * max(scales.max(), 1))
     return x_hat, scales
@@ -93,14 +93,13 @@ def test_bf16_activations_and_default_launch(rng):
 
 def test_quantized_activations(rng):
     """Codes in [-127, 127], each block's largest at +-127, every value within half a step; zero blocks stay
-    zero (no division by a zero scale); the words hold the codes split into parts, the first code lowest; each
+    zero (no division by a zero scale); the words hold the codes in ``K``'s order, the first code lowest; each
     format's factors: the scales, then the sums its offsets take (:func:`rounded_activations` checks them)."""
     x = rng.standard_normal((3, 256)).astype(np.float32) * 4
     x[1, 32:64] = 0.0
     for fmt in FORMATS:
         words, _ = qmatmul_dp4a.quantize_activations(jnp.asarray(x), fmt)
-        parts = block_formats.FORMATS[fmt].parts
-        assert words.dtype == jnp.int32 and words.shape == (parts, 3, 256 // parts // 4)
+        assert words.dtype == jnp.int32 and words.shape == (3, 256 // 4)
         x_hat, scales = rounded_activations(jnp.asarray(x), fmt)
         codes = np.rint(x_hat / np.repeat(np.where(scales > 0, scales, 1), 32, axis=1))
         assert np.abs(codes).max() == 127 and np.all(np.abs(codes).reshape(3, 8, 32).max(axis=2)[scales > 0] == 127)
@@ -193,6 +192,9 @@ def test_lowers_through_triton_with_dp4a(fmt):
     )
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text and qmatmul_dp4a.DP4A_ASM in text
+    # the activations reach the kernel as XLA rounds them: no transpose into parts, no stacked factors (each was
+    # a launch of its own per product in a decode step)
+    assert "stablehlo.transpose" not in text and "stablehlo.concatenate" not in text
 
 
 @pytest.mark.gpu
