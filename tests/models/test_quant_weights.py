@@ -137,8 +137,9 @@ def test_mgpu_weights_impl_lowers_to_the_mosaic_gpu_kernel_where_it_takes_the_ma
 @pytest.mark.parametrize("impl", ["pallas", "mgpu"])
 def test_prefill_sized_products_dequantize_for_one_dot(rng, monkeypatch, impl):
     """From ``quant.DEQUANT_MIN_ROWS`` rows a product lowers (for CUDA, no GPU needed) to the matrix dequantized
-    and one XLA dot under either kernel impl, with no kernel; a row fewer still runs the Triton kernel. The values
-    are the reference's (``test_quantized_model_computes_its_dequantized_model`` covers the model)."""
+    and one XLA dot under either kernel impl, with no kernel, its planes behind an optimization barrier with the
+    activations; a row fewer still runs the Triton kernel. The values are the reference's
+    (``test_quantized_model_computes_its_dequantized_model`` covers the model)."""
     from pallas_kernels import backend
 
     monkeypatch.setattr(backend, "resolve_interpret", lambda interpret: bool(interpret))
@@ -150,5 +151,5 @@ def test_prefill_sized_products_dequantize_for_one_dot(rng, monkeypatch, impl):
         text = text.as_text()
         kernel = "xla.gpu.triton" in text or "mosaic_gpu" in text
         assert kernel == (m < quant.DEQUANT_MIN_ROWS), (m, impl)
-        if m >= quant.DEQUANT_MIN_ROWS:
-            assert "dot_general" in text and "bf16" in text
+        if m >= quant.DEQUANT_MIN_ROWS:  # the planes wait for the activations (no dequantization hoisted)
+            assert "dot_general" in text and "bf16" in text and "optimization_barrier" in text
