@@ -129,7 +129,7 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     if w.layout == "dp4a":
         y = _project_dp4a(x2, w, impl)
     elif impl in ("pallas", "mgpu") and x2.shape[0] >= DEQUANT_MIN_ROWS:  # prefill-sized: the reference's path
-        y = dequantized_dot(x2, w.planes, w.format)
+        y = dequantized_dot(x2, w)
     elif impl == "mgpu" and _mgpu_takes(w, x2.shape[0], x2.dtype):
         from pallas_kernels import qmatmul_mgpu
 
@@ -137,19 +137,20 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     elif impl in ("pallas", "mgpu"):
         y = quantized_matmul.qmatmul(x2, w.planes, w.format)
     elif impl == "xla":
-        y = dequantized_dot(x2, w.planes, w.format)
+        y = dequantized_dot(x2, w)
     else:
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
     return y.reshape(*lead, *w.out_shape)
 
 
-def dequantized_dot(x2, planes, fmt: str):
-    """``block_formats.qmatmul_reference``: the matrix dequantized, one dot. The planes pass an optimization
-    barrier with the activations first, so the dequantization cannot start before the layer's input exists: the
-    weights do not depend on it, and XLA could otherwise dequantize every layer's matrices at a step's start (the
-    whole model in bf16 at once, beside a cache sized to the memory left)."""
-    planes, x2 = lax.optimization_barrier((planes, x2))
-    return block_formats.qmatmul_reference(x2, planes, fmt)
+def dequantized_dot(x2, w: QuantizedMatrix):
+    """``x2 @ W.T`` as ``block_formats.qmatmul_reference`` makes it: the matrix dequantized (from its row planes, in
+    either layout), one dot. The planes as held pass an optimization barrier with the activations first, so no
+    work on them (dp4a words back to rows, dequantization) starts before the layer's input exists: the weights do
+    not depend on it, and XLA could otherwise dequantize every layer's matrices at a step's start (the whole model
+    in bf16 at once, beside a cache sized to the memory left)."""
+    planes, x2 = lax.optimization_barrier((w.planes, x2))
+    return block_formats.qmatmul_reference(x2, w.replace(planes=planes).row_planes(), w.format)
 
 
 def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
@@ -160,7 +161,7 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
     m, n, k = x2.shape[0], math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
     if impl == "xla" or m > DP4A_MAX_ROWS:
-        return dequantized_dot(x2, w.row_planes(), w.format)
+        return dequantized_dot(x2, w)
     config = quantized_matmul.dp4a_config(m, n, k, w.format, split_factor=2)
     return quantized_matmul.qmatmul_words(x2, w.planes, w.format, config=config, interleaved=True)
 
