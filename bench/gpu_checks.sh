@@ -148,7 +148,8 @@ for part in "${parts[@]}"; do
       tail -n 40 "$OUT/bench_qhandover.log"
       ;;
     qweights_prefill)  # issue 26's prefill point: bf16 against each format through the kernels, dequantize + GEMM
-      run bench_qweights_prefill 500 python bench/bench_qweights.py --out "$OUT" --sections prefill --rounds 3
+      run bench_qweights_prefill 500 python bench/bench_qweights.py --out "$OUT" --sections prefill --rounds 3 \
+        --prefill-tokens 2048 8192
       tail -n 12 "$OUT/bench_qweights_prefill.log"
       ;;
     dp4a_sweep)  # issue 26: launches of the interleaved dp4a product under Nsight Compute (kernel time, DRAM %)

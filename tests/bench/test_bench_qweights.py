@@ -41,7 +41,8 @@ def test_smoke_run(tmp_path, capsys):
     for row in rows.values():
         # a CPU's wall-clock difference of two programs may come out negative: only the arithmetic is checked
         assert row["floor_s"] > 0 and row["of_floor"] == pytest.approx(row["floor_s"] / row["time_s"])
-    assert set(report["prefill"]["rows"]) == {
+    (run,) = report["prefill"]["runs"]
+    assert run["tokens"] == 8 and set(run["rows"]) == {
         "bf16",
         "q8_0",
         "q4_k",
@@ -52,7 +53,7 @@ def test_smoke_run(tmp_path, capsys):
         "q8_0_expand",
         "q4_k_expand",
     }
-    assert math.isfinite(report["prefill"]["rows"]["q4_k_xla"]["tokens_per_s"])
+    assert math.isfinite(run["rows"]["q4_k_xla"]["tokens_per_s"])
     assert report["agreement"]["rows"]["bf16"] == {"token_agreement": 1.0, "prompts_equal": 1.0}
     assert capsys.readouterr().out.splitlines()[-1].startswith("agreement q4_k_dp4a")
 
@@ -82,7 +83,8 @@ def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path
 
 def test_sections_run_alone_and_bad_sections_are_refused(tmp_path):
     report = bench_qweights.main(["--smoke", "--sections", "prefill", "--out", str(tmp_path)])
-    assert report["decode"] == {} and report["agreement"]["rows"] == {} and "q8_0_expand" in report["prefill"]["rows"]
+    assert report["decode"] == {} and report["agreement"]["rows"] == {}
+    assert "q8_0_expand" in report["prefill"]["runs"][0]["rows"]
     assert json.loads((tmp_path / "bench_qweights.json").read_text()) == json.loads(json.dumps(report))
     with pytest.raises(SystemExit, match="'decode,speed'"):
         bench_qweights.main(["--smoke", "--sections", "decode,speed", "--out", str(tmp_path)])
