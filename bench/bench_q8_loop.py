@@ -6,10 +6,14 @@ queries, float16 scales). Each variant ``form[/block_k/warps/stages]`` (the laun
 kernel the dispatch picks (``bf16``, the baseline) and the bf16 Triton kernel (``bf16_triton``). Rows print µs,
 TB/s of the bytes each variant reads and the time against ``bf16``; each variant's error against the float32
 reference on the Q8 cache is checked, and ``same`` says whether its output equals the default form's (same
-launch) bit for bit. The loop's per-block instruction counts of the same forms: ``bench/decode_ir.py`` (CPU).
+launch) bit for bit. ``--paged-forms``: the paged Q8 kernel (``paged_q8``, page 16, the same contents at permuted
+pool places, its default launch) in each form too, as ``paged:<form>`` rows against the same bf16 baseline (the
+issue asks Q8 never slower than bf16, paged included). The loop's per-block instruction counts of the same
+forms: ``bench/decode_ir.py`` (CPU).
 
     python bench/bench_q8_loop.py --out $OUT --rounds 5
     python bench/bench_q8_loop.py --out $OUT --variants default vperm+srot vperm+srot/128/4 --shapes 1x131072
+    python bench/bench_q8_loop.py --out $OUT --variants default --paged-forms default vperm vperm+srot+dsum+exp2
     JAX_PLATFORMS=cpu python bench/bench_q8_loop.py --smoke --out /tmp/q8loop   # CPU: wiring only, no timing
 """
 
@@ -30,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
+from bench.bench_paged import paged_sets
 from jkv.caches.formats import quantize
-from pallas_kernels import decode, decode_q8, dispatch, reference
+from pallas_kernels import decode, decode_q8, dispatch, paged_q8, reference
 
 SHAPES = ("1x131072", "16x8192", "128x2048", "1x4096")
+PAGE_SIZE = 16  # the paged rows' pages (the issue's)
 VARIANTS = (
     "default",
     "vperm",
@@ -75,6 +81,22 @@ def q8_call(batch: int, seq: int, form: str, overrides: dict, interpret: bool):
     return call, config
 
 
+def paged_q8_call(form: str, interpret: bool):
+    """The paged Q8 kernel in loop form ``form`` (its default launch), as ``fn(q, k, k_scale, v, v_scale, table,
+    lengths)`` over page pools; the form is set while the call is traced (``decode_q8.LOOP_FORM``, read per call)."""
+
+    def call(q, *pools_table_lengths):
+        saved, decode_q8.LOOP_FORM = decode_q8.LOOP_FORM, form
+        try:
+            return paged_q8.paged_q8_decode_attention(
+                q, *pools_table_lengths, scale=common.HEAD_DIM**-0.5, interpret=interpret
+            )
+        finally:
+            decode_q8.LOOP_FORM = saved
+
+    return call
+
+
 def sampler(fn, sets, est_s: float, smoke: bool):
     if smoke:
         run = common._chained(fn, 2)
@@ -83,7 +105,7 @@ def sampler(fn, sets, est_s: float, smoke: bool):
     return common.jax_sampler(fn, sets, est_s)
 
 
-def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log) -> dict:
+def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log, paged_forms=()) -> dict:
     batch, seq = (int(x) for x in text.split("x"))
     if smoke:
         batch, seq = min(batch, 2), min(seq, 256)
@@ -111,6 +133,18 @@ def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log) ->
             "same_as_default": None if base is None else bool(np.array_equal(outs[text_v], base)),
         }
         samplers[text_v] = sampler(fn, q8_sets, est * 0.6, smoke)
+    if paged_forms:
+        p_sets = paged_sets(q8_sets, PAGE_SIZE, jax.random.key(batch * 7919 + seq))
+        for form in paged_forms:
+            name, fn = f"paged:{form}", paged_q8_call(form, interpret)
+            outs[name] = np.asarray(jax.jit(fn)(*p_sets[0]), np.float32)
+            base = outs.get("paged:default")
+            row["variants"][name] = {
+                "config": [],
+                "rel_err": common.rel_err(outs[name], ref),
+                "same_as_default": None if base is None else bool(np.array_equal(outs[name], base)),
+            }
+            samplers[name] = sampler(fn, p_sets, est * 0.6, smoke)
     timed = common.interleaved(samplers, rounds, baseline="bf16")
     for name, t in timed.items():
         nbytes = common.kv_bytes(batch, seq) if name.startswith("bf16") else common.q8_bytes(batch, seq)
@@ -133,9 +167,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help="form[/block_k[/warps[/stages]]]")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, wall clock: wiring only")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
+    ap.add_argument("--paged-forms", nargs="*", default=[], help="loop forms of the paged Q8 kernel to time too")
     args = ap.parse_args(argv)
     for v in args.variants:
         parse_variant(v)
+    for form in args.paged_forms:
+        if form not in decode_q8.LOOP_FORMS:
+            raise SystemExit(f"--paged-forms {form!r}: expected one of {decode_q8.LOOP_FORMS}")
     out, t0 = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -144,7 +182,8 @@ def main(argv=None) -> dict:
         if time.perf_counter() - t0 > args.budget_s:
             log(f"budget reached: {shape} and later shapes not run")
             break
-        report["shapes"][shape] = shape_cell(shape, args.variants, 1 if args.smoke else args.rounds, args.smoke, log)
+        rounds = 1 if args.smoke else args.rounds
+        report["shapes"][shape] = shape_cell(shape, args.variants, rounds, args.smoke, log, args.paged_forms)
         (out / "bench_q8_loop.json").write_text(json.dumps(report, indent=1))
         jax.clear_caches()
     print_table(report)

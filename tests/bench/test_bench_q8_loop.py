@@ -26,6 +26,21 @@ def test_smoke_run_reports_each_variant(tmp_path, capsys):
     assert "| 1x4096 | default |" in capsys.readouterr().out
 
 
+def test_paged_forms_run_beside_the_contiguous_ones(tmp_path):
+    """``--paged-forms``: the paged Q8 kernel in each form over permuted page pools, checked against the reference
+    and against the paged default form (``vperm`` reorders columns only: the same output); unknown forms refused."""
+    forms = ["default", "vperm"]
+    report = bench_q8_loop.main(
+        ["--smoke", "--shapes", "1x4096", "--variants", "default", "--paged-forms", *forms, "--out", str(tmp_path)]
+    )
+    row = report["shapes"]["1x4096"]["variants"]
+    assert set(row) == {"default", "paged:default", "paged:vperm"}
+    assert all(row[f"paged:{f}"]["rel_err"] < 1e-2 and row[f"paged:{f}"]["us"] > 0 for f in forms)
+    assert row["paged:vperm"]["same_as_default"] is True
+    with pytest.raises(SystemExit, match="'nope'"):
+        bench_q8_loop.main(["--smoke", "--paged-forms", "nope", "--out", str(tmp_path)])
+
+
 def test_variant_names_are_checked():
     assert bench_q8_loop.parse_variant("vperm/128/2") == ("vperm", {"block_k": 128, "num_warps": 2})
     with pytest.raises(ValueError, match="not default or parts of"):
