@@ -40,19 +40,14 @@ DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, $3;"
 LOW_NIBBLES = 0x0F0F0F0F
 
 
-def num_factors(fmt: str) -> int:
-    """How many ``[M, K / 32]`` factor arrays :func:`quantize_activations` gives for ``fmt``."""
-    return 1 + (fmt in FLOAT_OFFSETS or fmt == "Q4_0") + 2 * (fmt == "Q6_K")
-
-
 def quantize_activations(x, fmt: str):
     """``x [M, K]`` rounded to int8 per 32-block: ``(words, factors)``, ``words`` int32 ``[M, K / 4]`` (the codes
     four to a word in ``K``'s order, the first code in the low byte: block ``b``'s 32 codes are words ``8b`` to
-    ``8b + 7``, a nibble format's part ``p`` the four from ``8b + 4p``) and ``factors`` a tuple of
-    :func:`num_factors` float32 ``[M, K / 32]``: each block's scale, then for Q4_1 / Q4_K its sum of the rounded
-    activations, for Q4_0 the sum of its codes, for Q6_K the sums of the codes of each part (its first and second
-    16; integers, exact). Kept apart and in ``K``'s order, they are what XLA computes them as: no transpose into
-    parts, no stacked copy (each of those was a launch of its own in a decode step)."""
+    ``8b + 7``, a nibble format's part ``p`` the four from ``8b + 4p``) and ``factors`` a tuple of float32
+    ``[M, K / 32]``: each block's scale, then for Q4_1 / Q4_K its sum of the rounded activations, for Q4_0 the sum
+    of its codes, for Q6_K the sums of the codes of each part (its first and second 16; integers, exact). Kept
+    apart and in ``K``'s order, they are what XLA computes them as: no transpose into parts, no stacked copy (each
+    of those was a launch of its own in a decode step)."""
     m, k = x.shape
     blocks = x.astype(jnp.float32).reshape(m, k // 32, 32)
     scale = jnp.max(jnp.abs(blocks), axis=2) / 127.0  # [M, K / 32]

@@ -191,6 +191,7 @@ def _kernel(
     groups_major: bool,  # the grouped path's per-group planes stored [K / P / group, N]
     interpret: bool,  # the dp4a path emulates its PTX instruction
     interleaved: bool = False,  # the dp4a path's planes laid out by qmatmul_dp4a.interleave
+    factors: int = 0,  # the dp4a path: how many activation factor arrays lead the planes
 ):
     plane_refs, o_ref = refs[:-1], refs[-1]
     path = config_path(config)
@@ -198,8 +199,7 @@ def _kernel(
     if path == "grouped" and qmatmul_grouped.has_offsets(fmt):
         sums_ref, plane_refs = plane_refs[0], plane_refs[1:]
     if path == "dp4a":  # the activations' scales (and sums)
-        f = qmatmul_dp4a.num_factors(fmt)
-        sums_ref, plane_refs = plane_refs[:f], plane_refs[f:]
+        sums_ref, plane_refs = plane_refs[:factors], plane_refs[factors:]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     m_total = x_ref.shape[-2]
     n_total = plane_refs[0].shape[1 if interleaved else 0]
@@ -294,6 +294,7 @@ def _qmatmul(
     spec = block_format(fmt)
     rows = max(m, config.block_m)
     path = config_path(config)
+    factors = ()
     if path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each; the code planes as words
         xs, factors = qmatmul_dp4a.quantize_activations(common_pad_rows(x, rows), fmt)
         planes = (*factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
@@ -312,6 +313,7 @@ def _qmatmul(
         groups_major=groups_major,
         interpret=interpret,
         interleaved=interleaved,
+        factors=len(factors),
     )
     launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
     inputs = [xs, *planes]
