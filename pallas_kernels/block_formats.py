@@ -144,6 +144,9 @@ def _grouped(t, per_group, group: int, offset=None):
     return out.reshape(r, w)
 
 
+NIBBLE_FORMATS = ("Q4_0", "Q4_1", "Q4_K")  # a 32-block's value: (nibble - bias) * scale + offset
+
+
 def dequantize_tile(fmt: str, tiles) -> tuple:
     """The ``parts`` float32 tiles ``[R, W]`` of a window of ``W`` packed columns, from the planes' windows
     ``tiles`` (each ``[R, W / group]``). Shared by the kernels (on register tiles) and the reference."""
@@ -154,29 +157,22 @@ def dequantize_tile(fmt: str, tiles) -> tuple:
     nibbles = tiles[0].astype(jnp.int32)
     if fmt == "Q6_K":
         return _q6_k_tile(nibbles, *tiles[1:])
+    if fmt not in NIBBLE_FORMATS:
+        raise ValueError(f"weight format {fmt!r} is not one of {tuple(FORMATS)}")
     low, high = (nibbles & 15).astype(f32), lax.shift_right_logical(nibbles, 4).astype(f32)
+    bias, scale, offset = _block_terms(fmt, [t.astype(f32) for t in tiles[1:]])  # [R, W / 16] each
+    return tuple(_grouped(q if bias is None else q - bias, scale, 16, offset) for q in (low, high))
+
+
+def _block_terms(fmt: str, planes) -> tuple:
+    """``(bias, scale, offset)`` of a nibble format's 32-blocks from its float32 per-group planes (a block's
+    value: ``(nibble - bias) * scale + offset``; bias a constant or None, offset ``[R, blocks]`` or None)."""
     if fmt == "Q4_0":
-        scales = tiles[1].astype(f32)
-        return tuple(_grouped(q - 8.0, scales, 16) for q in (low, high))
+        return 8.0, planes[0], None
     if fmt == "Q4_1":
-        scales, mins = tiles[1].astype(f32), tiles[2].astype(f32)
-        return tuple(_grouped(q, scales, 16, mins) for q in (low, high))
-    if fmt == "Q4_K":
-        sub, sub_min, d, dmin = (t.astype(f32) for t in tiles[1:])
-        scale, shift = _grouped(sub, d, 8), -_grouped(sub_min, dmin, 8)  # [R, W / 16]
-        return tuple(_grouped(q, scale, 16, shift) for q in (low, high))
-    raise ValueError(f"weight format {fmt!r} is not one of {tuple(FORMATS)}")
-
-
-# The 4-bit formats' values from their nibbles ``q`` as (N, K/32, 2, 16) float32 and their other planes (float32),
-# dequantize_tile's arithmetic; ``per_block`` broadcasts an [N, K/32] term over each block's 32 values.
-_BLOCK_VALUES = {
-    "Q4_0": lambda q, per_block, scales: (q - 8.0) * per_block(scales),
-    "Q4_1": lambda q, per_block, scales, mins: q * per_block(scales) + per_block(mins),
-    "Q4_K": lambda q, per_block, sub, sub_min, d, dmin: (
-        q * per_block(_grouped(sub, d, 8)) + per_block(-_grouped(sub_min, dmin, 8))
-    ),
-}
+        return None, *planes
+    sub, sub_min, d, dmin = planes  # Q4_K
+    return None, _grouped(sub, d, 8), -_grouped(sub_min, dmin, 8)
 
 
 def _q6_k_tile(nibbles, crumbs, sub_low, sub_high, d):
@@ -207,12 +203,14 @@ def dequantize(planes, fmt: str, dtype=jnp.float32):
     """The ``[N, K]`` matrix ``planes`` hold, as ``dtype`` (computed in float32 with :func:`dequantize_tile`'s
     arithmetic: its values bit for bit where the compiler contracts both alike, as on a CPU)."""
     n, k = check_planes(fmt, planes)
-    if fmt in _BLOCK_VALUES:  # one broadcast expression: no halves stacked (one elementwise pass for XLA)
+    if fmt in NIBBLE_FORMATS:  # one broadcast expression: no halves stacked (one elementwise pass for XLA)
         nibbles = planes[0].astype(jnp.int32).reshape(n, k // 32, 1, 16)
         shift = 4 * lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1), 2)  # a block's low 16 values, then its high 16
         q = (lax.shift_right_logical(nibbles, shift) & 15).astype(jnp.float32)  # (N, K/32, 2, 16)
-        per_block = lambda t: t[:, :, None, None]  # [N, K/32] over each block's 32 values
-        values = _BLOCK_VALUES[fmt](q, per_block, *(p.astype(jnp.float32) for p in planes[1:]))
+        bias, scale, offset = _block_terms(fmt, [p.astype(jnp.float32) for p in planes[1:]])  # [N, K/32] each
+        values = (q if bias is None else q - bias) * scale[:, :, None, None]
+        if offset is not None:
+            values = values + offset[:, :, None, None]
         return values.reshape(n, k).astype(dtype)
     parts = dequantize_tile(fmt, planes)  # each [N, K / P]
     if len(parts) == 1:
