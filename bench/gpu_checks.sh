@@ -38,9 +38,9 @@ part_secs() {  # seconds: what a part asking for them gets (the call's budget ma
 }
 
 run() {  # name, seconds, command...
-  local name=$1 secs=$2 left=$((budget_end - SECONDS))
+  local name=$1 secs
+  secs=$(part_secs "$2")
   shift 2
-  [ "$secs" -gt "$left" ] && secs=$left
   if [ "$secs" -lt 10 ]; then
     echo "== $name skipped: the call's budget is spent"
     rc[$name]=skipped
