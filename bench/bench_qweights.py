@@ -354,9 +354,9 @@ def main(argv=None) -> dict:
     dense = llama.init_params(config, jax.random.key(0), jnp.bfloat16, layout="layers")
     models = {"bf16": dense} | {c: random_quantized(dense, c, i + 1) for i, c in enumerate(VARIANTS[1:])}
     common.log(f"weights ready in {time.perf_counter() - t0:.1f} s")
+    named = set(args.decode_rows.split(",")) if args.decode_rows else None  # --decode-rows (None: every row)
     if args.breakdown:
-        keep = set(args.decode_rows.split(",")) if args.decode_rows else None
-        report = {"meta": common.meta(torch), "breakdown": step_breakdown(config, models, 1, min(steps, 8), keep=keep)}
+        report = {"meta": common.meta(torch), "breakdown": step_breakdown(config, models, 1, min(steps, 8), keep=named)}
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qweights_breakdown.json").write_text(json.dumps(report, indent=1))
         return report
@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save = lambda: (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))  # after every section
     if "decode" in sections:
-        keep = set(args.decode_rows.split(",")) | {"bf16"} if args.decode_rows else None
+        keep = None if named is None else named | {"bf16"}
         decode_models = with_mgpu_rows(models) | with_dp4a_rows(models, keep)
         if keep is not None:
             decode_models = {name: p for name, p in decode_models.items() if name in keep}
