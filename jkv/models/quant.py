@@ -59,6 +59,11 @@ class QuantizedMatrix:
         """The stacking axes before the matrix's planes (``[L]`` for stacked layers)."""
         return self.planes[0].shape[: self.planes[0].ndim - (3 if self.layout == "dp4a" else 2)]
 
+    def flat_planes(self) -> tuple:
+        """The planes with their stacking axes flattened into one leading axis (``[B, ...]``; B = 1 unstacked)."""
+        lead = len(self.batch_shape)
+        return tuple(p.reshape(-1, *p.shape[lead:]) for p in self.planes)
+
     def row_planes(self) -> tuple:
         """The planes in the format's own row layout (``layout == "rows"``: as held; ``"dp4a"``: converted back,
         one matrix; XLA work)."""
@@ -91,9 +96,8 @@ class QuantizedMatrix:
         """The dense weight (``[*batch, *dense_shape]``) as ``dtype`` (default the compute dtype)."""
         dtype = self.dtype if dtype is None else dtype
         batch = self.batch_shape
-        flat = [p.reshape(-1, *p.shape[len(batch) :]) for p in self.planes]
         one = lambda *ps: block_formats.dequantize(self.replace(planes=ps).row_planes(), self.format, jnp.float32)
-        rows = jax.vmap(one)(*flat)  # (B, N, K)
+        rows = jax.vmap(one)(*self.flat_planes())  # (B, N, K)
         k = self.dense_shape[self.reduce_axis]
         dense = rows.reshape(-1, *self.out_shape, k)
         if self.reduce_axis == 0:
@@ -178,7 +182,7 @@ def to_dp4a_layout(params, *, donate: bool = False):
         if not is_quantized(w) or w.layout != "rows" or w.reduce_axis != 0 or w.format not in DP4A_FORMATS:
             return w
         batch = w.batch_shape
-        laid = _interleaved_words(tuple(p.reshape(-1, *p.shape[len(batch) :]) for p in w.planes), w.format)
+        laid = _interleaved_words(w.flat_planes(), w.format)
         if donate:
             jax.block_until_ready(laid)
             for p in w.planes:
