@@ -38,11 +38,10 @@ DP4A_FORMATS = tuple(f for f, words in qmatmul_dp4a.WORDS.items() if words == 4)
 # in bf16) until bench/bench_qmatmul.py's dp4a_il / dequant rows at M = 16-64 place it (docs/quant.md).
 DP4A_MAX_ROWS = 16
 # Rows from which a row-layout product dequantizes the matrix for one XLA dot instead of running the Triton dot
-# kernel: on an H200 a 2,048-token prefill ran 1.9-2.3x faster so (docs/BENCHMARKS.md, "The H200: ..."). Taking
-# the dequantization as a fixed cost per call and both paths as linear in the rows from there, they cross near 300
-# rows (Q8_0) and 370 (Q4_K); the kernel is relatively faster at fewer rows (less compute-bound), so the threshold
-# sits above both: an estimate until bench/bench_qmatmul.py's default / dequant rows at M = 64-512 place it.
-DEQUANT_MIN_ROWS = 512
+# kernel: bench/bench_qmatmul.py's default / dequant rows at M = 64-1024 (an H100; docs/BENCHMARKS.md, "Where
+# the quantized products hand over") place the crossing at 128-256 rows for Q8_0 (a tie over a layer's three
+# products at 128) and 64-128 for Q4_K; at 256 rows and more the dequantized matrix wins every product measured.
+DEQUANT_MIN_ROWS = 128
 
 
 @struct.dataclass

@@ -119,13 +119,17 @@ def test_weights_impl_is_checked():
 
 def test_mgpu_weights_impl_lowers_to_the_mosaic_gpu_kernel_where_it_takes_the_matrix(rng, monkeypatch):
     """``weights_impl="mgpu"``: bf16 activations times a Q8_0 matrix the Mosaic GPU kernel takes lower (for CUDA,
-    no GPU needed) to that kernel; a matrix it refuses (N below its 64-row block) and prefill-sized row counts to
-    the Triton kernel."""
+    no GPU needed) to that kernel; a matrix it refuses (N below its 64-row block) and more rows than its block (short
+    of ``quant.DEQUANT_MIN_ROWS``) to the Triton kernel."""
     from pallas_kernels import backend
 
     monkeypatch.setattr(backend, "resolve_interpret", lambda interpret: bool(interpret))
     monkeypatch.setattr(backend, "mosaic_gpu_usable", lambda: True)
-    for m, n, kernel in ((1, 128, "mosaic_gpu"), (1, 40, "xla.gpu.triton"), (256, 128, "xla.gpu.triton")):
+    from pallas_kernels import qmatmul_mgpu
+
+    beyond = qmatmul_mgpu.MAX_BLOCK_M + 8  # more rows than the Mosaic GPU kernel's block, short of DEQUANT_MIN_ROWS
+    assert beyond < quant.DEQUANT_MIN_ROWS
+    for m, n, kernel in ((1, 128, "mosaic_gpu"), (1, 40, "xla.gpu.triton"), (beyond, 128, "xla.gpu.triton")):
         x = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
         w = quant.from_planes("Q8_0", random_planes(rng, "Q8_0", n, 256), (256, n), jnp.bfloat16)
         text = jax.jit(lambda x, w: quant.project(x, w, "mgpu")).trace(x, w).lower(lowering_platforms=("cuda",))
