@@ -24,14 +24,14 @@ products are the plain ones (one chunk: the bf16 kernel's products with the scal
 :func:`run` is the public functions' launch for either format (:class:`QuantFormat`).
 
 The loop's arithmetic comes in forms (``LOOP_FORMS``, ``+``-joined parts of ``FLAGS``; the public functions read
-``LOOP_FORM`` per call): ``vperm`` reorders the value tile's columns (:func:`permute_columns`, undone once on the
-output) so each thread reads adjacent codes of a row in one word, where the default form reads the int8 tile a
-byte at a time (the product wants it along keys, which ``ldmatrix`` cannot transpose for 8-bit values); ``srot``
-orders the wide row blocks' chunks (:func:`lane_chunk_bits`) so a thread's scales are adjacent; ``dsum`` keeps the
-softmax denominator per key column, summed once after the loop instead of across the warps every block; ``exp2``
-keeps scores in base-2 units (``log2(e)`` folded into the key scales' factor), ``exp2`` being the bare hardware
-exponential. Codes and the roundings of ``q`` and ``p`` to the product dtype are those of the default in every
-form; ``srot`` and ``dsum`` sum in another order and ``exp2`` differs in float32 rounding.
+``LOOP_FORM`` per call, ``vperm`` unless set): ``vperm`` reorders the value tile's columns (:func:`permute_columns`,
+undone once on the output) so each thread reads adjacent codes of a row in one word, where the default form reads
+the int8 tile a byte at a time (the product wants it along keys, which ``ldmatrix`` cannot transpose for 8-bit
+values); ``srot`` orders the wide row blocks' chunks (:func:`lane_chunk_bits`) so a thread's scales are adjacent;
+``dsum`` keeps the softmax denominator per key column, summed once after the loop instead of across the warps every
+block; ``exp2`` keeps scores in base-2 units (``log2(e)`` folded into the key scales' factor), ``exp2`` being the
+bare hardware exponential. Codes and the roundings of ``q`` and ``p`` to the product dtype are those of the default
+in every form; ``srot`` and ``dsum`` sum in another order and ``exp2`` differs in float32 rounding.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ SPLIT_KEYS = 128
 # Forms of the loop's arithmetic (the module docstring; decode_kernel's ``form``), compared by bench/decode_ir.py
 # (per-block instruction counts, CPU) and bench/bench_q8_loop.py (GPU time). LOOP_FORM: the public functions'.
 LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "vperm+srot", "vperm+srot+dsum", "vperm+srot+dsum+exp2")
-LOOP_FORM = "default"
+LOOP_FORM = "vperm"  # bitwise the default's output; faster on the H100 and the H200 (docs/BENCHMARKS.md)
 LOG2E = 1.4426950408889634
 FLAGS = frozenset({"vperm", "srot", "dsum", "exp2"})
 
