@@ -20,7 +20,9 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
 
 The quantized 8B weights are random planes drawn on the device (a step's time does not depend on the values;
 quantizing 8B parameters on the host would take minutes); the embedding and LM head take Q8_0 in both quantized
-rows, as ``--quantize`` does. Usage: ``python bench/bench_qweights.py --out DIR [--rounds 5]``; ``--smoke`` runs
+rows, as ``--quantize`` does. XLA runs with ``jkv.xla_flags.GPU_FLAGS`` added, as ``jkv generate`` runs a
+step (whole steps as CUDA graphs; ``--default-xla-flags`` leaves ``XLA_FLAGS`` as given); the report's meta
+names the flags. Usage: ``python bench/bench_qweights.py --out DIR [--rounds 5]``; ``--smoke`` runs
 tiny shapes on any backend in seconds. Writes ``DIR/bench_qweights.json`` and prints a table.
 """
 
@@ -30,6 +32,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ from jax import lax
 
 import jkv
 from bench import common
+from jkv import xla_flags
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
 from pallas_kernels import block_formats
@@ -189,55 +193,6 @@ def launch_rule(variant: str | None):
         qm.qmatmul_config, quant.DEQUANT_MIN_ROWS = default, handover
 
 
-def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, keep=None) -> dict:
-    """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and
-    the span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
-    small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a``, and where Mosaic
-    GPU runs on its kernel, ``<name>_mgpu``). ``keep``: only these variants (all when None)."""
-    out = {}
-    tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
-    runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
-    runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
-    runs += [(name, p, None) for name, p in with_dp4a_rows(models, keep).items() if name.endswith("_dp4a")]
-    runs = [run for run in runs if keep is None or run[0] in keep]
-    for name, params, launch in runs:
-        program = decode_program(config, batch, steps, options_of(name))
-        args = (params, tokens, jnp.int32(steps))
-        with launch_rule(launch):
-            wall(program, *args)
-            hlo = program.lower(*args).compile().as_text() or ""  # the fusions' instructions, named as in the trace
-        events = common._trace(lambda a, program=program: program(*a), args, 1, "/device:GPU")
-        kernels, calls = {}, {}
-        for kernel, start, end in events:
-            kernels[kernel] = kernels.get(kernel, 0.0) + (end - start) * 1e-9 / steps
-            calls[kernel] = calls.get(kernel, 0) + 1 / steps
-        span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) * 1e-9 / steps if events else 0.0
-        ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
-        xla = {k: fusion_line(hlo, k) for k, _ in ranked[:top] if not k.startswith("jkv_")}
-        out[name] = {
-            "span_s": span,
-            "kernels_s": dict(ranked[:top]),
-            "calls_per_step": {k: calls[k] for k, _ in ranked[:top]},
-            "xla_fusions": {k: line for k, line in xla.items() if line},
-            "other_s": sum(t for _, t in ranked[top:]),
-        }
-        common.log(f"breakdown {name} B={batch}: span {span * 1e3:.3f} ms/step, busy {sum(kernels.values()) * 1e3:.3f}")
-        for kernel, t in ranked[:top]:
-            common.log(f"  {t * 1e6:9.1f} us {calls[kernel]:6.1f}x  {kernel[:100]}  {xla.get(kernel, '')[:160]}")
-    return out
-
-
-def fusion_line(hlo: str, name: str) -> str:
-    """The instruction of the compiled program's HLO text that defines ``name`` (a fusion or kernel as the
-    profiler names it: the HLO name with its dots as underscores, ``loop_pad_fusion.126`` -> ``_126``), or ''."""
-    for line in hlo.splitlines():
-        stripped = line.strip().removeprefix("ROOT ").lstrip("%")
-        defined, sep, _ = stripped.partition(" = ")
-        if sep and defined.replace(".", "_") == name.replace(".", "_"):
-            return stripped
-    return ""
-
-
 def kv_read_bytes(config, batch: int, steps: int) -> int:
     """K/V bytes (bf16) one timed step reads: the difference of the two runs is steps ``steps .. 2 * steps - 1``,
     at a mean length of ``1.5 * steps``."""
@@ -337,7 +292,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--sections", default="decode,prefill,agreement", help="which sections, comma-separated")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batches, comma-separated")
     parser.add_argument("--decode-rows", default="", help="only these decode rows, comma-separated (default: all)")
+    parser.add_argument(
+        "--default-xla-flags",
+        action="store_true",
+        help="leave XLA_FLAGS as given (default: add jkv.xla_flags.GPU_FLAGS, as `jkv generate` does)",
+    )
     args = parser.parse_args(argv)
+    if not args.default_xla_flags:
+        xla_flags.apply_recommended(warn=False)  # before JAX starts: the step as the CLI runs it (GPU only)
+    xla_flags_used = os.environ.get("XLA_FLAGS", "")
     torch = common.load_torch()
     copy = common.copy_bandwidth(torch) if torch is not None else None
     bandwidth = copy["tbps"] * 1e12 if copy is not None else DATASHEET_BPS
@@ -356,7 +319,10 @@ def main(argv=None) -> dict:
     common.log(f"weights ready in {time.perf_counter() - t0:.1f} s")
     named = set(args.decode_rows.split(",")) if args.decode_rows else None  # --decode-rows (None: every row)
     if args.breakdown:
-        report = {"meta": common.meta(torch), "breakdown": step_breakdown(config, models, 1, min(steps, 8), keep=named)}
+        from bench.qweights_breakdown import step_breakdown
+
+        breakdown = step_breakdown(config, models, 1, min(steps, 8), keep=named)
+        report = {"meta": common.meta(torch) | {"xla_flags": xla_flags_used}, "breakdown": breakdown}
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qweights_breakdown.json").write_text(json.dumps(report, indent=1))
         return report
@@ -366,7 +332,8 @@ def main(argv=None) -> dict:
     batches = SMOKE_BATCHES if args.smoke else tuple(int(b) for b in args.batches.split(","))
     report = {
         "meta": common.meta(torch)
-        | {"smoke": args.smoke, "model": "smoke" if args.smoke else "llama3-8b", "steps": steps},
+        | {"smoke": args.smoke, "model": "smoke" if args.smoke else "llama3-8b", "steps": steps}
+        | {"xla_flags": xla_flags_used},
         "bandwidth": {"bytes_per_s": bandwidth, "source": "device copy" if copy else "datasheet", "copy": copy},
         "decode": {},
         "prefill": {"runs": []},  # one {"tokens", "rows"} per prompt length

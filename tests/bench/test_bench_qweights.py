@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
 
-from bench import bench_qweights
+from bench import bench_qweights, qweights_breakdown
 from jkv.models import llama, quant
 
 
@@ -95,11 +95,11 @@ def test_fusion_line_finds_an_instruction_by_its_profiled_name():
   %fusion.3 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused
   ROOT %input_add_reduce_fusion_61 = f32[2,16]{1,0} fusion(%a, %b), kind=kInput, calls=%x
 }"""
-    assert bench_qweights.fusion_line(hlo, "input_add_reduce_fusion_61").startswith(
+    assert qweights_breakdown.fusion_line(hlo, "input_add_reduce_fusion_61").startswith(
         "input_add_reduce_fusion_61 = f32[2,16]"
     )
-    assert bench_qweights.fusion_line(hlo, "fusion") == "" and bench_qweights.fusion_line(hlo, "fusion.3") != ""
-    assert bench_qweights.fusion_line(hlo, "fusion_3").startswith("fusion.3 = ")  # the profiler's spelling
+    assert qweights_breakdown.fusion_line(hlo, "fusion") == "" and qweights_breakdown.fusion_line(hlo, "fusion.3") != ""
+    assert qweights_breakdown.fusion_line(hlo, "fusion_3").startswith("fusion.3 = ")  # the profiler's spelling
 
 
 def test_mgpu_rows_only_where_mosaic_gpu_runs(monkeypatch):

@@ -1,0 +1,58 @@
+"""bench/bench_qweights.py's ``--breakdown``: where a decode step's time goes, kernel by kernel (one profiled run
+per variant), with each XLA fusion's defining instruction so the profile's names can be read."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from bench import common
+from bench.bench_qweights import decode_program, launch_rule, options_of, wall, with_dp4a_rows, with_mgpu_rows
+
+
+def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, keep=None) -> dict:
+    """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and
+    the span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
+    small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a``, and where Mosaic
+    GPU runs on its kernel, ``<name>_mgpu``). ``keep``: only these variants (all when None)."""
+    out = {}
+    tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
+    runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
+    runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
+    runs += [(name, p, None) for name, p in with_dp4a_rows(models, keep).items() if name.endswith("_dp4a")]
+    runs = [run for run in runs if keep is None or run[0] in keep]
+    for name, params, launch in runs:
+        program = decode_program(config, batch, steps, options_of(name))
+        args = (params, tokens, jnp.int32(steps))
+        with launch_rule(launch):
+            wall(program, *args)
+            hlo = program.lower(*args).compile().as_text() or ""  # the fusions' instructions, named as in the trace
+        events = common._trace(lambda a, program=program: program(*a), args, 1, "/device:GPU")
+        kernels, calls = {}, {}
+        for kernel, start, end in events:
+            kernels[kernel] = kernels.get(kernel, 0.0) + (end - start) * 1e-9 / steps
+            calls[kernel] = calls.get(kernel, 0) + 1 / steps
+        span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) * 1e-9 / steps if events else 0.0
+        ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
+        xla = {k: fusion_line(hlo, k) for k, _ in ranked[:top] if not k.startswith("jkv_")}
+        out[name] = {
+            "span_s": span,
+            "kernels_s": dict(ranked[:top]),
+            "calls_per_step": {k: calls[k] for k, _ in ranked[:top]},
+            "xla_fusions": {k: line for k, line in xla.items() if line},
+            "other_s": sum(t for _, t in ranked[top:]),
+        }
+        common.log(f"breakdown {name} B={batch}: span {span * 1e3:.3f} ms/step, busy {sum(kernels.values()) * 1e3:.3f}")
+        for kernel, t in ranked[:top]:
+            common.log(f"  {t * 1e6:9.1f} us {calls[kernel]:6.1f}x  {kernel[:100]}  {xla.get(kernel, '')[:160]}")
+    return out
+
+
+def fusion_line(hlo: str, name: str) -> str:
+    """The instruction of the compiled program's HLO text that defines ``name`` (a fusion or kernel as the
+    profiler names it: the HLO name with its dots as underscores, ``loop_pad_fusion.126`` -> ``_126``), or ''."""
+    for line in hlo.splitlines():
+        stripped = line.strip().removeprefix("ROOT ").lstrip("%")
+        defined, sep, _ = stripped.partition(" = ")
+        if sep and defined.replace(".", "_") == name.replace(".", "_"):
+            return stripped
+    return ""
