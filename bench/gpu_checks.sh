@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -118,6 +118,13 @@ for part in "${parts[@]}"; do
       run q8_loop_tests 420 python -m pytest -q -m gpu tests/kernels/test_q8_kernel.py \
         tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py tests/kernels/test_decode_window.py \
         -k "loop_forms or vperm"
+      ;;
+    q8_iq8)  # issue 22: the int8-query form (scores as int8 x int8 products): its GPU tests, then its time beside vperm
+      run tests_q8_iq8 240 python -m pytest -q -m gpu tests/kernels/test_q8_kernel.py \
+        tests/kernels/test_paged_q8_kernel.py tests/kernels/test_decode_window.py -k iq8
+      run q8_iq8 300 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 240 \
+        --variants vperm iq8 vperm+iq8 vperm+iq8/128/4 --paged-forms vperm vperm+iq8
+      tail -n 30 "$OUT/q8_iq8.log"
       ;;
     q8_loop)  # issue 22: each loop form and launch of bench/bench_q8_loop.py timed beside bf16 (a call of its own)
       run q8_loop 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 400 \
@@ -250,7 +257,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, dp4a, dp4a_sweep, qlayout, qlayout_rows, qhandover, qstep_flags, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, qlayout, qlayout_rows, qhandover, qstep_flags, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 

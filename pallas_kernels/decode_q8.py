@@ -30,8 +30,11 @@ the int8 tile a byte at a time (the product wants it along keys, which ``ldmatri
 values); ``srot`` orders the wide row blocks' chunks (:func:`lane_chunk_bits`) so a thread's scales are adjacent;
 ``dsum`` keeps the softmax denominator per key column, summed once after the loop instead of across the warps every
 block; ``exp2`` keeps scores in base-2 units (``log2(e)`` folded into the key scales' factor), ``exp2`` being the
-bare hardware exponential. Codes and the roundings of ``q`` and ``p`` to the product dtype are those of the default
-in every form; ``srot`` and ``dsum`` sum in another order and ``exp2`` differs in float32 rounding.
+bare hardware exponential; ``iq8`` (Q8 codes only) rounds each query chunk to int8 with its own scale
+(``int_codes.round_rows``) so the scores' products multiply int8 by int8 into exact int32 sums: no key code is
+converted to floats, at the cost of the query's rounding. Codes and the roundings of ``q`` and ``p`` to the product
+dtype are those of the default in every form but ``iq8``; ``srot`` and ``dsum`` sum in another order and ``exp2``
+differs in float32 rounding.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend, checks, common, decode_walk
+from pallas_kernels import backend, checks, common, decode_walk, int_codes
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 QBLOCK = 32  # values per scale
@@ -59,10 +62,12 @@ NUM_STAGES = 3
 SPLIT_KEYS = 128
 # Forms of the loop's arithmetic (the module docstring; decode_kernel's ``form``), compared by bench/decode_ir.py
 # (per-block instruction counts, CPU) and bench/bench_q8_loop.py (GPU time). LOOP_FORM: the public functions'.
-LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "vperm+srot", "vperm+srot+dsum", "vperm+srot+dsum+exp2")
+# "iq8" forms are listed before the last, which stays all four of the bitwise-neutral and float forms.
+LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "iq8", "vperm+iq8", "vperm+srot", "vperm+srot+dsum",
+              "vperm+srot+dsum+exp2")  # fmt: skip
 LOOP_FORM = "vperm"  # bitwise the default's output; faster on the H100 and the H200 (docs/BENCHMARKS.md)
 LOG2E = 1.4426950408889634
-FLAGS = frozenset({"vperm", "srot", "dsum", "exp2"})
+FLAGS = frozenset({"vperm", "srot", "dsum", "exp2", "iq8"})
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -174,7 +179,7 @@ def decode_kernel(
 
     cols = pl.ds(0, head_dim)
     head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=cols)
-    q = q.astype(dot_dtype)
+    q_in, q = q, q.astype(dot_dtype)
     # Row c * rows + g of the wide query holds query g's chunk c (sigma(c) with "srot") and zeros elsewhere (block
     # diagonal), so one product with a whole [bk, D] code tile gives every chunk's partial scores: [R, bk].
     # With one chunk (FP8) every wide tile is the plain one.
@@ -198,6 +203,10 @@ def decode_kernel(
         return x if chunks == 1 else jnp.broadcast_to(x[None], (chunks, *x.shape)).reshape(wide_rows_, *x.shape[1:])
 
     q_wide = q if chunks == 1 else jnp.where(diag, widen(q), jnp.zeros((wide_rows_, head_dim), q.dtype))  # [R, D]
+    int_q = "iq8" in flags and k_ref.dtype == jnp.int8  # FP8 values keep their float products
+    if int_q:  # each wide row (a query's chunk) rounded to int8 once: the scores' products run on int8 codes
+        q32 = q_in.astype(jnp.float32)
+        q_codes, q_unit = int_codes.round_rows(q32 if chunks == 1 else jnp.where(diag, widen(q32), 0.0))
 
     # With "exp2" the scores are kept in base-2 units (times log2(e), folded into the key scales' factor where
     # no softcap comes between) and exponentiated by exp2; the running max returns to natural units at the end.
@@ -206,7 +215,12 @@ def decode_kernel(
 
     def scores_of(keys):
         codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
-        part = common.dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
+        if int_q:  # exact int32 sums of code products, then each wide row's unit
+            dims = (((1,), (1,)), ((), ()))
+            part = lax.dot_general(q_codes, codes, dims, preferred_element_type=jnp.int32)
+            part = part.astype(jnp.float32) * q_unit[:, None]
+        else:
+            part = common.dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
         k_scale = scale_tile(k_scale_ref, keys) * score_factor
         if chunks == 1:
             return part * k_scale

@@ -36,6 +36,21 @@ LENGTHS = {
 }
 
 
+def kernel_query(q, int8_codes: bool = True):
+    """``q [..., D]`` in float64 as the Q8 kernel's score products take it under the current
+    ``decode_q8.LOOP_FORM``: with an ``iq8`` form over int8 codes, each head's 32-value chunk rounded to int8 at
+    its own scale (``floor(x * 127 / peak + 0.5)`` in float32, the rule ``int_codes.round_rows`` states, written
+    out here in NumPy), else ``q`` itself (the kernels' rounding of ``q`` to its own dtype is the tolerance's)."""
+    x = np.asarray(jnp.asarray(q).astype(jnp.float32))
+    if not (int8_codes and "iq8" in decode_q8.LOOP_FORM.split("+")):
+        return x.astype(np.float64)
+    chunks = x.reshape(*x.shape[:-1], -1, 32)
+    peak = np.max(np.abs(chunks), axis=-1, keepdims=True)
+    inv = np.where(peak > 0, np.float32(127.0) / np.where(peak > 0, peak, np.float32(1.0)), np.float32(0.0))
+    codes = np.clip(np.floor(chunks * inv + np.float32(0.5)), -127, 127)
+    return (codes.astype(np.float64) * (peak.astype(np.float64) / 127.0)).reshape(x.shape)
+
+
 def fast_jit(fn, **options):
     """``jax.jit(fn, **options)`` with ``helpers_compile.FAST_COMPILE`` (compiling the interpret-mode kernels, tiny
     programs run once, is most of the kernel tests' time on a CPU)."""

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, fp8_arrays, run_jitted
+from kernel_inputs import KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, fp8_arrays, kernel_query, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -132,7 +132,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None, fn=None):
         out = run_jitted(fn, q, *args, n, **options)
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
-    q64 = np.asarray(q.astype(jnp.float32), np.float64)
+    q64 = kernel_query(q, int8_codes=kind in ("q8", "paged_q8"))
     want = decode_attention_f64(q64, k_vals, v_vals, lengths, window=window, softcap=softcap)
     gpu = "-gpu" if dtype == jnp.float32 and jax.default_backend() == "gpu" else ""
     assert rel_err(out, want) < KERNEL_TOL[dtype.name + gpu], lengths

@@ -52,3 +52,20 @@ def test_dequantize_tile_same_across_methods(fmt, monkeypatch):
         outs[method] = [np.asarray(t) for t in block_formats.dequantize_tile(fmt, planes)]
     for a, b in zip(outs["cvt"], outs["bits"], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_round_rows_scales_each_row_to_its_peak():
+    """Each row's largest magnitude becomes +-127, every code is within half a unit of ``x / unit`` (halves round
+    up), and a row of zeros gives zero codes and a zero unit (no NaN)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 32)).astype(np.float32) * np.float32([[0.01], [1.0], [30.0], [1.0], [0.0]])
+    x[3, 7] = -4.0  # a negative peak
+    codes, unit = (np.asarray(a) for a in int_codes.round_rows(jnp.asarray(x)))
+    assert codes.dtype == np.int8 and unit.dtype == np.float32
+    np.testing.assert_array_equal(np.abs(codes[:4]).max(axis=1), 127)
+    assert codes[3, 7] == -127 and not codes[4].any() and unit[4] == 0.0
+    np.testing.assert_allclose(unit[:4], np.abs(x[:4]).max(axis=1) / 127, rtol=1e-6)
+    err = np.abs(codes[:4] * unit[:4, None] - x[:4])
+    assert (err <= 0.5 * unit[:4, None] * (1 + 1e-5)).all()
+    half = jnp.asarray([[127.0, 0.5, -0.5, 1.5, -1.5, 2.5]], jnp.float32)  # unit 1: the halves
+    np.testing.assert_array_equal(np.asarray(int_codes.round_rows(half)[0]), [[127, 1, 0, 2, -1, 3]])

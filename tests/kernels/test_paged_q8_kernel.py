@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, q8_pools, run_jitted
+from kernel_inputs import KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, kernel_query, q8_pools, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -51,7 +51,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     for b, n in enumerate(lengths):
         if n == 0:
             np.testing.assert_array_equal(out[b], 0.0)
-    ref = decode_attention_f64(np.asarray(q.astype(jnp.float32), np.float64), k, v, lengths)
+    ref = decode_attention_f64(kernel_query(q), k, v, lengths)
     tol = KERNEL_TOL[dtype.name + ("-gpu" if dtype == jnp.float32 and jax.default_backend() == "gpu" else "")]
     assert rel_err(out, ref) < tol, lengths
     if layers is None:  # the kernel's own reference, on the same pools
@@ -130,5 +130,5 @@ class TestOnGpu:
             out = paged_q8.paged_q8_decode_attention(
                 q, *pools, jnp.asarray(tables), jnp.asarray(lengths), interpret=False
             )
-        ref = decode_attention_f64(np.asarray(q.astype(jnp.float32), np.float64), k, v, lengths)
+        ref = decode_attention_f64(kernel_query(q), k, v, lengths)
         assert rel_err(out.astype(jnp.float32), ref) < KERNEL_TOL["bfloat16"]

@@ -11,7 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, LENGTHS, Q8_ATTENTION_REL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, run_jitted
+from kernel_inputs import (
+    KERNEL_TOL,
+    LENGTHS,
+    Q8_ATTENTION_REL_TOL,
+    Q8_GPU_FORMS,
+    Q8_OTHER_FORMS,
+    kernel_query,
+    run_jitted,
+)
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -79,7 +87,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     one = (lambda x: x[1]) if layers else (lambda x: x)
     deq = lambda c, s: np.asarray(jkv.dequantize(one(c), one(s)), np.float64)  # NaN past each length
     q64 = np.asarray(q.astype(jnp.float32), np.float64)
-    ref_q8 = decode_attention_f64(q64, deq(k, k_scale), deq(v, v_scale), lengths)
+    ref_q8 = decode_attention_f64(kernel_query(q), deq(k, k_scale), deq(v, v_scale), lengths)
     out = np.asarray(out).astype(np.float64)
     for b, n in enumerate(lengths):
         if n == 0:
@@ -166,7 +174,7 @@ class TestOnGpu:
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize("form", ["vperm", "vperm+srot+dsum"])
+    @pytest.mark.parametrize("form", ["vperm", "vperm+srot+dsum", "vperm+iq8"])
     @pytest.mark.parametrize("block_k,num_warps", [(64, 4), (64, 2), (32, 1), (128, 4), (128, 8)], ids=str)
     def test_loop_forms_bench_shape(self, rng, form, block_k, num_warps, monkeypatch):
         """Each form at the benchmark's head layout under the launches the bench times (the "vperm" column
@@ -179,7 +187,7 @@ class TestOnGpu:
         args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
         with poisoned_outputs():
             out = decode_q8.q8_decode_attention(*args, interpret=False, block_k=block_k, num_warps=num_warps)
-        ref = reference.q8_decode_attention_reference(*args)
+        ref = reference.q8_decode_attention_reference(jnp.asarray(kernel_query(q), jnp.float32), *args[1:])
         assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
 
     @pytest.mark.parametrize("case", DEQUANT_CASES, ids=[c[0] for c in DEQUANT_CASES])
