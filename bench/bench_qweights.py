@@ -8,7 +8,8 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
   (``LlamaParams.decode_bytes``) plus the K/V bytes the step reads at its mean length, over the bandwidth (a
   device copy measured in the same run where torch sees the GPU, else 4.8e12 B/s); ``of_floor`` = floor / time.
   Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``); each quantized
-  model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words).
+  model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words), and
+  that as ``<name>_dp4a_actk`` (its activations rounded in one launch per product: ``qmatmul_act``).
 * ``prefill``: one prompt of each ``--prefill-tokens`` length into an empty cache (``llama.prefill``), tokens/s, and
   each quantized row's throughput against bf16's (issue 26 asks >= 0.8x) as dispatched, through the kernel's
   large-M path (``<name>_kernel``) and as ``<name>_xla`` (``LlamaOptions(weights_impl="xla")``: dequantize to
@@ -49,7 +50,7 @@ from bench import common
 from jkv import xla_flags
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
-from pallas_kernels import block_formats
+from pallas_kernels import block_formats, qmatmul_act
 from pallas_kernels import quantized_matmul as qm
 
 DATASHEET_BPS = 4.8e12
@@ -114,6 +115,7 @@ def random_quantized(params, choice: str, seed: int):
 
 
 MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
+ACT_KERNEL = "_actk"  # a dp4a decode row with this suffix rounds its activations in one launch (qmatmul_act)
 
 
 def options_of(name: str) -> llama.LlamaOptions:
@@ -126,6 +128,23 @@ def with_dp4a_rows(models: dict, keep=None) -> dict:
     ``keep``: convert only the rows named there (None: all; each conversion is another copy of the weights)."""
     wanted = lambda name: name != "bf16" and (keep is None or f"{name}_dp4a" in keep)
     return models | {f"{name}_dp4a": quant.to_dp4a_layout(p) for name, p in models.items() if wanted(name)}
+
+
+def with_act_rows(models: dict) -> dict:
+    """``models`` and each dp4a-layout one again as ``<name>_actk`` (the same params; its step compiled with
+    ``qmatmul_act.ROUNDING = "kernel"``: the activations rounded in one launch per product)."""
+    return models | {f"{name}{ACT_KERNEL}": p for name, p in models.items() if name.endswith("_dp4a")}
+
+
+@contextlib.contextmanager
+def act_rounding(name: str):
+    """The activation rounding of row ``name`` while inside (its program is compiled there and keeps it)."""
+    saved = qmatmul_act.ROUNDING
+    qmatmul_act.ROUNDING = "kernel" if name.endswith(ACT_KERNEL) else saved
+    try:
+        yield
+    finally:
+        qmatmul_act.ROUNDING = saved
 
 
 def with_mgpu_rows(models: dict) -> dict:
@@ -204,7 +223,8 @@ def bench_decode(config, models: dict, bandwidth: float, steps: int, rounds: int
     for batch in batches:
         samplers, compile_s = {}, {}
         for name, params in models.items():
-            samplers[name], compile_s[name] = step_sampler(config, params, batch, steps, options_of(name))
+            with act_rounding(name):
+                samplers[name], compile_s[name] = step_sampler(config, params, batch, steps, options_of(name))
         rows = common.interleaved(samplers, rounds, baseline="bf16")
         for name, row in rows.items():
             weights = models[name].decode_bytes()
@@ -344,7 +364,7 @@ def main(argv=None) -> dict:
     save = lambda: (out / "bench_qweights.json").write_text(json.dumps(report, indent=1))  # after every section
     if "decode" in sections:
         keep = None if named is None else named | {"bf16"}
-        decode_models = with_mgpu_rows(models) | with_dp4a_rows(models, keep)
+        decode_models = with_mgpu_rows(models) | with_act_rows(with_dp4a_rows(models, keep))
         if keep is not None:
             decode_models = {name: p for name, p in decode_models.items() if name in keep}
         report["decode"] = bench_decode(config, decode_models, bandwidth, steps, rounds, batches)

@@ -6,24 +6,35 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from bench import common
-from bench.bench_qweights import decode_program, launch_rule, options_of, wall, with_dp4a_rows, with_mgpu_rows
+from bench.bench_qweights import (
+    act_rounding,
+    decode_program,
+    launch_rule,
+    options_of,
+    wall,
+    with_act_rows,
+    with_dp4a_rows,
+    with_mgpu_rows,
+)
 
 
 def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, keep=None) -> dict:
-    """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and
-    the span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
-    small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a``, and where Mosaic
-    GPU runs on its kernel, ``<name>_mgpu``). ``keep``: only these variants (all when None)."""
+    """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and the
+    span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
+    small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a`` (and
+    ``<name>_dp4a_actk``: its activations rounded in one launch), and where Mosaic GPU runs on its kernel,
+    ``<name>_mgpu``). ``keep``: only these variants (all when None)."""
     out = {}
     tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
     runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
     runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
-    runs += [(name, p, None) for name, p in with_dp4a_rows(models, keep).items() if name.endswith("_dp4a")]
+    dp4a = {name: p for name, p in with_dp4a_rows(models, keep).items() if name.endswith("_dp4a")}
+    runs += [(name, p, None) for name, p in with_act_rows(dp4a).items()]
     runs = [run for run in runs if keep is None or run[0] in keep]
     for name, params, launch in runs:
         program = decode_program(config, batch, steps, options_of(name))
         args = (params, tokens, jnp.int32(steps))
-        with launch_rule(launch):
+        with launch_rule(launch), act_rounding(name):
             wall(program, *args)
             hlo = program.lower(*args).compile().as_text() or ""  # the fusions' instructions, named as in the trace
         events = common._trace(lambda a, program=program: program(*a), args, 1, "/device:GPU")

@@ -1,11 +1,11 @@
 """The ``"dp4a"`` formulation of ``quantized_matmul``'s small-M kernel: integer dot products of int8 activations.
 
-The activations are rounded once per call (XLA, ``M x K`` work) to int8 per 32-block of ``K`` with one float32
-scale per block (``scale = max|x| / 127``, round to nearest), as fast GGUF matrix-vector kernels do, with the sums
-the offsets take (:func:`quantize_activations`). The codes are packed four to an int32 word in ``K``'s order;
-the weights' code planes are read as int32 words too (a bitcast). Block ``b``'s part ``p`` (the first or second
-16 values of a nibble format, as ``block_formats.split_parts`` splits ``x``) is activation words ``8b + 4p`` on,
-and pairs with the words of the weights' packed columns of block ``b``.
+The activations are rounded once per call (XLA, ``M x K`` work) to int8 per 32-block of ``K`` with one float32 scale
+per block (``scale = max|x| / 127``, round to nearest, halves up), as fast GGUF matrix-vector kernels do, with the
+sums the offsets take (:func:`quantize_activations`). The codes are packed four to an int32 word in ``K``'s order;
+the weights' code planes are read as int32 words too (a bitcast). Block ``b``'s part ``p`` (the first or second 16
+values of a nibble format, as ``block_formats.split_parts`` splits ``x``) is activation words ``8b + 4p`` on, and
+pairs with the words of the weights' packed columns of block ``b``.
 
 A K step walks **units** of one 32-block (Q8_0: 8 words of codes in two windows of 4, the 4-bit formats: 4 words
 holding both nibbles, Q6_K: two windows of 2 words, as its crumb bytes pair with them), each window a 2-D read
@@ -50,9 +50,11 @@ def quantize_activations(x, fmt: str):
     of those was a launch of its own in a decode step)."""
     m, k = x.shape
     blocks = x.astype(jnp.float32).reshape(m, k // 32, 32)
-    scale = jnp.max(jnp.abs(blocks), axis=2) / 127.0  # [M, K / 32]
-    safe = jnp.where(scale > 0, scale, 1.0)[:, :, None]
-    codes = jnp.clip(jnp.round(blocks / safe), -127, 127).astype(jnp.int8)
+    peak = jnp.max(jnp.abs(blocks), axis=2)  # [M, K / 32]
+    inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)[:, :, None]
+    # halves round up (floor(v + 0.5)): the rule a Triton kernel can state (qmatmul_act, its one-launch form)
+    codes = jnp.clip(jnp.floor(blocks * inv + 0.5), -127, 127).astype(jnp.int8)
+    scale = peak * (1.0 / 127.0)
     words = lax.bitcast_convert_type(codes.reshape(m, k // 4, 4), jnp.int32)  # (M, K / 4)
     code_sum = lambda lo, hi: jnp.sum(codes[:, :, lo:hi].astype(jnp.int32), axis=2).astype(jnp.float32)
     factors = [scale]

@@ -40,7 +40,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, checks, common, qmatmul_dp4a, qmatmul_expand, qmatmul_grouped, qmatmul_units
+from pallas_kernels import (
+    backend,
+    checks,
+    common,
+    qmatmul_act,
+    qmatmul_dp4a,
+    qmatmul_expand,
+    qmatmul_grouped,
+    qmatmul_units,
+)
 from pallas_kernels.block_formats import (
     block_format,
     check_activations,
@@ -285,10 +294,11 @@ def _kernel(
     o_ref[s, rows, cols] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret", "groups_major", "interleaved"))
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret", "groups_major", "interleaved", "rounding"))
 def _qmatmul(
-    x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, groups_major: bool = False, interleaved=False
-):
+    x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, groups_major: bool = False, interleaved=False,
+    rounding: str | None = None,
+):  # fmt: skip
     m, k = x.shape
     n = planes[0].shape[1 if interleaved else 0]
     spec = block_format(fmt)
@@ -296,7 +306,7 @@ def _qmatmul(
     path = config_path(config)
     factors = ()
     if path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each; the code planes as words
-        xs, factors = qmatmul_dp4a.quantize_activations(common_pad_rows(x, rows), fmt)
+        xs, factors = _rounded_activations(common_pad_rows(x, rows), fmt, interpret, rounding)
         planes = (*factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
     else:
         xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
@@ -323,6 +333,17 @@ def _qmatmul(
     return out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]
 
 
+def _rounded_activations(x, fmt: str, interpret: bool, rounding: str | None):
+    """The dp4a path's int8 activation words and factors, rounded as ``rounding`` says (None:
+    ``qmatmul_act.ROUNDING``; the public functions pass it per call, so a change retraces)."""
+    rounding = qmatmul_act.ROUNDING if rounding is None else rounding
+    if rounding == "kernel":
+        return qmatmul_act.rounded_rows(x, fmt, interpret=interpret)
+    if rounding != "xla":
+        raise ValueError(f"qmatmul_act.ROUNDING={rounding!r} must be one of {qmatmul_act.ROUNDINGS}")
+    return qmatmul_dp4a.quantize_activations(x, fmt)
+
+
 def common_pad_rows(x, rows: int):
     """``x`` with zero rows appended up to ``rows``."""
     return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
@@ -344,7 +365,8 @@ def qmatmul(x, planes, fmt: str, *, config: QMatmulConfig | None = None, interpr
         return jnp.zeros((0, n), jnp.float32)
     config = qmatmul_config(m, n, k, fmt) if config is None else QMatmulConfig(*config)
     check_config(config, m, n, k, fmt)
-    return _qmatmul(x, planes, fmt=fmt, config=config, interpret=backend.resolve_interpret(interpret))
+    interpret = backend.resolve_interpret(interpret)
+    return _qmatmul(x, planes, fmt=fmt, config=config, interpret=interpret, rounding=qmatmul_act.ROUNDING)
 
 
 def qmatmul_groups_major(x, planes, fmt: str, *, config: QMatmulConfig, interpret: bool | None = None):
@@ -379,4 +401,6 @@ def qmatmul_words(
     if x.shape[0] == 0:
         return jnp.zeros((0, n), jnp.float32)
     interpret = backend.resolve_interpret(interpret)
-    return _qmatmul(x, planes, fmt=fmt, config=config, interpret=interpret, interleaved=interleaved)
+    return _qmatmul(
+        x, planes, fmt=fmt, config=config, interpret=interpret, interleaved=interleaved, rounding=qmatmul_act.ROUNDING
+    )
