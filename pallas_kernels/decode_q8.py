@@ -24,17 +24,17 @@ products are the plain ones (one chunk: the bf16 kernel's products with the scal
 :func:`run` is the public functions' launch for either format (:class:`QuantFormat`).
 
 The loop's arithmetic comes in forms (``LOOP_FORMS``, ``+``-joined parts of ``FLAGS``; the public functions read
-``LOOP_FORM`` per call, ``vperm`` unless set): ``vperm`` reorders the value tile's columns (:func:`permute_columns`,
-undone once on the output) so each thread reads adjacent codes of a row in one word, where the default form reads
-the int8 tile a byte at a time (the product wants it along keys, which ``ldmatrix`` cannot transpose for 8-bit
-values); ``srot`` orders the wide row blocks' chunks (:func:`lane_chunk_bits`) so a thread's scales are adjacent;
-``dsum`` keeps the softmax denominator per key column, summed once after the loop instead of across the warps every
-block; ``exp2`` keeps scores in base-2 units (``log2(e)`` folded into the key scales' factor), ``exp2`` being the
-bare hardware exponential; ``iq8`` (Q8 codes only) rounds each query chunk to int8 with its own scale
-(``int_codes.round_rows``) so the scores' products multiply int8 by int8 into exact int32 sums: no key code is
-converted to floats, at the cost of the query's rounding. Codes and the roundings of ``q`` and ``p`` to the product
-dtype are those of the default in every form but ``iq8``; ``srot`` and ``dsum`` sum in another order and ``exp2``
-differs in float32 rounding.
+``LOOP_FORM`` per call, ``vperm`` unless set): ``vperm`` reorders the value tile's columns
+(``q8_tiles.permute_columns``, undone once on the output) so each thread reads adjacent codes of a row in one word,
+where the default form reads the int8 tile a byte at a time (the product wants it along keys, which ``ldmatrix``
+cannot transpose for 8-bit values); ``srot`` orders the wide row blocks' chunks (``q8_tiles.lane_chunk_bits``) so a
+thread's scales are adjacent; ``dsum`` keeps the softmax denominator per key column, summed once after the loop
+instead of across the warps every block; ``exp2`` keeps scores in base-2 units (``log2(e)`` folded into the key
+scales' factor), ``exp2`` being the bare hardware exponential; ``iq8`` (Q8 codes only) rounds each query chunk to
+int8 with its own scale (``int_codes.round_rows``) so the scores' products multiply int8 by int8 into exact int32
+sums: no key code is converted to floats, at the cost of the query's rounding. Codes and the roundings of ``q`` and
+``p`` to the product dtype are those of the default in every form but ``iq8``; ``srot`` and ``dsum`` sum in another
+order and ``exp2`` differs in float32 rounding.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels import backend, checks, common, decode_walk, int_codes
+from pallas_kernels import backend, checks, common, decode_walk, int_codes, q8_tiles
 from pallas_kernels.common import MIN_BLOCK, DecodeConfig
 
 QBLOCK = 32  # values per scale
@@ -119,31 +119,6 @@ def check_args(
 # ----------------------------------------------------------------------------------------------- kernel
 
 
-def wide_rows(group: int, chunks: int) -> int:
-    """Query rows per chunk in the wide products: a power of two >= ``group`` with ``chunks * rows >= 16``."""
-    return max(1 << (group - 1).bit_length(), -(-MIN_BLOCK // chunks))
-
-
-def permute_columns(x, lanes: int, inverse: bool = False):
-    """``x [M, D]`` with its columns reordered: column ``t * lanes + c`` takes column ``c * T + t`` (``T = D //
-    lanes``); ``inverse`` undoes it. In a product's ``[K, D]`` right operand over ``num_warps`` warps, whose column
-    ``n`` a thread holds for ``n % (8 * num_warps)`` fixed, ``lanes = 8 * num_warps`` gives each thread ``T``
-    adjacent columns of ``x``: one wide shared-memory read per row instead of one byte each."""
-    m, d = x.shape
-    if lanes >= d:
-        return x
-    split = (m, d // lanes, lanes) if inverse else (m, lanes, d // lanes)
-    return x.reshape(split).transpose(0, 2, 1).reshape(m, d)
-
-
-def lane_chunk_bits(rows: int, chunks: int) -> int:
-    """Bits of the row block index ``k = r // rows`` of a wide row ``r`` that fall among the low three bits of
-    ``r``: those a 16-row product tile spreads over lanes (the rest are a thread's registers). The "srot" form
-    gives row block ``k`` chunk ``sigma(k)`` (``k`` rotated right by these bits), so the chunks one thread's rows
-    hold are adjacent and their scales one wider shared-memory read per key."""
-    return min(max(0, 3 - (rows.bit_length() - 1)), chunks.bit_length() - 1)
-
-
 def decode_kernel(
     # inputs (the paged kernel passes views of its pools that read through the block table for k/v and scales)
     lengths_ref,  # [B] int32
@@ -187,7 +162,7 @@ def decode_kernel(
     flags = set(form.split("+")) - {"default"}
     if flags - FLAGS:
         raise ValueError(f"form={form!r}: unknown parts {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
-    rotate = lane_chunk_bits(rows, chunks) if "srot" in flags else 0
+    rotate = q8_tiles.lane_chunk_bits(rows, chunks) if "srot" in flags else 0
     iota = lambda dim: lax.broadcasted_iota(jnp.int32, (wide_rows_, head_dim), dim)
     block = iota(0) // rows  # row block k holds chunk k, or its rotation sigma(k) with "srot"
     if rotate:
@@ -236,7 +211,7 @@ def decode_kernel(
         p_wide = p_wide.astype(dot_dtype)
         values = v_ref[layer, b, h, keys, :]  # [bk, D]
         if "vperm" in flags:
-            values = permute_columns(values, 8 * num_warps)
+            values = q8_tiles.permute_columns(values, 8 * num_warps)
         values = values.astype(dot_dtype)
         if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
             values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
@@ -271,7 +246,7 @@ def decode_kernel(
     if base2:
         m = m * (1 / LOG2E)
     if "vperm" in flags:
-        acc = permute_columns(acc, 8 * num_warps, inverse=True)
+        acc = q8_tiles.permute_columns(acc, 8 * num_warps, inverse=True)
     if chunks > 1:  # each row block's own chunk
         acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)
 
@@ -292,7 +267,7 @@ def kernel_options(
     """The static arguments of :func:`decode_kernel` (shared with the paged kernel) for ``chunk`` values per scale."""
     return dict(
         group=group,
-        rows=wide_rows(group, head_dim // chunk),
+        rows=q8_tiles.wide_rows(group, head_dim // chunk),
         block_k=block_k,
         num_splits=num_splits,
         scale=scale,

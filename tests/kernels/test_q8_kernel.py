@@ -25,7 +25,7 @@ from reference import decode_attention_f64
 
 import jkv
 from jkv.caches.formats import quantize
-from pallas_kernels import backend, decode_q8, dequantize, reference
+from pallas_kernels import backend, decode_q8, dequantize, q8_tiles, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -124,11 +124,11 @@ def test_loop_forms_interpret(rng, case, form, monkeypatch):
 def test_permute_columns(lanes, d):
     """Column ``t * lanes + c`` takes column ``c * T + t``; the inverse undoes it."""
     x = np.arange(3 * d).reshape(3, d)
-    y = np.asarray(decode_q8.permute_columns(jnp.asarray(x), lanes))
+    y = np.asarray(q8_tiles.permute_columns(jnp.asarray(x), lanes))
     t = max(d // lanes, 1)
     want = [c * t + i for i in range(t) for c in range(min(lanes, d))]
     np.testing.assert_array_equal(y, x[:, want])
-    np.testing.assert_array_equal(np.asarray(decode_q8.permute_columns(jnp.asarray(y), lanes, inverse=True)), x)
+    np.testing.assert_array_equal(np.asarray(q8_tiles.permute_columns(jnp.asarray(y), lanes, inverse=True)), x)
 
 
 DEQUANT_CASES = [  # (id, shape, scale dtype, out dtype, block_rows)
