@@ -50,6 +50,8 @@ VARIANTS = (
     "vperm+srot+dsum",
     "vperm+srot+exp2",
     "vperm+srot+dsum+exp2",
+    "iq8",
+    "vperm+iq8",
     "default/128/4",
     "vperm+srot+dsum+exp2/128/4",
     "vperm+srot+dsum+exp2/128/2/2",

@@ -128,7 +128,7 @@ for part in "${parts[@]}"; do
       ;;
     q8_loop)  # issue 22: each loop form and launch of bench/bench_q8_loop.py timed beside bf16 (a call of its own)
       run q8_loop 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 400 \
-        --paged-forms default vperm vperm+srot+dsum+exp2
+        --paged-forms default vperm vperm+iq8 vperm+srot+dsum+exp2
       tail -n 60 "$OUT/q8_loop.log"
       ;;
     dp4a)  # issue 26: the integer-dot path's GPU tests, then its launches at M = 1 (row-major and interleaved words)
