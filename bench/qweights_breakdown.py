@@ -51,11 +51,32 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
             "calls_per_step": {k: calls[k] for k, _ in ranked[:top]},
             "xla_fusions": {k: line for k, line in xla.items() if line},
             "other_s": sum(t for _, t in ranked[top:]),
+            "busy_s": sum(kernels.values()),
+            "launches_per_step": sum(calls.values()),  # every kernel a step runs: the gaps between them scale with it
+            "launches_by_kind": launch_kinds(calls),
         }
-        common.log(f"breakdown {name} B={batch}: span {span * 1e3:.3f} ms/step, busy {sum(kernels.values()) * 1e3:.3f}")
+        common.log(
+            f"breakdown {name} B={batch}: span {span * 1e3:.3f} ms/step, busy {sum(kernels.values()) * 1e3:.3f}, "
+            f"{sum(calls.values()):.0f} launches/step {launch_kinds(calls)}"
+        )
         for kernel, t in ranked[:top]:
             common.log(f"  {t * 1e6:9.1f} us {calls[kernel]:6.1f}x  {kernel[:100]}  {xla.get(kernel, '')[:160]}")
     return out
+
+
+def launch_kinds(calls: dict) -> dict:
+    """Launches a step, by kind: jkv's Pallas kernels by name (``jkv_qmatmul_q4_k`` and its numbered copies as one),
+    XLA's fusions by their kind (``loop``, ``input``, ...: the name's first word), the rest under ``other``."""
+    out = {}
+    for kernel, n in calls.items():
+        if kernel.startswith("jkv_"):
+            kind = kernel.split("__")[0]
+        elif "fusion" in kernel:
+            kind = "xla_" + kernel.split("_")[0]
+        else:
+            kind = "other"
+        out[kind] = out.get(kind, 0) + n
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def fusion_line(hlo: str, name: str) -> str:

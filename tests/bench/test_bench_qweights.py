@@ -92,6 +92,14 @@ def test_sections_run_alone_and_bad_sections_are_refused(tmp_path):
         bench_qweights.main(["--smoke", "--sections", "decode,speed", "--out", str(tmp_path)])
 
 
+def test_launch_kinds_counts_a_step_by_kind():
+    calls = {"jkv_qmatmul_q4_k": 32.0, "jkv_qmatmul_q4_k__2": 32.0, "loop_multiply_fusion_128": 64.0,
+             "input_reduce_fusion_64": 32.0, "input_add_reduce_fusion_61": 31.0, "memcpy": 1.0}  # fmt: skip
+    assert qweights_breakdown.launch_kinds(calls) == {
+        "jkv_qmatmul_q4_k": 64.0, "xla_input": 63.0, "xla_loop": 64.0, "other": 1.0
+    }  # fmt: skip
+
+
 def test_fusion_line_finds_an_instruction_by_its_profiled_name():
     hlo = """ENTRY %main {
   %fusion.3 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused
