@@ -169,6 +169,10 @@ for part in "${parts[@]}"; do
       run bench_qstep_act 360 python bench/bench_qweights.py --out "$OUT/act" --sections decode --batches 1 \
         --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_actk,q4_k_dp4a_actk
       tail -n 8 "$OUT/bench_qstep_act.log"
+      # where the launches went (launches a step by kind), if the call's budget leaves room
+      run bench_qstep_act_breakdown 200 python bench/bench_qweights.py --out "$OUT/act_bd" --breakdown \
+        --decode-rows q4_k_dp4a,q4_k_dp4a_actk
+      grep "launches/step" "$OUT/bench_qstep_act_breakdown.log"
       ;;
     qweights_prefill)  # issue 26's prefill point: bf16 against each format through the kernels, dequantize + GEMM
       run bench_qweights_prefill 500 python bench/bench_qweights.py --out "$OUT" --sections prefill --rounds 3 \
