@@ -128,8 +128,18 @@ class Cache(abc.ABC):
         """End the step: ``lengths += counts``, ``counts = 0``."""
         return self.replace(lengths=self.lengths + self.counts, counts=jnp.zeros_like(self.counts))
 
+    def _on_device(self, what: str) -> None:
+        """Refuse, naming the way back, a cache whose arrays are NumPy arrays (a cache brought to the host, as by
+        ``jax.device_get``): its functional updates need JAX arrays."""
+        if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(self)):
+            raise TypeError(
+                f"{what} needs a cache of JAX arrays, but this {type(self).__name__} holds NumPy arrays (a cache "
+                f"brought to the host, e.g. by jax.device_get): put it back with jax.device_put(cache) first"
+            )
+
     def _declare(self, counts):
         """``(counts int32[B], ok [B])``: the step fits capacity (host calls raise when it does not)."""
+        self._on_device("begin")
         counts = checks.per_sequence_ints("counts", counts, self.batch)
         ok = (counts >= 0) & (counts <= self.max_len - self.lengths)
         checks.host_all(
@@ -147,6 +157,7 @@ class Cache(abc.ABC):
         return ``(layer index, slot [N], positions [N], errors [B])`` over the write's ``N`` tokens in row-major
         order, every position to drop set to ``max_len`` (padding tokens, everything when the layer is out of
         range, and every token of a sequence whose count the write falls short of: of all of them when flat)."""
+        self._on_device("write")
         spec = self.spec
         flat = getattr(k, "ndim", 0) == 3
         checks.new_kv("k", k, self.batch, spec, flat=flat)

@@ -134,6 +134,26 @@ def test_capacity_errors_host_and_jit(rng, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_cache_brought_to_the_host_is_refused_eagerly_and_taken_under_jit(rng, kind):
+    """``jax.device_get(cache)`` leaves NumPy arrays: an eager ``begin`` or ``write`` names the way back (not an
+    AttributeError from deep inside); a jitted step takes it as it takes any array; ``device_put`` restores it."""
+    cache = _step(make(kind), counts_of(2, 1, 3), *kv(rng))
+    host = jax.device_get(cache)
+    assert any(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+    with pytest.raises(TypeError, match=r"begin needs a cache of JAX arrays.*jax.device_put\(cache\)"):
+        host.begin(1)
+    k = rand(rng, 3, 2, T, 64)
+    with pytest.raises(TypeError, match=r"write needs a cache of JAX arrays.*jax.device_put\(cache\)"):
+        host.write(0, k, k)
+    want = layers(_step(cache, counts_of(1, 1, 1), *kv(np.random.default_rng(5))))
+    for got_host in (_step(host, counts_of(1, 1, 1), *kv(np.random.default_rng(5))),
+                     _step(jax.device_put(host), counts_of(1, 1, 1), *kv(np.random.default_rng(5)))):  # fmt: skip
+        for got, w in zip(layers(got_host), want, strict=True):
+            np.testing.assert_array_equal(got, w)
+    jax.device_put(host).begin(1)  # eager again once on the device
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_traced_layer_out_of_range_writes_nothing(rng, kind):
     """A traced layer of -1 or L never writes the last (or any) layer: ERR_BAD_LAYER, nothing touched."""
     cache = make(kind).begin(2)
