@@ -384,11 +384,11 @@ def main(argv=None) -> dict:
 
 
 def print_table(report: dict) -> None:
-    common.log(f"{'decode':<10}{'variant':<10}{'ms':>10}{'floor ms':>10}{'of floor':>10}")
+    common.log(f"{'decode':<10}{'variant':<16}{'ms':>10}{'floor ms':>10}{'of floor':>10}")
     for batch, rows in report["decode"].items():
         for name, r in rows.items():
             ms, floor = r["time_s"] * 1e3, r["floor_s"] * 1e3
-            common.log(f"{'B=' + batch:<10}{name:<10}{ms:>10.3f}{floor:>10.3f}{r['of_floor']:>10.2f}")
+            common.log(f"{'B=' + batch:<10}{name:<16}{ms:>10.3f}{floor:>10.3f}{r['of_floor']:>10.2f}")
     for run in report["prefill"]["runs"]:
         for name, r in run["rows"].items():
             speed = r["speed_vs_bf16"]["median"]
