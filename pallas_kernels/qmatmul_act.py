@@ -5,9 +5,10 @@ per-block factors. XLA does that in several fusions (the blocks' largest magnitu
 words, then the factors' sums), each a launch of a few microseconds around a product of a few more.
 :func:`rounded_rows` does all of it in one launch: one program per row and ``chunk`` values (a power of two, at
 most ``MAX_CHUNK``, dividing ``K``), each loading its values once, rounding its 32-blocks and storing the words
-and every factor the format takes. The arithmetic is ``quantize_activations``'s, operation for operation (float32
-``peak``, ``inv = 127 / peak``, ``floor(x * inv + 0.5)`` clipped to +-127, the scale ``peak * (1 / 127)``), so the
-two give the same words and factors wherever the division rounds alike (interpret mode: bit for bit).
+and every factor the format takes. The arithmetic is ``quantize_activations``'s own functions
+(``int_codes.round_rows``, ``qmatmul_dp4a.block_factors``), so the two give the same words and factors wherever the
+compilers round a float alike (interpret mode: bit for bit); only the packing of four codes to a word differs (a
+bitcast for XLA, shifts here).
 
 ``ROUNDING`` (``"xla"`` or ``"kernel"``), read by ``quantized_matmul`` per call, picks the form; ``"xla"`` stays
 the default until a GPU times the step with each (``bench/bench_qweights.py --act-rounding``).
@@ -23,43 +24,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import common
+from pallas_kernels import common, int_codes, qmatmul_dp4a
 
 ROUNDINGS = ("xla", "kernel")
 ROUNDING = "xla"
 MAX_CHUNK = 1024  # values a program rounds (32 blocks)
 
 
-def factor_count(fmt: str) -> int:
-    """Factors ``quantize_activations`` gives for ``fmt``: the scale, then the sums its offsets take."""
-    return {"Q4_0": 2, "Q4_1": 2, "Q4_K": 2, "Q6_K": 3}.get(fmt, 1)
-
-
 def _kernel(x_ref, words_ref, *factor_refs, fmt: str, chunk: int):
     r, c = pl.program_id(0), pl.program_id(1)
     nb = chunk // 32
     x = x_ref[r, pl.ds(c * chunk, chunk)].astype(jnp.float32).reshape(nb, 32)
-    peak = jnp.max(jnp.abs(x), axis=1)  # [nb]
-    inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
-    codes = jnp.clip(jnp.floor(x * inv[:, None] + 0.5), -127.0, 127.0).astype(jnp.int32)  # [nb, 32]
+    codes, scale = int_codes.round_rows(x)  # [nb, 32] int8, [nb]
+    codes = codes.astype(jnp.int32)
     shift = 8 * lax.broadcasted_iota(jnp.int32, (nb, 8, 4), 2)
     # four codes to a word, the first lowest: disjoint byte fields, so their sum is their bitwise or (int32 wraps)
     words = jnp.sum(lax.shift_left(codes.reshape(nb, 8, 4) & 0xFF, shift), axis=2)  # [nb, 8]
     words_ref[r, pl.ds(c * (chunk // 4), chunk // 4)] = words.reshape(chunk // 4)
-    scale = peak * (1.0 / 127.0)
-    blocks = pl.ds(c * nb, nb)
-    factor_refs[0][r, blocks] = scale
-    if len(factor_refs) == 1:
-        return
-    first = lax.broadcasted_iota(jnp.int32, (nb, 32), 1) < 16
-    code_sum = lambda keep: jnp.sum(jnp.where(keep, codes, 0), axis=1).astype(jnp.float32)
-    if fmt == "Q6_K":  # the sums of each part's codes (its first and second 16)
-        factor_refs[1][r, blocks] = code_sum(first)
-        factor_refs[2][r, blocks] = code_sum(~first)
-    elif fmt == "Q4_0":
-        factor_refs[1][r, blocks] = jnp.sum(codes, axis=1).astype(jnp.float32)
-    else:  # Q4_1, Q4_K: the sum of the rounded activations
-        factor_refs[1][r, blocks] = scale * jnp.sum(codes, axis=1).astype(jnp.float32)
+    for ref, factor in zip(factor_refs, qmatmul_dp4a.block_factors(codes, scale, fmt), strict=True):
+        ref[r, pl.ds(c * nb, nb)] = factor
 
 
 def chunk_of(k: int) -> int:
@@ -76,8 +59,8 @@ def rounded_rows(x, fmt: str, *, interpret: bool):
     one launch."""
     m, k = x.shape
     chunk = chunk_of(k)
-    out_shape = [jax.ShapeDtypeStruct((m, k // 4), jnp.int32)]
-    out_shape += [jax.ShapeDtypeStruct((m, k // 32), jnp.float32)] * factor_count(fmt)
+    words, factors = jax.eval_shape(functools.partial(qmatmul_dp4a.quantize_activations, fmt=fmt), x)
+    out_shape = [words, *factors]
     kernel = functools.partial(_kernel, fmt=fmt, chunk=chunk)
     words, *factors = common.whole_call(
         kernel, [x], out_shape, grid=(m, k // chunk), num_warps=4, num_stages=1, interpret=interpret,

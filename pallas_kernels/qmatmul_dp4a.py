@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend
+from pallas_kernels import backend, int_codes
 from pallas_kernels.block_formats import block_format
 
 # Words per window, 16 bytes where a unit allows (a window row per thread: a 16-byte load, its words summed in the
@@ -49,22 +49,25 @@ def quantize_activations(x, fmt: str):
     apart and in ``K``'s order, they are what XLA computes them as: no transpose into parts, no stacked copy (each
     of those was a launch of its own in a decode step)."""
     m, k = x.shape
-    blocks = x.astype(jnp.float32).reshape(m, k // 32, 32)
-    peak = jnp.max(jnp.abs(blocks), axis=2)  # [M, K / 32]
-    inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)[:, :, None]
-    # halves round up (floor(v + 0.5)): the rule a Triton kernel can state (qmatmul_act, its one-launch form)
-    codes = jnp.clip(jnp.floor(blocks * inv + 0.5), -127, 127).astype(jnp.int8)
-    scale = peak * (1.0 / 127.0)
+    # halves round up: the rule a Triton kernel can state (qmatmul_act, this function's one-launch form)
+    codes, scale = int_codes.round_rows(x.astype(jnp.float32).reshape(m, k // 32, 32))  # [M, K/32, 32], [M, K/32]
     words = lax.bitcast_convert_type(codes.reshape(m, k // 4, 4), jnp.int32)  # (M, K / 4)
-    code_sum = lambda lo, hi: jnp.sum(codes[:, :, lo:hi].astype(jnp.int32), axis=2).astype(jnp.float32)
-    factors = [scale]
+    return words, block_factors(codes.astype(jnp.int32), scale, fmt)
+
+
+def block_factors(codes, scale, fmt: str) -> tuple:
+    """The factors of :func:`quantize_activations` from the blocks' codes (int32 ``[..., 32]``) and scales
+    (``[...]``): the scale, then the sums ``fmt``'s offsets take. Masks, not slices, pick a part's codes, so a
+    Triton kernel states it too (``qmatmul_act``)."""
+    first = lax.broadcasted_iota(jnp.int32, codes.shape, codes.ndim - 1) < 16  # a block's part 0
+    code_sum = lambda keep: jnp.sum(jnp.where(keep, codes, 0), axis=-1).astype(jnp.float32)
     if fmt in FLOAT_OFFSETS:
-        factors.append(scale * code_sum(0, 32))
-    elif fmt == "Q4_0":
-        factors.append(code_sum(0, 32))
-    elif fmt == "Q6_K":
-        factors += [code_sum(0, 16), code_sum(16, 32)]
-    return words, tuple(factors)
+        return scale, scale * jnp.sum(codes, axis=-1).astype(jnp.float32)
+    if fmt == "Q4_0":
+        return scale, jnp.sum(codes, axis=-1).astype(jnp.float32)
+    if fmt == "Q6_K":
+        return scale, code_sum(first), code_sum(~first)
+    return (scale,)
 
 
 def weight_words(planes, fmt: str) -> tuple:
