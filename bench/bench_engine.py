@@ -53,7 +53,6 @@ import numpy as np
 
 from bench import common, engine_profile, hf_llama
 from bench.bench_qweights import random_quantized
-from jkv import xla_flags
 from jkv.caches.registry import whole_pages
 from jkv.models import llama
 from jkv.serving import CACHE_KINDS, Engine, SamplingParams
@@ -268,11 +267,7 @@ def main(argv=None) -> dict:
         help="after the mixed workload's jkv run, profile this many decode-only steps (bench/engine_profile.py)",
     )
     ap.add_argument("--out", help="write the results as JSON here (after each workload)")
-    ap.add_argument(
-        "--default-xla-flags",
-        action="store_true",
-        help="leave XLA_FLAGS as given (default: add jkv.xla_flags.GPU_FLAGS, as `jkv generate` and `jkv serve` do)",
-    )
+    common.add_xla_flags_option(ap, "`jkv generate` and `jkv serve` do")
     ap.add_argument(
         "--compile-cache",
         default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "jkv_bench_engine_xla"),
@@ -283,8 +278,7 @@ def main(argv=None) -> dict:
         ap.error(f"--slots must be a positive number of slots, got {args.slots}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         ap.error(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}")
-    if not args.default_xla_flags:
-        xla_flags.apply_recommended(warn=False)  # before JAX starts: what the CLI's engines run with
+    flags = common.apply_xla_flags(args)  # before JAX starts: what the CLI's engines run with
     if args.compile_cache and not args.smoke:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -314,7 +308,7 @@ def main(argv=None) -> dict:
     )
     report = {"model": name, "cache": args.cache, "bandwidth_Bps": bandwidth, "matmul_flops": flops, "workloads": {}}
     report["meta"] = common.meta(None)
-    report["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    report["xla_flags"] = flags
     rng = np.random.default_rng(0)
     for wname in args.only or list(workloads):
         workload = workloads[wname]

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -88,13 +89,10 @@ def paged_q8_call(form: str, interpret: bool):
     lengths)`` over page pools; the form is set while the call is traced (``decode_q8.LOOP_FORM``, read per call)."""
 
     def call(q, *pools_table_lengths):
-        saved, decode_q8.LOOP_FORM = decode_q8.LOOP_FORM, form
-        try:
+        with mock.patch.object(decode_q8, "LOOP_FORM", form):
             return paged_q8.paged_q8_decode_attention(
                 q, *pools_table_lengths, scale=common.HEAD_DIM**-0.5, interpret=interpret
             )
-        finally:
-            decode_q8.LOOP_FORM = saved
 
     return call
 

@@ -33,10 +33,10 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,7 +47,6 @@ from jax import lax
 
 import jkv
 from bench import common
-from jkv import xla_flags
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
 from pallas_kernels import block_formats, qmatmul_act
@@ -136,15 +135,9 @@ def with_act_rows(models: dict) -> dict:
     return models | {f"{name}{ACT_KERNEL}": p for name, p in models.items() if name.endswith("_dp4a")}
 
 
-@contextlib.contextmanager
 def act_rounding(name: str):
     """The activation rounding of row ``name`` while inside (its program is compiled there and keeps it)."""
-    saved = qmatmul_act.ROUNDING
-    qmatmul_act.ROUNDING = "kernel" if name.endswith(ACT_KERNEL) else saved
-    try:
-        yield
-    finally:
-        qmatmul_act.ROUNDING = saved
+    return mock.patch.object(qmatmul_act, "ROUNDING", "kernel" if name.endswith(ACT_KERNEL) else qmatmul_act.ROUNDING)
 
 
 def with_mgpu_rows(models: dict) -> dict:
@@ -312,15 +305,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--sections", default="decode,prefill,agreement", help="which sections, comma-separated")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batches, comma-separated")
     parser.add_argument("--decode-rows", default="", help="only these decode rows, comma-separated (default: all)")
-    parser.add_argument(
-        "--default-xla-flags",
-        action="store_true",
-        help="leave XLA_FLAGS as given (default: add jkv.xla_flags.GPU_FLAGS, as `jkv generate` does)",
-    )
+    common.add_xla_flags_option(parser, "`jkv generate` does")
     args = parser.parse_args(argv)
-    if not args.default_xla_flags:
-        xla_flags.apply_recommended(warn=False)  # before JAX starts: the step as the CLI runs it (GPU only)
-    xla_flags_used = os.environ.get("XLA_FLAGS", "")
+    xla_flags_used = common.apply_xla_flags(args)  # before JAX starts: the step as the CLI runs it
     torch = common.load_torch()
     copy = common.copy_bandwidth(torch) if torch is not None else None
     bandwidth = copy["tbps"] * 1e12 if copy is not None else DATASHEET_BPS

@@ -384,6 +384,26 @@ def load_torch():
     return torch if torch.cuda.is_available() else None
 
 
+def add_xla_flags_option(parser, runs_as: str) -> None:
+    """``--default-xla-flags`` on a benchmark that runs, unless given, with ``jkv.xla_flags.GPU_FLAGS`` added, as
+    ``runs_as`` (e.g. "`jkv generate` does"); :func:`apply_xla_flags` acts on it."""
+    parser.add_argument(
+        "--default-xla-flags",
+        action="store_true",
+        help=f"leave XLA_FLAGS as given (default: add jkv.xla_flags.GPU_FLAGS, as {runs_as})",
+    )
+
+
+def apply_xla_flags(args) -> str:
+    """Before JAX starts its backends: the recommended flags added unless ``args.default_xla_flags`` (GPU only; other
+    backends ignore them); returns the ``XLA_FLAGS`` the run has, for its report."""
+    if not args.default_xla_flags:
+        from jkv import xla_flags
+
+        xla_flags.apply_recommended(warn=False)
+    return os.environ.get("XLA_FLAGS", "")
+
+
 def meta(torch) -> dict:
     """The run's date, device, command line and software (``pallas_kernels.backend.describe``)."""
     return {
