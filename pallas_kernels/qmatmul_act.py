@@ -10,8 +10,9 @@ and every factor the format takes. The arithmetic is ``quantize_activations``'s 
 compilers round a float alike (interpret mode: bit for bit); only the packing of four codes to a word differs (a
 bitcast for XLA, shifts here).
 
-``ROUNDING`` (``"xla"`` or ``"kernel"``), read by ``quantized_matmul`` per call, picks the form; ``"xla"`` stays
-the default until a GPU times the step with each (``bench/bench_qweights.py --act-rounding``).
+``ROUNDING`` (``"xla"`` or ``"kernel"``), read by ``quantized_matmul`` per call (:func:`round_activations`), picks
+the form; ``"xla"`` stays the default until a GPU times the step with each (``bench/bench_qweights.py``'s
+``<name>_dp4a_actk`` rows: ``gpu_checks.sh qstep_act``).
 """
 
 from __future__ import annotations
@@ -67,3 +68,14 @@ def rounded_rows(x, fmt: str, *, interpret: bool):
         name=f"jkv_act_rounding_{fmt.lower()}",
     )  # fmt: skip
     return words, tuple(factors)
+
+
+def round_activations(x, fmt: str, interpret: bool, rounding: str | None):
+    """The dp4a path's int8 activation words and factors, rounded as ``rounding`` says (None: ``ROUNDING``;
+    ``quantized_matmul``'s public functions pass it per call, so a change retraces)."""
+    rounding = ROUNDING if rounding is None else rounding
+    if rounding == "kernel":
+        return rounded_rows(x, fmt, interpret=interpret)
+    if rounding != "xla":
+        raise ValueError(f"qmatmul_act.ROUNDING={rounding!r} must be one of {ROUNDINGS}")
+    return qmatmul_dp4a.quantize_activations(x, fmt)

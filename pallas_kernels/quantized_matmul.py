@@ -306,7 +306,7 @@ def _qmatmul(
     path = config_path(config)
     factors = ()
     if path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each; the code planes as words
-        xs, factors = _rounded_activations(common_pad_rows(x, rows), fmt, interpret, rounding)
+        xs, factors = qmatmul_act.round_activations(common_pad_rows(x, rows), fmt, interpret, rounding)
         planes = (*factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
     else:
         xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
@@ -331,17 +331,6 @@ def _qmatmul(
         inputs.insert(1, qmatmul_grouped.group_sums(xs, fmt))
     out = common.whole_call(kernel, inputs, out_shape, **launch, name=f"jkv_qmatmul_{fmt.lower()}")
     return out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]
-
-
-def _rounded_activations(x, fmt: str, interpret: bool, rounding: str | None):
-    """The dp4a path's int8 activation words and factors, rounded as ``rounding`` says (None:
-    ``qmatmul_act.ROUNDING``; the public functions pass it per call, so a change retraces)."""
-    rounding = qmatmul_act.ROUNDING if rounding is None else rounding
-    if rounding == "kernel":
-        return qmatmul_act.rounded_rows(x, fmt, interpret=interpret)
-    if rounding != "xla":
-        raise ValueError(f"qmatmul_act.ROUNDING={rounding!r} must be one of {qmatmul_act.ROUNDINGS}")
-    return qmatmul_dp4a.quantize_activations(x, fmt)
 
 
 def common_pad_rows(x, rows: int):
