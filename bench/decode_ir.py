@@ -1,7 +1,8 @@
 """What the Triton compiler makes of the decode attention kernels' loop, on a CPU: the bf16 kernel
-(``pallas_kernels.decode``) and the Q8 one (``pallas_kernels.decode_q8``, each of its loop forms,
-``decode_q8.LOOP_FORMS``) lowered for CUDA by jax's Pallas Triton lowering at one shape (Hq/Hkv/D 32/8/128, bf16
-queries, float16 scales, the default launch), then compiled for sm_90 by the ``triton`` package
+(``pallas_kernels.decode``), the Q8 one (``pallas_kernels.decode_q8``, each of its loop forms,
+``decode_q8.LOOP_FORMS``) and the contiguous FP8 one (``pallas_kernels.decode_fp8``, ``--fp8-forms``) lowered
+for CUDA by jax's Pallas Triton lowering at one shape (Hq/Hkv/D 32/8/128, bf16 queries, float16 Q8 scales, the
+default launch), then compiled for sm_90 by the ``triton`` package
 (``bench.qmatmul_ir.compile_sm90``). No GPU needed; that Triton is not jaxlib's, so the counts are indicative.
 
 Counted inside the loop over full blocks, so per block (``per key``: warp instructions per key, the SASS loop's
@@ -14,7 +15,7 @@ all; from ``ptxas -v``, registers and spill bytes. Usage (``triton`` importable,
     JAX_PLATFORMS=cpu python bench/decode_ir.py [--shape 1x131072] [--forms default kt ...] [--paged] [--out DIR]
 
 prints a table (one row per kernel) and, with ``--out``, writes ``DIR/decode_ir.json`` and each kernel's TTGIR and
-SASS. ``--block-k/--warps/--stages`` override the Q8 launch.
+SASS. ``--block-k/--warps/--stages`` override the Q8 and FP8 launch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import qmatmul_ir
-from pallas_kernels import common, decode, decode_q8, paged, paged_q8
+from pallas_kernels import common, decode, decode_fp8, decode_q8, paged, paged_q8
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 PAGE_SIZE = 16
@@ -69,24 +70,26 @@ def _inputs(batch: int, seq: int, paged_pool: bool):
     rows = (1, batch * seq // PAGE_SIZE, NUM_KV_HEADS, PAGE_SIZE) if paged_pool else (1, batch, NUM_KV_HEADS, seq)
     codes, scales = sds((*rows, HEAD_DIM), jnp.int8), sds((*rows, HEAD_DIM // 32), jnp.float16)
     dense = sds((*rows, HEAD_DIM), jnp.bfloat16)
+    fp8 = sds((*rows, HEAD_DIM), jnp.float8_e4m3fn), sds((*rows, 1), jnp.float32)
     tables = sds((batch, seq // PAGE_SIZE), jnp.int32)
-    return q, dense, (codes, scales), tables, sds((batch,), jnp.int32), sds((1,), jnp.int32)
+    return q, dense, (codes, scales), fp8, tables, sds((batch,), jnp.int32), sds((1,), jnp.int32)
 
 
 def lowered(kind: str, batch: int, seq: int, form: str = "default", paged_pool: bool = False, **launch):
     """The ``tt``-dialect module of the ``kind`` (``bf16`` / ``q8``) decode kernel at ``batch x seq`` and its
     launch ``(num_warps, num_stages)``; ``form`` picks the Q8 loop form, ``launch`` overrides the Q8 launch."""
-    q, dense, (codes, scales), tables, lengths, layer = _inputs(batch, seq, paged_pool)
+    q, dense, (codes, scales), fp8, tables, lengths, layer = _inputs(batch, seq, paged_pool)
     scale = HEAD_DIM**-0.5
     if kind == "bf16" and not paged_pool:
         config = common.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM, jnp.bfloat16)
         call = lambda: decode._decode.trace(
             q, dense, dense, lengths, layer, scale=scale, config=config, interpret=False
         )
-    elif kind == "q8" and not paged_pool:
-        default = decode_q8.q8_decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM, block_k=launch.pop("block_k", None))
+    elif kind in ("q8", "fp8") and not paged_pool:
+        rule = decode_q8.q8_decode_config if kind == "q8" else decode_fp8.fp8_decode_config
+        default = rule(batch, NUM_KV_HEADS, seq, HEAD_DIM, block_k=launch.pop("block_k", None))
         config = default._replace(**{k: v for k, v in launch.items() if v is not None})
-        args = (q, codes, scales, codes, scales, lengths, layer)
+        args = (q, codes, scales, codes, scales, lengths, layer) if kind == "q8" else (q, *fp8, *fp8, lengths, layer)
         call = lambda: decode_q8._decode.trace(*args, scale=scale, config=config, interpret=False, form=form)
     elif kind == "q8":
         pages = max(1, (launch.pop("block_k", None) or decode_q8.BLOCK_K) // PAGE_SIZE)
@@ -195,6 +198,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="1x131072", help="B x T")
     ap.add_argument("--forms", nargs="*", default=list(decode_q8.LOOP_FORMS), help="Q8 loop forms")
+    ap.add_argument("--fp8-forms", nargs="*", default=["vperm"], help="FP8 loop forms (contiguous only)")
     ap.add_argument("--paged", action="store_true", help="the paged kernels (pages of 16) instead")
     ap.add_argument("--block-k", type=int, default=None)
     ap.add_argument("--warps", type=int, default=None)
@@ -204,9 +208,12 @@ def main(argv=None) -> dict:
     batch, seq = (int(x) for x in args.shape.split("x"))
     launch = dict(block_k=args.block_k, num_warps=args.warps, num_stages=args.stages)
     kernels = {"bf16": ("bf16", "default")} | {f"q8 {f}": ("q8", f) for f in args.forms}
+    if not args.paged:
+        kernels |= {f"fp8 {f}": ("fp8", f) for f in args.fp8_forms}
     rows = {}
     for name, (kind, form) in kernels.items():
-        ttir, (warps, stages, block_k) = lowered(kind, batch, seq, form, args.paged, **(launch if kind == "q8" else {}))
+        overrides = launch if kind != "bf16" else {}
+        ttir, (warps, stages, block_k) = lowered(kind, batch, seq, form, args.paged, **overrides)
         rows[name] = counts(ttir, warps, stages) | {"launch": {"block_k": block_k, "warps": warps, "stages": stages}}
     print_table(rows)
     if args.out:

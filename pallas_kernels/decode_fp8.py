@@ -7,8 +7,9 @@ values with ``[L, B, K, S, 1]`` scales for K and for V; paged pools are ``[L, P,
 
 The kernels are the Q8 ones (``pallas_kernels.decode_q8``'s body, ``pallas_kernels.paged_q8``'s page views and
 launch; split-K partials merged by ``common.merge_partials``) with one scale chunk of ``D`` values: the products
-are the bf16 kernel's, the e4m3 tile cast to ``q``'s dtype (exactly: e4m3 fits bf16, f16 and tf32), the K scales
-applied to the scores and the V scales to the probabilities. Each K/V byte is read once: ``D + 4`` bytes per
+are the bf16 kernel's, the e4m3 tile cast exactly to the product dtype (float16 under a bf16 query: one conversion
+per two values, where bf16 takes several; ``q8_tiles.dot_dtype_for``), the K scales applied to the scores and
+the V scales to the probabilities. Each K/V byte is read once: ``D + 4`` bytes per
 position and head instead of ``2 * D`` for bf16. Positions past a sequence's length may hold anything, NaN
 included.
 """

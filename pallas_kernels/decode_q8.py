@@ -154,7 +154,14 @@ def decode_kernel(
 
     cols = pl.ds(0, head_dim)
     head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=cols)
-    q_in, q = q, q.astype(dot_dtype)
+    # FP8 values under float16 products (q8_tiles.dot_dtype_for): the query brought into float16's range by a power
+    # of two (exact), given back in the key scales' factor
+    f16_fp8 = dot_dtype == jnp.float16 and k_ref.dtype != jnp.int8
+    q_in, q_up = q, 1.0
+    if f16_fp8 and q.dtype != jnp.float16:
+        q_down, q_up = q8_tiles.f16_headroom(jnp.max(jnp.abs(q.astype(jnp.float32))))
+        q = q.astype(jnp.float32) * q_down
+    q = q.astype(dot_dtype)
     # Row c * rows + g of the wide query holds query g's chunk c (sigma(c) with "srot") and zeros elsewhere (block
     # diagonal), so one product with a whole [bk, D] code tile gives every chunk's partial scores: [R, bk].
     # With one chunk (FP8) every wide tile is the plain one.
@@ -186,7 +193,7 @@ def decode_kernel(
     # With "exp2" the scores are kept in base-2 units (times log2(e), folded into the key scales' factor where
     # no softcap comes between) and exponentiated by exp2; the running max returns to natural units at the end.
     base2 = "exp2" in flags
-    score_factor = scale * LOG2E if base2 and softcap is None else scale
+    score_factor = (scale * LOG2E if base2 and softcap is None else scale) * q_up
 
     def scores_of(keys):
         codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
@@ -205,6 +212,11 @@ def decode_kernel(
         v_scale = scale_tile(v_scale_ref, keys)  # [chunks, bk]
         if valid is not None:
             v_scale = jnp.where(valid[None, :], v_scale, 0.0)
+        top = 1.0
+        if f16_fp8:  # the block's largest scale as 1: p * scale in float16's range whatever the cache's magnitudes
+            top = jnp.max(v_scale)
+            top = jnp.where(top > 0, top, 1.0)
+            v_scale = v_scale * (1.0 / top)
         # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the whole
         # code tile is right in chunk c's columns (the rest is dropped once, at the end).
         p_wide = p * v_scale if chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(wide_rows_, block_k)
@@ -215,7 +227,7 @@ def decode_kernel(
         values = values.astype(dot_dtype)
         if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
             values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
-        return common.dot(p_wide, values)  # [R, D]
+        return common.dot(p_wide, values) * top  # [R, D]
 
     def attend(carry, start, valid):
         m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
@@ -254,15 +266,9 @@ def decode_kernel(
                       num_splits=num_splits)  # fmt: skip
 
 
-def dot_dtype_for(q_dtype) -> jnp.dtype:
-    """Operand dtype of the kernel's products: a 16-bit query keeps its dtype; float32 runs as tf32 on GPU."""
-    q_dtype = jnp.dtype(q_dtype)
-    return q_dtype if q_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
-
-
 def kernel_options(
     q_dtype, group: int, head_dim: int, block_k: int, num_splits: int, scale: float, window=None, softcap=None,
-    chunk: int = QBLOCK, form: str = "default", num_warps: int = NUM_WARPS,
+    chunk: int = QBLOCK, form: str = "default", num_warps: int = NUM_WARPS, values_dtype=jnp.int8,
 ) -> dict:  # fmt: skip
     """The static arguments of :func:`decode_kernel` (shared with the paged kernel) for ``chunk`` values per scale."""
     return dict(
@@ -273,7 +279,7 @@ def kernel_options(
         scale=scale,
         window=window,
         softcap=None if softcap is None else float(softcap),
-        dot_dtype=dot_dtype_for(q_dtype),
+        dot_dtype=q8_tiles.dot_dtype_for(q_dtype, values_dtype),
         chunk=chunk,
         form=form,
         num_warps=num_warps,
@@ -298,9 +304,8 @@ def _decode(
     out_shape = common.split_out_shape(q, splits)
     inputs = [lengths, layer, q, k, k_scale, v, v_scale]
     chunk = head_dim // k_scale.shape[-1]
-    options = kernel_options(
-        q.dtype, group, head_dim, config.block_k, splits, scale, window, softcap, chunk, form, config.num_warps
-    )
+    launch = (config.block_k, splits, scale, window, softcap, chunk, form, config.num_warps, k.dtype)
+    options = kernel_options(q.dtype, group, head_dim, *launch)
     kernel = functools.partial(decode_kernel, **options)
     grid = (batch, kv_heads, splits)
     name = f"jkv_{format_name(k.dtype)}_decode_attention"

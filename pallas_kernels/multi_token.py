@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, checks, common, decode_q8, formats
+from pallas_kernels import backend, checks, common, formats, q8_tiles
 from pallas_kernels.common import MIN_BLOCK
 from pallas_kernels.multi_token_args import (
     MultiTokenConfig,
@@ -276,7 +276,7 @@ def _launch(q, cache, tables, q_starts, lengths, counts, layer, *, fmt, scale, w
         dot_dtype = cache[0].dtype
         precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
     else:
-        dot_dtype, precision = decode_q8.dot_dtype_for(q.dtype), None
+        dot_dtype, precision = q8_tiles.dot_dtype_for(q.dtype), None
     kernel = functools.partial(
         multi_token_kernel,
         paged=tables is not None,

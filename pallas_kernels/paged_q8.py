@@ -69,7 +69,7 @@ def _paged_q8(
     group, chunk = q.shape[1] // kv_heads, head_dim // k_scale.shape[-1]
     block_k = ppb * page_size
     options = decode_q8.kernel_options(
-        q.dtype, group, head_dim, block_k, splits, scale, window, softcap, chunk, form, config.num_warps
+        q.dtype, group, head_dim, block_k, splits, scale, window, softcap, chunk, form, config.num_warps, k.dtype
     )
     preload = paged.preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
     kernel = functools.partial(_paged_q8_kernel, preload=preload, **options)

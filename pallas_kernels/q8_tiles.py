@@ -1,10 +1,34 @@
-"""The layouts of the Q8 decode body's wide tiles (``decode_q8.decode_kernel``): how many query rows a chunk's
-row block takes, the ``vperm`` form's column order of the value tile and the ``srot`` form's order of the row
-blocks' chunks."""
+"""The tiles of the Q8 / FP8 decode body (``decode_q8.decode_kernel``): its products' dtype and float16's range,
+how many query rows a chunk's row block takes, the ``vperm`` form's column order of the value tile and the
+``srot`` form's order of the row blocks' chunks."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+from jax import lax
+
 from pallas_kernels.common import MIN_BLOCK
+
+
+def dot_dtype_for(q_dtype, values_dtype=jnp.int8) -> jnp.dtype:
+    """Operand dtype of the kernel's products: a 16-bit query keeps its dtype; float32 runs as tf32 on GPU.
+    FP8 (e4m3) values under a bfloat16 query multiply in float16: e4m3 becomes float16 in one conversion per two
+    values (to bfloat16 it takes several), both exactly; the kernel keeps the query and the probabilities in
+    float16's range (:func:`f16_headroom`, the block's largest value scale)."""
+    q_dtype = jnp.dtype(q_dtype)
+    if q_dtype == jnp.dtype(jnp.bfloat16) and jnp.dtype(values_dtype) == jnp.dtype(jnp.float8_e4m3fn):
+        return jnp.dtype(jnp.float16)
+    return q_dtype if q_dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
+
+
+def f16_headroom(peak):
+    """``(down, up)``: powers of two (exact float32 scalars) with ``peak * down < 2**15`` (float16 holds up to
+    65504) and ``up = 1 / down``; ``down`` is 1 for a ``peak`` below ``2**15``. From the exponent bits: no
+    logarithm, no rounding."""
+    exponent = lax.shift_right_logical(lax.bitcast_convert_type(peak, jnp.int32), 23) & 0xFF
+    shift = jnp.maximum(exponent - (127 + 14), 0)
+    as_float = lambda e: lax.bitcast_convert_type(lax.shift_left(e, 23), jnp.float32)
+    return as_float(127 - shift), as_float(127 + shift)
 
 
 def wide_rows(group: int, chunks: int) -> int:

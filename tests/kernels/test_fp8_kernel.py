@@ -52,10 +52,10 @@ def tolerance(dtype) -> float:
     return KERNEL_TOL[dtype.name + ("-gpu" if dtype == jnp.float32 and jax.default_backend() == "gpu" else "")]
 
 
-def fp8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers):
+def fp8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, magnitude=1.0):
     """One of K or V: (values, scales) as device arrays, NaN past each length and in every other layer, and the
-    float64 values the attended layer holds."""
-    slab = rng.standard_normal((batch, kv_heads, max_len, head_dim))
+    float64 values the attended layer holds; standard normal values times ``magnitude``."""
+    slab = rng.standard_normal((batch, kv_heads, max_len, head_dim)) * magnitude
     past = np.arange(max_len)[None, None, :, None] >= np.asarray(lengths)[:, None, None, None]
     slab = np.where(past, np.nan, slab)
     values, scales, held = fp8_arrays(slab)
@@ -86,15 +86,16 @@ def check(out, q, k, v, lengths):
     assert rel_err(out, want) < tolerance(q.dtype), lengths
 
 
-def run_case(rng, case, *, scale_up=1, interpret=None):
+def run_case(rng, case, *, scale_up=1, interpret=None, magnitudes=(1.0, 1.0, 1.0)):
+    """``case`` against float64; ``magnitudes`` multiply the query's, the keys' and the values' standard normals."""
     _, batch, kv_heads, group, head_dim, max_len, dtype, names, layers, block_k, num_splits = case
     max_len *= scale_up
     bk = block_k or decode_fp8.fp8_decode_config(batch, kv_heads, max_len, head_dim).block_k
     names = [names[i % len(names)] for i in range(batch)]
     lengths = np.array([min(LENGTHS[name](max_len, bk), max_len) for name in names], np.int32)
-    q = jnp.asarray(rng.standard_normal((batch, kv_heads * group, head_dim)), dtype)
-    k, k_scale, k_held = fp8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
-    v, v_scale, v_held = fp8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers)
+    q = jnp.asarray(rng.standard_normal((batch, kv_heads * group, head_dim)) * magnitudes[0], dtype)
+    k, k_scale, k_held = fp8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, magnitudes[1])
+    v, v_scale, v_held = fp8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, magnitudes[2])
     options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
     args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
     check(call(attend, args, layers, options), q, k_held, v_held, lengths)
@@ -143,6 +144,18 @@ def test_vperm_form_interpret(rng, kind, case, form, monkeypatch):
     (run_case if kind == "contiguous" else run_paged_case)(rng, case, interpret=True)
 
 
+# A bf16 query multiplies e4m3 values in float16 (q8_tiles.dot_dtype_for): queries past float16's 65504 (keys as
+# much smaller, so the scores stay those of the plain case), values whose scales times the probabilities would
+# vanish below float16's smallest or pass its largest.
+MAGNITUDES = {"query_2^17": (2.0**17, 2.0**-17, 1.0), "values_2^-30": (1.0, 1.0, 2.0**-30),
+              "values_2^30": (1.0, 1.0, 2.0**30)}  # fmt: skip
+
+
+@pytest.mark.parametrize("magnitudes", MAGNITUDES.values(), ids=MAGNITUDES.keys())
+def test_float16_products_keep_range_interpret(rng, magnitudes):
+    run_case(rng, CASES[0], interpret=True, magnitudes=magnitudes)
+
+
 def test_reference_matches_float64(rng):
     """The contiguous reference (``pallas_kernels.reference``) on a whole NaN-poisoned cache."""
     lengths = np.array([1, 30, 48], np.int32)
@@ -177,6 +190,10 @@ class TestOnGpu:
     @pytest.mark.parametrize("case", PAGED_CASES, ids=[c[0] for c in PAGED_CASES])
     def test_paged_fp8_decode_matches_float64(self, rng, case):
         run_paged_case(rng, case, scale_up=GPU_PAGED_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("magnitudes", MAGNITUDES.values(), ids=MAGNITUDES.keys())
+    def test_float16_products_keep_range(self, rng, magnitudes):
+        run_case(rng, CASES[0], scale_up=GPU_SCALE, interpret=False, magnitudes=magnitudes)
 
     @pytest.mark.parametrize("kind,case", [("contiguous", CASES[0]), ("paged", PAGED_CASES[0])],
                              ids=lambda x: x if isinstance(x, str) else x[0])  # fmt: skip
