@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -174,6 +174,13 @@ for part in "${parts[@]}"; do
         --decode-rows q4_k_dp4a,q4_k_dp4a_actk
       grep "launches/step" "$OUT/bench_qstep_act_breakdown.log"
       ;;
+    fp8)  # issue 22: the FP8 kernels' float16 products: their GPU tests, then FP8 beside bf16, Q8 and torch cuDNN
+      run tests_fp8 240 python -m pytest -q -m gpu tests/kernels/test_fp8_kernel.py
+      run bench_fp8 300 python bench/bench_decode_kinds.py --out "$OUT/fp8" --rounds 5 --budget-s 200 \
+        --shapes 1x131072 16x8192 128x2048 1x4096 --preflight \
+        --rows jkv_triton q8_triton fp8_triton fp8paged_triton q8paged_triton torch_cudnn
+      tail -n 14 "$OUT/bench_fp8.log"
+      ;;
     qweights_prefill)  # issue 26's prefill point: bf16 against each format through the kernels, dequantize + GEMM
       run bench_qweights_prefill 500 python bench/bench_qweights.py --out "$OUT" --sections prefill --rounds 3 \
         --prefill-tokens 2048 8192
@@ -268,7 +275,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 
