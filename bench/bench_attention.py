@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, torch_peers
 from jkv.caches.formats import quantize
 from pallas_kernels import common as kernel_common
 from pallas_kernels import decode, dequantize, dispatch, reference
@@ -115,7 +115,7 @@ def bench_shape(torch, batch, seq, *, sweep: bool, quick: bool, stage_b: bool, d
     sweep_args = (results, default, sets, batch, seq, sweep, stage_b, deadline, record, log, copies, nbytes, ctas)
     if quick:  # the kernel and torch only (plus the sweep)
         if torch is not None:
-            results.update(common.bench_torch(torch, sets, ref, nbytes, est_s, log, only_default=True))
+            results.update(torch_peers.bench_torch(torch, sets, ref, nbytes, est_s, log, only_default=True))
         return _sweep(*sweep_args)
     record("jkv_auto", dispatch.decode_attention_auto, sets)
     record("xla_ref", ref_fn, sets)
@@ -129,7 +129,7 @@ def bench_shape(torch, batch, seq, *, sweep: bool, quick: bool, stage_b: bool, d
     except ImportError as e:
         results["jax_gqa"] = {"error": str(e)}
     if torch is not None:
-        results.update(common.bench_torch(torch, sets, ref, nbytes, est_s, log))
+        results.update(torch_peers.bench_torch(torch, sets, ref, nbytes, est_s, log))
     bench_q8(record, sets, results, batch, seq)
     if nbytes * 2 * copies < 8e9:  # the 5-D cache path: two layers, the traced index picks layer 1
         sets5 = [(q, jnp.stack([v, k]), jnp.stack([k, v]), n) for q, k, v, n in sets]
@@ -277,12 +277,12 @@ def main(argv=None) -> None:
     ctas = (args.ctas, args.blocks) if args.ctas else None
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch, log = common.load_torch(), common.log
+    torch, log = torch_peers.load_torch(), common.log
     meta = common.meta(torch)
     report = {"meta": meta, "shapes": []}
     log(json.dumps(meta))
     if torch is not None:
-        report["copy"] = common.copy_bandwidth(torch)
+        report["copy"] = torch_peers.copy_bandwidth(torch)
         log(f"device copy: {report['copy']['tbps']:.3f} TB/s (read + write)")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     for i, (batch, seq) in enumerate(shapes):

@@ -25,7 +25,7 @@ Then every row that passed is timed in ``--rounds`` interleaved rounds (``common
 programs read from profiler traces, torch rows as CUDA graphs), and its per-round speed against ``torch_cudnn``
 (else ``jkv_auto``, else the first row timed) is reported. TB/s = K+V bytes the lengths hold (Q8/FP8: values and
 scales) / median time. Ceilings measured in the same run: a 1 GiB read stream (``common.read_bandwidth``)
-and a 1 GiB device copy (``common.copy_bandwidth``, read + write; needs torch). Before the shapes, the Mosaic GPU
+and a 1 GiB device copy (``torch_peers.copy_bandwidth``, read + write; needs torch). Before the shapes, the Mosaic GPU
 rows (``--preflight``) run once in a child process (``bench/preflight.py``): one that crashes, hangs or misses
 the reference there is recorded and not run here (a crash would poison this process's CUDA context).
 
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench import common, preflight
+from bench import common, preflight, torch_peers
 from bench import decode_kinds as kinds
 from bench.bench_prefill import smoke_time
 from bench.decode_kinds_report import plot, shape_lines, table
@@ -138,12 +138,12 @@ def torch_part(torch, shape, sets, refs, est_s, results, samplers, only) -> None
     """torch SDPA forced to cuDNN and to flash attention (q_len 1, ``enable_gqa``), where each runs."""
     from torch.nn.attention import SDPBackend
 
-    tsets = common.torch_inputs(torch, sets["bf16"])
+    tsets = torch_peers.torch_inputs(torch, sets["bf16"])
     padded = {"padded_to": shape.seq} if shape.lengths else {}
     for name in TORCH_ROWS:
         if only and name not in only:
             continue
-        fn = common.torch_sdpa(getattr(SDPBackend, TORCH_ROWS[name]))
+        fn = torch_peers.torch_sdpa(getattr(SDPBackend, TORCH_ROWS[name]))
 
         def run(fn=fn):
             out = fn(*tsets[0])[:, :, 0]
@@ -152,7 +152,7 @@ def torch_part(torch, shape, sets, refs, est_s, results, samplers, only) -> None
 
         if check(results, name, run, refs["full"], {"fmt": "bf16", "layout": "bf16", **padded}):
             try:
-                samplers[name] = common.torch_sampler(torch, fn, tsets, est_s)
+                samplers[name] = torch_peers.torch_sampler(torch, fn, tsets, est_s)
             except Exception as e:
                 results[name]["error"] = f"CUDA graph: {type(e).__name__}: {str(e)[:1500]}"
 
@@ -215,7 +215,7 @@ def start_run(args, torch, log, previous=()) -> dict:
     log(json.dumps(run["meta"]))
     run["read"] = common.read_bandwidth(1 << 22, smoke_time) if args.smoke else common.read_bandwidth()
     if torch is not None:
-        run["copy"] = common.copy_bandwidth(torch)
+        run["copy"] = torch_peers.copy_bandwidth(torch)
     log(f"read stream {run['read']['tbps']:.3f} TB/s, copy {run.get('copy', {}).get('tbps', NAN):.3f} TB/s")
     names = [name for name in args.preflight if not args.rows or name in args.rows]
     earlier = {
@@ -257,7 +257,7 @@ def main(argv=None) -> dict:
         plot(report := json.loads(args.replot.read_text()), args.out / "bench_decode_kinds.png", log)
         log(table(report))
         return report
-    torch = None if args.smoke else common.load_torch()
+    torch = None if args.smoke else torch_peers.load_torch()
     report = json.loads(args.resume.read_text()) if args.resume else {"runs": [], "shapes": []}
     report["shapes"] = [s for s in report["shapes"] if "error" not in s]  # a resumed run retries failed shapes
     report["runs"].append(run := start_run(args, torch, log, report["runs"]))

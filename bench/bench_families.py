@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, torch_peers
 from jkv import xla_flags
 from jkv.loading.safetensors import config_from_hf
 from jkv.models import llama
@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     xla_flags.apply_recommended(warn=False)  # what `jkv generate` runs with (GPU only)
     torch = None if args.no_hf else __import__("torch")
     device = "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
-    bandwidth = common.copy_bandwidth(torch)["tbps"] * 1e12 if device == "cuda" else None
+    bandwidth = torch_peers.copy_bandwidth(torch)["tbps"] * 1e12 if device == "cuda" else None
     report = {"meta": common.meta(torch if device == "cuda" else None), "rows": []}
     for name in args.models:
         report["rows"] += run_model(args, torch, name, device, bandwidth)

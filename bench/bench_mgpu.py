@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench import common
+from bench import common, torch_peers
 from pallas_kernels import backend, decode, decode_mgpu, dispatch, reference
 
 # Sweep points tried beside the default on the swept shapes: "block_k/splits/stages", splits either a multiple of
@@ -87,7 +87,7 @@ def bench_shape(
     record("triton", decode.decode_attention)
     record("auto", dispatch.decode_attention_auto)
     if torch is not None:
-        results.update(common.bench_torch(torch, sets, ref, nbytes, est_s, log, only_default=True))
+        results.update(torch_peers.bench_torch(torch, sets, ref, nbytes, est_s, log, only_default=True))
     best_name = "mgpu" if "tbps" in results["mgpu"] else None
     if sweep and best_name:
         for config in sweep_configs(default, batch, seq, points):
@@ -122,7 +122,9 @@ def interleave(torch, sets, est_s, rounds, log, extra=()) -> dict:
         "auto": common.jax_sampler(dispatch.decode_attention_auto, sets, est_s),
         "triton": common.jax_sampler(decode.decode_attention, sets, est_s),
         "mgpu": common.jax_sampler(decode_mgpu.decode_attention_mgpu, sets, est_s),
-        "torch_sdpa": common.torch_sampler(torch, common.torch_sdpa(), common.torch_inputs(torch, sets), est_s),
+        "torch_sdpa": torch_peers.torch_sampler(
+            torch, torch_peers.torch_sdpa(), torch_peers.torch_inputs(torch, sets), est_s
+        ),
         **{sweep_name(c): common.jax_sampler(sweep_fn(c), sets, est_s) for c in extra},
     }
     out = common.interleaved(samplers, rounds, baseline="torch_sdpa")
@@ -185,12 +187,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch, log = common.load_torch(), common.log
+    torch, log = torch_peers.load_torch(), common.log
     meta = {**common.meta(torch), "backend": backend.MOSAIC_GPU}
     report = {"meta": meta, "shapes": []}
     log(json.dumps(meta))
     if torch is not None:
-        report["copy"] = common.copy_bandwidth(torch)
+        report["copy"] = torch_peers.copy_bandwidth(torch)
         log(f"device copy: {report['copy']['tbps']:.3f} TB/s (read + write)")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     for i, (batch, seq) in enumerate(shapes):

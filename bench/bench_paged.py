@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench import common
+from bench import common, torch_peers
 from jkv.caches.formats import quantize
 from pallas_kernels import common as kernel_common
 from pallas_kernels import decode, decode_q8, paged, paged_q8, reference
@@ -248,12 +248,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch, log = common.load_torch(), common.log
+    torch, log = torch_peers.load_torch(), common.log
     formula = "TB/s = 2*B*K*T*D*2 bytes (bf16), 2*B*K*T*(D+D/32*2) bytes (Q8) / median time per call"
     report = {"meta": {**common.meta(torch), "formula": formula}, "shapes": []}
     log(json.dumps(report["meta"]))
     if torch is not None:
-        report["copy"] = common.copy_bandwidth(torch)
+        report["copy"] = torch_peers.copy_bandwidth(torch)
         log(f"device copy: {report['copy']['tbps']:.3f} TB/s")
     deadline = start + args.budget_s
     for key, shapes, sweep in (("shapes", args.shapes, False), ("sweeps", args.sweep, True)):

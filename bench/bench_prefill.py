@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench import common
+from bench import common, torch_peers
 from bench.prefill_peers import bench_torch, dpa, dpa_sets, paged_sets
 
 PAGED_ENTRIES = ("multi_token_attention_paged", "paged_multi_token_attention")  # the Triton module's paged entry
@@ -328,7 +328,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch = None if args.smoke or args.no_torch else common.load_torch()
+    torch = None if args.smoke or args.no_torch else torch_peers.load_torch()
     log, cases = common.log, SMOKE_CASES if args.smoke else CASES
     path = args.out / "bench_prefill.jsonl"
     meta = {**common.meta(torch), "smoke": args.smoke}

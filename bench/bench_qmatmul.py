@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, torch_peers
 from pallas_kernels import backend, block_formats, qmatmul_dp4a, qmatmul_grouped
 from pallas_kernels import common as kcommon
 from pallas_kernels import qmatmul_mgpu as qmm
@@ -290,8 +290,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode: a check of this script")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
-    torch = None if args.smoke else common.load_torch()
-    copy = common.copy_bandwidth(torch) if torch is not None else None
+    torch = None if args.smoke else torch_peers.load_torch()
+    copy = torch_peers.copy_bandwidth(torch) if torch is not None else None
     if args.smoke:
         read, bandwidth, shapes, row_list = None, 3e12, SMOKE_MATRICES, SMOKE_ROWS
     else:

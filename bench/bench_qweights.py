@@ -46,7 +46,7 @@ import numpy as np
 from jax import lax
 
 import jkv
-from bench import common
+from bench import common, torch_peers
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
 from pallas_kernels import block_formats, qmatmul_act
@@ -308,8 +308,8 @@ def main(argv=None) -> dict:
     common.add_xla_flags_option(parser, "`jkv generate` does")
     args = parser.parse_args(argv)
     xla_flags_used = common.apply_xla_flags(args)  # before JAX starts: the step as the CLI runs it
-    torch = common.load_torch()
-    copy = common.copy_bandwidth(torch) if torch is not None else None
+    torch = torch_peers.load_torch()
+    copy = torch_peers.copy_bandwidth(torch) if torch is not None else None
     bandwidth = copy["tbps"] * 1e12 if copy is not None else DATASHEET_BPS
     if args.smoke:
         config, steps, rounds, prefill_tokens = SMOKE_CONFIG, 2, 2, [8]

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, torch_peers
 
 PAGE_SIZE = 16
 
@@ -90,7 +90,7 @@ def bench_torch(torch, case, sets, ref, work: int, est_s: float, *, sample: bool
             tsets = to_torch(sets)
             out = jnp.asarray(np.asarray(fn(*tsets[0]).float().cpu()))
             err = common.rel_err(jnp.swapaxes(out, 1, 2).reshape(ref.shape), ref)
-            timing = common.time_torch(torch, fn, tsets, est_s)
+            timing = torch_peers.time_torch(torch, fn, tsets, est_s)
         except Exception as e:  # torch's flash backend refused: report it, try expanded K/V
             errors.append(f"{type(e).__name__}: {str(e)[:700]}")
             log(f"  torch_flash    ERROR (expand={expand}) {errors[-1][:600]}")
@@ -99,7 +99,7 @@ def bench_torch(torch, case, sets, ref, work: int, est_s: float, *, sample: bool
         log(f"  {'torch_flash':14s} {timing['time_s'] * 1e6:10.1f} us {tflops:7.1f} TFLOP/s  err {err:.1e}")
         row = {**timing, "tflops": tflops, "rel_err": err, "expanded_kv": expand, "errors": errors}
         try:
-            sampler = common.torch_sampler(torch, fn, tsets, est_s) if sample else None
+            sampler = torch_peers.torch_sampler(torch, fn, tsets, est_s) if sample else None
         except Exception as e:  # timed once, but no graphs for the interleaved rounds: the row stays, unsampled
             row["sampler_error"] = f"{type(e).__name__}: {str(e)[:700]}"
             log(f"  torch_flash    not in the interleaved rounds: {row['sampler_error'][:600]}")
