@@ -9,7 +9,8 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
   device copy measured in the same run where torch sees the GPU, else 4.8e12 B/s); ``of_floor`` = floor / time.
   Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``); each quantized
   model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words), and
-  that as ``<name>_dp4a_actk`` (its activations rounded in one launch per product: ``qmatmul_act``).
+  that as ``<name>_dp4a_actk`` (its activations rounded in one launch per product: ``qmatmul_act``) and
+  ``<name>_dp4a_actk_normk`` (the norms before wqkv and w_gate_up rounding their rows in their own launch).
 * ``prefill``: one prompt of each ``--prefill-tokens`` length into an empty cache (``llama.prefill``), tokens/s, and
   each quantized row's throughput against bf16's (issue 26 asks >= 0.8x) as dispatched, through the kernel's
   large-M path (``<name>_kernel``) and as ``<name>_xla`` (``LlamaOptions(weights_impl="xla")``: dequantize to
@@ -115,10 +116,13 @@ def random_quantized(params, choice: str, seed: int):
 
 MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
 ACT_KERNEL = "_actk"  # a dp4a decode row with this suffix rounds its activations in one launch (qmatmul_act)
+NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 
 
 def options_of(name: str) -> llama.LlamaOptions:
-    return llama.LlamaOptions(weights_impl="mgpu") if name.endswith(MGPU) else llama.DEFAULT_OPTIONS
+    if name.endswith(MGPU):
+        return llama.LlamaOptions(weights_impl="mgpu")
+    return llama.LlamaOptions(norm_kernel=True) if name.endswith(NORM_KERNEL) else llama.DEFAULT_OPTIONS
 
 
 def with_dp4a_rows(models: dict, keep=None) -> dict:
@@ -131,13 +135,16 @@ def with_dp4a_rows(models: dict, keep=None) -> dict:
 
 def with_act_rows(models: dict) -> dict:
     """``models`` and each dp4a-layout one again as ``<name>_actk`` (the same params; its step compiled with
-    ``qmatmul_act.ROUNDING = "kernel"``: the activations rounded in one launch per product)."""
-    return models | {f"{name}{ACT_KERNEL}": p for name, p in models.items() if name.endswith("_dp4a")}
+    ``qmatmul_act.ROUNDING = "kernel"``: the activations rounded in one launch per product), and as
+    ``<name>_actk_normk`` (that, with the norm kernel rounding the inputs of wqkv and w_gate_up in its launch:
+    ``LlamaOptions.norm_kernel``)."""
+    dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
+    return models | {f"{name}{ACT_KERNEL}{tail}": p for name, p in dp4a.items() for tail in ("", NORM_KERNEL)}
 
 
 def act_rounding(name: str):
     """The activation rounding of row ``name`` while inside (its program is compiled there and keeps it)."""
-    return mock.patch.object(qmatmul_act, "ROUNDING", "kernel" if name.endswith(ACT_KERNEL) else qmatmul_act.ROUNDING)
+    return mock.patch.object(qmatmul_act, "ROUNDING", "kernel" if ACT_KERNEL in name else qmatmul_act.ROUNDING)
 
 
 def with_mgpu_rows(models: dict) -> dict:

@@ -163,15 +163,17 @@ for part in "${parts[@]}"; do
         --batches 1 --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a --default-xla-flags
       tail -n 8 "$OUT/bench_qstep_cli_flags.log" "$OUT/bench_qstep_default_flags.log"
       ;;
-    qstep_act)  # issue 26: the dp4a layout's activations rounded in one launch per product (qmatmul_act): its GPU
-      # tests, then the batch-1 step with XLA's rounding and with the kernel's, interleaved in one process
+    qstep_act)  # issue 26: the dp4a layout's activations rounded in one launch per product (qmatmul_act), and in the
+      # norm's launch (rms_norm.residual_rms_norm_rounded): their GPU tests, then the batch-1 step with XLA's
+      # rounding, the kernel's and the norm's, interleaved in one process
       run tests_qmatmul_act 200 python -m pytest -q -m gpu tests/kernels/test_qmatmul_act.py
+      run tests_norm_rounded 120 python -m pytest -q -m gpu tests/kernels/test_rms_norm_rounded.py
       run bench_qstep_act 360 python bench/bench_qweights.py --out "$OUT/act" --sections decode --batches 1 \
-        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_actk,q4_k_dp4a_actk
-      tail -n 8 "$OUT/bench_qstep_act.log"
+        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_actk,q4_k_dp4a_actk,q8_0_dp4a_actk_normk,q4_k_dp4a_actk_normk
+      tail -n 10 "$OUT/bench_qstep_act.log"
       # where the launches went (launches a step by kind), if the call's budget leaves room
       run bench_qstep_act_breakdown 200 python bench/bench_qweights.py --out "$OUT/act_bd" --breakdown \
-        --decode-rows q4_k_dp4a,q4_k_dp4a_actk
+        --decode-rows q4_k_dp4a,q4_k_dp4a_actk,q4_k_dp4a_actk_normk
       grep "launches/step" "$OUT/bench_qstep_act_breakdown.log"
       ;;
     fp8)  # issue 22: the FP8 kernels' float16 products: their GPU tests, then FP8 beside bf16, Q8 and torch cuDNN

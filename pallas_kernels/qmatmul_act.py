@@ -32,17 +32,24 @@ ROUNDING = "xla"
 MAX_CHUNK = 1024  # values a program rounds (32 blocks)
 
 
-def _kernel(x_ref, words_ref, *factor_refs, fmt: str, chunk: int):
-    r, c = pl.program_id(0), pl.program_id(1)
-    nb = chunk // 32
-    x = x_ref[r, pl.ds(c * chunk, chunk)].astype(jnp.float32).reshape(nb, 32)
+def round_blocks(x, fmt: str):
+    """Inside a kernel: ``x [nb, 32]`` (float32, a row's 32-blocks) rounded as ``quantize_activations`` rounds it:
+    ``(words [nb * 8] int32, factors)``, each factor ``[nb]``."""
+    nb = x.shape[0]
     codes, scale = int_codes.round_rows(x)  # [nb, 32] int8, [nb]
     codes = codes.astype(jnp.int32)
     shift = 8 * lax.broadcasted_iota(jnp.int32, (nb, 8, 4), 2)
     # four codes to a word, the first lowest: disjoint byte fields, so their sum is their bitwise or (int32 wraps)
     words = jnp.sum(lax.shift_left(codes.reshape(nb, 8, 4) & 0xFF, shift), axis=2)  # [nb, 8]
-    words_ref[r, pl.ds(c * (chunk // 4), chunk // 4)] = words.reshape(chunk // 4)
-    for ref, factor in zip(factor_refs, qmatmul_dp4a.block_factors(codes, scale, fmt), strict=True):
+    return words.reshape(nb * 8), qmatmul_dp4a.block_factors(codes, scale, fmt)
+
+
+def _kernel(x_ref, words_ref, *factor_refs, fmt: str, chunk: int):
+    r, c = pl.program_id(0), pl.program_id(1)
+    nb = chunk // 32
+    words, factors = round_blocks(x_ref[r, pl.ds(c * chunk, chunk)].astype(jnp.float32).reshape(nb, 32), fmt)
+    words_ref[r, pl.ds(c * (chunk // 4), chunk // 4)] = words
+    for ref, factor in zip(factor_refs, factors, strict=True):
         ref[r, pl.ds(c * nb, nb)] = factor
 
 

@@ -185,14 +185,18 @@ def _qmatmul(
     x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, groups_major: bool = False, interleaved=False,
     rounding: str | None = None,
 ):  # fmt: skip
-    m, k = x.shape
+    rounded = isinstance(x, tuple)  # the dp4a path's activations already rounded: (words, factors)
+    m, k = (x[0].shape[0], 4 * x[0].shape[1]) if rounded else x.shape
     n = planes[0].shape[1 if interleaved else 0]
     spec = block_format(fmt)
     rows = max(m, config.block_m)
     path = config_path(config)
     factors = ()
-    if path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each; the code planes as words
+    if path == "dp4a" and rounded:
+        xs, factors = common_pad_rows(x[0], rows), tuple(common_pad_rows(f, rows) for f in x[1])
+    elif path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each
         xs, factors = qmatmul_act.round_activations(common_pad_rows(x, rows), fmt, interpret, rounding)
+    if path == "dp4a":  # the code planes as words
         planes = (*factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
     else:
         xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
@@ -266,16 +270,34 @@ def qmatmul_words(
 ):
     """:func:`qmatmul` on the dp4a path over planes whose byte planes (codes or nibbles, Q6_K's crumbs) are already
     int32 words (``qmatmul_dp4a.weight_words``, made once): no bitcast in the call (bench/bench_qmatmul.py times
-    the dp4a variants so). ``interleaved``: the words laid out by ``qmatmul_dp4a.interleave`` (coalesced reads)."""
+    the dp4a variants so). ``interleaved``: the words laid out by ``qmatmul_dp4a.interleave`` (coalesced reads).
+    ``x``: the activations ``[M, K]``, or ``(words, factors)`` already rounded as
+    ``qmatmul_dp4a.quantize_activations`` rounds them (by the norm before the product:
+    ``rms_norm.residual_rms_norm_rounded``), so the call launches the product alone."""
     if config_path(config) != "dp4a":
         raise ValueError(f"word planes take the dp4a path, got path={config.path!r}")
     planes = tuple(planes)
     n, k = check_planes(fmt, qmatmul_dp4a.byte_shapes(planes, fmt, interleaved))
-    check_activations(x, k, fmt)
-    check_config(config, x.shape[0], n, k, fmt)
-    if x.shape[0] == 0:
+    if isinstance(x, tuple):
+        x = _check_rounded(x, k, fmt)
+    else:
+        check_activations(x, k, fmt)
+    m = x[0].shape[0] if isinstance(x, tuple) else x.shape[0]
+    check_config(config, m, n, k, fmt)
+    if m == 0:
         return jnp.zeros((0, n), jnp.float32)
     interpret = backend.resolve_interpret(interpret)
     return _qmatmul(
         x, planes, fmt=fmt, config=config, interpret=interpret, interleaved=interleaved, rounding=qmatmul_act.ROUNDING
     )
+
+
+def _check_rounded(rounded, k: int, fmt: str) -> tuple:
+    """``(words, factors)`` as ``quantize_activations`` makes them for ``[M, K]`` activations of ``fmt``."""
+    words, factors = rounded
+    m = words.shape[0] if getattr(words, "ndim", 0) == 2 else -1
+    want = jax.eval_shape(lambda: qmatmul_dp4a.quantize_activations(jnp.zeros((max(m, 0), k)), fmt))
+    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (words, tuple(factors)))
+    if got != want:
+        raise ValueError(f"rounded activations {got} are not the words and factors of [M, {k}] for {fmt}: {want}")
+    return words, tuple(factors)

@@ -162,11 +162,31 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     more rows (and the ``"xla"`` impl) as the reference does it, the matrix dequantized for one dot."""
     if impl not in WEIGHTS_IMPLS:
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
-    m, n, k = x2.shape[0], math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
-    if impl == "xla" or m > DP4A_MAX_ROWS:
+    if impl == "xla" or x2.shape[0] > DP4A_MAX_ROWS:
         return dequantized_dot(x2, w)
+    return _dp4a_kernel(x2, x2.shape[0], w)
+
+
+def _dp4a_kernel(x, m: int, w: QuantizedMatrix):
+    """The integer-dot kernel's product of ``m`` rows of activations (or of their rounded words and factors)."""
+    n, k = math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
     config = quantized_matmul.dp4a_config(m, n, k, w.format, split_factor=2)
-    return quantized_matmul.qmatmul_words(x2, w.planes, w.format, config=config, interleaved=True)
+    return quantized_matmul.qmatmul_words(x, w.planes, w.format, config=config, interleaved=True)
+
+
+def rounds_before(w, rows: int, impl: str | None) -> bool:
+    """Whether ``rows`` rows times ``w`` run the dp4a layout's integer-dot kernel, whose activations can then be
+    rounded to int8 before the product (by the norm before it: ``rms_norm.residual_rms_norm_rounded``) and given
+    to :func:`project_rounded`."""
+    dp4a = isinstance(w, QuantizedMatrix) and w.layout == "dp4a"
+    return dp4a and impl in ("pallas", "mgpu") and rows <= DP4A_MAX_ROWS and not w.batch_shape
+
+
+def project_rounded(rounded, lead: tuple, w: QuantizedMatrix):
+    """:func:`project` of activations ``[*lead, K]`` already rounded for ``w``'s dp4a product (``(words,
+    factors)`` of ``qmatmul_dp4a.quantize_activations``, rows flattened; :func:`rounds_before` said so):
+    ``[*lead, *w.out_shape]`` float32."""
+    return _dp4a_kernel(rounded, math.prod(lead), w).reshape(*lead, *w.out_shape)
 
 
 def to_dp4a_layout(params, *, donate: bool = False):

@@ -79,14 +79,15 @@ def test_layout_leaves_what_it_does_not_take(rng):
 
 
 @functools.cache
-def forward(impl):
-    options = llama.LlamaOptions(impl=impl)
+def forward(impl, norm_kernel=False):
+    options = llama.LlamaOptions(impl=impl, norm_kernel=norm_kernel)
     return jax.jit(functools.partial(llama.forward, config=CONFIG, options=options), compiler_options=FAST_COMPILE)
 
 
-def logits_of(params, tokens, impl):
+def logits_of(params, tokens, impl, norm_kernel=False):
     spec = jkv.CacheSpec(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, 16)
-    return np.asarray(forward(impl)(params, jkv.KVCache.init(spec, tokens.shape[0]), tokens)[0], np.float64)
+    cache = jkv.KVCache.init(spec, tokens.shape[0])
+    return np.asarray(forward(impl, norm_kernel)(params, cache, tokens)[0], np.float64)
 
 
 @pytest.mark.parametrize("choice,layer_layout", [("q4_k", "layers"), ("q8_0", "stacked")])
@@ -104,6 +105,29 @@ def test_model_in_the_dp4a_layout(rng, choice, layer_layout):
     step = prompt[:, :1]  # 2 rows: the integer-dot kernel, activations rounded to int8
     got, want = logits_of(laid, step, "pallas"), logits_of(rows, step, "xla")
     assert 1e-6 < rel_err(got, want) < 0.02
+
+
+@pytest.mark.parametrize("choice", ["q4_k", "q8_0"])
+def test_norm_kernel_rounds_before_the_dp4a_product(rng, choice, monkeypatch):
+    """With the norm kernel, the norms before ``wqkv`` and ``w_gate_up`` round their rows for the integer-dot
+    product in the same launch (``rms_norm.residual_rms_norm_rounded``): the same codes as the product's own
+    rounding, so the logits are the plain norm's up to the norm scale's float rounding; prompts (more rows than
+    the kernel takes) keep the plain norm kernel."""
+    laid = quant.to_dp4a_layout(quantize_params(llama.init_params(CONFIG, jax.random.key(3), jnp.float32,
+                                                                  scale=0.05, layout="layers"), choice))  # fmt: skip
+    rounded = []
+    project_rounded = quant.project_rounded
+    monkeypatch.setattr(
+        quant, "project_rounded", lambda r, lead, w: rounded.append(lead) or project_rounded(r, lead, w)
+    )
+    step = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 1)), jnp.int32)
+    got, want = logits_of(laid, step, "pallas", norm_kernel=True), logits_of(laid, step, "pallas")
+    assert rounded == [(2, 1)] * 2 * CONFIG.num_layers  # wqkv and w_gate_up of each layer
+    assert rel_err(got, want) < 1e-6
+    rounded.clear()
+    prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 9)), jnp.int32)
+    got, want = logits_of(laid, prompt, "pallas", norm_kernel=True), logits_of(laid, prompt, "pallas")
+    assert not rounded and rel_err(got, want) < 1e-6
 
 
 def test_decode_rows_are_not_padded_for_the_dp4a_kernel(rng, monkeypatch):

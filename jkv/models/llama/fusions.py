@@ -112,18 +112,28 @@ class Normed(NamedTuple):
     """``rmsnorm(x) * weight`` split in two: ``rows = (x * weight).astype(dtype)`` and the per-row
     ``scale = rsqrt(mean(x**2) + eps)`` ``[..., 1]``. The scale commutes with a product
     (``rmsnorm(x) @ W == scale * ((x * weight) @ W)``), so it is applied to the product's output inside the
-    fusion that consumes it."""
+    fusion that consumes it. Before a dp4a-layout matrix's integer-dot product the norm kernel may give the rows
+    rounded to int8 instead (``rounded``: words and factors; ``rows`` None)."""
 
-    rows: Float[Array, "... H"]
+    rows: Float[Array, "... H"] | None
     scale: Float[Array, "... 1"]
+    rounded: tuple | None = None
 
     def value(self) -> Float[Array, "... H"]:
         """The normalised rows themselves (where no product follows)."""
         return self.rows * self.scale
 
 
-def rms_norm(x: Float[Array, "... H"], weight, eps: float, dtype, options: LlamaOptions) -> Normed:
-    """RMSNorm of ``x`` (f32) with ``weight``, split around the product that follows (``Normed``)."""
+def rms_norm(x: Float[Array, "... H"], weight, eps: float, dtype, options: LlamaOptions, matrix=None) -> Normed:
+    """RMSNorm of ``x`` (f32) with ``weight``, split around the product that follows (``Normed``). With the norm
+    kernel, before ``matrix``'s integer-dot product (a dp4a-layout matrix, decode-sized rows) the kernel also
+    rounds the rows as that product would: one launch for the norm and the rounding."""
+    impl = options.weights_impl or options.impl
+    rows = math.prod(x.shape[:-1])
+    if options.norm_kernel and options.impl == "pallas" and quant.rounds_before(matrix, rows, impl):
+        fmt = matrix.format
+        _, rounded, scale = rms_norm_kernels.residual_rms_norm_rounded(x, None, weight, eps=eps, dtype=dtype, fmt=fmt)
+        return Normed(None, scale, rounded)
     if options.norm_kernel and options.impl == "pallas":
         _, rows, scale = rms_norm_kernels.residual_rms_norm(x, None, weight, eps=eps, dtype=dtype)
     else:
@@ -133,7 +143,10 @@ def rms_norm(x: Float[Array, "... H"], weight, eps: float, dtype, options: Llama
 
 def project_normed(normed: Normed, w, options: LlamaOptions) -> Float[Array, "..."]:
     """``rmsnorm(x) @ w`` from its split form: the product of the weighted rows, times the per-row scale."""
-    y = project(normed.rows, w, options)
+    if normed.rounded is not None:
+        y = quant.project_rounded(normed.rounded, normed.scale.shape[:-1], w)
+    else:
+        y = project(normed.rows, w, options)
     return y * normed.scale.reshape(normed.scale.shape + (1,) * (y.ndim - normed.scale.ndim))
 
 

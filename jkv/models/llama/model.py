@@ -45,7 +45,7 @@ def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: Lla
     """Self-attention of block ``i`` on the normed stream ``[B', T, H]``: ``(out [B', T, H], cache)``. Rows past
     ``cache.batch`` are padding (``fusions.padded_batch``): they skip attention and are never written. A flat step
     (``flat_hidden_states``) is one row of ``T`` tokens of many sequences."""
-    b, (bp, t) = cache.batch, normed.rows.shape[:2]
+    b, (bp, t) = cache.batch, normed.scale.shape[:2]
     q, key, value = fusions.qkv_projection(normed, layer, config, options)
     if config.qk_norm:  # per head, before rope (Qwen3, Gemma 3)
         q, key = head_norm(q, layer.q_norm, config, options), head_norm(key, layer.k_norm, config, options)
@@ -78,11 +78,12 @@ def block(layer: LayerParams, i, x: Float[Array, "B T H"], cache, *, rope, confi
     """Decoder block ``i`` on the residual stream ``x`` (f32): the stream after it, and the cache holding its
     keys and values. ``rope``: ``{local: rotation}`` (``local`` True for Gemma 3's windowed layers)."""
     norm = functools.partial(fusions.rms_norm, eps=config.rms_norm_eps, dtype=layer.wqkv.dtype, options=options)
-    attn, cache = attention(layer, i, norm(x, layer.attn_norm), cache, rope=rope, config=config, options=options)
+    attn, cache = attention(layer, i, norm(x, layer.attn_norm, matrix=layer.wqkv), cache, rope=rope, config=config,
+                            options=options)  # fmt: skip
     if config.sandwich_norms:  # Gemma 2/3 norm each sub-block's output before the residual add
         attn = fusions.rms_norm(attn, layer.post_attn_norm, config.rms_norm_eps, jnp.float32, options).value()
     h = x + attn
-    out = mlp(layer, norm(h, layer.mlp_norm), options, config.activation)
+    out = mlp(layer, norm(h, layer.mlp_norm, matrix=layer.w_gate_up), options, config.activation)
     if config.sandwich_norms:
         out = fusions.rms_norm(out, layer.post_mlp_norm, config.rms_norm_eps, jnp.float32, options).value()
     return h + out, cache
