@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -163,6 +163,15 @@ for part in "${parts[@]}"; do
         --batches 1 --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a --default-xla-flags
       tail -n 8 "$OUT/bench_qstep_cli_flags.log" "$OUT/bench_qstep_default_flags.log"
       ;;
+    qstep_pdl)  # issue 26: the batch-1 step with XLA's programmatic dependent launch (Hopper: a kernel starts while
+      # the one before drains; --xla_gpu_enable_pdl) and without, two processes; the norm-rounded row beside
+      rows=q4_k_dp4a,q4_k_dp4a_actk,q4_k_dp4a_actk_normk
+      run bench_qstep_pdl_on 270 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=true" python bench/bench_qweights.py \
+        --out "$OUT/pdl_on" --sections decode --batches 1 --rounds 3 --decode-rows $rows
+      run bench_qstep_pdl_off 270 python bench/bench_qweights.py --out "$OUT/pdl_off" --sections decode --batches 1 \
+        --rounds 3 --decode-rows $rows
+      tail -n 6 "$OUT/bench_qstep_pdl_on.log" "$OUT/bench_qstep_pdl_off.log"
+      ;;
     qstep_act)  # issue 26: the dp4a layout's activations rounded in one launch per product (qmatmul_act), and in the
       # norm's launch (rms_norm.residual_rms_norm_rounded): their GPU tests, then the batch-1 step with XLA's
       # rounding, the kernel's and the norm's, interleaved in one process
@@ -277,7 +286,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 
