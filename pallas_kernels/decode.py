@@ -88,7 +88,7 @@ def decode_kernel(
 
     def attend(carry, start, valid, new_row=None):
         m, denom, acc = carry  # [Gp], [Gp], [Gp, D] float32
-        k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
+        k = decode_walk.block_ref(k_ref, valid)[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
         if new_row is not None:
             k = jnp.where(new_row[:, None], k_new[None, :], k)
         s = common.softcapped(common.dot(q, k, trans_b=True, precision=precision) * scale, softcap)  # [Gp, bk]
@@ -97,7 +97,7 @@ def decode_kernel(
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
         p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
-        v = v_ref[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
+        v = decode_walk.block_ref(v_ref, valid)[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
         if new_row is not None:
             v = jnp.where(new_row[:, None], v_new[None, :], v)
         if valid is not None:

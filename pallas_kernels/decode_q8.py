@@ -195,21 +195,21 @@ def decode_kernel(
     base2 = "exp2" in flags
     score_factor = (scale * LOG2E if base2 and softcap is None else scale) * q_up
 
-    def scores_of(keys):
-        codes = k_ref[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
+    def scores_of(keys, valid):
+        codes = decode_walk.block_ref(k_ref, valid)[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
         if int_q:  # exact int32 sums of code products, then each wide row's unit
             dims = (((1,), (1,)), ((), ()))
             part = lax.dot_general(q_codes, codes, dims, preferred_element_type=jnp.int32)
             part = part.astype(jnp.float32) * q_unit[:, None]
         else:
             part = common.dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
-        k_scale = scale_tile(k_scale_ref, keys) * score_factor
+        k_scale = scale_tile(decode_walk.block_ref(k_scale_ref, valid), keys) * score_factor
         if chunks == 1:
             return part * k_scale
         return jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
 
     def values_of(p, keys, valid):
-        v_scale = scale_tile(v_scale_ref, keys)  # [chunks, bk]
+        v_scale = scale_tile(decode_walk.block_ref(v_scale_ref, valid), keys)  # [chunks, bk]
         if valid is not None:
             v_scale = jnp.where(valid[None, :], v_scale, 0.0)
         top = 1.0
@@ -221,7 +221,7 @@ def decode_kernel(
         # code tile is right in chunk c's columns (the rest is dropped once, at the end).
         p_wide = p * v_scale if chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(wide_rows_, block_k)
         p_wide = p_wide.astype(dot_dtype)
-        values = v_ref[layer, b, h, keys, :]  # [bk, D]
+        values = decode_walk.block_ref(v_ref, valid)[layer, b, h, keys, :]  # [bk, D]
         if "vperm" in flags:
             values = q8_tiles.permute_columns(values, 8 * num_warps)
         values = values.astype(dot_dtype)
@@ -232,7 +232,7 @@ def decode_kernel(
     def attend(carry, start, valid):
         m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
         keys = pl.ds(start, block_k)
-        s = common.softcapped(scores_of(keys), softcap)
+        s = common.softcapped(scores_of(keys, valid), softcap)
         if base2 and softcap is not None:
             s = s * LOG2E
         if valid is not None:  # unused positions may hold NaN scales: where(), never a multiply, masks them

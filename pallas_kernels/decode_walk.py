@@ -35,6 +35,12 @@ def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
     return head_rows, row_ok, q
 
 
+def block_ref(ref, valid):
+    """The ref a block's reads go through: for a whole block (``valid`` None: every row inside the window and the
+    length) a paged view's unmasked form (``paged.PagedView.whole_rows``); else ``ref`` itself."""
+    return ref.whole_rows() if valid is None and hasattr(ref, "whole_rows") else ref
+
+
 def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,
          new_pos=None, denom_shape=None):  # fmt: skip
     """Run ``attend(carry, at, valid[, new_row])`` over the split's blocks ``[lo, hi)`` from the online softmax's

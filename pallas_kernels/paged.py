@@ -14,8 +14,9 @@ One kernel body for both caches: the paged kernel runs ``pallas_kernels.decode``
 * one load of the block's page indices from the block table, which reaches the kernel as an int ref (no XLA
   gather ever assembles a sequence), then
 * one gathered load of those pages straight from the pool (each page row a contiguous run of ``D`` values),
-  masked by row so that rows past the sequence's length, and pages past those its table covers, are never read
-  (they may hold NaN or belong to another sequence).
+  masked by row in the walk's masked blocks (the window's first and the tail) so that rows past the sequence's
+  length, and pages past those its table covers, are never read (they may hold NaN or belong to another
+  sequence); the blocks between, every row valid, load unmasked (:meth:`PagedView.whole_rows`).
 
 A block is therefore whole pages: ``block_k = pages_per_block * page_size``. The Q8 pages of
 ``pallas_kernels.paged_q8`` read through the same view.
@@ -116,8 +117,8 @@ class PagedView:
     contiguous kernel's do.
     """
 
-    def __init__(self, pool_ref, addresses: BlockAddresses):
-        self.pool, self.addresses = pool_ref, addresses
+    def __init__(self, pool_ref, addresses: BlockAddresses, masked: bool = True):
+        self.pool, self.addresses, self.masked = pool_ref, addresses, masked
         num_layers, _, kv_heads, page_size, head_dim = pool_ref.shape
         batch, max_pages = addresses.tables.shape
         self.shape = (num_layers, batch, kv_heads, max_pages * page_size, head_dim)
@@ -128,10 +129,18 @@ class PagedView:
         if cols != slice(None):
             raise NotImplementedError(f"a paged view reads whole rows ([..., :]), got columns {cols}")
         pages, offsets, valid = self.addresses(b, window, self.shape[4])
+        if not self.masked:
+            return self.pool[(layer, pages, h, *offsets)].reshape(window.size, self.shape[4])
         # A float zero for float pools: Triton's lowering casts no integer to float8.
         zero = 0.0 if jnp.issubdtype(self.dtype, jnp.floating) else 0
         x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=zero)
         return x.reshape(window.size, self.shape[4])  # [bk, D]
+
+    def whole_rows(self) -> PagedView:
+        """This view for a block whose every row lies inside the sequence's window and length (the walk's
+        unmasked blocks, ``decode_walk.block_ref``): those rows' pages exist, so the load goes unmasked. The row
+        mask's predicates and selects were a fifth of the bf16 kernel's loop (``bench/decode_ir.py --paged``)."""
+        return PagedView(self.pool, self.addresses, masked=False)
 
 
 class BlockAddresses:
