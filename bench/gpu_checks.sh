@@ -193,6 +193,11 @@ for part in "${parts[@]}"; do
         --shapes 1x131072 16x8192 128x2048 1x4096 --preflight --rows jkv_auto jkv_triton paged_triton \
         q8_triton q8paged_triton fp8_triton fp8paged_triton torch_cudnn
       tail -n 14 "$OUT/bench_fp8.log"
+      # the short shape again with XLA's programmatic dependent launch (the split-K merge may start early)
+      run bench_pdl_1x4096 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=true" python \
+        bench/bench_decode_kinds.py --out "$OUT/pdl" --rounds 5 --budget-s 60 --shapes 1x4096 --preflight \
+        --rows jkv_auto jkv_triton paged_triton torch_cudnn
+      tail -n 6 "$OUT/bench_pdl_1x4096.log"
       ;;
     qweights_prefill)  # issue 26's prefill point: bf16 against each format through the kernels, dequantize + GEMM
       run bench_qweights_prefill 500 python bench/bench_qweights.py --out "$OUT" --sections prefill --rounds 3 \
