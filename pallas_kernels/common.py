@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, checks
 
+LOG2E = math.log2(math.e)  # the softmax kernels exponentiate in base 2: scores times this, then exp2
 MIN_BLOCK = 16  # Triton's smallest dot dimension: the q tile has at least this many rows, blocks this many keys
 # Shared memory Triton itself takes beside the pipelined K/V buffers (Hopper: 227 - 27 = 200 KiB for the buffers).
 TRITON_SMEM_RESERVE = 27 * 1024

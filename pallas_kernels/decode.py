@@ -7,6 +7,7 @@ Softmax runs in float32; the output has ``q.dtype``.
 
 The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kernels.backend``):
 
+* softmax in base 2: the scores times ``log2(e)``, exponentiated by ``exp2`` (the bare hardware exponential);
 * one program per ``(b, kv head, split)``; the ``G`` query heads of the kv head form one ``[Gp, D]`` tile
   (``Gp`` = ``G`` padded to a power of two >= 16, Triton's smallest dot; the padding rows are masked loads of
   zeros and are never stored), so each K/V byte is read once;
@@ -36,7 +37,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import checks, common, decode_walk
-from pallas_kernels.common import MIN_BLOCK, DecodeConfig
+from pallas_kernels.common import LOG2E, MIN_BLOCK, DecodeConfig
 
 # ----------------------------------------------------------------------------------------------- kernel
 
@@ -85,18 +86,23 @@ def decode_kernel(
 
     head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=slice(None))
     q = q.astype(k_ref.dtype)  # [Gp, D]
+    # Scores in base-2 units (log2(e) folded into the scale, after the softcap where there is one), so the softmax
+    # exponentials are the hardware's exp2: a third of the loop's instructions went to the precise exp's range
+    # reduction (bench/decode_ir.py). The running max returns to natural units for the split merge.
+    score_factor = scale * LOG2E
 
     def attend(carry, start, valid, new_row=None):
         m, denom, acc = carry  # [Gp], [Gp], [Gp, D] float32
         k = decode_walk.block_ref(k_ref, valid)[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
         if new_row is not None:
             k = jnp.where(new_row[:, None], k_new[None, :], k)
-        s = common.softcapped(common.dot(q, k, trans_b=True, precision=precision) * scale, softcap)  # [Gp, bk]
+        s = common.dot(q, k, trans_b=True, precision=precision)  # [Gp, bk]
+        s = s * score_factor if softcap is None else common.softcapped(s * scale, softcap) * LOG2E
         if valid is not None:
             s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)  # 0 on the first block (m = -inf)
-        p = jnp.exp(s - m_new[:, None])  # [Gp, bk]
+        alpha = jnp.exp2(m - m_new)  # 0 on the first block (m = -inf)
+        p = jnp.exp2(s - m_new[:, None])  # [Gp, bk]
         v = decode_walk.block_ref(v_ref, valid)[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
         if new_row is not None:
             v = jnp.where(new_row[:, None], v_new[None, :], v)
@@ -116,8 +122,8 @@ def decode_kernel(
             k_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = k_new[None, :]
             v_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = v_new[None, :]
 
-    decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, slice(None), row_ok, group=group, rows=rows,
-                      num_splits=num_splits)  # fmt: skip
+    decode_walk.store(out_refs, acc, m * (1 / LOG2E), denom, b, j, head_rows, slice(None), row_ok, group=group,
+                      rows=rows, num_splits=num_splits)  # fmt: skip
 
 
 def kernel_options(

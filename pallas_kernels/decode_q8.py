@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, Int8
 
 from pallas_kernels import backend, checks, common, decode_walk, int_codes, q8_tiles
-from pallas_kernels.common import MIN_BLOCK, DecodeConfig
+from pallas_kernels.common import LOG2E, MIN_BLOCK, DecodeConfig
 
 QBLOCK = 32  # values per scale
 SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -66,7 +66,6 @@ SPLIT_KEYS = 128
 LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "iq8", "vperm+iq8", "vperm+srot", "vperm+srot+dsum",
               "vperm+srot+dsum+exp2")  # fmt: skip
 LOOP_FORM = "vperm"  # bitwise the default's output; faster on the H100 and the H200 (docs/BENCHMARKS.md)
-LOG2E = 1.4426950408889634
 FLAGS = frozenset({"vperm", "srot", "dsum", "exp2", "iq8"})
 
 

@@ -4,19 +4,17 @@ operand dtypes, shared-memory layout and budget, and the warpgroup-MMA steps of 
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
+from pallas_kernels.common import LOG2E  # noqa: F401  (the Mosaic GPU kernels take it from here)
 
 ROWS = 64  # rows of a warpgroup MMA
 HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 256 is the widest MMA
 CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit MMA inputs (no transposed f32)
 # Shared memory Mosaic GPU takes beside our buffers (Hopper: 227 - 7 = 220 KiB for those).
 MGPU_SMEM_RESERVE = 7 * 1024
-LOG2E = math.log2(math.e)
 
 
 def unsupported_reason(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
