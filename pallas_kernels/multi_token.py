@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import backend, checks, common, formats, q8_tiles
-from pallas_kernels.common import MIN_BLOCK
+from pallas_kernels.common import LOG2E, MIN_BLOCK
 from pallas_kernels.multi_token_args import (
     MultiTokenConfig,
     check_args,
@@ -172,6 +172,10 @@ def multi_token_kernel(
 
     qs = [backend.load(q_ref.at[rows_at(q_row, c)], mask=tile_ok, other=0).astype(dot_dtype) for c in range(chunks)]
 
+    # Scores in base-2 units (log2(e) folded into the scale, after the softcap where there is one): the softmax
+    # exponentials are the hardware's exp2 (decode.py's body does the same).
+    score_factor = scale * LOG2E if softcap is None else scale
+
     def column(ref, address, c):  # one scale per position: [bk] float32
         return blocks.load(ref, layer, address, h, c).astype(jnp.float32)
 
@@ -183,7 +187,7 @@ def multi_token_kernel(
             s = s + (part * column(ks_ref, address, c)[None, :] if fmt == Q8 else part)
         if fmt == FP8:
             s = s * column(ks_ref, address, 0)[None, :]
-        return s * scale
+        return s * score_factor
 
     def values_of(p, address, keep):  # [rows, W] per chunk; keep [bk]: positions some row reads (None: all)
         if fmt == FP8:
@@ -208,8 +212,8 @@ def multi_token_kernel(
         start = j * block_k
         address, pos = blocks.address(b, start, masked)
         s = scores_of(address)
-        if softcap is not None:
-            s = softcap * jnp.tanh(s / softcap)
+        if softcap is not None:  # on natural units, then to base 2
+            s = softcap * jnp.tanh(s / softcap) * LOG2E
         keep = None
         if masked:
             keep = (pos >= start) & (pos >= k_lo) & (pos <= p_last)
@@ -218,10 +222,10 @@ def multi_token_kernel(
                 ok = ok & (pos[None, :] > row_pos[:, None] - window)
             s = jnp.where(ok, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # A row that has read no position yet keeps m = -inf: shift by 0 so exp gives 0, never NaN.
+        # A row that has read no position yet keeps m = -inf: shift by 0 so exp2 gives 0, never NaN.
         shift = jnp.where(m_new > -jnp.inf, m_new, 0.0) if masked else m_new
-        alpha = jnp.exp(m - shift)
-        p = jnp.exp(s - shift[:, None])
+        alpha = jnp.exp2(m - shift)
+        p = jnp.exp2(s - shift[:, None])
         acc = [a * alpha[:, None] + pv for a, pv in zip(acc, values_of(p, address, keep), strict=True)]
         return (m_new, denom * alpha + jnp.sum(p, axis=1), *acc)
 
