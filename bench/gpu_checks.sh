@@ -185,11 +185,12 @@ for part in "${parts[@]}"; do
         --decode-rows q4_k_dp4a,q4_k_dp4a_actk,q4_k_dp4a_actk_normk
       grep "launches/step" "$OUT/bench_qstep_act_breakdown.log"
       ;;
-    fp8)  # issue 22: the FP8 kernels' float16 products and the paged kernels' unmasked whole blocks: their GPU
-      # tests, then FP8 and paged beside bf16, Q8 and torch cuDNN at four shapes in one process
-      run tests_fp8_paged 300 python -m pytest -q -m gpu tests/kernels/test_fp8_kernel.py \
-        tests/kernels/test_paged_kernel.py tests/kernels/test_paged_q8_kernel.py
-      run bench_fp8 300 python bench/bench_decode_kinds.py --out "$OUT/fp8" --rounds 5 --budget-s 200 \
+    fp8)  # issue 22: the FP8 kernels' float16 products, the paged kernels' unmasked whole blocks, the base-2
+      # softmax: their GPU tests, then FP8 and paged beside bf16, Q8 and torch cuDNN at four shapes in one process
+      run tests_fp8_paged 330 python -m pytest -q -x -m gpu tests/kernels/test_fp8_kernel.py \
+        tests/kernels/test_paged_kernel.py tests/kernels/test_decode_kernel.py tests/kernels/test_paged_q8_kernel.py \
+        tests/kernels/test_multi_token.py
+      run bench_fp8 240 python bench/bench_decode_kinds.py --out "$OUT/fp8" --rounds 5 --budget-s 150 \
         --shapes 1x131072 16x8192 128x2048 1x4096 --preflight --rows jkv_auto jkv_triton paged_triton \
         q8_triton q8paged_triton fp8_triton fp8paged_triton torch_cudnn
       tail -n 14 "$OUT/bench_fp8.log"
