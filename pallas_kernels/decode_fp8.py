@@ -36,7 +36,9 @@ def fp8_decode_config(
     return decode_q8.q8_decode_config(batch, num_kv_heads, max_len, head_dim, block_k=block_k)
 
 
-FP8 = QuantFormat(check_fp8_pair, fp8_decode_config)
+# Base-2 softmax always (the "exp2" loop form): as the bf16 kernel's; for FP8 it also takes registers off the loop
+# (bench/decode_ir.py), where Q8's vperm form would lose occupancy to it.
+FP8 = QuantFormat(check_fp8_pair, fp8_decode_config, ("exp2",))
 
 
 def paged_fp8_config(batch: int, num_kv_heads: int, max_pages: int, page_size: int, head_dim: int) -> PagedConfig:

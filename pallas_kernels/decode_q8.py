@@ -367,10 +367,17 @@ def q8_decode_attention(
 
 
 class QuantFormat(NamedTuple):
-    """What a quantized format changes in the decode calls: its pair check (``check_pairs``) and launch rule."""
+    """What a quantized format changes in the decode calls: its pair check (``check_pairs``), launch rule and the
+    loop-form parts it always adds to ``LOOP_FORM`` (:meth:`form`)."""
 
     check_pair: Callable  # (name, values, scales) -> a stand-in of the values
     config: Callable  # (batch, kv_heads, max_len, head_dim, block_k=None) -> DecodeConfig
+    flags: tuple[str, ...] = ()
+
+    def form(self) -> str:
+        """``LOOP_FORM`` (read per call) with this format's own parts added."""
+        parts = LOOP_FORM.split("+")
+        return "+".join(parts + [f for f in self.flags if f not in parts])
 
 
 Q8 = QuantFormat(check_q8_pair, q8_decode_config)
@@ -386,4 +393,4 @@ def run(fmt: QuantFormat, q, arrays, lengths, *, layer, scale, window, softcap, 
     cache, layer = common.whole_cache(arrays, layer, MIN_BLOCK)  # a tiny cache padded to a block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     options = dict(scale=float(scale), window=window, softcap=softcap, config=config, interpret=interpret)
-    return _decode(q, *cache, lengths, layer, **options, form=LOOP_FORM)
+    return _decode(q, *cache, lengths, layer, **options, form=fmt.form())

@@ -128,5 +128,5 @@ def run(fmt: QuantFormat, q, pools, block_tables, lengths, *, layer, scale, wind
     b, _, kh, _, page_size, d = check_args(q, *pools, block_tables, lengths, layer, window, fmt.check_pair)
     default = paged_q8_config(b, kh, paged.reach_pages(block_tables, page_size, window), page_size, d, fmt)
     settings = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
-    fn = functools.partial(_paged_q8, form=decode_q8.LOOP_FORM)  # read per call
+    fn = functools.partial(_paged_q8, form=fmt.form())  # LOOP_FORM read per call
     return paged.launch(fn, q, pools, block_tables, lengths, layer, default, 1, **settings, **overrides)

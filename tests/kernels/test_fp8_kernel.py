@@ -156,6 +156,14 @@ def test_float16_products_keep_range_interpret(rng, magnitudes):
     run_case(rng, CASES[0], interpret=True, magnitudes=magnitudes)
 
 
+def test_fp8_form_adds_base2_softmax(monkeypatch):
+    """FP8 calls run LOOP_FORM with the base-2 softmax added (once); Q8 calls run LOOP_FORM as it is."""
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm")
+    assert decode_fp8.FP8.form() == "vperm+exp2" and decode_q8.Q8.form() == "vperm"
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+exp2")
+    assert decode_fp8.FP8.form() == "vperm+exp2"
+
+
 def test_reference_matches_float64(rng):
     """The contiguous reference (``pallas_kernels.reference``) on a whole NaN-poisoned cache."""
     lengths = np.array([1, 30, 48], np.int32)
