@@ -35,7 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, common
-from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, ring_accumulate, ring_scores, round_up, swizzled
+from pallas_kernels.common import LOG2E
+from pallas_kernels.mgpu_common import ROWS, initial_carry, ring_accumulate, ring_scores, round_up, swizzled
 
 STATS = 32  # float32 columns of a split's per-row statistics (max, denominator): 128-byte rows
 

@@ -35,8 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, common
+from pallas_kernels.common import LOG2E
 from pallas_kernels.decode_mgpu_kernel import fetch_query_window, query_window, store_rows
-from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, mma_accumulate
+from pallas_kernels.mgpu_common import ROWS, initial_carry, mma_accumulate
 
 QBLOCK = 32  # values per scale: one 32-byte code tile column, one 64-byte 16-bit tile column
 

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
-from pallas_kernels.common import LOG2E  # noqa: F401  (the Mosaic GPU kernels take it from here)
 
 ROWS = 64  # rows of a warpgroup MMA
 HEAD_DIMS = (64, 128, 256)  # multiples of the 64-element (128-byte) swizzle; 256 is the widest MMA

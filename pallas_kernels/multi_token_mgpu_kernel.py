@@ -14,7 +14,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, common
-from pallas_kernels.mgpu_common import LOG2E, ROWS, initial_carry, ring_accumulate, ring_scores, swizzled
+from pallas_kernels.common import LOG2E
+from pallas_kernels.mgpu_common import ROWS, initial_carry, ring_accumulate, ring_scores, swizzled
 from pallas_kernels.multi_token_tiles import ALIGN, NCOL
 
 

@@ -192,11 +192,11 @@ def _qmatmul(
     rows = max(m, config.block_m)
     path = config_path(config)
     factors = ()
-    if path == "dp4a" and rounded:
-        xs, factors = common_pad_rows(x[0], rows), tuple(common_pad_rows(f, rows) for f in x[1])
-    elif path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each
-        xs, factors = qmatmul_act.round_activations(common_pad_rows(x, rows), fmt, interpret, rounding)
-    if path == "dp4a":  # the code planes as words
+    if path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each; the code planes as words
+        if rounded:
+            xs, factors = common_pad_rows(x[0], rows), tuple(common_pad_rows(f, rows) for f in x[1])
+        else:
+            xs, factors = qmatmul_act.round_activations(common_pad_rows(x, rows), fmt, interpret, rounding)
         planes = (*factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
     else:
         xs = split_parts(common_pad_rows(x, rows), fmt)  # (P, M', K/P)
@@ -280,9 +280,10 @@ def qmatmul_words(
     n, k = check_planes(fmt, qmatmul_dp4a.byte_shapes(planes, fmt, interleaved))
     if isinstance(x, tuple):
         x = _check_rounded(x, k, fmt)
+        m = x[0].shape[0]
     else:
         check_activations(x, k, fmt)
-    m = x[0].shape[0] if isinstance(x, tuple) else x.shape[0]
+        m = x.shape[0]
     check_config(config, m, n, k, fmt)
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)

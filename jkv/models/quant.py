@@ -164,11 +164,12 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
     if impl == "xla" or x2.shape[0] > DP4A_MAX_ROWS:
         return dequantized_dot(x2, w)
-    return _dp4a_kernel(x2, x2.shape[0], w)
+    return _dp4a_kernel(x2, w)
 
 
-def _dp4a_kernel(x, m: int, w: QuantizedMatrix):
-    """The integer-dot kernel's product of ``m`` rows of activations (or of their rounded words and factors)."""
+def _dp4a_kernel(x, w: QuantizedMatrix):
+    """The integer-dot kernel's product of activations ``[M, K]`` (or of their rounded words and factors)."""
+    m = (x[0] if isinstance(x, tuple) else x).shape[0]
     n, k = math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
     config = quantized_matmul.dp4a_config(m, n, k, w.format, split_factor=2)
     return quantized_matmul.qmatmul_words(x, w.planes, w.format, config=config, interleaved=True)
@@ -186,7 +187,7 @@ def project_rounded(rounded, lead: tuple, w: QuantizedMatrix):
     """:func:`project` of activations ``[*lead, K]`` already rounded for ``w``'s dp4a product (``(words,
     factors)`` of ``qmatmul_dp4a.quantize_activations``, rows flattened; :func:`rounds_before` said so):
     ``[*lead, *w.out_shape]`` float32."""
-    return _dp4a_kernel(rounded, math.prod(lead), w).reshape(*lead, *w.out_shape)
+    return _dp4a_kernel(rounded, w).reshape(*lead, *w.out_shape)
 
 
 def to_dp4a_layout(params, *, donate: bool = False):

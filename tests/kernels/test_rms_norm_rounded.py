@@ -67,7 +67,7 @@ def test_refuses_rows_not_in_blocks():
 def test_gpu_words_and_factors(rng, fmt, rows, hidden):
     """Compiled by Triton: up to a code where the compilers round a float apart (the scale's reciprocal square
     root, a fused multiply-add), then within one code in at most a thousandth of the values."""
-    (s, (words, factors), scale), (want_s, (want_words, _), want_scale) = run(
+    (s, (words, _), scale), (want_s, (want_words, _), want_scale) = run(
         *inputs(rng, (rows,), hidden, True), fmt, jnp.bfloat16, None
     )
     np.testing.assert_allclose(np.asarray(s), np.asarray(want_s), rtol=1e-6)

@@ -128,13 +128,13 @@ def rms_norm(x: Float[Array, "... H"], weight, eps: float, dtype, options: Llama
     """RMSNorm of ``x`` (f32) with ``weight``, split around the product that follows (``Normed``). With the norm
     kernel, before ``matrix``'s integer-dot product (a dp4a-layout matrix, decode-sized rows) the kernel also
     rounds the rows as that product would: one launch for the norm and the rounding."""
-    impl = options.weights_impl or options.impl
-    rows = math.prod(x.shape[:-1])
-    if options.norm_kernel and options.impl == "pallas" and quant.rounds_before(matrix, rows, impl):
-        fmt = matrix.format
-        _, rounded, scale = rms_norm_kernels.residual_rms_norm_rounded(x, None, weight, eps=eps, dtype=dtype, fmt=fmt)
-        return Normed(None, scale, rounded)
     if options.norm_kernel and options.impl == "pallas":
+        rows, impl = math.prod(x.shape[:-1]), options.weights_impl or options.impl
+        if quant.rounds_before(matrix, rows, impl):
+            _, rounded, scale = rms_norm_kernels.residual_rms_norm_rounded(
+                x, None, weight, eps=eps, dtype=dtype, fmt=matrix.format
+            )
+            return Normed(None, scale, rounded)
         _, rows, scale = rms_norm_kernels.residual_rms_norm(x, None, weight, eps=eps, dtype=dtype)
     else:
         _, rows, scale = kernel_reference.residual_rms_norm_reference(x, None, weight, eps=eps, dtype=dtype)
