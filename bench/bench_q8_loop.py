@@ -1,13 +1,14 @@
 """The Q8 decode kernel's loop forms (``pallas_kernels.decode_q8.LOOP_FORMS``) and launches, timed beside bf16.
 
 Issue 22 asks for Q8 decode attention at <= 0.55x the bf16 kernel's time at B*T >= 131072 (Hq/Hkv/D 32/8/128, bf16
-queries, float16 scales). Each variant ``form[/block_k/warps/stages]`` (the launch fields left out keep
-``q8_decode_config``'s defaults) is compiled once and timed in interleaved rounds in one process beside the bf16
-kernel the dispatch picks (``bf16``, the baseline) and the bf16 Triton kernel (``bf16_triton``). Rows print µs,
-TB/s of the bytes each variant reads and the time against ``bf16``; each variant's error against the float32
-reference on the Q8 cache is checked, and ``same`` says whether its output equals the default form's (same
-launch) bit for bit. ``--paged-forms``: the paged Q8 kernel (``paged_q8``, page 16, the same contents at permuted
-pool places, its default launch) in each form too, as ``paged:<form>`` rows against the same bf16 baseline (the
+queries, float16 scales). Each variant ``form[/block_k/warps/stages][*F]`` (the launch fields left out keep
+``q8_decode_config``'s defaults; ``*F`` runs F times its splits, at most one block a split) is compiled once and
+timed in interleaved rounds in one process beside the bf16 kernel the dispatch picks (``bf16``, the baseline) and
+the bf16 Triton kernel (``bf16_triton``). Rows print µs, TB/s of the bytes each variant reads and the time against
+``bf16``; each variant's error against the float32 reference on the Q8 cache is checked, and ``same`` says whether
+its output equals the default form's (same launch) bit for bit. ``--paged-forms``: the paged Q8 kernel
+(``paged_q8``, page 16, the same contents at permuted pool places, its default launch) in each form ``form[*F]``
+too, as ``paged:<form>`` rows against the same bf16 baseline (the
 issue asks Q8 never slower than bf16, paged included). The loop's per-block instruction counts of the same
 forms: ``bench/decode_ir.py`` (CPU).
 
@@ -62,11 +63,17 @@ VARIANTS = (
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``form[/block_k[/warps[/stages]]]`` -> ``(form, launch overrides)``."""
-    form, *launch = text.split("/")
+    """``form[/block_k[/warps[/stages]]][*F]`` -> ``(form, launch overrides)`` (``*F``: ``split_factor``)."""
+    body, _, factor = text.partition("*")
+    form, *launch = body.split("/")
     if set(form.split("+")) - decode_q8.FLAGS - {"default"}:
         raise ValueError(f"variant {text!r}: form {form!r} is not default or parts of {sorted(decode_q8.FLAGS)}")
-    return form, dict(zip(("block_k", "num_warps", "num_stages"), map(int, launch), strict=False))
+    overrides = dict(zip(("block_k", "num_warps", "num_stages"), map(int, launch), strict=False))
+    if factor:
+        if not factor.isdigit() or int(factor) < 1:
+            raise ValueError(f"variant {text!r}: the split factor after '*' must be a positive integer")
+        overrides["split_factor"] = int(factor)
+    return form, overrides
 
 
 def q8_call(batch: int, seq: int, form: str, overrides: dict, interpret: bool):
@@ -74,7 +81,10 @@ def q8_call(batch: int, seq: int, form: str, overrides: dict, interpret: bool):
     ``q8_decode_config`` for the block), as ``fn(q, k, k_scale, v, v_scale, lengths)`` over one layer."""
     block_k = overrides.get("block_k")
     config = decode_q8.q8_decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, block_k=block_k)
-    config = config._replace(**{k: v for k, v in overrides.items() if k != "block_k"})
+    factor = overrides.get("split_factor", 1)
+    most = max(1, -(-seq // config.block_k))  # at least one block a split
+    config = config._replace(**{k: v for k, v in overrides.items() if k not in ("block_k", "split_factor")})
+    config = config._replace(num_splits=min(most, config.num_splits * factor))
     options = dict(scale=common.HEAD_DIM**-0.5, config=config, interpret=interpret, form=form)
 
     def call(q, k, ks, v, vs, n):
@@ -85,13 +95,21 @@ def q8_call(batch: int, seq: int, form: str, overrides: dict, interpret: bool):
 
 
 def paged_q8_call(form: str, interpret: bool):
-    """The paged Q8 kernel in loop form ``form`` (its default launch), as ``fn(q, k, k_scale, v, v_scale, table,
-    lengths)`` over page pools; the form is set while the call is traced (``decode_q8.LOOP_FORM``, read per call)."""
+    """The paged Q8 kernel in loop form ``form[*F]`` (its default launch, ``*F``: F times its splits), as ``fn(q,
+    k, k_scale, v, v_scale, table, lengths)`` over page pools; the form (``decode_q8.LOOP_FORM``, read per call) and
+    the splits are set while the call is traced."""
+    form, _, factor = form.partition("*")
 
     def call(q, *pools_table_lengths):
+        splits = None
+        if factor:
+            pool, tables = pools_table_lengths[0], pools_table_lengths[4]
+            (batch, pages), heads = tables.shape, pool.shape[-3]
+            config = paged_q8.paged_q8_config(batch, heads, pages, PAGE_SIZE, q.shape[-1])
+            splits = min(max(1, pages // config.pages_per_block), config.num_splits * int(factor))
         with mock.patch.object(decode_q8, "LOOP_FORM", form):
             return paged_q8.paged_q8_decode_attention(
-                q, *pools_table_lengths, scale=common.HEAD_DIM**-0.5, interpret=interpret
+                q, *pools_table_lengths, scale=common.HEAD_DIM**-0.5, interpret=interpret, num_splits=splits
             )
 
     return call
@@ -125,7 +143,7 @@ def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log, pa
             overrides["block_k"] = min(overrides["block_k"], seq)
         fn, config = q8_call(batch, seq, form, overrides, interpret)
         outs[text_v] = np.asarray(fn(*q8_sets[0]), np.float32)
-        launch = "/".join(text_v.split("/")[1:])
+        launch = "/".join(text_v.split("*")[0].split("/")[1:])
         base = outs.get("default" + (f"/{launch}" if launch else ""))
         row["variants"][text_v] = {
             "config": list(config),
@@ -167,13 +185,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help="form[/block_k[/warps[/stages]]]")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, wall clock: wiring only")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
-    ap.add_argument("--paged-forms", nargs="*", default=[], help="loop forms of the paged Q8 kernel to time too")
+    ap.add_argument(
+        "--paged-forms", nargs="*", default=[], help="loop forms (form[*F]) of the paged Q8 kernel to time too"
+    )
     args = ap.parse_args(argv)
     for v in args.variants:
         parse_variant(v)
     for form in args.paged_forms:
-        if form not in decode_q8.LOOP_FORMS:
-            raise SystemExit(f"--paged-forms {form!r}: expected one of {decode_q8.LOOP_FORMS}")
+        name, _, factor = form.partition("*")
+        if name not in decode_q8.LOOP_FORMS or (factor and not (factor.isdigit() and int(factor) > 0)):
+            raise SystemExit(f"--paged-forms {form!r}: expected one of {decode_q8.LOOP_FORMS}, '*F' optional")
     out, t0 = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
