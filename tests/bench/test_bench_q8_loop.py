@@ -43,8 +43,26 @@ def test_paged_forms_run_beside_the_contiguous_ones(tmp_path):
 
 def test_variant_names_are_checked():
     assert bench_q8_loop.parse_variant("vperm/128/2") == ("vperm", {"block_k": 128, "num_warps": 2})
+    assert bench_q8_loop.parse_variant("vperm/64/2*4") == ("vperm", {"block_k": 64, "num_warps": 2, "split_factor": 4})
     with pytest.raises(ValueError, match="not default or parts of"):
         bench_q8_loop.parse_variant("nope/64")
+    with pytest.raises(ValueError, match="positive integer"):
+        bench_q8_loop.parse_variant("vperm*0")
+
+
+def test_split_factor_multiplies_the_default_splits_up_to_one_block_each(tmp_path):
+    """``*F``: F times ``q8_decode_config``'s splits, never more than the sequence's blocks; the output stays
+    within the format's error (the splits merge exactly up to float32 order); paged forms take it too."""
+    variants = ["vperm", "vperm*2", "vperm/64/4/3*1000"]
+    report = bench_q8_loop.main(
+        ["--smoke", "--shapes", "16x8192", "--variants", *variants, "--paged-forms", "vperm*3", "--out", str(tmp_path)]
+    )
+    row = report["shapes"]["16x8192"]["variants"]  # smoke: 2 x 256 keys, 64-key blocks
+    base = row["vperm"]["config"][1]
+    assert row["vperm*2"]["config"][1] == 2 * base and row["vperm/64/4/3*1000"]["config"][1] == 256 // 64
+    assert all(v["rel_err"] < 1e-2 for v in row.values()) and "paged:vperm*3" in row
+    with pytest.raises(SystemExit, match="'vperm\\*x'"):
+        bench_q8_loop.main(["--smoke", "--paged-forms", "vperm*x", "--out", str(tmp_path)])
 
 
 def test_ir_report_lowers_each_form_for_cuda():
