@@ -8,7 +8,8 @@ the bf16 Triton kernel (``bf16_triton``). Rows print µs, TB/s of the bytes each
 ``bf16``; each variant's error against the float32 reference on the Q8 cache is checked, and ``same`` says whether
 its output equals the default form's (same launch) bit for bit. ``--paged-forms``: the paged Q8 kernel
 (``paged_q8``, page 16, the same contents at permuted pool places, its default launch) in each form ``form[*F]``
-too, as ``paged:<form>`` rows against the same bf16 baseline (the
+too, as ``paged:<form>`` rows; ``--fp8-splits F ...``: the contiguous FP8 kernel (``decode_fp8``) at F times its
+splits, as ``fp8*F`` rows (its error against its own reference); all against the same bf16 baseline (the
 issue asks Q8 never slower than bf16, paged included). The loop's per-block instruction counts of the same
 forms: ``bench/decode_ir.py`` (CPU).
 
@@ -21,6 +22,7 @@ forms: ``bench/decode_ir.py`` (CPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,7 +40,8 @@ import numpy as np
 from bench import common
 from bench.bench_paged import paged_sets
 from jkv.caches.formats import quantize
-from pallas_kernels import decode, decode_q8, dispatch, paged_q8, reference
+from pallas_kernels import decode, decode_fp8, decode_q8, dispatch, paged_q8, reference
+from pallas_kernels import formats as kernel_formats
 
 SHAPES = ("1x131072", "16x8192", "128x2048", "1x4096")
 PAGE_SIZE = 16  # the paged rows' pages (the issue's)
@@ -123,7 +126,22 @@ def sampler(fn, sets, est_s: float, smoke: bool):
     return common.jax_sampler(fn, sets, est_s)
 
 
-def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log, paged_forms=()) -> dict:
+def fp8_cells(batch: int, seq: int, sets, factors, interpret: bool) -> dict:
+    """``{"fp8*F": (fn, sets over the FP8 cache, config, reference output)}``: the contiguous FP8 kernel
+    (``decode_fp8``, its default form) at F times its default splits (at most one block a split)."""
+    fp8_sets = [(q, *kernel_formats.quantize_fp8(k), *kernel_formats.quantize_fp8(v), n) for q, k, v, n in sets]
+    ref = np.asarray(reference.fp8_decode_attention_reference(*fp8_sets[0]), np.float32)
+    base = decode_fp8.fp8_decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM)
+    cells = {}
+    for factor in factors:
+        splits = min(max(1, -(-seq // base.block_k)), base.num_splits * factor)
+        options = dict(scale=common.HEAD_DIM**-0.5, interpret=interpret, num_splits=splits)
+        fn = functools.partial(decode_fp8.fp8_decode_attention, **options)
+        cells[f"fp8*{factor}"] = (fn, fp8_sets, base._replace(num_splits=splits), ref)
+    return cells
+
+
+def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log, paged_forms=(), fp8_splits=()) -> dict:
     batch, seq = (int(x) for x in text.split("x"))
     if smoke:
         batch, seq = min(batch, 2), min(seq, 256)
@@ -163,9 +181,16 @@ def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log, pa
                 "same_as_default": None if base is None else bool(np.array_equal(outs[name], base)),
             }
             samplers[name] = sampler(fn, p_sets, est * 0.6, smoke)
+    for name, (fn, fp8_sets, config, fp8_ref) in fp8_cells(batch, seq, sets, fp8_splits, interpret).items():
+        out = np.asarray(jax.jit(fn)(*fp8_sets[0]), np.float32)
+        row["variants"][name] = {"config": list(config), "rel_err": common.rel_err(out, fp8_ref)}
+        row["variants"][name]["same_as_default"] = None
+        samplers[name] = sampler(fn, fp8_sets, est * 0.6, smoke)
     timed = common.interleaved(samplers, rounds, baseline="bf16")
+    fp8_bytes = 2 * batch * common.NUM_KV_HEADS * seq * (common.HEAD_DIM + 4)  # e4m3 values, a float32 scale
     for name, t in timed.items():
         nbytes = common.kv_bytes(batch, seq) if name.startswith("bf16") else common.q8_bytes(batch, seq)
+        nbytes = fp8_bytes if name.startswith("fp8") else nbytes
         cell = {"us": t["time_s"] * 1e6, "tbps": nbytes / t["time_s"] / 1e12}
         cell["vs_bf16"] = 1 / t["speed_vs_bf16"]["median"]
         if name in row["variants"]:
@@ -188,7 +213,12 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--paged-forms", nargs="*", default=[], help="loop forms (form[*F]) of the paged Q8 kernel to time too"
     )
+    ap.add_argument(
+        "--fp8-splits", nargs="*", type=int, default=[], help="F: the FP8 kernel at F times its splits too (fp8*F)"
+    )
     args = ap.parse_args(argv)
+    if any(f < 1 for f in args.fp8_splits):
+        raise SystemExit(f"--fp8-splits {args.fp8_splits}: factors must be positive integers")
     for v in args.variants:
         parse_variant(v)
     for form in args.paged_forms:
@@ -204,7 +234,9 @@ def main(argv=None) -> dict:
             log(f"budget reached: {shape} and later shapes not run")
             break
         rounds = 1 if args.smoke else args.rounds
-        report["shapes"][shape] = shape_cell(shape, args.variants, rounds, args.smoke, log, args.paged_forms)
+        report["shapes"][shape] = shape_cell(
+            shape, args.variants, rounds, args.smoke, log, args.paged_forms, args.fp8_splits
+        )
         (out / "bench_q8_loop.json").write_text(json.dumps(report, indent=1))
         jax.clear_caches()
     print_table(report)
