@@ -9,7 +9,8 @@ the bf16 Triton kernel (``bf16_triton``). Rows print µs, TB/s of the bytes each
 its output equals the default form's (same launch) bit for bit. ``--paged-forms``: the paged Q8 kernel
 (``paged_q8``, page 16, the same contents at permuted pool places, its default launch) in each form ``form[*F]``
 too, as ``paged:<form>`` rows; ``--fp8-splits F ...``: the contiguous FP8 kernel (``decode_fp8``) at F times its
-splits, as ``fp8*F`` rows (its error against its own reference); all against the same bf16 baseline (the
+splits, as ``fp8*F`` rows (its error against its own reference); ``--bf16-splits F ...`` the bf16 Triton kernel
+likewise (``bf16_triton*F``, F may be under 1); all against the same bf16 baseline (the
 issue asks Q8 never slower than bf16, paged included). The loop's per-block instruction counts of the same
 forms: ``bench/decode_ir.py`` (CPU).
 
@@ -40,6 +41,7 @@ import numpy as np
 from bench import common
 from bench.bench_paged import paged_sets
 from jkv.caches.formats import quantize
+from pallas_kernels import common as pl_common
 from pallas_kernels import decode, decode_fp8, decode_q8, dispatch, paged_q8, reference
 from pallas_kernels import formats as kernel_formats
 
@@ -141,7 +143,21 @@ def fp8_cells(batch: int, seq: int, sets, factors, interpret: bool) -> dict:
     return cells
 
 
-def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log, paged_forms=(), fp8_splits=()) -> dict:
+def bf16_split_calls(batch: int, seq: int, factors, interpret: bool) -> dict:
+    """``{"bf16_triton*F": (fn, config)}``: the bf16 Triton kernel at F times its default splits (F may be a
+    fraction; at least one split, at most one block a split)."""
+    base = pl_common.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, jnp.bfloat16)
+    calls = {}
+    for factor in factors:
+        splits = max(1, min(-(-seq // base.block_k), round(base.num_splits * factor)))
+        fn = functools.partial(decode.decode_attention, interpret=interpret, num_splits=splits)
+        calls[f"bf16_triton*{factor:g}"] = (fn, base._replace(num_splits=splits))
+    return calls
+
+
+def shape_cell(
+    text: str, variants: list[str], rounds: int, smoke: bool, log, paged_forms=(), fp8_splits=(), bf16_splits=()
+) -> dict:
     batch, seq = (int(x) for x in text.split("x"))
     if smoke:
         batch, seq = min(batch, 2), min(seq, 256)
@@ -186,6 +202,10 @@ def shape_cell(text: str, variants: list[str], rounds: int, smoke: bool, log, pa
         row["variants"][name] = {"config": list(config), "rel_err": common.rel_err(out, fp8_ref)}
         row["variants"][name]["same_as_default"] = None
         samplers[name] = sampler(fn, fp8_sets, est * 0.6, smoke)
+    for name, (fn, config) in bf16_split_calls(batch, seq, bf16_splits, interpret).items():
+        row["variants"][name] = {"config": list(config), "same_as_default": None}
+        row["variants"][name]["rel_err"] = common.rel_err(fn(*sets[0]), reference.decode_attention_reference(*sets[0]))
+        samplers[name] = sampler(fn, sets, est, smoke)
     timed = common.interleaved(samplers, rounds, baseline="bf16")
     fp8_bytes = 2 * batch * common.NUM_KV_HEADS * seq * (common.HEAD_DIM + 4)  # e4m3 values, a float32 scale
     for name, t in timed.items():
@@ -216,9 +236,12 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--fp8-splits", nargs="*", type=int, default=[], help="F: the FP8 kernel at F times its splits too (fp8*F)"
     )
+    ap.add_argument(
+        "--bf16-splits", nargs="*", type=float, default=[], help="F: the bf16 Triton kernel at F times its splits"
+    )
     args = ap.parse_args(argv)
-    if any(f < 1 for f in args.fp8_splits):
-        raise SystemExit(f"--fp8-splits {args.fp8_splits}: factors must be positive integers")
+    if any(f < 1 for f in args.fp8_splits) or any(f <= 0 for f in args.bf16_splits):
+        raise SystemExit(f"--fp8-splits {args.fp8_splits} / --bf16-splits {args.bf16_splits}: factors must be > 0")
     for v in args.variants:
         parse_variant(v)
     for form in args.paged_forms:
@@ -235,7 +258,7 @@ def main(argv=None) -> dict:
             break
         rounds = 1 if args.smoke else args.rounds
         report["shapes"][shape] = shape_cell(
-            shape, args.variants, rounds, args.smoke, log, args.paged_forms, args.fp8_splits
+            shape, args.variants, rounds, args.smoke, log, args.paged_forms, args.fp8_splits, args.bf16_splits
         )
         (out / "bench_q8_loop.json").write_text(json.dumps(report, indent=1))
         jax.clear_caches()
