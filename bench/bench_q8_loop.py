@@ -7,12 +7,12 @@ timed in interleaved rounds in one process beside the bf16 kernel the dispatch p
 the bf16 Triton kernel (``bf16_triton``). Rows print µs, TB/s of the bytes each variant reads and the time against
 ``bf16``; each variant's error against the float32 reference on the Q8 cache is checked, and ``same`` says whether
 its output equals the default form's (same launch) bit for bit. ``--paged-forms``: the paged Q8 kernel
-(``paged_q8``, page 16, the same contents at permuted pool places, its default launch) in each form ``form[*F]``
-too, as ``paged:<form>`` rows; ``--fp8-splits F ...``: the contiguous FP8 kernel (``decode_fp8``) at F times its
-splits, as ``fp8*F`` rows (its error against its own reference); ``--bf16-splits F ...`` the bf16 Triton kernel
-likewise (``bf16_triton*F``, F may be under 1); all against the same bf16 baseline (the
-issue asks Q8 never slower than bf16, paged included). The loop's per-block instruction counts of the same
-forms: ``bench/decode_ir.py`` (CPU).
+(``paged_q8``, page 16, the same contents at permuted pool places, its default launch) in each
+``form[/stages][*F]`` too, as ``paged:<form>`` rows; ``--fp8-splits F ...``: the contiguous FP8 kernel
+(``decode_fp8``) at F times its splits, as ``fp8*F`` rows (its error against its own reference);
+``--bf16-splits F ...`` the bf16 Triton kernel likewise (``bf16_triton*F``, F may be under 1); all against the
+same bf16 baseline (the issue asks Q8 never slower than bf16, paged included). The loop's per-block instruction
+counts of the same forms: ``bench/decode_ir.py`` (CPU).
 
     python bench/bench_q8_loop.py --out $OUT --rounds 5
     python bench/bench_q8_loop.py --out $OUT --variants default vperm+srot vperm+srot/128/4 --shapes 1x131072
@@ -99,11 +99,21 @@ def q8_call(batch: int, seq: int, form: str, overrides: dict, interpret: bool):
     return call, config
 
 
+def parse_paged_form(text: str) -> tuple[str, int | None, int | None]:
+    """``form[/stages][*F]`` -> ``(form, stages or None, F or None)``; SystemExit naming a bad one."""
+    body, _, factor = text.partition("*")
+    form, _, stages = body.partition("/")
+    ok = form in decode_q8.LOOP_FORMS and all(not x or (x.isdigit() and int(x) > 0) for x in (stages, factor))
+    if not ok:
+        raise SystemExit(f"--paged-forms {text!r}: expected form[/stages][*F], form one of {decode_q8.LOOP_FORMS}")
+    return form, int(stages) if stages else None, int(factor) if factor else None
+
+
 def paged_q8_call(form: str, interpret: bool):
-    """The paged Q8 kernel in loop form ``form[*F]`` (its default launch, ``*F``: F times its splits), as ``fn(q,
-    k, k_scale, v, v_scale, table, lengths)`` over page pools; the form (``decode_q8.LOOP_FORM``, read per call) and
-    the splits are set while the call is traced."""
-    form, _, factor = form.partition("*")
+    """The paged Q8 kernel in loop form ``form[/stages][*F]`` (its default launch; ``/stages``: its pipeline depth,
+    ``*F``: F times its splits), as ``fn(q, k, k_scale, v, v_scale, table, lengths)`` over page pools; the form
+    (``decode_q8.LOOP_FORM``, read per call) and the splits are set while the call is traced."""
+    form, stages, factor = parse_paged_form(form)
 
     def call(q, *pools_table_lengths):
         splits = None
@@ -114,8 +124,9 @@ def paged_q8_call(form: str, interpret: bool):
             splits = min(max(1, pages // config.pages_per_block), config.num_splits * int(factor))
         with mock.patch.object(decode_q8, "LOOP_FORM", form):
             return paged_q8.paged_q8_decode_attention(
-                q, *pools_table_lengths, scale=common.HEAD_DIM**-0.5, interpret=interpret, num_splits=splits
-            )
+                q, *pools_table_lengths, scale=common.HEAD_DIM**-0.5, interpret=interpret, num_splits=splits,
+                num_stages=stages,
+            )  # fmt: skip
 
     return call
 
@@ -231,7 +242,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, wall clock: wiring only")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
     ap.add_argument(
-        "--paged-forms", nargs="*", default=[], help="loop forms (form[*F]) of the paged Q8 kernel to time too"
+        "--paged-forms", nargs="*", default=[], help="paged Q8 kernel variants (form[/stages][*F]) to time too"
     )
     ap.add_argument(
         "--fp8-splits", nargs="*", type=int, default=[], help="F: the FP8 kernel at F times its splits too (fp8*F)"
@@ -245,9 +256,7 @@ def main(argv=None) -> dict:
     for v in args.variants:
         parse_variant(v)
     for form in args.paged_forms:
-        name, _, factor = form.partition("*")
-        if name not in decode_q8.LOOP_FORMS or (factor and not (factor.isdigit() and int(factor) > 0)):
-            raise SystemExit(f"--paged-forms {form!r}: expected one of {decode_q8.LOOP_FORMS}, '*F' optional")
+        parse_paged_form(form)
     out, t0 = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)

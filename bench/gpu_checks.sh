@@ -132,9 +132,10 @@ for part in "${parts[@]}"; do
       tail -n 60 "$OUT/q8_loop.log"
       ;;
     q8_splits)  # issue 22: the Q8 kernels (contiguous and paged) and the FP8 one with more programs a
-      # multiprocessor (more splits, smaller programs) beside bf16; the bf16 Triton kernel at half and twice its splits
+      # multiprocessor (more splits, smaller programs) beside bf16, the paged Q8 kernel with five stages (two buffers
+      # of K/V: at three its chain table -> K/V -> products leaves one); the bf16 Triton kernel at 0.5x / 2x its splits
       run q8_splits 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 420 \
-        --variants vperm 'vperm*2' 'vperm*3' 'vperm/64/2*4' 'vperm+iq8*2' --paged-forms vperm 'vperm*2' \
+        --variants vperm 'vperm*2' 'vperm/64/2*4' 'vperm+iq8*2' --paged-forms vperm 'vperm*2' vperm/5 'vperm/5*2' \
         --fp8-splits 1 2 --bf16-splits 0.5 2
       tail -n 60 "$OUT/q8_splits.log"
       ;;
