@@ -10,7 +10,8 @@ its output equals the default form's (same launch) bit for bit. ``--paged-forms`
 (``paged_q8``, page 16, the same contents at permuted pool places, its default launch) in each
 ``form[/stages][*F]`` too, as ``paged:<form>`` rows; ``--fp8-splits F ...``: the contiguous FP8 kernel
 (``decode_fp8``) at F times its splits, as ``fp8*F`` rows (its error against its own reference);
-``--bf16-splits F ...`` the bf16 Triton kernel likewise (``bf16_triton*F``, F may be under 1); all against the
+``--bf16-splits F ...`` the bf16 Triton kernel likewise (``bf16_triton*F``, F may be under 1); ``--bf16-paged``
+the bf16 paged kernel (page 16) at launches ``default`` or ``pages_per_block/stages[*F]``; all against the
 same bf16 baseline (the issue asks Q8 never slower than bf16, paged included). The loop's per-block instruction
 counts of the same forms: ``bench/decode_ir.py`` (CPU).
 
@@ -42,7 +43,7 @@ from bench import common
 from bench.bench_paged import paged_sets
 from jkv.caches.formats import quantize
 from pallas_kernels import common as pl_common
-from pallas_kernels import decode, decode_fp8, decode_q8, dispatch, paged_q8, reference
+from pallas_kernels import decode, decode_fp8, decode_q8, dispatch, paged, paged_q8, reference
 from pallas_kernels import formats as kernel_formats
 
 SHAPES = ("1x131072", "16x8192", "128x2048", "1x4096")
@@ -166,8 +167,43 @@ def bf16_split_calls(batch: int, seq: int, factors, interpret: bool) -> dict:
     return calls
 
 
+def parse_bf16_paged(text: str) -> dict:
+    """``default`` or ``pages_per_block/stages[*F]`` -> the bf16 paged kernel's launch overrides (``split_factor``:
+    F); SystemExit naming a bad one."""
+    body, _, factor = text.partition("*")
+    fields = [] if body == "default" else body.split("/")
+    if len(fields) not in (0, 2) or not all(
+        x.isdigit() and int(x) > 0 for x in [*fields, *([factor] if factor else [])]
+    ):
+        raise SystemExit(f"--bf16-paged {text!r}: expected default or pages_per_block/stages[*F]")
+    out = dict(zip(("pages_per_block", "num_stages"), map(int, fields), strict=False))
+    return {**out, "split_factor": int(factor)} if factor else out
+
+
+def bf16_paged_calls(batch: int, seq: int, specs, interpret: bool) -> dict:
+    """``{"bf16_paged:<spec>": fn}``: the bf16 paged kernel (``pallas_kernels.paged``, page 16) at each launch."""
+    base = paged.paged_config(batch, common.NUM_KV_HEADS, seq // PAGE_SIZE, PAGE_SIZE, common.HEAD_DIM, jnp.bfloat16)
+    calls = {}
+    for spec in specs:
+        launch = parse_bf16_paged(spec)
+        factor = launch.pop("split_factor", None)
+        if factor:
+            block = launch.get("pages_per_block", base.pages_per_block) * PAGE_SIZE
+            launch["num_splits"] = max(1, min(-(-seq // block), base.num_splits * factor))
+        calls[f"bf16_paged:{spec}"] = functools.partial(paged.paged_decode_attention, interpret=interpret, **launch)
+    return calls
+
+
 def shape_cell(
-    text: str, variants: list[str], rounds: int, smoke: bool, log, paged_forms=(), fp8_splits=(), bf16_splits=()
+    text: str,
+    variants: list[str],
+    rounds: int,
+    smoke: bool,
+    log,
+    paged_forms=(),
+    fp8_splits=(),
+    bf16_splits=(),
+    bf16_paged=(),
 ) -> dict:
     batch, seq = (int(x) for x in text.split("x"))
     if smoke:
@@ -217,10 +253,18 @@ def shape_cell(
         row["variants"][name] = {"config": list(config), "same_as_default": None}
         row["variants"][name]["rel_err"] = common.rel_err(fn(*sets[0]), reference.decode_attention_reference(*sets[0]))
         samplers[name] = sampler(fn, sets, est, smoke)
+    calls = bf16_paged_calls(batch, seq, bf16_paged, interpret)
+    b_sets = paged_sets(sets, PAGE_SIZE, jax.random.key(batch * 7919 + seq + 1)) if calls else []
+    for name, fn in calls.items():
+        want = reference.decode_attention_reference(*sets[0])
+        row["variants"][name] = {"config": [], "same_as_default": None, "rel_err": common.rel_err(fn(*b_sets[0]), want)}
+        samplers[name] = sampler(fn, b_sets, est, smoke)
     timed = common.interleaved(samplers, rounds, baseline="bf16")
     fp8_bytes = 2 * batch * common.NUM_KV_HEADS * seq * (common.HEAD_DIM + 4)  # e4m3 values, a float32 scale
     for name, t in timed.items():
-        nbytes = common.kv_bytes(batch, seq) if name.startswith("bf16") else common.q8_bytes(batch, seq)
+        nbytes = (
+            common.kv_bytes(batch, seq) if name.startswith("bf16") else common.q8_bytes(batch, seq)
+        )  # bf16_paged too
         nbytes = fp8_bytes if name.startswith("fp8") else nbytes
         cell = {"us": t["time_s"] * 1e6, "tbps": nbytes / t["time_s"] / 1e12}
         cell["vs_bf16"] = 1 / t["speed_vs_bf16"]["median"]
@@ -250,7 +294,12 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--bf16-splits", nargs="*", type=float, default=[], help="F: the bf16 Triton kernel at F times its splits"
     )
+    ap.add_argument(
+        "--bf16-paged", nargs="*", default=[], help="bf16 paged kernel launches: default or pages_per_block/stages[*F]"
+    )
     args = ap.parse_args(argv)
+    for spec in args.bf16_paged:
+        parse_bf16_paged(spec)
     if any(f < 1 for f in args.fp8_splits) or any(f <= 0 for f in args.bf16_splits):
         raise SystemExit(f"--fp8-splits {args.fp8_splits} / --bf16-splits {args.bf16_splits}: factors must be > 0")
     for v in args.variants:
@@ -267,8 +316,9 @@ def main(argv=None) -> dict:
             break
         rounds = 1 if args.smoke else args.rounds
         report["shapes"][shape] = shape_cell(
-            shape, args.variants, rounds, args.smoke, log, args.paged_forms, args.fp8_splits, args.bf16_splits
-        )
+            shape, args.variants, rounds, args.smoke, log, args.paged_forms, args.fp8_splits, args.bf16_splits,
+            args.bf16_paged,
+        )  # fmt: skip
         (out / "bench_q8_loop.json").write_text(json.dumps(report, indent=1))
         jax.clear_caches()
     print_table(report)

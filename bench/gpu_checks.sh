@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -131,13 +131,17 @@ for part in "${parts[@]}"; do
         --paged-forms default vperm vperm+iq8 vperm+srot+dsum+exp2
       tail -n 60 "$OUT/q8_loop.log"
       ;;
-    q8_splits)  # issue 22: the Q8 kernels (contiguous and paged) and the FP8 one with more programs a
-      # multiprocessor (more splits, smaller programs) beside bf16, the paged Q8 kernel with five stages (two buffers
-      # of K/V: at three its chain table -> K/V -> products leaves one); the bf16 Triton kernel at 0.5x / 2x its splits
+    q8_splits)  # issue 22: the Q8 and FP8 kernels with more programs a multiprocessor (more splits, smaller
+      # programs) beside bf16; the bf16 Triton kernel at 0.5x / 2x its splits
       run q8_splits 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 420 \
-        --variants vperm 'vperm*2' 'vperm/64/2*4' 'vperm+iq8*2' --paged-forms vperm 'vperm*2' vperm/5 'vperm/5*2' \
-        --fp8-splits 1 2 --bf16-splits 0.5 2
-      tail -n 60 "$OUT/q8_splits.log"
+        --variants vperm 'vperm*2' 'vperm/64/2*4' 'vperm+iq8*2' --fp8-splits 1 2 --bf16-splits 0.5 2
+      tail -n 50 "$OUT/q8_splits.log"
+      ;;
+    paged_launch)  # issue 22: the paged kernels' launches: Q8 with five stages (two K/V buffers: at three the chain
+      # table -> K/V -> products leaves one) and more splits; bf16 with 64-key blocks at four / five stages
+      run paged_launch 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 420 --variants vperm \
+        --paged-forms vperm vperm/5 'vperm*2' 'vperm/5*2' --bf16-paged default 4/4 4/5 '4/5*2'
+      tail -n 50 "$OUT/paged_launch.log"
       ;;
     dp4a)  # issue 26: the integer-dot path's GPU tests, then its launches at M = 1 (row-major and interleaved words)
       run tests_dp4a 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul_dp4a.py -k "Q8_0 or Q4_K or interleaved"
