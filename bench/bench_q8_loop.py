@@ -8,8 +8,9 @@ the bf16 Triton kernel (``bf16_triton``). Rows print µs, TB/s of the bytes each
 ``bf16``; each variant's error against the float32 reference on the Q8 cache is checked, and ``same`` says whether
 its output equals the default form's (same launch) bit for bit. ``--paged-forms``: the paged Q8 kernel
 (``paged_q8``, page 16, the same contents at permuted pool places, its default launch) in each
-``form[/stages][*F]`` too, as ``paged:<form>`` rows; ``--fp8-splits F ...``: the contiguous FP8 kernel
-(``decode_fp8``) at F times its splits, as ``fp8*F`` rows (its error against its own reference);
+``form[/stages][*F]`` too, as ``paged:<form>`` rows; ``--fp8 SPEC ...``: the contiguous FP8 kernel
+(``decode_fp8``) at launches ``default`` or ``[block_k[/warps[/stages]]][*F]``, as ``fp8:<spec>`` rows (its error
+against its own reference);
 ``--bf16-splits F ...`` the bf16 Triton kernel likewise (``bf16_triton*F``, F may be under 1); ``--bf16-paged``
 the bf16 paged kernel (page 16) at launches ``default`` or ``pages_per_block/stages[*F]``; all against the
 same bf16 baseline (the issue asks Q8 never slower than bf16, paged included). The loop's per-block instruction
@@ -140,18 +141,36 @@ def sampler(fn, sets, est_s: float, smoke: bool):
     return common.jax_sampler(fn, sets, est_s)
 
 
-def fp8_cells(batch: int, seq: int, sets, factors, interpret: bool) -> dict:
-    """``{"fp8*F": (fn, sets over the FP8 cache, config, reference output)}``: the contiguous FP8 kernel
-    (``decode_fp8``, its default form) at F times its default splits (at most one block a split)."""
+def parse_fp8(text: str) -> dict:
+    """``default`` or ``[block_k[/warps[/stages]]][*F]`` -> the FP8 kernel's launch overrides (``split_factor``: F);
+    SystemExit naming a bad one."""
+    body, _, factor = text.partition("*")
+    fields = [] if body in ("default", "") else body.split("/")
+    numbers = [*fields, *([factor] if factor else [])]
+    if len(fields) > 3 or not all(x.isdigit() and int(x) > 0 for x in numbers) or text in ("", "*"):
+        raise SystemExit(f"--fp8 {text!r}: expected default or [block_k[/warps[/stages]]][*F]")
+    out = dict(zip(("block_k", "num_warps", "num_stages"), map(int, fields), strict=False))
+    return {**out, "split_factor": int(factor)} if factor else out
+
+
+def fp8_cells(batch: int, seq: int, sets, specs, interpret: bool) -> dict:
+    """``{"fp8:<spec>": (fn, sets over the FP8 cache, config, reference output)}``: the contiguous FP8 kernel
+    (``decode_fp8``, its default form) at each launch (:func:`parse_fp8`; F times the splits the launch's block
+    gets by default, at most one block a split)."""
     fp8_sets = [(q, *kernel_formats.quantize_fp8(k), *kernel_formats.quantize_fp8(v), n) for q, k, v, n in sets]
     ref = np.asarray(reference.fp8_decode_attention_reference(*fp8_sets[0]), np.float32)
-    base = decode_fp8.fp8_decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM)
     cells = {}
-    for factor in factors:
-        splits = min(max(1, -(-seq // base.block_k)), base.num_splits * factor)
-        options = dict(scale=common.HEAD_DIM**-0.5, interpret=interpret, num_splits=splits)
+    for spec in specs:
+        launch = parse_fp8(spec)
+        factor = launch.pop("split_factor", 1)
+        base = decode_fp8.fp8_decode_config(
+            batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, block_k=launch.get("block_k")
+        )
+        config = base._replace(**launch)
+        config = config._replace(num_splits=min(max(1, -(-seq // config.block_k)), base.num_splits * factor))
+        options = dict(scale=common.HEAD_DIM**-0.5, interpret=interpret, **config._asdict())
         fn = functools.partial(decode_fp8.fp8_decode_attention, **options)
-        cells[f"fp8*{factor}"] = (fn, fp8_sets, base._replace(num_splits=splits), ref)
+        cells[f"fp8:{spec}"] = (fn, fp8_sets, config, ref)
     return cells
 
 
@@ -201,7 +220,7 @@ def shape_cell(
     smoke: bool,
     log,
     paged_forms=(),
-    fp8_splits=(),
+    fp8=(),
     bf16_splits=(),
     bf16_paged=(),
 ) -> dict:
@@ -244,7 +263,7 @@ def shape_cell(
                 "same_as_default": None if base is None else bool(np.array_equal(outs[name], base)),
             }
             samplers[name] = sampler(fn, p_sets, est * 0.6, smoke)
-    for name, (fn, fp8_sets, config, fp8_ref) in fp8_cells(batch, seq, sets, fp8_splits, interpret).items():
+    for name, (fn, fp8_sets, config, fp8_ref) in fp8_cells(batch, seq, sets, fp8, interpret).items():
         out = np.asarray(jax.jit(fn)(*fp8_sets[0]), np.float32)
         row["variants"][name] = {"config": list(config), "rel_err": common.rel_err(out, fp8_ref)}
         row["variants"][name]["same_as_default"] = None
@@ -289,7 +308,7 @@ def main(argv=None) -> dict:
         "--paged-forms", nargs="*", default=[], help="paged Q8 kernel variants (form[/stages][*F]) to time too"
     )
     ap.add_argument(
-        "--fp8-splits", nargs="*", type=int, default=[], help="F: the FP8 kernel at F times its splits too (fp8*F)"
+        "--fp8", nargs="*", default=[], help="FP8 kernel launches: default or [block_k[/warps[/stages]]][*F]"
     )
     ap.add_argument(
         "--bf16-splits", nargs="*", type=float, default=[], help="F: the bf16 Triton kernel at F times its splits"
@@ -300,8 +319,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     for spec in args.bf16_paged:
         parse_bf16_paged(spec)
-    if any(f < 1 for f in args.fp8_splits) or any(f <= 0 for f in args.bf16_splits):
-        raise SystemExit(f"--fp8-splits {args.fp8_splits} / --bf16-splits {args.bf16_splits}: factors must be > 0")
+    for spec in args.fp8:
+        parse_fp8(spec)
+    if any(f <= 0 for f in args.bf16_splits):
+        raise SystemExit(f"--bf16-splits {args.bf16_splits}: factors must be > 0")
     for v in args.variants:
         parse_variant(v)
     for form in args.paged_forms:
@@ -316,7 +337,7 @@ def main(argv=None) -> dict:
             break
         rounds = 1 if args.smoke else args.rounds
         report["shapes"][shape] = shape_cell(
-            shape, args.variants, rounds, args.smoke, log, args.paged_forms, args.fp8_splits, args.bf16_splits,
+            shape, args.variants, rounds, args.smoke, log, args.paged_forms, args.fp8, args.bf16_splits,
             args.bf16_paged,
         )  # fmt: skip
         (out / "bench_q8_loop.json").write_text(json.dumps(report, indent=1))

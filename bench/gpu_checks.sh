@@ -134,7 +134,7 @@ for part in "${parts[@]}"; do
     q8_splits)  # issue 22: the Q8 and FP8 kernels with more programs a multiprocessor (more splits, smaller
       # programs) beside bf16; the bf16 Triton kernel at 0.5x / 2x its splits
       run q8_splits 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 420 \
-        --variants vperm 'vperm*2' 'vperm/64/2*4' 'vperm+iq8*2' --fp8-splits 1 2 --bf16-splits 0.5 2
+        --variants vperm 'vperm*2' 'vperm/64/2*4' 'vperm+iq8*2' --fp8 default '*2' 64 '64*2' --bf16-splits 0.5 2
       tail -n 50 "$OUT/q8_splits.log"
       ;;
     paged_launch)  # issue 22: the paged kernels' launches: Q8 with five stages (two K/V buffers: at three the chain
