@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 HEAD_DIMS = (16, 32, 64, 128, 256)  # power-of-two tiles; 64 and 128 are the tested and tuned ones
+MAX_HEAD_DIM = 256
 CACHE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 NUM_WARPS = (1, 2, 4, 8, 16)
 
@@ -99,8 +100,30 @@ def check_block_tables(block_tables, batch: int, num_pages: int, page_size: int,
         )
 
 
-def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
+def column_width(head_dim: int) -> int:
+    """Columns of one chunk when a kernel reads ``head_dim`` in power-of-two chunks (Triton's tiles): the largest
+    power of two dividing it, all of it for a power of two (one chunk); 96 reads as three chunks of 32."""
+    return head_dim & -head_dim
+
+
+def takes_head_dim(head_dim: int, chunked: bool = False) -> bool:
+    """Whether a decode kernel takes ``head_dim``: one of :data:`HEAD_DIMS`, or with ``chunked`` (the bf16 / f32
+    Triton kernels, which read the columns in :func:`column_width` chunks) any multiple of 16 up to
+    :data:`MAX_HEAD_DIM` (48, 80, 96, ...)."""
+    if chunked:
+        return head_dim % 16 == 0 and 16 <= head_dim <= MAX_HEAD_DIM
+    return head_dim in HEAD_DIMS
+
+
+def check_head_dim(head_dim: int, chunked: bool = False) -> None:
+    if not takes_head_dim(head_dim, chunked):
+        expected = f"a multiple of 16 in [16, {MAX_HEAD_DIM}]" if chunked else f"one of {HEAD_DIMS}"
+        raise ValueError(f"head_dim={head_dim} is not supported; expected {expected}")
+
+
+def check_args(q, k, v, lengths, layer=None, *, chunked: bool = False) -> tuple[int, int, int, int, int]:
     """Validate the arguments of a contiguous decode kernel (and of its reference); return ``(B, N, K, S, D)``.
+    ``chunked``: the kernel reads the columns in chunks (:func:`takes_head_dim`).
 
     Concrete lengths and layer are range-checked; traced ones cannot be (the kernel clamps them in bounds).
     """
@@ -108,8 +131,7 @@ def check_args(q, k, v, lengths, layer=None) -> tuple[int, int, int, int, int]:
     (b, n, d), (bk, kh, s, _) = check_kv(q, k, v, layer, q_axes="[B, N, D]", axes="[B, K, S, D]", layer_needs=whole)
     if bk != b:
         raise ValueError(f"q.shape={q.shape} does not match k.shape={k.shape} (batch and head_dim must agree)")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head_dim={d} is not supported; expected one of {HEAD_DIMS}")
+    check_head_dim(d, chunked)
     check_lengths(lengths, b, s, f"S={s}")
     return b, n, kh, s, d
 

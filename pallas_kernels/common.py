@@ -212,6 +212,17 @@ def whole_call(kernel, inputs, out_shape, *, grid, num_warps: int, num_stages: i
     )(*inputs)
 
 
+def column_slices(head_dim: int) -> list:
+    """The column chunks a Triton kernel reads ``head_dim`` in (power-of-two tiles): ``[slice(None)]`` (the whole
+    row, one tile) for a power of two, else one ``pl.ds`` per set bit, widest first (96: 64 then 32; 80: 64
+    then 16): the fewest, widest products."""
+    if head_dim & (head_dim - 1) == 0:
+        return [slice(None)]
+    widths = [1 << i for i in reversed(range(head_dim.bit_length())) if head_dim >> i & 1]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    return [pl.ds(c, w) for c, w in zip(starts, widths, strict=True)]
+
+
 def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool):
     r, c = pl.program_id(0), pl.program_id(1)
     p_rows = acc_ref.shape[1]  # splits padded to a power of two
@@ -222,13 +233,15 @@ def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool
     else:  # both in one [R, P, C, stats] array: column 0 the max, column 1 the denominator
         col = lambda i, other: backend.load(m_ref.at[r, :, c, pl.ds(i, 1)], mask=p_ok[:, None], other=other)
         m, denom = col(0, -jnp.inf).reshape(p_rows), col(1, 0.0).reshape(p_rows)
-    acc = backend.load(acc_ref.at[r, :, c, :], mask=p_ok[:, None], other=0.0)  # [Pp, D]
+    chunks = column_slices(acc_ref.shape[-1])
+    accs = [backend.load(acc_ref.at[r, :, c, at], mask=p_ok[:, None], other=0.0) for at in chunks]  # [Pp, W]
     m_max = jnp.max(m)
     weight = jnp.exp(m - jnp.where(m_max > -jnp.inf, m_max, 0.0))  # exp(-inf) = 0: empty splits drop out
     total = jnp.sum(weight * denom)
-    out = jnp.sum(weight[:, None] * acc, axis=0)  # [D]
+    outs = [jnp.sum(weight[:, None] * acc, axis=0) for acc in accs]  # [W]
     inv = inverse_or_zero(total)  # no position at all: zeros
-    o_ref[r, c, :] = (out * inv).astype(o_ref.dtype)
+    for at, out in zip(chunks, outs, strict=True):
+        o_ref[r, c, at] = (out * inv).astype(o_ref.dtype)
 
 
 def merge_partials(acc, m, denom=None, *, splits: int, dtype, interpret: bool):

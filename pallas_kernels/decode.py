@@ -72,6 +72,9 @@ def decode_kernel(
         out_refs, (k_out_ref, v_out_ref) = out_refs[:-2], out_refs[-2:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
+    # Columns in power-of-two chunks (Triton's tiles): one for a power-of-two head_dim, else e.g. 3 x 32 for 96;
+    # each chunk's products are summed into the scores and accumulated into its own output columns.
+    col_chunks = common.column_slices(head_dim)
     split = dict(block_k=block_k, num_splits=num_splits, window=window)
     n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     if append:
@@ -79,50 +82,60 @@ def decode_kernel(
         # substituted for what the cache held: the cache is read before it is written, never after.
         n_full = (n - 1) // block_k
         new_pos = jnp.where((append_ref[b] != 0) & (n > 0), n - 1, -1)
-        k_new = k_new_ref[b, h, :].astype(k_ref.dtype)  # [D]
-        v_new = v_new_ref[b, h, :].astype(v_ref.dtype)
+        k_new = [k_new_ref[b, h, at].astype(k_ref.dtype) for at in col_chunks]  # [W] each
+        v_new = [v_new_ref[b, h, at].astype(v_ref.dtype) for at in col_chunks]
     else:
         n_full = n // block_k  # blocks whose every position is valid
 
-    head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=slice(None))
-    q = q.astype(k_ref.dtype)  # [Gp, D]
+    qs = []
+    for at in col_chunks:
+        head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=at)
+        qs.append(q.astype(k_ref.dtype))  # [Gp, W]
     # Scores in base-2 units (log2(e) folded into the scale, after the softcap where there is one), so the softmax
     # exponentials are the hardware's exp2: a third of the loop's instructions went to the precise exp's range
     # reduction (bench/decode_ir.py). The running max returns to natural units for the split merge.
     score_factor = scale * LOG2E
 
     def attend(carry, start, valid, new_row=None):
-        m, denom, acc = carry  # [Gp], [Gp], [Gp, D] float32
-        k = decode_walk.block_ref(k_ref, valid)[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
-        if new_row is not None:
-            k = jnp.where(new_row[:, None], k_new[None, :], k)
-        s = common.dot(q, k, trans_b=True, precision=precision)  # [Gp, bk]
+        m, denom, acc = carry  # [Gp], [Gp], ([Gp, W] per column chunk) float32
+        keys = pl.ds(start, block_k)
+        s = None
+        for c, at in enumerate(col_chunks):
+            k = decode_walk.block_ref(k_ref, valid)[layer, b, h, keys, at]  # [bk, W]
+            if new_row is not None:
+                k = jnp.where(new_row[:, None], k_new[c][None, :], k)
+            part = common.dot(qs[c], k, trans_b=True, precision=precision)  # [Gp, bk]
+            s = part if s is None else s + part
         s = s * score_factor if softcap is None else common.softcapped(s * scale, softcap) * LOG2E
         if valid is not None:
             s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)  # 0 on the first block (m = -inf)
         p = jnp.exp2(s - m_new[:, None])  # [Gp, bk]
-        v = decode_walk.block_ref(v_ref, valid)[layer, b, h, pl.ds(start, block_k), :]  # [bk, D]
-        if new_row is not None:
-            v = jnp.where(new_row[:, None], v_new[None, :], v)
-        if valid is not None:
-            v = jnp.where(valid[:, None], v, 0)  # unused positions may hold NaN: 0 * NaN must not reach acc
-        acc = acc * alpha[:, None] + common.dot(p.astype(v.dtype), v, precision=precision)
-        return m_new, denom * alpha + jnp.sum(p, axis=1), acc
+        out = []
+        for c, at in enumerate(col_chunks):
+            v = decode_walk.block_ref(v_ref, valid)[layer, b, h, keys, at]  # [bk, W]
+            if new_row is not None:
+                v = jnp.where(new_row[:, None], v_new[c][None, :], v)
+            if valid is not None:
+                v = jnp.where(valid[:, None], v, 0)  # unused positions may hold NaN: 0 * NaN must not reach acc
+            out.append(acc[c] * alpha[:, None] + common.dot(p.astype(v.dtype), v, precision=precision))
+        return m_new, denom * alpha + jnp.sum(p, axis=1), tuple(out)
 
     bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi, new_pos=new_pos if append else None)
+    acc_shapes = [(rows, q.shape[1]) for q in qs]
     (m, denom, acc), has_tail = decode_walk.walk(
-        attend, rows, (rows, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
+        attend, rows, acc_shapes, block_k=block_k, max_len=max_len, window=window, **bounds
     )
     if append:  # the program that attended over the new position writes it (one row of K and of V)
 
         @pl.when(has_tail & (new_pos >= 0))
         def _write():
-            k_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = k_new[None, :]
-            v_out_ref[layer, b, h, pl.ds(new_pos, 1), :] = v_new[None, :]
+            for c, at in enumerate(col_chunks):
+                k_out_ref[layer, b, h, pl.ds(new_pos, 1), at] = k_new[c][None, :]
+                v_out_ref[layer, b, h, pl.ds(new_pos, 1), at] = v_new[c][None, :]
 
-    decode_walk.store(out_refs, acc, m * (1 / LOG2E), denom, b, j, head_rows, slice(None), row_ok, group=group,
+    decode_walk.store(out_refs, acc, m * (1 / LOG2E), denom, b, j, head_rows, col_chunks, row_ok, group=group,
                       rows=rows, num_splits=num_splits)  # fmt: skip
 
 
@@ -204,7 +217,7 @@ def decode_attention(
     scaled scores as ``c * tanh(s / c)``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
     ``num_splits``, ``num_warps`` and ``num_stages`` override ``pallas_kernels.common.decode_config``.
     """
-    checks.check_args(q, k, v, lengths, layer)
+    checks.check_args(q, k, v, lengths, layer, chunked=True)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
     (k, v), layer = common.whole_cache((k, v), layer, MIN_BLOCK)  # a tiny cache padded to one block
@@ -215,7 +228,7 @@ def decode_attention(
 
 def check_append_args(q, k, v, lengths, k_new, v_new, append=None, layer=None) -> tuple[int, int, int, int, int]:
     """Validate :func:`decode_attention_append`'s arguments (and its reference's); return ``(B, N, K, S, D)``."""
-    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
+    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer, chunked=True)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
         if getattr(x, "shape", None) != (b, kh, d):
             raise ValueError(f"{name} must have shape [B, K, D] = {(b, kh, d)}, got {getattr(x, 'shape', None)}")

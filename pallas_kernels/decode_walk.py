@@ -26,11 +26,12 @@ def program_range(lengths_ref, layer_ref, b, j, shape, *, block_k: int, num_spli
 
 
 def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
-    """This kv head's query heads, rows ``h*G .. h*G+G-1`` of ``q``, padded to ``rows`` (masked, zeros):
-    ``(head_rows, row_ok, q [rows, D])``; ``row_ok`` is None without padding."""
+    """This kv head's query heads, rows ``h*G .. h*G+G-1`` of ``q``, padded to ``rows`` (masked, zeros), in
+    columns ``cols`` (a slice or ``pl.ds``): ``(head_rows, row_ok, q [rows, W])``; ``row_ok`` is None without
+    padding."""
     head_rows = pl.ds(h * group, rows)
-    head_dim = q_ref.shape[-1]
-    row_ok = lax.broadcasted_iota(jnp.int32, (rows, head_dim), 0) < group if rows != group else None
+    width = q_ref.shape[-1] if isinstance(cols, slice) else cols.size
+    row_ok = lax.broadcasted_iota(jnp.int32, (rows, width), 0) < group if rows != group else None
     q = backend.load(q_ref.at[b, head_rows, cols], mask=row_ok, other=0 if row_ok is not None else None)
     return head_rows, row_ok, q
 
@@ -44,8 +45,8 @@ def block_ref(ref, valid):
 def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,
          new_pos=None, denom_shape=None):  # fmt: skip
     """Run ``attend(carry, at, valid[, new_row])`` over the split's blocks ``[lo, hi)`` from the online softmax's
-    start (running max ``-inf`` and denominator 0 ``[rows]`` (or ``denom_shape``), ``acc`` zeros of ``acc_shape``;
-    float32): the
+    start (running max ``-inf`` and denominator 0 ``[rows]`` (or ``denom_shape``), ``acc`` zeros of ``acc_shape``,
+    or a tuple of zeros for a list of shapes (one per column chunk); float32): the
     window's first block masked where the window starts inside it, whole blocks (below ``n_full``) unmasked, the
     tail block masked (slid back to stay inside ``S``; with ``new_pos``, ``new_row`` marks that position).
     Returns the final ``(m, denom, acc)`` and whether this split ran the tail."""
@@ -64,10 +65,11 @@ def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block
         valid = (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n)
         return attend(carry, slid, valid) if new_pos is None else attend(carry, slid, valid, pos == new_pos)
 
+    chunked = isinstance(acc_shape, list)
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros(denom_shape or (rows,), jnp.float32),
-        jnp.zeros(acc_shape, jnp.float32),
+        tuple(jnp.zeros(x, jnp.float32) for x in acc_shape) if chunked else jnp.zeros(acc_shape, jnp.float32),
     )
     full_lo = lo
     if window is not None:  # the head block runs masked (unless the tail holds the window's start)
@@ -81,14 +83,24 @@ def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block
 
 def store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, *, group: int, rows: int, num_splits: int):
     """With one split, the normalised output ``o [B, N, D]``; with several, this split's partials ``acc``, ``m``,
-    ``denom`` (``common.split_out_shape``); padding rows are never stored."""
+    ``denom`` (``common.split_out_shape``); padding rows are never stored. ``acc`` and ``cols`` may be sequences
+    (one accumulator per column chunk, ``common.column_slices``)."""
     vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
+    chunks = list(zip(acc, cols, strict=True)) if isinstance(acc, (tuple, list)) else [(acc, cols)]
+
+    def ok(part):  # the row mask in this chunk's width (chunks may differ in width)
+        if row_ok is None or part.shape == row_ok.shape:
+            return row_ok
+        return lax.broadcasted_iota(jnp.int32, part.shape, 0) < group
+
     if num_splits == 1:
         (o_ref,) = out_refs
         inv = common.inverse_or_zero(denom)  # length 0: zeros
-        backend.store(o_ref.at[b, head_rows, cols], (acc * inv[:, None]).astype(o_ref.dtype), mask=row_ok)
+        for part, at in chunks:
+            backend.store(o_ref.at[b, head_rows, at], (part * inv[:, None]).astype(o_ref.dtype), mask=ok(part))
         return
     acc_ref, m_ref, denom_ref = out_refs[:3]
-    backend.store(acc_ref.at[b, j, head_rows, cols], acc, mask=row_ok)
+    for part, at in chunks:
+        backend.store(acc_ref.at[b, j, head_rows, at], part, mask=ok(part))
     backend.store(m_ref.at[b, j, head_rows], m, mask=vec_ok)
     backend.store(denom_ref.at[b, j, head_rows], denom, mask=vec_ok)

@@ -47,7 +47,7 @@ def decode_attention_auto(
     ``allow_mgpu`` holds, no ``window`` or ``softcap`` is asked for and :func:`prefer_mgpu` says so; else
     ``decode.decode_attention`` (Triton on a GPU, interpret mode elsewhere). ``allow_mgpu=False`` keeps the
     Triton kernel (for benchmarks that compare)."""
-    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer)
+    b, n, kh, s, d = checks.check_args(q, k, v, lengths, layer, chunked=True)
     plain = window is None and softcap is None
     if allow_mgpu and plain and backend.mosaic_gpu_usable() and prefer_mgpu(b, kh, s, d, n // kh, k.dtype):
         return decode_mgpu.decode_attention_mgpu(q, k, v, lengths, layer=layer, scale=scale)

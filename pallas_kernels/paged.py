@@ -109,7 +109,8 @@ class PagedView:
     (repeated entries hit the cache): every index is an array (one gather, which interpret mode can run too) and
     the load is masked by row, so rows past the sequence's length are not read. The K and V views of one kernel
     (and the scale views of Q8 pages) share ``addresses``, so every read of a block after the first reuses the
-    page indices it loaded. Only whole rows are read (the last index must be ``:``).
+    page indices it loaded. The last index is ``:`` (whole rows) or a static ``pl.ds`` of columns (a chunk of a
+    head_dim read in power-of-two chunks, ``common.column_slices``).
 
     Page indices come from the block table in global memory, a read each block's K/V loads wait for; with
     :meth:`BlockAddresses.preload` they come from the split's entries loaded once before the loop (a one-hot
@@ -126,15 +127,19 @@ class PagedView:
 
     def __getitem__(self, index):
         layer, b, h, window, cols = index
-        if cols != slice(None):
-            raise NotImplementedError(f"a paged view reads whole rows ([..., :]), got columns {cols}")
-        pages, offsets, valid = self.addresses(b, window, self.shape[4])
+        if cols == slice(None):
+            col0, width = 0, self.shape[4]
+        elif isinstance(cols, pl.Slice) and isinstance(cols.start, int) and isinstance(cols.size, int):
+            col0, width = cols.start, cols.size
+        else:
+            raise NotImplementedError(f"a paged view reads whole rows or static column chunks, got columns {cols}")
+        pages, offsets, valid = self.addresses(b, window, width, col0)
         if not self.masked:
-            return self.pool[(layer, pages, h, *offsets)].reshape(window.size, self.shape[4])
+            return self.pool[(layer, pages, h, *offsets)].reshape(window.size, width)
         # A float zero for float pools: Triton's lowering casts no integer to float8.
         zero = 0.0 if jnp.issubdtype(self.dtype, jnp.floating) else 0
         x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=zero)
-        return x.reshape(window.size, self.shape[4])  # [bk, D]
+        return x.reshape(window.size, width)  # [bk, W]
 
     def whole_rows(self) -> PagedView:
         """This view for a block whose every row lies inside the sequence's window and length (the walk's
@@ -165,13 +170,13 @@ class BlockAddresses:
         first = jnp.minimum(lo * (block_k // self.page_size), max_pages - width)
         self._entries = (first, self.tables[b, pl.ds(first, width)])
 
-    def __call__(self, b, window, width):
+    def __call__(self, b, window, width, col0: int = 0):
         last = self._last
         if last is None or not (last[0] is b and last[1] is window.start and last[2] == window.size):
             self._last = last = (b, window.start, window.size, self._pages(b, window), {})
-        if width not in last[4]:  # else the same traced values: a later read of the block just read
-            last[4][width] = self._offsets(b, window, width)
-        return (last[3], *last[4][width])
+        if (width, col0) not in last[4]:  # else the same traced values: a later read of the block just read
+            last[4][width, col0] = self._offsets(b, window, width, col0)
+        return (last[3], *last[4][width, col0])
 
     def _pages(self, b, window):
         ps, size = self.page_size, window.size
@@ -186,10 +191,12 @@ class BlockAddresses:
         pages = self.tables[b, (window.start + r) // ps]  # [bk, 1]
         return jnp.clip(pages, 0, self.num_pages - 1)  # an entry without a page only covers masked rows
 
-    def _offsets(self, b, window, width):
+    def _offsets(self, b, window, width, col0: int = 0):
         ps, size, n = self.page_size, window.size, self.lengths[b]
         r = lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-        offsets = (r % ps, lax.broadcasted_iota(jnp.int32, (1, width), 1))
+        rows = r % ps
+        cols = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+        offsets = (rows, cols + col0 if col0 else cols)
         pos = window.start + lax.broadcasted_iota(jnp.int32, (size, width), 0)
         valid = pos < n
         if self.window is not None:  # rows before the window (a ring's released pages) are not read either
@@ -254,18 +261,17 @@ def _paged(
 
 
 def check_args(
-    q, k_pages, v_pages, block_tables, lengths, layer=None, window=None
+    q, k_pages, v_pages, block_tables, lengths, layer=None, window=None, *, chunked: bool = False
 ) -> tuple[int, int, int, int, int, int]:
     """Validate the arguments of :func:`paged_decode_attention` (and its reference's); return
     ``(B, N, K, P, page_size, D)``. Concrete lengths, tables and layer are range-checked (table entries before
     the ``window``'s first page need not name a page: a ring releases them); traced ones cannot be (the kernel
-    clamps them)."""
+    clamps them). ``chunked``: the kernel reads the columns in chunks (``checks.takes_head_dim``)."""
     (b, n, d), (num_pages, kh, page_size, _) = checks.check_kv(
         q, k_pages, v_pages, layer, q_axes="[B, N, D]", axes="[P, K, page_size, D]",
         layer_needs="needs pools of shape [L, P, K, page_size, D]", names=("k_pages", "v_pages"),
     )  # fmt: skip
-    if d not in checks.HEAD_DIMS:
-        raise ValueError(f"head_dim={d} is not supported; expected one of {checks.HEAD_DIMS}")
+    checks.check_head_dim(d, chunked)
     if page_size & (page_size - 1):
         raise ValueError(f"page_size={page_size} must be a power of two (a block of keys is whole pages)")
     checks.check_block_tables(block_tables, b, num_pages, page_size)  # its shape: M is read next
@@ -307,7 +313,7 @@ def paged_decode_attention(
     loop, where they fit: :func:`preload_entries`) override :func:`paged_config`.
     """
     checks.check_window_softcap(window, softcap)
-    b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer, window)
+    b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer, window, chunked=True)
     default = paged_config(b, kh, reach_pages(block_tables, page_size, window), page_size, d, k_pages.dtype)
     overrides = dict(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
                      num_stages=num_stages, preload=preload)  # fmt: skip

@@ -57,7 +57,7 @@ def decode_attention_reference(
 ) -> Float[Array, "B N D"]:
     """``decode.decode_attention`` (and ``decode_mgpu.decode_attention_mgpu``, ``dispatch.decode_attention_auto``)."""
     del launch
-    *_, s, _ = checks.check_args(q, k, v, lengths, layer)
+    *_, s, _ = checks.check_args(q, k, v, lengths, layer, chunked=True)
     checks.check_window_softcap(window, softcap)
     if k.ndim == 5:
         k, v = k[layer], v[layer]
@@ -135,7 +135,7 @@ def paged_decode_attention_reference(
     """``paged.paged_decode_attention``: gather the pages into a contiguous cache (an XLA gather of every table
     entry) and run the contiguous reference."""
     del launch
-    paged.check_args(q, k_pages, v_pages, block_tables, lengths, layer, window)
+    paged.check_args(q, k_pages, v_pages, block_tables, lengths, layer, window, chunked=True)
     if k_pages.ndim == 5:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
     k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)

@@ -33,6 +33,11 @@ CASES = [
     ("g2_d64_f16_more_splits_than_blocks", 2, 2, 2, 64, 48, "float16", ("S", "1", "0"), None, 16, 8),
     ("g2_d64_f16_more_splits_batch3", 3, 2, 2, 64, 48, "float16", ("S", "1", "0"), None, 16, 8),
     ("g4_d64_bf16_tiny_cache", 2, 1, 4, 64, 8, "bfloat16", ("S", "1"), None, None, None),
+    # head_dims read in power-of-two column chunks (96 = 64 + 32, 80 = 64 + 16, 48 = 32 + 16)
+    ("g4_d96_bf16_splits3", 3, 2, 4, 96, 200, "bfloat16", ("bk-1", "bk+1", "S"), None, 64, 3),
+    ("g1_d96_f32_default_layer1_of3", 2, 3, 1, 96, 100, "float32", ("S", "2bk+1"), (3, 1), None, None),
+    ("g2_d80_f32_splits2_traced_layer", 3, 2, 2, 80, 96, "float32", ("1", "bk", "S"), (2, "traced"), 16, 2),
+    ("g8_d48_f16_one_split", 2, 1, 8, 48, 130, "float16", ("S", "1"), None, 32, 1),
 ]
 IDS = [c[0] for c in CASES]
 # The GPU class reruns the table with caches this many times longer (block edges stay relative to bk).
@@ -213,7 +218,7 @@ def _error_args(rng):
         (lambda q, k, n: decode.decode_attention(q.astype(jnp.int32), k, k, n), TypeError, "q must be a floating"),
         (lambda q, k, n: decode.decode_attention(q[:1], k, k, n), ValueError, "batch and head_dim must agree"),
         (lambda q, k, n: decode.decode_attention(q[:, :3], k, k, n), ValueError, "num_q_heads=3"),
-        (lambda q, k, n: decode.decode_attention(q[..., :48], k[..., :48], k[..., :48], n), ValueError, "head_dim=48"),
+        (lambda q, k, n: decode.decode_attention(q[..., :40], k[..., :40], k[..., :40], n), ValueError, "head_dim=40"),
         (lambda q, k, n: decode.decode_attention(q, k, k, n[:1]), ValueError, "lengths must be int[2]"),
         (lambda q, k, n: decode.decode_attention(q, k, k, n + 30), ValueError, "must lie in [0, S=32]"),
         (lambda q, k, n: decode.decode_attention(q, k, k, n, block_k=24), ValueError, "block_k=24 must be"),

@@ -39,10 +39,13 @@ def random_partials(rng, rows, splits, cols, head_dim, padded):
     return m, denom, acc, np.nan_to_num(want, nan=0.0)
 
 
-@pytest.mark.parametrize("splits,padded", [(1, 1), (3, 4), (4, 4), (66, 128)], ids=str)
+@pytest.mark.parametrize(
+    "splits,padded,head_dim", [(1, 1, 64), (3, 4, 64), (4, 4, 64), (66, 128, 64), (3, 4, 96)], ids=str
+)
 @pytest.mark.parametrize("packed", [False, True], ids=["m_denom", "packed_stats"])
-def test_merge_matches_float64(rng, splits, padded, packed):
-    m, denom, acc, want = random_partials(rng, 2, splits, 5, 64, padded)
+def test_merge_matches_float64(rng, splits, padded, head_dim, packed):
+    """head_dim 96: merged in power-of-two column chunks (``common.column_slices``)."""
+    m, denom, acc, want = random_partials(rng, 2, splits, 5, head_dim, padded)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     if packed:  # the Mosaic GPU kernel's layout: max and denominator as columns of one array
         stats = np.stack([m, denom] + [np.full_like(m, np.nan)] * 2, axis=-1)

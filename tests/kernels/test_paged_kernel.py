@@ -46,6 +46,9 @@ CASES = [
     ("g4_d64_f32_ps16_layer1_of3", 2, 2, 4, 64, 16, 4, "float32", ("S", "0"), (3, 1), None, None, False),
     ("g3_d128_f32_ps64_traced_layer", 2, 2, 3, 128, 64, 3, "float32", ("S", "ps+1"), (2, "traced"), None, 2, True),
     ("g1_d128_f16_ps4_default", 3, 4, 1, 128, 4, 16, "float16", ("ps-1", "bk", "S-1"), None, None, None, False),
+    # head_dims read in power-of-two column chunks
+    ("g4_d96_bf16_ps16_ppb2_splits2", 3, 2, 4, 96, 16, 8, "bfloat16", ("bk-1", "bk+1", "S"), None, 2, 2, True),
+    ("g2_d80_f32_ps8_layer1_of3", 2, 2, 2, 80, 8, 6, "float32", ("S", "ps+1"), (3, 1), None, None, False),
 ]
 IDS = [c[0] for c in CASES]
 GPU_SCALE = 16  # the GPU class reruns the table with this many times more pages per sequence
