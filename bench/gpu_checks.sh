@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -142,6 +142,15 @@ for part in "${parts[@]}"; do
       run paged_launch 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 420 --variants vperm \
         --paged-forms vperm vperm/5 'vperm*2' 'vperm/5*2' --bf16-paged default 4/4 4/5 '4/5*2'
       tail -n 50 "$OUT/paged_launch.log"
+      ;;
+    d96)  # issue 22: head_dims read in power-of-two column chunks (Phi-3's 96): their GPU tests with the real
+      # lowering, then 96 beside 128 and torch cuDNN at two long shapes
+      run tests_d96 200 python -m pytest -q -m gpu tests/kernels/test_decode_kernel.py tests/kernels/test_paged_kernel.py \
+        tests/kernels/test_decode_append.py tests/kernels/test_decode_window.py tests/kernels/test_merge_partials.py \
+        -k "d96 or d80 or d48 or 96"
+      run bench_d96 300 python bench/bench_decode_kinds.py --out "$OUT/d96" --rounds 5 --budget-s 220 \
+        --shapes 1x131072:32/8/96 1x131072 16x8192:32/8/96 16x8192 --rows jkv_auto paged_triton torch_cudnn
+      tail -n 14 "$OUT/bench_d96.log"
       ;;
     dp4a)  # issue 26: the integer-dot path's GPU tests, then its launches at M = 1 (row-major and interleaved words)
       run tests_dp4a 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul_dp4a.py -k "Q8_0 or Q4_K or interleaved"
