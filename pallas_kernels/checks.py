@@ -100,15 +100,9 @@ def check_block_tables(block_tables, batch: int, num_pages: int, page_size: int,
         )
 
 
-def column_width(head_dim: int) -> int:
-    """Columns of one chunk when a kernel reads ``head_dim`` in power-of-two chunks (Triton's tiles): the largest
-    power of two dividing it, all of it for a power of two (one chunk); 96 reads as three chunks of 32."""
-    return head_dim & -head_dim
-
-
 def takes_head_dim(head_dim: int, chunked: bool = False) -> bool:
     """Whether a decode kernel takes ``head_dim``: one of :data:`HEAD_DIMS`, or with ``chunked`` (the bf16 / f32
-    Triton kernels, which read the columns in :func:`column_width` chunks) any multiple of 16 up to
+    Triton kernels, which read the columns in power-of-two chunks: ``common.column_slices``) any multiple of 16 up to
     :data:`MAX_HEAD_DIM` (48, 80, 96, ...)."""
     if chunked:
         return head_dim % 16 == 0 and 16 <= head_dim <= MAX_HEAD_DIM
