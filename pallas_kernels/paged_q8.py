@@ -17,18 +17,28 @@ from pallas_kernels.common import MIN_BLOCK
 from pallas_kernels.decode_q8 import QuantFormat
 from pallas_kernels.paged import BlockAddresses, PagedConfig, PagedView
 
+# Pipeline stages the block table's loads take ahead of the K/V loads (table -> K/V -> products) when they are read
+# inside the loop: at the contiguous kernel's three stages Triton then gives these kernels' K/V one shared-memory
+# buffer, at five two, as the contiguous kernel has (bench/decode_ir.py counts; on an H100 paged Q8 went from 1.27x
+# to 1.02x the contiguous Q8 kernel's time: docs/BENCHMARKS.md, "Paged Q8 with five stages"). Preloaded entries
+# (``PagedConfig.preload``) take none: three stages already give two buffers.
+TABLE_STAGES = 2
+
 
 def paged_q8_config(
     batch: int, num_kv_heads: int, max_pages: int, page_size: int, head_dim: int, fmt: QuantFormat = decode_q8.Q8
 ) -> PagedConfig:
     """Defaults: the contiguous kernel's block of keys (``fmt.config``: ``decode_q8.q8_decode_config``) rounded
-    to whole pages, and its splits, warps and stages for that block."""
+    to whole pages, and its splits and warps for that block; its stages, plus :data:`TABLE_STAGES` where the table
+    is read inside the loop, so the K/V loads keep the contiguous kernel's buffers (as many as fit)."""
     max_len = max_pages * page_size
     base = fmt.config(batch, num_kv_heads, max_len, head_dim)
     ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
     config = fmt.config(batch, num_kv_heads, max_len, head_dim, block_k=ppb * page_size)
     preload = paged.preload_entries(max_pages, ppb, config.num_splits, page_size) > 0
-    return PagedConfig(ppb, config.num_splits, config.num_warps, config.num_stages, preload)
+    fits = common.max_stages(ppb * page_size, head_dim, 1)
+    stages = min(config.num_stages, fits) + (0 if preload else TABLE_STAGES)
+    return PagedConfig(ppb, config.num_splits, config.num_warps, stages, preload)
 
 
 def _paged_q8_kernel(

@@ -13,7 +13,7 @@ from kernel_inputs import KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, kernel_query
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
-from pallas_kernels import backend, decode_q8, paged_q8, reference
+from pallas_kernels import backend, decode_fp8, decode_q8, paged_q8, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -76,6 +76,18 @@ def test_config_counts_whole_pages(page_size, expected_ppb):
     """The default block is the contiguous Q8 kernel's 64 keys, rounded to whole pages."""
     config = paged_q8.paged_q8_config(8, 8, 4096 // page_size, page_size, 128)
     assert config.pages_per_block == expected_ppb and config.num_splits >= 1
+
+
+@pytest.mark.parametrize("batch,seq", [(1, 131072), (16, 8192), (1, 4096)], ids=str)
+def test_config_adds_the_table_stages_where_the_table_is_read_in_the_loop(batch, seq):
+    """Read inside the loop, the table's loads take two pipeline stages ahead of the K/V loads: five stages keep the
+    contiguous kernel's two K/V buffers; preloaded entries (1 x 4096) take none."""
+    for fmt in (decode_q8.Q8, decode_fp8.FP8):
+        config = paged_q8.paged_q8_config(batch, 8, seq // 16, 16, 128, fmt)
+        contiguous = fmt.config(batch, 8, seq, 128, block_k=config.pages_per_block * 16)
+        added = 0 if config.preload else paged_q8.TABLE_STAGES
+        assert config.num_stages == contiguous.num_stages + added, (fmt, config)
+    assert paged_q8.paged_q8_config(1, 8, 4096 // 16, 16, 128).preload
 
 
 def test_kernel_errors():
