@@ -137,11 +137,14 @@ for part in "${parts[@]}"; do
         --variants vperm 'vperm*2' 'vperm/64/2*4' 'vperm+iq8*2' --fp8 default '*2' 64 '64*2' --bf16-splits 0.5 2
       tail -n 50 "$OUT/q8_splits.log"
       ;;
-    paged_launch)  # issue 22: the paged kernels' launches: Q8 with five stages (two K/V buffers: at three the chain
-      # table -> K/V -> products leaves one) and more splits; bf16 with 64-key blocks at four / five stages
-      run paged_launch 580 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 420 --variants vperm \
-        --paged-forms vperm vperm/5 'vperm*2' 'vperm/5*2' --bf16-paged default 4/4 4/5 '4/5*2'
-      tail -n 50 "$OUT/paged_launch.log"
+    paged_launch)  # issue 22: the paged Q8 / FP8 kernels at their new stages (paged_q8.TABLE_STAGES): their GPU tests,
+      # then paged Q8 at the default (five) and the old three stages beside contiguous Q8 and bf16, and the bf16 paged
+      # kernel with 64-key blocks at four / five stages (its H200 gap)
+      run tests_paged_q8 240 python -m pytest -q -m gpu tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py \
+        -k "paged or bench_shapes"
+      run paged_launch 420 python bench/bench_q8_loop.py --out "$OUT" --rounds 5 --budget-s 300 --variants vperm \
+        --paged-forms vperm vperm/3 --bf16-paged default 4/4 4/5 '4/5*2'
+      tail -n 40 "$OUT/paged_launch.log"
       ;;
     d96)  # issue 22: head_dims read in power-of-two column chunks (Phi-3's 96): their GPU tests with the real
       # lowering, then 96 beside 128 and torch cuDNN at two long shapes
