@@ -19,7 +19,10 @@ The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kerne
 * with a ``window`` the blocks start at the one holding ``max(n - window, 0)`` (blocks wholly before the window
   are never read) and that first block runs masked; a ``softcap`` caps the scaled scores, ``c * tanh(s / c)``;
 * several splits leave partials that ``pallas_kernels.common.merge_partials`` merges; with one split the kernel
-  normalises and writes the output itself.
+  normalises and writes the output itself;
+* a head_dim that is not a power of two (a multiple of 16 up to 256: Phi-3's 96) is read in power-of-two column
+  chunks (``common.column_slices``: 96 = 64 + 32), each chunk's products summed into the scores and accumulated
+  into its own output columns; at a power of two the kernel is the one-chunk case.
 
 :func:`decode_attention_append` is the same kernel with a decode step's cache write folded in. The kernel body
 is also the paged kernel's (``pallas_kernels.paged`` runs it over a page view of its pools). Block size, splits,
@@ -72,8 +75,8 @@ def decode_kernel(
         out_refs, (k_out_ref, v_out_ref) = out_refs[:-2], out_refs[-2:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
-    # Columns in power-of-two chunks (Triton's tiles): one for a power-of-two head_dim, else e.g. 3 x 32 for 96;
-    # each chunk's products are summed into the scores and accumulated into its own output columns.
+    # Columns in power-of-two chunks (Triton's tiles): one for a power-of-two head_dim, else widest first (96: 64
+    # then 32); each chunk's products are summed into the scores and accumulated into its own output columns.
     col_chunks = common.column_slices(head_dim)
     split = dict(block_k=block_k, num_splits=num_splits, window=window)
     n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
