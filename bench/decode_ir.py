@@ -13,6 +13,7 @@ SASS (the backward branch's body holding the most MMAs), instructions by mnemoni
 all; from ``ptxas -v``, registers and spill bytes. Usage (``triton`` importable, e.g. ``PYTHONPATH=/tmp/tt:$PWD``)::
 
     JAX_PLATFORMS=cpu python bench/decode_ir.py [--shape 1x131072] [--forms default kt ...] [--paged] [--out DIR]
+    JAX_PLATFORMS=cpu python bench/decode_ir.py --head-dim 96 --paged   # the bf16 kernel in column chunks
 
 prints a table (one row per kernel) and, with ``--out``, writes ``DIR/decode_ir.json`` and each kernel's TTGIR and
 SASS. ``--block-k/--warps/--stages`` override the Q8 and FP8 launch.
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import qmatmul_ir
-from pallas_kernels import common, decode, decode_fp8, decode_q8, paged, paged_q8
+from pallas_kernels import checks, common, decode, decode_fp8, decode_q8, paged, paged_q8
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 PAGE_SIZE = 16
@@ -62,43 +63,45 @@ SASS_GROUPS = {  # column: mnemonic pattern (instruction name with its modifiers
 TTGIR_OPS = ("convert_layout", "local_alloc", "local_load", "local_store", "tt.reshape", "tt.trans", "tt.dot")
 
 
-def _inputs(batch: int, seq: int, paged_pool: bool):
+def _inputs(batch: int, seq: int, paged_pool: bool, head_dim: int = HEAD_DIM):
     """Abstract inputs of one layer: ``(q, k, v, lengths, layer)`` bf16 and ``(k codes, scales)`` pairs;
     paged pools ``[1, pages, K, PAGE_SIZE, .]`` with a block table when ``paged_pool``."""
     sds = jax.ShapeDtypeStruct
-    q = sds((batch, NUM_Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    q = sds((batch, NUM_Q_HEADS, head_dim), jnp.bfloat16)
     rows = (1, batch * seq // PAGE_SIZE, NUM_KV_HEADS, PAGE_SIZE) if paged_pool else (1, batch, NUM_KV_HEADS, seq)
-    codes, scales = sds((*rows, HEAD_DIM), jnp.int8), sds((*rows, HEAD_DIM // 32), jnp.float16)
-    dense = sds((*rows, HEAD_DIM), jnp.bfloat16)
-    fp8 = sds((*rows, HEAD_DIM), jnp.float8_e4m3fn), sds((*rows, 1), jnp.float32)
+    codes, scales = sds((*rows, head_dim), jnp.int8), sds((*rows, head_dim // 32), jnp.float16)
+    dense = sds((*rows, head_dim), jnp.bfloat16)
+    fp8 = sds((*rows, head_dim), jnp.float8_e4m3fn), sds((*rows, 1), jnp.float32)
     tables = sds((batch, seq // PAGE_SIZE), jnp.int32)
     return q, dense, (codes, scales), fp8, tables, sds((batch,), jnp.int32), sds((1,), jnp.int32)
 
 
-def lowered(kind: str, batch: int, seq: int, form: str = "default", paged_pool: bool = False, **launch):
+def lowered(
+    kind: str, batch: int, seq: int, form: str = "default", paged_pool: bool = False, head_dim: int = HEAD_DIM, **launch
+):
     """The ``tt``-dialect module of the ``kind`` (``bf16`` / ``q8``) decode kernel at ``batch x seq`` and its
     launch ``(num_warps, num_stages)``; ``form`` picks the Q8 loop form, ``launch`` overrides the Q8 launch."""
-    q, dense, (codes, scales), fp8, tables, lengths, layer = _inputs(batch, seq, paged_pool)
-    scale = HEAD_DIM**-0.5
+    q, dense, (codes, scales), fp8, tables, lengths, layer = _inputs(batch, seq, paged_pool, head_dim)
+    scale = head_dim**-0.5
     if kind == "bf16" and not paged_pool:
-        config = common.decode_config(batch, NUM_KV_HEADS, seq, HEAD_DIM, jnp.bfloat16)
+        config = common.decode_config(batch, NUM_KV_HEADS, seq, head_dim, jnp.bfloat16)
         call = lambda: decode._decode.trace(
             q, dense, dense, lengths, layer, scale=scale, config=config, interpret=False
         )
     elif kind in ("q8", "fp8") and not paged_pool:
         rule = decode_q8.q8_decode_config if kind == "q8" else decode_fp8.fp8_decode_config
-        default = rule(batch, NUM_KV_HEADS, seq, HEAD_DIM, block_k=launch.pop("block_k", None))
+        default = rule(batch, NUM_KV_HEADS, seq, head_dim, block_k=launch.pop("block_k", None))
         config = default._replace(**{k: v for k, v in launch.items() if v is not None})
         args = (q, codes, scales, codes, scales, lengths, layer) if kind == "q8" else (q, *fp8, *fp8, lengths, layer)
         call = lambda: decode_q8._decode.trace(*args, scale=scale, config=config, interpret=False, form=form)
     elif kind == "q8":
         pages = max(1, (launch.pop("block_k", None) or decode_q8.BLOCK_K) // PAGE_SIZE)
-        config = paged_q8.paged_q8_config(batch, NUM_KV_HEADS, seq // PAGE_SIZE, PAGE_SIZE, HEAD_DIM)
+        config = paged_q8.paged_q8_config(batch, NUM_KV_HEADS, seq // PAGE_SIZE, PAGE_SIZE, head_dim)
         config = config._replace(pages_per_block=pages, **{k: v for k, v in launch.items() if v is not None})
         args = (q, codes, scales, codes, scales, tables, lengths, layer)
         call = lambda: paged_q8._paged_q8.trace(*args, scale=scale, config=config, interpret=False, form=form)
     else:
-        config = paged.paged_config(batch, NUM_KV_HEADS, seq // PAGE_SIZE, PAGE_SIZE, HEAD_DIM, jnp.bfloat16)
+        config = paged.paged_config(batch, NUM_KV_HEADS, seq // PAGE_SIZE, PAGE_SIZE, head_dim, jnp.bfloat16)
         call = lambda: paged._paged.trace(q, dense, dense, tables, lengths, layer, scale=scale, config=config,
                                           interpret=False)  # fmt: skip
     modules = []
@@ -203,17 +206,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--block-k", type=int, default=None)
     ap.add_argument("--warps", type=int, default=None)
     ap.add_argument("--stages", type=int, default=None)
+    ap.add_argument("--head-dim", type=int, default=HEAD_DIM, help="Q8 / FP8 rows only at their powers of two")
     ap.add_argument("--out", default=None, help="write decode_ir.json and each kernel's TTGIR / SASS here")
     args = ap.parse_args(argv)
     batch, seq = (int(x) for x in args.shape.split("x"))
     launch = dict(block_k=args.block_k, num_warps=args.warps, num_stages=args.stages)
-    kernels = {"bf16": ("bf16", "default")} | {f"q8 {f}": ("q8", f) for f in args.forms}
-    if not args.paged:
+    quantized = checks.takes_head_dim(args.head_dim)  # the Q8 / FP8 kernels: powers of two only
+    kernels = {"bf16": ("bf16", "default")} | {f"q8 {f}": ("q8", f) for f in args.forms if quantized}
+    if not args.paged and quantized:
         kernels |= {f"fp8 {f}": ("fp8", f) for f in args.fp8_forms}
     rows = {}
     for name, (kind, form) in kernels.items():
         overrides = launch if kind != "bf16" else {}
-        ttir, (warps, stages, block_k) = lowered(kind, batch, seq, form, args.paged, **overrides)
+        ttir, (warps, stages, block_k) = lowered(kind, batch, seq, form, args.paged, args.head_dim, **overrides)
         rows[name] = counts(ttir, warps, stages) | {"launch": {"block_k": block_k, "warps": warps, "stages": stages}}
     print_table(rows)
     if args.out:
@@ -222,7 +227,8 @@ def main(argv=None) -> dict:
         for name, r in rows.items():
             for ext, text in r.pop("_text").items():
                 (out / f"{name.replace(' ', '_')}.{ext}").write_text(text)
-        (out / "decode_ir.json").write_text(json.dumps({"shape": [batch, seq], "rows": rows}, indent=1))
+        report = {"shape": [batch, seq], "head_dim": args.head_dim, "rows": rows}
+        (out / "decode_ir.json").write_text(json.dumps(report, indent=1))
     return rows
 
 
