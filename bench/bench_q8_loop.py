@@ -69,6 +69,12 @@ VARIANTS = (
 )
 
 
+def scaled_splits(splits: int, factor: float, seq: int, block_k: int) -> int:
+    """``factor`` times a default's ``splits`` (rounded: the bf16 rows take fractions), at least one and at most one
+    ``block_k`` block of ``seq`` a split: the ``*F`` of every variant grammar here."""
+    return max(1, min(-(-seq // block_k), round(splits * factor)))
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """``form[/block_k[/warps[/stages]]][*F]`` -> ``(form, launch overrides)`` (``*F``: ``split_factor``)."""
     body, _, factor = text.partition("*")
@@ -89,9 +95,8 @@ def q8_call(batch: int, seq: int, form: str, overrides: dict, interpret: bool):
     block_k = overrides.get("block_k")
     config = decode_q8.q8_decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, block_k=block_k)
     factor = overrides.get("split_factor", 1)
-    most = max(1, -(-seq // config.block_k))  # at least one block a split
     config = config._replace(**{k: v for k, v in overrides.items() if k not in ("block_k", "split_factor")})
-    config = config._replace(num_splits=min(most, config.num_splits * factor))
+    config = config._replace(num_splits=scaled_splits(config.num_splits, factor, seq, config.block_k))
     options = dict(scale=common.HEAD_DIM**-0.5, config=config, interpret=interpret, form=form)
 
     def call(q, k, ks, v, vs, n):
@@ -123,7 +128,7 @@ def paged_q8_call(form: str, interpret: bool):
             pool, tables = pools_table_lengths[0], pools_table_lengths[4]
             (batch, pages), heads = tables.shape, pool.shape[-3]
             config = paged_q8.paged_q8_config(batch, heads, pages, PAGE_SIZE, q.shape[-1])
-            splits = min(max(1, pages // config.pages_per_block), config.num_splits * int(factor))
+            splits = scaled_splits(config.num_splits, factor, pages, config.pages_per_block)
         with mock.patch.object(decode_q8, "LOOP_FORM", form):
             return paged_q8.paged_q8_decode_attention(
                 q, *pools_table_lengths, scale=common.HEAD_DIM**-0.5, interpret=interpret, num_splits=splits,
@@ -167,7 +172,7 @@ def fp8_cells(batch: int, seq: int, sets, specs, interpret: bool) -> dict:
             batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, block_k=launch.get("block_k")
         )
         config = base._replace(**launch)
-        config = config._replace(num_splits=min(max(1, -(-seq // config.block_k)), base.num_splits * factor))
+        config = config._replace(num_splits=scaled_splits(base.num_splits, factor, seq, config.block_k))
         options = dict(scale=common.HEAD_DIM**-0.5, interpret=interpret, **config._asdict())
         fn = functools.partial(decode_fp8.fp8_decode_attention, **options)
         cells[f"fp8:{spec}"] = (fn, fp8_sets, config, ref)
@@ -180,7 +185,7 @@ def bf16_split_calls(batch: int, seq: int, factors, interpret: bool) -> dict:
     base = pl_common.decode_config(batch, common.NUM_KV_HEADS, seq, common.HEAD_DIM, jnp.bfloat16)
     calls = {}
     for factor in factors:
-        splits = max(1, min(-(-seq // base.block_k), round(base.num_splits * factor)))
+        splits = scaled_splits(base.num_splits, factor, seq, base.block_k)
         fn = functools.partial(decode.decode_attention, interpret=interpret, num_splits=splits)
         calls[f"bf16_triton*{factor:g}"] = (fn, base._replace(num_splits=splits))
     return calls
@@ -208,7 +213,7 @@ def bf16_paged_calls(batch: int, seq: int, specs, interpret: bool) -> dict:
         factor = launch.pop("split_factor", None)
         if factor:
             block = launch.get("pages_per_block", base.pages_per_block) * PAGE_SIZE
-            launch["num_splits"] = max(1, min(-(-seq // block), base.num_splits * factor))
+            launch["num_splits"] = scaled_splits(base.num_splits, factor, seq, block)
         calls[f"bf16_paged:{spec}"] = functools.partial(paged.paged_decode_attention, interpret=interpret, **launch)
     return calls
 
@@ -268,22 +273,21 @@ def shape_cell(
         row["variants"][name] = {"config": list(config), "rel_err": common.rel_err(out, fp8_ref)}
         row["variants"][name]["same_as_default"] = None
         samplers[name] = sampler(fn, fp8_sets, est * 0.6, smoke)
+    bf16_ref = reference.decode_attention_reference(*sets[0]) if bf16_splits or bf16_paged else None
     for name, (fn, config) in bf16_split_calls(batch, seq, bf16_splits, interpret).items():
         row["variants"][name] = {"config": list(config), "same_as_default": None}
-        row["variants"][name]["rel_err"] = common.rel_err(fn(*sets[0]), reference.decode_attention_reference(*sets[0]))
+        row["variants"][name]["rel_err"] = common.rel_err(fn(*sets[0]), bf16_ref)
         samplers[name] = sampler(fn, sets, est, smoke)
     calls = bf16_paged_calls(batch, seq, bf16_paged, interpret)
     b_sets = paged_sets(sets, PAGE_SIZE, jax.random.key(batch * 7919 + seq + 1)) if calls else []
     for name, fn in calls.items():
-        want = reference.decode_attention_reference(*sets[0])
-        row["variants"][name] = {"config": [], "same_as_default": None, "rel_err": common.rel_err(fn(*b_sets[0]), want)}
+        err = common.rel_err(fn(*b_sets[0]), bf16_ref)
+        row["variants"][name] = {"config": [], "same_as_default": None, "rel_err": err}
         samplers[name] = sampler(fn, b_sets, est, smoke)
     timed = common.interleaved(samplers, rounds, baseline="bf16")
     fp8_bytes = 2 * batch * common.NUM_KV_HEADS * seq * (common.HEAD_DIM + 4)  # e4m3 values, a float32 scale
     for name, t in timed.items():
-        nbytes = (
-            common.kv_bytes(batch, seq) if name.startswith("bf16") else common.q8_bytes(batch, seq)
-        )  # bf16_paged too
+        nbytes = common.kv_bytes(batch, seq) if name.startswith("bf16") else common.q8_bytes(batch, seq)
         nbytes = fp8_bytes if name.startswith("fp8") else nbytes
         cell = {"us": t["time_s"] * 1e6, "tbps": nbytes / t["time_s"] / 1e12}
         cell["vs_bf16"] = 1 / t["speed_vs_bf16"]["median"]

@@ -30,14 +30,13 @@ def paged_q8_config(
 ) -> PagedConfig:
     """Defaults: the contiguous kernel's block of keys (``fmt.config``: ``decode_q8.q8_decode_config``) rounded
     to whole pages, and its splits and warps for that block; its stages, plus :data:`TABLE_STAGES` where the table
-    is read inside the loop, so the K/V loads keep the contiguous kernel's buffers (as many as fit)."""
+    is read inside the loop, so the K/V loads keep the contiguous kernel's buffers."""
     max_len = max_pages * page_size
     base = fmt.config(batch, num_kv_heads, max_len, head_dim)
     ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
     config = fmt.config(batch, num_kv_heads, max_len, head_dim, block_k=ppb * page_size)
     preload = paged.preload_entries(max_pages, ppb, config.num_splits, page_size) > 0
-    fits = common.max_stages(ppb * page_size, head_dim, 1)
-    stages = min(config.num_stages, fits) + (0 if preload else TABLE_STAGES)
+    stages = config.num_stages + (0 if preload else TABLE_STAGES)  # fmt.config's stages already fit
     return PagedConfig(ppb, config.num_splits, config.num_warps, stages, preload)
 
 
