@@ -8,9 +8,10 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
   (``LlamaParams.decode_bytes``) plus the K/V bytes the step reads at its mean length, over the bandwidth (a
   device copy measured in the same run where torch sees the GPU, else 4.8e12 B/s); ``of_floor`` = floor / time.
   Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``); each quantized
-  model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words), and
-  that as ``<name>_dp4a_actk`` (its activations rounded in one launch per product: ``qmatmul_act``) and
-  ``<name>_dp4a_actk_normk`` (the norms before wqkv and w_gate_up rounding their rows in their own launch).
+  model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words, its
+  activations rounded as ``qmatmul_act.ROUNDING`` says: on a GPU one launch per product), and that as
+  ``<name>_dp4a_actx`` (the activations rounded by XLA's fusions instead, the form before) and
+  ``<name>_dp4a_normk`` (the norms before wqkv and w_gate_up rounding their rows in their own launch).
 * ``prefill``: one prompt of each ``--prefill-tokens`` length into an empty cache (``llama.prefill``), tokens/s, and
   each quantized row's throughput against bf16's (issue 26 asks >= 0.8x) as dispatched, through the kernel's
   large-M path (``<name>_kernel``) and as ``<name>_xla`` (``LlamaOptions(weights_impl="xla")``: dequantize to
@@ -115,7 +116,7 @@ def random_quantized(params, choice: str, seed: int):
 
 
 MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
-ACT_KERNEL = "_actk"  # a dp4a decode row with this suffix rounds its activations in one launch (qmatmul_act)
+ACT_XLA = "_actx"  # a dp4a decode row with this suffix rounds its activations in XLA's fusions (qmatmul_act)
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 
 
@@ -134,17 +135,16 @@ def with_dp4a_rows(models: dict, keep=None) -> dict:
 
 
 def with_act_rows(models: dict) -> dict:
-    """``models`` and each dp4a-layout one again as ``<name>_actk`` (the same params; its step compiled with
-    ``qmatmul_act.ROUNDING = "kernel"``: the activations rounded in one launch per product), and as
-    ``<name>_actk_normk`` (that, with the norm kernel rounding the inputs of wqkv and w_gate_up in its launch:
-    ``LlamaOptions.norm_kernel``)."""
+    """``models`` and each dp4a-layout one again as ``<name>_actx`` (the same params; its step compiled with
+    ``qmatmul_act.ROUNDING = "xla"``: the activations rounded by XLA's fusions), and as ``<name>_normk`` (the norm
+    kernel rounding the inputs of wqkv and w_gate_up in its launch: ``LlamaOptions.norm_kernel``)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
-    return models | {f"{name}{ACT_KERNEL}{tail}": p for name, p in dp4a.items() for tail in ("", NORM_KERNEL)}
+    return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in (ACT_XLA, NORM_KERNEL)}
 
 
 def act_rounding(name: str):
     """The activation rounding of row ``name`` while inside (its program is compiled there and keeps it)."""
-    return mock.patch.object(qmatmul_act, "ROUNDING", "kernel" if ACT_KERNEL in name else qmatmul_act.ROUNDING)
+    return mock.patch.object(qmatmul_act, "ROUNDING", "xla" if ACT_XLA in name else qmatmul_act.ROUNDING)
 
 
 def with_mgpu_rows(models: dict) -> dict:

@@ -189,7 +189,7 @@ for part in "${parts[@]}"; do
       ;;
     qstep_pdl)  # issue 26: the batch-1 step with XLA's programmatic dependent launch (Hopper: a kernel starts while
       # the one before drains; --xla_gpu_enable_pdl) and without, two processes; the norm-rounded row beside
-      rows=q4_k_dp4a,q4_k_dp4a_actk,q4_k_dp4a_actk_normk
+      rows=q4_k_dp4a,q4_k_dp4a_actx,q4_k_dp4a_normk
       run bench_qstep_pdl_on 270 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_pdl=true" python bench/bench_qweights.py \
         --out "$OUT/pdl_on" --sections decode --batches 1 --rounds 3 --decode-rows $rows
       run bench_qstep_pdl_off 270 python bench/bench_qweights.py --out "$OUT/pdl_off" --sections decode --batches 1 \
@@ -197,16 +197,16 @@ for part in "${parts[@]}"; do
       tail -n 6 "$OUT/bench_qstep_pdl_on.log" "$OUT/bench_qstep_pdl_off.log"
       ;;
     qstep_act)  # issue 26: the dp4a layout's activations rounded in one launch per product (qmatmul_act), and in the
-      # norm's launch (rms_norm.residual_rms_norm_rounded): their GPU tests, then the batch-1 step with XLA's
-      # rounding, the kernel's and the norm's, interleaved in one process
+      # norm's launch (rms_norm.residual_rms_norm_rounded): their GPU tests, then the batch-1 step with the kernel's
+      # rounding (the default), XLA's (_actx) and the norm's (_normk), interleaved in one process
       run tests_qmatmul_act 200 python -m pytest -q -m gpu tests/kernels/test_qmatmul_act.py
       run tests_norm_rounded 120 python -m pytest -q -m gpu tests/kernels/test_rms_norm_rounded.py
       run bench_qstep_act 360 python bench/bench_qweights.py --out "$OUT/act" --sections decode --batches 1 \
-        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_actk,q4_k_dp4a_actk,q8_0_dp4a_actk_normk,q4_k_dp4a_actk_normk
+        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_actx,q4_k_dp4a_actx,q8_0_dp4a_normk,q4_k_dp4a_normk
       tail -n 10 "$OUT/bench_qstep_act.log"
       # where the launches went (launches a step by kind), if the call's budget leaves room
       run bench_qstep_act_breakdown 200 python bench/bench_qweights.py --out "$OUT/act_bd" --breakdown \
-        --decode-rows q4_k_dp4a,q4_k_dp4a_actk,q4_k_dp4a_actk_normk
+        --decode-rows q4_k_dp4a,q4_k_dp4a_actx,q4_k_dp4a_normk
       grep "launches/step" "$OUT/bench_qstep_act_breakdown.log"
       ;;
     fp8)  # issue 22: the FP8 kernels' float16 products, the paged kernels' unmasked whole blocks, the base-2

@@ -22,7 +22,7 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
     """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and the
     span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
     small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a`` (and
-    ``<name>_dp4a_actk``: its activations rounded in one launch), and where Mosaic GPU runs on its kernel,
+    ``<name>_dp4a_actx``: its activations rounded by XLA's fusions), and where Mosaic GPU runs on its kernel,
     ``<name>_mgpu``). ``keep``: only these variants (all when None)."""
     out = {}
     tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size

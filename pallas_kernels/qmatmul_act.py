@@ -10,9 +10,11 @@ and every factor the format takes. The arithmetic is ``quantize_activations``'s 
 compilers round a float alike (interpret mode: bit for bit); only the packing of four codes to a word differs (a
 bitcast for XLA, shifts here).
 
-``ROUNDING`` (``"xla"`` or ``"kernel"``), read by ``quantized_matmul`` per call (:func:`round_activations`), picks
-the form; ``"xla"`` stays the default until a GPU times the step with each (``bench/bench_qweights.py``'s
-``<name>_dp4a_actk`` rows: ``gpu_checks.sh qstep_act``).
+``ROUNDING`` (``"auto"``, ``"xla"`` or ``"kernel"``), read by ``quantized_matmul`` per call
+(:func:`round_activations`), picks the form. ``"auto"`` (the default) is the kernel where the product runs on the
+GPU and XLA's fusions in interpret mode (where the kernel would only be slower): on an H100 the batch-1 step of the
+8B shape in the dp4a layout ran 3 % (Q8_0) and 6 % (Q4_K) faster with the kernel (docs/BENCHMARKS.md, "Activation
+rounding in one launch"; ``bench/bench_qweights.py``'s ``<name>_dp4a_actx`` rows keep XLA's form for comparison).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import common, int_codes, qmatmul_dp4a
 
-ROUNDINGS = ("xla", "kernel")
-ROUNDING = "xla"
+ROUNDINGS = ("auto", "xla", "kernel")
+ROUNDING = "auto"
 MAX_CHUNK = 1024  # values a program rounds (32 blocks)
 
 
@@ -79,8 +81,11 @@ def rounded_rows(x, fmt: str, *, interpret: bool):
 
 def round_activations(x, fmt: str, interpret: bool, rounding: str | None):
     """The dp4a path's int8 activation words and factors, rounded as ``rounding`` says (None: ``ROUNDING``;
-    ``quantized_matmul``'s public functions pass it per call, so a change retraces)."""
+    ``quantized_matmul``'s public functions pass it per call, so a change retraces; ``"auto"``: the kernel unless
+    ``interpret``)."""
     rounding = ROUNDING if rounding is None else rounding
+    if rounding == "auto":
+        rounding = "xla" if interpret else "kernel"
     if rounding == "kernel":
         return rounded_rows(x, fmt, interpret=interpret)
     if rounding != "xla":

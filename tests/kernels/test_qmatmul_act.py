@@ -87,6 +87,32 @@ def test_lowers_to_one_triton_kernel_before_the_product(fmt):
     assert "stablehlo.floor" not in text and "stablehlo.maximum" not in text  # no rounding left to XLA
 
 
+def test_auto_rounds_in_the_kernel_on_a_gpu_and_in_xla_when_interpreting(monkeypatch):
+    """The default ``"auto"``: lowered for CUDA the rounding is its own Triton kernel; in interpret mode XLA's
+    fusions round (the kernel is never called), and ``"xla"`` keeps XLA's form on a GPU too."""
+    assert qmatmul_act.ROUNDING == "auto"
+    calls = []
+    kernel = qmatmul_act.rounded_rows
+    monkeypatch.setattr(qmatmul_act, "rounded_rows", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    sds = jax.ShapeDtypeStruct
+    n, k, fmt = 256, 512, "Q4_K"
+    config = qmatmul.dp4a_config(1, n, k, fmt)
+    args = (sds((1, k), jnp.bfloat16), planes_like(fmt, n, k, sds))
+
+    def lowered(interpret, rounding):
+        calls.clear()
+        traced = qmatmul._qmatmul.trace(*args, fmt=fmt, config=config, interpret=interpret, rounding=rounding)
+        return traced.lower(lowering_platforms=None if interpret else ("cuda",)).as_text()
+
+    assert "jkv_act_rounding_q4_k" in lowered(False, "auto") and calls == [{"interpret": False}]
+    assert "jkv_act_rounding_q4_k" in lowered(False, None) and len(calls) == 1
+    assert "jkv_act_rounding" not in lowered(False, "xla") and not calls
+    lowered(True, "auto")
+    assert not calls
+    lowered(True, "kernel")
+    assert calls == [{"interpret": True}]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
 @pytest.mark.parametrize("m,k", [(1, 4096), (16, 14336), (2, 96)], ids=str)
