@@ -206,13 +206,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--block-k", type=int, default=None)
     ap.add_argument("--warps", type=int, default=None)
     ap.add_argument("--stages", type=int, default=None)
-    ap.add_argument("--head-dim", type=int, default=HEAD_DIM, help="Q8 / FP8 rows only at their powers of two")
+    ap.add_argument("--head-dim", type=int, default=HEAD_DIM, help="Q8 rows at multiples of 32")
     ap.add_argument("--out", default=None, help="write decode_ir.json and each kernel's TTGIR / SASS here")
     args = ap.parse_args(argv)
     batch, seq = (int(x) for x in args.shape.split("x"))
     launch = dict(block_k=args.block_k, num_warps=args.warps, num_stages=args.stages)
-    quantized = checks.takes_head_dim(args.head_dim)  # the Q8 / FP8 kernels: powers of two only
-    kernels = {"bf16": ("bf16", "default")} | {f"q8 {f}": ("q8", f) for f in args.forms if quantized}
+    quantized = checks.takes_head_dim(args.head_dim, chunked=True)  # Q8 codes also want a multiple of 32
+    q8 = quantized and args.head_dim % 32 == 0
+    kernels = {"bf16": ("bf16", "default")} | {f"q8 {f}": ("q8", f) for f in args.forms if q8}
     if not args.paged and quantized:
         kernels |= {f"fp8 {f}": ("fp8", f) for f in args.fp8_forms}
     rows = {}

@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -154,6 +154,16 @@ for part in "${parts[@]}"; do
       run bench_d96 300 python bench/bench_decode_kinds.py --out "$OUT/d96" --rounds 5 --budget-s 220 \
         --shapes 1x131072:32/8/96 1x131072 16x8192:32/8/96 16x8192 --rows jkv_auto paged_triton torch_cudnn
       tail -n 14 "$OUT/bench_d96.log"
+      ;;
+    d96q)  # issue 22: the Q8 / FP8 decode kernels at head_dims read in power-of-two column parts (96, 160, 224, 80):
+      # their GPU tests with the real lowering, the dp4a layout's model tests (activations rounded in the kernel by
+      # default), then Q8 / FP8 at 96 beside bf16 and torch cuDNN at two long shapes
+      run tests_d96q 300 python -m pytest -q -m gpu tests/kernels/test_q8_kernel.py tests/kernels/test_paged_q8_kernel.py \
+        tests/kernels/test_fp8_kernel.py tests/models/test_quant_layout.py -k "d96 or d160 or d224 or d80 or dp4a"
+      run bench_d96q 300 python bench/bench_decode_kinds.py --out "$OUT/d96q" --rounds 5 --budget-s 200 \
+        --shapes 1x131072:32/8/96 16x8192:32/8/96 --rows jkv_auto paged_triton q8_triton q8paged_triton fp8_triton \
+        fp8paged_triton torch_cudnn
+      tail -n 14 "$OUT/bench_d96q.log"
       ;;
     dp4a)  # issue 26: the integer-dot path's GPU tests, then its launches at M = 1 (row-major and interleaved words)
       run tests_dp4a 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul_dp4a.py -k "Q8_0 or Q4_K or interleaved"

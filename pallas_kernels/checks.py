@@ -101,9 +101,9 @@ def check_block_tables(block_tables, batch: int, num_pages: int, page_size: int,
 
 
 def takes_head_dim(head_dim: int, chunked: bool = False) -> bool:
-    """Whether a decode kernel takes ``head_dim``: one of :data:`HEAD_DIMS`, or with ``chunked`` (the bf16 / f32
-    Triton kernels, which read the columns in power-of-two chunks: ``common.column_slices``) any multiple of 16 up to
-    :data:`MAX_HEAD_DIM` (48, 80, 96, ...)."""
+    """Whether a decode kernel takes ``head_dim``: one of :data:`HEAD_DIMS`, or with ``chunked`` (the Triton decode
+    kernels, bf16 / f32, Q8 and FP8, which read the columns in power-of-two chunks: ``common.column_slices``) any
+    multiple of 16 up to :data:`MAX_HEAD_DIM` (48, 80, 96, ...; Q8 codes: multiples of 32)."""
     if chunked:
         return head_dim % 16 == 0 and 16 <= head_dim <= MAX_HEAD_DIM
     return head_dim in HEAD_DIMS

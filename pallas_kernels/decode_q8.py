@@ -112,7 +112,7 @@ def check_args(
     """Validate :func:`q8_decode_attention`'s arguments (and its reference's; FP8's with its ``check_pair``);
     return ``(B, N, K, S, D)``: the pairs, then shapes, GQA, head_dim, lengths and layer as for the bf16 kernel
     on stand-ins of the values."""
-    return checks.check_args(q, *check_pairs(check_pair, k, k_scale, v, v_scale), lengths, layer)
+    return checks.check_args(q, *check_pairs(check_pair, k, k_scale, v, v_scale), lengths, layer, chunked=True)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -143,51 +143,42 @@ def decode_kernel(
 ):
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
-    chunks = head_dim // chunk
     split = dict(block_k=block_k, num_splits=num_splits, window=window)
     n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     n_full = n // block_k  # blocks whose every position is valid
 
-    def scale_tile(ref, keys):  # [chunks, bk] float32
-        return chunk_order(ref[layer, b, h, keys, :].T.astype(jnp.float32))
-
-    cols = pl.ds(0, head_dim)
-    head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=cols)
+    # A head_dim that is not a power of two is read in power-of-two column parts (96: 64 + 32), each with its own
+    # wide products; their scores are summed and each accumulates its own output columns.
+    slices = common.column_slices(head_dim)
+    io_cols = [pl.ds(0, head_dim) if isinstance(c, slice) else c for c in slices]
+    tiles = [decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=c) for c in io_cols]
+    head_rows, row_ok = tiles[0][:2]
+    qs = [t[2] for t in tiles]
     # FP8 values under float16 products (q8_tiles.dot_dtype_for): the query brought into float16's range by a power
     # of two (exact), given back in the key scales' factor
     f16_fp8 = dot_dtype == jnp.float16 and k_ref.dtype != jnp.int8
-    q_in, q_up = q, 1.0
-    if f16_fp8 and q.dtype != jnp.float16:
-        q_down, q_up = q8_tiles.f16_headroom(jnp.max(jnp.abs(q.astype(jnp.float32))))
-        q = q.astype(jnp.float32) * q_down
-    q = q.astype(dot_dtype)
-    # Row c * rows + g of the wide query holds query g's chunk c (sigma(c) with "srot") and zeros elsewhere (block
-    # diagonal), so one product with a whole [bk, D] code tile gives every chunk's partial scores: [R, bk].
-    # With one chunk (FP8) every wide tile is the plain one.
-    wide_rows_ = chunks * rows
+    qs_in, q_up = qs, 1.0
+    if f16_fp8 and qs[0].dtype != jnp.float16:
+        peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x.astype(jnp.float32))) for x in qs])
+        q_down, q_up = q8_tiles.f16_headroom(peak)
+        qs = [x.astype(jnp.float32) * q_down for x in qs]
+    qs = [x.astype(dot_dtype) for x in qs]
+    # Row c * rows + g of a part's wide query holds query g's chunk c (sigma(c) with "srot") and zeros elsewhere
+    # (block diagonal), so one product with the part's whole [bk, W] code tile gives every chunk's partial scores:
+    # [R, bk]. With one chunk (FP8) every wide tile is the plain one.
     flags = set(form.split("+")) - {"default"}
     if flags - FLAGS:
         raise ValueError(f"form={form!r}: unknown parts {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
-    rotate = q8_tiles.lane_chunk_bits(rows, chunks) if "srot" in flags else 0
-    iota = lambda dim: lax.broadcasted_iota(jnp.int32, (wide_rows_, head_dim), dim)
-    block = iota(0) // rows  # row block k holds chunk k, or its rotation sigma(k) with "srot"
-    if rotate:
-        block = block % (1 << rotate) * (chunks >> rotate) + block // (1 << rotate)
-    diag = block == iota(1) // chunk if chunks > 1 else None  # [R, D]: row block k's own chunk
-
-    def chunk_order(x):  # [chunks, bk] in the row blocks' order of chunks
-        if not rotate:
-            return x
-        return x.reshape(1 << rotate, chunks >> rotate, x.shape[1]).transpose(1, 0, 2).reshape(x.shape)
-
-    def widen(x):  # [rows, ...] -> [chunks * rows, ...]: row c * rows + g is x[g]
-        return x if chunks == 1 else jnp.broadcast_to(x[None], (chunks, *x.shape)).reshape(wide_rows_, *x.shape[1:])
-
-    q_wide = q if chunks == 1 else jnp.where(diag, widen(q), jnp.zeros((wide_rows_, head_dim), q.dtype))  # [R, D]
+    parts = [q8_tiles.ColumnPart(c, head_dim, chunk, rows, "srot" in flags) for c in slices]
+    q_wides = [part.block_diagonal(x) for part, x in zip(parts, qs, strict=True)]  # [R, W] each
     int_q = "iq8" in flags and k_ref.dtype == jnp.int8  # FP8 values keep their float products
     if int_q:  # each wide row (a query's chunk) rounded to int8 once: the scores' products run on int8 codes
-        q32 = q_in.astype(jnp.float32)
-        q_codes, q_unit = int_codes.round_rows(q32 if chunks == 1 else jnp.where(diag, widen(q32), 0.0))
+        q32 = [x.astype(jnp.float32) for x in qs_in]
+        q_ints = [int_codes.round_rows(part.block_diagonal(x)) for part, x in zip(parts, q32, strict=True)]
+    one_scale = chunk >= head_dim  # FP8: one scale a position for all the parts
+
+    def scale_tile(ref, keys, part):  # [chunks, bk] float32
+        return part.chunk_order(ref[layer, b, h, keys, part.scale_cols].T.astype(jnp.float32))
 
     # With "exp2" the scores are kept in base-2 units (times log2(e), folded into the key scales' factor where
     # no softcap comes between) and exponentiated by exp2; the running max returns to natural units at the end.
@@ -195,41 +186,55 @@ def decode_kernel(
     score_factor = (scale * LOG2E if base2 and softcap is None else scale) * q_up
 
     def scores_of(keys, valid):
-        codes = decode_walk.block_ref(k_ref, valid)[layer, b, h, keys, :]  # [bk, D] int8 (or e4m3)
-        if int_q:  # exact int32 sums of code products, then each wide row's unit
-            dims = (((1,), (1,)), ((), ()))
-            part = lax.dot_general(q_codes, codes, dims, preferred_element_type=jnp.int32)
-            part = part.astype(jnp.float32) * q_unit[:, None]
-        else:
-            part = common.dot(q_wide, codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
-        k_scale = scale_tile(decode_walk.block_ref(k_scale_ref, valid), keys) * score_factor
-        if chunks == 1:
-            return part * k_scale
-        return jnp.sum(part.reshape(chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
+        total = None
+        for i, part in enumerate(parts):
+            codes = decode_walk.block_ref(k_ref, valid)[layer, b, h, keys, part.cols]  # [bk, W] int8 (or e4m3)
+            if int_q:  # exact int32 sums of code products, then each wide row's unit
+                q_codes, q_unit = q_ints[i]
+                dims = (((1,), (1,)), ((), ()))
+                prod = lax.dot_general(q_codes, codes, dims, preferred_element_type=jnp.int32)
+                prod = prod.astype(jnp.float32) * q_unit[:, None]
+            else:
+                prod = common.dot(q_wides[i], codes.astype(dot_dtype), trans_b=True)  # [R, bk] float32
+            if one_scale and len(parts) > 1:  # the scale once, on the parts' sum
+                total = prod if total is None else total + prod
+                continue
+            k_scale = scale_tile(decode_walk.block_ref(k_scale_ref, valid), keys, part) * score_factor
+            if part.chunks == 1:
+                s = prod * k_scale
+            else:
+                s = jnp.sum(prod.reshape(part.chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
+            total = s if total is None else total + s
+        if one_scale and len(parts) > 1:
+            total = total * (scale_tile(decode_walk.block_ref(k_scale_ref, valid), keys, parts[0]) * score_factor)
+        return total
 
     def values_of(p, keys, valid):
-        v_scale = scale_tile(decode_walk.block_ref(v_scale_ref, valid), keys)  # [chunks, bk]
-        if valid is not None:
-            v_scale = jnp.where(valid[None, :], v_scale, 0.0)
-        top = 1.0
-        if f16_fp8:  # the block's largest scale as 1: p * scale in float16's range whatever the cache's magnitudes
-            top = jnp.max(v_scale)
-            top = jnp.where(top > 0, top, 1.0)
-            v_scale = v_scale * (1.0 / top)
-        # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the whole
-        # code tile is right in chunk c's columns (the rest is dropped once, at the end).
-        p_wide = p * v_scale if chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(wide_rows_, block_k)
-        p_wide = p_wide.astype(dot_dtype)
-        values = decode_walk.block_ref(v_ref, valid)[layer, b, h, keys, :]  # [bk, D]
-        if "vperm" in flags:
-            values = q8_tiles.permute_columns(values, 8 * num_warps)
-        values = values.astype(dot_dtype)
-        if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
-            values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
-        return common.dot(p_wide, values) * top  # [R, D]
+        out = []
+        for part in parts:
+            v_scale = scale_tile(decode_walk.block_ref(v_scale_ref, valid), keys, part)  # [chunks, bk]
+            if valid is not None:
+                v_scale = jnp.where(valid[None, :], v_scale, 0.0)
+            top = 1.0
+            if f16_fp8:  # the block's largest scale as 1: p * scale in float16's range whatever the magnitudes
+                top = jnp.max(v_scale)
+                top = jnp.where(top > 0, top, 1.0)
+                v_scale = v_scale * (1.0 / top)
+            # Row c * rows + g: query g's probabilities times chunk c's value scales; its product with the part's
+            # code tile is right in chunk c's columns (the rest is dropped once, at the end).
+            wide = p * v_scale if part.chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(part.wide_rows, -1)
+            wide = wide.astype(dot_dtype)
+            values = decode_walk.block_ref(v_ref, valid)[layer, b, h, keys, part.cols]  # [bk, W]
+            if "vperm" in flags:
+                values = q8_tiles.permute_columns(values, 8 * num_warps)
+            values = values.astype(dot_dtype)
+            if valid is not None and jnp.issubdtype(v_ref.dtype, jnp.floating):  # e4m3 may hold NaN (int8 cannot)
+                values = jnp.where(valid[:, None], values, jnp.zeros_like(values))
+            out.append(common.dot(wide, values) * top)  # [R, W]
+        return out
 
     def attend(carry, start, valid):
-        m, denom, acc = carry  # running max [rows], sum [rows], output [R, D]; float32
+        m, denom, acc = carry  # running max [rows], sum [rows], output [R, W] (one a part); float32
         keys = pl.ds(start, block_k)
         s = common.softcapped(scores_of(keys, valid), softcap)
         if base2 and softcap is not None:
@@ -240,8 +245,10 @@ def decode_kernel(
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = exp(m - m_new)  # 0 on the first block (m = -inf)
         p = exp(s - m_new[:, None])  # [rows, bk]
-        pv = values_of(p, keys, valid)
-        acc = acc * widen(alpha)[:, None] + pv
+        accs = acc if isinstance(acc, tuple) else (acc,)
+        pvs = values_of(p, keys, valid)
+        accs = tuple(a * part.widen(alpha)[:, None] + pv for a, part, pv in zip(accs, parts, pvs, strict=True))
+        acc = accs if isinstance(acc, tuple) else accs[0]
         if "dsum" in flags:  # per key column: summed once, after the loop (no reduction across warps per block)
             return m_new, denom * alpha[:, None] + p, acc
         return m_new, denom * alpha + jnp.sum(p, axis=1), acc
@@ -249,18 +256,20 @@ def decode_kernel(
     bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi)
     if "dsum" in flags:
         bounds["denom_shape"] = (rows, block_k)
+    shapes = [(part.wide_rows, part.width) for part in parts]
     (m, denom, acc), _ = decode_walk.walk(
-        attend, rows, (wide_rows_, head_dim), block_k=block_k, max_len=max_len, window=window, **bounds
-    )
+        attend, rows, shapes if len(parts) > 1 else shapes[0], block_k=block_k, max_len=max_len, window=window,
+        **bounds,
+    )  # fmt: skip
     if "dsum" in flags:
         denom = jnp.sum(denom, axis=1)
     if base2:
         m = m * (1 / LOG2E)
+    accs = list(acc) if isinstance(acc, tuple) else [acc]
     if "vperm" in flags:
-        acc = q8_tiles.permute_columns(acc, 8 * num_warps, inverse=True)
-    if chunks > 1:  # each row block's own chunk
-        acc = jnp.sum(jnp.where(diag, acc, 0.0).reshape(chunks, rows, head_dim), axis=0)
-
+        accs = [q8_tiles.permute_columns(a, 8 * num_warps, inverse=True) for a in accs]
+    accs = [part.own_chunks(a) for part, a in zip(parts, accs, strict=True)]  # each row block's own chunk
+    acc, cols = (tuple(accs), io_cols) if len(parts) > 1 else (accs[0], io_cols[0])
     decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, group=group, rows=rows,
                       num_splits=num_splits)  # fmt: skip
 
@@ -272,7 +281,7 @@ def kernel_options(
     """The static arguments of :func:`decode_kernel` (shared with the paged kernel) for ``chunk`` values per scale."""
     return dict(
         group=group,
-        rows=q8_tiles.wide_rows(group, head_dim // chunk),
+        rows=q8_tiles.wide_rows(group, q8_tiles.head_chunks(head_dim, chunk)),
         block_k=block_k,
         num_splits=num_splits,
         scale=scale,

@@ -95,7 +95,7 @@ def check_args(
     ``check_pair``); return ``(B, N, K, P, page_size, D)``."""
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
     values = decode_q8.check_pairs(check_pair, *pools, names=("k_pages", "v_pages"))
-    return paged.check_args(q, *values, block_tables, lengths, layer, window)
+    return paged.check_args(q, *values, block_tables, lengths, layer, window, chunked=True)
 
 
 def paged_q8_decode_attention(

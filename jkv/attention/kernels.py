@@ -2,9 +2,9 @@
 of that kind, which reads the cache's ``storage()`` arrays whole (no per-layer copy).
 
 * ``DECODE`` (T = 1): ``(q [B, N, D], *arrays, lengths, *, layer, scale, window, softcap)`` where ``lengths``
-  counts the valid positions, the new token's included. Kinds without an entry, and head_dims a kind's decode
-  kernel does not take (``pallas_kernels.checks.takes_head_dim``: the plain kernels read a head_dim such as
-  Phi-3's 96 in power-of-two column chunks, the Q8 / FP8 ones take powers of two), take the multi-token kernel.
+  counts the valid positions, the new token's included. Kinds without an entry, and head_dims the decode kernels
+  do not take (``pallas_kernels.checks.takes_head_dim``: they read a head_dim such as Phi-3's 96 in power-of-two
+  column chunks, any multiple of 16 up to 256), take the multi-token kernel.
 * ``MULTI_TOKEN`` (T > 1, flat or padded steps, windows, soft caps; ``pallas_kernels.multi_token``):
   ``(q [T, N, D], *arrays, q_starts, lengths, counts, *, layer, scale, window, softcap, config)``; head_dims it
   does not take (``pallas_kernels.multi_token_args.takes_head_dim``) run the reference."""
@@ -69,7 +69,7 @@ def key(cache) -> tuple[str, type]:
 
 
 def _decode_takes(cache) -> bool:
-    return kernel_checks.takes_head_dim(cache.spec.head_dim, chunked=isinstance(cache.format, Plain))
+    return kernel_checks.takes_head_dim(cache.spec.head_dim, chunked=True)
 
 
 def decode_kernel(cache) -> Kernel | None:

@@ -1,7 +1,7 @@
-"""head_dims that are not powers of two (Phi-3's 96; 80, 48): on the Pallas path a T = 1 step over a plain cache
-runs its decode kernel, which reads them in power-of-two column chunks; over a Q8 / FP8 cache (whose decode kernels
-take powers of two only), and any T > 1 step, the multi-token kernel; head_dims no kernel takes (72) run the
-reference; all against float64 NumPy on NaN-poisoned caches, the fused write included."""
+"""head_dims that are not powers of two (Phi-3's 96; 80, 48): on the Pallas path a T = 1 step over any cache (plain,
+Q8, FP8; contiguous or paged) runs its decode kernel, which reads them in power-of-two column chunks; any T > 1 step
+the multi-token kernel; head_dims no kernel takes (72) run the reference; all against float64 NumPy on
+NaN-poisoned caches, the fused write included."""
 
 import functools
 import re
@@ -35,6 +35,7 @@ def _step(k_all, v_all, lengths, q, k, v, counts, *, kind, head_dim, t):
 
 
 CASES = [("f32", 96, 1), ("paged", 96, 1), ("q8", 96, 1), ("fp8-paged", 96, 1), ("f32", 80, 1), ("paged", 48, 1)]
+CASES += [("q8-paged", 96, 1), ("fp8", 80, 1)]
 CASES += [("f32", 96, 3), ("q8-paged", 96, 3), ("f32", 72, 1), ("paged", 72, 3)]
 
 
@@ -50,12 +51,12 @@ def test_steps_at_head_dims_off_the_decode_tiles_match_float64(rng, kind, head_d
     args = (k_all, v_all, jnp.asarray(lengths, jnp.int32), q, k, v, jnp.asarray(counts))
     options = dict(kind=kind, head_dim=head_dim, t=t)
     names = set(re.findall(r"name=(jkv_\w+)", str(_step.trace(*args, **options).jaxpr)))
-    decode = {n for n in names if "decode" in n or n == "jkv_paged_attention"}
+    decode = {n for n in names if "decode" in n or re.fullmatch(r"jkv_paged(_q8|_fp8)?_attention", n)}
     if head_dim % 16:  # no kernel takes it: the reference
         assert not {n for n in names if "attention" in n}, names
-    elif t == 1 and not kind.startswith(("q8", "fp8")):  # the plain decode kernel, in column chunks
+    elif t == 1:  # the kind's decode kernel, in column chunks
         assert decode and not any("multi_token" in n for n in names), names
-    else:  # the multi-token kernel, not a decode kernel (the Q8 / FP8 ones would refuse the head_dim)
+    else:  # the multi-token kernel, not a decode kernel
         assert any("multi_token" in n for n in names) and not decode, names
     out, _, again, (kd, vd) = _step(*args, **options)
     kd, vd = (np.nan_to_num(np.asarray(x, np.float64)) for x in (kd, vd))  # the cache's own rounding of K/V

@@ -33,6 +33,9 @@ CASES = [
     ("g3_d128_f16_traced_layer", 2, 2, 3, 128, 150, "float16", ("S", "bk+1"), (2, "traced"), 32, None),
     ("g2_d32_f32_tiny_cache", 2, 2, 2, 32, 8, "float32", ("S", "1"), None, None, None),
     ("g2_d256_bf16_splits2", 2, 1, 2, 256, 48, "bfloat16", ("bk+1", "S"), None, 16, 2),
+    # head_dims read in power-of-two column parts under the one scale a position (96 = 64 + 32, 80 = 64 + 16)
+    ("g4_d96_bf16_splits2", 3, 2, 4, 96, 200, "bfloat16", ("bk-1", "bk+1", "S"), None, 64, 2),
+    ("g1_d80_f32_layer1_of2", 2, 2, 1, 80, 48, "float32", ("S", "1"), (2, 1), 16, None),
 ]
 # (id, batch, kv_heads, group, head_dim, page_size, max_pages, q dtype, lengths, layers, pages_per_block, splits,
 #  preload); lengths in positions (clipped to the capacity); preload None: the default.
@@ -41,6 +44,8 @@ PAGED_CASES = [
     ("g1_d64_f32_ps8_ppb4_traced", 2, 2, 1, 64, 8, 6, "float32", (1, 48), (2, "traced"), 4, 3, None),
     ("g8_d64_f16_ps32_one_split", 2, 1, 8, 64, 32, 3, "float16", (96, 0), None, None, 1, None),
     ("g4_d64_f32_ps16_table_in_loop", 2, 2, 4, 64, 16, 4, "float32", (64, 7), None, None, None, False),
+    ("g4_d96_bf16_ps16_splits2", 3, 2, 4, 96, 16, 8, "bfloat16", (63, 65, 128), (2, 1), None, 2, None),
+    ("g2_d96_f16_ps8_table_in_loop", 2, 2, 2, 96, 8, 6, "float16", (1, 48), None, 2, None, False),
 ]
 GPU_SCALE, GPU_PAGED_SCALE = 32, 8  # the GPU class reruns the tables with caches this many times longer
 

@@ -26,6 +26,10 @@ CASES = [
     ("g8_d64_f16_ps32_one_split", 2, 1, 8, 64, 32, 3, "float16", (96, 33), None, None, 1, None),
     ("g2_d128_bf16_ps64_splits2", 2, 2, 2, 128, 64, 2, "bfloat16", (0, 100), None, None, 2, None),
     ("g4_d64_bf16_ps16_table_in_loop", 2, 2, 4, 64, 16, 4, "bfloat16", (64, 7), None, None, None, False),
+    # head_dims read in power-of-two column parts: each part's codes and scales through the block table
+    ("g4_d96_bf16_ps16_splits2", 3, 2, 4, 96, 16, 8, "bfloat16", (63, 65, 128), (2, 1), None, 2, None),
+    ("g2_d96_f32_ps8_table_in_loop", 2, 2, 2, 96, 8, 6, "float32", (1, 48), None, 2, None, False),
+    ("g1_d160_f16_ps16_traced", 2, 1, 1, 160, 16, 3, "float16", (48, 17), (2, "traced"), None, 1, None),
 ]
 IDS = [c[0] for c in CASES]
 

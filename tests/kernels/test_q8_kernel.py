@@ -40,6 +40,11 @@ CASES = [
     ("g4_d128_bf16_tiny_blocks", 2, 1, 4, 128, 40, "bfloat16", "float16", ("bk+1", "0"), None, 16, 2),
     ("g3_d128_bf16_splits2", 3, 2, 3, 128, 72, "bfloat16", "float16", ("bk-1", "bk+1", "S"), None, 16, 2),
     ("g4_d64_f32_layer1_of2", 2, 2, 4, 64, 48, "float32", "float16", ("S", "bk+1"), (2, 1), 16, None),
+    # head_dims read in power-of-two column parts (96 = 64 + 32, 160 = 128 + 32, 224 = 128 + 64 + 32)
+    ("g4_d96_bf16_splits2", 3, 2, 4, 96, 200, "bfloat16", "float16", ("bk-1", "bk+1", "S"), None, 64, 2),
+    ("g1_d96_f32_f32scale_layer1_of2", 2, 2, 1, 96, 48, "float32", "float32", ("S", "1"), (2, 1), 16, None),
+    ("g2_d160_f16_traced_layer", 2, 1, 2, 160, 40, "float16", "float16", ("S", "bk+1"), (2, "traced"), 16, None),
+    ("g8_d224_bf16", 2, 1, 8, 224, 40, "bfloat16", "float16", ("bk+1", "0"), None, 16, 2),
 ]
 IDS = [c[0] for c in CASES]
 GPU_SCALE = 32  # the GPU class reruns the table with caches this many times longer
@@ -103,13 +108,14 @@ def test_q8_attention_matches_dequantize_then_attend_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
-# The loop forms (decode_q8.LOOP_FORMS) on cases of one, two, four and eight scale chunks per head.
+# The loop forms (decode_q8.LOOP_FORMS) on cases of one, two, four and eight scale chunks per head, and of 96.
 FORM_CASES = [
     CASES[0],
     CASES[1],
     CASES[4],
     CASES[6],
     ("g2_d256_bf16_splits2", 2, 1, 2, 256, 48, "bfloat16", "float16", ("1", "bk+1"), None, 16, 2),
+    CASES[8],  # head_dim 96: parts of two chunks and one
 ]
 
 
