@@ -166,3 +166,43 @@ def check_launch_overrides(*, num_warps=None, **ints) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- launch rules
+
+
+# ----------------------------------------------------------------------------------------------- Q8 pairs
+
+Q8_BLOCK = 32  # values per scale of the Q8 format
+Q8_SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def check_q8(name: str, codes, scales) -> None:
+    """``codes`` int8 ``[..., D]`` with ``D`` a multiple of 32 and ``scales [..., D // 32]`` of a scale dtype."""
+    if getattr(codes, "dtype", None) != jnp.int8:
+        raise TypeError(f"{name} codes must be int8, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    if getattr(scales, "dtype", None) not in Q8_SCALE_DTYPES:
+        raise TypeError(
+            f"{name} scales must be float16 or float32, got {getattr(scales, 'dtype', type(scales).__name__)}"
+        )
+    d = codes.shape[-1] if codes.ndim else 0
+    if codes.ndim == 0 or d % Q8_BLOCK or scales.shape != (*codes.shape[:-1], d // Q8_BLOCK):
+        raise ValueError(
+            f"{name}: codes.shape={codes.shape} and scales.shape={scales.shape} do not form a Q8 pair "
+            f"(D a multiple of {Q8_BLOCK}, scales of shape codes.shape[:-1] + (D // {Q8_BLOCK},))"
+        )
+
+
+def check_q8_pair(name: str, codes, scales) -> jax.ShapeDtypeStruct:
+    """:func:`check_q8`; a stand-in of the values, for the checks of a bf16 cache."""
+    check_q8(name, codes, scales)
+    return jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
+
+
+def check_pairs(check, k, k_scale, v, v_scale, names=("k", "v")):
+    """Both pairs of a quantized cache through ``check(name, values, scales)`` (:func:`check_q8_pair`, or
+    ``multi_token_args.check_fp8_pair``); they must agree in shape and scale dtype. Returns what ``check`` gives."""
+    k_vals, v_vals = check(names[0], k, k_scale), check(names[1], v, v_scale)
+    if v.shape != k.shape or v_scale.shape != k_scale.shape or v_scale.dtype != k_scale.dtype:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape and scale dtype, got "
+            f"{k.shape}/{k_scale.shape}/{k_scale.dtype} and {v.shape}/{v_scale.shape}/{v_scale.dtype}"
+        )
+    return k_vals, v_vals

@@ -52,8 +52,7 @@ from jaxtyping import Array, Float, Int, Int8
 from pallas_kernels import backend, checks, common, decode_walk, int_codes, q8_tiles
 from pallas_kernels.common import LOG2E, MIN_BLOCK, DecodeConfig
 
-QBLOCK = 32  # values per scale
-SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+QBLOCK = checks.Q8_BLOCK  # values per scale
 # Launch rules fitted to sweeps on the GPU (docs/notes/kernel_rules.md, "Q8"): keys per step, warps, stages,
 # and the fewest keys a split walks where fewer (b, kv head) programs than multiprocessors run.
 BLOCK_K = 64
@@ -72,47 +71,13 @@ FLAGS = frozenset({"vperm", "srot", "dsum", "exp2", "iq8"})
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def check_q8(name: str, codes, scales) -> None:
-    """``codes`` int8 ``[..., D]`` with ``D`` a multiple of 32 and ``scales [..., D // 32]`` of a scale dtype."""
-    if getattr(codes, "dtype", None) != jnp.int8:
-        raise TypeError(f"{name} codes must be int8, got {getattr(codes, 'dtype', type(codes).__name__)}")
-    if getattr(scales, "dtype", None) not in SCALE_DTYPES:
-        raise TypeError(
-            f"{name} scales must be float16 or float32, got {getattr(scales, 'dtype', type(scales).__name__)}"
-        )
-    d = codes.shape[-1] if codes.ndim else 0
-    if codes.ndim == 0 or d % QBLOCK or scales.shape != (*codes.shape[:-1], d // QBLOCK):
-        raise ValueError(
-            f"{name}: codes.shape={codes.shape} and scales.shape={scales.shape} do not form a Q8 pair "
-            f"(D a multiple of {QBLOCK}, scales of shape codes.shape[:-1] + (D // {QBLOCK},))"
-        )
-
-
-def check_q8_pair(name: str, codes, scales) -> jax.ShapeDtypeStruct:
-    """:func:`check_q8`; a stand-in of the values, for the checks of a bf16 cache."""
-    check_q8(name, codes, scales)
-    return jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
-
-
-def check_pairs(check, k, k_scale, v, v_scale, names=("k", "v")):
-    """Both pairs of a quantized cache through ``check(name, values, scales)`` (:func:`check_q8_pair`, or
-    ``multi_token_args.check_fp8_pair``); they must agree in shape and scale dtype. Returns what ``check`` gives."""
-    k_vals, v_vals = check(names[0], k, k_scale), check(names[1], v, v_scale)
-    if v.shape != k.shape or v_scale.shape != k_scale.shape or v_scale.dtype != k_scale.dtype:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same shape and scale dtype, got "
-            f"{k.shape}/{k_scale.shape}/{k_scale.dtype} and {v.shape}/{v_scale.shape}/{v_scale.dtype}"
-        )
-    return k_vals, v_vals
-
-
 def check_args(
-    q, k, k_scale, v, v_scale, lengths, layer=None, check_pair=check_q8_pair
+    q, k, k_scale, v, v_scale, lengths, layer=None, check_pair=checks.check_q8_pair
 ) -> tuple[int, int, int, int, int]:
     """Validate :func:`q8_decode_attention`'s arguments (and its reference's; FP8's with its ``check_pair``);
     return ``(B, N, K, S, D)``: the pairs, then shapes, GQA, head_dim, lengths and layer as for the bf16 kernel
     on stand-ins of the values."""
-    return checks.check_args(q, *check_pairs(check_pair, k, k_scale, v, v_scale), lengths, layer, chunked=True)
+    return checks.check_args(q, *checks.check_pairs(check_pair, k, k_scale, v, v_scale), lengths, layer, chunked=True)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -376,7 +341,7 @@ def q8_decode_attention(
 
 
 class QuantFormat(NamedTuple):
-    """What a quantized format changes in the decode calls: its pair check (``check_pairs``), launch rule and the
+    """What a quantized format changes in the decode calls: its pair check (``checks.check_pairs``), launch rule and the
     loop-form parts it always adds to ``LOOP_FORM`` (:meth:`form`)."""
 
     check_pair: Callable  # (name, values, scales) -> a stand-in of the values
@@ -389,7 +354,7 @@ class QuantFormat(NamedTuple):
         return "+".join(parts + [f for f in self.flags if f not in parts])
 
 
-Q8 = QuantFormat(check_q8_pair, q8_decode_config)
+Q8 = QuantFormat(checks.check_q8_pair, q8_decode_config)
 
 
 def run(fmt: QuantFormat, q, arrays, lengths, *, layer, scale, window, softcap, interpret, **overrides):

@@ -13,7 +13,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int8
 
 from pallas_kernels import backend, checks, common
-from pallas_kernels.decode_q8 import QBLOCK, check_q8
+from pallas_kernels.checks import Q8_BLOCK as QBLOCK
+from pallas_kernels.checks import check_q8
 
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 DEQUANT_BLOCK_ROWS = 256  # rows of D values per dequant program (32 KiB of int8 codes at D = 128)

@@ -1,7 +1,7 @@
 """Argument checks and the launch rule of the multi-token attention kernels (``pallas_kernels.multi_token``).
 
 One check serves every (layout, format) kind and the kernels' references alike: the format checks
-(``decode_q8.check_q8_pair``, :func:`check_fp8_pair`, through ``decode_q8.check_pairs``) reduce a quantized cache
+(``checks.check_q8_pair``, :func:`check_fp8_pair`, through ``checks.check_pairs``) reduce a quantized cache
 to stand-ins of its values, then
 :func:`check_args` checks shapes, dtypes, GQA, head_dim, the step's ``q_starts`` / ``lengths`` / ``counts`` (range
 and overlap when concrete), the block table, ``layer``, ``window`` and ``softcap``.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from jaxtyping import Array, Float, Int, Int8
 
-from pallas_kernels.decode_q8 import check_pairs, check_q8_pair
+from pallas_kernels.checks import check_pairs, check_q8_pair
 from pallas_kernels.multi_token import FP8, Q8, run
 from pallas_kernels.multi_token_args import MultiTokenConfig, check_args, check_fp8_pair
 

@@ -89,12 +89,12 @@ def _paged_q8(
 
 def check_args(
     q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_tables, lengths, layer=None, window=None,
-    check_pair=decode_q8.check_q8_pair,
+    check_pair=checks.check_q8_pair,
 ):  # fmt: skip
     """Validate the arguments of :func:`paged_q8_decode_attention` (and its reference's; FP8's with its
     ``check_pair``); return ``(B, N, K, P, page_size, D)``."""
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
-    values = decode_q8.check_pairs(check_pair, *pools, names=("k_pages", "v_pages"))
+    values = checks.check_pairs(check_pair, *pools, names=("k_pages", "v_pages"))
     return paged.check_args(q, *values, block_tables, lengths, layer, window, chunked=True)
 
 

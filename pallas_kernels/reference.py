@@ -13,7 +13,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int, Int8
 
 from pallas_kernels import checks, common, decode, decode_fp8, decode_q8, dequantize, formats, paged, paged_q8
-from pallas_kernels.decode_q8 import check_pairs, check_q8_pair
+from pallas_kernels.checks import check_pairs, check_q8_pair
 from pallas_kernels.multi_token_args import check_args as check_multi_token
 from pallas_kernels.multi_token_args import check_fp8_pair
 
@@ -147,7 +147,7 @@ def dequantize_q8_reference(
 ) -> Float[Array, "... D"]:
     """``dequantize.dequantize_q8``: codes times their block's scale, in float32, as ``dtype``."""
     del launch
-    decode_q8.check_q8("dequantize", codes, scales)
+    checks.check_q8("dequantize", codes, scales)
     blocks = codes.astype(jnp.float32).reshape(*codes.shape[:-1], -1, decode_q8.QBLOCK)  # (..., D/32, 32)
     out = blocks * scales.astype(jnp.float32)[..., None]
     return out.reshape(codes.shape).astype(dequantize.out_dtype(dtype))
