@@ -10,7 +10,9 @@ Shapes (``bench/decode_kinds.py``; ``--shapes`` picks a subset or adds others): 
   at permuted places of a pool;
 * ``q8_triton`` / ``q8paged_triton``: ``decode_q8`` and ``paged_q8`` on the same K/V quantized (int8 codes,
   float16 scales per 32 values), contiguous and in the same pages; ``q8_mgpu``: ``decode_mgpu_q8`` (Mosaic GPU)
-  on the contiguous Q8 cache; ``fp8_triton`` / ``fp8paged_triton``:
+  on the contiguous Q8 cache; at a head_dim that is not a power of two also ``q8pad_triton`` /
+  ``q8pagedpad_triton``, those kernels reading it as one padded tile (``decode_q8``'s ``pad`` loop form);
+  ``fp8_triton`` / ``fp8paged_triton``:
   ``decode_fp8``'s kernels on the same K/V in FP8 (e4m3 values, a float32 scale per position), contiguous and
   in the same pages; ``fp8_mgpu``: ``decode_mgpu_q8``'s FP8 kernel (Mosaic GPU) on the contiguous FP8 cache;
 * ``jax_cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on ``[B, S, K, D]`` K/V (transposed
@@ -246,7 +248,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least one round is needed")
-    known = [*kinds.jax_rows(kinds.parse_shape("1x64"), smoke=False), "jax_xla", *TORCH_ROWS]
+    known = [*kinds.jax_rows(kinds.parse_shape("1x64"), smoke=False), *kinds.pad_rows(96), "jax_xla", *TORCH_ROWS]
     if unknown := [name for name in (args.rows or []) + args.preflight if name not in known]:
         parser.error(f"no rows {unknown}; expected some of {known}")
     start, log = time.perf_counter(), common.log

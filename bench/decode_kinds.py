@@ -166,6 +166,30 @@ def references(shape: Shape, sets: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- rows
 
 
+PAD_FORM = "vperm+pad"
+
+
+def with_loop_form(form: str, fn: Callable) -> Callable:
+    """``fn`` (a Q8 / FP8 decode call) run with ``decode_q8.LOOP_FORM`` set to ``form`` (read per call)."""
+
+    def call(*args, **kwargs):
+        with mock.patch.object(decode_q8, "LOOP_FORM", form):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def pad_rows(head_dim: int) -> dict:
+    """At a head_dim that is not a power of two, the Q8 kernels reading it as one padded, column-masked tile (the
+    ``pad`` loop form) beside their power-of-two column parts: ``q8pad_triton``, ``q8pagedpad_triton``."""
+    if head_dim & (head_dim - 1) == 0:
+        return {}
+    return {
+        "q8pad_triton": Row("q8", with_loop_form(PAD_FORM, decode_q8.q8_decode_attention), fmt="q8"),
+        "q8pagedpad_triton": Row("q8_paged", with_loop_form(PAD_FORM, paged_q8.paged_q8_decode_attention), fmt="q8"),
+    }
+
+
 class Row(NamedTuple):
     layout: str  # which input sets it reads (shape_inputs)
     fn: Callable
@@ -205,6 +229,7 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
         "q8_triton": Row("q8", decode_q8.q8_decode_attention, fmt="q8"),
         "q8_mgpu": Row("q8", decode_mgpu_q8.q8_decode_attention_mgpu, fmt="q8", mgpu=True, refused=q8_refused),
         "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
+        **pad_rows(d),
         "fp8_triton": Row("fp8", decode_fp8.fp8_decode_attention, fmt="fp8"),
         "fp8_mgpu": Row("fp8", decode_mgpu_q8.fp8_decode_attention_mgpu, fmt="fp8", mgpu=True, refused=fp8_refused),
         "fp8paged_triton": Row("fp8_paged", decode_fp8.paged_fp8_decode_attention, fmt="fp8"),

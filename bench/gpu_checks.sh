@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -164,6 +164,16 @@ for part in "${parts[@]}"; do
         --shapes 1x131072:32/8/96 16x8192:32/8/96 --rows jkv_auto paged_triton q8_triton q8paged_triton fp8_triton \
         fp8paged_triton torch_cudnn
       tail -n 14 "$OUT/bench_d96q.log"
+      ;;
+    d96pad)  # issue 22: the Q8 kernels' "pad" loop form (a head_dim that is not a power of two read as one padded,
+      # column-masked tile): its GPU tests, then beside the column parts (the default) at head_dim 96; if it wins,
+      # decode_q8.Q8 takes the flag
+      run tests_d96pad 240 python -m pytest -q -m gpu tests/kernels/test_q8_kernel.py \
+        tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py -k pad
+      run bench_d96pad 300 python bench/bench_decode_kinds.py --out "$OUT/d96pad" --rounds 5 --budget-s 220 \
+        --shapes 1x131072:32/8/96 16x8192:32/8/96 128x2048:32/8/96 --rows jkv_auto q8_triton q8pad_triton \
+        q8paged_triton q8pagedpad_triton fp8_triton
+      tail -n 14 "$OUT/bench_d96pad.log"
       ;;
     dp4a)  # issue 26: the integer-dot path's GPU tests, then its launches at M = 1 (row-major and interleaved words)
       run tests_dp4a 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul_dp4a.py -k "Q8_0 or Q4_K or interleaved"

@@ -32,7 +32,9 @@ thread's scales are adjacent; ``dsum`` keeps the softmax denominator per key col
 instead of across the warps every block; ``exp2`` keeps scores in base-2 units (``log2(e)`` folded into the key
 scales' factor), ``exp2`` being the bare hardware exponential; ``iq8`` (Q8 codes only) rounds each query chunk to
 int8 with its own scale (``int_codes.round_rows``) so the scores' products multiply int8 by int8 into exact int32
-sums: no key code is converted to floats, at the cost of the query's rounding. Codes and the roundings of ``q`` and
+sums: no key code is converted to floats, at the cost of the query's rounding; ``pad`` reads a head_dim that is not a
+power of two as one tile of the next power of two with the columns past it masked (the loop of that head_dim for
+fewer bytes) instead of in power-of-two column parts (``q8_tiles.ColumnPart``). Codes and the roundings of ``q`` and
 ``p`` to the product dtype are those of the default in every form but ``iq8``; ``srot`` and ``dsum`` sum in another
 order and ``exp2`` differs in float32 rounding.
 """
@@ -62,10 +64,10 @@ SPLIT_KEYS = 128
 # Forms of the loop's arithmetic (the module docstring; decode_kernel's ``form``), compared by bench/decode_ir.py
 # (per-block instruction counts, CPU) and bench/bench_q8_loop.py (GPU time). LOOP_FORM: the public functions'.
 # "iq8" forms are listed before the last, which stays all four of the bitwise-neutral and float forms.
-LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "iq8", "vperm+iq8", "vperm+srot", "vperm+srot+dsum",
-              "vperm+srot+dsum+exp2")  # fmt: skip
+LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "iq8", "vperm+iq8", "vperm+pad", "vperm+srot",
+              "vperm+srot+dsum", "vperm+srot+dsum+exp2")  # fmt: skip
 LOOP_FORM = "vperm"  # bitwise the default's output; faster on the H100 and the H200 (docs/BENCHMARKS.md)
-FLAGS = frozenset({"vperm", "srot", "dsum", "exp2", "iq8"})
+FLAGS = frozenset({"vperm", "srot", "dsum", "exp2", "iq8", "pad"})
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -112,9 +114,15 @@ def decode_kernel(
     n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     n_full = n // block_k  # blocks whose every position is valid
 
+    flags = set(form.split("+")) - {"default"}
+    if flags - FLAGS:
+        raise ValueError(f"form={form!r}: unknown parts {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
     # A head_dim that is not a power of two is read in power-of-two column parts (96: 64 + 32), each with its own
-    # wide products; their scores are summed and each accumulates its own output columns.
+    # wide products; their scores are summed and each accumulates its own output columns. With "pad" it is read
+    # as one tile of the next power of two instead, the columns past it masked (zeros; their scales too).
     slices = common.column_slices(head_dim)
+    if "pad" in flags and len(slices) > 1:
+        slices = [pl.ds(0, 1 << (head_dim - 1).bit_length())]
     io_cols = [pl.ds(0, head_dim) if isinstance(c, slice) else c for c in slices]
     tiles = [decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=c) for c in io_cols]
     head_rows, row_ok = tiles[0][:2]
@@ -131,9 +139,6 @@ def decode_kernel(
     # Row c * rows + g of a part's wide query holds query g's chunk c (sigma(c) with "srot") and zeros elsewhere
     # (block diagonal), so one product with the part's whole [bk, W] code tile gives every chunk's partial scores:
     # [R, bk]. With one chunk (FP8) every wide tile is the plain one.
-    flags = set(form.split("+")) - {"default"}
-    if flags - FLAGS:
-        raise ValueError(f"form={form!r}: unknown parts {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
     parts = [q8_tiles.ColumnPart(c, head_dim, chunk, rows, "srot" in flags) for c in slices]
     q_wides = [part.block_diagonal(x) for part, x in zip(parts, qs, strict=True)]  # [R, W] each
     int_q = "iq8" in flags and k_ref.dtype == jnp.int8  # FP8 values keep their float products
@@ -142,8 +147,9 @@ def decode_kernel(
         q_ints = [int_codes.round_rows(part.block_diagonal(x)) for part, x in zip(parts, q32, strict=True)]
     one_scale = chunk >= head_dim  # FP8: one scale a position for all the parts
 
-    def scale_tile(ref, keys, part):  # [chunks, bk] float32
-        return part.chunk_order(ref[layer, b, h, keys, part.scale_cols].T.astype(jnp.float32))
+    def scale_tile(ref, valid, keys, part):  # [chunks, bk] float32
+        tile = decode_walk.block_tile(ref, valid, (layer, b, h, keys), part.scale_cols)
+        return part.chunk_order(tile.T.astype(jnp.float32))
 
     # With "exp2" the scores are kept in base-2 units (times log2(e), folded into the key scales' factor where
     # no softcap comes between) and exponentiated by exp2; the running max returns to natural units at the end.
@@ -153,7 +159,7 @@ def decode_kernel(
     def scores_of(keys, valid):
         total = None
         for i, part in enumerate(parts):
-            codes = decode_walk.block_ref(k_ref, valid)[layer, b, h, keys, part.cols]  # [bk, W] int8 (or e4m3)
+            codes = decode_walk.block_tile(k_ref, valid, (layer, b, h, keys), part.cols)  # [bk, W] int8 (or e4m3)
             if int_q:  # exact int32 sums of code products, then each wide row's unit
                 q_codes, q_unit = q_ints[i]
                 dims = (((1,), (1,)), ((), ()))
@@ -164,20 +170,20 @@ def decode_kernel(
             if one_scale and len(parts) > 1:  # the scale once, on the parts' sum
                 total = prod if total is None else total + prod
                 continue
-            k_scale = scale_tile(decode_walk.block_ref(k_scale_ref, valid), keys, part) * score_factor
+            k_scale = scale_tile(k_scale_ref, valid, keys, part) * score_factor
             if part.chunks == 1:
                 s = prod * k_scale
             else:
                 s = jnp.sum(prod.reshape(part.chunks, rows, block_k) * k_scale[:, None, :], axis=0)  # [rows, bk]
             total = s if total is None else total + s
         if one_scale and len(parts) > 1:
-            total = total * (scale_tile(decode_walk.block_ref(k_scale_ref, valid), keys, parts[0]) * score_factor)
+            total = total * (scale_tile(k_scale_ref, valid, keys, parts[0]) * score_factor)
         return total
 
     def values_of(p, keys, valid):
         out = []
         for part in parts:
-            v_scale = scale_tile(decode_walk.block_ref(v_scale_ref, valid), keys, part)  # [chunks, bk]
+            v_scale = scale_tile(v_scale_ref, valid, keys, part)  # [chunks, bk]
             if valid is not None:
                 v_scale = jnp.where(valid[None, :], v_scale, 0.0)
             top = 1.0
@@ -189,7 +195,7 @@ def decode_kernel(
             # code tile is right in chunk c's columns (the rest is dropped once, at the end).
             wide = p * v_scale if part.chunks == 1 else (p[None] * v_scale[:, None, :]).reshape(part.wide_rows, -1)
             wide = wide.astype(dot_dtype)
-            values = decode_walk.block_ref(v_ref, valid)[layer, b, h, keys, part.cols]  # [bk, W]
+            values = decode_walk.block_tile(v_ref, valid, (layer, b, h, keys), part.cols)  # [bk, W]
             if "vperm" in flags:
                 values = q8_tiles.permute_columns(values, 8 * num_warps)
             values = values.astype(dot_dtype)

@@ -27,19 +27,40 @@ def program_range(lengths_ref, layer_ref, b, j, shape, *, block_k: int, num_spli
 
 def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
     """This kv head's query heads, rows ``h*G .. h*G+G-1`` of ``q``, padded to ``rows`` (masked, zeros), in
-    columns ``cols`` (a slice or ``pl.ds``): ``(head_rows, row_ok, q [rows, W])``; ``row_ok`` is None without
-    padding."""
+    columns ``cols`` (a slice or ``pl.ds``; one reaching past ``D`` reads zeros there: a power-of-two tile over a
+    head that is not one): ``(head_rows, row_ok, q [rows, W])``; ``row_ok``, the mask of the tile's real rows and
+    columns (the output's store takes it too), is None without padding."""
     head_rows = pl.ds(h * group, rows)
     width = q_ref.shape[-1] if isinstance(cols, slice) else cols.size
     row_ok = lax.broadcasted_iota(jnp.int32, (rows, width), 0) < group if rows != group else None
+    if past_columns(cols, q_ref.shape[-1]):
+        col_ok = lax.broadcasted_iota(jnp.int32, (rows, width), 1) < q_ref.shape[-1] - cols.start
+        row_ok = col_ok if row_ok is None else row_ok & col_ok
     q = backend.load(q_ref.at[b, head_rows, cols], mask=row_ok, other=0 if row_ok is not None else None)
     return head_rows, row_ok, q
+
+
+def past_columns(cols, width: int) -> bool:
+    """Whether ``cols`` (``:`` or a static ``pl.ds``) reaches past a row of ``width`` columns."""
+    return not isinstance(cols, slice) and cols.start + cols.size > width
 
 
 def block_ref(ref, valid):
     """The ref a block's reads go through: for a whole block (``valid`` None: every row inside the window and the
     length) a paged view's unmasked form (``paged.PagedView.whole_rows``); else ``ref`` itself."""
     return ref.whole_rows() if valid is None and hasattr(ref, "whole_rows") else ref
+
+
+def block_tile(ref, valid, index, cols):
+    """A block's tile ``ref[*index, cols]`` read through :func:`block_ref` (``index`` ends with the block's
+    ``pl.ds`` of positions); columns past the rows' own (:func:`past_columns`) read as zeros. A paged view masks
+    them itself."""
+    ref = block_ref(ref, valid)
+    if hasattr(ref, "whole_rows") or not past_columns(cols, ref.shape[-1]):
+        return ref[(*index, cols)]
+    ok = lax.broadcasted_iota(jnp.int32, (index[-1].size, cols.size), 1) < ref.shape[-1] - cols.start
+    zero = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # Triton casts no integer to float8
+    return backend.load(ref.at[(*index, cols)], mask=ok, other=zero)
 
 
 def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,

@@ -110,7 +110,8 @@ class PagedView:
     the load is masked by row, so rows past the sequence's length are not read. The K and V views of one kernel
     (and the scale views of Q8 pages) share ``addresses``, so every read of a block after the first reuses the
     page indices it loaded. The last index is ``:`` (whole rows) or a static ``pl.ds`` of columns (a chunk of a
-    head_dim read in power-of-two chunks, ``common.column_slices``).
+    head_dim read in power-of-two chunks, ``common.column_slices``; one reaching past ``D``, a power-of-two tile over
+    rows that are not, reads zeros there).
 
     Page indices come from the block table in global memory, a read each block's K/V loads wait for; with
     :meth:`BlockAddresses.preload` they come from the split's entries loaded once before the loop (a one-hot
@@ -134,8 +135,12 @@ class PagedView:
         else:
             raise NotImplementedError(f"a paged view reads whole rows or static column chunks, got columns {cols}")
         pages, offsets, valid = self.addresses(b, window, width, col0)
-        if not self.masked:
+        past = col0 + width > self.shape[4]  # a power-of-two tile over rows that are not: those columns read zeros
+        if not self.masked and not past:
             return self.pool[(layer, pages, h, *offsets)].reshape(window.size, width)
+        if past:
+            col_ok = lax.broadcasted_iota(jnp.int32, (window.size, width), 1) < self.shape[4] - col0
+            valid = valid & col_ok if self.masked else col_ok
         # A float zero for float pools: Triton's lowering casts no integer to float8.
         zero = 0.0 if jnp.issubdtype(self.dtype, jnp.floating) else 0
         x = backend.load(self.pool.at[(layer, pages, h, *offsets)], mask=valid, other=zero)

@@ -149,6 +149,17 @@ def test_vperm_form_interpret(rng, kind, case, form, monkeypatch):
     (run_case if kind == "contiguous" else run_paged_case)(rng, case, interpret=True)
 
 
+PAD_CASES = [("contiguous", c) for c in CASES if c[4] & (c[4] - 1)]
+PAD_CASES += [("paged", c) for c in PAGED_CASES if c[4] & (c[4] - 1)]
+
+
+@pytest.mark.parametrize("kind,case", PAD_CASES, ids=lambda x: x if isinstance(x, str) else x[0])
+def test_pad_form_interpret(rng, kind, case, monkeypatch):
+    """Head_dims that are not powers of two (96, 80) read as one padded tile, the columns past the head masked."""
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+    (run_case if kind == "contiguous" else run_paged_case)(rng, case, interpret=True)
+
+
 # A bf16 query multiplies e4m3 values in float16 (q8_tiles.dot_dtype_for): queries past float16's 65504 (keys as
 # much smaller, so the scores stay those of the plain case), values whose scales times the probabilities would
 # vanish below float16's smallest or pass its largest.
@@ -207,6 +218,14 @@ class TestOnGpu:
     @pytest.mark.parametrize("magnitudes", MAGNITUDES.values(), ids=MAGNITUDES.keys())
     def test_float16_products_keep_range(self, rng, magnitudes):
         run_case(rng, CASES[0], scale_up=GPU_SCALE, interpret=False, magnitudes=magnitudes)
+
+    @pytest.mark.parametrize("kind,case", PAD_CASES, ids=lambda x: x if isinstance(x, str) else x[0])
+    def test_pad_form(self, rng, kind, case, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+        if kind == "contiguous":
+            run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+        else:
+            run_paged_case(rng, case, scale_up=GPU_PAGED_SCALE, interpret=False)
 
     @pytest.mark.parametrize("kind,case", [("contiguous", CASES[0]), ("paged", PAGED_CASES[0])],
                              ids=lambda x: x if isinstance(x, str) else x[0])  # fmt: skip

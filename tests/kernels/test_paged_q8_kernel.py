@@ -75,6 +75,17 @@ def test_loop_forms_interpret(rng, case, form, monkeypatch):
     run_case(rng, case, interpret=True)
 
 
+PAD_CASES = [c for c in CASES if c[4] & (c[4] - 1)]  # head_dims that are not powers of two
+
+
+@pytest.mark.parametrize("case", PAD_CASES, ids=[c[0] for c in PAD_CASES])
+def test_pad_form_interpret(rng, case, monkeypatch):
+    """The "pad" form: each block's codes and scales read through the table as one power-of-two tile, the columns
+    past the head masked."""
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+    run_case(rng, case, interpret=True)
+
+
 @pytest.mark.parametrize("page_size,expected_ppb", [(4, 16), (16, 4), (64, 1), (256, 1)], ids=str)
 def test_config_counts_whole_pages(page_size, expected_ppb):
     """The default block is the contiguous Q8 kernel's 64 keys, rounded to whole pages."""
@@ -133,6 +144,11 @@ class TestOnGpu:
     @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=[IDS[0], IDS[3], IDS[4]])
     def test_loop_forms(self, rng, case, form, monkeypatch):
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
+        run_case(rng, case, scale_up=8, interpret=False)
+
+    @pytest.mark.parametrize("case", PAD_CASES, ids=[c[0] for c in PAD_CASES])
+    def test_pad_form(self, rng, case, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
         run_case(rng, case, scale_up=8, interpret=False)
 
     @pytest.mark.parametrize("batch,seq,page_size", [(1, 4096, 16), (8, 4096, 64)], ids=str)

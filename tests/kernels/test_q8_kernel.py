@@ -180,6 +180,12 @@ class TestOnGpu:
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
+    @pytest.mark.parametrize("case", [c for c in CASES if c[4] & (c[4] - 1)], ids=lambda c: c[0])
+    def test_pad_form(self, rng, case, monkeypatch):
+        """Head_dims that are not powers of two read as one padded, column-masked tile."""
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
     @pytest.mark.parametrize("form", ["vperm", "vperm+srot+dsum", "vperm+iq8"])
     @pytest.mark.parametrize("block_k,num_warps", [(64, 4), (64, 2), (32, 1), (128, 4), (128, 8)], ids=str)
     def test_loop_forms_bench_shape(self, rng, form, block_k, num_warps, monkeypatch):
