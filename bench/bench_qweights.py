@@ -335,7 +335,9 @@ def main(argv=None) -> dict:
     if args.breakdown:
         from bench.qweights_breakdown import step_breakdown
 
-        breakdown = step_breakdown(config, models, 1, min(steps, 8), keep=named)
+        # One step a profiled program: with the decode loop captured as a command buffer (GPU_FLAGS' WHILE) the
+        # profiler records one iteration's kernels however many run, so per-step figures need a one-step program.
+        breakdown = step_breakdown(config, models, 1, 1, keep=named)
         report = {"meta": common.meta(torch) | {"xla_flags": xla_flags_used}, "breakdown": breakdown}
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qweights_breakdown.json").write_text(json.dumps(report, indent=1))
