@@ -70,12 +70,11 @@ class ColumnPart:
     its row blocks (row ``c * rows + g`` holds query ``g``'s chunk ``c``, or ``sigma(c)`` with ``rotate``)."""
 
     def __init__(self, cols, head_dim: int, chunk: int, rows: int, srot: bool):
-        self.whole = isinstance(cols, slice)
+        whole = isinstance(cols, slice)
         self.cols = cols  # the K / V loads' columns
-        self.io_cols = pl.ds(0, head_dim) if self.whole else cols  # the query's and the output's
-        self.width = head_dim if self.whole else cols.size
+        self.width = head_dim if whole else cols.size
         scales = 1 if chunk >= head_dim else self.width // chunk  # FP8: one scale a position, every part
-        self.scale_cols = slice(None) if self.whole or chunk >= head_dim else pl.ds(cols.start // chunk, scales)
+        self.scale_cols = slice(None) if whole or chunk >= head_dim else pl.ds(cols.start // chunk, scales)
         # A part narrower than the products' 16 rows need (32 of 96 at 4 query rows) splits each scale chunk into
         # ``repeat`` row blocks of its columns, sharing the chunk's scale: the rows stay those of the whole head.
         self.chunks = max(scales, -(-MIN_BLOCK // rows))
