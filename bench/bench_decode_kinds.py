@@ -2,7 +2,8 @@
 
 Shapes (``bench/decode_kinds.py``; ``--shapes`` picks a subset or adds others): 1x4096, 1x131072, 16x8192,
 128x2048, 256x1024 at Hq/Hkv/D 32/8/128; 4x4096 MHA 32/32/128; 32x2048 at 9/3/64; 8x4096 at 16/8/256; 16x8192 at
-32/4/128 (GQA 8); and a ragged batch ``32xr256-16384`` (32 lengths drawn in 256..16384, the same every run). Rows:
+32/4/128 (GQA 8); 16x4096 at 32/32/96 (Phi-3-mini's MHA heads; the Q8 rows also in the ``pad`` form); and a ragged
+batch ``32xr256-16384`` (32 lengths drawn in 256..16384, the same every run). Rows:
 
 * ``jkv_auto``: ``pallas_kernels.dispatch.decode_attention_auto`` (what jkv runs for a contiguous bf16 cache),
   ``jkv_triton`` / ``jkv_mgpu``: its Triton (``decode``) and Mosaic GPU (``decode_mgpu``) kernels, default launch;
