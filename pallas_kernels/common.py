@@ -223,6 +223,18 @@ def column_slices(head_dim: int) -> list:
     return [pl.ds(c, w) for c, w in zip(starts, widths, strict=True)]
 
 
+def column_tiles(head_dim: int, pad: bool | None = None) -> list:
+    """The column tiles a Triton decode kernel reads a head of ``head_dim`` in: :func:`column_slices`, or with
+    ``pad`` one ``pl.ds`` of the next power of two, whose columns past the head read as zeros and are never stored
+    (``decode_walk.query_tile`` / ``block_tile``, ``paged.PagedView``). ``pad`` None: where the chunks would include
+    one of 16 columns (80 = 64 + 16, 48 = 32 + 16), which lowers poorly (spills, twice the loop's instructions:
+    docs/BENCHMARKS.md, "Padded column tiles")."""
+    slices = column_slices(head_dim)
+    if pad is None:
+        pad = head_dim % 32 != 0
+    return [pl.ds(0, 1 << (head_dim - 1).bit_length())] if pad and len(slices) > 1 else slices
+
+
 def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool):
     r, c = pl.program_id(0), pl.program_id(1)
     p_rows = acc_ref.shape[1]  # splits padded to a power of two

@@ -22,7 +22,9 @@ The kernel (Triton lowering on GPU, interpret mode elsewhere; see ``pallas_kerne
   normalises and writes the output itself;
 * a head_dim that is not a power of two (a multiple of 16 up to 256: Phi-3's 96) is read in power-of-two column
   chunks (``common.column_slices``: 96 = 64 + 32), each chunk's products summed into the scores and accumulated
-  into its own output columns; at a power of two the kernel is the one-chunk case.
+  into its own output columns; at a power of two the kernel is the one-chunk case. One whose chunks would include
+  16 columns (80, 48) is read as one tile of the next power of two, the columns past it masked
+  (``common.column_tiles``).
 
 :func:`decode_attention_append` is the same kernel with a decode step's cache write folded in. The kernel body
 is also the paged kernel's (``pallas_kernels.paged`` runs it over a page view of its pools). Block size, splits,
@@ -39,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import checks, common, decode_walk
+from pallas_kernels import backend, checks, common, decode_walk
 from pallas_kernels.common import LOG2E, MIN_BLOCK, DecodeConfig
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -76,8 +78,9 @@ def decode_kernel(
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
     # Columns in power-of-two chunks (Triton's tiles): one for a power-of-two head_dim, else widest first (96: 64
-    # then 32); each chunk's products are summed into the scores and accumulated into its own output columns.
-    col_chunks = common.column_slices(head_dim)
+    # then 32); each chunk's products are summed into the scores and accumulated into its own output columns. A
+    # head_dim with a 16-column chunk (80, 48) is read as one padded tile instead (common.column_tiles).
+    col_chunks = common.column_tiles(head_dim)
     split = dict(block_k=block_k, num_splits=num_splits, window=window)
     n, layer, start, first, lo, hi = decode_walk.program_range(lengths_ref, layer_ref, b, j, k_ref.shape, **split)
     if append:
@@ -85,8 +88,8 @@ def decode_kernel(
         # substituted for what the cache held: the cache is read before it is written, never after.
         n_full = (n - 1) // block_k
         new_pos = jnp.where((append_ref[b] != 0) & (n > 0), n - 1, -1)
-        k_new = [k_new_ref[b, h, at].astype(k_ref.dtype) for at in col_chunks]  # [W] each
-        v_new = [v_new_ref[b, h, at].astype(v_ref.dtype) for at in col_chunks]
+        k_new = [new_row_of(k_new_ref, b, h, at).astype(k_ref.dtype) for at in col_chunks]  # [W] each
+        v_new = [new_row_of(v_new_ref, b, h, at).astype(v_ref.dtype) for at in col_chunks]
     else:
         n_full = n // block_k  # blocks whose every position is valid
 
@@ -104,7 +107,7 @@ def decode_kernel(
         keys = pl.ds(start, block_k)
         s = None
         for c, at in enumerate(col_chunks):
-            k = decode_walk.block_ref(k_ref, valid)[layer, b, h, keys, at]  # [bk, W]
+            k = decode_walk.block_tile(k_ref, valid, (layer, b, h, keys), at)  # [bk, W]
             if new_row is not None:
                 k = jnp.where(new_row[:, None], k_new[c][None, :], k)
             part = common.dot(qs[c], k, trans_b=True, precision=precision)  # [Gp, bk]
@@ -117,7 +120,7 @@ def decode_kernel(
         p = jnp.exp2(s - m_new[:, None])  # [Gp, bk]
         out = []
         for c, at in enumerate(col_chunks):
-            v = decode_walk.block_ref(v_ref, valid)[layer, b, h, keys, at]  # [bk, W]
+            v = decode_walk.block_tile(v_ref, valid, (layer, b, h, keys), at)  # [bk, W]
             if new_row is not None:
                 v = jnp.where(new_row[:, None], v_new[c][None, :], v)
             if valid is not None:
@@ -135,11 +138,28 @@ def decode_kernel(
         @pl.when(has_tail & (new_pos >= 0))
         def _write():
             for c, at in enumerate(col_chunks):
-                k_out_ref[layer, b, h, pl.ds(new_pos, 1), at] = k_new[c][None, :]
-                v_out_ref[layer, b, h, pl.ds(new_pos, 1), at] = v_new[c][None, :]
+                write_row(k_out_ref, (layer, b, h, pl.ds(new_pos, 1)), at, k_new[c][None, :])
+                write_row(v_out_ref, (layer, b, h, pl.ds(new_pos, 1)), at, v_new[c][None, :])
 
     decode_walk.store(out_refs, acc, m * (1 / LOG2E), denom, b, j, head_rows, col_chunks, row_ok, group=group,
                       rows=rows, num_splits=num_splits)  # fmt: skip
+
+
+def new_row_of(ref, b, h, cols):
+    """The step's new row ``ref[b, h, cols]`` (``[W]``); columns past the head (a padded tile) read as zeros."""
+    if not decode_walk.past_columns(cols, ref.shape[-1]):
+        return ref[b, h, cols]
+    ok = lax.broadcasted_iota(jnp.int32, (cols.size,), 0) < ref.shape[-1] - cols.start
+    return backend.load(ref.at[b, h, cols], mask=ok, other=0)
+
+
+def write_row(ref, index, cols, row) -> None:
+    """``ref[*index, cols] = row`` (``[1, W]``), the columns past the head (a padded tile) not written."""
+    if not decode_walk.past_columns(cols, ref.shape[-1]):
+        ref[(*index, cols)] = row
+        return
+    ok = lax.broadcasted_iota(jnp.int32, row.shape, 1) < ref.shape[-1] - cols.start
+    backend.store(ref.at[(*index, cols)], row, mask=ok)
 
 
 def kernel_options(

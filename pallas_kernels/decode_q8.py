@@ -120,9 +120,7 @@ def decode_kernel(
     # A head_dim that is not a power of two is read in power-of-two column parts (96: 64 + 32), each with its own
     # wide products; their scores are summed and each accumulates its own output columns. With "pad" it is read
     # as one tile of the next power of two instead, the columns past it masked (zeros; their scales too).
-    slices = common.column_slices(head_dim)
-    if "pad" in flags and len(slices) > 1:
-        slices = [pl.ds(0, 1 << (head_dim - 1).bit_length())]
+    slices = common.column_tiles(head_dim, pad="pad" in flags)
     io_cols = [pl.ds(0, head_dim) if isinstance(c, slice) else c for c in slices]
     tiles = [decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=c) for c in io_cols]
     head_rows, row_ok = tiles[0][:2]

@@ -273,3 +273,14 @@ def test_compiled_mode_needs_a_gpu(rng):
     q, k, lengths = _error_args(rng)
     with pytest.raises(ValueError, match="interpret=False needs a GPU"):
         decode.decode_attention(q, k, k, lengths, interpret=False)
+
+
+def test_column_tiles():
+    """Power-of-two chunks, widest first, except where one would be 16 columns (80, 48: one padded tile)."""
+    spans = lambda d, pad=None: [
+        (0, d) if isinstance(c, slice) else (c.start, c.size) for c in common.column_tiles(d, pad)
+    ]
+    assert spans(128) == [(0, 128)] and spans(16) == [(0, 16)]
+    assert spans(96) == [(0, 64), (64, 32)] and spans(224) == [(0, 128), (128, 64), (192, 32)]
+    assert spans(80) == [(0, 128)] and spans(48) == [(0, 64)] and spans(240) == [(0, 256)]
+    assert spans(96, pad=True) == [(0, 128)] and spans(80, pad=False) == [(0, 64), (64, 16)]
