@@ -118,9 +118,10 @@ def decode_kernel(
     if flags - FLAGS:
         raise ValueError(f"form={form!r}: unknown parts {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
     # A head_dim that is not a power of two is read in power-of-two column parts (96: 64 + 32), each with its own
-    # wide products; their scores are summed and each accumulates its own output columns. With "pad" it is read
-    # as one tile of the next power of two instead, the columns past it masked (zeros; their scales too).
-    slices = common.column_tiles(head_dim, pad="pad" in flags)
+    # wide products; their scores are summed and each accumulates its own output columns. With "pad" (and, as for
+    # the bf16 kernels, where a part would be 16 columns: FP8 at 80, 48) it is read as one tile of the next power
+    # of two instead, the columns past it masked (zeros; their scales too).
+    slices = common.column_tiles(head_dim, pad=True if "pad" in flags else None)
     io_cols = [pl.ds(0, head_dim) if isinstance(c, slice) else c for c in slices]
     tiles = [decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=c) for c in io_cols]
     head_rows, row_ok = tiles[0][:2]
