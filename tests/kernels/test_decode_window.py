@@ -35,15 +35,15 @@ CASES = [
     ("decode_d96_bf16_w20_cap2_splits2", "decode", 4, 2, 2, 96, 96, "bfloat16", (1, 37, 52, 96), 20, 2.0, 16, 2),
     ("append_d96_f32_w20_splits2", "append", 3, 2, 4, 96, 96, "float32", (21, 52, 96), 20, None, 16, 2),
     ("paged_d96_f32_ps8_ppb2_w20_cap2", "paged", 4, 2, 4, 96, 96, "float32", (1, 37, 52, 96), 20, 2.0, (8, 2), 2),
-    # head_dims with a 16-column chunk, read as one padded tile (common.column_tiles)
-    ("append_d80_f32_w20_splits2", "append", 3, 2, 4, 80, 96, "float32", (21, 52, 96), 20, None, 16, 2),
-    ("paged_d48_bf16_ps8_ppb2_w20_cap2", "paged", 3, 2, 2, 48, 96, "bfloat16", (1, 37, 96), 20, 2.0, (8, 2), 2),
     ("paged_f32_ps8_ppb2_w20_cap2", "paged", 5, 2, 4, 64, 96, "float32", (1, 16, 37, 52, 96), 20, 2.0, (8, 2), 2),
     ("paged_bf16_ps16_w40_default", "paged", 3, 2, 2, 64, 128, "bfloat16", (17, 71, 128), 40, None, (16, None), None),
     ("q8_f32_w20_cap2_splits2", "q8", 4, 2, 4, 64, 96, "float32", (5, 37, 52, 96), 20, 2.0, 16, 2),
     ("paged_q8_bf16_ps16_w40_cap2", "paged_q8", 3, 2, 2, 64, 96, "bfloat16", (17, 63, 96), 40, 2.0, (16, 1), 2),
     ("fp8_f32_w20_cap2_splits2", "fp8", 4, 2, 4, 64, 96, "float32", (5, 37, 52, 96), 20, 2.0, 16, 2),
     ("paged_fp8_f32_ps8_ppb2_w20_cap2", "paged_fp8", 4, 2, 4, 64, 96, "float32", (1, 37, 52, 96), 20, 2.0, (8, 2), 2),
+    # head_dims with a 16-column chunk, read as one padded tile (common.column_tiles)
+    ("append_d80_f32_w20_splits2", "append", 3, 2, 4, 80, 96, "float32", (21, 52, 96), 20, None, 16, 2),
+    ("paged_d48_bf16_ps8_ppb2_w20_cap2", "paged", 3, 2, 2, 48, 96, "bfloat16", (1, 37, 96), 20, 2.0, (8, 2), 2),
 ]
 IDS = [c[0] for c in CASES]
 GPU_SCALE = 4  # the GPU class scales lengths, windows and capacities (blocks stay): edges stay edges
