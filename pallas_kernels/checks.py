@@ -165,9 +165,6 @@ def check_launch_overrides(*, num_warps=None, **ints) -> None:
         raise ValueError(f"{num_warps=} must be one of {NUM_WARPS}")
 
 
-# ----------------------------------------------------------------------------------------------- launch rules
-
-
 # ----------------------------------------------------------------------------------------------- Q8 pairs
 
 Q8_BLOCK = 32  # values per scale of the Q8 format

@@ -88,8 +88,8 @@ def decode_kernel(
         # substituted for what the cache held: the cache is read before it is written, never after.
         n_full = (n - 1) // block_k
         new_pos = jnp.where((append_ref[b] != 0) & (n > 0), n - 1, -1)
-        k_new = [new_row_of(k_new_ref, b, h, at).astype(k_ref.dtype) for at in col_chunks]  # [W] each
-        v_new = [new_row_of(v_new_ref, b, h, at).astype(v_ref.dtype) for at in col_chunks]
+        k_new = [decode_walk.read_columns(k_new_ref, (b, h), at).astype(k_ref.dtype) for at in col_chunks]  # [W]
+        v_new = [decode_walk.read_columns(v_new_ref, (b, h), at).astype(v_ref.dtype) for at in col_chunks]
     else:
         n_full = n // block_k  # blocks whose every position is valid
 
@@ -145,21 +145,13 @@ def decode_kernel(
                       rows=rows, num_splits=num_splits)  # fmt: skip
 
 
-def new_row_of(ref, b, h, cols):
-    """The step's new row ``ref[b, h, cols]`` (``[W]``); columns past the head (a padded tile) read as zeros."""
-    if not decode_walk.past_columns(cols, ref.shape[-1]):
-        return ref[b, h, cols]
-    ok = lax.broadcasted_iota(jnp.int32, (cols.size,), 0) < ref.shape[-1] - cols.start
-    return backend.load(ref.at[b, h, cols], mask=ok, other=0)
-
-
 def write_row(ref, index, cols, row) -> None:
     """``ref[*index, cols] = row`` (``[1, W]``), the columns past the head (a padded tile) not written."""
-    if not decode_walk.past_columns(cols, ref.shape[-1]):
+    ok = decode_walk.column_mask(row.shape, cols, ref.shape[-1])
+    if ok is None:
         ref[(*index, cols)] = row
-        return
-    ok = lax.broadcasted_iota(jnp.int32, row.shape, 1) < ref.shape[-1] - cols.start
-    backend.store(ref.at[(*index, cols)], row, mask=ok)
+    else:
+        backend.store(ref.at[(*index, cols)], row, mask=ok)
 
 
 def kernel_options(

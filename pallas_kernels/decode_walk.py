@@ -33,8 +33,8 @@ def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
     head_rows = pl.ds(h * group, rows)
     width = q_ref.shape[-1] if isinstance(cols, slice) else cols.size
     row_ok = lax.broadcasted_iota(jnp.int32, (rows, width), 0) < group if rows != group else None
-    if past_columns(cols, q_ref.shape[-1]):
-        col_ok = lax.broadcasted_iota(jnp.int32, (rows, width), 1) < q_ref.shape[-1] - cols.start
+    col_ok = column_mask((rows, width), cols, q_ref.shape[-1])
+    if col_ok is not None:
         row_ok = col_ok if row_ok is None else row_ok & col_ok
     q = backend.load(q_ref.at[b, head_rows, cols], mask=row_ok, other=0 if row_ok is not None else None)
     return head_rows, row_ok, q
@@ -43,6 +43,23 @@ def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
 def past_columns(cols, width: int) -> bool:
     """Whether ``cols`` (``:`` or a static ``pl.ds``) reaches past a row of ``width`` columns."""
     return not isinstance(cols, slice) and cols.start + cols.size > width
+
+
+def column_mask(shape, cols, width: int):
+    """For a tile of ``shape`` read at columns ``cols`` of rows of ``width``: the mask of its columns inside the
+    rows (a power-of-two tile over rows that are not), or None where ``cols`` stays inside (:func:`past_columns`)."""
+    if not past_columns(cols, width):
+        return None
+    return lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) < width - cols.start
+
+
+def read_columns(ref, index, cols):
+    """``ref[*index, cols]``, the columns past the rows (:func:`column_mask`) read as zeros, never from memory."""
+    if not past_columns(cols, ref.shape[-1]):
+        return ref[(*index, cols)]
+    tile = ref.at[(*index, cols)]
+    zero = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # Triton casts no integer to float8
+    return backend.load(tile, mask=column_mask(tile.shape, cols, ref.shape[-1]), other=zero)
 
 
 def block_ref(ref, valid):
@@ -56,11 +73,7 @@ def block_tile(ref, valid, index, cols):
     ``pl.ds`` of positions); columns past the rows' own (:func:`past_columns`) read as zeros. A paged view masks
     them itself."""
     ref = block_ref(ref, valid)
-    if hasattr(ref, "whole_rows") or not past_columns(cols, ref.shape[-1]):
-        return ref[(*index, cols)]
-    ok = lax.broadcasted_iota(jnp.int32, (index[-1].size, cols.size), 1) < ref.shape[-1] - cols.start
-    zero = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # Triton casts no integer to float8
-    return backend.load(ref.at[(*index, cols)], mask=ok, other=zero)
+    return ref[(*index, cols)] if hasattr(ref, "whole_rows") else read_columns(ref, index, cols)
 
 
 def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import backend, checks, common, decode
+from pallas_kernels import backend, checks, common, decode, decode_walk
 from pallas_kernels.common import MIN_BLOCK
 
 
@@ -135,11 +135,10 @@ class PagedView:
         else:
             raise NotImplementedError(f"a paged view reads whole rows or static column chunks, got columns {cols}")
         pages, offsets, valid = self.addresses(b, window, width, col0)
-        past = col0 + width > self.shape[4]  # a power-of-two tile over rows that are not: those columns read zeros
-        if not self.masked and not past:
+        col_ok = decode_walk.column_mask((window.size, width), cols, self.shape[4])  # columns past the rows: zeros
+        if not self.masked and col_ok is None:
             return self.pool[(layer, pages, h, *offsets)].reshape(window.size, width)
-        if past:
-            col_ok = lax.broadcasted_iota(jnp.int32, (window.size, width), 1) < self.shape[4] - col0
+        if col_ok is not None:
             valid = valid & col_ok if self.masked else col_ok
         # A float zero for float pools: Triton's lowering casts no integer to float8.
         zero = 0.0 if jnp.issubdtype(self.dtype, jnp.floating) else 0
