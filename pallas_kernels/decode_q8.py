@@ -204,7 +204,7 @@ def decode_kernel(
         return out
 
     def attend(carry, start, valid):
-        m, denom, acc = carry  # running max [rows], sum [rows], output [R, W] (one a part); float32
+        m, denom, accs = carry  # running max [rows], sum [rows], outputs [R, W] (one a part); float32
         keys = pl.ds(start, block_k)
         s = common.softcapped(scores_of(keys, valid), softcap)
         if base2 and softcap is not None:
@@ -215,32 +215,27 @@ def decode_kernel(
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = exp(m - m_new)  # 0 on the first block (m = -inf)
         p = exp(s - m_new[:, None])  # [rows, bk]
-        accs = acc if isinstance(acc, tuple) else (acc,)
         pvs = values_of(p, keys, valid)
         accs = tuple(a * part.widen(alpha)[:, None] + pv for a, part, pv in zip(accs, parts, pvs, strict=True))
-        acc = accs if isinstance(acc, tuple) else accs[0]
         if "dsum" in flags:  # per key column: summed once, after the loop (no reduction across warps per block)
-            return m_new, denom * alpha[:, None] + p, acc
-        return m_new, denom * alpha + jnp.sum(p, axis=1), acc
+            return m_new, denom * alpha[:, None] + p, accs
+        return m_new, denom * alpha + jnp.sum(p, axis=1), accs
 
     bounds = dict(n=n, n_full=n_full, start=start, first=first, lo=lo, hi=hi)
     if "dsum" in flags:
         bounds["denom_shape"] = (rows, block_k)
     shapes = [(part.wide_rows, part.width) for part in parts]
-    (m, denom, acc), _ = decode_walk.walk(
-        attend, rows, shapes if len(parts) > 1 else shapes[0], block_k=block_k, max_len=max_len, window=window,
-        **bounds,
-    )  # fmt: skip
+    (m, denom, accs), _ = decode_walk.walk(
+        attend, rows, shapes, block_k=block_k, max_len=max_len, window=window, **bounds
+    )
     if "dsum" in flags:
         denom = jnp.sum(denom, axis=1)
     if base2:
         m = m * (1 / LOG2E)
-    accs = list(acc) if isinstance(acc, tuple) else [acc]
     if "vperm" in flags:
         accs = [q8_tiles.permute_columns(a, 8 * num_warps, inverse=True) for a in accs]
     accs = [part.own_chunks(a) for part, a in zip(parts, accs, strict=True)]  # each row block's own chunk
-    acc, cols = (tuple(accs), io_cols) if len(parts) > 1 else (accs[0], io_cols[0])
-    decode_walk.store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, group=group, rows=rows,
+    decode_walk.store(out_refs, accs, m, denom, b, j, head_rows, io_cols, row_ok, group=group, rows=rows,
                       num_splits=num_splits)  # fmt: skip
 
 
