@@ -76,11 +76,11 @@ def block_tile(ref, valid, index, cols):
     return ref[(*index, cols)] if hasattr(ref, "whole_rows") else read_columns(ref, index, cols)
 
 
-def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,
+def walk(attend, rows: int, acc_shapes, *, n, n_full, start, first, lo, hi, block_k: int, max_len: int, window,
          new_pos=None, denom_shape=None):  # fmt: skip
     """Run ``attend(carry, at, valid[, new_row])`` over the split's blocks ``[lo, hi)`` from the online softmax's
-    start (running max ``-inf`` and denominator 0 ``[rows]`` (or ``denom_shape``), ``acc`` zeros of ``acc_shape``,
-    or a tuple of zeros for a list of shapes (one per column chunk); float32): the
+    start (running max ``-inf`` and denominator 0 ``[rows]`` (or ``denom_shape``), ``acc`` a tuple of zeros of
+    ``acc_shapes``, one per column chunk; float32): the
     window's first block masked where the window starts inside it, whole blocks (below ``n_full``) unmasked, the
     tail block masked (slid back to stay inside ``S``; with ``new_pos``, ``new_row`` marks that position).
     Returns the final ``(m, denom, acc)`` and whether this split ran the tail."""
@@ -99,11 +99,10 @@ def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block
         valid = (pos >= (at if window is None else jnp.maximum(at, start))) & (pos < n)
         return attend(carry, slid, valid) if new_pos is None else attend(carry, slid, valid, pos == new_pos)
 
-    chunked = isinstance(acc_shape, list)
     carry = (
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros(denom_shape or (rows,), jnp.float32),
-        tuple(jnp.zeros(x, jnp.float32) for x in acc_shape) if chunked else jnp.zeros(acc_shape, jnp.float32),
+        tuple(jnp.zeros(x, jnp.float32) for x in acc_shapes),
     )
     full_lo = lo
     if window is not None:  # the head block runs masked (unless the tail holds the window's start)
@@ -117,10 +116,10 @@ def walk(attend, rows: int, acc_shape, *, n, n_full, start, first, lo, hi, block
 
 def store(out_refs, acc, m, denom, b, j, head_rows, cols, row_ok, *, group: int, rows: int, num_splits: int):
     """With one split, the normalised output ``o [B, N, D]``; with several, this split's partials ``acc``, ``m``,
-    ``denom`` (``common.split_out_shape``); padding rows are never stored. ``acc`` and ``cols`` may be sequences
-    (one accumulator per column chunk, ``common.column_slices``)."""
+    ``denom`` (``common.split_out_shape``); padding rows are never stored. ``acc`` and ``cols``: one accumulator and
+    its columns per column chunk (``common.column_tiles``)."""
     vec_ok = None if row_ok is None else lax.broadcasted_iota(jnp.int32, (rows,), 0) < group
-    chunks = list(zip(acc, cols, strict=True)) if isinstance(acc, (tuple, list)) else [(acc, cols)]
+    chunks = list(zip(acc, cols, strict=True))
 
     def ok(part):  # the row mask in this chunk's width (chunks may differ in width)
         if row_ok is None or part.shape == row_ok.shape:
