@@ -178,7 +178,7 @@ def bench_shape(shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log
     """Every row (``only``: those named; ``blocked``: rows not to run, with the reason) at one shape: checked,
     then timed in interleaved rounds."""
     rows = {name: row for name, row in kinds.jax_rows(shape, smoke).items() if not only or name in only}
-    layouts = {row.layout for row in rows.values()}
+    layouts = {row.layout for row in rows.values() if row.refused is None}  # a refused row's inputs: not made
     sets, copies, est_s = kinds.shape_inputs(shape, 0 if smoke else common.ROTATE_BYTES, layouts)
     refs = kinds.references(shape, sets)
     results, samplers = {}, {}
@@ -249,7 +249,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least one round is needed")
-    known = [*kinds.jax_rows(kinds.parse_shape("1x64"), smoke=False), *kinds.pad_rows(96), "jax_xla", *TORCH_ROWS]
+    column_rows = {**kinds.column_rows(96), **kinds.column_rows(160)}
+    known = [*kinds.jax_rows(kinds.parse_shape("1x64"), smoke=False), *column_rows, "jax_xla", *TORCH_ROWS]
     if unknown := [name for name in (args.rows or []) + args.preflight if name not in known]:
         parser.error(f"no rows {unknown}; expected some of {known}")
     start, log = time.perf_counter(), common.log

@@ -24,6 +24,7 @@ from bench.bench_paged import paged_sets
 from jkv.caches.formats import quantize
 from pallas_kernels import (
     backend,
+    checks,
     decode,
     decode_fp8,
     decode_mgpu,
@@ -167,9 +168,6 @@ def references(shape: Shape, sets: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- rows
 
 
-PAD_FORM = "vperm+pad"
-
-
 def with_loop_form(form: str, fn: Callable) -> Callable:
     """``fn`` (a Q8 / FP8 decode call) run with ``decode_q8.LOOP_FORM`` set to ``form`` (read per call)."""
 
@@ -180,14 +178,17 @@ def with_loop_form(form: str, fn: Callable) -> Callable:
     return call
 
 
-def pad_rows(head_dim: int) -> dict:
-    """At a head_dim that is not a power of two, the Q8 kernels reading it as one padded, column-masked tile (the
-    ``pad`` loop form) beside their power-of-two column parts: ``q8pad_triton``, ``q8pagedpad_triton``."""
-    if head_dim & (head_dim - 1) == 0:
+def column_rows(head_dim: int) -> dict:
+    """At a head_dim that is not a power of two, the Q8 kernels in the column form their default does not take:
+    read as one padded, column-masked tile (``q8pad_triton``, ``q8pagedpad_triton``) where they read power-of-two
+    column parts, in parts (``q8parts_triton``, ``q8pagedparts_triton``) where they pad (decode_q8.PAD_MAX_COLUMNS)."""
+    if head_dim & (head_dim - 1) == 0 or head_dim % checks.Q8_BLOCK:
         return {}
+    name = "parts" if 1 << (head_dim - 1).bit_length() <= decode_q8.PAD_MAX_COLUMNS else "pad"
+    form = f"vperm+{name}"
     return {
-        "q8pad_triton": Row("q8", with_loop_form(PAD_FORM, decode_q8.q8_decode_attention), fmt="q8"),
-        "q8pagedpad_triton": Row("q8_paged", with_loop_form(PAD_FORM, paged_q8.paged_q8_decode_attention), fmt="q8"),
+        f"q8{name}_triton": Row("q8", with_loop_form(form, decode_q8.q8_decode_attention), fmt="q8"),
+        f"q8paged{name}_triton": Row("q8_paged", with_loop_form(form, paged_q8.paged_q8_decode_attention), fmt="q8"),
     }
 
 
@@ -219,7 +220,9 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
     ragged = shape.lengths is not None
     n, kh, d = shape.heads
     refused = decode_mgpu.unsupported_reason(n, kh, d, jnp.bfloat16)
-    q8_refused = decode_mgpu_q8.unsupported_reason(n, kh, d)
+    # the Q8 format's own rule (a scale per 32 values), before any kernel's
+    q8_format = f"head_dim {d} is not a multiple of the Q8 block ({checks.Q8_BLOCK})" if d % checks.Q8_BLOCK else None
+    q8_refused = q8_format or decode_mgpu_q8.unsupported_reason(n, kh, d)
     fp8_refused = decode_mgpu_q8.unsupported_reason(n, kh, d, decode_mgpu_q8.FP8)
     return {
         "jkv_auto": Row("bf16", dispatch.decode_attention_auto),
@@ -227,10 +230,10 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
         "jkv_mgpu": Row("bf16", decode_mgpu.decode_attention_mgpu, mgpu=True, refused=refused),
         "paged_triton": Row("paged", paged.paged_decode_attention),
         "paged_mgpu": Row("paged", decode_mgpu_paged.paged_decode_attention_mgpu, mgpu=True, refused=refused),
-        "q8_triton": Row("q8", decode_q8.q8_decode_attention, fmt="q8"),
+        "q8_triton": Row("q8", decode_q8.q8_decode_attention, fmt="q8", refused=q8_format),
         "q8_mgpu": Row("q8", decode_mgpu_q8.q8_decode_attention_mgpu, fmt="q8", mgpu=True, refused=q8_refused),
-        "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8"),
-        **pad_rows(d),
+        "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8", refused=q8_format),
+        **column_rows(d),
         "fp8_triton": Row("fp8", decode_fp8.fp8_decode_attention, fmt="fp8"),
         "fp8_mgpu": Row("fp8", decode_mgpu_q8.fp8_decode_attention_mgpu, fmt="fp8", mgpu=True, refused=fp8_refused),
         "fp8paged_triton": Row("fp8_paged", decode_fp8.paged_fp8_decode_attention, fmt="fp8"),

@@ -34,7 +34,8 @@ scales' factor), ``exp2`` being the bare hardware exponential; ``iq8`` (Q8 codes
 int8 with its own scale (``int_codes.round_rows``) so the scores' products multiply int8 by int8 into exact int32
 sums: no key code is converted to floats, at the cost of the query's rounding; ``pad`` reads a head_dim that is not a
 power of two as one tile of the next power of two with the columns past it masked (the loop of that head_dim for
-fewer bytes) instead of in power-of-two column parts (``q8_tiles.ColumnPart``). Codes and the roundings of ``q`` and
+fewer bytes) and ``parts`` in power-of-two column parts (``q8_tiles.ColumnPart``); with neither, Q8 codes are padded
+up to ``PAD_MAX_COLUMNS`` columns and FP8 values where a part would be 16 columns. Codes and the roundings of ``q`` and
 ``p`` to the product dtype are those of the default in every form but ``iq8``; ``srot`` and ``dsum`` sum in another
 order and ``exp2`` differs in float32 rounding.
 """
@@ -64,10 +65,14 @@ SPLIT_KEYS = 128
 # Forms of the loop's arithmetic (the module docstring; decode_kernel's ``form``), compared by bench/decode_ir.py
 # (per-block instruction counts, CPU) and bench/bench_q8_loop.py (GPU time). LOOP_FORM: the public functions'.
 # "iq8" forms are listed before the last, which stays all four of the bitwise-neutral and float forms.
-LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "iq8", "vperm+iq8", "vperm+pad", "vperm+srot",
-              "vperm+srot+dsum", "vperm+srot+dsum+exp2")  # fmt: skip
+LOOP_FORMS = ("default", "vperm", "srot", "dsum", "exp2", "iq8", "vperm+iq8", "vperm+pad", "vperm+parts",
+              "vperm+srot", "vperm+srot+dsum", "vperm+srot+dsum+exp2")  # fmt: skip
 LOOP_FORM = "vperm"  # bitwise the default's output; faster on the H100 and the H200 (docs/BENCHMARKS.md)
-FLAGS = frozenset({"vperm", "srot", "dsum", "exp2", "iq8", "pad"})
+FLAGS = frozenset({"vperm", "srot", "dsum", "exp2", "iq8", "pad", "parts"})
+# Q8 codes at a head_dim that is not a power of two read as one padded tile where that tile is at most this wide
+# (96 -> 128), in power-of-two parts past it (160, 224): the loop's counted instructions a key and the H100's times
+# (docs/BENCHMARKS.md, "The pad form on the GPU")
+PAD_MAX_COLUMNS = 128
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -117,11 +122,16 @@ def decode_kernel(
     flags = set(form.split("+")) - {"default"}
     if flags - FLAGS:
         raise ValueError(f"form={form!r}: unknown parts {sorted(flags - FLAGS)} (known: {sorted(FLAGS)})")
-    # A head_dim that is not a power of two is read in power-of-two column parts (96: 64 + 32), each with its own
-    # wide products; their scores are summed and each accumulates its own output columns. With "pad" (and, as for
-    # the bf16 kernels, where a part would be 16 columns: FP8 at 80, 48) it is read as one tile of the next power
-    # of two instead, the columns past it masked (zeros; their scales too).
-    slices = common.column_tiles(head_dim, pad=True if "pad" in flags else None)
+    # A head_dim that is not a power of two is read in power-of-two column parts ("parts"; 160: 128 + 32), each
+    # with its own wide products; their scores are summed and each accumulates its own output columns. With "pad"
+    # it is read as one tile of the next power of two instead, the columns past it masked (zeros; their scales
+    # too). Unless a flag says: pad Q8 codes up to PAD_MAX_COLUMNS (96), and, as the bf16 kernels do, where a part
+    # would be 16 columns (FP8 at 80, 48).
+    if {"pad", "parts"} <= flags:
+        raise ValueError(f"form={form!r}: 'pad' and 'parts' exclude each other")
+    q8_pads = k_ref.dtype == jnp.int8 and 1 << (head_dim - 1).bit_length() <= PAD_MAX_COLUMNS
+    pad = True if "pad" in flags else False if "parts" in flags else (q8_pads or None)
+    slices = common.column_tiles(head_dim, pad=pad)
     io_cols = [pl.ds(0, head_dim) if isinstance(c, slice) else c for c in slices]
     tiles = [decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=c) for c in io_cols]
     head_rows, row_ok = tiles[0][:2]

@@ -18,6 +18,9 @@ KERNEL_TOL = {"float32": 1e-5, "float32-gpu": 2e-3, "bfloat16": REL_TOL["bfloat1
 # alone, then all of them
 Q8_OTHER_FORMS = [f for f in decode_q8.LOOP_FORMS if f != decode_q8.LOOP_FORM]
 Q8_GPU_FORMS = [f for f in Q8_OTHER_FORMS if "+" not in f] + [decode_q8.LOOP_FORMS[-1]]
+# A head_dim that is not a power of two read as one padded, column-masked tile, then in power-of-two column parts,
+# whichever the kernel's default
+COLUMN_FORMS = ("vperm+pad", "vperm+parts")
 # Decode attention through a Q8 cache against attention over the unquantized values, q/k/v ~ N(0, 1): measured
 # relative errors of 7.2e-3 to 8.6e-3 over 1024 positions with either scale dtype (docs/quant.md); asserted at
 # about twice the largest.

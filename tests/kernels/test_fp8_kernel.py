@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, LENGTHS, fp8_arrays, random_paged, run_jitted
+from kernel_inputs import COLUMN_FORMS, KERNEL_TOL, LENGTHS, fp8_arrays, random_paged, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -153,10 +153,12 @@ PAD_CASES = [("contiguous", c) for c in CASES if c[4] & (c[4] - 1)]
 PAD_CASES += [("paged", c) for c in PAGED_CASES if c[4] & (c[4] - 1)]
 
 
+@pytest.mark.parametrize("form", COLUMN_FORMS)
 @pytest.mark.parametrize("kind,case", PAD_CASES, ids=lambda x: x if isinstance(x, str) else x[0])
-def test_pad_form_interpret(rng, kind, case, monkeypatch):
-    """Head_dims that are not powers of two (96, 80) read as one padded tile, the columns past the head masked."""
-    monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+def test_column_forms_interpret(rng, kind, case, form, monkeypatch):
+    """Head_dims that are not powers of two (96, 80) read as one padded tile, the columns past the head masked, and
+    in power-of-two column parts."""
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
     (run_case if kind == "contiguous" else run_paged_case)(rng, case, interpret=True)
 
 
@@ -219,9 +221,10 @@ class TestOnGpu:
     def test_float16_products_keep_range(self, rng, magnitudes):
         run_case(rng, CASES[0], scale_up=GPU_SCALE, interpret=False, magnitudes=magnitudes)
 
+    @pytest.mark.parametrize("form", COLUMN_FORMS)
     @pytest.mark.parametrize("kind,case", PAD_CASES, ids=lambda x: x if isinstance(x, str) else x[0])
-    def test_pad_form(self, rng, kind, case, monkeypatch):
-        monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+    def test_column_forms(self, rng, kind, case, form, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         if kind == "contiguous":
             run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
         else:

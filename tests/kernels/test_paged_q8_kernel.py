@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from kernel_inputs import KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, kernel_query, q8_pools, run_jitted
+from kernel_inputs import COLUMN_FORMS, KERNEL_TOL, Q8_GPU_FORMS, Q8_OTHER_FORMS, kernel_query, q8_pools, run_jitted
 from poison import poisoned_outputs
 from reference import decode_attention_f64
 
@@ -78,11 +78,12 @@ def test_loop_forms_interpret(rng, case, form, monkeypatch):
 PAD_CASES = [c for c in CASES if c[4] & (c[4] - 1)]  # head_dims that are not powers of two
 
 
+@pytest.mark.parametrize("form", COLUMN_FORMS)
 @pytest.mark.parametrize("case", PAD_CASES, ids=[c[0] for c in PAD_CASES])
-def test_pad_form_interpret(rng, case, monkeypatch):
+def test_column_forms_interpret(rng, case, form, monkeypatch):
     """The "pad" form: each block's codes and scales read through the table as one power-of-two tile, the columns
-    past the head masked."""
-    monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+    past the head masked; the "parts" form: in power-of-two column parts."""
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
     run_case(rng, case, interpret=True)
 
 
@@ -146,9 +147,10 @@ class TestOnGpu:
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=8, interpret=False)
 
+    @pytest.mark.parametrize("form", COLUMN_FORMS)
     @pytest.mark.parametrize("case", PAD_CASES, ids=[c[0] for c in PAD_CASES])
-    def test_pad_form(self, rng, case, monkeypatch):
-        monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+    def test_column_forms(self, rng, case, form, monkeypatch):
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=8, interpret=False)
 
     @pytest.mark.parametrize("batch,seq,page_size", [(1, 4096, 16), (8, 4096, 64)], ids=str)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from kernel_inputs import (
+    COLUMN_FORMS,
     KERNEL_TOL,
     LENGTHS,
     Q8_ATTENTION_REL_TOL,
@@ -126,6 +127,15 @@ def test_loop_forms_interpret(rng, case, form, monkeypatch):
     run_case(rng, case, interpret=True)
 
 
+@pytest.mark.parametrize(
+    "form,message", [("vperm+pad+parts", "exclude each other"), ("vperm+bogus", "unknown parts")], ids=str
+)
+def test_bad_loop_form_is_named(rng, form, message, monkeypatch):
+    monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
+    with pytest.raises(ValueError, match=message):
+        run_case(rng, CASES[8], interpret=True)
+
+
 @pytest.mark.parametrize("lanes,d", [(32, 128), (16, 128), (8, 64), (64, 64)])
 def test_permute_columns(lanes, d):
     """Column ``t * lanes + c`` takes column ``c * T + t``; the inverse undoes it."""
@@ -180,10 +190,11 @@ class TestOnGpu:
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
+    @pytest.mark.parametrize("form", COLUMN_FORMS)
     @pytest.mark.parametrize("case", [c for c in CASES if c[4] & (c[4] - 1)], ids=lambda c: c[0])
-    def test_pad_form(self, rng, case, monkeypatch):
-        """Head_dims that are not powers of two read as one padded, column-masked tile."""
-        monkeypatch.setattr(decode_q8, "LOOP_FORM", "vperm+pad")
+    def test_column_forms(self, rng, case, form, monkeypatch):
+        """Head_dims that are not powers of two read as one padded, column-masked tile, and in parts."""
+        monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
     @pytest.mark.parametrize("form", ["vperm", "vperm+srot+dsum", "vperm+iq8"])
