@@ -253,8 +253,8 @@ for part in "${parts[@]}"; do
     dp4a_sweep)  # issue 26: launches of the interleaved dp4a product under Nsight Compute (kernel time, DRAM %)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       declare -A sweep=(
-        [Q4_K]=dp4a_il_split2x,dp4a_il:1/128/128/16/4/1,dp4a_il:1/128/128/8/4/1,dp4a_il:1/64/128/16/2/1,dp4a_il:1/256/256/8/8/1,dp4a_il:1/128/256/8/4/2,dp4a_il:1/64/256/8/2/1,dp4a_il:1/128/128/28/4/1,dp4a_il:1/64/128/28/2/1
-        [Q8_0]=dp4a_il_split2x,dp4a_il:1/128/256/16/4/1,dp4a_il:1/128/128/16/4/1,dp4a_il:1/128/128/32/4/1,dp4a_il:1/64/256/16/2/1,dp4a_il:1/256/256/8/8/1,dp4a_il:1/128/128/28/4/1,dp4a_il:1/128/128/56/4/1,dp4a_il:1/64/128/28/2/1
+        [Q4_K]=dp4a_il,dp4a_il_split2x,dp4a_il:1/128/128/16/4/1,dp4a_il:1/128/128/8/4/1,dp4a_il:1/64/128/16/2/1,dp4a_il:1/256/256/8/8/1,dp4a_il:1/128/256/8/4/2,dp4a_il:1/64/256/8/2/1,dp4a_il:1/128/128/28/4/1,dp4a_il:1/64/128/28/2/1
+        [Q8_0]=dp4a_il,dp4a_il_split2x,dp4a_il:1/128/256/16/4/1,dp4a_il:1/128/128/16/4/1,dp4a_il:1/128/128/32/4/1,dp4a_il:1/64/256/16/2/1,dp4a_il:1/256/256/8/8/1,dp4a_il:1/128/128/28/4/1,dp4a_il:1/128/128/56/4/1,dp4a_il:1/64/128/28/2/1
       )
       # the matrices furthest from their floors in the H200 step (wqkv, wo, down: 0.34-0.59; gate_up 0.87)
       for fmt in Q4_K Q8_0; do
