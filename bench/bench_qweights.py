@@ -10,8 +10,9 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
   Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``); each quantized
   model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words, its
   activations rounded as ``qmatmul_act.ROUNDING`` says: on a GPU one launch per product), and that as
-  ``<name>_dp4a_actx`` (the activations rounded by XLA's fusions instead, the form before) and
-  ``<name>_dp4a_normk`` (the norms before wqkv and w_gate_up rounding their rows in their own launch).
+  ``<name>_dp4a_actx`` (the activations rounded by XLA's fusions instead, the form before),
+  ``<name>_dp4a_normk`` (the norms before wqkv and w_gate_up rounding their rows in their own launch) and
+  ``<name>_dp4a_rule2x`` (the products launched as before ``qmatmul_configs.DP4A_PROGRAMS``).
 * ``prefill``: one prompt of each ``--prefill-tokens`` length into an empty cache (``llama.prefill``), tokens/s, and
   each quantized row's throughput against bf16's (issue 26 asks >= 0.8x) as dispatched, through the kernel's
   large-M path (``<name>_kernel``) and as ``<name>_xla`` (``LlamaOptions(weights_impl="xla")``: dequantize to
@@ -51,7 +52,7 @@ import jkv
 from bench import common, torch_peers
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
-from pallas_kernels import block_formats, qmatmul_act
+from pallas_kernels import block_formats, qmatmul_act, qmatmul_configs
 from pallas_kernels import quantized_matmul as qm
 
 DATASHEET_BPS = 4.8e12
@@ -118,6 +119,7 @@ def random_quantized(params, choice: str, seed: int):
 MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
 ACT_XLA = "_actx"  # a dp4a decode row with this suffix rounds its activations in XLA's fusions (qmatmul_act)
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
+RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
 
 
 def options_of(name: str) -> llama.LlamaOptions:
@@ -136,15 +138,26 @@ def with_dp4a_rows(models: dict, keep=None) -> dict:
 
 def with_act_rows(models: dict) -> dict:
     """``models`` and each dp4a-layout one again as ``<name>_actx`` (the same params; its step compiled with
-    ``qmatmul_act.ROUNDING = "xla"``: the activations rounded by XLA's fusions), and as ``<name>_normk`` (the norm
-    kernel rounding the inputs of wqkv and w_gate_up in its launch: ``LlamaOptions.norm_kernel``)."""
+    ``qmatmul_act.ROUNDING = "xla"``: the activations rounded by XLA's fusions), as ``<name>_normk`` (the norm
+    kernel rounding the inputs of wqkv and w_gate_up in its launch: ``LlamaOptions.norm_kernel``) and as
+    ``<name>_rule2x`` (the products' launch before ``qmatmul_configs.DP4A_PROGRAMS``: twice the K splits of the
+    rule of 2 programs a multiprocessor)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
-    return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in (ACT_XLA, NORM_KERNEL)}
+    return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in (ACT_XLA, NORM_KERNEL, RULE2X)}
 
 
-def act_rounding(name: str):
-    """The activation rounding of row ``name`` while inside (its program is compiled there and keeps it)."""
-    return mock.patch.object(qmatmul_act, "ROUNDING", "xla" if ACT_XLA in name else qmatmul_act.ROUNDING)
+@contextlib.contextmanager
+def row_settings(name: str):
+    """The activation rounding and the dp4a launch of row ``name`` while inside (its program is compiled there and
+    keeps them)."""
+    rounding = "xla" if ACT_XLA in name else qmatmul_act.ROUNDING
+    rule = (2, 2) if RULE2X in name else (qmatmul_configs.DP4A_PROGRAMS, quant.DP4A_SPLIT_FACTOR)
+    with (
+        mock.patch.object(qmatmul_act, "ROUNDING", rounding),
+        mock.patch.object(qmatmul_configs, "DP4A_PROGRAMS", rule[0]),
+        mock.patch.object(quant, "DP4A_SPLIT_FACTOR", rule[1]),
+    ):
+        yield
 
 
 def with_mgpu_rows(models: dict) -> dict:
@@ -223,7 +236,7 @@ def bench_decode(config, models: dict, bandwidth: float, steps: int, rounds: int
     for batch in batches:
         samplers, compile_s = {}, {}
         for name, params in models.items():
-            with act_rounding(name):
+            with row_settings(name):
                 samplers[name], compile_s[name] = step_sampler(config, params, batch, steps, options_of(name))
         rows = common.interleaved(samplers, rounds, baseline="bf16")
         for name, row in rows.items():

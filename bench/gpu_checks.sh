@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -266,6 +266,24 @@ for part in "${parts[@]}"; do
         done
       done
       ;;
+    dp4a_rule)  # issue 26: the dp4a launch's new split rule (qmatmul_configs.DP4A_PROGRAMS) against the one before
+      # (_rule2x) in the batch-1 step, then Nsight Compute on the matrices the first sweep left out
+      run tests_dp4a_rule 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul_dp4a.py -k "Q8_0 or Q4_K"
+      run bench_dp4a_rule 300 python bench/bench_qweights.py --out "$OUT/rule" --sections decode --batches 1 \
+        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_rule2x,q4_k_dp4a_rule2x
+      tail -n 8 "$OUT/bench_dp4a_rule.log"
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      q4k=dp4a_il,dp4a_il:1/128/256/14/4/1,dp4a_il:1/128/256/2/4/1,dp4a_il:1/128/256/8/4/1,dp4a_il:1/64/256/8/2/1,dp4a_il:1/128/128/56/4/1,dp4a_il:1/128/128/16/4/1
+      q80=dp4a_il,dp4a_il:1/128/256/8/4/1,dp4a_il:1/128/256/2/4/1,dp4a_il:1/128/256/16/4/1,dp4a_il:1/128/256/56/4/1,dp4a_il:1/128/128/112/4/1,dp4a_il:1/128/128/32/4/1
+      for cell in Q4_K:down Q8_0:down Q4_K:gate_up Q8_0:gate_up Q8_0:lm_head Q4_K:wo; do
+        fmt=${cell%%:*} matrix=${cell##*:}
+        list=$q80 && [ "$fmt" = Q4_K ] && list=$q4k
+        run "ncu_rule_${fmt}_$matrix" 90 "$ncu" --clock-control none -k regex:jkv_qmatmul --section SpeedOfLight \
+          --section Occupancy --section LaunchStats python bench/ncu_qmatmul.py --matrix "$matrix" --fmt "$fmt" \
+          --rows 1 --variants "$list"
+        grep -E "^launch|Duration|DRAM Throughput" "$OUT/ncu_rule_${fmt}_$matrix.log"
+      done
+      ;;
     qmatmul_ncu)  # issue 26: Nsight Compute's view of the M = 1 products (speed of light, stalls, occupancy)
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       for fmt in Q8_0 Q4_K; do
@@ -339,7 +357,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 
 from bench import common
 from bench.bench_qweights import (
-    act_rounding,
     decode_program,
     launch_rule,
     options_of,
+    row_settings,
     wall,
     with_act_rows,
     with_dp4a_rows,
@@ -34,7 +34,7 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
     for name, params, launch in runs:
         program = decode_program(config, batch, steps, options_of(name))
         args = (params, tokens, jnp.int32(steps))
-        with launch_rule(launch), act_rounding(name):
+        with launch_rule(launch), row_settings(name):
             wall(program, *args)
             hlo = program.lower(*args).compile().as_text() or ""  # the fusions' instructions, named as in the trace
         events = common._trace(lambda a, program=program: program(*a), args, 1, "/device:GPU")

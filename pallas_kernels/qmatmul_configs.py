@@ -17,6 +17,9 @@ UNITS_ELEMENTS = 4096  # bm * bn * unit of the units path's accumulators: 32 reg
 UNITS_PER_STEP = 16  # bm * bk / unit where the groups allow: the unrolled step's size bounds Triton's compile time
 FMA_ELEMENTS = 8192  # bm * bn * bk of the fma path's broadcast product: registers of 4 warps without spills
 TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
+# ... and the dp4a launch's: its programs wait on each K step's reads (no pipelining), so more programs in flight
+# and fewer steps each run faster (docs/BENCHMARKS.md, "The dp4a launches swept")
+DP4A_PROGRAMS = 6
 PATHS = ("units", "fma", "dot", "dot_expand", "grouped", "dp4a")
 
 
@@ -86,15 +89,18 @@ def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
 
 
 def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128, split_factor: int = 1) -> QMatmulConfig:
-    """The integer-dot launch (``"dp4a"``, under trial): a warp per 32 of ``block_n`` rows (each thread one row
-    of a 16-byte window of words), the units path's step-size rule, the default split rule times ``split_factor``
-    where the K steps divide by that many splits (else the rule's own)."""
+    """The integer-dot launch (``"dp4a"``): a warp per 32 of ``block_n`` rows (each thread one row of a 16-byte
+    window of words), the units path's step-size rule, the fewest K splits (a divisor of the steps) giving at
+    least ``DP4A_PROGRAMS`` programs a multiprocessor (or one step each), times ``split_factor`` where the K steps
+    divide by that many splits (else the rule's own)."""
     spec = block_format(fmt)
     kp = k // spec.parts
     bm = min(_pow2_ceil(m), FMA_ROWS)
     bk = _unrolled_block_k(fmt, kp, 32 // spec.parts, bm)
     bn = min(block_n, common.pow2_floor(n))
-    splits = default_splits(m, n, kp // bk, bm, bn)
+    steps, programs = kp // bk, pl.cdiv(m, bm) * pl.cdiv(n, bn)
+    want = min(steps, -(-DP4A_PROGRAMS * backend.num_multiprocessors() // programs))
+    splits = min(d for d in range(want, steps + 1) if steps % d == 0)  # at least DP4A_PROGRAMS a multiprocessor
     if (kp // bk) % (split_factor * splits) == 0:
         splits *= split_factor
     return QMatmulConfig(bm, bn, bk, splits, max(1, min(8, bn // 32)), 1, "dp4a")
