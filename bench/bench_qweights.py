@@ -52,7 +52,7 @@ import jkv
 from bench import common, torch_peers
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
-from pallas_kernels import block_formats, qmatmul_act, qmatmul_configs
+from pallas_kernels import block_formats, qmatmul_act
 from pallas_kernels import quantized_matmul as qm
 
 DATASHEET_BPS = 4.8e12
@@ -146,17 +146,22 @@ def with_act_rows(models: dict) -> dict:
     return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in (ACT_XLA, NORM_KERNEL, RULE2X)}
 
 
+def dp4a_rule2x(m: int, n: int, k: int, fmt: str) -> qm.QMatmulConfig:
+    """The dp4a launch before ``qmatmul_configs.DP4A_PROGRAMS``: twice the default split rule's K splits (2
+    programs a multiprocessor, the most dividing splits not past it) where the steps divide by them."""
+    config = qm.dp4a_config(m, n, k, fmt)
+    steps = k // block_formats.block_format(fmt).parts // config.block_k
+    splits = qm.default_splits(m, n, steps, config.block_m, config.block_n)
+    return config._replace(num_splits=2 * splits if steps % (2 * splits) == 0 else splits)
+
+
 @contextlib.contextmanager
 def row_settings(name: str):
     """The activation rounding and the dp4a launch of row ``name`` while inside (its program is compiled there and
     keeps them)."""
     rounding = "xla" if ACT_XLA in name else qmatmul_act.ROUNDING
-    rule = (2, 2) if RULE2X in name else (qmatmul_configs.DP4A_PROGRAMS, quant.DP4A_SPLIT_FACTOR)
-    with (
-        mock.patch.object(qmatmul_act, "ROUNDING", rounding),
-        mock.patch.object(qmatmul_configs, "DP4A_PROGRAMS", rule[0]),
-        mock.patch.object(quant, "DP4A_SPLIT_FACTOR", rule[1]),
-    ):
+    launch = dp4a_rule2x if RULE2X in name else quant.DP4A_LAUNCH
+    with mock.patch.object(qmatmul_act, "ROUNDING", rounding), mock.patch.object(quant, "DP4A_LAUNCH", launch):
         yield
 
 

@@ -20,6 +20,7 @@ TARGET_PROGRAMS = 2  # programs per multiprocessor the split-K rule aims for
 # ... and the dp4a launch's: its programs wait on each K step's reads (no pipelining), so more programs in flight
 # and fewer steps each run faster (docs/BENCHMARKS.md, "The dp4a launches swept")
 DP4A_PROGRAMS = 6
+DP4A_MAX_STEPS = 8  # ... and at most this many K steps a program (the LM head: 2 splits of 8 faster than 1 of 16)
 PATHS = ("units", "fma", "dot", "dot_expand", "grouped", "dp4a")
 
 
@@ -91,16 +92,16 @@ def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
 def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128, split_factor: int = 1) -> QMatmulConfig:
     """The integer-dot launch (``"dp4a"``): a warp per 32 of ``block_n`` rows (each thread one row of a 16-byte
     window of words), the units path's step-size rule, the fewest K splits (a divisor of the steps) giving at
-    least ``DP4A_PROGRAMS`` programs a multiprocessor (or one step each), times ``split_factor`` where the K steps
-    divide by that many splits (else the rule's own)."""
+    least ``DP4A_PROGRAMS`` programs a multiprocessor and at most ``DP4A_MAX_STEPS`` steps a program (or one step
+    each), times ``split_factor`` where the K steps divide by that many splits (else the rule's own)."""
     spec = block_format(fmt)
     kp = k // spec.parts
     bm = min(_pow2_ceil(m), FMA_ROWS)
     bk = _unrolled_block_k(fmt, kp, 32 // spec.parts, bm)
     bn = min(block_n, common.pow2_floor(n))
     steps, programs = kp // bk, pl.cdiv(m, bm) * pl.cdiv(n, bn)
-    want = min(steps, -(-DP4A_PROGRAMS * backend.num_multiprocessors() // programs))
-    splits = min(d for d in range(want, steps + 1) if steps % d == 0)  # at least DP4A_PROGRAMS a multiprocessor
+    want = max(-(-DP4A_PROGRAMS * backend.num_multiprocessors() // programs), -(-steps // DP4A_MAX_STEPS))
+    splits = min(d for d in range(min(want, steps), steps + 1) if steps % d == 0)  # the fewest giving that
     if (kp // bk) % (split_factor * splits) == 0:
         splits *= split_factor
     return QMatmulConfig(bm, bn, bk, splits, max(1, min(8, bn // 32)), 1, "dp4a")

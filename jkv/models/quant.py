@@ -37,9 +37,8 @@ DP4A_FORMATS = tuple(f for f, words in qmatmul_dp4a.WORDS.items() if words == 4)
 # L2 where its neighbours just did): an estimate against dequantizing the matrix (its bytes written and read again
 # in bf16) until bench/bench_qmatmul.py's dp4a_il / dequant rows at M = 16-64 place it (docs/quant.md).
 DP4A_MAX_ROWS = 16
-# The factor on the dp4a launch's split rule (``qmatmul_configs.DP4A_PROGRAMS``) its products take: 1 (it was 2 over
-# a rule of 2 programs a multiprocessor: bench/bench_qweights.py's ``_rule2x`` rows)
-DP4A_SPLIT_FACTOR = 1
+# The dp4a layout's launch for (M, N, K, format) (bench/bench_qweights.py's ``_rule2x`` rows put the one before here)
+DP4A_LAUNCH = quantized_matmul.dp4a_config
 # Rows from which a row-layout product dequantizes the matrix for one XLA dot instead of running the Triton dot
 # kernel: bench/bench_qmatmul.py's default / dequant rows at M = 64-1024 (an H100; docs/BENCHMARKS.md, "Where
 # the quantized products hand over") place the crossing at 128-256 rows for Q8_0 (a tie over a layer's three
@@ -175,7 +174,7 @@ def _dp4a_kernel(x, w: QuantizedMatrix):
     """The integer-dot kernel's product of activations ``[M, K]`` (or of their rounded words and factors)."""
     m = (x[0] if isinstance(x, tuple) else x).shape[0]
     n, k = math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
-    config = quantized_matmul.dp4a_config(m, n, k, w.format, split_factor=DP4A_SPLIT_FACTOR)
+    config = DP4A_LAUNCH(m, n, k, w.format)
     return quantized_matmul.qmatmul_words(x, w.planes, w.format, config=config, interleaved=True)
 
 

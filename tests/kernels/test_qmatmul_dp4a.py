@@ -225,3 +225,22 @@ def test_gpu_interleaved_words_give_the_same_product(rng, fmt):
     want = qmatmul.qmatmul_words(x, words, fmt, config=config)
     got = qmatmul.qmatmul_words(x, qmatmul_dp4a.interleave(words, fmt), fmt, config=config, interleaved=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize(
+    "n,k,fmt", [(6144, 4096, "Q8_0"), (4096, 14336, "Q4_K"), (128256, 4096, "Q8_0"), (301, 512, "Q4_0")]
+)
+def test_dp4a_launch_splits(n, k, fmt):
+    """The fewest splits dividing the K steps that give DP4A_PROGRAMS programs a multiprocessor and at most
+    DP4A_MAX_STEPS steps a program, or one step each where the steps run out."""
+    from pallas_kernels import qmatmul_configs
+
+    config = qmatmul.dp4a_config(1, n, k, fmt)
+    steps = k // block_formats.block_format(fmt).parts // config.block_k
+    programs = -(-n // config.block_n)
+    ok = lambda s: steps % s == 0 and (
+        s == steps
+        or (s * programs >= qmatmul_configs.DP4A_PROGRAMS * backend.num_multiprocessors()
+            and steps // s <= qmatmul_configs.DP4A_MAX_STEPS)
+    )  # fmt: skip
+    assert ok(config.num_splits) and not any(ok(s) for s in range(1, config.num_splits))
