@@ -355,7 +355,7 @@ def main(argv=None) -> dict:
 
         # One step a profiled program: with the decode loop captured as a command buffer (GPU_FLAGS' WHILE) the
         # profiler records one iteration's kernels however many run, so per-step figures need a one-step program.
-        breakdown = step_breakdown(config, models, 1, 1, keep=named)
+        breakdown = step_breakdown(config, models, 1, 1, keep=named, capacity=2 * args.steps)
         report = {"meta": common.meta(torch) | {"xla_flags": xla_flags_used}, "breakdown": breakdown}
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_qweights_breakdown.json").write_text(json.dumps(report, indent=1))

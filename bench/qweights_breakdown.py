@@ -18,12 +18,13 @@ from bench.bench_qweights import (
 )
 
 
-def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, keep=None) -> dict:
+def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, keep=None, capacity: int = 64) -> dict:
     """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and the
     span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
     small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a`` (and
     ``<name>_dp4a_actx``: its activations rounded by XLA's fusions), and where Mosaic GPU runs on its kernel,
-    ``<name>_mgpu``). ``keep``: only these variants (all when None)."""
+    ``<name>_mgpu``). ``keep``: only these variants (all when None). ``capacity``: the steps the program's cache
+    holds, as the timed programs' (a cache shorter than a kernel block is padded to one, a copy every layer)."""
     out = {}
     tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
     runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
@@ -32,7 +33,7 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
     runs += [(name, p, None) for name, p in with_act_rows(dp4a).items()]
     runs = [run for run in runs if keep is None or run[0] in keep]
     for name, params, launch in runs:
-        program = decode_program(config, batch, steps, options_of(name))
+        program = decode_program(config, batch, max(steps, capacity), options_of(name))
         args = (params, tokens, jnp.int32(steps))
         with launch_rule(launch), row_settings(name):
             wall(program, *args)
