@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least one round is needed")
-    column_rows = {**kinds.column_rows(96), **kinds.column_rows(160)}
+    column_rows = {**kinds.column_rows(96), **kinds.column_rows(160), **kinds.stage_rows(80)}
     known = [*kinds.jax_rows(kinds.parse_shape("1x64"), smoke=False), *column_rows, "jax_xla", *TORCH_ROWS]
     if unknown := [name for name in (args.rows or []) + args.preflight if name not in known]:
         parser.error(f"no rows {unknown}; expected some of {known}")

@@ -16,7 +16,7 @@ all; from ``ptxas -v``, registers and spill bytes. Usage (``triton`` importable,
     JAX_PLATFORMS=cpu python bench/decode_ir.py --head-dim 96 --paged   # the bf16 kernel in column chunks
 
 prints a table (one row per kernel) and, with ``--out``, writes ``DIR/decode_ir.json`` and each kernel's TTGIR and
-SASS. ``--block-k/--warps/--stages`` override the Q8 and FP8 launch.
+SASS. ``--block-k/--warps/--stages`` override the Q8 and FP8 launch, and the contiguous bf16 one.
 """
 
 from __future__ import annotations
@@ -80,11 +80,13 @@ def lowered(
     kind: str, batch: int, seq: int, form: str = "default", paged_pool: bool = False, head_dim: int = HEAD_DIM, **launch
 ):
     """The ``tt``-dialect module of the ``kind`` (``bf16`` / ``q8``) decode kernel at ``batch x seq`` and its
-    launch ``(num_warps, num_stages)``; ``form`` picks the Q8 loop form, ``launch`` overrides the Q8 launch."""
+    launch ``(num_warps, num_stages)``; ``form`` picks the Q8 loop form, ``launch`` overrides the Q8 launch (and
+    the contiguous bf16 one's)."""
     q, dense, (codes, scales), fp8, tables, lengths, layer = _inputs(batch, seq, paged_pool, head_dim)
     scale = head_dim**-0.5
     if kind == "bf16" and not paged_pool:
         config = common.decode_config(batch, NUM_KV_HEADS, seq, head_dim, jnp.bfloat16)
+        config = config._replace(**{k: v for k, v in launch.items() if v is not None})
         call = lambda: decode._decode.trace(
             q, dense, dense, lengths, layer, scale=scale, config=config, interpret=False
         )
@@ -218,7 +220,7 @@ def main(argv=None) -> dict:
         kernels |= {f"fp8 {f}": ("fp8", f) for f in args.fp8_forms}
     rows = {}
     for name, (kind, form) in kernels.items():
-        overrides = launch if kind != "bf16" else {}
+        overrides = launch if kind != "bf16" or not args.paged else {}
         ttir, (warps, stages, block_k) = lowered(kind, batch, seq, form, args.paged, args.head_dim, **overrides)
         rows[name] = counts(ttir, warps, stages) | {"launch": {"block_k": block_k, "warps": warps, "stages": stages}}
     print_table(rows)

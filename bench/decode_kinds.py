@@ -9,6 +9,7 @@ rounded up to 64); heads N/K/D default to 32/8/128.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from pallas_kernels import (
     paged_q8,
     reference,
 )
+from pallas_kernels import common as common_kernels
 from pallas_kernels import formats as kernel_formats
 
 PAGE_SIZE = 16
@@ -192,6 +194,14 @@ def column_rows(head_dim: int) -> dict:
     }
 
 
+def stage_rows(head_dim: int) -> dict:
+    """At a head_dim the bf16 kernels read as one padded tile (80, 48), the contiguous kernel at the 3 stages it
+    took before ``common.pipeline_stages`` gave padded tiles more (``jkv_s3_triton``)."""
+    if not common_kernels.pads(head_dim):
+        return {}
+    return {"jkv_s3_triton": Row("bf16", functools.partial(decode.decode_attention, num_stages=3))}
+
+
 class Row(NamedTuple):
     layout: str  # which input sets it reads (shape_inputs)
     fn: Callable
@@ -234,6 +244,7 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
         "q8_mgpu": Row("q8", decode_mgpu_q8.q8_decode_attention_mgpu, fmt="q8", mgpu=True, refused=q8_refused),
         "q8paged_triton": Row("q8_paged", paged_q8.paged_q8_decode_attention, fmt="q8", refused=q8_format),
         **column_rows(d),
+        **stage_rows(d),
         "fp8_triton": Row("fp8", decode_fp8.fp8_decode_attention, fmt="fp8"),
         "fp8_mgpu": Row("fp8", decode_mgpu_q8.fp8_decode_attention_mgpu, fmt="fp8", mgpu=True, refused=fp8_refused),
         "fp8paged_triton": Row("fp8_paged", decode_fp8.paged_fp8_decode_attention, fmt="fp8"),

@@ -167,13 +167,16 @@ for part in "${parts[@]}"; do
       ;;
     d96pad)  # issue 22: the Q8 kernels' column forms at head_dims that are not powers of two (96 now padded to one
       # column-masked tile by default, 160 / 224 in power-of-two parts; each forced the other way) and the bf16 / FP8
-      # kernels' padded tiles at 80 and 48: their GPU tests, then their times beside torch cuDNN
+      # kernels' padded tiles at 80 and 48 (now 4 stages, jkv_s3_triton the 3 before): their GPU tests (the stage
+      # change's: d80 / d48 rows), then their times beside torch cuDNN
       run tests_d96pad 300 python -m pytest -q -m gpu tests/kernels/test_q8_kernel.py \
-        tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py -k "column_forms or d96"
+        tests/kernels/test_paged_q8_kernel.py tests/kernels/test_fp8_kernel.py tests/kernels/test_decode_kernel.py \
+        tests/kernels/test_paged_kernel.py tests/kernels/test_decode_append.py tests/kernels/test_decode_window.py \
+        -k "column_forms or d96 or d80 or d48"
       run bench_d96pad 300 python bench/bench_decode_kinds.py --out "$OUT/d96pad" --rounds 5 --budget-s 220 \
-        --shapes 16x8192:32/8/80 1x131072:32/8/80 16x8192:32/8/48 16x8192:32/8/96 --rows jkv_auto jkv_triton \
-        paged_triton q8_triton q8parts_triton q8paged_triton q8pagedparts_triton fp8_triton fp8paged_triton \
-        torch_cudnn
+        --shapes 16x8192:32/8/80 1x131072:32/8/80 16x8192:32/8/48 1x131072:32/8/48 16x8192:32/8/96 --rows \
+        jkv_auto jkv_triton jkv_s3_triton paged_triton q8_triton q8parts_triton q8paged_triton q8pagedparts_triton \
+        fp8_triton fp8paged_triton torch_cudnn
       tail -n 14 "$OUT/bench_d96pad.log"
       ;;
     dp4a)  # issue 26: the integer-dot path's GPU tests, then its launches at M = 1 (row-major and interleaved words)

@@ -65,9 +65,18 @@ def smem_budget() -> int:
     return backend.shared_memory_per_block() - TRITON_SMEM_RESERVE
 
 
-def max_stages(block_k: int, head_dim: int, itemsize: int) -> int:
-    """Deepest pipeline whose buffers fit :func:`smem_budget`: Triton keeps ``stages - 1`` K and V blocks resident."""
-    return 1 + smem_budget() // (2 * block_k * head_dim * itemsize)
+def max_stages(block_k: int, head_dim: int, itemsize: int, width: int | None = None) -> int:
+    """Deepest pipeline whose buffers fit :func:`smem_budget`: Triton keeps ``stages - 1`` K and V blocks resident,
+    each ``width`` columns wide (default ``head_dim``; a padded tile's buffers take its padded width)."""
+    return 1 + smem_budget() // (2 * block_k * (width or head_dim) * itemsize)
+
+
+def pipeline_stages(block_k: int, head_dim: int, itemsize: int) -> int:
+    """Stages of the bf16 / f32 decode kernels: two blocks of their tile's width in flight (3 stages), more where the
+    tile is padded past the head (80 in a 128-column tile: 4, so about as many real bytes are in flight as in the
+    128 kernel's two blocks), as far as shared memory holds the padded buffers."""
+    width = tile_width(head_dim)
+    return min(1 + -(-2 * width // head_dim), max_stages(block_k, head_dim, itemsize, width))
 
 
 def choose_num_splits(
@@ -96,8 +105,7 @@ def decode_config(
     splits = choose_num_splits(batch, num_kv_heads, max_len, block_k, num_multiprocessors)
     # A float32 dot runs on the FMA units ("ieee" precision): smaller tiles per warp keep registers in bounds.
     num_warps = 4 if itemsize < 4 else 8
-    stages = min(3, max_stages(block_k, head_dim, itemsize))
-    return DecodeConfig(block_k, splits, num_warps, stages)
+    return DecodeConfig(block_k, splits, num_warps, pipeline_stages(block_k, head_dim, itemsize))
 
 
 def resolve_config(default: DecodeConfig, max_len: int, head_dim: int, itemsize: int, **overrides) -> DecodeConfig:
@@ -109,7 +117,8 @@ def resolve_config(default: DecodeConfig, max_len: int, head_dim: int, itemsize:
     if block_k is not None and (block_k < MIN_BLOCK or block_k & (block_k - 1) or block_k > top):
         raise ValueError(f"{block_k=} must be a power of two in [{MIN_BLOCK}, max(S, {MIN_BLOCK})={top}]")
     config = default._replace(**{k: int(v) for k, v in overrides.items() if v is not None})
-    return config._replace(num_stages=min(config.num_stages, max_stages(config.block_k, head_dim, itemsize)))
+    cap = max_stages(config.block_k, head_dim, itemsize, tile_width(head_dim))
+    return config._replace(num_stages=min(config.num_stages, cap))
 
 
 def launch_settings(default, max_len: int, head_dim: int, itemsize: int, scale, interpret, **overrides):
@@ -229,10 +238,20 @@ def column_tiles(head_dim: int, pad: bool | None = None) -> list:
     (``decode_walk.query_tile`` / ``block_tile``, ``paged.PagedView``). ``pad`` None: where the chunks would include
     one of 16 columns (80 = 64 + 16, 48 = 32 + 16), which lowers poorly (spills, twice the loop's instructions:
     docs/BENCHMARKS.md, "Padded column tiles")."""
-    slices = column_slices(head_dim)
+    return [pl.ds(0, 1 << (head_dim - 1).bit_length())] if pads(head_dim, pad) else column_slices(head_dim)
+
+
+def pads(head_dim: int, pad: bool | None = None) -> bool:
+    """Whether :func:`column_tiles` reads ``head_dim`` as one padded tile (``pad`` as there)."""
     if pad is None:
         pad = head_dim % 32 != 0
-    return [pl.ds(0, 1 << (head_dim - 1).bit_length())] if pad and len(slices) > 1 else slices
+    return pad and head_dim & (head_dim - 1) != 0
+
+
+def tile_width(head_dim: int) -> int:
+    """Columns the bf16 / f32 kernels' K and V tiles span (shared-memory buffers included): the head, or the next
+    power of two where :func:`column_tiles` pads it."""
+    return 1 << (head_dim - 1).bit_length() if pads(head_dim) else head_dim
 
 
 def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool):

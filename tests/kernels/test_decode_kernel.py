@@ -157,16 +157,25 @@ def test_launch_heuristic(batch, kv_heads, max_len, want_splits):
     assert config.num_splits == want_splits
 
 
+@pytest.mark.parametrize("head_dim,width", [(128, 128), (96, 96), (80, 128), (48, 64)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("block_k", [64, 128, 256])
-def test_pipeline_stages_fit_shared_memory(dtype, block_k):
-    """Asked-for stages are capped so the resident K/V blocks fit (seen on an H100: 3 stages of f32 128x128 did not)."""
+def test_pipeline_stages_fit_shared_memory(dtype, block_k, head_dim, width):
+    """Asked-for stages are capped so the resident K/V blocks fit (seen on an H100: 3 stages of f32 128x128 did not),
+    a padded tile's buffers at its padded width (80 reads as a 128-column tile)."""
     itemsize = jnp.dtype(dtype).itemsize
-    default = common.decode_config(2, 2, 1024, 128, dtype)
-    options = dict(block_k=block_k, num_splits=None, num_warps=None, num_stages=4)
-    config = common.resolve_config(default, 1024, 128, itemsize, **options)
+    assert common.tile_width(head_dim) == width
+    default = common.decode_config(2, 2, 1024, head_dim, dtype)
+    options = dict(block_k=block_k, num_splits=None, num_warps=None, num_stages=8)
+    config = common.resolve_config(default, 1024, head_dim, itemsize, **options)
     assert config.block_k == block_k and config.num_stages >= 1
-    assert (config.num_stages - 1) * 2 * block_k * 128 * itemsize <= common.smem_budget()
+    assert (config.num_stages - 1) * 2 * block_k * width * itemsize <= common.smem_budget()
+
+
+@pytest.mark.parametrize("head_dim,stages", [(128, 3), (64, 3), (96, 3), (80, 4), (48, 4)])
+def test_padded_tiles_keep_more_blocks_in_flight(head_dim, stages):
+    """Two blocks of the tile's width in flight: a padded tile holds fewer real bytes, so it takes more stages."""
+    assert common.decode_config(1, 8, 131072, head_dim, jnp.bfloat16).num_stages == stages
 
 
 def test_whole_cache_layer_is_not_sliced_in_xla():
