@@ -52,7 +52,7 @@ import jkv
 from bench import common, torch_peers
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
-from pallas_kernels import block_formats, qmatmul_act
+from pallas_kernels import block_formats, qmatmul_act, qmatmul_configs
 from pallas_kernels import quantized_matmul as qm
 
 DATASHEET_BPS = 4.8e12
@@ -120,6 +120,7 @@ MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weight
 ACT_XLA = "_actx"  # a dp4a decode row with this suffix rounds its activations in XLA's fusions (qmatmul_act)
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
+STEPS2 = "_steps2"  # a dp4a decode row with this: at most 2 K steps a program (qmatmul_configs.DP4A_MAX_STEPS = 2)
 
 
 def options_of(name: str) -> llama.LlamaOptions:
@@ -141,9 +142,11 @@ def with_act_rows(models: dict) -> dict:
     ``qmatmul_act.ROUNDING = "xla"``: the activations rounded by XLA's fusions), as ``<name>_normk`` (the norm
     kernel rounding the inputs of wqkv and w_gate_up in its launch: ``LlamaOptions.norm_kernel``) and as
     ``<name>_rule2x`` (the products' launch before ``qmatmul_configs.DP4A_PROGRAMS``: twice the K splits of the
-    rule of 2 programs a multiprocessor)."""
+    rule of 2 programs a multiprocessor), and as ``<name>_steps2`` (at most 2 K steps a program: more splits of
+    Q8_0's gate_up and LM head)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
-    return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in (ACT_XLA, NORM_KERNEL, RULE2X)}
+    tails = (ACT_XLA, NORM_KERNEL, RULE2X, STEPS2)
+    return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in tails}
 
 
 def dp4a_rule2x(m: int, n: int, k: int, fmt: str) -> qm.QMatmulConfig:
@@ -161,7 +164,12 @@ def row_settings(name: str):
     keeps them)."""
     rounding = "xla" if ACT_XLA in name else qmatmul_act.ROUNDING
     launch = dp4a_rule2x if RULE2X in name else quant.DP4A_LAUNCH
-    with mock.patch.object(qmatmul_act, "ROUNDING", rounding), mock.patch.object(quant, "DP4A_LAUNCH", launch):
+    steps = 2 if STEPS2 in name else qmatmul_configs.DP4A_MAX_STEPS
+    with (
+        mock.patch.object(qmatmul_act, "ROUNDING", rounding),
+        mock.patch.object(quant, "DP4A_LAUNCH", launch),
+        mock.patch.object(qmatmul_configs, "DP4A_MAX_STEPS", steps),
+    ):
         yield
 
 

@@ -290,8 +290,8 @@ for part in "${parts[@]}"; do
     qstep_rule)  # issue 26: the batch-1 step under the dp4a split rule and the one before (_rule2x), then where each
       # step's time goes (a profiled one-step program: the products' own times inside the CUDA graph, the split sums)
       run bench_qstep_rule 300 python bench/bench_qweights.py --out "$OUT/rule" --sections decode --batches 1 \
-        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_rule2x,q4_k_dp4a_rule2x
-      tail -n 7 "$OUT/bench_qstep_rule.log"
+        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_rule2x,q4_k_dp4a_rule2x,q8_0_dp4a_steps2
+      tail -n 8 "$OUT/bench_qstep_rule.log"
       run bench_qstep_rule_bd 260 python bench/bench_qweights.py --out "$OUT/rule_bd" --breakdown \
         --decode-rows q4_k_dp4a,q4_k_dp4a_rule2x,q8_0_dp4a,q8_0_dp4a_rule2x
       grep -A14 "^breakdown" "$OUT/bench_qstep_rule_bd.log" | cut -c1-150
