@@ -91,17 +91,23 @@ def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
 
 def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128, split_factor: int = 1) -> QMatmulConfig:
     """The integer-dot launch (``"dp4a"``): a warp per 32 of ``block_n`` rows (each thread one row of a 16-byte
-    window of words), the units path's step-size rule, the fewest K splits (a divisor of the steps) giving at
-    least ``DP4A_PROGRAMS`` programs a multiprocessor and at most ``DP4A_MAX_STEPS`` steps a program (or one step
-    each), times ``split_factor`` where the K steps divide by that many splits (else the rule's own)."""
+    window of words), the units path's step-size rule, and K splits: at one row, the fewest (a divisor of the
+    steps) giving at least ``DP4A_PROGRAMS`` programs a multiprocessor and at most ``DP4A_MAX_STEPS`` steps a
+    program (or one step each); at more rows (unmeasured under that rule: their smaller steps would take many
+    more splits, each a partial sum of all the rows) twice the default rule's where the steps divide. Then times
+    ``split_factor`` where the K steps divide by that many splits (else the rule's own)."""
     spec = block_format(fmt)
     kp = k // spec.parts
     bm = min(_pow2_ceil(m), FMA_ROWS)
     bk = _unrolled_block_k(fmt, kp, 32 // spec.parts, bm)
     bn = min(block_n, common.pow2_floor(n))
     steps, programs = kp // bk, pl.cdiv(m, bm) * pl.cdiv(n, bn)
-    want = max(-(-DP4A_PROGRAMS * backend.num_multiprocessors() // programs), -(-steps // DP4A_MAX_STEPS))
-    splits = min(d for d in range(min(want, steps), steps + 1) if steps % d == 0)  # the fewest giving that
+    if bm == 1:
+        want = max(-(-DP4A_PROGRAMS * backend.num_multiprocessors() // programs), -(-steps // DP4A_MAX_STEPS))
+        splits = min(d for d in range(min(want, steps), steps + 1) if steps % d == 0)  # the fewest giving that
+    else:
+        splits = default_splits(m, n, steps, bm, bn)
+        splits *= 2 if steps % (2 * splits) == 0 else 1
     if (kp // bk) % (split_factor * splits) == 0:
         splits *= split_factor
     return QMatmulConfig(bm, bn, bk, splits, max(1, min(8, bn // 32)), 1, "dp4a")

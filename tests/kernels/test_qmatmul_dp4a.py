@@ -244,3 +244,13 @@ def test_dp4a_launch_splits(n, k, fmt):
             and steps // s <= qmatmul_configs.DP4A_MAX_STEPS)
     )  # fmt: skip
     assert ok(config.num_splits) and not any(ok(s) for s in range(1, config.num_splits))
+
+
+@pytest.mark.parametrize("m", [2, 16])
+def test_dp4a_launch_splits_more_rows(m):
+    """More rows keep twice the default split rule's splits (where the steps divide by them)."""
+    n, k, fmt = 4096, 14336, "Q8_0"
+    config = qmatmul.dp4a_config(m, n, k, fmt)
+    steps = k // block_formats.block_format(fmt).parts // config.block_k
+    base = qmatmul.default_splits(m, n, steps, config.block_m, config.block_n)
+    assert config.num_splits == (2 * base if steps % (2 * base) == 0 else base)
