@@ -160,9 +160,8 @@ def dequantized_dot(x2, w: QuantizedMatrix):
 
 def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     """``x2 @ W.T`` for a matrix in the dp4a layout: the integer-dot kernel over its interleaved words up to
-    ``DP4A_MAX_ROWS`` rows (``dp4a_config``'s launch: K splits aiming at ``DP4A_PROGRAMS`` programs a
-    multiprocessor), more rows (and the ``"xla"`` impl) as the reference does it, the matrix dequantized for one
-    dot."""
+    ``DP4A_MAX_ROWS`` rows (launched as ``DP4A_LAUNCH`` says: ``quantized_matmul.dp4a_config``), more rows (and
+    the ``"xla"`` impl) as the reference does it, the matrix dequantized for one dot."""
     if impl not in WEIGHTS_IMPLS:
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
     if impl == "xla" or x2.shape[0] > DP4A_MAX_ROWS:
