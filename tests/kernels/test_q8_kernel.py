@@ -136,6 +136,25 @@ def test_bad_loop_form_is_named(rng, form, message, monkeypatch):
         run_case(rng, CASES[8], interpret=True)
 
 
+@pytest.mark.parametrize("head_dim,default", [(96, "pad"), (160, "parts"), (224, "parts")])
+def test_default_column_form(head_dim, default):
+    """A Q8 head_dim that is not a power of two lowers (for CUDA) to the padded tile's module up to
+    ``PAD_MAX_COLUMNS`` columns and to the parts' past it, and the two forms differ."""
+    sd = jax.ShapeDtypeStruct
+    b, kh, s = 2, 2, 256
+    codes, scales = sd((1, b, kh, s, head_dim), jnp.int8), sd((1, b, kh, s, head_dim // 32), jnp.float16)
+    args = (sd((b, 8, head_dim), jnp.bfloat16), codes, scales, codes, scales, sd((b,), jnp.int32), sd((1,), jnp.int32))
+    config = decode_q8.q8_decode_config(b, kh, s, head_dim)
+
+    def lowered(form):
+        traced = decode_q8._decode.trace(*args, scale=0.1, config=config, interpret=False, form=form)
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+    texts = {form: lowered(f"vperm+{form}") for form in ("pad", "parts")}
+    assert texts["pad"] != texts["parts"]
+    assert lowered("vperm") == texts[default]
+
+
 @pytest.mark.parametrize("lanes,d", [(32, 128), (16, 128), (8, 64), (64, 64)])
 def test_permute_columns(lanes, d):
     """Column ``t * lanes + c`` takes column ``c * T + t``; the inverse undoes it."""
