@@ -220,22 +220,25 @@ def launch_rule(variant: str | None):
     """Quantized products launched as ``variant`` while inside: None, the default rule; ``"units"``: at most
     ``FMA_ROWS`` rows on the register path (``quantized_matmul.units_config``); ``"kernel"``: the Triton kernel at
     every row count (prefill too: no ``quant.DEQUANT_MIN_ROWS`` hand-over); ``"expand"``: that, with more than
-    ``SMALL_DOT_ROWS`` rows on the default tile with ``dot_expand``'s dequantization."""
-    default, handover = qm.qmatmul_config, quant.DEQUANT_MIN_ROWS
+    ``SMALL_DOT_ROWS`` rows on the default tile with ``dot_expand``'s dequantization; ``"deqk"``: the default rule,
+    prefill-sized products dequantizing their matrix in one kernel launch (``quant.DEQUANT_IMPL = "kernel"``)."""
+    default, handover, dequant = qm.qmatmul_config, quant.DEQUANT_MIN_ROWS, quant.DEQUANT_IMPL
     if variant in ("kernel", "expand"):
         quant.DEQUANT_MIN_ROWS = sys.maxsize
+    if variant == "deqk":
+        quant.DEQUANT_IMPL = "kernel"
     if variant == "units":
         qm.qmatmul_config = lambda m, n, k, fmt: (qm.units_config if m <= qm.FMA_ROWS else default)(m, n, k, fmt)
     elif variant == "expand":
         qm.qmatmul_config = lambda m, n, k, fmt: (
             default(m, n, k, fmt)._replace(path="dot_expand") if m > qm.SMALL_DOT_ROWS else default(m, n, k, fmt)
         )
-    elif variant not in (None, "kernel"):
-        raise ValueError(f"launch rule {variant!r}: expected None, 'units', 'kernel' or 'expand'")
+    elif variant not in (None, "kernel", "deqk"):
+        raise ValueError(f"launch rule {variant!r}: expected None, 'units', 'kernel', 'expand' or 'deqk'")
     try:
         yield
     finally:
-        qm.qmatmul_config, quant.DEQUANT_MIN_ROWS = default, handover
+        qm.qmatmul_config, quant.DEQUANT_MIN_ROWS, quant.DEQUANT_IMPL = default, handover, dequant
 
 
 def kv_read_bytes(config, batch: int, steps: int) -> int:
@@ -262,11 +265,12 @@ def bench_decode(config, models: dict, bandwidth: float, steps: int, rounds: int
     return out
 
 
-def bench_prefill(config, models: dict, tokens: int, rounds: int) -> dict:
+def bench_prefill(config, models: dict, tokens: int, rounds: int, keep=None) -> dict:
     """Prefill rows: every model as dispatched (``quant.DEQUANT_MIN_ROWS`` and more rows: dequantize, one dot),
     and each quantized one also as ``<name>_kernel`` (the Triton kernel's large-M path whatever the rows),
     ``<name>_xla`` (``weights_impl="xla"``: each matrix dequantized to bf16 by XLA, then one library GEMM) and
-    ``<name>_expand`` (the kernel with ``dot_expand``'s tile dequantization)."""
+    ``<name>_expand`` (the kernel with ``dot_expand``'s tile dequantization) and ``<name>_deqk`` (as dispatched,
+    the matrices dequantized by ``pallas_kernels.dequantize_weights``' kernel instead of XLA's fusions)."""
     spec = jkv.CacheSpec(config.num_layers, config.num_kv_heads, config.head_dim, tokens, jnp.bfloat16)
     prompt = (jnp.arange(tokens, dtype=jnp.int32) * 7919 % config.vocab_size)[None]
 
@@ -279,6 +283,8 @@ def bench_prefill(config, models: dict, tokens: int, rounds: int) -> dict:
     runs |= {f"{name}_kernel": (program(llama.DEFAULT_OPTIONS), p, "kernel") for name, p in quantized.items()}
     runs |= {f"{name}_xla": (dequant, params, None) for name, params in quantized.items()}
     runs |= {f"{name}_expand": (program(llama.DEFAULT_OPTIONS), p, "expand") for name, p in quantized.items()}
+    runs |= {f"{name}_deqk": (program(llama.DEFAULT_OPTIONS), p, "deqk") for name, p in quantized.items()}
+    runs = {name: run for name, run in runs.items() if keep is None or name in keep or name == "bf16"}
     samplers = {}
     for name, (fn, params, rule) in runs.items():
         with launch_rule(rule):  # compiled inside: the program keeps the launch it was traced with
@@ -333,6 +339,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timed program (and 2x)")
     parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[2048], help="prompt lengths to prefill")
+    parser.add_argument("--prefill-rows", default="", help="only these prefill rows (and bf16), comma-separated")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a check of this script on any backend")
     parser.add_argument("--breakdown", action="store_true", help="only the per-kernel time of a batch-1 step")
     parser.add_argument("--sections", default="decode,prefill,agreement", help="which sections, comma-separated")
@@ -393,7 +400,8 @@ def main(argv=None) -> dict:
         save()
     if "prefill" in sections:
         for tokens in prefill_tokens:  # the dequantization is a cost per call: longer prompts amortize it
-            report["prefill"]["runs"].append({"tokens": tokens, "rows": bench_prefill(config, models, tokens, rounds)})
+            rows = bench_prefill(config, models, tokens, rounds, set(args.prefill_rows.split(",")) - {""} or None)
+            report["prefill"]["runs"].append({"tokens": tokens, "rows": rows})
             save()
     if "agreement" in sections:
         try:

@@ -219,12 +219,14 @@ def dequantize(planes, fmt: str, dtype=jnp.float32):
     return halves.reshape(n, k).astype(dtype)
 
 
-def qmatmul_reference(x, planes, fmt: str):
+def qmatmul_reference(x, planes, fmt: str, dequantize_fn=None):
     """``x [M, K] @ W.T -> [M, N]`` in float32 for the ``[N, K]`` matrix ``W`` in ``planes``: the matrix
-    dequantized in float32 and rounded to ``x.dtype``, multiplied at full precision with float32 accumulation."""
+    dequantized in float32 and rounded to ``x.dtype`` (by :func:`dequantize`, or ``dequantize_fn`` of the same
+    signature: ``pallas_kernels.dequantize_weights``' kernel), multiplied at full precision with float32
+    accumulation."""
     _, k = check_planes(fmt, planes)
     check_activations(x, k, fmt)
-    w = dequantize(planes, fmt, x.dtype)
+    w = (dequantize_fn or dequantize)(planes, fmt, x.dtype)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     dims = (((1,), (1,)), ((), ()))
     return lax.dot_general(x, w, dims, precision=precision, preferred_element_type=jnp.float32)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from pallas_kernels import block_formats, qmatmul_dp4a, quantized_matmul
+from pallas_kernels import block_formats, dequantize_weights, qmatmul_dp4a, quantized_matmul
 
 WEIGHTS_IMPLS = ("xla", "pallas", "mgpu")
 LAYOUTS = ("rows", "dp4a")  # QuantizedMatrix.layout: the format's planes, or to_dp4a_layout's interleaved words
@@ -44,6 +44,12 @@ DP4A_LAUNCH = quantized_matmul.dp4a_config
 # the quantized products hand over") place the crossing at 128-256 rows for Q8_0 (a tie over a layer's three
 # products at 128) and 64-128 for Q4_K; at 256 rows and more the dequantized matrix wins every product measured.
 DEQUANT_MIN_ROWS = 128
+# How such a product dequantizes its matrix for XLA's GEMM: "xla" (``block_formats.dequantize`` in XLA's fusions)
+# or "kernel" (``pallas_kernels.dequantize_weights``: one launch a matrix, the same values). The kernel's GPU time
+# is owed (bench/bench_qweights.py's ``_deqk`` prefill rows), so XLA's stays the default. ``weights_impl="xla"``
+# always dequantizes in XLA.
+DEQUANT_IMPLS = ("xla", "kernel")
+DEQUANT_IMPL = "xla"
 
 
 @struct.dataclass
@@ -134,7 +140,7 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     if w.layout == "dp4a":
         y = _project_dp4a(x2, w, impl)
     elif impl in ("pallas", "mgpu") and x2.shape[0] >= DEQUANT_MIN_ROWS:  # prefill-sized: the reference's path
-        y = dequantized_dot(x2, w)
+        y = dequantized_dot(x2, w, DEQUANT_IMPL)
     elif impl == "mgpu" and _mgpu_takes(w, x2.shape[0], x2.dtype):
         from pallas_kernels import qmatmul_mgpu
 
@@ -148,14 +154,18 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
     return y.reshape(*lead, *w.out_shape)
 
 
-def dequantized_dot(x2, w: QuantizedMatrix):
+def dequantized_dot(x2, w: QuantizedMatrix, dequantize: str = "xla"):
     """``x2 @ W.T`` as ``block_formats.qmatmul_reference`` makes it: the matrix dequantized (from its row planes, in
-    either layout), one dot. The planes as held pass an optimization barrier with the activations first, so no
-    work on them (dp4a words back to rows, dequantization) starts before the layer's input exists: the weights do
-    not depend on it, and XLA could otherwise dequantize every layer's matrices at a step's start (the whole model
-    in bf16 at once, beside a cache sized to the memory left)."""
+    either layout; by XLA or, ``dequantize="kernel"``, by ``pallas_kernels.dequantize_weights``), one dot. The
+    planes as held pass an optimization barrier with the activations first, so no work on them (dp4a words back to
+    rows, dequantization) starts before the layer's input exists: the weights do not depend on it, and XLA could
+    otherwise dequantize every layer's matrices at a step's start (the whole model in bf16 at once, beside a cache
+    sized to the memory left)."""
+    if dequantize not in DEQUANT_IMPLS:
+        raise ValueError(f"quant.DEQUANT_IMPL={dequantize!r} must be one of {DEQUANT_IMPLS}")
     planes, x2 = lax.optimization_barrier((w.planes, x2))
-    return block_formats.qmatmul_reference(x2, w.replace(planes=planes).row_planes(), w.format)
+    kernel = dequantize_weights.dequantize_matrix if dequantize == "kernel" else None
+    return block_formats.qmatmul_reference(x2, w.replace(planes=planes).row_planes(), w.format, kernel)
 
 
 def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
@@ -165,7 +175,7 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     if impl not in WEIGHTS_IMPLS:
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
     if impl == "xla" or x2.shape[0] > DP4A_MAX_ROWS:
-        return dequantized_dot(x2, w)
+        return dequantized_dot(x2, w, "xla" if impl == "xla" else DEQUANT_IMPL)
     return _dp4a_kernel(x2, w)
 
 

@@ -54,6 +54,8 @@ def test_smoke_run(tmp_path, capsys):
         "q4_k_xla",
         "q8_0_expand",
         "q4_k_expand",
+        "q8_0_deqk",
+        "q4_k_deqk",
     }
     assert math.isfinite(run["rows"]["q4_k_xla"]["tokens_per_s"])
     assert report["agreement"]["rows"]["bf16"] == {"token_agreement": 1.0, "prompts_equal": 1.0}
@@ -87,7 +89,7 @@ def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path
 def test_sections_run_alone_and_bad_sections_are_refused(tmp_path):
     report = bench_qweights.main(["--smoke", "--sections", "prefill", "--out", str(tmp_path)])
     assert report["decode"] == {} and report["agreement"]["rows"] == {}
-    assert "q8_0_expand" in report["prefill"]["runs"][0]["rows"]
+    assert {"q8_0_expand", "q8_0_deqk"} <= set(report["prefill"]["runs"][0]["rows"])
     assert json.loads((tmp_path / "bench_qweights.json").read_text()) == json.loads(json.dumps(report))
     with pytest.raises(SystemExit, match="'decode,speed'"):
         bench_qweights.main(["--smoke", "--sections", "decode,speed", "--out", str(tmp_path)])
