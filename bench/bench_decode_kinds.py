@@ -2,8 +2,8 @@
 
 Shapes (``bench/decode_kinds.py``; ``--shapes`` picks a subset or adds others): 1x4096, 1x131072, 16x8192,
 128x2048, 256x1024 at Hq/Hkv/D 32/8/128; 4x4096 MHA 32/32/128; 32x2048 at 9/3/64; 8x4096 at 16/8/256; 16x8192 at
-32/4/128 (GQA 8); 16x4096 at 32/32/96 (Phi-3-mini's MHA heads; the Q8 rows also in the ``pad`` form); and a ragged
-batch ``32xr256-16384`` (32 lengths drawn in 256..16384, the same every run). Rows:
+32/4/128 (GQA 8); 16x4096 at 32/32/96 (Phi-3-mini's MHA heads; the Q8 rows also in their other column form); and
+a ragged batch ``32xr256-16384`` (32 lengths drawn in 256..16384, the same every run). Rows:
 
 * ``jkv_auto``: ``pallas_kernels.dispatch.decode_attention_auto`` (what jkv runs for a contiguous bf16 cache),
   ``jkv_triton`` / ``jkv_mgpu``: its Triton (``decode``) and Mosaic GPU (``decode_mgpu``) kernels, default launch;
@@ -11,9 +11,10 @@ batch ``32xr256-16384`` (32 lengths drawn in 256..16384, the same every run). Ro
   at permuted places of a pool;
 * ``q8_triton`` / ``q8paged_triton``: ``decode_q8`` and ``paged_q8`` on the same K/V quantized (int8 codes,
   float16 scales per 32 values), contiguous and in the same pages; ``q8_mgpu``: ``decode_mgpu_q8`` (Mosaic GPU)
-  on the contiguous Q8 cache; at a head_dim that is not a power of two also ``q8pad_triton`` /
-  ``q8pagedpad_triton``, those kernels reading it as one padded tile (``decode_q8``'s ``pad`` loop form);
-  ``fp8_triton`` / ``fp8paged_triton``:
+  on the contiguous Q8 cache; at a head_dim that is not a power of two also those kernels in the column form
+  their default does not take (``decode_kinds.column_rows``: ``q8parts_triton`` / ``q8pagedparts_triton`` where
+  they pad, ``q8pad_triton`` / ``q8pagedpad_triton`` where they read power-of-two parts); at a head_dim the bf16
+  kernels pad (80, 48) ``jkv_s3_triton``, the contiguous kernel at 3 stages; ``fp8_triton`` / ``fp8paged_triton``:
   ``decode_fp8``'s kernels on the same K/V in FP8 (e4m3 values, a float32 scale per position), contiguous and
   in the same pages; ``fp8_mgpu``: ``decode_mgpu_q8``'s FP8 kernel (Mosaic GPU) on the contiguous FP8 cache;
 * ``jax_cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on ``[B, S, K, D]`` K/V (transposed

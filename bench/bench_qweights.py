@@ -154,8 +154,7 @@ def dp4a_rule2x(m: int, n: int, k: int, fmt: str) -> qm.QMatmulConfig:
     programs a multiprocessor, the most dividing splits not past it) where the steps divide by them."""
     config = qm.dp4a_config(m, n, k, fmt)
     steps = k // block_formats.block_format(fmt).parts // config.block_k
-    splits = qm.default_splits(m, n, steps, config.block_m, config.block_n)
-    return config._replace(num_splits=2 * splits if steps % (2 * splits) == 0 else splits)
+    return config._replace(num_splits=qm.doubled_default_splits(m, n, steps, config.block_m, config.block_n))
 
 
 @contextlib.contextmanager

@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
     batch, seq = (int(x) for x in args.shape.split("x"))
     launch = dict(block_k=args.block_k, num_warps=args.warps, num_stages=args.stages)
     quantized = checks.takes_head_dim(args.head_dim, chunked=True)  # Q8 codes also want a multiple of 32
-    q8 = quantized and args.head_dim % 32 == 0
+    q8 = quantized and args.head_dim % checks.Q8_BLOCK == 0
     kernels = {"bf16": ("bf16", "default")} | {f"q8 {f}": ("q8", f) for f in args.forms if q8}
     if not args.paged and quantized:
         kernels |= {f"fp8 {f}": ("fp8", f) for f in args.fp8_forms}

@@ -186,7 +186,7 @@ def column_rows(head_dim: int) -> dict:
     column parts, in parts (``q8parts_triton``, ``q8pagedparts_triton``) where they pad (decode_q8.PAD_MAX_COLUMNS)."""
     if head_dim & (head_dim - 1) == 0 or head_dim % checks.Q8_BLOCK:
         return {}
-    name = "parts" if 1 << (head_dim - 1).bit_length() <= decode_q8.PAD_MAX_COLUMNS else "pad"
+    name = "parts" if common_kernels.pow2_ceil(head_dim) <= decode_q8.PAD_MAX_COLUMNS else "pad"
     form = f"vperm+{name}"
     return {
         f"q8{name}_triton": Row("q8", with_loop_form(form, decode_q8.q8_decode_attention), fmt="q8"),

@@ -48,6 +48,10 @@ def pow2_floor(x: int) -> int:
     return 1 << (max(int(x), 1).bit_length() - 1)
 
 
+def pow2_ceil(x: int) -> int:
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
 def group_rows(group: int) -> int:
     """Rows of the query tile for ``group`` query heads per kv head: a power of two, at least 16."""
     return max(MIN_BLOCK, 1 << (group - 1).bit_length())
@@ -238,7 +242,7 @@ def column_tiles(head_dim: int, pad: bool | None = None) -> list:
     (``decode_walk.query_tile`` / ``block_tile``, ``paged.PagedView``). ``pad`` None: where the chunks would include
     one of 16 columns (80 = 64 + 16, 48 = 32 + 16), which lowers poorly (spills, twice the loop's instructions:
     docs/BENCHMARKS.md, "Padded column tiles")."""
-    return [pl.ds(0, 1 << (head_dim - 1).bit_length())] if pads(head_dim, pad) else column_slices(head_dim)
+    return [pl.ds(0, pow2_ceil(head_dim))] if pads(head_dim, pad) else column_slices(head_dim)
 
 
 def pads(head_dim: int, pad: bool | None = None) -> bool:
@@ -251,7 +255,7 @@ def pads(head_dim: int, pad: bool | None = None) -> bool:
 def tile_width(head_dim: int) -> int:
     """Columns the bf16 / f32 kernels' K and V tiles span (shared-memory buffers included): the head, or the next
     power of two where :func:`column_tiles` pads it."""
-    return 1 << (head_dim - 1).bit_length() if pads(head_dim) else head_dim
+    return pow2_ceil(head_dim) if pads(head_dim) else head_dim
 
 
 def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool):

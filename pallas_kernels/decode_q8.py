@@ -129,7 +129,7 @@ def decode_kernel(
     # would be 16 columns (FP8 at 80, 48).
     if {"pad", "parts"} <= flags:
         raise ValueError(f"form={form!r}: 'pad' and 'parts' exclude each other")
-    q8_pads = k_ref.dtype == jnp.int8 and 1 << (head_dim - 1).bit_length() <= PAD_MAX_COLUMNS
+    q8_pads = k_ref.dtype == jnp.int8 and common.pow2_ceil(head_dim) <= PAD_MAX_COLUMNS
     pad = True if "pad" in flags else False if "parts" in flags else (q8_pads or None)
     slices = common.column_tiles(head_dim, pad=pad)
     io_cols = [pl.ds(0, head_dim) if isinstance(c, slice) else c for c in slices]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import MIN_BLOCK
+from pallas_kernels.common import MIN_BLOCK, pow2_ceil
 
 
 def dot_dtype_for(q_dtype, values_dtype=jnp.int8) -> jnp.dtype:
@@ -61,7 +61,7 @@ def head_chunks(head_dim: int, chunk: int) -> int:
     """Row blocks the wide products give a head of ``head_dim`` at ``chunk`` values per scale, for
     :func:`wide_rows`: its scale chunks (1 for FP8's one scale a position), a head that is not a power of two
     counted as the next power of two (its narrower column parts split their chunks, :class:`ColumnPart`)."""
-    return 1 if chunk >= head_dim else (1 << (head_dim - 1).bit_length()) // chunk
+    return 1 if chunk >= head_dim else pow2_ceil(head_dim) // chunk
 
 
 class ColumnPart:

@@ -41,10 +41,6 @@ def config_path(config: QMatmulConfig) -> str:
     return config.path or ("units" if config.block_m <= FMA_ROWS else "dot")
 
 
-def _pow2_ceil(x: int) -> int:
-    return 1 << (max(x, 1) - 1).bit_length()
-
-
 def _largest_pow2_dividing(x: int, cap: int) -> int:
     out = 1
     while out * 2 <= cap and x % (out * 2) == 0:
@@ -62,7 +58,7 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
         bm, bn, warps, stages = common.MIN_BLOCK, 64, 4, 3
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 128))
     else:
-        bm = min(128, max(common.MIN_BLOCK, _pow2_ceil(m)))  # no more padded rows than a dot tile needs
+        bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))  # no more padded rows than a dot tile needs
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
         bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
         if bk > 64:  # the K-quants' 128-column steps: 128 x 128 tiles in 3 stages take 256 KiB of shared memory
@@ -83,7 +79,7 @@ def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     before the GPU measured the 16-row dot faster there (kept for comparisons)."""
     spec = block_format(fmt)
     kp = k // spec.parts
-    bm, unit = min(_pow2_ceil(m), FMA_ROWS), qmatmul_units.unit_width(fmt)
+    bm, unit = min(common.pow2_ceil(m), FMA_ROWS), qmatmul_units.unit_width(fmt)
     bk = _unrolled_block_k(fmt, kp, unit, bm)
     bn = min(max(1, min(64, UNITS_ELEMENTS // (bm * unit))), common.pow2_floor(n))
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "units")
@@ -98,7 +94,7 @@ def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128, split_f
     ``split_factor`` where the K steps divide by that many splits (else the rule's own)."""
     spec = block_format(fmt)
     kp = k // spec.parts
-    bm = min(_pow2_ceil(m), FMA_ROWS)
+    bm = min(common.pow2_ceil(m), FMA_ROWS)
     bk = _unrolled_block_k(fmt, kp, 32 // spec.parts, bm)
     bn = min(block_n, common.pow2_floor(n))
     steps, programs = kp // bk, pl.cdiv(m, bm) * pl.cdiv(n, bn)
@@ -106,18 +102,27 @@ def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128, split_f
         want = max(-(-DP4A_PROGRAMS * backend.num_multiprocessors() // programs), -(-steps // DP4A_MAX_STEPS))
         splits = min(d for d in range(min(want, steps), steps + 1) if steps % d == 0)  # the fewest giving that
     else:
-        splits = default_splits(m, n, steps, bm, bn)
-        splits *= 2 if steps % (2 * splits) == 0 else 1
-    if (kp // bk) % (split_factor * splits) == 0:
-        splits *= split_factor
+        splits = doubled_default_splits(m, n, steps, bm, bn)
+    splits = splits_times(steps, splits, split_factor)
     return QMatmulConfig(bm, bn, bk, splits, max(1, min(8, bn // 32)), 1, "dp4a")
+
+
+def splits_times(steps: int, splits: int, factor: int) -> int:
+    """``factor`` times ``splits`` where the ``steps`` K steps divide by that many, else ``splits``."""
+    return splits * factor if steps % (factor * splits) == 0 else splits
+
+
+def doubled_default_splits(m: int, n: int, steps: int, block_m: int, block_n: int) -> int:
+    """Twice :func:`default_splits` where the steps allow: the dp4a launch's splits at more than one row (and at
+    one row before ``DP4A_PROGRAMS``)."""
+    return splits_times(steps, default_splits(m, n, steps, block_m, block_n), 2)
 
 
 def fma_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     """The first small-M launch (``"fma"``, the default before the units path), for comparisons."""
     spec = block_format(fmt)
     kp = k // spec.parts
-    bm = min(_pow2_ceil(m), FMA_ROWS)
+    bm = min(common.pow2_ceil(m), FMA_ROWS)
     bk = max(spec.max_group, _largest_pow2_dividing(kp, 256 // spec.parts))
     bn = min(max(1, min(64, FMA_ELEMENTS // (bm * bk))), common.pow2_floor(n))
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "fma")

@@ -67,6 +67,7 @@ from pallas_kernels.qmatmul_configs import (  # noqa: F401  (the launches: calle
     check_config,
     config_path,
     default_splits,
+    doubled_default_splits,
     dp4a_config,
     fma_config,
     qmatmul_config,

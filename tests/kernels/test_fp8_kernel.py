@@ -115,6 +115,13 @@ def fp8_paged(rng, batch, kv_heads, head_dim, page_size, max_pages, lengths, lay
     return pools, jnp.asarray(tables), [fp8_arrays(s)[2] for s in slabs]
 
 
+def run_kind(rng, kind, case, *, interpret):
+    """``case`` of ``kind`` ("contiguous" or "paged"); with the real lowering, caches the GPU class's scale longer."""
+    if kind == "contiguous":
+        return run_case(rng, case, scale_up=1 if interpret else GPU_SCALE, interpret=interpret)
+    return run_paged_case(rng, case, scale_up=1 if interpret else GPU_PAGED_SCALE, interpret=interpret)
+
+
 def run_paged_case(rng, case, *, scale_up=1, interpret=None):
     _, batch, kv_heads, group, head_dim, ps, max_pages, dtype, lengths, layers, ppb, splits, preload = case
     max_pages *= scale_up
@@ -146,7 +153,7 @@ def test_paged_fp8_decode_matches_float64_interpret(rng, case):
 def test_vperm_form_interpret(rng, kind, case, form, monkeypatch):
     """The Q8 body's loop forms on FP8 values (one chunk): "vperm" (the value tile's columns reordered), all."""
     monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
-    (run_case if kind == "contiguous" else run_paged_case)(rng, case, interpret=True)
+    run_kind(rng, kind, case, interpret=True)
 
 
 PAD_CASES = [("contiguous", c) for c in CASES if c[4] & (c[4] - 1)]
@@ -159,7 +166,7 @@ def test_column_forms_interpret(rng, kind, case, form, monkeypatch):
     """Head_dims that are not powers of two (96, 80) read as one padded tile, the columns past the head masked, and
     in power-of-two column parts."""
     monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
-    (run_case if kind == "contiguous" else run_paged_case)(rng, case, interpret=True)
+    run_kind(rng, kind, case, interpret=True)
 
 
 # A bf16 query multiplies e4m3 values in float16 (q8_tiles.dot_dtype_for): queries past float16's 65504 (keys as
@@ -225,20 +232,14 @@ class TestOnGpu:
     @pytest.mark.parametrize("kind,case", PAD_CASES, ids=lambda x: x if isinstance(x, str) else x[0])
     def test_column_forms(self, rng, kind, case, form, monkeypatch):
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
-        if kind == "contiguous":
-            run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
-        else:
-            run_paged_case(rng, case, scale_up=GPU_PAGED_SCALE, interpret=False)
+        run_kind(rng, kind, case, interpret=False)
 
     @pytest.mark.parametrize("kind,case", [("contiguous", CASES[0]), ("paged", PAGED_CASES[0])],
                              ids=lambda x: x if isinstance(x, str) else x[0])  # fmt: skip
     @pytest.mark.parametrize("form", ["vperm", decode_q8.LOOP_FORMS[-1]])
     def test_vperm_form(self, rng, kind, case, form, monkeypatch):
         monkeypatch.setattr(decode_q8, "LOOP_FORM", form)
-        if kind == "contiguous":
-            run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
-        else:
-            run_paged_case(rng, case, scale_up=GPU_PAGED_SCALE, interpret=False)
+        run_kind(rng, kind, case, interpret=False)
 
     @pytest.mark.parametrize(
         "batch,seq,page_size",
