@@ -54,7 +54,7 @@ def pow2_ceil(x: int) -> int:
 
 def group_rows(group: int) -> int:
     """Rows of the query tile for ``group`` query heads per kv head: a power of two, at least 16."""
-    return max(MIN_BLOCK, 1 << (group - 1).bit_length())
+    return max(MIN_BLOCK, pow2_ceil(group))
 
 
 def choose_block_k(max_len: int, head_dim: int, itemsize: int) -> int:

@@ -34,7 +34,7 @@ def f16_headroom(peak):
 
 def wide_rows(group: int, chunks: int) -> int:
     """Query rows per chunk in the wide products: a power of two >= ``group`` with ``chunks * rows >= 16``."""
-    return max(1 << (group - 1).bit_length(), -(-MIN_BLOCK // chunks))
+    return max(pow2_ceil(group), -(-MIN_BLOCK // chunks))
 
 
 def permute_columns(x, lanes: int, inverse: bool = False):

@@ -56,7 +56,7 @@ def _kernel(*refs, hidden: int, width: int, eps: float, has_y: bool, dtype, fmt:
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "fmt", "interpret"))
 def _call(x, y, weight, *, eps: float, dtype, fmt: str | None, interpret: bool):
     rows, hidden = x.shape
-    width = 1 << (hidden - 1).bit_length()
+    width = common.pow2_ceil(hidden)
     has_y = y is not None
     inputs = [x, y, weight[None, :]] if has_y else [x, weight[None, :]]
     if fmt is None:
