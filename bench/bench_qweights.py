@@ -10,8 +10,7 @@ and Q4_K weights, each beside its weight-read floor; greedy agreement of quantiz
   Where Mosaic GPU runs, each quantized model also as ``<name>_mgpu`` (``weights_impl="mgpu"``); each quantized
   model also as ``<name>_dp4a`` (``quant.to_dp4a_layout``: the integer-dot kernel over interleaved words, its
   activations rounded as ``qmatmul_act.ROUNDING`` says: on a GPU one launch per product), and that as
-  ``<name>_dp4a_actx`` (the activations rounded by XLA's fusions instead, the form before), ``<name>_dp4a_actf``
-  (each product rounding its own activations, no rounding launch),
+  ``<name>_dp4a_actx`` (the activations rounded by XLA's fusions instead, the form before),
   ``<name>_dp4a_normk`` (the norms before wqkv and w_gate_up rounding their rows in their own launch) and
   ``<name>_dp4a_rule2x`` (the products launched as before ``qmatmul_configs.DP4A_PROGRAMS``).
 * ``prefill``: one prompt of each ``--prefill-tokens`` length into an empty cache (``llama.prefill``), tokens/s, and
@@ -119,7 +118,6 @@ def random_quantized(params, choice: str, seed: int):
 
 MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
 ACT_XLA = "_actx"  # a dp4a decode row with this suffix rounds its activations in XLA's fusions (qmatmul_act)
-ACT_FUSED = "_actf"  # a dp4a decode row with this: each product rounds its own activations (qmatmul_act "fused")
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
 STEPS2 = "_steps2"  # a dp4a decode row with this: at most 2 K steps a program (qmatmul_configs.DP4A_MAX_STEPS = 2)
@@ -141,14 +139,13 @@ def with_dp4a_rows(models: dict, keep=None) -> dict:
 
 def with_act_rows(models: dict) -> dict:
     """``models`` and each dp4a-layout one again as ``<name>_actx`` (the same params; its step compiled with
-    ``qmatmul_act.ROUNDING = "xla"``: the activations rounded by XLA's fusions), as ``<name>_actf`` (each product
-    rounding its own activations: ``"fused"``), as ``<name>_normk`` (the norm
+    ``qmatmul_act.ROUNDING = "xla"``: the activations rounded by XLA's fusions), as ``<name>_normk`` (the norm
     kernel rounding the inputs of wqkv and w_gate_up in its launch: ``LlamaOptions.norm_kernel``) and as
     ``<name>_rule2x`` (the products' launch before ``qmatmul_configs.DP4A_PROGRAMS``: twice the K splits of the
     rule of 2 programs a multiprocessor), and as ``<name>_steps2`` (at most 2 K steps a program: more splits of
     Q8_0's gate_up and LM head)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
-    tails = (ACT_XLA, ACT_FUSED, NORM_KERNEL, RULE2X, STEPS2)
+    tails = (ACT_XLA, NORM_KERNEL, RULE2X, STEPS2)
     return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in tails}
 
 
@@ -164,7 +161,7 @@ def dp4a_rule2x(m: int, n: int, k: int, fmt: str) -> qm.QMatmulConfig:
 def row_settings(name: str):
     """The activation rounding and the dp4a launch of row ``name`` while inside (its program is compiled there and
     keeps them)."""
-    rounding = "xla" if ACT_XLA in name else "fused" if ACT_FUSED in name else qmatmul_act.ROUNDING
+    rounding = "xla" if ACT_XLA in name else qmatmul_act.ROUNDING
     launch = dp4a_rule2x if RULE2X in name else quant.DP4A_LAUNCH
     steps = 2 if STEPS2 in name else qmatmul_configs.DP4A_MAX_STEPS
     with (

@@ -38,19 +38,7 @@ def round_rows(x):
     lowers no round-to-even) and ``unit [...]`` float32 the value of one code (``peak / 127``; 0 for a row of
     zeros, whose codes are 0). Inside a kernel: multiplies, one division a row. The one rounding rule of the Q8
     kernel's ``iq8`` query and of the dp4a path's activations (``qmatmul_dp4a``, ``qmatmul_act``)."""
-    inv, unit = row_inverse(x)
-    return codes_at(x, inv[..., None]), unit
-
-
-def row_inverse(x):
-    """:func:`round_rows`'s per-row factors of ``x [..., C]``: ``(inv, unit)``, ``inv`` what a value is multiplied
-    by before it rounds (``127 / peak``, 0 for a row of zeros) and ``unit`` one code's value (``peak / 127``)."""
     peak = jnp.max(jnp.abs(x), axis=-1)
     inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
-    return inv, peak * (1.0 / 127.0)
-
-
-def codes_at(x, inv):
-    """The int8 codes of ``x`` (float32) at ``inv`` (broadcasting against it): :func:`round_rows`'s rounding, for
-    values whose row factors :func:`row_inverse` gave from a read of the whole row."""
-    return jnp.clip(jnp.floor(x * inv + 0.5), -127.0, 127.0).astype(jnp.int8)
+    codes = jnp.clip(jnp.floor(x * inv[..., None] + 0.5), -127.0, 127.0).astype(jnp.int8)
+    return codes, peak * (1.0 / 127.0)

@@ -10,23 +10,17 @@ and every factor the format takes. The arithmetic is ``quantize_activations``'s 
 compilers round a float alike (interpret mode: bit for bit); only the packing of four codes to a word differs (a
 bitcast for XLA, shifts here).
 
-``ROUNDING`` (``"auto"``, ``"xla"``, ``"kernel"`` or ``"fused"``), read by ``quantized_matmul`` per call
+``ROUNDING`` (``"auto"``, ``"xla"`` or ``"kernel"``), read by ``quantized_matmul`` per call
 (:func:`round_activations`), picks the form. ``"auto"`` (the default) is the kernel where the product runs on the
 GPU and XLA's fusions in interpret mode (where the kernel would only be slower): on an H100 the batch-1 step of the
 8B shape in the dp4a layout ran 3 % (Q8_0) and 6 % (Q4_K) faster with the kernel (docs/BENCHMARKS.md, "Activation
 rounding in one launch"; ``bench/bench_qweights.py``'s ``<name>_dp4a_actx`` rows keep XLA's form for comparison).
-``"fused"`` (opt-in, under trial: ``<name>_dp4a_actf`` rows) launches no rounding at all: the product kernel reads
-the activations themselves and rounds each 32-block where it multiplies it (:class:`RowRefs`; each program rounds
-the blocks of its own K range, for every one of its rows), by the same functions; :class:`RoundedRefs` reads
-words and factors rounded before the product.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +29,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import common, int_codes, qmatmul_dp4a
 
-ROUNDINGS = ("auto", "xla", "kernel", "fused")
+ROUNDINGS = ("auto", "xla", "kernel")
 ROUNDING = "auto"
 MAX_CHUNK = 1024  # values a program rounds (32 blocks)
 
@@ -46,59 +40,10 @@ def round_blocks(x, fmt: str):
     nb = x.shape[0]
     codes, scale = int_codes.round_rows(x)  # [nb, 32] int8, [nb]
     codes = codes.astype(jnp.int32)
-    words = pack_words(codes.reshape(nb, 8, 4))  # [nb, 8]
+    shift = 8 * lax.broadcasted_iota(jnp.int32, (nb, 8, 4), 2)
+    # four codes to a word, the first lowest: disjoint byte fields, so their sum is their bitwise or (int32 wraps)
+    words = jnp.sum(lax.shift_left(codes.reshape(nb, 8, 4) & 0xFF, shift), axis=2)  # [nb, 8]
     return words.reshape(nb * 8), qmatmul_dp4a.block_factors(codes, scale, fmt)
-
-
-def pack_words(codes):
-    """Int32 codes ``[..., 4]`` (int8 values) four to a word, the first lowest: ``[...]`` int32."""
-    shift = 8 * lax.broadcasted_iota(jnp.int32, codes.shape, codes.ndim - 1)
-    # disjoint byte fields, so their sum is their bitwise or (int32 wraps)
-    return jnp.sum(lax.shift_left(codes & 0xFF, shift), axis=-1)
-
-
-class RoundedRefs(NamedTuple):
-    """Inside the product: activations rounded before it (``quantize_activations``' words and factors as refs),
-    read a 32-block at a time by ``qmatmul_dp4a.dp4a_step`` (:meth:`block`)."""
-
-    words_ref: Any  # [M, K / 4] int32
-    factor_refs: tuple  # [M, K / 32] float32 each
-
-    def block(self, row, block) -> _Block:
-        return _Block(tuple(ref[row, block] for ref in self.factor_refs), self._words(row, block))
-
-    def _words(self, row, block):
-        return lambda at, width: self.words_ref[row, pl.ds(8 * block + at, width)]
-
-
-class RowRefs(NamedTuple):
-    """Inside the product: the activations themselves (``[M, K / 4, 4]``, any float dtype: four values a word),
-    each 32-block rounded where ``qmatmul_dp4a.dp4a_step`` reads it (``ROUNDING = "fused"``): one ``[8, 4]`` read
-    of the block for its peak and factors, then a ``[width, 4]`` read of each window's values for its words (tiles
-    whose rows reduce within a thread), by the same functions as :func:`round_blocks`."""
-
-    x_ref: Any
-    fmt: str
-
-    def block(self, row, block) -> _Block:
-        x = self.x_ref[row, pl.ds(8 * block, 8), :].astype(jnp.float32)  # [8, 4]: the block's words' values
-        inv, unit = int_codes.row_inverse(x.reshape(32))  # scalars
-        codes = int_codes.codes_at(x, inv).astype(jnp.int32).reshape(32)
-        factors = qmatmul_dp4a.block_factors(codes, unit, self.fmt)
-
-        def words(at, width):  # the block's words at..at + width, from their values
-            values = self.x_ref[row, pl.ds(8 * block + at, width), :].astype(jnp.float32)
-            return pack_words(int_codes.codes_at(values, inv).astype(jnp.int32))
-
-        return _Block(factors, words)
-
-
-class _Block(NamedTuple):
-    """One row's 32-block of rounded activations: its factors (scalars: the scale, then the sums the format's
-    offsets take) and ``words(at, width)``, its words ``at`` to ``at + width`` (``[width]`` int32)."""
-
-    factors: tuple
-    words: Callable
 
 
 def _kernel(x_ref, words_ref, *factor_refs, fmt: str, chunk: int):
@@ -134,23 +79,15 @@ def rounded_rows(x, fmt: str, *, interpret: bool):
     return words, tuple(factors)
 
 
-def resolve(rounding: str | None, interpret: bool) -> str:
-    """The form ``rounding`` names (None: ``ROUNDING``; ``quantized_matmul``'s public functions pass it per call, so
-    a change retraces): ``"auto"`` is the kernel unless ``interpret``."""
-    rounding = ROUNDING if rounding is None else rounding
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"qmatmul_act.ROUNDING={rounding!r} must be one of {ROUNDINGS}")
-    if rounding == "auto":
-        return "xla" if interpret else "kernel"
-    return rounding
-
-
 def round_activations(x, fmt: str, interpret: bool, rounding: str | None):
-    """The dp4a path's int8 activation words and factors, rounded before the product as ``rounding`` says
-    (:func:`resolve`; ``"fused"`` rounds inside the product, not here)."""
-    rounding = resolve(rounding, interpret)
-    if rounding == "fused":
-        raise ValueError('ROUNDING="fused" rounds inside the product: its activations are not rounded before it')
+    """The dp4a path's int8 activation words and factors, rounded as ``rounding`` says (None: ``ROUNDING``;
+    ``quantized_matmul``'s public functions pass it per call, so a change retraces; ``"auto"``: the kernel unless
+    ``interpret``)."""
+    rounding = ROUNDING if rounding is None else rounding
+    if rounding == "auto":
+        rounding = "xla" if interpret else "kernel"
     if rounding == "kernel":
         return rounded_rows(x, fmt, interpret=interpret)
+    if rounding != "xla":
+        raise ValueError(f"qmatmul_act.ROUNDING={rounding!r} must be one of {ROUNDINGS}")
     return qmatmul_dp4a.quantize_activations(x, fmt)

@@ -1,7 +1,6 @@
 """The ``"dp4a"`` formulation of ``quantized_matmul``'s small-M kernel: integer dot products of int8 activations.
 
-The activations are rounded once per call (``M x K`` work, before the product: ``qmatmul_act``; or by the product
-itself as it reads each block, ``qmatmul_act.RowRefs``) to int8 per 32-block of ``K`` with one float32 scale
+The activations are rounded once per call (XLA, ``M x K`` work) to int8 per 32-block of ``K`` with one float32 scale
 per block (``scale = max|x| / 127``, round to nearest, halves up), as fast GGUF matrix-vector kernels do, with the
 sums the offsets take (:func:`quantize_activations`). The codes are packed four to an int32 word in ``K``'s order;
 the weights' code planes are read as int32 words too (a bitcast). Block ``b``'s part ``p`` (the first or second 16
@@ -224,11 +223,10 @@ def step_loads(fmt: str, plane_refs, *, cols, k0, block_k: int, interleaved: boo
     )
 
 
-def dp4a_step(fmt: str, acts, loads, accs, *, rows0, k0, emulate: bool):
+def dp4a_step(fmt: str, xw_ref, xf_refs, loads, accs, *, rows0, k0, emulate: bool):
     """``accs`` (one ``[bn]`` float32 accumulator per row) after the K step at packed column ``k0``, whose
-    weight-side reads are ``loads`` (:func:`step_loads`); ``acts``: the activations, a row's 32-block at a time
-    (``acts.block(row, block)``: its factors as :func:`quantize_activations` makes them and its words; read from
-    words rounded before the product or rounded here: ``qmatmul_act.RoundedRefs`` / ``RowRefs``)."""
+    weight-side reads are ``loads`` (:func:`step_loads`); ``xw_ref`` / ``xf_refs``: the activations' words and
+    factors (:func:`quantize_activations`)."""
     parts = block_format(fmt).parts
     per_unit = 32 // parts
     width = WORDS[fmt]
@@ -238,30 +236,31 @@ def dp4a_step(fmt: str, acts, loads, accs, *, rows0, k0, emulate: bool):
         scales, offset = _weight_factors(fmt, entries)
         windows = _unit_codes(fmt, words)
         for r in range(len(accs)):
-            x = acts.block(rows0 + r, block)
-            x_scale = x.factors[0]
+            row = rows0 + r
+            x_scale = xf_refs[0][row, block]
             sums = [None] * len(scales)  # the block's integer sums per word, one per scale, over its windows
-            for at, codes in windows:  # part p's words of the block: from p * 8 / parts
-                xs = [x.words(p * (8 // parts) + at, width) for p in range(parts)]
+            for at, codes in windows:  # part p's words of the block: from 8 * block + p * 8 / parts
+                xs = [xw_ref[row, pl.ds(8 * block + p * (8 // parts) + at, width)] for p in range(parts)]
                 if len(scales) == 1:  # one scale over the block: both parts into one sum
                     sums = [_integer_sum(codes, xs, sums[0], emulate=emulate)]
                 else:  # Q6_K: a scale per part
                     sums = [
-                        _integer_sum((q,), (w,), t, emulate=emulate) for q, w, t in zip(codes, xs, sums, strict=True)
+                        _integer_sum((q,), (x,), t, emulate=emulate) for q, x, t in zip(codes, xs, sums, strict=True)
                     ]
             for i, (s, words_sum) in enumerate(zip(scales, sums, strict=True)):
                 total = jnp.sum(words_sum, axis=1).astype(jnp.float32)  # a row's words lie in one thread; < 2^24
                 if fmt in INT_OFFSET:  # dot(q + o, x) = dot(q, x) + o * sum(x): the codes' sum of the block or part
-                    total = total + INT_OFFSET[fmt] * x.factors[1 + i]
+                    total = total + INT_OFFSET[fmt] * xf_refs[1 + i][row, block]
                 accs[r] = accs[r] + total * (s * x_scale)
             if offset is not None:
-                accs[r] = accs[r] + offset * x.factors[1]
+                accs[r] = accs[r] + offset * xf_refs[1][row, block]
     return tuple(accs)
 
 
 def dp4a_program(
     fmt: str,
-    acts,
+    xw_ref,
+    xf_refs,
     plane_refs,
     o_ref,
     *,
@@ -276,13 +275,14 @@ def dp4a_program(
     prefetch: bool,
     interleaved: bool = False,
 ) -> None:
-    """One program's share: its ``steps`` K steps from split ``split``, each row's sum stored to the partials
-    (``acts``: the activations, as :func:`dp4a_step` reads them).
+    """One program's share: its ``steps`` K steps from split ``split``, each row's sum stored to the partials.
     ``prefetch``: each step's weight-side reads issued during the step before (carried in the loop), so a step
     does not wait a memory latency for them. ``interleaved``: planes laid out by :func:`interleave`."""
     k0 = lambda step: pl.multiple_of((split * steps + step) * block_k, block_k)
     loads = lambda step: step_loads(fmt, plane_refs, cols=cols, k0=k0(step), block_k=block_k, interleaved=interleaved)
-    compute = lambda step, now, accs: dp4a_step(fmt, acts, now, accs, rows0=rows0, k0=k0(step), emulate=emulate)
+    compute = lambda step, now, accs: dp4a_step(
+        fmt, xw_ref, xf_refs, now, accs, rows0=rows0, k0=k0(step), emulate=emulate
+    )
     accs = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(block_m))
     if prefetch:
 

@@ -88,7 +88,6 @@ def _kernel(
     interpret: bool,  # the dp4a path emulates its PTX instruction
     interleaved: bool = False,  # the dp4a path's planes laid out by qmatmul_dp4a.interleave
     factors: int = 0,  # the dp4a path: how many activation factor arrays lead the planes
-    fused: bool = False,  # the dp4a path: x_ref holds the activations themselves, rounded in the kernel
 ):
     plane_refs, o_ref = refs[:-1], refs[-1]
     path = config_path(config)
@@ -108,7 +107,8 @@ def _kernel(
     if path == "dp4a":
         qmatmul_dp4a.dp4a_program(
             fmt,
-            qmatmul_act.RowRefs(x_ref, fmt) if fused else qmatmul_act.RoundedRefs(x_ref, sums_ref),
+            x_ref,
+            sums_ref,
             plane_refs,
             o_ref,
             rows0=row0,
@@ -192,13 +192,10 @@ def _qmatmul(
     spec = block_format(fmt)
     rows = max(m, config.block_m)
     path = config_path(config)
-    factors, fused = (), False
+    factors = ()
     if path == "dp4a":  # int8 codes as words (M', K/4), their F factors (M', K/32) each; the code planes as words
-        fused = not rounded and qmatmul_act.resolve(rounding, interpret) == "fused"
         if rounded:
             xs, factors = common_pad_rows(x[0], rows), tuple(common_pad_rows(f, rows) for f in x[1])
-        elif fused:  # the activations themselves, four values a word: the kernel rounds each block it reads
-            xs = common_pad_rows(x, rows).reshape(rows, k // 4, 4)
         else:
             xs, factors = qmatmul_act.round_activations(common_pad_rows(x, rows), fmt, interpret, rounding)
         planes = (*factors, *(planes if interleaved else qmatmul_dp4a.weight_words(planes, fmt)))
@@ -218,7 +215,6 @@ def _qmatmul(
         interpret=interpret,
         interleaved=interleaved,
         factors=len(factors),
-        fused=fused,
     )
     launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
     inputs = [xs, *planes]
