@@ -20,7 +20,8 @@ from bench.bench_qweights import (
 
 def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, keep=None, capacity: int = 64) -> dict:
     """Per decode step, the device time of each kernel a ``steps``-step program launches (one profiled run) and the
-    span: where a step's time goes, per variant (the ``top`` kernels by time; quantized ones also with the
+    span: where a step's time goes, per variant (every kernel in the JSON, the ``top`` by time in the log and with
+    their fusions' instructions; ``other_s`` the time of the rest; quantized ones also with the
     small-M products on the register path, ``<name>_units``, in the dp4a layout, ``<name>_dp4a`` (and
     ``<name>_dp4a_actx``: its activations rounded by XLA's fusions), and where Mosaic GPU runs on its kernel,
     ``<name>_mgpu``). ``keep``: only these variants (all when None). ``capacity``: the steps the program's cache
@@ -45,11 +46,11 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
             calls[kernel] = calls.get(kernel, 0) + 1 / steps
         span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) * 1e-9 / steps if events else 0.0
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
-        xla = {k: fusion_line(hlo, k) for k, _ in ranked[:top] if not k.startswith("jkv_")}
+        xla = {k: fusion_line(hlo, k) for k, _ in ranked[: 4 * top] if not k.startswith("jkv_")}
         out[name] = {
             "span_s": span,
-            "kernels_s": dict(ranked[:top]),
-            "calls_per_step": {k: calls[k] for k, _ in ranked[:top]},
+            "kernels_s": dict(ranked),  # every kernel: a layer's small launches are the tail of this list
+            "calls_per_step": {k: calls[k] for k, _ in ranked},
             "xla_fusions": {k: line for k, line in xla.items() if line},
             "other_s": sum(t for _, t in ranked[top:]),
             "busy_s": sum(kernels.values()),
