@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -296,6 +296,13 @@ for part in "${parts[@]}"; do
         --decode-rows q4_k_dp4a,q4_k_dp4a_rule2x,q8_0_dp4a,q8_0_dp4a_rule2x
       grep -A14 "^breakdown" "$OUT/bench_qstep_rule_bd.log" | cut -c1-150
       ;;
+    qstep_normk)  # issue 26: the norm kernel in programs of 1,024 columns (rms_norm.chunk_of; it was one program a
+      # row, as slow as the two launches it replaced): its GPU tests, then the batch-1 step with it (_normk rows)
+      run tests_normk 200 python -m pytest -q -m gpu tests/kernels/test_rms_norm.py tests/kernels/test_rms_norm_rounded.py
+      run bench_qstep_normk 330 python bench/bench_qweights.py --out "$OUT/normk" --sections decode --batches 1 \
+        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_normk,q4_k_dp4a_normk
+      tail -n 8 "$OUT/bench_qstep_normk.log"
+      ;;
     qdequant)  # issue 26: prefill-sized products dequantizing their matrix in one kernel launch
       # (pallas_kernels.dequantize_weights): its GPU tests, then prefill beside XLA's dequantization (the default)
       run tests_dequantize 200 python -m pytest -q -m gpu tests/kernels/test_dequantize_weights.py
@@ -376,7 +383,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
   esac
 done
 

@@ -7,13 +7,16 @@ product's output). ``y=None`` normalises ``x`` alone.
 
 Why a kernel: in a batch-1 decode step every one of these is a few microseconds of launch latency, and XLA runs
 the residual add and the norm's reduction as two fusions (the add's output has users outside the reduction).
-One Pallas program per row does all three outputs in one launch. Rows of any width: the row is one
-power-of-two tile, masked past ``H``. Interpret mode off GPU (see ``pallas_kernels.backend``).
+One launch does all three outputs: programs of up to ``MAX_CHUNK`` columns of a row (:func:`chunk_of`), each
+reading the whole row for its scale and writing its own columns. Rows of any width: a row whose width no
+power-of-two chunk of ``MIN_CHUNK`` or more divides is one program, its row one power-of-two tile masked past
+``H``. Interpret mode off GPU (see ``pallas_kernels.backend``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,40 +26,68 @@ from jaxtyping import Array, Float
 
 from pallas_kernels import backend, common, qmatmul_act, qmatmul_dp4a
 
+# A row's columns are split over programs of CHUNK columns each (every program reads the whole row for its scale,
+# then writes its own columns), so that the norm before a product runs in several programs, as the activations'
+# rounding does (qmatmul_act), not one: a one-program norm at one row took as long as the two launches it replaced.
+MAX_CHUNK = 1024
+MIN_CHUNK = 64
 
-def _kernel(*refs, hidden: int, width: int, eps: float, has_y: bool, dtype, fmt: str | None):
+
+def chunk_of(hidden: int) -> int:
+    """Columns a program writes for rows of ``hidden``: the largest power of two dividing it, at most
+    ``MAX_CHUNK``, where that is at least ``MIN_CHUNK``; else the whole row (one program, masked to its width)."""
+    chunk = math.gcd(hidden, MAX_CHUNK)
+    return chunk if chunk >= MIN_CHUNK else hidden
+
+
+def _kernel(*refs, hidden: int, width: int, chunk: int, eps: float, has_y: bool, dtype, fmt: str | None):
     x_ref, refs = refs[0], refs[1:]
     y_ref, refs = (refs[0], refs[1:]) if has_y else (None, refs)
     w_ref, refs = refs[0], refs[1:]
     x_out, refs = (refs[0], refs[1:]) if has_y else (None, refs)
     *rows_out, s_out = refs  # the weighted rows, or their int8 words and factors (fmt)
-    r = pl.program_id(0)
-    row, cols = pl.ds(r, 1), pl.ds(0, width)
+    r, c = pl.program_id(0), pl.program_id(1)
+    row = pl.ds(r, 1)
     ok = lax.broadcasted_iota(jnp.int32, (1, width), 1) < hidden if width != hidden else None
-    other = 0.0 if ok is not None else None
-    x = backend.load(x_ref.at[row, cols], mask=ok, other=other).astype(jnp.float32)  # [1, width]
-    if has_y:
-        x = x + backend.load(y_ref.at[row, cols], mask=ok, other=other).astype(jnp.float32)
-        backend.store(x_out.at[row, cols], x, mask=ok)
-    w = backend.load(w_ref.at[pl.ds(0, 1), cols], mask=ok, other=other).astype(jnp.float32)
+    load = lambda ref, cols, mask: backend.load(
+        ref.at[row if ref is not w_ref else pl.ds(0, 1), cols], mask=mask, other=None if mask is None else 0.0
+    ).astype(jnp.float32)
+
+    def summed(cols, mask):  # x + y over cols, float32 [1, n]
+        return load(x_ref, cols, mask) + load(y_ref, cols, mask) if has_y else load(x_ref, cols, mask)
+
+    x = summed(pl.ds(0, width), ok)  # the whole row: every program takes the row's scale
     scale = lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) * (1.0 / hidden) + eps)  # [1, 1]
-    backend.store(s_out.at[row, pl.ds(0, 1)], scale)
+
+    @pl.when(c == 0)
+    def _():
+        backend.store(s_out.at[row, pl.ds(0, 1)], scale)
+
+    if chunk != hidden:  # this program's columns, read again (a register tile cannot be sliced)
+        cols, mask, n = pl.ds(pl.multiple_of(c * chunk, chunk), chunk), None, chunk
+        x = summed(cols, None)
+    else:
+        cols, mask, n = pl.ds(0, width), ok, width
+    if has_y:
+        backend.store(x_out.at[row, cols], x, mask=mask)
+    w = load(w_ref, cols, mask)
     if fmt is None:
-        backend.store(rows_out[0].at[row, cols], (x * w).astype(dtype), mask=ok)
+        backend.store(rows_out[0].at[row, cols], (x * w).astype(dtype), mask=mask)
         return
     # the weighted rows in the activations' dtype, rounded to int8 per 32-block as the dp4a product would round them
-    rows = (x * w).astype(dtype).astype(jnp.float32).reshape(width // 32, 32)
+    rows = (x * w).astype(dtype).astype(jnp.float32).reshape(n // 32, 32)
     words, block_factors = qmatmul_act.round_blocks(rows, fmt)
-    at = lambda n: lax.broadcasted_iota(jnp.int32, (1, n), 1) < hidden * n // width if width != hidden else None
-    backend.store(rows_out[0].at[row, pl.ds(0, width // 4)], words[None], mask=at(width // 4))
+    at = lambda k: lax.broadcasted_iota(jnp.int32, (1, k), 1) < hidden * k // width if mask is not None else None
+    first = c * (n // 32)  # the program's first 32-block
+    backend.store(rows_out[0].at[row, pl.ds(first * 8, n // 4)], words[None], mask=at(n // 4))
     for ref, factor in zip(rows_out[1:], block_factors, strict=True):
-        backend.store(ref.at[row, pl.ds(0, width // 32)], factor[None], mask=at(width // 32))
+        backend.store(ref.at[row, pl.ds(first, n // 32)], factor[None], mask=at(n // 32))
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "dtype", "fmt", "interpret"))
 def _call(x, y, weight, *, eps: float, dtype, fmt: str | None, interpret: bool):
     rows, hidden = x.shape
-    width = common.pow2_ceil(hidden)
+    width, chunk = common.pow2_ceil(hidden), chunk_of(hidden)
     has_y = y is not None
     inputs = [x, y, weight[None, :]] if has_y else [x, weight[None, :]]
     if fmt is None:
@@ -67,8 +98,11 @@ def _call(x, y, weight, *, eps: float, dtype, fmt: str | None, interpret: bool):
     out_shape = [*out_rows, jax.ShapeDtypeStruct((rows, 1), jnp.float32)]
     if has_y:
         out_shape.insert(0, jax.ShapeDtypeStruct((rows, hidden), jnp.float32))
-    kernel = functools.partial(_kernel, hidden=hidden, width=width, eps=eps, has_y=has_y, dtype=dtype, fmt=fmt)
-    launch = dict(grid=(rows,), num_warps=4 if width <= 4096 else 8, num_stages=1, interpret=interpret)
+    kernel = functools.partial(
+        _kernel, hidden=hidden, width=width, chunk=chunk, eps=eps, has_y=has_y, dtype=dtype, fmt=fmt
+    )
+    grid = (rows, hidden // chunk)
+    launch = dict(grid=grid, num_warps=4 if width <= 4096 else 8, num_stages=1, interpret=interpret)
     outs = common.whole_call(kernel, inputs, out_shape, **launch, name="jkv_residual_rms_norm")
     outs = list(outs) if has_y else [x, *outs]
     if fmt is not None:  # (s, (words, factors), scale)

@@ -7,7 +7,7 @@ import pytest
 from conftest import REL_TOL, rel_err
 from poison import poisoned_outputs
 
-from pallas_kernels import backend
+from pallas_kernels import backend, rms_norm
 from pallas_kernels.reference import residual_rms_norm_reference
 from pallas_kernels.rms_norm import residual_rms_norm
 
@@ -94,3 +94,23 @@ class TestOnGpu:
     def test_matches_float64(self, rng, hidden):
         check(rng, (8,), hidden, with_y=True, dtype=jnp.bfloat16, interpret=False)
         check(rng, (2, 5), hidden, with_y=False, interpret=False)
+
+
+@pytest.mark.parametrize("fmt", [None, "Q4_K"], ids=["rows", "rounded"])
+@pytest.mark.parametrize("hidden,with_y", [(4096, True), (4096, False), (576, True), (100, False)], ids=str)
+def test_lowers_for_cuda_in_one_launch_of_chunks(hidden, with_y, fmt):
+    """For CUDA on any host (interpret mode does not check what Triton's lowering refuses): one Triton kernel of
+    ``hidden / chunk_of(hidden)`` programs a row: chunks of whole powers of two (4,096: four of 1,024; 576: nine of
+    64), or the whole row masked to its tile where none divides it (100)."""
+    if fmt is not None and hidden % 32:
+        pytest.skip("rounded rows are whole 32-blocks")
+    sds = jax.ShapeDtypeStruct
+    args = (
+        sds((2, hidden), jnp.float32),
+        sds((2, hidden), jnp.bfloat16) if with_y else None,
+        sds((hidden,), jnp.float32),
+    )
+    traced = rms_norm._call.trace(*args, eps=1e-5, dtype=jnp.dtype(jnp.bfloat16), fmt=fmt, interpret=False)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1 and "jkv_residual_rms_norm" in text
+    assert rms_norm.chunk_of(hidden) == {4096: 1024, 576: 64, 100: 100}[hidden]

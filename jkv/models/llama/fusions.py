@@ -11,7 +11,9 @@ names the docs/BENCHMARKS.md section that measured it ("Model fusions" there lis
 * small products padded to ``MIN_MATMUL_ROWS`` rows, once per step on the residual stream: XLA's one-row GPU
   products read weights more slowly than its 8-row ones ("End-to-end decode", run 2 and "Later runs"); not in a
   model holding dp4a-layout matrices, whose integer-dot kernel's work grows with its rows.
-* the RMSNorm as one Pallas kernel (``LlamaOptions.norm_kernel``): off, measured neutral to worse (run 6).
+* the RMSNorm as one Pallas kernel (``LlamaOptions.norm_kernel``): off, measured neutral to worse (run 6; before a
+  dp4a product, rounding its rows too, neutral: "The owed H100 checks", when it ran one program a row; its
+  programs now split the row, ``pallas_kernels.rms_norm.chunk_of``, untimed).
 """
 
 from __future__ import annotations
