@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -377,13 +377,19 @@ for part in "${parts[@]}"; do
     families_gemma)
       run bench_families_gemma 580 python bench/bench_families.py --models gemma2-9b --out "$OUT/gemma" --rounds 5
       ;;
+    ragged)  # issue 22's ragged batch alone (32 lengths in 256..16384; never timed on a GPU): every cache kind with its
+      # lengths against torch SDPA (which reads every sequence to the longest) and jax cuDNN (given the lengths)
+      run bench_ragged 420 python bench/bench_decode_kinds.py --out "$OUT/ragged" --rounds 5 --budget-s 300 \
+        --shapes 32xr256-16384
+      tail -n 20 "$OUT/bench_ragged.log"
+      ;;
     kinds)
       # its own budget (start no shape after it) leaves a shape's ~2 minutes inside the part's limit
       secs=$(part_secs 580)
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
   esac
 done
 
