@@ -75,12 +75,17 @@ def max_stages(block_k: int, head_dim: int, itemsize: int, width: int | None = N
     return 1 + smem_budget() // (2 * block_k * (width or head_dim) * itemsize)
 
 
+def tile_max_stages(block_k: int, head_dim: int, itemsize: int) -> int:
+    """:func:`max_stages` of the bf16 / f32 decode kernels, whose buffers take their tile's width
+    (:func:`tile_width`: a padded tile's padded width)."""
+    return max_stages(block_k, head_dim, itemsize, tile_width(head_dim))
+
+
 def pipeline_stages(block_k: int, head_dim: int, itemsize: int) -> int:
     """Stages of the bf16 / f32 decode kernels: two blocks of their tile's width in flight (3 stages), more where the
     tile is padded past the head (80 in a 128-column tile: 4, so about as many real bytes are in flight as in the
     128 kernel's two blocks), as far as shared memory holds the padded buffers."""
-    width = tile_width(head_dim)
-    return min(1 + -(-2 * width // head_dim), max_stages(block_k, head_dim, itemsize, width))
+    return min(1 + -(-2 * tile_width(head_dim) // head_dim), tile_max_stages(block_k, head_dim, itemsize))
 
 
 def choose_num_splits(
@@ -121,8 +126,7 @@ def resolve_config(default: DecodeConfig, max_len: int, head_dim: int, itemsize:
     if block_k is not None and (block_k < MIN_BLOCK or block_k & (block_k - 1) or block_k > top):
         raise ValueError(f"{block_k=} must be a power of two in [{MIN_BLOCK}, max(S, {MIN_BLOCK})={top}]")
     config = default._replace(**{k: int(v) for k, v in overrides.items() if v is not None})
-    cap = max_stages(config.block_k, head_dim, itemsize, tile_width(head_dim))
-    return config._replace(num_stages=min(config.num_stages, cap))
+    return config._replace(num_stages=min(config.num_stages, tile_max_stages(config.block_k, head_dim, itemsize)))
 
 
 def launch_settings(default, max_len: int, head_dim: int, itemsize: int, scale, interpret, **overrides):

@@ -74,8 +74,7 @@ def paged_config(
     ppb = max(1, base.block_k // page_size, MIN_BLOCK // page_size)
     block_k = ppb * page_size
     splits = common.choose_num_splits(batch, num_kv_heads, max_len, block_k, **kwargs)
-    width = common.tile_width(head_dim)
-    stages = min(base.num_stages, common.max_stages(block_k, head_dim, jnp.dtype(dtype).itemsize, width))
+    stages = min(base.num_stages, common.tile_max_stages(block_k, head_dim, jnp.dtype(dtype).itemsize))
     preload = preload_entries(max_pages, ppb, splits, page_size) > 0
     return PagedConfig(ppb, splits, base.num_warps, stages, preload)
 
@@ -94,7 +93,7 @@ def resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsize
         )
     chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [preload]
     config = PagedConfig(*(d if o is None else type(d)(o) for d, o in zip(default, chosen, strict=True)))
-    cap = common.max_stages(config.pages_per_block * page_size, head_dim, itemsize, common.tile_width(head_dim))
+    cap = common.tile_max_stages(config.pages_per_block * page_size, head_dim, itemsize)
     return config._replace(num_stages=min(config.num_stages, cap))
 
 

@@ -49,12 +49,11 @@ def _kernel(*refs, hidden: int, width: int, chunk: int, eps: float, has_y: bool,
     r, c = pl.program_id(0), pl.program_id(1)
     row = pl.ds(r, 1)
     ok = lax.broadcasted_iota(jnp.int32, (1, width), 1) < hidden if width != hidden else None
-    load = lambda ref, cols, mask: backend.load(
-        ref.at[row if ref is not w_ref else pl.ds(0, 1), cols], mask=mask, other=None if mask is None else 0.0
-    ).astype(jnp.float32)
+    load = lambda view, mask: backend.load(view, mask=mask, other=None if mask is None else 0.0).astype(jnp.float32)
 
     def summed(cols, mask):  # x + y over cols, float32 [1, n]
-        return load(x_ref, cols, mask) + load(y_ref, cols, mask) if has_y else load(x_ref, cols, mask)
+        x = load(x_ref.at[row, cols], mask)
+        return x + load(y_ref.at[row, cols], mask) if has_y else x
 
     x = summed(pl.ds(0, width), ok)  # the whole row: every program takes the row's scale
     scale = lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) * (1.0 / hidden) + eps)  # [1, 1]
@@ -70,7 +69,7 @@ def _kernel(*refs, hidden: int, width: int, chunk: int, eps: float, has_y: bool,
         cols, mask, n = pl.ds(0, width), ok, width
     if has_y:
         backend.store(x_out.at[row, cols], x, mask=mask)
-    w = load(w_ref, cols, mask)
+    w = load(w_ref.at[pl.ds(0, 1), cols], mask)
     if fmt is None:
         backend.store(rows_out[0].at[row, cols], (x * w).astype(dtype), mask=mask)
         return

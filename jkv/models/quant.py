@@ -45,9 +45,9 @@ DP4A_LAUNCH = quantized_matmul.dp4a_config
 # products at 128) and 64-128 for Q4_K; at 256 rows and more the dequantized matrix wins every product measured.
 DEQUANT_MIN_ROWS = 128
 # How such a product dequantizes its matrix for XLA's GEMM: "xla" (``block_formats.dequantize`` in XLA's fusions)
-# or "kernel" (``pallas_kernels.dequantize_weights``: one launch a matrix, the same values). The kernel's GPU time
-# is owed (bench/bench_qweights.py's ``_deqk`` prefill rows), so XLA's stays the default. ``weights_impl="xla"``
-# always dequantizes in XLA.
+# or "kernel" (``pallas_kernels.dequantize_weights``: one launch a matrix, the same values). Timed on an H100 the
+# kernel was level with XLA's form within the run's noise (bench/bench_qweights.py's ``_deqk`` prefill rows;
+# docs/BENCHMARKS.md), so XLA's stays the default. ``weights_impl="xla"`` always dequantizes in XLA.
 DEQUANT_IMPLS = ("xla", "kernel")
 DEQUANT_IMPL = "xla"
 
