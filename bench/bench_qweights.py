@@ -122,6 +122,9 @@ ACT_XLA = "_actx"  # a dp4a decode row with this suffix rounds its activations i
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
 STEPS2 = "_steps2"  # a dp4a decode row with this: at most 2 K steps a program (qmatmul_configs.DP4A_MAX_STEPS = 2)
+GATED = (
+    "_gated"  # a dp4a decode row with this: down's activations rounded from gate/up's partials (quant.GATED_ROUNDING)
+)
 
 
 def options_of(name: str) -> llama.LlamaOptions:
@@ -144,9 +147,10 @@ def with_act_rows(models: dict) -> dict:
     kernel rounding the inputs of wqkv and w_gate_up in its launch: ``LlamaOptions.norm_kernel``) and as
     ``<name>_rule2x`` (the products' launch before ``qmatmul_configs.DP4A_PROGRAMS``: twice the K splits of the
     rule of 2 programs a multiprocessor), and as ``<name>_steps2`` (at most 2 K steps a program: more splits of
-    Q8_0's gate_up and LM head)."""
+    Q8_0's gate_up and LM head), as ``<name>_gated`` (``quant.GATED_ROUNDING``: the down product's activations
+    rounded from gate/up's split-K partials in one launch) and ``<name>_gated_normk`` (that and the norm kernel)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
-    tails = (ACT_XLA, NORM_KERNEL, RULE2X, STEPS2)
+    tails = (ACT_XLA, NORM_KERNEL, RULE2X, STEPS2, GATED, GATED + NORM_KERNEL)
     return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in tails}
 
 
@@ -166,6 +170,7 @@ def row_settings(name: str):
     launch = dp4a_rule2x if RULE2X in name else quant.DP4A_LAUNCH
     steps = 2 if STEPS2 in name else qmatmul_configs.DP4A_MAX_STEPS
     with (
+        mock.patch.object(quant, "GATED_ROUNDING", GATED in name or quant.GATED_ROUNDING),
         mock.patch.object(qmatmul_act, "ROUNDING", rounding),
         mock.patch.object(quant, "DP4A_LAUNCH", launch),
         mock.patch.object(qmatmul_configs, "DP4A_MAX_STEPS", steps),

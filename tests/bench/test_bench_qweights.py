@@ -36,7 +36,11 @@ def test_smoke_run(tmp_path, capsys):
     report = bench_qweights.main(["--smoke", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench_qweights.json").read_text()) == json.loads(json.dumps(report))
     rows = report["decode"]["2"]
-    dp4a = {f"{name}_dp4a{tail}" for name in ("q8_0", "q4_k") for tail in ("", "_actx", "_normk", "_rule2x", "_steps2")}
+    dp4a = {
+        f"{name}_dp4a{tail}"
+        for name in ("q8_0", "q4_k")
+        for tail in ("", "_actx", "_normk", "_rule2x", "_steps2", "_gated", "_gated_normk")
+    }
     assert set(rows) == {"bf16", "q8_0", "q4_k"} | dp4a
     assert rows["q4_k"]["weight_bytes"] < rows["q8_0"]["weight_bytes"] < rows["bf16"]["weight_bytes"]
     assert rows["q4_k_dp4a"]["weight_bytes"] == rows["q4_k"]["weight_bytes"]  # the same bytes, laid out anew
@@ -70,7 +74,11 @@ def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path
     rule, handover = qm.qmatmul_config, quant.DEQUANT_MIN_ROWS
     report = bench_qweights.main(["--smoke", "--breakdown", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench_qweights_breakdown.json").read_text()) == json.loads(json.dumps(report))
-    dp4a = {f"{name}_dp4a{tail}" for name in ("q8_0", "q4_k") for tail in ("", "_actx", "_normk", "_rule2x", "_steps2")}
+    dp4a = {
+        f"{name}_dp4a{tail}"
+        for name in ("q8_0", "q4_k")
+        for tail in ("", "_actx", "_normk", "_rule2x", "_steps2", "_gated", "_gated_normk")
+    }
     assert set(report["breakdown"]) == {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units"} | dp4a
     assert qm.qmatmul_config is rule and qmatmul_act.ROUNDING == "auto"
     paths = lambda: (qm.qmatmul_config(1, 64, 256, "Q8_0").path, qm.qmatmul_config(64, 64, 256, "Q8_0").path)

@@ -71,7 +71,7 @@ def head_norm(x: Float[Array, "B T N D"], weight, config: LlamaConfig, options: 
 
 def mlp(layer: LayerParams, normed: Normed, options: LlamaOptions, activation: str = "silu") -> Float[Array, "B T H"]:
     """``down(act(gate) * up)`` on the normed stream."""
-    return fusions.project(fusions.gate_up_projection(normed, layer, options, activation), layer.w_down, options)
+    return fusions.mlp_projection(normed, layer, options, activation)
 
 
 def block(layer: LayerParams, i, x: Float[Array, "B T H"], cache, *, rope, config: LlamaConfig, options: LlamaOptions):
