@@ -46,12 +46,13 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
             calls[kernel] = calls.get(kernel, 0) + 1 / steps
         span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) * 1e-9 / steps if events else 0.0
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1])
-        xla = {k: fusion_line(hlo, k) for k, _ in ranked[: 4 * top] if not k.startswith("jkv_")}
+        xla = {k: fusion_line(hlo, k) for k, _ in ranked if not k.startswith("jkv_")}
         out[name] = {
             "span_s": span,
             "kernels_s": dict(ranked),  # every kernel: a layer's small launches are the tail of this list
             "calls_per_step": {k: calls[k] for k, _ in ranked},
             "xla_fusions": {k: line for k, line in xla.items() if line},
+            "xla_bodies": {k: fused_body(hlo, line) for k, line in xla.items() if line},  # what each fusion does
             "other_s": sum(t for _, t in ranked[top:]),
             "busy_s": sum(kernels.values()),
             "launches_per_step": sum(calls.values()),  # every kernel a step runs: the gaps between them scale with it
@@ -79,6 +80,23 @@ def launch_kinds(calls: dict) -> dict:
             kind = "other"
         out[kind] = out.get(kind, 0) + n
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def fused_body(hlo: str, line: str, limit: int = 3000) -> str:
+    """The instructions of the computation a fusion ``line`` calls (``calls=%name``), its first ``limit``
+    characters, or ''."""
+    called = line.partition("calls=%")[2].split(",")[0].split(" ")[0]
+    if not called:
+        return ""
+    lines, inside = [], False
+    for text in hlo.splitlines():
+        if not inside and text.lstrip("%").startswith(called + " ") and text.rstrip().endswith("{"):
+            inside = True
+        elif inside:
+            if text.strip() == "}":
+                break
+            lines.append(text.strip())
+    return "\n".join(lines)[:limit]
 
 
 def fusion_line(hlo: str, name: str) -> str:
