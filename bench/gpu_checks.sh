@@ -305,8 +305,9 @@ for part in "${parts[@]}"; do
       ;;
     qstep_gated)  # issue 26: the down product's activations rounded from gate/up's split-K partials in one launch
       # (qmatmul_act.gated_rows, quant.GATED_ROUNDING): its GPU tests, then the batch-1 step with it (_gated rows),
-      # alone and with the norm kernel
-      run tests_gated 150 python -m pytest -q -m gpu tests/kernels/test_gated_rounding.py
+      # alone and with the norm kernel (its GPU tests too: this part stands in for qstep_normk)
+      run tests_gated 170 python -m pytest -q -m gpu tests/kernels/test_gated_rounding.py tests/kernels/test_rms_norm.py \
+        tests/kernels/test_rms_norm_rounded.py
       run bench_qstep_gated 420 python bench/bench_qweights.py --out "$OUT/gated" --sections decode --batches 1 \
         --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_gated,q4_k_dp4a_gated,q4_k_dp4a_normk,q4_k_dp4a_gated_normk
       tail -n 10 "$OUT/bench_qstep_gated.log"
