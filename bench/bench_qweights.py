@@ -119,6 +119,7 @@ def random_quantized(params, choice: str, seed: int):
 
 MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
 ACT_XLA = "_actx"  # a dp4a decode row with this suffix rounds its activations in XLA's fusions (qmatmul_act)
+PLAIN_NORM = "_plainnorm"  # a dp4a decode row with this: the norms in XLA's fusions (LlamaOptions.norm_kernel=False)
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
 STEPS2 = "_steps2"  # a dp4a decode row with this: at most 2 K steps a program (qmatmul_configs.DP4A_MAX_STEPS = 2)
@@ -130,6 +131,8 @@ GATED = (
 def options_of(name: str) -> llama.LlamaOptions:
     if name.endswith(MGPU):
         return llama.LlamaOptions(weights_impl="mgpu")
+    if name.endswith(PLAIN_NORM):
+        return llama.LlamaOptions(norm_kernel=False)
     return llama.LlamaOptions(norm_kernel=True) if name.endswith(NORM_KERNEL) else llama.DEFAULT_OPTIONS
 
 
@@ -148,9 +151,10 @@ def with_act_rows(models: dict) -> dict:
     ``<name>_rule2x`` (the products' launch before ``qmatmul_configs.DP4A_PROGRAMS``: twice the K splits of the
     rule of 2 programs a multiprocessor), and as ``<name>_steps2`` (at most 2 K steps a program: more splits of
     Q8_0's gate_up and LM head), as ``<name>_gated`` (``quant.GATED_ROUNDING``: the down product's activations
-    rounded from gate/up's split-K partials in one launch) and ``<name>_gated_normk`` (that and the norm kernel)."""
+    rounded from gate/up's split-K partials in one launch), ``<name>_gated_normk`` (that and the norm kernel
+    everywhere) and ``<name>_plainnorm`` (the norms in XLA's fusions: the default before the norm kernel rounded)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
-    tails = (ACT_XLA, NORM_KERNEL, RULE2X, STEPS2, GATED, GATED + NORM_KERNEL)
+    tails = (ACT_XLA, NORM_KERNEL, PLAIN_NORM, RULE2X, STEPS2, GATED, GATED + NORM_KERNEL)
     return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in tails}
 
 

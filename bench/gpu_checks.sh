@@ -304,12 +304,11 @@ for part in "${parts[@]}"; do
       tail -n 8 "$OUT/bench_qstep_normk.log"
       ;;
     qstep_gated)  # issue 26: the down product's activations rounded from gate/up's split-K partials in one launch
-      # (qmatmul_act.gated_rows, quant.GATED_ROUNDING): its GPU tests, then the batch-1 step with it (_gated rows),
-      # alone and with the norm kernel (its GPU tests too: this part stands in for qstep_normk)
-      run tests_gated 170 python -m pytest -q -m gpu tests/kernels/test_gated_rounding.py tests/kernels/test_rms_norm.py \
-        tests/kernels/test_rms_norm_rounded.py
+      # (qmatmul_act.gated_rows, quant.GATED_ROUNDING; _gated rows), and the norm kernel before dp4a products (now the
+      # default; _plainnorm rows: the norms in XLA's fusions): the gated kernel's GPU tests, then the batch-1 step
+      run tests_gated 120 python -m pytest -q -m gpu tests/kernels/test_gated_rounding.py
       run bench_qstep_gated 420 python bench/bench_qweights.py --out "$OUT/gated" --sections decode --batches 1 \
-        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_gated,q4_k_dp4a_gated,q4_k_dp4a_normk,q4_k_dp4a_gated_normk
+        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_plainnorm,q4_k_dp4a_plainnorm,q8_0_dp4a_gated,q4_k_dp4a_gated
       tail -n 10 "$OUT/bench_qstep_gated.log"
       ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in

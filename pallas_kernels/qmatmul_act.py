@@ -39,6 +39,10 @@ ROUNDINGS = ("auto", "xla", "kernel")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 ROUNDING = "auto"
 MAX_CHUNK = 1024  # values a program rounds (32 blocks)
+# values a program of gated_rows makes (a power of two): it reads every split's partials of them, in a chain of
+# dependent sums, so it takes fewer columns than the plain rounding, in more programs (its 1,024 ran 2.97 us a call
+# at 14,336 columns on an H100, longer than the two launches it replaced: docs/BENCHMARKS.md)
+GATED_CHUNK = 256
 
 
 def round_blocks(x, fmt: str):
@@ -131,10 +135,10 @@ def _gated_kernel(p_ref, s_ref, words_ref, *factor_refs, fmt, chunk, width, spli
 @functools.partial(jax.jit, static_argnames=("fmt", "activation", "dtype", "interpret"))
 def gated_rows(partials, scale, fmt: str, *, activation: str, dtype, interpret: bool):
     """:func:`gated_reference`'s rows rounded as ``qmatmul_dp4a.quantize_activations(rows, fmt)`` rounds them:
-    ``(words, factors)``, in one launch (programs of a row's ``chunk_of(F)`` columns)."""
+    ``(words, factors)``, in one launch (programs of ``gcd(F, GATED_CHUNK)`` columns of a row)."""
     splits, m, n = partials.shape
     width = n // 2
-    chunk = chunk_of(width)
+    chunk = math.gcd(width, GATED_CHUNK)
     rows = jax.ShapeDtypeStruct((m, width), dtype)
     words, factors = jax.eval_shape(functools.partial(qmatmul_dp4a.quantize_activations, fmt=fmt), rows)
     kernel = functools.partial(

@@ -62,13 +62,18 @@ def test_kernel_equals_xla_form_and_float64_interpret(rng, splits, m, width, act
     for got, want in zip(factors, want_factors, strict=True):
         assert got.shape == (m, width // 32) and got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    # the values the codes stand for, against float64: the bf16 rows' rounding, then half a code of each block
+    assert_within_float64(partials, scale, words, factors, activation)
+
+
+def assert_within_float64(partials, scale, words, factors, activation):
+    """The values the codes stand for against float64: the bf16 rows' rounding, then half a code of each block."""
+    m, width = words.shape[0], 4 * words.shape[1]
     summed = np.asarray(partials, np.float64).sum(0) * np.asarray(scale, np.float64)
-    exact = act64(summed[:, :width], activation) * summed[:, width:]
-    blocks = codes_of(words).reshape(m, -1, 32) * np.asarray(factors[0], np.float64)[:, :, None]
+    exact = (act64(summed[:, :width], activation) * summed[:, width:]).reshape(m, -1, 32)
     unit = np.asarray(factors[0], np.float64)[:, :, None]
-    bound = unit / 2 * (1 + 1e-6) + np.abs(exact).reshape(m, -1, 32) * 2.0**-8 + 1e-30
-    assert np.all(np.abs(blocks - exact.reshape(m, -1, 32)) <= bound)
+    blocks = codes_of(words).reshape(m, -1, 32) * unit
+    bound = unit / 2 * (1 + 1e-6) + np.abs(exact) * 2.0**-8 + 1e-30
+    assert np.all(np.abs(blocks - exact) <= bound)
 
 
 def test_gate_and_up_are_not_interchangeable(rng):
@@ -112,11 +117,12 @@ def test_lowers_to_one_triton_kernel():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
 @pytest.mark.parametrize("splits,m,width,activation,fmt", [(4, 1, 14336, "silu", "Q4_K"), *CASES], ids=str)
-def test_gpu_within_a_code_of_xla_form(rng, splits, m, width, activation, fmt):
-    """Compiled by Triton: XLA's codes up to one where the compilers round a float apart (the exponential, a
-    fused multiply-add), in at most a hundredth of the values."""
+def test_gpu_within_a_code_of_xla_form_and_float64(rng, splits, m, width, activation, fmt):
+    """Compiled by Triton: XLA's codes up to one where the two compilers' rows differ by a bf16 step (the
+    exponential, the sum's fused multiply-adds: on an H100 ~3.5 % of the codes), and the values the codes stand
+    for within the float64 bound the interpret-mode test asserts."""
     partials, scale = partials_and_scale(rng, splits, m, width)
-    (want_words, want_factors), (words, factors) = both(partials, scale, fmt, activation, None)
+    (want_words, _), (words, factors) = both(partials, scale, fmt, activation, None)
     got, want = codes_of(words), codes_of(want_words)
-    assert np.abs(got - want).max() <= 1 and (got != want).mean() <= 1e-2
-    np.testing.assert_allclose(np.asarray(factors[0]), np.asarray(want_factors[0]), rtol=2**-7)
+    assert np.abs(got - want).max() <= 1 and (got != want).mean() <= 0.1
+    assert_within_float64(partials, scale, words, factors, activation)

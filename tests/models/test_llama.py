@@ -348,7 +348,7 @@ def test_params_errors():
 
 OPTION_ERRORS = {
     "impl": (dict(impl="cuda"), "LlamaOptions.impl='cuda' is not one of"),
-    "norm-kernel": (dict(norm_kernel=1), "LlamaOptions.norm_kernel must be a bool, got 1"),
+    "norm-kernel": (dict(norm_kernel=1), "LlamaOptions.norm_kernel must be a bool or None, got 1"),
     "min-rows-zero": (dict(min_matmul_rows=0), "min_matmul_rows must be a positive int or None, got 0"),
 }
 
@@ -366,8 +366,8 @@ def test_options_resolve_to_the_backend_defaults():
     resolved = llama.LlamaOptions().resolve()
     gpu = jax.default_backend() == "gpu"
     assert resolved.impl == ("pallas" if gpu else "xla")
-    assert resolved.min_matmul_rows == (8 if gpu else 1) and not resolved.norm_kernel
-    assert llama.LlamaOptions(impl="xla", min_matmul_rows=4).resolve() == llama.LlamaOptions("xla", False, 4)
+    assert resolved.min_matmul_rows == (8 if gpu else 1) and resolved.norm_kernel is None  # before dp4a products
+    assert llama.LlamaOptions(impl="xla", min_matmul_rows=4).resolve() == llama.LlamaOptions("xla", None, 4)
     assert hash(llama.LlamaOptions(impl="xla")) == hash(llama.LlamaOptions(impl="xla"))
 
 

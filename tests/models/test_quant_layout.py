@@ -109,10 +109,11 @@ def test_model_in_the_dp4a_layout(rng, choice, layer_layout):
 
 @pytest.mark.parametrize("choice", ["q4_k", "q8_0"])
 def test_norm_kernel_rounds_before_the_dp4a_product(rng, choice, monkeypatch):
-    """With the norm kernel, the norms before ``wqkv`` and ``w_gate_up`` round their rows for the integer-dot
-    product in the same launch (``rms_norm.residual_rms_norm_rounded``): the same codes as the product's own
-    rounding, so the logits are the plain norm's up to the norm scale's float rounding; prompts (more rows than
-    the kernel takes) keep the plain norm kernel."""
+    """With the norm kernel (by default: ``norm_kernel=None``; or True), the norms before ``wqkv`` and
+    ``w_gate_up`` round their rows for the integer-dot product in the same launch
+    (``rms_norm.residual_rms_norm_rounded``): the same codes as the product's own rounding, so the logits are the
+    plain norm's (``norm_kernel=False``) up to the norm scale's float rounding; prompts (more rows than the kernel
+    takes) keep the plain norm."""
     laid = quant.to_dp4a_layout(quantize_params(llama.init_params(CONFIG, jax.random.key(3), jnp.float32,
                                                                   scale=0.05, layout="layers"), choice))  # fmt: skip
     rounded = []
@@ -121,12 +122,15 @@ def test_norm_kernel_rounds_before_the_dp4a_product(rng, choice, monkeypatch):
         quant, "project_rounded", lambda r, lead, w: rounded.append(lead) or project_rounded(r, lead, w)
     )
     step = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 1)), jnp.int32)
-    got, want = logits_of(laid, step, "pallas", norm_kernel=True), logits_of(laid, step, "pallas")
-    assert rounded == [(2, 1)] * 2 * CONFIG.num_layers  # wqkv and w_gate_up of each layer
-    assert rel_err(got, want) < 1e-6
-    rounded.clear()
+    want = logits_of(laid, step, "pallas", norm_kernel=False)
+    assert not rounded
+    for norm_kernel in (None, True):
+        got = logits_of(laid, step, "pallas", norm_kernel=norm_kernel)
+        assert rounded == [(2, 1)] * 2 * CONFIG.num_layers  # wqkv and w_gate_up of each layer
+        assert rel_err(got, want) < 1e-6
+        rounded.clear()
     prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 9)), jnp.int32)
-    got, want = logits_of(laid, prompt, "pallas", norm_kernel=True), logits_of(laid, prompt, "pallas")
+    got, want = logits_of(laid, prompt, "pallas", norm_kernel=True), logits_of(laid, prompt, "pallas", False)
     assert not rounded and rel_err(got, want) < 1e-6
 
 

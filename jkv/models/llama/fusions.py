@@ -11,9 +11,10 @@ names the docs/BENCHMARKS.md section that measured it ("Model fusions" there lis
 * small products padded to ``MIN_MATMUL_ROWS`` rows, once per step on the residual stream: XLA's one-row GPU
   products read weights more slowly than its 8-row ones ("End-to-end decode", run 2 and "Later runs"); not in a
   model holding dp4a-layout matrices, whose integer-dot kernel's work grows with its rows.
-* the RMSNorm as one Pallas kernel (``LlamaOptions.norm_kernel``): off, measured neutral to worse (run 6; before a
-  dp4a product, rounding its rows too, neutral: "The owed H100 checks", when it ran one program a row; its
-  programs now split the row, ``pallas_kernels.rms_norm.chunk_of``, untimed).
+* the RMSNorm as one Pallas kernel (``LlamaOptions.norm_kernel``): by default only before a dp4a product, whose
+  rows it rounds in the same launch (the norm's reduction and the rounding kernel were two): the Q4_K batch-1 step
+  2.5 % faster on an H100 ("The gated rounding and the norm kernel"); elsewhere off, measured neutral to worse
+  ("End-to-end decode", run 6).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class LlamaOptions:
     from the measured rules at trace time (``resolve``)."""
 
     impl: str | None = None  # attention: "xla" (reference) or "pallas" (kernels); None: Pallas on GPU only
-    norm_kernel: bool = False  # RMSNorm as one Pallas kernel when impl is "pallas"
+    # RMSNorm as one Pallas kernel when impl is "pallas": True everywhere, False never, None (the default) where a
+    # dp4a product follows (the kernel rounds its rows in the same launch)
+    norm_kernel: bool | None = None
     min_matmul_rows: int | None = None  # None: MIN_MATMUL_ROWS of the backend, else 1
     # Block-quantized weights (jkv.models.quant.WEIGHTS_IMPLS): "pallas" (the Triton qmatmul kernels), "mgpu" (the
     # Mosaic GPU kernel where it takes the matrix, else Triton's; Hopper) or "xla" (dequantize + one dot); None
@@ -55,8 +58,8 @@ class LlamaOptions:
     def __post_init__(self):
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"LlamaOptions.impl={self.impl!r} is not one of {IMPLS} or None")
-        if not isinstance(self.norm_kernel, bool):
-            raise ValueError(f"LlamaOptions.norm_kernel must be a bool, got {self.norm_kernel!r}")
+        if self.norm_kernel is not None and not isinstance(self.norm_kernel, bool):
+            raise ValueError(f"LlamaOptions.norm_kernel must be a bool or None, got {self.norm_kernel!r}")
         if self.weights_impl is not None and self.weights_impl not in quant.WEIGHTS_IMPLS:
             raise ValueError(
                 f"LlamaOptions.weights_impl={self.weights_impl!r} is not one of {quant.WEIGHTS_IMPLS} or None"
@@ -128,15 +131,17 @@ class Normed(NamedTuple):
 
 def rms_norm(x: Float[Array, "... H"], weight, eps: float, dtype, options: LlamaOptions, matrix=None) -> Normed:
     """RMSNorm of ``x`` (f32) with ``weight``, split around the product that follows (``Normed``). With the norm
-    kernel, before ``matrix``'s integer-dot product (a dp4a-layout matrix, decode-sized rows) the kernel also
-    rounds the rows as that product would: one launch for the norm and the rounding."""
-    if options.norm_kernel and options.impl == "pallas":
+    kernel (``options.norm_kernel``: True, or None where it rounds), before ``matrix``'s integer-dot product (a
+    dp4a-layout matrix, decode-sized rows) the kernel also rounds the rows as that product would: one launch for
+    the norm and the rounding."""
+    if options.norm_kernel is not False and options.impl == "pallas":
         rows, impl = math.prod(x.shape[:-1]), options.weights_impl or options.impl
         if quant.rounds_before(matrix, rows, impl):
             _, rounded, scale = rms_norm_kernels.residual_rms_norm_rounded(
                 x, None, weight, eps=eps, dtype=dtype, fmt=matrix.format
             )
             return Normed(None, scale, rounded)
+    if options.norm_kernel and options.impl == "pallas":
         _, rows, scale = rms_norm_kernels.residual_rms_norm(x, None, weight, eps=eps, dtype=dtype)
     else:
         _, rows, scale = kernel_reference.residual_rms_norm_reference(x, None, weight, eps=eps, dtype=dtype)
