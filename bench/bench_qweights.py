@@ -53,6 +53,7 @@ import jkv
 from bench import common, torch_peers
 from jkv.loading import quantize as quantize_lib
 from jkv.models import llama, quant
+from jkv.models.llama import model as llama_model
 from pallas_kernels import block_formats, qmatmul_act, qmatmul_configs
 from pallas_kernels import quantized_matmul as qm
 
@@ -119,6 +120,7 @@ def random_quantized(params, choice: str, seed: int):
 
 MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
 ACT_XLA = "_actx"  # a dp4a decode row with this suffix rounds its activations in XLA's fusions (qmatmul_act)
+SLICES = "_slices"  # a decode row with this: q, k and v sliced before attention (llama.model.PACK_QKV = False)
 PLAIN_NORM = "_plainnorm"  # a dp4a decode row with this: the norms in XLA's fusions (LlamaOptions.norm_kernel=False)
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
@@ -175,6 +177,7 @@ def row_settings(name: str):
     steps = 2 if STEPS2 in name else qmatmul_configs.DP4A_MAX_STEPS
     with (
         mock.patch.object(quant, "GATED_ROUNDING", GATED in name or quant.GATED_ROUNDING),
+        mock.patch.object(llama_model, "PACK_QKV", SLICES not in name and llama_model.PACK_QKV),
         mock.patch.object(qmatmul_act, "ROUNDING", rounding),
         mock.patch.object(quant, "DP4A_LAUNCH", launch),
         mock.patch.object(qmatmul_configs, "DP4A_MAX_STEPS", steps),
@@ -411,6 +414,9 @@ def main(argv=None) -> dict:
     if "decode" in sections:
         keep = None if named is None else named | {"bf16"}
         decode_models = with_mgpu_rows(models) | with_act_rows(with_dp4a_rows(models, keep))
+        decode_models |= {
+            f"{name}{SLICES}": p for name, p in decode_models.items() if keep and f"{name}{SLICES}" in keep
+        }
         if keep is not None:
             decode_models = {name: p for name, p in decode_models.items() if name in keep}
         report["decode"] = bench_decode(config, decode_models, bandwidth, steps, rounds, batches)

@@ -55,11 +55,13 @@ def decode_kernel(
     k_ref,  # [L, B, K, S, D]: the whole cache (or a page view of it); the program reads its (layer, b, h) slab
     v_ref,  # [L, B, K, S, D]
     # with ``append``: append [B] int32 (1: position lengths[b] - 1 comes from k_new/v_new and is written),
-    # k_new [B, K, D], v_new [B, K, D]; then the outputs:
+    # k_new [B, K, D], v_new [B, K, D] (``packed``: none; q is [B, K * (G + 2), D], each kv head's G query rows,
+    # then its new key and value rows); then the outputs:
     # o [B, N, D] (one split); or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32 partials);
     # with ``append``, last, k and v (aliased to the inputs k and v)
     *refs,
     append: bool = False,
+    packed: bool = False,
     group: int,
     rows: int,
     block_k: int,
@@ -69,7 +71,10 @@ def decode_kernel(
     softcap: float | None,
     precision,
 ):
-    if append:
+    stride = group + 2 if packed else None  # q rows a kv head takes in the packed layout
+    if append and packed:
+        append_ref, refs = refs[0], refs[1:]
+    elif append:
         append_ref, k_new_ref, v_new_ref = refs[:3]
         refs = refs[3:]
     out_refs = refs
@@ -88,14 +93,20 @@ def decode_kernel(
         # substituted for what the cache held: the cache is read before it is written, never after.
         n_full = (n - 1) // block_k
         new_pos = jnp.where((append_ref[b] != 0) & (n > 0), n - 1, -1)
-        k_new = [decode_walk.read_columns(k_new_ref, (b, h), at).astype(k_ref.dtype) for at in col_chunks]  # [W]
-        v_new = [decode_walk.read_columns(v_new_ref, (b, h), at).astype(v_ref.dtype) for at in col_chunks]
+        if packed:  # this kv head's key and value rows follow its queries
+            k_new = [decode_walk.read_columns(q_ref, (b, h * stride + group), at) for at in col_chunks]
+            v_new = [decode_walk.read_columns(q_ref, (b, h * stride + group + 1), at) for at in col_chunks]
+        else:
+            k_new = [decode_walk.read_columns(k_new_ref, (b, h), at) for at in col_chunks]  # [W]
+            v_new = [decode_walk.read_columns(v_new_ref, (b, h), at) for at in col_chunks]
+        k_new = [row.astype(k_ref.dtype) for row in k_new]
+        v_new = [row.astype(v_ref.dtype) for row in v_new]
     else:
         n_full = n // block_k  # blocks whose every position is valid
 
     qs = []
     for at in col_chunks:
-        head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=at)
+        head_rows, row_ok, q = decode_walk.query_tile(q_ref, b, h, group=group, rows=rows, cols=at, stride=stride)
         qs.append(q.astype(k_ref.dtype))  # [Gp, W]
     # Scores in base-2 units (log2(e) folded into the scale, after the softcap where there is one), so the softmax
     # exponentials are the hardware's exp2: a third of the loop's instructions went to the precise exp's range
@@ -171,22 +182,24 @@ def kernel_options(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "softcap", "config", "interpret", "packed"))
 def _decode(
-    q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeConfig, interpret, window=None, softcap=None
-):
-    # q [B, N, D]; k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1];
-    # new: None, or (append int32[B], k_new [B, K, D], v_new [B, K, D]): then k and v are returned updated
+    q, k, v, lengths, layer, new=None, *, scale: float, config: DecodeConfig, interpret, window=None, softcap=None,
+    packed: bool = False,
+):  # fmt: skip
+    # q [B, N, D] (packed: [B, K * (G + 2), D], each kv head's queries then its new key and value rows);
+    # k, v [L, B, K, S, D]; lengths int32[B]; layer int32[1]; new: None, or (append int32[B], k_new [B, K, D],
+    # v_new [B, K, D]) (packed: (append,)): then k and v are returned updated
     _, batch, kv_heads, _, _ = k.shape
-    group = q.shape[1] // kv_heads
+    group = q.shape[1] // kv_heads - (2 if packed else 0)
     splits = config.num_splits
-    out_shape = common.split_out_shape(q, splits)
+    out_shape = common.split_out_shape(jax.ShapeDtypeStruct((batch, kv_heads * group, q.shape[2]), q.dtype), splits)
     inputs, aliases = [lengths, layer, q, k, v, *(new or ())], {}
     if new is not None:  # the cache is updated in place: its buffers are the last two outputs
         aliases = {3: len(out_shape), 4: len(out_shape) + 1}
         out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     options = kernel_options(k.dtype, group, config.block_k, splits, scale, window, softcap)
-    kernel = functools.partial(decode_kernel, append=new is not None, **options)
+    kernel = functools.partial(decode_kernel, append=new is not None, packed=packed, **options)
     grid = (batch, kv_heads, splits)
     name = "jkv_decode_attention" if new is None else "jkv_decode_attention_append"
     trailing = 0 if new is None else 2
@@ -317,4 +330,49 @@ def decode_attention_append(
     (k5, v5), layer = common.whole_cache((k, v), layer)
     new = (append, k_new, v_new)
     out, k5, v5 = _decode(q, k5, v5, lengths, layer, new, **extra, config=config, interpret=interpret)
+    return (out, k5, v5) if whole else (out, k5[0], v5[0])
+
+
+def decode_attention_packed(
+    qkv: Float[Array, "B K G2 D"],
+    k: Float[Array, "*L B K S D"],
+    v: Float[Array, "*L B K S D"],
+    lengths: Int[Array, " B"],
+    *,
+    append=None,
+    layer=None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    interpret: bool | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
+    """:func:`decode_attention_append` with each kv head's queries and new row in one array: ``qkv[b, h, :G]`` are
+    kv head ``h``'s ``G`` queries (query heads ``h*G ..``), ``qkv[b, h, G]`` its new key and ``qkv[b, h, G + 1]``
+    its new value: the fused q/k/v projection's layout, so a step's rotary embedding and cast make one array in
+    one launch where three slices of it were three. The kernel reads the rows in place; same results."""
+    if getattr(qkv, "ndim", 0) != 4 or qkv.shape[2] < 3:
+        raise ValueError(f"qkv must have shape [B, K, G + 2, D] with G >= 1, got {getattr(qkv, 'shape', None)}")
+    b, kh, rows, d = qkv.shape
+    group = rows - 2
+    q = qkv[:, :, :group].reshape(b, kh * group, d)
+    k_new, v_new = qkv[:, :, group], qkv[:, :, group + 1]
+    check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    extra = dict(scale=scale, window=window, softcap=softcap)
+    if k.shape[-2] < MIN_BLOCK:  # the unpacked kernel's own fallback (a tiny cache)
+        return decode_attention_append(
+            q, k, v, lengths, k_new, v_new, append=append, layer=layer, interpret=interpret, **extra, **overrides
+        )
+    append = jnp.ones((b,), jnp.int32) if append is None else jnp.asarray(append).astype(jnp.int32)
+    interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
+    whole = k.ndim == 5
+    (k5, v5), layer = common.whole_cache((k, v), layer)
+    out, k5, v5 = _decode(
+        qkv.reshape(b, kh * rows, d), k5, v5, jnp.asarray(lengths).astype(jnp.int32), layer, (append,),
+        scale=scale, window=window, softcap=softcap, config=config, interpret=interpret, packed=True,
+    )  # fmt: skip
     return (out, k5, v5) if whole else (out, k5[0], v5[0])

@@ -25,18 +25,21 @@ def program_range(lengths_ref, layer_ref, b, j, shape, *, block_k: int, num_spli
     return n, layer, start, first, lo, hi
 
 
-def query_tile(q_ref, b, h, *, group: int, rows: int, cols):
+def query_tile(q_ref, b, h, *, group: int, rows: int, cols, stride: int | None = None):
     """This kv head's query heads, rows ``h*G .. h*G+G-1`` of ``q``, padded to ``rows`` (masked, zeros), in
     columns ``cols`` (a slice or ``pl.ds``; one reaching past ``D`` reads zeros there: a power-of-two tile over a
     head that is not one): ``(head_rows, row_ok, q [rows, W])``; ``row_ok``, the mask of the tile's real rows and
-    columns (the output's store takes it too), is None without padding."""
+    columns (the output's store takes it too), is None without padding. ``stride``: rows of ``q`` a kv head takes
+    (default ``G``; ``G + 2`` where its key and value rows follow its queries: ``decode.decode_attention_packed``),
+    so its queries are rows ``h*stride ..``; ``head_rows`` is then the output's rows, ``h*G ..``."""
     head_rows = pl.ds(h * group, rows)
     width = q_ref.shape[-1] if isinstance(cols, slice) else cols.size
     row_ok = lax.broadcasted_iota(jnp.int32, (rows, width), 0) < group if rows != group else None
     col_ok = column_mask((rows, width), cols, q_ref.shape[-1])
     if col_ok is not None:
         row_ok = col_ok if row_ok is None else row_ok & col_ok
-    q = backend.load(q_ref.at[b, head_rows, cols], mask=row_ok, other=0 if row_ok is not None else None)
+    q_rows = head_rows if stride is None else pl.ds(h * stride, rows)
+    q = backend.load(q_ref.at[b, q_rows, cols], mask=row_ok, other=0 if row_ok is not None else None)
     return head_rows, row_ok, q
 
 

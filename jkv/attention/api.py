@@ -190,20 +190,73 @@ def attend_write(
     if not (fused and kernels.fused_append(target)) or active_mesh() is not None:
         cache = cache.write(layer, k, v)
         return attend(q, cache, layer, impl=impl, scale=scale, window=window, softcap=softcap), cache
+    _check_q(q, target)
+    return _fused_append(q, (k, v), cache, layer, target, inner, scale=scale, window=window, softcap=softcap)
+
+
+def attend_write_qkv(
+    qkv: Float[Array, "B T K G2 D"],
+    cache,
+    layer,
+    *,
+    q_dtype,
+    impl: str | None = None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+):
+    """:func:`attend_write` of a step's queries, keys and values held as one array, a fused q/k/v projection's
+    layout: ``qkv[b, t, h, :G]`` are kv head ``h``'s ``G`` queries (query heads ``h*G ..``), ``qkv[b, t, h, G]`` its
+    key and ``qkv[b, t, h, G + 1]`` its value (rotary embeddings applied); queries in ``q_dtype``, keys and values
+    as given. Where the decode step writes inside its kernel and the cache stores ``q_dtype``, the kernel reads the
+    rows in place (``pallas_kernels.decode.decode_attention_packed``: the array is one launch of XLA's, where the
+    queries, keys and values sliced from it were three); otherwise the slices go to :func:`attend_write`. Same
+    results either way."""
+    if getattr(qkv, "ndim", 0) != 5 or qkv.shape[3] < 3:
+        raise ValueError(f"qkv must have shape [B, T, K, G + 2, D] with G >= 1, got {getattr(qkv, 'shape', None)}")
+    impl = resolve_impl(impl)
+    b, t, kh, rows, d = qkv.shape
+    group = rows - 2
+    fused = impl == "pallas" and t == 1 and active_mesh() is None
+    target, inner = cache.for_layer(layer) if fused else (cache, layer)
+    if fused and kernels.fused_append(target) and jnp.dtype(q_dtype) == target.storage()[0].dtype:
+        q = jax.ShapeDtypeStruct((b, t, kh * group, d), q_dtype)
+        _check_q(q, target)
+        k = jax.ShapeDtypeStruct((b, kh, t, d), qkv.dtype)
+        _check_step(q, k)
+        packed = qkv[:, 0].astype(q_dtype)  # [B, K, G + 2, D]
+        return _fused_append(q, packed, cache, layer, target, inner, scale=scale, window=window, softcap=softcap)
+    q = qkv[:, :, :, :group].reshape(b, t, kh * group, d).astype(q_dtype)
+    k, v = (jnp.swapaxes(qkv[:, :, :, group + i], 1, 2) for i in (0, 1))  # [B, K, T, D]
+    return attend_write(q, k, v, cache, layer, impl=impl, scale=scale, window=window, softcap=softcap)
+
+
+def _fused_append(q, new, cache, layer, target, inner, *, scale, window, softcap):
+    """The decode step's write and attention in one kernel over ``target`` (the cache, or the group of a per-layer
+    plan holding ``layer``, at ``inner``): ``new`` the step's ``(k, v)`` ``[B, K, 1, D]``, or the packed
+    ``[B, K, G + 2, D]`` of :func:`attend_write_qkv` (then ``q`` only gives shapes)."""
     from pallas_kernels import decode as fused_kernel
 
-    _check_q(q, target)
     _check_window(window, target)
     window = _masking(window, target)
+    if isinstance(new, tuple):
+        k, v = new
+    else:  # the packed rows' keys and values, for the write plan's checks and the format's range check
+        group = new.shape[2] - 2
+        k, v = (new[:, :, group + i][:, :, None] for i in (0, 1))
     at, slot, positions, errors = target.write_plan(inner, k, v)  # T = 1: token i is sequence i's
     _, range_errors = target.encode_new(k, v, slot, positions)
     _, layer_ok = checks.index_in_range("layer", inner, target.spec.num_layers)
     append = positions < target.max_len
     n = jnp.where(target.counts > 0, target.lengths + 1, 0)  # a padding row reads nothing: its output is zero
     kbuf, vbuf = target.storage()
-    out, kbuf, vbuf = fused_kernel.decode_attention_append(
-        q[:, 0], kbuf, vbuf, n, k[:, :, 0], v[:, :, 0], append=append, layer=at, scale=scale, window=window,
-        softcap=softcap,
-    )  # fmt: skip
+    options = dict(append=append, layer=at, scale=scale, window=window, softcap=softcap)
+    if isinstance(new, tuple):
+        out, kbuf, vbuf = fused_kernel.decode_attention_append(
+            q[:, 0], kbuf, vbuf, n, k[:, :, 0], v[:, :, 0], **options
+        )
+    else:
+        out, kbuf, vbuf = fused_kernel.decode_attention_packed(new, kbuf, vbuf, n, **options)
+        out = out.astype(q.dtype)
     target = target.replace(data=(kbuf, vbuf), errors=target.errors | errors | range_errors)
     return _finish(out[:, None], target, layer_ok, padding_zero=True), cache.with_layer_cache(layer, target)

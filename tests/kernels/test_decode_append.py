@@ -4,6 +4,7 @@
 there before is garbage (NaN or another value) so a kernel that reads it instead of the new row fails, every
 output buffer is NaN-poisoned (``poison.poisoned_outputs``), and the updated cache must equal the expected one
 exactly (only the new rows changed, NaN elsewhere preserved). Interpret mode on CPU; the real lowering on a GPU.
+``decode_attention_packed`` (each kv head's queries, new key and new value as one array's rows) must do the same.
 """
 
 import jax.numpy as jnp
@@ -83,6 +84,27 @@ def test_append_matches_float64_interpret(rng, case):
     run_append_case(rng, case, interpret=True)
 
 
+def packed(q, k, v, lengths, k_new, v_new, **options):
+    """``decode_attention_packed`` on the same inputs: the queries and new rows in one float32 array (exact for
+    every cache dtype: the kernel casts each row to the cache's dtype, as the unpacked kernel does)."""
+    b, kh, d = k_new.shape
+    qkv = jnp.concatenate([q.astype(jnp.float32).reshape(b, kh, -1, d), k_new[:, :, None], v_new[:, :, None]], axis=2)
+    out, k, v = decode.decode_attention_packed(qkv, k, v, lengths, **options)
+    return out.astype(q.dtype), k, v
+
+
+# The packed layout in interpret mode: one layer, a static and a traced layer of a whole cache, G = 1, 4 and 8,
+# head_dim 64 / 96 / 80 (a padded tile), several splits and one, a tiny cache (the unpacked fallback)
+PACKED_CASES = [c for c in CASES if c[0] in ("g1_d64_f32_splits3_batch5", "g4_d64_f32_layer1_of3",
+                                             "g8_d128_f32_traced_layer", "g4_d96_bf16_splits3",
+                                             "g2_d80_f32_splits2_traced_layer", "g4_d64_bf16_tiny_cache")]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+def test_packed_matches_float64_interpret(rng, case):
+    run_append_case(rng, case, interpret=True, kernel=packed)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=[IDS[0], IDS[4], IDS[6]])
 def test_reference_matches_float64(rng, case):
     """The pure-jnp reference with the kernel's signature (one layer, a whole cache, a traced layer)."""
@@ -98,6 +120,10 @@ class TestAppendOnGpu:
     def test_append_matches_float64(self, rng, case):
         run_append_case(rng, case, scale_up=GPU_SCALE, interpret=False, donate=True)
 
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_packed_matches_float64(self, rng, case):
+        run_append_case(rng, case, scale_up=GPU_SCALE, interpret=False, donate=True, kernel=packed)
+
 
 def test_append_argument_errors(rng):
     q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
@@ -112,3 +138,12 @@ def test_append_argument_errors(rng):
         decode.decode_attention_append(q, k, k, n, new, new, append=jnp.ones((3,), bool))
     with pytest.raises(ValueError, match=r"lengths=\[ 3 33\] must lie in"):
         decode.decode_attention_append(q, k, k, jnp.array([3, 33]), new, new)
+
+
+def test_packed_argument_errors(rng):
+    k = jnp.asarray(rng.standard_normal((2, 2, 32, 64)), jnp.float32)
+    n = jnp.array([3, 32], jnp.int32)
+    with pytest.raises(ValueError, match=r"qkv must have shape \[B, K, G \+ 2, D\] with G >= 1"):
+        decode.decode_attention_packed(jnp.ones((2, 2, 2, 64)), k, k, n)
+    with pytest.raises(ValueError, match=r"must have shape"):
+        decode.decode_attention_packed(jnp.ones((2, 3, 6, 64)), k, k, n)  # three kv heads, the cache's two

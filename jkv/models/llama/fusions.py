@@ -158,12 +158,19 @@ def project_normed(normed: Normed, w, options: LlamaOptions) -> Float[Array, "..
 
 
 # ---------------------------------------------------------------------------------------------- fused weights
-def qkv_projection(normed: Normed, layer: LayerParams, config: LlamaConfig, options: LlamaOptions):
-    """Queries ``[B, T, N, D]``, keys and values ``[B, T, K, D]`` from one product with the fused ``wqkv``
-    ``[H, K, G + 2, D]`` (kv head k's G queries, its key, its value: a tensor-parallel split keeps groups whole)."""
+def qkv_rows(normed: Normed, layer: LayerParams, options: LlamaOptions) -> Float[Array, "B T K G2 D"]:
+    """The fused ``wqkv`` product ``[B, T, K, G + 2, D]`` (float32, biases added): kv head ``k``'s ``G`` queries,
+    its key and its value."""
     qkv = project_normed(normed, layer.wqkv, options)  # (B, T, K, G + 2, D)
     if layer.bqkv is not None:
         qkv = qkv + layer.bqkv.astype(jnp.float32)
+    return qkv
+
+
+def qkv_projection(normed: Normed, layer: LayerParams, config: LlamaConfig, options: LlamaOptions):
+    """Queries ``[B, T, N, D]``, keys and values ``[B, T, K, D]`` from one product with the fused ``wqkv``
+    ``[H, K, G + 2, D]`` (kv head k's G queries, its key, its value: a tensor-parallel split keeps groups whole)."""
+    qkv = qkv_rows(normed, layer, options)
     b, t = qkv.shape[:2]
     g = config.num_heads // config.num_kv_heads
     q = qkv[:, :, :, :g].reshape(b, t, config.num_heads, config.head_dim)  # query head n = kv head n // G

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from jkv.attention import attend_write
+from jkv.attention import attend_write, attend_write_qkv
 from jkv.caches import tokens as cache_tokens
 from jkv.models import quant
 from jkv.models.llama import fusions
@@ -40,27 +40,47 @@ from jkv.models.llama.fusions import DEFAULT_OPTIONS, LlamaOptions, Normed
 from jkv.models.llama.params import LayerParams, LlamaParams
 from jkv.rope import RopeStyle, apply_rope
 
+# A padded step's queries, keys and values go to attention as the fused projection's one array
+# (``jkv.attend_write_qkv``: the decode kernel reads them in place, one XLA launch for the rotary embedding and the
+# cast where the slices were three). False: the slices (bench/bench_qweights.py's ``_slices`` rows compare).
+PACK_QKV = True
+
 
 def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: LlamaConfig, options: LlamaOptions):
     """Self-attention of block ``i`` on the normed stream ``[B', T, H]``: ``(out [B', T, H], cache)``. Rows past
     ``cache.batch`` are padding (``fusions.padded_batch``): they skip attention and are never written. A flat step
     (``flat_hidden_states``) is one row of ``T`` tokens of many sequences."""
     b, (bp, t) = cache.batch, normed.scale.shape[:2]
+    rope = rope[config.local_rope(i)]
+    extra = {}
+    if config.windows is not None or config.attn_softcap is not None or config.query_scale is not None:
+        extra = {"window": config.window(i), "softcap": config.attn_softcap, "scale": config.query_scale}
+    if PACK_QKV and not config.qk_norm and rope.keywords["positions"].ndim == 2:  # one array of q, k and v
+        qkv = packed_rope(fusions.qkv_rows(normed, layer, options)[:b], rope)
+        attn, cache = attend_write_qkv(qkv, cache, i, q_dtype=layer.wqkv.dtype, impl=options.impl, **extra)
+        attn = fusions.pad_rows(attn.reshape(-1, t, config.num_heads * config.head_dim), bp)
+        return fusions.project(attn, layer.wo, options), cache
     q, key, value = fusions.qkv_projection(normed, layer, config, options)
     if config.qk_norm:  # per head, before rope (Qwen3, Gemma 3)
         q, key = head_norm(q, layer.q_norm, config, options), head_norm(key, layer.k_norm, config, options)
-    rope = rope[config.local_rope(i)]
     if rope.keywords["positions"].ndim == 1:  # flat: (T, N, D), (T, K, D) x 2
         q, key, value = rope(q[0]), rope(key[0]), value[0]
     else:
         q, key, value = rope(q[:b]), rope(key[:b]), value[:b]  # (B, T, N, D), (B, T, K, D) x 2
         key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
-    extra = {}
-    if config.windows is not None or config.attn_softcap is not None or config.query_scale is not None:
-        extra = {"window": config.window(i), "softcap": config.attn_softcap, "scale": config.query_scale}
     attn, cache = attend_write(q.astype(layer.wqkv.dtype), key, value, cache, i, impl=options.impl, **extra)
     attn = fusions.pad_rows(attn.reshape(-1, t, config.num_heads * config.head_dim), bp)
     return fusions.project(attn, layer.wo, options), cache
+
+
+def packed_rope(qkv: Float[Array, "B T K G2 D"], rope) -> Float[Array, "B T K G2 D"]:
+    """``rope`` applied to the query and key rows of a fused ``[B, T, K, G + 2, D]`` projection (each kv head's
+    ``G + 1`` first rows), its value rows as they are: one elementwise op over the whole array, which XLA makes one
+    fusion with the product's sum (the slices of three were three)."""
+    b, t, kh, rows, d = qkv.shape
+    roped = rope(qkv.reshape(b, t, kh * rows, d)).reshape(qkv.shape)
+    keyed = lax.broadcasted_iota(jnp.int32, qkv.shape, 3) < rows - 1  # queries and the key; not the value
+    return jnp.where(keyed, roped, qkv)
 
 
 def head_norm(x: Float[Array, "B T N D"], weight, config: LlamaConfig, options: LlamaOptions):
