@@ -58,17 +58,16 @@ def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: Lla
     if PACK_QKV and not config.qk_norm and rope.keywords["positions"].ndim == 2:  # one array of q, k and v
         qkv = packed_rope(fusions.qkv_rows(normed, layer, options)[:b], rope)
         attn, cache = attend_write_qkv(qkv, cache, i, q_dtype=layer.wqkv.dtype, impl=options.impl, **extra)
-        attn = fusions.pad_rows(attn.reshape(-1, t, config.num_heads * config.head_dim), bp)
-        return fusions.project(attn, layer.wo, options), cache
-    q, key, value = fusions.qkv_projection(normed, layer, config, options)
-    if config.qk_norm:  # per head, before rope (Qwen3, Gemma 3)
-        q, key = head_norm(q, layer.q_norm, config, options), head_norm(key, layer.k_norm, config, options)
-    if rope.keywords["positions"].ndim == 1:  # flat: (T, N, D), (T, K, D) x 2
-        q, key, value = rope(q[0]), rope(key[0]), value[0]
     else:
-        q, key, value = rope(q[:b]), rope(key[:b]), value[:b]  # (B, T, N, D), (B, T, K, D) x 2
-        key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
-    attn, cache = attend_write(q.astype(layer.wqkv.dtype), key, value, cache, i, impl=options.impl, **extra)
+        q, key, value = fusions.qkv_projection(normed, layer, config, options)
+        if config.qk_norm:  # per head, before rope (Qwen3, Gemma 3)
+            q, key = head_norm(q, layer.q_norm, config, options), head_norm(key, layer.k_norm, config, options)
+        if rope.keywords["positions"].ndim == 1:  # flat: (T, N, D), (T, K, D) x 2
+            q, key, value = rope(q[0]), rope(key[0]), value[0]
+        else:
+            q, key, value = rope(q[:b]), rope(key[:b]), value[:b]  # (B, T, N, D), (B, T, K, D) x 2
+            key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # (B, K, T, D)
+        attn, cache = attend_write(q.astype(layer.wqkv.dtype), key, value, cache, i, impl=options.impl, **extra)
     attn = fusions.pad_rows(attn.reshape(-1, t, config.num_heads * config.head_dim), bp)
     return fusions.project(attn, layer.wo, options), cache
 
