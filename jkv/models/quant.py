@@ -37,6 +37,12 @@ DP4A_FORMATS = tuple(f for f, words in qmatmul_dp4a.WORDS.items() if words == 4)
 # L2 where its neighbours just did): an estimate against dequantizing the matrix (its bytes written and read again
 # in bf16) until bench/bench_qmatmul.py's dp4a_il / dequant rows at M = 16-64 place it (docs/quant.md).
 DP4A_MAX_ROWS = 16
+# How a dp4a-layout product of more rows than that and fewer than DEQUANT_MIN_ROWS runs (decode at 17-127
+# sequences, small mixed steps): "dequantize" (the matrix dequantized for one XLA dot: about 4.6 bytes moved a Q4_K
+# weight) or "rows" (its words put back in the format's row layout by XLA, then the row layout's Triton kernel:
+# about 1.7). "rows" is opt-in until timed (bench/bench_qweights.py's ``_midrows`` rows at batch 64).
+DP4A_MID_ROWS = "dequantize"
+DP4A_MID_FORMS = ("dequantize", "rows")
 # The dp4a layout's launch for (M, N, K, format) (bench/bench_qweights.py's ``_rule2x`` rows put the one before here)
 DP4A_LAUNCH = quantized_matmul.dp4a_config
 # Rows from which a row-layout product dequantizes the matrix for one XLA dot instead of running the Triton dot
@@ -174,11 +180,18 @@ def dequantized_dot(x2, w: QuantizedMatrix, dequantize: str = "xla"):
 
 def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     """``x2 @ W.T`` for a matrix in the dp4a layout: the integer-dot kernel over its interleaved words up to
-    ``DP4A_MAX_ROWS`` rows (launched as ``DP4A_LAUNCH`` says: ``quantized_matmul.dp4a_config``), more rows (and
-    the ``"xla"`` impl) as the reference does it, the matrix dequantized for one dot."""
+    ``DP4A_MAX_ROWS`` rows (launched as ``DP4A_LAUNCH`` says: ``quantized_matmul.dp4a_config``); more rows (and
+    the ``"xla"`` impl) as the reference does it, the matrix dequantized for one dot, or, below
+    ``DEQUANT_MIN_ROWS`` with ``DP4A_MID_ROWS = "rows"``, the row layout's kernel over the words put back."""
     if impl not in WEIGHTS_IMPLS:
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
-    if impl == "xla" or x2.shape[0] > DP4A_MAX_ROWS:
+    if DP4A_MID_ROWS not in DP4A_MID_FORMS:
+        raise ValueError(f"quant.DP4A_MID_ROWS={DP4A_MID_ROWS!r} must be one of {DP4A_MID_FORMS}")
+    m = x2.shape[0]
+    if impl != "xla" and DP4A_MAX_ROWS < m < DEQUANT_MIN_ROWS and DP4A_MID_ROWS == "rows":
+        planes, x2 = lax.optimization_barrier((w.planes, x2))  # no layer's words put back before its input exists
+        return quantized_matmul.qmatmul(x2, w.replace(planes=planes).row_planes(), w.format)
+    if impl == "xla" or m > DP4A_MAX_ROWS:
         return dequantized_dot(x2, w, "xla" if impl == "xla" else DEQUANT_IMPL)
     return _dp4a_kernel(x2, w)
 

@@ -53,6 +53,27 @@ def test_matrix_keeps_its_values_and_products(rng, fmt):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.project(jnp.asarray(x), w, "xla")))
 
 
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
+def test_mid_rows_run_the_row_layout_kernel(rng, fmt, monkeypatch):
+    """``quant.DP4A_MID_ROWS = "rows"``: products of more rows than the integer-dot kernel takes and fewer than
+    ``DEQUANT_MIN_ROWS`` put the words back in the row layout and run its kernel: the row layout's product exactly;
+    "dequantize" (the default) dequantizes the matrix; a bad value is refused."""
+    h, n = 512, 48
+    w = quant.from_planes(fmt, random_planes(rng, fmt, n, h), (h, n), jnp.float32)
+    laid = quant.to_dp4a_layout(w)
+    x = jnp.asarray(rng.standard_normal((quant.DP4A_MAX_ROWS + 24, h)), jnp.float32)
+    kernel = np.asarray(quant.project(x, w, "pallas"))  # the row layout: its Triton kernel below DEQUANT_MIN_ROWS
+    reference = np.asarray(quant.project(x, w, "xla"))
+    assert not np.array_equal(kernel, reference)  # the two forms differ in their float rounding: the test can tell
+    np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "pallas")), reference)
+    monkeypatch.setattr(quant, "DP4A_MID_ROWS", "rows")
+    np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "pallas")), kernel)
+    np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "xla")), reference)
+    monkeypatch.setattr(quant, "DP4A_MID_ROWS", "gemv")
+    with pytest.raises(ValueError, match="DP4A_MID_ROWS='gemv' must be one of"):
+        quant.project(x, laid, "pallas")
+
+
 def test_donated_conversion_frees_the_row_planes(rng):
     """``donate=True`` (the loader's): each converted matrix's row-layout planes are freed once its new ones exist,
     so a model's weights are never on the device twice; what it does not convert is left alone."""
