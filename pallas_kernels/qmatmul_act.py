@@ -94,14 +94,20 @@ def round_activations(x, fmt: str, interpret: bool, rounding: str | None):
     """The dp4a path's int8 activation words and factors, rounded as ``rounding`` says (None: ``ROUNDING``;
     ``quantized_matmul``'s public functions pass it per call, so a change retraces; ``"auto"``: the kernel unless
     ``interpret``)."""
+    if form(rounding, interpret) == "kernel":
+        return rounded_rows(x, fmt, interpret=interpret)
+    return qmatmul_dp4a.quantize_activations(x, fmt)
+
+
+def form(rounding: str | None, interpret: bool) -> str:
+    """``"kernel"`` or ``"xla"``: ``rounding`` (None: ``ROUNDING``) with ``"auto"`` resolved (the kernel unless
+    ``interpret``); anything else is refused."""
     rounding = ROUNDING if rounding is None else rounding
     if rounding == "auto":
         rounding = "xla" if interpret else "kernel"
-    if rounding == "kernel":
-        return rounded_rows(x, fmt, interpret=interpret)
-    if rounding != "xla":
+    if rounding not in ("kernel", "xla"):
         raise ValueError(f"qmatmul_act.ROUNDING={rounding!r} must be one of {ROUNDINGS}")
-    return qmatmul_dp4a.quantize_activations(x, fmt)
+    return rounding
 
 
 # ----------------------------------------------------------------------------------------------- gated rows
@@ -161,12 +167,7 @@ def round_gated(partials, scale, fmt: str, *, activation: str, dtype, interpret:
         raise ValueError(f"scale.shape={scale.shape}: expected ({partials.shape[1]}, 1), a row's norm scale")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {tuple(ACTIVATIONS)}")
-    rounding = ROUNDING if rounding is None else rounding
-    if rounding == "auto":
-        rounding = "xla" if interpret else "kernel"
     scale = scale.astype(jnp.float32)
-    if rounding == "kernel":
+    if form(rounding, interpret) == "kernel":
         return gated_rows(partials, scale, fmt, activation=activation, dtype=jnp.dtype(dtype), interpret=interpret)
-    if rounding != "xla":
-        raise ValueError(f"qmatmul_act.ROUNDING={rounding!r} must be one of {ROUNDINGS}")
     return qmatmul_dp4a.quantize_activations(gated_reference(partials, scale, activation, dtype), fmt)
