@@ -312,7 +312,7 @@ for part in "${parts[@]}"; do
       tail -n 10 "$OUT/bench_qstep_gated.log"
       ;;
     qstep_packed)  # issues 26 and 22: q, k and v as one array into the decode kernel (decode_attention_packed;
-      # llama.model.PACK_QKV): its GPU tests, then the batch-1 step with it and with the slices (_slices rows)
+      # LlamaOptions.pack_qkv): its GPU tests, then the batch-1 step with it and with the slices (_slices rows)
       run tests_packed 200 python -m pytest -q -m gpu tests/kernels/test_decode_append.py
       run bench_qstep_packed 400 python bench/bench_qweights.py --out "$OUT/packed" --sections decode --batches 1 \
         --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,bf16_slices,q8_0_dp4a_slices,q4_k_dp4a_slices

@@ -9,13 +9,12 @@ import sys
 from unittest import mock
 
 from jkv.models import llama, quant
-from jkv.models.llama import model as llama_model
 from pallas_kernels import block_formats, qmatmul_act, qmatmul_configs
 from pallas_kernels import quantized_matmul as qm
 
 MGPU = "_mgpu"  # a decode row named with this suffix runs its model with weights_impl="mgpu" (Mosaic GPU products)
 ACT_XLA = "_actx"  # a dp4a decode row with this suffix rounds its activations in XLA's fusions (qmatmul_act)
-SLICES = "_slices"  # a decode row with this: q, k and v sliced before attention (llama.model.PACK_QKV = False)
+SLICES = "_slices"  # a decode row with this: q, k and v sliced before attention (LlamaOptions.pack_qkv=False)
 PLAIN_NORM = "_plainnorm"  # a dp4a decode row with this: the norms in XLA's fusions (LlamaOptions.norm_kernel=False)
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
@@ -27,10 +26,13 @@ GATED = (
 
 
 def options_of(name: str) -> llama.LlamaOptions:
+    """The model options of row ``name`` (its suffix)."""
     if name.endswith(MGPU):
         return llama.LlamaOptions(weights_impl="mgpu")
     if name.endswith(PLAIN_NORM):
         return llama.LlamaOptions(norm_kernel=False)
+    if name.endswith(SLICES):
+        return llama.LlamaOptions(pack_qkv=False)
     return llama.LlamaOptions(norm_kernel=True) if name.endswith(NORM_KERNEL) else llama.DEFAULT_OPTIONS
 
 
@@ -75,7 +77,6 @@ def row_settings(name: str):
     with (
         mock.patch.object(quant, "GATED_ROUNDING", GATED in name or quant.GATED_ROUNDING),
         mock.patch.object(quant, "DP4A_MID_ROWS", "rows" if MID_ROWS in name else quant.DP4A_MID_ROWS),
-        mock.patch.object(llama_model, "PACK_QKV", SLICES not in name and llama_model.PACK_QKV),
         mock.patch.object(qmatmul_act, "ROUNDING", rounding),
         mock.patch.object(quant, "DP4A_LAUNCH", launch),
         mock.patch.object(qmatmul_configs, "DP4A_MAX_STEPS", steps),

@@ -246,6 +246,28 @@ def test_pallas_decode_matches_xla(rng):
     assert "jkv_decode_attention_append" in str(jax.make_jaxpr(step)(params, cache, tokens[:, 0]))
 
 
+@pytest.mark.parametrize("name", ["llama-gqa4-untied", "qwen2-bias-tied"])
+def test_packed_qkv_equals_the_slices(name, rng):
+    """``LlamaOptions.pack_qkv`` (the default): a padded step hands attention the fused projection's one array and
+    the decode kernel reads its rows in place; prefill and decode logits and the cache are the sliced path's
+    (``pack_qkv=False``) bit for bit, biases included."""
+    config = CONFIGS[name]
+    params = random_params(config, seed=9)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 7)))
+    results = {}
+    for pack in (True, False):
+        options = llama.LlamaOptions(impl="pallas", pack_qkv=pack)
+        prefill = jax.jit(functools.partial(llama.prefill, config=config, options=options), compiler_options=FAST)
+        step = jax.jit(functools.partial(llama.decode_step, config=config, options=options), compiler_options=FAST)
+        first, cache = prefill(params, make_cache(config, 3, 16), tokens[:, :5])
+        cache = cache.rollback(jnp.asarray([5, 2, 4]))  # ragged
+        second, cache = step(params, cache, tokens[:, 5])
+        third, cache = step(params, cache, tokens[:, 6])
+        results[pack] = (first, second, third, cache)
+    for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False]), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("layout", ["layers", "stacked"])
 def test_norm_kernel_matches_float64(layout, rng):
     """With ``norm_kernel`` on, impl="pallas" runs every RMSNorm through the Pallas kernel (interpret mode off
@@ -349,6 +371,7 @@ def test_params_errors():
 OPTION_ERRORS = {
     "impl": (dict(impl="cuda"), "LlamaOptions.impl='cuda' is not one of"),
     "norm-kernel": (dict(norm_kernel=1), "LlamaOptions.norm_kernel must be a bool or None, got 1"),
+    "pack-qkv": (dict(pack_qkv=None), "LlamaOptions.pack_qkv must be a bool, got None"),
     "min-rows-zero": (dict(min_matmul_rows=0), "min_matmul_rows must be a positive int or None, got 0"),
 }
 

@@ -54,10 +54,16 @@ class LlamaOptions:
     # Mosaic GPU kernel where it takes the matrix, else Triton's; Hopper) or "xla" (dequantize + one dot); None
     # follows ``impl``.
     weights_impl: str | None = None
+    # A padded step's queries, keys and values go to attention as the fused projection's one array
+    # (``jkv.attend_write_qkv``: the decode kernel reads them in place; one XLA launch for the rotary embedding and
+    # the cast where three slices were three). False: the slices.
+    pack_qkv: bool = True
 
     def __post_init__(self):
         if self.impl is not None and self.impl not in IMPLS:
             raise ValueError(f"LlamaOptions.impl={self.impl!r} is not one of {IMPLS} or None")
+        if not isinstance(self.pack_qkv, bool):
+            raise ValueError(f"LlamaOptions.pack_qkv must be a bool, got {self.pack_qkv!r}")
         if self.norm_kernel is not None and not isinstance(self.norm_kernel, bool):
             raise ValueError(f"LlamaOptions.norm_kernel must be a bool or None, got {self.norm_kernel!r}")
         if self.weights_impl is not None and self.weights_impl not in quant.WEIGHTS_IMPLS:

@@ -40,11 +40,6 @@ from jkv.models.llama.fusions import DEFAULT_OPTIONS, LlamaOptions, Normed
 from jkv.models.llama.params import LayerParams, LlamaParams
 from jkv.rope import RopeStyle, apply_rope
 
-# A padded step's queries, keys and values go to attention as the fused projection's one array
-# (``jkv.attend_write_qkv``: the decode kernel reads them in place, one XLA launch for the rotary embedding and the
-# cast where the slices were three). False: the slices (bench/bench_qweights.py's ``_slices`` rows compare).
-PACK_QKV = True
-
 
 def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: LlamaConfig, options: LlamaOptions):
     """Self-attention of block ``i`` on the normed stream ``[B', T, H]``: ``(out [B', T, H], cache)``. Rows past
@@ -55,7 +50,7 @@ def attention(layer: LayerParams, i, normed: Normed, cache, *, rope, config: Lla
     extra = {}
     if config.windows is not None or config.attn_softcap is not None or config.query_scale is not None:
         extra = {"window": config.window(i), "softcap": config.attn_softcap, "scale": config.query_scale}
-    if PACK_QKV and not config.qk_norm and rope.keywords["positions"].ndim == 2:  # one array of q, k and v
+    if options.pack_qkv and not config.qk_norm and rope.keywords["positions"].ndim == 2:  # one array of q, k and v
         qkv = packed_rope(fusions.qkv_rows(normed, layer, options)[:b], rope)
         attn, cache = attend_write_qkv(qkv, cache, i, q_dtype=layer.wqkv.dtype, impl=options.impl, **extra)
     else:
