@@ -315,11 +315,19 @@ def decode_attention_append(
     selects the sequences that write; the others attend over what their cache holds and leave it unchanged, as
     does a sequence of length 0. ``window``, ``softcap`` and launch overrides as :func:`decode_attention`.
     """
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    extra = dict(scale=scale, window=window, softcap=softcap)
+    return _append(q, k, v, lengths, k_new, v_new, append, layer, extra, overrides, interpret)
+
+
+def _append(q, k, v, lengths, k_new, v_new, append, layer, extra: dict, overrides: dict, interpret, qkv=None):
+    """:func:`decode_attention_append` (``qkv``: the packed array of :func:`decode_attention_packed`, which the
+    kernel reads in place of ``q``, ``k_new`` and ``v_new``, its slices)."""
     b, _, _, s, _ = check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
     append = jnp.ones((b,), jnp.int32) if append is None else append
-    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
-    interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
-    extra = dict(scale=scale, window=window, softcap=softcap)
+    interpret, scale, config = _launch_settings(q, k, extra["scale"], interpret, extra["window"], extra["softcap"],
+                                                **overrides)  # fmt: skip
+    extra = extra | {"scale": scale}
     whole = k.ndim == 5
     lengths = jnp.asarray(lengths).astype(jnp.int32)
     append = jnp.asarray(append).astype(jnp.int32)
@@ -328,8 +336,12 @@ def decode_attention_append(
         out = decode_attention(q, k, v, lengths, layer=layer, interpret=interpret, **extra, **overrides)
         return out, k, v
     (k5, v5), layer = common.whole_cache((k, v), layer)
-    new = (append, k_new, v_new)
-    out, k5, v5 = _decode(q, k5, v5, lengths, layer, new, **extra, config=config, interpret=interpret)
+    options = dict(**extra, config=config, interpret=interpret)
+    if qkv is None:
+        out, k5, v5 = _decode(q, k5, v5, lengths, layer, (append, k_new, v_new), **options)
+    else:
+        packed = qkv.reshape(b, -1, qkv.shape[-1])  # [B, K * (G + 2), D]
+        out, k5, v5 = _decode(packed, k5, v5, lengths, layer, (append,), **options, packed=True)
     return (out, k5, v5) if whole else (out, k5[0], v5[0])
 
 
@@ -360,19 +372,6 @@ def decode_attention_packed(
     group = rows - 2
     q = qkv[:, :, :group].reshape(b, kh * group, d)
     k_new, v_new = qkv[:, :, group], qkv[:, :, group + 1]
-    check_append_args(q, k, v, lengths, k_new, v_new, append, layer)
     overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     extra = dict(scale=scale, window=window, softcap=softcap)
-    if k.shape[-2] < MIN_BLOCK:  # the unpacked kernel's own fallback (a tiny cache)
-        return decode_attention_append(
-            q, k, v, lengths, k_new, v_new, append=append, layer=layer, interpret=interpret, **extra, **overrides
-        )
-    append = jnp.ones((b,), jnp.int32) if append is None else jnp.asarray(append).astype(jnp.int32)
-    interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
-    whole = k.ndim == 5
-    (k5, v5), layer = common.whole_cache((k, v), layer)
-    out, k5, v5 = _decode(
-        qkv.reshape(b, kh * rows, d), k5, v5, jnp.asarray(lengths).astype(jnp.int32), layer, (append,),
-        scale=scale, window=window, softcap=softcap, config=config, interpret=interpret, packed=True,
-    )  # fmt: skip
-    return (out, k5, v5) if whole else (out, k5[0], v5[0])
+    return _append(q, k, v, lengths, k_new, v_new, append, layer, extra, overrides, interpret, qkv=qkv)

@@ -220,10 +220,8 @@ def attend_write_qkv(
     fused = impl == "pallas" and t == 1 and active_mesh() is None
     target, inner = cache.for_layer(layer) if fused else (cache, layer)
     if fused and kernels.fused_append(target) and jnp.dtype(q_dtype) == target.storage()[0].dtype:
-        q = jax.ShapeDtypeStruct((b, t, kh * group, d), q_dtype)
+        q = jax.ShapeDtypeStruct((b, t, kh * group, d), q_dtype)  # its slices' shapes, for the checks
         _check_q(q, target)
-        k = jax.ShapeDtypeStruct((b, kh, t, d), qkv.dtype)
-        _check_step(q, k)
         packed = qkv[:, 0].astype(q_dtype)  # [B, K, G + 2, D]
         return _fused_append(q, packed, cache, layer, target, inner, scale=scale, window=window, softcap=softcap)
     q = qkv[:, :, :, :group].reshape(b, t, kh * group, d).astype(q_dtype)
@@ -257,6 +255,5 @@ def _fused_append(q, new, cache, layer, target, inner, *, scale, window, softcap
         )
     else:
         out, kbuf, vbuf = fused_kernel.decode_attention_packed(new, kbuf, vbuf, n, **options)
-        out = out.astype(q.dtype)
     target = target.replace(data=(kbuf, vbuf), errors=target.errors | errors | range_errors)
     return _finish(out[:, None], target, layer_ok, padding_zero=True), cache.with_layer_cache(layer, target)

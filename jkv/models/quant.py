@@ -196,12 +196,13 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     return _dp4a_kernel(x2, w)
 
 
-def _dp4a_kernel(x, w: QuantizedMatrix):
-    """The integer-dot kernel's product of activations ``[M, K]`` (or of their rounded words and factors)."""
+def _dp4a_kernel(x, w: QuantizedMatrix, partials: bool = False):
+    """The integer-dot kernel's product of activations ``[M, K]`` (or of their rounded words and factors);
+    ``partials``: its split-K partial products ``[S, M, N]``, unsummed."""
     m = (x[0] if isinstance(x, tuple) else x).shape[0]
     n, k = math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
     config = DP4A_LAUNCH(m, n, k, w.format)
-    return quantized_matmul.qmatmul_words(x, w.planes, w.format, config=config, interleaved=True)
+    return quantized_matmul.qmatmul_words(x, w.planes, w.format, config=config, interleaved=True, partials=partials)
 
 
 def rounds_before(w, rows: int, impl: str | None) -> bool:
@@ -232,17 +233,12 @@ def gated_down(x, scale, w_gate_up: QuantizedMatrix, w_down: QuantizedMatrix, ac
     activations from them (in one launch where the rounding runs as a kernel)."""
     if not isinstance(x, tuple):
         x = x.astype(w_gate_up.dtype)
-    m = (x[0] if isinstance(x, tuple) else x).shape[0]
-    n, k = math.prod(w_gate_up.out_shape), w_gate_up.dense_shape[w_gate_up.reduce_axis]
-    config = DP4A_LAUNCH(m, n, k, w_gate_up.format)
-    partials = quantized_matmul.qmatmul_words(
-        x, w_gate_up.planes, w_gate_up.format, config=config, interleaved=True, partials=True
-    )
+    partials = _dp4a_kernel(x, w_gate_up, partials=True)
     interpret = backend.resolve_interpret(None)
     rounded = qmatmul_act.round_gated(
         partials, scale, w_down.format, activation=activation, dtype=w_down.dtype, interpret=interpret
     )
-    return _dp4a_kernel(rounded, w_down).reshape(m, *w_down.out_shape)
+    return _dp4a_kernel(rounded, w_down).reshape(partials.shape[1], *w_down.out_shape)
 
 
 def to_dp4a_layout(params, *, donate: bool = False):
