@@ -53,7 +53,7 @@ from bench.qweights_rows import (  # noqa: F401 (re-exported: the breakdown and 
     ACT_XLA,
     GATED,
     MGPU,
-    MID_ROWS,
+    MID_DEQUANT,
     NORM_KERNEL,
     PLAIN_NORM,
     RULE2X,

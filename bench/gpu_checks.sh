@@ -329,10 +329,10 @@ for part in "${parts[@]}"; do
         --rounds 3 --decode-rows q4_k_dp4a,q4_k_dp4a_slices,q4_k_dp4a_gated
       tail -n 6 "$OUT/bench_qstep_short.log"
       ;;
-    qmid)  # issue 26: decode at 64 sequences in the dp4a layout, its products dequantizing the matrix (the default)
-      # against the row layout's kernel over the words put back (_midrows: quant.DP4A_MID_ROWS), and the row layout
+    qmid)  # issue 26: decode at 64 sequences in the dp4a layout, its products of 17-127 rows on the row layout's kernel
+      # over the words put back (the default, quant.DP4A_MID_ROWS) and dequantizing the matrix (_middeq), and the row layout
       run bench_qmid 560 python bench/bench_qweights.py --out "$OUT/mid" --sections decode --batches 64 --rounds 3 \
-        --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_midrows,q4_k_dp4a_midrows
+        --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_middeq,q4_k_dp4a_middeq
       tail -n 10 "$OUT/bench_qmid.log"
       ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in

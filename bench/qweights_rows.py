@@ -19,7 +19,7 @@ PLAIN_NORM = "_plainnorm"  # a dp4a decode row with this: the norms in XLA's fus
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
 STEPS2 = "_steps2"  # a dp4a decode row with this: at most 2 K steps a program (qmatmul_configs.DP4A_MAX_STEPS = 2)
-MID_ROWS = "_midrows"  # a dp4a decode row with this: 17-127 rows on the row layout's kernel (quant.DP4A_MID_ROWS)
+MID_DEQUANT = "_middeq"  # a dp4a decode row with this: 17-127 rows dequantize the matrix (quant.DP4A_MID_ROWS)
 GATED = (
     "_gated"  # a dp4a decode row with this: down's activations rounded from gate/up's partials (quant.GATED_ROUNDING)
 )
@@ -53,9 +53,10 @@ def with_act_rows(models: dict) -> dict:
     Q8_0's gate_up and LM head), as ``<name>_gated`` (``quant.GATED_ROUNDING``: the down product's activations
     rounded from gate/up's split-K partials in one launch), ``<name>_gated_normk`` (that and the norm kernel
     everywhere), ``<name>_plainnorm`` (the norms in XLA's fusions: the default before the norm kernel rounded) and
-    ``<name>_midrows`` (products of 17-127 rows on the row layout's kernel, ``quant.DP4A_MID_ROWS = "rows"``)."""
+    ``<name>_middeq`` (products of 17-127 rows dequantizing the matrix for one dot, ``quant.DP4A_MID_ROWS =
+    "dequantize"``: the default before they ran the row layout's kernel)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
-    tails = (ACT_XLA, NORM_KERNEL, PLAIN_NORM, RULE2X, STEPS2, GATED, GATED + NORM_KERNEL, MID_ROWS)
+    tails = (ACT_XLA, NORM_KERNEL, PLAIN_NORM, RULE2X, STEPS2, GATED, GATED + NORM_KERNEL, MID_DEQUANT)
     return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in tails}
 
 
@@ -76,7 +77,7 @@ def row_settings(name: str):
     steps = 2 if STEPS2 in name else qmatmul_configs.DP4A_MAX_STEPS
     with (
         mock.patch.object(quant, "GATED_ROUNDING", GATED in name or quant.GATED_ROUNDING),
-        mock.patch.object(quant, "DP4A_MID_ROWS", "rows" if MID_ROWS in name else quant.DP4A_MID_ROWS),
+        mock.patch.object(quant, "DP4A_MID_ROWS", "dequantize" if MID_DEQUANT in name else quant.DP4A_MID_ROWS),
         mock.patch.object(qmatmul_act, "ROUNDING", rounding),
         mock.patch.object(quant, "DP4A_LAUNCH", launch),
         mock.patch.object(qmatmul_configs, "DP4A_MAX_STEPS", steps),

@@ -40,8 +40,10 @@ DP4A_MAX_ROWS = 16
 # How a dp4a-layout product of more rows than that and fewer than DEQUANT_MIN_ROWS runs (decode at 17-127
 # sequences, small mixed steps): "dequantize" (the matrix dequantized for one XLA dot: about 4.6 bytes moved a Q4_K
 # weight) or "rows" (its words put back in the format's row layout by XLA, then the row layout's Triton kernel:
-# about 1.7). "rows" is opt-in until timed (bench/bench_qweights.py's ``_midrows`` rows at batch 64).
-DP4A_MID_ROWS = "dequantize"
+# about 1.7). On an H100 the Llama-3-8B-shaped decode step at 64 sequences took 7.20 ms (Q8_0) and 10.56 ms (Q4_K)
+# with "rows", 16.08 and 17.16 dequantizing (docs/BENCHMARKS.md, "Packed q/k/v, the mid-size products and the gated
+# rounding on the GPU"; bench/bench_qweights.py's ``_middeq`` rows keep "dequantize").
+DP4A_MID_ROWS = "rows"
 DP4A_MID_FORMS = ("dequantize", "rows")
 # The dp4a layout's launch for (M, N, K, format) (bench/bench_qweights.py's ``_rule2x`` rows put the one before here)
 DP4A_LAUNCH = quantized_matmul.dp4a_config
@@ -58,7 +60,8 @@ DEQUANT_IMPLS = ("xla", "kernel")
 DEQUANT_IMPL = "xla"
 # Whether a block's down product takes its activations rounded straight from the split-K partials of its gate/up
 # product (both dp4a, decode-sized rows: ``qmatmul_act.gated_rows``, one launch for XLA's fusion of the sum and
-# ``act(gate) * up`` and the rounding kernel after it). Off until timed (bench/bench_qweights.py's ``_gated`` rows).
+# ``act(gate) * up`` and the rounding kernel after it). Off: level with the default in three H100 runs
+# (bench/bench_qweights.py's ``_gated`` rows; docs/BENCHMARKS.md).
 GATED_ROUNDING = False
 
 
@@ -182,7 +185,8 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     """``x2 @ W.T`` for a matrix in the dp4a layout: the integer-dot kernel over its interleaved words up to
     ``DP4A_MAX_ROWS`` rows (launched as ``DP4A_LAUNCH`` says: ``quantized_matmul.dp4a_config``); more rows (and
     the ``"xla"`` impl) as the reference does it, the matrix dequantized for one dot, or, below
-    ``DEQUANT_MIN_ROWS`` with ``DP4A_MID_ROWS = "rows"``, the row layout's kernel over the words put back."""
+    ``DEQUANT_MIN_ROWS`` with ``DP4A_MID_ROWS = "rows"`` (the default), the row layout's kernel over the words put
+    back."""
     if impl not in WEIGHTS_IMPLS:
         raise ValueError(f"weights impl {impl!r} is not one of {WEIGHTS_IMPLS}")
     if DP4A_MID_ROWS not in DP4A_MID_FORMS:

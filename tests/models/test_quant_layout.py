@@ -1,7 +1,7 @@
 """The dp4a layout of quantized weights (``jkv.models.quant.to_dp4a_layout``): the same bytes laid out for the
 integer-dot kernel's coalesced reads. The matrix it holds is unchanged (dequantized exactly as before, shape and
 bytes equal); decode-sized products run the integer-dot kernel (interpret mode here) within the bound of its
-activations' int8 rounding against float64; larger ones compute exactly what the row layout's reference does; a
+activations' int8 rounding against float64; larger ones compute exactly what the row layout's products do; a
 model in this layout, in either layer layout, computes its prefill as the row-layout model and its decode step
 within the activations' rounding."""
 
@@ -48,16 +48,16 @@ def test_matrix_keeps_its_values_and_products(rng, fmt):
         exact = x.astype(np.float64) @ dense.T
         assert np.all(np.abs(got - exact) <= rounding_bound(x.astype(np.float64), dense))
         assert rel_err(got, exact) > 1e-7  # the activations were rounded: this is the integer-dot kernel's product
-    x = rng.standard_normal((quant.DP4A_MAX_ROWS + 4, h)).astype(np.float32)  # more rows: dequantize, one dot
-    got = quant.project(jnp.asarray(x), laid, "pallas")
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.project(jnp.asarray(x), w, "xla")))
+    for m in (quant.DP4A_MAX_ROWS + 4, quant.DEQUANT_MIN_ROWS):  # the row layout's kernel, then dequantize + one dot
+        x = jnp.asarray(rng.standard_normal((m, h)), jnp.float32)
+        np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "pallas")), quant.project(x, w, "pallas"))
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
 def test_mid_rows_run_the_row_layout_kernel(rng, fmt, monkeypatch):
-    """``quant.DP4A_MID_ROWS = "rows"``: products of more rows than the integer-dot kernel takes and fewer than
-    ``DEQUANT_MIN_ROWS`` put the words back in the row layout and run its kernel: the row layout's product exactly;
-    "dequantize" (the default) dequantizes the matrix; a bad value is refused."""
+    """``quant.DP4A_MID_ROWS``: products of more rows than the integer-dot kernel takes and fewer than
+    ``DEQUANT_MIN_ROWS`` put the words back in the row layout and run its kernel ("rows", the default): the row
+    layout's product exactly; "dequantize" dequantizes the matrix for one dot; a bad value is refused."""
     h, n = 512, 48
     w = quant.from_planes(fmt, random_planes(rng, fmt, n, h), (h, n), jnp.float32)
     laid = quant.to_dp4a_layout(w)
@@ -65,10 +65,11 @@ def test_mid_rows_run_the_row_layout_kernel(rng, fmt, monkeypatch):
     kernel = np.asarray(quant.project(x, w, "pallas"))  # the row layout: its Triton kernel below DEQUANT_MIN_ROWS
     reference = np.asarray(quant.project(x, w, "xla"))
     assert not np.array_equal(kernel, reference)  # the two forms differ in their float rounding: the test can tell
-    np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "pallas")), reference)
-    monkeypatch.setattr(quant, "DP4A_MID_ROWS", "rows")
+    assert quant.DP4A_MID_ROWS == "rows"
     np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "pallas")), kernel)
     np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "xla")), reference)
+    monkeypatch.setattr(quant, "DP4A_MID_ROWS", "dequantize")
+    np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "pallas")), reference)
     monkeypatch.setattr(quant, "DP4A_MID_ROWS", "gemv")
     with pytest.raises(ValueError, match="DP4A_MID_ROWS='gemv' must be one of"):
         quant.project(x, laid, "pallas")
