@@ -167,7 +167,9 @@ def _kernel(
         if path == "dot_expand":
             parts = qmatmul_expand.expanded_tiles(fmt, plane_refs, cols.start, bn, k0, bk)
         else:
-            tiles = [ref[cols, pl.ds(k0 // g, bk // g)] for ref, g in zip(plane_refs, groups, strict=True)]
+            tiles = [
+                ref[cols, pl.ds(group_start(k0, g, bk), bk // g)] for ref, g in zip(plane_refs, groups, strict=True)
+            ]
             parts = dequantize_tile(fmt, tiles)
         for p, w in enumerate(parts):  # [bn, bk] float32 each
             x = x_ref[p, rows, pl.ds(k0, bk)]  # [bm, bk]
@@ -179,6 +181,13 @@ def _kernel(
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[s, rows, cols] = acc
+
+
+def group_start(k0, group: int, block_k: int):
+    """The first entry of a plane of ``group`` packed columns an entry that a K step at packed column ``k0`` (a
+    multiple of ``block_k``) reads, with that divisibility stated. ``k0 // group`` lowers to a floor division whose
+    sign fix-up (a select) hides it from Triton, and a codes plane's tile was then read a byte per load."""
+    return k0 if group == 1 else pl.multiple_of(lax.div(k0, group), block_k // group)
 
 
 @functools.partial(

@@ -187,6 +187,19 @@ def test_lowers_through_triton(fmt, m, path):
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dot_tiles_state_their_alignment(fmt):
+    """The dot path's plane tiles start at ``k0 / group`` by a truncating division with its divisibility stated
+    (``quantized_matmul.group_start``): no floor division's sign fix-up (``arith.remsi`` and a select) in the
+    lowered kernel. That fix-up hid the tiles' alignment from Triton, which then read the codes a byte per load."""
+    from bench import qmatmul_ir
+
+    n, k = 1024, 512
+    for m in (1, 64):
+        ttir = qmatmul_ir.lowered_ttir(fmt, m, n, k, qmatmul.qmatmul_config(m, n, k, fmt))
+        assert "tt.load" in ttir and "arith.remsi" not in ttir
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
 @pytest.mark.parametrize("m", [1, 3, 64, 200])
