@@ -51,7 +51,6 @@ import jkv
 from bench import common, torch_peers
 from bench.qweights_rows import (  # noqa: F401 (re-exported: the breakdown and the tests take them from here)
     ACT_XLA,
-    GATED,
     MGPU,
     MID_DEQUANT,
     NORM_KERNEL,

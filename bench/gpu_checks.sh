@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_gated|qstep_packed|qstep_short|qmid|qrows|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -307,14 +307,6 @@ for part in "${parts[@]}"; do
         --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_normk,q4_k_dp4a_normk
       tail -n 8 "$OUT/bench_qstep_normk.log"
       ;;
-    qstep_gated)  # issue 26: the down product's activations rounded from gate/up's split-K partials in one launch
-      # (qmatmul_act.gated_rows, quant.GATED_ROUNDING; _gated rows), and the norm kernel before dp4a products (now the
-      # default; _plainnorm rows: the norms in XLA's fusions): the gated kernel's GPU tests, then the batch-1 step
-      run tests_gated 120 python -m pytest -q -m gpu tests/kernels/test_gated_rounding.py
-      run bench_qstep_gated 420 python bench/bench_qweights.py --out "$OUT/gated" --sections decode --batches 1 \
-        --rounds 3 --decode-rows q8_0_dp4a,q4_k_dp4a,q8_0_dp4a_plainnorm,q4_k_dp4a_plainnorm,q8_0_dp4a_gated,q4_k_dp4a_gated
-      tail -n 10 "$OUT/bench_qstep_gated.log"
-      ;;
     qstep_packed)  # issues 26 and 22: q, k and v as one array into the decode kernel (decode_attention_packed;
       # LlamaOptions.pack_qkv): its GPU tests, then the batch-1 step with it and with the slices (_slices rows)
       run tests_packed 200 python -m pytest -q -m gpu tests/kernels/test_decode_append.py
@@ -323,10 +315,10 @@ for part in "${parts[@]}"; do
       tail -n 10 "$OUT/bench_qstep_packed.log"
       ;;
     qstep_short)  # the short call of a scarce machine: the packed decode kernel's GPU tests, then the Q4_K batch-1
-      # step with q/k/v packed (the default), sliced (_slices) and with the gated rounding (_gated)
+      # step with q/k/v packed (the default) and sliced (_slices)
       run tests_packed 100 python -m pytest -q -m gpu tests/kernels/test_decode_append.py -k packed
       run bench_qstep_short 190 python bench/bench_qweights.py --out "$OUT/short" --sections decode --batches 1 \
-        --rounds 3 --decode-rows q4_k_dp4a,q4_k_dp4a_slices,q4_k_dp4a_gated
+        --rounds 3 --decode-rows q4_k_dp4a,q4_k_dp4a_slices
       tail -n 6 "$OUT/bench_qstep_short.log"
       ;;
     qmid)  # issue 26: decode at 64 sequences in the dp4a layout, its products of 17-127 rows on the row layout's kernel
@@ -338,15 +330,15 @@ for part in "${parts[@]}"; do
     qrows)  # issue 26: the row layout's dot kernel reading its code tiles in 16-byte loads (quantized_matmul.group_start:
       # a floor division had hidden the tiles' alignment from Triton, which read them a byte per load): its GPU tests,
       # then decode at 1 and 64 sequences in both layouts beside bf16
-      run tests_qrows 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py tests/kernels/test_qmatmul_gguf.py
+      run tests_qrows 150 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py
       run bench_qrows 400 python bench/bench_qweights.py --out "$OUT/rows" --sections decode --batches 1,64 --rounds 3 \
         --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a
       tail -n 14 "$OUT/bench_qrows.log"
       ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in
-      # the JSON), as it runs now and with the fused launches (gated rounding, the norm kernel): which launches are left
+      # the JSON), as it runs now and with the norms in XLA's fusions (_plainnorm): which launches are left
       run bench_qstep_launches 300 python bench/bench_qweights.py --out "$OUT/launches" --breakdown \
-        --decode-rows q4_k_dp4a,q4_k_dp4a_gated_normk
+        --decode-rows q4_k_dp4a,q4_k_dp4a_plainnorm
       grep "^breakdown" "$OUT/bench_qstep_launches.log" | cut -c1-200
       ;;
     qdequant)  # issue 26: prefill-sized products dequantizing their matrix in one kernel launch
@@ -435,7 +427,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_gated, qstep_packed, qstep_short, qmid, qrows, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
   esac
 done
 

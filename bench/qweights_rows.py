@@ -20,9 +20,6 @@ NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which ro
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
 STEPS2 = "_steps2"  # a dp4a decode row with this: at most 2 K steps a program (qmatmul_configs.DP4A_MAX_STEPS = 2)
 MID_DEQUANT = "_middeq"  # a dp4a decode row with this: 17-127 rows dequantize the matrix (quant.DP4A_MID_ROWS)
-GATED = (
-    "_gated"  # a dp4a decode row with this: down's activations rounded from gate/up's partials (quant.GATED_ROUNDING)
-)
 
 
 def options_of(name: str) -> llama.LlamaOptions:
@@ -50,13 +47,11 @@ def with_act_rows(models: dict) -> dict:
     kernel rounding the inputs of wqkv and w_gate_up in its launch: ``LlamaOptions.norm_kernel``) and as
     ``<name>_rule2x`` (the products' launch before ``qmatmul_configs.DP4A_PROGRAMS``: twice the K splits of the
     rule of 2 programs a multiprocessor), and as ``<name>_steps2`` (at most 2 K steps a program: more splits of
-    Q8_0's gate_up and LM head), as ``<name>_gated`` (``quant.GATED_ROUNDING``: the down product's activations
-    rounded from gate/up's split-K partials in one launch), ``<name>_gated_normk`` (that and the norm kernel
-    everywhere), ``<name>_plainnorm`` (the norms in XLA's fusions: the default before the norm kernel rounded) and
-    ``<name>_middeq`` (products of 17-127 rows dequantizing the matrix for one dot, ``quant.DP4A_MID_ROWS =
-    "dequantize"``: the default before they ran the row layout's kernel)."""
+    Q8_0's gate_up and LM head), ``<name>_plainnorm`` (the norms in XLA's fusions: the default before the norm
+    kernel rounded) and ``<name>_middeq`` (products of 17-127 rows dequantizing the matrix for one dot,
+    ``quant.DP4A_MID_ROWS = "dequantize"``: the default before they ran the row layout's kernel)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
-    tails = (ACT_XLA, NORM_KERNEL, PLAIN_NORM, RULE2X, STEPS2, GATED, GATED + NORM_KERNEL, MID_DEQUANT)
+    tails = (ACT_XLA, NORM_KERNEL, PLAIN_NORM, RULE2X, STEPS2, MID_DEQUANT)
     return models | {f"{name}{tail}": p for name, p in dp4a.items() for tail in tails}
 
 
@@ -76,7 +71,6 @@ def row_settings(name: str):
     launch = dp4a_rule2x if RULE2X in name else quant.DP4A_LAUNCH
     steps = 2 if STEPS2 in name else qmatmul_configs.DP4A_MAX_STEPS
     with (
-        mock.patch.object(quant, "GATED_ROUNDING", GATED in name or quant.GATED_ROUNDING),
         mock.patch.object(quant, "DP4A_MID_ROWS", "dequantize" if MID_DEQUANT in name else quant.DP4A_MID_ROWS),
         mock.patch.object(qmatmul_act, "ROUNDING", rounding),
         mock.patch.object(quant, "DP4A_LAUNCH", launch),

@@ -15,11 +15,6 @@ bitcast for XLA, shifts here).
 GPU and XLA's fusions in interpret mode (where the kernel would only be slower): on an H100 the batch-1 step of the
 8B shape in the dp4a layout ran 3 % (Q8_0) and 6 % (Q4_K) faster with the kernel (docs/BENCHMARKS.md, "Activation
 rounding in one launch"; ``bench/bench_qweights.py``'s ``<name>_dp4a_actx`` rows keep XLA's form for comparison).
-
-:func:`gated_rows` rounds the input of a block's ``down`` product from the split-K partial products of its fused
-gate/up matrix: the partials' sum, the norm's per-row scale, ``act(gate) * up`` and the rounding in one launch,
-where XLA's fusion of the first three and the rounding kernel were two (:func:`round_gated` picks the form as
-:func:`round_activations` does; :func:`gated_reference` is XLA's).
 """
 
 from __future__ import annotations
@@ -39,10 +34,6 @@ ROUNDINGS = ("auto", "xla", "kernel")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 ROUNDING = "auto"
 MAX_CHUNK = 1024  # values a program rounds (32 blocks)
-# values a program of gated_rows makes (a power of two): it reads every split's partials of them, in a chain of
-# dependent sums, so it takes fewer columns than the plain rounding, in more programs (its 1,024 ran 2.97 us a call
-# at 14,336 columns on an H100, longer than the two launches it replaced: docs/BENCHMARKS.md)
-GATED_CHUNK = 256
 
 
 def round_blocks(x, fmt: str):
@@ -108,66 +99,3 @@ def form(rounding: str | None, interpret: bool) -> str:
     if rounding not in ("kernel", "xla"):
         raise ValueError(f"qmatmul_act.ROUNDING={rounding!r} must be one of {ROUNDINGS}")
     return rounding
-
-
-# ----------------------------------------------------------------------------------------------- gated rows
-def gated_reference(partials, scale, activation: str, dtype):
-    """``act(gate) * up`` in ``dtype`` ``[M, F]`` from the split-K partial products ``[S, M, 2F]`` (float32) of a
-    fused gate/up matrix (gate the first ``F`` columns, up the next) and the norm's per-row ``scale`` ``[M, 1]``:
-    the partials summed, then scaled, as the model computes them when XLA sums the product."""
-    gate_up = partials.sum(axis=0) * scale
-    width = gate_up.shape[1] // 2
-    return (ACTIVATIONS[activation](gate_up[:, :width]) * gate_up[:, width:]).astype(dtype)
-
-
-def _gated_kernel(p_ref, s_ref, words_ref, *factor_refs, fmt, chunk, width, splits, activation, dtype):
-    r, c = pl.program_id(0), pl.program_id(1)
-    row, nb = pl.ds(r, 1), chunk // 32
-
-    def summed(start):  # [1, chunk]: the partials of these columns summed in split order, then scaled
-        cols = pl.ds(pl.multiple_of(start + c * chunk, chunk), chunk)
-        total = p_ref[0, row, cols]
-        for s in range(1, splits):
-            total = total + p_ref[s, row, cols]
-        return total * s_ref[row, pl.ds(0, 1)]
-
-    x = (ACTIVATIONS[activation](summed(0)) * summed(width)).astype(dtype).astype(jnp.float32)
-    words, factors = round_blocks(x.reshape(nb, 32), fmt)
-    words_ref[r, pl.ds(c * (chunk // 4), chunk // 4)] = words
-    for ref, factor in zip(factor_refs, factors, strict=True):
-        ref[r, pl.ds(c * nb, nb)] = factor
-
-
-@functools.partial(jax.jit, static_argnames=("fmt", "activation", "dtype", "interpret"))
-def gated_rows(partials, scale, fmt: str, *, activation: str, dtype, interpret: bool):
-    """:func:`gated_reference`'s rows rounded as ``qmatmul_dp4a.quantize_activations(rows, fmt)`` rounds them:
-    ``(words, factors)``, in one launch (programs of ``gcd(F, GATED_CHUNK)`` columns of a row)."""
-    splits, m, n = partials.shape
-    width = n // 2
-    chunk = math.gcd(width, GATED_CHUNK)
-    rows = jax.ShapeDtypeStruct((m, width), dtype)
-    words, factors = jax.eval_shape(functools.partial(qmatmul_dp4a.quantize_activations, fmt=fmt), rows)
-    kernel = functools.partial(
-        _gated_kernel, fmt=fmt, chunk=chunk, width=width, splits=splits, activation=activation, dtype=dtype
-    )
-    words, *factors = common.whole_call(
-        kernel, [partials, scale], [words, *factors], grid=(m, width // chunk), num_warps=4, num_stages=1,
-        interpret=interpret, name=f"jkv_gated_rounding_{fmt.lower()}",
-    )  # fmt: skip
-    return words, tuple(factors)
-
-
-def round_gated(partials, scale, fmt: str, *, activation: str, dtype, interpret: bool, rounding: str | None = None):
-    """The ``down`` product's int8 words and factors from its gate/up product's split-K ``partials``
-    ``[S, M, 2F]`` and the norm's ``scale`` ``[M, 1]`` (:func:`gated_reference`), rounded as ``rounding`` says
-    (as :func:`round_activations`: None reads ``ROUNDING``; ``"auto"``: the kernel unless ``interpret``)."""
-    if partials.ndim != 3 or partials.shape[2] % 64 or partials.dtype != jnp.float32:
-        raise ValueError(f"partials {partials.shape} {partials.dtype}: expected float32 [S, M, 2F], F a multiple of 32")
-    if scale.shape != (partials.shape[1], 1):
-        raise ValueError(f"scale.shape={scale.shape}: expected ({partials.shape[1]}, 1), a row's norm scale")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not one of {tuple(ACTIVATIONS)}")
-    scale = scale.astype(jnp.float32)
-    if form(rounding, interpret) == "kernel":
-        return gated_rows(partials, scale, fmt, activation=activation, dtype=jnp.dtype(dtype), interpret=interpret)
-    return qmatmul_dp4a.quantize_activations(gated_reference(partials, scale, activation, dtype), fmt)

@@ -190,12 +190,10 @@ def group_start(k0, group: int, block_k: int):
     return k0 if group == 1 else pl.multiple_of(lax.div(k0, group), block_k // group)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("fmt", "config", "interpret", "groups_major", "interleaved", "rounding", "partials")
-)
+@functools.partial(jax.jit, static_argnames=("fmt", "config", "interpret", "groups_major", "interleaved", "rounding"))
 def _qmatmul(
     x, planes, *, fmt: str, config: QMatmulConfig, interpret: bool, groups_major: bool = False, interleaved=False,
-    rounding: str | None = None, partials: bool = False,
+    rounding: str | None = None,
 ):  # fmt: skip
     rounded = isinstance(x, tuple)  # the dp4a path's activations already rounded: (words, factors)
     m, k = (x[0].shape[0], 4 * x[0].shape[1]) if rounded else x.shape
@@ -232,8 +230,6 @@ def _qmatmul(
     if path == "grouped" and qmatmul_grouped.has_offsets(fmt):
         inputs.insert(1, qmatmul_grouped.group_sums(xs, fmt))
     out = common.whole_call(kernel, inputs, out_shape, **launch, name=f"jkv_qmatmul_{fmt.lower()}")
-    if partials:  # the split-K partial products, for a consumer that sums them itself
-        return out[:, :m]
     return out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]
 
 
@@ -280,16 +276,14 @@ def qmatmul_groups_major(x, planes, fmt: str, *, config: QMatmulConfig, interpre
 
 
 def qmatmul_words(
-    x, planes, fmt: str, *, config: QMatmulConfig, interpret: bool | None = None, interleaved: bool = False,
-    partials: bool = False,
+    x, planes, fmt: str, *, config: QMatmulConfig, interpret: bool | None = None, interleaved: bool = False
 ):  # fmt: skip
     """:func:`qmatmul` on the dp4a path over planes whose byte planes (codes or nibbles, Q6_K's crumbs) are already
     int32 words (``qmatmul_dp4a.weight_words``, made once): no bitcast in the call (bench/bench_qmatmul.py times
     the dp4a variants so). ``interleaved``: the words laid out by ``qmatmul_dp4a.interleave`` (coalesced reads).
     ``x``: the activations ``[M, K]``, or ``(words, factors)`` already rounded as
     ``qmatmul_dp4a.quantize_activations`` rounds them (by the norm before the product:
-    ``rms_norm.residual_rms_norm_rounded``), so the call launches the product alone. ``partials``: the
-    ``[num_splits, M, N]`` split-K partial products, unsummed (``qmatmul_act.gated_rows`` sums them)."""
+    ``rms_norm.residual_rms_norm_rounded``), so the call launches the product alone."""
     if config_path(config) != "dp4a":
         raise ValueError(f"word planes take the dp4a path, got path={config.path!r}")
     planes = tuple(planes)
@@ -302,11 +296,11 @@ def qmatmul_words(
         m = x.shape[0]
     check_config(config, m, n, k, fmt)
     if m == 0:
-        return jnp.zeros((config.num_splits, 0, n) if partials else (0, n), jnp.float32)
+        return jnp.zeros((0, n), jnp.float32)
     interpret = backend.resolve_interpret(interpret)
     return _qmatmul(
         x, planes, fmt=fmt, config=config, interpret=interpret, interleaved=interleaved,
-        rounding=qmatmul_act.ROUNDING, partials=partials,
+        rounding=qmatmul_act.ROUNDING,
     )  # fmt: skip
 
 

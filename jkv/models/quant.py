@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from pallas_kernels import backend, block_formats, dequantize_weights, qmatmul_act, qmatmul_dp4a, quantized_matmul
+from pallas_kernels import block_formats, dequantize_weights, qmatmul_dp4a, quantized_matmul
 
 WEIGHTS_IMPLS = ("xla", "pallas", "mgpu")
 LAYOUTS = ("rows", "dp4a")  # QuantizedMatrix.layout: the format's planes, or to_dp4a_layout's interleaved words
@@ -58,11 +58,6 @@ DEQUANT_MIN_ROWS = 128
 # docs/BENCHMARKS.md), so XLA's stays the default. ``weights_impl="xla"`` always dequantizes in XLA.
 DEQUANT_IMPLS = ("xla", "kernel")
 DEQUANT_IMPL = "xla"
-# Whether a block's down product takes its activations rounded straight from the split-K partials of its gate/up
-# product (both dp4a, decode-sized rows: ``qmatmul_act.gated_rows``, one launch for XLA's fusion of the sum and
-# ``act(gate) * up`` and the rounding kernel after it). Off: level with the default in three H100 runs
-# (bench/bench_qweights.py's ``_gated`` rows; docs/BENCHMARKS.md).
-GATED_ROUNDING = False
 
 
 @struct.dataclass
@@ -200,13 +195,12 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     return _dp4a_kernel(x2, w)
 
 
-def _dp4a_kernel(x, w: QuantizedMatrix, partials: bool = False):
-    """The integer-dot kernel's product of activations ``[M, K]`` (or of their rounded words and factors);
-    ``partials``: its split-K partial products ``[S, M, N]``, unsummed."""
+def _dp4a_kernel(x, w: QuantizedMatrix):
+    """The integer-dot kernel's product of activations ``[M, K]`` (or of their rounded words and factors)."""
     m = (x[0] if isinstance(x, tuple) else x).shape[0]
     n, k = math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
     config = DP4A_LAUNCH(m, n, k, w.format)
-    return quantized_matmul.qmatmul_words(x, w.planes, w.format, config=config, interleaved=True, partials=partials)
+    return quantized_matmul.qmatmul_words(x, w.planes, w.format, config=config, interleaved=True)
 
 
 def rounds_before(w, rows: int, impl: str | None) -> bool:
@@ -222,27 +216,6 @@ def project_rounded(rounded, lead: tuple, w: QuantizedMatrix):
     factors)`` of ``qmatmul_dp4a.quantize_activations``, rows flattened; :func:`rounds_before` said so):
     ``[*lead, *w.out_shape]`` float32."""
     return _dp4a_kernel(rounded, w).reshape(*lead, *w.out_shape)
-
-
-def fuses_gate(w_gate_up, w_down, rows: int, impl: str | None) -> bool:
-    """Whether ``rows`` rows through ``w_gate_up`` then ``w_down`` take :func:`gated_down`'s path
-    (``GATED_ROUNDING``, both matrices' products on the dp4a kernel)."""
-    return GATED_ROUNDING and rounds_before(w_gate_up, rows, impl) and rounds_before(w_down, rows, impl)
-
-
-def gated_down(x, scale, w_gate_up: QuantizedMatrix, w_down: QuantizedMatrix, activation: str):
-    """``down(act(gate) * up)`` of normed rows (:func:`fuses_gate` said so): ``x`` the weighted rows ``[M, H]`` or
-    their rounded words and factors, ``scale`` the norm's ``[M, 1]``; ``[M, *w_down.out_shape]`` float32. The gate/up
-    product's split-K partials go unsummed to ``qmatmul_act.round_gated``, which makes the down product's int8
-    activations from them (in one launch where the rounding runs as a kernel)."""
-    if not isinstance(x, tuple):
-        x = x.astype(w_gate_up.dtype)
-    partials = _dp4a_kernel(x, w_gate_up, partials=True)
-    interpret = backend.resolve_interpret(None)
-    rounded = qmatmul_act.round_gated(
-        partials, scale, w_down.format, activation=activation, dtype=w_down.dtype, interpret=interpret
-    )
-    return _dp4a_kernel(rounded, w_down).reshape(partials.shape[1], *w_down.out_shape)
 
 
 def to_dp4a_layout(params, *, donate: bool = False):

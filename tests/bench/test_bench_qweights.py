@@ -39,7 +39,7 @@ def test_smoke_run(tmp_path, capsys):
     dp4a = {
         f"{name}_dp4a{tail}"
         for name in ("q8_0", "q4_k")
-        for tail in ("", "_actx", "_normk", "_rule2x", "_steps2", "_gated", "_gated_normk", "_plainnorm", "_middeq")
+        for tail in ("", "_actx", "_normk", "_rule2x", "_steps2", "_plainnorm", "_middeq")
     }
     assert set(rows) == {"bf16", "q8_0", "q4_k"} | dp4a
     assert rows["q4_k"]["weight_bytes"] < rows["q8_0"]["weight_bytes"] < rows["bf16"]["weight_bytes"]
@@ -77,7 +77,7 @@ def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path
     dp4a = {
         f"{name}_dp4a{tail}"
         for name in ("q8_0", "q4_k")
-        for tail in ("", "_actx", "_normk", "_rule2x", "_steps2", "_gated", "_gated_normk", "_plainnorm", "_middeq")
+        for tail in ("", "_actx", "_normk", "_rule2x", "_steps2", "_plainnorm", "_middeq")
     }
     assert set(report["breakdown"]) == {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units"} | dp4a
     assert qm.qmatmul_config is rule and qmatmul_act.ROUNDING == "auto"

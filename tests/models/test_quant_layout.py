@@ -18,7 +18,7 @@ from qweight_inputs import dequantize_f64, random_planes
 import jkv
 from jkv.loading.quantize import quantize_params
 from jkv.models import llama, quant
-from pallas_kernels import qmatmul_act, qmatmul_dp4a
+from pallas_kernels import qmatmul_dp4a
 
 CONFIG = llama.LlamaConfig(
     vocab_size=320, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64
@@ -154,40 +154,6 @@ def test_norm_kernel_rounds_before_the_dp4a_product(rng, choice, monkeypatch):
     prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 9)), jnp.int32)
     got, want = logits_of(laid, prompt, "pallas", norm_kernel=True), logits_of(laid, prompt, "pallas", False)
     assert not rounded and rel_err(got, want) < 1e-6
-
-
-@pytest.mark.parametrize("choice,rounding,norm_kernel", [("q4_k", "kernel", False), ("q8_0", "kernel", True),
-                                                         ("q4_k", "auto", False)])  # fmt: skip
-def test_down_rounds_from_the_gate_up_partials(rng, choice, rounding, norm_kernel, monkeypatch):
-    """``quant.GATED_ROUNDING``: each layer's down product takes its int8 activations straight from the gate/up
-    product's split-K partials (``qmatmul_act.round_gated``; ``"kernel"``: the one-launch kernel, interpret mode;
-    ``"auto"``: XLA's form off GPU). The logits are the unfused step's up to the partials' summation order;
-    prompts (more rows than the kernel takes) never take the path."""
-    laid = quant.to_dp4a_layout(quantize_params(llama.init_params(CONFIG, jax.random.key(5), jnp.float32,
-                                                                  scale=0.05, layout="layers"), choice))  # fmt: skip
-    monkeypatch.setattr(qmatmul_act, "ROUNDING", rounding)
-    calls = []
-    round_gated = qmatmul_act.round_gated
-    monkeypatch.setattr(
-        qmatmul_act, "round_gated", lambda p, *a, **kw: calls.append(p.shape) or round_gated(p, *a, **kw)
-    )
-    options = llama.LlamaOptions(impl="pallas", norm_kernel=norm_kernel)
-    spec = jkv.CacheSpec(CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim, 16)
-
-    def run(tokens, gated):
-        monkeypatch.setattr(quant, "GATED_ROUNDING", gated)
-        fn = jax.jit(functools.partial(llama.forward, config=CONFIG, options=options), compiler_options=FAST_COMPILE)
-        return np.asarray(fn(laid, jkv.KVCache.init(spec, tokens.shape[0]), tokens)[0], np.float64)
-
-    step = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 1)), jnp.int32)
-    got, want = run(step, True), run(step, False)
-    splits = quant.DP4A_LAUNCH(2, 2 * CONFIG.intermediate_size, CONFIG.hidden_size, laid.layers[0].w_gate_up.format)
-    assert calls == [(splits.num_splits, 2, 2 * CONFIG.intermediate_size)] * CONFIG.num_layers
-    assert rel_err(got, want) < 1e-6
-    calls.clear()
-    prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 9)), jnp.int32)
-    np.testing.assert_array_equal(run(prompt, True), run(prompt, False))
-    assert not calls
 
 
 def test_decode_rows_are_not_padded_for_the_dp4a_kernel(rng, monkeypatch):

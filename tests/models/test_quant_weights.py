@@ -157,9 +157,13 @@ def test_prefill_sized_products_dequantize_for_one_dot(rng, monkeypatch, impl):
         assert kernel == (m < quant.DEQUANT_MIN_ROWS), (m, impl)
         if m >= quant.DEQUANT_MIN_ROWS:  # the planes wait for the activations (no dequantization hoisted)
             assert "dot_general" in text and "bf16" in text and "optimization_barrier" in text
-    # the dp4a layout past its kernel's rows: its interleaved words wait too, before they go back to rows
+    # the dp4a layout past its kernel's rows: its interleaved words wait too, before they go back to rows for the
+    # row layout's kernel (mid-size rows) or are dequantized (prefill-sized)
     laid = quant.to_dp4a_layout({"w": w})["w"]
-    x = jax.ShapeDtypeStruct((quant.DP4A_MAX_ROWS + 1, 256), jnp.bfloat16)
-    text = jax.jit(lambda x, w: quant.project(x, w, impl)).trace(x, laid).lower(lowering_platforms=("cuda",)).as_text()
-    barrier = next(line for line in text.splitlines() if "optimization_barrier" in line)
-    assert "x4xi32>" in barrier and "xla.gpu.triton" not in text  # the words [K/16, N, 4] as held
+    for m in (quant.DP4A_MAX_ROWS + 1, quant.DEQUANT_MIN_ROWS):
+        x = jax.ShapeDtypeStruct((m, 256), jnp.bfloat16)
+        lowered = jax.jit(lambda x, w: quant.project(x, w, impl)).trace(x, laid).lower(lowering_platforms=("cuda",))
+        text = lowered.as_text()
+        barrier = next(line for line in text.splitlines() if "optimization_barrier" in line)
+        assert "x4xi32>" in barrier  # the words [K/16, N, 4] as held
+        assert ("xla.gpu.triton" in text) == (m < quant.DEQUANT_MIN_ROWS), m

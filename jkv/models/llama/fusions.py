@@ -185,15 +185,7 @@ def qkv_projection(normed: Normed, layer: LayerParams, config: LlamaConfig, opti
 
 
 def mlp_projection(normed: Normed, layer: LayerParams, options: LlamaOptions, activation: str = "silu"):
-    """``down(act(gate) * up)`` on the normed stream ``[..., H]``: ``[..., H]`` float32. Where both products run
-    the dp4a kernel (``quant.fuses_gate``), the down product's int8 activations are made from the gate/up
-    product's split-K partials in one launch (``quant.gated_down``)."""
-    lead = normed.scale.shape[:-1]
-    rows = math.prod(lead)
-    if quant.fuses_gate(layer.w_gate_up, layer.w_down, rows, options.weights_impl or options.impl):
-        x = normed.rounded if normed.rounded is not None else normed.rows.reshape(rows, -1)
-        y = quant.gated_down(x, normed.scale.reshape(rows, 1), layer.w_gate_up, layer.w_down, activation)
-        return y.reshape(*lead, -1)
+    """``down(act(gate) * up)`` on the normed stream ``[..., H]``: ``[..., H]`` float32."""
     return project(gate_up_projection(normed, layer, options, activation), layer.w_down, options)
 
 
