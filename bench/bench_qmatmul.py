@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common, torch_peers
-from pallas_kernels import backend, block_formats, qmatmul_dp4a, qmatmul_grouped
+from pallas_kernels import backend, block_formats, qmatmul_configs, qmatmul_dp4a, qmatmul_grouped
 from pallas_kernels import common as kcommon
 from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
@@ -96,6 +96,7 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["dot_bn64"] = f(bm, 64, 128, 4, 3, "dot")
         out["expand"] = out["default"]._replace(path="dot_expand")
         out["expand_bn64"] = out["dot_bn64"]._replace(path="dot_expand")
+        out |= mid_dot_variants(m, n, k, fmt, out["default"])
         if m <= qm.SMALL_DOT_ROWS:  # per-group products scale [bm, bn] accumulators: a small-M formulation
             out["grouped"] = out["default"]._replace(path="grouped")
             out["grouped_gm"] = out["grouped"]
@@ -106,6 +107,23 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once
         firsts.setdefault((config, name.endswith(GROUPS_MAJOR), INTERLEAVED in name, name == DEQUANT), name)
     return {name: config for (config, *_), name in firsts.items()}
+
+
+def mid_dot_variants(m: int, n: int, k: int, fmt: str, default: QMatmulConfig) -> dict[str, QMatmulConfig]:
+    """The dot path's launches at more than ``FMA_ROWS`` rows (decode at 17-127 sequences, where the row layout's
+    kernel ran at 0.16-0.39 of its read floor on an H100): deeper K steps (fewer loop trips and barriers per byte),
+    more stages, more warps, wider or narrower column blocks, twice the splits."""
+    bm, bn, bk, w, st = default.block_m, default.block_n, default.block_k, default.num_warps, default.num_stages
+    steps = k // block_formats.FORMATS[fmt].parts // bk
+    f = lambda *a, **kw: _fit(m, n, k, fmt, *a, **kw)
+    return {
+        "dot_s4": default._replace(num_stages=st + 1),
+        "dot_w8": default._replace(num_warps=8),
+        "dot_bk2x": f(bm, bn, 2 * bk, w, st, "dot"),
+        "dot_bk2x_s2": f(bm, bn, 2 * bk, w, 2, "dot"),
+        "dot_bn2x_w8": f(bm, 2 * bn, bk, 8, st, "dot"),
+        "dot_split2x": default._replace(num_splits=qmatmul_configs.splits_times(steps, default.num_splits, 2)),
+    }
 
 
 def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
