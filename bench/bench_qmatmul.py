@@ -123,6 +123,8 @@ def mid_dot_variants(m: int, n: int, k: int, fmt: str, default: QMatmulConfig) -
         "dot_bk2x_s2": f(bm, bn, 2 * bk, w, 2, "dot"),
         "dot_bn2x_w8": f(bm, 2 * bn, bk, 8, st, "dot"),
         "dot_split2x": default._replace(num_splits=qmatmul_configs.splits_times(steps, default.num_splits, 2)),
+        # the rule before Q8_0's 128-column steps in two stages (64 columns, 3 stages)
+        "dot_prev": f(bm, bn, 64, w, 3, "dot") if fmt == "Q8_0" else default,
     }
 
 

@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -343,6 +343,16 @@ for part in "${parts[@]}"; do
         --variants default,dot_bn64,dot_s4,dot_w8,dot_bk2x,dot_bk2x_s2,dot_bn2x_w8,dot_split2x,dequant
       tail -n 30 "$OUT/bench_qmid_sweep.log"
       ;;
+    qmid_rule)  # issue 26: Q8_0's dot launch at 17-127 rows in 128-column steps of two stages (the rule before:
+      # dot_prev): the GPU tests of the products with the real lowering, the products, then decode at 64 sequences
+      run tests_qmid_rule 90 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py -k "gpu_matches"
+      run bench_qmid_rule 150 python bench/bench_qmatmul.py --out "$OUT/mid_rule" --rounds 3 --deadline-s 120 \
+        --rows 32,64 --matrices wqkv,gate_up,down --formats Q8_0 --variants default,dot_prev
+      tail -n 12 "$OUT/bench_qmid_rule.log"
+      run bench_qmid_step 240 python bench/bench_qweights.py --out "$OUT/mid_step" --sections decode --batches 64 \
+        --rounds 3 --decode-rows q8_0,q8_0_dp4a
+      tail -n 6 "$OUT/bench_qmid_step.log"
+      ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in
       # the JSON), as it runs now and with the norms in XLA's fusions (_plainnorm): which launches are left
       run bench_qstep_launches 300 python bench/bench_qweights.py --out "$OUT/launches" --breakdown \
@@ -435,7 +445,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
   esac
 done
 

@@ -59,10 +59,14 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
         bk = max(spec.max_group, _largest_pow2_dividing(kp, 128))
     else:
         bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))  # no more padded rows than a dot tile needs
-        bk = max(spec.max_group, _largest_pow2_dividing(kp, 64))
-        bn, warps, stages = 128, 4 if bm <= 64 else 8, 3
-        if bk > 64:  # the K-quants' 128-column steps: 128 x 128 tiles in 3 stages take 256 KiB of shared memory
-            bn, stages = 64, 2 if bm > 64 else 3
+        warps = 4 if bm <= 64 else 8
+        if spec.max_group > 64:  # the K-quants' 128-column steps: 128 x 128 tiles in 3 stages take 256 KiB
+            bk, bn, stages = spec.max_group, 64, 2 if bm > 64 else 3
+        elif spec.parts == 1:  # Q8_0: 128-column steps in two stages, 13-14 % faster at 64 rows than 64-column
+            # steps in three on an H100 (docs/BENCHMARKS.md, "The row layout's dot kernel at 64 rows")
+            bk, bn, stages = max(spec.max_group, _largest_pow2_dividing(kp, 128)), 128, 2
+        else:  # the 4-bit formats: 128 packed columns (256 values) a step spill registers (sm_90, 32-64 rows)
+            bk, bn, stages = max(spec.max_group, _largest_pow2_dividing(kp, 64)), 128, 3
     bn = min(bn, common.pow2_floor(n))
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), warps, stages, "dot")
 
