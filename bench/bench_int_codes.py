@@ -1,12 +1,12 @@
-"""Int8 weight codes into the tensor cores: plain conversions against bit-level ones (pallas_kernels.int_codes).
+"""Weight codes into the tensor cores: plain conversions against bit-level ones (pallas_kernels.int_codes).
 
 The quantized weight products (`pallas_kernels.quantized_matmul`, issue 26) dequantize every byte they read. Each
-product is compiled twice, its tiles' codes converted by `astype` (`cvt`) and by `int_codes` (`bits`,
-`block_formats.CONVERT`), and timed in interleaved rounds in one process beside the bf16 product by XLA, at M = 1
-and 16 for two Llama-3-8B matrices; rows print µs and the fraction of the format's read floor (bytes over a read
-stream measured in the same run). Both variants' outputs must be equal; each row's error against the reference is
-printed. (The Q8 attention kernels were measured the same way at 9358f17, whose version of this script has their
-rows: docs/BENCHMARKS.md.)
+product is compiled twice, its tiles' codes converted by `astype` (`cvt`) and by `int_codes` (`bits`:
+`block_formats.CONVERT` for Q8_0, `NIBBLE_CONVERT` for the 4-bit formats), and timed in interleaved rounds in one
+process beside the bf16 product by XLA, at the given M for two Llama-3-8B matrices; rows print µs and the fraction
+of the format's read floor (bytes over a read stream measured in the same run). Both variants' outputs must be
+equal; each row's error against the reference is printed. (The Q8 attention kernels were measured the same way at
+9358f17, whose version of this script has their rows: docs/BENCHMARKS.md.)
 
     python bench/bench_int_codes.py --out $OUT --rounds 3
     JAX_PLATFORMS=cpu python bench/bench_int_codes.py --smoke --out /tmp/ic   # CPU: wiring only, no timing
@@ -35,7 +35,12 @@ from pallas_kernels import block_formats, int_codes
 from pallas_kernels import quantized_matmul as qm
 
 MATRICES = {"wqkv": (6144, 4096), "gate_up": (28672, 4096)}
-FORMATS = ("Q8_0",)  # the formats block_formats.CONVERT changes
+FORMATS = ("Q8_0", "Q4_K", "Q4_1")  # Q8_0: block_formats.CONVERT; the 4-bit formats: block_formats.NIBBLE_CONVERT
+
+
+def setting_of(fmt: str) -> str:
+    """The ``block_formats`` setting that says how ``fmt``'s codes become floats in the tiles."""
+    return "CONVERT" if fmt == "Q8_0" else "NIBBLE_CONVERT"
 
 
 def _sampler(fn, arg_sets, est_s: float, smoke: bool):
@@ -67,15 +72,16 @@ def product_cell(m: int, matrix: str, fmt: str, bandwidth: float, rounds: int, s
     config = qm.qmatmul_config(m, n, k, fmt)
     est = max(q_bytes / 3e12, 1.25e-4)
     samplers, row, outs = {"bf16": _sampler(bf16_fn, d_sets, max(n * k * 2 / 3e12, 1.25e-4), smoke)}, {}, {}
-    saved = block_formats.CONVERT
+    setting = setting_of(fmt)
+    saved = getattr(block_formats, setting)
     try:
         for method in int_codes.METHODS:
-            block_formats.CONVERT = method
+            setattr(block_formats, setting, method)
             jax.clear_caches()  # the kernels' traces read the setting
             outs[method] = np.asarray(qm.qmatmul(x, q_sets[0][1:], fmt, config=config), np.float32)
             samplers[method] = _sampler(quantized_fn(fmt, "default", config), q_sets, est, smoke)
     finally:
-        block_formats.CONVERT = saved
+        setattr(block_formats, setting, saved)
         jax.clear_caches()
     row |= {
         "same_outputs": bool(np.array_equal(outs["cvt"], outs["bits"])),
@@ -98,6 +104,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, wall clock: wiring only")
     ap.add_argument("--rows", nargs="*", type=int, default=[1, 16], help="M of the weight products")
+    ap.add_argument("--formats", nargs="*", default=list(FORMATS), help="weight formats (default all)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new cell after this many seconds")
     args = ap.parse_args(argv)
     out, t0 = Path(args.out), time.perf_counter()
@@ -106,7 +113,7 @@ def main(argv=None) -> dict:
     rounds = 1 if args.smoke else args.rounds
     bandwidth = 1e12 if args.smoke else common.read_bandwidth()["tbps"] * 1e12
     report = {"meta": common.meta(None), "read_tbps": bandwidth / 1e12, "qmatmul": {}}
-    for cell in [(m, mat, fmt) for m in args.rows for mat in MATRICES for fmt in FORMATS]:
+    for cell in [(m, mat, fmt) for m in args.rows for mat in MATRICES for fmt in args.formats]:
         if time.perf_counter() - t0 > args.budget_s:
             log(f"budget reached: {cell} and later cells not run")
             break

@@ -61,6 +61,7 @@ class BlockFormat(NamedTuple):
 
 _U8, _I8, _F16 = np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.float16)
 CONVERT = "bits"  # how Q8_0 codes become float32 in the tiles (pallas_kernels.int_codes.METHODS)
+NIBBLE_CONVERT = "cvt"  # how the 4-bit formats' nibbles do (int_codes.nibbles_to_f32; the same values either way)
 FORMATS = {
     "Q8_0": BlockFormat("Q8_0", 32, 1, (Plane("codes", _I8, 1), Plane("scales", _F16, 32)), 8.5),
     "Q4_0": BlockFormat("Q4_0", 32, 2, (Plane("nibbles", _U8, 1), Plane("scales", _F16, 16)), 4.5),
@@ -159,9 +160,9 @@ def dequantize_tile(fmt: str, tiles) -> tuple:
         return _q6_k_tile(nibbles, *tiles[1:])
     if fmt not in NIBBLE_FORMATS:
         raise ValueError(f"weight format {fmt!r} is not one of {tuple(FORMATS)}")
-    low, high = (nibbles & 15).astype(f32), lax.shift_right_logical(nibbles, 4).astype(f32)
     bias, scale, offset = _block_terms(fmt, [t.astype(f32) for t in tiles[1:]])  # [R, W / 16] each
-    return tuple(_grouped(q if bias is None else q - bias, scale, 16, offset) for q in (low, high))
+    parts = int_codes.nibbles_to_f32(nibbles, 0.0 if bias is None else bias, NIBBLE_CONVERT)
+    return tuple(_grouped(q, scale if factor == 1.0 else scale * factor, 16, offset) for q, factor in parts)
 
 
 def _block_terms(fmt: str, planes) -> tuple:

@@ -18,6 +18,8 @@ from jax import lax
 METHODS = ("cvt", "bits")
 _BIAS = 0x4B000080  # the bits of 2**23 + 128
 _OFFSET = 8388736.0  # 2**23 + 128
+_EXPONENT = 0x4B000000  # the bits of 2**23
+_TWO_23 = 8388608.0
 
 
 def int8_to_f32(codes, method: str = "bits"):
@@ -30,6 +32,25 @@ def int8_to_f32(codes, method: str = "bits"):
         return codes.astype(jnp.float32)
     bits = codes.astype(jnp.int32) + jnp.int32(_BIAS)
     return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_OFFSET)
+
+
+def nibbles_to_f32(nibbles, bias: float = 0.0, method: str = "cvt") -> tuple:
+    """The low and high nibbles of ``nibbles`` (int32 holding bytes) less ``bias``, as float32, exactly:
+    ``((low - bias, 1), (high_value, factor))``, the high part's value times its factor being ``high - bias``.
+    ``"cvt"``: plain conversions (factor 1). ``"bits"``: no conversion instruction: a nibble or'ed into the low
+    mantissa bits of ``2**23`` (``0x4B000000``) is the float ``2**23 + nibble``, and one subtraction (of ``2**23``
+    and the bias) leaves the value; the high nibble is taken in place (``byte & 0xF0``: sixteen times its value,
+    so factor 1/16, which a scale takes exactly). A product ``value * (scale * factor)`` then equals the plain
+    one bit for bit: the two exact products are the same real number."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} must be one of {METHODS}")
+    if method == "cvt":
+        low, high = (nibbles & 15).astype(jnp.float32), lax.shift_right_logical(nibbles, 4).astype(jnp.float32)
+        return ((low - bias, 1.0), (high - bias, 1.0)) if bias else ((low, 1.0), (high, 1.0))
+    as_float = lambda bits: lax.bitcast_convert_type(bits | jnp.int32(_EXPONENT), jnp.float32)
+    low = as_float(nibbles & 15) - jnp.float32(_TWO_23 + bias)
+    high = as_float(nibbles & 0xF0) - jnp.float32(_TWO_23 + 16 * bias)
+    return (low, 1.0), (high, 1.0 / 16)
 
 
 def round_rows(x):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels import block_formats, int_codes
+from pallas_kernels import block_formats, int_codes, quantized_matmul
 
 ALL_CODES = np.arange(-128, 128).reshape(16, 16)
 
@@ -49,9 +49,50 @@ def test_dequantize_tile_same_across_methods(fmt, monkeypatch):
     outs = {}
     for method in int_codes.METHODS:
         monkeypatch.setattr(block_formats, "CONVERT", method)
+        monkeypatch.setattr(block_formats, "NIBBLE_CONVERT", method)
         outs[method] = [np.asarray(t) for t in block_formats.dequantize_tile(fmt, planes)]
     for a, b in zip(outs["cvt"], outs["bits"], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bias", [0.0, 8.0])
+def test_nibbles_to_f32_every_byte(bias):
+    """Every byte's low and high nibble, less ``bias``: the value times its factor is the nibble's, exactly, by
+    either method; times a scale (as the tiles take it) the two methods agree bit for bit."""
+    data = np.arange(256, dtype=np.int32)
+    want = ((data & 15) - bias, (data >> 4) - bias)
+    scale = np.float32(0.0123)
+    got = {}
+    for method in int_codes.METHODS:
+        parts = int_codes.nibbles_to_f32(jnp.asarray(data), bias, method)
+        for (value, factor), expected in zip(parts, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(value, np.float64) * factor, expected)
+        got[method] = [np.asarray(value) * (scale * np.float32(factor)) for value, factor in parts]
+    for a, b in zip(got["cvt"], got["bits"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="method='fast'"):
+        int_codes.nibbles_to_f32(jnp.asarray(data), bias, "fast")
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K"])
+def test_nibble_kernel_same_across_methods(fmt, monkeypatch):
+    """The dot kernel (interpret mode) with its nibbles converted either way: the same product, bit for bit."""
+    rng = np.random.default_rng(11)
+    n, k, m = 64, 512, 24
+    planes = []
+    for plane, shape in zip(block_formats.block_format(fmt).planes, block_formats.plane_shapes(fmt, n, k), strict=True):
+        if jnp.issubdtype(plane.dtype, jnp.integer):
+            info = np.iinfo(plane.dtype)
+            planes.append(jnp.asarray(rng.integers(info.min, info.max + 1, shape), plane.dtype))
+        else:
+            planes.append(jnp.asarray(rng.uniform(0.01, 2.0, shape), plane.dtype))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    outs = {}
+    for method in int_codes.METHODS:
+        monkeypatch.setattr(block_formats, "NIBBLE_CONVERT", method)
+        jax.clear_caches()  # the kernel's trace reads the setting
+        outs[method] = np.asarray(quantized_matmul.qmatmul(x, planes, fmt, interpret=True))
+    np.testing.assert_array_equal(outs["cvt"], outs["bits"])
 
 
 def test_round_rows_scales_each_row_to_its_peak():
