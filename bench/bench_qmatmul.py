@@ -118,6 +118,7 @@ def mid_dot_variants(m: int, n: int, k: int, fmt: str, default: QMatmulConfig) -
     f = lambda *a, **kw: _fit(m, n, k, fmt, *a, **kw)
     return {
         "dot_s4": default._replace(num_stages=st + 1),
+        "dot_s2": default._replace(num_stages=2),  # less shared memory: two programs a multiprocessor
         "dot_w8": default._replace(num_warps=8),
         "dot_bk2x": f(bm, bn, 2 * bk, w, st, "dot"),
         "dot_bk2x_s2": f(bm, bn, 2 * bk, w, 2, "dot"),

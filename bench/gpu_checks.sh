@@ -356,9 +356,13 @@ for part in "${parts[@]}"; do
     qnibbles)  # issue 26: the 4-bit formats' nibbles into floats without conversion instructions
       # (block_formats.NIBBLE_CONVERT "bits"; compiled for sm_90 the Q4_K dot kernel at 64 rows issued 136 I2FP a
       # thread a step, Hopper's slow conversions): products at 1, 16 and 64 rows both ways (outputs must be equal)
-      run bench_qnibbles 400 python bench/bench_int_codes.py --out "$OUT/nibbles" --rounds 3 --rows 1 16 64 \
-        --formats Q4_K Q4_1 --budget-s 330
+      run bench_qnibbles 300 python bench/bench_int_codes.py --out "$OUT/nibbles" --rounds 3 --rows 1 16 64 \
+        --formats Q4_K Q4_1 --budget-s 240
       tail -n 16 "$OUT/bench_qnibbles.log"
+      # and the 4-bit dot launches in two stages (half the shared memory: two programs a multiprocessor)
+      run bench_qmid_s2 240 python bench/bench_qmatmul.py --out "$OUT/mid_s2" --rounds 2 --deadline-s 200 \
+        --rows 32,64 --matrices wqkv,gate_up --formats Q4_K,Q4_1 --variants default,dot_s2,dequant
+      tail -n 14 "$OUT/bench_qmid_s2.log"
       ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in
       # the JSON), as it runs now and with the norms in XLA's fusions (_plainnorm): which launches are left
