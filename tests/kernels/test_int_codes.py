@@ -35,10 +35,9 @@ def test_refusals():
         int_codes.int8_to_f32(jnp.zeros(4, jnp.int16))
 
 
-@pytest.mark.parametrize("fmt", sorted(block_formats.FORMATS))
-def test_dequantize_tile_same_across_methods(fmt, monkeypatch):
-    rng = np.random.default_rng(7)
-    n, k = 8, 256
+def any_planes(rng, fmt: str, n: int, k: int) -> list:
+    """``fmt``'s planes of an ``n x k`` matrix: every integer plane's bytes uniform over the dtype, scales in
+    [0.01, 2]."""
     planes = []
     for plane, shape in zip(block_formats.block_format(fmt).planes, block_formats.plane_shapes(fmt, n, k), strict=True):
         if jnp.issubdtype(plane.dtype, jnp.integer):
@@ -46,6 +45,14 @@ def test_dequantize_tile_same_across_methods(fmt, monkeypatch):
             planes.append(jnp.asarray(rng.integers(info.min, info.max + 1, shape), plane.dtype))
         else:
             planes.append(jnp.asarray(rng.uniform(0.01, 2.0, shape), plane.dtype))
+    return planes
+
+
+@pytest.mark.parametrize("fmt", sorted(block_formats.FORMATS))
+def test_dequantize_tile_same_across_methods(fmt, monkeypatch):
+    rng = np.random.default_rng(7)
+    n, k = 8, 256
+    planes = any_planes(rng, fmt, n, k)
     outs = {}
     for method in int_codes.METHODS:
         monkeypatch.setattr(block_formats, "CONVERT", method)
@@ -79,13 +86,7 @@ def test_nibble_kernel_same_across_methods(fmt, monkeypatch):
     """The dot kernel (interpret mode) with its nibbles converted either way: the same product, bit for bit."""
     rng = np.random.default_rng(11)
     n, k, m = 64, 512, 24
-    planes = []
-    for plane, shape in zip(block_formats.block_format(fmt).planes, block_formats.plane_shapes(fmt, n, k), strict=True):
-        if jnp.issubdtype(plane.dtype, jnp.integer):
-            info = np.iinfo(plane.dtype)
-            planes.append(jnp.asarray(rng.integers(info.min, info.max + 1, shape), plane.dtype))
-        else:
-            planes.append(jnp.asarray(rng.uniform(0.01, 2.0, shape), plane.dtype))
+    planes = any_planes(rng, fmt, n, k)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     outs = {}
     for method in int_codes.METHODS:
