@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common, torch_peers
-from pallas_kernels import backend, block_formats, qmatmul_configs, qmatmul_dp4a, qmatmul_grouped
+from pallas_kernels import backend, block_formats, qmatmul_configs, qmatmul_dp4a, qmatmul_grouped, qmatmul_imma
 from pallas_kernels import common as kcommon
 from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
@@ -97,6 +97,10 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["expand"] = out["default"]._replace(path="dot_expand")
         out["expand_bn64"] = out["dot_bn64"]._replace(path="dot_expand")
         out |= mid_dot_variants(m, n, k, fmt, out["default"])
+        if fmt in qmatmul_imma.FORMATS and m > qm.SMALL_DOT_ROWS:  # int8 tensor cores, sub-blocks summed as ints
+            imma = qmatmul_imma.imma_config(m, n, k)
+            out["imma"] = imma
+            out["imma_s3"] = imma._replace(num_stages=3)
         if m <= qm.SMALL_DOT_ROWS:  # per-group products scale [bm, bn] accumulators: a small-M formulation
             out["grouped"] = out["default"]._replace(path="grouped")
             out["grouped_gm"] = out["grouped"]
@@ -198,6 +202,8 @@ def product(fmt: str, name: str, config):
         return lambda x, planes: block_formats.qmatmul_reference(x, planes, fmt)
     if isinstance(config, QMatmulMgpuConfig):
         return lambda x, planes: qmm.qmatmul_mgpu(x, planes, fmt, config=config)
+    if isinstance(config, qmatmul_imma.ImmaConfig):
+        return lambda x, planes: qmatmul_imma.qmatmul_imma(x, planes, fmt, config=config)
     if name.endswith(GROUPS_MAJOR):
         return lambda x, planes: qm.qmatmul_groups_major(x, planes, fmt, config=config)
     if qm.config_path(config) == "dp4a":
