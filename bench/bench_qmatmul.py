@@ -101,6 +101,8 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
             imma = qmatmul_imma.imma_config(m, n, k)
             out["imma"] = imma
             out["imma_s3"] = imma._replace(num_stages=3)
+            if imma.block_m > 32:  # half the sub-scale multiplies a weight, the weights read once more a row block
+                out["imma_bm32"] = imma._replace(block_m=32, num_warps=4)
         if m <= qm.SMALL_DOT_ROWS:  # per-group products scale [bm, bn] accumulators: a small-M formulation
             out["grouped"] = out["default"]._replace(path="grouped")
             out["grouped_gm"] = out["grouped"]

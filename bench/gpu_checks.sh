@@ -382,7 +382,7 @@ for part in "${parts[@]}"; do
       # per super-block, the sub-blocks summed as integers): its GPU tests, then beside the dot kernel and bf16
       run tests_qimma 120 python -m pytest -q -m gpu tests/kernels/test_qmatmul_imma.py
       run bench_qimma 400 python bench/bench_qmatmul.py --out "$OUT/imma" --rounds 2 --deadline-s 330 \
-        --rows 32,64 --matrices wqkv,gate_up,down --formats Q4_K --variants default,dot_s2,imma,imma_s3,dequant
+        --rows 32,64 --matrices wqkv,gate_up,down --formats Q4_K --variants default,dot_s2,imma,imma_s3,imma_bm32,dequant
       tail -n 24 "$OUT/bench_qimma.log"
       ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in

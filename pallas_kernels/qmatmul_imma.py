@@ -86,7 +86,28 @@ def round_activations(x):
     return codes, xs, sums.reshape(m, k // 32)
 
 
-def _kernel(x_ref, xs_ref, nib_ref, sub_ref, d_ref, o_ref, *, config: ImmaConfig, steps: int):
+LOW_ASM = "and.b32 $0, $1, 0x0F0F0F0F;"  # four bytes' low nibbles at once
+HIGH_ASM = "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }"
+
+
+def nibbles(packed, emulate: bool):
+    """The low and high nibbles of a uint8 tile, as int8 tiles of its shape: in four-byte words by PTX (the bytes
+    as loaded, no per-byte work), by shifts in interpret mode."""
+    if emulate:
+        wide = packed.astype(jnp.int32)
+        return (wide & 15).astype(jnp.int8), lax.shift_right_logical(wide, 4).astype(jnp.int8)
+    as_int8 = lax.bitcast_convert_type(packed, jnp.int8)
+    asm = lambda code: backend.triton_module().elementwise_inline_asm(
+        code,
+        args=[as_int8],
+        constraints="=r,r",
+        pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.int8)],
+    )[0]
+    return asm(LOW_ASM), asm(HIGH_ASM)
+
+
+def _kernel(x_ref, xs_ref, nib_ref, sub_ref, d_ref, o_ref, *, config: ImmaConfig, steps: int, emulate: bool):
     bm, bn = config.block_m, config.block_n
     m_total = x_ref.shape[0]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -101,8 +122,7 @@ def _kernel(x_ref, xs_ref, nib_ref, sub_ref, d_ref, o_ref, *, config: ImmaConfig
         total = jnp.zeros((bm, bn), jnp.int32)
         for b in range(SUPER // 32):  # its eight 32-blocks
             blk = sb * 8 + b
-            packed = nib_ref[cols, pl.ds(pl.multiple_of(blk * 16, 16), 16)].astype(jnp.int32)  # [bn, 16]
-            low, high = (packed & 15).astype(jnp.int8), lax.shift_right_logical(packed, 4).astype(jnp.int8)
+            low, high = nibbles(nib_ref[cols, pl.ds(pl.multiple_of(blk * 16, 16), 16)], emulate)  # [bn, 16] each
             w = jnp.stack([low, high], axis=-1).reshape(bn, 32)  # position 2c + h: value 16h + c
             x = x_ref[rows, pl.ds(pl.multiple_of(blk * 32, 32), 32)]  # [bm, 32] int8, pair order
             dot = lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
@@ -125,7 +145,7 @@ def _imma(x, planes, *, config: ImmaConfig, interpret: bool):
     pad = lambda a: jnp.pad(a, ((0, rows - m), (0, 0))) if rows > m else a
     steps = k // SUPER // config.num_splits
     out = common.whole_call(
-        functools.partial(_kernel, config=config, steps=steps),
+        functools.partial(_kernel, config=config, steps=steps, emulate=interpret),
         [pad(codes), pad(xs), nibbles, sub_scales, d],
         jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32),
         grid=(pl.cdiv(rows, config.block_m), n // config.block_n, config.num_splits),
