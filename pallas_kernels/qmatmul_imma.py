@@ -30,6 +30,7 @@ from pallas_kernels.block_formats import check_planes
 
 FORMATS = ("Q4_K",)
 SUPER = 256  # values a super-block holds (its d, dmin and eight sub-blocks)
+MIN_BLOCK_N = 16  # the narrowest column block of a tensor-core tile
 
 
 class ImmaConfig(NamedTuple):
@@ -44,12 +45,22 @@ def imma_config(m: int, n: int, k: int) -> ImmaConfig:
     """The launch for ``x [m, k]`` times an ``n x k`` Q4_K matrix: 64-column blocks, rows rounded up to a power
     of two (16 to 128), K split so that about two programs a multiprocessor run (an estimate, not yet measured)."""
     bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))
-    bn = min(64, common.pow2_floor(n))
+    bn = block_n_for(n)
+    if bn is None:
+        raise ValueError(f"the int8 tensor-core product takes N a multiple of {MIN_BLOCK_N}, got N={n}")
     blocks = pl.cdiv(m, bm) * (n // bn)
     supers = k // SUPER
     want = max(1, -(-2 * backend.num_multiprocessors() // blocks))
     splits = min(d for d in range(min(want, supers), supers + 1) if supers % d == 0)
     return ImmaConfig(bm, bn, splits, 4 if bm <= 64 else 8, 2)
+
+
+def block_n_for(n: int) -> int | None:
+    """The widest column block (at most 64, a power of two) that tiles ``n`` columns; None below ``MIN_BLOCK_N``."""
+    bn = 64
+    while n % bn:
+        bn //= 2
+    return bn if bn >= MIN_BLOCK_N else None
 
 
 def check_config(config: ImmaConfig, n: int, k: int) -> ImmaConfig:
@@ -175,5 +186,5 @@ def qmatmul_imma(x, planes, fmt: str = "Q4_K", *, config: ImmaConfig | None = No
     m = x.shape[0]
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)
-    config = imma_config(m, n, k) if config is None else check_config(ImmaConfig(*config), n, k)
+    config = check_config(imma_config(m, n, k) if config is None else ImmaConfig(*config), n, k)
     return _imma(x, planes, config=config, interpret=backend.resolve_interpret(interpret))

@@ -216,7 +216,8 @@ def _dp4a_kernel(x, w: QuantizedMatrix):
 def _int8_cores_take(w: QuantizedMatrix, rows: int) -> bool:
     """Whether ``INT8_TENSOR_CORES`` sends a product of ``rows`` rows by ``w`` to ``qmatmul_imma``."""
     mid = quantized_matmul.SMALL_DOT_ROWS < rows < DEQUANT_MIN_ROWS
-    return INT8_TENSOR_CORES and mid and w.format in qmatmul_imma.FORMATS
+    fits = qmatmul_imma.block_n_for(math.prod(w.out_shape)) is not None
+    return INT8_TENSOR_CORES and mid and w.format in qmatmul_imma.FORMATS and fits
 
 
 def rounds_before(w, rows: int, impl: str | None) -> bool:

@@ -38,7 +38,7 @@ def check(rng, m, n, k, config=None, scale=1.0):
     return got
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 64, 256), (17, 128, 512), (40, 64, 1024), (64, 192, 768)])
+@pytest.mark.parametrize("m,n,k", [(1, 64, 256), (17, 128, 512), (40, 64, 1024), (64, 192, 768), (20, 48, 512)])
 def test_matches_float64_of_the_rounded_activations(rng, m, n, k):
     check(rng, m, n, k)
 
@@ -109,6 +109,9 @@ def test_refusals(rng):
     with pytest.raises(ValueError, match="power of two"):
         qi.qmatmul_imma(x, planes, config=qi.ImmaConfig(8, 64, 1, 4, 2))
     assert qi.qmatmul_imma(jnp.zeros((0, 512)), planes).shape == (0, 64)
+    narrow = tuple(map(jnp.asarray, random_planes(rng, "Q4_K", 40, 512)))  # 40 columns: no 16-wide tiling
+    with pytest.raises(ValueError, match="multiple of 16, got N=40"):
+        qi.qmatmul_imma(x, narrow)
 
 
 @pytest.mark.gpu
