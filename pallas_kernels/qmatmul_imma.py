@@ -8,7 +8,8 @@ they are. A super-block's eight 32-blocks each give an int32 product ``[bm, bn]`
 block's low nibbles beside its high ones, the activations laid out to match by :func:`round_activations`), which
 its 6-bit sub-scale multiplies into one int32 sum; that sum is converted once and scaled by ``xs * d``. The
 sub-mins' term, ``-dmin * sum_j sub_min_j * (xs * sum of block j's codes)``, is a product over ``K / 32`` values
-that XLA computes beside the kernel (:func:`qmatmul_imma`). Exact integer arithmetic on the rounded activations,
+that XLA computes beside the kernel (:func:`qmatmul_imma`). The nibbles are split four bytes at a time by PTX
+(:func:`nibbles`; Triton's int8 ops work byte by byte). Exact integer arithmetic on the rounded activations,
 so the result is not ``qmatmul_reference``'s: each activation moves by at most half its super-block's step.
 
 Bounds: ``|code| <= 127``, a nibble <= 15 and 32 of them a block give ``|dot| <= 60,960``; times a sub-scale
@@ -42,8 +43,9 @@ class ImmaConfig(NamedTuple):
 
 
 def imma_config(m: int, n: int, k: int) -> ImmaConfig:
-    """The launch for ``x [m, k]`` times an ``n x k`` Q4_K matrix: 64-column blocks, rows rounded up to a power
-    of two (16 to 128), K split so that about two programs a multiprocessor run (an estimate, not yet measured)."""
+    """The launch for ``x [m, k]`` times an ``n x k`` Q4_K matrix: column blocks of up to 64 (:func:`block_n_for`),
+    rows rounded up to a power of two (16 to 128), K split so that about two programs a multiprocessor run (an
+    estimate, not yet measured)."""
     bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))
     bn = block_n_for(n)
     if bn is None:
