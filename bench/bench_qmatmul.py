@@ -97,17 +97,17 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["expand"] = out["default"]._replace(path="dot_expand")
         out["expand_bn64"] = out["dot_bn64"]._replace(path="dot_expand")
         out |= mid_dot_variants(m, n, k, fmt, out["default"])
-        if fmt in qmatmul_imma.FORMATS and m > qm.SMALL_DOT_ROWS:  # int8 tensor cores, sub-blocks summed as ints
-            imma = qmatmul_imma.imma_config(m, n, k)
-            out["imma"] = imma
-            out["imma_s3"] = imma._replace(num_stages=3)
-            if imma.block_m > 32:  # half the sub-scale multiplies a weight, the weights read once more a row block
-                out["imma_bm32"] = imma._replace(block_m=32, num_warps=4)
         if m <= qm.SMALL_DOT_ROWS:  # per-group products scale [bm, bn] accumulators: a small-M formulation
             out["grouped"] = out["default"]._replace(path="grouped")
             out["grouped_gm"] = out["grouped"]
         if m <= 64:  # the interleaved integer-dot launches over 8-row blocks (the weights re-read per block)
             out |= {v: c for v, c in dp4a_variants(m, n, k, fmt).items() if INTERLEAVED in v}
+    if fmt in qmatmul_imma.FORMATS:  # the int8 tensor cores, the sub-blocks summed as integers
+        imma = qmatmul_imma.imma_config(m, n, k)
+        out["imma"] = imma
+        out["imma_s3"] = imma._replace(num_stages=3)
+        if imma.block_m > 32:  # half the sub-scale multiplies a weight, the weights read once more a row block
+            out["imma_bm32"] = imma._replace(block_m=32, num_warps=4)
     out[DEQUANT] = out["default"]  # the dp4a layout's larger products: the matrix dequantized, one XLA dot
     firsts = {}
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once

@@ -382,10 +382,10 @@ for part in "${parts[@]}"; do
       # per super-block, the sub-blocks summed as integers): its GPU tests, the decode step at 64 sequences with it
       # (quant.INT8_TENSOR_CORES: the _imma rows), then its launches beside the dot kernel's and bf16's
       run tests_qimma 90 python -m pytest -q -m gpu tests/kernels/test_qmatmul_imma.py
-      run bench_qimma_step 260 python bench/bench_qweights.py --out "$OUT/imma_step" --sections decode --batches 64 \
+      run bench_qimma_step 300 python bench/bench_qweights.py --out "$OUT/imma_step" --sections decode --batches 1,64 \
         --rounds 3 --decode-rows q4_k,q4_k_imma,q4_k_dp4a_imma
-      tail -n 6 "$OUT/bench_qimma_step.log"
-      run bench_qimma 230 python bench/bench_qmatmul.py --out "$OUT/imma" --rounds 2 --deadline-s 170 \
+      tail -n 9 "$OUT/bench_qimma_step.log"
+      run bench_qimma 200 python bench/bench_qmatmul.py --out "$OUT/imma" --rounds 2 --deadline-s 140 \
         --rows 64 --matrices gate_up,down,wqkv --formats Q4_K --variants default,dot_s2,imma,imma_s3,imma_bm32,dequant
       tail -n 24 "$OUT/bench_qimma.log"
       ;;

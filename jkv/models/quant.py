@@ -56,10 +56,11 @@ DEQUANT_MIN_ROWS = 128
 # or "kernel" (``pallas_kernels.dequantize_weights``: one launch a matrix, the same values). Timed on an H100 the
 # kernel was level with XLA's form within the run's noise (bench/bench_qweights.py's ``_deqk`` prefill rows;
 # docs/BENCHMARKS.md), so XLA's stays the default. ``weights_impl="xla"`` always dequantizes in XLA.
-# Whether K-quant products of more than 16 and fewer than DEQUANT_MIN_ROWS rows (decode at 17-127 sequences, small
-# mixed steps) run on the int8 tensor cores (``pallas_kernels.qmatmul_imma``: activations rounded per super-block,
-# its sub-blocks summed as integers) instead of the dot kernel, which dequantizes every weight to bf16 and ran
-# Q4_K there at a tenth of its read floor on an H100. Off until timed (bench/bench_qweights.py's ``_imma`` rows).
+# Whether K-quant products of fewer than DEQUANT_MIN_ROWS rows (decode steps, small mixed steps; in the dp4a layout
+# from 17 rows, above its integer-dot kernel's) run on the int8 tensor cores (``pallas_kernels.qmatmul_imma``:
+# activations rounded per super-block, its sub-blocks summed as integers) instead of the dot kernel, which
+# dequantizes every weight to bf16 and ran Q4_K at 64 rows at a tenth of its read floor on an H100. Off until
+# timed (bench/bench_qweights.py's ``_imma`` rows).
 INT8_TENSOR_CORES = False
 DEQUANT_IMPLS = ("xla", "kernel")
 DEQUANT_IMPL = "xla"
@@ -214,10 +215,11 @@ def _dp4a_kernel(x, w: QuantizedMatrix):
 
 
 def _int8_cores_take(w: QuantizedMatrix, rows: int) -> bool:
-    """Whether ``INT8_TENSOR_CORES`` sends a product of ``rows`` rows by ``w`` to ``qmatmul_imma``."""
-    mid = quantized_matmul.SMALL_DOT_ROWS < rows < DEQUANT_MIN_ROWS
+    """Whether ``INT8_TENSOR_CORES`` sends a product of ``rows`` rows by ``w`` to ``qmatmul_imma``: below
+    ``DEQUANT_MIN_ROWS`` (in the dp4a layout above ``DP4A_MAX_ROWS``: its own kernel takes fewer)."""
+    fewest = DP4A_MAX_ROWS if w.layout == "dp4a" else 0
     fits = qmatmul_imma.block_n_for(math.prod(w.out_shape)) is not None
-    return INT8_TENSOR_CORES and mid and w.format in qmatmul_imma.FORMATS and fits
+    return INT8_TENSOR_CORES and fewest < rows < DEQUANT_MIN_ROWS and w.format in qmatmul_imma.FORMATS and fits
 
 
 def rounds_before(w, rows: int, impl: str | None) -> bool:

@@ -170,8 +170,9 @@ def test_prefill_sized_products_dequantize_for_one_dot(rng, monkeypatch, impl):
 
 
 def test_int8_tensor_cores_take_mid_sized_k_quant_products(rng, monkeypatch):
-    """``quant.INT8_TENSOR_CORES``: a Q4_K product of 17-127 rows, in either layout, is ``qmatmul_imma``'s exactly;
-    16 rows, prefill-sized ones and other formats keep their paths; off (the default) nothing changes."""
+    """``quant.INT8_TENSOR_CORES``: a Q4_K product of fewer than DEQUANT_MIN_ROWS rows is ``qmatmul_imma``'s
+    exactly (in the dp4a layout from 17 rows: 16 keep its integer-dot kernel); prefill-sized products and other
+    formats keep their paths; off (the default) nothing changes."""
     from pallas_kernels import qmatmul_imma
 
     h, n = 512, 64
@@ -180,13 +181,18 @@ def test_int8_tensor_cores_take_mid_sized_k_quant_products(rng, monkeypatch):
     q8 = quant.from_planes("Q8_0", random_planes(rng, "Q8_0", n, h), (h, n), jnp.float32)
     x = {m: jnp.asarray(rng.standard_normal((m, h)), jnp.float32) for m in (16, 24, quant.DEQUANT_MIN_ROWS)}
     before = {m: np.asarray(quant.project(v, w, "pallas")) for m, v in x.items()}
+    dp4a_16 = np.asarray(quant.project(x[16], laid, "pallas"))
     monkeypatch.setattr(quant, "INT8_TENSOR_CORES", True)
     imma = np.asarray(qmatmul_imma.qmatmul_imma(x[24], w.planes))
     assert not np.array_equal(imma, before[24])  # the int8 form rounds its activations: the test can tell
     np.testing.assert_array_equal(np.asarray(quant.project(x[24], w, "pallas")), imma)
     np.testing.assert_array_equal(np.asarray(quant.project(x[24], laid, "pallas")), imma)
-    for m in (16, quant.DEQUANT_MIN_ROWS):
-        np.testing.assert_array_equal(np.asarray(quant.project(x[m], w, "pallas")), before[m])
+    np.testing.assert_array_equal(
+        np.asarray(quant.project(x[16], w, "pallas")), np.asarray(qmatmul_imma.qmatmul_imma(x[16], w.planes))
+    )
+    np.testing.assert_array_equal(np.asarray(quant.project(x[16], laid, "pallas")), dp4a_16)
+    big = quant.DEQUANT_MIN_ROWS
+    np.testing.assert_array_equal(np.asarray(quant.project(x[big], w, "pallas")), before[big])
     y8 = quant.project(x[24], q8, "pallas")
     monkeypatch.setattr(quant, "INT8_TENSOR_CORES", False)
     np.testing.assert_array_equal(np.asarray(y8), np.asarray(quant.project(x[24], q8, "pallas")))
