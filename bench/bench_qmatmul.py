@@ -108,6 +108,9 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["imma_s3"] = imma._replace(num_stages=3)
         if imma.block_m > 32:  # half the sub-scale multiplies a weight, the weights read once more a row block
             out["imma_bm32"] = imma._replace(block_m=32, num_warps=4)
+        supers = k // qmatmul_imma.SUPER
+        if supers % (4 * imma.num_splits) == 0:  # more programs, fewer super-blocks each (latency, not work)
+            out["imma_split4x"] = imma._replace(num_splits=4 * imma.num_splits)
     out[DEQUANT] = out["default"]  # the dp4a layout's larger products: the matrix dequantized, one XLA dot
     firsts = {}
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once

@@ -386,7 +386,7 @@ for part in "${parts[@]}"; do
         --rounds 3 --decode-rows q4_k,q4_k_imma,q4_k_dp4a_imma
       tail -n 9 "$OUT/bench_qimma_step.log"
       run bench_qimma 200 python bench/bench_qmatmul.py --out "$OUT/imma" --rounds 2 --deadline-s 140 \
-        --rows 64 --matrices gate_up,down,wqkv --formats Q4_K --variants default,dot_s2,imma,imma_s3,imma_bm32,dequant
+        --rows 64,1 --matrices gate_up,wqkv --formats Q4_K --variants default,dot_s2,imma,imma_s3,imma_bm32,imma_split4x,dequant
       tail -n 24 "$OUT/bench_qimma.log"
       ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in
