@@ -197,3 +197,27 @@ def test_int8_tensor_cores_take_mid_sized_k_quant_products(rng, monkeypatch):
     monkeypatch.setattr(quant, "INT8_TENSOR_CORES", False)
     np.testing.assert_array_equal(np.asarray(y8), np.asarray(quant.project(x[24], q8, "pallas")))
     assert rel_err(imma, before[24]) < 2e-2
+
+
+def test_model_on_the_int8_tensor_cores(rng, monkeypatch):
+    """A Q4_K model's decode step for 20 sequences with ``quant.INT8_TENSOR_CORES``: every Q4_K projection of each
+    layer runs ``qmatmul_imma`` (interpret mode), and the logits stay within the activations' rounding of the
+    dot kernel's (per 256 values, int8)."""
+    from pallas_kernels import qmatmul_imma
+
+    params = quantized("q4_k")
+    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (20, 1)), jnp.int32)
+    want = logits_of(params, tokens, "pallas")
+    calls = []
+    imma = qmatmul_imma.qmatmul_imma
+    monkeypatch.setattr(qmatmul_imma, "qmatmul_imma", lambda x, p, f: calls.append(f) or imma(x, p, f))
+    monkeypatch.setattr(quant, "INT8_TENSOR_CORES", True)
+    try:
+        jax.clear_caches()  # the step's trace reads the switch
+        forward.cache_clear()
+        got = logits_of(params, tokens, "pallas")
+    finally:  # no later test may meet this trace
+        jax.clear_caches()
+        forward.cache_clear()
+    assert calls == ["Q4_K"] * 4 * CONFIG.num_layers  # wqkv, wo, gate/up, down of each layer
+    assert 1e-6 < rel_err(got, want) < 3e-2
