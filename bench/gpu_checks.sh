@@ -378,15 +378,16 @@ for part in "${parts[@]}"; do
         --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a
       tail -n 8 "$OUT/bench_qb16.log"
       ;;
-    qimma)  # issue 26: Q4_K at 17-127 rows on the int8 tensor cores (pallas_kernels.qmatmul_imma: activations rounded
+    qimma)  # issue 26: Q4_K / Q6_K products on the int8 tensor cores (pallas_kernels.qmatmul_imma: activations rounded
       # per super-block, the sub-blocks summed as integers): its GPU tests, the decode step at 64 sequences with it
       # (quant.INT8_TENSOR_CORES: the _imma rows), then its launches beside the dot kernel's and bf16's
-      run tests_qimma 90 python -m pytest -q -m gpu tests/kernels/test_qmatmul_imma.py
+      run tests_qimma 110 python -m pytest -q -m gpu tests/kernels/test_qmatmul_imma.py
       run bench_qimma_step 300 python bench/bench_qweights.py --out "$OUT/imma_step" --sections decode --batches 1,64 \
         --rounds 3 --decode-rows q4_k,q4_k_imma,q4_k_dp4a_imma
       tail -n 9 "$OUT/bench_qimma_step.log"
       run bench_qimma 200 python bench/bench_qmatmul.py --out "$OUT/imma" --rounds 2 --deadline-s 140 \
-        --rows 64,1 --matrices gate_up,wqkv --formats Q4_K --variants default,dot_s2,imma,imma_s3,imma_bm32,imma_split4x,dequant
+        --rows 64 --matrices gate_up,wqkv --formats Q4_K,Q6_K \
+        --variants default,dot_s2,imma,imma_s3,imma_bm32,imma_split4x,dequant
       tail -n 24 "$OUT/bench_qimma.log"
       ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in

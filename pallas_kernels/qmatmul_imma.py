@@ -1,4 +1,5 @@
-"""Q4_K products of many rows on the int8 tensor cores, the super-block's sub-blocks summed as integers.
+"""K-quant products on the int8 tensor cores, the super-block's sub-blocks summed as integers (Q4_K here; Q6_K in
+``pallas_kernels.qmatmul_imma_q6k``).
 
 The dot path (``quantized_matmul``) dequantizes every weight to the activations' dtype before the tensor cores:
 at 17-127 rows its Q4_K products spend more on that than on their bytes (docs/BENCHMARKS.md, "The row layout's dot
@@ -29,7 +30,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import backend, common
 from pallas_kernels.block_formats import check_planes
 
-FORMATS = ("Q4_K",)
+FORMATS = ("Q4_K", "Q6_K")
 SUPER = 256  # values a super-block holds (its d, dmin and eight sub-blocks)
 MIN_BLOCK_N = 16  # the narrowest column block of a tensor-core tile
 
@@ -43,7 +44,7 @@ class ImmaConfig(NamedTuple):
 
 
 def imma_config(m: int, n: int, k: int) -> ImmaConfig:
-    """The launch for ``x [m, k]`` times an ``n x k`` Q4_K matrix: column blocks of up to 64 (:func:`block_n_for`),
+    """The launch for ``x [m, k]`` times an ``n x k`` K-quant matrix: column blocks of up to 64 (:func:`block_n_for`),
     rows rounded up to a power of two (16 to 128), K split so that about two programs a multiprocessor run (an
     estimate, not yet measured)."""
     bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))
@@ -83,17 +84,23 @@ def pair_order(x):
     return jnp.swapaxes(x.reshape(m, k // 32, 2, 16), 2, 3).reshape(m, k)
 
 
-def round_activations(x):
-    """``x [M, K]`` as the kernel takes it: ``(codes, xs, block_sums)``: int8 codes ``[M, K]`` in
-    :func:`pair_order`, rounded to nearest (halves up) with one scale ``xs [M, K / 256]`` a super-block
-    (``max|x| / 127``; 0 for a zero super-block), and each 32-block's code sum times its scale ``[M, K / 32]``
-    (float32: what the sub-mins multiply)."""
+def round_super_blocks(x):
+    """``x [M, K]`` rounded to nearest (halves up) with one scale a 256-value super-block: ``(codes, xs)``, codes
+    float32 ``[M, K / 256, 256]`` (integers in [-127, 127]) and ``xs [M, K / 256]`` (``max|x| / 127``; 0 for a
+    zero super-block)."""
     m, k = x.shape
     x = x.astype(jnp.float32).reshape(m, k // SUPER, SUPER)
     peak = jnp.max(jnp.abs(x), axis=-1)
     inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
-    codes = jnp.clip(jnp.floor(x * inv[..., None] + 0.5), -127.0, 127.0)
-    xs = peak * (1.0 / 127.0)
+    return jnp.clip(jnp.floor(x * inv[..., None] + 0.5), -127.0, 127.0), peak * (1.0 / 127.0)
+
+
+def round_activations(x):
+    """``x [M, K]`` as the kernel takes it: ``(codes, xs, block_sums)``: int8 codes ``[M, K]`` in
+    :func:`pair_order`, rounded per super-block (:func:`round_super_blocks`), and each 32-block's code sum times
+    its scale ``[M, K / 32]`` (float32: what the sub-mins multiply)."""
+    m, k = x.shape
+    codes, xs = round_super_blocks(x)
     sums = codes.reshape(m, k // SUPER, SUPER // 32, 32).sum(axis=-1) * xs[..., None]
     codes = pair_order(codes.reshape(m, k).astype(jnp.int8))
     return codes, xs, sums.reshape(m, k // 32)
@@ -148,6 +155,26 @@ def _kernel(x_ref, xs_ref, nib_ref, sub_ref, d_ref, o_ref, *, config: ImmaConfig
     o_ref[s, rows, cols] = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
 
 
+def launch(kernel, inputs, n: int, rows: int, config: ImmaConfig, interpret: bool, name: str):
+    """The kernel over its grid (row blocks, column blocks, K splits), the splits' partials summed: ``[rows, n]``."""
+    out = common.whole_call(
+        kernel,
+        inputs,
+        jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32),
+        grid=(pl.cdiv(rows, config.block_m), n // config.block_n, config.num_splits),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        interpret=interpret,
+        name=f"jkv_qmatmul_imma_{name}",
+    )
+    return out.sum(axis=0) if config.num_splits > 1 else out[0]
+
+
+def pad_rows(a, rows: int):
+    """``a`` with zero rows appended up to ``rows``."""
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, 0))) if rows > a.shape[0] else a
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def _imma(x, planes, *, config: ImmaConfig, interpret: bool):
     m, k = x.shape
@@ -155,19 +182,9 @@ def _imma(x, planes, *, config: ImmaConfig, interpret: bool):
     n = nibbles.shape[0]
     codes, xs, sums = round_activations(x)
     rows = max(m, config.block_m)
-    pad = lambda a: jnp.pad(a, ((0, rows - m), (0, 0))) if rows > m else a
-    steps = k // SUPER // config.num_splits
-    out = common.whole_call(
-        functools.partial(_kernel, config=config, steps=steps, emulate=interpret),
-        [pad(codes), pad(xs), nibbles, sub_scales, d],
-        jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32),
-        grid=(pl.cdiv(rows, config.block_m), n // config.block_n, config.num_splits),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        interpret=interpret,
-        name="jkv_qmatmul_imma_q4_k",
-    )
-    product = out.sum(axis=0)[:m] if config.num_splits > 1 else out[0, :m]
+    pad = functools.partial(pad_rows, rows=rows)
+    kernel = functools.partial(_kernel, config=config, steps=k // SUPER // config.num_splits, emulate=interpret)
+    product = launch(kernel, [pad(codes), pad(xs), nibbles, sub_scales, d], n, rows, config, interpret, "q4_k")[:m]
     # the sub-mins' term: sum over the 32-blocks of (xs * code sum) * (-dmin * sub_min)
     mins = jnp.repeat(dmin.astype(jnp.float32), 8, axis=1) * sub_mins.astype(jnp.float32)  # [N, K/32]
     offsets = lax.dot_general(sums, mins, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
@@ -175,8 +192,9 @@ def _imma(x, planes, *, config: ImmaConfig, interpret: bool):
 
 
 def qmatmul_imma(x, planes, fmt: str = "Q4_K", *, config: ImmaConfig | None = None, interpret: bool | None = None):
-    """``x [M, K] @ W.T -> [M, N]`` (float32) for a Q4_K matrix ``planes`` (``block_formats``' row layout), on
-    the int8 tensor cores with the activations rounded per super-block (see the module docstring)."""
+    """``x [M, K] @ W.T -> [M, N]`` (float32) for a Q4_K or Q6_K matrix ``planes`` (``block_formats``' row
+    layout), on the int8 tensor cores with the activations rounded per super-block (see the module docstring;
+    Q6_K: ``pallas_kernels.qmatmul_imma_q6k``)."""
     if fmt not in FORMATS:
         raise ValueError(f"the int8 tensor-core product takes {FORMATS}, not {fmt!r}")
     planes = tuple(planes)
@@ -189,4 +207,9 @@ def qmatmul_imma(x, planes, fmt: str = "Q4_K", *, config: ImmaConfig | None = No
     if m == 0:
         return jnp.zeros((0, n), jnp.float32)
     config = check_config(imma_config(m, n, k) if config is None else ImmaConfig(*config), n, k)
-    return _imma(x, planes, config=config, interpret=backend.resolve_interpret(interpret))
+    interpret = backend.resolve_interpret(interpret)
+    if fmt == "Q6_K":
+        from pallas_kernels.qmatmul_imma_q6k import imma_q6_k
+
+        return imma_q6_k(x, planes, config=config, interpret=interpret)
+    return _imma(x, planes, config=config, interpret=interpret)

@@ -1,7 +1,7 @@
-"""The Q4_K product on the int8 tensor cores (``pallas_kernels.qmatmul_imma``): its activations rounded per 256-value
-super-block, then exact integer arithmetic on them and the weights. Checked against float64 NumPy of the same
-rounded activations times the exact dequantized matrix (tight), and against the unrounded product within the
-rounding's bound; interpret mode here, the real lowering on a GPU."""
+"""The Q4_K and Q6_K products on the int8 tensor cores (``pallas_kernels.qmatmul_imma``, ``qmatmul_imma_q6k``): the
+activations rounded per 256-value super-block, then exact integer arithmetic on them and the weights. Checked
+against float64 NumPy of the same rounded activations times the exact dequantized matrix (tight), and against the
+unrounded product within the rounding's bound; interpret mode here, the real lowering on a GPU."""
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,11 @@ def rounded_f64(x):
     return (codes * step).reshape(m, k), np.repeat(step.reshape(m, -1), 256, axis=1)
 
 
-def check(rng, m, n, k, config=None, scale=1.0):
-    planes = random_planes(rng, "Q4_K", n, k)
-    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
-    got = np.asarray(qi.qmatmul_imma(jnp.asarray(x), tuple(map(jnp.asarray, planes)), config=config), np.float64)
-    w = dequantize_f64(planes, "Q4_K")
+def check(rng, m, n, k, fmt="Q4_K", config=None):
+    planes = random_planes(rng, fmt, n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    got = np.asarray(qi.qmatmul_imma(jnp.asarray(x), tuple(map(jnp.asarray, planes)), fmt, config=config), np.float64)
+    w = dequantize_f64(planes, fmt)
     xr, step = rounded_f64(x)
     want = xr @ w.T
     assert got.shape == (m, n)
@@ -38,31 +38,35 @@ def check(rng, m, n, k, config=None, scale=1.0):
     return got
 
 
+@pytest.mark.parametrize("fmt", qi.FORMATS)
 @pytest.mark.parametrize("m,n,k", [(1, 64, 256), (17, 128, 512), (40, 64, 1024), (64, 192, 768), (20, 48, 512)])
-def test_matches_float64_of_the_rounded_activations(rng, m, n, k):
-    check(rng, m, n, k)
+def test_matches_float64_of_the_rounded_activations(rng, m, n, k, fmt):
+    check(rng, m, n, k, fmt)
 
 
-def test_splits_and_row_blocks_agree(rng):
+@pytest.mark.parametrize("fmt", qi.FORMATS)
+def test_splits_and_row_blocks_agree(rng, fmt):
     """K split over programs (partials summed outside) and rows in several blocks give the one-program result."""
     n, k, m = 64, 1024, 40
-    planes = tuple(map(jnp.asarray, random_planes(rng, "Q4_K", n, k)))
+    planes = tuple(map(jnp.asarray, random_planes(rng, fmt, n, k)))
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    one = np.asarray(qi.qmatmul_imma(x, planes, config=qi.ImmaConfig(64, 64, 1, 4, 2)))
+    one = np.asarray(qi.qmatmul_imma(x, planes, fmt, config=qi.ImmaConfig(64, 64, 1, 4, 2)))
     for config in (qi.ImmaConfig(64, 64, 4, 4, 2), qi.ImmaConfig(16, 32, 2, 4, 2)):
-        np.testing.assert_allclose(np.asarray(qi.qmatmul_imma(x, planes, config=config)), one, rtol=1e-5, atol=1e-4)
+        got = np.asarray(qi.qmatmul_imma(x, planes, fmt, config=config))
+        np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-4 * np.abs(one).max())
 
 
-def test_zero_super_blocks_and_large_values(rng):
+@pytest.mark.parametrize("fmt", qi.FORMATS)
+def test_zero_super_blocks_and_large_values(rng, fmt):
     """A super-block of zeros has scale 0 and contributes 0 (no NaN); activations of 1e4 stay in int32 range."""
     n, k, m = 64, 512, 3
-    planes = random_planes(rng, "Q4_K", n, k)
+    planes = random_planes(rng, fmt, n, k)
     x = rng.standard_normal((m, k)).astype(np.float32) * 1e4
     x[:, :256] = 0.0
-    got = np.asarray(qi.qmatmul_imma(jnp.asarray(x), tuple(map(jnp.asarray, planes))), np.float64)
+    got = np.asarray(qi.qmatmul_imma(jnp.asarray(x), tuple(map(jnp.asarray, planes)), fmt), np.float64)
     assert np.isfinite(got).all()
     xr, _ = rounded_f64(x)
-    want = xr @ dequantize_f64(planes, "Q4_K").T
+    want = xr @ dequantize_f64(planes, fmt).T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -77,28 +81,45 @@ def test_round_activations_pair_order():
     np.testing.assert_allclose(np.asarray(sums)[0], xr[0].reshape(16, 32).sum(axis=1), rtol=1e-5)
 
 
-def test_lowers_to_an_int8_tensor_core_dot():
+@pytest.mark.parametrize("fmt", qi.FORMATS)
+def test_lowers_to_an_int8_tensor_core_dot(fmt):
     """For CUDA (no GPU needed): one Triton kernel whose products are int8 x int8 dots; no floor division's
     fix-up (``arith.remsi``) in its addresses."""
+    from qweight_inputs import planes_like
+
     from bench import qmatmul_ir
 
     sds = jax.ShapeDtypeStruct
     n, k = 256, 1024
-    planes = tuple(sds((n, k // 2), jnp.uint8) for _ in range(1))
-    planes += (sds((n, k // 32), jnp.uint8),) * 2 + (sds((n, k // 256), jnp.float16),) * 2
+    planes = planes_like(fmt, n, k, sds)
     modules = []
     with qmatmul_ir._capture_triton_modules(modules):
-        jax.jit(lambda x, p: qi.qmatmul_imma(x, p, interpret=False)).trace(sds((64, k), jnp.bfloat16), planes).lower(
-            lowering_platforms=("cuda",)
+        lower = jax.jit(lambda x, p: qi.qmatmul_imma(x, p, fmt, interpret=False)).trace(
+            sds((64, k), jnp.bfloat16), planes
         )
+        lower.lower(lowering_platforms=("cuda",))
     (ttir,) = modules
     assert "tt.dot" in ttir and "xi8>" in ttir and "arith.remsi" not in ttir
+
+
+def test_q6_k_part_order():
+    """Q6_K's activation rows: per 32-block two rows in part order (position 4c + 2p + a holds value
+    16p + 8a + c), each holding one half-block's values and zeros at the other's."""
+    from pallas_kernels import qmatmul_imma_q6k as q6
+
+    codes = jnp.arange(64, dtype=jnp.int8)[None] - 32  # two blocks, every value distinct
+    rows = np.asarray(q6.part_order(codes)).reshape(2, 2, 8, 2, 2)  # [block, row, c, p, a]
+    for blk in range(2):
+        for p in range(2):
+            for a in range(2):
+                np.testing.assert_array_equal(rows[blk, p, :, p, a], blk * 32 + 16 * p + 8 * a + np.arange(8) - 32)
+            assert not rows[blk, p, :, 1 - p].any()
 
 
 def test_refusals(rng):
     planes = tuple(map(jnp.asarray, random_planes(rng, "Q4_K", 64, 512)))
     x = jnp.zeros((4, 512), jnp.float32)
-    with pytest.raises(ValueError, match="takes \\('Q4_K',\\), not 'Q8_0'"):
+    with pytest.raises(ValueError, match="takes \\('Q4_K', 'Q6_K'\\), not 'Q8_0'"):
         qi.qmatmul_imma(x, planes, "Q8_0")
     with pytest.raises(ValueError, match="x must be \\[M, 512\\]"):
         qi.qmatmul_imma(jnp.zeros((4, 256)), planes)
@@ -116,6 +137,7 @@ def test_refusals(rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(backend.gpu_backend() != backend.TRITON, reason="needs a GPU with the Pallas Triton lowering")
-@pytest.mark.parametrize("m", [17, 64, 100])
-def test_gpu_matches_float64(rng, m):
-    check(rng, m, 512, 4096)
+@pytest.mark.parametrize("fmt", qi.FORMATS)
+@pytest.mark.parametrize("m", [1, 17, 64, 100])
+def test_gpu_matches_float64(rng, m, fmt):
+    check(rng, m, 512, 4096, fmt)
