@@ -20,61 +20,27 @@ Bounds: ``|code| <= 127``, a nibble <= 15 and 32 of them a block give ``|dot| <=
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, qmatmul_imma_q6k
 from pallas_kernels.block_formats import check_planes
+from pallas_kernels.qmatmul_imma_launch import (  # noqa: F401  (the launch's names: callers take them from here)
+    MIN_BLOCK_N,
+    SUPER,
+    ImmaConfig,
+    block_n_for,
+    check_config,
+    imma_config,
+    launch,
+    pad_rows,
+    round_super_blocks,
+)
 
 FORMATS = ("Q4_K", "Q6_K")
-SUPER = 256  # values a super-block holds (its d, dmin and eight sub-blocks)
-MIN_BLOCK_N = 16  # the narrowest column block of a tensor-core tile
-
-
-class ImmaConfig(NamedTuple):
-    block_m: int  # rows a program (a power of two, at least 16)
-    block_n: int  # output columns a program (a power of two dividing N)
-    num_splits: int  # programs sharing one output block's super-blocks (dividing them)
-    num_warps: int
-    num_stages: int
-
-
-def imma_config(m: int, n: int, k: int) -> ImmaConfig:
-    """The launch for ``x [m, k]`` times an ``n x k`` K-quant matrix: column blocks of up to 64 (:func:`block_n_for`),
-    rows rounded up to a power of two (16 to 128), K split so that about two programs a multiprocessor run (an
-    estimate, not yet measured)."""
-    bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))
-    bn = block_n_for(n)
-    if bn is None:
-        raise ValueError(f"the int8 tensor-core product takes N a multiple of {MIN_BLOCK_N}, got N={n}")
-    blocks = pl.cdiv(m, bm) * (n // bn)
-    supers = k // SUPER
-    want = max(1, -(-2 * backend.num_multiprocessors() // blocks))
-    splits = min(d for d in range(min(want, supers), supers + 1) if supers % d == 0)
-    return ImmaConfig(bm, bn, splits, 4 if bm <= 64 else 8, 2)
-
-
-def block_n_for(n: int) -> int | None:
-    """The widest column block (at most 64, a power of two) that tiles ``n`` columns; None below ``MIN_BLOCK_N``."""
-    bn = 64
-    while n % bn:
-        bn //= 2
-    return bn if bn >= MIN_BLOCK_N else None
-
-
-def check_config(config: ImmaConfig, n: int, k: int) -> ImmaConfig:
-    """``config`` if it launches on an ``n x k`` matrix (blocks tile N, splits divide the super-blocks, the row
-    block a power of two of at least 16), else ValueError naming what does not fit."""
-    pow2 = lambda v: v > 0 and v & (v - 1) == 0
-    if not (pow2(config.block_m) and config.block_m >= common.MIN_BLOCK and pow2(config.block_n)):
-        raise ValueError(f"{config}: block_m must be a power of two >= {common.MIN_BLOCK}, block_n a power of two")
-    if n % config.block_n or config.num_splits < 1 or (k // SUPER) % config.num_splits:
-        raise ValueError(f"{config} does not tile N={n} by block_n or K / {SUPER}={k // SUPER} by num_splits")
-    return config
 
 
 def pair_order(x):
@@ -82,17 +48,6 @@ def pair_order(x):
     ``2c + h`` holds value ``16h + c`` (the low nibble of packed column ``c`` beside its high one)."""
     m, k = x.shape
     return jnp.swapaxes(x.reshape(m, k // 32, 2, 16), 2, 3).reshape(m, k)
-
-
-def round_super_blocks(x):
-    """``x [M, K]`` rounded to nearest (halves up) with one scale a 256-value super-block: ``(codes, xs)``, codes
-    float32 ``[M, K / 256, 256]`` (integers in [-127, 127]) and ``xs [M, K / 256]`` (``max|x| / 127``; 0 for a
-    zero super-block)."""
-    m, k = x.shape
-    x = x.astype(jnp.float32).reshape(m, k // SUPER, SUPER)
-    peak = jnp.max(jnp.abs(x), axis=-1)
-    inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
-    return jnp.clip(jnp.floor(x * inv[..., None] + 0.5), -127.0, 127.0), peak * (1.0 / 127.0)
 
 
 def round_activations(x):
@@ -155,26 +110,6 @@ def _kernel(x_ref, xs_ref, nib_ref, sub_ref, d_ref, o_ref, *, config: ImmaConfig
     o_ref[s, rows, cols] = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
 
 
-def launch(kernel, inputs, n: int, rows: int, config: ImmaConfig, interpret: bool, name: str):
-    """The kernel over its grid (row blocks, column blocks, K splits), the splits' partials summed: ``[rows, n]``."""
-    out = common.whole_call(
-        kernel,
-        inputs,
-        jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32),
-        grid=(pl.cdiv(rows, config.block_m), n // config.block_n, config.num_splits),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        interpret=interpret,
-        name=f"jkv_qmatmul_imma_{name}",
-    )
-    return out.sum(axis=0) if config.num_splits > 1 else out[0]
-
-
-def pad_rows(a, rows: int):
-    """``a`` with zero rows appended up to ``rows``."""
-    return jnp.pad(a, ((0, rows - a.shape[0]), (0, 0))) if rows > a.shape[0] else a
-
-
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def _imma(x, planes, *, config: ImmaConfig, interpret: bool):
     m, k = x.shape
@@ -209,7 +144,5 @@ def qmatmul_imma(x, planes, fmt: str = "Q4_K", *, config: ImmaConfig | None = No
     config = check_config(imma_config(m, n, k) if config is None else ImmaConfig(*config), n, k)
     interpret = backend.resolve_interpret(interpret)
     if fmt == "Q6_K":
-        from pallas_kernels.qmatmul_imma_q6k import imma_q6_k
-
-        return imma_q6_k(x, planes, config=config, interpret=interpret)
+        return qmatmul_imma_q6k.imma_q6_k(x, planes, config=config, interpret=interpret)
     return _imma(x, planes, config=config, interpret=interpret)

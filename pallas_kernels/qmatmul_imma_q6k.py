@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
-from pallas_kernels.qmatmul_imma import SUPER, ImmaConfig, launch, pad_rows, round_super_blocks
+from pallas_kernels.qmatmul_imma_launch import SUPER, ImmaConfig, launch, pad_rows, round_super_blocks
 
 # q of four bytes from a nibble word ($1) and the crumb word ($2): the nibbles' low (or high) four bits, the crumbs'
 # two bits at a shift, moved to bits 4-5 of each byte (masks keep every byte apart: no carries)

@@ -1,0 +1,88 @@
+"""What the int8 tensor-core products (``qmatmul_imma`` for Q4_K, ``qmatmul_imma_q6k`` for Q6_K) share: their
+launch parameters and rule, the activations' rounding per 256-value super-block, and the launch over the grid."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import backend, common
+
+SUPER = 256  # values a super-block holds (its d, dmin and eight sub-blocks)
+MIN_BLOCK_N = 16  # the narrowest column block of a tensor-core tile
+
+
+class ImmaConfig(NamedTuple):
+    block_m: int  # rows a program (a power of two, at least 16)
+    block_n: int  # output columns a program (a power of two dividing N)
+    num_splits: int  # programs sharing one output block's super-blocks (dividing them)
+    num_warps: int
+    num_stages: int
+
+
+def imma_config(m: int, n: int, k: int) -> ImmaConfig:
+    """The launch for ``x [m, k]`` times an ``n x k`` K-quant matrix: column blocks of up to 64 (:func:`block_n_for`),
+    rows rounded up to a power of two (16 to 128), K split so that about two programs a multiprocessor run (an
+    estimate, not yet measured)."""
+    bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))
+    bn = block_n_for(n)
+    if bn is None:
+        raise ValueError(f"the int8 tensor-core product takes N a multiple of {MIN_BLOCK_N}, got N={n}")
+    blocks = pl.cdiv(m, bm) * (n // bn)
+    supers = k // SUPER
+    want = max(1, -(-2 * backend.num_multiprocessors() // blocks))
+    splits = min(d for d in range(min(want, supers), supers + 1) if supers % d == 0)
+    return ImmaConfig(bm, bn, splits, 4 if bm <= 64 else 8, 2)
+
+
+def block_n_for(n: int) -> int | None:
+    """The widest column block (at most 64, a power of two) that tiles ``n`` columns; None below ``MIN_BLOCK_N``."""
+    bn = 64
+    while n % bn:
+        bn //= 2
+    return bn if bn >= MIN_BLOCK_N else None
+
+
+def check_config(config: ImmaConfig, n: int, k: int) -> ImmaConfig:
+    """``config`` if it launches on an ``n x k`` matrix (blocks tile N, splits divide the super-blocks, the row
+    block a power of two of at least 16), else ValueError naming what does not fit."""
+    pow2 = lambda v: v > 0 and v & (v - 1) == 0
+    if not (pow2(config.block_m) and config.block_m >= common.MIN_BLOCK and pow2(config.block_n)):
+        raise ValueError(f"{config}: block_m must be a power of two >= {common.MIN_BLOCK}, block_n a power of two")
+    if n % config.block_n or config.num_splits < 1 or (k // SUPER) % config.num_splits:
+        raise ValueError(f"{config} does not tile N={n} by block_n or K / {SUPER}={k // SUPER} by num_splits")
+    return config
+
+
+def round_super_blocks(x):
+    """``x [M, K]`` rounded to nearest (halves up) with one scale a 256-value super-block: ``(codes, xs)``, codes
+    float32 ``[M, K / 256, 256]`` (integers in [-127, 127]) and ``xs [M, K / 256]`` (``max|x| / 127``; 0 for a
+    zero super-block)."""
+    m, k = x.shape
+    x = x.astype(jnp.float32).reshape(m, k // SUPER, SUPER)
+    peak = jnp.max(jnp.abs(x), axis=-1)
+    inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
+    return jnp.clip(jnp.floor(x * inv[..., None] + 0.5), -127.0, 127.0), peak * (1.0 / 127.0)
+
+
+def launch(kernel, inputs, n: int, rows: int, config: ImmaConfig, interpret: bool, name: str):
+    """The kernel over its grid (row blocks, column blocks, K splits), the splits' partials summed: ``[rows, n]``."""
+    out = common.whole_call(
+        kernel,
+        inputs,
+        jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32),
+        grid=(pl.cdiv(rows, config.block_m), n // config.block_n, config.num_splits),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        interpret=interpret,
+        name=f"jkv_qmatmul_imma_{name}",
+    )
+    return out.sum(axis=0) if config.num_splits > 1 else out[0]
+
+
+def pad_rows(a, rows: int):
+    """``a`` with zero rows appended up to ``rows``."""
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, 0))) if rows > a.shape[0] else a
