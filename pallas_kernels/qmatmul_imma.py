@@ -36,8 +36,12 @@ from pallas_kernels.qmatmul_imma_launch import (  # noqa: F401  (the launch's na
     check_config,
     imma_config,
     launch,
+    offsets,
     pad_rows,
+    product,
+    program_tile,
     round_super_blocks,
+    scaled,
 )
 
 FORMATS = ("Q4_K", "Q6_K")
@@ -84,10 +88,7 @@ def nibbles(packed, emulate: bool):
 
 def _kernel(x_ref, xs_ref, nib_ref, sub_ref, d_ref, o_ref, *, config: ImmaConfig, steps: int, emulate: bool):
     bm, bn = config.block_m, config.block_n
-    m_total = x_ref.shape[0]
-    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row0 = jnp.minimum(i * bm, m_total - bm)
-    rows, cols = pl.ds(row0, bm), pl.ds(pl.multiple_of(j * bn, bn), bn)
+    rows, cols, s = program_tile(config, x_ref.shape[0])
 
     def body(step, acc):
         sb = s * steps + step  # the super-block
@@ -103,27 +104,20 @@ def _kernel(x_ref, xs_ref, nib_ref, sub_ref, d_ref, o_ref, *, config: ImmaConfig
             dot = lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
             scale = jnp.sum(jnp.where(pick == b, subs, 0), axis=0, keepdims=True)  # [1, bn]
             total = total + dot * scale
-        xs = xs_ref[rows, pl.ds(sb, 1)]  # [bm, 1]
-        d = d_ref[cols, pl.ds(sb, 1)].astype(jnp.float32).reshape(1, bn)
-        return acc + total.astype(jnp.float32) * (xs * d)
+        return scaled(acc, total, xs_ref, d_ref, rows, cols, sb, bn)
 
     o_ref[s, rows, cols] = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def _imma(x, planes, *, config: ImmaConfig, interpret: bool):
-    m, k = x.shape
+    k = x.shape[1]
     nibbles, sub_scales, sub_mins, d, dmin = planes
     n = nibbles.shape[0]
     codes, xs, sums = round_activations(x)
-    rows = max(m, config.block_m)
-    pad = functools.partial(pad_rows, rows=rows)
-    kernel = functools.partial(_kernel, config=config, steps=k // SUPER // config.num_splits, emulate=interpret)
-    product = launch(kernel, [pad(codes), pad(xs), nibbles, sub_scales, d], n, rows, config, interpret, "q4_k")[:m]
+    out = product(_kernel, codes, xs, (nibbles, sub_scales, d), n, k, config, interpret, "q4_k")
     # the sub-mins' term: sum over the 32-blocks of (xs * code sum) * (-dmin * sub_min)
-    mins = jnp.repeat(dmin.astype(jnp.float32), 8, axis=1) * sub_mins.astype(jnp.float32)  # [N, K/32]
-    offsets = lax.dot_general(sums, mins, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
-    return product - offsets
+    return out - offsets(sums, jnp.repeat(dmin.astype(jnp.float32), 8, axis=1) * sub_mins.astype(jnp.float32))
 
 
 def qmatmul_imma(x, planes, fmt: str = "Q4_K", *, config: ImmaConfig | None = None, interpret: bool | None = None):

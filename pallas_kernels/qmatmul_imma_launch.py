@@ -3,10 +3,12 @@ launch parameters and rule, the activations' rounding per 256-value super-block,
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend, common
@@ -86,3 +88,32 @@ def launch(kernel, inputs, n: int, rows: int, config: ImmaConfig, interpret: boo
 def pad_rows(a, rows: int):
     """``a`` with zero rows appended up to ``rows``."""
     return jnp.pad(a, ((0, rows - a.shape[0]), (0, 0))) if rows > a.shape[0] else a
+
+
+def product(kernel, codes, xs, planes, n: int, k: int, config: ImmaConfig, interpret: bool, name: str):
+    """A kernel's ``[M, N]`` product: the activations' ``codes`` and scales ``xs`` padded to a row block, then the
+    weight ``planes``; ``kernel`` takes ``config``, ``steps`` (super-blocks a split) and ``emulate``."""
+    m = codes.shape[0]
+    rows = max(m, config.block_m)
+    body = functools.partial(kernel, config=config, steps=k // SUPER // config.num_splits, emulate=interpret)
+    return launch(body, [pad_rows(codes, rows), pad_rows(xs, rows), *planes], n, rows, config, interpret, name)[:m]
+
+
+def offsets(sums, entries):
+    """``sums [M, G] @ entries [N, G].T`` in float32 at full precision: a format's offset term over ``G`` groups."""
+    return lax.dot_general(sums, entries, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
+
+
+def scaled(acc, total, xs_ref, d_ref, rows, cols, sb, bn: int):
+    """``acc`` plus a super-block ``sb``'s int32 ``total`` converted once and scaled by ``xs * d``."""
+    xs = xs_ref[rows, pl.ds(sb, 1)]  # [bm, 1]
+    d = d_ref[cols, pl.ds(sb, 1)].astype(jnp.float32).reshape(1, bn)
+    return acc + total.astype(jnp.float32) * (xs * d)
+
+
+def program_tile(config: ImmaConfig, total_rows: int):
+    """This program's ``(rows, cols, split)``: its row block (the last one slides back to end at the rows) and
+    column block as ``pl.ds``, and its K split."""
+    bm, bn = config.block_m, config.block_n
+    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    return pl.ds(jnp.minimum(i * bm, total_rows - bm), bm), pl.ds(pl.multiple_of(j * bn, bn), bn), s

@@ -22,7 +22,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
-from pallas_kernels.qmatmul_imma_launch import SUPER, ImmaConfig, launch, pad_rows, round_super_blocks
+from pallas_kernels.qmatmul_imma_launch import (
+    SUPER,
+    ImmaConfig,
+    offsets,
+    product,
+    program_tile,
+    round_super_blocks,
+    scaled,
+)
 
 # q of four bytes from a nibble word ($1) and the crumb word ($2): the nibbles' low (or high) four bits, the crumbs'
 # two bits at a shift, moved to bits 4-5 of each byte (masks keep every byte apart: no carries)
@@ -69,9 +77,7 @@ def round_activations(x):
 
 def _kernel(x_ref, xs_ref, nib_ref, crumb_ref, low_ref, high_ref, d_ref, o_ref, *, config, steps, emulate):
     bm, bn = config.block_m, config.block_n
-    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row0 = jnp.minimum(i * bm, x_ref.shape[0] - bm)
-    rows, cols = pl.ds(row0, bm), pl.ds(pl.multiple_of(j * bn, bn), bn)
+    rows, cols, s = program_tile(config, x_ref.shape[0])
     pick = lax.broadcasted_iota(jnp.int32, (8, bn), 0)
 
     def body(step, acc):
@@ -92,9 +98,7 @@ def _kernel(x_ref, xs_ref, nib_ref, crumb_ref, low_ref, high_ref, d_ref, o_ref, 
                     x_ref[rows, pl.ds(at, 32)], w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32
                 )
                 total = total + dot * jnp.sum(jnp.where(pick == b, subs[p], 0), axis=0, keepdims=True)
-        xs = xs_ref[rows, pl.ds(sb, 1)]
-        d = d_ref[cols, pl.ds(sb, 1)].astype(jnp.float32).reshape(1, bn)
-        return acc + total.astype(jnp.float32) * (xs * d)
+        return scaled(acc, total, xs_ref, d_ref, rows, cols, sb, bn)
 
     o_ref[s, rows, cols] = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
 
@@ -102,15 +106,11 @@ def _kernel(x_ref, xs_ref, nib_ref, crumb_ref, low_ref, high_ref, d_ref, o_ref, 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def imma_q6_k(x, planes, *, config: ImmaConfig, interpret: bool):
     """``x [M, K] @ W.T`` for a Q6_K matrix (checked by ``qmatmul_imma.qmatmul_imma``, which calls this)."""
-    m, k = x.shape
+    k = x.shape[1]
     nibbles, crumbs, low, high, d = planes
     n = nibbles.shape[0]
     codes_, xs, sums = round_activations(x)
-    rows = max(m, config.block_m)
-    pad = functools.partial(pad_rows, rows=rows)
-    kernel = functools.partial(_kernel, config=config, steps=k // SUPER // config.num_splits, emulate=interpret)
-    product = launch(kernel, [pad(codes_), pad(xs), nibbles, crumbs, low, high, d], n, rows, config, interpret, "q6_k")
+    out = product(_kernel, codes_, xs, (nibbles, crumbs, low, high, d), n, k, config, interpret, "q6_k")
     # the -32 offset: sum over the half-blocks of (xs * code sum) * (32 * d * sub)
     subs = jnp.stack([low, high], axis=2).reshape(n, k // 16).astype(jnp.float32)  # [N, K/16], value order
-    offsets = jnp.repeat(d.astype(jnp.float32), SUPER // 16, axis=1) * subs * 32.0
-    return product[:m] - lax.dot_general(sums, offsets, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
+    return out - offsets(sums, jnp.repeat(d.astype(jnp.float32), SUPER // 16, axis=1) * subs * 32.0)
