@@ -29,15 +29,12 @@ from jax.experimental import pallas as pl
 from pallas_kernels import backend, qmatmul_imma_q6k
 from pallas_kernels.block_formats import check_planes
 from pallas_kernels.qmatmul_imma_launch import (  # noqa: F401  (the launch's names: callers take them from here)
-    MIN_BLOCK_N,
     SUPER,
     ImmaConfig,
     block_n_for,
     check_config,
     imma_config,
-    launch,
     offsets,
-    pad_rows,
     product,
     program_tile,
     round_super_blocks,
@@ -60,9 +57,8 @@ def round_activations(x):
     its scale ``[M, K / 32]`` (float32: what the sub-mins multiply)."""
     m, k = x.shape
     codes, xs = round_super_blocks(x)
-    sums = codes.reshape(m, k // SUPER, SUPER // 32, 32).sum(axis=-1) * xs[..., None]
-    codes = pair_order(codes.reshape(m, k).astype(jnp.int8))
-    return codes, xs, sums.reshape(m, k // 32)
+    sums = codes.astype(jnp.int32).reshape(m, k // SUPER, SUPER // 32, 32).sum(axis=-1) * xs[..., None]
+    return pair_order(codes.reshape(m, k)), xs, sums.reshape(m, k // 32)
 
 
 LOW_ASM = "and.b32 $0, $1, 0x0F0F0F0F;"  # four bytes' low nibbles at once
@@ -89,12 +85,12 @@ def nibbles(packed, emulate: bool):
 def _kernel(x_ref, xs_ref, nib_ref, sub_ref, d_ref, o_ref, *, config: ImmaConfig, steps: int, emulate: bool):
     bm, bn = config.block_m, config.block_n
     rows, cols, s = program_tile(config, x_ref.shape[0])
+    pick = lax.broadcasted_iota(jnp.int32, (8, bn), 0)
 
     def body(step, acc):
         sb = s * steps + step  # the super-block
         # its eight sub-scales in one load, [8, bn]; block b's row picked by a masked sum (no per-block byte loads)
         subs = sub_ref[cols, pl.ds(pl.multiple_of(sb * 8, 8), 8)].astype(jnp.int32).T
-        pick = lax.broadcasted_iota(jnp.int32, (8, bn), 0)
         total = jnp.zeros((bm, bn), jnp.int32)
         for b in range(SUPER // 32):  # its eight 32-blocks
             blk = sb * 8 + b

@@ -1,5 +1,6 @@
 """What the int8 tensor-core products (``qmatmul_imma`` for Q4_K, ``qmatmul_imma_q6k`` for Q6_K) share: their
-launch parameters and rule, the activations' rounding per 256-value super-block, and the launch over the grid."""
+launch parameters and rule, the activations' rounding per 256-value super-block, the launch over the grid, and
+the pieces of a kernel body both take."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import backend, common
+from pallas_kernels import backend, common, int_codes
+from pallas_kernels.quantized_matmul import common_pad_rows
 
 SUPER = 256  # values a super-block holds (its d, dmin and eight sub-blocks)
 MIN_BLOCK_N = 16  # the narrowest column block of a tensor-core tile
@@ -60,21 +62,22 @@ def check_config(config: ImmaConfig, n: int, k: int) -> ImmaConfig:
 
 
 def round_super_blocks(x):
-    """``x [M, K]`` rounded to nearest (halves up) with one scale a 256-value super-block: ``(codes, xs)``, codes
-    float32 ``[M, K / 256, 256]`` (integers in [-127, 127]) and ``xs [M, K / 256]`` (``max|x| / 127``; 0 for a
-    zero super-block)."""
+    """``x [M, K]`` rounded to int8 with one scale a 256-value super-block, by the rule of the dp4a path's
+    activations (``int_codes.round_rows``): ``(codes, xs)``, codes int8 ``[M, K / 256, 256]`` and
+    ``xs [M, K / 256]`` (``max|x| / 127``; 0 for a zero super-block)."""
     m, k = x.shape
-    x = x.astype(jnp.float32).reshape(m, k // SUPER, SUPER)
-    peak = jnp.max(jnp.abs(x), axis=-1)
-    inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
-    return jnp.clip(jnp.floor(x * inv[..., None] + 0.5), -127.0, 127.0), peak * (1.0 / 127.0)
+    return int_codes.round_rows(x.astype(jnp.float32).reshape(m, k // SUPER, SUPER))
 
 
-def launch(kernel, inputs, n: int, rows: int, config: ImmaConfig, interpret: bool, name: str):
-    """The kernel over its grid (row blocks, column blocks, K splits), the splits' partials summed: ``[rows, n]``."""
+def product(kernel, codes, xs, planes, n: int, k: int, config: ImmaConfig, interpret: bool, name: str):
+    """A kernel's ``[M, N]`` product over its grid (row blocks, column blocks, K splits; the splits' partials
+    summed): the activations' ``codes`` and scales ``xs`` padded to a row block, then the weight ``planes``;
+    ``kernel`` takes ``config``, ``steps`` (super-blocks a split) and ``emulate``."""
+    m = codes.shape[0]
+    rows = max(m, config.block_m)
     out = common.whole_call(
-        kernel,
-        inputs,
+        functools.partial(kernel, config=config, steps=k // SUPER // config.num_splits, emulate=interpret),
+        [common_pad_rows(codes, rows), common_pad_rows(xs, rows), *planes],
         jax.ShapeDtypeStruct((config.num_splits, rows, n), jnp.float32),
         grid=(pl.cdiv(rows, config.block_m), n // config.block_n, config.num_splits),
         num_warps=config.num_warps,
@@ -82,21 +85,7 @@ def launch(kernel, inputs, n: int, rows: int, config: ImmaConfig, interpret: boo
         interpret=interpret,
         name=f"jkv_qmatmul_imma_{name}",
     )
-    return out.sum(axis=0) if config.num_splits > 1 else out[0]
-
-
-def pad_rows(a, rows: int):
-    """``a`` with zero rows appended up to ``rows``."""
-    return jnp.pad(a, ((0, rows - a.shape[0]), (0, 0))) if rows > a.shape[0] else a
-
-
-def product(kernel, codes, xs, planes, n: int, k: int, config: ImmaConfig, interpret: bool, name: str):
-    """A kernel's ``[M, N]`` product: the activations' ``codes`` and scales ``xs`` padded to a row block, then the
-    weight ``planes``; ``kernel`` takes ``config``, ``steps`` (super-blocks a split) and ``emulate``."""
-    m = codes.shape[0]
-    rows = max(m, config.block_m)
-    body = functools.partial(kernel, config=config, steps=k // SUPER // config.num_splits, emulate=interpret)
-    return launch(body, [pad_rows(codes, rows), pad_rows(xs, rows), *planes], n, rows, config, interpret, name)[:m]
+    return (out.sum(axis=0) if config.num_splits > 1 else out[0])[:m]
 
 
 def offsets(sums, entries):

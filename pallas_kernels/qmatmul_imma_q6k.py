@@ -71,8 +71,8 @@ def round_activations(x):
     ``[M, K / 256]``, and each 16-value half-block's code sum times its scale ``[M, K / 16]``."""
     m, k = x.shape
     rounded, xs = round_super_blocks(x)
-    sums = rounded.reshape(m, k // SUPER, SUPER // 16, 16).sum(axis=-1) * xs[..., None]
-    return part_order(rounded.reshape(m, k).astype(jnp.int8)), xs, sums.reshape(m, k // 16)
+    sums = rounded.astype(jnp.int32).reshape(m, k // SUPER, SUPER // 16, 16).sum(axis=-1) * xs[..., None]
+    return part_order(rounded.reshape(m, k)), xs, sums.reshape(m, k // 16)
 
 
 def _kernel(x_ref, xs_ref, nib_ref, crumb_ref, low_ref, high_ref, d_ref, o_ref, *, config, steps, emulate):

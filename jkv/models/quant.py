@@ -56,14 +56,14 @@ DEQUANT_MIN_ROWS = 128
 # or "kernel" (``pallas_kernels.dequantize_weights``: one launch a matrix, the same values). Timed on an H100 the
 # kernel was level with XLA's form within the run's noise (bench/bench_qweights.py's ``_deqk`` prefill rows;
 # docs/BENCHMARKS.md), so XLA's stays the default. ``weights_impl="xla"`` always dequantizes in XLA.
+DEQUANT_IMPLS = ("xla", "kernel")
+DEQUANT_IMPL = "xla"
 # Whether K-quant products of fewer than DEQUANT_MIN_ROWS rows (decode steps, small mixed steps; in the dp4a layout
 # from 17 rows, above its integer-dot kernel's) run on the int8 tensor cores (``pallas_kernels.qmatmul_imma``:
 # activations rounded per super-block, its sub-blocks summed as integers) instead of the dot kernel, which
 # dequantizes every weight to bf16 and ran Q4_K at 64 rows at a tenth of its read floor on an H100. Off until
 # timed (bench/bench_qweights.py's ``_imma`` rows).
 INT8_TENSOR_CORES = False
-DEQUANT_IMPLS = ("xla", "kernel")
-DEQUANT_IMPL = "xla"
 
 
 @struct.dataclass
