@@ -30,8 +30,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels import common, int_codes, qmatmul_dp4a
 
 ROUNDINGS = ("auto", "xla", "kernel")
-# The gated activations of an MLP (the model's ``activation`` names): SiLU, and GELU's tanh approximation (Gemma)
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 ROUNDING = "auto"
 MAX_CHUNK = 1024  # values a program rounds (32 blocks)
 

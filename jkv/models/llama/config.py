@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import numpy as np
 
 from jkv.rope import inv_frequencies, llama3_inv_frequencies
 
-ACTIVATIONS = ("silu", "gelu_tanh")
+# The MLP's gate activations by ``LlamaConfig.activation`` name: SiLU, and GELU's tanh approximation (Gemma)
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,7 @@ class LlamaConfig:
                 if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
                     raise ValueError(f"LlamaConfig.windows holds {w!r}, expected a positive int or None")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"LlamaConfig.activation={self.activation!r} is not one of {ACTIVATIONS}")
+            raise ValueError(f"LlamaConfig.activation={self.activation!r} is not one of {tuple(ACTIVATIONS)}")
         for name in ("attn_softcap", "final_softcap", "query_scale", "embed_scale", "rope_local_theta"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):

@@ -31,9 +31,8 @@ from jaxtyping import Array, Float
 
 from jkv.attention import IMPLS, resolve_impl
 from jkv.models import quant
-from jkv.models.llama.config import LlamaConfig
+from jkv.models.llama.config import ACTIVATIONS, LlamaConfig
 from jkv.models.llama.params import LayerParams
-from pallas_kernels import qmatmul_act
 from pallas_kernels import reference as kernel_reference
 from pallas_kernels import rms_norm as rms_norm_kernels
 
@@ -195,4 +194,4 @@ def gate_up_projection(
     """``act(gate) * up`` from one product with the fused ``w_gate_up`` ``[H, 2, F]`` (a split of F keeps each
     gate column beside its up column); ``act`` is SiLU or, for Gemma, GELU's tanh approximation."""
     gate_up = project_normed(normed, layer.w_gate_up, options)  # (B, T, 2, F)
-    return qmatmul_act.ACTIVATIONS[activation](gate_up[:, :, 0]) * gate_up[:, :, 1]
+    return ACTIVATIONS[activation](gate_up[:, :, 0]) * gate_up[:, :, 1]
