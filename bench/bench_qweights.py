@@ -51,7 +51,6 @@ import jkv
 from bench import common, torch_peers
 from bench.qweights_rows import (  # noqa: F401 (re-exported: the breakdown and the tests take them from here)
     ACT_XLA,
-    IMMA,
     MGPU,
     MID_DEQUANT,
     NORM_KERNEL,
@@ -326,11 +325,8 @@ def main(argv=None) -> dict:
     if "decode" in sections:
         keep = None if named is None else named | {"bf16"}
         decode_models = with_mgpu_rows(models) | with_act_rows(with_dp4a_rows(models, keep))
-        decode_models |= {  # rows asked for by name only: q/k/v sliced, Q4_K's mid-size products as int8 dots
-            f"{name}{tail}": p
-            for name, p in decode_models.items()
-            for tail in (SLICES, IMMA)
-            if keep and f"{name}{tail}" in keep
+        decode_models |= {  # rows asked for by name only: q/k/v sliced
+            f"{name}{SLICES}": p for name, p in decode_models.items() if keep and f"{name}{SLICES}" in keep
         }
         if keep is not None:
             decode_models = {name: p for name, p in decode_models.items() if name in keep}

@@ -20,7 +20,6 @@ NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which ro
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
 STEPS2 = "_steps2"  # a dp4a decode row with this: at most 2 K steps a program (qmatmul_configs.DP4A_MAX_STEPS = 2)
 MID_DEQUANT = "_middeq"  # a dp4a decode row with this: 17-127 rows dequantize the matrix (quant.DP4A_MID_ROWS)
-IMMA = "_imma"  # a decode row with this: Q4_K's 17-127-row products on the int8 tensor cores (quant.INT8_TENSOR_CORES)
 
 
 def options_of(name: str) -> llama.LlamaOptions:
@@ -73,7 +72,6 @@ def row_settings(name: str):
     steps = 2 if STEPS2 in name else qmatmul_configs.DP4A_MAX_STEPS
     with (
         mock.patch.object(quant, "DP4A_MID_ROWS", "dequantize" if MID_DEQUANT in name else quant.DP4A_MID_ROWS),
-        mock.patch.object(quant, "INT8_TENSOR_CORES", IMMA in name or quant.INT8_TENSOR_CORES),
         mock.patch.object(qmatmul_act, "ROUNDING", rounding),
         mock.patch.object(quant, "DP4A_LAUNCH", launch),
         mock.patch.object(qmatmul_configs, "DP4A_MAX_STEPS", steps),

@@ -58,8 +58,7 @@ def round_rows(x):
     ``codes`` int8 with the row's largest magnitude at +-127 (``floor(x * 127 / peak + 0.5)``: half rounds up; Triton
     lowers no round-to-even) and ``unit [...]`` float32 the value of one code (``peak / 127``; 0 for a row of
     zeros, whose codes are 0). Inside a kernel: multiplies, one division a row. The one rounding rule of the Q8
-    kernel's ``iq8`` query and of the dp4a path's activations (``qmatmul_dp4a``, ``qmatmul_act``) and the int8
-    tensor-core products' (per super-block: ``qmatmul_imma_launch``)."""
+    kernel's ``iq8`` query and of the dp4a path's activations (``qmatmul_dp4a``, ``qmatmul_act``)."""
     peak = jnp.max(jnp.abs(x), axis=-1)
     inv = jnp.where(peak > 0, 127.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
     codes = jnp.clip(jnp.floor(x * inv[..., None] + 0.5), -127.0, 127.0).astype(jnp.int8)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from pallas_kernels import block_formats, dequantize_weights, qmatmul_dp4a, qmatmul_imma, quantized_matmul
+from pallas_kernels import block_formats, dequantize_weights, qmatmul_dp4a, quantized_matmul
 
 WEIGHTS_IMPLS = ("xla", "pallas", "mgpu")
 LAYOUTS = ("rows", "dp4a")  # QuantizedMatrix.layout: the format's planes, or to_dp4a_layout's interleaved words
@@ -58,12 +58,6 @@ DEQUANT_MIN_ROWS = 128
 # docs/BENCHMARKS.md), so XLA's stays the default. ``weights_impl="xla"`` always dequantizes in XLA.
 DEQUANT_IMPLS = ("xla", "kernel")
 DEQUANT_IMPL = "xla"
-# Whether K-quant products of fewer than DEQUANT_MIN_ROWS rows (decode steps, small mixed steps; in the dp4a layout
-# from 17 rows, above its integer-dot kernel's) run on the int8 tensor cores (``pallas_kernels.qmatmul_imma``:
-# activations rounded per super-block, its sub-blocks summed as integers) instead of the dot kernel, which
-# dequantizes every weight to bf16 and ran Q4_K at 64 rows at a tenth of its read floor on an H100. Off until
-# timed (bench/bench_qweights.py's ``_imma`` rows).
-INT8_TENSOR_CORES = False
 
 
 @struct.dataclass
@@ -155,8 +149,6 @@ def project(x, w: QuantizedMatrix, impl: str, contract: int = 0):
         y = _project_dp4a(x2, w, impl)
     elif impl in ("pallas", "mgpu") and x2.shape[0] >= DEQUANT_MIN_ROWS:  # prefill-sized: the reference's path
         y = dequantized_dot(x2, w, DEQUANT_IMPL)
-    elif impl in ("pallas", "mgpu") and _int8_cores_take(w, x2.shape[0]):
-        y = qmatmul_imma.qmatmul_imma(x2, w.planes, w.format)
     elif impl == "mgpu" and _mgpu_takes(w, x2.shape[0], x2.dtype):
         from pallas_kernels import qmatmul_mgpu
 
@@ -198,8 +190,6 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     if impl != "xla" and DP4A_MAX_ROWS < m < DEQUANT_MIN_ROWS and DP4A_MID_ROWS == "rows":
         planes, x2 = lax.optimization_barrier((w.planes, x2))  # no layer's words put back before its input exists
         rows = w.replace(planes=planes).row_planes()
-        if _int8_cores_take(w, m):
-            return qmatmul_imma.qmatmul_imma(x2, rows, w.format)
         return quantized_matmul.qmatmul(x2, rows, w.format)
     if impl == "xla" or m > DP4A_MAX_ROWS:
         return dequantized_dot(x2, w, "xla" if impl == "xla" else DEQUANT_IMPL)
@@ -212,14 +202,6 @@ def _dp4a_kernel(x, w: QuantizedMatrix):
     n, k = math.prod(w.out_shape), w.dense_shape[w.reduce_axis]
     config = DP4A_LAUNCH(m, n, k, w.format)
     return quantized_matmul.qmatmul_words(x, w.planes, w.format, config=config, interleaved=True)
-
-
-def _int8_cores_take(w: QuantizedMatrix, rows: int) -> bool:
-    """Whether ``INT8_TENSOR_CORES`` sends a product of ``rows`` rows by ``w`` to ``qmatmul_imma``: below
-    ``DEQUANT_MIN_ROWS`` (in the dp4a layout above ``DP4A_MAX_ROWS``: its own kernel takes fewer)."""
-    fewest = DP4A_MAX_ROWS if w.layout == "dp4a" else 0
-    fits = qmatmul_imma.block_n_for(math.prod(w.out_shape)) is not None
-    return INT8_TENSOR_CORES and fewest < rows < DEQUANT_MIN_ROWS and w.format in qmatmul_imma.FORMATS and fits
 
 
 def rounds_before(w, rows: int, impl: str | None) -> bool:

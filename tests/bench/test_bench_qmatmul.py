@@ -14,7 +14,6 @@ from qweight_inputs import planes_like
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: the bench package
 
 from bench import bench_qmatmul, qmatmul_ir
-from pallas_kernels import qmatmul_imma
 from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
 
@@ -36,10 +35,7 @@ def test_variants_are_valid_launches_at_every_8b_shape(fmt, m):
             m <= 64 and fmt != "Q6_K"
         )
         for config in configs.values():  # raises on a launch the GPU run would reject
-            if isinstance(config, qmatmul_imma.ImmaConfig):
-                qmatmul_imma.check_config(config, n, k)
-            else:
-                qm.check_config(config, m, n, k, fmt)
+            qm.check_config(config, m, n, k, fmt)
 
 
 @pytest.mark.parametrize("fmt", bench_qmatmul.FORMATS)

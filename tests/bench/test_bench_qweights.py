@@ -133,15 +133,3 @@ def test_mgpu_rows_only_where_mosaic_gpu_runs(monkeypatch):
     assert bench_qweights.with_mgpu_rows(models) == {"bf16": 0, "q8_0": 1, "q8_0_mgpu": 1}
     assert bench_qweights.options_of("q8_0_mgpu").weights_impl == "mgpu"
     assert bench_qweights.options_of("q8_0") == llama.DEFAULT_OPTIONS
-
-
-def test_imma_rows_turn_on_the_int8_tensor_cores_inside_only():
-    from bench import qweights_rows
-    from jkv.models import quant
-
-    assert quant.INT8_TENSOR_CORES is False
-    with qweights_rows.row_settings("q4_k_imma"):
-        assert quant.INT8_TENSOR_CORES is True
-    with qweights_rows.row_settings("q4_k"):
-        assert quant.INT8_TENSOR_CORES is False
-    assert quant.INT8_TENSOR_CORES is False
