@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common, torch_peers
-from pallas_kernels import backend, block_formats, qmatmul_configs, qmatmul_dp4a, qmatmul_grouped, qmatmul_imma
+from pallas_kernels import backend, block_formats, qmatmul_configs, qmatmul_dp4a, qmatmul_grouped
 from pallas_kernels import common as kcommon
 from pallas_kernels import qmatmul_mgpu as qmm
 from pallas_kernels import quantized_matmul as qm
@@ -102,15 +102,6 @@ def variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
             out["grouped_gm"] = out["grouped"]
         if m <= 64:  # the interleaved integer-dot launches over 8-row blocks (the weights re-read per block)
             out |= {v: c for v, c in dp4a_variants(m, n, k, fmt).items() if INTERLEAVED in v}
-    if fmt in qmatmul_imma.FORMATS:  # the int8 tensor cores, the sub-blocks summed as integers
-        imma = qmatmul_imma.imma_config(m, n, k)
-        out["imma"] = imma
-        out["imma_s3"] = imma._replace(num_stages=3)
-        if imma.block_m > 32:  # half the sub-scale multiplies a weight, the weights read once more a row block
-            out["imma_bm32"] = imma._replace(block_m=32, num_warps=4)
-        supers = k // qmatmul_imma.SUPER
-        if supers % (4 * imma.num_splits) == 0:  # more programs, fewer super-blocks each (latency, not work)
-            out["imma_split4x"] = imma._replace(num_splits=4 * imma.num_splits)
     out[DEQUANT] = out["default"]  # the dp4a layout's larger products: the matrix dequantized, one XLA dot
     firsts = {}
     for name, config in out.items():  # a candidate equal to the default (or an earlier one) is timed once
@@ -128,6 +119,7 @@ def mid_dot_variants(m: int, n: int, k: int, fmt: str, default: QMatmulConfig) -
     return {
         "dot_s4": default._replace(num_stages=st + 1),
         "dot_s2": default._replace(num_stages=2),  # less shared memory: two programs a multiprocessor
+        "dot_s3": default._replace(num_stages=3),  # the K-quants' launch before their two stages
         "dot_w8": default._replace(num_warps=8),
         "dot_bk2x": f(bm, bn, 2 * bk, w, st, "dot"),
         "dot_bk2x_s2": f(bm, bn, 2 * bk, w, 2, "dot"),
@@ -207,8 +199,6 @@ def product(fmt: str, name: str, config):
         return lambda x, planes: block_formats.qmatmul_reference(x, planes, fmt)
     if isinstance(config, QMatmulMgpuConfig):
         return lambda x, planes: qmm.qmatmul_mgpu(x, planes, fmt, config=config)
-    if isinstance(config, qmatmul_imma.ImmaConfig):
-        return lambda x, planes: qmatmul_imma.qmatmul_imma(x, planes, fmt, config=config)
     if name.endswith(GROUPS_MAJOR):
         return lambda x, planes: qm.qmatmul_groups_major(x, planes, fmt, config=config)
     if qm.config_path(config) == "dp4a":

@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qnibbles|qnibbles_short|qb16|qimma|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -378,17 +378,12 @@ for part in "${parts[@]}"; do
         --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a
       tail -n 8 "$OUT/bench_qb16.log"
       ;;
-    qimma)  # issue 26: Q4_K / Q6_K products on the int8 tensor cores (pallas_kernels.qmatmul_imma: activations rounded
-      # per super-block, the sub-blocks summed as integers): its GPU tests, the decode step at 64 sequences with it
-      # (quant.INT8_TENSOR_CORES: the _imma rows), then its launches beside the dot kernel's and bf16's
-      run tests_qimma 110 python -m pytest -q -m gpu tests/kernels/test_qmatmul_imma.py
-      run bench_qimma_step 300 python bench/bench_qweights.py --out "$OUT/imma_step" --sections decode --batches 1,64 \
-        --rounds 3 --decode-rows q4_k,q4_k_imma,q4_k_dp4a_imma
-      tail -n 9 "$OUT/bench_qimma_step.log"
-      run bench_qimma 200 python bench/bench_qmatmul.py --out "$OUT/imma" --rounds 2 --deadline-s 140 \
-        --rows 64 --matrices gate_up,wqkv --formats Q4_K,Q6_K \
-        --variants default,dot_s2,imma,imma_s3,imma_bm32,imma_split4x,dequant
-      tail -n 24 "$OUT/bench_qimma.log"
+    qcross)  # issue 26: where the dp4a layout's integer-dot kernel stops paying (at 16 sequences it was 2.2-2.6x slower
+      # than the row layout's kernel, at one 2x faster): the step at 2, 4 and 8 sequences in both layouts, then at 64
+      # (the K-quants' two-stage dot launch)
+      run bench_qcross 480 python bench/bench_qweights.py --out "$OUT/cross" --sections decode --batches 2,4,8,64 \
+        --rounds 3 --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a
+      tail -n 22 "$OUT/bench_qcross.log"
       ;;
     qstep_launches)  # issue 26: every kernel of the Q4_K batch-1 step, with what each XLA fusion does (xla_bodies in
       # the JSON), as it runs now and with the norms in XLA's fusions (_plainnorm): which launches are left
@@ -482,7 +477,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qnibbles, qnibbles_short, qb16, qimma, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
   esac
 done
 

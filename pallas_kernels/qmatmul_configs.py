@@ -60,8 +60,9 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     else:
         bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))  # no more padded rows than a dot tile needs
         warps = 4 if bm <= 64 else 8
-        if spec.max_group > 64:  # the K-quants' 128-column steps: 128 x 128 tiles in 3 stages take 256 KiB
-            bk, bn, stages = spec.max_group, 64, 2 if bm > 64 else 3
+        if spec.max_group > 64:  # the K-quants' 128-column steps in two stages: at 64 rows 1.27-1.43x faster than in
+            # three on an H100, level at 32 (two programs a multiprocessor; docs/BENCHMARKS.md, "Int8 tensor cores")
+            bk, bn, stages = spec.max_group, 64, 2
         elif spec.parts == 1:  # Q8_0: 128-column steps in two stages, 13-14 % faster at 64 rows than 64-column
             # steps in three on an H100 (docs/BENCHMARKS.md, "The row layout's dot kernel at 64 rows")
             bk, bn, stages = max(spec.max_group, _largest_pow2_dividing(kp, 128)), 128, 2
