@@ -28,12 +28,7 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
     holds, as the timed programs' (a cache shorter than a kernel block is padded to one, a copy every layer)."""
     out = {}
     tokens = jnp.arange(batch, dtype=jnp.int32) % config.vocab_size
-    runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
-    runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
-    dp4a = {name: p for name, p in with_dp4a_rows(models, keep).items() if name.endswith("_dp4a")}
-    runs += [(name, p, None) for name, p in with_act_rows(dp4a).items()]
-    runs = [run for run in runs if keep is None or run[0] in keep]
-    for name, params, launch in runs:
+    for name, params, launch in breakdown_runs(models, keep):
         program = decode_program(config, batch, max(steps, capacity), options_of(name))
         args = (params, tokens, jnp.int32(steps))
         with launch_rule(launch), row_settings(name):
@@ -65,6 +60,15 @@ def step_breakdown(config, models: dict, batch: int, steps: int, top: int = 12, 
         for kernel, t in ranked[:top]:
             common.log(f"  {t * 1e6:9.1f} us {calls[kernel]:6.1f}x  {kernel[:100]}  {xla.get(kernel, '')[:160]}")
     return out
+
+
+def breakdown_runs(models: dict, keep=None) -> list:
+    """The variants :func:`step_breakdown` profiles, as ``(name, params, launch rule)`` in order."""
+    runs = [(name, params, None) for name, params in with_mgpu_rows(models).items()]
+    runs += [(f"{name}_units", params, "units") for name, params in models.items() if name != "bf16"]
+    dp4a = {name: p for name, p in with_dp4a_rows(models, keep).items() if name.endswith("_dp4a")}
+    runs += [(name, p, None) for name, p in with_act_rows(dp4a).items()]
+    return [run for run in runs if keep is None or run[0] in keep]
 
 
 def launch_kinds(calls: dict) -> dict:

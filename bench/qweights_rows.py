@@ -36,8 +36,9 @@ def options_of(name: str) -> llama.LlamaOptions:
 def with_dp4a_rows(models: dict, keep=None) -> dict:
     """``models`` and each quantized one again as ``<name>_dp4a``: its projections in the integer-dot kernel's
     layout (``quant.to_dp4a_layout``; decode steps of up to 16 rows run that kernel, more dequantize for one dot).
-    ``keep``: convert only the rows named there (None: all; each conversion is another copy of the weights)."""
-    wanted = lambda name: name != "bf16" and (keep is None or f"{name}_dp4a" in keep)
+    ``keep``: convert only the rows named there, alone or with a suffix (None: all; each conversion is another copy
+    of the weights)."""
+    wanted = lambda name: name != "bf16" and (keep is None or any(k.startswith(f"{name}_dp4a") for k in keep))
     return models | {f"{name}_dp4a": quant.to_dp4a_layout(p) for name, p in models.items() if wanted(name)}
 
 

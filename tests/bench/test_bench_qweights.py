@@ -68,18 +68,24 @@ def test_smoke_run(tmp_path, capsys):
 
 def test_breakdown_run_names_every_variant_and_restores_the_launch_rule(tmp_path):
     """``--breakdown`` profiles each model and each quantized one on the register path and in the dp4a layout (on a
-    CPU no kernel is traced: the spans are 0), writes its JSON, and leaves ``qmatmul_config`` as it found it."""
+    CPU no kernel is traced: the spans are 0; two of them run here, CI time), writes its JSON, and leaves
+    ``qmatmul_config`` as it found it."""
     from pallas_kernels import quantized_matmul as qm
 
     rule, handover = qm.qmatmul_config, quant.DEQUANT_MIN_ROWS
-    report = bench_qweights.main(["--smoke", "--breakdown", "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "bench_qweights_breakdown.json").read_text()) == json.loads(json.dumps(report))
     dp4a = {
         f"{name}_dp4a{tail}"
         for name in ("q8_0", "q4_k")
         for tail in ("", "_actx", "_normk", "_rule2x", "_steps2", "_plainnorm", "_middeq")
     }
-    assert set(report["breakdown"]) == {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units"} | dp4a
+    models = dict.fromkeys(bench_qweights.VARIANTS)
+    every = {"bf16", "q8_0", "q4_k", "q8_0_units", "q4_k_units"} | dp4a
+    names = [name for name, _, _ in qweights_breakdown.breakdown_runs(models)]
+    assert len(names) == len(every) and set(names) == every
+    ran = ["q4_k_units", "q8_0_dp4a_rule2x"]  # a launch rule and a row setting, each put back after
+    report = bench_qweights.main(["--smoke", "--breakdown", "--decode-rows", ",".join(ran), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "bench_qweights_breakdown.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["breakdown"]) == set(ran)
     assert qm.qmatmul_config is rule and qmatmul_act.ROUNDING == "auto"
     paths = lambda: (qm.qmatmul_config(1, 64, 256, "Q8_0").path, qm.qmatmul_config(64, 64, 256, "Q8_0").path)
     with bench_qweights.launch_rule("units"):

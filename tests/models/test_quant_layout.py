@@ -146,11 +146,12 @@ def test_norm_kernel_rounds_before_the_dp4a_product(rng, choice, monkeypatch):
     step = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 1)), jnp.int32)
     want = logits_of(laid, step, "pallas", norm_kernel=False)
     assert not rounded
-    for norm_kernel in (None, True):
-        got = logits_of(laid, step, "pallas", norm_kernel=norm_kernel)
-        assert rounded == [(2, 1)] * 2 * CONFIG.num_layers  # wqkv and w_gate_up of each layer
-        assert rel_err(got, want) < 1e-6
-        rounded.clear()
+    got = logits_of(laid, step, "pallas", norm_kernel=None)  # True rounds alike: where it rounds, None is True
+    assert rounded == [(2, 1)] * 2 * CONFIG.num_layers  # wqkv and w_gate_up of each layer
+    assert rel_err(got, want) < 1e-6
+    rounded.clear()
+    if choice != "q4_k":  # the prompt's plain path does not depend on the format (CI time)
+        return
     prompt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 9)), jnp.int32)
     got, want = logits_of(laid, prompt, "pallas", norm_kernel=True), logits_of(laid, prompt, "pallas", False)
     assert not rounded and rel_err(got, want) < 1e-6
