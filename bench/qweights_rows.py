@@ -19,7 +19,7 @@ PLAIN_NORM = "_plainnorm"  # a dp4a decode row with this: the norms in XLA's fus
 NORM_KERNEL = "_normk"  # a dp4a decode row with this: the norm kernel, which rounds wqkv's and w_gate_up's inputs
 RULE2X = "_rule2x"  # a dp4a decode row with this: the launch before (twice the K splits of 2 programs a multiprocessor)
 STEPS2 = "_steps2"  # a dp4a decode row with this: at most 2 K steps a program (qmatmul_configs.DP4A_MAX_STEPS = 2)
-MID_DEQUANT = "_middeq"  # a dp4a decode row with this: 17-127 rows dequantize the matrix (quant.DP4A_MID_ROWS)
+MID_DEQUANT = "_middeq"  # a dp4a decode row with this: 5-127 rows dequantize the matrix (quant.DP4A_MID_ROWS)
 
 
 def options_of(name: str) -> llama.LlamaOptions:
@@ -35,7 +35,7 @@ def options_of(name: str) -> llama.LlamaOptions:
 
 def with_dp4a_rows(models: dict, keep=None) -> dict:
     """``models`` and each quantized one again as ``<name>_dp4a``: its projections in the integer-dot kernel's
-    layout (``quant.to_dp4a_layout``; decode steps of up to 16 rows run that kernel, more dequantize for one dot).
+    layout (``quant.to_dp4a_layout``; decode steps of up to quant.DP4A_MAX_ROWS rows run that kernel).
     ``keep``: convert only the rows named there, alone or with a suffix (None: all; each conversion is another copy
     of the weights)."""
     wanted = lambda name: name != "bf16" and (keep is None or any(k.startswith(f"{name}_dp4a") for k in keep))
@@ -49,7 +49,7 @@ def with_act_rows(models: dict) -> dict:
     ``<name>_rule2x`` (the products' launch before ``qmatmul_configs.DP4A_PROGRAMS``: twice the K splits of the
     rule of 2 programs a multiprocessor), and as ``<name>_steps2`` (at most 2 K steps a program: more splits of
     Q8_0's gate_up and LM head), ``<name>_plainnorm`` (the norms in XLA's fusions: the default before the norm
-    kernel rounded) and ``<name>_middeq`` (products of 17-127 rows dequantizing the matrix for one dot,
+    kernel rounded) and ``<name>_middeq`` (products of 5-127 rows dequantizing the matrix for one dot,
     ``quant.DP4A_MID_ROWS = "dequantize"``: the default before they ran the row layout's kernel)."""
     dp4a = {name: p for name, p in models.items() if name.endswith("_dp4a")}
     tails = (ACT_XLA, NORM_KERNEL, PLAIN_NORM, RULE2X, STEPS2, MID_DEQUANT)

@@ -113,7 +113,7 @@ def _add_weight_formats(parser) -> None:
         choices=("rows", "dp4a"),
         default="rows",
         help="quantized weights (--weights native, --quantize): the format's rows (default) or dp4a, the projections "
-        "laid out for the integer-dot kernel (decode steps of up to 16 sequences; activations rounded to "
+        "laid out for the integer-dot kernel (decode steps of up to 4 sequences; activations rounded to "
         "int8 per 32-block there; Q8_0, Q4_0, Q4_1, Q4_K; docs/quant.md)",
     )
 

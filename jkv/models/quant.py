@@ -33,11 +33,11 @@ from pallas_kernels import block_formats, dequantize_weights, qmatmul_dp4a, quan
 WEIGHTS_IMPLS = ("xla", "pallas", "mgpu")
 LAYOUTS = ("rows", "dp4a")  # QuantizedMatrix.layout: the format's planes, or to_dp4a_layout's interleaved words
 DP4A_FORMATS = tuple(f for f, words in qmatmul_dp4a.WORDS.items() if words == 4)
-# Rows a dp4a-layout product takes on the integer-dot kernel (in programs of 8; each re-reads the weights, from the
-# L2 where its neighbours just did): an estimate against dequantizing the matrix (its bytes written and read again
-# in bf16) until bench/bench_qmatmul.py's dp4a_il / dequant rows at M = 16-64 place it (docs/quant.md).
-DP4A_MAX_ROWS = 16
-# How a dp4a-layout product of more rows than that and fewer than DEQUANT_MIN_ROWS runs (decode at 17-127
+# Rows a dp4a-layout product takes on the integer-dot kernel; more run the row layout's kernel (DP4A_MID_ROWS). On
+# an H100 the 8B-shaped decode step ran faster on it at 2 sequences, level (Q8_0) or faster (Q4_K) at 4, and
+# 1.3-2.6x slower at 8 and 16 (docs/BENCHMARKS.md, "Where the dp4a kernel hands over").
+DP4A_MAX_ROWS = 4
+# How a dp4a-layout product of more rows than that and fewer than DEQUANT_MIN_ROWS runs (decode at 5-127
 # sequences, small mixed steps): "dequantize" (the matrix dequantized for one XLA dot: about 4.6 bytes moved a Q4_K
 # weight) or "rows" (its words put back in the format's row layout by XLA, then the row layout's Triton kernel:
 # about 1.7). On an H100 the Llama-3-8B-shaped decode step at 64 sequences took 7.20 ms (Q8_0) and 10.56 ms (Q4_K)
