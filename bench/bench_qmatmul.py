@@ -119,11 +119,12 @@ def mid_dot_variants(m: int, n: int, k: int, fmt: str, default: QMatmulConfig) -
     return {
         "dot_s4": default._replace(num_stages=st + 1),
         "dot_s2": default._replace(num_stages=2),  # less shared memory: two programs a multiprocessor
-        "dot_s3": default._replace(num_stages=3),  # the K-quants' launch before their two stages
         "dot_w8": default._replace(num_warps=8),
         "dot_bk2x": f(bm, bn, 2 * bk, w, st, "dot"),
         "dot_bk2x_s2": f(bm, bn, 2 * bk, w, 2, "dot"),
         "dot_bn2x_w8": f(bm, 2 * bn, bk, 8, st, "dot"),
+        "dot_bnhalf": f(bm, max(16, bn // 2), bk, w, st, "dot"),  # smaller programs: more of them a multiprocessor
+        "dot_bnhalf_w2": f(bm, max(16, bn // 2), bk, 2, st, "dot"),
         "dot_split2x": default._replace(num_splits=qmatmul_configs.splits_times(steps, default.num_splits, 2)),
         # the rule before Q8_0's 128-column steps in two stages (64 columns, 3 stages)
         "dot_prev": f(bm, bn, 64, w, 3, "dot") if fmt == "Q8_0" else default,
