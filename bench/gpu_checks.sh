@@ -347,7 +347,7 @@ for part in "${parts[@]}"; do
       # multiprocessor): more warps, narrower column blocks, twice the splits, deeper steps (dot_bn64: the three stages before)
       run bench_qmid_k 330 python bench/bench_qmatmul.py --out "$OUT/mid_k" --rounds 2 --deadline-s 270 \
         --rows 64 --matrices gate_up,wqkv,down --formats Q4_K,Q6_K \
-        --variants default,dot_w8,dot_bnhalf,dot_bnhalf_w2,dot_split2x,dot_bk2x,dot_bn64
+        --variants default,dot_bnhalf_s1,dot_w8,dot_bnhalf,dot_bnhalf_w2,dot_split2x,dot_bn64
       tail -n 26 "$OUT/bench_qmid_k.log"
       ;;
     qmid_k_short)  # part qmid_k for what is left of a session's time: Q4_K's two large products, five launches
