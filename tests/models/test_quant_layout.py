@@ -42,13 +42,13 @@ def test_matrix_keeps_its_values_and_products(rng, fmt):
     assert laid.planes[0].shape == (h // qmatmul_dp4a.block_format(fmt).parts // 16, 2 * f, 4)
     np.testing.assert_array_equal(np.asarray(laid.dequantize()), np.asarray(w.dequantize()))
     dense = dequantize_f64(planes, fmt)  # [N, K]
-    for m in (3, quant.DP4A_MAX_ROWS):  # one program's rows; the most rows the kernel takes (programs of 8)
+    for m in (3, quant.DP4A_MAX_ROWS):  # rows padded in the kernel's program; the most rows the kernel takes
         x = rng.standard_normal((m, h)).astype(np.float32)
         got = np.asarray(quant.project(jnp.asarray(x), laid, "pallas"), np.float64).reshape(m, 2 * f)
         exact = x.astype(np.float64) @ dense.T
         assert np.all(np.abs(got - exact) <= rounding_bound(x.astype(np.float64), dense))
         assert rel_err(got, exact) > 1e-7  # the activations were rounded: this is the integer-dot kernel's product
-    for m in (quant.DP4A_MAX_ROWS + 4, quant.DEQUANT_MIN_ROWS):  # the row layout's kernel, then dequantize + one dot
+    for m in (quant.DP4A_MAX_ROWS + 1, quant.DEQUANT_MIN_ROWS):  # the row layout's kernel, then dequantize + one dot
         x = jnp.asarray(rng.standard_normal((m, h)), jnp.float32)
         np.testing.assert_array_equal(np.asarray(quant.project(x, laid, "pallas")), quant.project(x, w, "pallas"))
 
