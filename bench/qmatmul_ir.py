@@ -109,16 +109,18 @@ def ttir_counts(ttir: str) -> dict:
 
 def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
     """``ttir`` compiled by the ``triton`` package for sm_90: its ``ttgir``, ``sass`` (nvdisasm), ``ptxas`` (the
-    ``-v`` report) and ``shared`` (bytes). Raises ImportError without the package."""
+    ``-v`` report) and ``shared`` (bytes). The TTIR goes through the backend's TTIR passes first (canonicalization,
+    dot-and-add combining, CSE, loop unrolling), as a GPU compile of a Pallas kernel does: ``triton.compile`` skips
+    the passes of the stage an IR file enters at. Raises ImportError without the package."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.ttir"
-        path.write_text(ttir)
-        kernel = triton.compile(
-            str(path), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-        )
+        target = GPUTarget("cuda", 90, 32)
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        path.write_text(ttir_passes(ttir, target, options))
+        kernel = triton.compile(str(path), target=target, options=options)
         ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -132,6 +134,23 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
             text=True,
         ).stderr
     return {"ttgir": ttgir, "sass": sass, "ptxas": info, "shared": kernel.metadata.shared, "triton": triton.__version__}
+
+
+def ttir_passes(ttir: str, target, options: dict) -> str:
+    """``ttir`` after the ``triton`` backend's own TTIR stage (``make_ttir``), as text."""
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import IRSource, make_backend
+
+    compiler = make_backend(target)
+    context = ir.context()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ttir"
+        path.write_text(ttir)
+        source = IRSource(str(path), context, compiler)
+        parsed = compiler.parse_options(options)
+        codegen, modules = compiler.get_codegen_implementation(parsed), compiler.get_module_map()
+        module = source.make_ir(target, parsed, codegen, modules, context)
+    return str(compiler.make_ttir(module, {}, parsed, target.arch))
 
 
 def compiled_counts(ttir: str, num_warps: int, num_stages: int) -> dict:
