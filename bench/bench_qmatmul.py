@@ -125,9 +125,12 @@ def mid_dot_variants(m: int, n: int, k: int, fmt: str, default: QMatmulConfig) -
         "dot_bn2x_w8": f(bm, 2 * bn, bk, 8, st, "dot"),
         "dot_bnhalf": f(bm, max(16, bn // 2), bk, w, st, "dot"),  # smaller programs: more of them a multiprocessor
         "dot_bnhalf_w2": f(bm, max(16, bn // 2), bk, 2, st, "dot"),
-        # one stage: no ring, so a quarter of the shared memory and, for the K-quants at 64 rows, 116 registers:
-        # four programs a multiprocessor where two fit (sm_90, docs/BENCHMARKS.md "The K-quants' launch at 64 rows")
+        # one stage: no ring, so less shared memory and, at 64 rows of the K-quants on sm_90, three (64 columns, 168
+        # registers), four (32, 110) or seven (16, 72) programs a multiprocessor where two fit now (docs/BENCHMARKS.md,
+        # "The K-quants' launch at 64 rows from its two stages")
+        "dot_s1": default._replace(num_stages=1),
         "dot_bnhalf_s1": f(bm, max(16, bn // 2), bk, w, 1, "dot"),
+        "dot_bnquarter_s1": f(bm, max(16, bn // 4), bk, w, 1, "dot"),
         "dot_split2x": default._replace(num_splits=qmatmul_configs.splits_times(steps, default.num_splits, 2)),
         # the rule before Q8_0's 128-column steps in two stages (64 columns, 3 stages)
         "dot_prev": f(bm, bn, 64, w, 3, "dot") if fmt == "Q8_0" else default,

@@ -347,12 +347,12 @@ for part in "${parts[@]}"; do
       # multiprocessor): more warps, narrower column blocks, twice the splits, deeper steps (dot_bn64: the three stages before)
       run bench_qmid_k 330 python bench/bench_qmatmul.py --out "$OUT/mid_k" --rounds 2 --deadline-s 270 \
         --rows 64 --matrices gate_up,wqkv,down --formats Q4_K,Q6_K \
-        --variants default,dot_bnhalf_s1,dot_w8,dot_bnhalf,dot_bnhalf_w2,dot_split2x,dot_bn64
+        --variants default,dot_s1,dot_bnhalf_s1,dot_bnquarter_s1,dot_bnhalf,dot_split2x,dot_bn64
       tail -n 26 "$OUT/bench_qmid_k.log"
       ;;
-    qmid_k_short)  # part qmid_k for what is left of a session's time: Q4_K's two large products, five launches
+    qmid_k_short)  # part qmid_k for what is left of a session's time: Q4_K's two large products, the one-stage launches
       run bench_qmid_k 170 python bench/bench_qmatmul.py --out "$OUT/mid_k" --rounds 2 --deadline-s 120 \
-        --rows 64 --matrices gate_up,wqkv --formats Q4_K --variants default,dot_w8,dot_bnhalf,dot_bn2x_w8,dot_bn64
+        --rows 64 --matrices gate_up,wqkv --formats Q4_K --variants default,dot_s1,dot_bnhalf_s1,dot_bnquarter_s1
       tail -n 12 "$OUT/bench_qmid_k.log"
       ;;
     qmid_rule)  # issue 26: Q8_0's dot launch at 17-127 rows in 128-column steps of two stages (the rule before:
