@@ -45,11 +45,13 @@ class Timing:
         return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
 
     def summary(self) -> str:
-        return (
-            f"load {self.load_s:.2f} s | compile {self.compile_s:.2f} s | prefill {self.prompt_tokens} tokens "
-            f"{1e3 * self.prefill_s:.1f} ms | decode {self.decode_steps} steps x batch {self.batch}: "
-            f"{self.ms_per_step:.2f} ms/step, {self.tokens_per_s:.1f} tokens/s"
-        )
+        head = f"load {self.load_s:.2f} s | compile {self.compile_s:.2f} s"
+        if not self.decode_steps and not self.prefill_s:  # max_new_tokens=0: nothing ran
+            return f"{head} | nothing generated (no new tokens asked for)"
+        decode = f"decode {self.decode_steps} steps x batch {self.batch}"
+        if self.decode_steps:
+            decode += f": {self.ms_per_step:.2f} ms/step, {self.tokens_per_s:.1f} tokens/s"
+        return f"{head} | prefill {self.prompt_tokens} tokens {1e3 * self.prefill_s:.1f} ms | {decode}"
 
 
 @dataclasses.dataclass
