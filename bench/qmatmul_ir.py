@@ -84,7 +84,8 @@ def lowered_ttir(fmt: str, m: int, n: int, k: int, config, name: str = "") -> st
         qm._qmatmul.trace(x, planes, fmt=fmt, config=config, interpret=False, interleaved=tiled).lower(
             lowering_platforms=("cuda",)
         )
-    return modules[0]
+    # the product's kernel (the dp4a path lowers its activations' rounding kernel first)
+    return next(text for text in modules if re.search(r"tt\.func (?:public )?@jkv_qmatmul_", text))
 
 
 def _loop_lines(text: str) -> list[str]:
