@@ -103,6 +103,8 @@ def test_ir_report_lowers_each_variant_for_cuda():
     assert units["rank3_types"] == 0 and units["ops"]["load"] >= 5  # the register path: 2-D tiles only
     fma = qmatmul_ir.ttir_counts(qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.fma_config(1, 256, 512, "Q4_K")))
     assert fma["rank3_types"] > 0 and fma["ops"]["reshape"] > 0  # the first small-M path: [R, W/g, g] reshapes
+    dp4a = qmatmul_ir.lowered_ttir("Q4_K", 1, 256, 512, qm.dp4a_config(1, 256, 512, "Q4_K"), "dp4a_il")
+    assert "@jkv_qmatmul_q4_k" in dp4a  # the product's kernel, not the activations' rounding lowered before it
 
 
 def test_variants_option_keeps_the_default_and_the_named(tmp_path):
