@@ -155,6 +155,9 @@ def dp4a_variants(m: int, n: int, k: int, fmt: str) -> dict[str, QMatmulConfig]:
         out["dp4a_il"] = base
         if "dp4a_split2x" in out:
             out["dp4a_il_split2x"] = out["dp4a_split2x"]
+        if m > 1:  # the splits of the one-row rule (programs a multiprocessor, steps a program) at more rows
+            out["dp4a_il_prog"] = qm.dp4a_config(m, n, k, fmt, programs_rule=True)
+            out["dp4a_il_bk128"] = out["dp4a_bk128"]
     return out
 
 

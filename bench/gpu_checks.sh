@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -355,6 +355,13 @@ for part in "${parts[@]}"; do
         --rows 64 --matrices gate_up,wqkv --formats Q4_K --variants default,dot_s1,dot_bnhalf_s1,dot_bnquarter_s1
       tail -n 12 "$OUT/bench_qmid_k.log"
       ;;
+    qdp4a_rows)  # issue 26: the dp4a kernel at 2 and 4 rows (the step took 4.07 / 4.77 ms against 2.65 at one; its
+      # registers grow with rows): the one-row split rule there (dp4a_il_prog) and 128-column steps (dp4a_il_bk128)
+      run bench_qdp4a_rows 300 python bench/bench_qmatmul.py --out "$OUT/dp4a_rows" --rounds 2 --deadline-s 240 \
+        --rows 2,4 --matrices wqkv,gate_up,down --formats Q8_0,Q4_K \
+        --variants default,dp4a_il,dp4a_il_prog,dp4a_il_bk128,dp4a_il_split2x
+      tail -n 40 "$OUT/bench_qdp4a_rows.log"
+      ;;
     qmid_rule)  # issue 26: Q8_0's dot launch at 17-127 rows in 128-column steps of two stages (the rule before:
       # dot_prev): the GPU tests of the products with the real lowering, the products, then decode at 64 sequences
       run tests_qmid_rule 90 python -m pytest -q -m gpu tests/kernels/test_qmatmul.py -k "gpu_matches"
@@ -489,7 +496,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
   esac
 done
 

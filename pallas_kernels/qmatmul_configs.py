@@ -90,20 +90,23 @@ def units_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     return QMatmulConfig(bm, bn, bk, default_splits(m, n, kp // bk, bm, bn), 4, 3, "units")
 
 
-def dp4a_config(m: int, n: int, k: int, fmt: str, *, block_n: int = 128, split_factor: int = 1) -> QMatmulConfig:
+def dp4a_config(
+    m: int, n: int, k: int, fmt: str, *, block_n: int = 128, split_factor: int = 1, programs_rule: bool | None = None
+) -> QMatmulConfig:
     """The integer-dot launch (``"dp4a"``): a warp per 32 of ``block_n`` rows (each thread one row of a 16-byte
     window of words), the units path's step-size rule, and K splits: at one row, the fewest (a divisor of the
     steps) giving at least ``DP4A_PROGRAMS`` programs a multiprocessor and at most ``DP4A_MAX_STEPS`` steps a
     program (or one step each); at more rows (unmeasured under that rule: their smaller steps would take many
     more splits, each a partial sum of all the rows) twice the default rule's where the steps divide. Then times
-    ``split_factor`` where the K steps divide by that many splits (else the rule's own)."""
+    ``split_factor`` where the K steps divide by that many splits (else the rule's own). ``programs_rule``: the
+    one-row rule at any row count (True), never (False), or at one row only (None, the default)."""
     spec = block_format(fmt)
     kp = k // spec.parts
     bm = min(common.pow2_ceil(m), FMA_ROWS)
     bk = _unrolled_block_k(fmt, kp, 32 // spec.parts, bm)
     bn = min(block_n, common.pow2_floor(n))
     steps, programs = kp // bk, pl.cdiv(m, bm) * pl.cdiv(n, bn)
-    if bm == 1:
+    if (bm == 1) if programs_rule is None else programs_rule:
         want = max(-(-DP4A_PROGRAMS * backend.num_multiprocessors() // programs), -(-steps // DP4A_MAX_STEPS))
         splits = min(d for d in range(min(want, steps), steps + 1) if steps % d == 0)  # the fewest giving that
     else:

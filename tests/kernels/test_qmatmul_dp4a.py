@@ -227,17 +227,19 @@ def test_gpu_interleaved_words_give_the_same_product(rng, fmt):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("m,rule", [(1, None), (4, True)])
 @pytest.mark.parametrize(
     "n,k,fmt", [(6144, 4096, "Q8_0"), (4096, 14336, "Q4_K"), (128256, 4096, "Q8_0"), (301, 512, "Q4_0")]
 )
-def test_dp4a_launch_splits(n, k, fmt):
+def test_dp4a_launch_splits(n, k, fmt, m, rule):
     """The fewest splits dividing the K steps that give DP4A_PROGRAMS programs a multiprocessor and at most
-    DP4A_MAX_STEPS steps a program, or one step each where the steps run out."""
+    DP4A_MAX_STEPS steps a program, or one step each where the steps run out: at one row by default, at more
+    rows with ``programs_rule=True``."""
     from pallas_kernels import qmatmul_configs
 
-    config = qmatmul.dp4a_config(1, n, k, fmt)
+    config = qmatmul.dp4a_config(m, n, k, fmt, programs_rule=rule)
     steps = k // block_formats.block_format(fmt).parts // config.block_k
-    programs = -(-n // config.block_n)
+    programs = -(-m // config.block_m) * -(-n // config.block_n)
     ok = lambda s: steps % s == 0 and (
         s == steps
         or (s * programs >= qmatmul_configs.DP4A_PROGRAMS * backend.num_multiprocessors()
@@ -246,11 +248,12 @@ def test_dp4a_launch_splits(n, k, fmt):
     assert ok(config.num_splits) and not any(ok(s) for s in range(1, config.num_splits))
 
 
-@pytest.mark.parametrize("m", [2, 16])
+@pytest.mark.parametrize("m", [1, 2, 16])
 def test_dp4a_launch_splits_more_rows(m):
-    """More rows keep twice the default split rule's splits (where the steps divide by them)."""
+    """More rows keep twice the default split rule's splits (where the steps divide by them), as one row does with
+    ``programs_rule=False``."""
     n, k, fmt = 4096, 14336, "Q8_0"
-    config = qmatmul.dp4a_config(m, n, k, fmt)
+    config = qmatmul.dp4a_config(m, n, k, fmt, programs_rule=False if m == 1 else None)
     steps = k // block_formats.block_format(fmt).parts // config.block_k
     base = qmatmul.default_splits(m, n, steps, config.block_m, config.block_n)
     assert config.num_splits == (2 * base if steps % (2 * base) == 0 else base)
