@@ -124,7 +124,6 @@ def mid_dot_variants(m: int, n: int, k: int, fmt: str, default: QMatmulConfig) -
         "dot_bk2x_s2": f(bm, bn, 2 * bk, w, 2, "dot"),
         "dot_bn2x_w8": f(bm, 2 * bn, bk, 8, st, "dot"),
         "dot_bnhalf": f(bm, max(16, bn // 2), bk, w, st, "dot"),  # smaller programs: more of them a multiprocessor
-        "dot_bnhalf_w2": f(bm, max(16, bn // 2), bk, 2, st, "dot"),
         # one stage: no ring, so less shared memory and, at 64 rows of the K-quants on sm_90, three (64 columns, 168
         # registers), four (32, 110) or seven (16, 72) programs a multiprocessor where two fit now (docs/BENCHMARKS.md,
         # "The K-quants' launch at 64 rows from its two stages")

@@ -344,7 +344,8 @@ for part in "${parts[@]}"; do
       tail -n 30 "$OUT/bench_qmid_sweep.log"
       ;;
     qmid_k)  # issue 26: the K-quants' dot launch at 64 rows from its two stages (two 91 KB programs, 8 warps a
-      # multiprocessor): more warps, narrower column blocks, twice the splits, deeper steps (dot_bn64: the three stages before)
+      # multiprocessor): one-stage launches of 64, 32 and 16 columns (three to seven programs a multiprocessor),
+      # 32 columns in two stages, twice the splits (dot_bn64: the three stages before)
       run bench_qmid_k 330 python bench/bench_qmatmul.py --out "$OUT/mid_k" --rounds 2 --deadline-s 270 \
         --rows 64 --matrices gate_up,wqkv,down --formats Q4_K,Q6_K \
         --variants default,dot_s1,dot_bnhalf_s1,dot_bnquarter_s1,dot_bnhalf,dot_split2x,dot_bn64
@@ -391,8 +392,8 @@ for part in "${parts[@]}"; do
         --rows 64 --matrices gate_up --formats Q4_K --variants default,dot_s2
       tail -n 6 "$OUT/bench_qmid_s2.log"
       ;;
-    qb16)  # issue 26: decode at 16 sequences in both layouts (the dp4a layout's integer-dot kernel takes up to 16 rows,
-      # quant.DP4A_MAX_ROWS, an estimate; the row layout's kernel reads its tiles aligned since this session)
+    qb16)  # issue 26: decode at 16 sequences in both layouts (measured when the dp4a layout's integer-dot kernel took
+      # up to 16 rows; since quant.DP4A_MAX_ROWS = 4 its 16-row products run the row layout's kernel)
       run bench_qb16 400 python bench/bench_qweights.py --out "$OUT/b16" --sections decode --batches 16 --rounds 3 \
         --decode-rows q8_0,q4_k,q8_0_dp4a,q4_k_dp4a
       tail -n 8 "$OUT/bench_qb16.log"

@@ -120,7 +120,8 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
         path = Path(tmp) / "kernel.ttir"
         target = GPUTarget("cuda", 90, 32)
         options = {"num_warps": num_warps, "num_stages": num_stages}
-        path.write_text(ttir_passes(ttir, target, options))
+        path.write_text(ttir)
+        path.write_text(ttir_passes(path, target, options))
         kernel = triton.compile(str(path), target=target, options=options)
         ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
         cubin = Path(tmp) / "kernel.cubin"
@@ -137,20 +138,16 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
     return {"ttgir": ttgir, "sass": sass, "ptxas": info, "shared": kernel.metadata.shared, "triton": triton.__version__}
 
 
-def ttir_passes(ttir: str, target, options: dict) -> str:
-    """``ttir`` after the ``triton`` backend's own TTIR stage (``make_ttir``), as text."""
+def ttir_passes(path: Path, target, options: dict) -> str:
+    """The TTIR file at ``path`` after the ``triton`` backend's own TTIR stage (``make_ttir``), as text."""
     from triton._C.libtriton import ir
     from triton.compiler.compiler import IRSource, make_backend
 
     compiler = make_backend(target)
     context = ir.context()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.ttir"
-        path.write_text(ttir)
-        source = IRSource(str(path), context, compiler)
-        parsed = compiler.parse_options(options)
-        codegen, modules = compiler.get_codegen_implementation(parsed), compiler.get_module_map()
-        module = source.make_ir(target, parsed, codegen, modules, context)
+    parsed = compiler.parse_options(options)
+    codegen, modules = compiler.get_codegen_implementation(parsed), compiler.get_module_map()
+    module = IRSource(str(path), context, compiler).make_ir(target, parsed, codegen, modules, context)
     return str(compiler.make_ttir(module, {}, parsed, target.arch))
 
 

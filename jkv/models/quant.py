@@ -189,8 +189,7 @@ def _project_dp4a(x2, w: QuantizedMatrix, impl: str):
     m = x2.shape[0]
     if impl != "xla" and DP4A_MAX_ROWS < m < DEQUANT_MIN_ROWS and DP4A_MID_ROWS == "rows":
         planes, x2 = lax.optimization_barrier((w.planes, x2))  # no layer's words put back before its input exists
-        rows = w.replace(planes=planes).row_planes()
-        return quantized_matmul.qmatmul(x2, rows, w.format)
+        return quantized_matmul.qmatmul(x2, w.replace(planes=planes).row_planes(), w.format)
     if impl == "xla" or m > DP4A_MAX_ROWS:
         return dequantized_dot(x2, w, "xla" if impl == "xla" else DEQUANT_IMPL)
     return _dp4a_kernel(x2, w)
