@@ -38,7 +38,9 @@ path in cuDNN's place, no torch, wall-clock samples; the Mosaic GPU rows and eve
 for CUDA instead of run (``--lower-only``: only that, at the shapes' real sizes, no arrays made).
 
 Usage: ``python bench/bench_decode_kinds.py --out DIR [--rounds 5] [--budget-s 420] [--shapes 1x4096 ...]
-[--rows jkv_mgpu torch_cudnn ...] [--resume DIR/bench_decode_kinds.json]``. Writes ``DIR/bench_decode_kinds.json``
+[--rows jkv_mgpu torch_cudnn ...] [--launches jkv_triton@128,8,-,- ...] [--resume DIR/bench_decode_kinds.json]``.
+``--launches`` adds launch-sweep rows (``decode_kinds.launch_rows``: a Triton row with its block, splits, warps and
+stages fixed) timed in the same rounds as the others. Writes ``DIR/bench_decode_kinds.json``
 after every shape (``--resume`` keeps a time-limited run's shapes and adds the rest) and
 ``DIR/bench_decode_kinds.png`` (matplotlib, where importable; ``--replot JSON`` draws it later); prints a table
 last.
@@ -175,10 +177,13 @@ def guarded(name, sampler, results):
     return sample
 
 
-def bench_shape(shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log, only=None, blocked=None) -> dict:
-    """Every row (``only``: those named; ``blocked``: rows not to run, with the reason) at one shape: checked,
-    then timed in interleaved rounds."""
+def bench_shape(
+    shape, torch, *, rounds: int, smoke: bool, read_tbps: float, log, only=None, blocked=None, launches=()
+) -> dict:
+    """Every row (``only``: those named; ``blocked``: rows not to run, with the reason; ``launches``: the launch
+    rows of ``kinds.launch_rows`` besides) at one shape: checked, then timed in interleaved rounds."""
     rows = {name: row for name, row in kinds.jax_rows(shape, smoke).items() if not only or name in only}
+    rows.update(kinds.launch_rows(launches, shape, smoke))
     layouts = {row.layout for row in rows.values() if row.refused is None}  # a refused row's inputs: not made
     sets, copies, est_s = kinds.shape_inputs(shape, 0 if smoke else common.ROTATE_BYTES, layouts)
     refs = kinds.references(shape, sets)
@@ -246,6 +251,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--preflight", nargs="*", default=list(MGPU_ROWS), help="rows run in a child process first")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized shapes, interpret mode, no torch")
     parser.add_argument("--lower-only", action="store_true", help="only lower every GPU path for CUDA")
+    parser.add_argument(
+        "--launches", nargs="*", default=[], help="launch rows ROW@BLOCK,SPLITS,WARPS,STAGES ('-': the default)"
+    )
     parser.add_argument("--replot", type=Path, help="only draw the plot and table of a saved JSON into --out")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -254,6 +262,11 @@ def main(argv=None) -> dict:
     known = [*kinds.jax_rows(kinds.parse_shape("1x64"), smoke=False), *column_rows, "jax_xla", *TORCH_ROWS]
     if unknown := [name for name in (args.rows or []) + args.preflight if name not in known]:
         parser.error(f"no rows {unknown}; expected some of {known}")
+    for spec in args.launches:
+        try:
+            kinds.parse_launch(spec)
+        except ValueError as e:
+            parser.error(str(e))
     start, log = time.perf_counter(), common.log
     if args.lower_only:
         return kinds.lower_all(args.shapes, args.smoke, log, args.rows)
@@ -290,6 +303,7 @@ def main(argv=None) -> dict:
                 log=log,
                 only=args.rows,
                 blocked=blocked,
+                launches=args.launches,
             )
         except Exception as e:  # e.g. out of memory building the inputs: the other shapes still run
             row = {**shape._asdict(), "error": f"{type(e).__name__}: {str(e)[:1500]}", "baseline": None, "results": {}}

@@ -252,6 +252,43 @@ def jax_rows(shape: Shape, smoke: bool) -> dict[str, Row]:
     }
 
 
+# Rows whose launch a ``--launches`` spec may set: block keys (pages per block for paged rows), splits, warps, stages.
+LAUNCH_ROWS = {
+    "jkv_triton": "block_k",
+    "paged_triton": "pages_per_block",
+    "q8_triton": "block_k",
+    "q8paged_triton": "block_k",
+    "fp8_triton": "block_k",
+}
+
+
+def launch_rows(specs, shape: Shape, smoke: bool) -> dict[str, Row]:
+    """Rows of a launch sweep: each spec ``ROW@B,S,W,T`` is row ``ROW`` (one of :data:`LAUNCH_ROWS`) with its
+    block (keys, or pages per block), splits, warps and stages fixed (``-`` keeps the default of one), named
+    ``ROW@B,S,W,T``. Timed beside the default rows in the same rounds; the kernels still cap the stages to what
+    shared memory holds."""
+    base, rows = jax_rows(shape, smoke), {}
+    for spec in specs:
+        row, values = parse_launch(spec)
+        keys = (LAUNCH_ROWS[row], "num_splits", "num_warps", "num_stages")
+        overrides = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+        rows[spec] = base[row]._replace(fn=functools.partial(base[row].fn, **overrides))
+    return rows
+
+
+def parse_launch(spec: str) -> tuple[str, tuple]:
+    """``ROW@B,S,W,T`` -> ``(ROW, (B, S, W, T))`` with ``-`` as None; a clear error for anything else."""
+    row, _, launch = spec.partition("@")
+    values = launch.split(",")
+    ok = row in LAUNCH_ROWS and len(values) == 4 and all(v == "-" or v.isdigit() and int(v) > 0 for v in values)
+    if not ok:
+        raise ValueError(
+            f"launch {spec!r}: expected ROW@BLOCK,SPLITS,WARPS,STAGES with ROW one of {sorted(LAUNCH_ROWS)} and "
+            "each value a positive integer or '-' (the default)"
+        )
+    return row, tuple(None if v == "-" else int(v) for v in values)
+
+
 def auto_choice(shape: Shape) -> str:
     """The kernel ``dispatch.decode_attention_auto`` takes for this shape on this machine."""
     n, kh, d = shape.heads

@@ -10,7 +10,7 @@ NAN = float("nan")
 def shape_lines(shape: dict) -> list[str]:
     """Per row: us per call (spread), TB/s, share of the read stream, speed vs the baseline (median, range of the
     per-round ratios; > 1: faster), error against the reference; errors and notes."""
-    lines = [f"  {'row':18s} {'us':>9} {'spread':>7} {'TB/s':>6} {'/read':>6}  vs {shape['baseline']}"]
+    lines = [f"  {'row':22s} {'us':>9} {'spread':>7} {'TB/s':>6} {'/read':>6}  vs {shape['baseline']}"]
     for name, r in shape["results"].items():
         notes = " ".join(
             x
@@ -22,16 +22,16 @@ def shape_lines(shape: dict) -> list[str]:
             if x
         )
         if "error" in r:
-            lines.append(f"  {name:18s} ERROR {r['error'][:1200]} {notes}")
+            lines.append(f"  {name:22s} ERROR {r['error'][:1200]} {notes}")
         elif "time_s" in r:
             s = r["speed_vs_baseline"]
             lines.append(
-                f"  {name:18s} {r['time_s'] * 1e6:9.1f} {r['spread_s'] * 1e6:7.1f} {r['tbps']:6.3f} "
+                f"  {name:22s} {r['time_s'] * 1e6:9.1f} {r['spread_s'] * 1e6:7.1f} {r['tbps']:6.3f} "
                 f"{r['of_read']:6.0%}  {s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})  err {r['rel_err']:.1e}  "
                 f"first call {r['first_call_s']:.1f}s {notes}"
             )
         else:
-            lines.append(f"  {name:18s} {notes}")
+            lines.append(f"  {name:22s} {notes}")
     return lines
 
 

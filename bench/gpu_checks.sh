@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|ragged ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|kinds_launch|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -491,13 +491,30 @@ for part in "${parts[@]}"; do
         --shapes 32xr256-16384
       tail -n 20 "$OUT/bench_ragged.log"
       ;;
+    kinds_launch)  # issue 22: launch sweeps against torch cuDNN in the same rounds, where the H100 runs behind it or the
+      # issue's 1x4096 target: 32x2048 at 9/3/64 (bf16 0.87x, Q8 0.75x cuDNN: 96 programs, Q8 at 2 splits of 64-key
+      # blocks), then 1x4096 (one launch's partials and its merge)
+      b="jkv_triton@" q="q8_triton@"
+      run kinds_launch_small 300 python bench/bench_decode_kinds.py --out "$OUT/launch_small" --rounds 5 \
+        --budget-s 60 --shapes 32x2048:9/3/64 --rows jkv_auto jkv_triton q8_triton torch_cudnn --launches \
+        ${b}128,4,-,- ${b}128,8,-,- ${b}64,8,-,- ${b}64,16,-,- ${b}256,2,-,- ${b}256,8,-,- ${b}256,4,8,- \
+        ${b}256,4,2,- ${b}128,4,-,4 ${q}64,4,-,- ${q}64,8,-,- ${q}128,2,-,- ${q}128,4,-,- ${q}128,8,-,- \
+        ${q}256,4,-,- ${q}64,4,8,- ${q}128,4,8,- ${q}64,8,2,-
+      tail -n 12 "$OUT/kinds_launch_small.log"
+      run kinds_launch_1x4096 250 python bench/bench_decode_kinds.py --out "$OUT/launch_1x4096" --rounds 5 \
+        --budget-s 60 --shapes 1x4096 --rows jkv_auto jkv_triton q8_triton torch_cudnn --launches \
+        ${b}128,8,-,- ${b}128,32,-,- ${b}64,32,-,- ${b}64,16,-,- ${b}256,8,-,- ${b}256,16,-,- ${b}128,16,8,- \
+        ${b}128,16,2,- ${b}128,16,-,2 ${b}128,16,-,4 ${q}64,8,-,- ${q}64,32,-,- ${q}128,16,-,- ${q}128,8,-,- \
+        ${q}32,32,-,-
+      tail -n 12 "$OUT/kinds_launch_1x4096.log"
+      ;;
     kinds)
       # its own budget (start no shape after it) leaves a shape's ~2 minutes inside the part's limit
       secs=$(part_secs 580)
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, ragged)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, kinds_launch, ragged)" ;;
   esac
 done
 

@@ -71,6 +71,31 @@ def test_smoke_run(tmp_path, capsys):
     assert out[-2].startswith("*: torch cuDNN not timed") and out[-1].startswith("ragged shapes: torch rows")
 
 
+def test_launch_rows_fix_the_launch_and_keep_the_rest(monkeypatch):
+    """A ``--launches`` row is its base row with the launch given (``-``: the default), checked and timed as the
+    others; the kernel sees exactly those overrides."""
+    shape = decode_kinds.parse_shape("2x128:4/2/64")
+    seen = []
+    monkeypatch.setattr(decode_kinds.decode_q8, "q8_decode_attention", lambda *a, **kw: seen.append(kw))
+    rows = decode_kinds.launch_rows(["jkv_triton@32,2,-,2", "q8_triton@-,4,8,-"], shape, smoke=True)
+    assert list(rows) == ["jkv_triton@32,2,-,2", "q8_triton@-,4,8,-"]
+    bf16, q8 = rows.values()
+    assert bf16.layout == "bf16" and q8.layout == "q8" and q8.fmt == "q8"
+    assert bf16.fn.keywords == {"block_k": 32, "num_splits": 2, "num_stages": 2}
+    q8.fn()
+    assert seen == [{"num_splits": 4, "num_warps": 8}]
+
+
+@pytest.mark.parametrize(
+    "spec", ["jkv_auto@32,2,4,3", "jkv_triton@32,2,4", "jkv_triton@32,0,4,3", "jkv_triton@x,2,4,3", "jkv_triton"]
+)
+def test_bad_launch_specs_name_the_spec(spec):
+    with pytest.raises(ValueError, match="expected ROW@BLOCK,SPLITS,WARPS,STAGES"):
+        decode_kinds.parse_launch(spec)
+    with pytest.raises(SystemExit):
+        bench_decode_kinds.main(["--smoke", "--launches", spec])
+
+
 def test_preflight_reports_each_row_from_a_child():
     """The child's report per row: a kernel that cannot run here and a name that is no row, each with its reason."""
     verdicts = preflight.preflight(["jkv_mgpu", "nope"], shapes=("2xr16-128:130/2/64", "2xr16-128:16/2/64"))
