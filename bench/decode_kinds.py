@@ -280,7 +280,7 @@ def parse_launch(spec: str) -> tuple[str, tuple]:
     """``ROW@B,S,W,T`` -> ``(ROW, (B, S, W, T))`` with ``-`` as None; a clear error for anything else."""
     row, _, launch = spec.partition("@")
     values = launch.split(",")
-    ok = row in LAUNCH_ROWS and len(values) == 4 and all(v == "-" or v.isdigit() and int(v) > 0 for v in values)
+    ok = row in LAUNCH_ROWS and len(values) == 4 and all(v == "-" or (v.isdigit() and int(v) > 0) for v in values)
     if not ok:
         raise ValueError(
             f"launch {spec!r}: expected ROW@BLOCK,SPLITS,WARPS,STAGES with ROW one of {sorted(LAUNCH_ROWS)} and "
