@@ -62,6 +62,14 @@ BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 SPLIT_KEYS = 128
+# Heads of at most SMALL_HEAD_DIM columns (SmolLM2's 64): blocks of SMALL_HEAD_BLOCK_K keys (as many bytes a block as
+# BLOCK_K keys of 128 columns) in programs of SMALL_HEAD_WARPS warps, and where fewer (b, kv head) programs than
+# multiprocessors run, as many warps a multiprocessor as the 4-warp rule's two programs (docs/BENCHMARKS.md, "Launch
+# sweeps at head_dim 64 and 1 x 4096": at 32 x 2048, 9/3/64 on an H100 the old launch ran at 0.68x torch cuDNN,
+# 2 warps and 4-8 splits of 128-key blocks at 1.16-1.19x)
+SMALL_HEAD_DIM = 64
+SMALL_HEAD_BLOCK_K = 128
+SMALL_HEAD_WARPS = 2
 # Forms of the loop's arithmetic (the module docstring; decode_kernel's ``form``), compared by bench/decode_ir.py
 # (per-block instruction counts, CPU) and bench/bench_q8_loop.py (GPU time). LOOP_FORM: the public functions'.
 # "iq8" forms are listed before the last, which stays all four of the bitwise-neutral and float forms.
@@ -301,22 +309,27 @@ def _decode(
 def q8_decode_config(
     batch: int, num_kv_heads: int, max_len: int, head_dim: int, block_k: int | None = None
 ) -> DecodeConfig:
-    """Launch parameters: ``BLOCK_K`` keys per step (fewer for a shorter cache), ``NUM_WARPS``, ``NUM_STAGES``.
+    """Launch parameters: ``BLOCK_K`` keys per step (fewer for a shorter cache), ``NUM_WARPS``, ``NUM_STAGES``;
+    at a head_dim of at most ``SMALL_HEAD_DIM``, ``SMALL_HEAD_BLOCK_K`` keys and ``SMALL_HEAD_WARPS`` warps.
     Splits: with at least one (b, kv head) program per multiprocessor, the bf16 kernel's rule
-    (``common.choose_num_splits`` over ``SPLIT_KEYS``-key steps); with fewer, about two programs per
-    multiprocessor, each split at least ``2 * SPLIT_KEYS`` keys. ``block_k`` fixes the keys per step instead
-    (the paged Q8 kernel's whole pages); the splits and stages follow it."""
+    (``common.choose_num_splits`` over ``SPLIT_KEYS``-key steps); with fewer, about two programs of
+    ``NUM_WARPS`` warps per multiprocessor (as many warps in smaller programs), each split at least
+    ``2 * SPLIT_KEYS`` keys. ``block_k`` fixes the keys per step instead (the paged Q8 kernel's whole pages); the
+    splits and stages follow it."""
+    small = head_dim <= SMALL_HEAD_DIM
     if block_k is None:
-        block_k = max(MIN_BLOCK, min(BLOCK_K, 1 << (max(max_len, 1).bit_length() - 1)))
+        top = SMALL_HEAD_BLOCK_K if small else BLOCK_K
+        block_k = max(MIN_BLOCK, min(top, 1 << (max(max_len, 1).bit_length() - 1)))
+    warps = SMALL_HEAD_WARPS if small else NUM_WARPS
     sms, programs = backend.num_multiprocessors(), batch * num_kv_heads
     split_keys = max(block_k, SPLIT_KEYS)
     if programs >= sms:
         splits = common.choose_num_splits(batch, num_kv_heads, max_len, split_keys, sms)
     else:
         most = max(1, pl.cdiv(max_len, split_keys) // 2)
-        splits = max(1, min(2 * sms // programs, most))
+        splits = max(1, min(2 * NUM_WARPS // warps * sms // programs, most))
     stages = min(NUM_STAGES, common.max_stages(block_k, head_dim, 1))
-    return DecodeConfig(block_k, splits, NUM_WARPS, stages)
+    return DecodeConfig(block_k, splits, warps, stages)
 
 
 def q8_decode_attention(

@@ -232,6 +232,20 @@ class TestOnGpu:
         ref = reference.q8_decode_attention_reference(jnp.asarray(kernel_query(q), jnp.float32), *args[1:])
         assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
 
+    @pytest.mark.parametrize("batch,seq", [(32, 2048), (1, 4096)], ids=str)
+    def test_small_heads_default_config(self, rng, batch, seq):
+        """SmolLM2's heads (N=9, K=3, D=64: 2-warp programs of 128-key blocks) with the default launch."""
+        lengths = np.full((batch,), seq, np.int32)
+        lengths[0] = seq - 77
+        q = jnp.asarray(rng.standard_normal((batch, 9, 64)), jnp.bfloat16)
+        k, k_scale, _ = q8_cache(rng, batch, 3, seq, 64, lengths, None, "float16")
+        v, v_scale, _ = q8_cache(rng, batch, 3, seq, 64, lengths, None, "float16")
+        args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
+        with poisoned_outputs():
+            out = decode_q8.q8_decode_attention(*args, interpret=False)
+        ref = reference.q8_decode_attention_reference(*args)
+        assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
+
     @pytest.mark.parametrize("case", DEQUANT_CASES, ids=[c[0] for c in DEQUANT_CASES])
     def test_dequantize_kernel(self, rng, case):
         run_dequant(rng, case, interpret=False)
@@ -249,6 +263,26 @@ class TestOnGpu:
             out = decode_q8.q8_decode_attention(*args, interpret=False)
         ref = reference.q8_decode_attention_reference(*args)
         assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,max_len,head_dim,want",
+    [
+        (32, 3, 2048, 64, (128, 5, 2)),  # SmolLM2's heads: 96 programs, four 2-warp programs a multiprocessor
+        (8, 3, 16384, 64, (128, 22, 2)),
+        (128, 3, 2048, 64, (128, 2, 2)),  # as many programs as multiprocessors or more: the bf16 kernel's rule
+        (2, 3, 100, 64, (64, 1, 2)),  # a short cache: its largest power of two, one split
+        (32, 8, 2048, 128, (64, 3, 4)),  # head_dim 128: the rule as before
+        (8, 8, 16384, 128, (64, 4, 4)),
+    ],
+    ids=str,
+)
+def test_launch_rule(monkeypatch, batch, kv_heads, max_len, head_dim, want):
+    """Heads of at most SMALL_HEAD_DIM columns take 128-key blocks in 2-warp programs, with as many warps a
+    multiprocessor as two 4-warp programs where fewer (b, kv head) programs than multiprocessors run (132 here)."""
+    monkeypatch.setattr(backend, "num_multiprocessors", lambda: 132)
+    config = decode_q8.q8_decode_config(batch, kv_heads, max_len, head_dim)
+    assert (config.block_k, config.num_splits, config.num_warps) == want
 
 
 def test_no_dequantized_cache_in_the_program():
