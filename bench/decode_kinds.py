@@ -257,7 +257,7 @@ LAUNCH_ROWS = {
     "jkv_triton": "block_k",
     "paged_triton": "pages_per_block",
     "q8_triton": "block_k",
-    "q8paged_triton": "block_k",
+    "q8paged_triton": "pages_per_block",
     "fp8_triton": "block_k",
 }
 

@@ -30,10 +30,11 @@ def fp8_decode_config(
 ) -> DecodeConfig:
     """Launch parameters: the bf16 kernel's keys per step (``common.choose_block_k`` for 2-byte values: the tile
     the products take is a bf16 one), then the Q8 kernel's splits, warps and stages for that block
-    (``decode_q8.q8_decode_config``); ``block_k`` fixes the keys per step (the paged kernel's whole pages)."""
+    (``decode_q8.q8_decode_config``, without its small-head launch: 2-warp programs made FP8 at 9/3/64 slower on an
+    H100, docs/BENCHMARKS.md); ``block_k`` fixes the keys per step (the paged kernel's whole pages)."""
     if block_k is None:
         block_k = common.choose_block_k(max_len, head_dim, 2)
-    return decode_q8.q8_decode_config(batch, num_kv_heads, max_len, head_dim, block_k=block_k)
+    return decode_q8.q8_decode_config(batch, num_kv_heads, max_len, head_dim, block_k=block_k, small_heads=False)
 
 
 # Base-2 softmax always (the "exp2" loop form): as the bf16 kernel's; for FP8 it also takes registers off the loop

@@ -307,16 +307,17 @@ def _decode(
 
 
 def q8_decode_config(
-    batch: int, num_kv_heads: int, max_len: int, head_dim: int, block_k: int | None = None
+    batch: int, num_kv_heads: int, max_len: int, head_dim: int, block_k: int | None = None, *, small_heads=True
 ) -> DecodeConfig:
     """Launch parameters: ``BLOCK_K`` keys per step (fewer for a shorter cache), ``NUM_WARPS``, ``NUM_STAGES``;
-    at a head_dim of at most ``SMALL_HEAD_DIM``, ``SMALL_HEAD_BLOCK_K`` keys and ``SMALL_HEAD_WARPS`` warps.
+    at a head_dim of at most ``SMALL_HEAD_DIM`` (unless ``small_heads`` is False: the FP8 kernels, which it made
+    slower), ``SMALL_HEAD_BLOCK_K`` keys and ``SMALL_HEAD_WARPS`` warps.
     Splits: with at least one (b, kv head) program per multiprocessor, the bf16 kernel's rule
     (``common.choose_num_splits`` over ``SPLIT_KEYS``-key steps); with fewer, about two programs of
     ``NUM_WARPS`` warps per multiprocessor (as many warps in smaller programs), each split at least
     ``2 * SPLIT_KEYS`` keys. ``block_k`` fixes the keys per step instead (the paged Q8 kernel's whole pages); the
     splits and stages follow it."""
-    small = head_dim <= SMALL_HEAD_DIM
+    small = small_heads and head_dim <= SMALL_HEAD_DIM
     if block_k is None:
         top = SMALL_HEAD_BLOCK_K if small else BLOCK_K
         block_k = max(MIN_BLOCK, min(top, 1 << (max(max_len, 1).bit_length() - 1)))

@@ -26,7 +26,7 @@ from reference import decode_attention_f64
 
 import jkv
 from jkv.caches.formats import quantize
-from pallas_kernels import backend, decode_q8, dequantize, q8_tiles, reference
+from pallas_kernels import backend, decode_fp8, decode_q8, dequantize, paged_q8, q8_tiles, reference
 
 ON_GPU = backend.gpu_backend() == backend.TRITON
 
@@ -283,6 +283,15 @@ def test_launch_rule(monkeypatch, batch, kv_heads, max_len, head_dim, want):
     monkeypatch.setattr(backend, "num_multiprocessors", lambda: 132)
     config = decode_q8.q8_decode_config(batch, kv_heads, max_len, head_dim)
     assert (config.block_k, config.num_splits, config.num_warps) == want
+    paged = paged_q8.paged_q8_config(batch, kv_heads, max_len // 4, 4, head_dim)  # the same block in whole pages
+    assert (paged.pages_per_block * 4, paged.num_splits, paged.num_warps) == want
+
+
+def test_fp8_keeps_four_warps_at_small_heads(monkeypatch):
+    """The FP8 kernels take the Q8 rule without its small-head launch (2 warps made FP8 at 9/3/64 slower)."""
+    monkeypatch.setattr(backend, "num_multiprocessors", lambda: 132)
+    config = decode_fp8.fp8_decode_config(32, 3, 2048, 64)
+    assert (config.block_k, config.num_splits, config.num_warps) == (256, 2, 4)
 
 
 def test_no_dequantized_cache_in_the_program():
