@@ -232,32 +232,24 @@ class TestOnGpu:
         ref = reference.q8_decode_attention_reference(jnp.asarray(kernel_query(q), jnp.float32), *args[1:])
         assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
 
-    @pytest.mark.parametrize("batch,seq", [(32, 2048), (1, 4096)], ids=str)
-    def test_small_heads_default_config(self, rng, batch, seq):
-        """SmolLM2's heads (N=9, K=3, D=64: 2-warp programs of 128-key blocks) with the default launch."""
-        lengths = np.full((batch,), seq, np.int32)
-        lengths[0] = seq - 77
-        q = jnp.asarray(rng.standard_normal((batch, 9, 64)), jnp.bfloat16)
-        k, k_scale, _ = q8_cache(rng, batch, 3, seq, 64, lengths, None, "float16")
-        v, v_scale, _ = q8_cache(rng, batch, 3, seq, 64, lengths, None, "float16")
-        args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
-        with poisoned_outputs():
-            out = decode_q8.q8_decode_attention(*args, interpret=False)
-        ref = reference.q8_decode_attention_reference(*args)
-        assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < KERNEL_TOL["bfloat16"]
-
     @pytest.mark.parametrize("case", DEQUANT_CASES, ids=[c[0] for c in DEQUANT_CASES])
     def test_dequantize_kernel(self, rng, case):
         run_dequant(rng, case, interpret=False)
 
-    @pytest.mark.parametrize("batch,seq", [(1, 4096), (8, 4096)], ids=["B=1_T=4096", "B=8_T=4096"])
-    def test_bench_shapes_default_config(self, rng, batch, seq):
-        """The benchmark's head layout (N=32, K=8, D=128, bf16 q, f16 scales) with default launch parameters."""
+    @pytest.mark.parametrize(
+        "batch,seq,heads",
+        [(1, 4096, (32, 8, 128)), (8, 4096, (32, 8, 128)), (32, 2048, (9, 3, 64)), (1, 4096, (9, 3, 64))],
+        ids=["B=1_T=4096", "B=8_T=4096", "B=32_T=2048_smollm2", "B=1_T=4096_smollm2"],
+    )
+    def test_bench_shapes_default_config(self, rng, batch, seq, heads):
+        """The benchmark's head layouts (N/K/D 32/8/128, and SmolLM2's 9/3/64: 2-warp programs of 128-key blocks;
+        bf16 q, f16 scales) with default launch parameters."""
+        n, kh, d = heads
         lengths = np.full((batch,), seq, np.int32)
         lengths[0] = seq - 77
-        q = jnp.asarray(rng.standard_normal((batch, 32, 128)), jnp.bfloat16)
-        k, k_scale, _ = q8_cache(rng, batch, 8, seq, 128, lengths, None, "float16")
-        v, v_scale, _ = q8_cache(rng, batch, 8, seq, 128, lengths, None, "float16")
+        q = jnp.asarray(rng.standard_normal((batch, n, d)), jnp.bfloat16)
+        k, k_scale, _ = q8_cache(rng, batch, kh, seq, d, lengths, None, "float16")
+        v, v_scale, _ = q8_cache(rng, batch, kh, seq, d, lengths, None, "float16")
         args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
         with poisoned_outputs():
             out = decode_q8.q8_decode_attention(*args, interpret=False)
