@@ -46,14 +46,15 @@ def table(report: dict) -> str:
     shapes = report["shapes"]
     rows = list(dict.fromkeys(name for s in shapes for name in s["results"]))
     get = lambda s, name, key: s["results"].get(name, {}).get(key, NAN)
-    head = f"{'shape':>20} " + " ".join(f"{name:>15}" for name in rows)
+    w = {name: max(15, len(name)) for name in rows}  # launch rows (ROW@B,S,W,T) are wider than the 15 of the rest
+    head = f"{'shape':>20} " + " ".join(f"{name:>{w[name]}}" for name in rows)
     run = report["runs"][-1]
     copy = run.get("copy", {}).get("tbps", NAN)
     lines = [f"read stream {run['read']['tbps']:.3f} TB/s, device copy {copy:.3f} TB/s (read + write)"]
     for title, cell in (
-        ("us per call", lambda s, name: f"{get(s, name, 'time_s') * 1e6:15.1f}"),
-        ("TB/s (K+V bytes the lengths hold; Q8/FP8: their own)", lambda s, name: f"{get(s, name, 'tbps'):15.3f}"),
-        ("speed vs torch_cudnn (median of the per-round ratios)", lambda s, name: f"{speed(s, name):15.3f}"),
+        ("us per call", lambda s, name: f"{get(s, name, 'time_s') * 1e6:{w[name]}.1f}"),
+        ("TB/s (K+V bytes the lengths hold; Q8/FP8: their own)", lambda s, n: f"{get(s, n, 'tbps'):{w[n]}.3f}"),
+        ("speed vs torch_cudnn (median of the per-round ratios)", lambda s, name: f"{speed(s, name):{w[name]}.3f}"),
     ):
         lines += [title, head]
         for s in shapes:
