@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|kinds_launch|kinds_bf16_d64|ragged ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|kinds_launch|kinds_d64|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -508,20 +508,22 @@ for part in "${parts[@]}"; do
         ${q}32,32,-,-
       tail -n 12 "$OUT/kinds_launch_1x4096.log"
       ;;
-    kinds_bf16_d64)  # issue 22: the bf16 kernel at head_dim 64 (0.86x / 0.94x torch cuDNN at 32x2048 / 8x16384 9/3/64;
+    kinds_d64)  # issue 22: the bf16 kernel at head_dim 64 (0.86x / 0.94x torch cuDNN at 32x2048 / 8x16384 9/3/64;
       # 128-key blocks in 2 warps and 4 splits reached 0.94x / 1.00x): 128-key blocks, 2 warps, with the split count
-      # the bf16 rule would give them (6 at 32x2048, 22 at 8x16384) and around it, each shape in its own invocation
-      b="jkv_triton@" rows="--rows jkv_auto paged_triton torch_cudnn"
-      run kinds_bf16_d64_a 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_a" --rounds 5 --budget-s 30 \
+      # the bf16 rule would give them (6 at 32x2048, 22 at 8x16384) and around it, each shape in its own invocation;
+      # then the Q8 small-head rule where (b, kv head) programs fill the GPU (128x2048: 2 splits of 2 warps) or are
+      # three (1x4096), beside twice its splits there
+      b="jkv_triton@" rows="--rows jkv_auto paged_triton q8_triton torch_cudnn"
+      run kinds_d64_a 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_a" --rounds 5 --budget-s 30 \
         --shapes 32x2048:9/3/64 $rows --launches ${b}128,6,2,- ${b}128,4,2,- ${b}128,8,2,- ${b}128,6,4,- \
         ${b}128,3,2,- ${b}128,6,2,2 ${b}64,8,2,- ${b}128,4,-,2
-      run kinds_bf16_d64_b 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_b" --rounds 5 --budget-s 30 \
+      run kinds_d64_b 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_b" --rounds 5 --budget-s 30 \
         --shapes 8x16384:9/3/64 $rows --launches ${b}128,22,2,- ${b}128,4,2,- ${b}128,8,2,- ${b}128,11,2,- \
         ${b}128,22,4,- ${b}64,8,2,- ${b}64,22,2,-
-      run kinds_bf16_d64_c 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_c" --rounds 5 --budget-s 30 \
+      run kinds_d64_c 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_c" --rounds 5 --budget-s 30 \
         --shapes 128x2048:9/3/64 1x4096:9/3/64 $rows --launches ${b}128,2,2,- ${b}128,1,2,- ${b}128,16,2,- \
-        ${b}64,16,2,-
-      grep -h -A14 "^  row" "$OUT"/kinds_bf16_d64_*.log
+        ${b}64,16,2,- q8_triton@128,4,2,- q8_triton@128,8,2,- q8_triton@64,16,4,-
+      grep -h -A16 "^  row" "$OUT"/kinds_d64_*.log
       ;;
     kinds)
       # its own budget (start no shape after it) leaves a shape's ~2 minutes inside the part's limit
@@ -529,7 +531,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, kinds_launch, kinds_bf16_d64, ragged)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, kinds_launch, kinds_d64, ragged)" ;;
   esac
 done
 
