@@ -491,9 +491,9 @@ for part in "${parts[@]}"; do
         --shapes 32xr256-16384
       tail -n 20 "$OUT/bench_ragged.log"
       ;;
-    kinds_launch)  # issue 22: launch sweeps against torch cuDNN in the same rounds, where the H100 runs behind it or the
-      # issue's 1x4096 target: 32x2048 at 9/3/64 (bf16 0.87x, Q8 0.75x cuDNN: 96 programs, Q8 at 2 splits of 64-key
-      # blocks), then 1x4096 (one launch's partials and its merge)
+    kinds_launch)  # issue 22: launch sweeps against torch cuDNN in the same rounds, where the H100 ran behind it or the
+      # issue's 1x4096 target (docs/BENCHMARKS.md, "Launch sweeps at head_dim 64 and 1 x 4096"): 32x2048 at 9/3/64,
+      # then 1x4096 (one launch's partials and its merge)
       b="jkv_triton@" q="q8_triton@"
       run kinds_launch_small 300 python bench/bench_decode_kinds.py --out "$OUT/launch_small" --rounds 5 \
         --budget-s 60 --shapes 32x2048:9/3/64 --rows jkv_auto jkv_triton q8_triton torch_cudnn --launches \
@@ -508,11 +508,11 @@ for part in "${parts[@]}"; do
         ${q}32,32,-,-
       tail -n 12 "$OUT/kinds_launch_1x4096.log"
       ;;
-    kinds_d64)  # issue 22: the bf16 kernel at head_dim 64 (0.86x / 0.94x torch cuDNN at 32x2048 / 8x16384 9/3/64;
-      # 128-key blocks in 2 warps and 4 splits reached 0.94x / 1.00x): 128-key blocks, 2 warps, with the split count
-      # the bf16 rule would give them (6 at 32x2048, 22 at 8x16384) and around it, each shape in its own invocation;
-      # then the Q8 small-head rule where (b, kv head) programs fill the GPU (128x2048: 2 splits of 2 warps) or are
-      # three (1x4096), beside twice its splits there
+    kinds_d64)  # issue 22: the bf16 kernel at head_dim 64, behind torch cuDNN at 32x2048 and 8x16384 9/3/64 where
+      # 128-key blocks in 2 warps and 4 splits came near it (docs/BENCHMARKS.md, "Launch sweeps at head_dim 64"):
+      # 128-key blocks, 2 warps, with the split count the bf16 rule would give them (6 at 32x2048, 22 at 8x16384)
+      # and around it, each shape in its own invocation; then the Q8 small-head rule where (b, kv head) programs
+      # fill the GPU (128x2048: 2 splits of 2 warps) or are three (1x4096), beside twice its splits there
       b="jkv_triton@" rows="--rows jkv_auto paged_triton q8_triton torch_cudnn"
       run kinds_d64_a 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_a" --rounds 5 --budget-s 30 \
         --shapes 32x2048:9/3/64 $rows --launches ${b}128,6,2,- ${b}128,4,2,- ${b}128,8,2,- ${b}128,6,4,- \

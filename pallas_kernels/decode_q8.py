@@ -64,9 +64,8 @@ NUM_STAGES = 3
 SPLIT_KEYS = 128
 # Heads of at most SMALL_HEAD_DIM columns (SmolLM2's 64): blocks of SMALL_HEAD_BLOCK_K keys (as many bytes a block as
 # BLOCK_K keys of 128 columns) in programs of SMALL_HEAD_WARPS warps, and where fewer (b, kv head) programs than
-# multiprocessors run, as many warps a multiprocessor as the 4-warp rule's two programs (docs/BENCHMARKS.md, "Launch
-# sweeps at head_dim 64 and 1 x 4096": at 32 x 2048, 9/3/64 on an H100 the old launch ran at 0.68x torch cuDNN,
-# 2 warps and 4-8 splits of 128-key blocks at 1.16-1.19x)
+# multiprocessors run, as many warps a multiprocessor as the 4-warp rule's two programs: measured against the 4-warp
+# launch and torch cuDNN in docs/BENCHMARKS.md, "Launch sweeps at head_dim 64 and 1 x 4096"
 SMALL_HEAD_DIM = 64
 SMALL_HEAD_BLOCK_K = 128
 SMALL_HEAD_WARPS = 2
