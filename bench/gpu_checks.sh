@@ -514,13 +514,13 @@ for part in "${parts[@]}"; do
       # and around it, each shape in its own invocation; then the Q8 small-head rule where (b, kv head) programs
       # fill the GPU (128x2048: 2 splits of 2 warps) or are three (1x4096), beside twice its splits there
       b="jkv_triton@" rows="--rows jkv_auto paged_triton q8_triton torch_cudnn"
-      run kinds_d64_a 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_a" --rounds 5 --budget-s 30 \
+      run kinds_d64_a 200 python bench/bench_decode_kinds.py --out "$OUT/d64_a" --rounds 5 --budget-s 30 \
         --shapes 32x2048:9/3/64 $rows --launches ${b}128,6,2,- ${b}128,4,2,- ${b}128,8,2,- ${b}128,6,4,- \
         ${b}128,3,2,- ${b}128,6,2,2 ${b}64,8,2,- ${b}128,4,-,2
-      run kinds_d64_b 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_b" --rounds 5 --budget-s 30 \
+      run kinds_d64_b 200 python bench/bench_decode_kinds.py --out "$OUT/d64_b" --rounds 5 --budget-s 30 \
         --shapes 8x16384:9/3/64 $rows --launches ${b}128,22,2,- ${b}128,4,2,- ${b}128,8,2,- ${b}128,11,2,- \
         ${b}128,22,4,- ${b}64,8,2,- ${b}64,22,2,-
-      run kinds_d64_c 200 python bench/bench_decode_kinds.py --out "$OUT/bf16_d64_c" --rounds 5 --budget-s 30 \
+      run kinds_d64_c 200 python bench/bench_decode_kinds.py --out "$OUT/d64_c" --rounds 5 --budget-s 30 \
         --shapes 128x2048:9/3/64 1x4096:9/3/64 $rows --launches ${b}128,2,2,- ${b}128,1,2,- ${b}128,16,2,- \
         ${b}64,16,2,- q8_triton@128,4,2,- q8_triton@128,8,2,- q8_triton@64,16,4,-
       grep -h -A16 "^  row" "$OUT"/kinds_d64_*.log

@@ -60,8 +60,8 @@ def qmatmul_config(m: int, n: int, k: int, fmt: str) -> QMatmulConfig:
     else:
         bm = min(128, max(common.MIN_BLOCK, common.pow2_ceil(m)))  # no more padded rows than a dot tile needs
         warps = 4 if bm <= 64 else 8
-        if spec.max_group > 64:  # the K-quants' 128-column steps in two stages: at 64 rows 1.27-1.43x faster than in
-            # three on an H100, level at 32 (two programs a multiprocessor; docs/BENCHMARKS.md, "Int8 tensor cores")
+        if spec.max_group > 64:  # the K-quants' 128-column steps in two stages: at 64 rows faster than in three on
+            # an H100, level at 32 (two programs a multiprocessor; docs/BENCHMARKS.md, "Int8 tensor cores")
             bk, bn, stages = spec.max_group, 64, 2
         elif spec.parts == 1:  # Q8_0: 128-column steps in two stages, 13-14 % faster at 64 rows than 64-column
             # steps in three on an H100 (docs/BENCHMARKS.md, "The row layout's dot kernel at 64 rows")

@@ -35,7 +35,7 @@ LAYOUTS = ("rows", "dp4a")  # QuantizedMatrix.layout: the format's planes, or to
 DP4A_FORMATS = tuple(f for f, words in qmatmul_dp4a.WORDS.items() if words == 4)
 # Rows a dp4a-layout product takes on the integer-dot kernel; more run the row layout's kernel (DP4A_MID_ROWS). On
 # an H100 the 8B-shaped decode step ran faster on it at 2 sequences, level (Q8_0) or faster (Q4_K) at 4, and
-# 1.3-2.6x slower at 8 and 16 (docs/BENCHMARKS.md, "Where the dp4a kernel hands over").
+# slower at 8 and 16 (docs/BENCHMARKS.md, "Where the dp4a kernel hands over").
 DP4A_MAX_ROWS = 4
 # How a dp4a-layout product of more rows than that and fewer than DEQUANT_MIN_ROWS runs (decode at 5-127
 # sequences, small mixed steps): "dequantize" (the matrix dequantized for one XLA dot: about 4.6 bytes moved a Q4_K
