@@ -40,8 +40,8 @@ for CUDA instead of run (``--lower-only``: only that, at the shapes' real sizes,
 Usage: ``python bench/bench_decode_kinds.py --out DIR [--rounds 5] [--budget-s 420] [--shapes 1x4096 ...]
 [--rows jkv_mgpu torch_cudnn ...] [--launches jkv_triton@128,8,-,- ...] [--resume DIR/bench_decode_kinds.json]``.
 ``--launches`` adds launch-sweep rows (``decode_kinds.launch_rows``: a Triton row with its block, splits, warps and
-stages fixed) timed in the same rounds as the others. Writes ``DIR/bench_decode_kinds.json``
-after every shape (``--resume`` keeps a time-limited run's shapes and adds the rest) and
+stages fixed, ``,fused`` its splits merged inside the kernel) timed in the same rounds as the others. Writes
+``DIR/bench_decode_kinds.json`` after every shape (``--resume`` keeps a time-limited run's shapes and adds the rest) and
 ``DIR/bench_decode_kinds.png`` (matplotlib, where importable; ``--replot JSON`` draws it later); prints a table
 last.
 """
@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="CPU-sized shapes, interpret mode, no torch")
     parser.add_argument("--lower-only", action="store_true", help="only lower every GPU path for CUDA")
     parser.add_argument(
-        "--launches", nargs="*", default=[], help="launch rows ROW@BLOCK,SPLITS,WARPS,STAGES ('-': the default)"
+        "--launches", nargs="*", default=[], help="launch rows ROW@BLOCK,SPLITS,WARPS,STAGES[,fused] ('-': the default)"
     )
     parser.add_argument("--replot", type=Path, help="only draw the plot and table of a saved JSON into --out")
     args = parser.parse_args(argv)

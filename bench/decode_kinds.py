@@ -263,30 +263,38 @@ LAUNCH_ROWS = {
 
 
 def launch_rows(specs, shape: Shape, smoke: bool) -> dict[str, Row]:
-    """Rows of a launch sweep: each spec ``ROW@B,S,W,T`` is row ``ROW`` (one of :data:`LAUNCH_ROWS`) with its
-    block (keys, or pages per block), splits, warps and stages fixed (``-`` keeps the default of one), named
-    ``ROW@B,S,W,T``. Timed beside the default rows in the same rounds; the kernels still cap the stages to what
-    shared memory holds."""
+    """Rows of a launch sweep: each spec ``ROW@B,S,W,T[,fused]`` is row ``ROW`` (one of :data:`LAUNCH_ROWS`) with
+    its block (keys, or pages per block), splits, warps and stages fixed (``-`` keeps the default of one) and, with
+    ``,fused``, its splits merged by the last to finish (``fused_merge``; rows of :data:`FUSED_ROWS`), named as
+    the spec. Timed beside the default rows in the same rounds; the kernels still cap the stages to what shared
+    memory holds."""
     base, rows = jax_rows(shape, smoke), {}
     for spec in specs:
-        row, values = parse_launch(spec)
+        row, values, fused = parse_launch(spec)
         keys = (LAUNCH_ROWS[row], "num_splits", "num_warps", "num_stages")
         overrides = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+        overrides.update(fused_merge=True) if fused else None
         rows[spec] = base[row]._replace(fn=functools.partial(base[row].fn, **overrides))
     return rows
 
 
-def parse_launch(spec: str) -> tuple[str, tuple]:
-    """``ROW@B,S,W,T`` -> ``(ROW, (B, S, W, T))`` with ``-`` as None; a clear error for anything else."""
+FUSED_ROWS = ("jkv_triton", "paged_triton")  # the rows whose kernels take fused_merge
+
+
+def parse_launch(spec: str) -> tuple[str, tuple, bool]:
+    """``ROW@B,S,W,T[,fused]`` -> ``(ROW, (B, S, W, T), fused)`` with ``-`` as None; a clear error for anything
+    else."""
     row, _, launch = spec.partition("@")
     values = launch.split(",")
+    fused = len(values) == 5 and values[-1] == "fused"
+    values = values[:4] if fused else values
     ok = row in LAUNCH_ROWS and len(values) == 4 and all(v == "-" or (v.isdigit() and int(v) > 0) for v in values)
-    if not ok:
+    if not ok or (fused and row not in FUSED_ROWS):
         raise ValueError(
-            f"launch {spec!r}: expected ROW@BLOCK,SPLITS,WARPS,STAGES with ROW one of {sorted(LAUNCH_ROWS)} and "
-            "each value a positive integer or '-' (the default)"
+            f"launch {spec!r}: expected ROW@BLOCK,SPLITS,WARPS,STAGES[,fused] with ROW one of {sorted(LAUNCH_ROWS)}"
+            f" (',fused': {', '.join(FUSED_ROWS)} only) and each value a positive integer or '-' (the default)"
         )
-    return row, tuple(None if v == "-" else int(v) for v in values)
+    return row, tuple(None if v == "-" else int(v) for v in values), fused
 
 
 def auto_choice(shape: Shape) -> str:

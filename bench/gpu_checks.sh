@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|kinds_launch|kinds_d64|ragged ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|kinds_launch|kinds_d64|fused|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -508,6 +508,22 @@ for part in "${parts[@]}"; do
         ${q}32,32,-,-
       tail -n 12 "$OUT/kinds_launch_1x4096.log"
       ;;
+    fused)  # issue 22: the splits merged by the last program to finish (fused_merge: one launch, where the merge was
+      # a second); its GPU tests with the real lowering (a race would show in the repeated calls), then the
+      # contiguous and paged rows with it against their two-launch defaults and torch cuDNN, where the merge's launch
+      # is a large part of the time (1x4096) and where it is not
+      run tests_fused 240 python -m pytest -q -m gpu -k "fused" tests/kernels/test_decode_kernel.py \
+        tests/kernels/test_paged_kernel.py tests/kernels/test_decode_append.py
+      b="jkv_triton@" p="paged_triton@" f=",fused"
+      run kinds_fused_1x4096 200 python bench/bench_decode_kinds.py --out "$OUT/fused_1x4096" --rounds 7 \
+        --budget-s 60 --shapes 1x4096 --rows jkv_triton paged_triton torch_cudnn --launches ${b}-,-,-,-$f \
+        ${p}-,-,-,-$f ${b}-,32,-,-$f ${b}64,32,-,-$f ${b}-,8,-,-$f ${b}256,8,-,-$f
+      tail -n 12 "$OUT/kinds_fused_1x4096.log"
+      run kinds_fused 240 python bench/bench_decode_kinds.py --out "$OUT/fused" --rounds 5 --budget-s 150 \
+        --shapes 1x32768 16x8192 32x2048:9/3/64 1x4096:32/32/128 --rows jkv_triton paged_triton torch_cudnn \
+        --launches ${b}-,-,-,-$f ${p}-,-,-,-$f
+      tail -n 14 "$OUT/kinds_fused.log"
+      ;;
     kinds_d64)  # issue 22: the bf16 kernel at head_dim 64, behind torch cuDNN at 32x2048 and 8x16384 9/3/64 where
       # 128-key blocks in 2 warps and 4 splits came near it (docs/BENCHMARKS.md, "Launch sweeps at head_dim 64"):
       # 128-key blocks, 2 warps, with the split count the bf16 rule would give them (6 at 32x2048, 22 at 8x16384)
@@ -531,7 +547,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, kinds_launch, kinds_d64, ragged)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, kinds_launch, kinds_d64, fused, ragged)" ;;
   esac
 done
 

@@ -144,11 +144,13 @@ def pallas_call(kernel, *, interpret: bool, num_warps: int, num_stages: int, **k
     return pl.pallas_call(kernel, compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages), **kwargs)
 
 
-def load(ref, *, mask=None, other=None):
-    """Masked load from a ref (``pl.load`` semantics): Triton's on any backend that has it, else Pallas's own."""
+def load(ref, *, mask=None, other=None, volatile: bool = False):
+    """Masked load from a ref (``pl.load`` semantics): Triton's on any backend that has it, else Pallas's own.
+    ``volatile``: a volatile load (never from the multiprocessor's L1: memory other programs wrote), which Pallas's
+    own load (interpret mode) need not mark."""
     plgpu = triton_module()
     if plgpu is not None:
-        return plgpu.load(ref, mask=mask, other=other)
+        return plgpu.load(ref, mask=mask, other=other, volatile=volatile)
     from jax._src.pallas import primitives  # interpret-only fallback when this JAX build lacks the Triton module
 
     return primitives.load(ref, None, mask=mask, other=other)
@@ -162,6 +164,19 @@ def store(ref, val, *, mask=None) -> None:
     from jax._src.pallas import primitives
 
     return primitives.store(ref, None, val, mask=mask)
+
+
+def sync_threads(interpret: bool) -> None:
+    """A barrier of the program's threads (CUDA's ``__syncthreads``) in the Triton lowering; nothing in interpret
+    mode, where a program runs as one sequence of array operations."""
+    if not interpret:
+        triton_module().debug_barrier()
+
+
+def atomic_add(ref, index, value):
+    """``ref[index] += value`` atomically (acquire-release, GPU scope, in the Triton lowering); returns the value
+    before. Interpret mode runs it as a plain read-modify-write (its programs run one after another)."""
+    return triton_module().atomic_add(ref, index, value)
 
 
 @functools.cache

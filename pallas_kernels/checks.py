@@ -152,6 +152,13 @@ def softmax_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
+def check_flag(name: str, value):
+    """``value`` of a bool launch override (None keeps the default); a clear error for anything else."""
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_launch_overrides(*, num_warps=None, **ints) -> None:
     """Types and ranges of the launch overrides the Triton decode kernels share (None keeps a default): integers,
     ``num_splits`` / ``num_stages`` >= 1, ``num_warps`` in ``NUM_WARPS``. Each kernel checks its own block size."""

@@ -34,6 +34,9 @@ class DecodeConfig(NamedTuple):
     num_splits: int  # programs per (b, kv head), each walking an equal share of the sequence's blocks
     num_warps: int
     num_stages: int  # Triton software-pipelining depth of the loop's K/V loads
+    # With several splits, the last program of a (b, kv head) to finish merges the partials (an atomic count
+    # a (b, kv head)) instead of a second launch doing it (:func:`merge_partials`)
+    fused_merge: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- launch rules
@@ -119,13 +122,17 @@ def decode_config(
 
 def resolve_config(default: DecodeConfig, max_len: int, head_dim: int, itemsize: int, **overrides) -> DecodeConfig:
     """The default with the caller's overrides (``None`` keeps the default), validated; stages are capped so the
-    resident K/V blocks of ``itemsize`` bytes fit in shared memory (:func:`max_stages`)."""
+    resident K/V blocks of ``itemsize`` bytes fit in shared memory (:func:`max_stages`). ``fused_merge`` (a bool)
+    picks where several splits' partials are merged (:class:`DecodeConfig`)."""
+    fused = checks.check_flag("fused_merge", overrides.pop("fused_merge", None))
     checks.check_launch_overrides(**overrides)
     block_k = overrides.get("block_k")
     top = max(max_len, MIN_BLOCK)
     if block_k is not None and (block_k < MIN_BLOCK or block_k & (block_k - 1) or block_k > top):
         raise ValueError(f"{block_k=} must be a power of two in [{MIN_BLOCK}, max(S, {MIN_BLOCK})={top}]")
     config = default._replace(**{k: int(v) for k, v in overrides.items() if v is not None})
+    if fused is not None:
+        config = config._replace(fused_merge=bool(fused))
     return config._replace(num_stages=min(config.num_stages, tile_max_stages(config.block_k, head_dim, itemsize)))
 
 
@@ -192,18 +199,37 @@ def partial_rows(splits: int) -> int:
     return 1 << (splits - 1).bit_length()
 
 
-def split_out_shape(q, splits: int) -> list:
+def split_out_shape(q, splits: int, fused_merge: bool = False, kv_heads: int = 1) -> list:
     """Outputs of a split-K decode kernel: the attention output itself for one split, else the partials
-    ``acc [B, P, N, D]``, ``m [B, P, N]`` and ``denom [B, P, N]`` (float32), ``P = partial_rows(splits)``."""
+    ``acc [B, P, N, D]``, ``m [B, P, N]`` and ``denom [B, P, N]`` (float32), ``P = partial_rows(splits)``; with
+    ``fused_merge`` these, then the output and the count of finished splits ``int32 [B, kv_heads]``
+    (:func:`merge_when_last`: the kernel takes the count zeroed, :func:`split_inputs`)."""
     batch, num_heads, head_dim = q.shape
     if splits == 1:
         return [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     rows = partial_rows(splits)
-    return [
+    partials = [
         jax.ShapeDtypeStruct((batch, rows, num_heads, head_dim), jnp.float32),  # acc
         jax.ShapeDtypeStruct((batch, rows, num_heads), jnp.float32),  # m
         jax.ShapeDtypeStruct((batch, rows, num_heads), jnp.float32),  # denom
     ]
+    if not fused_merge:
+        return partials
+    return [*partials, jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32)]
+
+
+def fuses_merge(config: DecodeConfig) -> bool:
+    """Whether a launch of ``config`` merges its splits inside the kernel (several splits and ``fused_merge``)."""
+    return getattr(config, "fused_merge", False) and config.num_splits > 1
+
+
+def split_inputs(inputs: list, out_shape: list, aliases: dict, config: DecodeConfig) -> tuple[list, dict]:
+    """``inputs`` and ``aliases`` of a split-K decode launch with, where it fuses its merge (:func:`fuses_merge`),
+    the zeroed count of finished splits last, aliased to its output (the fifth of ``out_shape``)."""
+    if not fuses_merge(config):
+        return inputs, aliases
+    count = out_shape[4]
+    return [*inputs, jnp.zeros(count.shape, count.dtype)], {**aliases, len(inputs): 4}
 
 
 def whole(shape):
@@ -263,17 +289,23 @@ def tile_width(head_dim: int) -> int:
 
 
 def _merge_kernel(acc_ref, m_ref, denom_ref, o_ref, *, splits: int, packed: bool):
-    r, c = pl.program_id(0), pl.program_id(1)
+    merge_row(acc_ref, m_ref, denom_ref, o_ref, pl.program_id(0), pl.program_id(1), splits=splits, packed=packed)
+
+
+def merge_row(acc_ref, m_ref, denom_ref, o_ref, r, c, *, splits: int, packed: bool = False, volatile: bool = False):
+    """``o[r, c]`` from the first ``splits`` partials of row ``(r, c)`` (:func:`merge_partials`); ``volatile``
+    partials' loads (:func:`merge_when_last`: other programs of the launch wrote them)."""
     p_rows = acc_ref.shape[1]  # splits padded to a power of two
     p_ok = lax.broadcasted_iota(jnp.int32, (p_rows,), 0) < splits
+    load = functools.partial(backend.load, volatile=volatile)
     if not packed:  # m, denom [R, P, C]
-        m = backend.load(m_ref.at[r, :, c], mask=p_ok, other=-jnp.inf)
-        denom = backend.load(denom_ref.at[r, :, c], mask=p_ok, other=0.0)
+        m = load(m_ref.at[r, :, c], mask=p_ok, other=-jnp.inf)
+        denom = load(denom_ref.at[r, :, c], mask=p_ok, other=0.0)
     else:  # both in one [R, P, C, stats] array: column 0 the max, column 1 the denominator
-        col = lambda i, other: backend.load(m_ref.at[r, :, c, pl.ds(i, 1)], mask=p_ok[:, None], other=other)
+        col = lambda i, other: load(m_ref.at[r, :, c, pl.ds(i, 1)], mask=p_ok[:, None], other=other)
         m, denom = col(0, -jnp.inf).reshape(p_rows), col(1, 0.0).reshape(p_rows)
     chunks = column_slices(acc_ref.shape[-1])
-    accs = [backend.load(acc_ref.at[r, :, c, at], mask=p_ok[:, None], other=0.0) for at in chunks]  # [Pp, W]
+    accs = [load(acc_ref.at[r, :, c, at], mask=p_ok[:, None], other=0.0) for at in chunks]  # [Pp, W]
     m_max = jnp.max(m)
     weight = jnp.exp(m - jnp.where(m_max > -jnp.inf, m_max, 0.0))  # exp(-inf) = 0: empty splits drop out
     total = jnp.sum(weight * denom)
@@ -299,19 +331,41 @@ def merge_partials(acc, m, denom=None, *, splits: int, dtype, interpret: bool):
     return whole_call(kernel, inputs, out_shape, **launch, interpret=interpret, name="jkv_merge_splits")
 
 
+def merge_when_last(out_refs, b, h, *, group: int, num_splits: int, interpret: bool) -> None:
+    """In a split-K decode program that stored its partials (``out_refs``: ``acc``, ``m``, ``denom``, ``o``,
+    ``count``; :func:`split_out_shape` with ``fused_merge``): count this split finished for ``(b, kv head h)``;
+    the program that finishes last merges the ``group`` query heads' partials into ``o`` (:func:`merge_row`).
+
+    The program's threads meet at a barrier after their stores, so the count's release (acquire-release, GPU
+    scope) covers every partial of the program; the last program's acquire precedes its reads, volatile ones (from L2,
+    where the other programs' stores are, never a stale L1 line). Interpret mode runs the programs one after another."""
+    acc_ref, m_ref, denom_ref, o_ref, count_ref = out_refs
+    backend.sync_threads(interpret)
+    done = backend.atomic_add(count_ref, (b, h), jnp.int32(1))
+
+    @pl.when(done == num_splits - 1)
+    def _merge():
+        for g in range(group):
+            merge_row(acc_ref, m_ref, denom_ref, o_ref, b, h * group + g, splits=num_splits, volatile=True)
+
+
 def launch_split_kernel(
     kernel, inputs, out_shape, aliases, grid, config, interpret, name: str, dtype, trailing: int = 0
 ):
     """Launch a split-K decode kernel over whole-array refs and finish it: with several splits (``grid[2]``) its
     first three outputs are the partials, merged here (:func:`merge_partials`) into ``dtype``; with one, its
-    first output is the result. With ``trailing`` outputs after those, returns ``(result, *trailing outputs)``.
-    Shared by the contiguous, paged and Q8 decode kernels."""
+    first output is the result; where it merges them itself (:func:`fuses_merge`), its fourth. With ``trailing``
+    outputs after those, returns ``(result, *trailing outputs)``. Shared by the contiguous, paged and Q8 decode
+    kernels."""
+    inputs, aliases = split_inputs(inputs, out_shape, aliases, config)
     launch = dict(grid=grid, num_warps=config.num_warps, num_stages=config.num_stages, interpret=interpret)
     outs = whole_call(kernel, inputs, out_shape, **launch, name=name, aliases=aliases)
     extra = tuple(outs[len(outs) - trailing :])
     outs = outs[: len(outs) - trailing]
     if grid[2] == 1:
         result = outs[-1]
+    elif fuses_merge(config):
+        result = outs[3]
     else:
         result = merge_partials(*outs[:3], splits=grid[2], dtype=dtype, interpret=interpret)
     return (result, *extra) if trailing else result

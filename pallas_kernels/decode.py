@@ -56,12 +56,15 @@ def decode_kernel(
     v_ref,  # [L, B, K, S, D]
     # with ``append``: append [B] int32 (1: position lengths[b] - 1 comes from k_new/v_new and is written),
     # k_new [B, K, D], v_new [B, K, D] (``packed``: none; q is [B, K * (G + 2), D], each kv head's G query rows,
-    # then its new key and value rows); then the outputs:
-    # o [B, N, D] (one split); or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32 partials);
-    # with ``append``, last, k and v (aliased to the inputs k and v)
+    # then its new key and value rows); with ``fused_merge`` a zeroed count [B, K] int32; then the outputs:
+    # o [B, N, D] (one split); or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32 partials), with
+    # ``fused_merge`` then o and the count (aliased to its input); with ``append``, last, k and v (aliased to the
+    # inputs k and v)
     *refs,
     append: bool = False,
     packed: bool = False,
+    fused_merge: bool = False,
+    interpret: bool = False,
     group: int,
     rows: int,
     block_k: int,
@@ -77,7 +80,7 @@ def decode_kernel(
     elif append:
         append_ref, k_new_ref, v_new_ref = refs[:3]
         refs = refs[3:]
-    out_refs = refs
+    out_refs = refs[fused_merge:]  # the count's input is its output's buffer: the kernel uses the output
     if append:
         out_refs, (k_out_ref, v_out_ref) = out_refs[:-2], out_refs[-2:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -154,6 +157,8 @@ def decode_kernel(
 
     decode_walk.store(out_refs, acc, m * (1 / LOG2E), denom, b, j, head_rows, col_chunks, row_ok, group=group,
                       rows=rows, num_splits=num_splits)  # fmt: skip
+    if fused_merge:
+        common.merge_when_last(out_refs, b, h, group=group, num_splits=num_splits, interpret=interpret)
 
 
 def write_row(ref, index, cols, row) -> None:
@@ -192,14 +197,17 @@ def _decode(
     # v_new [B, K, D]) (packed: (append,)): then k and v are returned updated
     _, batch, kv_heads, _, _ = k.shape
     group = q.shape[1] // kv_heads - (2 if packed else 0)
-    splits = config.num_splits
-    out_shape = common.split_out_shape(jax.ShapeDtypeStruct((batch, kv_heads * group, q.shape[2]), q.dtype), splits)
+    splits, fused = config.num_splits, common.fuses_merge(config)
+    o_shape = jax.ShapeDtypeStruct((batch, kv_heads * group, q.shape[2]), q.dtype)
+    out_shape = common.split_out_shape(o_shape, splits, fused, kv_heads)
     inputs, aliases = [lengths, layer, q, k, v, *(new or ())], {}
     if new is not None:  # the cache is updated in place: its buffers are the last two outputs
         aliases = {3: len(out_shape), 4: len(out_shape) + 1}
         out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     options = kernel_options(k.dtype, group, config.block_k, splits, scale, window, softcap)
-    kernel = functools.partial(decode_kernel, append=new is not None, packed=packed, **options)
+    kernel = functools.partial(
+        decode_kernel, append=new is not None, packed=packed, fused_merge=fused, interpret=interpret, **options
+    )
     grid = (batch, kv_heads, splits)
     name = "jkv_decode_attention" if new is None else "jkv_decode_attention_append"
     trailing = 0 if new is None else 2
@@ -236,6 +244,7 @@ def decode_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fused_merge: bool | None = None,
 ) -> Float[Array, "B N D"]:
     """Decode attention of one query per sequence over its first ``lengths[b]`` cache positions.
 
@@ -243,10 +252,12 @@ def decode_attention(
     ``scale`` defaults to ``D ** -0.5``. ``window`` (static): the query, at ``lengths[b] - 1``, sees only the last
     ``window`` positions (the blocks wholly before them are never read); ``softcap`` ``c`` (static) caps the
     scaled scores as ``c * tanh(s / c)``. ``interpret=None`` runs interpret mode off GPU. ``block_k``,
-    ``num_splits``, ``num_warps`` and ``num_stages`` override ``pallas_kernels.common.decode_config``.
+    ``num_splits``, ``num_warps``, ``num_stages`` and ``fused_merge`` (several splits merged by the last of them
+    to finish, not by a second launch) override ``pallas_kernels.common.decode_config``.
     """
     checks.check_args(q, k, v, lengths, layer, chunked=True)
-    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                     fused_merge=fused_merge)  # fmt: skip
     interpret, scale, config = _launch_settings(q, k, scale, interpret, window, softcap, **overrides)
     (k, v), layer = common.whole_cache((k, v), layer, MIN_BLOCK)  # a tiny cache padded to one block
     lengths = jnp.asarray(lengths).astype(jnp.int32)
@@ -304,6 +315,7 @@ def decode_attention_append(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fused_merge: bool | None = None,
 ) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
     """A decode step's cache write and attention in one kernel; returns ``(out, k, v)``.
 
@@ -315,7 +327,8 @@ def decode_attention_append(
     selects the sequences that write; the others attend over what their cache holds and leave it unchanged, as
     does a sequence of length 0. ``window``, ``softcap`` and launch overrides as :func:`decode_attention`.
     """
-    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                     fused_merge=fused_merge)  # fmt: skip
     extra = dict(scale=scale, window=window, softcap=softcap)
     return _append(q, k, v, lengths, k_new, v_new, append, layer, extra, overrides, interpret)
 
@@ -361,6 +374,7 @@ def decode_attention_packed(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fused_merge: bool | None = None,
 ) -> tuple[Float[Array, "B N D"], Float[Array, "*L B K S D"], Float[Array, "*L B K S D"]]:
     """:func:`decode_attention_append` with each kv head's queries and new row in one array: ``qkv[b, h, :G]`` are
     kv head ``h``'s ``G`` queries (query heads ``h*G ..``), ``qkv[b, h, G]`` its new key and ``qkv[b, h, G + 1]``
@@ -372,6 +386,7 @@ def decode_attention_packed(
     group = rows - 2
     q = qkv[:, :, :group].reshape(b, kh * group, d)
     k_new, v_new = qkv[:, :, group], qkv[:, :, group + 1]
-    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                     fused_merge=fused_merge)  # fmt: skip
     extra = dict(scale=scale, window=window, softcap=softcap)
     return _append(q, k, v, lengths, k_new, v_new, append, layer, extra, overrides, interpret, qkv=qkv)

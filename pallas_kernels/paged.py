@@ -46,6 +46,7 @@ class PagedConfig(NamedTuple):
     num_warps: int
     num_stages: int
     preload: bool = False  # read the split's table entries once, before its loop (see preload_entries)
+    fused_merge: bool = False  # the last split merges (common.DecodeConfig)
 
 
 PRELOAD_MAX = 64  # most table entries a program holds in registers when its split's entries are preloaded
@@ -82,16 +83,15 @@ def paged_config(
 def resolve_config(default: PagedConfig, page_size: int, head_dim: int, itemsize: int, **overrides) -> PagedConfig:
     """The default with the caller's overrides (``None`` keeps the default), validated; stages are capped so the
     resident K/V blocks fit in shared memory (``common.max_stages``)."""
-    preload = overrides.pop("preload", None)
-    if preload is not None and not isinstance(preload, (bool, np.bool_)):
-        raise TypeError(f"preload must be a bool, got {preload!r}")
+    preload = checks.check_flag("preload", overrides.pop("preload", None))
+    fused = checks.check_flag("fused_merge", overrides.pop("fused_merge", None))
     checks.check_launch_overrides(**overrides)
     ppb = overrides["pages_per_block"]
     if ppb is not None and (ppb < 1 or ppb & (ppb - 1) or ppb * page_size < MIN_BLOCK):
         raise ValueError(
             f"pages_per_block={ppb} must be a power of two with pages_per_block * {page_size=} >= {MIN_BLOCK}"
         )
-    chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [preload]
+    chosen = [overrides[f] for f in PagedConfig._fields[:4]] + [preload, fused]
     config = PagedConfig(*(d if o is None else type(d)(o) for d, o in zip(default, chosen, strict=True)))
     cap = common.tile_max_stages(config.pages_per_block * page_size, head_dim, itemsize)
     return config._replace(num_stages=min(config.num_stages, cap))
@@ -250,11 +250,12 @@ def _paged(
     group = q.shape[1] // kv_heads
     splits, ppb = config.num_splits, config.pages_per_block
     tables = pad_tables(tables, ppb)
-    out_shape = common.split_out_shape(q, splits)
+    fused = common.fuses_merge(config)
+    out_shape = common.split_out_shape(q, splits, fused, kv_heads)
     inputs = [lengths, layer, tables, q, k_pages, v_pages]
     preload = preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
     options = decode.kernel_options(k_pages.dtype, group, ppb * page_size, splits, scale, window, softcap)
-    kernel = functools.partial(_paged_kernel, preload=preload, **options)
+    kernel = functools.partial(_paged_kernel, preload=preload, fused_merge=fused, interpret=interpret, **options)
     grid = (batch, kv_heads, splits)
     return common.launch_split_kernel(
         kernel, inputs, out_shape, {}, grid, config, interpret, "jkv_paged_attention", q.dtype
@@ -306,6 +307,7 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     preload: bool | None = None,
+    fused_merge: bool | None = None,
 ) -> Float[Array, "B N D"]:
     """Decode attention of one query per sequence over its first ``lengths[b]`` positions, through the table.
 
@@ -313,14 +315,15 @@ def paged_decode_attention(
     ``scale`` defaults to ``D ** -0.5``. ``window`` and ``softcap`` as ``pallas_kernels.decode.decode_attention``
     (with a window, table entries before its first page are never read: a ring's released pages may be ``-1``).
     ``interpret=None`` runs interpret mode off GPU. ``pages_per_block``,
-    ``num_splits``, ``num_warps``, ``num_stages`` and ``preload`` (read a split's table entries before its
-    loop, where they fit: :func:`preload_entries`) override :func:`paged_config`.
+    ``num_splits``, ``num_warps``, ``num_stages``, ``preload`` (read a split's table entries before its
+    loop, where they fit: :func:`preload_entries`) and ``fused_merge`` (the last split to finish merges, as
+    ``decode.decode_attention``'s) override :func:`paged_config`.
     """
     checks.check_window_softcap(window, softcap)
     b, _, kh, _, page_size, d = check_args(q, k_pages, v_pages, block_tables, lengths, layer, window, chunked=True)
     default = paged_config(b, kh, reach_pages(block_tables, page_size, window), page_size, d, k_pages.dtype)
     overrides = dict(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
-                     num_stages=num_stages, preload=preload)  # fmt: skip
+                     num_stages=num_stages, preload=preload, fused_merge=fused_merge)  # fmt: skip
     settings = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
     itemsize = jnp.dtype(k_pages.dtype).itemsize
     return launch(

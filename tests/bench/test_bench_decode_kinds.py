@@ -77,14 +77,14 @@ def test_launch_rows_fix_the_launch_and_keep_the_rest(monkeypatch):
     shape = decode_kinds.parse_shape("2x128:4/2/64")
     seen = []
     monkeypatch.setattr(decode_kinds.decode_q8, "q8_decode_attention", lambda *a, **kw: seen.append(kw))
-    specs = ["jkv_triton@32,2,-,2", "q8_triton@-,4,8,-", "q8paged_triton@4,2,-,-", "paged_triton@2,-,-,-"]
+    specs = ["jkv_triton@32,2,-,2", "q8_triton@-,4,8,-", "q8paged_triton@4,2,-,-", "paged_triton@2,-,-,-,fused"]
     rows = decode_kinds.launch_rows(specs, shape, smoke=True)
     assert list(rows) == specs
     bf16, q8, q8paged, paged = rows.values()
     assert bf16.layout == "bf16" and q8.layout == "q8" and q8.fmt == "q8" and q8paged.layout == "q8_paged"
     assert bf16.fn.keywords == {"block_k": 32, "num_splits": 2, "num_stages": 2}
     assert q8paged.fn.keywords == {"pages_per_block": 4, "num_splits": 2}
-    assert paged.fn.keywords == {"pages_per_block": 2}
+    assert paged.fn.keywords == {"pages_per_block": 2, "fused_merge": True}
     sets, _, _ = decode_kinds.shape_inputs(shape, 0, {"q8_paged", "paged"})
     for row in (q8paged, paged):  # each paged row's kernel takes its launch by these names
         assert np.all(np.isfinite(np.asarray(row.fn(*sets[row.layout][0], interpret=True))))
@@ -93,7 +93,16 @@ def test_launch_rows_fix_the_launch_and_keep_the_rest(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "spec", ["jkv_auto@32,2,4,3", "jkv_triton@32,2,4", "jkv_triton@32,0,4,3", "jkv_triton@x,2,4,3", "jkv_triton"]
+    "spec",
+    [
+        "jkv_auto@32,2,4,3",
+        "jkv_triton@32,2,4",
+        "jkv_triton@32,0,4,3",
+        "jkv_triton@x,2,4,3",
+        "jkv_triton",
+        "q8_triton@-,-,-,-,fused",
+        "jkv_triton@-,-,-,-,merged",
+    ],
 )
 def test_bad_launch_specs_name_the_spec(spec):
     with pytest.raises(ValueError, match="expected ROW@BLOCK,SPLITS,WARPS,STAGES"):

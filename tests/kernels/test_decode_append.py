@@ -19,7 +19,7 @@ from test_decode_kernel import CASES, GPU_SCALE, IDS, LENGTHS, ON_GPU
 from pallas_kernels import common, decode, reference
 
 
-def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False, kernel=None):
+def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False, kernel=None, **launch):
     _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits = case
     max_len *= scale_up
     dtype = jnp.dtype(dtype)
@@ -52,7 +52,7 @@ def run_append_case(rng, case, *, scale_up=1, interpret=None, donate=False, kern
 
     args = [jnp.asarray(cast(x)) for x in (q, caches["k"], caches["v"])]
     args += [jnp.asarray(lengths), jnp.asarray(new["k"], jnp.float32), jnp.asarray(new["v"], jnp.float32)]
-    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, **launch)
     kernel = kernel or decode.decode_attention_append
     call = lambda *a, **layer: kernel(*a, append=jnp.asarray(append), **options, **layer)
     jitted = fast_jit(call, donate_argnums=(1, 2) if donate else ())
@@ -105,6 +105,13 @@ def test_packed_matches_float64_interpret(rng, case):
     run_append_case(rng, case, interpret=True, kernel=packed)
 
 
+@pytest.mark.parametrize("kernel", ["append", "packed"])
+def test_fused_merge_matches_float64_interpret(rng, kernel):
+    """The splits merged by the last to finish (fused_merge), the cache written by the program holding the new row."""
+    case = next(c for c in CASES if c[0] == "g8_d128_f32_traced_layer")
+    run_append_case(rng, case, interpret=True, kernel=packed if kernel == "packed" else None, fused_merge=True)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=[IDS[0], IDS[4], IDS[6]])
 def test_reference_matches_float64(rng, case):
     """The pure-jnp reference with the kernel's signature (one layer, a whole cache, a traced layer)."""
@@ -123,6 +130,10 @@ class TestAppendOnGpu:
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_packed_matches_float64(self, rng, case):
         run_append_case(rng, case, scale_up=GPU_SCALE, interpret=False, donate=True, kernel=packed)
+
+    @pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])
+    def test_fused_merge_matches_float64(self, rng, case):
+        run_append_case(rng, case, scale_up=GPU_SCALE, interpret=False, donate=True, kernel=packed, fused_merge=True)
 
 
 def test_append_argument_errors(rng):

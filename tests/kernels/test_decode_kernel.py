@@ -58,7 +58,7 @@ def nan_filled_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers):
     return cache, slab
 
 
-def run_case(rng, case, *, scale_up=1, interpret=None):
+def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     _, batch, kv_heads, group, head_dim, max_len, dtype, length_names, layers, block_k, num_splits = case
     max_len *= scale_up
     dtype = jnp.dtype(dtype)
@@ -73,7 +73,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     ref = decode_attention_f64(rounded(q), rounded(k_slab), rounded(v_slab), lengths)
 
     args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(lengths)]
-    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, **launch)
     with poisoned_outputs():
         if layers is None:
             out = run_jitted(decode.decode_attention, *args, **options)
@@ -94,6 +94,31 @@ def test_kernel_matches_float64_interpret(rng, case):
     run_case(rng, case, interpret=True)
 
 
+# The splits merged by the last of them to finish (fused_merge): every length name, a traced layer, more splits than
+# blocks (splits that see nothing), a column-chunked head. The GPU class runs every row with several splits.
+FUSED_CASES = [c for c in CASES if c[0] in ("g1_d64_f32_splits3_batch5", "g8_d128_f32_traced_layer",
+                                            "g2_d64_f16_more_splits_batch3", "g4_d96_bf16_splits3")]  # fmt: skip
+SPLIT_CASES = [c for c in CASES if c[-1] != 1]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_fused_merge_matches_float64_interpret(rng, case):
+    run_case(rng, case, interpret=True, fused_merge=True)
+
+
+def test_fused_merge_is_one_launch():
+    """With fused_merge the splits' partials are merged inside the kernel: one Triton call, no merge launch; the
+    count it takes is zeroed by XLA each call."""
+    config = common.decode_config(1, 8, 4096, 128, jnp.bfloat16, num_multiprocessors=132)._replace(fused_merge=True)
+    q, k = jax.ShapeDtypeStruct((1, 32, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, 1, 8, 4096, 128), jnp.bfloat16)
+    args = (q, k, k, jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    for fused, launches in ((True, 1), (False, 2)):
+        traced = decode._decode.trace(*args, scale=0.125, config=config._replace(fused_merge=fused), interpret=False)
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == launches, fused
+        assert ("jkv_merge_splits" in text) == (not fused)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
 class TestOnGpu:
@@ -102,6 +127,22 @@ class TestOnGpu:
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+    def test_fused_merge_matches_float64(self, rng, case):
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False, fused_merge=True)
+
+    def test_fused_merge_repeated_calls_agree(self, rng):
+        """The last split's merge races no other program: many calls of the 1 x 4096 launch (16 splits a kv head)
+        and a batch of ragged lengths each equal the two-launch merge's output bit for bit."""
+        for batch, seq in ((1, 4096), (6, 2048)):
+            q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+                       for s in ((batch, 32, 128), (batch, 8, seq, 128), (batch, 8, seq, 128)))  # fmt: skip
+            fused = jax.jit(lambda *a: decode.decode_attention(*a, interpret=False, fused_merge=True))
+            plain = jax.jit(lambda *a: decode.decode_attention(*a, interpret=False))
+            for _ in range(50):
+                lengths = jnp.asarray(rng.integers(1, seq + 1, batch), jnp.int32)
+                np.testing.assert_array_equal(np.asarray(fused(q, k, v, lengths)), np.asarray(plain(q, k, v, lengths)))
 
     @pytest.mark.parametrize("batch,seq", [(1, 4096), (8, 4096)], ids=["B=1_T=4096", "B=8_T=4096"])
     def test_bench_shapes_default_config(self, rng, batch, seq):
@@ -241,6 +282,7 @@ def _error_args(rng):
         (lambda q, k, n: decode.decode_attention(q, k, k, n, num_splits=0), ValueError, "num_splits=0"),
         (lambda q, k, n: decode.decode_attention(q, k, k, n, num_warps=3), ValueError, "num_warps=3"),
         (lambda q, k, n: decode.decode_attention(q, k, k, n, num_stages=0), ValueError, "num_stages=0"),
+        (lambda q, k, n: decode.decode_attention(q, k, k, n, fused_merge=1), TypeError, "fused_merge must be a bool"),
         (lambda q, k, n: decode.decode_attention(q, k, k, n, scale="x"), TypeError, "scale must be"),
         (lambda q, k, n: decode.decode_attention(q, k, k, n, interpret=1), TypeError, "interpret must be"),
     ],
@@ -267,6 +309,7 @@ def _error_args(rng):
         "splits",
         "warps",
         "stages",
+        "fused-merge-type",
         "scale",
         "interpret-type",
     ],

@@ -98,6 +98,8 @@ LAUNCH_VARIANTS = {
     "table_in_loop_ppb4": (CASES[1], dict(preload=False)),
     "table_in_loop_traced_layer": (CASES[4], dict(preload=False)),
     "preload_one_split": (CASES[2], dict(preload=True, num_splits=2)),
+    "fused_merge_ppb1": (CASES[0], dict(fused_merge=True)),  # the last split merges (decode.decode_attention's)
+    "fused_merge_traced_layer": (CASES[4], dict(fused_merge=True)),
 }
 
 
@@ -208,7 +210,7 @@ class TestOnGpu:
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
 
-    @pytest.mark.parametrize("launch", [dict(preload=False)], ids=str)
+    @pytest.mark.parametrize("launch", [dict(preload=False), dict(fused_merge=True)], ids=str)
     @pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
     def test_launch_variants(self, rng, case, launch):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False, **launch)
