@@ -265,20 +265,17 @@ LAUNCH_ROWS = {
 def launch_rows(specs, shape: Shape, smoke: bool) -> dict[str, Row]:
     """Rows of a launch sweep: each spec ``ROW@B,S,W,T[,fused]`` is row ``ROW`` (one of :data:`LAUNCH_ROWS`) with
     its block (keys, or pages per block), splits, warps and stages fixed (``-`` keeps the default of one) and, with
-    ``,fused``, its splits merged by the last to finish (``fused_merge``; rows of :data:`FUSED_ROWS`), named as
-    the spec. Timed beside the default rows in the same rounds; the kernels still cap the stages to what shared
-    memory holds."""
+    ``,fused``, its splits merged by the last to finish (``fused_merge``), named as the spec. Timed beside the
+    default rows in the same rounds; the kernels still cap the stages to what shared memory holds."""
     base, rows = jax_rows(shape, smoke), {}
     for spec in specs:
         row, values, fused = parse_launch(spec)
         keys = (LAUNCH_ROWS[row], "num_splits", "num_warps", "num_stages")
         overrides = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
-        overrides.update(fused_merge=True) if fused else None
+        if fused:
+            overrides["fused_merge"] = True
         rows[spec] = base[row]._replace(fn=functools.partial(base[row].fn, **overrides))
     return rows
-
-
-FUSED_ROWS = ("jkv_triton", "paged_triton")  # the rows whose kernels take fused_merge
 
 
 def parse_launch(spec: str) -> tuple[str, tuple, bool]:
@@ -289,10 +286,10 @@ def parse_launch(spec: str) -> tuple[str, tuple, bool]:
     fused = len(values) == 5 and values[-1] == "fused"
     values = values[:4] if fused else values
     ok = row in LAUNCH_ROWS and len(values) == 4 and all(v == "-" or (v.isdigit() and int(v) > 0) for v in values)
-    if not ok or (fused and row not in FUSED_ROWS):
+    if not ok:
         raise ValueError(
             f"launch {spec!r}: expected ROW@BLOCK,SPLITS,WARPS,STAGES[,fused] with ROW one of {sorted(LAUNCH_ROWS)}"
-            f" (',fused': {', '.join(FUSED_ROWS)} only) and each value a positive integer or '-' (the default)"
+            " and each value a positive integer or '-' (the default)"
         )
     return row, tuple(None if v == "-" else int(v) for v in values), fused
 

@@ -513,15 +513,16 @@ for part in "${parts[@]}"; do
       # contiguous and paged rows with it against their two-launch defaults and torch cuDNN, where the merge's launch
       # is a large part of the time (1x4096) and where it is not
       run tests_fused 240 python -m pytest -q -m gpu -k "fused" tests/kernels/test_decode_kernel.py \
-        tests/kernels/test_paged_kernel.py tests/kernels/test_decode_append.py
-      b="jkv_triton@" p="paged_triton@" f=",fused"
+        tests/kernels/test_paged_kernel.py tests/kernels/test_decode_append.py tests/kernels/test_q8_kernel.py \
+        tests/kernels/test_paged_q8_kernel.py
+      b="jkv_triton@" p="paged_triton@" q="q8_triton@" f=",fused"
       run kinds_fused_1x4096 200 python bench/bench_decode_kinds.py --out "$OUT/fused_1x4096" --rounds 7 \
-        --budget-s 60 --shapes 1x4096 --rows jkv_triton paged_triton torch_cudnn --launches ${b}-,-,-,-$f \
-        ${p}-,-,-,-$f ${b}-,32,-,-$f ${b}64,32,-,-$f ${b}-,8,-,-$f ${b}256,8,-,-$f
+        --budget-s 60 --shapes 1x4096 --rows jkv_triton paged_triton q8_triton torch_cudnn --launches \
+        ${b}-,-,-,-$f ${p}-,-,-,-$f ${q}-,-,-,-$f ${b}-,32,-,-$f ${b}64,32,-,-$f ${b}-,8,-,-$f ${q}-,32,-,-$f
       tail -n 12 "$OUT/kinds_fused_1x4096.log"
       run kinds_fused 240 python bench/bench_decode_kinds.py --out "$OUT/fused" --rounds 5 --budget-s 150 \
-        --shapes 1x32768 16x8192 32x2048:9/3/64 1x4096:32/32/128 --rows jkv_triton paged_triton torch_cudnn \
-        --launches ${b}-,-,-,-$f ${p}-,-,-,-$f
+        --shapes 1x32768 16x8192 32x2048:9/3/64 1x4096:32/32/128 --rows jkv_triton paged_triton q8_triton \
+        torch_cudnn --launches ${b}-,-,-,-$f ${p}-,-,-,-$f ${q}-,-,-,-$f
       tail -n 14 "$OUT/kinds_fused.log"
       ;;
     kinds_d64)  # issue 22: the bf16 kernel at head_dim 64, behind torch cuDNN at 32x2048 and 8x16384 9/3/64 where

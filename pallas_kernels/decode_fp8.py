@@ -65,7 +65,7 @@ def fp8_decode_attention(
     v: Float[Array, "*L B K S D"], v_scale: Float[Array, "*L B K S 1"], lengths: Int[Array, " B"], *, layer=None,
     scale: float | None = None, window: int | None = None, softcap: float | None = None,
     interpret: bool | None = None, block_k: int | None = None, num_splits: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, fused_merge: bool | None = None,
 ) -> Float[Array, "B N D"]:  # fmt: skip
     """Decode attention over an FP8 cache: one query per sequence over its first ``lengths[b]`` positions.
 
@@ -73,9 +73,10 @@ def fp8_decode_attention(
     float32 scales (one layer ``[B, K, S, ...]`` or a whole ``[L, B, K, S, ...]`` cache with ``layer``, an int or
     a traced int32 scalar). Products in ``q``'s dtype (bfloat16 / float16; tf32 on a GPU, float32 in interpret
     mode for a float32 ``q``), softmax and accumulation in float32. ``window`` and ``softcap`` (static) as the
-    bf16 kernel's; the launch arguments override :func:`fp8_decode_config`.
+    bf16 kernel's; the launch arguments override :func:`fp8_decode_config` (``fused_merge`` as the bf16 kernel's).
     """
-    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                     fused_merge=fused_merge)  # fmt: skip
     settings = dict(layer=layer, scale=scale, window=window, softcap=softcap, interpret=interpret)
     return decode_q8.run(FP8, q, (k, k_scale, v, v_scale), lengths, **settings, **overrides)
 
@@ -86,13 +87,13 @@ def paged_fp8_decode_attention(
     block_tables: Int[Array, "B M"], lengths: Int[Array, " B"], *, layer=None, scale: float | None = None,
     window: int | None = None, softcap: float | None = None, interpret: bool | None = None,
     pages_per_block: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
-    num_stages: int | None = None, preload: bool | None = None,
+    num_stages: int | None = None, preload: bool | None = None, fused_merge: bool | None = None,
 ) -> Float[Array, "B N D"]:  # fmt: skip
     """:func:`fp8_decode_attention` over FP8 pages (value and scale pools) through ``block_tables``, as
     ``pallas_kernels.paged.paged_decode_attention`` reads bf16 pages (entries < 0 name no page; a ring's released
     pages before the ``window``); the launch arguments override :func:`paged_fp8_config`."""
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
     overrides = dict(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
-                     num_stages=num_stages, preload=preload)  # fmt: skip
+                     num_stages=num_stages, preload=preload, fused_merge=fused_merge)  # fmt: skip
     settings = dict(layer=layer, scale=scale, window=window, softcap=softcap, interpret=interpret)
     return paged_q8.run(FP8, q, pools, block_tables, lengths, **settings, **overrides)

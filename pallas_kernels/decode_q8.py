@@ -106,7 +106,7 @@ def decode_kernel(
     k_scale_ref,  # [L, B, K, S, D // 32]
     v_ref,  # [L, B, K, S, D] int8
     v_scale_ref,  # [L, B, K, S, D // 32]
-    # outputs: o [B, N, D] (one split), or acc [B, P, N, D], m [B, P, N], denom [B, P, N] (float32)
+    # outputs (after a zeroed count with ``fused_merge``): as ``decode.decode_kernel``'s
     *out_refs,
     group: int,
     rows: int,
@@ -119,7 +119,10 @@ def decode_kernel(
     chunk: int = QBLOCK,  # values per scale: 32 (Q8) or D (FP8: one chunk, plain products)
     form: str = "default",  # LOOP_FORMS: "+"-joined
     num_warps: int = NUM_WARPS,  # the launch's (the "vperm" form's column order follows it)
+    fused_merge: bool = False,
+    interpret: bool = False,
 ):
+    out_refs = out_refs[fused_merge:]  # the count's output is its input's buffer
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_len, head_dim = k_ref.shape[3:]
     split = dict(block_k=block_k, num_splits=num_splits, window=window)
@@ -254,6 +257,8 @@ def decode_kernel(
     accs = [part.own_chunks(a) for part, a in zip(parts, accs, strict=True)]  # each row block's own chunk
     decode_walk.store(out_refs, accs, m, denom, b, j, head_rows, io_cols, row_ok, group=group, rows=rows,
                       num_splits=num_splits)  # fmt: skip
+    if fused_merge:
+        common.merge_when_last(out_refs, b, h, group=group, num_splits=num_splits, interpret=interpret)
 
 
 def kernel_options(
@@ -290,13 +295,13 @@ def _decode(
     # FP8: D); lengths int32[B]; layer int32[1]
     _, batch, kv_heads, _, head_dim = k.shape
     group = q.shape[1] // kv_heads
-    splits = config.num_splits
-    out_shape = common.split_out_shape(q, splits)
+    splits, fused = config.num_splits, common.fuses_merge(config)
+    out_shape = common.split_out_shape(q, splits, fused, kv_heads)
     inputs = [lengths, layer, q, k, k_scale, v, v_scale]
     chunk = head_dim // k_scale.shape[-1]
     launch = (config.block_k, splits, scale, window, softcap, chunk, form, config.num_warps, k.dtype)
     options = kernel_options(q.dtype, group, head_dim, *launch)
-    kernel = functools.partial(decode_kernel, **options)
+    kernel = functools.partial(decode_kernel, **options, fused_merge=fused, interpret=interpret)
     grid = (batch, kv_heads, splits)
     name = f"jkv_{format_name(k.dtype)}_decode_attention"
     return common.launch_split_kernel(kernel, inputs, out_shape, {}, grid, config, interpret, name, q.dtype)
@@ -349,6 +354,7 @@ def q8_decode_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    fused_merge: bool | None = None,
 ) -> Float[Array, "B N D"]:
     """Decode attention over a Q8 cache: one query per sequence over its first ``lengths[b]`` positions.
 
@@ -356,9 +362,10 @@ def q8_decode_attention(
     (one layer ``[B, K, S, ...]`` or a whole ``[L, B, K, S, ...]`` cache with ``layer``). The products run in
     ``q``'s dtype when it is bfloat16 or float16, in tf32 (GPU) or float32 (interpret) for a float32 ``q``;
     softmax and accumulation in float32. ``window`` and ``softcap`` as ``pallas_kernels.decode.decode_attention``.
-    Launch overrides as for :func:`q8_decode_config`'s fields.
+    Launch overrides as for :func:`q8_decode_config`'s fields (``fused_merge`` as the bf16 kernel's).
     """
-    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    overrides = dict(block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                     fused_merge=fused_merge)  # fmt: skip
     settings = dict(layer=layer, scale=scale, window=window, softcap=softcap, interpret=interpret)
     return run(Q8, q, (k, k_scale, v, v_scale), lengths, **settings, **overrides)
 

@@ -73,7 +73,8 @@ def _paged_q8(
     max_pages = tables.shape[1]
     splits, ppb = config.num_splits, config.pages_per_block
     tables = paged.pad_tables(tables, ppb)
-    out_shape = common.split_out_shape(q, splits)
+    fused = common.fuses_merge(config)
+    out_shape = common.split_out_shape(q, splits, fused, kv_heads)
     inputs = [lengths, layer, tables, q, k, k_scale, v, v_scale]
     group, chunk = q.shape[1] // kv_heads, head_dim // k_scale.shape[-1]
     block_k = ppb * page_size
@@ -81,7 +82,7 @@ def _paged_q8(
         q.dtype, group, head_dim, block_k, splits, scale, window, softcap, chunk, form, config.num_warps, k.dtype
     )
     preload = paged.preload_entries(max_pages, ppb, splits, page_size) if config.preload else 0
-    kernel = functools.partial(_paged_q8_kernel, preload=preload, **options)
+    kernel = functools.partial(_paged_q8_kernel, preload=preload, **options, fused_merge=fused, interpret=interpret)
     grid = (q.shape[0], kv_heads, splits)
     name = f"jkv_paged_{decode_q8.format_name(k.dtype)}_attention"
     return common.launch_split_kernel(kernel, inputs, out_shape, {}, grid, config, interpret, name, q.dtype)
@@ -117,15 +118,16 @@ def paged_q8_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     preload: bool | None = None,
+    fused_merge: bool | None = None,
 ) -> Float[Array, "B N D"]:
     """Decode attention over Q8 pages: ``pallas_kernels.paged.paged_decode_attention`` with each of K and V given
     as code and scale pools, dequantized inside the loads as ``pallas_kernels.decode_q8.q8_decode_attention``
     does; the launch arguments override :func:`paged_q8_config`. Products in ``q``'s dtype (bfloat16 / float16;
     tf32 on GPU for float32), softmax and accumulation in float32; ``window`` and ``softcap`` as the paged
-    kernel's."""
+    kernel's (``fused_merge`` too)."""
     pools = (k_pages, k_scale_pages, v_pages, v_scale_pages)
     overrides = dict(pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
-                     num_stages=num_stages, preload=preload)  # fmt: skip
+                     num_stages=num_stages, preload=preload, fused_merge=fused_merge)  # fmt: skip
     settings = dict(layer=layer, scale=scale, window=window, softcap=softcap, interpret=interpret)
     return run(decode_q8.Q8, q, pools, block_tables, lengths, **settings, **overrides)
 

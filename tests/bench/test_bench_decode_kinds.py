@@ -100,7 +100,7 @@ def test_launch_rows_fix_the_launch_and_keep_the_rest(monkeypatch):
         "jkv_triton@32,0,4,3",
         "jkv_triton@x,2,4,3",
         "jkv_triton",
-        "q8_triton@-,-,-,-,fused",
+        "q8_triton@-,-,-,-,merged",
         "jkv_triton@-,-,-,-,merged",
     ],
 )

@@ -34,13 +34,13 @@ CASES = [
 IDS = [c[0] for c in CASES]
 
 
-def run_case(rng, case, *, scale_up=1, interpret=None):
+def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     _, batch, kv_heads, group, head_dim, ps, max_pages, dtype, lengths, layers, ppb, splits, preload = case
     dtype, max_pages = jnp.dtype(dtype), max_pages * scale_up
     lengths = np.array([min(n * scale_up, max_pages * ps) for n in lengths], np.int32)
     pools, tables, (k, v) = q8_pools(rng, batch, kv_heads, head_dim, ps, max_pages, lengths, layers, True)
     q = jnp.asarray(rng.standard_normal((batch, kv_heads * group, head_dim)), dtype)
-    options = dict(interpret=interpret, pages_per_block=ppb, num_splits=splits, preload=preload)
+    options = dict(interpret=interpret, pages_per_block=ppb, num_splits=splits, preload=preload, **launch)
     args = (q, *pools, jnp.asarray(tables), jnp.asarray(lengths))
     kernel = paged_q8.paged_q8_decode_attention
     with poisoned_outputs():
@@ -132,6 +132,11 @@ def test_kernel_errors():
         assert text in str(info.value), (text, str(info.value))
 
 
+def test_fused_merge_interpret(rng):
+    """The splits merged by the last to finish (fused_merge), a traced layer, table entries read in the loop."""
+    run_case(rng, CASES[1], interpret=True, fused_merge=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
 class TestOnGpu:
@@ -140,6 +145,10 @@ class TestOnGpu:
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_kernel_matches_float64(self, rng, case):
         run_case(rng, case, scale_up=8, interpret=False)
+
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_fused_merge(self, rng, case):
+        run_case(rng, case, scale_up=8, interpret=False, fused_merge=True)
 
     @pytest.mark.parametrize("form", Q8_GPU_FORMS)
     @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=[IDS[0], IDS[3], IDS[4]])

@@ -67,7 +67,7 @@ def q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dty
     return jnp.asarray(codes), jnp.asarray(scales), slab
 
 
-def run_case(rng, case, *, scale_up=1, interpret=None):
+def run_case(rng, case, *, scale_up=1, interpret=None, **launch):
     _, batch, kv_heads, group, head_dim, max_len, dtype, scale_dtype, names, layers, block_k, num_splits = case
     max_len *= scale_up
     dtype = jnp.dtype(dtype)
@@ -78,7 +78,7 @@ def run_case(rng, case, *, scale_up=1, interpret=None):
     k, k_scale, k_slab = q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
     v, v_scale, v_slab = q8_cache(rng, batch, kv_heads, max_len, head_dim, lengths, layers, scale_dtype)
 
-    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits)
+    options = dict(interpret=interpret, block_k=block_k, num_splits=num_splits, **launch)
     args = (q, k, k_scale, v, v_scale, jnp.asarray(lengths))
     kernel = decode_q8.q8_decode_attention
     with poisoned_outputs():
@@ -194,6 +194,15 @@ def test_dequantize_kernel_interpret(rng, case):
     run_dequant(rng, case, interpret=True)
 
 
+# The splits merged by the last to finish (fused_merge): three splits of G = 1, two of G = 3 (not a power of two)
+FUSED_CASES = [c for c in CASES if c[0] in ("g1_d64_f32_f32scale_splits3", "g3_d128_bf16_splits2")]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_fused_merge_interpret(rng, case):
+    run_case(rng, case, interpret=True, fused_merge=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU with the Pallas Triton lowering")
 class TestOnGpu:
@@ -202,6 +211,10 @@ class TestOnGpu:
     @pytest.mark.parametrize("case", CASES, ids=IDS)
     def test_q8_attention_matches_dequantize_then_attend(self, rng, case):
         run_case(rng, case, scale_up=GPU_SCALE, interpret=False)
+
+    @pytest.mark.parametrize("case", CASES, ids=IDS)
+    def test_fused_merge(self, rng, case):
+        run_case(rng, case, scale_up=GPU_SCALE, interpret=False, fused_merge=True)
 
     @pytest.mark.parametrize("form", Q8_GPU_FORMS)
     @pytest.mark.parametrize("case", FORM_CASES, ids=[c[0] for c in FORM_CASES])
