@@ -54,20 +54,19 @@ def test_split_factor_multiplies_the_default_splits_up_to_one_block_each(tmp_pat
     """``*F``: F times ``q8_decode_config``'s splits, never more than the sequence's blocks; the output stays
     within the format's error (the splits merge exactly up to float32 order); paged forms take it too."""
     variants = ["vperm", "vperm*2", "vperm/64/4/3*1000"]
-    args = ["--smoke", "--shapes", "16x8192", "--variants", *variants, "--paged-forms", "vperm*3", "vperm/5"]
-    args += ["--fp8", "default", "*2", "64/4", "--bf16-splits", "2", "--bf16-paged", "default", "4/4*2"]
+    args = ["--smoke", "--shapes", "16x8192", "--variants", *variants, "--paged-forms", "vperm*3"]
+    args += ["--fp8", "default", "*2", "--bf16-splits", "2", "--bf16-paged", "4/4*2"]
     report = bench_q8_loop.main([*args, "--out", str(tmp_path)])
     row = report["shapes"]["16x8192"]["variants"]  # smoke: 2 x 256 keys, 64-key blocks
     base = row["vperm"]["config"][1]
     assert row["vperm*2"]["config"][1] == 2 * base and row["vperm/64/4/3*1000"]["config"][1] == 256 // 64
-    assert all(v["rel_err"] < 1e-2 for v in row.values()) and {"paged:vperm*3", "paged:vperm/5"} <= set(row)
+    assert all(v["rel_err"] < 1e-2 for v in row.values()) and "paged:vperm*3" in row
     assert row["fp8:*2"]["config"][1] == 2 * row["fp8:default"]["config"][1] and row["fp8:default"]["us"] > 0
-    assert row["fp8:64/4"]["config"][0] == 64
     assert bench_q8_loop.parse_fp8("64/2*3") == {"block_k": 64, "num_warps": 2, "split_factor": 3}
     with pytest.raises(SystemExit, match="block_k"):
         bench_q8_loop.parse_fp8("64/x")
     assert row["bf16_triton*2"]["config"][1] >= 2 and row["bf16_triton*2"]["us"] > 0
-    assert row["bf16_paged:4/4*2"]["rel_err"] < 1e-2 and row["bf16_paged:default"]["us"] > 0
+    assert row["bf16_paged:4/4*2"]["rel_err"] < 1e-2 and row["bf16_paged:4/4*2"]["us"] > 0
     assert bench_q8_loop.parse_bf16_paged("4/5*2") == {"pages_per_block": 4, "num_stages": 5, "split_factor": 2}
     with pytest.raises(SystemExit, match="pages_per_block/stages"):
         bench_q8_loop.parse_bf16_paged("4")
