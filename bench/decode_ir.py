@@ -104,6 +104,7 @@ def lowered(
         call = lambda: paged_q8._paged_q8.trace(*args, scale=scale, config=config, interpret=False, form=form)
     else:
         config = paged.paged_config(batch, NUM_KV_HEADS, seq // PAGE_SIZE, PAGE_SIZE, head_dim, jnp.bfloat16)
+        config = config._replace(**{k: v for k, v in launch.items() if v is not None and k in config._fields})
         call = lambda: paged._paged.trace(q, dense, dense, tables, lengths, layer, scale=scale, config=config,
                                           interpret=False)  # fmt: skip
     modules = []
