@@ -17,7 +17,7 @@
 #      part sampled: it sampling (the sampling programs' cost); part prefill_quick: prefill and chunk without torch;
 #      part memory: bench/step_memory.py on the long workload's shapes; part families_memory: the step's
 #      weights-copy test and bench/step_memory.py on Gemma-2-9B's shape.
-# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|kinds_launch|kinds_d64|fused|ragged ...]   (default: tests)
+# Usage (device): OUT=/path bash bench/gpu_checks.sh [quick|mixed|mixed_nohf|mixed_slots|sampled|memory|families_memory|prefill_quick|prefill_sweep|q8_sweep|q8_loop_tests|q8_loop|q8_splits|paged_launch|d96|d96q|d96pad|q8_iq8|dp4a|dp4a_sweep|dp4a_rule|qstep_rule|qstep_normk|qstep_packed|qstep_short|qmid|qrows|qmid_sweep|qmid_rule|qdp4a_rows|qmid_k|qmid_k_short|qnibbles|qnibbles_short|qb16|qcross|qstep_launches|qdequant|qlayout|qlayout_rows|qhandover|qstep_flags|qstep_act|qstep_pdl|fp8|qweights_prefill|qmatmul_ncu|tests|mgpu|pingpong|mgpu_q8|ab|prefill|qmatmul|qweights|qengine|engine|server|server_trace|families|families_gemma|kinds|kinds_launch|kinds_d64|fused|fused_short|ragged ...]   (default: tests)
 # Each part is time-boxed so one hang cannot eat the call; a short table of exit codes is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -525,6 +525,14 @@ for part in "${parts[@]}"; do
         torch_cudnn --launches ${b}-,-,-,-$f ${p}-,-,-,-$f ${q}-,-,-,-$f
       tail -n 14 "$OUT/kinds_fused.log"
       ;;
+    fused_short)  # part fused for what is left of a session's time: the contiguous kernel's GPU tests with it (the
+      # race check among them), then 1x4096 with it beside the two-launch default and cuDNN
+      run tests_fused 100 python -m pytest -q -m gpu -k "fused" tests/kernels/test_decode_kernel.py
+      run kinds_fused_1x4096 150 python bench/bench_decode_kinds.py --out "$OUT/fused_1x4096" --rounds 7 \
+        --budget-s 40 --shapes 1x4096 --rows jkv_triton q8_triton torch_cudnn --launches jkv_triton@-,-,-,-,fused \
+        q8_triton@-,-,-,-,fused jkv_triton@-,32,-,-,fused
+      tail -n 10 "$OUT/kinds_fused_1x4096.log"
+      ;;
     kinds_d64)  # issue 22: the bf16 kernel at head_dim 64, behind torch cuDNN at 32x2048 and 8x16384 9/3/64 where
       # 128-key blocks in 2 warps and 4 splits came near it (docs/BENCHMARKS.md, "Launch sweeps at head_dim 64"):
       # 128-key blocks, 2 warps, with the split count the bf16 rule would give them (6 at 32x2048, 22 at 8x16384)
@@ -548,7 +556,7 @@ for part in "${parts[@]}"; do
       run bench_decode_kinds "$secs" python bench/bench_decode_kinds.py --out "$OUT" --rounds 5 \
         --budget-s $((secs > 280 ? secs - 160 : secs / 2)) ${KINDS_RESUME:+--resume "$KINDS_RESUME"}
       ;;
-    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, kinds_launch, kinds_d64, fused, ragged)" ;;
+    *) echo "unknown part $part (quick, mixed, mixed_nohf, mixed_slots, sampled, memory, families_memory, prefill_quick, prefill_sweep, q8_sweep, q8_loop_tests, q8_loop, q8_iq8, dp4a, dp4a_sweep, dp4a_rule, qstep_rule, qstep_normk, qstep_packed, qstep_short, qmid, qrows, qmid_sweep, qmid_rule, qdp4a_rows, qmid_k, qmid_k_short, qnibbles, qnibbles_short, qb16, qcross, qstep_launches, qdequant, qlayout, qlayout_rows, qhandover, qstep_flags, qstep_act, qstep_pdl, fp8, qweights_prefill, qmatmul_ncu, tests, mgpu, pingpong, mgpu_q8, ab, prefill, qmatmul, qweights, qengine, engine, server, server_trace, families, families_gemma, kinds, kinds_launch, kinds_d64, fused, fused_short, ragged)" ;;
   esac
 done
 
