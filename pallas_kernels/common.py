@@ -218,9 +218,10 @@ def split_out_shape(q, splits: int, fused_merge: bool = False, kv_heads: int = 1
     return [*partials, jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32)]
 
 
-def fuses_merge(config: DecodeConfig) -> bool:
-    """Whether a launch of ``config`` merges its splits inside the kernel (several splits and ``fused_merge``)."""
-    return getattr(config, "fused_merge", False) and config.num_splits > 1
+def fuses_merge(config) -> bool:
+    """Whether a launch of ``config`` (a :class:`DecodeConfig` or ``paged.PagedConfig``: both have the field)
+    merges its splits inside the kernel (several splits and ``fused_merge``)."""
+    return config.fused_merge and config.num_splits > 1
 
 
 def split_inputs(inputs: list, out_shape: list, aliases: dict, config: DecodeConfig) -> tuple[list, dict]:
